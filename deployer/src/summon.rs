@@ -1,0 +1,238 @@
+//! The contract between the deployer and the parts that front it.
+//!
+//! The DNS front end and the handshake proxy never see tenders, processes or git: they see
+//! [`Instances`]. A DNS query resolves a name and summons; the proxy looks an instance up by
+//! the destination address of a connection, waits on its state and reports activity.
+//!
+//! 1. `resolve(service, label)` — cheap (an in-memory index), errors are answers
+//!    (unknown → NXDOMAIN, ambiguous → refusal).
+//! 2. `summon(service, revision, client)` — returns at once with the instance's service
+//!    address and a watch of its state; concurrent summons of one instance boot it once.
+//! 3. `by_address(ip)` — what the proxy calls on accept.
+//! 4. `activity(key, …)` — queries and connections keep an instance from being reaped.
+//! 5. `generation()` — changes whenever a resolve or an address may have changed, so
+//!    callers may cache answers until it moves.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use revboot_store::Revision;
+use tokio::sync::watch;
+
+/// What identifies an instance: a revision of a service, optionally for one client.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct InstanceKey {
+    /// The service name.
+    pub service: String,
+    /// The deployment commit.
+    pub revision: Revision,
+    /// For per-client services, the only client address this instance serves.
+    pub client: Option<IpAddr>,
+}
+
+impl fmt::Display for InstanceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.service, self.revision.short(12))?;
+        if let Some(client) = self.client {
+            write!(f, " for {client}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The life of an instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InstanceState {
+    /// Known, not running.
+    Cold,
+    /// Started; not ready yet.
+    Booting,
+    /// Serving.
+    Ready,
+    /// Serving, with no connections or queries lately.
+    Idle,
+    /// Stopped on purpose (reaped, stopped by an operator, daemon shutdown).
+    Stopped,
+    /// Exited or failed to become ready; `reason` says why.
+    Crashed {
+        /// Human-readable cause, e.g. "exited with status 101" or "not ready after 5s".
+        reason: String,
+    },
+}
+
+impl InstanceState {
+    /// True when connections can be spliced to the backend.
+    pub fn is_serving(&self) -> bool {
+        matches!(self, InstanceState::Ready | InstanceState::Idle)
+    }
+
+    /// True when the instance will never serve again (a new summon starts a new one).
+    pub fn is_final(&self) -> bool {
+        matches!(self, InstanceState::Stopped | InstanceState::Crashed { .. })
+    }
+}
+
+/// A name resolved to a bootable revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// The service.
+    pub service: String,
+    /// The deployment commit the label names.
+    pub revision: Revision,
+    /// One instance per client address.
+    pub per_client: bool,
+    /// The port clients connect to.
+    pub port: u16,
+}
+
+/// A summoned instance: where to reach it, and its state as it changes.
+#[derive(Debug, Clone)]
+pub struct Summoned {
+    /// Which instance.
+    pub key: InstanceKey,
+    /// The service address clients are given (DNS answers this; the proxy listens here).
+    pub address: IpAddr,
+    /// The port clients connect to on `address`.
+    pub port: u16,
+    /// Where the instance itself accepts connections (the proxy connects here).
+    pub backend: SocketAddr,
+    /// How long a connection may wait for the instance to become ready.
+    pub boot_timeout: Duration,
+    /// The instance's state.
+    pub state: watch::Receiver<InstanceState>,
+}
+
+/// Why a name does not resolve.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ResolveError {
+    /// No such service.
+    #[error("No service named `{0}`")]
+    UnknownService(String),
+    /// The service has no revision by that label (or no live revision, for no label).
+    #[error("Service `{service}` has no revision `{label}`")]
+    UnknownLabel {
+        /// The service.
+        service: String,
+        /// The label asked for (`live` for none).
+        label: String,
+    },
+    /// The label matches more than one revision.
+    #[error("Label `{label}` of `{service}` is ambiguous: {}", candidates.join(", "))]
+    Ambiguous {
+        /// The service.
+        service: String,
+        /// The label asked for.
+        label: String,
+        /// Short ids of the matching revisions.
+        candidates: Vec<String>,
+    },
+    /// The revision exists but cannot be booted (a failed build has no image).
+    #[error("Revision {revision} of `{service}` has no image: its build failed")]
+    NotBootable {
+        /// The service.
+        service: String,
+        /// The revision.
+        revision: String,
+    },
+    /// The store could not be read.
+    #[error("Deployment repository unreadable: {0}")]
+    Store(String),
+}
+
+/// Why a summon was refused. Every variant is an answer to pass on, not a panic.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SummonError {
+    /// The global cap on running instances is reached.
+    #[error("Instance limit reached ({limit} running)")]
+    GlobalCap {
+        /// The cap.
+        limit: usize,
+    },
+    /// The per-service cap is reached.
+    #[error("Instance limit for `{service}` reached ({limit} running)")]
+    ServiceCap {
+        /// The service.
+        service: String,
+        /// The cap.
+        limit: usize,
+    },
+    /// The per-client cap of a per-client service is reached.
+    #[error("Per-client instance limit for `{service}` reached ({limit} clients)")]
+    ClientCap {
+        /// The service.
+        service: String,
+        /// The cap.
+        limit: usize,
+    },
+    /// A per-client service was summoned without a client address.
+    #[error("`{service}` gives each client its own instance: a client address is needed")]
+    ClientRequired {
+        /// The service.
+        service: String,
+    },
+    /// The revision is crash-looping and is backing off.
+    #[error("{key} is failing; next boot allowed in {retry_in:?}")]
+    Backoff {
+        /// The instance.
+        key: String,
+        /// Time until the next boot is allowed.
+        retry_in: Duration,
+    },
+    /// The address pool is exhausted.
+    #[error("No free service address left in the pool")]
+    PoolExhausted,
+    /// The name did not resolve.
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    /// Booting could not even start (image missing, tender unavailable…).
+    #[error("Cannot start {key}: {reason}")]
+    Start {
+        /// The instance.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+    /// The deployer is shutting down.
+    #[error("The deployer is shutting down")]
+    ShuttingDown,
+}
+
+/// Activity that keeps an instance alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activity {
+    /// A DNS query was answered with this instance.
+    Query,
+    /// A client connection was opened to the instance.
+    ConnectionOpened,
+    /// A client connection to the instance was closed.
+    ConnectionClosed,
+}
+
+/// What the DNS front end and the proxy need from the deployer.
+pub trait Instances: Send + Sync + 'static {
+    /// Resolves a DNS label (`None`: the live revision) of a service.
+    fn resolve(&self, service: &str, label: Option<&str>) -> Result<Resolved, ResolveError>;
+
+    /// Summons the instance of `revision` (for `client`, on per-client services); returns at
+    /// once, booting in the background when it is not running.
+    fn summon(
+        &self,
+        service: &str,
+        revision: &Revision,
+        client: Option<IpAddr>,
+    ) -> Result<Summoned, SummonError>;
+
+    /// The instance that owns a service address, if any.
+    fn by_address(&self, address: IpAddr) -> Option<Summoned>;
+
+    /// Reports activity for an instance.
+    fn activity(&self, key: &InstanceKey, activity: Activity);
+
+    /// A counter that changes whenever a resolve result or an instance address may have
+    /// changed; answers cached under one value are valid until it moves.
+    fn generation(&self) -> u64;
+}

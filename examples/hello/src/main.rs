@@ -1,0 +1,73 @@
+//! `hello`: the smallest useful revboot service.
+//!
+//! 1. Take the listening socket from the systemd convention (`LISTEN_FDS=1`, `LISTEN_PID` =
+//!    our pid, fd 3), as revboot's process tender passes it; otherwise bind `HELLO_ADDR`
+//!    (default `127.0.0.1:8080`).
+//! 2. Answer every HTTP request with `hello from <revision>`, where the revision is the
+//!    `REVISION` constant below (edit it to tell revisions apart) and the deployment commit
+//!    from `REVBOOT_REVISION` when revboot sets it.
+//! 3. `GET /crash` exits with status 3, to exercise crash handling.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::FromRawFd;
+
+/// Change this line to make a new revision.
+const REVISION: &str = "v1";
+
+fn listener() -> std::io::Result<TcpListener> {
+    let ours = std::env::var("LISTEN_PID").ok().and_then(|pid| pid.parse::<u32>().ok())
+        == Some(std::process::id());
+    if ours && std::env::var("LISTEN_FDS").as_deref() == Ok("1") {
+        // SAFETY: by the LISTEN_FDS convention fd 3 is a listening socket handed to us and
+        // owned by nothing else in this process.
+        return Ok(unsafe { TcpListener::from_raw_fd(3) });
+    }
+    let addr = std::env::var("HELLO_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".to_owned());
+    TcpListener::bind(addr)
+}
+
+fn serve(stream: TcpStream, deployment: &str) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    let mut header = String::new();
+    while reader.read_line(&mut header)? > 2 {
+        header.clear();
+    }
+    let path = request_line.split_whitespace().nth(1).unwrap_or("/");
+    if path == "/crash" {
+        eprintln!("hello: crashing on request");
+        std::process::exit(3);
+    }
+    let body = format!("hello from {REVISION} ({deployment})\n");
+    let mut stream = stream;
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\nx-revision: {REVISION}\r\n\r\n{body}",
+        body.len()
+    )?;
+    stream.flush()
+}
+
+fn main() {
+    let deployment = std::env::var("REVBOOT_REVISION").unwrap_or_else(|_| "local".to_owned());
+    let listener = match listener() {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!("hello: cannot listen: {error}");
+            std::process::exit(1);
+        }
+    };
+    println!("hello {REVISION} ready");
+    for stream in listener.incoming() {
+        match stream {
+            Ok(stream) => {
+                if let Err(error) = serve(stream, &deployment) {
+                    eprintln!("hello: {error}");
+                }
+            }
+            Err(error) => eprintln!("hello: accept: {error}"),
+        }
+    }
+}

@@ -1,0 +1,508 @@
+//! The service manifest, `revboot.toml`: how a service is built and how it runs.
+//!
+//! The same file is the build recipe at the root of a pushed source commit and the run
+//! manifest at the root of a deployment commit (the builder copies it verbatim), so a
+//! deployment carries exactly the recipe that produced it.
+//!
+//! ```toml
+//! [build]
+//! command = ["cargo", "build", "--release"]   # argv, run without a shell
+//! # shell = "make && strip hello"             # a shell string, only when asked for
+//! artifacts = ["target/release/hello"]         # stored as image/<file name>
+//! timeout_secs = 600
+//!
+//! [run]
+//! tender = "process"        # or "qemu"
+//! port = 8080               # the port clients connect to
+//! memory_mib = 64
+//! ready = { probe = "tcp" } # "socket" | "tcp" | "http" (path) | "console" (line)
+//! idle_timeout_secs = 60
+//! per_client = false
+//! upstreams = ["127.0.0.1:9000"]
+//!
+//! [app]                     # free-form, handed to the instance untouched
+//! ```
+//!
+//! Parsing rejects unknown keys and names the offending key and line; [`Manifest::validate`]
+//! checks the values.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Component, Path};
+
+use serde::{Deserialize, Serialize};
+
+/// The file name of the manifest, at the root of source and deployment commits.
+pub const FILE_NAME: &str = "revboot.toml";
+
+/// Default wall-clock limit of a build.
+pub const DEFAULT_BUILD_TIMEOUT_SECS: u64 = 600;
+/// Default port an instance serves on.
+pub const DEFAULT_PORT: u16 = 8080;
+/// Default memory limit of an instance.
+pub const DEFAULT_MEMORY_MIB: u64 = 64;
+/// Default idle timeout before an instance is stopped.
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 60;
+/// Default time an instance has to become ready.
+pub const DEFAULT_BOOT_TIMEOUT_MS: u64 = 5_000;
+/// Default cap on processes (threads included) inside a process-tender instance.
+pub const DEFAULT_PIDS: u64 = 64;
+
+/// A parsed `revboot.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// How to build the image.
+    pub build: Build,
+    /// How to run it.
+    #[serde(default)]
+    pub run: Run,
+    /// Service-specific settings, passed to the instance untouched.
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
+    pub app: toml::Table,
+}
+
+/// The `[build]` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Build {
+    /// The build command as an argv, run without a shell.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// A shell string run with `sh -c`; only used when `command` is absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shell: Option<String>,
+    /// Paths (relative to the checkout) of the files that make up the image.
+    pub artifacts: Vec<String>,
+    /// Wall-clock limit of the whole build.
+    #[serde(default = "default_build_timeout")]
+    pub timeout_secs: u64,
+    /// Extra environment variables for the build (the environment is otherwise clean).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+}
+
+/// Which backend runs the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TenderKind {
+    /// A static ELF run as a sandboxed process.
+    #[default]
+    Process,
+    /// A kernel image booted in a qemu microvm.
+    Qemu,
+}
+
+/// How the deployer decides an instance is ready.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "probe", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Ready {
+    /// Ready as soon as the image is running: the kernel holds connections on the
+    /// inherited listening socket until it accepts them.
+    #[default]
+    Socket,
+    /// Ready once a TCP connect to the instance succeeds.
+    Tcp,
+    /// Ready once `GET path` answers with a 2xx or 3xx status.
+    Http {
+        /// The path to request.
+        path: String,
+    },
+    /// Ready once the console prints a line containing `line`.
+    Console {
+        /// The text to wait for.
+        line: String,
+    },
+}
+
+/// The `[run]` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Run {
+    /// The backend.
+    #[serde(default)]
+    pub tender: TenderKind,
+    /// Which artifact (by file name) is the image to boot; default: the first one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The port clients connect to.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// The port the guest listens on inside a VM (qemu); default: `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_port: Option<u16>,
+    /// Arguments passed to the image (argv for a process, kernel command line for a VM).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Environment for a process instance (otherwise clean).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Memory limit.
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+    /// CPU limit in percent of one core.
+    #[serde(default = "default_cpu_percent")]
+    pub cpu_percent: u32,
+    /// Process/thread limit (process tender).
+    #[serde(default = "default_pids")]
+    pub pids: u64,
+    /// Readiness probe.
+    #[serde(default)]
+    pub ready: Ready,
+    /// Time from boot to ready before the boot counts as failed.
+    #[serde(default = "default_boot_timeout")]
+    pub boot_timeout_ms: u64,
+    /// Stop the instance after this long without connections or queries.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
+    /// One instance per client address.
+    #[serde(default)]
+    pub per_client: bool,
+    /// Backends the instance may connect to (everything else is forbidden).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upstreams: Vec<SocketAddr>,
+    /// Move the live pointer to a successful build of this recipe.
+    #[serde(default = "default_true")]
+    pub deploy: bool,
+}
+
+impl Default for Run {
+    fn default() -> Self {
+        Run {
+            tender: TenderKind::default(),
+            image: None,
+            port: DEFAULT_PORT,
+            guest_port: None,
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            memory_mib: DEFAULT_MEMORY_MIB,
+            cpu_percent: default_cpu_percent(),
+            pids: DEFAULT_PIDS,
+            ready: Ready::default(),
+            boot_timeout_ms: DEFAULT_BOOT_TIMEOUT_MS,
+            idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
+            per_client: false,
+            upstreams: Vec::new(),
+            deploy: true,
+        }
+    }
+}
+
+fn default_build_timeout() -> u64 {
+    DEFAULT_BUILD_TIMEOUT_SECS
+}
+fn default_port() -> u16 {
+    DEFAULT_PORT
+}
+fn default_memory() -> u64 {
+    DEFAULT_MEMORY_MIB
+}
+fn default_cpu_percent() -> u32 {
+    100
+}
+fn default_pids() -> u64 {
+    DEFAULT_PIDS
+}
+fn default_boot_timeout() -> u64 {
+    DEFAULT_BOOT_TIMEOUT_MS
+}
+fn default_idle_timeout() -> u64 {
+    DEFAULT_IDLE_TIMEOUT_SECS
+}
+fn default_true() -> bool {
+    true
+}
+
+/// Why a manifest was rejected. The message names the key and, where known, the line.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ManifestError {
+    /// The TOML did not parse or did not fit the schema.
+    #[error("{FILE_NAME}{}: {message}", line.map(|l| format!(", line {l}")).unwrap_or_default())]
+    Syntax {
+        /// 1-based line of the problem, when the parser knows it.
+        line: Option<usize>,
+        /// The parser's description, which names the key.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("{FILE_NAME}{}: `{key}`: {message}", line.map(|l| format!(", line {l}")).unwrap_or_default())]
+    Invalid {
+        /// The dotted key, e.g. `run.port`.
+        key: &'static str,
+        /// 1-based line of the key, when it appears in the text.
+        line: Option<usize>,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Manifest {
+    /// Parses and validates a manifest.
+    pub fn from_toml(text: &str) -> Result<Manifest, ManifestError> {
+        let manifest: Manifest = toml::from_str(text).map_err(|error| ManifestError::Syntax {
+            line: error.span().map(|span| line_of(text, span.start)),
+            message: error.message().trim().to_owned(),
+        })?;
+        manifest.validate(text)?;
+        Ok(manifest)
+    }
+
+    /// Serialises the manifest back to TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a manifest always serialises: it has only TOML-safe types")
+    }
+
+    /// Checks values that the schema alone cannot; `text` is used to find line numbers.
+    pub fn validate(&self, text: &str) -> Result<(), ManifestError> {
+        let invalid = |key: &'static str, message: String| ManifestError::Invalid {
+            key,
+            line: find_key_line(text, key),
+            message,
+        };
+        match (&self.build.command.is_empty(), &self.build.shell) {
+            (true, None) => {
+                return Err(invalid(
+                    "build.command",
+                    "missing: give an argv (or `shell` for a shell string)".into(),
+                ));
+            }
+            (false, Some(_)) => {
+                return Err(invalid(
+                    "build.shell",
+                    "give either `command` or `shell`, not both".into(),
+                ));
+            }
+            _ => {}
+        }
+        if self.build.artifacts.is_empty() {
+            return Err(invalid(
+                "build.artifacts",
+                "at least one artifact is needed".into(),
+            ));
+        }
+        for artifact in &self.build.artifacts {
+            if !is_relative_inside(Path::new(artifact)) {
+                return Err(invalid(
+                    "build.artifacts",
+                    format!("`{artifact}` must be a relative path inside the checkout"),
+                ));
+            }
+        }
+        let mut names: Vec<&str> = self
+            .build
+            .artifacts
+            .iter()
+            .map(|a| artifact_name(a))
+            .collect();
+        names.sort_unstable();
+        if let Some(pair) = names.windows(2).find(|pair| pair[0] == pair[1]) {
+            return Err(invalid(
+                "build.artifacts",
+                format!("two artifacts share the file name `{}`", pair[0]),
+            ));
+        }
+        if self.build.timeout_secs == 0 || self.build.timeout_secs > 24 * 3600 {
+            return Err(invalid(
+                "build.timeout_secs",
+                "must be between 1 and 86400".into(),
+            ));
+        }
+        if let Some(image) = &self.run.image
+            && !names.contains(&image.as_str())
+        {
+            return Err(invalid(
+                "run.image",
+                format!("`{image}` is not the file name of an artifact"),
+            ));
+        }
+        if self.run.port == 0 {
+            return Err(invalid("run.port", "must be between 1 and 65535".into()));
+        }
+        if self.run.guest_port == Some(0) {
+            return Err(invalid(
+                "run.guest_port",
+                "must be between 1 and 65535".into(),
+            ));
+        }
+        if !(4..=65_536).contains(&self.run.memory_mib) {
+            return Err(invalid(
+                "run.memory_mib",
+                "must be between 4 and 65536".into(),
+            ));
+        }
+        if !(1..=6_400).contains(&self.run.cpu_percent) {
+            return Err(invalid(
+                "run.cpu_percent",
+                "must be between 1 and 6400".into(),
+            ));
+        }
+        if !(1..=4_096).contains(&self.run.pids) {
+            return Err(invalid("run.pids", "must be between 1 and 4096".into()));
+        }
+        if !(1..=600_000).contains(&self.run.boot_timeout_ms) {
+            return Err(invalid(
+                "run.boot_timeout_ms",
+                "must be between 1 and 600000".into(),
+            ));
+        }
+        if !(1..=7 * 24 * 3600).contains(&self.run.idle_timeout_secs) {
+            return Err(invalid(
+                "run.idle_timeout_secs",
+                "must be between 1 and 604800".into(),
+            ));
+        }
+        match &self.run.ready {
+            Ready::Http { path } if !path.starts_with('/') => {
+                return Err(invalid(
+                    "run.ready",
+                    format!("http path `{path}` must start with `/`"),
+                ));
+            }
+            Ready::Console { line } if line.is_empty() => {
+                return Err(invalid(
+                    "run.ready",
+                    "console line must not be empty".into(),
+                ));
+            }
+            _ => {}
+        }
+        if let Some(upstream) = self.run.upstreams.iter().find(|u| !u.ip().is_loopback()) {
+            return Err(invalid(
+                "run.upstreams",
+                format!("{upstream} is not a loopback address"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The file name (under `image/`) of the image to boot.
+    pub fn boot_image(&self) -> &str {
+        match &self.run.image {
+            Some(image) => image,
+            None => artifact_name(
+                self.build
+                    .artifacts
+                    .first()
+                    .expect("validated manifests have at least one artifact"),
+            ),
+        }
+    }
+}
+
+/// The file name an artifact is stored under in `image/`.
+pub fn artifact_name(artifact: &str) -> &str {
+    artifact.rsplit('/').next().unwrap_or(artifact)
+}
+
+fn is_relative_inside(path: &Path) -> bool {
+    !path.as_os_str().is_empty()
+        && path
+            .components()
+            .all(|component| matches!(component, Component::Normal(_) | Component::CurDir))
+        && path
+            .components()
+            .any(|component| matches!(component, Component::Normal(_)))
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// Finds the line where the last segment of a dotted key is assigned, inside its table.
+fn find_key_line(text: &str, dotted: &str) -> Option<usize> {
+    let (table, key) = dotted.rsplit_once('.')?;
+    let mut in_table = false;
+    for (index, line) in text.lines().enumerate() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('[') {
+            in_table = trimmed.trim_matches(|c| c == '[' || c == ']').trim() == table;
+            continue;
+        }
+        if in_table && trimmed.split('=').next().map(str::trim) == Some(key) {
+            return Some(index + 1);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HELLO: &str = r#"
+[build]
+command = ["cargo", "build", "--release"]
+artifacts = ["target/release/hello"]
+
+[run]
+port = 8080
+ready = { probe = "http", path = "/" }
+"#;
+
+    #[test]
+    fn parses_with_defaults() {
+        let manifest = Manifest::from_toml(HELLO).expect("valid");
+        assert_eq!(manifest.build.timeout_secs, DEFAULT_BUILD_TIMEOUT_SECS);
+        assert_eq!(manifest.run.tender, TenderKind::Process);
+        assert_eq!(manifest.run.ready, Ready::Http { path: "/".into() });
+        assert_eq!(manifest.boot_image(), "hello");
+        assert!(manifest.run.deploy);
+    }
+
+    #[test]
+    fn round_trips() {
+        let manifest = Manifest::from_toml(HELLO).expect("valid");
+        assert_eq!(
+            Manifest::from_toml(&manifest.to_toml()).expect("valid"),
+            manifest
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let text = "[build]\ncommand = [\"true\"]\nartifacts = [\"a\"]\n\n[run]\nprot = 80\n";
+        let error = Manifest::from_toml(text).expect_err("typo");
+        let message = error.to_string();
+        assert!(message.contains("prot"), "{message}");
+        assert!(message.contains("line 6"), "{message}");
+    }
+
+    #[test]
+    fn invalid_value_names_key_and_line() {
+        let text = "[build]\ncommand = [\"true\"]\nartifacts = [\"a\"]\n[run]\nmemory_mib = 1\n";
+        let error = Manifest::from_toml(text).expect_err("too small");
+        assert_eq!(
+            error,
+            ManifestError::Invalid {
+                key: "run.memory_mib",
+                line: Some(5),
+                message: "must be between 4 and 65536".into()
+            }
+        );
+    }
+
+    #[test]
+    fn rejects_artifact_outside_checkout() {
+        let text = "[build]\ncommand = [\"true\"]\nartifacts = [\"../etc/passwd\"]\n";
+        let error = Manifest::from_toml(text).expect_err("escapes");
+        assert!(error.to_string().contains("build.artifacts"), "{error}");
+    }
+
+    #[test]
+    fn rejects_non_loopback_upstream() {
+        let text = "[build]\ncommand = [\"true\"]\nartifacts = [\"a\"]\n[run]\nupstreams = [\"10.0.0.1:80\"]\n";
+        let error = Manifest::from_toml(text).expect_err("not loopback");
+        assert!(error.to_string().contains("run.upstreams"), "{error}");
+    }
+
+    #[test]
+    fn command_or_shell() {
+        let neither = "[build]\nartifacts = [\"a\"]\n";
+        assert!(Manifest::from_toml(neither).is_err());
+        let both = "[build]\ncommand = [\"x\"]\nshell = \"x\"\nartifacts = [\"a\"]\n";
+        assert!(Manifest::from_toml(both).is_err());
+        let shell = "[build]\nshell = \"make\"\nartifacts = [\"a\"]\n";
+        assert!(Manifest::from_toml(shell).is_ok());
+    }
+}
