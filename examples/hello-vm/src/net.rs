@@ -1,0 +1,240 @@
+//! The service: smoltcp on the virtio-net device, answering HTTP like `examples/hello`.
+//!
+//! 1. Static address on qemu's user-mode network: 10.0.2.15/24, gateway 10.0.2.2.
+//! 2. A gratuitous ARP tells qemu's slirp our MAC at once, so the first forwarded SYN is not
+//!    held back behind an ARP exchange.
+//! 3. [`SOCKETS`] TCP sockets listen on [`PORT`]; each serves one connection at a time: read
+//!    the request head (up to the blank line), answer `hello from <REVISION> (<deployment>)`,
+//!    close. `GET /crash` triple-faults the VM, to exercise crash handling.
+//! 4. A connection that has not sent its request head within [`REQUEST_TIMEOUT`] is reset.
+//! 5. The loop polls forever: smoltcp, then every socket.
+
+use core::fmt::Write as _;
+
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet, SocketStorage};
+use smoltcp::phy::{Device, TxToken as _};
+use smoltcp::socket::tcp;
+use smoltcp::time::{Duration, Instant};
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
+    EthernetRepr, IpAddress, IpCidr, Ipv4Address,
+};
+
+use crate::clock::Clock;
+use crate::virtio::VirtioNet;
+use crate::{REVISION, cpu, println};
+
+/// The guest port the service listens on.
+pub const PORT: u16 = 8080;
+/// Our address on qemu's user-mode network.
+pub const ADDRESS: Ipv4Address = Ipv4Address::new(10, 0, 2, 15);
+/// qemu's user-mode gateway.
+pub const GATEWAY: Ipv4Address = Ipv4Address::new(10, 0, 2, 2);
+/// Connections served at once.
+pub const SOCKETS: usize = 4;
+/// How long a client may take to send its request head.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+const RX_BUFFER: usize = 2048;
+const TX_BUFFER: usize = 2048;
+/// Bytes of the request kept (the request line is all we look at).
+const HEAD: usize = 256;
+
+/// One connection's progress.
+struct Conn {
+    head: [u8; HEAD],
+    head_len: usize,
+    /// The last four bytes seen, to spot the blank line that ends the head.
+    tail: u32,
+    opened: Option<Instant>,
+    answered: bool,
+}
+
+impl Conn {
+    const fn new() -> Conn {
+        Conn {
+            head: [0; HEAD],
+            head_len: 0,
+            tail: 0,
+            opened: None,
+            answered: false,
+        }
+    }
+
+    fn feed(&mut self, data: &[u8]) {
+        for &byte in data {
+            if self.head_len < HEAD {
+                self.head[self.head_len] = byte;
+                self.head_len += 1;
+            }
+            self.tail = (self.tail << 8) | u32::from(byte);
+            if self.tail == u32::from_be_bytes(*b"\r\n\r\n")
+                || self.tail & 0xffff == u32::from(u16::from_be_bytes(*b"\n\n"))
+            {
+                self.tail = u32::MAX; // marks "head complete"
+                return;
+            }
+        }
+    }
+
+    fn head_complete(&self) -> bool {
+        self.tail == u32::MAX
+    }
+
+    /// The request path, from the request line.
+    fn path(&self) -> &str {
+        let head = core::str::from_utf8(&self.head[..self.head_len]).unwrap_or("");
+        head.lines()
+            .next()
+            .and_then(|line| line.split_whitespace().nth(1))
+            .unwrap_or("/")
+    }
+}
+
+/// A `fmt::Write` over a byte slice.
+struct Cursor<'a> {
+    buf: &'a mut [u8],
+    len: usize,
+}
+
+impl core::fmt::Write for Cursor<'_> {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        let end = self
+            .len
+            .checked_add(s.len())
+            .filter(|&end| end <= self.buf.len())
+            .ok_or(core::fmt::Error)?;
+        self.buf[self.len..end].copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+/// Writes the answer into `out`, returning its length.
+fn render(out: &mut [u8], deployment: &str) -> usize {
+    let mut body_buf = [0u8; 160];
+    let mut body = Cursor {
+        buf: &mut body_buf,
+        len: 0,
+    };
+    let _ = writeln!(body, "hello from {REVISION} ({deployment})");
+    let body_len = body.len;
+    let body = core::str::from_utf8(&body_buf[..body_len]).unwrap_or("");
+    let mut response = Cursor { buf: out, len: 0 };
+    let _ = write!(
+        response,
+        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\nx-revision: {REVISION}\r\n\r\n{body}",
+        body.len()
+    );
+    response.len
+}
+
+/// Announces our address to the gateway with a gratuitous ARP request.
+fn announce(device: &mut VirtioNet, mac: EthernetAddress, now: Instant) {
+    let Some(token) = device.transmit(now) else {
+        return;
+    };
+    let arp = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Request,
+        source_hardware_addr: mac,
+        source_protocol_addr: ADDRESS,
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: ADDRESS,
+    };
+    let ethernet = EthernetRepr {
+        src_addr: mac,
+        dst_addr: EthernetAddress::BROADCAST,
+        ethertype: EthernetProtocol::Arp,
+    };
+    token.consume(ethernet.buffer_len() + arp.buffer_len(), |buf| {
+        let mut frame = EthernetFrame::new_unchecked(buf);
+        ethernet.emit(&mut frame);
+        arp.emit(&mut ArpPacket::new_unchecked(frame.payload_mut()));
+    });
+}
+
+/// Serves HTTP forever.
+pub fn serve(mut device: VirtioNet, clock: Clock, deployment: &str) -> ! {
+    let mac = EthernetAddress(device.mac());
+    let mut config = Config::new(mac.into());
+    config.random_seed = cpu::rdtsc();
+    let mut iface = Interface::new(config, &mut device, clock.now());
+    iface.update_ip_addrs(|addrs| {
+        addrs
+            .push(IpCidr::new(IpAddress::Ipv4(ADDRESS), 24))
+            .expect("room for one address");
+    });
+    iface
+        .routes_mut()
+        .add_default_ipv4_route(GATEWAY)
+        .expect("room for one route");
+
+    let mut storage = [SocketStorage::EMPTY; SOCKETS];
+    let mut sockets = SocketSet::new(&mut storage[..]);
+    let mut rx_buffers = [[0u8; RX_BUFFER]; SOCKETS];
+    let mut tx_buffers = [[0u8; TX_BUFFER]; SOCKETS];
+    let mut buffers = rx_buffers.iter_mut().zip(tx_buffers.iter_mut());
+    let handles: [SocketHandle; SOCKETS] = core::array::from_fn(|_| {
+        let (rx, tx) = buffers.next().expect("one buffer pair per socket");
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(&mut rx[..]),
+            tcp::SocketBuffer::new(&mut tx[..]),
+        );
+        socket.set_nagle_enabled(false);
+        socket.listen(PORT).expect("a fresh socket can listen");
+        sockets.add(socket)
+    });
+    let mut conns = [const { Conn::new() }; SOCKETS];
+    let mut response = [0u8; 512];
+    let response_len = render(&mut response, deployment);
+
+    announce(&mut device, mac, clock.now());
+    println!(
+        "hello-vm: listening on {ADDRESS}:{PORT} ({} us after kernel entry)",
+        clock.micros()
+    );
+
+    loop {
+        let now = clock.now();
+        iface.poll(now, &mut device, &mut sockets);
+        for (conn, &handle) in conns.iter_mut().zip(&handles) {
+            let socket = sockets.get_mut::<tcp::Socket<'_>>(handle);
+            if !socket.is_open() {
+                *conn = Conn::new();
+                let _ = socket.listen(PORT);
+                continue;
+            }
+            if !socket.is_active() {
+                continue; // still listening
+            }
+            let opened = *conn.opened.get_or_insert(now);
+            if socket.can_recv() {
+                let _ = socket.recv(|data| {
+                    if !conn.answered {
+                        conn.feed(data);
+                    }
+                    (data.len(), ())
+                });
+            }
+            if conn.answered {
+                continue;
+            }
+            if conn.head_complete() {
+                if conn.path() == "/crash" {
+                    println!("hello-vm: crashing on request");
+                    cpu::triple_fault();
+                }
+                let _ = socket.send_slice(&response[..response_len]);
+                socket.close();
+                conn.answered = true;
+            } else if socket.state() == tcp::State::CloseWait {
+                socket.close(); // the client gave up before finishing its request
+                conn.answered = true;
+            } else if now - opened > REQUEST_TIMEOUT {
+                socket.abort();
+                conn.answered = true;
+            }
+        }
+        core::hint::spin_loop();
+    }
+}
