@@ -1,13 +1,106 @@
 //! The revboot deployment repository.
 //!
 //! A bare git repository, written through gix and readable by stock `git`, that holds one
-//! commit per build of each service on `refs/heads/<service>` (manifest, image, build log,
-//! source link), the live pointer per service, and runtime logs on a separate ref.
+//! commit per build of each service, the live pointer per service, tags, and runtime logs on
+//! a separate ref. [`Store`] is the only way the rest of revboot touches it.
+//!
+//! # Repository layout
+//!
+//! - `refs/heads/<service>`: the build history of the service, one commit per build
+//!   (succeeded, failed or interrupted), parent = the previous build.
+//! - `refs/live/<service>`: the revision `<service>.<zone>` answers with. Every move is a
+//!   reflog entry (`git reflog refs/live/<service>`); the repository is created with
+//!   `core.logAllRefUpdates = always`, so a push by stock git leaves one too, and the store
+//!   honours it on its next call.
+//! - `refs/tags/<service>/<name>`: annotated tags naming deployments.
+//! - `refs/revboot/logs/<service>`: runtime logs, one commit per instance (see below).
+//! - `revboot/`: the store's private files (writer locks, image spools); git ignores them.
+//!
+//! # The deployment tree protocol
+//!
+//! 1. The tree has `build.log` (always), `revboot.toml` (when the source commit had one)
+//!    and, for a successful build only, `image/<name>` (mode 100755) per image.
+//! 2. The message is the source commit's subject, a blank line and trailers:
+//!    `Build-Status: succeeded|failed|interrupted`, `Source-Commit: <40 hex>`,
+//!    `Source-Repo: <name>`, optionally `Source-Ref: <ref>`, and one
+//!    `Image: <name> <size> <sha256>` per image, the boot image first.
+//! 3. Images are streamed from their reader into a spool file (hashing sha256 on the way),
+//!    then into a loose blob; no image is held in memory while it is written.
+//! 4. Blobs, trees and the commit are written first; the branch then moves by
+//!    compare-and-swap under a per-service writer lock. A writer killed at any point leaves
+//!    either the whole deployment on the branch or none of it (plus unreachable objects that
+//!    `git gc` collects). Ref locks left by a killed writer are detected and removed.
+//!
+//! # Labels
+//!
+//! A DNS label names a revision of a service by any of: a ≥7-hex prefix of the deployment
+//! commit, a ≥7-hex prefix of the source commit (its newest successful deployment), a tag,
+//! or the source branch made DNS-safe (`feature/x` → `feature-x`; its newest successful
+//! deployment). Labels are case-insensitive and at most 63 bytes; one that names two
+//! revisions is refused with the candidates listed, never guessed. No label means live.
+//! Resolution runs on an in-memory index that checks a cheap fingerprint of the ref files on
+//! every call, so changes by other processes and stock git are seen on the next call.
+//!
+//! # Runtime logs
+//!
+//! [`Store::append_runtime_log`] adds one commit per instance record to
+//! `refs/revboot/logs/<service>` with a tree of `record.toml` and `console.log`. The
+//! deployment branches are never touched by it.
+//!
+//! # Limits
+//!
+//! - Images up to [`MAX_IMAGE_BYTES`]; reading an image holds it once in memory.
+//! - Build logs up to [`MAX_BUILD_LOG_BYTES`], manifests up to [`MAX_MANIFEST_BYTES`].
+//! - The index follows at most [`MAX_HISTORY`] commits per service.
+//! - Delta compression of similar images needs [`Store::repack`] (stock `git repack`).
+//!
+//! # Example
+//!
+//! ```
+//! use revboot_store::{BuildStatus, ImageInput, NewDeployment, Store};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let store = Store::init(dir.path().join("deploy.git"))?;
+//! let revision = store.write_deployment(NewDeployment {
+//!     service: "hello",
+//!     status: BuildStatus::Succeeded,
+//!     manifest: Some("[build]\ncommand = [\"make\"]\nartifacts = [\"hello\"]\n"),
+//!     images: vec![ImageInput { name: "hello".into(), reader: Box::new(&b"\x7fELF"[..]) }],
+//!     build_log: b"ok\n",
+//!     source_commit: "0123456789abcdef0123456789abcdef01234567",
+//!     source_repo: "hello",
+//!     source_ref: Some("refs/heads/main"),
+//!     subject: "Say hello",
+//! })?;
+//! store.set_live("hello", &revision, "first deploy")?;
+//! assert_eq!(store.resolve("hello", None)?, revision);
+//! assert_eq!(store.resolve("hello", Some("0123456"))?, revision);
+//! assert_eq!(store.resolve("hello", Some("MAIN"))?, revision);
+//! # Ok(()) }
+//! ```
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod diff;
+mod error;
+mod index;
+mod lock;
+mod logs;
 pub mod manifest;
+pub mod protocol;
+mod repack;
 mod revision;
+mod store;
+mod types;
 
+pub use error::{LiveError, MaintenanceError, OpenError, ReadError, ResolveError, WriteError};
+pub use index::MAX_HISTORY;
+pub use logs::{MAX_CONSOLE_BYTES, MAX_RUNTIME_LOGS};
 pub use manifest::{Manifest, ManifestError};
+pub use repack::REPACK_TIMEOUT;
 pub use revision::{ParseRevisionError, Revision};
+pub use store::{CAS_ATTEMPTS, MAX_BUILD_LOG_BYTES, MAX_IMAGE_BYTES, MAX_MANIFEST_BYTES, Store};
+pub use types::{
+    BuildStatus, Deployment, DeploymentDiff, ImageInfo, ImageInput, ImageReader, LiveMove,
+    NewDeployment, ParseBuildStatusError, RepackReport, RuntimeRecord,
+};
