@@ -1,2 +1,450 @@
-//! Placeholder.
+//! The revboot builder: from `git push` to a deployment commit.
+//!
+//! It owns one bare source repository per service (`<data>/src/<service>.git`), serves them
+//! over git smart HTTP ([`Builder::router`]), queues a build for every pushed branch, runs the
+//! service's recipe (`revboot.toml`) in a fresh checkout with a time limit, and records every
+//! build — succeeded, failed or interrupted — as a commit in the deployment repository
+//! ([`revboot_store::Store`]), moving the service's live pointer on success. The pusher
+//! watches it happen in `git push`'s output.
+//!
+//! # The push protocol
+//!
+//! 1. `git push https://user:TOKEN@host/git/<service>.git main`: the router asks for basic
+//!    auth (`401` + `WWW-Authenticate`), checks the token, creates the source repository on
+//!    the first push, and runs `git http-backend`, streaming the pack in and the answer out.
+//!    A local-path remote (`git push /data/src/<service>.git`) skips this step.
+//! 2. `git receive-pack` stores the objects and refs, then runs the repository's
+//!    `post-receive` hook, whose output git relays to the pusher as `remote:` lines.
+//! 3. The hook posts the updated refs (and push options) with curl to
+//!    `POST /git/-/hook/<service>` with the daemon's hook token, and prints the answer as
+//!    it streams. If the daemon is not running it says so; the refs are stored and the
+//!    daemon builds them on its next start (it compares branch heads with what it queued).
+//! 4. The builder queues one build per updated branch (a queued build of the same branch is
+//!    superseded), runs it when its service is free and a slot is open, and streams
+//!    `build #N started`, the timestamped log, and the result back on that connection.
+//! 5. The build is recorded as a deployment commit (image, manifest, `build.log`, source
+//!    link). On success, the answer names the deployment and its DNS name
+//!    `<deployment prefix>.<service>.<zone>`, and live moves to it if the ref is the deploy
+//!    branch (the source repository's `HEAD`, `main`), `run.deploy` is not false and the push
+//!    did not say `-o revboot.deploy=false`. On failure live is untouched.
+//!
+//! # Limits
+//!
+//! Builds run as the daemon's user, in their own process group with a clean environment and
+//! a wall-clock limit, not in a sandbox: the recipe is trusted as much as the pusher's token.
+//! The queue, the log size, the hook body and the number of refs per push are bounded.
+//!
+//! # Example
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use revboot_builder::{Builder, BuilderConfig};
+//!
+//! let store = revboot_store::Store::init("/var/lib/revboot/deploy.git")?;
+//! let mut config = BuilderConfig::new(
+//!     "/var/lib/revboot",
+//!     store,
+//!     "revboot.test",
+//!     "http://127.0.0.1:7070",
+//! );
+//! config.push_tokens = vec!["s3cret".into()];
+//! let builder = Builder::start(config).await?;
+//! builder.add_service("hello").await?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:7070").await?;
+//! axum::serve(listener, builder.router()).await?;
+//! # Ok(()) }
+//! ```
 #![deny(missing_docs)]
+#![deny(unsafe_code)]
+
+mod auth;
+mod git;
+mod http;
+mod log;
+pub mod name;
+mod queue;
+mod repos;
+mod runner;
+
+use std::ffi::OsString;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use revboot_store::{Revision, Store};
+
+pub use git::GitError;
+pub use log::DEFAULT_LOG_LIMIT;
+pub use name::{ServiceNameError, validate_service_name};
+pub use queue::{BuildRecord, BuildState, EnqueueError, QueueStateError};
+pub use repos::AddServiceError;
+
+/// How the builder is set up.
+#[derive(Debug, Clone)]
+pub struct BuilderConfig {
+    /// The data directory: `src/` (source repositories), `cache/`, `builds/` and `builder/`
+    /// (queue state, hook token) are made inside it.
+    pub data_dir: PathBuf,
+    /// The deployment repository.
+    pub store: Store,
+    /// The DNS zone, for the names printed to pushers.
+    pub zone: String,
+    /// The base URL under which [`Builder::router`] is served (`http://127.0.0.1:7070`);
+    /// baked into the `post-receive` hooks.
+    pub base_url: String,
+    /// Tokens accepted as the basic-auth password of a push.
+    pub push_tokens: Vec<String>,
+    /// Whether fetch and clone work without a token.
+    pub anonymous_fetch: bool,
+    /// Builds running at once across services; 0 means the number of available cores.
+    pub max_parallel: usize,
+    /// Builds waiting at most.
+    pub max_queued: usize,
+    /// How long a push waits for its build's result before the hook stops following.
+    pub push_wait_secs: u64,
+    /// The cap of one build log in bytes.
+    pub log_limit: usize,
+    /// The largest push request body accepted, in bytes.
+    pub max_push_bytes: u64,
+}
+
+impl BuilderConfig {
+    /// A configuration with default limits and no push tokens.
+    pub fn new(
+        data_dir: impl Into<PathBuf>,
+        store: Store,
+        zone: impl Into<String>,
+        base_url: impl Into<String>,
+    ) -> BuilderConfig {
+        BuilderConfig {
+            data_dir: data_dir.into(),
+            store,
+            zone: zone.into(),
+            base_url: base_url.into(),
+            push_tokens: Vec::new(),
+            anonymous_fetch: true,
+            max_parallel: 0,
+            max_queued: 64,
+            push_wait_secs: 1800,
+            log_limit: DEFAULT_LOG_LIMIT,
+            max_push_bytes: 2 * 1024 * 1024 * 1024,
+        }
+    }
+}
+
+/// Why the builder could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// A configuration value is out of range.
+    #[error("Invalid builder configuration: `{key}` {message}")]
+    Config {
+        /// The field.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// A directory or file of the data directory could not be made or read.
+    #[error("Cannot prepare {path}")]
+    Io {
+        /// The path involved.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A source repository could not be read.
+    #[error("Cannot read the branches of source repository `{service}`")]
+    Git {
+        /// The service.
+        service: String,
+        /// Why.
+        #[source]
+        source: GitError,
+    },
+    /// The queue state could not be loaded.
+    #[error(transparent)]
+    Queue(#[from] QueueStateError),
+}
+
+/// Why a build log could not be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildLogError {
+    /// The revision is not a build of that service.
+    #[error("Revision {revision} is not a build of `{service}`")]
+    NotThisService {
+        /// The service asked for.
+        service: String,
+        /// The revision asked for.
+        revision: Revision,
+    },
+    /// The store could not read it.
+    #[error("Cannot read the build log of {revision}")]
+    Store {
+        /// The revision.
+        revision: Revision,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// A service's source repository.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ServiceInfo {
+    /// The service name.
+    pub name: String,
+    /// The bare source repository, usable as a local-path remote.
+    pub source_repo: PathBuf,
+    /// Whether this call created it.
+    pub created: bool,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: BuilderConfig,
+    repos: repos::SourceRepos,
+    queue: queue::Queue,
+    hook_token: String,
+}
+
+/// The running builder. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Builder {
+    inner: Arc<Inner>,
+}
+
+impl Builder {
+    /// Prepares the data directory, rewrites the hooks of existing source repositories,
+    /// loads the queue (re-queuing builds a daemon stop interrupted, and queuing branch heads
+    /// pushed while it was not running) and starts building. Needs a Tokio runtime.
+    pub async fn start(mut config: BuilderConfig) -> Result<Builder, StartError> {
+        let invalid = |key: &'static str, message: &str| StartError::Config {
+            key,
+            message: message.to_owned(),
+        };
+        if config.zone.trim_matches('.').is_empty() {
+            return Err(invalid("zone", "must not be empty"));
+        }
+        config.zone = config.zone.trim_matches('.').to_ascii_lowercase();
+        if !config.base_url.starts_with("http://") && !config.base_url.starts_with("https://") {
+            return Err(invalid("base_url", "must start with http:// or https://"));
+        }
+        if config.base_url.contains(['\'', '\n', ' ']) {
+            return Err(invalid("base_url", "must not contain quotes or spaces"));
+        }
+        if config.max_queued == 0 || config.max_queued > 10_000 {
+            return Err(invalid("max_queued", "must be between 1 and 10000"));
+        }
+        if config.max_parallel > 256 {
+            return Err(invalid("max_parallel", "must be at most 256"));
+        }
+        if config.max_parallel == 0 {
+            config.max_parallel = std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1);
+        }
+        if config.push_wait_secs == 0 || config.push_wait_secs > 24 * 3600 {
+            return Err(invalid("push_wait_secs", "must be between 1 and 86400"));
+        }
+        if config.log_limit < 4096 {
+            return Err(invalid("log_limit", "must be at least 4096"));
+        }
+        if config.push_tokens.iter().any(|t| t.is_empty()) {
+            return Err(invalid("push_tokens", "must not contain an empty token"));
+        }
+        if config.push_tokens.is_empty() {
+            tracing::warn!("no push tokens configured: pushes over HTTP are refused");
+        }
+        let data = config.data_dir.clone();
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| StartError::Io { path, source }
+        };
+        let state_dir = data.join("builder");
+        let builds_root = data.join("builds");
+        let cache_root = data.join("cache");
+        let src = data.join("src");
+        for dir in [&state_dir, &builds_root, &cache_root, &src] {
+            std::fs::create_dir_all(dir).map_err(io(dir))?;
+        }
+        // Checkouts left by a daemon that did not stop cleanly.
+        for entry in std::fs::read_dir(&builds_root).map_err(io(&builds_root))? {
+            let path = entry.map_err(io(&builds_root))?.path();
+            if let Err(error) = std::fs::remove_dir_all(&path) {
+                tracing::warn!(%error, path = %path.display(), "cannot remove an old checkout");
+            }
+        }
+        let hook_token = hook_token(&state_dir.join("hook-token"))?;
+        let repos = repos::SourceRepos::new(
+            src.clone(),
+            repos::HookTarget {
+                base_url: config.base_url.clone(),
+                token: hook_token.clone(),
+                max_time_secs: config.push_wait_secs,
+            },
+        );
+        let mut heads = Vec::new();
+        for service in repos.list().map_err(io(&src))? {
+            repos
+                .refresh_hook(&service)
+                .map_err(io(&repos.path(&service)))?;
+            let branches =
+                repos
+                    .branch_heads(&service)
+                    .await
+                    .map_err(|source| StartError::Git {
+                        service: service.clone(),
+                        source,
+                    })?;
+            heads.extend(
+                branches
+                    .into_iter()
+                    .map(|b| (service.clone(), b.refname, b.commit)),
+            );
+        }
+        let home = std::env::var_os("HOME").map(PathBuf::from);
+        let ctx = Arc::new(runner::RunContext {
+            repos: repos.clone(),
+            store: config.store.clone(),
+            cache_root,
+            builds_root,
+            zone: config.zone.clone(),
+            path_env: std::env::var_os("PATH")
+                .unwrap_or_else(|| OsString::from("/usr/local/bin:/usr/bin:/bin")),
+            cargo_home: std::env::var_os("CARGO_HOME")
+                .map(PathBuf::from)
+                .or_else(|| home.as_ref().map(|h| h.join(".cargo")))
+                .filter(|p| p.is_dir()),
+            rustup_home: std::env::var_os("RUSTUP_HOME")
+                .map(PathBuf::from)
+                .or_else(|| home.as_ref().map(|h| h.join(".rustup")))
+                .filter(|p| p.is_dir()),
+        });
+        let queue = queue::Queue::start(
+            state_dir.join("state.json"),
+            ctx,
+            queue::Limits {
+                max_parallel: config.max_parallel,
+                max_queued: config.max_queued,
+                log_limit: config.log_limit,
+            },
+            heads,
+        )?;
+        tracing::info!(
+            data = %data.display(),
+            max_parallel = config.max_parallel,
+            "builder started"
+        );
+        Ok(Builder {
+            inner: Arc::new(Inner {
+                config,
+                repos,
+                queue,
+                hook_token,
+            }),
+        })
+    }
+
+    /// The smart HTTP and hook routes, with full paths under `/git/` (merge it into the
+    /// daemon's router): `/git/<service>.git/…` and `/git/-/hook/<service>`.
+    pub fn router(&self) -> axum::Router {
+        http::router(self.clone())
+    }
+
+    /// Creates the source repository of a service (if it does not exist yet).
+    pub async fn add_service(&self, name: &str) -> Result<ServiceInfo, AddServiceError> {
+        let (source_repo, created) = self.inner.repos.create(name).await?;
+        Ok(ServiceInfo {
+            name: name.to_owned(),
+            source_repo,
+            created,
+        })
+    }
+
+    /// The services with a source repository, sorted.
+    pub fn services(&self) -> std::io::Result<Vec<String>> {
+        self.inner.repos.list()
+    }
+
+    /// The bare source repository of a service (it may not exist).
+    pub fn source_repo(&self, service: &str) -> Result<PathBuf, ServiceNameError> {
+        validate_service_name(service)?;
+        Ok(self.inner.repos.path(service))
+    }
+
+    /// Build records (queued, running and the last finished ones), newest first; all
+    /// services when `service` is `None`.
+    pub async fn build_records(&self, service: Option<&str>) -> Vec<BuildRecord> {
+        self.inner.queue.records(service).await
+    }
+
+    /// The `build.log` of a recorded build of `service`.
+    pub fn build_log(&self, service: &str, revision: &Revision) -> Result<Vec<u8>, BuildLogError> {
+        let store = &self.inner.config.store;
+        let boxed = |e: Box<dyn std::error::Error + Send + Sync>| BuildLogError::Store {
+            revision: *revision,
+            source: e,
+        };
+        let deployment = store
+            .deployment(service, revision)
+            .map_err(|e| boxed(Box::new(e)))?;
+        if deployment.service != service {
+            return Err(BuildLogError::NotThisService {
+                service: service.to_owned(),
+                revision: *revision,
+            });
+        }
+        let mut log = Vec::new();
+        let mut bytes = store.build_log(revision).map_err(|e| boxed(Box::new(e)))?;
+        bytes
+            .as_slice()
+            .read_to_end(&mut log)
+            .map_err(|e| boxed(Box::new(e)))?;
+        bytes.clear();
+        Ok(log)
+    }
+
+    /// Stops building: running builds are killed and recorded as interrupted (they run
+    /// again on the next start), queued builds are kept for the next start.
+    pub async fn shutdown(&self) {
+        self.inner.queue.shutdown().await;
+        tracing::info!("builder stopped");
+    }
+}
+
+/// Reads the per-daemon hook token, creating it on first start.
+fn hook_token(path: &Path) -> Result<String, StartError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| StartError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    match std::fs::read_to_string(path) {
+        Ok(token) if token.trim().len() >= 32 => return Ok(token.trim().to_owned()),
+        Ok(_) => tracing::warn!(path = %path.display(), "hook token too short; making a new one"),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(io(error)),
+    }
+    let mut random = [0u8; 24];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut random))
+        .map_err(io)?;
+    let token = hex::encode(random);
+    let staging = path.with_extension("new");
+    {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&staging)
+            .map_err(io)?;
+        file.write_all(token.as_bytes()).map_err(io)?;
+    }
+    std::fs::rename(&staging, path).map_err(io)?;
+    Ok(token)
+}

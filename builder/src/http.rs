@@ -1,0 +1,638 @@
+//! The push path over HTTP: git smart HTTP and the hook endpoint.
+//!
+//! Smart HTTP, `/git/<service>.git/<path>`:
+//! 1. Only the smart protocol paths are served: `GET info/refs?service=…`, `POST
+//!    git-upload-pack`, `POST git-receive-pack`; anything else is `404`.
+//! 2. Push (`git-receive-pack`) needs basic auth with a push token, fetch needs it unless
+//!    anonymous fetch is configured; otherwise `401` with `WWW-Authenticate: Basic`.
+//! 3. The first authenticated push to an unknown service creates its source repository
+//!    (the name must be a valid service name).
+//! 4. The request runs `git http-backend` (CGI) with `GIT_PROJECT_ROOT`, `PATH_INFO`,
+//!    `REMOTE_USER` and `GIT_HTTP_EXPORT_ALL`; the request body is streamed to its stdin
+//!    while its stdout is read: the CGI header block is parsed, the rest is streamed back
+//!    unchanged. No pack is ever held in memory whole.
+//!
+//! Hook endpoint, `POST /git/-/hook/<service>` (called by the `post-receive` hook):
+//! 1. `Authorization: Bearer <hook token>`; the body has `ref <old> <new> <refname>` and
+//!    `option <push option>` lines.
+//! 2. Each updated branch is queued; the answer streams, as plain text lines, the queue
+//!    position, the build's start, its log as it is written, and the result: deployment
+//!    commit, DNS name, and whether live moved.
+
+use std::convert::Infallible;
+use std::process::Stdio;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, post};
+use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::io::ReaderStream;
+
+use crate::Builder;
+use crate::auth::{parse_basic, token_matches};
+use crate::log::Progress;
+use crate::name::validate_service_name;
+use crate::queue::{Phase, Request, Ticket};
+
+/// The largest CGI header block accepted from `git http-backend`.
+const MAX_CGI_HEAD: usize = 64 * 1024;
+/// How long `git http-backend` has to send its headers.
+const CGI_HEAD_TIMEOUT: Duration = Duration::from_secs(120);
+/// The largest hook request body.
+const MAX_HOOK_BODY: usize = 256 * 1024;
+/// The most refs built from one push.
+const MAX_REFS_PER_PUSH: usize = 32;
+
+pub(crate) fn router(builder: Builder) -> Router {
+    Router::new()
+        .route("/git/-/hook/{service}", post(hook))
+        .route("/git/{repo}/{*path}", any(smart_http))
+        .with_state(builder)
+}
+
+fn text(status: StatusCode, message: impl Into<String>) -> Response {
+    let mut body = message.into();
+    body.push('\n');
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+fn unauthorized(message: &str) -> Response {
+    let mut response = text(StatusCode::UNAUTHORIZED, message);
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"revboot\", charset=\"UTF-8\""),
+    );
+    response
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Service {
+    Upload,
+    Receive,
+}
+
+async fn smart_http(
+    State(builder): State<Builder>,
+    Path((repo, path)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    method: Method,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let Some(service) = repo.strip_suffix(".git") else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "Not a repository path: use /git/<service>.git",
+        );
+    };
+    let query = query.unwrap_or_default();
+    let kind = match (method.clone(), path.as_str()) {
+        (Method::GET, "info/refs") => match query
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("service="))
+        {
+            Some("git-upload-pack") => Service::Upload,
+            Some("git-receive-pack") => Service::Receive,
+            _ => {
+                return text(
+                    StatusCode::FORBIDDEN,
+                    "Only the smart HTTP protocol is served (git 1.6.6 or newer)",
+                );
+            }
+        },
+        (Method::POST, "git-upload-pack") => Service::Upload,
+        (Method::POST, "git-receive-pack") => Service::Receive,
+        _ => return text(StatusCode::NOT_FOUND, format!("Not found: {method} {path}")),
+    };
+    let inner = &builder.inner;
+    let user = match headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_basic)
+    {
+        Some(credentials) if token_matches(&inner.config.push_tokens, &credentials.password) => {
+            Some(credentials.user)
+        }
+        Some(credentials) => {
+            tracing::warn!(service, user = credentials.user, "rejected push token");
+            return unauthorized("Wrong token");
+        }
+        None => None,
+    };
+    if user.is_none() && (kind == Service::Receive || !inner.config.anonymous_fetch) {
+        tracing::info!(service, ?kind, "asking for credentials");
+        return unauthorized("A push token is needed (use https://user:TOKEN@host/…)");
+    }
+    if let Err(error) = validate_service_name(service) {
+        tracing::warn!(%error, "bad service name in git URL");
+        return text(StatusCode::BAD_REQUEST, error.to_string());
+    }
+    if !inner.repos.exists(service) {
+        if kind == Service::Upload {
+            return text(StatusCode::NOT_FOUND, format!("No service `{service}`"));
+        }
+        if let Err(error) = builder.add_service(service).await {
+            tracing::error!(%error, service, "cannot create source repository on push");
+            return text(StatusCode::INTERNAL_SERVER_ERROR, error.to_string());
+        }
+    }
+    match run_cgi(
+        &builder, service, &path, &query, &method, &headers, user, body,
+    )
+    .await
+    {
+        Ok(response) => response,
+        Err(message) => {
+            tracing::error!(service, message, "git http-backend failed");
+            text(StatusCode::INTERNAL_SERVER_ERROR, message)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_cgi(
+    builder: &Builder,
+    service: &str,
+    path: &str,
+    query: &str,
+    method: &Method,
+    headers: &HeaderMap,
+    user: Option<String>,
+    body: Body,
+) -> Result<Response, String> {
+    let inner = &builder.inner;
+    let header_text = |name: header::HeaderName| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let mut command = crate::git::command(None);
+    command
+        .arg("http-backend")
+        .env("GIT_PROJECT_ROOT", inner.repos.root())
+        .env("GIT_HTTP_EXPORT_ALL", "1")
+        .env("PATH_INFO", format!("/{service}.git/{path}"))
+        .env("REQUEST_METHOD", method.as_str())
+        .env("QUERY_STRING", query)
+        .env("SERVER_PROTOCOL", "HTTP/1.1")
+        .env("GATEWAY_INTERFACE", "CGI/1.1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(user) = &user {
+        command.env("REMOTE_USER", user);
+    }
+    if let Some(value) = header_text(header::CONTENT_TYPE) {
+        command.env("CONTENT_TYPE", value);
+    }
+    if let Some(value) = header_text(header::CONTENT_LENGTH) {
+        command.env("CONTENT_LENGTH", value);
+    }
+    if let Some(value) = header_text(header::CONTENT_ENCODING) {
+        command.env("HTTP_CONTENT_ENCODING", value);
+    }
+    if let Some(value) = headers.get("git-protocol").and_then(|v| v.to_str().ok()) {
+        command.env("GIT_PROTOCOL", value);
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|e| format!("Cannot start git http-backend: {e}"))?;
+    let mut stdin = child.stdin.take().ok_or("No stdin for git http-backend")?;
+    let mut stdout = child
+        .stdout
+        .take()
+        .ok_or("No stdout for git http-backend")?;
+    let mut stderr = child
+        .stderr
+        .take()
+        .ok_or("No stderr for git http-backend")?;
+    let max_push = inner.config.max_push_bytes;
+    tokio::spawn(async move {
+        let mut stream = body.into_data_stream();
+        let mut total: u64 = 0;
+        while let Some(chunk) = stream.next().await {
+            let Ok(chunk) = chunk else {
+                tracing::warn!("push request body ended with an error");
+                break;
+            };
+            total += chunk.len() as u64;
+            if total > max_push {
+                tracing::warn!(total, max_push, "push request body too large; cut off");
+                break;
+            }
+            if stdin.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        let _ = stdin.shutdown().await;
+    });
+    let limit = Duration::from_secs(inner.config.push_wait_secs + 300);
+    let service_name = service.to_owned();
+    tokio::spawn(async move {
+        let mut errors = Vec::new();
+        let read_errors = async {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                if errors.len() < 16 * 1024 {
+                    errors.extend_from_slice(&chunk[..n]);
+                }
+            }
+        };
+        let waited = tokio::time::timeout(limit, async {
+            read_errors.await;
+            child.wait().await
+        })
+        .await;
+        let errors = String::from_utf8_lossy(&errors);
+        match waited {
+            Ok(Ok(status)) if status.success() => {
+                if !errors.trim().is_empty() {
+                    tracing::debug!(service = service_name, stderr = %errors.trim(), "git http-backend");
+                }
+            }
+            Ok(Ok(status)) => {
+                tracing::warn!(service = service_name, %status, stderr = %errors.trim(), "git http-backend failed")
+            }
+            Ok(Err(error)) => tracing::warn!(%error, "cannot wait for git http-backend"),
+            Err(_) => {
+                tracing::warn!(
+                    service = service_name,
+                    "git http-backend ran too long; killed"
+                );
+                let _ = child.kill().await;
+            }
+        }
+    });
+    let (status, response_headers, rest) =
+        tokio::time::timeout(CGI_HEAD_TIMEOUT, read_cgi_head(&mut stdout))
+            .await
+            .map_err(|_| "git http-backend sent no headers in time".to_owned())??;
+    let first =
+        futures::stream::once(async move { Ok::<Bytes, std::io::Error>(Bytes::from(rest)) });
+    let body = Body::from_stream(first.chain(ReaderStream::new(stdout)));
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    *response.headers_mut() = response_headers;
+    Ok(response)
+}
+
+/// Reads the CGI header block; returns the status, headers and bytes read past it.
+async fn read_cgi_head(
+    stdout: &mut tokio::process::ChildStdout,
+) -> Result<(StatusCode, HeaderMap, Vec<u8>), String> {
+    let mut buffer = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        if let Some(end) = find_head_end(&buffer) {
+            break end;
+        }
+        if buffer.len() > MAX_CGI_HEAD {
+            return Err("git http-backend sent an oversized header block".into());
+        }
+        let n = stdout
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("Cannot read git http-backend: {e}"))?;
+        if n == 0 {
+            return Err("git http-backend ended before its headers".into());
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    };
+    let (head, body_start) = end;
+    let head = String::from_utf8_lossy(&buffer[..head]).into_owned();
+    let (status, headers) = parse_cgi_head(&head)?;
+    Ok((status, headers, buffer[body_start..].to_vec()))
+}
+
+/// Where the header block ends: (end of headers, start of body).
+fn find_head_end(buffer: &[u8]) -> Option<(usize, usize)> {
+    let crlf = buffer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| (i, i + 4));
+    let lf = buffer
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .map(|i| (i, i + 2));
+    match (crlf, lf) {
+        (Some(a), Some(b)) => Some(if a.0 < b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+fn parse_cgi_head(head: &str) -> Result<(StatusCode, HeaderMap), String> {
+    let mut status = StatusCode::OK;
+    let mut headers = HeaderMap::new();
+    for line in head.lines() {
+        let line = line.trim_end_matches('\r');
+        if line.is_empty() {
+            continue;
+        }
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| format!("Bad CGI header line `{line}`"))?;
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("status") {
+            let code = value.split_whitespace().next().unwrap_or("");
+            status = code
+                .parse::<u16>()
+                .ok()
+                .and_then(|code| StatusCode::from_u16(code).ok())
+                .ok_or_else(|| format!("Bad CGI status `{value}`"))?;
+            continue;
+        }
+        let name = header::HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| format!("Bad CGI header name `{name}`"))?;
+        let value =
+            HeaderValue::from_str(value).map_err(|_| format!("Bad CGI header value `{value}`"))?;
+        headers.append(name, value);
+    }
+    Ok((status, headers))
+}
+
+/// A push as the hook reports it.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct HookBody {
+    refs: Vec<(String, String, String)>,
+    options: Vec<String>,
+}
+
+fn parse_hook_body(body: &str) -> Result<HookBody, String> {
+    let mut parsed = HookBody::default();
+    for line in body.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if let Some(rest) = line.strip_prefix("ref ") {
+            let mut parts = rest.split(' ');
+            let (Some(old), Some(new), Some(refname), None) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                return Err(format!("Bad ref line `{line}`"));
+            };
+            let is_id = |s: &str| s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit());
+            if !is_id(old) || !is_id(new) || refname.is_empty() {
+                return Err(format!("Bad ref line `{line}`"));
+            }
+            if parsed.refs.len() >= MAX_REFS_PER_PUSH {
+                return Err(format!("More than {MAX_REFS_PER_PUSH} refs in one push"));
+            }
+            parsed
+                .refs
+                .push((old.to_owned(), new.to_lowercase(), refname.to_owned()));
+        } else if let Some(option) = line.strip_prefix("option ") {
+            parsed.options.push(option.to_owned());
+        } else {
+            return Err(format!("Bad line `{line}`"));
+        }
+    }
+    Ok(parsed)
+}
+
+/// The `revboot.deploy` push option, if given; an error for an unknown `revboot.*` option.
+fn deploy_option(options: &[String]) -> Result<Option<bool>, String> {
+    let mut deploy = None;
+    for option in options {
+        match option.as_str() {
+            "revboot.deploy=false" | "revboot.deploy=no" => deploy = Some(false),
+            "revboot.deploy=true" | "revboot.deploy=yes" => deploy = Some(true),
+            other if other.starts_with("revboot.") => {
+                return Err(format!(
+                    "unknown push option `{other}` (known: revboot.deploy=true|false)"
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(deploy)
+}
+
+async fn hook(
+    State(builder): State<Builder>,
+    Path(service): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let inner = &builder.inner;
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !token_matches(std::slice::from_ref(&inner.hook_token), presented) {
+        tracing::warn!(service, "hook call with a wrong token");
+        return text(StatusCode::UNAUTHORIZED, "revboot: wrong hook token");
+    }
+    if validate_service_name(&service).is_err() || !inner.repos.exists(&service) {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("revboot: no service `{service}`"),
+        );
+    }
+    let body = match axum::body::to_bytes(body, MAX_HOOK_BODY).await {
+        Ok(body) => body,
+        Err(error) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("revboot: bad hook request: {error}"),
+            );
+        }
+    };
+    let parsed = match parse_hook_body(&String::from_utf8_lossy(&body)) {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            tracing::warn!(service, error, "bad hook request");
+            return text(StatusCode::BAD_REQUEST, format!("revboot: {error}"));
+        }
+    };
+    let deploy = match deploy_option(&parsed.options) {
+        Ok(deploy) => deploy,
+        Err(error) => {
+            tracing::warn!(service, error, "bad push option");
+            return text(
+                StatusCode::OK,
+                format!("revboot: {error}; nothing was built (push again with a valid option)"),
+            );
+        }
+    };
+    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    let wait = Duration::from_secs(inner.config.push_wait_secs);
+    let zone = inner.config.zone.clone();
+    let builder = builder.clone();
+    tokio::spawn(async move {
+        let mut tickets = Vec::new();
+        for (_old, new, refname) in parsed.refs {
+            let say = |line: String| {
+                let tx = tx.clone();
+                async move {
+                    tx.send(Bytes::from(format!("revboot: {line}\n")))
+                        .await
+                        .is_ok()
+                }
+            };
+            if new.bytes().all(|b| b == b'0') {
+                say(format!("{refname} deleted; nothing to build")).await;
+                continue;
+            }
+            if !refname.starts_with("refs/heads/") {
+                say(format!("{refname} is not a branch; not built")).await;
+                continue;
+            }
+            let request = Request {
+                service: service.clone(),
+                refname: refname.clone(),
+                commit: new.clone(),
+                deploy_option: deploy,
+            };
+            match builder.inner.queue.enqueue(request).await {
+                Ok(ticket) => {
+                    let mut line = format!(
+                        "build #{} queued: {service} {refname} at {}",
+                        ticket.tracker.id,
+                        &new[..12]
+                    );
+                    if ticket.ahead > 0 {
+                        line.push_str(&format!(" ({} ahead of it)", ticket.ahead));
+                    }
+                    if let Some(old) = ticket.superseded {
+                        line.push_str(&format!("; it supersedes queued build #{old}"));
+                    }
+                    say(line).await;
+                    tickets.push(ticket);
+                }
+                Err(error) => {
+                    say(format!("{refname}: {error}")).await;
+                }
+            }
+        }
+        for ticket in tickets {
+            if !follow(&ticket, &tx, wait, &service, &zone).await {
+                break;
+            }
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|bytes| (Ok::<Bytes, Infallible>(bytes), rx))
+    });
+    let mut response = Response::new(Body::from_stream(stream));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// Streams one build's progress to `tx` until it ends; false if the reader went away.
+async fn follow(
+    ticket: &Ticket,
+    tx: &mpsc::Sender<Bytes>,
+    wait: Duration,
+    service: &str,
+    zone: &str,
+) -> bool {
+    let tracker = &ticket.tracker;
+    let id = tracker.id;
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut progress = tracker.subscribe();
+    let mut offset = 0;
+    let mut announced = false;
+    loop {
+        let Progress { log_len, phase } = progress.borrow_and_update().clone();
+        if !announced && !matches!(phase, Phase::Queued) {
+            announced = true;
+            if tx
+                .send(Bytes::from(format!("revboot: build #{id} started\n")))
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
+        if log_len > offset {
+            let chunk = tracker.log_from(offset);
+            offset += chunk.len();
+            if !chunk.is_empty() && tx.send(Bytes::from(chunk)).await.is_err() {
+                return false;
+            }
+        }
+        let last = match phase {
+            Phase::Done(outcome) => Some(
+                outcome
+                    .result_lines
+                    .iter()
+                    .map(|line| format!("revboot: {line}\n"))
+                    .collect::<String>(),
+            ),
+            Phase::Superseded { by, commit } => Some(format!(
+                "revboot: build #{id} was superseded by build #{by} ({service} at {}) before it started\n",
+                &commit[..commit.len().min(12)]
+            )),
+            Phase::Queued | Phase::Running => None,
+        };
+        if let Some(last) = last {
+            return tx.send(Bytes::from(last)).await.is_ok();
+        }
+        match tokio::time::timeout_at(deadline, progress.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return true,
+            Err(_) => {
+                let _ = tx
+                    .send(Bytes::from(format!(
+                        "revboot: stopped following build #{id} after {}s; it goes on (see its log in {service}.{zone}'s history)\n",
+                        wait.as_secs()
+                    )))
+                    .await;
+                return false;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cgi_head() {
+        let raw = b"Status: 403 Forbidden\r\nContent-Type: text/plain\r\n\r\nbody";
+        let (head, start) = find_head_end(raw).expect("complete");
+        let (status, headers) =
+            parse_cgi_head(std::str::from_utf8(&raw[..head]).expect("utf8")).expect("valid");
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert_eq!(headers[header::CONTENT_TYPE], "text/plain");
+        assert_eq!(&raw[start..], b"body");
+        assert!(parse_cgi_head("no colon here").is_err());
+        assert!(find_head_end(b"Content-Type: x\r\n").is_none());
+    }
+
+    #[test]
+    fn parses_hook_body() {
+        let zero = "0".repeat(40);
+        let new = "a".repeat(40);
+        let body = format!("ref {zero} {new} refs/heads/main\noption revboot.deploy=false\n\n");
+        let parsed = parse_hook_body(&body).expect("valid");
+        assert_eq!(
+            parsed.refs,
+            vec![(zero.clone(), new.clone(), "refs/heads/main".to_owned())]
+        );
+        assert_eq!(deploy_option(&parsed.options), Ok(Some(false)));
+        assert!(parse_hook_body("ref x y z").is_err());
+        assert!(parse_hook_body("hello").is_err());
+        assert!(deploy_option(&["revboot.depoly=false".to_owned()]).is_err());
+        assert_eq!(deploy_option(&["ci.skip".to_owned()]), Ok(None));
+    }
+}

@@ -1,0 +1,615 @@
+//! The build queue: one owner task that decides what builds when.
+//!
+//! 1. A push (hook call) or the start-up scan asks for a build of `(service, ref, commit)`.
+//!    A not-yet-started build of the same service and ref is superseded by it (its
+//!    followers are told which build replaced it). The queue holds at most `max_queued`
+//!    builds; beyond that a request is refused with a clear error.
+//! 2. A queued build starts when its service has no running build and fewer than
+//!    `max_parallel` builds run in all. Builds of one service run one at a time, in push
+//!    order; different services build in parallel.
+//! 3. Every state change is written to `<data>/builder/state.json` (write, then rename), so
+//!    a daemon start finds queued builds, re-queues builds that were running when the daemon
+//!    stopped (recording the old one as interrupted), and builds branch heads that were pushed
+//!    while it was not running.
+//! 4. Shutdown stops running builds (their process groups are killed; each is recorded in
+//!    the deployment repository as interrupted, with its log so far) and keeps the queue.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::log::Tracker;
+use crate::runner::{self, Job, Outcome, RunContext};
+
+/// How many finished build records are kept (older ones are dropped from the state file;
+/// their deployment commits stay in the store).
+const MAX_FINISHED_RECORDS: usize = 1000;
+
+/// How long shutdown waits for running builds to record themselves as interrupted.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(30);
+
+/// Where a build stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum BuildState {
+    /// Waiting for its turn.
+    Queued,
+    /// Running now.
+    Running,
+    /// Built, stored (and possibly made live).
+    Succeeded,
+    /// The recipe was invalid, the command failed or ran out of time.
+    Failed,
+    /// Stopped by a daemon stop; a new build of the same commit was queued.
+    Interrupted,
+    /// Replaced, before it started, by a newer push to the same branch.
+    Superseded,
+}
+
+impl BuildState {
+    /// Whether the build will not change any more.
+    pub fn is_finished(self) -> bool {
+        !matches!(self, BuildState::Queued | BuildState::Running)
+    }
+}
+
+/// What is known about one build.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct BuildRecord {
+    /// The build's number, unique per data directory.
+    pub id: u64,
+    /// The service.
+    pub service: String,
+    /// The pushed ref, e.g. `refs/heads/main`.
+    pub source_ref: String,
+    /// The pushed commit (40 hex).
+    pub source_commit: String,
+    /// `Some(false)` when the push asked not to deploy (`-o revboot.deploy=false`).
+    pub deploy_option: Option<bool>,
+    /// Where the build stands.
+    pub state: BuildState,
+    /// When it was queued (unix ms).
+    pub queued_at_ms: u64,
+    /// When it started (unix ms).
+    pub started_at_ms: Option<u64>,
+    /// When it ended (unix ms).
+    pub finished_at_ms: Option<u64>,
+    /// How long the build command itself ran, in seconds.
+    pub command_secs: Option<f64>,
+    /// The deployment commit recording it (succeeded, failed or interrupted).
+    pub revision: Option<String>,
+    /// Whether the live pointer was moved to it.
+    pub made_live: bool,
+    /// The build that superseded this one.
+    pub superseded_by: Option<u64>,
+    /// The build that re-ran this interrupted one.
+    pub requeued_as: Option<u64>,
+    /// A one-line summary of the result.
+    pub message: Option<String>,
+}
+
+/// Why a build could not be queued.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnqueueError {
+    /// The queue holds its maximum number of builds.
+    #[error("The build queue is full ({limit} builds waiting); push again later")]
+    Full {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The builder is shutting down.
+    #[error("The builder is shutting down")]
+    ShuttingDown,
+}
+
+/// The in-memory phase of a build, for followers.
+#[derive(Debug, Clone)]
+pub(crate) enum Phase {
+    Queued,
+    Running,
+    Done(Arc<Outcome>),
+    Superseded { by: u64, commit: String },
+}
+
+/// A queued build, as handed to whoever asked for it.
+#[derive(Debug, Clone)]
+pub(crate) struct Ticket {
+    pub(crate) tracker: Arc<Tracker>,
+    /// Builds ahead of this one in the queue (any service).
+    pub(crate) ahead: usize,
+    pub(crate) superseded: Option<u64>,
+}
+
+/// A build request.
+#[derive(Debug, Clone)]
+pub(crate) struct Request {
+    pub(crate) service: String,
+    pub(crate) refname: String,
+    pub(crate) commit: String,
+    pub(crate) deploy_option: Option<bool>,
+}
+
+enum Command {
+    Enqueue {
+        request: Request,
+        reply: oneshot::Sender<Result<Ticket, EnqueueError>>,
+    },
+    Finished {
+        id: u64,
+        outcome: Outcome,
+    },
+    Records {
+        service: Option<String>,
+        reply: oneshot::Sender<Vec<BuildRecord>>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// The persisted part of the queue.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    next_id: u64,
+    /// `"<service> <ref>"` → the last commit queued for it.
+    heads: BTreeMap<String, String>,
+    records: Vec<BuildRecord>,
+}
+
+/// The handle through which everything talks to the queue's owner task.
+#[derive(Debug, Clone)]
+pub(crate) struct Queue {
+    tx: mpsc::Sender<Command>,
+}
+
+/// Limits of the queue.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) max_parallel: usize,
+    pub(crate) max_queued: usize,
+    pub(crate) log_limit: usize,
+}
+
+/// Why the queue could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QueueStateError {
+    /// The state file could not be read.
+    #[error("Cannot read the build queue state {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state file is not valid.
+    #[error("The build queue state {path} is damaged")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn head_key(service: &str, refname: &str) -> String {
+    format!("{service} {refname}")
+}
+
+impl Queue {
+    /// Loads the state, re-queues interrupted builds, queues `missed` branch heads that
+    /// differ from the last queued commit, and starts the owner task.
+    pub(crate) fn start(
+        state_path: PathBuf,
+        ctx: Arc<RunContext>,
+        limits: Limits,
+        branch_heads: Vec<(String, String, String)>,
+    ) -> Result<Queue, QueueStateError> {
+        let state = match std::fs::read(&state_path) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|source| QueueStateError::Parse {
+                    path: state_path.clone(),
+                    source,
+                })?
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => State::default(),
+            Err(source) => {
+                return Err(QueueStateError::Read {
+                    path: state_path,
+                    source,
+                });
+            }
+        };
+        let (tx, rx) = mpsc::channel(256);
+        let mut owner = Owner {
+            ctx,
+            limits,
+            state_path,
+            state,
+            queued: VecDeque::new(),
+            running: HashMap::new(),
+            trackers: HashMap::new(),
+            tx: tx.clone(),
+            shutdown: None,
+        };
+        owner.recover(branch_heads);
+        tokio::spawn(owner.run(rx));
+        Ok(Queue { tx })
+    }
+
+    pub(crate) async fn enqueue(&self, request: Request) -> Result<Ticket, EnqueueError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Command::Enqueue { request, reply })
+            .await
+            .map_err(|_| EnqueueError::ShuttingDown)?;
+        answer.await.map_err(|_| EnqueueError::ShuttingDown)?
+    }
+
+    /// Build records, newest first.
+    pub(crate) async fn records(&self, service: Option<&str>) -> Vec<BuildRecord> {
+        let (reply, answer) = oneshot::channel();
+        let command = Command::Records {
+            service: service.map(str::to_owned),
+            reply,
+        };
+        if self.tx.send(command).await.is_err() {
+            return Vec::new();
+        }
+        answer.await.unwrap_or_default()
+    }
+
+    pub(crate) async fn shutdown(&self) {
+        let (reply, answer) = oneshot::channel();
+        if self.tx.send(Command::Shutdown { reply }).await.is_ok() {
+            let _ = tokio::time::timeout(SHUTDOWN_WAIT + Duration::from_secs(5), answer).await;
+        }
+    }
+}
+
+struct RunningBuild {
+    id: u64,
+    stop: watch::Sender<bool>,
+}
+
+struct Owner {
+    ctx: Arc<RunContext>,
+    limits: Limits,
+    state_path: PathBuf,
+    state: State,
+    queued: VecDeque<u64>,
+    /// Service → its running build.
+    running: HashMap<String, RunningBuild>,
+    /// Trackers of queued and running builds.
+    trackers: HashMap<u64, Arc<Tracker>>,
+    tx: mpsc::Sender<Command>,
+    shutdown: Option<(oneshot::Sender<()>, tokio::time::Instant)>,
+}
+
+impl Owner {
+    fn record_mut(&mut self, id: u64) -> Option<&mut BuildRecord> {
+        self.state.records.iter_mut().find(|r| r.id == id)
+    }
+
+    fn recover(&mut self, branch_heads: Vec<(String, String, String)>) {
+        let mut requeue = Vec::new();
+        for record in &mut self.state.records {
+            match record.state {
+                BuildState::Queued => {
+                    self.queued.push_back(record.id);
+                }
+                BuildState::Running => {
+                    record.state = BuildState::Interrupted;
+                    record.finished_at_ms = Some(now_ms());
+                    record.message = Some("interrupted: the daemon stopped".into());
+                    requeue.push(record.id);
+                }
+                BuildState::Interrupted if record.requeued_as.is_none() => {
+                    requeue.push(record.id);
+                }
+                _ => {}
+            }
+        }
+        for id in self.queued.clone() {
+            self.trackers.insert(
+                id,
+                Arc::new(Tracker::new(id, self.limits.log_limit, Phase::Queued)),
+            );
+        }
+        for old in requeue {
+            let Some(record) = self.state.records.iter().find(|r| r.id == old).cloned() else {
+                continue;
+            };
+            let request = Request {
+                service: record.service,
+                refname: record.source_ref,
+                commit: record.source_commit,
+                deploy_option: record.deploy_option,
+            };
+            match self.enqueue(request) {
+                Ok(ticket) => {
+                    let new = ticket.tracker.id;
+                    tracing::info!(old, new, "re-queued a build interrupted by a daemon stop");
+                    if let Some(record) = self.record_mut(old) {
+                        record.requeued_as = Some(new);
+                    }
+                }
+                Err(error) => tracing::error!(%error, old, "cannot re-queue interrupted build"),
+            }
+        }
+        for (service, refname, commit) in branch_heads {
+            if self.state.heads.get(&head_key(&service, &refname)) == Some(&commit) {
+                continue;
+            }
+            let request = Request {
+                service: service.clone(),
+                refname: refname.clone(),
+                commit: commit.clone(),
+                deploy_option: None,
+            };
+            match self.enqueue(request) {
+                Ok(ticket) => tracing::info!(
+                    service,
+                    refname,
+                    commit,
+                    id = ticket.tracker.id,
+                    "queued a push that arrived while the daemon was not running"
+                ),
+                Err(error) => tracing::error!(%error, service, refname, "cannot queue missed push"),
+            }
+        }
+        self.persist();
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        self.fill();
+        loop {
+            let command = match &self.shutdown {
+                Some((_, deadline)) => match tokio::time::timeout_at(*deadline, rx.recv()).await {
+                    Ok(command) => command,
+                    Err(_) => {
+                        tracing::warn!(running = self.running.len(), "builds did not stop in time");
+                        break;
+                    }
+                },
+                None => rx.recv().await,
+            };
+            let Some(command) = command else { break };
+            match command {
+                Command::Enqueue { request, reply } => {
+                    let result = self.enqueue(request);
+                    self.persist();
+                    self.fill();
+                    let _ = reply.send(result);
+                }
+                Command::Finished { id, outcome } => {
+                    self.finished(id, outcome);
+                    self.persist();
+                    self.fill();
+                }
+                Command::Records { service, reply } => {
+                    let mut records: Vec<BuildRecord> = self
+                        .state
+                        .records
+                        .iter()
+                        .filter(|r| service.as_deref().is_none_or(|s| r.service == s))
+                        .cloned()
+                        .collect();
+                    records.reverse();
+                    let _ = reply.send(records);
+                }
+                Command::Shutdown { reply } => {
+                    for running in self.running.values() {
+                        let _ = running.stop.send(true);
+                    }
+                    self.shutdown = Some((reply, tokio::time::Instant::now() + SHUTDOWN_WAIT));
+                }
+            }
+            if self.shutdown.is_some() && self.running.is_empty() {
+                break;
+            }
+        }
+        self.persist();
+        if let Some((reply, _)) = self.shutdown.take() {
+            let _ = reply.send(());
+        }
+    }
+
+    fn enqueue(&mut self, request: Request) -> Result<Ticket, EnqueueError> {
+        if self.shutdown.is_some() {
+            return Err(EnqueueError::ShuttingDown);
+        }
+        let same = self.queued.iter().position(|id| {
+            self.state.records.iter().any(|r| {
+                r.id == *id && r.service == request.service && r.source_ref == request.refname
+            })
+        });
+        if same.is_none() && self.queued.len() >= self.limits.max_queued {
+            return Err(EnqueueError::Full {
+                limit: self.limits.max_queued,
+            });
+        }
+        let id = self.state.next_id.max(1);
+        self.state.next_id = id + 1;
+        let mut superseded = None;
+        if let Some(index) = same {
+            let old = self.queued.remove(index).expect("index came from position");
+            if let Some(record) = self.record_mut(old) {
+                record.state = BuildState::Superseded;
+                record.superseded_by = Some(id);
+                record.finished_at_ms = Some(now_ms());
+                record.message = Some(format!("superseded by build #{id}"));
+            }
+            if let Some(tracker) = self.trackers.remove(&old) {
+                tracker.set_phase(Phase::Superseded {
+                    by: id,
+                    commit: request.commit.clone(),
+                });
+            }
+            tracing::info!(
+                old,
+                new = id,
+                service = request.service,
+                "superseded a queued build"
+            );
+            superseded = Some(old);
+        }
+        self.state.heads.insert(
+            head_key(&request.service, &request.refname),
+            request.commit.clone(),
+        );
+        self.state.records.push(BuildRecord {
+            id,
+            service: request.service,
+            source_ref: request.refname,
+            source_commit: request.commit,
+            deploy_option: request.deploy_option,
+            state: BuildState::Queued,
+            queued_at_ms: now_ms(),
+            started_at_ms: None,
+            finished_at_ms: None,
+            command_secs: None,
+            revision: None,
+            made_live: false,
+            superseded_by: None,
+            requeued_as: None,
+            message: None,
+        });
+        let tracker = Arc::new(Tracker::new(id, self.limits.log_limit, Phase::Queued));
+        self.trackers.insert(id, tracker.clone());
+        let ahead = self.queued.len() + self.running.len();
+        self.queued.push_back(id);
+        self.trim();
+        Ok(Ticket {
+            tracker,
+            ahead,
+            superseded,
+        })
+    }
+
+    fn fill(&mut self) {
+        if self.shutdown.is_some() {
+            return;
+        }
+        let mut index = 0;
+        while self.running.len() < self.limits.max_parallel && index < self.queued.len() {
+            let id = self.queued[index];
+            let Some(record) = self.state.records.iter().find(|r| r.id == id) else {
+                self.queued.remove(index);
+                continue;
+            };
+            if self.running.contains_key(&record.service) {
+                index += 1;
+                continue;
+            }
+            self.queued.remove(index);
+            self.start(id);
+        }
+    }
+
+    fn start(&mut self, id: u64) {
+        let Some(tracker) = self.trackers.get(&id).cloned() else {
+            return;
+        };
+        let Some(record) = self.record_mut(id) else {
+            return;
+        };
+        record.state = BuildState::Running;
+        record.started_at_ms = Some(now_ms());
+        let job = Job {
+            id,
+            service: record.service.clone(),
+            refname: record.source_ref.clone(),
+            commit: record.source_commit.clone(),
+            deploy_option: record.deploy_option,
+        };
+        let service = job.service.clone();
+        tracker.set_phase(Phase::Running);
+        let (stop, stopped) = watch::channel(false);
+        self.running
+            .insert(service.clone(), RunningBuild { id, stop });
+        self.persist();
+        tracing::info!(id, service, commit = job.commit, "build started");
+        let ctx = self.ctx.clone();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let task = tokio::spawn(runner::run(ctx, job, tracker.clone(), stopped));
+            let outcome = match task.await {
+                Ok(outcome) => outcome,
+                Err(error) => {
+                    tracing::error!(%error, id, "build task failed");
+                    Outcome::internal(format!("the build task failed: {error}"))
+                }
+            };
+            let _ = tx.send(Command::Finished { id, outcome }).await;
+        });
+    }
+
+    fn finished(&mut self, id: u64, outcome: Outcome) {
+        let Some(record) = self.record_mut(id) else {
+            return;
+        };
+        record.state = outcome.state;
+        record.finished_at_ms = Some(now_ms());
+        record.command_secs = outcome.command_secs;
+        record.revision = outcome.revision.map(|r| r.to_hex());
+        record.made_live = outcome.made_live;
+        record.message = Some(outcome.summary.clone());
+        let service = record.service.clone();
+        tracing::info!(id, service, state = ?outcome.state, summary = outcome.summary, "build finished");
+        if self.running.get(&service).is_some_and(|r| r.id == id) {
+            self.running.remove(&service);
+        }
+        if let Some(tracker) = self.trackers.remove(&id) {
+            tracker.set_phase(Phase::Done(Arc::new(outcome)));
+        }
+        self.trim();
+    }
+
+    /// Drops the oldest finished records beyond the limit.
+    fn trim(&mut self) {
+        let finished = self
+            .state
+            .records
+            .iter()
+            .filter(|r| r.state.is_finished())
+            .count();
+        let mut excess = finished.saturating_sub(MAX_FINISHED_RECORDS);
+        self.state.records.retain(|r| {
+            if excess > 0 && r.state.is_finished() {
+                excess -= 1;
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    fn persist(&self) {
+        let write = || -> std::io::Result<()> {
+            let bytes = serde_json::to_vec_pretty(&self.state)?;
+            let staging = self.state_path.with_extension("json.new");
+            std::fs::write(&staging, bytes)?;
+            std::fs::rename(&staging, &self.state_path)
+        };
+        if let Err(error) = write() {
+            tracing::error!(%error, path = %self.state_path.display(), "cannot save build queue state");
+        }
+    }
+}

@@ -1,0 +1,668 @@
+//! Running one build.
+//!
+//! 1. Read `revboot.toml` from the pushed commit and validate it; an invalid or missing
+//!    recipe ends the build as failed, with the parser's message (key and line) in the log.
+//! 2. Check the commit out into a fresh directory under `<data>/builds/` with
+//!    `git archive | tar -x -m` (file times are the checkout time, so a build tool's
+//!    cache never mistakes new sources for old). Nothing is shared with other builds.
+//! 3. Run the command (argv, or `sh -c` for `shell`) in its own process group with a clean
+//!    environment: `PATH` of the daemon, `HOME` in the per-service cache
+//!    `<data>/cache/<service>/`, `CARGO_TARGET_DIR` there too (and `target/` in the checkout
+//!    linked to it), `CARGO_HOME`/`RUSTUP_HOME` of the daemon so offline Rust builds find
+//!    their toolchain and registry, plus the recipe's `build.env`.
+//! 4. stdout and stderr share one pipe; lines are timestamped into the log as they come.
+//!    At the wall-clock limit, or when the daemon stops, the whole process group gets
+//!    SIGKILL; it also does once the command exits, so nothing it started lives on.
+//! 5. Success: the artifacts are streamed into a deployment commit with the manifest, log and
+//!    source link; live moves to it when the recipe (`run.deploy`) and push option allow and
+//!    the ref is the deploy branch. Failure or interruption: a commit with the log and no
+//!    image; live untouched.
+
+use std::ffi::OsString;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use revboot_store::manifest::artifact_name;
+use revboot_store::{BuildStatus, ImageInput, Manifest, NewDeployment, Revision, Store};
+use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
+
+use crate::git;
+use crate::log::Tracker;
+use crate::queue::BuildState;
+use crate::repos::SourceRepos;
+
+/// How long the checkout (`git archive | tar`) may take.
+const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long to keep reading output after the command has exited and its group was killed
+/// (a process that escaped the group may hold the pipe open).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Everything builds share.
+#[derive(Debug)]
+pub(crate) struct RunContext {
+    pub(crate) repos: SourceRepos,
+    pub(crate) store: Store,
+    pub(crate) cache_root: PathBuf,
+    pub(crate) builds_root: PathBuf,
+    pub(crate) zone: String,
+    pub(crate) path_env: OsString,
+    pub(crate) cargo_home: Option<PathBuf>,
+    pub(crate) rustup_home: Option<PathBuf>,
+}
+
+/// One build to run.
+#[derive(Debug, Clone)]
+pub(crate) struct Job {
+    pub(crate) id: u64,
+    pub(crate) service: String,
+    pub(crate) refname: String,
+    pub(crate) commit: String,
+    pub(crate) deploy_option: Option<bool>,
+}
+
+/// How a build ended.
+#[derive(Debug, Clone)]
+pub(crate) struct Outcome {
+    pub(crate) state: BuildState,
+    pub(crate) revision: Option<Revision>,
+    pub(crate) made_live: bool,
+    /// One line: what happened.
+    pub(crate) summary: String,
+    /// Lines for the pusher after the log: deployment, DNS name, live pointer.
+    pub(crate) result_lines: Vec<String>,
+    pub(crate) command_secs: Option<f64>,
+}
+
+impl Outcome {
+    pub(crate) fn internal(message: String) -> Outcome {
+        Outcome {
+            state: BuildState::Failed,
+            revision: None,
+            made_live: false,
+            summary: message,
+            result_lines: Vec::new(),
+            command_secs: None,
+        }
+    }
+}
+
+/// How the command ended.
+enum Ending {
+    Exited(std::process::ExitStatus),
+    TimedOut,
+    Stopped,
+}
+
+/// Runs a build to its end, records it in the store, and returns the outcome.
+pub(crate) async fn run(
+    ctx: Arc<RunContext>,
+    job: Job,
+    tracker: Arc<Tracker>,
+    stop: watch::Receiver<bool>,
+) -> Outcome {
+    tracker.start_clock();
+    tracker.note(&format!(
+        "build #{} of {} {} at {}",
+        job.id, job.service, job.refname, job.commit
+    ));
+    let repo = ctx.repos.path(&job.service);
+    let subject = git::run_text(Some(&repo), &["log", "-1", "--format=%s", &job.commit])
+        .await
+        .unwrap_or_default();
+    let spec = format!("{}:{}", job.commit, revboot_store::manifest::FILE_NAME);
+    let manifest_text = match git::run(Some(&repo), &["show", &spec]).await {
+        Ok(bytes) => match String::from_utf8(bytes) {
+            Ok(text) => text,
+            Err(_) => {
+                let message = "revboot.toml is not valid UTF-8".to_owned();
+                return fail(&ctx, &job, &subject, &tracker, None, message, None).await;
+            }
+        },
+        Err(error) => {
+            tracing::debug!(%error, "no recipe");
+            let message = format!(
+                "no {} at the root of commit {}",
+                revboot_store::manifest::FILE_NAME,
+                short(&job.commit)
+            );
+            return fail(&ctx, &job, &subject, &tracker, None, message, None).await;
+        }
+    };
+    let manifest = match Manifest::from_toml(&manifest_text) {
+        Ok(manifest) => manifest,
+        Err(error) => {
+            let message = format!("invalid recipe: {error}");
+            return fail(&ctx, &job, &subject, &tracker, None, message, None).await;
+        }
+    };
+    let workdir = match tempfile::Builder::new()
+        .prefix(&format!("{}-{}-", job.service, job.id))
+        .tempdir_in(&ctx.builds_root)
+    {
+        Ok(dir) => dir,
+        Err(error) => {
+            let message = format!("cannot create a build directory: {error}");
+            let text = Some(manifest_text.as_str());
+            return fail(&ctx, &job, &subject, &tracker, text, message, None).await;
+        }
+    };
+    let checkout = workdir.path().join("src");
+    if let Err(message) = check_out(&repo, &job.commit, &checkout, workdir.path()).await {
+        let text = Some(manifest_text.as_str());
+        return fail(&ctx, &job, &subject, &tracker, text, message, None).await;
+    }
+    let cache = ctx.cache_root.join(&job.service);
+    let (ending, command_secs) = match run_command(
+        &ctx,
+        &job,
+        &manifest,
+        &checkout,
+        workdir.path(),
+        &cache,
+        &tracker,
+        stop,
+    )
+    .await
+    {
+        Ok(result) => result,
+        Err(message) => {
+            let text = Some(manifest_text.as_str());
+            return fail(&ctx, &job, &subject, &tracker, text, message, None).await;
+        }
+    };
+    let text = Some(manifest_text.as_str());
+    match ending {
+        Ending::Exited(status) if status.success() => {}
+        Ending::Exited(status) => {
+            let message = format!("the build command failed ({status})");
+            return fail(
+                &ctx,
+                &job,
+                &subject,
+                &tracker,
+                text,
+                message,
+                Some(command_secs),
+            )
+            .await;
+        }
+        Ending::TimedOut => {
+            let message = format!(
+                "killed: the build ran longer than its limit of {}s (build.timeout_secs)",
+                manifest.build.timeout_secs
+            );
+            return fail(
+                &ctx,
+                &job,
+                &subject,
+                &tracker,
+                text,
+                message,
+                Some(command_secs),
+            )
+            .await;
+        }
+        Ending::Stopped => {
+            return interrupted(&ctx, &job, &subject, &tracker, text, command_secs).await;
+        }
+    }
+    tracker.note(&format!("the build command finished in {command_secs:.2}s"));
+    let mut artifacts = Vec::new();
+    for artifact in &manifest.build.artifacts {
+        match locate_artifact(&checkout, &cache, artifact) {
+            Ok(path) => artifacts.push((artifact_name(artifact).to_owned(), path)),
+            Err(message) => {
+                return fail(
+                    &ctx,
+                    &job,
+                    &subject,
+                    &tracker,
+                    text,
+                    message,
+                    Some(command_secs),
+                )
+                .await;
+            }
+        }
+    }
+    succeed(
+        &ctx,
+        &job,
+        &subject,
+        &tracker,
+        &manifest,
+        &manifest_text,
+        artifacts,
+        command_secs,
+    )
+    .await
+}
+
+fn short(commit: &str) -> &str {
+    commit.get(..12).unwrap_or(commit)
+}
+
+/// `git archive <commit> | tar -x -m -C <dir>`.
+async fn check_out(repo: &Path, commit: &str, dir: &Path, workdir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let tar_path = workdir.join("source.tar");
+    let tar_str = tar_path.to_string_lossy().into_owned();
+    // Writing the archive to a file (not a pipe between two children) keeps each step's
+    // error separate and needs no extra process plumbing; sources are small.
+    git::run(
+        Some(repo),
+        &["archive", "--format=tar", "-o", &tar_str, commit],
+    )
+    .await
+    .map_err(|e| format!("cannot export commit {}: {e}", short(commit)))?;
+    let mut tar = tokio::process::Command::new("tar");
+    tar.arg("-x")
+        .arg("-m")
+        .arg("-f")
+        .arg(&tar_path)
+        .arg("-C")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(CHECKOUT_TIMEOUT, tar.output())
+        .await
+        .map_err(|_| "the checkout took too long".to_owned())?
+        .map_err(|e| format!("cannot run tar: {e}"))?;
+    let _ = std::fs::remove_file(&tar_path);
+    if !output.status.success() {
+        return Err(format!(
+            "cannot unpack the checkout: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// Sends SIGKILL to a whole process group.
+#[allow(unsafe_code)]
+fn kill_group(pgid: u32) {
+    let Ok(pgid) = libc::pid_t::try_from(pgid) else {
+        return;
+    };
+    if pgid <= 1 {
+        return;
+    }
+    // SAFETY: kill(2) with a negative pid only sends a signal; it touches no memory of ours.
+    // The group id is the pid of our own child, made a group leader by `process_group(0)`.
+    let _ = unsafe { libc::kill(-pgid, libc::SIGKILL) };
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_command(
+    ctx: &RunContext,
+    job: &Job,
+    manifest: &Manifest,
+    checkout: &Path,
+    workdir: &Path,
+    cache: &Path,
+    tracker: &Tracker,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(Ending, f64), String> {
+    let home = cache.join("home");
+    let target = cache.join("target");
+    let tmp = workdir.join("tmp");
+    for dir in [&home, &target, &tmp] {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let link = checkout.join("target");
+    if std::fs::symlink_metadata(&link).is_err() {
+        std::os::unix::fs::symlink(&target, &link)
+            .map_err(|e| format!("cannot link the target cache: {e}"))?;
+    }
+    let argv: Vec<String> = match &manifest.build.shell {
+        Some(shell) => vec!["sh".into(), "-c".into(), shell.clone()],
+        None => manifest.build.command.clone(),
+    };
+    let (program, args) = argv.split_first().ok_or("the build command is empty")?;
+    tracker.note(&format!(
+        "running {argv:?} (time limit {}s)",
+        manifest.build.timeout_secs
+    ));
+    let (reader, writer) =
+        std::io::pipe().map_err(|e| format!("cannot create the log pipe: {e}"))?;
+    let writer_err = writer
+        .try_clone()
+        .map_err(|e| format!("cannot create the log pipe: {e}"))?;
+    let mut command = tokio::process::Command::new(program);
+    command
+        .args(args)
+        .current_dir(checkout)
+        .env_clear()
+        .env("PATH", &ctx.path_env)
+        .env("HOME", &home)
+        .env("TMPDIR", &tmp)
+        .env("LANG", "C.UTF-8")
+        .env("CARGO_TARGET_DIR", &target)
+        .env("CARGO_TERM_COLOR", "never")
+        .env("REVBOOT_SERVICE", &job.service)
+        .env("REVBOOT_SOURCE_COMMIT", &job.commit)
+        .env("REVBOOT_SOURCE_REF", &job.refname)
+        .env("REVBOOT_BUILD_ID", job.id.to_string());
+    if let Some(cargo_home) = &ctx.cargo_home {
+        command.env("CARGO_HOME", cargo_home);
+    }
+    if let Some(rustup_home) = &ctx.rustup_home {
+        command.env("RUSTUP_HOME", rustup_home);
+    }
+    command
+        .envs(&manifest.build.env)
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(writer_err)
+        .process_group(0)
+        .kill_on_drop(true);
+    let started = Instant::now();
+    let spawned = command.spawn();
+    // The command holds our copies of the pipe's write end; drop them so that the pipe
+    // reaches end-of-file when the build's processes are gone.
+    drop(command);
+    let mut child = spawned.map_err(|e| format!("cannot start `{program}`: {e}"))?;
+    let pgid = child.id().unwrap_or(0);
+    let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(reader))
+        .map_err(|e| format!("cannot read the log pipe: {e}"))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(manifest.build.timeout_secs);
+    let mut buffer = vec![0u8; 16 * 1024];
+    let mut pipe_open = true;
+    let ending = loop {
+        tokio::select! {
+            read = pipe.read(&mut buffer), if pipe_open => match read {
+                Ok(0) | Err(_) => pipe_open = false,
+                Ok(n) => tracker.output(&buffer[..n]),
+            },
+            status = child.wait() => match status {
+                Ok(status) => break Ending::Exited(status),
+                Err(error) => return Err(format!("cannot wait for the build command: {error}")),
+            },
+            () = tokio::time::sleep_until(deadline) => break Ending::TimedOut,
+            changed = stop.changed() => {
+                if changed.is_err() || *stop.borrow() {
+                    break Ending::Stopped;
+                }
+            }
+        }
+    };
+    let command_secs = started.elapsed().as_secs_f64();
+    // Whatever the ending, nothing the build started outlives it.
+    kill_group(pgid);
+    if !matches!(ending, Ending::Exited(_)) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+    }
+    let drain_until = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+    while pipe_open {
+        match tokio::time::timeout_at(drain_until, pipe.read(&mut buffer)).await {
+            Ok(Ok(n)) if n > 0 => tracker.output(&buffer[..n]),
+            Ok(_) => pipe_open = false,
+            Err(_) => {
+                tracker.note("output still open after the build ended; stopped reading");
+                pipe_open = false;
+            }
+        }
+    }
+    Ok((ending, command_secs))
+}
+
+/// Finds an artifact after the build: a regular file inside the checkout or the
+/// service's cache (through the `target` link).
+fn locate_artifact(checkout: &Path, cache: &Path, artifact: &str) -> Result<PathBuf, String> {
+    let path = checkout.join(artifact);
+    let missing = || format!("artifact `{artifact}` was not produced by the build");
+    let real = path.canonicalize().map_err(|_| missing())?;
+    let inside = [checkout, cache]
+        .iter()
+        .filter_map(|root| root.canonicalize().ok())
+        .any(|root| real.starts_with(root));
+    if !inside {
+        return Err(format!(
+            "artifact `{artifact}` points outside the checkout and the build cache"
+        ));
+    }
+    if !real.metadata().map(|m| m.is_file()).unwrap_or(false) {
+        return Err(format!("artifact `{artifact}` is not a regular file"));
+    }
+    Ok(real)
+}
+
+fn dns_name(revision: &Revision, service: &str, zone: &str) -> String {
+    format!("{}.{service}.{zone}", revision.short(12))
+}
+
+async fn fail(
+    ctx: &RunContext,
+    job: &Job,
+    subject: &str,
+    tracker: &Tracker,
+    manifest: Option<&str>,
+    message: String,
+    command_secs: Option<f64>,
+) -> Outcome {
+    tracker.note(&format!("build failed: {message}"));
+    let log = tracker.finish_log();
+    let recorded = record(
+        ctx,
+        job,
+        subject,
+        BuildStatus::Failed,
+        manifest,
+        &log,
+        Vec::new(),
+    )
+    .await;
+    let mut outcome = Outcome {
+        state: BuildState::Failed,
+        revision: None,
+        made_live: false,
+        summary: format!("failed: {message}"),
+        result_lines: vec![format!("build #{} failed: {message}", job.id)],
+        command_secs,
+    };
+    match recorded {
+        Ok(revision) => {
+            outcome.revision = Some(revision);
+            outcome.result_lines.push(format!(
+                "failed build recorded as {}; live unchanged",
+                revision.short(12)
+            ));
+        }
+        Err(error) => outcome
+            .result_lines
+            .push(format!("the failed build could not be recorded: {error}")),
+    }
+    outcome
+}
+
+async fn interrupted(
+    ctx: &RunContext,
+    job: &Job,
+    subject: &str,
+    tracker: &Tracker,
+    manifest: Option<&str>,
+    command_secs: f64,
+) -> Outcome {
+    tracker.note("build interrupted: the daemon is stopping; it will run again on start");
+    let log = tracker.finish_log();
+    let recorded = record(
+        ctx,
+        job,
+        subject,
+        BuildStatus::Interrupted,
+        manifest,
+        &log,
+        Vec::new(),
+    )
+    .await;
+    Outcome {
+        state: BuildState::Interrupted,
+        revision: recorded.ok(),
+        made_live: false,
+        summary: "interrupted: the daemon stopped".into(),
+        result_lines: vec![format!(
+            "build #{} interrupted by a daemon stop; it will run again when the daemon starts",
+            job.id
+        )],
+        command_secs: Some(command_secs),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn succeed(
+    ctx: &RunContext,
+    job: &Job,
+    subject: &str,
+    tracker: &Tracker,
+    manifest: &Manifest,
+    manifest_text: &str,
+    artifacts: Vec<(String, PathBuf)>,
+    command_secs: f64,
+) -> Outcome {
+    let sizes: Vec<String> = artifacts
+        .iter()
+        .map(|(name, path)| {
+            let size = path.metadata().map(|m| m.len()).unwrap_or(0);
+            format!("{name} ({size} bytes)")
+        })
+        .collect();
+    tracker.note(&format!("storing image {}", sizes.join(", ")));
+    let log = tracker.finish_log();
+    let revision = match record(
+        ctx,
+        job,
+        subject,
+        BuildStatus::Succeeded,
+        Some(manifest_text),
+        &log,
+        artifacts,
+    )
+    .await
+    {
+        Ok(revision) => revision,
+        Err(error) => {
+            return Outcome::internal(format!("the build could not be stored: {error}"));
+        }
+    };
+    let name = dns_name(&revision, &job.service, &ctx.zone);
+    let mut result_lines = vec![
+        format!(
+            "build #{} succeeded (build command {command_secs:.2}s, total {:.2}s)",
+            job.id,
+            tracker.elapsed()
+        ),
+        format!("deployment {} answers at {name}", revision.short(12)),
+    ];
+    let deploy_branch = ctx
+        .repos
+        .deploy_branch(&job.service)
+        .await
+        .unwrap_or_else(|_| "refs/heads/main".into());
+    let skip = if !manifest.run.deploy {
+        Some("run.deploy = false in revboot.toml".to_owned())
+    } else if job.deploy_option == Some(false) {
+        Some("push option revboot.deploy=false".to_owned())
+    } else if job.refname != deploy_branch {
+        Some(format!(
+            "{} is not the deploy branch {deploy_branch}",
+            job.refname
+        ))
+    } else {
+        None
+    };
+    let mut made_live = false;
+    match skip {
+        Some(reason) => result_lines.push(format!("live unchanged: {reason}")),
+        None => {
+            let store = ctx.store.clone();
+            let service = job.service.clone();
+            let reason = format!(
+                "build #{} of {} at {}",
+                job.id,
+                job.refname,
+                short(&job.commit)
+            );
+            let moved =
+                tokio::task::spawn_blocking(move || store.set_live(&service, &revision, &reason))
+                    .await;
+            match moved {
+                Ok(Ok(_)) => {
+                    made_live = true;
+                    result_lines.push(format!(
+                        "live: {}.{} now answers with {}",
+                        job.service,
+                        ctx.zone,
+                        revision.short(12)
+                    ));
+                }
+                Ok(Err(error)) => {
+                    tracing::error!(%error, service = job.service, "cannot move live");
+                    result_lines.push(format!("live unchanged: cannot move it: {error}"));
+                }
+                Err(error) => result_lines.push(format!("live unchanged: {error}")),
+            }
+        }
+    }
+    Outcome {
+        state: BuildState::Succeeded,
+        revision: Some(revision),
+        made_live,
+        summary: format!("succeeded: deployment {}", revision.short(12)),
+        result_lines,
+        command_secs: Some(command_secs),
+    }
+}
+
+/// Writes the deployment commit (on a blocking thread: the store does file I/O).
+async fn record(
+    ctx: &RunContext,
+    job: &Job,
+    subject: &str,
+    status: BuildStatus,
+    manifest: Option<&str>,
+    log: &[u8],
+    artifacts: Vec<(String, PathBuf)>,
+) -> Result<Revision, String> {
+    let store = ctx.store.clone();
+    let service = job.service.clone();
+    let commit = job.commit.clone();
+    let refname = job.refname.clone();
+    let subject = subject.to_owned();
+    let manifest = manifest.map(str::to_owned);
+    let log = log.to_vec();
+    let result = tokio::task::spawn_blocking(move || {
+        let mut images = Vec::new();
+        for (name, path) in &artifacts {
+            let file = std::fs::File::open(path)
+                .map_err(|e| format!("cannot open artifact {}: {e}", path.display()))?;
+            images.push(ImageInput {
+                name: name.clone(),
+                reader: Box::new(std::io::BufReader::new(file)),
+            });
+        }
+        store
+            .write_deployment(NewDeployment {
+                service: &service,
+                status,
+                manifest: manifest.as_deref(),
+                images,
+                build_log: &log,
+                source_commit: &commit,
+                source_repo: &service,
+                source_ref: Some(&refname),
+                subject: &subject,
+            })
+            .map_err(|error| error.to_string())
+    })
+    .await
+    .map_err(|error| format!("the store task failed: {error}"))?;
+    if let Err(error) = &result {
+        tracing::error!(%error, service = job.service, "cannot write deployment");
+    }
+    result
+}

@@ -1,0 +1,7 @@
+//! Integration tests of the push path: stock git pushing over HTTP to the builder's router
+//! on a loopback port, real builds, a real deployment repository.
+#![allow(clippy::unwrap_used, clippy::print_stderr)]
+
+mod push;
+mod restart;
+mod support;

@@ -1,0 +1,472 @@
+//! Pushes over smart HTTP with stock git.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use revboot_builder::BuildState;
+use revboot_store::{BuildStatus, Revision};
+
+use crate::support::*;
+
+/// Runs the image with `HELLO_ADDR` on a free loopback port and returns its answer to `GET /`.
+fn run_image_and_get(image: &std::path::Path, revision: &Revision) -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = std::process::Command::new(image)
+        .env_clear()
+        .env("HELLO_ADDR", &addr)
+        .env("REVBOOT_REVISION", revision.to_hex())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("image runs");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let answer = loop {
+        match TcpStream::connect(&addr) {
+            Ok(mut stream) => {
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .expect("timeout");
+                stream
+                    .write_all(b"GET / HTTP/1.1\r\nHost: hello\r\n\r\n")
+                    .expect("write");
+                let mut answer = String::new();
+                stream.read_to_string(&mut answer).expect("read");
+                break answer;
+            }
+            Err(error) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "image never listened: {error}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    answer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_of_hello_deploys_an_image_that_answers() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let daemon = daemon(&tmp.path().join("data"), |_| {}).await;
+    let work = hello_fixture(tmp.path(), "hello").await;
+    let source_commit = head(&work).await;
+
+    let (ok, stderr) = push(&work, &daemon.url("hello"), &[]).await;
+    assert!(ok, "push failed:\n{stderr}");
+    let remote = remote_lines(&stderr);
+    // The log streamed through the hook: start, the compiler's output, the result.
+    assert!(
+        remote.iter().any(|l| l.contains("build #1 started")),
+        "{stderr}"
+    );
+    assert!(
+        remote
+            .iter()
+            .any(|l| l.contains("] ") && l.contains("Compiling hello")),
+        "{stderr}"
+    );
+    let record = wait_finished(&daemon.builder, &source_commit).await;
+    assert_eq!(record.state, BuildState::Succeeded, "{record:#?}");
+    assert!(record.made_live);
+    let revision: Revision = record
+        .revision
+        .as_deref()
+        .expect("revision")
+        .parse()
+        .expect("hex");
+    let name = format!("{}.hello.{ZONE}", revision.short(12));
+    assert!(
+        remote.iter().any(|l| l.contains(&name)),
+        "{name} not in\n{stderr}"
+    );
+
+    assert_eq!(daemon.store.live("hello").expect("live"), Some(revision));
+    let deployment = daemon
+        .store
+        .deployment("hello", &revision)
+        .expect("deployment");
+    assert_eq!(deployment.status, BuildStatus::Succeeded);
+    assert_eq!(deployment.source_commit, source_commit);
+    assert_eq!(deployment.source_ref.as_deref(), Some("refs/heads/main"));
+    let log = String::from_utf8(daemon.store.build_log(&revision).expect("log")).expect("utf8");
+    assert!(log.contains("Compiling hello"), "{log}");
+    assert_eq!(
+        daemon
+            .builder
+            .build_log("hello", &revision)
+            .expect("log via builder"),
+        log.as_bytes()
+    );
+
+    let image = daemon
+        .store
+        .materialize_image(&revision, &tmp.path().join("images"))
+        .expect("image");
+    let answer = run_image_and_get(&image, &revision);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains(&format!("hello from v1 ({})", revision.to_hex())),
+        "{answer}"
+    );
+    assert_eq!(daemon.builder.services().expect("services"), vec!["hello"]);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compile_error_is_a_failed_build_and_live_stays() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let daemon = daemon(&tmp.path().join("data"), |_| {}).await;
+    let work = hello_fixture(tmp.path(), "hello").await;
+    let (ok, stderr) = push(&work, &daemon.url("hello"), &[]).await;
+    assert!(ok, "{stderr}");
+    let good = wait_finished(&daemon.builder, &head(&work).await).await;
+    assert_eq!(good.state, BuildState::Succeeded, "{good:#?}");
+    let live_before = daemon
+        .store
+        .live("hello")
+        .expect("live")
+        .expect("some live");
+
+    let main_rs = work.join("src/main.rs");
+    let text = std::fs::read_to_string(&main_rs).expect("read");
+    let broken = text.replace(
+        "const REVISION: &str = \"v1\";",
+        "const REVISION: &str = 42;",
+    );
+    assert_ne!(text, broken, "fixture changed shape");
+    std::fs::write(&main_rs, broken).expect("write");
+    let bad_commit = commit_all(&work, "break it").await;
+    let (ok, stderr) = push(&work, &daemon.url("hello"), &[]).await;
+    // The push itself lands; the build fails.
+    assert!(ok, "{stderr}");
+    let remote = remote_lines(&stderr);
+    assert!(
+        remote.iter().any(|l| l.contains("error[E0308]")),
+        "{stderr}"
+    );
+    assert!(
+        remote.iter().any(|l| l.contains("build #2 failed")),
+        "{stderr}"
+    );
+
+    let record = wait_finished(&daemon.builder, &bad_commit).await;
+    assert_eq!(record.state, BuildState::Failed, "{record:#?}");
+    assert!(!record.made_live);
+    let failed: Revision = record
+        .revision
+        .as_deref()
+        .expect("recorded")
+        .parse()
+        .expect("hex");
+    let deployment = daemon
+        .store
+        .deployment("hello", &failed)
+        .expect("deployment");
+    assert_eq!(deployment.status, BuildStatus::Failed);
+    assert!(deployment.image.is_none());
+    let log = String::from_utf8(daemon.store.build_log(&failed).expect("log")).expect("utf8");
+    assert!(log.contains("error[E0308]: mismatched types"), "{log}");
+    assert_eq!(daemon.store.live("hello").expect("live"), Some(live_before));
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_recipe_fails_with_key_and_line() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let daemon = daemon(&tmp.path().join("data"), |_| {}).await;
+    let recipe = "[build]\ncommand = [\"true\"]\nartifacts = [\"a\"]\n\n[run]\nprot = 80\n";
+    let work = recipe_fixture(tmp.path(), "typo", recipe).await;
+    let (ok, stderr) = push(&work, &daemon.url("typo"), &[]).await;
+    assert!(ok, "{stderr}");
+    assert!(
+        remote_lines(&stderr)
+            .iter()
+            .any(|l| l.contains("line 6") && l.contains("prot")),
+        "{stderr}"
+    );
+    let record = wait_finished(&daemon.builder, &head(&work).await).await;
+    assert_eq!(record.state, BuildState::Failed);
+    let revision: Revision = record
+        .revision
+        .as_deref()
+        .expect("recorded")
+        .parse()
+        .expect("hex");
+    let log = String::from_utf8(daemon.store.build_log(&revision).expect("log")).expect("utf8");
+    assert!(
+        log.contains("revboot.toml, line 6") && log.contains("prot"),
+        "{log}"
+    );
+    assert_eq!(daemon.store.live("typo").expect("live"), None);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_without_credentials_is_rejected_and_changes_nothing() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let daemon = daemon(&tmp.path().join("data"), |_| {}).await;
+    let recipe = "[build]\nshell = \"mkdir -p out && echo x > out/a\"\nartifacts = [\"out/a\"]\n";
+    let work = recipe_fixture(tmp.path(), "guarded", recipe).await;
+
+    // A new service: no repository may appear.
+    let (ok, stderr) = push(&work, &daemon.anonymous_url("guarded"), &[]).await;
+    assert!(!ok, "push without credentials succeeded:\n{stderr}");
+    let wrong = daemon.url("guarded").replace(TOKEN, "wrong-token");
+    let (ok, stderr_wrong) = push(&work, &wrong, &[]).await;
+    assert!(!ok, "push with a wrong token succeeded:\n{stderr_wrong}");
+    assert!(daemon.builder.services().expect("services").is_empty());
+    assert!(
+        !daemon
+            .builder
+            .source_repo("guarded")
+            .expect("name")
+            .exists()
+    );
+
+    // An existing service: its refs stay as they were.
+    daemon.builder.add_service("guarded").await.expect("add");
+    let (ok, stderr) = push(&work, &daemon.anonymous_url("guarded"), &[]).await;
+    assert!(!ok, "{stderr}");
+    let repo = daemon.builder.source_repo("guarded").expect("name");
+    let refs = git_ok(&repo, &["for-each-ref"]).await;
+    assert_eq!(refs, "", "refs changed by a rejected push");
+    assert!(daemon.builder.build_records(None).await.is_empty());
+    assert!(
+        daemon
+            .store
+            .history("guarded")
+            .map(|h| h.is_empty())
+            .unwrap_or(true)
+    );
+    daemon.stop().await;
+}
+
+/// Whether a process is gone (absent, or a zombie nobody has reaped yet).
+fn process_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn build_over_its_time_limit_is_killed_with_its_process_group() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let daemon = daemon(&tmp.path().join("data"), |_| {}).await;
+    let pid_file = tmp.path().join("sleeper.pid");
+    let recipe = format!(
+        "[build]\nshell = \"sleep 300 & echo $! > {}; echo waiting; sleep 300\"\nartifacts = [\"a\"]\ntimeout_secs = 1\n",
+        pid_file.display()
+    );
+    let work = recipe_fixture(tmp.path(), "slow", &recipe).await;
+    let (ok, stderr) = push(&work, &daemon.url("slow"), &[]).await;
+    assert!(ok, "{stderr}");
+    assert!(
+        remote_lines(&stderr)
+            .iter()
+            .any(|l| l.contains("killed: the build ran longer than its limit of 1s")),
+        "{stderr}"
+    );
+    let record = wait_finished(&daemon.builder, &head(&work).await).await;
+    assert_eq!(record.state, BuildState::Failed);
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .expect("the sleeper started")
+        .trim()
+        .parse()
+        .expect("pid");
+    // SIGKILL is delivered before the build is recorded; give the kernel a moment to tear
+    // the process down (this is a bounded wait, not a timing assertion).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !process_gone(pid) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        process_gone(pid),
+        "background sleeper {pid} survived the time limit"
+    );
+    let revision: Revision = record
+        .revision
+        .as_deref()
+        .expect("recorded")
+        .parse()
+        .expect("hex");
+    let deployment = daemon
+        .store
+        .deployment("slow", &revision)
+        .expect("deployment");
+    assert_eq!(deployment.status, BuildStatus::Failed);
+    let log = String::from_utf8(daemon.store.build_log(&revision).expect("log")).expect("utf8");
+    assert!(log.contains("waiting") && log.contains("killed"), "{log}");
+    assert_eq!(daemon.store.live("slow").expect("live"), None);
+    daemon.stop().await;
+}
+
+/// A recipe whose build waits until `gate` exists, then writes the commit as its image.
+fn gated_recipe(gate: &std::path::Path) -> String {
+    format!(
+        "[build]\nshell = \"while [ ! -e {} ]; do sleep 0.05; done; mkdir -p out; echo $REVBOOT_SOURCE_COMMIT > out/image\"\nartifacts = [\"out/image\"]\ntimeout_secs = 120\n",
+        gate.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newer_push_supersedes_a_queued_build() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let daemon = daemon(&tmp.path().join("data"), |_| {}).await;
+    let gate = tmp.path().join("gate");
+    let work = recipe_fixture(tmp.path(), "svc", &gated_recipe(&gate)).await;
+    let url = daemon.url("svc");
+
+    // A occupies the service; B waits behind it; C arrives and replaces B.
+    let a = head(&work).await;
+    let push_a = tokio::spawn({
+        let (work, url) = (work.clone(), url.clone());
+        async move { push(&work, &url, &[]).await }
+    });
+    wait_record(&daemon.builder, "A running", |r| {
+        r.source_commit == a && r.state == BuildState::Running
+    })
+    .await;
+    let b = commit_all(&work, "b").await;
+    let push_b = tokio::spawn({
+        let (work, url) = (work.clone(), url.clone());
+        async move { push(&work, &url, &[]).await }
+    });
+    let record_b = wait_record(&daemon.builder, "B queued", |r| {
+        r.source_commit == b && r.state == BuildState::Queued
+    })
+    .await;
+    let c = commit_all(&work, "c").await;
+    let push_c = tokio::spawn({
+        let (work, url) = (work.clone(), url.clone());
+        async move { push(&work, &url, &[]).await }
+    });
+    let record_c = wait_record(&daemon.builder, "C queued", |r| r.source_commit == c).await;
+    let superseded = wait_record(&daemon.builder, "B superseded", |r| r.id == record_b.id).await;
+    assert_eq!(superseded.state, BuildState::Superseded);
+    assert_eq!(superseded.superseded_by, Some(record_c.id));
+
+    std::fs::write(&gate, "open").expect("open gate");
+    let (ok_b, stderr_b) = push_b.await.expect("push B");
+    assert!(ok_b, "{stderr_b}");
+    assert!(
+        remote_lines(&stderr_b)
+            .iter()
+            .any(|l| l.contains(&format!("was superseded by build #{}", record_c.id))),
+        "{stderr_b}"
+    );
+    let (ok_a, stderr_a) = push_a.await.expect("push A");
+    let (ok_c, stderr_c) = push_c.await.expect("push C");
+    assert!(ok_a && ok_c, "{stderr_a}\n{stderr_c}");
+    assert_eq!(
+        wait_finished(&daemon.builder, &a).await.state,
+        BuildState::Succeeded
+    );
+    let record_c = wait_finished(&daemon.builder, &c).await;
+    assert_eq!(record_c.state, BuildState::Succeeded);
+
+    // Two builds recorded, A then C; B never built; live is C.
+    let history = daemon.store.history("svc").expect("history");
+    let built: Vec<&str> = history.iter().map(|d| d.source_commit.as_str()).collect();
+    assert_eq!(built, vec![c.as_str(), a.as_str()]);
+    let live = daemon.store.live("svc").expect("live").expect("live set");
+    assert_eq!(Some(live.to_hex()), record_c.revision);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_to_two_services_build_in_parallel() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let daemon = daemon(&tmp.path().join("data"), |c| c.max_parallel = 2).await;
+    // Each build marks that it started, then waits (up to 60 s) for the other to have
+    // started: they can only both succeed if they ran at the same time.
+    let recipe = |me: &str, other: &str| {
+        let mark = |name: &str| {
+            tmp.path()
+                .join(format!("{name}.started"))
+                .display()
+                .to_string()
+        };
+        format!(
+            "[build]\nshell = \"touch {}; i=0; while [ ! -e {} ]; do i=$((i+1)); if [ $i -gt 1200 ]; then echo alone; exit 1; fi; sleep 0.05; done; mkdir -p out; echo {me} > out/image\"\nartifacts = [\"out/image\"]\ntimeout_secs = 120\n",
+            mark(me),
+            mark(other)
+        )
+    };
+    let left = recipe_fixture(tmp.path(), "left", &recipe("left", "right")).await;
+    let right = recipe_fixture(tmp.path(), "right", &recipe("right", "left")).await;
+    let push_left = tokio::spawn({
+        let (work, url) = (left.clone(), daemon.url("left"));
+        async move { push(&work, &url, &[]).await }
+    });
+    let push_right = tokio::spawn({
+        let (work, url) = (right.clone(), daemon.url("right"));
+        async move { push(&work, &url, &[]).await }
+    });
+    let (ok_l, stderr_l) = push_left.await.expect("left");
+    let (ok_r, stderr_r) = push_right.await.expect("right");
+    assert!(ok_l && ok_r, "{stderr_l}\n{stderr_r}");
+    let l = wait_finished(&daemon.builder, &head(&left).await).await;
+    let r = wait_finished(&daemon.builder, &head(&right).await).await;
+    assert_eq!(l.state, BuildState::Succeeded, "{l:#?}");
+    assert_eq!(r.state, BuildState::Succeeded, "{r:#?}");
+    let (ls, le) = (
+        l.started_at_ms.expect("start"),
+        l.finished_at_ms.expect("end"),
+    );
+    let (rs, re) = (
+        r.started_at_ms.expect("start"),
+        r.finished_at_ms.expect("end"),
+    );
+    assert!(
+        ls <= re && rs <= le,
+        "no overlap: left {ls}..{le}, right {rs}..{re}"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_option_and_branch_keep_live() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let daemon = daemon(&tmp.path().join("data"), |_| {}).await;
+    let recipe = "[build]\nshell = \"mkdir -p out && echo $REVBOOT_SOURCE_COMMIT > out/a\"\nartifacts = [\"out/a\"]\n";
+    let work = recipe_fixture(tmp.path(), "opt", recipe).await;
+    let (ok, stderr) = push(&work, &daemon.url("opt"), &["-o", "revboot.deploy=false"]).await;
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("live unchanged: push option revboot.deploy=false"),
+        "{stderr}"
+    );
+    let record = wait_finished(&daemon.builder, &head(&work).await).await;
+    assert_eq!(record.state, BuildState::Succeeded);
+    assert!(!record.made_live);
+    assert_eq!(daemon.store.live("opt").expect("live"), None);
+
+    // A misspelt option builds nothing and says why.
+    let second = commit_all(&work, "second").await;
+    let (ok, stderr) = push(&work, &daemon.url("opt"), &["-o", "revboot.depoly=false"]).await;
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("unknown push option `revboot.depoly=false`"),
+        "{stderr}"
+    );
+    assert!(
+        !daemon
+            .builder
+            .build_records(None)
+            .await
+            .iter()
+            .any(|r| r.source_commit == second)
+    );
+    daemon.stop().await;
+}
