@@ -1,0 +1,380 @@
+//! The deployer's configuration: where it keeps state, its address pool, its caps.
+//!
+//! Every field has a named default; [`DeployerConfig::from_toml`] rejects unknown keys and
+//! [`DeployerConfig::validate`] checks the values.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Default address pool: a /16 inside the loopback network (every 127/8 address is local).
+pub const DEFAULT_POOL: &str = "127.77.0.0/16";
+/// Default global cap on instances.
+pub const DEFAULT_MAX_INSTANCES: usize = 4096;
+/// Default cap on instances of one service.
+pub const DEFAULT_MAX_PER_SERVICE: usize = 2048;
+/// Default cap on client instances of one per-client service.
+pub const DEFAULT_MAX_CLIENTS_PER_SERVICE: usize = 256;
+/// Default grace between a graceful stop and a kill.
+pub const DEFAULT_STOP_GRACE_MS: u64 = 2_000;
+/// Default console ring size per instance.
+pub const DEFAULT_CONSOLE_BYTES: usize = 64 * 1024;
+
+/// Where the instance's own listening socket is bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendPort {
+    /// On the service address and the manifest port: clients reach the instance directly
+    /// (no handshake proxy in front).
+    #[default]
+    Same,
+    /// On the service address and a port the kernel picks: the handshake proxy listens on
+    /// the service address and manifest port and connects to [`crate::Summoned::backend`].
+    Ephemeral,
+}
+
+/// An IPv4 network, `a.b.c.d/len`, that service addresses are taken from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Pool {
+    /// The network address.
+    pub network: Ipv4Addr,
+    /// The prefix length, 8..=30.
+    pub prefix: u8,
+}
+
+impl Ipv4Pool {
+    /// The number of usable addresses (network and broadcast addresses excluded).
+    pub fn size(&self) -> u32 {
+        (1u32 << (32 - u32::from(self.prefix))) - 2
+    }
+
+    /// The `index`th usable address (0-based), if inside the pool.
+    pub fn nth(&self, index: u32) -> Option<Ipv4Addr> {
+        (index < self.size()).then(|| Ipv4Addr::from(u32::from(self.network) + 1 + index))
+    }
+}
+
+/// Why a pool string is not a pool.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("Not an IPv4 pool `a.b.c.d/len` with 8 <= len <= 30 and no host bits: `{0}`")]
+pub struct ParsePoolError(String);
+
+impl FromStr for Ipv4Pool {
+    type Err = ParsePoolError;
+
+    fn from_str(text: &str) -> Result<Ipv4Pool, ParsePoolError> {
+        let error = || ParsePoolError(text.to_owned());
+        let (network, prefix) = text.split_once('/').ok_or_else(error)?;
+        let network: Ipv4Addr = network.parse().map_err(|_| error())?;
+        let prefix: u8 = prefix.parse().map_err(|_| error())?;
+        if !(8..=30).contains(&prefix) {
+            return Err(error());
+        }
+        let host_bits = u32::MAX >> prefix;
+        if u32::from(network) & host_bits != 0 {
+            return Err(error());
+        }
+        Ok(Ipv4Pool { network, prefix })
+    }
+}
+
+impl std::fmt::Display for Ipv4Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+impl Serialize for Ipv4Pool {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Ipv4Pool {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// How a crash loop backs off.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackoffConfig {
+    /// Consecutive quick crashes before boots are held back (the first crashes reboot at once).
+    pub after_crashes: u32,
+    /// The first hold-back; doubled for each further crash.
+    pub base_ms: u64,
+    /// The longest hold-back.
+    pub max_ms: u64,
+    /// An instance that served this long resets the crash count.
+    pub stable_after_ms: u64,
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        BackoffConfig {
+            after_crashes: 3,
+            base_ms: 500,
+            max_ms: 60_000,
+            stable_after_ms: 10_000,
+        }
+    }
+}
+
+impl BackoffConfig {
+    /// The hold-back after `crashes` consecutive quick crashes, if any.
+    pub fn delay(&self, crashes: u32) -> Option<Duration> {
+        if crashes < self.after_crashes.max(1) {
+            return None;
+        }
+        let doublings = (crashes - self.after_crashes.max(1)).min(20);
+        let ms = self
+            .base_ms
+            .saturating_mul(1u64 << doublings)
+            .min(self.max_ms);
+        Some(Duration::from_millis(ms))
+    }
+}
+
+/// Resource limits and sandbox switches of the process tender.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxConfig {
+    /// `RLIMIT_NOFILE` of an instance.
+    pub nofile: u64,
+    /// `RLIMIT_FSIZE` of an instance (largest file it may write), MiB.
+    pub file_size_mib: u64,
+    /// Mount a fresh `/proc` for the instance's pid namespace.
+    pub mount_proc: bool,
+    /// Kill instances when the daemon dies (`PR_SET_PDEATHSIG`); a restarted daemon cleans
+    /// up whatever survived either way.
+    pub die_with_daemon: bool,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            nofile: 1024,
+            file_size_mib: 256,
+            mount_proc: true,
+            die_with_daemon: true,
+        }
+    }
+}
+
+/// The deployer's configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployerConfig {
+    /// Where the deployer keeps its database, image cache and scratch directories.
+    pub state_dir: PathBuf,
+    /// Name of this deployer's cgroups (`<controller>/revboot/<name>/<instance>`); two
+    /// deployers on one host need different names.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// Service addresses are taken from here.
+    #[serde(default = "default_pool")]
+    pub pool: Ipv4Pool,
+    /// Where an instance's own socket is bound.
+    #[serde(default)]
+    pub backend_port: BackendPort,
+    /// Global cap on instances.
+    #[serde(default = "default_max_instances")]
+    pub max_instances: usize,
+    /// Cap on instances of one service.
+    #[serde(default = "default_max_per_service")]
+    pub max_per_service: usize,
+    /// Cap on client instances of one per-client service.
+    #[serde(default = "default_max_clients")]
+    pub max_clients_per_service: usize,
+    /// Grace between a graceful stop and a kill.
+    #[serde(default = "default_stop_grace")]
+    pub stop_grace_ms: u64,
+    /// Replaces every manifest's idle timeout (tests, demos).
+    #[serde(default)]
+    pub idle_timeout_override_ms: Option<u64>,
+    /// Console bytes kept per instance (the tail written back to the store).
+    #[serde(default = "default_console_bytes")]
+    pub console_bytes: usize,
+    /// Crash-loop back-off.
+    #[serde(default)]
+    pub backoff: BackoffConfig,
+    /// Process-tender sandbox settings.
+    #[serde(default)]
+    pub sandbox: SandboxConfig,
+}
+
+fn default_name() -> String {
+    "default".to_owned()
+}
+fn default_pool() -> Ipv4Pool {
+    DEFAULT_POOL.parse().expect("the default pool parses")
+}
+fn default_max_instances() -> usize {
+    DEFAULT_MAX_INSTANCES
+}
+fn default_max_per_service() -> usize {
+    DEFAULT_MAX_PER_SERVICE
+}
+fn default_max_clients() -> usize {
+    DEFAULT_MAX_CLIENTS_PER_SERVICE
+}
+fn default_stop_grace() -> u64 {
+    DEFAULT_STOP_GRACE_MS
+}
+fn default_console_bytes() -> usize {
+    DEFAULT_CONSOLE_BYTES
+}
+
+/// Why a configuration was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The TOML did not parse or has an unknown key (the message names it).
+    #[error("Deployer configuration: {0}")]
+    Syntax(String),
+    /// A value is out of range.
+    #[error("Deployer configuration: `{key}`: {message}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl DeployerConfig {
+    /// A configuration with every default, keeping state in `state_dir`.
+    pub fn new(state_dir: impl Into<PathBuf>) -> DeployerConfig {
+        DeployerConfig {
+            state_dir: state_dir.into(),
+            name: default_name(),
+            pool: default_pool(),
+            backend_port: BackendPort::default(),
+            max_instances: DEFAULT_MAX_INSTANCES,
+            max_per_service: DEFAULT_MAX_PER_SERVICE,
+            max_clients_per_service: DEFAULT_MAX_CLIENTS_PER_SERVICE,
+            stop_grace_ms: DEFAULT_STOP_GRACE_MS,
+            idle_timeout_override_ms: None,
+            console_bytes: DEFAULT_CONSOLE_BYTES,
+            backoff: BackoffConfig::default(),
+            sandbox: SandboxConfig::default(),
+        }
+    }
+
+    /// Parses and validates a configuration.
+    pub fn from_toml(text: &str) -> Result<DeployerConfig, ConfigError> {
+        let config: DeployerConfig =
+            toml_from_str(text).map_err(|message| ConfigError::Syntax(message.trim().into()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the values.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.to_owned(),
+            })
+        };
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 64
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !name_ok {
+            return invalid("name", "1 to 64 of [A-Za-z0-9_-]");
+        }
+        if !self.pool.network.is_loopback() {
+            return invalid("pool", "must lie inside 127.0.0.0/8");
+        }
+        if self.max_instances == 0 || self.max_instances > 100_000 {
+            return invalid("max_instances", "must be between 1 and 100000");
+        }
+        if self.max_per_service == 0 {
+            return invalid("max_per_service", "must be at least 1");
+        }
+        if self.max_clients_per_service == 0 {
+            return invalid("max_clients_per_service", "must be at least 1");
+        }
+        if self.stop_grace_ms > 600_000 {
+            return invalid("stop_grace_ms", "must be at most 600000");
+        }
+        if self.idle_timeout_override_ms == Some(0) {
+            return invalid("idle_timeout_override_ms", "must be at least 1");
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.console_bytes) {
+            return invalid("console_bytes", "must be between 1024 and 16777216");
+        }
+        if self.backoff.base_ms == 0 || self.backoff.max_ms < self.backoff.base_ms {
+            return invalid("backoff", "need 0 < base_ms <= max_ms");
+        }
+        if !(16..=1_048_576).contains(&self.sandbox.nofile) {
+            return invalid("sandbox.nofile", "must be between 16 and 1048576");
+        }
+        Ok(())
+    }
+
+    /// The grace between a graceful stop and a kill.
+    pub fn stop_grace(&self) -> Duration {
+        Duration::from_millis(self.stop_grace_ms)
+    }
+}
+
+fn toml_from_str(text: &str) -> Result<DeployerConfig, String> {
+    toml::from_str(text).map_err(|error| error.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_parses_and_counts() {
+        let pool: Ipv4Pool = "127.77.0.0/16".parse().expect("valid");
+        assert_eq!(pool.size(), 65_534);
+        assert_eq!(pool.nth(0), Some(Ipv4Addr::new(127, 77, 0, 1)));
+        assert_eq!(pool.nth(65_533), Some(Ipv4Addr::new(127, 77, 255, 254)));
+        assert_eq!(pool.nth(65_534), None);
+        assert!("127.77.0.1/16".parse::<Ipv4Pool>().is_err());
+        assert!("127.77.0.0/31".parse::<Ipv4Pool>().is_err());
+        assert!("127.77.0.0".parse::<Ipv4Pool>().is_err());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let error =
+            DeployerConfig::from_toml("state_dir = \"/x\"\nmax_instancs = 3\n").expect_err("typo");
+        assert!(error.to_string().contains("max_instancs"), "{error}");
+    }
+
+    #[test]
+    fn defaults_validate_and_bad_values_do_not() {
+        let config = DeployerConfig::from_toml("state_dir = \"/x\"\n").expect("valid");
+        assert_eq!(config, DeployerConfig::new("/x"));
+        let error = DeployerConfig::from_toml("state_dir = \"/x\"\npool = \"10.0.0.0/16\"\n")
+            .expect_err("not loopback");
+        assert!(error.to_string().contains("pool"), "{error}");
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let backoff = BackoffConfig {
+            after_crashes: 2,
+            base_ms: 100,
+            max_ms: 350,
+            stable_after_ms: 1,
+        };
+        assert_eq!(backoff.delay(1), None);
+        assert_eq!(backoff.delay(2), Some(Duration::from_millis(100)));
+        assert_eq!(backoff.delay(3), Some(Duration::from_millis(200)));
+        assert_eq!(backoff.delay(4), Some(Duration::from_millis(350)));
+        assert_eq!(backoff.delay(40), Some(Duration::from_millis(350)));
+    }
+}

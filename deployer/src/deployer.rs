@@ -1,0 +1,1096 @@
+//! The deployer: the table of instances and the task that tends each one.
+//!
+//! One instance's task, from summon to record:
+//!
+//! 1. `summon` (synchronous): under the table lock, find a live instance of the key or check
+//!    back-off and caps, take an address, let the tender claim the backend socket, insert
+//!    the entry in state `booting`, spawn the instance task. Returns at once.
+//! 2. The task materialises the image (cached per revision), boots it through the tender,
+//!    records it durably, then waits for the readiness probe; all within the boot timeout.
+//! 3. Ready: every tick it compares the last activity (summons, DNS queries, connections)
+//!    with the idle timeout: quiet for half of it → `idle`, for all of it with no open
+//!    connection → graceful stop. Commands (`stop`, `kill`, shutdown) and the exit of the
+//!    instance end the loop.
+//! 4. Finishing: the state becomes final (stopped or crashed) and the key is free for a
+//!    new summon; crashes update the back-off. Then the address returns to the pool, the
+//!    durable record and the scratch directory go, and the runtime record (outcome, boot
+//!    time, lifetime, console tail) is written to the store's log ref.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use revboot_store::manifest::Manifest;
+use revboot_store::{Revision, RuntimeRecord, Store};
+use tokio::sync::{Notify, Semaphore, broadcast, mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::config::DeployerConfig;
+use crate::console::Console;
+use crate::pool::AddressPool;
+use crate::state::{self, InstanceRecord, State};
+use crate::summon::{
+    Activity, InstanceKey, InstanceState, Instances, ResolveError, Resolved, SummonError, Summoned,
+};
+use crate::tender::process::{ProcessTender, ProcessTenderError, pid_start_time};
+use crate::tender::{BootSpec, ExitReport, ExitStatus, Prepared, Running, Tender, Tenders, cgroup};
+
+/// Revisions whose manifests are cached.
+const REVISION_CACHE: usize = 4096;
+/// Crash histories kept.
+const FAILURE_CACHE: usize = 4096;
+/// Runtime records written to the store at once.
+const LOG_WRITERS: usize = 4;
+/// Commands queued per instance.
+const COMMANDS: usize = 4;
+/// How long a killed instance may take to report its exit.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+/// Tries to find a bindable address when another program holds one of the pool's.
+const BIND_TRIES: usize = 16;
+
+/// Why the deployer could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NewError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// A state directory could not be created.
+    #[error("Cannot create {path}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state database could not be opened.
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    /// The process tender could not be set up.
+    #[error(transparent)]
+    Tender(#[from] ProcessTenderError),
+}
+
+/// Why an operator command was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    /// No such instance runs.
+    #[error("No running instance {0}")]
+    NotRunning(String),
+}
+
+/// One instance, as [`Deployer::list`] shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceInfo {
+    /// Short unique id (cgroup and scratch name).
+    pub id: String,
+    /// Which instance.
+    pub key: InstanceKey,
+    /// Its service address.
+    pub address: IpAddr,
+    /// Where it accepts connections.
+    pub backend: SocketAddr,
+    /// Its state.
+    pub state: InstanceState,
+    /// Time since the summon that started it.
+    pub uptime: Duration,
+    /// Open client connections (as reported).
+    pub connections: u64,
+    /// The host pid of its top process, once it runs.
+    pub pid: Option<u32>,
+}
+
+#[derive(Debug)]
+enum Command {
+    Stop(&'static str),
+    Kill,
+}
+
+#[derive(Debug)]
+struct Entry {
+    id: String,
+    key: InstanceKey,
+    address: IpAddr,
+    port: u16,
+    backend: SocketAddr,
+    boot_timeout: Duration,
+    state: watch::Sender<InstanceState>,
+    started: Instant,
+    open: AtomicI64,
+    /// Milliseconds since the deployer's epoch.
+    last_activity: AtomicU64,
+    commands: mpsc::Sender<Command>,
+    console: OnceLock<Console>,
+    pid: OnceLock<u32>,
+    counted: AtomicBool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Failure {
+    crashes: u32,
+    until: Option<Instant>,
+    at: Instant,
+}
+
+#[derive(Debug)]
+struct Table {
+    by_key: HashMap<InstanceKey, Arc<Entry>>,
+    by_address: HashMap<IpAddr, Arc<Entry>>,
+    per_service: HashMap<String, usize>,
+    clients: HashMap<String, usize>,
+    live: usize,
+    pool: AddressPool,
+    failures: HashMap<InstanceKey, Failure>,
+    shutting_down: bool,
+}
+
+#[derive(Debug)]
+struct RevisionInfo {
+    manifest: Manifest,
+    bootable: bool,
+    image: OnceLock<PathBuf>,
+}
+
+/// The deployer. Create it with [`Deployer::new`]; it implements [`Instances`].
+#[derive(Debug)]
+pub struct Deployer {
+    me: Weak<Deployer>,
+    config: DeployerConfig,
+    store: Store,
+    runtime: tokio::runtime::Handle,
+    tenders: RwLock<Tenders>,
+    table: Mutex<Table>,
+    revisions: Mutex<HashMap<Revision, Arc<RevisionInfo>>>,
+    generation: AtomicU64,
+    state: State,
+    epoch: Instant,
+    id_prefix: String,
+    next_id: AtomicU64,
+    image_dir: PathBuf,
+    scratch_dir: PathBuf,
+    log_writers: Semaphore,
+    tasks: AtomicUsize,
+    tasks_done: Notify,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Deployer {
+    /// Starts a deployer: cleans up what an earlier daemon with the same state directory
+    /// left running, then waits for summons.
+    pub fn new(
+        config: DeployerConfig,
+        store: Store,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<Arc<Deployer>, NewError> {
+        config.validate()?;
+        let image_dir = config.state_dir.join("images");
+        let scratch_dir = config.state_dir.join("scratch");
+        for path in [&config.state_dir, &image_dir, &scratch_dir] {
+            std::fs::create_dir_all(path).map_err(|source| NewError::Dir {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        let opened = state::open(&config.state_dir.join("state.redb"))?;
+        let process = ProcessTender::new(&config.name, config.sandbox.clone(), runtime.clone())?;
+        info!(cgroups = process.cgroup_layout(), name = config.name, pool = %config.pool, "deployer starting");
+        clean_orphans(&opened.left, &process, &scratch_dir);
+        let state = opened.start()?;
+        let mut tenders = Tenders::new();
+        tenders.register(Arc::new(process));
+        let pool = AddressPool::new(config.pool);
+        Ok(Arc::new_cyclic(|me| Deployer {
+            me: me.clone(),
+            store,
+            runtime,
+            tenders: RwLock::new(tenders),
+            table: Mutex::new(Table {
+                by_key: HashMap::new(),
+                by_address: HashMap::new(),
+                per_service: HashMap::new(),
+                clients: HashMap::new(),
+                live: 0,
+                pool,
+                failures: HashMap::new(),
+                shutting_down: false,
+            }),
+            revisions: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+            state,
+            epoch: Instant::now(),
+            id_prefix: format!("{:x}", unix_ms() % 0xff_ffff_ffff),
+            next_id: AtomicU64::new(0),
+            image_dir,
+            scratch_dir,
+            log_writers: Semaphore::new(LOG_WRITERS),
+            tasks: AtomicUsize::new(0),
+            tasks_done: Notify::new(),
+            config,
+        }))
+    }
+
+    /// Adds (or replaces) a tender, e.g. the qemu backend.
+    pub fn register_tender(&self, tender: Arc<dyn Tender>) {
+        self.tenders
+            .write()
+            .expect("tender registry lock is never poisoned")
+            .register(tender);
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &DeployerConfig {
+        &self.config
+    }
+
+    /// Every instance that has not finished yet.
+    pub fn list(&self) -> Vec<InstanceInfo> {
+        let table = self.table.lock().expect("table lock is never poisoned");
+        let mut list: Vec<InstanceInfo> = table
+            .by_address
+            .values()
+            .map(|entry| InstanceInfo {
+                id: entry.id.clone(),
+                key: entry.key.clone(),
+                address: entry.address,
+                backend: entry.backend,
+                state: entry.state.borrow().clone(),
+                uptime: entry.started.elapsed(),
+                connections: entry.open.load(Ordering::Relaxed).max(0) as u64,
+                pid: entry.pid.get().copied(),
+            })
+            .collect();
+        list.sort_by(|a, b| a.id.cmp(&b.id));
+        list
+    }
+
+    /// The kept console output of a running instance.
+    pub fn console(&self, key: &InstanceKey) -> Option<Vec<u8>> {
+        self.entry(key)?.console.get().map(Console::tail)
+    }
+
+    /// Live console output of a running instance.
+    pub fn console_stream(&self, key: &InstanceKey) -> Option<broadcast::Receiver<Arc<[u8]>>> {
+        self.entry(key)?.console.get().map(Console::subscribe)
+    }
+
+    /// Stops an instance gracefully (kill after the grace); the watch shows when it is done.
+    pub fn stop(&self, key: &InstanceKey) -> Result<watch::Receiver<InstanceState>, ControlError> {
+        self.command(key, Command::Stop("operator"))
+    }
+
+    /// Kills an instance.
+    pub fn kill(&self, key: &InstanceKey) -> Result<watch::Receiver<InstanceState>, ControlError> {
+        self.command(key, Command::Kill)
+    }
+
+    fn command(
+        &self,
+        key: &InstanceKey,
+        command: Command,
+    ) -> Result<watch::Receiver<InstanceState>, ControlError> {
+        let entry = self
+            .entry(key)
+            .ok_or_else(|| ControlError::NotRunning(key.to_string()))?;
+        // A full queue already holds a stop or kill; the instance is on its way out.
+        let _ = entry.commands.try_send(command);
+        Ok(entry.state.subscribe())
+    }
+
+    fn entry(&self, key: &InstanceKey) -> Option<Arc<Entry>> {
+        let table = self.table.lock().expect("table lock is never poisoned");
+        table.by_key.get(key).cloned()
+    }
+
+    /// Stops every instance, writes their records back and waits (bounded) until done.
+    /// Summons fail with [`SummonError::ShuttingDown`] from now on.
+    pub async fn shutdown(&self) {
+        let entries: Vec<Arc<Entry>> = {
+            let mut table = self.table.lock().expect("table lock is never poisoned");
+            table.shutting_down = true;
+            table.by_address.values().cloned().collect()
+        };
+        info!(instances = entries.len(), "deployer shutting down");
+        for entry in &entries {
+            let _ = entry.commands.try_send(Command::Stop("shutdown"));
+        }
+        let limit = self.config.stop_grace() + KILL_WAIT + Duration::from_secs(30);
+        let all_done = async {
+            loop {
+                let notified = self.tasks_done.notified();
+                if self.tasks.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(limit, all_done).await.is_err() {
+            warn!(
+                left = self.tasks.load(Ordering::Acquire),
+                "shutdown: instances still finishing"
+            );
+        }
+        self.state.flush().await;
+    }
+
+    fn ms_since_epoch(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn bump(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    fn revision_info(
+        &self,
+        service: &str,
+        revision: &Revision,
+    ) -> Result<Arc<RevisionInfo>, ResolveError> {
+        if let Some(info) = self
+            .revisions
+            .lock()
+            .expect("revision cache lock is never poisoned")
+            .get(revision)
+        {
+            return Ok(Arc::clone(info));
+        }
+        let deployment = self
+            .store
+            .deployment(service, revision)
+            .map_err(|error| read_error(service, revision, &error))?;
+        let manifest = self
+            .store
+            .manifest(revision)
+            .map_err(|error| read_error(service, revision, &error))?;
+        let (Some(manifest), Some(_)) = (manifest, deployment.image.as_ref()) else {
+            return Err(ResolveError::NotBootable {
+                service: service.to_owned(),
+                revision: revision.short(12),
+            });
+        };
+        let info = Arc::new(RevisionInfo {
+            manifest,
+            bootable: true,
+            image: OnceLock::new(),
+        });
+        let mut cache = self
+            .revisions
+            .lock()
+            .expect("revision cache lock is never poisoned");
+        if cache.len() >= REVISION_CACHE {
+            cache.clear();
+        }
+        cache.insert(*revision, Arc::clone(&info));
+        Ok(info)
+    }
+
+    fn next_id(&self) -> String {
+        format!(
+            "{}-{}",
+            self.id_prefix,
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    fn summoned(entry: &Entry) -> Summoned {
+        Summoned {
+            key: entry.key.clone(),
+            address: entry.address,
+            port: entry.port,
+            backend: entry.backend,
+            boot_timeout: entry.boot_timeout,
+            state: entry.state.subscribe(),
+        }
+    }
+
+    fn idle_timeout(&self, manifest: &Manifest) -> Duration {
+        match self.config.idle_timeout_override_ms {
+            Some(ms) => Duration::from_millis(ms),
+            None => Duration::from_secs(manifest.run.idle_timeout_secs),
+        }
+    }
+
+    fn start(&self, key: InstanceKey, info: Arc<RevisionInfo>) -> Result<Summoned, SummonError> {
+        let me = self.me.upgrade().ok_or(SummonError::ShuttingDown)?;
+        let run = &info.manifest.run;
+        let tender = self
+            .tenders
+            .read()
+            .expect("tender registry lock is never poisoned")
+            .get(run.tender)
+            .cloned()
+            .ok_or_else(|| SummonError::Start {
+                key: key.to_string(),
+                reason: format!("no `{:?}` tender is available", run.tender),
+            })?;
+        let mut table = self.table.lock().expect("table lock is never poisoned");
+        if table.shutting_down {
+            return Err(SummonError::ShuttingDown);
+        }
+        if let Some(entry) = table.by_key.get(&key)
+            && !entry.state.borrow().is_final()
+        {
+            entry
+                .last_activity
+                .store(self.ms_since_epoch(), Ordering::Relaxed);
+            return Ok(Self::summoned(entry));
+        }
+        let now = Instant::now();
+        if let Some(until) = table.failures.get(&key).and_then(|f| f.until)
+            && until > now
+        {
+            return Err(SummonError::Backoff {
+                key: key.to_string(),
+                retry_in: until - now,
+            });
+        }
+        if table.live >= self.config.max_instances {
+            return Err(SummonError::GlobalCap {
+                limit: self.config.max_instances,
+            });
+        }
+        if table.per_service.get(&key.service).copied().unwrap_or(0) >= self.config.max_per_service
+        {
+            return Err(SummonError::ServiceCap {
+                service: key.service.clone(),
+                limit: self.config.max_per_service,
+            });
+        }
+        if key.client.is_some()
+            && table.clients.get(&key.service).copied().unwrap_or(0)
+                >= self.config.max_clients_per_service
+        {
+            return Err(SummonError::ClientCap {
+                service: key.service.clone(),
+                limit: self.config.max_clients_per_service,
+            });
+        }
+        let id = self.next_id();
+        let scratch = self.scratch_dir.join(&id);
+        let mut busy = Vec::new();
+        let mut prepared: Option<(IpAddr, Box<dyn Prepared>)> = None;
+        let mut failure = None;
+        for _ in 0..BIND_TRIES {
+            let Some(address) = table.pool.take() else {
+                break;
+            };
+            let spec = BootSpec {
+                id: id.clone(),
+                service: key.service.clone(),
+                revision: key.revision,
+                run: run.clone(),
+                address,
+                backend_port: self.config.backend_port,
+                scratch: scratch.clone(),
+                console_bytes: self.config.console_bytes,
+            };
+            match tender.prepare(spec) {
+                Ok(ready) => {
+                    prepared = Some((address, ready));
+                    break;
+                }
+                Err(crate::tender::BootError::Bind { source, .. })
+                    if source.kind() == std::io::ErrorKind::AddrInUse =>
+                {
+                    debug!(%address, "pool address in use elsewhere, trying the next");
+                    busy.push(address);
+                }
+                Err(error) => {
+                    table.pool.give(address);
+                    failure = Some(error);
+                    break;
+                }
+            }
+        }
+        for address in busy {
+            table.pool.give(address);
+        }
+        if let Some(error) = failure {
+            return Err(SummonError::Start {
+                key: key.to_string(),
+                reason: format!("{error}: {}", error_chain(&error)),
+            });
+        }
+        let Some((address, prepared)) = prepared else {
+            return Err(SummonError::PoolExhausted);
+        };
+        let (commands, command_rx) = mpsc::channel(COMMANDS);
+        let entry = Arc::new(Entry {
+            id,
+            key: key.clone(),
+            address,
+            port: run.port,
+            backend: prepared.backend(),
+            boot_timeout: Duration::from_millis(run.boot_timeout_ms),
+            state: watch::channel(InstanceState::Booting).0,
+            started: now,
+            open: AtomicI64::new(0),
+            last_activity: AtomicU64::new(self.ms_since_epoch()),
+            commands,
+            console: OnceLock::new(),
+            pid: OnceLock::new(),
+            counted: AtomicBool::new(true),
+        });
+        table.by_key.insert(key.clone(), Arc::clone(&entry));
+        table.by_address.insert(address, Arc::clone(&entry));
+        table.live += 1;
+        *table.per_service.entry(key.service.clone()).or_default() += 1;
+        if key.client.is_some() {
+            *table.clients.entry(key.service.clone()).or_default() += 1;
+        }
+        drop(table);
+        self.bump();
+        let summoned = Self::summoned(&entry);
+        self.tasks.fetch_add(1, Ordering::AcqRel);
+        debug!(instance = %key, id = entry.id, %address, backend = %entry.backend, "summoned");
+        self.runtime.spawn(async move {
+            tend(&me, &entry, prepared, &info, command_rx, scratch).await;
+            if me.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
+                me.tasks_done.notify_waiters();
+            }
+        });
+        Ok(summoned)
+    }
+
+    /// Makes the state final, frees the key, updates the back-off. Runs once.
+    fn finish_state(&self, entry: &Entry, state: InstanceState, served: Option<Duration>) {
+        let mut table = self.table.lock().expect("table lock is never poisoned");
+        if entry.counted.swap(false, Ordering::AcqRel) {
+            table.live -= 1;
+            if let Some(count) = table.per_service.get_mut(&entry.key.service) {
+                *count -= 1;
+                if *count == 0 {
+                    table.per_service.remove(&entry.key.service);
+                }
+            }
+            if entry.key.client.is_some()
+                && let Some(count) = table.clients.get_mut(&entry.key.service)
+            {
+                *count -= 1;
+                if *count == 0 {
+                    table.clients.remove(&entry.key.service);
+                }
+            }
+        }
+        if table
+            .by_key
+            .get(&entry.key)
+            .is_some_and(|e| e.id == entry.id)
+        {
+            table.by_key.remove(&entry.key);
+        }
+        let stable = Duration::from_millis(self.config.backoff.stable_after_ms);
+        let now = Instant::now();
+        if matches!(state, InstanceState::Crashed { .. }) {
+            let quick = served.is_none_or(|served| served < stable);
+            let previous = table.failures.get(&entry.key).map_or(0, |f| f.crashes);
+            let crashes = if quick { previous + 1 } else { 1 };
+            let until = self.config.backoff.delay(crashes).map(|delay| now + delay);
+            if table.failures.len() >= FAILURE_CACHE {
+                let oldest = table
+                    .failures
+                    .iter()
+                    .min_by_key(|(_, f)| f.at)
+                    .map(|(k, _)| k.clone());
+                if let Some(oldest) = oldest {
+                    table.failures.remove(&oldest);
+                }
+            }
+            table.failures.insert(
+                entry.key.clone(),
+                Failure {
+                    crashes,
+                    until,
+                    at: now,
+                },
+            );
+            if let Some(until) = until {
+                warn!(instance = %entry.key, crashes, retry_in = ?(until - now), "crash loop: backing off");
+            }
+        } else if served.is_some_and(|served| served >= stable) {
+            table.failures.remove(&entry.key);
+        }
+        entry.state.send_replace(state);
+        drop(table);
+        self.bump();
+    }
+
+    fn release_address(&self, entry: &Entry) {
+        let mut table = self.table.lock().expect("table lock is never poisoned");
+        if table
+            .by_address
+            .get(&entry.address)
+            .is_some_and(|e| e.id == entry.id)
+        {
+            table.by_address.remove(&entry.address);
+            table.pool.give(entry.address);
+        }
+        drop(table);
+        self.bump();
+    }
+
+    async fn image_path(
+        &self,
+        info: &RevisionInfo,
+        revision: &Revision,
+    ) -> Result<PathBuf, String> {
+        if let Some(path) = info.image.get() {
+            return Ok(path.clone());
+        }
+        let store = self.store.clone();
+        let revision = *revision;
+        let dir = self.image_dir.clone();
+        let path = tokio::task::spawn_blocking(move || store.materialize_image(&revision, &dir))
+            .await
+            .map_err(|error| format!("image materialisation panicked: {error}"))?
+            .map_err(|error| {
+                format!(
+                    "cannot materialise the image: {error}: {}",
+                    error_chain(&error)
+                )
+            })?;
+        let _ = info.image.set(path.clone());
+        Ok(path)
+    }
+
+    async fn write_record(&self, record: RuntimeRecord, service: String) {
+        let Ok(_permit) = self.log_writers.acquire().await else {
+            return;
+        };
+        let store = self.store.clone();
+        let result =
+            tokio::task::spawn_blocking(move || store.append_runtime_log(&service, &record)).await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => warn!(%error, "cannot write the runtime record"),
+            Err(error) => warn!(%error, "runtime record writer panicked"),
+        }
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        parts.push(cause.to_string());
+        source = cause.source();
+    }
+    if parts.is_empty() {
+        "no further detail".to_owned()
+    } else {
+        parts.join(": ")
+    }
+}
+
+fn read_error(
+    service: &str,
+    revision: &Revision,
+    error: &revboot_store::ReadError,
+) -> ResolveError {
+    use revboot_store::ReadError as E;
+    match error {
+        E::UnknownService(_) | E::InvalidService(_) => {
+            ResolveError::UnknownService(service.to_owned())
+        }
+        E::UnknownRevision(_) | E::NotADeployment { .. } => ResolveError::UnknownLabel {
+            service: service.to_owned(),
+            label: revision.short(12),
+        },
+        E::NoImage { .. } => ResolveError::NotBootable {
+            service: service.to_owned(),
+            revision: revision.short(12),
+        },
+        other => ResolveError::Store(format!("{other}: {}", error_chain(other))),
+    }
+}
+
+/// Kills recorded processes that are still the recorded ones, then sweeps cgroups and
+/// scratch directories.
+fn clean_orphans(left: &[InstanceRecord], process: &ProcessTender, scratch_dir: &std::path::Path) {
+    for record in left {
+        let footprint = &record.footprint;
+        if let (Some(pid), Some(start)) = (footprint.pid, footprint.pid_start)
+            && pid_start_time(pid) == Some(start)
+        {
+            warn!(
+                id = record.id,
+                pid,
+                service = record.service,
+                "killing an orphaned instance"
+            );
+            // SAFETY: kill has no memory-safety preconditions; the start time matched.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            for _ in 0..400 {
+                if pid_start_time(pid) != Some(start) || is_zombie(pid) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        for dir in &footprint.cgroups {
+            if let Err(error) = cgroup::remove_group(dir) {
+                warn!(cgroup = %dir.display(), %error, "cannot remove an orphaned cgroup");
+            }
+        }
+    }
+    process.sweep_orphans();
+    if let Ok(entries) = std::fs::read_dir(scratch_dir) {
+        for entry in entries.flatten() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rfind(')')
+                .map(|i| stat[i + 1..].trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+enum End {
+    Stopped(&'static str),
+    Crashed(String),
+}
+
+/// The life of one instance, from boot to record.
+async fn tend(
+    deployer: &Arc<Deployer>,
+    entry: &Arc<Entry>,
+    prepared: Box<dyn Prepared>,
+    info: &RevisionInfo,
+    mut commands: mpsc::Receiver<Command>,
+    scratch: PathBuf,
+) {
+    let run = &info.manifest.run;
+    let started_at_ms = unix_ms();
+    let deadline = tokio::time::Instant::from_std(entry.started + entry.boot_timeout);
+    let boot_ms = entry.boot_timeout.as_millis() as u64;
+    let mut ready_after = None;
+    let mut running: Option<Box<dyn Running>> = None;
+
+    let end = 'life: {
+        if let Err(error) = tokio::fs::create_dir_all(&scratch).await {
+            break 'life End::Crashed(format!("cannot create the scratch directory: {error}"));
+        }
+        let image = match deployer.image_path(info, &entry.key.revision).await {
+            Ok(image) => image,
+            Err(reason) => break 'life End::Crashed(reason),
+        };
+        let booted = match tokio::time::timeout_at(deadline, prepared.boot(image)).await {
+            Ok(Ok(booted)) => booted,
+            Ok(Err(error)) => {
+                break 'life End::Crashed(format!(
+                    "cannot start: {error}: {}",
+                    error_chain(&error)
+                ));
+            }
+            Err(_) => {
+                break 'life End::Crashed(format!("not ready after {boot_ms} ms (still starting)"));
+            }
+        };
+        let _ = entry.console.set(booted.console().clone());
+        let footprint = booted.footprint();
+        if let Some(pid) = footprint.pid {
+            let _ = entry.pid.set(pid);
+        }
+        deployer
+            .state
+            .put(InstanceRecord {
+                id: entry.id.clone(),
+                service: entry.key.service.clone(),
+                revision: entry.key.revision.to_hex(),
+                client: entry.key.client,
+                address: entry.address,
+                started_at_ms,
+                scratch: scratch.clone(),
+                footprint,
+            })
+            .await;
+        let running: &dyn Running = &**running.insert(booted);
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let ready = tokio::select! {
+            ready = running.ready(&run.ready, remaining) => Ok(ready),
+            command = commands.recv() => Err(command),
+        };
+        let ready = match ready {
+            Ok(ready) => ready,
+            Err(command) => break 'life stop(deployer, running, command).await,
+        };
+        if let Err(error) = ready {
+            running.kill();
+            break 'life End::Crashed(error.to_string());
+        }
+        let now = Instant::now();
+        ready_after = Some(now);
+        entry.state.send_replace(InstanceState::Ready);
+        deployer.bump();
+        debug!(instance = %entry.key, boot = ?(now - entry.started), "ready");
+        serve(
+            deployer,
+            entry,
+            running,
+            &mut commands,
+            deployer.idle_timeout(&info.manifest),
+        )
+        .await
+    };
+
+    // Finishing.
+    let served = ready_after.map(|at| at.elapsed());
+    let exit = match &running {
+        Some(running) => wait_exit(running.as_ref(), KILL_WAIT).await,
+        None => None,
+    };
+    let state = match &end {
+        End::Stopped(_) => InstanceState::Stopped,
+        End::Crashed(reason) => InstanceState::Crashed {
+            reason: reason.clone(),
+        },
+    };
+    let outcome = match (&end, exit) {
+        (End::Stopped(why), Some(exit)) => format!("stopped: {why} ({exit})"),
+        (End::Stopped(why), None) => format!("stopped: {why}"),
+        (End::Crashed(reason), _) => format!("crashed: {reason}"),
+    };
+    match &end {
+        End::Crashed(reason) => {
+            warn!(instance = %entry.key, id = entry.id, reason, "instance crashed")
+        }
+        End::Stopped(why) => info!(instance = %entry.key, id = entry.id, why, "instance stopped"),
+    }
+    deployer.finish_state(entry, state, served);
+    if let Some(running) = &running
+        && exit.is_none()
+    {
+        warn!(instance = %entry.key, footprint = ?running.footprint(), "instance did not report its exit");
+    }
+    let console = running
+        .as_ref()
+        .map(|r| r.console().tail())
+        .unwrap_or_default();
+    drop(running);
+    deployer.release_address(entry);
+    if exit.is_some() {
+        deployer.state.delete(entry.id.clone()).await;
+    }
+    let _ = tokio::fs::remove_dir_all(&scratch).await;
+    let record = RuntimeRecord {
+        revision: entry.key.revision,
+        client: entry.key.client,
+        started_at_ms,
+        boot_ms: ready_after.map(|at| (at - entry.started).as_millis() as u64),
+        lifetime_ms: entry.started.elapsed().as_millis() as u64,
+        outcome,
+        console,
+    };
+    deployer
+        .write_record(record, entry.key.service.clone())
+        .await;
+}
+
+/// Ready until an exit, a command or the idle timeout.
+async fn serve(
+    deployer: &Deployer,
+    entry: &Entry,
+    running: &dyn Running,
+    commands: &mut mpsc::Receiver<Command>,
+    idle_timeout: Duration,
+) -> End {
+    let mut exit = running.exit();
+    let half = idle_timeout / 2;
+    loop {
+        let quiet = Duration::from_millis(
+            deployer
+                .ms_since_epoch()
+                .saturating_sub(entry.last_activity.load(Ordering::Relaxed)),
+        );
+        let open = entry.open.load(Ordering::Relaxed) > 0;
+        let next = if open {
+            entry
+                .state
+                .send_if_modified(|state| set_if(state, InstanceState::Idle, InstanceState::Ready));
+            idle_timeout
+        } else if quiet >= idle_timeout {
+            info!(instance = %entry.key, ?quiet, "idle: stopping");
+            return stop(deployer, running, Some(Command::Stop("idle"))).await;
+        } else if quiet >= half {
+            entry
+                .state
+                .send_if_modified(|state| set_if(state, InstanceState::Ready, InstanceState::Idle));
+            idle_timeout - quiet
+        } else {
+            half - quiet
+        };
+        let command = tokio::select! {
+            report = exit.wait_for(Option::is_some) => {
+                let report = report.ok().and_then(|report| *report).unwrap_or(ExitReport {
+                    status: ExitStatus::Unknown,
+                    oom_killed: false,
+                });
+                return End::Crashed(report.to_string());
+            }
+            command = commands.recv() => command,
+            () = tokio::time::sleep(next.max(Duration::from_millis(5))) => continue,
+        };
+        return stop(deployer, running, command).await;
+    }
+}
+
+fn set_if(state: &mut InstanceState, from: InstanceState, to: InstanceState) -> bool {
+    if *state == from {
+        *state = to;
+        true
+    } else {
+        false
+    }
+}
+
+/// Carries out a stop or kill; a closed command queue (deployer gone) is a kill.
+async fn stop(deployer: &Deployer, running: &dyn Running, command: Option<Command>) -> End {
+    match command {
+        Some(Command::Stop(why)) => {
+            running.stop();
+            if wait_exit(running, deployer.config.stop_grace())
+                .await
+                .is_none()
+            {
+                debug!(why, "grace over: killing");
+                running.kill();
+            }
+            End::Stopped(why)
+        }
+        Some(Command::Kill) => {
+            running.kill();
+            End::Stopped("killed by operator")
+        }
+        None => {
+            running.kill();
+            End::Stopped("deployer gone")
+        }
+    }
+}
+
+async fn wait_exit(running: &dyn Running, limit: Duration) -> Option<ExitReport> {
+    let mut exit = running.exit();
+    match tokio::time::timeout(limit, exit.wait_for(Option::is_some)).await {
+        Ok(Ok(report)) => *report,
+        _ => None,
+    }
+}
+
+impl Instances for Deployer {
+    fn resolve(&self, service: &str, label: Option<&str>) -> Result<Resolved, ResolveError> {
+        use revboot_store::ResolveError as E;
+        let revision = self
+            .store
+            .resolve(service, label)
+            .map_err(|error| match error {
+                E::InvalidService(_) | E::UnknownService(_) => {
+                    ResolveError::UnknownService(service.to_owned())
+                }
+                E::InvalidLabel { label, .. } | E::UnknownLabel { label, .. } => {
+                    ResolveError::UnknownLabel {
+                        service: service.to_owned(),
+                        label,
+                    }
+                }
+                E::NoLive { .. } => ResolveError::UnknownLabel {
+                    service: service.to_owned(),
+                    label: "live".to_owned(),
+                },
+                E::Ambiguous {
+                    label, candidates, ..
+                } => ResolveError::Ambiguous {
+                    service: service.to_owned(),
+                    label,
+                    candidates,
+                },
+                other => ResolveError::Store(format!("{other}: {}", error_chain(&other))),
+            })?;
+        let info = self.revision_info(service, &revision)?;
+        if !info.bootable {
+            return Err(ResolveError::NotBootable {
+                service: service.to_owned(),
+                revision: revision.short(12),
+            });
+        }
+        Ok(Resolved {
+            service: service.to_owned(),
+            revision,
+            per_client: info.manifest.run.per_client,
+            port: info.manifest.run.port,
+        })
+    }
+
+    fn summon(
+        &self,
+        service: &str,
+        revision: &Revision,
+        client: Option<IpAddr>,
+    ) -> Result<Summoned, SummonError> {
+        let info = self.revision_info(service, revision)?;
+        let client = if info.manifest.run.per_client {
+            Some(client.ok_or_else(|| SummonError::ClientRequired {
+                service: service.to_owned(),
+            })?)
+        } else {
+            None
+        };
+        let key = InstanceKey {
+            service: service.to_owned(),
+            revision: *revision,
+            client,
+        };
+        self.start(key, info)
+    }
+
+    fn by_address(&self, address: IpAddr) -> Option<Summoned> {
+        let table = self.table.lock().expect("table lock is never poisoned");
+        table
+            .by_address
+            .get(&address)
+            .map(|entry| Self::summoned(entry))
+    }
+
+    fn activity(&self, key: &InstanceKey, activity: Activity) {
+        let Some(entry) = self.entry(key) else { return };
+        entry
+            .last_activity
+            .store(self.ms_since_epoch(), Ordering::Relaxed);
+        match activity {
+            Activity::ConnectionOpened => {
+                entry.open.fetch_add(1, Ordering::Relaxed);
+            }
+            Activity::ConnectionClosed => {
+                let _ = entry
+                    .open
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |open| {
+                        Some((open - 1).max(0))
+                    });
+            }
+            Activity::Query => {}
+        }
+        entry
+            .state
+            .send_if_modified(|state| set_if(state, InstanceState::Idle, InstanceState::Ready));
+    }
+
+    fn generation(&self) -> u64 {
+        self.store
+            .generation()
+            .wrapping_add(self.generation.load(Ordering::Acquire))
+    }
+}

@@ -1,0 +1,410 @@
+//! Memory, pids and cpu limits through cgroups, on v1, v2 or a hybrid of both.
+//!
+//! 1. [`Cgroups::detect`] reads `/proc/self/mountinfo` and picks, per controller, the v2
+//!    hierarchy when it offers the controller, else the v1 hierarchy that has it; a controller
+//!    found nowhere is reported once as a warning and its limit is not enforced.
+//! 2. The parent `revboot/<name>` is created once in every hierarchy used (v2: controllers
+//!    are enabled in `cgroup.subtree_control` on the way down).
+//! 3. Each instance gets `revboot/<name>/<id>` in each hierarchy, its limits written before
+//!    the child starts; the child joins by writing `0` to the pre-opened `cgroup.procs`.
+//! 4. After the exit the OOM counter is read (v1 `memory.oom_control`, v2 `memory.events`)
+//!    and the groups are removed, killing stragglers if a group is not empty.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tracing::{debug, warn};
+
+/// The limits of one instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Memory, bytes.
+    pub memory_bytes: u64,
+    /// Processes and threads.
+    pub pids: u64,
+    /// CPU, percent of one core.
+    pub cpu_percent: u32,
+}
+
+/// A controller the deployer uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Controller {
+    /// `memory`.
+    Memory,
+    /// `pids`.
+    Pids,
+    /// `cpu`.
+    Cpu,
+}
+
+impl Controller {
+    const ALL: [Controller; 3] = [Controller::Memory, Controller::Pids, Controller::Cpu];
+
+    fn name(self) -> &'static str {
+        match self {
+            Controller::Memory => "memory",
+            Controller::Pids => "pids",
+            Controller::Cpu => "cpu",
+        }
+    }
+}
+
+/// Which cgroup version serves a controller, and where its hierarchy is mounted.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Hierarchy {
+    V1(PathBuf),
+    V2(PathBuf),
+}
+
+impl Hierarchy {
+    fn mount(&self) -> &Path {
+        match self {
+            Hierarchy::V1(path) | Hierarchy::V2(path) => path,
+        }
+    }
+}
+
+/// The cgroup layout of the host, as far as the deployer uses it.
+#[derive(Debug, Clone)]
+pub struct Cgroups {
+    /// Hierarchy → the controllers it serves for us.
+    hierarchies: BTreeMap<Hierarchy, Vec<Controller>>,
+    /// `revboot/<name>` below each mount.
+    parent: PathBuf,
+    missing: Vec<Controller>,
+    layout: &'static str,
+}
+
+/// One instance's groups.
+#[derive(Debug)]
+pub struct InstanceGroups {
+    dirs: Vec<(PathBuf, bool)>,
+    /// Opened `cgroup.procs` files, one per group, for the child to join with.
+    pub procs: Vec<File>,
+}
+
+impl Cgroups {
+    /// Finds the hierarchies and creates `revboot/<name>` in each.
+    pub fn detect(name: &str) -> io::Result<Cgroups> {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
+        let cgroups = Cgroups::from_mountinfo(&mountinfo, name, |path| {
+            fs::read_to_string(path.join("cgroup.controllers")).unwrap_or_default()
+        });
+        for missing in &cgroups.missing {
+            warn!(
+                controller = missing.name(),
+                layout = cgroups.layout,
+                "cgroup controller not available: instances run WITHOUT a {} limit",
+                missing.name()
+            );
+        }
+        cgroups.create_parents()?;
+        debug!(layout = cgroups.layout, ?cgroups.hierarchies, "cgroups detected");
+        Ok(cgroups)
+    }
+
+    fn from_mountinfo(
+        mountinfo: &str,
+        name: &str,
+        v2_controllers: impl Fn(&Path) -> String,
+    ) -> Cgroups {
+        let mut v1: BTreeMap<Controller, PathBuf> = BTreeMap::new();
+        let mut v2: Option<(PathBuf, String)> = None;
+        for line in mountinfo.lines() {
+            // `id parent major:minor root mount-point options [optional…] - fstype source super`
+            let Some((left, right)) = line.split_once(" - ") else {
+                continue;
+            };
+            let mount = left.split(' ').nth(4).map(PathBuf::from);
+            let mut right = right.split(' ');
+            let (fstype, _source, options) = (right.next(), right.next(), right.next());
+            let Some(mount) = mount else { continue };
+            match fstype {
+                Some("cgroup2") if v2.is_none() => {
+                    let controllers = v2_controllers(&mount);
+                    v2 = Some((mount, controllers));
+                }
+                Some("cgroup") => {
+                    let options = options.unwrap_or_default();
+                    for controller in Controller::ALL {
+                        if options.split(',').any(|option| option == controller.name()) {
+                            v1.entry(controller).or_insert_with(|| mount.clone());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let layout = match (&v2, v1.is_empty()) {
+            (Some(_), true) => "v2",
+            (Some(_), false) => "hybrid",
+            (None, false) => "v1",
+            (None, true) => "none",
+        };
+        let mut hierarchies: BTreeMap<Hierarchy, Vec<Controller>> = BTreeMap::new();
+        let mut missing = Vec::new();
+        for controller in Controller::ALL {
+            let in_v2 = v2.as_ref().filter(|(_, controllers)| {
+                controllers
+                    .split_whitespace()
+                    .any(|c| c == controller.name())
+            });
+            if let Some((mount, _)) = in_v2 {
+                hierarchies
+                    .entry(Hierarchy::V2(mount.clone()))
+                    .or_default()
+                    .push(controller);
+            } else if let Some(mount) = v1.get(&controller) {
+                hierarchies
+                    .entry(Hierarchy::V1(mount.clone()))
+                    .or_default()
+                    .push(controller);
+            } else {
+                missing.push(controller);
+            }
+        }
+        Cgroups {
+            hierarchies,
+            parent: Path::new("revboot").join(name),
+            missing,
+            layout,
+        }
+    }
+
+    /// `v1`, `v2`, `hybrid` or `none`.
+    pub fn layout(&self) -> &'static str {
+        self.layout
+    }
+
+    /// Controllers that are not available.
+    pub fn missing(&self) -> &[Controller] {
+        &self.missing
+    }
+
+    /// True if the memory limit is enforced.
+    pub fn has(&self, controller: Controller) -> bool {
+        !self.missing.contains(&controller)
+    }
+
+    fn create_parents(&self) -> io::Result<()> {
+        for (hierarchy, controllers) in &self.hierarchies {
+            let mut dir = hierarchy.mount().to_path_buf();
+            if let Hierarchy::V2(_) = hierarchy {
+                let enable: Vec<String> = controllers
+                    .iter()
+                    .map(|c| format!("+{}", c.name()))
+                    .collect();
+                let enable = enable.join(" ");
+                for component in self.parent.components() {
+                    write_file(&dir.join("cgroup.subtree_control"), &enable)?;
+                    dir.push(component);
+                    create_dir(&dir)?;
+                }
+                write_file(&dir.join("cgroup.subtree_control"), &enable)?;
+            } else {
+                dir.push(&self.parent);
+                fs::create_dir_all(&dir)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The parent directories (`<mount>/revboot/<name>`).
+    pub fn parents(&self) -> Vec<PathBuf> {
+        self.hierarchies
+            .keys()
+            .map(|hierarchy| hierarchy.mount().join(&self.parent))
+            .collect()
+    }
+
+    /// Creates the groups of instance `id` with `limits`.
+    pub fn create(&self, id: &str, limits: Limits) -> io::Result<InstanceGroups> {
+        let mut groups = InstanceGroups {
+            dirs: Vec::new(),
+            procs: Vec::new(),
+        };
+        for (hierarchy, controllers) in &self.hierarchies {
+            let dir = hierarchy.mount().join(&self.parent).join(id);
+            create_dir(&dir)?;
+            let v2 = matches!(hierarchy, Hierarchy::V2(_));
+            groups.dirs.push((dir.clone(), v2));
+            for controller in controllers {
+                write_limit(&dir, *controller, v2, limits)?;
+            }
+            groups.procs.push(
+                OpenOptions::new()
+                    .write(true)
+                    .open(dir.join("cgroup.procs"))?,
+            );
+        }
+        Ok(groups)
+    }
+
+    /// Removes every instance group under the parents (an earlier daemon's), killing
+    /// whatever still runs in them. Returns how many groups were removed.
+    pub fn sweep(&self) -> usize {
+        let mut removed = 0;
+        for parent in self.parents() {
+            let Ok(entries) = fs::read_dir(&parent) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    let dir = entry.path();
+                    warn!(cgroup = %dir.display(), "removing an orphaned instance cgroup");
+                    if remove_group(&dir).is_ok() {
+                        removed += 1;
+                    }
+                }
+            }
+        }
+        removed
+    }
+}
+
+impl InstanceGroups {
+    /// The group directories.
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|(dir, _)| dir.clone()).collect()
+    }
+
+    /// True if the kernel killed a process of the group at its memory limit.
+    pub fn oom_killed(&self) -> bool {
+        self.dirs.iter().any(|(dir, v2)| {
+            let (file, key) = if *v2 {
+                ("memory.events", "oom_kill")
+            } else {
+                ("memory.oom_control", "oom_kill")
+            };
+            fs::read_to_string(dir.join(file)).is_ok_and(|text| counter(&text, key) > 0)
+        })
+    }
+
+    /// Removes the groups (killing stragglers); closes the `cgroup.procs` files first.
+    pub fn remove(mut self) {
+        self.procs.clear();
+        for (dir, _) in &self.dirs {
+            if let Err(error) = remove_group(dir) {
+                warn!(cgroup = %dir.display(), %error, "cannot remove instance cgroup");
+            }
+        }
+    }
+}
+
+fn counter(text: &str, key: &str) -> u64 {
+    text.lines()
+        .filter_map(|line| line.split_once(' '))
+        .find(|(name, _)| *name == key)
+        .and_then(|(_, value)| value.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn write_limit(dir: &Path, controller: Controller, v2: bool, limits: Limits) -> io::Result<()> {
+    const PERIOD_US: u64 = 100_000;
+    let quota_us = PERIOD_US * u64::from(limits.cpu_percent) / 100;
+    match (controller, v2) {
+        (Controller::Memory, false) => write_file(
+            &dir.join("memory.limit_in_bytes"),
+            &limits.memory_bytes.to_string(),
+        ),
+        (Controller::Memory, true) => {
+            write_file(&dir.join("memory.max"), &limits.memory_bytes.to_string())?;
+            // No swap: the limit is the limit. Absent when swap accounting is off.
+            let _ = write_file(&dir.join("memory.swap.max"), "0");
+            Ok(())
+        }
+        (Controller::Pids, _) => write_file(&dir.join("pids.max"), &limits.pids.to_string()),
+        (Controller::Cpu, false) => {
+            write_file(&dir.join("cpu.cfs_period_us"), &PERIOD_US.to_string())?;
+            write_file(&dir.join("cpu.cfs_quota_us"), &quota_us.to_string())
+        }
+        (Controller::Cpu, true) => {
+            write_file(&dir.join("cpu.max"), &format!("{quota_us} {PERIOD_US}"))
+        }
+    }
+}
+
+fn write_file(path: &Path, value: &str) -> io::Result<()> {
+    fs::write(path, value)
+        .map_err(|error| io::Error::new(error.kind(), format!("{}: {error}", path.display())))
+}
+
+fn create_dir(dir: &Path) -> io::Result<()> {
+    match fs::create_dir(dir) {
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        other => other
+            .map_err(|error| io::Error::new(error.kind(), format!("{}: {error}", dir.display()))),
+    }
+}
+
+/// Removes one group: kills its processes, then `rmdir`, retrying for a bounded time while
+/// the kernel finishes tearing the processes down.
+pub fn remove_group(dir: &Path) -> io::Result<()> {
+    let mut last = None;
+    for attempt in 0..200u32 {
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(error) => last = Some(error),
+        }
+        if attempt % 10 == 0 {
+            for pid in fs::read_to_string(dir.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|line| line.trim().parse::<libc::pid_t>().ok())
+            {
+                // SAFETY: kill has no memory-safety preconditions.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("cgroup not removable")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+30 25 0:26 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+31 30 0:27 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+32 30 0:28 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
+33 30 0:29 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+34 30 0:30 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+35 30 0:31 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+
+    #[test]
+    fn hybrid_with_empty_v2_uses_v1() {
+        let cgroups = Cgroups::from_mountinfo(HYBRID, "t", |_| String::new());
+        assert_eq!(cgroups.layout(), "hybrid");
+        assert!(cgroups.missing().is_empty());
+        let parents = cgroups.parents();
+        assert!(parents.contains(&PathBuf::from("/sys/fs/cgroup/memory/revboot/t")));
+        assert!(parents.contains(&PathBuf::from("/sys/fs/cgroup/cpu/revboot/t")));
+        assert_eq!(parents.len(), 3);
+    }
+
+    #[test]
+    fn v2_controllers_win_and_missing_ones_are_listed() {
+        let v2 = "35 30 0:31 / /sys/fs/cgroup rw,relatime - cgroup2 cgroup2 rw\n";
+        let cgroups = Cgroups::from_mountinfo(v2, "t", |_| "cpuset memory pids".into());
+        assert_eq!(cgroups.layout(), "v2");
+        assert_eq!(cgroups.missing(), &[Controller::Cpu]);
+        assert_eq!(
+            cgroups.parents(),
+            vec![PathBuf::from("/sys/fs/cgroup/revboot/t")]
+        );
+    }
+
+    #[test]
+    fn reads_oom_counter() {
+        let text = "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n";
+        assert_eq!(counter(text, "oom_kill"), 2);
+        assert_eq!(counter("low 0\n", "oom_kill"), 0);
+    }
+}

@@ -1,0 +1,411 @@
+//! Tenders: the backends that run images.
+//!
+//! A tender turns an image and its manifest into a running instance, and tells the deployer
+//! where it accepts connections, what it prints and how it ended.
+//!
+//! 1. [`Tender::prepare`] (synchronous, fast) claims the backend endpoint — the process
+//!    tender binds the listening socket, a VM tender picks its forwarded port — so the
+//!    address is known, and connections can queue, before anything boots.
+//! 2. [`Prepared::boot`] (async) starts the image and resolves once it runs.
+//! 3. [`Running::ready`] waits for the manifest's readiness probe (a default covers the
+//!    probes every backend shares).
+//! 4. [`Running::stop`] asks for a graceful stop, [`Running::kill`] forces one; the
+//!    deployer kills after its grace.
+//! 5. [`Running::exit`] resolves to an [`ExitReport`] once the instance ended *and* its
+//!    resources (cgroups, sockets) are released.
+//!
+//! The traits are object safe; async steps return boxed futures so that backends can be
+//! stored as `Arc<dyn Tender>`.
+
+pub mod cgroup;
+pub mod process;
+pub mod seccomp;
+
+use std::fmt;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use revboot_store::Revision;
+use revboot_store::manifest::{Ready, Run, TenderKind};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+use crate::config::BackendPort;
+use crate::console::Console;
+
+/// A boxed, sendable future, as the tender traits return.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Everything a tender needs to start one instance.
+#[derive(Debug, Clone)]
+pub struct BootSpec {
+    /// A short unique id, used for cgroup and scratch names (`[a-z0-9-]`).
+    pub id: String,
+    /// The service.
+    pub service: String,
+    /// The deployment commit.
+    pub revision: Revision,
+    /// The `[run]` table of the manifest.
+    pub run: Run,
+    /// The service address of the instance.
+    pub address: IpAddr,
+    /// Where the backend socket goes on `address`.
+    pub backend_port: BackendPort,
+    /// A private directory the instance may write to (created by the deployer).
+    pub scratch: PathBuf,
+    /// Console bytes to keep.
+    pub console_bytes: usize,
+}
+
+/// Why an instance could not be started.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BootError {
+    /// The backend endpoint could not be claimed.
+    #[error("Cannot bind {address}")]
+    Bind {
+        /// The address.
+        address: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A resource (cgroup, pipe, sandbox) could not be set up.
+    #[error("Cannot set up {what}")]
+    Setup {
+        /// What.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The image did not start.
+    #[error("Cannot start the image: {step} failed")]
+    Exec {
+        /// The step of the start-up that failed.
+        step: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No tender for this kind is registered.
+    #[error("No `{0:?}` tender is available")]
+    Unavailable(TenderKind),
+}
+
+/// How an instance ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExitStatus {
+    /// It exited with a status code.
+    Code(i32),
+    /// A signal killed it.
+    Signal(i32),
+    /// Unknown (e.g. the handle was lost).
+    Unknown,
+}
+
+/// The end of an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitReport {
+    /// How it ended.
+    pub status: ExitStatus,
+    /// The memory limit was hit and the kernel killed it.
+    pub oom_killed: bool,
+}
+
+impl ExitReport {
+    /// True for an exit with status 0.
+    pub fn success(&self) -> bool {
+        self.status == ExitStatus::Code(0) && !self.oom_killed
+    }
+}
+
+impl fmt::Display for ExitReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.oom_killed {
+            return write!(f, "killed at its memory limit (OOM)");
+        }
+        match self.status {
+            ExitStatus::Code(code) => write!(f, "exited with status {code}"),
+            ExitStatus::Signal(signal) => write!(f, "killed by signal {signal}"),
+            ExitStatus::Unknown => write!(f, "ended, status unknown"),
+        }
+    }
+}
+
+/// What the deployer records durably about a running instance, so that a restarted daemon
+/// can find and remove it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Footprint {
+    /// The host pid of the instance's top process.
+    pub pid: Option<u32>,
+    /// That process's start time (`/proc/<pid>/stat` field 22), to tell a reused pid apart.
+    pub pid_start: Option<u64>,
+    /// Cgroup directories created for it.
+    pub cgroups: Vec<PathBuf>,
+}
+
+/// Why an instance did not become ready.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NotReady {
+    /// The probe did not succeed within the boot timeout.
+    #[error("not ready after {ms} ms ({probe})")]
+    Timeout {
+        /// The timeout.
+        ms: u64,
+        /// The probe.
+        probe: String,
+    },
+    /// The instance ended before it was ready.
+    #[error("exited before it was ready")]
+    Exited,
+}
+
+/// A backend that runs images.
+pub trait Tender: Send + Sync + fmt::Debug + 'static {
+    /// Which manifests this tender runs.
+    fn kind(&self) -> TenderKind;
+
+    /// Claims the backend endpoint for an instance; fast and synchronous.
+    fn prepare(&self, spec: BootSpec) -> Result<Box<dyn Prepared>, BootError>;
+
+    /// Removes what instances of an earlier daemon left behind (cgroups, scratch state);
+    /// called once at start-up, after recorded processes were killed.
+    fn sweep_orphans(&self) {}
+}
+
+/// An instance whose endpoint is claimed but that has not started.
+pub trait Prepared: Send + fmt::Debug {
+    /// Where the instance will accept connections.
+    fn backend(&self) -> SocketAddr;
+
+    /// Boots `image` (a path in the image cache).
+    fn boot(
+        self: Box<Self>,
+        image: PathBuf,
+    ) -> BoxFuture<'static, Result<Box<dyn Running>, BootError>>;
+}
+
+/// A running instance.
+pub trait Running: Send + Sync + fmt::Debug {
+    /// Where the instance accepts connections.
+    fn backend(&self) -> SocketAddr;
+
+    /// Its console.
+    fn console(&self) -> &Console;
+
+    /// What to record durably.
+    fn footprint(&self) -> Footprint;
+
+    /// Asks for a graceful stop (SIGTERM, an ACPI power button…).
+    fn stop(&self);
+
+    /// Forces a stop.
+    fn kill(&self);
+
+    /// The exit, once the instance ended and its resources are released.
+    fn exit(&self) -> watch::Receiver<Option<ExitReport>>;
+
+    /// Waits until the instance is ready by `probe`, at most `timeout`.
+    fn ready<'a>(
+        &'a self,
+        probe: &'a Ready,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<(), NotReady>> {
+        Box::pin(probe_ready(
+            self.backend(),
+            self.console(),
+            self.exit(),
+            probe,
+            timeout,
+        ))
+    }
+}
+
+/// The readiness probes every backend shares: `socket` is ready at once (the listening
+/// socket exists before boot, so the kernel holds early connections), `tcp` connects,
+/// `http` sends `GET path` and wants a 2xx/3xx status line, `console` waits for a line.
+pub async fn probe_ready(
+    backend: SocketAddr,
+    console: &Console,
+    mut exit: watch::Receiver<Option<ExitReport>>,
+    probe: &Ready,
+    timeout: Duration,
+) -> Result<(), NotReady> {
+    let describe = match probe {
+        Ready::Socket => "socket".to_owned(),
+        Ready::Tcp => format!("tcp {backend}"),
+        Ready::Http { path } => format!("http GET {path}"),
+        Ready::Console { line } => format!("console line `{line}`"),
+    };
+    let attempt = async {
+        match probe {
+            Ready::Tcp => retry(|| async { tcp_connects(backend).await }).await,
+            Ready::Http { path } => retry(|| async { http_ok(backend, path).await }).await,
+            Ready::Console { line } => console.wait_for(line, timeout).await,
+            _ => true,
+        }
+    };
+    let exited = exit.wait_for(Option::is_some);
+    tokio::select! {
+        biased;
+        ok = tokio::time::timeout(timeout, attempt) => match ok {
+            Ok(true) => Ok(()),
+            _ => Err(NotReady::Timeout { ms: timeout.as_millis() as u64, probe: describe }),
+        },
+        _ = exited => Err(NotReady::Exited),
+    }
+}
+
+async fn retry<F, Fut>(mut attempt: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let mut pause = Duration::from_micros(500);
+    loop {
+        if attempt().await {
+            return true;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+async fn tcp_connects(backend: SocketAddr) -> bool {
+    tokio::net::TcpStream::connect(backend).await.is_ok()
+}
+
+async fn http_ok(backend: SocketAddr, path: &str) -> bool {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(backend).await?;
+        let request =
+            format!("GET {path} HTTP/1.1\r\nhost: {backend}\r\nconnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut head = [0u8; 16];
+        let mut filled = 0;
+        while filled < 12 {
+            let read = stream.read(&mut head[filled..]).await?;
+            if read == 0 {
+                break;
+            }
+            filled += read;
+        }
+        Ok::<_, std::io::Error>(head[..filled].to_vec())
+    };
+    match tokio::time::timeout(Duration::from_secs(2), exchange).await {
+        Ok(Ok(head)) => {
+            head.starts_with(b"HTTP/1.") && head.len() >= 12 && matches!(head[9], b'2' | b'3')
+        }
+        _ => false,
+    }
+}
+
+/// The tenders a deployer can use, by kind.
+#[derive(Debug, Clone, Default)]
+pub struct Tenders {
+    by_kind: Vec<Arc<dyn Tender>>,
+}
+
+impl Tenders {
+    /// An empty registry.
+    pub fn new() -> Tenders {
+        Tenders::default()
+    }
+
+    /// Adds (or replaces) the tender for its kind.
+    pub fn register(&mut self, tender: Arc<dyn Tender>) {
+        self.by_kind.retain(|known| known.kind() != tender.kind());
+        self.by_kind.push(tender);
+    }
+
+    /// The tender for `kind`.
+    pub fn get(&self, kind: TenderKind) -> Option<&Arc<dyn Tender>> {
+        self.by_kind.iter().find(|tender| tender.kind() == kind)
+    }
+
+    /// All registered tenders.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<dyn Tender>> {
+        self.by_kind.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_reports_read_well() {
+        let oom = ExitReport {
+            status: ExitStatus::Signal(9),
+            oom_killed: true,
+        };
+        assert_eq!(oom.to_string(), "killed at its memory limit (OOM)");
+        let code = ExitReport {
+            status: ExitStatus::Code(3),
+            oom_killed: false,
+        };
+        assert_eq!(code.to_string(), "exited with status 3");
+        assert!(!code.success());
+    }
+
+    #[tokio::test]
+    async fn http_probe_waits_for_a_status_line() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let backend = listener.local_addr().expect("addr");
+        let console = Console::new(1024);
+        let (_exit_tx, exit) = watch::channel(None);
+        let server = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let mut buf = [0u8; 256];
+            let _ = stream.read(&mut buf).await;
+            stream
+                .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                .await
+                .expect("write");
+        });
+        let probe = Ready::Http { path: "/".into() };
+        probe_ready(backend, &console, exit, &probe, Duration::from_secs(10))
+            .await
+            .expect("ready");
+        server.await.expect("server");
+    }
+
+    #[tokio::test]
+    async fn a_missed_probe_is_a_timeout_and_an_exit_is_an_exit() {
+        let console = Console::new(1024);
+        let (exit_tx, exit) = watch::channel(None);
+        let probe = Ready::Console {
+            line: "never".into(),
+        };
+        let backend: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        let missed = probe_ready(
+            backend,
+            &console,
+            exit.clone(),
+            &probe,
+            Duration::from_millis(50),
+        )
+        .await;
+        assert!(
+            matches!(missed, Err(NotReady::Timeout { ms: 50, .. })),
+            "{missed:?}"
+        );
+        exit_tx
+            .send(Some(ExitReport {
+                status: ExitStatus::Code(1),
+                oom_killed: false,
+            }))
+            .expect("send");
+        let ended = probe_ready(backend, &console, exit, &probe, Duration::from_secs(10)).await;
+        assert_eq!(ended, Err(NotReady::Exited));
+    }
+}

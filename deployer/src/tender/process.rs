@@ -1,0 +1,894 @@
+//! The process tender: a static ELF run as a sandboxed process, solo5-spt style.
+//!
+//! Start-up of one instance:
+//!
+//! 1. `prepare`: bind the listening socket on the service address (manifest port, or an
+//!    ephemeral one behind the proxy) with a deep backlog; from here on the kernel completes
+//!    handshakes and queues them.
+//! 2. On the spawner thread (one long-lived thread, so that `PR_SET_PDEATHSIG` means "the
+//!    daemon died"): create the instance's cgroups with their limits, build the landlock
+//!    ruleset, open the pipes; everything the child needs is allocated here.
+//! 3. `clone3` with new mount, pid, net, ipc, uts and cgroup namespaces and a pidfd: the
+//!    child is pid 1 of its own pid namespace. Between clone and exec it only makes
+//!    system calls: join the cgroups, make `/` private and mount its own `/proc`, set the
+//!    hostname and rlimits, move stdin (`/dev/null`), stdout+stderr (console pipe) and the
+//!    socket (fd 3) into place, `chdir` to its scratch directory, set the parent-death
+//!    signal and no-new-privileges, restrict itself with landlock, close every other fd,
+//!    install the seccomp filters, and `execve` the image with a clean environment
+//!    (`LISTEN_FDS=1`, `LISTEN_PID=1`, `REVBOOT_*`, the manifest's `env`).
+//! 4. A failing step writes `(step, errno)` to a close-on-exec pipe and exits 127; the
+//!    parent reads that pipe to EOF, so a returned boot means the image is executing.
+//! 5. A watcher waits on the pidfd, reaps with `waitid(P_PIDFD)`, reads the OOM counter,
+//!    waits (bounded) for the console to drain, removes the cgroups, then reports the exit.
+
+use std::ffi::{CString, OsStr};
+use std::fs::File;
+use std::io::{self, Read};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Once, mpsc};
+use std::time::Duration;
+
+use landlock::{
+    ABI, Access, AccessFs, AccessNet, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr,
+};
+use revboot_store::manifest::TenderKind;
+use socket2::{Domain, Socket, Type};
+use tokio::io::AsyncReadExt;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{oneshot, watch};
+use tracing::{debug, warn};
+
+use super::cgroup::{Cgroups, Controller, InstanceGroups, Limits};
+use super::seccomp::{self, Filters};
+use super::{
+    BootError, BootSpec, BoxFuture, ExitReport, ExitStatus, Footprint, Prepared, Running, Tender,
+};
+use crate::config::{BackendPort, SandboxConfig};
+use crate::console::Console;
+
+/// Pending spawns queued for the spawner thread.
+const SPAWN_QUEUE: usize = 256;
+/// Listen backlog of an instance socket (the kernel caps it at `somaxconn`).
+const BACKLOG: i32 = 4096;
+/// How long an exit waits for the console to drain.
+const CONSOLE_DRAIN: Duration = Duration::from_millis(500);
+/// Landlock ABI the ruleset is written for (best effort on older kernels).
+const LANDLOCK_ABI: ABI = ABI::V5;
+
+/// The process tender.
+#[derive(Debug)]
+pub struct ProcessTender {
+    shared: Arc<Shared>,
+    jobs: mpsc::SyncSender<Job>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    cgroups: Option<Cgroups>,
+    filters: Filters,
+    sandbox: SandboxConfig,
+    devnull: OwnedFd,
+    runtime: tokio::runtime::Handle,
+}
+
+/// Why the process tender could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProcessTenderError {
+    /// The seccomp filter did not compile.
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::FilterError),
+    /// A host resource could not be opened.
+    #[error("Cannot set up the process tender: {what}")]
+    Io {
+        /// What.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl ProcessTender {
+    /// Sets the tender up: cgroup hierarchies under `revboot/<name>`, the seccomp filters,
+    /// the spawner thread.
+    pub fn new(
+        name: &str,
+        sandbox: SandboxConfig,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<ProcessTender, ProcessTenderError> {
+        let cgroups = match Cgroups::detect(name) {
+            Ok(cgroups) => Some(cgroups),
+            Err(error) => {
+                warn!(%error, "cgroups unusable: instances run WITHOUT memory, pids and cpu limits");
+                None
+            }
+        };
+        let devnull = File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .map_err(|source| ProcessTenderError::Io {
+                what: "/dev/null",
+                source,
+            })?;
+        let devnull = fd_above(devnull.into()).map_err(|source| ProcessTenderError::Io {
+            what: "/dev/null",
+            source,
+        })?;
+        let shared = Arc::new(Shared {
+            cgroups,
+            filters: seccomp::compile()?,
+            sandbox,
+            devnull,
+            runtime,
+        });
+        let (jobs, queue) = mpsc::sync_channel::<Job>(SPAWN_QUEUE);
+        let worker = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("revboot-spawner".into())
+            .spawn(move || {
+                for job in queue {
+                    let result = worker.spawn(&job);
+                    if let Err(Ok(orphan)) = job.reply.send(result) {
+                        // The boot was abandoned (timed out) while spawning: end it here.
+                        warn!(
+                            id = job.spec.id,
+                            "boot abandoned during spawn: killing the instance"
+                        );
+                        orphan.kill();
+                    }
+                }
+            })
+            .map_err(|source| ProcessTenderError::Io {
+                what: "spawner thread",
+                source,
+            })?;
+        Ok(ProcessTender { shared, jobs })
+    }
+
+    /// The cgroup layout in use (`v1`, `v2`, `hybrid`, `none`).
+    pub fn cgroup_layout(&self) -> &'static str {
+        self.shared.cgroups.as_ref().map_or("none", Cgroups::layout)
+    }
+}
+
+impl Tender for ProcessTender {
+    fn kind(&self) -> TenderKind {
+        TenderKind::Process
+    }
+
+    fn prepare(&self, spec: BootSpec) -> Result<Box<dyn Prepared>, BootError> {
+        let port = match spec.backend_port {
+            BackendPort::Same => spec.run.port,
+            BackendPort::Ephemeral => 0,
+        };
+        let address = SocketAddr::new(spec.address, port);
+        let bind = || -> io::Result<(Socket, SocketAddr)> {
+            let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&address.into())?;
+            socket.listen(BACKLOG)?;
+            let local = socket
+                .local_addr()?
+                .as_socket()
+                .ok_or_else(|| io::Error::other("not an inet socket"))?;
+            Ok((socket, local))
+        };
+        let (listener, backend) = bind().map_err(|source| BootError::Bind { address, source })?;
+        Ok(Box::new(ProcessPrepared {
+            spec,
+            listener,
+            backend,
+            shared: Arc::clone(&self.shared),
+            jobs: self.jobs.clone(),
+        }))
+    }
+
+    fn sweep_orphans(&self) {
+        if let Some(cgroups) = &self.shared.cgroups {
+            let removed = cgroups.sweep();
+            if removed > 0 {
+                warn!(removed, "removed orphaned instance cgroups");
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ProcessPrepared {
+    spec: BootSpec,
+    listener: Socket,
+    backend: SocketAddr,
+    shared: Arc<Shared>,
+    jobs: mpsc::SyncSender<Job>,
+}
+
+#[derive(Debug)]
+struct Job {
+    spec: BootSpec,
+    image: PathBuf,
+    listener: OwnedFd,
+    reply: oneshot::Sender<Result<Spawned, BootError>>,
+}
+
+#[derive(Debug)]
+struct Spawned {
+    pid: u32,
+    pid_start: Option<u64>,
+    pidfd: OwnedFd,
+    console: OwnedFd,
+    groups: Option<InstanceGroups>,
+}
+
+impl Prepared for ProcessPrepared {
+    fn backend(&self) -> SocketAddr {
+        self.backend
+    }
+
+    fn boot(
+        self: Box<Self>,
+        image: PathBuf,
+    ) -> BoxFuture<'static, Result<Box<dyn Running>, BootError>> {
+        Box::pin(async move {
+            let ProcessPrepared {
+                spec,
+                listener,
+                backend,
+                shared,
+                jobs,
+            } = *self;
+            let setup = |what: &str| {
+                let what = what.to_owned();
+                move |source| BootError::Setup { what, source }
+            };
+            let listener_fd = fd_above(listener.into()).map_err(setup("listening socket"))?;
+            let console_bytes = spec.console_bytes;
+            let (reply, result) = oneshot::channel();
+            jobs.try_send(Job {
+                spec,
+                image,
+                listener: listener_fd,
+                reply,
+            })
+            .map_err(|_| BootError::Setup {
+                what: "spawn queue".into(),
+                source: io::Error::new(io::ErrorKind::WouldBlock, "spawn queue full or closed"),
+            })?;
+            let spawned = result.await.map_err(|_| BootError::Setup {
+                what: "spawner thread".into(),
+                source: io::Error::other("spawner thread gone"),
+            })??;
+            let console = Console::new(console_bytes);
+            let footprint = Footprint {
+                pid: Some(spawned.pid),
+                pid_start: spawned.pid_start,
+                cgroups: spawned
+                    .groups
+                    .as_ref()
+                    .map(InstanceGroups::dirs)
+                    .unwrap_or_default(),
+            };
+            let pidfd = Arc::new(spawned.pidfd);
+            let (exit_tx, exit) = watch::channel(None);
+            let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(spawned.console)
+                .map_err(setup("console pipe"))?;
+            let watched = pidfd.try_clone().map_err(setup("pidfd"))?;
+            // SAFETY: the AsyncFd owns `watched`, so the fd stays open while registered.
+            let waiter =
+                unsafe { AsyncFd::register_with_interest(watched, tokio::io::Interest::READABLE) }
+                    .map_err(|error| BootError::Setup {
+                        what: "pidfd".into(),
+                        source: io::Error::other(error.to_string()),
+                    })?;
+            let drain = shared.runtime.spawn(read_console(reader, console.clone()));
+            shared.runtime.spawn(watch_exit(
+                waiter,
+                spawned.groups,
+                console.clone(),
+                drain,
+                exit_tx,
+            ));
+            Ok(Box::new(ProcessRunning {
+                backend,
+                console,
+                footprint,
+                pidfd,
+                exit,
+            }) as Box<dyn Running>)
+        })
+    }
+}
+
+async fn read_console(mut reader: tokio::net::unix::pipe::Receiver, console: Console) {
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        match reader.read(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(read) => console.push(&buffer[..read]),
+        }
+    }
+    console.close();
+}
+
+async fn watch_exit(
+    pidfd: AsyncFd<OwnedFd>,
+    groups: Option<InstanceGroups>,
+    console: Console,
+    drain: tokio::task::JoinHandle<()>,
+    exit: watch::Sender<Option<ExitReport>>,
+) {
+    let status = loop {
+        let Ok(mut guard) = pidfd.readable().await else {
+            break ExitStatus::Unknown;
+        };
+        match reap(pidfd.get_ref().as_raw_fd()) {
+            Ok(Some(status)) => break status,
+            Ok(None) => guard.clear_ready(),
+            Err(error) => {
+                warn!(%error, "cannot reap instance");
+                break ExitStatus::Unknown;
+            }
+        }
+    };
+    let oom_killed = groups.as_ref().is_some_and(InstanceGroups::oom_killed);
+    if !console.closed(CONSOLE_DRAIN).await {
+        drain.abort();
+        console.close();
+    }
+    if let Some(groups) = groups {
+        let _ = tokio::task::spawn_blocking(move || groups.remove()).await;
+    }
+    let report = ExitReport { status, oom_killed };
+    debug!(%report, "instance exited");
+    let _ = exit.send(Some(report));
+}
+
+/// `waitid(P_PIDFD, WEXITED | WNOHANG)`: the status if the process ended.
+fn reap(pidfd: RawFd) -> io::Result<Option<ExitStatus>> {
+    // SAFETY: an all-zero siginfo_t is a valid value to pass for the kernel to fill in.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a valid, writable siginfo_t; the fd is owned by the caller.
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_PIDFD,
+            pidfd as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: waitid filled `info` for a child event (or left it zeroed: si_pid 0).
+    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+    if pid == 0 {
+        return Ok(None);
+    }
+    Ok(Some(match info.si_code {
+        libc::CLD_EXITED => ExitStatus::Code(status),
+        libc::CLD_KILLED | libc::CLD_DUMPED => ExitStatus::Signal(status),
+        _ => ExitStatus::Unknown,
+    }))
+}
+
+#[derive(Debug)]
+struct ProcessRunning {
+    backend: SocketAddr,
+    console: Console,
+    footprint: Footprint,
+    pidfd: Arc<OwnedFd>,
+    exit: watch::Receiver<Option<ExitReport>>,
+}
+
+impl ProcessRunning {
+    fn signal(&self, signal: libc::c_int) {
+        // SAFETY: pidfd_send_signal with a valid pidfd and a null info pointer.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if rc != 0 {
+            debug!(signal, error = %io::Error::last_os_error(), "signal not delivered");
+        }
+    }
+}
+
+impl Running for ProcessRunning {
+    fn backend(&self) -> SocketAddr {
+        self.backend
+    }
+
+    fn console(&self) -> &Console {
+        &self.console
+    }
+
+    fn footprint(&self) -> Footprint {
+        self.footprint.clone()
+    }
+
+    fn stop(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    fn kill(&self) {
+        self.signal(libc::SIGKILL);
+    }
+
+    fn exit(&self) -> watch::Receiver<Option<ExitReport>> {
+        self.exit.clone()
+    }
+}
+
+/// Moves an fd to a number ≥ 10 (close-on-exec), so that placing fds 0–3 in the child never
+/// overwrites one that is still needed.
+fn fd_above(fd: OwnedFd) -> io::Result<OwnedFd> {
+    if fd.as_raw_fd() >= 10 {
+        return Ok(fd);
+    }
+    // SAFETY: F_DUPFD_CLOEXEC on a valid fd returns a new fd we then own.
+    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `new` is a fresh fd owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` has room for two fds.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 returned two fresh fds that we own.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    Ok((fd_above(read)?, fd_above(write)?))
+}
+
+fn cstring(bytes: &[u8], what: &str) -> Result<CString, BootError> {
+    CString::new(bytes).map_err(|_| BootError::Setup {
+        what: what.to_owned(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, "contains a NUL byte"),
+    })
+}
+
+/// The start time of a process (`/proc/<pid>/stat` field 22).
+pub fn pid_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Steps of the child's start-up, reported with an errno when one fails.
+const STEPS: &[&str] = &[
+    "joining the cgroups",
+    "making / private",
+    "mounting /proc",
+    "setting the hostname",
+    "setting rlimits",
+    "placing fds",
+    "entering the scratch directory",
+    "setting the parent-death signal",
+    "setting no-new-privileges",
+    "landlock",
+    "closing fds",
+    "seccomp",
+    "execve",
+];
+
+/// Everything the child touches, allocated before the clone.
+struct ChildPlan<'a> {
+    image: CString,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+    scratch: CString,
+    cgroup_procs: Vec<RawFd>,
+    devnull: RawFd,
+    console: RawFd,
+    listener: RawFd,
+    error: RawFd,
+    landlock: Option<RawFd>,
+    rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
+    mount_proc: bool,
+    die_with_daemon: bool,
+    filters: [&'a seccompiler::BpfProgram; 2],
+}
+
+impl Shared {
+    /// Runs on the spawner thread.
+    fn spawn(&self, job: &Job) -> Result<Spawned, BootError> {
+        let spec = &job.spec;
+        let setup = |what: &str| {
+            let what = what.to_owned();
+            move |source| BootError::Setup { what, source }
+        };
+        let groups = match &self.cgroups {
+            Some(cgroups) => Some(
+                cgroups
+                    .create(
+                        &spec.id,
+                        Limits {
+                            memory_bytes: spec.run.memory_mib * 1024 * 1024,
+                            pids: spec.run.pids,
+                            cpu_percent: spec.run.cpu_percent,
+                        },
+                    )
+                    .map_err(setup("cgroups"))?,
+            ),
+            None => None,
+        };
+        match self.spawn_in(job, groups.as_ref()) {
+            Ok((pid, pid_start, pidfd, console)) => Ok(Spawned {
+                pid,
+                pid_start,
+                pidfd,
+                console,
+                groups,
+            }),
+            Err(error) => {
+                if let Some(groups) = groups {
+                    groups.remove();
+                }
+                Err(error)
+            }
+        }
+    }
+
+    fn spawn_in(
+        &self,
+        job: &Job,
+        groups: Option<&InstanceGroups>,
+    ) -> Result<(u32, Option<u64>, OwnedFd, OwnedFd), BootError> {
+        let spec = &job.spec;
+        let setup = |what: &str| {
+            let what = what.to_owned();
+            move |source| BootError::Setup { what, source }
+        };
+        let landlock =
+            landlock_ruleset(&spec.scratch, &job.image).map_err(|error| BootError::Setup {
+                what: "landlock ruleset".into(),
+                source: io::Error::other(error),
+            })?;
+        if landlock.is_none() {
+            static WARN: Once = Once::new();
+            WARN.call_once(|| {
+                warn!("landlock unavailable: instances are NOT confined to their scratch directory")
+            });
+        }
+        let (console_read, console_write) = pipe().map_err(setup("console pipe"))?;
+        let (error_read, error_write) = pipe().map_err(setup("error pipe"))?;
+
+        let image = cstring(job.image.as_os_str().as_bytes(), "image path")?;
+        let name = job.image.file_name().unwrap_or(OsStr::new("image"));
+        let mut argv = vec![cstring(name.as_bytes(), "argv")?];
+        for arg in &spec.run.args {
+            argv.push(cstring(arg.as_bytes(), "argv")?);
+        }
+        let mut env = vec![
+            "LISTEN_FDS=1".to_owned(),
+            "LISTEN_PID=1".to_owned(),
+            "LISTEN_FDNAMES=http".to_owned(),
+            format!("REVBOOT_SERVICE={}", spec.service),
+            format!("REVBOOT_REVISION={}", spec.revision),
+            format!("REVBOOT_INSTANCE={}", spec.id),
+            "PATH=/".to_owned(),
+        ];
+        for (key, value) in &spec.run.env {
+            env.push(format!("{key}={value}"));
+        }
+        let env: Vec<CString> = env
+            .iter()
+            .map(|entry| cstring(entry.as_bytes(), "environment"))
+            .collect::<Result<_, _>>()?;
+        let pointers = |strings: &[CString]| {
+            let mut list: Vec<*const libc::c_char> = strings.iter().map(|s| s.as_ptr()).collect();
+            list.push(std::ptr::null());
+            list
+        };
+        let memory_enforced = self
+            .cgroups
+            .as_ref()
+            .is_some_and(|c| c.has(Controller::Memory));
+        let limit = |value: u64| libc::rlimit {
+            rlim_cur: value,
+            rlim_max: value,
+        };
+        let mut rlimits = vec![
+            (libc::RLIMIT_NOFILE, limit(self.sandbox.nofile)),
+            (libc::RLIMIT_CORE, limit(0)),
+            (
+                libc::RLIMIT_FSIZE,
+                limit(self.sandbox.file_size_mib * 1024 * 1024),
+            ),
+            (libc::RLIMIT_MEMLOCK, limit(64 * 1024)),
+        ];
+        if !memory_enforced {
+            // Without the memory controller, bound the heap at least.
+            rlimits.push((libc::RLIMIT_DATA, limit(spec.run.memory_mib * 1024 * 1024)));
+        }
+        let plan = ChildPlan {
+            image,
+            argv: pointers(&argv),
+            envp: pointers(&env),
+            scratch: cstring(spec.scratch.as_os_str().as_bytes(), "scratch path")?,
+            cgroup_procs: groups
+                .map(|g| g.procs.iter().map(AsRawFd::as_raw_fd).collect())
+                .unwrap_or_default(),
+            devnull: self.devnull.as_raw_fd(),
+            console: console_write.as_raw_fd(),
+            listener: job.listener.as_raw_fd(),
+            error: error_write.as_raw_fd(),
+            landlock: landlock.as_ref().map(AsRawFd::as_raw_fd),
+            rlimits,
+            mount_proc: self.sandbox.mount_proc,
+            die_with_daemon: self.sandbox.die_with_daemon,
+            filters: [&self.filters.deny, &self.filters.clone3],
+        };
+
+        let mut pidfd: RawFd = -1;
+        let mut args = CloneArgs {
+            flags: (libc::CLONE_NEWNS
+                | libc::CLONE_NEWPID
+                | libc::CLONE_NEWNET
+                | libc::CLONE_NEWIPC
+                | libc::CLONE_NEWUTS
+                | libc::CLONE_NEWCGROUP
+                | libc::CLONE_PIDFD) as u64,
+            pidfd: &mut pidfd as *mut RawFd as u64,
+            child_tid: 0,
+            parent_tid: 0,
+            exit_signal: libc::SIGCHLD as u64,
+            stack: 0,
+            stack_size: 0,
+            tls: 0,
+        };
+        // SAFETY: clone3 without CLONE_VM behaves like fork: the child gets a copy of this
+        // thread only and runs `child`, which makes nothing but system calls on memory
+        // prepared above and never returns.
+        let pid = unsafe {
+            libc::syscall(
+                libc::SYS_clone3,
+                &mut args as *mut CloneArgs,
+                std::mem::size_of::<CloneArgs>(),
+            )
+        };
+        if pid == 0 {
+            // SAFETY: we are the freshly cloned child.
+            unsafe { child(&plan) };
+        }
+        if pid < 0 {
+            return Err(BootError::Exec {
+                step: "clone3",
+                source: io::Error::last_os_error(),
+            });
+        }
+        let pid = pid as u32;
+        // SAFETY: clone3 stored a fresh pidfd that we own.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+        drop(plan);
+        drop(error_write);
+        drop(console_write);
+        let mut report = [0u8; 8];
+        let mut error_read = File::from(error_read);
+        let mut filled = 0;
+        while filled < report.len() {
+            match error_read.read(&mut report[filled..]) {
+                Ok(0) => break,
+                Ok(read) => filled += read,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => {
+                    return Err(BootError::Exec {
+                        step: "reading the start-up report",
+                        source: error,
+                    });
+                }
+            }
+        }
+        if filled == 0 {
+            let pid_start = pid_start_time(pid);
+            return Ok((pid, pid_start, pidfd, console_read));
+        }
+        // The child failed and exits 127: reap it so no zombie stays.
+        let _ = reap_blocking(pidfd.as_raw_fd());
+        let step = u32::from_ne_bytes([report[0], report[1], report[2], report[3]]) as usize;
+        let errno = i32::from_ne_bytes([report[4], report[5], report[6], report[7]]);
+        Err(BootError::Exec {
+            step: STEPS.get(step).copied().unwrap_or("start-up"),
+            source: io::Error::from_raw_os_error(errno),
+        })
+    }
+}
+
+impl Spawned {
+    /// Kills and reaps an instance nobody will tend, and removes its cgroups.
+    fn kill(self) {
+        // SAFETY: pidfd_send_signal with a valid pidfd and a null info pointer.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            );
+        }
+        let _ = reap_blocking(self.pidfd.as_raw_fd());
+        if let Some(groups) = self.groups {
+            groups.remove();
+        }
+    }
+}
+
+fn reap_blocking(pidfd: RawFd) -> io::Result<()> {
+    // SAFETY: zeroed siginfo_t is valid for the kernel to fill.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer and fd.
+    if unsafe { libc::waitid(libc::P_PIDFD, pidfd as libc::id_t, &mut info, libc::WEXITED) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `struct clone_args` of `clone3(2)`, version 0 (64 bytes).
+#[repr(C)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+}
+
+/// The landlock ruleset: everything below the scratch directory, execute+read of the image,
+/// no TCP bind or connect at all. `None` where the kernel has no landlock.
+fn landlock_ruleset(
+    scratch: &Path,
+    image: &Path,
+) -> Result<Option<OwnedFd>, Box<dyn std::error::Error + Send + Sync>> {
+    let ruleset = Ruleset::default()
+        .handle_access(AccessFs::from_all(LANDLOCK_ABI))?
+        .handle_access(AccessNet::from_all(LANDLOCK_ABI))?
+        .create()?
+        .add_rule(PathBeneath::new(
+            PathFd::new(scratch)?,
+            AccessFs::from_all(LANDLOCK_ABI),
+        ))?
+        .add_rule(PathBeneath::new(
+            PathFd::new(image)?,
+            AccessFs::Execute | AccessFs::ReadFile,
+        ))?;
+    let fd: Option<OwnedFd> = ruleset.into();
+    fd.map(fd_above).transpose().map_err(Into::into)
+}
+
+/// The child between clone and exec. Only system calls; never returns.
+///
+/// # Safety
+/// Must only be called in a freshly cloned child process.
+unsafe fn child(plan: &ChildPlan<'_>) -> ! {
+    let fail = |step: u32| -> ! {
+        let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        let mut report = [0u8; 8];
+        report[..4].copy_from_slice(&step.to_ne_bytes());
+        report[4..].copy_from_slice(&errno.to_ne_bytes());
+        // SAFETY: writing 8 bytes from a stack buffer, then exiting without unwinding.
+        unsafe {
+            libc::write(plan.error, report.as_ptr().cast(), report.len());
+            libc::_exit(127)
+        }
+    };
+    // SAFETY (whole block): plain system calls on fds and memory prepared by the parent.
+    unsafe {
+        for &fd in &plan.cgroup_procs {
+            if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                fail(0);
+            }
+        }
+        if libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            fail(1);
+        }
+        if plan.mount_proc
+            && libc::mount(
+                c"proc".as_ptr(),
+                c"/proc".as_ptr(),
+                c"proc".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                std::ptr::null(),
+            ) != 0
+        {
+            fail(2);
+        }
+        let hostname = b"revboot";
+        if libc::sethostname(hostname.as_ptr().cast(), hostname.len()) != 0 {
+            fail(3);
+        }
+        for (resource, limit) in &plan.rlimits {
+            if libc::setrlimit(*resource, limit) != 0 {
+                fail(4);
+            }
+        }
+        if libc::dup2(plan.devnull, 0) < 0
+            || libc::dup2(plan.console, 1) < 0
+            || libc::dup2(plan.console, 2) < 0
+            || libc::dup2(plan.listener, 3) < 0
+        {
+            fail(5);
+        }
+        if libc::chdir(plan.scratch.as_ptr()) != 0 {
+            fail(6);
+        }
+        if plan.die_with_daemon && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0
+        {
+            fail(7);
+        }
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            fail(8);
+        }
+        if let Some(ruleset) = plan.landlock
+            && libc::syscall(libc::SYS_landlock_restrict_self, ruleset, 0) != 0
+        {
+            fail(9);
+        }
+        // Keep 0–3 and the error pipe (close-on-exec); close everything else.
+        let error = plan.error as libc::c_uint;
+        if (error > 4 && libc::close_range(4, error - 1, 0) != 0)
+            || libc::close_range(error + 1, libc::c_uint::MAX, 0) != 0
+        {
+            fail(10);
+        }
+        for filter in plan.filters {
+            let program = libc::sock_fprog {
+                len: filter.len() as libc::c_ushort,
+                filter: filter.as_ptr() as *mut libc::sock_filter,
+            };
+            if libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                0,
+                &program as *const libc::sock_fprog,
+            ) != 0
+            {
+                fail(11);
+            }
+        }
+        libc::execve(plan.image.as_ptr(), plan.argv.as_ptr(), plan.envp.as_ptr());
+        fail(12)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_own_start_time() {
+        let start = pid_start_time(std::process::id()).expect("own stat");
+        assert!(start > 0);
+        assert_eq!(pid_start_time(u32::MAX), None);
+    }
+
+    #[test]
+    fn fds_move_above_ten() {
+        let (read, write) = pipe().expect("pipe");
+        assert!(read.as_raw_fd() >= 10 && write.as_raw_fd() >= 10);
+    }
+}
