@@ -1,0 +1,185 @@
+//! The processes `bench/proxy.sh` measures. Not a test: it prints what it serves and runs
+//! until killed.
+//!
+//! - `proxy_bench backend` — a keep-alive HTTP/1.1 backend on `127.0.0.1:<ephemeral>`:
+//!   `GET /` answers 6 bytes, `GET /1m` answers 1 MiB. Prints `backend <address>`.
+//! - `proxy_bench proxy <backend> <service address>` — the handshake proxy fronting that
+//!   backend as one always-ready instance on `<service address>:8080`. Prints
+//!   `proxied <address>`.
+//! - `proxy_bench bind <count>` — binds and closes `count` listeners on distinct loopback
+//!   addresses the way the proxy does, and prints the mean cost of one.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use revboot_deployer::{
+    Activity, InstanceKey, InstanceState, Instances, ResolveError, Resolved, SummonError, Summoned,
+};
+use revboot_proxy::{Proxy, ProxyConfig};
+use revboot_store::Revision;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::watch;
+
+const PORT: u16 = 8080;
+const MIB: usize = 1024 * 1024;
+
+/// One instance, always ready, at a fixed backend: what the warm path looks like.
+#[derive(Debug)]
+struct Warm {
+    address: IpAddr,
+    backend: SocketAddr,
+    state: watch::Sender<InstanceState>,
+}
+
+impl Warm {
+    fn key() -> InstanceKey {
+        InstanceKey {
+            service: "bench".to_owned(),
+            revision: revision(),
+            client: None,
+        }
+    }
+
+    fn summoned(&self) -> Summoned {
+        Summoned {
+            key: Warm::key(),
+            address: self.address,
+            port: PORT,
+            backend: self.backend,
+            boot_timeout: Duration::from_secs(10),
+            state: self.state.subscribe(),
+        }
+    }
+}
+
+fn revision() -> Revision {
+    "0000000000000000000000000000000000000001"
+        .parse()
+        .expect("a full hex id")
+}
+
+impl Instances for Warm {
+    fn resolve(&self, service: &str, _label: Option<&str>) -> Result<Resolved, ResolveError> {
+        Ok(Resolved {
+            service: service.to_owned(),
+            revision: revision(),
+            per_client: false,
+            port: PORT,
+        })
+    }
+
+    fn summon(&self, _: &str, _: &Revision, _: Option<IpAddr>) -> Result<Summoned, SummonError> {
+        Ok(self.summoned())
+    }
+
+    fn by_address(&self, address: IpAddr) -> Option<Summoned> {
+        (address == self.address).then(|| self.summoned())
+    }
+
+    fn activity(&self, _: &InstanceKey, _: Activity) {}
+
+    fn generation(&self) -> u64 {
+        0
+    }
+}
+
+async fn backend() {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind backend");
+    println!("backend {}", listener.local_addr().expect("address"));
+    let big: Arc<[u8]> = vec![b'x'; MIB].into();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(keep_alive(stream, Arc::clone(&big)));
+    }
+}
+
+/// Answers requests on one connection until the client closes it.
+async fn keep_alive(mut stream: TcpStream, big: Arc<[u8]>) {
+    let mut buffer = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let end = loop {
+            if let Some(at) = buffer.windows(4).position(|window| window == b"\r\n\r\n") {
+                break at + 4;
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let big_one = buffer.starts_with(b"GET /1m ");
+        buffer.drain(..end);
+        let body: &[u8] = if big_one { &big } else { b"hello\n" };
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n\r\n",
+            body.len()
+        );
+        if stream.write_all(head.as_bytes()).await.is_err() || stream.write_all(body).await.is_err()
+        {
+            return;
+        }
+    }
+}
+
+async fn proxy(backend: SocketAddr, address: IpAddr) {
+    let warm = Arc::new(Warm {
+        address,
+        backend,
+        state: watch::Sender::new(InstanceState::Ready),
+    });
+    let proxy = Proxy::new(ProxyConfig::default(), warm);
+    let summoned = proxy.summon("bench", &revision(), None).expect("listen");
+    println!("proxied {}:{}", summoned.address, summoned.port);
+    std::future::pending::<()>().await;
+}
+
+fn bind_cost(count: u32) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _inside = runtime.enter();
+    let started = Instant::now();
+    for n in 0..count {
+        let address = Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 66, 0, 1)) + n);
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket.set_reuseaddr(true).expect("reuseaddr");
+        socket
+            .bind(SocketAddr::new(IpAddr::V4(address), PORT))
+            .expect("bind");
+        drop(socket.listen(1024).expect("listen"));
+    }
+    let each = started.elapsed() / count;
+    println!("bind+listen+close of one listener: {each:?} (mean of {count})");
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let runtime = || tokio::runtime::Runtime::new().expect("runtime");
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["backend"] => runtime().block_on(backend()),
+        ["proxy", backend, address] => {
+            let backend = backend.parse().expect("backend address");
+            let address = address.parse().expect("service address");
+            runtime().block_on(proxy(backend, address));
+        }
+        ["bind", count] => bind_cost(count.parse().expect("a count")),
+        _ => {
+            eprintln!("usage: proxy_bench backend | proxy <backend> <service ip> | bind <count>");
+            std::process::exit(2);
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! One client connection: admit, hold while the instance boots, then splice.
+//!
+//! 1. Accept at once. Refuse with a reset when the proxy is over `max_connections`, when no
+//!    instance owns the destination address on that port, or when the instance is for one
+//!    client and the source address is another's.
+//! 2. Report `ConnectionOpened` (and `ConnectionClosed` when the connection ends, however it
+//!    ends), so an open connection keeps its instance from being reaped.
+//! 3. If the instance is cold, or stopped or crashed, summon it again.
+//! 4. If it is not serving yet, hold the connection: count it against `max_held_per_instance`
+//!    and `max_held` (over either, refuse with a reset), and read up to `early_bytes` of what
+//!    the client sends while waiting on the instance's state — never on a sleep loop.
+//! 5. If the instance becomes final or `boot_timeout` passes first, close the connection and
+//!    count a boot failure.
+//! 6. Connect to the backend (retrying refusals within `connect_timeout`), replay the early
+//!    bytes, pass on an end of writing the client already made, and splice both ways.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use revboot_deployer::{Activity, InstanceKey, InstanceState, Summoned};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::metrics::bump;
+use crate::proxy::Shared;
+use crate::splice::{self, Counters, Ended, Limits};
+
+/// Size of one read while holding.
+const HOLD_READ: usize = 8 * 1024;
+/// Pause between connect attempts to a backend that refuses.
+const CONNECT_RETRY: Duration = Duration::from_millis(5);
+
+/// Closes `stream` with a reset: the fastest refusal, and the client sees it at once.
+fn reset(stream: TcpStream) {
+    // Without SO_LINGER the close is an orderly FIN, still a refusal.
+    let _ = stream.set_zero_linger();
+    drop(stream);
+}
+
+/// Step 1, on the accept loop: cheap checks, then one task per admitted connection.
+pub(crate) fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, local: SocketAddr) {
+    let metrics = &shared.metrics;
+    let peer_ip = peer.ip().to_canonical();
+    let refuse = |stream: TcpStream| {
+        bump(&metrics.refused);
+        reset(stream);
+    };
+    if metrics.open_now.load(Ordering::Relaxed) >= shared.config.max_connections as u64 {
+        bump(&metrics.refused_overload);
+        warn!(%peer, %local, limit = shared.config.max_connections, "connection limit reached; refused");
+        return refuse(stream);
+    }
+    let Some(summoned) = shared
+        .inner
+        .by_address(local.ip())
+        .filter(|summoned| summoned.port == local.port())
+    else {
+        debug!(%peer, %local, "no instance at this address; refused");
+        return refuse(stream);
+    };
+    if let Some(client) = summoned.key.client
+        && client.to_canonical() != peer_ip
+    {
+        bump(&metrics.refused_admission);
+        debug!(%peer, %local, key = %summoned.key, "instance is for another client; refused");
+        return refuse(stream);
+    }
+    bump(&metrics.accepted);
+    metrics.open_now.fetch_add(1, Ordering::Relaxed);
+    let open = Open {
+        shared: Arc::clone(shared),
+        key: summoned.key.clone(),
+        reported: false,
+    };
+    tokio::spawn(serve(open, stream, peer, summoned));
+}
+
+/// An admitted connection: counted open until dropped, and reported to the deployer as
+/// closed if it was reported open.
+struct Open {
+    shared: Arc<Shared>,
+    key: InstanceKey,
+    reported: bool,
+}
+
+impl Open {
+    fn report_opened(&mut self) {
+        self.shared
+            .inner
+            .activity(&self.key, Activity::ConnectionOpened);
+        self.reported = true;
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if self.reported {
+            self.shared
+                .inner
+                .activity(&self.key, Activity::ConnectionClosed);
+        }
+        self.shared.metrics.open_now.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How holding ended.
+enum Held {
+    Ready,
+    Failed(String),
+    TimedOut,
+    ClientGone(Option<io::Error>),
+    Cancelled,
+}
+
+/// Steps 3–6.
+async fn serve(mut open: Open, mut client: TcpStream, peer: SocketAddr, mut summoned: Summoned) {
+    let shared = Arc::clone(&open.shared);
+    let shared = &shared;
+    let metrics = &shared.metrics;
+    let _ = client.set_nodelay(true);
+    let needs_summon = {
+        let state = summoned.state.borrow();
+        state.is_final() || *state == InstanceState::Cold
+    };
+    if needs_summon {
+        let key = &summoned.key;
+        match shared.summon(&key.service, &key.revision, key.client) {
+            Ok(again) => summoned = again,
+            Err(error) => {
+                warn!(%error, %peer, key = %summoned.key, "summon failed; connection closed");
+                bump(&metrics.boot_failures);
+                return;
+            }
+        }
+    }
+    // After the summon, so the deployer counts the connection on the instance that serves it.
+    open.report_opened();
+    let mut early = Vec::new();
+    let mut client_done = false;
+    if !summoned.state.borrow().is_serving() {
+        let Some(_held) = shared.try_hold(&summoned.key) else {
+            bump(&metrics.refused);
+            bump(&metrics.refused_overload);
+            warn!(%peer, key = %summoned.key, "too many connections held; refused");
+            return reset(client);
+        };
+        let held = hold(
+            &mut client,
+            &mut summoned.state,
+            summoned.boot_timeout,
+            shared.config.early_bytes,
+            &mut early,
+            &mut client_done,
+            &shared.cancel,
+        )
+        .await;
+        match held {
+            Held::Ready => {}
+            Held::Failed(reason) => {
+                bump(&metrics.boot_failures);
+                warn!(%peer, key = %summoned.key, reason, "instance failed to boot; held connection closed");
+                return;
+            }
+            Held::TimedOut => {
+                bump(&metrics.boot_failures);
+                warn!(%peer, key = %summoned.key, timeout = ?summoned.boot_timeout, "instance not ready in time; held connection closed");
+                return;
+            }
+            Held::ClientGone(error) => {
+                debug!(%peer, key = %summoned.key, ?error, "client left while held");
+                return;
+            }
+            Held::Cancelled => return,
+        }
+    }
+    let mut backend = match connect(
+        summoned.backend,
+        shared.config.connect_timeout,
+        &shared.cancel,
+    )
+    .await
+    {
+        Ok(backend) => backend,
+        Err(error) => {
+            bump(&metrics.backend_failures);
+            warn!(%error, %peer, key = %summoned.key, backend = %summoned.backend, "cannot connect to ready instance");
+            return;
+        }
+    };
+    let _ = backend.set_nodelay(true);
+    if !early.is_empty() {
+        if let Err(error) = backend.write_all(&early).await {
+            bump(&metrics.backend_failures);
+            warn!(%error, %peer, key = %summoned.key, "cannot replay early bytes");
+            return;
+        }
+        metrics
+            .bytes_from_clients
+            .fetch_add(early.len() as u64, Ordering::Relaxed);
+    }
+    drop(early);
+    bump(&metrics.spliced);
+    let limits = Limits {
+        idle: shared.config.idle_timeout,
+        total: shared.config.total_timeout,
+        buffer: shared.config.splice_buffer,
+    };
+    let counters = Counters {
+        from_client: &metrics.bytes_from_clients,
+        to_client: &metrics.bytes_to_clients,
+    };
+    let ended = splice::splice(
+        client,
+        backend,
+        client_done,
+        limits,
+        counters,
+        &shared.cancel,
+    )
+    .await;
+    match ended {
+        Ended::Done | Ended::Cancelled => {}
+        Ended::Idle | Ended::Total => {
+            bump(&metrics.timeouts);
+            debug!(%peer, key = %summoned.key, ?ended, "spliced connection timed out");
+        }
+        Ended::Failed(error) => {
+            debug!(%peer, key = %summoned.key, %error, "spliced connection failed")
+        }
+    }
+}
+
+/// Step 4: waits on the state while reading early bytes, within the boot timeout.
+async fn hold(
+    client: &mut TcpStream,
+    state: &mut watch::Receiver<InstanceState>,
+    boot_timeout: Duration,
+    limit: usize,
+    early: &mut Vec<u8>,
+    client_done: &mut bool,
+    cancel: &CancellationToken,
+) -> Held {
+    let deadline = tokio::time::sleep(boot_timeout);
+    tokio::pin!(deadline);
+    let settled = state.wait_for(|state| state.is_serving() || state.is_final());
+    tokio::pin!(settled);
+    let mut chunk = [0u8; HOLD_READ];
+    loop {
+        let room = limit.saturating_sub(early.len()).min(HOLD_READ);
+        let reading = !*client_done && room > 0;
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => return Held::Cancelled,
+            settled = &mut settled => return match settled {
+                Ok(state) if state.is_serving() => Held::Ready,
+                Ok(state) => Held::Failed(describe(&state)),
+                Err(_) => Held::Failed("the deployer dropped the instance".to_owned()),
+            },
+            () = &mut deadline => return Held::TimedOut,
+            read = client.read(&mut chunk[..room]), if reading => match read {
+                Ok(0) => *client_done = true,
+                Ok(n) => early.extend_from_slice(&chunk[..n]),
+                Err(error) => return Held::ClientGone(Some(error)),
+            },
+        }
+    }
+}
+
+fn describe(state: &InstanceState) -> String {
+    match state {
+        InstanceState::Crashed { reason } => format!("crashed: {reason}"),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Step 6: connects, retrying refusals (a backend that reports ready a moment early).
+async fn connect(
+    backend: SocketAddr,
+    timeout: Duration,
+    cancel: &CancellationToken,
+) -> io::Result<TcpStream> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let attempt = tokio::select! {
+            () = cancel.cancelled() => return Err(io::Error::other("the proxy is shutting down")),
+            attempt = tokio::time::timeout_at(deadline, TcpStream::connect(backend)) => attempt,
+        };
+        match attempt {
+            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(error))
+                if error.kind() == io::ErrorKind::ConnectionRefused
+                    && Instant::now() + CONNECT_RETRY < deadline =>
+            {
+                tokio::time::sleep(CONNECT_RETRY).await;
+            }
+            Ok(Err(error)) => return Err(error),
+            Err(_) => return Err(io::Error::from(io::ErrorKind::TimedOut)),
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! Counters the proxy keeps, read as a [`ProxyMetrics`] snapshot.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A snapshot of the proxy's counters. Totals only grow; gauges (`*_now`, `listeners`) go up
+/// and down.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ProxyMetrics {
+    /// Connections accepted and admitted (total).
+    pub accepted: u64,
+    /// Connections that had to wait for a boot (total).
+    pub held: u64,
+    /// Connections waiting for a boot right now.
+    pub held_now: u64,
+    /// Client connections open right now (held or spliced).
+    pub open_now: u64,
+    /// Connections connected to their backend and spliced (total).
+    pub spliced: u64,
+    /// Connections refused (total): not admitted, no instance, or over a bound.
+    pub refused: u64,
+    /// Of `refused`: a per-client instance refusing another client's address.
+    pub refused_admission: u64,
+    /// Of `refused`: over a held or open-connection bound.
+    pub refused_overload: u64,
+    /// Held connections closed because the instance failed or did not boot in time (total).
+    pub boot_failures: u64,
+    /// Ready backends that could not be connected to (total).
+    pub backend_failures: u64,
+    /// Spliced connections closed by the idle or total timeout (total).
+    pub timeouts: u64,
+    /// Bytes from clients to backends, early bytes included.
+    pub bytes_from_clients: u64,
+    /// Bytes from backends to clients.
+    pub bytes_to_clients: u64,
+    /// Listening sockets open right now.
+    pub listeners: u64,
+}
+
+/// The live counters.
+#[derive(Debug, Default)]
+pub(crate) struct Metrics {
+    pub(crate) accepted: AtomicU64,
+    pub(crate) held: AtomicU64,
+    pub(crate) held_now: AtomicU64,
+    pub(crate) open_now: AtomicU64,
+    pub(crate) spliced: AtomicU64,
+    pub(crate) refused: AtomicU64,
+    pub(crate) refused_admission: AtomicU64,
+    pub(crate) refused_overload: AtomicU64,
+    pub(crate) boot_failures: AtomicU64,
+    pub(crate) backend_failures: AtomicU64,
+    pub(crate) timeouts: AtomicU64,
+    pub(crate) bytes_from_clients: AtomicU64,
+    pub(crate) bytes_to_clients: AtomicU64,
+    pub(crate) listeners: AtomicU64,
+}
+
+/// Adds one to a counter.
+pub(crate) fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Metrics {
+    pub(crate) fn snapshot(&self) -> ProxyMetrics {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        ProxyMetrics {
+            accepted: get(&self.accepted),
+            held: get(&self.held),
+            held_now: get(&self.held_now),
+            open_now: get(&self.open_now),
+            spliced: get(&self.spliced),
+            refused: get(&self.refused),
+            refused_admission: get(&self.refused_admission),
+            refused_overload: get(&self.refused_overload),
+            boot_failures: get(&self.boot_failures),
+            backend_failures: get(&self.backend_failures),
+            timeouts: get(&self.timeouts),
+            bytes_from_clients: get(&self.bytes_from_clients),
+            bytes_to_clients: get(&self.bytes_to_clients),
+            listeners: get(&self.listeners),
+        }
+    }
+}

@@ -1,0 +1,656 @@
+//! The proxy as a decorator of the deployer: `summon` also makes sure a listener exists.
+//!
+//! 1. `summon` asks the deployer, then binds `address:port` (unless the instance itself
+//!    listens there) before it returns, so an address is never handed out before a listener
+//!    exists for it.
+//! 2. Each listener accepts at once, admits or refuses (see [`crate::connection`]), and hands
+//!    the connection to its own task.
+//! 3. A sweep every `sweep_interval` closes listeners whose address the deployer no longer
+//!    gives to an instance on that port; the listener count is bounded by `max_listeners`.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use revboot_deployer::{
+    Activity, InstanceKey, Instances, ResolveError, Resolved, SummonError, Summoned,
+};
+use revboot_store::Revision;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::ProxyConfig;
+use crate::metrics::{Metrics, ProxyMetrics, bump};
+
+/// Why the proxy could not listen for an instance.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ListenError {
+    /// `max_listeners` listeners are open and none could be swept.
+    #[error("Proxy listener limit reached ({limit} open)")]
+    Limit {
+        /// The limit.
+        limit: usize,
+    },
+    /// The address could not be bound (in use by something else, not local…).
+    #[error("Cannot listen on {address}")]
+    Bind {
+        /// Where.
+        address: SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The proxy was shut down.
+    #[error("The proxy is shut down")]
+    ShutDown,
+}
+
+/// One open listener.
+#[derive(Debug)]
+struct Listening {
+    cancel: CancellationToken,
+}
+
+/// What the single lock guards. It is taken for map updates only, never across an `.await`.
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    listeners: HashMap<SocketAddr, Listening>,
+    /// Connections held per instance (entries removed at zero).
+    held: HashMap<InstanceKey, usize>,
+    /// Connections held over all instances.
+    held_total: usize,
+}
+
+/// Everything the listener and connection tasks share.
+pub(crate) struct Shared {
+    pub(crate) inner: Arc<dyn Instances>,
+    pub(crate) config: ProxyConfig,
+    pub(crate) metrics: Metrics,
+    registry: Mutex<Registry>,
+    pub(crate) cancel: CancellationToken,
+    runtime: Handle,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("config", &self.config)
+            .field("metrics", &self.metrics)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The handshake proxy. It implements [`Instances`] itself: give it to the DNS front end in
+/// place of the deployer, and every address DNS hands out has a listener behind it.
+#[derive(Debug)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+}
+
+impl Proxy {
+    /// Wraps `inner` (the deployer). Listener and connection tasks run on the current tokio
+    /// runtime.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn new(config: ProxyConfig, inner: Arc<dyn Instances>) -> Arc<Proxy> {
+        let runtime = Handle::try_current().expect("Proxy::new is called inside a tokio runtime");
+        if let Err(error) = config.validate() {
+            // The config is the caller's; an unusable one still makes a proxy that refuses
+            // what its bounds refuse, and says so.
+            warn!(%error, "proxy configuration is unusable");
+        }
+        let shared = Arc::new(Shared {
+            inner,
+            config,
+            metrics: Metrics::default(),
+            registry: Mutex::new(Registry::default()),
+            cancel: CancellationToken::new(),
+            runtime,
+        });
+        shared.runtime.spawn(sweeping(Arc::clone(&shared)));
+        Arc::new(Proxy { shared })
+    }
+
+    /// A snapshot of the counters.
+    pub fn metrics(&self) -> ProxyMetrics {
+        self.shared.metrics.snapshot()
+    }
+
+    /// Closes every listener and every connection, held or spliced. Later summons fail with
+    /// [`SummonError::ShuttingDown`].
+    pub fn shutdown(&self) {
+        info!("handshake proxy shutting down");
+        self.shared.cancel.cancel();
+        let listeners = std::mem::take(&mut self.shared.lock().listeners);
+        for listening in listeners.into_values() {
+            listening.cancel.cancel();
+        }
+    }
+
+    /// Makes sure a listener exists for `summoned`; what [`Instances::summon`] does after
+    /// asking the deployer.
+    pub fn listen(&self, summoned: &Summoned) -> Result<(), ListenError> {
+        self.shared.listen(summoned)
+    }
+
+    /// Closes listeners whose address no longer belongs to an instance on that port; returns
+    /// how many were closed. Runs every `sweep_interval` on its own.
+    pub fn sweep(&self) -> usize {
+        self.shared.sweep()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Registry> {
+        // A panic while holding the lock leaves plain counters behind; they stay usable.
+        self.registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The deployer's summon, then a listener.
+    pub(crate) fn summon(
+        self: &Arc<Self>,
+        service: &str,
+        revision: &Revision,
+        client: Option<IpAddr>,
+    ) -> Result<Summoned, SummonError> {
+        if self.cancel.is_cancelled() {
+            return Err(SummonError::ShuttingDown);
+        }
+        let summoned = self.inner.summon(service, revision, client)?;
+        match self.listen(&summoned) {
+            Ok(()) => Ok(summoned),
+            Err(ListenError::ShutDown) => Err(SummonError::ShuttingDown),
+            Err(error) => {
+                warn!(%error, key = %summoned.key, "cannot listen for instance");
+                Err(SummonError::Start {
+                    key: summoned.key.to_string(),
+                    reason: error.to_string(),
+                })
+            }
+        }
+    }
+
+    fn listen(self: &Arc<Self>, summoned: &Summoned) -> Result<(), ListenError> {
+        let address = SocketAddr::new(summoned.address, summoned.port);
+        if summoned.backend == address {
+            // The instance owns the client address itself: nothing to front.
+            debug!(%address, key = %summoned.key, "instance listens on its service address");
+            return Ok(());
+        }
+        if self.lock().listeners.contains_key(&address) {
+            return Ok(());
+        }
+        if self.lock().listeners.len() >= self.config.max_listeners {
+            self.sweep();
+        }
+        let mut registry = self.lock();
+        if self.cancel.is_cancelled() {
+            return Err(ListenError::ShutDown);
+        }
+        if registry.listeners.contains_key(&address) {
+            return Ok(());
+        }
+        if registry.listeners.len() >= self.config.max_listeners {
+            return Err(ListenError::Limit {
+                limit: self.config.max_listeners,
+            });
+        }
+        // Bound under the lock so that two summons of one address bind it once; a bind is a
+        // few microseconds.
+        let listener = self
+            .bind(address)
+            .map_err(|source| ListenError::Bind { address, source })?;
+        let cancel = self.cancel.child_token();
+        registry.listeners.insert(
+            address,
+            Listening {
+                cancel: cancel.clone(),
+            },
+        );
+        drop(registry);
+        self.metrics.listeners.fetch_add(1, Ordering::Relaxed);
+        debug!(%address, key = %summoned.key, "listening");
+        self.runtime
+            .spawn(accepting(Arc::clone(self), listener, address, cancel));
+        Ok(())
+    }
+
+    fn bind(&self, address: SocketAddr) -> io::Result<TcpListener> {
+        let _runtime = self.runtime.enter();
+        let socket = match address {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        // Lets a listener be re-bound while old connections to it sit in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        socket.bind(address)?;
+        socket.listen(self.config.backlog)
+    }
+
+    fn sweep(&self) -> usize {
+        let addresses: Vec<SocketAddr> = self.lock().listeners.keys().copied().collect();
+        let mut closed = 0;
+        for address in addresses {
+            // A final state keeps its listener: the next connection summons a new instance.
+            let owned = self.inner.by_address(address.ip()).is_some_and(|summoned| {
+                summoned.port == address.port() && summoned.backend != address
+            });
+            if owned {
+                continue;
+            }
+            if let Some(listening) = self.lock().listeners.remove(&address) {
+                listening.cancel.cancel();
+                closed += 1;
+                debug!(%address, "address released; listener closed");
+            }
+        }
+        closed
+    }
+
+    /// Counts a held connection for `key` if the bounds allow it.
+    pub(crate) fn try_hold(self: &Arc<Self>, key: &InstanceKey) -> Option<HeldGuard> {
+        let mut registry = self.lock();
+        let per_instance = registry.held.get(key).copied().unwrap_or(0);
+        if registry.held_total >= self.config.max_held
+            || per_instance >= self.config.max_held_per_instance
+        {
+            return None;
+        }
+        registry.held_total += 1;
+        *registry.held.entry(key.clone()).or_insert(0) += 1;
+        drop(registry);
+        bump(&self.metrics.held);
+        self.metrics.held_now.fetch_add(1, Ordering::Relaxed);
+        Some(HeldGuard {
+            shared: Arc::clone(self),
+            key: key.clone(),
+        })
+    }
+}
+
+/// A held connection, counted until dropped.
+#[derive(Debug)]
+pub(crate) struct HeldGuard {
+    shared: Arc<Shared>,
+    key: InstanceKey,
+}
+
+impl Drop for HeldGuard {
+    fn drop(&mut self) {
+        let mut registry = self.shared.lock();
+        registry.held_total = registry.held_total.saturating_sub(1);
+        if let Some(count) = registry.held.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                registry.held.remove(&self.key);
+            }
+        }
+        drop(registry);
+        self.shared.metrics.held_now.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The accept loop of one listener.
+async fn accepting(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    address: SocketAddr,
+    cancel: CancellationToken,
+) {
+    loop {
+        let accepted: io::Result<(TcpStream, SocketAddr)> = tokio::select! {
+            () = cancel.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => crate::connection::admit(&shared, stream, peer, address),
+            Err(error) => {
+                // Out of descriptors or a connection reset before accept: back off a little
+                // rather than spin.
+                warn!(%error, %address, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    shared.metrics.listeners.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Runs [`Shared::sweep`] every `sweep_interval` until shutdown.
+async fn sweeping(shared: Arc<Shared>) {
+    let mut ticks = tokio::time::interval(shared.config.sweep_interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shared.cancel.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        // At most `max_listeners` in-memory lookups: cheap enough to do every tick.
+        shared.sweep();
+    }
+}
+
+impl Instances for Proxy {
+    fn resolve(&self, service: &str, label: Option<&str>) -> Result<Resolved, ResolveError> {
+        self.shared.inner.resolve(service, label)
+    }
+
+    fn summon(
+        &self,
+        service: &str,
+        revision: &Revision,
+        client: Option<IpAddr>,
+    ) -> Result<Summoned, SummonError> {
+        self.shared.summon(service, revision, client)
+    }
+
+    fn by_address(&self, address: IpAddr) -> Option<Summoned> {
+        self.shared.inner.by_address(address)
+    }
+
+    fn activity(&self, key: &InstanceKey, activity: Activity) {
+        self.shared.inner.activity(key, activity);
+    }
+
+    fn generation(&self) -> u64 {
+        self.shared.inner.generation()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpSocket, TcpStream};
+
+    use super::*;
+    use crate::test_support::{Behaviour, Fake, PORT, revision, unique_ip};
+    use revboot_deployer::InstanceState;
+
+    /// Generous bound for a test step that should take milliseconds, so a bug fails the test
+    /// instead of hanging it.
+    const STEP: Duration = Duration::from_secs(20);
+
+    fn proxy(fake: &Arc<Fake>, config: ProxyConfig) -> Arc<Proxy> {
+        let inner: Arc<dyn Instances> = fake.clone();
+        Proxy::new(config, inner)
+    }
+
+    async fn connect(to: SocketAddr, from: Option<IpAddr>) -> io::Result<TcpStream> {
+        let socket = TcpSocket::new_v4()?;
+        if let Some(from) = from {
+            socket.bind(SocketAddr::new(from, 0))?;
+        }
+        socket.connect(to).await
+    }
+
+    /// Sends a request and reads the whole answer.
+    async fn get(to: SocketAddr, from: Option<IpAddr>, path: &str) -> io::Result<String> {
+        let mut stream = connect(to, from).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await?;
+        Ok(String::from_utf8_lossy(&answer).into_owned())
+    }
+
+    fn key(summoned: &Summoned) -> InstanceKey {
+        summoned.key.clone()
+    }
+
+    fn at(summoned: &Summoned) -> SocketAddr {
+        SocketAddr::new(summoned.address, summoned.port)
+    }
+
+    async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+        tokio::time::timeout(STEP, async {
+            while !check() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("never true: {what}"));
+    }
+
+    #[tokio::test]
+    async fn summon_returns_with_the_listener_already_bound() {
+        let fake = Fake::new(Behaviour::default());
+        let proxy = proxy(&fake, ProxyConfig::default());
+        let summoned = proxy.summon("hello", &revision(), None).expect("summon");
+        assert_eq!(summoned.port, PORT);
+        // Booting, not ready: the connect still succeeds because the proxy listens.
+        assert!(!summoned.state.borrow().is_serving());
+        let answer = tokio::time::timeout(STEP, get(at(&summoned), None, "/first"))
+            .await
+            .expect("answered in time")
+            .expect("answered");
+        assert!(
+            answer.ends_with("answer to GET /first HTTP/1.1\n"),
+            "{answer}"
+        );
+        assert_eq!(proxy.metrics().held, 1);
+        assert_eq!(proxy.metrics().spliced, 1);
+    }
+
+    #[tokio::test]
+    async fn many_clients_on_a_cold_instance_boot_it_once() {
+        let fake = Fake::new(Behaviour::default());
+        let proxy = proxy(&fake, ProxyConfig::default());
+        let summoned = proxy.summon("hello", &revision(), None).expect("summon");
+        let address = at(&summoned);
+        let clients: Vec<_> = (0..100)
+            .map(|n| tokio::spawn(async move { get(address, None, &format!("/{n}")).await }))
+            .collect();
+        for (n, client) in clients.into_iter().enumerate() {
+            let answer = tokio::time::timeout(STEP, client)
+                .await
+                .expect("answered in time")
+                .expect("client task")
+                .expect("no refusal or reset");
+            assert!(answer.contains(&format!("answer to GET /{n} ")), "{answer}");
+        }
+        assert_eq!(fake.boots(&key(&summoned)), 1);
+        assert_eq!(proxy.metrics().refused, 0);
+    }
+
+    #[tokio::test]
+    async fn request_sent_and_half_closed_before_ready_is_answered() {
+        let fake = Fake::new(Behaviour::default());
+        let proxy = proxy(&fake, ProxyConfig::default());
+        let summoned = proxy.summon("hello", &revision(), None).expect("summon");
+        let mut stream = connect(at(&summoned), None).await.expect("connect");
+        stream
+            .write_all(b"GET /early HTTP/1.1\r\nhost: test\r\n\r\n")
+            .await
+            .expect("write");
+        stream.shutdown().await.expect("end of request");
+        assert!(!summoned.state.borrow().is_serving(), "sent before ready");
+        let mut answer = String::new();
+        tokio::time::timeout(STEP, stream.read_to_string(&mut answer))
+            .await
+            .expect("answered in time")
+            .expect("read");
+        assert!(answer.contains("answer to GET /early "), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn per_client_instance_refuses_another_source_address() {
+        let fake = Fake::new(Behaviour::default());
+        let proxy = proxy(&fake, ProxyConfig::default());
+        let alice = unique_ip();
+        let bob = unique_ip();
+        let summoned = proxy
+            .summon("hello", &revision(), Some(alice))
+            .expect("summon");
+        let refused = tokio::time::timeout(STEP, get(at(&summoned), Some(bob), "/bob"))
+            .await
+            .expect("refused in time");
+        match refused {
+            Ok(answer) => assert!(answer.is_empty(), "bob was answered: {answer}"),
+            Err(error) => assert_eq!(error.kind(), io::ErrorKind::ConnectionReset),
+        }
+        let answer = tokio::time::timeout(STEP, get(at(&summoned), Some(alice), "/alice"))
+            .await
+            .expect("answered in time")
+            .expect("alice is served");
+        assert!(answer.contains("answer to GET /alice "), "{answer}");
+        let metrics = proxy.metrics();
+        assert_eq!(metrics.refused_admission, 1);
+        assert_eq!(metrics.spliced, 1);
+    }
+
+    async fn closed_without_answer(mut stream: TcpStream) {
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(STEP, stream.read_to_end(&mut answer))
+            .await
+            .expect("closed in time");
+        if read.is_ok() {
+            assert!(answer.is_empty(), "answered: {answer:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn failed_boot_closes_every_held_connection() {
+        let fake = Fake::new(Behaviour {
+            fail: true,
+            ..Behaviour::default()
+        });
+        let proxy = proxy(&fake, ProxyConfig::default());
+        let summoned = proxy.summon("hello", &revision(), None).expect("summon");
+        let mut held = Vec::new();
+        for _ in 0..20 {
+            let mut stream = connect(at(&summoned), None).await.expect("connect");
+            stream
+                .write_all(b"GET / HTTP/1.1\r\n\r\n")
+                .await
+                .expect("write");
+            held.push(stream);
+        }
+        for stream in held {
+            closed_without_answer(stream).await;
+        }
+        eventually("20 boot failures counted", || {
+            proxy.metrics().boot_failures == 20
+        })
+        .await;
+        assert_eq!(proxy.metrics().held_now, 0);
+    }
+
+    #[tokio::test]
+    async fn boot_timeout_closes_held_connections() {
+        let fake = Fake::new(Behaviour {
+            boot_delay: Duration::from_secs(3600),
+            boot_timeout: Duration::from_millis(200),
+            ..Behaviour::default()
+        });
+        let proxy = proxy(&fake, ProxyConfig::default());
+        let summoned = proxy.summon("hello", &revision(), None).expect("summon");
+        let stream = connect(at(&summoned), None).await.expect("connect");
+        closed_without_answer(stream).await;
+        eventually("boot failure counted", || {
+            proxy.metrics().boot_failures == 1
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn quiet_open_connection_keeps_the_instance_from_being_reaped() {
+        let idle = Duration::from_millis(200);
+        let fake = Fake::new(Behaviour {
+            idle_timeout: idle,
+            boot_delay: Duration::from_millis(10),
+            ..Behaviour::default()
+        });
+        let proxy = proxy(&fake, ProxyConfig::default());
+        let summoned = proxy.summon("hello", &revision(), None).expect("summon");
+        let instance = key(&summoned);
+        let quiet = connect(at(&summoned), None).await.expect("connect");
+        eventually("connection reported open", || fake.open(&instance) == 1).await;
+        tokio::time::sleep(idle * 5).await;
+        assert_eq!(fake.state(&instance), Some(InstanceState::Ready));
+        drop(quiet);
+        eventually("reaped once closed", || {
+            fake.state(&instance) == Some(InstanceState::Stopped)
+        })
+        .await;
+        // The listener stays: the next connection boots the instance again.
+        let answer = tokio::time::timeout(STEP, get(at(&summoned), None, "/again"))
+            .await
+            .expect("answered in time")
+            .expect("answered");
+        assert!(answer.contains("answer to GET /again "), "{answer}");
+        assert_eq!(fake.boots(&instance), 2);
+    }
+
+    #[tokio::test]
+    async fn held_connections_over_the_bound_are_refused() {
+        let fake = Fake::new(Behaviour {
+            boot_delay: Duration::from_secs(3600),
+            ..Behaviour::default()
+        });
+        let config = ProxyConfig {
+            max_held_per_instance: 2,
+            ..ProxyConfig::default()
+        };
+        let proxy = proxy(&fake, config);
+        let summoned = proxy.summon("hello", &revision(), None).expect("summon");
+        let _first = connect(at(&summoned), None).await.expect("connect");
+        let _second = connect(at(&summoned), None).await.expect("connect");
+        eventually("two held", || proxy.metrics().held_now == 2).await;
+        let third = connect(at(&summoned), None).await.expect("connect");
+        closed_without_answer(third).await;
+        let metrics = proxy.metrics();
+        assert_eq!(metrics.refused_overload, 1);
+        assert_eq!(metrics.held_now, 2);
+    }
+
+    #[tokio::test]
+    async fn released_address_loses_its_listener() {
+        let fake = Fake::new(Behaviour::default());
+        let proxy = proxy(&fake, ProxyConfig::default());
+        let summoned = proxy.summon("hello", &revision(), None).expect("summon");
+        assert_eq!(proxy.sweep(), 0, "address still owned");
+        fake.release(&key(&summoned));
+        assert_eq!(proxy.sweep(), 1);
+        eventually("listener gone", || proxy.metrics().listeners == 0).await;
+        let refused = connect(at(&summoned), None).await;
+        assert_eq!(
+            refused.expect_err("nothing listens").kind(),
+            io::ErrorKind::ConnectionRefused
+        );
+    }
+
+    #[tokio::test]
+    async fn shutdown_closes_held_connections_and_refuses_summons() {
+        let fake = Fake::new(Behaviour {
+            boot_delay: Duration::from_secs(3600),
+            ..Behaviour::default()
+        });
+        let proxy = proxy(&fake, ProxyConfig::default());
+        let summoned = proxy.summon("hello", &revision(), None).expect("summon");
+        let held = connect(at(&summoned), None).await.expect("connect");
+        eventually("held", || proxy.metrics().held_now == 1).await;
+        proxy.shutdown();
+        closed_without_answer(held).await;
+        assert!(matches!(
+            proxy.summon("hello", &revision(), None),
+            Err(SummonError::ShuttingDown)
+        ));
+    }
+}

@@ -1,0 +1,295 @@
+//! Splicing a client to its backend: bytes both ways, half-close, idle and total timeouts.
+//!
+//! 1. When one side ends its writing (EOF), the proxy shuts down writing on the other side
+//!    and keeps copying the other direction until it ends too.
+//! 2. Every read that yields bytes counts them and moves the connection's activity clock.
+//! 3. The connection is closed when the clock has not moved for the idle timeout, or when the
+//!    total timeout passes, or when the proxy shuts down.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+/// When a connection last moved bytes.
+#[derive(Debug)]
+struct Clock {
+    start: Instant,
+    last_nanos: AtomicU64,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        Clock {
+            start: Instant::now(),
+            last_nanos: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let nanos = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_nanos.store(nanos, Ordering::Relaxed);
+    }
+
+    fn silent_for(&self) -> Duration {
+        let last = Duration::from_nanos(self.last_nanos.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+
+    /// Resolves once the connection has been silent for `idle`.
+    async fn silence(&self, idle: Duration) {
+        loop {
+            let silent = self.silent_for();
+            if silent >= idle {
+                return;
+            }
+            tokio::time::sleep(idle - silent).await;
+        }
+    }
+}
+
+/// A stream whose reads move a clock and add to a byte counter.
+struct Tracked<'a, S> {
+    inner: S,
+    clock: &'a Clock,
+    bytes: &'a AtomicU64,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            self.clock.touch();
+            self.bytes.fetch_add(read as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Limits of one spliced connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) idle: Option<Duration>,
+    pub(crate) total: Option<Duration>,
+    pub(crate) buffer: usize,
+}
+
+/// Where the bytes are counted.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Counters<'a> {
+    pub(crate) from_client: &'a AtomicU64,
+    pub(crate) to_client: &'a AtomicU64,
+}
+
+/// How a splice ended.
+#[derive(Debug)]
+pub(crate) enum Ended {
+    /// Both directions reached EOF.
+    Done,
+    /// Silent for the idle timeout.
+    Idle,
+    /// Open for the total timeout.
+    Total,
+    /// The proxy is shutting down.
+    Cancelled,
+    /// A read or write failed (typically a reset by one side).
+    Failed(io::Error),
+}
+
+/// Copies `client` ⇄ `backend` until both directions end or a limit is hit. With
+/// `client_done`, the client had already ended its writing before the splice began: the
+/// backend's writing side is shut down at once and only the answer is copied.
+pub(crate) async fn splice(
+    client: TcpStream,
+    backend: TcpStream,
+    client_done: bool,
+    limits: Limits,
+    counters: Counters<'_>,
+    cancel: &CancellationToken,
+) -> Ended {
+    let clock = Clock::new();
+    let mut client = Tracked {
+        inner: client,
+        clock: &clock,
+        bytes: counters.from_client,
+    };
+    let mut backend = Tracked {
+        inner: backend,
+        clock: &clock,
+        bytes: counters.to_client,
+    };
+    let copying = async {
+        if client_done {
+            backend.shutdown().await?;
+            tokio::io::copy_buf(
+                &mut tokio::io::BufReader::with_capacity(limits.buffer, &mut backend),
+                &mut client,
+            )
+            .await?;
+            client.shutdown().await
+        } else {
+            tokio::io::copy_bidirectional_with_sizes(
+                &mut client,
+                &mut backend,
+                limits.buffer,
+                limits.buffer,
+            )
+            .await
+            .map(drop)
+        }
+    };
+    let idle = async {
+        match limits.idle {
+            Some(idle) => clock.silence(idle).await,
+            None => std::future::pending().await,
+        }
+    };
+    let total = async {
+        match limits.total {
+            Some(total) => tokio::time::sleep(total).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        copied = copying => match copied {
+            Ok(()) => Ended::Done,
+            Err(error) => Ended::Failed(error),
+        },
+        () = idle => Ended::Idle,
+        () = total => Ended::Total,
+        () = cancel.cancelled() => Ended::Cancelled,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    /// A connected pair of streams on loopback.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let (connected, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
+        (connected.expect("connect"), accepted.expect("accept").0)
+    }
+
+    fn limits(idle: Option<Duration>) -> Limits {
+        Limits {
+            idle,
+            total: None,
+            buffer: 8192,
+        }
+    }
+
+    #[tokio::test]
+    async fn half_close_from_client_still_delivers_the_answer() {
+        let (mut user, client) = pair().await;
+        let (backend, mut server) = pair().await;
+        let from = AtomicU64::new(0);
+        let to = AtomicU64::new(0);
+        let cancel = CancellationToken::new();
+        let counters = Counters {
+            from_client: &from,
+            to_client: &to,
+        };
+        let splicing = splice(client, backend, false, limits(None), counters, &cancel);
+        let served = async {
+            let mut request = Vec::new();
+            server.read_to_end(&mut request).await.expect("server read");
+            server.write_all(b"answer to ").await.expect("server write");
+            server.write_all(&request).await.expect("server write");
+            server.shutdown().await.expect("server shutdown");
+        };
+        let used = async {
+            user.write_all(b"question").await.expect("user write");
+            user.shutdown().await.expect("user shutdown");
+            let mut answer = Vec::new();
+            user.read_to_end(&mut answer).await.expect("user read");
+            answer
+        };
+        let (ended, (), answer) = tokio::join!(splicing, served, used);
+        assert!(matches!(ended, Ended::Done), "{ended:?}");
+        assert_eq!(answer, b"answer to question");
+        assert_eq!(from.load(Ordering::Relaxed), 8);
+        assert_eq!(to.load(Ordering::Relaxed), 18);
+    }
+
+    #[tokio::test]
+    async fn client_done_before_splice_shuts_down_backend_writing() {
+        let (mut user, client) = pair().await;
+        let (backend, mut server) = pair().await;
+        let from = AtomicU64::new(0);
+        let to = AtomicU64::new(0);
+        let cancel = CancellationToken::new();
+        let counters = Counters {
+            from_client: &from,
+            to_client: &to,
+        };
+        user.shutdown().await.expect("user shutdown");
+        let splicing = splice(client, backend, true, limits(None), counters, &cancel);
+        let served = async {
+            let mut request = Vec::new();
+            server
+                .read_to_end(&mut request)
+                .await
+                .expect("server sees EOF");
+            server.write_all(b"bye").await.expect("server write");
+            server.shutdown().await.expect("server shutdown");
+        };
+        let used = async {
+            let mut answer = Vec::new();
+            user.read_to_end(&mut answer).await.expect("user read");
+            answer
+        };
+        let (ended, (), answer) = tokio::join!(splicing, served, used);
+        assert!(matches!(ended, Ended::Done), "{ended:?}");
+        assert_eq!(answer, b"bye");
+    }
+
+    #[tokio::test]
+    async fn silent_connection_is_closed_by_the_idle_timeout() {
+        let (_user, client) = pair().await;
+        let (backend, _server) = pair().await;
+        let from = AtomicU64::new(0);
+        let to = AtomicU64::new(0);
+        let cancel = CancellationToken::new();
+        let counters = Counters {
+            from_client: &from,
+            to_client: &to,
+        };
+        let idle = Some(Duration::from_millis(200));
+        let ended = splice(client, backend, false, limits(idle), counters, &cancel).await;
+        assert!(matches!(ended, Ended::Idle), "{ended:?}");
+    }
+}

@@ -1,0 +1,1 @@
+//! Integration tests of the handshake proxy against the real deployer.
