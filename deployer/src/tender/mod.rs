@@ -19,6 +19,7 @@
 
 pub mod cgroup;
 pub mod process;
+pub mod qemu;
 pub mod seccomp;
 
 use std::fmt;

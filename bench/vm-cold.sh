@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Cold start of examples/hello-vm in a qemu microvm, as revboot's qemu tender boots it.
+#
+# Per run: spawn qemu → first serial line → "listening" line → an HTTP request on the
+# forwarded loopback port → first response byte. Prints p50/p90 of each step (ms from the
+# spawn), and the RSS of a running VM. Traffic stays on 127.0.0.1.
+#
+#   bench/vm-cold.sh [runs]        (REVBOOT_QEMU_ACCEL=kvm|tcg, default tcg)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs=${1:-20}
+(cd examples/hello-vm && cargo build --release --offline --locked -q)
+image=examples/hello-vm/target/x86_64-unknown-linux-gnu/release/hello-vm
+exec python3 - "$image" "$runs" "${REVBOOT_QEMU_ACCEL:-tcg}" <<'PY'
+import os, socket, statistics, subprocess, sys, time
+
+image, runs, accel = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+def qemu(port):
+    return ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off",
+            "-accel", accel, *([] if accel == "tcg" else ["-cpu", "host"]), "-m", "32",
+            "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+            "-serial", "stdio", "-kernel", image, "-append", "revboot.revision=bench",
+            "-global", "virtio-mmio.force-legacy=false",
+            "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:8080",
+            "-device", "virtio-net-device,netdev=n0"]
+
+def one(measure_rss=False):
+    port = free_port()
+    t0 = time.perf_counter()
+    vm = subprocess.Popen(qemu(port), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL)
+    try:
+        first = listening = None
+        deadline = t0 + 10
+        for line in vm.stdout:
+            now = time.perf_counter()
+            if first is None:
+                first = now
+            if b"listening" in line:
+                listening = now
+                break
+            if now > deadline:
+                raise RuntimeError("no listening line in 10 s")
+        if listening is None:
+            raise RuntimeError("qemu exited before listening")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+            byte = conn.recv(1)
+            first_byte = time.perf_counter()
+            body = byte + conn.recv(4096)
+        if b"hello from" not in body:
+            while chunk := conn.recv(4096):
+                body += chunk
+        rss = None
+        if measure_rss:
+            with open(f"/proc/{vm.pid}/status") as status:
+                rss = next(int(l.split()[1]) for l in status if l.startswith("VmRSS"))
+        return (first - t0) * 1e3, (listening - t0) * 1e3, (first_byte - t0) * 1e3, rss
+    finally:
+        vm.kill()
+        vm.wait()
+
+def pct(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+one()  # warm the page cache
+samples = [one(measure_rss=(i == 0)) for i in range(runs)]
+print(f"hello-vm cold start under {accel}, {runs} runs (ms from qemu spawn):")
+for name, idx in (("first serial line", 0), ("listening", 1), ("first HTTP byte", 2)):
+    vals = [s[idx] for s in samples]
+    print(f"  {name:18} p50 {pct(vals, 50):7.1f}  p90 {pct(vals, 90):7.1f}  min {min(vals):7.1f}")
+print(f"  qemu RSS while serving: {samples[0][3] / 1024:.1f} MiB (guest memory 32 MiB)")
+PY

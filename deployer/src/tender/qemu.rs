@@ -1,0 +1,900 @@
+//! The qemu tender: kernel images booted in a `microvm`.
+//!
+//! 1. [`Tender::prepare`] checks the manifest (memory, kernel arguments) and claims the
+//!    backend endpoint: the host side of qemu's user-mode port forward, on the instance's
+//!    service address (the manifest port, or one the kernel picks).
+//! 2. [`Prepared::boot`] spawns `qemu-system-x86_64 -M microvm` with no option ROMs, no
+//!    default devices, no user config: the image is the `-kernel` (an ELF with a PVH note),
+//!    the command line is the manifest's `args` plus `revboot.revision=<deployment commit>`,
+//!    one virtio-net device (modern virtio-mmio) on `-netdev user,restrict=on` forwarding
+//!    `<service address>:<port>` to the guest port. COM1 is qemu's stdout: the console.
+//!    `-no-reboot`: a guest that resets (a triple fault) stops the VM.
+//! 3. The accelerator is hardware KVM when `/proc/cpuinfo` shows `vmx` or `svm` and
+//!    `/dev/kvm` opens, TCG otherwise; [`QemuConfig::accel`] or `REVBOOT_QEMU_ACCEL`
+//!    (`kvm`, `tcg`, `auto`) override the guess.
+//! 4. A supervisor task owns the child. It holds a QMP session (`-qmp unix:<scratch>/qmp.sock`)
+//!    to learn why the guest stopped (the reason goes on the console) and to stop it.
+//! 5. Stop: QMP `quit` (SIGTERM when QMP is not up). Kill: SIGKILL. Once qemu is reaped and
+//!    its output drained, the exit is reported and the QMP socket removed.
+//!
+//! Readiness with user networking: qemu accepts forwarded connections on the host side
+//! before the guest listens, so a `tcp` probe proves only that qemu runs. `console` (a line
+//! the guest prints once it listens) or `http` prove the guest is serving.
+
+use std::ffi::OsString;
+use std::fs::OpenOptions;
+use std::io;
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use revboot_store::manifest::{Ready, TenderKind};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use super::{
+    BootError, BootSpec, BoxFuture, ExitReport, ExitStatus, Footprint, NotReady, Prepared, Running,
+    Tender, probe_ready,
+};
+use crate::config::BackendPort;
+use crate::console::Console;
+
+/// The environment variable that overrides the accelerator: `kvm`, `tcg` or `auto`.
+pub const ACCEL_ENV: &str = "REVBOOT_QEMU_ACCEL";
+/// The qemu binary used unless configured otherwise.
+pub const DEFAULT_BINARY: &str = "qemu-system-x86_64";
+/// The longest kernel command line passed to a guest.
+pub const MAX_CMDLINE: usize = 2048;
+/// Guest memory bounds, MiB.
+pub const MEMORY_MIB: std::ops::RangeInclusive<u64> = 8..=16 * 1024;
+
+/// How long the supervisor tries to reach QMP after spawning qemu.
+const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a QMP command may take to answer.
+const QMP_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest QMP message accepted.
+const QMP_MAX_LINE: u64 = 64 * 1024;
+/// How long console readers may take to drain after qemu exited.
+const CONSOLE_DRAIN: Duration = Duration::from_secs(1);
+/// Pending stop/kill requests per instance.
+const CONTROL_QUEUE: usize = 4;
+/// Longest `unix:` socket path (`sun_path` is 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Which accelerator to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelChoice {
+    /// KVM when the CPU has hardware virtualisation and `/dev/kvm` opens, TCG otherwise.
+    #[default]
+    Auto,
+    /// Hardware KVM; the tender refuses to start without it.
+    Kvm,
+    /// qemu's emulator: works everywhere, visibly slower.
+    Tcg,
+}
+
+/// The accelerator in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware KVM.
+    Kvm,
+    /// TCG emulation.
+    Tcg,
+}
+
+impl Accel {
+    fn as_arg(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// Settings of the qemu tender.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QemuConfig {
+    /// The qemu binary (a path, or a name looked up in `PATH`).
+    pub binary: PathBuf,
+    /// The accelerator; `REVBOOT_QEMU_ACCEL` overrides it.
+    pub accel: AccelChoice,
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        QemuConfig {
+            binary: PathBuf::from(DEFAULT_BINARY),
+            accel: AccelChoice::Auto,
+        }
+    }
+}
+
+/// Why the qemu tender cannot be set up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum QemuSetupError {
+    /// `REVBOOT_QEMU_ACCEL` holds something else than `kvm`, `tcg` or `auto`.
+    #[error("`{ACCEL_ENV}` must be `kvm`, `tcg` or `auto`, not `{0}`")]
+    BadAccel(String),
+    /// KVM was asked for and is not usable.
+    #[error("Hardware KVM was asked for but is not usable: {0}")]
+    NoKvm(String),
+}
+
+/// Whether hardware KVM is usable: the CPU flags say so and `/dev/kvm` opens.
+pub fn kvm_usable() -> Result<(), String> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo")
+        .map_err(|error| format!("cannot read /proc/cpuinfo: {error}"))?;
+    let hardware = cpuinfo
+        .lines()
+        .filter(|line| line.starts_with("flags"))
+        .any(|line| {
+            line.split_whitespace()
+                .any(|flag| flag == "vmx" || flag == "svm")
+        });
+    if !hardware {
+        return Err("the CPU shows neither vmx nor svm".into());
+    }
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map(drop)
+        .map_err(|error| format!("cannot open /dev/kvm: {error}"))
+}
+
+fn resolve_accel(choice: AccelChoice) -> Result<Accel, QemuSetupError> {
+    match choice {
+        AccelChoice::Tcg => Ok(Accel::Tcg),
+        AccelChoice::Kvm => kvm_usable()
+            .map(|()| Accel::Kvm)
+            .map_err(QemuSetupError::NoKvm),
+        AccelChoice::Auto => Ok(match kvm_usable() {
+            Ok(()) => Accel::Kvm,
+            Err(why) => {
+                info!(why, "qemu tender: no hardware KVM, using TCG");
+                Accel::Tcg
+            }
+        }),
+    }
+}
+
+fn accel_from_env(value: &str) -> Result<AccelChoice, QemuSetupError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "kvm" => Ok(AccelChoice::Kvm),
+        "tcg" => Ok(AccelChoice::Tcg),
+        "auto" | "" => Ok(AccelChoice::Auto),
+        _ => Err(QemuSetupError::BadAccel(value.to_owned())),
+    }
+}
+
+/// Boots kernel images in qemu microvms.
+#[derive(Debug, Clone)]
+pub struct QemuTender {
+    binary: PathBuf,
+    accel: Accel,
+}
+
+impl QemuTender {
+    /// A tender with `config`, the accelerator overridden by `REVBOOT_QEMU_ACCEL`.
+    pub fn new(config: QemuConfig) -> Result<QemuTender, QemuSetupError> {
+        let choice = match std::env::var(ACCEL_ENV) {
+            Ok(value) => accel_from_env(&value)?,
+            Err(_) => config.accel,
+        };
+        let accel = resolve_accel(choice)?;
+        info!(accel = accel.as_arg(), binary = %config.binary.display(), "qemu tender ready");
+        Ok(QemuTender {
+            binary: config.binary,
+            accel,
+        })
+    }
+
+    /// The accelerator instances run with.
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+}
+
+/// The kernel command line of an instance: the manifest's arguments, then the deployment.
+fn kernel_cmdline(spec: &BootSpec) -> Result<String, String> {
+    let mut parts = Vec::with_capacity(spec.run.args.len() + 1);
+    for arg in &spec.run.args {
+        if arg.is_empty() || arg.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!(
+                "kernel argument {arg:?} is empty or holds whitespace or control characters"
+            ));
+        }
+        if arg.starts_with("revboot.") {
+            return Err(format!(
+                "kernel argument {arg:?}: `revboot.` arguments are set by revboot"
+            ));
+        }
+        parts.push(arg.clone());
+    }
+    parts.push(format!("revboot.revision={}", spec.revision.to_hex()));
+    let cmdline = parts.join(" ");
+    if cmdline.len() > MAX_CMDLINE {
+        return Err(format!(
+            "kernel command line is {} bytes, at most {MAX_CMDLINE}",
+            cmdline.len()
+        ));
+    }
+    Ok(cmdline)
+}
+
+fn invalid(what: &str, message: String) -> BootError {
+    BootError::Setup {
+        what: what.to_owned(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, message),
+    }
+}
+
+impl Tender for QemuTender {
+    fn kind(&self) -> TenderKind {
+        TenderKind::Qemu
+    }
+
+    fn prepare(&self, spec: BootSpec) -> Result<Box<dyn Prepared>, BootError> {
+        if !MEMORY_MIB.contains(&spec.run.memory_mib) {
+            return Err(invalid(
+                "guest memory",
+                format!(
+                    "memory_mib = {} is outside {}..={}",
+                    spec.run.memory_mib,
+                    MEMORY_MIB.start(),
+                    MEMORY_MIB.end()
+                ),
+            ));
+        }
+        let cmdline =
+            kernel_cmdline(&spec).map_err(|message| invalid("kernel command line", message))?;
+        if !matches!(spec.address, IpAddr::V4(_)) {
+            return Err(invalid(
+                "port forward",
+                format!(
+                    "qemu user networking forwards IPv4 only, not {}",
+                    spec.address
+                ),
+            ));
+        }
+        let qmp = spec.scratch.join("qmp.sock");
+        if qmp.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(invalid(
+                "QMP socket",
+                format!("{} is longer than a unix socket path may be", qmp.display()),
+            ));
+        }
+        // Claim the forwarded port: check that it is free now (or let the kernel pick one),
+        // then release it for qemu to bind. Another process could take it in between; qemu
+        // then fails to start and says so on the console.
+        let port = match spec.backend_port {
+            BackendPort::Same => spec.run.port,
+            BackendPort::Ephemeral => 0,
+        };
+        let probe = SocketAddr::new(spec.address, port);
+        let listener = TcpListener::bind(probe).map_err(|source| BootError::Bind {
+            address: probe,
+            source,
+        })?;
+        let backend = listener.local_addr().map_err(|source| BootError::Bind {
+            address: probe,
+            source,
+        })?;
+        drop(listener);
+        Ok(Box::new(QemuPrepared {
+            binary: self.binary.clone(),
+            accel: self.accel,
+            guest_port: spec.run.guest_port.unwrap_or(spec.run.port),
+            cmdline,
+            qmp,
+            backend,
+            spec,
+        }))
+    }
+}
+
+/// A qemu instance with its forwarded port chosen.
+#[derive(Debug)]
+struct QemuPrepared {
+    binary: PathBuf,
+    accel: Accel,
+    guest_port: u16,
+    cmdline: String,
+    qmp: PathBuf,
+    backend: SocketAddr,
+    spec: BootSpec,
+}
+
+impl QemuPrepared {
+    /// The qemu argv (without the binary).
+    fn args(&self, image: &Path) -> Vec<OsString> {
+        let mut args: Vec<OsString> = Vec::new();
+        let mut push = |arg: &str| args.push(arg.into());
+        push("-M");
+        push("microvm,x-option-roms=off,rtc=off");
+        push("-accel");
+        push(self.accel.as_arg());
+        if self.accel == Accel::Kvm {
+            push("-cpu");
+            push("host");
+        }
+        push("-smp");
+        push("1");
+        push("-m");
+        push(&format!("{}M", self.spec.run.memory_mib));
+        for arg in [
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ] {
+            push(arg);
+        }
+        push("-serial");
+        push("stdio");
+        push("-append");
+        push(&self.cmdline);
+        push("-global");
+        push("virtio-mmio.force-legacy=false");
+        push("-netdev");
+        push(&format!(
+            "user,id=net0,restrict=on,hostfwd=tcp:{}:{}-:{}",
+            self.backend.ip(),
+            self.backend.port(),
+            self.guest_port
+        ));
+        push("-device");
+        push("virtio-net-device,netdev=net0");
+        let mut qmp = OsString::from("unix:");
+        qmp.push(self.qmp.as_os_str());
+        qmp.push(",server=on,wait=off");
+        args.push("-qmp".into());
+        args.push(qmp);
+        args.push("-kernel".into());
+        args.push(image.into());
+        args
+    }
+}
+
+impl Prepared for QemuPrepared {
+    fn backend(&self) -> SocketAddr {
+        self.backend
+    }
+
+    fn boot(
+        self: Box<Self>,
+        image: PathBuf,
+    ) -> BoxFuture<'static, Result<Box<dyn Running>, BootError>> {
+        Box::pin(async move {
+            let _ = std::fs::remove_file(&self.qmp);
+            let mut command = Command::new(&self.binary);
+            command
+                .args(self.args(&image))
+                .env_clear()
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true);
+            if let Some(path) = std::env::var_os("PATH") {
+                command.env("PATH", path);
+            }
+            let mut child = command.spawn().map_err(|source| BootError::Exec {
+                step: "spawn qemu",
+                source,
+            })?;
+            let pid = child.id().ok_or_else(|| BootError::Exec {
+                step: "spawn qemu",
+                source: io::Error::other("qemu exited at once"),
+            })?;
+            let console = Console::new(self.spec.console_bytes);
+            let readers = [
+                child
+                    .stdout
+                    .take()
+                    .map(|out| tokio::spawn(pump(out, console.clone()))),
+                child
+                    .stderr
+                    .take()
+                    .map(|err| tokio::spawn(pump(err, console.clone()))),
+            ];
+            let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+            let (exit_tx, exit_rx) = watch::channel(None);
+            info!(
+                id = self.spec.id,
+                service = self.spec.service,
+                revision = %self.spec.revision.short(12),
+                pid,
+                backend = %self.backend,
+                accel = self.accel.as_arg(),
+                "qemu instance started"
+            );
+            tokio::spawn(supervise(Supervised {
+                id: self.spec.id.clone(),
+                child,
+                pid,
+                qmp: self.qmp.clone(),
+                console: console.clone(),
+                control: control_rx,
+                exit: exit_tx,
+                readers,
+            }));
+            Ok(Box::new(QemuRunning {
+                backend: self.backend,
+                console,
+                pid,
+                pid_start: pid_start(pid),
+                control: control_tx,
+                exit: exit_rx,
+            }) as Box<dyn Running>)
+        })
+    }
+}
+
+/// Copies one output stream of qemu to the console.
+async fn pump(mut stream: impl AsyncRead + Unpin, console: Console) {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => console.push(&buf[..read]),
+        }
+    }
+}
+
+/// What `stop` and `kill` ask of the supervisor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Control {
+    Stop,
+    Kill,
+}
+
+/// A running qemu instance.
+#[derive(Debug)]
+struct QemuRunning {
+    backend: SocketAddr,
+    console: Console,
+    pid: u32,
+    pid_start: Option<u64>,
+    control: mpsc::Sender<Control>,
+    exit: watch::Receiver<Option<ExitReport>>,
+}
+
+impl QemuRunning {
+    fn request(&self, control: Control) {
+        if self.exit.borrow().is_some() {
+            return;
+        }
+        if let Err(error) = self.control.try_send(control) {
+            // A full queue already holds requests; a closed one means the supervisor is
+            // reaping the child. Either way it is ending.
+            debug!(%error, pid = self.pid, "qemu control request not queued");
+        }
+    }
+}
+
+impl Running for QemuRunning {
+    fn backend(&self) -> SocketAddr {
+        self.backend
+    }
+
+    fn console(&self) -> &Console {
+        &self.console
+    }
+
+    fn footprint(&self) -> Footprint {
+        Footprint {
+            pid: Some(self.pid),
+            pid_start: self.pid_start,
+            cgroups: Vec::new(),
+        }
+    }
+
+    fn stop(&self) {
+        self.request(Control::Stop);
+    }
+
+    fn kill(&self) {
+        self.request(Control::Kill);
+    }
+
+    fn exit(&self) -> watch::Receiver<Option<ExitReport>> {
+        self.exit.clone()
+    }
+
+    fn ready<'a>(
+        &'a self,
+        probe: &'a Ready,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<(), NotReady>> {
+        Box::pin(async move {
+            let result =
+                probe_ready(self.backend, &self.console, self.exit(), probe, timeout).await;
+            match result {
+                // A console probe gives up when the console ends, which is when qemu
+                // exited: say so rather than "timeout".
+                Err(NotReady::Timeout { .. }) if self.exit.borrow().is_some() => {
+                    Err(NotReady::Exited)
+                }
+                other => other,
+            }
+        })
+    }
+}
+
+/// The start time of a process (`/proc/<pid>/stat` field 22), to tell a reused pid apart.
+fn pid_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces) start at field 3.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+/// Everything the supervisor owns.
+struct Supervised {
+    id: String,
+    child: Child,
+    pid: u32,
+    qmp: PathBuf,
+    console: Console,
+    control: mpsc::Receiver<Control>,
+    exit: watch::Sender<Option<ExitReport>>,
+    readers: [Option<tokio::task::JoinHandle<()>>; 2],
+}
+
+/// Owns the qemu child until it is reaped: QMP events and stop requests, kill, exit.
+async fn supervise(mut s: Supervised) {
+    let connect = qmp_connect(s.qmp.clone());
+    tokio::pin!(connect);
+    let mut connecting = true;
+    let mut qmp: Option<Qmp> = None;
+    let mut stopping = false;
+    let status = loop {
+        tokio::select! {
+            status = s.child.wait() => break status,
+            session = &mut connect, if connecting => {
+                connecting = false;
+                match session {
+                    Ok(session) => {
+                        qmp = Some(session);
+                        if stopping {
+                            quit(&mut qmp, s.pid).await;
+                        }
+                    }
+                    Err(error) => {
+                        warn!(id = s.id, %error, "qemu QMP unreachable; stop falls back to SIGTERM");
+                        if stopping {
+                            signal(s.pid, libc::SIGTERM);
+                        }
+                    }
+                }
+            }
+            event = next_event(&mut qmp) => match event {
+                Some(event) => note_event(&s.console, &event),
+                None => qmp = None,
+            },
+            control = s.control.recv() => match control {
+                Some(Control::Stop) if !stopping => {
+                    stopping = true;
+                    if qmp.is_some() {
+                        quit(&mut qmp, s.pid).await;
+                    } else if !connecting {
+                        signal(s.pid, libc::SIGTERM);
+                    }
+                }
+                Some(Control::Stop) => {}
+                Some(Control::Kill) | None => {
+                    if let Err(error) = s.child.start_kill() {
+                        warn!(id = s.id, %error, "cannot kill qemu");
+                    }
+                }
+            },
+        }
+    };
+    drop(qmp);
+    for reader in s.readers.into_iter().flatten() {
+        let _ = tokio::time::timeout(CONSOLE_DRAIN, reader).await;
+    }
+    let _ = std::fs::remove_file(&s.qmp);
+    let report = ExitReport {
+        status: match &status {
+            Ok(status) => match (status.code(), status.signal()) {
+                (Some(code), _) => ExitStatus::Code(code),
+                (None, Some(signal)) => ExitStatus::Signal(signal),
+                (None, None) => ExitStatus::Unknown,
+            },
+            Err(_) => ExitStatus::Unknown,
+        },
+        oom_killed: false,
+    };
+    info!(id = s.id, pid = s.pid, %report, "qemu instance ended");
+    // The exit first, then the end of the console: a console wait that sees the end can
+    // rely on the exit being known.
+    let _ = s.exit.send(Some(report));
+    s.console.close();
+}
+
+/// Sends SIGTERM/SIGKILL to the (not yet reaped, so not reused) qemu pid.
+fn signal(pid: u32, signal: i32) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // SAFETY: kill(2) has no memory effects; the pid is our unreaped child.
+    unsafe {
+        libc::kill(pid, signal);
+    }
+}
+
+/// Asks qemu to quit over QMP; on failure, SIGTERM (qemu quits cleanly on it too).
+async fn quit(qmp: &mut Option<Qmp>, pid: u32) {
+    let sent = match qmp.as_mut() {
+        Some(session) => matches!(
+            tokio::time::timeout(QMP_REPLY_TIMEOUT, session.execute("quit")).await,
+            Ok(Ok(()))
+        ),
+        None => false,
+    };
+    if !sent {
+        *qmp = None;
+        signal(pid, libc::SIGTERM);
+    }
+}
+
+/// The next QMP event, or pending forever without a session; `None` when it closed.
+async fn next_event(qmp: &mut Option<Qmp>) -> Option<serde_json::Value> {
+    match qmp.as_mut() {
+        Some(session) => session.event().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Puts what qemu says about a guest-initiated stop on the console, where the crash record
+/// will show it.
+fn note_event(console: &Console, event: &serde_json::Value) {
+    let name = event
+        .get("event")
+        .and_then(|name| name.as_str())
+        .unwrap_or("");
+    if name != "SHUTDOWN" && name != "RESET" && name != "GUEST_PANICKED" {
+        return;
+    }
+    let data = event.get("data");
+    let guest = data
+        .and_then(|data| data.get("guest"))
+        .and_then(|guest| guest.as_bool());
+    let reason = data
+        .and_then(|data| data.get("reason"))
+        .and_then(|reason| reason.as_str())
+        .unwrap_or("unknown");
+    if guest == Some(false) {
+        return; // we asked for it
+    }
+    let line = match (name, reason) {
+        ("SHUTDOWN", "guest-reset") => {
+            "[qemu] the guest reset itself (a triple fault, or a reboot); the VM stops\n".to_owned()
+        }
+        ("GUEST_PANICKED", _) => "[qemu] the guest panicked\n".to_owned(),
+        _ => format!("[qemu] {name}: {reason}\n"),
+    };
+    console.push(line.as_bytes());
+}
+
+/// A QMP session: one JSON object per line.
+struct Qmp {
+    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    writer: tokio::net::unix::OwnedWriteHalf,
+    /// Events read while waiting for a command's reply.
+    pending: std::collections::VecDeque<serde_json::Value>,
+}
+
+/// Why a QMP exchange failed.
+#[derive(Debug, thiserror::Error)]
+enum QmpError {
+    #[error("QMP socket did not come up")]
+    Timeout,
+    #[error("QMP I/O")]
+    Io(#[from] io::Error),
+    #[error("QMP said something unexpected")]
+    Protocol,
+}
+
+/// Connects to qemu's QMP socket (retrying while qemu starts) and negotiates capabilities.
+async fn qmp_connect(path: PathBuf) -> Result<Qmp, QmpError> {
+    let attempt = async {
+        let mut pause = Duration::from_millis(2);
+        let stream = loop {
+            match UnixStream::connect(&path).await {
+                Ok(stream) => break stream,
+                Err(_) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+            }
+        };
+        let (read, writer) = stream.into_split();
+        let mut qmp = Qmp {
+            reader: BufReader::new(read),
+            writer,
+            pending: Default::default(),
+        };
+        let greeting = qmp.read().await?.ok_or(QmpError::Protocol)?;
+        if greeting.get("QMP").is_none() {
+            return Err(QmpError::Protocol);
+        }
+        qmp.execute("qmp_capabilities").await?;
+        Ok(qmp)
+    };
+    tokio::time::timeout(QMP_CONNECT_TIMEOUT, attempt)
+        .await
+        .map_err(|_| QmpError::Timeout)?
+}
+
+impl Qmp {
+    /// Reads one message; `None` at end of stream.
+    async fn read(&mut self) -> Result<Option<serde_json::Value>, QmpError> {
+        let mut line = Vec::new();
+        let read = (&mut self.reader)
+            .take(QMP_MAX_LINE)
+            .read_until(b'\n', &mut line)
+            .await?;
+        if read == 0 {
+            return Ok(None);
+        }
+        if !line.ends_with(b"\n") {
+            return Err(QmpError::Protocol);
+        }
+        serde_json::from_slice(&line)
+            .map(Some)
+            .map_err(|_| QmpError::Protocol)
+    }
+
+    /// Runs a command without arguments and waits for its reply.
+    async fn execute(&mut self, command: &str) -> Result<(), QmpError> {
+        let request = serde_json::json!({ "execute": command });
+        let mut bytes = serde_json::to_vec(&request).map_err(|_| QmpError::Protocol)?;
+        bytes.push(b'\n');
+        self.writer.write_all(&bytes).await?;
+        loop {
+            let Some(message) = self.read().await? else {
+                // qemu closes QMP as it quits: for `quit`, that is the answer.
+                return if command == "quit" {
+                    Ok(())
+                } else {
+                    Err(QmpError::Protocol)
+                };
+            };
+            if message.get("return").is_some() {
+                return Ok(());
+            }
+            if message.get("error").is_some() {
+                return Err(QmpError::Protocol);
+            }
+            if self.pending.len() < 64 {
+                self.pending.push_back(message);
+            }
+        }
+    }
+
+    /// The next event; `None` when the session ended.
+    async fn event(&mut self) -> Option<serde_json::Value> {
+        if let Some(event) = self.pending.pop_front() {
+            return Some(event);
+        }
+        loop {
+            match self.read().await {
+                Ok(Some(message)) if message.get("event").is_some() => return Some(message),
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use revboot_store::Revision;
+    use revboot_store::manifest::Run;
+
+    fn spec(args: &[&str]) -> BootSpec {
+        BootSpec {
+            id: "t1".into(),
+            service: "hello-vm".into(),
+            revision: "0123456789abcdef0123456789abcdef01234567"
+                .parse::<Revision>()
+                .expect("a revision"),
+            run: Run {
+                tender: TenderKind::Qemu,
+                args: args.iter().map(|arg| (*arg).to_owned()).collect(),
+                memory_mib: 32,
+                guest_port: Some(8080),
+                ..Run::default()
+            },
+            address: "127.0.0.1".parse().expect("an address"),
+            backend_port: BackendPort::Ephemeral,
+            scratch: std::env::temp_dir(),
+            console_bytes: 4096,
+        }
+    }
+
+    #[test]
+    fn command_line_appends_the_revision_and_refuses_what_would_split() {
+        let line = kernel_cmdline(&spec(&["quiet", "loglevel=3"])).expect("valid");
+        assert_eq!(
+            line,
+            "quiet loglevel=3 revboot.revision=0123456789abcdef0123456789abcdef01234567"
+        );
+        assert!(kernel_cmdline(&spec(&["two words"])).is_err());
+        assert!(kernel_cmdline(&spec(&["line\nbreak"])).is_err());
+        assert!(kernel_cmdline(&spec(&["revboot.revision=forged"])).is_err());
+        let long = "x".repeat(MAX_CMDLINE);
+        assert!(kernel_cmdline(&spec(&[&long])).is_err());
+    }
+
+    #[test]
+    fn accel_override_is_parsed_strictly() {
+        assert_eq!(accel_from_env("TCG"), Ok(AccelChoice::Tcg));
+        assert_eq!(accel_from_env("kvm"), Ok(AccelChoice::Kvm));
+        assert_eq!(accel_from_env("auto"), Ok(AccelChoice::Auto));
+        assert_eq!(
+            accel_from_env("hvf"),
+            Err(QemuSetupError::BadAccel("hvf".into()))
+        );
+    }
+
+    #[test]
+    fn prepare_forwards_the_service_address_to_the_guest_port() {
+        let tender = QemuTender {
+            binary: DEFAULT_BINARY.into(),
+            accel: Accel::Tcg,
+        };
+        let prepared = tender.prepare(spec(&[])).expect("prepared");
+        let backend = prepared.backend();
+        assert_eq!(backend.ip(), "127.0.0.1".parse::<IpAddr>().expect("ip"));
+        assert_ne!(backend.port(), 0);
+        let debug = format!("{prepared:?}");
+        assert!(debug.contains("guest_port: 8080"), "{debug}");
+    }
+
+    #[test]
+    fn prepare_refuses_bad_memory_and_ipv6() {
+        let tender = QemuTender {
+            binary: DEFAULT_BINARY.into(),
+            accel: Accel::Tcg,
+        };
+        let mut tiny = spec(&[]);
+        tiny.run.memory_mib = 1;
+        let error = tender.prepare(tiny).expect_err("too little memory");
+        assert!(error.to_string().contains("guest memory"), "{error}");
+        let mut v6 = spec(&[]);
+        v6.address = "::1".parse().expect("ip");
+        assert!(tender.prepare(v6).is_err());
+    }
+
+    #[test]
+    fn guest_reset_is_explained_on_the_console() {
+        let console = Console::new(1024);
+        let event = serde_json::json!({
+            "event": "SHUTDOWN",
+            "data": { "guest": true, "reason": "guest-reset" }
+        });
+        note_event(&console, &event);
+        let ours = serde_json::json!({
+            "event": "SHUTDOWN",
+            "data": { "guest": false, "reason": "host-qmp-quit" }
+        });
+        note_event(&console, &ours);
+        let tail = String::from_utf8(console.tail()).expect("utf-8");
+        assert!(tail.contains("triple fault"), "{tail}");
+        assert!(!tail.contains("host-qmp-quit"), "{tail}");
+    }
+}

@@ -1,0 +1,234 @@
+//! The qemu tender against real `qemu-system-x86_64` and the `examples/hello-vm` unikernel,
+//! built here from its sources (with cargo features for the bad images).
+//!
+//! Runs under TCG unless `REVBOOT_QEMU_ACCEL` says otherwise.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use revboot_deployer::config::BackendPort;
+use revboot_deployer::tender::qemu::{QemuConfig, QemuTender};
+use revboot_deployer::tender::{BootSpec, ExitReport, ExitStatus, NotReady, Running, Tender};
+use revboot_store::Revision;
+use revboot_store::manifest::Manifest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// How long a test waits for anything (boot, an answer, an exit); generous for TCG on a
+/// shared machine. Not a timing assertion: only a bound on waiting.
+const PATIENCE: Duration = Duration::from_secs(60);
+/// The boot timeout given to the bad images.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(3);
+
+const REVISION: &str = "5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed";
+
+fn example_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello-vm")
+}
+
+/// Builds hello-vm (with `feature`, for a bad image) and returns the kernel image.
+fn build_image(feature: Option<&str>) -> PathBuf {
+    let dir = example_dir();
+    let variant = feature.unwrap_or("service");
+    let target_dir = dir.join("target").join(variant);
+    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    // The example's own .cargo/config.toml must apply, not anything cargo set for us.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy().into_owned();
+        if (key.starts_with("CARGO_") && key != "CARGO_HOME") || key.starts_with("RUSTFLAGS") {
+            cargo.env_remove(key);
+        }
+    }
+    cargo
+        .current_dir(&dir)
+        .args([
+            "build",
+            "--release",
+            "--offline",
+            "--locked",
+            "--quiet",
+            "--target-dir",
+        ])
+        .arg(&target_dir);
+    if let Some(feature) = feature {
+        cargo.args(["--features", feature]);
+    }
+    let output = cargo.output().expect("cargo runs");
+    assert!(
+        output.status.success(),
+        "building hello-vm ({variant}) failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    target_dir.join("x86_64-unknown-linux-gnu/release/hello-vm")
+}
+
+fn manifest() -> Manifest {
+    let text = std::fs::read_to_string(example_dir().join("revboot.toml")).expect("revboot.toml");
+    Manifest::from_toml(&text).expect("the example manifest parses")
+}
+
+struct Booted {
+    running: Box<dyn Running>,
+    manifest: Manifest,
+    _scratch: tempfile::TempDir,
+}
+
+async fn boot(feature: Option<&'static str>) -> Booted {
+    let image = tokio::task::spawn_blocking(move || build_image(feature))
+        .await
+        .expect("build task");
+    let tender: Arc<dyn Tender> =
+        Arc::new(QemuTender::new(QemuConfig::default()).expect("qemu tender"));
+    let scratch = tempfile::tempdir().expect("scratch");
+    let manifest = manifest();
+    let spec = BootSpec {
+        id: "qemu-test".into(),
+        service: "hello-vm".into(),
+        revision: REVISION.parse::<Revision>().expect("revision"),
+        run: manifest.run.clone(),
+        address: "127.0.0.1".parse().expect("address"),
+        backend_port: BackendPort::Ephemeral,
+        scratch: scratch.path().to_owned(),
+        console_bytes: 64 * 1024,
+    };
+    let prepared = tender.prepare(spec).expect("prepare");
+    let running = tokio::time::timeout(PATIENCE, prepared.boot(image))
+        .await
+        .expect("boot in time")
+        .expect("qemu starts");
+    Booted {
+        running,
+        manifest,
+        _scratch: scratch,
+    }
+}
+
+async fn exit_of(running: &dyn Running) -> ExitReport {
+    let mut exit = running.exit();
+    let report = tokio::time::timeout(PATIENCE, exit.wait_for(Option::is_some))
+        .await
+        .expect("qemu ends in time")
+        .expect("exit channel open");
+    report.expect("an exit report")
+}
+
+fn console(running: &dyn Running) -> String {
+    String::from_utf8_lossy(&running.console().tail()).into_owned()
+}
+
+async fn get(backend: std::net::SocketAddr, path: &str) -> String {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(backend).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nhost: hello-vm\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&response).into_owned())
+    };
+    tokio::time::timeout(PATIENCE, exchange)
+        .await
+        .expect("an answer in time")
+        .expect("an HTTP exchange")
+}
+
+#[tokio::test]
+async fn hello_vm_answers_with_its_revision_and_stops_when_asked() {
+    let vm = boot(None).await;
+    vm.running
+        .ready(&vm.manifest.run.ready, PATIENCE)
+        .await
+        .unwrap_or_else(|error| panic!("not ready: {error}\n{}", console(&*vm.running)));
+    let response = get(vm.running.backend(), "/").await;
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    assert!(
+        response.ends_with(&format!("hello from v1 ({REVISION})\n")),
+        "{response}"
+    );
+    assert!(response.contains("x-revision: v1"), "{response}");
+
+    vm.running.stop();
+    let report = exit_of(&*vm.running).await;
+    assert_eq!(report.status, ExitStatus::Code(0), "{report}");
+    let console = console(&*vm.running);
+    assert!(
+        console.contains(&format!("deployment {REVISION}")),
+        "{console}"
+    );
+    assert!(console.contains("hello-vm: listening"), "{console}");
+}
+
+#[tokio::test]
+async fn a_crash_on_request_ends_the_vm_and_says_why() {
+    let vm = boot(None).await;
+    vm.running
+        .ready(&vm.manifest.run.ready, PATIENCE)
+        .await
+        .unwrap_or_else(|error| panic!("not ready: {error}\n{}", console(&*vm.running)));
+    // The guest triple-faults without answering: the connection just ends.
+    let _ = get(vm.running.backend(), "/crash").await;
+    exit_of(&*vm.running).await;
+    let console = console(&*vm.running);
+    assert!(console.contains("crashing on request"), "{console}");
+    assert!(console.contains("the guest reset itself"), "{console}");
+}
+
+#[tokio::test]
+async fn never_ready_image_misses_its_boot_timeout_and_is_killed() {
+    let vm = boot(Some("never-ready")).await;
+    let ready = vm.running.ready(&vm.manifest.run.ready, BOOT_TIMEOUT).await;
+    assert!(matches!(ready, Err(NotReady::Timeout { .. })), "{ready:?}");
+    vm.running.kill();
+    let report = exit_of(&*vm.running).await;
+    assert_eq!(report.status, ExitStatus::Signal(9), "{report}");
+    let console = console(&*vm.running);
+    assert!(console.contains("never listening, on purpose"), "{console}");
+    assert!(!console.contains("hello-vm: listening"), "{console}");
+}
+
+#[tokio::test]
+async fn triple_fault_image_ends_before_ready_with_its_console_tail() {
+    let vm = boot(Some("triple-fault")).await;
+    let ready = vm.running.ready(&vm.manifest.run.ready, PATIENCE).await;
+    assert_eq!(ready, Err(NotReady::Exited));
+    let report = exit_of(&*vm.running).await;
+    // -no-reboot turns the reset into a normal qemu exit; the console says what happened.
+    assert_eq!(report.status, ExitStatus::Code(0), "{report}");
+    let console = console(&*vm.running);
+    assert!(console.contains("triple-faulting on purpose"), "{console}");
+    assert!(console.contains("the guest reset itself"), "{console}");
+}
+
+#[tokio::test]
+async fn spinning_image_prints_nothing_misses_its_boot_timeout_and_is_killed() {
+    let vm = boot(Some("spin")).await;
+    let ready = vm.running.ready(&vm.manifest.run.ready, BOOT_TIMEOUT).await;
+    assert!(matches!(ready, Err(NotReady::Timeout { .. })), "{ready:?}");
+    vm.running.kill();
+    let report = exit_of(&*vm.running).await;
+    assert_eq!(report.status, ExitStatus::Signal(9), "{report}");
+    let console = console(&*vm.running);
+    assert!(!console.contains("hello-vm"), "{console}");
+}
+
+#[tokio::test]
+async fn a_taken_port_is_refused_before_anything_boots() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let tender = QemuTender::new(QemuConfig::default()).expect("qemu tender");
+    let scratch = tempfile::tempdir().expect("scratch");
+    let mut run = manifest().run;
+    run.port = port;
+    let spec = BootSpec {
+        id: "qemu-taken".into(),
+        service: "hello-vm".into(),
+        revision: REVISION.parse::<Revision>().expect("revision"),
+        run,
+        address: "127.0.0.1".parse().expect("address"),
+        backend_port: BackendPort::Same,
+        scratch: scratch.path().to_owned(),
+        console_bytes: 4096,
+    };
+    let error = tender.prepare(spec).expect_err("the port is taken");
+    assert!(error.to_string().contains(&port.to_string()), "{error}");
+}
