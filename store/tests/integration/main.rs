@@ -1,0 +1,9 @@
+//! Integration tests of the deployment store against stock git.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod concurrency;
+mod crash;
+mod interop;
+mod props;
+mod resolve;
+mod support;
