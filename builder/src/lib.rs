@@ -67,7 +67,6 @@ mod repos;
 mod runner;
 
 use std::ffi::OsString;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -171,22 +170,16 @@ pub enum StartError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BuildLogError {
-    /// The revision is not a build of that service.
-    #[error("Revision {revision} is not a build of `{service}`")]
-    NotThisService {
+    /// The store has no such build of the service, or could not read it.
+    #[error("Cannot read the build log of {revision} of `{service}`")]
+    Read {
         /// The service asked for.
         service: String,
         /// The revision asked for.
         revision: Revision,
-    },
-    /// The store could not read it.
-    #[error("Cannot read the build log of {revision}")]
-    Store {
-        /// The revision.
-        revision: Revision,
         /// Why.
         #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        source: revboot_store::ReadError,
     },
 }
 
@@ -283,7 +276,9 @@ impl Builder {
             repos::HookTarget {
                 base_url: config.base_url.clone(),
                 token: hook_token.clone(),
-                max_time_secs: config.push_wait_secs,
+                // The hook waits a little longer than the daemon follows the build, so the
+                // daemon's own "stopped following" line reaches the pusher.
+                max_time_secs: config.push_wait_secs + 30,
             },
         );
         let mut heads = Vec::new();
@@ -381,30 +376,17 @@ impl Builder {
         self.inner.queue.records(service).await
     }
 
-    /// The `build.log` of a recorded build of `service`.
+    /// The `build.log` of a recorded build (succeeded, failed or interrupted) of `service`.
     pub fn build_log(&self, service: &str, revision: &Revision) -> Result<Vec<u8>, BuildLogError> {
         let store = &self.inner.config.store;
-        let boxed = |e: Box<dyn std::error::Error + Send + Sync>| BuildLogError::Store {
+        let read = |source| BuildLogError::Read {
+            service: service.to_owned(),
             revision: *revision,
-            source: e,
+            source,
         };
-        let deployment = store
-            .deployment(service, revision)
-            .map_err(|e| boxed(Box::new(e)))?;
-        if deployment.service != service {
-            return Err(BuildLogError::NotThisService {
-                service: service.to_owned(),
-                revision: *revision,
-            });
-        }
-        let mut log = Vec::new();
-        let mut bytes = store.build_log(revision).map_err(|e| boxed(Box::new(e)))?;
-        bytes
-            .as_slice()
-            .read_to_end(&mut log)
-            .map_err(|e| boxed(Box::new(e)))?;
-        bytes.clear();
-        Ok(log)
+        // `deployment` refuses a revision that is not a build of this service.
+        store.deployment(service, revision).map_err(read)?;
+        store.build_log(revision).map_err(read)
     }
 
     /// Stops building: running builds are killed and recorded as interrupted (they run
@@ -430,7 +412,7 @@ fn hook_token(path: &Path) -> Result<String, StartError> {
     }
     let mut random = [0u8; 24];
     std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut random))
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))
         .map_err(io)?;
     let token = hex::encode(random);
     let staging = path.with_extension("new");
