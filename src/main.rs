@@ -1,1 +1,35 @@
-fn main() {}
+//! The `revboot` command: parses arguments, installs logging, runs, maps errors to exit codes.
+
+use std::io::Write as _;
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use revboot::cli::Cli;
+use revboot::run::{Outcome, run};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_filter = match cli.command {
+        revboot::cli::Command::Serve(_) | revboot::cli::Command::Demo(_) => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(Outcome::Done) => ExitCode::SUCCESS,
+        Ok(Outcome::Exit(code)) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Ok(Outcome::Failed(error)) => {
+            let _ = writeln!(std::io::stderr(), "revboot: {error}");
+            ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(1))
+        }
+        Err(error) => {
+            let _ = writeln!(std::io::stderr(), "revboot: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

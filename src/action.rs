@@ -1,0 +1,332 @@
+//! The typed contract between the CLI, the HTTP API and the engine.
+//!
+//! 1. A CLI command or an HTTP request becomes an [`Action`].
+//! 2. [`crate::engine::Engine::execute`] carries it out and returns a [`Reply`] or an
+//!    [`ActionError`].
+//! 3. Only the HTTP layer knows routes and status codes ([`ActionError::status`] is the one
+//!    mapping); only the CLI knows how a reply is printed.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// Something a user asks revboot to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Action {
+    /// Create a service and its source repository.
+    AddService {
+        /// The service name.
+        name: String,
+    },
+    /// List services.
+    ListServices,
+    /// Deployment history of a service.
+    History {
+        /// The service.
+        service: String,
+    },
+    /// One deployment.
+    Show {
+        /// The service.
+        service: String,
+        /// The label.
+        label: String,
+    },
+    /// What changed between two deployments.
+    Diff {
+        /// The service.
+        service: String,
+        /// The older label.
+        a: String,
+        /// The newer label.
+        b: String,
+    },
+    /// Move the live pointer.
+    MoveLive {
+        /// The service.
+        service: String,
+        /// The label to make live.
+        label: String,
+        /// Why: `rollback` or `deploy` (recorded in the trail).
+        reason: MoveReason,
+    },
+    /// Running instances.
+    ListInstances,
+    /// Stop or kill an instance.
+    StopInstance {
+        /// The service.
+        service: String,
+        /// The label (default: live).
+        label: Option<String>,
+        /// The client of a per-client instance.
+        client: Option<IpAddr>,
+        /// Kill instead of a graceful stop.
+        kill: bool,
+    },
+    /// The build log of a deployment.
+    BuildLog {
+        /// The service.
+        service: String,
+        /// The label (default: live).
+        label: Option<String>,
+    },
+    /// Console records of instances that ran.
+    ConsoleLogs {
+        /// The service.
+        service: String,
+        /// Only records of this label's revision.
+        label: Option<String>,
+    },
+    /// Boot a revision (if needed) and say where it answers.
+    Summon {
+        /// The service.
+        service: String,
+        /// The label (default: live).
+        label: Option<String>,
+        /// The client, for per-client services.
+        client: Option<IpAddr>,
+    },
+}
+
+impl Action {
+    /// Whether the action changes state (and so needs the write token over HTTP).
+    pub fn is_write(&self) -> bool {
+        matches!(
+            self,
+            Action::AddService { .. }
+                | Action::MoveLive { .. }
+                | Action::StopInstance { .. }
+                | Action::Summon { .. }
+        )
+    }
+}
+
+/// Why the live pointer moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MoveReason {
+    /// Back to an older revision.
+    Rollback,
+    /// To a chosen revision.
+    Deploy,
+}
+
+/// A service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceView {
+    /// The name.
+    pub name: String,
+    /// The live revision.
+    pub live: Option<String>,
+    /// Number of deployments.
+    pub deployments: usize,
+    /// The DNS name of the live revision.
+    pub dns_name: String,
+}
+
+/// A deployment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentView {
+    /// The deployment commit.
+    pub revision: String,
+    /// Its short form, as DNS labels use it.
+    pub short: String,
+    /// Its DNS name.
+    pub dns_name: String,
+    /// The source commit.
+    pub source_commit: String,
+    /// The source commit's subject.
+    pub subject: String,
+    /// The source ref built.
+    pub source_ref: Option<String>,
+    /// `succeeded`, `failed` or `interrupted`.
+    pub status: String,
+    /// Boot image size in bytes.
+    pub image_size: Option<u64>,
+    /// Boot image sha256.
+    pub image_sha256: Option<String>,
+    /// Commit time, unix seconds.
+    pub time: i64,
+    /// Whether live names it.
+    pub live: bool,
+}
+
+/// One deployment in full.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShowView {
+    /// The deployment.
+    pub deployment: DeploymentView,
+    /// Its `revboot.toml`.
+    pub manifest: Option<String>,
+    /// The labels that name it.
+    pub labels: Vec<String>,
+}
+
+/// What changed between two deployments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiffView {
+    /// The older revision.
+    pub a: String,
+    /// The newer revision.
+    pub b: String,
+    /// Unified diff of the manifests.
+    pub manifest: String,
+    /// Image sizes.
+    pub image_size: (Option<u64>, Option<u64>),
+    /// Whether the images differ.
+    pub image_changed: bool,
+}
+
+/// A move of the live pointer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveView {
+    /// The service.
+    pub service: String,
+    /// Where live pointed.
+    pub from: Option<DeploymentView>,
+    /// Where it points now.
+    pub to: DeploymentView,
+}
+
+/// A running (or recently ended) instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceView {
+    /// The service.
+    pub service: String,
+    /// The revision.
+    pub revision: String,
+    /// The client of a per-client instance.
+    pub client: Option<String>,
+    /// The service address.
+    pub address: String,
+    /// The state.
+    pub state: String,
+    /// Milliseconds since start.
+    pub uptime_ms: u64,
+    /// Open connections.
+    pub connections: u64,
+}
+
+/// A console record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleView {
+    /// The revision.
+    pub revision: String,
+    /// The client of a per-client instance.
+    pub client: Option<String>,
+    /// Start, unix milliseconds.
+    pub started_at_ms: u64,
+    /// Boot to ready.
+    pub boot_ms: Option<u64>,
+    /// Start to stop.
+    pub lifetime_ms: u64,
+    /// How it ended.
+    pub outcome: String,
+    /// The console output.
+    pub console: String,
+}
+
+/// Where a summoned instance answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SummonView {
+    /// The revision.
+    pub revision: String,
+    /// Its DNS name.
+    pub dns_name: String,
+    /// The service address.
+    pub address: String,
+    /// The port.
+    pub port: u16,
+}
+
+/// The answer to an [`Action`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Reply {
+    /// A service was created.
+    ServiceAdded(ServiceView),
+    /// Services.
+    Services(Vec<ServiceView>),
+    /// History, newest first.
+    History(Vec<DeploymentView>),
+    /// One deployment.
+    Show(Box<ShowView>),
+    /// A diff.
+    Diff(DiffView),
+    /// Live moved.
+    Moved(Box<MoveView>),
+    /// Instances.
+    Instances(Vec<InstanceView>),
+    /// An instance was stopped.
+    Stopped(InstanceView),
+    /// A build log.
+    BuildLog(BuildLogView),
+    /// Console records, newest first.
+    Console(Vec<ConsoleView>),
+    /// A summoned instance.
+    Summoned(SummonView),
+}
+
+/// A build log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildLogView {
+    /// The revision.
+    pub revision: String,
+    /// `succeeded`, `failed` or `interrupted`.
+    pub status: String,
+    /// The log text (lossy UTF-8).
+    pub log: String,
+}
+
+/// Why an action failed. Each kind maps to one HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[serde(tag = "error", content = "message", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ActionError {
+    /// The request is malformed or a value is invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// The service, label or instance does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The label is ambiguous.
+    #[error("{0}")]
+    Ambiguous(String),
+    /// The request conflicts with the current state (e.g. the service exists).
+    #[error("{0}")]
+    Conflict(String),
+    /// A write without the right token.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A limit was reached or the part is not running; try later.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Something broke inside revboot.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ActionError {
+    /// The HTTP status for this error.
+    pub fn status(&self) -> u16 {
+        match self {
+            ActionError::Invalid(_) => 400,
+            ActionError::Unauthorized(_) => 401,
+            ActionError::NotFound(_) => 404,
+            ActionError::Ambiguous(_) | ActionError::Conflict(_) => 409,
+            ActionError::Unavailable(_) => 503,
+            ActionError::Internal(_) => 500,
+        }
+    }
+
+    /// The process exit code the CLI uses for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ActionError::Invalid(_) | ActionError::Unauthorized(_) => 2,
+            ActionError::NotFound(_) | ActionError::Ambiguous(_) | ActionError::Conflict(_) => 3,
+            ActionError::Unavailable(_) => 4,
+            ActionError::Internal(_) => 1,
+        }
+    }
+}

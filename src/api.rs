@@ -1,0 +1,437 @@
+//! The HTTP API: every CLI action as JSON, under `/api/v1`, plus `/metrics`.
+//!
+//! 1. A route parses its path, query and JSON body into an [`Action`]; a body that does not
+//!    parse is a 400 with a JSON error, and nothing runs.
+//! 2. Writes need the token (`Authorization: Bearer <token>`, or HTTP basic auth with the
+//!    token as password, as git sends it); a missing or wrong token is a 401.
+//! 3. The engine runs the action on a blocking thread (the store is synchronous).
+//! 4. The reply is JSON; an [`ActionError`] is `{"error": kind, "message": text}` with the
+//!    status of [`ActionError::status`].
+//!
+//! The routes are listed once, in [`ROUTES`]; `openapi.json` at the repository root
+//! describes them and a test checks the two agree.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+
+use crate::action::{Action, ActionError, MoveReason, Reply};
+use crate::engine::Engine;
+
+/// Renders Prometheus text for `/metrics`.
+pub trait Metrics: Send + Sync + 'static {
+    /// The whole exposition, in Prometheus text format.
+    fn render(&self) -> String;
+}
+
+/// What the API routes share.
+#[derive(Clone)]
+pub struct ApiState {
+    engine: Engine,
+    token: Arc<str>,
+    metrics: Option<Arc<dyn Metrics>>,
+}
+
+impl std::fmt::Debug for ApiState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiState")
+            .field("engine", &self.engine)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Every route: method and path, as `openapi.json` must list them.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/api/v1/services"),
+    ("post", "/api/v1/services"),
+    ("get", "/api/v1/services/{service}/deployments"),
+    ("get", "/api/v1/services/{service}/deployments/{label}"),
+    ("get", "/api/v1/services/{service}/diff"),
+    ("post", "/api/v1/services/{service}/live"),
+    ("get", "/api/v1/services/{service}/logs/build"),
+    ("get", "/api/v1/services/{service}/logs/console"),
+    ("post", "/api/v1/services/{service}/summon"),
+    ("get", "/api/v1/instances"),
+    ("post", "/api/v1/instances/stop"),
+    ("get", "/api/v1/openapi.json"),
+    ("get", "/metrics"),
+];
+
+/// The OpenAPI document of the API.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+/// The API router.
+pub fn router(engine: Engine, token: &str, metrics: Option<Arc<dyn Metrics>>) -> Router {
+    let state = ApiState {
+        engine,
+        token: Arc::from(token),
+        metrics,
+    };
+    Router::new()
+        .route("/api/v1/services", get(list_services).post(add_service))
+        .route("/api/v1/services/{service}/deployments", get(history))
+        .route("/api/v1/services/{service}/deployments/{label}", get(show))
+        .route("/api/v1/services/{service}/diff", get(diff))
+        .route("/api/v1/services/{service}/live", post(move_live))
+        .route("/api/v1/services/{service}/logs/build", get(build_log))
+        .route("/api/v1/services/{service}/logs/console", get(console_logs))
+        .route("/api/v1/services/{service}/summon", post(summon))
+        .route("/api/v1/instances", get(instances))
+        .route("/api/v1/instances/stop", post(stop))
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/metrics", get(metrics_text))
+        .with_state(state)
+}
+
+/// An API failure as a response.
+#[derive(Debug)]
+pub struct ApiError(ActionError);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if status.is_server_error() {
+            tracing::error!(error = %self.0, "API request failed");
+        } else {
+            tracing::info!(error = %self.0, %status, "API request refused");
+        }
+        (status, Json(self.0)).into_response()
+    }
+}
+
+impl From<ActionError> for ApiError {
+    fn from(error: ActionError) -> Self {
+        ApiError(error)
+    }
+}
+
+type ApiResult = Result<Json<Reply>, ApiError>;
+
+async fn run(state: &ApiState, headers: &HeaderMap, action: Action) -> ApiResult {
+    if action.is_write() && !authorized(headers, &state.token) {
+        return Err(ApiError(ActionError::Unauthorized(
+            "This request changes state: give the token as `Authorization: Bearer <token>`"
+                .to_owned(),
+        )));
+    }
+    let engine = state.engine.clone();
+    let reply = tokio::task::spawn_blocking(move || engine.execute(action))
+        .await
+        .map_err(|error| {
+            ApiError(ActionError::Internal(format!(
+                "Request task failed: {error}"
+            )))
+        })??;
+    Ok(Json(reply))
+}
+
+/// Whether the headers carry the token, as a bearer token or a basic-auth password.
+pub fn authorized(headers: &HeaderMap, token: &str) -> bool {
+    let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    if let Some(given) = value.strip_prefix("Bearer ") {
+        return constant_time_eq(given.trim().as_bytes(), token.as_bytes());
+    }
+    if let Some(encoded) = value.strip_prefix("Basic ") {
+        let Some(decoded) = base64_decode(encoded.trim()) else {
+            return false;
+        };
+        let Ok(text) = String::from_utf8(decoded) else {
+            return false;
+        };
+        return text
+            .split_once(':')
+            .is_some_and(|(_, password)| constant_time_eq(password.as_bytes(), token.as_bytes()));
+    }
+    false
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let mut buffer = 0u32;
+    let mut bits = 0;
+    for byte in text.bytes().filter(|b| *b != b'=') {
+        let value = ALPHABET.iter().position(|c| *c == byte)? as u32;
+        buffer = (buffer << 6) | value;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buffer >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddService {
+    name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MoveLive {
+    label: String,
+    #[serde(default = "default_reason")]
+    reason: MoveReason,
+}
+
+fn default_reason() -> MoveReason {
+    MoveReason::Deploy
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiffQuery {
+    a: String,
+    b: String,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LabelQuery {
+    label: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct SummonBody {
+    label: Option<String>,
+    client: Option<IpAddr>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StopBody {
+    service: String,
+    label: Option<String>,
+    client: Option<IpAddr>,
+    #[serde(default)]
+    kill: bool,
+}
+
+/// A JSON body that turns a parse failure into our 400 with a JSON error.
+struct Body<T>(T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(value)) => Ok(Body(value)),
+            Err(rejection) => Err(ApiError(ActionError::Invalid(rejection.body_text()))),
+        }
+    }
+}
+
+/// A query string that turns a parse failure into our 400 with a JSON error.
+struct Q<T>(T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S> for Q<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(Q(value)),
+            Err(rejection) => Err(ApiError(ActionError::Invalid(rejection.body_text()))),
+        }
+    }
+}
+
+async fn list_services(State(state): State<ApiState>, headers: HeaderMap) -> ApiResult {
+    run(&state, &headers, Action::ListServices).await
+}
+
+async fn add_service(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Body(body): Body<AddService>,
+) -> ApiResult {
+    run(&state, &headers, Action::AddService { name: body.name }).await
+}
+
+async fn history(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(service): Path<String>,
+) -> ApiResult {
+    run(&state, &headers, Action::History { service }).await
+}
+
+async fn show(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path((service, label)): Path<(String, String)>,
+) -> ApiResult {
+    run(&state, &headers, Action::Show { service, label }).await
+}
+
+async fn diff(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(service): Path<String>,
+    Q(query): Q<DiffQuery>,
+) -> ApiResult {
+    let action = Action::Diff {
+        service,
+        a: query.a,
+        b: query.b,
+    };
+    run(&state, &headers, action).await
+}
+
+async fn move_live(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(service): Path<String>,
+    Body(body): Body<MoveLive>,
+) -> ApiResult {
+    let action = Action::MoveLive {
+        service,
+        label: body.label,
+        reason: body.reason,
+    };
+    run(&state, &headers, action).await
+}
+
+async fn build_log(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(service): Path<String>,
+    Q(query): Q<LabelQuery>,
+) -> ApiResult {
+    let action = Action::BuildLog {
+        service,
+        label: query.label,
+    };
+    run(&state, &headers, action).await
+}
+
+async fn console_logs(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(service): Path<String>,
+    Q(query): Q<LabelQuery>,
+) -> ApiResult {
+    let action = Action::ConsoleLogs {
+        service,
+        label: query.label,
+    };
+    run(&state, &headers, action).await
+}
+
+async fn summon(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(service): Path<String>,
+    Body(body): Body<SummonBody>,
+) -> ApiResult {
+    let action = Action::Summon {
+        service,
+        label: body.label,
+        client: body.client,
+    };
+    run(&state, &headers, action).await
+}
+
+async fn instances(State(state): State<ApiState>, headers: HeaderMap) -> ApiResult {
+    run(&state, &headers, Action::ListInstances).await
+}
+
+async fn stop(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Body(body): Body<StopBody>,
+) -> ApiResult {
+    let action = Action::StopInstance {
+        service: body.service,
+        label: body.label,
+        client: body.client,
+        kill: body.kill,
+    };
+    run(&state, &headers, action).await
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn metrics_text(State(state): State<ApiState>) -> Response {
+    let text = match state.metrics.clone() {
+        // Collecting reads part state synchronously: keep it off the async workers.
+        Some(metrics) => tokio::task::spawn_blocking(move || metrics.render())
+            .await
+            .unwrap_or_default(),
+        None => String::new(),
+    };
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openapi_lists_exactly_the_routes() {
+        let document: serde_json::Value =
+            serde_json::from_str(OPENAPI).expect("openapi.json is JSON");
+        let paths = document["paths"].as_object().expect("paths object");
+        let mut documented: Vec<(String, String)> = paths
+            .iter()
+            .flat_map(|(path, item)| {
+                item.as_object()
+                    .expect("path item object")
+                    .keys()
+                    .filter(|method| {
+                        matches!(method.as_str(), "get" | "post" | "put" | "delete" | "patch")
+                    })
+                    .map(move |method| (method.clone(), path.clone()))
+            })
+            .collect();
+        documented.sort();
+        let mut routes: Vec<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| ((*m).to_owned(), (*p).to_owned()))
+            .collect();
+        routes.sort();
+        assert_eq!(documented, routes);
+    }
+
+    #[test]
+    fn token_as_bearer_or_basic_password() {
+        let mut headers = HeaderMap::new();
+        assert!(!authorized(&headers, "s3cret"));
+        headers.insert(
+            header::AUTHORIZATION,
+            "Bearer s3cret".parse().expect("header"),
+        );
+        assert!(authorized(&headers, "s3cret"));
+        assert!(!authorized(&headers, "other"));
+        // "git:s3cret"
+        headers.insert(
+            header::AUTHORIZATION,
+            "Basic Z2l0OnMzY3JldA==".parse().expect("header"),
+        );
+        assert!(authorized(&headers, "s3cret"));
+        assert!(!authorized(&headers, "s3cre"));
+    }
+}

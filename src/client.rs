@@ -1,0 +1,329 @@
+//! The CLI's side of the HTTP API: an [`Action`] sent to the daemon, a [`Reply`] back.
+//!
+//! When the daemon does not answer, actions that only need the deployment repository
+//! (history, show, diff, logs, live moves) run directly on the data directory instead.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::action::{Action, ActionError, Reply};
+use crate::engine::Engine;
+
+/// How long the CLI waits for the daemon to answer one request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Talks to the daemon, or to the data directory when the daemon is down.
+#[derive(Debug, Clone)]
+pub struct Client {
+    url: String,
+    token: Option<String>,
+    data: PathBuf,
+    zone: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    /// A client for the daemon at `url` (e.g. `http://127.0.0.1:8080`).
+    pub fn new(url: &str, token: Option<String>, data: &Path, zone: &str) -> Client {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(REQUEST_TIMEOUT))
+            .build()
+            .new_agent();
+        Client {
+            url: url.trim_end_matches('/').to_owned(),
+            token,
+            data: data.to_owned(),
+            zone: zone.to_owned(),
+            agent,
+        }
+    }
+
+    /// The daemon's base URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Carries out an action, through the daemon when it answers.
+    pub fn execute(&self, action: Action) -> Result<Reply, ActionError> {
+        match self.remote(&action) {
+            Err(RemoteError::Unreachable(reason)) => {
+                if needs_daemon(&action) {
+                    return Err(ActionError::Unavailable(format!(
+                        "The daemon at {} does not answer ({reason}): start it with `revboot serve`",
+                        self.url
+                    )));
+                }
+                let store = revboot_store::Store::open(self.data.join("deploy.git")).map_err(
+                    |error| {
+                        ActionError::Unavailable(format!(
+                            "The daemon at {} does not answer ({reason}) and {} holds no deployment repository: {error}",
+                            self.url,
+                            self.data.display()
+                        ))
+                    },
+                )?;
+                Engine::offline(store, &self.zone).execute(action)
+            }
+            Err(RemoteError::Action(error)) => Err(error),
+            Ok(reply) => Ok(reply),
+        }
+    }
+
+    fn remote(&self, action: &Action) -> Result<Reply, RemoteError> {
+        let (method, path, body) = route(action);
+        let url = format!("{}{path}", self.url);
+        let mut response = match method {
+            Method::Get => {
+                let mut request = self.agent.get(&url);
+                if let Some(token) = &self.token {
+                    request = request.header("authorization", &format!("Bearer {token}"));
+                }
+                request.call()
+            }
+            Method::Post => {
+                let mut request = self.agent.post(&url);
+                if let Some(token) = &self.token {
+                    request = request.header("authorization", &format!("Bearer {token}"));
+                }
+                request.send_json(body.unwrap_or(serde_json::Value::Null))
+            }
+        }
+        .map_err(|error| match error {
+            ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => {
+                RemoteError::Unreachable(error.to_string())
+            }
+            other => RemoteError::Action(ActionError::Unavailable(format!(
+                "Request to {url} failed: {other}"
+            ))),
+        })?;
+        let status = response.status();
+        let text = response.body_mut().read_to_string().map_err(|error| {
+            RemoteError::Action(ActionError::Internal(format!(
+                "Unreadable answer from {url}: {error}"
+            )))
+        })?;
+        if status.is_success() {
+            let reply = parse_reply(action, &text).map_err(|error| {
+                RemoteError::Action(ActionError::Internal(format!(
+                    "Unexpected answer from {url}: {error}"
+                )))
+            })?;
+            return Ok(reply);
+        }
+        let error: ActionError = serde_json::from_str(&text).unwrap_or_else(|_| {
+            ActionError::Internal(format!("{url} answered {status}: {}", text.trim()))
+        });
+        Err(RemoteError::Action(error))
+    }
+}
+
+enum RemoteError {
+    Unreachable(String),
+    Action(ActionError),
+}
+
+enum Method {
+    Get,
+    Post,
+}
+
+fn needs_daemon(action: &Action) -> bool {
+    matches!(
+        action,
+        Action::AddService { .. }
+            | Action::ListInstances
+            | Action::StopInstance { .. }
+            | Action::Summon { .. }
+    )
+}
+
+fn encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+fn json<T: Serialize>(value: T) -> Option<serde_json::Value> {
+    Some(serde_json::to_value(value).expect("request bodies are plain data"))
+}
+
+fn route(action: &Action) -> (Method, String, Option<serde_json::Value>) {
+    use serde_json::json as j;
+    let label_query = |label: &Option<String>| match label {
+        Some(label) => format!("?label={}", encode(label)),
+        None => String::new(),
+    };
+    match action {
+        Action::AddService { name } => (
+            Method::Post,
+            "/api/v1/services".into(),
+            json(j!({ "name": name })),
+        ),
+        Action::ListServices => (Method::Get, "/api/v1/services".into(), None),
+        Action::History { service } => (
+            Method::Get,
+            format!("/api/v1/services/{}/deployments", encode(service)),
+            None,
+        ),
+        Action::Show { service, label } => (
+            Method::Get,
+            format!(
+                "/api/v1/services/{}/deployments/{}",
+                encode(service),
+                encode(label)
+            ),
+            None,
+        ),
+        Action::Diff { service, a, b } => (
+            Method::Get,
+            format!(
+                "/api/v1/services/{}/diff?a={}&b={}",
+                encode(service),
+                encode(a),
+                encode(b)
+            ),
+            None,
+        ),
+        Action::MoveLive {
+            service,
+            label,
+            reason,
+        } => (
+            Method::Post,
+            format!("/api/v1/services/{}/live", encode(service)),
+            json(j!({ "label": label, "reason": reason })),
+        ),
+        Action::ListInstances => (Method::Get, "/api/v1/instances".into(), None),
+        Action::StopInstance {
+            service,
+            label,
+            client,
+            kill,
+        } => (
+            Method::Post,
+            "/api/v1/instances/stop".into(),
+            json(j!({ "service": service, "label": label, "client": client, "kill": kill })),
+        ),
+        Action::BuildLog { service, label } => (
+            Method::Get,
+            format!(
+                "/api/v1/services/{}/logs/build{}",
+                encode(service),
+                label_query(label)
+            ),
+            None,
+        ),
+        Action::ConsoleLogs { service, label } => (
+            Method::Get,
+            format!(
+                "/api/v1/services/{}/logs/console{}",
+                encode(service),
+                label_query(label)
+            ),
+            None,
+        ),
+        Action::Summon {
+            service,
+            label,
+            client,
+        } => (
+            Method::Post,
+            format!("/api/v1/services/{}/summon", encode(service)),
+            json(j!({ "label": label, "client": client })),
+        ),
+    }
+}
+
+/// Parses a successful answer as the reply kind the action produces.
+fn parse_reply(action: &Action, text: &str) -> Result<Reply, serde_json::Error> {
+    Ok(match action {
+        Action::AddService { .. } => Reply::ServiceAdded(serde_json::from_str(text)?),
+        Action::ListServices => Reply::Services(serde_json::from_str(text)?),
+        Action::History { .. } => Reply::History(serde_json::from_str(text)?),
+        Action::Show { .. } => Reply::Show(serde_json::from_str(text)?),
+        Action::Diff { .. } => Reply::Diff(serde_json::from_str(text)?),
+        Action::MoveLive { .. } => Reply::Moved(serde_json::from_str(text)?),
+        Action::ListInstances => Reply::Instances(serde_json::from_str(text)?),
+        Action::StopInstance { .. } => Reply::Stopped(serde_json::from_str(text)?),
+        Action::BuildLog { .. } => Reply::BuildLog(serde_json::from_str(text)?),
+        Action::ConsoleLogs { .. } => Reply::Console(serde_json::from_str(text)?),
+        Action::Summon { .. } => Reply::Summoned(serde_json::from_str(text)?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_routed_path_is_an_api_route() {
+        let actions = [
+            Action::AddService { name: "a".into() },
+            Action::ListServices,
+            Action::History {
+                service: "a".into(),
+            },
+            Action::Show {
+                service: "a".into(),
+                label: "b".into(),
+            },
+            Action::Diff {
+                service: "a".into(),
+                a: "b".into(),
+                b: "c".into(),
+            },
+            Action::MoveLive {
+                service: "a".into(),
+                label: "b".into(),
+                reason: crate::action::MoveReason::Rollback,
+            },
+            Action::ListInstances,
+            Action::StopInstance {
+                service: "a".into(),
+                label: None,
+                client: None,
+                kill: false,
+            },
+            Action::BuildLog {
+                service: "a".into(),
+                label: Some("x/y".into()),
+            },
+            Action::ConsoleLogs {
+                service: "a".into(),
+                label: None,
+            },
+            Action::Summon {
+                service: "a".into(),
+                label: None,
+                client: None,
+            },
+        ];
+        for action in &actions {
+            let (method, path, _) = route(action);
+            let method = match method {
+                Method::Get => "get",
+                Method::Post => "post",
+            };
+            let path = path.split('?').next().expect("a path");
+            let matched = crate::api::ROUTES.iter().any(|(m, pattern)| {
+                *m == method && {
+                    let a: Vec<&str> = pattern.split('/').collect();
+                    let b: Vec<&str> = path.split('/').collect();
+                    a.len() == b.len()
+                        && a.iter().zip(&b).all(|(p, s)| p.starts_with('{') || p == s)
+                }
+            });
+            assert!(matched, "{method} {path} is not a route");
+        }
+        assert_eq!(encode("x/y z"), "x%2Fy%20z");
+    }
+}

@@ -1,0 +1,333 @@
+//! The daemon's configuration: `revbootd.toml`.
+//!
+//! The file is named so that it cannot be confused with a service's `revboot.toml`. Every
+//! key has a named default, so an empty file (or no file) is a working local setup; CLI flags
+//! override the file. A typo is an error that names the key and line.
+//!
+//! ```toml
+//! data = "./revboot-data"
+//! zone = "revboot.test"
+//!
+//! [dns]
+//! listen = "127.0.0.1:5353"
+//! ttl_secs = 1
+//!
+//! [http]
+//! listen = "127.0.0.1:8080"
+//! token = "change-me"        # push and API writes; default: generated into the data dir
+//!
+//! [instances]
+//! pool = "127.77.0.0/16"
+//! max_total = 256
+//! max_per_service = 64
+//! ```
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The default name of the daemon configuration file.
+pub const FILE_NAME: &str = "revbootd.toml";
+
+/// The whole daemon configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The data directory: repositories, state, caches.
+    pub data: PathBuf,
+    /// The DNS zone revboot is authoritative for.
+    pub zone: String,
+    /// The DNS server.
+    pub dns: Dns,
+    /// The HTTP server: git smart HTTP, the API, metrics.
+    pub http: Http,
+    /// Instances and their limits.
+    pub instances: Instances,
+    /// Builds.
+    pub builds: Builds,
+}
+
+/// `[dns]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Dns {
+    /// UDP and TCP address to serve on.
+    pub listen: SocketAddr,
+    /// TTL of instance answers.
+    pub ttl_secs: u32,
+    /// Delay answers until the instance is ready (for setups without the proxy).
+    pub delayed_answers: bool,
+    /// Trust EDNS Client Subnet to pick per-client instances.
+    pub trust_ecs: bool,
+}
+
+/// `[http]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http {
+    /// Address to serve on.
+    pub listen: SocketAddr,
+    /// The token for pushes and API writes; generated into the data dir when absent.
+    pub token: Option<String>,
+    /// Allow clone/fetch without a token.
+    pub anonymous_fetch: bool,
+}
+
+/// `[instances]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Instances {
+    /// The pool service addresses come from, as `address/prefix`.
+    pub pool: String,
+    /// Cap on running instances.
+    pub max_total: usize,
+    /// Cap on running instances of one service.
+    pub max_per_service: usize,
+    /// Cap on per-client instances of one service.
+    pub max_clients_per_service: usize,
+    /// Tender accelerator for qemu: `auto`, `kvm` or `tcg`.
+    pub qemu_accel: String,
+    /// Replaces every manifest's idle timeout, in milliseconds (demos, tests).
+    pub idle_timeout_ms: Option<u64>,
+}
+
+/// `[builds]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Builds {
+    /// Builds of different services that may run at once; 0 = number of cores.
+    pub parallel: usize,
+    /// Cap on queued builds.
+    pub queue: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data: PathBuf::from("revboot-data"),
+            zone: "revboot.test".to_owned(),
+            dns: Dns::default(),
+            http: Http::default(),
+            instances: Instances::default(),
+            builds: Builds::default(),
+        }
+    }
+}
+
+impl Default for Dns {
+    fn default() -> Self {
+        Dns {
+            listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 5353),
+            ttl_secs: 1,
+            delayed_answers: false,
+            trust_ecs: false,
+        }
+    }
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Http {
+            listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080),
+            token: None,
+            anonymous_fetch: true,
+        }
+    }
+}
+
+impl Default for Instances {
+    fn default() -> Self {
+        Instances {
+            pool: "127.77.0.0/16".to_owned(),
+            max_total: 256,
+            max_per_service: 64,
+            max_clients_per_service: 32,
+            qemu_accel: "auto".to_owned(),
+            idle_timeout_ms: None,
+        }
+    }
+}
+
+impl Default for Builds {
+    fn default() -> Self {
+        Builds {
+            parallel: 0,
+            queue: 64,
+        }
+    }
+}
+
+/// Why a configuration was rejected.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("Cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or has an unknown key.
+    #[error("{FILE_NAME}{}: {message}", line.map(|l| format!(", line {l}")).unwrap_or_default())]
+    Syntax {
+        /// 1-based line, when known.
+        line: Option<usize>,
+        /// The parser's message, naming the key.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("{FILE_NAME}: `{key}`: {message}")]
+    Invalid {
+        /// The dotted key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn read(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml(&text)
+    }
+
+    /// Parses and validates configuration text.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|error| ConfigError::Syntax {
+            line: error
+                .span()
+                .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1),
+            message: error.message().trim().to_owned(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values the schema cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| ConfigError::Invalid {
+            key,
+            message: message.to_owned(),
+        };
+        if !is_dns_name(&self.zone) {
+            return Err(invalid("zone", "must be a DNS name like `revboot.test`"));
+        }
+        self.pool().map_err(|message| ConfigError::Invalid {
+            key: "instances.pool",
+            message,
+        })?;
+        if self.instances.max_total == 0 || self.instances.max_per_service == 0 {
+            return Err(invalid("instances.max_total", "caps must be at least 1"));
+        }
+        if self.instances.max_per_service > self.instances.max_total {
+            return Err(invalid(
+                "instances.max_per_service",
+                "cannot exceed instances.max_total",
+            ));
+        }
+        if !matches!(self.instances.qemu_accel.as_str(), "auto" | "kvm" | "tcg") {
+            return Err(invalid(
+                "instances.qemu_accel",
+                "must be `auto`, `kvm` or `tcg`",
+            ));
+        }
+        if self.builds.queue == 0 {
+            return Err(invalid("builds.queue", "must be at least 1"));
+        }
+        if self.dns.ttl_secs > 86_400 {
+            return Err(invalid("dns.ttl_secs", "must be at most 86400"));
+        }
+        Ok(())
+    }
+
+    /// The address pool as (network, prefix length).
+    pub fn pool(&self) -> Result<(IpAddr, u8), String> {
+        let (address, prefix) = self
+            .instances
+            .pool
+            .split_once('/')
+            .ok_or_else(|| format!("`{}` is not `address/prefix`", self.instances.pool))?;
+        let address: IpAddr = address
+            .parse()
+            .map_err(|_| format!("`{address}` is not an IP address"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .map_err(|_| format!("`{prefix}` is not a prefix length"))?;
+        let max = if address.is_ipv4() { 32 } else { 128 };
+        if prefix > max || (address.is_ipv4() && prefix < 8) {
+            return Err(format!("prefix /{prefix} is out of range"));
+        }
+        if !address.is_loopback() {
+            return Err(format!(
+                "{address} is not a loopback address; revboot's local mode serves on loopback only"
+            ));
+        }
+        Ok((address, prefix))
+    }
+
+    /// The number of builds that may run at once.
+    pub fn parallel_builds(&self) -> usize {
+        match self.builds.parallel {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+fn is_dns_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 200
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        let config = Config::from_toml("").expect("defaults are valid");
+        assert_eq!(config, Config::default());
+        assert_eq!(config.dns.listen.port(), 5353);
+        assert_eq!(config.http.listen.port(), 8080);
+        assert_eq!(config.zone, "revboot.test");
+    }
+
+    #[test]
+    fn typo_names_key_and_line() {
+        let error = Config::from_toml("zone = \"a.test\"\n[dns]\nlisen = \"127.0.0.1:53\"\n")
+            .expect_err("typo");
+        let message = error.to_string();
+        assert!(message.contains("lisen"), "{message}");
+        assert!(message.contains("line 3"), "{message}");
+    }
+
+    #[test]
+    fn non_loopback_pool_is_refused() {
+        let error = Config::from_toml("[instances]\npool = \"10.0.0.0/16\"\n").expect_err("pool");
+        assert!(error.to_string().contains("instances.pool"), "{error}");
+    }
+
+    #[test]
+    fn bad_zone_is_refused() {
+        assert!(Config::from_toml("zone = \"not a zone\"").is_err());
+        assert!(Config::from_toml("zone = \"ok.example\"").is_ok());
+    }
+}

@@ -1,0 +1,424 @@
+//! `revboot serve`: one daemon that wires every part.
+//!
+//! 1. The data directory: `deploy.git` (the store), `src/` (source repositories, the
+//!    builder's), `deployer/` (redb state, image cache, scratch), `token` (generated when
+//!    the configuration names none; mode 0600).
+//! 2. The deployer boots instances; its own sockets bind ephemeral ports on each service
+//!    address, because the handshake proxy owns `address:port`.
+//! 3. The proxy wraps the deployer (it implements the same `Instances` trait): a summon
+//!    binds the listener before the address is handed out.
+//! 4. The DNS server answers from the proxy.
+//! 5. One HTTP server carries git smart HTTP (the builder's router), the API and `/metrics`.
+//! 6. SIGTERM or SIGINT: stop accepting HTTP and DNS, mark running builds interrupted, stop
+//!    instances (their logs go back to the store), then exit.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use revboot_builder::{Builder, BuilderConfig};
+use revboot_deployer::{BackendPort, Deployer, DeployerConfig, InstanceKey, Instances};
+use revboot_dns::{DnsConfig, DnsServer};
+use revboot_proxy::{Proxy, ProxyConfig};
+use revboot_store::Store;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::action::{Action, ActionError, InstanceView, Reply, SummonView};
+use crate::config::Config;
+use crate::engine::{Engine, Runtime, error_chain, resolve_error};
+use crate::metrics::DaemonMetrics;
+
+/// How long a stop or kill through the API waits for the instance to end.
+const STOP_WAIT: Duration = Duration::from_secs(15);
+
+/// Where a running daemon answers.
+#[derive(Debug, Clone)]
+pub struct DaemonInfo {
+    /// The HTTP address (git, API, metrics).
+    pub http: SocketAddr,
+    /// The DNS address (UDP and TCP).
+    pub dns: SocketAddr,
+    /// The token for pushes and API writes.
+    pub token: String,
+    /// The data directory.
+    pub data: PathBuf,
+    /// The zone.
+    pub zone: String,
+}
+
+impl DaemonInfo {
+    /// The git remote URL of a service, with the token as password.
+    pub fn remote(&self, service: &str) -> String {
+        format!("http://git:{}@{}/git/{service}.git", self.token, self.http)
+    }
+}
+
+/// The daemon's instance-related actions, over the deployer and the proxy.
+struct DaemonRuntime {
+    store: Store,
+    zone: String,
+    builder: Builder,
+    deployer: Arc<Deployer>,
+    front: Arc<dyn Instances>,
+    handle: tokio::runtime::Handle,
+}
+
+impl Runtime for DaemonRuntime {
+    fn add_service(&self, name: &str) -> Result<(), ActionError> {
+        self.handle
+            .block_on(self.builder.add_service(name))
+            .map(|_| ())
+            .map_err(|error| {
+                let text = error_chain(&error);
+                if text.contains("exists") {
+                    ActionError::Conflict(text)
+                } else {
+                    ActionError::Invalid(text)
+                }
+            })
+    }
+
+    fn instances(&self, action: &Action) -> Result<Reply, ActionError> {
+        match action {
+            Action::ListInstances => Ok(Reply::Instances(
+                self.deployer.list().iter().map(instance_view).collect(),
+            )),
+            Action::StopInstance {
+                service,
+                label,
+                client,
+                kill,
+            } => {
+                let revision = self
+                    .store
+                    .resolve(service, label.as_deref())
+                    .map_err(resolve_error)?;
+                let key = InstanceKey {
+                    service: service.clone(),
+                    revision,
+                    client: *client,
+                };
+                let info = self
+                    .deployer
+                    .list()
+                    .into_iter()
+                    .find(|info| info.key == key)
+                    .ok_or_else(|| ActionError::NotFound(format!("No running instance {key}")))?;
+                let state = if *kill {
+                    self.deployer.kill(&key)
+                } else {
+                    self.deployer.stop(&key)
+                }
+                .map_err(|error| ActionError::NotFound(error.to_string()))?;
+                let final_state = self.handle.block_on(wait_final(state));
+                let mut view = instance_view(&info);
+                view.state = final_state;
+                Ok(Reply::Stopped(view))
+            }
+            Action::Summon {
+                service,
+                label,
+                client,
+            } => {
+                let resolved = self
+                    .front
+                    .resolve(service, label.as_deref())
+                    .map_err(|error| match error {
+                        revboot_deployer::ResolveError::Ambiguous { .. } => {
+                            ActionError::Ambiguous(error.to_string())
+                        }
+                        revboot_deployer::ResolveError::NotBootable { .. } => {
+                            ActionError::Conflict(error.to_string())
+                        }
+                        revboot_deployer::ResolveError::Store(_) => {
+                            ActionError::Internal(error.to_string())
+                        }
+                        _ => ActionError::NotFound(error.to_string()),
+                    })?;
+                let summoned = self
+                    .front
+                    .summon(service, &resolved.revision, *client)
+                    .map_err(|error| ActionError::Unavailable(error.to_string()))?;
+                Ok(Reply::Summoned(SummonView {
+                    revision: resolved.revision.to_hex(),
+                    dns_name: format!("{}.{service}.{}", resolved.revision.short(7), self.zone),
+                    address: summoned.address.to_string(),
+                    port: summoned.port,
+                }))
+            }
+            other => Err(ActionError::Internal(format!(
+                "{other:?} is not an instance action"
+            ))),
+        }
+    }
+}
+
+async fn wait_final(mut state: watch::Receiver<revboot_deployer::InstanceState>) -> String {
+    let waited = tokio::time::timeout(STOP_WAIT, state.wait_for(|s| s.is_final()))
+        .await
+        .map(|result| result.map(|state| state_word(&state)));
+    match waited {
+        Ok(Ok(word)) => word,
+        _ => state_word(&state.borrow()),
+    }
+}
+
+/// The word `ps` shows for a state.
+pub fn state_word(state: &revboot_deployer::InstanceState) -> String {
+    use revboot_deployer::InstanceState as S;
+    match state {
+        S::Cold => "cold".into(),
+        S::Booting => "booting".into(),
+        S::Ready => "ready".into(),
+        S::Idle => "idle".into(),
+        S::Stopped => "stopped".into(),
+        S::Crashed { reason } => format!("crashed: {reason}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+fn instance_view(info: &revboot_deployer::InstanceInfo) -> InstanceView {
+    InstanceView {
+        service: info.key.service.clone(),
+        revision: info.key.revision.to_hex(),
+        client: info.key.client.map(|c| c.to_string()),
+        address: info.address.to_string(),
+        state: state_word(&info.state),
+        uptime_ms: u64::try_from(info.uptime.as_millis()).unwrap_or(u64::MAX),
+        connections: info.connections,
+    }
+}
+
+/// Reads the token from the configuration, or from `<data>/token`, generating it once.
+pub fn token(config: &Config) -> anyhow::Result<String> {
+    if let Some(token) = &config.http.token {
+        return Ok(token.clone());
+    }
+    let path = config.data.join("token");
+    match std::fs::read_to_string(&path) {
+        Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_owned()),
+        Ok(_) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error).with_context(|| format!("Cannot read {}", path.display())),
+    }
+    let token = generate_token()?;
+    write_private(&path, &token)?;
+    Ok(token)
+}
+
+fn generate_token() -> anyhow::Result<String> {
+    use std::io::Read as _;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("Cannot read /dev/urandom for a token")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let temporary = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temporary)
+        .with_context(|| format!("Cannot write {}", temporary.display()))?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)
+        .with_context(|| format!("Cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// A daemon that has started: every part is listening.
+pub struct Daemon {
+    info: DaemonInfo,
+    builder: Builder,
+    deployer: Arc<Deployer>,
+    proxy: Arc<Proxy>,
+    dns: revboot_dns::RunningServer,
+    http: tokio::task::JoinHandle<std::io::Result<()>>,
+    stop_http: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Daemon {
+    /// Starts every part on the current tokio runtime.
+    pub async fn start(config: Config) -> anyhow::Result<Daemon> {
+        config.validate()?;
+        std::fs::create_dir_all(&config.data).with_context(|| {
+            format!("Cannot create the data directory {}", config.data.display())
+        })?;
+        let data = std::fs::canonicalize(&config.data)?;
+        let token = token(&config)?;
+        let store = Store::init(data.join("deploy.git"))
+            .context("Cannot open the deployment repository")?;
+
+        let mut deployer_config = DeployerConfig::new(data.join("deployer"));
+        deployer_config.pool = config
+            .instances
+            .pool
+            .parse()
+            .map_err(|error| anyhow::anyhow!("instances.pool: {error}"))?;
+        deployer_config.backend_port = BackendPort::Ephemeral;
+        deployer_config.max_instances = config.instances.max_total;
+        deployer_config.max_per_service = config.instances.max_per_service;
+        deployer_config.max_clients_per_service = config.instances.max_clients_per_service;
+        deployer_config.idle_timeout_override_ms = config.instances.idle_timeout_ms;
+        let deployer = Deployer::new(
+            deployer_config,
+            store.clone(),
+            tokio::runtime::Handle::current(),
+        )
+        .context("Cannot start the deployer")?;
+
+        let proxy = Proxy::new(ProxyConfig::default(), deployer.clone());
+        let front: Arc<dyn Instances> = proxy.clone();
+
+        let dns_config = DnsConfig {
+            listen: config.dns.listen,
+            zone: config.zone.clone(),
+            ttl: Duration::from_secs(u64::from(config.dns.ttl_secs)),
+            delayed_answers: config.dns.delayed_answers,
+            trust_ecs: config.dns.trust_ecs,
+            ..DnsConfig::default()
+        };
+        let dns = DnsServer::bind(dns_config, front.clone())
+            .await
+            .with_context(|| format!("Cannot serve DNS on {}", config.dns.listen))?;
+        let dns_metrics = dns.metrics();
+        let dns = dns.spawn();
+
+        let listener = tokio::net::TcpListener::bind(config.http.listen)
+            .await
+            .with_context(|| format!("Cannot serve HTTP on {}", config.http.listen))?;
+        let http_addr = listener.local_addr()?;
+
+        let mut builder_config = BuilderConfig::new(
+            &data,
+            store.clone(),
+            config.zone.clone(),
+            format!("http://{http_addr}"),
+        );
+        builder_config.push_tokens = vec![token.clone()];
+        builder_config.anonymous_fetch = config.http.anonymous_fetch;
+        builder_config.max_parallel = config.parallel_builds();
+        builder_config.max_queued = config.builds.queue;
+        let builder = Builder::start(builder_config)
+            .await
+            .context("Cannot start the builder")?;
+
+        let runtime = Arc::new(DaemonRuntime {
+            store: store.clone(),
+            zone: config.zone.clone(),
+            builder: builder.clone(),
+            deployer: deployer.clone(),
+            front,
+            handle: tokio::runtime::Handle::current(),
+        });
+        let engine = Engine::with_runtime(store.clone(), &config.zone, runtime);
+        let metrics = Arc::new(DaemonMetrics::new(
+            dns_metrics,
+            proxy.clone(),
+            deployer.clone(),
+            builder.clone(),
+        ));
+        let app = crate::api::router(engine, &token, Some(metrics)).merge(builder.router());
+        let (stop_http, mut stopped) = watch::channel(false);
+        let http = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                })
+                .await
+        });
+        let info = DaemonInfo {
+            http: http_addr,
+            dns: dns.local_addr(),
+            token,
+            data,
+            zone: config.zone.clone(),
+        };
+        info!(http = %info.http, dns = %info.dns, data = %info.data.display(), zone = %info.zone, "revboot is serving");
+        Ok(Daemon {
+            info,
+            builder,
+            deployer,
+            proxy,
+            dns,
+            http,
+            stop_http,
+        })
+    }
+
+    /// Where it answers.
+    pub fn info(&self) -> &DaemonInfo {
+        &self.info
+    }
+
+    /// Stops gracefully: HTTP and DNS stop accepting, running builds are marked interrupted,
+    /// instances are stopped and their logs written back.
+    pub async fn shutdown(self) {
+        info!("revboot shutting down");
+        let _ = self.stop_http.send(true);
+        if let Err(error) = self.dns.shutdown().await {
+            warn!(%error, "DNS server did not stop cleanly");
+        }
+        self.builder.shutdown().await;
+        self.proxy.shutdown();
+        self.deployer.shutdown().await;
+        match tokio::time::timeout(Duration::from_secs(10), self.http).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => warn!(%error, "HTTP server ended with an error"),
+            Ok(Err(error)) => warn!(%error, "HTTP server task failed"),
+            Err(_) => warn!("HTTP server did not stop within 10s"),
+        }
+        info!("revboot stopped");
+    }
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+pub async fn termination() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        warn!("cannot listen for signals; stop the daemon with SIGKILL");
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let daemon = Daemon::start(config).await?;
+    let info = daemon.info().clone();
+    tracing::info!(
+        "push with: git push {} main  |  dig @{} -p {} <ref>.<service>.{}",
+        info.remote("<service>"),
+        info.dns.ip(),
+        info.dns.port(),
+        info.zone
+    );
+    termination().await;
+    daemon.shutdown().await;
+    Ok(())
+}

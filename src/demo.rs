@@ -1,0 +1,174 @@
+//! `revboot demo`: the whole journey on one machine, in one command.
+//!
+//! 1. Start the daemon with the embedded defaults (or the configuration given).
+//! 2. Copy `examples/hello` into `<data>/demo/hello`, make it a git repository and push it
+//!    with stock git over smart HTTP, as a user would: revision `v1`.
+//! 3. Change its `REVISION` line, commit and push again: `v2` goes live.
+//! 4. Print what to try (`dig`, `curl --resolve`, `revboot log`, `revboot rollback`) and keep
+//!    serving until SIGINT/SIGTERM (or stop at once with `--once`).
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use anyhow::{Context as _, bail};
+use tokio::process::Command;
+
+use crate::config::Config;
+use crate::daemon::{Daemon, DaemonInfo, termination};
+
+/// Runs the demo.
+pub async fn demo(config: Config, examples: &Path, once: bool) -> anyhow::Result<()> {
+    let examples = if examples.join("hello").join("revboot.toml").exists() {
+        examples.to_owned()
+    } else {
+        crate::run::default_examples()
+    };
+    let daemon = Daemon::start(config).await?;
+    let info = daemon.info().clone();
+    let result = push_examples(&info, &examples).await;
+    match result {
+        Ok(()) => say(&instructions(&info)),
+        Err(error) => {
+            say(&format!("demo: {error:#}\n"));
+            daemon.shutdown().await;
+            return Err(error);
+        }
+    }
+    if !once {
+        termination().await;
+    }
+    daemon.shutdown().await;
+    Ok(())
+}
+
+fn say(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
+}
+
+async fn push_examples(info: &DaemonInfo, examples: &Path) -> anyhow::Result<()> {
+    let work = info.data.join("demo").join("hello");
+    if work.join(".git").exists() {
+        say(&format!(
+            "demo: {} was pushed before; pushing it again\n",
+            work.display()
+        ));
+        return push(info, &work).await;
+    }
+    copy_tree(&examples.join("hello"), &work)?;
+    git(&work, &["init", "-q", "-b", "main"]).await?;
+    git(&work, &["add", "."]).await?;
+    git(&work, &["commit", "-q", "-m", "hello v1"]).await?;
+    say("demo: pushing hello v1 with git push\n");
+    push(info, &work).await?;
+
+    let main = work.join("src").join("main.rs");
+    let source = std::fs::read_to_string(&main)?;
+    let changed = source.replacen(
+        "const REVISION: &str = \"v1\";",
+        "const REVISION: &str = \"v2\";",
+        1,
+    );
+    if changed == source {
+        bail!(
+            "{} has no `const REVISION: &str = \"v1\";` line to change",
+            main.display()
+        );
+    }
+    std::fs::write(&main, changed)?;
+    git(&work, &["commit", "-q", "-am", "hello v2"]).await?;
+    say("demo: pushing hello v2\n");
+    push(info, &work).await
+}
+
+async fn push(info: &DaemonInfo, work: &Path) -> anyhow::Result<()> {
+    let status = Command::new("git")
+        .args(["push", &info.remote("hello"), "main"])
+        .current_dir(work)
+        .stdin(Stdio::null())
+        .status()
+        .await
+        .context("Cannot run git push")?;
+    if !status.success() {
+        bail!("git push failed ({status})");
+    }
+    Ok(())
+}
+
+async fn git(work: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let output = Command::new("git")
+        .args([
+            "-c",
+            "user.name=revboot demo",
+            "-c",
+            "user.email=demo@revboot.test",
+        ])
+        .args(args)
+        .current_dir(work)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .context("Cannot run git")?;
+    if !output.status.success() {
+        bail!(
+            "git {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Copies a source tree, leaving out build output.
+fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("Cannot create {}", to.display()))?;
+    for entry in
+        std::fs::read_dir(from).with_context(|| format!("Cannot read {}", from.display()))?
+    {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name == "target" || name == ".git" {
+            continue;
+        }
+        let target: PathBuf = to.join(&name);
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+fn instructions(info: &DaemonInfo) -> String {
+    let dns = info.dns;
+    let zone = &info.zone;
+    let http = info.http;
+    let data = info.data.display();
+    format!(
+        "
+revboot is serving.
+  DNS   {dns} (UDP and TCP), zone {zone}
+  HTTP  http://{http}  (git smart HTTP at /git/<service>.git, API at /api/v1, /metrics)
+  data  {data}
+
+Try:
+  # the live revision, and every revision by name (the first query boots it):
+  dig @{ip} -p {port} hello.{zone}
+  revboot --data {data} log hello
+  # a request through the handshake proxy:
+  curl --resolve hello.{zone}:8080:$(dig +short @{ip} -p {port} hello.{zone}) http://hello.{zone}:8080/
+  # roll back to v1 (use the revision `revboot log` shows for v1):
+  revboot --data {data} rollback hello <v1-revision>
+  # push your own change:
+  cd {data}/demo/hello && $EDITOR src/main.rs && git commit -am change && git push {remote} main
+
+Stop with Ctrl-C.
+",
+        ip = dns.ip(),
+        port = dns.port(),
+        remote = info.remote("hello"),
+    )
+}

@@ -1,0 +1,302 @@
+//! The engine: carries out [`Action`]s against the store, the builder and the deployer.
+//!
+//! The engine is what the HTTP API calls in the daemon, and what the CLI calls directly
+//! (store only) when no daemon is running and the action only reads.
+
+use std::sync::Arc;
+
+use revboot_store::{Deployment, ResolveError, Revision, Store};
+
+use crate::action::{
+    Action, ActionError, BuildLogView, ConsoleView, DeploymentView, DiffView, MoveReason, MoveView,
+    Reply, ServiceView, ShowView,
+};
+
+/// The running parts an engine may have beside the store.
+pub trait Runtime: Send + Sync + 'static {
+    /// Creates a service (its source repository).
+    fn add_service(&self, name: &str) -> Result<(), ActionError>;
+    /// Runs an instance-related action (list, stop, summon).
+    fn instances(&self, action: &Action) -> Result<Reply, ActionError>;
+}
+
+/// Carries out actions.
+#[derive(Clone)]
+pub struct Engine {
+    store: Store,
+    zone: String,
+    runtime: Option<Arc<dyn Runtime>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("store", &self.store.path())
+            .field("zone", &self.zone)
+            .field("runtime", &self.runtime.is_some())
+            .finish()
+    }
+}
+
+impl Engine {
+    /// An engine over the store alone: reads and live moves work; instances and service
+    /// creation need the daemon.
+    pub fn offline(store: Store, zone: &str) -> Engine {
+        Engine {
+            store,
+            zone: zone.to_owned(),
+            runtime: None,
+        }
+    }
+
+    /// An engine with the daemon's running parts.
+    pub fn with_runtime(store: Store, zone: &str, runtime: Arc<dyn Runtime>) -> Engine {
+        Engine {
+            store,
+            zone: zone.to_owned(),
+            runtime: Some(runtime),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The zone.
+    pub fn zone(&self) -> &str {
+        &self.zone
+    }
+
+    /// Carries out one action.
+    pub fn execute(&self, action: Action) -> Result<Reply, ActionError> {
+        match &action {
+            Action::AddService { name } => {
+                let runtime = self.runtime()?;
+                runtime.add_service(name)?;
+                Ok(Reply::ServiceAdded(ServiceView {
+                    name: name.clone(),
+                    live: None,
+                    deployments: 0,
+                    dns_name: format!("{name}.{}", self.zone),
+                }))
+            }
+            Action::ListServices => self.services().map(Reply::Services),
+            Action::History { service } => {
+                let history = self.store.history(service).map_err(read_error)?;
+                Ok(Reply::History(
+                    history.iter().map(|d| self.view(d)).collect(),
+                ))
+            }
+            Action::Show { service, label } => {
+                let deployment = self.deployment(service, Some(label))?;
+                let manifest = self
+                    .store
+                    .manifest_text(&deployment.revision)
+                    .map_err(read_error)?;
+                let labels = self
+                    .store
+                    .labels(service, &deployment.revision)
+                    .map_err(read_error)?;
+                Ok(Reply::Show(Box::new(ShowView {
+                    deployment: self.view(&deployment),
+                    manifest,
+                    labels,
+                })))
+            }
+            Action::Diff { service, a, b } => {
+                let a = self.revision(service, Some(a))?;
+                let b = self.revision(service, Some(b))?;
+                let diff = self.store.diff(service, &a, &b).map_err(read_error)?;
+                Ok(Reply::Diff(DiffView {
+                    a: a.to_hex(),
+                    b: b.to_hex(),
+                    manifest: diff.manifest,
+                    image_size: diff.image_size,
+                    image_changed: diff.image_changed,
+                }))
+            }
+            Action::MoveLive {
+                service,
+                label,
+                reason,
+            } => self.move_live(service, label, *reason),
+            Action::BuildLog { service, label } => {
+                let deployment = self.deployment(service, label.as_deref())?;
+                let log = self
+                    .store
+                    .build_log(&deployment.revision)
+                    .map_err(read_error)?;
+                Ok(Reply::BuildLog(BuildLogView {
+                    revision: deployment.revision.to_hex(),
+                    status: deployment.status.to_string(),
+                    log: String::from_utf8_lossy(&log).into_owned(),
+                }))
+            }
+            Action::ConsoleLogs { service, label } => {
+                let only = match label {
+                    Some(label) => Some(self.revision(service, Some(label))?),
+                    None => None,
+                };
+                let records = self.store.runtime_logs(service).map_err(read_error)?;
+                Ok(Reply::Console(
+                    records
+                        .into_iter()
+                        .filter(|record| only.is_none_or(|only| record.revision == only))
+                        .map(|record| ConsoleView {
+                            revision: record.revision.to_hex(),
+                            client: record.client.map(|c| c.to_string()),
+                            started_at_ms: record.started_at_ms,
+                            boot_ms: record.boot_ms,
+                            lifetime_ms: record.lifetime_ms,
+                            outcome: record.outcome,
+                            console: String::from_utf8_lossy(&record.console).into_owned(),
+                        })
+                        .collect(),
+                ))
+            }
+            Action::ListInstances | Action::StopInstance { .. } | Action::Summon { .. } => {
+                self.runtime()?.instances(&action)
+            }
+        }
+    }
+
+    fn runtime(&self) -> Result<&Arc<dyn Runtime>, ActionError> {
+        self.runtime.as_ref().ok_or_else(|| {
+            ActionError::Unavailable(
+                "The daemon is not running: start it with `revboot serve`".to_owned(),
+            )
+        })
+    }
+
+    fn services(&self) -> Result<Vec<ServiceView>, ActionError> {
+        let names = self.store.services().map_err(read_error)?;
+        names
+            .into_iter()
+            .map(|name| {
+                let history = self.store.history(&name).map_err(read_error)?;
+                let live = self.store.live(&name).map_err(read_error)?;
+                Ok(ServiceView {
+                    dns_name: format!("{name}.{}", self.zone),
+                    live: live.map(|r| r.to_hex()),
+                    deployments: history.len(),
+                    name,
+                })
+            })
+            .collect()
+    }
+
+    /// Resolves a label (`None`: live) of a service.
+    pub fn revision(&self, service: &str, label: Option<&str>) -> Result<Revision, ActionError> {
+        self.store.resolve(service, label).map_err(resolve_error)
+    }
+
+    /// Resolves a label and reads its deployment.
+    pub fn deployment(
+        &self,
+        service: &str,
+        label: Option<&str>,
+    ) -> Result<Deployment, ActionError> {
+        let revision = self.revision(service, label)?;
+        self.store
+            .deployment(service, &revision)
+            .map_err(read_error)
+    }
+
+    fn move_live(
+        &self,
+        service: &str,
+        label: &str,
+        reason: MoveReason,
+    ) -> Result<Reply, ActionError> {
+        let target = self.deployment(service, Some(label))?;
+        if target.image.is_none() {
+            return Err(ActionError::Conflict(format!(
+                "{} of `{service}` has no image (its build {}): it cannot be live",
+                target.revision.short(12),
+                target.status
+            )));
+        }
+        let word = match reason {
+            MoveReason::Rollback => "rollback",
+            MoveReason::Deploy => "deploy",
+        };
+        let moved = self
+            .store
+            .set_live(service, &target.revision, &format!("{word} to {label}"))
+            .map_err(|error| ActionError::Internal(format!("{error:#}")))?;
+        let from = match moved.from {
+            Some(from) => {
+                Some(self.view(&self.store.deployment(service, &from).map_err(read_error)?))
+            }
+            None => None,
+        };
+        let to = self
+            .store
+            .deployment(service, &moved.to)
+            .map_err(read_error)?;
+        Ok(Reply::Moved(Box::new(MoveView {
+            service: service.to_owned(),
+            from,
+            to: self.view(&to),
+        })))
+    }
+
+    /// The view of a deployment, with its DNS name.
+    pub fn view(&self, deployment: &Deployment) -> DeploymentView {
+        let short = deployment.revision.short(7);
+        DeploymentView {
+            revision: deployment.revision.to_hex(),
+            dns_name: format!("{short}.{}.{}", deployment.service, self.zone),
+            short,
+            source_commit: deployment.source_commit.clone(),
+            subject: deployment.subject.clone(),
+            source_ref: deployment.source_ref.clone(),
+            status: deployment.status.to_string(),
+            image_size: deployment.image.as_ref().map(|i| i.size),
+            image_sha256: deployment.image.as_ref().map(|i| i.sha256.clone()),
+            time: deployment.time,
+            live: deployment.live,
+        }
+    }
+}
+
+/// Maps a store read error onto an action error.
+pub fn read_error(error: revboot_store::ReadError) -> ActionError {
+    use revboot_store::ReadError as E;
+    match error {
+        E::InvalidService(_) => ActionError::Invalid(error.to_string()),
+        E::UnknownService(_) | E::UnknownRevision(_) | E::NotADeployment { .. } => {
+            ActionError::NotFound(error.to_string())
+        }
+        E::NoImage { .. } => ActionError::Conflict(error.to_string()),
+        other => ActionError::Internal(error_chain(&other)),
+    }
+}
+
+/// Maps a store resolve error onto an action error.
+pub fn resolve_error(error: ResolveError) -> ActionError {
+    match error {
+        ResolveError::InvalidService(_) | ResolveError::InvalidLabel { .. } => {
+            ActionError::Invalid(error.to_string())
+        }
+        ResolveError::UnknownService(_)
+        | ResolveError::NoLive { .. }
+        | ResolveError::UnknownLabel { .. } => ActionError::NotFound(error.to_string()),
+        ResolveError::Ambiguous { .. } => ActionError::Ambiguous(error.to_string()),
+        ResolveError::Read(read) => read_error(read),
+        other => ActionError::Internal(error_chain(&other)),
+    }
+}
+
+/// An error and its causes on one line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

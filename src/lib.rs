@@ -1,0 +1,19 @@
+//! The `revboot` binary's library: the CLI, the daemon wiring, the HTTP API.
+//!
+//! Behaviour lives here, not in `main.rs`, so that everything the binary does can be tested
+//! without spawning it. The parts themselves live in their crates: `revboot-store`,
+//! `revboot-builder`, `revboot-deployer`, `revboot-dns` and `revboot-proxy`.
+#![deny(missing_docs)]
+
+pub mod action;
+pub mod api;
+pub mod bisect;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod demo;
+pub mod engine;
+pub mod metrics;
+pub mod output;
+pub mod run;

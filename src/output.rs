@@ -1,0 +1,280 @@
+//! How replies are printed: aligned tables for people, JSON with `--json`.
+
+use std::fmt::Write as _;
+
+use crate::action::{DeploymentView, Reply};
+
+/// Renders a reply for a terminal (or as JSON).
+pub fn render(reply: &Reply, json: bool) -> String {
+    if json {
+        return serde_json::to_string_pretty(reply).expect("replies are plain data") + "\n";
+    }
+    let mut out = String::new();
+    match reply {
+        Reply::ServiceAdded(service) => {
+            let _ = writeln!(
+                out,
+                "created service {} ({})",
+                service.name, service.dns_name
+            );
+        }
+        Reply::Services(services) => {
+            let rows = services
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.name.clone(),
+                        s.live
+                            .as_deref()
+                            .map(|l| l[..7.min(l.len())].to_owned())
+                            .unwrap_or_else(|| "-".into()),
+                        s.deployments.to_string(),
+                        s.dns_name.clone(),
+                    ]
+                })
+                .collect();
+            table(&mut out, &["SERVICE", "LIVE", "DEPLOYMENTS", "NAME"], rows);
+        }
+        Reply::History(history) => {
+            let rows = history.iter().map(history_row).collect();
+            table(
+                &mut out,
+                &[
+                    "", "REVISION", "SOURCE", "STATUS", "IMAGE", "TIME", "SUBJECT",
+                ],
+                rows,
+            );
+        }
+        Reply::Show(show) => {
+            let d = &show.deployment;
+            let _ = writeln!(
+                out,
+                "revision  {}{}",
+                d.revision,
+                if d.live { "  (live)" } else { "" }
+            );
+            let _ = writeln!(out, "name      {}", d.dns_name);
+            let _ = writeln!(out, "status    {}", d.status);
+            let _ = writeln!(out, "source    {} {}", d.source_commit, d.subject);
+            if let Some(source_ref) = &d.source_ref {
+                let _ = writeln!(out, "ref       {source_ref}");
+            }
+            let _ = writeln!(
+                out,
+                "image     {}",
+                match (&d.image_size, &d.image_sha256) {
+                    (Some(size), Some(sha)) => format!("{} sha256:{}", bytes(*size), sha),
+                    _ => "none".into(),
+                }
+            );
+            let _ = writeln!(out, "time      {}", time(d.time));
+            let _ = writeln!(out, "labels    {}", show.labels.join(", "));
+            if let Some(manifest) = &show.manifest {
+                let _ = writeln!(out, "\n{}", manifest.trim_end());
+            }
+        }
+        Reply::Diff(diff) => {
+            let _ = writeln!(out, "{}..{}", &diff.a[..12], &diff.b[..12]);
+            let size = |s: Option<u64>| s.map(bytes).unwrap_or_else(|| "none".into());
+            let _ = writeln!(
+                out,
+                "image: {} -> {}{}",
+                size(diff.image_size.0),
+                size(diff.image_size.1),
+                match (diff.image_size, diff.image_changed) {
+                    ((Some(a), Some(b)), true) => format!(" ({:+} bytes)", b as i64 - a as i64),
+                    (_, false) => " (unchanged)".into(),
+                    _ => String::new(),
+                }
+            );
+            if diff.manifest.is_empty() {
+                let _ = writeln!(out, "manifest: unchanged");
+            } else {
+                out.push_str(&diff.manifest);
+            }
+        }
+        Reply::Moved(moved) => {
+            let from = moved
+                .from
+                .as_ref()
+                .map(|f| format!("{} ({})", f.short, f.subject))
+                .unwrap_or_else(|| "nothing".into());
+            let _ = writeln!(
+                out,
+                "{}: live moved from {from} to {} ({})\n{} now answers {}",
+                moved.service, moved.to.short, moved.to.subject, moved.service, moved.to.revision
+            );
+        }
+        Reply::Instances(instances) => {
+            let rows = instances
+                .iter()
+                .map(|i| {
+                    vec![
+                        i.service.clone(),
+                        i.revision[..7.min(i.revision.len())].to_owned(),
+                        i.client.clone().unwrap_or_else(|| "-".into()),
+                        i.address.clone(),
+                        i.state.clone(),
+                        duration(i.uptime_ms),
+                        i.connections.to_string(),
+                    ]
+                })
+                .collect();
+            table(
+                &mut out,
+                &[
+                    "SERVICE", "REVISION", "CLIENT", "ADDRESS", "STATE", "UPTIME", "CONNS",
+                ],
+                rows,
+            );
+        }
+        Reply::Stopped(instance) => {
+            let _ = writeln!(
+                out,
+                "{} {} at {}: {}",
+                instance.service,
+                &instance.revision[..7.min(instance.revision.len())],
+                instance.address,
+                instance.state
+            );
+        }
+        Reply::BuildLog(log) => {
+            let _ = writeln!(
+                out,
+                "== build log of {} ({}) ==",
+                &log.revision[..12],
+                log.status
+            );
+            out.push_str(&log.log);
+            if !log.log.ends_with('\n') {
+                out.push('\n');
+            }
+        }
+        Reply::Console(records) => {
+            if records.is_empty() {
+                out.push_str("no console records yet (they are written when an instance stops)\n");
+            }
+            for record in records {
+                let _ = writeln!(
+                    out,
+                    "== {} {}started {}, {}, ran {}: {} ==",
+                    &record.revision[..12],
+                    record
+                        .client
+                        .as_deref()
+                        .map(|c| format!("for {c} "))
+                        .unwrap_or_default(),
+                    time((record.started_at_ms / 1000) as i64),
+                    record
+                        .boot_ms
+                        .map(|b| format!("ready after {b} ms"))
+                        .unwrap_or_else(|| "never ready".into()),
+                    duration(record.lifetime_ms),
+                    record.outcome
+                );
+                out.push_str(&record.console);
+                if !record.console.is_empty() && !record.console.ends_with('\n') {
+                    out.push('\n');
+                }
+            }
+        }
+        Reply::Summoned(summoned) => {
+            let _ = writeln!(
+                out,
+                "{} -> {}:{} ({})",
+                summoned.dns_name, summoned.address, summoned.port, summoned.revision
+            );
+        }
+    }
+    out
+}
+
+fn history_row(d: &DeploymentView) -> Vec<String> {
+    vec![
+        if d.live { "*".into() } else { String::new() },
+        d.short.clone(),
+        d.source_commit[..7.min(d.source_commit.len())].to_owned(),
+        d.status.clone(),
+        d.image_size.map(bytes).unwrap_or_else(|| "-".into()),
+        time(d.time),
+        d.subject.clone(),
+    ]
+}
+
+fn table(out: &mut String, header: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |out: &mut String, cells: Vec<&str>| {
+        let mut text = String::new();
+        for (index, (cell, width)) in cells.iter().zip(&widths).enumerate() {
+            if index + 1 == cells.len() {
+                text.push_str(cell);
+            } else {
+                let _ = write!(text, "{cell:<width$}  ");
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(out, header.to_vec());
+    for row in &rows {
+        line(out, row.iter().map(String::as_str).collect());
+    }
+}
+
+/// A byte count for people.
+pub fn bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
+fn duration(ms: u64) -> String {
+    match ms {
+        ms if ms >= 3_600_000 => format!("{}h{:02}m", ms / 3_600_000, ms / 60_000 % 60),
+        ms if ms >= 60_000 => format!("{}m{:02}s", ms / 60_000, ms / 1000 % 60),
+        ms if ms >= 1000 => format!("{:.1}s", ms as f64 / 1000.0),
+        ms => format!("{ms}ms"),
+    }
+}
+
+/// A unix time as `YYYY-MM-DD HH:MM:SS` UTC.
+pub fn time(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_and_sizes() {
+        assert_eq!(time(0), "1970-01-01 00:00:00");
+        assert_eq!(time(1_796_083_200), "2026-12-01 00:00:00");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(duration(61_000), "1m01s");
+    }
+}

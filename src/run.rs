@@ -1,0 +1,215 @@
+//! Turns a parsed command line into work, and errors into exit codes.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+
+use crate::action::{Action, ActionError, MoveReason, Reply};
+use crate::cli::{Cli, Command, ServeArgs, ServiceCommand};
+use crate::client::Client;
+use crate::config::{self, Config};
+use crate::output::render;
+
+/// What `main` does with a finished command.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Success.
+    Done,
+    /// An action failed; print it and exit with its code.
+    Failed(ActionError),
+    /// A command that maps its own exit code (bisect steps).
+    Exit(i32),
+}
+
+/// Loads the configuration: the file named on the command line, else `revbootd.toml` in
+/// the current directory if present, else the defaults; then the global flags.
+pub fn load_config(cli: &Cli) -> anyhow::Result<Config> {
+    let mut config = match &cli.config {
+        Some(path) => Config::read(path)?,
+        None if Path::new(config::FILE_NAME).exists() => {
+            Config::read(Path::new(config::FILE_NAME))?
+        }
+        None => Config::default(),
+    };
+    if let Some(data) = &cli.data {
+        config.data = data.clone();
+    }
+    Ok(config)
+}
+
+/// Applies `serve` flags over the configuration.
+pub fn apply_serve_args(config: &mut Config, args: &ServeArgs) -> anyhow::Result<()> {
+    if let Some(dns) = args.dns {
+        config.dns.listen = dns;
+    }
+    if let Some(http) = args.http {
+        config.http.listen = http;
+    }
+    if let Some(zone) = &args.zone {
+        config.zone = zone.clone();
+    }
+    if let Some(pool) = &args.pool {
+        config.instances.pool = pool.clone();
+    }
+    if let Some(token) = &args.token {
+        config.http.token = Some(token.clone());
+    }
+    config.validate()?;
+    Ok(())
+}
+
+/// The client the CLI commands use.
+pub fn client(cli: &Cli, config: &Config) -> Client {
+    let url = cli
+        .url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", config.http.listen));
+    let token = std::env::var("REVBOOT_TOKEN")
+        .ok()
+        .or_else(|| config.http.token.clone())
+        .or_else(|| {
+            std::fs::read_to_string(config.data.join("token"))
+                .ok()
+                .map(|t| t.trim().to_owned())
+        });
+    Client::new(&url, token, &config.data, &config.zone)
+}
+
+/// Runs one command line.
+pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    let mut config = load_config(&cli)?;
+    let action = match &cli.command {
+        Command::Serve(args) => {
+            apply_serve_args(&mut config, args)?;
+            runtime()?.block_on(crate::daemon::serve(config))?;
+            return Ok(Outcome::Done);
+        }
+        Command::Demo(args) => {
+            apply_serve_args(&mut config, &args.serve)?;
+            runtime()?.block_on(crate::demo::demo(config, &args.examples, args.once))?;
+            return Ok(Outcome::Done);
+        }
+        Command::Remote { service } => {
+            let client = client(&cli, &config);
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{}/git/{service}.git", client.url());
+            let _ = writeln!(
+                out,
+                "# push with the token as password: git push http://git:$(cat {})@{}/git/{service}.git main",
+                config.data.join("token").display(),
+                client.url().trim_start_matches("http://")
+            );
+            return Ok(Outcome::Done);
+        }
+        Command::Bisect(args) => {
+            let client = client(&cli, &config);
+            return crate::bisect::bisect(&client, &config, args);
+        }
+        Command::BisectStep(args) => {
+            let client = client(&cli, &config);
+            return crate::bisect::step(&client, &config, args);
+        }
+        Command::Logs(args) => {
+            let client = client(&cli, &config);
+            return logs(&client, &cli, args);
+        }
+        Command::Service(ServiceCommand::Add { name }) => Action::AddService { name: name.clone() },
+        Command::Service(ServiceCommand::List) => Action::ListServices,
+        Command::Log { service } => Action::History {
+            service: service.clone(),
+        },
+        Command::Show { service, label } => Action::Show {
+            service: service.clone(),
+            label: label.clone(),
+        },
+        Command::Diff { service, a, b } => Action::Diff {
+            service: service.clone(),
+            a: a.clone(),
+            b: b.clone(),
+        },
+        Command::Rollback { service, label } => Action::MoveLive {
+            service: service.clone(),
+            label: label.clone(),
+            reason: MoveReason::Rollback,
+        },
+        Command::Deploy { service, label } => Action::MoveLive {
+            service: service.clone(),
+            label: label.clone(),
+            reason: MoveReason::Deploy,
+        },
+        Command::Ps => Action::ListInstances,
+        Command::Stop(args) | Command::Kill(args) => Action::StopInstance {
+            service: args.service.clone(),
+            label: args.label.clone(),
+            client: args.client,
+            kill: matches!(cli.command, Command::Kill(_)),
+        },
+    };
+    let client = client(&cli, &config);
+    Ok(print(client.execute(action), cli.json))
+}
+
+fn print(result: Result<Reply, ActionError>, json: bool) -> Outcome {
+    match result {
+        Ok(reply) => {
+            let _ = std::io::stdout()
+                .lock()
+                .write_all(render(&reply, json).as_bytes());
+            Outcome::Done
+        }
+        Err(error) => Outcome::Failed(error),
+    }
+}
+
+fn logs(client: &Client, cli: &Cli, args: &crate::cli::LogsArgs) -> anyhow::Result<Outcome> {
+    let build = Action::BuildLog {
+        service: args.service.clone(),
+        label: args.label.clone(),
+    };
+    let console = Action::ConsoleLogs {
+        service: args.service.clone(),
+        label: args.label.clone(),
+    };
+    if !args.console {
+        if let Outcome::Failed(error) = print(client.execute(build), cli.json) {
+            return Ok(Outcome::Failed(error));
+        }
+        if args.build {
+            return Ok(Outcome::Done);
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    loop {
+        let records = match client.execute(console.clone()) {
+            Ok(Reply::Console(records)) => records,
+            Ok(other) => return Ok(print(Ok(other), cli.json)),
+            Err(error) => return Ok(Outcome::Failed(error)),
+        };
+        let fresh: Vec<_> = records
+            .into_iter()
+            .rev()
+            .filter(|r| seen.insert((r.revision.clone(), r.started_at_ms, r.client.clone())))
+            .collect();
+        if !fresh.is_empty() || !args.follow {
+            print(Ok(Reply::Console(fresh)), cli.json);
+        }
+        if !args.follow {
+            return Ok(Outcome::Done);
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("revboot")
+        .build()
+        .context("Cannot start the async runtime")
+}
+
+/// The folder `examples/` of this source tree, for `demo` run from elsewhere.
+pub fn default_examples() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples")
+}

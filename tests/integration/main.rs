@@ -1,0 +1,5 @@
+//! End-to-end tests of the `revboot` binary: real daemon, stock git, dig and curl.
+
+mod api;
+mod journey;
+mod support;

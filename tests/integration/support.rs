@@ -1,0 +1,269 @@
+//! A real `revboot serve` in a temporary data directory, on free loopback ports.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+/// The token every test daemon uses.
+pub const TOKEN: &str = "e2e-token";
+
+static POOLS: AtomicU8 = AtomicU8::new(0);
+
+/// A free TCP port on 127.0.0.1 that is also free for UDP (best effort).
+pub fn free_port() -> u16 {
+    loop {
+        let tcp = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+        let port = tcp.local_addr().expect("local address").port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A running daemon.
+pub struct Daemon {
+    pub data: PathBuf,
+    pub http: SocketAddr,
+    pub dns: SocketAddr,
+    pub pool: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts a daemon in `data` and waits until its API answers.
+    pub fn start(data: &Path) -> Daemon {
+        let pool = format!(
+            "127.{}.{}.0/24",
+            90 + std::process::id() % 60,
+            POOLS.fetch_add(1, Ordering::Relaxed)
+        );
+        Daemon::start_with(data, free_port(), free_port(), &pool)
+    }
+
+    /// Starts a daemon with the given ports and pool.
+    pub fn start_with(data: &Path, http: u16, dns: u16, pool: &str) -> Daemon {
+        let log = data.with_extension(format!("log.{}", http));
+        let http: SocketAddr = ([127, 0, 0, 1], http).into();
+        let dns: SocketAddr = ([127, 0, 0, 1], dns).into();
+        let child = Command::new(env!("CARGO_BIN_EXE_revboot"))
+            .args(["--data", &data.to_string_lossy(), "serve"])
+            .args(["--http", &http.to_string(), "--dns", &dns.to_string()])
+            .args(["--pool", pool, "--token", TOKEN])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).expect("daemon log"))
+            .stderr(
+                std::fs::File::options()
+                    .append(true)
+                    .open(&log)
+                    .expect("daemon log"),
+            )
+            .spawn()
+            .expect("start revboot serve");
+        let daemon = Daemon {
+            data: data.to_owned(),
+            http,
+            dns,
+            pool: pool.to_owned(),
+            child: Some(child),
+            log,
+        };
+        daemon.wait_ready();
+        daemon
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            let answered = Command::new("curl")
+                .args(["-sf", "-o", "/dev/null", "--max-time", "2"])
+                .arg(format!("http://{}/api/v1/services", self.http))
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if answered {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("daemon did not answer within 60s; its log:\n{}", self.log());
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The push URL of a service, with the token.
+    pub fn remote(&self, service: &str) -> String {
+        format!("http://git:{TOKEN}@{}/git/{service}.git", self.http)
+    }
+
+    /// Runs the CLI against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_revboot"))
+            .args(["--url", &format!("http://{}", self.http)])
+            .args(["--data", &self.data.to_string_lossy()])
+            .args(args)
+            .env("REVBOOT_TOKEN", TOKEN)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run revboot")
+    }
+
+    /// `dig +short` of a name against this daemon, over UDP (or TCP).
+    pub fn dig(&self, name: &str, tcp: bool) -> String {
+        let mut command = Command::new("dig");
+        command
+            .arg(format!("@{}", self.dns.ip()))
+            .args(["-p", &self.dns.port().to_string()])
+            .args(["+short", "+time=5", "+tries=1", name, "A"]);
+        if tcp {
+            command.arg("+tcp");
+        }
+        let output = command.output().expect("run dig");
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
+    /// Stops with SIGTERM and waits (bounded).
+    pub fn stop(mut self) -> String {
+        self.terminate();
+        self.log()
+    }
+
+    fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    _ => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+/// Runs a command, panicking with its output on failure.
+pub fn run(command: &mut Command) -> Output {
+    let output = command.stdin(Stdio::null()).output().expect("run command");
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// Runs git in `dir` with a fixed identity.
+pub fn git(dir: &Path, args: &[&str]) -> Output {
+    run(Command::new("git")
+        .args(["-c", "user.name=e2e", "-c", "user.email=e2e@revboot.test"])
+        .args(args)
+        .current_dir(dir))
+}
+
+/// A git working copy of examples/hello.
+pub fn hello_source(dir: &Path) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hello");
+    let work = dir.join("hello");
+    copy(&source, &work);
+    git(&work, &["init", "-q", "-b", "main"]);
+    git(&work, &["add", "."]);
+    git(&work, &["commit", "-q", "-m", "hello v1"]);
+    work
+}
+
+fn copy(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read examples") {
+        let entry = entry.expect("entry");
+        if entry.file_name() == "target" {
+            continue;
+        }
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+/// Sets the response prefix and revision of the hello working copy and commits.
+pub fn commit_revision(work: &Path, revision: &str, greeting: &str) {
+    let main = work.join("src/main.rs");
+    let text = std::fs::read_to_string(&main).expect("read main.rs");
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    for line in &mut lines {
+        if line.starts_with("const REVISION: &str = ") {
+            *line = format!("const REVISION: &str = \"{revision}\";");
+        }
+        if line.contains("let body = format!(\"") {
+            *line = format!(
+                "    let body = format!(\"{greeting} from {{REVISION}} ({{deployment}})\\n\");"
+            );
+        }
+    }
+    std::fs::write(&main, lines.join("\n") + "\n").expect("write main.rs");
+    git(work, &["commit", "-q", "-am", &format!("hello {revision}")]);
+}
+
+/// Pushes the working copy's main branch; returns git's stderr (the remote: lines).
+pub fn push(daemon: &Daemon, work: &Path) -> String {
+    let output = run(Command::new("git")
+        .args(["push", &daemon.remote("hello"), "main"])
+        .current_dir(work));
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// GET / of a name at an address through curl --resolve; the body.
+pub fn curl(name: &str, address: &str, port: u16) -> String {
+    let output = run(Command::new("curl")
+        .args(["-sS", "--max-time", "20"])
+        .args(["--resolve", &format!("{name}:{port}:{address}")])
+        .arg(format!("http://{name}:{port}/")));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The history of a service as JSON.
+pub fn history(daemon: &Daemon, service: &str) -> Vec<serde_json::Value> {
+    let output = daemon.cli(&["--json", "log", service]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("history is JSON")
+}
+
+/// `dig +short` that must answer one address.
+pub fn dig_ok(daemon: &Daemon, name: &str, tcp: bool) -> String {
+    let answer = daemon.dig(name, tcp);
+    assert!(
+        answer.parse::<std::net::Ipv4Addr>().is_ok(),
+        "dig {name} (tcp: {tcp}) answered {answer:?}; daemon log:\n{}",
+        daemon.log()
+    );
+    answer
+}
