@@ -1,0 +1,505 @@
+//! Working out the answer to one query (the rules are in the crate docs).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use hickory_proto::op::{Edns, Message, OpCode, Query as Question, ResponseCode};
+use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsOption};
+use hickory_proto::rr::rdata::{NS, SOA};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+use revboot_deployer::{Activity, Instances, ResolveError, SummonError};
+use tracing::{debug, warn};
+
+use crate::cache::{Answer, Link, Rendered, Scope};
+use crate::config::{Checked, DnsConfig};
+use crate::limit::{PrefixLimiter, Verdict};
+use crate::metrics::{Event, Metrics};
+use crate::names::{self, Shape};
+use crate::wire::{self, Query};
+
+/// The UDP payload size this server advertises and sends at most (DNS flag day 2020).
+pub const EDNS_UDP_SIZE: u16 = 1232;
+/// TTL of the apex records (SOA, NS) and of name server addresses.
+const ZONE_TTL: u32 = 300;
+/// EDNS option code of Extended DNS Errors (RFC 8914).
+const OPTION_EDE: u16 = 15;
+/// EDE info code "Other".
+const EDE_OTHER: u16 = 0;
+/// EDE info code "Not Ready".
+const EDE_NOT_READY: u16 = 14;
+/// EDE info code "Prohibited".
+const EDE_PROHIBITED: u16 = 18;
+
+/// What answering a query needs; shared by every receive loop.
+pub(crate) struct Engine {
+    zone: Name,
+    zone_labels: Vec<Vec<u8>>,
+    /// Name servers: lowercased wire name, name, address.
+    nameservers: Vec<(Vec<u8>, Name, IpAddr)>,
+    hostmaster: Name,
+    ttl: u32,
+    negative_ttl: u32,
+    delay: Option<Duration>,
+    trust_ecs: bool,
+    instances: Arc<dyn Instances>,
+    boots: PrefixLimiter,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("zone", &self.zone).finish()
+    }
+}
+
+/// A worked-out answer and what to do with it.
+#[derive(Debug)]
+pub(crate) struct Worked {
+    /// The answer.
+    pub answer: Arc<Answer>,
+    /// Where it may be cached (`None`: not at all).
+    pub cache: Option<Scope>,
+    /// The name is per-client: mark the shared key.
+    pub per_client: bool,
+    /// Delayed mode: send only once the instance serves, waiting at most this long.
+    pub wait: Option<Duration>,
+}
+
+/// A response being put together.
+#[derive(Debug, Default)]
+struct Reply {
+    rcode: u16,
+    authoritative: bool,
+    answers: Vec<Record>,
+    authorities: Vec<Record>,
+    additionals: Vec<Record>,
+    ede: Option<(u16, String)>,
+    /// Client Subnet scope prefix to echo (only when the query carried a trusted subnet).
+    subnet_scope: Option<u8>,
+}
+
+impl Engine {
+    pub fn new(
+        config: &DnsConfig,
+        checked: &Checked,
+        instances: Arc<dyn Instances>,
+        metrics: Arc<Metrics>,
+    ) -> Engine {
+        let nameservers = checked
+            .nameservers
+            .iter()
+            .map(|(name, address)| (wire_lowercase(name), name.clone(), *address))
+            .collect();
+        let hostmaster = Name::from_ascii("hostmaster")
+            .and_then(|h| h.append_domain(&checked.zone))
+            .unwrap_or_else(|_| checked.zone.clone());
+        let l = &config.limits;
+        Engine {
+            zone_labels: checked.zone.iter().map(<[u8]>::to_vec).collect(),
+            zone: checked.zone.clone(),
+            nameservers,
+            hostmaster,
+            ttl: secs(config.ttl),
+            negative_ttl: secs(config.negative_ttl),
+            delay: config.delayed_answers.then_some(config.delay_limit),
+            trust_ecs: config.trust_ecs,
+            instances,
+            boots: PrefixLimiter::new(
+                l.limiter_slots,
+                l.boots_per_second,
+                l.boot_burst,
+                l.v4_prefix,
+                l.v6_prefix,
+            ),
+            metrics,
+        }
+    }
+
+    pub fn instances(&self) -> &dyn Instances {
+        &*self.instances
+    }
+
+    pub fn trust_ecs(&self) -> bool {
+        self.trust_ecs
+    }
+
+    pub fn delayed(&self) -> bool {
+        self.delay.is_some()
+    }
+
+    /// The client a query speaks for: the trusted Client Subnet, else the source address.
+    pub fn client(&self, query: &Query<'_>, source: IpAddr) -> IpAddr {
+        match query.edns.and_then(|e| e.subnet) {
+            Some(subnet) if self.trust_ecs => subnet.address,
+            _ => source,
+        }
+    }
+
+    /// Works out the answer to `query` (`lowercase`: its lowercased name) from `source`.
+    pub fn work(&self, query: &Query<'_>, lowercase: &[u8], source: IpAddr) -> Worked {
+        let generation = self.instances.generation();
+        let client = self.client(query, source);
+        let echo_subnet = self.trust_ecs && query.edns.is_some_and(|e| e.subnet.is_some());
+        let mut worked = self.decide(query, lowercase, client, generation);
+        if echo_subnet {
+            // An answer for a subnet is not shared across subnets; keep it out of the cache.
+            worked.cache = None;
+            worked.per_client = false;
+        }
+        worked
+    }
+
+    fn decide(
+        &self,
+        query: &Query<'_>,
+        lowercase: &[u8],
+        client: IpAddr,
+        generation: u64,
+    ) -> Worked {
+        let plain = |reply: Reply, cache: Option<Scope>| Worked {
+            answer: Arc::new(Answer {
+                rendered: self.render(query, lowercase, reply),
+                link: None,
+            }),
+            cache,
+            per_client: false,
+            wait: None,
+        };
+        if query.edns.is_some_and(|e| e.version > 0) {
+            let reply = Reply {
+                rcode: u16::from(ResponseCode::BADVERS),
+                ..Reply::default()
+            };
+            return plain(reply, None);
+        }
+        let qtype = RecordType::from(query.qtype);
+        match qtype {
+            RecordType::OPT => return plain(rcode(ResponseCode::FormErr), None),
+            RecordType::AXFR | RecordType::IXFR => {
+                return plain(rcode(ResponseCode::Refused), Some(Scope::Shared));
+            }
+            _ => {}
+        }
+        if query.qclass != u16::from(DNSClass::IN) && query.qclass != u16::from(DNSClass::ANY) {
+            return plain(rcode(ResponseCode::Refused), Some(Scope::Shared));
+        }
+        if let Some((_, name, address)) = self.nameservers.iter().find(|(w, ..)| w == lowercase) {
+            let reply = match address_record(name, *address, qtype, ZONE_TTL) {
+                Some(record) => self.positive(vec![record]),
+                None => self.nodata(generation),
+            };
+            return plain(reply, Some(Scope::Shared));
+        }
+        let shape = names::classify(lowercase, &self.zone_labels);
+        let (service, label) = match shape {
+            Shape::Outside => return plain(rcode(ResponseCode::Refused), Some(Scope::Shared)),
+            Shape::Apex => return plain(self.apex(qtype, generation), Some(Scope::Shared)),
+            Shape::Nothing => return plain(self.nxdomain(generation), Some(Scope::Shared)),
+            Shape::Live { service } => (service, None),
+            Shape::Label { label, service } => (service, Some(label)),
+        };
+        let resolved = match self.instances.resolve(service, label) {
+            Ok(resolved) => resolved,
+            Err(error) => {
+                let (reply, cache) = self.resolve_failure(&error, label.is_none(), generation);
+                return plain(reply, cache);
+            }
+        };
+        if !matches!(qtype, RecordType::A | RecordType::AAAA | RecordType::ANY) {
+            return plain(self.nodata(generation), Some(Scope::Shared));
+        }
+        if let Verdict::Refuse(_) = self.boots.check(client) {
+            self.metrics.event(Event::BootLimited);
+            debug!(%client, service, "boot rate limit");
+            let reply = Reply {
+                rcode: u16::from(ResponseCode::Refused),
+                ede: Some((
+                    EDE_PROHIBITED,
+                    "Too many instance summons from your network; retry shortly".to_owned(),
+                )),
+                ..Reply::default()
+            };
+            return plain(reply, None);
+        }
+        let for_client = resolved.per_client.then_some(client);
+        self.metrics.event(Event::Summon);
+        let summoned = match self
+            .instances
+            .summon(service, &resolved.revision, for_client)
+        {
+            Ok(summoned) => summoned,
+            Err(SummonError::Resolve(error)) => {
+                let (reply, cache) = self.resolve_failure(&error, label.is_none(), generation);
+                return plain(reply, cache);
+            }
+            Err(error) => {
+                warn!(%error, service, revision = %resolved.revision, "summon refused");
+                let reply = Reply {
+                    rcode: u16::from(ResponseCode::ServFail),
+                    ede: Some((EDE_OTHER, error.to_string())),
+                    ..Reply::default()
+                };
+                return plain(reply, None);
+            }
+        };
+        let owner = name_of(lowercase).unwrap_or_else(|| self.zone.clone());
+        let records: Vec<Record> = [RecordType::A, RecordType::AAAA]
+            .into_iter()
+            .filter(|t| qtype == *t || qtype == RecordType::ANY)
+            .filter_map(|t| address_record(&owner, summoned.address, t, self.ttl))
+            .collect();
+        let mut reply = if records.is_empty() {
+            self.nodata(generation)
+        } else {
+            self.positive(records)
+        };
+        if resolved.per_client {
+            reply.subnet_scope = query
+                .edns
+                .and_then(|e| e.subnet)
+                .map(|subnet| subnet.source_prefix);
+        }
+        self.instances.activity(&summoned.key, Activity::Query);
+        let wait = match self.delay {
+            Some(limit) if !summoned.state.borrow().is_serving() => {
+                Some(limit.min(summoned.boot_timeout))
+            }
+            _ => None,
+        };
+        let cache = Some(match for_client {
+            Some(client) => Scope::Client(client),
+            None => Scope::Shared,
+        });
+        Worked {
+            answer: Arc::new(Answer {
+                rendered: self.render(query, lowercase, reply),
+                link: Some(Link {
+                    key: summoned.key,
+                    state: summoned.state,
+                    reported_ms: AtomicU64::new(0),
+                }),
+            }),
+            cache,
+            per_client: resolved.per_client,
+            wait,
+        }
+    }
+
+    /// The answer when a delayed instance did not become ready in time.
+    pub fn not_ready(&self, query: &Query<'_>, lowercase: &[u8], why: String) -> Rendered {
+        let reply = Reply {
+            rcode: u16::from(ResponseCode::ServFail),
+            ede: Some((EDE_NOT_READY, why)),
+            ..Reply::default()
+        };
+        self.render(query, lowercase, reply)
+    }
+
+    fn resolve_failure(
+        &self,
+        error: &ResolveError,
+        live: bool,
+        generation: u64,
+    ) -> (Reply, Option<Scope>) {
+        match error {
+            ResolveError::UnknownService(_) => (self.nxdomain(generation), Some(Scope::Shared)),
+            // `<service>.<zone>` exists as the parent of its labels even with no live revision.
+            ResolveError::UnknownLabel { .. } if live => {
+                (self.nodata(generation), Some(Scope::Shared))
+            }
+            ResolveError::UnknownLabel { .. } => (self.nxdomain(generation), Some(Scope::Shared)),
+            ResolveError::Ambiguous { .. } => {
+                let reply = Reply {
+                    rcode: u16::from(ResponseCode::Refused),
+                    ede: Some((EDE_OTHER, error.to_string())),
+                    ..Reply::default()
+                };
+                (reply, Some(Scope::Shared))
+            }
+            ResolveError::NotBootable { .. } => {
+                let mut reply = self.nodata(generation);
+                reply.ede = Some((EDE_OTHER, error.to_string()));
+                (reply, Some(Scope::Shared))
+            }
+            other => {
+                warn!(error = %other, "resolve failed");
+                let reply = Reply {
+                    rcode: u16::from(ResponseCode::ServFail),
+                    ede: Some((EDE_OTHER, other.to_string())),
+                    ..Reply::default()
+                };
+                (reply, None)
+            }
+        }
+    }
+
+    fn apex(&self, qtype: RecordType, generation: u64) -> Reply {
+        let mut reply = self.positive(Vec::new());
+        if matches!(qtype, RecordType::SOA | RecordType::ANY) {
+            reply.answers.push(self.soa(generation, ZONE_TTL));
+        }
+        if matches!(qtype, RecordType::NS | RecordType::ANY) {
+            for (_, name, address) in &self.nameservers {
+                let ns =
+                    Record::from_rdata(self.zone.clone(), ZONE_TTL, RData::NS(NS(name.clone())));
+                reply.answers.push(ns);
+                if self.zone.zone_of(name) {
+                    let glue = [RecordType::A, RecordType::AAAA]
+                        .into_iter()
+                        .filter_map(|t| address_record(name, *address, t, ZONE_TTL));
+                    reply.additionals.extend(glue);
+                }
+            }
+        }
+        if reply.answers.is_empty() {
+            return self.nodata(generation);
+        }
+        reply
+    }
+
+    fn positive(&self, answers: Vec<Record>) -> Reply {
+        Reply {
+            authoritative: true,
+            answers,
+            ..Reply::default()
+        }
+    }
+
+    fn nodata(&self, generation: u64) -> Reply {
+        Reply {
+            authoritative: true,
+            authorities: vec![self.soa(generation, self.negative_ttl)],
+            ..Reply::default()
+        }
+    }
+
+    fn nxdomain(&self, generation: u64) -> Reply {
+        Reply {
+            rcode: u16::from(ResponseCode::NXDomain),
+            ..self.nodata(generation)
+        }
+    }
+
+    fn soa(&self, generation: u64, ttl: u32) -> Record {
+        let mname = self
+            .nameservers
+            .first()
+            .map_or_else(|| self.zone.clone(), |(_, name, _)| name.clone());
+        let soa = SOA::new(
+            mname,
+            self.hostmaster.clone(),
+            // The serial follows the deployer's generation, which moves with every change.
+            generation as u32,
+            3600,
+            600,
+            86_400,
+            self.negative_ttl,
+        );
+        Record::from_rdata(self.zone.clone(), ttl, RData::SOA(soa))
+    }
+
+    /// Renders `reply` for `query`, with the question name lowercased.
+    fn render(&self, query: &Query<'_>, lowercase: &[u8], reply: Reply) -> Rendered {
+        let code = <ResponseCode as From<u16>>::from(reply.rcode);
+        let mut message = Message::response(query.id, OpCode::Query);
+        message.metadata.authoritative = reply.authoritative;
+        message.metadata.recursion_desired = query.rd;
+        message.metadata.checking_disabled = query.cd;
+        message.metadata.response_code = code;
+        if let Some(name) = name_of(lowercase) {
+            let mut question = Question::query(name, RecordType::from(query.qtype));
+            question.set_query_class(DNSClass::from(query.qclass));
+            message.add_query(question);
+        }
+        if let Some(edns) = query.edns {
+            let mut opt = Edns::new();
+            opt.set_max_payload(EDNS_UDP_SIZE);
+            opt.set_version(0);
+            opt.set_dnssec_ok(edns.dnssec_ok);
+            if let Some((info, text)) = &reply.ede {
+                let mut value = info.to_be_bytes().to_vec();
+                value.extend_from_slice(text.as_bytes());
+                opt.options_mut()
+                    .insert(EdnsOption::Unknown(OPTION_EDE, value));
+            }
+            if let Some(subnet) = edns.subnet.filter(|_| self.trust_ecs) {
+                let scope = reply.subnet_scope.unwrap_or(0);
+                opt.options_mut()
+                    .insert(EdnsOption::Subnet(ClientSubnet::new(
+                        subnet.address,
+                        subnet.source_prefix,
+                        scope,
+                    )));
+            }
+            message.set_edns(opt);
+        }
+        message.answers = reply.answers;
+        message.authorities = reply.authorities;
+        message.additionals = reply.additionals;
+        let full = message.to_vec();
+        message.answers.clear();
+        message.authorities.clear();
+        message.additionals.clear();
+        message.metadata.truncation = true;
+        let truncated = message.to_vec();
+        match (full, truncated) {
+            (Ok(full), Ok(truncated)) => Rendered {
+                full,
+                truncated,
+                rcode: reply.rcode,
+            },
+            (Err(error), _) | (_, Err(error)) => {
+                warn!(%error, "response did not encode");
+                let header = wire::Header {
+                    id: query.id,
+                    opcode: 0,
+                    rd: query.rd,
+                };
+                let bytes = header.error_response(2).to_vec();
+                Rendered {
+                    full: bytes.clone(),
+                    truncated: bytes,
+                    rcode: 2,
+                }
+            }
+        }
+    }
+}
+
+fn rcode(code: ResponseCode) -> Reply {
+    Reply {
+        rcode: u16::from(code),
+        ..Reply::default()
+    }
+}
+
+/// An A or AAAA record for `address` if it is of the family `qtype` asks for.
+fn address_record(owner: &Name, address: IpAddr, qtype: RecordType, ttl: u32) -> Option<Record> {
+    let matches = match address {
+        IpAddr::V4(_) => matches!(qtype, RecordType::A | RecordType::ANY),
+        IpAddr::V6(_) => matches!(qtype, RecordType::AAAA | RecordType::ANY),
+    };
+    matches.then(|| Record::from_rdata(owner.clone(), ttl, RData::from(address)))
+}
+
+/// Parses a (validated, uncompressed) wire name.
+fn name_of(wire_name: &[u8]) -> Option<Name> {
+    Name::read(&mut BinDecoder::new(wire_name)).ok()
+}
+
+fn wire_lowercase(name: &Name) -> Vec<u8> {
+    let mut out = Vec::new();
+    for label in name.iter() {
+        out.push(label.len() as u8);
+        wire::push_lowercase(label, &mut out);
+    }
+    out.push(0);
+    out
+}
+
+fn secs(d: Duration) -> u32 {
+    u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
+}

@@ -1,0 +1,689 @@
+//! Sockets, receive loops and the path of one packet.
+//!
+//! 1. UDP: `udp_workers` loops share one socket; each reads a packet, answers it and sends
+//!    the answer before reading the next, so at most `udp_workers` packets are being worked
+//!    on (plus at most `max_delayed` delayed answers); the rest wait in the kernel's socket
+//!    buffer, which drops when full.
+//! 2. TCP: at most `max_tcp_connections` connections, each answered one message at a time,
+//!    closed after `tcp_idle_timeout` without a complete message.
+//! 3. One packet: parse (ignore / FORMERR / NOTIMP) → response-rate limit (UDP only) →
+//!    answer cache (valid for one deployer generation) → the engine (resolve, summon) → the
+//!    response, truncated with TC over UDP if it exceeds the requestor's payload size
+//!    (512 without EDNS, at most 1232).
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use revboot_deployer::{Activity, Instances};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio::time::timeout;
+use tracing::{debug, info, warn};
+
+use crate::answer::{EDNS_UDP_SIZE, Engine};
+use crate::cache::{self, Answer, AnswerCache, Found, Rendered, Scope};
+use crate::config::{ConfigError, DnsConfig};
+use crate::limit::{PrefixLimiter, Verdict};
+use crate::metrics::{Event, Metrics, MetricsSnapshot};
+use crate::wire::{self, HEADER_LEN, Query, Rejected};
+
+/// How long shutdown waits for connections and delayed answers to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// Largest DNS message.
+const MAX_MESSAGE: usize = 65_535;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BindError {
+    /// The configuration is invalid.
+    #[error("Invalid DNS configuration")]
+    Config(#[from] ConfigError),
+    /// A socket could not be bound.
+    #[error("Cannot listen on {address} ({transport})")]
+    Listen {
+        /// The address.
+        address: SocketAddr,
+        /// `udp` or `tcp`.
+        transport: &'static str,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Why the server stopped other than by shutdown.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// A receive loop panicked.
+    #[error("A DNS server task failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+/// A bound, not yet running, DNS server.
+#[derive(Debug)]
+pub struct DnsServer {
+    shared: Arc<Shared>,
+    udp: Arc<UdpSocket>,
+    tcp: TcpListener,
+    local: SocketAddr,
+    stop: Arc<watch::Sender<bool>>,
+}
+
+/// Stops a server; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Shutdown(Arc<watch::Sender<bool>>);
+
+impl Shutdown {
+    /// Asks the server to stop: no new queries are read; connections and delayed answers
+    /// get a short grace period.
+    pub fn trigger(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+/// A server running on the current tokio runtime.
+#[derive(Debug)]
+pub struct RunningServer {
+    local: SocketAddr,
+    metrics: Arc<Metrics>,
+    shutdown: Shutdown,
+    task: tokio::task::JoinHandle<Result<(), RunError>>,
+}
+
+impl RunningServer {
+    /// The UDP and TCP address it answers on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Its counters.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.metrics.snapshot()
+    }
+
+    /// A handle that stops it.
+    pub fn shutdown_handle(&self) -> Shutdown {
+        self.shutdown.clone()
+    }
+
+    /// Stops it and waits until it has stopped.
+    pub async fn shutdown(self) -> Result<(), RunError> {
+        self.shutdown.trigger();
+        match self.task.await {
+            Ok(result) => result,
+            Err(error) => Err(RunError::Task(error)),
+        }
+    }
+}
+
+impl DnsServer {
+    /// Binds UDP and TCP on `config.listen` (the same port for both) and prepares to answer
+    /// from `instances`.
+    pub async fn bind(
+        config: DnsConfig,
+        instances: Arc<dyn Instances>,
+    ) -> Result<DnsServer, BindError> {
+        let (udp, tcp, local) = listen(config.listen).await?;
+        let checked = config.check(local)?;
+        let metrics = Arc::new(Metrics::default());
+        let l = &config.limits;
+        let shared = Shared {
+            engine: Engine::new(&config, &checked, instances, metrics.clone()),
+            cache: AnswerCache::new(l.cache_entries),
+            rrl: PrefixLimiter::new(
+                l.limiter_slots,
+                l.rrl_per_second,
+                l.rrl_burst,
+                l.v4_prefix,
+                l.v6_prefix,
+            ),
+            slip: l.rrl_slip,
+            metrics,
+            delayed: Arc::new(Semaphore::new(l.max_delayed)),
+            max_delayed: l.max_delayed,
+            tcp_slots: Arc::new(Semaphore::new(l.max_tcp_connections)),
+            max_tcp: l.max_tcp_connections,
+            tcp_idle: l.tcp_idle_timeout,
+            workers: config.udp_workers(),
+            activity_ms: u64::try_from(l.activity_interval.as_millis()).unwrap_or(u64::MAX),
+            epoch: Instant::now(),
+        };
+        info!(%local, zone = %checked.zone, workers = shared.workers, "DNS server bound");
+        let (stop, _) = watch::channel(false);
+        Ok(DnsServer {
+            shared: Arc::new(shared),
+            udp: Arc::new(udp),
+            tcp,
+            local,
+            stop: Arc::new(stop),
+        })
+    }
+
+    /// The UDP and TCP address it answers on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Its counters (shared with the running server).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
+    }
+
+    /// A handle that stops [`run`](Self::run).
+    pub fn shutdown_handle(&self) -> Shutdown {
+        Shutdown(self.stop.clone())
+    }
+
+    /// Runs on the current tokio runtime until stopped through [`RunningServer::shutdown`].
+    pub fn spawn(self) -> RunningServer {
+        let local = self.local;
+        let metrics = self.shared.metrics.clone();
+        let shutdown = self.shutdown_handle();
+        RunningServer {
+            local,
+            metrics,
+            shutdown,
+            task: tokio::spawn(self.run()),
+        }
+    }
+
+    /// Answers until the [`Shutdown`] handle is triggered, then stops gracefully.
+    pub async fn run(self) -> Result<(), RunError> {
+        let DnsServer {
+            shared,
+            udp,
+            tcp,
+            local,
+            stop,
+        } = self;
+        let mut tasks = JoinSet::new();
+        for _ in 0..shared.workers {
+            tasks.spawn(udp_loop(shared.clone(), udp.clone(), stop.subscribe()));
+        }
+        tasks.spawn(tcp_loop(shared.clone(), tcp, stop.subscribe()));
+        let mut stopped = stop.subscribe();
+        let mut failure = None;
+        loop {
+            tokio::select! {
+                changed = stopped.wait_for(|stop| *stop) => {
+                    let _ = changed;
+                    break;
+                }
+                joined = tasks.join_next() => match joined {
+                    Some(Err(error)) => {
+                        warn!(%error, "DNS server task failed");
+                        failure = Some(RunError::Task(error));
+                        stop.send_replace(true);
+                    }
+                    Some(Ok(())) => {}
+                    None => break,
+                },
+            }
+        }
+        // Loops see the stop at once; connections and delayed answers get a grace period.
+        let grace = Instant::now() + SHUTDOWN_GRACE;
+        while let Ok(Some(joined)) = tokio::time::timeout_at(grace.into(), tasks.join_next()).await
+        {
+            if let Err(error) = joined {
+                failure.get_or_insert(RunError::Task(error));
+            }
+        }
+        tasks.abort_all();
+        let drain = async {
+            let tcp = shared.tcp_slots.acquire_many(permits(shared.max_tcp)).await;
+            let delayed = shared
+                .delayed
+                .acquire_many(permits(shared.max_delayed))
+                .await;
+            (tcp.is_ok(), delayed.is_ok())
+        };
+        if tokio::time::timeout_at(grace.into(), drain).await.is_err() {
+            warn!(%local, "DNS connections still open after the shutdown grace period");
+        }
+        info!(%local, "DNS server stopped");
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+}
+
+fn permits(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Binds UDP then TCP on the same port (for port 0, retrying when TCP finds it taken).
+async fn listen(address: SocketAddr) -> Result<(UdpSocket, TcpListener, SocketAddr), BindError> {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let udp = bind_udp(address).map_err(|source| BindError::Listen {
+            address,
+            transport: "udp",
+            source,
+        })?;
+        let local = udp.local_addr().map_err(|source| BindError::Listen {
+            address,
+            transport: "udp",
+            source,
+        })?;
+        match TcpListener::bind(local).await {
+            Ok(tcp) => return Ok((udp, tcp, local)),
+            Err(error)
+                if address.port() == 0
+                    && error.kind() == io::ErrorKind::AddrInUse
+                    && attempts < 8 => {}
+            Err(source) => {
+                return Err(BindError::Listen {
+                    address: local,
+                    transport: "tcp",
+                    source,
+                });
+            }
+        }
+    }
+}
+
+fn bind_udp(address: SocketAddr) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
+    // A larger receive buffer absorbs bursts; the kernel caps it at net.core.rmem_max.
+    if let Err(error) = socket.set_recv_buffer_size(4 << 20) {
+        debug!(%error, "could not enlarge the UDP receive buffer");
+    }
+    socket.bind(&address.into())?;
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// Per-loop buffers, reused from packet to packet.
+#[derive(Debug, Default)]
+struct Scratch {
+    lowercase: Vec<u8>,
+    key: Vec<u8>,
+    out: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// What to do after handling a packet.
+#[derive(Debug)]
+enum Step {
+    /// Send `scratch.out`.
+    Send,
+    /// Send nothing.
+    Nothing,
+    /// Send once the instance is ready (delayed mode).
+    Delay(Delayed),
+}
+
+#[derive(Debug)]
+struct Delayed {
+    answer: Arc<Answer>,
+    wait: Duration,
+    packet: Vec<u8>,
+}
+
+/// Everything the loops share.
+#[derive(Debug)]
+struct Shared {
+    engine: Engine,
+    cache: AnswerCache,
+    rrl: PrefixLimiter,
+    slip: u32,
+    metrics: Arc<Metrics>,
+    delayed: Arc<Semaphore>,
+    max_delayed: usize,
+    tcp_slots: Arc<Semaphore>,
+    max_tcp: usize,
+    tcp_idle: Duration,
+    workers: usize,
+    activity_ms: u64,
+    epoch: Instant,
+}
+
+impl Shared {
+    /// Handles one message from `source`.
+    fn handle(&self, packet: &[u8], source: IpAddr, transport: Transport, s: &mut Scratch) -> Step {
+        let query = match wire::parse(packet, self.engine.trust_ecs()) {
+            Ok(query) => query,
+            Err(Rejected::Ignore) => {
+                self.metrics.event(Event::Ignored);
+                return Step::Nothing;
+            }
+            Err(Rejected::FormErr(header)) => return self.header_only(&header, 1, s),
+            Err(Rejected::NotImp(header)) => return self.header_only(&header, 4, s),
+        };
+        if transport == Transport::Udp
+            && let Verdict::Refuse(refused) = self.rrl.check(source)
+        {
+            if self.slip != 0 && refused % self.slip == 0 {
+                slipped(&query, &mut s.out);
+                self.metrics.event(Event::Truncated);
+                self.metrics.response(0);
+                return Step::Send;
+            }
+            self.metrics.event(Event::RateLimited);
+            return Step::Nothing;
+        }
+        s.lowercase.clear();
+        wire::push_lowercase(query.qname(), &mut s.lowercase);
+        let generation = self.engine.instances().generation();
+        self.cache.sync(generation);
+        let subnet_query =
+            self.engine.trust_ecs() && query.edns.is_some_and(|e| e.subnet.is_some());
+        if !subnet_query && let Some(answer) = self.cached(&query, source, s) {
+            self.metrics.event(Event::CacheHit);
+            self.report_activity(&answer);
+            self.emit(&answer.rendered, &query, transport, &mut s.out);
+            return Step::Send;
+        }
+        self.metrics.event(Event::CacheMiss);
+        let worked = self.engine.work(&query, &s.lowercase, source);
+        if let Some(scope) = worked.cache {
+            cache::key(&query, &s.lowercase, scope, &mut s.key);
+            self.cache.put(&s.key, worked.answer.clone(), generation);
+            if worked.per_client {
+                cache::key(&query, &s.lowercase, Scope::Shared, &mut s.key);
+                self.cache.put_per_client(&s.key, generation);
+            }
+        }
+        if let Some(link) = &worked.answer.link {
+            link.reported_ms.store(self.now_ms(), Ordering::Relaxed);
+        }
+        if let Some(wait) = worked.wait {
+            return Step::Delay(Delayed {
+                answer: worked.answer,
+                wait,
+                packet: packet.to_vec(),
+            });
+        }
+        self.emit(&worked.answer.rendered, &query, transport, &mut s.out);
+        Step::Send
+    }
+
+    /// A usable cached answer for `query`, if there is one.
+    fn cached(&self, query: &Query<'_>, source: IpAddr, s: &mut Scratch) -> Option<Arc<Answer>> {
+        cache::key(query, &s.lowercase, Scope::Shared, &mut s.key);
+        let found = match self.cache.get(&s.key) {
+            Found::PerClient => {
+                let client = self.engine.client(query, source);
+                cache::key(query, &s.lowercase, Scope::Client(client), &mut s.key);
+                self.cache.get(&s.key)
+            }
+            found => found,
+        };
+        let Found::Answer(answer) = found else {
+            return None;
+        };
+        if let Some(link) = &answer.link {
+            let state = link.state.borrow();
+            // A stopped instance must be summoned again; in delayed mode a booting one
+            // must be waited for: both go the long way.
+            if state.is_final() || (self.engine.delayed() && !state.is_serving()) {
+                return None;
+            }
+        }
+        Some(answer)
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Reports a cached answer as activity, at most once per `activity_interval`.
+    fn report_activity(&self, answer: &Answer) {
+        let Some(link) = &answer.link else { return };
+        let now = self.now_ms();
+        let last = link.reported_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= self.activity_ms
+            && link
+                .reported_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.engine.instances().activity(&link.key, Activity::Query);
+        }
+    }
+
+    fn header_only(&self, header: &wire::Header, rcode: u8, s: &mut Scratch) -> Step {
+        s.out.clear();
+        s.out.extend_from_slice(&header.error_response(rcode));
+        self.metrics.response(u16::from(rcode));
+        Step::Send
+    }
+
+    /// Writes `rendered` as the response to `query` into `out`: its id, RD and CD, the
+    /// question as sent, and TC if it does not fit the transport.
+    fn emit(
+        &self,
+        rendered: &Rendered,
+        query: &Query<'_>,
+        transport: Transport,
+        out: &mut Vec<u8>,
+    ) {
+        let limit = match transport {
+            Transport::Udp => {
+                usize::from(query.edns.map_or(512, |e| e.udp_size.min(EDNS_UDP_SIZE)))
+            }
+            Transport::Tcp => MAX_MESSAGE,
+        };
+        let bytes = if rendered.full.len() <= limit {
+            &rendered.full
+        } else {
+            self.metrics.event(Event::Truncated);
+            &rendered.truncated
+        };
+        out.clear();
+        out.extend_from_slice(bytes);
+        if out.len() >= HEADER_LEN {
+            out[..2].copy_from_slice(&query.id.to_be_bytes());
+            out[2] = (out[2] & !0x01) | u8::from(query.rd);
+            out[3] = (out[3] & !0x10) | (u8::from(query.cd) << 4);
+            let question = query.question;
+            if let Some(template) = out.get_mut(HEADER_LEN..HEADER_LEN + question.len())
+                && template.eq_ignore_ascii_case(question)
+            {
+                template.copy_from_slice(question);
+            }
+        }
+        self.metrics.response(rendered.rcode);
+    }
+
+    /// Waits (bounded) for a delayed answer's instance, then writes the response.
+    async fn settle(&self, delayed: &Delayed, transport: Transport, out: &mut Vec<u8>) {
+        let Ok(query) = wire::parse(&delayed.packet, self.engine.trust_ecs()) else {
+            return;
+        };
+        let mut lowercase = Vec::new();
+        wire::push_lowercase(query.qname(), &mut lowercase);
+        let why = match &delayed.answer.link {
+            None => None,
+            Some(link) => {
+                let mut state = link.state.clone();
+                let settled = timeout(
+                    delayed.wait,
+                    state.wait_for(|s| s.is_serving() || s.is_final()),
+                )
+                .await;
+                match settled {
+                    Ok(Ok(state)) if state.is_serving() => None,
+                    Ok(Ok(state)) => Some(format!("{} did not start: {:?}", link.key, *state)),
+                    Ok(Err(_)) => Some(format!("{} is gone", link.key)),
+                    Err(_) => Some(format!("{} not ready after {:?}", link.key, delayed.wait)),
+                }
+            }
+        };
+        match why {
+            None => self.emit(&delayed.answer.rendered, &query, transport, out),
+            Some(why) => {
+                debug!(reason = %why, "delayed answer failed");
+                let rendered = self.engine.not_ready(&query, &lowercase, why);
+                self.emit(&rendered, &query, transport, out);
+            }
+        }
+    }
+}
+
+/// A rate-limit "slip": header with TC and the question, nothing else.
+fn slipped(query: &Query<'_>, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&query.id.to_be_bytes());
+    out.push(0x80 | 0x02 | u8::from(query.rd));
+    out.push(u8::from(query.cd) << 4);
+    out.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
+    out.extend_from_slice(query.question);
+}
+
+async fn udp_loop(shared: Arc<Shared>, socket: Arc<UdpSocket>, mut stop: watch::Receiver<bool>) {
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut scratch = Scratch::default();
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        // Read without a future per packet while packets are queued; park when none are.
+        let (len, from) = match socket.try_recv_from(&mut buf) {
+            Ok(received) => received,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    ready = socket.readable() => {
+                        if let Err(error) = ready {
+                            warn!(%error, "UDP socket failed");
+                            return;
+                        }
+                    }
+                }
+                continue;
+            }
+            Err(error) => {
+                debug!(%error, "UDP receive failed");
+                continue;
+            }
+        };
+        match shared.handle(&buf[..len], from.ip(), Transport::Udp, &mut scratch) {
+            Step::Send => send_udp(&socket, &scratch.out, from).await,
+            Step::Nothing => {}
+            Step::Delay(delayed) => {
+                let Ok(permit) = shared.delayed.clone().try_acquire_owned() else {
+                    shared.metrics.event(Event::OverloadDropped);
+                    continue;
+                };
+                let (shared, socket, mut stop) = (shared.clone(), socket.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let mut out = Vec::new();
+                    tokio::select! {
+                        _ = stop.changed() => {}
+                        () = shared.settle(&delayed, Transport::Udp, &mut out) => {
+                            send_udp(&socket, &out, from).await;
+                        }
+                    }
+                });
+            }
+        }
+    }
+}
+
+async fn send_udp(socket: &UdpSocket, bytes: &[u8], to: SocketAddr) {
+    let sent = match socket.try_send_to(bytes, to) {
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+            timeout(Duration::from_secs(1), socket.send_to(bytes, to))
+                .await
+                .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+        }
+        other => other,
+    };
+    if let Err(error) = sent {
+        debug!(%error, %to, "UDP send failed");
+    }
+}
+
+async fn tcp_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.changed() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of file descriptors and the like: back off briefly instead of spinning.
+                warn!(%error, "TCP accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = shared.tcp_slots.clone().try_acquire_owned() else {
+            shared.metrics.event(Event::TcpRefused);
+            debug!(%peer, "too many TCP connections; closing");
+            continue;
+        };
+        let (shared, stop) = (shared.clone(), stop.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            tcp_connection(&shared, stream, peer, stop).await;
+        });
+    }
+}
+
+async fn tcp_connection(
+    shared: &Shared,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) {
+    let idle = shared.tcp_idle;
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut scratch = Scratch::default();
+    loop {
+        let length = tokio::select! {
+            _ = stop.changed() => return,
+            length = timeout(idle, stream.read_u16()) => match length {
+                Ok(Ok(length)) => usize::from(length),
+                _ => return,
+            },
+        };
+        match timeout(idle, stream.read_exact(&mut buf[..length])).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        let step = shared.handle(&buf[..length], peer.ip(), Transport::Tcp, &mut scratch);
+        match step {
+            Step::Nothing => continue,
+            Step::Send => {}
+            Step::Delay(delayed) => {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    () = shared.settle(&delayed, Transport::Tcp, &mut scratch.out) => {}
+                }
+            }
+        }
+        let Ok(length) = u16::try_from(scratch.out.len()) else {
+            return;
+        };
+        let mut framed = Vec::with_capacity(scratch.out.len() + 2);
+        framed.extend_from_slice(&length.to_be_bytes());
+        framed.extend_from_slice(&scratch.out);
+        if !matches!(timeout(idle, stream.write_all(&framed)).await, Ok(Ok(()))) {
+            debug!(%peer, "TCP write failed or timed out");
+            return;
+        }
+    }
+}

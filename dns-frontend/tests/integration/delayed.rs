@@ -1,0 +1,97 @@
+//! Delayed mode: the answer waits (bounded) for the instance to be ready.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::RecordType;
+use revboot_deployer::InstanceState;
+
+use crate::answers::ede_text;
+use crate::fake::Boot;
+use crate::support::*;
+
+async fn until_summoned(fake: &crate::fake::Fake, before: u64) {
+    tokio::time::timeout(TIMEOUT, async {
+        while fake.summons.load(Ordering::SeqCst) == before {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("summoned in time");
+}
+
+#[tokio::test]
+async fn delayed_answer_is_sent_once_the_instance_is_ready() {
+    let fake = Arc::new(fake(16, Boot::Manual));
+    let mut config = config();
+    config.delayed_answers = true;
+    let server = start(config, fake.clone()).await;
+    for transport in ["udp", "tcp"] {
+        let mut client = match transport {
+            "udp" => udp_client(server.local_addr()).await,
+            _ => tcp_client(server.local_addr()).await,
+        };
+        // A different revision each time, so that each starts booting.
+        let name = match transport {
+            "udp" => "hello.revboot.test.".to_owned(),
+            _ => format!("{}.hello.revboot.test.", crate::fake::revision(2).short(7)),
+        };
+        let before = fake.summons.load(Ordering::SeqCst);
+        let pending = tokio::spawn(async move { ask(&mut client, &name, RecordType::A).await });
+        until_summoned(&fake, before).await;
+        // Not answered while booting (absence over a while; a slow machine cannot make
+        // the answer arrive early).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!pending.is_finished(), "{transport}: answered before ready");
+        for key in fake.keys() {
+            fake.set_state(&key, InstanceState::Ready);
+        }
+        let response = pending.await.expect("query task");
+        assert_eq!(response.response_code, ResponseCode::NoError, "{transport}");
+        assert_eq!(response.answers.len(), 1, "{transport}");
+    }
+    server.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn delayed_answer_that_never_gets_ready_is_servfail_not_ready() {
+    let fake = Arc::new(fake(16, Boot::Manual));
+    let mut config = config();
+    config.delayed_answers = true;
+    config.delay_limit = Duration::from_millis(200);
+    let server = start(config, fake.clone()).await;
+    let mut client = udp_client(server.local_addr()).await;
+    let r = ask(&mut client, "hello.revboot.test.", RecordType::A).await;
+    assert_eq!(r.response_code, ResponseCode::ServFail);
+    assert!(r.answers.is_empty());
+    let text = ede_text(&r).unwrap_or_default();
+    assert!(text.contains("not ready"), "{text:?}");
+    server.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn delayed_answer_for_a_crashed_boot_is_servfail() {
+    let fake = Arc::new(fake(16, Boot::Manual));
+    let mut config = config();
+    config.delayed_answers = true;
+    config.delay_limit = Duration::from_secs(3);
+    let server = start(config, fake.clone()).await;
+    let mut client = udp_client(server.local_addr()).await;
+    let pending =
+        tokio::spawn(async move { ask(&mut client, "hello.revboot.test.", RecordType::A).await });
+    until_summoned(&fake, 0).await;
+    let key = fake.keys().pop().expect("instance");
+    fake.set_state(
+        &key,
+        InstanceState::Crashed {
+            reason: "exited with status 3".into(),
+        },
+    );
+    let r = pending.await.expect("query task");
+    assert_eq!(r.response_code, ResponseCode::ServFail);
+    let text = ede_text(&r).unwrap_or_default();
+    assert!(text.contains("exited with status 3"), "{text:?}");
+    server.shutdown().await.expect("clean shutdown");
+}

@@ -1,0 +1,9 @@
+//! revboot-dns integration tests: a real server on loopback, real DNS clients.
+#![allow(clippy::unwrap_used, clippy::print_stderr)]
+
+mod answers;
+mod delayed;
+mod dig;
+mod fake;
+mod robustness;
+mod support;
