@@ -6,8 +6,9 @@
 //! user-mode network: `hello from <REVISION> (<deployment>)`, the deployment taken from
 //! `revboot.revision=<sha>` on the kernel command line.
 //!
-//! Limits: one CPU, no interrupts (everything is polled, so an idle VM still spins), no
-//! allocator, IPv4 only, a static address.
+//! Limits: one CPU; devices are polled, the only interrupt is a 1 kHz timer that wakes the
+//! CPU from `hlt` when no connection is open (see [`idle`]); no allocator, IPv4 only, a
+//! static address.
 //!
 //! Bad images for the tender's tests are cargo features: `never-ready` boots and prints but
 //! never listens, `triple-fault` prints a line and triple-faults, `spin` loops forever
@@ -19,6 +20,7 @@
 mod boot;
 mod clock;
 mod cpu;
+mod idle;
 mod mem;
 mod net;
 mod serial;
@@ -73,6 +75,7 @@ pub extern "C" fn kernel_main(start_info: u32) -> ! {
             " (PIT silent: a guess)"
         }
     );
+    idle::init();
     let device = match virtio::VirtioNet::probe() {
         Ok(device) => device,
         Err(error) => panic!("{error}"),

@@ -7,11 +7,12 @@
 //!    the request head (up to the blank line), answer `hello from <REVISION> (<deployment>)`,
 //!    close. `GET /crash` triple-faults the VM, to exercise crash handling.
 //! 4. A connection that has not sent its request head within [`REQUEST_TIMEOUT`] is reset.
-//! 5. The loop polls forever: smoltcp, then every socket.
+//! 5. The loop polls forever: smoltcp, then every socket; while no connection is open and
+//!    nothing changed, it sleeps until the next timer tick (at most about 1 ms).
 
 use core::fmt::Write as _;
 
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet, SocketStorage};
+use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet, SocketStorage};
 use smoltcp::phy::{Device, TxToken as _};
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
@@ -22,7 +23,7 @@ use smoltcp::wire::{
 
 use crate::clock::Clock;
 use crate::virtio::VirtioNet;
-use crate::{REVISION, cpu, println};
+use crate::{REVISION, cpu, idle, println};
 
 /// The guest port the service listens on.
 pub const PORT: u16 = 8080;
@@ -196,7 +197,8 @@ pub fn serve(mut device: VirtioNet, clock: Clock, deployment: &str) -> ! {
 
     loop {
         let now = clock.now();
-        iface.poll(now, &mut device, &mut sockets);
+        let changed = iface.poll(now, &mut device, &mut sockets) == PollResult::SocketStateChanged;
+        let mut busy = changed;
         for (conn, &handle) in conns.iter_mut().zip(&handles) {
             let socket = sockets.get_mut::<tcp::Socket<'_>>(handle);
             if !socket.is_open() {
@@ -207,6 +209,7 @@ pub fn serve(mut device: VirtioNet, clock: Clock, deployment: &str) -> ! {
             if !socket.is_active() {
                 continue; // still listening
             }
+            busy = true;
             let opened = *conn.opened.get_or_insert(now);
             if socket.can_recv() {
                 let _ = socket.recv(|data| {
@@ -235,6 +238,11 @@ pub fn serve(mut device: VirtioNet, clock: Clock, deployment: &str) -> ! {
                 conn.answered = true;
             }
         }
-        core::hint::spin_loop();
+        if busy {
+            core::hint::spin_loop();
+        } else {
+            // No connection open and nothing happened: sleep until the next timer tick.
+            idle::sleep();
+        }
     }
 }
