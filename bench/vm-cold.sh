@@ -3,7 +3,8 @@
 #
 # Per run: spawn qemu → first serial line → "listening" line → an HTTP request on the
 # forwarded loopback port → first response byte. Prints p50/p90 of each step (ms from the
-# spawn), and the RSS of a running VM. Traffic stays on 127.0.0.1.
+# spawn), the RSS of a running VM and the host CPU it uses while idle. Traffic stays on
+# 127.0.0.1.
 #
 #   bench/vm-cold.sh [runs]        (REVBOOT_QEMU_ACCEL=kvm|tcg, default tcg)
 set -euo pipefail
@@ -57,14 +58,27 @@ def one(measure_rss=False):
         if b"hello from" not in body:
             while chunk := conn.recv(4096):
                 body += chunk
-        rss = None
+        rss = idle = None
         if measure_rss:
             with open(f"/proc/{vm.pid}/status") as status:
                 rss = next(int(l.split()[1]) for l in status if l.startswith("VmRSS"))
-        return (first - t0) * 1e3, (listening - t0) * 1e3, (first_byte - t0) * 1e3, rss
+            idle = idle_cpu(vm.pid)
+        return (first - t0) * 1e3, (listening - t0) * 1e3, (first_byte - t0) * 1e3, rss, idle
     finally:
         vm.kill()
         vm.wait()
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+def idle_cpu(pid, seconds=3.0):
+    """Host CPU used by an idle VM, in percent of one core."""
+    time.sleep(0.5)
+    before, t = cpu_seconds(pid), time.perf_counter()
+    time.sleep(seconds)
+    return (cpu_seconds(pid) - before) / (time.perf_counter() - t) * 100
 
 def pct(values, p):
     values = sorted(values)
@@ -77,4 +91,5 @@ for name, idx in (("first serial line", 0), ("listening", 1), ("first HTTP byte"
     vals = [s[idx] for s in samples]
     print(f"  {name:18} p50 {pct(vals, 50):7.1f}  p90 {pct(vals, 90):7.1f}  min {min(vals):7.1f}")
 print(f"  qemu RSS while serving: {samples[0][3] / 1024:.1f} MiB (guest memory 32 MiB)")
+print(f"  host CPU of an idle VM: {samples[0][4]:.1f}% of one core")
 PY

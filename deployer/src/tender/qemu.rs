@@ -58,6 +58,8 @@ pub const MEMORY_MIB: std::ops::RangeInclusive<u64> = 8..=16 * 1024;
 const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a QMP command may take to answer.
 const QMP_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long to wait for QMP events still in flight after qemu exited.
+const QMP_DRAIN: Duration = Duration::from_millis(300);
 /// The longest QMP message accepted.
 const QMP_MAX_LINE: u64 = 64 * 1024;
 /// How long console readers may take to drain after qemu exited.
@@ -558,6 +560,7 @@ async fn supervise(mut s: Supervised) {
     let mut connecting = true;
     let mut qmp: Option<Qmp> = None;
     let mut stopping = false;
+    let mut guest_stopped = false;
     let status = loop {
         tokio::select! {
             status = s.child.wait() => break status,
@@ -579,7 +582,7 @@ async fn supervise(mut s: Supervised) {
                 }
             }
             event = next_event(&mut qmp) => match event {
-                Some(event) => note_event(&s.console, &event),
+                Some(event) => guest_stopped |= note_event(&s.console, &event),
                 None => qmp = None,
             },
             control = s.control.recv() => match control {
@@ -600,7 +603,18 @@ async fn supervise(mut s: Supervised) {
             },
         }
     };
-    drop(qmp);
+    // qemu sends its SHUTDOWN event just before it exits: read what is left.
+    if let Some(mut session) = qmp.take() {
+        while let Ok(Some(event)) = tokio::time::timeout(QMP_DRAIN, session.event()).await {
+            guest_stopped |= note_event(&s.console, &event);
+        }
+    }
+    let exited_clean = matches!(&status, Ok(status) if status.success());
+    if exited_clean && !stopping && !guest_stopped {
+        s.console.push(
+            b"[qemu] exited on its own: with -no-reboot, a guest reset (a triple fault) or power-off ends the VM\n",
+        );
+    }
     for reader in s.readers.into_iter().flatten() {
         let _ = tokio::time::timeout(CONSOLE_DRAIN, reader).await;
     }
@@ -658,14 +672,14 @@ async fn next_event(qmp: &mut Option<Qmp>) -> Option<serde_json::Value> {
 }
 
 /// Puts what qemu says about a guest-initiated stop on the console, where the crash record
-/// will show it.
-fn note_event(console: &Console, event: &serde_json::Value) {
+/// will show it; true if it was one.
+fn note_event(console: &Console, event: &serde_json::Value) -> bool {
     let name = event
         .get("event")
         .and_then(|name| name.as_str())
         .unwrap_or("");
     if name != "SHUTDOWN" && name != "RESET" && name != "GUEST_PANICKED" {
-        return;
+        return false;
     }
     let data = event.get("data");
     let guest = data
@@ -676,7 +690,7 @@ fn note_event(console: &Console, event: &serde_json::Value) {
         .and_then(|reason| reason.as_str())
         .unwrap_or("unknown");
     if guest == Some(false) {
-        return; // we asked for it
+        return false; // we asked for it
     }
     let line = match (name, reason) {
         ("SHUTDOWN", "guest-reset") => {
@@ -686,6 +700,7 @@ fn note_event(console: &Console, event: &serde_json::Value) {
         _ => format!("[qemu] {name}: {reason}\n"),
     };
     console.push(line.as_bytes());
+    true
 }
 
 /// A QMP session: one JSON object per line.
@@ -887,12 +902,12 @@ mod tests {
             "event": "SHUTDOWN",
             "data": { "guest": true, "reason": "guest-reset" }
         });
-        note_event(&console, &event);
+        assert!(note_event(&console, &event));
         let ours = serde_json::json!({
             "event": "SHUTDOWN",
             "data": { "guest": false, "reason": "host-qmp-quit" }
         });
-        note_event(&console, &ours);
+        assert!(!note_event(&console, &ours));
         let tail = String::from_utf8(console.tail()).expect("utf-8");
         assert!(tail.contains("triple fault"), "{tail}");
         assert!(!tail.contains("host-qmp-quit"), "{tail}");
