@@ -13,8 +13,10 @@
 //!    system calls: join the cgroups, make `/` private and mount its own `/proc`, set the
 //!    hostname and rlimits, move stdin (`/dev/null`), stdout+stderr (console pipe) and the
 //!    socket (fd 3) into place, `chdir` to its scratch directory, set the parent-death
-//!    signal and no-new-privileges, restrict itself with landlock, close every other fd,
-//!    install the seccomp filters, and `execve` the image with a clean environment
+//!    signal and no-new-privileges, restrict itself with landlock, mark every other fd
+//!    close-on-exec,
+//!    install the seccomp filters, and `execveat` the image (through the fd the landlock
+//!    rule names, so a replaced cache file cannot swap the binary) with a clean environment
 //!    (`LISTEN_FDS=1`, `LISTEN_PID=1`, `REVBOOT_*`, the manifest's `env`).
 //! 4. A failing step writes `(step, errno)` to a close-on-exec pipe and exits 127; the
 //!    parent reads that pipe to EOF, so a returned boot means the image is executing.
@@ -482,12 +484,12 @@ const STEPS: &[&str] = &[
     "landlock",
     "closing fds",
     "seccomp",
-    "execve",
+    "execveat",
 ];
 
 /// Everything the child touches, allocated before the clone.
 struct ChildPlan<'a> {
-    image: CString,
+    image: RawFd,
     argv: Vec<*const libc::c_char>,
     envp: Vec<*const libc::c_char>,
     scratch: CString,
@@ -553,8 +555,15 @@ impl Shared {
             let what = what.to_owned();
             move |source| BootError::Setup { what, source }
         };
+        // The image is executed through this fd, so that the file landlock allows is the file
+        // that runs, even if the cache path is replaced meanwhile.
+        let image_fd = File::options()
+            .read(true)
+            .open(&job.image)
+            .map_err(setup("image"))?;
+        let image_fd = fd_above(image_fd.into()).map_err(setup("image"))?;
         let landlock =
-            landlock_ruleset(&spec.scratch, &job.image).map_err(|error| BootError::Setup {
+            landlock_ruleset(&spec.scratch, &image_fd).map_err(|error| BootError::Setup {
                 what: "landlock ruleset".into(),
                 source: io::Error::other(error),
             })?;
@@ -567,7 +576,6 @@ impl Shared {
         let (console_read, console_write) = pipe().map_err(setup("console pipe"))?;
         let (error_read, error_write) = pipe().map_err(setup("error pipe"))?;
 
-        let image = cstring(job.image.as_os_str().as_bytes(), "image path")?;
         let name = job.image.file_name().unwrap_or(OsStr::new("image"));
         let mut argv = vec![cstring(name.as_bytes(), "argv")?];
         for arg in &spec.run.args {
@@ -616,7 +624,7 @@ impl Shared {
             rlimits.push((libc::RLIMIT_DATA, limit(spec.run.memory_mib * 1024 * 1024)));
         }
         let plan = ChildPlan {
-            image,
+            image: image_fd.as_raw_fd(),
             argv: pointers(&argv),
             envp: pointers(&env),
             scratch: cstring(spec.scratch.as_os_str().as_bytes(), "scratch path")?,
@@ -755,7 +763,7 @@ struct CloneArgs {
 /// no TCP bind or connect at all. `None` where the kernel has no landlock.
 fn landlock_ruleset(
     scratch: &Path,
-    image: &Path,
+    image: &OwnedFd,
 ) -> Result<Option<OwnedFd>, Box<dyn std::error::Error + Send + Sync>> {
     let ruleset = Ruleset::default()
         .handle_access(AccessFs::from_all(LANDLOCK_ABI))?
@@ -766,7 +774,7 @@ fn landlock_ruleset(
             AccessFs::from_all(LANDLOCK_ABI),
         ))?
         .add_rule(PathBeneath::new(
-            PathFd::new(image)?,
+            image,
             AccessFs::Execute | AccessFs::ReadFile,
         ))?;
     let fd: Option<OwnedFd> = ruleset.into();
@@ -848,10 +856,13 @@ unsafe fn child(plan: &ChildPlan<'_>) -> ! {
         {
             fail(9);
         }
-        // Keep 0–3 and the error pipe (close-on-exec); close everything else.
-        let error = plan.error as libc::c_uint;
-        if (error > 4 && libc::close_range(4, error - 1, 0) != 0)
-            || libc::close_range(error + 1, libc::c_uint::MAX, 0) != 0
+        // Keep 0–3; everything else closes at exec (the error pipe and the image fd are
+        // still needed until then).
+        if libc::close_range(
+            4,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
+        ) != 0
         {
             fail(10);
         }
@@ -870,7 +881,14 @@ unsafe fn child(plan: &ChildPlan<'_>) -> ! {
                 fail(11);
             }
         }
-        libc::execve(plan.image.as_ptr(), plan.argv.as_ptr(), plan.envp.as_ptr());
+        libc::syscall(
+            libc::SYS_execveat,
+            plan.image,
+            c"".as_ptr(),
+            plan.argv.as_ptr(),
+            plan.envp.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        );
         fail(12)
     }
 }

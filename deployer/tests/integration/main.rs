@@ -1,3 +1,8 @@
-//! Integration tests of the deployer.
+//! Integration tests of the deployer: real images, a real store, real sockets, run as root.
+#![allow(clippy::unwrap_used)]
 
+mod hello;
 mod qemu;
+mod restart;
+mod sandbox;
+mod support;

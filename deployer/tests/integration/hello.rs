@@ -1,0 +1,329 @@
+//! The lifecycle with the real `examples/hello` image.
+
+use std::time::Duration;
+
+use revboot_deployer::{Activity, InstanceState, Instances, SummonError};
+
+use crate::support::{self, PATIENCE, World, deploy, hello_image, http_get, manifest, source};
+
+const HELLO_RUN: &str = "port = 8080\nmemory_mib = 32\nready = { probe = \"socket\" }";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn summon_connect_and_the_right_revision_answers() {
+    let world = World::new(1, |_| {});
+    let image = hello_image();
+    let revision = deploy(
+        &world.store,
+        "hello",
+        &image,
+        &manifest("hello", HELLO_RUN),
+        &source(1),
+    );
+    let summoned = world
+        .deployer
+        .summon("hello", &revision, None)
+        .expect("summon");
+    assert_eq!(summoned.port, 8080);
+    assert_eq!(summoned.backend.ip(), summoned.address);
+    let response = http_get(summoned.backend, "/").await.expect("answer");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(
+        response.contains(&format!("hello from v1 ({revision})")),
+        "{response}"
+    );
+    let mut state = summoned.state.clone();
+    support::wait_state(&mut state, InstanceState::is_serving).await;
+    // A second summon finds the same instance.
+    let again = world
+        .deployer
+        .summon("hello", &revision, None)
+        .expect("summon");
+    assert_eq!(again.address, summoned.address);
+    assert_eq!(world.deployer.list().len(), 1);
+    let by_address = world
+        .deployer
+        .by_address(summoned.address)
+        .expect("known address");
+    assert_eq!(by_address.key, summoned.key);
+    world.deployer.shutdown().await;
+    assert!(world.deployer.list().is_empty());
+    assert!(matches!(
+        world.deployer.summon("hello", &revision, None),
+        Err(SummonError::ShuttingDown)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_revisions_run_side_by_side_on_different_addresses() {
+    let world = World::new(2, |_| {});
+    let image = hello_image();
+    let first = deploy(
+        &world.store,
+        "hello",
+        &image,
+        &manifest("hello", HELLO_RUN),
+        &source(1),
+    );
+    let second = deploy(
+        &world.store,
+        "hello",
+        &image,
+        &manifest("hello", HELLO_RUN),
+        &source(2),
+    );
+    assert_ne!(first, second);
+    let a = world
+        .deployer
+        .summon("hello", &first, None)
+        .expect("summon first");
+    let b = world
+        .deployer
+        .summon("hello", &second, None)
+        .expect("summon second");
+    assert_ne!(a.address, b.address);
+    let (answer_a, answer_b) = tokio::join!(http_get(a.backend, "/"), http_get(b.backend, "/"));
+    let states = || format!("{:?} / {:?}", *a.state.borrow(), *b.state.borrow());
+    let (answer_a, answer_b) = (
+        answer_a.unwrap_or_else(|e| panic!("first answers: {e}; {}", states())),
+        answer_b.unwrap_or_else(|e| panic!("second answers: {e}; {}", states())),
+    );
+    assert!(answer_a.contains(&first.to_string()), "{answer_a}");
+    assert!(answer_b.contains(&second.to_string()), "{answer_b}");
+    assert_eq!(world.deployer.list().len(), 2);
+    world.deployer.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_made_as_the_boot_starts_is_served_not_refused() {
+    let world = World::new(3, |_| {});
+    let image = hello_image();
+    let revision = deploy(
+        &world.store,
+        "hello",
+        &image,
+        &manifest("hello", HELLO_RUN),
+        &source(1),
+    );
+    for _ in 0..5 {
+        let summoned = world
+            .deployer
+            .summon("hello", &revision, None)
+            .expect("summon");
+        // Connect before the instance can possibly run: the kernel holds the handshake.
+        assert_eq!(*summoned.state.borrow(), InstanceState::Booting);
+        let response = http_get(summoned.backend, "/").await.expect("served");
+        assert!(response.contains("hello from v1"), "{response}");
+        let mut state = world.deployer.kill(&summoned.key).expect("running");
+        support::wait_state(&mut state, InstanceState::is_final).await;
+        // The key is free again as soon as the state is final.
+    }
+    world.deployer.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_reaping_stops_the_instance_and_writes_its_log_back() {
+    let world = World::new(4, |config| config.idle_timeout_override_ms = Some(1_000));
+    let image = hello_image();
+    let revision = deploy(
+        &world.store,
+        "hello",
+        &image,
+        &manifest("hello", HELLO_RUN),
+        &source(1),
+    );
+    let summoned = world
+        .deployer
+        .summon("hello", &revision, None)
+        .expect("summon");
+    // An open connection keeps it alive past the idle timeout.
+    world
+        .deployer
+        .activity(&summoned.key, Activity::ConnectionOpened);
+    let response = http_get(summoned.backend, "/").await.expect("answer");
+    assert!(response.contains("hello from v1"));
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert!(
+        summoned.state.borrow().is_serving(),
+        "{:?}",
+        *summoned.state.borrow()
+    );
+    world
+        .deployer
+        .activity(&summoned.key, Activity::ConnectionClosed);
+    let mut state = summoned.state.clone();
+    let end = support::wait_state(&mut state, InstanceState::is_final).await;
+    assert_eq!(end, InstanceState::Stopped);
+    assert!(
+        support::eventually(|| !world
+            .store
+            .runtime_logs("hello")
+            .unwrap_or_default()
+            .is_empty())
+        .await,
+        "a runtime record is written"
+    );
+    let logs = world.store.runtime_logs("hello").expect("logs");
+    let record = &logs[0];
+    assert_eq!(record.revision, revision);
+    assert!(
+        record.outcome.starts_with("stopped: idle"),
+        "{}",
+        record.outcome
+    );
+    assert!(record.boot_ms.is_some());
+    assert!(
+        String::from_utf8_lossy(&record.console).contains("hello v1 ready"),
+        "{:?}",
+        String::from_utf8_lossy(&record.console)
+    );
+    // The address is free again.
+    assert!(support::eventually(|| world.deployer.by_address(summoned.address).is_none()).await);
+    assert!(support::bindable(summoned.address, 8080));
+    world.deployer.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_is_recorded_with_its_console_tail_and_the_next_summon_boots_again() {
+    let world = World::new(5, |_| {});
+    let image = hello_image();
+    let revision = deploy(
+        &world.store,
+        "hello",
+        &image,
+        &manifest("hello", HELLO_RUN),
+        &source(1),
+    );
+    let summoned = world
+        .deployer
+        .summon("hello", &revision, None)
+        .expect("summon");
+    let _ = http_get(summoned.backend, "/crash").await;
+    let mut state = summoned.state.clone();
+    let end = support::wait_state(&mut state, InstanceState::is_final).await;
+    assert_eq!(
+        end,
+        InstanceState::Crashed {
+            reason: "exited with status 3".into()
+        }
+    );
+    assert!(
+        support::eventually(|| !world
+            .store
+            .runtime_logs("hello")
+            .unwrap_or_default()
+            .is_empty())
+        .await
+    );
+    let record = &world.store.runtime_logs("hello").expect("logs")[0];
+    assert_eq!(record.outcome, "crashed: exited with status 3");
+    let console = String::from_utf8_lossy(&record.console);
+    assert!(console.contains("hello: crashing on request"), "{console}");
+    // One crash is not a loop: the next summon boots a new instance.
+    let again = world
+        .deployer
+        .summon("hello", &revision, None)
+        .expect("boots again");
+    let response = http_get(again.backend, "/").await.expect("answer");
+    assert!(response.contains("hello from v1"));
+    world.deployer.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_backs_off() {
+    let world = World::new(6, |config| {
+        config.backoff.after_crashes = 2;
+        config.backoff.base_ms = 60_000;
+        config.backoff.max_ms = 120_000;
+    });
+    let image = hello_image();
+    let revision = deploy(
+        &world.store,
+        "hello",
+        &image,
+        &manifest("hello", HELLO_RUN),
+        &source(1),
+    );
+    for _ in 0..2 {
+        let summoned = world
+            .deployer
+            .summon("hello", &revision, None)
+            .expect("boots");
+        let _ = http_get(summoned.backend, "/crash").await;
+        let mut state = summoned.state.clone();
+        let end = support::wait_state(&mut state, InstanceState::is_final).await;
+        assert!(matches!(end, InstanceState::Crashed { .. }), "{end:?}");
+    }
+    match world.deployer.summon("hello", &revision, None) {
+        Err(SummonError::Backoff { retry_in, .. }) => {
+            assert!(retry_in > Duration::from_secs(1) && retry_in <= Duration::from_secs(60));
+        }
+        other => panic!("expected a back-off, got {other:?}"),
+    }
+    world.deployer.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missed_readiness_probe_is_a_crash_with_the_reason() {
+    let world = World::new(7, |_| {});
+    let image = hello_image();
+    let run = "port = 8080\nboot_timeout_ms = 300\nready = { probe = \"console\", line = \"never printed\" }";
+    let revision = deploy(
+        &world.store,
+        "hello",
+        &image,
+        &manifest("hello", run),
+        &source(1),
+    );
+    let summoned = world
+        .deployer
+        .summon("hello", &revision, None)
+        .expect("summon");
+    let mut state = summoned.state.clone();
+    let end = support::wait_state(&mut state, InstanceState::is_final).await;
+    match end {
+        InstanceState::Crashed { reason } => {
+            assert!(reason.contains("not ready after 300 ms"), "{reason}")
+        }
+        other => panic!("expected a crash, got {other:?}"),
+    }
+    world.deployer.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caps_refuse_fast_with_a_reason() {
+    let world = World::new(8, |config| {
+        config.max_instances = 3;
+        config.max_per_service = 2;
+        config.max_clients_per_service = 1;
+    });
+    let image = hello_image();
+    let shared = manifest("hello", HELLO_RUN);
+    let per_client = manifest("hello", &format!("{HELLO_RUN}\nper_client = true"));
+    let r1 = deploy(&world.store, "hello", &image, &shared, &source(1));
+    let r2 = deploy(&world.store, "hello", &image, &shared, &source(2));
+    let r3 = deploy(&world.store, "hello", &image, &shared, &source(3));
+    world.deployer.summon("hello", &r1, None).expect("first");
+    world.deployer.summon("hello", &r2, None).expect("second");
+    assert!(matches!(
+        world.deployer.summon("hello", &r3, None),
+        Err(SummonError::ServiceCap { limit: 2, .. })
+    ));
+    let other = deploy(&world.store, "other", &image, &per_client, &source(4));
+    assert!(matches!(
+        world.deployer.summon("other", &other, None),
+        Err(SummonError::ClientRequired { .. })
+    ));
+    let client = world
+        .deployer
+        .summon("other", &other, Some("127.0.0.5".parse().unwrap()))
+        .expect("client instance");
+    assert_eq!(client.key.client, Some("127.0.0.5".parse().unwrap()));
+    assert!(matches!(
+        world
+            .deployer
+            .summon("other", &other, Some("127.0.0.6".parse().unwrap())),
+        Err(SummonError::GlobalCap { limit: 3 }) | Err(SummonError::ClientCap { limit: 1, .. })
+    ));
+    let _ = PATIENCE;
+    world.deployer.shutdown().await;
+}
