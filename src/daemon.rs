@@ -236,6 +236,31 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Adds the qemu tender when `qemu-system-x86_64` is installed; without it, VM services fail
+/// to boot with a clear reason and process services are unaffected.
+fn register_qemu(deployer: &Deployer, config: &Config) -> anyhow::Result<()> {
+    use revboot_deployer::tender::qemu::{AccelChoice, QemuConfig, QemuTender};
+    let accel = match config.instances.qemu_accel.as_str() {
+        "kvm" => AccelChoice::Kvm,
+        "tcg" => AccelChoice::Tcg,
+        _ => AccelChoice::Auto,
+    };
+    let qemu = QemuConfig {
+        accel,
+        ..QemuConfig::default()
+    };
+    let found = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| dir.join(&qemu.binary).is_file())
+    }) || qemu.binary.is_file();
+    if !found {
+        warn!(binary = %qemu.binary.display(), "qemu not found: services with `tender = \"qemu\"` cannot boot (install qemu-system-x86)");
+        return Ok(());
+    }
+    let tender = QemuTender::new(qemu).context("Cannot set up the qemu tender")?;
+    deployer.register_tender(Arc::new(tender));
+    Ok(())
+}
+
 /// A daemon that has started: every part is listening.
 pub struct Daemon {
     info: DaemonInfo,
@@ -284,6 +309,7 @@ impl Daemon {
             tokio::runtime::Handle::current(),
         )
         .context("Cannot start the deployer")?;
+        register_qemu(&deployer, &config)?;
 
         let proxy = Proxy::new(ProxyConfig::default(), deployer.clone());
         let front: Arc<dyn Instances> = proxy.clone();
