@@ -3,3 +3,4 @@
 mod api;
 mod journey;
 mod support;
+mod vm;

@@ -43,12 +43,32 @@ impl Daemon {
         Daemon::start_with(data, free_port(), free_port(), &pool)
     }
 
+    /// Starts a daemon with extra `revbootd.toml` text (e.g. a short idle timeout).
+    pub fn start_configured(data: &Path, config: &str) -> Daemon {
+        let pool = format!(
+            "127.{}.{}.0/24",
+            90 + std::process::id() % 60,
+            POOLS.fetch_add(1, Ordering::Relaxed)
+        );
+        let file = data.with_extension("revbootd.toml");
+        std::fs::write(&file, config).expect("write revbootd.toml");
+        Daemon::launch(data, free_port(), free_port(), &pool, Some(&file))
+    }
+
     /// Starts a daemon with the given ports and pool.
     pub fn start_with(data: &Path, http: u16, dns: u16, pool: &str) -> Daemon {
+        Daemon::launch(data, http, dns, pool, None)
+    }
+
+    fn launch(data: &Path, http: u16, dns: u16, pool: &str, config: Option<&Path>) -> Daemon {
         let log = data.with_extension(format!("log.{}", http));
         let http: SocketAddr = ([127, 0, 0, 1], http).into();
         let dns: SocketAddr = ([127, 0, 0, 1], dns).into();
-        let child = Command::new(env!("CARGO_BIN_EXE_revboot"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_revboot"));
+        if let Some(config) = config {
+            command.arg("--config").arg(config);
+        }
+        let child = command
             .args(["--data", &data.to_string_lossy(), "serve"])
             .args(["--http", &http.to_string(), "--dns", &dns.to_string()])
             .args(["--pool", pool, "--token", TOKEN])
@@ -185,12 +205,19 @@ pub fn git(dir: &Path, args: &[&str]) -> Output {
 
 /// A git working copy of examples/hello.
 pub fn hello_source(dir: &Path) -> PathBuf {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hello");
-    let work = dir.join("hello");
+    example_source(dir, "hello")
+}
+
+/// A git working copy of one of the examples, committed as `<name> v1`.
+pub fn example_source(dir: &Path, name: &str) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(name);
+    let work = dir.join(name);
     copy(&source, &work);
     git(&work, &["init", "-q", "-b", "main"]);
     git(&work, &["add", "."]);
-    git(&work, &["commit", "-q", "-m", "hello v1"]);
+    git(&work, &["commit", "-q", "-m", &format!("{name} v1")]);
     work
 }
 
@@ -231,8 +258,13 @@ pub fn commit_revision(work: &Path, revision: &str, greeting: &str) {
 
 /// Pushes the working copy's main branch; returns git's stderr (the remote: lines).
 pub fn push(daemon: &Daemon, work: &Path) -> String {
+    push_service(daemon, work, "hello")
+}
+
+/// Pushes a working copy's main branch to a service.
+pub fn push_service(daemon: &Daemon, work: &Path, service: &str) -> String {
     let output = run(Command::new("git")
-        .args(["push", &daemon.remote("hello"), "main"])
+        .args(["push", &daemon.remote(service), "main"])
         .current_dir(work));
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
