@@ -206,6 +206,13 @@ async fn run_cgi(
     if let Some(value) = headers.get("git-protocol").and_then(|v| v.to_str().ok()) {
         command.env("GIT_PROTOCOL", value);
     }
+    let Ok(permit) = inner.git_processes.clone().try_acquire_owned() else {
+        tracing::warn!(service, "too many git requests at once");
+        return Ok(text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Too many git requests at once; try again shortly",
+        ));
+    };
     let mut child = command
         .spawn()
         .map_err(|e| format!("Cannot start git http-backend: {e}"))?;
@@ -241,6 +248,7 @@ async fn run_cgi(
     let limit = Duration::from_secs(inner.config.push_wait_secs + 300);
     let service_name = service.to_owned();
     tokio::spawn(async move {
+        let _permit = permit;
         let mut errors = Vec::new();
         let read_errors = async {
             let mut chunk = [0u8; 4096];

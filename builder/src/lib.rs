@@ -78,6 +78,10 @@ pub use name::{ServiceNameError, validate_service_name};
 pub use queue::{BuildRecord, BuildState, EnqueueError, QueueStateError};
 pub use repos::AddServiceError;
 
+/// The most `git http-backend` processes (concurrent clones and pushes) at once; more
+/// requests get `503`.
+pub const MAX_GIT_PROCESSES: usize = 32;
+
 /// How the builder is set up.
 #[derive(Debug, Clone)]
 pub struct BuilderConfig {
@@ -108,6 +112,9 @@ pub struct BuilderConfig {
 }
 
 impl BuilderConfig {
+    /// The default of [`BuilderConfig::push_wait_secs`].
+    pub const DEFAULT_PUSH_WAIT_SECS: u64 = 1800;
+
     /// A configuration with default limits and no push tokens.
     pub fn new(
         data_dir: impl Into<PathBuf>,
@@ -124,7 +131,7 @@ impl BuilderConfig {
             anonymous_fetch: true,
             max_parallel: 0,
             max_queued: 64,
-            push_wait_secs: 1800,
+            push_wait_secs: BuilderConfig::DEFAULT_PUSH_WAIT_SECS,
             log_limit: DEFAULT_LOG_LIMIT,
             max_push_bytes: 2 * 1024 * 1024 * 1024,
         }
@@ -201,6 +208,8 @@ struct Inner {
     repos: repos::SourceRepos,
     queue: queue::Queue,
     hook_token: String,
+    /// Bounds the `git http-backend` processes running at once.
+    git_processes: Arc<tokio::sync::Semaphore>,
 }
 
 /// The running builder. Cheap to clone.
@@ -339,6 +348,7 @@ impl Builder {
                 repos,
                 queue,
                 hook_token,
+                git_processes: Arc::new(tokio::sync::Semaphore::new(MAX_GIT_PROCESSES)),
             }),
         })
     }
@@ -389,12 +399,56 @@ impl Builder {
         store.build_log(revision).map_err(read)
     }
 
+    /// The log so far of a queued or running build (`None` once it has finished: read
+    /// the recorded one with [`Builder::build_log`]).
+    pub async fn running_log(&self, id: u64) -> Option<Vec<u8>> {
+        let tracker = self.inner.queue.tracker(id).await?;
+        Some(tracker.log_from(0))
+    }
+
     /// Stops building: running builds are killed and recorded as interrupted (they run
     /// again on the next start), queued builds are kept for the next start.
     pub async fn shutdown(&self) {
         self.inner.queue.shutdown().await;
         tracing::info!("builder stopped");
     }
+}
+
+/// Creates the source repository of a service without a running builder (for a CLI that
+/// runs while the daemon is stopped). The hook gets the hook token of `data_dir` (made if
+/// absent) and `base_url`; a starting daemon rewrites it with its own settings.
+pub async fn create_source_repo(
+    data_dir: &Path,
+    base_url: &str,
+    name: &str,
+) -> Result<ServiceInfo, AddServiceError> {
+    let state_dir = data_dir.join("builder");
+    let io = |source| AddServiceError::Io {
+        path: state_dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&state_dir).map_err(io)?;
+    let token = hook_token(&state_dir.join("hook-token")).map_err(|error| match error {
+        StartError::Io { path, source } => AddServiceError::Io { path, source },
+        other => AddServiceError::Io {
+            path: state_dir.clone(),
+            source: std::io::Error::other(other.to_string()),
+        },
+    })?;
+    let repos = repos::SourceRepos::new(
+        data_dir.join("src"),
+        repos::HookTarget {
+            base_url: base_url.to_owned(),
+            token,
+            max_time_secs: BuilderConfig::DEFAULT_PUSH_WAIT_SECS + 30,
+        },
+    );
+    let (source_repo, created) = repos.create(name).await?;
+    Ok(ServiceInfo {
+        name: name.to_owned(),
+        source_repo,
+        created,
+    })
 }
 
 /// Reads the per-daemon hook token, creating it on first start.

@@ -149,6 +149,10 @@ enum Command {
         service: Option<String>,
         reply: oneshot::Sender<Vec<BuildRecord>>,
     },
+    Tracker {
+        id: u64,
+        reply: oneshot::Sender<Option<Arc<Tracker>>>,
+    },
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -273,6 +277,13 @@ impl Queue {
             return Vec::new();
         }
         answer.await.unwrap_or_default()
+    }
+
+    /// The tracker of a queued or running build.
+    pub(crate) async fn tracker(&self, id: u64) -> Option<Arc<Tracker>> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(Command::Tracker { id, reply }).await.ok()?;
+        answer.await.ok().flatten()
     }
 
     pub(crate) async fn shutdown(&self) {
@@ -413,6 +424,9 @@ impl Owner {
                         .collect();
                     records.reverse();
                     let _ = reply.send(records);
+                }
+                Command::Tracker { id, reply } => {
+                    let _ = reply.send(self.trackers.get(&id).cloned());
                 }
                 Command::Shutdown { reply } => {
                     for running in self.running.values() {

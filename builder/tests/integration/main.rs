@@ -3,5 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::print_stderr)]
 
 mod push;
+mod queue;
 mod restart;
 mod support;
+mod transport;

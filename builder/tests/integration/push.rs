@@ -333,10 +333,20 @@ async fn newer_push_supersedes_a_queued_build() {
         let (work, url) = (work.clone(), url.clone());
         async move { push(&work, &url, &[]).await }
     });
-    wait_record(&daemon.builder, "A running", |r| {
+    let record_a = wait_record(&daemon.builder, "A running", |r| {
         r.source_commit == a && r.state == BuildState::Running
     })
     .await;
+    let so_far = daemon
+        .builder
+        .running_log(record_a.id)
+        .await
+        .expect("running");
+    let so_far = String::from_utf8(so_far).expect("utf8");
+    assert!(
+        so_far.contains(&format!("build #{} of svc", record_a.id)),
+        "{so_far}"
+    );
     let b = commit_all(&work, "b").await;
     let push_b = tokio::spawn({
         let (work, url) = (work.clone(), url.clone());
@@ -366,6 +376,7 @@ async fn newer_push_supersedes_a_queued_build() {
         "{stderr_b}"
     );
     let (ok_a, stderr_a) = push_a.await.expect("push A");
+    assert_eq!(daemon.builder.running_log(record_a.id).await, None);
     let (ok_c, stderr_c) = push_c.await.expect("push C");
     assert!(ok_a && ok_c, "{stderr_a}\n{stderr_c}");
     assert_eq!(

@@ -31,11 +31,15 @@ async fn local_push_builds_through_the_hook() {
 async fn push_while_daemon_is_down_is_built_on_start() {
     let tmp = tempfile::tempdir().expect("tmp");
     let data = tmp.path().join("data");
-    let first = daemon(&data, |_| {}).await;
-    let info = first.builder.add_service("later").await.expect("add");
-    first.stop().await;
-
-    // Nothing listens on the hook's URL now.
+    // Made while no daemon runs; nothing listens on the hook's URL.
+    let unused = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port");
+    let base = format!("http://{unused}");
+    let info = revboot_builder::create_source_repo(&data, &base, "later")
+        .await
+        .expect("create offline");
+    assert!(info.created);
     let work = recipe_fixture(tmp.path(), "later", RECIPE).await;
     let (ok, stderr) = push(&work, &info.source_repo.display().to_string(), &[]).await;
     assert!(ok, "{stderr}");
