@@ -3,6 +3,7 @@
 
 mod answers;
 mod delayed;
+mod deployer;
 mod dig;
 mod fake;
 mod robustness;

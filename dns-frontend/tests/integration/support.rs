@@ -112,8 +112,11 @@ pub fn fake(cap: usize, boot: Boot) -> Fake {
     fake
 }
 
-pub async fn start(config: DnsConfig, fake: Arc<Fake>) -> RunningServer {
-    DnsServer::bind(config, fake)
+pub async fn start(
+    config: DnsConfig,
+    instances: Arc<dyn revboot_deployer::Instances>,
+) -> RunningServer {
+    DnsServer::bind(config, instances)
         .await
         .expect("server binds")
         .spawn()
