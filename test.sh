@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it: format, lints, tests, docs.
+# The whole test suite: installs the tools it drives when missing (as root), then format,
+# lints, tests and docs. The tests create namespaces and cgroups: run as root.
 set -euo pipefail
 cd "$(dirname "$0")"
+./scripts/test-tools.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked

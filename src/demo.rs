@@ -147,6 +147,14 @@ fn instructions(info: &DaemonInfo) -> String {
     let zone = &info.zone;
     let http = info.http;
     let data = info.data.display();
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "revboot".into());
+    let cli = if http == crate::config::Http::default().listen {
+        format!("{exe} --data {data}")
+    } else {
+        format!("{exe} --data {data} --url http://{http}")
+    };
     format!(
         "
 revboot is serving.
@@ -157,11 +165,11 @@ revboot is serving.
 Try:
   # the live revision, and every revision by name (the first query boots it):
   dig @{ip} -p {port} hello.{zone}
-  revboot --data {data} log hello
+  {cli} log hello
   # a request through the handshake proxy:
   curl --resolve hello.{zone}:8080:$(dig +short @{ip} -p {port} hello.{zone}) http://hello.{zone}:8080/
   # roll back to v1 (use the revision `revboot log` shows for v1):
-  revboot --data {data} rollback hello <v1-revision>
+  {cli} rollback hello <v1-revision>
   # push your own change:
   cd {data}/demo/hello && $EDITOR src/main.rs && git commit -am change && git push {remote} main
 

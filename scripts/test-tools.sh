@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what the test suite drives when it is missing: stock git, curl, dig, qemu,
+# iproute2 and a C compiler (Debian package names), and fills the cargo cache for
+# examples/hello-vm, whose recipe builds offline as the builder runs it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v git >/dev/null || need+=(git)
+command -v curl >/dev/null || need+=(curl)
+command -v dig >/dev/null || need+=(dnsutils)
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v ip >/dev/null || need+=(iproute2)
+command -v cc >/dev/null || need+=(gcc)
+if ((${#need[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "test-tools: missing ${need[*]}; install them (Debian: apt-get install ${need[*]}) or run as root" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+cargo fetch --locked --manifest-path examples/hello-vm/Cargo.toml >/dev/null
