@@ -236,3 +236,154 @@ async fn a_taken_port_is_refused_before_anything_boots() {
     let error = tender.prepare(spec).expect_err("the port is taken");
     assert!(error.to_string().contains(&port.to_string()), "{error}");
 }
+
+/// The same images through the deployer: summoned, watched, reaped, recorded in the store.
+mod through_the_deployer {
+    use std::sync::Arc;
+
+    use revboot_deployer::tender::qemu::{QemuConfig, QemuTender};
+    use revboot_deployer::{InstanceState, Instances};
+
+    use super::build_image;
+    use crate::support::{self, World, deploy, http_get, source};
+
+    const RUN: &str = "tender = \"qemu\"\nport = 8080\nguest_port = 8080\nmemory_mib = 32\n\
+        ready = { probe = \"console\", line = \"hello-vm: listening\" }\nboot_timeout_ms = 3000";
+
+    fn world(index: u8, tweak: impl FnOnce(&mut revboot_deployer::DeployerConfig)) -> World {
+        let world = World::new(index, tweak);
+        let tender = QemuTender::new(QemuConfig::default()).expect("qemu tender");
+        world.deployer.register_tender(Arc::new(tender));
+        world
+    }
+
+    /// Summons `feature`'s image and returns how it ended and its runtime record.
+    async fn crash_of(index: u8, feature: &'static str) -> (String, String, String) {
+        let world = world(index, |_| {});
+        let image = tokio::task::spawn_blocking(move || build_image(Some(feature)))
+            .await
+            .expect("build task");
+        let revision = deploy(
+            &world.store,
+            "hello-vm",
+            &image,
+            &support::manifest("hello-vm", RUN),
+            &source(index),
+        );
+        let summoned = world
+            .deployer
+            .summon("hello-vm", &revision, None)
+            .expect("summon");
+        let mut state = summoned.state.clone();
+        let end = support::wait_state(&mut state, InstanceState::is_final).await;
+        let InstanceState::Crashed { reason } = end else {
+            panic!("{feature}: expected a crash, got {end:?}");
+        };
+        assert!(
+            support::eventually(|| !world
+                .store
+                .runtime_logs("hello-vm")
+                .unwrap_or_default()
+                .is_empty())
+            .await,
+            "{feature}: a runtime record is written"
+        );
+        let record = world
+            .store
+            .runtime_logs("hello-vm")
+            .expect("logs")
+            .remove(0);
+        assert!(
+            support::eventually(|| world.deployer.by_address(summoned.address).is_none()).await
+        );
+        world.deployer.shutdown().await;
+        (
+            reason,
+            record.outcome,
+            String::from_utf8_lossy(&record.console).into_owned(),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn never_ready_vm_is_killed_at_its_boot_timeout_and_recorded_as_crashed() {
+        let (reason, outcome, console) = crash_of(60, "never-ready").await;
+        // The deployer gives the probe what is left of the 3000 ms boot timeout.
+        assert!(
+            reason.starts_with("not ready after") && reason.contains("hello-vm: listening"),
+            "{reason}"
+        );
+        assert_eq!(outcome, format!("crashed: {reason}"));
+        assert!(console.contains("never listening, on purpose"), "{console}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn triple_faulting_vm_is_recorded_as_crashed_with_its_console_tail() {
+        let (reason, outcome, console) = crash_of(61, "triple-fault").await;
+        assert!(reason.contains("exited before it was ready"), "{reason}");
+        assert_eq!(outcome, format!("crashed: {reason}"));
+        assert!(console.contains("triple-faulting on purpose"), "{console}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spinning_vm_is_killed_at_its_boot_timeout_and_recorded_as_crashed() {
+        let (reason, outcome, console) = crash_of(62, "spin").await;
+        // The deployer gives the probe what is left of the 3000 ms boot timeout.
+        assert!(
+            reason.starts_with("not ready after") && reason.contains("hello-vm: listening"),
+            "{reason}"
+        );
+        assert_eq!(outcome, format!("crashed: {reason}"));
+        assert!(!console.contains("hello-vm"), "{console}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hello_vm_answers_by_revision_and_idle_reaping_keeps_its_console() {
+        let world = world(63, |config| config.idle_timeout_override_ms = Some(500));
+        let image = tokio::task::spawn_blocking(|| build_image(None))
+            .await
+            .expect("build task");
+        let revision = deploy(
+            &world.store,
+            "hello-vm",
+            &image,
+            &support::manifest("hello-vm", RUN),
+            &source(63),
+        );
+        let summoned = world
+            .deployer
+            .summon("hello-vm", &revision, None)
+            .expect("summon");
+        let mut state = summoned.state.clone();
+        let ready =
+            support::wait_state(&mut state, |state| state.is_serving() || state.is_final()).await;
+        assert!(ready.is_serving(), "{ready:?}");
+        let response = http_get(summoned.backend, "/").await.expect("an answer");
+        assert!(
+            response.ends_with(&format!("hello from v1 ({})\n", revision.to_hex())),
+            "{response}"
+        );
+        let end = support::wait_state(&mut state, InstanceState::is_final).await;
+        assert_eq!(end, InstanceState::Stopped);
+        assert!(
+            support::eventually(|| !world
+                .store
+                .runtime_logs("hello-vm")
+                .unwrap_or_default()
+                .is_empty())
+            .await
+        );
+        let record = world
+            .store
+            .runtime_logs("hello-vm")
+            .expect("logs")
+            .remove(0);
+        assert!(
+            record.outcome.starts_with("stopped: idle"),
+            "{}",
+            record.outcome
+        );
+        let console = String::from_utf8_lossy(&record.console);
+        assert!(console.contains("hello-vm: listening"), "{console}");
+        world.deployer.shutdown().await;
+    }
+}
