@@ -159,14 +159,11 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    /// A source repository could not be read.
-    #[error("Cannot read the branches of source repository `{service}`")]
-    Git {
-        /// The service.
-        service: String,
-        /// Why.
-        #[source]
-        source: GitError,
+    /// Another builder uses the data directory.
+    #[error("Another builder is running on {path}")]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
     },
     /// The queue state could not be loaded.
     #[error(transparent)]
@@ -210,6 +207,8 @@ struct Inner {
     hook_token: String,
     /// Bounds the `git http-backend` processes running at once.
     git_processes: Arc<tokio::sync::Semaphore>,
+    /// The data directory's lock, held until shutdown.
+    lock: std::sync::Mutex<Option<std::fs::File>>,
 }
 
 /// The running builder. Cheap to clone.
@@ -279,6 +278,25 @@ impl Builder {
                 tracing::warn!(%error, path = %path.display(), "cannot remove an old checkout");
             }
         }
+        let lock_path = state_dir.join("lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StartError::Locked { path: lock_path });
+            }
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(StartError::Io {
+                    path: lock_path,
+                    source,
+                });
+            }
+        }
         let hook_token = hook_token(&state_dir.join("hook-token"))?;
         let repos = repos::SourceRepos::new(
             src.clone(),
@@ -295,19 +313,19 @@ impl Builder {
             repos
                 .refresh_hook(&service)
                 .map_err(io(&repos.path(&service)))?;
-            let branches =
-                repos
-                    .branch_heads(&service)
-                    .await
-                    .map_err(|source| StartError::Git {
-                        service: service.clone(),
-                        source,
-                    })?;
-            heads.extend(
-                branches
-                    .into_iter()
-                    .map(|b| (service.clone(), b.refname, b.commit)),
-            );
+            match repos.branch_heads(&service).await {
+                Ok(branches) => heads.extend(
+                    branches
+                        .into_iter()
+                        .map(|b| (service.clone(), b.refname, b.commit)),
+                ),
+                // One damaged repository must not keep the others from building.
+                Err(error) => tracing::error!(
+                    %error,
+                    service,
+                    "cannot read the branches of a source repository; its missed pushes are not queued"
+                ),
+            }
         }
         let home = std::env::var_os("HOME").map(PathBuf::from);
         let ctx = Arc::new(runner::RunContext {
@@ -349,6 +367,7 @@ impl Builder {
                 queue,
                 hook_token,
                 git_processes: Arc::new(tokio::sync::Semaphore::new(MAX_GIT_PROCESSES)),
+                lock: std::sync::Mutex::new(Some(lock)),
             }),
         })
     }
@@ -407,9 +426,18 @@ impl Builder {
     }
 
     /// Stops building: running builds are killed and recorded as interrupted (they run
-    /// again on the next start), queued builds are kept for the next start.
+    /// again on the next start), queued builds are kept for the next start, and the data
+    /// directory is unlocked. The builder takes no new builds afterwards.
     pub async fn shutdown(&self) {
         self.inner.queue.shutdown().await;
+        // The queue state is saved: another builder may take the data directory now.
+        drop(
+            self.inner
+                .lock
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .take(),
+        );
         tracing::info!("builder stopped");
     }
 }

@@ -265,7 +265,7 @@ async fn build_over_its_time_limit_is_killed_with_its_process_group() {
     let daemon = daemon(&tmp.path().join("data"), |_| {}).await;
     let pid_file = tmp.path().join("sleeper.pid");
     let recipe = format!(
-        "[build]\nshell = \"sleep 300 & echo $! > {}; echo waiting; sleep 300\"\nartifacts = [\"a\"]\ntimeout_secs = 1\n",
+        "[build]\nshell = \"sleep 300 & echo $! > {}; echo waiting; sleep 300\"\nartifacts = [\"a\"]\ntimeout_secs = 2\n",
         pid_file.display()
     );
     let work = recipe_fixture(tmp.path(), "slow", &recipe).await;
@@ -274,7 +274,7 @@ async fn build_over_its_time_limit_is_killed_with_its_process_group() {
     assert!(
         remote_lines(&stderr)
             .iter()
-            .any(|l| l.contains("killed: the build ran longer than its limit of 1s")),
+            .any(|l| l.contains("killed: the build ran longer than its limit of 2s")),
         "{stderr}"
     );
     let record = wait_finished(&daemon.builder, &head(&work).await).await;

@@ -104,3 +104,25 @@ async fn build_interrupted_by_shutdown_is_recorded_and_rerun() {
     assert_eq!(record.source_commit, commit);
     second.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_builder_on_one_data_directory_is_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    let first = daemon(&data, |_| {}).await;
+    let store = revboot_store::Store::init(data.join("deploy.git")).expect("store");
+    let config =
+        revboot_builder::BuilderConfig::new(&data, store, ZONE, "http://127.0.0.1:9".to_owned());
+    let error = revboot_builder::Builder::start(config.clone())
+        .await
+        .expect_err("data directory in use");
+    assert!(
+        matches!(error, revboot_builder::StartError::Locked { .. }),
+        "{error}"
+    );
+    first.stop().await;
+    let second = revboot_builder::Builder::start(config)
+        .await
+        .expect("free after shutdown");
+    second.shutdown().await;
+}
