@@ -292,7 +292,7 @@ async fn run_cgi(
             .map_err(|_| "git http-backend sent no headers in time".to_owned())??;
     let first =
         futures::stream::once(async move { Ok::<Bytes, std::io::Error>(Bytes::from(rest)) });
-    let body = Body::from_stream(first.chain(ReaderStream::new(stdout)));
+    let body = Body::from_stream(first.chain(ReaderStream::with_capacity(stdout, 64 * 1024)));
     let mut response = Response::new(body);
     *response.status_mut() = status;
     *response.headers_mut() = response_headers;
@@ -521,7 +521,11 @@ async fn hook(
                     tickets.push(ticket);
                 }
                 Err(error) => {
-                    say(format!("{refname}: {error}")).await;
+                    tracing::warn!(%error, service, refname, "build not queued");
+                    say(format!(
+                        "{refname}: {error}; the push is stored and will be built when the daemon next starts"
+                    ))
+                    .await;
                 }
             }
         }

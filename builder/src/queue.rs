@@ -99,7 +99,7 @@ pub struct BuildRecord {
 #[non_exhaustive]
 pub enum EnqueueError {
     /// The queue holds its maximum number of builds.
-    #[error("The build queue is full ({limit} builds waiting); push again later")]
+    #[error("The build queue is full ({limit} builds waiting)")]
     Full {
         /// The configured limit.
         limit: usize,
