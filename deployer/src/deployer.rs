@@ -487,7 +487,7 @@ impl Deployer {
                 id: id.clone(),
                 service: key.service.clone(),
                 revision: key.revision,
-                run: run.clone(),
+                run: run_for(run, key.client),
                 address,
                 backend_port: self.config.backend_port,
                 scratch: scratch.clone(),
@@ -675,6 +675,20 @@ impl Deployer {
             Err(error) => warn!(%error, "runtime record writer panicked"),
         }
     }
+}
+
+/// The `[run]` table an instance boots with: a per-client instance also learns its client
+/// (`REVBOOT_CLIENT`), whatever the manifest says.
+fn run_for(
+    run: &revboot_store::manifest::Run,
+    client: Option<IpAddr>,
+) -> revboot_store::manifest::Run {
+    let mut run = run.clone();
+    if let Some(client) = client {
+        run.env
+            .insert("REVBOOT_CLIENT".to_owned(), client.to_string());
+    }
+    run
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {

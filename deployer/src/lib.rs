@@ -12,6 +12,7 @@ pub mod pool;
 pub mod state;
 pub mod summon;
 pub mod tender;
+pub mod upstream;
 
 pub use config::{BackendPort, DeployerConfig};
 pub use deployer::{ControlError, Deployer, InstanceInfo, NewError};

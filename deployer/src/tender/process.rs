@@ -50,6 +50,7 @@ use super::{
 };
 use crate::config::{BackendPort, SandboxConfig};
 use crate::console::Console;
+use crate::upstream::{self, Grants};
 
 /// Pending spawns queued for the spawner thread.
 const SPAWN_QUEUE: usize = 256;
@@ -249,6 +250,13 @@ impl Prepared for ProcessPrepared {
             };
             let listener_fd = fd_above(listener.into()).map_err(setup("listening socket"))?;
             let console_bytes = spec.console_bytes;
+            // The only way out of the empty network namespace; revoked when dropped.
+            let upstreams = Grants::open(&spec.scratch, &spec.run.upstreams).map_err(|error| {
+                BootError::Setup {
+                    what: "upstream grants".into(),
+                    source: error.into_io(),
+                }
+            })?;
             let (reply, result) = oneshot::channel();
             jobs.try_send(Job {
                 spec,
@@ -300,6 +308,7 @@ impl Prepared for ProcessPrepared {
                 footprint,
                 pidfd,
                 exit,
+                _upstreams: upstreams,
             }) as Box<dyn Running>)
         })
     }
@@ -384,6 +393,8 @@ struct ProcessRunning {
     footprint: Footprint,
     pidfd: Arc<OwnedFd>,
     exit: watch::Receiver<Option<ExitReport>>,
+    /// The upstream grants, revoked when the instance is dropped.
+    _upstreams: Grants,
 }
 
 impl ProcessRunning {
@@ -590,6 +601,11 @@ impl Shared {
             format!("REVBOOT_INSTANCE={}", spec.id),
             "PATH=/".to_owned(),
         ];
+        // Before the manifest's entries: the first of two equal keys wins in getenv.
+        env.extend(upstream::environment(
+            &spec.scratch,
+            spec.run.upstreams.len(),
+        ));
         for (key, value) in &spec.run.env {
             env.push(format!("{key}={value}"));
         }
