@@ -481,3 +481,92 @@ async fn push_option_and_branch_keep_live() {
     );
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn build_runs_with_a_clean_environment_in_its_own_process_group() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    let daemon = daemon(&data, |_| {}).await;
+    let recipe = "[build]\nshell = \"mkdir -p out && env | sort > out/env && cat /proc/$$/stat > out/stat\"\nartifacts = [\"out/env\", \"out/stat\"]\n[build.env]\nEXTRA = \"from-recipe\"\n";
+    let work = recipe_fixture(tmp.path(), "envy", recipe).await;
+    let (ok, stderr) = push(&work, &daemon.url("envy"), &[]).await;
+    assert!(ok, "{stderr}");
+    let record = wait_finished(&daemon.builder, &head(&work).await).await;
+    assert_eq!(record.state, BuildState::Succeeded, "{record:#?}");
+    let revision: Revision = record
+        .revision
+        .as_deref()
+        .expect("rev")
+        .parse()
+        .expect("hex");
+    let read = |name: &str| {
+        let mut text = String::new();
+        daemon
+            .store
+            .open_image(&revision, Some(name))
+            .expect("image")
+            .read_to_string(&mut text)
+            .expect("read");
+        text
+    };
+    let env = read("env");
+    let names: Vec<&str> = env
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, _)| k)
+        .collect();
+    // The test process has CARGO_MANIFEST_DIR (set by cargo); the build must not.
+    assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
+    let allowed = [
+        "PATH",
+        "HOME",
+        "TMPDIR",
+        "LANG",
+        "CARGO_TARGET_DIR",
+        "CARGO_TERM_COLOR",
+        "CARGO_HOME",
+        "RUSTUP_HOME",
+        "REVBOOT_SERVICE",
+        "REVBOOT_SOURCE_COMMIT",
+        "REVBOOT_SOURCE_REF",
+        "REVBOOT_BUILD_ID",
+        "EXTRA",
+        "PWD",
+        "SHLVL",
+        "OLDPWD",
+        "_",
+    ];
+    for name in &names {
+        assert!(
+            allowed.contains(name),
+            "unexpected variable {name} in\n{env}"
+        );
+    }
+    assert!(env.contains("EXTRA=from-recipe"), "{env}");
+    let home = data.join("cache/envy/home");
+    assert!(env.contains(&format!("HOME={}", home.display())), "{env}");
+    assert!(
+        env.contains(&format!(
+            "CARGO_TARGET_DIR={}",
+            data.join("cache/envy/target").display()
+        )),
+        "{env}"
+    );
+    // /proc/<pid>/stat: pid (comm) state ppid pgrp ...: the shell leads its own group.
+    let stat = read("stat");
+    let pid: u32 = stat
+        .split_whitespace()
+        .next()
+        .expect("pid")
+        .parse()
+        .expect("pid");
+    let after = stat.rsplit_once(')').expect("comm").1;
+    let pgrp: u32 = after
+        .split_whitespace()
+        .nth(2)
+        .expect("pgrp")
+        .parse()
+        .expect("pgrp");
+    assert_eq!(pid, pgrp, "{stat}");
+    daemon.stop().await;
+}
