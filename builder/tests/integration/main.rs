@@ -2,6 +2,7 @@
 //! on a loopback port, real builds, a real deployment repository.
 #![allow(clippy::unwrap_used, clippy::print_stderr)]
 
+mod cache;
 mod push;
 mod queue;
 mod restart;
