@@ -18,7 +18,7 @@
 //! console, which revboot keeps with the instance's record.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,6 +29,10 @@ use std::time::{Duration, Instant};
 const MAX_CONCURRENT: usize = 16;
 /// Read and write timeout on client and upstream sockets.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// After a refusal, at most this many further request bytes are read and dropped…
+const DRAIN_BYTES: u64 = 1 << 20;
+/// …for at most this long between reads.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 
 struct Policy {
     methods: Vec<String>,
@@ -269,6 +273,14 @@ fn respond(stream: &mut TcpStream, status: u16, reason: &str, extra: &str, body:
     );
 }
 
+/// After a refusal: end our side, then read (bounded, briefly) what the client still sends,
+/// so that unread request bytes do not turn the close into a reset that loses the answer.
+fn finish_refusal(client: &TcpStream, reader: &mut BufReader<TcpStream>) {
+    let _ = client.shutdown(Shutdown::Write);
+    let _ = client.set_read_timeout(Some(DRAIN_TIMEOUT));
+    let _ = io::copy(&mut reader.by_ref().take(DRAIN_BYTES), &mut io::sink());
+}
+
 fn handle(stream: TcpStream, policy: &Policy, bucket: &Mutex<Bucket>) -> io::Result<()> {
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
@@ -279,6 +291,7 @@ fn handle(stream: TcpStream, policy: &Policy, bucket: &Mutex<Bucket>) -> io::Res
         Err(Refusal::Status(status, reason, why)) => {
             eprintln!("gatekeeper: refused {status} from {}: {why}", policy.client);
             respond(&mut client, status, reason, "", &why);
+            finish_refusal(&client, &mut reader);
             return Ok(());
         }
     };
@@ -306,6 +319,7 @@ fn handle(stream: TcpStream, policy: &Policy, bucket: &Mutex<Bucket>) -> io::Res
             String::new()
         };
         respond(&mut client, status, reason, &extra, &why);
+        finish_refusal(&client, &mut reader);
         return Ok(());
     }
     let Some(spec) = policy.upstream.as_deref() else {
