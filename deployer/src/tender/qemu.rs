@@ -8,7 +8,9 @@
 //!    the command line is the manifest's `args` plus `revboot.revision=<deployment commit>`,
 //!    one virtio-net device (modern virtio-mmio) on `-netdev user,restrict=on` forwarding
 //!    `<service address>:<port>` to the guest port. COM1 is qemu's stdout: the console.
-//!    `-no-reboot`: a guest that resets (a triple fault) stops the VM.
+//!    `-no-reboot`: a guest that resets (a triple fault) stops the VM. qemu runs under its
+//!    own seccomp sandbox (`-sandbox on`, no spawning or privilege changes) with an empty
+//!    environment apart from `PATH`.
 //! 3. The accelerator is hardware KVM when `/proc/cpuinfo` shows `vmx` or `svm` and
 //!    `/dev/kvm` opens, TCG otherwise; [`QemuConfig::accel`] or `REVBOOT_QEMU_ACCEL`
 //!    (`kvm`, `tcg`, `auto`) override the guess.
@@ -342,6 +344,9 @@ impl QemuPrepared {
         ] {
             push(arg);
         }
+        // qemu's own seccomp filter: no spawning, no privilege changes, no obsolete calls.
+        push("-sandbox");
+        push("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny");
         push("-serial");
         push("stdio");
         push("-append");
