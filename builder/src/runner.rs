@@ -83,8 +83,8 @@ impl Outcome {
             state: BuildState::Failed,
             revision: None,
             made_live: false,
-            summary: message,
-            result_lines: Vec::new(),
+            result_lines: vec![format!("build failed: {message}")],
+            summary: format!("failed: {message}"),
             command_secs: None,
         }
     }
