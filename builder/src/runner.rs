@@ -392,7 +392,10 @@ async fn run_command(
         }
     };
     let command_secs = started.elapsed().as_secs_f64();
-    // Whatever the ending, nothing the build started outlives it.
+    // Whatever the ending, nothing the build started outlives it. After a normal exit the
+    // leader is reaped already; its id stays reserved while any group member lives (the
+    // kernel does not reuse an id that is still a process group id), and without members
+    // the signal finds nobody.
     kill_group(pgid);
     if !matches!(ending, Ending::Exited(_)) {
         let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
