@@ -261,6 +261,13 @@ impl Tender for QemuTender {
         }
         let cmdline =
             kernel_cmdline(&spec).map_err(|message| invalid("kernel command line", message))?;
+        if matches!(spec.run.ready, Ready::Socket | Ready::Tcp) {
+            warn!(
+                service = spec.service,
+                "qemu: a `socket` or `tcp` probe only shows that qemu runs (user networking \
+                 accepts for the guest); use `console` or `http` to know the guest serves"
+            );
+        }
         if !matches!(spec.address, IpAddr::V4(_)) {
             return Err(invalid(
                 "port forward",
