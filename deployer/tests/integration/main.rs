@@ -6,3 +6,4 @@ mod qemu;
 mod restart;
 mod sandbox;
 mod support;
+mod upstream;

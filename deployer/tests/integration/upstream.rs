@@ -1,0 +1,195 @@
+//! Upstream grants: a sandboxed gatekeeper reaches exactly its manifest's upstream.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use revboot_deployer::{InstanceState, Instances};
+
+use crate::support::{self, World, build_image, deploy, http_get, manifest, source};
+
+fn gatekeeper_image() -> PathBuf {
+    build_image(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/gatekeeper"),
+        "gatekeeper",
+    )
+}
+
+/// A backend that answers every request with `upstream saw <request line> <x-forwarded-for>`.
+fn backend() -> (SocketAddr, std::sync::mpsc::Receiver<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = listener.local_addr().expect("address");
+    let (seen, requests) = std::sync::mpsc::sync_channel(16);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8_lossy(&head).into_owned();
+            let line = head.lines().next().unwrap_or_default().to_owned();
+            let forwarded = head
+                .lines()
+                .find_map(|l| l.strip_prefix("X-Forwarded-For: "))
+                .unwrap_or("-")
+                .to_owned();
+            let body = format!("upstream saw {line} for {forwarded}\n");
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = seen.try_send(line);
+        }
+    });
+    (address, requests)
+}
+
+fn gatekeeper_run(upstreams: &[SocketAddr], env: &str) -> String {
+    let upstreams: Vec<String> = upstreams.iter().map(|u| format!("\"{u}\"")).collect();
+    format!(
+        "port = 8080\nmemory_mib = 16\nper_client = true\nupstreams = [{}]\nready = {{ probe = \"console\", line = \"gatekeeper ready\" }}\n[run.env]\nGATEKEEPER_PATHS = \"/\"\n{env}",
+        upstreams.join(", ")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gatekeeper_reaches_its_granted_upstream_and_the_grant_ends_with_it() {
+    let world = World::new(40, |_| {});
+    let (upstream, requests) = backend();
+    let revision = deploy(
+        &world.store,
+        "gatekeeper",
+        &gatekeeper_image(),
+        &manifest("gatekeeper", &gatekeeper_run(&[upstream], "")),
+        &source(40),
+    );
+    let client: IpAddr = "127.0.0.41".parse().expect("client");
+    let summoned = world
+        .deployer
+        .summon("gatekeeper", &revision, Some(client))
+        .expect("summon");
+    let mut state = summoned.state.clone();
+    let ready = support::wait_state(&mut state, |s| s.is_serving() || s.is_final()).await;
+    assert!(ready.is_serving(), "{ready:?}");
+    let console = world.deployer.console(&summoned.key).expect("console");
+    let console = String::from_utf8_lossy(&console).into_owned();
+    assert!(
+        console.contains("gatekeeper ready for 127.0.0.41"),
+        "{console}"
+    );
+    let socket = console
+        .split("upstream unix:")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(PathBuf::from)
+        .expect("the gatekeeper names its granted socket");
+    assert!(socket.ends_with("upstream-0.sock"), "{}", socket.display());
+    assert!(socket.exists());
+
+    let answer = http_get(summoned.backend, "/api/x").await.expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains("upstream saw GET /api/x HTTP/1.1 for 127.0.0.41"),
+        "{answer}"
+    );
+    assert_eq!(
+        requests
+            .recv_timeout(support::PATIENCE)
+            .expect("the upstream got it"),
+        "GET /api/x HTTP/1.1"
+    );
+
+    let mut stopped = world.deployer.stop(&summoned.key).expect("stop");
+    support::wait_state(&mut stopped, InstanceState::is_final).await;
+    assert!(
+        support::eventually(|| !socket.exists()).await,
+        "the grant is revoked with the instance"
+    );
+    world.deployer.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_grant_there_is_no_way_out() {
+    let world = World::new(41, |_| {});
+    let (upstream, requests) = backend();
+    // No `upstreams`: the gatekeeper tries the backend over TCP itself.
+    let revision = deploy(
+        &world.store,
+        "gatekeeper",
+        &gatekeeper_image(),
+        &manifest(
+            "gatekeeper",
+            &gatekeeper_run(&[], &format!("GATEKEEPER_UPSTREAM = \"tcp:{upstream}\"\n")),
+        ),
+        &source(41),
+    );
+    let summoned = world
+        .deployer
+        .summon(
+            "gatekeeper",
+            &revision,
+            Some("127.0.0.42".parse().expect("ip")),
+        )
+        .expect("summon");
+    let mut state = summoned.state.clone();
+    let ready = support::wait_state(&mut state, |s| s.is_serving() || s.is_final()).await;
+    assert!(ready.is_serving(), "{ready:?}");
+    let answer = http_get(summoned.backend, "/api/x").await.expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    assert!(requests.try_recv().is_err(), "nothing reached the backend");
+    let console = world.deployer.console(&summoned.key).expect("console");
+    let console = String::from_utf8_lossy(&console);
+    assert!(console.contains("unreachable"), "{console}");
+    world.deployer.shutdown().await;
+}
+
+/// Known gap: landlock (ABI 7 on this kernel) does not govern `connect` on pathname unix
+/// sockets, and the mount namespace still shows the host's tree, so an instance can connect
+/// to any unix socket on the host by path. Closing it needs the process tender to move the
+/// instance's root to its scratch directory (`pivot_root`). Run with `--ignored` to see it.
+#[ignore = "known gap: pathname unix sockets outside the scratch directory are reachable"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cannot_reach_a_unix_socket_outside_its_scratch() {
+    let world = World::new(42, |_| {});
+    let outside = world.dir.path().join("outside.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&outside).expect("bind outside");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let revision = deploy(
+        &world.store,
+        "gatekeeper",
+        &gatekeeper_image(),
+        &manifest(
+            "gatekeeper",
+            &gatekeeper_run(
+                &[],
+                &format!("GATEKEEPER_UPSTREAM = \"unix:{}\"\n", outside.display()),
+            ),
+        ),
+        &source(42),
+    );
+    let summoned = world
+        .deployer
+        .summon(
+            "gatekeeper",
+            &revision,
+            Some("127.0.0.43".parse().expect("ip")),
+        )
+        .expect("summon");
+    let mut state = summoned.state.clone();
+    let ready = support::wait_state(&mut state, |s| s.is_serving() || s.is_final()).await;
+    assert!(ready.is_serving(), "{ready:?}");
+    let answer = http_get(summoned.backend, "/api/x").await.expect("answer");
+    let console = world.deployer.console(&summoned.key).expect("console");
+    let console = String::from_utf8_lossy(&console);
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}\n{console}");
+    assert!(
+        matches!(listener.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "nothing reached the host socket"
+    );
+    world.deployer.shutdown().await;
+}
