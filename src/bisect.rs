@@ -83,20 +83,36 @@ pub fn bisect(client: &Client, config: &Config, args: &BisectArgs) -> anyhow::Re
         .args(["bisect-step", &args.service, "--"])
         .args(&args.check)
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    let output = command.output().context("Cannot run git bisect run")?;
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    let _ = std::io::stderr().lock().write_all(text.as_bytes());
+    let progress = indicatif::ProgressBar::new_spinner();
+    progress.enable_steady_tick(std::time::Duration::from_millis(120));
+    progress.set_message(format!("bisecting {}", args.service));
+    let mut child = command.spawn().context("Cannot run git bisect run")?;
+    let mut text = String::new();
+    if let Some(stdout) = child.stdout.take() {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.context("Cannot read git bisect run's output")?;
+            if let Some(rest) = line.strip_prefix("Bisecting: ") {
+                progress.set_message(format!("bisecting {}: {rest}", args.service));
+            }
+            progress.suspend(|| {
+                let _ = writeln!(std::io::stderr(), "{line}");
+            });
+            text.push_str(&line);
+            text.push('\n');
+        }
+    }
+    let status = child.wait().context("Cannot wait for git bisect run")?;
+    progress.finish_and_clear();
     let first_bad = text
         .lines()
         .find_map(|line| line.strip_suffix(" is the first bad commit"))
         .map(str::trim)
         .map(str::to_owned);
     let Some(first_bad) = first_bad else {
-        bail!(
-            "git bisect run did not name a first bad deployment ({}); its output is above",
-            output.status
-        );
+        bail!("git bisect run did not name a first bad deployment ({status}); its output is above");
     };
     let found = show(client, &args.service, &first_bad)?.deployment;
     let mut out = std::io::stdout().lock();

@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""End-to-end cold request through the whole daemon: DNS query + connect + first byte.
+
+Starts `revboot serve` on free loopback ports in a temporary data directory, pushes
+examples/hello with stock git, then N times: stop every instance (API), and time
+  1. a DNS A query for the live name over UDP (answered at once, the boot starts),
+  2. a TCP connect to the answered address through the handshake proxy,
+  3. the first byte of the HTTP response (the instance is now booted and ready).
+Beside it, the same request to the instance once warm (the floor of steps 1-3).
+Prints p50/p99 of each and the ratio cold/warm.
+
+usage: bench/e2e-cold.py [N]   (default 1000; run as root from the repository root)
+"""
+import json, os, random, shutil, socket, struct, subprocess, sys, tempfile, time, urllib.request
+
+N = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKEN = "bench-token"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dns_query(server, name):
+    qid = random.randrange(65536)
+    packet = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
+    for label in name.split("."):
+        packet += bytes([len(label)]) + label.encode()
+    packet += b"\x00" + struct.pack(">HH", 1, 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        s.sendto(packet, server)
+        reply = s.recv(4096)
+    # The answer's last 4 bytes are the A record's address (single answer, no EDNS).
+    ancount = struct.unpack(">H", reply[6:8])[0]
+    if ancount < 1:
+        raise RuntimeError("no answer: rcode %d" % (reply[3] & 15))
+    return socket.inet_ntoa(reply[-4:])
+
+
+def request(address, name):
+    t0 = time.perf_counter()
+    with socket.create_connection((address, 8080), timeout=10) as s:
+        t1 = time.perf_counter()
+        s.sendall(b"GET / HTTP/1.1\r\nHost: " + name.encode() + b"\r\n\r\n")
+        first = s.recv(1)
+        t2 = time.perf_counter()
+        if not first:
+            raise RuntimeError("connection closed without an answer")
+        while s.recv(65536):
+            pass
+    return t1 - t0, t2 - t0
+
+
+def api(http, method, path, body=None):
+    req = urllib.request.Request(
+        "http://%s%s" % (http, path), method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"authorization": "Bearer " + TOKEN, "content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def pct(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * p / 100))]
+
+
+def main():
+    exe = os.path.join(ROOT, "target/release/revboot")
+    subprocess.run(["cargo", "build", "--release", "--locked", "-q", "-p", "revboot"], cwd=ROOT, check=True)
+    work = tempfile.mkdtemp(prefix="revboot-bench-")
+    http, dns = "127.0.0.1:%d" % free_port(), ("127.0.0.1", free_port())
+    log = open(os.path.join(work, "daemon.log"), "w")
+    daemon = subprocess.Popen([exe, "--data", os.path.join(work, "data"), "serve", "--http", http,
+                               "--dns", "%s:%d" % dns, "--pool", "127.66.0.0/16", "--token", TOKEN],
+                              stdout=log, stderr=log)
+    try:
+        for _ in range(300):
+            try:
+                api(http, "GET", "/api/v1/services")
+                break
+            except Exception:
+                time.sleep(0.1)
+        src = os.path.join(work, "hello")
+        shutil.copytree(os.path.join(ROOT, "examples/hello"), src, ignore=shutil.ignore_patterns("target"))
+        git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@revboot.test"]
+        subprocess.run(git + ["init", "-q", "-b", "main"], cwd=src, check=True)
+        subprocess.run(git + ["add", "."], cwd=src, check=True)
+        subprocess.run(git + ["commit", "-qm", "hello v1"], cwd=src, check=True)
+        subprocess.run(["git", "push", "-q", "http://git:%s@%s/git/hello.git" % (TOKEN, http), "main"],
+                       cwd=src, check=True, stderr=subprocess.DEVNULL)
+        name = "hello.revboot.test"
+        cold_dns, cold_connect, cold_first = [], [], []
+        warm_dns, warm_first = [], []
+        for i in range(N):
+            for inst in api(http, "GET", "/api/v1/instances"):
+                try:
+                    api(http, "POST", "/api/v1/instances/stop", {"service": inst["service"], "kill": True})
+                except Exception:
+                    pass
+            t0 = time.perf_counter()
+            address = dns_query(dns, name)
+            t1 = time.perf_counter()
+            connect, first = request(address, name)
+            cold_dns.append(t1 - t0)
+            cold_connect.append(t1 - t0 + connect)
+            cold_first.append(t1 - t0 + first)
+            # Warm: the same query and request again, instance running.
+            t0 = time.perf_counter()
+            address = dns_query(dns, name)
+            t1 = time.perf_counter()
+            _, first = request(address, name)
+            warm_dns.append(t1 - t0)
+            warm_first.append(t1 - t0 + first)
+        ms = lambda v: "%.2f ms" % (v * 1000)
+        print("end-to-end over %d cold starts (examples/hello, process tender, through DNS + proxy)" % N)
+        print("  cold: DNS answer      p50 %s  p99 %s" % (ms(pct(cold_dns, 50)), ms(pct(cold_dns, 99))))
+        print("  cold: + connect       p50 %s  p99 %s" % (ms(pct(cold_connect, 50)), ms(pct(cold_connect, 99))))
+        print("  cold: + first byte    p50 %s  p99 %s" % (ms(pct(cold_first, 50)), ms(pct(cold_first, 99))))
+        print("  warm: DNS + first byte p50 %s  p99 %s" % (ms(pct(warm_first, 50)), ms(pct(warm_first, 99))))
+        print("  ratio cold/warm first byte p50: %.1fx" % (pct(cold_first, 50) / pct(warm_first, 50)))
+    finally:
+        daemon.terminate()
+        try:
+            daemon.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
