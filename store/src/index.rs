@@ -69,35 +69,78 @@ pub struct Snapshot {
 
 type Stamp = Option<(u64, u64, i64, i64)>;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Fingerprint(Vec<(PathBuf, Stamp)>);
+/// The ref files every service depends on, first; then those only listings depend on.
+const GLOBAL: [&str; 6] = [
+    "packed-refs",
+    "refs/heads",
+    "refs/live",
+    "refs/tags",
+    "refs",
+    "refs/revboot/logs",
+];
+/// How many of [`GLOBAL`] a single service's answers depend on (with its tag directory).
+const PER_SERVICE: usize = 3;
+
+fn stamp(path: &Path) -> Stamp {
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
+}
+
+fn stamp_settled(stamp: &Stamp, limit: Duration) -> bool {
+    match stamp {
+        None => true,
+        Some((_, _, secs, nanos)) => {
+            Duration::new((*secs).max(0) as u64, (*nanos).clamp(0, 999_999_999) as u32) < limit
+        }
+    }
+}
+
+/// Paths and stamps of the ref files, as of the last refresh.
+#[derive(Debug, Default)]
+struct Fingerprint {
+    global: Vec<(PathBuf, Stamp)>,
+    tags: HashMap<String, (PathBuf, Stamp)>,
+}
 
 impl Fingerprint {
-    fn take(repo: &Path, services: impl Iterator<Item = String>) -> Fingerprint {
-        let mut paths: Vec<PathBuf> = [
-            "packed-refs",
-            "refs",
-            "refs/heads",
-            "refs/live",
-            "refs/tags",
-            "refs/revboot",
-            "refs/revboot/logs",
-        ]
-        .iter()
-        .map(|p| repo.join(p))
-        .collect();
-        paths.extend(services.map(|s| repo.join("refs/tags").join(s)));
-        Fingerprint(
-            paths
-                .into_iter()
-                .map(|path| {
-                    let stamp = std::fs::metadata(&path)
-                        .ok()
-                        .map(|m| (m.ino(), m.size(), m.mtime(), m.mtime_nsec()));
-                    (path, stamp)
-                })
-                .collect(),
-        )
+    fn take(repo: &Path, services: &[String]) -> Fingerprint {
+        let global = GLOBAL
+            .iter()
+            .map(|p| {
+                let path = repo.join(p);
+                let stamp = stamp(&path);
+                (path, stamp)
+            })
+            .collect();
+        let mut fingerprint = Fingerprint {
+            global,
+            tags: HashMap::new(),
+        };
+        fingerprint.add_services(repo, services);
+        fingerprint
+    }
+
+    fn add_services(&mut self, repo: &Path, services: &[String]) {
+        for service in services {
+            if !self.tags.contains_key(service) {
+                let path = repo.join("refs/tags").join(service);
+                let stamp = stamp(&path);
+                self.tags.insert(service.clone(), (path, stamp));
+            }
+        }
+    }
+
+    /// Whether nothing `service` depends on (everything, for `None`) changed.
+    fn unchanged(&self, service: Option<&str>) -> bool {
+        let same = |(path, old): &(PathBuf, Stamp)| stamp(path) == *old;
+        match service {
+            Some(service) => {
+                self.global[..PER_SERVICE].iter().all(same)
+                    && self.tags.get(service).is_none_or(same)
+            }
+            None => self.global.iter().all(same) && self.tags.values().all(same),
+        }
     }
 
     fn settled(&self, taken_at: SystemTime) -> bool {
@@ -105,14 +148,10 @@ impl Fingerprint {
             return false;
         };
         let limit = since_epoch.saturating_sub(SETTLE);
-        self.0.iter().all(|(_, stamp)| match stamp {
-            None => true,
-            Some((_, _, secs, nanos)) => {
-                let mtime =
-                    Duration::new((*secs).max(0) as u64, (*nanos).clamp(0, 999_999_999) as u32);
-                mtime < limit
-            }
-        })
+        self.global
+            .iter()
+            .chain(self.tags.values())
+            .all(|(_, stamp)| stamp_settled(stamp, limit))
     }
 }
 
@@ -126,39 +165,37 @@ pub struct IndexState {
 }
 
 impl IndexState {
-    /// The current snapshot, refreshed if the repository changed.
+    /// The current snapshot, refreshed if anything `service` depends on (everything, for
+    /// `None`) changed.
     pub fn snapshot(
         &mut self,
         repo_path: &Path,
         repo: &gix::ThreadSafeRepository,
+        service: Option<&str>,
     ) -> Result<Arc<Snapshot>, ReadError> {
         if self.settled
-            && let Some(old) = &self.fingerprint
+            && let Some(fingerprint) = &self.fingerprint
+            && fingerprint.unchanged(service)
         {
-            let now = Fingerprint::take(repo_path, self.snapshot.services.keys().cloned());
-            if &now == old {
-                return Ok(self.snapshot.clone());
-            }
+            return Ok(self.snapshot.clone());
         }
         self.refresh(repo_path, repo)?;
         Ok(self.snapshot.clone())
     }
 
-    /// Forces a new listing of the refs (after the store itself changed one).
+    /// Lists the refs again (always after the store itself changed one).
     pub fn refresh(
         &mut self,
         repo_path: &Path,
         repo: &gix::ThreadSafeRepository,
     ) -> Result<(), ReadError> {
+        // Stamps first, refs second: a change after the stamps shows up in the next check.
         let taken_at = SystemTime::now();
-        let services_before: Vec<String> = self.snapshot.services.keys().cloned().collect();
+        let known: Vec<String> = self.snapshot.services.keys().cloned().collect();
+        let mut fingerprint = Fingerprint::take(repo_path, &known);
         let repo = repo.to_thread_local();
         let refs = list_refs(&repo)?;
-        let mut services: Vec<String> = service_names(&refs);
-        services.extend(services_before);
-        services.sort();
-        services.dedup();
-        let fingerprint = Fingerprint::take(repo_path, services.into_iter());
+        fingerprint.add_services(repo_path, &service_names(&refs));
         if refs != self.snapshot.refs || self.fingerprint.is_none() {
             let snapshot = build(&repo, refs, &mut self.metas, self.snapshot.generation + 1)?;
             self.snapshot = Arc::new(snapshot);

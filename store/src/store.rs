@@ -119,13 +119,19 @@ impl Store {
         self.inner.repo.to_thread_local()
     }
 
-    pub(crate) fn snapshot(&self) -> Result<Arc<Snapshot>, ReadError> {
+    /// The index, checked against the refs `service` depends on (all refs, for `None`).
+    pub(crate) fn snapshot_for(&self, service: Option<&str>) -> Result<Arc<Snapshot>, ReadError> {
         let mut index = self
             .inner
             .index
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        index.snapshot(&self.inner.path, &self.inner.repo)
+        index.snapshot(&self.inner.path, &self.inner.repo, service)
+    }
+
+    /// The index, checked against all refs.
+    pub(crate) fn snapshot(&self) -> Result<Arc<Snapshot>, ReadError> {
+        self.snapshot_for(None)
     }
 
     fn refreshed(&self) {
@@ -405,7 +411,7 @@ impl Store {
                 "must be one line of at most 500 bytes",
             ));
         }
-        let snapshot = self.snapshot().map_err(WriteError::from)?;
+        let snapshot = self.snapshot_for(Some(service)).map_err(WriteError::from)?;
         let on_branch = snapshot
             .services
             .get(service)
@@ -441,7 +447,7 @@ impl Store {
     pub fn live(&self, service: &str) -> Result<Option<Revision>, ReadError> {
         protocol::check_label(service)
             .map_err(|_| ReadError::InvalidService(service.to_owned()))?;
-        let snapshot = self.snapshot()?;
+        let snapshot = self.snapshot_for(Some(service))?;
         Ok(snapshot
             .refs
             .get(&format!("refs/live/{service}"))
@@ -459,7 +465,7 @@ impl Store {
         };
         protocol::check_label(service).map_err(|r| invalid("service", service, r))?;
         protocol::check_label(name).map_err(|r| invalid("tag", name, r))?;
-        let snapshot = self.snapshot()?;
+        let snapshot = self.snapshot_for(Some(service))?;
         let Some(index) = snapshot.services.get(service) else {
             return Err(WriteError::NotADeployment {
                 service: service.to_owned(),
@@ -527,7 +533,7 @@ impl Store {
     /// succeeded); a tag; a source branch made DNS-safe (likewise). Case-insensitive. A label
     /// that names two revisions is [`ResolveError::Ambiguous`].
     pub fn resolve(&self, service: &str, label: Option<&str>) -> Result<Revision, ResolveError> {
-        let snapshot = self.snapshot()?;
+        let snapshot = self.snapshot_for(Some(service))?;
         snapshot.resolve(service, label).map(Revision::new)
     }
 
@@ -537,7 +543,9 @@ impl Store {
     pub fn labels(&self, service: &str, revision: &Revision) -> Result<Vec<String>, ReadError> {
         protocol::check_label(service)
             .map_err(|_| ReadError::InvalidService(service.to_owned()))?;
-        Ok(self.snapshot()?.labels(service, revision.id()))
+        Ok(self
+            .snapshot_for(Some(service))?
+            .labels(service, revision.id()))
     }
 
     /// The services, i.e. the branches whose names are DNS labels.
@@ -547,7 +555,7 @@ impl Store {
 
     /// The builds of `service`, newest first.
     pub fn history(&self, service: &str) -> Result<Vec<Deployment>, ReadError> {
-        let snapshot = self.snapshot()?;
+        let snapshot = self.snapshot_for(Some(service))?;
         let index = service_index(&snapshot, service)?;
         Ok((0..index.history.len())
             .map(|position| index.deployment(service, position))
@@ -556,7 +564,7 @@ impl Store {
 
     /// One build of `service`.
     pub fn deployment(&self, service: &str, revision: &Revision) -> Result<Deployment, ReadError> {
-        let snapshot = self.snapshot()?;
+        let snapshot = self.snapshot_for(Some(service))?;
         let index = service_index(&snapshot, service)?;
         let position = index
             .position(&revision.id())
