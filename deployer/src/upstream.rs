@@ -8,8 +8,10 @@
 //! 1. Before the spawn, for every `run.upstreams[n]`, bind a unix socket
 //!    `<scratch>/upstream-<n>.sock` (the instance has full access below its scratch
 //!    directory, and a pathname unix socket does not depend on the network namespace).
-//! 2. The instance gets `REVBOOT_UPSTREAM_<n>=unix:<that path>` in its environment (the
-//!    process tender does not move the root, so the path is the same inside and outside).
+//! 2. The instance gets `REVBOOT_UPSTREAM_<n>=unix:<that path as it sees it>` in its
+//!    environment: the process tender makes the scratch directory the instance's root, so
+//!    inside it is `/upstream-<n>.sock`. Nothing else of the host's tree is visible there,
+//!    which matters: landlock does not govern `connect` on pathname unix sockets.
 //! 3. Each connection accepted on the socket — at most [`Limits::connections`] at once per
 //!    upstream; more are closed at once — is connected to the upstream's TCP address within
 //!    [`Limits::connect`] and spliced both ways until both sides are done, or until no byte
@@ -51,7 +53,8 @@ pub fn socket_path(scratch: &Path, n: usize) -> PathBuf {
     scratch.join(format!("upstream-{n}.sock"))
 }
 
-/// The environment entries (`KEY=value`) that tell an instance where its grants are.
+/// The environment entries (`KEY=value`) that tell an instance where its grants are, for
+/// an instance that sees its scratch directory at `scratch` (`/` in the process tender).
 pub fn environment(scratch: &Path, count: usize) -> Vec<String> {
     (0..count)
         .map(|n| {

@@ -10,9 +10,11 @@
 //!    ruleset, open the pipes; everything the child needs is allocated here.
 //! 3. `clone3` with new mount, pid, net, ipc, uts and cgroup namespaces and a pidfd: the
 //!    child is pid 1 of its own pid namespace. Between clone and exec it only makes
-//!    system calls: join the cgroups, make `/` private and mount its own `/proc`, set the
+//!    system calls: join the cgroups, make `/` private, make its scratch directory its root
+//!    (`pivot_root`: nothing of the host's tree stays visible, so not even a pathname unix
+//!    socket outside it can be reached) and mount its own `/proc` there, set the
 //!    hostname and rlimits, move stdin (`/dev/null`), stdout+stderr (console pipe) and the
-//!    socket (fd 3) into place, `chdir` to its scratch directory, set the parent-death
+//!    socket (fd 3) into place, `chdir` to its root (the scratch directory), set the parent-death
 //!    signal and no-new-privileges, restrict itself with landlock, mark every other fd
 //!    close-on-exec,
 //!    install the seccomp filters, and `execveat` the image (through the fd the landlock
@@ -496,6 +498,7 @@ const STEPS: &[&str] = &[
     "closing fds",
     "seccomp",
     "execveat",
+    "moving the root to the scratch directory",
 ];
 
 /// Everything the child touches, allocated before the clone.
@@ -602,8 +605,9 @@ impl Shared {
             "PATH=/".to_owned(),
         ];
         // Before the manifest's entries: the first of two equal keys wins in getenv.
+        // The instance sees its scratch directory as `/`.
         env.extend(upstream::environment(
-            &spec.scratch,
+            Path::new("/"),
             spec.run.upstreams.len(),
         ));
         for (key, value) in &spec.run.env {
@@ -830,6 +834,26 @@ unsafe fn child(plan: &ChildPlan<'_>) -> ! {
         {
             fail(1);
         }
+        // The scratch directory becomes the root: bind it onto itself (a mount point), stack
+        // the old root under it and detach that.
+        if libc::mount(
+            plan.scratch.as_ptr(),
+            plan.scratch.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND | libc::MS_REC,
+            std::ptr::null(),
+        ) != 0
+            || libc::chdir(plan.scratch.as_ptr()) != 0
+            || libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) != 0
+            || libc::umount2(c".".as_ptr(), libc::MNT_DETACH) != 0
+            || libc::chdir(c"/".as_ptr()) != 0
+        {
+            fail(13);
+        }
+        if plan.mount_proc {
+            // May exist from an earlier boot in this scratch directory; mount reports the rest.
+            libc::mkdir(c"/proc".as_ptr(), 0o555);
+        }
         if plan.mount_proc
             && libc::mount(
                 c"proc".as_ptr(),
@@ -857,7 +881,7 @@ unsafe fn child(plan: &ChildPlan<'_>) -> ! {
         {
             fail(5);
         }
-        if libc::chdir(plan.scratch.as_ptr()) != 0 {
+        if libc::chdir(c"/".as_ptr()) != 0 {
             fail(6);
         }
         if plan.die_with_daemon && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0
