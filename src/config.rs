@@ -60,6 +60,12 @@ pub struct Dns {
     pub delayed_answers: bool,
     /// Trust EDNS Client Subnet to pick per-client instances.
     pub trust_ecs: bool,
+    /// Queries that may summon (boot) instances, per second per client prefix.
+    pub boots_per_second: u32,
+    /// Burst allowance of `boots_per_second`.
+    pub boot_burst: u32,
+    /// Responses per second per client prefix over UDP (0: no limit).
+    pub responses_per_second: u32,
 }
 
 /// `[http]`.
@@ -122,6 +128,9 @@ impl Default for Dns {
             ttl_secs: 1,
             delayed_answers: false,
             trust_ecs: false,
+            boots_per_second: 5,
+            boot_burst: 20,
+            responses_per_second: 1000,
         }
     }
 }

@@ -68,17 +68,18 @@ struct DaemonRuntime {
 
 impl Runtime for DaemonRuntime {
     fn add_service(&self, name: &str) -> Result<(), ActionError> {
-        self.handle
+        let info = self
+            .handle
             .block_on(self.builder.add_service(name))
-            .map(|_| ())
-            .map_err(|error| {
-                let text = error_chain(&error);
-                if text.contains("exists") {
-                    ActionError::Conflict(text)
-                } else {
-                    ActionError::Invalid(text)
-                }
-            })
+            .map_err(|error| ActionError::Invalid(error_chain(&error)))?;
+        if info.created {
+            Ok(())
+        } else {
+            Err(ActionError::Conflict(format!(
+                "Service `{name}` exists already ({})",
+                info.source_repo.display()
+            )))
+        }
     }
 
     fn instances(&self, action: &Action) -> Result<Reply, ActionError> {
@@ -320,6 +321,13 @@ impl Daemon {
             ttl: Duration::from_secs(u64::from(config.dns.ttl_secs)),
             delayed_answers: config.dns.delayed_answers,
             trust_ecs: config.dns.trust_ecs,
+            limits: revboot_dns::Limits {
+                boots_per_second: config.dns.boots_per_second,
+                boot_burst: config.dns.boot_burst,
+                rrl_per_second: config.dns.responses_per_second,
+                rrl_burst: config.dns.responses_per_second.saturating_mul(2),
+                ..revboot_dns::Limits::default()
+            },
             ..DnsConfig::default()
         };
         let dns = DnsServer::bind(dns_config, front.clone())

@@ -137,6 +137,14 @@ fn invalid_requests_get_json_errors_and_change_nothing() {
         ),
         (
             "POST",
+            "/api/v1/services",
+            Some(r#"{"name":"hello"}"#),
+            true,
+            409,
+            "conflict",
+        ),
+        (
+            "POST",
             "/api/v1/instances/stop",
             Some(r#"{"service":"hello"}"#),
             true,
