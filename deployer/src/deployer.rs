@@ -487,8 +487,9 @@ impl Deployer {
                 id: id.clone(),
                 service: key.service.clone(),
                 revision: key.revision,
-                run: run_for(run, key.client),
+                run: run.clone(),
                 address,
+                client: key.client,
                 backend_port: self.config.backend_port,
                 scratch: scratch.clone(),
                 console_bytes: self.config.console_bytes,
@@ -675,20 +676,6 @@ impl Deployer {
             Err(error) => warn!(%error, "runtime record writer panicked"),
         }
     }
-}
-
-/// The `[run]` table an instance boots with: a per-client instance also learns its client
-/// (`REVBOOT_CLIENT`), whatever the manifest says.
-fn run_for(
-    run: &revboot_store::manifest::Run,
-    client: Option<IpAddr>,
-) -> revboot_store::manifest::Run {
-    let mut run = run.clone();
-    if let Some(client) = client {
-        run.env
-            .insert("REVBOOT_CLIENT".to_owned(), client.to_string());
-    }
-    run
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use revboot_deployer::tender::admit::connect_from_own_address;
 use revboot_deployer::{Activity, InstanceKey, InstanceState, Summoned};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -290,7 +291,8 @@ async fn connect(
     loop {
         let attempt = tokio::select! {
             () = cancel.cancelled() => return Err(io::Error::other("the proxy is shutting down")),
-            attempt = tokio::time::timeout_at(deadline, TcpStream::connect(backend)) => attempt,
+            // From the service address: a per-client instance's socket admits only that source.
+            attempt = tokio::time::timeout_at(deadline, connect_from_own_address(backend)) => attempt,
         };
         match attempt {
             Ok(Ok(stream)) => return Ok(stream),

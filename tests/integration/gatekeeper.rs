@@ -217,6 +217,21 @@ fn eventually(mut check: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// The port of the instance's own socket on its service address (beside the proxy's 8080).
+fn backend_port(address: &str) -> u16 {
+    let output = Command::new("ss")
+        .args(["-Hltn", "src", address])
+        .output()
+        .expect("run ss");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    text.lines()
+        .filter_map(|line| line.split_whitespace().nth(3))
+        .filter_map(|local| local.rsplit_once(':'))
+        .filter_map(|(_, port)| port.parse::<u16>().ok())
+        .find(|port| *port != 8080)
+        .unwrap_or_else(|| panic!("no instance socket on {address}: {text}"))
+}
+
 /// The host pid of the gatekeeper serving `client`, found by its environment.
 fn gatekeeper_pid(client: &str) -> Option<u32> {
     let wanted = format!("REVBOOT_CLIENT={client}");
@@ -301,6 +316,18 @@ fn gatekeepers_per_client_reach_only_their_backend_and_enforce_policy() {
     let text = String::from_utf8_lossy(&intruder.stdout);
     assert!(!intruder.status.success(), "{text}");
     assert!(!text.contains("legacy backend"), "{text}");
+    // Nor the instance's own socket behind the proxy: it admits only the proxy's source.
+    let port = backend_port(&addresses[0]);
+    for source in [CLIENTS[1], CLIENTS[0]] {
+        let direct = Command::new("curl")
+            .args(["-sS", "--connect-timeout", "2", "--max-time", "5"])
+            .args(["--interface", source])
+            .arg(format!("http://{}:{port}/api/hello", addresses[0]))
+            .output()
+            .expect("run curl");
+        let text = String::from_utf8_lossy(&direct.stdout);
+        assert!(!direct.status.success(), "{source} got through: {text}");
+    }
     assert_eq!(backend.requests().len(), 3, "{:?}", backend.requests());
 
     // What the policy forbids gets its status and never reaches the backend.

@@ -17,6 +17,7 @@
 //! The traits are object safe; async steps return boxed futures so that backends can be
 //! stored as `Arc<dyn Tender>`.
 
+pub mod admit;
 pub mod cgroup;
 pub mod process;
 pub mod qemu;
@@ -54,6 +55,9 @@ pub struct BootSpec {
     pub run: Run,
     /// The service address of the instance.
     pub address: IpAddr,
+    /// For a per-client instance, its client: the backend socket admits only it (where
+    /// clients connect directly) and the service address (the proxy, the probes).
+    pub client: Option<IpAddr>,
     /// Where the backend socket goes on `address`.
     pub backend_port: BackendPort,
     /// A private directory the instance may write to (created by the deployer).
@@ -280,12 +284,12 @@ where
 }
 
 async fn tcp_connects(backend: SocketAddr) -> bool {
-    tokio::net::TcpStream::connect(backend).await.is_ok()
+    admit::connect_from_own_address(backend).await.is_ok()
 }
 
 async fn http_ok(backend: SocketAddr, path: &str) -> bool {
     let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(backend).await?;
+        let mut stream = admit::connect_from_own_address(backend).await?;
         let request =
             format!("GET {path} HTTP/1.1\r\nhost: {backend}\r\nconnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await?;

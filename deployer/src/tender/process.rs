@@ -28,7 +28,7 @@
 use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io::{self, Read};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -45,6 +45,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, warn};
 
+use super::admit;
 use super::cgroup::{Cgroups, Controller, InstanceGroups, Limits};
 use super::seccomp::{self, Filters};
 use super::{
@@ -172,10 +173,26 @@ impl Tender for ProcessTender {
             BackendPort::Ephemeral => 0,
         };
         let address = SocketAddr::new(spec.address, port);
+        // A per-client instance's socket takes connections only from its service address
+        // (the proxy, the probes) and, where clients connect directly, from its client.
+        let admitted: Option<Vec<Ipv4Addr>> = spec.client.map(|client| {
+            let direct = (spec.backend_port == BackendPort::Same).then_some(client);
+            [Some(spec.address), direct]
+                .into_iter()
+                .flatten()
+                .filter_map(|ip| match ip.to_canonical() {
+                    IpAddr::V4(ip) => Some(ip),
+                    IpAddr::V6(_) => None,
+                })
+                .collect()
+        });
         let bind = || -> io::Result<(Socket, SocketAddr)> {
             let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
             socket.set_reuse_address(true)?;
             socket.bind(&address.into())?;
+            if let Some(admitted) = &admitted {
+                admit::admit_only(&socket, admitted)?;
+            }
             socket.listen(BACKLOG)?;
             let local = socket
                 .local_addr()?
@@ -605,6 +622,9 @@ impl Shared {
             "PATH=/".to_owned(),
         ];
         // Before the manifest's entries: the first of two equal keys wins in getenv.
+        if let Some(client) = spec.client {
+            env.push(format!("REVBOOT_CLIENT={client}"));
+        }
         // The instance sees its scratch directory as `/`.
         env.extend(upstream::environment(
             Path::new("/"),

@@ -847,6 +847,7 @@ mod tests {
                 ..Run::default()
             },
             address: "127.0.0.1".parse().expect("an address"),
+            client: None,
             backend_port: BackendPort::Ephemeral,
             scratch: std::env::temp_dir(),
             console_bytes: 4096,

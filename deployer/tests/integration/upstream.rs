@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use revboot_deployer::{InstanceState, Instances};
 
-use crate::support::{self, World, build_image, deploy, http_get, manifest, source};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::{self, World, build_image, deploy, manifest, source};
 
 fn gatekeeper_image() -> PathBuf {
     build_image(
@@ -47,6 +49,23 @@ fn backend() -> (SocketAddr, std::sync::mpsc::Receiver<String>) {
         }
     });
     (address, requests)
+}
+
+/// `GET path` from `source` (a per-client instance admits only its client and itself).
+async fn get_from(source: IpAddr, backend: SocketAddr, path: &str) -> std::io::Result<String> {
+    let exchange = async {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(source, 0))?;
+        let mut stream = socket.connect(backend).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        Ok(response)
+    };
+    tokio::time::timeout(support::PATIENCE, exchange)
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::other("no answer in time")))
 }
 
 fn gatekeeper_run(upstreams: &[SocketAddr], env: &str) -> String {
@@ -95,7 +114,19 @@ async fn a_gatekeeper_reaches_its_granted_upstream_and_the_grant_ends_with_it() 
         .find(|path| path.exists())
         .expect("the socket is in the instance's scratch directory");
 
-    let answer = http_get(summoned.backend, "/api/x").await.expect("answer");
+    // Its socket admits nobody but its client (and its own address): not even the host.
+    let stranger = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect(summoned.backend),
+    )
+    .await;
+    assert!(
+        !matches!(stranger, Ok(Ok(_))),
+        "a connection from 127.0.0.1 completed"
+    );
+    let answer = get_from(client, summoned.backend, "/api/x")
+        .await
+        .expect("answer");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(
         answer.contains("upstream saw GET /api/x HTTP/1.1 for 127.0.0.41"),
@@ -132,18 +163,17 @@ async fn without_a_grant_there_is_no_way_out() {
         ),
         &source(41),
     );
+    let client: IpAddr = "127.0.0.42".parse().expect("ip");
     let summoned = world
         .deployer
-        .summon(
-            "gatekeeper",
-            &revision,
-            Some("127.0.0.42".parse().expect("ip")),
-        )
+        .summon("gatekeeper", &revision, Some(client))
         .expect("summon");
     let mut state = summoned.state.clone();
     let ready = support::wait_state(&mut state, |s| s.is_serving() || s.is_final()).await;
     assert!(ready.is_serving(), "{ready:?}");
-    let answer = http_get(summoned.backend, "/api/x").await.expect("answer");
+    let answer = get_from(client, summoned.backend, "/api/x")
+        .await
+        .expect("answer");
     assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
     assert!(requests.try_recv().is_err(), "nothing reached the backend");
     let console = world.deployer.console(&summoned.key).expect("console");
@@ -173,18 +203,17 @@ async fn cannot_reach_a_unix_socket_outside_its_scratch() {
         ),
         &source(42),
     );
+    let client: IpAddr = "127.0.0.43".parse().expect("ip");
     let summoned = world
         .deployer
-        .summon(
-            "gatekeeper",
-            &revision,
-            Some("127.0.0.43".parse().expect("ip")),
-        )
+        .summon("gatekeeper", &revision, Some(client))
         .expect("summon");
     let mut state = summoned.state.clone();
     let ready = support::wait_state(&mut state, |s| s.is_serving() || s.is_final()).await;
     assert!(ready.is_serving(), "{ready:?}");
-    let answer = http_get(summoned.backend, "/api/x").await.expect("answer");
+    let answer = get_from(client, summoned.backend, "/api/x")
+        .await
+        .expect("answer");
     let console = world.deployer.console(&summoned.key).expect("console");
     let console = String::from_utf8_lossy(&console);
     assert!(answer.starts_with("HTTP/1.1 502"), "{answer}\n{console}");
