@@ -202,9 +202,11 @@ async fn serve(mut open: Open, mut client: TcpStream, peer: SocketAddr, mut summ
             warn!(%error, %peer, key = %summoned.key, "cannot replay early bytes");
             return;
         }
+        let early = early.len() as u64;
         metrics
             .bytes_from_clients
-            .fetch_add(early.len() as u64, Ordering::Relaxed);
+            .fetch_add(early, Ordering::Relaxed);
+        metrics.replayed_bytes.fetch_add(early, Ordering::Relaxed);
     }
     drop(early);
     bump(&metrics.spliced);

@@ -33,6 +33,8 @@ pub struct ProxyMetrics {
     pub bytes_from_clients: u64,
     /// Bytes from backends to clients.
     pub bytes_to_clients: u64,
+    /// Of `bytes_from_clients`: early bytes read while held and replayed to the backend.
+    pub replayed_bytes: u64,
     /// Listening sockets open right now.
     pub listeners: u64,
 }
@@ -53,6 +55,7 @@ pub(crate) struct Metrics {
     pub(crate) timeouts: AtomicU64,
     pub(crate) bytes_from_clients: AtomicU64,
     pub(crate) bytes_to_clients: AtomicU64,
+    pub(crate) replayed_bytes: AtomicU64,
     pub(crate) listeners: AtomicU64,
 }
 
@@ -78,6 +81,7 @@ impl Metrics {
             timeouts: get(&self.timeouts),
             bytes_from_clients: get(&self.bytes_from_clients),
             bytes_to_clients: get(&self.bytes_to_clients),
+            replayed_bytes: get(&self.replayed_bytes),
             listeners: get(&self.listeners),
         }
     }

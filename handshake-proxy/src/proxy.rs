@@ -55,6 +55,9 @@ pub enum ListenError {
 #[derive(Debug)]
 struct Listening {
     cancel: CancellationToken,
+    /// Moves whenever a summon confirms the listener, so a sweep that looked the address up
+    /// before that summon does not close it.
+    stamp: u64,
 }
 
 /// What the single lock guards. It is taken for map updates only, never across an `.await`.
@@ -65,6 +68,8 @@ pub(crate) struct Registry {
     held: HashMap<InstanceKey, usize>,
     /// Connections held over all instances.
     held_total: usize,
+    /// The last [`Listening::stamp`] given.
+    stamps: u64,
 }
 
 /// Everything the listener and connection tasks share.
@@ -192,7 +197,7 @@ impl Shared {
             debug!(%address, key = %summoned.key, "instance listens on its service address");
             return Ok(());
         }
-        if self.lock().listeners.contains_key(&address) {
+        if self.confirm(address) {
             return Ok(());
         }
         if self.lock().listeners.len() >= self.config.max_listeners {
@@ -202,7 +207,10 @@ impl Shared {
         if self.cancel.is_cancelled() {
             return Err(ListenError::ShutDown);
         }
-        if registry.listeners.contains_key(&address) {
+        registry.stamps += 1;
+        let stamp = registry.stamps;
+        if let Some(listening) = registry.listeners.get_mut(&address) {
+            listening.stamp = stamp;
             return Ok(());
         }
         if registry.listeners.len() >= self.config.max_listeners {
@@ -220,6 +228,7 @@ impl Shared {
             address,
             Listening {
                 cancel: cancel.clone(),
+                stamp,
             },
         );
         drop(registry);
@@ -228,6 +237,20 @@ impl Shared {
         self.runtime
             .spawn(accepting(Arc::clone(self), listener, address, cancel));
         Ok(())
+    }
+
+    /// Restamps the listener on `address`, if there is one.
+    fn confirm(&self, address: SocketAddr) -> bool {
+        let mut registry = self.lock();
+        registry.stamps += 1;
+        let stamp = registry.stamps;
+        match registry.listeners.get_mut(&address) {
+            Some(listening) => {
+                listening.stamp = stamp;
+                true
+            }
+            None => false,
+        }
     }
 
     fn bind(&self, address: SocketAddr) -> io::Result<TcpListener> {
@@ -243,17 +266,29 @@ impl Shared {
     }
 
     fn sweep(&self) -> usize {
-        let addresses: Vec<SocketAddr> = self.lock().listeners.keys().copied().collect();
+        let listeners: Vec<(SocketAddr, u64)> = self
+            .lock()
+            .listeners
+            .iter()
+            .map(|(address, listening)| (*address, listening.stamp))
+            .collect();
         let mut closed = 0;
-        for address in addresses {
-            // A final state keeps its listener: the next connection summons a new instance.
+        for (address, stamp) in listeners {
+            // A final state keeps its listener while the deployer keeps the address: the next
+            // connection summons a new instance.
             let owned = self.inner.by_address(address.ip()).is_some_and(|summoned| {
                 summoned.port == address.port() && summoned.backend != address
             });
             if owned {
                 continue;
             }
-            if let Some(listening) = self.lock().listeners.remove(&address) {
+            let mut registry = self.lock();
+            if registry
+                .listeners
+                .get(&address)
+                .is_some_and(|listening| listening.stamp == stamp)
+                && let Some(listening) = registry.listeners.remove(&address)
+            {
                 listening.cancel.cancel();
                 closed += 1;
                 debug!(%address, "address released; listener closed");
@@ -487,6 +522,8 @@ mod tests {
             .expect("answered in time")
             .expect("read");
         assert!(answer.contains("answer to GET /early "), "{answer}");
+        let request_len = "GET /early HTTP/1.1\r\nhost: test\r\n\r\n".len() as u64;
+        assert_eq!(proxy.metrics().replayed_bytes, request_len);
     }
 
     #[tokio::test]

@@ -1,0 +1,169 @@
+//! Shared helpers: the hello image built by cargo, a real store, a deployer behind a proxy.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use revboot_deployer::{BackendPort, Deployer, DeployerConfig, Instances};
+use revboot_proxy::{Proxy, ProxyConfig};
+use revboot_store::{BuildStatus, ImageInput, NewDeployment, Revision, Store};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// How long a test waits for anything. A bound on waiting, not a timing assertion.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// The `[run]` table of hello as its own `revboot.toml` has it.
+pub const HELLO_RUN: &str = "port = 8080\nmemory_mib = 32\nready = { probe = \"socket\" }";
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the proxy lives in the workspace")
+        .to_path_buf()
+}
+
+/// Builds `examples/hello` (static, release) and returns the binary.
+pub fn hello_image() -> PathBuf {
+    let project = workspace().join("examples/hello");
+    let target_dir = workspace().join("target/proxy-images");
+    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    // The project's own .cargo/config.toml (crt-static) must apply, not what cargo set for us.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy().into_owned();
+        if (key.starts_with("CARGO_") && key != "CARGO_HOME") || key.starts_with("RUSTFLAGS") {
+            cargo.env_remove(key);
+        }
+    }
+    let status = cargo
+        .current_dir(&project)
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .args(["build", "--release", "--offline", "--quiet"])
+        .args(["--target", "x86_64-unknown-linux-gnu"])
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building hello failed");
+    target_dir.join("x86_64-unknown-linux-gnu/release/hello")
+}
+
+/// A manifest for the hello image with the given `[run]` lines.
+pub fn manifest(run: &str) -> String {
+    format!("[build]\ncommand = [\"true\"]\nartifacts = [\"hello\"]\n\n[run]\n{run}\n")
+}
+
+/// Writes a successful deployment of `image` and returns its revision.
+pub fn deploy(store: &Store, service: &str, image: &Path, manifest: &str) -> Revision {
+    let file = std::fs::File::open(image).expect("image opens");
+    store
+        .write_deployment(NewDeployment {
+            service,
+            status: BuildStatus::Succeeded,
+            manifest: Some(manifest),
+            images: vec![ImageInput {
+                name: "hello".to_owned(),
+                reader: Box::new(file),
+            }],
+            build_log: b"built by the test\n",
+            source_commit: &"ab".repeat(20),
+            source_repo: service,
+            source_ref: Some("refs/heads/main"),
+            subject: "test build",
+        })
+        .expect("deployment written")
+}
+
+/// A test's world: a store, a deployer with ephemeral backend ports, the proxy in front.
+pub struct World {
+    pub _dir: tempfile::TempDir,
+    pub store: Store,
+    pub deployer: Arc<Deployer>,
+    pub proxy: Arc<Proxy>,
+    /// The test's own /24 of loopback (the deployer's pool).
+    pub net: [u8; 3],
+}
+
+impl World {
+    /// A world for test `index` (its own pool and cgroup name).
+    pub fn new(index: u8, tweak: impl FnOnce(&mut DeployerConfig, &mut ProxyConfig)) -> World {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "revboot_proxy=debug,revboot_deployer=info".into()),
+            )
+            .with_test_writer()
+            .try_init();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::init(dir.path().join("deploy.git")).expect("store");
+        let mut config = DeployerConfig::new(dir.path().join("state"));
+        config.name = format!("proxy-test-{index}-{}", std::process::id());
+        config.pool = format!("127.79.{index}.0/24").parse().expect("pool");
+        config.backend_port = BackendPort::Ephemeral;
+        config.stop_grace_ms = 200;
+        let mut proxy_config = ProxyConfig::default();
+        tweak(&mut config, &mut proxy_config);
+        let deployer = Deployer::new(config, store.clone(), tokio::runtime::Handle::current())
+            .expect("deployer starts");
+        let inner: Arc<dyn Instances> = deployer.clone();
+        let proxy = Proxy::new(proxy_config, inner);
+        World {
+            _dir: dir,
+            store,
+            deployer,
+            proxy,
+            net: [127, 79, index],
+        }
+    }
+
+    /// A local source address in this test's /24 that the pool does not hand out first.
+    pub fn source(&self, host: u8) -> IpAddr {
+        let [a, b, c] = self.net;
+        IpAddr::V4(Ipv4Addr::new(a, b, c, host))
+    }
+
+    pub async fn shutdown(&self) {
+        self.proxy.shutdown();
+        self.deployer.shutdown().await;
+    }
+}
+
+/// Connects to `to`, from `from` when given.
+pub async fn connect(to: SocketAddr, from: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    if let Some(from) = from {
+        socket.bind(SocketAddr::new(from, 0))?;
+    }
+    socket.connect(to).await
+}
+
+/// `GET path` over a real TCP connection (from `from` when given); the whole response.
+pub async fn http_get(to: SocketAddr, from: Option<IpAddr>, path: &str) -> std::io::Result<String> {
+    let exchange = async {
+        let mut stream = connect(to, from).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        Ok(response)
+    };
+    tokio::time::timeout(PATIENCE, exchange)
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::other("no answer in time")))
+}
+
+/// Waits until `check` holds, polling (for things without a watch).
+pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "never true: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Raises this process's open-file limit to its hard limit.
+pub fn raise_nofile() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("setrlimit");
+}
