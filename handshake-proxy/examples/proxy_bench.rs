@@ -3,9 +3,10 @@
 //!
 //! - `proxy_bench backend` — a keep-alive HTTP/1.1 backend on `127.0.0.1:<ephemeral>`:
 //!   `GET /` answers 6 bytes, `GET /1m` answers 1 MiB. Prints `backend <address>`.
-//! - `proxy_bench proxy <backend> <service address>` — the handshake proxy fronting that
-//!   backend as one always-ready instance on `<service address>:8080`. Prints
-//!   `proxied <address>`.
+//! - `proxy_bench proxy <backend> <service address> [multi|current] [buffer bytes]` — the
+//!   handshake proxy fronting that backend as one always-ready instance on
+//!   `<service address>:8080`, on a multi-thread (default) or current-thread tokio runtime,
+//!   with the given splice buffer size. Prints `proxied <address>`.
 //! - `proxy_bench bind <count>` — binds and closes `count` listeners on distinct loopback
 //!   addresses the way the proxy does, and prints the mean cost of one.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
@@ -129,13 +130,13 @@ async fn keep_alive(mut stream: TcpStream, big: Arc<[u8]>) {
     }
 }
 
-async fn proxy(backend: SocketAddr, address: IpAddr) {
+async fn proxy(backend: SocketAddr, address: IpAddr, config: ProxyConfig) {
     let warm = Arc::new(Warm {
         address,
         backend,
         state: watch::Sender::new(InstanceState::Ready),
     });
-    let proxy = Proxy::new(ProxyConfig::default(), warm);
+    let proxy = Proxy::new(config, warm);
     let summoned = proxy.summon("bench", &revision(), None).expect("listen");
     println!("proxied {}:{}", summoned.address, summoned.port);
     std::future::pending::<()>().await;
@@ -171,14 +172,27 @@ fn main() {
         .as_slice()
     {
         ["backend"] => runtime().block_on(backend()),
-        ["proxy", backend, address] => {
+        ["proxy", backend, address, rest @ ..] => {
             let backend = backend.parse().expect("backend address");
             let address = address.parse().expect("service address");
-            runtime().block_on(proxy(backend, address));
+            let mut config = ProxyConfig::default();
+            if let Some(size) = rest.get(1) {
+                config.splice_buffer = size.parse().expect("buffer size");
+            }
+            let runtime = match rest.first() {
+                Some(&"current") => tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime"),
+                _ => runtime(),
+            };
+            runtime.block_on(proxy(backend, address, config));
         }
         ["bind", count] => bind_cost(count.parse().expect("a count")),
         _ => {
-            eprintln!("usage: proxy_bench backend | proxy <backend> <service ip> | bind <count>");
+            eprintln!(
+                "usage: proxy_bench backend | proxy <backend> <service ip> [multi|current] [buffer] | bind <count>"
+            );
             std::process::exit(2);
         }
     }

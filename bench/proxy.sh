@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The handshake proxy's warm figures, in one run: wrk straight to a backend, then wrk through
+# the proxy to the same backend; prints the ratios. Loopback only.
+#
+#   bench/proxy.sh [seconds per run, default 10] [multi|current runtime] [splice buffer bytes]
+#
+# Warm small requests (keep-alive, 6-byte body), 1 MiB bodies, and single-connection latency
+# (wrk -c1: p50 difference is the latency the proxy adds). Also the cost of binding one
+# listener on demand. The cold figures come from
+# `cargo bench -p revboot-proxy --bench cold` (real deployer, real hello image).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECONDS_PER_RUN="${1:-10}"
+SERVICE_IP=127.66.200.1
+
+cargo build --release --quiet -p revboot-proxy --example proxy_bench
+BIN=target/release/examples/proxy_bench
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+# Starts a background process writing to $WORK/$1 and waits (10 s at most) for its first line.
+start() {
+  local name=$1; shift
+  "$@" >"$WORK/$name" &
+  PIDS+=("$!")
+  for _ in $(seq 100); do
+    [ -s "$WORK/$name" ] && return 0
+    sleep 0.1
+  done
+  echo "$name did not start" >&2; exit 1
+}
+
+start backend "$BIN" backend
+BACKEND=$(awk '{print $2; exit}' "$WORK/backend")
+start proxy "$BIN" proxy "$BACKEND" "$SERVICE_IP" "${2:-multi}" "${3:-65536}"
+PROXIED=$(awk '{print $2; exit}' "$WORK/proxy")
+echo "backend $BACKEND, proxied $PROXIED (runtime ${2:-multi}, buffer ${3:-65536})"
+
+# wrk summary → "requests/s bytes/s p50-µs"
+measure() {
+  local out; out=$(wrk --latency "$@")
+  local rps; rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
+  local tps; tps=$(awk '/^Transfer\/sec/ {print $2}' <<<"$out")
+  local p50; p50=$(awk '$1=="50%" {print $2}' <<<"$out")
+  echo "$rps $(to_bytes "$tps") $(to_us "$p50")"
+}
+to_bytes() { # 1.23MB / 456.7KB / 12GB
+  awk -v v="$1" 'BEGIN { n=v+0; u=substr(v, length(v)-1);
+    if (u=="KB") n*=1024; else if (u=="MB") n*=1048576; else if (u=="GB") n*=1073741824;
+    printf "%.0f", n }'
+}
+to_us() { # 45.00us / 1.20ms / 2.00s
+  awk -v v="$1" 'BEGIN { n=v+0;
+    if (v ~ /us$/) n=n; else if (v ~ /ms$/) n*=1000; else if (v ~ /s$/) n*=1000000;
+    printf "%.1f", n }'
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a/b }'; }
+
+D=${SECONDS_PER_RUN}s
+echo
+echo "== small responses, keep-alive, 2 threads x 32 connections =="
+read -r d_rps d_bps _ < <(measure -t2 -c32 -d"$D" "http://$BACKEND/")
+read -r p_rps p_bps _ < <(measure -t2 -c32 -d"$D" "http://$PROXIED/")
+echo "direct  $d_rps req/s"
+echo "proxied $p_rps req/s"
+echo "ratio requests/s: $(ratio "$p_rps" "$d_rps")  (target >= 0.9)"
+
+echo
+echo "== 1 MiB responses, keep-alive, 1 thread x 4 connections =="
+read -r d_rps d_bps _ < <(measure -t1 -c4 -d"$D" "http://$BACKEND/1m")
+read -r p_rps p_bps _ < <(measure -t1 -c4 -d"$D" "http://$PROXIED/1m")
+echo "direct  $(awk -v b="$d_bps" 'BEGIN{printf "%.0f MiB/s", b/1048576}') ($d_rps req/s)"
+echo "proxied $(awk -v b="$p_bps" 'BEGIN{printf "%.0f MiB/s", b/1048576}') ($p_rps req/s)"
+echo "ratio bytes/s: $(ratio "$p_bps" "$d_bps")  (target >= 0.9)"
+
+echo
+echo "== latency, 1 connection, sequential requests =="
+read -r _ _ d_p50 < <(measure -t1 -c1 -d"$D" "http://$BACKEND/")
+read -r _ _ p_p50 < <(measure -t1 -c1 -d"$D" "http://$PROXIED/")
+echo "direct  p50 ${d_p50} us"
+echo "proxied p50 ${p_p50} us"
+echo "added p50: $(awk -v a="$p_p50" -v b="$d_p50" 'BEGIN{printf "%.1f", a-b}') us  (target <= 50)"
+
+echo
+echo "== binding a listener on demand =="
+"$BIN" bind 2000
