@@ -139,8 +139,13 @@ impl Engine {
     }
 
     /// Works out the answer to `query` (`lowercase`: its lowercased name) from `source`.
-    pub fn work(&self, query: &Query<'_>, lowercase: &[u8], source: IpAddr) -> Worked {
-        let generation = self.instances.generation();
+    pub fn work(
+        &self,
+        query: &Query<'_>,
+        lowercase: &[u8],
+        source: IpAddr,
+        generation: u64,
+    ) -> Worked {
         let client = self.client(query, source);
         let echo_subnet = self.trust_ecs && query.edns.is_some_and(|e| e.subnet.is_some());
         let mut worked = self.decide(query, lowercase, client, generation);

@@ -34,6 +34,10 @@ pub struct DnsConfig {
     /// Take the client address from EDNS Client Subnet when a query carries it (only behind
     /// resolvers you trust: anyone can write any subnet).
     pub trust_ecs: bool,
+    /// How often the hot path asks the deployer whether anything changed
+    /// ([`generation`](revboot_deployer::Instances::generation), which can cost tens of
+    /// microseconds); a change is seen within this long (default 1 ms; zero: every query).
+    pub generation_poll: Duration,
     /// Protection limits.
     pub limits: Limits,
 }
@@ -49,6 +53,7 @@ impl Default for DnsConfig {
             delayed_answers: false,
             delay_limit: Duration::from_secs(5),
             trust_ecs: false,
+            generation_poll: Duration::from_millis(1),
             limits: Limits::default(),
         }
     }
@@ -190,6 +195,9 @@ impl DnsConfig {
         }
         if self.negative_ttl > Duration::from_secs(86_400) {
             return Err(range("negative_ttl", "must be at most one day"));
+        }
+        if self.generation_poll > Duration::from_secs(1) {
+            return Err(range("generation_poll", "must be at most 1 s"));
         }
         if self.delay_limit > Duration::from_secs(60) {
             return Err(range("delay_limit", "must be at most 60 s"));

@@ -14,7 +14,7 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use revboot_deployer::{Activity, Instances};
@@ -153,8 +153,13 @@ impl DnsServer {
             tcp_idle: l.tcp_idle_timeout,
             workers: config.udp_workers(),
             activity_ms: u64::try_from(l.activity_interval.as_millis()).unwrap_or(u64::MAX),
+            generation_poll_us: u64::try_from(config.generation_poll.as_micros())
+                .unwrap_or(u64::MAX),
+            generation: AtomicU64::new(0),
+            generation_at_us: AtomicU64::new(0),
             epoch: Instant::now(),
         };
+        shared.poll_generation();
         info!(%local, zone = %checked.zone, workers = shared.workers, "DNS server bound");
         let (stop, _) = watch::channel(false);
         Ok(DnsServer {
@@ -354,6 +359,10 @@ struct Shared {
     tcp_idle: Duration,
     workers: usize,
     activity_ms: u64,
+    generation_poll_us: u64,
+    /// The deployer's generation as last asked, and when (µs since `epoch`).
+    generation: AtomicU64,
+    generation_at_us: AtomicU64,
     epoch: Instant,
 }
 
@@ -383,7 +392,7 @@ impl Shared {
         }
         s.lowercase.clear();
         wire::push_lowercase(query.qname(), &mut s.lowercase);
-        let generation = self.engine.instances().generation();
+        let generation = self.generation();
         self.cache.sync(generation);
         let subnet_query =
             self.engine.trust_ecs() && query.edns.is_some_and(|e| e.subnet.is_some());
@@ -394,7 +403,7 @@ impl Shared {
             return Step::Send;
         }
         self.metrics.event(Event::CacheMiss);
-        let worked = self.engine.work(&query, &s.lowercase, source);
+        let worked = self.engine.work(&query, &s.lowercase, source, generation);
         if let Some(scope) = worked.cache {
             cache::key(&query, &s.lowercase, scope, &mut s.key);
             self.cache.put(&s.key, worked.answer.clone(), generation);
@@ -440,6 +449,30 @@ impl Shared {
             }
         }
         Some(answer)
+    }
+
+    /// The deployer's generation, asked at most once per `generation_poll`.
+    fn generation(&self) -> u64 {
+        if self.generation_poll_us == 0 {
+            return self.engine.instances().generation();
+        }
+        let now = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let at = self.generation_at_us.load(Ordering::Acquire);
+        if now.saturating_sub(at) < self.generation_poll_us
+            || self
+                .generation_at_us
+                .compare_exchange(at, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return self.generation.load(Ordering::Acquire);
+        }
+        self.poll_generation()
+    }
+
+    fn poll_generation(&self) -> u64 {
+        let generation = self.engine.instances().generation();
+        self.generation.store(generation, Ordering::Release);
+        generation
     }
 
     fn now_ms(&self) -> u64 {

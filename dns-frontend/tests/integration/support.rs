@@ -28,6 +28,8 @@ pub fn config() -> DnsConfig {
     };
     config.limits.rrl_per_second = 0;
     config.limits.boots_per_second = 0;
+    // Tests change the deployer and query at once: see every change.
+    config.generation_poll = Duration::ZERO;
     config
 }
 

@@ -1,0 +1,254 @@
+//! A DNS server for benchmarks (`bench/dns-qps.sh`), on the real deployer or a fake.
+//!
+//! ```text
+//! dns-bench serve ADDR (--deployer IMAGE | --fake)   answer until SIGINT/SIGTERM
+//! dns-bench cold COUNT (--deployer IMAGE | --fake)   time COUNT names that each summon
+//! ```
+//!
+//! With `--deployer`, a temporary deployment repository gets `hello` deployments of IMAGE
+//! (e.g. examples/hello's static binary) and a real deployer boots them; `--fake` uses an
+//! in-memory stand-in whose summons cost nothing. `serve` prints `ready <name>` once the
+//! live revision is running, `<name>` being a `<short-sha>.hello.revboot.test` it answers.
+//! Rate limits are off: the benchmark measures the answer path.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use revboot_deployer::{Deployer, DeployerConfig, Instances};
+use revboot_dns::{DnsConfig, DnsServer};
+use revboot_store::{BuildStatus, ImageInput, NewDeployment, Revision, Store};
+
+#[allow(dead_code)]
+#[path = "../tests/integration/fake.rs"]
+mod fake;
+
+const MANIFEST: &str = "[build]\ncommand = [\"true\"]\nartifacts = [\"hello\"]\n\n\
+    [run]\nport = 8080\nmemory_mib = 32\nready = { probe = \"socket\" }\n";
+
+/// What answers behind the DNS server, and the revisions it knows.
+struct Backend {
+    instances: Arc<dyn Instances>,
+    revisions: Vec<Revision>,
+    deployer: Option<Arc<Deployer>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn deploy(store: &Store, image: &Path, n: usize) -> anyhow::Result<Revision> {
+    let file =
+        std::fs::File::open(image).with_context(|| format!("Cannot open {}", image.display()))?;
+    let source = format!("{n:08x}").repeat(5);
+    Ok(store.write_deployment(NewDeployment {
+        service: "hello",
+        status: BuildStatus::Succeeded,
+        manifest: Some(MANIFEST),
+        images: vec![ImageInput {
+            name: "hello".into(),
+            reader: Box::new(file),
+        }],
+        build_log: b"bench\n",
+        source_commit: &source,
+        source_repo: "hello",
+        source_ref: Some("refs/heads/main"),
+        subject: "bench build",
+    })?)
+}
+
+fn backend(args: &[String], count: usize) -> anyhow::Result<Backend> {
+    match args {
+        [flag] if flag == "--fake" => {
+            let fake = fake::Fake::new(count + 16, fake::Boot::Instant);
+            let revisions: Vec<Revision> = (0..count as u64).map(fake::revision).collect();
+            fake.add_service(
+                "hello",
+                fake::FakeService {
+                    per_client: false,
+                    port: 8080,
+                    revisions: revisions
+                        .iter()
+                        .map(|r| fake::FakeRevision {
+                            revision: *r,
+                            tags: vec![],
+                            bootable: true,
+                        })
+                        .collect(),
+                    live: revisions.first().copied(),
+                },
+            );
+            Ok(Backend {
+                instances: Arc::new(fake),
+                revisions,
+                deployer: None,
+                _dir: None,
+            })
+        }
+        [flag, image] if flag == "--deployer" => {
+            let image = PathBuf::from(image);
+            let dir = tempfile::tempdir()?;
+            let store = Store::init(dir.path().join("deploy.git"))?;
+            let revisions = (0..count)
+                .map(|n| deploy(&store, &image, n))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            store.set_live("hello", &revisions[0], "bench")?;
+            let mut config = DeployerConfig::new(dir.path().join("state"));
+            config.name = format!("dns-bench-{}", std::process::id());
+            config.pool = "127.81.0.0/16".parse().expect("pool");
+            config.max_instances = count + 16;
+            config.stop_grace_ms = 200;
+            let deployer = Deployer::new(config, store, tokio::runtime::Handle::current())?;
+            Ok(Backend {
+                instances: deployer.clone(),
+                revisions,
+                deployer: Some(deployer),
+                _dir: Some(dir),
+            })
+        }
+        _ => bail!("Expected --fake or --deployer IMAGE"),
+    }
+}
+
+fn config(listen: SocketAddr) -> DnsConfig {
+    let mut config = DnsConfig {
+        listen,
+        ..DnsConfig::default()
+    };
+    config.limits.rrl_per_second = 0;
+    config.limits.boots_per_second = 0;
+    config
+}
+
+fn query(id: u16, label: &str) -> Vec<u8> {
+    let mut p = id.to_be_bytes().to_vec();
+    p.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for part in [label, "hello", "revboot", "test"] {
+        p.push(part.len() as u8);
+        p.extend_from_slice(part.as_bytes());
+    }
+    p.extend_from_slice(&[0, 0, 1, 0, 1]);
+    p
+}
+
+/// Sends `packet` and waits for the reply with the same id.
+async fn exchange(
+    socket: &tokio::net::UdpSocket,
+    server: SocketAddr,
+    packet: &[u8],
+) -> anyhow::Result<Vec<u8>> {
+    socket.send_to(packet, server).await?;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (len, _) = tokio::time::timeout(Duration::from_secs(5), socket.recv_from(&mut buf))
+            .await
+            .context("No answer in 5 s")??;
+        if buf[..2] == packet[..2] {
+            return Ok(buf[..len].to_vec());
+        }
+    }
+}
+
+async fn serve(listen: SocketAddr, args: &[String]) -> anyhow::Result<()> {
+    let backend = backend(args, 1)?;
+    let server = DnsServer::bind(config(listen), backend.instances.clone())
+        .await?
+        .spawn();
+    let label = backend.revisions[0].short(7);
+    // Summon the live revision and wait until it serves, so the benchmark hits a running one.
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    exchange(&socket, server.local_addr(), &query(1, &label)).await?;
+    let summoned = backend
+        .instances
+        .summon("hello", &backend.revisions[0], None)?;
+    let mut state = summoned.state.clone();
+    tokio::time::timeout(Duration::from_secs(30), state.wait_for(|s| s.is_serving()))
+        .await
+        .context("Instance not ready in 30 s")??;
+    println!("ready {label}.hello.revboot.test");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    let metrics = server.metrics();
+    server.shutdown().await?;
+    eprintln!("{metrics:?}");
+    if let Some(deployer) = backend.deployer {
+        deployer.shutdown().await;
+    }
+    Ok(())
+}
+
+fn percentiles(label: &str, mut micros: Vec<f64>) {
+    micros.sort_by(f64::total_cmp);
+    let at =
+        |q: f64| micros[((micros.len() as f64 * q).ceil() as usize).clamp(1, micros.len()) - 1];
+    println!(
+        "cold answers, {label}: {} names, p50 {:.0} us, p99 {:.0} us, max {:.0} us",
+        micros.len(),
+        at(0.50),
+        at(0.99),
+        at(1.0),
+    );
+}
+
+/// Times cold names: the first half one at a time (each instance ready before the next
+/// query), the second half back to back (boots of earlier names compete for the CPU).
+async fn cold(count: usize, args: &[String]) -> anyhow::Result<()> {
+    let backend = backend(args, count)?;
+    // Let the freshly written repository settle, as it would have long before a query.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let server = DnsServer::bind(config("127.0.0.1:0".parse()?), backend.instances.clone())
+        .await?
+        .spawn();
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    exchange(&socket, server.local_addr(), &query(0, "nonexistent")).await?;
+    let (spaced, back_to_back) = backend.revisions.split_at(count / 2);
+    for (label, revisions, wait) in [
+        ("one at a time", spaced, true),
+        ("back to back", back_to_back, false),
+    ] {
+        let mut micros = Vec::with_capacity(revisions.len());
+        for (i, revision) in revisions.iter().enumerate() {
+            let packet = query(i as u16 + 1, &revision.short(7));
+            let started = Instant::now();
+            let reply = exchange(&socket, server.local_addr(), &packet).await?;
+            micros.push(started.elapsed().as_secs_f64() * 1e6);
+            if reply[3] & 0x0f != 0 || reply[7] != 1 {
+                bail!(
+                    "Cold name {i} was not answered with an address: rcode {}",
+                    reply[3] & 0x0f
+                );
+            }
+            if wait {
+                let mut state = backend.instances.summon("hello", revision, None)?.state;
+                tokio::time::timeout(Duration::from_secs(30), state.wait_for(|s| s.is_serving()))
+                    .await
+                    .context("Instance not ready in 30 s")??;
+            }
+        }
+        percentiles(label, micros);
+    }
+    println!("summons: {}", server.metrics().summons);
+    server.shutdown().await?;
+    if let Some(deployer) = backend.deployer {
+        deployer.shutdown().await;
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match args.as_slice() {
+            [mode, listen, rest @ ..] if mode == "serve" => serve(listen.parse()?, rest).await,
+            [mode, count, rest @ ..] if mode == "cold" => cold(count.parse()?, rest).await,
+            _ => bail!("Usage: dns-bench serve ADDR (--fake | --deployer IMAGE) | cold COUNT (--fake | --deployer IMAGE)"),
+        }
+    })
+}
