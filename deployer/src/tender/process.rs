@@ -32,7 +32,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Once, mpsc};
+use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use landlock::{
@@ -42,7 +42,7 @@ use revboot_store::manifest::TenderKind;
 use socket2::{Domain, Socket, Type};
 use tokio::io::AsyncReadExt;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, warn};
 
 use super::admit;
@@ -68,7 +68,7 @@ const LANDLOCK_ABI: ABI = ABI::V5;
 #[derive(Debug)]
 pub struct ProcessTender {
     shared: Arc<Shared>,
-    jobs: mpsc::SyncSender<Job>,
+    jobs: mpsc::Sender<Job>,
 }
 
 #[derive(Debug)]
@@ -78,6 +78,7 @@ struct Shared {
     sandbox: SandboxConfig,
     devnull: OwnedFd,
     runtime: tokio::runtime::Handle,
+    namespaces: Arc<NamespacePool>,
 }
 
 /// Why the process tender could not be set up.
@@ -106,6 +107,7 @@ impl ProcessTender {
         sandbox: SandboxConfig,
         runtime: tokio::runtime::Handle,
     ) -> Result<ProcessTender, ProcessTenderError> {
+        raise_nofile();
         let cgroups = match Cgroups::detect(name) {
             Ok(cgroups) => Some(cgroups),
             Err(error) => {
@@ -131,13 +133,14 @@ impl ProcessTender {
             sandbox,
             devnull,
             runtime,
+            namespaces: NamespacePool::start(),
         });
-        let (jobs, queue) = mpsc::sync_channel::<Job>(SPAWN_QUEUE);
+        let (jobs, mut queue) = mpsc::channel::<Job>(SPAWN_QUEUE);
         let worker = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("revboot-spawner".into())
             .spawn(move || {
-                for job in queue {
+                while let Some(job) = queue.blocking_recv() {
                     let result = worker.spawn(&job);
                     if let Err(Ok(orphan)) = job.reply.send(result) {
                         // The boot was abandoned (timed out) while spawning: end it here.
@@ -226,7 +229,7 @@ struct ProcessPrepared {
     listener: Socket,
     backend: SocketAddr,
     shared: Arc<Shared>,
-    jobs: mpsc::SyncSender<Job>,
+    jobs: mpsc::Sender<Job>,
 }
 
 #[derive(Debug)]
@@ -277,15 +280,17 @@ impl Prepared for ProcessPrepared {
                 }
             })?;
             let (reply, result) = oneshot::channel();
-            jobs.try_send(Job {
+            // Waits for room in the bounded queue; the boot timeout bounds the wait.
+            jobs.send(Job {
                 spec,
                 image,
                 listener: listener_fd,
                 reply,
             })
+            .await
             .map_err(|_| BootError::Setup {
                 what: "spawn queue".into(),
-                source: io::Error::new(io::ErrorKind::WouldBlock, "spawn queue full or closed"),
+                source: io::Error::other("spawner thread gone"),
             })?;
             let spawned = result.await.map_err(|_| BootError::Setup {
                 what: "spawner thread".into(),
@@ -460,6 +465,137 @@ impl Running for ProcessRunning {
     }
 }
 
+/// The hostname inside an instance.
+const HOSTNAME: &[u8] = b"revboot";
+/// Namespace sets kept ready.
+const NAMESPACE_POOL: usize = 16;
+
+/// Fresh net, ipc, uts and mount namespaces for one instance (mount propagation already
+/// private, hostname set), made ahead of time.
+#[derive(Debug)]
+struct Namespaces {
+    fds: [(OwnedFd, libc::c_int); 4],
+}
+
+impl Namespaces {
+    fn raw(&self) -> [(RawFd, libc::c_int); 4] {
+        self.fds
+            .each_ref()
+            .map(|(fd, kind)| (fd.as_raw_fd(), *kind))
+    }
+
+    /// Moves the calling thread into new namespaces and keeps handles on them.
+    fn make() -> io::Result<Namespaces> {
+        // SAFETY: unshare, mount and sethostname affect only the namespaces of this thread,
+        // which does nothing else.
+        unsafe {
+            let flags =
+                libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+            if libc::unshare(flags) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) != 0
+                || libc::sethostname(HOSTNAME.as_ptr().cast(), HOSTNAME.len()) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        let open = |name: &str| -> io::Result<OwnedFd> {
+            let file = File::open(format!("/proc/thread-self/ns/{name}"))?;
+            fd_above(file.into())
+        };
+        Ok(Namespaces {
+            fds: [
+                (open("net")?, libc::CLONE_NEWNET),
+                (open("ipc")?, libc::CLONE_NEWIPC),
+                (open("uts")?, libc::CLONE_NEWUTS),
+                (open("mnt")?, libc::CLONE_NEWNS),
+            ],
+        })
+    }
+}
+
+/// Keeps [`NAMESPACE_POOL`] namespace sets ready, so that creating them (a network namespace
+/// alone costs milliseconds) is off the boot path. Each set serves one instance only and
+/// dies with it; when the pool is empty the clone creates fresh namespaces itself.
+#[derive(Debug)]
+struct NamespacePool {
+    sets: std::sync::Mutex<Vec<Namespaces>>,
+    wanted: std::sync::Condvar,
+}
+
+impl NamespacePool {
+    fn start() -> Arc<NamespacePool> {
+        let pool = Arc::new(NamespacePool {
+            sets: std::sync::Mutex::new(Vec::with_capacity(NAMESPACE_POOL)),
+            wanted: std::sync::Condvar::new(),
+        });
+        let weak = Arc::downgrade(&pool);
+        let spawned = std::thread::Builder::new()
+            .name("revboot-namespaces".into())
+            .spawn(move || {
+                loop {
+                    let Some(pool) = weak.upgrade() else { return };
+                    {
+                        let sets = pool.sets.lock().expect("pool lock is never poisoned");
+                        if sets.len() >= NAMESPACE_POOL {
+                            // Woken by `take`; the timeout notices a dropped pool.
+                            let _ = pool.wanted.wait_timeout(sets, Duration::from_secs(1));
+                            continue;
+                        }
+                    }
+                    match Namespaces::make() {
+                        Ok(set) => pool.sets.lock().expect("pool lock is never poisoned").push(set),
+                        Err(error) => {
+                            warn!(%error, "cannot pre-make namespaces: instances create their own at boot");
+                            return;
+                        }
+                    }
+                }
+            });
+        if let Err(error) = spawned {
+            warn!(%error, "no namespace pool thread: instances create their own at boot");
+        }
+        pool
+    }
+
+    fn take(&self) -> Option<Namespaces> {
+        let set = self.sets.lock().expect("pool lock is never poisoned").pop();
+        self.wanted.notify_one();
+        set
+    }
+}
+
+/// Every instance holds a few fds in the daemon (pidfd, console pipe): lift the soft fd
+/// limit to the hard one, so that thousands of instances fit.
+fn raise_nofile() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            let old = limit.rlim_cur;
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                debug!(
+                    from = old,
+                    to = limit.rlim_max,
+                    "raised the open-file limit"
+                );
+            }
+        }
+    }
+}
+
 /// Moves an fd to a number ≥ 10 (close-on-exec), so that placing fds 0–3 in the child never
 /// overwrites one that is still needed.
 fn fd_above(fd: OwnedFd) -> io::Result<OwnedFd> {
@@ -516,6 +652,7 @@ const STEPS: &[&str] = &[
     "seccomp",
     "execveat",
     "moving the root to the scratch directory",
+    "entering the pre-made namespaces",
 ];
 
 /// Everything the child touches, allocated before the clone.
@@ -534,6 +671,8 @@ struct ChildPlan<'a> {
     mount_proc: bool,
     die_with_daemon: bool,
     filters: [&'a seccompiler::BpfProgram; 2],
+    /// Pre-made net, ipc, uts and mount namespaces to enter; `None`: clone made fresh ones.
+    namespaces: Option<[(RawFd, libc::c_int); 4]>,
 }
 
 impl Shared {
@@ -604,6 +743,7 @@ impl Shared {
                 warn!("landlock unavailable: instances are NOT confined to their scratch directory")
             });
         }
+        let namespaces = self.namespaces.take();
         let (console_read, console_write) = pipe().map_err(setup("console pipe"))?;
         let (error_read, error_write) = pipe().map_err(setup("error pipe"))?;
 
@@ -680,17 +820,17 @@ impl Shared {
             mount_proc: self.sandbox.mount_proc,
             die_with_daemon: self.sandbox.die_with_daemon,
             filters: [&self.filters.deny, &self.filters.clone3],
+            namespaces: namespaces.as_ref().map(Namespaces::raw),
         };
 
         let mut pidfd: RawFd = -1;
+        let fresh = if plan.namespaces.is_some() {
+            0
+        } else {
+            libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS
+        };
         let mut args = CloneArgs {
-            flags: (libc::CLONE_NEWNS
-                | libc::CLONE_NEWPID
-                | libc::CLONE_NEWNET
-                | libc::CLONE_NEWIPC
-                | libc::CLONE_NEWUTS
-                | libc::CLONE_NEWCGROUP
-                | libc::CLONE_PIDFD) as u64,
+            flags: (fresh | libc::CLONE_NEWPID | libc::CLONE_NEWCGROUP | libc::CLONE_PIDFD) as u64,
             pidfd: &mut pidfd as *mut RawFd as u64,
             child_tid: 0,
             parent_tid: 0,
@@ -844,7 +984,13 @@ unsafe fn child(plan: &ChildPlan<'_>) -> ! {
                 fail(0);
             }
         }
-        if libc::mount(
+        if let Some(namespaces) = &plan.namespaces {
+            for (fd, kind) in namespaces {
+                if libc::setns(*fd, *kind) != 0 {
+                    fail(14);
+                }
+            }
+        } else if libc::mount(
             std::ptr::null(),
             c"/".as_ptr(),
             std::ptr::null(),
@@ -885,8 +1031,9 @@ unsafe fn child(plan: &ChildPlan<'_>) -> ! {
         {
             fail(2);
         }
-        let hostname = b"revboot";
-        if libc::sethostname(hostname.as_ptr().cast(), hostname.len()) != 0 {
+        if plan.namespaces.is_none()
+            && libc::sethostname(HOSTNAME.as_ptr().cast(), HOSTNAME.len()) != 0
+        {
             fail(3);
         }
         for (resource, limit) in &plan.rlimits {
