@@ -49,7 +49,8 @@ pub struct ServiceIndex {
     pub live: Option<ObjectId>,
     /// Deployment commits, newest first.
     pub history: Vec<Arc<Meta>>,
-    pub tags: BTreeMap<String, ObjectId>,
+    /// DNS-safe tag label → (tag name, the commit it peels to).
+    pub tags: BTreeMap<String, Vec<(String, ObjectId)>>,
     /// Full hex of each deployment, sorted.
     hexes: Vec<(String, ObjectId)>,
     /// Lowercase source commit hex → the deployment it names, sorted.
@@ -325,7 +326,13 @@ fn build(
             let Some(tag) = reference.strip_prefix(&prefix) else {
                 break;
             };
-            index.tags.insert(tag.to_ascii_lowercase(), *id);
+            if let Some(label) = protocol::dns_safe_branch(tag) {
+                index
+                    .tags
+                    .entry(label)
+                    .or_default()
+                    .push((tag.to_owned(), *id));
+            }
         }
         index.finish();
         services.insert(name, index);
@@ -427,8 +434,8 @@ impl ServiceIndex {
                     .push(format!("source commit {}", &source[..12.min(source.len())]));
             }
         }
-        if let Some(id) = self.tags.get(label) {
-            found.entry(*id).or_default().push(format!("tag {label}"));
+        for (tag, id) in self.tags.get(label).into_iter().flatten() {
+            found.entry(*id).or_default().push(format!("tag {tag}"));
         }
         if let Some(refs) = self.branches.get(label) {
             for (source_ref, id) in refs {
@@ -543,9 +550,9 @@ impl Snapshot {
                 labels.push(branch);
             }
         }
-        for (tag, target) in &index.tags {
-            if *target == id && normalise_label(tag).is_ok() && resolves(tag) {
-                labels.push(tag.clone());
+        for (label, tags) in &index.tags {
+            if tags.iter().any(|(_, target)| *target == id) && resolves(label) {
+                labels.push(label.clone());
             }
         }
         labels.dedup();

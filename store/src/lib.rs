@@ -34,12 +34,16 @@
 //! # Labels
 //!
 //! A DNS label names a revision of a service by any of: a ≥7-hex prefix of the deployment
-//! commit, a ≥7-hex prefix of the source commit (its newest successful deployment), a tag,
-//! or the source branch made DNS-safe (`feature/x` → `feature-x`; its newest successful
-//! deployment). Labels are case-insensitive and at most 63 bytes; one that names two
-//! revisions is refused with the candidates listed, never guessed. No label means live.
+//! commit, a ≥7-hex prefix of the source commit (its newest successful deployment), a tag
+//! made DNS-safe (`v1.0` → `v1-0`), or the source branch made DNS-safe (`feature/x` →
+//! `feature-x`; its newest successful deployment). Where a source commit or branch has no
+//! successful build, its newest build is named (callers see it has no image). Labels are
+//! case-insensitive and at most 63 bytes; one that names two revisions is refused with the
+//! candidates listed, never guessed. No label means live. [`Store::labels`] hands out the
+//! labels that name a revision, each checked to resolve back to it.
 //! Resolution runs on an in-memory index that checks a cheap fingerprint of the ref files on
-//! every call, so changes by other processes and stock git are seen on the next call.
+//! every call (`stat` of `packed-refs`, `refs/heads`, `refs/live` and the service's tag
+//! directory), so changes by other processes and stock git are seen on the next call.
 //!
 //! # Runtime logs
 //!
@@ -53,6 +57,10 @@
 //! - Build logs up to [`MAX_BUILD_LOG_BYTES`], manifests up to [`MAX_MANIFEST_BYTES`].
 //! - The index follows at most [`MAX_HISTORY`] commits per service.
 //! - Delta compression of similar images needs [`Store::repack`] (stock `git repack`).
+//! - The live pointer's trail is the reflog, which `git clone` does not copy.
+//! - Runtime logs returned at most [`MAX_RUNTIME_LOGS`] per call; consoles up to
+//!   [`MAX_CONSOLE_BYTES`] per record.
+//! - Linux only (writer locks are `flock`, stale spools are found through `/proc`).
 //!
 //! # Example
 //!

@@ -161,7 +161,9 @@ impl Store {
     /// Images are streamed through a spool file, so an image is never held in memory. The
     /// branch moves by compare-and-swap: a concurrent writer's commit becomes the parent.
     pub fn write_deployment(&self, d: NewDeployment<'_>) -> Result<Revision, WriteError> {
-        let checked = check_deployment(&d)?;
+        let checked = check_deployment(&d).inspect_err(|error| {
+            tracing::warn!(%error, service = d.service, "refused deployment");
+        })?;
         let repo = self.repo();
         let git = |action| move |source| WriteError::Git { action, source };
 
@@ -418,6 +420,7 @@ impl Store {
             .and_then(|s| s.position(&to.id()))
             .is_some();
         if !on_branch {
+            tracing::warn!(service, revision = %to, "refused to point live at a revision off the service branch");
             return Err(LiveError::NotADeployment {
                 service: service.to_owned(),
                 revision: *to,

@@ -99,6 +99,7 @@ fn tags_and_branches() {
         f.rev("d3")
     );
     assert_eq!(f.resolve("release-1-0").expect("branch"), f.rev("d6"));
+    assert_eq!(f.resolve("v2-0").expect("tag made DNS-safe"), f.rev("d6"));
     assert_eq!(f.resolve("main").expect("branch main"), f.rev("d1"));
     assert_eq!(f.store.resolve("web", None).expect("live"), f.rev("d3"));
     assert_eq!(
