@@ -2,7 +2,90 @@
 //!
 //! It boots images from the deployment repository on demand through a [`Tender`] backend,
 //! watches them, reaps them when idle, and writes their story back to the store. The DNS
-//! front end and the handshake proxy reach it through the [`Instances`] trait.
+//! front end and the handshake proxy reach it through the [`Instances`] trait; the root
+//! binary builds a [`Deployer`] from a [`DeployerConfig`] and uses [`Deployer::list`],
+//! [`Deployer::stop`], [`Deployer::kill`] and [`Deployer::shutdown`].
+//!
+//! # The life of an instance
+//!
+//! An instance is (service, deployment commit, optional client address).
+//!
+//! 1. **cold** — nothing runs. A [`Instances::summon`] (a DNS query, a connection at the
+//!    proxy) checks the crash-loop back-off and the caps (global, per service, clients per
+//!    per-client service), takes a service address from the pool and lets the tender claim
+//!    the backend socket; it returns at once. Concurrent summons of one instance get the
+//!    same one.
+//! 2. **booting** — the image is materialised from the store's cache and started; the
+//!    listening socket already exists, so a connection made now waits in the kernel.
+//! 3. **ready** — the manifest's probe passed (`socket`: at exec; `tcp`; `http` GET path;
+//!    `console` line), all within `run.boot_timeout_ms`; a miss is a crash with the reason.
+//! 4. **idle** — no open connection and no query for half the idle timeout; activity makes
+//!    it ready again.
+//! 5. **stopped** — quiet for the whole idle timeout (`run.idle_timeout_secs`), or stopped by
+//!    an operator or the shutdown: SIGTERM, SIGKILL after the grace.
+//! 6. **crashed** — it exited on its own, was killed at its memory limit, or never became
+//!    ready. The next summon boots it again; quick crashes in a row back off exponentially
+//!    (capped) and summons fail with [`SummonError::Backoff`] meanwhile.
+//! 7. After stopped or crashed: the address returns to the pool, the cgroups, scratch
+//!    directory and durable record go, and the outcome, boot time, lifetime and console tail
+//!    are written to the store's log ref for the service.
+//!
+//! A restarted daemon kills what the durable state (redb) says an earlier one left running
+//! (checking that each pid still is that process), removes orphaned cgroups and scratch
+//! directories, and boots instances again on demand: it does not re-adopt them.
+//!
+//! # The process sandbox
+//!
+//! The process tender (solo5-spt is the model) runs a static ELF so:
+//!
+//! 1. Its own pid namespace (the image is pid 1 and sees only its own processes), mount
+//!    namespace with its scratch directory as the root (`pivot_root`) and a fresh `/proc`,
+//!    and its own net, ipc, uts and cgroup namespaces. The network namespace is empty: no
+//!    interface is up, so nothing leaves; the instance serves on the socket it inherits.
+//! 2. Net, ipc, uts and mount namespaces are made ahead of time by a helper thread (a small
+//!    pool), one set per instance, never shared; an empty pool falls back to making them in
+//!    the clone.
+//! 3. Limits through cgroups on v1, v2 or a hybrid: memory (no swap), pids, cpu quota; a
+//!    missing controller is reported once. rlimits: open files, core size 0, file size,
+//!    locked memory.
+//! 4. No new privileges; the parent-death signal kills it with the daemon (configurable).
+//! 5. Landlock: full access below the scratch directory, execute of its image, nothing
+//!    else of the file system; no TCP bind or connect at all.
+//! 6. Seccomp: a deny-list (ptrace, mount, namespaces, modules, kexec, bpf, perf, keyrings,
+//!    swap, clocks, reboot, io_uring…), namespaced `clone` refused, `clone3` reported
+//!    missing so that libc falls back to the checked `clone`.
+//! 7. The listening socket is fd 3 (`LISTEN_FDS=1`, `LISTEN_PID=1`); stdin is `/dev/null`;
+//!    stdout and stderr go to the console ring (the last 64 KiB by default), streamable.
+//! 8. Upstreams the manifest names are reached only through unix sockets the deployer
+//!    grants in the scratch directory ([`upstream`]).
+//!
+//! # Limits
+//!
+//! Linux only; the process tender needs root (namespaces, cgroups). Images must be static
+//! (the root is the scratch directory). Service addresses are IPv4 loopback addresses. A
+//! file system mounted on the host after the deployer started is not visible to instances
+//! whose namespaces were pre-made before it.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use revboot_deployer::{Deployer, DeployerConfig, InstanceState, Instances};
+//! use revboot_store::Store;
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = Store::open("/var/lib/revboot/deploy.git")?;
+//! let config = DeployerConfig::new("/var/lib/revboot/deployer");
+//! let deployer: Arc<Deployer> = Deployer::new(config, store, tokio::runtime::Handle::current())?;
+//! let resolved = deployer.resolve("hello", None)?;
+//! let summoned = deployer.summon("hello", &resolved.revision, None)?;
+//! let mut state = summoned.state.clone();
+//! state.wait_for(InstanceState::is_serving).await?;
+//! println!("hello serves on {}", summoned.backend);
+//! deployer.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
 #![deny(missing_docs)]
 
 pub mod config;
