@@ -17,13 +17,17 @@
 # Clients are spread over many /24s (127.1.x.y and up), so that the DNS boot rate limit per /24
 # does not pace the run. All traffic stays on 127.0.0.0/8.
 #
-#   bench/gatekeeper.sh [RUNS] [CAP]      (default 50 and 500; REVBOOT_PROFILE=release|dev)
+#   bench/gatekeeper.sh [RUNS] [CAP]      (default 50 and 500; REVBOOT_PROFILE=release|dev,
+#                                          or REVBOOT_BIN=<a built revboot>)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-50}
 cap=${2:-500}
 profile=${REVBOOT_PROFILE:-dev}
-if [ "$profile" = release ]; then
+if [ -n "${REVBOOT_BIN:-}" ]; then
+    exe=$REVBOOT_BIN
+    profile="given ($exe)"
+elif [ "$profile" = release ]; then
     cargo build --release --locked -q -p revboot
     exe=target/release/revboot
 else
@@ -224,10 +228,24 @@ def main():
                 print("  capacity: client %d (%s) refused before the cap: rcode %d" % (n + 1, source, rcode))
                 break
             if n >= RUNS:
-                request(address, source)
+                try:
+                    request(address, source)
+                except Exception as error:
+                    print("  capacity: client %d (%s) not served: %s" % (n + 1, source, error))
+                    log.flush()
+                    with open(os.path.join(work, "daemon.log"), errors="replace") as f:
+                        tail = [l.rstrip() for l in f if "WARN" in l or "ERROR" in l][-4:]
+                    for line in tail:
+                        print("    daemon: " + line[:300])
+                    break
             addresses[source] = address
         held = len(addresses)
         fill = time.perf_counter() - started
+        with open("/proc/%d/limits" % daemon.pid) as f:
+            nofile = next(l.split()[3] for l in f if l.startswith("Max open files"))
+        print("  daemon: %d open fds (limit %s), %d threads" % (
+            len(os.listdir("/proc/%d/fd" % daemon.pid)), nofile,
+            len(os.listdir("/proc/%d/task" % daemon.pid))))
 
         # 2. Memory, with them all running.
         running = gatekeepers()
@@ -261,8 +279,8 @@ def main():
               "%d distinct clients in `ps`" % (held, CAP, fill, held - failures, len(clients)))
         over, rcode, reply = dns_query(dns, NAME, client(CAP + 5), edns=True)
         cap_text = b"Per-client instance limit" in reply
-        print("  client %d: %s (%s)" % (CAP + 1, "refused, rcode %d" % rcode if over is None else "ANSWERED " + over,
-                                      "cap reason in EDE" if cap_text else "no cap reason"))
+        print("  one client more: %s (%s)" % ("refused, rcode %d" % rcode if over is None else "answered",
+                                            "cap reason in EDE" if cap_text else "no cap reason"))
     finally:
         daemon.terminate()
         try:
