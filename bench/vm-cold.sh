@@ -54,10 +54,11 @@ def one(measure_rss=False):
             conn.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
             byte = conn.recv(1)
             first_byte = time.perf_counter()
-            body = byte + conn.recv(4096)
-        if b"hello from" not in body:
+            body = byte
             while chunk := conn.recv(4096):
                 body += chunk
+        if b"hello from" not in body:
+            raise RuntimeError(f"unexpected answer: {body!r}")
         rss = idle = None
         if measure_rss:
             with open(f"/proc/{vm.pid}/status") as status:

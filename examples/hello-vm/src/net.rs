@@ -1,8 +1,9 @@
 //! The service: smoltcp on the virtio-net device, answering HTTP like `examples/hello`.
 //!
 //! 1. Static address on qemu's user-mode network: 10.0.2.15/24, gateway 10.0.2.2.
-//! 2. A gratuitous ARP tells qemu's slirp our MAC at once, so the first forwarded SYN is not
-//!    held back behind an ARP exchange.
+//! 2. An ARP request for the gateway, sent at once, tells qemu's slirp our MAC and brings its
+//!    answer into smoltcp's neighbour cache: the first forwarded SYN and our SYN-ACK need no
+//!    ARP exchange of their own.
 //! 3. [`SOCKETS`] TCP sockets listen on [`PORT`]; each serves one connection at a time: read
 //!    the request head (up to the blank line), answer `hello from <REVISION> (<deployment>)`,
 //!    close. `GET /crash` triple-faults the VM, to exercise crash handling.
@@ -130,7 +131,7 @@ fn render(out: &mut [u8], deployment: &str) -> usize {
     response.len
 }
 
-/// Announces our address to the gateway with a gratuitous ARP request.
+/// Asks for the gateway's MAC, which also announces ours.
 fn announce(device: &mut VirtioNet, mac: EthernetAddress, now: Instant) {
     let Some(token) = device.transmit(now) else {
         return;
@@ -140,7 +141,7 @@ fn announce(device: &mut VirtioNet, mac: EthernetAddress, now: Instant) {
         source_hardware_addr: mac,
         source_protocol_addr: ADDRESS,
         target_hardware_addr: EthernetAddress([0; 6]),
-        target_protocol_addr: ADDRESS,
+        target_protocol_addr: GATEWAY,
     };
     let ethernet = EthernetRepr {
         src_addr: mac,
