@@ -4,6 +4,7 @@
 mod concurrency;
 mod crash;
 mod interop;
+mod large;
 mod props;
 mod resolve;
 mod support;
