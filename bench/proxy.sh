@@ -2,7 +2,7 @@
 # The handshake proxy's warm figures, in one run: wrk straight to a backend, then wrk through
 # the proxy to the same backend; prints the ratios. Loopback only.
 #
-#   bench/proxy.sh [seconds per run, default 10] [multi|current runtime] [splice buffer bytes]
+#   bench/proxy.sh [seconds per run, default 10] [multi|current runtime] [buffer bytes] [copy|zero]
 #
 # Warm small requests (keep-alive, 6-byte body), 1 MiB bodies, and single-connection latency
 # (wrk -c1: p50 difference is the latency the proxy adds). Also the cost of binding one
@@ -35,9 +35,9 @@ start() {
 
 start backend "$BIN" backend
 BACKEND=$(awk '{print $2; exit}' "$WORK/backend")
-start proxy "$BIN" proxy "$BACKEND" "$SERVICE_IP" "${2:-multi}" "${3:-65536}"
+start proxy "$BIN" proxy "$BACKEND" "$SERVICE_IP" "${2:-multi}" "${3:-65536}" "${4:-copy}"
 PROXIED=$(awk '{print $2; exit}' "$WORK/proxy")
-echo "backend $BACKEND, proxied $PROXIED (runtime ${2:-multi}, buffer ${3:-65536})"
+echo "backend $BACKEND, proxied $PROXIED (runtime ${2:-multi}, buffer ${3:-65536}, ${4:-copy})"
 
 # wrk summary → "requests/s bytes/s p50-µs"
 measure() {

@@ -3,10 +3,10 @@
 //!
 //! - `proxy_bench backend` — a keep-alive HTTP/1.1 backend on `127.0.0.1:<ephemeral>`:
 //!   `GET /` answers 6 bytes, `GET /1m` answers 1 MiB. Prints `backend <address>`.
-//! - `proxy_bench proxy <backend> <service address> [multi|current] [buffer bytes]` — the
+//! - `proxy_bench proxy <backend> <service address> [multi|current] [buffer] [copy|zero]` — the
 //!   handshake proxy fronting that backend as one always-ready instance on
 //!   `<service address>:8080`, on a multi-thread (default) or current-thread tokio runtime,
-//!   with the given splice buffer size. Prints `proxied <address>`.
+//!   with the given splice buffer size, copying or with splice(2). Prints `proxied <address>`.
 //! - `proxy_bench bind <count>` — binds and closes `count` listeners on distinct loopback
 //!   addresses the way the proxy does, and prints the mean cost of one.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
@@ -179,6 +179,7 @@ fn main() {
             if let Some(size) = rest.get(1) {
                 config.splice_buffer = size.parse().expect("buffer size");
             }
+            config.zero_copy = rest.get(2) == Some(&"zero");
             let runtime = match rest.first() {
                 Some(&"current") => tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -191,7 +192,7 @@ fn main() {
         ["bind", count] => bind_cost(count.parse().expect("a count")),
         _ => {
             eprintln!(
-                "usage: proxy_bench backend | proxy <backend> <service ip> [multi|current] [buffer] | bind <count>"
+                "usage: proxy_bench backend | proxy <backend> <service ip> [multi|current] [buffer] [copy|zero] | bind <count>"
             );
             std::process::exit(2);
         }

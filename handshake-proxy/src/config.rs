@@ -23,6 +23,8 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DEFAULT_TOTAL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Default size of each of the two copy buffers of a spliced connection.
 pub const DEFAULT_SPLICE_BUFFER: usize = 64 * 1024;
+/// Default choice of splice(2) over copying (see `bench/proxy.sh`).
+pub const DEFAULT_ZERO_COPY: bool = false;
 /// Default period of the sweep that closes listeners whose address was released.
 pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -49,8 +51,12 @@ pub struct ProxyConfig {
     pub idle_timeout: Option<Duration>,
     /// A spliced connection is closed after this long, busy or not; `None` never.
     pub total_timeout: Option<Duration>,
-    /// Size of each of the two copy buffers of a spliced connection.
+    /// Size of each of the two copy buffers of a spliced connection (when not zero-copy).
     pub splice_buffer: usize,
+    /// Move spliced bytes with splice(2) through a pipe per direction instead of copying
+    /// them through user space (costs four descriptors per connection; falls back to copying
+    /// when pipes cannot be had).
+    pub zero_copy: bool,
     /// Period of the sweep that closes listeners of released addresses.
     pub sweep_interval: Duration,
 }
@@ -68,6 +74,7 @@ impl Default for ProxyConfig {
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             total_timeout: Some(DEFAULT_TOTAL_TIMEOUT),
             splice_buffer: DEFAULT_SPLICE_BUFFER,
+            zero_copy: DEFAULT_ZERO_COPY,
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
         }
     }

@@ -214,6 +214,7 @@ async fn serve(mut open: Open, mut client: TcpStream, peer: SocketAddr, mut summ
         idle: shared.config.idle_timeout,
         total: shared.config.total_timeout,
         buffer: shared.config.splice_buffer,
+        zero_copy: shared.config.zero_copy,
     };
     let counters = Counters {
         from_client: &metrics.bytes_from_clients,

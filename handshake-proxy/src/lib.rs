@@ -66,6 +66,7 @@ mod connection;
 mod metrics;
 mod proxy;
 mod splice;
+mod zero_copy;
 
 #[cfg(test)]
 mod test_support;

@@ -3,7 +3,9 @@
 //! 1. When one side ends its writing (EOF), the proxy shuts down writing on the other side
 //!    and keeps copying the other direction until it ends too.
 //! 2. Every read that yields bytes counts them and moves the connection's activity clock.
-//! 3. The connection is closed when the clock has not moved for the idle timeout, or when the
+//! 3. With `zero_copy` (and two pipes to spare) the bytes move by splice(2) through a pipe
+//!    per direction ([`crate::zero_copy`]); otherwise by `copy_bidirectional`.
+//! 4. The connection is closed when the clock has not moved for the idle timeout, or when the
 //!    total timeout passes, or when the proxy shuts down.
 
 use std::io;
@@ -15,10 +17,13 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::zero_copy::{self, Pipe};
 
 /// When a connection last moved bytes.
 #[derive(Debug)]
-struct Clock {
+pub(crate) struct Clock {
     start: Instant,
     last_nanos: AtomicU64,
 }
@@ -31,7 +36,7 @@ impl Clock {
         }
     }
 
-    fn touch(&self) {
+    pub(crate) fn touch(&self) {
         let nanos = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.last_nanos.store(nanos, Ordering::Relaxed);
     }
@@ -101,6 +106,7 @@ pub(crate) struct Limits {
     pub(crate) idle: Option<Duration>,
     pub(crate) total: Option<Duration>,
     pub(crate) buffer: usize,
+    pub(crate) zero_copy: bool,
 }
 
 /// Where the bytes are counted.
@@ -125,6 +131,40 @@ pub(crate) enum Ended {
     Failed(io::Error),
 }
 
+/// Copies through user-space buffers (`copy_bidirectional`).
+async fn copy(
+    client: TcpStream,
+    backend: TcpStream,
+    client_done: bool,
+    buffer: usize,
+    clock: &Clock,
+    counters: Counters<'_>,
+) -> io::Result<()> {
+    let mut client = Tracked {
+        inner: client,
+        clock,
+        bytes: counters.from_client,
+    };
+    let mut backend = Tracked {
+        inner: backend,
+        clock,
+        bytes: counters.to_client,
+    };
+    if client_done {
+        backend.shutdown().await?;
+        tokio::io::copy_buf(
+            &mut tokio::io::BufReader::with_capacity(buffer, &mut backend),
+            &mut client,
+        )
+        .await?;
+        client.shutdown().await
+    } else {
+        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut backend, buffer, buffer)
+            .await
+            .map(drop)
+    }
+}
+
 /// Copies `client` ⇄ `backend` until both directions end or a limit is hit. With
 /// `client_done`, the client had already ended its writing before the splice began: the
 /// backend's writing side is shut down at once and only the answer is copied.
@@ -136,35 +176,34 @@ pub(crate) async fn splice(
     counters: Counters<'_>,
     cancel: &CancellationToken,
 ) -> Ended {
-    let clock = Clock::new();
-    let mut client = Tracked {
-        inner: client,
-        clock: &clock,
-        bytes: counters.from_client,
+    let clock = &Clock::new();
+    let pipes = if limits.zero_copy {
+        match (Pipe::new(), Pipe::new()) {
+            (Ok(up), Ok(down)) => Some((up, down)),
+            (Err(error), _) | (_, Err(error)) => {
+                debug!(%error, "no pipes for a zero-copy splice; copying");
+                None
+            }
+        }
+    } else {
+        None
     };
-    let mut backend = Tracked {
-        inner: backend,
-        clock: &clock,
-        bytes: counters.to_client,
-    };
-    let copying = async {
-        if client_done {
-            backend.shutdown().await?;
-            tokio::io::copy_buf(
-                &mut tokio::io::BufReader::with_capacity(limits.buffer, &mut backend),
-                &mut client,
-            )
-            .await?;
-            client.shutdown().await
-        } else {
-            tokio::io::copy_bidirectional_with_sizes(
-                &mut client,
-                &mut backend,
-                limits.buffer,
-                limits.buffer,
-            )
-            .await
-            .map(drop)
+    let copying = async move {
+        match &pipes {
+            Some((up, down)) => {
+                let (from, to) = (counters.from_client, counters.to_client);
+                if client_done {
+                    zero_copy::shutdown_write(&backend)?;
+                    zero_copy::pump(&backend, &client, down, clock, to).await
+                } else {
+                    tokio::try_join!(
+                        zero_copy::pump(&client, &backend, up, clock, from),
+                        zero_copy::pump(&backend, &client, down, clock, to),
+                    )
+                    .map(drop)
+                }
+            }
+            None => copy(client, backend, client_done, limits.buffer, clock, counters).await,
         }
     };
     let idle = async {
@@ -204,16 +243,26 @@ mod tests {
         (connected.expect("connect"), accepted.expect("accept").0)
     }
 
-    fn limits(idle: Option<Duration>) -> Limits {
+    fn limits(idle: Option<Duration>, zero_copy: bool) -> Limits {
         Limits {
             idle,
             total: None,
             buffer: 8192,
+            zero_copy,
         }
     }
 
     #[tokio::test]
-    async fn half_close_from_client_still_delivers_the_answer() {
+    async fn half_close_from_client_still_delivers_the_answer_copying() {
+        half_close_from_client_still_delivers_the_answer(false).await;
+    }
+
+    #[tokio::test]
+    async fn half_close_from_client_still_delivers_the_answer_zero_copy() {
+        half_close_from_client_still_delivers_the_answer(true).await;
+    }
+
+    async fn half_close_from_client_still_delivers_the_answer(zero_copy: bool) {
         let (mut user, client) = pair().await;
         let (backend, mut server) = pair().await;
         let from = AtomicU64::new(0);
@@ -223,7 +272,14 @@ mod tests {
             from_client: &from,
             to_client: &to,
         };
-        let splicing = splice(client, backend, false, limits(None), counters, &cancel);
+        let splicing = splice(
+            client,
+            backend,
+            false,
+            limits(None, zero_copy),
+            counters,
+            &cancel,
+        );
         let served = async {
             let mut request = Vec::new();
             server.read_to_end(&mut request).await.expect("server read");
@@ -246,7 +302,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn client_done_before_splice_shuts_down_backend_writing() {
+    async fn client_done_before_splice_shuts_down_backend_writing_copying() {
+        client_done_before_splice_shuts_down_backend_writing(false).await;
+    }
+
+    #[tokio::test]
+    async fn client_done_before_splice_shuts_down_backend_writing_zero_copy() {
+        client_done_before_splice_shuts_down_backend_writing(true).await;
+    }
+
+    async fn client_done_before_splice_shuts_down_backend_writing(zero_copy: bool) {
         let (mut user, client) = pair().await;
         let (backend, mut server) = pair().await;
         let from = AtomicU64::new(0);
@@ -257,7 +322,14 @@ mod tests {
             to_client: &to,
         };
         user.shutdown().await.expect("user shutdown");
-        let splicing = splice(client, backend, true, limits(None), counters, &cancel);
+        let splicing = splice(
+            client,
+            backend,
+            true,
+            limits(None, zero_copy),
+            counters,
+            &cancel,
+        );
         let served = async {
             let mut request = Vec::new();
             server
@@ -289,7 +361,68 @@ mod tests {
             to_client: &to,
         };
         let idle = Some(Duration::from_millis(200));
-        let ended = splice(client, backend, false, limits(idle), counters, &cancel).await;
+        let ended = splice(
+            client,
+            backend,
+            false,
+            limits(idle, false),
+            counters,
+            &cancel,
+        )
+        .await;
         assert!(matches!(ended, Ended::Idle), "{ended:?}");
+    }
+
+    async fn megabytes_arrive_intact(zero_copy: bool) {
+        let (mut user, client) = pair().await;
+        let (backend, mut server) = pair().await;
+        let from = AtomicU64::new(0);
+        let to = AtomicU64::new(0);
+        let cancel = CancellationToken::new();
+        let counters = Counters {
+            from_client: &from,
+            to_client: &to,
+        };
+        let sent: Vec<u8> = (0..3 * 1024 * 1024u32).map(|n| (n % 251) as u8).collect();
+        let splicing = splice(
+            client,
+            backend,
+            false,
+            limits(None, zero_copy),
+            counters,
+            &cancel,
+        );
+        let served = async {
+            let mut request = [0u8; 3];
+            server.read_exact(&mut request).await.expect("server read");
+            server.write_all(&sent).await.expect("server write");
+            server.shutdown().await.expect("server shutdown");
+        };
+        let used = async {
+            user.write_all(b"get").await.expect("user write");
+            let mut answer = Vec::new();
+            user.read_to_end(&mut answer).await.expect("user read");
+            user.shutdown().await.expect("user shutdown");
+            answer
+        };
+        let (ended, (), answer) = tokio::join!(splicing, served, used);
+        assert!(matches!(ended, Ended::Done), "{ended:?}");
+        assert!(
+            answer == sent,
+            "{} bytes arrived, not the {} sent",
+            answer.len(),
+            sent.len()
+        );
+        assert_eq!(to.load(Ordering::Relaxed), sent.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn megabytes_arrive_intact_copying() {
+        megabytes_arrive_intact(false).await;
+    }
+
+    #[tokio::test]
+    async fn megabytes_arrive_intact_zero_copy() {
+        megabytes_arrive_intact(true).await;
     }
 }
