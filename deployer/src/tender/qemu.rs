@@ -894,6 +894,51 @@ mod tests {
     }
 
     #[test]
+    fn argv_keeps_the_guest_on_loopback_and_boots_the_image_directly() {
+        let tender = QemuTender {
+            binary: DEFAULT_BINARY.into(),
+            accel: Accel::Tcg,
+        };
+        let spec = spec(&["quiet"]);
+        let prepared = QemuPrepared {
+            binary: tender.binary.clone(),
+            accel: tender.accel,
+            guest_port: 8080,
+            cmdline: kernel_cmdline(&spec).expect("valid"),
+            qmp: spec.scratch.join("qmp.sock"),
+            backend: "127.77.0.9:41000".parse().expect("addr"),
+            spec,
+        };
+        let args: Vec<String> = prepared
+            .args(Path::new("/images/hello-vm"))
+            .into_iter()
+            .map(|arg| arg.to_string_lossy().into_owned())
+            .collect();
+        let after = |flag: &str| {
+            let at = args.iter().position(|arg| arg == flag).expect(flag);
+            args[at + 1].clone()
+        };
+        assert!(after("-M").starts_with("microvm,"));
+        assert_eq!(after("-accel"), "tcg");
+        assert_eq!(after("-m"), "32M");
+        assert_eq!(after("-kernel"), "/images/hello-vm");
+        assert_eq!(
+            after("-netdev"),
+            "user,id=net0,restrict=on,hostfwd=tcp:127.77.0.9:41000-:8080"
+        );
+        assert!(
+            after("-append").ends_with("revboot.revision=0123456789abcdef0123456789abcdef01234567")
+        );
+        for flag in ["-nodefaults", "-no-user-config", "-no-reboot"] {
+            assert!(args.iter().any(|arg| arg == flag), "{flag} in {args:?}");
+        }
+        assert!(
+            !args.iter().any(|arg| arg == "-cpu"),
+            "no -cpu host under TCG"
+        );
+    }
+
+    #[test]
     fn prepare_refuses_bad_memory_and_ipv6() {
         let tender = QemuTender {
             binary: DEFAULT_BINARY.into(),
