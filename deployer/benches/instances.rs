@@ -233,10 +233,14 @@ async fn run() {
         let start = Instant::now();
         let summoned = deployer.summon("hello", &shared, None).unwrap();
         let backend = summoned.backend;
-        tokio::task::spawn_blocking(move || first_byte(backend))
+        let answered = tokio::task::spawn_blocking(move || first_byte(backend))
             .await
-            .unwrap()
             .unwrap();
+        if let Err(error) = answered {
+            let mut state = summoned.state.clone();
+            let end = wait(&mut state, InstanceState::is_final).await;
+            panic!("no answer from {backend}: {error}; the instance: {end:?}");
+        }
         revboot.push(start.elapsed());
         let mut state = deployer.kill(&summoned.key).unwrap();
         wait(&mut state, InstanceState::is_final).await;

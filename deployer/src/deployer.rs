@@ -339,6 +339,16 @@ impl Deployer {
                 "shutdown: instances still finishing"
             );
         }
+        let tenders: Vec<Arc<dyn Tender>> = self
+            .tenders
+            .read()
+            .expect("tender registry lock is never poisoned")
+            .all()
+            .cloned()
+            .collect();
+        for tender in tenders {
+            tender.shutdown();
+        }
         self.state.flush().await;
     }
 

@@ -5,8 +5,9 @@
 //!    found nowhere is reported once as a warning and its limit is not enforced.
 //! 2. The parent `revboot/<name>` is created once in every hierarchy used (v2: controllers
 //!    are enabled in `cgroup.subtree_control` on the way down).
-//! 3. Each instance gets `revboot/<name>/<id>` in each hierarchy, its limits written before
-//!    the child starts; the child joins by writing `0` to the pre-opened `cgroup.procs`.
+//! 3. Each instance gets a group `revboot/<name>/<group>` in each hierarchy (made ahead of
+//!    time, a few spare), its limits written before the child starts; the child joins by
+//!    writing `0` to the pre-opened `cgroup.procs`.
 //! 4. After the exit the OOM counter is read (v1 `memory.oom_control`, v2 `memory.events`)
 //!    and the groups are removed, killing stragglers if a group is not empty.
 
@@ -81,7 +82,8 @@ pub struct Cgroups {
 /// One instance's groups.
 #[derive(Debug)]
 pub struct InstanceGroups {
-    dirs: Vec<(PathBuf, bool)>,
+    /// Directory, whether it is v2, the controllers it serves.
+    dirs: Vec<(PathBuf, bool, Vec<Controller>)>,
     /// Opened `cgroup.procs` files, one per group, for the child to join with.
     pub procs: Vec<File>,
 }
@@ -220,25 +222,31 @@ impl Cgroups {
             .collect()
     }
 
-    /// Creates the groups of instance `id` with `limits`.
-    pub fn create(&self, id: &str, limits: Limits) -> io::Result<InstanceGroups> {
+    /// Creates the groups named `name` (no limits yet: see [`InstanceGroups::limit`]).
+    /// Creating a memory cgroup takes a while, so the process tender keeps a few spare.
+    pub fn create(&self, name: &str) -> io::Result<InstanceGroups> {
         let mut groups = InstanceGroups {
             dirs: Vec::new(),
             procs: Vec::new(),
         };
         for (hierarchy, controllers) in &self.hierarchies {
-            let dir = hierarchy.mount().join(&self.parent).join(id);
-            create_dir(&dir)?;
-            let v2 = matches!(hierarchy, Hierarchy::V2(_));
-            groups.dirs.push((dir.clone(), v2));
-            for controller in controllers {
-                write_limit(&dir, *controller, v2, limits)?;
+            let dir = hierarchy.mount().join(&self.parent).join(name);
+            if let Err(error) = create_dir(&dir) {
+                groups.remove();
+                return Err(error);
             }
-            groups.procs.push(
-                OpenOptions::new()
-                    .write(true)
-                    .open(dir.join("cgroup.procs"))?,
-            );
+            let v2 = matches!(hierarchy, Hierarchy::V2(_));
+            groups.dirs.push((dir.clone(), v2, controllers.clone()));
+            match OpenOptions::new()
+                .write(true)
+                .open(dir.join("cgroup.procs"))
+            {
+                Ok(procs) => groups.procs.push(procs),
+                Err(error) => {
+                    groups.remove();
+                    return Err(error);
+                }
+            }
         }
         Ok(groups)
     }
@@ -251,7 +259,12 @@ impl Cgroups {
             let Ok(entries) = fs::read_dir(&parent) else {
                 continue;
             };
+            // Spare groups this process made are not orphans.
+            let own = format!("spare-{}-", std::process::id());
             for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().starts_with(&own) {
+                    continue;
+                }
                 if entry.file_type().is_ok_and(|t| t.is_dir()) {
                     let dir = entry.path();
                     warn!(cgroup = %dir.display(), "removing an orphaned instance cgroup");
@@ -266,14 +279,24 @@ impl Cgroups {
 }
 
 impl InstanceGroups {
+    /// Writes the limits of the instance that will run in these groups.
+    pub fn limit(&self, limits: Limits) -> io::Result<()> {
+        for (dir, v2, controllers) in &self.dirs {
+            for controller in controllers {
+                write_limit(dir, *controller, *v2, limits)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The group directories.
     pub fn dirs(&self) -> Vec<PathBuf> {
-        self.dirs.iter().map(|(dir, _)| dir.clone()).collect()
+        self.dirs.iter().map(|(dir, _, _)| dir.clone()).collect()
     }
 
     /// True if the kernel killed a process of the group at its memory limit.
     pub fn oom_killed(&self) -> bool {
-        self.dirs.iter().any(|(dir, v2)| {
+        self.dirs.iter().any(|(dir, v2, _)| {
             let (file, key) = if *v2 {
                 ("memory.events", "oom_kill")
             } else {
@@ -286,7 +309,7 @@ impl InstanceGroups {
     /// Removes the groups (killing stragglers); closes the `cgroup.procs` files first.
     pub fn remove(mut self) {
         self.procs.clear();
-        for (dir, _) in &self.dirs {
+        for (dir, _, _) in &self.dirs {
             if let Err(error) = remove_group(dir) {
                 warn!(cgroup = %dir.display(), %error, "cannot remove instance cgroup");
             }

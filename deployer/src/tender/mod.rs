@@ -180,6 +180,10 @@ pub trait Tender: Send + Sync + fmt::Debug + 'static {
     /// Claims the backend endpoint for an instance; fast and synchronous.
     fn prepare(&self, spec: BootSpec) -> Result<Box<dyn Prepared>, BootError>;
 
+    /// Releases what the tender keeps ready (spare cgroups and the like) once every
+    /// instance ended; called by [`crate::Deployer::shutdown`].
+    fn shutdown(&self) {}
+
     /// Removes what instances of an earlier daemon left behind (cgroups, scratch state);
     /// called once at start-up, after recorded processes were killed.
     fn sweep_orphans(&self) {}

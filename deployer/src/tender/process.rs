@@ -79,6 +79,10 @@ struct Shared {
     devnull: OwnedFd,
     runtime: tokio::runtime::Handle,
     namespaces: Arc<NamespacePool>,
+    /// Cgroups made ahead of time (between spawns), at most [`SPARE_CGROUPS`].
+    spare_groups: std::sync::Mutex<Vec<InstanceGroups>>,
+    spare_serial: std::sync::atomic::AtomicU64,
+    closed: std::sync::atomic::AtomicBool,
 }
 
 /// Why the process tender could not be set up.
@@ -134,13 +138,31 @@ impl ProcessTender {
             devnull,
             runtime,
             namespaces: NamespacePool::start(),
+            spare_groups: std::sync::Mutex::new(Vec::new()),
+            spare_serial: std::sync::atomic::AtomicU64::new(0),
+            closed: std::sync::atomic::AtomicBool::new(false),
         });
         let (jobs, mut queue) = mpsc::channel::<Job>(SPAWN_QUEUE);
         let worker = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("revboot-spawner".into())
             .spawn(move || {
-                while let Some(job) = queue.blocking_recv() {
+                loop {
+                    // Between spawns, top up the spare cgroups; block only when there are
+                    // enough of them.
+                    let job = match queue.try_recv() {
+                        Ok(job) => job,
+                        Err(mpsc::error::TryRecvError::Disconnected) => break,
+                        Err(mpsc::error::TryRecvError::Empty) => {
+                            if worker.make_spare_group() {
+                                continue;
+                            }
+                            match queue.blocking_recv() {
+                                Some(job) => job,
+                                None => break,
+                            }
+                        }
+                    };
                     let result = worker.spawn(&job);
                     if let Err(Ok(orphan)) = job.reply.send(result) {
                         // The boot was abandoned (timed out) while spawning: end it here.
@@ -151,6 +173,7 @@ impl ProcessTender {
                         orphan.kill();
                     }
                 }
+                worker.remove_spare_groups();
             })
             .map_err(|source| ProcessTenderError::Io {
                 what: "spawner thread",
@@ -211,6 +234,10 @@ impl Tender for ProcessTender {
             shared: Arc::clone(&self.shared),
             jobs: self.jobs.clone(),
         }))
+    }
+
+    fn shutdown(&self) {
+        self.shared.remove_spare_groups();
     }
 
     fn sweep_orphans(&self) {
@@ -675,7 +702,66 @@ struct ChildPlan<'a> {
     namespaces: Option<[(RawFd, libc::c_int); 4]>,
 }
 
+/// Spare cgroups kept ready.
+const SPARE_CGROUPS: usize = 8;
+
 impl Shared {
+    /// Makes one spare cgroup set if fewer than [`SPARE_CGROUPS`] are ready; false if none
+    /// was needed (or none can be made).
+    fn make_spare_group(&self) -> bool {
+        let Some(cgroups) = &self.cgroups else {
+            return false;
+        };
+        if self.closed.load(std::sync::atomic::Ordering::Acquire)
+            || self
+                .spare_groups
+                .lock()
+                .expect("spare lock is never poisoned")
+                .len()
+                >= SPARE_CGROUPS
+        {
+            return false;
+        }
+        let serial = self
+            .spare_serial
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("spare-{}-{serial}", std::process::id());
+        match cgroups.create(&name) {
+            Ok(groups) => {
+                let mut spare = self
+                    .spare_groups
+                    .lock()
+                    .expect("spare lock is never poisoned");
+                if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+                    drop(spare);
+                    groups.remove();
+                    return false;
+                }
+                spare.push(groups);
+                true
+            }
+            Err(error) => {
+                debug!(%error, "cannot make a spare cgroup");
+                false
+            }
+        }
+    }
+
+    /// Removes the spare cgroups and makes no more.
+    fn remove_spare_groups(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        let spare = std::mem::take(
+            &mut *self
+                .spare_groups
+                .lock()
+                .expect("spare lock is never poisoned"),
+        );
+        for groups in spare {
+            groups.remove();
+        }
+    }
+
     /// Runs on the spawner thread.
     fn spawn(&self, job: &Job) -> Result<Spawned, BootError> {
         let spec = &job.spec;
@@ -684,18 +770,30 @@ impl Shared {
             move |source| BootError::Setup { what, source }
         };
         let groups = match &self.cgroups {
-            Some(cgroups) => Some(
-                cgroups
-                    .create(
-                        &spec.id,
-                        Limits {
-                            memory_bytes: spec.run.memory_mib * 1024 * 1024,
-                            pids: spec.run.pids,
-                            cpu_percent: spec.run.cpu_percent,
-                        },
-                    )
-                    .map_err(setup("cgroups"))?,
-            ),
+            Some(cgroups) => {
+                let spare = self
+                    .spare_groups
+                    .lock()
+                    .expect("spare lock is never poisoned")
+                    .pop();
+                let groups = match spare {
+                    Some(groups) => groups,
+                    None => cgroups.create(&spec.id).map_err(setup("cgroups"))?,
+                };
+                let limits = Limits {
+                    memory_bytes: spec.run.memory_mib * 1024 * 1024,
+                    pids: spec.run.pids,
+                    cpu_percent: spec.run.cpu_percent,
+                };
+                if let Err(error) = groups.limit(limits) {
+                    groups.remove();
+                    return Err(BootError::Setup {
+                        what: "cgroup limits".into(),
+                        source: error,
+                    });
+                }
+                Some(groups)
+            }
             None => None,
         };
         match self.spawn_in(job, groups.as_ref()) {
