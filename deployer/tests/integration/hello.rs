@@ -327,3 +327,58 @@ async fn caps_refuse_fast_with_a_reason() {
     let _ = PATIENCE;
     world.deployer.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_summons_boot_one_instance() {
+    let world = World::new(9, |_| {});
+    let image = hello_image();
+    let revision = deploy(
+        &world.store,
+        "hello",
+        &image,
+        &manifest("hello", HELLO_RUN),
+        &source(1),
+    );
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let deployer = world.deployer.clone();
+            std::thread::spawn(move || deployer.summon("hello", &revision, None).expect("summon"))
+        })
+        .collect();
+    let summoned: Vec<_> = threads
+        .into_iter()
+        .map(|t| t.join().expect("joins"))
+        .collect();
+    assert!(summoned.iter().all(|s| s.address == summoned[0].address));
+    assert_eq!(world.deployer.list().len(), 1);
+    let response = http_get(summoned[0].backend, "/").await.expect("answer");
+    assert!(response.contains(&revision.to_string()));
+    world.deployer.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_proxy_the_backend_is_an_ephemeral_port_on_the_service_address() {
+    let world = World::new(10, |config| {
+        config.backend_port = revboot_deployer::BackendPort::Ephemeral;
+    });
+    let image = hello_image();
+    let revision = deploy(
+        &world.store,
+        "hello",
+        &image,
+        &manifest("hello", HELLO_RUN),
+        &source(1),
+    );
+    let summoned = world
+        .deployer
+        .summon("hello", &revision, None)
+        .expect("summon");
+    assert_eq!(summoned.port, 8080);
+    assert_eq!(summoned.backend.ip(), summoned.address);
+    assert_ne!(summoned.backend.port(), 8080);
+    // The service address and port stay free for the proxy to listen on.
+    assert!(support::bindable(summoned.address, 8080));
+    let response = http_get(summoned.backend, "/").await.expect("answer");
+    assert!(response.contains("hello from v1"), "{response}");
+    world.deployer.shutdown().await;
+}
