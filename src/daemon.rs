@@ -237,6 +237,15 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The deployer's cgroup name: stable for a data directory (a restarted daemon finds its own
+/// orphans) and distinct between daemons on one host (one never cleans up another's).
+pub fn deployer_name(data: &Path) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(data.as_os_str().as_encoded_bytes());
+    let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+    format!("d{hex}")
+}
+
 /// Adds the qemu tender when `qemu-system-x86_64` is installed; without it, VM services fail
 /// to boot with a clear reason and process services are unaffected.
 fn register_qemu(deployer: &Deployer, config: &Config) -> anyhow::Result<()> {
@@ -294,6 +303,7 @@ impl Daemon {
             .context("Cannot open the deployment repository")?;
 
         let mut deployer_config = DeployerConfig::new(data.join("deployer"));
+        deployer_config.name = deployer_name(&data);
         deployer_config.pool = config
             .instances
             .pool

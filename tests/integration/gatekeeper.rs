@@ -412,6 +412,27 @@ fn gatekeepers_per_client_reach_only_their_backend_and_enforce_policy() {
     assert_eq!(status, 200, "{body}");
     assert!(gatekeeper_pid(CLIENTS[0]).is_some_and(|new| new != pid));
 
+    // An operator kill of one client's gatekeeper (`--client`) leaves the others serving.
+    let killed = daemon.cli(&["kill", "gatekeeper", "--client", CLIENTS[1]]);
+    assert!(
+        killed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&killed.stderr)
+    );
+    assert!(
+        !instances(&daemon)
+            .iter()
+            .any(|i| i["client"] == CLIENTS[1] && i["state"] == "ready")
+    );
+    let (status, body) = answered(&curl_from(
+        CLIENTS[2],
+        &addresses[2],
+        "GET",
+        "/api/still",
+        None,
+    ));
+    assert_eq!(status, 200, "{body}");
+
     // Quiet clients are reaped; each left its own console record.
     assert!(
         eventually(|| instances(&daemon).is_empty()),
@@ -433,6 +454,7 @@ fn gatekeepers_per_client_reach_only_their_backend_and_enforce_policy() {
         );
     }
     assert!(text.contains("crashed: killed by signal 9"), "{text}");
+    assert!(text.contains("stopped: killed by operator"), "{text}");
     assert!(
         text.contains("refused 405 DELETE /api/hello from 127.0.0.21"),
         "{text}"
