@@ -124,22 +124,28 @@ fn git(repo: &Path, args: &[&str], stdin: Option<&[u8]>) -> String {
 }
 
 /// The same deployment through stock git plumbing, image read from `image_path`.
+/// The same deployment through stock git plumbing, in as few processes as git allows:
+/// one `hash-object -w` for the three files, two `mktree`, `commit-tree`, `update-ref`.
 fn write_with_git(repo: &Path, n: u32, image_path: &Path) {
-    let image = git(
+    let dir = image_path.parent().unwrap();
+    let (manifest_path, log_path) = (dir.join("revboot.toml"), dir.join("build.log"));
+    if !manifest_path.exists() {
+        fs::write(&manifest_path, MANIFEST).unwrap();
+        fs::write(&log_path, "build log\n").unwrap();
+    }
+    let ids = git(
         repo,
-        &["hash-object", "-w", image_path.to_str().unwrap()],
+        &[
+            "hash-object",
+            "-w",
+            image_path.to_str().unwrap(),
+            manifest_path.to_str().unwrap(),
+            log_path.to_str().unwrap(),
+        ],
         None,
     );
-    let manifest = git(
-        repo,
-        &["hash-object", "-w", "--stdin"],
-        Some(MANIFEST.as_bytes()),
-    );
-    let log = git(
-        repo,
-        &["hash-object", "-w", "--stdin"],
-        Some(b"build log\n"),
-    );
+    let ids: Vec<&str> = ids.lines().collect();
+    let (image, manifest, log) = (ids[0], ids[1], ids[2]);
     let image_tree = git(
         repo,
         &["mktree"],
@@ -157,19 +163,14 @@ fn write_with_git(repo: &Path, n: u32, image_path: &Path) {
         "Bench build\n\nBuild-Status: succeeded\nSource-Commit: {}\nSource-Repo: bench\nSource-Ref: refs/heads/main\n",
         source(n)
     );
-    let parent = if repo.join("refs/heads/bench").exists() {
-        git(repo, &["rev-parse", "refs/heads/bench"], None)
-    } else {
-        String::new()
-    };
-    let commit = if parent.is_empty() {
-        git(repo, &["commit-tree", &tree], Some(message.as_bytes()))
-    } else {
+    let commit = if repo.join("refs/heads/bench").exists() {
         git(
             repo,
-            &["commit-tree", &tree, "-p", &parent],
+            &["commit-tree", &tree, "-p", "refs/heads/bench"],
             Some(message.as_bytes()),
         )
+    } else {
+        git(repo, &["commit-tree", &tree], Some(message.as_bytes()))
     };
     git(repo, &["update-ref", "refs/heads/bench", &commit], None);
 }

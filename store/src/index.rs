@@ -419,33 +419,46 @@ impl ServiceIndex {
         }
     }
 
-    /// Every revision `label` names, with the rule that matched.
-    fn candidates(&self, label: &str) -> BTreeMap<ObjectId, Vec<String>> {
-        let mut found: BTreeMap<ObjectId, Vec<String>> = BTreeMap::new();
+    /// Every revision `label` names, with the rule that matched (no allocation unless the
+    /// label matches more than a few times).
+    fn candidates<'a>(&'a self, label: &str) -> Vec<(ObjectId, Rule<'a>)> {
+        let mut found = Vec::new();
         let is_hex = label.len() >= 7 && label.bytes().all(|b| b.is_ascii_hexdigit());
         if is_hex {
             for (_, id) in prefix_range(&self.hexes, label) {
-                found.entry(*id).or_default().push("deployment".into());
+                found.push((*id, Rule::Deployment));
             }
             for (source, id) in prefix_range(&self.sources, label) {
-                found
-                    .entry(*id)
-                    .or_default()
-                    .push(format!("source commit {}", &source[..12.min(source.len())]));
+                found.push((*id, Rule::Source(source)));
             }
         }
         for (tag, id) in self.tags.get(label).into_iter().flatten() {
-            found.entry(*id).or_default().push(format!("tag {tag}"));
+            found.push((*id, Rule::Tag(tag)));
         }
-        if let Some(refs) = self.branches.get(label) {
-            for (source_ref, id) in refs {
-                found
-                    .entry(*id)
-                    .or_default()
-                    .push(format!("branch {source_ref}"));
-            }
+        for (source_ref, id) in self.branches.get(label).into_iter().flatten() {
+            found.push((*id, Rule::Branch(source_ref)));
         }
         found
+    }
+}
+
+/// Which rule matched a label.
+#[derive(Debug, Clone, Copy)]
+enum Rule<'a> {
+    Deployment,
+    Source(&'a str),
+    Tag(&'a str),
+    Branch(&'a str),
+}
+
+impl std::fmt::Display for Rule<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rule::Deployment => f.write_str("deployment"),
+            Rule::Source(source) => write!(f, "source commit {}", &source[..12.min(source.len())]),
+            Rule::Tag(tag) => write!(f, "tag {tag}"),
+            Rule::Branch(source_ref) => write!(f, "branch {source_ref}"),
+        }
     }
 }
 
@@ -500,22 +513,29 @@ impl Snapshot {
         };
         let label = normalise_label(label)?;
         let found = index.candidates(&label);
-        let mut iter = found.iter();
-        match (iter.next(), iter.next()) {
-            (None, _) => Err(ResolveError::UnknownLabel {
+        match found.first() {
+            None => Err(ResolveError::UnknownLabel {
                 service: service.to_owned(),
                 label,
             }),
-            (Some((id, _)), None) => Ok(*id),
-            _ => Err(ResolveError::Ambiguous {
-                service: service.to_owned(),
-                label,
-                candidates: found
-                    .iter()
-                    .take(MAX_CANDIDATES)
-                    .map(|(id, rules)| format!("{} ({})", id.to_hex_with_len(12), rules.join(", ")))
-                    .collect(),
-            }),
+            Some((id, _)) if found.iter().all(|(other, _)| other == id) => Ok(*id),
+            Some(_) => {
+                let mut by_revision: BTreeMap<ObjectId, Vec<String>> = BTreeMap::new();
+                for (id, rule) in &found {
+                    by_revision.entry(*id).or_default().push(rule.to_string());
+                }
+                Err(ResolveError::Ambiguous {
+                    service: service.to_owned(),
+                    label,
+                    candidates: by_revision
+                        .iter()
+                        .take(MAX_CANDIDATES)
+                        .map(|(id, rules)| {
+                            format!("{} ({})", id.to_hex_with_len(12), rules.join(", "))
+                        })
+                        .collect(),
+                })
+            }
         }
     }
 
