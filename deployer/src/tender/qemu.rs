@@ -402,6 +402,18 @@ impl Prepared for QemuPrepared {
             if let Some(path) = std::env::var_os("PATH") {
                 command.env("PATH", path);
             }
+            // SAFETY: the closure runs in the forked child before exec and only makes one
+            // async-signal-safe system call. The parent-death signal follows the spawning
+            // thread, a runtime worker that lives as long as the daemon's runtime: a daemon
+            // that dies takes its VMs with it (a restarted one sweeps recorded pids anyway).
+            unsafe {
+                command.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
             let mut child = command.spawn().map_err(|source| BootError::Exec {
                 step: "spawn qemu",
                 source,
