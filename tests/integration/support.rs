@@ -178,6 +178,8 @@ impl Daemon {
 }
 
 impl Drop for Daemon {
+    // A failing test shows the daemon's log on the test's stderr, where the harness keeps it.
+    #[allow(clippy::print_stderr)]
     fn drop(&mut self) {
         self.terminate();
         if std::thread::panicking() {
