@@ -78,7 +78,11 @@ impl Store {
 
     /// Opens an existing bare repository.
     pub fn open(path: impl AsRef<Path>) -> Result<Store, OpenError> {
-        let path = path.as_ref();
+        Store::open_watching(path.as_ref(), use_inotify())
+    }
+
+    /// Opens with or without inotify (without: stat fingerprints).
+    pub(crate) fn open_watching(path: &Path, inotify: bool) -> Result<Store, OpenError> {
         if !path.join("HEAD").exists() {
             return Err(OpenError::NotFound {
                 path: path.to_owned(),
@@ -101,11 +105,12 @@ impl Store {
             source,
         })?;
         lock::sweep_spools(&path);
+        let watcher = inotify.then(|| crate::index::Watcher::new(&path)).flatten();
         Ok(Store {
             inner: Arc::new(Inner {
                 path,
                 repo: repo.into_sync(),
-                index: Mutex::new(IndexState::default()),
+                index: Mutex::new(IndexState::with_watcher(watcher)),
             }),
         })
     }
@@ -746,6 +751,12 @@ impl Store {
     }
 }
 
+/// Whether the index may use inotify (`REVBOOT_STORE_NO_INOTIFY=1` turns it off, to test the
+/// stat fingerprint that is used where inotify is unavailable).
+fn use_inotify() -> bool {
+    std::env::var_os("REVBOOT_STORE_NO_INOTIFY").is_none_or(|v| v != "1")
+}
+
 struct Spool(PathBuf);
 
 impl Drop for Spool {
@@ -957,6 +968,38 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::init(dir.path().join("deploy.git")).expect("init");
         (dir, store)
+    }
+
+    /// Both ways of noticing changes (inotify, and stat fingerprints where it is missing)
+    /// see a ref moved by stock git on the very next call, also once the index is settled.
+    #[test]
+    fn external_live_moves_are_seen_with_and_without_inotify() {
+        for inotify in [true, false] {
+            let (_dir, store) = store();
+            let store = Store::open_watching(store.path(), inotify).expect("open");
+            let one = deploy(&store, "hello", 1, Some(b"one"));
+            let two = deploy(&store, "hello", 2, Some(b"two"));
+            store.set_live("hello", &two, "deploy").expect("live");
+            for settle in [false, true] {
+                if settle {
+                    std::thread::sleep(crate::index::SETTLE * 2);
+                    assert_eq!(store.resolve("hello", None).expect("live"), one);
+                }
+                let target = if settle { two } else { one };
+                let status = std::process::Command::new("git")
+                    .arg("-C")
+                    .arg(store.path())
+                    .args(["update-ref", "refs/live/hello", &target.to_hex()])
+                    .status()
+                    .expect("git runs");
+                assert!(status.success());
+                assert_eq!(
+                    store.resolve("hello", None).expect("live"),
+                    target,
+                    "inotify: {inotify}, settled: {settle}"
+                );
+            }
+        }
     }
 
     #[test]
