@@ -47,12 +47,17 @@
 //!
 //! # Limits
 //!
-//! Work in flight is bounded (`udp_workers` receive loops, `max_delayed` delayed answers,
-//! `max_tcp_connections`); caches and rate-limit tables have fixed sizes. hickory-server's
-//! `Server` spawns a task per UDP packet with no bound and hands responses to a
-//! `ResponseHandler` as structured messages, which rules out both the bound and the cache
-//! of rendered answers, so this crate runs its own loops and uses `hickory-proto` for the
-//! wire format. No DNSSEC, no zone transfer, no dynamic update.
+//! Work in flight is bounded (`udp_workers` UDP worker threads, `max_delayed` delayed
+//! answers, `max_tcp_connections`); caches and rate-limit tables have fixed sizes.
+//! hickory-server's `Server` spawns a task per UDP packet with no bound and hands responses
+//! to a `ResponseHandler` as structured messages, which rules out both the bound and the
+//! cache of rendered answers, so this crate runs its own loops (blocking UDP reads on
+//! worker threads, as NSD does; TCP on the tokio runtime) and uses `hickory-proto` for the
+//! wire format. Changes behind [`Instances`](revboot_deployer::Instances) are seen within
+//! `generation_poll` (1 ms). No DNSSEC, no zone transfer, no dynamic update.
+//!
+//! A running server uses the tokio runtime it was started on (TCP, delayed answers) and
+//! `udp_workers` threads of its own.
 //!
 //! # Example
 //!

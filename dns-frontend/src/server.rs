@@ -1,9 +1,11 @@
 //! Sockets, receive loops and the path of one packet.
 //!
-//! 1. UDP: `udp_workers` loops share one socket; each reads a packet, answers it and sends
-//!    the answer before reading the next, so at most `udp_workers` packets are being worked
-//!    on (plus at most `max_delayed` delayed answers); the rest wait in the kernel's socket
-//!    buffer, which drops when full.
+//! 1. UDP: `udp_workers` threads share one socket with blocking reads (NSD's model: one
+//!    read and one write system call per query, no wake-up machinery); each reads a packet,
+//!    answers it and sends the answer before reading the next, so at most `udp_workers`
+//!    packets are being worked on (plus at most `max_delayed` delayed answers, which wait on
+//!    the tokio runtime); the rest wait in the kernel's socket buffer, which drops when full.
+//!    A worker that panics stops the whole server (fail-stop: the daemon reports it).
 //! 2. TCP: at most `max_tcp_connections` connections, each answered one message at a time,
 //!    closed after `tcp_idle_timeout` without a complete message.
 //! 3. One packet: parse (ignore / FORMERR / NOTIMP) → response-rate limit (UDP only) →
@@ -14,12 +16,12 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use revboot_deployer::{Activity, Instances};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::timeout;
@@ -34,6 +36,8 @@ use crate::wire::{self, HEADER_LEN, Query, Rejected};
 
 /// How long shutdown waits for connections and delayed answers to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// How long a UDP worker blocks in a read before looking for a shutdown.
+const READ_TIMEOUT: Duration = Duration::from_millis(100);
 /// Largest DNS message.
 const MAX_MESSAGE: usize = 65_535;
 
@@ -64,13 +68,19 @@ pub enum RunError {
     /// A receive loop panicked.
     #[error("A DNS server task failed")]
     Task(#[source] tokio::task::JoinError),
+    /// A UDP worker thread panicked.
+    #[error("A DNS UDP worker panicked")]
+    WorkerPanicked,
+    /// A UDP worker thread could not be started.
+    #[error("Cannot start a DNS UDP worker")]
+    Spawn(#[source] io::Error),
 }
 
 /// A bound, not yet running, DNS server.
 #[derive(Debug)]
 pub struct DnsServer {
     shared: Arc<Shared>,
-    udp: Arc<UdpSocket>,
+    udp: Arc<std::net::UdpSocket>,
     tcp: TcpListener,
     local: SocketAddr,
     stop: Arc<watch::Sender<bool>>,
@@ -208,32 +218,81 @@ impl DnsServer {
             local,
             stop,
         } = self;
-        let mut tasks = JoinSet::new();
-        for _ in 0..shared.workers {
-            tasks.spawn(udp_loop(shared.clone(), udp.clone(), stop.subscribe()));
+        let runtime = tokio::runtime::Handle::current();
+        let halt = Arc::new(AtomicBool::new(false));
+        let (exited, mut exits) = tokio::sync::mpsc::channel(shared.workers.max(1));
+        let mut threads = Vec::new();
+        let mut failure = None;
+        for index in 0..shared.workers {
+            let worker = UdpWorker {
+                shared: shared.clone(),
+                socket: udp.clone(),
+                halt: halt.clone(),
+                stop: stop.subscribe(),
+                runtime: runtime.clone(),
+                _exited: Exited(exited.clone()),
+            };
+            match std::thread::Builder::new()
+                .name(format!("dns-udp-{index}"))
+                .spawn(move || worker.run())
+            {
+                Ok(thread) => threads.push(thread),
+                Err(error) => {
+                    failure = Some(RunError::Spawn(error));
+                    stop.send_replace(true);
+                    break;
+                }
+            }
         }
+        drop(exited);
+        let mut tasks = JoinSet::new();
         tasks.spawn(tcp_loop(shared.clone(), tcp, stop.subscribe()));
         let mut stopped = stop.subscribe();
-        let mut failure = None;
-        loop {
+        while failure.is_none() {
             tokio::select! {
                 changed = stopped.wait_for(|stop| *stop) => {
                     let _ = changed;
                     break;
                 }
-                joined = tasks.join_next() => match joined {
-                    Some(Err(error)) => {
+                panicked = exits.recv() => {
+                    // A worker only exits on its own if it panicked.
+                    warn!(panicked = ?panicked, "DNS UDP worker exited; stopping");
+                    failure = Some(RunError::WorkerPanicked);
+                    stop.send_replace(true);
+                }
+                joined = tasks.join_next() => {
+                    if let Some(Err(error)) = joined {
                         warn!(%error, "DNS server task failed");
                         failure = Some(RunError::Task(error));
                         stop.send_replace(true);
                     }
-                    Some(Ok(())) => {}
-                    None => break,
-                },
+                    // The TCP loop returns only once stopped.
+                    break;
+                }
             }
         }
-        // Loops see the stop at once; connections and delayed answers get a grace period.
+        halt.store(true, Ordering::Release);
+        stop.send_replace(true);
         let grace = Instant::now() + SHUTDOWN_GRACE;
+        // Workers notice within one read timeout.
+        let joined = tokio::task::spawn_blocking(move || {
+            let mut panicked = false;
+            for thread in threads {
+                panicked |= thread.join().is_err();
+            }
+            panicked
+        });
+        match tokio::time::timeout_at(grace.into(), joined).await {
+            Ok(Ok(true)) => {
+                failure.get_or_insert(RunError::WorkerPanicked);
+            }
+            Ok(Ok(false)) => {}
+            Ok(Err(error)) => {
+                failure.get_or_insert(RunError::Task(error));
+            }
+            Err(_) => warn!(%local, "DNS UDP workers still running after the grace period"),
+        }
+        // Connections and delayed answers get the rest of the grace period.
         while let Ok(Some(joined)) = tokio::time::timeout_at(grace.into(), tasks.join_next()).await
         {
             if let Err(error) = joined {
@@ -265,7 +324,9 @@ fn permits(n: usize) -> u32 {
 }
 
 /// Binds UDP then TCP on the same port (for port 0, retrying when TCP finds it taken).
-async fn listen(address: SocketAddr) -> Result<(UdpSocket, TcpListener, SocketAddr), BindError> {
+async fn listen(
+    address: SocketAddr,
+) -> Result<(std::net::UdpSocket, TcpListener, SocketAddr), BindError> {
     let mut attempts = 0;
     loop {
         attempts += 1;
@@ -296,7 +357,7 @@ async fn listen(address: SocketAddr) -> Result<(UdpSocket, TcpListener, SocketAd
     }
 }
 
-fn bind_udp(address: SocketAddr) -> io::Result<UdpSocket> {
+fn bind_udp(address: SocketAddr) -> io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(
         Domain::for_address(address),
@@ -308,8 +369,9 @@ fn bind_udp(address: SocketAddr) -> io::Result<UdpSocket> {
         debug!(%error, "could not enlarge the UDP receive buffer");
     }
     socket.bind(&address.into())?;
-    socket.set_nonblocking(true)?;
-    UdpSocket::from_std(socket.into())
+    // Workers read blocking; the timeout bounds how long they take to notice a shutdown.
+    socket.set_read_timeout(Some(READ_TIMEOUT))?;
+    Ok(socket.into())
 }
 
 /// Per-loop buffers, reused from packet to packet.
@@ -583,67 +645,85 @@ fn slipped(query: &Query<'_>, out: &mut Vec<u8>) {
     out.extend_from_slice(query.question);
 }
 
-async fn udp_loop(shared: Arc<Shared>, socket: Arc<UdpSocket>, mut stop: watch::Receiver<bool>) {
-    let mut buf = vec![0u8; MAX_MESSAGE];
-    let mut scratch = Scratch::default();
-    loop {
-        if *stop.borrow() {
-            return;
-        }
-        // Read without a future per packet while packets are queued; park when none are.
-        let (len, from) = match socket.try_recv_from(&mut buf) {
-            Ok(received) => received,
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                tokio::select! {
-                    _ = stop.changed() => return,
-                    ready = socket.readable() => {
-                        if let Err(error) = ready {
-                            warn!(%error, "UDP socket failed");
-                            return;
-                        }
-                    }
-                }
-                continue;
-            }
-            Err(error) => {
-                debug!(%error, "UDP receive failed");
-                continue;
-            }
-        };
-        match shared.handle(&buf[..len], from.ip(), Transport::Udp, &mut scratch) {
-            Step::Send => send_udp(&socket, &scratch.out, from).await,
-            Step::Nothing => {}
-            Step::Delay(delayed) => {
-                let Ok(permit) = shared.delayed.clone().try_acquire_owned() else {
-                    shared.metrics.event(Event::OverloadDropped);
-                    continue;
-                };
-                let (shared, socket, mut stop) = (shared.clone(), socket.clone(), stop.clone());
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    let mut out = Vec::new();
-                    tokio::select! {
-                        _ = stop.changed() => {}
-                        () = shared.settle(&delayed, Transport::Udp, &mut out) => {
-                            send_udp(&socket, &out, from).await;
-                        }
-                    }
-                });
-            }
+/// Tells `run` that a worker thread ended (on panic, while unwinding).
+struct Exited(tokio::sync::mpsc::Sender<bool>);
+
+impl Drop for Exited {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = self.0.try_send(true);
         }
     }
 }
 
-async fn send_udp(socket: &UdpSocket, bytes: &[u8], to: SocketAddr) {
-    let sent = match socket.try_send_to(bytes, to) {
-        Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-            timeout(Duration::from_secs(1), socket.send_to(bytes, to))
-                .await
-                .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+/// One UDP worker thread.
+struct UdpWorker {
+    shared: Arc<Shared>,
+    socket: Arc<std::net::UdpSocket>,
+    halt: Arc<AtomicBool>,
+    stop: watch::Receiver<bool>,
+    runtime: tokio::runtime::Handle,
+    _exited: Exited,
+}
+
+impl UdpWorker {
+    fn run(self) {
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        let mut scratch = Scratch::default();
+        while !self.halt.load(Ordering::Acquire) {
+            let (len, from) = match self.socket.recv_from(&mut buf) {
+                Ok(received) => received,
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue;
+                }
+                Err(error) => {
+                    debug!(%error, "UDP receive failed");
+                    continue;
+                }
+            };
+            match self
+                .shared
+                .handle(&buf[..len], from.ip(), Transport::Udp, &mut scratch)
+            {
+                Step::Send => send_udp(&self.socket, &scratch.out, from),
+                Step::Nothing => {}
+                Step::Delay(delayed) => self.delay(delayed, from),
+            }
         }
-        other => other,
-    };
-    if let Err(error) = sent {
+    }
+
+    /// Hands a delayed answer to the runtime, if one more may wait.
+    fn delay(&self, delayed: Delayed, from: SocketAddr) {
+        let Ok(permit) = self.shared.delayed.clone().try_acquire_owned() else {
+            self.shared.metrics.event(Event::OverloadDropped);
+            return;
+        };
+        let (shared, socket, mut stop) =
+            (self.shared.clone(), self.socket.clone(), self.stop.clone());
+        self.runtime.spawn(async move {
+            let _permit = permit;
+            let mut out = Vec::new();
+            tokio::select! {
+                _ = stop.wait_for(|stop| *stop) => {}
+                () = shared.settle(&delayed, Transport::Udp, &mut out) => {
+                    // A UDP send does not block unless the send buffer is full, and then
+                    // only for the socket's (short) drain.
+                    send_udp(&socket, &out, from);
+                }
+            }
+        });
+    }
+}
+
+fn send_udp(socket: &std::net::UdpSocket, bytes: &[u8], to: SocketAddr) {
+    if let Err(error) = socket.send_to(bytes, to) {
         debug!(%error, %to, "UDP send failed");
     }
 }

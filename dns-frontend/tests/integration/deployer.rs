@@ -221,7 +221,8 @@ async fn flood_of_distinct_revisions_stays_within_the_deployers_cap() {
     let addr = server.local_addr();
     // The legitimate service is running before the flood.
     let mut client = udp_client(addr).await;
-    let live = address(&ask(&mut client, "hello.revboot.test.", RecordType::A).await);
+    let mut tcp = tcp_client(addr).await;
+    let live = address(&ask(&mut tcp, "hello.revboot.test.", RecordType::A).await);
 
     let mut flooders = Vec::new();
     for source in 1..=4u8 {
@@ -297,7 +298,8 @@ async fn flood_of_distinct_revisions_stays_within_the_deployers_cap() {
         "caps were hit: {metrics:?}"
     );
     // Still answering after the flood.
-    let r = ask(&mut client, "hello.revboot.test.", RecordType::A).await;
+    let mut tcp = tcp_client(addr).await;
+    let r = ask(&mut tcp, "hello.revboot.test.", RecordType::A).await;
     assert_eq!(r.response_code, ResponseCode::NoError);
     server.shutdown().await.expect("clean shutdown");
     world.deployer.shutdown().await;
