@@ -125,7 +125,7 @@ def client(n):
 
 
 def gatekeepers():
-    """(pid, VmRSS KiB, memory cgroup usage bytes) of every gatekeeper of this daemon."""
+    """(pid, VmRSS KiB, memory cgroup usage bytes, PSS KiB) of every gatekeeper of this run."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -137,6 +137,9 @@ def gatekeepers():
                 continue
             with open("/proc/%s/status" % entry) as f:
                 rss = next(int(l.split()[1]) for l in f if l.startswith("VmRSS"))
+            # Proportional set size: shared pages (the image's text) split among sharers.
+            with open("/proc/%s/smaps_rollup" % entry) as f:
+                pss = next(int(l.split()[1]) for l in f if l.startswith("Pss:"))
             usage = None
             with open("/proc/%s/cgroup" % entry) as f:
                 for line in f:
@@ -150,7 +153,7 @@ def gatekeepers():
                         if os.path.exists(current):
                             with open(current) as u:
                                 usage = int(u.read())
-            found.append((int(entry), rss, usage))
+            found.append((int(entry), rss, usage, pss))
         except (OSError, StopIteration, ValueError):
             continue
     return found
@@ -249,11 +252,14 @@ def main():
 
         # 2. Memory, with them all running.
         running = gatekeepers()
-        rss = [r for _, r, _ in running]
-        usage = [u for _, _, u in running if u is not None]
+        rss = [r for _, r, _, _ in running]
+        pss = [p for _, _, _, p in running]
+        usage = [u for _, _, u, _ in running if u is not None]
         if rss:
-            print("  memory per gatekeeper (%d running): RSS p50 %.0f KiB (mean %.0f, max %.0f)"
-                  % (len(rss), pct(rss, 50), statistics.mean(rss), max(rss)))
+            print("  memory per gatekeeper (%d running): RSS p50 %.0f KiB (mean %.0f, max %.0f); "
+                  "PSS p50 %.0f KiB (mean %.0f, max %.0f)"
+                  % (len(rss), pct(rss, 50), statistics.mean(rss), max(rss),
+                     pct(pss, 50), statistics.mean(pss), max(pss)))
         if usage:
             print("  memory cgroup usage per gatekeeper: p50 %.0f KiB (mean %.0f, max %.0f); "
                   "host MemAvailable now %s"
