@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Cold start of examples/hello-vm in a qemu microvm, as revboot's qemu tender boots it.
+# Cold start of examples/hello-vm in a bare qemu microvm, with the qemu tender's arguments.
 #
 # Per run: spawn qemu → first serial line → "listening" line → an HTTP request on the
 # forwarded loopback port → first response byte. Prints p50/p90 of each step (ms from the
@@ -23,9 +23,10 @@ def free_port():
         return s.getsockname()[1]
 
 def qemu(port):
-    return ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off",
+    return ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off",
             "-accel", accel, *([] if accel == "tcg" else ["-cpu", "host"]), "-m", "32",
-            "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-serial", "stdio", "-kernel", image, "-append", "revboot.revision=bench",
             "-global", "virtio-mmio.force-legacy=false",
             "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:8080",
