@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use revboot_builder::{BuildState, Builder};
+use revboot_deployer::metrics::BOOT_BUCKETS_MS;
 use revboot_deployer::{Deployer, InstanceState};
 use revboot_proxy::Proxy;
 
@@ -150,6 +151,55 @@ impl Metrics for DaemonMetrics {
             "revboot_proxy_bytes_total{{direction=\"to_clients\"}} {}",
             proxy.bytes_to_clients
         );
+
+        let lives = self.deployer.metrics();
+        family(
+            &mut out,
+            "revboot_boots_total",
+            "counter",
+            "Instances booted.",
+        );
+        let _ = writeln!(out, "revboot_boots_total {}", lives.boots);
+        family(
+            &mut out,
+            "revboot_instance_ends_total",
+            "counter",
+            "Instance ends by kind.",
+        );
+        for (kind, value) in [
+            ("boot_failure", lives.boot_failures),
+            ("crash", lives.crashes),
+            ("stop", lives.stops),
+        ] {
+            let _ = writeln!(
+                out,
+                "revboot_instance_ends_total{{kind=\"{kind}\"}} {value}"
+            );
+        }
+        family(
+            &mut out,
+            "revboot_boot_duration_seconds",
+            "histogram",
+            "Summon to ready.",
+        );
+        for (bound, count) in BOOT_BUCKETS_MS.iter().zip(lives.boot_buckets) {
+            let _ = writeln!(
+                out,
+                "revboot_boot_duration_seconds_bucket{{le=\"{}\"}} {count}",
+                *bound as f64 / 1000.0
+            );
+        }
+        let _ = writeln!(
+            out,
+            "revboot_boot_duration_seconds_bucket{{le=\"+Inf\"}} {}",
+            lives.ready
+        );
+        let _ = writeln!(
+            out,
+            "revboot_boot_duration_seconds_sum {}",
+            lives.boot_time_sum.as_secs_f64()
+        );
+        let _ = writeln!(out, "revboot_boot_duration_seconds_count {}", lives.ready);
 
         let instances = self.deployer.list();
         family(

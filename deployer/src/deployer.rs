@@ -176,6 +176,7 @@ pub struct Deployer {
     log_writers: Semaphore,
     tasks: AtomicUsize,
     tasks_done: Notify,
+    metrics: crate::metrics::Metrics,
 }
 
 fn unix_ms() -> u64 {
@@ -235,6 +236,7 @@ impl Deployer {
             log_writers: Semaphore::new(LOG_WRITERS),
             tasks: AtomicUsize::new(0),
             tasks_done: Notify::new(),
+            metrics: crate::metrics::Metrics::default(),
             config,
         }))
     }
@@ -245,6 +247,11 @@ impl Deployer {
             .write()
             .expect("tender registry lock is never poisoned")
             .register(tender);
+    }
+
+    /// Counters of boots, readiness and ends (for `/metrics`).
+    pub fn metrics(&self) -> crate::metrics::MetricsSnapshot {
+        self.metrics.snapshot()
     }
 
     /// The configuration in use.
@@ -534,6 +541,16 @@ impl Deployer {
         let Some((address, prepared)) = prepared else {
             return Err(SummonError::PoolExhausted);
         };
+        // Made here, not in the instance task: one mkdir is cheaper than a hop to a blocking
+        // thread on the boot path.
+        if let Err(error) = std::fs::create_dir_all(&scratch) {
+            drop(prepared);
+            table.pool.give(address);
+            return Err(SummonError::Start {
+                key: key.to_string(),
+                reason: format!("cannot create the scratch directory: {error}"),
+            });
+        }
         let (commands, command_rx) = mpsc::channel(COMMANDS);
         let entry = Arc::new(Entry {
             id,
@@ -560,6 +577,7 @@ impl Deployer {
         }
         drop(table);
         self.bump();
+        self.metrics.booted();
         let summoned = Self::summoned(&entry);
         self.tasks.fetch_add(1, Ordering::AcqRel);
         debug!(instance = %key, id = entry.id, %address, backend = %entry.backend, "summoned");
@@ -793,9 +811,6 @@ async fn tend(
     let mut running: Option<Box<dyn Running>> = None;
 
     let end = 'life: {
-        if let Err(error) = tokio::fs::create_dir_all(&scratch).await {
-            break 'life End::Crashed(format!("cannot create the scratch directory: {error}"));
-        }
         let image = match deployer.image_path(info, &entry.key.revision).await {
             Ok(image) => image,
             Err(reason) => break 'life End::Crashed(reason),
@@ -846,6 +861,7 @@ async fn tend(
         }
         let now = Instant::now();
         ready_after = Some(now);
+        deployer.metrics.became_ready(now - entry.started);
         entry.state.send_replace(InstanceState::Ready);
         deployer.bump();
         debug!(instance = %entry.key, boot = ?(now - entry.started), "ready");
@@ -860,6 +876,9 @@ async fn tend(
     };
 
     // Finishing.
+    deployer
+        .metrics
+        .ended(matches!(end, End::Crashed(_)), ready_after.is_some());
     let served = ready_after.map(|at| at.elapsed());
     let exit = match &running {
         Some(running) => wait_exit(running.as_ref(), KILL_WAIT).await,

@@ -91,6 +91,7 @@
 pub mod config;
 pub mod console;
 mod deployer;
+pub mod metrics;
 pub mod pool;
 pub mod state;
 pub mod summon;

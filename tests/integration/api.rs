@@ -173,6 +173,11 @@ fn invalid_requests_get_json_errors_and_change_nothing() {
         metrics.contains("revboot_builds_total{result=\"succeeded\"} 1"),
         "{metrics}"
     );
+    assert!(metrics.contains("revboot_boots_total "), "{metrics}");
+    assert!(
+        metrics.contains("revboot_boot_duration_seconds_bucket{le=\"+Inf\"}"),
+        "{metrics}"
+    );
     let (status, openapi) = request(&daemon, "GET", "/api/v1/openapi.json", None, false);
     assert_eq!(status, 200);
     assert!(openapi.contains("\"openapi\""));

@@ -1,0 +1,114 @@
+//! Counters of instance lives, for the daemon's `/metrics`.
+//!
+//! Lock-free: every field is an atomic, written on the boot path and read when scraped.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds of the boot-time histogram, in milliseconds (summon → ready).
+pub const BOOT_BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000];
+
+/// Counters of boots, readiness and ends.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    boots: AtomicU64,
+    ready: AtomicU64,
+    boot_failures: AtomicU64,
+    crashes: AtomicU64,
+    stops: AtomicU64,
+    buckets: [AtomicU64; BOOT_BUCKETS_MS.len()],
+    boot_micros_sum: AtomicU64,
+}
+
+/// A snapshot of [`Metrics`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MetricsSnapshot {
+    /// Instances started (summons that booted).
+    pub boots: u64,
+    /// Instances that became ready.
+    pub ready: u64,
+    /// Instances that ended before they were ready.
+    pub boot_failures: u64,
+    /// Instances that crashed after they were ready.
+    pub crashes: u64,
+    /// Instances stopped on purpose (idle, operator, shutdown).
+    pub stops: u64,
+    /// Cumulative counts of boot times at most each of [`BOOT_BUCKETS_MS`].
+    pub boot_buckets: [u64; BOOT_BUCKETS_MS.len()],
+    /// Sum of boot times of ready instances.
+    pub boot_time_sum: Duration,
+}
+
+impl Metrics {
+    pub(crate) fn booted(&self) {
+        self.boots.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn became_ready(&self, boot: Duration) {
+        self.ready.fetch_add(1, Ordering::Relaxed);
+        let ms = boot.as_secs_f64() * 1000.0;
+        if let Some(index) = BOOT_BUCKETS_MS.iter().position(|bound| ms <= *bound as f64) {
+            self.buckets[index].fetch_add(1, Ordering::Relaxed);
+        }
+        let micros = u64::try_from(boot.as_micros()).unwrap_or(u64::MAX);
+        self.boot_micros_sum.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    pub(crate) fn ended(&self, crashed: bool, was_ready: bool) {
+        let counter = match (crashed, was_ready) {
+            (true, false) => &self.boot_failures,
+            (true, true) => &self.crashes,
+            (false, _) => &self.stops,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reads every counter.
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let mut boot_buckets = [0; BOOT_BUCKETS_MS.len()];
+        let mut cumulative = 0;
+        for (slot, bucket) in boot_buckets.iter_mut().zip(&self.buckets) {
+            cumulative += bucket.load(Ordering::Relaxed);
+            *slot = cumulative;
+        }
+        MetricsSnapshot {
+            boots: self.boots.load(Ordering::Relaxed),
+            ready: self.ready.load(Ordering::Relaxed),
+            boot_failures: self.boot_failures.load(Ordering::Relaxed),
+            crashes: self.crashes.load(Ordering::Relaxed),
+            stops: self.stops.load(Ordering::Relaxed),
+            boot_buckets,
+            boot_time_sum: Duration::from_micros(self.boot_micros_sum.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_cumulative_and_ends_are_told_apart() {
+        let metrics = Metrics::default();
+        metrics.booted();
+        metrics.booted();
+        metrics.booted();
+        metrics.became_ready(Duration::from_micros(1500));
+        metrics.became_ready(Duration::from_millis(30));
+        metrics.ended(true, false);
+        metrics.ended(true, true);
+        metrics.ended(false, true);
+        let snapshot = metrics.snapshot();
+        assert_eq!(snapshot.boots, 3);
+        assert_eq!(snapshot.ready, 2);
+        assert_eq!(
+            (snapshot.boot_failures, snapshot.crashes, snapshot.stops),
+            (1, 1, 1)
+        );
+        assert_eq!(snapshot.boot_buckets[0], 0); // ≤ 1 ms
+        assert_eq!(snapshot.boot_buckets[1], 1); // ≤ 2 ms
+        assert_eq!(snapshot.boot_buckets[5], 2); // ≤ 50 ms
+        assert_eq!(snapshot.boot_buckets[BOOT_BUCKETS_MS.len() - 1], 2);
+        assert_eq!(snapshot.boot_time_sum, Duration::from_micros(31_500));
+    }
+}
