@@ -41,9 +41,11 @@
 //! case-insensitive and at most 63 bytes; one that names two revisions is refused with the
 //! candidates listed, never guessed. No label means live. [`Store::labels`] hands out the
 //! labels that name a revision, each checked to resolve back to it.
-//! Resolution runs on an in-memory index that checks a cheap fingerprint of the ref files on
-//! every call (`stat` of `packed-refs`, `refs/heads`, `refs/live` and the service's tag
-//! directory), so changes by other processes and stock git are seen on the next call.
+//! Resolution runs on an in-memory index that checks on every call whether any ref moved —
+//! one non-blocking read of an inotify queue watching the ref directories and
+//! `packed-refs`, or, where inotify is unavailable, `stat` of `packed-refs`, `refs/heads`,
+//! `refs/live` and the service's tag directory — so changes by other processes and stock
+//! git are seen on the next call.
 //!
 //! # Runtime logs
 //!
