@@ -74,7 +74,7 @@ fn deploy(store: &Store, image: &Path) -> Revision {
 }
 
 /// Connect, request, first byte; the time to the first byte. Reads the rest.
-async fn first_byte(to: SocketAddr, started: Instant) -> Duration {
+async fn first_byte(to: SocketAddr, started: Instant) -> std::io::Result<Duration> {
     let exchange = async {
         let mut stream = TcpStream::connect(to).await?;
         stream.set_nodelay(true)?;
@@ -90,8 +90,7 @@ async fn first_byte(to: SocketAddr, started: Instant) -> Duration {
     };
     tokio::time::timeout(PATIENCE, exchange)
         .await
-        .expect("answered in time")
-        .expect("answered")
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -132,6 +131,8 @@ async fn run(rounds: usize) {
     let proxy = Proxy::new(ProxyConfig::default(), inner);
     let mut proxied = Vec::with_capacity(rounds);
     let mut direct = Vec::with_capacity(rounds);
+    let mut failures = 0usize;
+    let mut ready_states = Vec::with_capacity(rounds);
     for round in 0..rounds * 2 {
         let through_proxy = round % 2 == 0;
         let started = Instant::now();
@@ -144,12 +145,25 @@ async fn run(rounds: usize) {
             let to = summoned.backend;
             (summoned, to)
         };
-        assert_eq!(*summoned.state.borrow(), InstanceState::Booting, "cold");
-        let at = first_byte(to, started).await;
-        if through_proxy {
-            proxied.push(at);
-        } else {
-            direct.push(at);
+        // A new instance every round: the previous one was killed and is gone.
+        let mut watching = summoned.state.clone();
+        let ready_at = tokio::spawn(async move {
+            let _ = watching.wait_for(InstanceState::is_serving).await;
+            started.elapsed()
+        });
+        match first_byte(to, started).await {
+            Ok(at) if through_proxy => proxied.push(at),
+            Ok(at) => {
+                direct.push(at);
+                if let Ok(Ok(ready)) = tokio::time::timeout(PATIENCE, ready_at).await {
+                    ready_states.push(ready);
+                }
+            }
+            Err(error) => {
+                let path = if through_proxy { "proxied" } else { "direct" };
+                eprintln!("round {round} ({path}, {to}): {error}");
+                failures += 1;
+            }
         }
         let mut state = deployer.kill(&summoned.key).expect("running");
         tokio::time::timeout(PATIENCE, state.wait_for(InstanceState::is_final))
@@ -160,10 +174,13 @@ async fn run(rounds: usize) {
     println!("cold start: summon + connect + request + first byte, hello on the process tender");
     let p = report("proxied", proxied);
     let d = report("direct", direct);
+    println!("(direct rounds: summon to the deployer reporting Ready)");
+    report("ready", ready_states);
     println!(
         "proxied p50 - direct p50 = {:.3} ms",
         (p.as_secs_f64() - d.as_secs_f64()) * 1e3
     );
+    println!("failed rounds: {failures}");
     let metrics = proxy.metrics();
     println!(
         "proxy: held={} spliced={} refused={} boot_failures={}",
@@ -174,6 +191,11 @@ async fn run(rounds: usize) {
 }
 
 fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
     let rounds = std::env::args()
         .skip(1)
         .find_map(|arg| arg.parse::<usize>().ok())

@@ -65,8 +65,8 @@ mod config;
 mod connection;
 mod metrics;
 mod proxy;
+mod pump;
 mod splice;
-mod zero_copy;
 
 #[cfg(test)]
 mod test_support;

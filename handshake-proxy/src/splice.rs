@@ -3,23 +3,19 @@
 //! 1. When one side ends its writing (EOF), the proxy shuts down writing on the other side
 //!    and keeps copying the other direction until it ends too.
 //! 2. Every read that yields bytes counts them and moves the connection's activity clock.
-//! 3. With `zero_copy` (and two pipes to spare) the bytes move by splice(2) through a pipe
-//!    per direction ([`crate::zero_copy`]); otherwise by `copy_bidirectional`.
+//! 3. Each direction is a [`crate::pump`]: small bursts are copied through a buffer; with
+//!    `zero_copy`, a bulk transfer moves to splice(2) through a pipe.
 //! 4. The connection is closed when the clock has not moved for the idle timeout, or when the
 //!    total timeout passes, or when the proxy shuts down.
 
 use std::io;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
 
-use crate::zero_copy::{self, Pipe};
+use crate::pump::{self, Mode};
 
 /// When a connection last moved bytes.
 #[derive(Debug)]
@@ -58,48 +54,6 @@ impl Clock {
     }
 }
 
-/// A stream whose reads move a clock and add to a byte counter.
-struct Tracked<'a, S> {
-    inner: S,
-    clock: &'a Clock,
-    bytes: &'a AtomicU64,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Tracked<'_, S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let read = buf.filled().len() - before;
-        if read > 0 {
-            self.clock.touch();
-            self.bytes.fetch_add(read as u64, Ordering::Relaxed);
-        }
-        polled
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<'_, S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 /// Limits of one spliced connection.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
@@ -131,40 +85,6 @@ pub(crate) enum Ended {
     Failed(io::Error),
 }
 
-/// Copies through user-space buffers (`copy_bidirectional`).
-async fn copy(
-    client: TcpStream,
-    backend: TcpStream,
-    client_done: bool,
-    buffer: usize,
-    clock: &Clock,
-    counters: Counters<'_>,
-) -> io::Result<()> {
-    let mut client = Tracked {
-        inner: client,
-        clock,
-        bytes: counters.from_client,
-    };
-    let mut backend = Tracked {
-        inner: backend,
-        clock,
-        bytes: counters.to_client,
-    };
-    if client_done {
-        backend.shutdown().await?;
-        tokio::io::copy_buf(
-            &mut tokio::io::BufReader::with_capacity(buffer, &mut backend),
-            &mut client,
-        )
-        .await?;
-        client.shutdown().await
-    } else {
-        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut backend, buffer, buffer)
-            .await
-            .map(drop)
-    }
-}
-
 /// Copies `client` ⇄ `backend` until both directions end or a limit is hit. With
 /// `client_done`, the client had already ended its writing before the splice began: the
 /// backend's writing side is shut down at once and only the answer is copied.
@@ -177,33 +97,21 @@ pub(crate) async fn splice(
     cancel: &CancellationToken,
 ) -> Ended {
     let clock = &Clock::new();
-    let pipes = if limits.zero_copy {
-        match (Pipe::new(), Pipe::new()) {
-            (Ok(up), Ok(down)) => Some((up, down)),
-            (Err(error), _) | (_, Err(error)) => {
-                debug!(%error, "no pipes for a zero-copy splice; copying");
-                None
-            }
-        }
-    } else {
-        None
+    let mode = Mode {
+        buffer: limits.buffer,
+        zero_copy: limits.zero_copy,
     };
-    let copying = async move {
-        match &pipes {
-            Some((up, down)) => {
-                let (from, to) = (counters.from_client, counters.to_client);
-                if client_done {
-                    zero_copy::shutdown_write(&backend)?;
-                    zero_copy::pump(&backend, &client, down, clock, to).await
-                } else {
-                    tokio::try_join!(
-                        zero_copy::pump(&client, &backend, up, clock, from),
-                        zero_copy::pump(&backend, &client, down, clock, to),
-                    )
-                    .map(drop)
-                }
-            }
-            None => copy(client, backend, client_done, limits.buffer, clock, counters).await,
+    let (up, down) = (counters.from_client, counters.to_client);
+    let copying = async {
+        if client_done {
+            pump::shutdown_write(&backend)?;
+            pump::pump(&backend, &client, mode, clock, down).await
+        } else {
+            tokio::try_join!(
+                pump::pump(&client, &backend, mode, clock, up),
+                pump::pump(&backend, &client, mode, clock, down),
+            )
+            .map(drop)
         }
     };
     let idle = async {
@@ -232,7 +140,7 @@ pub(crate) async fn splice(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     /// A connected pair of streams on loopback.
