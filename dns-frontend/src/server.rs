@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 
 use crate::answer::{EDNS_UDP_SIZE, Engine};
 use crate::cache::{self, Answer, AnswerCache, Found, Rendered, Scope};
-use crate::config::{ConfigError, DnsConfig};
+use crate::config::{Checked, ConfigError, DnsConfig};
 use crate::limit::{PrefixLimiter, Verdict};
 use crate::metrics::{Event, Metrics, MetricsSnapshot};
 use crate::wire::{self, HEADER_LEN, Query, Rejected};
@@ -142,34 +142,7 @@ impl DnsServer {
     ) -> Result<DnsServer, BindError> {
         let (udp, tcp, local) = listen(config.listen).await?;
         let checked = config.check(local)?;
-        let metrics = Arc::new(Metrics::default());
-        let l = &config.limits;
-        let shared = Shared {
-            engine: Engine::new(&config, &checked, instances, metrics.clone()),
-            cache: AnswerCache::new(l.cache_entries),
-            rrl: PrefixLimiter::new(
-                l.limiter_slots,
-                l.rrl_per_second,
-                l.rrl_burst,
-                l.v4_prefix,
-                l.v6_prefix,
-            ),
-            slip: l.rrl_slip,
-            metrics,
-            delayed: Arc::new(Semaphore::new(l.max_delayed)),
-            max_delayed: l.max_delayed,
-            tcp_slots: Arc::new(Semaphore::new(l.max_tcp_connections)),
-            max_tcp: l.max_tcp_connections,
-            tcp_idle: l.tcp_idle_timeout,
-            workers: config.udp_workers(),
-            activity_ms: u64::try_from(l.activity_interval.as_millis()).unwrap_or(u64::MAX),
-            generation_poll_us: u64::try_from(config.generation_poll.as_micros())
-                .unwrap_or(u64::MAX),
-            generation: AtomicU64::new(0),
-            generation_at_us: AtomicU64::new(0),
-            epoch: Instant::now(),
-        };
-        shared.poll_generation();
+        let shared = Shared::new(&config, &checked, instances);
         info!(%local, zone = %checked.zone, workers = shared.workers, "DNS server bound");
         let (stop, _) = watch::channel(false);
         Ok(DnsServer {
@@ -429,6 +402,38 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(config: &DnsConfig, checked: &Checked, instances: Arc<dyn Instances>) -> Shared {
+        let metrics = Arc::new(Metrics::default());
+        let l = &config.limits;
+        let shared = Shared {
+            engine: Engine::new(config, checked, instances, metrics.clone()),
+            cache: AnswerCache::new(l.cache_entries),
+            rrl: PrefixLimiter::new(
+                l.limiter_slots,
+                l.rrl_per_second,
+                l.rrl_burst,
+                l.v4_prefix,
+                l.v6_prefix,
+            ),
+            slip: l.rrl_slip,
+            metrics,
+            delayed: Arc::new(Semaphore::new(l.max_delayed)),
+            max_delayed: l.max_delayed,
+            tcp_slots: Arc::new(Semaphore::new(l.max_tcp_connections)),
+            max_tcp: l.max_tcp_connections,
+            tcp_idle: l.tcp_idle_timeout,
+            workers: config.udp_workers(),
+            activity_ms: u64::try_from(l.activity_interval.as_millis()).unwrap_or(u64::MAX),
+            generation_poll_us: u64::try_from(config.generation_poll.as_micros())
+                .unwrap_or(u64::MAX),
+            generation: AtomicU64::new(0),
+            generation_at_us: AtomicU64::new(0),
+            epoch: Instant::now(),
+        };
+        shared.poll_generation();
+        shared
+    }
+
     /// Handles one message from `source`.
     fn handle(&self, packet: &[u8], source: IpAddr, transport: Transport, s: &mut Scratch) -> Step {
         let query = match wire::parse(packet, self.engine.trust_ecs()) {
@@ -797,6 +802,162 @@ async fn tcp_connection(
         if !matches!(timeout(idle, stream.write_all(&framed)).await, Ok(Ok(()))) {
             debug!(%peer, "TCP write failed or timed out");
             return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use hickory_proto::op::{Message, MessageType};
+    use proptest::prelude::*;
+    use revboot_deployer::{
+        InstanceKey, InstanceState, ResolveError, Resolved, SummonError, Summoned,
+    };
+    use revboot_store::Revision;
+
+    use super::*;
+
+    /// One service, `hello`, whose every label resolves to one revision.
+    struct One {
+        revision: Revision,
+        state: watch::Sender<InstanceState>,
+    }
+
+    impl Instances for One {
+        fn resolve(&self, service: &str, _: Option<&str>) -> Result<Resolved, ResolveError> {
+            if service != "hello" {
+                return Err(ResolveError::UnknownService(service.to_owned()));
+            }
+            Ok(Resolved {
+                service: service.to_owned(),
+                revision: self.revision,
+                per_client: false,
+                port: 8080,
+            })
+        }
+
+        fn summon(
+            &self,
+            service: &str,
+            revision: &Revision,
+            client: Option<IpAddr>,
+        ) -> Result<Summoned, SummonError> {
+            let address = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 9));
+            Ok(Summoned {
+                key: InstanceKey {
+                    service: service.to_owned(),
+                    revision: *revision,
+                    client,
+                },
+                address,
+                port: 8080,
+                backend: SocketAddr::new(address, 8080),
+                boot_timeout: Duration::from_secs(1),
+                state: self.state.subscribe(),
+            })
+        }
+
+        fn by_address(&self, _: IpAddr) -> Option<Summoned> {
+            None
+        }
+
+        fn activity(&self, _: &InstanceKey, _: Activity) {}
+
+        fn generation(&self) -> u64 {
+            1
+        }
+    }
+
+    fn shared(trust_ecs: bool) -> Shared {
+        let config = DnsConfig {
+            trust_ecs,
+            ..DnsConfig::default()
+        };
+        let checked = config
+            .check(SocketAddr::from(([127, 0, 0, 1], 53)))
+            .expect("valid config");
+        let instances = Arc::new(One {
+            revision: "0123456789abcdef0123456789abcdef01234567"
+                .parse()
+                .expect("revision"),
+            state: watch::channel(InstanceState::Ready).0,
+        });
+        Shared::new(&config, &checked, instances)
+    }
+
+    fn valid_queries() -> impl Strategy<Value = Vec<u8>> {
+        let labels = prop_oneof![
+            Just(vec!["hello", "revboot", "test"]),
+            Just(vec!["abcdef1", "HELLO", "revboot", "test"]),
+            Just(vec!["revboot", "test"]),
+            Just(vec!["nope", "revboot", "test"]),
+            Just(vec!["example", "com"]),
+        ];
+        (labels, any::<u16>(), any::<u16>(), any::<bool>()).prop_map(|(labels, id, qtype, opt)| {
+            let mut p = id.to_be_bytes().to_vec();
+            p.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, u8::from(opt)]);
+            for label in labels {
+                p.push(label.len() as u8);
+                p.extend_from_slice(label.as_bytes());
+            }
+            p.push(0);
+            p.extend_from_slice(&(qtype % 300).to_be_bytes());
+            p.extend_from_slice(&[0, 1]);
+            if opt {
+                p.extend_from_slice(&[0, 0, 41, 2, 0, 0, 0, 0, 0, 0, 0]);
+            }
+            p
+        })
+    }
+
+    fn packets() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..300),
+            valid_queries(),
+            (
+                valid_queries(),
+                proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6)
+            )
+                .prop_map(|(mut p, edits)| {
+                    for (at, byte) in edits {
+                        let len = p.len();
+                        p[at % len] = byte;
+                    }
+                    p
+                }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Whatever comes in: no panic, and any reply is a well-formed response with the
+        /// query's id that fits the transport.
+        #[test]
+        fn any_packet_gets_a_well_formed_reply_or_none(packet in packets(), trust in any::<bool>()) {
+            let shared = shared(trust);
+            let mut scratch = Scratch::default();
+            for transport in [Transport::Udp, Transport::Tcp, Transport::Udp] {
+                match shared.handle(&packet, IpAddr::from([127, 0, 0, 1]), transport, &mut scratch) {
+                    Step::Nothing => {}
+                    Step::Delay(_) => prop_assert!(false, "no delayed answers configured"),
+                    Step::Send => {
+                        let reply = Message::from_vec(&scratch.out);
+                        prop_assert!(reply.is_ok(), "unparseable reply {:?}", scratch.out);
+                        let reply = reply.expect("checked");
+                        prop_assert_eq!(reply.metadata.message_type, MessageType::Response);
+                        prop_assert_eq!(&scratch.out[..2], &packet[..2]);
+                        if transport == Transport::Udp {
+                            prop_assert!(scratch.out.len() <= usize::from(EDNS_UDP_SIZE));
+                            if reply.edns.is_none() {
+                                prop_assert!(scratch.out.len() <= 512);
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 }

@@ -95,3 +95,37 @@ async fn delayed_answer_for_a_crashed_boot_is_servfail() {
     assert!(text.contains("exited with status 3"), "{text:?}");
     server.shutdown().await.expect("clean shutdown");
 }
+
+#[tokio::test]
+async fn delayed_answers_beyond_the_bound_are_dropped() {
+    let fake = Arc::new(fake(16, Boot::Manual));
+    let mut config = config();
+    config.delayed_answers = true;
+    config.limits.max_delayed = 1;
+    let server = start(config, fake.clone()).await;
+    let addr = server.local_addr();
+    let mut first = udp_client(addr).await;
+    let pending =
+        tokio::spawn(async move { ask(&mut first, "hello.revboot.test.", RecordType::A).await });
+    until_summoned(&fake, 0).await;
+    // The only delayed slot is taken: a second cold name is dropped, not queued.
+    let second = wire_query(
+        9,
+        &[
+            &crate::fake::revision(2).short(7),
+            "hello",
+            "revboot",
+            "test",
+        ],
+        1,
+    );
+    assert_eq!(raw_udp(addr, "127.0.0.1:0", &second).await, None);
+    // (The first client may also retransmit while it waits: those are dropped too.)
+    assert!(server.metrics().overload_dropped >= 1);
+    for key in fake.keys() {
+        fake.set_state(&key, InstanceState::Ready);
+    }
+    let response = pending.await.expect("query task");
+    assert_eq!(response.response_code, ResponseCode::NoError);
+    server.shutdown().await.expect("clean shutdown");
+}

@@ -239,3 +239,56 @@ async fn flood_of_valid_and_invalid_names_stays_within_caps_and_legit_queries_ge
     assert_eq!(r.response_code, ResponseCode::NoError);
     server.shutdown().await.expect("clean shutdown");
 }
+
+async fn tcp_exchange(stream: &mut tokio::net::TcpStream, id: u16) -> Vec<u8> {
+    let query = wire_query(id, &["hello", "revboot", "test"], 1);
+    let mut framed = (query.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&query);
+    stream.write_all(&framed).await.expect("tcp send");
+    let len = tokio::time::timeout(TIMEOUT, stream.read_u16())
+        .await
+        .expect("reply in time")
+        .expect("framed reply");
+    let mut reply = vec![0u8; usize::from(len)];
+    stream.read_exact(&mut reply).await.expect("reply body");
+    reply
+}
+
+/// Reads until EOF; true if the server closed the connection within the test's patience.
+async fn closed_by_server(stream: &mut tokio::net::TcpStream) -> bool {
+    let mut buf = [0u8; 512];
+    matches!(
+        tokio::time::timeout(TIMEOUT, stream.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connections_are_capped_and_idle_ones_closed() {
+    let fake = Arc::new(fake(16, Boot::Instant));
+    let mut config = config();
+    config.limits.max_tcp_connections = 2;
+    config.limits.tcp_idle_timeout = Duration::from_millis(300);
+    let server = start(config, fake).await;
+    let addr = server.local_addr();
+    let mut a = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut b = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    assert_eq!(tcp_exchange(&mut a, 1).await[3] & 0x0f, 0);
+    assert_eq!(tcp_exchange(&mut b, 2).await[3] & 0x0f, 0);
+    let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    assert!(
+        closed_by_server(&mut c).await,
+        "a third connection is closed at once"
+    );
+    assert_eq!(server.metrics().tcp_refused, 1);
+    // Idle connections are closed, which frees their slots.
+    assert!(closed_by_server(&mut a).await, "idle connection closed");
+    assert!(closed_by_server(&mut b).await, "idle connection closed");
+    let mut d = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    assert_eq!(
+        tcp_exchange(&mut d, 3).await[3] & 0x0f,
+        0,
+        "a freed slot is usable"
+    );
+    server.shutdown().await.expect("clean shutdown");
+}
