@@ -42,7 +42,7 @@ use revboot_store::manifest::TenderKind;
 use socket2::{Domain, Socket, Type};
 use tokio::io::AsyncReadExt;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tracing::{debug, warn};
 
 use super::admit;
@@ -68,7 +68,7 @@ const LANDLOCK_ABI: ABI = ABI::V5;
 #[derive(Debug)]
 pub struct ProcessTender {
     shared: Arc<Shared>,
-    jobs: mpsc::Sender<Job>,
+    jobs: std::sync::mpsc::SyncSender<Job>,
 }
 
 #[derive(Debug)]
@@ -142,25 +142,27 @@ impl ProcessTender {
             spare_serial: std::sync::atomic::AtomicU64::new(0),
             closed: std::sync::atomic::AtomicBool::new(false),
         });
-        let (jobs, mut queue) = mpsc::channel::<Job>(SPAWN_QUEUE);
+        let (jobs, queue) = std::sync::mpsc::sync_channel::<Job>(SPAWN_QUEUE);
         let worker = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("revboot-spawner".into())
             .spawn(move || {
                 loop {
-                    // Between spawns, top up the spare cgroups; block only when there are
-                    // enough of them.
-                    let job = match queue.try_recv() {
-                        Ok(job) => job,
-                        Err(mpsc::error::TryRecvError::Disconnected) => break,
-                        Err(mpsc::error::TryRecvError::Empty) => {
-                            if worker.make_spare_group() {
+                    // Spare cgroups are made when no spawn came for a while, so that making
+                    // them never competes with an instance that is starting.
+                    let job = if worker.spares_low() {
+                        match queue.recv_timeout(SPARE_QUIET) {
+                            Ok(job) => job,
+                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                                worker.make_spare_group();
                                 continue;
                             }
-                            match queue.blocking_recv() {
-                                Some(job) => job,
-                                None => break,
-                            }
+                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                        }
+                    } else {
+                        match queue.recv() {
+                            Ok(job) => job,
+                            Err(_) => break,
                         }
                     };
                     let result = worker.spawn(&job);
@@ -256,7 +258,7 @@ struct ProcessPrepared {
     listener: Socket,
     backend: SocketAddr,
     shared: Arc<Shared>,
-    jobs: mpsc::Sender<Job>,
+    jobs: std::sync::mpsc::SyncSender<Job>,
 }
 
 #[derive(Debug)]
@@ -307,18 +309,28 @@ impl Prepared for ProcessPrepared {
                 }
             })?;
             let (reply, result) = oneshot::channel();
-            // Waits for room in the bounded queue; the boot timeout bounds the wait.
-            jobs.send(Job {
+            let gone = || BootError::Setup {
+                what: "spawn queue".into(),
+                source: io::Error::other("spawner thread gone"),
+            };
+            let job = Job {
                 spec,
                 image,
                 listener: listener_fd,
                 reply,
-            })
-            .await
-            .map_err(|_| BootError::Setup {
-                what: "spawn queue".into(),
-                source: io::Error::other("spawner thread gone"),
-            })?;
+            };
+            match jobs.try_send(job) {
+                Ok(()) => {}
+                // A full queue: wait for room on a blocking thread; the boot timeout bounds
+                // the wait.
+                Err(std::sync::mpsc::TrySendError::Full(job)) => {
+                    tokio::task::spawn_blocking(move || jobs.send(job).map_err(drop))
+                        .await
+                        .map_err(|_| gone())?
+                        .map_err(|_| gone())?;
+                }
+                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return Err(gone()),
+            }
             let spawned = result.await.map_err(|_| BootError::Setup {
                 what: "spawner thread".into(),
                 source: io::Error::other("spawner thread gone"),
@@ -573,7 +585,15 @@ impl NamespacePool {
                         let sets = pool.sets.lock().expect("pool lock is never poisoned");
                         if sets.len() >= NAMESPACE_POOL {
                             // Woken by `take`; the timeout notices a dropped pool.
-                            let _ = pool.wanted.wait_timeout(sets, Duration::from_secs(1));
+                            let (sets, wait) = pool
+                                .wanted
+                                .wait_timeout(sets, Duration::from_secs(1))
+                                .expect("pool lock is never poisoned");
+                            drop(sets);
+                            if !wait.timed_out() {
+                                // Let the instance that took a set start before refilling.
+                                std::thread::sleep(SPARE_QUIET);
+                            }
                             continue;
                         }
                     }
@@ -704,8 +724,22 @@ struct ChildPlan<'a> {
 
 /// Spare cgroups kept ready.
 const SPARE_CGROUPS: usize = 8;
+/// How long without a spawn before spare cgroups are made.
+const SPARE_QUIET: Duration = Duration::from_millis(20);
 
 impl Shared {
+    /// True if spare cgroups should be made.
+    fn spares_low(&self) -> bool {
+        self.cgroups.is_some()
+            && !self.closed.load(std::sync::atomic::Ordering::Acquire)
+            && self
+                .spare_groups
+                .lock()
+                .expect("spare lock is never poisoned")
+                .len()
+                < SPARE_CGROUPS
+    }
+
     /// Makes one spare cgroup set if fewer than [`SPARE_CGROUPS`] are ready; false if none
     /// was needed (or none can be made).
     fn make_spare_group(&self) -> bool {
