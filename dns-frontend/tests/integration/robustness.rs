@@ -292,3 +292,41 @@ async fn tcp_connections_are_capped_and_idle_ones_closed() {
     );
     server.shutdown().await.expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_response_rate_answers_are_dropped_or_slipped_truncated() {
+    let fake = Arc::new(fake(16, Boot::Instant));
+    let mut config = config();
+    config.limits.rrl_per_second = 1;
+    config.limits.rrl_burst = 1;
+    config.limits.rrl_slip = 2;
+    let server = start(config, fake).await;
+    let socket = tokio::net::UdpSocket::bind("127.0.5.1:0")
+        .await
+        .expect("socket");
+    for id in 1..=7u16 {
+        let query = wire_query(id, &["hello", "revboot", "test"], 1);
+        socket
+            .send_to(&query, server.local_addr())
+            .await
+            .expect("send");
+    }
+    let (mut full, mut truncated) = (0, 0);
+    let mut buf = [0u8; 1500];
+    while let Ok(Ok((len, _))) =
+        tokio::time::timeout(Duration::from_millis(500), socket.recv_from(&mut buf)).await
+    {
+        let reply = &buf[..len];
+        if reply[2] & 0x02 != 0 {
+            assert_eq!(reply[7], 0, "a slip carries no answer");
+            truncated += 1;
+        } else {
+            full += 1;
+        }
+    }
+    assert!(full >= 1, "the first answer is within the burst");
+    assert!(truncated >= 1, "some refused answers slip as TC");
+    assert!(full + truncated < 7, "the rest are dropped");
+    assert!(server.metrics().rate_limited >= 1);
+    server.shutdown().await.expect("clean shutdown");
+}
