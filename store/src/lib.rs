@@ -29,7 +29,8 @@
 //! 4. Blobs, trees and the commit are written first; the branch then moves by
 //!    compare-and-swap under a per-service writer lock. A writer killed at any point leaves
 //!    either the whole deployment on the branch or none of it (plus unreachable objects that
-//!    `git gc` collects). Ref locks left by a killed writer are detected and removed.
+//!    `git gc` collects). Ref locks, image spools and temporary objects left by a killed
+//!    writer are detected and removed.
 //!
 //! # Labels
 //!

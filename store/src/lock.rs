@@ -8,6 +8,9 @@
 //!    locks for milliseconds) and is removed, with a warning.
 //! 3. Image spools live in `<repo>/revboot/tmp/spool-<pid>-<n>`; [`sweep_spools`] removes the
 //!    ones whose process is gone.
+//! 4. Loose objects are written by gix to `objects/.tmp*` and renamed into place; a killed
+//!    writer leaves its temporary behind. [`sweep_object_temporaries`] removes those not
+//!    written to for [`ABANDONED_TEMPORARY`] (a live writer keeps touching its file).
 
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
@@ -107,6 +110,35 @@ pub fn clear_stale_ref_lock(repo: &Path, reference: &str) -> Result<(), WriteErr
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// How long a temporary object file must be untouched to count as abandoned.
+pub const ABANDONED_TEMPORARY: Duration = Duration::from_secs(10 * 60);
+
+/// Removes temporary object files in `objects/` untouched for `older_than`. Returns how many.
+pub fn sweep_object_temporaries(repo: &Path, older_than: Duration) -> usize {
+    let Ok(entries) = fs::read_dir(repo.join("objects")) else {
+        return 0;
+    };
+    let now = SystemTime::now();
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let abandoned = entry.file_name().to_string_lossy().starts_with(".tmp")
+            && entry.metadata().is_ok_and(|m| {
+                m.is_file()
+                    && m.modified()
+                        .ok()
+                        .and_then(|t| now.duration_since(t).ok())
+                        .is_some_and(|age| age >= older_than)
+            });
+        if abandoned && fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        tracing::info!(removed, "removed temporary objects of dead writers");
+    }
+    removed
 }
 
 /// Removes spool files of processes that no longer exist. Returns how many were removed.

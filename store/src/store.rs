@@ -105,6 +105,7 @@ impl Store {
             source,
         })?;
         lock::sweep_spools(&path);
+        lock::sweep_object_temporaries(&path, lock::ABANDONED_TEMPORARY);
         let watcher = inotify.then(|| crate::index::Watcher::new(&path)).flatten();
         Ok(Store {
             inner: Arc::new(Inner {
