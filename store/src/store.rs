@@ -1004,6 +1004,12 @@ mod tests {
     }
 
     #[test]
+    fn store_is_shared_across_threads() {
+        fn shareable<T: Clone + Send + Sync + 'static>() {}
+        shareable::<Store>();
+    }
+
+    #[test]
     fn open_refuses_missing_repository() {
         let dir = tempfile::tempdir().expect("tempdir");
         assert!(matches!(
