@@ -176,9 +176,19 @@ async fn without_a_grant_there_is_no_way_out() {
         .expect("answer");
     assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
     assert!(requests.try_recv().is_err(), "nothing reached the backend");
-    let console = world.deployer.console(&summoned.key).expect("console");
-    let console = String::from_utf8_lossy(&console);
-    assert!(console.contains("unreachable"), "{console}");
+    // The console is read on its own task: the line may land a moment after the answer.
+    let console = || {
+        String::from_utf8_lossy(&world.deployer.console(&summoned.key).unwrap_or_default())
+            .into_owned()
+    };
+    assert!(
+        support::eventually(
+            || console().contains("upstream tcp:") && console().contains("unreachable")
+        )
+        .await,
+        "{}",
+        console()
+    );
     world.deployer.shutdown().await;
 }
 
