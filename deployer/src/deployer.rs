@@ -36,7 +36,9 @@ use crate::summon::{
     Activity, InstanceKey, InstanceState, Instances, ResolveError, Resolved, SummonError, Summoned,
 };
 use crate::tender::process::{ProcessTender, ProcessTenderError, pid_start_time};
-use crate::tender::{BootSpec, ExitReport, ExitStatus, Prepared, Running, Tender, Tenders, cgroup};
+use crate::tender::{
+    BootSpec, ExitReport, ExitStatus, NotReady, Prepared, Running, Tender, Tenders, cgroup,
+};
 
 /// Revisions whose manifests are cached.
 const REVISION_CACHE: usize = 4096;
@@ -857,7 +859,16 @@ async fn tend(
         };
         if let Err(error) = ready {
             running.kill();
-            break 'life End::Crashed(error.to_string());
+            // An instance that ended by itself says how.
+            let reason = match (error, wait_exit(running, KILL_WAIT).await) {
+                (error @ NotReady::Exited, Some(exit)) => format!("{error}: {exit}"),
+                // The probe had what was left after the start; the limit is the whole.
+                (NotReady::Timeout { probe, .. }, _) => {
+                    NotReady::Timeout { ms: boot_ms, probe }.to_string()
+                }
+                (error, _) => error.to_string(),
+            };
+            break 'life End::Crashed(reason);
         }
         let now = Instant::now();
         ready_after = Some(now);

@@ -261,14 +261,34 @@ pub async fn probe_ready(
             _ => true,
         }
     };
-    let exited = exit.wait_for(Option::is_some);
-    tokio::select! {
-        biased;
-        ok = tokio::time::timeout(timeout, attempt) => match ok {
-            Ok(true) => Ok(()),
-            _ => Err(NotReady::Timeout { ms: timeout.as_millis() as u64, probe: describe }),
-        },
-        _ = exited => Err(NotReady::Exited),
+    let outcome = {
+        let exited = exit.wait_for(Option::is_some);
+        tokio::select! {
+            biased;
+            ok = tokio::time::timeout(timeout, attempt) => match ok {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(None),
+                Err(_) => Err(Some(NotReady::Timeout { ms: timeout.as_millis() as u64, probe: describe.clone() })),
+            },
+            _ = exited => Err(Some(NotReady::Exited)),
+        }
+    };
+    match outcome {
+        Ok(()) => Ok(()),
+        Err(Some(not_ready)) => Err(not_ready),
+        // The probe gave up early (the console ended): the instance is ending; say so
+        // once its exit is known, within what is left of the timeout.
+        Err(None) => {
+            let ended = tokio::time::timeout(timeout, exit.wait_for(Option::is_some)).await;
+            if matches!(ended, Ok(Ok(_))) {
+                Err(NotReady::Exited)
+            } else {
+                Err(NotReady::Timeout {
+                    ms: timeout.as_millis() as u64,
+                    probe: describe,
+                })
+            }
+        }
     }
 }
 

@@ -382,3 +382,32 @@ async fn behind_a_proxy_the_backend_is_an_ephemeral_port_on_the_service_address(
     assert!(response.contains("hello from v1"), "{response}");
     world.deployer.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_that_exits_while_booting_is_a_crash_with_its_status() {
+    let world = World::new(11, |_| {});
+    let image = support::probe_image();
+    // The probe allocates far more than its 4 MiB and is killed before it prints the line
+    // its readiness waits for.
+    let run = "port = 8080\nmemory_mib = 4\nargs = [\"memory\", \"64\"]\nready = { probe = \"console\", line = \"probe done\" }";
+    let revision = deploy(
+        &world.store,
+        "probe",
+        &image,
+        &manifest("probe", run),
+        &source(1),
+    );
+    let summoned = world
+        .deployer
+        .summon("probe", &revision, None)
+        .expect("summon");
+    let mut state = summoned.state.clone();
+    let end = support::wait_state(&mut state, InstanceState::is_final).await;
+    assert_eq!(
+        end,
+        InstanceState::Crashed {
+            reason: "exited before it was ready: killed at its memory limit (OOM)".into()
+        }
+    );
+    world.deployer.shutdown().await;
+}
