@@ -8,7 +8,8 @@
 #    stand-in) and NSD serving an equivalent static zone, each with 2 UDP workers, rate
 #    limits off; dnsperf alternates between them for ROUNDS rounds; the best of each is
 #    compared and the ratio printed.
-# 2. Answer latency for cold names (each query summons an instance; non-delayed mode).
+# 2. Answer latency for cold names (each query summons an instance; non-delayed mode), with
+#    the deployer's own resolve() and summon() timed alone beside it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER_RUN="${1:-10}"
@@ -111,4 +112,4 @@ wait "${PIDS[0]}" 2>/dev/null || true
 echo "revboot-dns counters: $(grep MetricsSnapshot "$WORK/revboot.err" | tail -1)"
 
 echo "cold names (each query summons; answered without waiting for the boot):"
-"$BIN" cold 200 "${BACKEND[@]}" 2>/dev/null
+"$BIN" cold 300 "${BACKEND[@]}" 2>/dev/null

@@ -185,7 +185,7 @@ fn percentiles(label: &str, mut micros: Vec<f64>) {
     let at =
         |q: f64| micros[((micros.len() as f64 * q).ceil() as usize).clamp(1, micros.len()) - 1];
     println!(
-        "cold answers, {label}: {} names, p50 {:.0} us, p99 {:.0} us, max {:.0} us",
+        "{label}: {} names, p50 {:.0} us, p99 {:.0} us, max {:.0} us",
         micros.len(),
         at(0.50),
         at(0.99),
@@ -193,8 +193,9 @@ fn percentiles(label: &str, mut micros: Vec<f64>) {
     );
 }
 
-/// Times cold names: the first half one at a time (each instance ready before the next
-/// query), the second half back to back (boots of earlier names compete for the CPU).
+/// Times cold names: a third as direct deployer calls (its share of the cost), a third by
+/// DNS one at a time (each instance ready before the next query), a third by DNS back to
+/// back (boots of earlier names compete for the CPU).
 async fn cold(count: usize, args: &[String]) -> anyhow::Result<()> {
     let backend = backend(args, count)?;
     // Let the freshly written repository settle, as it would have long before a query.
@@ -204,10 +205,31 @@ async fn cold(count: usize, args: &[String]) -> anyhow::Result<()> {
         .spawn();
     let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
     exchange(&socket, server.local_addr(), &query(0, "nonexistent")).await?;
-    let (spaced, back_to_back) = backend.revisions.split_at(count / 2);
+    let (direct, rest) = backend.revisions.split_at(count / 3);
+    let (spaced, back_to_back) = rest.split_at(rest.len() / 2);
+    // The deployer's own share: resolve + summon called directly (no DNS), one at a time.
+    let (mut resolve_us, mut summon_us) = (Vec::new(), Vec::new());
+    for revision in direct {
+        let started = Instant::now();
+        let resolved = backend
+            .instances
+            .resolve("hello", Some(&revision.short(7)))?;
+        resolve_us.push(started.elapsed().as_secs_f64() * 1e6);
+        let started = Instant::now();
+        let mut state = backend
+            .instances
+            .summon("hello", &resolved.revision, None)?
+            .state;
+        summon_us.push(started.elapsed().as_secs_f64() * 1e6);
+        tokio::time::timeout(Duration::from_secs(30), state.wait_for(|s| s.is_serving()))
+            .await
+            .context("Instance not ready in 30 s")??;
+    }
+    percentiles("resolve() alone", resolve_us);
+    percentiles("summon() alone", summon_us);
     for (label, revisions, wait) in [
-        ("one at a time", spaced, true),
-        ("back to back", back_to_back, false),
+        ("cold answers one at a time", spaced, true),
+        ("cold answers back to back", back_to_back, false),
     ] {
         let mut micros = Vec::with_capacity(revisions.len());
         for (i, revision) in revisions.iter().enumerate() {
