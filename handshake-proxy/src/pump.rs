@@ -17,8 +17,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
 use nix::sys::socket::{Shutdown, shutdown};
-use tokio::io::Interest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tracing::debug;
 
 use crate::splice::Clock;
@@ -62,10 +63,12 @@ pub(crate) struct Mode {
     pub(crate) zero_copy: bool,
 }
 
-/// Moves `from` → `to` until EOF on `from`, then shuts down writing on `to`.
+/// Moves `from` → `to` until EOF on `from`, then shuts down writing on `to`. The halves'
+/// `AsyncRead`/`AsyncWrite` are used for copying: a short read clears the readiness, so a
+/// burst costs one read and no extra `EAGAIN` read.
 pub(crate) async fn pump(
-    from: &TcpStream,
-    to: &TcpStream,
+    mut from: ReadHalf<'_>,
+    mut to: WriteHalf<'_>,
     mode: Mode,
     clock: &Clock,
     bytes: &AtomicU64,
@@ -74,9 +77,10 @@ pub(crate) async fn pump(
     let mut pipe: Option<Pipe> = None;
     loop {
         let moved = match &pipe {
-            Some(pipe) => splice_once(from, to, pipe).await?,
+            Some(pipe) => splice_once(from.as_ref(), to.as_ref(), pipe).await?,
             None => {
-                let read = copy_once(from, to, &mut buffer).await?;
+                let read = from.read(&mut buffer).await?;
+                to.write_all(&buffer[..read]).await?;
                 if mode.zero_copy && read == buffer.len() {
                     match Pipe::new() {
                         Ok(new) => pipe = Some(new),
@@ -87,33 +91,11 @@ pub(crate) async fn pump(
             }
         };
         if moved == 0 {
-            return shutdown_write(to);
+            return to.shutdown().await;
         }
         clock.touch();
         bytes.fetch_add(moved as u64, Ordering::Relaxed);
     }
-}
-
-/// One read into `buffer` and a write of all of it; the bytes moved (0 at EOF).
-async fn copy_once(from: &TcpStream, to: &TcpStream, buffer: &mut [u8]) -> io::Result<usize> {
-    let read = loop {
-        from.readable().await?;
-        match from.try_read(buffer) {
-            Ok(read) => break read,
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(error) => return Err(error),
-        }
-    };
-    let mut written = 0;
-    while written < read {
-        to.writable().await?;
-        match to.try_write(&buffer[written..read]) {
-            Ok(n) => written += n,
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(error) => return Err(error),
-        }
-    }
-    Ok(read)
 }
 
 /// One splice into the (empty) pipe and out of it until it is empty again; the bytes moved

@@ -89,8 +89,8 @@ pub(crate) enum Ended {
 /// `client_done`, the client had already ended its writing before the splice began: the
 /// backend's writing side is shut down at once and only the answer is copied.
 pub(crate) async fn splice(
-    client: TcpStream,
-    backend: TcpStream,
+    mut client: TcpStream,
+    mut backend: TcpStream,
     client_done: bool,
     limits: Limits,
     counters: Counters<'_>,
@@ -103,13 +103,15 @@ pub(crate) async fn splice(
     };
     let (up, down) = (counters.from_client, counters.to_client);
     let copying = async {
+        let (client_read, client_write) = client.split();
+        let (backend_read, backend_write) = backend.split();
         if client_done {
-            pump::shutdown_write(&backend)?;
-            pump::pump(&backend, &client, mode, clock, down).await
+            pump::shutdown_write(backend_read.as_ref())?;
+            pump::pump(backend_read, client_write, mode, clock, down).await
         } else {
             tokio::try_join!(
-                pump::pump(&client, &backend, mode, clock, up),
-                pump::pump(&backend, &client, mode, clock, down),
+                pump::pump(client_read, backend_write, mode, clock, up),
+                pump::pump(backend_read, client_write, mode, clock, down),
             )
             .map(drop)
         }
