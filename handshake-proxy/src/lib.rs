@@ -27,20 +27,51 @@
 //!    early bytes, shut down the backend's writing if the client already ended its own.
 //! 8. Splice both ways; an EOF on one side shuts down writing on the other while the other
 //!    direction goes on; the connection closes on an idle or total timeout, or at shutdown.
+//!    `ConnectionClosed` is reported when it ends.
 //! 9. A sweep every `sweep_interval` closes listeners of addresses the deployer released.
 //!
 //! # Choices, and why
 //!
 //! - **One listener per service address, bound on demand.** On loopback every `127/8`
-//!   address is local, so a plain bind works and costs a few microseconds (see
-//!   `bench/proxy.sh`, which measures it). One wildcard or `IP_TRANSPARENT` listener per
-//!   port would also see every address, but it would take the port on every local address
-//!   (including ones that are not in the pool), and transparent binds need `CAP_NET_ADMIN`
-//!   and policy routing; per-address listeners are exact, need no privilege, and close when
-//!   the address is released. `IP_FREEBIND` only matters for pool addresses that are not
-//!   local yet, which loopback pools never are.
-//! - **`tokio::io::copy_bidirectional`** with 64 KiB buffers moves the bytes; its cost
-//!   against a direct connection is measured in `bench/proxy.sh`.
+//!   address is local, so a plain bind works; bind + listen + close of one listener costs
+//!   13–56 µs on this 2-core shared machine (`proxy_bench bind 2000`, run by
+//!   `bench/proxy.sh`), small beside a summon. One wildcard or `IP_TRANSPARENT` listener per
+//!   port would also see every address, but it takes the port on every local address
+//!   (including ones outside the pool, so it collides with anything else on that port),
+//!   and a transparent bind needs `CAP_NET_ADMIN` plus policy routing. Per-address
+//!   listeners are exact, need no privilege, and close when the address is released.
+//!   `IP_FREEBIND` only matters for pool addresses that are not local yet, which loopback
+//!   pools never are.
+//! - **A pump per direction** (the private `pump` module): the same
+//!   half-close semantics as `tokio::io::copy_bidirectional` (EOF on one side shuts down
+//!   writing on the other, the other direction goes on), plus an activity clock for the
+//!   idle timeout and byte counters. With [`ProxyConfig::zero_copy`], a read that fills
+//!   the whole buffer switches that direction to splice(2) through a pipe, so small
+//!   request/response traffic never pays for pipes and bulk transfers skip user space.
+//!   It is off by default: on the shared 2-core machine it won some 1 MiB runs and lost
+//!   others (bytes/s ratio 0.65–1.15 against 0.60–0.96 when copying) and it costs four
+//!   descriptors per bulk connection.
+//! - **No direct path.** Answering DNS with the instance's own socket once warm would save
+//!   the proxy's two extra context switches per exchange, but connections to that socket
+//!   are invisible to the deployer, so an open quiet connection (a stream, a websocket)
+//!   would no longer keep its instance from being reaped, and admission and metrics would
+//!   differ by path. A deployment that wants no proxy at all runs the deployer with
+//!   `BackendPort::Same` instead.
+//!
+//! # Figures
+//!
+//! Measured on a shared 2-core machine under load (load average 6–9 from other builds),
+//! so they are ranges, not points:
+//!
+//! - Warm, `bench/proxy.sh` (wrk; each round runs direct then proxied; medians of 3):
+//!   small keep-alive responses 0.85× the direct requests/s; 1 MiB responses 0.60–0.96×
+//!   the direct bytes/s; one connection, sequential requests: p50 +47 to +96 µs.
+//! - Cold, `cargo bench -p revboot-proxy --bench cold -- 1000` (real deployer, hello on
+//!   the process tender, summon + connect + request + first byte, 1000 cold starts per
+//!   path): proxied p50 29.4 ms, p99 97.7 ms; straight to the instance's own socket p50
+//!   26.9 ms, p99 80.7 ms; the deployer reports `Ready` at p50 23.1 ms. The proxy waits for
+//!   `Ready`, which the deployer sends after its durable state write; the kernel-held
+//!   direct path does not wait for it.
 //!
 //! # Limits
 //!
