@@ -72,7 +72,7 @@ pub struct Nameserver {
 /// Bounds on what clients can make the server do.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// UDP receive loops, each answering one packet at a time (0: one per CPU, at most 4).
+    /// UDP worker threads, each answering one packet at a time (0: one per CPU, at most 4).
     /// With `max_delayed`, this bounds UDP requests in flight; excess packets wait in (and
     /// overflow from) the kernel's socket buffer.
     pub udp_workers: usize,
