@@ -69,9 +69,13 @@
 //! - Cold, `cargo bench -p revboot-proxy --bench cold -- 1000` (real deployer, hello on
 //!   the process tender, summon + connect + request + first byte, 1000 cold starts per
 //!   path): proxied p50 29.4 ms, p99 97.7 ms; straight to the instance's own socket p50
-//!   26.9 ms, p99 80.7 ms; the deployer reports `Ready` at p50 23.1 ms. The proxy waits for
-//!   `Ready`, which the deployer sends after its durable state write; the kernel-held
-//!   direct path does not wait for it.
+//!   26.9 ms, p99 80.7 ms. The deployer reports `Ready` (the process is spawned) at p50
+//!   23.1 ms; the direct path's request is already queued in the kernel then, while the
+//!   proxied one still needs the proxy's wake-up, connect and replay (+2.5 ms at p50 on
+//!   this loaded machine). Connecting before `Ready` would close that gap for the process
+//!   tender, whose socket the kernel holds, but not for qemu's user networking, which
+//!   accepts for a guest that is not listening yet; the proxy cannot tell them apart, so
+//!   it waits for `Ready`.
 //!
 //! # Limits
 //!
