@@ -76,6 +76,10 @@
 //!   tender, whose socket the kernel holds, but not for qemu's user networking, which
 //!   accepts for a guest that is not listening yet; the proxy cannot tell them apart, so
 //!   it waits for `Ready`.
+//! - Cold, the figure a user feels: `bench/e2e-cold.py 1000` (the whole daemon: a DNS A
+//!   query over UDP, then connect and first byte through this proxy, 1000 cold starts of
+//!   hello): DNS answer p50 0.81 ms (p99 12.1 ms), + connect p50 0.95 ms (p99 12.3 ms),
+//!   + first byte p50 14.6 ms, p99 35.5 ms; warm DNS + first byte p50 1.19 ms.
 //!
 //! # Limits
 //!
