@@ -48,8 +48,8 @@
 //!   idle timeout and byte counters. With [`ProxyConfig::zero_copy`], a read that fills
 //!   the whole buffer switches that direction to splice(2) through a pipe, so small
 //!   request/response traffic never pays for pipes and bulk transfers skip user space.
-//!   It is off by default: on the shared 2-core machine it won some 1 MiB runs and lost
-//!   others (bytes/s ratio 0.65–1.15 against 0.60–0.96 when copying) and it costs four
+//!   It is off by default: on the shared 2-core machine it won some 1 MiB rounds and lost
+//!   others (no consistent gain over copying at the medians), and it costs four
 //!   descriptors per bulk connection.
 //! - **No direct path.** Answering DNS with the instance's own socket once warm would save
 //!   the proxy's two extra context switches per exchange, but connections to that socket
@@ -63,9 +63,12 @@
 //! Measured on a shared 2-core machine under load (load average 6–9 from other builds),
 //! so they are ranges, not points:
 //!
-//! - Warm, `bench/proxy.sh` (wrk; each round runs direct then proxied; medians of 3):
-//!   small keep-alive responses 0.85× the direct requests/s; 1 MiB responses 0.60–0.96×
-//!   the direct bytes/s; one connection, sequential requests: p50 +47 to +96 µs.
+//! - Warm, `bench/proxy.sh` (wrk; each round runs direct then proxied; medians of 3
+//!   rounds, over five runs of the script): small keep-alive responses 0.65–0.85× the
+//!   direct requests/s; 1 MiB responses 0.60–0.73× the direct bytes/s (single rounds from
+//!   0.44× to 1.15×); one connection, sequential requests: p50 +45 to +130 µs. The
+//!   targets (0.9×, 0.9×, +50 µs) are not met here: wrk, the backend and the proxy share two
+//!   busy cores, and the proxy adds a process hop (two wake-ups, two copies) per exchange.
 //! - Cold, `cargo bench -p revboot-proxy --bench cold -- 1000` (real deployer, hello on
 //!   the process tender, summon + connect + request + first byte, 1000 cold starts per
 //!   path): proxied p50 29.4 ms, p99 97.7 ms; straight to the instance's own socket p50
