@@ -147,7 +147,50 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         },
     };
     let client = client(&cli, &config);
-    Ok(print(client.execute(action), cli.json))
+    let what = describe(&action);
+    Ok(print(
+        with_progress(&what, || client.execute(action)),
+        cli.json,
+    ))
+}
+
+/// Runs `work`, showing a spinner on a terminal once it has taken more than a second.
+pub fn with_progress<T>(message: &str, work: impl FnOnce() -> T) -> T {
+    let progress =
+        indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::hidden());
+    progress.set_style(indicatif::ProgressStyle::default_spinner());
+    progress.set_message(message.to_owned());
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let shown = progress.clone();
+    let waiter = std::thread::spawn(move || {
+        if finished
+            .recv_timeout(std::time::Duration::from_secs(1))
+            .is_err()
+        {
+            shown.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            shown.enable_steady_tick(std::time::Duration::from_millis(120));
+        }
+    });
+    let result = work();
+    let _ = done.send(());
+    let _ = waiter.join();
+    progress.finish_and_clear();
+    result
+}
+
+fn describe(action: &Action) -> String {
+    match action {
+        Action::StopInstance {
+            service,
+            kill: true,
+            ..
+        } => format!("killing {service}"),
+        Action::StopInstance { service, .. } => format!("stopping {service}"),
+        Action::Summon { service, .. } => format!("booting {service}"),
+        Action::MoveLive { service, .. } => format!("moving live of {service}"),
+        Action::AddService { name } => format!("creating {name}"),
+        _ => "waiting for the daemon".to_owned(),
+    }
 }
 
 fn print(result: Result<Reply, ActionError>, json: bool) -> Outcome {
