@@ -21,6 +21,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 
+use revboot_builder::auth::{parse_basic, token_matches};
+
 use crate::action::{Action, ActionError, MoveReason, Reply};
 use crate::engine::Engine;
 
@@ -132,7 +134,8 @@ async fn run(state: &ApiState, headers: &HeaderMap, action: Action) -> ApiResult
     Ok(Json(reply))
 }
 
-/// Whether the headers carry the token, as a bearer token or a basic-auth password.
+/// Whether the headers carry the token, as a bearer token or a basic-auth password (the
+/// same parsing and constant-time comparison as git pushes get).
 pub fn authorized(headers: &HeaderMap, token: &str) -> bool {
     let Some(value) = headers
         .get(header::AUTHORIZATION)
@@ -140,42 +143,11 @@ pub fn authorized(headers: &HeaderMap, token: &str) -> bool {
     else {
         return false;
     };
+    let tokens = [token.to_owned()];
     if let Some(given) = value.strip_prefix("Bearer ") {
-        return constant_time_eq(given.trim().as_bytes(), token.as_bytes());
+        return token_matches(&tokens, given.trim());
     }
-    if let Some(encoded) = value.strip_prefix("Basic ") {
-        let Some(decoded) = base64_decode(encoded.trim()) else {
-            return false;
-        };
-        let Ok(text) = String::from_utf8(decoded) else {
-            return false;
-        };
-        return text
-            .split_once(':')
-            .is_some_and(|(_, password)| constant_time_eq(password.as_bytes(), token.as_bytes()));
-    }
-    false
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    let mut buffer = 0u32;
-    let mut bits = 0;
-    for byte in text.bytes().filter(|b| *b != b'=') {
-        let value = ALPHABET.iter().position(|c| *c == byte)? as u32;
-        buffer = (buffer << 6) | value;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((buffer >> bits) as u8);
-        }
-    }
-    Some(out)
+    parse_basic(value).is_some_and(|credentials| token_matches(&tokens, &credentials.password))
 }
 
 #[derive(Debug, Deserialize)]

@@ -8,13 +8,15 @@
 
 /// Credentials taken from an `Authorization: Basic …` header.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct BasicCredentials {
-    pub(crate) user: String,
-    pub(crate) password: String,
+pub struct BasicCredentials {
+    /// The user name (recorded, not checked).
+    pub user: String,
+    /// The password: a push or API token.
+    pub password: String,
 }
 
 /// Parses an `Authorization` header value; `None` for anything that is not valid basic auth.
-pub(crate) fn parse_basic(header: &str) -> Option<BasicCredentials> {
+pub fn parse_basic(header: &str) -> Option<BasicCredentials> {
     let (scheme, encoded) = header.trim().split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("basic") {
         return None;
@@ -29,7 +31,7 @@ pub(crate) fn parse_basic(header: &str) -> Option<BasicCredentials> {
 }
 
 /// Whether `given` equals one of `tokens`, without an early exit on the first differing byte.
-pub(crate) fn token_matches(tokens: &[String], given: &str) -> bool {
+pub fn token_matches(tokens: &[String], given: &str) -> bool {
     let mut found = false;
     for token in tokens {
         found |= constant_time_eq(token.as_bytes(), given.as_bytes());
@@ -45,7 +47,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Decodes standard base64 (with or without padding). The workspace has no base64 crate and
-/// this is the only place that needs one.
+/// this (with the daemon's API, which calls [`parse_basic`]) is the only place that needs one.
 fn decode_base64(text: &str) -> Option<Vec<u8>> {
     fn value(c: u8) -> Option<u32> {
         match c {

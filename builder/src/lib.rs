@@ -57,7 +57,7 @@
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
-mod auth;
+pub mod auth;
 mod git;
 mod http;
 mod log;
