@@ -1220,14 +1220,27 @@ unsafe fn child(plan: &ChildPlan<'_>) -> ! {
                 fail(11);
             }
         }
-        libc::syscall(
-            libc::SYS_execveat,
-            plan.image,
-            c"".as_ptr(),
-            plan.argv.as_ptr(),
-            plan.envp.as_ptr(),
-            libc::AT_EMPTY_PATH,
-        );
+        // ETXTBSY: a child forked elsewhere in this process (a git, another instance) may
+        // still hold an inherited write descriptor of a freshly materialised image until its
+        // own exec closes it. That window is short: retry for up to 50 ms.
+        let pause = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 1_000_000,
+        };
+        for _ in 0..50 {
+            libc::syscall(
+                libc::SYS_execveat,
+                plan.image,
+                c"".as_ptr(),
+                plan.argv.as_ptr(),
+                plan.envp.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            );
+            if *libc::__errno_location() != libc::ETXTBSY {
+                break;
+            }
+            libc::nanosleep(&pause, std::ptr::null_mut());
+        }
         fail(12)
     }
 }
