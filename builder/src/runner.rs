@@ -175,40 +175,28 @@ pub(crate) async fn run(
         }
     };
     let text = Some(manifest_text.as_str());
-    match ending {
-        Ending::Exited(status) if status.success() => {}
-        Ending::Exited(status) => {
-            let message = format!("the build command failed ({status})");
-            return fail(
-                &ctx,
-                &job,
-                &subject,
-                &tracker,
-                text,
-                message,
-                Some(command_secs),
-            )
-            .await;
-        }
-        Ending::TimedOut => {
-            let message = format!(
-                "killed: the build ran longer than its limit of {}s (build.timeout_secs)",
-                manifest.build.timeout_secs
-            );
-            return fail(
-                &ctx,
-                &job,
-                &subject,
-                &tracker,
-                text,
-                message,
-                Some(command_secs),
-            )
-            .await;
-        }
+    let failure = match ending {
+        Ending::Exited(status) if status.success() => None,
+        Ending::Exited(status) => Some(format!("the build command failed ({status})")),
+        Ending::TimedOut => Some(format!(
+            "killed: the build ran longer than its limit of {}s (build.timeout_secs)",
+            manifest.build.timeout_secs
+        )),
         Ending::Stopped => {
             return interrupted(&ctx, &job, &subject, &tracker, text, command_secs).await;
         }
+    };
+    if let Some(message) = failure {
+        return fail(
+            &ctx,
+            &job,
+            &subject,
+            &tracker,
+            text,
+            message,
+            Some(command_secs),
+        )
+        .await;
     }
     tracker.note(&format!("the build command finished in {command_secs:.2}s"));
     let mut artifacts = Vec::new();

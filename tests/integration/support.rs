@@ -11,6 +11,15 @@ pub const TOKEN: &str = "e2e-token";
 
 static POOLS: AtomicU8 = AtomicU8::new(0);
 
+/// A /24 of service addresses no other daemon of this test run uses.
+fn fresh_pool() -> String {
+    format!(
+        "127.{}.{}.0/24",
+        90 + std::process::id() % 60,
+        POOLS.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 /// A free TCP port on 127.0.0.1 that is also free for UDP (best effort).
 pub fn free_port() -> u16 {
     loop {
@@ -35,21 +44,12 @@ pub struct Daemon {
 impl Daemon {
     /// Starts a daemon in `data` and waits until its API answers.
     pub fn start(data: &Path) -> Daemon {
-        let pool = format!(
-            "127.{}.{}.0/24",
-            90 + std::process::id() % 60,
-            POOLS.fetch_add(1, Ordering::Relaxed)
-        );
-        Daemon::start_with(data, free_port(), free_port(), &pool)
+        Daemon::start_with(data, free_port(), free_port(), &fresh_pool())
     }
 
     /// Starts a daemon with extra `revbootd.toml` text (e.g. a short idle timeout).
     pub fn start_configured(data: &Path, config: &str) -> Daemon {
-        let pool = format!(
-            "127.{}.{}.0/24",
-            90 + std::process::id() % 60,
-            POOLS.fetch_add(1, Ordering::Relaxed)
-        );
+        let pool = fresh_pool();
         let file = data.with_extension("revbootd.toml");
         std::fs::write(&file, config).expect("write revbootd.toml");
         Daemon::launch(data, free_port(), free_port(), &pool, Some(&file))
