@@ -65,6 +65,65 @@ pub fn revision(n: u64) -> Revision {
 }
 
 impl Fake {
+    fn summon_now(
+        &self,
+        service: &str,
+        revision: &Revision,
+        client: Option<IpAddr>,
+    ) -> Result<Summoned, SummonError> {
+        let port = {
+            let services = self.services.lock().expect("fake lock");
+            let s = services
+                .get(service)
+                .ok_or_else(|| ResolveError::UnknownService(service.to_owned()))?;
+            if s.per_client && client.is_none() {
+                return Err(SummonError::ClientRequired {
+                    service: service.to_owned(),
+                });
+            }
+            s.port
+        };
+        let key = InstanceKey {
+            service: service.to_owned(),
+            revision: *revision,
+            client,
+        };
+        let mut instances = self.instances.lock().expect("fake lock");
+        let reusable = instances
+            .get(&key)
+            .is_some_and(|i| !i.state.borrow().is_final());
+        if !reusable {
+            let running = instances
+                .values()
+                .filter(|i| !i.state.borrow().is_final())
+                .count();
+            if running >= self.cap {
+                return Err(SummonError::GlobalCap { limit: self.cap });
+            }
+            let n = instances.len() as u32 + 1;
+            let address = if self.v6 {
+                IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, n as u16])
+            } else {
+                IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 100, 0, 0)) + n))
+            };
+            let initial = match self.boot {
+                Boot::Instant => InstanceState::Ready,
+                Boot::Manual => InstanceState::Booting,
+            };
+            let (state, _) = watch::channel(initial);
+            instances.insert(key.clone(), Instance { address, state });
+        }
+        let instance = instances.get(&key).expect("just inserted");
+        Ok(Summoned {
+            key: key.clone(),
+            address: instance.address,
+            port,
+            backend: SocketAddr::new(instance.address, port),
+            boot_timeout: Duration::from_secs(5),
+            state: instance.state.subscribe(),
+        })
+    }
+
     pub fn new(cap: usize, boot: Boot) -> Fake {
         Fake {
             services: Mutex::new(HashMap::new()),
@@ -203,58 +262,10 @@ impl Instances for Fake {
         revision: &Revision,
         client: Option<IpAddr>,
     ) -> Result<Summoned, SummonError> {
-        self.summons.fetch_add(1, Ordering::Relaxed);
-        let port = {
-            let services = self.services.lock().expect("fake lock");
-            let s = services
-                .get(service)
-                .ok_or_else(|| ResolveError::UnknownService(service.to_owned()))?;
-            if s.per_client && client.is_none() {
-                return Err(SummonError::ClientRequired {
-                    service: service.to_owned(),
-                });
-            }
-            s.port
-        };
-        let key = InstanceKey {
-            service: service.to_owned(),
-            revision: *revision,
-            client,
-        };
-        let mut instances = self.instances.lock().expect("fake lock");
-        let reusable = instances
-            .get(&key)
-            .is_some_and(|i| !i.state.borrow().is_final());
-        if !reusable {
-            let running = instances
-                .values()
-                .filter(|i| !i.state.borrow().is_final())
-                .count();
-            if running >= self.cap {
-                return Err(SummonError::GlobalCap { limit: self.cap });
-            }
-            let n = instances.len() as u32 + 1;
-            let address = if self.v6 {
-                IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, n as u16])
-            } else {
-                IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 100, 0, 0)) + n))
-            };
-            let initial = match self.boot {
-                Boot::Instant => InstanceState::Ready,
-                Boot::Manual => InstanceState::Booting,
-            };
-            let (state, _) = watch::channel(initial);
-            instances.insert(key.clone(), Instance { address, state });
-        }
-        let instance = instances.get(&key).expect("just inserted");
-        Ok(Summoned {
-            key: key.clone(),
-            address: instance.address,
-            port,
-            backend: SocketAddr::new(instance.address, port),
-            boot_timeout: Duration::from_secs(5),
-            state: instance.state.subscribe(),
-        })
+        // Counted once the call is done, so a test that sees the count also sees the instance.
+        let result = self.summon_now(service, revision, client);
+        self.summons.fetch_add(1, Ordering::SeqCst);
+        result
     }
 
     fn by_address(&self, address: IpAddr) -> Option<Summoned> {
