@@ -179,6 +179,18 @@ pub fn parse_message(text: &str) -> Result<(String, Trailers), String> {
                 let size = size
                     .parse::<u64>()
                     .map_err(|_| format!("bad image size `{size}`"))?;
+                // Both become file names (`image/<name>`, the cache's `<sha256>`): a commit
+                // made by hand must not name a path outside either directory.
+                if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+                    return Err(format!("bad image name `{name}`"));
+                }
+                if sha256.len() != 64
+                    || !sha256
+                        .bytes()
+                        .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+                {
+                    return Err(format!("bad image sha256 `{sha256}`"));
+                }
                 images.push(ImageInfo {
                     name: name.to_owned(),
                     size,
@@ -220,6 +232,27 @@ mod tests {
             parse_message(&text).expect("parses"),
             ("Say hello".to_owned(), trailers)
         );
+    }
+
+    #[test]
+    fn image_trailers_cannot_name_paths() {
+        let commit = |image: &str| {
+            format!(
+                "x\n\nBuild-Status: succeeded\nSource-Commit: a\nSource-Repo: b\nImage: {image}\n"
+            )
+        };
+        let sha = "c".repeat(64);
+        assert!(parse_message(&commit(&format!("hello 1 {sha}"))).is_ok());
+        for bad in [
+            format!("../x 1 {sha}"),
+            format!(".. 1 {sha}"),
+            "hello 1 ../../bin/sh".to_owned(),
+            format!("hello 1 {}", "C".repeat(64)),
+            format!("hello 1 {}", "c".repeat(63)),
+        ] {
+            let error = parse_message(&commit(&bad)).expect_err(&bad);
+            assert!(error.starts_with("bad image"), "{bad}: {error}");
+        }
     }
 
     #[test]

@@ -656,21 +656,11 @@ impl Store {
         name: Option<&str>,
     ) -> Result<ImageReader, ReadError> {
         let repo = self.repo();
-        let meta = crate::index::read_meta(&repo, revision.id())?;
-        let (_, trailers) = meta.info.map_err(|reason| ReadError::Malformed {
-            revision: *revision,
-            reason,
-        })?;
+        let info = image_info(&repo, revision, name)?;
         let no_image = || ReadError::NoImage {
             revision: *revision,
             name: name.map(str::to_owned),
         };
-        let info = match name {
-            None => trailers.images.first(),
-            Some(name) => trailers.images.iter().find(|i| i.name == name),
-        }
-        .cloned()
-        .ok_or_else(no_image)?;
         let path = format!("{}/{}", protocol::IMAGE_DIR, info.name);
         let bytes = read_file(&repo, revision, &path)?.ok_or_else(no_image)?;
         if bytes.len() as u64 != info.size {
@@ -697,11 +687,14 @@ impl Store {
         revision: &Revision,
         cache_dir: &Path,
     ) -> Result<PathBuf, ReadError> {
-        let mut reader = self.open_image(revision, None)?;
-        let target = cache_dir.join(&reader.info().sha256);
+        // The commit names the hash: a cached image costs no blob read (an image is megabytes
+        // to inflate, and every revision of an unchanged image shares one file).
+        let info = image_info(&self.repo(), revision, None)?;
+        let target = cache_dir.join(&info.sha256);
         if target.exists() {
             return Ok(target);
         }
+        let mut reader = self.open_image(revision, None)?;
         let io = |action, path: &Path| {
             let path = path.to_owned();
             move |source| ReadError::Io {
@@ -881,6 +874,28 @@ fn service_index<'a>(
 }
 
 /// Reads the file at `path` (e.g. `image/hello`) in a deployment's tree.
+/// What the commit of `revision` records about an image (`None`: the boot image).
+fn image_info(
+    repo: &gix::Repository,
+    revision: &Revision,
+    name: Option<&str>,
+) -> Result<ImageInfo, ReadError> {
+    let meta = crate::index::read_meta(repo, revision.id())?;
+    let (_, trailers) = meta.info.map_err(|reason| ReadError::Malformed {
+        revision: *revision,
+        reason,
+    })?;
+    match name {
+        None => trailers.images.first(),
+        Some(name) => trailers.images.iter().find(|i| i.name == name),
+    }
+    .cloned()
+    .ok_or_else(|| ReadError::NoImage {
+        revision: *revision,
+        name: name.map(str::to_owned),
+    })
+}
+
 fn read_file(
     repo: &gix::Repository,
     revision: &Revision,
