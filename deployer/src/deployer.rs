@@ -42,6 +42,10 @@ use crate::tender::{
 
 /// Revisions whose manifests are cached.
 const REVISION_CACHE: usize = 4096;
+/// The background warm-up reads at most this many newest bootable deployments per service,
+const WARM_PER_SERVICE: usize = 512;
+/// and stops when the revision cache holds this many.
+const WARM_LIMIT: usize = REVISION_CACHE * 3 / 4;
 /// Crash histories kept.
 const FAILURE_CACHE: usize = 4096;
 /// Runtime records written to the store at once.
@@ -168,6 +172,9 @@ pub struct Deployer {
     tenders: RwLock<Tenders>,
     table: Mutex<Table>,
     revisions: Mutex<HashMap<Revision, Arc<RevisionInfo>>>,
+    /// The store generation the revision cache was last warmed for.
+    warmed: AtomicU64,
+    warming: AtomicBool,
     generation: AtomicU64,
     state: State,
     epoch: Instant,
@@ -212,7 +219,7 @@ impl Deployer {
         let mut tenders = Tenders::new();
         tenders.register(Arc::new(process));
         let pool = AddressPool::new(config.pool);
-        Ok(Arc::new_cyclic(|me| Deployer {
+        let deployer = Arc::new_cyclic(|me| Deployer {
             me: me.clone(),
             store,
             runtime,
@@ -228,6 +235,8 @@ impl Deployer {
                 shutting_down: false,
             }),
             revisions: Mutex::new(HashMap::new()),
+            warmed: AtomicU64::new(u64::MAX),
+            warming: AtomicBool::new(false),
             generation: AtomicU64::new(0),
             state,
             epoch: Instant::now(),
@@ -240,7 +249,9 @@ impl Deployer {
             tasks_done: Notify::new(),
             metrics: crate::metrics::Metrics::default(),
             config,
-        }))
+        });
+        deployer.warm_soon();
+        Ok(deployer)
     }
 
     /// Adds (or replaces) a tender, e.g. the qemu backend.
@@ -386,6 +397,7 @@ impl Deployer {
             .store
             .deployment(service, revision)
             .map_err(|error| read_error(service, revision, &error))?;
+        self.metrics.manifest_read();
         let manifest = self
             .store
             .manifest(revision)
@@ -410,6 +422,67 @@ impl Deployer {
         }
         cache.insert(*revision, Arc::clone(&info));
         Ok(info)
+    }
+
+    /// Reads the manifests of the newest deployments of every service into the revision
+    /// cache, on a blocking thread, once per store generation: the first query for a
+    /// revision then costs no git read on the path of its DNS answer. At most one warm-up
+    /// runs at a time, and it stops short of filling the cache.
+    fn warm_soon(&self) {
+        let generation = self.store.generation();
+        if self.warmed.load(Ordering::Acquire) == generation
+            || self.warming.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let Some(me) = self.me.upgrade() else {
+            self.warming.store(false, Ordering::Release);
+            return;
+        };
+        self.runtime.spawn_blocking(move || {
+            me.warm();
+            me.warmed.store(generation, Ordering::Release);
+            me.warming.store(false, Ordering::Release);
+        });
+    }
+
+    fn warm(&self) {
+        let cached = || {
+            self.revisions
+                .lock()
+                .expect("revision cache lock is never poisoned")
+                .len()
+        };
+        let Ok(services) = self.store.services() else {
+            return;
+        };
+        for service in services {
+            let Ok(history) = self.store.history(&service) else {
+                continue;
+            };
+            let bootable = history.iter().filter(|d| d.image.is_some());
+            for deployment in bootable.take(WARM_PER_SERVICE) {
+                if cached() >= WARM_LIMIT || self.table_shutting_down() {
+                    return;
+                }
+                let known = self
+                    .revisions
+                    .lock()
+                    .expect("revision cache lock is never poisoned")
+                    .contains_key(&deployment.revision);
+                if !known {
+                    // Errors are the query's to report, when one comes.
+                    let _ = self.revision_info(&service, &deployment.revision);
+                }
+            }
+        }
+    }
+
+    fn table_shutting_down(&self) -> bool {
+        self.table
+            .lock()
+            .expect("table lock is never poisoned")
+            .shutting_down
     }
 
     fn next_id(&self) -> String {
@@ -543,16 +616,6 @@ impl Deployer {
         let Some((address, prepared)) = prepared else {
             return Err(SummonError::PoolExhausted);
         };
-        // Made here, not in the instance task: one mkdir is cheaper than a hop to a blocking
-        // thread on the boot path.
-        if let Err(error) = std::fs::create_dir_all(&scratch) {
-            drop(prepared);
-            table.pool.give(address);
-            return Err(SummonError::Start {
-                key: key.to_string(),
-                reason: format!("cannot create the scratch directory: {error}"),
-            });
-        }
         let (commands, command_rx) = mpsc::channel(COMMANDS);
         let entry = Arc::new(Entry {
             id,
@@ -1061,6 +1124,7 @@ impl Instances for Deployer {
                 },
                 other => ResolveError::Store(format!("{other}: {}", error_chain(&other))),
             })?;
+        self.warm_soon();
         let info = self.revision_info(service, &revision)?;
         if !info.bootable {
             return Err(ResolveError::NotBootable {

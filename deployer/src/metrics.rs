@@ -18,6 +18,7 @@ pub struct Metrics {
     stops: AtomicU64,
     buckets: [AtomicU64; BOOT_BUCKETS_MS.len()],
     boot_micros_sum: AtomicU64,
+    manifest_reads: AtomicU64,
 }
 
 /// A snapshot of [`Metrics`].
@@ -37,6 +38,9 @@ pub struct MetricsSnapshot {
     pub boot_buckets: [u64; BOOT_BUCKETS_MS.len()],
     /// Sum of boot times of ready instances.
     pub boot_time_sum: Duration,
+    /// Deployment manifests read from the store (a revision's first resolve or summon, or
+    /// the background warm-up after the repository changed).
+    pub manifest_reads: u64,
 }
 
 impl Metrics {
@@ -52,6 +56,10 @@ impl Metrics {
         }
         let micros = u64::try_from(boot.as_micros()).unwrap_or(u64::MAX);
         self.boot_micros_sum.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    pub(crate) fn manifest_read(&self) {
+        self.manifest_reads.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn ended(&self, crashed: bool, was_ready: bool) {
@@ -79,6 +87,7 @@ impl Metrics {
             stops: self.stops.load(Ordering::Relaxed),
             boot_buckets,
             boot_time_sum: Duration::from_micros(self.boot_micros_sum.load(Ordering::Relaxed)),
+            manifest_reads: self.manifest_reads.load(Ordering::Relaxed),
         }
     }
 }

@@ -60,10 +60,21 @@ pub struct BootSpec {
     pub client: Option<IpAddr>,
     /// Where the backend socket goes on `address`.
     pub backend_port: BackendPort,
-    /// A private directory the instance may write to (created by the deployer).
+    /// A private directory the instance may write to; the tender creates it at boot (see
+    /// [`make_scratch`]), the deployer removes it after the end.
     pub scratch: PathBuf,
     /// Console bytes to keep.
     pub console_bytes: usize,
+}
+
+/// Creates the scratch directory of `spec`. Tenders call it at the start of `boot`, in the
+/// instance's own task: a directory made during `summon` would put a file-system journal
+/// stall on the path of a DNS answer.
+pub fn make_scratch(spec: &BootSpec) -> Result<(), BootError> {
+    std::fs::create_dir_all(&spec.scratch).map_err(|source| BootError::Setup {
+        what: "scratch directory".into(),
+        source,
+    })
 }
 
 /// Why an instance could not be started.

@@ -8,9 +8,10 @@
 //! 2. On the spawner thread (one long-lived thread, so that `PR_SET_PDEATHSIG` means "the
 //!    daemon died"): create the instance's cgroups with their limits, build the landlock
 //!    ruleset, open the pipes; everything the child needs is allocated here.
-//! 3. `clone3` with new mount, pid, net, ipc, uts and cgroup namespaces and a pidfd: the
-//!    child is pid 1 of its own pid namespace. Between clone and exec it only makes
-//!    system calls: join the cgroups, make `/` private, make its scratch directory its root
+//! 3. `clone` with new mount, pid, net, ipc, uts and cgroup namespaces and a pidfd, the
+//!    posix_spawn way (`CLONE_VM | CLONE_VFORK`: no page tables copied, the spawner sleeps
+//!    until the exec): the child is pid 1 of its own pid namespace. Between clone and exec
+//!    it only makes system calls: reset the signal handlers, join the cgroups, make `/` private, make its scratch directory its root
 //!    (`pivot_root`: nothing of the host's tree stays visible, so not even a pathname unix
 //!    socket outside it can be reached) and mount its own `/proc` there, set the
 //!    hostname and rlimits, move stdin (`/dev/null`), stdout+stderr (console pipe) and the
@@ -299,6 +300,7 @@ impl Prepared for ProcessPrepared {
                 let what = what.to_owned();
                 move |source| BootError::Setup { what, source }
             };
+            super::make_scratch(&spec)?;
             let listener_fd = fd_above(listener.into()).map_err(setup("listening socket"))?;
             let console_bytes = spec.console_bytes;
             // The only way out of the empty network namespace; revoked when dropped.
@@ -961,38 +963,45 @@ impl Shared {
         } else {
             libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS
         };
-        let mut args = CloneArgs {
-            flags: (fresh | libc::CLONE_NEWPID | libc::CLONE_NEWCGROUP | libc::CLONE_PIDFD) as u64,
-            pidfd: &mut pidfd as *mut RawFd as u64,
-            child_tid: 0,
-            parent_tid: 0,
-            exit_signal: libc::SIGCHLD as u64,
-            stack: 0,
-            stack_size: 0,
-            tls: 0,
-        };
-        // SAFETY: clone3 without CLONE_VM behaves like fork: the child gets a copy of this
-        // thread only and runs `child`, which makes nothing but system calls on memory
-        // prepared above and never returns.
+        // posix_spawn's way: the child borrows this address space (CLONE_VM) on a stack of
+        // its own, and this thread sleeps until the child has exec'd or exited (CLONE_VFORK).
+        // A fork-like clone would copy the daemon's page tables for every boot, and every
+        // page the daemon then wrote would take a copy-on-write fault.
+        let flags = fresh
+            | libc::CLONE_VM
+            | libc::CLONE_VFORK
+            | libc::CLONE_NEWPID
+            | libc::CLONE_NEWCGROUP
+            | libc::CLONE_PIDFD
+            | libc::SIGCHLD;
+        let stack = ChildStack::new().map_err(setup("child stack"))?;
+        // No handler of this process may run in the child, which shares its memory: block
+        // every signal across the clone; the child resets the handlers and unblocks them
+        // just before exec.
+        let blocked = BlockedSignals::all();
+        // SAFETY: `clone_child` runs `child`, which makes nothing but system calls on memory
+        // prepared above (alive until the child has exec'd: this thread sleeps until then)
+        // and never returns; the stack is the child's alone.
         let pid = unsafe {
-            libc::syscall(
-                libc::SYS_clone3,
-                &mut args as *mut CloneArgs,
-                std::mem::size_of::<CloneArgs>(),
+            libc::clone(
+                clone_child,
+                stack.top(),
+                flags,
+                (&raw const plan).cast_mut().cast(),
+                &mut pidfd as *mut RawFd,
             )
         };
-        if pid == 0 {
-            // SAFETY: we are the freshly cloned child.
-            unsafe { child(&plan) };
-        }
+        let clone_error = io::Error::last_os_error();
+        drop(blocked);
+        drop(stack);
         if pid < 0 {
             return Err(BootError::Exec {
-                step: "clone3",
-                source: io::Error::last_os_error(),
+                step: "clone",
+                source: clone_error,
             });
         }
         let pid = pid as u32;
-        // SAFETY: clone3 stored a fresh pidfd that we own.
+        // SAFETY: clone stored a fresh pidfd that we own.
         let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
         drop(plan);
         drop(error_write);
@@ -1058,17 +1067,85 @@ fn reap_blocking(pidfd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// `struct clone_args` of `clone3(2)`, version 0 (64 bytes).
-#[repr(C)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
+/// The stack a vfork-style child runs on: mapped per spawn, with a guard page below.
+struct ChildStack {
+    base: *mut libc::c_void,
+}
+
+impl ChildStack {
+    /// Far more than `child` needs: a few small frames and no allocation.
+    const SIZE: usize = 256 * 1024;
+    const GUARD: usize = 4096;
+
+    fn new() -> io::Result<ChildStack> {
+        // SAFETY: a fresh anonymous mapping; nothing else refers to it.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                Self::SIZE + Self::GUARD,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let stack = ChildStack { base };
+        // SAFETY: the lowest page of the mapping just made.
+        if unsafe { libc::mprotect(base, Self::GUARD, libc::PROT_NONE) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(stack)
+    }
+
+    /// The highest address (stacks grow down); page-aligned, so 16-byte aligned.
+    fn top(&self) -> *mut libc::c_void {
+        // SAFETY: one past the end of the mapping, which clone treats as the initial stack
+        // pointer.
+        unsafe { self.base.cast::<u8>().add(Self::SIZE + Self::GUARD).cast() }
+    }
+}
+
+impl Drop for ChildStack {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`; the child no longer runs on it (it has exec'd
+        // or exited before clone returned).
+        unsafe { libc::munmap(self.base, Self::SIZE + Self::GUARD) };
+    }
+}
+
+/// Every signal blocked on this thread until dropped, which restores the earlier mask.
+struct BlockedSignals {
+    previous: libc::sigset_t,
+}
+
+impl BlockedSignals {
+    fn all() -> BlockedSignals {
+        // SAFETY: sigset_t is plain data that the calls below initialise.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut previous: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut previous);
+            BlockedSignals { previous }
+        }
+    }
+}
+
+impl Drop for BlockedSignals {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved in `all`.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.previous, std::ptr::null_mut()) };
+    }
+}
+
+/// The entry point `clone` calls in the child.
+extern "C" fn clone_child(plan: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `spawn_in` passes its `ChildPlan`, alive until this child has exec'd; we are
+    // the freshly cloned child.
+    unsafe { child(&*plan.cast::<ChildPlan<'_>>()) }
 }
 
 /// The landlock ruleset: everything below the scratch directory, execute+read of the image,
@@ -1111,6 +1188,14 @@ unsafe fn child(plan: &ChildPlan<'_>) -> ! {
     };
     // SAFETY (whole block): plain system calls on fds and memory prepared by the parent.
     unsafe {
+        // The handlers are the daemon's (this child shares its memory until exec): back to
+        // the defaults, while every signal is still blocked. Exec would reset them anyway,
+        // but ignored ones (SIGPIPE) would stay ignored in the image.
+        for signal in 1..=libc::SIGRTMAX() {
+            if signal != libc::SIGKILL && signal != libc::SIGSTOP {
+                libc::signal(signal, libc::SIG_DFL);
+            }
+        }
         for &fd in &plan.cgroup_procs {
             if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
                 fail(0);
@@ -1227,6 +1312,10 @@ unsafe fn child(plan: &ChildPlan<'_>) -> ! {
             tv_sec: 0,
             tv_nsec: 1_000_000,
         };
+        // The image starts with no signal blocked.
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
         for _ in 0..50 {
             libc::syscall(
                 libc::SYS_execveat,

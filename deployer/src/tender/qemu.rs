@@ -390,6 +390,7 @@ impl Prepared for QemuPrepared {
         image: PathBuf,
     ) -> BoxFuture<'static, Result<Box<dyn Running>, BootError>> {
         Box::pin(async move {
+            super::make_scratch(&self.spec)?;
             let _ = std::fs::remove_file(&self.qmp);
             let mut command = Command::new(&self.binary);
             command

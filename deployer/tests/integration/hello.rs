@@ -411,3 +411,51 @@ async fn an_image_that_exits_while_booting_is_a_crash_with_its_status() {
     );
     world.deployer.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recent_manifests_are_read_ahead_so_a_cold_summon_reads_no_git() {
+    let world = World::new(43, |_| {});
+    let image = hello_image();
+    let revisions: Vec<_> = (1..=3)
+        .map(|n| {
+            deploy(
+                &world.store,
+                "hello",
+                &image,
+                &manifest("hello", HELLO_RUN),
+                &source(n),
+            )
+        })
+        .collect();
+    // The first query after the repository changed starts the warm-up.
+    world
+        .deployer
+        .resolve("hello", Some(&revisions[0].short(12)))
+        .expect("resolves");
+    assert!(
+        support::eventually(|| world.deployer.metrics().manifest_reads >= 3).await,
+        "the warm-up reads every recent manifest"
+    );
+    // Settled: a second pass over the same generation finds nothing to read.
+    let warmed = world.deployer.metrics().manifest_reads;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(world.deployer.metrics().manifest_reads, warmed);
+    for revision in &revisions[1..] {
+        let resolved = world
+            .deployer
+            .resolve("hello", Some(&revision.short(12)))
+            .expect("resolves");
+        let mut state = world
+            .deployer
+            .summon("hello", &resolved.revision, None)
+            .expect("summon")
+            .state;
+        support::wait_state(&mut state, InstanceState::is_serving).await;
+    }
+    assert_eq!(
+        world.deployer.metrics().manifest_reads,
+        warmed,
+        "resolve and summon of warmed revisions read no manifest"
+    );
+    world.deployer.shutdown().await;
+}

@@ -76,6 +76,18 @@ async fn cannot_see_host_processes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_with_no_signal_blocked() {
+    let world = World::new(44, |_| {});
+    // The spawner blocks every signal across the clone; the image must not inherit that.
+    let console = probe(&world, &["signals"]).await;
+    assert!(
+        console.contains("probe SigBlk: 0000000000000000\n"),
+        "{console}"
+    );
+    world.deployer.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn is_killed_at_its_memory_limit_and_recorded_as_such() {
     let world = World::new(23, |_| {});
     let image = probe_image();

@@ -5,7 +5,8 @@
 //!   the working directory, then read `/etc/hostname`;
 //! - `connect <ip:port>`: open a TCP connection;
 //! - `memory <MiB>`: allocate and touch that much memory;
-//! - `procs <host pid>`: report its own pid, signal the host pid, list `/proc`.
+//! - `procs <host pid>`: report its own pid, signal the host pid, list `/proc`;
+//! - `signals`: report its blocked, ignored and caught signal masks (as exec left them).
 //!
 //! Each result is one console line `probe <what>: ok|denied (<error>)|<value>`; then it prints
 //! `probe done` and answers HTTP on the inherited socket (fd 3) with `probe ok`.
@@ -78,6 +79,19 @@ fn main() {
                 Err(error) => println!("probe proc-pids: denied ({error})"),
             }
         }
+        "signals" => match std::fs::read_to_string("/proc/self/status") {
+            Ok(status) => {
+                for line in status.lines() {
+                    if let Some(mask) = ["SigBlk:", "SigIgn:", "SigCgt:"]
+                        .iter()
+                        .find_map(|field| line.strip_prefix(field))
+                    {
+                        println!("probe {}: {}", &line[..6], mask.trim());
+                    }
+                }
+            }
+            Err(error) => println!("probe signals: denied ({error})"),
+        },
         other => println!("probe: unknown check `{other}`"),
     }
     println!("probe done");
