@@ -9,7 +9,8 @@
 #    limits off; dnsperf alternates between them for ROUNDS rounds; the best of each is
 #    compared and the ratio printed.
 # 2. Answer latency for cold names (each query summons an instance; non-delayed mode), with
-#    the deployer's own resolve() and summon() timed alone beside it.
+#    the deployer's own resolve() and summon() timed alone beside it, and each cold query
+#    paired with a query for a running instance's name (the anchor: the machine's noise).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER_RUN="${1:-10}"

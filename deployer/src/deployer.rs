@@ -646,11 +646,14 @@ impl Deployer {
         let summoned = Self::summoned(&entry);
         self.tasks.fetch_add(1, Ordering::AcqRel);
         debug!(instance = %key, id = entry.id, %address, backend = %entry.backend, "summoned");
-        self.runtime.spawn(async move {
-            tend(&me, &entry, prepared, &info, command_rx, scratch).await;
-            if me.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
-                me.tasks_done.notify_waiters();
-            }
+        let runtime = self.runtime.clone();
+        crate::summon::launch(move || {
+            runtime.spawn(async move {
+                tend(&me, &entry, prepared, &info, command_rx, scratch).await;
+                if me.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    me.tasks_done.notify_waiters();
+                }
+            });
         });
         Ok(summoned)
     }

@@ -101,6 +101,7 @@ pub mod upstream;
 pub use config::{BackendPort, DeployerConfig};
 pub use deployer::{ControlError, Deployer, InstanceInfo, NewError};
 pub use summon::{
-    Activity, InstanceKey, InstanceState, Instances, ResolveError, Resolved, SummonError, Summoned,
+    Activity, InstanceKey, InstanceState, Instances, LaunchScope, ResolveError, Resolved,
+    SummonError, Summoned,
 };
 pub use tender::{Tender, Tenders};

@@ -12,7 +12,13 @@
 //! 4. `activity(key, …)` — queries and connections keep an instance from being reaped.
 //! 5. `generation()` — changes whenever a resolve or an address may have changed, so
 //!    callers may cache answers until it moves.
+//!
+//! A summon that starts a boot wakes another thread, and on a busy machine the woken thread
+//! may take the summoning thread's CPU before it has sent its answer. A caller that answers
+//! someone opens a [`LaunchScope`] first: boots started inside it are launched when the
+//! scope is dropped, after the answer has left.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -235,4 +241,166 @@ pub trait Instances: Send + Sync + 'static {
     /// A counter that changes whenever a resolve result or an instance address may have
     /// changed; answers cached under one value are valid until it moves.
     fn generation(&self) -> u64;
+}
+
+/// A boot launch held back by a [`LaunchScope`].
+pub(crate) type Launch = Box<dyn FnOnce() + Send>;
+
+thread_local! {
+    /// Launches held back on this thread; `None` outside any scope.
+    static HELD: RefCell<Option<Vec<Launch>>> = const { RefCell::new(None) };
+}
+
+/// Holds back the boots that summons start on this thread until dropped, so that the caller
+/// can send its answer before any boot work is woken (see the module docs). Scopes do not
+/// nest: an inner scope launches nothing and the outer one launches everything. Dropping
+/// the scope (also by unwinding) launches every held boot, so no instance is left without its
+/// task; a scope moved to another thread still launches what it holds.
+#[derive(Default)]
+#[must_use = "boots launch when the scope is dropped"]
+pub struct LaunchScope {
+    /// True for the scope that opened the thread's list.
+    outer: bool,
+    /// The launches taken from the thread when the scope was closed early (see `close`).
+    taken: Vec<Launch>,
+}
+
+impl LaunchScope {
+    /// Opens a scope on this thread.
+    pub fn open() -> LaunchScope {
+        let outer = HELD.with(|held| {
+            let mut held = held.borrow_mut();
+            if held.is_some() {
+                false
+            } else {
+                *held = Some(Vec::new());
+                true
+            }
+        });
+        LaunchScope {
+            outer,
+            taken: Vec::new(),
+        }
+    }
+
+    /// Stops holding back launches on this thread, keeping those held so far in the scope:
+    /// call it before an `.await` that may move the task to another thread.
+    pub fn close(mut self) -> LaunchScope {
+        if self.outer {
+            self.outer = false;
+            self.taken = HELD
+                .with(|held| held.borrow_mut().take())
+                .unwrap_or_default();
+        }
+        self
+    }
+}
+
+impl fmt::Debug for LaunchScope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LaunchScope")
+            .field("outer", &self.outer)
+            .field("taken", &self.taken.len())
+            .finish()
+    }
+}
+
+impl Drop for LaunchScope {
+    fn drop(&mut self) {
+        let mut launches = std::mem::take(&mut self.taken);
+        if self.outer {
+            launches.extend(
+                HELD.with(|held| held.borrow_mut().take())
+                    .unwrap_or_default(),
+            );
+        }
+        for launch in launches {
+            launch();
+        }
+    }
+}
+
+/// Runs `launch` now, or holds it back if a [`LaunchScope`] is open on this thread. For work
+/// a summon starts that wakes other threads (the deployer's instance task, the proxy's
+/// accept loop).
+pub fn launch(launch: impl FnOnce() + Send + 'static) {
+    let launch: Launch = Box::new(launch);
+    let launch = HELD.with(|held| match held.borrow_mut().as_mut() {
+        Some(held) => {
+            held.push(launch);
+            None
+        }
+        None => Some(launch),
+    });
+    if let Some(launch) = launch {
+        launch();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    fn counting(count: &Arc<AtomicUsize>) -> impl FnOnce() + Send + 'static {
+        let count = Arc::clone(count);
+        move || {
+            count.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn launches_run_at_once_outside_a_scope() {
+        let count = Arc::new(AtomicUsize::new(0));
+        launch(counting(&count));
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_scope_holds_launches_until_it_drops_and_inner_scopes_defer_to_it() {
+        let count = Arc::new(AtomicUsize::new(0));
+        let scope = LaunchScope::open();
+        launch(counting(&count));
+        let inner = LaunchScope::open();
+        launch(counting(&count));
+        drop(inner);
+        assert_eq!(count.load(Ordering::SeqCst), 0);
+        drop(scope);
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+        launch(counting(&count));
+        assert_eq!(
+            count.load(Ordering::SeqCst),
+            3,
+            "the thread holds nothing back after"
+        );
+    }
+
+    #[test]
+    fn a_closed_scope_keeps_what_it_held_and_holds_nothing_more() {
+        let count = Arc::new(AtomicUsize::new(0));
+        let scope = LaunchScope::open();
+        launch(counting(&count));
+        let scope = scope.close();
+        launch(counting(&count));
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        std::thread::spawn(move || drop(scope))
+            .join()
+            .expect("joins");
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn unwinding_out_of_a_scope_still_launches() {
+        let count = Arc::new(AtomicUsize::new(0));
+        let inner = Arc::clone(&count);
+        let result = std::panic::catch_unwind(move || {
+            let _scope = LaunchScope::open();
+            launch(counting(&inner));
+            panic!("a bug while answering");
+        });
+        assert!(result.is_err());
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+    }
 }

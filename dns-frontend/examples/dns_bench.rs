@@ -195,9 +195,12 @@ fn percentiles(label: &str, mut micros: Vec<f64>) {
 
 /// Times cold names: a third as direct deployer calls (its share of the cost), a third by
 /// DNS one at a time (each instance ready before the next query), a third by DNS back to
-/// back (boots of earlier names compete for the CPU).
+/// back (boots of earlier names compete for the CPU). Each cold query is paired with a
+/// query for a name whose instance is running, by the same client right after: the anchor,
+/// which shows what the machine and the measurement cost at that moment. (It is not a
+/// cached answer: every boot moves the deployer's generation, which empties the cache.)
 async fn cold(count: usize, args: &[String]) -> anyhow::Result<()> {
-    let backend = backend(args, count)?;
+    let backend = backend(args, count + 1)?;
     // Let the freshly written repository settle, as it would have long before a query.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let server = DnsServer::bind(config("127.0.0.1:0".parse()?), backend.instances.clone())
@@ -205,7 +208,10 @@ async fn cold(count: usize, args: &[String]) -> anyhow::Result<()> {
         .spawn();
     let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
     exchange(&socket, server.local_addr(), &query(0, "nonexistent")).await?;
-    let (direct, rest) = backend.revisions.split_at(count / 3);
+    let (anchor, revisions) = backend.revisions.split_first().context("no revisions")?;
+    let anchor = query(0xfff0, &anchor.short(7));
+    exchange(&socket, server.local_addr(), &anchor).await?;
+    let (direct, rest) = revisions.split_at(count / 3);
     let (spaced, back_to_back) = rest.split_at(rest.len() / 2);
     // The deployer's own share: resolve + summon called directly (no DNS), one at a time.
     let (mut resolve_us, mut summon_us) = (Vec::new(), Vec::new());
@@ -214,13 +220,13 @@ async fn cold(count: usize, args: &[String]) -> anyhow::Result<()> {
         let resolved = backend
             .instances
             .resolve("hello", Some(&revision.short(7)))?;
-        resolve_us.push(started.elapsed().as_secs_f64() * 1e6);
+        resolve_us.push(micros(started));
         let started = Instant::now();
         let mut state = backend
             .instances
             .summon("hello", &resolved.revision, None)?
             .state;
-        summon_us.push(started.elapsed().as_secs_f64() * 1e6);
+        summon_us.push(micros(started));
         tokio::time::timeout(Duration::from_secs(30), state.wait_for(|s| s.is_serving()))
             .await
             .context("Instance not ready in 30 s")??;
@@ -228,21 +234,25 @@ async fn cold(count: usize, args: &[String]) -> anyhow::Result<()> {
     percentiles("resolve() alone", resolve_us);
     percentiles("summon() alone", summon_us);
     for (label, revisions, wait) in [
-        ("cold answers one at a time", spaced, true),
-        ("cold answers back to back", back_to_back, false),
+        ("one at a time", spaced, true),
+        ("back to back", back_to_back, false),
     ] {
-        let mut micros = Vec::with_capacity(revisions.len());
+        let mut cold_us = Vec::with_capacity(revisions.len());
+        let mut anchor_us = Vec::with_capacity(revisions.len());
         for (i, revision) in revisions.iter().enumerate() {
             let packet = query(i as u16 + 1, &revision.short(7));
             let started = Instant::now();
             let reply = exchange(&socket, server.local_addr(), &packet).await?;
-            micros.push(started.elapsed().as_secs_f64() * 1e6);
+            cold_us.push(micros(started));
             if reply[3] & 0x0f != 0 || reply[7] != 1 {
                 bail!(
                     "Cold name {i} was not answered with an address: rcode {}",
                     reply[3] & 0x0f
                 );
             }
+            let started = Instant::now();
+            exchange(&socket, server.local_addr(), &anchor).await?;
+            anchor_us.push(micros(started));
             if wait {
                 let mut state = backend.instances.summon("hello", revision, None)?.state;
                 tokio::time::timeout(Duration::from_secs(30), state.wait_for(|s| s.is_serving()))
@@ -250,7 +260,8 @@ async fn cold(count: usize, args: &[String]) -> anyhow::Result<()> {
                     .context("Instance not ready in 30 s")??;
             }
         }
-        percentiles(label, micros);
+        percentiles(&format!("cold answers, {label}"), cold_us);
+        percentiles(&format!("  anchor: a running name, {label}"), anchor_us);
     }
     println!("summons: {}", server.metrics().summons);
     server.shutdown().await?;
@@ -258,6 +269,10 @@ async fn cold(count: usize, args: &[String]) -> anyhow::Result<()> {
         deployer.shutdown().await;
     }
     Ok(())
+}
+
+fn micros(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e6
 }
 
 fn main() -> anyhow::Result<()> {

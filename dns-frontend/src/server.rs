@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use revboot_deployer::{Activity, Instances};
+use revboot_deployer::{Activity, Instances, LaunchScope};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
@@ -693,6 +693,9 @@ impl UdpWorker {
                     continue;
                 }
             };
+            // A boot this query starts is launched after the answer is sent (see
+            // `LaunchScope`): its wake-ups cannot delay the answer.
+            let scope = LaunchScope::open();
             match self
                 .shared
                 .handle(&buf[..len], from.ip(), Transport::Udp, &mut scratch)
@@ -701,6 +704,7 @@ impl UdpWorker {
                 Step::Nothing => {}
                 Step::Delay(delayed) => self.delay(delayed, from),
             }
+            drop(scope);
         }
     }
 
@@ -782,11 +786,15 @@ async fn tcp_connection(
             Ok(Ok(_)) => {}
             _ => return,
         }
+        let scope = LaunchScope::open();
         let step = shared.handle(&buf[..length], peer.ip(), Transport::Tcp, &mut scratch);
+        // Closed before any await (the task may move threads); still holds this query's boot.
+        let mut scope = Some(scope.close());
         match step {
             Step::Nothing => continue,
             Step::Send => {}
             Step::Delay(delayed) => {
+                scope = None;
                 tokio::select! {
                     _ = stop.changed() => return,
                     () = shared.settle(&delayed, Transport::Tcp, &mut scratch.out) => {}
@@ -799,7 +807,14 @@ async fn tcp_connection(
         let mut framed = Vec::with_capacity(scratch.out.len() + 2);
         framed.extend_from_slice(&length.to_be_bytes());
         framed.extend_from_slice(&scratch.out);
-        if !matches!(timeout(idle, stream.write_all(&framed)).await, Ok(Ok(()))) {
+        // The answer first if the socket takes it at once; a slow reader never holds a boot
+        // back.
+        let written = stream.try_write(&framed).unwrap_or(0);
+        drop(scope);
+        if !matches!(
+            timeout(idle, stream.write_all(&framed[written..])).await,
+            Ok(Ok(()))
+        ) {
             debug!(%peer, "TCP write failed or timed out");
             return;
         }

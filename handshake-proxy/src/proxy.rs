@@ -234,8 +234,12 @@ impl Shared {
         drop(registry);
         self.metrics.listeners.fetch_add(1, Ordering::Relaxed);
         debug!(%address, key = %summoned.key, "listening");
-        self.runtime
-            .spawn(accepting(Arc::clone(self), listener, address, cancel));
+        // The kernel queues handshakes from here on; the accept loop may start after the
+        // summoner's answer (see `LaunchScope`).
+        let (me, runtime) = (Arc::clone(self), self.runtime.clone());
+        revboot_deployer::summon::launch(move || {
+            runtime.spawn(accepting(me, listener, address, cancel));
+        });
         Ok(())
     }
 
