@@ -9,11 +9,14 @@ examples/hello with stock git, then N times: stop every instance (API), and time
 Beside it, the same request to the instance once warm (the floor of steps 1-3).
 Prints p50/p99 of each and the ratio cold/warm.
 
-usage: bench/e2e-cold.py [N]   (default 1000; run as root from the repository root)
+usage: bench/e2e-cold.py [N] [--direct]   (default 1000; run as root from the repository root)
+  --direct: `[instances] direct = true`, clients reach the instance's own socket (no proxy)
 """
 import json, os, random, shutil, socket, struct, subprocess, sys, tempfile, time, urllib.request
 
-N = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
+ARGS = [a for a in sys.argv[1:] if not a.startswith("--")]
+DIRECT = "--direct" in sys.argv[1:]
+N = int(ARGS[0]) if ARGS else 1000
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "bench-token"
 
@@ -80,6 +83,8 @@ def main():
     config = os.path.join(work, "revbootd.toml")
     with open(config, "w") as f:
         f.write("[dns]\nboots_per_second = 100000\nboot_burst = 100000\nresponses_per_second = 0\n")
+        if DIRECT:
+            f.write("[instances]\ndirect = true\n")
     daemon = subprocess.Popen([exe, "--config", config, "--data", os.path.join(work, "data"), "serve", "--http", http,
                                "--dns", "%s:%d" % dns, "--pool", "127.66.0.0/16", "--token", TOKEN],
                               stdout=log, stderr=log)
@@ -122,7 +127,8 @@ def main():
             warm_dns.append(t1 - t0)
             warm_first.append(t1 - t0 + first)
         ms = lambda v: "%.2f ms" % (v * 1000)
-        print("end-to-end over %d cold starts (examples/hello, process tender, through DNS + proxy)" % N)
+        path = "DNS, no proxy (direct)" if DIRECT else "DNS + proxy"
+        print("end-to-end over %d cold starts (examples/hello, process tender, through %s)" % (N, path))
         print("  cold: DNS answer      p50 %s  p99 %s" % (ms(pct(cold_dns, 50)), ms(pct(cold_dns, 99))))
         print("  cold: + connect       p50 %s  p99 %s" % (ms(pct(cold_connect, 50)), ms(pct(cold_connect, 99))))
         print("  cold: + first byte    p50 %s  p99 %s" % (ms(pct(cold_first, 50)), ms(pct(cold_first, 99))))

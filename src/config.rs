@@ -96,6 +96,13 @@ pub struct Instances {
     pub qemu_accel: String,
     /// Replaces every manifest's idle timeout, in milliseconds (demos, tests).
     pub idle_timeout_ms: Option<u64>,
+    /// Clients reach each instance's own socket on its service address, with no handshake
+    /// proxy in front: warm traffic costs nothing extra, the kernel's accept queue holds
+    /// connections during a boot, and open connections are counted through `sock_diag`
+    /// for idle reaping. Per-client admission is then the instance socket's filter; the
+    /// proxy's connection metrics, held-connection bounds and early-byte buffering are
+    /// not there.
+    pub direct: bool,
 }
 
 /// `[builds]`.
@@ -154,6 +161,7 @@ impl Default for Instances {
             max_clients_per_service: 32,
             qemu_accel: "auto".to_owned(),
             idle_timeout_ms: None,
+            direct: false,
         }
     }
 }

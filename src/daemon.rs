@@ -309,7 +309,13 @@ impl Daemon {
             .pool
             .parse()
             .map_err(|error| anyhow::anyhow!("instances.pool: {error}"))?;
-        deployer_config.backend_port = BackendPort::Ephemeral;
+        // Behind the proxy, instances listen on an ephemeral port of their service address;
+        // in direct mode on the service port itself (the proxy then fronts nothing).
+        deployer_config.backend_port = if config.instances.direct {
+            BackendPort::Same
+        } else {
+            BackendPort::Ephemeral
+        };
         deployer_config.max_instances = config.instances.max_total;
         deployer_config.max_per_service = config.instances.max_per_service;
         deployer_config.max_clients_per_service = config.instances.max_clients_per_service;

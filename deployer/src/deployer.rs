@@ -1030,6 +1030,16 @@ async fn serve(
                 .state
                 .send_if_modified(|state| set_if(state, InstanceState::Idle, InstanceState::Ready));
             idle_timeout
+        } else if quiet >= idle_timeout && connected_directly(entry) {
+            // Clients reach this instance's own socket, unseen: an open connection is
+            // activity all the same.
+            entry
+                .last_activity
+                .store(deployer.ms_since_epoch(), Ordering::Relaxed);
+            entry
+                .state
+                .send_if_modified(|state| set_if(state, InstanceState::Idle, InstanceState::Ready));
+            half
         } else if quiet >= idle_timeout {
             info!(instance = %entry.key, ?quiet, "idle: stopping");
             return stop(deployer, running, Some(Command::Stop("idle"))).await;
@@ -1053,6 +1063,26 @@ async fn serve(
             () = tokio::time::sleep(next.max(Duration::from_millis(5))) => continue,
         };
         return stop(deployer, running, command).await;
+    }
+}
+
+/// True if clients reach `entry`'s own socket (no proxy in front, which would report its
+/// connections) and a connection to it is open. When the kernel cannot say, false: idleness
+/// is then judged by queries alone, as it is said once.
+fn connected_directly(entry: &Entry) -> bool {
+    let front = SocketAddr::new(entry.address, entry.port);
+    if entry.backend != front {
+        return false;
+    }
+    match crate::conntrack::open_connections(front) {
+        Ok(open) => open > 0,
+        Err(error) => {
+            static WARN: std::sync::Once = std::sync::Once::new();
+            WARN.call_once(|| {
+                warn!(%error, "cannot count open connections (sock_diag): instances without a proxy in front are reaped by queries alone")
+            });
+            false
+        }
     }
 }
 

@@ -89,6 +89,7 @@
 #![deny(missing_docs)]
 
 pub mod config;
+mod conntrack;
 pub mod console;
 mod deployer;
 pub mod metrics;

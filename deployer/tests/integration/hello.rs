@@ -459,3 +459,40 @@ async fn recent_manifests_are_read_ahead_so_a_cold_summon_reads_no_git() {
     );
     world.deployer.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_proxy_an_open_quiet_connection_keeps_the_instance_alive() {
+    let world = World::new(45, |config| config.idle_timeout_override_ms = Some(1_000));
+    let image = hello_image();
+    let revision = deploy(
+        &world.store,
+        "hello",
+        &image,
+        &manifest("hello", HELLO_RUN),
+        &source(1),
+    );
+    let summoned = world
+        .deployer
+        .summon("hello", &revision, None)
+        .expect("summon");
+    // Clients reach the instance's own socket; nobody reports their connections.
+    assert_eq!(
+        summoned.backend,
+        std::net::SocketAddr::new(summoned.address, summoned.port)
+    );
+    let mut state = summoned.state.clone();
+    support::wait_state(&mut state, InstanceState::is_serving).await;
+    let quiet = tokio::net::TcpStream::connect(summoned.backend)
+        .await
+        .expect("connect");
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    assert!(
+        summoned.state.borrow().is_serving(),
+        "reaped with a connection open: {:?}",
+        *summoned.state.borrow()
+    );
+    drop(quiet);
+    let end = support::wait_state(&mut state, InstanceState::is_final).await;
+    assert_eq!(end, InstanceState::Stopped);
+    world.deployer.shutdown().await;
+}

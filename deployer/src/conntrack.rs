@@ -1,0 +1,211 @@
+//! Open connections on an instance's own socket, for instances clients reach directly.
+//!
+//! Behind the handshake proxy every connection is reported as activity. An instance that
+//! owns its client-facing socket (`BackendPort::Same`: no proxy in front) is reached by the
+//! kernel alone, so before such an instance is reaped for idleness the deployer asks the
+//! kernel whether any connection to that socket is still open: one `sock_diag` netlink dump
+//! of TCP sockets, filtered in the kernel by a bytecode condition on the local address and
+//! port, counting every state of an accepted connection that is not yet closed (also those
+//! still waiting in the accept queue).
+//!
+//! Hand-written on `libc` (a request, one condition, a reply walk): the netlink crates
+//! would add three dependencies for these hundred lines.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// `SOCK_DIAG_BY_FAMILY`.
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+/// `INET_DIAG_REQ_BYTECODE`.
+const INET_DIAG_REQ_BYTECODE: u16 = 1;
+/// `INET_DIAG_BC_S_COND`: the local address and port match a host condition.
+const INET_DIAG_BC_S_COND: u8 = 7;
+/// TCP states of a connection that is open, or closing with a peer still attached:
+/// ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING (not LISTEN, SYN_RECV,
+/// TIME_WAIT or CLOSE).
+const OPEN_STATES: u32 = (1 << 1) | (1 << 4) | (1 << 5) | (1 << 8) | (1 << 9) | (1 << 11);
+/// How long the kernel may take to answer.
+const TIMEOUT: libc::timeval = libc::timeval {
+    tv_sec: 1,
+    tv_usec: 0,
+};
+
+/// The number of open TCP connections whose local end is `local`.
+pub(crate) fn open_connections(local: SocketAddr) -> io::Result<usize> {
+    // SAFETY: a plain socket call; the fd is owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let timeout = TIMEOUT;
+    // SAFETY: a timeval option of the right size on our socket.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const timeout).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let request = request(local);
+    // SAFETY: sending our buffer on our socket (the kernel is the default destination).
+    let sent = unsafe {
+        libc::send(
+            socket.as_raw_fd(),
+            request.as_ptr().cast(),
+            request.len(),
+            0,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buffer = vec![0u8; 32 * 1024];
+    let mut count = 0;
+    loop {
+        // SAFETY: receiving into our buffer.
+        let received = unsafe {
+            libc::recv(
+                socket.as_raw_fd(),
+                buffer.as_mut_ptr().cast(),
+                buffer.len(),
+                0,
+            )
+        };
+        if received < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut rest = &buffer[..received as usize];
+        while rest.len() >= 16 {
+            let length = u32::from_ne_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+            let kind = u16::from_ne_bytes(rest[4..6].try_into().expect("2 bytes"));
+            if length < 16 || length > rest.len() {
+                return Err(io::Error::other("truncated sock_diag reply"));
+            }
+            match kind {
+                SOCK_DIAG_BY_FAMILY => count += 1,
+                k if k == libc::NLMSG_DONE as u16 => return Ok(count),
+                k if k == libc::NLMSG_ERROR as u16 => {
+                    let errno = rest
+                        .get(16..20)
+                        .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
+                        .unwrap_or(0);
+                    return Err(io::Error::from_raw_os_error(-errno));
+                }
+                _ => {}
+            }
+            rest = &rest[length.next_multiple_of(4).min(rest.len())..];
+        }
+    }
+}
+
+/// A dump request for TCP sockets of `local`'s family in [`OPEN_STATES`] whose local end is
+/// `local` (a bytecode host condition: full-length prefix, exact port).
+fn request(local: SocketAddr) -> Vec<u8> {
+    let (family, address): (u8, Vec<u8>) = match local.ip() {
+        IpAddr::V4(ip) => (libc::AF_INET as u8, ip.octets().to_vec()),
+        IpAddr::V6(ip) => (libc::AF_INET6 as u8, ip.octets().to_vec()),
+    };
+    // struct inet_diag_bc_op { u8 code; u8 yes; u16 no } + struct inet_diag_hostcond
+    // { u8 family; u8 prefix_len; i32 port; be32 addr[] }: matched goes on to the end
+    // (accept), unmatched jumps 4 bytes past it (reject).
+    let op_len = 4 + 8 + address.len();
+    let mut bytecode = vec![INET_DIAG_BC_S_COND, op_len as u8];
+    bytecode.extend_from_slice(&((op_len + 4) as u16).to_ne_bytes());
+    bytecode.push(family);
+    bytecode.push((address.len() * 8) as u8);
+    bytecode.extend_from_slice(&[0, 0]);
+    bytecode.extend_from_slice(&i32::from(local.port()).to_ne_bytes());
+    bytecode.extend_from_slice(&address);
+
+    // struct inet_diag_req_v2 (56 bytes): family, protocol, ext, pad, states, sockid.
+    let mut body = vec![family, libc::IPPROTO_TCP as u8, 0, 0];
+    body.extend_from_slice(&OPEN_STATES.to_ne_bytes());
+    body.extend_from_slice(&[0u8; 48]);
+    // The bytecode attribute.
+    let attribute_len = 4 + bytecode.len();
+    body.extend_from_slice(&(attribute_len as u16).to_ne_bytes());
+    body.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
+    body.extend_from_slice(&bytecode);
+
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    let mut message = Vec::with_capacity(16 + body.len());
+    message.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
+    message.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    message.extend_from_slice(&flags.to_ne_bytes());
+    message.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    message.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it
+    message.extend_from_slice(&body);
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    #[test]
+    fn counts_open_connections_to_one_socket_and_no_others() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let local = listener.local_addr().expect("address");
+        let other = TcpListener::bind("127.0.0.1:0").expect("bind");
+        assert_eq!(
+            open_connections(local).expect("dump"),
+            0,
+            "a listener alone"
+        );
+
+        // One accepted, one waiting in the accept queue, one to another socket.
+        let mut accepted_client = TcpStream::connect(local).expect("connect");
+        let (mut accepted, _) = listener.accept().expect("accept");
+        accepted
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
+        let _queued = TcpStream::connect(local).expect("connect");
+        let _elsewhere = TcpStream::connect(other.local_addr().expect("address")).expect("connect");
+        assert_eq!(open_connections(local).expect("dump"), 2);
+
+        // Closed on both ends: gone (the closing side waits in TIME_WAIT, not counted).
+        accepted_client.write_all(b"x").expect("write");
+        let mut byte = [0u8; 1];
+        accepted.read_exact(&mut byte).expect("read");
+        drop(accepted_client);
+        assert_eq!(accepted.read(&mut byte).expect("eof"), 0);
+        drop(accepted);
+        // The last ACK of the close crosses loopback at once; allow it a moment anyway.
+        let mut left = open_connections(local).expect("dump");
+        for _ in 0..100 {
+            if left == 1 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            left = open_connections(local).expect("dump");
+        }
+        assert_eq!(left, 1, "the queued one is left");
+    }
+
+    #[test]
+    fn ipv6_sockets_are_counted_too() {
+        let Ok(listener) = TcpListener::bind("[::1]:0") else {
+            return; // no IPv6 loopback here
+        };
+        let local = listener.local_addr().expect("address");
+        let _client = TcpStream::connect(local).expect("connect");
+        assert_eq!(open_connections(local).expect("dump"), 1);
+    }
+}
