@@ -349,6 +349,23 @@ async fn run() {
         ms(percentile(&sorted, 0.99)),
         boots[storm - 1].as_secs_f64() / boots[0].as_secs_f64()
     );
+    // One boot is one sample of a shared machine: also the median of the ten boots ending
+    // at each mark, the boot time at that many instances.
+    let window = |n: usize| {
+        let mut around = boots[n.saturating_sub(10)..n].to_vec();
+        around.sort();
+        around[around.len() / 2]
+    };
+    let windows: Vec<String> = [10, 100, 500, storm]
+        .iter()
+        .filter(|&&n| n <= storm)
+        .map(|&n| format!("#{}–{n} {}", n.saturating_sub(9).max(1), ms(window(n))))
+        .collect();
+    println!(
+        "  medians of ten: {} | last ten/first ten {:.2}×",
+        windows.join(", "),
+        window(storm).as_secs_f64() / window(10.min(storm)).as_secs_f64()
+    );
     println!(
         "memory per instance: {:.0} KiB charged to its cgroup, {:.0} KiB of host memory (MemAvailable delta, kernel included)",
         cgroup_bytes as f64 / 1024.0 / storm as f64,
