@@ -21,8 +21,10 @@
 //!    install the seccomp filters, and `execveat` the image (through the fd the landlock
 //!    rule names, so a replaced cache file cannot swap the binary) with a clean environment
 //!    (`LISTEN_FDS=1`, `LISTEN_PID=1`, `REVBOOT_*`, the manifest's `env`).
-//! 4. A failing step writes `(step, errno)` to a close-on-exec pipe and exits 127; the
-//!    parent reads that pipe to EOF, so a returned boot means the image is executing.
+//! 4. A failing step writes `(step, errno)` to a close-on-exec pipe and exits 127. The
+//!    vfork clone returns only once the exec is past its point of no return or the child
+//!    has exited, so the parent reads the pipe once, without waiting: empty means the image
+//!    is executing.
 //! 5. A watcher waits on the pidfd, reaps with `waitid(P_PIDFD)`, reads the OOM counter,
 //!    waits (bounded) for the console to drain, removes the cgroups, then reports the exit.
 
@@ -661,9 +663,14 @@ fn fd_above(fd: OwnedFd) -> io::Result<OwnedFd> {
 }
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    pipe_with(0)
+}
+
+/// A close-on-exec pipe with extra `flags` (`O_NONBLOCK`), both ends above fd 10.
+fn pipe_with(flags: libc::c_int) -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as RawFd; 2];
     // SAFETY: `fds` has room for two fds.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | flags) } != 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: pipe2 returned two fresh fds that we own.
@@ -879,7 +886,7 @@ impl Shared {
         }
         let namespaces = self.namespaces.take();
         let (console_read, console_write) = pipe().map_err(setup("console pipe"))?;
-        let (error_read, error_write) = pipe().map_err(setup("error pipe"))?;
+        let (error_read, error_write) = pipe_with(libc::O_NONBLOCK).map_err(setup("error pipe"))?;
 
         let name = job.image.file_name().unwrap_or(OsStr::new("image"));
         let mut argv = vec![cstring(name.as_bytes(), "argv")?];
@@ -1006,22 +1013,22 @@ impl Shared {
         drop(plan);
         drop(error_write);
         drop(console_write);
+        // With CLONE_VFORK, clone returns once the child's exec is past its point of no
+        // return or the child has exited, and a failing child writes its report (8 bytes,
+        // atomic in a pipe) before it exits: an empty pipe now means the image runs. (Waiting
+        // for EOF instead would wait for the exec to close every inherited descriptor, which
+        // grows with the number of running instances.)
         let mut report = [0u8; 8];
-        let mut error_read = File::from(error_read);
-        let mut filled = 0;
-        while filled < report.len() {
-            match error_read.read(&mut report[filled..]) {
-                Ok(0) => break,
-                Ok(read) => filled += read,
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-                Err(error) => {
-                    return Err(BootError::Exec {
-                        step: "reading the start-up report",
-                        source: error,
-                    });
-                }
+        let filled = match File::from(error_read).read(&mut report) {
+            Ok(filled) => filled,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(error) => {
+                return Err(BootError::Exec {
+                    step: "reading the start-up report",
+                    source: error,
+                });
             }
-        }
+        };
         if filled == 0 {
             let pid_start = pid_start_time(pid);
             return Ok((pid, pid_start, pidfd, console_read));

@@ -496,3 +496,33 @@ async fn without_a_proxy_an_open_quiet_connection_keeps_the_instance_alive() {
     assert_eq!(end, InstanceState::Stopped);
     world.deployer.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_the_kernel_cannot_execute_is_a_crash_naming_the_step() {
+    let world = World::new(46, |_| {});
+    let image = world.dir.path().join("not-an-elf");
+    std::fs::write(&image, b"this is not a program\n").expect("write the image");
+    let revision = deploy(
+        &world.store,
+        "broken",
+        &image,
+        &manifest("not-an-elf", HELLO_RUN),
+        &source(2),
+    );
+    let summoned = world
+        .deployer
+        .summon("broken", &revision, None)
+        .expect("summon");
+    let mut state = summoned.state.clone();
+    let end = support::wait_state(&mut state, InstanceState::is_final).await;
+    let InstanceState::Crashed { reason } = end else {
+        panic!("not a crash: {end:?}");
+    };
+    assert!(
+        reason.starts_with("cannot start") && reason.contains("execveat"),
+        "{reason}"
+    );
+    assert!(reason.contains("Exec format error"), "{reason}");
+    assert!(support::eventually(|| world.deployer.list().is_empty()).await);
+    world.deployer.shutdown().await;
+}
