@@ -66,29 +66,26 @@
 //!
 //! # Figures
 //!
-//! Measured on a shared 2-core machine under load (load average 6–9 from other builds),
-//! so they are ranges, not points:
+//! Measured on a shared 2-core machine (load average 1–4 from other tenants), so they are
+//! ranges, not points:
 //!
-//! - Warm, `bench/proxy.sh` (wrk; each round runs direct then proxied; medians of 3
-//!   rounds, over five runs of the script): small keep-alive responses 0.65–0.85× the
-//!   direct requests/s; 1 MiB responses 0.60–0.73× the direct bytes/s (single rounds from
-//!   0.44× to 1.15×); one connection, sequential requests: p50 +45 to +130 µs. The
-//!   targets (0.9×, 0.9×, +50 µs) are not met here: wrk, the backend and the proxy share two
-//!   busy cores, and the proxy adds a process hop (two wake-ups, two copies) per exchange.
+//! - Warm, `bench/proxy.sh 5` (wrk; each round runs direct then proxied; medians of 3
+//!   rounds): small keep-alive responses 0.44–0.66× the direct requests/s; 1 MiB responses
+//!   0.50–0.57× the direct bytes/s; one connection, sequential requests: p50 +44 to
+//!   +58 µs. The targets (0.9×, 0.9×, +50 µs) are not met here: wrk, the backend and the
+//!   proxy are three busy processes on two cores, and the proxy adds a hop (two wake-ups,
+//!   two copies) per exchange. That is what the direct path is for.
 //! - Cold, `cargo bench -p revboot-proxy --bench cold -- 1000` (real deployer, hello on
-//!   the process tender, summon + connect + request + first byte, 1000 cold starts per
-//!   path): proxied p50 29.4 ms, p99 97.7 ms; straight to the instance's own socket p50
-//!   26.9 ms, p99 80.7 ms. The deployer reports `Ready` (the process is spawned) at p50
-//!   23.1 ms; the direct path's request is already queued in the kernel then, while the
-//!   proxied one still needs the proxy's wake-up, connect and replay (+2.5 ms at p50 on
-//!   this loaded machine). Connecting before `Ready` would close that gap for the process
-//!   tender, whose socket the kernel holds, but not for qemu's user networking, which
-//!   accepts for a guest that is not listening yet; the proxy cannot tell them apart, so
-//!   it waits for `Ready`.
-//! - Cold, the figure a user feels: `bench/e2e-cold.py 1000` (the whole daemon: a DNS A
-//!   query over UDP, then connect and first byte through this proxy, 1000 cold starts of
-//!   hello): DNS answer p50 0.81 ms (p99 12.1 ms), + connect p50 0.95 ms (p99 12.3 ms),
-//!   + first byte p50 14.6 ms, p99 35.5 ms; warm DNS + first byte p50 1.19 ms.
+//!   the process tender, summon + connect + request + first byte, per path): the proxied
+//!   path waits for `Ready` and then connects and replays, while the direct path's request
+//!   is already queued in the kernel. Connecting before `Ready` would close that gap for
+//!   the process tender, whose socket the kernel holds, but not for qemu's user
+//!   networking, which accepts for a guest that is not listening yet; the proxy cannot
+//!   tell them apart, so it waits for `Ready`.
+//! - Cold, the figure a user feels: `python3 bench/e2e-cold.py 1000` (the whole daemon: a
+//!   DNS A query over UDP, then connect and first byte through this proxy, 1000 cold
+//!   starts of hello): first byte p50 3.8–5.4 ms, p99 11–24 ms (DNS answer p50 0.4–0.7 ms);
+//!   with `--direct` (no proxy) p50 3.2–6.8 ms, p99 14 ms.
 //!
 //! # Limits
 //!
