@@ -102,6 +102,10 @@ async fn delayed_answers_beyond_the_bound_are_dropped() {
     let mut config = config();
     config.delayed_answers = true;
     config.limits.max_delayed = 1;
+    // One worker handles packets in order: the first query holds the delayed slot before
+    // the second is read. (With two, the second could be read while the first, already
+    // counted as a summon, has not taken the slot yet, and take it instead.)
+    config.limits.udp_workers = 1;
     let server = start(config, fake.clone()).await;
     let addr = server.local_addr();
     // One plain socket, one query, no retransmissions: it takes the only delayed slot.
