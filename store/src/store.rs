@@ -681,7 +681,8 @@ impl Store {
     }
 
     /// Writes the boot image to `<cache_dir>/<sha256 hex>` (mode 0755) once per hash; returns
-    /// the path. The file appears atomically (rename) and its hash is checked first.
+    /// the path. The file appears atomically (a link, never over an existing one) and its
+    /// hash is checked first.
     pub fn materialize_image(
         &self,
         revision: &Revision,
@@ -735,12 +736,22 @@ impl Store {
                 .map_err(io("chmod", temp.path()))?;
         }
         temp.as_file().sync_all().map_err(io("sync", &target))?;
-        temp.persist(&target).map_err(|e| ReadError::Io {
-            action: "rename into",
-            path: target.clone(),
-            source: e.error,
-        })?;
-        tracing::info!(revision = %revision, path = %target.display(), "materialised image");
+        // Never over an existing file: another revision of the same image may have put it
+        // there meanwhile and be executing it, and a replaced inode would be one that
+        // freshly cloned children still hold open for writing (exec fails: text file busy).
+        match temp.persist_noclobber(&target) {
+            Ok(_) => {
+                tracing::info!(revision = %revision, path = %target.display(), "materialised image");
+            }
+            Err(error) if error.error.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(error) => {
+                return Err(ReadError::Io {
+                    action: "link into",
+                    path: target.clone(),
+                    source: error.error,
+                });
+            }
+        }
         Ok(target)
     }
 }
@@ -1114,6 +1125,46 @@ mod tests {
             store.materialize_image(&revision, &cache).expect("again"),
             path
         );
+    }
+
+    #[test]
+    fn concurrent_materialisations_of_one_image_never_replace_the_file() {
+        use std::os::unix::fs::MetadataExt;
+        let (dir, store) = store();
+        let bytes = vec![0x7f; 256 * 1024];
+        let revisions: Vec<Revision> = (1..=4)
+            .map(|n| deploy(&store, "hello", n, Some(&bytes)))
+            .collect();
+        let cache = dir.path().join("cache");
+        for round in 0..10 {
+            let cache = cache.join(round.to_string());
+            let inodes: Vec<(PathBuf, u64)> = std::thread::scope(|scope| {
+                let workers: Vec<_> = (0..8)
+                    .map(|i| {
+                        let (store, cache, revision) = (&store, &cache, revisions[i % 4]);
+                        scope.spawn(move || {
+                            let path = store.materialize_image(&revision, cache).expect("ok");
+                            let inode = fs::metadata(&path).expect("stat").ino();
+                            (path, inode)
+                        })
+                    })
+                    .collect();
+                workers
+                    .into_iter()
+                    .map(|w| w.join().expect("joins"))
+                    .collect()
+            });
+            let (path, inode) = &inodes[0];
+            let now = fs::metadata(path).expect("stat").ino();
+            for (other_path, other_inode) in &inodes {
+                assert_eq!(other_path, path);
+                assert_eq!(*other_inode, now, "the file was replaced after it appeared");
+            }
+            assert_eq!(*inode, now);
+            assert_eq!(fs::read(path).expect("read"), bytes);
+            // No partial files are left behind.
+            assert_eq!(fs::read_dir(&cache).expect("list").count(), 1);
+        }
     }
 
     #[test]
