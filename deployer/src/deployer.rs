@@ -175,7 +175,6 @@ pub struct Deployer {
     /// The store generation the revision cache was last warmed for.
     warmed: AtomicU64,
     warming: AtomicBool,
-    generation: AtomicU64,
     state: State,
     epoch: Instant,
     id_prefix: String,
@@ -237,7 +236,6 @@ impl Deployer {
             revisions: Mutex::new(HashMap::new()),
             warmed: AtomicU64::new(u64::MAX),
             warming: AtomicBool::new(false),
-            generation: AtomicU64::new(0),
             state,
             epoch: Instant::now(),
             id_prefix: format!("{:x}", unix_ms() % 0xff_ffff_ffff),
@@ -374,10 +372,6 @@ impl Deployer {
 
     fn ms_since_epoch(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
-    }
-
-    fn bump(&self) {
-        self.generation.fetch_add(1, Ordering::Release);
     }
 
     fn revision_info(
@@ -641,7 +635,6 @@ impl Deployer {
             *table.clients.entry(key.service.clone()).or_default() += 1;
         }
         drop(table);
-        self.bump();
         self.metrics.booted();
         let summoned = Self::summoned(&entry);
         self.tasks.fetch_add(1, Ordering::AcqRel);
@@ -718,7 +711,6 @@ impl Deployer {
         }
         entry.state.send_replace(state);
         drop(table);
-        self.bump();
     }
 
     fn release_address(&self, entry: &Entry) {
@@ -732,7 +724,6 @@ impl Deployer {
             table.pool.give(entry.address);
         }
         drop(table);
-        self.bump();
     }
 
     async fn image_path(
@@ -940,7 +931,6 @@ async fn tend(
         ready_after = Some(now);
         deployer.metrics.became_ready(now - entry.started);
         entry.state.send_replace(InstanceState::Ready);
-        deployer.bump();
         debug!(instance = %entry.key, boot = ?(now - entry.started), "ready");
         serve(
             deployer,
@@ -1226,9 +1216,10 @@ impl Instances for Deployer {
             .send_if_modified(|state| set_if(state, InstanceState::Idle, InstanceState::Ready));
     }
 
+    /// The store's: instances come and go without moving it (an answer naming an instance
+    /// is checked against that instance's state instead), so boots do not empty the DNS
+    /// answer cache.
     fn generation(&self) -> u64 {
-        self.store
-            .generation()
-            .wrapping_add(self.generation.load(Ordering::Acquire))
+        self.store.generation()
     }
 }

@@ -10,8 +10,9 @@
 //!    address and a watch of its state; concurrent summons of one instance boot it once.
 //! 3. `by_address(ip)` — what the proxy calls on accept.
 //! 4. `activity(key, …)` — queries and connections keep an instance from being reaped.
-//! 5. `generation()` — changes whenever a resolve or an address may have changed, so
-//!    callers may cache answers until it moves.
+//! 5. `generation()` — changes whenever a resolve result may have changed, so callers may
+//!    cache answers until it moves; an answer naming an instance is valid while that
+//!    instance's state is not final (its address is the instance's for its whole life).
 //!
 //! A summon that starts a boot wakes another thread, and on a busy machine the woken thread
 //! may take the summoning thread's CPU before it has sent its answer. A caller that answers
@@ -238,8 +239,9 @@ pub trait Instances: Send + Sync + 'static {
     /// Reports activity for an instance.
     fn activity(&self, key: &InstanceKey, activity: Activity);
 
-    /// A counter that changes whenever a resolve result or an instance address may have
-    /// changed; answers cached under one value are valid until it moves.
+    /// A counter that changes whenever a resolve result may have changed; answers cached
+    /// under one value are valid until it moves, and an answer naming an instance also only
+    /// while [`Summoned::state`] is not final.
     fn generation(&self) -> u64;
 }
 

@@ -196,9 +196,9 @@ fn percentiles(label: &str, mut micros: Vec<f64>) {
 /// Times cold names: a third as direct deployer calls (its share of the cost), a third by
 /// DNS one at a time (each instance ready before the next query), a third by DNS back to
 /// back (boots of earlier names compete for the CPU). Each cold query is paired with a
-/// query for a name whose instance is running, by the same client right after: the anchor,
-/// which shows what the machine and the measurement cost at that moment. (It is not a
-/// cached answer: every boot moves the deployer's generation, which empties the cache.)
+/// query for a name whose instance is running (a cached answer), by the same client right
+/// after: the anchor, which shows what the machine and the measurement cost at that
+/// moment.
 async fn cold(count: usize, args: &[String]) -> anyhow::Result<()> {
     let backend = backend(args, count + 1)?;
     // Let the freshly written repository settle, as it would have long before a query.
@@ -261,7 +261,7 @@ async fn cold(count: usize, args: &[String]) -> anyhow::Result<()> {
             }
         }
         percentiles(&format!("cold answers, {label}"), cold_us);
-        percentiles(&format!("  anchor: a running name, {label}"), anchor_us);
+        percentiles(&format!("  anchor: a cached name, {label}"), anchor_us);
     }
     println!("summons: {}", server.metrics().summons);
     server.shutdown().await?;

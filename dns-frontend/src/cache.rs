@@ -5,7 +5,8 @@
 //! 2. Value: the rendered response (question lowercased; the question as sent is patched in
 //!    on the way out) and, for instance answers, the instance and a watch of its state.
 //! 3. Valid while [`Instances::generation`](revboot_deployer::Instances::generation) does not
-//!    move: the first lookup under a new generation empties the cache.
+//!    move (the first lookup under a new generation empties the cache) and, for an instance
+//!    answer, while the instance is not final: boots and stops of other instances keep it.
 //! 4. Bounded: instance answers and all other answers live in two maps of at most
 //!    `cache_entries` each; a full map is emptied before the next insert, so a flood of
 //!    random names (other answers) cannot evict the answers of running instances.

@@ -183,6 +183,62 @@ async fn short_sha_boots_that_revision_and_live_follows_the_pointer() {
     world.deployer.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_stays_cached_while_other_instances_boot_and_not_after_its_own_stops() {
+    let image = tokio::task::spawn_blocking(hello_image)
+        .await
+        .expect("build");
+    let world = world(16);
+    let revisions: Vec<Revision> = (1..=3).map(|n| deploy(&world.store, &image, n)).collect();
+    world
+        .store
+        .set_live("hello", &revisions[0], "dns test")
+        .expect("live set");
+    let server = start(config(), world.deployer.clone()).await;
+    let mut udp = udp_client(server.local_addr()).await;
+    let cached = format!("{}.hello.revboot.test.", revisions[0].short(7));
+    let first = address(&ask(&mut udp, &cached, RecordType::A).await);
+    let misses = server.metrics().cache_misses;
+
+    // Other names boot other instances; the first answer is still served from the cache.
+    for revision in &revisions[1..] {
+        let qname = format!("{}.hello.revboot.test.", revision.short(7));
+        let other = address(&ask(&mut udp, &qname, RecordType::A).await);
+        assert!(
+            http_get(SocketAddr::new(other, 8080))
+                .await
+                .starts_with("HTTP/1.1 200")
+        );
+        let again = ask(&mut udp, &cached, RecordType::A).await;
+        assert_eq!(address(&again), first);
+    }
+    assert_eq!(
+        server.metrics().cache_misses,
+        misses + 2,
+        "only the two new names missed the cache"
+    );
+
+    // Its instance stopped: the next query boots it again rather than answer a dead address.
+    let key = world
+        .deployer
+        .list()
+        .into_iter()
+        .find(|i| i.key.revision == revisions[0])
+        .expect("the first instance runs")
+        .key;
+    let mut state = world.deployer.kill(&key).expect("kill");
+    tokio::time::timeout(PATIENCE, state.wait_for(|s| s.is_final()))
+        .await
+        .expect("stopped in time")
+        .expect("state");
+    let booted = address(&ask(&mut udp, &cached, RecordType::A).await);
+    assert_eq!(server.metrics().cache_misses, misses + 3);
+    let body = http_get(SocketAddr::new(booted, 8080)).await;
+    assert!(body.contains(&revisions[0].to_hex()), "{body}");
+    server.shutdown().await.expect("clean shutdown");
+    world.deployer.shutdown().await;
+}
+
 /// A small deterministic generator.
 struct SplitMix(u64);
 
