@@ -56,7 +56,7 @@
 //!   already has the kernel hold handshakes and early bytes during a boot, so for those
 //!   instances the proxy's extra hop buys admission, metrics and bounds, and costs a second
 //!   pair of copies and wake-ups per exchange: on this 2-core machine warm traffic through
-//!   the proxy reaches 0.46–0.66× the direct requests/s (figures below). In direct mode
+//!   the proxy reaches 0.44–0.46× the direct requests/s (figures below). In direct mode
 //!   the proxy fronts nothing (`listen` sees the backend is the client address), the
 //!   instance's socket filter admits a per-client instance's client, and the deployer
 //!   counts open connections on the instance's socket through `sock_diag` before it
@@ -69,8 +69,8 @@
 //! Measured on a shared 2-core machine (load average 1–4 from other tenants), so they are
 //! ranges, not points:
 //!
-//! - Warm, `bench/proxy.sh 5` (wrk; each round runs direct then proxied; medians of 3
-//!   rounds): small keep-alive responses 0.44–0.66× the direct requests/s; 1 MiB responses
+//! - Warm, `bench/proxy.sh 5` (wrk; each round runs direct then proxied; medians of 2–3
+//!   rounds): small keep-alive responses 0.44–0.46× the direct requests/s; 1 MiB responses
 //!   0.50–0.57× the direct bytes/s; one connection, sequential requests: p50 +44 to
 //!   +58 µs. The targets (0.9×, 0.9×, +50 µs) are not met here: wrk, the backend and the
 //!   proxy are three busy processes on two cores, and the proxy adds a hop (two wake-ups,
