@@ -16,8 +16,7 @@ use std::ffi::CString;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,36 +30,6 @@ fn count(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn build_hello() -> PathBuf {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let target_dir = workspace.join("target/deployer-images/hello");
-    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    for (key, _) in std::env::vars_os() {
-        let key = key.to_string_lossy().into_owned();
-        if (key.starts_with("CARGO_") && key != "CARGO_HOME") || key.starts_with("RUSTFLAGS") {
-            cargo.env_remove(key);
-        }
-    }
-    let status = cargo
-        .current_dir(workspace.join("examples/hello"))
-        .env("CARGO_TARGET_DIR", &target_dir)
-        .args([
-            "build",
-            "--release",
-            "--offline",
-            "--quiet",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-        ])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    target_dir.join("x86_64-unknown-linux-gnu/release/hello")
 }
 
 fn deploy(store: &Store, image: &Path, run: &str) -> Revision {
@@ -190,7 +159,7 @@ async fn run() {
     let cold = count("COLD", 1000);
     let storm = count("STORM", 1000);
     let crashes = count("CRASHES", 200);
-    let image = build_hello();
+    let image = revboot_testkit::hello_image();
     let dir = tempfile::tempdir().unwrap();
     let store = Store::init(dir.path().join("deploy.git")).unwrap();
     let shared = deploy(

@@ -387,6 +387,17 @@ impl Deployer {
         {
             return Ok(Arc::clone(info));
         }
+        // A miss: the repository may have changed since the last warm-up.
+        self.warm_soon();
+        self.read_revision_info(service, revision)
+    }
+
+    /// Reads a revision's manifest from the store into the revision cache.
+    fn read_revision_info(
+        &self,
+        service: &str,
+        revision: &Revision,
+    ) -> Result<Arc<RevisionInfo>, ResolveError> {
         let deployment = self
             .store
             .deployment(service, revision)
@@ -419,7 +430,8 @@ impl Deployer {
     }
 
     /// Reads the manifests of the newest deployments of every service into the revision
-    /// cache, on a blocking thread, once per store generation: the first query for a
+    /// cache, on a blocking thread, once per store generation (asked at start-up and on a
+    /// cache miss, so a cached resolve costs no extra index check): the first query for a
     /// revision then costs no git read on the path of its DNS answer. At most one warm-up
     /// runs at a time, and it stops short of filling the cache.
     fn warm_soon(&self) {
@@ -441,42 +453,42 @@ impl Deployer {
     }
 
     fn warm(&self) {
-        let cached = || {
-            self.revisions
-                .lock()
-                .expect("revision cache lock is never poisoned")
-                .len()
-        };
         let Ok(services) = self.store.services() else {
             return;
         };
         for service in services {
+            if self
+                .table
+                .lock()
+                .expect("table lock is never poisoned")
+                .shutting_down
+            {
+                return;
+            }
             let Ok(history) = self.store.history(&service) else {
                 continue;
             };
             let bootable = history.iter().filter(|d| d.image.is_some());
             for deployment in bootable.take(WARM_PER_SERVICE) {
-                if cached() >= WARM_LIMIT || self.table_shutting_down() {
+                let (full, known) = {
+                    let cache = self
+                        .revisions
+                        .lock()
+                        .expect("revision cache lock is never poisoned");
+                    (
+                        cache.len() >= WARM_LIMIT,
+                        cache.contains_key(&deployment.revision),
+                    )
+                };
+                if full {
                     return;
                 }
-                let known = self
-                    .revisions
-                    .lock()
-                    .expect("revision cache lock is never poisoned")
-                    .contains_key(&deployment.revision);
                 if !known {
                     // Errors are the query's to report, when one comes.
-                    let _ = self.revision_info(&service, &deployment.revision);
+                    let _ = self.read_revision_info(&service, &deployment.revision);
                 }
             }
         }
-    }
-
-    fn table_shutting_down(&self) -> bool {
-        self.table
-            .lock()
-            .expect("table lock is never poisoned")
-            .shutting_down
     }
 
     fn next_id(&self) -> String {
@@ -1147,7 +1159,6 @@ impl Instances for Deployer {
                 },
                 other => ResolveError::Store(format!("{other}: {}", error_chain(&other))),
             })?;
-        self.warm_soon();
         let info = self.revision_info(service, &revision)?;
         if !info.bootable {
             return Err(ResolveError::NotBootable {

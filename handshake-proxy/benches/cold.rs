@@ -15,8 +15,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,29 +27,7 @@ use tokio::net::TcpStream;
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
-fn hello_image() -> PathBuf {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace")
-        .to_path_buf();
-    let target_dir = workspace.join("target/proxy-images");
-    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    for (key, _) in std::env::vars_os() {
-        let key = key.to_string_lossy().into_owned();
-        if (key.starts_with("CARGO_") && key != "CARGO_HOME") || key.starts_with("RUSTFLAGS") {
-            cargo.env_remove(key);
-        }
-    }
-    let status = cargo
-        .current_dir(workspace.join("examples/hello"))
-        .env("CARGO_TARGET_DIR", &target_dir)
-        .args(["build", "--release", "--offline", "--quiet"])
-        .args(["--target", "x86_64-unknown-linux-gnu"])
-        .status()
-        .expect("cargo runs");
-    assert!(status.success(), "building hello failed");
-    target_dir.join("x86_64-unknown-linux-gnu/release/hello")
-}
+use revboot_testkit::hello_image;
 
 fn deploy(store: &Store, image: &Path) -> Revision {
     let manifest = "[build]\ncommand = [\"true\"]\nartifacts = [\"hello\"]\n\n[run]\n\

@@ -656,28 +656,8 @@ impl Store {
         name: Option<&str>,
     ) -> Result<ImageReader, ReadError> {
         let repo = self.repo();
-        let info = image_info(&repo, revision, name)?;
-        let no_image = || ReadError::NoImage {
-            revision: *revision,
-            name: name.map(str::to_owned),
-        };
-        let path = format!("{}/{}", protocol::IMAGE_DIR, info.name);
-        let bytes = read_file(&repo, revision, &path)?.ok_or_else(no_image)?;
-        if bytes.len() as u64 != info.size {
-            return Err(ReadError::Malformed {
-                revision: *revision,
-                reason: format!(
-                    "image `{}` has {} bytes, its commit records {}",
-                    info.name,
-                    bytes.len(),
-                    info.size
-                ),
-            });
-        }
-        Ok(ImageReader {
-            info,
-            bytes: std::io::Cursor::new(bytes),
-        })
+        let (info, tree) = image_info(&repo, revision, name)?;
+        read_image(&repo, *revision, tree, info, name)
     }
 
     /// Writes the boot image to `<cache_dir>/<sha256 hex>` (mode 0755) once per hash; returns
@@ -690,12 +670,13 @@ impl Store {
     ) -> Result<PathBuf, ReadError> {
         // The commit names the hash: a cached image costs no blob read (an image is megabytes
         // to inflate, and every revision of an unchanged image shares one file).
-        let info = image_info(&self.repo(), revision, None)?;
+        let repo = self.repo();
+        let (info, tree) = image_info(&repo, revision, None)?;
         let target = cache_dir.join(&info.sha256);
         if target.exists() {
             return Ok(target);
         }
-        let mut reader = self.open_image(revision, None)?;
+        let mut reader = read_image(&repo, *revision, tree, info, None)?;
         let io = |action, path: &Path| {
             let path = path.to_owned();
             move |source| ReadError::Io {
@@ -885,18 +866,19 @@ fn service_index<'a>(
 }
 
 /// Reads the file at `path` (e.g. `image/hello`) in a deployment's tree.
-/// What the commit of `revision` records about an image (`None`: the boot image).
+/// What the commit of `revision` records about an image (`None`: the boot image), and the
+/// commit's tree.
 fn image_info(
     repo: &gix::Repository,
     revision: &Revision,
     name: Option<&str>,
-) -> Result<ImageInfo, ReadError> {
+) -> Result<(ImageInfo, ObjectId), ReadError> {
     let meta = crate::index::read_meta(repo, revision.id())?;
     let (_, trailers) = meta.info.map_err(|reason| ReadError::Malformed {
         revision: *revision,
         reason,
     })?;
-    match name {
+    let info = match name {
         None => trailers.images.first(),
         Some(name) => trailers.images.iter().find(|i| i.name == name),
     }
@@ -904,6 +886,38 @@ fn image_info(
     .ok_or_else(|| ReadError::NoImage {
         revision: *revision,
         name: name.map(str::to_owned),
+    })?;
+    Ok((info, meta.tree))
+}
+
+/// Reads the image `info` describes (asked for as `name`) from `tree`, checking its
+/// recorded size.
+fn read_image(
+    repo: &gix::Repository,
+    revision: Revision,
+    tree: ObjectId,
+    info: ImageInfo,
+    name: Option<&str>,
+) -> Result<ImageReader, ReadError> {
+    let path = format!("{}/{}", protocol::IMAGE_DIR, info.name);
+    let bytes = read_tree_file(repo, revision, tree, &path)?.ok_or_else(|| ReadError::NoImage {
+        revision,
+        name: name.map(str::to_owned),
+    })?;
+    if bytes.len() as u64 != info.size {
+        return Err(ReadError::Malformed {
+            revision,
+            reason: format!(
+                "image `{}` has {} bytes, its commit records {}",
+                info.name,
+                bytes.len(),
+                info.size
+            ),
+        });
+    }
+    Ok(ImageReader {
+        info,
+        bytes: std::io::Cursor::new(bytes),
     })
 }
 

@@ -2,7 +2,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,41 +13,7 @@ use tokio::sync::watch;
 /// How long a test waits for anything. A bound on waiting, not a timing assertion.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the deployer lives in the workspace")
-        .to_path_buf()
-}
-
-/// Builds a static image from a cargo project and returns the binary.
-pub fn build_image(project: &Path, binary: &str) -> PathBuf {
-    let target_dir = workspace().join("target/deployer-images").join(binary);
-    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    // The project's own .cargo/config.toml (crt-static) must apply, not what cargo set for us.
-    for (key, _) in std::env::vars_os() {
-        let key = key.to_string_lossy().into_owned();
-        if (key.starts_with("CARGO_") && key != "CARGO_HOME") || key.starts_with("RUSTFLAGS") {
-            cargo.env_remove(key);
-        }
-    }
-    let status = cargo
-        .current_dir(project)
-        .env("CARGO_TARGET_DIR", &target_dir)
-        .args(["build", "--release", "--offline", "--quiet"])
-        .args(["--target", "x86_64-unknown-linux-gnu"])
-        .status()
-        .expect("cargo runs");
-    assert!(status.success(), "building {} failed", project.display());
-    target_dir
-        .join("x86_64-unknown-linux-gnu/release")
-        .join(binary)
-}
-
-/// The `examples/hello` image.
-pub fn hello_image() -> PathBuf {
-    build_image(&workspace().join("examples/hello"), "hello")
-}
+pub use revboot_testkit::{build_image, hello_image};
 
 /// The sandbox probe image.
 pub fn probe_image() -> PathBuf {

@@ -2,8 +2,7 @@
 //! boots the revision it names, and the answered address serves that revision.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
@@ -19,34 +18,7 @@ use crate::support::*;
 /// How long a test waits for an instance to answer (a bound, not a timing assertion).
 const PATIENCE: Duration = Duration::from_secs(30);
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("dns-frontend lives in the workspace")
-        .to_path_buf()
-}
-
-/// Builds `examples/hello` (a static HTTP server) into the same target directory the
-/// deployer's tests use, so the build is shared.
-fn hello_image() -> PathBuf {
-    let target_dir = workspace().join("target/deployer-images/hello");
-    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    for (key, _) in std::env::vars_os() {
-        let key = key.to_string_lossy().into_owned();
-        if (key.starts_with("CARGO_") && key != "CARGO_HOME") || key.starts_with("RUSTFLAGS") {
-            cargo.env_remove(key);
-        }
-    }
-    let status = cargo
-        .current_dir(workspace().join("examples/hello"))
-        .env("CARGO_TARGET_DIR", &target_dir)
-        .args(["build", "--release", "--offline", "--quiet"])
-        .args(["--target", "x86_64-unknown-linux-gnu"])
-        .status()
-        .expect("cargo runs");
-    assert!(status.success(), "building examples/hello failed");
-    target_dir.join("x86_64-unknown-linux-gnu/release/hello")
-}
+use revboot_testkit::hello_image;
 
 const MANIFEST: &str = "[build]\ncommand = [\"true\"]\nartifacts = [\"hello\"]\n\n\
     [run]\nport = 8080\nmemory_mib = 32\nready = { probe = \"socket\" }\n";

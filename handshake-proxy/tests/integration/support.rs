@@ -1,8 +1,7 @@
 //! Shared helpers: the hello image built by cargo, a real store, a deployer behind a proxy.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,35 +17,7 @@ pub const PATIENCE: Duration = Duration::from_secs(60);
 /// The `[run]` table of hello as its own `revboot.toml` has it.
 pub const HELLO_RUN: &str = "port = 8080\nmemory_mib = 32\nready = { probe = \"socket\" }";
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the proxy lives in the workspace")
-        .to_path_buf()
-}
-
-/// Builds `examples/hello` (static, release) and returns the binary.
-pub fn hello_image() -> PathBuf {
-    let project = workspace().join("examples/hello");
-    let target_dir = workspace().join("target/proxy-images");
-    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    // The project's own .cargo/config.toml (crt-static) must apply, not what cargo set for us.
-    for (key, _) in std::env::vars_os() {
-        let key = key.to_string_lossy().into_owned();
-        if (key.starts_with("CARGO_") && key != "CARGO_HOME") || key.starts_with("RUSTFLAGS") {
-            cargo.env_remove(key);
-        }
-    }
-    let status = cargo
-        .current_dir(&project)
-        .env("CARGO_TARGET_DIR", &target_dir)
-        .args(["build", "--release", "--offline", "--quiet"])
-        .args(["--target", "x86_64-unknown-linux-gnu"])
-        .status()
-        .expect("cargo runs");
-    assert!(status.success(), "building hello failed");
-    target_dir.join("x86_64-unknown-linux-gnu/release/hello")
-}
+pub use revboot_testkit::hello_image;
 
 /// A manifest for the hello image with the given `[run]` lines.
 pub fn manifest(run: &str) -> String {
