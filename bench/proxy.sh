@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The handshake proxy's warm figures, in one run: wrk straight to a backend, then wrk through
-# the proxy to the same backend; prints the ratios. Loopback only.
+# The handshake proxy's warm figures, in one run: wrk straight to a backend, then at the
+# service address of a proxy in front of the same backend — once as the deployer runs a
+# ready instance (steered: the kernel hands each new connection to the backend's socket,
+# sk_lookup, root), once with the proxy relaying every byte (steering off, or a held
+# connection); prints the ratios. Loopback only.
 #
 #   [ROUNDS=3] bench/proxy.sh [seconds per run, default 10] [multi|current] [buffer bytes] [copy|zero]
 #
@@ -12,6 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER_RUN="${1:-10}"
 SERVICE_IP=127.66.200.1
+STEERED_IP=127.66.200.2
 
 cargo build --release --quiet -p revboot-proxy --example proxy_bench
 BIN=target/release/examples/proxy_bench
@@ -35,9 +39,12 @@ start() {
 
 start backend "$BIN" backend
 BACKEND=$(awk '{print $2; exit}' "$WORK/backend")
+BACKEND_PID=$(awk '{print $3; exit}' "$WORK/backend")
 start proxy "$BIN" proxy "$BACKEND" "$SERVICE_IP" "${2:-multi}" "${3:-65536}" "${4:-copy}"
 PROXIED=$(awk '{print $2; exit}' "$WORK/proxy")
-echo "backend $BACKEND, proxied $PROXIED (runtime ${2:-multi}, buffer ${3:-65536}, ${4:-copy})"
+start steered "$BIN" steer "$BACKEND" "$STEERED_IP" "$BACKEND_PID"
+STEERED=$(awk '{print $2; exit}' "$WORK/steered")
+echo "backend $BACKEND, relayed $PROXIED (runtime ${2:-multi}, buffer ${3:-65536}, ${4:-copy}), steered $STEERED"
 
 # wrk summary → "requests/s bytes/s p50-µs"
 measure() {
@@ -64,22 +71,27 @@ ROUNDS=${ROUNDS:-3}
 mib() { awk -v b="$1" 'BEGIN{printf "%.0f MiB/s", b/1048576}'; }
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
-# scenario <title> <path> <wrk args…>: ROUNDS alternations of direct then proxied; the
-# median of each round's ratio (the machine is shared, so a round pairs like with like).
+# scenario <title> <path> <wrk args…>: ROUNDS of direct, steered, relayed; the median of
+# each round's ratios (the machine is shared, so a round pairs like with like).
 scenario() {
   local title=$1 path=$2; shift 2
   echo
   echo "== $title (wrk $*, ${D} per run, $ROUNDS rounds) =="
-  local rps=() bps=() added=()
+  local rps=() bps=() added=() s_rps=() s_bps=() s_added=()
   for round in $(seq "$ROUNDS"); do
     read -r d_rps d_bps d_p50 < <(measure "$@" -d"$D" "http://$BACKEND$path")
+    read -r s_rps_ s_bps_ s_p50 < <(measure "$@" -d"$D" "http://$STEERED$path")
     read -r p_rps p_bps p_p50 < <(measure "$@" -d"$D" "http://$PROXIED$path")
-    echo "  round $round: direct $d_rps req/s, $(mib "$d_bps"), p50 $d_p50 us | proxied $p_rps req/s, $(mib "$p_bps"), p50 $p_p50 us"
+    echo "  round $round: direct $d_rps req/s, $(mib "$d_bps"), p50 $d_p50 us | steered $s_rps_ req/s, $(mib "$s_bps_"), p50 $s_p50 us | relayed $p_rps req/s, $(mib "$p_bps"), p50 $p_p50 us"
+    s_rps+=("$(ratio "$s_rps_" "$d_rps")")
+    s_bps+=("$(ratio "$s_bps_" "$d_bps")")
+    s_added+=("$(awk -v a="$s_p50" -v b="$d_p50" 'BEGIN{printf "%.1f", a-b}')")
     rps+=("$(ratio "$p_rps" "$d_rps")")
     bps+=("$(ratio "$p_bps" "$d_bps")")
     added+=("$(awk -v a="$p_p50" -v b="$d_p50" 'BEGIN{printf "%.1f", a-b}')")
   done
-  echo "  median ratio requests/s $(median "${rps[@]}"), bytes/s $(median "${bps[@]}"), added p50 $(median "${added[@]}") us"
+  echo "  steered (ready instance): median ratio requests/s $(median "${s_rps[@]}"), bytes/s $(median "${s_bps[@]}"), added p50 $(median "${s_added[@]}") us"
+  echo "  relayed (held connection, or steer = false): median ratio requests/s $(median "${rps[@]}"), bytes/s $(median "${bps[@]}"), added p50 $(median "${added[@]}") us"
 }
 
 scenario "small responses, keep-alive" / -t2 -c32

@@ -103,6 +103,11 @@ pub struct Instances {
     /// proxy's connection metrics, held-connection bounds and early-byte buffering are
     /// not there.
     pub direct: bool,
+    /// Behind the proxy, hand each new connection to a ready instance's service address
+    /// straight to the instance's socket in the kernel (sk_lookup; needs root), so warm
+    /// traffic skips the proxy's relay while the proxy still holds connections during a
+    /// boot and refuses other clients of a per-client instance.
+    pub steer: bool,
 }
 
 /// `[builds]`.
@@ -162,6 +167,7 @@ impl Default for Instances {
             qemu_accel: "auto".to_owned(),
             idle_timeout_ms: None,
             direct: false,
+            steer: true,
         }
     }
 }

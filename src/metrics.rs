@@ -162,6 +162,24 @@ impl Metrics for DaemonMetrics {
         let _ = writeln!(out, "revboot_boots_total {}", lives.boots);
         family(
             &mut out,
+            "revboot_steered_connections_total",
+            "counter",
+            "Connections the kernel handed straight to ready instances.",
+        );
+        let _ = writeln!(
+            out,
+            "revboot_steered_connections_total {}",
+            lives.steered_connections
+        );
+        family(
+            &mut out,
+            "revboot_steered_instances",
+            "gauge",
+            "Ready instances whose connections are steered past the proxy.",
+        );
+        let _ = writeln!(out, "revboot_steered_instances {}", lives.steered_instances);
+        family(
+            &mut out,
             "revboot_instance_ends_total",
             "counter",
             "Instance ends by kind.",

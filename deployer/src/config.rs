@@ -182,6 +182,11 @@ pub struct DeployerConfig {
     /// Where an instance's own socket is bound.
     #[serde(default)]
     pub backend_port: BackendPort,
+    /// Hand new connections to a ready instance's service address straight to its own
+    /// socket in the kernel (`sk_lookup`, see [`crate::steer`]) instead of relaying them
+    /// through the proxy; without root or BPF the deployer says so once and relays.
+    #[serde(default = "default_steer")]
+    pub steer: bool,
     /// Global cap on instances.
     #[serde(default = "default_max_instances")]
     pub max_instances: usize,
@@ -213,6 +218,9 @@ fn default_name() -> String {
 }
 fn default_pool() -> Ipv4Pool {
     DEFAULT_POOL.parse().expect("the default pool parses")
+}
+fn default_steer() -> bool {
+    true
 }
 fn default_max_instances() -> usize {
     DEFAULT_MAX_INSTANCES
@@ -255,6 +263,7 @@ impl DeployerConfig {
             name: default_name(),
             pool: default_pool(),
             backend_port: BackendPort::default(),
+            steer: true,
             max_instances: DEFAULT_MAX_INSTANCES,
             max_per_service: DEFAULT_MAX_PER_SERVICE,
             max_clients_per_service: DEFAULT_MAX_CLIENTS_PER_SERVICE,

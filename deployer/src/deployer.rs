@@ -17,7 +17,8 @@
 //!    time, lifetime, console tail) is written to the store's log ref.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
@@ -32,6 +33,7 @@ use crate::config::DeployerConfig;
 use crate::console::Console;
 use crate::pool::AddressPool;
 use crate::state::{self, InstanceRecord, State};
+use crate::steer::{Steered, Steering};
 use crate::summon::{
     Activity, InstanceKey, InstanceState, Instances, ResolveError, Resolved, SummonError, Summoned,
 };
@@ -109,6 +111,9 @@ pub struct InstanceInfo {
     pub connections: u64,
     /// The host pid of its top process, once it runs.
     pub pid: Option<u32>,
+    /// Connections the kernel handed straight to it so far, while its connections are
+    /// steered ([`crate::steer`]); `None` when they are not.
+    pub steered: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -134,6 +139,8 @@ struct Entry {
     console: OnceLock<Console>,
     pid: OnceLock<u32>,
     counted: AtomicBool,
+    /// The kernel hand-off while the instance is ready; only its life task sets and clears it.
+    steered: Mutex<Option<Steered>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -185,6 +192,8 @@ pub struct Deployer {
     tasks: AtomicUsize,
     tasks_done: Notify,
     metrics: crate::metrics::Metrics,
+    /// The sk_lookup program, when it could be loaded ([`crate::steer`]).
+    steering: Option<Arc<Steering>>,
 }
 
 fn unix_ms() -> u64 {
@@ -218,6 +227,7 @@ impl Deployer {
         let mut tenders = Tenders::new();
         tenders.register(Arc::new(process));
         let pool = AddressPool::new(config.pool);
+        let steering = open_steering(&config);
         let deployer = Arc::new_cyclic(|me| Deployer {
             me: me.clone(),
             store,
@@ -246,6 +256,7 @@ impl Deployer {
             tasks: AtomicUsize::new(0),
             tasks_done: Notify::new(),
             metrics: crate::metrics::Metrics::default(),
+            steering,
             config,
         });
         deployer.warm_soon();
@@ -262,7 +273,21 @@ impl Deployer {
 
     /// Counters of boots, readiness and ends (for `/metrics`).
     pub fn metrics(&self) -> crate::metrics::MetricsSnapshot {
-        self.metrics.snapshot()
+        let mut snapshot = self.metrics.snapshot();
+        let table = self.table.lock().expect("table lock is never poisoned");
+        for entry in table.by_address.values() {
+            if let Some(steered) = entry.steered_connections() {
+                snapshot.steered_connections += steered;
+                snapshot.steered_instances += 1;
+            }
+        }
+        snapshot
+    }
+
+    /// True if the sk_lookup program is loaded: ready instances get their connections
+    /// from the kernel directly.
+    pub fn steers(&self) -> bool {
+        self.steering.is_some()
     }
 
     /// The configuration in use.
@@ -285,6 +310,7 @@ impl Deployer {
                 uptime: entry.started.elapsed(),
                 connections: entry.open.load(Ordering::Relaxed).max(0) as u64,
                 pid: entry.pid.get().copied(),
+                steered: entry.steered_connections(),
             })
             .collect();
         list.sort_by(|a, b| a.id.cmp(&b.id));
@@ -634,6 +660,7 @@ impl Deployer {
             started: now,
             open: AtomicI64::new(0),
             last_activity: AtomicU64::new(self.ms_since_epoch()),
+            steered: Mutex::new(None),
             commands,
             console: OnceLock::new(),
             pid: OnceLock::new(),
@@ -944,6 +971,7 @@ async fn tend(
         deployer.metrics.became_ready(now - entry.started);
         entry.state.send_replace(InstanceState::Ready);
         debug!(instance = %entry.key, boot = ?(now - entry.started), "ready");
+        deployer.steer(entry, running);
         serve(
             deployer,
             entry,
@@ -955,6 +983,7 @@ async fn tend(
     };
 
     // Finishing.
+    entry.unsteer(&deployer.metrics);
     deployer
         .metrics
         .ended(matches!(end, End::Crashed(_)), ready_after.is_some());
@@ -1020,7 +1049,17 @@ async fn serve(
 ) -> End {
     let mut exit = running.exit();
     let half = idle_timeout / 2;
+    let mut steered_seen = 0;
     loop {
+        // Connections the kernel handed over since the last look are activity.
+        if let Some(steered) = entry.steered_connections()
+            && steered != steered_seen
+        {
+            steered_seen = steered;
+            entry
+                .last_activity
+                .store(deployer.ms_since_epoch(), Ordering::Relaxed);
+        }
         let quiet = Duration::from_millis(
             deployer
                 .ms_since_epoch()
@@ -1044,6 +1083,7 @@ async fn serve(
             half
         } else if quiet >= idle_timeout {
             info!(instance = %entry.key, ?quiet, "idle: stopping");
+            entry.unsteer(&deployer.metrics);
             return stop(deployer, running, Some(Command::Stop("idle"))).await;
         } else if quiet >= half {
             entry
@@ -1064,16 +1104,17 @@ async fn serve(
             command = commands.recv() => command,
             () = tokio::time::sleep(next.max(Duration::from_millis(5))) => continue,
         };
+        entry.unsteer(&deployer.metrics);
         return stop(deployer, running, command).await;
     }
 }
 
-/// True if clients reach `entry`'s own socket (no proxy in front, which would report its
-/// connections) and a connection to it is open. When the kernel cannot say, false: idleness
-/// is then judged by queries alone, as it is said once.
+/// True if clients reach `entry`'s own socket (no proxy in front, or the kernel steers them
+/// past it; the proxy reports its own connections) and a connection to it is open. When the
+/// kernel cannot say, false: idleness is then judged by queries alone, as it is said once.
 fn connected_directly(entry: &Entry) -> bool {
     let front = SocketAddr::new(entry.address, entry.port);
-    if entry.backend != front {
+    if entry.backend != front && entry.steered_connections().is_none() {
         return false;
     }
     match crate::conntrack::open_connections(front) {
@@ -1232,5 +1273,87 @@ impl Instances for Deployer {
     /// answer cache.
     fn generation(&self) -> u64 {
         self.store.generation()
+    }
+}
+
+fn open_steering(config: &DeployerConfig) -> Option<Arc<Steering>> {
+    // Instances on the service port itself have nothing in front of them to go past.
+    if !config.steer || config.backend_port == crate::config::BackendPort::Same {
+        return None;
+    }
+    match Steering::open(config.max_instances) {
+        Ok(steering) => {
+            info!("warm connections go straight to instances (sk_lookup steering)");
+            Some(steering)
+        }
+        Err(error) => {
+            warn!(%error, "cannot load the sk_lookup steering program: warm connections are relayed by the proxy");
+            None
+        }
+    }
+}
+
+impl Entry {
+    fn steered_connections(&self) -> Option<u64> {
+        self.steered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(Steered::connections)
+    }
+
+    /// Ends the kernel hand-off (the instance stops serving); its count goes to the metrics.
+    fn unsteer(&self, metrics: &crate::metrics::Metrics) {
+        let steered = self
+            .steered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(steered) = steered {
+            metrics.unsteered(steered.connections());
+        }
+    }
+}
+
+impl Deployer {
+    /// Starts the kernel hand-off of `entry`'s warm connections, where it can.
+    fn steer(&self, entry: &Entry, running: &dyn Running) {
+        let Some(steering) = &self.steering else {
+            return;
+        };
+        let IpAddr::V4(ip) = entry.address else {
+            return;
+        };
+        let front = SocketAddrV4::new(ip, entry.port);
+        if SocketAddr::V4(front) == entry.backend {
+            return;
+        }
+        let client = match entry.key.client.map(|client| client.to_canonical()) {
+            None => None,
+            Some(IpAddr::V4(client)) => Some(client),
+            // An IPv6 client cannot be told apart by the program: keep it behind the proxy.
+            Some(IpAddr::V6(_)) => return,
+        };
+        let socket = match running.listener() {
+            Ok(socket) => socket,
+            Err(error) => {
+                debug!(instance = %entry.key, %error, "no socket to steer to: relayed by the proxy");
+                return;
+            }
+        };
+        // The map holds the socket; our descriptor closes here, so the route ends by itself
+        // when the instance's socket closes.
+        match steering.steer(front, client, socket.as_fd()) {
+            Ok(steered) => {
+                debug!(instance = %entry.key, %front, "steered");
+                *entry
+                    .steered
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(steered);
+            }
+            Err(error) => {
+                warn!(instance = %entry.key, %error, "cannot steer: relayed by the proxy")
+            }
+        }
     }
 }

@@ -19,6 +19,8 @@
 //!    listening socket already exists, so a connection made now waits in the kernel.
 //! 3. **ready** — the manifest's probe passed (`socket`: at exec; `tcp`; `http` GET path;
 //!    `console` line), all within `run.boot_timeout_ms`; a miss is a crash with the reason.
+//!    Behind the proxy, new connections to its service address now go straight to its
+//!    socket, handed over by the kernel ([`steer`]); the route goes when it stops serving.
 //! 4. **idle** — no open connection and no query for half the idle timeout; activity makes
 //!    it ready again.
 //! 5. **stopped** — quiet for the whole idle timeout (`run.idle_timeout_secs`), or stopped by
@@ -95,6 +97,7 @@ mod deployer;
 pub mod metrics;
 pub mod pool;
 pub mod state;
+pub mod steer;
 pub mod summon;
 pub mod tender;
 pub mod upstream;

@@ -19,6 +19,7 @@ pub struct Metrics {
     buckets: [AtomicU64; BOOT_BUCKETS_MS.len()],
     boot_micros_sum: AtomicU64,
     manifest_reads: AtomicU64,
+    steered_ended: AtomicU64,
 }
 
 /// A snapshot of [`Metrics`].
@@ -41,6 +42,10 @@ pub struct MetricsSnapshot {
     /// Deployment manifests read from the store (a revision's first resolve or summon, or
     /// the background warm-up after the repository changed).
     pub manifest_reads: u64,
+    /// Connections the kernel handed straight to ready instances ([`crate::steer`]).
+    pub steered_connections: u64,
+    /// Instances whose connections are steered now.
+    pub steered_instances: u64,
 }
 
 impl Metrics {
@@ -60,6 +65,10 @@ impl Metrics {
 
     pub(crate) fn manifest_read(&self) {
         self.manifest_reads.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn unsteered(&self, connections: u64) {
+        self.steered_ended.fetch_add(connections, Ordering::Relaxed);
     }
 
     pub(crate) fn ended(&self, crashed: bool, was_ready: bool) {
@@ -88,6 +97,8 @@ impl Metrics {
             boot_buckets,
             boot_time_sum: Duration::from_micros(self.boot_micros_sum.load(Ordering::Relaxed)),
             manifest_reads: self.manifest_reads.load(Ordering::Relaxed),
+            steered_connections: self.steered_ended.load(Ordering::Relaxed),
+            steered_instances: 0,
         }
     }
 }

@@ -2,11 +2,15 @@
 //! until killed.
 //!
 //! - `proxy_bench backend` — a keep-alive HTTP/1.1 backend on `127.0.0.1:<ephemeral>`:
-//!   `GET /` answers 6 bytes, `GET /1m` answers 1 MiB. Prints `backend <address>`.
+//!   `GET /` answers 6 bytes, `GET /1m` answers 1 MiB. Prints `backend <address> <pid>`.
 //! - `proxy_bench proxy <backend> <service address> [multi|current] [buffer] [copy|zero]` — the
 //!   handshake proxy fronting that backend as one always-ready instance on
 //!   `<service address>:8080`, on a multi-thread (default) or current-thread tokio runtime,
 //!   with the given splice buffer size, copying or with splice(2). Prints `proxied <address>`.
+//! - `proxy_bench steer <backend> <service address> <backend pid>` — the same proxy, plus
+//!   what the deployer does once an instance is ready: the kernel hands each new connection
+//!   to the service address to the backend's own socket (taken from its process), so the
+//!   proxy's listener only sees what the route passes on. Needs root.
 //! - `proxy_bench bind <count>` — binds and closes `count` listeners on distinct loopback
 //!   addresses the way the proxy does, and prints the mean cost of one.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
@@ -15,6 +19,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::os::fd::AsFd;
+
+use revboot_deployer::steer;
 use revboot_deployer::{
     Activity, InstanceKey, InstanceState, Instances, ResolveError, Resolved, SummonError, Summoned,
 };
@@ -91,7 +98,11 @@ async fn backend() {
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind backend");
-    println!("backend {}", listener.local_addr().expect("address"));
+    println!(
+        "backend {} {}",
+        listener.local_addr().expect("address"),
+        std::process::id()
+    );
     let big: Arc<[u8]> = vec![b'x'; MIB].into();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -130,7 +141,7 @@ async fn keep_alive(mut stream: TcpStream, big: Arc<[u8]>) {
     }
 }
 
-async fn proxy(backend: SocketAddr, address: IpAddr, config: ProxyConfig) {
+async fn proxy(backend: SocketAddr, address: IpAddr, config: ProxyConfig, steer_from: Option<u32>) {
     let warm = Arc::new(Warm {
         address,
         backend,
@@ -138,6 +149,18 @@ async fn proxy(backend: SocketAddr, address: IpAddr, config: ProxyConfig) {
     });
     let proxy = Proxy::new(config, warm);
     let summoned = proxy.summon("bench", &revision(), None).expect("listen");
+    // Steered: the deployer's kernel hand-off of a ready instance, here for the backend's
+    // socket taken from its process; the proxy's listener stays behind it.
+    let _steered = steer_from.map(|pid| {
+        let socket = steer::listener_of(pid, backend).expect("the backend's socket");
+        let steering = steer::Steering::open(16).expect("steering needs root");
+        let front = match SocketAddr::new(summoned.address, summoned.port) {
+            SocketAddr::V4(front) => front,
+            SocketAddr::V6(_) => panic!("steering is IPv4 only"),
+        };
+        let steered = steering.steer(front, None, socket.as_fd()).expect("steer");
+        (socket, steered)
+    });
     println!("proxied {}:{}", summoned.address, summoned.port);
     std::future::pending::<()>().await;
 }
@@ -172,7 +195,20 @@ fn main() {
         .as_slice()
     {
         ["backend"] => runtime().block_on(backend()),
-        ["proxy", backend, address, rest @ ..] => {
+        [mode @ ("proxy" | "steer"), backend, address, rest @ ..] => {
+            // `steer <backend> <address> <backend pid>`; `proxy <backend> <address> [options]`.
+            let (steer_from, rest) = match *mode {
+                "steer" => (
+                    Some(
+                        rest.first()
+                            .expect("the backend's pid")
+                            .parse()
+                            .expect("a pid"),
+                    ),
+                    &[][..],
+                ),
+                _ => (None, rest),
+            };
             let backend = backend.parse().expect("backend address");
             let address = address.parse().expect("service address");
             let mut config = ProxyConfig::default();
@@ -187,12 +223,12 @@ fn main() {
                     .expect("runtime"),
                 _ => runtime(),
             };
-            runtime.block_on(proxy(backend, address, config));
+            runtime.block_on(proxy(backend, address, config, steer_from));
         }
         ["bind", count] => bind_cost(count.parse().expect("a count")),
         _ => {
             eprintln!(
-                "usage: proxy_bench backend | proxy <backend> <service ip> [multi|current] [buffer] [copy|zero] | bind <count>"
+                "usage: proxy_bench backend | proxy <backend> <service ip> [multi|current] [buffer] [copy|zero] | steer <backend> <service ip> <backend pid> | bind <count>"
             );
             std::process::exit(2);
         }

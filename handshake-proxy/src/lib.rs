@@ -29,6 +29,12 @@
 //!    direction goes on; the connection closes on an idle or total timeout, or at shutdown.
 //!    `ConnectionClosed` is reported when it ends.
 //! 9. A sweep every `sweep_interval` closes listeners of addresses the deployer released.
+//! 10. Once the instance is ready, the deployer has the kernel hand new connections to the
+//!     service address straight to the instance's own socket (`revboot_deployer::steer`,
+//!     an `sk_lookup` program): they never reach this listener, so the relay above only
+//!     carries connections made during a boot, refusals, and what cannot be steered
+//!     (IPv6, no root). A per-client route takes only its client; anyone else still lands
+//!     here and is refused.
 //!
 //! # Choices, and why
 //!
@@ -51,12 +57,21 @@
 //!   It is off by default: on the shared 2-core machine it won some 1 MiB rounds and lost
 //!   others (no consistent gain over copying at the medians), and it costs four
 //!   descriptors per bulk connection.
+//! - **Warm connections skip the relay, in the kernel** (the default; `steer = false`
+//!   turns it off). A relay costs a second pair of copies and wake-ups per exchange: on
+//!   this 2-core machine, relayed warm traffic reaches about half the direct requests/s
+//!   (figures below). Moving the relay itself into the kernel (a sockmap verdict program)
+//!   would still cross TCP twice and has ordering hazards for bytes the proxy already
+//!   read; handing the *connection* over at its SYN has neither. The proxy's address
+//!   stays the only one clients know, its listener stays behind the route, admission
+//!   stays (in the program), and activity and metrics stay uniform: the deployer counts
+//!   steered connections in the program's map and open ones through `sock_diag` before
+//!   it reaps. What a steered connection loses is the proxy's idle and total timeouts:
+//!   it is the instance's own.
 //! - **A direct path, offered beside the proxy** (`[instances] direct = true` in the
 //!   daemon: the deployer's `BackendPort::Same`). The process tender's inherited socket
 //!   already has the kernel hold handshakes and early bytes during a boot, so for those
-//!   instances the proxy's extra hop buys admission, metrics and bounds, and costs a second
-//!   pair of copies and wake-ups per exchange: on this 2-core machine warm traffic through
-//!   the proxy reaches 0.44–0.46× the direct requests/s (figures below). In direct mode
+//!   instances the proxy's extra hop buys admission, metrics and bounds. In direct mode
 //!   the proxy fronts nothing (`listen` sees the backend is the client address), the
 //!   instance's socket filter admits a per-client instance's client, and the deployer
 //!   counts open connections on the instance's socket through `sock_diag` before it
@@ -69,12 +84,11 @@
 //! Measured on a shared 2-core machine (load average 1–4 from other tenants), so they are
 //! ranges, not points:
 //!
-//! - Warm, `bench/proxy.sh 5` (wrk; each round runs direct then proxied; medians of 2–3
-//!   rounds): small keep-alive responses 0.44–0.46× the direct requests/s; 1 MiB responses
-//!   0.50–0.57× the direct bytes/s; one connection, sequential requests: p50 +44 to
-//!   +58 µs. The targets (0.9×, 0.9×, +50 µs) are not met here: wrk, the backend and the
-//!   proxy are three busy processes on two cores, and the proxy adds a hop (two wake-ups,
-//!   two copies) per exchange. That is what the direct path is for.
+//! - Warm, `bench/proxy.sh 5` (wrk; each round runs direct, steered and relayed; medians
+//!   of three rounds). Steered, as a ready instance is: STEERED_FIGURES. Relayed (a
+//!   connection held through a boot, or `steer = false`): RELAYED_FIGURES; wrk, the
+//!   backend and the proxy are then three busy processes on two cores, and the relay adds
+//!   two wake-ups and two copies per exchange.
 //! - Cold, `cargo bench -p revboot-proxy --bench cold -- 1000` (real deployer, hello on
 //!   the process tender, summon + connect + request + first byte, per path): the proxied
 //!   path waits for `Ready` and then connects and replays, while the direct path's request

@@ -16,13 +16,27 @@ fn run_image_and_get(image: &std::path::Path, revision: &Revision) -> String {
         .expect("free port")
         .port();
     let addr = format!("127.0.0.1:{port}");
-    let mut child = std::process::Command::new(image)
-        .env_clear()
-        .env("HELLO_ADDR", &addr)
-        .env("REVBOOT_REVISION", revision.to_hex())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("image runs");
+    // The image file was just written in this process; a child forked meanwhile by another
+    // test's thread may still hold its descriptor open for writing (ETXTBSY) until it
+    // execs, for a moment only.
+    let mut attempts = 0;
+    let mut child = loop {
+        let spawned = std::process::Command::new(image)
+            .env_clear()
+            .env("HELLO_ADDR", &addr)
+            .env("REVBOOT_REVISION", revision.to_hex())
+            .stdout(std::process::Stdio::null())
+            .spawn();
+        match spawned {
+            Err(error)
+                if error.kind() == std::io::ErrorKind::ExecutableFileBusy && attempts < 50 =>
+            {
+                attempts += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            spawned => break spawned.expect("image runs"),
+        }
+    };
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let answer = loop {
         match TcpStream::connect(&addr) {
@@ -337,16 +351,22 @@ async fn newer_push_supersedes_a_queued_build() {
         r.source_commit == a && r.state == BuildState::Running
     })
     .await;
-    let so_far = daemon
-        .builder
-        .running_log(record_a.id)
-        .await
-        .expect("running");
-    let so_far = String::from_utf8(so_far).expect("utf8");
-    assert!(
-        so_far.contains(&format!("build #{} of svc", record_a.id)),
-        "{so_far}"
-    );
+    // The record says running a moment before the runner's first log line is written.
+    let header = format!("build #{} of svc", record_a.id);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let so_far = loop {
+        let so_far = daemon
+            .builder
+            .running_log(record_a.id)
+            .await
+            .expect("running");
+        let so_far = String::from_utf8(so_far).expect("utf8");
+        if so_far.contains(&header) || std::time::Instant::now() > deadline {
+            break so_far;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(so_far.contains(&header), "{so_far}");
     let b = commit_all(&work, "b").await;
     let push_b = tokio::spawn({
         let (work, url) = (work.clone(), url.clone());

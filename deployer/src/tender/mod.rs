@@ -232,6 +232,16 @@ pub trait Running: Send + Sync + fmt::Debug {
     /// The exit, once the instance ended and its resources are released.
     fn exit(&self) -> watch::Receiver<Option<ExitReport>>;
 
+    /// A descriptor of the listening socket the instance accepts on, for the kernel
+    /// hand-off of warm connections ([`crate::steer`]). By default, the socket bound to
+    /// [`Running::backend`] in the instance's top process, taken with `pidfd_getfd`.
+    fn listener(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        let pid = self.footprint().pid.ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, "the instance has no pid")
+        })?;
+        crate::steer::listener_of(pid, self.backend())
+    }
+
     /// Waits until the instance is ready by `probe`, at most `timeout`.
     fn ready<'a>(
         &'a self,

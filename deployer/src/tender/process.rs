@@ -31,7 +31,7 @@
 use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io::{self, Read};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -205,24 +205,24 @@ impl Tender for ProcessTender {
         };
         let address = SocketAddr::new(spec.address, port);
         // A per-client instance's socket takes connections only from its service address
-        // (the proxy, the probes) and, where clients connect directly, from its client.
-        let admitted: Option<Vec<Ipv4Addr>> = spec.client.map(|client| {
-            let direct = (spec.backend_port == BackendPort::Same).then_some(client);
-            [Some(spec.address), direct]
-                .into_iter()
-                .flatten()
-                .filter_map(|ip| match ip.to_canonical() {
-                    IpAddr::V4(ip) => Some(ip),
-                    IpAddr::V6(_) => None,
-                })
-                .collect()
+        // (the proxy, the probes) and from its client at the service port (with no proxy in
+        // front, or steered there by the deployer; see `admit`).
+        let v4 = |ip: IpAddr| match ip.to_canonical() {
+            IpAddr::V4(ip) => Some(ip),
+            IpAddr::V6(_) => None,
+        };
+        let admitted = spec.client.map(|client| {
+            (
+                v4(spec.address).into_iter().collect::<Vec<_>>(),
+                v4(client).map(|client| (client, spec.run.port)),
+            )
         });
         let bind = || -> io::Result<(Socket, SocketAddr)> {
             let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
             socket.set_reuse_address(true)?;
             socket.bind(&address.into())?;
-            if let Some(admitted) = &admitted {
-                admit::admit_only(&socket, admitted)?;
+            if let Some((sources, client)) = &admitted {
+                admit::admit_only(&socket, sources, *client)?;
             }
             socket.listen(BACKLOG)?;
             let local = socket

@@ -340,7 +340,10 @@ mod through_the_deployer {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn hello_vm_answers_by_revision_and_idle_reaping_keeps_its_console() {
-        let world = world(63, |config| config.idle_timeout_override_ms = Some(500));
+        let world = world(63, |config| {
+            config.idle_timeout_override_ms = Some(500);
+            config.backend_port = revboot_deployer::BackendPort::Ephemeral;
+        });
         let image = tokio::task::spawn_blocking(|| build_image(None))
             .await
             .expect("build task");
@@ -364,6 +367,26 @@ mod through_the_deployer {
             response.ends_with(&format!("hello from v1 ({})\n", revision.to_hex())),
             "{response}"
         );
+        // Ready, qemu's forwarded socket is steered: the service port answers although
+        // nothing but that socket (on another port) listens.
+        assert!(
+            support::eventually(|| world
+                .deployer
+                .list()
+                .first()
+                .is_some_and(|info| info.steered.is_some()))
+            .await,
+            "qemu's socket is steered"
+        );
+        let front = std::net::SocketAddr::new(summoned.address, summoned.port);
+        let response = http_get(front, "/")
+            .await
+            .expect("an answer at the service port");
+        assert!(
+            response.ends_with(&format!("hello from v1 ({})\n", revision.to_hex())),
+            "{response}"
+        );
+        assert_eq!(world.deployer.metrics().steered_connections, 1);
         let end = support::wait_state(&mut state, InstanceState::is_final).await;
         assert_eq!(end, InstanceState::Stopped);
         assert!(

@@ -1,6 +1,5 @@
 //! What the proxy promises, shown with the real deployer and the real hello image.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,22 +7,15 @@ use revboot_deployer::{InstanceState, Instances};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::{
-    self, HELLO_RUN, PATIENCE, World, connect, deploy, eventually, hello_image, http_get, manifest,
+    self, PATIENCE, World, connect, deploy, eventually, hello_image, http_get, manifest,
+    service_address,
 };
-
-fn service_address(summoned: &revboot_deployer::Summoned) -> SocketAddr {
-    SocketAddr::new(summoned.address, summoned.port)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_clients_at_once_on_a_cold_instance_are_all_served_by_one_boot() {
     support::raise_nofile();
     let world = World::new(1, |_, _| {});
-    let revision = deploy(&world.store, "hello", &hello_image(), &manifest(HELLO_RUN));
-    let summoned = world
-        .proxy
-        .summon("hello", &revision, None)
-        .expect("summon");
+    let (revision, summoned) = support::summon_hello(&world);
     assert_eq!(*summoned.state.borrow(), InstanceState::Booting, "cold");
     assert_ne!(summoned.backend, service_address(&summoned));
     let address = service_address(&summoned);
@@ -48,7 +40,13 @@ async fn five_hundred_clients_at_once_on_a_cold_instance_are_all_served_by_one_b
     }
     let metrics = world.proxy.metrics();
     assert_eq!(metrics.refused, 0);
-    assert_eq!(metrics.spliced, 500);
+    // Those that connected once it was ready went straight to it (the kernel hand-off).
+    let steered = world.deployer.metrics().steered_connections;
+    assert_eq!(
+        metrics.spliced + steered,
+        500,
+        "{metrics:?}, {steered} steered"
+    );
     assert!(metrics.held > 0, "the instance was cold: {metrics:?}");
     let instances = world.deployer.list();
     assert_eq!(instances.len(), 1, "{instances:?}");
@@ -61,11 +59,7 @@ async fn five_hundred_clients_at_once_on_a_cold_instance_are_all_served_by_one_b
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_sent_before_the_instance_is_ready_is_answered() {
     let world = World::new(2, |_, _| {});
-    let revision = deploy(&world.store, "hello", &hello_image(), &manifest(HELLO_RUN));
-    let summoned = world
-        .proxy
-        .summon("hello", &revision, None)
-        .expect("summon");
+    let (revision, summoned) = support::summon_hello(&world);
     let request = b"GET /early HTTP/1.1\r\nhost: test\r\n\r\n";
     let mut stream = connect(service_address(&summoned), None)
         .await
@@ -93,28 +87,9 @@ async fn a_request_sent_before_the_instance_is_ready_is_answered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_per_client_instance_refuses_every_other_client() {
-    let world = World::new(3, |_, _| {});
-    let run = format!("{HELLO_RUN}\nper_client = true");
-    let revision = deploy(&world.store, "mine", &hello_image(), &manifest(&run));
-    let alice = world.source(250);
-    let bob = world.source(251);
-    let summoned = world
-        .proxy
-        .summon("mine", &revision, Some(alice))
-        .expect("summon for alice");
-    assert_eq!(summoned.key.client, Some(alice));
-    let address = service_address(&summoned);
-    match http_get(address, Some(bob), "/bob").await {
-        Ok(response) => assert!(response.is_empty(), "bob was answered: {response}"),
-        Err(error) => assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}"),
-    }
-    let response = http_get(address, Some(alice), "/alice")
-        .await
-        .expect("alice is served");
-    assert!(
-        response.contains(&format!("hello from v1 ({revision})")),
-        "{response}"
-    );
+    // The relay path: with no kernel hand-off, alice's connection is spliced by the proxy.
+    let world = World::new(3, |deployer, _| deployer.steer = false);
+    support::bob_refused_alice_served(&world).await;
     let metrics = world.proxy.metrics();
     assert_eq!(metrics.refused_admission, 1, "{metrics:?}");
     assert_eq!(metrics.spliced, 1, "{metrics:?}");
@@ -169,11 +144,7 @@ async fn an_open_quiet_connection_keeps_its_instance_until_it_closes() {
     let world = World::new(5, |deployer, _| {
         deployer.idle_timeout_override_ms = Some(idle.as_millis() as u64);
     });
-    let revision = deploy(&world.store, "hello", &hello_image(), &manifest(HELLO_RUN));
-    let summoned = world
-        .proxy
-        .summon("hello", &revision, None)
-        .expect("summon");
+    let (_, summoned) = support::summon_hello(&world);
     let mut state = summoned.state.clone();
     let quiet = connect(service_address(&summoned), None)
         .await

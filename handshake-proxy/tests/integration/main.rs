@@ -4,4 +4,5 @@
 #![allow(clippy::unwrap_used)]
 
 mod capabilities;
+mod steering;
 mod support;

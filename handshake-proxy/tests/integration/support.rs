@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use revboot_deployer::{BackendPort, Deployer, DeployerConfig, Instances};
+use revboot_deployer::{BackendPort, Deployer, DeployerConfig, InstanceState, Instances};
 use revboot_proxy::{Proxy, ProxyConfig};
 use revboot_store::{BuildStatus, ImageInput, NewDeployment, Revision, Store};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -137,4 +137,66 @@ pub fn raise_nofile() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("setrlimit");
+}
+
+/// The service address and port of `summoned`: where clients connect.
+pub fn service_address(summoned: &revboot_deployer::Summoned) -> SocketAddr {
+    SocketAddr::new(summoned.address, summoned.port)
+}
+
+/// Waits (bounded) until `summoned`'s instance serves.
+pub async fn serving(summoned: &revboot_deployer::Summoned) {
+    let mut state = summoned.state.clone();
+    tokio::time::timeout(PATIENCE, state.wait_for(InstanceState::is_serving))
+        .await
+        .expect("ready in time")
+        .expect("state");
+}
+
+/// A per-client service `mine` for client `.250` of `world`: bob (`.251`) is refused at the
+/// service address, alice is served there. Returns alice's instance.
+pub async fn bob_refused_alice_served(world: &World) -> revboot_deployer::Summoned {
+    let run = format!("{HELLO_RUN}\nper_client = true");
+    let revision = deploy(&world.store, "mine", &hello_image(), &manifest(&run));
+    let (alice, bob) = (world.source(250), world.source(251));
+    let summoned = world
+        .proxy
+        .summon("mine", &revision, Some(alice))
+        .expect("summon for alice");
+    assert_eq!(summoned.key.client, Some(alice));
+    if world.deployer.steers() {
+        serving(&summoned).await;
+        let key = summoned.key.clone();
+        eventually("the instance is steered", || {
+            world
+                .deployer
+                .list()
+                .iter()
+                .any(|info| info.key == key && info.steered.is_some())
+        })
+        .await;
+    }
+    let address = service_address(&summoned);
+    match http_get(address, Some(bob), "/bob").await {
+        Ok(response) => assert!(response.is_empty(), "bob was answered: {response}"),
+        Err(error) => assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}"),
+    }
+    let response = http_get(address, Some(alice), "/alice")
+        .await
+        .expect("alice is served");
+    assert!(
+        response.contains(&format!("hello from v1 ({revision})")),
+        "{response}"
+    );
+    summoned
+}
+
+/// Deploys hello (as its own manifest has it) and summons it through the proxy.
+pub fn summon_hello(world: &World) -> (Revision, revboot_deployer::Summoned) {
+    let revision = deploy(&world.store, "hello", &hello_image(), &manifest(HELLO_RUN));
+    let summoned = world
+        .proxy
+        .summon("hello", &revision, None)
+        .expect("summon");
+    (revision, summoned)
 }

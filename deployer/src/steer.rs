@@ -1,0 +1,701 @@
+//! Kernel hand-off of warm connections: a connection to a ready instance's service address
+//! goes straight into the instance's own listening socket, with no user-space hop.
+//!
+//! The handshake proxy listens on every service address it hands out, so that a connection
+//! made while the instance boots is held, not refused. Once the instance is ready, relaying
+//! each byte through the proxy only costs: two more wake-ups and two more copies per
+//! exchange, about half the throughput on a small machine. So, while an instance is ready:
+//!
+//! 1. [`Steering::open`] loads a `BPF_PROG_TYPE_SK_LOOKUP` program into the deployer's
+//!    network namespace (a BPF link: it is detached when the deployer's descriptor closes,
+//!    a kill -9 included). The program runs when the kernel looks for the listening socket
+//!    of an incoming TCP SYN, before the ordinary lookup.
+//! 2. [`Steering::steer`] puts a route `service address:port → instance socket` in two maps:
+//!    a hash of routes (the admitted client, a connection counter) and a sockhash holding
+//!    the instance's listening socket.
+//! 3. For each SYN to an IPv4 address and port with a route: a per-client route whose client
+//!    is not the SYN's source passes it on (to the proxy, which refuses it); otherwise the
+//!    program selects the instance's socket, and counts the connection. The instance accepts
+//!    it as if it were bound to the service port.
+//! 4. Everything else — no route, IPv6, UDP, a socket already gone — passes on unchanged to
+//!    the ordinary lookup: the proxy's listener.
+//! 5. Dropping the [`Steered`] guard removes the route (the instance is no longer ready);
+//!    a closed socket leaves the sockhash on its own.
+//!
+//! Activity stays visible: [`Steered::connections`] counts steered connections, and the
+//! deployer counts open ones on the instance's socket through `sock_diag` before it reaps.
+//!
+//! # Why hand-assembled
+//!
+//! The program is thirty-odd instructions. Compiling it needs a BPF target (clang or
+//! rustc's `bpfel`), which the toolchain here does not have, and loading it needs three
+//! syscalls; a loader library (aya, libbpf) would bring an ELF loader and BTF handling for
+//! a program that has neither. So the instructions are written out below with a tiny label
+//! assembler, and loaded with `bpf(2)` directly.
+//!
+//! # Limits
+//!
+//! Root (`CAP_BPF` and `CAP_NET_ADMIN`) and Linux ≥ 5.9. IPv4 TCP only. Sockets a tender
+//! does not own (qemu's forwarded port) are not steered; their connections go through the
+//! proxy as before.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+
+/// The route key: IPv4 address (network order, as the program reads it) and port (host
+/// order, as the kernel gives it to the program).
+type Key = [u8; 8];
+
+/// The route value the program reads: the admitted client (network order, 0 = anyone),
+/// padding, and the count of connections steered.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct Route {
+    client: u32,
+    _pad: u32,
+    connections: u64,
+}
+
+/// The loaded program, its maps and its link into the network namespace.
+#[derive(Debug)]
+pub struct Steering {
+    routes: OwnedFd,
+    sockets: OwnedFd,
+    _program: OwnedFd,
+    _link: OwnedFd,
+    capacity: usize,
+    /// Routes installed, so that two guards never share a key.
+    installed: Mutex<HashMap<Key, u64>>,
+    /// Source of guard identities.
+    next: std::sync::atomic::AtomicU64,
+}
+
+/// Why a route could not be installed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SteerError {
+    /// Steering is IPv4 only.
+    #[error("Only IPv4 service addresses are steered")]
+    NotIpv4,
+    /// Another route has this address and port.
+    #[error("{0} is already steered")]
+    Taken(SocketAddrV4),
+    /// Every route slot is in use.
+    #[error("All {0} steering routes are in use")]
+    Full(usize),
+    /// The kernel refused the map update (e.g. the socket is not listening).
+    #[error("The kernel refused the route for {front}")]
+    Kernel {
+        /// The service address and port.
+        front: SocketAddrV4,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A route installed by [`Steering::steer`]; dropping it removes the route.
+#[derive(Debug)]
+pub struct Steered {
+    steering: Arc<Steering>,
+    key: Key,
+    front: SocketAddrV4,
+    id: u64,
+}
+
+impl Steering {
+    /// Loads the program, with room for `capacity` routes, and attaches it to the calling
+    /// thread's network namespace.
+    pub fn open(capacity: usize) -> io::Result<Arc<Steering>> {
+        let entries = u32::try_from(capacity.clamp(1, 1 << 20)).expect("clamped");
+        let routes = map_create(
+            MAP_TYPE_HASH,
+            8,
+            size_of::<Route>() as u32,
+            entries,
+            "revboot_routes",
+        )?;
+        let sockets = map_create(MAP_TYPE_SOCKHASH, 8, 8, entries, "revboot_socks")?;
+        let program = program_load(&program(routes.as_raw_fd(), sockets.as_raw_fd()))?;
+        let netns = std::fs::File::open("/proc/thread-self/ns/net")?;
+        let link = link_create(program.as_fd(), netns.as_fd())?;
+        Ok(Arc::new(Steering {
+            routes,
+            sockets,
+            _program: program,
+            _link: link,
+            capacity: entries as usize,
+            installed: Mutex::new(HashMap::new()),
+            next: std::sync::atomic::AtomicU64::new(1),
+        }))
+    }
+
+    /// Routes new connections to `front` (from `client` only, if given) into `listener`, a
+    /// listening TCP socket, until the returned guard drops.
+    pub fn steer(
+        self: &Arc<Self>,
+        front: SocketAddrV4,
+        client: Option<Ipv4Addr>,
+        listener: BorrowedFd<'_>,
+    ) -> Result<Steered, SteerError> {
+        let key = key(front);
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        {
+            let mut installed = self.lock();
+            if installed.contains_key(&key) {
+                return Err(SteerError::Taken(front));
+            }
+            if installed.len() >= self.capacity {
+                return Err(SteerError::Full(self.capacity));
+            }
+            installed.insert(key, id);
+        }
+        let route = Route {
+            client: client.map_or(0, |client| u32::from_ne_bytes(client.octets())),
+            ..Route::default()
+        };
+        let installed = map_update(self.routes.as_fd(), &key, as_bytes(&route)).and_then(|()| {
+            let fd = u64::try_from(listener.as_raw_fd()).expect("a descriptor is not negative");
+            map_update(self.sockets.as_fd(), &key, &fd.to_ne_bytes())
+        });
+        match installed {
+            Ok(()) => Ok(Steered {
+                steering: Arc::clone(self),
+                key,
+                front,
+                id,
+            }),
+            Err(source) => {
+                let _ = map_delete(self.routes.as_fd(), &key);
+                self.lock().remove(&key);
+                Err(SteerError::Kernel { front, source })
+            }
+        }
+    }
+
+    /// Routes installed now.
+    pub fn routes(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, u64>> {
+        self.installed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Steered {
+    /// The service address and port steered.
+    pub fn front(&self) -> SocketAddrV4 {
+        self.front
+    }
+
+    /// Connections steered into the instance so far.
+    pub fn connections(&self) -> u64 {
+        let mut route = Route::default();
+        match map_lookup(
+            self.steering.routes.as_fd(),
+            &self.key,
+            as_bytes_mut(&mut route),
+        ) {
+            Ok(()) => route.connections,
+            Err(_) => 0,
+        }
+    }
+}
+
+impl Drop for Steered {
+    fn drop(&mut self) {
+        // The socket first: a route with no socket passes connections on to the proxy.
+        let _ = map_delete(self.steering.sockets.as_fd(), &self.key);
+        let _ = map_delete(self.steering.routes.as_fd(), &self.key);
+        let mut installed = self.steering.lock();
+        if installed.get(&self.key) == Some(&self.id) {
+            installed.remove(&self.key);
+        }
+    }
+}
+
+/// A descriptor of the listening TCP socket bound to `local` in process `pid`, taken with
+/// `pidfd_getfd(2)` (ptrace rights over `pid`: root, or the same user without Yama): how a
+/// socket a tender does not create itself (qemu's forwarded port) can be steered.
+pub fn listener_of(pid: u32, local: std::net::SocketAddr) -> io::Result<OwnedFd> {
+    let pid =
+        libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: plain syscalls with integer arguments; a descriptor returned is ours.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if pidfd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let pidfd = owned(pidfd);
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let entry = entry?;
+        let is_socket = std::fs::read_link(entry.path()).is_ok_and(|target| {
+            target
+                .as_os_str()
+                .as_encoded_bytes()
+                .starts_with(b"socket:")
+        });
+        let Some(number) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if !is_socket {
+            continue;
+        }
+        // SAFETY: as above.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), number, 0) };
+        if fd < 0 {
+            continue;
+        }
+        let fd = owned(fd);
+        let socket = socket2::SockRef::from(&fd);
+        if socket.local_addr().ok().and_then(|a| a.as_socket()) == Some(local)
+            && socket.is_listener().unwrap_or(false)
+        {
+            return Ok(fd);
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("process {pid} has no socket listening on {local}"),
+    ))
+}
+
+fn key(front: SocketAddrV4) -> Key {
+    let mut key = [0u8; 8];
+    key[..4].copy_from_slice(&front.ip().octets());
+    key[4..].copy_from_slice(&u32::from(front.port()).to_ne_bytes());
+    key
+}
+
+fn as_bytes(route: &Route) -> &[u8] {
+    // SAFETY: `Route` is `repr(C)`, plain integers, no padding the compiler adds (the
+    // padding is a field), so its bytes are initialised.
+    unsafe { std::slice::from_raw_parts((route as *const Route).cast::<u8>(), size_of::<Route>()) }
+}
+
+fn as_bytes_mut(route: &mut Route) -> &mut [u8] {
+    // SAFETY: as above; every bit pattern is a valid `Route`.
+    unsafe {
+        std::slice::from_raw_parts_mut((route as *mut Route).cast::<u8>(), size_of::<Route>())
+    }
+}
+
+// ---- The program ------------------------------------------------------------------------
+
+/// `struct bpf_sk_lookup` field offsets (linux/bpf.h).
+const CTX_FAMILY: i16 = 8;
+const CTX_PROTOCOL: i16 = 12;
+const CTX_REMOTE_IP4: i16 = 16;
+const CTX_LOCAL_IP4: i16 = 40;
+const CTX_LOCAL_PORT: i16 = 60;
+
+const HELPER_MAP_LOOKUP: i32 = 1;
+const HELPER_SK_RELEASE: i32 = 86;
+const HELPER_SK_ASSIGN: i32 = 124;
+const SK_PASS: i32 = 1;
+
+/// One `struct bpf_insn`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct Insn {
+    code: u8,
+    regs: u8,
+    off: i16,
+    imm: i32,
+}
+
+/// A minimal assembler: instructions, and forward jumps to named labels.
+#[derive(Default)]
+struct Asm {
+    insns: Vec<Insn>,
+    fixups: Vec<(usize, &'static str)>,
+    labels: HashMap<&'static str, usize>,
+}
+
+const R0: u8 = 0;
+const R1: u8 = 1;
+const R2: u8 = 2;
+const R3: u8 = 3;
+const R6: u8 = 6;
+const R7: u8 = 7;
+const R8: u8 = 8;
+const R9: u8 = 9;
+const R10: u8 = 10;
+
+impl Asm {
+    fn raw(&mut self, code: u8, dst: u8, src: u8, off: i16, imm: i32) {
+        self.insns.push(Insn {
+            code,
+            regs: (src << 4) | dst,
+            off,
+            imm,
+        });
+    }
+    /// `dst = src` (64 bit).
+    fn mov(&mut self, dst: u8, src: u8) {
+        self.raw(0xbf, dst, src, 0, 0);
+    }
+    /// `dst = imm` (64 bit).
+    fn mov_imm(&mut self, dst: u8, imm: i32) {
+        self.raw(0xb7, dst, 0, 0, imm);
+    }
+    /// `dst += imm` (64 bit).
+    fn add_imm(&mut self, dst: u8, imm: i32) {
+        self.raw(0x07, dst, 0, 0, imm);
+    }
+    /// `dst = *(u32 *)(src + off)`.
+    fn load32(&mut self, dst: u8, src: u8, off: i16) {
+        self.raw(0x61, dst, src, off, 0);
+    }
+    /// `*(u32 *)(dst + off) = src`.
+    fn store32(&mut self, dst: u8, off: i16, src: u8) {
+        self.raw(0x63, dst, src, off, 0);
+    }
+    /// `lock *(u64 *)(dst + off) += src`.
+    fn atomic_add64(&mut self, dst: u8, off: i16, src: u8) {
+        self.raw(0xdb, dst, src, off, 0);
+    }
+    /// `dst = map` (the two-slot `ld_imm64` with `BPF_PSEUDO_MAP_FD`).
+    fn load_map(&mut self, dst: u8, map_fd: i32) {
+        self.raw(0x18, dst, 1, 0, map_fd);
+        self.raw(0, 0, 0, 0, 0);
+    }
+    fn call(&mut self, helper: i32) {
+        self.raw(0x85, 0, 0, 0, helper);
+    }
+    fn exit(&mut self) {
+        self.raw(0x95, 0, 0, 0, 0);
+    }
+    /// `if dst != imm goto label`.
+    fn jne_imm(&mut self, dst: u8, imm: i32, label: &'static str) {
+        self.fixups.push((self.insns.len(), label));
+        self.raw(0x55, dst, 0, 0, imm);
+    }
+    /// `if dst == imm goto label`.
+    fn jeq_imm(&mut self, dst: u8, imm: i32, label: &'static str) {
+        self.fixups.push((self.insns.len(), label));
+        self.raw(0x15, dst, 0, 0, imm);
+    }
+    /// `if dst != src goto label`.
+    fn jne(&mut self, dst: u8, src: u8, label: &'static str) {
+        self.fixups.push((self.insns.len(), label));
+        self.raw(0x5d, dst, src, 0, 0);
+    }
+    /// `r0 = map[key at r10 - 8]`, or `goto pass` when there is none.
+    fn lookup_key_or_pass(&mut self, map_fd: i32) {
+        self.load_map(R1, map_fd);
+        self.mov(R2, R10);
+        self.add_imm(R2, -8);
+        self.call(HELPER_MAP_LOOKUP);
+        self.jeq_imm(R0, 0, "pass");
+    }
+    fn label(&mut self, name: &'static str) {
+        self.labels.insert(name, self.insns.len());
+    }
+    fn finish(mut self) -> Vec<Insn> {
+        for (at, label) in std::mem::take(&mut self.fixups) {
+            let target = self.labels[label];
+            self.insns[at].off =
+                i16::try_from(target as isize - at as isize - 1).expect("a short program");
+        }
+        self.insns
+    }
+}
+
+/// The sk_lookup program (see the module docs for what it does).
+fn program(routes: i32, sockets: i32) -> Vec<Insn> {
+    let mut asm = Asm::default();
+    asm.mov(R6, R1); // r6 = ctx
+    asm.load32(R2, R6, CTX_FAMILY);
+    asm.jne_imm(R2, libc::AF_INET, "pass");
+    asm.load32(R2, R6, CTX_PROTOCOL);
+    asm.jne_imm(R2, libc::IPPROTO_TCP, "pass");
+    // The key on the stack: local address, local port.
+    asm.load32(R2, R6, CTX_LOCAL_IP4);
+    asm.store32(R10, -8, R2);
+    asm.load32(R2, R6, CTX_LOCAL_PORT);
+    asm.store32(R10, -4, R2);
+    // r7 = routes[key], or pass.
+    asm.lookup_key_or_pass(routes);
+    asm.mov(R7, R0);
+    // A per-client route takes only its client.
+    asm.load32(R2, R7, 0);
+    asm.jeq_imm(R2, 0, "select");
+    asm.load32(R3, R6, CTX_REMOTE_IP4);
+    asm.jne(R2, R3, "pass");
+    asm.label("select");
+    // r8 = sockets[key] (a reference), or pass.
+    asm.lookup_key_or_pass(sockets);
+    asm.mov(R8, R0);
+    asm.mov(R1, R6);
+    asm.mov(R2, R8);
+    asm.mov_imm(R3, 0);
+    asm.call(HELPER_SK_ASSIGN);
+    asm.mov(R9, R0);
+    asm.mov(R1, R8);
+    asm.call(HELPER_SK_RELEASE);
+    asm.jne_imm(R9, 0, "pass");
+    asm.mov_imm(R1, 1);
+    asm.atomic_add64(R7, 8, R1);
+    asm.label("pass");
+    asm.mov_imm(R0, SK_PASS);
+    asm.exit();
+    asm.finish()
+}
+
+// ---- bpf(2) -------------------------------------------------------------------------------
+
+const CMD_MAP_CREATE: libc::c_long = 0;
+const CMD_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const CMD_MAP_UPDATE_ELEM: libc::c_long = 2;
+const CMD_MAP_DELETE_ELEM: libc::c_long = 3;
+const CMD_PROG_LOAD: libc::c_long = 5;
+const CMD_LINK_CREATE: libc::c_long = 28;
+const MAP_TYPE_HASH: u32 = 1;
+const MAP_TYPE_SOCKHASH: u32 = 18;
+const PROG_TYPE_SK_LOOKUP: u32 = 30;
+const ATTACH_SK_LOOKUP: u32 = 36;
+
+/// `union bpf_attr`, as plain words: each command fills the fields it reads.
+#[repr(C, align(8))]
+struct Attr([u8; 144]);
+
+impl Attr {
+    fn new() -> Attr {
+        Attr([0; 144])
+    }
+    fn u32(&mut self, at: usize, value: u32) -> &mut Attr {
+        self.0[at..at + 4].copy_from_slice(&value.to_ne_bytes());
+        self
+    }
+    fn u64(&mut self, at: usize, value: u64) -> &mut Attr {
+        self.0[at..at + 8].copy_from_slice(&value.to_ne_bytes());
+        self
+    }
+    fn name(&mut self, at: usize, name: &str) -> &mut Attr {
+        let bytes = &name.as_bytes()[..name.len().min(15)];
+        self.0[at..at + bytes.len()].copy_from_slice(bytes);
+        self
+    }
+}
+
+fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a zeroed `bpf_attr` of the full size with the command's fields
+    // set; the pointers in it outlive the call.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.0.as_mut_ptr(),
+            attr.0.len() as libc::c_uint,
+        )
+    };
+    if result < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(result)
+    }
+}
+
+fn owned(fd: libc::c_long) -> OwnedFd {
+    // SAFETY: the kernel just returned this descriptor to us and nothing else owns it.
+    unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).expect("a descriptor fits in an int")) }
+}
+
+fn map_create(kind: u32, key: u32, value: u32, entries: u32, name: &str) -> io::Result<OwnedFd> {
+    let mut attr = Attr::new();
+    attr.u32(0, kind)
+        .u32(4, key)
+        .u32(8, value)
+        .u32(12, entries)
+        .name(28, name);
+    bpf(CMD_MAP_CREATE, &mut attr).map(owned)
+}
+
+fn program_load(insns: &[Insn]) -> io::Result<OwnedFd> {
+    let license = CString::new("Dual MIT/GPL").expect("no NUL");
+    let mut log = vec![0u8; 64 * 1024];
+    let mut attr = Attr::new();
+    attr.u32(0, PROG_TYPE_SK_LOOKUP)
+        .u32(4, u32::try_from(insns.len()).expect("a short program"))
+        .u64(8, insns.as_ptr() as u64)
+        .u64(16, license.as_ptr() as u64)
+        .u32(24, 1)
+        .u32(28, log.len() as u32)
+        .u64(32, log.as_mut_ptr() as u64)
+        .name(48, "revboot_steer")
+        .u32(68, ATTACH_SK_LOOKUP);
+    bpf(CMD_PROG_LOAD, &mut attr).map(owned).map_err(|error| {
+        let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+        let text = String::from_utf8_lossy(&log[..end]);
+        let last = text.lines().rev().take(3).collect::<Vec<_>>().join(" / ");
+        if last.is_empty() {
+            error
+        } else {
+            io::Error::new(error.kind(), format!("{error}; verifier: {last}"))
+        }
+    })
+}
+
+fn link_create(program: BorrowedFd<'_>, netns: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let mut attr = Attr::new();
+    attr.u32(0, program.as_raw_fd() as u32)
+        .u32(4, netns.as_raw_fd() as u32)
+        .u32(8, ATTACH_SK_LOOKUP);
+    bpf(CMD_LINK_CREATE, &mut attr).map(owned)
+}
+
+fn elem(map: BorrowedFd<'_>, key: &Key, value: u64) -> Attr {
+    let mut attr = Attr::new();
+    attr.u32(0, map.as_raw_fd() as u32)
+        .u64(8, key.as_ptr() as u64)
+        .u64(16, value);
+    attr
+}
+
+fn map_update(map: BorrowedFd<'_>, key: &Key, value: &[u8]) -> io::Result<()> {
+    bpf(
+        CMD_MAP_UPDATE_ELEM,
+        &mut elem(map, key, value.as_ptr() as u64),
+    )
+    .map(drop)
+}
+
+fn map_lookup(map: BorrowedFd<'_>, key: &Key, value: &mut [u8]) -> io::Result<()> {
+    bpf(
+        CMD_MAP_LOOKUP_ELEM,
+        &mut elem(map, key, value.as_mut_ptr() as u64),
+    )
+    .map(drop)
+}
+
+fn map_delete(map: BorrowedFd<'_>, key: &Key) -> io::Result<()> {
+    bpf(CMD_MAP_DELETE_ELEM, &mut elem(map, key, 0)).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+    use std::os::fd::AsFd;
+    use std::time::Duration;
+
+    use socket2::{Domain, Socket, Type};
+
+    use super::*;
+
+    fn connect_from(source: Ipv4Addr, to: SocketAddrV4) -> io::Result<TcpStream> {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        socket.bind(&SocketAddr::new(source.into(), 0).into())?;
+        socket.connect_timeout(&SocketAddr::V4(to).into(), Duration::from_secs(5))?;
+        Ok(socket.into())
+    }
+
+    /// A connection to a steered address reaches the instance's socket, bound elsewhere;
+    /// it is counted; after the guard drops, the address is refused again.
+    #[test]
+    fn a_steered_address_reaches_the_instance_socket_until_the_route_goes() {
+        let steering = Steering::open(16).expect("sk_lookup steering needs root and Linux 5.9");
+        let instance = TcpListener::bind("127.71.0.1:0").expect("bind the instance socket");
+        let front: SocketAddrV4 = "127.71.0.1:8080".parse().expect("an address");
+        assert!(
+            connect_from(Ipv4Addr::LOCALHOST, front).is_err(),
+            "nothing listens on the front before the route"
+        );
+
+        let steered = steering
+            .steer(front, None, instance.as_fd())
+            .expect("steer");
+        let mut client = connect_from(Ipv4Addr::LOCALHOST, front).expect("steered connect");
+        let (mut accepted, peer) = instance.accept().expect("the instance accepts it");
+        assert_eq!(accepted.local_addr().expect("local"), SocketAddr::V4(front));
+        assert_eq!(peer, client.local_addr().expect("client address"));
+        client.write_all(b"ping").expect("write");
+        let mut got = [0u8; 4];
+        accepted.read_exact(&mut got).expect("read");
+        assert_eq!(&got, b"ping");
+        assert_eq!(steered.connections(), 1);
+        assert_eq!(steering.routes(), 1);
+        assert!(matches!(
+            steering.steer(front, None, instance.as_fd()),
+            Err(SteerError::Taken(_))
+        ));
+
+        drop(steered);
+        assert_eq!(steering.routes(), 0);
+        assert!(
+            connect_from(Ipv4Addr::LOCALHOST, front).is_err(),
+            "the route is gone with its guard"
+        );
+    }
+
+    /// A per-client route takes only its client; another source passes on to whatever
+    /// listens on the front (here: a stand-in for the proxy).
+    #[test]
+    fn a_per_client_route_takes_only_its_client() {
+        let steering = Steering::open(16).expect("sk_lookup steering needs root and Linux 5.9");
+        let instance = TcpListener::bind("127.71.0.2:0").expect("bind the instance socket");
+        let proxy = TcpListener::bind("127.71.0.2:8080").expect("bind the proxy socket");
+        let front: SocketAddrV4 = "127.71.0.2:8080".parse().expect("an address");
+        let client_a = Ipv4Addr::new(127, 71, 1, 1);
+        let client_b = Ipv4Addr::new(127, 71, 1, 2);
+        let steered = steering
+            .steer(front, Some(client_a), instance.as_fd())
+            .expect("steer");
+
+        let _a = connect_from(client_a, front).expect("client A connects");
+        let (_, peer) = instance.accept().expect("the instance accepts A");
+        assert_eq!(peer.ip(), client_a);
+        let _b = connect_from(client_b, front).expect("client B connects");
+        let (_, peer) = proxy.accept().expect("the proxy sees B");
+        assert_eq!(peer.ip(), client_b);
+        assert_eq!(steered.connections(), 1);
+    }
+
+    /// A socket that closes leaves the sockhash: its route passes connections on.
+    #[test]
+    fn a_closed_instance_socket_passes_connections_on() {
+        let steering = Steering::open(16).expect("sk_lookup steering needs root and Linux 5.9");
+        let instance = TcpListener::bind("127.71.0.3:0").expect("bind the instance socket");
+        let proxy = TcpListener::bind("127.71.0.3:8080").expect("bind the proxy socket");
+        let front: SocketAddrV4 = "127.71.0.3:8080".parse().expect("an address");
+        let steered = steering
+            .steer(front, None, instance.as_fd())
+            .expect("steer");
+        drop(instance);
+        let _c = connect_from(Ipv4Addr::LOCALHOST, front).expect("connects");
+        proxy.accept().expect("the proxy gets it");
+        assert_eq!(steered.connections(), 0);
+    }
+
+    /// A socket that is not listening is refused by the kernel, and nothing is left behind.
+    #[test]
+    fn a_socket_that_does_not_listen_is_refused() {
+        let steering = Steering::open(16).expect("sk_lookup steering needs root and Linux 5.9");
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        let front: SocketAddrV4 = "127.71.0.4:8080".parse().expect("an address");
+        let error = steering
+            .steer(front, None, socket.as_fd())
+            .expect_err("a socket that neither listens nor is connected is refused");
+        assert!(matches!(error, SteerError::Kernel { .. }), "{error}");
+        assert_eq!(steering.routes(), 0);
+        let full = Steering::open(1).expect("open");
+        let listener = TcpListener::bind("127.71.0.4:0").expect("bind");
+        let _one = full.steer(front, None, listener.as_fd()).expect("first");
+        let other: SocketAddrV4 = "127.71.0.4:8081".parse().expect("an address");
+        assert!(matches!(
+            full.steer(other, None, listener.as_fd()),
+            Err(SteerError::Full(1))
+        ));
+    }
+}

@@ -1,0 +1,140 @@
+//! The kernel hand-off: once an instance is ready, new connections to its service address
+//! reach its own socket without the proxy's relay, and admission and reaping still hold.
+//! Real deployer, real hello image, real loopback TCP; needs root (BPF).
+
+use std::time::Duration;
+
+use revboot_deployer::{InstanceState, Instances, Summoned};
+
+use crate::support::{
+    self, PATIENCE, World, connect, eventually, http_get, service_address, serving,
+};
+
+/// Waits until the instance is ready and its connections are steered.
+async fn ready_and_steered(world: &World, summoned: &Summoned) {
+    assert!(
+        world.deployer.steers(),
+        "the sk_lookup program loads (root)"
+    );
+    serving(summoned).await;
+    eventually("the instance is steered", || {
+        world
+            .deployer
+            .list()
+            .iter()
+            .any(|info| info.key == summoned.key && info.steered.is_some())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_connections_reach_the_instance_without_the_relay() {
+    let world = World::new(11, |_, _| {});
+    let (revision, summoned) = support::summon_hello(&world);
+    ready_and_steered(&world, &summoned).await;
+    let expected = format!("hello from v1 ({revision})");
+    for n in 0..20 {
+        let response = http_get(service_address(&summoned), None, &format!("/{n}"))
+            .await
+            .expect("served");
+        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+        assert!(response.contains(&expected), "{response}");
+    }
+    let relayed = world.proxy.metrics();
+    assert_eq!(relayed.accepted, 0, "the proxy relayed: {relayed:?}");
+    let info = world.deployer.list();
+    assert_eq!(info[0].steered, Some(20), "{info:?}");
+    let metrics = world.deployer.metrics();
+    assert_eq!(
+        (metrics.steered_connections, metrics.steered_instances),
+        (20, 1)
+    );
+
+    // Stopped: the route goes with it, its count stays in the metrics.
+    world.deployer.stop(&summoned.key).expect("stop");
+    let mut state = summoned.state.clone();
+    tokio::time::timeout(PATIENCE, state.wait_for(InstanceState::is_final))
+        .await
+        .expect("stopped in time")
+        .expect("state");
+    let metrics = world.deployer.metrics();
+    assert_eq!(
+        (metrics.steered_connections, metrics.steered_instances),
+        (20, 0)
+    );
+    // Summoned again, the next connection is held by the proxy while it boots.
+    let again = world
+        .proxy
+        .summon("hello", &revision, None)
+        .expect("summon again");
+    let response = http_get(service_address(&again), None, "/again")
+        .await
+        .expect("served after a new boot");
+    assert!(response.contains(&expected), "{response}");
+    world.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steered_per_client_instance_still_refuses_every_other_client() {
+    let world = World::new(12, |_, _| {});
+    assert!(
+        world.deployer.steers(),
+        "the sk_lookup program loads (root)"
+    );
+    support::bob_refused_alice_served(&world).await;
+    // Bob went to the proxy, which refused him; alice went straight to her instance.
+    let metrics = world.proxy.metrics();
+    assert_eq!(metrics.refused_admission, 1, "{metrics:?}");
+    assert_eq!(metrics.spliced, 0, "{metrics:?}");
+    assert_eq!(world.deployer.list()[0].steered, Some(1));
+    world.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_quiet_steered_connection_keeps_its_instance_until_it_closes() {
+    let idle = Duration::from_millis(300);
+    let world = World::new(13, |deployer, _| {
+        deployer.idle_timeout_override_ms = Some(idle.as_millis() as u64);
+    });
+    let (_, summoned) = support::summon_hello(&world);
+    ready_and_steered(&world, &summoned).await;
+    let quiet = connect(service_address(&summoned), None)
+        .await
+        .expect("connect");
+    eventually("the quiet connection was steered", || {
+        world.deployer.list()[0].steered == Some(1)
+    })
+    .await;
+    // Several idle timeouts with not a byte either way, and no query.
+    tokio::time::sleep(idle * 5).await;
+    let mut state = summoned.state.clone();
+    let current = state.borrow().clone();
+    assert!(
+        current.is_serving(),
+        "reaped under an open connection: {current:?}"
+    );
+    assert_eq!(world.proxy.metrics().accepted, 0);
+    drop(quiet);
+    let stopped = tokio::time::timeout(PATIENCE, state.wait_for(InstanceState::is_final))
+        .await
+        .expect("reaped once the connection closed")
+        .expect("state")
+        .clone();
+    assert_eq!(stopped, InstanceState::Stopped);
+    world.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_steering_off_warm_connections_are_relayed() {
+    let world = World::new(14, |deployer, _| deployer.steer = false);
+    assert!(!world.deployer.steers());
+    let (_, summoned) = support::summon_hello(&world);
+    serving(&summoned).await;
+    let response = http_get(service_address(&summoned), None, "/")
+        .await
+        .expect("served");
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    assert_eq!(world.proxy.metrics().spliced, 1);
+    assert_eq!(world.deployer.list()[0].steered, None);
+    world.shutdown().await;
+}
