@@ -274,8 +274,12 @@ impl Deployer {
     /// Counters of boots, readiness and ends (for `/metrics`).
     pub fn metrics(&self) -> crate::metrics::MetricsSnapshot {
         let mut snapshot = self.metrics.snapshot();
-        let table = self.table.lock().expect("table lock is never poisoned");
-        for entry in table.by_address.values() {
+        // Each count is a syscall: read them outside the table lock, which summons take.
+        let entries: Vec<Arc<Entry>> = {
+            let table = self.table.lock().expect("table lock is never poisoned");
+            table.by_address.values().cloned().collect()
+        };
+        for entry in entries {
             if let Some(steered) = entry.steered_connections() {
                 snapshot.steered_connections += steered;
                 snapshot.steered_instances += 1;
@@ -297,10 +301,13 @@ impl Deployer {
 
     /// Every instance that has not finished yet.
     pub fn list(&self) -> Vec<InstanceInfo> {
-        let table = self.table.lock().expect("table lock is never poisoned");
-        let mut list: Vec<InstanceInfo> = table
-            .by_address
-            .values()
+        // Outside the table lock: reading a steered count is a syscall.
+        let entries: Vec<Arc<Entry>> = {
+            let table = self.table.lock().expect("table lock is never poisoned");
+            table.by_address.values().cloned().collect()
+        };
+        let mut list: Vec<InstanceInfo> = entries
+            .iter()
             .map(|entry| InstanceInfo {
                 id: entry.id.clone(),
                 key: entry.key.clone(),

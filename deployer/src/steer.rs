@@ -227,7 +227,7 @@ impl Drop for Steered {
 pub fn listener_of(pid: u32, local: std::net::SocketAddr) -> io::Result<OwnedFd> {
     let pid =
         libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: plain syscalls with integer arguments; a descriptor returned is ours.
+    // SAFETY: a plain syscall with integer arguments; a descriptor returned is ours.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if pidfd < 0 {
         return Err(io::Error::last_os_error());
@@ -241,25 +241,12 @@ pub fn listener_of(pid: u32, local: std::net::SocketAddr) -> io::Result<OwnedFd>
                 .as_encoded_bytes()
                 .starts_with(b"socket:")
         });
-        let Some(number) = entry
+        let number = entry
             .file_name()
             .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        if !is_socket {
-            continue;
-        }
-        // SAFETY: as above.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), number, 0) };
-        if fd < 0 {
-            continue;
-        }
-        let fd = owned(fd);
-        let socket = socket2::SockRef::from(&fd);
-        if socket.local_addr().ok().and_then(|a| a.as_socket()) == Some(local)
-            && socket.is_listener().unwrap_or(false)
+            .and_then(|n| n.parse::<i32>().ok());
+        if let (true, Some(number)) = (is_socket, number)
+            && let Ok(fd) = listener_at(pidfd.as_fd(), number, local)
         {
             return Ok(fd);
         }
@@ -268,6 +255,30 @@ pub fn listener_of(pid: u32, local: std::net::SocketAddr) -> io::Result<OwnedFd>
         io::ErrorKind::NotFound,
         format!("process {pid} has no socket listening on {local}"),
     ))
+}
+
+/// Descriptor `number` of the process behind `pidfd`, if it is a TCP socket listening on
+/// `local` (one syscall when the tender knows where the socket is).
+pub fn listener_at(
+    pidfd: BorrowedFd<'_>,
+    number: i32,
+    local: std::net::SocketAddr,
+) -> io::Result<OwnedFd> {
+    // SAFETY: a plain syscall with integer arguments; a descriptor returned is ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), number, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = owned(fd);
+    let socket = socket2::SockRef::from(&fd);
+    if socket.local_addr()?.as_socket() == Some(local) && socket.is_listener()? {
+        Ok(fd)
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("descriptor {number} is not the socket listening on {local}"),
+        ))
+    }
 }
 
 fn key(front: SocketAddrV4) -> Key {

@@ -194,11 +194,16 @@ fn percentiles(label: &str, mut micros: Vec<f64>) {
 }
 
 /// Times cold names: a third as direct deployer calls (its share of the cost), a third by
-/// DNS one at a time (each instance ready before the next query), a third by DNS back to
+/// DNS one at a time (each instance ready and settled before the next query), a third by DNS back to
 /// back (boots of earlier names compete for the CPU). Each cold query is paired with a
 /// query for a name whose instance is running (a cached answer), by the same client right
 /// after: the anchor, which shows what the machine and the measurement cost at that
 /// moment.
+/// How long "one at a time" lets a ready instance settle (hello is "ready" at exec, while
+/// its start-up still runs) before the next cold query, so that mode times the answer path
+/// alone; "back to back" shows answers beside boots.
+const SETTLE: Duration = Duration::from_millis(20);
+
 async fn cold(count: usize, args: &[String]) -> anyhow::Result<()> {
     let backend = backend(args, count + 1)?;
     // Let the freshly written repository settle, as it would have long before a query.
@@ -230,6 +235,7 @@ async fn cold(count: usize, args: &[String]) -> anyhow::Result<()> {
         tokio::time::timeout(Duration::from_secs(30), state.wait_for(|s| s.is_serving()))
             .await
             .context("Instance not ready in 30 s")??;
+        tokio::time::sleep(SETTLE).await;
     }
     percentiles("resolve() alone", resolve_us);
     percentiles("summon() alone", summon_us);
@@ -285,6 +291,7 @@ async fn cold(count: usize, args: &[String]) -> anyhow::Result<()> {
                         .map(drop)
                         .context("Instance gone")
                     })?;
+                    std::thread::sleep(SETTLE);
                 }
             }
             percentiles(&format!("cold answers, {label}"), cold_us);

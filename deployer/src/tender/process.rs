@@ -32,7 +32,7 @@ use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io::{self, Read};
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Once};
@@ -505,6 +505,17 @@ impl Running for ProcessRunning {
 
     fn exit(&self) -> watch::Receiver<Option<ExitReport>> {
         self.exit.clone()
+    }
+
+    /// Descriptor 3, where the instance got its socket, unless it moved it.
+    fn listener(&self) -> io::Result<OwnedFd> {
+        crate::steer::listener_at(self.pidfd.as_fd(), 3, self.backend).or_else(|_| {
+            let pid = self
+                .footprint
+                .pid
+                .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+            crate::steer::listener_of(pid, self.backend)
+        })
     }
 }
 
