@@ -101,7 +101,7 @@
 //!   tell them apart, so it waits for `Ready`.
 //! - Cold, the figure a user feels: `python3 bench/e2e-cold.py 1000` (the whole daemon: a
 //!   DNS A query over UDP, then connect and first byte through this proxy, 1000 cold
-//!   starts of hello): first byte p50 3.8–5.4 ms, p99 11–24 ms (DNS answer p50 0.4–0.7 ms);
+//!   starts of hello): first byte p50 3.3–5.4 ms, p99 5.9–24 ms (DNS answer p50 0.4–0.7 ms);
 //!   with `--direct` (no proxy) p50 3.2–6.8 ms, p99 14 ms.
 //!
 //! # Limits
