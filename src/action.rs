@@ -204,8 +204,11 @@ pub struct InstanceView {
     pub state: String,
     /// Milliseconds since start.
     pub uptime_ms: u64,
-    /// Open connections.
+    /// Open connections through the proxy.
     pub connections: u64,
+    /// Connections the kernel handed straight to it while it is ready (none: not steered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steered: Option<u64>,
 }
 
 /// A console record.

@@ -190,6 +190,7 @@ fn instance_view(info: &revboot_deployer::InstanceInfo) -> InstanceView {
         state: state_word(&info.state),
         uptime_ms: u64::try_from(info.uptime.as_millis()).unwrap_or(u64::MAX),
         connections: info.connections,
+        steered: info.steered,
     }
 }
 

@@ -1,6 +1,8 @@
 //! The whole journey: push → dig → curl → second revision → rollback → bisect → restart.
 
-use crate::support::{Daemon, commit_revision, curl, dig_ok, git, hello_source, history, push};
+use crate::support::{
+    Daemon, commit_revision, curl, dig_ok, git, hello_source, history, push, run,
+};
 
 const ZONE: &str = "revboot.test";
 
@@ -37,6 +39,30 @@ fn push_dig_curl_rollback_bisect_restart() {
     assert!(address.starts_with(daemon.pool.split(".0/").next().expect("pool prefix")));
     let body = curl(&name, &address, 8080);
     assert!(body.starts_with("hello from v1"), "{body}");
+    // Ready now: the kernel hands the next connection straight to the instance's socket
+    // (sk_lookup), and the API and /metrics count it.
+    let steered = || {
+        let ps = daemon.cli(&["--json", "ps"]);
+        let listed: Vec<serde_json::Value> = serde_json::from_slice(&ps.stdout).expect("JSON");
+        listed
+            .iter()
+            .find(|instance| instance["address"] == address.as_str())
+            .and_then(|instance| instance["steered"].as_u64())
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while steered().is_none() {
+        assert!(std::time::Instant::now() < deadline, "never steered");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let before = steered().expect("steered");
+    let body = curl(&name, &address, 8080);
+    assert!(body.starts_with("hello from v1"), "{body}");
+    assert_eq!(steered(), Some(before + 1));
+    let metrics = run(std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .arg(format!("http://{}/metrics", daemon.http)));
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(metrics.contains("revboot_steered_instances 1"), "{metrics}");
 
     // A second revision goes live; the old name still boots the old one.
     commit_revision(&work, "v2", "hello");
