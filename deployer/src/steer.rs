@@ -27,17 +27,19 @@
 //!
 //! # Why hand-assembled
 //!
-//! The program is thirty-odd instructions. Compiling it needs a BPF target (clang or
-//! rustc's `bpfel`), which the toolchain here does not have, and loading it needs three
+//! The program is about forty instructions. Compiling it needs a BPF target (clang or
+//! rustc's `bpfel`), which a stable x86_64-only toolchain does not have, and loading it needs three
 //! syscalls; a loader library (aya, libbpf) would bring an ELF loader and BTF handling for
 //! a program that has neither. So the instructions are written out below with a tiny label
 //! assembler, and loaded with `bpf(2)` directly.
 //!
 //! # Limits
 //!
-//! Root (`CAP_BPF` and `CAP_NET_ADMIN`) and Linux ≥ 5.9. IPv4 TCP only. Sockets a tender
-//! does not own (qemu's forwarded port) are not steered; their connections go through the
-//! proxy as before.
+//! Root (`CAP_BPF` and `CAP_NET_ADMIN`) and Linux ≥ 5.9. IPv4 TCP only (anything else is
+//! relayed by the proxy as before). The instance's socket is taken from its process with
+//! `pidfd_getfd` ([`listener_at`], [`listener_of`]: the process tender's descriptor 3,
+//! qemu's forwarded port), which needs ptrace rights over it. Steered connections are the
+//! instance's own: the proxy's idle and total timeouts do not apply to them.
 
 use std::collections::HashMap;
 use std::ffi::CString;
