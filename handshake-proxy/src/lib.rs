@@ -86,10 +86,10 @@
 //!
 //! - Warm, `bench/proxy.sh 5` (wrk; each round runs direct, steered and relayed; medians
 //!   of 3–5 rounds). Steered, as a ready instance is: small keep-alive responses
-//!   0.85–1.02× the direct requests/s, 1 MiB responses 1.00–1.04× the direct bytes/s, one
-//!   connection p50 +4 to +6 µs (the data path is the direct one; the spread is the shared
+//!   0.85–1.03× the direct requests/s, 1 MiB responses 1.00–1.04× the direct bytes/s, one
+//!   connection p50 +2 to +6 µs (the data path is the direct one; the spread is the shared
 //!   machine). Relayed (a connection held through a boot, or `steer = false`): 0.49–0.52×,
-//!   0.40–0.47× and +33 to +46 µs; wrk, the
+//!   0.40–0.47× and +31 to +46 µs; wrk, the
 //!   backend and the proxy are then three busy processes on two cores, and the relay adds
 //!   two wake-ups and two copies per exchange.
 //! - Cold, `cargo bench -p revboot-proxy --bench cold -- 1000` (real deployer, hello on
