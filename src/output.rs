@@ -117,6 +117,7 @@ pub fn render(reply: &Reply, json: bool) -> String {
                         i.state.clone(),
                         duration(i.uptime_ms),
                         i.connections.to_string(),
+                        i.steered.map_or_else(|| "-".into(), |n| n.to_string()),
                     ]
                 })
                 .collect();
@@ -124,6 +125,7 @@ pub fn render(reply: &Reply, json: bool) -> String {
                 &mut out,
                 &[
                     "SERVICE", "REVISION", "CLIENT", "ADDRESS", "STATE", "UPTIME", "CONNS",
+                    "STEERED",
                 ],
                 rows,
             );
@@ -276,5 +278,26 @@ mod tests {
         assert_eq!(time(1_796_083_200), "2026-12-01 00:00:00");
         assert_eq!(bytes(1536), "1.5 KiB");
         assert_eq!(duration(61_000), "1m01s");
+    }
+
+    #[test]
+    fn instances_show_steered_connections_or_a_dash() {
+        let view = |steered| crate::action::InstanceView {
+            service: "hello".into(),
+            revision: "c63dc270ca8f95713745c92238793f8ee1d6d910".into(),
+            client: None,
+            address: "127.77.0.1".into(),
+            state: "ready".into(),
+            uptime_ms: 1000,
+            connections: 0,
+            steered,
+        };
+        let text = render(&Reply::Instances(vec![view(Some(12)), view(None)]), false);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].ends_with("STEERED"), "{text}");
+        assert!(lines[1].ends_with(" 12"), "{text}");
+        assert!(lines[2].ends_with(" -"), "{text}");
+        let json = render(&Reply::Instances(vec![view(None)]), true);
+        assert!(!json.contains("steered"), "{json}");
     }
 }
