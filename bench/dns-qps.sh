@@ -11,6 +11,7 @@
 # 2. Answer latency for cold names (each query summons an instance; non-delayed mode), with
 #    the deployer's own resolve() and summon() timed alone beside it, and each cold query
 #    paired with a query for a running instance's name (the anchor: the machine's noise).
+# 3. The machine's floor: thread wake-up latency (cyclictest, when installed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER_RUN="${1:-10}"
@@ -114,3 +115,26 @@ echo "revboot-dns counters: $(grep MetricsSnapshot "$WORK/revboot.err" | tail -1
 
 echo "cold names (each query summons; answered without waiting for the boot):"
 "$BIN" cold 300 "${BACKEND[@]}" 2>/dev/null
+
+# The machine's own floor for the latency figures: how late a sleeping thread wakes
+# (cyclictest from Debian's rt-tests, when installed). Every DNS exchange needs at least two
+# such wake-ups, the server's and the client's.
+if command -v cyclictest >/dev/null; then
+  cyclictest -t2 -i 500 -l 20000 -q -h 5000 2>/dev/null >"$WORK/cyclictest"
+  python3 - "$WORK/cyclictest" <<'PY'
+import sys
+rows = [line.split() for line in open(sys.argv[1]) if line[:1].isdigit()]
+total = sum(int(row[1]) + int(row[2]) for row in rows)
+def at(q):
+    seen = 0
+    for row in rows:
+        seen += int(row[1]) + int(row[2])
+        if seen >= total * q:
+            return int(row[0])
+    return None
+print(f"machine floor: thread wake-up latency (cyclictest, {total} samples): "
+      f"p50 {at(0.5)} us, p99 {at(0.99)} us, p99.9 {at(0.999)} us")
+PY
+else
+  echo "machine floor: install rt-tests (cyclictest) to print thread wake-up latency"
+fi
