@@ -141,9 +141,7 @@ async fn an_instance_that_fails_to_boot_closes_every_held_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_quiet_connection_keeps_its_instance_until_it_closes() {
     let idle = Duration::from_millis(300);
-    let world = World::new(5, |deployer, _| {
-        deployer.idle_timeout_override_ms = Some(idle.as_millis() as u64);
-    });
+    let world = World::with_idle(5, idle);
     let (_, summoned) = support::summon_hello(&world);
     let mut state = summoned.state.clone();
     let quiet = connect(service_address(&summoned), None)

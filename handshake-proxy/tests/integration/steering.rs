@@ -93,9 +93,7 @@ async fn a_steered_per_client_instance_still_refuses_every_other_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_quiet_steered_connection_keeps_its_instance_until_it_closes() {
     let idle = Duration::from_millis(300);
-    let world = World::new(13, |deployer, _| {
-        deployer.idle_timeout_override_ms = Some(idle.as_millis() as u64);
-    });
+    let world = World::with_idle(13, idle);
     let (_, summoned) = support::summon_hello(&world);
     ready_and_steered(&world, &summoned).await;
     let quiet = connect(service_address(&summoned), None)

@@ -87,6 +87,13 @@ impl World {
         }
     }
 
+    /// A world whose instances are reaped after `idle` without activity.
+    pub fn with_idle(index: u8, idle: Duration) -> World {
+        World::new(index, |deployer, _| {
+            deployer.idle_timeout_override_ms = Some(idle.as_millis() as u64);
+        })
+    }
+
     /// A local source address in this test's /24 that the pool does not hand out first.
     pub fn source(&self, host: u8) -> IpAddr {
         let [a, b, c] = self.net;
