@@ -274,12 +274,7 @@ impl Deployer {
     /// Counters of boots, readiness and ends (for `/metrics`).
     pub fn metrics(&self) -> crate::metrics::MetricsSnapshot {
         let mut snapshot = self.metrics.snapshot();
-        // Each count is a syscall: read them outside the table lock, which summons take.
-        let entries: Vec<Arc<Entry>> = {
-            let table = self.table.lock().expect("table lock is never poisoned");
-            table.by_address.values().cloned().collect()
-        };
-        for entry in entries {
+        for entry in self.entries() {
             if let Some(steered) = entry.steered_connections() {
                 snapshot.steered_connections += steered;
                 snapshot.steered_instances += 1;
@@ -301,12 +296,8 @@ impl Deployer {
 
     /// Every instance that has not finished yet.
     pub fn list(&self) -> Vec<InstanceInfo> {
-        // Outside the table lock: reading a steered count is a syscall.
-        let entries: Vec<Arc<Entry>> = {
-            let table = self.table.lock().expect("table lock is never poisoned");
-            table.by_address.values().cloned().collect()
-        };
-        let mut list: Vec<InstanceInfo> = entries
+        let mut list: Vec<InstanceInfo> = self
+            .entries()
             .iter()
             .map(|entry| InstanceInfo {
                 id: entry.id.clone(),
@@ -322,6 +313,13 @@ impl Deployer {
             .collect();
         list.sort_by(|a, b| a.id.cmp(&b.id));
         list
+    }
+
+    /// Every entry, taken out of the table: reading an entry's steered count is a syscall,
+    /// which should not hold the lock summons take.
+    fn entries(&self) -> Vec<Arc<Entry>> {
+        let table = self.table.lock().expect("table lock is never poisoned");
+        table.by_address.values().cloned().collect()
     }
 
     /// The kept console output of a running instance.
@@ -1121,7 +1119,7 @@ async fn serve(
 /// kernel cannot say, false: idleness is then judged by queries alone, as it is said once.
 fn connected_directly(entry: &Entry) -> bool {
     let front = SocketAddr::new(entry.address, entry.port);
-    if entry.backend != front && entry.steered_connections().is_none() {
+    if entry.backend != front && !entry.is_steered() {
         return false;
     }
     match crate::conntrack::open_connections(front) {
@@ -1301,21 +1299,24 @@ fn open_steering(config: &DeployerConfig) -> Option<Arc<Steering>> {
 }
 
 impl Entry {
-    fn steered_connections(&self) -> Option<u64> {
+    fn steered(&self) -> std::sync::MutexGuard<'_, Option<Steered>> {
         self.steered
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .as_ref()
-            .map(Steered::connections)
+    }
+
+    /// Connections steered so far (a syscall), while steered.
+    fn steered_connections(&self) -> Option<u64> {
+        self.steered().as_ref().map(Steered::connections)
+    }
+
+    fn is_steered(&self) -> bool {
+        self.steered().is_some()
     }
 
     /// Ends the kernel hand-off (the instance stops serving); its count goes to the metrics.
     fn unsteer(&self, metrics: &crate::metrics::Metrics) {
-        let steered = self
-            .steered
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
+        let steered = self.steered().take();
         if let Some(steered) = steered {
             metrics.unsteered(steered.connections());
         }
@@ -1353,10 +1354,7 @@ impl Deployer {
         match steering.steer(front, client, socket.as_fd()) {
             Ok(steered) => {
                 debug!(instance = %entry.key, %front, "steered");
-                *entry
-                    .steered
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(steered);
+                *entry.steered() = Some(steered);
             }
             Err(error) => {
                 warn!(instance = %entry.key, %error, "cannot steer: relayed by the proxy")

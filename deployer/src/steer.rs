@@ -41,7 +41,7 @@
 //! qemu's forwarded port), which needs ptrace rights over it. Steered connections are the
 //! instance's own: the proxy's idle and total timeouts do not apply to them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -71,9 +71,7 @@ pub struct Steering {
     _link: OwnedFd,
     capacity: usize,
     /// Routes installed, so that two guards never share a key.
-    installed: Mutex<HashMap<Key, u64>>,
-    /// Source of guard identities.
-    next: std::sync::atomic::AtomicU64,
+    installed: Mutex<HashSet<Key>>,
 }
 
 /// Why a route could not be installed.
@@ -106,7 +104,6 @@ pub struct Steered {
     steering: Arc<Steering>,
     key: Key,
     front: SocketAddrV4,
-    id: u64,
 }
 
 impl Steering {
@@ -131,8 +128,7 @@ impl Steering {
             _program: program,
             _link: link,
             capacity: entries as usize,
-            installed: Mutex::new(HashMap::new()),
-            next: std::sync::atomic::AtomicU64::new(1),
+            installed: Mutex::new(HashSet::new()),
         }))
     }
 
@@ -145,16 +141,15 @@ impl Steering {
         listener: BorrowedFd<'_>,
     ) -> Result<Steered, SteerError> {
         let key = key(front);
-        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         {
             let mut installed = self.lock();
-            if installed.contains_key(&key) {
+            if installed.contains(&key) {
                 return Err(SteerError::Taken(front));
             }
             if installed.len() >= self.capacity {
                 return Err(SteerError::Full(self.capacity));
             }
-            installed.insert(key, id);
+            installed.insert(key);
         }
         let route = Route {
             client: client.map_or(0, |client| u32::from_ne_bytes(client.octets())),
@@ -169,7 +164,6 @@ impl Steering {
                 steering: Arc::clone(self),
                 key,
                 front,
-                id,
             }),
             Err(source) => {
                 let _ = map_delete(self.routes.as_fd(), &key);
@@ -184,7 +178,7 @@ impl Steering {
         self.lock().len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, u64>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<Key>> {
         self.installed
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -216,10 +210,8 @@ impl Drop for Steered {
         // The socket first: a route with no socket passes connections on to the proxy.
         let _ = map_delete(self.steering.sockets.as_fd(), &self.key);
         let _ = map_delete(self.steering.routes.as_fd(), &self.key);
-        let mut installed = self.steering.lock();
-        if installed.get(&self.key) == Some(&self.id) {
-            installed.remove(&self.key);
-        }
+        // Only this guard holds the key (`Taken` refuses a second one).
+        self.steering.lock().remove(&self.key);
     }
 }
 
@@ -614,6 +606,17 @@ mod tests {
         Ok(socket.into())
     }
 
+    /// Steering, an instance socket on `127.71.0.<host>` (an ephemeral port), and a stand-in
+    /// for the proxy listening on the front, `127.71.0.<host>:8080`.
+    fn behind_a_proxy(host: u8) -> (Arc<Steering>, TcpListener, TcpListener, SocketAddrV4) {
+        let steering = Steering::open(16).expect("sk_lookup steering needs root and Linux 5.9");
+        let ip = Ipv4Addr::new(127, 71, 0, host);
+        let instance = TcpListener::bind((ip, 0)).expect("bind the instance socket");
+        let front = SocketAddrV4::new(ip, 8080);
+        let proxy = TcpListener::bind(front).expect("bind the proxy socket");
+        (steering, instance, proxy, front)
+    }
+
     /// A connection to a steered address reaches the instance's socket, bound elsewhere;
     /// it is counted; after the guard drops, the address is refused again.
     #[test]
@@ -656,10 +659,7 @@ mod tests {
     /// listens on the front (here: a stand-in for the proxy).
     #[test]
     fn a_per_client_route_takes_only_its_client() {
-        let steering = Steering::open(16).expect("sk_lookup steering needs root and Linux 5.9");
-        let instance = TcpListener::bind("127.71.0.2:0").expect("bind the instance socket");
-        let proxy = TcpListener::bind("127.71.0.2:8080").expect("bind the proxy socket");
-        let front: SocketAddrV4 = "127.71.0.2:8080".parse().expect("an address");
+        let (steering, instance, proxy, front) = behind_a_proxy(2);
         let client_a = Ipv4Addr::new(127, 71, 1, 1);
         let client_b = Ipv4Addr::new(127, 71, 1, 2);
         let steered = steering
@@ -678,10 +678,7 @@ mod tests {
     /// A socket that closes leaves the sockhash: its route passes connections on.
     #[test]
     fn a_closed_instance_socket_passes_connections_on() {
-        let steering = Steering::open(16).expect("sk_lookup steering needs root and Linux 5.9");
-        let instance = TcpListener::bind("127.71.0.3:0").expect("bind the instance socket");
-        let proxy = TcpListener::bind("127.71.0.3:8080").expect("bind the proxy socket");
-        let front: SocketAddrV4 = "127.71.0.3:8080".parse().expect("an address");
+        let (steering, instance, proxy, front) = behind_a_proxy(3);
         let steered = steering
             .steer(front, None, instance.as_fd())
             .expect("steer");

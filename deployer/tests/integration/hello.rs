@@ -8,14 +8,12 @@ use crate::support::{self, PATIENCE, World, deploy, hello_image, http_get, manif
 
 const HELLO_RUN: &str = "port = 8080\nmemory_mib = 32\nready = { probe = \"socket\" }";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn summon_connect_and_the_right_revision_answers() {
-    let world = World::new(1, |_| {});
-    let image = hello_image();
+/// Deploys hello (its own `[run]`, source commit 1) and summons it.
+fn summon_hello(world: &World) -> (revboot_store::Revision, revboot_deployer::Summoned) {
     let revision = deploy(
         &world.store,
         "hello",
-        &image,
+        &hello_image(),
         &manifest("hello", HELLO_RUN),
         &source(1),
     );
@@ -23,6 +21,13 @@ async fn summon_connect_and_the_right_revision_answers() {
         .deployer
         .summon("hello", &revision, None)
         .expect("summon");
+    (revision, summoned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn summon_connect_and_the_right_revision_answers() {
+    let world = World::new(1, |_| {});
+    let (revision, summoned) = summon_hello(&world);
     assert_eq!(summoned.port, 8080);
     assert_eq!(summoned.backend.ip(), summoned.address);
     let response = http_get(summoned.backend, "/").await.expect("answer");
@@ -123,18 +128,7 @@ async fn a_connection_made_as_the_boot_starts_is_served_not_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_reaping_stops_the_instance_and_writes_its_log_back() {
     let world = World::new(4, |config| config.idle_timeout_override_ms = Some(1_000));
-    let image = hello_image();
-    let revision = deploy(
-        &world.store,
-        "hello",
-        &image,
-        &manifest("hello", HELLO_RUN),
-        &source(1),
-    );
-    let summoned = world
-        .deployer
-        .summon("hello", &revision, None)
-        .expect("summon");
+    let (revision, summoned) = summon_hello(&world);
     // An open connection keeps it alive past the idle timeout.
     world
         .deployer
@@ -185,18 +179,7 @@ async fn idle_reaping_stops_the_instance_and_writes_its_log_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_is_recorded_with_its_console_tail_and_the_next_summon_boots_again() {
     let world = World::new(5, |_| {});
-    let image = hello_image();
-    let revision = deploy(
-        &world.store,
-        "hello",
-        &image,
-        &manifest("hello", HELLO_RUN),
-        &source(1),
-    );
-    let summoned = world
-        .deployer
-        .summon("hello", &revision, None)
-        .expect("summon");
+    let (revision, summoned) = summon_hello(&world);
     let _ = http_get(summoned.backend, "/crash").await;
     let mut state = summoned.state.clone();
     let end = support::wait_state(&mut state, InstanceState::is_final).await;
@@ -361,18 +344,7 @@ async fn behind_a_proxy_the_backend_is_an_ephemeral_port_on_the_service_address(
     let world = World::new(10, |config| {
         config.backend_port = revboot_deployer::BackendPort::Ephemeral;
     });
-    let image = hello_image();
-    let revision = deploy(
-        &world.store,
-        "hello",
-        &image,
-        &manifest("hello", HELLO_RUN),
-        &source(1),
-    );
-    let summoned = world
-        .deployer
-        .summon("hello", &revision, None)
-        .expect("summon");
+    let (_, summoned) = summon_hello(&world);
     assert_eq!(summoned.port, 8080);
     assert_eq!(summoned.backend.ip(), summoned.address);
     assert_ne!(summoned.backend.port(), 8080);
@@ -463,18 +435,7 @@ async fn recent_manifests_are_read_ahead_so_a_cold_summon_reads_no_git() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_proxy_an_open_quiet_connection_keeps_the_instance_alive() {
     let world = World::new(45, |config| config.idle_timeout_override_ms = Some(1_000));
-    let image = hello_image();
-    let revision = deploy(
-        &world.store,
-        "hello",
-        &image,
-        &manifest("hello", HELLO_RUN),
-        &source(1),
-    );
-    let summoned = world
-        .deployer
-        .summon("hello", &revision, None)
-        .expect("summon");
+    let (_, summoned) = summon_hello(&world);
     // Clients reach the instance's own socket; nobody reports their connections.
     assert_eq!(
         summoned.backend,
