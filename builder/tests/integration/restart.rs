@@ -121,8 +121,18 @@ async fn second_builder_on_one_data_directory_is_refused() {
         "{error}"
     );
     first.stop().await;
-    let second = revboot_builder::Builder::start(config)
-        .await
-        .expect("free after shutdown");
+    // The lock's open file is shared, for a moment, with any child another test's thread is
+    // forking (until its exec closes it): wait that out, bounded.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let second = loop {
+        match revboot_builder::Builder::start(config.clone()).await {
+            Err(revboot_builder::StartError::Locked { .. })
+                if std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            started => break started.expect("free after shutdown"),
+        }
+    };
     second.shutdown().await;
 }
