@@ -198,7 +198,8 @@ fn percentiles(label: &str, mut micros: Vec<f64>) {
 /// back (boots of earlier names compete for the CPU). Each cold query is paired with a
 /// query for a name whose instance is running (a cached answer), by the same client right
 /// after: the anchor, which shows what the machine and the measurement cost at that
-/// moment.
+/// moment. One at a time, a cached name is also asked after the same pause a cold name
+/// follows: a sleeping server and client wake slower, so that is the like-for-like floor.
 /// How long "one at a time" lets a ready instance settle before the next cold query, so
 /// that mode times the answer path alone: hello is "ready" at exec while its start-up
 /// still runs, and the process tender refills its namespace pool 20 ms after a boot (a
@@ -267,7 +268,14 @@ async fn cold(count: usize, args: &[String]) -> anyhow::Result<()> {
         ] {
             let mut cold_us = Vec::with_capacity(revisions.len());
             let mut anchor_us = Vec::with_capacity(revisions.len());
+            let mut idle_us = Vec::with_capacity(revisions.len());
             for (i, revision) in revisions.iter().enumerate() {
+                if wait {
+                    let started = Instant::now();
+                    exchange(&anchor)?;
+                    idle_us.push(micros(started));
+                    std::thread::sleep(SETTLE);
+                }
                 let packet = query(i as u16 + 1, &revision.short(7));
                 let started = Instant::now();
                 let reply = exchange(&packet)?;
@@ -298,6 +306,12 @@ async fn cold(count: usize, args: &[String]) -> anyhow::Result<()> {
             }
             percentiles(&format!("cold answers, {label}"), cold_us);
             percentiles(&format!("  anchor: a cached name, {label}"), anchor_us);
+            if !idle_us.is_empty() {
+                percentiles(
+                    &format!("  anchor: a cached name after the same pause, {label}"),
+                    idle_us,
+                );
+            }
         }
         Ok(())
     })

@@ -250,23 +250,20 @@ impl Engine {
                 return plain(reply, None);
             }
         };
-        let owner = name_of(lowercase).unwrap_or_else(|| self.zone.clone());
-        let records: Vec<Record> = [RecordType::A, RecordType::AAAA]
-            .into_iter()
-            .filter(|t| qtype == *t || qtype == RecordType::ANY)
-            .filter_map(|t| address_record(&owner, summoned.address, t, self.ttl))
-            .collect();
-        let mut reply = if records.is_empty() {
-            self.nodata(generation)
+        let subnet_scope = resolved
+            .per_client
+            .then(|| query.edns.and_then(|e| e.subnet))
+            .flatten()
+            .map(|subnet| subnet.source_prefix);
+        let rendered = if family_matches(summoned.address, qtype) {
+            self.address_response(query, lowercase, summoned.address, subnet_scope)
         } else {
-            self.positive(records)
+            let reply = Reply {
+                subnet_scope,
+                ..self.nodata(generation)
+            };
+            self.render(query, lowercase, reply)
         };
-        if resolved.per_client {
-            reply.subnet_scope = query
-                .edns
-                .and_then(|e| e.subnet)
-                .map(|subnet| subnet.source_prefix);
-        }
         self.instances.activity(&summoned.key, Activity::Query);
         let wait = match self.delay {
             Some(limit) if !summoned.state.borrow().is_serving() => {
@@ -280,7 +277,7 @@ impl Engine {
         });
         Worked {
             answer: Arc::new(Answer {
-                rendered: self.render(query, lowercase, reply),
+                rendered,
                 link: Some(Link {
                     key: summoned.key,
                     state: summoned.state,
@@ -407,6 +404,31 @@ impl Engine {
     }
 
     /// Renders `reply` for `query`, with the question name lowercased.
+    /// The positive answer naming an instance's `address` (of the family the query asks
+    /// for), written straight to the wire (see [`wire::address_response`]).
+    fn address_response(
+        &self,
+        query: &Query<'_>,
+        lowercase: &[u8],
+        address: IpAddr,
+        subnet_scope: Option<u8>,
+    ) -> Rendered {
+        let opt = query.edns.map(|edns| wire::ResponseOpt {
+            udp_size: EDNS_UDP_SIZE,
+            dnssec_ok: edns.dnssec_ok,
+            subnet: edns
+                .subnet
+                .filter(|_| self.trust_ecs)
+                .map(|subnet| (subnet, subnet_scope.unwrap_or(0))),
+        });
+        let (full, truncated) = wire::address_response(query, lowercase, address, self.ttl, opt);
+        Rendered {
+            full,
+            truncated,
+            rcode: 0,
+        }
+    }
+
     fn render(&self, query: &Query<'_>, lowercase: &[u8], reply: Reply) -> Rendered {
         let code = <ResponseCode as From<u16>>::from(reply.rcode);
         let mut message = Message::response(query.id, OpCode::Query);
@@ -481,13 +503,18 @@ fn rcode(code: ResponseCode) -> Reply {
     }
 }
 
-/// An A or AAAA record for `address` if it is of the family `qtype` asks for.
-fn address_record(owner: &Name, address: IpAddr, qtype: RecordType, ttl: u32) -> Option<Record> {
-    let matches = match address {
+/// Whether `address` is of the family `qtype` asks for.
+fn family_matches(address: IpAddr, qtype: RecordType) -> bool {
+    match address {
         IpAddr::V4(_) => matches!(qtype, RecordType::A | RecordType::ANY),
         IpAddr::V6(_) => matches!(qtype, RecordType::AAAA | RecordType::ANY),
-    };
-    matches.then(|| Record::from_rdata(owner.clone(), ttl, RData::from(address)))
+    }
+}
+
+/// An A or AAAA record for `address` if it is of the family `qtype` asks for.
+fn address_record(owner: &Name, address: IpAddr, qtype: RecordType, ttl: u32) -> Option<Record> {
+    family_matches(address, qtype)
+        .then(|| Record::from_rdata(owner.clone(), ttl, RData::from(address)))
 }
 
 /// Parses a (validated, uncompressed) wire name.
@@ -507,4 +534,184 @@ fn wire_lowercase(name: &Name) -> Vec<u8> {
 
 fn secs(d: Duration) -> u32 {
     u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+
+    use proptest::prelude::*;
+    use revboot_deployer::{InstanceKey, Resolved, Summoned};
+    use revboot_store::Revision;
+
+    use super::*;
+    use crate::wire::Subnet;
+
+    /// Answers nothing: these tests only encode.
+    struct Nothing;
+
+    impl Instances for Nothing {
+        fn resolve(&self, service: &str, _: Option<&str>) -> Result<Resolved, ResolveError> {
+            Err(ResolveError::UnknownService(service.to_owned()))
+        }
+
+        fn summon(
+            &self,
+            service: &str,
+            _: &Revision,
+            _: Option<IpAddr>,
+        ) -> Result<Summoned, SummonError> {
+            Err(SummonError::Resolve(ResolveError::UnknownService(
+                service.to_owned(),
+            )))
+        }
+
+        fn by_address(&self, _: IpAddr) -> Option<Summoned> {
+            None
+        }
+
+        fn activity(&self, _: &InstanceKey, _: Activity) {}
+
+        fn generation(&self) -> u64 {
+            1
+        }
+    }
+
+    fn engine(trust_ecs: bool) -> Engine {
+        let config = DnsConfig {
+            trust_ecs,
+            ..DnsConfig::default()
+        };
+        let checked = config
+            .check(SocketAddr::from(([127, 0, 0, 1], 53)))
+            .expect("valid config");
+        Engine::new(
+            &config,
+            &checked,
+            Arc::new(Nothing),
+            Arc::new(Metrics::default()),
+        )
+    }
+
+    /// A query for `<label>.hello.revboot.test` as a client might send it.
+    fn packet(
+        id: u16,
+        flags: (bool, bool),
+        label: &str,
+        qtype: u16,
+        qclass: u16,
+        edns: Option<(bool, Option<Subnet>)>,
+    ) -> Vec<u8> {
+        let (rd, cd) = flags;
+        let mut p = id.to_be_bytes().to_vec();
+        p.push(u8::from(rd));
+        p.push(u8::from(cd) << 4);
+        p.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, u8::from(edns.is_some())]);
+        for part in [label, "Hello", "REVBOOT", "test"] {
+            p.push(part.len() as u8);
+            p.extend_from_slice(part.as_bytes());
+        }
+        p.push(0);
+        p.extend_from_slice(&qtype.to_be_bytes());
+        p.extend_from_slice(&qclass.to_be_bytes());
+        if let Some((dnssec_ok, subnet)) = edns {
+            p.extend_from_slice(&[0, 0, 41, 4, 0, 0, 0, if dnssec_ok { 0x80 } else { 0 }, 0]);
+            let mut options = Vec::new();
+            if let Some(subnet) = subnet {
+                let (family, octets) = match subnet.address {
+                    IpAddr::V4(ip) => (1u16, ip.octets().to_vec()),
+                    IpAddr::V6(ip) => (2u16, ip.octets().to_vec()),
+                };
+                let given = &octets[..usize::from(subnet.source_prefix).div_ceil(8)];
+                options.extend_from_slice(&8u16.to_be_bytes());
+                options.extend_from_slice(&(4 + given.len() as u16).to_be_bytes());
+                options.extend_from_slice(&family.to_be_bytes());
+                options.extend_from_slice(&[subnet.source_prefix, 0]);
+                options.extend_from_slice(given);
+            }
+            p.extend_from_slice(&(options.len() as u16).to_be_bytes());
+            p.extend_from_slice(&options);
+        }
+        p
+    }
+
+    /// An address with the bits past `prefix` cleared, as a well-formed Client Subnet has.
+    fn subnet(address: IpAddr, prefix: u8) -> Subnet {
+        let address = match address {
+            IpAddr::V4(ip) => {
+                let prefix = prefix % 33;
+                let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+                let ip = Ipv4Addr::from(u32::from(ip) & mask);
+                return Subnet {
+                    address: IpAddr::V4(ip),
+                    source_prefix: prefix,
+                };
+            }
+            IpAddr::V6(ip) => ip,
+        };
+        let prefix = prefix % 129;
+        let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+        Subnet {
+            address: IpAddr::V6(Ipv6Addr::from(u128::from(address) & mask)),
+            source_prefix: prefix,
+        }
+    }
+
+    fn addresses() -> impl Strategy<Value = IpAddr> {
+        prop_oneof![
+            any::<[u8; 4]>().prop_map(IpAddr::from),
+            any::<[u8; 16]>().prop_map(IpAddr::from),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// The answer naming an instance is written straight to the wire; it must be what
+        /// the general encoder (hickory's) writes for the same reply, byte for byte, in its
+        /// full and its truncated form.
+        #[test]
+        fn the_direct_address_answer_is_what_the_encoder_writes(
+            id in any::<u16>(),
+            flags in any::<(bool, bool)>(),
+            label in "[a-fA-F0-9]{7,12}",
+            ask_any in any::<bool>(),
+            qclass in prop_oneof![Just(1u16), Just(255u16)],
+            edns in proptest::option::of((any::<bool>(), proptest::option::of((addresses(), any::<u8>())))),
+            address in addresses(),
+            trust_ecs in any::<bool>(),
+            per_client in any::<bool>(),
+        ) {
+            let edns = edns.map(|(dnssec_ok, given)| {
+                (dnssec_ok, given.map(|(address, prefix)| subnet(address, prefix)))
+            });
+            // A, AAAA or ANY, of the address's family (another type is not this answer).
+            let qtype = match (ask_any, address) {
+                (true, _) => 255,
+                (false, IpAddr::V4(_)) => 1,
+                (false, IpAddr::V6(_)) => 28,
+            };
+            let packet = packet(id, flags, &label, qtype, qclass, edns);
+            let query = wire::parse(&packet, trust_ecs).expect("a well-formed query");
+            let mut lowercase = Vec::new();
+            wire::push_lowercase(query.qname(), &mut lowercase);
+            let engine = engine(trust_ecs);
+            let record_type = RecordType::from(qtype);
+            let subnet_scope = per_client
+                .then(|| query.edns.and_then(|e| e.subnet))
+                .flatten()
+                .map(|subnet| subnet.source_prefix);
+            let owner = name_of(&lowercase).expect("a name");
+            let record = address_record(&owner, address, record_type, engine.ttl).expect("a record");
+            let reply = Reply {
+                subnet_scope,
+                ..engine.positive(vec![record])
+            };
+            let general = engine.render(&query, &lowercase, reply);
+            let direct = engine.address_response(&query, &lowercase, address, subnet_scope);
+            prop_assert_eq!(&direct.full, &general.full);
+            prop_assert_eq!(&direct.truncated, &general.truncated);
+            prop_assert_eq!(direct.rcode, general.rcode);
+        }
+    }
 }

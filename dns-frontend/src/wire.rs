@@ -342,6 +342,109 @@ pub(crate) fn labels(name: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
+/// What the OPT record of a response says (RFC 6891 §6.1.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ResponseOpt {
+    /// The UDP payload size this server accepts.
+    pub udp_size: u16,
+    /// DNSSEC OK, echoed.
+    pub dnssec_ok: bool,
+    /// The query's Client Subnet and the scope prefix the answer holds for (RFC 7871 §7.1.2).
+    pub subnet: Option<(Subnet, u8)>,
+}
+
+/// The positive answer to `query` with one A or AAAA record, as its full and its truncated
+/// (TC, no answer) form.
+///
+/// This is the answer to a name that summons an instance, so it is written straight to the
+/// wire: building and encoding a message twice costs more than the rest of the answer after
+/// an idle moment. The question is echoed as `lowercase` (the server restores its case when
+/// it sends); the record's owner is a pointer to it. A test checks it byte for byte against
+/// the general encoder.
+pub(crate) fn address_response(
+    query: &Query<'_>,
+    lowercase: &[u8],
+    address: IpAddr,
+    ttl: u32,
+    opt: Option<ResponseOpt>,
+) -> (Vec<u8>, Vec<u8>) {
+    let write_header = |out: &mut Vec<u8>, truncated: bool| {
+        out.extend_from_slice(&query.id.to_be_bytes());
+        // QR, opcode QUERY, AA, TC, RD; then RA = 0, Z = 0, AD = 0, CD, rcode NOERROR.
+        out.push(0x80 | 0x04 | (u8::from(truncated) << 1) | u8::from(query.rd));
+        out.push(u8::from(query.cd) << 4);
+        let answers = u16::from(!truncated);
+        let additionals = u16::from(opt.is_some());
+        for count in [1, answers, 0, additionals] {
+            out.extend_from_slice(&count.to_be_bytes());
+        }
+        out.extend_from_slice(lowercase);
+        out.extend_from_slice(&query.qtype.to_be_bytes());
+        out.extend_from_slice(&query.qclass.to_be_bytes());
+    };
+    let write_opt = |out: &mut Vec<u8>| {
+        let Some(opt) = opt else { return };
+        out.push(0);
+        out.extend_from_slice(&TYPE_OPT.to_be_bytes());
+        out.extend_from_slice(&opt.udp_size.to_be_bytes());
+        // Extended rcode 0, version 0, the DO bit.
+        let flags: u32 = if opt.dnssec_ok { 0x8000 } else { 0 };
+        out.extend_from_slice(&flags.to_be_bytes());
+        match opt.subnet {
+            None => out.extend_from_slice(&0u16.to_be_bytes()),
+            Some((subnet, scope)) => {
+                let mut octets = [0u8; 16];
+                let (family, width) = match subnet.address {
+                    IpAddr::V4(ip) => {
+                        octets[..4].copy_from_slice(&ip.octets());
+                        (1u16, 4)
+                    }
+                    IpAddr::V6(ip) => {
+                        octets = ip.octets();
+                        (2u16, 16)
+                    }
+                };
+                let given = &octets[..usize::from(subnet.source_prefix).div_ceil(8).min(width)];
+                let length = u16::try_from(4 + given.len()).expect("at most 20 bytes");
+                out.extend_from_slice(&(length + 4).to_be_bytes());
+                out.extend_from_slice(&OPTION_SUBNET.to_be_bytes());
+                out.extend_from_slice(&length.to_be_bytes());
+                out.extend_from_slice(&family.to_be_bytes());
+                out.push(subnet.source_prefix);
+                out.push(scope);
+                out.extend_from_slice(given);
+            }
+        }
+    };
+    let mut full = Vec::with_capacity(HEADER_LEN + 2 * lowercase.len() + 64);
+    write_header(&mut full, false);
+    // Owner: a pointer to the question name at offset 12.
+    full.extend_from_slice(&[0xc0, 0x0c]);
+    let v4;
+    let v6;
+    let (rtype, rdata): (u16, &[u8]) = match address {
+        IpAddr::V4(ip) => {
+            v4 = ip.octets();
+            (1, &v4)
+        }
+        IpAddr::V6(ip) => {
+            v6 = ip.octets();
+            (28, &v6)
+        }
+    };
+    full.extend_from_slice(&rtype.to_be_bytes());
+    full.extend_from_slice(&1u16.to_be_bytes());
+    full.extend_from_slice(&ttl.to_be_bytes());
+    full.push(0);
+    full.push(rdata.len() as u8);
+    full.extend_from_slice(rdata);
+    write_opt(&mut full);
+    let mut truncated = Vec::with_capacity(HEADER_LEN + lowercase.len() + 32);
+    write_header(&mut truncated, true);
+    write_opt(&mut truncated);
+    (full, truncated)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
