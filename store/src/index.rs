@@ -18,12 +18,14 @@
 //!    call tells whether anything moved. A full event queue counts as a change.
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use gix::ObjectId;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 
 use crate::protocol::{self, Trailers};
@@ -196,6 +198,12 @@ impl Watcher {
         }
     }
 
+    /// Whether events are queued (or the check failed: the caller then reads and sees).
+    fn pending(&self) -> bool {
+        let mut fds = [PollFd::new(self.inotify.as_fd(), PollFlags::POLLIN)];
+        !matches!(poll(&mut fds, PollTimeout::ZERO), Ok(0))
+    }
+
     /// Watches the root and every ref directory that exists now.
     fn watch_all(&mut self) {
         let add = |path: &Path| self.inotify.add_watch(path, WATCH_MASK).ok();
@@ -220,7 +228,13 @@ impl Watcher {
     }
 
     /// Reads all queued events; whether any of them may have moved a ref.
+    ///
+    /// Every resolve asks, so the usual answer (nothing queued) costs one `poll`, not a
+    /// read into a zeroed event buffer.
     fn changed(&self) -> bool {
+        if !self.pending() {
+            return false;
+        }
         let mut changed = false;
         loop {
             match self.inotify.read_events() {

@@ -225,6 +225,10 @@ impl Tender for ProcessTender {
                 admit::admit_only(&socket, sources, *client)?;
             }
             socket.listen(BACKLOG)?;
+            // Only an ephemeral port needs asking for (a syscall on the summon path).
+            if port != 0 {
+                return Ok((socket, address));
+            }
             let local = socket
                 .local_addr()?
                 .as_socket()
