@@ -1,13 +1,15 @@
 //! A DNS server for benchmarks (`bench/dns-qps.sh`), on the real deployer or a fake.
 //!
 //! ```text
-//! dns-bench serve ADDR (--deployer IMAGE | --fake)   answer until SIGINT/SIGTERM
-//! dns-bench cold COUNT (--deployer IMAGE | --fake)   time COUNT names that each summon
+//! dns-bench serve ADDR (--deployer IMAGE | --proxy IMAGE | --fake)   answer until SIGINT/SIGTERM
+//! dns-bench cold COUNT (--deployer IMAGE | --proxy IMAGE | --fake)   time COUNT names that each summon
 //! ```
 //!
 //! With `--deployer`, a temporary deployment repository gets `hello` deployments of IMAGE
-//! (e.g. examples/hello's static binary) and a real deployer boots them; `--fake` uses an
-//! in-memory stand-in whose summons cost nothing. `serve` prints `ready <name>` once the
+//! (e.g. examples/hello's static binary) and a real deployer boots them, each instance on
+//! its service address itself; `--proxy` puts the handshake proxy in front, as the daemon
+//! does by default (instances on an ephemeral port, warm connections steered past the
+//! proxy); `--fake` uses an in-memory stand-in whose summons cost nothing. `serve` prints `ready <name>` once the
 //! live revision is running, `<name>` being a `<short-sha>.hello.revboot.test` it answers.
 //! Rate limits are off: the benchmark measures the answer path.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
@@ -18,8 +20,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use revboot_deployer::{Deployer, DeployerConfig, Instances};
+use revboot_deployer::{BackendPort, Deployer, DeployerConfig, Instances};
 use revboot_dns::{DnsConfig, DnsServer};
+use revboot_proxy::{Proxy, ProxyConfig};
 use revboot_store::{BuildStatus, ImageInput, NewDeployment, Revision, Store};
 
 #[allow(dead_code)]
@@ -85,7 +88,7 @@ fn backend(args: &[String], count: usize) -> anyhow::Result<Backend> {
                 _dir: None,
             })
         }
-        [flag, image] if flag == "--deployer" => {
+        [flag, image] if flag == "--deployer" || flag == "--proxy" => {
             let image = PathBuf::from(image);
             let dir = tempfile::tempdir()?;
             let store = Store::init(dir.path().join("deploy.git"))?;
@@ -98,15 +101,26 @@ fn backend(args: &[String], count: usize) -> anyhow::Result<Backend> {
             config.pool = "127.81.0.0/16".parse().expect("pool");
             config.max_instances = count + 16;
             config.stop_grace_ms = 200;
+            let proxied = flag == "--proxy";
+            if proxied {
+                // The daemon's default: the proxy on the service address, the instance on
+                // an ephemeral port beside it, warm connections steered past the proxy.
+                config.backend_port = BackendPort::Ephemeral;
+            }
             let deployer = Deployer::new(config, store, tokio::runtime::Handle::current())?;
+            let instances: Arc<dyn Instances> = if proxied {
+                Proxy::new(ProxyConfig::default(), deployer.clone())
+            } else {
+                deployer.clone()
+            };
             Ok(Backend {
-                instances: deployer.clone(),
+                instances,
                 revisions,
                 deployer: Some(deployer),
                 _dir: Some(dir),
             })
         }
-        _ => bail!("Expected --fake or --deployer IMAGE"),
+        _ => bail!("Expected --fake, --deployer IMAGE or --proxy IMAGE"),
     }
 }
 

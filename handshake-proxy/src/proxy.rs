@@ -19,7 +19,8 @@ use revboot_deployer::{
     Activity, InstanceKey, Instances, ResolveError, Resolved, SummonError, Summoned,
 };
 use revboot_store::Revision;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -234,11 +235,20 @@ impl Shared {
         drop(registry);
         self.metrics.listeners.fetch_add(1, Ordering::Relaxed);
         debug!(%address, key = %summoned.key, "listening");
-        // The kernel queues handshakes from here on; the accept loop may start after the
-        // summoner's answer (see `LaunchScope`).
+        // The kernel queues handshakes from here on; the accept loop, and the listener's
+        // registration with the reactor, may come after the summoner's answer (see
+        // `LaunchScope`).
         let (me, runtime) = (Arc::clone(self), self.runtime.clone());
         revboot_deployer::summon::launch(move || {
-            runtime.spawn(accepting(me, listener, address, cancel));
+            runtime.spawn(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => accepting(me, listener, address, cancel).await,
+                    Err(error) => {
+                        warn!(%error, %address, "cannot watch the listener");
+                        me.metrics.listeners.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
+            });
         });
         Ok(())
     }
@@ -257,16 +267,19 @@ impl Shared {
         }
     }
 
-    fn bind(&self, address: SocketAddr) -> io::Result<TcpListener> {
-        let _runtime = self.runtime.enter();
-        let socket = match address {
-            SocketAddr::V4(_) => TcpSocket::new_v4()?,
-            SocketAddr::V6(_) => TcpSocket::new_v6()?,
-        };
+    /// A non-blocking listener on `address`, not yet watched by the runtime (one syscall
+    /// less on the summon path).
+    fn bind(&self, address: SocketAddr) -> io::Result<std::net::TcpListener> {
+        let socket = Socket::new(
+            Domain::for_address(address),
+            Type::STREAM.nonblocking(),
+            Some(Protocol::TCP),
+        )?;
         // Lets a listener be re-bound while old connections to it sit in TIME_WAIT.
-        socket.set_reuseaddr(true)?;
-        socket.bind(address)?;
-        socket.listen(self.config.backlog)
+        socket.set_reuse_address(true)?;
+        socket.bind(&address.into())?;
+        socket.listen(i32::try_from(self.config.backlog).unwrap_or(i32::MAX))?;
+        Ok(socket.into())
     }
 
     fn sweep(&self) -> usize {

@@ -219,7 +219,11 @@ impl Tender for ProcessTender {
         });
         let bind = || -> io::Result<(Socket, SocketAddr)> {
             let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
-            socket.set_reuse_address(true)?;
+            // A known port may still have connections of an earlier instance in TIME_WAIT;
+            // an ephemeral one is free by construction.
+            if port != 0 {
+                socket.set_reuse_address(true)?;
+            }
             socket.bind(&address.into())?;
             if let Some((sources, client)) = &admitted {
                 admit::admit_only(&socket, sources, *client)?;
