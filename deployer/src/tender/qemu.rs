@@ -56,8 +56,11 @@ pub const MAX_CMDLINE: usize = 2048;
 /// Guest memory bounds, MiB.
 pub const MEMORY_MIB: std::ops::RangeInclusive<u64> = 8..=16 * 1024;
 
-/// How long the supervisor tries to reach QMP after spawning qemu.
-const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the supervisor tries to reach QMP after spawning qemu. Generous: on a loaded
+/// machine under TCG qemu can take seconds to open its socket, and without QMP a guest's
+/// crash is not explained on the console. Nothing waits on it meanwhile (a stop asked for
+/// before it connects is a SIGTERM).
+const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a QMP command may take to answer.
 const QMP_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long to wait for QMP events still in flight after qemu exited.
@@ -592,17 +595,10 @@ async fn supervise(mut s: Supervised) {
             session = &mut connect, if connecting => {
                 connecting = false;
                 match session {
-                    Ok(session) => {
-                        qmp = Some(session);
-                        if stopping {
-                            quit(&mut qmp, s.pid).await;
-                        }
-                    }
+                    // A stop asked for meanwhile was already a SIGTERM.
+                    Ok(session) => qmp = Some(session),
                     Err(error) => {
                         warn!(id = s.id, %error, "qemu QMP unreachable; stop falls back to SIGTERM");
-                        if stopping {
-                            signal(s.pid, libc::SIGTERM);
-                        }
                     }
                 }
             }
@@ -615,7 +611,8 @@ async fn supervise(mut s: Supervised) {
                     stopping = true;
                     if qmp.is_some() {
                         quit(&mut qmp, s.pid).await;
-                    } else if !connecting {
+                    } else {
+                        // qemu quits as cleanly on SIGTERM; QMP may still be on its way.
                         signal(s.pid, libc::SIGTERM);
                     }
                 }
