@@ -78,13 +78,14 @@ pub struct Snapshot {
 type Stamp = Option<(u64, u64, i64, i64)>;
 
 /// The ref files every service depends on, first; then those only listings depend on.
-const GLOBAL: [&str; 6] = [
+/// Runtime logs (`refs/revboot/logs/*`) are not among them: nothing the index holds comes
+/// from them, and every stopped instance moves one.
+const GLOBAL: [&str; 5] = [
     "packed-refs",
     "refs/heads",
     "refs/live",
     "refs/tags",
     "refs",
-    "refs/revboot/logs",
 ];
 /// How many of [`GLOBAL`] a single service's answers depend on (with its tag directory).
 const PER_SERVICE: usize = 3;
@@ -169,6 +170,7 @@ pub struct Watcher {
     inotify: Inotify,
     root: PathBuf,
     root_watch: Option<WatchDescriptor>,
+    refs_watch: Option<WatchDescriptor>,
 }
 
 const WATCH_MASK: AddWatchFlags = AddWatchFlags::IN_CREATE
@@ -190,6 +192,7 @@ impl Watcher {
                 inotify,
                 root: repo.to_owned(),
                 root_watch: None,
+                refs_watch: None,
             }),
             Err(error) => {
                 tracing::info!(%error, "no inotify; the index falls back to stat fingerprints");
@@ -208,14 +211,8 @@ impl Watcher {
     fn watch_all(&mut self) {
         let add = |path: &Path| self.inotify.add_watch(path, WATCH_MASK).ok();
         self.root_watch = add(&self.root);
-        for dir in [
-            "refs",
-            "refs/heads",
-            "refs/live",
-            "refs/tags",
-            "refs/revboot",
-            "refs/revboot/logs",
-        ] {
+        self.refs_watch = add(&self.root.join("refs"));
+        for dir in ["refs/heads", "refs/live", "refs/tags"] {
             add(&self.root.join(dir));
         }
         if let Ok(entries) = std::fs::read_dir(self.root.join("refs/tags")) {
@@ -241,12 +238,22 @@ impl Watcher {
                 Ok(events) if events.is_empty() => return changed,
                 Ok(events) => {
                     changed |= events.iter().any(|event| {
-                        event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW)
-                            || Some(event.wd) != self.root_watch
-                            || event
+                        let named = |names: &[&str]| {
+                            event
                                 .name
                                 .as_deref()
-                                .is_some_and(|n| n == "packed-refs" || n == "refs")
+                                .is_some_and(|n| names.iter().any(|name| n == *name))
+                        };
+                        // In the root and in `refs/`, only what holds the refs the index
+                        // lists (`refs/revboot/logs` moves with every stopped instance).
+                        event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW)
+                            || if Some(event.wd) == self.root_watch {
+                                named(&["packed-refs", "refs"])
+                            } else if Some(event.wd) == self.refs_watch {
+                                named(&["heads", "live", "tags"])
+                            } else {
+                                true
+                            }
                     });
                 }
                 Err(nix::errno::Errno::EAGAIN) => return changed,
@@ -270,6 +277,8 @@ pub struct IndexState {
     watcher: Option<Watcher>,
     /// Events were seen that no successful refresh has covered yet.
     dirty: bool,
+    /// Refreshes so far (each lists the refs).
+    refreshes: u64,
 }
 
 impl IndexState {
@@ -308,6 +317,7 @@ impl IndexState {
             watcher.watch_all();
             watcher.changed();
         }
+        self.refreshes += 1;
         let taken_at = SystemTime::now();
         let known: Vec<String> = self.snapshot.services.keys().cloned().collect();
         let mut fingerprint = Fingerprint::take(repo_path, &known);
@@ -322,6 +332,12 @@ impl IndexState {
         self.fingerprint = Some(fingerprint);
         self.dirty = false;
         Ok(())
+    }
+
+    /// How many times the refs were listed.
+    #[cfg(test)]
+    pub fn refreshes(&self) -> u64 {
+        self.refreshes
     }
 
     /// An index that learns of changes through `watcher` (or stat fingerprints without one).

@@ -1043,6 +1043,49 @@ mod tests {
         }
     }
 
+    /// A runtime log (one per stopped instance) is no reason to list the refs again on the
+    /// next resolve, which may be a DNS answer's; a ref moved by stock git still is.
+    #[test]
+    fn runtime_logs_do_not_make_the_index_list_refs() {
+        for inotify in [true, false] {
+            let (_dir, store) = store();
+            let store = Store::open_watching(store.path(), inotify).expect("open");
+            let one = deploy(&store, "hello", 1, Some(b"one"));
+            let two = deploy(&store, "hello", 2, Some(b"two"));
+            store.set_live("hello", &one, "deploy").expect("live");
+            if !inotify {
+                // Stat fingerprints trust a listing only once the ref files are older.
+                std::thread::sleep(crate::index::SETTLE * 2);
+            }
+            assert_eq!(store.resolve("hello", None).expect("live"), one);
+            let refreshes = || store.inner.index.lock().expect("index").refreshes();
+            let before = refreshes();
+            for n in 0..3 {
+                let record = crate::RuntimeRecord {
+                    revision: one,
+                    client: None,
+                    started_at_ms: n,
+                    boot_ms: Some(1),
+                    lifetime_ms: 10,
+                    outcome: "stopped: idle".into(),
+                    console: b"console\n".to_vec(),
+                };
+                store.append_runtime_log("hello", &record).expect("log");
+                assert_eq!(store.resolve("hello", None).expect("live"), one);
+            }
+            assert_eq!(refreshes(), before, "inotify: {inotify}");
+            let status = std::process::Command::new("git")
+                .arg("-C")
+                .arg(store.path())
+                .args(["update-ref", "refs/live/hello", &two.to_hex()])
+                .status()
+                .expect("git runs");
+            assert!(status.success());
+            assert_eq!(store.resolve("hello", None).expect("live"), two);
+            assert!(refreshes() > before, "inotify: {inotify}");
+        }
+    }
+
     #[test]
     fn store_is_shared_across_threads() {
         fn shareable<T: Clone + Send + Sync + 'static>() {}
