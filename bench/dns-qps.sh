@@ -8,9 +8,11 @@
 #    stand-in) and NSD serving an equivalent static zone, each with 2 UDP workers, rate
 #    limits off; dnsperf alternates between them for ROUNDS rounds; the best of each is
 #    compared and the ratio printed.
-# 2. Answer latency for cold names (each query summons an instance; non-delayed mode), with
-#    the deployer's own resolve() and summon() timed alone beside it, and each cold query
-#    paired with a query for a running instance's name (the anchor: the machine's noise).
+# 2. Answer latency for cold names (each query summons an instance; non-delayed mode),
+#    behind the handshake proxy (the daemon's default) and with instances on their service
+#    address, with the deployer's own resolve() and summon() timed alone beside it, and
+#    each cold query paired with a query for a running instance's name (the anchor: the
+#    machine's noise), one at a time also after the same pause.
 # 3. The machine's floor: thread wake-up latency (cyclictest, when installed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -114,7 +116,12 @@ wait "${PIDS[0]}" 2>/dev/null || true
 echo "revboot-dns counters: $(grep MetricsSnapshot "$WORK/revboot.err" | tail -1)"
 
 echo "cold names (each query summons; answered without waiting for the boot):"
-"$BIN" cold 300 "${BACKEND[@]}" 2>/dev/null
+if [ "$BACKEND_FLAG" = "--deployer" ]; then
+  echo " behind the handshake proxy (the daemon's default):"
+  "$BIN" cold 300 --proxy "$IMAGE" 2>/dev/null | sed 's/^/  /'
+  echo " each instance on its service address itself ([instances] direct = true):"
+fi
+"$BIN" cold 300 "${BACKEND[@]}" 2>/dev/null | sed 's/^/  /'
 
 # The machine's own floor for the latency figures: how late a sleeping thread wakes
 # (cyclictest from Debian's rt-tests, when installed). Every DNS exchange needs at least two
