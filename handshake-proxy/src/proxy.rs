@@ -39,7 +39,7 @@ pub enum ListenError {
         limit: usize,
     },
     /// The address could not be bound (in use by something else, not local…).
-    #[error("Cannot listen on {address}")]
+    #[error("Cannot listen on {address}: {source}")]
     Bind {
         /// Where.
         address: SocketAddr,

@@ -219,11 +219,10 @@ impl Tender for ProcessTender {
         });
         let bind = || -> io::Result<(Socket, SocketAddr)> {
             let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
-            // A known port may still have connections of an earlier instance in TIME_WAIT;
-            // an ephemeral one is free by construction.
-            if port != 0 {
-                socket.set_reuse_address(true)?;
-            }
+            // Also on an ephemeral port: connections the kernel steers here from the service
+            // port inherit this flag and linger on that port in TIME_WAIT; without it there,
+            // the proxy could not bind the service address again.
+            socket.set_reuse_address(true)?;
             socket.bind(&address.into())?;
             if let Some((sources, client)) = &admitted {
                 admit::admit_only(&socket, sources, *client)?;

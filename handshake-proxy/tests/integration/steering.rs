@@ -136,3 +136,35 @@ async fn with_steering_off_warm_connections_are_relayed() {
     assert_eq!(world.deployer.list()[0].steered, None);
     world.shutdown().await;
 }
+
+/// A steered connection closed by the instance lingers in TIME_WAIT on the service port (not
+/// on the instance's own). A daemon started again hands out the same first addresses: its
+/// proxy must still be able to listen on them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_address_is_bound_again_after_steered_connections_closed() {
+    let world = World::new(15, |_, _| {});
+    let (_, summoned) = support::summon_hello(&world);
+    ready_and_steered(&world, &summoned).await;
+    for n in 0..5 {
+        // `connection: close`: the instance closes first, so its side waits in TIME_WAIT.
+        http_get(service_address(&summoned), None, &format!("/{n}"))
+            .await
+            .expect("served");
+    }
+    assert_eq!(
+        world.proxy.metrics().accepted,
+        0,
+        "the connections were steered"
+    );
+    world.shutdown().await;
+    drop(world);
+
+    let world = World::new(15, |_, _| {});
+    let (_, again) = support::summon_hello(&world);
+    assert_eq!(again.address, summoned.address, "the first address again");
+    let response = http_get(service_address(&again), None, "/again")
+        .await
+        .expect("served by the new daemon");
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    world.shutdown().await;
+}
