@@ -53,7 +53,10 @@
 //! to a `ResponseHandler` as structured messages, which rules out both the bound and the
 //! cache of rendered answers, so this crate runs its own loops (blocking UDP reads on
 //! worker threads, as NSD does; TCP on the tokio runtime) and uses `hickory-proto` for the
-//! wire format. Changes behind [`Instances`](revboot_deployer::Instances) are seen within
+//! wire format, except on the two hot paths: queries are read straight from their bytes,
+//! and the answer naming a summoned instance (rule 7) is written straight to them (after an
+//! idle moment, building and encoding that message twice took some 40 µs, writing it
+//! directly 2 µs); a property test holds it to hickory's encoding byte for byte. Changes behind [`Instances`](revboot_deployer::Instances) are seen within
 //! `generation_poll` (1 ms). No DNSSEC, no zone transfer, no dynamic update.
 //!
 //! A running server uses the tokio runtime it was started on (TCP, delayed answers) and

@@ -1,4 +1,6 @@
-//! Reading a query straight from its wire bytes (RFC 1035 §4.1, RFC 6891 §6, RFC 7871 §6).
+//! Reading a query straight from its wire bytes (RFC 1035 §4.1, RFC 6891 §6, RFC 7871 §6),
+//! and writing the one answer that is on the cold path, an instance's address
+//! ([`address_response`]).
 //!
 //! The hot path never builds a full message: it needs the id, a few flags, the question as
 //! sent (to echo it) and what the OPT record says. The protocol, as read here:
