@@ -118,10 +118,10 @@ echo "revboot-dns counters: $(grep MetricsSnapshot "$WORK/revboot.err" | tail -1
 echo "cold names (each query summons; answered without waiting for the boot):"
 if [ "$BACKEND_FLAG" = "--deployer" ]; then
   echo " behind the handshake proxy (the daemon's default):"
-  "$BIN" cold 300 --proxy "$IMAGE" 2>/dev/null | sed 's/^/  /'
+  "$BIN" cold 600 --proxy "$IMAGE" 2>/dev/null | sed 's/^/  /'
   echo " each instance on its service address itself ([instances] direct = true):"
 fi
-"$BIN" cold 300 "${BACKEND[@]}" 2>/dev/null | sed 's/^/  /'
+"$BIN" cold 600 "${BACKEND[@]}" 2>/dev/null | sed 's/^/  /'
 
 # The machine's own floor for the latency figures: how late a sleeping thread wakes
 # (cyclictest from Debian's rt-tests, when installed). Every DNS exchange needs at least two
