@@ -538,57 +538,19 @@ fn secs(d: Duration) -> u32 {
 
 #[cfg(test)]
 mod tests {
-    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     use proptest::prelude::*;
-    use revboot_deployer::{InstanceKey, Resolved, Summoned};
-    use revboot_store::Revision;
 
     use super::*;
     use crate::wire::Subnet;
 
-    /// Answers nothing: these tests only encode.
-    struct Nothing;
-
-    impl Instances for Nothing {
-        fn resolve(&self, service: &str, _: Option<&str>) -> Result<Resolved, ResolveError> {
-            Err(ResolveError::UnknownService(service.to_owned()))
-        }
-
-        fn summon(
-            &self,
-            service: &str,
-            _: &Revision,
-            _: Option<IpAddr>,
-        ) -> Result<Summoned, SummonError> {
-            Err(SummonError::Resolve(ResolveError::UnknownService(
-                service.to_owned(),
-            )))
-        }
-
-        fn by_address(&self, _: IpAddr) -> Option<Summoned> {
-            None
-        }
-
-        fn activity(&self, _: &InstanceKey, _: Activity) {}
-
-        fn generation(&self) -> u64 {
-            1
-        }
-    }
-
     fn engine(trust_ecs: bool) -> Engine {
-        let config = DnsConfig {
-            trust_ecs,
-            ..DnsConfig::default()
-        };
-        let checked = config
-            .check(SocketAddr::from(([127, 0, 0, 1], 53)))
-            .expect("valid config");
+        let (config, checked) = crate::testing::config(trust_ecs);
         Engine::new(
             &config,
             &checked,
-            Arc::new(Nothing),
+            Arc::new(crate::testing::One::ready()),
             Arc::new(Metrics::default()),
         )
     }

@@ -84,6 +84,8 @@ mod limit;
 mod metrics;
 mod names;
 mod server;
+#[cfg(test)]
+mod testing;
 mod wire;
 
 pub use answer::EDNS_UDP_SIZE;

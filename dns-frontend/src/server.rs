@@ -823,83 +823,14 @@ async fn tcp_connection(
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
-
     use hickory_proto::op::{Message, MessageType};
     use proptest::prelude::*;
-    use revboot_deployer::{
-        InstanceKey, InstanceState, ResolveError, Resolved, SummonError, Summoned,
-    };
-    use revboot_store::Revision;
 
     use super::*;
 
-    /// One service, `hello`, whose every label resolves to one revision.
-    struct One {
-        revision: Revision,
-        state: watch::Sender<InstanceState>,
-    }
-
-    impl Instances for One {
-        fn resolve(&self, service: &str, _: Option<&str>) -> Result<Resolved, ResolveError> {
-            if service != "hello" {
-                return Err(ResolveError::UnknownService(service.to_owned()));
-            }
-            Ok(Resolved {
-                service: service.to_owned(),
-                revision: self.revision,
-                per_client: false,
-                port: 8080,
-            })
-        }
-
-        fn summon(
-            &self,
-            service: &str,
-            revision: &Revision,
-            client: Option<IpAddr>,
-        ) -> Result<Summoned, SummonError> {
-            let address = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 9));
-            Ok(Summoned {
-                key: InstanceKey {
-                    service: service.to_owned(),
-                    revision: *revision,
-                    client,
-                },
-                address,
-                port: 8080,
-                backend: SocketAddr::new(address, 8080),
-                boot_timeout: Duration::from_secs(1),
-                state: self.state.subscribe(),
-            })
-        }
-
-        fn by_address(&self, _: IpAddr) -> Option<Summoned> {
-            None
-        }
-
-        fn activity(&self, _: &InstanceKey, _: Activity) {}
-
-        fn generation(&self) -> u64 {
-            1
-        }
-    }
-
     fn shared(trust_ecs: bool) -> Shared {
-        let config = DnsConfig {
-            trust_ecs,
-            ..DnsConfig::default()
-        };
-        let checked = config
-            .check(SocketAddr::from(([127, 0, 0, 1], 53)))
-            .expect("valid config");
-        let instances = Arc::new(One {
-            revision: "0123456789abcdef0123456789abcdef01234567"
-                .parse()
-                .expect("revision"),
-            state: watch::channel(InstanceState::Ready).0,
-        });
-        Shared::new(&config, &checked, instances)
+        let (config, checked) = crate::testing::config(trust_ecs);
+        Shared::new(&config, &checked, Arc::new(crate::testing::One::ready()))
     }
 
     fn valid_queries() -> impl Strategy<Value = Vec<u8>> {

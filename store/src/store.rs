@@ -1011,6 +1011,17 @@ mod tests {
         (dir, store)
     }
 
+    /// `git update-ref refs/live/hello <target>`, behind the store's back.
+    fn stock_git_moves_live(store: &Store, target: &Revision) {
+        let status = std::process::Command::new("git")
+            .arg("-C")
+            .arg(store.path())
+            .args(["update-ref", "refs/live/hello", &target.to_hex()])
+            .status()
+            .expect("git runs");
+        assert!(status.success());
+    }
+
     /// Both ways of noticing changes (inotify, and stat fingerprints where it is missing)
     /// see a ref moved by stock git on the very next call, also once the index is settled.
     #[test]
@@ -1027,13 +1038,7 @@ mod tests {
                     assert_eq!(store.resolve("hello", None).expect("live"), one);
                 }
                 let target = if settle { two } else { one };
-                let status = std::process::Command::new("git")
-                    .arg("-C")
-                    .arg(store.path())
-                    .args(["update-ref", "refs/live/hello", &target.to_hex()])
-                    .status()
-                    .expect("git runs");
-                assert!(status.success());
+                stock_git_moves_live(&store, &target);
                 assert_eq!(
                     store.resolve("hello", None).expect("live"),
                     target,
@@ -1074,13 +1079,7 @@ mod tests {
                 assert_eq!(store.resolve("hello", None).expect("live"), one);
             }
             assert_eq!(refreshes(), before, "inotify: {inotify}");
-            let status = std::process::Command::new("git")
-                .arg("-C")
-                .arg(store.path())
-                .args(["update-ref", "refs/live/hello", &two.to_hex()])
-                .status()
-                .expect("git runs");
-            assert!(status.success());
+            stock_git_moves_live(&store, &two);
             assert_eq!(store.resolve("hello", None).expect("live"), two);
             assert!(refreshes() > before, "inotify: {inotify}");
         }
