@@ -43,11 +43,16 @@ use crate::tender::{
 };
 
 /// Revisions whose manifests are cached.
-const REVISION_CACHE: usize = 4096;
-/// The background warm-up reads at most this many newest bootable deployments per service,
-const WARM_PER_SERVICE: usize = 512;
+const REVISION_CACHE: usize = 8192;
+/// The background warm-up reads at most this many newest bootable deployments per service
+/// (a `git bisect` over deployments boots old ones by name; a revision outside the cache
+/// costs its DNS answer a manifest read from git, some 300 µs),
+const WARM_PER_SERVICE: usize = 2048;
 /// and stops when the revision cache holds this many.
 const WARM_LIMIT: usize = REVISION_CACHE * 3 / 4;
+/// The instance tables are sized for `max_instances` up front, up to this many (some
+/// 100 bytes an entry, untouched until used).
+const PRESIZE_LIMIT: usize = 16_384;
 /// Crash histories kept.
 const FAILURE_CACHE: usize = 4096;
 /// Runtime records written to the store at once.
@@ -228,14 +233,17 @@ impl Deployer {
         tenders.register(Arc::new(process));
         let pool = AddressPool::new(config.pool);
         let steering = open_steering(&config);
+        let presized = config.max_instances.min(PRESIZE_LIMIT);
         let deployer = Arc::new_cyclic(|me| Deployer {
             me: me.clone(),
             store,
             runtime,
             tenders: RwLock::new(tenders),
+            // Sized for the instance cap up front: a map that grows does so on a summon's
+            // path (a DNS answer's), under the table lock.
             table: Mutex::new(Table {
-                by_key: HashMap::new(),
-                by_address: HashMap::new(),
+                by_key: HashMap::with_capacity(presized),
+                by_address: HashMap::with_capacity(presized),
                 per_service: HashMap::new(),
                 clients: HashMap::new(),
                 live: 0,

@@ -61,6 +61,9 @@ struct Listening {
     stamp: u64,
 }
 
+/// Tables sized for their bound up front hold at most this many entries before they grow.
+const PRESIZE_LIMIT: usize = 16_384;
+
 /// What the single lock guards. It is taken for map updates only, never across an `.await`.
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
@@ -112,11 +115,16 @@ impl Proxy {
             // what its bounds refuse, and says so.
             warn!(%error, "proxy configuration is unusable");
         }
+        // Sized up front: a table that grows does so on a summon's path, under the lock.
+        let registry = Registry {
+            listeners: HashMap::with_capacity(config.max_listeners.min(PRESIZE_LIMIT)),
+            ..Registry::default()
+        };
         let shared = Arc::new(Shared {
             inner,
             config,
             metrics: Metrics::default(),
-            registry: Mutex::new(Registry::default()),
+            registry: Mutex::new(registry),
             cancel: CancellationToken::new(),
             runtime,
         });

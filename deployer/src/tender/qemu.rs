@@ -56,11 +56,12 @@ pub const MAX_CMDLINE: usize = 2048;
 /// Guest memory bounds, MiB.
 pub const MEMORY_MIB: std::ops::RangeInclusive<u64> = 8..=16 * 1024;
 
-/// How long the supervisor tries to reach QMP after spawning qemu. Generous: on a loaded
-/// machine under TCG qemu can take seconds to open its socket, and without QMP a guest's
-/// crash is not explained on the console. Nothing waits on it meanwhile (a stop asked for
-/// before it connects is a SIGTERM).
+/// How long the supervisor tries to reach QMP after spawning qemu. Generous, since without
+/// QMP a guest's crash is not explained on the console, and nothing waits on it meanwhile
+/// (a stop asked for before it connects is a SIGTERM).
 const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest pause between attempts to reach QMP while qemu starts.
+const QMP_CONNECT_PAUSE: Duration = Duration::from_millis(4);
 /// How long a QMP command may take to answer.
 const QMP_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long to wait for QMP events still in flight after qemu exited.
@@ -747,13 +748,16 @@ enum QmpError {
 /// Connects to qemu's QMP socket (retrying while qemu starts) and negotiates capabilities.
 async fn qmp_connect(path: PathBuf) -> Result<Qmp, QmpError> {
     let attempt = async {
-        let mut pause = Duration::from_millis(2);
+        // Often: qemu sends events only once the session is negotiated, and a guest that
+        // is ready in tens of milliseconds can crash right after (a failed connect is one
+        // cheap syscall).
+        let mut pause = Duration::from_millis(1);
         let stream = loop {
             match UnixStream::connect(&path).await {
                 Ok(stream) => break stream,
                 Err(_) => {
                     tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(100));
+                    pause = (pause * 2).min(QMP_CONNECT_PAUSE);
                 }
             }
         };
