@@ -964,7 +964,7 @@ async fn tend(
         };
         let ready = match ready {
             Ok(ready) => ready,
-            Err(command) => break 'life stop(deployer, running, command).await,
+            Err(command) => break 'life stop(deployer, entry, running, command).await,
         };
         if let Err(error) = ready {
             running.kill();
@@ -1096,8 +1096,7 @@ async fn serve(
             half
         } else if quiet >= idle_timeout {
             info!(instance = %entry.key, ?quiet, "idle: stopping");
-            entry.unsteer(&deployer.metrics);
-            return stop(deployer, running, Some(Command::Stop("idle"))).await;
+            return stop(deployer, entry, running, Some(Command::Stop("idle"))).await;
         } else if quiet >= half {
             entry
                 .state
@@ -1117,8 +1116,7 @@ async fn serve(
             command = commands.recv() => command,
             () = tokio::time::sleep(next.max(Duration::from_millis(5))) => continue,
         };
-        entry.unsteer(&deployer.metrics);
-        return stop(deployer, running, command).await;
+        return stop(deployer, entry, running, command).await;
     }
 }
 
@@ -1151,8 +1149,15 @@ fn set_if(state: &mut InstanceState, from: InstanceState, to: InstanceState) -> 
     }
 }
 
-/// Carries out a stop or kill; a closed command queue (deployer gone) is a kill.
-async fn stop(deployer: &Deployer, running: &dyn Running, command: Option<Command>) -> End {
+/// Carries out a stop or kill; a closed command queue (deployer gone) is a kill. New
+/// connections stop going straight to the instance first.
+async fn stop(
+    deployer: &Deployer,
+    entry: &Entry,
+    running: &dyn Running,
+    command: Option<Command>,
+) -> End {
+    entry.unsteer(&deployer.metrics);
     match command {
         Some(Command::Stop(why)) => {
             running.stop();

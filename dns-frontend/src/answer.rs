@@ -403,7 +403,6 @@ impl Engine {
         Record::from_rdata(self.zone.clone(), ttl, RData::SOA(soa))
     }
 
-    /// Renders `reply` for `query`, with the question name lowercased.
     /// The positive answer naming an instance's `address` (of the family the query asks
     /// for), written straight to the wire (see [`wire::address_response`]).
     fn address_response(
@@ -429,6 +428,7 @@ impl Engine {
         }
     }
 
+    /// Renders `reply` for `query`, with the question name lowercased.
     fn render(&self, query: &Query<'_>, lowercase: &[u8], reply: Reply) -> Rendered {
         let code = <ResponseCode as From<u16>>::from(reply.rcode);
         let mut message = Message::response(query.id, OpCode::Query);

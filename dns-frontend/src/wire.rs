@@ -370,81 +370,69 @@ pub(crate) fn address_response(
     ttl: u32,
     opt: Option<ResponseOpt>,
 ) -> (Vec<u8>, Vec<u8>) {
-    let write_header = |out: &mut Vec<u8>, truncated: bool| {
-        out.extend_from_slice(&query.id.to_be_bytes());
-        // QR, opcode QUERY, AA, TC, RD; then RA = 0, Z = 0, AD = 0, CD, rcode NOERROR.
-        out.push(0x80 | 0x04 | (u8::from(truncated) << 1) | u8::from(query.rd));
-        out.push(u8::from(query.cd) << 4);
-        let answers = u16::from(!truncated);
-        let additionals = u16::from(opt.is_some());
-        for count in [1, answers, 0, additionals] {
-            out.extend_from_slice(&count.to_be_bytes());
-        }
-        out.extend_from_slice(lowercase);
-        out.extend_from_slice(&query.qtype.to_be_bytes());
-        out.extend_from_slice(&query.qclass.to_be_bytes());
-    };
-    let write_opt = |out: &mut Vec<u8>| {
-        let Some(opt) = opt else { return };
-        out.push(0);
-        out.extend_from_slice(&TYPE_OPT.to_be_bytes());
-        out.extend_from_slice(&opt.udp_size.to_be_bytes());
-        // Extended rcode 0, version 0, the DO bit.
-        let flags: u32 = if opt.dnssec_ok { 0x8000 } else { 0 };
-        out.extend_from_slice(&flags.to_be_bytes());
-        match opt.subnet {
-            None => out.extend_from_slice(&0u16.to_be_bytes()),
-            Some((subnet, scope)) => {
-                let mut octets = [0u8; 16];
-                let (family, width) = match subnet.address {
-                    IpAddr::V4(ip) => {
-                        octets[..4].copy_from_slice(&ip.octets());
-                        (1u16, 4)
-                    }
-                    IpAddr::V6(ip) => {
-                        octets = ip.octets();
-                        (2u16, 16)
-                    }
-                };
-                let given = &octets[..usize::from(subnet.source_prefix).div_ceil(8).min(width)];
-                let length = u16::try_from(4 + given.len()).expect("at most 20 bytes");
-                out.extend_from_slice(&(length + 4).to_be_bytes());
-                out.extend_from_slice(&OPTION_SUBNET.to_be_bytes());
-                out.extend_from_slice(&length.to_be_bytes());
-                out.extend_from_slice(&family.to_be_bytes());
-                out.push(subnet.source_prefix);
-                out.push(scope);
-                out.extend_from_slice(given);
-            }
-        }
-    };
     let mut full = Vec::with_capacity(HEADER_LEN + 2 * lowercase.len() + 64);
-    write_header(&mut full, false);
+    full.extend_from_slice(&query.id.to_be_bytes());
+    // QR, opcode QUERY, AA, RD; then RA = 0, Z = 0, AD = 0, CD, rcode NOERROR.
+    full.push(0x80 | 0x04 | u8::from(query.rd));
+    full.push(u8::from(query.cd) << 4);
+    for count in [1, 1, 0, u16::from(opt.is_some())] {
+        full.extend_from_slice(&count.to_be_bytes());
+    }
+    full.extend_from_slice(lowercase);
+    full.extend_from_slice(&query.qtype.to_be_bytes());
+    full.extend_from_slice(&query.qclass.to_be_bytes());
+    let answer_at = full.len();
     // Owner: a pointer to the question name at offset 12.
     full.extend_from_slice(&[0xc0, 0x0c]);
-    let v4;
-    let v6;
-    let (rtype, rdata): (u16, &[u8]) = match address {
-        IpAddr::V4(ip) => {
-            v4 = ip.octets();
-            (1, &v4)
-        }
-        IpAddr::V6(ip) => {
-            v6 = ip.octets();
-            (28, &v6)
-        }
-    };
+    let (bytes, width) = octets(address);
+    let rtype: u16 = if address.is_ipv4() { 1 } else { 28 };
     full.extend_from_slice(&rtype.to_be_bytes());
     full.extend_from_slice(&1u16.to_be_bytes());
     full.extend_from_slice(&ttl.to_be_bytes());
-    full.push(0);
-    full.push(rdata.len() as u8);
-    full.extend_from_slice(rdata);
-    write_opt(&mut full);
-    let mut truncated = Vec::with_capacity(HEADER_LEN + lowercase.len() + 32);
-    write_header(&mut truncated, true);
-    write_opt(&mut truncated);
+    full.extend_from_slice(&(width as u16).to_be_bytes());
+    full.extend_from_slice(&bytes[..width]);
+    let opt_at = full.len();
+    if let Some(opt) = opt {
+        full.push(0);
+        full.extend_from_slice(&TYPE_OPT.to_be_bytes());
+        full.extend_from_slice(&opt.udp_size.to_be_bytes());
+        // Extended rcode 0, version 0, the DO bit.
+        let flags: u32 = if opt.dnssec_ok { 0x8000 } else { 0 };
+        full.extend_from_slice(&flags.to_be_bytes());
+        match opt.subnet {
+            None => full.extend_from_slice(&0u16.to_be_bytes()),
+            Some((subnet, scope)) => {
+                let (octets, width) = octets(subnet.address);
+                let given = &octets[..usize::from(subnet.source_prefix).div_ceil(8).min(width)];
+                let family: u16 = if subnet.address.is_ipv4() { 1 } else { 2 };
+                let length = u16::try_from(4 + given.len()).expect("at most 20 bytes");
+                full.extend_from_slice(&(length + 4).to_be_bytes());
+                full.extend_from_slice(&OPTION_SUBNET.to_be_bytes());
+                full.extend_from_slice(&length.to_be_bytes());
+                full.extend_from_slice(&family.to_be_bytes());
+                full.push(subnet.source_prefix);
+                full.push(scope);
+                full.extend_from_slice(given);
+            }
+        }
+    }
+    // Truncated: the same without the answer, with TC and no answer counted.
+    let mut truncated = [&full[..answer_at], &full[opt_at..]].concat();
+    truncated[2] |= 0x02;
+    truncated[6..8].copy_from_slice(&0u16.to_be_bytes());
     (full, truncated)
+}
+
+/// An address's bytes in a 16-byte buffer, and how many of them it has.
+fn octets(address: IpAddr) -> ([u8; 16], usize) {
+    match address {
+        IpAddr::V4(ip) => {
+            let mut octets = [0u8; 16];
+            octets[..4].copy_from_slice(&ip.octets());
+            (octets, 4)
+        }
+        IpAddr::V6(ip) => (ip.octets(), 16),
+    }
 }
 
 #[cfg(test)]

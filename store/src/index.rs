@@ -77,6 +77,9 @@ pub struct Snapshot {
 
 type Stamp = Option<(u64, u64, i64, i64)>;
 
+/// The ref namespaces under `refs/` the index lists; nothing else it holds comes from refs.
+const LISTED: [&str; 3] = ["heads", "live", "tags"];
+
 /// The ref files every service depends on, first; then those only listings depend on.
 /// Runtime logs (`refs/revboot/logs/*`) are not among them: nothing the index holds comes
 /// from them, and every stopped instance moves one.
@@ -212,8 +215,8 @@ impl Watcher {
         let add = |path: &Path| self.inotify.add_watch(path, WATCH_MASK).ok();
         self.root_watch = add(&self.root);
         self.refs_watch = add(&self.root.join("refs"));
-        for dir in ["refs/heads", "refs/live", "refs/tags"] {
-            add(&self.root.join(dir));
+        for dir in LISTED {
+            add(&self.root.join("refs").join(dir));
         }
         if let Ok(entries) = std::fs::read_dir(self.root.join("refs/tags")) {
             for entry in entries.flatten() {
@@ -250,7 +253,7 @@ impl Watcher {
                             || if Some(event.wd) == self.root_watch {
                                 named(&["packed-refs", "refs"])
                             } else if Some(event.wd) == self.refs_watch {
-                                named(&["heads", "live", "tags"])
+                                named(&LISTED)
                             } else {
                                 true
                             }
@@ -353,8 +356,11 @@ fn list_refs(repo: &gix::Repository) -> Result<BTreeMap<String, ObjectId>, ReadE
     let git = |action| move |source| ReadError::Git { action, source };
     let mut refs = BTreeMap::new();
     let platform = repo.references().map_err(git("list refs"))?;
-    for prefix in ["refs/heads/", "refs/live/", "refs/tags/"] {
-        let iter = platform.prefixed(prefix).map_err(git("list refs"))?;
+    for namespace in LISTED {
+        let prefix = format!("refs/{namespace}/");
+        let iter = platform
+            .prefixed(prefix.as_str())
+            .map_err(git("list refs"))?;
         for reference in iter {
             let mut reference = match reference {
                 Ok(r) => r,

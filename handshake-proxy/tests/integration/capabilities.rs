@@ -155,23 +155,11 @@ async fn an_open_quiet_connection_keeps_its_instance_until_it_closes() {
         world.proxy.metrics().spliced == 1
     })
     .await;
-    // Several idle timeouts with not a byte either way.
-    tokio::time::sleep(idle * 5).await;
-    let current = state.borrow().clone();
-    assert!(
-        current.is_serving(),
-        "reaped under an open connection: {current:?}"
-    );
+    support::still_serving_after_idle(&state, idle).await;
     let instances = world.deployer.list();
     assert_eq!(instances.len(), 1);
     assert_eq!(instances[0].connections, 1);
-    drop(quiet);
-    let stopped = tokio::time::timeout(PATIENCE, state.wait_for(InstanceState::is_final))
-        .await
-        .expect("reaped once the connection closed")
-        .expect("state")
-        .clone();
-    assert_eq!(stopped, InstanceState::Stopped);
+    support::reaped_once_closed(&mut state, quiet).await;
     eventually("the released address lost its listener", || {
         world.proxy.metrics().listeners == 0
     })

@@ -103,22 +103,11 @@ async fn an_open_quiet_steered_connection_keeps_its_instance_until_it_closes() {
         world.deployer.list()[0].steered == Some(1)
     })
     .await;
-    // Several idle timeouts with not a byte either way, and no query.
-    tokio::time::sleep(idle * 5).await;
+    // No query either.
     let mut state = summoned.state.clone();
-    let current = state.borrow().clone();
-    assert!(
-        current.is_serving(),
-        "reaped under an open connection: {current:?}"
-    );
+    support::still_serving_after_idle(&state, idle).await;
     assert_eq!(world.proxy.metrics().accepted, 0);
-    drop(quiet);
-    let stopped = tokio::time::timeout(PATIENCE, state.wait_for(InstanceState::is_final))
-        .await
-        .expect("reaped once the connection closed")
-        .expect("state")
-        .clone();
-    assert_eq!(stopped, InstanceState::Stopped);
+    support::reaped_once_closed(&mut state, quiet).await;
     world.shutdown().await;
 }
 

@@ -207,3 +207,31 @@ pub fn summon_hello(world: &World) -> (Revision, revboot_deployer::Summoned) {
         .expect("summon");
     (revision, summoned)
 }
+
+/// Several idle timeouts with not a byte either way: the instance behind `state` must still
+/// serve.
+pub async fn still_serving_after_idle(
+    state: &tokio::sync::watch::Receiver<InstanceState>,
+    idle: Duration,
+) {
+    tokio::time::sleep(idle * 5).await;
+    let current = state.borrow().clone();
+    assert!(
+        current.is_serving(),
+        "reaped under an open connection: {current:?}"
+    );
+}
+
+/// Closes `quiet`, the instance's last connection: it must then be reaped for idleness.
+pub async fn reaped_once_closed(
+    state: &mut tokio::sync::watch::Receiver<InstanceState>,
+    quiet: TcpStream,
+) {
+    drop(quiet);
+    let stopped = tokio::time::timeout(PATIENCE, state.wait_for(InstanceState::is_final))
+        .await
+        .expect("reaped once the connection closed")
+        .expect("state")
+        .clone();
+    assert_eq!(stopped, InstanceState::Stopped);
+}
