@@ -45,3 +45,8 @@ pub fn build_image(project: &Path, binary: &str) -> PathBuf {
 pub fn hello_image() -> PathBuf {
     build_image(&workspace().join("examples/hello"), "hello")
 }
+
+/// The `examples/hostile` image: one attempt to leave the sandbox per request.
+pub fn hostile_image() -> PathBuf {
+    build_image(&workspace().join("examples/hostile"), "hostile")
+}
