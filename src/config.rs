@@ -46,6 +46,8 @@ pub struct Config {
     pub instances: Instances,
     /// Builds.
     pub builds: Builds,
+    /// The process sandbox of instances: scratch quota, uids, rlimits.
+    pub sandbox: revboot_deployer::SandboxConfig,
 }
 
 /// `[dns]`.
@@ -129,6 +131,7 @@ impl Default for Config {
             http: Http::default(),
             instances: Instances::default(),
             builds: Builds::default(),
+            sandbox: revboot_deployer::SandboxConfig::default(),
         }
     }
 }

@@ -318,6 +318,7 @@ impl Daemon {
             BackendPort::Ephemeral
         };
         deployer_config.steer = config.instances.steer;
+        deployer_config.sandbox = config.sandbox.clone();
         deployer_config.max_instances = config.instances.max_total;
         deployer_config.max_per_service = config.instances.max_per_service;
         deployer_config.max_clients_per_service = config.instances.max_clients_per_service;

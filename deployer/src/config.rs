@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use revboot_sandbox::uids::UidRange;
 use serde::{Deserialize, Serialize};
 
 /// Default address pool: a /16 inside the loopback network (every 127/8 address is local).
@@ -153,6 +154,14 @@ pub struct SandboxConfig {
     /// Kill instances when the daemon dies (`PR_SET_PDEATHSIG`); a restarted daemon cleans
     /// up whatever survived either way.
     pub die_with_daemon: bool,
+    /// Size of an instance's writable root (a tmpfs: its scratch space and its quota), MiB.
+    /// It is memory: what an instance writes there counts against its memory limit too.
+    pub scratch_mib: u64,
+    /// Files and directories an instance's root may hold.
+    pub scratch_inodes: u64,
+    /// Host uids instances run as, one per instance (none of the host's accounts may use
+    /// them; uid `n` runs with gid `n`).
+    pub uids: UidRange,
 }
 
 impl Default for SandboxConfig {
@@ -162,6 +171,9 @@ impl Default for SandboxConfig {
             file_size_mib: 256,
             mount_proc: true,
             die_with_daemon: true,
+            scratch_mib: 16,
+            scratch_inodes: 4096,
+            uids: UidRange::DEFAULT,
         }
     }
 }
@@ -326,6 +338,21 @@ impl DeployerConfig {
         }
         if !(16..=1_048_576).contains(&self.sandbox.nofile) {
             return invalid("sandbox.nofile", "must be between 16 and 1048576");
+        }
+        if !(1..=64 * 1024).contains(&self.sandbox.scratch_mib) {
+            return invalid("sandbox.scratch_mib", "must be between 1 and 65536");
+        }
+        if !(16..=1 << 24).contains(&self.sandbox.scratch_inodes) {
+            return invalid("sandbox.scratch_inodes", "must be between 16 and 16777216");
+        }
+        if let Err(message) = self.sandbox.uids.validate() {
+            return invalid("sandbox.uids", &message);
+        }
+        if (self.sandbox.uids.count as usize) < self.max_instances {
+            return invalid(
+                "sandbox.uids",
+                "holds fewer uids than max_instances: every instance needs its own",
+            );
         }
         Ok(())
     }

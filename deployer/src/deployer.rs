@@ -39,7 +39,7 @@ use crate::summon::{
 };
 use crate::tender::process::{ProcessTender, ProcessTenderError, pid_start_time};
 use crate::tender::{
-    BootSpec, ExitReport, ExitStatus, NotReady, Prepared, Running, Tender, Tenders, cgroup,
+    BootSpec, ExitReport, ExitStatus, NotReady, Prepared, Running, Tender, Tenders,
 };
 
 /// Revisions whose manifests are cached.
@@ -225,7 +225,12 @@ impl Deployer {
             })?;
         }
         let opened = state::open(&config.state_dir.join("state.redb"))?;
-        let process = ProcessTender::new(&config.name, config.sandbox.clone(), runtime.clone())?;
+        let process = ProcessTender::new(
+            &config.name,
+            config.sandbox.clone(),
+            &config.state_dir.join("root"),
+            runtime.clone(),
+        )?;
         info!(cgroups = process.cgroup_layout(), name = config.name, pool = %config.pool, "deployer starting");
         clean_orphans(&opened.left, &process, &scratch_dir);
         let state = opened.start()?;
@@ -877,7 +882,7 @@ fn clean_orphans(left: &[InstanceRecord], process: &ProcessTender, scratch_dir: 
             }
         }
         for dir in &footprint.cgroups {
-            if let Err(error) = cgroup::remove_group(dir) {
+            if let Err(error) = revboot_sandbox::cgroup::remove_group(dir) {
                 warn!(cgroup = %dir.display(), %error, "cannot remove an orphaned cgroup");
             }
         }

@@ -38,36 +38,45 @@
 //!
 //! # The process sandbox
 //!
-//! The process tender (solo5-spt is the model) runs a static ELF so:
+//! The process tender (solo5-spt is the model) runs a static ELF so (the pieces come from
+//! `revboot-sandbox`, shared with builds):
 //!
 //! 1. Its own pid namespace (the image is pid 1 and sees only its own processes), mount
-//!    namespace with its scratch directory as the root (`pivot_root`) and a fresh `/proc`,
-//!    and its own net, ipc, uts and cgroup namespaces. The network namespace is empty: no
-//!    interface is up, so nothing leaves; the instance serves on the socket it inherits.
-//! 2. Net, ipc, uts and mount namespaces are made ahead of time by a helper thread (a small
-//!    pool), one set per instance, never shared; an empty pool falls back to making them in
-//!    the clone.
-//! 3. Limits through cgroups on v1, v2 or a hybrid: memory (no swap), pids, cpu quota; a
+//!    namespace whose root is a tmpfs of `[sandbox] scratch_mib` (its only writable place:
+//!    its scratch space and its disk quota, counted in its memory too), and its own net,
+//!    ipc, uts and cgroup namespaces. The network namespace is empty: no interface is up, so
+//!    nothing leaves; the instance serves on the socket it inherits.
+//! 2. In that root: `/dev/null`, `/dev/zero`, `/dev/urandom`, `/dev/random` (bound from the
+//!    host, read-only but `/dev/null`), a read-only `/proc` with only its own processes
+//!    (`subset=pid`: no `/proc/sys`), no `/sys`, no other device; `nodev`, `nosuid`,
+//!    `noexec`. Nothing of the host's tree is reachable (`pivot_root`, old root detached).
+//! 3. It runs as an unprivileged host uid of its own (`[sandbox] uids`, one per instance),
+//!    with no capability at all: the bounding set is emptied and the secure bits locked
+//!    before the uid change, so no exec can gain one.
+//! 4. Net, ipc, uts and mount namespaces (with the root's shared part assembled) are made
+//!    ahead of time by a helper thread (a small pool), one set per instance, never shared;
+//!    an empty pool falls back to making them in the clone.
+//! 5. Limits through cgroups on v1, v2 or a hybrid: memory (no swap), pids, cpu quota; a
 //!    missing controller is reported once. rlimits: open files, core size 0, file size,
 //!    locked memory.
-//! 4. No new privileges; the parent-death signal kills it with the daemon (configurable).
-//! 5. Landlock: full access below the scratch directory, execute of its image, nothing
-//!    else of the file system; no TCP bind or connect at all.
-//! 6. Seccomp: a deny-list (ptrace, mount, namespaces, modules, kexec, bpf, perf, keyrings,
-//!    swap, clocks, reboot, io_uring…), namespaced `clone` refused, `clone3` reported
-//!    missing so that libc falls back to the checked `clone`.
-//! 7. The listening socket is fd 3 (`LISTEN_FDS=1`, `LISTEN_PID=1`); stdin is `/dev/null`;
+//! 6. No new privileges; the parent-death signal kills it with the daemon (configurable).
+//! 7. Landlock: nothing executes but its image, no device node is made, no ioctl on a
+//!    device, no TCP bind or connect at all.
+//! 8. Seccomp: a deny-list (ptrace, mount, namespaces, modules, kexec, bpf, perf, keyrings,
+//!    userfaultfd, swap, clocks, reboot, io_uring, device nodes…), namespaced `clone`
+//!    refused, `clone3` reported missing so that libc falls back to the checked `clone`
+//!    (`revboot_sandbox::seccomp` names every refused call and why the rest is allowed).
+//! 9. The listening socket is fd 3 (`LISTEN_FDS=1`, `LISTEN_PID=1`); stdin is `/dev/null`;
 //!    stdout and stderr go to the console ring (the last 64 KiB by default), streamable.
-//! 8. Upstreams the manifest names are reached only through unix sockets the deployer
-//!    grants in the scratch directory ([`upstream`]).
+//! 10. Upstreams the manifest names are reached only through unix sockets the deployer
+//!     grants in the scratch directory, bound read-only at `/upstream` ([`upstream`]).
 //!
 //! # Limits
 //!
-//! Linux only; the process tender needs root (namespaces, cgroups). Images must be static
-//! (the root is the scratch directory). Service addresses are IPv4 loopback addresses. A
-//! file system mounted on the host after the deployer started is not visible to instances
-//! whose namespaces were pre-made before it.
-//!
+//! Linux only; the process tender needs root (namespaces, cgroups, uids). Images must be
+//! static (nothing of the host's libraries is in an instance's root). Service addresses
+//! are IPv4 loopback addresses.
+
 //! # Example
 //!
 //! ```no_run
@@ -102,7 +111,7 @@ pub mod summon;
 pub mod tender;
 pub mod upstream;
 
-pub use config::{BackendPort, DeployerConfig};
+pub use config::{BackendPort, DeployerConfig, SandboxConfig};
 pub use deployer::{ControlError, Deployer, InstanceInfo, NewError};
 pub use summon::{
     Activity, InstanceKey, InstanceState, Instances, LaunchScope, ResolveError, Resolved,

@@ -6,12 +6,13 @@
 //! exactly those, nothing else:
 //!
 //! 1. Before the spawn, for every `run.upstreams[n]`, bind a unix socket
-//!    `<scratch>/upstream-<n>.sock` (the instance has full access below its scratch
-//!    directory, and a pathname unix socket does not depend on the network namespace).
+//!    `<scratch>/upstream-<n>.sock`, mode 0666 (the instance runs as an unprivileged uid;
+//!    a pathname unix socket does not depend on the network namespace).
 //! 2. The instance gets `REVBOOT_UPSTREAM_<n>=unix:<that path as it sees it>` in its
-//!    environment: the process tender makes the scratch directory the instance's root, so
-//!    inside it is `/upstream-<n>.sock`. Nothing else of the host's tree is visible there,
-//!    which matters: landlock does not govern `connect` on pathname unix sockets.
+//!    environment: the process tender binds the scratch directory read-only at `/upstream`
+//!    in the instance's root, so inside it is `/upstream/upstream-<n>.sock`. Nothing else
+//!    of the host's tree is visible there, which matters: landlock does not govern
+//!    `connect` on pathname unix sockets.
 //! 3. Each connection accepted on the socket — at most [`Limits::connections`] at once per
 //!    upstream; more are closed at once — is connected to the upstream's TCP address within
 //!    [`Limits::connect`] and spliced both ways until both sides are done, or until no byte
@@ -25,6 +26,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,7 +56,8 @@ pub fn socket_path(scratch: &Path, n: usize) -> PathBuf {
 }
 
 /// The environment entries (`KEY=value`) that tell an instance where its grants are, for
-/// an instance that sees its scratch directory at `scratch` (`/` in the process tender).
+/// an instance that sees its scratch directory at `scratch` (`/upstream` in the process
+/// tender).
 pub fn environment(scratch: &Path, count: usize) -> Vec<String> {
     (0..count)
         .map(|n| {
@@ -166,11 +169,16 @@ impl Grants {
             }
             // A file left from an earlier instance with the same scratch name is stale.
             let _ = std::fs::remove_file(&path);
-            let listener = UnixListener::bind(&path).map_err(|source| GrantError::Bind {
+            let bind_error = |source| GrantError::Bind {
                 path: path.clone(),
                 upstream,
                 source,
-            })?;
+            };
+            let listener = UnixListener::bind(&path).map_err(bind_error)?;
+            // Connecting takes write permission on the socket file, and the instance runs
+            // as an unprivileged uid; its directory stays root's (and read-only for it).
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))
+                .map_err(bind_error)?;
             let counters = Arc::new(Counters::default());
             grants.paths.push(path.clone());
             grants.counters.push(Arc::clone(&counters));

@@ -18,10 +18,8 @@
 //! stored as `Arc<dyn Tender>`.
 
 pub mod admit;
-pub mod cgroup;
 pub mod process;
 pub mod qemu;
-pub mod seccomp;
 
 use std::fmt;
 use std::future::Future;

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 /// How long a test waits for anything. A bound on waiting, not a timing assertion.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
-pub use revboot_testkit::{build_image, hello_image};
+pub use revboot_testkit::{build_image, hello_image, hostile_image};
 
 /// The sandbox probe image.
 pub fn probe_image() -> PathBuf {

@@ -106,8 +106,9 @@ async fn a_gatekeeper_reaches_its_granted_upstream_and_the_grant_ends_with_it() 
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next())
         .expect("the gatekeeper names its granted socket");
-    // Inside, the scratch directory is the root; outside, the socket is in it.
-    assert_eq!(granted, "/upstream-0.sock", "{console}");
+    // Inside, the scratch directory is bound read-only at /upstream; outside, the socket is
+    // in it.
+    assert_eq!(granted, "/upstream/upstream-0.sock", "{console}");
     let socket = std::fs::read_dir(world.dir.path().join("state/scratch"))
         .expect("scratch directories")
         .map(|entry| entry.expect("entry").path().join("upstream-0.sock"))

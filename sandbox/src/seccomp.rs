@@ -1,26 +1,42 @@
-//! The seccomp filter of process-tender instances: a deny-list.
+//! The seccomp filter of sandboxed code: a deny-list.
 //!
-//! An image is an ordinary static program (libc, threads, sockets, files), so the filter
-//! allows everything except the system calls that reach beyond the instance: the kernel
-//! (modules, kexec, reboot, bpf, perf, keyrings, swap, clocks), other processes (ptrace,
-//! process_vm_*), the sandbox itself (mount, pivot_root, chroot, unshare, setns, namespaced
-//! clones, io_uring which bypasses seccomp for its operations).
+//! An image is an ordinary static program (libc, threads, sockets, files, `fork`), and a
+//! build runs compilers and shells, so the filter allows every call except those that reach
+//! beyond the sandbox. solo5-spt allows seven calls because its guests are unikernels
+//! linked against solo5; revboot runs ordinary Linux programs, so it names what it refuses
+//! instead, and relies on the other layers (no capabilities, an unprivileged uid, empty
+//! namespaces, a tmpfs root) for the rest:
 //!
-//! 1. Filter one answers `EPERM` to the deny-list and to `clone` with any `CLONE_NEW*` flag.
+//! - the kernel: modules, kexec, reboot, bpf, `perf_event_open`, keyrings (`keyctl`,
+//!   `add_key`, `request_key`), swap, clocks, `syslog`, `acct`, quotas, `iopl`/`ioperm`;
+//! - other processes: `ptrace`, `process_vm_*`, `kcmp`, `pidfd_getfd`;
+//! - the sandbox itself: every mount call, `pivot_root`, `chroot`, `unshare`, `setns`,
+//!   namespaced `clone`, `userfaultfd` (a tool for kernel races), `open_by_handle_at`
+//!   (opens files by inode, around the mount tree), io_uring (its operations bypass
+//!   seccomp), `personality`, host names;
+//! - device nodes: `mknod`/`mknodat` of a character or block device (FIFOs and sockets
+//!   stay allowed; an unprivileged uid could not make a device anyway, and `nodev` mounts
+//!   would not open one: three layers).
+//!
+//! 1. Filter one answers `EPERM` to the deny-list, to `clone` with any `CLONE_NEW*` flag and
+//!    to `mknod`/`mknodat` of a device.
 //! 2. Filter two answers `ENOSYS` to `clone3` (its flags live in memory, where seccomp cannot
 //!    look), so that libc falls back to `clone`, which filter one checks.
-//! 3. `socket(AF_INET…)` stays allowed: the instance serves on its inherited socket and may
+//! 3. `socket(AF_INET…)` stays allowed: an instance serves on its inherited socket and may
 //!    make sockets, but its network namespace is empty (loopback down, no routes) and
-//!    landlock forbids TCP `connect`/`bind`, so nothing leaves.
+//!    landlock forbids TCP `connect`/`bind`, so nothing leaves; raw and packet sockets need
+//!    `CAP_NET_RAW`, which no sandbox has.
 //!
-//! Both filters are compiled once, in the deployer, and installed in the child right before
-//! `execve`. Limit: the x32 syscall ABI is not filtered separately (most kernels have it off).
+//! Both filters are compiled once and installed in the child right before `execve`, after
+//! every step that needs a refused call. Limit: the x32 syscall ABI is not filtered
+//! separately (most kernels have it off).
 
 use std::collections::BTreeMap;
 
+pub use seccompiler::BpfProgram;
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
+    SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+    TargetArch,
 };
 
 /// System calls that always get `EPERM`.
@@ -78,6 +94,8 @@ const DENIED: &[i64] = &[
     libc::SYS_io_uring_setup,
     libc::SYS_io_uring_enter,
     libc::SYS_io_uring_register,
+    libc::SYS_fanotify_mark,
+    libc::SYS_quotactl_fd,
 ];
 
 /// Namespace flags a `clone` may not carry.
@@ -125,6 +143,22 @@ pub fn compile() -> Result<Filters, FilterError> {
         })
         .collect::<Result<Vec<_>, _>>()?;
     rules.insert(libc::SYS_clone, clone_rules);
+    // mknod(path, mode, dev) and mknodat(dirfd, path, mode, dev): the mode's file type.
+    for (syscall, mode_arg) in [(libc::SYS_mknod, 1), (libc::SYS_mknodat, 2)] {
+        let devices = [libc::S_IFCHR, libc::S_IFBLK]
+            .iter()
+            .map(|&kind| {
+                SeccompCondition::new(
+                    mode_arg,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::MaskedEq(u64::from(libc::S_IFMT)),
+                    u64::from(kind),
+                )
+                .and_then(|condition| SeccompRule::new(vec![condition]))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        rules.insert(syscall, devices);
+    }
     let deny = SeccompFilter::new(
         rules,
         SeccompAction::Allow,

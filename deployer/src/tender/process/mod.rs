@@ -1,0 +1,726 @@
+//! The process tender: a static ELF run as a sandboxed process, solo5-spt style.
+//!
+//! Start-up of one instance:
+//!
+//! 1. `prepare`: bind the listening socket on the service address (manifest port, or an
+//!    ephemeral one behind the proxy) with a deep backlog; from here on the kernel completes
+//!    handshakes and queues them.
+//! 2. On the spawner thread (one long-lived thread, so that `PR_SET_PDEATHSIG` means "the
+//!    daemon died"): lease the instance's uid, take its cgroups (made ahead, a few spare)
+//!    and write their limits, build the landlock ruleset, open the pipes; everything the
+//!    child needs is allocated here (the `spawn` module).
+//! 3. `clone` with new pid and cgroup namespaces and a pidfd, the posix_spawn way
+//!    (`CLONE_VM | CLONE_VFORK`: no page tables copied, the spawner sleeps until the exec):
+//!    the child is pid 1 of its own pid namespace. Between clone and exec it only makes
+//!    system calls, in the order [`revboot_sandbox`] gives: reset the signal handlers, join
+//!    the cgroups, enter net, ipc, uts and mount namespaces made ahead of time with the
+//!    root's shared part assembled (the `namespaces` module; or make them and assemble it), give
+//!    the root to its uid, bind its upstream grants and mount its `/proc`, make the tmpfs
+//!    its root (`pivot_root`: nothing of the host's tree stays visible, so not even a
+//!    pathname unix socket outside it can be reached), set rlimits, move stdin
+//!    (`/dev/null`), stdout+stderr (console pipe) and the socket (fd 3) into place, become
+//!    its uid with no capability, set the parent-death signal and no-new-privileges,
+//!    restrict itself with landlock, mark every other fd close-on-exec, install the
+//!    seccomp filters, and `execveat` the image (through the fd the landlock rule names, so
+//!    a replaced cache file cannot swap the binary) with a clean environment
+//!    (`LISTEN_FDS=1`, `LISTEN_PID=1`, `REVBOOT_*`, the manifest's `env`).
+//! 4. A failing step writes `(step, detail, errno)` to a close-on-exec pipe and exits 127.
+//!    The vfork clone returns only once the exec is past its point of no return or the
+//!    child has exited, so the parent reads the pipe once, without waiting: empty means the
+//!    image is executing.
+//! 5. A watcher waits on the pidfd, reaps with `waitid(P_PIDFD)` (the kernel has then
+//!    killed every other process of the pid namespace), reads the OOM counter, waits
+//!    (bounded) for the console to drain, removes the cgroups, gives the uid back, then
+//!    reports the exit.
+//!
+//! Stop: the image is pid 1 of its namespace, and the kernel drops a signal pid 1 has no
+//! handler for. A stop therefore sends `SIGTERM` only to an image that catches it
+//! (`SigCgt` in its `/proc` status) and `SIGKILL` to one that does not — what `SIGTERM`'s
+//! default action would have done to any other process.
+
+use std::fs::File;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use revboot_sandbox::cgroup::{Cgroups, Controller, InstanceGroups, Limits};
+use revboot_sandbox::root::{Layout, Quota};
+use revboot_sandbox::seccomp;
+use revboot_sandbox::uids::{Lease, UidPool};
+use revboot_store::manifest::TenderKind;
+use socket2::{Domain, Socket, Type};
+use tokio::io::AsyncReadExt;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{oneshot, watch};
+use tracing::{debug, warn};
+
+use super::admit;
+use super::{
+    BootError, BootSpec, BoxFuture, ExitReport, ExitStatus, Footprint, Prepared, Running, Tender,
+};
+use crate::config::{BackendPort, SandboxConfig};
+use crate::console::Console;
+use crate::upstream::Grants;
+
+mod namespaces;
+mod spawn;
+
+use namespaces::NamespacePool;
+use spawn::{Launch, Spawner, fd_above, reap_blocking, send_signal};
+
+/// Pending spawns queued for the spawner thread.
+const SPAWN_QUEUE: usize = 256;
+/// Listen backlog of an instance socket (the kernel caps it at `somaxconn`).
+const BACKLOG: i32 = 4096;
+/// How long an exit waits for the console to drain.
+const CONSOLE_DRAIN: Duration = Duration::from_millis(500);
+
+/// The process tender.
+#[derive(Debug)]
+pub struct ProcessTender {
+    shared: Arc<Shared>,
+    jobs: std::sync::mpsc::SyncSender<Job>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    cgroups: Option<Cgroups>,
+    spawner: Spawner,
+    uids: UidPool,
+    runtime: tokio::runtime::Handle,
+    /// Cgroups made ahead of time (between spawns), at most [`SPARE_CGROUPS`].
+    spare_groups: std::sync::Mutex<Vec<InstanceGroups>>,
+    spare_serial: std::sync::atomic::AtomicU64,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+/// Why the process tender could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProcessTenderError {
+    /// The seccomp filter did not compile.
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::FilterError),
+    /// The root's mount point cannot serve.
+    #[error(transparent)]
+    Layout(#[from] revboot_sandbox::root::LayoutError),
+    /// A host resource could not be opened.
+    #[error("Cannot set up the process tender: {what}")]
+    Io {
+        /// What.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl ProcessTender {
+    /// Sets the tender up: cgroup hierarchies under `revboot/<name>`, the seccomp filters,
+    /// the root's shared part (assembled on `mountpoint`, an empty directory, inside each
+    /// instance's own mount namespace), the namespace pool, the spawner thread.
+    pub fn new(
+        name: &str,
+        sandbox: SandboxConfig,
+        mountpoint: &Path,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<ProcessTender, ProcessTenderError> {
+        spawn::raise_nofile();
+        let cgroups = match Cgroups::detect(name) {
+            Ok(cgroups) => Some(cgroups),
+            Err(error) => {
+                warn!(%error, "cgroups unusable: instances run WITHOUT memory, pids and cpu limits");
+                None
+            }
+        };
+        let io = |what| move |source| ProcessTenderError::Io { what, source };
+        std::fs::create_dir_all(mountpoint).map_err(io("the root's mount point"))?;
+        let mountpoint = std::path::absolute(mountpoint).map_err(io("the root's mount point"))?;
+        let devnull = File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .map_err(io("/dev/null"))?;
+        let devnull = fd_above(devnull.into()).map_err(io("/dev/null"))?;
+        let mut base = Layout::new(
+            &mountpoint,
+            Quota {
+                bytes: sandbox.scratch_mib * 1024 * 1024,
+                inodes: sandbox.scratch_inodes,
+                exec: false,
+            },
+        )?
+        .devices()?;
+        if sandbox.mount_proc {
+            base = base.dir(Path::new("/proc"))?;
+        }
+        let base = Arc::new(base);
+        let spawner = Spawner {
+            filters: seccomp::compile()?,
+            mountpoint: std::ffi::CString::new(mountpoint.as_os_str().as_bytes()).map_err(
+                |_| revboot_sandbox::root::LayoutError {
+                    path: mountpoint.clone(),
+                    why: "it contains a NUL byte",
+                },
+            )?,
+            namespaces: NamespacePool::start(Arc::clone(&base)),
+            base,
+            devnull,
+            last_cap: revboot_sandbox::creds::Identity::new(0).last_cap,
+            sandbox: sandbox.clone(),
+        };
+        let shared = Arc::new(Shared {
+            cgroups,
+            spawner,
+            uids: UidPool::new(sandbox.uids),
+            runtime,
+            spare_groups: std::sync::Mutex::new(Vec::new()),
+            spare_serial: std::sync::atomic::AtomicU64::new(0),
+            closed: std::sync::atomic::AtomicBool::new(false),
+        });
+        let (jobs, queue) = std::sync::mpsc::sync_channel::<Job>(SPAWN_QUEUE);
+        let worker = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("revboot-spawner".into())
+            .spawn(move || {
+                loop {
+                    // Spare cgroups are made when no spawn came for a while, so that making
+                    // them never competes with an instance that is starting.
+                    let job = if worker.spares_low() {
+                        match queue.recv_timeout(SPARE_QUIET) {
+                            Ok(job) => job,
+                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                                worker.make_spare_group();
+                                continue;
+                            }
+                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                        }
+                    } else {
+                        match queue.recv() {
+                            Ok(job) => job,
+                            Err(_) => break,
+                        }
+                    };
+                    let result = worker.spawn(&job);
+                    if let Err(Ok(orphan)) = job.reply.send(result) {
+                        // The boot was abandoned (timed out) while spawning: end it here.
+                        warn!(
+                            id = job.spec.id,
+                            "boot abandoned during spawn: killing the instance"
+                        );
+                        orphan.kill();
+                    }
+                }
+                worker.remove_spare_groups();
+            })
+            .map_err(io("spawner thread"))?;
+        Ok(ProcessTender { shared, jobs })
+    }
+
+    /// The cgroup layout in use (`v1`, `v2`, `hybrid`, `none`).
+    pub fn cgroup_layout(&self) -> &'static str {
+        self.shared.cgroups.as_ref().map_or("none", Cgroups::layout)
+    }
+}
+
+impl Tender for ProcessTender {
+    fn kind(&self) -> TenderKind {
+        TenderKind::Process
+    }
+
+    fn prepare(&self, spec: BootSpec) -> Result<Box<dyn Prepared>, BootError> {
+        let port = match spec.backend_port {
+            BackendPort::Same => spec.run.port,
+            BackendPort::Ephemeral => 0,
+        };
+        let address = SocketAddr::new(spec.address, port);
+        // A per-client instance's socket takes connections only from its service address
+        // (the proxy, the probes) and from its client at the service port (with no proxy in
+        // front, or steered there by the deployer; see `admit`).
+        let v4 = |ip: IpAddr| match ip.to_canonical() {
+            IpAddr::V4(ip) => Some(ip),
+            IpAddr::V6(_) => None,
+        };
+        let admitted = spec.client.map(|client| {
+            (
+                v4(spec.address).into_iter().collect::<Vec<_>>(),
+                v4(client).map(|client| (client, spec.run.port)),
+            )
+        });
+        let bind = || -> io::Result<(Socket, SocketAddr)> {
+            let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
+            // Also on an ephemeral port: connections the kernel steers here from the service
+            // port inherit this flag and linger on that port in TIME_WAIT; without it there,
+            // the proxy could not bind the service address again.
+            socket.set_reuse_address(true)?;
+            socket.bind(&address.into())?;
+            if let Some((sources, client)) = &admitted {
+                admit::admit_only(&socket, sources, *client)?;
+            }
+            socket.listen(BACKLOG)?;
+            // Only an ephemeral port needs asking for (a syscall on the summon path).
+            if port != 0 {
+                return Ok((socket, address));
+            }
+            let local = socket
+                .local_addr()?
+                .as_socket()
+                .ok_or_else(|| io::Error::other("not an inet socket"))?;
+            Ok((socket, local))
+        };
+        let (listener, backend) = bind().map_err(|source| BootError::Bind { address, source })?;
+        Ok(Box::new(ProcessPrepared {
+            spec,
+            listener,
+            backend,
+            shared: Arc::clone(&self.shared),
+            jobs: self.jobs.clone(),
+        }))
+    }
+
+    fn shutdown(&self) {
+        self.shared.remove_spare_groups();
+    }
+
+    fn sweep_orphans(&self) {
+        if let Some(cgroups) = &self.shared.cgroups {
+            let removed = cgroups.sweep();
+            if removed > 0 {
+                warn!(removed, "removed orphaned instance cgroups");
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ProcessPrepared {
+    spec: BootSpec,
+    listener: Socket,
+    backend: SocketAddr,
+    shared: Arc<Shared>,
+    jobs: std::sync::mpsc::SyncSender<Job>,
+}
+
+#[derive(Debug)]
+struct Job {
+    spec: BootSpec,
+    image: PathBuf,
+    listener: OwnedFd,
+    reply: oneshot::Sender<Result<Spawned, BootError>>,
+}
+
+#[derive(Debug)]
+struct Spawned {
+    pid: u32,
+    pid_start: Option<u64>,
+    pidfd: OwnedFd,
+    console: OwnedFd,
+    groups: Option<InstanceGroups>,
+    /// The instance's uid, leased until every process of it is gone.
+    uid: Lease,
+}
+
+impl Prepared for ProcessPrepared {
+    fn backend(&self) -> SocketAddr {
+        self.backend
+    }
+
+    fn boot(
+        self: Box<Self>,
+        image: PathBuf,
+    ) -> BoxFuture<'static, Result<Box<dyn Running>, BootError>> {
+        Box::pin(async move {
+            let ProcessPrepared {
+                spec,
+                listener,
+                backend,
+                shared,
+                jobs,
+            } = *self;
+            let setup = |what: &str| {
+                let what = what.to_owned();
+                move |source| BootError::Setup { what, source }
+            };
+            super::make_scratch(&spec)?;
+            let listener_fd = fd_above(listener.into()).map_err(setup("listening socket"))?;
+            let console_bytes = spec.console_bytes;
+            // The only way out of the empty network namespace; revoked when dropped.
+            let upstreams = Grants::open(&spec.scratch, &spec.run.upstreams).map_err(|error| {
+                BootError::Setup {
+                    what: "upstream grants".into(),
+                    source: error.into_io(),
+                }
+            })?;
+            let (reply, result) = oneshot::channel();
+            let gone = || BootError::Setup {
+                what: "spawn queue".into(),
+                source: io::Error::other("spawner thread gone"),
+            };
+            let job = Job {
+                spec,
+                image,
+                listener: listener_fd,
+                reply,
+            };
+            match jobs.try_send(job) {
+                Ok(()) => {}
+                // A full queue: wait for room on a blocking thread; the boot timeout bounds
+                // the wait.
+                Err(std::sync::mpsc::TrySendError::Full(job)) => {
+                    tokio::task::spawn_blocking(move || jobs.send(job).map_err(drop))
+                        .await
+                        .map_err(|_| gone())?
+                        .map_err(|_| gone())?;
+                }
+                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return Err(gone()),
+            }
+            let spawned = result.await.map_err(|_| BootError::Setup {
+                what: "spawner thread".into(),
+                source: io::Error::other("spawner thread gone"),
+            })??;
+            let console = Console::new(console_bytes);
+            let footprint = Footprint {
+                pid: Some(spawned.pid),
+                pid_start: spawned.pid_start,
+                cgroups: spawned
+                    .groups
+                    .as_ref()
+                    .map(InstanceGroups::dirs)
+                    .unwrap_or_default(),
+            };
+            let pidfd = Arc::new(spawned.pidfd);
+            let (exit_tx, exit) = watch::channel(None);
+            let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(spawned.console)
+                .map_err(setup("console pipe"))?;
+            let watched = pidfd.try_clone().map_err(setup("pidfd"))?;
+            // SAFETY: the AsyncFd owns `watched`, so the fd stays open while registered.
+            let waiter =
+                unsafe { AsyncFd::register_with_interest(watched, tokio::io::Interest::READABLE) }
+                    .map_err(|error| BootError::Setup {
+                        what: "pidfd".into(),
+                        source: io::Error::other(error.to_string()),
+                    })?;
+            let drain = shared.runtime.spawn(read_console(reader, console.clone()));
+            shared.runtime.spawn(watch_exit(
+                waiter,
+                (spawned.groups, spawned.uid),
+                console.clone(),
+                drain,
+                exit_tx,
+            ));
+            Ok(Box::new(ProcessRunning {
+                backend,
+                console,
+                footprint,
+                pidfd,
+                exit,
+                _upstreams: upstreams,
+            }) as Box<dyn Running>)
+        })
+    }
+}
+
+async fn read_console(mut reader: tokio::net::unix::pipe::Receiver, console: Console) {
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        match reader.read(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(read) => console.push(&buffer[..read]),
+        }
+    }
+    console.close();
+}
+
+async fn watch_exit(
+    pidfd: AsyncFd<OwnedFd>,
+    (groups, uid): (Option<InstanceGroups>, Lease),
+    console: Console,
+    drain: tokio::task::JoinHandle<()>,
+    exit: watch::Sender<Option<ExitReport>>,
+) {
+    let status = loop {
+        let Ok(mut guard) = pidfd.readable().await else {
+            break ExitStatus::Unknown;
+        };
+        match spawn::reap(pidfd.get_ref().as_raw_fd()) {
+            Ok(Some((code, status))) => {
+                break match code {
+                    libc::CLD_EXITED => ExitStatus::Code(status),
+                    libc::CLD_KILLED | libc::CLD_DUMPED => ExitStatus::Signal(status),
+                    _ => ExitStatus::Unknown,
+                };
+            }
+            Ok(None) => guard.clear_ready(),
+            Err(error) => {
+                warn!(%error, "cannot reap instance");
+                break ExitStatus::Unknown;
+            }
+        }
+    };
+    let oom_killed = groups.as_ref().is_some_and(InstanceGroups::oom_killed);
+    if !console.closed(CONSOLE_DRAIN).await {
+        drain.abort();
+        console.close();
+    }
+    if let Some(groups) = groups {
+        let _ = tokio::task::spawn_blocking(move || groups.remove()).await;
+    }
+    // pid 1 is reaped, so the kernel has ended every other process of the namespace.
+    drop(uid);
+    let report = ExitReport { status, oom_killed };
+    debug!(%report, "instance exited");
+    let _ = exit.send(Some(report));
+}
+
+#[derive(Debug)]
+struct ProcessRunning {
+    backend: SocketAddr,
+    console: Console,
+    footprint: Footprint,
+    pidfd: Arc<OwnedFd>,
+    exit: watch::Receiver<Option<ExitReport>>,
+    /// The upstream grants, revoked when the instance is dropped.
+    _upstreams: Grants,
+}
+
+impl ProcessRunning {
+    fn signal(&self, signal: libc::c_int) {
+        send_signal(self.pidfd.as_raw_fd(), signal);
+    }
+}
+
+/// True if process `pid` has a handler for `SIGTERM` (`SigCgt` in its status). Unknown
+/// (the process is gone or unreadable) counts as true, so a stop stays graceful.
+fn catches_sigterm(pid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return true;
+    };
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_none_or(|mask| mask & (1 << (libc::SIGTERM - 1)) != 0)
+}
+
+impl Running for ProcessRunning {
+    fn backend(&self) -> SocketAddr {
+        self.backend
+    }
+
+    fn console(&self) -> &Console {
+        &self.console
+    }
+
+    fn footprint(&self) -> Footprint {
+        self.footprint.clone()
+    }
+
+    /// `SIGTERM` if the image handles it; pid 1 of a namespace ignores it otherwise, so
+    /// `SIGKILL`, which is what `SIGTERM` would have done (module doc).
+    fn stop(&self) {
+        let graceful = self.footprint.pid.is_none_or(catches_sigterm);
+        self.signal(if graceful {
+            libc::SIGTERM
+        } else {
+            libc::SIGKILL
+        });
+    }
+
+    fn kill(&self) {
+        self.signal(libc::SIGKILL);
+    }
+
+    fn exit(&self) -> watch::Receiver<Option<ExitReport>> {
+        self.exit.clone()
+    }
+
+    /// Descriptor 3, where the instance got its socket, unless it moved it.
+    fn listener(&self) -> io::Result<OwnedFd> {
+        crate::steer::listener_at(self.pidfd.as_fd(), 3, self.backend).or_else(|_| {
+            let pid = self
+                .footprint
+                .pid
+                .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+            crate::steer::listener_of(pid, self.backend)
+        })
+    }
+}
+
+/// Spare cgroups kept ready.
+const SPARE_CGROUPS: usize = 8;
+/// How long without a spawn before spare cgroups are made.
+const SPARE_QUIET: Duration = Duration::from_millis(20);
+
+impl Shared {
+    /// True if spare cgroups should be made.
+    fn spares_low(&self) -> bool {
+        self.cgroups.is_some()
+            && !self.closed.load(std::sync::atomic::Ordering::Acquire)
+            && self
+                .spare_groups
+                .lock()
+                .expect("spare lock is never poisoned")
+                .len()
+                < SPARE_CGROUPS
+    }
+
+    /// Makes one spare cgroup set if fewer than [`SPARE_CGROUPS`] are ready; false if none
+    /// was needed (or none can be made).
+    fn make_spare_group(&self) -> bool {
+        let Some(cgroups) = &self.cgroups else {
+            return false;
+        };
+        if self.closed.load(std::sync::atomic::Ordering::Acquire)
+            || self
+                .spare_groups
+                .lock()
+                .expect("spare lock is never poisoned")
+                .len()
+                >= SPARE_CGROUPS
+        {
+            return false;
+        }
+        let serial = self
+            .spare_serial
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("spare-{}-{serial}", std::process::id());
+        match cgroups.create(&name) {
+            Ok(groups) => {
+                let mut spare = self
+                    .spare_groups
+                    .lock()
+                    .expect("spare lock is never poisoned");
+                if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+                    drop(spare);
+                    groups.remove();
+                    return false;
+                }
+                spare.push(groups);
+                true
+            }
+            Err(error) => {
+                debug!(%error, "cannot make a spare cgroup");
+                false
+            }
+        }
+    }
+
+    /// Removes the spare cgroups and makes no more.
+    fn remove_spare_groups(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        let spare = std::mem::take(
+            &mut *self
+                .spare_groups
+                .lock()
+                .expect("spare lock is never poisoned"),
+        );
+        for groups in spare {
+            groups.remove();
+        }
+    }
+
+    /// Runs on the spawner thread.
+    fn spawn(&self, job: &Job) -> Result<Spawned, BootError> {
+        let spec = &job.spec;
+        let setup = |what: &str| {
+            let what = what.to_owned();
+            move |source| BootError::Setup { what, source }
+        };
+        let uid = self.uids.lease().ok_or_else(|| BootError::Setup {
+            what: "a uid for the instance".into(),
+            source: io::Error::other("every uid of [sandbox.uids] is in use"),
+        })?;
+        let groups = match &self.cgroups {
+            Some(cgroups) => {
+                let spare = self
+                    .spare_groups
+                    .lock()
+                    .expect("spare lock is never poisoned")
+                    .pop();
+                let groups = match spare {
+                    Some(groups) => groups,
+                    None => cgroups.create(&spec.id).map_err(setup("cgroups"))?,
+                };
+                let limits = Limits {
+                    memory_bytes: spec.run.memory_mib * 1024 * 1024,
+                    pids: spec.run.pids,
+                    cpu_percent: spec.run.cpu_percent,
+                };
+                if let Err(error) = groups.limit(limits) {
+                    groups.remove();
+                    return Err(BootError::Setup {
+                        what: "cgroup limits".into(),
+                        source: error,
+                    });
+                }
+                Some(groups)
+            }
+            None => None,
+        };
+        let launch = Launch {
+            spec,
+            image: &job.image,
+            listener: job.listener.as_raw_fd(),
+            cgroup_procs: groups
+                .as_ref()
+                .map(|g| g.procs.iter().map(AsRawFd::as_raw_fd).collect())
+                .unwrap_or_default(),
+            memory_enforced: self
+                .cgroups
+                .as_ref()
+                .is_some_and(|c| c.has(Controller::Memory)),
+            uid: uid.uid(),
+        };
+        match self.spawner.spawn(launch) {
+            Ok(started) => Ok(Spawned {
+                pid: started.pid,
+                pid_start: started.pid_start,
+                pidfd: started.pidfd,
+                console: started.console,
+                groups,
+                uid,
+            }),
+            Err(error) => {
+                if let Some(groups) = groups {
+                    groups.remove();
+                }
+                Err(error)
+            }
+        }
+    }
+}
+
+impl Spawned {
+    /// Kills and reaps an instance nobody will tend, and removes its cgroups.
+    fn kill(self) {
+        send_signal(self.pidfd.as_raw_fd(), libc::SIGKILL);
+        let _ = reap_blocking(self.pidfd.as_raw_fd());
+        if let Some(groups) = self.groups {
+            groups.remove();
+        }
+    }
+}
+
+/// The start time of a process (`/proc/<pid>/stat` field 22).
+pub fn pid_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_own_start_time() {
+        let start = pid_start_time(std::process::id()).expect("own stat");
+        assert!(start > 0);
+        assert_eq!(pid_start_time(u32::MAX), None);
+    }
+}
