@@ -138,7 +138,8 @@ impl Engine {
         }
     }
 
-    /// Works out the answer to `query` (`lowercase`: its lowercased name) from `source`.
+    /// Works out the answer to `query` (`lowercase`: its lowercased name) from `source`; a
+    /// query of EDNS version above 0 has had its [`bad_version`](Self::bad_version) answer.
     pub fn work(
         &self,
         query: &Query<'_>,
@@ -173,13 +174,6 @@ impl Engine {
             per_client: false,
             wait: None,
         };
-        if query.edns.is_some_and(|e| e.version > 0) {
-            let reply = Reply {
-                rcode: u16::from(ResponseCode::BADVERS),
-                ..Reply::default()
-            };
-            return plain(reply, None);
-        }
         let qtype = RecordType::from(query.qtype);
         match qtype {
             RecordType::OPT => return plain(rcode(ResponseCode::FormErr), None),
@@ -288,6 +282,16 @@ impl Engine {
             per_client: resolved.per_client,
             wait,
         }
+    }
+
+    /// BADVERS, with an OPT record of version 0 (RFC 6891 §6.1.3), if `query` asks for an EDNS
+    /// version above 0. The server asks this before its cache and [`work`](Self::work): no
+    /// answer, cached or not, goes to a version this server does not speak.
+    pub fn bad_version(&self, query: &Query<'_>, lowercase: &[u8]) -> Option<Rendered> {
+        query
+            .edns
+            .is_some_and(|e| e.version > 0)
+            .then(|| self.render(query, lowercase, rcode(ResponseCode::BADVERS)))
     }
 
     /// The answer when a delayed instance did not become ready in time.

@@ -2,6 +2,7 @@
 //!
 //! 1. Key: the query's EDNS presence and DO bit, type, class and lowercased name, plus the
 //!    client scope: none for shared answers, the client address for per-client instances.
+//!    Not the EDNS version: a query of a version above 0 gets BADVERS before any lookup.
 //! 2. Value: the rendered response (question lowercased; the question as sent is patched in
 //!    on the way out) and, for instance answers, the instance and a watch of its state.
 //! 3. Valid while [`Instances::generation`](revboot_deployer::Instances::generation) does not

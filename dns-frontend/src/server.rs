@@ -9,9 +9,9 @@
 //! 2. TCP: at most `max_tcp_connections` connections, each answered one message at a time,
 //!    closed after `tcp_idle_timeout` without a complete message.
 //! 3. One packet: parse (ignore / FORMERR / NOTIMP) → response-rate limit (UDP only) →
-//!    answer cache (valid for one deployer generation) → the engine (resolve, summon) → the
-//!    response, truncated with TC over UDP if it exceeds the requestor's payload size
-//!    (512 without EDNS, at most 1232).
+//!    BADVERS for an EDNS version above 0 → answer cache (valid for one deployer
+//!    generation) → the engine (resolve, summon) → the response, truncated with TC over UDP
+//!    if it exceeds the requestor's payload size (512 without EDNS, at most 1232).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -459,6 +459,11 @@ impl Shared {
         }
         s.lowercase.clear();
         wire::push_lowercase(query.qname(), &mut s.lowercase);
+        // Before the cache, whose keys do not hold the EDNS version.
+        if let Some(rendered) = self.engine.bad_version(&query, &s.lowercase) {
+            self.emit(&rendered, &query, transport, &mut s.out);
+            return Step::Send;
+        }
         let generation = self.generation();
         self.cache.sync(generation);
         let subnet_query =

@@ -266,6 +266,37 @@ async fn edns_is_echoed_only_when_asked_and_bad_versions_get_badvers() {
 }
 
 #[tokio::test]
+async fn bad_edns_versions_get_badvers_when_the_name_is_cached_too() {
+    let fake = Arc::new(fake(16, Boot::Instant));
+    let server = start(config(), fake).await;
+    let udp = udp_client(server.local_addr()).await;
+    let tcp = tcp_client(server.local_addr()).await;
+    // An instance's address (written straight to the wire) and a negative answer.
+    for (qname, rcode) in [
+        ("hello.revboot.test.", ResponseCode::NoError),
+        ("nope.revboot.test.", ResponseCode::NXDomain),
+    ] {
+        let v0 = send(&udp, query(qname, RecordType::A, true)).await;
+        assert_eq!(v0.response_code, rcode, "{qname}: EDNS 0 is answered");
+        for client in [&udp, &tcp, &udp] {
+            let mut v1 = query(qname, RecordType::A, true);
+            if let Some(edns) = v1.edns.as_mut() {
+                edns.set_version(1);
+            }
+            let r = send(client, v1).await;
+            // Extended rcode 16 (BADVERS; hickory reads 16 as BADSIG, its TSIG twin).
+            assert_eq!(u16::from(r.response_code), 16, "{qname}: {r:?}");
+            assert_eq!(r.edns.as_ref().map(|e| e.version()), Some(0), "{qname}");
+            assert!(r.answers.is_empty(), "{qname}: no cached answer: {r:?}");
+        }
+        let again = send(&tcp, query(qname, RecordType::A, true)).await;
+        assert_eq!(again.response_code, rcode, "{qname}: EDNS 0 still answered");
+    }
+    assert!(server.metrics().cache_hits >= 2, "{:?}", server.metrics());
+    server.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
 async fn malformed_and_unimplemented_queries() {
     let fake = Arc::new(fake(16, Boot::Instant));
     let server = start(config(), fake).await;
