@@ -95,9 +95,11 @@ impl PrefixLimiter {
     }
 }
 
-/// `address` masked to its first `v4`/`v6` bits, tagged by family.
+/// `address` masked to its first `v4`/`v6` bits, tagged by family. An IPv4-mapped IPv6
+/// address (a client of a dual-stack `[::]` listener) counts as the IPv4 address it maps:
+/// taken as IPv6, every IPv4 client would be in one prefix.
 pub(crate) fn prefix_of(address: IpAddr, v4: u8, v6: u8) -> u128 {
-    match address {
+    match address.to_canonical() {
         IpAddr::V4(ip) => {
             let bits = u32::from(ip);
             let masked = if v4 == 0 {
@@ -157,5 +159,15 @@ mod tests {
         let v6 = |s: &str| prefix_of(s.parse().expect("ipv6"), 24, 56);
         assert_eq!(v6("2001:db8:0:1::1"), v6("2001:db8:0:1:ffff::1"));
         assert_ne!(v6("2001:db8:0:100::1"), v6("2001:db8:0:200::1"));
+    }
+
+    #[test]
+    fn ipv4_mapped_clients_of_a_dual_stack_listener_are_not_all_one_prefix() {
+        let mapped = |s: &str| prefix_of(s.parse().expect("ipv6"), 24, 56);
+        assert_ne!(mapped("::ffff:127.0.1.2"), mapped("::ffff:127.0.2.2"));
+        assert_eq!(
+            mapped("::ffff:127.0.0.2"),
+            prefix_of(IpAddr::from([127, 0, 0, 3]), 24, 56)
+        );
     }
 }
