@@ -11,6 +11,10 @@ pub const DEFAULT_ZONE: &str = "revboot.test";
 pub const DEFAULT_TTL: Duration = Duration::from_secs(1);
 /// The default negative TTL (the SOA minimum, RFC 2308).
 pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(5);
+/// The default bound on open TCP connections.
+pub const DEFAULT_MAX_TCP_CONNECTIONS: usize = 128;
+/// The default bound on open TCP connections from one client prefix.
+pub const DEFAULT_MAX_TCP_PER_PREFIX: usize = 16;
 
 /// How a [`DnsServer`](crate::DnsServer) is configured.
 #[derive(Debug, Clone)]
@@ -78,9 +82,15 @@ pub struct Limits {
     pub udp_workers: usize,
     /// Delayed answers waiting for an instance at once; a query past it is dropped.
     pub max_delayed: usize,
-    /// TCP connections at once; a connection past it is closed at once.
+    /// TCP connections at once. A newcomer past it closes the connection idle longest (one
+    /// with no query in progress); it is closed itself only when every connection is busy.
     pub max_tcp_connections: usize,
-    /// A TCP connection idle (or slow to send a message) this long is closed.
+    /// TCP connections at once from one client prefix (`v4_prefix`, `v6_prefix`; at most
+    /// `max_tcp_connections`). A newcomer past it closes its prefix's connection idle
+    /// longest; it is closed itself only when all of them are busy.
+    pub max_tcp_per_prefix: usize,
+    /// A TCP connection idle (or slow to send a message) this long is closed (RFC 7766
+    /// §6.2.3 recommends an idle timeout on the order of seconds).
     pub tcp_idle_timeout: Duration,
     /// Responses per second per client prefix over UDP (0: no limit).
     pub rrl_per_second: u32,
@@ -89,9 +99,11 @@ pub struct Limits {
     /// Of the responses over the limit, every `rrl_slip`-th is sent truncated (so a real
     /// client retries over TCP) instead of dropped (0: drop all).
     pub rrl_slip: u32,
-    /// IPv4 prefix length that counts as one client for rate limits.
+    /// IPv4 prefix length that counts as one client for rate limits and TCP connections
+    /// (default /24).
     pub v4_prefix: u8,
-    /// IPv6 prefix length that counts as one client for rate limits.
+    /// IPv6 prefix length that counts as one client for rate limits and TCP connections
+    /// (default /56, what one customer is commonly given, RIPE-690).
     pub v6_prefix: u8,
     /// Summons (potential boots) per second per client prefix (0: no limit).
     pub boots_per_second: u32,
@@ -110,7 +122,8 @@ impl Default for Limits {
         Limits {
             udp_workers: 0,
             max_delayed: 256,
-            max_tcp_connections: 128,
+            max_tcp_connections: DEFAULT_MAX_TCP_CONNECTIONS,
+            max_tcp_per_prefix: DEFAULT_MAX_TCP_PER_PREFIX,
             tcp_idle_timeout: Duration::from_secs(10),
             rrl_per_second: 1000,
             rrl_burst: 2000,
@@ -206,6 +219,9 @@ impl DnsConfig {
         if l.max_tcp_connections == 0 {
             return Err(range("limits.max_tcp_connections", "must be at least 1"));
         }
+        if l.max_tcp_per_prefix == 0 {
+            return Err(range("limits.max_tcp_per_prefix", "must be at least 1"));
+        }
         if l.tcp_idle_timeout.is_zero() {
             return Err(range("limits.tcp_idle_timeout", "must be positive"));
         }
@@ -300,5 +316,11 @@ mod tests {
         config.limits.max_tcp_connections = 0;
         let error = config.check(bound()).expect_err("zero connections");
         assert!(error.to_string().contains("max_tcp_connections"), "{error}");
+        let mut config = DnsConfig::default();
+        config.limits.max_tcp_per_prefix = 0;
+        let error = config
+            .check(bound())
+            .expect_err("zero connections per prefix");
+        assert!(error.to_string().contains("max_tcp_per_prefix"), "{error}");
     }
 }

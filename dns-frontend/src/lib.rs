@@ -48,7 +48,9 @@
 //! # Limits
 //!
 //! Work in flight is bounded (`udp_workers` UDP worker threads, `max_delayed` delayed
-//! answers, `max_tcp_connections`); caches and rate-limit tables have fixed sizes.
+//! answers, `max_tcp_connections` in all and `max_tcp_per_prefix` per client prefix, where a
+//! newcomer closes the connection idle longest rather than being turned away, so idle
+//! connections cannot deny TCP to anyone); caches and rate-limit tables have fixed sizes.
 //! hickory-server's `Server` spawns a task per UDP packet with no bound and hands responses
 //! to a `ResponseHandler` as structured messages, which rules out both the bound and the
 //! cache of rendered answers, so this crate runs its own loops (blocking UDP reads on
@@ -84,13 +86,15 @@ mod limit;
 mod metrics;
 mod names;
 mod server;
+mod tcp;
 #[cfg(test)]
 mod testing;
 mod wire;
 
 pub use answer::EDNS_UDP_SIZE;
 pub use config::{
-    ConfigError, DEFAULT_NEGATIVE_TTL, DEFAULT_TTL, DEFAULT_ZONE, DnsConfig, Limits, Nameserver,
+    ConfigError, DEFAULT_MAX_TCP_CONNECTIONS, DEFAULT_MAX_TCP_PER_PREFIX, DEFAULT_NEGATIVE_TTL,
+    DEFAULT_TTL, DEFAULT_ZONE, DnsConfig, Limits, Nameserver,
 };
 pub use metrics::{Metrics, MetricsSnapshot};
 pub use server::{BindError, DnsServer, RunError, RunningServer, Shutdown};

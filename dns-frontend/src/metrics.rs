@@ -20,6 +20,7 @@ pub struct Metrics {
     rate_limited: AtomicU64,
     overload_dropped: AtomicU64,
     tcp_refused: AtomicU64,
+    tcp_evicted: AtomicU64,
     ignored: AtomicU64,
 }
 
@@ -55,8 +56,11 @@ pub struct MetricsSnapshot {
     pub rate_limited: u64,
     /// Queries dropped because too many were in flight.
     pub overload_dropped: u64,
-    /// TCP connections closed at once because too many were open.
+    /// TCP connections closed at once because too many were open (in all or from their
+    /// client prefix) and none of those that could make room was idle.
     pub tcp_refused: u64,
+    /// Idle TCP connections closed to make room for a new one.
+    pub tcp_evicted: u64,
     /// Packets ignored (not a query, or shorter than a header).
     pub ignored: u64,
 }
@@ -85,6 +89,7 @@ pub(crate) enum Event {
     RateLimited,
     OverloadDropped,
     TcpRefused,
+    TcpEvicted,
     Ignored,
 }
 
@@ -114,6 +119,7 @@ impl Metrics {
             Event::RateLimited => &self.rate_limited,
             Event::OverloadDropped => &self.overload_dropped,
             Event::TcpRefused => &self.tcp_refused,
+            Event::TcpEvicted => &self.tcp_evicted,
             Event::Ignored => &self.ignored,
         };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -138,6 +144,7 @@ impl Metrics {
             rate_limited: get(&self.rate_limited),
             overload_dropped: get(&self.overload_dropped),
             tcp_refused: get(&self.tcp_refused),
+            tcp_evicted: get(&self.tcp_evicted),
             ignored: get(&self.ignored),
         }
     }

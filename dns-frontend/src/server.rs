@@ -6,8 +6,10 @@
 //!    packets are being worked on (plus at most `max_delayed` delayed answers, which wait on
 //!    the tokio runtime); the rest wait in the kernel's socket buffer, which drops when full.
 //!    A worker that panics stops the whole server (fail-stop: the daemon reports it).
-//! 2. TCP: at most `max_tcp_connections` connections, each answered one message at a time,
-//!    closed after `tcp_idle_timeout` without a complete message.
+//! 2. TCP: at most `max_tcp_connections` connections, `max_tcp_per_prefix` from one client
+//!    prefix, a newcomer past a bound closing the connection idle longest (the rules are in
+//!    the `tcp` module); each answered one message at a time, closed after
+//!    `tcp_idle_timeout` without a complete message.
 //! 3. One packet: parse (ignore / FORMERR / NOTIMP) → response-rate limit (UDP only) →
 //!    BADVERS for an EDNS version above 0 → answer cache (valid for one deployer
 //!    generation) → the engine (resolve, summon) → the response, truncated with TC over UDP
@@ -32,6 +34,7 @@ use crate::cache::{self, Answer, AnswerCache, Found, Rendered, Scope};
 use crate::config::{Checked, ConfigError, DnsConfig};
 use crate::limit::{PrefixLimiter, Verdict};
 use crate::metrics::{Event, Metrics, MetricsSnapshot};
+use crate::tcp::{Admitted, Conn, Connections};
 use crate::wire::{self, HEADER_LEN, Query, Rejected};
 
 /// How long shutdown waits for connections and delayed answers to finish.
@@ -82,6 +85,8 @@ pub struct DnsServer {
     shared: Arc<Shared>,
     udp: Arc<std::net::UdpSocket>,
     tcp: TcpListener,
+    /// The open TCP connections, by their tasks' ids.
+    connections: Connections<tokio::task::Id>,
     local: SocketAddr,
     stop: Arc<watch::Sender<bool>>,
 }
@@ -145,10 +150,12 @@ impl DnsServer {
         let shared = Shared::new(&config, &checked, instances);
         info!(%local, zone = %checked.zone, workers = shared.workers, "DNS server bound");
         let (stop, _) = watch::channel(false);
+        let connections = Connections::new(&config.limits, shared.metrics.clone());
         Ok(DnsServer {
             shared: Arc::new(shared),
             udp: Arc::new(udp),
             tcp,
+            connections,
             local,
             stop: Arc::new(stop),
         })
@@ -188,6 +195,7 @@ impl DnsServer {
             shared,
             udp,
             tcp,
+            connections,
             local,
             stop,
         } = self;
@@ -219,7 +227,7 @@ impl DnsServer {
         }
         drop(exited);
         let mut tasks = JoinSet::new();
-        tasks.spawn(tcp_loop(shared.clone(), tcp, stop.subscribe()));
+        tasks.spawn(tcp_loop(shared.clone(), tcp, connections, stop.subscribe()));
         let mut stopped = stop.subscribe();
         while failure.is_none() {
             tokio::select! {
@@ -265,24 +273,28 @@ impl DnsServer {
             }
             Err(_) => warn!(%local, "DNS UDP workers still running after the grace period"),
         }
-        // Connections and delayed answers get the rest of the grace period.
-        while let Ok(Some(joined)) = tokio::time::timeout_at(grace.into(), tasks.join_next()).await
-        {
-            if let Err(error) = joined {
-                failure.get_or_insert(RunError::Task(error));
+        // Connections (the TCP loop waits for them) and delayed answers get the rest of the
+        // grace period; connections still open then are closed with the TCP loop.
+        loop {
+            match tokio::time::timeout_at(grace.into(), tasks.join_next()).await {
+                Ok(Some(Err(error))) => {
+                    failure.get_or_insert(RunError::Task(error));
+                }
+                Ok(Some(Ok(()))) => {}
+                Ok(None) => break,
+                Err(_) => {
+                    warn!(%local, "DNS connections still open after the shutdown grace period");
+                    break;
+                }
             }
         }
         tasks.abort_all();
-        let drain = async {
-            let tcp = shared.tcp_slots.acquire_many(permits(shared.max_tcp)).await;
-            let delayed = shared
-                .delayed
-                .acquire_many(permits(shared.max_delayed))
-                .await;
-            (tcp.is_ok(), delayed.is_ok())
-        };
-        if tokio::time::timeout_at(grace.into(), drain).await.is_err() {
-            warn!(%local, "DNS connections still open after the shutdown grace period");
+        let delayed = shared.delayed.acquire_many(permits(shared.max_delayed));
+        if tokio::time::timeout_at(grace.into(), delayed)
+            .await
+            .is_err()
+        {
+            warn!(%local, "DNS delayed answers still waiting after the shutdown grace period");
         }
         info!(%local, "DNS server stopped");
         match failure {
@@ -389,8 +401,6 @@ struct Shared {
     metrics: Arc<Metrics>,
     delayed: Arc<Semaphore>,
     max_delayed: usize,
-    tcp_slots: Arc<Semaphore>,
-    max_tcp: usize,
     tcp_idle: Duration,
     workers: usize,
     activity_ms: u64,
@@ -419,8 +429,6 @@ impl Shared {
             metrics,
             delayed: Arc::new(Semaphore::new(l.max_delayed)),
             max_delayed: l.max_delayed,
-            tcp_slots: Arc::new(Semaphore::new(l.max_tcp_connections)),
-            max_tcp: l.max_tcp_connections,
             tcp_idle: l.tcp_idle_timeout,
             workers: config.udp_workers(),
             activity_ms: u64::try_from(l.activity_interval.as_millis()).unwrap_or(u64::MAX),
@@ -742,10 +750,17 @@ fn send_udp(socket: &std::net::UdpSocket, bytes: &[u8], to: SocketAddr) {
     }
 }
 
-async fn tcp_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+/// Accepts TCP connections and owns their table (the rules are in the `tcp` module).
+async fn tcp_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    mut table: Connections<tokio::task::Id>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut connections = JoinSet::new();
     loop {
         let accepted = tokio::select! {
-            _ = stop.changed() => return,
+            _ = stop.changed() => break,
             accepted = listener.accept() => accepted,
         };
         let (stream, peer) = match accepted {
@@ -757,16 +772,41 @@ async fn tcp_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::R
                 continue;
             }
         };
-        let Ok(permit) = shared.tcp_slots.clone().try_acquire_owned() else {
-            shared.metrics.event(Event::TcpRefused);
-            debug!(%peer, "too many TCP connections; closing");
-            continue;
-        };
-        let (shared, stop) = (shared.clone(), stop.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            tcp_connection(&shared, stream, peer, stop).await;
+        // Connections that have ended leave the table before it decides.
+        while let Some(ended) = connections.try_join_next_with_id() {
+            table.ended(&connection_ended(ended));
+        }
+        // Refused, the stream is dropped with the closure: closed at once.
+        let admitted = table.admit(peer.ip(), |conn| {
+            let (shared, stop) = (shared.clone(), stop.clone());
+            connections
+                .spawn(async move { tcp_connection(&shared, stream, peer, &conn, stop).await })
+                .id()
         });
+        match admitted {
+            Admitted::Room => {}
+            Admitted::MadeRoom => {
+                debug!(%peer, "closed the TCP connection idle longest to make room");
+            }
+            Admitted::Refused => debug!(%peer, "too many TCP connections and none idle; closed"),
+        }
+    }
+    // Connections see the stop themselves; the server's grace period bounds this wait.
+    while let Some(ended) = connections.join_next_with_id().await {
+        connection_ended(ended);
+    }
+}
+
+/// The id of a connection task that ended, its failure logged.
+fn connection_ended(
+    ended: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
+) -> tokio::task::Id {
+    match ended {
+        Ok((id, ())) => id,
+        Err(error) => {
+            warn!(%error, "DNS TCP connection task failed");
+            error.id()
+        }
     }
 }
 
@@ -774,29 +814,38 @@ async fn tcp_connection(
     shared: &Shared,
     mut stream: TcpStream,
     peer: SocketAddr,
+    conn: &Conn,
     mut stop: watch::Receiver<bool>,
 ) {
     let idle = shared.tcp_idle;
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut scratch = Scratch::default();
     loop {
+        // Idle until a whole message is in.
         let length = tokio::select! {
             _ = stop.changed() => return,
-            length = timeout(idle, stream.read_u16()) => match length {
-                Ok(Ok(length)) => usize::from(length),
+            () = conn.closed() => {
+                debug!(%peer, "idle TCP connection closed to make room");
+                return;
+            }
+            length = timeout(idle, read_message(&mut stream, &mut buf)) => match length {
+                Ok(Ok(length)) => length,
                 _ => return,
             },
         };
-        match timeout(idle, stream.read_exact(&mut buf[..length])).await {
-            Ok(Ok(_)) => {}
-            _ => return,
+        if !conn.begin() {
+            // Closed to make room as the message came in.
+            return;
         }
         let scope = LaunchScope::open();
         let step = shared.handle(&buf[..length], peer.ip(), Transport::Tcp, &mut scratch);
         // Closed before any await (the task may move threads); still holds this query's boot.
         let mut scope = Some(scope.close());
         match step {
-            Step::Nothing => continue,
+            Step::Nothing => {
+                conn.end();
+                continue;
+            }
             Step::Send => {}
             Step::Delay(delayed) => {
                 scope = None;
@@ -823,7 +872,15 @@ async fn tcp_connection(
             debug!(%peer, "TCP write failed or timed out");
             return;
         }
+        conn.end();
     }
+}
+
+/// Reads one length-prefixed message into `buf` (of [`MAX_MESSAGE`] bytes); its length.
+async fn read_message(stream: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let length = usize::from(stream.read_u16().await?);
+    stream.read_exact(&mut buf[..length]).await?;
+    Ok(length)
 }
 
 #[cfg(test)]

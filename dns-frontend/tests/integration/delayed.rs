@@ -12,16 +12,6 @@ use crate::answers::ede_text;
 use crate::fake::Boot;
 use crate::support::*;
 
-async fn until_summoned(fake: &crate::fake::Fake, before: u64) {
-    tokio::time::timeout(TIMEOUT, async {
-        while fake.summons.load(Ordering::SeqCst) == before {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("summoned in time");
-}
-
 #[tokio::test]
 async fn delayed_answer_is_sent_once_the_instance_is_ready() {
     let fake = Arc::new(fake(16, Boot::Manual));

@@ -51,6 +51,8 @@ pub struct Fake {
     pub cap: usize,
     pub boot: Boot,
     pub v6: bool,
+    /// The boot timeout summons report (bounds a delayed answer's wait).
+    pub boot_timeout: Duration,
     generation: AtomicU64,
     pub summons: AtomicU64,
     pub resolves: AtomicU64,
@@ -119,7 +121,7 @@ impl Fake {
             address: instance.address,
             port,
             backend: SocketAddr::new(instance.address, port),
-            boot_timeout: Duration::from_secs(5),
+            boot_timeout: self.boot_timeout,
             state: instance.state.subscribe(),
         })
     }
@@ -132,6 +134,7 @@ impl Fake {
             cap,
             boot,
             v6: false,
+            boot_timeout: Duration::from_secs(5),
             generation: AtomicU64::new(1),
             summons: AtomicU64::new(0),
             resolves: AtomicU64::new(0),

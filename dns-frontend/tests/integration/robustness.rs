@@ -1,6 +1,7 @@
-//! Arbitrary packets and floods: no panic, no hang, bounded summons, still answering.
+//! Arbitrary packets and floods, of queries or of idle TCP connections: no panic, no hang,
+//! bounded summons, still answering.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -9,7 +10,10 @@ use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::RecordType;
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
+use revboot_deployer::InstanceState;
+use revboot_dns::DnsConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
 
 use crate::fake::{Boot, FakeRevision, FakeService, revision};
 use crate::support::*;
@@ -240,11 +244,16 @@ async fn flood_of_valid_and_invalid_names_stays_within_caps_and_legit_queries_ge
     server.shutdown().await.expect("clean shutdown");
 }
 
-async fn tcp_exchange(stream: &mut tokio::net::TcpStream, id: u16) -> Vec<u8> {
-    let query = wire_query(id, &["hello", "revboot", "test"], 1);
+/// Sends a query for `labels` A over TCP.
+async fn send_query(stream: &mut TcpStream, id: u16, labels: &[&str]) {
+    let query = wire_query(id, labels, 1);
     let mut framed = (query.len() as u16).to_be_bytes().to_vec();
     framed.extend_from_slice(&query);
     stream.write_all(&framed).await.expect("tcp send");
+}
+
+/// Reads one framed reply.
+async fn read_reply(stream: &mut TcpStream) -> Vec<u8> {
     let len = tokio::time::timeout(TIMEOUT, stream.read_u16())
         .await
         .expect("reply in time")
@@ -254,8 +263,13 @@ async fn tcp_exchange(stream: &mut tokio::net::TcpStream, id: u16) -> Vec<u8> {
     reply
 }
 
+async fn tcp_exchange(stream: &mut TcpStream, id: u16) -> Vec<u8> {
+    send_query(stream, id, &["hello", "revboot", "test"]).await;
+    read_reply(stream).await
+}
+
 /// Reads until EOF; true if the server closed the connection within the test's patience.
-async fn closed_by_server(stream: &mut tokio::net::TcpStream) -> bool {
+async fn closed_by_server(stream: &mut TcpStream) -> bool {
     let mut buf = [0u8; 512];
     matches!(
         tokio::time::timeout(TIMEOUT, stream.read(&mut buf)).await,
@@ -263,33 +277,118 @@ async fn closed_by_server(stream: &mut tokio::net::TcpStream) -> bool {
     )
 }
 
+/// `count` TCP connections from `from` that never send anything.
+async fn idle_connections(server: SocketAddr, from: IpAddr, count: usize) -> Vec<TcpStream> {
+    let mut streams = Vec::with_capacity(count);
+    for _ in 0..count {
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::new(from, 0))
+            .expect("client socket binds");
+        streams.push(socket.connect(server).await.expect("connect"));
+    }
+    streams
+}
+
+/// A TCP query for `hello` from `from`, as hickory's client sends it, gets its answer.
+async fn answered_over_tcp(server: SocketAddr, from: IpAddr) {
+    let mut client = tcp_client_from(server, Some(from)).await;
+    let r = ask(&mut client, "hello.revboot.test.", RecordType::A).await;
+    assert_eq!(r.response_code, ResponseCode::NoError, "from {from}");
+    assert_eq!(r.answers.len(), 1, "from {from}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tcp_connections_are_capped_and_idle_ones_closed() {
+async fn idle_tcp_connections_up_to_the_bounds_do_not_deny_tcp_to_anyone() {
     let fake = Arc::new(fake(16, Boot::Instant));
     let mut config = config();
-    config.limits.max_tcp_connections = 2;
-    config.limits.tcp_idle_timeout = Duration::from_millis(300);
+    let limits = DnsConfig::default().limits;
+    config.limits.max_tcp_connections = limits.max_tcp_connections;
+    config.limits.max_tcp_per_prefix = limits.max_tcp_per_prefix;
     let server = start(config, fake).await;
     let addr = server.local_addr();
-    let mut a = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let mut b = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    assert_eq!(tcp_exchange(&mut a, 1).await[3] & 0x0f, 0);
-    assert_eq!(tcp_exchange(&mut b, 2).await[3] & 0x0f, 0);
-    let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let ip = |text: &str| -> IpAddr { text.parse().expect("address") };
+    // The whole bound's worth from one address: its /24 keeps its share, the rest of the
+    // table stays open to others. The kernel hands connections over in the order they were
+    // made, so the server has taken in every idle one before each query's.
+    let mut idle = idle_connections(addr, ip("127.0.0.2"), limits.max_tcp_connections).await;
+    answered_over_tcp(addr, ip("127.0.1.1")).await;
+    answered_over_tcp(addr, ip("127.0.0.3")).await;
+    // Each of several /24s with its share, the table full of idle connections: a newcomer
+    // from elsewhere, or from one of them, still gets in.
+    let prefixes = limits
+        .max_tcp_connections
+        .div_ceil(limits.max_tcp_per_prefix);
+    for prefix in 0..prefixes {
+        let from = ip(&format!("127.0.{}.2", 10 + prefix));
+        idle.extend(idle_connections(addr, from, limits.max_tcp_per_prefix).await);
+    }
+    answered_over_tcp(addr, ip("127.0.2.1")).await;
+    answered_over_tcp(addr, ip("127.0.10.3")).await;
+    let metrics = server.metrics();
+    assert_eq!(metrics.tcp_refused, 0, "{metrics:?}");
+    assert!(metrics.tcp_evicted > 0, "{metrics:?}");
+    drop(idle);
+    server.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_tcp_table_closes_the_connection_idle_longest_never_one_with_a_query_in_progress() {
+    let mut fake = fake(16, Boot::Manual);
+    // Delayed answers keep their connections busy until the test says the instance is ready.
+    fake.boot_timeout = Duration::from_secs(60);
+    let fake = Arc::new(fake);
+    let mut config = config();
+    config.delayed_answers = true;
+    config.delay_limit = Duration::from_secs(60);
+    config.limits.max_tcp_connections = 2;
+    let server = start(config, fake.clone()).await;
+    let addr = server.local_addr();
+    let connect = || TcpStream::connect(addr);
+    let mut a = connect().await.expect("connect");
+    let mut b = connect().await.expect("connect");
+    let mut c = connect().await.expect("connect");
     assert!(
-        closed_by_server(&mut c).await,
-        "a third connection is closed at once"
+        closed_by_server(&mut a).await,
+        "a, idle longest, makes room for c"
+    );
+    assert_eq!(server.metrics().tcp_evicted, 1);
+    // b and c ask for instances that are still booting: both have a query in progress.
+    let before = fake.summons.load(Ordering::SeqCst);
+    send_query(&mut b, 1, &["hello", "revboot", "test"]).await;
+    let label = revision(2).short(7);
+    send_query(&mut c, 2, &[&label, "hello", "revboot", "test"]).await;
+    until_summoned(&fake, before + 1).await;
+    let mut d = connect().await.expect("connect");
+    assert!(
+        closed_by_server(&mut d).await,
+        "no idle connection to close for d"
     );
     assert_eq!(server.metrics().tcp_refused, 1);
-    // Idle connections are closed, which frees their slots.
+    for key in fake.keys() {
+        fake.set_state(&key, InstanceState::Ready);
+    }
+    // Nothing cut their queries short.
+    assert_eq!(read_reply(&mut b).await[3] & 0x0f, 0, "b's answer came");
+    assert_eq!(read_reply(&mut c).await[3] & 0x0f, 0, "c's answer came");
+    server.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tcp_connections_are_closed() {
+    let fake = Arc::new(fake(16, Boot::Instant));
+    let mut config = config();
+    config.limits.tcp_idle_timeout = Duration::from_millis(300);
+    let server = start(config, fake).await;
+    let mut a = TcpStream::connect(server.local_addr())
+        .await
+        .expect("connect");
+    assert_eq!(tcp_exchange(&mut a, 1).await[3] & 0x0f, 0);
     assert!(closed_by_server(&mut a).await, "idle connection closed");
-    assert!(closed_by_server(&mut b).await, "idle connection closed");
-    let mut d = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    assert_eq!(
-        tcp_exchange(&mut d, 3).await[3] & 0x0f,
-        0,
-        "a freed slot is usable"
-    );
+    let mut b = TcpStream::connect(server.local_addr())
+        .await
+        .expect("connect");
+    assert!(closed_by_server(&mut b).await, "silent connection closed");
     server.shutdown().await.expect("clean shutdown");
 }
 

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -138,8 +139,17 @@ pub async fn udp_client(server: SocketAddr) -> Client<TokioRuntimeProvider> {
 }
 
 pub async fn tcp_client(server: SocketAddr) -> Client<TokioRuntimeProvider> {
+    tcp_client_from(server, None).await
+}
+
+/// A TCP client whose connection comes from `from` (a loopback address; any port).
+pub async fn tcp_client_from(
+    server: SocketAddr,
+    from: Option<std::net::IpAddr>,
+) -> Client<TokioRuntimeProvider> {
+    let bind = from.map(|ip| SocketAddr::new(ip, 0));
     let (stream, handle) =
-        TcpClientStream::new(server, None, Some(TIMEOUT), TokioRuntimeProvider::default());
+        TcpClientStream::new(server, bind, Some(TIMEOUT), TokioRuntimeProvider::default());
     let stream = stream.await.expect("TCP connects");
     let (client, background) = Client::<TokioRuntimeProvider>::new(stream, handle);
     tokio::spawn(background);
@@ -206,4 +216,15 @@ pub fn wire_query(id: u16, labels: &[&str], qtype: u16) -> Vec<u8> {
     p.extend_from_slice(&qtype.to_be_bytes());
     p.extend_from_slice(&1u16.to_be_bytes());
     p
+}
+
+/// Waits (bounded) until `fake` has been summoned more than `before` times.
+pub async fn until_summoned(fake: &Fake, before: u64) {
+    tokio::time::timeout(TIMEOUT, async {
+        while fake.summons.load(Ordering::SeqCst) <= before {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("summoned in time");
 }
