@@ -68,6 +68,11 @@ pub struct Dns {
     pub boot_burst: u32,
     /// Responses per second per client prefix over UDP (0: no limit).
     pub responses_per_second: u32,
+    /// TCP connections open at once; past it, a newcomer closes the connection idle longest.
+    pub max_tcp_connections: usize,
+    /// TCP connections open at once from one client prefix (/24, /56); past it, a newcomer
+    /// closes its prefix's connection idle longest.
+    pub max_tcp_per_prefix: usize,
 }
 
 /// `[http]`.
@@ -146,6 +151,8 @@ impl Default for Dns {
             boots_per_second: 5,
             boot_burst: 20,
             responses_per_second: 1000,
+            max_tcp_connections: revboot_dns::DEFAULT_MAX_TCP_CONNECTIONS,
+            max_tcp_per_prefix: revboot_dns::DEFAULT_MAX_TCP_PER_PREFIX,
         }
     }
 }
@@ -271,6 +278,12 @@ impl Config {
         if self.dns.ttl_secs > 86_400 {
             return Err(invalid("dns.ttl_secs", "must be at most 86400"));
         }
+        if self.dns.max_tcp_connections == 0 {
+            return Err(invalid("dns.max_tcp_connections", "must be at least 1"));
+        }
+        if self.dns.max_tcp_per_prefix == 0 {
+            return Err(invalid("dns.max_tcp_per_prefix", "must be at least 1"));
+        }
         Ok(())
     }
 
@@ -349,6 +362,19 @@ mod tests {
     fn non_loopback_pool_is_refused() {
         let error = Config::from_toml("[instances]\npool = \"10.0.0.0/16\"\n").expect_err("pool");
         assert!(error.to_string().contains("instances.pool"), "{error}");
+    }
+
+    #[test]
+    fn tcp_connection_bounds_are_read_and_checked() {
+        let config = Config::from_toml("[dns]\nmax_tcp_connections = 64\nmax_tcp_per_prefix = 4\n")
+            .expect("valid");
+        assert_eq!(config.dns.max_tcp_connections, 64);
+        assert_eq!(config.dns.max_tcp_per_prefix, 4);
+        let error = Config::from_toml("[dns]\nmax_tcp_per_prefix = 0\n").expect_err("zero");
+        assert!(
+            error.to_string().contains("dns.max_tcp_per_prefix"),
+            "{error}"
+        );
     }
 
     #[test]

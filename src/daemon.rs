@@ -345,6 +345,8 @@ impl Daemon {
                 boot_burst: config.dns.boot_burst,
                 rrl_per_second: config.dns.responses_per_second,
                 rrl_burst: config.dns.responses_per_second.saturating_mul(2),
+                max_tcp_connections: config.dns.max_tcp_connections,
+                max_tcp_per_prefix: config.dns.max_tcp_per_prefix,
                 ..revboot_dns::Limits::default()
             },
             ..DnsConfig::default()

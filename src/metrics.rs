@@ -91,6 +91,7 @@ impl Metrics for DaemonMetrics {
             ("rate_limited", dns.rate_limited),
             ("overload_dropped", dns.overload_dropped),
             ("tcp_refused", dns.tcp_refused),
+            ("tcp_evicted", dns.tcp_evicted),
             ("ignored", dns.ignored),
         ] {
             let _ = writeln!(out, "revboot_dns_events_total{{event=\"{event}\"}} {value}");
