@@ -12,6 +12,7 @@
 
 /// Which step failed, with the `errno` of the failing call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
 pub enum Failure {
     /// Dropping a capability from the bounding set.
     Bounding,
@@ -25,6 +26,30 @@ pub enum Failure {
     Uid,
     /// A capability survived.
     Survived,
+}
+
+impl Failure {
+    /// Every failure, in the order of their numbers.
+    pub const ALL: [Failure; 6] = [
+        Failure::Bounding,
+        Failure::SecureBits,
+        Failure::Groups,
+        Failure::Gid,
+        Failure::Uid,
+        Failure::Survived,
+    ];
+
+    /// What was being done.
+    pub fn what(self) -> &'static str {
+        match self {
+            Failure::Bounding => "the capability bounding set",
+            Failure::SecureBits => "the secure bits",
+            Failure::Groups => "the supplementary groups",
+            Failure::Gid => "the gid",
+            Failure::Uid => "the uid",
+            Failure::Survived => "a capability survived the uid change",
+        }
+    }
 }
 
 /// The identity a sandbox runs as, and how many capabilities the kernel knows.

@@ -11,6 +11,7 @@
 //! - [`uids`]: the block of host uids sandboxes run as, one per sandbox at a time.
 //! - [`seccomp`]: the system-call filter (what is refused, and why the rest is allowed).
 //! - [`cgroup`]: memory, pids and CPU limits on cgroup v1, v2 or a hybrid.
+//! - [`spawn`]: the clone that puts them together and executes the program.
 //!
 //! The order a child applies them in, with the reason for each position:
 //!
@@ -54,4 +55,5 @@ pub mod cgroup;
 pub mod creds;
 pub mod root;
 pub mod seccomp;
+pub mod spawn;
 pub mod uids;

@@ -45,10 +45,20 @@ enum Step {
     },
     Proc {
         target: CString,
+        subset: bool,
     },
     Own {
         path: CString,
         uid: u32,
+    },
+    Symlink {
+        target: CString,
+        path: CString,
+    },
+    Write {
+        path: CString,
+        contents: Vec<u8>,
+        mode: libc::mode_t,
     },
 }
 
@@ -180,7 +190,17 @@ impl Layout {
     }
 
     /// Makes directory `inside` and any missing parents (mode 0755, owned by root).
-    pub fn dir(mut self, inside: &Path) -> Result<Layout, LayoutError> {
+    pub fn dir(self, inside: &Path) -> Result<Layout, LayoutError> {
+        self.dir_with_mode(inside, 0o755)
+    }
+
+    /// Makes directory `inside` with `mode` (`0o1777` for a `/tmp`) and any missing parents
+    /// (mode 0755).
+    pub fn dir_with_mode(
+        mut self,
+        inside: &Path,
+        mode: libc::mode_t,
+    ) -> Result<Layout, LayoutError> {
         self.at(inside)?;
         let mut path = PathBuf::from("/");
         for part in inside.components().skip(1) {
@@ -191,13 +211,77 @@ impl Layout {
                 .iter()
                 .any(|step| matches!(step, Step::Dir { path, .. } if *path == target));
             if !known {
+                let last = path.as_path() == inside;
                 self.steps.push(Step::Dir {
                     path: target,
-                    mode: 0o755,
+                    mode: if last { mode } else { 0o755 },
                 });
             }
         }
         Ok(self)
+    }
+
+    /// A symbolic link at `inside` whose content is `target` (as the host has `/bin` →
+    /// `usr/bin`).
+    pub fn symlink(self, target: &Path, inside: &Path) -> Result<Layout, LayoutError> {
+        let mut layout = self.dir(inside.parent().unwrap_or(Path::new("/")))?;
+        let path = c_path(&layout.at(inside)?)?;
+        layout.steps.push(Step::Symlink {
+            target: c_path(target)?,
+            path,
+        });
+        Ok(layout)
+    }
+
+    /// A file at `inside` with `contents` and `mode`, owned by root (an `/etc/passwd` that
+    /// names the sandbox's uid).
+    pub fn file(
+        self,
+        inside: &Path,
+        contents: &[u8],
+        mode: libc::mode_t,
+    ) -> Result<Layout, LayoutError> {
+        let mut layout = self.dir(inside.parent().unwrap_or(Path::new("/")))?;
+        let path = c_path(&layout.at(inside)?)?;
+        layout.steps.push(Step::Write {
+            path,
+            contents: contents.to_vec(),
+            mode,
+        });
+        Ok(layout)
+    }
+
+    /// The host's system directories, read-only: `/usr`, and `/bin`, `/sbin`, `/lib*` as
+    /// the host has them (symbolic links into `/usr` on a merged-`/usr` system, bound
+    /// directories otherwise); then the entries of `/etc` named in `etc` that exist (not
+    /// all of `/etc`: it may hold secrets of the host's other services).
+    pub fn host_system(self, etc: &[&str]) -> Result<Layout, LayoutError> {
+        let mut layout = self;
+        for top in [
+            "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
+        ] {
+            let path = Path::new(top);
+            match std::fs::symlink_metadata(path) {
+                Ok(meta) if meta.file_type().is_symlink() => {
+                    let target = std::fs::read_link(path).map_err(|_| LayoutError {
+                        path: path.to_owned(),
+                        why: "its link cannot be read",
+                    })?;
+                    layout = layout.symlink(&target, path)?;
+                }
+                Ok(meta) if meta.is_dir() => {
+                    layout = layout.bind(path, path, Access::ReadOnly)?;
+                }
+                _ => {}
+            }
+        }
+        for entry in etc {
+            let path = Path::new("/etc").join(entry);
+            if std::fs::metadata(&path).is_ok() {
+                layout = layout.bind(&path, &path, Access::ReadOnly)?;
+            }
+        }
+        Ok(layout)
     }
 
     /// Binds the host's `source` (a file or a directory, with what is mounted below it) at
@@ -240,12 +324,24 @@ impl Layout {
         Ok(layout)
     }
 
-    /// A read-only `proc` at `/proc` with the sandbox's own processes only. Must be applied
-    /// by a process inside the sandbox's pid namespace.
+    /// A read-only `proc` at `/proc` with the sandbox's own processes only (`subset=pid`:
+    /// no `/proc/sys`, no `/proc/cpuinfo`). Must be applied by a process inside the
+    /// sandbox's pid namespace.
     pub fn proc(self) -> Result<Layout, LayoutError> {
+        self.proc_with(true)
+    }
+
+    /// A read-only `proc` at `/proc` with the sandbox's own processes and the kernel's
+    /// read-only views (`/proc/cpuinfo`, `/proc/meminfo`, `/proc/sys` to read), for
+    /// compilers and build tools that look at them.
+    pub fn proc_full(self) -> Result<Layout, LayoutError> {
+        self.proc_with(false)
+    }
+
+    fn proc_with(self, subset: bool) -> Result<Layout, LayoutError> {
         let mut layout = self.dir(Path::new("/proc"))?;
         let target = c_path(&layout.at(Path::new("/proc"))?)?;
-        layout.steps.push(Step::Proc { target });
+        layout.steps.push(Step::Proc { target, subset });
         Ok(layout)
     }
 
@@ -295,10 +391,16 @@ impl Layout {
                 source.to_string_lossy(),
                 target.to_string_lossy()
             ),
-            Some(Step::Proc { target }) => format!("proc at {}", target.to_string_lossy()),
+            Some(Step::Proc { target, .. }) => format!("proc at {}", target.to_string_lossy()),
             Some(Step::Own { path, uid }) => {
                 format!("owner {uid} of {}", path.to_string_lossy())
             }
+            Some(Step::Symlink { target, path }) => format!(
+                "link {} -> {}",
+                path.to_string_lossy(),
+                target.to_string_lossy()
+            ),
+            Some(Step::Write { path, .. }) => format!("file {}", path.to_string_lossy()),
             None => "an unknown step".into(),
         }
     }
@@ -349,7 +451,9 @@ unsafe fn run(step: &Step) -> bool {
                 ) == 0
             }
             Step::Dir { path, mode } => {
-                libc::mkdir(path.as_ptr(), *mode) == 0 || *libc::__errno_location() == libc::EEXIST
+                (libc::mkdir(path.as_ptr(), *mode) == 0 || *libc::__errno_location() == libc::EEXIST)
+                    // The umask may have taken bits away (the sticky 1777 of a /tmp).
+                    && (*mode == 0o755 || libc::chmod(path.as_ptr(), *mode) == 0)
             }
             Step::File { path } => {
                 let fd = libc::open(
@@ -395,16 +499,54 @@ unsafe fn run(step: &Step) -> bool {
                     std::mem::size_of::<MountAttr>(),
                 ) == 0
             }
-            Step::Proc { target } => {
+            Step::Proc { target, subset } => {
+                let options = if *subset {
+                    c"subset=pid,hidepid=invisible"
+                } else {
+                    c"hidepid=invisible"
+                };
                 libc::mount(
                     c"proc".as_ptr(),
                     target.as_ptr(),
                     c"proc".as_ptr(),
                     libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                    c"subset=pid,hidepid=invisible".as_ptr().cast(),
+                    options.as_ptr().cast(),
                 ) == 0
             }
             Step::Own { path, uid } => libc::chown(path.as_ptr(), *uid, *uid) == 0,
+            Step::Symlink { target, path } => libc::symlink(target.as_ptr(), path.as_ptr()) == 0,
+            Step::Write {
+                path,
+                contents,
+                mode,
+            } => {
+                let fd = libc::open(
+                    path.as_ptr(),
+                    libc::O_CREAT
+                        | libc::O_EXCL
+                        | libc::O_WRONLY
+                        | libc::O_CLOEXEC
+                        | libc::O_NOFOLLOW,
+                    *mode,
+                );
+                if fd < 0 {
+                    return false;
+                }
+                let mut written = 0;
+                while written < contents.len() {
+                    let n = libc::write(
+                        fd,
+                        contents[written..].as_ptr().cast(),
+                        contents.len() - written,
+                    );
+                    if n <= 0 {
+                        libc::close(fd);
+                        return false;
+                    }
+                    written += n as usize;
+                }
+                libc::fchmod(fd, *mode) == 0 && libc::close(fd) == 0
+            }
         }
     }
 }

@@ -480,7 +480,7 @@ async fn an_image_the_kernel_cannot_execute_is_a_crash_naming_the_step() {
         panic!("not a crash: {end:?}");
     };
     assert!(
-        reason.starts_with("cannot start") && reason.contains("execveat"),
+        reason.starts_with("cannot start") && reason.contains("exec failed"),
         "{reason}"
     );
     assert!(reason.contains("Exec format error"), "{reason}");

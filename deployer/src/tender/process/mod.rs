@@ -70,7 +70,8 @@ mod namespaces;
 mod spawn;
 
 use namespaces::NamespacePool;
-use spawn::{Launch, Spawner, fd_above, reap_blocking, send_signal};
+use revboot_sandbox::spawn::{Exit, fd_above, reap_blocking, send_signal};
+use spawn::{Launch, Spawner};
 
 /// Pending spawns queued for the spawner thread.
 const SPAWN_QUEUE: usize = 256;
@@ -446,14 +447,9 @@ async fn watch_exit(
         let Ok(mut guard) = pidfd.readable().await else {
             break ExitStatus::Unknown;
         };
-        match spawn::reap(pidfd.get_ref().as_raw_fd()) {
-            Ok(Some((code, status))) => {
-                break match code {
-                    libc::CLD_EXITED => ExitStatus::Code(status),
-                    libc::CLD_KILLED | libc::CLD_DUMPED => ExitStatus::Signal(status),
-                    _ => ExitStatus::Unknown,
-                };
-            }
+        match revboot_sandbox::spawn::reap(pidfd.get_ref().as_raw_fd()) {
+            Ok(Some(Exit::Code(code))) => break ExitStatus::Code(code),
+            Ok(Some(Exit::Signal(signal))) => break ExitStatus::Signal(signal),
             Ok(None) => guard.clear_ready(),
             Err(error) => {
                 warn!(%error, "cannot reap instance");
@@ -489,7 +485,9 @@ struct ProcessRunning {
 
 impl ProcessRunning {
     fn signal(&self, signal: libc::c_int) {
-        send_signal(self.pidfd.as_raw_fd(), signal);
+        if !send_signal(self.pidfd.as_raw_fd(), signal) {
+            debug!(signal, error = %io::Error::last_os_error(), "signal not delivered");
+        }
     }
 }
 

@@ -21,10 +21,10 @@ use std::time::Duration;
 use revboot_sandbox::root::{self, Layout};
 use tracing::warn;
 
-use super::spawn::fd_above;
+use revboot_sandbox::spawn::fd_above;
 
 /// The hostname inside an instance.
-pub(super) const HOSTNAME: &[u8] = b"revboot";
+pub(super) const HOSTNAME: &std::ffi::CStr = c"revboot";
 /// Namespace sets kept ready.
 const NAMESPACE_POOL: usize = 16;
 /// How long the helper waits after a set was taken before it makes the next: the instance
@@ -56,7 +56,7 @@ impl Namespaces {
                 return Err(io::Error::last_os_error());
             }
             if !root::make_private()
-                || libc::sethostname(HOSTNAME.as_ptr().cast(), HOSTNAME.len()) != 0
+                || libc::sethostname(HOSTNAME.as_ptr(), HOSTNAME.count_bytes()) != 0
             {
                 return Err(io::Error::last_os_error());
             }

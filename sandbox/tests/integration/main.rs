@@ -1,0 +1,3 @@
+//! The sandbox end to end: a real program started by `spawn` in a real root.
+
+mod spawn;
