@@ -1,6 +1,6 @@
 //! The `revboot` command: parses arguments, installs logging, runs, maps errors to exit codes.
 
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::process::ExitCode;
 
 use clap::Parser as _;
@@ -14,11 +14,15 @@ fn main() -> ExitCode {
         revboot::cli::Command::Serve(_) | revboot::cli::Command::Demo(_) => "info",
         _ => "warn",
     };
+    // Colour codes only for a person at a terminal: a log file or a pipe gets plain text.
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .init();
     match run(cli) {
         Ok(Outcome::Done) => ExitCode::SUCCESS,

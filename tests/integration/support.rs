@@ -73,6 +73,8 @@ impl Daemon {
             .args(["--http", &http.to_string(), "--dns", &dns.to_string()])
             .args(["--pool", pool, "--token", TOKEN])
             .env("RUST_LOG", "info")
+            // Whether the log is coloured is the daemon's own choice, from its stderr.
+            .env_remove("NO_COLOR")
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).expect("daemon log"))
             .stderr(
