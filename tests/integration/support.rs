@@ -1,15 +1,16 @@
-//! A real `revboot serve` in a temporary data directory, on free loopback ports.
+//! A real `revboot serve` in a temporary data directory, on loopback ports it picks itself.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// The token every test daemon uses.
 pub const TOKEN: &str = "e2e-token";
 
 static POOLS: AtomicU8 = AtomicU8::new(0);
+static LAUNCHES: AtomicUsize = AtomicUsize::new(0);
 
 /// A /24 of service addresses no other daemon of this test run uses.
 fn fresh_pool() -> String {
@@ -20,13 +21,26 @@ fn fresh_pool() -> String {
     )
 }
 
-/// A free TCP port on 127.0.0.1 that is also free for UDP (best effort).
-pub fn free_port() -> u16 {
-    loop {
-        let tcp = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-        let port = tcp.local_addr().expect("local address").port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
+/// Where the daemon listens when the test does not say: port 0, so the daemon binds a free
+/// port itself and names it in its log.
+const ANY_PORT: u16 = 0;
+
+/// How a test daemon starts; the default is what [`Daemon::start`] does.
+pub struct Setup<'a> {
+    /// `revbootd.toml` text (e.g. a short idle timeout); empty: no file.
+    pub config: &'a str,
+    /// The token given with `--token`; `None`: the daemon generates one in its data directory.
+    pub token: Option<&'a str>,
+    /// `RUST_LOG`.
+    pub log_filter: &'a str,
+}
+
+impl Default for Setup<'_> {
+    fn default() -> Self {
+        Setup {
+            config: "",
+            token: Some(TOKEN),
+            log_filter: "info",
         }
     }
 }
@@ -37,44 +51,62 @@ pub struct Daemon {
     pub http: SocketAddr,
     pub dns: SocketAddr,
     pub pool: String,
+    /// The token for pushes and the API.
+    pub token: String,
     child: Option<Child>,
     log: PathBuf,
 }
 
 impl Daemon {
-    /// Starts a daemon in `data` and waits until its API answers.
+    /// Starts a daemon in `data` and waits until it serves.
     pub fn start(data: &Path) -> Daemon {
-        Daemon::start_with(data, free_port(), free_port(), &fresh_pool())
+        Daemon::start_setup(data, &Setup::default())
     }
 
-    /// Starts a daemon with extra `revbootd.toml` text (e.g. a short idle timeout).
+    /// Starts a daemon with `revbootd.toml` text (e.g. a short idle timeout).
     pub fn start_configured(data: &Path, config: &str) -> Daemon {
-        let pool = fresh_pool();
-        let file = data.with_extension("revbootd.toml");
-        std::fs::write(&file, config).expect("write revbootd.toml");
-        Daemon::launch(data, free_port(), free_port(), &pool, Some(&file))
+        Daemon::start_setup(
+            data,
+            &Setup {
+                config,
+                ..Setup::default()
+            },
+        )
     }
 
-    /// Starts a daemon with the given ports and pool.
+    /// Starts a daemon set up so.
+    pub fn start_setup(data: &Path, setup: &Setup<'_>) -> Daemon {
+        Daemon::launch(data, ANY_PORT, ANY_PORT, &fresh_pool(), setup)
+    }
+
+    /// Starts a daemon with the given ports (0: any) and pool.
     pub fn start_with(data: &Path, http: u16, dns: u16, pool: &str) -> Daemon {
-        Daemon::launch(data, http, dns, pool, None)
+        Daemon::launch(data, http, dns, pool, &Setup::default())
     }
 
-    fn launch(data: &Path, http: u16, dns: u16, pool: &str, config: Option<&Path>) -> Daemon {
-        let log = data.with_extension(format!("log.{}", http));
+    fn launch(data: &Path, http: u16, dns: u16, pool: &str, setup: &Setup<'_>) -> Daemon {
+        let launch = LAUNCHES.fetch_add(1, Ordering::Relaxed);
+        let log = data.with_extension(format!("log.{launch}"));
         let http: SocketAddr = ([127, 0, 0, 1], http).into();
         let dns: SocketAddr = ([127, 0, 0, 1], dns).into();
         let mut command = Command::new(env!("CARGO_BIN_EXE_revboot"));
-        if let Some(config) = config {
-            command.arg("--config").arg(config);
+        if !setup.config.is_empty() {
+            let file = data.with_extension(format!("revbootd.{launch}.toml"));
+            std::fs::write(&file, setup.config).expect("write revbootd.toml");
+            command.arg("--config").arg(file);
         }
-        let child = command
+        command
             .args(["--data", &data.to_string_lossy(), "serve"])
             .args(["--http", &http.to_string(), "--dns", &dns.to_string()])
-            .args(["--pool", pool, "--token", TOKEN])
-            .env("RUST_LOG", "info")
+            .args(["--pool", pool]);
+        if let Some(token) = setup.token {
+            command.args(["--token", token]);
+        }
+        let child = command
+            .env("RUST_LOG", setup.log_filter)
             // Whether the log is coloured is the daemon's own choice, from its stderr.
             .env_remove("NO_COLOR")
+            .env_remove("REVBOOT_TOKEN")
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).expect("daemon log"))
             .stderr(
@@ -85,33 +117,48 @@ impl Daemon {
             )
             .spawn()
             .expect("start revboot serve");
-        let daemon = Daemon {
+        let mut daemon = Daemon {
             data: data.to_owned(),
             http,
             dns,
             pool: pool.to_owned(),
+            token: setup.token.unwrap_or_default().to_owned(),
             child: Some(child),
             log,
         };
-        daemon.wait_ready();
+        (daemon.http, daemon.dns) = daemon.wait_serving();
+        if setup.token.is_none() {
+            daemon.token = std::fs::read_to_string(data.join("token"))
+                .expect("the generated token")
+                .trim()
+                .to_owned();
+        }
         daemon
     }
 
-    fn wait_ready(&self) {
+    /// Waits for the daemon's `revboot is serving` line (it comes once every part listens)
+    /// and reads from it where the HTTP and DNS servers are.
+    fn wait_serving(&mut self) -> (SocketAddr, SocketAddr) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
-            let answered = Command::new("curl")
-                .args(["-sf", "-o", "/dev/null", "--max-time", "2"])
-                .arg(format!("http://{}/api/v1/services", self.http))
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            if answered {
-                return;
+            let log = self.log();
+            if let Some(line) = log.lines().find(|line| line.contains("revboot is serving")) {
+                let field = |name: &str| -> SocketAddr {
+                    line.split_whitespace()
+                        .find_map(|word| word.strip_prefix(name))
+                        .and_then(|value| value.parse().ok())
+                        .unwrap_or_else(|| panic!("no {name}<address> in {line:?}"))
+                };
+                return (field("http="), field("dns="));
             }
-            std::thread::sleep(Duration::from_millis(100));
+            let exited = self
+                .child
+                .as_mut()
+                .is_none_or(|child| child.try_wait().is_ok_and(|status| status.is_some()));
+            assert!(!exited, "daemon exited before serving; its log:\n{log}");
+            std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("daemon did not answer within 60s; its log:\n{}", self.log());
+        panic!("daemon did not serve within 60s; its log:\n{}", self.log());
     }
 
     /// The daemon's log so far.
@@ -121,7 +168,7 @@ impl Daemon {
 
     /// The push URL of a service, with the token.
     pub fn remote(&self, service: &str) -> String {
-        format!("http://git:{TOKEN}@{}/git/{service}.git", self.http)
+        format!("http://git:{}@{}/git/{service}.git", self.token, self.http)
     }
 
     /// Runs the CLI against this daemon.
@@ -130,7 +177,7 @@ impl Daemon {
             .args(["--url", &format!("http://{}", self.http)])
             .args(["--data", &self.data.to_string_lossy()])
             .args(args)
-            .env("REVBOOT_TOKEN", TOKEN)
+            .env("REVBOOT_TOKEN", &self.token)
             .stdin(Stdio::null())
             .output()
             .expect("run revboot")
