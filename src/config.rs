@@ -76,7 +76,7 @@ pub struct Dns {
 }
 
 /// `[http]`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Http {
     /// Address to serve on.
@@ -85,6 +85,17 @@ pub struct Http {
     pub token: Option<String>,
     /// Allow clone/fetch without a token.
     pub anonymous_fetch: bool,
+}
+
+impl std::fmt::Debug for Http {
+    // The token stays out: a Debug rendering can end up in a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Http")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("anonymous_fetch", &self.anonymous_fetch)
+            .finish()
+    }
 }
 
 /// `[instances]`.

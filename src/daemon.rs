@@ -35,7 +35,7 @@ use crate::metrics::DaemonMetrics;
 const STOP_WAIT: Duration = Duration::from_secs(15);
 
 /// Where a running daemon answers.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DaemonInfo {
     /// The HTTP address (git, API, metrics).
     pub http: SocketAddr,
@@ -43,16 +43,42 @@ pub struct DaemonInfo {
     pub dns: SocketAddr,
     /// The token for pushes and API writes.
     pub token: String,
+    /// The file the token is kept in, when it is not given by the configuration.
+    pub token_file: Option<PathBuf>,
     /// The data directory.
     pub data: PathBuf,
     /// The zone.
     pub zone: String,
 }
 
+impl std::fmt::Debug for DaemonInfo {
+    // The token stays out: a Debug rendering can end up in a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DaemonInfo")
+            .field("http", &self.http)
+            .field("dns", &self.dns)
+            .field("token_file", &self.token_file)
+            .field("data", &self.data)
+            .field("zone", &self.zone)
+            .finish_non_exhaustive()
+    }
+}
+
 impl DaemonInfo {
-    /// The git remote URL of a service, with the token as password.
+    /// The git remote URL of a service, with the token as password. Secret: for git's
+    /// command line, never for a log or a printed hint (see [`DaemonInfo::remote_hint`]).
     pub fn remote(&self, service: &str) -> String {
         format!("http://git:{}@{}/git/{service}.git", self.token, self.http)
+    }
+
+    /// The git remote URL of a service as a shell snippet that reads the token from its
+    /// file (or says where to put it), for printing.
+    pub fn remote_hint(&self, service: &str) -> String {
+        let password = match &self.token_file {
+            Some(file) => format!("$(cat {})", file.display()),
+            None => "<token>".to_owned(),
+        };
+        format!("http://git:{password}@{}/git/{service}.git", self.http)
     }
 }
 
@@ -194,21 +220,23 @@ fn instance_view(info: &revboot_deployer::InstanceInfo) -> InstanceView {
     }
 }
 
-/// Reads the token from the configuration, or from `<data>/token`, generating it once.
-pub fn token(config: &Config) -> anyhow::Result<String> {
-    if let Some(token) = &config.http.token {
-        return Ok(token.clone());
+/// The token from `[http] token`, or from `<data>/token`, generated there once; and the
+/// file it is kept in (none when the configuration gives it). The value is never logged.
+pub fn token(http: &crate::config::Http, data: &Path) -> anyhow::Result<(String, Option<PathBuf>)> {
+    if let Some(token) = &http.token {
+        return Ok((token.clone(), None));
     }
-    let path = config.data.join("token");
+    let path = data.join("token");
     match std::fs::read_to_string(&path) {
-        Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_owned()),
+        Ok(token) if !token.trim().is_empty() => return Ok((token.trim().to_owned(), Some(path))),
         Ok(_) => {}
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
         Err(error) => return Err(error).with_context(|| format!("Cannot read {}", path.display())),
     }
     let token = generate_token()?;
     write_private(&path, &token)?;
-    Ok(token)
+    info!(file = %path.display(), "generated the token for pushes and the API");
+    Ok((token, Some(path)))
 }
 
 fn generate_token() -> anyhow::Result<String> {
@@ -299,7 +327,7 @@ impl Daemon {
             format!("Cannot create the data directory {}", config.data.display())
         })?;
         let data = std::fs::canonicalize(&config.data)?;
-        let token = token(&config)?;
+        let (token, token_file) = token(&config.http, &data)?;
         let store = Store::init(data.join("deploy.git"))
             .context("Cannot open the deployment repository")?;
 
@@ -404,6 +432,7 @@ impl Daemon {
             http: http_addr,
             dns: dns.local_addr(),
             token,
+            token_file,
             data,
             zone: config.zone.clone(),
         };
@@ -468,7 +497,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let info = daemon.info().clone();
     tracing::info!(
         "push with: git push {} main  |  dig @{} -p {} <ref>.<service>.{}",
-        info.remote("<service>"),
+        info.remote_hint("<service>"),
         info.dns.ip(),
         info.dns.port(),
         info.zone

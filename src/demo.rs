@@ -177,6 +177,6 @@ Stop with Ctrl-C.
 ",
         ip = dns.ip(),
         port = dns.port(),
-        remote = info.remote("hello"),
+        remote = info.remote_hint("hello"),
     )
 }
