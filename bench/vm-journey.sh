@@ -31,7 +31,7 @@ target/release/revboot --data "$work/data" serve --http "127.0.0.1:$http" --dns 
     --pool 127.94.0.0/24 --token "$token" >"$work/daemon.log" 2>&1 &
 daemon_pid=$!
 for _ in $(seq 100); do
-    curl -sf -o /dev/null "http://127.0.0.1:$http/api/v1/services" && break
+    curl -sf -o /dev/null -H "authorization: Bearer $token" "http://127.0.0.1:$http/api/v1/services" && break
     sleep 0.1
 done
 

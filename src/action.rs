@@ -90,7 +90,8 @@ pub enum Action {
 }
 
 impl Action {
-    /// Whether the action changes state (and so needs the write token over HTTP).
+    /// Whether the action changes state (and so needs the token over HTTP even where reads
+    /// are public).
     pub fn is_write(&self) -> bool {
         matches!(
             self,
@@ -299,7 +300,7 @@ pub enum ActionError {
     /// The request conflicts with the current state (e.g. the service exists).
     #[error("{0}")]
     Conflict(String),
-    /// A write without the right token.
+    /// A request without the right token.
     #[error("{0}")]
     Unauthorized(String),
     /// A limit was reached or the part is not running; try later.

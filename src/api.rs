@@ -3,7 +3,9 @@
 //! 1. A route parses its path, query and JSON body into an [`Action`]; a body that does not
 //!    parse is a 400 with a JSON error, and nothing runs.
 //! 2. Writes need the token (`Authorization: Bearer <token>`, or HTTP basic auth with the
-//!    token as password, as git sends it); a missing or wrong token is a 401.
+//!    token as password, as git sends it); so do reads and `/metrics` unless the daemon is
+//!    set up with `[http] public_reads = true`. A missing or wrong token is a 401. The
+//!    OpenAPI document is public: it describes the routes and holds no data.
 //! 3. The engine runs the action on a blocking thread (the store is synchronous).
 //! 4. The reply is JSON; an [`ActionError`] is `{"error": kind, "message": text}` with the
 //!    status of [`ActionError::status`].
@@ -37,6 +39,7 @@ pub trait Metrics: Send + Sync + 'static {
 pub struct ApiState {
     engine: Engine,
     token: Arc<str>,
+    public_reads: bool,
     metrics: Option<Arc<dyn Metrics>>,
 }
 
@@ -44,6 +47,7 @@ impl std::fmt::Debug for ApiState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ApiState")
             .field("engine", &self.engine)
+            .field("public_reads", &self.public_reads)
             .finish_non_exhaustive()
     }
 }
@@ -68,11 +72,17 @@ pub const ROUTES: &[(&str, &str)] = &[
 /// The OpenAPI document of the API.
 pub const OPENAPI: &str = include_str!("../openapi.json");
 
-/// The API router.
-pub fn router(engine: Engine, token: &str, metrics: Option<Arc<dyn Metrics>>) -> Router {
+/// The API router. With `public_reads`, reads and `/metrics` need no token.
+pub fn router(
+    engine: Engine,
+    token: &str,
+    public_reads: bool,
+    metrics: Option<Arc<dyn Metrics>>,
+) -> Router {
     let state = ApiState {
         engine,
         token: Arc::from(token),
+        public_reads,
         metrics,
     };
     Router::new()
@@ -117,12 +127,7 @@ impl From<ActionError> for ApiError {
 type ApiResult = Result<Json<Reply>, ApiError>;
 
 async fn run(state: &ApiState, headers: &HeaderMap, action: Action) -> ApiResult {
-    if action.is_write() && !authorized(headers, &state.token) {
-        return Err(ApiError(ActionError::Unauthorized(
-            "This request changes state: give the token as `Authorization: Bearer <token>`"
-                .to_owned(),
-        )));
-    }
+    state.admit(headers, action.is_write())?;
     let engine = state.engine.clone();
     let reply = tokio::task::spawn_blocking(move || engine.execute(action))
         .await
@@ -132,6 +137,23 @@ async fn run(state: &ApiState, headers: &HeaderMap, action: Action) -> ApiResult
             )))
         })??;
     Ok(Json(reply))
+}
+
+impl ApiState {
+    /// Refuses a request without the token, unless it is a read and reads are public.
+    fn admit(&self, headers: &HeaderMap, write: bool) -> Result<(), ApiError> {
+        if (self.public_reads && !write) || authorized(headers, &self.token) {
+            return Ok(());
+        }
+        let what = if write {
+            "This request changes state"
+        } else {
+            "Reads need the token on this daemon"
+        };
+        Err(ApiError(ActionError::Unauthorized(format!(
+            "{what}: give the token as `Authorization: Bearer <token>`"
+        ))))
+    }
 }
 
 /// Whether the headers carry the token, as a bearer token or a basic-auth password (the
@@ -347,7 +369,10 @@ async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
-async fn metrics_text(State(state): State<ApiState>) -> Response {
+async fn metrics_text(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    if let Err(refused) = state.admit(&headers, false) {
+        return refused.into_response();
+    }
     let text = match state.metrics.clone() {
         // Collecting reads part state synchronously: keep it off the async workers.
         Some(metrics) => tokio::task::spawn_blocking(move || metrics.render())

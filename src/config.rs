@@ -14,7 +14,8 @@
 //!
 //! [http]
 //! listen = "127.0.0.1:8080"
-//! token = "change-me"        # push and API writes; default: generated into the data dir
+//! token = "change-me"        # pushes, the API, metrics, fetches; default: generated into the data dir
+//! public_reads = false       # true: API reads, /metrics and git fetch without the token
 //!
 //! [instances]
 //! pool = "127.77.0.0/16"
@@ -81,10 +82,15 @@ pub struct Dns {
 pub struct Http {
     /// Address to serve on.
     pub listen: SocketAddr,
-    /// The token for pushes and API writes; generated into the data dir when absent.
+    /// The token for pushes and API writes (and reads, see `public_reads`); generated into
+    /// the data dir when absent.
     pub token: Option<String>,
-    /// Allow clone/fetch without a token.
-    pub anonymous_fetch: bool,
+    /// Reads without the token: the API's GET routes (services, deployments, diffs, build
+    /// and console logs, instances with their clients' addresses), `/metrics`, and git
+    /// fetch and clone of the source repositories. Off by default: every read needs the
+    /// token, as writes do (the OpenAPI document alone is public). `revboot demo` turns it
+    /// on for its one user.
+    pub public_reads: bool,
 }
 
 impl std::fmt::Debug for Http {
@@ -93,7 +99,7 @@ impl std::fmt::Debug for Http {
         f.debug_struct("Http")
             .field("listen", &self.listen)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
-            .field("anonymous_fetch", &self.anonymous_fetch)
+            .field("public_reads", &self.public_reads)
             .finish()
     }
 }
@@ -173,7 +179,7 @@ impl Default for Http {
         Http {
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080),
             token: None,
-            anonymous_fetch: true,
+            public_reads: false,
         }
     }
 }
@@ -367,6 +373,16 @@ mod tests {
         let message = error.to_string();
         assert!(message.contains("lisen"), "{message}");
         assert!(message.contains("line 3"), "{message}");
+    }
+
+    #[test]
+    fn reads_need_the_token_unless_configured() {
+        assert!(!Config::default().http.public_reads);
+        let open = Config::from_toml("[http]\npublic_reads = true\n").expect("valid");
+        assert!(open.http.public_reads);
+        // The switch it replaced is an unknown key now, named as such.
+        let error = Config::from_toml("[http]\nanonymous_fetch = true\n").expect_err("gone");
+        assert!(error.to_string().contains("anonymous_fetch"), "{error}");
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! 3. The proxy wraps the deployer (it implements the same `Instances` trait): a summon
 //!    binds the listener before the address is handed out.
 //! 4. The DNS server answers from the proxy.
-//! 5. One HTTP server carries git smart HTTP (the builder's router), the API and `/metrics`.
+//! 5. One HTTP server carries git smart HTTP (the builder's router), the API and `/metrics`;
+//!    all of them need the token, reads included, unless `[http] public_reads` is on.
 //! 6. SIGTERM or SIGINT: stop accepting HTTP and DNS, mark running builds interrupted, stop
 //!    instances (their logs go back to the store), then exit.
 
@@ -41,7 +42,7 @@ pub struct DaemonInfo {
     pub http: SocketAddr,
     /// The DNS address (UDP and TCP).
     pub dns: SocketAddr,
-    /// The token for pushes and API writes.
+    /// The token for pushes and API writes (and reads, unless `[http] public_reads`).
     pub token: String,
     /// The file the token is kept in, when it is not given by the configuration.
     pub token_file: Option<PathBuf>,
@@ -397,7 +398,7 @@ impl Daemon {
             format!("http://{http_addr}"),
         );
         builder_config.push_tokens = vec![token.clone()];
-        builder_config.anonymous_fetch = config.http.anonymous_fetch;
+        builder_config.anonymous_fetch = config.http.public_reads;
         builder_config.max_parallel = config.parallel_builds();
         builder_config.max_queued = config.builds.queue;
         let builder = Builder::start(builder_config)
@@ -419,7 +420,8 @@ impl Daemon {
             deployer.clone(),
             builder.clone(),
         ));
-        let app = crate::api::router(engine, &token, Some(metrics)).merge(builder.router());
+        let app = crate::api::router(engine, &token, config.http.public_reads, Some(metrics))
+            .merge(builder.router());
         let (stop_http, mut stopped) = watch::channel(false);
         let http = tokio::spawn(async move {
             axum::serve(listener, app)

@@ -1,6 +1,8 @@
 //! `revboot demo`: the whole journey on one machine, in one command.
 //!
-//! 1. Start the daemon with the embedded defaults (or the configuration given).
+//! 1. Start the daemon with the embedded defaults (or the configuration given), reads open
+//!    to anyone who can reach it (`[http] public_reads = true`): the demo has one user, on
+//!    this machine. `revboot serve` keeps reads behind the token.
 //! 2. Copy `examples/hello` into `<data>/demo/hello`, make it a git repository and push it
 //!    with stock git over smart HTTP, as a user would: revision `v1`.
 //! 3. Change its `REVISION` line, commit and push again: `v2` goes live.
@@ -18,14 +20,18 @@ use crate::config::Config;
 use crate::daemon::{Daemon, DaemonInfo, termination};
 
 /// Runs the demo.
-pub async fn demo(config: Config, examples: &Path, once: bool) -> anyhow::Result<()> {
+pub async fn demo(mut config: Config, examples: &Path, once: bool) -> anyhow::Result<()> {
     let examples = if examples.join("hello").join("revboot.toml").exists() {
         examples.to_owned()
     } else {
         crate::run::default_examples()
     };
+    config.http.public_reads = true;
     let daemon = Daemon::start(config).await?;
     let info = daemon.info().clone();
+    say(
+        "demo: reads (API, /metrics, logs, git clone) need no token here ([http] public_reads = true); `revboot serve` asks for it\n",
+    );
     let result = push_examples(&info, &examples).await;
     match result {
         Ok(()) => say(&instructions(&info)),

@@ -97,7 +97,7 @@ pub struct BuilderConfig {
     pub base_url: String,
     /// Tokens accepted as the basic-auth password of a push.
     pub push_tokens: Vec<String>,
-    /// Whether fetch and clone work without a token.
+    /// Whether fetch and clone work without a token (default: no).
     pub anonymous_fetch: bool,
     /// Builds running at once across services; 0 means the number of available cores.
     pub max_parallel: usize,
@@ -128,7 +128,7 @@ impl BuilderConfig {
             zone: zone.into(),
             base_url: base_url.into(),
             push_tokens: Vec::new(),
-            anonymous_fetch: true,
+            anonymous_fetch: false,
             max_parallel: 0,
             max_queued: 64,
             push_wait_secs: BuilderConfig::DEFAULT_PUSH_WAIT_SECS,

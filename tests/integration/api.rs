@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use crate::support::{Daemon, TOKEN, hello_source, history, push};
+use crate::support::{Daemon, Setup, git, hello_source, history, push};
 
 /// (status, body) of a curl request.
 fn request(
@@ -33,7 +33,7 @@ fn request(
         ]);
     }
     if token {
-        command.args(["-H", &format!("authorization: Bearer {TOKEN}")]);
+        command.args(["-H", &format!("authorization: Bearer {}", daemon.token)]);
     }
     let output = command.output().expect("run curl");
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
@@ -107,7 +107,7 @@ fn invalid_requests_get_json_errors_and_change_nothing() {
             "GET",
             "/api/v1/services/nope/deployments",
             None,
-            false,
+            true,
             404,
             "not_found",
         ),
@@ -115,7 +115,7 @@ fn invalid_requests_get_json_errors_and_change_nothing() {
             "GET",
             "/api/v1/services/hello/diff",
             None,
-            false,
+            true,
             400,
             "invalid",
         ),
@@ -163,7 +163,7 @@ fn invalid_requests_get_json_errors_and_change_nothing() {
     assert_eq!(after[0]["revision"], live.as_str());
     assert_eq!(after[0]["live"], true);
 
-    let (status, metrics) = request(&daemon, "GET", "/metrics", None, false);
+    let (status, metrics) = request(&daemon, "GET", "/metrics", None, true);
     assert_eq!(status, 200);
     assert!(
         metrics.contains("revboot_dns_responses_total{rcode=\"noerror\"}"),
@@ -181,4 +181,122 @@ fn invalid_requests_get_json_errors_and_change_nothing() {
     let (status, openapi) = request(&daemon, "GET", "/api/v1/openapi.json", None, false);
     assert_eq!(status, 200);
     assert!(openapi.contains("\"openapi\""));
+}
+
+/// Every GET route of the API with this service and revision filled in, and `/metrics`.
+fn read_paths(service: &str, revision: &str) -> Vec<String> {
+    revboot::api::ROUTES
+        .iter()
+        .filter(|(method, path)| *method == "get" && *path != "/api/v1/openapi.json")
+        .map(|(_, path)| {
+            let path = path
+                .replace("{service}", service)
+                .replace("{label}", revision);
+            if path.ends_with("/diff") {
+                format!("{path}?a={revision}&b={revision}")
+            } else {
+                path
+            }
+        })
+        .collect()
+}
+
+/// `git clone` of a source repository without a prompt for credentials; true if it worked.
+fn clone(dir: &std::path::Path, url: &str, into: &str) -> bool {
+    Command::new("git")
+        .args(["clone", "-q", url, into])
+        .current_dir(dir)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run git")
+        .status
+        .success()
+}
+
+#[test]
+fn anonymous_reads_of_api_metrics_and_sources_need_the_token() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let daemon = Daemon::start(&temp.path().join("data"));
+    let work = hello_source(temp.path());
+    push(&daemon, &work);
+    let revision = history(&daemon, "hello")[0]["revision"]
+        .as_str()
+        .expect("revision")
+        .to_owned();
+    let anonymous = format!("http://{}/git/hello.git", daemon.http);
+
+    let paths = read_paths("hello", &revision[..7]);
+    assert!(paths.len() >= 8, "{paths:?}");
+    for path in &paths {
+        let (status, body) = request(&daemon, "GET", path, None, false);
+        assert_eq!(status, 401, "anonymous GET {path}: {body}");
+        let (status, body) = request(&daemon, "GET", path, None, true);
+        assert_eq!(status, 200, "GET {path} with the token: {body}");
+    }
+    let (status, body) = request(&daemon, "GET", "/metrics", None, false);
+    assert_eq!(status, 401, "anonymous /metrics: {body}");
+    let (status, _) = request(&daemon, "GET", "/api/v1/openapi.json", None, false);
+    assert_eq!(status, 200, "the API's description stays public");
+
+    assert!(!clone(temp.path(), &anonymous, "anonymous"));
+    assert!(!temp.path().join("anonymous/revboot.toml").exists());
+    assert!(clone(temp.path(), &daemon.remote("hello"), "authed"));
+    assert!(temp.path().join("authed/revboot.toml").exists());
+
+    // The CLI sends the token it has; without one it is told what is missing.
+    for args in [
+        &["ps"][..],
+        &["log", "hello"],
+        &["logs", "hello", "--build"],
+    ] {
+        let output = daemon.cli(args);
+        assert!(
+            output.status.success(),
+            "revboot {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let without = Command::new(env!("CARGO_BIN_EXE_revboot"))
+        .args(["--url", &format!("http://{}", daemon.http)])
+        .args(["--data", &temp.path().join("elsewhere").to_string_lossy()])
+        .arg("ps")
+        .env_remove("REVBOOT_TOKEN")
+        .output()
+        .expect("run revboot");
+    assert_eq!(without.status.code(), Some(2));
+    let said = String::from_utf8_lossy(&without.stderr);
+    assert!(said.contains("Reads need the token"), "{said}");
+    drop(daemon);
+
+    // `public_reads = true` is the open daemon of before; writes still need the token.
+    let open = Daemon::start_setup(
+        &temp.path().join("open"),
+        &Setup {
+            config: "[http]\npublic_reads = true\n",
+            ..Setup::default()
+        },
+    );
+    git(&work, &["commit", "-q", "--allow-empty", "-m", "again"]);
+    push(&open, &work);
+    let revision = history(&open, "hello")[0]["revision"]
+        .as_str()
+        .expect("revision")
+        .to_owned();
+    for path in read_paths("hello", &revision[..7]) {
+        let (status, body) = request(&open, "GET", &path, None, false);
+        assert_eq!(status, 200, "anonymous GET {path}: {body}");
+    }
+    let (status, _) = request(&open, "GET", "/metrics", None, false);
+    assert_eq!(status, 200);
+    let (status, body) = request(
+        &open,
+        "POST",
+        "/api/v1/services",
+        Some(r#"{"name":"other"}"#),
+        false,
+    );
+    assert_eq!(status, 401, "{body}");
+    let anonymous = format!("http://{}/git/hello.git", open.http);
+    assert!(clone(temp.path(), &anonymous, "open-anonymous"));
 }

@@ -9,15 +9,6 @@ use crate::support::{Daemon, curl, dig_ok, hello_source, history, push};
 /// Bound on every wait in this test (not a timing assertion).
 const PATIENCE: Duration = Duration::from_secs(60);
 
-fn metrics(daemon: &Daemon) -> String {
-    let output = std::process::Command::new("curl")
-        .args(["-sS", "--max-time", "10"])
-        .arg(format!("http://{}/metrics", daemon.http))
-        .output()
-        .expect("curl runs");
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
 fn running(daemon: &Daemon) -> usize {
     let ps = daemon.cli(&["--json", "ps"]);
     let instances: Vec<serde_json::Value> = serde_json::from_slice(&ps.stdout).expect("JSON");
@@ -43,7 +34,7 @@ fn direct_instances_serve_without_the_proxy_and_open_connections_keep_them() {
     let address = dig_ok(&daemon, &name, false);
     let body = curl(&name, &address, 8080);
     assert_eq!(body.trim(), format!("hello from v1 ({revision})"));
-    let text = metrics(&daemon);
+    let text = daemon.metrics();
     assert!(
         text.contains("revboot_proxy_connections_total{outcome=\"accepted\"} 0"),
         "the proxy took a connection:\n{text}"

@@ -1,8 +1,6 @@
 //! The whole journey: push → dig → curl → second revision → rollback → bisect → restart.
 
-use crate::support::{
-    Daemon, commit_revision, curl, dig_ok, git, hello_source, history, push, run,
-};
+use crate::support::{Daemon, commit_revision, curl, dig_ok, git, hello_source, history, push};
 
 const ZONE: &str = "revboot.test";
 
@@ -58,10 +56,7 @@ fn push_dig_curl_rollback_bisect_restart() {
     let body = curl(&name, &address, 8080);
     assert!(body.starts_with("hello from v1"), "{body}");
     assert_eq!(steered(), Some(before + 1));
-    let metrics = run(std::process::Command::new("curl")
-        .args(["-sS", "--max-time", "10"])
-        .arg(format!("http://{}/metrics", daemon.http)));
-    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    let metrics = daemon.metrics();
     assert!(metrics.contains("revboot_steered_instances 1"), "{metrics}");
 
     // A second revision goes live; the old name still boots the old one.

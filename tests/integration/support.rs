@@ -183,6 +183,15 @@ impl Daemon {
             .expect("run revboot")
     }
 
+    /// `/metrics`, read with the token.
+    pub fn metrics(&self) -> String {
+        let output = run(Command::new("curl")
+            .args(["-sS", "--fail", "--max-time", "10", "-H"])
+            .arg(format!("authorization: Bearer {}", self.token))
+            .arg(format!("http://{}/metrics", self.http)));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
     /// `dig +short` of a name against this daemon, over UDP (or TCP).
     pub fn dig(&self, name: &str, tcp: bool) -> String {
         let mut command = Command::new("dig");

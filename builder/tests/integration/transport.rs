@@ -71,7 +71,7 @@ async fn build_log_reaches_the_pusher_while_the_build_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_push_streams_and_clones_back_intact() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let daemon = daemon(&tmp.path().join("data"), |_| {}).await;
+    let daemon = daemon(&tmp.path().join("data"), |c| c.anonymous_fetch = true).await;
     let recipe = "[build]\nshell = \"mkdir -p out && cp blob out/a\"\nartifacts = [\"out/a\"]\n";
     let work = recipe_fixture(tmp.path(), "big", recipe).await;
     // 4 MiB of incompressible bytes: more than git's 1 MiB post buffer, so the pack goes
@@ -91,7 +91,7 @@ async fn large_push_streams_and_clones_back_intact() {
     let record = wait_finished(&daemon.builder, &commit).await;
     assert_eq!(record.state, BuildState::Succeeded, "{record:#?}");
 
-    // Anonymous clone (the default) gets the same bytes back.
+    // Anonymous clone (allowed here) gets the same bytes back.
     let clone = tmp.path().join("clone");
     let output = git(
         tmp.path(),
@@ -114,9 +114,9 @@ async fn large_push_streams_and_clones_back_intact() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fetch_needs_a_token_when_configured() {
+async fn fetch_needs_a_token_by_default() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let daemon = daemon(&tmp.path().join("data"), |c| c.anonymous_fetch = false).await;
+    let daemon = daemon(&tmp.path().join("data"), |_| {}).await;
     let recipe = "[build]\nshell = \"mkdir -p out && echo x > out/a\"\nartifacts = [\"out/a\"]\n";
     let work = recipe_fixture(tmp.path(), "private", recipe).await;
     let (ok, stderr) = push(&work, &daemon.url("private"), &[]).await;
