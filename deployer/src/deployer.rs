@@ -14,7 +14,9 @@
 //! 4. Finishing: the state becomes final (stopped or crashed) and the key is free for a
 //!    new summon; crashes update the back-off. Then the address returns to the pool, the
 //!    durable record and the scratch directory go, and the runtime record (outcome, boot
-//!    time, lifetime, console tail) is written to the store's log ref.
+//!    time, lifetime, console tail) is written to the store's log ref. The outcome of a
+//!    stop the deployer asked for is its reason (`stopped: idle for 60s`), however the
+//!    instance then ended; `crashed: …` is for instances that ended on their own.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
@@ -123,8 +125,40 @@ pub struct InstanceInfo {
 
 #[derive(Debug)]
 enum Command {
-    Stop(&'static str),
+    Stop(StopReason),
     Kill,
+}
+
+/// Why the deployer stopped an instance. Its record says this, whatever signal ended it: an
+/// image that is pid 1 of its namespace ignores SIGTERM without a handler and ends by the
+/// SIGKILL after the grace, which is still the stop that was asked for, not a crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    /// Quiet for the whole idle timeout.
+    Idle(Duration),
+    /// An operator's stop.
+    Operator,
+    /// An operator's kill.
+    OperatorKill,
+    /// The daemon is shutting down.
+    Shutdown,
+    /// The deployer went away (its command queue closed).
+    DeployerGone,
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StopReason::Idle(after) if after.subsec_millis() == 0 => {
+                write!(f, "idle for {}s", after.as_secs())
+            }
+            StopReason::Idle(after) => write!(f, "idle for {} ms", after.as_millis()),
+            StopReason::Operator => f.write_str("by operator"),
+            StopReason::OperatorKill => f.write_str("killed by operator"),
+            StopReason::Shutdown => f.write_str("daemon shutdown"),
+            StopReason::DeployerGone => f.write_str("deployer gone"),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -347,7 +381,7 @@ impl Deployer {
 
     /// Stops an instance gracefully (kill after the grace); the watch shows when it is done.
     pub fn stop(&self, key: &InstanceKey) -> Result<watch::Receiver<InstanceState>, ControlError> {
-        self.command(key, Command::Stop("operator"))
+        self.command(key, Command::Stop(StopReason::Operator))
     }
 
     /// Kills an instance.
@@ -383,7 +417,7 @@ impl Deployer {
         };
         info!(instances = entries.len(), "deployer shutting down");
         for entry in &entries {
-            let _ = entry.commands.try_send(Command::Stop("shutdown"));
+            let _ = entry.commands.try_send(Command::Stop(StopReason::Shutdown));
         }
         let limit = self.config.stop_grace() + KILL_WAIT + Duration::from_secs(30);
         let all_done = async {
@@ -906,7 +940,7 @@ fn is_zombie(pid: u32) -> bool {
 }
 
 enum End {
-    Stopped(&'static str),
+    Stopped(StopReason),
     Crashed(String),
 }
 
@@ -1016,16 +1050,17 @@ async fn tend(
             reason: reason.clone(),
         },
     };
-    let outcome = match (&end, exit) {
-        (End::Stopped(why), Some(exit)) => format!("stopped: {why} ({exit})"),
-        (End::Stopped(why), None) => format!("stopped: {why}"),
-        (End::Crashed(reason), _) => format!("crashed: {reason}"),
+    let outcome = match &end {
+        End::Stopped(why) => format!("stopped: {why}"),
+        End::Crashed(reason) => format!("crashed: {reason}"),
     };
     match &end {
         End::Crashed(reason) => {
             warn!(instance = %entry.key, id = entry.id, reason, "instance crashed")
         }
-        End::Stopped(why) => info!(instance = %entry.key, id = entry.id, why, "instance stopped"),
+        End::Stopped(why) => {
+            info!(instance = %entry.key, id = entry.id, %why, "instance stopped")
+        }
     }
     deployer.finish_state(entry, state, served);
     if let Some(running) = &running
@@ -1101,7 +1136,8 @@ async fn serve(
             half
         } else if quiet >= idle_timeout {
             info!(instance = %entry.key, ?quiet, "idle: stopping");
-            return stop(deployer, entry, running, Some(Command::Stop("idle"))).await;
+            let why = StopReason::Idle(idle_timeout);
+            return stop(deployer, entry, running, Some(Command::Stop(why))).await;
         } else if quiet >= half {
             entry
                 .state
@@ -1155,7 +1191,8 @@ fn set_if(state: &mut InstanceState, from: InstanceState, to: InstanceState) -> 
 }
 
 /// Carries out a stop or kill; a closed command queue (deployer gone) is a kill. New
-/// connections stop going straight to the instance first.
+/// connections stop going straight to the instance first. An instance that had already
+/// ended by itself crashed, whatever command came at the same moment.
 async fn stop(
     deployer: &Deployer,
     entry: &Entry,
@@ -1163,6 +1200,10 @@ async fn stop(
     command: Option<Command>,
 ) -> End {
     entry.unsteer(&deployer.metrics);
+    let ended = *running.exit().borrow();
+    if let Some(report) = ended {
+        return End::Crashed(report.to_string());
+    }
     match command {
         Some(Command::Stop(why)) => {
             running.stop();
@@ -1170,18 +1211,18 @@ async fn stop(
                 .await
                 .is_none()
             {
-                debug!(why, "grace over: killing");
+                debug!(instance = %entry.key, %why, "grace over: killing");
                 running.kill();
             }
             End::Stopped(why)
         }
         Some(Command::Kill) => {
             running.kill();
-            End::Stopped("killed by operator")
+            End::Stopped(StopReason::OperatorKill)
         }
         None => {
             running.kill();
-            End::Stopped("deployer gone")
+            End::Stopped(StopReason::DeployerGone)
         }
     }
 }

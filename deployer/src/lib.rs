@@ -24,7 +24,8 @@
 //! 4. **idle** — no open connection and no query for half the idle timeout; activity makes
 //!    it ready again.
 //! 5. **stopped** — quiet for the whole idle timeout (`run.idle_timeout_secs`), or stopped by
-//!    an operator or the shutdown: SIGTERM, SIGKILL after the grace.
+//!    an operator or the shutdown: SIGTERM, SIGKILL after the grace. Its record says why the
+//!    deployer stopped it (`stopped: idle for 60s`), whichever of the two signals ended it.
 //! 6. **crashed** — it exited on its own, was killed at its memory limit, or never became
 //!    ready. The next summon boots it again; quick crashes in a row back off exponentially
 //!    (capped) and summons fail with [`SummonError::Backoff`] meanwhile.

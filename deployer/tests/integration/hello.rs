@@ -10,12 +10,20 @@ const HELLO_RUN: &str = "port = 8080\nmemory_mib = 32\nready = { probe = \"socke
 
 /// Deploys hello (its own `[run]`, source commit 1) and summons it.
 fn summon_hello(world: &World) -> (revboot_store::Revision, revboot_deployer::Summoned) {
+    summon_hello_built_from(world, 1)
+}
+
+/// Deploys hello as built from source commit `n` and summons it.
+fn summon_hello_built_from(
+    world: &World,
+    n: u8,
+) -> (revboot_store::Revision, revboot_deployer::Summoned) {
     let revision = deploy(
         &world.store,
         "hello",
         &hello_image(),
         &manifest("hello", HELLO_RUN),
-        &source(1),
+        &source(n),
     );
     let summoned = world
         .deployer
@@ -173,6 +181,40 @@ async fn idle_reaping_stops_the_instance_and_writes_its_log_back() {
     // The address is free again.
     assert!(support::eventually(|| world.deployer.by_address(summoned.address).is_none()).await);
     assert!(support::bindable(summoned.address, 8080));
+    world.deployer.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_stop_is_recorded_as_idle_not_as_killed_by_signal_9() {
+    // hello is pid 1 of its pid namespace with no SIGTERM handler: SIGTERM does nothing and
+    // the SIGKILL after the grace ends it. Still, the deployer asked for the stop.
+    let world = World::new(12, |config| config.idle_timeout_override_ms = Some(1_000));
+    let (revision, summoned) = summon_hello(&world);
+    let mut state = summoned.state.clone();
+    let end = support::wait_state(&mut state, InstanceState::is_final).await;
+    assert_eq!(end, InstanceState::Stopped);
+
+    // An operator's stop reads as one too.
+    let (other, summoned) = summon_hello_built_from(&world, 2);
+    let mut state = summoned.state.clone();
+    support::wait_state(&mut state, InstanceState::is_serving).await;
+    let mut state = world.deployer.stop(&summoned.key).expect("running");
+    support::wait_state(&mut state, InstanceState::is_final).await;
+
+    let records = || world.store.runtime_logs("hello").unwrap_or_default();
+    assert!(
+        support::eventually(|| records().len() == 2).await,
+        "two records"
+    );
+    let outcome = |of: revboot_store::Revision| {
+        records()
+            .into_iter()
+            .find(|record| record.revision == of)
+            .map(|record| record.outcome)
+            .expect("a record")
+    };
+    assert_eq!(outcome(revision), "stopped: idle for 1s");
+    assert_eq!(outcome(other), "stopped: by operator");
     world.deployer.shutdown().await;
 }
 
