@@ -114,7 +114,9 @@ pub struct Instances {
     pub max_total: usize,
     /// Cap on running instances of one service.
     pub max_per_service: usize,
-    /// Cap on per-client instances of one service.
+    /// Cap on per-client instances of one service. When it is reached, a new client takes
+    /// the slot of the client instance quiet longest with no connection open (it is
+    /// stopped); while every one has a connection open, new clients are refused.
     pub max_clients_per_service: usize,
     /// Tender accelerator for qemu: `auto`, `kvm` or `tcg`.
     pub qemu_accel: String,

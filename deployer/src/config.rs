@@ -205,7 +205,8 @@ pub struct DeployerConfig {
     /// Cap on instances of one service.
     #[serde(default = "default_max_per_service")]
     pub max_per_service: usize,
-    /// Cap on client instances of one per-client service.
+    /// Cap on client instances of one per-client service. When it is reached, a new client
+    /// takes the slot of the client instance quiet longest with no connection open.
     #[serde(default = "default_max_clients")]
     pub max_clients_per_service: usize,
     /// Grace between a graceful stop and a kill.

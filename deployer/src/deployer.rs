@@ -34,6 +34,7 @@ use tracing::{debug, info, warn};
 use crate::config::DeployerConfig;
 use crate::console::Console;
 use crate::pool::AddressPool;
+use crate::refusals::{self, RefusalLog};
 use crate::state::{self, InstanceRecord, State};
 use crate::steer::{Steered, Steering};
 use crate::summon::{
@@ -65,6 +66,9 @@ const COMMANDS: usize = 4;
 const KILL_WAIT: Duration = Duration::from_secs(10);
 /// Tries to find a bindable address when another program holds one of the pool's.
 const BIND_TRIES: usize = 16;
+/// When a per-client service's slots are full, the quietest client instances asked (one
+/// `sock_diag` each) whether a connection to them is open, at most.
+const RECLAIM_CHECKS: usize = 8;
 
 /// Why the deployer could not start.
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +144,8 @@ enum StopReason {
     Operator,
     /// An operator's kill.
     OperatorKill,
+    /// Its client slot went to a new client of its per-client service.
+    Reclaimed,
     /// The daemon is shutting down.
     Shutdown,
     /// The deployer went away (its command queue closed).
@@ -155,6 +161,7 @@ impl std::fmt::Display for StopReason {
             StopReason::Idle(after) => write!(f, "idle for {} ms", after.as_millis()),
             StopReason::Operator => f.write_str("by operator"),
             StopReason::OperatorKill => f.write_str("killed by operator"),
+            StopReason::Reclaimed => f.write_str("client slot reclaimed for a new client"),
             StopReason::Shutdown => f.write_str("daemon shutdown"),
             StopReason::DeployerGone => f.write_str("deployer gone"),
         }
@@ -178,6 +185,9 @@ struct Entry {
     console: OnceLock<Console>,
     pid: OnceLock<u32>,
     counted: AtomicBool,
+    /// Its client slot went to a new client: it no longer counts against the per-client cap
+    /// and no longer answers for its key, and it is being stopped.
+    reclaimed: AtomicBool,
     /// The kernel hand-off while the instance is ready; only its life task sets and clears it.
     steered: Mutex<Option<Steered>>,
 }
@@ -233,6 +243,8 @@ pub struct Deployer {
     metrics: crate::metrics::Metrics,
     /// The sk_lookup program, when it could be loaded ([`crate::steer`]).
     steering: Option<Arc<Steering>>,
+    /// Lasting refusals, logged once per service per window.
+    refusals: RefusalLog,
 }
 
 fn unix_ms() -> u64 {
@@ -304,6 +316,7 @@ impl Deployer {
             tasks_done: Notify::new(),
             metrics: crate::metrics::Metrics::default(),
             steering,
+            refusals: RefusalLog::default(),
             config,
         });
         deployer.warm_soon();
@@ -595,7 +608,36 @@ impl Deployer {
         }
     }
 
+    /// Summons `key`: when a per-client service's client slots are full, once more after
+    /// one is reclaimed ([`Deployer::reclaim_client_slot`]). Refusals that last are logged
+    /// here, once per service per [`refusals::WINDOW`].
     fn start(&self, key: InstanceKey, info: Arc<RevisionInfo>) -> Result<Summoned, SummonError> {
+        let result = match self.try_start(&key, &info) {
+            Err(SummonError::ClientCap { .. }) if self.reclaim_client_slot(&key.service) => {
+                self.try_start(&key, &info)
+            }
+            other => other,
+        };
+        if let Err(error) = &result
+            && error.is_lasting()
+            && let Some(suppressed) = self.refusals.note(&key.service, Instant::now())
+        {
+            warn!(
+                service = key.service,
+                %error,
+                suppressed,
+                "summon refused (one such line per service per {:?}; `suppressed` counts the refusals left out since the last)",
+                refusals::WINDOW
+            );
+        }
+        result
+    }
+
+    fn try_start(
+        &self,
+        key: &InstanceKey,
+        info: &Arc<RevisionInfo>,
+    ) -> Result<Summoned, SummonError> {
         let me = self.me.upgrade().ok_or(SummonError::ShuttingDown)?;
         let run = &info.manifest.run;
         let tender = self
@@ -612,7 +654,7 @@ impl Deployer {
         if table.shutting_down {
             return Err(SummonError::ShuttingDown);
         }
-        if let Some(entry) = table.by_key.get(&key)
+        if let Some(entry) = table.by_key.get(key)
             && !entry.state.borrow().is_final()
         {
             entry
@@ -621,7 +663,7 @@ impl Deployer {
             return Ok(Self::summoned(entry));
         }
         let now = Instant::now();
-        if let Some(until) = table.failures.get(&key).and_then(|f| f.until)
+        if let Some(until) = table.failures.get(key).and_then(|f| f.until)
             && until > now
         {
             return Err(SummonError::Backoff {
@@ -717,6 +759,7 @@ impl Deployer {
             console: OnceLock::new(),
             pid: OnceLock::new(),
             counted: AtomicBool::new(true),
+            reclaimed: AtomicBool::new(false),
         });
         table.by_key.insert(key.clone(), Arc::clone(&entry));
         table.by_address.insert(address, Arc::clone(&entry));
@@ -731,6 +774,7 @@ impl Deployer {
         self.tasks.fetch_add(1, Ordering::AcqRel);
         debug!(instance = %key, id = entry.id, %address, backend = %entry.backend, "summoned");
         let runtime = self.runtime.clone();
+        let info = Arc::clone(info);
         crate::summon::launch(move || {
             runtime.spawn(async move {
                 tend(&me, &entry, prepared, &info, command_rx, scratch).await;
@@ -754,6 +798,7 @@ impl Deployer {
                 }
             }
             if entry.key.client.is_some()
+                && !entry.reclaimed.load(Ordering::Acquire)
                 && let Some(count) = table.clients.get_mut(&entry.key.service)
             {
                 *count -= 1;
@@ -802,6 +847,72 @@ impl Deployer {
         }
         entry.state.send_replace(state);
         drop(table);
+    }
+
+    /// Frees a client slot of `service` for a new client: of its client instances that
+    /// serve with no connection open, the one quiet longest is detached from its key (its
+    /// client's next summon boots a new one) and stopped. A booting instance (its client is
+    /// about to connect) or one with a connection open (counted by the proxy, or seen on its
+    /// own socket by the kernel) keeps its slot. The stopping instance still counts against
+    /// the service and global caps until it has ended. False if none qualifies.
+    ///
+    /// The table is scanned under its lock (this runs only while the slots are full); the
+    /// kernel is asked about open connections outside it, for the quietest few candidates.
+    fn reclaim_client_slot(&self, service: &str) -> bool {
+        let mut candidates: Vec<(u64, Arc<Entry>)> = {
+            let table = self.table.lock().expect("table lock is never poisoned");
+            table
+                .by_key
+                .values()
+                .filter(|entry| {
+                    entry.key.client.is_some()
+                        && entry.key.service == service
+                        && entry.open.load(Ordering::Relaxed) <= 0
+                        && entry.state.borrow().is_serving()
+                })
+                .map(|entry| {
+                    (
+                        entry.last_activity.load(Ordering::Relaxed),
+                        Arc::clone(entry),
+                    )
+                })
+                .collect()
+        };
+        candidates.sort_unstable_by_key(|(last_activity, _)| *last_activity);
+        for (last_activity, entry) in candidates.into_iter().take(RECLAIM_CHECKS) {
+            if connected_directly(&entry) {
+                continue;
+            }
+            let mut table = self.table.lock().expect("table lock is never poisoned");
+            // Still the quiet instance it was a moment ago, still holding its slot?
+            let unchanged = table
+                .by_key
+                .get(&entry.key)
+                .is_some_and(|e| e.id == entry.id)
+                && entry.open.load(Ordering::Relaxed) <= 0
+                && entry.last_activity.load(Ordering::Relaxed) == last_activity
+                && entry.state.borrow().is_serving();
+            if !unchanged {
+                continue;
+            }
+            table.by_key.remove(&entry.key);
+            entry.reclaimed.store(true, Ordering::Release);
+            if let Some(count) = table.clients.get_mut(service) {
+                *count -= 1;
+                if *count == 0 {
+                    table.clients.remove(service);
+                }
+            }
+            drop(table);
+            let quiet = self.ms_since_epoch().saturating_sub(last_activity);
+            info!(instance = %entry.key, quiet_ms = quiet, "client slot reclaimed for a new client: stopping");
+            // A full queue already holds a stop or kill.
+            let _ = entry
+                .commands
+                .try_send(Command::Stop(StopReason::Reclaimed));
+            return true;
+        }
+        false
     }
 
     fn release_address(&self, entry: &Entry) {

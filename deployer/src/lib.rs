@@ -14,7 +14,10 @@
 //!    proxy) checks the crash-loop back-off and the caps (global, per service, clients per
 //!    per-client service), takes a service address from the pool and lets the tender claim
 //!    the backend socket; it returns at once. Concurrent summons of one instance get the
-//!    same one.
+//!    same one. When a per-client service's client slots are full, a new client gets the
+//!    slot of the client instance quiet longest with no connection open, which is stopped
+//!    (`stopped: client slot reclaimed for a new client`); with none such, the summon is
+//!    refused. Lasting refusals (caps, back-off) are logged once per service per 10 s.
 //! 2. **booting** — the image is materialised from the store's cache and started; the
 //!    listening socket already exists, so a connection made now waits in the kernel.
 //! 3. **ready** — the manifest's probe passed (`socket`: at exec; `tcp`; `http` GET path;
@@ -106,6 +109,7 @@ pub mod console;
 mod deployer;
 pub mod metrics;
 pub mod pool;
+mod refusals;
 pub mod state;
 pub mod steer;
 pub mod summon;

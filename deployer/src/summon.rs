@@ -208,6 +208,23 @@ pub enum SummonError {
     ShuttingDown,
 }
 
+impl SummonError {
+    /// True for a refusal that lasts until instances end or time passes: a cap, the
+    /// address pool, a crash loop's back-off. Every query meets it meanwhile, so the
+    /// deployer logs these itself, one line per service per 10 s with the count of those
+    /// left out; a caller (DNS, the proxy) need not log each.
+    pub fn is_lasting(&self) -> bool {
+        matches!(
+            self,
+            SummonError::GlobalCap { .. }
+                | SummonError::ServiceCap { .. }
+                | SummonError::ClientCap { .. }
+                | SummonError::PoolExhausted
+                | SummonError::Backoff { .. }
+        )
+    }
+}
+
 /// Activity that keeps an instance alive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activity {

@@ -235,7 +235,12 @@ impl Engine {
                 return plain(reply, cache);
             }
             Err(error) => {
-                warn!(%error, service, revision = %resolved.revision, "summon refused");
+                // The deployer logs lasting refusals (caps, back-off), not every one of them.
+                if error.is_lasting() {
+                    debug!(%error, service, revision = %resolved.revision, "summon refused");
+                } else {
+                    warn!(%error, service, revision = %resolved.revision, "summon refused");
+                }
                 let reply = Reply {
                     rcode: u16::from(ResponseCode::ServFail),
                     ede: Some((EDE_OTHER, error.to_string())),

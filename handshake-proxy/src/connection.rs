@@ -135,7 +135,12 @@ async fn serve(mut open: Open, mut client: TcpStream, peer: SocketAddr, mut summ
         match shared.summon(&key.service, &key.revision, key.client) {
             Ok(again) => summoned = again,
             Err(error) => {
-                warn!(%error, %peer, key = %summoned.key, "summon failed; connection closed");
+                // The deployer logs lasting refusals (caps, back-off), not every one of them.
+                if error.is_lasting() {
+                    debug!(%error, %peer, key = %summoned.key, "summon failed; connection closed");
+                } else {
+                    warn!(%error, %peer, key = %summoned.key, "summon failed; connection closed");
+                }
                 bump(&metrics.boot_failures);
                 return;
             }

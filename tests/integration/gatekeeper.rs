@@ -10,16 +10,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::support::{Daemon, example_source, git, push_service};
+use crate::support::{Daemon, eventually, example_source, git, push_service};
 
 const NAME: &str = "gatekeeper.revboot.test";
 const CLIENTS: [&str; 3] = ["127.0.0.21", "127.0.0.22", "127.0.0.23"];
 /// A fourth client, over the per-client cap of three.
 const OVER_CAP: &str = "127.0.0.24";
-/// Bound on every wait in this test (not a timing assertion).
-const PATIENCE: Duration = Duration::from_secs(60);
 
 /// The legacy backend: answers `legacy backend saw <method> <path> for <x-forwarded-for>`
 /// and appends the same line to its log file.
@@ -116,35 +114,6 @@ fn serve_one(stream: TcpStream, log: &Mutex<std::fs::File>) {
     );
 }
 
-/// `dig` from a source address; the whole output (status, EDE and answer).
-fn dig_from(daemon: &Daemon, source: &str) -> String {
-    let output = Command::new("dig")
-        .arg(format!("@{}", daemon.dns.ip()))
-        .args(["-p", &daemon.dns.port().to_string(), "-b", source])
-        .args(["+time=5", "+tries=1", NAME, "A"])
-        .output()
-        .expect("run dig");
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// The one address `dig` from `source` answers.
-fn address_for(daemon: &Daemon, source: &str) -> String {
-    let output = dig_from(daemon, source);
-    let answer = output
-        .lines()
-        .filter(|line| !line.starts_with(';'))
-        .find_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            (fields.len() == 5 && fields[3] == "A").then(|| fields[4].to_owned())
-        });
-    answer.unwrap_or_else(|| {
-        panic!(
-            "dig from {source} gave no address:\n{output}\ndaemon log:\n{}",
-            daemon.log()
-        )
-    })
-}
-
 /// curl from `source` to `address:8080` (a body of `body` bytes, if any).
 fn curl_from(source: &str, address: &str, method: &str, path: &str, body: Option<usize>) -> Output {
     let mut command = Command::new("curl");
@@ -192,29 +161,6 @@ fn answered(output: &Output) -> (u16, String) {
     );
     let (body, status) = text.rsplit_once('\n').expect("status line");
     (status.trim().parse().expect("status code"), body.to_owned())
-}
-
-/// `revboot ps --json`.
-fn instances(daemon: &Daemon) -> Vec<serde_json::Value> {
-    let output = daemon.cli(&["--json", "ps"]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("ps is JSON")
-}
-
-/// Waits (bounded) until `check` holds.
-fn eventually(mut check: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + PATIENCE;
-    while Instant::now() < deadline {
-        if check() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
 }
 
 /// The port of the instance's own socket on its service address (beside the proxy's 8080).
@@ -275,7 +221,7 @@ fn gatekeepers_per_client_reach_only_their_backend_and_enforce_policy() {
     // Three clients, three instances, three addresses; each reaches the backend as itself.
     let mut addresses = Vec::new();
     for client in CLIENTS {
-        let address = address_for(&daemon, client);
+        let address = daemon.address_for(client, NAME);
         let (status, body) = answered(&curl_from(client, &address, "GET", "/api/hello", None));
         assert_eq!(status, 200, "{body}");
         assert_eq!(
@@ -288,7 +234,7 @@ fn gatekeepers_per_client_reach_only_their_backend_and_enforce_policy() {
     distinct.sort();
     distinct.dedup();
     assert_eq!(distinct.len(), 3, "{addresses:?}");
-    let listed = instances(&daemon);
+    let listed = daemon.instances();
     let mut clients: Vec<String> = listed
         .iter()
         .filter(|i| i["service"] == "gatekeeper")
@@ -311,7 +257,7 @@ fn gatekeepers_per_client_reach_only_their_backend_and_enforce_policy() {
     assert_eq!(backend.requests().len(), 3, "{:?}", backend.requests());
 
     // None can reach another's instance: .22 on .21's address gets no HTTP answer.
-    assert_eq!(address_for(&daemon, CLIENTS[0]), addresses[0]);
+    assert_eq!(daemon.address_for(CLIENTS[0], NAME), addresses[0]);
     let intruder = curl_from(CLIENTS[1], &addresses[0], "GET", "/api/hello", None);
     let text = String::from_utf8_lossy(&intruder.stdout);
     assert!(!intruder.status.success(), "{text}");
@@ -366,23 +312,28 @@ fn gatekeepers_per_client_reach_only_their_backend_and_enforce_policy() {
         "{after:?}"
     );
 
-    // The cap: a fourth client is refused with a clear reason; the three keep theirs.
-    for client in CLIENTS {
-        address_for(&daemon, client);
-    }
-    let refused = dig_from(&daemon, OVER_CAP);
+    // The cap: while each of the three has a connection open, a fourth client is refused
+    // with a clear reason; the three keep theirs.
+    let held: Vec<_> = CLIENTS
+        .iter()
+        .zip(&addresses)
+        .map(|(client, address)| daemon.hold_connection(client, address, 8080))
+        .collect();
+    let refused = daemon.dig_from(OVER_CAP, NAME);
     assert!(refused.contains("status: SERVFAIL"), "{refused}");
     assert!(
         refused.contains("Per-client instance limit for `gatekeeper` reached (3 clients)"),
         "{refused}"
     );
     assert_eq!(
-        instances(&daemon)
+        daemon
+            .instances()
             .iter()
             .filter(|i| i["client"] == OVER_CAP)
             .count(),
         0
     );
+    drop(held);
 
     // A crashed gatekeeper affects only its client.
     let pid = gatekeeper_pid(CLIENTS[0]).expect("the gatekeeper of .21 runs");
@@ -394,20 +345,21 @@ fn gatekeepers_per_client_reach_only_their_backend_and_enforce_policy() {
             .success()
     );
     assert!(
-        eventually(|| !instances(&daemon)
+        eventually(|| !daemon
+            .instances()
             .iter()
             .any(|i| i["client"] == CLIENTS[0] && i["state"] == "ready")),
         "the killed gatekeeper is no longer ready: {:?}",
-        instances(&daemon)
+        daemon.instances()
     );
     for (client, address) in CLIENTS.iter().zip(&addresses).skip(1) {
-        assert_eq!(&address_for(&daemon, client), address);
+        assert_eq!(&daemon.address_for(client, NAME), address);
         let (status, body) = answered(&curl_from(client, address, "GET", "/public/x", None));
         assert_eq!(status, 200, "{body}");
         assert!(body.contains(&format!("for {client}")), "{body}");
     }
     // The crashed client's next query boots it a fresh gatekeeper.
-    let again = address_for(&daemon, CLIENTS[0]);
+    let again = daemon.address_for(CLIENTS[0], NAME);
     let (status, body) = answered(&curl_from(CLIENTS[0], &again, "GET", "/api/again", None));
     assert_eq!(status, 200, "{body}");
     assert!(gatekeeper_pid(CLIENTS[0]).is_some_and(|new| new != pid));
@@ -420,7 +372,8 @@ fn gatekeepers_per_client_reach_only_their_backend_and_enforce_policy() {
         String::from_utf8_lossy(&killed.stderr)
     );
     assert!(
-        !instances(&daemon)
+        !daemon
+            .instances()
             .iter()
             .any(|i| i["client"] == CLIENTS[1] && i["state"] == "ready")
     );
@@ -435,9 +388,9 @@ fn gatekeepers_per_client_reach_only_their_backend_and_enforce_policy() {
 
     // Quiet clients are reaped; each left its own console record.
     assert!(
-        eventually(|| instances(&daemon).is_empty()),
+        eventually(|| daemon.instances().is_empty()),
         "idle gatekeepers reaped: {:?}",
-        instances(&daemon)
+        daemon.instances()
     );
     let logs = daemon.cli(&["logs", "gatekeeper", "--console"]);
     let text = String::from_utf8_lossy(&logs.stdout);

@@ -5,5 +5,6 @@ mod daemon_log;
 mod direct;
 mod gatekeeper;
 mod journey;
+mod per_client;
 mod support;
 mod vm;

@@ -1,6 +1,6 @@
 //! A real `revboot serve` in a temporary data directory, on loopback ports it picks itself.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
@@ -8,6 +8,9 @@ use std::time::{Duration, Instant};
 
 /// The token every test daemon uses.
 pub const TOKEN: &str = "e2e-token";
+
+/// Bound on every wait in these tests (not a timing assertion).
+pub const PATIENCE: Duration = Duration::from_secs(60);
 
 static POOLS: AtomicU8 = AtomicU8::new(0);
 static LAUNCHES: AtomicUsize = AtomicUsize::new(0);
@@ -192,6 +195,80 @@ impl Daemon {
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
+    /// `revboot ps --json`.
+    pub fn instances(&self) -> Vec<serde_json::Value> {
+        let output = self.cli(&["--json", "ps"]);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).expect("ps is JSON")
+    }
+
+    /// `dig` of `name` from a source address; the whole output (status, EDE and answer).
+    pub fn dig_from(&self, source: &str, name: &str) -> String {
+        let output = Command::new("dig")
+            .arg(format!("@{}", self.dns.ip()))
+            .args(["-p", &self.dns.port().to_string(), "-b", source])
+            .args(["+time=5", "+tries=1", name, "A"])
+            .output()
+            .expect("run dig");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// The one address `dig` of `name` from `source` answers.
+    pub fn address_for(&self, source: &str, name: &str) -> String {
+        let output = self.dig_from(source, name);
+        let answer = output
+            .lines()
+            .filter(|line| !line.starts_with(';'))
+            .find_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                (fields.len() == 5 && fields[3] == "A").then(|| fields[4].to_owned())
+            });
+        answer.unwrap_or_else(|| {
+            panic!(
+                "dig from {source} gave no address:\n{output}\ndaemon log:\n{}",
+                self.log()
+            )
+        })
+    }
+
+    /// A TCP connection from `source` to the client port of its per-client instance at
+    /// `address`, held open: returned once the deployer can tell it is open (the proxy has
+    /// counted it, or the kernel steers connections to the instance, so that its socket
+    /// shows it).
+    pub fn hold_connection(&self, source: &str, address: &str, port: u16) -> TcpStream {
+        let source: std::net::IpAddr = source.parse().expect("a source address");
+        let target: SocketAddr = (
+            address.parse::<std::net::IpAddr>().expect("an address"),
+            port,
+        )
+            .into();
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket
+            .bind(&SocketAddr::new(source, 0).into())
+            .expect("bind the source address");
+        socket
+            .connect_timeout(&target.into(), PATIENCE)
+            .expect("connect");
+        let client = source.to_string();
+        let counted = eventually(|| {
+            self.instances().iter().any(|instance| {
+                instance["client"] == client.as_str()
+                    && (instance["connections"].as_u64() > Some(0) || instance["steered"].is_u64())
+            })
+        });
+        assert!(
+            counted,
+            "{source}'s connection is not seen: {:?}",
+            self.instances()
+        );
+        socket.into()
+    }
+
     /// `dig +short` of a name against this daemon, over UDP (or TCP).
     pub fn dig(&self, name: &str, tcp: bool) -> String {
         let mut command = Command::new("dig");
@@ -252,6 +329,18 @@ impl Drop for Daemon {
             }
         }
     }
+}
+
+/// Waits (bounded) until `check` holds.
+pub fn eventually(mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + PATIENCE;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
 }
 
 /// Runs a command, panicking with its output on failure.
