@@ -2,7 +2,12 @@
 //!
 //! Smart HTTP, `/git/<service>.git/<path>`:
 //! 1. Only the smart protocol paths are served: `GET info/refs?service=…`, `POST
-//!    git-upload-pack`, `POST git-receive-pack`; anything else is `404`.
+//!    git-upload-pack`, `POST git-receive-pack`; anything else is `404`. The query is read
+//!    the way `git http-backend` reads it (names and values percent-decoded); one that names
+//!    a parameter twice (`service=git-upload-pack&service=git-receive-pack`, or
+//!    `serv%69ce=…`) is refused with `400` before anything else, because git would run the
+//!    last one and an authorisation that read the first would guard the wrong service.
+//!    `git http-backend` is handed only the service that was checked, never the raw query.
 //! 2. Push (`git-receive-pack`) needs basic auth with a push token, fetch needs it unless
 //!    anonymous fetch is configured; otherwise `401` with `WWW-Authenticate: Basic`.
 //! 3. The first authenticated push to an unknown service creates its source repository
@@ -96,14 +101,17 @@ async fn smart_http(
             "Not a repository path: use /git/<service>.git",
         );
     };
-    let query = query.unwrap_or_default();
+    let asked = match query_service(query.as_deref().unwrap_or_default()) {
+        Ok(asked) => asked,
+        Err(message) => {
+            tracing::warn!(service, message, "ambiguous git query");
+            return text(StatusCode::BAD_REQUEST, message);
+        }
+    };
     let kind = match (method.clone(), path.as_str()) {
-        (Method::GET, "info/refs") => match query
-            .split('&')
-            .find_map(|pair| pair.strip_prefix("service="))
-        {
-            Some("git-upload-pack") => Service::Upload,
-            Some("git-receive-pack") => Service::Receive,
+        (Method::GET, "info/refs") => match asked.as_deref() {
+            Some(b"git-upload-pack") => Service::Upload,
+            Some(b"git-receive-pack") => Service::Receive,
             _ => {
                 return text(
                     StatusCode::FORBIDDEN,
@@ -147,8 +155,14 @@ async fn smart_http(
             return text(StatusCode::INTERNAL_SERVER_ERROR, error.to_string());
         }
     }
+    // git reads only what was checked: the service of an advertisement, nothing for a POST.
+    let query = match (&method, kind) {
+        (&Method::GET, Service::Upload) => "service=git-upload-pack",
+        (&Method::GET, Service::Receive) => "service=git-receive-pack",
+        _ => "",
+    };
     match run_cgi(
-        &builder, service, &path, &query, &method, &headers, user, body,
+        &builder, service, &path, query, &method, &headers, user, body,
     )
     .await
     {
@@ -158,6 +172,54 @@ async fn smart_http(
             text(StatusCode::INTERNAL_SERVER_ERROR, message)
         }
     }
+}
+
+/// The `service` parameter of a query as `git http-backend` reads it: split at `&`, the
+/// name up to the first `=`, `%XX` and `+` decoded in both. A name given twice (any name)
+/// is refused: git would take the last value, so no single reading is safe.
+fn query_service(query: &str) -> Result<Option<Vec<u8>>, String> {
+    let mut names = Vec::new();
+    let mut service = None;
+    for part in query.split('&').filter(|part| !part.is_empty()) {
+        let (name, value) = part.split_once('=').unwrap_or((part, ""));
+        let name = url_decode(name);
+        if names.contains(&name) {
+            return Err(format!(
+                "Ambiguous query: the parameter `{}` is given more than once",
+                String::from_utf8_lossy(&name)
+            ));
+        }
+        if name == b"service" {
+            service = Some(url_decode(value));
+        }
+        names.push(name);
+    }
+    Ok(service)
+}
+
+/// Percent-decoding as git does it: `%XX` with two hex digits is a byte, `+` a space, any
+/// other `%` stays.
+fn url_decode(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: Option<&u8>| b.and_then(|b| (*b as char).to_digit(16));
+        match bytes[i] {
+            b'%' => {
+                if let (Some(high), Some(low)) = (hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) {
+                    out.push((high * 16 + low) as u8);
+                    i += 3;
+                    continue;
+                }
+                out.push(b'%');
+            }
+            b'+' => out.push(b' '),
+            byte => out.push(byte),
+        }
+        i += 1;
+    }
+    out
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -629,6 +691,35 @@ mod tests {
         assert_eq!(&raw[start..], b"body");
         assert!(parse_cgi_head("no colon here").is_err());
         assert!(find_head_end(b"Content-Type: x\r\n").is_none());
+    }
+
+    #[test]
+    fn query_names_are_decoded_and_may_not_repeat() {
+        let service = |query: &str| {
+            query_service(query).map(|value| value.map(|v| String::from_utf8(v).expect("utf8")))
+        };
+        assert_eq!(
+            service("service=git-upload-pack"),
+            Ok(Some("git-upload-pack".into()))
+        );
+        assert_eq!(
+            service("x=1&service=git%2dreceive-pack&"),
+            Ok(Some("git-receive-pack".into()))
+        );
+        assert_eq!(service(""), Ok(None));
+        assert_eq!(url_decode("a+b%zz%4"), b"a b%zz%4");
+        for ambiguous in [
+            "service=git-upload-pack&service=git-receive-pack",
+            "service=git-receive-pack&service=git-upload-pack",
+            "service=git-upload-pack&serv%69ce=git-receive-pack",
+            "service=git-upload-pack&service",
+        ] {
+            let error = service(ambiguous).expect_err(ambiguous);
+            assert!(
+                error.contains("`service` is given more than once"),
+                "{error}"
+            );
+        }
     }
 
     #[test]

@@ -141,3 +141,74 @@ async fn fetch_needs_a_token_by_default() {
     assert!(tmp.path().join("authed/revboot.toml").exists());
     daemon.stop().await;
 }
+
+/// `GET <url>` with curl; returns the status code and the body.
+async fn curl_get(url: &str) -> (u16, String) {
+    let mut command = tokio::process::Command::new("curl");
+    command
+        .args(["-s", "--max-time", "60", "-w", "\n%{http_code}", url])
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(90), command.output())
+        .await
+        .expect("curl finished in time")
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').expect("status line");
+    (code.parse().expect("status code"), body.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_refs_naming_the_service_twice_is_refused_before_auth() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let daemon = daemon(&tmp.path().join("data"), |_| {}).await;
+    let recipe = "[build]\nshell = \"mkdir -p out && echo x > out/a\"\nartifacts = [\"out/a\"]\n";
+    let work = recipe_fixture(tmp.path(), "twice", recipe).await;
+    let (ok, stderr) = push(&work, &daemon.url("twice"), &[]).await;
+    assert!(ok, "{stderr}");
+    wait_finished(&daemon.builder, &head(&work).await).await;
+
+    // Anonymous fetch is on, so only the service git runs decides whether a token is
+    // needed: both orders, and a spelling git decodes to the same name, are refused before
+    // anything else, with or without a (wrong) token.
+    let wrong = daemon.url("twice").replace(TOKEN, "wrong-token");
+    for base in [daemon.anonymous_url("twice"), wrong] {
+        for query in [
+            "service=git-upload-pack&service=git-receive-pack",
+            "service=git-receive-pack&service=git-upload-pack",
+            "service=git-upload-pack&serv%69ce=git-receive-pack",
+        ] {
+            let (status, body) = curl_get(&format!("{base}/info/refs?{query}")).await;
+            assert_eq!(status, 400, "{query}: {body}");
+            assert_eq!(
+                body.trim(),
+                "Ambiguous query: the parameter `service` is given more than once",
+                "{query}"
+            );
+        }
+    }
+    // The receive-pack advertisement still needs a token; upload-pack is anonymous.
+    let base = daemon.anonymous_url("twice");
+    let (status, _) = curl_get(&format!("{base}/info/refs?service=git-receive-pack")).await;
+    assert_eq!(status, 401);
+    let (status, body) = curl_get(&format!("{base}/info/refs?service=git-upload-pack")).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("# service=git-upload-pack"), "{body}");
+
+    // Pushes and fetches go on as before.
+    let commit = commit_all(&work, "second").await;
+    let (ok, stderr) = push(&work, &daemon.url("twice"), &[]).await;
+    assert!(ok, "{stderr}");
+    let clone = tmp.path().join("clone");
+    let output = git(
+        tmp.path(),
+        &["clone", "-q", &base, clone.to_str().expect("utf8")],
+    )
+    .await;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(head(&clone).await, commit);
+    daemon.stop().await;
+}
