@@ -4,9 +4,15 @@
 //! example images. They are built here, once, into one target directory
 //! (`target/deployer-images/<binary>`, which `bench/dns-qps.sh` also uses), so no crate
 //! builds its own copy.
+//!
+//! Crash tests run their subject as a child process ([`test_child`]: the test binary again,
+//! running one ignored test) so that it can die by SIGKILL, and check the repository it
+//! leaves with stock git ([`assert_fsck_clean`]).
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Output};
+use std::sync::mpsc;
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
@@ -49,4 +55,70 @@ pub fn hello_image() -> PathBuf {
 /// The `examples/hostile` image: one attempt to leave the sandbox per request.
 pub fn hostile_image() -> PathBuf {
     build_image(&workspace().join("examples/hostile"), "hostile")
+}
+
+/// Stock git, as installed on the machine.
+pub fn stock_git() -> &'static str {
+    if Path::new("/usr/local/bin/git").exists() {
+        "/usr/local/bin/git"
+    } else {
+        "git"
+    }
+}
+
+/// This test binary again, running only its ignored test `name` (e.g. `crash::child`),
+/// with its output uncaptured. The child test reads what it should do from the
+/// environment the caller adds.
+pub fn test_child(name: &str) -> Command {
+    let mut command = Command::new(std::env::current_exe().expect("a test binary has a path"));
+    command.args([
+        name,
+        "--exact",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ]);
+    command
+}
+
+/// The lines a child (spawned with piped stdout) prints, as they come.
+pub fn stdout_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (send, receive) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if send.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    receive
+}
+
+/// Runs stock git on the bare repository `repo` without system or user configuration.
+fn git_in(repo: &Path, args: &[&str]) -> Output {
+    Command::new(stock_git())
+        .arg("-C")
+        .arg(repo)
+        .args(args)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .output()
+        .expect("git runs")
+}
+
+/// `git fsck --strict` must pass without a single complaint (dangling objects are no fault).
+pub fn assert_fsck_clean(repo: &Path) {
+    let output = git_in(repo, &["fsck", "--strict", "--no-progress"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "fsck failed:\n{stdout}\n{stderr}");
+    let complaints: Vec<&str> = stdout
+        .lines()
+        .chain(stderr.lines())
+        .filter(|l| !l.starts_with("dangling ") && !l.starts_with("Checking"))
+        // The deployment repository has no default branch; git notes that, it is no fault.
+        .filter(|l| !l.starts_with("notice: HEAD points to an unborn branch"))
+        .collect();
+    assert!(complaints.is_empty(), "fsck complained: {complaints:?}");
 }

@@ -5,9 +5,9 @@
 //! The writers are this test binary re-run as a child (`crash::child`, ignored unless the
 //! environment asks for it), so they are real processes that die without unwinding.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -73,30 +73,15 @@ fn child() {
 }
 
 fn spawn_child(repo: &Path, mode: &str) -> (Child, mpsc::Receiver<String>) {
-    let mut child = Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "crash::child",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+    let mut child = revboot_testkit::test_child("crash::child")
         .env(REPO_ENV, repo)
         .env(MODE_ENV, mode)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("child starts");
-    let stdout = child.stdout.take().expect("piped");
-    let (send, receive) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if send.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    (child, receive)
+    let lines = revboot_testkit::stdout_lines(&mut child);
+    (child, lines)
 }
 
 /// A kill point in 0..max: from the clock's nanoseconds, so runs differ.

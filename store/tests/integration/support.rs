@@ -38,21 +38,7 @@ pub fn git_output(dir: &Path, args: &[&str]) -> Output {
         .expect("git runs")
 }
 
-/// `git fsck --strict` must pass without a single complaint.
-pub fn assert_fsck_clean(repo: &Path) {
-    let output = git_output(repo, &["fsck", "--strict", "--no-progress"]);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "fsck failed:\n{stdout}\n{stderr}");
-    let complaints: Vec<&str> = stdout
-        .lines()
-        .chain(stderr.lines())
-        .filter(|l| !l.starts_with("dangling ") && !l.starts_with("Checking"))
-        // The deployment repository has no default branch; git notes that, it is no fault.
-        .filter(|l| !l.starts_with("notice: HEAD points to an unborn branch"))
-        .collect();
-    assert!(complaints.is_empty(), "fsck complained: {complaints:?}");
-}
+pub use revboot_testkit::assert_fsck_clean;
 
 /// A fresh store in a temporary directory.
 pub fn store() -> (tempfile::TempDir, Store) {
