@@ -565,6 +565,7 @@ async fn hook(
                 refname: refname.clone(),
                 commit: new.clone(),
                 deploy_option: deploy,
+                rerun_of: None,
             };
             match builder.inner.queue.enqueue(request).await {
                 Ok(ticket) => {

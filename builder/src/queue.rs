@@ -10,7 +10,9 @@
 //! 3. Every state change is written to `<data>/builder/state.json` (write, then rename), so
 //!    a daemon start finds queued builds, re-queues builds that were running when the daemon
 //!    stopped (recording the old one as interrupted), and builds branch heads that were pushed
-//!    while it was not running.
+//!    while it was not running. A daemon killed after a build's deployment commit was written
+//!    but before the queue saved that it finished leaves that build `running`: its re-run
+//!    (`rerun_of`) adopts the deployment instead of writing a second one (see the runner).
 //! 4. Shutdown stops running builds (their process groups are killed; each is recorded in
 //!    the deployment repository as interrupted, with its log so far) and keeps the queue.
 
@@ -90,6 +92,9 @@ pub struct BuildRecord {
     pub superseded_by: Option<u64>,
     /// The build that re-ran this interrupted one.
     pub requeued_as: Option<u64>,
+    /// The interrupted build this one runs again.
+    #[serde(default)]
+    pub rerun_of: Option<u64>,
     /// A one-line summary of the result.
     pub message: Option<String>,
 }
@@ -134,6 +139,8 @@ pub(crate) struct Request {
     pub(crate) refname: String,
     pub(crate) commit: String,
     pub(crate) deploy_option: Option<bool>,
+    /// The interrupted build this request runs again.
+    pub(crate) rerun_of: Option<u64>,
 }
 
 enum Command {
@@ -352,6 +359,7 @@ impl Owner {
                 refname: record.source_ref,
                 commit: record.source_commit,
                 deploy_option: record.deploy_option,
+                rerun_of: Some(old),
             };
             match self.enqueue(request) {
                 Ok(ticket) => {
@@ -373,6 +381,7 @@ impl Owner {
                 refname: refname.clone(),
                 commit: commit.clone(),
                 deploy_option: None,
+                rerun_of: None,
             };
             match self.enqueue(request) {
                 Ok(ticket) => tracing::info!(
@@ -503,6 +512,7 @@ impl Owner {
             made_live: false,
             superseded_by: None,
             requeued_as: None,
+            rerun_of: request.rerun_of,
             message: None,
         });
         let tracker = Arc::new(Tracker::new(id, self.limits.log_limit, Phase::Queued));
@@ -541,6 +551,15 @@ impl Owner {
         let Some(tracker) = self.trackers.get(&id).cloned() else {
             return;
         };
+        // A re-run may adopt what the build it re-runs wrote from the moment that one started.
+        let adopt_since_ms = self
+            .state
+            .records
+            .iter()
+            .find(|r| r.id == id)
+            .and_then(|r| r.rerun_of)
+            .and_then(|old| self.state.records.iter().find(|r| r.id == old))
+            .and_then(|old| old.started_at_ms);
         let Some(record) = self.record_mut(id) else {
             return;
         };
@@ -552,6 +571,7 @@ impl Owner {
             refname: record.source_ref.clone(),
             commit: record.source_commit.clone(),
             deploy_option: record.deploy_option,
+            adopt_since_ms,
         };
         let service = job.service.clone();
         tracker.set_phase(Phase::Running);

@@ -2,21 +2,31 @@
 //!
 //! 1. Read `revboot.toml` from the pushed commit and validate it; an invalid or missing
 //!    recipe ends the build as failed, with the parser's message (key and line) in the log.
-//! 2. Check the commit out into a fresh directory under `<data>/builds/` with
+//! 2. A re-run of a build that a daemon stop interrupted first looks in the store for a
+//!    successful deployment of the same service, source commit, ref and recipe written since
+//!    the interrupted build started: the daemon died after writing it, before the queue saved
+//!    that the build had finished. The re-run adopts it (and makes the live move the build
+//!    would have made) instead of building again, so one push never leaves two deployments.
+//! 3. Check the commit out into a fresh directory under `<data>/builds/` with
 //!    `git archive | tar -x -m` (file times are the checkout time, so a build tool's
 //!    cache never mistakes new sources for old). Nothing is shared with other builds.
-//! 3. Run the command (argv, or `sh -c` for `shell`) in its own process group with a clean
+//! 4. Run the command (argv, or `sh -c` for `shell`) in its own process group with a clean
 //!    environment: `PATH` of the daemon, `HOME` in the per-service cache
 //!    `<data>/cache/<service>/`, `CARGO_TARGET_DIR` there too (and `target/` in the checkout
 //!    linked to it), `CARGO_HOME`/`RUSTUP_HOME` of the daemon so offline Rust builds find
 //!    their toolchain and registry, plus the recipe's `build.env`.
-//! 4. stdout and stderr share one pipe; lines are timestamped into the log as they come.
+//! 5. stdout and stderr share one pipe; lines are timestamped into the log as they come.
 //!    At the wall-clock limit, or when the daemon stops, the whole process group gets
 //!    SIGKILL; it also does once the command exits, so nothing it started lives on.
-//! 5. Success: the artifacts are streamed into a deployment commit with the manifest, log and
+//! 6. Success: the artifacts are streamed into a deployment commit with the manifest, log and
 //!    source link; live moves to it when the recipe (`run.deploy`) and push option allow and
 //!    the ref is the deploy branch. Failure or interruption: a commit with the log and no
 //!    image; live untouched.
+//!
+//! Crash tests stop a build at one point with a fail point: with
+//! `REVBOOT_FAILPOINT=after-deployment-commit` in the daemon's environment, a build pauses
+//! for [`FAILPOINT_PAUSE`] right after its successful deployment commit is on the branch, so
+//! that the test can kill the daemon there. Nothing else reads the variable.
 
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
@@ -40,6 +50,8 @@ const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long to keep reading output after the command has exited and its group was killed
 /// (a process that escaped the group may hold the pipe open).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a build waits at a fail point (module docs) before it goes on.
+const FAILPOINT_PAUSE: Duration = Duration::from_secs(600);
 
 /// Everything builds share.
 #[derive(Debug)]
@@ -62,6 +74,9 @@ pub(crate) struct Job {
     pub(crate) refname: String,
     pub(crate) commit: String,
     pub(crate) deploy_option: Option<bool>,
+    /// For a re-run of an interrupted build: when that one started (unix ms); a deployment
+    /// it wrote since then is adopted.
+    pub(crate) adopt_since_ms: Option<u64>,
 }
 
 /// How a build ended.
@@ -139,6 +154,11 @@ pub(crate) async fn run(
             return fail(&ctx, &job, &subject, &tracker, None, message, None).await;
         }
     };
+    if let Some(since_ms) = job.adopt_since_ms
+        && let Some(revision) = written_before_the_stop(&ctx, &job, &manifest_text, since_ms).await
+    {
+        return adopt(&ctx, &job, &tracker, &manifest, revision).await;
+    }
     let workdir = match tempfile::Builder::new()
         .prefix(&format!("{}-{}-", job.service, job.id))
         .tempdir_in(&ctx.builds_root)
@@ -540,15 +560,99 @@ async fn succeed(
             return Outcome::internal(format!("the build could not be stored: {error}"));
         }
     };
+    let mut result_lines = vec![format!(
+        "build #{} succeeded (build command {command_secs:.2}s, total {:.2}s)",
+        job.id,
+        tracker.elapsed()
+    )];
+    let made_live = announce(ctx, job, manifest, revision, &mut result_lines).await;
+    Outcome {
+        state: BuildState::Succeeded,
+        revision: Some(revision),
+        made_live,
+        summary: format!("succeeded: deployment {}", revision.short(12)),
+        result_lines,
+        command_secs: Some(command_secs),
+    }
+}
+
+/// The deployment of `job` that an interrupted run of it wrote since `since_ms`, if any:
+/// succeeded, of the same source commit, ref and recipe.
+async fn written_before_the_stop(
+    ctx: &RunContext,
+    job: &Job,
+    manifest_text: &str,
+    since_ms: u64,
+) -> Option<Revision> {
+    let store = ctx.store.clone();
+    let (service, commit, refname) = (job.service.clone(), job.commit.clone(), job.refname.clone());
+    let manifest_text = manifest_text.to_owned();
+    let since = i64::try_from(since_ms / 1000).unwrap_or(i64::MAX);
+    let found = tokio::task::spawn_blocking(move || {
+        // No branch yet: nothing was written.
+        let history = store.history(&service).ok()?;
+        history
+            .into_iter()
+            .filter(|d| {
+                d.status == BuildStatus::Succeeded
+                    && d.time >= since
+                    && d.source_commit == commit
+                    && d.source_ref.as_deref() == Some(refname.as_str())
+            })
+            .map(|d| d.revision)
+            .find(|revision| {
+                store.manifest_text(revision).ok().flatten().as_deref() == Some(&manifest_text)
+            })
+    })
+    .await;
+    found.unwrap_or_else(|error| {
+        tracing::warn!(%error, service = job.service, "cannot look for an earlier deployment");
+        None
+    })
+}
+
+/// Takes over a deployment that the interrupted run of `job` wrote.
+async fn adopt(
+    ctx: &RunContext,
+    job: &Job,
+    tracker: &Tracker,
+    manifest: &Manifest,
+    revision: Revision,
+) -> Outcome {
+    let short = revision.short(12);
+    tracker.note(&format!(
+        "deployment {short} of this commit was written before the daemon stopped; adopting it instead of building again"
+    ));
+    tracing::info!(id = job.id, service = job.service, revision = %revision, "adopted the deployment of an interrupted build");
+    let mut result_lines = vec![format!(
+        "build #{}: deployment {short} was written before the daemon stopped; adopted, not built again",
+        job.id
+    )];
+    let made_live = announce(ctx, job, manifest, revision, &mut result_lines).await;
+    Outcome {
+        state: BuildState::Succeeded,
+        revision: Some(revision),
+        made_live,
+        summary: format!("succeeded: deployment {short} (written before a daemon stop)"),
+        result_lines,
+        command_secs: None,
+    }
+}
+
+/// Names the deployment's DNS name to the pusher and moves live to it where the recipe, the
+/// push and the branch allow; returns whether live now names it.
+async fn announce(
+    ctx: &RunContext,
+    job: &Job,
+    manifest: &Manifest,
+    revision: Revision,
+    result_lines: &mut Vec<String>,
+) -> bool {
     let name = dns_name(&revision, &job.service, &ctx.zone);
-    let mut result_lines = vec![
-        format!(
-            "build #{} succeeded (build command {command_secs:.2}s, total {:.2}s)",
-            job.id,
-            tracker.elapsed()
-        ),
-        format!("deployment {} answers at {name}", revision.short(12)),
-    ];
+    result_lines.push(format!(
+        "deployment {} answers at {name}",
+        revision.short(12)
+    ));
     let deploy_branch = ctx
         .repos
         .deploy_branch(&job.service)
@@ -599,14 +703,7 @@ async fn succeed(
             }
         }
     }
-    Outcome {
-        state: BuildState::Succeeded,
-        revision: Some(revision),
-        made_live,
-        summary: format!("succeeded: deployment {}", revision.short(12)),
-        result_lines,
-        command_secs: Some(command_secs),
-    }
+    made_live
 }
 
 /// Writes the deployment commit (on a blocking thread: the store does file I/O).
@@ -627,6 +724,7 @@ async fn record(
     let manifest = manifest.map(str::to_owned);
     let log = log.to_vec();
     let result = tokio::task::spawn_blocking(move || {
+        let succeeded = status == BuildStatus::Succeeded;
         let mut images = Vec::new();
         for (name, path) in &artifacts {
             let file = std::fs::File::open(path)
@@ -648,6 +746,11 @@ async fn record(
                 source_ref: Some(&refname),
                 subject: &subject,
             })
+            .inspect(|_| {
+                if succeeded {
+                    failpoint("after-deployment-commit");
+                }
+            })
             .map_err(|error| error.to_string())
     })
     .await
@@ -656,4 +759,12 @@ async fn record(
         tracing::error!(%error, service = job.service, "cannot write deployment");
     }
     result
+}
+
+/// Pauses here for [`FAILPOINT_PAUSE`] when `REVBOOT_FAILPOINT` names `name` (module docs).
+fn failpoint(name: &str) {
+    if std::env::var_os("REVBOOT_FAILPOINT").is_some_and(|value| value == name) {
+        tracing::warn!(failpoint = name, "paused at a fail point");
+        std::thread::sleep(FAILPOINT_PAUSE);
+    }
 }
