@@ -132,6 +132,47 @@ pub enum WriteError {
     Read(#[from] ReadError),
 }
 
+impl WriteError {
+    /// Turns the error of a file system step into [`WriteError::Io`], for `map_err`.
+    pub(crate) fn io(
+        action: &'static str,
+        path: &std::path::Path,
+    ) -> impl FnOnce(std::io::Error) -> WriteError {
+        let path = path.to_owned();
+        move |source| WriteError::Io {
+            action,
+            path,
+            source,
+        }
+    }
+
+    /// Whether the write failed because the file system of the repository is full (or the
+    /// quota is used up). Nothing was changed and no object of the write was left behind;
+    /// the same write can succeed once space is free.
+    pub fn is_out_of_space(&self) -> bool {
+        match self {
+            WriteError::Io { source, .. } => io_out_of_space(source),
+            WriteError::Git { source, .. } => out_of_space(source),
+            _ => false,
+        }
+    }
+}
+
+fn io_out_of_space(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+}
+
+/// Whether a gix error was caused by a full file system.
+pub(crate) fn out_of_space(error: &gix::Error) -> bool {
+    error
+        .iter_errors()
+        .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+        .any(io_out_of_space)
+}
+
 /// Why the live pointer could not be moved. It was left where it was.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -26,11 +26,14 @@
 //!    `Image: <name> <size> <sha256>` per image, the boot image first.
 //! 3. Images are streamed from their reader into a spool file (hashing sha256 on the way),
 //!    then into a loose blob; no image is held in memory while it is written.
-//! 4. Blobs, trees and the commit are written first; the branch then moves by
-//!    compare-and-swap under a per-service writer lock. A writer killed at any point leaves
-//!    either the whole deployment on the branch or none of it (plus unreachable objects that
-//!    `git gc` collects). Ref locks, image spools and temporary objects left by a killed
-//!    writer are detected and removed.
+//! 4. Blobs, trees and the commit are written first, into a quarantine directory of their
+//!    own; under a per-service writer lock they are linked into `objects/` and the branch
+//!    moves by compare-and-swap. A write that fails — the disk is full
+//!    ([`WriteError::is_out_of_space`]), the branch cannot move — leaves no object behind,
+//!    so the space it took is free again at once. A writer killed at any point leaves either
+//!    the whole deployment on the branch or none of it (plus, killed between linking and the
+//!    ref update, unreachable objects that `git gc` collects). Ref locks, image spools,
+//!    quarantines and temporary objects left by a killed writer are detected and removed.
 //!
 //! # Labels
 //!
@@ -99,6 +102,7 @@ mod lock;
 mod logs;
 pub mod manifest;
 pub mod protocol;
+mod quarantine;
 mod repack;
 mod revision;
 mod store;

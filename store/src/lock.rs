@@ -6,10 +6,17 @@
 //! 2. Holding it, the writer looks for `<ref>.lock` files left by gix or git. A lock that
 //!    stays for [`STALE_REF_LOCK`] and is older than that is from a dead writer (git holds ref
 //!    locks for milliseconds) and is removed, with a warning.
-//! 3. Image spools live in `<repo>/revboot/tmp/spool-<pid>-<n>`; [`sweep_spools`] removes the
+//! 3. Image spools (`spool-<pid>-<n>`) and the quarantines of writes (`objects-<pid>-<n>/`,
+//!    see [`crate::quarantine`]) live in `<repo>/revboot/tmp/`; [`sweep_spools`] removes the
 //!    ones whose process is gone.
-//! 4. Loose objects are written by gix to `objects/.tmp*` and renamed into place; a killed
-//!    writer leaves its temporary behind. [`sweep_object_temporaries`] removes those not
+//! 4. Linking a write's objects into `objects/` and moving its ref happen under the
+//!    repository-wide objects lock `<repo>/revboot/locks/.objects`, taken after the service's
+//!    lock and held only while the objects are linked and the ref moves, so that a write that
+//!    takes its objects back out after a failed ref update removes nothing another store
+//!    writer relies on.
+//! 5. A loose object written straight into `objects/` (by git, or by gix outside a
+//!    quarantine) goes to `objects/.tmp*` first and is renamed into place; a killed writer
+//!    leaves its temporary behind. [`sweep_object_temporaries`] removes those not
 //!    written to for [`ABANDONED_TEMPORARY`] (a live writer keeps touching its file).
 
 use std::fs::{self, File, OpenOptions, TryLockError};
@@ -42,13 +49,23 @@ pub struct ServiceLock {
 impl ServiceLock {
     /// Waits (at most [`WRITER_WAIT`]) for the service's write lock.
     pub fn acquire(repo: &Path, name: &str) -> Result<ServiceLock, WriteError> {
+        ServiceLock::acquire_file(repo, name, name)
+    }
+
+    /// Waits (at most [`WRITER_WAIT`]) for the objects lock, for a write to `service` (named
+    /// if the wait times out).
+    pub fn objects(repo: &Path, service: &str) -> Result<ServiceLock, WriteError> {
+        ServiceLock::acquire_file(repo, ".objects", service)
+    }
+
+    fn acquire_file(repo: &Path, file: &str, service: &str) -> Result<ServiceLock, WriteError> {
         let dir = private_dir(repo).join("locks");
         fs::create_dir_all(&dir).map_err(|source| WriteError::Io {
             action: "create lock directory",
             path: dir.clone(),
             source,
         })?;
-        let path = dir.join(name);
+        let path = dir.join(file);
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -68,7 +85,7 @@ impl ServiceLock {
                 }
                 Err(TryLockError::WouldBlock) => {
                     return Err(WriteError::Busy {
-                        service: name.to_owned(),
+                        service: service.to_owned(),
                     });
                 }
                 Err(TryLockError::Error(source)) => {
@@ -141,7 +158,8 @@ pub fn sweep_object_temporaries(repo: &Path, older_than: Duration) -> usize {
     removed
 }
 
-/// Removes spool files of processes that no longer exist. Returns how many were removed.
+/// Removes spool files and quarantines of processes that no longer exist. Returns how many
+/// were removed.
 pub fn sweep_spools(repo: &Path) -> usize {
     let Ok(entries) = fs::read_dir(spool_dir(repo)) else {
         return 0;
@@ -151,21 +169,33 @@ pub fn sweep_spools(repo: &Path) -> usize {
         let name = entry.file_name();
         let Some(pid) = name
             .to_str()
-            .and_then(|n| n.strip_prefix("spool-"))
+            .and_then(|n| {
+                n.strip_prefix("spool-")
+                    .or_else(|| n.strip_prefix("objects-"))
+            })
             .and_then(|n| n.split('-').next())
             .and_then(|p| p.parse::<u32>().ok())
         else {
             continue;
         };
-        if pid != std::process::id()
-            && !Path::new(&format!("/proc/{pid}")).exists()
-            && fs::remove_file(entry.path()).is_ok()
-        {
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let path = entry.path();
+        let gone = if path.is_dir() {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        if gone.is_ok() {
             removed += 1;
         }
     }
     if removed > 0 {
-        tracing::info!(removed, "removed image spools of dead writers");
+        tracing::info!(
+            removed,
+            "removed image spools and quarantines of dead writers"
+        );
     }
     removed
 }
@@ -204,10 +234,14 @@ mod tests {
         // pid_max on Linux is at most 2^22, so this pid cannot exist.
         let dead = spool_dir(dir.path()).join("spool-99999999-0");
         let mine = spool_dir(dir.path()).join(format!("spool-{}-0", std::process::id()));
+        let dead_quarantine = spool_dir(dir.path()).join("objects-99999999-1");
         File::create(&dead).expect("create");
         File::create(&mine).expect("create");
-        assert_eq!(sweep_spools(dir.path()), 1);
+        fs::create_dir_all(dead_quarantine.join("ab")).expect("mkdir");
+        File::create(dead_quarantine.join("ab/cdef")).expect("create");
+        assert_eq!(sweep_spools(dir.path()), 2);
         assert!(!dead.exists());
+        assert!(!dead_quarantine.exists());
         assert!(mine.exists());
     }
 }

@@ -5,8 +5,9 @@
 //!    and `console.log` (the console output as given).
 //! 3. The message is `<outcome> (<revision short>)` and a `Revision: <hex>` trailer, so
 //!    `git log refs/revboot/logs/<service>` reads as a run history.
-//! 4. The ref moves by compare-and-swap under the service's writer lock; the deployment
-//!    branch is never touched.
+//! 4. The objects go through a quarantine, as a deployment's do; the ref moves by
+//!    compare-and-swap under the service's writer lock; the deployment branch is never
+//!    touched.
 
 use std::net::IpAddr;
 
@@ -75,12 +76,9 @@ impl Store {
         };
         let text = toml::to_string(&file).expect("a record has only TOML-safe fields");
         let repo = self.repo();
-        let git = |action| move |source| WriteError::Git { action, source };
-        let record_blob = repo.write_blob(text).map_err(git("write record"))?.detach();
-        let console_blob = repo
-            .write_blob(&record.console)
-            .map_err(git("write console log"))?
-            .detach();
+        let mut quarantine = crate::quarantine::Quarantine::create(self.path())?;
+        let record_blob = quarantine.write_blob(text.as_bytes(), "write record")?;
+        let console_blob = quarantine.write_blob(&record.console, "write console log")?;
         let mut entries = vec![
             Entry {
                 mode: EntryKind::Blob.into(),
@@ -94,10 +92,7 @@ impl Store {
             },
         ];
         entries.sort();
-        let tree = repo
-            .write_object(&gix::objs::Tree { entries })
-            .map_err(git("write tree"))?
-            .detach();
+        let tree = quarantine.write(&gix::objs::Tree { entries }, "write tree")?;
         let message = format!(
             "{} ({})\n\nRevision: {}\n",
             record.outcome,
@@ -106,22 +101,17 @@ impl Store {
         );
         let reference = log_ref(service);
         let _lock = crate::lock::ServiceLock::acquire(self.path(), service)?;
-        self.cas_update(&repo, &reference, &message_line(record), |parent| {
-            let signature = crate::store::signature();
-            let commit = gix::objs::Commit {
-                tree,
-                parents: parent.into_iter().collect(),
-                author: signature.clone(),
-                committer: signature,
-                encoding: None,
-                message: message.clone().into(),
-                extra_headers: Vec::new(),
-            };
-            Ok(repo
-                .write_object(&commit)
-                .map_err(git("write commit"))?
-                .detach())
-        })?;
+        self.publish(
+            &repo,
+            service,
+            &mut quarantine,
+            &reference,
+            &message_line(record),
+            |quarantine, parent| {
+                let commit = crate::store::commit(tree, parent, &message);
+                quarantine.write(&commit, "write commit")
+            },
+        )?;
         tracing::debug!(service, revision = %record.revision, outcome = record.outcome, "appended runtime log");
         Ok(())
     }

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use gix::ObjectId;
-use gix::objs::Write as _;
 use gix::objs::tree::{Entry, EntryKind};
 use gix::refs::transaction::{Change, LogChange, PreviousValue, RefEdit, RefLog};
 use sha2::{Digest, Sha256};
@@ -15,6 +14,7 @@ use sha2::{Digest, Sha256};
 use crate::index::{IndexState, Snapshot};
 use crate::lock::{self, ServiceLock};
 use crate::protocol::{self, Trailers};
+use crate::quarantine::Quarantine;
 use crate::types::{
     BuildStatus, Deployment, DeploymentDiff, ImageInfo, ImageReader, LiveMove, NewDeployment,
 };
@@ -165,18 +165,22 @@ impl Store {
     /// Writes one build as a commit on `refs/heads/<service>`.
     ///
     /// Images are streamed through a spool file, so an image is never held in memory. The
-    /// branch moves by compare-and-swap: a concurrent writer's commit becomes the parent.
+    /// objects are written to a quarantine and linked into the repository just before the
+    /// branch moves ([the deployment tree protocol](crate#the-deployment-tree-protocol)): a
+    /// write that fails, for example because the disk is full
+    /// ([`WriteError::is_out_of_space`]), leaves no object behind. The branch moves by
+    /// compare-and-swap: a concurrent writer's commit becomes the parent.
     pub fn write_deployment(&self, d: NewDeployment<'_>) -> Result<Revision, WriteError> {
         let checked = check_deployment(&d).inspect_err(|error| {
             tracing::warn!(%error, service = d.service, "refused deployment");
         })?;
         let repo = self.repo();
-        let git = |action| move |source| WriteError::Git { action, source };
+        let mut quarantine = Quarantine::create(&self.inner.path)?;
 
         let mut image_entries = Vec::new();
         let mut infos = Vec::new();
         for image in d.images {
-            let (id, info) = self.write_image(&repo, image)?;
+            let (id, info) = self.write_image(&mut quarantine, image)?;
             image_entries.push(Entry {
                 mode: EntryKind::BlobExecutable.into(),
                 filename: info.name.clone().into(),
@@ -193,40 +197,34 @@ impl Store {
         }
 
         let mut entries = Vec::new();
-        let log = repo
-            .write_blob(d.build_log)
-            .map_err(git("write build log"))?;
+        let log = quarantine.write_blob(d.build_log, "write build log")?;
         entries.push(Entry {
             mode: EntryKind::Blob.into(),
             filename: protocol::BUILD_LOG.into(),
-            oid: log.detach(),
+            oid: log,
         });
         if let Some(manifest) = d.manifest {
-            let id = repo.write_blob(manifest).map_err(git("write manifest"))?;
+            let id = quarantine.write_blob(manifest.as_bytes(), "write manifest")?;
             entries.push(Entry {
                 mode: EntryKind::Blob.into(),
                 filename: crate::manifest::FILE_NAME.into(),
-                oid: id.detach(),
+                oid: id,
             });
         }
         if !image_entries.is_empty() {
             image_entries.sort();
-            let id = repo
-                .write_object(&gix::objs::Tree {
-                    entries: image_entries,
-                })
-                .map_err(git("write image tree"))?;
+            let tree = gix::objs::Tree {
+                entries: image_entries,
+            };
+            let id = quarantine.write(&tree, "write image tree")?;
             entries.push(Entry {
                 mode: EntryKind::Tree.into(),
                 filename: protocol::IMAGE_DIR.into(),
-                oid: id.detach(),
+                oid: id,
             });
         }
         entries.sort();
-        let tree = repo
-            .write_object(&gix::objs::Tree { entries })
-            .map_err(git("write tree"))?
-            .detach();
+        let tree = quarantine.write(&gix::objs::Tree { entries }, "write tree")?;
 
         let trailers = Trailers {
             status: d.status,
@@ -242,32 +240,24 @@ impl Store {
         let reflog = format!("revboot: build {} of {short}", d.status);
 
         let _lock = ServiceLock::acquire(&self.inner.path, d.service)?;
-        let id = self.cas_update(&repo, &reference, &reflog, |parent| {
-            let signature = signature();
-            let commit = gix::objs::Commit {
-                tree,
-                parents: parent.into_iter().collect(),
-                author: signature.clone(),
-                committer: signature,
-                encoding: None,
-                message: message.clone().into(),
-                extra_headers: Vec::new(),
-            };
-            Ok(repo
-                .write_object(&commit)
-                .map_err(git("write commit"))?
-                .detach())
-        })?;
+        let id = self.publish(
+            &repo,
+            d.service,
+            &mut quarantine,
+            &reference,
+            &reflog,
+            |quarantine, parent| quarantine.write(&commit(tree, parent, &message), "write commit"),
+        )?;
         drop(_lock);
         self.refreshed();
         tracing::info!(service = d.service, revision = %id, status = %d.status, "wrote deployment");
         Ok(Revision::new(id))
     }
 
-    /// Streams one image into a spool file (hashing it), then into a loose blob.
+    /// Streams one image into a spool file (hashing it), then into a quarantined loose blob.
     fn write_image(
         &self,
-        repo: &gix::Repository,
+        quarantine: &mut Quarantine,
         mut image: crate::types::ImageInput<'_>,
     ) -> Result<(ObjectId, ImageInfo), WriteError> {
         let spool_path = lock::spool_dir(&self.inner.path).join(format!(
@@ -275,14 +265,7 @@ impl Store {
             std::process::id(),
             SPOOL_COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
-        let io = |action, path: &Path| {
-            let path = path.to_owned();
-            move |source| WriteError::Io {
-                action,
-                path,
-                source,
-            }
-        };
+        let io = WriteError::io;
         let spool = Spool(spool_path.clone());
         let mut file = fs::OpenOptions::new()
             .read(true)
@@ -318,13 +301,7 @@ impl Store {
         }
         file.rewind().map_err(io("rewind spool", &spool_path))?;
         let mut reader = BufReader::with_capacity(256 << 10, file);
-        let id = repo
-            .objects
-            .write_stream(gix::objs::Kind::Blob, size, &mut reader)
-            .map_err(|source| WriteError::Git {
-                action: "write image blob",
-                source,
-            })?;
+        let id = quarantine.write_blob_stream(size, &mut reader, "write image blob")?;
         drop(spool);
         Ok((
             id,
@@ -336,8 +313,40 @@ impl Store {
         ))
     }
 
+    /// Moves `reference` of `service` to the commit or tag `make` writes into `quarantine` for
+    /// the current tip, with the quarantine's objects linked into the repository under the
+    /// objects lock first; if the ref does not move, they are taken back out. The caller holds
+    /// the service lock.
+    pub(crate) fn publish(
+        &self,
+        repo: &gix::Repository,
+        service: &str,
+        quarantine: &mut Quarantine,
+        reference: &str,
+        reflog: &str,
+        mut make: impl FnMut(&mut Quarantine, Option<ObjectId>) -> Result<ObjectId, WriteError>,
+    ) -> Result<ObjectId, WriteError> {
+        let _objects = ServiceLock::objects(&self.inner.path, service)?;
+        let mut made = None;
+        let moved = self.cas_update(repo, reference, reflog, |current| {
+            // Made for a tip that moved meanwhile: not wanted any more.
+            if let Some(stale) = made.take() {
+                quarantine.take_back(stale);
+            }
+            let id = make(quarantine, current)?;
+            made = Some(id);
+            quarantine.link_in()?;
+            Ok(id)
+        });
+        if moved.is_err() {
+            quarantine.take_back_all();
+        }
+        moved
+    }
+
     /// Moves `reference` by compare-and-swap to the object `make(current)` returns, retrying
-    /// when another writer moved it. The caller holds the service lock.
+    /// when another writer moved it. The caller holds the service lock. When the disk is full,
+    /// it gives up at once and leaves the ref's reflog as it was.
     pub(crate) fn cas_update(
         &self,
         repo: &gix::Repository,
@@ -375,8 +384,20 @@ impl Store {
             };
             let signature = signature();
             let mut time = gix::date::parse::TimeBuf::default();
+            let reflog_path = self.inner.path.join("logs").join(reference);
+            let reflog_len = fs::metadata(&reflog_path).map(|m| m.len()).ok();
             match repo.edit_references_as(Some(edit), Some(signature.to_ref(&mut time))) {
                 Ok(_) => return Ok(new),
+                Err(error) if crate::error::out_of_space(&error) => {
+                    // gix appends to the reflog before it moves the ref: a line cut short
+                    // by the full disk, for a move that did not happen, must not stay.
+                    restore_reflog(&reflog_path, reflog_len);
+                    tracing::warn!(reference, %error, "no space left to move the ref");
+                    return Err(WriteError::Git {
+                        action: "move the ref",
+                        source: error,
+                    });
+                }
                 Err(error) => {
                     let now = read_ref(repo, reference)?;
                     if now != current {
@@ -514,21 +535,22 @@ impl Store {
             .into(),
             signature: None,
         };
-        let tag_id = repo
-            .write_object(&tag)
-            .map_err(|source| WriteError::Git {
-                action: "write tag",
-                source,
-            })?
-            .detach();
+        let mut quarantine = Quarantine::create(&self.inner.path)?;
         let reflog = format!("revboot: tag {name}");
-        self.cas_update(&repo, &reference, &reflog, |current| match current {
-            None => Ok(tag_id),
-            Some(_) => Err(WriteError::TagExists {
-                service: service.to_owned(),
-                name: name.to_owned(),
-            }),
-        })?;
+        self.publish(
+            &repo,
+            service,
+            &mut quarantine,
+            &reference,
+            &reflog,
+            |quarantine, current| match current {
+                None => quarantine.write(&tag, "write tag"),
+                Some(_) => Err(WriteError::TagExists {
+                    service: service.to_owned(),
+                    name: name.to_owned(),
+                }),
+            },
+        )?;
         drop(_lock);
         self.refreshed();
         tracing::info!(service, tag = name, revision = %revision, "tagged deployment");
@@ -823,6 +845,36 @@ fn check_deployment(d: &NewDeployment<'_>) -> Result<Checked, WriteError> {
         source_commit: d.source_commit.to_ascii_lowercase(),
         boot_image,
     })
+}
+
+/// A commit by revboot of `tree` on `parent`.
+pub(crate) fn commit(tree: ObjectId, parent: Option<ObjectId>, message: &str) -> gix::objs::Commit {
+    let signature = signature();
+    gix::objs::Commit {
+        tree,
+        parents: parent.into_iter().collect(),
+        author: signature.clone(),
+        committer: signature,
+        encoding: None,
+        message: message.into(),
+        extra_headers: Vec::new(),
+    }
+}
+
+/// Cuts a reflog back to `len` bytes (`None`: it did not exist, so it goes).
+fn restore_reflog(path: &Path, len: Option<u64>) {
+    let restored = match len {
+        Some(len) => fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|file| file.set_len(len)),
+        None => fs::remove_file(path),
+    };
+    if let Err(error) = restored
+        && error.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(%error, path = %path.display(), "cannot restore the reflog");
+    }
 }
 
 pub(crate) fn signature() -> gix::actor::Signature {

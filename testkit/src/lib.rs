@@ -7,7 +7,9 @@
 //!
 //! Crash tests run their subject as a child process ([`test_child`]: the test binary again,
 //! running one ignored test) so that it can die by SIGKILL, and check the repository it
-//! leaves with stock git ([`assert_fsck_clean`]).
+//! leaves with stock git ([`assert_fsck_clean`], [`unreachable_objects`]). Disk-full tests
+//! run theirs in a mount namespace of its own ([`test_child_with_own_mounts`]) on a small
+//! tmpfs ([`mount_tmpfs`]) that goes away with the child, however it ends.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -71,14 +73,73 @@ pub fn stock_git() -> &'static str {
 /// environment the caller adds.
 pub fn test_child(name: &str) -> Command {
     let mut command = Command::new(std::env::current_exe().expect("a test binary has a path"));
-    command.args([
+    command.args(child_arguments(name));
+    command
+}
+
+fn child_arguments(name: &str) -> [&str; 5] {
+    [
         name,
         "--exact",
         "--ignored",
         "--nocapture",
         "--test-threads=1",
-    ]);
+    ]
+}
+
+/// As [`test_child`], in a mount namespace of its own (`unshare --mount --propagation
+/// private`): what the child mounts is gone when it ends, and the host never sees it. Needs
+/// root.
+pub fn test_child_with_own_mounts(name: &str) -> Command {
+    let mut command = Command::new("unshare");
     command
+        .args(["--mount", "--propagation", "private", "--"])
+        .arg(std::env::current_exe().expect("a test binary has a path"))
+        .args(child_arguments(name));
+    command
+}
+
+/// Runs a child test to its end and panics, with its output, unless it passed.
+pub fn assert_child_passes(mut command: Command) {
+    let output = command.output().expect("the child test starts");
+    assert!(
+        output.status.success(),
+        "the child test failed ({}):\n{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Mounts a tmpfs of `bytes` on `dir` (made if absent). Root only, and only in a child of
+/// [`test_child_with_own_mounts`], whose namespace takes the mount with it.
+pub fn mount_tmpfs(dir: &Path, bytes: u64) {
+    std::fs::create_dir_all(dir).expect("mount point");
+    let output = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+        .arg(dir)
+        .output()
+        .expect("mount runs");
+    assert!(
+        output.status.success(),
+        "cannot mount a tmpfs on {} (root is needed): {}",
+        dir.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The bytes that can still be written on the file system holding `path` (`df`).
+pub fn available_bytes(path: &Path) -> u64 {
+    let output = Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(path)
+        .output()
+        .expect("df runs");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .last()
+        .and_then(|line| line.trim().parse().ok())
+        .unwrap_or_else(|| panic!("df gave no figure for {}", path.display()))
 }
 
 /// The lines a child (spawned with piped stdout) prints, as they come.
@@ -105,6 +166,21 @@ fn git_in(repo: &Path, args: &[&str]) -> Output {
         .env("GIT_CONFIG_GLOBAL", "/dev/null")
         .output()
         .expect("git runs")
+}
+
+/// The objects of `repo` that no ref or reflog reaches (`git fsck --unreachable`).
+pub fn unreachable_objects(repo: &Path) -> Vec<String> {
+    let output = git_in(repo, &["fsck", "--unreachable", "--no-progress"]);
+    assert!(
+        output.status.success(),
+        "fsck failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| line.starts_with("unreachable "))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// `git fsck --strict` must pass without a single complaint (dangling objects are no fault).

@@ -3,6 +3,7 @@
 
 mod concurrency;
 mod crash;
+mod full;
 mod interop;
 mod large;
 mod props;

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use revboot_store::{BuildStatus, ImageInput, NewDeployment, Revision, Store};
+use revboot_store::{BuildStatus, ImageInput, NewDeployment, Revision, Store, WriteError};
 
 /// Stock git, as on the machine.
 pub const GIT: &str = "/usr/local/bin/git";
@@ -65,6 +65,17 @@ pub fn deploy_from(
     source_ref: &str,
     image: Option<Vec<u8>>,
 ) -> Revision {
+    try_deploy_from(store, service, source_commit, source_ref, image).expect("deployment written")
+}
+
+/// As [`deploy_from`], handing back whatever the store answered.
+pub fn try_deploy_from(
+    store: &Store,
+    service: &str,
+    source_commit: &str,
+    source_ref: &str,
+    image: Option<Vec<u8>>,
+) -> Result<Revision, WriteError> {
     let (status, images) = match image {
         Some(bytes) => (
             BuildStatus::Succeeded,
@@ -75,19 +86,17 @@ pub fn deploy_from(
         ),
         None => (BuildStatus::Failed, Vec::new()),
     };
-    store
-        .write_deployment(NewDeployment {
-            service,
-            status,
-            manifest: Some(MANIFEST),
-            images,
-            build_log: format!("building {source_commit}\n").as_bytes(),
-            source_commit,
-            source_repo: service,
-            source_ref: Some(source_ref),
-            subject: &format!("Build {}", &source_commit[..8]),
-        })
-        .expect("deployment written")
+    store.write_deployment(NewDeployment {
+        service,
+        status,
+        manifest: Some(MANIFEST),
+        images,
+        build_log: format!("building {source_commit}\n").as_bytes(),
+        source_commit,
+        source_repo: service,
+        source_ref: Some(source_ref),
+        subject: &format!("Build {}", &source_commit[..8]),
+    })
 }
 
 /// Binary-looking bytes: a deterministic pseudo-random stream, with ELF magic.
