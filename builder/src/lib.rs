@@ -28,6 +28,18 @@
 //!    branch (the source repository's `HEAD`, `main`), `run.deploy` is not false and the push
 //!    did not say `-o revboot.deploy=false`. On failure live is untouched.
 //!
+//! # A full disk
+//!
+//! A deployment that does not fit on the disk leaves nothing in the deployment repository
+//! (the store writes a deployment's objects apart and links them in only as its branch
+//! moves), and the build fails with `no space left on device while writing the deployment`.
+//! It is recorded as a failed build (its log, no image) if that still fits, otherwise only in
+//! the builder's build records ([`Builder::build_records`]); the push output says which. It
+//! then builds again by itself once the deployment repository's file system has about three
+//! times its images free, checked every [`BuilderConfig::space_check_secs`] (30 s by
+//! default), at most three times in a row; a newer push of the branch ends the wait. To
+//! build the same commit by hand, push a new commit (`git commit --allow-empty`).
+//!
 //! # Limits
 //!
 //! Builds run as the daemon's user, in their own process group with a clean environment and
@@ -69,6 +81,7 @@ mod runner;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use revboot_store::{Revision, Store};
 
@@ -109,11 +122,16 @@ pub struct BuilderConfig {
     pub log_limit: usize,
     /// The largest push request body accepted, in bytes.
     pub max_push_bytes: u64,
+    /// How often, in seconds, the free disk space is checked while a build that failed for
+    /// lack of it waits to run again.
+    pub space_check_secs: u64,
 }
 
 impl BuilderConfig {
     /// The default of [`BuilderConfig::push_wait_secs`].
     pub const DEFAULT_PUSH_WAIT_SECS: u64 = 1800;
+    /// The default of [`BuilderConfig::space_check_secs`].
+    pub const DEFAULT_SPACE_CHECK_SECS: u64 = 30;
 
     /// A configuration with default limits and no push tokens.
     pub fn new(
@@ -134,6 +152,7 @@ impl BuilderConfig {
             push_wait_secs: BuilderConfig::DEFAULT_PUSH_WAIT_SECS,
             log_limit: DEFAULT_LOG_LIMIT,
             max_push_bytes: 2 * 1024 * 1024 * 1024,
+            space_check_secs: BuilderConfig::DEFAULT_SPACE_CHECK_SECS,
         }
     }
 }
@@ -253,6 +272,9 @@ impl Builder {
         if config.log_limit < 4096 {
             return Err(invalid("log_limit", "must be at least 4096"));
         }
+        if config.space_check_secs == 0 || config.space_check_secs > 3600 {
+            return Err(invalid("space_check_secs", "must be between 1 and 3600"));
+        }
         if config.push_tokens.iter().any(|t| t.is_empty()) {
             return Err(invalid("push_tokens", "must not contain an empty token"));
         }
@@ -344,6 +366,7 @@ impl Builder {
                 .map(PathBuf::from)
                 .or_else(|| home.as_ref().map(|h| h.join(".rustup")))
                 .filter(|p| p.is_dir()),
+            space_check: Duration::from_secs(config.space_check_secs),
         });
         let queue = queue::Queue::start(
             state_dir.join("state.json"),
@@ -352,6 +375,7 @@ impl Builder {
                 max_parallel: config.max_parallel,
                 max_queued: config.max_queued,
                 log_limit: config.log_limit,
+                space_check: Duration::from_secs(config.space_check_secs),
             },
             heads,
         )?;

@@ -15,6 +15,13 @@
 //!    (`rerun_of`) adopts the deployment instead of writing a second one (see the runner).
 //! 4. Shutdown stops running builds (their process groups are killed; each is recorded in
 //!    the deployment repository as interrupted, with its log so far) and keeps the queue.
+//! 5. A build that failed because its deployment did not fit on the disk keeps how much
+//!    space it needs (`retry_when_free_bytes`). While any such build waits, the queue checks
+//!    the free space of the deployment repository's file system every `space_check` (the
+//!    first time right at start) and queues each one again (`requeued_as`, `rerun_of`) once
+//!    its space is free, unless its branch was pushed again meanwhile (the newer push is the
+//!    one that matters then; the wait ends). After [`MAX_SPACE_RETRIES`] such retries in a row
+//!    that failed the same way, the build is not retried by itself any more.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
@@ -30,6 +37,9 @@ use crate::runner::{self, Job, Outcome, RunContext};
 /// How many finished build records are kept (older ones are dropped from the state file;
 /// their deployment commits stay in the store).
 const MAX_FINISHED_RECORDS: usize = 1000;
+
+/// How often in a row a build that failed for lack of disk space is run again by itself.
+pub(crate) const MAX_SPACE_RETRIES: usize = 3;
 
 /// How long shutdown waits for running builds to record themselves as interrupted.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(30);
@@ -90,11 +100,16 @@ pub struct BuildRecord {
     pub made_live: bool,
     /// The build that superseded this one.
     pub superseded_by: Option<u64>,
-    /// The build that re-ran this interrupted one.
+    /// The build that re-ran this one (interrupted, or failed for lack of disk space).
     pub requeued_as: Option<u64>,
-    /// The interrupted build this one runs again.
+    /// The interrupted build, or the one that failed for lack of disk space, that this one
+    /// runs again.
     #[serde(default)]
     pub rerun_of: Option<u64>,
+    /// Set on a build whose deployment did not fit on the disk, while it waits to run again:
+    /// the bytes that must be free on the deployment repository's file system first.
+    #[serde(default)]
+    pub retry_when_free_bytes: Option<u64>,
     /// A one-line summary of the result.
     pub message: Option<String>,
 }
@@ -139,7 +154,7 @@ pub(crate) struct Request {
     pub(crate) refname: String,
     pub(crate) commit: String,
     pub(crate) deploy_option: Option<bool>,
-    /// The interrupted build this request runs again.
+    /// The build this request runs again.
     pub(crate) rerun_of: Option<u64>,
 }
 
@@ -186,6 +201,8 @@ pub(crate) struct Limits {
     pub(crate) max_parallel: usize,
     pub(crate) max_queued: usize,
     pub(crate) log_limit: usize,
+    /// How often free space is checked while a build waits for it.
+    pub(crate) space_check: Duration,
 }
 
 /// Why the queue could not start.
@@ -351,26 +368,7 @@ impl Owner {
             );
         }
         for old in requeue {
-            let Some(record) = self.state.records.iter().find(|r| r.id == old).cloned() else {
-                continue;
-            };
-            let request = Request {
-                service: record.service,
-                refname: record.source_ref,
-                commit: record.source_commit,
-                deploy_option: record.deploy_option,
-                rerun_of: Some(old),
-            };
-            match self.enqueue(request) {
-                Ok(ticket) => {
-                    let new = ticket.tracker.id;
-                    tracing::info!(old, new, "re-queued a build interrupted by a daemon stop");
-                    if let Some(record) = self.record_mut(old) {
-                        record.requeued_as = Some(new);
-                    }
-                }
-                Err(error) => tracing::error!(%error, old, "cannot re-queue interrupted build"),
-            }
+            self.rerun(old, "interrupted by a daemon stop");
         }
         for (service, refname, commit) in branch_heads {
             if self.state.heads.get(&head_key(&service, &refname)) == Some(&commit) {
@@ -399,6 +397,7 @@ impl Owner {
 
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         self.fill();
+        let mut space_check = tokio::time::Instant::now();
         loop {
             let command = match &self.shutdown {
                 Some((_, deadline)) => match tokio::time::timeout_at(*deadline, rx.recv()).await {
@@ -408,7 +407,14 @@ impl Owner {
                         break;
                     }
                 },
-                None => rx.recv().await,
+                None => tokio::select! {
+                    command = rx.recv() => command,
+                    () = tokio::time::sleep_until(space_check), if self.waiting_for_space() => {
+                        space_check = tokio::time::Instant::now() + self.limits.space_check;
+                        self.retry_where_space().await;
+                        continue;
+                    }
+                },
             };
             let Some(command) = command else { break };
             match command {
@@ -513,6 +519,7 @@ impl Owner {
             superseded_by: None,
             requeued_as: None,
             rerun_of: request.rerun_of,
+            retry_when_free_bytes: None,
             message: None,
         });
         let tracker = Arc::new(Tracker::new(id, self.limits.log_limit, Phase::Queued));
@@ -560,6 +567,7 @@ impl Owner {
             .and_then(|r| r.rerun_of)
             .and_then(|old| self.state.records.iter().find(|r| r.id == old))
             .and_then(|old| old.started_at_ms);
+        let retry_when_full = self.space_retries(id) < MAX_SPACE_RETRIES;
         let Some(record) = self.record_mut(id) else {
             return;
         };
@@ -572,6 +580,7 @@ impl Owner {
             commit: record.source_commit.clone(),
             deploy_option: record.deploy_option,
             adopt_since_ms,
+            retry_when_full,
         };
         let service = job.service.clone();
         tracker.set_phase(Phase::Running);
@@ -604,6 +613,7 @@ impl Owner {
         record.command_secs = outcome.command_secs;
         record.revision = outcome.revision.map(|r| r.to_hex());
         record.made_live = outcome.made_live;
+        record.retry_when_free_bytes = outcome.retry_when_free_bytes;
         record.message = Some(outcome.summary.clone());
         let service = record.service.clone();
         tracing::info!(id, service, state = ?outcome.state, summary = outcome.summary, "build finished");
@@ -614,6 +624,123 @@ impl Owner {
             tracker.set_phase(Phase::Done(Arc::new(outcome)));
         }
         self.trim();
+    }
+
+    /// How many builds before `id`, in a row, failed for lack of disk space and were run again
+    /// by it (only such failed builds are re-queued).
+    fn space_retries(&self, id: u64) -> usize {
+        let record = |id: u64| self.state.records.iter().find(|r| r.id == id);
+        let mut count = 0;
+        let mut current = record(id).and_then(|r| r.rerun_of);
+        while let Some(old) = current.and_then(record) {
+            if old.state != BuildState::Failed || count >= MAX_SPACE_RETRIES {
+                break;
+            }
+            count += 1;
+            current = old.rerun_of;
+        }
+        count
+    }
+
+    /// Queues `old` (`why` it runs again) as a new build that re-runs it; true if queued.
+    fn rerun(&mut self, old: u64, why: &str) -> bool {
+        let Some(record) = self.state.records.iter().find(|r| r.id == old).cloned() else {
+            return false;
+        };
+        let request = Request {
+            service: record.service,
+            refname: record.source_ref,
+            commit: record.source_commit,
+            deploy_option: record.deploy_option,
+            rerun_of: Some(old),
+        };
+        match self.enqueue(request) {
+            Ok(ticket) => {
+                let new = ticket.tracker.id;
+                tracing::info!(old, new, why, "re-queued a build");
+                if let Some(record) = self.record_mut(old) {
+                    record.requeued_as = Some(new);
+                }
+                true
+            }
+            Err(error) => {
+                tracing::error!(%error, old, why, "cannot re-queue a build");
+                false
+            }
+        }
+    }
+
+    /// Whether a build waits for disk space to run again.
+    fn waiting_for_space(&self) -> bool {
+        self.state
+            .records
+            .iter()
+            .any(|r| r.retry_when_free_bytes.is_some())
+    }
+
+    /// Queues again the builds that failed for lack of disk space and now fit (rule 5).
+    async fn retry_where_space(&mut self) {
+        let path = self.ctx.store.path().to_owned();
+        let free = tokio::task::spawn_blocking(move || {
+            nix::sys::statvfs::statvfs(&path)
+                .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
+        })
+        .await;
+        let free = match free {
+            Ok(Ok(free)) => free,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "cannot read the free space of the deployment repository");
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "the free space check failed");
+                return;
+            }
+        };
+        let waiting: Vec<(u64, u64)> = self
+            .state
+            .records
+            .iter()
+            .filter_map(|r| r.retry_when_free_bytes.map(|needed| (r.id, needed)))
+            .collect();
+        let mut changed = false;
+        for (old, needed) in waiting {
+            let Some(record) = self.state.records.iter().find(|r| r.id == old).cloned() else {
+                continue;
+            };
+            let key = head_key(&record.service, &record.source_ref);
+            if self.state.heads.get(&key) != Some(&record.source_commit) {
+                tracing::info!(
+                    old,
+                    service = record.service,
+                    "not retried: its branch was pushed again"
+                );
+                if let Some(record) = self.record_mut(old) {
+                    record.retry_when_free_bytes = None;
+                }
+                changed = true;
+                continue;
+            }
+            if free < needed {
+                continue;
+            }
+            tracing::info!(
+                old,
+                free,
+                needed,
+                "space is free for a build that lacked it"
+            );
+            if self.rerun(old, "failed for lack of disk space") {
+                if let Some(record) = self.record_mut(old) {
+                    record.retry_when_free_bytes = None;
+                }
+                changed = true;
+            }
+        }
+        if changed {
+            self.persist();
+            self.fill();
+        }
     }
 
     /// Drops the oldest finished records beyond the limit.

@@ -22,6 +22,13 @@
 //!    source link; live moves to it when the recipe (`run.deploy`) and push option allow and
 //!    the ref is the deploy branch. Failure or interruption: a commit with the log and no
 //!    image; live untouched.
+//! 7. A deployment that cannot be written makes the build a failed one, recorded as such
+//!    (a commit with the log and the reason, no image). When the disk is full, the store has
+//!    left nothing of the deployment behind; the reason is `no space left on device while
+//!    writing the deployment`, and the build is marked to run again by itself once the
+//!    deployment repository's file system has room for it ([`Outcome::retry_when_free_bytes`],
+//!    see the queue). If even the failed build cannot be written, the pusher is told so and
+//!    only the builder's build records keep it.
 //!
 //! Crash tests stop a build at one point with a fail point: with
 //! `REVBOOT_FAILPOINT=after-deployment-commit` in the daemon's environment, a build pauses
@@ -52,6 +59,11 @@ const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(300);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a build waits at a fail point (module docs) before it goes on.
 const FAILPOINT_PAUSE: Duration = Duration::from_secs(600);
+/// Why a build failed whose deployment did not fit on the disk.
+pub(crate) const NO_SPACE: &str = "no space left on device while writing the deployment";
+/// Free space a retry needs beyond three times its images (the build's artifact, the store's
+/// spool and the blob): the log, trees, commit and ref.
+const RETRY_SLACK_BYTES: u64 = 1 << 20;
 
 /// Everything builds share.
 #[derive(Debug)]
@@ -64,6 +76,8 @@ pub(crate) struct RunContext {
     pub(crate) path_env: OsString,
     pub(crate) cargo_home: Option<PathBuf>,
     pub(crate) rustup_home: Option<PathBuf>,
+    /// How often the queue looks for free space for builds that failed for lack of it.
+    pub(crate) space_check: Duration,
 }
 
 /// One build to run.
@@ -77,6 +91,8 @@ pub(crate) struct Job {
     /// For a re-run of an interrupted build: when that one started (unix ms); a deployment
     /// it wrote since then is adopted.
     pub(crate) adopt_since_ms: Option<u64>,
+    /// Whether the build runs again by itself should its deployment not fit on the disk.
+    pub(crate) retry_when_full: bool,
 }
 
 /// How a build ended.
@@ -90,6 +106,9 @@ pub(crate) struct Outcome {
     /// Lines for the pusher after the log: deployment, DNS name, live pointer.
     pub(crate) result_lines: Vec<String>,
     pub(crate) command_secs: Option<f64>,
+    /// Set when the deployment did not fit on the disk: the bytes that must be free where the
+    /// deployment repository is before the build runs again.
+    pub(crate) retry_when_free_bytes: Option<u64>,
 }
 
 impl Outcome {
@@ -101,6 +120,26 @@ impl Outcome {
             result_lines: vec![format!("build failed: {message}")],
             summary: format!("failed: {message}"),
             command_secs: None,
+            retry_when_free_bytes: None,
+        }
+    }
+}
+
+/// Why a build could not be written to the store.
+#[derive(Debug)]
+struct NotRecorded {
+    /// What went wrong, with its causes, on one line.
+    message: String,
+    /// The deployment repository's file system is full.
+    out_of_space: bool,
+}
+
+impl NotRecorded {
+    fn reason(&self) -> &str {
+        if self.out_of_space {
+            "no space left on device"
+        } else {
+            &self.message
         }
     }
 }
@@ -475,6 +514,7 @@ async fn fail(
         summary: format!("failed: {message}"),
         result_lines: vec![format!("build #{} failed: {message}", job.id)],
         command_secs,
+        retry_when_free_bytes: None,
     };
     match recorded {
         Ok(revision) => {
@@ -484,9 +524,10 @@ async fn fail(
                 revision.short(12)
             ));
         }
-        Err(error) => outcome
-            .result_lines
-            .push(format!("the failed build could not be recorded: {error}")),
+        Err(error) => outcome.result_lines.push(format!(
+            "the failed build could not be recorded in the deployment repository ({}); only the builder's build records keep it; live unchanged",
+            error.reason()
+        )),
     }
     outcome
 }
@@ -521,6 +562,7 @@ async fn interrupted(
             job.id
         )],
         command_secs: Some(command_secs),
+        retry_when_free_bytes: None,
     }
 }
 
@@ -535,14 +577,16 @@ async fn succeed(
     artifacts: Vec<(String, PathBuf)>,
     command_secs: f64,
 ) -> Outcome {
-    let sizes: Vec<String> = artifacts
+    let sizes: Vec<u64> = artifacts
         .iter()
-        .map(|(name, path)| {
-            let size = path.metadata().map(|m| m.len()).unwrap_or(0);
-            format!("{name} ({size} bytes)")
-        })
+        .map(|(_, path)| path.metadata().map(|m| m.len()).unwrap_or(0))
         .collect();
-    tracker.note(&format!("storing image {}", sizes.join(", ")));
+    let listed: Vec<String> = artifacts
+        .iter()
+        .zip(&sizes)
+        .map(|((name, _), size)| format!("{name} ({size} bytes)"))
+        .collect();
+    tracker.note(&format!("storing image {}", listed.join(", ")));
     let log = tracker.finish_log();
     let revision = match record(
         ctx,
@@ -557,7 +601,41 @@ async fn succeed(
     {
         Ok(revision) => revision,
         Err(error) => {
-            return Outcome::internal(format!("the build could not be stored: {error}"));
+            let message = if error.out_of_space {
+                NO_SPACE.to_owned()
+            } else {
+                format!("the deployment could not be written: {}", error.message)
+            };
+            let text = Some(manifest_text);
+            let mut outcome = fail(
+                ctx,
+                job,
+                subject,
+                tracker,
+                text,
+                message,
+                Some(command_secs),
+            )
+            .await;
+            if !error.out_of_space {
+                return outcome;
+            }
+            if !job.retry_when_full {
+                outcome.result_lines.push(format!(
+                    "it failed this way {} times in a row and is not retried by itself again; push again once there is room",
+                    crate::queue::MAX_SPACE_RETRIES + 1
+                ));
+                return outcome;
+            }
+            let images: u64 = sizes.iter().sum();
+            let needed = images.saturating_mul(3) + log.len() as u64 + RETRY_SLACK_BYTES;
+            outcome.retry_when_free_bytes = Some(needed);
+            outcome.result_lines.push(format!(
+                "it builds again by itself once the deployment repository has {:.1} MiB free (checked every {}s)",
+                needed as f64 / f64::from(1 << 20),
+                ctx.space_check.as_secs()
+            ));
+            return outcome;
         }
     };
     let mut result_lines = vec![format!(
@@ -573,6 +651,7 @@ async fn succeed(
         summary: format!("succeeded: deployment {}", revision.short(12)),
         result_lines,
         command_secs: Some(command_secs),
+        retry_when_free_bytes: None,
     }
 }
 
@@ -636,6 +715,7 @@ async fn adopt(
         summary: format!("succeeded: deployment {short} (written before a daemon stop)"),
         result_lines,
         command_secs: None,
+        retry_when_free_bytes: None,
     }
 }
 
@@ -715,7 +795,7 @@ async fn record(
     manifest: Option<&str>,
     log: &[u8],
     artifacts: Vec<(String, PathBuf)>,
-) -> Result<Revision, String> {
+) -> Result<Revision, NotRecorded> {
     let store = ctx.store.clone();
     let service = job.service.clone();
     let commit = job.commit.clone();
@@ -727,8 +807,10 @@ async fn record(
         let succeeded = status == BuildStatus::Succeeded;
         let mut images = Vec::new();
         for (name, path) in &artifacts {
-            let file = std::fs::File::open(path)
-                .map_err(|e| format!("cannot open artifact {}: {e}", path.display()))?;
+            let file = std::fs::File::open(path).map_err(|e| NotRecorded {
+                message: format!("cannot open artifact {}: {e}", path.display()),
+                out_of_space: false,
+            })?;
             images.push(ImageInput {
                 name: name.clone(),
                 reader: Box::new(std::io::BufReader::new(file)),
@@ -751,12 +833,30 @@ async fn record(
                     failpoint("after-deployment-commit");
                 }
             })
-            .map_err(|error| error.to_string())
+            .map_err(|error| {
+                let mut message = error.to_string();
+                let mut cause = std::error::Error::source(&error);
+                while let Some(inner) = cause {
+                    message.push_str(&format!(": {inner}"));
+                    cause = inner.source();
+                }
+                NotRecorded {
+                    message,
+                    out_of_space: error.is_out_of_space(),
+                }
+            })
     })
     .await
-    .map_err(|error| format!("the store task failed: {error}"))?;
+    .map_err(|error| NotRecorded {
+        message: format!("the store task failed: {error}"),
+        out_of_space: false,
+    })?;
     if let Err(error) = &result {
-        tracing::error!(%error, service = job.service, "cannot write deployment");
+        tracing::error!(
+            error = error.message,
+            service = job.service,
+            "cannot write deployment"
+        );
     }
     result
 }

@@ -100,7 +100,7 @@ pub fn test_child_with_own_mounts(name: &str) -> Command {
 }
 
 /// Runs a child test to its end and panics, with its output, unless it passed.
-pub fn assert_child_passes(mut command: Command) {
+pub fn assert_child_passes(command: &mut Command) {
     let output = command.output().expect("the child test starts");
     assert!(
         output.status.success(),
@@ -181,6 +181,18 @@ pub fn unreachable_objects(repo: &Path) -> Vec<String> {
         .filter(|line| line.starts_with("unreachable "))
         .map(str::to_owned)
         .collect()
+}
+
+/// What a failed write may leave in a deployment repository: no unreachable object, and
+/// nothing in the store's temporary directory (`revboot/tmp`: image spools, quarantines).
+pub fn assert_no_leftovers(repo: &Path) {
+    assert_eq!(unreachable_objects(repo), Vec::<String>::new());
+    let leftovers: Vec<PathBuf> = std::fs::read_dir(repo.join("revboot/tmp"))
+        .expect("the store's temporary directory")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
 /// `git fsck --strict` must pass without a single complaint (dangling objects are no fault).

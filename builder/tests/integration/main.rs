@@ -4,6 +4,7 @@
 
 mod cache;
 mod crash;
+mod full;
 mod push;
 mod queue;
 mod restart;

@@ -9,8 +9,8 @@ use std::path::Path;
 
 use revboot_store::{BuildStatus, ImageInput, NewDeployment};
 use revboot_testkit::{
-    assert_child_passes, available_bytes, mount_tmpfs, test_child_with_own_mounts,
-    unreachable_objects,
+    assert_child_passes, assert_no_leftovers, available_bytes, mount_tmpfs,
+    test_child_with_own_mounts,
 };
 
 use crate::support::{
@@ -20,17 +20,6 @@ use crate::support::{
 const DISK_ENV: &str = "REVBOOT_TEST_FULL_DISK";
 const DISK_BYTES: u64 = 32 << 20;
 const MIB: usize = 1 << 20;
-
-/// What a failed write may leave: nothing unreachable, no spool, no quarantine.
-fn assert_nothing_left(repo: &Path) {
-    assert_eq!(unreachable_objects(repo), Vec::<String>::new());
-    let leftovers: Vec<_> = std::fs::read_dir(repo.join("revboot/tmp"))
-        .expect("private directory")
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
-}
 
 /// The child: on a nearly full tmpfs, a deployment whose second image does not fit.
 #[test]
@@ -76,7 +65,7 @@ fn child() {
     let history = store.history("full").expect("history");
     assert_eq!(history.len(), 1);
     assert_eq!(history[0].revision, seed);
-    assert_nothing_left(store.path());
+    assert_no_leftovers(store.path());
 
     std::fs::remove_file(&filler).expect("free the space");
     let revision = write().expect("it fits now");
@@ -85,15 +74,13 @@ fn child() {
         revision
     );
     assert_fsck_clean(store.path());
-    assert_nothing_left(store.path());
+    assert_no_leftovers(store.path());
 }
 
 #[test]
 fn disk_full_while_writing_the_second_image_leaves_no_objects_and_the_write_fits_later() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut child = test_child_with_own_mounts("full::child");
-    child.env(DISK_ENV, dir.path());
-    assert_child_passes(child);
+    assert_child_passes(test_child_with_own_mounts("full::child").env(DISK_ENV, dir.path()));
 }
 
 #[test]
@@ -118,7 +105,7 @@ fn a_write_whose_branch_cannot_move_takes_its_objects_back() {
 
     write().expect_err("the branch cannot move");
     assert_eq!(store.history("blocked").expect("history")[0].revision, seed);
-    assert_nothing_left(store.path());
+    assert_no_leftovers(store.path());
 
     std::fs::remove_dir_all(&reflog).expect("clear the way");
     let revision = write().expect("the branch moves now");
@@ -127,5 +114,5 @@ fn a_write_whose_branch_cannot_move_takes_its_objects_back() {
         revision.to_hex()
     );
     assert_fsck_clean(store.path());
-    assert_nothing_left(store.path());
+    assert_no_leftovers(store.path());
 }
