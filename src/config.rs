@@ -144,6 +144,8 @@ pub struct Builds {
     pub parallel: usize,
     /// Cap on queued builds.
     pub queue: usize,
+    /// The build sandbox (`[builds.sandbox]`): uid, memory, pids, disk, read-only paths.
+    pub sandbox: revboot_builder::SandboxConfig,
 }
 
 impl Default for Config {
@@ -206,6 +208,7 @@ impl Default for Builds {
         Builds {
             parallel: 0,
             queue: 64,
+            sandbox: revboot_builder::SandboxConfig::default(),
         }
     }
 }

@@ -42,9 +42,12 @@
 //!
 //! # Limits
 //!
-//! Builds run as the daemon's user, in their own process group with a clean environment and
-//! a wall-clock limit, not in a sandbox: the recipe is trusted as much as the pusher's token.
-//! The queue, the log size, the hook body and the number of refs per push are bounded.
+//! Pushed code runs sandboxed: a build sees only the system's directories, the toolchain
+//! (read-only), its checkout and its service's cache, as an unprivileged uid with no
+//! capability, no network unless its recipe asks, and limits on time, memory, pids and disk
+//! (the `sandbox` module). Needs root to set that up. A recipe's program must be found in
+//! those directories. The queue, the log size, the hook body and the number of refs per
+//! push are bounded.
 //!
 //! # Example
 //!
@@ -77,6 +80,7 @@ pub mod name;
 mod queue;
 mod repos;
 mod runner;
+mod sandbox;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -90,6 +94,7 @@ pub use log::DEFAULT_LOG_LIMIT;
 pub use name::{ServiceNameError, validate_service_name};
 pub use queue::{BuildRecord, BuildState, EnqueueError, QueueStateError};
 pub use repos::AddServiceError;
+pub use sandbox::SandboxConfig;
 
 /// The most `git http-backend` processes (concurrent clones and pushes) at once; more
 /// requests get `503`.
@@ -125,6 +130,12 @@ pub struct BuilderConfig {
     /// How often, in seconds, the free disk space is checked while a build that failed for
     /// lack of it waits to run again.
     pub space_check_secs: u64,
+    /// Names the builds' cgroups (`revboot/<name>-builds/`): stable for a data directory
+    /// (a restarted builder removes its predecessor's) and distinct between builders on one
+    /// host (one never removes another's). The default is made from the data directory.
+    pub name: String,
+    /// The build sandbox: uid and limits.
+    pub sandbox: SandboxConfig,
 }
 
 impl BuilderConfig {
@@ -140,8 +151,10 @@ impl BuilderConfig {
         zone: impl Into<String>,
         base_url: impl Into<String>,
     ) -> BuilderConfig {
+        let data_dir: PathBuf = data_dir.into();
         BuilderConfig {
-            data_dir: data_dir.into(),
+            name: name_of(&data_dir),
+            data_dir,
             store,
             zone: zone.into(),
             base_url: base_url.into(),
@@ -153,8 +166,18 @@ impl BuilderConfig {
             log_limit: DEFAULT_LOG_LIMIT,
             max_push_bytes: 2 * 1024 * 1024 * 1024,
             space_check_secs: BuilderConfig::DEFAULT_SPACE_CHECK_SECS,
+            sandbox: SandboxConfig::default(),
         }
     }
+}
+
+/// A name for the builds of the data directory `data`: `b` and 12 hex digits of a hash of
+/// its absolute path.
+fn name_of(data: &Path) -> String {
+    use sha2::Digest as _;
+    let path = std::path::absolute(data).unwrap_or_else(|_| data.to_owned());
+    let digest = sha2::Sha256::digest(path.as_os_str().as_encoded_bytes());
+    format!("b{}", hex::encode(&digest[..6]))
 }
 
 /// Why the builder could not start.
@@ -261,6 +284,19 @@ impl Builder {
         if config.max_parallel > 256 {
             return Err(invalid("max_parallel", "must be at most 256"));
         }
+        if let Err((key, message)) = config.sandbox.validate() {
+            return Err(StartError::Config {
+                key: match key {
+                    "uid" => "sandbox.uid",
+                    "memory_mib" => "sandbox.memory_mib",
+                    "pids" => "sandbox.pids",
+                    "scratch_mib" => "sandbox.scratch_mib",
+                    "disk_mib" => "sandbox.disk_mib",
+                    _ => "sandbox.readonly_paths",
+                },
+                message,
+            });
+        }
         if config.max_parallel == 0 {
             config.max_parallel = std::thread::available_parallelism()
                 .map(|n| n.get())
@@ -350,22 +386,45 @@ impl Builder {
             }
         }
         let home = std::env::var_os("HOME").map(PathBuf::from);
+        let path_env = std::env::var_os("PATH")
+            .unwrap_or_else(|| OsString::from("/usr/local/bin:/usr/bin:/bin"));
+        let cargo_home = std::env::var_os("CARGO_HOME")
+            .map(PathBuf::from)
+            .or_else(|| home.as_ref().map(|h| h.join(".cargo")))
+            .filter(|p| p.is_dir());
+        let rustup_home = std::env::var_os("RUSTUP_HOME")
+            .map(PathBuf::from)
+            .or_else(|| home.as_ref().map(|h| h.join(".rustup")))
+            .filter(|p| p.is_dir());
+        let toolchain = cargo_home.iter().chain(&rustup_home).cloned().collect();
+        let mountpoint =
+            std::path::absolute(config.data_dir.join("build-root")).map_err(|source| {
+                StartError::Io {
+                    path: config.data_dir.join("build-root"),
+                    source,
+                }
+            })?;
+        let sandbox = sandbox::Sandbox::start(
+            &config.name,
+            config.sandbox.clone(),
+            mountpoint.clone(),
+            toolchain,
+            path_env,
+        )
+        .map_err(|source| StartError::Io {
+            path: mountpoint,
+            source,
+        })?;
         let ctx = Arc::new(runner::RunContext {
             repos: repos.clone(),
             store: config.store.clone(),
             cache_root,
             builds_root,
             zone: config.zone.clone(),
-            path_env: std::env::var_os("PATH")
-                .unwrap_or_else(|| OsString::from("/usr/local/bin:/usr/bin:/bin")),
-            cargo_home: std::env::var_os("CARGO_HOME")
-                .map(PathBuf::from)
-                .or_else(|| home.as_ref().map(|h| h.join(".cargo")))
-                .filter(|p| p.is_dir()),
-            rustup_home: std::env::var_os("RUSTUP_HOME")
-                .map(PathBuf::from)
-                .or_else(|| home.as_ref().map(|h| h.join(".rustup")))
-                .filter(|p| p.is_dir()),
+            cargo_home,
+            rustup_home,
+            sandbox,
+            limits: config.sandbox.clone(),
             space_check: Duration::from_secs(config.space_check_secs),
         });
         let queue = queue::Queue::start(

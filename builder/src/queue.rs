@@ -681,11 +681,7 @@ impl Owner {
     /// Queues again the builds that failed for lack of disk space and now fit (rule 5).
     async fn retry_where_space(&mut self) {
         let path = self.ctx.store.path().to_owned();
-        let free = tokio::task::spawn_blocking(move || {
-            nix::sys::statvfs::statvfs(&path)
-                .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
-        })
-        .await;
+        let free = tokio::task::spawn_blocking(move || crate::sandbox::free_bytes(&path)).await;
         let free = match free {
             Ok(Ok(free)) => free,
             Ok(Err(error)) => {

@@ -10,18 +10,23 @@
 //! 3. Check the commit out into a fresh directory under `<data>/builds/` with
 //!    `git archive | tar -x -m` (file times are the checkout time, so a build tool's
 //!    cache never mistakes new sources for old). Nothing is shared with other builds.
-//! 4. Run the command (argv, or `sh -c` for `shell`) in its own process group with a clean
-//!    environment: `PATH` of the daemon, `HOME` in the per-service cache
-//!    `<data>/cache/<service>/`, `CARGO_TARGET_DIR` there too (and `target/` in the checkout
-//!    linked to it), `CARGO_HOME`/`RUSTUP_HOME` of the daemon so offline Rust builds find
-//!    their toolchain and registry, plus the recipe's `build.env`.
+//! 4. Run the command (argv, or `sh -c` for `shell`) in the build sandbox
+//!    ([`crate::sandbox`]: its own namespaces, an unprivileged uid, only the system, the
+//!    toolchain, its checkout and its cache visible) with a clean environment: `PATH` of the
+//!    daemon, `HOME` in the per-service cache `<data>/cache/<service>/`, `CARGO_TARGET_DIR`
+//!    there too (and `target/` in the checkout linked to it), `CARGO_HOME`/`RUSTUP_HOME` of
+//!    the daemon (read-only) so offline Rust builds find their toolchain and registry,
+//!    `TMPDIR=/tmp` (the sandbox's own), plus the recipe's `build.env`.
 //! 5. stdout and stderr share one pipe; lines are timestamped into the log as they come.
-//!    At the wall-clock limit, or when the daemon stops, the whole process group gets
-//!    SIGKILL; it also does once the command exits, so nothing it started lives on.
-//! 6. Success: the artifacts are streamed into a deployment commit with the manifest, log and
-//!    source link; live moves to it when the recipe (`run.deploy`) and push option allow and
-//!    the ref is the deploy branch. Failure or interruption: a commit with the log and no
-//!    image; live untouched.
+//!    At the wall-clock limit, over the disk limit, or when the daemon stops, the build's
+//!    first process gets SIGKILL; when it ends, for whatever reason, the kernel kills every
+//!    other process of its pid namespace, so nothing it started lives on. The memory limit
+//!    ends it through the kernel's OOM killer, and the build says so.
+//! 6. Success: the boot image is checked against its tender (a process image must be a
+//!    static ELF, [`revboot_store::image`]); the artifacts are streamed into a deployment
+//!    commit with the manifest, log and source link; live moves to it when the recipe
+//!    (`run.deploy`) and push option allow and the ref is the deploy branch. Failure or
+//!    interruption: a commit with the log and no image; live untouched.
 //! 7. A deployment that cannot be written makes the build a failed one, recorded as such
 //!    (a commit with the log and the reason, no image). When the disk is full, the store has
 //!    left nothing of the deployment behind; the reason is `no space left on device while
@@ -36,12 +41,13 @@
 //! that the test can kill the daemon there. Nothing else reads the variable.
 
 use std::ffi::OsString;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use revboot_sandbox::spawn::{self, Exit};
 use revboot_store::manifest::artifact_name;
 use revboot_store::{BuildStatus, ImageInput, Manifest, NewDeployment, Revision, Store};
 use tokio::io::AsyncReadExt;
@@ -51,11 +57,12 @@ use crate::git;
 use crate::log::Tracker;
 use crate::queue::BuildState;
 use crate::repos::SourceRepos;
+use crate::sandbox;
 
 /// How long the checkout (`git archive | tar`) may take.
 const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(300);
-/// How long to keep reading output after the command has exited and its group was killed
-/// (a process that escaped the group may hold the pipe open).
+/// How long to keep reading output after the build's processes are gone (nothing should
+/// hold the pipe then; a bound all the same).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a build waits at a fail point (module docs) before it goes on.
 const FAILPOINT_PAUSE: Duration = Duration::from_secs(600);
@@ -64,6 +71,10 @@ pub(crate) const NO_SPACE: &str = "no space left on device while writing the dep
 /// Free space a retry needs beyond three times its images (the build's artifact, the store's
 /// spool and the blob): the log, trees, commit and ref.
 const RETRY_SLACK_BYTES: u64 = 1 << 20;
+/// How often a running build's disk use is checked.
+const DISK_CHECK: Duration = Duration::from_secs(2);
+/// Files of checkout and cache counted at most by a disk check.
+const USAGE_ENTRIES: usize = 500_000;
 
 /// Everything builds share.
 #[derive(Debug)]
@@ -73,11 +84,12 @@ pub(crate) struct RunContext {
     pub(crate) cache_root: PathBuf,
     pub(crate) builds_root: PathBuf,
     pub(crate) zone: String,
-    pub(crate) path_env: OsString,
     pub(crate) cargo_home: Option<PathBuf>,
     pub(crate) rustup_home: Option<PathBuf>,
     /// How often the queue looks for free space for builds that failed for lack of it.
     pub(crate) space_check: Duration,
+    pub(crate) sandbox: sandbox::Sandbox,
+    pub(crate) limits: sandbox::SandboxConfig,
 }
 
 /// One build to run.
@@ -146,9 +158,13 @@ impl NotRecorded {
 
 /// How the command ended.
 enum Ending {
-    Exited(std::process::ExitStatus),
+    Exited(Exit),
     TimedOut,
     Stopped,
+    /// Killed at its memory limit.
+    OutOfMemory,
+    /// Stopped for its disk use (the reason).
+    Disk(String),
 }
 
 /// Runs a build to its end, records it in the store, and returns the outcome.
@@ -215,28 +231,28 @@ pub(crate) async fn run(
         return fail(&ctx, &job, &subject, &tracker, text, message, None).await;
     }
     let cache = ctx.cache_root.join(&job.service);
-    let (ending, command_secs) = match run_command(
-        &ctx,
-        &job,
-        &manifest,
-        &checkout,
-        workdir.path(),
-        &cache,
-        &tracker,
-        stop,
-    )
-    .await
-    {
-        Ok(result) => result,
-        Err(message) => {
-            let text = Some(manifest_text.as_str());
-            return fail(&ctx, &job, &subject, &tracker, text, message, None).await;
-        }
-    };
+    let (ending, command_secs) =
+        match run_command(&ctx, &job, &manifest, &checkout, &cache, &tracker, stop).await {
+            Ok(result) => result,
+            Err(message) => {
+                let text = Some(manifest_text.as_str());
+                return fail(&ctx, &job, &subject, &tracker, text, message, None).await;
+            }
+        };
     let text = Some(manifest_text.as_str());
     let failure = match ending {
-        Ending::Exited(status) if status.success() => None,
-        Ending::Exited(status) => Some(format!("the build command failed ({status})")),
+        Ending::Exited(Exit::Code(0)) => None,
+        Ending::Exited(Exit::Code(code)) => {
+            Some(format!("the build command failed (exit status {code})"))
+        }
+        Ending::Exited(Exit::Signal(signal)) => Some(format!(
+            "the build command failed (killed by signal {signal})"
+        )),
+        Ending::OutOfMemory => Some(format!(
+            "killed: the build used more than its {} MiB of memory ([builds] memory_mib)",
+            ctx.limits.memory_mib
+        )),
+        Ending::Disk(reason) => Some(reason),
         Ending::TimedOut => Some(format!(
             "killed: the build ran longer than its limit of {}s (build.timeout_secs)",
             manifest.build.timeout_secs
@@ -258,24 +274,21 @@ pub(crate) async fn run(
         .await;
     }
     tracker.note(&format!("the build command finished in {command_secs:.2}s"));
-    let mut artifacts = Vec::new();
-    for artifact in &manifest.build.artifacts {
-        match locate_artifact(&checkout, &cache, artifact) {
-            Ok(path) => artifacts.push((artifact_name(artifact).to_owned(), path)),
-            Err(message) => {
-                return fail(
-                    &ctx,
-                    &job,
-                    &subject,
-                    &tracker,
-                    text,
-                    message,
-                    Some(command_secs),
-                )
-                .await;
-            }
+    let artifacts = match collect_artifacts(&manifest, &checkout, &cache) {
+        Ok(artifacts) => artifacts,
+        Err(message) => {
+            return fail(
+                &ctx,
+                &job,
+                &subject,
+                &tracker,
+                text,
+                message,
+                Some(command_secs),
+            )
+            .await;
         }
-    }
+    };
     succeed(
         &ctx,
         &job,
@@ -329,35 +342,19 @@ async fn check_out(repo: &Path, commit: &str, dir: &Path, workdir: &Path) -> Res
     Ok(())
 }
 
-/// Sends SIGKILL to a whole process group.
-#[allow(unsafe_code)]
-fn kill_group(pgid: u32) {
-    let Ok(pgid) = libc::pid_t::try_from(pgid) else {
-        return;
-    };
-    if pgid <= 1 {
-        return;
-    }
-    // SAFETY: kill(2) with a negative pid only sends a signal; it touches no memory of ours.
-    // The group id is the pid of our own child, made a group leader by `process_group(0)`.
-    let _ = unsafe { libc::kill(-pgid, libc::SIGKILL) };
-}
-
 #[allow(clippy::too_many_arguments)]
 async fn run_command(
     ctx: &RunContext,
     job: &Job,
     manifest: &Manifest,
     checkout: &Path,
-    workdir: &Path,
     cache: &Path,
     tracker: &Tracker,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(Ending, f64), String> {
     let home = cache.join("home");
     let target = cache.join("target");
-    let tmp = workdir.join("tmp");
-    for dir in [&home, &target, &tmp] {
+    for dir in [&home, &target] {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     }
@@ -370,54 +367,68 @@ async fn run_command(
         Some(shell) => vec!["sh".into(), "-c".into(), shell.clone()],
         None => manifest.build.command.clone(),
     };
-    let (program, args) = argv.split_first().ok_or("the build command is empty")?;
+    if argv.is_empty() {
+        return Err("the build command is empty".into());
+    }
     tracker.note(&format!(
-        "running {argv:?} (time limit {}s)",
-        manifest.build.timeout_secs
+        "running {argv:?} (time limit {}s, {})",
+        manifest.build.timeout_secs,
+        if manifest.build.network {
+            "with the host's network"
+        } else {
+            "no network"
+        }
     ));
     let (reader, writer) =
         std::io::pipe().map_err(|e| format!("cannot create the log pipe: {e}"))?;
-    let writer_err = writer
-        .try_clone()
-        .map_err(|e| format!("cannot create the log pipe: {e}"))?;
-    let mut command = tokio::process::Command::new(program);
-    command
-        .args(args)
-        .current_dir(checkout)
-        .env_clear()
-        .env("PATH", &ctx.path_env)
-        .env("HOME", &home)
-        .env("TMPDIR", &tmp)
-        .env("LANG", "C.UTF-8")
-        .env("CARGO_TARGET_DIR", &target)
-        .env("CARGO_TERM_COLOR", "never")
-        .env("REVBOOT_SERVICE", &job.service)
-        .env("REVBOOT_SOURCE_COMMIT", &job.commit)
-        .env("REVBOOT_SOURCE_REF", &job.refname)
-        .env("REVBOOT_BUILD_ID", job.id.to_string());
+    let mut env: Vec<(String, OsString)> = vec![
+        ("HOME".into(), home.into_os_string()),
+        ("TMPDIR".into(), "/tmp".into()),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("CARGO_TARGET_DIR".into(), target.into_os_string()),
+        ("CARGO_TERM_COLOR".into(), "never".into()),
+        ("REVBOOT_SERVICE".into(), job.service.clone().into()),
+        ("REVBOOT_SOURCE_COMMIT".into(), job.commit.clone().into()),
+        ("REVBOOT_SOURCE_REF".into(), job.refname.clone().into()),
+        ("REVBOOT_BUILD_ID".into(), job.id.to_string().into()),
+    ];
     if let Some(cargo_home) = &ctx.cargo_home {
-        command.env("CARGO_HOME", cargo_home);
+        env.push(("CARGO_HOME".into(), cargo_home.clone().into_os_string()));
     }
     if let Some(rustup_home) = &ctx.rustup_home {
-        command.env("RUSTUP_HOME", rustup_home);
+        env.push(("RUSTUP_HOME".into(), rustup_home.clone().into_os_string()));
     }
-    command
-        .envs(&manifest.build.env)
-        .stdin(Stdio::null())
-        .stdout(writer)
-        .stderr(writer_err)
-        .process_group(0)
-        .kill_on_drop(true);
+    env.extend(
+        manifest
+            .build
+            .env
+            .iter()
+            .map(|(key, value)| (key.clone(), OsString::from(value))),
+    );
     let started = Instant::now();
-    let spawned = command.spawn();
-    // The command holds our copies of the pipe's write end; drop them so that the pipe
-    // reaches end-of-file when the build's processes are gone.
-    drop(command);
-    let mut child = spawned.map_err(|e| format!("cannot start `{program}`: {e}"))?;
-    let pgid = child.id().unwrap_or(0);
+    let running = ctx
+        .sandbox
+        .launch(sandbox::Launch {
+            id: job.id,
+            argv,
+            env,
+            checkout: checkout.to_owned(),
+            cache: cache.to_owned(),
+            network: manifest.build.network,
+            output: OwnedFd::from(writer),
+        })
+        .await?;
+    let sandbox::Running { pidfd, groups } = running;
+    // A blocking wait on a thread of its own (builds are few): it returns when the build's
+    // first process is gone, whoever ended it.
+    let pidfd = std::sync::Arc::new(pidfd);
+    let waited = std::sync::Arc::clone(&pidfd);
+    let mut ended = tokio::task::spawn_blocking(move || spawn::reap_blocking(waited.as_raw_fd()));
     let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(reader))
         .map_err(|e| format!("cannot read the log pipe: {e}"))?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(manifest.build.timeout_secs);
+    let mut disk = tokio::time::interval(DISK_CHECK);
+    disk.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buffer = vec![0u8; 16 * 1024];
     let mut pipe_open = true;
     let ending = loop {
@@ -426,11 +437,18 @@ async fn run_command(
                 Ok(0) | Err(_) => pipe_open = false,
                 Ok(n) => tracker.output(&buffer[..n]),
             },
-            status = child.wait() => match status {
-                Ok(status) => break Ending::Exited(status),
-                Err(error) => return Err(format!("cannot wait for the build command: {error}")),
+            waited = &mut ended => match waited {
+                Ok(Ok(Some(exit))) => break Ending::Exited(exit),
+                Ok(Ok(None)) => break Ending::Exited(Exit::Signal(0)),
+                Ok(Err(error)) => return Err(format!("cannot wait for the build: {error}")),
+                Err(error) => return Err(format!("cannot wait for the build: {error}")),
             },
             () = tokio::time::sleep_until(deadline) => break Ending::TimedOut,
+            _ = disk.tick() => {
+                if let Some(reason) = over_disk(ctx, checkout, cache).await {
+                    break Ending::Disk(reason);
+                }
+            },
             changed = stop.changed() => {
                 if changed.is_err() || *stop.borrow() {
                     break Ending::Stopped;
@@ -439,14 +457,23 @@ async fn run_command(
         }
     };
     let command_secs = started.elapsed().as_secs_f64();
-    // Whatever the ending, nothing the build started outlives it. After a normal exit the
-    // leader is reaped already; its id stays reserved while any group member lives (the
-    // kernel does not reuse an id that is still a process group id), and without members
-    // the signal finds nobody.
-    kill_group(pgid);
+    // Whatever the ending, nothing the build started outlives it: its first process is
+    // pid 1 of its namespace, and when it dies the kernel kills the rest.
     if !matches!(ending, Ending::Exited(_)) {
-        let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+        spawn::send_signal(pidfd.as_raw_fd(), libc::SIGKILL);
+        let _ = ended.await;
     }
+    let ending = match (ending, groups) {
+        (ending, Some(groups)) => {
+            let oom = groups.oom_killed();
+            let _ = tokio::task::spawn_blocking(move || groups.remove()).await;
+            match ending {
+                Ending::Exited(Exit::Signal(libc::SIGKILL)) if oom => Ending::OutOfMemory,
+                ending => ending,
+            }
+        }
+        (ending, None) => ending,
+    };
     let drain_until = tokio::time::Instant::now() + DRAIN_TIMEOUT;
     while pipe_open {
         match tokio::time::timeout_at(drain_until, pipe.read(&mut buffer)).await {
@@ -459,6 +486,69 @@ async fn run_command(
         }
     }
     Ok((ending, command_secs))
+}
+
+/// Why the build must stop for its disk use, if it must.
+async fn over_disk(ctx: &RunContext, checkout: &Path, cache: &Path) -> Option<String> {
+    let limits = ctx.limits.clone();
+    let (checkout, cache, data) = (
+        checkout.to_owned(),
+        cache.to_owned(),
+        ctx.builds_root.clone(),
+    );
+    tokio::task::spawn_blocking(move || {
+        let reserve = limits.disk_reserve_mib * 1024 * 1024;
+        if sandbox::free_bytes(&data).is_ok_and(|free| free < reserve) {
+            return Some(format!(
+                "stopped: the data directory's file system has less than {} MiB free ([builds] disk_reserve_mib)",
+                limits.disk_reserve_mib
+            ));
+        }
+        let quota = limits.disk_mib * 1024 * 1024;
+        match sandbox::usage(&[&checkout, &cache], USAGE_ENTRIES) {
+            Some(used) if used <= quota => None,
+            Some(used) => Some(format!(
+                "stopped: checkout and cache use {} MiB, over the limit of {} MiB ([builds] disk_mib)",
+                used / (1024 * 1024),
+                limits.disk_mib
+            )),
+            None => Some(format!(
+                "stopped: checkout and cache hold more than {USAGE_ENTRIES} files"
+            )),
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// The artifacts by name, each a regular file of the checkout or the cache; the image that
+/// boots must run on its tender (a process image must be static).
+fn collect_artifacts(
+    manifest: &Manifest,
+    checkout: &Path,
+    cache: &Path,
+) -> Result<Vec<(String, PathBuf)>, String> {
+    let artifacts = manifest
+        .build
+        .artifacts
+        .iter()
+        .map(|artifact| {
+            locate_artifact(checkout, cache, artifact)
+                .map(|path| (artifact_name(artifact).to_owned(), path))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let boot = manifest
+        .run
+        .image
+        .as_deref()
+        .and_then(|name| artifacts.iter().find(|(artifact, _)| artifact == name))
+        .or(artifacts.first());
+    if let Some((name, path)) = boot {
+        revboot_store::image::check_path(name, manifest.run.tender, path)
+            .map_err(|error| error.to_string())?;
+    }
+    Ok(artifacts)
 }
 
 /// Finds an artifact after the build: a regular file inside the checkout or the

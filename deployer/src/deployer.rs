@@ -939,15 +939,23 @@ impl Deployer {
         let store = self.store.clone();
         let revision = *revision;
         let dir = self.image_dir.clone();
-        let path = tokio::task::spawn_blocking(move || store.materialize_image(&revision, &dir))
-            .await
-            .map_err(|error| format!("image materialisation panicked: {error}"))?
-            .map_err(|error| {
+        let tender = info.manifest.run.tender;
+        let name = info.manifest.boot_image().to_owned();
+        let path = tokio::task::spawn_blocking(move || {
+            let path = store.materialize_image(&revision, &dir).map_err(|error| {
                 format!(
                     "cannot materialise the image: {error}: {}",
                     error_chain(&error)
                 )
             })?;
+            // Deployments made before the build checked this, or pushed from elsewhere:
+            // an image its tender cannot run is said so, not booted into a refusal.
+            revboot_store::image::check_path(&name, tender, &path)
+                .map_err(|error| error.to_string())?;
+            Ok::<_, String>(path)
+        })
+        .await
+        .map_err(|error| format!("image materialisation panicked: {error}"))??;
         let _ = info.image.set(path.clone());
         Ok(path)
     }

@@ -97,6 +97,7 @@
 
 mod diff;
 mod error;
+pub mod image;
 mod index;
 mod lock;
 mod logs;

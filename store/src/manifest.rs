@@ -10,6 +10,7 @@
 //! # shell = "make && strip hello"             # a shell string, only when asked for
 //! artifacts = ["target/release/hello"]         # stored as image/<file name>
 //! timeout_secs = 600
+//! network = false          # true: the host's network, to fetch from registries
 //!
 //! [run]
 //! tender = "process"        # or "qemu"
@@ -80,6 +81,10 @@ pub struct Build {
     /// Extra environment variables for the build (the environment is otherwise clean).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// Give the build the host's network (to fetch from registries); off by default: a
+    /// build has a network namespace of its own with only loopback.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub network: bool,
 }
 
 /// Which backend runs the image.

@@ -59,6 +59,30 @@ pub fn hostile_image() -> PathBuf {
     build_image(&workspace().join("examples/hostile"), "hostile")
 }
 
+/// The smallest static x86-64 Linux program, `exit(0)` (129 bytes: an ELF header, one
+/// loadable segment, three instructions): an image that passes the build's static check,
+/// for tests whose images never run. Bytes appended to it change nothing.
+#[rustfmt::skip]
+pub const EXIT_0: [u8; 129] = [
+    0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    2, 0, 0x3e, 0, 1, 0, 0, 0,          // ET_EXEC, EM_X86_64, version 1
+    0x78, 0, 0x40, 0, 0, 0, 0, 0,       // entry point 0x400078
+    64, 0, 0, 0, 0, 0, 0, 0,            // program headers at 64
+    0, 0, 0, 0, 0, 0, 0, 0,             // no section headers
+    0, 0, 0, 0, 64, 0, 56, 0,           // flags, header size, program header size
+    1, 0, 0, 0, 0, 0, 0, 0,             // one program header, no sections
+    1, 0, 0, 0, 5, 0, 0, 0,             // PT_LOAD, readable and executable
+    0, 0, 0, 0, 0, 0, 0, 0,             // from file offset 0
+    0, 0, 0x40, 0, 0, 0, 0, 0,          // virtual address 0x400000
+    0, 0, 0x40, 0, 0, 0, 0, 0,          // physical address 0x400000
+    129, 0, 0, 0, 0, 0, 0, 0,           // size in the file
+    129, 0, 0, 0, 0, 0, 0, 0,           // size in memory
+    0, 0x10, 0, 0, 0, 0, 0, 0,          // aligned to 4 KiB
+    0x31, 0xff,                         // xor edi, edi
+    0xb8, 60, 0, 0, 0,                  // mov eax, 60 (exit)
+    0x0f, 0x05,                         // syscall
+];
+
 /// Stock git, as installed on the machine.
 pub fn stock_git() -> &'static str {
     if Path::new("/usr/local/bin/git").exists() {

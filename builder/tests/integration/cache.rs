@@ -22,9 +22,16 @@ async fn rust_fixture(root: &std::path::Path) -> std::path::PathBuf {
     .expect("main.rs");
     std::fs::write(
         dir.join("revboot.toml"),
-        "[build]\ncommand = [\"cargo\", \"build\", \"--offline\"]\nartifacts = [\"target/debug/counter\"]\n",
+        "[build]\ncommand = [\"cargo\", \"build\", \"--offline\", \"--target\", \"x86_64-unknown-linux-gnu\"]\nartifacts = [\"target/x86_64-unknown-linux-gnu/debug/counter\"]\n",
     )
     .expect("recipe");
+    // A process image is static (a dynamically linked one is refused at build time).
+    std::fs::create_dir_all(dir.join(".cargo")).expect("mkdir");
+    std::fs::write(
+        dir.join(".cargo/config.toml"),
+        "[build]\nrustflags = [\"-C\", \"target-feature=+crt-static\"]\n",
+    )
+    .expect("cargo config");
     std::fs::write(dir.join(".gitignore"), "/target\n").expect("gitignore");
     git_ok(&dir, &["init", "-q", "-b", "main"]).await;
     commit_all(&dir, "counter 1").await;

@@ -56,12 +56,10 @@ async fn child() {
 async fn sigkill_after_the_deployment_commit_does_not_deploy_the_build_twice() {
     let tmp = tempfile::tempdir().expect("tmp");
     let data = tmp.path().join("data");
-    let runs = tmp.path().join("runs");
-    let recipe = format!(
-        "[build]\nshell = \"echo run >> {}; mkdir -p out; echo $REVBOOT_SOURCE_COMMIT > out/a\"\nartifacts = [\"out/a\"]\n",
-        runs.display()
-    );
-    let work = recipe_fixture(tmp.path(), "crashy", &recipe).await;
+    // The build's HOME is in its service's cache, which the host sees too.
+    let runs = data.join("cache/crashy/home/runs");
+    let recipe = "[build]\nshell = \"echo run >> $HOME/runs; mkdir -p out; cp exit0 out/a && echo $REVBOOT_SOURCE_COMMIT >> out/a\"\nartifacts = [\"out/a\"]\n";
+    let work = recipe_fixture(tmp.path(), "crashy", recipe).await;
     let commit = head(&work).await;
 
     let mut child = revboot_testkit::test_child("crash::child")

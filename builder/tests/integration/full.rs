@@ -22,19 +22,20 @@ const DISK_ENV: &str = "REVBOOT_TEST_FULL_DISK";
 const DISK_BYTES: u64 = 64 << 20;
 const NO_SPACE: &str = "no space left on device while writing the deployment";
 
-/// A recipe making a 2 MiB boot image and an 8 MiB data image of random bytes, then, the
-/// first time only (`mark` is made), filling `disk` but for `room` bytes (`None`: all of it).
-fn recipe(disk: &Path, mark: &Path, room: Option<u64>) -> String {
+/// A recipe making a 2 MiB boot image (a static ELF and random bytes) and an 8 MiB data
+/// image of random bytes, then, the first time only (`$HOME/mark` is made), filling the disk
+/// but for `room` bytes (`None`: all of it). The build's `HOME` is in its service's cache,
+/// on the data directory's file system: the build fills the disk through the one place of
+/// it the sandbox lets it write.
+fn recipe(room: Option<u64>) -> String {
     let fill = match room {
         Some(room) => format!(
-            "avail=$(df --output=avail -B1 {disk} | tail -n 1 | tr -d ' '); head -c $((avail - {room})) /dev/zero > {disk}/filler",
-            disk = disk.display()
+            "avail=$(df --output=avail -B1 $HOME | tail -n 1 | tr -d ' '); head -c $((avail - {room})) /dev/zero > $HOME/filler"
         ),
-        None => format!("cat /dev/zero > {}/filler 2>/dev/null", disk.display()),
+        None => "cat /dev/zero > $HOME/filler 2>/dev/null".to_owned(),
     };
     format!(
-        "[build]\nshell = '''\nmkdir -p out\nhead -c 2097152 /dev/urandom > out/boot\nhead -c 8388608 /dev/urandom > out/data\nif [ ! -e {mark} ]; then touch {mark}; {fill}; fi\ntrue\n'''\nartifacts = [\"out/boot\", \"out/data\"]\n",
-        mark = mark.display()
+        "[build]\nshell = '''\nmkdir -p out\ncp exit0 out/boot\nhead -c 2097152 /dev/urandom >> out/boot\nhead -c 8388608 /dev/urandom > out/data\nif [ ! -e $HOME/mark ]; then touch $HOME/mark; {fill}; fi\ntrue\n'''\nartifacts = [\"out/boot\", \"out/data\"]\n"
     )
 }
 
@@ -43,7 +44,7 @@ fn recipe(disk: &Path, mark: &Path, room: Option<u64>) -> String {
 async fn push_onto_a_full_disk(
     daemon: &Daemon,
     work: &Path,
-    disk: &Path,
+    data: &Path,
     expected: &str,
 ) -> (BuildRecord, BuildRecord) {
     let service = work.file_name().and_then(|n| n.to_str()).expect("name");
@@ -68,7 +69,8 @@ async fn push_onto_a_full_disk(
     );
     assert_no_leftovers(daemon.store.path());
 
-    std::fs::remove_file(disk.join("filler")).expect("free the disk");
+    std::fs::remove_file(data.join("cache").join(service).join("home/filler"))
+        .expect("free the disk");
     let rerun = wait_record(&daemon.builder, "the retry", |r| {
         r.rerun_of == Some(failed.id) && r.state.is_finished()
     })
@@ -92,15 +94,20 @@ async fn child() {
     };
     let disk = root.join("disk");
     mount_tmpfs(&disk, DISK_BYTES);
-    let daemon = daemon(&disk.join("data"), |c| c.space_check_secs = 1).await;
+    let data = disk.join("data");
+    let daemon = daemon(&data, |c| {
+        c.space_check_secs = 1;
+        // The recipes fill the disk on purpose; the sandbox's reserve would stop them first.
+        c.sandbox.disk_reserve_mib = 0;
+    })
+    .await;
 
     // Near the top: room for the boot image's blob, the data image's spool and half of its
     // blob. The failed build, a log and no image, still fits.
     let room = (2 + 8 + 4) << 20;
-    let near = recipe(&disk, &root.join("near-filled"), Some(room));
-    let work = recipe_fixture(&root, "near", &near).await;
+    let work = recipe_fixture(&root, "near", &recipe(Some(room))).await;
     let (failed, rerun) =
-        push_onto_a_full_disk(&daemon, &work, &disk, "failed build recorded as").await;
+        push_onto_a_full_disk(&daemon, &work, &data, "failed build recorded as").await;
     let history = daemon.store.history("near").expect("history");
     assert_eq!(history.len(), 2, "{history:#?}");
     assert_eq!(
@@ -114,10 +121,9 @@ async fn child() {
 
     // Full to the last byte: not even the failed build can be written; the pusher is told,
     // and the builder's records keep it.
-    let full = recipe(&disk, &root.join("full-filled"), None);
-    let work = recipe_fixture(&root, "full", &full).await;
+    let work = recipe_fixture(&root, "full", &recipe(None)).await;
     let expected = "the failed build could not be recorded in the deployment repository (no space left on device); only the builder's build records keep it";
-    let (failed, rerun) = push_onto_a_full_disk(&daemon, &work, &disk, expected).await;
+    let (failed, rerun) = push_onto_a_full_disk(&daemon, &work, &data, expected).await;
     assert_eq!(failed.revision, None);
     let history = daemon.store.history("full").expect("history");
     assert_eq!(history.len(), 1, "{history:#?}");

@@ -8,5 +8,6 @@ mod full;
 mod push;
 mod queue;
 mod restart;
+mod sandbox;
 mod support;
 mod transport;

@@ -226,7 +226,7 @@ async fn invalid_recipe_fails_with_key_and_line() {
 async fn push_without_credentials_is_rejected_and_changes_nothing() {
     let tmp = tempfile::tempdir().expect("tmp");
     let daemon = daemon(&tmp.path().join("data"), |_| {}).await;
-    let recipe = "[build]\nshell = \"mkdir -p out && echo x > out/a\"\nartifacts = [\"out/a\"]\n";
+    let recipe = "[build]\nshell = \"mkdir -p out && cp exit0 out/a\"\nartifacts = [\"out/a\"]\n";
     let work = recipe_fixture(tmp.path(), "guarded", recipe).await;
 
     // A new service: no repository may appear.
@@ -262,27 +262,13 @@ async fn push_without_credentials_is_rejected_and_changes_nothing() {
     daemon.stop().await;
 }
 
-/// Whether a process is gone (absent, or a zombie nobody has reaped yet).
-fn process_gone(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
-            .unwrap_or(false),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn build_over_its_time_limit_is_killed_with_its_process_group() {
+async fn build_over_its_time_limit_is_killed_with_every_process_it_started() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let daemon = daemon(&tmp.path().join("data"), |_| {}).await;
-    let pid_file = tmp.path().join("sleeper.pid");
-    let recipe = format!(
-        "[build]\nshell = \"sleep 300 & echo $! > {}; echo waiting; sleep 300\"\nartifacts = [\"a\"]\ntimeout_secs = 2\n",
-        pid_file.display()
-    );
-    let work = recipe_fixture(tmp.path(), "slow", &recipe).await;
+    let mut uid = 0;
+    let daemon = daemon(&tmp.path().join("data"), |c| uid = c.sandbox.uid).await;
+    let recipe = "[build]\nshell = \"sleep 300 & echo waiting; sleep 300\"\nartifacts = [\"a\"]\ntimeout_secs = 2\n";
+    let work = recipe_fixture(tmp.path(), "slow", recipe).await;
     let (ok, stderr) = push(&work, &daemon.url("slow"), &[]).await;
     assert!(ok, "{stderr}");
     assert!(
@@ -293,20 +279,12 @@ async fn build_over_its_time_limit_is_killed_with_its_process_group() {
     );
     let record = wait_finished(&daemon.builder, &head(&work).await).await;
     assert_eq!(record.state, BuildState::Failed);
-    let pid: u32 = std::fs::read_to_string(&pid_file)
-        .expect("the sleeper started")
-        .trim()
-        .parse()
-        .expect("pid");
-    // SIGKILL is delivered before the build is recorded; give the kernel a moment to tear
-    // the process down (this is a bounded wait, not a timing assertion).
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !process_gone(pid) && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(
-        process_gone(pid),
-        "background sleeper {pid} survived the time limit"
+    // The build's first process is reaped before the build is recorded, and the kernel
+    // killed the rest of its pid namespace before that: nothing runs as its uid.
+    assert_eq!(
+        processes_of(uid),
+        Vec::<u32>::new(),
+        "build processes survived"
     );
     let revision: Revision = record
         .revision
@@ -328,7 +306,7 @@ async fn build_over_its_time_limit_is_killed_with_its_process_group() {
 /// A recipe whose build waits until `gate` exists, then writes the commit as its image.
 fn gated_recipe(gate: &std::path::Path) -> String {
     format!(
-        "[build]\nshell = \"while [ ! -e {} ]; do sleep 0.05; done; mkdir -p out; echo $REVBOOT_SOURCE_COMMIT > out/image\"\nartifacts = [\"out/image\"]\ntimeout_secs = 120\n",
+        "[build]\nshell = \"while [ ! -e {} ]; do sleep 0.05; done; mkdir -p out; cp exit0 out/image; echo $REVBOOT_SOURCE_COMMIT >> out/image\"\nartifacts = [\"out/image\"]\ntimeout_secs = 120\n",
         gate.display()
     )
 }
@@ -337,7 +315,7 @@ fn gated_recipe(gate: &std::path::Path) -> String {
 async fn newer_push_supersedes_a_queued_build() {
     let tmp = tempfile::tempdir().expect("tmp");
     let daemon = daemon(&tmp.path().join("data"), |_| {}).await;
-    let gate = tmp.path().join("gate");
+    let gate = gates(&tmp.path().join("data")).join("gate");
     let work = recipe_fixture(tmp.path(), "svc", &gated_recipe(&gate)).await;
     let url = daemon.url("svc");
 
@@ -418,24 +396,20 @@ async fn newer_push_supersedes_a_queued_build() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushes_to_two_services_build_in_parallel() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let daemon = daemon(&tmp.path().join("data"), |c| c.max_parallel = 2).await;
-    // Each build marks that it started, then waits (up to 60 s) for the other to have
-    // started: they can only both succeed if they ran at the same time.
-    let recipe = |me: &str, other: &str| {
-        let mark = |name: &str| {
-            tmp.path()
-                .join(format!("{name}.started"))
-                .display()
-                .to_string()
-        };
+    let data = tmp.path().join("data");
+    let daemon = daemon(&data, |c| c.max_parallel = 2).await;
+    // Each build marks that it started (in its own cache, which the host sees), then waits
+    // (up to 60 s) for a gate the test opens once both marks exist: they can only both
+    // succeed if they ran at the same time.
+    let gate = gates(&data).join("both-started");
+    let recipe = |me: &str| {
         format!(
-            "[build]\nshell = \"touch {}; i=0; while [ ! -e {} ]; do i=$((i+1)); if [ $i -gt 1200 ]; then echo alone; exit 1; fi; sleep 0.05; done; mkdir -p out; echo {me} > out/image\"\nartifacts = [\"out/image\"]\ntimeout_secs = 120\n",
-            mark(me),
-            mark(other)
+            "[build]\nshell = \"touch $HOME/started; i=0; while [ ! -e {} ]; do i=$((i+1)); if [ $i -gt 1200 ]; then echo alone; exit 1; fi; sleep 0.05; done; mkdir -p out; cp exit0 out/image; echo {me} >> out/image\"\nartifacts = [\"out/image\"]\ntimeout_secs = 120\n",
+            gate.display()
         )
     };
-    let left = recipe_fixture(tmp.path(), "left", &recipe("left", "right")).await;
-    let right = recipe_fixture(tmp.path(), "right", &recipe("right", "left")).await;
+    let left = recipe_fixture(tmp.path(), "left", &recipe("left")).await;
+    let right = recipe_fixture(tmp.path(), "right", &recipe("right")).await;
     let push_left = tokio::spawn({
         let (work, url) = (left.clone(), daemon.url("left"));
         async move { push(&work, &url, &[]).await }
@@ -444,6 +418,12 @@ async fn pushes_to_two_services_build_in_parallel() {
         let (work, url) = (right.clone(), daemon.url("right"));
         async move { push(&work, &url, &[]).await }
     });
+    let marks = ["left", "right"].map(|svc| data.join("cache").join(svc).join("home/started"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !marks.iter().all(|m| m.exists()) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::write(&gate, "open").expect("gate");
     let (ok_l, stderr_l) = push_left.await.expect("left");
     let (ok_r, stderr_r) = push_right.await.expect("right");
     assert!(ok_l && ok_r, "{stderr_l}\n{stderr_r}");
@@ -470,7 +450,7 @@ async fn pushes_to_two_services_build_in_parallel() {
 async fn push_option_and_branch_keep_live() {
     let tmp = tempfile::tempdir().expect("tmp");
     let daemon = daemon(&tmp.path().join("data"), |_| {}).await;
-    let recipe = "[build]\nshell = \"mkdir -p out && echo $REVBOOT_SOURCE_COMMIT > out/a\"\nartifacts = [\"out/a\"]\n";
+    let recipe = "[build]\nshell = \"mkdir -p out && cp exit0 out/a && echo $REVBOOT_SOURCE_COMMIT >> out/a\"\nartifacts = [\"out/a\"]\n";
     let work = recipe_fixture(tmp.path(), "opt", recipe).await;
     let (ok, stderr) = push(&work, &daemon.url("opt"), &["-o", "revboot.deploy=false"]).await;
     assert!(ok, "{stderr}");
@@ -503,11 +483,12 @@ async fn push_option_and_branch_keep_live() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn build_runs_with_a_clean_environment_in_its_own_process_group() {
+async fn build_runs_with_a_clean_environment_in_a_sandbox_of_its_own() {
     let tmp = tempfile::tempdir().expect("tmp");
     let data = tmp.path().join("data");
-    let daemon = daemon(&data, |_| {}).await;
-    let recipe = "[build]\nshell = \"mkdir -p out && env | sort > out/env && cat /proc/$$/stat > out/stat\"\nartifacts = [\"out/env\", \"out/stat\"]\n[build.env]\nEXTRA = \"from-recipe\"\n";
+    let mut uid = 0;
+    let daemon = daemon(&data, |c| uid = c.sandbox.uid).await;
+    let recipe = "[build]\nshell = \"mkdir -p out && cp exit0 out/a && env | sort > out/env && cat /proc/$$/stat > out/stat && id -u > out/id && hostname >> out/id\"\nartifacts = [\"out/a\", \"out/env\", \"out/stat\", \"out/id\"]\n[build.env]\nEXTRA = \"from-recipe\"\n";
     let work = recipe_fixture(tmp.path(), "envy", recipe).await;
     let (ok, stderr) = push(&work, &daemon.url("envy"), &[]).await;
     assert!(ok, "{stderr}");
@@ -572,21 +553,18 @@ async fn build_runs_with_a_clean_environment_in_its_own_process_group() {
         )),
         "{env}"
     );
-    // /proc/<pid>/stat: pid (comm) state ppid pgrp ...: the shell leads its own group.
+    // /proc/<pid>/stat: pid (comm) state ppid pgrp session ...: the shell is pid 1 of a pid
+    // namespace of its own, leading its own session.
     let stat = read("stat");
-    let pid: u32 = stat
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("comm")
+        .1
         .split_whitespace()
-        .next()
-        .expect("pid")
-        .parse()
-        .expect("pid");
-    let after = stat.rsplit_once(')').expect("comm").1;
-    let pgrp: u32 = after
-        .split_whitespace()
-        .nth(2)
-        .expect("pgrp")
-        .parse()
-        .expect("pgrp");
-    assert_eq!(pid, pgrp, "{stat}");
+        .collect();
+    assert!(stat.starts_with("1 ("), "{stat}");
+    assert_eq!((fields[2], fields[3]), ("1", "1"), "{stat}");
+    // As the daemon's build uid, not root, in a uts namespace of its own.
+    assert_eq!(read("id"), format!("{uid}\nbuild\n"));
     daemon.stop().await;
 }

@@ -13,12 +13,12 @@ async fn full_queue_refuses_with_a_message_and_builds_on_restart() {
         c.max_queued = 1;
     })
     .await;
-    let gate = tmp.path().join("gate");
+    let gate = gates(&tmp.path().join("data")).join("gate");
     let gated = format!(
-        "[build]\nshell = \"while [ ! -e {} ]; do sleep 0.05; done; mkdir -p out; echo x > out/a\"\nartifacts = [\"out/a\"]\ntimeout_secs = 120\n",
+        "[build]\nshell = \"while [ ! -e {} ]; do sleep 0.05; done; mkdir -p out; cp exit0 out/a\"\nartifacts = [\"out/a\"]\ntimeout_secs = 120\n",
         gate.display()
     );
-    let quick = "[build]\nshell = \"mkdir -p out && echo x > out/a\"\nartifacts = [\"out/a\"]\n";
+    let quick = "[build]\nshell = \"mkdir -p out && cp exit0 out/a\"\nartifacts = [\"out/a\"]\n";
     let one = recipe_fixture(tmp.path(), "one", &gated).await;
     let two = recipe_fixture(tmp.path(), "two", quick).await;
     let three = recipe_fixture(tmp.path(), "three", quick).await;

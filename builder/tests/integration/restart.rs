@@ -5,7 +5,7 @@ use revboot_store::BuildStatus;
 
 use crate::support::*;
 
-const RECIPE: &str = "[build]\nshell = \"mkdir -p out && echo $REVBOOT_SOURCE_COMMIT > out/a\"\nartifacts = [\"out/a\"]\n";
+const RECIPE: &str = "[build]\nshell = \"mkdir -p out && cp exit0 out/a && echo $REVBOOT_SOURCE_COMMIT >> out/a\"\nartifacts = [\"out/a\"]\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_push_builds_through_the_hook() {
@@ -66,9 +66,9 @@ async fn push_while_daemon_is_down_is_built_on_start() {
 async fn build_interrupted_by_shutdown_is_recorded_and_rerun() {
     let tmp = tempfile::tempdir().expect("tmp");
     let data = tmp.path().join("data");
-    let gate = tmp.path().join("gate");
+    let gate = gates(&tmp.path().join("data")).join("gate");
     let recipe = format!(
-        "[build]\nshell = \"echo begun; while [ ! -e {} ]; do sleep 0.05; done; mkdir -p out; echo ok > out/a\"\nartifacts = [\"out/a\"]\ntimeout_secs = 120\n",
+        "[build]\nshell = \"echo begun; while [ ! -e {} ]; do sleep 0.05; done; mkdir -p out; cp exit0 out/a\"\nartifacts = [\"out/a\"]\ntimeout_secs = 120\n",
         gate.display()
     );
     let first = daemon(&data, |_| {}).await;

@@ -45,6 +45,43 @@ impl Daemon {
     }
 }
 
+/// The directory next to `data` whose files builds can read (`[builds.sandbox]
+/// readonly_paths`): where tests put the gates builds wait for. Nothing else of the test's
+/// files is visible in a build.
+pub fn gates(data: &Path) -> PathBuf {
+    data.parent()
+        .expect("the data directory has a parent")
+        .join("gates")
+}
+
+/// A build uid of this test daemon's own, so that "no process of the build is left" is a
+/// question about one uid, whatever other tests run.
+fn next_build_uid() -> u32 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    2_000_000_000 + (std::process::id() % 1_000_000) * 64 + n % 64
+}
+
+/// Host processes running as `uid`.
+pub fn processes_of(uid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|status| {
+                status
+                    .lines()
+                    .find_map(|line| line.strip_prefix("Uid:"))
+                    .and_then(|ids| ids.split_whitespace().next())
+                    .is_some_and(|real| real == uid.to_string())
+            })
+        })
+        .collect()
+}
+
 /// Starts a builder on `data` and serves its router on a random loopback port.
 pub async fn daemon(data: &Path, tweak: impl FnOnce(&mut BuilderConfig)) -> Daemon {
     let store = Store::init(data.join("deploy.git")).expect("store");
@@ -55,6 +92,9 @@ pub async fn daemon(data: &Path, tweak: impl FnOnce(&mut BuilderConfig)) -> Daem
     let mut config = BuilderConfig::new(data, store.clone(), ZONE, base.clone());
     config.push_tokens = vec![TOKEN.to_owned()];
     config.max_parallel = 2;
+    config.sandbox.uid = next_build_uid();
+    std::fs::create_dir_all(gates(data)).expect("gates");
+    config.sandbox.readonly_paths = vec![gates(data)];
     tweak(&mut config);
     let builder = Builder::start(config).await.expect("builder starts");
     let router = builder.router();
@@ -119,11 +159,13 @@ pub async fn hello_fixture(root: &Path, name: &str) -> PathBuf {
     dir
 }
 
-/// A working repository with just a `revboot.toml`, committed.
+/// A working repository with a `revboot.toml` and `exit0` (a static ELF recipes copy as
+/// their image: [`revboot_testkit::EXIT_0`]), committed.
 pub async fn recipe_fixture(root: &Path, name: &str, recipe: &str) -> PathBuf {
     let dir = root.join(name);
     std::fs::create_dir_all(&dir).expect("mkdir");
     std::fs::write(dir.join("revboot.toml"), recipe).expect("write recipe");
+    std::fs::write(dir.join("exit0"), revboot_testkit::EXIT_0).expect("write exit0");
     init_and_commit(&dir, "first").await;
     dir
 }

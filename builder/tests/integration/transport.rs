@@ -14,9 +14,9 @@ async fn build_log_reaches_the_pusher_while_the_build_runs() {
     // The build prints a line, then waits for a gate that the test opens only after it
     // has seen that line in git's output: if output were held back until the build ends,
     // the build would hit its time limit and fail.
-    let gate = tmp.path().join("gate");
+    let gate = gates(&tmp.path().join("data")).join("gate");
     let recipe = format!(
-        "[build]\nshell = \"echo step-one; while [ ! -e {} ]; do sleep 0.05; done; echo step-two; mkdir -p out; echo x > out/a\"\nartifacts = [\"out/a\"]\ntimeout_secs = 60\n",
+        "[build]\nshell = \"echo step-one; while [ ! -e {} ]; do sleep 0.05; done; echo step-two; mkdir -p out; cp exit0 out/a\"\nartifacts = [\"out/a\"]\ntimeout_secs = 60\n",
         gate.display()
     );
     let work = recipe_fixture(tmp.path(), "live", &recipe).await;
@@ -72,7 +72,8 @@ async fn build_log_reaches_the_pusher_while_the_build_runs() {
 async fn large_push_streams_and_clones_back_intact() {
     let tmp = tempfile::tempdir().expect("tmp");
     let daemon = daemon(&tmp.path().join("data"), |c| c.anonymous_fetch = true).await;
-    let recipe = "[build]\nshell = \"mkdir -p out && cp blob out/a\"\nartifacts = [\"out/a\"]\n";
+    let recipe =
+        "[build]\nshell = \"mkdir -p out && cat exit0 blob > out/a\"\nartifacts = [\"out/a\"]\n";
     let work = recipe_fixture(tmp.path(), "big", recipe).await;
     // 4 MiB of incompressible bytes: more than git's 1 MiB post buffer, so the pack goes
     // out as a chunked request body.
@@ -117,7 +118,7 @@ async fn large_push_streams_and_clones_back_intact() {
 async fn fetch_needs_a_token_by_default() {
     let tmp = tempfile::tempdir().expect("tmp");
     let daemon = daemon(&tmp.path().join("data"), |_| {}).await;
-    let recipe = "[build]\nshell = \"mkdir -p out && echo x > out/a\"\nartifacts = [\"out/a\"]\n";
+    let recipe = "[build]\nshell = \"mkdir -p out && cp exit0 out/a\"\nartifacts = [\"out/a\"]\n";
     let work = recipe_fixture(tmp.path(), "private", recipe).await;
     let (ok, stderr) = push(&work, &daemon.url("private"), &[]).await;
     assert!(ok, "{stderr}");
@@ -160,8 +161,10 @@ async fn curl_get(url: &str) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn info_refs_naming_the_service_twice_is_refused_before_auth() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let daemon = daemon(&tmp.path().join("data"), |_| {}).await;
-    let recipe = "[build]\nshell = \"mkdir -p out && echo x > out/a\"\nartifacts = [\"out/a\"]\n";
+    // Anonymous fetch on, so that the upload-pack advertisement is the one a duplicate could
+    // smuggle a receive-pack past.
+    let daemon = daemon(&tmp.path().join("data"), |c| c.anonymous_fetch = true).await;
+    let recipe = "[build]\nshell = \"mkdir -p out && cp exit0 out/a\"\nartifacts = [\"out/a\"]\n";
     let work = recipe_fixture(tmp.path(), "twice", recipe).await;
     let (ok, stderr) = push(&work, &daemon.url("twice"), &[]).await;
     assert!(ok, "{stderr}");
