@@ -296,7 +296,8 @@ fn register_qemu(deployer: &Deployer, config: &Config) -> anyhow::Result<()> {
         warn!(binary = %qemu.binary.display(), "qemu not found: services with `tender = \"qemu\"` cannot boot (install qemu-system-x86)");
         return Ok(());
     }
-    let tender = QemuTender::new(qemu).context("Cannot set up the qemu tender")?;
+    let tender =
+        QemuTender::new(qemu, &deployer.tender_host()).context("Cannot set up the qemu tender")?;
     deployer.register_tender(Arc::new(tender));
     Ok(())
 }

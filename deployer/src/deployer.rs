@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use revboot_sandbox::uids::UidPool;
 use revboot_store::manifest::Manifest;
 use revboot_store::{Revision, RuntimeRecord, Store};
 use tokio::sync::{Notify, Semaphore, broadcast, mpsc, watch};
@@ -237,6 +238,8 @@ pub struct Deployer {
     next_id: AtomicU64,
     image_dir: PathBuf,
     scratch_dir: PathBuf,
+    /// The uids instances run as, one each ([`BootSpec::uid`]).
+    uids: UidPool,
     log_writers: Semaphore,
     tasks: AtomicUsize,
     tasks_done: Notify,
@@ -311,6 +314,7 @@ impl Deployer {
             next_id: AtomicU64::new(0),
             image_dir,
             scratch_dir,
+            uids: UidPool::new(config.sandbox.uids),
             log_writers: Semaphore::new(LOG_WRITERS),
             tasks: AtomicUsize::new(0),
             tasks_done: Notify::new(),
@@ -321,6 +325,16 @@ impl Deployer {
         });
         deployer.warm_soon();
         Ok(deployer)
+    }
+
+    /// What a tender for this deployer needs of the host: names, the sandbox root's mount
+    /// point, the sandbox settings.
+    pub fn tender_host(&self) -> crate::tender::TenderHost {
+        crate::tender::TenderHost {
+            name: self.config.name.clone(),
+            root: self.config.state_dir.join("root"),
+            sandbox: self.config.sandbox.clone(),
+        }
     }
 
     /// Adds (or replaces) a tender, e.g. the qemu backend.
@@ -692,6 +706,12 @@ impl Deployer {
                 limit: self.config.max_clients_per_service,
             });
         }
+        let Some(uid) = self.uids.lease() else {
+            return Err(SummonError::Start {
+                key: key.to_string(),
+                reason: "every uid of [sandbox] uids is in use".into(),
+            });
+        };
         let id = self.next_id();
         let scratch = self.scratch_dir.join(&id);
         let mut busy = Vec::new();
@@ -711,6 +731,7 @@ impl Deployer {
                 backend_port: self.config.backend_port,
                 scratch: scratch.clone(),
                 console_bytes: self.config.console_bytes,
+                uid: uid.uid(),
             };
             match tender.prepare(spec) {
                 Ok(ready) => {
@@ -778,6 +799,8 @@ impl Deployer {
         crate::summon::launch(move || {
             runtime.spawn(async move {
                 tend(&me, &entry, prepared, &info, command_rx, scratch).await;
+                // The instance has ended, every process of it with it: its uid is free.
+                drop(uid);
                 if me.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
                     me.tasks_done.notify_waiters();
                 }

@@ -12,6 +12,7 @@
 //! - [`seccomp`]: the system-call filter (what is refused, and why the rest is allowed).
 //! - [`cgroup`]: memory, pids and CPU limits on cgroup v1, v2 or a hybrid.
 //! - [`spawn`]: the clone that puts them together and executes the program.
+//! - [`worker`]: the long-lived thread spawns run on, so that sandboxes die with the daemon.
 //!
 //! The order a child applies them in, with the reason for each position:
 //!
@@ -57,3 +58,4 @@ pub mod root;
 pub mod seccomp;
 pub mod spawn;
 pub mod uids;
+pub mod worker;

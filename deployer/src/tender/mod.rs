@@ -63,6 +63,9 @@ pub struct BootSpec {
     pub scratch: PathBuf,
     /// Console bytes to keep.
     pub console_bytes: usize,
+    /// The host uid (and gid) the instance runs as: its own while it lives (the deployer
+    /// leases it from `[sandbox] uids` and takes it back once the instance has ended).
+    pub uid: u32,
 }
 
 /// Creates the scratch directory of `spec`. Tenders call it at the start of `boot`, in the
@@ -73,6 +76,23 @@ pub fn make_scratch(spec: &BootSpec) -> Result<(), BootError> {
         what: "scratch directory".into(),
         source,
     })
+}
+
+impl From<revboot_sandbox::spawn::SpawnError> for BootError {
+    fn from(error: revboot_sandbox::spawn::SpawnError) -> BootError {
+        use revboot_sandbox::spawn::SpawnError;
+        match error {
+            SpawnError::Step { step, source } => BootError::Exec { step, source },
+            SpawnError::Setup { what, source } => BootError::Setup {
+                what: what.into(),
+                source,
+            },
+            other => BootError::Setup {
+                what: "the sandbox".into(),
+                source: std::io::Error::other(other),
+            },
+        }
+    }
 }
 
 /// Why an instance could not be started.
@@ -353,6 +373,18 @@ async fn http_ok(backend: SocketAddr, path: &str) -> bool {
         }
         _ => false,
     }
+}
+
+/// What the tenders of one deployer share of the host ([`crate::Deployer::tender_host`]).
+#[derive(Debug, Clone)]
+pub struct TenderHost {
+    /// Names the tenders' cgroups (`revboot/<name>…`): two deployers on one host differ.
+    pub name: String,
+    /// An empty directory that sandbox roots are assembled on, each in a mount namespace of
+    /// its own, so one serves every instance.
+    pub root: PathBuf,
+    /// The instances' sandbox settings.
+    pub sandbox: crate::config::SandboxConfig,
 }
 
 /// The tenders a deployer can use, by kind.

@@ -8,9 +8,11 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use revboot_deployer::config::BackendPort;
+use revboot_deployer::config::{BackendPort, SandboxConfig};
 use revboot_deployer::tender::qemu::{QemuConfig, QemuTender};
-use revboot_deployer::tender::{BootSpec, ExitReport, ExitStatus, NotReady, Running, Tender};
+use revboot_deployer::tender::{
+    BootSpec, ExitReport, ExitStatus, NotReady, Running, Tender, TenderHost,
+};
 use revboot_store::Revision;
 use revboot_store::manifest::Manifest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -74,13 +76,34 @@ struct Booted {
     _scratch: tempfile::TempDir,
 }
 
+/// A host for a tender used without a deployer: its own cgroup name (a tender sweeps the
+/// cgroups of its name when it starts) and root directory.
+fn host(dir: &std::path::Path, name: &str) -> TenderHost {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    TenderHost {
+        name: format!("{name}-{}-{n}", std::process::id()),
+        root: dir.join("root"),
+        sandbox: SandboxConfig::default(),
+    }
+}
+
+/// A uid of this test process's own for a VM started without a deployer, one per call.
+fn uid() -> u32 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 16;
+    2_050_000_000 + (std::process::id() % 1_000_000) * 16 + n
+}
+
 async fn boot(feature: Option<&'static str>) -> Booted {
     let image = tokio::task::spawn_blocking(move || build_image(feature))
         .await
         .expect("build task");
-    let tender: Arc<dyn Tender> =
-        Arc::new(QemuTender::new(QemuConfig::default()).expect("qemu tender"));
     let scratch = tempfile::tempdir().expect("scratch");
+    let tender: Arc<dyn Tender> = Arc::new(
+        QemuTender::new(QemuConfig::default(), &host(scratch.path(), "qemu-boot"))
+            .expect("qemu tender"),
+    );
     let manifest = manifest();
     let spec = BootSpec {
         id: "qemu-test".into(),
@@ -90,8 +113,9 @@ async fn boot(feature: Option<&'static str>) -> Booted {
         address: "127.0.0.1".parse().expect("address"),
         client: None,
         backend_port: BackendPort::Ephemeral,
-        scratch: scratch.path().to_owned(),
+        scratch: scratch.path().join("scratch"),
         console_bytes: 64 * 1024,
+        uid: uid(),
     };
     let prepared = tender.prepare(spec).expect("prepare");
     let running = tokio::time::timeout(PATIENCE, prepared.boot(image))
@@ -220,8 +244,9 @@ async fn spinning_image_prints_nothing_misses_its_boot_timeout_and_is_killed() {
 async fn a_taken_port_is_refused_before_anything_boots() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = taken.local_addr().expect("addr").port();
-    let tender = QemuTender::new(QemuConfig::default()).expect("qemu tender");
     let scratch = tempfile::tempdir().expect("scratch");
+    let tender = QemuTender::new(QemuConfig::default(), &host(scratch.path(), "qemu-taken"))
+        .expect("qemu tender");
     let mut run = manifest().run;
     run.port = port;
     let spec = BootSpec {
@@ -232,8 +257,9 @@ async fn a_taken_port_is_refused_before_anything_boots() {
         address: "127.0.0.1".parse().expect("address"),
         client: None,
         backend_port: BackendPort::Same,
-        scratch: scratch.path().to_owned(),
+        scratch: scratch.path().join("scratch"),
         console_bytes: 4096,
+        uid: uid(),
     };
     let error = tender.prepare(spec).expect_err("the port is taken");
     assert!(error.to_string().contains(&port.to_string()), "{error}");
@@ -254,7 +280,8 @@ mod through_the_deployer {
 
     fn world(index: u8, tweak: impl FnOnce(&mut revboot_deployer::DeployerConfig)) -> World {
         let world = World::new(index, tweak);
-        let tender = QemuTender::new(QemuConfig::default()).expect("qemu tender");
+        let tender = QemuTender::new(QemuConfig::default(), &world.deployer.tender_host())
+            .expect("qemu tender");
         world.deployer.register_tender(Arc::new(tender));
         world
     }
@@ -411,4 +438,69 @@ mod through_the_deployer {
         assert!(console.contains("hello-vm: listening"), "{console}");
         world.deployer.shutdown().await;
     }
+}
+
+/// qemu itself is confined as a process instance is: its own uid without capabilities, its
+/// own root (the data directory is not in it), its own pid namespace, cgroup limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_runs_unprivileged_in_a_root_of_its_own() {
+    use revboot_deployer::Instances;
+    let world = crate::support::World::new(64, |_| {});
+    let tender =
+        QemuTender::new(QemuConfig::default(), &world.deployer.tender_host()).expect("qemu tender");
+    world.deployer.register_tender(Arc::new(tender));
+    let image = tokio::task::spawn_blocking(|| build_image(None))
+        .await
+        .expect("build task");
+    let run = "tender = \"qemu\"\nport = 8080\nguest_port = 8080\nmemory_mib = 32\n\
+        ready = { probe = \"console\", line = \"hello-vm: listening\" }";
+    let revision = crate::support::deploy(
+        &world.store,
+        "hello-vm",
+        &image,
+        &crate::support::manifest("hello-vm", run),
+        &crate::support::source(64),
+    );
+    let summoned = world
+        .deployer
+        .summon("hello-vm", &revision, None)
+        .expect("summon");
+    let mut state = summoned.state.clone();
+    let ready = crate::support::wait_state(&mut state, |s| s.is_serving() || s.is_final()).await;
+    assert!(ready.is_serving(), "{ready:?}");
+    let pid = world.deployer.list()[0].pid.expect("qemu's pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map(|value| value.split_whitespace().next().unwrap_or("").to_owned())
+            .unwrap_or_default()
+    };
+    assert_ne!(field("Uid:"), "0", "{status}");
+    assert_eq!(field("CapEff:"), "0000000000000000", "{status}");
+    assert_eq!(field("CapBnd:"), "0000000000000000", "{status}");
+    assert_eq!(field("NoNewPrivs:"), "1", "{status}");
+    assert_eq!(field("Seccomp:"), "2", "{status}");
+    // Its root: the kernel image and the QMP socket's directory; not the data directory.
+    let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
+    assert!(root.join("run/image/kernel").is_file());
+    assert!(root.join("run/qemu/qmp.sock").exists());
+    let data = world.dir.path().strip_prefix("/").expect("absolute");
+    assert!(
+        !root.join(data).exists(),
+        "the data directory is not in qemu's root"
+    );
+    assert!(!root.join("etc/shadow").exists());
+    // Its own pid namespace (it is pid 1 there) and its cgroup.
+    let inner = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    assert!(
+        inner
+            .lines()
+            .any(|l| l.starts_with("NSpid:") && l.trim_end().ends_with("\t1")),
+        "{inner}"
+    );
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
+    assert!(cgroups.contains("-qemu/"), "{cgroups}");
+    world.deployer.shutdown().await;
 }

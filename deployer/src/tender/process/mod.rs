@@ -6,7 +6,7 @@
 //!    ephemeral one behind the proxy) with a deep backlog; from here on the kernel completes
 //!    handshakes and queues them.
 //! 2. On the spawner thread (one long-lived thread, so that `PR_SET_PDEATHSIG` means "the
-//!    daemon died"): lease the instance's uid, take its cgroups (made ahead, a few spare)
+//!    daemon died"): take the instance's cgroups (made ahead, a few spare)
 //!    and write their limits, build the landlock ruleset, open the pipes; everything the
 //!    child needs is allocated here (the `spawn` module).
 //! 3. `clone` with new pid and cgroup namespaces and a pidfd, the posix_spawn way
@@ -30,8 +30,8 @@
 //!    image is executing.
 //! 5. A watcher waits on the pidfd, reaps with `waitid(P_PIDFD)` (the kernel has then
 //!    killed every other process of the pid namespace), reads the OOM counter, waits
-//!    (bounded) for the console to drain, removes the cgroups, gives the uid back, then
-//!    reports the exit.
+//!    (bounded) for the console to drain, removes the cgroups, then reports the exit (after
+//!    which the deployer takes the instance's uid back).
 //!
 //! Stop: the image is pid 1 of its namespace, and the kernel drops a signal pid 1 has no
 //! handler for. A stop therefore sends `SIGTERM` only to an image that catches it
@@ -50,7 +50,6 @@ use std::time::Duration;
 use revboot_sandbox::cgroup::{Cgroups, Controller, InstanceGroups, Limits};
 use revboot_sandbox::root::{Layout, Quota};
 use revboot_sandbox::seccomp;
-use revboot_sandbox::uids::{Lease, UidPool};
 use revboot_store::manifest::TenderKind;
 use socket2::{Domain, Socket, Type};
 use tokio::io::AsyncReadExt;
@@ -91,7 +90,6 @@ pub struct ProcessTender {
 struct Shared {
     cgroups: Option<Cgroups>,
     spawner: Spawner,
-    uids: UidPool,
     runtime: tokio::runtime::Handle,
     /// Cgroups made ahead of time (between spawns), at most [`SPARE_CGROUPS`].
     spare_groups: std::sync::Mutex<Vec<InstanceGroups>>,
@@ -177,7 +175,6 @@ impl ProcessTender {
         let shared = Arc::new(Shared {
             cgroups,
             spawner,
-            uids: UidPool::new(sandbox.uids),
             runtime,
             spare_groups: std::sync::Mutex::new(Vec::new()),
             spare_serial: std::sync::atomic::AtomicU64::new(0),
@@ -321,8 +318,6 @@ struct Spawned {
     pidfd: OwnedFd,
     console: OwnedFd,
     groups: Option<InstanceGroups>,
-    /// The instance's uid, leased until every process of it is gone.
-    uid: Lease,
 }
 
 impl Prepared for ProcessPrepared {
@@ -408,7 +403,7 @@ impl Prepared for ProcessPrepared {
             let drain = shared.runtime.spawn(read_console(reader, console.clone()));
             shared.runtime.spawn(watch_exit(
                 waiter,
-                (spawned.groups, spawned.uid),
+                spawned.groups,
                 console.clone(),
                 drain,
                 exit_tx,
@@ -438,7 +433,7 @@ async fn read_console(mut reader: tokio::net::unix::pipe::Receiver, console: Con
 
 async fn watch_exit(
     pidfd: AsyncFd<OwnedFd>,
-    (groups, uid): (Option<InstanceGroups>, Lease),
+    groups: Option<InstanceGroups>,
     console: Console,
     drain: tokio::task::JoinHandle<()>,
     exit: watch::Sender<Option<ExitReport>>,
@@ -465,8 +460,6 @@ async fn watch_exit(
     if let Some(groups) = groups {
         let _ = tokio::task::spawn_blocking(move || groups.remove()).await;
     }
-    // pid 1 is reaped, so the kernel has ended every other process of the namespace.
-    drop(uid);
     let report = ExitReport { status, oom_killed };
     debug!(%report, "instance exited");
     let _ = exit.send(Some(report));
@@ -629,10 +622,6 @@ impl Shared {
             let what = what.to_owned();
             move |source| BootError::Setup { what, source }
         };
-        let uid = self.uids.lease().ok_or_else(|| BootError::Setup {
-            what: "a uid for the instance".into(),
-            source: io::Error::other("every uid of [sandbox.uids] is in use"),
-        })?;
         let groups = match &self.cgroups {
             Some(cgroups) => {
                 let spare = self
@@ -672,7 +661,7 @@ impl Shared {
                 .cgroups
                 .as_ref()
                 .is_some_and(|c| c.has(Controller::Memory)),
-            uid: uid.uid(),
+            uid: spec.uid,
         };
         match self.spawner.spawn(launch) {
             Ok(started) => Ok(Spawned {
@@ -681,7 +670,6 @@ impl Shared {
                 pidfd: started.pidfd,
                 console: started.console,
                 groups,
-                uid,
             }),
             Err(error) => {
                 if let Some(groups) = groups {

@@ -19,7 +19,7 @@ use landlock::{
 use revboot_sandbox::creds::Identity;
 use revboot_sandbox::root::{self, Layout};
 use revboot_sandbox::seccomp::Filters;
-use revboot_sandbox::spawn::{self, Namespaces, Plan, Program, SpawnError, fd_above, pipe};
+use revboot_sandbox::spawn::{self, Namespaces, Plan, Program, fd_above, pipe};
 use tracing::{debug, warn};
 
 use super::namespaces::{HOSTNAME, NamespacePool};
@@ -150,17 +150,7 @@ impl Spawner {
             landlock: landlock.as_ref().map(AsRawFd::as_raw_fd),
             filters: &[&self.filters.deny, &self.filters.clone3],
         };
-        let started = spawn::spawn(&plan).map_err(|error| match error {
-            SpawnError::Step { step, source } => BootError::Exec { step, source },
-            SpawnError::Setup { what, source } => BootError::Setup {
-                what: what.into(),
-                source,
-            },
-            other => BootError::Setup {
-                what: "the sandbox".into(),
-                source: io::Error::other(other),
-            },
-        })?;
+        let started = spawn::spawn(&plan)?;
         drop(console_write);
         Ok(Started {
             pid: started.pid,

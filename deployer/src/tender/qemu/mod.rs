@@ -8,16 +8,20 @@
 //!    the command line is the manifest's `args` plus `revboot.revision=<deployment commit>`,
 //!    one virtio-net device (modern virtio-mmio) on `-netdev user,restrict=on` forwarding
 //!    `<service address>:<port>` to the guest port. COM1 is qemu's stdout: the console.
-//!    `-no-reboot`: a guest that resets (a triple fault) stops the VM. qemu runs under its
-//!    own seccomp sandbox (`-sandbox on`, no spawning or privilege changes) with an empty
-//!    environment apart from `PATH`.
+//!    `-no-reboot`: a guest that resets (a triple fault) stops the VM. qemu runs in the
+//!    sandbox of the `jail` module (its own namespaces but the network, a tmpfs root with
+//!    `/usr`, the kernel and its scratch directory only, the instance's uid without
+//!    capabilities, cgroup limits, landlock and seccomp) and under its own seccomp sandbox
+//!    (`-sandbox on`, no spawning or privilege changes), with an environment of `PATH` only.
 //! 3. The accelerator is hardware KVM when `/proc/cpuinfo` shows `vmx` or `svm` and
 //!    `/dev/kvm` opens, TCG otherwise; [`QemuConfig::accel`] or `REVBOOT_QEMU_ACCEL`
 //!    (`kvm`, `tcg`, `auto`) override the guess.
-//! 4. A supervisor task owns the child. It holds a QMP session (`-qmp unix:<scratch>/qmp.sock`)
-//!    to learn why the guest stopped (the reason goes on the console) and to stop it.
+//! 4. A supervisor task owns the child through its pidfd. It holds a QMP session (the `qmp`
+//!    module; `<scratch>/qmp.sock`, made by qemu inside its sandbox) to learn why the guest
+//!    stopped (the reason goes on the console) and to stop it.
 //! 5. Stop: QMP `quit` (SIGTERM when QMP is not up). Kill: SIGKILL. Once qemu is reaped and
-//!    its output drained, the exit is reported and the QMP socket removed.
+//!    its output drained, its cgroups are removed (an OOM kill read first), the exit is
+//!    reported and the QMP socket removed.
 //!
 //! Readiness with user networking: qemu accepts forwarded connections on the host side
 //! before the guest listens, so a `tcp` probe proves only that qemu runs. `console` (a line
@@ -27,22 +31,28 @@ use std::ffi::OsString;
 use std::fs::OpenOptions;
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener};
-use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use revboot_sandbox::cgroup::InstanceGroups;
+use revboot_sandbox::spawn::{self, Exit};
 use revboot_store::manifest::{Ready, TenderKind};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
-use tokio::process::{Child, Command};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
+mod jail;
+mod qmp;
+
+use jail::Jail;
+use qmp::{Qmp, qmp_connect};
+
 use super::{
     BootError, BootSpec, BoxFuture, ExitReport, ExitStatus, Footprint, NotReady, Prepared, Running,
-    Tender, probe_ready,
+    Tender, TenderHost, probe_ready,
 };
 use crate::config::BackendPort;
 use crate::console::Console;
@@ -56,18 +66,10 @@ pub const MAX_CMDLINE: usize = 2048;
 /// Guest memory bounds, MiB.
 pub const MEMORY_MIB: std::ops::RangeInclusive<u64> = 8..=16 * 1024;
 
-/// How long the supervisor tries to reach QMP after spawning qemu. Generous, since without
-/// QMP a guest's crash is not explained on the console, and nothing waits on it meanwhile
-/// (a stop asked for before it connects is a SIGTERM).
-const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// The longest pause between attempts to reach QMP while qemu starts.
-const QMP_CONNECT_PAUSE: Duration = Duration::from_millis(4);
 /// How long a QMP command may take to answer.
 const QMP_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long to wait for QMP events still in flight after qemu exited.
 const QMP_DRAIN: Duration = Duration::from_millis(300);
-/// The longest QMP message accepted.
-const QMP_MAX_LINE: u64 = 64 * 1024;
 /// How long console readers may take to drain after qemu exited.
 const CONSOLE_DRAIN: Duration = Duration::from_secs(1);
 /// Pending stop/kill requests per instance.
@@ -135,6 +137,9 @@ pub enum QemuSetupError {
     /// KVM was asked for and is not usable.
     #[error("Hardware KVM was asked for but is not usable: {0}")]
     NoKvm(String),
+    /// qemu's sandbox cannot be set up (the binary is missing, no thread…).
+    #[error("Cannot set up qemu's sandbox: {0}")]
+    Sandbox(String),
 }
 
 /// Whether hardware KVM is usable: the CPU flags say so and `/dev/kvm` opens.
@@ -187,22 +192,25 @@ fn accel_from_env(value: &str) -> Result<AccelChoice, QemuSetupError> {
 /// Boots kernel images in qemu microvms.
 #[derive(Debug, Clone)]
 pub struct QemuTender {
-    binary: PathBuf,
     accel: Accel,
+    jail: Arc<Jail>,
 }
 
 impl QemuTender {
-    /// A tender with `config`, the accelerator overridden by `REVBOOT_QEMU_ACCEL`.
-    pub fn new(config: QemuConfig) -> Result<QemuTender, QemuSetupError> {
+    /// A tender with `config`, the accelerator overridden by `REVBOOT_QEMU_ACCEL`, for the
+    /// deployer whose host is `host` ([`crate::Deployer::tender_host`]).
+    pub fn new(config: QemuConfig, host: &TenderHost) -> Result<QemuTender, QemuSetupError> {
         let choice = match std::env::var(ACCEL_ENV) {
             Ok(value) => accel_from_env(&value)?,
             Err(_) => config.accel,
         };
         let accel = resolve_accel(choice)?;
+        let jail = Jail::new(host, &config.binary, accel)
+            .map_err(|error| QemuSetupError::Sandbox(error.to_string()))?;
         info!(accel = accel.as_arg(), binary = %config.binary.display(), "qemu tender ready");
         Ok(QemuTender {
-            binary: config.binary,
             accel,
+            jail: Arc::new(jail),
         })
     }
 
@@ -306,7 +314,7 @@ impl Tender for QemuTender {
         })?;
         drop(listener);
         Ok(Box::new(QemuPrepared {
-            binary: self.binary.clone(),
+            jail: Arc::clone(&self.jail),
             accel: self.accel,
             guest_port: spec.run.guest_port.unwrap_or(spec.run.port),
             cmdline,
@@ -320,7 +328,7 @@ impl Tender for QemuTender {
 /// A qemu instance with its forwarded port chosen.
 #[derive(Debug)]
 struct QemuPrepared {
-    binary: PathBuf,
+    jail: Arc<Jail>,
     accel: Accel,
     guest_port: u16,
     cmdline: String,
@@ -330,8 +338,9 @@ struct QemuPrepared {
 }
 
 impl QemuPrepared {
-    /// The qemu argv (without the binary).
-    fn args(&self, image: &Path) -> Vec<OsString> {
+    /// The qemu argv (without the binary), with the paths as qemu sees them in its
+    /// sandbox: the QMP socket in [`jail::RUN`], the kernel at [`jail::KERNEL`].
+    fn args(&self) -> Vec<OsString> {
         let mut args: Vec<OsString> = Vec::new();
         let mut push = |arg: &str| args.push(arg.into());
         push("-M");
@@ -373,13 +382,10 @@ impl QemuPrepared {
         ));
         push("-device");
         push("virtio-net-device,netdev=net0");
-        let mut qmp = OsString::from("unix:");
-        qmp.push(self.qmp.as_os_str());
-        qmp.push(",server=on,wait=off");
         args.push("-qmp".into());
-        args.push(qmp);
+        args.push(format!("unix:{}/qmp.sock,server=on,wait=off", jail::RUN).into());
         args.push("-kernel".into());
-        args.push(image.into());
+        args.push(jail::KERNEL.into());
         args
     }
 }
@@ -396,48 +402,20 @@ impl Prepared for QemuPrepared {
         Box::pin(async move {
             super::make_scratch(&self.spec)?;
             let _ = std::fs::remove_file(&self.qmp);
-            let mut command = Command::new(&self.binary);
-            command
-                .args(self.args(&image))
-                .env_clear()
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .kill_on_drop(true);
-            if let Some(path) = std::env::var_os("PATH") {
-                command.env("PATH", path);
-            }
-            // SAFETY: the closure runs in the forked child before exec and only makes one
-            // async-signal-safe system call. The parent-death signal follows the spawning
-            // thread, a runtime worker that lives as long as the daemon's runtime: a daemon
-            // that dies takes its VMs with it (a restarted one sweeps recorded pids anyway).
-            unsafe {
-                command.pre_exec(|| {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-            let mut child = command.spawn().map_err(|source| BootError::Exec {
-                step: "spawn qemu",
-                source,
-            })?;
-            let pid = child.id().ok_or_else(|| BootError::Exec {
-                step: "spawn qemu",
-                source: io::Error::other("qemu exited at once"),
-            })?;
+            let jailed = self
+                .jail
+                .start(&self.spec, self.args(), &image, self.backend.port())
+                .await?;
+            let pid = jailed.pid;
             let console = Console::new(self.spec.console_bytes);
-            let readers = [
-                child
-                    .stdout
-                    .take()
-                    .map(|out| tokio::spawn(pump(out, console.clone()))),
-                child
-                    .stderr
-                    .take()
-                    .map(|err| tokio::spawn(pump(err, console.clone()))),
-            ];
+            let output = tokio::net::unix::pipe::Receiver::from_owned_fd(jailed.console).map_err(
+                |source| BootError::Setup {
+                    what: "console pipe".into(),
+                    source,
+                },
+            )?;
+            let readers = [Some(tokio::spawn(pump(output, console.clone()))), None];
+            let cgroups = Jail::dirs(jailed.groups.as_ref());
             let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
             let (exit_tx, exit_rx) = watch::channel(None);
             info!(
@@ -451,7 +429,9 @@ impl Prepared for QemuPrepared {
             );
             tokio::spawn(supervise(Supervised {
                 id: self.spec.id.clone(),
-                child,
+                _jail: Arc::clone(&self.jail),
+                pidfd: Arc::new(jailed.pidfd),
+                groups: jailed.groups,
                 pid,
                 qmp: self.qmp.clone(),
                 console: console.clone(),
@@ -464,6 +444,7 @@ impl Prepared for QemuPrepared {
                 console,
                 pid,
                 pid_start: pid_start(pid),
+                cgroups,
                 control: control_tx,
                 exit: exit_rx,
             }) as Box<dyn Running>)
@@ -496,6 +477,7 @@ struct QemuRunning {
     console: Console,
     pid: u32,
     pid_start: Option<u64>,
+    cgroups: Vec<PathBuf>,
     control: mpsc::Sender<Control>,
     exit: watch::Receiver<Option<ExitReport>>,
 }
@@ -526,7 +508,7 @@ impl Running for QemuRunning {
         Footprint {
             pid: Some(self.pid),
             pid_start: self.pid_start,
-            cgroups: Vec::new(),
+            cgroups: self.cgroups.clone(),
         }
     }
 
@@ -573,7 +555,11 @@ fn pid_start(pid: u32) -> Option<u64> {
 /// Everything the supervisor owns.
 struct Supervised {
     id: String,
-    child: Child,
+    /// Keeps the thread that started qemu alive while qemu runs: qemu's parent-death
+    /// signal follows that thread.
+    _jail: Arc<Jail>,
+    pidfd: Arc<OwnedFd>,
+    groups: Option<InstanceGroups>,
     pid: u32,
     qmp: PathBuf,
     console: Console,
@@ -586,13 +572,19 @@ struct Supervised {
 async fn supervise(mut s: Supervised) {
     let connect = qmp_connect(s.qmp.clone());
     tokio::pin!(connect);
+    // A blocking wait on a thread of its own returns when qemu is gone, whoever ended it.
+    let waited = Arc::clone(&s.pidfd);
+    let mut ended = tokio::task::spawn_blocking(move || spawn::reap_blocking(waited.as_raw_fd()));
     let mut connecting = true;
     let mut qmp: Option<Qmp> = None;
     let mut stopping = false;
     let mut guest_stopped = false;
     let status = loop {
         tokio::select! {
-            status = s.child.wait() => break status,
+            status = &mut ended => break match status {
+                Ok(Ok(Some(exit))) => Some(exit),
+                _ => None,
+            },
             session = &mut connect, if connecting => {
                 connecting = false;
                 match session {
@@ -611,16 +603,16 @@ async fn supervise(mut s: Supervised) {
                 Some(Control::Stop) if !stopping => {
                     stopping = true;
                     if qmp.is_some() {
-                        quit(&mut qmp, s.pid).await;
+                        quit(&mut qmp, &s.pidfd).await;
                     } else {
                         // qemu quits as cleanly on SIGTERM; QMP may still be on its way.
-                        signal(s.pid, libc::SIGTERM);
+                        spawn::send_signal(s.pidfd.as_raw_fd(), libc::SIGTERM);
                     }
                 }
                 Some(Control::Stop) => {}
                 Some(Control::Kill) | None => {
-                    if let Err(error) = s.child.start_kill() {
-                        warn!(id = s.id, %error, "cannot kill qemu");
+                    if !spawn::send_signal(s.pidfd.as_raw_fd(), libc::SIGKILL) {
+                        warn!(id = s.id, error = %io::Error::last_os_error(), "cannot kill qemu");
                     }
                 }
             },
@@ -632,7 +624,7 @@ async fn supervise(mut s: Supervised) {
             guest_stopped |= note_event(&s.console, &event);
         }
     }
-    let exited_clean = matches!(&status, Ok(status) if status.success());
+    let exited_clean = status == Some(Exit::Code(0));
     if exited_clean && !stopping && !guest_stopped {
         s.console.push(
             b"[qemu] exited on its own: with -no-reboot, a guest reset (a triple fault) or power-off ends the VM\n",
@@ -642,16 +634,17 @@ async fn supervise(mut s: Supervised) {
         let _ = tokio::time::timeout(CONSOLE_DRAIN, reader).await;
     }
     let _ = std::fs::remove_file(&s.qmp);
+    let oom_killed = s.groups.as_ref().is_some_and(InstanceGroups::oom_killed);
+    if let Some(groups) = s.groups.take() {
+        let _ = tokio::task::spawn_blocking(move || groups.remove()).await;
+    }
     let report = ExitReport {
-        status: match &status {
-            Ok(status) => match (status.code(), status.signal()) {
-                (Some(code), _) => ExitStatus::Code(code),
-                (None, Some(signal)) => ExitStatus::Signal(signal),
-                (None, None) => ExitStatus::Unknown,
-            },
-            Err(_) => ExitStatus::Unknown,
+        status: match status {
+            Some(Exit::Code(code)) => ExitStatus::Code(code),
+            Some(Exit::Signal(signal)) => ExitStatus::Signal(signal),
+            None => ExitStatus::Unknown,
         },
-        oom_killed: false,
+        oom_killed,
     };
     info!(id = s.id, pid = s.pid, %report, "qemu instance ended");
     // The exit first, then the end of the console: a console wait that sees the end can
@@ -660,19 +653,8 @@ async fn supervise(mut s: Supervised) {
     s.console.close();
 }
 
-/// Sends SIGTERM/SIGKILL to the (not yet reaped, so not reused) qemu pid.
-fn signal(pid: u32, signal: i32) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return;
-    };
-    // SAFETY: kill(2) has no memory effects; the pid is our unreaped child.
-    unsafe {
-        libc::kill(pid, signal);
-    }
-}
-
 /// Asks qemu to quit over QMP; on failure, SIGTERM (qemu quits cleanly on it too).
-async fn quit(qmp: &mut Option<Qmp>, pid: u32) {
+async fn quit(qmp: &mut Option<Qmp>, pidfd: &OwnedFd) {
     let sent = match qmp.as_mut() {
         Some(session) => matches!(
             tokio::time::timeout(QMP_REPLY_TIMEOUT, session.execute("quit")).await,
@@ -682,7 +664,7 @@ async fn quit(qmp: &mut Option<Qmp>, pid: u32) {
     };
     if !sent {
         *qmp = None;
-        signal(pid, libc::SIGTERM);
+        spawn::send_signal(pidfd.as_raw_fd(), libc::SIGTERM);
     }
 }
 
@@ -726,120 +708,6 @@ fn note_event(console: &Console, event: &serde_json::Value) -> bool {
     true
 }
 
-/// A QMP session: one JSON object per line.
-struct Qmp {
-    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
-    writer: tokio::net::unix::OwnedWriteHalf,
-    /// Events read while waiting for a command's reply.
-    pending: std::collections::VecDeque<serde_json::Value>,
-}
-
-/// Why a QMP exchange failed.
-#[derive(Debug, thiserror::Error)]
-enum QmpError {
-    #[error("QMP socket did not come up")]
-    Timeout,
-    #[error("QMP I/O")]
-    Io(#[from] io::Error),
-    #[error("QMP said something unexpected")]
-    Protocol,
-}
-
-/// Connects to qemu's QMP socket (retrying while qemu starts) and negotiates capabilities.
-async fn qmp_connect(path: PathBuf) -> Result<Qmp, QmpError> {
-    let attempt = async {
-        // Often: qemu sends events only once the session is negotiated, and a guest that
-        // is ready in tens of milliseconds can crash right after (a failed connect is one
-        // cheap syscall).
-        let mut pause = Duration::from_millis(1);
-        let stream = loop {
-            match UnixStream::connect(&path).await {
-                Ok(stream) => break stream,
-                Err(_) => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(QMP_CONNECT_PAUSE);
-                }
-            }
-        };
-        let (read, writer) = stream.into_split();
-        let mut qmp = Qmp {
-            reader: BufReader::new(read),
-            writer,
-            pending: Default::default(),
-        };
-        let greeting = qmp.read().await?.ok_or(QmpError::Protocol)?;
-        if greeting.get("QMP").is_none() {
-            return Err(QmpError::Protocol);
-        }
-        qmp.execute("qmp_capabilities").await?;
-        Ok(qmp)
-    };
-    tokio::time::timeout(QMP_CONNECT_TIMEOUT, attempt)
-        .await
-        .map_err(|_| QmpError::Timeout)?
-}
-
-impl Qmp {
-    /// Reads one message; `None` at end of stream.
-    async fn read(&mut self) -> Result<Option<serde_json::Value>, QmpError> {
-        let mut line = Vec::new();
-        let read = (&mut self.reader)
-            .take(QMP_MAX_LINE)
-            .read_until(b'\n', &mut line)
-            .await?;
-        if read == 0 {
-            return Ok(None);
-        }
-        if !line.ends_with(b"\n") {
-            return Err(QmpError::Protocol);
-        }
-        serde_json::from_slice(&line)
-            .map(Some)
-            .map_err(|_| QmpError::Protocol)
-    }
-
-    /// Runs a command without arguments and waits for its reply.
-    async fn execute(&mut self, command: &str) -> Result<(), QmpError> {
-        let request = serde_json::json!({ "execute": command });
-        let mut bytes = serde_json::to_vec(&request).map_err(|_| QmpError::Protocol)?;
-        bytes.push(b'\n');
-        self.writer.write_all(&bytes).await?;
-        loop {
-            let Some(message) = self.read().await? else {
-                // qemu closes QMP as it quits: for `quit`, that is the answer.
-                return if command == "quit" {
-                    Ok(())
-                } else {
-                    Err(QmpError::Protocol)
-                };
-            };
-            if message.get("return").is_some() {
-                return Ok(());
-            }
-            if message.get("error").is_some() {
-                return Err(QmpError::Protocol);
-            }
-            if self.pending.len() < 64 {
-                self.pending.push_back(message);
-            }
-        }
-    }
-
-    /// The next event; `None` when the session ended.
-    async fn event(&mut self) -> Option<serde_json::Value> {
-        if let Some(event) = self.pending.pop_front() {
-            return Some(event);
-        }
-        loop {
-            match self.read().await {
-                Ok(Some(message)) if message.get("event").is_some() => return Some(message),
-                Ok(Some(_)) => continue,
-                Ok(None) | Err(_) => return None,
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -865,7 +733,22 @@ mod tests {
             backend_port: BackendPort::Ephemeral,
             scratch: std::env::temp_dir(),
             console_bytes: 4096,
+            uid: 2_050_000_000,
         }
+    }
+
+    /// A TCG tender on a root of its own (`dir`), as a deployer would make it.
+    fn tender(dir: &std::path::Path) -> QemuTender {
+        let host = TenderHost {
+            name: format!("qemu-unit-{}", std::process::id()),
+            root: dir.to_owned(),
+            sandbox: crate::config::SandboxConfig::default(),
+        };
+        let config = QemuConfig {
+            accel: AccelChoice::Tcg,
+            ..QemuConfig::default()
+        };
+        QemuTender::new(config, &host).expect("a qemu tender")
     }
 
     #[test]
@@ -895,10 +778,8 @@ mod tests {
 
     #[test]
     fn prepare_forwards_the_service_address_to_the_guest_port() {
-        let tender = QemuTender {
-            binary: DEFAULT_BINARY.into(),
-            accel: Accel::Tcg,
-        };
+        let dir = tempfile::tempdir().expect("dir");
+        let tender = tender(dir.path());
         let prepared = tender.prepare(spec(&[])).expect("prepared");
         let backend = prepared.backend();
         assert_eq!(backend.ip(), "127.0.0.1".parse::<IpAddr>().expect("ip"));
@@ -909,13 +790,11 @@ mod tests {
 
     #[test]
     fn argv_keeps_the_guest_on_loopback_and_boots_the_image_directly() {
-        let tender = QemuTender {
-            binary: DEFAULT_BINARY.into(),
-            accel: Accel::Tcg,
-        };
+        let dir = tempfile::tempdir().expect("dir");
+        let tender = tender(dir.path());
         let spec = spec(&["quiet"]);
         let prepared = QemuPrepared {
-            binary: tender.binary.clone(),
+            jail: Arc::clone(&tender.jail),
             accel: tender.accel,
             guest_port: 8080,
             cmdline: kernel_cmdline(&spec).expect("valid"),
@@ -924,7 +803,7 @@ mod tests {
             spec,
         };
         let args: Vec<String> = prepared
-            .args(Path::new("/images/hello-vm"))
+            .args()
             .into_iter()
             .map(|arg| arg.to_string_lossy().into_owned())
             .collect();
@@ -935,7 +814,9 @@ mod tests {
         assert!(after("-M").starts_with("microvm,"));
         assert_eq!(after("-accel"), "tcg");
         assert_eq!(after("-m"), "32M");
-        assert_eq!(after("-kernel"), "/images/hello-vm");
+        // Paths as qemu sees them in its sandbox.
+        assert_eq!(after("-kernel"), jail::KERNEL);
+        assert_eq!(after("-qmp"), "unix:/run/qemu/qmp.sock,server=on,wait=off");
         assert_eq!(
             after("-netdev"),
             "user,id=net0,restrict=on,hostfwd=tcp:127.77.0.9:41000-:8080"
@@ -954,10 +835,8 @@ mod tests {
 
     #[test]
     fn prepare_refuses_bad_memory_and_ipv6() {
-        let tender = QemuTender {
-            binary: DEFAULT_BINARY.into(),
-            accel: Accel::Tcg,
-        };
+        let dir = tempfile::tempdir().expect("dir");
+        let tender = tender(dir.path());
         let mut tiny = spec(&[]);
         tiny.run.memory_mib = 1;
         let error = tender.prepare(tiny).expect_err("too little memory");
