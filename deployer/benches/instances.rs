@@ -5,7 +5,8 @@
 //!    of pre-bound socket, answering the same request.
 //! 2. Crash detected → replacement ready: hello is crashed with `GET /crash`; from the
 //!    moment its state turns `crashed` to the replacement's `ready`.
-//! 3. Boot storm: `STORM` instances booted one after another and kept running; the boot
+//! 3. Boot storm: `STORM` instances booted one after another and kept running (an idle
+//!    timeout of an hour: none is reaped during the storm); the boot
 //!    time (summon → ready) of the 1st, 100th, …, last, and memory per instance.
 //!
 //! Run as root: `cargo bench -p revboot-deployer --bench instances` (env `COLD`, `STORM`,
@@ -170,7 +171,7 @@ async fn run() {
     let per_client = deploy(
         &store,
         &image,
-        "port = 8080\nready = { probe = \"socket\" }\nper_client = true",
+        "port = 8080\nready = { probe = \"socket\" }\nper_client = true\nidle_timeout_secs = 3600",
     );
     let mut config = DeployerConfig::new(dir.path().join("state"));
     config.name = format!("bench-{}", std::process::id());
@@ -290,6 +291,25 @@ async fn run() {
     }
     let storm_total = storm_start.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let descriptors = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+    let kinds = std::fs::read_dir("/proc/self/fd")
+        .map(|dir| {
+            let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+            for entry in dir.flatten() {
+                let target = std::fs::read_link(entry.path()).unwrap_or_default();
+                let target = target.to_string_lossy();
+                let kind = if target.starts_with("/sys/fs/cgroup") {
+                    "cgroup file".to_owned()
+                } else if target.starts_with('/') {
+                    "file".to_owned()
+                } else {
+                    target.chars().take_while(|c| *c != ':').collect()
+                };
+                *kinds.entry(kind).or_default() += 1;
+            }
+            kinds
+        })
+        .unwrap_or_default();
     let used_kib = available_before.saturating_sub(meminfo_available_kib());
     let cgroup_bytes: u64 = std::fs::read_to_string(format!(
         "/sys/fs/cgroup/memory/revboot/{}/memory.usage_in_bytes",
@@ -340,6 +360,19 @@ async fn run() {
         cgroup_bytes as f64 / 1024.0 / storm as f64,
         used_kib as f64 / storm as f64
     );
+    println!(
+        "daemon descriptors with {storm} instances: {descriptors} ({:.2} per instance): {kinds:?}",
+        descriptors as f64 / storm as f64
+    );
+    // STORM_HOLD_SECS keeps the storm running for a look from outside (slabinfo, ps).
+    let hold = count("STORM_HOLD_SECS", 0);
+    if hold > 0 {
+        println!(
+            "holding {storm} instances for {hold} s (pid {})",
+            std::process::id()
+        );
+        tokio::time::sleep(Duration::from_secs(hold as u64)).await;
+    }
     deployer.shutdown().await;
 }
 

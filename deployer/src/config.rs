@@ -149,8 +149,6 @@ pub struct SandboxConfig {
     pub nofile: u64,
     /// `RLIMIT_FSIZE` of an instance (largest file it may write), MiB.
     pub file_size_mib: u64,
-    /// Mount a fresh `/proc` for the instance's pid namespace.
-    pub mount_proc: bool,
     /// Kill instances when the daemon dies (`PR_SET_PDEATHSIG`); a restarted daemon cleans
     /// up whatever survived either way.
     pub die_with_daemon: bool,
@@ -169,7 +167,6 @@ impl Default for SandboxConfig {
         SandboxConfig {
             nofile: 1024,
             file_size_mib: 256,
-            mount_proc: true,
             die_with_daemon: true,
             scratch_mib: 16,
             scratch_inodes: 4096,

@@ -52,8 +52,10 @@
 //!    nothing leaves; the instance serves on the socket it inherits.
 //! 2. In that root: `/dev/null`, `/dev/zero`, `/dev/urandom`, `/dev/random` (bound from the
 //!    host, read-only but `/dev/null`), a read-only `/proc` with only its own processes
-//!    (`subset=pid`: no `/proc/sys`), no `/sys`, no other device; `nodev`, `nosuid`,
-//!    `noexec`. Nothing of the host's tree is reachable (`pivot_root`, old root detached).
+//!    (`subset=pid`: no `/proc/sys`) if its manifest asks (`run.proc`; each is a file
+//!    system the kernel keeps per instance, and every memory cgroup pays for every file
+//!    system alive, so none by default), no `/sys`, no other device; `nodev`, `nosuid`,
+//!    `noexec`. Nothing of the host's tree is reachable (the root is moved over `/` and entered).
 //! 3. It runs as an unprivileged host uid of its own (`[sandbox] uids`, one per instance),
 //!    with no capability at all: the bounding set is emptied and the secure bits locked
 //!    before the uid change, so no exec can gain one.

@@ -292,6 +292,12 @@ impl InstanceGroups {
         Ok(())
     }
 
+    /// Closes the files the child joined with: once it has joined, they only hold
+    /// descriptors (three per instance on a hybrid host).
+    pub fn joined(&mut self) {
+        self.procs = Vec::new();
+    }
+
     /// The group directories.
     pub fn dirs(&self) -> Vec<PathBuf> {
         self.dirs.iter().map(|(dir, _, _)| dir.clone()).collect()
@@ -343,8 +349,10 @@ fn write_limit(dir: &Path, controller: Controller, v2: bool, limits: Limits) -> 
             Ok(())
         }
         (Controller::Pids, _) => write_file(&dir.join("pids.max"), &limits.pids.to_string()),
+        // The period is the kernel's default (100 ms) in a new group; each write of either
+        // walks every cpu group of the host to check the bandwidth, so only the quota is
+        // written.
         (Controller::Cpu, false) => {
-            write_file(&dir.join("cpu.cfs_period_us"), &PERIOD_US.to_string())?;
             write_file(&dir.join("cpu.cfs_quota_us"), &quota_us.to_string())
         }
         (Controller::Cpu, true) => {

@@ -6,7 +6,7 @@
 //!
 //! - [`root`]: a fresh tmpfs root with a byte and inode quota, only the host paths the
 //!   sandbox is given (read-only unless said otherwise), `/dev/null`, `/dev/zero` and
-//!   `/dev/urandom`, a read-only `proc` with only its own processes; `pivot_root` into it.
+//!   `/dev/urandom`, a read-only `proc` with only its own processes; entering it.
 //! - [`creds`]: an unprivileged host uid per sandbox, every capability dropped for good.
 //! - [`uids`]: the block of host uids sandboxes run as, one per sandbox at a time.
 //! - [`seccomp`]: the system-call filter (what is refused, and why the rest is allowed).
@@ -18,7 +18,7 @@
 //!
 //! 1. join the cgroups (while still root: the cgroup files are root's);
 //! 2. enter fresh mount, pid, net, ipc, uts and cgroup namespaces (the clone's flags);
-//! 3. assemble the root ([`root::Layout::apply`]) and pivot into it ([`root::pivot`]);
+//! 3. assemble the root ([`root::Layout::apply`]) and enter it ([`root::enter`]);
 //! 4. set rlimits and place file descriptors;
 //! 5. become the sandbox's uid with no capabilities ([`creds::drop_to`]);
 //! 6. set the parent-death signal (a credential change clears it) and `no_new_privs`;
@@ -46,7 +46,7 @@
 //! .bind(Path::new("/usr"), Path::new("/usr"), Access::ReadOnly)?
 //! .proc()?;
 //! // In the child, in its own mount and pid namespaces:
-//! // unsafe { layout.apply() }?; unsafe { revboot_sandbox::root::pivot(c"/var/lib/revboot/root") };
+//! // unsafe { layout.apply() }?; unsafe { revboot_sandbox::root::enter(c"/var/lib/revboot/root") };
 //! # Ok::<(), revboot_sandbox::root::LayoutError>(())
 //! ```
 

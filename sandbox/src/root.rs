@@ -2,7 +2,7 @@
 //!
 //! A [`Layout`] is a list of mount steps prepared (paths as C strings) before the clone; the
 //! child runs them with [`Layout::apply`], system calls only, in its own mount namespace,
-//! then makes the tmpfs its root with [`pivot`]:
+//! then makes the tmpfs its root with [`enter`]:
 //!
 //! 1. a tmpfs at the layout's mount point, limited in bytes and inodes, `nosuid`, `nodev`
 //!    and (unless asked otherwise) `noexec`: the sandbox's only writable place, its quota;
@@ -11,8 +11,8 @@
 //!    read-only unless said otherwise, made read-only recursively (`mount_setattr`);
 //! 4. a `proc` with only the sandbox's own processes (`subset=pid`), read-only: no
 //!    `/proc/sys`, no `/proc/kcore`, nothing of other processes;
-//! 5. [`pivot`]: the tmpfs becomes `/` and the host's tree is detached, so nothing else of
-//!    the host stays reachable, not even through a path to a unix socket.
+//! 5. [`enter`]: the tmpfs becomes `/`, over the host's tree, so nothing else of the host
+//!    stays reachable, not even through a path to a unix socket.
 //!
 //! Nothing the sandbox writes reaches the host's disk: the tmpfs lives in memory (charged to
 //! the sandbox's memory cgroup) and vanishes with its mount namespace.
@@ -571,18 +571,32 @@ pub unsafe fn make_private() -> bool {
     }
 }
 
-/// Makes `root` (a mount point) the calling process's `/` and detaches the old root.
-/// System calls only. On failure `errno` holds the cause.
+/// Makes `root` (a mount point) the calling process's `/`: moves the mount onto `/`, over
+/// the old root, and changes the process's root to it (`switch_root`'s way). System calls
+/// only. On failure `errno` holds the cause.
+///
+/// Not `pivot_root`: the kernel's `pivot_root` walks every thread of the host to move
+/// the ones rooted in the old root, so with thousands of sandboxes running each new one
+/// took longer. Here the old root stays mounted, covered by the new one in the sandbox's
+/// own mount namespace: no path leads to it (`..` of `/` is `/`), `/proc/self/mountinfo`
+/// lists no mount outside the root, and undoing the cover would take capabilities and
+/// system calls (`umount`, `chroot`, `open_tree`…) the sandbox does not have.
 ///
 /// # Safety
 /// Changes the root of the calling process: call it in a child, in a mount namespace of its
-/// own.
-pub unsafe fn pivot(root: &CStr) -> bool {
+/// own with private propagation.
+pub unsafe fn enter(root: &CStr) -> bool {
     // SAFETY: system calls on NUL-terminated strings.
     unsafe {
         libc::chdir(root.as_ptr()) == 0
-            && libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) == 0
-            && libc::umount2(c".".as_ptr(), libc::MNT_DETACH) == 0
+            && libc::mount(
+                c".".as_ptr(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_MOVE,
+                std::ptr::null(),
+            ) == 0
+            && libc::chroot(c".".as_ptr()) == 0
             && libc::chdir(c"/".as_ptr()) == 0
     }
 }

@@ -9,13 +9,19 @@
 //!    pidfd, and new mount, net, ipc and uts namespaces unless the plan enters ones made
 //!    ahead of time. A fork-like clone would copy the caller's page tables for every
 //!    spawn, and every page the caller then wrote would take a copy-on-write fault.
-//! 3. The child makes system calls only, in the order the crate doc gives: reset the signal
+//! 3. Nor does the clone copy the descriptor table (`CLONE_FILES`): a daemon with thousands
+//!    of instances holds tens of thousands of descriptors, and copying them (and closing
+//!    them again at `exec`) made each boot slower than the one before. Every descriptor the
+//!    child needs is duplicated into a block of [`SLOTS`] numbers claimed once, low in the
+//!    table; the child's first step, `close_range(end of block, ∞, CLOSE_RANGE_UNSHARE)`,
+//!    gives it a table of its own holding only the numbers below the block's end.
+//! 4. The child makes system calls only, in the order the crate doc gives: reset the signal
 //!    handlers, join the cgroups, enter or make its namespaces, assemble its root and
-//!    pivot into it, set the hostname, bring loopback up (a fresh network namespace only,
+//!    enter it, set the hostname, bring loopback up (a fresh network namespace only,
 //!    when asked), `chdir`, set rlimits, place its descriptors at 0, 1, 2, …, start a new
 //!    session, drop to its uid ([`crate::creds`]), set the parent-death signal and
 //!    no-new-privileges, apply landlock and the seccomp filters, and `exec`.
-//! 4. A failing step writes `(step, detail, errno)` to a close-on-exec pipe and exits 127.
+//! 5. A failing step writes `(step, detail, errno)` to a close-on-exec pipe and exits 127.
 //!    Since the clone returns only once the exec is past its point of no return or the
 //!    child has exited, the caller reads the pipe once without waiting: empty means the
 //!    program runs.
@@ -151,6 +157,7 @@ const STEPS: &[&str] = &[
     "bringing up loopback",
     "entering the working directory",
     "starting a session",
+    "taking a descriptor table of its own",
 ];
 const STEP_CGROUPS: u32 = 0;
 const STEP_PRIVATE: u32 = 1;
@@ -171,9 +178,125 @@ const STEP_OWN: u32 = 15;
 const STEP_LOOPBACK: u32 = 16;
 const STEP_CWD: u32 = 17;
 const STEP_SESSION: u32 = 18;
+const STEP_UNSHARE_FILES: u32 = 19;
 
 /// The most descriptors a plan may place.
 const MAX_FDS: usize = 16;
+/// Slots in the block every child's descriptors go through: up to [`MAX_FDS`] placed ones,
+/// cgroup files, namespaces, the image, the landlock ruleset, the report pipe.
+const SLOTS: usize = 32;
+/// The block, claimed by the first spawn (or [`reserve`]) and kept for the process's life.
+static BLOCK: std::sync::Mutex<Option<Block>> = std::sync::Mutex::new(None);
+
+/// Claims the block of descriptor slots now, while the process holds few descriptors: the
+/// lower the block, the less each child copies (module doc). Tenders call it as they start;
+/// a spawn claims it otherwise.
+pub fn reserve() -> io::Result<()> {
+    let mut block = BLOCK
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if block.is_none() {
+        *block = Some(Block::claim()?);
+    }
+    Ok(())
+}
+
+/// [`SLOTS`] consecutive descriptor numbers, each holding `/dev/null` while unused.
+#[derive(Debug)]
+struct Block {
+    base: RawFd,
+    /// `/dev/null`, put back into a slot once a spawn is done with it.
+    placeholder: OwnedFd,
+}
+
+impl Block {
+    /// Takes the lowest run of [`SLOTS`] free numbers at or above [`MAX_FDS`]. Numbers come
+    /// from `F_DUPFD`, which only returns free ones, so no descriptor of another thread is
+    /// ever overwritten; numbers of a broken run are given back.
+    fn claim() -> io::Result<Block> {
+        let placeholder = OwnedFd::from(File::options().read(true).write(true).open("/dev/null")?);
+        let mut held: Vec<OwnedFd> = Vec::new();
+        let mut run = 0;
+        while run < SLOTS {
+            if held.len() > 64 * SLOTS {
+                return Err(io::Error::other("no run of free descriptor numbers"));
+            }
+            // SAFETY: F_DUPFD_CLOEXEC of an open descriptor returns a new one we own.
+            let fd = unsafe {
+                libc::fcntl(
+                    placeholder.as_raw_fd(),
+                    libc::F_DUPFD_CLOEXEC,
+                    MAX_FDS as libc::c_int,
+                )
+            };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let follows = held.last().is_some_and(|last| last.as_raw_fd() + 1 == fd);
+            run = if follows { run + 1 } else { 1 };
+            // SAFETY: fresh, ours.
+            held.push(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        let slots = held.split_off(held.len() - SLOTS);
+        drop(held);
+        let base = slots[0].as_raw_fd();
+        // The slots stay open for the process's life, holding /dev/null until used.
+        for slot in slots {
+            std::mem::forget(slot);
+        }
+        Ok(Block { base, placeholder })
+    }
+
+    /// The number just past the block.
+    fn end(&self) -> RawFd {
+        self.base + SLOTS as RawFd
+    }
+
+    fn slots(&self) -> Slots<'_> {
+        Slots {
+            block: self,
+            used: 0,
+        }
+    }
+}
+
+/// The slots one spawn uses; dropping puts `/dev/null` back into each.
+struct Slots<'a> {
+    block: &'a Block,
+    used: usize,
+}
+
+impl Slots<'_> {
+    /// Duplicates `fd` into the next slot and returns the slot's number.
+    fn put(&mut self, fd: RawFd) -> io::Result<RawFd> {
+        if self.used == SLOTS {
+            return Err(io::Error::other("more descriptors than slots"));
+        }
+        let slot = self.block.base + self.used as RawFd;
+        // SAFETY: dup3 onto a slot of the block, which only this spawn (holding the block's
+        // lock) uses; `fd` is the caller's, open.
+        if unsafe { libc::dup3(fd, slot, libc::O_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.used += 1;
+        Ok(slot)
+    }
+}
+
+impl Drop for Slots<'_> {
+    fn drop(&mut self) {
+        for n in 0..self.used {
+            // SAFETY: as in `put`: our slot, our placeholder.
+            unsafe {
+                libc::dup3(
+                    self.block.placeholder.as_raw_fd(),
+                    self.block.base + n as RawFd,
+                    libc::O_CLOEXEC,
+                );
+            }
+        }
+    }
+}
 
 /// Starts `plan`'s program (see the module doc). Blocks the calling thread until the
 /// program runs or the child failed.
@@ -204,43 +327,60 @@ pub fn spawn(plan: &Plan<'_>) -> Result<Started, SpawnError> {
             )
         })
         .collect();
-    // The descriptors to place are first moved above every target number, so that placing
-    // one never overwrites another still to be placed; so are those used after placing.
-    let above = |fd: RawFd| -> Result<OwnedFd, SpawnError> {
-        // SAFETY: F_DUPFD_CLOEXEC on a descriptor the caller owns returns a new one.
-        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, MAX_FDS as libc::c_int) };
-        if dup < 0 {
-            return Err(SpawnError::Setup {
-                what: "placing fds",
-                source: io::Error::last_os_error(),
-            });
+    // Every descriptor the child uses goes into the block of slots (module doc, step 3),
+    // the only descriptors its copy of the table holds besides the caller's first few.
+    let mut block = BLOCK
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let block = match &mut *block {
+        Some(block) => block,
+        empty => empty.insert(Block::claim().map_err(setup("a descriptor block"))?),
+    };
+    let mut slots = block.slots();
+    let mut put = |fd: RawFd| slots.put(fd).map_err(setup("a descriptor slot"));
+    let cgroup_procs = plan
+        .cgroup_procs
+        .iter()
+        .map(|&fd| put(fd))
+        .collect::<Result<Vec<_>, _>>()?;
+    let namespaces = match plan.namespaces {
+        Namespaces::Enter(set) => {
+            let mut entered = set;
+            for (fd, _) in &mut entered {
+                *fd = put(*fd)?;
+            }
+            Namespaces::Enter(entered)
         }
-        // SAFETY: a fresh descriptor nobody else owns.
-        Ok(unsafe { OwnedFd::from_raw_fd(dup) })
+        fresh => fresh,
     };
     let sources = plan
         .fds
         .iter()
-        .map(|&fd| above(fd))
+        .map(|&fd| put(fd))
         .collect::<Result<Vec<_>, _>>()?;
-    let landlock = plan.landlock.map(above).transpose()?;
+    let landlock = plan.landlock.map(&mut put).transpose()?;
     let image = match plan.program {
-        Program::Fd(fd) => Some(above(fd)?),
+        Program::Fd(fd) => Some(put(fd)?),
         Program::Path(_) => None,
     };
+    let error = put(error_write.as_raw_fd())?;
     let child = Child {
         plan,
-        landlock: landlock.as_ref().map(AsRawFd::as_raw_fd),
-        image: image.as_ref().map(AsRawFd::as_raw_fd),
+        cgroup_procs,
+        namespaces,
+        landlock,
+        image,
         argv: pointers(plan.argv),
         envp: pointers(plan.envp),
         rlimits,
-        fds: sources.iter().map(AsRawFd::as_raw_fd).collect(),
-        error: error_write.as_raw_fd(),
+        fds: sources,
+        error,
+        table_end: block.end(),
     };
     let mut pidfd: RawFd = -1;
     let mut flags = libc::CLONE_VM
         | libc::CLONE_VFORK
+        | libc::CLONE_FILES
         | libc::CLONE_NEWPID
         | libc::CLONE_NEWCGROUP
         | libc::CLONE_PIDFD
@@ -280,6 +420,8 @@ pub fn spawn(plan: &Plan<'_>) -> Result<Started, SpawnError> {
     // SAFETY: clone stored a fresh pidfd that we own.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     drop(child);
+    // The slots let go of the descriptors they held; then the write end closes for good.
+    drop(slots);
     drop(error_write);
     let mut report = [0u8; 12];
     let filled = match File::from(error_read).read(&mut report) {
@@ -338,6 +480,25 @@ pub fn send_signal(pidfd: RawFd, signal: libc::c_int) -> bool {
         )
     };
     rc == 0
+}
+
+/// A pidfd of process `pid` (`pidfd_open`). For a child of the caller that was not reaped,
+/// the pid cannot have been reused, so the pidfd is of that child.
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Sends `signal` to process `pid`; false if it was not delivered. Only for a child of the
+/// caller that it has not reaped (whose pid cannot have been reused meanwhile).
+pub fn kill(pid: u32, signal: libc::c_int) -> bool {
+    // SAFETY: kill(2) has no memory effects.
+    unsafe { libc::kill(pid as libc::pid_t, signal) == 0 }
 }
 
 /// How a process ended.
@@ -414,8 +575,13 @@ pub fn pipe(flags: libc::c_int) -> io::Result<(OwnedFd, OwnedFd)> {
 /// What the child reads: the plan and what was derived from it.
 struct Child<'a> {
     plan: &'a Plan<'a>,
+    /// The plan's descriptors, as slots of the block.
+    cgroup_procs: Vec<RawFd>,
+    namespaces: Namespaces,
     landlock: Option<RawFd>,
     image: Option<RawFd>,
+    /// The child's first step keeps a copy of the descriptors below this, and no others.
+    table_end: RawFd,
     argv: Vec<*const libc::c_char>,
     envp: Vec<*const libc::c_char>,
     rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
@@ -557,6 +723,17 @@ unsafe fn run_child(child: &Child<'_>) -> ! {
     let fail = |step: u32| -> ! { fail_with(step, 0) };
     // SAFETY (whole block): plain system calls on fds and memory prepared by the parent.
     unsafe {
+        // The descriptor table is the caller's (CLONE_FILES): take a copy of its first
+        // entries, those below the end of the block, and nothing above (module doc).
+        if libc::syscall(
+            libc::SYS_close_range,
+            child.table_end as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_UNSHARE,
+        ) != 0
+        {
+            fail(STEP_UNSHARE_FILES);
+        }
         // The handlers are the caller's (this child shares its memory until exec): back to
         // the defaults, while every signal is still blocked. Exec would reset them anyway,
         // but ignored ones (SIGPIPE) would stay ignored in the program.
@@ -565,12 +742,12 @@ unsafe fn run_child(child: &Child<'_>) -> ! {
                 libc::signal(signal, libc::SIG_DFL);
             }
         }
-        for &fd in plan.cgroup_procs {
+        for &fd in &child.cgroup_procs {
             if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
                 fail(STEP_CGROUPS);
             }
         }
-        match plan.namespaces {
+        match child.namespaces {
             Namespaces::Enter(namespaces) => {
                 for (fd, kind) in namespaces {
                     if libc::setns(fd, kind) != 0 {
@@ -596,7 +773,7 @@ unsafe fn run_child(child: &Child<'_>) -> ! {
         if let Err(step) = plan.own.apply() {
             fail_with(STEP_OWN, step as u32);
         }
-        if !root::pivot(plan.mountpoint) {
+        if !root::enter(plan.mountpoint) {
             fail(STEP_PIVOT);
         }
         if libc::chdir(plan.cwd.as_ptr()) != 0 {
@@ -699,7 +876,7 @@ mod tests {
 
     #[test]
     fn every_step_has_a_name() {
-        assert_eq!(STEPS.len() as u32, STEP_SESSION + 1);
+        assert_eq!(STEPS.len() as u32, STEP_UNSHARE_FILES + 1);
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //! idle_timeout_secs = 60
 //! per_client = false
 //! upstreams = ["127.0.0.1:9000"]
+//! proc = false              # true: a read-only /proc of its own processes
 //!
 //! [app]                     # free-form, handed to the instance untouched
 //! ```
@@ -169,6 +170,11 @@ pub struct Run {
     /// Move the live pointer to a successful build of this recipe.
     #[serde(default = "default_true")]
     pub deploy: bool,
+    /// A read-only `/proc` of the instance's own processes (process tender). Off by
+    /// default: most images need none, and each one is a file system the kernel keeps
+    /// per instance.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub proc: bool,
 }
 
 impl Default for Run {
@@ -189,6 +195,7 @@ impl Default for Run {
             per_client: false,
             upstreams: Vec::new(),
             deploy: true,
+            proc: false,
         }
     }
 }

@@ -9,7 +9,7 @@ async fn probe(world: &World, args: &[&str]) -> String {
     let image = probe_image();
     let args: Vec<String> = args.iter().map(|a| format!("{a:?}")).collect();
     let run = format!(
-        "port = 8080\nmemory_mib = 32\nargs = [{}]\nready = {{ probe = \"console\", line = \"probe done\" }}",
+        "port = 8080\nmemory_mib = 32\nproc = true\nargs = [{}]\nready = {{ probe = \"console\", line = \"probe done\" }}",
         args.join(", ")
     );
     let revision = deploy(
@@ -196,7 +196,7 @@ async fn a_hostile_service_is_refused_every_way_out_and_the_host_is_unchanged() 
         &hostile_image(),
         &manifest(
             "hostile",
-            "port = 8080\nmemory_mib = 64\npids = 64\nready = { probe = \"socket\" }",
+            "port = 8080\nmemory_mib = 64\npids = 64\nproc = true\nready = { probe = \"socket\" }",
         ),
         &source(2),
     );
@@ -296,6 +296,38 @@ async fn a_hostile_service_is_refused_every_way_out_and_the_host_is_unchanged() 
             .iter()
             .any(|i| i.key == summoned.key && i.state.is_serving()),
         "the hostile instance still runs: every attempt was answered, not fatal"
+    );
+    world.deployer.shutdown().await;
+}
+
+/// An instance that closes its output early is still watched: the end of its console is
+/// not taken for its exit, signals still reach it, and its real exit is seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_closes_its_output_is_still_watched_to_its_exit() {
+    let world = World::new(25, |_| {});
+    let console = probe(&world, &["silent"]).await;
+    assert!(console.contains("probe done"), "{console}");
+    let info = world.deployer.list().pop().expect("the probe runs");
+    // Its console has ended; it has not.
+    let answer = support::http_get(info.backend, "/")
+        .await
+        .expect("an answer");
+    assert!(answer.ends_with("probe ok\n"), "{answer}");
+    assert!(world.deployer.list()[0].state.is_serving());
+    // A summon of a running instance returns it, with its state: taken before the exit.
+    let running = world
+        .deployer
+        .summon(&info.key.service, &info.key.revision, None)
+        .expect("summon");
+    assert_eq!(running.key, info.key);
+    let mut state = running.state.clone();
+    let _ = support::http_get(info.backend, "/exit").await;
+    let end = support::wait_state(&mut state, InstanceState::is_final).await;
+    assert_eq!(
+        end,
+        InstanceState::Crashed {
+            reason: "exited with status 4".into()
+        }
     );
     world.deployer.shutdown().await;
 }

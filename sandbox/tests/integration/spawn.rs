@@ -114,12 +114,23 @@ fn a_shell_sees_only_its_root_as_an_unprivileged_uid() {
          test -e {secret} || echo secret-invisible; test -e /etc/shadow || echo shadow-invisible; \
          grep -q sandbox /etc/passwd && echo passwd-ok; hostname; \
          cat /sys/kernel/rcu_expedited 2>/dev/null || echo no-sys; \
-         ls /dev | tr '\\n' ' '; echo; exit 7",
+         ls /dev | tr '\\n' ' '; echo; \
+         grep -q -e cgroup -e ' /work/main' /proc/self/mountinfo && echo host-mounts-listed || echo host-mounts-hidden; \
+         cd /; cd ..; echo \" $(ls -a | tr '\\n' ' ')\"; exit 7",
         secret = secret.path().display()
     );
     let (exit, output) = run_in_sandbox(&script, shared.path());
     assert_eq!(exit, Exit::Code(7), "{output}");
-    let lines: Vec<&str> = output.lines().collect();
+    let mut lines: Vec<&str> = output.lines().collect();
+    // `..` of its root is its root: what it holds, not the host's top directories.
+    let above = lines.pop().expect("the listing of /..");
+    assert!(
+        above.contains(" work ") && above.contains(" usr "),
+        "{above}"
+    );
+    for host in [" home ", " root ", " boot ", " var "] {
+        assert!(!above.contains(host), "{host} in {above}");
+    }
     assert_eq!(
         lines,
         [
@@ -134,6 +145,7 @@ fn a_shell_sees_only_its_root_as_an_unprivileged_uid() {
             "sandbox",
             "no-sys",
             "null random urandom zero ",
+            "host-mounts-hidden",
         ],
         "{output}"
     );

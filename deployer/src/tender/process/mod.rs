@@ -16,7 +16,7 @@
 //!    the cgroups, enter net, ipc, uts and mount namespaces made ahead of time with the
 //!    root's shared part assembled (the `namespaces` module; or make them and assemble it), give
 //!    the root to its uid, bind its upstream grants and mount its `/proc`, make the tmpfs
-//!    its root (`pivot_root`: nothing of the host's tree stays visible, so not even a
+//!    its root (moved over `/` and `chroot`: nothing of the host's tree stays reachable, so not even a
 //!    pathname unix socket outside it can be reached), set rlimits, move stdin
 //!    (`/dev/null`), stdout+stderr (console pipe) and the socket (fd 3) into place, become
 //!    its uid with no capability, set the parent-death signal and no-new-privileges,
@@ -28,10 +28,13 @@
 //!    The vfork clone returns only once the exec is past its point of no return or the
 //!    child has exited, so the parent reads the pipe once, without waiting: empty means the
 //!    image is executing.
-//! 5. A watcher waits on the pidfd, reaps with `waitid(P_PIDFD)` (the kernel has then
-//!    killed every other process of the pid namespace), reads the OOM counter, waits
-//!    (bounded) for the console to drain, removes the cgroups, then reports the exit (after
-//!    which the deployer takes the instance's uid back).
+//! 5. A watcher copies the console until its pipe ends (every process of the instance is
+//!    gone, or it closed its output), then opens a pidfd, waits, reaps with
+//!    `waitid(P_PIDFD)` (the kernel has then killed every other process of the pid
+//!    namespace), reads the OOM counter, removes the cgroups, then reports the exit (after
+//!    which the deployer takes the instance's uid back). While it runs, an instance costs
+//!    the daemon one descriptor, its console pipe: the pid is the daemon's unreaped child,
+//!    so signals go by pid, and a pidfd is opened only when needed.
 //!
 //! Stop: the image is pid 1 of its namespace, and the kernel drops a signal pid 1 has no
 //! handler for. A stop therefore sends `SIGTERM` only to an image that catches it
@@ -76,8 +79,6 @@ use spawn::{Launch, Spawner};
 const SPAWN_QUEUE: usize = 256;
 /// Listen backlog of an instance socket (the kernel caps it at `somaxconn`).
 const BACKLOG: i32 = 4096;
-/// How long an exit waits for the console to drain.
-const CONSOLE_DRAIN: Duration = Duration::from_millis(500);
 
 /// The process tender.
 #[derive(Debug)]
@@ -137,6 +138,8 @@ impl ProcessTender {
             }
         };
         let io = |what| move |source| ProcessTenderError::Io { what, source };
+        // Early, while the daemon holds few descriptors (see revboot_sandbox::spawn).
+        revboot_sandbox::spawn::reserve().map_err(io("a descriptor block for spawns"))?;
         std::fs::create_dir_all(mountpoint).map_err(io("the root's mount point"))?;
         let mountpoint = std::path::absolute(mountpoint).map_err(io("the root's mount point"))?;
         let devnull = File::options()
@@ -145,7 +148,7 @@ impl ProcessTender {
             .open("/dev/null")
             .map_err(io("/dev/null"))?;
         let devnull = fd_above(devnull.into()).map_err(io("/dev/null"))?;
-        let mut base = Layout::new(
+        let base = Layout::new(
             &mountpoint,
             Quota {
                 bytes: sandbox.scratch_mib * 1024 * 1024,
@@ -153,10 +156,9 @@ impl ProcessTender {
                 exec: false,
             },
         )?
-        .devices()?;
-        if sandbox.mount_proc {
-            base = base.dir(Path::new("/proc"))?;
-        }
+        .devices()?
+        // The mount point of the `/proc` an instance may ask for (`run.proc`).
+        .dir(Path::new("/proc"))?;
         let base = Arc::new(base);
         let spawner = Spawner {
             filters: seccomp::compile()?,
@@ -388,31 +390,28 @@ impl Prepared for ProcessPrepared {
                     .map(InstanceGroups::dirs)
                     .unwrap_or_default(),
             };
-            let pidfd = Arc::new(spawned.pidfd);
+            // The pidfd closes here: while it runs, an instance costs the daemon one
+            // descriptor, its console pipe (module doc, step 5).
+            drop(spawned.pidfd);
+            let child = Arc::new(Child {
+                pid: spawned.pid,
+                reaped: std::sync::RwLock::new(false),
+            });
             let (exit_tx, exit) = watch::channel(None);
             let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(spawned.console)
                 .map_err(setup("console pipe"))?;
-            let watched = pidfd.try_clone().map_err(setup("pidfd"))?;
-            // SAFETY: the AsyncFd owns `watched`, so the fd stays open while registered.
-            let waiter =
-                unsafe { AsyncFd::register_with_interest(watched, tokio::io::Interest::READABLE) }
-                    .map_err(|error| BootError::Setup {
-                        what: "pidfd".into(),
-                        source: io::Error::other(error.to_string()),
-                    })?;
-            let drain = shared.runtime.spawn(read_console(reader, console.clone()));
             shared.runtime.spawn(watch_exit(
-                waiter,
+                Arc::clone(&child),
+                reader,
                 spawned.groups,
                 console.clone(),
-                drain,
                 exit_tx,
             ));
             Ok(Box::new(ProcessRunning {
                 backend,
                 console,
                 footprint,
-                pidfd,
+                child,
                 exit,
                 _upstreams: upstreams,
             }) as Box<dyn Running>)
@@ -420,7 +419,59 @@ impl Prepared for ProcessPrepared {
     }
 }
 
-async fn read_console(mut reader: tokio::net::unix::pipe::Receiver, console: Console) {
+/// The instance's first process between spawn and reap. Its pid stays the daemon's child
+/// until reaped, so it cannot be reused meanwhile; the lock keeps a signal from racing the
+/// reap.
+#[derive(Debug)]
+struct Child {
+    pid: u32,
+    reaped: std::sync::RwLock<bool>,
+}
+
+impl Child {
+    fn signal(&self, signal: libc::c_int) {
+        let reaped = self.reaped.read().unwrap_or_else(|e| e.into_inner());
+        if !*reaped && !revboot_sandbox::spawn::kill(self.pid, signal) {
+            debug!(signal, error = %io::Error::last_os_error(), "signal not delivered");
+        }
+    }
+
+    /// A pidfd of the process, while it is not reaped.
+    fn pidfd(&self) -> io::Result<OwnedFd> {
+        let reaped = self.reaped.read().unwrap_or_else(|e| e.into_inner());
+        if *reaped {
+            return Err(io::Error::from(io::ErrorKind::NotFound));
+        }
+        revboot_sandbox::spawn::pidfd_open(self.pid)
+    }
+
+    /// Reaps it if it has ended (through `pidfd`, its own).
+    fn reap(&self, pidfd: &OwnedFd) -> io::Result<Option<ExitStatus>> {
+        let mut reaped = self.reaped.write().unwrap_or_else(|e| e.into_inner());
+        let status = match revboot_sandbox::spawn::reap(pidfd.as_raw_fd())? {
+            None => return Ok(None),
+            Some(Exit::Code(code)) => ExitStatus::Code(code),
+            Some(Exit::Signal(signal)) => ExitStatus::Signal(signal),
+        };
+        *reaped = true;
+        Ok(Some(status))
+    }
+}
+
+/// Copies the console into its ring until the end of the pipe, then waits for the exit:
+///
+/// 1. The pipe ends when every process of the instance has closed it: normally when pid 1
+///    died and the kernel killed the rest of its pid namespace (an instance can close its
+///    output earlier; nothing changes then but how long step 2 waits).
+/// 2. Only then a pidfd is opened, waited on, and the process reaped: a running instance
+///    holds no descriptor of the daemon but its console pipe.
+async fn watch_exit(
+    child: Arc<Child>,
+    mut reader: tokio::net::unix::pipe::Receiver,
+    groups: Option<InstanceGroups>,
+    console: Console,
+    exit: watch::Sender<Option<ExitReport>>,
+) {
     let mut buffer = vec![0u8; 16 * 1024];
     loop {
         match reader.read(&mut buffer).await {
@@ -428,35 +479,16 @@ async fn read_console(mut reader: tokio::net::unix::pipe::Receiver, console: Con
             Ok(read) => console.push(&buffer[..read]),
         }
     }
+    drop(reader);
     console.close();
-}
-
-async fn watch_exit(
-    pidfd: AsyncFd<OwnedFd>,
-    groups: Option<InstanceGroups>,
-    console: Console,
-    drain: tokio::task::JoinHandle<()>,
-    exit: watch::Sender<Option<ExitReport>>,
-) {
-    let status = loop {
-        let Ok(mut guard) = pidfd.readable().await else {
-            break ExitStatus::Unknown;
-        };
-        match revboot_sandbox::spawn::reap(pidfd.get_ref().as_raw_fd()) {
-            Ok(Some(Exit::Code(code))) => break ExitStatus::Code(code),
-            Ok(Some(Exit::Signal(signal))) => break ExitStatus::Signal(signal),
-            Ok(None) => guard.clear_ready(),
-            Err(error) => {
-                warn!(%error, "cannot reap instance");
-                break ExitStatus::Unknown;
-            }
+    let status = match wait_for_exit(&child).await {
+        Ok(status) => status,
+        Err(error) => {
+            warn!(%error, pid = child.pid, "cannot reap instance");
+            ExitStatus::Unknown
         }
     };
     let oom_killed = groups.as_ref().is_some_and(InstanceGroups::oom_killed);
-    if !console.closed(CONSOLE_DRAIN).await {
-        drain.abort();
-        console.close();
-    }
     if let Some(groups) = groups {
         let _ = tokio::task::spawn_blocking(move || groups.remove()).await;
     }
@@ -465,12 +497,30 @@ async fn watch_exit(
     let _ = exit.send(Some(report));
 }
 
+/// Waits on a pidfd of `child` until it can be reaped, and reaps it.
+async fn wait_for_exit(child: &Child) -> io::Result<ExitStatus> {
+    let pidfd = child.pidfd()?;
+    if let Some(status) = child.reap(&pidfd)? {
+        return Ok(status);
+    }
+    // SAFETY: the AsyncFd owns the pidfd, so it stays open while registered.
+    let waiter = unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
+        .map_err(|error| io::Error::other(error.to_string()))?;
+    loop {
+        let mut guard = waiter.readable().await?;
+        if let Some(status) = child.reap(waiter.get_ref())? {
+            return Ok(status);
+        }
+        guard.clear_ready();
+    }
+}
+
 #[derive(Debug)]
 struct ProcessRunning {
     backend: SocketAddr,
     console: Console,
     footprint: Footprint,
-    pidfd: Arc<OwnedFd>,
+    child: Arc<Child>,
     exit: watch::Receiver<Option<ExitReport>>,
     /// The upstream grants, revoked when the instance is dropped.
     _upstreams: Grants,
@@ -478,9 +528,7 @@ struct ProcessRunning {
 
 impl ProcessRunning {
     fn signal(&self, signal: libc::c_int) {
-        if !send_signal(self.pidfd.as_raw_fd(), signal) {
-            debug!(signal, error = %io::Error::last_os_error(), "signal not delivered");
-        }
+        self.child.signal(signal);
     }
 }
 
@@ -531,7 +579,8 @@ impl Running for ProcessRunning {
 
     /// Descriptor 3, where the instance got its socket, unless it moved it.
     fn listener(&self) -> io::Result<OwnedFd> {
-        crate::steer::listener_at(self.pidfd.as_fd(), 3, self.backend).or_else(|_| {
+        let pidfd = self.child.pidfd()?;
+        crate::steer::listener_at(pidfd.as_fd(), 3, self.backend).or_else(|_| {
             let pid = self
                 .footprint
                 .pid
@@ -669,7 +718,10 @@ impl Shared {
                 pid_start: started.pid_start,
                 pidfd: started.pidfd,
                 console: started.console,
-                groups,
+                groups: groups.map(|mut groups| {
+                    groups.joined();
+                    groups
+                }),
             }),
             Err(error) => {
                 if let Some(groups) = groups {

@@ -171,7 +171,7 @@ impl Spawner {
                 root::Access::ReadOnlyNoExec,
             )?;
         }
-        if self.sandbox.mount_proc {
+        if spec.run.proc {
             own = own.proc()?;
         }
         Ok(own)
@@ -203,18 +203,34 @@ fn environment(spec: &BootSpec) -> Vec<String> {
     env
 }
 
-/// Every instance holds a few fds in the daemon (pidfd, console pipe): lift the soft fd
-/// limit to the hard one, so that thousands of instances fit.
+/// Every instance holds a few descriptors in the daemon (pidfd, console pipe, the proxy's
+/// listener): lift the open-file limit so that tens of thousands of instances fit. As root,
+/// the hard limit too, up to the kernel's `fs.nr_open` (at most 2^20); otherwise the soft
+/// limit to the hard one.
 pub(super) fn raise_nofile() {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|text| text.trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        .min(1 << 20);
     // SAFETY: getrlimit/setrlimit with a valid pointer.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            let old = limit.rlim_cur;
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        let old = limit.rlim_cur;
+        let wanted = limit.rlim_max.max(nr_open);
+        let raised = libc::rlimit {
+            rlim_cur: wanted,
+            rlim_max: wanted,
+        };
+        if wanted > limit.rlim_cur && libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+            debug!(from = old, to = wanted, "raised the open-file limit");
+        } else if limit.rlim_cur < limit.rlim_max {
             limit.rlim_cur = limit.rlim_max;
             if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
                 debug!(

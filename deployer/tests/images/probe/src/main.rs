@@ -6,10 +6,12 @@
 //! - `connect <ip:port>`: open a TCP connection;
 //! - `memory <MiB>`: allocate and touch that much memory;
 //! - `procs <host pid>`: report its own pid, signal the host pid, list `/proc`;
-//! - `signals`: report its blocked, ignored and caught signal masks (as exec left them).
+//! - `signals`: report its blocked, ignored and caught signal masks (as exec left them);
+//! - `silent`: close its standard output and error once it has said `probe done`.
 //!
 //! Each result is one console line `probe <what>: ok|denied (<error>)|<value>`; then it prints
-//! `probe done` and answers HTTP on the inherited socket (fd 3) with `probe ok`.
+//! `probe done` and answers HTTP on the inherited socket (fd 3) with `probe ok`, or exits
+//! with status 4 on `GET /exit`.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -18,6 +20,7 @@ use std::time::Duration;
 
 unsafe extern "C" {
     fn kill(pid: i32, signal: i32) -> i32;
+    fn close(fd: i32) -> i32;
 }
 
 fn report(what: &str, result: std::io::Result<()>) {
@@ -92,16 +95,27 @@ fn main() {
             }
             Err(error) => println!("probe signals: denied ({error})"),
         },
+        "silent" => {}
         other => println!("probe: unknown check `{other}`"),
     }
     println!("probe done");
     let _ = std::io::stdout().flush();
+    if check == "silent" {
+        // SAFETY: closing our own standard output and error; nothing writes to them after.
+        unsafe {
+            close(1);
+            close(2);
+        }
+    }
     // SAFETY: by the LISTEN_FDS convention fd 3 is our listening socket.
     let listener = unsafe { TcpListener::from_raw_fd(3) };
     for stream in listener.incoming().flatten() {
         let mut stream = stream;
         let mut buffer = [0u8; 1024];
-        let _ = stream.read(&mut buffer);
+        let read = stream.read(&mut buffer).unwrap_or(0);
+        if buffer[..read].starts_with(b"GET /exit") {
+            std::process::exit(4);
+        }
         let _ = stream.write_all(
             b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\nconnection: close\r\n\r\nprobe ok\n",
         );
