@@ -144,6 +144,9 @@ pub struct Builds {
     pub parallel: usize,
     /// Cap on queued builds.
     pub queue: usize,
+    /// The most commits of one push that are built (the newest); older ones are built on
+    /// demand. A queue shorter than it bounds it too.
+    pub max_commits_per_push: usize,
     /// The build sandbox (`[builds.sandbox]`): uid, memory, pids, disk, read-only paths.
     pub sandbox: revboot_builder::SandboxConfig,
 }
@@ -208,6 +211,7 @@ impl Default for Builds {
         Builds {
             parallel: 0,
             queue: 64,
+            max_commits_per_push: revboot_builder::BuilderConfig::DEFAULT_MAX_COMMITS_PER_PUSH,
             sandbox: revboot_builder::SandboxConfig::default(),
         }
     }
@@ -297,6 +301,9 @@ impl Config {
         if self.builds.queue == 0 {
             return Err(invalid("builds.queue", "must be at least 1"));
         }
+        if self.builds.max_commits_per_push == 0 {
+            return Err(invalid("builds.max_commits_per_push", "must be at least 1"));
+        }
         if self.dns.ttl_secs > 86_400 {
             return Err(invalid("dns.ttl_secs", "must be at most 86400"));
         }
@@ -332,6 +339,12 @@ impl Config {
             ));
         }
         Ok((address, prefix))
+    }
+
+    /// The most commits of one push that are built: `max_commits_per_push`, bounded by the
+    /// queue's length.
+    pub fn commits_per_push(&self) -> usize {
+        self.builds.max_commits_per_push.min(self.builds.queue)
     }
 
     /// The number of builds that may run at once.
@@ -405,6 +418,20 @@ mod tests {
         let error = Config::from_toml("[dns]\nmax_tcp_per_prefix = 0\n").expect_err("zero");
         assert!(
             error.to_string().contains("dns.max_tcp_per_prefix"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn commits_per_push_fit_the_queue() {
+        assert_eq!(Config::default().builds.max_commits_per_push, 50);
+        let config = Config::from_toml("[builds]\nmax_commits_per_push = 8\n").expect("valid");
+        assert_eq!(config.builds.max_commits_per_push, 8);
+        let short = Config::from_toml("[builds]\nqueue = 4\n").expect("valid");
+        assert_eq!(short.commits_per_push(), 4);
+        let error = Config::from_toml("[builds]\nmax_commits_per_push = 0\n").expect_err("zero");
+        assert!(
+            error.to_string().contains("builds.max_commits_per_push"),
             "{error}"
         );
     }

@@ -402,6 +402,7 @@ impl Daemon {
         builder_config.anonymous_fetch = config.http.public_reads;
         builder_config.max_parallel = config.parallel_builds();
         builder_config.max_queued = config.builds.queue;
+        builder_config.max_commits_per_push = config.commits_per_push();
         builder_config.name = deployer_name(&data);
         builder_config.sandbox = config.builds.sandbox.clone();
         let builder = Builder::start(builder_config)

@@ -17,15 +17,21 @@
 //!    while its stdout is read: the CGI header block is parsed, the rest is streamed back
 //!    unchanged. No pack is ever held in memory whole.
 //!
-//! Hook endpoint, `POST /git/-/hook/<service>` (called by the `post-receive` hook):
+//! Hook endpoint, `POST /git/-/hook/<service>` (called by the `proc-receive` hook):
 //! 1. `Authorization: Bearer <hook token>`; the body has `ref <old> <new> <refname>` and
-//!    `option <push option>` lines.
-//! 2. Each updated branch is queued; the answer streams, as plain text lines, the queue
-//!    position, the build's start, its log as it is written, and the result: deployment
-//!    commit, DNS name, and whether live moved.
+//!    `option <push option>` lines. An unknown `revboot.*` option refuses the whole push.
+//! 2. Each updated branch's new commits are queued, oldest first, the tip last (at most
+//!    `max_commits_per_push`, the newest; the answer says how many were left out). The
+//!    answer streams, as plain text lines, each build's start and result (deployment
+//!    commit, DNS name, whether live moved), the tip's log as it is written, and the last
+//!    lines of the log of an older commit whose build failed.
+//! 3. Then one `revboot-verdict ok|ng <ref> [reason]` line per branch: `ng` when the tip's
+//!    build failed or was superseded, and the hook then leaves the branch where it was.
+//!    With `-o revboot.wait=false` the verdicts come as soon as the builds are queued.
 
 use std::convert::Infallible;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -43,7 +49,7 @@ use crate::Builder;
 use crate::auth::{parse_basic, token_matches};
 use crate::log::Progress;
 use crate::name::validate_service_name;
-use crate::queue::{Phase, Request, Ticket};
+use crate::queue::{Phase, Ticket};
 
 /// The largest CGI header block accepted from `git http-backend`.
 const MAX_CGI_HEAD: usize = 64 * 1024;
@@ -471,22 +477,52 @@ fn parse_hook_body(body: &str) -> Result<HookBody, String> {
     Ok(parsed)
 }
 
-/// The `revboot.deploy` push option, if given; an error for an unknown `revboot.*` option.
-fn deploy_option(options: &[String]) -> Result<Option<bool>, String> {
-    let mut deploy = None;
+/// The push options revboot reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PushOptions {
+    /// `revboot.deploy`: `Some(false)` keeps live where it is.
+    deploy: Option<bool>,
+    /// `revboot.wait`: whether the push waits for its builds (default) or only queues them.
+    wait: bool,
+}
+
+/// The `revboot.*` push options; an error for an unknown one.
+fn push_options(options: &[String]) -> Result<PushOptions, String> {
+    let mut parsed = PushOptions {
+        deploy: None,
+        wait: true,
+    };
     for option in options {
         match option.as_str() {
-            "revboot.deploy=false" | "revboot.deploy=no" => deploy = Some(false),
-            "revboot.deploy=true" | "revboot.deploy=yes" => deploy = Some(true),
+            "revboot.deploy=false" | "revboot.deploy=no" => parsed.deploy = Some(false),
+            "revboot.deploy=true" | "revboot.deploy=yes" => parsed.deploy = Some(true),
+            "revboot.wait=false" | "revboot.wait=no" => parsed.wait = false,
+            "revboot.wait=true" | "revboot.wait=yes" => parsed.wait = true,
             other if other.starts_with("revboot.") => {
                 return Err(format!(
-                    "unknown push option `{other}` (known: revboot.deploy=true|false)"
+                    "unknown push option `{other}` (known: revboot.deploy=true|false, revboot.wait=true|false)"
                 ));
             }
             _ => {}
         }
     }
-    Ok(deploy)
+    Ok(parsed)
+}
+
+/// The line that tells the `proc-receive` hook what to do with a ref (see
+/// [`crate::repos::hook_script`]): `ok`, or `ng` with a reason on one line.
+fn verdict(refname: &str, refusal: Option<&str>) -> Bytes {
+    Bytes::from(match refusal {
+        None => format!("revboot-verdict ok {refname}\n"),
+        Some(reason) => {
+            let reason: String = reason
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .take(400)
+                .collect();
+            format!("revboot-verdict ng {refname} {reason}\n")
+        }
+    })
 }
 
 async fn hook(
@@ -527,14 +563,16 @@ async fn hook(
             return text(StatusCode::BAD_REQUEST, format!("revboot: {error}"));
         }
     };
-    let deploy = match deploy_option(&parsed.options) {
-        Ok(deploy) => deploy,
+    let options = match push_options(&parsed.options) {
+        Ok(options) => options,
         Err(error) => {
+            // Bad input changes nothing: every update of the push is refused.
             tracing::warn!(service, error, "bad push option");
-            return text(
-                StatusCode::OK,
-                format!("revboot: {error}; nothing was built (push again with a valid option)"),
-            );
+            let mut answer = format!("revboot: {error}; the push is refused, nothing was built\n");
+            for (_, _, refname) in &parsed.refs {
+                answer.push_str(&String::from_utf8_lossy(&verdict(refname, Some(&error))));
+            }
+            return text(StatusCode::OK, answer.trim_end());
         }
     };
     let (tx, rx) = mpsc::channel::<Bytes>(64);
@@ -542,46 +580,39 @@ async fn hook(
     let zone = inner.config.zone.clone();
     let builder = builder.clone();
     tokio::spawn(async move {
-        let mut tickets = Vec::new();
-        for (_old, new, refname) in parsed.refs {
-            let say = |line: String| {
-                let tx = tx.clone();
-                async move {
-                    tx.send(Bytes::from(format!("revboot: {line}\n")))
-                        .await
-                        .is_ok()
-                }
-            };
+        let deadline = tokio::time::Instant::now() + wait;
+        let say = |line: String| {
+            let tx = tx.clone();
+            async move {
+                tx.send(Bytes::from(format!("revboot: {line}\n")))
+                    .await
+                    .is_ok()
+            }
+        };
+        let mut pushes = Vec::new();
+        for (old, new, refname) in parsed.refs {
             if new.bytes().all(|b| b == b'0') {
                 say(format!("{refname} deleted; nothing to build")).await;
+                let _ = tx.send(verdict(&refname, None)).await;
                 continue;
             }
             if !refname.starts_with("refs/heads/") {
                 say(format!("{refname} is not a branch; not built")).await;
+                let _ = tx.send(verdict(&refname, None)).await;
                 continue;
             }
-            let request = Request {
-                service: service.clone(),
-                refname: refname.clone(),
-                commit: new.clone(),
-                deploy_option: deploy,
-                rerun_of: None,
-            };
-            match builder.inner.queue.enqueue(request).await {
-                Ok(ticket) => {
-                    let mut line = format!(
-                        "build #{} queued: {service} {refname} at {}",
-                        ticket.tracker.id,
-                        &new[..12]
-                    );
-                    if ticket.ahead > 0 {
-                        line.push_str(&format!(" ({} ahead of it)", ticket.ahead));
+            match builder
+                .queue_push(&service, &old, &new, &refname, options.deploy)
+                .await
+            {
+                Ok(pushed) => {
+                    for line in pushed.lines(&service, &refname, &zone) {
+                        say(line).await;
                     }
-                    if let Some(old) = ticket.superseded {
-                        line.push_str(&format!("; it supersedes queued build #{old}"));
+                    if !options.wait {
+                        let _ = tx.send(verdict(&refname, None)).await;
                     }
-                    say(line).await;
-                    tickets.push(ticket);
+                    pushes.push((refname, pushed.queued));
                 }
                 Err(error) => {
                     tracing::warn!(%error, service, refname, "build not queued");
@@ -589,12 +620,46 @@ async fn hook(
                         "{refname}: {error}; the push is stored and will be built when the daemon next starts"
                     ))
                     .await;
+                    let _ = tx.send(verdict(&refname, None)).await;
                 }
             }
         }
-        for ticket in tickets {
-            if !follow(&ticket, &tx, wait, &service, &zone).await {
-                break;
+        if !options.wait {
+            say("not waiting for the builds (push option revboot.wait=false)".into()).await;
+            return;
+        }
+        for (refname, queued) in pushes {
+            let count = queued.tickets.len();
+            let mut end = Followed::TimedOut;
+            for (n, ticket) in queued.tickets.iter().enumerate() {
+                let tip = n + 1 == count;
+                end = follow(ticket, &tx, deadline, &service, &zone, !tip).await;
+                match end {
+                    Followed::Gone => return,
+                    Followed::TimedOut => break,
+                    _ => {}
+                }
+            }
+            let refusal = match &end {
+                // A build that runs again by itself once there is disk space keeps the push.
+                Followed::Done(outcome)
+                    if outcome.state == crate::BuildState::Failed
+                        && outcome.retry_when_free_bytes.is_none() =>
+                {
+                    Some(outcome.summary.clone())
+                }
+                Followed::Superseded { by, .. } => Some(format!(
+                    "superseded by build #{by} of a newer push of {refname} before it started"
+                )),
+                Followed::TimedOut => continue,
+                _ => None,
+            };
+            if tx
+                .send(verdict(&refname, refusal.as_deref()))
+                .await
+                .is_err()
+            {
+                return;
             }
         }
     });
@@ -611,17 +676,34 @@ async fn hook(
     response
 }
 
-/// Streams one build's progress to `tx` until it ends; false if the reader went away.
+/// How following a build ended.
+#[derive(Debug)]
+enum Followed {
+    Done(Arc<crate::runner::Outcome>),
+    Superseded {
+        by: u64,
+    },
+    /// The push stopped following (the build goes on).
+    TimedOut,
+    /// The pusher went away.
+    Gone,
+}
+
+/// How many lines of a failed build's log a pusher is shown when the log was not streamed.
+const LAST_LINES: usize = 10;
+
+/// Streams one build's progress to `tx` until it ends: its log as it is written, or, when
+/// `quiet`, only its start and result (and the last lines of the log if it failed).
 async fn follow(
     ticket: &Ticket,
     tx: &mpsc::Sender<Bytes>,
-    wait: Duration,
+    deadline: tokio::time::Instant,
     service: &str,
     zone: &str,
-) -> bool {
+    quiet: bool,
+) -> Followed {
     let tracker = &ticket.tracker;
     let id = tracker.id;
-    let deadline = tokio::time::Instant::now() + wait;
     let mut progress = tracker.subscribe();
     let mut offset = 0;
     let mut announced = false;
@@ -634,44 +716,58 @@ async fn follow(
                 .await
                 .is_err()
             {
-                return false;
+                return Followed::Gone;
             }
         }
-        if log_len > offset {
+        if !quiet && log_len > offset {
             let chunk = tracker.log_from(offset);
             offset += chunk.len();
             if !chunk.is_empty() && tx.send(Bytes::from(chunk)).await.is_err() {
-                return false;
+                return Followed::Gone;
             }
         }
-        let last = match phase {
-            Phase::Done(outcome) => Some(
-                outcome
-                    .result_lines
-                    .iter()
-                    .map(|line| format!("revboot: {line}\n"))
-                    .collect::<String>(),
+        let (last, end) = match phase {
+            Phase::Done(outcome) => {
+                let mut text = String::new();
+                if quiet && outcome.state == crate::BuildState::Failed {
+                    let log = String::from_utf8_lossy(&tracker.log_from(0)).into_owned();
+                    let lines: Vec<&str> = log.lines().collect();
+                    text.push_str(&format!("revboot: the last lines of build #{id}'s log:\n"));
+                    for line in &lines[lines.len().saturating_sub(LAST_LINES)..] {
+                        text.push_str(line);
+                        text.push('\n');
+                    }
+                }
+                for line in &outcome.result_lines {
+                    text.push_str(&format!("revboot: {line}\n"));
+                }
+                (Some(text), Followed::Done(outcome))
+            }
+            Phase::Superseded { by, commit } => (
+                Some(format!(
+                    "revboot: build #{id} was superseded by build #{by} ({service} at {}) before it started\n",
+                    &commit[..commit.len().min(12)]
+                )),
+                Followed::Superseded { by },
             ),
-            Phase::Superseded { by, commit } => Some(format!(
-                "revboot: build #{id} was superseded by build #{by} ({service} at {}) before it started\n",
-                &commit[..commit.len().min(12)]
-            )),
-            Phase::Queued | Phase::Running => None,
+            Phase::Queued | Phase::Running => (None, Followed::TimedOut),
         };
         if let Some(last) = last {
-            return tx.send(Bytes::from(last)).await.is_ok();
+            if tx.send(Bytes::from(last)).await.is_err() {
+                return Followed::Gone;
+            }
+            return end;
         }
         match tokio::time::timeout_at(deadline, progress.changed()).await {
             Ok(Ok(())) => {}
-            Ok(Err(_)) => return true,
+            Ok(Err(_)) => return Followed::Gone,
             Err(_) => {
                 let _ = tx
                     .send(Bytes::from(format!(
-                        "revboot: stopped following build #{id} after {}s; it goes on (see its log in {service}.{zone}'s history)\n",
-                        wait.as_secs()
+                        "revboot: stopped following build #{id}; it goes on (see its log in {service}.{zone}'s history)\n",
                     )))
                     .await;
-                return false;
+                return Followed::TimedOut;
             }
         }
     }
@@ -733,10 +829,18 @@ mod tests {
             parsed.refs,
             vec![(zero.clone(), new.clone(), "refs/heads/main".to_owned())]
         );
-        assert_eq!(deploy_option(&parsed.options), Ok(Some(false)));
+        let options = push_options(&parsed.options).expect("known");
+        assert_eq!((options.deploy, options.wait), (Some(false), true));
         assert!(parse_hook_body("ref x y z").is_err());
         assert!(parse_hook_body("hello").is_err());
-        assert!(deploy_option(&["revboot.depoly=false".to_owned()]).is_err());
-        assert_eq!(deploy_option(&["ci.skip".to_owned()]), Ok(None));
+        assert!(push_options(&["revboot.depoly=false".to_owned()]).is_err());
+        let options = push_options(&["ci.skip".to_owned(), "revboot.wait=false".to_owned()]);
+        assert_eq!(
+            options,
+            Ok(PushOptions {
+                deploy: None,
+                wait: false
+            })
+        );
     }
 }

@@ -13,21 +13,33 @@
 //!    auth (`401` + `WWW-Authenticate`), checks the token, creates the source repository on
 //!    the first push, and runs `git http-backend`, streaming the pack in and the answer out.
 //!    A local-path remote (`git push /data/src/<service>.git`) skips this step.
-//! 2. `git receive-pack` stores the objects and refs, then runs the repository's
-//!    `post-receive` hook, whose output git relays to the pusher as `remote:` lines.
-//! 3. The hook posts the updated refs (and push options) with curl to
+//! 2. `git receive-pack` stores the objects, then hands the branch updates to the
+//!    repository's `proc-receive` hook (other refs, such as tags, it stores itself); what
+//!    the hook prints git relays to the pusher as `remote:` lines.
+//! 3. The hook posts the updates (and push options) with curl to
 //!    `POST /git/-/hook/<service>` with the daemon's hook token, and prints the answer as
-//!    it streams. If the daemon is not running it says so; the refs are stored and the
-//!    daemon builds them on its next start (it compares branch heads with what it queued).
-//! 4. The builder queues one build per updated branch (a queued build of the same branch is
-//!    superseded), runs it when its service is free and a slot is open, and streams
-//!    `build #N started`, the timestamped log, and the result back on that connection.
-//! 5. The build is recorded as a deployment commit (image, manifest, `build.log`, source
+//!    it streams. If the daemon is not running it says so and moves the branch: the push is
+//!    stored and the daemon builds its head on its next start (it compares branch heads
+//!    with what it queued and built).
+//! 4. The builder queues one build per new commit of each updated branch, oldest first, the
+//!    tip last — at most [`BuilderConfig::max_commits_per_push`], the newest; older commits
+//!    that have a deployment of the service already are not built again — and streams
+//!    `build #N started`, the tip's timestamped log, and each result back on that
+//!    connection. A newer push of a branch keeps the builds of its history that still wait
+//!    and supersedes those it rewrote.
+//! 5. Each build is recorded as a deployment commit (image, manifest, `build.log`, source
 //!    link). On success, the answer names the deployment and its DNS name
-//!    `<deployment prefix>.<service>.<zone>`, and live moves to it if the ref is the deploy
-//!    branch (the source repository's `HEAD`, `main`), `run.deploy` is not false and the push
-//!    did not say `-o revboot.deploy=false`. On failure live is untouched.
-//!
+//!    `<deployment prefix>.<service>.<zone>`, and live moves to it if it is the tip of the
+//!    newest push of the deploy branch (the source repository's `HEAD`, `main`),
+//!    `run.deploy` is not false and the push did not say `-o revboot.deploy=false`. On
+//!    failure live is untouched.
+//! 6. The hook then moves each branch whose tip built and refuses the others with the
+//!    failure (`! [remote rejected] main -> main (failed: …)`, `git push` exits non-zero):
+//!    a branch whose tip failed to build stays where it was in the source repository, while
+//!    the failed build stays in the deployment history. A build that failed for lack of
+//!    disk space (it runs again by itself) keeps the push. With `-o revboot.wait=false` the
+//!    branches move as soon as the builds are queued, and the push does not wait for them.
+
 //! # A full disk
 //!
 //! A deployment that does not fit on the disk leaves nothing in the deployment repository
@@ -123,6 +135,9 @@ pub struct BuilderConfig {
     pub max_queued: usize,
     /// How long a push waits for its build's result before the hook stops following.
     pub push_wait_secs: u64,
+    /// The most commits of one push built (the newest); older ones are built on demand.
+    /// Bounded by `max_queued`.
+    pub max_commits_per_push: usize,
     /// The cap of one build log in bytes.
     pub log_limit: usize,
     /// The largest push request body accepted, in bytes.
@@ -141,6 +156,8 @@ pub struct BuilderConfig {
 impl BuilderConfig {
     /// The default of [`BuilderConfig::push_wait_secs`].
     pub const DEFAULT_PUSH_WAIT_SECS: u64 = 1800;
+    /// The default of [`BuilderConfig::max_commits_per_push`].
+    pub const DEFAULT_MAX_COMMITS_PER_PUSH: usize = 50;
     /// The default of [`BuilderConfig::space_check_secs`].
     pub const DEFAULT_SPACE_CHECK_SECS: u64 = 30;
 
@@ -163,6 +180,7 @@ impl BuilderConfig {
             max_parallel: 0,
             max_queued: 64,
             push_wait_secs: BuilderConfig::DEFAULT_PUSH_WAIT_SECS,
+            max_commits_per_push: BuilderConfig::DEFAULT_MAX_COMMITS_PER_PUSH,
             log_limit: DEFAULT_LOG_LIMIT,
             max_push_bytes: 2 * 1024 * 1024 * 1024,
             space_check_secs: BuilderConfig::DEFAULT_SPACE_CHECK_SECS,
@@ -302,6 +320,11 @@ impl Builder {
                 .map(|n| n.get())
                 .unwrap_or(1);
         }
+        if config.max_commits_per_push == 0 {
+            return Err(invalid("max_commits_per_push", "must be at least 1"));
+        }
+        // A push never asks for more builds than the queue holds.
+        config.max_commits_per_push = config.max_commits_per_push.min(config.max_queued);
         if config.push_wait_secs == 0 || config.push_wait_secs > 24 * 3600 {
             return Err(invalid("push_wait_secs", "must be between 1 and 86400"));
         }
@@ -370,13 +393,20 @@ impl Builder {
         for service in repos.list().map_err(io(&src))? {
             repos
                 .refresh_hook(&service)
+                .await
                 .map_err(io(&repos.path(&service)))?;
             match repos.branch_heads(&service).await {
-                Ok(branches) => heads.extend(
-                    branches
-                        .into_iter()
-                        .map(|b| (service.clone(), b.refname, b.commit)),
-                ),
+                Ok(branches) => {
+                    // A head with a deployment of its own is built (a push whose tip failed
+                    // leaves its branch where it was, at a head built before).
+                    let built = built_heads(&config.store, &service);
+                    heads.extend(
+                        branches
+                            .into_iter()
+                            .filter(|b| !built.contains(&(b.refname.clone(), b.commit.clone())))
+                            .map(|b| (service.clone(), b.refname, b.commit)),
+                    )
+                }
                 // One damaged repository must not keep the others from building.
                 Err(error) => tracing::error!(
                     %error,
@@ -523,6 +553,152 @@ impl Builder {
         );
         tracing::info!("builder stopped");
     }
+}
+
+/// What a push queued, for its pusher.
+#[derive(Debug)]
+pub(crate) struct Pushed {
+    pub(crate) queued: queue::Queued,
+    /// New commits in all.
+    pub(crate) total: usize,
+    /// Commits left out by `max_commits_per_push`.
+    pub(crate) over_limit: usize,
+    /// Older commits that have a deployment of the service already.
+    pub(crate) built: usize,
+    pub(crate) limit: usize,
+}
+
+impl Pushed {
+    /// What the pusher is told about it.
+    pub(crate) fn lines(&self, service: &str, refname: &str, zone: &str) -> Vec<String> {
+        let tickets = &self.queued.tickets;
+        let mut lines = Vec::new();
+        if self.total > 1 {
+            lines.push(format!(
+                "{refname}: {} new commits; {} builds queued, oldest first, the tip last (live moves to the tip only)",
+                self.total,
+                tickets.len()
+            ));
+        }
+        let left = self.over_limit + self.queued.left_out;
+        if self.over_limit > 0 {
+            lines.push(format!(
+                "{refname}: building the newest {} commits ([builds] max_commits_per_push = {})",
+                self.limit, self.limit
+            ));
+        }
+        if self.queued.left_out > 0 {
+            lines.push(format!(
+                "{refname}: the build queue has room for {} of them",
+                tickets.len()
+            ));
+        }
+        if left > 0 {
+            lines.push(format!(
+                "{refname}: the {left} older commits are built on demand: ask for <source commit prefix>.{service}.{zone}"
+            ));
+        }
+        if self.built + self.queued.already > 0 {
+            lines.push(format!(
+                "{refname}: {} older commits are built or being built already",
+                self.built + self.queued.already
+            ));
+        }
+        for ticket in tickets {
+            let mut line = format!("build #{} queued: {service} {refname}", ticket.tracker.id);
+            if ticket.ahead > 0 {
+                line.push_str(&format!(" ({} ahead of it)", ticket.ahead));
+            }
+            lines.push(line);
+        }
+        lines
+    }
+}
+
+impl Builder {
+    /// Queues the builds of a push of `refname` from `old` to `new`: its new commits, oldest
+    /// first, the tip last, at most `max_commits_per_push` of them (the newest). Older
+    /// commits that have a deployment of the service already are not built again; queued
+    /// builds of the branch that are not in `new`'s history are superseded.
+    pub(crate) async fn queue_push(
+        &self,
+        service: &str,
+        old: &str,
+        new: &str,
+        refname: &str,
+        deploy_option: Option<bool>,
+    ) -> Result<Pushed, String> {
+        let inner = &self.inner;
+        let limit = inner.config.max_commits_per_push;
+        let (mut commits, total) = inner
+            .repos
+            .new_commits(service, old, new, refname, limit)
+            .await
+            .map_err(|error| format!("cannot list the pushed commits: {error}"))?;
+        if commits.last().map(String::as_str) != Some(new) {
+            // A push that brings no commit of its own (a branch moved to a known commit).
+            commits.push(new.to_owned());
+        }
+        let store = inner.config.store.clone();
+        let owned = service.to_owned();
+        let deployed: std::collections::HashSet<String> = tokio::task::spawn_blocking(move || {
+            store
+                .history(&owned)
+                .map(|history| history.into_iter().map(|d| d.source_commit).collect())
+                .unwrap_or_default()
+        })
+        .await
+        .unwrap_or_default();
+        let listed = commits.len();
+        let tip = commits.pop().expect("the tip was pushed above");
+        commits.retain(|commit| !deployed.contains(commit));
+        let built = listed - 1 - commits.len();
+        commits.push(tip);
+        let mut outdated = Vec::new();
+        for queued in inner.queue.queued_commits(service, refname).await {
+            match inner.repos.in_history(service, &queued, new).await {
+                Ok(true) => {}
+                Ok(false) => outdated.push(queued),
+                Err(error) => {
+                    tracing::warn!(%error, service, queued, "cannot tell whether a queued build is in the pushed history; it stays queued");
+                }
+            }
+        }
+        let request = queue::Request {
+            service: service.to_owned(),
+            refname: refname.to_owned(),
+            commits,
+            deploy_option,
+            tip: true,
+            outdated,
+            rerun_of: None,
+        };
+        let queued = inner
+            .queue
+            .enqueue(request)
+            .await
+            .map_err(|error| error.to_string())?;
+        Ok(Pushed {
+            queued,
+            total: total.max(1),
+            over_limit: total.saturating_sub(limit),
+            built,
+            limit,
+        })
+    }
+}
+
+/// The `(ref, source commit)` of every deployment of `service`.
+fn built_heads(store: &Store, service: &str) -> std::collections::HashSet<(String, String)> {
+    store
+        .history(service)
+        .map(|history| {
+            history
+                .into_iter()
+                .filter_map(|d| Some((d.source_ref?, d.source_commit)))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Creates the source repository of a service without a running builder (for a CLI that

@@ -1,9 +1,16 @@
 //! The build queue: one owner task that decides what builds when.
 //!
-//! 1. A push (hook call) or the start-up scan asks for a build of `(service, ref, commit)`.
-//!    A not-yet-started build of the same service and ref is superseded by it (its
-//!    followers are told which build replaced it). The queue holds at most `max_queued`
-//!    builds; beyond that a request is refused with a clear error.
+//! 1. A push (hook call) asks for builds of its new commits `(service, ref, commits)`, oldest
+//!    first, the tip last; the start-up scan asks for a branch head. Only the tip of the
+//!    newest push of a branch may move live: a newer push of the branch takes that from
+//!    the builds still queued. A queued build of the branch whose commit is not in the new
+//!    tip's history (the branch was rewritten) is superseded by the new tip's build (its
+//!    followers are told which build replaced it); one in that history stays queued, so a
+//!    superseded tip never leaves a hole in the middle of the branch's history. An
+//!    intermediate commit already queued or running for the service is not queued twice.
+//!    The queue holds at most `max_queued` builds; a push that does not fit queues its
+//!    newest commits in the room left (saying how many it left out) and is refused with a
+//!    clear error when there is none.
 //! 2. A queued build starts when its service has no running build and fewer than
 //!    `max_parallel` builds run in all. Builds of one service run one at a time, in push
 //!    order; different services build in parallel.
@@ -84,6 +91,9 @@ pub struct BuildRecord {
     pub source_commit: String,
     /// `Some(false)` when the push asked not to deploy (`-o revboot.deploy=false`).
     pub deploy_option: Option<bool>,
+    /// Whether the build is the tip of the newest push of its branch: only a tip moves live.
+    #[serde(default = "yes")]
+    pub tip: bool,
     /// Where the build stands.
     pub state: BuildState,
     /// When it was queued (unix ms).
@@ -112,6 +122,10 @@ pub struct BuildRecord {
     pub retry_when_free_bytes: Option<u64>,
     /// A one-line summary of the result.
     pub message: Option<String>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Why a build could not be queued.
@@ -144,24 +158,59 @@ pub(crate) struct Ticket {
     pub(crate) tracker: Arc<Tracker>,
     /// Builds ahead of this one in the queue (any service).
     pub(crate) ahead: usize,
-    pub(crate) superseded: Option<u64>,
 }
 
-/// A build request.
+/// A build request: the new commits of one push of a branch.
 #[derive(Debug, Clone)]
 pub(crate) struct Request {
     pub(crate) service: String,
     pub(crate) refname: String,
-    pub(crate) commit: String,
+    /// Oldest first; the last one is the tip.
+    pub(crate) commits: Vec<String>,
     pub(crate) deploy_option: Option<bool>,
+    /// Whether the last commit may move live (a re-run keeps what its build had).
+    pub(crate) tip: bool,
+    /// Queued commits of the branch that are not in the tip's history: they are superseded.
+    pub(crate) outdated: Vec<String>,
     /// The build this request runs again.
     pub(crate) rerun_of: Option<u64>,
+}
+
+impl Request {
+    /// A request for one commit, the tip of its branch.
+    pub(crate) fn one(service: &str, refname: &str, commit: &str) -> Request {
+        Request {
+            service: service.to_owned(),
+            refname: refname.to_owned(),
+            commits: vec![commit.to_owned()],
+            deploy_option: None,
+            tip: true,
+            outdated: Vec::new(),
+            rerun_of: None,
+        }
+    }
+}
+
+/// What a request queued.
+#[derive(Debug, Clone)]
+pub(crate) struct Queued {
+    /// One ticket per queued commit, oldest first; the tip's is last.
+    pub(crate) tickets: Vec<Ticket>,
+    /// Commits left out, the oldest, for want of room in the queue.
+    pub(crate) left_out: usize,
+    /// Intermediate commits not queued because they are queued or running already.
+    pub(crate) already: usize,
 }
 
 enum Command {
     Enqueue {
         request: Request,
-        reply: oneshot::Sender<Result<Ticket, EnqueueError>>,
+        reply: oneshot::Sender<Result<Queued, EnqueueError>>,
+    },
+    QueuedCommits {
+        service: String,
+        refname: String,
+        reply: oneshot::Sender<Vec<String>>,
     },
     Finished {
         id: u64,
@@ -281,13 +330,27 @@ impl Queue {
         Ok(Queue { tx })
     }
 
-    pub(crate) async fn enqueue(&self, request: Request) -> Result<Ticket, EnqueueError> {
+    pub(crate) async fn enqueue(&self, request: Request) -> Result<Queued, EnqueueError> {
         let (reply, answer) = oneshot::channel();
         self.tx
             .send(Command::Enqueue { request, reply })
             .await
             .map_err(|_| EnqueueError::ShuttingDown)?;
         answer.await.map_err(|_| EnqueueError::ShuttingDown)?
+    }
+
+    /// The commits of the builds of a branch that wait in the queue.
+    pub(crate) async fn queued_commits(&self, service: &str, refname: &str) -> Vec<String> {
+        let (reply, answer) = oneshot::channel();
+        let command = Command::QueuedCommits {
+            service: service.to_owned(),
+            refname: refname.to_owned(),
+            reply,
+        };
+        if self.tx.send(command).await.is_err() {
+            return Vec::new();
+        }
+        answer.await.unwrap_or_default()
     }
 
     /// Build records, newest first.
@@ -374,19 +437,12 @@ impl Owner {
             if self.state.heads.get(&head_key(&service, &refname)) == Some(&commit) {
                 continue;
             }
-            let request = Request {
-                service: service.clone(),
-                refname: refname.clone(),
-                commit: commit.clone(),
-                deploy_option: None,
-                rerun_of: None,
-            };
-            match self.enqueue(request) {
-                Ok(ticket) => tracing::info!(
+            match self.enqueue(Request::one(&service, &refname, &commit)) {
+                Ok(queued) => tracing::info!(
                     service,
                     refname,
                     commit,
-                    id = ticket.tracker.id,
+                    id = ?queued.tickets.last().map(|t| t.tracker.id),
                     "queued a push that arrived while the daemon was not running"
                 ),
                 Err(error) => tracing::error!(%error, service, refname, "cannot queue missed push"),
@@ -440,6 +496,20 @@ impl Owner {
                     records.reverse();
                     let _ = reply.send(records);
                 }
+                Command::QueuedCommits {
+                    service,
+                    refname,
+                    reply,
+                } => {
+                    let commits = self
+                        .queued
+                        .iter()
+                        .filter_map(|id| self.state.records.iter().find(|r| r.id == *id))
+                        .filter(|r| r.service == service && r.source_ref == refname)
+                        .map(|r| r.source_commit.clone())
+                        .collect();
+                    let _ = reply.send(commits);
+                }
                 Command::Tracker { id, reply } => {
                     let _ = reply.send(self.trackers.get(&id).cloned());
                 }
@@ -460,77 +530,119 @@ impl Owner {
         }
     }
 
-    fn enqueue(&mut self, request: Request) -> Result<Ticket, EnqueueError> {
+    fn enqueue(&mut self, request: Request) -> Result<Queued, EnqueueError> {
         if self.shutdown.is_some() {
             return Err(EnqueueError::ShuttingDown);
         }
-        let same = self.queued.iter().position(|id| {
-            self.state.records.iter().any(|r| {
-                r.id == *id && r.service == request.service && r.source_ref == request.refname
-            })
-        });
-        if same.is_none() && self.queued.len() >= self.limits.max_queued {
+        let Some((tip, before)) = request.commits.split_last() else {
+            return Ok(Queued {
+                tickets: Vec::new(),
+                left_out: 0,
+                already: 0,
+            });
+        };
+        let same_branch =
+            |r: &BuildRecord| r.service == request.service && r.source_ref == request.refname;
+        // Rule 1: what waits of this branch is superseded, or stays and is no tip any more.
+        let mut outdated = Vec::new();
+        for id in &self.queued {
+            let Some(record) = self.state.records.iter().find(|r| r.id == *id) else {
+                continue;
+            };
+            if same_branch(record) && request.outdated.contains(&record.source_commit) {
+                outdated.push(*id);
+            }
+        }
+        let busy = |commit: &str| {
+            self.queued
+                .iter()
+                .chain(self.running.values().map(|r| &r.id))
+                .filter_map(|id| self.state.records.iter().find(|r| r.id == *id))
+                .any(|r| r.service == request.service && r.source_commit == commit)
+        };
+        let mut wanted: Vec<&String> = before.iter().filter(|c| !busy(c)).collect();
+        let already = before.len() - wanted.len();
+        wanted.push(tip);
+        let room = (self.limits.max_queued + outdated.len()).saturating_sub(self.queued.len());
+        if room == 0 {
             return Err(EnqueueError::Full {
                 limit: self.limits.max_queued,
             });
         }
-        let id = self.state.next_id.max(1);
-        self.state.next_id = id + 1;
-        let mut superseded = None;
-        if let Some(index) = same {
-            let old = self.queued.remove(index).expect("index came from position");
+        let left_out = wanted.len().saturating_sub(room);
+        let wanted = wanted.split_off(left_out);
+        let first_id = self.state.next_id.max(1);
+        let tip_id = first_id + wanted.len() as u64 - 1;
+        self.state.next_id = tip_id + 1;
+        for old in outdated {
+            self.queued.retain(|id| *id != old);
             if let Some(record) = self.record_mut(old) {
                 record.state = BuildState::Superseded;
-                record.superseded_by = Some(id);
+                record.superseded_by = Some(tip_id);
                 record.finished_at_ms = Some(now_ms());
-                record.message = Some(format!("superseded by build #{id}"));
+                record.message = Some(format!("superseded by build #{tip_id}"));
             }
             if let Some(tracker) = self.trackers.remove(&old) {
                 tracker.set_phase(Phase::Superseded {
-                    by: id,
-                    commit: request.commit.clone(),
+                    by: tip_id,
+                    commit: tip.clone(),
                 });
             }
             tracing::info!(
                 old,
-                new = id,
+                new = tip_id,
                 service = request.service,
                 "superseded a queued build"
             );
-            superseded = Some(old);
         }
-        self.state.heads.insert(
-            head_key(&request.service, &request.refname),
-            request.commit.clone(),
-        );
-        self.state.records.push(BuildRecord {
-            id,
-            service: request.service,
-            source_ref: request.refname,
-            source_commit: request.commit,
-            deploy_option: request.deploy_option,
-            state: BuildState::Queued,
-            queued_at_ms: now_ms(),
-            started_at_ms: None,
-            finished_at_ms: None,
-            command_secs: None,
-            revision: None,
-            made_live: false,
-            superseded_by: None,
-            requeued_as: None,
-            rerun_of: request.rerun_of,
-            retry_when_free_bytes: None,
-            message: None,
-        });
-        let tracker = Arc::new(Tracker::new(id, self.limits.log_limit, Phase::Queued));
-        self.trackers.insert(id, tracker.clone());
-        let ahead = self.queued.len() + self.running.len();
-        self.queued.push_back(id);
+        if request.tip {
+            for id in self.queued.clone() {
+                if let Some(record) = self.record_mut(id)
+                    && record.service == request.service
+                    && record.source_ref == request.refname
+                {
+                    record.tip = false;
+                }
+            }
+        }
+        if request.tip {
+            self.state
+                .heads
+                .insert(head_key(&request.service, &request.refname), tip.clone());
+        }
+        let mut tickets = Vec::with_capacity(wanted.len());
+        for (id, commit) in (first_id..).zip(wanted) {
+            self.state.records.push(BuildRecord {
+                id,
+                service: request.service.clone(),
+                source_ref: request.refname.clone(),
+                source_commit: commit.clone(),
+                deploy_option: request.deploy_option,
+                tip: request.tip && id == tip_id,
+                state: BuildState::Queued,
+                queued_at_ms: now_ms(),
+                started_at_ms: None,
+                finished_at_ms: None,
+                command_secs: None,
+                revision: None,
+                made_live: false,
+                superseded_by: None,
+                requeued_as: None,
+                rerun_of: request.rerun_of,
+                retry_when_free_bytes: None,
+                message: None,
+            });
+            let tracker = Arc::new(Tracker::new(id, self.limits.log_limit, Phase::Queued));
+            self.trackers.insert(id, tracker.clone());
+            let ahead = self.queued.len() + self.running.len();
+            self.queued.push_back(id);
+            tickets.push(Ticket { tracker, ahead });
+        }
         self.trim();
-        Ok(Ticket {
-            tracker,
-            ahead,
-            superseded,
+        Ok(Queued {
+            tickets,
+            left_out,
+            already,
         })
     }
 
@@ -579,6 +691,7 @@ impl Owner {
             refname: record.source_ref.clone(),
             commit: record.source_commit.clone(),
             deploy_option: record.deploy_option,
+            tip: record.tip,
             adopt_since_ms,
             retry_when_full,
         };
@@ -648,21 +761,21 @@ impl Owner {
             return false;
         };
         let request = Request {
-            service: record.service,
-            refname: record.source_ref,
-            commit: record.source_commit,
             deploy_option: record.deploy_option,
+            tip: record.tip,
             rerun_of: Some(old),
+            ..Request::one(&record.service, &record.source_ref, &record.source_commit)
         };
         match self.enqueue(request) {
-            Ok(ticket) => {
-                let new = ticket.tracker.id;
+            Ok(Queued { tickets, .. }) if !tickets.is_empty() => {
+                let new = tickets[tickets.len() - 1].tracker.id;
                 tracing::info!(old, new, why, "re-queued a build");
                 if let Some(record) = self.record_mut(old) {
                     record.requeued_as = Some(new);
                 }
                 true
             }
+            Ok(_) => false,
             Err(error) => {
                 tracing::error!(%error, old, why, "cannot re-queue a build");
                 false

@@ -4,9 +4,12 @@
 //!    authenticated push to `/git/<service>.git`: `git init --bare -b main` in a temporary
 //!    directory beside the final one, configured, then renamed into place (so a half-made
 //!    repository is never visible and two racing creators both succeed).
-//! 2. Every repository carries a `post-receive` hook (see [`hook_script`]) that hands the
-//!    pushed refs to the daemon. Hooks are rewritten whenever the daemon starts, so they
-//!    always carry the current daemon URL and hook token.
+//! 2. Every repository carries a `proc-receive` hook (see [`hook_script`]) that takes over
+//!    the branch updates of a push (`receive.procReceiveRefs = refs/heads/`): it hands them
+//!    to the daemon, waits for the builds, and moves each branch only if its tip built (or
+//!    at once, with `-o revboot.wait=false` or when the daemon cannot be reached). Hooks and
+//!    that setting are rewritten whenever the daemon starts, so they always carry the
+//!    current daemon URL and hook token.
 //! 3. The branch `HEAD` points to (`main` unless changed with stock git) is the deploy
 //!    branch: only its builds move the live pointer. Other branches are built and reachable
 //!    by their branch label.
@@ -151,6 +154,7 @@ impl SourceRepos {
             ("receive.advertisePushOptions", "true"),
             ("receive.fsckObjects", "true"),
             ("core.logAllRefUpdates", "true"),
+            (PROC_RECEIVE_KEY, PROC_RECEIVE_REFS),
         ] {
             git::run(Some(staging.path()), &["config", key, value])
                 .await
@@ -175,9 +179,72 @@ impl SourceRepos {
         }
     }
 
-    /// Rewrites the hook of an existing repository (current URL and token).
-    pub(crate) fn refresh_hook(&self, service: &str) -> std::io::Result<()> {
-        write_hook(&self.path(service), service, &self.hook)
+    /// Rewrites the hook of an existing repository (current URL and token) and makes it
+    /// take over branch updates.
+    pub(crate) async fn refresh_hook(&self, service: &str) -> std::io::Result<()> {
+        let path = self.path(service);
+        write_hook(&path, service, &self.hook)?;
+        git::run(
+            Some(&path),
+            &["config", PROC_RECEIVE_KEY, PROC_RECEIVE_REFS],
+        )
+        .await
+        .map_err(std::io::Error::other)?;
+        Ok(())
+    }
+
+    /// The commits a push of `refname` from `old` to `new` brings, oldest first, the tip
+    /// last: at most the newest `limit`; and how many there are in all. They are the
+    /// commits of `new` not in `old` (for a new branch: not on any other branch), in
+    /// topological order.
+    pub(crate) async fn new_commits(
+        &self,
+        service: &str,
+        old: &str,
+        new: &str,
+        refname: &str,
+        limit: usize,
+    ) -> Result<(Vec<String>, usize), GitError> {
+        let path = self.path(service);
+        let exclude;
+        let mut range = vec![new.to_owned()];
+        if old.bytes().all(|b| b == b'0') {
+            let branch = refname.strip_prefix("refs/heads/").unwrap_or(refname);
+            exclude = format!("--exclude={branch}");
+            range.extend(["--not".to_owned(), exclude, "--branches".to_owned()]);
+        } else {
+            range.push(format!("^{old}"));
+        }
+        let range: Vec<&str> = range.iter().map(String::as_str).collect();
+        let mut count = vec!["rev-list", "--count"];
+        count.extend(&range);
+        let total: usize = git::run_text(Some(&path), &count)
+            .await?
+            .parse()
+            .unwrap_or(0);
+        let max = format!("--max-count={}", limit.max(1));
+        let mut list = vec!["rev-list", "--topo-order", &max];
+        list.extend(&range);
+        let text = git::run_text(Some(&path), &list).await?;
+        let mut commits: Vec<String> = text.lines().map(str::to_owned).collect();
+        commits.reverse();
+        Ok((commits, total))
+    }
+
+    /// Whether `commit` is `tip` or an ancestor of it.
+    pub(crate) async fn in_history(
+        &self,
+        service: &str,
+        commit: &str,
+        tip: &str,
+    ) -> Result<bool, GitError> {
+        let not_tip = format!("^{tip}");
+        let text = git::run_text(
+            Some(&self.path(service)),
+            &["rev-list", "--max-count=1", commit, &not_tip],
+        )
+        .await?;
+        Ok(text.is_empty())
     }
 
     /// The branch heads (`refs/heads/*`) of a repository.
@@ -207,14 +274,23 @@ impl SourceRepos {
     }
 }
 
+/// The refs the `proc-receive` hook takes over.
+const PROC_RECEIVE_KEY: &str = "receive.procReceiveRefs";
+const PROC_RECEIVE_REFS: &str = "refs/heads/";
+
 fn write_hook(git_dir: &Path, service: &str, target: &HookTarget) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let hooks = git_dir.join("hooks");
     std::fs::create_dir_all(&hooks)?;
-    let staging = hooks.join(".post-receive.new");
+    let staging = hooks.join(".proc-receive.new");
     std::fs::write(&staging, hook_script(service, target))?;
     std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o755))?;
-    std::fs::rename(&staging, hooks.join("post-receive"))
+    std::fs::rename(&staging, hooks.join("proc-receive"))?;
+    // Written by earlier versions: builds are queued by proc-receive now.
+    match std::fs::remove_file(hooks.join("post-receive")) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error),
+        _ => Ok(()),
+    }
 }
 
 /// Quotes a string for a POSIX shell single-quoted context.
@@ -222,13 +298,20 @@ fn shell_quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', r"'\''"))
 }
 
-/// The `post-receive` hook of a source repository.
+/// The `proc-receive` hook of a source repository.
 ///
-/// It reads git's `<old> <new> <ref>` lines, adds the push options, and posts them to the
-/// daemon's hook endpoint with curl, printing the streamed answer (build log and result):
-/// git relays hook output to the pusher as `remote:` lines. If the daemon cannot be reached
-/// the hook says so; the push is stored anyway and the daemon builds it on its next start
-/// (it compares branch heads with what it has built).
+/// 1. It speaks git's proc-receive protocol (pkt-lines) with `receive-pack`: the version
+///    (asking for push options), then the pushed branch updates `<old> <new> <ref>` and the
+///    push options.
+/// 2. It posts them to the daemon's hook endpoint with curl and prints the streamed answer
+///    (build logs and results) on stderr, which git relays to the pusher as `remote:` lines;
+///    the answer's `revboot-verdict ok|ng <ref> [reason]` lines are its verdicts.
+/// 3. For each update: a verdict `ng` is reported to git with its reason (the push fails,
+///    the branch stays where it was); otherwise the hook moves the branch itself
+///    (`git update-ref` from the old value, so a concurrent push is not overwritten) and
+///    reports `ok`. With no verdict — the daemon cannot be reached, or stopped following —
+///    the branch moves: the push is stored and the daemon builds it on its next start (it
+///    compares branch heads with what it has built).
 pub(crate) fn hook_script(service: &str, target: &HookTarget) -> String {
     let url = format!(
         "{}/git/-/hook/{service}",
@@ -237,36 +320,83 @@ pub(crate) fn hook_script(service: &str, target: &HookTarget) -> String {
     let max_time = target.max_time_secs;
     format!(
         r#"#!/bin/sh
-# revboot post-receive hook for `{service}`: hands the pushed refs to the revboot daemon and
-# prints the build's progress (git shows it to the pusher as "remote:" lines).
+# revboot proc-receive hook for `{service}`: hands the pushed branches to the revboot daemon,
+# prints the builds' progress (git shows it to the pusher as "remote:" lines), and moves a
+# branch only if its tip built (or at once with -o revboot.wait=false).
 # Generated by revboot and rewritten whenever the daemon starts; local edits are lost.
+LC_ALL=C
+export LC_ALL
 url={url}
 token={token}
-if ! command -v curl >/dev/null 2>&1; then
-  echo "revboot: curl is not installed, so this hook cannot reach the daemon."
-  echo "revboot: the push is stored and will be built when the daemon starts."
-  exit 0
+# One pkt-line into $pkt; status 2 at a flush packet, 1 at the end of input.
+pkt_read() {{
+  len=$(head -c 4)
+  [ ${{#len}} -eq 4 ] || return 1
+  n=$((0x$len))
+  [ "$n" -gt 4 ] || return 2
+  pkt=$(head -c $((n - 4)) | tr '\000' ' ')
+}}
+pkt_write() {{ printf '%04x%s\n' $((${{#1}} + 5)) "$1"; }}
+# Moves $1 from $2 to $3; a branch that moved meanwhile (another push of it finished first)
+# still moves if $3 is a fast-forward of where it is now. The reason is left in $moved.
+move_ref() {{
+  if [ "$3" = 0000000000000000000000000000000000000000 ]; then
+    moved=$(git update-ref -d "$1" "$2" 2>&1)
+    return
+  fi
+  moved=$(git update-ref -m push "$1" "$3" "$2" 2>&1) && return 0
+  now=$(git rev-parse -q --verify "$1") || return 1
+  git merge-base --is-ancestor "$now" "$3" || return 1
+  moved=$(git update-ref -m push "$1" "$3" "$now" 2>&1)
+}}
+options=no
+while pkt_read; do case $pkt in *push-options*) options=yes ;; esac; done
+if [ $options = yes ]; then printf '001bversion=1\000push-options\n'; else pkt_write version=1; fi
+printf 0000
+body=$(mktemp) && verdicts=$(mktemp) || exit 1
+trap 'rm -f "$body" "$verdicts" "$verdicts.status"' EXIT
+while pkt_read; do printf 'ref %s\n' "$pkt" >>"$body"; done
+if [ $options = yes ]; then
+  while pkt_read; do printf 'option %s\n' "$pkt" >>"$body"; done
 fi
-body=$(
-  while read -r old new ref; do printf 'ref %s %s %s\n' "$old" "$new" "$ref"; done
-  i=0
-  while [ "$i" -lt "${{GIT_PUSH_OPTION_COUNT:-0}}" ]; do
-    eval "printf 'option %s\n' \"\$GIT_PUSH_OPTION_$i\""
-    i=$((i + 1))
+if command -v curl >/dev/null 2>&1; then
+  {{
+    curl -sS -N --connect-timeout 5 --max-time {max_time} \
+      -H "Authorization: Bearer $token" -H 'Content-Type: text/plain' \
+      --data-binary @"$body" "$url"
+    echo $? >"$verdicts.status"
+  }} | while IFS= read -r line; do
+    case $line in
+      "revboot-verdict "*) printf '%s\n' "${{line#revboot-verdict }}" >>"$verdicts" ;;
+      *) printf '%s\n' "$line" >&2 ;;
+    esac
   done
-)
-printf '%s\n' "$body" | curl -sS -N --connect-timeout 5 --max-time {max_time} \
-  -H "Authorization: Bearer $token" -H 'Content-Type: text/plain' \
-  --data-binary @- "$url"
-status=$?
+  status=$(cat "$verdicts.status" 2>/dev/null)
+else
+  status=127
+fi
 case $status in
   0) ;;
-  7) echo "revboot: the daemon is not running (cannot connect to $url)."
-     echo "revboot: the push is stored and will be built when the daemon starts." ;;
-  28) echo "revboot: stopped waiting after {max_time}s; the build goes on in the daemon." ;;
-  *) echo "revboot: could not hand the push to the daemon (curl exit status $status)."
-     echo "revboot: the push is stored and will be built when the daemon starts." ;;
+  7) echo "revboot: the daemon is not running (cannot connect to $url)." >&2
+     echo "revboot: the push is stored and will be built when the daemon starts." >&2 ;;
+  28) echo "revboot: stopped waiting after {max_time}s; the build goes on in the daemon." >&2 ;;
+  127) echo "revboot: curl is not installed, so this hook cannot reach the daemon." >&2
+     echo "revboot: the push is stored and will be built when the daemon starts." >&2 ;;
+  *) echo "revboot: could not hand the push to the daemon (curl exit status $status)." >&2
+     echo "revboot: the push is stored and will be built when the daemon starts." >&2 ;;
 esac
+while read -r word old new ref; do
+  [ "$word" = ref ] || continue
+  verdict=$(grep -F " $ref" "$verdicts" | while read -r v r reason; do
+    [ "$r" = "$ref" ] && printf '%s %s\n' "$v" "$reason" && break
+  done)
+  case $verdict in
+    ng*) pkt_write "ng $ref ${{verdict#ng }}" ;;
+    *)
+      if move_ref "$ref" "$old" "$new"; then pkt_write "ok $ref"; else pkt_write "ng $ref $(printf '%s' "$moved" | tr '\n' ' ')"; fi ;;
+  esac
+done <"$body"
+printf 0000
 exit 0
 "#,
         url = shell_quote(&url),
@@ -278,30 +408,62 @@ exit 0
 mod tests {
     use super::*;
 
+    /// A push with no daemon to reach is stored: the hook moves the branch itself and says
+    /// when it will be built.
     #[test]
-    fn hook_without_curl_says_so_and_succeeds() {
+    fn hook_without_a_daemon_stores_the_push_and_says_so() {
         let dir = tempfile::tempdir().expect("tmp");
-        let path = dir.path().join("post-receive");
+        let git = |cwd: &Path, args: &[&str]| {
+            let output = std::process::Command::new("git")
+                .current_dir(cwd)
+                .env("GIT_CONFIG_NOSYSTEM", "1")
+                .env("GIT_CONFIG_GLOBAL", "/dev/null")
+                .args(["-c", "user.name=t", "-c", "user.email=t@example.invalid"])
+                .args(args)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .expect("git runs");
+            assert!(output.status.success(), "{output:?}");
+            String::from_utf8_lossy(&output.stderr).into_owned()
+        };
+        let server = dir.path().join("hello.git");
+        git(
+            dir.path(),
+            &["init", "-q", "--bare", server.to_str().expect("utf8")],
+        );
+        git(&server, &["config", PROC_RECEIVE_KEY, PROC_RECEIVE_REFS]);
         let target = HookTarget {
+            // Port 9 (discard) on loopback: nothing listens there.
             base_url: "http://127.0.0.1:9".into(),
             token: "t".into(),
             max_time_secs: 5,
         };
-        std::fs::write(&path, hook_script("hello", &target)).expect("write");
-        let output = std::process::Command::new("/bin/sh")
-            .arg(&path)
-            .env_clear()
-            .env("PATH", dir.path())
-            .stdin(std::process::Stdio::null())
-            .output()
-            .expect("sh runs");
-        assert!(output.status.success());
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(stdout.contains("curl is not installed"), "{stdout}");
+        write_hook(&server, "hello", &target).expect("hook");
+        let work = dir.path().join("work");
+        std::fs::create_dir_all(&work).expect("mkdir");
+        git(&work, &["init", "-q", "-b", "main"]);
+        git(&work, &["commit", "-q", "--allow-empty", "-m", "one"]);
+        let stderr = git(&work, &["push", server.to_str().expect("utf8"), "main"]);
+        assert!(stderr.contains("the daemon is not running"), "{stderr}");
         assert!(
-            stdout.contains("will be built when the daemon starts"),
-            "{stdout}"
+            stderr.contains("will be built when the daemon starts"),
+            "{stderr}"
         );
+        let head = std::process::Command::new("git")
+            .args([
+                "--git-dir",
+                server.to_str().expect("utf8"),
+                "rev-parse",
+                "main",
+            ])
+            .output()
+            .expect("git runs");
+        let local = std::process::Command::new("git")
+            .current_dir(&work)
+            .args(["rev-parse", "HEAD"])
+            .output()
+            .expect("git runs");
+        assert_eq!(head.stdout, local.stdout);
     }
 
     #[test]

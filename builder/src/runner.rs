@@ -25,7 +25,8 @@
 //! 6. Success: the boot image is checked against its tender (a process image must be a
 //!    static ELF, [`revboot_store::image`]); the artifacts are streamed into a deployment
 //!    commit with the manifest, log and source link; live moves to it when the recipe
-//!    (`run.deploy`) and push option allow and the ref is the deploy branch. Failure or
+//!    (`run.deploy`) and push option allow, the ref is the deploy branch and the build is
+//!    the tip of the newest push of it (a push's older commits never move live). Failure or
 //!    interruption: a commit with the log and no image; live untouched.
 //! 7. A deployment that cannot be written makes the build a failed one, recorded as such
 //!    (a commit with the log and the reason, no image). When the disk is full, the store has
@@ -100,6 +101,8 @@ pub(crate) struct Job {
     pub(crate) refname: String,
     pub(crate) commit: String,
     pub(crate) deploy_option: Option<bool>,
+    /// Whether it is the tip of the newest push of its branch (only a tip moves live).
+    pub(crate) tip: bool,
     /// For a re-run of an interrupted build: when that one started (unix ms); a deployment
     /// it wrote since then is adopted.
     pub(crate) adopt_since_ms: Option<u64>,
@@ -832,6 +835,8 @@ async fn announce(
         Some("run.deploy = false in revboot.toml".to_owned())
     } else if job.deploy_option == Some(false) {
         Some("push option revboot.deploy=false".to_owned())
+    } else if !job.tip {
+        Some("not the tip of the newest push of its branch".to_owned())
     } else if job.refname != deploy_branch {
         Some(format!(
             "{} is not the deploy branch {deploy_branch}",

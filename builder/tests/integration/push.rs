@@ -158,8 +158,8 @@ async fn compile_error_is_a_failed_build_and_live_stays() {
     std::fs::write(&main_rs, broken).expect("write");
     let bad_commit = commit_all(&work, "break it").await;
     let (ok, stderr) = push(&work, &daemon.url("hello"), &[]).await;
-    // The push itself lands; the build fails.
-    assert!(ok, "{stderr}");
+    // The build fails, and so does the push.
+    assert!(!ok, "{stderr}");
     let remote = remote_lines(&stderr);
     assert!(
         remote.iter().any(|l| l.contains("error[E0308]")),
@@ -198,7 +198,7 @@ async fn invalid_recipe_fails_with_key_and_line() {
     let recipe = "[build]\ncommand = [\"true\"]\nartifacts = [\"a\"]\n\n[run]\nprot = 80\n";
     let work = recipe_fixture(tmp.path(), "typo", recipe).await;
     let (ok, stderr) = push(&work, &daemon.url("typo"), &[]).await;
-    assert!(ok, "{stderr}");
+    assert!(!ok, "{stderr}");
     assert!(
         remote_lines(&stderr)
             .iter()
@@ -270,7 +270,7 @@ async fn build_over_its_time_limit_is_killed_with_every_process_it_started() {
     let recipe = "[build]\nshell = \"sleep 300 & echo waiting; sleep 300\"\nartifacts = [\"a\"]\ntimeout_secs = 2\n";
     let work = recipe_fixture(tmp.path(), "slow", recipe).await;
     let (ok, stderr) = push(&work, &daemon.url("slow"), &[]).await;
-    assert!(ok, "{stderr}");
+    assert!(!ok, "{stderr}");
     assert!(
         remote_lines(&stderr)
             .iter()
@@ -311,85 +311,181 @@ fn gated_recipe(gate: &std::path::Path) -> String {
     )
 }
 
+/// Starts a push of `main` of `work` in the background.
+fn push_in_background(
+    work: &std::path::Path,
+    url: &str,
+    extra: &'static [&'static str],
+) -> tokio::task::JoinHandle<(bool, String)> {
+    let (work, url) = (work.to_owned(), url.to_owned());
+    tokio::spawn(async move { push(&work, &url, extra).await })
+}
+
+/// A newer push of a branch keeps the queued builds of its history (no hole) and takes the
+/// live move from them; a force push supersedes the queued builds it rewrote, and the push
+/// that waited for one of them fails, its branch left where it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn newer_push_supersedes_a_queued_build() {
+async fn newer_pushes_keep_queued_history_and_supersede_what_they_rewrote() {
     let tmp = tempfile::tempdir().expect("tmp");
     let daemon = daemon(&tmp.path().join("data"), |_| {}).await;
     let gate = gates(&tmp.path().join("data")).join("gate");
     let work = recipe_fixture(tmp.path(), "svc", &gated_recipe(&gate)).await;
     let url = daemon.url("svc");
 
-    // A occupies the service; B waits behind it; C arrives and replaces B.
+    // A occupies the service; B waits behind it; C arrives: B stays, C is the tip.
     let a = head(&work).await;
-    let push_a = tokio::spawn({
-        let (work, url) = (work.clone(), url.clone());
-        async move { push(&work, &url, &[]).await }
-    });
-    let record_a = wait_record(&daemon.builder, "A running", |r| {
+    let push_a = push_in_background(&work, &url, &[]);
+    wait_record(&daemon.builder, "A running", |r| {
         r.source_commit == a && r.state == BuildState::Running
     })
     .await;
-    // The record says running a moment before the runner's first log line is written.
-    let header = format!("build #{} of svc", record_a.id);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let so_far = loop {
-        let so_far = daemon
-            .builder
-            .running_log(record_a.id)
-            .await
-            .expect("running");
-        let so_far = String::from_utf8(so_far).expect("utf8");
-        if so_far.contains(&header) || std::time::Instant::now() > deadline {
-            break so_far;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert!(so_far.contains(&header), "{so_far}");
     let b = commit_all(&work, "b").await;
-    let push_b = tokio::spawn({
-        let (work, url) = (work.clone(), url.clone());
-        async move { push(&work, &url, &[]).await }
-    });
+    let push_b = push_in_background(&work, &url, &[]);
     let record_b = wait_record(&daemon.builder, "B queued", |r| {
         r.source_commit == b && r.state == BuildState::Queued
     })
     .await;
     let c = commit_all(&work, "c").await;
-    let push_c = tokio::spawn({
-        let (work, url) = (work.clone(), url.clone());
-        async move { push(&work, &url, &[]).await }
-    });
-    let record_c = wait_record(&daemon.builder, "C queued", |r| r.source_commit == c).await;
-    let superseded = wait_record(&daemon.builder, "B superseded", |r| r.id == record_b.id).await;
+    let push_c = push_in_background(&work, &url, &[]);
+    wait_record(&daemon.builder, "C queued", |r| r.source_commit == c).await;
+    // A force push that drops C supersedes it, and keeps B, which is in its history.
+    git_ok(&work, &["reset", "-q", "--hard", &b]).await;
+    let d = commit_all(&work, "d").await;
+    let push_d = push_in_background(&work, &url, &["--force"]);
+    let record_d = wait_record(&daemon.builder, "D queued", |r| r.source_commit == d).await;
+    let superseded = wait_record(&daemon.builder, "C superseded", |r| {
+        r.source_commit == c && r.state.is_finished()
+    })
+    .await;
     assert_eq!(superseded.state, BuildState::Superseded);
-    assert_eq!(superseded.superseded_by, Some(record_c.id));
+    assert_eq!(superseded.superseded_by, Some(record_d.id));
+    let kept = wait_record(&daemon.builder, "B", |r| r.id == record_b.id).await;
+    assert_eq!(kept.state, BuildState::Queued);
+    assert!(!kept.tip, "{kept:?}");
 
     std::fs::write(&gate, "open").expect("open gate");
-    let (ok_b, stderr_b) = push_b.await.expect("push B");
-    assert!(ok_b, "{stderr_b}");
-    assert!(
-        remote_lines(&stderr_b)
-            .iter()
-            .any(|l| l.contains(&format!("was superseded by build #{}", record_c.id))),
-        "{stderr_b}"
-    );
-    let (ok_a, stderr_a) = push_a.await.expect("push A");
-    assert_eq!(daemon.builder.running_log(record_a.id).await, None);
+    for (name, pushed) in [("A", push_a), ("B", push_b), ("D", push_d)] {
+        let (ok, stderr) = pushed.await.expect("push");
+        assert!(ok, "push {name}:\n{stderr}");
+    }
     let (ok_c, stderr_c) = push_c.await.expect("push C");
-    assert!(ok_a && ok_c, "{stderr_a}\n{stderr_c}");
-    assert_eq!(
-        wait_finished(&daemon.builder, &a).await.state,
-        BuildState::Succeeded
+    assert!(!ok_c, "{stderr_c}");
+    assert!(
+        stderr_c.contains(&format!("superseded by build #{}", record_d.id)),
+        "{stderr_c}"
     );
-    let record_c = wait_finished(&daemon.builder, &c).await;
-    assert_eq!(record_c.state, BuildState::Succeeded);
 
-    // Two builds recorded, A then C; B never built; live is C.
+    // A, B and D recorded in that order, C never built; live is D, the branch is at D.
+    wait_finished(&daemon.builder, &d).await;
     let history = daemon.store.history("svc").expect("history");
     let built: Vec<&str> = history.iter().map(|d| d.source_commit.as_str()).collect();
-    assert_eq!(built, vec![c.as_str(), a.as_str()]);
+    assert_eq!(built, vec![d.as_str(), b.as_str(), a.as_str()]);
     let live = daemon.store.live("svc").expect("live").expect("live set");
-    assert_eq!(Some(live.to_hex()), record_c.revision);
+    assert_eq!(live, history[0].revision);
+    let source = daemon.builder.source_repo("svc").expect("name");
+    assert_eq!(git_ok(&source, &["rev-parse", "main"]).await, d);
+    daemon.stop().await;
+}
+
+/// Every commit of a push is built, oldest first; only the tip moves live. A push whose tip
+/// fails to build fails (git push exits non-zero, the reason and the log's end in its
+/// output) and leaves the branch where it was; with `-o revboot.wait=false` it returns once
+/// queued and the branch moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_pushed_commit_builds_and_a_failed_tip_fails_the_push() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let daemon = daemon(&tmp.path().join("data"), |_| {}).await;
+    let recipe = "[build]\nshell = \"test ! -e broken || { echo the build broke; exit 3; }; mkdir -p out; cp exit0 out/image; cat note >> out/image 2>/dev/null || true\"\nartifacts = [\"out/image\"]\n";
+    let work = recipe_fixture(tmp.path(), "many", recipe).await;
+    let mut commits = vec![head(&work).await];
+    for n in 2..=8 {
+        std::fs::write(work.join("note"), format!("revision {n}\n")).expect("write");
+        commits.push(commit_all(&work, &format!("revision {n}")).await);
+    }
+    let (ok, stderr) = push(&work, &daemon.url("many"), &[]).await;
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("8 new commits; 8 builds queued"),
+        "{stderr}"
+    );
+    let history = daemon.store.history("many").expect("history");
+    let built: Vec<&str> = history
+        .iter()
+        .rev()
+        .map(|d| d.source_commit.as_str())
+        .collect();
+    let expected: Vec<&str> = commits.iter().map(String::as_str).collect();
+    assert_eq!(built, expected);
+    assert!(history.iter().all(|d| d.status == BuildStatus::Succeeded));
+    let live = daemon.store.live("many").expect("live").expect("set");
+    assert_eq!(live, history[0].revision);
+    let reflog =
+        std::fs::read_to_string(daemon.store.path().join("logs/refs/live/many")).expect("reflog");
+    assert_eq!(
+        reflog.lines().count(),
+        1,
+        "live moved to the tip only:\n{reflog}"
+    );
+
+    // A broken tip: the push fails, the branch stays, the failure is recorded.
+    let source = daemon.builder.source_repo("many").expect("name");
+    std::fs::write(work.join("broken"), "").expect("write");
+    let broken = commit_all(&work, "break it").await;
+    let (ok, stderr) = push(&work, &daemon.url("many"), &[]).await;
+    assert!(!ok, "{stderr}");
+    assert!(stderr.contains("the build broke"), "{stderr}");
+    assert!(
+        stderr.contains(
+            "[remote rejected] main -> main (failed: the build command failed (exit status 3))"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(git_ok(&source, &["rev-parse", "main"]).await, commits[7]);
+    let history = daemon.store.history("many").expect("history");
+    assert_eq!(history[0].source_commit, broken);
+    assert_eq!(history[0].status, BuildStatus::Failed);
+    assert_eq!(daemon.store.live("many").expect("live"), Some(live));
+
+    // Without waiting: the push succeeds at once and the branch moves; the build goes on.
+    let (ok, stderr) = push(&work, &daemon.url("many"), &["-o", "revboot.wait=false"]).await;
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("not waiting for the builds"), "{stderr}");
+    assert_eq!(git_ok(&source, &["rev-parse", "main"]).await, broken);
+    let record = wait_record(&daemon.builder, "the second build of the broken tip", |r| {
+        r.source_commit == broken && r.state.is_finished() && r.id > history.len() as u64
+    })
+    .await;
+    assert_eq!(record.state, BuildState::Failed);
+    daemon.stop().await;
+}
+
+/// A push of more commits than `max_commits_per_push` builds the newest and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_push_builds_its_newest_commits_and_says_so() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let daemon = daemon(&tmp.path().join("data"), |c| c.max_commits_per_push = 3).await;
+    let recipe =
+        "[build]\nshell = \"mkdir -p out; cp exit0 out/image\"\nartifacts = [\"out/image\"]\n";
+    let work = recipe_fixture(tmp.path(), "long", recipe).await;
+    let mut commits = vec![head(&work).await];
+    for n in 2..=5 {
+        commits.push(commit_all(&work, &format!("revision {n}")).await);
+    }
+    let (ok, stderr) = push(&work, &daemon.url("long"), &[]).await;
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("building the newest 3 commits"), "{stderr}");
+    assert!(
+        stderr.contains("the 2 older commits are built on demand"),
+        "{stderr}"
+    );
+    let history = daemon.store.history("long").expect("history");
+    let built: Vec<&str> = history
+        .iter()
+        .rev()
+        .map(|d| d.source_commit.as_str())
+        .collect();
+    let expected: Vec<&str> = commits[2..].iter().map(String::as_str).collect();
+    assert_eq!(built, expected);
     daemon.stop().await;
 }
 
@@ -466,7 +562,7 @@ async fn push_option_and_branch_keep_live() {
     // A misspelt option builds nothing and says why.
     let second = commit_all(&work, "second").await;
     let (ok, stderr) = push(&work, &daemon.url("opt"), &["-o", "revboot.depoly=false"]).await;
-    assert!(ok, "{stderr}");
+    assert!(!ok, "{stderr}");
     assert!(
         stderr.contains("unknown push option `revboot.depoly=false`"),
         "{stderr}"

@@ -57,7 +57,7 @@ async fn push_while_daemon_is_down_is_built_on_start() {
     let record = wait_finished(&second.builder, &commit).await;
     assert_eq!(record.state, BuildState::Succeeded, "{record:#?}");
     // The hook was rewritten with the new daemon's address.
-    let hook = std::fs::read_to_string(info.source_repo.join("hooks/post-receive")).expect("hook");
+    let hook = std::fs::read_to_string(info.source_repo.join("hooks/proc-receive")).expect("hook");
     assert!(hook.contains(&second.base), "{hook}");
     second.stop().await;
 }
