@@ -15,6 +15,12 @@
 //! - `refs/tags/<service>/<name>`: annotated tags naming deployments.
 //! - `refs/revboot/logs/<service>`: runtime logs, one commit per instance (see below).
 //! - `revboot/`: the store's private files (writer locks, image spools); git ignores them.
+//! - `HEAD` names a service branch, so that `git clone` checks one out: the first service
+//!   written, or, when the branch it named is gone, the next one written (or the first
+//!   branch found when the store opens).
+//!
+//! Deployments may also be pushed with stock git (a CI's prebuilt images):
+//! [`Store::check_push`] says whether a push's updates follow the protocol below.
 //!
 //! # The deployment tree protocol
 //!
@@ -98,6 +104,7 @@
 mod diff;
 mod error;
 pub mod image;
+mod incoming;
 mod index;
 mod lock;
 mod logs;
@@ -106,15 +113,18 @@ pub mod protocol;
 mod quarantine;
 mod repack;
 mod revision;
+mod source;
 mod store;
 mod types;
 
 pub use error::{LiveError, MaintenanceError, OpenError, ReadError, ResolveError, WriteError};
+pub use incoming::{MAX_PUSHED_COMMITS, PushRefused, PushedDeployments, PushedRef};
 pub use index::MAX_HISTORY;
 pub use logs::{MAX_CONSOLE_BYTES, MAX_RUNTIME_LOGS};
 pub use manifest::{Manifest, ManifestError};
 pub use repack::REPACK_TIMEOUT;
 pub use revision::{ParseRevisionError, Revision};
+pub use source::find_commit;
 pub use store::{CAS_ATTEMPTS, MAX_BUILD_LOG_BYTES, MAX_IMAGE_BYTES, MAX_MANIFEST_BYTES, Store};
 pub use types::{
     BuildStatus, Deployment, DeploymentDiff, ImageInfo, ImageInput, ImageReader, LiveMove,

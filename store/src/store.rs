@@ -106,14 +106,47 @@ impl Store {
         })?;
         lock::sweep_spools(&path);
         lock::sweep_object_temporaries(&path, lock::ABANDONED_TEMPORARY);
+        let first_branch = repo.references().ok().and_then(|references| {
+            let all = references.all().ok()?;
+            all.flatten()
+                .filter_map(|r| {
+                    let name = r.name().as_bstr().to_string();
+                    let service = name.strip_prefix("refs/heads/")?.to_owned();
+                    protocol::check_label(&service).ok().map(|()| service)
+                })
+                .min()
+        });
         let watcher = inotify.then(|| crate::index::Watcher::new(&path)).flatten();
-        Ok(Store {
+        let store = Store {
             inner: Arc::new(Inner {
                 path,
                 repo: repo.into_sync(),
                 index: Mutex::new(IndexState::with_watcher(watcher)),
             }),
-        })
+        };
+        if let Some(service) = first_branch {
+            store.keep_head(&service);
+        }
+        Ok(store)
+    }
+
+    /// Points `HEAD` at `refs/heads/<service>` unless it names a branch that exists, so that
+    /// a clone checks a service out.
+    fn keep_head(&self, service: &str) {
+        let head = self.inner.path.join("HEAD");
+        let current = fs::read_to_string(&head).unwrap_or_default();
+        if let Some(target) = current.trim().strip_prefix("ref: ")
+            && read_ref(&self.repo(), target).ok().flatten().is_some()
+        {
+            return;
+        }
+        let staging = self.inner.path.join("HEAD.revboot-new");
+        let written = fs::write(&staging, format!("ref: refs/heads/{service}\n"))
+            .and_then(|()| fs::rename(&staging, &head));
+        match written {
+            Ok(()) => tracing::info!(service, "HEAD names the service now"),
+            Err(error) => tracing::warn!(%error, service, "cannot point HEAD at the service"),
+        }
     }
 
     /// The repository's directory.
@@ -249,6 +282,7 @@ impl Store {
             |quarantine, parent| quarantine.write(&commit(tree, parent, &message), "write commit"),
         )?;
         drop(_lock);
+        self.keep_head(d.service);
         self.refreshed();
         tracing::info!(service = d.service, revision = %id, status = %d.status, "wrote deployment");
         Ok(Revision::new(id))
