@@ -8,8 +8,11 @@
 //!    `serv%69ce=…`) is refused with `400` before anything else, because git would run the
 //!    last one and an authorisation that read the first would guard the wrong service.
 //!    `git http-backend` is handed only the service that was checked, never the raw query.
-//! 2. Push (`git-receive-pack`) needs basic auth with a push token, fetch needs it unless
-//!    anonymous fetch is configured; otherwise `401` with `WWW-Authenticate: Basic`.
+//! 2. Push (`git-receive-pack`) needs a push token (basic auth with the token as password,
+//!    or `Authorization: Bearer <token>`), fetch needs it unless anonymous fetch is
+//!    configured; otherwise `401` with `WWW-Authenticate: Basic`. The deployment
+//!    repository, `/git/-/deploy.git`, is served the same way (see [`crate::deploy`]) and
+//!    also takes the deploy tokens.
 //! 3. The first authenticated push to an unknown service creates its source repository
 //!    (the name must be a valid service name).
 //! 4. The request runs `git http-backend` (CGI) with `GIT_PROJECT_ROOT`, `PATH_INFO`,
@@ -63,6 +66,7 @@ const MAX_REFS_PER_PUSH: usize = 32;
 pub(crate) fn router(builder: Builder) -> Router {
     Router::new()
         .route("/git/-/hook/{service}", post(hook))
+        .route("/git/-/deploy-hook/{phase}", post(deploy_hook))
         .route("/git/{repo}/{*path}", any(smart_http))
         .with_state(builder)
 }
@@ -101,12 +105,19 @@ async fn smart_http(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let Some(service) = repo.strip_suffix(".git") else {
-        return text(
-            StatusCode::NOT_FOUND,
-            "Not a repository path: use /git/<service>.git",
-        );
+    // The deployment repository, or a service's source repository.
+    let deploy_path = crate::deploy::smart_path(&repo, &path);
+    let (service, path) = match (&deploy_path, repo.strip_suffix(".git")) {
+        (Some(rest), _) => ("-", rest.clone()),
+        (None, Some(service)) => (service, path),
+        (None, None) => {
+            return text(
+                StatusCode::NOT_FOUND,
+                "Not a repository path: use /git/<service>.git or /git/-/deploy.git",
+            );
+        }
     };
+    let deploy = deploy_path.is_some();
     let asked = match query_service(query.as_deref().unwrap_or_default()) {
         Ok(asked) => asked,
         Err(message) => {
@@ -130,12 +141,25 @@ async fn smart_http(
         _ => return text(StatusCode::NOT_FOUND, format!("Not found: {method} {path}")),
     };
     let inner = &builder.inner;
+    // Basic auth with the token as password, as git asks for it; or a bearer token (as
+    // `git -c http.extraHeader='Authorization: Bearer …'` sends it, keeping it out of URLs).
     let user = match headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(parse_basic)
-    {
+        .and_then(|value| match value.strip_prefix("Bearer ") {
+            Some(token) => Some(crate::auth::BasicCredentials {
+                user: "bearer".to_owned(),
+                password: token.trim().to_owned(),
+            }),
+            None => parse_basic(value),
+        }) {
         Some(credentials) if token_matches(&inner.config.push_tokens, &credentials.password) => {
+            Some(credentials.user)
+        }
+        // A deploy token opens the deployment repository only.
+        Some(credentials)
+            if deploy && token_matches(&inner.config.deploy_tokens, &credentials.password) =>
+        {
             Some(credentials.user)
         }
         Some(credentials) => {
@@ -148,11 +172,12 @@ async fn smart_http(
         tracing::info!(service, ?kind, "asking for credentials");
         return unauthorized("A push token is needed (use https://user:TOKEN@host/…)");
     }
-    if let Err(error) = validate_service_name(service) {
+    if deploy {
+        // Served as it is: nothing to create.
+    } else if let Err(error) = validate_service_name(service) {
         tracing::warn!(%error, "bad service name in git URL");
         return text(StatusCode::BAD_REQUEST, error.to_string());
-    }
-    if !inner.repos.exists(service) {
+    } else if !inner.repos.exists(service) {
         if kind == Service::Upload {
             return text(StatusCode::NOT_FOUND, format!("No service `{service}`"));
         }
@@ -167,11 +192,24 @@ async fn smart_http(
         (&Method::GET, Service::Receive) => "service=git-receive-pack",
         _ => "",
     };
-    match run_cgi(
-        &builder, service, &path, query, &method, &headers, user, body,
-    )
-    .await
-    {
+    let (root, path_info) = if deploy {
+        let (root, name) = crate::deploy::project_root(&inner.config.store);
+        (root.to_owned(), format!("/{name}/{path}"))
+    } else {
+        (
+            inner.repos.root().to_owned(),
+            format!("/{service}.git/{path}"),
+        )
+    };
+    let cgi = Cgi {
+        root: &root,
+        path_info,
+        query,
+        method: &method,
+        headers: &headers,
+        user,
+    };
+    match run_cgi(&builder, service, cgi, body).await {
         Ok(response) => response,
         Err(message) => {
             tracing::error!(service, message, "git http-backend failed");
@@ -228,18 +266,33 @@ fn url_decode(text: &str) -> Vec<u8> {
     out
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What `git http-backend` is run for.
+struct Cgi<'a> {
+    /// `GIT_PROJECT_ROOT`.
+    root: &'a std::path::Path,
+    /// `PATH_INFO`: the repository below the root and the smart HTTP path.
+    path_info: String,
+    query: &'a str,
+    method: &'a Method,
+    headers: &'a HeaderMap,
+    user: Option<String>,
+}
+
 async fn run_cgi(
     builder: &Builder,
     service: &str,
-    path: &str,
-    query: &str,
-    method: &Method,
-    headers: &HeaderMap,
-    user: Option<String>,
+    cgi: Cgi<'_>,
     body: Body,
 ) -> Result<Response, String> {
     let inner = &builder.inner;
+    let Cgi {
+        root,
+        path_info,
+        query,
+        method,
+        headers,
+        user,
+    } = cgi;
     let header_text = |name: header::HeaderName| {
         headers
             .get(name)
@@ -249,9 +302,9 @@ async fn run_cgi(
     let mut command = crate::git::command(None);
     command
         .arg("http-backend")
-        .env("GIT_PROJECT_ROOT", inner.repos.root())
+        .env("GIT_PROJECT_ROOT", root)
         .env("GIT_HTTP_EXPORT_ALL", "1")
-        .env("PATH_INFO", format!("/{service}.git/{path}"))
+        .env("PATH_INFO", path_info)
         .env("REQUEST_METHOD", method.as_str())
         .env("QUERY_STRING", query)
         .env("SERVER_PROTOCOL", "HTTP/1.1")
@@ -525,6 +578,23 @@ fn verdict(refname: &str, refusal: Option<&str>) -> Bytes {
     })
 }
 
+/// The refusal of a hook call without the daemon's hook token.
+fn hook_caller(inner: &crate::Inner, headers: &HeaderMap) -> Result<(), Box<Response>> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if token_matches(std::slice::from_ref(&inner.hook_token), presented) {
+        return Ok(());
+    }
+    tracing::warn!("hook call with a wrong token");
+    Err(Box::new(text(
+        StatusCode::UNAUTHORIZED,
+        "revboot: wrong hook token",
+    )))
+}
+
 async fn hook(
     State(builder): State<Builder>,
     Path(service): Path<String>,
@@ -532,14 +602,8 @@ async fn hook(
     body: Body,
 ) -> Response {
     let inner = &builder.inner;
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !token_matches(std::slice::from_ref(&inner.hook_token), presented) {
-        tracing::warn!(service, "hook call with a wrong token");
-        return text(StatusCode::UNAUTHORIZED, "revboot: wrong hook token");
+    if let Err(refused) = hook_caller(inner, &headers) {
+        return *refused;
     }
     if validate_service_name(&service).is_err() || !inner.repos.exists(&service) {
         return text(
@@ -674,6 +738,81 @@ async fn hook(
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
+}
+
+/// The deployment repository's hooks (see [`crate::deploy`]).
+async fn deploy_hook(
+    State(builder): State<Builder>,
+    Path(phase): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let inner = &builder.inner;
+    if let Err(refused) = hook_caller(inner, &headers) {
+        return *refused;
+    }
+    let body = match axum::body::to_bytes(body, MAX_HOOK_BODY).await {
+        Ok(body) => body,
+        Err(error) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("revboot: bad hook request: {error}"),
+            );
+        }
+    };
+    let call = match crate::deploy::parse(&String::from_utf8_lossy(&body)) {
+        Ok(call) => call,
+        Err(error) => return text(StatusCode::BAD_REQUEST, format!("revboot: {error}")),
+    };
+    let options = match push_options(&call.options) {
+        Ok(options) => options,
+        Err(error) => return text(StatusCode::CONFLICT, format!("revboot: {error}")),
+    };
+    let store = inner.config.store.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        store.check_push(call.quarantine.as_deref(), &call.updates)
+    })
+    .await;
+    let pushed = match checked {
+        Ok(Ok(pushed)) => pushed,
+        Ok(Err(refused)) => {
+            tracing::info!(%refused, "refused a push to the deployment repository");
+            return text(StatusCode::CONFLICT, format!("revboot: refused: {refused}"));
+        }
+        Err(error) => {
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("revboot: the check failed: {error}"),
+            );
+        }
+    };
+    match phase.as_str() {
+        "pre-receive" => {
+            let count: usize = pushed.iter().map(|p| p.commits.len()).sum();
+            text(
+                StatusCode::OK,
+                format!("revboot: {count} new deployments checked"),
+            )
+        }
+        "post-receive" => {
+            let mut lines = Vec::new();
+            for branch in pushed {
+                let commits: Vec<revboot_store::Revision> = branch
+                    .commits
+                    .into_iter()
+                    .map(revboot_store::Revision::new)
+                    .collect();
+                for line in
+                    crate::deploy::announce(&builder, &branch.service, &commits, options.deploy)
+                        .await
+                {
+                    lines.push(format!("revboot: {line}"));
+                }
+            }
+            text(StatusCode::OK, lines.join("\n"))
+        }
+        other => text(StatusCode::NOT_FOUND, format!("revboot: no hook `{other}`")),
+    }
 }
 
 /// How following a build ended.

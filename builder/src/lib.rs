@@ -5,7 +5,10 @@
 //! service's recipe (`revboot.toml`) in a fresh checkout with a time limit, and records every
 //! build — succeeded, failed or interrupted — as a commit in the deployment repository
 //! ([`revboot_store::Store`]), moving the service's live pointer on success. The pusher
-//! watches it happen in `git push`'s output.
+//! watches it happen in `git push`'s output. It also serves the deployment repository as a
+//! git remote (`/git/-/deploy.git`: clone, fetch, and a CI's pushes of prebuilt deployments,
+//! checked before git takes them; see the `deploy` module) and builds a source commit on
+//! demand ([`Builder::build_on_demand`]).
 //!
 //! # The push protocol
 //!
@@ -85,6 +88,7 @@
 #![deny(unsafe_code)]
 
 pub mod auth;
+mod deploy;
 mod git;
 mod http;
 mod log;
@@ -127,6 +131,9 @@ pub struct BuilderConfig {
     pub base_url: String,
     /// Tokens accepted as the basic-auth password of a push.
     pub push_tokens: Vec<String>,
+    /// Tokens accepted for the deployment repository only (`/git/-/deploy.git`: a CI's
+    /// pushes of prebuilt deployments, and fetches), never for sources.
+    pub deploy_tokens: Vec<String>,
     /// Whether fetch and clone work without a token (default: no).
     pub anonymous_fetch: bool,
     /// Builds running at once across services; 0 means the number of available cores.
@@ -176,6 +183,7 @@ impl BuilderConfig {
             zone: zone.into(),
             base_url: base_url.into(),
             push_tokens: Vec::new(),
+            deploy_tokens: Vec::new(),
             anonymous_fetch: false,
             max_parallel: 0,
             max_queued: 64,
@@ -334,7 +342,12 @@ impl Builder {
         if config.space_check_secs == 0 || config.space_check_secs > 3600 {
             return Err(invalid("space_check_secs", "must be between 1 and 3600"));
         }
-        if config.push_tokens.iter().any(|t| t.is_empty()) {
+        if config
+            .push_tokens
+            .iter()
+            .chain(&config.deploy_tokens)
+            .any(|t| t.is_empty())
+        {
             return Err(invalid("push_tokens", "must not contain an empty token"));
         }
         if config.push_tokens.is_empty() {
@@ -389,6 +402,16 @@ impl Builder {
                 max_time_secs: config.push_wait_secs + 30,
             },
         );
+        deploy::prepare(
+            &config.store,
+            &repos::HookTarget {
+                base_url: config.base_url.clone(),
+                token: hook_token.clone(),
+                max_time_secs: 300,
+            },
+        )
+        .await
+        .map_err(io(config.store.path()))?;
         let mut heads = Vec::new();
         for service in repos.list().map_err(io(&src))? {
             repos
@@ -486,7 +509,9 @@ impl Builder {
     }
 
     /// The smart HTTP and hook routes, with full paths under `/git/` (merge it into the
-    /// daemon's router): `/git/<service>.git/…` and `/git/-/hook/<service>`.
+    /// daemon's router): `/git/<service>.git/…`, the deployment repository
+    /// `/git/-/deploy.git/…`, and the hooks' `/git/-/hook/<service>` and
+    /// `/git/-/deploy-hook/<phase>`.
     pub fn router(&self) -> axum::Router {
         http::router(self.clone())
     }
@@ -685,6 +710,46 @@ impl Builder {
             built,
             limit,
         })
+    }
+}
+
+impl Builder {
+    /// Queues a build of `commit` (40 hex, a commit of the service's source repository) that
+    /// no push asked for: a build on demand, of no branch, that never moves live. Returns
+    /// the build's number and a receiver that sees whether it succeeded once it has ended.
+    pub async fn build_on_demand(
+        &self,
+        service: &str,
+        commit: &str,
+    ) -> Result<(u64, tokio::sync::oneshot::Receiver<bool>), EnqueueError> {
+        let request = queue::Request {
+            tip: false,
+            ..queue::Request::one(service, "", commit)
+        };
+        let queued = self.inner.queue.enqueue(request).await?;
+        let ticket = queued
+            .tickets
+            .last()
+            .cloned()
+            .ok_or(EnqueueError::ShuttingDown)?;
+        let (done, ended) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let mut progress = ticket.tracker.subscribe();
+            let succeeded = loop {
+                match &progress.borrow_and_update().phase {
+                    queue::Phase::Done(outcome) => {
+                        break outcome.state == BuildState::Succeeded;
+                    }
+                    queue::Phase::Superseded { .. } => break false,
+                    queue::Phase::Queued | queue::Phase::Running => {}
+                }
+                if progress.changed().await.is_err() {
+                    break false;
+                }
+            };
+            let _ = done.send(succeeded);
+        });
+        Ok((queued.tickets[queued.tickets.len() - 1].tracker.id, ended))
     }
 }
 

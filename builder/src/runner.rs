@@ -920,7 +920,8 @@ async fn record(
                 build_log: &log,
                 source_commit: &commit,
                 source_repo: &service,
-                source_ref: Some(&refname),
+                // A build on demand is of a commit, not of a branch.
+                source_ref: (!refname.is_empty()).then_some(refname.as_str()),
                 subject: &subject,
             })
             .inspect(|_| {
