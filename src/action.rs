@@ -306,6 +306,9 @@ pub enum ActionError {
     /// A limit was reached or the part is not running; try later.
     #[error("{0}")]
     Unavailable(String),
+    /// The revision asked for is being built (on demand); ask again shortly.
+    #[error("{0}")]
+    Building(String),
     /// Something broke inside revboot.
     #[error("{0}")]
     Internal(String),
@@ -319,7 +322,7 @@ impl ActionError {
             ActionError::Unauthorized(_) => 401,
             ActionError::NotFound(_) => 404,
             ActionError::Ambiguous(_) | ActionError::Conflict(_) => 409,
-            ActionError::Unavailable(_) => 503,
+            ActionError::Unavailable(_) | ActionError::Building(_) => 503,
             ActionError::Internal(_) => 500,
         }
     }
@@ -329,7 +332,7 @@ impl ActionError {
         match self {
             ActionError::Invalid(_) | ActionError::Unauthorized(_) => 2,
             ActionError::NotFound(_) | ActionError::Ambiguous(_) | ActionError::Conflict(_) => 3,
-            ActionError::Unavailable(_) => 4,
+            ActionError::Unavailable(_) | ActionError::Building(_) => 4,
             ActionError::Internal(_) => 1,
         }
     }

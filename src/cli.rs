@@ -86,7 +86,8 @@ pub enum Command {
     Kill(InstanceArgs),
     /// Build and console logs.
     Logs(LogsArgs),
-    /// Find the first bad deployment with `git bisect run`, booting each step on demand.
+    /// Find the first bad deployment (or, with --source, source commit) with `git bisect
+    /// run` on the daemon at --url, booting (and building) each step on demand.
     Bisect(BisectArgs),
     /// Internal: one step of `revboot bisect`, run by `git bisect run`.
     #[command(hide = true)]
@@ -174,12 +175,16 @@ pub struct LogsArgs {
 pub struct BisectArgs {
     /// The service.
     pub service: String,
-    /// A label known to be good.
+    /// A label known to be good (with --source: a source commit or ref).
     #[arg(long)]
     pub good: String,
-    /// A label known to be bad.
+    /// A label known to be bad (with --source: a source commit or ref).
     #[arg(long)]
     pub bad: String,
+    /// Bisect the service's source history instead of its deployments: commits that have
+    /// no deployment yet are built as the bisection visits them.
+    #[arg(long)]
+    pub source: bool,
     /// The check: exit 0 = good, 1–124 = bad, 125 = skip. Gets `REVBOOT_NAME` and `REVBOOT_ADDR`.
     #[arg(last = true, required = true)]
     pub check: Vec<String>,

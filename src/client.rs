@@ -46,6 +46,11 @@ impl Client {
         &self.url
     }
 
+    /// The token the client sends, if it has one.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
     /// Carries out an action, through the daemon when it answers.
     pub fn execute(&self, action: Action) -> Result<Reply, ActionError> {
         match self.remote(&action) {

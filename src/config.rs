@@ -91,6 +91,9 @@ pub struct Http {
     /// token, as writes do (the OpenAPI document alone is public). `revboot demo` turns it
     /// on for its one user.
     pub public_reads: bool,
+    /// Tokens that open the deployment repository only (`/git/-/deploy.git`: fetch, and a
+    /// CI's pushes of prebuilt deployments), never sources or the API.
+    pub deploy_tokens: Vec<String>,
 }
 
 impl std::fmt::Debug for Http {
@@ -100,6 +103,7 @@ impl std::fmt::Debug for Http {
             .field("listen", &self.listen)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("public_reads", &self.public_reads)
+            .field("deploy_tokens", &self.deploy_tokens.len())
             .finish()
     }
 }
@@ -187,6 +191,7 @@ impl Default for Http {
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080),
             token: None,
             public_reads: false,
+            deploy_tokens: Vec::new(),
         }
     }
 }

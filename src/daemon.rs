@@ -7,7 +7,8 @@
 //!    address, because the handshake proxy owns `address:port`.
 //! 3. The proxy wraps the deployer (it implements the same `Instances` trait): a summon
 //!    binds the listener before the address is handed out.
-//! 4. The DNS server answers from the proxy.
+//! 4. The DNS server answers from the proxy, through builds on demand: a name for a source
+//!    commit that has no deployment yet builds it (`crate::on_demand`).
 //! 5. One HTTP server carries git smart HTTP (the builder's router), the API and `/metrics`;
 //!    all of them need the token, reads included, unless `[http] public_reads` is on.
 //! 6. SIGTERM or SIGINT: stop accepting HTTP and DNS, mark running builds interrupted, stop
@@ -164,6 +165,7 @@ impl Runtime for DaemonRuntime {
                         revboot_deployer::ResolveError::Store(_) => {
                             ActionError::Internal(error.to_string())
                         }
+                        revboot_deployer::ResolveError::Building(why) => ActionError::Building(why),
                         _ => ActionError::NotFound(error.to_string()),
                     })?;
                 let summoned = self
@@ -180,6 +182,13 @@ impl Runtime for DaemonRuntime {
             other => Err(ActionError::Internal(format!(
                 "{other:?} is not an instance action"
             ))),
+        }
+    }
+
+    fn build_on_demand(&self, service: &str, label: &str, unknown: ActionError) -> ActionError {
+        match self.front.resolve(service, Some(label)) {
+            Err(revboot_deployer::ResolveError::Building(why)) => ActionError::Building(why),
+            _ => unknown,
         }
     }
 }
@@ -364,6 +373,35 @@ impl Daemon {
         let proxy = Proxy::new(ProxyConfig::default(), deployer.clone());
         let front: Arc<dyn Instances> = proxy.clone();
 
+        let listener = tokio::net::TcpListener::bind(config.http.listen)
+            .await
+            .with_context(|| format!("Cannot serve HTTP on {}", config.http.listen))?;
+        let http_addr = listener.local_addr()?;
+
+        let mut builder_config = BuilderConfig::new(
+            &data,
+            store.clone(),
+            config.zone.clone(),
+            format!("http://{http_addr}"),
+        );
+        builder_config.push_tokens = vec![token.clone()];
+        builder_config.deploy_tokens = config.http.deploy_tokens.clone();
+        builder_config.anonymous_fetch = config.http.public_reads;
+        builder_config.max_parallel = config.parallel_builds();
+        builder_config.max_queued = config.builds.queue;
+        builder_config.max_commits_per_push = config.commits_per_push();
+        builder_config.name = deployer_name(&data);
+        builder_config.sandbox = config.builds.sandbox.clone();
+        let builder = Builder::start(builder_config)
+            .await
+            .context("Cannot start the builder")?;
+
+        // A name for a source commit that has no deployment builds it (see on_demand).
+        let front: Arc<dyn Instances> = Arc::new(crate::on_demand::OnDemand::new(
+            front,
+            builder.clone(),
+            tokio::runtime::Handle::current(),
+        ));
         let dns_config = DnsConfig {
             listen: config.dns.listen,
             zone: config.zone.clone(),
@@ -386,28 +424,6 @@ impl Daemon {
             .with_context(|| format!("Cannot serve DNS on {}", config.dns.listen))?;
         let dns_metrics = dns.metrics();
         let dns = dns.spawn();
-
-        let listener = tokio::net::TcpListener::bind(config.http.listen)
-            .await
-            .with_context(|| format!("Cannot serve HTTP on {}", config.http.listen))?;
-        let http_addr = listener.local_addr()?;
-
-        let mut builder_config = BuilderConfig::new(
-            &data,
-            store.clone(),
-            config.zone.clone(),
-            format!("http://{http_addr}"),
-        );
-        builder_config.push_tokens = vec![token.clone()];
-        builder_config.anonymous_fetch = config.http.public_reads;
-        builder_config.max_parallel = config.parallel_builds();
-        builder_config.max_queued = config.builds.queue;
-        builder_config.max_commits_per_push = config.commits_per_push();
-        builder_config.name = deployer_name(&data);
-        builder_config.sandbox = config.builds.sandbox.clone();
-        let builder = Builder::start(builder_config)
-            .await
-            .context("Cannot start the builder")?;
 
         let runtime = Arc::new(DaemonRuntime {
             store: store.clone(),

@@ -18,6 +18,9 @@ pub trait Runtime: Send + Sync + 'static {
     fn add_service(&self, name: &str) -> Result<(), ActionError>;
     /// Runs an instance-related action (list, stop, summon).
     fn instances(&self, action: &Action) -> Result<Reply, ActionError>;
+    /// For a label that names no deployment: builds the source commit it names, if any, on
+    /// demand ([`ActionError::Building`]); otherwise `unknown`, the error as it was.
+    fn build_on_demand(&self, service: &str, label: &str, unknown: ActionError) -> ActionError;
 }
 
 /// Carries out actions.
@@ -209,7 +212,12 @@ impl Engine {
         label: &str,
         reason: MoveReason,
     ) -> Result<Reply, ActionError> {
-        let target = self.deployment(service, Some(label))?;
+        let target = match (self.deployment(service, Some(label)), &self.runtime) {
+            (Err(unknown @ ActionError::NotFound(_)), Some(runtime)) => {
+                return Err(runtime.build_on_demand(service, label, unknown));
+            }
+            (result, _) => result?,
+        };
         if target.image.is_none() {
             return Err(ActionError::Conflict(format!(
                 "{} of `{service}` has no image (its build {}): it cannot be live",

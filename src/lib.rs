@@ -15,5 +15,6 @@ pub mod daemon;
 pub mod demo;
 pub mod engine;
 pub mod metrics;
+pub mod on_demand;
 pub mod output;
 pub mod run;

@@ -104,11 +104,11 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         }
         Command::Bisect(args) => {
             let client = client(&cli, &config);
-            return crate::bisect::bisect(&client, &config, args);
+            return crate::bisect::bisect(&client, args);
         }
         Command::BisectStep(args) => {
             let client = client(&cli, &config);
-            return crate::bisect::step(&client, &config, args);
+            return crate::bisect::step(&client, args);
         }
         Command::Logs(args) => {
             let client = client(&cli, &config);
@@ -149,9 +149,31 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let client = client(&cli, &config);
     let what = describe(&action);
     Ok(print(
-        with_progress(&what, || client.execute(action)),
+        with_progress(&what, || execute_waiting(&client, action)),
         cli.json,
     ))
+}
+
+/// How long a command waits for a build on demand (`revboot deploy` of a source commit
+/// that has no deployment yet).
+const BUILD_WAIT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Carries out an action, asking again while what it names is being built on demand.
+pub fn execute_waiting(client: &Client, action: Action) -> Result<Reply, ActionError> {
+    let deadline = std::time::Instant::now() + BUILD_WAIT;
+    let mut said = false;
+    loop {
+        match client.execute(action.clone()) {
+            Err(ActionError::Building(why)) if std::time::Instant::now() < deadline => {
+                if !said {
+                    let _ = writeln!(std::io::stderr(), "revboot: {why}");
+                    said = true;
+                }
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Runs `work`, showing a spinner on a terminal once it has taken more than a second.

@@ -147,6 +147,10 @@ pub enum ResolveError {
     /// The store could not be read.
     #[error("Deployment repository unreadable: {0}")]
     Store(String),
+    /// The label names a source commit that has no deployment yet: it is being built (or
+    /// cannot be now, and the reason says when to ask again).
+    #[error("{0}")]
+    Building(String),
 }
 
 /// Why a summon was refused. Every variant is an answer to pass on, not a panic.

@@ -330,6 +330,15 @@ impl Engine {
                 };
                 (reply, Some(Scope::Shared))
             }
+            // Asked again once built; the answer is not cached meanwhile.
+            ResolveError::Building(why) => {
+                let reply = Reply {
+                    rcode: u16::from(ResponseCode::ServFail),
+                    ede: Some((EDE_NOT_READY, why.clone())),
+                    ..Reply::default()
+                };
+                (reply, None)
+            }
             ResolveError::NotBootable { .. } => {
                 let mut reply = self.nodata(generation);
                 reply.ede = Some((EDE_OTHER, error.to_string()));

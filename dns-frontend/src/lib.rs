@@ -37,7 +37,9 @@
 //! 8. Summons beyond `boots_per_second` per client prefix → REFUSED with an EDE; a summon
 //!    the deployer refuses (caps, pool, backoff) or a store failure → SERVFAIL with an EDE.
 //! 9. Delayed mode: the answer to rule 7 is sent once the instance is ready; not ready in
-//!    `delay_limit` (or its boot timeout), or crashed → SERVFAIL with EDE "Not Ready".
+//!    `delay_limit` (or its boot timeout), or crashed → SERVFAIL with EDE "Not Ready". So is
+//!    a label the deployer says is being built (a source commit with no deployment yet,
+//!    built on demand), uncached: asked again once built, the name answers as rule 7.
 //! 10. Every answer with an instance counts as activity (reported at most once per
 //!     `activity_interval` per cached answer).
 //! 11. UDP responses larger than the requestor's payload size (512 without EDNS; this server

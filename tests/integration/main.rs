@@ -4,6 +4,7 @@ mod api;
 mod daemon_log;
 mod direct;
 mod gatekeeper;
+mod history;
 mod journey;
 mod per_client;
 mod support;
