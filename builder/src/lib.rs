@@ -127,7 +127,7 @@ pub struct BuilderConfig {
     /// The DNS zone, for the names printed to pushers.
     pub zone: String,
     /// The base URL under which [`Builder::router`] is served (`http://127.0.0.1:7070`);
-    /// baked into the `post-receive` hooks.
+    /// baked into the hooks of the source and deployment repositories.
     pub base_url: String,
     /// Tokens accepted as the basic-auth password of a push.
     pub push_tokens: Vec<String>,
