@@ -275,7 +275,7 @@ impl Spawner {
         }
         let groups = match &self.cgroups {
             Some(cgroups) => {
-                let groups = cgroups
+                let mut groups = cgroups
                     .create(&format!("build-{}", launch.id))
                     .map_err(|e| format!("cannot create the build's cgroups: {e}"))?;
                 let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);

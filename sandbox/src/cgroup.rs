@@ -87,6 +87,9 @@ pub struct InstanceGroups {
     /// Opened `tasks` (v1) or `cgroup.procs` (v2) files, one per group, for the child to
     /// join with.
     pub procs: Vec<File>,
+    /// The limits written last: a limit that did not change is not written again (a cpu
+    /// quota write walks every cpu group of the host).
+    applied: Option<Limits>,
 }
 
 impl Cgroups {
@@ -229,6 +232,7 @@ impl Cgroups {
         let mut groups = InstanceGroups {
             dirs: Vec::new(),
             procs: Vec::new(),
+            applied: None,
         };
         for (hierarchy, controllers) in &self.hierarchies {
             let dir = hierarchy.mount().join(&self.parent).join(name);
@@ -282,13 +286,23 @@ impl Cgroups {
 }
 
 impl InstanceGroups {
-    /// Writes the limits of the instance that will run in these groups.
-    pub fn limit(&self, limits: Limits) -> io::Result<()> {
+    /// Writes the limits of the instance that will run in these groups: those that differ
+    /// from the limits written before (a spare's defaults), or all of them.
+    pub fn limit(&mut self, limits: Limits) -> io::Result<()> {
+        let before = self.applied.take();
         for (dir, v2, controllers) in &self.dirs {
-            for controller in controllers {
-                write_limit(dir, *controller, *v2, limits)?;
+            for &controller in controllers {
+                let same = before.is_some_and(|before| match controller {
+                    Controller::Memory => before.memory_bytes == limits.memory_bytes,
+                    Controller::Pids => before.pids == limits.pids,
+                    Controller::Cpu => before.cpu_percent == limits.cpu_percent,
+                });
+                if !same {
+                    write_limit(dir, controller, *v2, limits)?;
+                }
             }
         }
+        self.applied = Some(limits);
         Ok(())
     }
 
@@ -323,6 +337,142 @@ impl InstanceGroups {
                 warn!(cgroup = %dir.display(), %error, "cannot remove instance cgroup");
             }
         }
+    }
+}
+
+/// Instance groups made ahead of time, with default limits, by a thread of their own.
+///
+/// 1. The thread keeps up to `keep` groups ready (`spare-<pid>-<n>`), each limited to the
+///    defaults, so that a spawn only has to write the limits that differ (and a cpu quota,
+///    whose write walks every cpu group of the host, seldom does).
+/// 2. [`Spares::take`] hands one out, or makes one on the spot when none is ready.
+/// 3. After a take the thread waits [`Spares::REFILL_PAUSE`] before making more, so that
+///    it does not compete with the instance that is starting, unless fewer than half are
+///    left (a storm of boots): then it makes them at once, on the other core.
+/// 4. [`Spares::close`] removes the ready ones and stops the thread.
+#[derive(Debug, Clone)]
+pub struct Spares {
+    inner: std::sync::Arc<SparesInner>,
+}
+
+#[derive(Debug)]
+struct SparesInner {
+    cgroups: Cgroups,
+    defaults: Limits,
+    keep: usize,
+    ready: std::sync::Mutex<Vec<InstanceGroups>>,
+    wanted: std::sync::Condvar,
+    closed: std::sync::atomic::AtomicBool,
+    serial: std::sync::atomic::AtomicU64,
+}
+
+impl Spares {
+    /// How long the thread waits after a take before it makes more (rule 3).
+    pub const REFILL_PAUSE: Duration = Duration::from_millis(20);
+
+    /// Starts the thread that keeps `keep` groups of `cgroups` ready with `defaults`.
+    pub fn start(cgroups: Cgroups, defaults: Limits, keep: usize) -> io::Result<Spares> {
+        let inner = std::sync::Arc::new(SparesInner {
+            cgroups,
+            defaults,
+            keep,
+            ready: std::sync::Mutex::new(Vec::with_capacity(keep)),
+            wanted: std::sync::Condvar::new(),
+            closed: std::sync::atomic::AtomicBool::new(false),
+            serial: std::sync::atomic::AtomicU64::new(0),
+        });
+        let weak = std::sync::Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("revboot-cgroups".into())
+            .spawn(move || {
+                while let Some(inner) = weak.upgrade() {
+                    if !inner.refill_one() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Spares { inner })
+    }
+
+    /// A group set for `name`: a spare (limited to the defaults), or a new one (no limits).
+    pub fn take(&self, name: &str) -> io::Result<InstanceGroups> {
+        let spare = self.inner.lock().pop();
+        self.inner.wanted.notify_one();
+        match spare {
+            Some(groups) => Ok(groups),
+            None => self.inner.cgroups.create(name),
+        }
+    }
+
+    /// The hierarchies the groups are made in.
+    pub fn cgroups(&self) -> &Cgroups {
+        &self.inner.cgroups
+    }
+
+    /// Removes the ready groups and makes no more.
+    pub fn close(&self) {
+        self.inner
+            .closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.inner.wanted.notify_all();
+        for groups in std::mem::take(&mut *self.inner.lock()) {
+            groups.remove();
+        }
+    }
+}
+
+impl SparesInner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<InstanceGroups>> {
+        self.ready
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Waits until a group is wanted, makes it; false once closed.
+    fn refill_one(&self) -> bool {
+        let closed = || self.closed.load(std::sync::atomic::Ordering::Acquire);
+        let mut ready = self.lock();
+        let mut woken = false;
+        while ready.len() >= self.keep && !closed() {
+            // The timeout notices a dropped owner.
+            let (guard, wait) = self
+                .wanted
+                .wait_timeout(ready, Duration::from_secs(1))
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            ready = guard;
+            woken |= !wait.timed_out();
+        }
+        let low = ready.len() < self.keep / 2;
+        drop(ready);
+        if closed() {
+            return false;
+        }
+        if woken && !low {
+            std::thread::sleep(Spares::REFILL_PAUSE);
+        }
+        let serial = self
+            .serial
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let made = self
+            .cgroups
+            .create(&format!("spare-{}-{serial}", std::process::id()))
+            .and_then(|mut groups| match groups.limit(self.defaults) {
+                Ok(()) => Ok(groups),
+                Err(error) => {
+                    groups.remove();
+                    Err(error)
+                }
+            });
+        match made {
+            Ok(groups) if !closed() => self.lock().push(groups),
+            Ok(groups) => groups.remove(),
+            Err(error) => {
+                debug!(%error, "cannot make a spare cgroup");
+                // Do not spin on a hierarchy that refuses.
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+        !closed()
     }
 }
 

@@ -48,9 +48,8 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
-use revboot_sandbox::cgroup::{Cgroups, Controller, InstanceGroups, Limits};
+use revboot_sandbox::cgroup::{Cgroups, Controller, InstanceGroups, Limits, Spares};
 use revboot_sandbox::root::{Layout, Quota};
 use revboot_sandbox::seccomp;
 use revboot_store::manifest::TenderKind;
@@ -89,13 +88,10 @@ pub struct ProcessTender {
 
 #[derive(Debug)]
 struct Shared {
-    cgroups: Option<Cgroups>,
+    /// Cgroups, a few made ahead with the default limits; `None` where unusable.
+    spares: Option<Spares>,
     spawner: Spawner,
     runtime: tokio::runtime::Handle,
-    /// Cgroups made ahead of time (between spawns), at most [`SPARE_CGROUPS`].
-    spare_groups: std::sync::Mutex<Vec<InstanceGroups>>,
-    spare_serial: std::sync::atomic::AtomicU64,
-    closed: std::sync::atomic::AtomicBool,
 }
 
 /// Why the process tender could not be set up.
@@ -130,8 +126,23 @@ impl ProcessTender {
         runtime: tokio::runtime::Handle,
     ) -> Result<ProcessTender, ProcessTenderError> {
         spawn::raise_nofile();
-        let cgroups = match Cgroups::detect(name) {
-            Ok(cgroups) => Some(cgroups),
+        let spares = match Cgroups::detect(name) {
+            Ok(cgroups) => {
+                let defaults = revboot_store::manifest::Run::default();
+                let defaults = Limits {
+                    memory_bytes: defaults.memory_mib * 1024 * 1024,
+                    pids: defaults.pids,
+                    cpu_percent: defaults.cpu_percent,
+                };
+                Some(
+                    Spares::start(cgroups, defaults, SPARE_CGROUPS).map_err(|source| {
+                        ProcessTenderError::Io {
+                            what: "the cgroup thread",
+                            source,
+                        }
+                    })?,
+                )
+            }
             Err(error) => {
                 warn!(%error, "cgroups unusable: instances run WITHOUT memory, pids and cpu limits");
                 None
@@ -175,36 +186,16 @@ impl ProcessTender {
             sandbox: sandbox.clone(),
         };
         let shared = Arc::new(Shared {
-            cgroups,
+            spares,
             spawner,
             runtime,
-            spare_groups: std::sync::Mutex::new(Vec::new()),
-            spare_serial: std::sync::atomic::AtomicU64::new(0),
-            closed: std::sync::atomic::AtomicBool::new(false),
         });
         let (jobs, queue) = std::sync::mpsc::sync_channel::<Job>(SPAWN_QUEUE);
         let worker = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("revboot-spawner".into())
             .spawn(move || {
-                loop {
-                    // Spare cgroups are made when no spawn came for a while, so that making
-                    // them never competes with an instance that is starting.
-                    let job = if worker.spares_low() {
-                        match queue.recv_timeout(SPARE_QUIET) {
-                            Ok(job) => job,
-                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                                worker.make_spare_group();
-                                continue;
-                            }
-                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-                        }
-                    } else {
-                        match queue.recv() {
-                            Ok(job) => job,
-                            Err(_) => break,
-                        }
-                    };
+                while let Ok(job) = queue.recv() {
                     let result = worker.spawn(&job);
                     if let Err(Ok(orphan)) = job.reply.send(result) {
                         // The boot was abandoned (timed out) while spawning: end it here.
@@ -215,7 +206,9 @@ impl ProcessTender {
                         orphan.kill();
                     }
                 }
-                worker.remove_spare_groups();
+                if let Some(spares) = &worker.spares {
+                    spares.close();
+                }
             })
             .map_err(io("spawner thread"))?;
         Ok(ProcessTender { shared, jobs })
@@ -223,7 +216,10 @@ impl ProcessTender {
 
     /// The cgroup layout in use (`v1`, `v2`, `hybrid`, `none`).
     pub fn cgroup_layout(&self) -> &'static str {
-        self.shared.cgroups.as_ref().map_or("none", Cgroups::layout)
+        self.shared
+            .spares
+            .as_ref()
+            .map_or("none", |spares| spares.cgroups().layout())
     }
 }
 
@@ -283,12 +279,14 @@ impl Tender for ProcessTender {
     }
 
     fn shutdown(&self) {
-        self.shared.remove_spare_groups();
+        if let Some(spares) = &self.shared.spares {
+            spares.close();
+        }
     }
 
     fn sweep_orphans(&self) {
-        if let Some(cgroups) = &self.shared.cgroups {
-            let removed = cgroups.sweep();
+        if let Some(spares) = &self.shared.spares {
+            let removed = spares.cgroups().sweep();
             if removed > 0 {
                 warn!(removed, "removed orphaned instance cgroups");
             }
@@ -590,80 +588,10 @@ impl Running for ProcessRunning {
     }
 }
 
-/// Spare cgroups kept ready.
-const SPARE_CGROUPS: usize = 8;
-/// How long without a spawn before spare cgroups are made.
-const SPARE_QUIET: Duration = Duration::from_millis(20);
+/// Cgroup sets kept ready, with the default limits.
+const SPARE_CGROUPS: usize = 16;
 
 impl Shared {
-    /// True if spare cgroups should be made.
-    fn spares_low(&self) -> bool {
-        self.cgroups.is_some()
-            && !self.closed.load(std::sync::atomic::Ordering::Acquire)
-            && self
-                .spare_groups
-                .lock()
-                .expect("spare lock is never poisoned")
-                .len()
-                < SPARE_CGROUPS
-    }
-
-    /// Makes one spare cgroup set if fewer than [`SPARE_CGROUPS`] are ready; false if none
-    /// was needed (or none can be made).
-    fn make_spare_group(&self) -> bool {
-        let Some(cgroups) = &self.cgroups else {
-            return false;
-        };
-        if self.closed.load(std::sync::atomic::Ordering::Acquire)
-            || self
-                .spare_groups
-                .lock()
-                .expect("spare lock is never poisoned")
-                .len()
-                >= SPARE_CGROUPS
-        {
-            return false;
-        }
-        let serial = self
-            .spare_serial
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let name = format!("spare-{}-{serial}", std::process::id());
-        match cgroups.create(&name) {
-            Ok(groups) => {
-                let mut spare = self
-                    .spare_groups
-                    .lock()
-                    .expect("spare lock is never poisoned");
-                if self.closed.load(std::sync::atomic::Ordering::Acquire) {
-                    drop(spare);
-                    groups.remove();
-                    return false;
-                }
-                spare.push(groups);
-                true
-            }
-            Err(error) => {
-                debug!(%error, "cannot make a spare cgroup");
-                false
-            }
-        }
-    }
-
-    /// Removes the spare cgroups and makes no more.
-    fn remove_spare_groups(&self) {
-        self.closed
-            .store(true, std::sync::atomic::Ordering::Release);
-        let spare = std::mem::take(
-            &mut *self
-                .spare_groups
-                .lock()
-                .expect("spare lock is never poisoned"),
-        );
-        for groups in spare {
-            groups.remove();
-        }
-    }
-
     /// Runs on the spawner thread.
     fn spawn(&self, job: &Job) -> Result<Spawned, BootError> {
         let spec = &job.spec;
@@ -671,17 +599,9 @@ impl Shared {
             let what = what.to_owned();
             move |source| BootError::Setup { what, source }
         };
-        let groups = match &self.cgroups {
-            Some(cgroups) => {
-                let spare = self
-                    .spare_groups
-                    .lock()
-                    .expect("spare lock is never poisoned")
-                    .pop();
-                let groups = match spare {
-                    Some(groups) => groups,
-                    None => cgroups.create(&spec.id).map_err(setup("cgroups"))?,
-                };
+        let groups = match &self.spares {
+            Some(spares) => {
+                let mut groups = spares.take(&spec.id).map_err(setup("cgroups"))?;
                 let limits = Limits {
                     memory_bytes: spec.run.memory_mib * 1024 * 1024,
                     pids: spec.run.pids,
@@ -707,9 +627,9 @@ impl Shared {
                 .map(|g| g.procs.iter().map(AsRawFd::as_raw_fd).collect())
                 .unwrap_or_default(),
             memory_enforced: self
-                .cgroups
+                .spares
                 .as_ref()
-                .is_some_and(|c| c.has(Controller::Memory)),
+                .is_some_and(|s| s.cgroups().has(Controller::Memory)),
             uid: spec.uid,
         };
         match self.spawner.spawn(launch) {

@@ -146,7 +146,7 @@ impl Jail {
         }
         let groups = match &self.cgroups {
             Some(cgroups) => {
-                let groups = cgroups.create(&spec.id).map_err(setup("cgroups"))?;
+                let mut groups = cgroups.create(&spec.id).map_err(setup("cgroups"))?;
                 let limits = Limits {
                     memory_bytes: (spec.run.memory_mib + OVERHEAD_MIB) * 1024 * 1024,
                     pids: PIDS,
