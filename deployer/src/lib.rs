@@ -82,6 +82,14 @@
 //! Linux only; the process tender needs root (namespaces, cgroups, uids). Images must be
 //! static (nothing of the host's libraries is in an instance's root). Service addresses
 //! are IPv4 loopback addresses.
+//!
+//! At ten thousand instances the kernel sets the pace: each instance holds one descriptor
+//! of the daemon (the open-file limit is raised to `fs.nr_open` when the daemon may), a
+//! memory cgroup, and a tmpfs, and every new memory cgroup is given room for every file
+//! system mounted on the host (the kernel's per-cgroup shrinker maps), so memory per
+//! instance grows slowly with the number of instances; a cpu quota is written only when it
+//! differs from the spares' default, since each write walks every cpu group. Stopping
+//! thousands at once leaves the kernel tearing down their namespaces for a while.
 
 //! # Example
 //!
