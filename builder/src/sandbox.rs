@@ -236,6 +236,14 @@ impl Sandbox {
 
 impl Spawner {
     fn serve(self, queue: Receiver<Request>) {
+        self.serve_requests(queue);
+        // The builder is gone, and every build with it.
+        if let Some(cgroups) = &self.cgroups {
+            cgroups.remove_parents();
+        }
+    }
+
+    fn serve_requests(&self, queue: Receiver<Request>) {
         while let Ok(request) = queue.recv() {
             let id = request.launch.id;
             let result = self.spawn(request.launch);

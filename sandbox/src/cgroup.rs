@@ -226,6 +226,14 @@ impl Cgroups {
             .collect()
     }
 
+    /// Removes the parents (`revboot/<name>` in each hierarchy) if they hold no group any
+    /// more: what an owner that stops leaves behind is nothing. Best effort.
+    pub fn remove_parents(&self) {
+        for parent in self.parents() {
+            let _ = fs::remove_dir(parent);
+        }
+    }
+
     /// Creates the groups named `name` (no limits yet: see [`InstanceGroups::limit`]).
     /// Creating a memory cgroup takes a while, so the process tender keeps a few spare.
     pub fn create(&self, name: &str) -> io::Result<InstanceGroups> {
@@ -418,6 +426,7 @@ impl Spares {
         for groups in std::mem::take(&mut *self.inner.lock()) {
             groups.remove();
         }
+        self.inner.cgroups.remove_parents();
     }
 }
 

@@ -282,6 +282,15 @@ impl Jail {
     }
 }
 
+impl Drop for Jail {
+    /// Every VM is gone with the jail (they hold it while they run): its cgroup parents go.
+    fn drop(&mut self) {
+        if let Some(cgroups) = &self.cgroups {
+            cgroups.remove_parents();
+        }
+    }
+}
+
 /// A path to `binary`: itself if it has a slash, else the first executable along `PATH`.
 fn resolve(binary: &Path) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
