@@ -1,0 +1,435 @@
+//! An instance's life, from boot to record: the task that tends it.
+//!
+//! 1. Boot: the image (from the revision cache), the tender's boot, the durable record,
+//!    the readiness probe; all within the boot timeout.
+//! 2. Serve: every tick, compare the last activity with the idle timeout; handle `stop`,
+//!    `kill` and the instance's own exit; hand warm connections to the instance's socket in
+//!    the kernel where it can (`steer`).
+//! 3. Stop: a graceful stop, then a kill after the grace.
+//! 4. Record: the state becomes final, the address, the durable record and the scratch
+//!    directory go, and the runtime record is written to the store.
+//!
+//! At start-up, what an earlier daemon left running is killed (`clean_orphans`).
+
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use revboot_store::RuntimeRecord;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::state::InstanceRecord;
+use crate::summon::InstanceState;
+use crate::tender::process::{ProcessTender, pid_start_time};
+use crate::tender::{ExitReport, ExitStatus, NotReady, Prepared, Running, Tender};
+
+use super::revisions::RevisionInfo;
+use super::table::{Command, Entry, StopReason};
+use super::{Deployer, KILL_WAIT, error_chain, unix_ms};
+
+pub(super) enum End {
+    Stopped(StopReason),
+    Crashed(String),
+}
+
+/// The life of one instance, from boot to record.
+pub(super) async fn tend(
+    deployer: &Arc<Deployer>,
+    entry: &Arc<Entry>,
+    prepared: Box<dyn Prepared>,
+    info: &RevisionInfo,
+    mut commands: mpsc::Receiver<Command>,
+    scratch: PathBuf,
+) {
+    let run = &info.manifest.run;
+    let started_at_ms = unix_ms();
+    let deadline = tokio::time::Instant::from_std(entry.started + entry.boot_timeout);
+    let boot_ms = entry.boot_timeout.as_millis() as u64;
+    let mut ready_after = None;
+    let mut running: Option<Box<dyn Running>> = None;
+
+    let end = 'life: {
+        let image = match deployer.image_path(info, &entry.key.revision).await {
+            Ok(image) => image,
+            Err(reason) => break 'life End::Crashed(reason),
+        };
+        let booted = match tokio::time::timeout_at(deadline, prepared.boot(image)).await {
+            Ok(Ok(booted)) => booted,
+            Ok(Err(error)) => {
+                break 'life End::Crashed(format!(
+                    "cannot start: {error}: {}",
+                    error_chain(&error)
+                ));
+            }
+            Err(_) => {
+                break 'life End::Crashed(format!("not ready after {boot_ms} ms (still starting)"));
+            }
+        };
+        let _ = entry.console.set(booted.console().clone());
+        let footprint = booted.footprint();
+        if let Some(pid) = footprint.pid {
+            let _ = entry.pid.set(pid);
+        }
+        deployer
+            .state
+            .put(InstanceRecord {
+                id: entry.id.clone(),
+                service: entry.key.service.clone(),
+                revision: entry.key.revision.to_hex(),
+                client: entry.key.client,
+                address: entry.address,
+                started_at_ms,
+                scratch: scratch.clone(),
+                footprint,
+            })
+            .await;
+        let running: &dyn Running = &**running.insert(booted);
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let ready = tokio::select! {
+            ready = running.ready(&run.ready, remaining) => Ok(ready),
+            command = commands.recv() => Err(command),
+        };
+        let ready = match ready {
+            Ok(ready) => ready,
+            Err(command) => break 'life stop(deployer, entry, running, command).await,
+        };
+        if let Err(error) = ready {
+            running.kill();
+            // An instance that ended by itself says how.
+            let reason = match (error, wait_exit(running, KILL_WAIT).await) {
+                (error @ NotReady::Exited, Some(exit)) => format!("{error}: {exit}"),
+                // The probe had what was left after the start; the limit is the whole.
+                (NotReady::Timeout { probe, .. }, _) => {
+                    NotReady::Timeout { ms: boot_ms, probe }.to_string()
+                }
+                (error, _) => error.to_string(),
+            };
+            break 'life End::Crashed(reason);
+        }
+        let now = Instant::now();
+        ready_after = Some(now);
+        deployer.metrics.became_ready(now - entry.started);
+        entry.state.send_replace(InstanceState::Ready);
+        debug!(instance = %entry.key, boot = ?(now - entry.started), "ready");
+        deployer.steer(entry, running);
+        serve(
+            deployer,
+            entry,
+            running,
+            &mut commands,
+            deployer.idle_timeout(&info.manifest),
+        )
+        .await
+    };
+
+    // Finishing.
+    entry.unsteer(&deployer.metrics);
+    deployer
+        .metrics
+        .ended(matches!(end, End::Crashed(_)), ready_after.is_some());
+    let served = ready_after.map(|at| at.elapsed());
+    let exit = match &running {
+        Some(running) => wait_exit(running.as_ref(), KILL_WAIT).await,
+        None => None,
+    };
+    let state = match &end {
+        End::Stopped(_) => InstanceState::Stopped,
+        End::Crashed(reason) => InstanceState::Crashed {
+            reason: reason.clone(),
+        },
+    };
+    let outcome = match &end {
+        End::Stopped(why) => format!("stopped: {why}"),
+        End::Crashed(reason) => format!("crashed: {reason}"),
+    };
+    match &end {
+        End::Crashed(reason) => {
+            warn!(instance = %entry.key, id = entry.id, reason, "instance crashed")
+        }
+        End::Stopped(why) => {
+            info!(instance = %entry.key, id = entry.id, %why, "instance stopped")
+        }
+    }
+    deployer.finish_state(entry, state, served);
+    if let Some(running) = &running
+        && exit.is_none()
+    {
+        warn!(instance = %entry.key, footprint = ?running.footprint(), "instance did not report its exit");
+    }
+    let console = running
+        .as_ref()
+        .map(|r| r.console().tail())
+        .unwrap_or_default();
+    drop(running);
+    deployer.release_address(entry);
+    if exit.is_some() {
+        deployer.state.delete(entry.id.clone()).await;
+    }
+    let _ = tokio::fs::remove_dir_all(&scratch).await;
+    let record = RuntimeRecord {
+        revision: entry.key.revision,
+        client: entry.key.client,
+        started_at_ms,
+        boot_ms: ready_after.map(|at| (at - entry.started).as_millis() as u64),
+        lifetime_ms: entry.started.elapsed().as_millis() as u64,
+        outcome,
+        console,
+    };
+    deployer
+        .write_record(record, entry.key.service.clone())
+        .await;
+}
+
+/// Ready until an exit, a command or the idle timeout.
+pub(super) async fn serve(
+    deployer: &Deployer,
+    entry: &Entry,
+    running: &dyn Running,
+    commands: &mut mpsc::Receiver<Command>,
+    idle_timeout: Duration,
+) -> End {
+    let mut exit = running.exit();
+    let half = idle_timeout / 2;
+    let mut steered_seen = 0;
+    loop {
+        // Connections the kernel handed over since the last look are activity.
+        if let Some(steered) = entry.steered_connections()
+            && steered != steered_seen
+        {
+            steered_seen = steered;
+            entry
+                .last_activity
+                .store(deployer.ms_since_epoch(), Ordering::Relaxed);
+        }
+        let quiet = Duration::from_millis(
+            deployer
+                .ms_since_epoch()
+                .saturating_sub(entry.last_activity.load(Ordering::Relaxed)),
+        );
+        let open = entry.open.load(Ordering::Relaxed) > 0;
+        let next = if open {
+            entry
+                .state
+                .send_if_modified(|state| set_if(state, InstanceState::Idle, InstanceState::Ready));
+            idle_timeout
+        } else if quiet >= idle_timeout && connected_directly(entry) {
+            // Clients reach this instance's own socket, unseen: an open connection is
+            // activity all the same.
+            entry
+                .last_activity
+                .store(deployer.ms_since_epoch(), Ordering::Relaxed);
+            entry
+                .state
+                .send_if_modified(|state| set_if(state, InstanceState::Idle, InstanceState::Ready));
+            half
+        } else if quiet >= idle_timeout {
+            info!(instance = %entry.key, ?quiet, "idle: stopping");
+            let why = StopReason::Idle(idle_timeout);
+            return stop(deployer, entry, running, Some(Command::Stop(why))).await;
+        } else if quiet >= half {
+            entry
+                .state
+                .send_if_modified(|state| set_if(state, InstanceState::Ready, InstanceState::Idle));
+            idle_timeout - quiet
+        } else {
+            half - quiet
+        };
+        let command = tokio::select! {
+            report = exit.wait_for(Option::is_some) => {
+                let report = report.ok().and_then(|report| *report).unwrap_or(ExitReport {
+                    status: ExitStatus::Unknown,
+                    oom_killed: false,
+                });
+                return End::Crashed(report.to_string());
+            }
+            command = commands.recv() => command,
+            () = tokio::time::sleep(next.max(Duration::from_millis(5))) => continue,
+        };
+        return stop(deployer, entry, running, command).await;
+    }
+}
+
+/// True if clients reach `entry`'s own socket (no proxy in front, or the kernel steers them
+/// past it; the proxy reports its own connections) and a connection to it is open. When the
+/// kernel cannot say, false: idleness is then judged by queries alone, as it is said once.
+pub(super) fn connected_directly(entry: &Entry) -> bool {
+    let front = SocketAddr::new(entry.address, entry.port);
+    if entry.backend != front && !entry.is_steered() {
+        return false;
+    }
+    match crate::conntrack::open_connections(front) {
+        Ok(open) => open > 0,
+        Err(error) => {
+            static WARN: std::sync::Once = std::sync::Once::new();
+            WARN.call_once(|| {
+                warn!(%error, "cannot count open connections (sock_diag): instances without a proxy in front are reaped by queries alone")
+            });
+            false
+        }
+    }
+}
+
+pub(super) fn set_if(state: &mut InstanceState, from: InstanceState, to: InstanceState) -> bool {
+    if *state == from {
+        *state = to;
+        true
+    } else {
+        false
+    }
+}
+
+/// Carries out a stop or kill; a closed command queue (deployer gone) is a kill. New
+/// connections stop going straight to the instance first. An instance that had already
+/// ended by itself crashed, whatever command came at the same moment.
+pub(super) async fn stop(
+    deployer: &Deployer,
+    entry: &Entry,
+    running: &dyn Running,
+    command: Option<Command>,
+) -> End {
+    entry.unsteer(&deployer.metrics);
+    let ended = *running.exit().borrow();
+    if let Some(report) = ended {
+        return End::Crashed(report.to_string());
+    }
+    match command {
+        Some(Command::Stop(why)) => {
+            running.stop();
+            if wait_exit(running, deployer.config.stop_grace())
+                .await
+                .is_none()
+            {
+                debug!(instance = %entry.key, %why, "grace over: killing");
+                running.kill();
+            }
+            End::Stopped(why)
+        }
+        Some(Command::Kill) => {
+            running.kill();
+            End::Stopped(StopReason::OperatorKill)
+        }
+        None => {
+            running.kill();
+            End::Stopped(StopReason::DeployerGone)
+        }
+    }
+}
+
+pub(super) async fn wait_exit(running: &dyn Running, limit: Duration) -> Option<ExitReport> {
+    let mut exit = running.exit();
+    match tokio::time::timeout(limit, exit.wait_for(Option::is_some)).await {
+        Ok(Ok(report)) => *report,
+        _ => None,
+    }
+}
+
+impl Deployer {
+    pub(super) async fn write_record(&self, record: RuntimeRecord, service: String) {
+        let Ok(_permit) = self.log_writers.acquire().await else {
+            return;
+        };
+        let store = self.store.clone();
+        let result =
+            tokio::task::spawn_blocking(move || store.append_runtime_log(&service, &record)).await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => warn!(%error, "cannot write the runtime record"),
+            Err(error) => warn!(%error, "runtime record writer panicked"),
+        }
+    }
+}
+
+impl Deployer {
+    /// Starts the kernel hand-off of `entry`'s warm connections, where it can.
+    pub(super) fn steer(&self, entry: &Entry, running: &dyn Running) {
+        let Some(steering) = &self.steering else {
+            return;
+        };
+        let IpAddr::V4(ip) = entry.address else {
+            return;
+        };
+        let front = SocketAddrV4::new(ip, entry.port);
+        if SocketAddr::V4(front) == entry.backend {
+            return;
+        }
+        let client = match entry.key.client.map(|client| client.to_canonical()) {
+            None => None,
+            Some(IpAddr::V4(client)) => Some(client),
+            // An IPv6 client cannot be told apart by the program: keep it behind the proxy.
+            Some(IpAddr::V6(_)) => return,
+        };
+        let socket = match running.listener() {
+            Ok(socket) => socket,
+            Err(error) => {
+                debug!(instance = %entry.key, %error, "no socket to steer to: relayed by the proxy");
+                return;
+            }
+        };
+        // The map holds the socket; our descriptor closes here, so the route ends by itself
+        // when the instance's socket closes.
+        match steering.steer(front, client, socket.as_fd()) {
+            Ok(steered) => {
+                debug!(instance = %entry.key, %front, "steered");
+                *entry.steered() = Some(steered);
+            }
+            Err(error) => {
+                warn!(instance = %entry.key, %error, "cannot steer: relayed by the proxy")
+            }
+        }
+    }
+}
+
+/// Kills recorded processes that are still the recorded ones, then sweeps cgroups and
+/// scratch directories.
+pub(super) fn clean_orphans(
+    left: &[InstanceRecord],
+    process: &ProcessTender,
+    scratch_dir: &std::path::Path,
+) {
+    for record in left {
+        let footprint = &record.footprint;
+        if let (Some(pid), Some(start)) = (footprint.pid, footprint.pid_start)
+            && pid_start_time(pid) == Some(start)
+        {
+            warn!(
+                id = record.id,
+                pid,
+                service = record.service,
+                "killing an orphaned instance"
+            );
+            // SAFETY: kill has no memory-safety preconditions; the start time matched.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            for _ in 0..400 {
+                if pid_start_time(pid) != Some(start) || is_zombie(pid) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        for dir in &footprint.cgroups {
+            if let Err(error) = revboot_sandbox::cgroup::remove_group(dir) {
+                warn!(cgroup = %dir.display(), %error, "cannot remove an orphaned cgroup");
+            }
+        }
+    }
+    process.sweep_orphans();
+    if let Ok(entries) = std::fs::read_dir(scratch_dir) {
+        for entry in entries.flatten() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+pub(super) fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rfind(')')
+                .map(|i| stat[i + 1..].trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}

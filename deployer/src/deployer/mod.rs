@@ -1,0 +1,518 @@
+//! The deployer: the table of instances and the task that tends each one.
+//!
+//! One instance's task, from summon to record:
+//!
+//! 1. `summon` (synchronous): under the table lock, find a live instance of the key or check
+//!    back-off and caps, take an address, let the tender claim the backend socket, insert
+//!    the entry in state `booting`, spawn the instance task. Returns at once.
+//! 2. The task materialises the image (cached per revision), boots it through the tender,
+//!    records it durably, then waits for the readiness probe; all within the boot timeout.
+//! 3. Ready: every tick it compares the last activity (summons, DNS queries, connections)
+//!    with the idle timeout: quiet for half of it → `idle`, for all of it with no open
+//!    connection → graceful stop. Commands (`stop`, `kill`, shutdown) and the exit of the
+//!    instance end the loop.
+//! 4. Finishing: the state becomes final (stopped or crashed) and the key is free for a
+//!    new summon; crashes update the back-off. Then the address returns to the pool, the
+//!    durable record and the scratch directory go, and the runtime record (outcome, boot
+//!    time, lifetime, console tail) is written to the store's log ref. The outcome of a
+//!    stop the deployer asked for is its reason (`stopped: idle for 60s`), however the
+//!    instance then ended; `crashed: …` is for instances that ended on their own.
+//!
+//! Here: the [`Deployer`], its public face and its start-up; the `table` module holds the
+//! table with its caps and back-off (step 1, 4), `revisions` the revision cache and its
+//! warm-up, `life` an instance's task (steps 2 to 4).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use revboot_sandbox::uids::UidPool;
+use revboot_store::{Revision, Store};
+use tokio::sync::{Notify, Semaphore, broadcast, watch};
+use tracing::{info, warn};
+
+use crate::config::DeployerConfig;
+use crate::console::Console;
+use crate::pool::AddressPool;
+use crate::refusals::RefusalLog;
+use crate::state::{self, State};
+use crate::steer::Steering;
+use crate::summon::{
+    Activity, InstanceKey, InstanceState, Instances, ResolveError, Resolved, SummonError, Summoned,
+};
+use crate::tender::process::{ProcessTender, ProcessTenderError};
+use crate::tender::{Tender, Tenders};
+
+mod life;
+mod revisions;
+mod table;
+
+use life::{clean_orphans, set_if};
+use revisions::RevisionInfo;
+use table::{Command, Entry, StopReason, Table};
+
+/// The instance tables are sized for `max_instances` up front, up to this many (some
+/// 100 bytes an entry, untouched until used).
+const PRESIZE_LIMIT: usize = 16_384;
+/// Runtime records written to the store at once.
+const LOG_WRITERS: usize = 4;
+/// How long a killed instance may take to report its exit.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// Why the deployer could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NewError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// A state directory could not be created.
+    #[error("Cannot create {path}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state database could not be opened.
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    /// The process tender could not be set up.
+    #[error(transparent)]
+    Tender(#[from] ProcessTenderError),
+}
+
+/// Why an operator command was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    /// No such instance runs.
+    #[error("No running instance {0}")]
+    NotRunning(String),
+}
+
+/// One instance, as [`Deployer::list`] shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceInfo {
+    /// Short unique id (cgroup and scratch name).
+    pub id: String,
+    /// Which instance.
+    pub key: InstanceKey,
+    /// Its service address.
+    pub address: IpAddr,
+    /// Where it accepts connections.
+    pub backend: SocketAddr,
+    /// Its state.
+    pub state: InstanceState,
+    /// Time since the summon that started it.
+    pub uptime: Duration,
+    /// Open client connections (as reported).
+    pub connections: u64,
+    /// The host pid of its top process, once it runs.
+    pub pid: Option<u32>,
+    /// Connections the kernel handed straight to it so far, while its connections are
+    /// steered ([`crate::steer`]); `None` when they are not.
+    pub steered: Option<u64>,
+}
+
+/// The deployer. Create it with [`Deployer::new`]; it implements [`Instances`].
+#[derive(Debug)]
+pub struct Deployer {
+    me: Weak<Deployer>,
+    config: DeployerConfig,
+    store: Store,
+    runtime: tokio::runtime::Handle,
+    tenders: RwLock<Tenders>,
+    table: Mutex<Table>,
+    revisions: Mutex<HashMap<Revision, Arc<RevisionInfo>>>,
+    /// The store generation the revision cache was last warmed for.
+    warmed: AtomicU64,
+    warming: AtomicBool,
+    state: State,
+    epoch: Instant,
+    id_prefix: String,
+    next_id: AtomicU64,
+    image_dir: PathBuf,
+    scratch_dir: PathBuf,
+    /// The uids instances run as, one each ([`BootSpec::uid`]).
+    uids: UidPool,
+    log_writers: Semaphore,
+    tasks: AtomicUsize,
+    tasks_done: Notify,
+    metrics: crate::metrics::Metrics,
+    /// The sk_lookup program, when it could be loaded ([`crate::steer`]).
+    steering: Option<Arc<Steering>>,
+    /// Lasting refusals, logged once per service per window.
+    refusals: RefusalLog,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Deployer {
+    /// Starts a deployer: cleans up what an earlier daemon with the same state directory
+    /// left running, then waits for summons.
+    pub fn new(
+        config: DeployerConfig,
+        store: Store,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<Arc<Deployer>, NewError> {
+        config.validate()?;
+        let image_dir = config.state_dir.join("images");
+        let scratch_dir = config.state_dir.join("scratch");
+        for path in [&config.state_dir, &image_dir, &scratch_dir] {
+            std::fs::create_dir_all(path).map_err(|source| NewError::Dir {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        let opened = state::open(&config.state_dir.join("state.redb"))?;
+        let process = ProcessTender::new(
+            &config.name,
+            config.sandbox.clone(),
+            &config.state_dir.join("root"),
+            runtime.clone(),
+        )?;
+        info!(cgroups = process.cgroup_layout(), name = config.name, pool = %config.pool, "deployer starting");
+        clean_orphans(&opened.left, &process, &scratch_dir);
+        let state = opened.start()?;
+        let mut tenders = Tenders::new();
+        tenders.register(Arc::new(process));
+        let pool = AddressPool::new(config.pool);
+        let steering = open_steering(&config);
+        let presized = config.max_instances.min(PRESIZE_LIMIT);
+        let deployer = Arc::new_cyclic(|me| Deployer {
+            me: me.clone(),
+            store,
+            runtime,
+            tenders: RwLock::new(tenders),
+            // Sized for the instance cap up front: a map that grows does so on a summon's
+            // path (a DNS answer's), under the table lock.
+            table: Mutex::new(Table {
+                by_key: HashMap::with_capacity(presized),
+                by_address: HashMap::with_capacity(presized),
+                per_service: HashMap::new(),
+                clients: HashMap::new(),
+                live: 0,
+                pool,
+                failures: HashMap::new(),
+                shutting_down: false,
+            }),
+            revisions: Mutex::new(HashMap::new()),
+            warmed: AtomicU64::new(u64::MAX),
+            warming: AtomicBool::new(false),
+            state,
+            epoch: Instant::now(),
+            id_prefix: format!("{:x}", unix_ms() % 0xff_ffff_ffff),
+            next_id: AtomicU64::new(0),
+            image_dir,
+            scratch_dir,
+            uids: UidPool::new(config.sandbox.uids),
+            log_writers: Semaphore::new(LOG_WRITERS),
+            tasks: AtomicUsize::new(0),
+            tasks_done: Notify::new(),
+            metrics: crate::metrics::Metrics::default(),
+            steering,
+            refusals: RefusalLog::default(),
+            config,
+        });
+        deployer.warm_soon();
+        Ok(deployer)
+    }
+
+    /// What a tender for this deployer needs of the host: names, the sandbox root's mount
+    /// point, the sandbox settings.
+    pub fn tender_host(&self) -> crate::tender::TenderHost {
+        crate::tender::TenderHost {
+            name: self.config.name.clone(),
+            root: self.config.state_dir.join("root"),
+            sandbox: self.config.sandbox.clone(),
+        }
+    }
+
+    /// Adds (or replaces) a tender, e.g. the qemu backend.
+    pub fn register_tender(&self, tender: Arc<dyn Tender>) {
+        self.tenders
+            .write()
+            .expect("tender registry lock is never poisoned")
+            .register(tender);
+    }
+
+    /// Counters of boots, readiness and ends (for `/metrics`).
+    pub fn metrics(&self) -> crate::metrics::MetricsSnapshot {
+        let mut snapshot = self.metrics.snapshot();
+        for entry in self.entries() {
+            if let Some(steered) = entry.steered_connections() {
+                snapshot.steered_connections += steered;
+                snapshot.steered_instances += 1;
+            }
+        }
+        snapshot
+    }
+
+    /// True if the sk_lookup program is loaded: ready instances get their connections
+    /// from the kernel directly.
+    pub fn steers(&self) -> bool {
+        self.steering.is_some()
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &DeployerConfig {
+        &self.config
+    }
+
+    /// Every instance that has not finished yet.
+    pub fn list(&self) -> Vec<InstanceInfo> {
+        let mut list: Vec<InstanceInfo> = self
+            .entries()
+            .iter()
+            .map(|entry| InstanceInfo {
+                id: entry.id.clone(),
+                key: entry.key.clone(),
+                address: entry.address,
+                backend: entry.backend,
+                state: entry.state.borrow().clone(),
+                uptime: entry.started.elapsed(),
+                connections: entry.open.load(Ordering::Relaxed).max(0) as u64,
+                pid: entry.pid.get().copied(),
+                steered: entry.steered_connections(),
+            })
+            .collect();
+        list.sort_by(|a, b| a.id.cmp(&b.id));
+        list
+    }
+
+    /// Every entry, taken out of the table: reading an entry's steered count is a syscall,
+    /// which should not hold the lock summons take.
+    fn entries(&self) -> Vec<Arc<Entry>> {
+        let table = self.table.lock().expect("table lock is never poisoned");
+        table.by_address.values().cloned().collect()
+    }
+
+    /// The kept console output of a running instance.
+    pub fn console(&self, key: &InstanceKey) -> Option<Vec<u8>> {
+        self.entry(key)?.console.get().map(Console::tail)
+    }
+
+    /// Live console output of a running instance.
+    pub fn console_stream(&self, key: &InstanceKey) -> Option<broadcast::Receiver<Arc<[u8]>>> {
+        self.entry(key)?.console.get().map(Console::subscribe)
+    }
+
+    /// Stops an instance gracefully (kill after the grace); the watch shows when it is done.
+    pub fn stop(&self, key: &InstanceKey) -> Result<watch::Receiver<InstanceState>, ControlError> {
+        self.command(key, Command::Stop(StopReason::Operator))
+    }
+
+    /// Kills an instance.
+    pub fn kill(&self, key: &InstanceKey) -> Result<watch::Receiver<InstanceState>, ControlError> {
+        self.command(key, Command::Kill)
+    }
+
+    fn command(
+        &self,
+        key: &InstanceKey,
+        command: Command,
+    ) -> Result<watch::Receiver<InstanceState>, ControlError> {
+        let entry = self
+            .entry(key)
+            .ok_or_else(|| ControlError::NotRunning(key.to_string()))?;
+        // A full queue already holds a stop or kill; the instance is on its way out.
+        let _ = entry.commands.try_send(command);
+        Ok(entry.state.subscribe())
+    }
+
+    fn entry(&self, key: &InstanceKey) -> Option<Arc<Entry>> {
+        let table = self.table.lock().expect("table lock is never poisoned");
+        table.by_key.get(key).cloned()
+    }
+
+    /// Stops every instance, writes their records back and waits (bounded) until done.
+    /// Summons fail with [`SummonError::ShuttingDown`] from now on.
+    pub async fn shutdown(&self) {
+        let entries: Vec<Arc<Entry>> = {
+            let mut table = self.table.lock().expect("table lock is never poisoned");
+            table.shutting_down = true;
+            table.by_address.values().cloned().collect()
+        };
+        info!(instances = entries.len(), "deployer shutting down");
+        for entry in &entries {
+            let _ = entry.commands.try_send(Command::Stop(StopReason::Shutdown));
+        }
+        let limit = self.config.stop_grace() + KILL_WAIT + Duration::from_secs(30);
+        let all_done = async {
+            loop {
+                let notified = self.tasks_done.notified();
+                if self.tasks.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(limit, all_done).await.is_err() {
+            warn!(
+                left = self.tasks.load(Ordering::Acquire),
+                "shutdown: instances still finishing"
+            );
+        }
+        let tenders: Vec<Arc<dyn Tender>> = self
+            .tenders
+            .read()
+            .expect("tender registry lock is never poisoned")
+            .all()
+            .cloned()
+            .collect();
+        for tender in tenders {
+            tender.shutdown();
+        }
+        self.state.flush().await;
+    }
+
+    fn ms_since_epoch(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        parts.push(cause.to_string());
+        source = cause.source();
+    }
+    if parts.is_empty() {
+        "no further detail".to_owned()
+    } else {
+        parts.join(": ")
+    }
+}
+
+impl Instances for Deployer {
+    fn resolve(&self, service: &str, label: Option<&str>) -> Result<Resolved, ResolveError> {
+        use revboot_store::ResolveError as E;
+        let revision = self
+            .store
+            .resolve(service, label)
+            .map_err(|error| match error {
+                E::InvalidService(_) | E::UnknownService(_) => {
+                    ResolveError::UnknownService(service.to_owned())
+                }
+                E::InvalidLabel { label, .. } | E::UnknownLabel { label, .. } => {
+                    ResolveError::UnknownLabel {
+                        service: service.to_owned(),
+                        label,
+                    }
+                }
+                E::NoLive { .. } => ResolveError::UnknownLabel {
+                    service: service.to_owned(),
+                    label: "live".to_owned(),
+                },
+                E::Ambiguous {
+                    label, candidates, ..
+                } => ResolveError::Ambiguous {
+                    service: service.to_owned(),
+                    label,
+                    candidates,
+                },
+                other => ResolveError::Store(format!("{other}: {}", error_chain(&other))),
+            })?;
+        let info = self.revision_info(service, &revision)?;
+        if !info.bootable {
+            return Err(ResolveError::NotBootable {
+                service: service.to_owned(),
+                revision: revision.short(12),
+            });
+        }
+        Ok(Resolved {
+            service: service.to_owned(),
+            revision,
+            per_client: info.manifest.run.per_client,
+            port: info.manifest.run.port,
+        })
+    }
+
+    fn summon(
+        &self,
+        service: &str,
+        revision: &Revision,
+        client: Option<IpAddr>,
+    ) -> Result<Summoned, SummonError> {
+        let info = self.revision_info(service, revision)?;
+        let client = if info.manifest.run.per_client {
+            Some(client.ok_or_else(|| SummonError::ClientRequired {
+                service: service.to_owned(),
+            })?)
+        } else {
+            None
+        };
+        let key = InstanceKey {
+            service: service.to_owned(),
+            revision: *revision,
+            client,
+        };
+        self.start(key, info)
+    }
+
+    fn by_address(&self, address: IpAddr) -> Option<Summoned> {
+        let table = self.table.lock().expect("table lock is never poisoned");
+        table
+            .by_address
+            .get(&address)
+            .map(|entry| Self::summoned(entry))
+    }
+
+    fn activity(&self, key: &InstanceKey, activity: Activity) {
+        let Some(entry) = self.entry(key) else { return };
+        entry
+            .last_activity
+            .store(self.ms_since_epoch(), Ordering::Relaxed);
+        match activity {
+            Activity::ConnectionOpened => {
+                entry.open.fetch_add(1, Ordering::Relaxed);
+            }
+            Activity::ConnectionClosed => {
+                let _ = entry
+                    .open
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |open| {
+                        Some((open - 1).max(0))
+                    });
+            }
+            Activity::Query => {}
+        }
+        entry
+            .state
+            .send_if_modified(|state| set_if(state, InstanceState::Idle, InstanceState::Ready));
+    }
+
+    /// The store's: instances come and go without moving it (an answer naming an instance
+    /// is checked against that instance's state instead), so boots do not empty the DNS
+    /// answer cache.
+    fn generation(&self) -> u64 {
+        self.store.generation()
+    }
+}
+
+fn open_steering(config: &DeployerConfig) -> Option<Arc<Steering>> {
+    // Instances on the service port itself have nothing in front of them to go past.
+    if !config.steer || config.backend_port == crate::config::BackendPort::Same {
+        return None;
+    }
+    match Steering::open(config.max_instances) {
+        Ok(steering) => {
+            info!("warm connections go straight to instances (sk_lookup steering)");
+            Some(steering)
+        }
+        Err(error) => {
+            warn!(%error, "cannot load the sk_lookup steering program: warm connections are relayed by the proxy");
+            None
+        }
+    }
+}

@@ -1,0 +1,516 @@
+//! The table of instances: keys, addresses, caps and back-off.
+//!
+//! 1. A summon takes the table lock once: it finds a live instance of the key, or checks
+//!    the back-off of a crashing key and the caps (global, per service, per client), leases
+//!    a uid, takes an address, lets the tender claim the backend socket, and inserts the
+//!    entry in state `booting`; then it spawns the instance's task (the `life` module).
+//! 2. A full per-client service gives a new client the slot of the client instance quiet
+//!    longest with no connection open.
+//! 3. The end of an instance makes its state final, frees the key, updates the back-off of
+//!    a crash, and gives the address back.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use revboot_store::manifest::Manifest;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::console::Console;
+use crate::pool::AddressPool;
+use crate::refusals;
+use crate::steer::Steered;
+use crate::summon::{InstanceKey, InstanceState, SummonError, Summoned};
+use crate::tender::{BootSpec, Prepared};
+
+use super::life::{connected_directly, tend};
+use super::revisions::RevisionInfo;
+use super::{Deployer, error_chain};
+
+/// Crash histories kept.
+pub(super) const FAILURE_CACHE: usize = 4096;
+/// Commands queued per instance.
+pub(super) const COMMANDS: usize = 4;
+/// Tries to find a bindable address when another program holds one of the pool's.
+pub(super) const BIND_TRIES: usize = 16;
+/// When a per-client service's slots are full, the quietest client instances asked (one
+/// `sock_diag` each) whether a connection to them is open, at most.
+pub(super) const RECLAIM_CHECKS: usize = 8;
+
+#[derive(Debug)]
+pub(super) enum Command {
+    Stop(StopReason),
+    Kill,
+}
+
+/// Why the deployer stopped an instance. Its record says this, whatever signal ended it: an
+/// image that is pid 1 of its namespace ignores SIGTERM without a handler and ends by the
+/// SIGKILL after the grace, which is still the stop that was asked for, not a crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum StopReason {
+    /// Quiet for the whole idle timeout.
+    Idle(Duration),
+    /// An operator's stop.
+    Operator,
+    /// An operator's kill.
+    OperatorKill,
+    /// Its client slot went to a new client of its per-client service.
+    Reclaimed,
+    /// The daemon is shutting down.
+    Shutdown,
+    /// The deployer went away (its command queue closed).
+    DeployerGone,
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StopReason::Idle(after) if after.subsec_millis() == 0 => {
+                write!(f, "idle for {}s", after.as_secs())
+            }
+            StopReason::Idle(after) => write!(f, "idle for {} ms", after.as_millis()),
+            StopReason::Operator => f.write_str("by operator"),
+            StopReason::OperatorKill => f.write_str("killed by operator"),
+            StopReason::Reclaimed => f.write_str("client slot reclaimed for a new client"),
+            StopReason::Shutdown => f.write_str("daemon shutdown"),
+            StopReason::DeployerGone => f.write_str("deployer gone"),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Entry {
+    pub(super) id: String,
+    pub(super) key: InstanceKey,
+    pub(super) address: IpAddr,
+    pub(super) port: u16,
+    pub(super) backend: SocketAddr,
+    pub(super) boot_timeout: Duration,
+    pub(super) state: watch::Sender<InstanceState>,
+    pub(super) started: Instant,
+    pub(super) open: AtomicI64,
+    /// Milliseconds since the deployer's epoch.
+    pub(super) last_activity: AtomicU64,
+    pub(super) commands: mpsc::Sender<Command>,
+    pub(super) console: OnceLock<Console>,
+    pub(super) pid: OnceLock<u32>,
+    pub(super) counted: AtomicBool,
+    /// Its client slot went to a new client: it no longer counts against the per-client cap
+    /// and no longer answers for its key, and it is being stopped.
+    pub(super) reclaimed: AtomicBool,
+    /// The kernel hand-off while the instance is ready; only its life task sets and clears it.
+    pub(super) steered: Mutex<Option<Steered>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Failure {
+    pub(super) crashes: u32,
+    pub(super) until: Option<Instant>,
+    pub(super) at: Instant,
+}
+
+#[derive(Debug)]
+pub(super) struct Table {
+    pub(super) by_key: HashMap<InstanceKey, Arc<Entry>>,
+    pub(super) by_address: HashMap<IpAddr, Arc<Entry>>,
+    pub(super) per_service: HashMap<String, usize>,
+    pub(super) clients: HashMap<String, usize>,
+    pub(super) live: usize,
+    pub(super) pool: AddressPool,
+    pub(super) failures: HashMap<InstanceKey, Failure>,
+    pub(super) shutting_down: bool,
+}
+
+impl Entry {
+    pub(super) fn steered(&self) -> std::sync::MutexGuard<'_, Option<Steered>> {
+        self.steered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Connections steered so far (a syscall), while steered.
+    pub(super) fn steered_connections(&self) -> Option<u64> {
+        self.steered().as_ref().map(Steered::connections)
+    }
+
+    pub(super) fn is_steered(&self) -> bool {
+        self.steered().is_some()
+    }
+
+    /// Ends the kernel hand-off (the instance stops serving); its count goes to the metrics.
+    pub(super) fn unsteer(&self, metrics: &crate::metrics::Metrics) {
+        let steered = self.steered().take();
+        if let Some(steered) = steered {
+            metrics.unsteered(steered.connections());
+        }
+    }
+}
+
+impl Deployer {
+    pub(super) fn next_id(&self) -> String {
+        format!(
+            "{}-{}",
+            self.id_prefix,
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    pub(super) fn summoned(entry: &Entry) -> Summoned {
+        Summoned {
+            key: entry.key.clone(),
+            address: entry.address,
+            port: entry.port,
+            backend: entry.backend,
+            boot_timeout: entry.boot_timeout,
+            state: entry.state.subscribe(),
+        }
+    }
+
+    pub(super) fn idle_timeout(&self, manifest: &Manifest) -> Duration {
+        match self.config.idle_timeout_override_ms {
+            Some(ms) => Duration::from_millis(ms),
+            None => Duration::from_secs(manifest.run.idle_timeout_secs),
+        }
+    }
+
+    /// Summons `key`: when a per-client service's client slots are full, once more after
+    /// one is reclaimed ([`Deployer::reclaim_client_slot`]). Refusals that last are logged
+    /// here, once per service per [`refusals::WINDOW`].
+    pub(super) fn start(
+        &self,
+        key: InstanceKey,
+        info: Arc<RevisionInfo>,
+    ) -> Result<Summoned, SummonError> {
+        let result = match self.try_start(&key, &info) {
+            Err(SummonError::ClientCap { .. }) if self.reclaim_client_slot(&key.service) => {
+                self.try_start(&key, &info)
+            }
+            other => other,
+        };
+        if let Err(error) = &result
+            && error.is_lasting()
+            && let Some(suppressed) = self.refusals.note(&key.service, Instant::now())
+        {
+            warn!(
+                service = key.service,
+                %error,
+                suppressed,
+                "summon refused (one such line per service per {:?}; `suppressed` counts the refusals left out since the last)",
+                refusals::WINDOW
+            );
+        }
+        result
+    }
+
+    pub(super) fn try_start(
+        &self,
+        key: &InstanceKey,
+        info: &Arc<RevisionInfo>,
+    ) -> Result<Summoned, SummonError> {
+        let me = self.me.upgrade().ok_or(SummonError::ShuttingDown)?;
+        let run = &info.manifest.run;
+        let tender = self
+            .tenders
+            .read()
+            .expect("tender registry lock is never poisoned")
+            .get(run.tender)
+            .cloned()
+            .ok_or_else(|| SummonError::Start {
+                key: key.to_string(),
+                reason: format!("no `{:?}` tender is available", run.tender),
+            })?;
+        let mut table = self.table.lock().expect("table lock is never poisoned");
+        if table.shutting_down {
+            return Err(SummonError::ShuttingDown);
+        }
+        if let Some(entry) = table.by_key.get(key)
+            && !entry.state.borrow().is_final()
+        {
+            entry
+                .last_activity
+                .store(self.ms_since_epoch(), Ordering::Relaxed);
+            return Ok(Self::summoned(entry));
+        }
+        let now = Instant::now();
+        if let Some(until) = table.failures.get(key).and_then(|f| f.until)
+            && until > now
+        {
+            return Err(SummonError::Backoff {
+                key: key.to_string(),
+                retry_in: until - now,
+            });
+        }
+        if table.live >= self.config.max_instances {
+            return Err(SummonError::GlobalCap {
+                limit: self.config.max_instances,
+            });
+        }
+        if table.per_service.get(&key.service).copied().unwrap_or(0) >= self.config.max_per_service
+        {
+            return Err(SummonError::ServiceCap {
+                service: key.service.clone(),
+                limit: self.config.max_per_service,
+            });
+        }
+        if key.client.is_some()
+            && table.clients.get(&key.service).copied().unwrap_or(0)
+                >= self.config.max_clients_per_service
+        {
+            return Err(SummonError::ClientCap {
+                service: key.service.clone(),
+                limit: self.config.max_clients_per_service,
+            });
+        }
+        let Some(uid) = self.uids.lease() else {
+            return Err(SummonError::Start {
+                key: key.to_string(),
+                reason: "every uid of [sandbox] uids is in use".into(),
+            });
+        };
+        let id = self.next_id();
+        let scratch = self.scratch_dir.join(&id);
+        let mut busy = Vec::new();
+        let mut prepared: Option<(IpAddr, Box<dyn Prepared>)> = None;
+        let mut failure = None;
+        for _ in 0..BIND_TRIES {
+            let Some(address) = table.pool.take() else {
+                break;
+            };
+            let spec = BootSpec {
+                id: id.clone(),
+                service: key.service.clone(),
+                revision: key.revision,
+                run: run.clone(),
+                address,
+                client: key.client,
+                backend_port: self.config.backend_port,
+                scratch: scratch.clone(),
+                console_bytes: self.config.console_bytes,
+                uid: uid.uid(),
+            };
+            match tender.prepare(spec) {
+                Ok(ready) => {
+                    prepared = Some((address, ready));
+                    break;
+                }
+                Err(crate::tender::BootError::Bind { source, .. })
+                    if source.kind() == std::io::ErrorKind::AddrInUse =>
+                {
+                    debug!(%address, "pool address in use elsewhere, trying the next");
+                    busy.push(address);
+                }
+                Err(error) => {
+                    table.pool.give(address);
+                    failure = Some(error);
+                    break;
+                }
+            }
+        }
+        for address in busy {
+            table.pool.give(address);
+        }
+        if let Some(error) = failure {
+            return Err(SummonError::Start {
+                key: key.to_string(),
+                reason: format!("{error}: {}", error_chain(&error)),
+            });
+        }
+        let Some((address, prepared)) = prepared else {
+            return Err(SummonError::PoolExhausted);
+        };
+        let (commands, command_rx) = mpsc::channel(COMMANDS);
+        let entry = Arc::new(Entry {
+            id,
+            key: key.clone(),
+            address,
+            port: run.port,
+            backend: prepared.backend(),
+            boot_timeout: Duration::from_millis(run.boot_timeout_ms),
+            state: watch::channel(InstanceState::Booting).0,
+            started: now,
+            open: AtomicI64::new(0),
+            last_activity: AtomicU64::new(self.ms_since_epoch()),
+            steered: Mutex::new(None),
+            commands,
+            console: OnceLock::new(),
+            pid: OnceLock::new(),
+            counted: AtomicBool::new(true),
+            reclaimed: AtomicBool::new(false),
+        });
+        table.by_key.insert(key.clone(), Arc::clone(&entry));
+        table.by_address.insert(address, Arc::clone(&entry));
+        table.live += 1;
+        *table.per_service.entry(key.service.clone()).or_default() += 1;
+        if key.client.is_some() {
+            *table.clients.entry(key.service.clone()).or_default() += 1;
+        }
+        drop(table);
+        self.metrics.booted();
+        let summoned = Self::summoned(&entry);
+        self.tasks.fetch_add(1, Ordering::AcqRel);
+        debug!(instance = %key, id = entry.id, %address, backend = %entry.backend, "summoned");
+        let runtime = self.runtime.clone();
+        let info = Arc::clone(info);
+        crate::summon::launch(move || {
+            runtime.spawn(async move {
+                tend(&me, &entry, prepared, &info, command_rx, scratch).await;
+                // The instance has ended, every process of it with it: its uid is free.
+                drop(uid);
+                if me.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    me.tasks_done.notify_waiters();
+                }
+            });
+        });
+        Ok(summoned)
+    }
+
+    /// Makes the state final, frees the key, updates the back-off. Runs once.
+    pub(super) fn finish_state(
+        &self,
+        entry: &Entry,
+        state: InstanceState,
+        served: Option<Duration>,
+    ) {
+        let mut table = self.table.lock().expect("table lock is never poisoned");
+        if entry.counted.swap(false, Ordering::AcqRel) {
+            table.live -= 1;
+            if let Some(count) = table.per_service.get_mut(&entry.key.service) {
+                *count -= 1;
+                if *count == 0 {
+                    table.per_service.remove(&entry.key.service);
+                }
+            }
+            if entry.key.client.is_some()
+                && !entry.reclaimed.load(Ordering::Acquire)
+                && let Some(count) = table.clients.get_mut(&entry.key.service)
+            {
+                *count -= 1;
+                if *count == 0 {
+                    table.clients.remove(&entry.key.service);
+                }
+            }
+        }
+        if table
+            .by_key
+            .get(&entry.key)
+            .is_some_and(|e| e.id == entry.id)
+        {
+            table.by_key.remove(&entry.key);
+        }
+        let stable = Duration::from_millis(self.config.backoff.stable_after_ms);
+        let now = Instant::now();
+        if matches!(state, InstanceState::Crashed { .. }) {
+            let quick = served.is_none_or(|served| served < stable);
+            let previous = table.failures.get(&entry.key).map_or(0, |f| f.crashes);
+            let crashes = if quick { previous + 1 } else { 1 };
+            let until = self.config.backoff.delay(crashes).map(|delay| now + delay);
+            if table.failures.len() >= FAILURE_CACHE {
+                let oldest = table
+                    .failures
+                    .iter()
+                    .min_by_key(|(_, f)| f.at)
+                    .map(|(k, _)| k.clone());
+                if let Some(oldest) = oldest {
+                    table.failures.remove(&oldest);
+                }
+            }
+            table.failures.insert(
+                entry.key.clone(),
+                Failure {
+                    crashes,
+                    until,
+                    at: now,
+                },
+            );
+            if let Some(until) = until {
+                warn!(instance = %entry.key, crashes, retry_in = ?(until - now), "crash loop: backing off");
+            }
+        } else if served.is_some_and(|served| served >= stable) {
+            table.failures.remove(&entry.key);
+        }
+        entry.state.send_replace(state);
+        drop(table);
+    }
+
+    /// Frees a client slot of `service` for a new client: of its client instances that
+    /// serve with no connection open, the one quiet longest is detached from its key (its
+    /// client's next summon boots a new one) and stopped. A booting instance (its client is
+    /// about to connect) or one with a connection open (counted by the proxy, or seen on its
+    /// own socket by the kernel) keeps its slot. The stopping instance still counts against
+    /// the service and global caps until it has ended. False if none qualifies.
+    ///
+    /// The table is scanned under its lock (this runs only while the slots are full); the
+    /// kernel is asked about open connections outside it, for the quietest few candidates.
+    pub(super) fn reclaim_client_slot(&self, service: &str) -> bool {
+        let mut candidates: Vec<(u64, Arc<Entry>)> = {
+            let table = self.table.lock().expect("table lock is never poisoned");
+            table
+                .by_key
+                .values()
+                .filter(|entry| {
+                    entry.key.client.is_some()
+                        && entry.key.service == service
+                        && entry.open.load(Ordering::Relaxed) <= 0
+                        && entry.state.borrow().is_serving()
+                })
+                .map(|entry| {
+                    (
+                        entry.last_activity.load(Ordering::Relaxed),
+                        Arc::clone(entry),
+                    )
+                })
+                .collect()
+        };
+        candidates.sort_unstable_by_key(|(last_activity, _)| *last_activity);
+        for (last_activity, entry) in candidates.into_iter().take(RECLAIM_CHECKS) {
+            if connected_directly(&entry) {
+                continue;
+            }
+            let mut table = self.table.lock().expect("table lock is never poisoned");
+            // Still the quiet instance it was a moment ago, still holding its slot?
+            let unchanged = table
+                .by_key
+                .get(&entry.key)
+                .is_some_and(|e| e.id == entry.id)
+                && entry.open.load(Ordering::Relaxed) <= 0
+                && entry.last_activity.load(Ordering::Relaxed) == last_activity
+                && entry.state.borrow().is_serving();
+            if !unchanged {
+                continue;
+            }
+            table.by_key.remove(&entry.key);
+            entry.reclaimed.store(true, Ordering::Release);
+            if let Some(count) = table.clients.get_mut(service) {
+                *count -= 1;
+                if *count == 0 {
+                    table.clients.remove(service);
+                }
+            }
+            drop(table);
+            let quiet = self.ms_since_epoch().saturating_sub(last_activity);
+            info!(instance = %entry.key, quiet_ms = quiet, "client slot reclaimed for a new client: stopping");
+            // A full queue already holds a stop or kill.
+            let _ = entry
+                .commands
+                .try_send(Command::Stop(StopReason::Reclaimed));
+            return true;
+        }
+        false
+    }
+
+    pub(super) fn release_address(&self, entry: &Entry) {
+        let mut table = self.table.lock().expect("table lock is never poisoned");
+        if table
+            .by_address
+            .get(&entry.address)
+            .is_some_and(|e| e.id == entry.id)
+        {
+            table.by_address.remove(&entry.address);
+            table.pool.give(entry.address);
+        }
+        drop(table);
+    }
+}
