@@ -112,8 +112,10 @@
 //! # }
 //! ```
 #![deny(missing_docs)]
+#![deny(unsafe_code)]
 
 pub mod config;
+#[allow(unsafe_code)] // sock_diag over a netlink socket: raw system calls.
 mod conntrack;
 pub mod console;
 mod deployer;
@@ -121,6 +123,7 @@ pub mod metrics;
 pub mod pool;
 mod refusals;
 pub mod state;
+#[allow(unsafe_code)] // BPF programs and maps, pidfd_getfd: raw system calls.
 pub mod steer;
 pub mod summon;
 pub mod tender;

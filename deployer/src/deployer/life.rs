@@ -401,8 +401,11 @@ pub(super) fn clean_orphans(
                 service = record.service,
                 "killing an orphaned instance"
             );
-            // SAFETY: kill has no memory-safety preconditions; the start time matched.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            // The start time matched: that pid is still the recorded process.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as libc::pid_t),
+                nix::sys::signal::Signal::SIGKILL,
+            );
             for _ in 0..400 {
                 if pid_start_time(pid) != Some(start) || is_zombie(pid) {
                     break;

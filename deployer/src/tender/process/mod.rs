@@ -67,6 +67,7 @@ use crate::config::{BackendPort, SandboxConfig};
 use crate::console::Console;
 use crate::upstream::Grants;
 
+#[allow(unsafe_code)] // Assembling a root in a namespace of this thread.
 mod namespaces;
 mod spawn;
 
@@ -496,6 +497,7 @@ async fn watch_exit(
 }
 
 /// Waits on a pidfd of `child` until it can be reaped, and reaps it.
+#[allow(unsafe_code)] // Registering the pidfd with the reactor.
 async fn wait_for_exit(child: &Child) -> io::Result<ExitStatus> {
     let pidfd = child.pidfd()?;
     if let Some(status) = child.reap(&pidfd)? {

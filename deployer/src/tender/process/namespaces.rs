@@ -47,20 +47,19 @@ impl Namespaces {
     /// Moves the calling thread into new namespaces, assembles `root` there, keeps handles
     /// on them and returns the thread to the mount namespace `home`.
     fn make(root: &Layout, home: &OwnedFd) -> io::Result<Namespaces> {
-        // SAFETY: unshare, mount and sethostname affect only the namespaces of this thread,
-        // which does nothing else.
-        unsafe {
-            let flags =
-                libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
-            if libc::unshare(flags) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if !root::make_private()
-                || libc::sethostname(HOSTNAME.as_ptr(), HOSTNAME.count_bytes()) != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
+        use nix::sched::CloneFlags;
+        let flags = CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWNET
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWUTS;
+        // unshare affects only this thread, which does nothing else.
+        nix::sched::unshare(flags).map_err(io::Error::from)?;
+        // SAFETY: this thread is in a mount namespace of its own (just above).
+        if !unsafe { root::make_private() } {
+            return Err(io::Error::last_os_error());
         }
+        nix::unistd::sethostname(HOSTNAME.to_str().expect("an ASCII hostname"))
+            .map_err(io::Error::from)?;
         let assembled = {
             // SAFETY: this thread is in a mount namespace of its own with private
             // propagation (just above).
@@ -85,12 +84,9 @@ impl Namespaces {
                     ],
                 })
             });
-        // Back home whatever happened, so the next set copies the host's mounts.
-        // SAFETY: setns with a mount namespace descriptor; this thread shares no file system
-        // attributes since its unshare.
-        if unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNS) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        // Back home whatever happened, so the next set copies the host's mounts (this thread
+        // shares no file system attributes since its unshare, as setns requires).
+        nix::sched::setns(home, nix::sched::CloneFlags::CLONE_NEWNS).map_err(io::Error::from)?;
         made
     }
 }

@@ -208,38 +208,20 @@ fn environment(spec: &BootSpec) -> Vec<String> {
 /// the hard limit too, up to the kernel's `fs.nr_open` (at most 2^20); otherwise the soft
 /// limit to the hard one.
 pub(super) fn raise_nofile() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
     };
     let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
         .and_then(|text| text.trim().parse::<u64>().ok())
         .unwrap_or(0)
         .min(1 << 20);
-    // SAFETY: getrlimit/setrlimit with a valid pointer.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return;
-        }
-        let old = limit.rlim_cur;
-        let wanted = limit.rlim_max.max(nr_open);
-        let raised = libc::rlimit {
-            rlim_cur: wanted,
-            rlim_max: wanted,
-        };
-        if wanted > limit.rlim_cur && libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-            debug!(from = old, to = wanted, "raised the open-file limit");
-        } else if limit.rlim_cur < limit.rlim_max {
-            limit.rlim_cur = limit.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
-                debug!(
-                    from = old,
-                    to = limit.rlim_max,
-                    "raised the open-file limit"
-                );
-            }
-        }
+    let wanted = hard.max(nr_open);
+    if wanted > soft && setrlimit(Resource::RLIMIT_NOFILE, wanted, wanted).is_ok() {
+        debug!(from = soft, to = wanted, "raised the open-file limit");
+    } else if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        debug!(from = soft, to = hard, "raised the open-file limit");
     }
 }
 

@@ -417,6 +417,7 @@ impl Prepared for QemuPrepared {
             let readers = [Some(tokio::spawn(pump(output, console.clone()))), None];
             let cgroups = Jail::dirs(jailed.groups.as_ref());
             let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+            let (attached_tx, attached) = watch::channel(false);
             let (exit_tx, exit_rx) = watch::channel(None);
             info!(
                 id = self.spec.id,
@@ -429,6 +430,7 @@ impl Prepared for QemuPrepared {
             );
             tokio::spawn(supervise(Supervised {
                 id: self.spec.id.clone(),
+                attached: attached_tx,
                 _jail: Arc::clone(&self.jail),
                 pidfd: Arc::new(jailed.pidfd),
                 groups: jailed.groups,
@@ -445,6 +447,7 @@ impl Prepared for QemuPrepared {
                 pid,
                 pid_start: pid_start(pid),
                 cgroups,
+                attached,
                 control: control_tx,
                 exit: exit_rx,
             }) as Box<dyn Running>)
@@ -480,6 +483,9 @@ struct QemuRunning {
     cgroups: Vec<PathBuf>,
     control: mpsc::Sender<Control>,
     exit: watch::Receiver<Option<ExitReport>>,
+    /// True once the supervisor's QMP session is up (or given up on): from then on a
+    /// guest's crash is explained on the console.
+    attached: watch::Receiver<bool>,
 }
 
 impl QemuRunning {
@@ -530,6 +536,7 @@ impl Running for QemuRunning {
         timeout: Duration,
     ) -> BoxFuture<'a, Result<(), NotReady>> {
         Box::pin(async move {
+            let started = tokio::time::Instant::now();
             let result =
                 probe_ready(self.backend, &self.console, self.exit(), probe, timeout).await;
             match result {
@@ -537,6 +544,15 @@ impl Running for QemuRunning {
                 // exited: say so rather than "timeout".
                 Err(NotReady::Timeout { .. }) if self.exit.borrow().is_some() => {
                     Err(NotReady::Exited)
+                }
+                Ok(()) => {
+                    // Ready means the supervisor can also tell why the guest stops: a
+                    // guest that crashes right after it serves is then explained. QMP is
+                    // usually up long before; the wait is bounded by the boot timeout.
+                    let left = timeout.saturating_sub(started.elapsed());
+                    let mut attached = self.attached.clone();
+                    let _ = tokio::time::timeout(left, attached.wait_for(|up| *up)).await;
+                    Ok(())
                 }
                 other => other,
             }
@@ -555,6 +571,8 @@ fn pid_start(pid: u32) -> Option<u64> {
 /// Everything the supervisor owns.
 struct Supervised {
     id: String,
+    /// Set once QMP is up or given up on.
+    attached: watch::Sender<bool>,
     /// Keeps the thread that started qemu alive while qemu runs: qemu's parent-death
     /// signal follows that thread.
     _jail: Arc<Jail>,
@@ -594,6 +612,7 @@ async fn supervise(mut s: Supervised) {
                         warn!(id = s.id, %error, "qemu QMP unreachable; stop falls back to SIGTERM");
                     }
                 }
+                let _ = s.attached.send(true);
             }
             event = next_event(&mut qmp) => match event {
                 Some(event) => guest_stopped |= note_event(&s.console, &event),
