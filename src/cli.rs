@@ -108,7 +108,7 @@ pub struct ServeArgs {
     pub zone: Option<String>,
     /// The service address pool (`address/prefix`).
     #[arg(long)]
-    pub pool: Option<String>,
+    pub pool: Option<revboot_deployer::config::Prefix>,
     /// The token for pushes and API writes.
     #[arg(long, env = "REVBOOT_TOKEN")]
     pub token: Option<String>,

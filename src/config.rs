@@ -113,7 +113,7 @@ impl std::fmt::Debug for Http {
 #[serde(deny_unknown_fields, default)]
 pub struct Instances {
     /// The pool service addresses come from, as `address/prefix`.
-    pub pool: String,
+    pub pool: revboot_deployer::config::Prefix,
     /// Cap on running instances.
     pub max_total: usize,
     /// Cap on running instances of one service.
@@ -123,7 +123,7 @@ pub struct Instances {
     /// stopped); while every one has a connection open, new clients are refused.
     pub max_clients_per_service: usize,
     /// Tender accelerator for qemu: `auto`, `kvm` or `tcg`.
-    pub qemu_accel: String,
+    pub qemu_accel: revboot_deployer::tender::qemu::AccelChoice,
     /// Replaces every manifest's idle timeout, in milliseconds (demos, tests).
     pub idle_timeout_ms: Option<u64>,
     /// Clients reach each instance's own socket on its service address, with no handshake
@@ -199,11 +199,13 @@ impl Default for Http {
 impl Default for Instances {
     fn default() -> Self {
         Instances {
-            pool: "127.77.0.0/16".to_owned(),
+            pool: revboot_deployer::config::DEFAULT_POOL
+                .parse()
+                .expect("the default pool parses"),
             max_total: 256,
             max_per_service: 64,
             max_clients_per_service: 32,
-            qemu_accel: "auto".to_owned(),
+            qemu_accel: revboot_deployer::tender::qemu::AccelChoice::Auto,
             idle_timeout_ms: None,
             direct: false,
             steer: true,
@@ -284,10 +286,15 @@ impl Config {
         if !is_dns_name(&self.zone) {
             return Err(invalid("zone", "must be a DNS name like `revboot.test`"));
         }
-        self.pool().map_err(|message| ConfigError::Invalid {
-            key: "instances.pool",
-            message,
-        })?;
+        let pool = self.instances.pool;
+        if !(pool.network.is_ipv4() && pool.network.is_loopback()) {
+            return Err(invalid(
+                "instances.pool",
+                &format!(
+                    "{pool} is not inside 127.0.0.0/8; revboot's local mode serves on loopback only"
+                ),
+            ));
+        }
         if self.instances.max_total == 0 || self.instances.max_per_service == 0 {
             return Err(invalid("instances.max_total", "caps must be at least 1"));
         }
@@ -295,12 +302,6 @@ impl Config {
             return Err(invalid(
                 "instances.max_per_service",
                 "cannot exceed instances.max_total",
-            ));
-        }
-        if !matches!(self.instances.qemu_accel.as_str(), "auto" | "kvm" | "tcg") {
-            return Err(invalid(
-                "instances.qemu_accel",
-                "must be `auto`, `kvm` or `tcg`",
             ));
         }
         if self.builds.queue == 0 {
@@ -319,31 +320,6 @@ impl Config {
             return Err(invalid("dns.max_tcp_per_prefix", "must be at least 1"));
         }
         Ok(())
-    }
-
-    /// The address pool as (network, prefix length).
-    pub fn pool(&self) -> Result<(IpAddr, u8), String> {
-        let (address, prefix) = self
-            .instances
-            .pool
-            .split_once('/')
-            .ok_or_else(|| format!("`{}` is not `address/prefix`", self.instances.pool))?;
-        let address: IpAddr = address
-            .parse()
-            .map_err(|_| format!("`{address}` is not an IP address"))?;
-        let prefix: u8 = prefix
-            .parse()
-            .map_err(|_| format!("`{prefix}` is not a prefix length"))?;
-        let max = if address.is_ipv4() { 32 } else { 128 };
-        if prefix > max || (address.is_ipv4() && prefix < 8) {
-            return Err(format!("prefix /{prefix} is out of range"));
-        }
-        if !address.is_loopback() {
-            return Err(format!(
-                "{address} is not a loopback address; revboot's local mode serves on loopback only"
-            ));
-        }
-        Ok((address, prefix))
     }
 
     /// The most commits of one push that are built: `max_commits_per_push`, bounded by the
@@ -406,6 +382,22 @@ mod tests {
         // The switch it replaced is an unknown key now, named as such.
         let error = Config::from_toml("[http]\nanonymous_fetch = true\n").expect_err("gone");
         assert!(error.to_string().contains("anonymous_fetch"), "{error}");
+    }
+
+    #[test]
+    fn typed_settings_are_parsed_once_and_bad_ones_named() {
+        let config =
+            Config::from_toml("[instances]\npool = \"127.5.0.0/24\"\nqemu_accel = \"tcg\"\n")
+                .expect("valid");
+        assert_eq!(config.instances.pool.to_string(), "127.5.0.0/24");
+        assert_eq!(
+            config.instances.qemu_accel,
+            revboot_deployer::tender::qemu::AccelChoice::Tcg
+        );
+        let error = Config::from_toml("[instances]\nqemu_accel = \"hvf\"\n").expect_err("accel");
+        assert!(error.to_string().contains("hvf"), "{error}");
+        let error = Config::from_toml("[instances]\npool = \"127.5.0.1/24\"\n").expect_err("bits");
+        assert!(error.to_string().contains("127.5.0.1/24"), "{error}");
     }
 
     #[test]

@@ -285,30 +285,25 @@ pub fn deployer_name(data: &Path) -> String {
     format!("d{hex}")
 }
 
-/// Adds the qemu tender when `qemu-system-x86_64` is installed; without it, VM services fail
-/// to boot with a clear reason and process services are unaffected.
-fn register_qemu(deployer: &Deployer, config: &Config) -> anyhow::Result<()> {
-    use revboot_deployer::tender::qemu::{AccelChoice, QemuConfig, QemuTender};
-    let accel = match config.instances.qemu_accel.as_str() {
-        "kvm" => AccelChoice::Kvm,
-        "tcg" => AccelChoice::Tcg,
-        _ => AccelChoice::Auto,
-    };
-    let qemu = QemuConfig {
-        accel,
-        ..QemuConfig::default()
+/// The tenders of the daemon's deployer: the process tender, and the qemu tender when
+/// `qemu-system-x86_64` is installed (without it, VM services fail to boot with a clear
+/// reason and process services are unaffected). A new backend is one more line here.
+fn tenders(config: &Config) -> Vec<revboot_deployer::tender::MakeTender> {
+    use revboot_deployer::tender::{process, qemu};
+    let mut tenders = vec![process::make()];
+    let qemu = qemu::QemuConfig {
+        accel: config.instances.qemu_accel,
+        ..qemu::QemuConfig::default()
     };
     let found = std::env::var_os("PATH").is_some_and(|path| {
         std::env::split_paths(&path).any(|dir| dir.join(&qemu.binary).is_file())
     }) || qemu.binary.is_file();
-    if !found {
+    if found {
+        tenders.push(qemu::make(qemu));
+    } else {
         warn!(binary = %qemu.binary.display(), "qemu not found: services with `tender = \"qemu\"` cannot boot (install qemu-system-x86)");
-        return Ok(());
     }
-    let tender =
-        QemuTender::new(qemu, &deployer.tender_host()).context("Cannot set up the qemu tender")?;
-    deployer.register_tender(Arc::new(tender));
-    Ok(())
+    tenders
 }
 
 /// A daemon that has started: every part is listening.
@@ -344,11 +339,7 @@ impl Daemon {
 
         let mut deployer_config = DeployerConfig::new(data.join("deployer"));
         deployer_config.name = deployer_name(&data);
-        deployer_config.pool = config
-            .instances
-            .pool
-            .parse()
-            .map_err(|error| anyhow::anyhow!("instances.pool: {error}"))?;
+        deployer_config.pool = config.instances.pool;
         // Behind the proxy, instances listen on an ephemeral port of their service address;
         // in direct mode on the service port itself (the proxy then fronts nothing).
         deployer_config.backend_port = if config.instances.direct {
@@ -362,13 +353,13 @@ impl Daemon {
         deployer_config.max_per_service = config.instances.max_per_service;
         deployer_config.max_clients_per_service = config.instances.max_clients_per_service;
         deployer_config.idle_timeout_override_ms = config.instances.idle_timeout_ms;
-        let deployer = Deployer::new(
+        let deployer = Deployer::with_tenders(
             deployer_config,
             store.clone(),
             tokio::runtime::Handle::current(),
+            tenders(&config),
         )
         .context("Cannot start the deployer")?;
-        register_qemu(&deployer, &config)?;
 
         let proxy = Proxy::new(ProxyConfig::default(), deployer.clone());
         let front: Arc<dyn Instances> = proxy.clone();

@@ -3,7 +3,7 @@
 //! Every field has a named default; [`DeployerConfig::from_toml`] rejects unknown keys and
 //! [`DeployerConfig::validate`] checks the values.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -37,64 +37,107 @@ pub enum BackendPort {
     Ephemeral,
 }
 
-/// An IPv4 network, `a.b.c.d/len`, that service addresses are taken from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ipv4Pool {
-    /// The network address.
-    pub network: Ipv4Addr,
-    /// The prefix length, 8..=30.
-    pub prefix: u8,
+/// A network, `address/len`, IPv4 or IPv6: where service addresses come from. Parsed once,
+/// from the configuration text, into this form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Prefix {
+    /// The network address (no host bits set).
+    pub network: IpAddr,
+    /// The prefix length: 8..=30 for IPv4, 16..=126 for IPv6.
+    pub len: u8,
 }
 
-impl Ipv4Pool {
-    /// The number of usable addresses (network and broadcast addresses excluded).
-    pub fn size(&self) -> u32 {
-        (1u32 << (32 - u32::from(self.prefix))) - 2
+impl Prefix {
+    /// Host bits of the family.
+    fn bits(&self) -> u32 {
+        if self.network.is_ipv4() { 32 } else { 128 }
     }
 
-    /// The `index`th usable address (0-based), if inside the pool.
-    pub fn nth(&self, index: u32) -> Option<Ipv4Addr> {
-        (index < self.size()).then(|| Ipv4Addr::from(u32::from(self.network) + 1 + index))
+    /// The number of usable addresses: not the network address, and for IPv4 not the
+    /// broadcast address either.
+    pub fn size(&self) -> u128 {
+        let hosts = 1u128 << (self.bits() - u32::from(self.len));
+        if self.network.is_ipv4() {
+            hosts - 2
+        } else {
+            hosts - 1
+        }
+    }
+
+    /// The `index`th usable address (0-based), if inside the prefix.
+    pub fn nth(&self, index: u128) -> Option<IpAddr> {
+        if index >= self.size() {
+            return None;
+        }
+        Some(match self.network {
+            IpAddr::V4(network) => {
+                IpAddr::V4(Ipv4Addr::from(u32::from(network) + 1 + index as u32))
+            }
+            IpAddr::V6(network) => IpAddr::V6(Ipv6Addr::from(u128::from(network) + 1 + index)),
+        })
+    }
+
+    /// True if `address` lies inside the prefix (an IPv4-mapped IPv6 address counts as IPv4).
+    pub fn contains(&self, address: IpAddr) -> bool {
+        let shift = self.bits() - u32::from(self.len);
+        match (self.network, address.to_canonical()) {
+            (IpAddr::V4(network), IpAddr::V4(address)) => {
+                u32::from(network) >> shift == u32::from(address) >> shift
+            }
+            (IpAddr::V6(network), IpAddr::V6(address)) => {
+                u128::from(network) >> shift == u128::from(address) >> shift
+            }
+            _ => false,
+        }
     }
 }
 
-/// Why a pool string is not a pool.
+/// Why a text is not a prefix.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("Not an IPv4 pool `a.b.c.d/len` with 8 <= len <= 30 and no host bits: `{0}`")]
+#[error(
+    "Not a prefix `address/len` (IPv4 with 8 <= len <= 30, IPv6 with 16 <= len <= 126) \
+     without host bits: `{0}`"
+)]
 pub struct ParsePoolError(String);
 
-impl FromStr for Ipv4Pool {
+impl FromStr for Prefix {
     type Err = ParsePoolError;
 
-    fn from_str(text: &str) -> Result<Ipv4Pool, ParsePoolError> {
+    fn from_str(text: &str) -> Result<Prefix, ParsePoolError> {
         let error = || ParsePoolError(text.to_owned());
-        let (network, prefix) = text.split_once('/').ok_or_else(error)?;
-        let network: Ipv4Addr = network.parse().map_err(|_| error())?;
-        let prefix: u8 = prefix.parse().map_err(|_| error())?;
-        if !(8..=30).contains(&prefix) {
+        let (network, len) = text.split_once('/').ok_or_else(error)?;
+        let network: IpAddr = network.parse().map_err(|_| error())?;
+        let len: u8 = len.parse().map_err(|_| error())?;
+        let lens = if network.is_ipv4() { 8..=30 } else { 16..=126 };
+        if !lens.contains(&len) {
             return Err(error());
         }
-        let host_bits = u32::MAX >> prefix;
-        if u32::from(network) & host_bits != 0 {
+        let prefix = Prefix { network, len };
+        // No host bits: the network address is the prefix's own first address.
+        let host_bits = match network {
+            IpAddr::V4(v4) => u128::from(u32::from(v4) & (u32::MAX >> len)),
+            IpAddr::V6(v6) => u128::from(v6) & (u128::MAX >> len),
+        };
+        if host_bits != 0 {
             return Err(error());
         }
-        Ok(Ipv4Pool { network, prefix })
+        Ok(prefix)
     }
 }
 
-impl std::fmt::Display for Ipv4Pool {
+impl std::fmt::Display for Prefix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.network, self.prefix)
+        write!(f, "{}/{}", self.network, self.len)
     }
 }
 
-impl Serialize for Ipv4Pool {
+impl Serialize for Prefix {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_str(self)
     }
 }
 
-impl<'de> Deserialize<'de> for Ipv4Pool {
+impl<'de> Deserialize<'de> for Prefix {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
         text.parse().map_err(serde::de::Error::custom)
@@ -187,7 +230,7 @@ pub struct DeployerConfig {
     pub name: String,
     /// Service addresses are taken from here.
     #[serde(default = "default_pool")]
-    pub pool: Ipv4Pool,
+    pub pool: Prefix,
     /// Where an instance's own socket is bound.
     #[serde(default)]
     pub backend_port: BackendPort,
@@ -226,7 +269,7 @@ pub struct DeployerConfig {
 fn default_name() -> String {
     "default".to_owned()
 }
-fn default_pool() -> Ipv4Pool {
+fn default_pool() -> Prefix {
     DEFAULT_POOL.parse().expect("the default pool parses")
 }
 fn default_steer() -> bool {
@@ -310,7 +353,9 @@ impl DeployerConfig {
         if !name_ok {
             return invalid("name", "1 to 64 of [A-Za-z0-9_-]");
         }
-        if !self.pool.network.is_loopback() {
+        // Service addresses are IPv4 loopback addresses until the proxy, steering and
+        // admission serve others.
+        if !(self.pool.network.is_ipv4() && self.pool.network.is_loopback()) {
             return invalid("pool", "must lie inside 127.0.0.0/8");
         }
         if self.max_instances == 0 || self.max_instances > 100_000 {
@@ -371,14 +416,31 @@ mod tests {
 
     #[test]
     fn pool_parses_and_counts() {
-        let pool: Ipv4Pool = "127.77.0.0/16".parse().expect("valid");
+        let pool: Prefix = "127.77.0.0/16".parse().expect("valid");
         assert_eq!(pool.size(), 65_534);
-        assert_eq!(pool.nth(0), Some(Ipv4Addr::new(127, 77, 0, 1)));
-        assert_eq!(pool.nth(65_533), Some(Ipv4Addr::new(127, 77, 255, 254)));
+        assert_eq!(pool.nth(0), Some(IpAddr::from([127, 77, 0, 1])));
+        assert_eq!(pool.nth(65_533), Some(IpAddr::from([127, 77, 255, 254])));
         assert_eq!(pool.nth(65_534), None);
-        assert!("127.77.0.1/16".parse::<Ipv4Pool>().is_err());
-        assert!("127.77.0.0/31".parse::<Ipv4Pool>().is_err());
-        assert!("127.77.0.0".parse::<Ipv4Pool>().is_err());
+        assert!(pool.contains(IpAddr::from([127, 77, 3, 4])));
+        assert!(!pool.contains(IpAddr::from([127, 78, 0, 1])));
+        assert_eq!(pool.to_string(), "127.77.0.0/16");
+        for bad in [
+            "127.77.0.1/16",
+            "127.77.0.0/31",
+            "127.77.0.0",
+            "2001:db8::1/64",
+            "::/8",
+        ] {
+            assert!(bad.parse::<Prefix>().is_err(), "{bad}");
+        }
+        let v6: Prefix = "2001:db8:1::/64".parse().expect("an IPv6 prefix");
+        assert_eq!(v6.size(), (1u128 << 64) - 1);
+        assert_eq!(v6.nth(0), Some("2001:db8:1::1".parse().expect("ip")));
+        assert!(v6.contains("2001:db8:1::ffff".parse().expect("ip")));
+        // Typed, but not served yet: service addresses are IPv4 loopback ones for now.
+        let mut config = DeployerConfig::new("/x");
+        config.pool = v6;
+        assert!(config.validate().is_err());
     }
 
     #[test]

@@ -4,22 +4,22 @@
 //! just-freed address (and whatever clients still hold it from DNS) rests as long as possible.
 
 use std::collections::VecDeque;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
-use crate::config::Ipv4Pool;
+use crate::config::Prefix;
 
 /// Free addresses of a pool.
 #[derive(Debug)]
 pub struct AddressPool {
-    pool: Ipv4Pool,
-    next: u32,
-    returned: VecDeque<Ipv4Addr>,
+    pool: Prefix,
+    next: u128,
+    returned: VecDeque<IpAddr>,
     in_use: usize,
 }
 
 impl AddressPool {
     /// A pool with every address free.
-    pub fn new(pool: Ipv4Pool) -> AddressPool {
+    pub fn new(pool: Prefix) -> AddressPool {
         AddressPool {
             pool,
             next: 0,
@@ -38,12 +38,12 @@ impl AddressPool {
             None => self.returned.pop_front()?,
         };
         self.in_use += 1;
-        Some(IpAddr::V4(address))
+        Some(address)
     }
 
-    /// Hands an address back.
+    /// Hands an address back (one of the pool's).
     pub fn give(&mut self, address: IpAddr) {
-        if let IpAddr::V4(address) = address {
+        if self.pool.contains(address) {
             self.in_use = self.in_use.saturating_sub(1);
             self.returned.push_back(address);
         }
@@ -73,5 +73,22 @@ mod tests {
         assert_eq!(pool.take(), Some(b));
         assert_eq!(pool.take(), Some(a));
         assert_eq!(pool.take(), None);
+    }
+
+    #[test]
+    fn ipv6_prefixes_hand_out_addresses_too() {
+        let mut pool = AddressPool::new("2001:db8:1::/126".parse().expect("pool"));
+        let taken: Vec<_> = std::iter::from_fn(|| pool.take()).collect();
+        assert_eq!(
+            taken,
+            ["2001:db8:1::1", "2001:db8:1::2", "2001:db8:1::3"]
+                .map(|a| a.parse::<IpAddr>().expect("ip"))
+        );
+        pool.give("2001:db8:2::1".parse().expect("ip"));
+        assert_eq!(
+            pool.in_use(),
+            3,
+            "an address of another prefix is not taken back"
+        );
     }
 }

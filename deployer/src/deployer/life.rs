@@ -24,8 +24,8 @@ use tracing::{debug, info, warn};
 
 use crate::state::InstanceRecord;
 use crate::summon::InstanceState;
-use crate::tender::process::{ProcessTender, pid_start_time};
-use crate::tender::{ExitReport, ExitStatus, NotReady, Prepared, Running, Tender};
+use crate::tender::process::pid_start_time;
+use crate::tender::{ExitReport, ExitStatus, NotReady, Prepared, Running, Tenders};
 
 use super::revisions::RevisionInfo;
 use super::table::{Command, Entry, StopReason};
@@ -387,7 +387,7 @@ impl Deployer {
 /// scratch directories.
 pub(super) fn clean_orphans(
     left: &[InstanceRecord],
-    process: &ProcessTender,
+    tenders: &Tenders,
     scratch_dir: &std::path::Path,
 ) {
     for record in left {
@@ -419,7 +419,9 @@ pub(super) fn clean_orphans(
             }
         }
     }
-    process.sweep_orphans();
+    for tender in tenders.all() {
+        tender.sweep_orphans();
+    }
     if let Ok(entries) = std::fs::read_dir(scratch_dir) {
         for entry in entries.flatten() {
             let _ = std::fs::remove_dir_all(entry.path());

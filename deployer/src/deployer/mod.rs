@@ -27,7 +27,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use revboot_sandbox::uids::UidPool;
@@ -44,8 +44,8 @@ use crate::steer::Steering;
 use crate::summon::{
     Activity, InstanceKey, InstanceState, Instances, ResolveError, Resolved, SummonError, Summoned,
 };
-use crate::tender::process::{ProcessTender, ProcessTenderError};
-use crate::tender::{Tender, Tenders};
+
+use crate::tender::{MakeTender, TenderHost, Tenders};
 
 mod life;
 mod revisions;
@@ -82,9 +82,9 @@ pub enum NewError {
     /// The state database could not be opened.
     #[error(transparent)]
     State(#[from] state::StateError),
-    /// The process tender could not be set up.
+    /// A tender could not be set up.
     #[error(transparent)]
-    Tender(#[from] ProcessTenderError),
+    Tender(#[from] crate::tender::TenderSetupError),
 }
 
 /// Why an operator command was refused.
@@ -127,7 +127,8 @@ pub struct Deployer {
     config: DeployerConfig,
     store: Store,
     runtime: tokio::runtime::Handle,
-    tenders: RwLock<Tenders>,
+    /// The backends, as the deployer was given them.
+    tenders: Tenders,
     table: Mutex<Table>,
     revisions: Mutex<HashMap<Revision, Arc<RevisionInfo>>>,
     /// The store generation the revision cache was last warmed for.
@@ -165,6 +166,19 @@ impl Deployer {
         store: Store,
         runtime: tokio::runtime::Handle,
     ) -> Result<Arc<Deployer>, NewError> {
+        Deployer::with_tenders(config, store, runtime, vec![crate::tender::process::make()])
+    }
+
+    /// Starts a deployer with the tenders `makers` make (the process tender's
+    /// [`crate::tender::process::make`], qemu's [`crate::tender::qemu::make`], …): cleans
+    /// up what an earlier daemon with the same state directory left running, through every
+    /// tender, then waits for summons.
+    pub fn with_tenders(
+        config: DeployerConfig,
+        store: Store,
+        runtime: tokio::runtime::Handle,
+        makers: Vec<MakeTender>,
+    ) -> Result<Arc<Deployer>, NewError> {
         config.validate()?;
         let image_dir = config.state_dir.join("images");
         let scratch_dir = config.state_dir.join("scratch");
@@ -175,17 +189,19 @@ impl Deployer {
             })?;
         }
         let opened = state::open(&config.state_dir.join("state.redb"))?;
-        let process = ProcessTender::new(
-            &config.name,
-            config.sandbox.clone(),
-            &config.state_dir.join("root"),
-            runtime.clone(),
-        )?;
-        info!(cgroups = process.cgroup_layout(), name = config.name, pool = %config.pool, "deployer starting");
-        clean_orphans(&opened.left, &process, &scratch_dir);
-        let state = opened.start()?;
+        let host = TenderHost {
+            name: config.name.clone(),
+            root: config.state_dir.join("root"),
+            sandbox: config.sandbox.clone(),
+            runtime: runtime.clone(),
+        };
         let mut tenders = Tenders::new();
-        tenders.register(Arc::new(process));
+        for make in makers {
+            tenders.register(make(&host)?);
+        }
+        info!(name = config.name, pool = %config.pool, "deployer starting");
+        clean_orphans(&opened.left, &tenders, &scratch_dir);
+        let state = opened.start()?;
         let pool = AddressPool::new(config.pool);
         let steering = open_steering(&config);
         let presized = config.max_instances.min(PRESIZE_LIMIT);
@@ -193,7 +209,7 @@ impl Deployer {
             me: me.clone(),
             store,
             runtime,
-            tenders: RwLock::new(tenders),
+            tenders,
             // Sized for the instance cap up front: a map that grows does so on a summon's
             // path (a DNS answer's), under the table lock.
             table: Mutex::new(Table {
@@ -226,24 +242,6 @@ impl Deployer {
         });
         deployer.warm_soon();
         Ok(deployer)
-    }
-
-    /// What a tender for this deployer needs of the host: names, the sandbox root's mount
-    /// point, the sandbox settings.
-    pub fn tender_host(&self) -> crate::tender::TenderHost {
-        crate::tender::TenderHost {
-            name: self.config.name.clone(),
-            root: self.config.state_dir.join("root"),
-            sandbox: self.config.sandbox.clone(),
-        }
-    }
-
-    /// Adds (or replaces) a tender, e.g. the qemu backend.
-    pub fn register_tender(&self, tender: Arc<dyn Tender>) {
-        self.tenders
-            .write()
-            .expect("tender registry lock is never poisoned")
-            .register(tender);
     }
 
     /// Counters of boots, readiness and ends (for `/metrics`).
@@ -363,14 +361,7 @@ impl Deployer {
                 "shutdown: instances still finishing"
             );
         }
-        let tenders: Vec<Arc<dyn Tender>> = self
-            .tenders
-            .read()
-            .expect("tender registry lock is never poisoned")
-            .all()
-            .cloned()
-            .collect();
-        for tender in tenders {
+        for tender in self.tenders.all() {
             tender.shutdown();
         }
         self.state.flush().await;

@@ -214,8 +214,6 @@ impl Deployer {
         let run = &info.manifest.run;
         let tender = self
             .tenders
-            .read()
-            .expect("tender registry lock is never poisoned")
             .get(run.tender)
             .cloned()
             .ok_or_else(|| SummonError::Start {

@@ -375,7 +375,7 @@ async fn http_ok(backend: SocketAddr, path: &str) -> bool {
     }
 }
 
-/// What the tenders of one deployer share of the host ([`crate::Deployer::tender_host`]).
+/// What the tenders of one deployer share of the host.
 #[derive(Debug, Clone)]
 pub struct TenderHost {
     /// Names the tenders' cgroups (`revboot/<name>…`): two deployers on one host differ.
@@ -385,6 +385,25 @@ pub struct TenderHost {
     pub root: PathBuf,
     /// The instances' sandbox settings.
     pub sandbox: crate::config::SandboxConfig,
+    /// The runtime instance tasks run on.
+    pub runtime: tokio::runtime::Handle,
+}
+
+/// Makes one tender for a deployer, from what the deployer's tenders share of the host:
+/// what [`crate::Deployer::with_tenders`] receives, one per backend (a new backend is one
+/// file with such a function, and one line where the daemon lists its tenders).
+pub type MakeTender =
+    Box<dyn FnOnce(&TenderHost) -> Result<Arc<dyn Tender>, TenderSetupError> + Send>;
+
+/// Why a tender could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("Cannot set up the {kind:?} tender")]
+pub struct TenderSetupError {
+    /// Which tender.
+    pub kind: TenderKind,
+    /// The cause.
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
 /// The tenders a deployer can use, by kind.

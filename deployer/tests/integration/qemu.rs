@@ -85,6 +85,7 @@ fn host(dir: &std::path::Path, name: &str) -> TenderHost {
         name: format!("{name}-{}-{n}", std::process::id()),
         root: dir.join("root"),
         sandbox: SandboxConfig::default(),
+        runtime: tokio::runtime::Handle::current(),
     }
 }
 
@@ -267,9 +268,9 @@ async fn a_taken_port_is_refused_before_anything_boots() {
 
 /// The same images through the deployer: summoned, watched, reaped, recorded in the store.
 mod through_the_deployer {
-    use std::sync::Arc;
 
-    use revboot_deployer::tender::qemu::{QemuConfig, QemuTender};
+    use revboot_deployer::tender::process;
+    use revboot_deployer::tender::qemu::{self, QemuConfig};
     use revboot_deployer::{InstanceState, Instances};
 
     use super::build_image;
@@ -279,11 +280,11 @@ mod through_the_deployer {
         ready = { probe = \"console\", line = \"hello-vm: listening\" }\nboot_timeout_ms = 3000";
 
     fn world(index: u8, tweak: impl FnOnce(&mut revboot_deployer::DeployerConfig)) -> World {
-        let world = World::new(index, tweak);
-        let tender = QemuTender::new(QemuConfig::default(), &world.deployer.tender_host())
-            .expect("qemu tender");
-        world.deployer.register_tender(Arc::new(tender));
-        world
+        World::with_tenders(
+            index,
+            tweak,
+            vec![process::make(), qemu::make(QemuConfig::default())],
+        )
     }
 
     /// Summons `feature`'s image and returns how it ended and its runtime record.
@@ -445,10 +446,12 @@ mod through_the_deployer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_runs_unprivileged_in_a_root_of_its_own() {
     use revboot_deployer::Instances;
-    let world = crate::support::World::new(64, |_| {});
-    let tender =
-        QemuTender::new(QemuConfig::default(), &world.deployer.tender_host()).expect("qemu tender");
-    world.deployer.register_tender(Arc::new(tender));
+    use revboot_deployer::tender::{process, qemu};
+    let world = crate::support::World::with_tenders(
+        64,
+        |_| {},
+        vec![process::make(), qemu::make(QemuConfig::default())],
+    );
     let image = tokio::task::spawn_blocking(|| build_image(None))
         .await
         .expect("build task");

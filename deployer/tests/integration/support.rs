@@ -78,6 +78,19 @@ pub fn config(dir: &Path, index: u8) -> DeployerConfig {
 
 impl World {
     pub fn new(index: u8, tweak: impl FnOnce(&mut DeployerConfig)) -> World {
+        World::with_tenders(
+            index,
+            tweak,
+            vec![revboot_deployer::tender::process::make()],
+        )
+    }
+
+    /// A world whose deployer has the tenders `makers` make.
+    pub fn with_tenders(
+        index: u8,
+        tweak: impl FnOnce(&mut DeployerConfig),
+        makers: Vec<revboot_deployer::tender::MakeTender>,
+    ) -> World {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -89,8 +102,13 @@ impl World {
         let store = Store::init(dir.path().join("deploy.git")).expect("store");
         let mut config = config(dir.path(), index);
         tweak(&mut config);
-        let deployer = Deployer::new(config, store.clone(), tokio::runtime::Handle::current())
-            .expect("deployer starts");
+        let deployer = Deployer::with_tenders(
+            config,
+            store.clone(),
+            tokio::runtime::Handle::current(),
+            makers,
+        )
+        .expect("deployer starts");
         World {
             dir,
             store,

@@ -62,6 +62,7 @@ use tracing::{debug, warn};
 use super::admit;
 use super::{
     BootError, BootSpec, BoxFuture, ExitReport, ExitStatus, Footprint, Prepared, Running, Tender,
+    TenderHost,
 };
 use crate::config::{BackendPort, SandboxConfig};
 use crate::console::Console;
@@ -114,6 +115,23 @@ pub enum ProcessTenderError {
         #[source]
         source: io::Error,
     },
+}
+
+/// The process tender for a deployer, as [`crate::Deployer::with_tenders`] takes it.
+pub fn make() -> super::MakeTender {
+    Box::new(|host: &TenderHost| {
+        ProcessTender::new(
+            &host.name,
+            host.sandbox.clone(),
+            &host.root,
+            host.runtime.clone(),
+        )
+        .map(|tender| Arc::new(tender) as Arc<dyn Tender>)
+        .map_err(|error| super::TenderSetupError {
+            kind: TenderKind::Process,
+            source: Box::new(error),
+        })
+    })
 }
 
 impl ProcessTender {

@@ -189,6 +189,18 @@ fn accel_from_env(value: &str) -> Result<AccelChoice, QemuSetupError> {
     }
 }
 
+/// The qemu tender with `config`, as [`crate::Deployer::with_tenders`] takes it.
+pub fn make(config: QemuConfig) -> super::MakeTender {
+    Box::new(move |host: &TenderHost| {
+        QemuTender::new(config, host)
+            .map(|tender| std::sync::Arc::new(tender) as std::sync::Arc<dyn Tender>)
+            .map_err(|error| super::TenderSetupError {
+                kind: TenderKind::Qemu,
+                source: Box::new(error),
+            })
+    })
+}
+
 /// Boots kernel images in qemu microvms.
 #[derive(Debug, Clone)]
 pub struct QemuTender {
@@ -198,7 +210,7 @@ pub struct QemuTender {
 
 impl QemuTender {
     /// A tender with `config`, the accelerator overridden by `REVBOOT_QEMU_ACCEL`, for the
-    /// deployer whose host is `host` ([`crate::Deployer::tender_host`]).
+    /// deployer whose host is `host`.
     pub fn new(config: QemuConfig, host: &TenderHost) -> Result<QemuTender, QemuSetupError> {
         let choice = match std::env::var(ACCEL_ENV) {
             Ok(value) => accel_from_env(&value)?,
@@ -756,12 +768,26 @@ mod tests {
         }
     }
 
+    fn test_runtime() -> tokio::runtime::Handle {
+        static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+        RUNTIME
+            .get_or_init(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .expect("a runtime")
+            })
+            .handle()
+            .clone()
+    }
+
     /// A TCG tender on a root of its own (`dir`), as a deployer would make it.
     fn tender(dir: &std::path::Path) -> QemuTender {
         let host = TenderHost {
             name: format!("qemu-unit-{}", std::process::id()),
             root: dir.to_owned(),
             sandbox: crate::config::SandboxConfig::default(),
+            // The qemu tender starts its VMs from a thread of its own, not on the runtime.
+            runtime: test_runtime(),
         };
         let config = QemuConfig {
             accel: AccelChoice::Tcg,
