@@ -1,5 +1,6 @@
 //! The lifecycle with the real `examples/hello` image.
 
+use std::io::{Read, Write};
 use std::time::Duration;
 
 use revboot_deployer::{Activity, InstanceState, Instances, SummonError};
@@ -118,13 +119,31 @@ async fn a_connection_made_as_the_boot_starts_is_served_not_refused() {
         &source(1),
     );
     for _ in 0..5 {
+        // The boot is held back until `held` drops (as a DNS answer holds it until the
+        // answer has left): the connection below is surely made before the image runs.
+        let scope = revboot_deployer::LaunchScope::open();
         let summoned = world
             .deployer
             .summon("hello", &revision, None)
             .expect("summon");
-        // Connect before the instance can possibly run: the kernel holds the handshake.
+        let held = scope.close();
         assert_eq!(*summoned.state.borrow(), InstanceState::Booting);
-        let response = http_get(summoned.backend, "/").await.expect("served");
+        // The kernel completes the handshake on the socket the tender bound at summon.
+        let mut stream = std::net::TcpStream::connect(summoned.backend).expect("accepted");
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n")
+            .expect("request sent");
+        drop(held);
+        let response = tokio::task::spawn_blocking(move || {
+            stream
+                .set_read_timeout(Some(support::PATIENCE))
+                .expect("timeout");
+            let mut response = String::new();
+            stream.read_to_string(&mut response).map(|_| response)
+        })
+        .await
+        .expect("reader")
+        .expect("served");
         assert!(response.contains("hello from v1"), "{response}");
         let mut state = world.deployer.kill(&summoned.key).expect("running");
         support::wait_state(&mut state, InstanceState::is_final).await;
