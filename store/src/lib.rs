@@ -106,16 +106,21 @@ mod error;
 pub mod image;
 mod incoming;
 mod index;
+mod live;
 mod lock;
 mod logs;
 pub mod manifest;
 pub mod protocol;
 mod quarantine;
+mod read;
 mod repack;
 mod revision;
 mod source;
 mod store;
+#[cfg(test)]
+mod test_support;
 mod types;
+mod write;
 
 pub use error::{LiveError, MaintenanceError, OpenError, ReadError, ResolveError, WriteError};
 pub use incoming::{MAX_PUSHED_COMMITS, PushRefused, PushedDeployments, PushedRef};
@@ -125,8 +130,9 @@ pub use manifest::{Manifest, ManifestError};
 pub use repack::REPACK_TIMEOUT;
 pub use revision::{ParseRevisionError, Revision};
 pub use source::find_commit;
-pub use store::{CAS_ATTEMPTS, MAX_BUILD_LOG_BYTES, MAX_IMAGE_BYTES, MAX_MANIFEST_BYTES, Store};
+pub use store::{CAS_ATTEMPTS, Store};
 pub use types::{
     BuildStatus, Deployment, DeploymentDiff, ImageInfo, ImageInput, ImageReader, LiveMove,
     NewDeployment, ParseBuildStatusError, RepackReport, RuntimeRecord,
 };
+pub use write::{MAX_BUILD_LOG_BYTES, MAX_IMAGE_BYTES, MAX_MANIFEST_BYTES};

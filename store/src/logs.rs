@@ -140,12 +140,12 @@ impl Store {
             let revision = Revision::new(id);
             let meta = crate::index::read_meta(&repo, id)?;
             next = meta.parent;
-            let record = crate::store::read_tree_file(&repo, revision, meta.tree, RECORD)?
+            let record = crate::read::read_tree_file(&repo, revision, meta.tree, RECORD)?
                 .ok_or_else(|| ReadError::Malformed {
                     revision,
                     reason: "runtime log without record.toml".into(),
                 })?;
-            let console = crate::store::read_tree_file(&repo, revision, meta.tree, CONSOLE)?
+            let console = crate::read::read_tree_file(&repo, revision, meta.tree, CONSOLE)?
                 .unwrap_or_default();
             let malformed = |reason: String| ReadError::Malformed { revision, reason };
             let text = String::from_utf8(record)
