@@ -233,7 +233,6 @@ fn service_index<'a>(
     })
 }
 
-/// Reads the file at `path` (e.g. `image/hello`) in a deployment's tree.
 /// What the commit of `revision` records about an image (`None`: the boot image), and the
 /// commit's tree.
 fn image_info(
@@ -289,6 +288,7 @@ fn read_image(
     })
 }
 
+/// Reads the file at `path` (e.g. `image/hello`) in a deployment's tree.
 fn read_file(
     repo: &gix::Repository,
     revision: &Revision,
