@@ -52,7 +52,8 @@ use crate::Builder;
 use crate::auth::{parse_basic, token_matches};
 use crate::log::Progress;
 use crate::name::validate_service_name;
-use crate::queue::{Phase, Ticket};
+use crate::queue::Ticket;
+use crate::state::{Outcome, Phase};
 
 /// The largest CGI header block accepted from `git http-backend`.
 const MAX_CGI_HEAD: usize = 64 * 1024;
@@ -707,7 +708,7 @@ async fn hook(
             let refusal = match &end {
                 // A build that runs again by itself once there is disk space keeps the push.
                 Followed::Done(outcome)
-                    if outcome.state == crate::BuildState::Failed
+                    if outcome.state == crate::state::BuildState::Failed
                         && outcome.retry_when_free_bytes.is_none() =>
                 {
                     Some(outcome.summary.clone())
@@ -818,7 +819,7 @@ async fn deploy_hook(
 /// How following a build ended.
 #[derive(Debug)]
 enum Followed {
-    Done(Arc<crate::runner::Outcome>),
+    Done(Arc<Outcome>),
     Superseded {
         by: u64,
     },
@@ -868,7 +869,7 @@ async fn follow(
         let (last, end) = match phase {
             Phase::Done(outcome) => {
                 let mut text = String::new();
-                if quiet && outcome.state == crate::BuildState::Failed {
+                if quiet && outcome.state == crate::state::BuildState::Failed {
                     let log = String::from_utf8_lossy(&tracker.log_from(0)).into_owned();
                     let lines: Vec<&str> = log.lines().collect();
                     text.push_str(&format!("revboot: the last lines of build #{id}'s log:\n"));

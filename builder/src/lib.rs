@@ -97,6 +97,7 @@ mod queue;
 mod repos;
 mod runner;
 mod sandbox;
+mod state;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -108,9 +109,10 @@ use revboot_store::{Revision, Store};
 pub use git::GitError;
 pub use log::DEFAULT_LOG_LIMIT;
 pub use name::{ServiceNameError, validate_service_name};
-pub use queue::{BuildRecord, BuildState, EnqueueError, QueueStateError};
+pub use queue::{BuildRecord, EnqueueError, QueueStateError};
 pub use repos::AddServiceError;
 pub use sandbox::SandboxConfig;
+pub use state::BuildState;
 
 /// The most `git http-backend` processes (concurrent clones and pushes) at once; more
 /// requests get `503`.
@@ -737,11 +739,11 @@ impl Builder {
             let mut progress = ticket.tracker.subscribe();
             let succeeded = loop {
                 match &progress.borrow_and_update().phase {
-                    queue::Phase::Done(outcome) => {
+                    state::Phase::Done(outcome) => {
                         break outcome.state == BuildState::Succeeded;
                     }
-                    queue::Phase::Superseded { .. } => break false,
-                    queue::Phase::Queued | queue::Phase::Running => {}
+                    state::Phase::Superseded { .. } => break false,
+                    state::Phase::Queued | state::Phase::Running => {}
                 }
                 if progress.changed().await.is_err() {
                     break false;

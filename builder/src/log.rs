@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
-use crate::queue::Phase;
+use crate::state::Phase;
 
 /// The default cap of a build log.
 pub const DEFAULT_LOG_LIMIT: usize = 8 * 1024 * 1024;

@@ -39,43 +39,15 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::log::Tracker;
-use crate::runner::{self, Job, Outcome, RunContext};
+use crate::runner::{self, Job, RunContext};
+use crate::state::{BuildState, MAX_SPACE_RETRIES, Outcome, Phase};
 
 /// How many finished build records are kept (older ones are dropped from the state file;
 /// their deployment commits stay in the store).
 const MAX_FINISHED_RECORDS: usize = 1000;
 
-/// How often in a row a build that failed for lack of disk space is run again by itself.
-pub(crate) const MAX_SPACE_RETRIES: usize = 3;
-
 /// How long shutdown waits for running builds to record themselves as interrupted.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(30);
-
-/// Where a build stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-#[non_exhaustive]
-pub enum BuildState {
-    /// Waiting for its turn.
-    Queued,
-    /// Running now.
-    Running,
-    /// Built, stored (and possibly made live).
-    Succeeded,
-    /// The recipe was invalid, the command failed or ran out of time.
-    Failed,
-    /// Stopped by a daemon stop; a new build of the same commit was queued.
-    Interrupted,
-    /// Replaced, before it started, by a newer push to the same branch.
-    Superseded,
-}
-
-impl BuildState {
-    /// Whether the build will not change any more.
-    pub fn is_finished(self) -> bool {
-        !matches!(self, BuildState::Queued | BuildState::Running)
-    }
-}
 
 /// What is known about one build.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -141,15 +113,6 @@ pub enum EnqueueError {
     /// The builder is shutting down.
     #[error("The builder is shutting down")]
     ShuttingDown,
-}
-
-/// The in-memory phase of a build, for followers.
-#[derive(Debug, Clone)]
-pub(crate) enum Phase {
-    Queued,
-    Running,
-    Done(Arc<Outcome>),
-    Superseded { by: u64, commit: String },
 }
 
 /// A queued build, as handed to whoever asked for it.

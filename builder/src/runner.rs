@@ -56,9 +56,9 @@ use tokio::sync::watch;
 
 use crate::git;
 use crate::log::Tracker;
-use crate::queue::BuildState;
 use crate::repos::SourceRepos;
 use crate::sandbox;
+use crate::state::{BuildState, Outcome};
 
 /// How long the checkout (`git archive | tar`) may take.
 const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -108,36 +108,6 @@ pub(crate) struct Job {
     pub(crate) adopt_since_ms: Option<u64>,
     /// Whether the build runs again by itself should its deployment not fit on the disk.
     pub(crate) retry_when_full: bool,
-}
-
-/// How a build ended.
-#[derive(Debug, Clone)]
-pub(crate) struct Outcome {
-    pub(crate) state: BuildState,
-    pub(crate) revision: Option<Revision>,
-    pub(crate) made_live: bool,
-    /// One line: what happened.
-    pub(crate) summary: String,
-    /// Lines for the pusher after the log: deployment, DNS name, live pointer.
-    pub(crate) result_lines: Vec<String>,
-    pub(crate) command_secs: Option<f64>,
-    /// Set when the deployment did not fit on the disk: the bytes that must be free where the
-    /// deployment repository is before the build runs again.
-    pub(crate) retry_when_free_bytes: Option<u64>,
-}
-
-impl Outcome {
-    pub(crate) fn internal(message: String) -> Outcome {
-        Outcome {
-            state: BuildState::Failed,
-            revision: None,
-            made_live: false,
-            result_lines: vec![format!("build failed: {message}")],
-            summary: format!("failed: {message}"),
-            command_secs: None,
-            retry_when_free_bytes: None,
-        }
-    }
 }
 
 /// Why a build could not be written to the store.
@@ -716,7 +686,7 @@ async fn succeed(
             if !job.retry_when_full {
                 outcome.result_lines.push(format!(
                     "it failed this way {} times in a row and is not retried by itself again; push again once there is room",
-                    crate::queue::MAX_SPACE_RETRIES + 1
+                    crate::state::MAX_SPACE_RETRIES + 1
                 ));
                 return outcome;
             }
