@@ -1,0 +1,20 @@
+//! What the [`crate::Builder`] handle shares with everything that serves it: the
+//! configuration, the source repositories, the queue, the hook token and the bound on
+//! `git http-backend` processes.
+
+use std::sync::Arc;
+
+use crate::config::BuilderConfig;
+use crate::{queue, repos};
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) config: BuilderConfig,
+    pub(crate) repos: repos::SourceRepos,
+    pub(crate) queue: queue::Queue,
+    pub(crate) hook_token: String,
+    /// Bounds the `git http-backend` processes running at once.
+    pub(crate) git_processes: Arc<tokio::sync::Semaphore>,
+    /// The data directory's lock, held until shutdown.
+    pub(crate) lock: std::sync::Mutex<Option<std::fs::File>>,
+}
