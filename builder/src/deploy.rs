@@ -25,6 +25,7 @@ use revboot_store::{PushedRef, Revision, Store};
 
 use crate::git;
 use crate::repos::HookTarget;
+use crate::shared::Shared;
 
 /// The hook endpoints' path prefix.
 pub(crate) const HOOK_PATH: &str = "/git/-/deploy-hook";
@@ -151,12 +152,11 @@ pub(crate) fn parse(body: &str) -> Result<HookCall, String> {
 /// Rule 3 of the module docs for one pushed branch: the lines to print, and whether live
 /// moved.
 pub(crate) async fn announce(
-    builder: &crate::Builder,
+    inner: &Shared,
     service: &str,
     commits: &[Revision],
     deploy_option: Option<bool>,
 ) -> Vec<String> {
-    let inner = &builder.inner;
     let zone = &inner.config.zone;
     let mut lines: Vec<String> = commits
         .iter()

@@ -48,11 +48,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::io::ReaderStream;
 
-use crate::Builder;
 use crate::auth::{parse_basic, token_matches};
 use crate::log::Progress;
 use crate::name::validate_service_name;
+use crate::push::queue_push;
 use crate::queue::Ticket;
+use crate::shared::Shared;
 use crate::state::{Outcome, Phase};
 
 /// The largest CGI header block accepted from `git http-backend`.
@@ -64,12 +65,12 @@ const MAX_HOOK_BODY: usize = 256 * 1024;
 /// The most refs built from one push.
 const MAX_REFS_PER_PUSH: usize = 32;
 
-pub(crate) fn router(builder: Builder) -> Router {
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/git/-/hook/{service}", post(hook))
         .route("/git/-/deploy-hook/{phase}", post(deploy_hook))
         .route("/git/{repo}/{*path}", any(smart_http))
-        .with_state(builder)
+        .with_state(shared)
 }
 
 fn text(status: StatusCode, message: impl Into<String>) -> Response {
@@ -99,7 +100,7 @@ enum Service {
 }
 
 async fn smart_http(
-    State(builder): State<Builder>,
+    State(inner): State<Arc<Shared>>,
     Path((repo, path)): Path<(String, String)>,
     RawQuery(query): RawQuery,
     method: Method,
@@ -141,7 +142,6 @@ async fn smart_http(
         (Method::POST, "git-receive-pack") => Service::Receive,
         _ => return text(StatusCode::NOT_FOUND, format!("Not found: {method} {path}")),
     };
-    let inner = &builder.inner;
     // Basic auth with the token as password, as git asks for it; or a bearer token (as
     // `git -c http.extraHeader='Authorization: Bearer …'` sends it, keeping it out of URLs).
     let user = match headers
@@ -182,7 +182,7 @@ async fn smart_http(
         if kind == Service::Upload {
             return text(StatusCode::NOT_FOUND, format!("No service `{service}`"));
         }
-        if let Err(error) = builder.add_service(service).await {
+        if let Err(error) = inner.repos.create(service).await {
             tracing::error!(%error, service, "cannot create source repository on push");
             return text(StatusCode::INTERNAL_SERVER_ERROR, error.to_string());
         }
@@ -210,7 +210,7 @@ async fn smart_http(
         headers: &headers,
         user,
     };
-    match run_cgi(&builder, service, cgi, body).await {
+    match run_cgi(&inner, service, cgi, body).await {
         Ok(response) => response,
         Err(message) => {
             tracing::error!(service, message, "git http-backend failed");
@@ -280,12 +280,11 @@ struct Cgi<'a> {
 }
 
 async fn run_cgi(
-    builder: &Builder,
+    inner: &Shared,
     service: &str,
     cgi: Cgi<'_>,
     body: Body,
 ) -> Result<Response, String> {
-    let inner = &builder.inner;
     let Cgi {
         root,
         path_info,
@@ -580,7 +579,7 @@ fn verdict(refname: &str, refusal: Option<&str>) -> Bytes {
 }
 
 /// The refusal of a hook call without the daemon's hook token.
-fn hook_caller(inner: &crate::Inner, headers: &HeaderMap) -> Result<(), Box<Response>> {
+fn hook_caller(inner: &Shared, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -597,13 +596,12 @@ fn hook_caller(inner: &crate::Inner, headers: &HeaderMap) -> Result<(), Box<Resp
 }
 
 async fn hook(
-    State(builder): State<Builder>,
+    State(inner): State<Arc<Shared>>,
     Path(service): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let inner = &builder.inner;
-    if let Err(refused) = hook_caller(inner, &headers) {
+    if let Err(refused) = hook_caller(&inner, &headers) {
         return *refused;
     }
     if validate_service_name(&service).is_err() || !inner.repos.exists(&service) {
@@ -643,7 +641,7 @@ async fn hook(
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let wait = Duration::from_secs(inner.config.push_wait_secs);
     let zone = inner.config.zone.clone();
-    let builder = builder.clone();
+    let shared = Arc::clone(&inner);
     tokio::spawn(async move {
         let deadline = tokio::time::Instant::now() + wait;
         let say = |line: String| {
@@ -666,10 +664,7 @@ async fn hook(
                 let _ = tx.send(verdict(&refname, None)).await;
                 continue;
             }
-            match builder
-                .queue_push(&service, &old, &new, &refname, options.deploy)
-                .await
-            {
+            match queue_push(&shared, &service, &old, &new, &refname, options.deploy).await {
                 Ok(pushed) => {
                     for line in pushed.lines(&service, &refname, &zone) {
                         say(line).await;
@@ -743,13 +738,12 @@ async fn hook(
 
 /// The deployment repository's hooks (see [`crate::deploy`]).
 async fn deploy_hook(
-    State(builder): State<Builder>,
+    State(inner): State<Arc<Shared>>,
     Path(phase): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let inner = &builder.inner;
-    if let Err(refused) = hook_caller(inner, &headers) {
+    if let Err(refused) = hook_caller(&inner, &headers) {
         return *refused;
     }
     let body = match axum::body::to_bytes(body, MAX_HOOK_BODY).await {
@@ -804,8 +798,7 @@ async fn deploy_hook(
                     .map(revboot_store::Revision::new)
                     .collect();
                 for line in
-                    crate::deploy::announce(&builder, &branch.service, &commits, options.deploy)
-                        .await
+                    crate::deploy::announce(&inner, &branch.service, &commits, options.deploy).await
                 {
                     lines.push(format!("revboot: {line}"));
                 }

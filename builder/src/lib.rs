@@ -109,7 +109,7 @@ use std::time::Duration;
 
 use revboot_store::{Revision, Store};
 
-use crate::shared::Inner;
+use crate::shared::Shared;
 
 pub use config::BuilderConfig;
 pub use git::GitError;
@@ -188,7 +188,7 @@ pub struct ServiceInfo {
 /// The running builder. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Builder {
-    inner: Arc<Inner>,
+    inner: Arc<Shared>,
 }
 
 impl Builder {
@@ -403,7 +403,7 @@ impl Builder {
             "builder started"
         );
         Ok(Builder {
-            inner: Arc::new(Inner {
+            inner: Arc::new(Shared {
                 config,
                 repos,
                 queue,
@@ -419,7 +419,7 @@ impl Builder {
     /// `/git/-/deploy.git/…`, and the hooks' `/git/-/hook/<service>` and
     /// `/git/-/deploy-hook/<phase>`.
     pub fn router(&self) -> axum::Router {
-        http::router(self.clone())
+        http::router(Arc::clone(&self.inner))
     }
 
     /// Creates the source repository of a service (if it does not exist yet).

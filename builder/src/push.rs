@@ -8,7 +8,8 @@
 //!    superseded (the queue's rule 1).
 //! 4. The pusher is told what was queued, what was left out and why.
 
-use crate::{Builder, queue};
+use crate::queue;
+use crate::shared::Shared;
 
 /// What a push queued, for its pusher.
 #[derive(Debug)]
@@ -70,75 +71,72 @@ impl Pushed {
     }
 }
 
-impl Builder {
-    /// Queues the builds of a push of `refname` from `old` to `new`: its new commits, oldest
-    /// first, the tip last, at most `max_commits_per_push` of them (the newest). Older
-    /// commits that have a deployment of the service already are not built again; queued
-    /// builds of the branch that are not in `new`'s history are superseded.
-    pub(crate) async fn queue_push(
-        &self,
-        service: &str,
-        old: &str,
-        new: &str,
-        refname: &str,
-        deploy_option: Option<bool>,
-    ) -> Result<Pushed, String> {
-        let inner = &self.inner;
-        let limit = inner.config.max_commits_per_push;
-        let (mut commits, total) = inner
-            .repos
-            .new_commits(service, old, new, refname, limit)
-            .await
-            .map_err(|error| format!("cannot list the pushed commits: {error}"))?;
-        if commits.last().map(String::as_str) != Some(new) {
-            // A push that brings no commit of its own (a branch moved to a known commit).
-            commits.push(new.to_owned());
-        }
-        let store = inner.config.store.clone();
-        let owned = service.to_owned();
-        let deployed: std::collections::HashSet<String> = tokio::task::spawn_blocking(move || {
-            store
-                .history(&owned)
-                .map(|history| history.into_iter().map(|d| d.source_commit).collect())
-                .unwrap_or_default()
-        })
+/// Queues the builds of a push of `refname` from `old` to `new`: its new commits, oldest
+/// first, the tip last, at most `max_commits_per_push` of them (the newest). Older
+/// commits that have a deployment of the service already are not built again; queued
+/// builds of the branch that are not in `new`'s history are superseded.
+pub(crate) async fn queue_push(
+    inner: &Shared,
+    service: &str,
+    old: &str,
+    new: &str,
+    refname: &str,
+    deploy_option: Option<bool>,
+) -> Result<Pushed, String> {
+    let limit = inner.config.max_commits_per_push;
+    let (mut commits, total) = inner
+        .repos
+        .new_commits(service, old, new, refname, limit)
         .await
-        .unwrap_or_default();
-        let listed = commits.len();
-        let tip = commits.pop().expect("the tip was pushed above");
-        commits.retain(|commit| !deployed.contains(commit));
-        let built = listed - 1 - commits.len();
-        commits.push(tip);
-        let mut outdated = Vec::new();
-        for queued in inner.queue.queued_commits(service, refname).await {
-            match inner.repos.in_history(service, &queued, new).await {
-                Ok(true) => {}
-                Ok(false) => outdated.push(queued),
-                Err(error) => {
-                    tracing::warn!(%error, service, queued, "cannot tell whether a queued build is in the pushed history; it stays queued");
-                }
+        .map_err(|error| format!("cannot list the pushed commits: {error}"))?;
+    if commits.last().map(String::as_str) != Some(new) {
+        // A push that brings no commit of its own (a branch moved to a known commit).
+        commits.push(new.to_owned());
+    }
+    let store = inner.config.store.clone();
+    let owned = service.to_owned();
+    let deployed: std::collections::HashSet<String> = tokio::task::spawn_blocking(move || {
+        store
+            .history(&owned)
+            .map(|history| history.into_iter().map(|d| d.source_commit).collect())
+            .unwrap_or_default()
+    })
+    .await
+    .unwrap_or_default();
+    let listed = commits.len();
+    let tip = commits.pop().expect("the tip was pushed above");
+    commits.retain(|commit| !deployed.contains(commit));
+    let built = listed - 1 - commits.len();
+    commits.push(tip);
+    let mut outdated = Vec::new();
+    for queued in inner.queue.queued_commits(service, refname).await {
+        match inner.repos.in_history(service, &queued, new).await {
+            Ok(true) => {}
+            Ok(false) => outdated.push(queued),
+            Err(error) => {
+                tracing::warn!(%error, service, queued, "cannot tell whether a queued build is in the pushed history; it stays queued");
             }
         }
-        let request = queue::Request {
-            service: service.to_owned(),
-            refname: refname.to_owned(),
-            commits,
-            deploy_option,
-            tip: true,
-            outdated,
-            rerun_of: None,
-        };
-        let queued = inner
-            .queue
-            .enqueue(request)
-            .await
-            .map_err(|error| error.to_string())?;
-        Ok(Pushed {
-            queued,
-            total: total.max(1),
-            over_limit: total.saturating_sub(limit),
-            built,
-            limit,
-        })
     }
+    let request = queue::Request {
+        service: service.to_owned(),
+        refname: refname.to_owned(),
+        commits,
+        deploy_option,
+        tip: true,
+        outdated,
+        rerun_of: None,
+    };
+    let queued = inner
+        .queue
+        .enqueue(request)
+        .await
+        .map_err(|error| error.to_string())?;
+    Ok(Pushed {
+        queued,
+        total: total.max(1),
+        over_limit: total.saturating_sub(limit),
+        built,
+        limit,
+    })
 }

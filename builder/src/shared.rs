@@ -1,6 +1,7 @@
-//! What the [`crate::Builder`] handle shares with everything that serves it: the
-//! configuration, the source repositories, the queue, the hook token and the bound on
-//! `git http-backend` processes.
+//! What the [`crate::Builder`] handle shares with the HTTP handlers, the queuing of pushes and
+//! the deployment repository's hooks: the configuration, the source repositories, the
+//! queue, the hook token and the bound on `git http-backend` processes. They get it, not the
+//! handle, so that none of them imports the crate root that imports them.
 
 use std::sync::Arc;
 
@@ -8,7 +9,7 @@ use crate::config::BuilderConfig;
 use crate::{queue, repos};
 
 #[derive(Debug)]
-pub(crate) struct Inner {
+pub(crate) struct Shared {
     pub(crate) config: BuilderConfig,
     pub(crate) repos: repos::SourceRepos,
     pub(crate) queue: queue::Queue,
