@@ -44,7 +44,6 @@ pub(super) enum Ending {
     Disk(String),
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn run_command(
     ctx: &RunContext,
     job: &Job,

@@ -156,20 +156,14 @@ pub(crate) async fn run(
             return interrupted(&ctx, &job, &subject, &tracker, text, command_secs).await;
         }
     };
-    if let Some(message) = failure {
-        return fail(
-            &ctx,
-            &job,
-            &subject,
-            &tracker,
-            text,
-            message,
-            Some(command_secs),
-        )
-        .await;
-    }
-    tracker.note(&format!("the build command finished in {command_secs:.2}s"));
-    let artifacts = match collect_artifacts(&manifest, &checkout, &cache) {
+    let artifacts = match failure {
+        Some(message) => Err(message),
+        None => {
+            tracker.note(&format!("the build command finished in {command_secs:.2}s"));
+            collect_artifacts(&manifest, &checkout, &cache)
+        }
+    };
+    let artifacts = match artifacts {
         Ok(artifacts) => artifacts,
         Err(message) => {
             return fail(

@@ -25,7 +25,7 @@ use crate::state::{BuildState, Outcome};
 /// How long a build waits at a fail point (module docs) before it goes on.
 const FAILPOINT_PAUSE: Duration = Duration::from_secs(600);
 /// Why a build failed whose deployment did not fit on the disk.
-pub(crate) const NO_SPACE: &str = "no space left on device while writing the deployment";
+const NO_SPACE: &str = "no space left on device while writing the deployment";
 /// Free space a retry needs beyond three times its images (the build's artifact, the store's
 /// spool and the blob): the log, trees, commit and ref.
 const RETRY_SLACK_BYTES: u64 = 1 << 20;
