@@ -14,7 +14,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 
-use super::hook::{MAX_HOOK_BODY, hook_caller, push_options};
+use super::hook::{hook_body, hook_caller, push_options};
 use super::reply::text;
 use crate::shared::Shared;
 
@@ -28,16 +28,11 @@ pub(super) async fn deploy_hook(
     if let Err(refused) = hook_caller(&inner, &headers) {
         return *refused;
     }
-    let body = match axum::body::to_bytes(body, MAX_HOOK_BODY).await {
+    let body = match hook_body(body).await {
         Ok(body) => body,
-        Err(error) => {
-            return text(
-                StatusCode::BAD_REQUEST,
-                format!("revboot: bad hook request: {error}"),
-            );
-        }
+        Err(refused) => return *refused,
     };
-    let call = match crate::deploy::parse(&String::from_utf8_lossy(&body)) {
+    let call = match crate::deploy::parse(&body) {
         Ok(call) => call,
         Err(error) => return text(StatusCode::BAD_REQUEST, format!("revboot: {error}")),
     };

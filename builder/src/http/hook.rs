@@ -32,7 +32,7 @@ use crate::shared::Shared;
 use crate::state::{Outcome, Phase};
 
 /// The largest hook request body.
-pub(super) const MAX_HOOK_BODY: usize = 256 * 1024;
+const MAX_HOOK_BODY: usize = 256 * 1024;
 /// The most refs built from one push.
 const MAX_REFS_PER_PUSH: usize = 32;
 
@@ -137,6 +137,17 @@ pub(super) fn hook_caller(inner: &Shared, headers: &HeaderMap) -> Result<(), Box
     )))
 }
 
+/// The body of a hook call as text, or the refusal of one over [`MAX_HOOK_BODY`] or cut off.
+pub(super) async fn hook_body(body: Body) -> Result<String, Box<Response>> {
+    match axum::body::to_bytes(body, MAX_HOOK_BODY).await {
+        Ok(body) => Ok(String::from_utf8_lossy(&body).into_owned()),
+        Err(error) => Err(Box::new(text(
+            StatusCode::BAD_REQUEST,
+            format!("revboot: bad hook request: {error}"),
+        ))),
+    }
+}
+
 pub(super) async fn hook(
     State(inner): State<Arc<Shared>>,
     Path(service): Path<String>,
@@ -152,16 +163,11 @@ pub(super) async fn hook(
             format!("revboot: no service `{service}`"),
         );
     }
-    let body = match axum::body::to_bytes(body, MAX_HOOK_BODY).await {
+    let body = match hook_body(body).await {
         Ok(body) => body,
-        Err(error) => {
-            return text(
-                StatusCode::BAD_REQUEST,
-                format!("revboot: bad hook request: {error}"),
-            );
-        }
+        Err(refused) => return *refused,
     };
-    let parsed = match parse_hook_body(&String::from_utf8_lossy(&body)) {
+    let parsed = match parse_hook_body(&body) {
         Ok(parsed) => parsed,
         Err(error) => {
             tracing::warn!(service, error, "bad hook request");
