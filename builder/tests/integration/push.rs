@@ -9,37 +9,60 @@ use revboot_store::{BuildStatus, Revision};
 
 use crate::support::*;
 
-/// Runs the image with `HELLO_ADDR` on a free loopback port and returns its answer to `GET /`.
+/// Runs the image on a listening socket the test holds (fd 3, the systemd convention the
+/// image follows, as revboot hands it over) and returns its answer to `GET /`.
 fn run_image_and_get(image: &std::path::Path, revision: &Revision) -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    // Held for the whole exchange: no other program can take the port meanwhile.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a listener");
+    let addr = listener.local_addr().expect("its address");
+    let fd = listener.as_raw_fd();
+    // The image takes fd 3 when LISTEN_PID is its own pid: the shell sets it to $$ and
+    // execs the image, which keeps that pid.
+    let spawn = || {
+        let mut command = std::process::Command::new("/bin/sh");
+        command
+            .arg("-c")
+            .arg("LISTEN_PID=$$ exec \"$0\"")
+            .arg(image)
+            .env_clear()
+            .env("LISTEN_FDS", "1")
+            .env("REVBOOT_REVISION", revision.to_hex())
+            .stdout(std::process::Stdio::piped());
+        // SAFETY: dup2 is async-signal-safe; the listener outlives the spawn.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::dup2(fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        command.spawn()
+    };
     // The image file was just written in this process; a child forked meanwhile by another
     // test's thread may still hold its descriptor open for writing (ETXTBSY) until it
-    // execs, for a moment only.
+    // execs, for a moment only: the shell's exec then fails and its output ends before the
+    // image's `ready` line.
     let mut attempts = 0;
     let mut child = loop {
-        let spawned = std::process::Command::new(image)
-            .env_clear()
-            .env("HELLO_ADDR", &addr)
-            .env("REVBOOT_REVISION", revision.to_hex())
-            .stdout(std::process::Stdio::null())
-            .spawn();
-        match spawned {
-            Err(error)
-                if error.kind() == std::io::ErrorKind::ExecutableFileBusy && attempts < 50 =>
-            {
-                attempts += 1;
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            spawned => break spawned.expect("image runs"),
+        let mut child = spawn().expect("the shell runs");
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("piped");
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
+            .expect("the image's first line");
+        if line.contains("ready") {
+            break child;
         }
+        let status = child.wait().expect("the shell ends");
+        assert!(attempts < 50, "the image never started: {status}");
+        attempts += 1;
+        std::thread::sleep(Duration::from_millis(20));
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let answer = loop {
-        match TcpStream::connect(&addr) {
+        match TcpStream::connect(addr) {
             Ok(mut stream) => {
                 stream
                     .set_read_timeout(Some(Duration::from_secs(10)))

@@ -31,11 +31,21 @@ async fn local_push_builds_through_the_hook() {
 async fn push_while_daemon_is_down_is_built_on_start() {
     let tmp = tempfile::tempdir().expect("tmp");
     let data = tmp.path().join("data");
-    // Made while no daemon runs; nothing listens on the hook's URL.
-    let unused = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port");
-    let base = format!("http://{unused}");
+    // Made while no daemon runs; nothing listens on the hook's URL: the port is held by a
+    // socket that is bound but never listens, so a connection to it is refused for as long
+    // as the test runs.
+    let unused = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .and_then(|socket| {
+            socket.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+            Ok(socket)
+        })
+        .expect("a bound socket");
+    let address = unused
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("its address");
+    let base = format!("http://{address}");
     let info = revboot_builder::create_source_repo(&data, &base, "later")
         .await
         .expect("create offline");
