@@ -87,10 +87,12 @@ mod config;
 mod limit;
 mod metrics;
 mod names;
+mod packet;
 mod server;
 mod tcp;
 #[cfg(test)]
 mod testing;
+mod udp;
 mod wire;
 
 pub use answer::EDNS_UDP_SIZE;

@@ -24,6 +24,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// The fixed DNS header length.
 pub(crate) const HEADER_LEN: usize = 12;
+/// Largest DNS message.
+pub(crate) const MAX_MESSAGE: usize = 65_535;
 /// RR type OPT.
 const TYPE_OPT: u16 = 41;
 /// EDNS option code of Client Subnet (RFC 7871).

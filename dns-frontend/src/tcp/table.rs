@@ -17,7 +17,7 @@
 //!    that it completes in that moment goes unanswered, as with any close of an idle
 //!    connection, and the client asks again on a new connection.
 //! 5. Apart from this, a connection is closed after `tcp_idle_timeout` without a complete
-//!    message (see the server).
+//!    message (see the `tcp` module).
 //!
 //! The table has one owner, the accept loop, and is as large as its bound; finding the
 //! connection idle longest is a walk through it, done only when a bound is reached. It
