@@ -123,6 +123,7 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod clock;
 mod config;
 mod connection;
 mod metrics;

@@ -22,7 +22,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tracing::debug;
 
-use crate::splice::Clock;
+use crate::clock::Clock;
 
 /// Largest amount moved by one splice call.
 const CHUNK: usize = 1 << 20;

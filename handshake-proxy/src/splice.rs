@@ -9,50 +9,14 @@
 //!    total timeout passes, or when the proxy shuts down.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::Clock;
 use crate::pump::{self, Mode};
-
-/// When a connection last moved bytes.
-#[derive(Debug)]
-pub(crate) struct Clock {
-    start: Instant,
-    last_nanos: AtomicU64,
-}
-
-impl Clock {
-    fn new() -> Clock {
-        Clock {
-            start: Instant::now(),
-            last_nanos: AtomicU64::new(0),
-        }
-    }
-
-    pub(crate) fn touch(&self) {
-        let nanos = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.last_nanos.store(nanos, Ordering::Relaxed);
-    }
-
-    fn silent_for(&self) -> Duration {
-        let last = Duration::from_nanos(self.last_nanos.load(Ordering::Relaxed));
-        self.start.elapsed().saturating_sub(last)
-    }
-
-    /// Resolves once the connection has been silent for `idle`.
-    async fn silence(&self, idle: Duration) {
-        loop {
-            let silent = self.silent_for();
-            if silent >= idle {
-                return;
-            }
-            tokio::time::sleep(idle - silent).await;
-        }
-    }
-}
 
 /// Limits of one spliced connection.
 #[derive(Debug, Clone, Copy)]
@@ -141,6 +105,8 @@ pub(crate) async fn splice(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
