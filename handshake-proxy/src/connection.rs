@@ -1,36 +1,42 @@
-//! One client connection: admit, hold while the instance boots, then splice.
+//! Listeners and the connections they accept: summon, listen, admit, hold while the
+//! instance boots, then splice.
 //!
-//! 1. Accept at once. Refuse with a reset when the proxy is over `max_connections`, when no
+//! 1. A summon asks the deployer, then makes sure a listener is registered on the
+//!    instance's `address:port` (unless the instance itself listens there) before it
+//!    returns, so an address is never handed out before a listener exists for it. The
+//!    listener's accept loop starts after the summoner's answer (`LaunchScope`).
+//! 2. Accept at once. Refuse with a reset when the proxy is over `max_connections`, when no
 //!    instance owns the destination address on that port, or when the instance is for one
 //!    client and the source address is another's.
-//! 2. Report `ConnectionOpened` (and `ConnectionClosed` when the connection ends, however it
+//! 3. Report `ConnectionOpened` (and `ConnectionClosed` when the connection ends, however it
 //!    ends), so an open connection keeps its instance from being reaped.
-//! 3. If the instance is cold, or stopped or crashed, summon it again.
-//! 4. If it is not serving yet, hold the connection: count it against `max_held_per_instance`
+//! 4. If the instance is cold, or stopped or crashed, summon it again (step 1).
+//! 5. If it is not serving yet, hold the connection: count it against `max_held_per_instance`
 //!    and `max_held` (over either, refuse with a reset), and read up to `early_bytes` of what
 //!    the client sends while waiting on the instance's state — never on a sleep loop.
-//! 5. If the instance becomes final or `boot_timeout` passes first, close the connection and
+//! 6. If the instance becomes final or `boot_timeout` passes first, close the connection and
 //!    count a boot failure.
-//! 6. Connect to the backend (retrying refusals within `connect_timeout`), replay the early
+//! 7. Connect to the backend (retrying refusals within `connect_timeout`), replay the early
 //!    bytes, pass on an end of writing the client already made, and splice both ways.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use revboot_deployer::tender::admit::connect_from_own_address;
-use revboot_deployer::{Activity, InstanceKey, InstanceState, Summoned};
+use revboot_deployer::{Activity, InstanceKey, InstanceState, SummonError, Summoned};
+use revboot_store::Revision;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::metrics::bump;
-use crate::proxy::Shared;
+use crate::shared::{ListenError, Shared};
 use crate::splice::{self, Counters, Ended, Limits};
 
 /// Size of one read while holding.
@@ -45,8 +51,89 @@ fn reset(stream: TcpStream) {
     drop(stream);
 }
 
-/// Step 1, on the accept loop: cheap checks, then one task per admitted connection.
-pub(crate) fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, local: SocketAddr) {
+/// Step 1: the deployer's summon, then a listener.
+pub(crate) fn summon(
+    shared: &Arc<Shared>,
+    service: &str,
+    revision: &Revision,
+    client: Option<IpAddr>,
+) -> Result<Summoned, SummonError> {
+    if shared.cancel.is_cancelled() {
+        return Err(SummonError::ShuttingDown);
+    }
+    let summoned = shared.inner.summon(service, revision, client)?;
+    match listen(shared, &summoned) {
+        Ok(()) => Ok(summoned),
+        Err(ListenError::ShutDown) => Err(SummonError::ShuttingDown),
+        Err(error) => {
+            warn!(%error, key = %summoned.key, "cannot listen for instance");
+            Err(SummonError::Start {
+                key: summoned.key.to_string(),
+                reason: error.to_string(),
+            })
+        }
+    }
+}
+
+/// Step 1: makes sure a listener exists for `summoned`, and starts its accept loop once the
+/// summoner has answered.
+pub(crate) fn listen(shared: &Arc<Shared>, summoned: &Summoned) -> Result<(), ListenError> {
+    let address = SocketAddr::new(summoned.address, summoned.port);
+    if summoned.backend == address {
+        // The instance owns the client address itself: nothing to front.
+        debug!(%address, key = %summoned.key, "instance listens on its service address");
+        return Ok(());
+    }
+    let Some((listener, cancel)) = shared.register(address)? else {
+        return Ok(());
+    };
+    shared.metrics.listeners.fetch_add(1, Ordering::Relaxed);
+    debug!(%address, key = %summoned.key, "listening");
+    // The kernel queues handshakes from here on; the accept loop, and the listener's
+    // registration with the reactor, may come after the summoner's answer (see
+    // `LaunchScope`).
+    let (me, runtime) = (Arc::clone(shared), shared.runtime.clone());
+    revboot_deployer::summon::launch(move || {
+        runtime.spawn(async move {
+            match TcpListener::from_std(listener) {
+                Ok(listener) => accepting(me, listener, address, cancel).await,
+                Err(error) => {
+                    warn!(%error, %address, "cannot watch the listener");
+                    me.metrics.listeners.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        });
+    });
+    Ok(())
+}
+
+/// The accept loop of one listener.
+async fn accepting(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    address: SocketAddr,
+    cancel: CancellationToken,
+) {
+    loop {
+        let accepted: io::Result<(TcpStream, SocketAddr)> = tokio::select! {
+            () = cancel.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => admit(&shared, stream, peer, address),
+            Err(error) => {
+                // Out of descriptors or a connection reset before accept: back off a little
+                // rather than spin.
+                warn!(%error, %address, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    shared.metrics.listeners.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Step 2, on the accept loop: cheap checks, then one task per admitted connection.
+fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, local: SocketAddr) {
     let metrics = &shared.metrics;
     let peer_ip = peer.ip().to_canonical();
     let refuse = |stream: TcpStream| {
@@ -120,7 +207,7 @@ enum Held {
     Cancelled,
 }
 
-/// Steps 3–6.
+/// Steps 3–7.
 async fn serve(mut open: Open, mut client: TcpStream, peer: SocketAddr, mut summoned: Summoned) {
     let shared = Arc::clone(&open.shared);
     let shared = &shared;
@@ -132,7 +219,7 @@ async fn serve(mut open: Open, mut client: TcpStream, peer: SocketAddr, mut summ
     };
     if needs_summon {
         let key = &summoned.key;
-        match shared.summon(&key.service, &key.revision, key.client) {
+        match summon(shared, &key.service, &key.revision, key.client) {
             Ok(again) => summoned = again,
             Err(error) => {
                 // The deployer logs lasting refusals (caps, back-off), not every one of them.
@@ -246,7 +333,7 @@ async fn serve(mut open: Open, mut client: TcpStream, peer: SocketAddr, mut summ
     }
 }
 
-/// Step 4: waits on the state while reading early bytes, within the boot timeout.
+/// Step 5: waits on the state while reading early bytes, within the boot timeout.
 async fn hold(
     client: &mut TcpStream,
     state: &mut watch::Receiver<InstanceState>,
@@ -289,7 +376,7 @@ fn describe(state: &InstanceState) -> String {
     }
 }
 
-/// Step 6: connects, retrying refusals (a backend that reports ready a moment early).
+/// Step 7: connects, retrying refusals (a backend that reports ready a moment early).
 async fn connect(
     backend: SocketAddr,
     timeout: Duration,

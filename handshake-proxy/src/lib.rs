@@ -129,6 +129,7 @@ mod connection;
 mod metrics;
 mod proxy;
 mod pump;
+mod shared;
 mod splice;
 
 #[cfg(test)]
@@ -141,5 +142,6 @@ pub use config::{
     ProxyConfig,
 };
 pub use metrics::ProxyMetrics;
-pub use proxy::{ListenError, Proxy};
+pub use proxy::Proxy;
 pub use revboot_deployer::Instances;
+pub use shared::ListenError;

@@ -8,92 +8,20 @@
 //! 3. A sweep every `sweep_interval` closes listeners whose address the deployer no longer
 //!    gives to an instance on that port; the listener count is bounded by `max_listeners`.
 
-use std::collections::HashMap;
-use std::io;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::net::IpAddr;
+use std::sync::Arc;
 
 use revboot_deployer::{
     Activity, InstanceKey, Instances, ResolveError, Resolved, SummonError, Summoned,
 };
 use revboot_store::Revision;
-use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::config::ProxyConfig;
-use crate::metrics::{Metrics, ProxyMetrics, bump};
-
-/// Why the proxy could not listen for an instance.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ListenError {
-    /// `max_listeners` listeners are open and none could be swept.
-    #[error("Proxy listener limit reached ({limit} open)")]
-    Limit {
-        /// The limit.
-        limit: usize,
-    },
-    /// The address could not be bound (in use by something else, not local…).
-    #[error("Cannot listen on {address}: {source}")]
-    Bind {
-        /// Where.
-        address: SocketAddr,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// The proxy was shut down.
-    #[error("The proxy is shut down")]
-    ShutDown,
-}
-
-/// One open listener.
-#[derive(Debug)]
-struct Listening {
-    cancel: CancellationToken,
-    /// Moves whenever a summon confirms the listener, so a sweep that looked the address up
-    /// before that summon does not close it.
-    stamp: u64,
-}
-
-/// Tables sized for their bound up front hold at most this many entries before they grow.
-const PRESIZE_LIMIT: usize = 16_384;
-
-/// What the single lock guards. It is taken for map updates only, never across an `.await`.
-#[derive(Debug, Default)]
-pub(crate) struct Registry {
-    listeners: HashMap<SocketAddr, Listening>,
-    /// Connections held per instance (entries removed at zero).
-    held: HashMap<InstanceKey, usize>,
-    /// Connections held over all instances.
-    held_total: usize,
-    /// The last [`Listening::stamp`] given.
-    stamps: u64,
-}
-
-/// Everything the listener and connection tasks share.
-pub(crate) struct Shared {
-    pub(crate) inner: Arc<dyn Instances>,
-    pub(crate) config: ProxyConfig,
-    pub(crate) metrics: Metrics,
-    registry: Mutex<Registry>,
-    pub(crate) cancel: CancellationToken,
-    runtime: Handle,
-}
-
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
-            .field("config", &self.config)
-            .field("metrics", &self.metrics)
-            .finish_non_exhaustive()
-    }
-}
+use crate::connection;
+use crate::metrics::ProxyMetrics;
+use crate::shared::{ListenError, Shared};
 
 /// The handshake proxy. It implements [`Instances`] itself: give it to the DNS front end in
 /// place of the deployer, and every address DNS hands out has a listener behind it.
@@ -115,19 +43,7 @@ impl Proxy {
             // what its bounds refuse, and says so.
             warn!(%error, "proxy configuration is unusable");
         }
-        // Sized up front: a table that grows does so on a summon's path, under the lock.
-        let registry = Registry {
-            listeners: HashMap::with_capacity(config.max_listeners.min(PRESIZE_LIMIT)),
-            ..Registry::default()
-        };
-        let shared = Arc::new(Shared {
-            inner,
-            config,
-            metrics: Metrics::default(),
-            registry: Mutex::new(registry),
-            cancel: CancellationToken::new(),
-            runtime,
-        });
+        let shared = Arc::new(Shared::new(config, inner, runtime));
         shared.runtime.spawn(sweeping(Arc::clone(&shared)));
         Arc::new(Proxy { shared })
     }
@@ -142,16 +58,13 @@ impl Proxy {
     pub fn shutdown(&self) {
         info!("handshake proxy shutting down");
         self.shared.cancel.cancel();
-        let listeners = std::mem::take(&mut self.shared.lock().listeners);
-        for listening in listeners.into_values() {
-            listening.cancel.cancel();
-        }
+        self.shared.close_listeners();
     }
 
     /// Makes sure a listener exists for `summoned`; what [`Instances::summon`] does after
     /// asking the deployer.
     pub fn listen(&self, summoned: &Summoned) -> Result<(), ListenError> {
-        self.shared.listen(summoned)
+        connection::listen(&self.shared, summoned)
     }
 
     /// Closes listeners whose address no longer belongs to an instance on that port; returns
@@ -165,229 +78,6 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.shutdown();
     }
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Registry> {
-        // A panic while holding the lock leaves plain counters behind; they stay usable.
-        self.registry
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// The deployer's summon, then a listener.
-    pub(crate) fn summon(
-        self: &Arc<Self>,
-        service: &str,
-        revision: &Revision,
-        client: Option<IpAddr>,
-    ) -> Result<Summoned, SummonError> {
-        if self.cancel.is_cancelled() {
-            return Err(SummonError::ShuttingDown);
-        }
-        let summoned = self.inner.summon(service, revision, client)?;
-        match self.listen(&summoned) {
-            Ok(()) => Ok(summoned),
-            Err(ListenError::ShutDown) => Err(SummonError::ShuttingDown),
-            Err(error) => {
-                warn!(%error, key = %summoned.key, "cannot listen for instance");
-                Err(SummonError::Start {
-                    key: summoned.key.to_string(),
-                    reason: error.to_string(),
-                })
-            }
-        }
-    }
-
-    fn listen(self: &Arc<Self>, summoned: &Summoned) -> Result<(), ListenError> {
-        let address = SocketAddr::new(summoned.address, summoned.port);
-        if summoned.backend == address {
-            // The instance owns the client address itself: nothing to front.
-            debug!(%address, key = %summoned.key, "instance listens on its service address");
-            return Ok(());
-        }
-        if self.confirm(address) {
-            return Ok(());
-        }
-        if self.lock().listeners.len() >= self.config.max_listeners {
-            self.sweep();
-        }
-        let mut registry = self.lock();
-        if self.cancel.is_cancelled() {
-            return Err(ListenError::ShutDown);
-        }
-        registry.stamps += 1;
-        let stamp = registry.stamps;
-        if let Some(listening) = registry.listeners.get_mut(&address) {
-            listening.stamp = stamp;
-            return Ok(());
-        }
-        if registry.listeners.len() >= self.config.max_listeners {
-            return Err(ListenError::Limit {
-                limit: self.config.max_listeners,
-            });
-        }
-        // Bound under the lock so that two summons of one address bind it once; a bind is a
-        // few microseconds.
-        let listener = self
-            .bind(address)
-            .map_err(|source| ListenError::Bind { address, source })?;
-        let cancel = self.cancel.child_token();
-        registry.listeners.insert(
-            address,
-            Listening {
-                cancel: cancel.clone(),
-                stamp,
-            },
-        );
-        drop(registry);
-        self.metrics.listeners.fetch_add(1, Ordering::Relaxed);
-        debug!(%address, key = %summoned.key, "listening");
-        // The kernel queues handshakes from here on; the accept loop, and the listener's
-        // registration with the reactor, may come after the summoner's answer (see
-        // `LaunchScope`).
-        let (me, runtime) = (Arc::clone(self), self.runtime.clone());
-        revboot_deployer::summon::launch(move || {
-            runtime.spawn(async move {
-                match TcpListener::from_std(listener) {
-                    Ok(listener) => accepting(me, listener, address, cancel).await,
-                    Err(error) => {
-                        warn!(%error, %address, "cannot watch the listener");
-                        me.metrics.listeners.fetch_sub(1, Ordering::Relaxed);
-                    }
-                }
-            });
-        });
-        Ok(())
-    }
-
-    /// Restamps the listener on `address`, if there is one.
-    fn confirm(&self, address: SocketAddr) -> bool {
-        let mut registry = self.lock();
-        registry.stamps += 1;
-        let stamp = registry.stamps;
-        match registry.listeners.get_mut(&address) {
-            Some(listening) => {
-                listening.stamp = stamp;
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// A non-blocking listener on `address`, not yet watched by the runtime (one syscall
-    /// less on the summon path).
-    fn bind(&self, address: SocketAddr) -> io::Result<std::net::TcpListener> {
-        let socket = Socket::new(
-            Domain::for_address(address),
-            Type::STREAM.nonblocking(),
-            Some(Protocol::TCP),
-        )?;
-        // Lets a listener be re-bound while old connections to it sit in TIME_WAIT.
-        socket.set_reuse_address(true)?;
-        socket.bind(&address.into())?;
-        socket.listen(i32::try_from(self.config.backlog).unwrap_or(i32::MAX))?;
-        Ok(socket.into())
-    }
-
-    fn sweep(&self) -> usize {
-        let listeners: Vec<(SocketAddr, u64)> = self
-            .lock()
-            .listeners
-            .iter()
-            .map(|(address, listening)| (*address, listening.stamp))
-            .collect();
-        let mut closed = 0;
-        for (address, stamp) in listeners {
-            // A final state keeps its listener while the deployer keeps the address: the next
-            // connection summons a new instance.
-            let owned = self.inner.by_address(address.ip()).is_some_and(|summoned| {
-                summoned.port == address.port() && summoned.backend != address
-            });
-            if owned {
-                continue;
-            }
-            let mut registry = self.lock();
-            if registry
-                .listeners
-                .get(&address)
-                .is_some_and(|listening| listening.stamp == stamp)
-                && let Some(listening) = registry.listeners.remove(&address)
-            {
-                listening.cancel.cancel();
-                closed += 1;
-                debug!(%address, "address released; listener closed");
-            }
-        }
-        closed
-    }
-
-    /// Counts a held connection for `key` if the bounds allow it.
-    pub(crate) fn try_hold(self: &Arc<Self>, key: &InstanceKey) -> Option<HeldGuard> {
-        let mut registry = self.lock();
-        let per_instance = registry.held.get(key).copied().unwrap_or(0);
-        if registry.held_total >= self.config.max_held
-            || per_instance >= self.config.max_held_per_instance
-        {
-            return None;
-        }
-        registry.held_total += 1;
-        *registry.held.entry(key.clone()).or_insert(0) += 1;
-        drop(registry);
-        bump(&self.metrics.held);
-        self.metrics.held_now.fetch_add(1, Ordering::Relaxed);
-        Some(HeldGuard {
-            shared: Arc::clone(self),
-            key: key.clone(),
-        })
-    }
-}
-
-/// A held connection, counted until dropped.
-#[derive(Debug)]
-pub(crate) struct HeldGuard {
-    shared: Arc<Shared>,
-    key: InstanceKey,
-}
-
-impl Drop for HeldGuard {
-    fn drop(&mut self) {
-        let mut registry = self.shared.lock();
-        registry.held_total = registry.held_total.saturating_sub(1);
-        if let Some(count) = registry.held.get_mut(&self.key) {
-            *count -= 1;
-            if *count == 0 {
-                registry.held.remove(&self.key);
-            }
-        }
-        drop(registry);
-        self.shared.metrics.held_now.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// The accept loop of one listener.
-async fn accepting(
-    shared: Arc<Shared>,
-    listener: TcpListener,
-    address: SocketAddr,
-    cancel: CancellationToken,
-) {
-    loop {
-        let accepted: io::Result<(TcpStream, SocketAddr)> = tokio::select! {
-            () = cancel.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((stream, peer)) => crate::connection::admit(&shared, stream, peer, address),
-            Err(error) => {
-                // Out of descriptors or a connection reset before accept: back off a little
-                // rather than spin.
-                warn!(%error, %address, "accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    }
-    shared.metrics.listeners.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// Runs [`Shared::sweep`] every `sweep_interval` until shutdown.
@@ -415,7 +105,7 @@ impl Instances for Proxy {
         revision: &Revision,
         client: Option<IpAddr>,
     ) -> Result<Summoned, SummonError> {
-        self.shared.summon(service, revision, client)
+        connection::summon(&self.shared, service, revision, client)
     }
 
     fn by_address(&self, address: IpAddr) -> Option<Summoned> {
@@ -433,7 +123,8 @@ impl Instances for Proxy {
 
 #[cfg(test)]
 mod tests {
-    use std::net::IpAddr;
+    use std::io;
+    use std::net::{IpAddr, SocketAddr};
     use std::time::Duration;
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
