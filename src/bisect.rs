@@ -27,7 +27,7 @@ use anyhow::{Context as _, bail};
 use crate::action::{Action, ActionError, Reply};
 use crate::cli::{BisectArgs, BisectStepArgs};
 use crate::client::Client;
-use crate::run::Outcome;
+use crate::outcome::Outcome;
 
 /// Exit code that tells `git bisect run` to skip a commit.
 const SKIP: i32 = 125;

@@ -24,7 +24,7 @@ pub async fn demo(mut config: Config, examples: &Path, once: bool) -> anyhow::Re
     let examples = if examples.join("hello").join("revboot.toml").exists() {
         examples.to_owned()
     } else {
-        crate::run::default_examples()
+        default_examples()
     };
     config.http.public_reads = true;
     let daemon = Daemon::start(config).await?;
@@ -185,4 +185,9 @@ Stop with Ctrl-C.
         port = dns.port(),
         remote = info.remote_hint("hello"),
     )
+}
+
+/// The folder `examples/` of this source tree, for `demo` run from elsewhere.
+fn default_examples() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples")
 }

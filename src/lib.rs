@@ -16,5 +16,6 @@ pub mod demo;
 pub mod engine;
 pub mod metrics;
 pub mod on_demand;
+pub mod outcome;
 pub mod output;
 pub mod run;

@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 use revboot::cli::Cli;
-use revboot::run::{Outcome, run};
+use revboot::outcome::Outcome;
+use revboot::run::run;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {

@@ -1,7 +1,7 @@
 //! Turns a parsed command line into work, and errors into exit codes.
 
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context as _;
 
@@ -9,18 +9,8 @@ use crate::action::{Action, ActionError, MoveReason, Reply};
 use crate::cli::{Cli, Command, ServeArgs, ServiceCommand};
 use crate::client::Client;
 use crate::config::{self, Config};
+use crate::outcome::Outcome;
 use crate::output::render;
-
-/// What `main` does with a finished command.
-#[derive(Debug)]
-pub enum Outcome {
-    /// Success.
-    Done,
-    /// An action failed; print it and exit with its code.
-    Failed(ActionError),
-    /// A command that maps its own exit code (bisect steps).
-    Exit(i32),
-}
 
 /// Loads the configuration: the file named on the command line, else `revbootd.toml` in
 /// the current directory if present, else the defaults; then the global flags.
@@ -272,9 +262,4 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .thread_name("revboot")
         .build()
         .context("Cannot start the async runtime")
-}
-
-/// The folder `examples/` of this source tree, for `demo` run from elsewhere.
-pub fn default_examples() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples")
 }
