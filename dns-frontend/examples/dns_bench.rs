@@ -24,10 +24,7 @@ use revboot_deployer::{BackendPort, Deployer, DeployerConfig, Instances};
 use revboot_dns::{DnsConfig, DnsServer};
 use revboot_proxy::{Proxy, ProxyConfig};
 use revboot_store::{BuildStatus, ImageInput, NewDeployment, Revision, Store};
-
-#[allow(dead_code)]
-#[path = "../tests/integration/fake.rs"]
-mod fake;
+use revboot_testkit::instances::{Behaviour, Fake, FakeRevision, FakeService, revision};
 
 const MANIFEST: &str = "[build]\ncommand = [\"true\"]\nartifacts = [\"hello\"]\n\n\
     [run]\nport = 8080\nmemory_mib = 32\nready = { probe = \"socket\" }\n";
@@ -63,16 +60,19 @@ fn deploy(store: &Store, image: &Path, n: usize) -> anyhow::Result<Revision> {
 fn backend(args: &[String], count: usize) -> anyhow::Result<Backend> {
     match args {
         [flag] if flag == "--fake" => {
-            let fake = fake::Fake::new(count + 16, fake::Boot::Instant);
-            let revisions: Vec<Revision> = (0..count as u64).map(fake::revision).collect();
+            let fake = Fake::new(Behaviour {
+                cap: count + 16,
+                ..Behaviour::default()
+            });
+            let revisions: Vec<Revision> = (0..count as u64).map(revision).collect();
             fake.add_service(
                 "hello",
-                fake::FakeService {
+                FakeService {
                     per_client: false,
                     port: 8080,
                     revisions: revisions
                         .iter()
-                        .map(|r| fake::FakeRevision {
+                        .map(|r| FakeRevision {
                             revision: *r,
                             tags: vec![],
                             bootable: true,
@@ -82,7 +82,7 @@ fn backend(args: &[String], count: usize) -> anyhow::Result<Backend> {
                 },
             );
             Ok(Backend {
-                instances: Arc::new(fake),
+                instances: fake,
                 revisions,
                 deployer: None,
                 _dir: None,

@@ -568,7 +568,7 @@ mod tests {
         Engine::new(
             &config,
             &checked,
-            Arc::new(crate::testing::One::ready()),
+            crate::testing::hello(),
             Arc::new(Metrics::default()),
         )
     }

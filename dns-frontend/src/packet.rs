@@ -347,7 +347,7 @@ mod tests {
 
     fn shared(trust_ecs: bool) -> Shared {
         let (config, checked) = crate::testing::config(trust_ecs);
-        Shared::new(&config, &checked, Arc::new(crate::testing::One::ready()))
+        Shared::new(&config, &checked, crate::testing::hello())
     }
 
     fn valid_queries() -> impl Strategy<Value = Vec<u8>> {

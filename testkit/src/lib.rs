@@ -10,6 +10,13 @@
 //! leaves with stock git ([`assert_fsck_clean`], [`unreachable_objects`]). Disk-full tests
 //! run theirs in a mount namespace of its own ([`test_child_with_own_mounts`]) on a small
 //! tmpfs ([`mount_tmpfs`]) that goes away with the child, however it ends.
+//!
+//! With the feature `instances`, the module `instances` holds the one stand-in for the
+//! deployer behind `revboot_deployer::Instances` that the DNS front end's and the proxy's
+//! tests and benchmarks use.
+
+#[cfg(feature = "instances")]
+pub mod instances;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -1,7 +1,6 @@
 //! Answers as a real DNS client (hickory-net, UDP and TCP) sees them, on a fake deployer.
 
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use hickory_net::client::Client;
@@ -12,8 +11,8 @@ use hickory_proto::rr::{RData, RecordType};
 use revboot_deployer::InstanceState;
 use revboot_dns::Nameserver;
 
-use crate::fake::{Boot, revision};
 use crate::support::*;
+use revboot_testkit::instances::{Addresses, Behaviour, Boot, revision};
 
 const EDE: u16 = 15;
 
@@ -66,7 +65,7 @@ async fn both(server: std::net::SocketAddr) -> [(&'static str, Client<TokioRunti
 
 #[tokio::test]
 async fn short_sha_boots_that_revision_and_answers_its_address() {
-    let fake = Arc::new(fake(16, Boot::Manual));
+    let fake = fake(16, Boot::Manual);
     let server = start(config(), fake.clone()).await;
     for (transport, mut client) in both(server.local_addr()).await {
         let label = revision(2).short(7);
@@ -100,7 +99,7 @@ async fn short_sha_boots_that_revision_and_answers_its_address() {
 
 #[tokio::test]
 async fn live_name_follows_the_live_pointer() {
-    let fake = Arc::new(fake(16, Boot::Instant));
+    let fake = fake(16, Boot::Instant);
     let server = start(config(), fake.clone()).await;
     let mut client = udp_client(server.local_addr()).await;
     let first = ask(&mut client, "hello.revboot.test.", RecordType::A).await;
@@ -126,7 +125,7 @@ async fn live_name_follows_the_live_pointer() {
 
 #[tokio::test]
 async fn negative_answers_have_the_right_codes_and_sections() {
-    let fake = Arc::new(fake(16, Boot::Instant));
+    let fake = fake(16, Boot::Instant);
     let server = start(config(), fake.clone()).await;
     for (transport, mut client) in both(server.local_addr()).await {
         let t = transport;
@@ -194,7 +193,7 @@ async fn negative_answers_have_the_right_codes_and_sections() {
 
 #[tokio::test]
 async fn apex_has_soa_and_ns_with_the_servers_address() {
-    let fake = Arc::new(fake(16, Boot::Instant));
+    let fake = fake(16, Boot::Instant);
     let server = start(config(), fake).await;
     let mut client = udp_client(server.local_addr()).await;
     let soa = ask(&mut client, "revboot.test.", RecordType::SOA).await;
@@ -223,7 +222,7 @@ async fn apex_has_soa_and_ns_with_the_servers_address() {
 
 #[tokio::test]
 async fn an_answer_too_big_for_udp_is_truncated_and_complete_over_tcp() {
-    let fake = Arc::new(fake(16, Boot::Instant));
+    let fake = fake(16, Boot::Instant);
     let mut config = config();
     config.nameservers = (0..24)
         .map(|i| Nameserver {
@@ -248,7 +247,7 @@ async fn an_answer_too_big_for_udp_is_truncated_and_complete_over_tcp() {
 
 #[tokio::test]
 async fn edns_is_echoed_only_when_asked_and_bad_versions_get_badvers() {
-    let fake = Arc::new(fake(16, Boot::Instant));
+    let fake = fake(16, Boot::Instant);
     let server = start(config(), fake).await;
     let client = udp_client(server.local_addr()).await;
     let plain = send(&client, query("hello.revboot.test.", RecordType::A, false)).await;
@@ -267,7 +266,7 @@ async fn edns_is_echoed_only_when_asked_and_bad_versions_get_badvers() {
 
 #[tokio::test]
 async fn bad_edns_versions_get_badvers_when_the_name_is_cached_too() {
-    let fake = Arc::new(fake(16, Boot::Instant));
+    let fake = fake(16, Boot::Instant);
     let server = start(config(), fake).await;
     let udp = udp_client(server.local_addr()).await;
     let tcp = tcp_client(server.local_addr()).await;
@@ -298,7 +297,7 @@ async fn bad_edns_versions_get_badvers_when_the_name_is_cached_too() {
 
 #[tokio::test]
 async fn malformed_and_unimplemented_queries() {
-    let fake = Arc::new(fake(16, Boot::Instant));
+    let fake = fake(16, Boot::Instant);
     let server = start(config(), fake).await;
     let addr = server.local_addr();
     let mut two_questions = wire_query(7, &["hello", "revboot", "test"], 1);
@@ -340,7 +339,7 @@ async fn malformed_and_unimplemented_queries() {
 
 #[tokio::test]
 async fn matching_is_case_insensitive_and_the_question_case_is_echoed() {
-    let fake = Arc::new(fake(16, Boot::Instant));
+    let fake = fake(16, Boot::Instant);
     let server = start(config(), fake).await;
     let addr = server.local_addr();
     let mut answers = Vec::new();
@@ -368,7 +367,7 @@ async fn matching_is_case_insensitive_and_the_question_case_is_echoed() {
 
 #[tokio::test]
 async fn per_client_services_give_each_source_address_its_instance() {
-    let fake = Arc::new(fake(16, Boot::Instant));
+    let fake = fake(16, Boot::Instant);
     let server = start(config(), fake.clone()).await;
     let addr = server.local_addr();
     let q = wire_query(1, &["solo", "revboot", "test"], 1);
@@ -391,7 +390,7 @@ async fn per_client_services_give_each_source_address_its_instance() {
 async fn client_subnet_picks_the_instance_only_when_trusted() {
     use hickory_proto::rr::rdata::opt::ClientSubnet;
     for trust in [false, true] {
-        let fake = Arc::new(fake(16, Boot::Instant));
+        let fake = fake(16, Boot::Instant);
         let mut config = config();
         config.trust_ecs = trust;
         let server = start(config, fake.clone()).await;
@@ -423,7 +422,7 @@ async fn client_subnet_picks_the_instance_only_when_trusted() {
 
 #[tokio::test]
 async fn repeated_queries_come_from_the_cache_until_the_generation_moves() {
-    let fake = Arc::new(fake(16, Boot::Instant));
+    let fake = fake(16, Boot::Instant);
     let server = start(config(), fake.clone()).await;
     let mut client = udp_client(server.local_addr()).await;
     ask(&mut client, "hello.revboot.test.", RecordType::A).await;
@@ -451,7 +450,7 @@ async fn repeated_queries_come_from_the_cache_until_the_generation_moves() {
 
 #[tokio::test]
 async fn a_stopped_instance_is_summoned_again() {
-    let fake = Arc::new(fake(16, Boot::Instant));
+    let fake = fake(16, Boot::Instant);
     let server = start(config(), fake.clone()).await;
     let mut client = udp_client(server.local_addr()).await;
     let first = ask(&mut client, "hello.revboot.test.", RecordType::A).await;
@@ -468,7 +467,7 @@ async fn a_stopped_instance_is_summoned_again() {
 
 #[tokio::test]
 async fn every_answered_query_counts_as_activity() {
-    let fake = Arc::new(fake(16, Boot::Instant));
+    let fake = fake(16, Boot::Instant);
     let mut config = config();
     config.limits.activity_interval = std::time::Duration::ZERO;
     let server = start(config, fake.clone()).await;
@@ -483,7 +482,7 @@ async fn every_answered_query_counts_as_activity() {
 
 #[tokio::test]
 async fn summons_per_client_are_rate_limited_and_deployer_refusals_are_servfail() {
-    let fake = Arc::new(fake(2, Boot::Instant));
+    let fake = fake(2, Boot::Instant);
     let mut config = config();
     config.limits.boots_per_second = 1;
     config.limits.boot_burst = 3;
@@ -516,9 +515,10 @@ async fn summons_per_client_are_rate_limited_and_deployer_refusals_are_servfail(
 
 #[tokio::test]
 async fn ipv6_pool_addresses_get_aaaa() {
-    let mut fake = fake(16, Boot::Instant);
-    fake.v6 = true;
-    let fake = Arc::new(fake);
+    let fake = fake_with(Behaviour {
+        addresses: Addresses::V6,
+        ..Behaviour::default()
+    });
     let server = start(config(), fake).await;
     let mut client = udp_client(server.local_addr()).await;
     let r = ask(&mut client, "hello.revboot.test.", RecordType::AAAA).await;

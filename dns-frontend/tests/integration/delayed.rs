@@ -1,6 +1,5 @@
 //! Delayed mode: the answer waits (bounded) for the instance to be ready.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -9,12 +8,12 @@ use hickory_proto::rr::RecordType;
 use revboot_deployer::InstanceState;
 
 use crate::answers::ede_text;
-use crate::fake::Boot;
 use crate::support::*;
+use revboot_testkit::instances::{Boot, revision};
 
 #[tokio::test]
 async fn delayed_answer_is_sent_once_the_instance_is_ready() {
-    let fake = Arc::new(fake(16, Boot::Manual));
+    let fake = fake(16, Boot::Manual);
     let mut config = config();
     config.delayed_answers = true;
     let server = start(config, fake.clone()).await;
@@ -26,7 +25,7 @@ async fn delayed_answer_is_sent_once_the_instance_is_ready() {
         // A different revision each time, so that each starts booting.
         let name = match transport {
             "udp" => "hello.revboot.test.".to_owned(),
-            _ => format!("{}.hello.revboot.test.", crate::fake::revision(2).short(7)),
+            _ => format!("{}.hello.revboot.test.", revision(2).short(7)),
         };
         let before = fake.summons.load(Ordering::SeqCst);
         let pending = tokio::spawn(async move { ask(&mut client, &name, RecordType::A).await });
@@ -47,7 +46,7 @@ async fn delayed_answer_is_sent_once_the_instance_is_ready() {
 
 #[tokio::test]
 async fn delayed_answer_that_never_gets_ready_is_servfail_not_ready() {
-    let fake = Arc::new(fake(16, Boot::Manual));
+    let fake = fake(16, Boot::Manual);
     let mut config = config();
     config.delayed_answers = true;
     config.delay_limit = Duration::from_millis(200);
@@ -63,7 +62,7 @@ async fn delayed_answer_that_never_gets_ready_is_servfail_not_ready() {
 
 #[tokio::test]
 async fn delayed_answer_for_a_crashed_boot_is_servfail() {
-    let fake = Arc::new(fake(16, Boot::Manual));
+    let fake = fake(16, Boot::Manual);
     let mut config = config();
     config.delayed_answers = true;
     config.delay_limit = Duration::from_secs(3);
@@ -88,7 +87,7 @@ async fn delayed_answer_for_a_crashed_boot_is_servfail() {
 
 #[tokio::test]
 async fn delayed_answers_beyond_the_bound_are_dropped() {
-    let fake = Arc::new(fake(16, Boot::Manual));
+    let fake = fake(16, Boot::Manual);
     let mut config = config();
     config.delayed_answers = true;
     config.limits.max_delayed = 1;
@@ -106,16 +105,7 @@ async fn delayed_answers_beyond_the_bound_are_dropped() {
     first.send_to(&query, addr).await.expect("send");
     until_summoned(&fake, 0).await;
     // The only delayed slot is taken: a second cold name is dropped, not queued.
-    let second = wire_query(
-        9,
-        &[
-            &crate::fake::revision(2).short(7),
-            "hello",
-            "revboot",
-            "test",
-        ],
-        1,
-    );
+    let second = wire_query(9, &[&revision(2).short(7), "hello", "revboot", "test"], 1);
     assert_eq!(raw_udp(addr, "127.0.0.1:0", &second).await, None);
     assert_eq!(server.metrics().overload_dropped, 1);
     for key in fake.keys() {

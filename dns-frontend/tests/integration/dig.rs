@@ -1,10 +1,9 @@
 //! The server as `dig` sees it.
 
 use std::process::Command;
-use std::sync::Arc;
 
-use crate::fake::{Boot, revision};
 use crate::support::*;
+use revboot_testkit::instances::{Boot, revision};
 
 fn dig(port: u16, args: &[&str]) -> String {
     let output = Command::new("dig")
@@ -29,7 +28,7 @@ fn dig(port: u16, args: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dig_gets_authoritative_answers_and_negative_answers_over_udp_and_tcp() {
-    let fake = Arc::new(fake(16, Boot::Instant));
+    let fake = fake(16, Boot::Instant);
     let server = start(config(), fake).await;
     let port = server.local_addr().port();
     let label = format!("{}.Hello.revboot.test", revision(2).short(7));

@@ -5,6 +5,5 @@ mod answers;
 mod delayed;
 mod deployer;
 mod dig;
-mod fake;
 mod robustness;
 mod support;

@@ -2,7 +2,6 @@
 //! bounded summons, still answering.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -15,8 +14,8 @@ use revboot_dns::DnsConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::fake::{Boot, FakeRevision, FakeService, revision};
 use crate::support::*;
+use revboot_testkit::instances::{Behaviour, Boot, FakeRevision, FakeService, revision};
 
 /// A small deterministic generator (the flood needs volume, not quality).
 struct SplitMix(u64);
@@ -64,7 +63,7 @@ fn arbitrary_packets_neither_crash_nor_hang_the_server() {
         .enable_all()
         .build()
         .expect("runtime");
-    let fake = Arc::new(fake(16, Boot::Instant));
+    let fake = fake(16, Boot::Instant);
     let mut config = config();
     config.trust_ecs = true;
     let server = runtime.block_on(start(config, fake));
@@ -161,7 +160,6 @@ async fn flood_of_valid_and_invalid_names_stays_within_caps_and_legit_queries_ge
             live: None,
         },
     );
-    let fake = Arc::new(fake);
     let mut config = config();
     // Low enough that each flooding /24 exceeds it even when the kernel drops most of the
     // flood before the server reads it.
@@ -300,7 +298,7 @@ async fn answered_over_tcp(server: SocketAddr, from: IpAddr) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_tcp_connections_up_to_the_bounds_do_not_deny_tcp_to_anyone() {
-    let fake = Arc::new(fake(16, Boot::Instant));
+    let fake = fake(16, Boot::Instant);
     let mut config = config();
     let limits = DnsConfig::default().limits;
     config.limits.max_tcp_connections = limits.max_tcp_connections;
@@ -334,10 +332,12 @@ async fn idle_tcp_connections_up_to_the_bounds_do_not_deny_tcp_to_anyone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_tcp_table_closes_the_connection_idle_longest_never_one_with_a_query_in_progress() {
-    let mut fake = fake(16, Boot::Manual);
     // Delayed answers keep their connections busy until the test says the instance is ready.
-    fake.boot_timeout = Duration::from_secs(60);
-    let fake = Arc::new(fake);
+    let fake = fake_with(Behaviour {
+        boot: Boot::Manual,
+        boot_timeout: Duration::from_secs(60),
+        ..Behaviour::default()
+    });
     let mut config = config();
     config.delayed_answers = true;
     config.delay_limit = Duration::from_secs(60);
@@ -376,7 +376,7 @@ async fn a_full_tcp_table_closes_the_connection_idle_longest_never_one_with_a_qu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_tcp_connections_are_closed() {
-    let fake = Arc::new(fake(16, Boot::Instant));
+    let fake = fake(16, Boot::Instant);
     let mut config = config();
     config.limits.tcp_idle_timeout = Duration::from_millis(300);
     let server = start(config, fake).await;
@@ -394,7 +394,7 @@ async fn idle_tcp_connections_are_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_the_response_rate_answers_are_dropped_or_slipped_truncated() {
-    let fake = Arc::new(fake(16, Boot::Instant));
+    let fake = fake(16, Boot::Instant);
     let mut config = config();
     config.limits.rrl_per_second = 1;
     config.limits.rrl_burst = 1;

@@ -17,7 +17,7 @@ use hickory_proto::rr::{DNSClass, Name, RecordType};
 use revboot_dns::{DnsConfig, DnsServer, RunningServer};
 use tokio::net::UdpSocket;
 
-use crate::fake::{Boot, Fake, FakeRevision, FakeService, revision};
+use revboot_testkit::instances::{Behaviour, Boot, Fake, FakeRevision, FakeService, revision};
 
 pub const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -34,10 +34,19 @@ pub fn config() -> DnsConfig {
     config
 }
 
+/// The standard fake with the default behaviour but for `cap` and `boot`.
+pub fn fake(cap: usize, boot: Boot) -> Arc<Fake> {
+    fake_with(Behaviour {
+        cap,
+        boot,
+        ..Behaviour::default()
+    })
+}
+
 /// The standard fake: `hello` (live = revision 1, also 2 and a failed 3, tag `v1` on 1),
 /// `amb` (two revisions sharing a prefix), `solo` (per-client), `empty` (no live).
-pub fn fake(cap: usize, boot: Boot) -> Fake {
-    let fake = Fake::new(cap, boot);
+pub fn fake_with(behaviour: Behaviour) -> Arc<Fake> {
+    let fake = Fake::new(behaviour);
     fake.add_service(
         "hello",
         FakeService {
