@@ -17,82 +17,18 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use std::os::fd::AsFd;
 
-use revboot_deployer::steer;
-use revboot_deployer::{
-    Activity, InstanceKey, InstanceState, Instances, ResolveError, Resolved, SummonError, Summoned,
-};
+use revboot_deployer::{Instances, steer};
 use revboot_proxy::{Proxy, ProxyConfig};
-use revboot_store::Revision;
+use revboot_testkit::instances::{Addresses, Backend, Behaviour, Fake, FakeService, revision};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::watch;
 
 const PORT: u16 = 8080;
 const MIB: usize = 1024 * 1024;
-
-/// One instance, always ready, at a fixed backend: what the warm path looks like.
-#[derive(Debug)]
-struct Warm {
-    address: IpAddr,
-    backend: SocketAddr,
-    state: watch::Sender<InstanceState>,
-}
-
-impl Warm {
-    fn key() -> InstanceKey {
-        InstanceKey {
-            service: "bench".to_owned(),
-            revision: revision(),
-            client: None,
-        }
-    }
-
-    fn summoned(&self) -> Summoned {
-        Summoned {
-            key: Warm::key(),
-            address: self.address,
-            port: PORT,
-            backend: self.backend,
-            boot_timeout: Duration::from_secs(10),
-            state: self.state.subscribe(),
-        }
-    }
-}
-
-fn revision() -> Revision {
-    "0000000000000000000000000000000000000001"
-        .parse()
-        .expect("a full hex id")
-}
-
-impl Instances for Warm {
-    fn resolve(&self, service: &str, _label: Option<&str>) -> Result<Resolved, ResolveError> {
-        Ok(Resolved {
-            service: service.to_owned(),
-            revision: revision(),
-            per_client: false,
-            port: PORT,
-        })
-    }
-
-    fn summon(&self, _: &str, _: &Revision, _: Option<IpAddr>) -> Result<Summoned, SummonError> {
-        Ok(self.summoned())
-    }
-
-    fn by_address(&self, address: IpAddr) -> Option<Summoned> {
-        (address == self.address).then(|| self.summoned())
-    }
-
-    fn activity(&self, _: &InstanceKey, _: Activity) {}
-
-    fn generation(&self) -> u64 {
-        0
-    }
-}
 
 async fn backend() {
     let listener = TcpListener::bind("127.0.0.1:0")
@@ -142,13 +78,15 @@ async fn keep_alive(mut stream: TcpStream, big: Arc<[u8]>) {
 }
 
 async fn proxy(backend: SocketAddr, address: IpAddr, config: ProxyConfig, steer_from: Option<u32>) {
-    let warm = Arc::new(Warm {
-        address,
-        backend,
-        state: watch::Sender::new(InstanceState::Ready),
+    // One instance, always ready, at a fixed backend: what the warm path looks like.
+    let warm = Fake::new(Behaviour {
+        backend: Backend::At(backend),
+        addresses: Addresses::Fixed(address),
+        ..Behaviour::default()
     });
+    warm.add_service("bench", FakeService::one(PORT, revision(1)));
     let proxy = Proxy::new(config, warm);
-    let summoned = proxy.summon("bench", &revision(), None).expect("listen");
+    let summoned = proxy.summon("bench", &revision(1), None).expect("listen");
     // Steered: the deployer's kernel hand-off of a ready instance, here for the backend's
     // socket taken from its process; the proxy's listener stays behind it.
     let _steered = steer_from.map(|pid| {

@@ -132,9 +132,6 @@ mod pump;
 mod shared;
 mod splice;
 
-#[cfg(test)]
-mod test_support;
-
 pub use config::{
     ConfigError, DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_EARLY_BYTES,
     DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HELD, DEFAULT_MAX_HELD_PER_INSTANCE,

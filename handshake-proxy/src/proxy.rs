@@ -131,12 +131,42 @@ mod tests {
     use tokio::net::{TcpSocket, TcpStream};
 
     use super::*;
-    use crate::test_support::{Behaviour, Fake, PORT, revision, unique_ip};
     use revboot_deployer::InstanceState;
+    use revboot_testkit::instances::{
+        Addresses, Backend, Behaviour, Boot, Fake, FakeService, unique_ip,
+    };
 
     /// Generous bound for a test step that should take milliseconds, so a bug fails the test
     /// instead of hanging it.
     const STEP: Duration = Duration::from_secs(20);
+    /// The client port every fake instance is reached on.
+    const PORT: u16 = 8080;
+    /// How long a fake instance takes to boot.
+    const BOOT: Duration = Duration::from_millis(300);
+
+    /// Fake instances as these tests want them: a real backend on a loopback address of
+    /// their own, ready [`BOOT`] after the summon, never reaped.
+    fn booting() -> Behaviour {
+        Behaviour {
+            cap: usize::MAX,
+            boot: Boot::After(BOOT),
+            backend: Backend::Echo,
+            addresses: Addresses::Unique,
+            boot_timeout: Duration::from_secs(10),
+            idle_timeout: None,
+        }
+    }
+
+    /// The deployer's stand-in with one service, `hello` on [`PORT`].
+    fn fake(behaviour: Behaviour) -> Arc<Fake> {
+        let fake = Fake::new(behaviour);
+        fake.add_service("hello", FakeService::one(PORT, revision()));
+        fake
+    }
+
+    fn revision() -> Revision {
+        revboot_testkit::instances::revision(1)
+    }
 
     fn proxy(fake: &Arc<Fake>, config: ProxyConfig) -> Arc<Proxy> {
         let inner: Arc<dyn Instances> = fake.clone();
@@ -181,7 +211,7 @@ mod tests {
 
     #[tokio::test]
     async fn summon_returns_with_the_listener_already_bound() {
-        let fake = Fake::new(Behaviour::default());
+        let fake = fake(booting());
         let proxy = proxy(&fake, ProxyConfig::default());
         let summoned = proxy.summon("hello", &revision(), None).expect("summon");
         assert_eq!(summoned.port, PORT);
@@ -201,7 +231,7 @@ mod tests {
 
     #[tokio::test]
     async fn many_clients_on_a_cold_instance_boot_it_once() {
-        let fake = Fake::new(Behaviour::default());
+        let fake = fake(booting());
         let proxy = proxy(&fake, ProxyConfig::default());
         let summoned = proxy.summon("hello", &revision(), None).expect("summon");
         let address = at(&summoned);
@@ -222,7 +252,7 @@ mod tests {
 
     #[tokio::test]
     async fn request_sent_and_half_closed_before_ready_is_answered() {
-        let fake = Fake::new(Behaviour::default());
+        let fake = fake(booting());
         let proxy = proxy(&fake, ProxyConfig::default());
         let summoned = proxy.summon("hello", &revision(), None).expect("summon");
         let mut stream = connect(at(&summoned), None).await.expect("connect");
@@ -244,7 +274,7 @@ mod tests {
 
     #[tokio::test]
     async fn per_client_instance_refuses_another_source_address() {
-        let fake = Fake::new(Behaviour::default());
+        let fake = fake(booting());
         let proxy = proxy(&fake, ProxyConfig::default());
         let alice = unique_ip();
         let bob = unique_ip();
@@ -280,9 +310,9 @@ mod tests {
 
     #[tokio::test]
     async fn failed_boot_closes_every_held_connection() {
-        let fake = Fake::new(Behaviour {
-            fail: true,
-            ..Behaviour::default()
+        let fake = fake(Behaviour {
+            boot: Boot::CrashAfter(BOOT),
+            ..booting()
         });
         let proxy = proxy(&fake, ProxyConfig::default());
         let summoned = proxy.summon("hello", &revision(), None).expect("summon");
@@ -307,10 +337,10 @@ mod tests {
 
     #[tokio::test]
     async fn boot_timeout_closes_held_connections() {
-        let fake = Fake::new(Behaviour {
-            boot_delay: Duration::from_secs(3600),
+        let fake = fake(Behaviour {
+            boot: Boot::After(Duration::from_secs(3600)),
             boot_timeout: Duration::from_millis(200),
-            ..Behaviour::default()
+            ..booting()
         });
         let proxy = proxy(&fake, ProxyConfig::default());
         let summoned = proxy.summon("hello", &revision(), None).expect("summon");
@@ -325,10 +355,10 @@ mod tests {
     #[tokio::test]
     async fn quiet_open_connection_keeps_the_instance_from_being_reaped() {
         let idle = Duration::from_millis(200);
-        let fake = Fake::new(Behaviour {
-            idle_timeout: idle,
-            boot_delay: Duration::from_millis(10),
-            ..Behaviour::default()
+        let fake = fake(Behaviour {
+            idle_timeout: Some(idle),
+            boot: Boot::After(Duration::from_millis(10)),
+            ..booting()
         });
         let proxy = proxy(&fake, ProxyConfig::default());
         let summoned = proxy.summon("hello", &revision(), None).expect("summon");
@@ -353,9 +383,9 @@ mod tests {
 
     #[tokio::test]
     async fn held_connections_over_the_bound_are_refused() {
-        let fake = Fake::new(Behaviour {
-            boot_delay: Duration::from_secs(3600),
-            ..Behaviour::default()
+        let fake = fake(Behaviour {
+            boot: Boot::After(Duration::from_secs(3600)),
+            ..booting()
         });
         let config = ProxyConfig {
             max_held_per_instance: 2,
@@ -375,7 +405,7 @@ mod tests {
 
     #[tokio::test]
     async fn released_address_loses_its_listener() {
-        let fake = Fake::new(Behaviour::default());
+        let fake = fake(booting());
         let proxy = proxy(&fake, ProxyConfig::default());
         let summoned = proxy.summon("hello", &revision(), None).expect("summon");
         assert_eq!(proxy.sweep(), 0, "address still owned");
@@ -391,9 +421,9 @@ mod tests {
 
     #[tokio::test]
     async fn shutdown_closes_held_connections_and_refuses_summons() {
-        let fake = Fake::new(Behaviour {
-            boot_delay: Duration::from_secs(3600),
-            ..Behaviour::default()
+        let fake = fake(Behaviour {
+            boot: Boot::After(Duration::from_secs(3600)),
+            ..booting()
         });
         let proxy = proxy(&fake, ProxyConfig::default());
         let summoned = proxy.summon("hello", &revision(), None).expect("summon");
