@@ -23,7 +23,7 @@ BACKEND_FLAG="--deployer"
 REVBOOT_PORT=15353
 NSD_PORT=15354
 
-cargo build --release --quiet --offline -p revboot-dns --example dns-bench
+cargo build --release --quiet --offline -p revboot --example dns-bench
 BIN=target/release/examples/dns-bench
 IMAGE=target/deployer-images/hello/x86_64-unknown-linux-gnu/release/hello
 if [ "$BACKEND_FLAG" = "--deployer" ]; then
