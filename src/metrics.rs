@@ -3,10 +3,10 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use revboot_builder::{BuildState, Builder};
+use revboot_builder::{BuildRecord, BuildState, Builder};
 use revboot_deployer::metrics::BOOT_BUCKETS_MS;
 use revboot_deployer::{Deployer, InstanceState};
-use revboot_proxy::Proxy;
+use revboot_proxy::{Proxy, ProxyMetrics};
 
 use crate::api::Metrics;
 
@@ -53,244 +53,478 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 
 impl Metrics for DaemonMetrics {
     fn render(&self) -> String {
-        let mut out = String::new();
-
         let dns = self.dns.snapshot();
-        family(
-            &mut out,
-            "revboot_dns_responses_total",
-            "counter",
-            "DNS responses by rcode.",
-        );
-        for (rcode, value) in [
-            ("noerror", dns.noerror),
-            ("formerr", dns.formerr),
-            ("servfail", dns.servfail),
-            ("nxdomain", dns.nxdomain),
-            ("notimp", dns.notimp),
-            ("refused", dns.refused),
-            ("other", dns.other_rcode),
-        ] {
-            let _ = writeln!(
-                out,
-                "revboot_dns_responses_total{{rcode=\"{rcode}\"}} {value}"
-            );
-        }
-        family(
-            &mut out,
-            "revboot_dns_events_total",
-            "counter",
-            "DNS server events.",
-        );
-        for (event, value) in [
-            ("truncated", dns.truncated),
-            ("cache_hit", dns.cache_hits),
-            ("cache_miss", dns.cache_misses),
-            ("summon", dns.summons),
-            ("boot_limited", dns.boot_limited),
-            ("rate_limited", dns.rate_limited),
-            ("overload_dropped", dns.overload_dropped),
-            ("tcp_refused", dns.tcp_refused),
-            ("tcp_evicted", dns.tcp_evicted),
-            ("ignored", dns.ignored),
-        ] {
-            let _ = writeln!(out, "revboot_dns_events_total{{event=\"{event}\"}} {value}");
-        }
-
         let proxy = self.proxy.metrics();
-        family(
-            &mut out,
-            "revboot_proxy_connections_total",
-            "counter",
-            "Proxy connections by outcome.",
-        );
-        for (outcome, value) in [
-            ("accepted", proxy.accepted),
-            ("held", proxy.held),
-            ("spliced", proxy.spliced),
-            ("refused", proxy.refused),
-            ("refused_admission", proxy.refused_admission),
-            ("refused_overload", proxy.refused_overload),
-            ("boot_failure", proxy.boot_failures),
-            ("backend_failure", proxy.backend_failures),
-            ("timeout", proxy.timeouts),
-        ] {
-            let _ = writeln!(
-                out,
-                "revboot_proxy_connections_total{{outcome=\"{outcome}\"}} {value}"
-            );
-        }
-        family(
-            &mut out,
-            "revboot_proxy_connections",
-            "gauge",
-            "Proxy connections now.",
-        );
-        let _ = writeln!(
-            out,
-            "revboot_proxy_connections{{kind=\"held\"}} {}",
-            proxy.held_now
-        );
-        let _ = writeln!(
-            out,
-            "revboot_proxy_connections{{kind=\"open\"}} {}",
-            proxy.open_now
-        );
-        family(
-            &mut out,
-            "revboot_proxy_bytes_total",
-            "counter",
-            "Bytes spliced by direction.",
-        );
-        let _ = writeln!(
-            out,
-            "revboot_proxy_bytes_total{{direction=\"from_clients\"}} {}",
-            proxy.bytes_from_clients
-        );
-        let _ = writeln!(
-            out,
-            "revboot_proxy_bytes_total{{direction=\"to_clients\"}} {}",
-            proxy.bytes_to_clients
-        );
-
         let lives = self.deployer.metrics();
-        family(
-            &mut out,
-            "revboot_boots_total",
-            "counter",
-            "Instances booted.",
-        );
-        let _ = writeln!(out, "revboot_boots_total {}", lives.boots);
-        family(
-            &mut out,
-            "revboot_steered_connections_total",
-            "counter",
-            "Connections the kernel handed straight to ready instances.",
-        );
-        let _ = writeln!(
-            out,
-            "revboot_steered_connections_total {}",
-            lives.steered_connections
-        );
-        family(
-            &mut out,
-            "revboot_steered_instances",
-            "gauge",
-            "Ready instances whose connections are steered past the proxy.",
-        );
-        let _ = writeln!(out, "revboot_steered_instances {}", lives.steered_instances);
-        family(
-            &mut out,
-            "revboot_instance_ends_total",
-            "counter",
-            "Instance ends by kind.",
-        );
-        for (kind, value) in [
-            ("boot_failure", lives.boot_failures),
-            ("crash", lives.crashes),
-            ("stop", lives.stops),
-        ] {
-            let _ = writeln!(
-                out,
-                "revboot_instance_ends_total{{kind=\"{kind}\"}} {value}"
-            );
-        }
-        family(
-            &mut out,
-            "revboot_boot_duration_seconds",
-            "histogram",
-            "Summon to ready.",
-        );
-        for (bound, count) in BOOT_BUCKETS_MS.iter().zip(lives.boot_buckets) {
-            let _ = writeln!(
-                out,
-                "revboot_boot_duration_seconds_bucket{{le=\"{}\"}} {count}",
-                *bound as f64 / 1000.0
-            );
-        }
-        let _ = writeln!(
-            out,
-            "revboot_boot_duration_seconds_bucket{{le=\"+Inf\"}} {}",
-            lives.ready
-        );
-        let _ = writeln!(
-            out,
-            "revboot_boot_duration_seconds_sum {}",
-            lives.boot_time_sum.as_secs_f64()
-        );
-        let _ = writeln!(out, "revboot_boot_duration_seconds_count {}", lives.ready);
-
-        let instances = self.deployer.list();
-        family(
-            &mut out,
-            "revboot_instances",
-            "gauge",
-            "Instances by state.",
-        );
-        for state in ["cold", "booting", "ready", "idle"] {
-            let count = instances
-                .iter()
-                .filter(|i| {
-                    matches!(
-                        (&i.state, state),
-                        (InstanceState::Cold, "cold")
-                            | (InstanceState::Booting, "booting")
-                            | (InstanceState::Ready, "ready")
-                            | (InstanceState::Idle, "idle")
-                    )
-                })
-                .count();
-            let _ = writeln!(out, "revboot_instances{{state=\"{state}\"}} {count}");
-        }
-
-        let records = self.handle.block_on(self.builder.build_records(None));
-        family(
-            &mut out,
-            "revboot_builds_total",
-            "counter",
-            "Builds by result.",
-        );
-        for (word, state) in [
-            ("succeeded", BuildState::Succeeded),
-            ("failed", BuildState::Failed),
-            ("interrupted", BuildState::Interrupted),
-            ("superseded", BuildState::Superseded),
-        ] {
-            let count = records.iter().filter(|r| r.state == state).count();
-            let _ = writeln!(out, "revboot_builds_total{{result=\"{word}\"}} {count}");
-        }
-        family(
-            &mut out,
-            "revboot_build_duration_seconds",
-            "histogram",
-            "Build wall time.",
-        );
-        let durations: Vec<f64> = records
-            .iter()
-            .filter_map(|r| Some((r.finished_at_ms? as f64 - r.started_at_ms? as f64) / 1000.0))
+        let instances: Vec<InstanceState> = self
+            .deployer
+            .list()
+            .into_iter()
+            .map(|instance| instance.state)
             .collect();
-        for bound in BUILD_BUCKETS {
-            let count = durations.iter().filter(|d| **d <= *bound).count();
-            let _ = writeln!(
-                out,
-                "revboot_build_duration_seconds_bucket{{le=\"{bound}\"}} {count}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "revboot_build_duration_seconds_bucket{{le=\"+Inf\"}} {}",
-            durations.len()
-        );
-        let _ = writeln!(
-            out,
-            "revboot_build_duration_seconds_sum {}",
-            durations.iter().sum::<f64>()
-        );
-        let _ = writeln!(
-            out,
-            "revboot_build_duration_seconds_count {}",
-            durations.len()
-        );
-        out
+        let records = self.handle.block_on(self.builder.build_records(None));
+        render(&dns, &proxy, &lives, &instances, &records)
     }
+}
+
+/// The exposition of the parts' counters as read.
+fn render(
+    dns: &revboot_dns::MetricsSnapshot,
+    proxy: &ProxyMetrics,
+    lives: &revboot_deployer::metrics::MetricsSnapshot,
+    instances: &[InstanceState],
+    records: &[BuildRecord],
+) -> String {
+    let mut out = String::new();
+
+    family(
+        &mut out,
+        "revboot_dns_responses_total",
+        "counter",
+        "DNS responses by rcode.",
+    );
+    for (rcode, value) in [
+        ("noerror", dns.noerror),
+        ("formerr", dns.formerr),
+        ("servfail", dns.servfail),
+        ("nxdomain", dns.nxdomain),
+        ("notimp", dns.notimp),
+        ("refused", dns.refused),
+        ("other", dns.other_rcode),
+    ] {
+        let _ = writeln!(
+            out,
+            "revboot_dns_responses_total{{rcode=\"{rcode}\"}} {value}"
+        );
+    }
+    family(
+        &mut out,
+        "revboot_dns_events_total",
+        "counter",
+        "DNS server events.",
+    );
+    for (event, value) in [
+        ("truncated", dns.truncated),
+        ("cache_hit", dns.cache_hits),
+        ("cache_miss", dns.cache_misses),
+        ("summon", dns.summons),
+        ("boot_limited", dns.boot_limited),
+        ("rate_limited", dns.rate_limited),
+        ("overload_dropped", dns.overload_dropped),
+        ("tcp_refused", dns.tcp_refused),
+        ("tcp_evicted", dns.tcp_evicted),
+        ("ignored", dns.ignored),
+    ] {
+        let _ = writeln!(out, "revboot_dns_events_total{{event=\"{event}\"}} {value}");
+    }
+
+    family(
+        &mut out,
+        "revboot_proxy_connections_total",
+        "counter",
+        "Proxy connections by outcome.",
+    );
+    for (outcome, value) in [
+        ("accepted", proxy.accepted),
+        ("held", proxy.held),
+        ("spliced", proxy.spliced),
+        ("refused", proxy.refused),
+        ("refused_admission", proxy.refused_admission),
+        ("refused_overload", proxy.refused_overload),
+        ("boot_failure", proxy.boot_failures),
+        ("backend_failure", proxy.backend_failures),
+        ("timeout", proxy.timeouts),
+    ] {
+        let _ = writeln!(
+            out,
+            "revboot_proxy_connections_total{{outcome=\"{outcome}\"}} {value}"
+        );
+    }
+    family(
+        &mut out,
+        "revboot_proxy_connections",
+        "gauge",
+        "Proxy connections now.",
+    );
+    let _ = writeln!(
+        out,
+        "revboot_proxy_connections{{kind=\"held\"}} {}",
+        proxy.held_now
+    );
+    let _ = writeln!(
+        out,
+        "revboot_proxy_connections{{kind=\"open\"}} {}",
+        proxy.open_now
+    );
+    family(
+        &mut out,
+        "revboot_proxy_bytes_total",
+        "counter",
+        "Bytes spliced by direction.",
+    );
+    let _ = writeln!(
+        out,
+        "revboot_proxy_bytes_total{{direction=\"from_clients\"}} {}",
+        proxy.bytes_from_clients
+    );
+    let _ = writeln!(
+        out,
+        "revboot_proxy_bytes_total{{direction=\"to_clients\"}} {}",
+        proxy.bytes_to_clients
+    );
+
+    family(
+        &mut out,
+        "revboot_boots_total",
+        "counter",
+        "Instances booted.",
+    );
+    let _ = writeln!(out, "revboot_boots_total {}", lives.boots);
+    family(
+        &mut out,
+        "revboot_steered_connections_total",
+        "counter",
+        "Connections the kernel handed straight to ready instances.",
+    );
+    let _ = writeln!(
+        out,
+        "revboot_steered_connections_total {}",
+        lives.steered_connections
+    );
+    family(
+        &mut out,
+        "revboot_steered_instances",
+        "gauge",
+        "Ready instances whose connections are steered past the proxy.",
+    );
+    let _ = writeln!(out, "revboot_steered_instances {}", lives.steered_instances);
+    family(
+        &mut out,
+        "revboot_instance_ends_total",
+        "counter",
+        "Instance ends by kind.",
+    );
+    for (kind, value) in [
+        ("boot_failure", lives.boot_failures),
+        ("crash", lives.crashes),
+        ("stop", lives.stops),
+    ] {
+        let _ = writeln!(
+            out,
+            "revboot_instance_ends_total{{kind=\"{kind}\"}} {value}"
+        );
+    }
+    family(
+        &mut out,
+        "revboot_boot_duration_seconds",
+        "histogram",
+        "Summon to ready.",
+    );
+    for (bound, count) in BOOT_BUCKETS_MS.iter().zip(lives.boot_buckets) {
+        let _ = writeln!(
+            out,
+            "revboot_boot_duration_seconds_bucket{{le=\"{}\"}} {count}",
+            *bound as f64 / 1000.0
+        );
+    }
+    let _ = writeln!(
+        out,
+        "revboot_boot_duration_seconds_bucket{{le=\"+Inf\"}} {}",
+        lives.ready
+    );
+    let _ = writeln!(
+        out,
+        "revboot_boot_duration_seconds_sum {}",
+        lives.boot_time_sum.as_secs_f64()
+    );
+    let _ = writeln!(out, "revboot_boot_duration_seconds_count {}", lives.ready);
+
+    family(
+        &mut out,
+        "revboot_instances",
+        "gauge",
+        "Instances by state.",
+    );
+    for state in ["cold", "booting", "ready", "idle"] {
+        let count = instances
+            .iter()
+            .filter(|i| {
+                matches!(
+                    (i, state),
+                    (InstanceState::Cold, "cold")
+                        | (InstanceState::Booting, "booting")
+                        | (InstanceState::Ready, "ready")
+                        | (InstanceState::Idle, "idle")
+                )
+            })
+            .count();
+        let _ = writeln!(out, "revboot_instances{{state=\"{state}\"}} {count}");
+    }
+
+    family(
+        &mut out,
+        "revboot_builds_total",
+        "counter",
+        "Builds by result.",
+    );
+    for (word, state) in [
+        ("succeeded", BuildState::Succeeded),
+        ("failed", BuildState::Failed),
+        ("interrupted", BuildState::Interrupted),
+        ("superseded", BuildState::Superseded),
+    ] {
+        let count = records.iter().filter(|r| r.state == state).count();
+        let _ = writeln!(out, "revboot_builds_total{{result=\"{word}\"}} {count}");
+    }
+    family(
+        &mut out,
+        "revboot_build_duration_seconds",
+        "histogram",
+        "Build wall time.",
+    );
+    let durations: Vec<f64> = records
+        .iter()
+        .filter_map(|r| Some((r.finished_at_ms? as f64 - r.started_at_ms? as f64) / 1000.0))
+        .collect();
+    for bound in BUILD_BUCKETS {
+        let count = durations.iter().filter(|d| **d <= *bound).count();
+        let _ = writeln!(
+            out,
+            "revboot_build_duration_seconds_bucket{{le=\"{bound}\"}} {count}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "revboot_build_duration_seconds_bucket{{le=\"+Inf\"}} {}",
+        durations.len()
+    );
+    let _ = writeln!(
+        out,
+        "revboot_build_duration_seconds_sum {}",
+        durations.iter().sum::<f64>()
+    );
+    let _ = writeln!(
+        out,
+        "revboot_build_duration_seconds_count {}",
+        durations.len()
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A record of a build in `state` that ran from `started` to `finished` (unix ms).
+    fn record(id: u64, state: &str, started: Option<u64>, finished: Option<u64>) -> BuildRecord {
+        serde_json::from_value(serde_json::json!({
+            "id": id,
+            "service": "hello",
+            "source_ref": "refs/heads/main",
+            "source_commit": "ab".repeat(20),
+            "deploy_option": null,
+            "state": state,
+            "queued_at_ms": 1_000,
+            "started_at_ms": started,
+            "finished_at_ms": finished,
+            "command_secs": null,
+            "revision": null,
+            "made_live": false,
+            "superseded_by": null,
+            "requeued_as": null,
+            "message": null,
+        }))
+        .expect("a build record")
+    }
+
+    /// Every counter of every part, each with a value of its own, rendered as `/metrics`
+    /// serves them: the text is pinned byte for byte.
+    #[test]
+    fn the_exposition_is_pinned_byte_for_byte() {
+        let mut dns = revboot_dns::MetricsSnapshot::default();
+        for (n, counter) in [
+            &mut dns.noerror,
+            &mut dns.formerr,
+            &mut dns.servfail,
+            &mut dns.nxdomain,
+            &mut dns.notimp,
+            &mut dns.refused,
+            &mut dns.other_rcode,
+            &mut dns.truncated,
+            &mut dns.cache_hits,
+            &mut dns.cache_misses,
+            &mut dns.summons,
+            &mut dns.boot_limited,
+            &mut dns.rate_limited,
+            &mut dns.overload_dropped,
+            &mut dns.tcp_refused,
+            &mut dns.tcp_evicted,
+            &mut dns.ignored,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            *counter = 1 + n as u64;
+        }
+        let mut proxy = ProxyMetrics::default();
+        for (n, counter) in [
+            &mut proxy.accepted,
+            &mut proxy.held,
+            &mut proxy.held_now,
+            &mut proxy.open_now,
+            &mut proxy.spliced,
+            &mut proxy.refused,
+            &mut proxy.refused_admission,
+            &mut proxy.refused_overload,
+            &mut proxy.boot_failures,
+            &mut proxy.backend_failures,
+            &mut proxy.timeouts,
+            &mut proxy.bytes_from_clients,
+            &mut proxy.bytes_to_clients,
+            &mut proxy.replayed_bytes,
+            &mut proxy.listeners,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            *counter = 101 + n as u64;
+        }
+        let lives = revboot_deployer::metrics::MetricsSnapshot {
+            boots: 201,
+            ready: 202,
+            boot_failures: 203,
+            crashes: 204,
+            stops: 205,
+            boot_buckets: std::array::from_fn(|n| 301 + n as u64),
+            boot_time_sum: Duration::from_millis(1500),
+            manifest_reads: 206,
+            steered_connections: 207,
+            steered_instances: 208,
+        };
+        let instances = [
+            InstanceState::Cold,
+            InstanceState::Booting,
+            InstanceState::Booting,
+            InstanceState::Ready,
+            InstanceState::Ready,
+            InstanceState::Ready,
+            InstanceState::Idle,
+            InstanceState::Stopped,
+            InstanceState::Crashed {
+                reason: "exited with status 1".to_owned(),
+            },
+        ];
+        let records = [
+            record(1, "succeeded", Some(10_000), Some(10_500)),
+            record(2, "succeeded", Some(20_000), Some(40_000)),
+            record(3, "failed", Some(50_000), Some(450_000)),
+            record(4, "interrupted", None, None),
+            record(5, "superseded", None, None),
+            record(6, "running", Some(60_000), None),
+            record(7, "queued", None, None),
+        ];
+        let text = render(&dns, &proxy, &lives, &instances, &records);
+        assert_eq!(text, EXPECTED);
+    }
+
+    /// What the values above render as.
+    const EXPECTED: &str = r#"# HELP revboot_dns_responses_total DNS responses by rcode.
+# TYPE revboot_dns_responses_total counter
+revboot_dns_responses_total{rcode="noerror"} 1
+revboot_dns_responses_total{rcode="formerr"} 2
+revboot_dns_responses_total{rcode="servfail"} 3
+revboot_dns_responses_total{rcode="nxdomain"} 4
+revboot_dns_responses_total{rcode="notimp"} 5
+revboot_dns_responses_total{rcode="refused"} 6
+revboot_dns_responses_total{rcode="other"} 7
+# HELP revboot_dns_events_total DNS server events.
+# TYPE revboot_dns_events_total counter
+revboot_dns_events_total{event="truncated"} 8
+revboot_dns_events_total{event="cache_hit"} 9
+revboot_dns_events_total{event="cache_miss"} 10
+revboot_dns_events_total{event="summon"} 11
+revboot_dns_events_total{event="boot_limited"} 12
+revboot_dns_events_total{event="rate_limited"} 13
+revboot_dns_events_total{event="overload_dropped"} 14
+revboot_dns_events_total{event="tcp_refused"} 15
+revboot_dns_events_total{event="tcp_evicted"} 16
+revboot_dns_events_total{event="ignored"} 17
+# HELP revboot_proxy_connections_total Proxy connections by outcome.
+# TYPE revboot_proxy_connections_total counter
+revboot_proxy_connections_total{outcome="accepted"} 101
+revboot_proxy_connections_total{outcome="held"} 102
+revboot_proxy_connections_total{outcome="spliced"} 105
+revboot_proxy_connections_total{outcome="refused"} 106
+revboot_proxy_connections_total{outcome="refused_admission"} 107
+revboot_proxy_connections_total{outcome="refused_overload"} 108
+revboot_proxy_connections_total{outcome="boot_failure"} 109
+revboot_proxy_connections_total{outcome="backend_failure"} 110
+revboot_proxy_connections_total{outcome="timeout"} 111
+# HELP revboot_proxy_connections Proxy connections now.
+# TYPE revboot_proxy_connections gauge
+revboot_proxy_connections{kind="held"} 103
+revboot_proxy_connections{kind="open"} 104
+# HELP revboot_proxy_bytes_total Bytes spliced by direction.
+# TYPE revboot_proxy_bytes_total counter
+revboot_proxy_bytes_total{direction="from_clients"} 112
+revboot_proxy_bytes_total{direction="to_clients"} 113
+# HELP revboot_boots_total Instances booted.
+# TYPE revboot_boots_total counter
+revboot_boots_total 201
+# HELP revboot_steered_connections_total Connections the kernel handed straight to ready instances.
+# TYPE revboot_steered_connections_total counter
+revboot_steered_connections_total 207
+# HELP revboot_steered_instances Ready instances whose connections are steered past the proxy.
+# TYPE revboot_steered_instances gauge
+revboot_steered_instances 208
+# HELP revboot_instance_ends_total Instance ends by kind.
+# TYPE revboot_instance_ends_total counter
+revboot_instance_ends_total{kind="boot_failure"} 203
+revboot_instance_ends_total{kind="crash"} 204
+revboot_instance_ends_total{kind="stop"} 205
+# HELP revboot_boot_duration_seconds Summon to ready.
+# TYPE revboot_boot_duration_seconds histogram
+revboot_boot_duration_seconds_bucket{le="0.001"} 301
+revboot_boot_duration_seconds_bucket{le="0.002"} 302
+revboot_boot_duration_seconds_bucket{le="0.005"} 303
+revboot_boot_duration_seconds_bucket{le="0.01"} 304
+revboot_boot_duration_seconds_bucket{le="0.02"} 305
+revboot_boot_duration_seconds_bucket{le="0.05"} 306
+revboot_boot_duration_seconds_bucket{le="0.1"} 307
+revboot_boot_duration_seconds_bucket{le="0.2"} 308
+revboot_boot_duration_seconds_bucket{le="0.5"} 309
+revboot_boot_duration_seconds_bucket{le="1"} 310
+revboot_boot_duration_seconds_bucket{le="2"} 311
+revboot_boot_duration_seconds_bucket{le="5"} 312
+revboot_boot_duration_seconds_bucket{le="+Inf"} 202
+revboot_boot_duration_seconds_sum 1.5
+revboot_boot_duration_seconds_count 202
+# HELP revboot_instances Instances by state.
+# TYPE revboot_instances gauge
+revboot_instances{state="cold"} 1
+revboot_instances{state="booting"} 2
+revboot_instances{state="ready"} 3
+revboot_instances{state="idle"} 1
+# HELP revboot_builds_total Builds by result.
+# TYPE revboot_builds_total counter
+revboot_builds_total{result="succeeded"} 2
+revboot_builds_total{result="failed"} 1
+revboot_builds_total{result="interrupted"} 1
+revboot_builds_total{result="superseded"} 1
+# HELP revboot_build_duration_seconds Build wall time.
+# TYPE revboot_build_duration_seconds histogram
+revboot_build_duration_seconds_bucket{le="1"} 1
+revboot_build_duration_seconds_bucket{le="5"} 1
+revboot_build_duration_seconds_bucket{le="15"} 1
+revboot_build_duration_seconds_bucket{le="30"} 2
+revboot_build_duration_seconds_bucket{le="60"} 2
+revboot_build_duration_seconds_bucket{le="120"} 2
+revboot_build_duration_seconds_bucket{le="300"} 2
+revboot_build_duration_seconds_bucket{le="600"} 3
+revboot_build_duration_seconds_bucket{le="+Inf"} 3
+revboot_build_duration_seconds_sum 420.5
+revboot_build_duration_seconds_count 3
+"#;
 }
