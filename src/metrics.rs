@@ -1,17 +1,14 @@
-//! `/metrics`: the parts' counters in Prometheus text format.
+//! `/metrics`: the parts' counters in Prometheus text format, each part's written by the
+//! part itself, assembled here in a fixed order.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 
-use revboot_builder::{BuildRecord, BuildState, Builder};
-use revboot_deployer::metrics::BOOT_BUCKETS_MS;
-use revboot_deployer::{Deployer, InstanceState};
+use revboot_builder::{BuildMetrics, Builder};
+use revboot_deployer::Deployer;
+use revboot_deployer::metrics::InstanceCounts;
 use revboot_proxy::{Proxy, ProxyMetrics};
 
 use crate::api::Metrics;
-
-/// Upper bounds (seconds) of the build-duration histogram.
-const BUILD_BUCKETS: &[f64] = &[1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0];
 
 /// Reads the counters of every part when scraped.
 pub struct DaemonMetrics {
@@ -46,274 +43,40 @@ impl DaemonMetrics {
     }
 }
 
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
 impl Metrics for DaemonMetrics {
     fn render(&self) -> String {
         let dns = self.dns.snapshot();
         let proxy = self.proxy.metrics();
         let lives = self.deployer.metrics();
-        let instances: Vec<InstanceState> = self
-            .deployer
-            .list()
-            .into_iter()
-            .map(|instance| instance.state)
-            .collect();
-        let records = self.handle.block_on(self.builder.build_records(None));
-        render(&dns, &proxy, &lives, &instances, &records)
+        let instances = InstanceCounts::of(self.deployer.list().iter().map(|i| &i.state));
+        let builds = BuildMetrics::of(&self.handle.block_on(self.builder.build_records(None)));
+        render(&dns, &proxy, &lives, &instances, &builds)
     }
 }
 
-/// The exposition of the parts' counters as read.
+/// The exposition of the parts' counters as read, each part's in its own words.
 fn render(
     dns: &revboot_dns::MetricsSnapshot,
     proxy: &ProxyMetrics,
     lives: &revboot_deployer::metrics::MetricsSnapshot,
-    instances: &[InstanceState],
-    records: &[BuildRecord],
+    instances: &InstanceCounts,
+    builds: &BuildMetrics,
 ) -> String {
     let mut out = String::new();
-
-    family(
-        &mut out,
-        "revboot_dns_responses_total",
-        "counter",
-        "DNS responses by rcode.",
-    );
-    for (rcode, value) in [
-        ("noerror", dns.noerror),
-        ("formerr", dns.formerr),
-        ("servfail", dns.servfail),
-        ("nxdomain", dns.nxdomain),
-        ("notimp", dns.notimp),
-        ("refused", dns.refused),
-        ("other", dns.other_rcode),
-    ] {
-        let _ = writeln!(
-            out,
-            "revboot_dns_responses_total{{rcode=\"{rcode}\"}} {value}"
-        );
-    }
-    family(
-        &mut out,
-        "revboot_dns_events_total",
-        "counter",
-        "DNS server events.",
-    );
-    for (event, value) in [
-        ("truncated", dns.truncated),
-        ("cache_hit", dns.cache_hits),
-        ("cache_miss", dns.cache_misses),
-        ("summon", dns.summons),
-        ("boot_limited", dns.boot_limited),
-        ("rate_limited", dns.rate_limited),
-        ("overload_dropped", dns.overload_dropped),
-        ("tcp_refused", dns.tcp_refused),
-        ("tcp_evicted", dns.tcp_evicted),
-        ("ignored", dns.ignored),
-    ] {
-        let _ = writeln!(out, "revboot_dns_events_total{{event=\"{event}\"}} {value}");
-    }
-
-    family(
-        &mut out,
-        "revboot_proxy_connections_total",
-        "counter",
-        "Proxy connections by outcome.",
-    );
-    for (outcome, value) in [
-        ("accepted", proxy.accepted),
-        ("held", proxy.held),
-        ("spliced", proxy.spliced),
-        ("refused", proxy.refused),
-        ("refused_admission", proxy.refused_admission),
-        ("refused_overload", proxy.refused_overload),
-        ("boot_failure", proxy.boot_failures),
-        ("backend_failure", proxy.backend_failures),
-        ("timeout", proxy.timeouts),
-    ] {
-        let _ = writeln!(
-            out,
-            "revboot_proxy_connections_total{{outcome=\"{outcome}\"}} {value}"
-        );
-    }
-    family(
-        &mut out,
-        "revboot_proxy_connections",
-        "gauge",
-        "Proxy connections now.",
-    );
-    let _ = writeln!(
-        out,
-        "revboot_proxy_connections{{kind=\"held\"}} {}",
-        proxy.held_now
-    );
-    let _ = writeln!(
-        out,
-        "revboot_proxy_connections{{kind=\"open\"}} {}",
-        proxy.open_now
-    );
-    family(
-        &mut out,
-        "revboot_proxy_bytes_total",
-        "counter",
-        "Bytes spliced by direction.",
-    );
-    let _ = writeln!(
-        out,
-        "revboot_proxy_bytes_total{{direction=\"from_clients\"}} {}",
-        proxy.bytes_from_clients
-    );
-    let _ = writeln!(
-        out,
-        "revboot_proxy_bytes_total{{direction=\"to_clients\"}} {}",
-        proxy.bytes_to_clients
-    );
-
-    family(
-        &mut out,
-        "revboot_boots_total",
-        "counter",
-        "Instances booted.",
-    );
-    let _ = writeln!(out, "revboot_boots_total {}", lives.boots);
-    family(
-        &mut out,
-        "revboot_steered_connections_total",
-        "counter",
-        "Connections the kernel handed straight to ready instances.",
-    );
-    let _ = writeln!(
-        out,
-        "revboot_steered_connections_total {}",
-        lives.steered_connections
-    );
-    family(
-        &mut out,
-        "revboot_steered_instances",
-        "gauge",
-        "Ready instances whose connections are steered past the proxy.",
-    );
-    let _ = writeln!(out, "revboot_steered_instances {}", lives.steered_instances);
-    family(
-        &mut out,
-        "revboot_instance_ends_total",
-        "counter",
-        "Instance ends by kind.",
-    );
-    for (kind, value) in [
-        ("boot_failure", lives.boot_failures),
-        ("crash", lives.crashes),
-        ("stop", lives.stops),
-    ] {
-        let _ = writeln!(
-            out,
-            "revboot_instance_ends_total{{kind=\"{kind}\"}} {value}"
-        );
-    }
-    family(
-        &mut out,
-        "revboot_boot_duration_seconds",
-        "histogram",
-        "Summon to ready.",
-    );
-    for (bound, count) in BOOT_BUCKETS_MS.iter().zip(lives.boot_buckets) {
-        let _ = writeln!(
-            out,
-            "revboot_boot_duration_seconds_bucket{{le=\"{}\"}} {count}",
-            *bound as f64 / 1000.0
-        );
-    }
-    let _ = writeln!(
-        out,
-        "revboot_boot_duration_seconds_bucket{{le=\"+Inf\"}} {}",
-        lives.ready
-    );
-    let _ = writeln!(
-        out,
-        "revboot_boot_duration_seconds_sum {}",
-        lives.boot_time_sum.as_secs_f64()
-    );
-    let _ = writeln!(out, "revboot_boot_duration_seconds_count {}", lives.ready);
-
-    family(
-        &mut out,
-        "revboot_instances",
-        "gauge",
-        "Instances by state.",
-    );
-    for state in ["cold", "booting", "ready", "idle"] {
-        let count = instances
-            .iter()
-            .filter(|i| {
-                matches!(
-                    (i, state),
-                    (InstanceState::Cold, "cold")
-                        | (InstanceState::Booting, "booting")
-                        | (InstanceState::Ready, "ready")
-                        | (InstanceState::Idle, "idle")
-                )
-            })
-            .count();
-        let _ = writeln!(out, "revboot_instances{{state=\"{state}\"}} {count}");
-    }
-
-    family(
-        &mut out,
-        "revboot_builds_total",
-        "counter",
-        "Builds by result.",
-    );
-    for (word, state) in [
-        ("succeeded", BuildState::Succeeded),
-        ("failed", BuildState::Failed),
-        ("interrupted", BuildState::Interrupted),
-        ("superseded", BuildState::Superseded),
-    ] {
-        let count = records.iter().filter(|r| r.state == state).count();
-        let _ = writeln!(out, "revboot_builds_total{{result=\"{word}\"}} {count}");
-    }
-    family(
-        &mut out,
-        "revboot_build_duration_seconds",
-        "histogram",
-        "Build wall time.",
-    );
-    let durations: Vec<f64> = records
-        .iter()
-        .filter_map(|r| Some((r.finished_at_ms? as f64 - r.started_at_ms? as f64) / 1000.0))
-        .collect();
-    for bound in BUILD_BUCKETS {
-        let count = durations.iter().filter(|d| **d <= *bound).count();
-        let _ = writeln!(
-            out,
-            "revboot_build_duration_seconds_bucket{{le=\"{bound}\"}} {count}"
-        );
-    }
-    let _ = writeln!(
-        out,
-        "revboot_build_duration_seconds_bucket{{le=\"+Inf\"}} {}",
-        durations.len()
-    );
-    let _ = writeln!(
-        out,
-        "revboot_build_duration_seconds_sum {}",
-        durations.iter().sum::<f64>()
-    );
-    let _ = writeln!(
-        out,
-        "revboot_build_duration_seconds_count {}",
-        durations.len()
-    );
+    dns.write_prometheus(&mut out);
+    proxy.write_prometheus(&mut out);
+    lives.write_prometheus(&mut out);
+    instances.write_prometheus(&mut out);
+    builds.write_prometheus(&mut out);
     out
 }
 
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    use revboot_builder::BuildRecord;
+    use revboot_deployer::InstanceState;
 
     use super::*;
 
@@ -425,7 +188,13 @@ mod tests {
             record(6, "running", Some(60_000), None),
             record(7, "queued", None, None),
         ];
-        let text = render(&dns, &proxy, &lives, &instances, &records);
+        let text = render(
+            &dns,
+            &proxy,
+            &lives,
+            &InstanceCounts::of(&instances),
+            &BuildMetrics::of(&records),
+        );
         assert_eq!(text, EXPECTED);
     }
 

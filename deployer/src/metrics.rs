@@ -1,9 +1,13 @@
-//! Counters of instance lives, for the daemon's `/metrics`.
+//! Counters of instance lives, and instances by state, for the daemon's `/metrics`, which
+//! they render themselves in Prometheus text format.
 //!
 //! Lock-free: every field is an atomic, written on the boot path and read when scraped.
 
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use crate::summon::InstanceState;
 
 /// Upper bounds of the boot-time histogram, in milliseconds (summon → ready).
 pub const BOOT_BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000];
@@ -101,6 +105,123 @@ impl Metrics {
             steered_instances: 0,
         }
     }
+}
+
+impl MetricsSnapshot {
+    /// Writes the counters in Prometheus text format, as the daemon's `/metrics` serves them:
+    /// boots, steered connections and instances, ends by kind and the boot-time histogram.
+    pub fn write_prometheus(&self, out: &mut String) {
+        family(out, "revboot_boots_total", "counter", "Instances booted.");
+        let _ = writeln!(out, "revboot_boots_total {}", self.boots);
+        family(
+            out,
+            "revboot_steered_connections_total",
+            "counter",
+            "Connections the kernel handed straight to ready instances.",
+        );
+        let _ = writeln!(
+            out,
+            "revboot_steered_connections_total {}",
+            self.steered_connections
+        );
+        family(
+            out,
+            "revboot_steered_instances",
+            "gauge",
+            "Ready instances whose connections are steered past the proxy.",
+        );
+        let _ = writeln!(out, "revboot_steered_instances {}", self.steered_instances);
+        family(
+            out,
+            "revboot_instance_ends_total",
+            "counter",
+            "Instance ends by kind.",
+        );
+        for (kind, value) in [
+            ("boot_failure", self.boot_failures),
+            ("crash", self.crashes),
+            ("stop", self.stops),
+        ] {
+            let _ = writeln!(
+                out,
+                "revboot_instance_ends_total{{kind=\"{kind}\"}} {value}"
+            );
+        }
+        family(
+            out,
+            "revboot_boot_duration_seconds",
+            "histogram",
+            "Summon to ready.",
+        );
+        for (bound, count) in BOOT_BUCKETS_MS.iter().zip(self.boot_buckets) {
+            let _ = writeln!(
+                out,
+                "revboot_boot_duration_seconds_bucket{{le=\"{}\"}} {count}",
+                *bound as f64 / 1000.0
+            );
+        }
+        let _ = writeln!(
+            out,
+            "revboot_boot_duration_seconds_bucket{{le=\"+Inf\"}} {}",
+            self.ready
+        );
+        let _ = writeln!(
+            out,
+            "revboot_boot_duration_seconds_sum {}",
+            self.boot_time_sum.as_secs_f64()
+        );
+        let _ = writeln!(out, "revboot_boot_duration_seconds_count {}", self.ready);
+    }
+}
+
+/// Instances by state, for the `revboot_instances` gauge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct InstanceCounts {
+    /// Known, not running.
+    pub cold: u64,
+    /// Started, not ready yet.
+    pub booting: u64,
+    /// Serving.
+    pub ready: u64,
+    /// Serving, quiet lately.
+    pub idle: u64,
+}
+
+impl InstanceCounts {
+    /// Counts `states` (stopped and crashed instances are not counted).
+    pub fn of<'a>(states: impl IntoIterator<Item = &'a InstanceState>) -> InstanceCounts {
+        let mut counts = InstanceCounts::default();
+        for state in states {
+            match state {
+                InstanceState::Cold => counts.cold += 1,
+                InstanceState::Booting => counts.booting += 1,
+                InstanceState::Ready => counts.ready += 1,
+                InstanceState::Idle => counts.idle += 1,
+                _ => {}
+            }
+        }
+        counts
+    }
+
+    /// Writes the `revboot_instances` gauge by state in Prometheus text format, as the
+    /// daemon's `/metrics` serves it.
+    pub fn write_prometheus(&self, out: &mut String) {
+        family(out, "revboot_instances", "gauge", "Instances by state.");
+        for (state, count) in [
+            ("cold", self.cold),
+            ("booting", self.booting),
+            ("ready", self.ready),
+            ("idle", self.idle),
+        ] {
+            let _ = writeln!(out, "revboot_instances{{state=\"{state}\"}} {count}");
+        }
+    }
+}
+
+/// The `# HELP` and `# TYPE` lines of a metric family.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Counters the daemon can expose.
 
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Live counters of a running server (relaxed atomics; read with [`Metrics::snapshot`]).
@@ -76,6 +77,51 @@ impl MetricsSnapshot {
             + self.refused
             + self.other_rcode
     }
+
+    /// Writes the counters in Prometheus text format, as the daemon's `/metrics` serves them:
+    /// `revboot_dns_responses_total` by rcode and `revboot_dns_events_total` by event.
+    pub fn write_prometheus(&self, out: &mut String) {
+        family(
+            out,
+            "revboot_dns_responses_total",
+            "counter",
+            "DNS responses by rcode.",
+        );
+        for (rcode, value) in [
+            ("noerror", self.noerror),
+            ("formerr", self.formerr),
+            ("servfail", self.servfail),
+            ("nxdomain", self.nxdomain),
+            ("notimp", self.notimp),
+            ("refused", self.refused),
+            ("other", self.other_rcode),
+        ] {
+            let _ = writeln!(
+                out,
+                "revboot_dns_responses_total{{rcode=\"{rcode}\"}} {value}"
+            );
+        }
+        family(
+            out,
+            "revboot_dns_events_total",
+            "counter",
+            "DNS server events.",
+        );
+        for (event, value) in [
+            ("truncated", self.truncated),
+            ("cache_hit", self.cache_hits),
+            ("cache_miss", self.cache_misses),
+            ("summon", self.summons),
+            ("boot_limited", self.boot_limited),
+            ("rate_limited", self.rate_limited),
+            ("overload_dropped", self.overload_dropped),
+            ("tcp_refused", self.tcp_refused),
+            ("tcp_evicted", self.tcp_evicted),
+            ("ignored", self.ignored),
+        ] {
+            let _ = writeln!(out, "revboot_dns_events_total{{event=\"{event}\"}} {value}");
+        }
+    }
 }
 
 /// Which counter an event bumps.
@@ -148,4 +194,10 @@ impl Metrics {
             ignored: get(&self.ignored),
         }
     }
+}
+
+/// The `# HELP` and `# TYPE` lines of a metric family.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
 }

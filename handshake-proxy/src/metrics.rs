@@ -1,5 +1,6 @@
 //! Counters the proxy keeps, read as a [`ProxyMetrics`] snapshot.
 
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A snapshot of the proxy's counters. Totals only grow; gauges (`*_now`, `listeners`) go up
@@ -85,4 +86,72 @@ impl Metrics {
             listeners: get(&self.listeners),
         }
     }
+}
+
+impl ProxyMetrics {
+    /// Writes the counters in Prometheus text format, as the daemon's `/metrics` serves them:
+    /// `revboot_proxy_connections_total` by outcome, the `revboot_proxy_connections` gauge
+    /// (held, open) and `revboot_proxy_bytes_total` by direction.
+    pub fn write_prometheus(&self, out: &mut String) {
+        family(
+            out,
+            "revboot_proxy_connections_total",
+            "counter",
+            "Proxy connections by outcome.",
+        );
+        for (outcome, value) in [
+            ("accepted", self.accepted),
+            ("held", self.held),
+            ("spliced", self.spliced),
+            ("refused", self.refused),
+            ("refused_admission", self.refused_admission),
+            ("refused_overload", self.refused_overload),
+            ("boot_failure", self.boot_failures),
+            ("backend_failure", self.backend_failures),
+            ("timeout", self.timeouts),
+        ] {
+            let _ = writeln!(
+                out,
+                "revboot_proxy_connections_total{{outcome=\"{outcome}\"}} {value}"
+            );
+        }
+        family(
+            out,
+            "revboot_proxy_connections",
+            "gauge",
+            "Proxy connections now.",
+        );
+        let _ = writeln!(
+            out,
+            "revboot_proxy_connections{{kind=\"held\"}} {}",
+            self.held_now
+        );
+        let _ = writeln!(
+            out,
+            "revboot_proxy_connections{{kind=\"open\"}} {}",
+            self.open_now
+        );
+        family(
+            out,
+            "revboot_proxy_bytes_total",
+            "counter",
+            "Bytes spliced by direction.",
+        );
+        let _ = writeln!(
+            out,
+            "revboot_proxy_bytes_total{{direction=\"from_clients\"}} {}",
+            self.bytes_from_clients
+        );
+        let _ = writeln!(
+            out,
+            "revboot_proxy_bytes_total{{direction=\"to_clients\"}} {}",
+            self.bytes_to_clients
+        );
+    }
+}
+
+/// The `# HELP` and `# TYPE` lines of a metric family.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
 }
