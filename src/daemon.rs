@@ -24,6 +24,7 @@ use revboot_builder::{Builder, BuilderConfig};
 use revboot_deployer::{BackendPort, Deployer, DeployerConfig, InstanceKey, Instances};
 use revboot_dns::{DnsConfig, DnsServer};
 use revboot_proxy::{Proxy, ProxyConfig};
+use revboot_sandbox::secret;
 use revboot_store::Store;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -243,37 +244,11 @@ pub fn token(http: &crate::config::Http, data: &Path) -> anyhow::Result<(String,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
         Err(error) => return Err(error).with_context(|| format!("Cannot read {}", path.display())),
     }
-    let token = generate_token()?;
-    write_private(&path, &token)?;
+    let token = secret::random_hex(16).context("Cannot read /dev/urandom for a token")?;
+    secret::write_private(&path, &token)
+        .with_context(|| format!("Cannot write {}", path.display()))?;
     info!(file = %path.display(), "generated the token for pushes and the API");
     Ok((token, Some(path)))
-}
-
-fn generate_token() -> anyhow::Result<String> {
-    use std::io::Read as _;
-    let mut bytes = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .context("Cannot read /dev/urandom for a token")?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let temporary = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temporary)
-        .with_context(|| format!("Cannot write {}", temporary.display()))?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&temporary, path)
-        .with_context(|| format!("Cannot write {}", path.display()))?;
-    Ok(())
 }
 
 /// The deployer's cgroup name: stable for a data directory (a restarted daemon finds its own

@@ -580,7 +580,6 @@ pub async fn create_source_repo(
 
 /// Reads the per-daemon hook token, creating it on first start.
 fn hook_token(path: &Path) -> Result<String, StartError> {
-    use std::os::unix::fs::OpenOptionsExt;
     let io = |source| StartError::Io {
         path: path.to_owned(),
         source,
@@ -591,23 +590,7 @@ fn hook_token(path: &Path) -> Result<String, StartError> {
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
         Err(error) => return Err(io(error)),
     }
-    let mut random = [0u8; 24];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))
-        .map_err(io)?;
-    let token = hex::encode(random);
-    let staging = path.with_extension("new");
-    {
-        use std::io::Write;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&staging)
-            .map_err(io)?;
-        file.write_all(token.as_bytes()).map_err(io)?;
-    }
-    std::fs::rename(&staging, path).map_err(io)?;
+    let token = revboot_sandbox::secret::random_hex(24).map_err(io)?;
+    revboot_sandbox::secret::write_private(path, &token).map_err(io)?;
     Ok(token)
 }

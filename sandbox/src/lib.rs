@@ -14,6 +14,9 @@
 //! - [`spawn`]: the clone that puts them together and executes the program.
 //! - [`worker`]: the long-lived thread spawns run on, so that sandboxes die with the daemon.
 //!
+//! Beside them, [`secret`] keeps what sandboxes must never see: the daemon's tokens on
+//! disk, random and readable by the daemon alone.
+//!
 //! The order a child applies them in, with the reason for each position:
 //!
 //! 1. join the cgroups (while still root: the cgroup files are root's);
@@ -56,6 +59,7 @@ pub mod cgroup;
 pub mod creds;
 pub mod root;
 pub mod seccomp;
+pub mod secret;
 pub mod spawn;
 pub mod uids;
 pub mod worker;
