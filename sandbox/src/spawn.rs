@@ -12,7 +12,7 @@
 //! 3. Nor does the clone copy the descriptor table (`CLONE_FILES`): a daemon with thousands
 //!    of instances holds tens of thousands of descriptors, and copying them (and closing
 //!    them again at `exec`) made each boot slower than the one before. Every descriptor the
-//!    child needs is duplicated into a block of [`SLOTS`] numbers claimed once, low in the
+//!    child needs is duplicated into a block of `SLOTS` numbers claimed once, low in the
 //!    table; the child's first step, `close_range(end of block, ∞, CLOSE_RANGE_UNSHARE)`,
 //!    gives it a table of its own holding only the numbers below the block's end.
 //! 4. The child makes system calls only, in the order the crate doc gives: reset the signal
