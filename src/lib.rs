@@ -4,6 +4,7 @@
 //! without spawning it. The parts themselves live in their crates: `revboot-store`,
 //! `revboot-builder`, `revboot-deployer`, `revboot-dns` and `revboot-proxy`.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod action;
 pub mod api;

@@ -1,4 +1,5 @@
 //! The `revboot` command: parses arguments, installs logging, runs, maps errors to exit codes.
+#![forbid(unsafe_code)]
 
 use std::io::{IsTerminal as _, Write as _};
 use std::process::ExitCode;
