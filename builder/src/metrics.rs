@@ -3,7 +3,8 @@
 
 use std::fmt::Write as _;
 
-use crate::queue::{BuildRecord, BuildState};
+use crate::queue::BuildRecord;
+use crate::state::BuildState;
 
 /// Upper bounds (seconds) of the build-duration histogram.
 const BUILD_BUCKETS: [f64; 8] = [1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0];
