@@ -61,6 +61,17 @@ pub fn hello_image() -> PathBuf {
     build_image(&workspace().join("examples/hello"), "hello")
 }
 
+/// The `testkit/images/gated` image: ready when a request for `/open` reaches it, so a
+/// test decides when a boot ends ([`GATED_RUN`] is its `[run]` table).
+pub fn gated_image() -> PathBuf {
+    build_image(&workspace().join("testkit/images/gated"), "gated")
+}
+
+/// The `[run]` table for [`gated_image`]: ready on its console line `gated open`, with a boot
+/// timeout long enough for any test's steps before it opens.
+pub const GATED_RUN: &str = "port = 8080\nmemory_mib = 32\nboot_timeout_ms = 60000\n\
+                             ready = { probe = \"console\", line = \"gated open\" }";
+
 /// The `examples/hostile` image: one attempt to leave the sandbox per request.
 pub fn hostile_image() -> PathBuf {
     build_image(&workspace().join("examples/hostile"), "hostile")

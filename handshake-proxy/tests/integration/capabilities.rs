@@ -15,8 +15,8 @@ use crate::support::{
 async fn five_hundred_clients_at_once_on_a_cold_instance_are_all_served_by_one_boot() {
     support::raise_nofile();
     let world = World::new(1, |_, _| {});
-    let (revision, summoned) = support::summon_hello(&world);
-    assert_eq!(*summoned.state.borrow(), InstanceState::Booting, "cold");
+    // The gated image stays booting until the test opens it: every client arrives cold.
+    let (revision, summoned) = support::summon_gated(&world);
     assert_ne!(summoned.backend, service_address(&summoned));
     let address = service_address(&summoned);
     let start = Arc::new(tokio::sync::Barrier::new(500));
@@ -29,58 +29,62 @@ async fn five_hundred_clients_at_once_on_a_cold_instance_are_all_served_by_one_b
             })
         })
         .collect();
-    let expected = format!("hello from v1 ({revision})");
-    for client in clients {
+    eventually("all 500 clients are held", || {
+        world.proxy.metrics().held_now == 500
+    })
+    .await;
+    assert_eq!(*summoned.state.borrow(), InstanceState::Booting);
+    support::open_gate(&summoned).await;
+    for (n, client) in clients.into_iter().enumerate() {
         let response = client
             .await
             .expect("client task")
             .expect("no refusal, no reset");
         assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
-        assert!(response.contains(&expected), "{response}");
+        assert!(
+            response.contains(&format!("gated /{n} ({revision})")),
+            "{response}"
+        );
     }
     let metrics = world.proxy.metrics();
-    assert_eq!(metrics.refused, 0);
-    // Those that connected once it was ready went straight to it (the kernel hand-off).
-    let steered = world.deployer.metrics().steered_connections;
-    assert_eq!(
-        metrics.spliced + steered,
-        500,
-        "{metrics:?}, {steered} steered"
-    );
-    assert!(metrics.held > 0, "the instance was cold: {metrics:?}");
+    assert_eq!(metrics.refused, 0, "{metrics:?}");
+    assert_eq!(metrics.held, 500, "{metrics:?}");
+    assert_eq!(metrics.spliced, 500, "{metrics:?}");
+    assert_eq!(metrics.held_now, 0, "{metrics:?}");
     let instances = world.deployer.list();
     assert_eq!(instances.len(), 1, "{instances:?}");
     world.shutdown().await;
     // Every life of an instance is written back: one boot, one record.
-    let lives = world.store.runtime_logs("hello").expect("runtime logs");
+    let lives = world.store.runtime_logs("gated").expect("runtime logs");
     assert_eq!(lives.len(), 1, "{lives:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_sent_before_the_instance_is_ready_is_answered() {
     let world = World::new(2, |_, _| {});
-    let (revision, summoned) = support::summon_hello(&world);
+    let (revision, summoned) = support::summon_gated(&world);
     let request = b"GET /early HTTP/1.1\r\nhost: test\r\n\r\n";
     let mut stream = connect(service_address(&summoned), None)
         .await
         .expect("connect");
     stream.write_all(request).await.expect("request sent");
-    assert_eq!(
-        *summoned.state.borrow(),
-        InstanceState::Booting,
-        "the request went out before the instance was ready"
-    );
+    eventually("the request is held", || {
+        world.proxy.metrics().held_now == 1
+    })
+    .await;
+    assert_eq!(*summoned.state.borrow(), InstanceState::Booting);
+    support::open_gate(&summoned).await;
     let mut response = String::new();
     tokio::time::timeout(PATIENCE, stream.read_to_string(&mut response))
         .await
         .expect("answered in time")
         .expect("read");
     assert!(
-        response.contains(&format!("hello from v1 ({revision})")),
+        response.contains(&format!("gated /early ({revision})")),
         "{response}"
     );
     let metrics = world.proxy.metrics();
-    assert_eq!(metrics.held, 1);
+    assert_eq!(metrics.held, 1, "{metrics:?}");
     assert_eq!(metrics.replayed_bytes, request.len() as u64, "{metrics:?}");
     world.shutdown().await;
 }

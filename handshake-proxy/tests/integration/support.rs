@@ -17,7 +17,7 @@ pub const PATIENCE: Duration = Duration::from_secs(60);
 /// The `[run]` table of hello as its own `revboot.toml` has it.
 pub const HELLO_RUN: &str = "port = 8080\nmemory_mib = 32\nready = { probe = \"socket\" }";
 
-pub use revboot_testkit::hello_image;
+pub use revboot_testkit::{GATED_RUN, gated_image, hello_image};
 
 /// A manifest for the hello image with the given `[run]` lines.
 pub fn manifest(run: &str) -> String {
@@ -206,6 +206,27 @@ pub fn summon_hello(world: &World) -> (Revision, revboot_deployer::Summoned) {
         .summon("hello", &revision, None)
         .expect("summon");
     (revision, summoned)
+}
+
+/// Deploys the gated image and summons it through the proxy: it boots, but is not ready
+/// until [`open_gate`].
+pub fn summon_gated(world: &World) -> (Revision, revboot_deployer::Summoned) {
+    let revision = deploy(&world.store, "gated", &gated_image(), &manifest(GATED_RUN));
+    let summoned = world
+        .proxy
+        .summon("gated", &revision, None)
+        .expect("summon");
+    (revision, summoned)
+}
+
+/// Ends the gated instance's boot: `GET /open` sent straight to its backend (not through
+/// the proxy), then waits (bounded) until it serves.
+pub async fn open_gate(summoned: &revboot_deployer::Summoned) {
+    let response = http_get(summoned.backend, None, "/open")
+        .await
+        .expect("the gated instance answers at its backend");
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    serving(summoned).await;
 }
 
 /// Several idle timeouts with not a byte either way: the instance behind `state` must still
