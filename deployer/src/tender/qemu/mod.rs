@@ -28,7 +28,6 @@
 //! the guest prints once it listens) or `http` prove the guest is serving.
 
 use std::ffi::OsString;
-use std::fs::OpenOptions;
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -44,9 +43,12 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
+mod accel;
 mod jail;
 mod qmp;
 
+pub use accel::{Accel, AccelChoice, kvm_usable};
+use accel::{accel_from_env, resolve_accel};
 use jail::Jail;
 use qmp::{Qmp, qmp_connect};
 
@@ -76,37 +78,6 @@ const CONSOLE_DRAIN: Duration = Duration::from_secs(1);
 const CONTROL_QUEUE: usize = 4;
 /// Longest `unix:` socket path (`sun_path` is 108 bytes with its NUL).
 const MAX_SOCKET_PATH: usize = 107;
-
-/// Which accelerator to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AccelChoice {
-    /// KVM when the CPU has hardware virtualisation and `/dev/kvm` opens, TCG otherwise.
-    #[default]
-    Auto,
-    /// Hardware KVM; the tender refuses to start without it.
-    Kvm,
-    /// qemu's emulator: works everywhere, visibly slower.
-    Tcg,
-}
-
-/// The accelerator in use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Accel {
-    /// Hardware KVM.
-    Kvm,
-    /// TCG emulation.
-    Tcg,
-}
-
-impl Accel {
-    fn as_arg(self) -> &'static str {
-        match self {
-            Accel::Kvm => "kvm",
-            Accel::Tcg => "tcg",
-        }
-    }
-}
 
 /// Settings of the qemu tender.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,53 +111,6 @@ pub enum QemuSetupError {
     /// qemu's sandbox cannot be set up (the binary is missing, no thread…).
     #[error("Cannot set up qemu's sandbox: {0}")]
     Sandbox(String),
-}
-
-/// Whether hardware KVM is usable: the CPU flags say so and `/dev/kvm` opens.
-pub fn kvm_usable() -> Result<(), String> {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo")
-        .map_err(|error| format!("cannot read /proc/cpuinfo: {error}"))?;
-    let hardware = cpuinfo
-        .lines()
-        .filter(|line| line.starts_with("flags"))
-        .any(|line| {
-            line.split_whitespace()
-                .any(|flag| flag == "vmx" || flag == "svm")
-        });
-    if !hardware {
-        return Err("the CPU shows neither vmx nor svm".into());
-    }
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .map(drop)
-        .map_err(|error| format!("cannot open /dev/kvm: {error}"))
-}
-
-fn resolve_accel(choice: AccelChoice) -> Result<Accel, QemuSetupError> {
-    match choice {
-        AccelChoice::Tcg => Ok(Accel::Tcg),
-        AccelChoice::Kvm => kvm_usable()
-            .map(|()| Accel::Kvm)
-            .map_err(QemuSetupError::NoKvm),
-        AccelChoice::Auto => Ok(match kvm_usable() {
-            Ok(()) => Accel::Kvm,
-            Err(why) => {
-                info!(why, "qemu tender: no hardware KVM, using TCG");
-                Accel::Tcg
-            }
-        }),
-    }
-}
-
-fn accel_from_env(value: &str) -> Result<AccelChoice, QemuSetupError> {
-    match value.trim().to_ascii_lowercase().as_str() {
-        "kvm" => Ok(AccelChoice::Kvm),
-        "tcg" => Ok(AccelChoice::Tcg),
-        "auto" | "" => Ok(AccelChoice::Auto),
-        _ => Err(QemuSetupError::BadAccel(value.to_owned())),
-    }
 }
 
 /// The qemu tender with `config`, as [`crate::Deployer::with_tenders`] takes it.
@@ -808,17 +732,6 @@ mod tests {
         assert!(kernel_cmdline(&spec(&["revboot.revision=forged"])).is_err());
         let long = "x".repeat(MAX_CMDLINE);
         assert!(kernel_cmdline(&spec(&[&long])).is_err());
-    }
-
-    #[test]
-    fn accel_override_is_parsed_strictly() {
-        assert_eq!(accel_from_env("TCG"), Ok(AccelChoice::Tcg));
-        assert_eq!(accel_from_env("kvm"), Ok(AccelChoice::Kvm));
-        assert_eq!(accel_from_env("auto"), Ok(AccelChoice::Auto));
-        assert_eq!(
-            accel_from_env("hvf"),
-            Err(QemuSetupError::BadAccel("hvf".into()))
-        );
     }
 
     #[test]
