@@ -98,7 +98,7 @@ fn backend(args: &[String], count: usize) -> anyhow::Result<Backend> {
             store.set_live("hello", &revisions[0], "bench")?;
             let mut config = DeployerConfig::new(dir.path().join("state"));
             config.name = format!("dns-bench-{}", std::process::id());
-            config.pool = "127.81.0.0/16".parse().expect("pool");
+            config.pools = vec!["127.81.0.0/16".parse().expect("pool")];
             config.max_instances = count + 16;
             config.stop_grace_ms = 200;
             let proxied = flag == "--proxy";

@@ -199,8 +199,11 @@ pub struct InstanceView {
     pub revision: String,
     /// The client of a per-client instance.
     pub client: Option<String>,
-    /// The service address.
+    /// The service address (the IPv4 one when it has one of each family).
     pub address: String,
+    /// Every service address, one per family.
+    #[serde(default)]
+    pub addresses: Vec<String>,
     /// The state.
     pub state: String,
     /// Milliseconds since start.
@@ -238,8 +241,11 @@ pub struct SummonView {
     pub revision: String,
     /// Its DNS name.
     pub dns_name: String,
-    /// The service address.
+    /// The service address (the IPv4 one when it has one of each family).
     pub address: String,
+    /// Every service address, one per family.
+    #[serde(default)]
+    pub addresses: Vec<String>,
     /// The port.
     pub port: u16,
 }

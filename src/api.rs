@@ -493,6 +493,7 @@ mod tests {
                 revision: "ab".repeat(20),
                 dns_name: "abababa.hello.revboot.test".to_owned(),
                 address: "127.0.0.2".to_owned(),
+                addresses: vec!["127.0.0.2".to_owned(), "::ffff:127.0.0.2".to_owned()],
                 port: 8080,
             }
         }
@@ -502,6 +503,7 @@ mod tests {
                 revision: "ab".repeat(20),
                 client: set.then(|| "127.0.0.1".to_owned()),
                 address: "127.0.0.2".to_owned(),
+                addresses: vec!["127.0.0.2".to_owned()],
                 state: "ready".to_owned(),
                 uptime_ms: 1_000,
                 connections: 1,

@@ -106,9 +106,10 @@ pub struct ServeArgs {
     /// The DNS zone.
     #[arg(long)]
     pub zone: Option<String>,
-    /// The service address pool (`address/prefix`).
-    #[arg(long)]
-    pub pool: Option<revboot_deployer::config::Prefix>,
+    /// A service address pool (`address/prefix`, IPv4 or IPv6); repeat for several. Replaces
+    /// the configured pools.
+    #[arg(long = "pool")]
+    pub pools: Vec<revboot_deployer::config::Prefix>,
     /// The token for pushes and API writes.
     #[arg(long, env = "REVBOOT_TOKEN")]
     pub token: Option<String>,

@@ -18,7 +18,8 @@
 //! public_reads = false       # true: API reads, /metrics and git fetch without the token
 //!
 //! [instances]
-//! pool = "127.77.0.0/16"
+//! pools = ["127.77.0.0/16"]  # IPv4 and/or IPv6 prefixes routed to this host
+//! client_prefixes = { ipv4 = 32, ipv6 = 64 }  # one client of a per-client service
 //! max_total = 256
 //! max_per_service = 64
 //! ```
@@ -112,8 +113,16 @@ impl std::fmt::Debug for Http {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Instances {
-    /// The pool service addresses come from, as `address/prefix`.
-    pub pool: revboot_deployer::config::Prefix,
+    /// The pools service addresses come from, as `address/prefix`, IPv4 or IPv6 (an
+    /// instance gets one address of each family its service is served on). A prefix outside
+    /// `127.0.0.0/8` must be routed to this host; revboot makes it local (a `local` route on
+    /// `lo`) at start unless it already is, and removes the route at shutdown. `pool`, one
+    /// prefix, is read as a list of one.
+    #[serde(alias = "pool", deserialize_with = "one_or_many")]
+    pub pools: Vec<revboot_deployer::config::Prefix>,
+    /// How many leading bits of a source address make one client of a per-client service
+    /// (default: an IPv4 address, an IPv6 /64).
+    pub client_prefixes: revboot_deployer::ClientPrefixes,
     /// Cap on running instances.
     pub max_total: usize,
     /// Cap on running instances of one service.
@@ -199,9 +208,12 @@ impl Default for Http {
 impl Default for Instances {
     fn default() -> Self {
         Instances {
-            pool: revboot_deployer::config::DEFAULT_POOL
-                .parse()
-                .expect("the default pool parses"),
+            pools: vec![
+                revboot_deployer::config::DEFAULT_POOL
+                    .parse()
+                    .expect("the default pool parses"),
+            ],
+            client_prefixes: revboot_deployer::ClientPrefixes::default(),
             max_total: 256,
             max_per_service: 64,
             max_clients_per_service: 32,
@@ -222,6 +234,38 @@ impl Default for Builds {
             sandbox: revboot_builder::SandboxConfig::default(),
         }
     }
+}
+
+/// `pools` as a list, or (as `pool`) one prefix.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<revboot_deployer::config::Prefix>, D::Error> {
+    // A visitor rather than an untagged enum: an untagged enum's error names no variant's
+    // reason, and a bad prefix must be named in the message.
+    struct Prefixes;
+    impl<'de> serde::de::Visitor<'de> for Prefixes {
+        type Value = Vec<revboot_deployer::config::Prefix>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a prefix like \"2001:db8:1::/64\" or a list of them")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+            Ok(vec![text.parse().map_err(E::custom)?])
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut prefixes = Vec::new();
+            while let Some(prefix) = seq.next_element()? {
+                prefixes.push(prefix);
+            }
+            Ok(prefixes)
+        }
+    }
+    deserializer.deserialize_any(Prefixes)
 }
 
 /// Why a configuration was rejected.
@@ -286,14 +330,23 @@ impl Config {
         if !is_dns_name(&self.zone) {
             return Err(invalid("zone", "must be a DNS name like `revboot.test`"));
         }
-        let pool = self.instances.pool;
-        if !(pool.network.is_ipv4() && pool.network.is_loopback()) {
-            return Err(invalid(
-                "instances.pool",
-                &format!(
-                    "{pool} is not inside 127.0.0.0/8; revboot's local mode serves on loopback only"
-                ),
-            ));
+        let mut deployer = revboot_deployer::DeployerConfig::new(&self.data);
+        deployer.pools = self.instances.pools.clone();
+        deployer.client_prefixes = self.instances.client_prefixes;
+        deployer.backend_port = if self.instances.direct {
+            revboot_deployer::BackendPort::Same
+        } else {
+            revboot_deployer::BackendPort::Ephemeral
+        };
+        if let Err(revboot_deployer::config::ConfigError::Invalid { key, message }) =
+            deployer.validate()
+        {
+            let key = match key {
+                "pools" => "instances.pools",
+                "client_prefixes" => "instances.client_prefixes",
+                other => other,
+            };
+            return Err(invalid(key, &message));
         }
         if self.instances.max_total == 0 || self.instances.max_per_service == 0 {
             return Err(invalid("instances.max_total", "caps must be at least 1"));
@@ -389,7 +442,7 @@ mod tests {
         let config =
             Config::from_toml("[instances]\npool = \"127.5.0.0/24\"\nqemu_accel = \"tcg\"\n")
                 .expect("valid");
-        assert_eq!(config.instances.pool.to_string(), "127.5.0.0/24");
+        assert_eq!(config.instances.pools[0].to_string(), "127.5.0.0/24");
         assert_eq!(
             config.instances.qemu_accel,
             revboot_deployer::tender::qemu::AccelChoice::Tcg
@@ -401,9 +454,25 @@ mod tests {
     }
 
     #[test]
-    fn non_loopback_pool_is_refused() {
-        let error = Config::from_toml("[instances]\npool = \"10.0.0.0/16\"\n").expect_err("pool");
-        assert!(error.to_string().contains("instances.pool"), "{error}");
+    fn pools_of_both_families_are_read_and_overlaps_refused() {
+        let config = Config::from_toml(
+            "[instances]\npools = [\"2001:db8:1::/64\", \"203.0.113.16/28\"]\n\
+             client_prefixes = { ipv6 = 56 }\n",
+        )
+        .expect("valid");
+        assert_eq!(config.instances.pools.len(), 2);
+        assert_eq!(config.instances.client_prefixes.ipv6, 56);
+        assert_eq!(config.instances.client_prefixes.ipv4, 32);
+        let error =
+            Config::from_toml("[instances]\npools = [\"203.0.113.0/24\", \"203.0.113.16/28\"]\n")
+                .expect_err("overlap");
+        assert!(error.to_string().contains("instances.pools"), "{error}");
+        assert!(error.to_string().contains("overlaps"), "{error}");
+        let error = Config::from_toml(
+            "[instances]\ndirect = true\npools = [\"2001:db8:1::/64\", \"203.0.113.16/28\"]\n",
+        )
+        .expect_err("direct with two families");
+        assert!(error.to_string().contains("one address family"), "{error}");
     }
 
     #[test]

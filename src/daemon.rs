@@ -129,7 +129,7 @@ impl Runtime for DaemonRuntime {
                 let key = InstanceKey {
                     service: service.clone(),
                     revision,
-                    client: *client,
+                    client: client.map(|client| self.deployer.client_of(client)),
                 };
                 let info = self
                     .deployer
@@ -176,7 +176,8 @@ impl Runtime for DaemonRuntime {
                 Ok(Reply::Summoned(SummonView {
                     revision: resolved.revision.to_hex(),
                     dns_name: format!("{}.{service}.{}", resolved.revision.short(7), self.zone),
-                    address: summoned.address.to_string(),
+                    address: first_address(&summoned.addresses),
+                    addresses: summoned.addresses.iter().map(|a| a.to_string()).collect(),
                     port: summoned.port,
                 }))
             }
@@ -218,12 +219,22 @@ pub fn state_word(state: &revboot_deployer::InstanceState) -> String {
     }
 }
 
+/// The address a one-address client shows: the IPv4 one when there is one.
+fn first_address(addresses: &revboot_deployer::ServiceAddresses) -> String {
+    addresses
+        .iter()
+        .next()
+        .map(|address| address.to_string())
+        .unwrap_or_default()
+}
+
 fn instance_view(info: &revboot_deployer::InstanceInfo) -> InstanceView {
     InstanceView {
         service: info.key.service.clone(),
         revision: info.key.revision.to_hex(),
         client: info.key.client.map(|c| c.to_string()),
-        address: info.address.to_string(),
+        address: first_address(&info.addresses),
+        addresses: info.addresses.iter().map(|a| a.to_string()).collect(),
         state: state_word(&info.state),
         uptime_ms: u64::try_from(info.uptime.as_millis()).unwrap_or(u64::MAX),
         connections: info.connections,
@@ -314,7 +325,8 @@ impl Daemon {
 
         let mut deployer_config = DeployerConfig::new(data.join("deployer"));
         deployer_config.name = deployer_name(&data);
-        deployer_config.pool = config.instances.pool;
+        deployer_config.pools = config.instances.pools.clone();
+        deployer_config.client_prefixes = config.instances.client_prefixes;
         // Behind the proxy, instances listen on an ephemeral port of their service address;
         // in direct mode on the service port itself (the proxy then fronts nothing).
         deployer_config.backend_port = if config.instances.direct {

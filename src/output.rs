@@ -287,6 +287,7 @@ mod tests {
             revision: "c63dc270ca8f95713745c92238793f8ee1d6d910".into(),
             client: None,
             address: "127.77.0.1".into(),
+            addresses: vec!["127.77.0.1".into()],
             state: "ready".into(),
             uptime_ms: 1000,
             connections: 0,

@@ -39,8 +39,8 @@ pub fn apply_serve_args(config: &mut Config, args: &ServeArgs) -> anyhow::Result
     if let Some(zone) = &args.zone {
         config.zone = zone.clone();
     }
-    if let Some(pool) = args.pool {
-        config.instances.pool = pool;
+    if !args.pools.is_empty() {
+        config.instances.pools = args.pools.clone();
     }
     if let Some(token) = &args.token {
         config.http.token = Some(token.clone());

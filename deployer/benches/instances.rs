@@ -175,7 +175,7 @@ async fn run() {
     );
     let mut config = DeployerConfig::new(dir.path().join("state"));
     config.name = format!("bench-{}", std::process::id());
-    config.pool = "127.79.0.0/16".parse().unwrap();
+    config.pools = vec!["127.79.0.0/16".parse().unwrap()];
     config.max_instances = storm + 16;
     config.max_per_service = storm + 16;
     config.max_clients_per_service = storm + 16;

@@ -77,6 +77,21 @@ impl Prefix {
         })
     }
 
+    /// True if the two prefixes share an address.
+    pub fn overlaps(&self, other: &Prefix) -> bool {
+        let (wide, narrow) = if self.len <= other.len {
+            (self, other)
+        } else {
+            (other, self)
+        };
+        wide.contains(narrow.network)
+    }
+
+    /// The address family.
+    pub fn family(&self) -> crate::addresses::Family {
+        crate::addresses::Family::of(self.network)
+    }
+
     /// True if `address` lies inside the prefix (an IPv4-mapped IPv6 address counts as IPv4).
     pub fn contains(&self, address: IpAddr) -> bool {
         let shift = self.bits() - u32::from(self.len);
@@ -228,9 +243,18 @@ pub struct DeployerConfig {
     /// deployers on one host need different names.
     #[serde(default = "default_name")]
     pub name: String,
-    /// Service addresses are taken from here.
-    #[serde(default = "default_pool")]
-    pub pool: Prefix,
+    /// Service addresses are taken from these prefixes (IPv4, IPv6 or both; an instance
+    /// gets one address per family its service asks for). Each must be routed to the host
+    /// and local (a `local` route, as `127.0.0.0/8` is; see the `local_routes` module).
+    #[serde(
+        default = "default_pools",
+        alias = "pool",
+        deserialize_with = "one_or_many"
+    )]
+    pub pools: Vec<Prefix>,
+    /// How many leading bits of a source address name one client of a per-client service.
+    #[serde(default)]
+    pub client_prefixes: crate::addresses::ClientPrefixes,
     /// Where an instance's own socket is bound.
     #[serde(default)]
     pub backend_port: BackendPort,
@@ -269,8 +293,22 @@ pub struct DeployerConfig {
 fn default_name() -> String {
     "default".to_owned()
 }
-fn default_pool() -> Prefix {
-    DEFAULT_POOL.parse().expect("the default pool parses")
+fn default_pools() -> Vec<Prefix> {
+    vec![DEFAULT_POOL.parse().expect("the default pool parses")]
+}
+
+/// `pools` as a list, or (as `pool`) one prefix.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<Prefix>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(Prefix),
+        Many(Vec<Prefix>),
+    }
+    Ok(match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(prefix) => vec![prefix],
+        OneOrMany::Many(prefixes) => prefixes,
+    })
 }
 fn default_steer() -> bool {
     true
@@ -289,6 +327,19 @@ fn default_stop_grace() -> u64 {
 }
 fn default_console_bytes() -> usize {
     DEFAULT_CONSOLE_BYTES
+}
+
+/// At least one pool, at most 16, none overlapping another.
+fn check_pools(pools: &[Prefix]) -> Result<(), String> {
+    if pools.is_empty() || pools.len() > 16 {
+        return Err("between 1 and 16 prefixes".into());
+    }
+    for (index, pool) in pools.iter().enumerate() {
+        if let Some(other) = pools[..index].iter().find(|other| other.overlaps(pool)) {
+            return Err(format!("{pool} overlaps {other}"));
+        }
+    }
+    Ok(())
 }
 
 /// Why a configuration was rejected.
@@ -314,7 +365,8 @@ impl DeployerConfig {
         DeployerConfig {
             state_dir: state_dir.into(),
             name: default_name(),
-            pool: default_pool(),
+            pools: default_pools(),
+            client_prefixes: crate::addresses::ClientPrefixes::default(),
             backend_port: BackendPort::default(),
             steer: true,
             max_instances: DEFAULT_MAX_INSTANCES,
@@ -353,10 +405,19 @@ impl DeployerConfig {
         if !name_ok {
             return invalid("name", "1 to 64 of [A-Za-z0-9_-]");
         }
-        // Service addresses are IPv4 loopback addresses until the proxy, steering and
-        // admission serve others.
-        if !(self.pool.network.is_ipv4() && self.pool.network.is_loopback()) {
-            return invalid("pool", "must lie inside 127.0.0.0/8");
+        if let Err(message) = check_pools(&self.pools) {
+            return invalid("pools", &message);
+        }
+        let families = self.pools.iter().map(Prefix::family);
+        if self.backend_port == BackendPort::Same && families.clone().min() != families.max() {
+            return invalid(
+                "pools",
+                "an instance reached on its own socket (no proxy in front) has one address: \
+                 pools of one address family only",
+            );
+        }
+        if let Err(message) = self.client_prefixes.validate() {
+            return invalid("client_prefixes", &message);
         }
         if self.max_instances == 0 || self.max_instances > 100_000 {
             return invalid("max_instances", "must be between 1 and 100000");
@@ -437,10 +498,24 @@ mod tests {
         assert_eq!(v6.size(), (1u128 << 64) - 1);
         assert_eq!(v6.nth(0), Some("2001:db8:1::1".parse().expect("ip")));
         assert!(v6.contains("2001:db8:1::ffff".parse().expect("ip")));
-        // Typed, but not served yet: service addresses are IPv4 loopback ones for now.
         let mut config = DeployerConfig::new("/x");
-        config.pool = v6;
-        assert!(config.validate().is_err());
+        config.pools = vec![v6, "203.0.113.16/28".parse().expect("v4")];
+        let error = config
+            .validate()
+            .expect_err("two families, no proxy in front");
+        assert!(error.to_string().contains("one address family"), "{error}");
+        config.backend_port = BackendPort::Ephemeral;
+        config
+            .validate()
+            .expect("an IPv6 and an IPv4 pool behind the proxy");
+        config
+            .pools
+            .push("2001:db8:1:0:8000::/80".parse().expect("inside the /64"));
+        let error = config.validate().expect_err("overlap");
+        assert!(
+            error.to_string().contains("overlaps 2001:db8:1::/64"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -454,9 +529,13 @@ mod tests {
     fn defaults_validate_and_bad_values_do_not() {
         let config = DeployerConfig::from_toml("state_dir = \"/x\"\n").expect("valid");
         assert_eq!(config, DeployerConfig::new("/x"));
-        let error = DeployerConfig::from_toml("state_dir = \"/x\"\npool = \"10.0.0.0/16\"\n")
-            .expect_err("not loopback");
-        assert!(error.to_string().contains("pool"), "{error}");
+        // `pool`, one prefix, is read as `pools`.
+        let config = DeployerConfig::from_toml("state_dir = \"/x\"\npool = \"192.0.2.0/24\"\n")
+            .expect("one pool");
+        assert_eq!(config.pools, ["192.0.2.0/24".parse().expect("prefix")]);
+        let error =
+            DeployerConfig::from_toml("state_dir = \"/x\"\npools = []\n").expect_err("no pool");
+        assert!(error.to_string().contains("pools"), "{error}");
     }
 
     #[test]

@@ -114,6 +114,7 @@
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
+pub mod addresses;
 pub mod config;
 #[allow(unsafe_code)] // sock_diag over a netlink socket: raw system calls.
 mod conntrack;
@@ -129,6 +130,7 @@ pub mod summon;
 pub mod tender;
 pub mod upstream;
 
+pub use addresses::{ClientNet, ClientPrefixes, Family, ServiceAddresses};
 pub use config::{BackendPort, DeployerConfig, SandboxConfig};
 pub use deployer::{ControlError, Deployer, InstanceInfo, NewError};
 pub use summon::{

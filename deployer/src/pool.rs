@@ -1,12 +1,63 @@
-//! The address pool: one service address per instance, handed back when it stops.
+//! The address pools: service addresses for instances, handed back when they stop.
 //!
 //! Addresses are handed out in order first, then reused oldest-returned first, so a
 //! just-freed address (and whatever clients still hold it from DNS) rests as long as possible.
+//! With several pools of one family, the first with a free address gives it.
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
 
+use crate::addresses::Family;
 use crate::config::Prefix;
+
+/// Every pool of the deployer.
+#[derive(Debug)]
+pub struct AddressPools {
+    pools: Vec<AddressPool>,
+    families: Vec<Family>,
+}
+
+impl AddressPools {
+    /// Pools with every address free.
+    pub fn new(prefixes: &[Prefix]) -> AddressPools {
+        let mut families: Vec<Family> = prefixes.iter().map(Prefix::family).collect();
+        families.sort();
+        families.dedup();
+        AddressPools {
+            pools: prefixes.iter().copied().map(AddressPool::new).collect(),
+            families,
+        }
+    }
+
+    /// Takes a free address of `family`.
+    pub fn take(&mut self, family: Family) -> Option<IpAddr> {
+        self.pools
+            .iter_mut()
+            .filter(|pool| Family::of(pool.pool.network) == family)
+            .find_map(AddressPool::take)
+    }
+
+    /// Hands an address back to the pool it came from.
+    pub fn give(&mut self, address: IpAddr) {
+        if let Some(pool) = self
+            .pools
+            .iter_mut()
+            .find(|pool| pool.pool.contains(address))
+        {
+            pool.give(address);
+        }
+    }
+
+    /// The families there are pools for, IPv4 first.
+    pub fn families(&self) -> &[Family] {
+        &self.families
+    }
+
+    /// Addresses handed out and not returned, in all pools.
+    pub fn in_use(&self) -> usize {
+        self.pools.iter().map(AddressPool::in_use).sum()
+    }
+}
 
 /// Free addresses of a pool.
 #[derive(Debug)]
@@ -73,6 +124,37 @@ mod tests {
         assert_eq!(pool.take(), Some(b));
         assert_eq!(pool.take(), Some(a));
         assert_eq!(pool.take(), None);
+    }
+
+    #[test]
+    fn several_pools_give_by_family_in_order() {
+        let prefixes: Vec<Prefix> = ["203.0.113.16/30", "2001:db8:1::/126", "198.51.100.0/30"]
+            .iter()
+            .map(|p| p.parse().expect("prefix"))
+            .collect();
+        let mut pools = AddressPools::new(&prefixes);
+        assert_eq!(pools.families(), [Family::Ipv4, Family::Ipv6]);
+        let v4: Vec<_> = std::iter::from_fn(|| pools.take(Family::Ipv4)).collect();
+        assert_eq!(
+            v4,
+            [
+                "203.0.113.17",
+                "203.0.113.18",
+                "198.51.100.1",
+                "198.51.100.2"
+            ]
+            .map(|a| a.parse::<IpAddr>().expect("ip"))
+        );
+        let v6 = pools.take(Family::Ipv6).expect("an IPv6 address");
+        assert_eq!(v6, "2001:db8:1::1".parse::<IpAddr>().expect("ip"));
+        assert_eq!(pools.in_use(), 5);
+        pools.give(v6);
+        pools.give("198.51.100.2".parse().expect("ip"));
+        assert_eq!(pools.in_use(), 3);
+        assert_eq!(
+            pools.take(Family::Ipv4),
+            Some("198.51.100.2".parse().expect("ip"))
+        );
     }
 
     #[test]

@@ -13,12 +13,16 @@
 //! 2. [`Steering::steer`] puts a route `service address:port → instance socket` in two maps:
 //!    a hash of routes (the admitted client, a connection counter) and a sockhash holding
 //!    the instance's listening socket.
-//! 3. For each SYN to an IPv4 address and port with a route: a per-client route whose client
-//!    is not the SYN's source passes it on (to the proxy, which refuses it); otherwise the
-//!    program selects the instance's socket, and counts the connection. The instance accepts
-//!    it as if it were bound to the service port.
-//! 4. Everything else — no route, IPv6, UDP, a socket already gone — passes on unchanged to
-//!    the ordinary lookup: the proxy's listener.
+//! 3. For each SYN to an address and port with a route (IPv4 or IPv6; an IPv4 address is
+//!    looked up in its IPv4-mapped form, so one key and one comparison serve both): a
+//!    per-client route whose client network does not hold the SYN's source passes it on
+//!    (to the proxy, which refuses it); otherwise the program selects the instance's
+//!    socket, and counts the connection. The instance accepts it as if it were bound to the
+//!    service port. An instance with an address of each family has one route per address,
+//!    both to its one socket (a dual-stack IPv6 socket, which the kernel lets take IPv4
+//!    connections too).
+//! 4. Everything else — no route, UDP, a socket already gone — passes on unchanged to the
+//!    ordinary lookup: the proxy's listener.
 //! 5. Dropping the [`Steered`] guard removes the route (the instance is no longer ready);
 //!    a closed socket leaves the sockhash on its own.
 //!
@@ -35,7 +39,7 @@
 //!
 //! # Limits
 //!
-//! Root (`CAP_BPF` and `CAP_NET_ADMIN`) and Linux ≥ 5.9. IPv4 TCP only (anything else is
+//! Root (`CAP_BPF` and `CAP_NET_ADMIN`) and Linux ≥ 5.9. TCP only (anything else is
 //! relayed by the proxy as before). The instance's socket is taken from its process with
 //! `pidfd_getfd` ([`listener_at`], [`listener_of`]: the process tender's descriptor 3,
 //! qemu's forwarded port), which needs ptrace rights over it. Steered connections are the
@@ -44,21 +48,24 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
-/// The route key: IPv4 address (network order, as the program reads it) and port (host
-/// order, as the kernel gives it to the program).
-type Key = [u8; 8];
+use crate::addresses::ClientNet;
 
-/// The route value the program reads: the admitted client (network order, 0 = anyone),
-/// padding, and the count of connections steered.
+/// The route key: the address in its IPv6 (or IPv4-mapped) form, network order as the
+/// program reads it, and the port (host order, as the kernel gives it to the program).
+type Key = [u8; 20];
+
+/// The route value the program reads: the admitted client network and its mask (IPv6 or
+/// IPv4-mapped form; all zero = anyone, as any source masked by zero is zero), and the
+/// count of connections steered.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
 struct Route {
-    client: u32,
-    _pad: u32,
+    client: [u8; 16],
+    mask: [u8; 16],
     connections: u64,
 }
 
@@ -78,12 +85,9 @@ pub struct Steering {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SteerError {
-    /// Steering is IPv4 only.
-    #[error("Only IPv4 service addresses are steered")]
-    NotIpv4,
     /// Another route has this address and port.
     #[error("{0} is already steered")]
-    Taken(SocketAddrV4),
+    Taken(SocketAddr),
     /// Every route slot is in use.
     #[error("All {0} steering routes are in use")]
     Full(usize),
@@ -91,19 +95,19 @@ pub enum SteerError {
     #[error("The kernel refused the route for {front}")]
     Kernel {
         /// The service address and port.
-        front: SocketAddrV4,
+        front: SocketAddr,
         /// The cause.
         #[source]
         source: io::Error,
     },
 }
 
-/// A route installed by [`Steering::steer`]; dropping it removes the route.
+/// Routes installed by [`Steering::steer`]; dropping the guard removes them.
 #[derive(Debug)]
 pub struct Steered {
     steering: Arc<Steering>,
-    key: Key,
-    front: SocketAddrV4,
+    keys: Vec<Key>,
+    fronts: Vec<SocketAddr>,
 }
 
 impl Steering {
@@ -113,12 +117,18 @@ impl Steering {
         let entries = u32::try_from(capacity.clamp(1, 1 << 20)).expect("clamped");
         let routes = map_create(
             MAP_TYPE_HASH,
-            8,
+            size_of::<Key>() as u32,
             size_of::<Route>() as u32,
             entries,
             "revboot_routes",
         )?;
-        let sockets = map_create(MAP_TYPE_SOCKHASH, 8, 8, entries, "revboot_socks")?;
+        let sockets = map_create(
+            MAP_TYPE_SOCKHASH,
+            size_of::<Key>() as u32,
+            8,
+            entries,
+            "revboot_socks",
+        )?;
         let program = program_load(&program(routes.as_raw_fd(), sockets.as_raw_fd()))?;
         let netns = std::fs::File::open("/proc/thread-self/ns/net")?;
         let link = link_create(program.as_fd(), netns.as_fd())?;
@@ -132,45 +142,56 @@ impl Steering {
         }))
     }
 
-    /// Routes new connections to `front` (from `client` only, if given) into `listener`, a
-    /// listening TCP socket, until the returned guard drops.
+    /// Routes new connections to each of `fronts` (from `client` only, if given) into
+    /// `listener`, a listening TCP socket (a dual-stack IPv6 one for fronts of both
+    /// families), until the returned guard drops. All of them or none.
     pub fn steer(
         self: &Arc<Self>,
-        front: SocketAddrV4,
-        client: Option<Ipv4Addr>,
+        fronts: &[SocketAddr],
+        client: Option<ClientNet>,
         listener: BorrowedFd<'_>,
     ) -> Result<Steered, SteerError> {
-        let key = key(front);
+        let keys: Vec<Key> = fronts.iter().map(|front| key(*front)).collect();
         {
             let mut installed = self.lock();
-            if installed.contains(&key) {
-                return Err(SteerError::Taken(front));
+            if let Some(taken) = fronts
+                .iter()
+                .find(|front| installed.contains(&key(**front)))
+            {
+                return Err(SteerError::Taken(*taken));
             }
-            if installed.len() >= self.capacity {
+            if installed.len() + keys.len() > self.capacity {
                 return Err(SteerError::Full(self.capacity));
             }
-            installed.insert(key);
+            installed.extend(keys.iter().copied());
         }
-        let route = Route {
-            client: client.map_or(0, |client| u32::from_ne_bytes(client.octets())),
-            ..Route::default()
-        };
-        let installed = map_update(self.routes.as_fd(), &key, as_bytes(&route)).and_then(|()| {
-            let fd = u64::try_from(listener.as_raw_fd()).expect("a descriptor is not negative");
-            map_update(self.sockets.as_fd(), &key, &fd.to_ne_bytes())
-        });
-        match installed {
-            Ok(()) => Ok(Steered {
-                steering: Arc::clone(self),
-                key,
-                front,
-            }),
-            Err(source) => {
-                let _ = map_delete(self.routes.as_fd(), &key);
-                self.lock().remove(&key);
-                Err(SteerError::Kernel { front, source })
+        let route = match client {
+            Some(client) => {
+                let (client, mask) = client.mapped();
+                Route {
+                    client,
+                    mask,
+                    connections: 0,
+                }
             }
+            None => Route::default(),
+        };
+        // From here on the guard owns the keys: dropping it on failure removes what was put.
+        let steered = Steered {
+            steering: Arc::clone(self),
+            keys,
+            fronts: fronts.to_vec(),
+        };
+        let fd = u64::try_from(listener.as_raw_fd()).expect("a descriptor is not negative");
+        for (key, front) in steered.keys.iter().zip(fronts) {
+            map_update(self.routes.as_fd(), key, as_bytes(&route))
+                .and_then(|()| map_update(self.sockets.as_fd(), key, &fd.to_ne_bytes()))
+                .map_err(|source| SteerError::Kernel {
+                    front: *front,
+                    source,
+                })?;
         }
+        Ok(steered)
     }
 
     /// Routes installed now.
@@ -186,32 +207,38 @@ impl Steering {
 }
 
 impl Steered {
-    /// The service address and port steered.
-    pub fn front(&self) -> SocketAddrV4 {
-        self.front
+    /// The service addresses and port steered.
+    pub fn fronts(&self) -> &[SocketAddr] {
+        &self.fronts
     }
 
-    /// Connections steered into the instance so far.
+    /// Connections steered into the instance so far, at every front.
     pub fn connections(&self) -> u64 {
-        let mut route = Route::default();
-        match map_lookup(
-            self.steering.routes.as_fd(),
-            &self.key,
-            as_bytes_mut(&mut route),
-        ) {
-            Ok(()) => route.connections,
-            Err(_) => 0,
-        }
+        self.keys
+            .iter()
+            .map(|key| {
+                let mut route = Route::default();
+                match map_lookup(self.steering.routes.as_fd(), key, as_bytes_mut(&mut route)) {
+                    Ok(()) => route.connections,
+                    Err(_) => 0,
+                }
+            })
+            .sum()
     }
 }
 
 impl Drop for Steered {
     fn drop(&mut self) {
-        // The socket first: a route with no socket passes connections on to the proxy.
-        let _ = map_delete(self.steering.sockets.as_fd(), &self.key);
-        let _ = map_delete(self.steering.routes.as_fd(), &self.key);
-        // Only this guard holds the key (`Taken` refuses a second one).
-        self.steering.lock().remove(&self.key);
+        for key in &self.keys {
+            // The socket first: a route with no socket passes connections on to the proxy.
+            let _ = map_delete(self.steering.sockets.as_fd(), key);
+            let _ = map_delete(self.steering.routes.as_fd(), key);
+        }
+        // Only this guard holds its keys (`Taken` refuses a second one).
+        let mut installed = self.steering.lock();
+        for key in &self.keys {
+            installed.remove(key);
+        }
     }
 }
 
@@ -275,10 +302,14 @@ pub fn listener_at(
     }
 }
 
-fn key(front: SocketAddrV4) -> Key {
-    let mut key = [0u8; 8];
-    key[..4].copy_from_slice(&front.ip().octets());
-    key[4..].copy_from_slice(&u32::from(front.port()).to_ne_bytes());
+fn key(front: SocketAddr) -> Key {
+    let address = match front.ip().to_canonical() {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    let mut key = [0u8; 20];
+    key[..16].copy_from_slice(&address.octets());
+    key[16..].copy_from_slice(&u32::from(front.port()).to_ne_bytes());
     key
 }
 
@@ -301,8 +332,22 @@ fn as_bytes_mut(route: &mut Route) -> &mut [u8] {
 const CTX_FAMILY: i16 = 8;
 const CTX_PROTOCOL: i16 = 12;
 const CTX_REMOTE_IP4: i16 = 16;
+const CTX_REMOTE_IP6: i16 = 20;
 const CTX_LOCAL_IP4: i16 = 40;
+const CTX_LOCAL_IP6: i16 = 44;
 const CTX_LOCAL_PORT: i16 = 60;
+
+/// Stack offsets (from r10) of the route key (address words, then the port) and of the
+/// source address (words), each in its IPv6 or IPv4-mapped form.
+const KEY: i16 = -24;
+const KEY_PORT: i16 = KEY + 16;
+const SOURCE: i16 = -40;
+/// Offsets in the route value: the client, its mask, the counter.
+const ROUTE_CLIENT: i16 = 0;
+const ROUTE_MASK: i16 = 16;
+const ROUTE_CONNECTIONS: i16 = 32;
+/// Bytes 8..12 of an IPv4-mapped address (`0, 0, 0xff, 0xff`), as a little-endian word.
+const MAPPED_WORD: i32 = 0xffff_0000_u32 as i32;
 
 const HELPER_MAP_LOOKUP: i32 = 1;
 const HELPER_SK_RELEASE: i32 = 86;
@@ -366,6 +411,19 @@ impl Asm {
     fn store32(&mut self, dst: u8, off: i16, src: u8) {
         self.raw(0x63, dst, src, off, 0);
     }
+    /// `*(u32 *)(dst + off) = imm`.
+    fn store32_imm(&mut self, dst: u8, off: i16, imm: i32) {
+        self.raw(0x62, dst, 0, off, imm);
+    }
+    /// `dst &= src` (64 bit).
+    fn and(&mut self, dst: u8, src: u8) {
+        self.raw(0x5f, dst, src, 0, 0);
+    }
+    /// `goto label`.
+    fn ja(&mut self, label: &'static str) {
+        self.fixups.push((self.insns.len(), label));
+        self.raw(0x05, 0, 0, 0, 0);
+    }
     /// `lock *(u64 *)(dst + off) += src`.
     fn atomic_add64(&mut self, dst: u8, off: i16, src: u8) {
         self.raw(0xdb, dst, src, off, 0);
@@ -396,11 +454,11 @@ impl Asm {
         self.fixups.push((self.insns.len(), label));
         self.raw(0x5d, dst, src, 0, 0);
     }
-    /// `r0 = map[key at r10 - 8]`, or `goto pass` when there is none.
+    /// `r0 = map[the key on the stack]`, or `goto pass` when there is none.
     fn lookup_key_or_pass(&mut self, map_fd: i32) {
         self.load_map(R1, map_fd);
         self.mov(R2, R10);
-        self.add_imm(R2, -8);
+        self.add_imm(R2, i32::from(KEY));
         self.call(HELPER_MAP_LOOKUP);
         self.jeq_imm(R0, 0, "pass");
     }
@@ -421,23 +479,44 @@ impl Asm {
 fn program(routes: i32, sockets: i32) -> Vec<Insn> {
     let mut asm = Asm::default();
     asm.mov(R6, R1); // r6 = ctx
-    asm.load32(R2, R6, CTX_FAMILY);
-    asm.jne_imm(R2, libc::AF_INET, "pass");
     asm.load32(R2, R6, CTX_PROTOCOL);
     asm.jne_imm(R2, libc::IPPROTO_TCP, "pass");
-    // The key on the stack: local address, local port.
+    asm.load32(R2, R6, CTX_FAMILY);
+    asm.jeq_imm(R2, libc::AF_INET6, "v6");
+    asm.jne_imm(R2, libc::AF_INET, "pass");
+    // IPv4: the key's address and the source in their IPv4-mapped forms.
+    for base in [KEY, SOURCE] {
+        asm.store32_imm(R10, base, 0);
+        asm.store32_imm(R10, base + 4, 0);
+        asm.store32_imm(R10, base + 8, MAPPED_WORD);
+    }
     asm.load32(R2, R6, CTX_LOCAL_IP4);
-    asm.store32(R10, -8, R2);
+    asm.store32(R10, KEY + 12, R2);
+    asm.load32(R2, R6, CTX_REMOTE_IP4);
+    asm.store32(R10, SOURCE + 12, R2);
+    asm.ja("port");
+    asm.label("v6");
+    for word in 0..4 {
+        asm.load32(R2, R6, CTX_LOCAL_IP6 + 4 * word);
+        asm.store32(R10, KEY + 4 * word, R2);
+        asm.load32(R2, R6, CTX_REMOTE_IP6 + 4 * word);
+        asm.store32(R10, SOURCE + 4 * word, R2);
+    }
+    asm.label("port");
     asm.load32(R2, R6, CTX_LOCAL_PORT);
-    asm.store32(R10, -4, R2);
+    asm.store32(R10, KEY_PORT, R2);
     // r7 = routes[key], or pass.
     asm.lookup_key_or_pass(routes);
     asm.mov(R7, R0);
-    // A per-client route takes only its client.
-    asm.load32(R2, R7, 0);
-    asm.jeq_imm(R2, 0, "select");
-    asm.load32(R3, R6, CTX_REMOTE_IP4);
-    asm.jne(R2, R3, "pass");
+    // A per-client route takes only its client network: source & mask == client, word by
+    // word (a route for anyone has both zero).
+    for word in 0..4 {
+        asm.load32(R2, R10, SOURCE + 4 * word);
+        asm.load32(R3, R7, ROUTE_MASK + 4 * word);
+        asm.and(R2, R3);
+        asm.load32(R3, R7, ROUTE_CLIENT + 4 * word);
+        asm.jne(R2, R3, "pass");
+    }
     asm.label("select");
     // r8 = sockets[key] (a reference), or pass.
     asm.lookup_key_or_pass(sockets);
@@ -451,7 +530,7 @@ fn program(routes: i32, sockets: i32) -> Vec<Insn> {
     asm.call(HELPER_SK_RELEASE);
     asm.jne_imm(R9, 0, "pass");
     asm.mov_imm(R1, 1);
-    asm.atomic_add64(R7, 8, R1);
+    asm.atomic_add64(R7, ROUTE_CONNECTIONS, R1);
     asm.label("pass");
     asm.mov_imm(R0, SK_PASS);
     asm.exit();
@@ -591,7 +670,7 @@ fn map_delete(map: BorrowedFd<'_>, key: &Key) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};
-    use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+    use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
     use std::os::fd::AsFd;
     use std::time::Duration;
 
@@ -599,22 +678,26 @@ mod tests {
 
     use super::*;
 
-    fn connect_from(source: Ipv4Addr, to: SocketAddrV4) -> io::Result<TcpStream> {
+    fn client_net(client: Ipv4Addr) -> ClientNet {
+        ClientNet::new(IpAddr::V4(client), 32)
+    }
+
+    fn connect_from(source: Ipv4Addr, to: SocketAddr) -> io::Result<TcpStream> {
         let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
         socket.bind(&SocketAddr::new(source.into(), 0).into())?;
-        socket.connect_timeout(&SocketAddr::V4(to).into(), Duration::from_secs(5))?;
+        socket.connect_timeout(&to.into(), Duration::from_secs(5))?;
         Ok(socket.into())
     }
 
     /// Steering, an instance socket on `127.71.0.<host>` (an ephemeral port), and a stand-in
     /// for the proxy listening on the front, `127.71.0.<host>:8080`.
-    fn behind_a_proxy(host: u8) -> (Arc<Steering>, TcpListener, TcpListener, SocketAddrV4) {
+    fn behind_a_proxy(host: u8) -> (Arc<Steering>, TcpListener, TcpListener, SocketAddr) {
         let steering = Steering::open(16).expect("sk_lookup steering needs root and Linux 5.9");
         let ip = Ipv4Addr::new(127, 71, 0, host);
         let instance = TcpListener::bind((ip, 0)).expect("bind the instance socket");
         let front = SocketAddrV4::new(ip, 8080);
         let proxy = TcpListener::bind(front).expect("bind the proxy socket");
-        (steering, instance, proxy, front)
+        (steering, instance, proxy, SocketAddr::V4(front))
     }
 
     /// A connection to a steered address reaches the instance's socket, bound elsewhere;
@@ -623,18 +706,18 @@ mod tests {
     fn a_steered_address_reaches_the_instance_socket_until_the_route_goes() {
         let steering = Steering::open(16).expect("sk_lookup steering needs root and Linux 5.9");
         let instance = TcpListener::bind("127.71.0.1:0").expect("bind the instance socket");
-        let front: SocketAddrV4 = "127.71.0.1:8080".parse().expect("an address");
+        let front: SocketAddr = "127.71.0.1:8080".parse().expect("an address");
         assert!(
             connect_from(Ipv4Addr::LOCALHOST, front).is_err(),
             "nothing listens on the front before the route"
         );
 
         let steered = steering
-            .steer(front, None, instance.as_fd())
+            .steer(&[front], None, instance.as_fd())
             .expect("steer");
         let mut client = connect_from(Ipv4Addr::LOCALHOST, front).expect("steered connect");
         let (mut accepted, peer) = instance.accept().expect("the instance accepts it");
-        assert_eq!(accepted.local_addr().expect("local"), SocketAddr::V4(front));
+        assert_eq!(accepted.local_addr().expect("local"), front);
         assert_eq!(peer, client.local_addr().expect("client address"));
         client.write_all(b"ping").expect("write");
         let mut got = [0u8; 4];
@@ -643,7 +726,7 @@ mod tests {
         assert_eq!(steered.connections(), 1);
         assert_eq!(steering.routes(), 1);
         assert!(matches!(
-            steering.steer(front, None, instance.as_fd()),
+            steering.steer(&[front], None, instance.as_fd()),
             Err(SteerError::Taken(_))
         ));
 
@@ -663,7 +746,7 @@ mod tests {
         let client_a = Ipv4Addr::new(127, 71, 1, 1);
         let client_b = Ipv4Addr::new(127, 71, 1, 2);
         let steered = steering
-            .steer(front, Some(client_a), instance.as_fd())
+            .steer(&[front], Some(client_net(client_a)), instance.as_fd())
             .expect("steer");
 
         let _a = connect_from(client_a, front).expect("client A connects");
@@ -675,12 +758,31 @@ mod tests {
         assert_eq!(steered.connections(), 1);
     }
 
+    /// A client network route takes every source of the network, and none other.
+    #[test]
+    fn a_client_network_route_takes_its_whole_network() {
+        let (steering, instance, proxy, front) = behind_a_proxy(5);
+        let network = ClientNet::new(IpAddr::V4(Ipv4Addr::new(127, 71, 2, 0)), 24);
+        let steered = steering
+            .steer(&[front], Some(network), instance.as_fd())
+            .expect("steer");
+        for host in [1, 200] {
+            let _a = connect_from(Ipv4Addr::new(127, 71, 2, host), front).expect("connects");
+            let (_, peer) = instance.accept().expect("the instance accepts it");
+            assert_eq!(peer.ip(), IpAddr::V4(Ipv4Addr::new(127, 71, 2, host)));
+        }
+        let _b = connect_from(Ipv4Addr::new(127, 71, 3, 1), front).expect("connects");
+        let (_, peer) = proxy.accept().expect("the proxy sees the other network");
+        assert_eq!(peer.ip(), IpAddr::V4(Ipv4Addr::new(127, 71, 3, 1)));
+        assert_eq!(steered.connections(), 2);
+    }
+
     /// A socket that closes leaves the sockhash: its route passes connections on.
     #[test]
     fn a_closed_instance_socket_passes_connections_on() {
         let (steering, instance, proxy, front) = behind_a_proxy(3);
         let steered = steering
-            .steer(front, None, instance.as_fd())
+            .steer(&[front], None, instance.as_fd())
             .expect("steer");
         drop(instance);
         let _c = connect_from(Ipv4Addr::LOCALHOST, front).expect("connects");
@@ -693,18 +795,18 @@ mod tests {
     fn a_socket_that_does_not_listen_is_refused() {
         let steering = Steering::open(16).expect("sk_lookup steering needs root and Linux 5.9");
         let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-        let front: SocketAddrV4 = "127.71.0.4:8080".parse().expect("an address");
+        let front: SocketAddr = "127.71.0.4:8080".parse().expect("an address");
         let error = steering
-            .steer(front, None, socket.as_fd())
+            .steer(&[front], None, socket.as_fd())
             .expect_err("a socket that neither listens nor is connected is refused");
         assert!(matches!(error, SteerError::Kernel { .. }), "{error}");
         assert_eq!(steering.routes(), 0);
         let full = Steering::open(1).expect("open");
         let listener = TcpListener::bind("127.71.0.4:0").expect("bind");
-        let _one = full.steer(front, None, listener.as_fd()).expect("first");
-        let other: SocketAddrV4 = "127.71.0.4:8081".parse().expect("an address");
+        let _one = full.steer(&[front], None, listener.as_fd()).expect("first");
+        let other: SocketAddr = "127.71.0.4:8081".parse().expect("an address");
         assert!(matches!(
-            full.steer(other, None, listener.as_fd()),
+            full.steer(&[other], None, listener.as_fd()),
             Err(SteerError::Full(1))
         ));
     }

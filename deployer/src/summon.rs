@@ -27,6 +27,8 @@ use std::time::Duration;
 use revboot_store::Revision;
 use tokio::sync::watch;
 
+use crate::addresses::{ClientNet, Family, ServiceAddresses};
+
 /// What identifies an instance: a revision of a service, optionally for one client.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct InstanceKey {
@@ -34,8 +36,9 @@ pub struct InstanceKey {
     pub service: String,
     /// The deployment commit.
     pub revision: Revision,
-    /// For per-client services, the only client address this instance serves.
-    pub client: Option<IpAddr>,
+    /// For per-client services, the only client this instance serves: the network its
+    /// address belongs to (see [`crate::ClientPrefixes`]).
+    pub client: Option<ClientNet>,
 }
 
 impl fmt::Display for InstanceKey {
@@ -99,9 +102,10 @@ pub struct Resolved {
 pub struct Summoned {
     /// Which instance.
     pub key: InstanceKey,
-    /// The service address clients are given (DNS answers this; the proxy listens here).
-    pub address: IpAddr,
-    /// The port clients connect to on `address`.
+    /// The service addresses clients are given, one per family (DNS answers them; the
+    /// proxy listens on each).
+    pub addresses: ServiceAddresses,
+    /// The port clients connect to on each of `addresses`.
     pub port: u16,
     /// Where the instance itself accepts connections (the proxy connects here).
     pub backend: SocketAddr,
@@ -196,6 +200,14 @@ pub enum SummonError {
     /// The address pool is exhausted.
     #[error("No free service address left in the pool")]
     PoolExhausted,
+    /// The service asks for an address family the deployer has no pool of.
+    #[error("`{service}` is served on {family}, and no {family} pool is configured")]
+    NoPool {
+        /// The service.
+        service: String,
+        /// The family.
+        family: Family,
+    },
     /// The name did not resolve.
     #[error(transparent)]
     Resolve(#[from] ResolveError),
@@ -224,6 +236,7 @@ impl SummonError {
                 | SummonError::ServiceCap { .. }
                 | SummonError::ClientCap { .. }
                 | SummonError::PoolExhausted
+                | SummonError::NoPool { .. }
                 | SummonError::Backoff { .. }
         )
     }

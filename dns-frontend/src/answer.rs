@@ -10,7 +10,7 @@ use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsOption};
 use hickory_proto::rr::rdata::{NS, SOA};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
-use revboot_deployer::{Activity, Instances, ResolveError, SummonError};
+use revboot_deployer::{Activity, Family, Instances, ResolveError, SummonError};
 use tracing::{debug, warn};
 
 use crate::cache::{Answer, Link, Rendered, Scope};
@@ -254,8 +254,13 @@ impl Engine {
             .then(|| query.edns.and_then(|e| e.subnet))
             .flatten()
             .map(|subnet| subnet.source_prefix);
-        let rendered = if family_matches(summoned.address, qtype) {
-            self.address_response(query, lowercase, summoned.address, subnet_scope)
+        let address = match qtype {
+            RecordType::A => summoned.addresses.of(Family::Ipv4),
+            RecordType::AAAA => summoned.addresses.of(Family::Ipv6),
+            _ => summoned.addresses.iter().next(),
+        };
+        let rendered = if let Some(address) = address.filter(|a| family_matches(*a, qtype)) {
+            self.address_response(query, lowercase, address, subnet_scope)
         } else {
             let reply = Reply {
                 subnet_scope,

@@ -97,7 +97,7 @@ async fn run(rounds: usize) {
     let revision = deploy(&store, &image);
     let mut config = DeployerConfig::new(dir.path().join("state"));
     config.name = format!("proxy-bench-{}", std::process::id());
-    config.pool = "127.81.0.0/16".parse().expect("pool");
+    config.pools = vec!["127.81.0.0/16".parse().expect("pool")];
     config.backend_port = BackendPort::Ephemeral;
     config.stop_grace_ms = 200;
     // Kill-and-reboot in a loop is not a crash loop.
@@ -115,7 +115,7 @@ async fn run(rounds: usize) {
         let started = Instant::now();
         let (summoned, to) = if through_proxy {
             let summoned = proxy.summon("hello", &revision, None).expect("summon");
-            let to = SocketAddr::new(summoned.address, summoned.port);
+            let to = SocketAddr::new(summoned.addresses.primary(), summoned.port);
             (summoned, to)
         } else {
             let summoned = deployer.summon("hello", &revision, None).expect("summon");

@@ -92,14 +92,13 @@ async fn proxy(backend: SocketAddr, address: IpAddr, config: ProxyConfig, steer_
     let _steered = steer_from.map(|pid| {
         let socket = steer::listener_of(pid, backend).expect("the backend's socket");
         let steering = steer::Steering::open(16).expect("steering needs root");
-        let front = match SocketAddr::new(summoned.address, summoned.port) {
-            SocketAddr::V4(front) => front,
-            SocketAddr::V6(_) => panic!("steering is IPv4 only"),
-        };
-        let steered = steering.steer(front, None, socket.as_fd()).expect("steer");
+        let fronts: Vec<SocketAddr> = summoned.addresses.with_port(summoned.port).collect();
+        let steered = steering
+            .steer(&fronts, None, socket.as_fd())
+            .expect("steer");
         (socket, steered)
     });
-    println!("proxied {}:{}", summoned.address, summoned.port);
+    println!("proxied {}:{}", summoned.addresses.primary(), summoned.port);
     std::future::pending::<()>().await;
 }
 

@@ -75,15 +75,26 @@ pub(crate) fn summon(
     }
 }
 
-/// Step 1: makes sure a listener exists for `summoned`, and starts its accept loop once the
-/// summoner has answered.
+/// Step 1: makes sure a listener exists on each of `summoned`'s service addresses, and
+/// starts their accept loops once the summoner has answered.
 pub(crate) fn listen(shared: &Arc<Shared>, summoned: &Summoned) -> Result<(), ListenError> {
-    let address = SocketAddr::new(summoned.address, summoned.port);
-    if summoned.backend == address {
-        // The instance owns the client address itself: nothing to front.
-        debug!(%address, key = %summoned.key, "instance listens on its service address");
-        return Ok(());
+    for address in summoned.addresses.with_port(summoned.port) {
+        if summoned.backend == address {
+            // The instance owns the client address itself: nothing to front.
+            debug!(%address, key = %summoned.key, "instance listens on its service address");
+            continue;
+        }
+        listen_on(shared, summoned, address)?;
     }
+    Ok(())
+}
+
+/// A listener on `address`, unless there is one already.
+fn listen_on(
+    shared: &Arc<Shared>,
+    summoned: &Summoned,
+    address: SocketAddr,
+) -> Result<(), ListenError> {
     let Some((listener, cancel)) = shared.register(address)? else {
         return Ok(());
     };
@@ -154,7 +165,7 @@ fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, local: Socke
         return refuse(stream);
     };
     if let Some(client) = summoned.key.client
-        && client.to_canonical() != peer_ip
+        && !client.contains(peer_ip)
     {
         bump(&metrics.refused_admission);
         debug!(%peer, %local, key = %summoned.key, "instance is for another client; refused");
@@ -219,7 +230,8 @@ async fn serve(mut open: Open, mut client: TcpStream, peer: SocketAddr, mut summ
     };
     if needs_summon {
         let key = &summoned.key;
-        match summon(shared, &key.service, &key.revision, key.client) {
+        let client = key.client.map(|_| peer.ip().to_canonical());
+        match summon(shared, &key.service, &key.revision, client) {
             Ok(again) => summoned = again,
             Err(error) => {
                 // The deployer logs lasting refusals (caps, back-off), not every one of them.

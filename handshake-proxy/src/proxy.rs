@@ -196,7 +196,7 @@ mod tests {
     }
 
     fn at(summoned: &Summoned) -> SocketAddr {
-        SocketAddr::new(summoned.address, summoned.port)
+        SocketAddr::new(summoned.addresses.primary(), summoned.port)
     }
 
     async fn eventually(what: &str, mut check: impl FnMut() -> bool) {

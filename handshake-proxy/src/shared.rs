@@ -183,6 +183,13 @@ impl Shared {
         )?;
         // Lets a listener be re-bound while old connections to it sit in TIME_WAIT.
         socket.set_reuse_address(true)?;
+        if address.is_ipv6() {
+            // One listener per address and family: IPv4 has its own.
+            socket.set_only_v6(true)?;
+            // An address of a prefix routed to `lo` ("AnyIP") is local to the kernel's
+            // routing but not an interface address, which an IPv6 bind checks for.
+            socket.set_freebind_v6(true)?;
+        }
         socket.bind(&address.into())?;
         socket.listen(i32::try_from(self.config.backlog).unwrap_or(i32::MAX))?;
         Ok(socket.into())

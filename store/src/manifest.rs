@@ -19,6 +19,7 @@
 //! ready = { probe = "tcp" } # "socket" | "tcp" | "http" (path) | "console" (line)
 //! idle_timeout_secs = 60
 //! per_client = false
+//! families = ["ipv4", "ipv6"] # address families to serve on; default: every family the host has a pool for
 //! upstreams = ["127.0.0.1:9000"]
 //! proc = false              # true: a read-only /proc of its own processes
 //!
@@ -121,6 +122,16 @@ pub enum Ready {
     },
 }
 
+/// An address family a service is served on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AddressFamily {
+    /// IPv4: an A record.
+    Ipv4,
+    /// IPv6: an AAAA record.
+    Ipv6,
+}
+
 /// The `[run]` table.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -164,6 +175,10 @@ pub struct Run {
     /// One instance per client address.
     #[serde(default)]
     pub per_client: bool,
+    /// The address families the instance gets a service address of (one each; DNS answers
+    /// A for IPv4, AAAA for IPv6). Empty: every family the host has a pool for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub families: Vec<AddressFamily>,
     /// Backends the instance may connect to (everything else is forbidden).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub upstreams: Vec<SocketAddr>,
@@ -193,6 +208,7 @@ impl Default for Run {
             boot_timeout_ms: DEFAULT_BOOT_TIMEOUT_MS,
             idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
             per_client: false,
+            families: Vec::new(),
             upstreams: Vec::new(),
             deploy: true,
             proc: false,
@@ -379,6 +395,12 @@ impl Manifest {
             }
             _ => {}
         }
+        let mut families = self.run.families.clone();
+        families.sort();
+        families.dedup();
+        if families.len() != self.run.families.len() {
+            return Err(invalid("run.families", "names a family twice".into()));
+        }
         if let Some(upstream) = self.run.upstreams.iter().find(|u| !u.ip().is_loopback()) {
             return Err(invalid(
                 "run.upstreams",
@@ -506,6 +528,23 @@ ready = { probe = "http", path = "/" }
         let text = "[build]\ncommand = [\"true\"]\nartifacts = [\"a\"]\n[run]\nupstreams = [\"10.0.0.1:80\"]\n";
         let error = Manifest::from_toml(text).expect_err("not loopback");
         assert!(error.to_string().contains("run.upstreams"), "{error}");
+    }
+
+    #[test]
+    fn families_are_named_once_each() {
+        let head = "[build]\ncommand = [\"true\"]\nartifacts = [\"a\"]\n[run]\n";
+        let both =
+            Manifest::from_toml(&format!("{head}families = [\"ipv6\", \"ipv4\"]\n")).expect("both");
+        assert_eq!(
+            both.run.families,
+            [AddressFamily::Ipv6, AddressFamily::Ipv4]
+        );
+        let error = Manifest::from_toml(&format!("{head}families = [\"ipv6\", \"ipv6\"]\n"))
+            .expect_err("twice");
+        assert!(error.to_string().contains("run.families"), "{error}");
+        let error =
+            Manifest::from_toml(&format!("{head}families = [\"ipx\"]\n")).expect_err("unknown");
+        assert!(error.to_string().contains("ipx"), "{error}");
     }
 
     #[test]

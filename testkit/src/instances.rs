@@ -26,7 +26,8 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use revboot_deployer::{
-    Activity, InstanceKey, InstanceState, Instances, ResolveError, Resolved, SummonError, Summoned,
+    Activity, ClientPrefixes, InstanceKey, InstanceState, Instances, ResolveError, Resolved,
+    ServiceAddresses, SummonError, Summoned,
 };
 use revboot_store::Revision;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -108,6 +109,8 @@ pub enum Addresses {
     Loopback,
     /// `fd00::1`, `fd00::2`, … likewise.
     V6,
+    /// Both of the above, one of each family per instance.
+    Dual,
     /// Loopback addresses that no other test process hands out at the same time
     /// ([`unique_ip`]): for instances something listens on.
     Unique,
@@ -175,7 +178,7 @@ struct Known {
 
 #[derive(Debug)]
 struct Instance {
-    address: IpAddr,
+    addresses: ServiceAddresses,
     backend: SocketAddr,
     state: watch::Sender<InstanceState>,
     open: usize,
@@ -304,7 +307,7 @@ impl Fake {
     fn summoned(&self, key: &InstanceKey, port: u16, instance: &Instance) -> Summoned {
         Summoned {
             key: key.clone(),
-            address: instance.address,
+            addresses: instance.addresses,
             port,
             backend: instance.backend,
             boot_timeout: self.behaviour.boot_timeout,
@@ -333,7 +336,7 @@ impl Fake {
         let key = InstanceKey {
             service: service.to_owned(),
             revision: *revision,
-            client,
+            client: client.map(|client| ClientPrefixes::default().client_of(client)),
         };
         let mut state = lock(&self.state);
         if let Some(instance) = state.instances.get(&key)
@@ -352,8 +355,8 @@ impl Fake {
             });
         }
         let address = match state.instances.get(&key) {
-            Some(instance) => instance.address,
-            None => self.next_address(&mut state),
+            Some(instance) => instance.addresses,
+            None => self.next_addresses(&mut state),
         };
         let instance = self.start(&key, address, port)?;
         *state.boots.entry(key.clone()).or_insert(0) += 1;
@@ -362,19 +365,24 @@ impl Fake {
         Ok(summoned)
     }
 
-    fn next_address(&self, state: &mut State) -> IpAddr {
+    fn next_addresses(&self, state: &mut State) -> ServiceAddresses {
+        let mut next = || {
+            state.addresses += 1;
+            let n = state.addresses;
+            (
+                Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 100, 0, 0)) + n),
+                std::net::Ipv6Addr::from([0xfd00, 0, 0, 0, 0, 0, 0, n as u16]),
+            )
+        };
         match self.behaviour.addresses {
-            Addresses::Loopback | Addresses::V6 => {
-                state.addresses += 1;
-                let n = state.addresses;
-                if self.behaviour.addresses == Addresses::V6 {
-                    IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, n as u16])
-                } else {
-                    IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 100, 0, 0)) + n))
-                }
+            Addresses::Loopback => ServiceAddresses::one(IpAddr::V4(next().0)),
+            Addresses::V6 => ServiceAddresses::one(IpAddr::V6(next().1)),
+            Addresses::Dual => {
+                let (v4, v6) = next();
+                ServiceAddresses::new(Some(v4), Some(v6)).expect("two addresses")
             }
-            Addresses::Unique => unique_ip(),
-            Addresses::Fixed(address) => address,
+            Addresses::Unique => ServiceAddresses::one(unique_ip()),
+            Addresses::Fixed(address) => ServiceAddresses::one(address),
         }
     }
 
@@ -382,9 +390,10 @@ impl Fake {
     fn start(
         &self,
         key: &InstanceKey,
-        address: IpAddr,
+        addresses: ServiceAddresses,
         port: u16,
     ) -> Result<Instance, SummonError> {
+        let address = addresses.primary();
         let initial = match self.behaviour.boot {
             Boot::Instant => InstanceState::Ready,
             Boot::Manual | Boot::After(_) | Boot::CrashAfter(_) => InstanceState::Booting,
@@ -398,7 +407,12 @@ impl Fake {
                     key: key.to_string(),
                     reason: error.to_string(),
                 };
-                let socket = TcpSocket::new_v4().map_err(start)?;
+                let socket = if address.is_ipv4() {
+                    TcpSocket::new_v4()
+                } else {
+                    TcpSocket::new_v6()
+                }
+                .map_err(start)?;
                 socket.bind(SocketAddr::new(address, 0)).map_err(start)?;
                 let backend = socket.local_addr().map_err(start)?;
                 tokio::spawn(serving(socket, state.subscribe()));
@@ -423,7 +437,7 @@ impl Fake {
             }
         }
         Ok(Instance {
-            address,
+            addresses,
             backend,
             state,
             open: 0,
@@ -565,7 +579,7 @@ impl Instances for Fake {
         state
             .instances
             .iter()
-            .find(|(_, instance)| instance.address == address)
+            .find(|(_, instance)| instance.addresses.contains(address))
             .map(|(key, instance)| {
                 let port = services.get(&key.service).map_or(0, |k| k.service.port);
                 self.summoned(key, port, instance)

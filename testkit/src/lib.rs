@@ -11,12 +11,16 @@
 //! run theirs in a mount namespace of its own ([`test_child_with_own_mounts`]) on a small
 //! tmpfs ([`mount_tmpfs`]) that goes away with the child, however it ends.
 //!
+//! Tests of serving beyond loopback make network namespaces of their own ([`netns`]), joined
+//! by veth pairs, where documentation prefixes and routes live without touching the host.
+//!
 //! With the feature `instances`, the module `instances` holds the one stand-in for the
 //! deployer behind `revboot_deployer::Instances` that the DNS front end's and the proxy's
 //! tests and benchmarks use.
 
 #[cfg(feature = "instances")]
 pub mod instances;
+pub mod netns;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -36,6 +36,13 @@ pub struct Setup<'a> {
     pub token: Option<&'a str>,
     /// `RUST_LOG`.
     pub log_filter: &'a str,
+    /// A network namespace the test made to run the daemon in (its commands run there too);
+    /// `None`: the test's own.
+    pub netns: Option<&'a revboot_testkit::netns::Netns>,
+    /// The address pools; empty: a fresh loopback /24.
+    pub pools: &'a [&'a str],
+    /// Where DNS listens; `None`: a port of 127.0.0.1 the daemon picks.
+    pub dns: Option<SocketAddr>,
 }
 
 impl Default for Setup<'_> {
@@ -44,6 +51,9 @@ impl Default for Setup<'_> {
             config: "",
             token: Some(TOKEN),
             log_filter: "info",
+            netns: None,
+            pools: &[],
+            dns: None,
         }
     }
 }
@@ -56,6 +66,8 @@ pub struct Daemon {
     pub pool: String,
     /// The token for pushes and the API.
     pub token: String,
+    /// The network namespace the daemon runs in, when not the test's.
+    enter: Option<PathBuf>,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -79,7 +91,11 @@ impl Daemon {
 
     /// Starts a daemon set up so.
     pub fn start_setup(data: &Path, setup: &Setup<'_>) -> Daemon {
-        Daemon::launch(data, ANY_PORT, ANY_PORT, &fresh_pool(), setup)
+        let pool = match setup.pools {
+            [] => fresh_pool(),
+            pools => pools.join(" "),
+        };
+        Daemon::launch(data, ANY_PORT, ANY_PORT, &pool, setup)
     }
 
     /// Starts a daemon with the given ports (0: any) and pool.
@@ -91,8 +107,9 @@ impl Daemon {
         let launch = LAUNCHES.fetch_add(1, Ordering::Relaxed);
         let log = data.with_extension(format!("log.{launch}"));
         let http: SocketAddr = ([127, 0, 0, 1], http).into();
-        let dns: SocketAddr = ([127, 0, 0, 1], dns).into();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_revboot"));
+        let dns = setup.dns.unwrap_or(([127, 0, 0, 1], dns).into());
+        let enter = setup.netns.map(revboot_testkit::netns::Netns::path);
+        let mut command = in_netns(enter.as_deref(), env!("CARGO_BIN_EXE_revboot"));
         if !setup.config.is_empty() {
             let file = data.with_extension(format!("revbootd.{launch}.toml"));
             std::fs::write(&file, setup.config).expect("write revbootd.toml");
@@ -101,7 +118,7 @@ impl Daemon {
         command
             .args(["--data", &data.to_string_lossy(), "serve"])
             .args(["--http", &http.to_string(), "--dns", &dns.to_string()])
-            .args(["--pool", pool]);
+            .args(pool.split(' ').flat_map(|pool| ["--pool", pool]));
         if let Some(token) = setup.token {
             command.args(["--token", token]);
         }
@@ -126,6 +143,7 @@ impl Daemon {
             dns,
             pool: pool.to_owned(),
             token: setup.token.unwrap_or_default().to_owned(),
+            enter,
             child: Some(child),
             log,
         };
@@ -174,9 +192,14 @@ impl Daemon {
         format!("http://git:{}@{}/git/{service}.git", self.token, self.http)
     }
 
+    /// A command that runs `program` where the daemon runs (its network namespace).
+    pub fn command(&self, program: &str) -> Command {
+        in_netns(self.enter.as_deref(), program)
+    }
+
     /// Runs the CLI against this daemon.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_revboot"))
+        self.command(env!("CARGO_BIN_EXE_revboot"))
             .args(["--url", &format!("http://{}", self.http)])
             .args(["--data", &self.data.to_string_lossy()])
             .args(args)
@@ -188,7 +211,8 @@ impl Daemon {
 
     /// `/metrics`, read with the token.
     pub fn metrics(&self) -> String {
-        let output = run(Command::new("curl")
+        let output = run(self
+            .command("curl")
             .args(["-sS", "--fail", "--max-time", "10", "-H"])
             .arg(format!("authorization: Bearer {}", self.token))
             .arg(format!("http://{}/metrics", self.http)));
@@ -208,7 +232,8 @@ impl Daemon {
 
     /// `dig` of `name` from a source address; the whole output (status, EDE and answer).
     pub fn dig_from(&self, source: &str, name: &str) -> String {
-        let output = Command::new("dig")
+        let output = self
+            .command("dig")
             .arg(format!("@{}", self.dns.ip()))
             .args(["-p", &self.dns.port().to_string(), "-b", source])
             .args(["+time=5", "+tries=1", name, "A"])
@@ -271,7 +296,7 @@ impl Daemon {
 
     /// `dig +short` of a name against this daemon, over UDP (or TCP).
     pub fn dig(&self, name: &str, tcp: bool) -> String {
-        let mut command = Command::new("dig");
+        let mut command = self.command("dig");
         command
             .arg(format!("@{}", self.dns.ip()))
             .args(["-p", &self.dns.port().to_string()])
@@ -328,6 +353,21 @@ impl Drop for Daemon {
                 eprintln!("{line}");
             }
         }
+    }
+}
+
+/// A command for `program`, in the network namespace at `netns` if one is given.
+fn in_netns(netns: Option<&Path>, program: &str) -> Command {
+    match netns {
+        Some(netns) => {
+            let mut command = Command::new("nsenter");
+            command
+                .arg(format!("--net={}", netns.display()))
+                .arg("--")
+                .arg(program);
+            command
+        }
+        None => Command::new(program),
     }
 }
 
@@ -423,7 +463,8 @@ pub fn push(daemon: &Daemon, work: &Path) -> String {
 
 /// Pushes a working copy's main branch to a service.
 pub fn push_service(daemon: &Daemon, work: &Path, service: &str) -> String {
-    let output = run(Command::new("git")
+    let output = run(daemon
+        .command("git")
         .args(["push", &daemon.remote(service), "main"])
         .current_dir(work));
     String::from_utf8_lossy(&output.stderr).into_owned()

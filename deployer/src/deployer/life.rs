@@ -11,7 +11,7 @@
 //!
 //! At start-up, what an earlier daemon left running is killed (`clean_orphans`).
 
-use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -80,8 +80,8 @@ pub(super) async fn tend(
                 id: entry.id.clone(),
                 service: entry.key.service.clone(),
                 revision: entry.key.revision.to_hex(),
-                client: entry.key.client,
-                address: entry.address,
+                client: entry.key.client.map(|client| client.network()),
+                address: entry.addresses.primary(),
                 started_at_ms,
                 scratch: scratch.clone(),
                 footprint,
@@ -172,7 +172,7 @@ pub(super) async fn tend(
     let _ = tokio::fs::remove_dir_all(&scratch).await;
     let record = RuntimeRecord {
         revision: entry.key.revision,
-        client: entry.key.client,
+        client: entry.key.client.map(|client| client.network()),
         started_at_ms,
         boot_ms: ready_after.map(|at| (at - entry.started).as_millis() as u64),
         lifetime_ms: entry.started.elapsed().as_millis() as u64,
@@ -257,11 +257,20 @@ pub(super) async fn serve(
 /// past it; the proxy reports its own connections) and a connection to it is open. When the
 /// kernel cannot say, false: idleness is then judged by queries alone, as it is said once.
 pub(super) fn connected_directly(entry: &Entry) -> bool {
-    let front = SocketAddr::new(entry.address, entry.port);
-    if entry.backend != front && !entry.is_steered() {
+    let direct = entry
+        .addresses
+        .with_port(entry.port)
+        .any(|front| front == entry.backend);
+    if !direct && !entry.is_steered() {
         return false;
     }
-    match crate::conntrack::open_connections(front) {
+    let open = entry
+        .addresses
+        .with_port(entry.port)
+        .try_fold(0, |open, front| {
+            crate::conntrack::open_connections(front).map(|more| open + more)
+        });
+    match open {
         Ok(open) => open > 0,
         Err(error) => {
             static WARN: std::sync::Once = std::sync::Once::new();
@@ -349,19 +358,11 @@ impl Deployer {
         let Some(steering) = &self.steering else {
             return;
         };
-        let IpAddr::V4(ip) = entry.address else {
-            return;
-        };
-        let front = SocketAddrV4::new(ip, entry.port);
-        if SocketAddr::V4(front) == entry.backend {
+        let fronts: Vec<SocketAddr> = entry.addresses.with_port(entry.port).collect();
+        if fronts.contains(&entry.backend) {
             return;
         }
-        let client = match entry.key.client.map(|client| client.to_canonical()) {
-            None => None,
-            Some(IpAddr::V4(client)) => Some(client),
-            // An IPv6 client cannot be told apart by the program: keep it behind the proxy.
-            Some(IpAddr::V6(_)) => return,
-        };
+        let client = entry.key.client;
         let socket = match running.listener() {
             Ok(socket) => socket,
             Err(error) => {
@@ -371,9 +372,9 @@ impl Deployer {
         };
         // The map holds the socket; our descriptor closes here, so the route ends by itself
         // when the instance's socket closes.
-        match steering.steer(front, client, socket.as_fd()) {
+        match steering.steer(&fronts, client, socket.as_fd()) {
             Ok(steered) => {
-                debug!(instance = %entry.key, %front, "steered");
+                debug!(instance = %entry.key, addresses = %entry.addresses, port = entry.port, "steered");
                 *entry.steered() = Some(steered);
             }
             Err(error) => {

@@ -35,9 +35,10 @@ use revboot_store::{Revision, Store};
 use tokio::sync::{Notify, Semaphore, broadcast, watch};
 use tracing::{info, warn};
 
+use crate::addresses::ServiceAddresses;
 use crate::config::DeployerConfig;
 use crate::console::Console;
-use crate::pool::AddressPool;
+use crate::pool::AddressPools;
 use crate::refusals::RefusalLog;
 use crate::state::{self, State};
 use crate::steer::Steering;
@@ -103,8 +104,8 @@ pub struct InstanceInfo {
     pub id: String,
     /// Which instance.
     pub key: InstanceKey,
-    /// Its service address.
-    pub address: IpAddr,
+    /// Its service addresses.
+    pub addresses: ServiceAddresses,
     /// Where it accepts connections.
     pub backend: SocketAddr,
     /// Its state.
@@ -199,10 +200,15 @@ impl Deployer {
         for make in makers {
             tenders.register(make(&host)?);
         }
-        info!(name = config.name, pool = %config.pool, "deployer starting");
+        let pools: Vec<String> = config.pools.iter().map(ToString::to_string).collect();
+        info!(
+            name = config.name,
+            pools = pools.join(" "),
+            "deployer starting"
+        );
         clean_orphans(&opened.left, &tenders, &scratch_dir);
         let state = opened.start()?;
-        let pool = AddressPool::new(config.pool);
+        let pool = AddressPools::new(&config.pools);
         let steering = open_steering(&config);
         let presized = config.max_instances.min(PRESIZE_LIMIT);
         let deployer = Arc::new_cyclic(|me| Deployer {
@@ -262,6 +268,12 @@ impl Deployer {
         self.steering.is_some()
     }
 
+    /// The client that a source address belongs to (`[instances] client_prefixes`): the key
+    /// of its per-client instances.
+    pub fn client_of(&self, source: IpAddr) -> crate::ClientNet {
+        self.config.client_prefixes.client_of(source)
+    }
+
     /// The configuration in use.
     pub fn config(&self) -> &DeployerConfig {
         &self.config
@@ -275,7 +287,7 @@ impl Deployer {
             .map(|entry| InstanceInfo {
                 id: entry.id.clone(),
                 key: entry.key.clone(),
-                address: entry.address,
+                addresses: entry.addresses,
                 backend: entry.backend,
                 state: entry.state.borrow().clone(),
                 uptime: entry.started.elapsed(),
@@ -292,7 +304,7 @@ impl Deployer {
     /// which should not hold the lock summons take.
     fn entries(&self) -> Vec<Arc<Entry>> {
         let table = self.table.lock().expect("table lock is never poisoned");
-        table.by_address.values().cloned().collect()
+        table.entries().cloned().collect()
     }
 
     /// The kept console output of a running instance.
@@ -339,7 +351,7 @@ impl Deployer {
         let entries: Vec<Arc<Entry>> = {
             let mut table = self.table.lock().expect("table lock is never poisoned");
             table.shutting_down = true;
-            table.by_address.values().cloned().collect()
+            table.entries().cloned().collect()
         };
         info!(instances = entries.len(), "deployer shutting down");
         for entry in &entries {
@@ -438,9 +450,10 @@ impl Instances for Deployer {
     ) -> Result<Summoned, SummonError> {
         let info = self.revision_info(service, revision)?;
         let client = if info.manifest.run.per_client {
-            Some(client.ok_or_else(|| SummonError::ClientRequired {
+            let source = client.ok_or_else(|| SummonError::ClientRequired {
                 service: service.to_owned(),
-            })?)
+            })?;
+            Some(self.config.client_prefixes.client_of(source))
         } else {
             None
         };
@@ -456,7 +469,7 @@ impl Instances for Deployer {
         let table = self.table.lock().expect("table lock is never poisoned");
         table
             .by_address
-            .get(&address)
+            .get(&address.to_canonical())
             .map(|entry| Self::summoned(entry))
     }
 

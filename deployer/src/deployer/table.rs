@@ -19,8 +19,9 @@ use revboot_store::manifest::Manifest;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
+use crate::addresses::{Family, ServiceAddresses};
 use crate::console::Console;
-use crate::pool::AddressPool;
+use crate::pool::AddressPools;
 use crate::refusals;
 use crate::steer::Steered;
 use crate::summon::{InstanceKey, InstanceState, SummonError, Summoned};
@@ -85,7 +86,7 @@ impl std::fmt::Display for StopReason {
 pub(super) struct Entry {
     pub(super) id: String,
     pub(super) key: InstanceKey,
-    pub(super) address: IpAddr,
+    pub(super) addresses: ServiceAddresses,
     pub(super) port: u16,
     pub(super) backend: SocketAddr,
     pub(super) boot_timeout: Duration,
@@ -119,9 +120,19 @@ pub(super) struct Table {
     pub(super) per_service: HashMap<String, usize>,
     pub(super) clients: HashMap<String, usize>,
     pub(super) live: usize,
-    pub(super) pool: AddressPool,
+    pub(super) pool: AddressPools,
     pub(super) failures: HashMap<InstanceKey, Failure>,
     pub(super) shutting_down: bool,
+}
+
+impl Table {
+    /// Every entry once (an entry is in `by_address` under each of its addresses).
+    pub(super) fn entries(&self) -> impl Iterator<Item = &Arc<Entry>> {
+        self.by_address
+            .iter()
+            .filter(|(address, entry)| entry.addresses.primary() == **address)
+            .map(|(_, entry)| entry)
+    }
 }
 
 impl Entry {
@@ -161,7 +172,7 @@ impl Deployer {
     pub(super) fn summoned(entry: &Entry) -> Summoned {
         Summoned {
             key: entry.key.clone(),
-            address: entry.address,
+            addresses: entry.addresses,
             port: entry.port,
             backend: entry.backend,
             boot_timeout: entry.boot_timeout,
@@ -270,60 +281,25 @@ impl Deployer {
         };
         let id = self.next_id();
         let scratch = self.scratch_dir.join(&id);
-        let mut busy = Vec::new();
-        let mut prepared: Option<(IpAddr, Box<dyn Prepared>)> = None;
-        let mut failure = None;
-        for _ in 0..BIND_TRIES {
-            let Some(address) = table.pool.take() else {
-                break;
-            };
-            let spec = BootSpec {
-                id: id.clone(),
-                service: key.service.clone(),
-                revision: key.revision,
-                run: run.clone(),
-                address,
-                client: key.client,
-                backend_port: self.config.backend_port,
-                scratch: scratch.clone(),
-                console_bytes: self.config.console_bytes,
-                uid: uid.uid(),
-            };
-            match tender.prepare(spec) {
-                Ok(ready) => {
-                    prepared = Some((address, ready));
-                    break;
-                }
-                Err(crate::tender::BootError::Bind { source, .. })
-                    if source.kind() == std::io::ErrorKind::AddrInUse =>
-                {
-                    debug!(%address, "pool address in use elsewhere, trying the next");
-                    busy.push(address);
-                }
-                Err(error) => {
-                    table.pool.give(address);
-                    failure = Some(error);
-                    break;
-                }
-            }
-        }
-        for address in busy {
-            table.pool.give(address);
-        }
-        if let Some(error) = failure {
-            return Err(SummonError::Start {
-                key: key.to_string(),
-                reason: format!("{error}: {}", error_chain(&error)),
-            });
-        }
-        let Some((address, prepared)) = prepared else {
-            return Err(SummonError::PoolExhausted);
+        let spec = BootSpec {
+            id: id.clone(),
+            service: key.service.clone(),
+            revision: key.revision,
+            run: run.clone(),
+            // Set by `prepare` below.
+            addresses: ServiceAddresses::one(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+            client: key.client,
+            backend_port: self.config.backend_port,
+            scratch: scratch.clone(),
+            console_bytes: self.config.console_bytes,
+            uid: uid.uid(),
         };
+        let (addresses, prepared) = self.prepare(&mut table, &*tender, spec, key)?;
         let (commands, command_rx) = mpsc::channel(COMMANDS);
         let entry = Arc::new(Entry {
             id,
             key: key.clone(),
-            address,
+            addresses,
             port: run.port,
             backend: prepared.backend(),
             boot_timeout: Duration::from_millis(run.boot_timeout_ms),
@@ -339,7 +315,9 @@ impl Deployer {
             reclaimed: AtomicBool::new(false),
         });
         table.by_key.insert(key.clone(), Arc::clone(&entry));
-        table.by_address.insert(address, Arc::clone(&entry));
+        for address in addresses.iter() {
+            table.by_address.insert(address, Arc::clone(&entry));
+        }
         table.live += 1;
         *table.per_service.entry(key.service.clone()).or_default() += 1;
         if key.client.is_some() {
@@ -349,7 +327,7 @@ impl Deployer {
         self.metrics.booted();
         let summoned = Self::summoned(&entry);
         self.tasks.fetch_add(1, Ordering::AcqRel);
-        debug!(instance = %key, id = entry.id, %address, backend = %entry.backend, "summoned");
+        debug!(instance = %key, id = entry.id, %addresses, backend = %entry.backend, "summoned");
         let runtime = self.runtime.clone();
         let info = Arc::clone(info);
         crate::summon::launch(move || {
@@ -501,14 +479,108 @@ impl Deployer {
 
     pub(super) fn release_address(&self, entry: &Entry) {
         let mut table = self.table.lock().expect("table lock is never poisoned");
-        if table
-            .by_address
-            .get(&entry.address)
-            .is_some_and(|e| e.id == entry.id)
-        {
-            table.by_address.remove(&entry.address);
-            table.pool.give(entry.address);
+        for address in entry.addresses.iter() {
+            if table
+                .by_address
+                .get(&address)
+                .is_some_and(|e| e.id == entry.id)
+            {
+                table.by_address.remove(&address);
+                table.pool.give(address);
+            }
         }
         drop(table);
+    }
+
+    /// Takes a service address of each family the service is served on and lets the tender
+    /// claim the backend socket on the primary one; an address another program holds is
+    /// skipped (up to [`BIND_TRIES`] of them). Every address goes back on failure.
+    fn prepare(
+        &self,
+        table: &mut Table,
+        tender: &dyn crate::tender::Tender,
+        mut spec: BootSpec,
+        key: &InstanceKey,
+    ) -> Result<(ServiceAddresses, Box<dyn Prepared>), SummonError> {
+        let no_pool = |family| SummonError::NoPool {
+            service: key.service.clone(),
+            family,
+        };
+        let served = tender.families();
+        let asked: Vec<Family> = if spec.run.families.is_empty() {
+            let families: Vec<Family> = table
+                .pool
+                .families()
+                .iter()
+                .copied()
+                .filter(|family| served.contains(family))
+                .collect();
+            if families.is_empty() {
+                return Err(no_pool(served[0]));
+            }
+            families
+        } else {
+            let asked: Vec<Family> = spec.run.families.iter().map(|f| Family::from(*f)).collect();
+            if let Some(family) = asked.iter().find(|family| !served.contains(family)) {
+                return Err(SummonError::Start {
+                    key: key.to_string(),
+                    reason: format!("the {:?} tender cannot serve on {family}", spec.run.tender),
+                });
+            }
+            asked
+        };
+        // The backend socket is bound on the IPv6 address when there is one.
+        let (primary, secondary) = match asked.as_slice() {
+            [one] => (*one, None),
+            _ => (Family::Ipv6, Some(Family::Ipv4)),
+        };
+        if let Some(family) = asked.iter().find(|f| !table.pool.families().contains(f)) {
+            return Err(no_pool(*family));
+        }
+        let other = match secondary {
+            Some(family) => Some(table.pool.take(family).ok_or(SummonError::PoolExhausted)?),
+            None => None,
+        };
+        let mut busy = Vec::new();
+        let mut outcome = Err(SummonError::PoolExhausted);
+        for _ in 0..BIND_TRIES {
+            let Some(address) = table.pool.take(primary) else {
+                break;
+            };
+            let addresses = match other {
+                Some(other) => ServiceAddresses::one(other).with(address),
+                None => ServiceAddresses::one(address),
+            };
+            spec.addresses = addresses;
+            match tender.prepare(spec.clone()) {
+                Ok(prepared) => {
+                    outcome = Ok((addresses, prepared));
+                    break;
+                }
+                Err(crate::tender::BootError::Bind { source, .. })
+                    if source.kind() == std::io::ErrorKind::AddrInUse =>
+                {
+                    debug!(%address, "pool address in use elsewhere, trying the next");
+                    busy.push(address);
+                }
+                Err(error) => {
+                    table.pool.give(address);
+                    outcome = Err(SummonError::Start {
+                        key: key.to_string(),
+                        reason: format!("{error}: {}", error_chain(&error)),
+                    });
+                    break;
+                }
+            }
+        }
+        for address in busy {
+            table.pool.give(address);
+        }
+        if outcome.is_err()
+            && let Some(other) = other
+        {
+            table.pool.give(other);
+        }
+        outcome
     }
 }

@@ -7,101 +7,198 @@
 //!
 //! 1. The process tender attaches a classic BPF filter to the listening socket before the
 //!    instance inherits it; accepted connections inherit the filter.
-//! 2. The filter loads the IPv4 source address of each incoming packet and keeps the packet
-//!    only if it is one of the admitted sources; any other SYN is dropped, so no handshake
-//!    ever completes for it.
-//! 3. The admitted sources: the service address itself, on any port (the handshake proxy
-//!    and the deployer's readiness probes connect from there, see
-//!    [`connect_from_own_address`]); and the client, but only at the service port — where
+//! 2. The filter reads the IP version of each incoming packet (a dual-stack IPv6 socket
+//!    also gets IPv4 packets), then its source address, and keeps the packet only if the
+//!    source is one of the admitted sources; any other SYN is dropped, so no handshake ever
+//!    completes for it.
+//! 3. The admitted sources: the instance's service addresses, on any port (the handshake
+//!    proxy and the deployer's readiness probes connect from there, see
+//!    [`connect_from_own_address`]); and the client's network (its address masked to the
+//!    client prefix, see [`crate::ClientPrefixes`]), but only at the service port — where
 //!    it reaches the socket itself with no proxy in front (the socket is bound there), or
 //!    when the deployer steers its warm connections into the socket ([`crate::steer`]:
 //!    the connection keeps the service port as its local port). The socket's own port
 //!    (an ephemeral one behind the proxy) is closed to the client.
 //! 4. At a listening socket's filter the packet's data starts at the TCP header, so the
-//!    destination port is the half-word at offset 2.
+//!    destination port is the half-word at offset 2; the IP header is at `SKF_NET_OFF`.
 //!
-//! Limits: IPv4 only (service addresses are IPv4); on loopback any local process can pick
-//! any source address, so this separates clients that keep to their own address, which is
-//! what per-client identity by source address means there.
+//! Limits: on loopback any local process can pick any source address, so this separates
+//! clients that keep to their own address, which is what per-client identity by source
+//! address means there.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
 use socket2::{SockFilter, Socket};
 
-/// Keeps only packets whose IPv4 source is one of `sources` (at most 16), or is `client`'s
-/// address with the destination port `client`'s port.
+use crate::addresses::ClientNet;
+
+/// Keeps only packets whose source is one of `sources` (1 to 16 addresses, either family),
+/// or lies in `client`'s network with the destination port `client`'s port.
 pub fn admit_only(
     socket: &Socket,
-    sources: &[Ipv4Addr],
-    client: Option<(Ipv4Addr, u16)>,
+    sources: &[IpAddr],
+    client: Option<(ClientNet, u16)>,
 ) -> io::Result<()> {
     socket.attach_filter(&program(sources, client)?)
 }
 
-/// The filter program: load the source address, compare, keep or drop; for the client,
-/// also compare the destination port.
-fn program(sources: &[Ipv4Addr], client: Option<(Ipv4Addr, u16)>) -> io::Result<Vec<SockFilter>> {
+/// A classic BPF program with forward jumps to named labels.
+#[derive(Default)]
+struct Program {
+    /// `struct sock_filter`: code, jt, jf, k.
+    insns: Vec<(u16, u8, u8, u32)>,
+    /// (instruction, label if true, label if false) for conditional jumps.
+    fixups: Vec<(usize, &'static str, &'static str)>,
+    labels: HashMap<&'static str, usize>,
+}
+
+/// The next instruction, for a jump that falls through.
+const NEXT: &str = "";
+
+impl Program {
+    fn op(code: u32) -> u16 {
+        code as u16
+    }
+    fn label(&mut self, name: &'static str) {
+        self.labels.insert(name, self.insns.len());
+    }
+    /// `A = *(u32 *)(net + offset)`.
+    fn load_net_word(&mut self, offset: i32) {
+        let code = Self::op(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS);
+        self.insns
+            .push((code, 0, 0, (libc::SKF_NET_OFF + offset) as u32));
+    }
+    /// `A = *(u8 *)(net + offset)`.
+    fn load_net_byte(&mut self, offset: i32) {
+        let code = Self::op(libc::BPF_LD | libc::BPF_B | libc::BPF_ABS);
+        self.insns
+            .push((code, 0, 0, (libc::SKF_NET_OFF + offset) as u32));
+    }
+    /// `A = *(u16 *)(data + 2)`: the TCP destination port.
+    fn load_destination_port(&mut self) {
+        let code = Self::op(libc::BPF_LD | libc::BPF_H | libc::BPF_ABS);
+        self.insns.push((code, 0, 0, 2));
+    }
+    fn and(&mut self, mask: u32) {
+        let code = Self::op(libc::BPF_ALU | libc::BPF_AND | libc::BPF_K);
+        self.insns.push((code, 0, 0, mask));
+    }
+    /// `if A == value goto yes else goto no` (`NEXT`: fall through).
+    fn jeq(&mut self, value: u32, yes: &'static str, no: &'static str) {
+        self.fixups.push((self.insns.len(), yes, no));
+        let code = Self::op(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K);
+        self.insns.push((code, 0, 0, value));
+    }
+    fn ret(&mut self, keep: bool) {
+        let code = Self::op(libc::BPF_RET | libc::BPF_K);
+        self.insns
+            .push((code, 0, 0, if keep { u32::MAX } else { 0 }));
+    }
+    fn finish(mut self) -> io::Result<Vec<SockFilter>> {
+        for (at, yes, no) in std::mem::take(&mut self.fixups) {
+            let offset = |label: &'static str| -> io::Result<u8> {
+                if label == NEXT {
+                    return Ok(0);
+                }
+                u8::try_from(self.labels[label] - at - 1)
+                    .map_err(|_| io::Error::other("filter program too long"))
+            };
+            let (jt, jf) = (offset(yes)?, offset(no)?);
+            self.insns[at].1 = jt;
+            self.insns[at].2 = jf;
+        }
+        Ok(self
+            .insns
+            .into_iter()
+            .map(|(code, jt, jf, k)| SockFilter::new(code, jt, jf, k))
+            .collect())
+    }
+}
+
+/// The filter program: the IP version, then the source against each admitted address and
+/// the client network, then (for the client) the destination port.
+fn program(sources: &[IpAddr], client: Option<(ClientNet, u16)>) -> io::Result<Vec<SockFilter>> {
     if sources.is_empty() || sources.len() > 16 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "between 1 and 16 admitted sources",
         ));
     }
-    let op = |code: u32| code as u16;
-    let count = sources.len();
-    // The instructions after the source comparisons: [client check: jeq, drop, ldh, jeq],
-    // drop, keep.
-    let tail = if client.is_some() { 4 } else { 0 };
-    // ld [SKF_NET_OFF + 12]: the source address in the IPv4 header, in host order.
-    let source_offset = (libc::SKF_NET_OFF + 12) as u32;
-    let mut program = vec![SockFilter::new(
-        op(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS),
-        0,
-        0,
-        source_offset,
-    )];
-    for (index, source) in sources.iter().enumerate() {
-        // From comparison `index`, the keep instruction is this many ahead.
-        let to_keep = u8::try_from(count - index + tail).expect("a short program");
-        program.push(SockFilter::new(
-            op(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K),
-            to_keep,
-            0,
-            u32::from(*source),
-        ));
+    let mut p = Program::default();
+    // The version nibble: 4 or 6.
+    p.load_net_byte(0);
+    p.and(0xf0);
+    p.jeq(0x60, "v6", NEXT);
+    // IPv4: the source address at offset 12.
+    p.load_net_word(12);
+    for source in sources.iter().map(|s| s.to_canonical()) {
+        if let IpAddr::V4(v4) = source {
+            p.jeq(u32::from(v4), "keep", NEXT);
+        }
     }
-    if let Some((client, port)) = client {
-        // Not the client: drop (one ahead). The client: its destination port.
-        program.push(SockFilter::new(
-            op(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K),
-            1,
-            0,
-            u32::from(client),
-        ));
-        program.push(SockFilter::new(op(libc::BPF_RET | libc::BPF_K), 0, 0, 0));
-        // ldh [2]: the TCP destination port.
-        program.push(SockFilter::new(
-            op(libc::BPF_LD | libc::BPF_H | libc::BPF_ABS),
-            0,
-            0,
-            2,
-        ));
-        program.push(SockFilter::new(
-            op(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K),
-            1,
-            0,
-            u32::from(port),
-        ));
+    if let Some((client, _)) = client
+        && let IpAddr::V4(network) = client.network()
+    {
+        p.and(
+            u32::MAX
+                .checked_shl(32 - u32::from(client.len()))
+                .unwrap_or(0),
+        );
+        p.jeq(u32::from(network), "port", NEXT);
     }
-    program.push(SockFilter::new(op(libc::BPF_RET | libc::BPF_K), 0, 0, 0));
-    program.push(SockFilter::new(
-        op(libc::BPF_RET | libc::BPF_K),
-        0,
-        0,
-        u32::MAX,
-    ));
-    Ok(program)
+    p.ret(false);
+    // IPv6: the source address at offsets 8..24, word by word.
+    p.label("v6");
+    const V6_LABELS: [&str; 16] = [
+        "v6-0", "v6-1", "v6-2", "v6-3", "v6-4", "v6-5", "v6-6", "v6-7", "v6-8", "v6-9", "v6-10",
+        "v6-11", "v6-12", "v6-13", "v6-14", "v6-15",
+    ];
+    let v6_sources: Vec<[u32; 4]> = sources
+        .iter()
+        .filter_map(|s| match s.to_canonical() {
+            IpAddr::V6(v6) => Some(words(v6.octets())),
+            IpAddr::V4(_) => None,
+        })
+        .collect();
+    for (index, source) in v6_sources.iter().enumerate() {
+        let next = V6_LABELS[index];
+        for (word, value) in source.iter().enumerate() {
+            p.load_net_word(8 + 4 * word as i32);
+            let yes = if word == 3 { "keep" } else { NEXT };
+            p.jeq(*value, yes, next);
+        }
+        p.label(next);
+    }
+    if let Some((client, _)) = client
+        && client.network().is_ipv6()
+    {
+        let (network, mask) = client.mapped();
+        for (word, (value, mask)) in words(network).iter().zip(words(mask)).enumerate() {
+            p.load_net_word(8 + 4 * word as i32);
+            p.and(mask);
+            let yes = if word == 3 { "port" } else { NEXT };
+            p.jeq(*value, yes, "drop");
+        }
+    }
+    p.label("drop");
+    p.ret(false);
+    // The client, at the service port only.
+    p.label("port");
+    if let Some((_, port)) = client {
+        p.load_destination_port();
+        p.jeq(u32::from(port), "keep", NEXT);
+    }
+    p.ret(false);
+    p.label("keep");
+    p.ret(true);
+    p.finish()
+}
+
+/// 16 bytes as four big-endian words, as classic BPF loads them.
+fn words(bytes: [u8; 16]) -> [u32; 4] {
+    std::array::from_fn(|i| u32::from_be_bytes(bytes[4 * i..4 * i + 4].try_into().expect("4")))
 }
 
 /// Connects to an instance's own socket from the instance's service address, the source
@@ -122,6 +219,8 @@ mod tests {
 
     use socket2::{Domain, Type};
 
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     fn listener(
@@ -139,8 +238,14 @@ mod tests {
             .as_socket()
             .expect("inet");
         // No port given: the client's port is the socket's own (as with no proxy in front).
-        let client = client.map(|(ip, port)| (ip, port.unwrap_or(local.port())));
-        admit_only(&socket, admitted, client).expect("filter");
+        let client = client.map(|(ip, port)| {
+            (
+                ClientNet::new(IpAddr::V4(ip), 32),
+                port.unwrap_or(local.port()),
+            )
+        });
+        let admitted: Vec<IpAddr> = admitted.iter().copied().map(IpAddr::V4).collect();
+        admit_only(&socket, &admitted, client).expect("filter");
         socket.listen(16).expect("listen");
         (socket, local)
     }
@@ -195,11 +300,12 @@ mod tests {
     #[test]
     fn programs_are_bounded() {
         assert!(program(&[], None).is_err());
-        let many = vec![Ipv4Addr::LOCALHOST; 17];
+        let many = vec![IpAddr::V6(std::net::Ipv6Addr::LOCALHOST); 17];
         assert!(program(&many, None).is_err());
-        assert_eq!(program(&many[..16], None).expect("16 fit").len(), 19);
-        let client = Some((Ipv4Addr::LOCALHOST, 8080));
-        assert_eq!(program(&many[..16], client).expect("16 fit").len(), 23);
+        let client = ClientNet::new("2001:db8::1".parse().expect("ip"), 64);
+        // 16 IPv6 sources of 8 instructions each, and the client's 12, fit the 8-bit jumps.
+        let longest = program(&many[..16], Some((client, 8080))).expect("16 fit");
+        assert!(longest.len() > 16 * 8 + 12, "{}", longest.len());
     }
 
     /// Behind the proxy the client may not use the socket's own (ephemeral) port, only the
@@ -216,12 +322,17 @@ mod tests {
         connect_from(own, local).expect("the service address is admitted on any port");
         let steering =
             crate::steer::Steering::open(4).expect("sk_lookup steering needs root and Linux 5.9");
-        let front = std::net::SocketAddrV4::new(own, 8080);
+        let front = SocketAddr::from((own, 8080));
+        let client_net = ClientNet::new(IpAddr::V4(client), 32);
         let _steered = steering
-            .steer(front, Some(client), std::os::fd::AsFd::as_fd(&socket))
+            .steer(
+                &[front],
+                Some(client_net),
+                std::os::fd::AsFd::as_fd(&socket),
+            )
             .expect("steer");
-        let stream = connect_from(client, SocketAddr::V4(front)).expect("steered, admitted");
-        assert_eq!(stream.peer_addr().expect("peer"), SocketAddr::V4(front));
+        let stream = connect_from(client, front).expect("steered, admitted");
+        assert_eq!(stream.peer_addr().expect("peer"), front);
         socket.accept().expect("the first (own address) connection");
         let (_, peer) = socket.accept().expect("the steered connection");
         assert_eq!(peer.as_socket().expect("inet").ip(), client);

@@ -23,7 +23,7 @@ pub mod qemu;
 
 use std::fmt;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -34,6 +34,7 @@ use revboot_store::manifest::{Ready, Run, TenderKind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
+use crate::addresses::{ClientNet, Family, ServiceAddresses};
 use crate::config::BackendPort;
 use crate::console::Console;
 
@@ -51,12 +52,13 @@ pub struct BootSpec {
     pub revision: Revision,
     /// The `[run]` table of the manifest.
     pub run: Run,
-    /// The service address of the instance.
-    pub address: IpAddr,
+    /// The service addresses of the instance, one per family.
+    pub addresses: ServiceAddresses,
     /// For a per-client instance, its client: the backend socket admits only it (where
-    /// clients connect directly) and the service address (the proxy, the probes).
-    pub client: Option<IpAddr>,
-    /// Where the backend socket goes on `address`.
+    /// clients connect directly) and the service addresses (the proxy, the probes).
+    pub client: Option<ClientNet>,
+    /// Where the backend socket goes on the primary address
+    /// ([`ServiceAddresses::primary`]).
     pub backend_port: BackendPort,
     /// A private directory the instance may write to; the tender creates it at boot (see
     /// [`make_scratch`]), the deployer removes it after the end.
@@ -205,6 +207,12 @@ pub enum NotReady {
 pub trait Tender: Send + Sync + fmt::Debug + 'static {
     /// Which manifests this tender runs.
     fn kind(&self) -> TenderKind;
+
+    /// The address families an instance of this tender can be served on (both unless the
+    /// backend cannot forward one).
+    fn families(&self) -> &'static [Family] {
+        &[Family::Ipv4, Family::Ipv6]
+    }
 
     /// Claims the backend endpoint for an instance; fast and synchronous.
     fn prepare(&self, spec: BootSpec) -> Result<Box<dyn Prepared>, BootError>;

@@ -38,7 +38,7 @@ async fn summon_connect_and_the_right_revision_answers() {
     let world = World::new(1, |_| {});
     let (revision, summoned) = summon_hello(&world);
     assert_eq!(summoned.port, 8080);
-    assert_eq!(summoned.backend.ip(), summoned.address);
+    assert_eq!(summoned.backend.ip(), summoned.addresses.primary());
     let response = http_get(summoned.backend, "/").await.expect("answer");
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(
@@ -52,11 +52,11 @@ async fn summon_connect_and_the_right_revision_answers() {
         .deployer
         .summon("hello", &revision, None)
         .expect("summon");
-    assert_eq!(again.address, summoned.address);
+    assert_eq!(again.addresses.primary(), summoned.addresses.primary());
     assert_eq!(world.deployer.list().len(), 1);
     let by_address = world
         .deployer
-        .by_address(summoned.address)
+        .by_address(summoned.addresses.primary())
         .expect("known address");
     assert_eq!(by_address.key, summoned.key);
     world.deployer.shutdown().await;
@@ -94,7 +94,7 @@ async fn two_revisions_run_side_by_side_on_different_addresses() {
         .deployer
         .summon("hello", &second, None)
         .expect("summon second");
-    assert_ne!(a.address, b.address);
+    assert_ne!(a.addresses.primary(), b.addresses.primary());
     let (answer_a, answer_b) = tokio::join!(http_get(a.backend, "/"), http_get(b.backend, "/"));
     let states = || format!("{:?} / {:?}", *a.state.borrow(), *b.state.borrow());
     let (answer_a, answer_b) = (
@@ -198,8 +198,14 @@ async fn idle_reaping_stops_the_instance_and_writes_its_log_back() {
         String::from_utf8_lossy(&record.console)
     );
     // The address is free again.
-    assert!(support::eventually(|| world.deployer.by_address(summoned.address).is_none()).await);
-    assert!(support::bindable(summoned.address, 8080));
+    assert!(
+        support::eventually(|| world
+            .deployer
+            .by_address(summoned.addresses.primary())
+            .is_none())
+        .await
+    );
+    assert!(support::bindable(summoned.addresses.primary(), 8080));
     world.deployer.shutdown().await;
 }
 
@@ -361,7 +367,10 @@ async fn caps_refuse_fast_with_a_reason() {
         .deployer
         .summon("other", &other, Some("127.0.0.5".parse().unwrap()))
         .expect("client instance");
-    assert_eq!(client.key.client, Some("127.0.0.5".parse().unwrap()));
+    assert_eq!(
+        client.key.client.map(|client| client.network()),
+        Some("127.0.0.5".parse().unwrap())
+    );
     assert!(matches!(
         world
             .deployer
@@ -393,7 +402,11 @@ async fn concurrent_summons_boot_one_instance() {
         .into_iter()
         .map(|t| t.join().expect("joins"))
         .collect();
-    assert!(summoned.iter().all(|s| s.address == summoned[0].address));
+    assert!(
+        summoned
+            .iter()
+            .all(|s| s.addresses.primary() == summoned[0].addresses.primary())
+    );
     assert_eq!(world.deployer.list().len(), 1);
     let response = http_get(summoned[0].backend, "/").await.expect("answer");
     assert!(response.contains(&revision.to_string()));
@@ -407,10 +420,10 @@ async fn behind_a_proxy_the_backend_is_an_ephemeral_port_on_the_service_address(
     });
     let (_, summoned) = summon_hello(&world);
     assert_eq!(summoned.port, 8080);
-    assert_eq!(summoned.backend.ip(), summoned.address);
+    assert_eq!(summoned.backend.ip(), summoned.addresses.primary());
     assert_ne!(summoned.backend.port(), 8080);
     // The service address and port stay free for the proxy to listen on.
-    assert!(support::bindable(summoned.address, 8080));
+    assert!(support::bindable(summoned.addresses.primary(), 8080));
     let response = http_get(summoned.backend, "/").await.expect("answer");
     assert!(response.contains("hello from v1"), "{response}");
     world.deployer.shutdown().await;
@@ -500,7 +513,7 @@ async fn without_a_proxy_an_open_quiet_connection_keeps_the_instance_alive() {
     // Clients reach the instance's own socket; nobody reports their connections.
     assert_eq!(
         summoned.backend,
-        std::net::SocketAddr::new(summoned.address, summoned.port)
+        std::net::SocketAddr::new(summoned.addresses.primary(), summoned.port)
     );
     let mut state = summoned.state.clone();
     support::wait_state(&mut state, InstanceState::is_serving).await;

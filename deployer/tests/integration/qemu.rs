@@ -111,7 +111,7 @@ async fn boot(feature: Option<&'static str>) -> Booted {
         service: "hello-vm".into(),
         revision: REVISION.parse::<Revision>().expect("revision"),
         run: manifest.run.clone(),
-        address: "127.0.0.1".parse().expect("address"),
+        addresses: revboot_deployer::ServiceAddresses::one("127.0.0.1".parse().expect("address")),
         client: None,
         backend_port: BackendPort::Ephemeral,
         scratch: scratch.path().join("scratch"),
@@ -255,7 +255,7 @@ async fn a_taken_port_is_refused_before_anything_boots() {
         service: "hello-vm".into(),
         revision: REVISION.parse::<Revision>().expect("revision"),
         run,
-        address: "127.0.0.1".parse().expect("address"),
+        addresses: revboot_deployer::ServiceAddresses::one("127.0.0.1".parse().expect("address")),
         client: None,
         backend_port: BackendPort::Same,
         scratch: scratch.path().join("scratch"),
@@ -324,7 +324,11 @@ mod through_the_deployer {
             .expect("logs")
             .remove(0);
         assert!(
-            support::eventually(|| world.deployer.by_address(summoned.address).is_none()).await
+            support::eventually(|| world
+                .deployer
+                .by_address(summoned.addresses.primary())
+                .is_none())
+            .await
         );
         world.deployer.shutdown().await;
         (
@@ -406,7 +410,7 @@ mod through_the_deployer {
             .await,
             "qemu's socket is steered"
         );
-        let front = std::net::SocketAddr::new(summoned.address, summoned.port);
+        let front = std::net::SocketAddr::new(summoned.addresses.primary(), summoned.port);
         let response = http_get(front, "/")
             .await
             .expect("an answer at the service port");

@@ -380,7 +380,11 @@ async fn per_client_services_give_each_source_address_its_instance() {
         a1_again[q.len()..],
         "one client, one address"
     );
-    let clients: Vec<_> = fake.keys().into_iter().filter_map(|k| k.client).collect();
+    let clients: Vec<_> = fake
+        .keys()
+        .into_iter()
+        .filter_map(|k| k.client.map(|c| c.network()))
+        .collect();
     assert_eq!(clients.len(), 2);
     assert!(clients.contains(&IpAddr::from([127, 0, 0, 2])));
     server.shutdown().await.expect("clean shutdown");
@@ -402,7 +406,11 @@ async fn client_subnet_picks_the_instance_only_when_trusted() {
         }
         let r = send(&client, q).await;
         assert!(address(&r).is_some());
-        let clients: Vec<_> = fake.keys().into_iter().filter_map(|k| k.client).collect();
+        let clients: Vec<_> = fake
+            .keys()
+            .into_iter()
+            .filter_map(|k| k.client.map(|c| c.network()))
+            .collect();
         let echoed = r.edns.as_ref().and_then(|e| {
             e.options().options.iter().find_map(|(_, o)| match o {
                 EdnsOption::Subnet(s) => Some(s.scope_prefix()),

@@ -150,7 +150,10 @@ async fn the_service_address_is_bound_again_after_steered_connections_closed() {
 
     let world = World::new(15, |_, _| {});
     let (_, again) = support::summon_hello(&world);
-    assert_eq!(again.address, summoned.address, "the first address again");
+    assert_eq!(
+        again.addresses, summoned.addresses,
+        "the first address again"
+    );
     let response = http_get(service_address(&again), None, "/again")
         .await
         .expect("served by the new daemon");

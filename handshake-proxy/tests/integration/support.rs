@@ -69,7 +69,7 @@ impl World {
         let store = Store::init(dir.path().join("deploy.git")).expect("store");
         let mut config = DeployerConfig::new(dir.path().join("state"));
         config.name = format!("proxy-test-{index}-{}", std::process::id());
-        config.pool = format!("127.79.{index}.0/24").parse().expect("pool");
+        config.pools = vec![format!("127.79.{index}.0/24").parse().expect("pool")];
         config.backend_port = BackendPort::Ephemeral;
         config.stop_grace_ms = 200;
         let mut proxy_config = ProxyConfig::default();
@@ -148,7 +148,7 @@ pub fn raise_nofile() {
 
 /// The service address and port of `summoned`: where clients connect.
 pub fn service_address(summoned: &revboot_deployer::Summoned) -> SocketAddr {
-    SocketAddr::new(summoned.address, summoned.port)
+    SocketAddr::new(summoned.addresses.primary(), summoned.port)
 }
 
 /// Waits (bounded) until `summoned`'s instance serves.
@@ -170,7 +170,7 @@ pub async fn bob_refused_alice_served(world: &World) -> revboot_deployer::Summon
         .proxy
         .summon("mine", &revision, Some(alice))
         .expect("summon for alice");
-    assert_eq!(summoned.key.client, Some(alice));
+    assert_eq!(summoned.key.client.map(|c| c.network()), Some(alice));
     if world.deployer.steers() {
         serving(&summoned).await;
         let key = summoned.key.clone();

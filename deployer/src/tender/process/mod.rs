@@ -252,29 +252,31 @@ impl Tender for ProcessTender {
             BackendPort::Same => spec.run.port,
             BackendPort::Ephemeral => 0,
         };
-        let address = SocketAddr::new(spec.address, port);
-        // A per-client instance's socket takes connections only from its service address
+        let address = SocketAddr::new(spec.addresses.primary(), port);
+        // A per-client instance's socket takes connections only from its service addresses
         // (the proxy, the probes) and from its client at the service port (with no proxy in
         // front, or steered there by the deployer; see `admit`).
-        let v4 = |ip: IpAddr| match ip.to_canonical() {
-            IpAddr::V4(ip) => Some(ip),
-            IpAddr::V6(_) => None,
-        };
         let admitted = spec.client.map(|client| {
-            (
-                v4(spec.address).into_iter().collect::<Vec<_>>(),
-                v4(client).map(|client| (client, spec.run.port)),
-            )
+            let own: Vec<IpAddr> = spec.addresses.iter().collect();
+            (own, (client, spec.run.port))
         });
+        let dual_stack = spec.addresses.v4().is_some() && spec.addresses.v6().is_some();
         let bind = || -> io::Result<(Socket, SocketAddr)> {
             let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
             // Also on an ephemeral port: connections the kernel steers here from the service
             // port inherit this flag and linger on that port in TIME_WAIT; without it there,
             // the proxy could not bind the service address again.
             socket.set_reuse_address(true)?;
+            if address.is_ipv6() {
+                // With an address of each family the kernel steers IPv4 connections here too.
+                socket.set_only_v6(!dual_stack)?;
+                // An address of a prefix routed to `lo` ("AnyIP") is local to the kernel's
+                // routing but not an interface address, which an IPv6 bind checks for.
+                socket.set_freebind_v6(true)?;
+            }
             socket.bind(&address.into())?;
             if let Some((sources, client)) = &admitted {
-                admit::admit_only(&socket, sources, *client)?;
+                admit::admit_only(&socket, sources, Some(*client))?;
             }
             socket.listen(BACKLOG)?;
             // Only an ephemeral port needs asking for (a syscall on the summon path).

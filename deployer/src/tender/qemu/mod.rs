@@ -56,6 +56,7 @@ use super::{
     BootError, BootSpec, BoxFuture, ExitReport, ExitStatus, Footprint, NotReady, Prepared, Running,
     Tender, TenderHost, probe_ready,
 };
+use crate::addresses::Family;
 use crate::config::BackendPort;
 use crate::console::Console;
 
@@ -191,6 +192,11 @@ fn invalid(what: &str, message: String) -> BootError {
 }
 
 impl Tender for QemuTender {
+    fn families(&self) -> &'static [Family] {
+        // User networking forwards from IPv4 host addresses.
+        &[Family::Ipv4]
+    }
+
     fn kind(&self) -> TenderKind {
         TenderKind::Qemu
     }
@@ -216,15 +222,15 @@ impl Tender for QemuTender {
                  accepts for the guest); use `console` or `http` to know the guest serves"
             );
         }
-        if !matches!(spec.address, IpAddr::V4(_)) {
+        let (Some(v4), None) = (spec.addresses.v4(), spec.addresses.v6()) else {
             return Err(invalid(
                 "port forward",
                 format!(
                     "qemu user networking forwards IPv4 only, not {}",
-                    spec.address
+                    spec.addresses
                 ),
             ));
-        }
+        };
         let qmp = spec.scratch.join("qmp.sock");
         if qmp.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(invalid(
@@ -239,7 +245,7 @@ impl Tender for QemuTender {
             BackendPort::Same => spec.run.port,
             BackendPort::Ephemeral => 0,
         };
-        let probe = SocketAddr::new(spec.address, port);
+        let probe = SocketAddr::new(IpAddr::V4(v4), port);
         let listener = TcpListener::bind(probe).map_err(|source| BootError::Bind {
             address: probe,
             source,
@@ -683,7 +689,7 @@ mod tests {
                 guest_port: Some(8080),
                 ..Run::default()
             },
-            address: "127.0.0.1".parse().expect("an address"),
+            addresses: crate::ServiceAddresses::one("127.0.0.1".parse().expect("an address")),
             client: None,
             backend_port: BackendPort::Ephemeral,
             scratch: std::env::temp_dir(),
@@ -800,7 +806,7 @@ mod tests {
         let error = tender.prepare(tiny).expect_err("too little memory");
         assert!(error.to_string().contains("guest memory"), "{error}");
         let mut v6 = spec(&[]);
-        v6.address = "::1".parse().expect("ip");
+        v6.addresses = crate::ServiceAddresses::one("::1".parse().expect("ip"));
         assert!(tender.prepare(v6).is_err());
     }
 
