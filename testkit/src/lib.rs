@@ -105,6 +105,29 @@ pub const EXIT_0: [u8; 129] = [
     0x0f, 0x05,                         // syscall
 ];
 
+/// Which part of `127.0.0.0/8` a crate's tests take service addresses from: the second
+/// octet of their pools.
+#[derive(Debug, Clone, Copy)]
+pub enum PoolRange {
+    /// The deployer's tests: `127.150-179.*`.
+    Deployer = 150,
+    /// The handshake proxy's tests: `127.180-209.*`.
+    Proxy = 180,
+    /// The DNS front end's tests: `127.210-239.*`.
+    Dns = 210,
+}
+
+/// A loopback /24 of service addresses for test world `index` of a crate's tests. The second
+/// octet comes from the process id too, so that two test runs on one host (two checkouts'
+/// suites, or a suite beside a daemon) seldom share addresses (1 in 30 pairs; the root
+/// crate's end-to-end tests use `127.90-149.*`, a daemon's default pool `127.77.*`).
+pub fn test_pool(range: PoolRange, index: u8) -> String {
+    format!(
+        "127.{}.{index}.0/24",
+        range as u32 + std::process::id() % 30
+    )
+}
+
 /// Stock git, as installed on the machine.
 pub fn stock_git() -> &'static str {
     if Path::new("/usr/local/bin/git").exists() {

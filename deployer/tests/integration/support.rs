@@ -71,7 +71,11 @@ pub struct World {
 pub fn config(dir: &Path, index: u8) -> DeployerConfig {
     let mut config = DeployerConfig::new(dir.join("state"));
     config.name = format!("test-{index}-{}", std::process::id());
-    config.pools = vec![format!("127.78.{index}.0/24").parse().expect("pool")];
+    config.pools = vec![
+        revboot_testkit::test_pool(revboot_testkit::PoolRange::Deployer, index)
+            .parse()
+            .expect("pool"),
+    ];
     config.stop_grace_ms = 200;
     config
 }

@@ -58,7 +58,11 @@ fn world(max_instances: usize) -> World {
     let store = Store::init(dir.path().join("deploy.git")).expect("store");
     let mut config = DeployerConfig::new(dir.path().join("state"));
     config.name = format!("dns-test-{index}-{}", std::process::id());
-    config.pools = vec![format!("127.79.{index}.0/24").parse().expect("pool")];
+    config.pools = vec![
+        revboot_testkit::test_pool(revboot_testkit::PoolRange::Dns, index)
+            .parse()
+            .expect("pool"),
+    ];
     config.max_instances = max_instances;
     config.stop_grace_ms = 200;
     let deployer = Deployer::new(config, store.clone(), tokio::runtime::Handle::current())

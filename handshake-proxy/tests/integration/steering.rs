@@ -95,6 +95,11 @@ async fn an_open_quiet_steered_connection_keeps_its_instance_until_it_closes() {
     let idle = Duration::from_millis(300);
     let world = World::with_idle(13, idle);
     let (_, summoned) = support::summon_hello(&world);
+    // Held by the proxy from the start, this one keeps the instance from being reaped for
+    // idleness until the quiet connection is in place, however slowly the machine gets there.
+    let keeper = connect(service_address(&summoned), None)
+        .await
+        .expect("connect");
     ready_and_steered(&world, &summoned).await;
     let quiet = connect(service_address(&summoned), None)
         .await
@@ -103,10 +108,20 @@ async fn an_open_quiet_steered_connection_keeps_its_instance_until_it_closes() {
         world.deployer.list()[0].steered == Some(1)
     })
     .await;
+    drop(keeper);
+    // The proxy reports its connections: none left once the keeper's close is seen.
+    eventually("the keeper's close is seen", || {
+        world.deployer.list()[0].connections == 0
+    })
+    .await;
     // No query either.
     let mut state = summoned.state.clone();
     support::still_serving_after_idle(&state, idle).await;
-    assert_eq!(world.proxy.metrics().accepted, 0);
+    assert_eq!(
+        world.proxy.metrics().accepted,
+        1,
+        "only the keeper went through the proxy"
+    );
     support::reaped_once_closed(&mut state, quiet).await;
     world.shutdown().await;
 }

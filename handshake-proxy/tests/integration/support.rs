@@ -69,7 +69,11 @@ impl World {
         let store = Store::init(dir.path().join("deploy.git")).expect("store");
         let mut config = DeployerConfig::new(dir.path().join("state"));
         config.name = format!("proxy-test-{index}-{}", std::process::id());
-        config.pools = vec![format!("127.79.{index}.0/24").parse().expect("pool")];
+        config.pools = vec![
+            revboot_testkit::test_pool(revboot_testkit::PoolRange::Proxy, index)
+                .parse()
+                .expect("pool"),
+        ];
         config.backend_port = BackendPort::Ephemeral;
         config.stop_grace_ms = 200;
         let mut proxy_config = ProxyConfig::default();
