@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite drives when it is missing: stock git, curl, dig, qemu,
-# iproute2 and a C compiler (Debian package names), and fills the cargo cache for
-# examples/hello-vm, whose recipe builds offline as the builder runs it.
+# iproute2, unbound (the resolver of the beyond-loopback tests), nsenter and a C compiler
+# (Debian package names), and fills the cargo cache for examples/hello-vm, whose recipe
+# builds offline as the builder runs it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,8 @@ command -v dig >/dev/null || need+=(dnsutils)
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v ip >/dev/null || need+=(iproute2)
 command -v cc >/dev/null || need+=(gcc)
+command -v unbound >/dev/null || need+=(unbound)
+command -v nsenter >/dev/null || need+=(util-linux)
 if ((${#need[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "test-tools: missing ${need[*]}; install them (Debian: apt-get install ${need[*]}) or run as root" >&2

@@ -75,6 +75,23 @@ pub struct Dns {
     /// TCP connections open at once from one client prefix (/24, /56); past it, a newcomer
     /// closes its prefix's connection idle longest.
     pub max_tcp_per_prefix: usize,
+    /// The zone's name servers, published as NS at the apex, with their addresses as glue.
+    /// They must agree with the NS and glue records of the parent zone's delegation. Empty:
+    /// one, `ns.<zone>`, at the listen address, which is only right on loopback: DNS that
+    /// listens beyond loopback needs them named.
+    pub nameservers: Vec<Nameserver>,
+}
+
+/// A name server of the zone, `{ name = "ns1.example.com", addresses = ["192.0.2.1",
+/// "2001:db8::1"] }` (`address`, one address, reads as a list of one).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Nameserver {
+    /// Its name.
+    pub name: String,
+    /// Its addresses (glue, when the name is inside the zone).
+    #[serde(default, alias = "address", deserialize_with = "one_or_many")]
+    pub addresses: Vec<IpAddr>,
 }
 
 /// `[http]`.
@@ -190,6 +207,7 @@ impl Default for Dns {
             responses_per_second: 1000,
             max_tcp_connections: revboot_dns::DEFAULT_MAX_TCP_CONNECTIONS,
             max_tcp_per_prefix: revboot_dns::DEFAULT_MAX_TCP_PER_PREFIX,
+            nameservers: Vec::new(),
         }
     }
 }
@@ -236,18 +254,25 @@ impl Default for Builds {
     }
 }
 
-/// `pools` as a list, or (as `pool`) one prefix.
-fn one_or_many<'de, D: serde::Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Vec<revboot_deployer::config::Prefix>, D::Error> {
+/// A list, or (under the singular key: `pool`, `address`) one value.
+fn one_or_many<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr + Deserialize<'de>,
+    T::Err: std::fmt::Display,
+{
     // A visitor rather than an untagged enum: an untagged enum's error names no variant's
-    // reason, and a bad prefix must be named in the message.
-    struct Prefixes;
-    impl<'de> serde::de::Visitor<'de> for Prefixes {
-        type Value = Vec<revboot_deployer::config::Prefix>;
+    // reason, and a bad value must be named in the message.
+    struct OneOrMany<T>(std::marker::PhantomData<T>);
+    impl<'de, T> serde::de::Visitor<'de> for OneOrMany<T>
+    where
+        T: std::str::FromStr + Deserialize<'de>,
+        T::Err: std::fmt::Display,
+    {
+        type Value = Vec<T>;
 
         fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a prefix like \"2001:db8:1::/64\" or a list of them")
+            f.write_str("a value like \"2001:db8:1::/64\" or a list of them")
         }
 
         fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
@@ -258,14 +283,14 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(
             self,
             mut seq: A,
         ) -> Result<Self::Value, A::Error> {
-            let mut prefixes = Vec::new();
-            while let Some(prefix) = seq.next_element()? {
-                prefixes.push(prefix);
+            let mut values = Vec::new();
+            while let Some(value) = seq.next_element()? {
+                values.push(value);
             }
-            Ok(prefixes)
+            Ok(values)
         }
     }
-    deserializer.deserialize_any(Prefixes)
+    deserializer.deserialize_any(OneOrMany(std::marker::PhantomData))
 }
 
 /// Why a configuration was rejected.
@@ -372,6 +397,27 @@ impl Config {
         if self.dns.max_tcp_per_prefix == 0 {
             return Err(invalid("dns.max_tcp_per_prefix", "must be at least 1"));
         }
+        if !self.dns.listen.ip().is_loopback() && self.dns.nameservers.is_empty() {
+            return Err(invalid(
+                "dns.nameservers",
+                "DNS listens beyond loopback: name the zone's name servers and their \
+                 addresses (the NS and glue records of the parent zone's delegation)",
+            ));
+        }
+        let zone = format!(".{}", self.zone.trim_end_matches('.').to_ascii_lowercase());
+        if let Some(ns) = self.dns.nameservers.iter().find(|ns| {
+            ns.addresses.is_empty()
+                && format!(".{}", ns.name.trim_end_matches('.').to_ascii_lowercase())
+                    .ends_with(&zone)
+        }) {
+            return Err(ConfigError::Invalid {
+                key: "dns.nameservers",
+                message: format!(
+                    "{} is inside the zone and needs its addresses (glue)",
+                    ns.name
+                ),
+            });
+        }
         Ok(())
     }
 
@@ -451,6 +497,26 @@ mod tests {
         assert!(error.to_string().contains("hvf"), "{error}");
         let error = Config::from_toml("[instances]\npool = \"127.5.0.1/24\"\n").expect_err("bits");
         assert!(error.to_string().contains("127.5.0.1/24"), "{error}");
+    }
+
+    #[test]
+    fn a_zone_served_beyond_loopback_names_its_name_servers_with_glue() {
+        let config = Config::from_toml(
+            "zone = \"example.com\"\n[dns]\nlisten = \"[2001:db8:ff::1]:53\"\n\
+             nameservers = [{ name = \"ns1.example.com\", addresses = [\"2001:db8:ff::1\", \"192.0.2.1\"] },\
+             { name = \"ns2.example.net\" }, { name = \"ns3.example.com\", address = \"192.0.2.3\" }]\n",
+        )
+        .expect("valid");
+        assert_eq!(config.dns.nameservers[0].addresses.len(), 2);
+        assert_eq!(config.dns.nameservers[2].addresses.len(), 1);
+        let error = Config::from_toml("[dns]\nlisten = \"192.0.2.1:53\"\n").expect_err("no NS");
+        assert!(error.to_string().contains("dns.nameservers"), "{error}");
+        let error = Config::from_toml(
+            "zone = \"example.com\"\n[dns]\nnameservers = [{ name = \"NS1.Example.com.\" }]\n",
+        )
+        .expect_err("no glue");
+        assert!(error.to_string().contains("NS1.Example.com."), "{error}");
+        assert!(error.to_string().contains("glue"), "{error}");
     }
 
     #[test]

@@ -386,6 +386,15 @@ impl Daemon {
             ttl: Duration::from_secs(u64::from(config.dns.ttl_secs)),
             delayed_answers: config.dns.delayed_answers,
             trust_ecs: config.dns.trust_ecs,
+            nameservers: config
+                .dns
+                .nameservers
+                .iter()
+                .map(|ns| revboot_dns::Nameserver {
+                    name: ns.name.clone(),
+                    addresses: ns.addresses.clone(),
+                })
+                .collect(),
             limits: revboot_dns::Limits {
                 boots_per_second: config.dns.boots_per_second,
                 boot_burst: config.dns.boot_burst,

@@ -245,7 +245,7 @@ pub struct DeployerConfig {
     pub name: String,
     /// Service addresses are taken from these prefixes (IPv4, IPv6 or both; an instance
     /// gets one address per family its service asks for). Each must be routed to the host
-    /// and local (a `local` route, as `127.0.0.0/8` is; see the `local_routes` module).
+    /// and local (a `local` route, as `127.0.0.0/8` is; see [`crate::local_routes`]).
     #[serde(
         default = "default_pools",
         alias = "pool",

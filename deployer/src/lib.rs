@@ -120,6 +120,7 @@ pub mod config;
 mod conntrack;
 pub mod console;
 mod deployer;
+pub mod local_routes;
 pub mod metrics;
 pub mod pool;
 mod refusals;

@@ -22,6 +22,13 @@ use crate::wire::{self, Query};
 
 /// The UDP payload size this server advertises and sends at most (DNS flag day 2020).
 pub const EDNS_UDP_SIZE: u16 = 1232;
+/// Seconds since the epoch as a serial (RFC 1982 arithmetic wraps it in 2106).
+fn unix_serial() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as u32)
+}
+
 /// TTL of the apex records (SOA, NS) and of name server addresses.
 const ZONE_TTL: u32 = 300;
 /// EDNS option code of Extended DNS Errors (RFC 8914).
@@ -37,8 +44,10 @@ const EDE_PROHIBITED: u16 = 18;
 pub(crate) struct Engine {
     zone: Name,
     zone_labels: Vec<Vec<u8>>,
-    /// Name servers: lowercased wire name, name, address.
-    nameservers: Vec<(Vec<u8>, Name, IpAddr)>,
+    /// Name servers: lowercased wire name, name, addresses.
+    nameservers: Vec<(Vec<u8>, Name, Vec<IpAddr>)>,
+    /// The SOA serial and the deployer generation it was taken for.
+    serial: std::sync::Mutex<(u64, u32)>,
     hostmaster: Name,
     ttl: u32,
     negative_ttl: u32,
@@ -91,7 +100,7 @@ impl Engine {
         let nameservers = checked
             .nameservers
             .iter()
-            .map(|(name, address)| (wire_lowercase(name), name.clone(), *address))
+            .map(|(name, addresses)| (wire_lowercase(name), name.clone(), addresses.clone()))
             .collect();
         let hostmaster = Name::from_ascii("hostmaster")
             .and_then(|h| h.append_domain(&checked.zone))
@@ -101,6 +110,7 @@ impl Engine {
             zone_labels: checked.zone.iter().map(<[u8]>::to_vec).collect(),
             zone: checked.zone.clone(),
             nameservers,
+            serial: std::sync::Mutex::new((u64::MAX, unix_serial())),
             hostmaster,
             ttl: secs(config.ttl),
             negative_ttl: secs(config.negative_ttl),
@@ -185,10 +195,15 @@ impl Engine {
         if query.qclass != u16::from(DNSClass::IN) && query.qclass != u16::from(DNSClass::ANY) {
             return plain(rcode(ResponseCode::Refused), Some(Scope::Shared));
         }
-        if let Some((_, name, address)) = self.nameservers.iter().find(|(w, ..)| w == lowercase) {
-            let reply = match address_record(name, *address, qtype, ZONE_TTL) {
-                Some(record) => self.positive(vec![record]),
-                None => self.nodata(generation),
+        if let Some((_, name, addresses)) = self.nameservers.iter().find(|(w, ..)| w == lowercase) {
+            let records: Vec<Record> = addresses
+                .iter()
+                .filter_map(|address| address_record(name, *address, qtype, ZONE_TTL))
+                .collect();
+            let reply = if records.is_empty() {
+                self.nodata(generation)
+            } else {
+                self.positive(records)
             };
             return plain(reply, Some(Scope::Shared));
         }
@@ -367,14 +382,16 @@ impl Engine {
             reply.answers.push(self.soa(generation, ZONE_TTL));
         }
         if matches!(qtype, RecordType::NS | RecordType::ANY) {
-            for (_, name, address) in &self.nameservers {
+            for (_, name, addresses) in &self.nameservers {
                 let ns =
                     Record::from_rdata(self.zone.clone(), ZONE_TTL, RData::NS(NS(name.clone())));
                 reply.answers.push(ns);
                 if self.zone.zone_of(name) {
-                    let glue = [RecordType::A, RecordType::AAAA]
-                        .into_iter()
-                        .filter_map(|t| address_record(name, *address, t, ZONE_TTL));
+                    let glue = addresses.iter().flat_map(|address| {
+                        [RecordType::A, RecordType::AAAA]
+                            .into_iter()
+                            .filter_map(|t| address_record(name, *address, t, ZONE_TTL))
+                    });
                     reply.additionals.extend(glue);
                 }
             }
@@ -408,6 +425,18 @@ impl Engine {
         }
     }
 
+    /// The SOA serial for `generation`: it moves with every change of the deployer's
+    /// generation (every deployment, live move or stock-git write to the repository), to the
+    /// current time in seconds or one more than before, whichever is higher, so it never goes
+    /// back, across restarts too (the generation itself starts again at each start).
+    fn serial(&self, generation: u64) -> u32 {
+        let mut serial = self.serial.lock().expect("serial lock is never poisoned");
+        if serial.0 != generation {
+            *serial = (generation, unix_serial().max(serial.1.wrapping_add(1)));
+        }
+        serial.1
+    }
+
     fn soa(&self, generation: u64, ttl: u32) -> Record {
         let mname = self
             .nameservers
@@ -416,8 +445,7 @@ impl Engine {
         let soa = SOA::new(
             mname,
             self.hostmaster.clone(),
-            // The serial follows the deployer's generation, which moves with every change.
-            generation as u32,
+            self.serial(generation),
             3600,
             600,
             86_400,

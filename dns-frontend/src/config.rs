@@ -63,14 +63,15 @@ impl Default for DnsConfig {
     }
 }
 
-/// A name server of the zone, published as NS at the apex (with an address record when the
-/// name is inside the zone).
+/// A name server of the zone, published as NS at the apex, with its addresses as glue (A and
+/// AAAA records) when the name is inside the zone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Nameserver {
-    /// Its name, e.g. `ns.revboot.test`.
+    /// Its name, e.g. `ns1.revboot.test`.
     pub name: String,
-    /// Its address.
-    pub address: IpAddr,
+    /// Its addresses, IPv4 and IPv6; at least one when the name is inside the zone (the
+    /// parent zone's glue and these must agree).
+    pub addresses: Vec<IpAddr>,
 }
 
 /// Bounds on what clients can make the server do.
@@ -155,6 +156,12 @@ pub enum ConfigError {
         /// The name as given.
         name: String,
     },
+    /// A name server inside the zone has no address: resolvers could never reach it.
+    #[error("Name server `{name}` is inside the zone and needs its addresses (glue)")]
+    Glue {
+        /// The name as given.
+        name: String,
+    },
     /// A value is out of range.
     #[error("`{field}` {problem}")]
     Range {
@@ -169,7 +176,7 @@ pub enum ConfigError {
 #[derive(Debug, Clone)]
 pub(crate) struct Checked {
     pub zone: Name,
-    pub nameservers: Vec<(Name, IpAddr)>,
+    pub nameservers: Vec<(Name, Vec<IpAddr>)>,
 }
 
 impl DnsConfig {
@@ -188,7 +195,12 @@ impl DnsConfig {
             let name = parse_name(&ns.name).ok_or_else(|| ConfigError::Nameserver {
                 name: ns.name.clone(),
             })?;
-            nameservers.push((name, ns.address));
+            if ns.addresses.is_empty() && zone.zone_of(&name) {
+                return Err(ConfigError::Glue {
+                    name: ns.name.clone(),
+                });
+            }
+            nameservers.push((name, ns.addresses.clone()));
         }
         if nameservers.is_empty() {
             let address = match bound.ip() {
@@ -200,7 +212,7 @@ impl DnsConfig {
                 .map_err(|_| ConfigError::Zone {
                     zone: self.zone.clone(),
                 })?;
-            nameservers.push((name, address));
+            nameservers.push((name, vec![address]));
         }
         let range = |field, problem| ConfigError::Range { field, problem };
         if self.ttl > Duration::from_secs(86_400) {
@@ -285,7 +297,35 @@ mod tests {
         assert_eq!(checked.zone.to_string(), "revboot.test.");
         assert_eq!(checked.nameservers.len(), 1);
         assert_eq!(checked.nameservers[0].0.to_string(), "ns.revboot.test.");
-        assert_eq!(checked.nameservers[0].1, IpAddr::from([127, 0, 0, 1]));
+        assert_eq!(checked.nameservers[0].1, [IpAddr::from([127, 0, 0, 1])]);
+    }
+
+    #[test]
+    fn a_nameserver_inside_the_zone_needs_glue() {
+        let config = |addresses: Vec<IpAddr>, name: &str| DnsConfig {
+            nameservers: vec![Nameserver {
+                name: name.to_owned(),
+                addresses,
+            }],
+            ..DnsConfig::default()
+        };
+        let error = config(Vec::new(), "ns1.revboot.test")
+            .check(bound())
+            .expect_err("no glue");
+        assert!(error.to_string().contains("ns1.revboot.test"), "{error}");
+        assert!(error.to_string().contains("glue"), "{error}");
+        // Outside the zone its addresses are the other zone's business.
+        config(Vec::new(), "ns.elsewhere.example")
+            .check(bound())
+            .expect("no glue needed");
+        let both = vec![
+            IpAddr::from([192, 0, 2, 1]),
+            "2001:db8::1".parse().expect("v6"),
+        ];
+        let checked = config(both.clone(), "ns1.revboot.test")
+            .check(bound())
+            .expect("glue of both families");
+        assert_eq!(checked.nameservers[0].1, both);
     }
 
     #[test]

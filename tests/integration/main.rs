@@ -1,6 +1,7 @@
 //! End-to-end tests of the `revboot` binary: real daemon, stock git, dig and curl.
 
 mod api;
+mod beyond_loopback;
 mod daemon_log;
 mod direct;
 mod gatekeeper;

@@ -98,7 +98,7 @@ impl Daemon {
         Daemon::launch(data, ANY_PORT, ANY_PORT, &pool, setup)
     }
 
-    /// Starts a daemon with the given ports (0: any) and pool.
+    /// Starts a daemon with the given ports (0: the daemon picks one) and pool.
     pub fn start_with(data: &Path, http: u16, dns: u16, pool: &str) -> Daemon {
         Daemon::launch(data, http, dns, pool, &Setup::default())
     }
@@ -306,6 +306,15 @@ impl Daemon {
         }
         let output = command.output().expect("run dig");
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
+    /// Kills the daemon with SIGKILL (nothing of it runs on) and waits for it.
+    pub fn kill(mut self) -> String {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.log()
     }
 
     /// Stops with SIGTERM and waits (bounded).

@@ -86,6 +86,9 @@ pub enum NewError {
     /// A tender could not be set up.
     #[error(transparent)]
     Tender(#[from] crate::tender::TenderSetupError),
+    /// A pool is not usable or could not be made local.
+    #[error(transparent)]
+    Pools(#[from] crate::local_routes::LocalError),
 }
 
 /// Why an operator command was refused.
@@ -151,6 +154,8 @@ pub struct Deployer {
     steering: Option<Arc<Steering>>,
     /// Lasting refusals, logged once per service per window.
     refusals: RefusalLog,
+    /// The `local` routes this deployer added for its pools, removed at shutdown.
+    routes: Mutex<crate::local_routes::LocalRoutes>,
 }
 
 fn unix_ms() -> u64 {
@@ -181,6 +186,7 @@ impl Deployer {
         makers: Vec<MakeTender>,
     ) -> Result<Arc<Deployer>, NewError> {
         config.validate()?;
+        crate::local_routes::check_host_addresses(&config.pools)?;
         let image_dir = config.state_dir.join("images");
         let scratch_dir = config.state_dir.join("scratch");
         for path in [&config.state_dir, &image_dir, &scratch_dir] {
@@ -208,6 +214,8 @@ impl Deployer {
         );
         clean_orphans(&opened.left, &tenders, &scratch_dir);
         let state = opened.start()?;
+        // Last, once nothing else can fail: a route added is removed only at shutdown.
+        let (routes, _) = crate::local_routes::make_local(&config.pools)?;
         let pool = AddressPools::new(&config.pools);
         let steering = open_steering(&config);
         let presized = config.max_instances.min(PRESIZE_LIMIT);
@@ -244,6 +252,7 @@ impl Deployer {
             metrics: crate::metrics::Metrics::default(),
             steering,
             refusals: RefusalLog::default(),
+            routes: Mutex::new(routes),
             config,
         });
         deployer.warm_soon();
@@ -376,6 +385,10 @@ impl Deployer {
         for tender in self.tenders.all() {
             tender.shutdown();
         }
+        self.routes
+            .lock()
+            .expect("routes lock is never poisoned")
+            .remove();
         self.state.flush().await;
     }
 

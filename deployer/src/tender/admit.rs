@@ -204,11 +204,18 @@ fn words(bytes: [u8; 16]) -> [u32; 4] {
 /// Connects to an instance's own socket from the instance's service address, the source
 /// that socket admits (see the module docs).
 pub async fn connect_from_own_address(backend: SocketAddr) -> io::Result<tokio::net::TcpStream> {
-    let socket = match backend {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    socket.bind(SocketAddr::new(backend.ip(), 0))?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(backend),
+        socket2::Type::STREAM.nonblocking(),
+        None,
+    )?;
+    if backend.is_ipv6() {
+        // An address of a prefix routed to `lo` ("AnyIP") is not an interface address,
+        // which an IPv6 bind checks for.
+        socket.set_freebind_v6(true)?;
+    }
+    socket.bind(&SocketAddr::new(backend.ip(), 0).into())?;
+    let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
     socket.connect(backend).await
 }
 

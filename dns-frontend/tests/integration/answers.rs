@@ -227,7 +227,7 @@ async fn an_answer_too_big_for_udp_is_truncated_and_complete_over_tcp() {
     config.nameservers = (0..24)
         .map(|i| Nameserver {
             name: format!("ns{i:02}-a-rather-long-label-to-fill-packets.revboot.test"),
-            address: IpAddr::from([127, 0, 0, 1]),
+            addresses: vec![IpAddr::from([127, 0, 0, 1])],
         })
         .collect();
     let server = start(config, fake).await;
@@ -426,6 +426,82 @@ async fn client_subnet_picks_the_instance_only_when_trusted() {
         }
         server.shutdown().await.expect("clean shutdown");
     }
+}
+
+/// The SOA's serial, asked at the apex.
+async fn serial(client: &mut Client<TokioRuntimeProvider>) -> u32 {
+    let soa = ask(client, "revboot.test.", RecordType::SOA).await;
+    match soa.answers.first().map(|r| &r.data) {
+        Some(RData::SOA(soa)) => soa.serial,
+        other => panic!("no SOA: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_soa_serial_moves_with_deployments_and_name_servers_get_glue_of_both_families() {
+    let fake = fake(16, Boot::Instant);
+    let mut config = config();
+    let addresses = vec![
+        IpAddr::from([192, 0, 2, 53]),
+        "2001:db8::53".parse().expect("v6"),
+    ];
+    config.nameservers = vec![
+        Nameserver {
+            name: "ns1.revboot.test".to_owned(),
+            addresses: addresses.clone(),
+        },
+        Nameserver {
+            name: "ns.elsewhere.example".to_owned(),
+            addresses: Vec::new(),
+        },
+    ];
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    let server = start(config, fake.clone()).await;
+    let mut client = udp_client(server.local_addr()).await;
+    let first = serial(&mut client).await;
+    assert!(
+        u64::from(first) >= started,
+        "a time serial: {first} < {started}"
+    );
+    assert_eq!(serial(&mut client).await, first, "nothing changed");
+    fake.set_live("hello", revision(2));
+    let mut moved = first;
+    for _ in 0..1000 {
+        moved = serial(&mut client).await;
+        if moved != first {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert!(
+        moved > first,
+        "the serial moves with a deployment: {first} -> {moved}"
+    );
+
+    let ns = ask(&mut client, "revboot.test.", RecordType::NS).await;
+    assert_eq!(ns.answers.len(), 2, "{:?}", ns.answers);
+    let mut glue: Vec<IpAddr> = ns
+        .additionals
+        .iter()
+        .filter(|r| r.name.to_string() == "ns1.revboot.test.")
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            RData::AAAA(aaaa) => Some(IpAddr::V6(aaaa.0)),
+            _ => None,
+        })
+        .collect();
+    glue.sort();
+    assert_eq!(
+        glue, addresses,
+        "A and AAAA glue for the in-zone name server only"
+    );
+    assert_eq!(ns.additionals.len(), 2, "{:?}", ns.additionals);
+    let aaaa = ask(&mut client, "ns1.revboot.test.", RecordType::AAAA).await;
+    assert_eq!(address(&aaaa), Some(addresses[1]));
+    server.shutdown().await.expect("clean shutdown");
 }
 
 #[tokio::test]

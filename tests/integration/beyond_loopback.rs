@@ -1,0 +1,326 @@
+//! Serving beyond loopback, between two network namespaces the test makes: a "server" one
+//! where `revboot serve` runs with pools of documentation prefixes (IPv6 and IPv4) it makes
+//! local itself, and a "client" one joined to it by a veth pair, where **unbound** resolves
+//! the zone through a stub zone pointing at revboot's DNS, as a resolver of a real network
+//! would after a delegation. Nothing here touches the host's own network.
+
+use std::path::Path;
+use std::process::{Child, Output, Stdio};
+
+use revboot_testkit::netns::Netns;
+
+use crate::support::{Daemon, Setup, eventually, git, hello_source, push, push_service};
+
+const ZONE: &str = "example.com";
+/// The server's end of the veth pair: revboot's DNS listens here.
+const SERVER: &str = "2001:db8:ff::1";
+/// The client's addresses: each one a client of its own (`client_prefixes.ipv6 = 128`).
+const CLIENTS: [&str; 3] = ["2001:db8:ff::2", "2001:db8:ff::3", "2001:db8:ff::4"];
+const POOL_V6: &str = "2001:db8:1::/64";
+const POOL_V4: &str = "203.0.113.16/28";
+
+/// The two namespaces, joined, with routes to the pools through the server.
+struct Network {
+    server: Netns,
+    client: Netns,
+}
+
+impl Network {
+    fn new() -> Network {
+        let server = Netns::new();
+        let client = Netns::new();
+        server.veth("rb-server", &client, "rb-client");
+        server.add_address("rb-server", &format!("{SERVER}/64"));
+        server.add_address("rb-server", "192.0.2.1/24");
+        for address in CLIENTS {
+            client.add_address("rb-client", &format!("{address}/64"));
+        }
+        client.add_address("rb-client", "192.0.2.2/24");
+        client.add_route(POOL_V6, SERVER);
+        client.add_route(POOL_V4, "192.0.2.1");
+        Network { server, client }
+    }
+
+    /// Runs `program` in the client namespace; its output, whatever its exit status.
+    fn client_run(&self, program: &str, args: &[&str]) -> Output {
+        self.client
+            .command(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run in the client namespace")
+    }
+}
+
+/// unbound in the client namespace on 127.0.0.1:53, the zone a stub zone of revboot's DNS;
+/// killed on drop.
+struct Unbound {
+    child: Child,
+}
+
+impl Unbound {
+    fn start(network: &Network, dir: &Path) -> Unbound {
+        let config = dir.join("unbound.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "server:\n\
+                 \x20 interface: 127.0.0.1\n\
+                 \x20 port: 53\n\
+                 \x20 access-control: 127.0.0.0/8 allow\n\
+                 \x20 username: \"\"\n\
+                 \x20 chroot: \"\"\n\
+                 \x20 directory: \"{dir}\"\n\
+                 \x20 pidfile: \"{dir}/unbound.pid\"\n\
+                 \x20 do-daemonize: no\n\
+                 \x20 use-syslog: no\n\
+                 \x20 logfile: \"\"\n\
+                 \x20 verbosity: 1\n\
+                 \x20 num-threads: 1\n\
+                 \x20 so-reuseport: no\n\
+                 \x20 module-config: \"iterator\"\n\
+                 \x20 do-ip6: yes\n\
+                 \x20 qname-minimisation: no\n\
+                 \x20 # Random letter case in every query: answers must echo it.\n\
+                 \x20 use-caps-for-id: yes\n\
+                 stub-zone:\n\
+                 \x20 name: \"{ZONE}\"\n\
+                 \x20 stub-addr: {SERVER}@53\n\
+                 remote-control:\n\
+                 \x20 control-enable: no\n",
+                dir = dir.display()
+            ),
+        )
+        .expect("write unbound.conf");
+        let child = network
+            .client
+            .command("unbound")
+            .args(["-d", "-c"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("unbound.log")).expect("unbound log"))
+            .spawn()
+            .expect("start unbound");
+        Unbound { child }
+    }
+}
+
+impl Drop for Unbound {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts revboot in the server namespace, DNS on port 53 of the server's veth address, the
+/// zone's one name server.
+fn start(network: &Network, data: &Path, pools: &[&str]) -> Daemon {
+    let config = format!(
+        "zone = \"{ZONE}\"\n\
+         [dns]\n\
+         nameservers = [{{ name = \"ns1.{ZONE}\", addresses = [\"{SERVER}\", \"192.0.2.1\"] }}]\n\
+         [instances]\n\
+         idle_timeout_ms = 600000\n\
+         client_prefixes = {{ ipv6 = 128 }}\n"
+    );
+    Daemon::start_setup(
+        data,
+        &Setup {
+            config: &config,
+            netns: Some(&network.server),
+            pools,
+            dns: Some(format!("[{SERVER}]:53").parse().expect("dns address")),
+            ..Setup::default()
+        },
+    )
+}
+
+/// `dig` through unbound in the client namespace: the addresses of the answer.
+fn resolve(network: &Network, name: &str, kind: &str) -> Vec<String> {
+    let output = network.client_run(
+        "dig",
+        &["@127.0.0.1", "+short", "+time=10", "+tries=1", name, kind],
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| !line.starts_with(';') && !line.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// GET / of `url` from the client namespace, from `source` if given; the body, or `None`
+/// when the connection fails.
+fn get(network: &Network, source: Option<&str>, url: &str) -> Option<String> {
+    let mut args = vec!["-sS", "--fail", "--max-time", "30"];
+    if let Some(source) = source {
+        args.extend(["--interface", source]);
+    }
+    args.push(url);
+    let output = network.client_run("curl", &args);
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn url(address: &str) -> String {
+    if address.contains(':') {
+        format!("http://[{address}]:8080/")
+    } else {
+        format!("http://{address}:8080/")
+    }
+}
+
+fn inside(address: &str, pool: &str) -> bool {
+    let prefix: revboot_deployer::config::Prefix = pool.parse().expect("a pool");
+    address
+        .parse()
+        .is_ok_and(|address: std::net::IpAddr| prefix.contains(address))
+}
+
+/// The routes of `server`'s local table, as `ip` prints them.
+fn local_routes(network: &Network, family: &str) -> String {
+    let output = network
+        .server
+        .command("ip")
+        .args([family, "route", "show", "table", "local"])
+        .output()
+        .expect("ip route");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn a_client_network_resolves_through_unbound_and_reaches_revisions_over_ipv6() {
+    let network = Network::new();
+    let temp = tempfile::tempdir().expect("temp dir");
+    let data = temp.path().join("data");
+    let daemon = start(&network, &data, &[POOL_V6, POOL_V4]);
+    // Neither pool was local: revboot added a route for each, and says so.
+    let log = daemon.log();
+    assert!(log.contains(&format!("pool={POOL_V6}")), "{log}");
+    assert!(log.contains("made local"), "{log}");
+    assert!(local_routes(&network, "-6").contains(&format!("local {POOL_V6} dev lo")));
+    assert!(local_routes(&network, "-4").contains(&format!("local {POOL_V4} dev lo")));
+
+    let work = hello_source(temp.path());
+    assert!(push(&daemon, &work).contains("succeeded"));
+    let unbound = Unbound::start(&network, temp.path());
+    // unbound answers once it listens: the apex's SOA through the stub zone.
+    assert!(
+        eventually(|| !resolve(&network, ZONE, "SOA").is_empty()),
+        "unbound never answered; its log:\n{}",
+        std::fs::read_to_string(temp.path().join("unbound.log")).unwrap_or_default()
+    );
+
+    assert_eq!(resolve(&network, ZONE, "NS"), [format!("ns1.{ZONE}.")]);
+
+    // AAAA through the resolver: an address of the IPv6 pool, where the live revision
+    // answers; A: one of the IPv4 pool, the same instance.
+    let name = format!("hello.{ZONE}");
+    let v6 = resolve(&network, &name, "AAAA");
+    assert_eq!(v6.len(), 1, "{v6:?}");
+    assert!(inside(&v6[0], POOL_V6), "{v6:?}");
+    let body = get(&network, None, &url(&v6[0])).expect("GET over IPv6");
+    assert!(body.starts_with("hello from v1"), "{body}");
+    let v4 = resolve(&network, &name, "A");
+    assert_eq!(v4.len(), 1, "{v4:?}");
+    assert!(inside(&v4[0], POOL_V4), "{v4:?}");
+    assert!(get(&network, None, &url(&v4[0])).is_some_and(|b| b.starts_with("hello from v1")));
+
+    // A second revision by its own name, booted on the query.
+    crate::support::commit_revision(&work, "v2", "hi");
+    assert!(push(&daemon, &work).contains("succeeded"));
+    let commit = String::from_utf8_lossy(&git(&work, &["rev-parse", "--short=7", "HEAD"]).stdout)
+        .trim()
+        .to_owned();
+    let v2 = resolve(&network, &format!("{commit}.hello.{ZONE}"), "AAAA");
+    assert_eq!(v2.len(), 1, "{v2:?}");
+    assert!(inside(&v2[0], POOL_V6) && v2 != v6, "{v2:?} {v6:?}");
+    let body = get(&network, None, &url(&v2[0])).expect("GET of v2 over IPv6");
+    assert!(body.starts_with("hi from v2"), "{body}");
+    // The negative answer carries the SOA, through the resolver too.
+    let output = network.client_run(
+        "dig",
+        &["@127.0.0.1", &format!("nope.hello.{ZONE}"), "AAAA"],
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("status: NXDOMAIN"), "{text}");
+    assert!(text.contains("SOA"), "{text}");
+    drop(unbound);
+
+    // Killed outright, revboot leaves its routes; started again, it adopts them, and
+    // stopped, it takes them away.
+    daemon.kill();
+    assert!(local_routes(&network, "-6").contains(POOL_V6));
+    let daemon = start(&network, &data, &[POOL_V6, POOL_V4]);
+    assert!(daemon.log().contains("adopted"), "{}", daemon.log());
+    daemon.stop();
+    assert!(!local_routes(&network, "-6").contains(POOL_V6));
+    assert!(!local_routes(&network, "-4").contains(POOL_V4));
+}
+
+#[test]
+fn three_clients_get_gatekeepers_of_their_own_and_cannot_reach_each_others() {
+    let network = Network::new();
+    let temp = tempfile::tempdir().expect("temp dir");
+    let daemon = start(&network, &temp.path().join("data"), &[POOL_V6]);
+    let work = hello_source(temp.path());
+    let manifest = work.join("revboot.toml");
+    let text = std::fs::read_to_string(&manifest).expect("manifest");
+    std::fs::write(&manifest, format!("{text}per_client = true\n")).expect("write manifest");
+    git(&work, &["commit", "-q", "-am", "hello per client"]);
+    assert!(push_service(&daemon, &work, "mine").contains("succeeded"));
+
+    // Each client asks revboot's DNS itself (the query's source is the client).
+    let name = format!("mine.{ZONE}");
+    let addresses: Vec<String> = CLIENTS
+        .iter()
+        .map(|client| {
+            let output = network.client_run(
+                "dig",
+                &[
+                    "-b",
+                    client,
+                    &format!("@{SERVER}"),
+                    "+short",
+                    "+time=10",
+                    &name,
+                    "AAAA",
+                ],
+            );
+            let answer = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+            assert!(inside(&answer, POOL_V6), "{client}: {answer:?}");
+            answer
+        })
+        .collect();
+    let mut distinct = addresses.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3, "{addresses:?}");
+
+    for (client, address) in CLIENTS.iter().zip(&addresses) {
+        let body = get(&network, Some(client), &url(address)).expect("own gatekeeper");
+        assert!(body.starts_with("hello from v1"), "{client}: {body}");
+    }
+    // Nobody reaches another client's gatekeeper.
+    for (i, client) in CLIENTS.iter().enumerate() {
+        for (j, address) in addresses.iter().enumerate() {
+            if i != j {
+                assert_eq!(
+                    get(&network, Some(client), &url(address)),
+                    None,
+                    "{client} reached {}'s instance at {address}",
+                    CLIENTS[j]
+                );
+            }
+        }
+    }
+    let instances = daemon.instances();
+    let mut clients: Vec<&str> = instances
+        .iter()
+        .filter_map(|instance| instance["client"].as_str())
+        .collect();
+    clients.sort_unstable();
+    assert_eq!(clients, CLIENTS, "{instances:?}");
+}
