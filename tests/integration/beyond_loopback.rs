@@ -52,22 +52,34 @@ impl Network {
     }
 }
 
-/// unbound in the client namespace on 127.0.0.1:53, the zone a stub zone of revboot's DNS;
-/// killed on drop.
+/// unbound in the client namespace on 127.0.0.1:53 and on the client's first address, the
+/// zone a stub zone of revboot's DNS; killed on drop.
 struct Unbound {
     child: Child,
 }
 
+/// What unbound adds for per-client services: EDNS Client Subnet towards revboot, the
+/// client's whole address (unbound's subnet cache module).
+const ECS: &str = "\x20 module-config: \"subnetcache iterator\"\n\
+                   \x20 send-client-subnet: 2001:db8:ff::1\n\
+                   \x20 client-subnet-always-forward: yes\n\
+                   \x20 max-client-subnet-ipv6: 128\n\
+                   \x20 max-client-subnet-ipv4: 32\n";
+
 impl Unbound {
-    fn start(network: &Network, dir: &Path) -> Unbound {
+    /// `modules`: the `server:` lines that choose unbound's modules (empty: the iterator
+    /// alone).
+    fn start(network: &Network, dir: &Path, modules: &str) -> Unbound {
         let config = dir.join("unbound.conf");
         std::fs::write(
             &config,
             format!(
                 "server:\n\
                  \x20 interface: 127.0.0.1\n\
+                 \x20 interface: {client}\n\
                  \x20 port: 53\n\
                  \x20 access-control: 127.0.0.0/8 allow\n\
+                 \x20 access-control: 2001:db8:ff::/64 allow\n\
                  \x20 username: \"\"\n\
                  \x20 chroot: \"\"\n\
                  \x20 directory: \"{dir}\"\n\
@@ -78,7 +90,7 @@ impl Unbound {
                  \x20 verbosity: 1\n\
                  \x20 num-threads: 1\n\
                  \x20 so-reuseport: no\n\
-                 \x20 module-config: \"iterator\"\n\
+                 {modules}\
                  \x20 do-ip6: yes\n\
                  \x20 qname-minimisation: no\n\
                  \x20 # Random letter case in every query: answers must echo it.\n\
@@ -88,7 +100,13 @@ impl Unbound {
                  \x20 stub-addr: {SERVER}@53\n\
                  remote-control:\n\
                  \x20 control-enable: no\n",
-                dir = dir.display()
+                dir = dir.display(),
+                client = CLIENTS[0],
+                modules = if modules.is_empty() {
+                    "\x20 module-config: \"iterator\"\n"
+                } else {
+                    modules
+                },
             ),
         )
         .expect("write unbound.conf");
@@ -114,11 +132,12 @@ impl Drop for Unbound {
 }
 
 /// Starts revboot in the server namespace, DNS on port 53 of the server's veth address, the
-/// zone's one name server.
-fn start(network: &Network, data: &Path, pools: &[&str]) -> Daemon {
+/// zone's one name server; `dns`: more `[dns]` settings.
+fn start(network: &Network, data: &Path, pools: &[&str], dns: &str) -> Daemon {
     let config = format!(
         "zone = \"{ZONE}\"\n\
          [dns]\n\
+         {dns}\
          nameservers = [{{ name = \"ns1.{ZONE}\", addresses = [\"{SERVER}\", \"192.0.2.1\"] }}]\n\
          [instances]\n\
          idle_timeout_ms = 600000\n\
@@ -195,7 +214,7 @@ fn a_client_network_resolves_through_unbound_and_reaches_revisions_over_ipv6() {
     let network = Network::new();
     let temp = tempfile::tempdir().expect("temp dir");
     let data = temp.path().join("data");
-    let daemon = start(&network, &data, &[POOL_V6, POOL_V4]);
+    let daemon = start(&network, &data, &[POOL_V6, POOL_V4], "");
     // Neither pool was local: revboot added a route for each, and says so.
     let log = daemon.log();
     assert!(log.contains(&format!("pool={POOL_V6}")), "{log}");
@@ -205,7 +224,7 @@ fn a_client_network_resolves_through_unbound_and_reaches_revisions_over_ipv6() {
 
     let work = hello_source(temp.path());
     assert!(push(&daemon, &work).contains("succeeded"));
-    let unbound = Unbound::start(&network, temp.path());
+    let unbound = Unbound::start(&network, temp.path(), "");
     // unbound answers once it listens: the apex's SOA through the stub zone.
     assert!(
         eventually(|| !resolve(&network, ZONE, "SOA").is_empty()),
@@ -253,7 +272,7 @@ fn a_client_network_resolves_through_unbound_and_reaches_revisions_over_ipv6() {
     // stopped, it takes them away.
     daemon.kill();
     assert!(local_routes(&network, "-6").contains(POOL_V6));
-    let daemon = start(&network, &data, &[POOL_V6, POOL_V4]);
+    let daemon = start(&network, &data, &[POOL_V6, POOL_V4], "");
     assert!(daemon.log().contains("adopted"), "{}", daemon.log());
     daemon.stop();
     assert!(!local_routes(&network, "-6").contains(POOL_V6));
@@ -264,7 +283,13 @@ fn a_client_network_resolves_through_unbound_and_reaches_revisions_over_ipv6() {
 fn three_clients_get_gatekeepers_of_their_own_and_cannot_reach_each_others() {
     let network = Network::new();
     let temp = tempfile::tempdir().expect("temp dir");
-    let daemon = start(&network, &temp.path().join("data"), &[POOL_V6]);
+    // The resolver is trusted with the clients' addresses (EDNS Client Subnet).
+    let daemon = start(
+        &network,
+        &temp.path().join("data"),
+        &[POOL_V6],
+        "trust_ecs = true\n",
+    );
     let work = hello_source(temp.path());
     let manifest = work.join("revboot.toml");
     let text = std::fs::read_to_string(&manifest).expect("manifest");
@@ -272,24 +297,33 @@ fn three_clients_get_gatekeepers_of_their_own_and_cannot_reach_each_others() {
     git(&work, &["commit", "-q", "-am", "hello per client"]);
     assert!(push_service(&daemon, &work, "mine").contains("succeeded"));
 
-    // Each client asks revboot's DNS itself (the query's source is the client).
+    // Each client asks unbound, which tells revboot who asks (EDNS Client Subnet).
+    let _unbound = Unbound::start(&network, temp.path(), ECS);
     let name = format!("mine.{ZONE}");
+    let ask = |client: &str| {
+        let output = network.client_run(
+            "dig",
+            &[
+                "-b",
+                client,
+                &format!("@{}", CLIENTS[0]),
+                "+short",
+                "+time=10",
+                &name,
+                "AAAA",
+            ],
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    };
+    assert!(
+        eventually(|| inside(&ask(CLIENTS[0]), POOL_V6)),
+        "unbound never answered; its log:\n{}",
+        std::fs::read_to_string(temp.path().join("unbound.log")).unwrap_or_default()
+    );
     let addresses: Vec<String> = CLIENTS
         .iter()
         .map(|client| {
-            let output = network.client_run(
-                "dig",
-                &[
-                    "-b",
-                    client,
-                    &format!("@{SERVER}"),
-                    "+short",
-                    "+time=10",
-                    &name,
-                    "AAAA",
-                ],
-            );
-            let answer = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+            let answer = ask(client);
             assert!(inside(&answer, POOL_V6), "{client}: {answer:?}");
             answer
         })
