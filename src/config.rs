@@ -56,8 +56,10 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Dns {
-    /// UDP and TCP address to serve on.
-    pub listen: SocketAddr,
+    /// UDP and TCP addresses to serve on (one, or a list: port 53 of each address the
+    /// zone's delegation names).
+    #[serde(deserialize_with = "one_or_many")]
+    pub listen: Vec<SocketAddr>,
     /// TTL of instance answers.
     pub ttl_secs: u32,
     /// Delay answers until the instance is ready (for setups without the proxy).
@@ -198,7 +200,7 @@ impl Default for Config {
 impl Default for Dns {
     fn default() -> Self {
         Dns {
-            listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 5353),
+            listen: vec![SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 5353)],
             ttl_secs: 1,
             delayed_answers: false,
             trust_ecs: false,
@@ -397,7 +399,15 @@ impl Config {
         if self.dns.max_tcp_per_prefix == 0 {
             return Err(invalid("dns.max_tcp_per_prefix", "must be at least 1"));
         }
-        if !self.dns.listen.ip().is_loopback() && self.dns.nameservers.is_empty() {
+        if self.dns.listen.is_empty() || self.dns.listen.len() > 16 {
+            return Err(invalid("dns.listen", "names 1 to 16 addresses"));
+        }
+        let beyond = self
+            .dns
+            .listen
+            .iter()
+            .any(|listen| !listen.ip().is_loopback());
+        if beyond && self.dns.nameservers.is_empty() {
             return Err(invalid(
                 "dns.nameservers",
                 "DNS listens beyond loopback: name the zone's name servers and their \
@@ -459,7 +469,7 @@ mod tests {
     fn empty_file_is_the_defaults() {
         let config = Config::from_toml("").expect("defaults are valid");
         assert_eq!(config, Config::default());
-        assert_eq!(config.dns.listen.port(), 5353);
+        assert_eq!(config.dns.listen[0].port(), 5353);
         assert_eq!(config.http.listen.port(), 8080);
         assert_eq!(config.zone, "revboot.test");
     }

@@ -381,7 +381,8 @@ impl Daemon {
             tokio::runtime::Handle::current(),
         ));
         let dns_config = DnsConfig {
-            listen: config.dns.listen,
+            listen: config.dns.listen[0],
+            also_listen: config.dns.listen[1..].to_vec(),
             zone: config.zone.clone(),
             ttl: Duration::from_secs(u64::from(config.dns.ttl_secs)),
             delayed_answers: config.dns.delayed_answers,
@@ -408,8 +409,9 @@ impl Daemon {
         };
         let dns = DnsServer::bind(dns_config, front.clone())
             .await
-            .with_context(|| format!("Cannot serve DNS on {}", config.dns.listen))?;
+            .with_context(|| format!("Cannot serve DNS on {:?}", config.dns.listen))?;
         let dns_metrics = dns.metrics();
+        let dns_also: Vec<String> = dns.also_addrs().iter().map(ToString::to_string).collect();
         let dns = dns.spawn();
 
         let runtime = Arc::new(DaemonRuntime {
@@ -445,7 +447,7 @@ impl Daemon {
             data,
             zone: config.zone.clone(),
         };
-        info!(http = %info.http, dns = %info.dns, data = %info.data.display(), zone = %info.zone, "revboot is serving");
+        info!(http = %info.http, dns = %info.dns, dns_also = dns_also.join(" "), data = %info.data.display(), zone = %info.zone, "revboot is serving");
         Ok(Daemon {
             info,
             builder,

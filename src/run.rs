@@ -31,7 +31,7 @@ pub fn load_config(cli: &Cli) -> anyhow::Result<Config> {
 /// Applies `serve` flags over the configuration.
 pub fn apply_serve_args(config: &mut Config, args: &ServeArgs) -> anyhow::Result<()> {
     if let Some(dns) = args.dns {
-        config.dns.listen = dns;
+        config.dns.listen = vec![dns];
     }
     if let Some(http) = args.http {
         config.http.listen = http;

@@ -21,6 +21,9 @@ pub const DEFAULT_MAX_TCP_PER_PREFIX: usize = 16;
 pub struct DnsConfig {
     /// UDP and TCP address to listen on (port 0: any free port, the same for both).
     pub listen: SocketAddr,
+    /// More addresses to answer on, UDP and TCP each (e.g. port 53 of the host's IPv4 and
+    /// IPv6 addresses), with the same zone, cache and limits as `listen`.
+    pub also_listen: Vec<SocketAddr>,
     /// The zone served, e.g. `revboot.test`.
     pub zone: String,
     /// TTL of instance addresses (whole seconds; default 1 s).
@@ -50,6 +53,7 @@ impl Default for DnsConfig {
     fn default() -> Self {
         DnsConfig {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 53)),
+            also_listen: Vec::new(),
             zone: DEFAULT_ZONE.to_owned(),
             ttl: DEFAULT_TTL,
             negative_ttl: DEFAULT_NEGATIVE_TTL,

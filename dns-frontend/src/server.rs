@@ -71,8 +71,10 @@ pub enum RunError {
 #[derive(Debug)]
 pub struct DnsServer {
     shared: Arc<Shared>,
-    udp: Arc<std::net::UdpSocket>,
-    tcp: TcpListener,
+    /// One UDP socket and one TCP listener per address, `listen`'s first.
+    udp: Vec<Arc<std::net::UdpSocket>>,
+    tcp: Vec<TcpListener>,
+    also: Vec<SocketAddr>,
     /// The open TCP connections, by their tasks' ids.
     connections: Connections<tokio::task::Id>,
     local: SocketAddr,
@@ -134,15 +136,23 @@ impl DnsServer {
         instances: Arc<dyn Instances>,
     ) -> Result<DnsServer, BindError> {
         let (udp, tcp, local) = listen(config.listen).await?;
+        let (mut udps, mut tcps, mut also) = (vec![Arc::new(udp)], vec![tcp], Vec::new());
+        for &address in &config.also_listen {
+            let (udp, tcp, bound) = listen(address).await?;
+            udps.push(Arc::new(udp));
+            tcps.push(tcp);
+            also.push(bound);
+        }
         let checked = config.check(local)?;
         let shared = Shared::new(&config, &checked, instances);
-        info!(%local, zone = %checked.zone, workers = shared.workers, "DNS server bound");
+        info!(%local, also = ?also, zone = %checked.zone, workers = shared.workers, "DNS server bound");
         let (stop, _) = watch::channel(false);
         let connections = Connections::new(&config.limits, shared.metrics.clone());
         Ok(DnsServer {
             shared: Arc::new(shared),
-            udp: Arc::new(udp),
-            tcp,
+            udp: udps,
+            tcp: tcps,
+            also,
             connections,
             local,
             stop: Arc::new(stop),
@@ -152,6 +162,11 @@ impl DnsServer {
     /// The UDP and TCP address it answers on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local
+    }
+
+    /// The other addresses it answers on (`also_listen`, as bound).
+    pub fn also_addrs(&self) -> &[SocketAddr] {
+        &self.also
     }
 
     /// Its counters (shared with the running server).
@@ -183,19 +198,24 @@ impl DnsServer {
             shared,
             udp,
             tcp,
+            also: _,
             connections,
             local,
             stop,
         } = self;
         let runtime = tokio::runtime::Handle::current();
         let halt = Arc::new(AtomicBool::new(false));
-        let (exited, mut exits) = tokio::sync::mpsc::channel(shared.workers.max(1));
+        let (exited, mut exits) = tokio::sync::mpsc::channel((shared.workers * udp.len()).max(1));
         let mut threads = Vec::new();
         let mut failure = None;
-        for index in 0..shared.workers {
+        // `workers` threads per address: each reads one socket, blocking.
+        let sockets = udp
+            .iter()
+            .flat_map(|socket| std::iter::repeat_n(socket, shared.workers));
+        for (index, socket) in sockets.enumerate() {
             let worker = UdpWorker {
                 shared: shared.clone(),
-                socket: udp.clone(),
+                socket: socket.clone(),
                 halt: halt.clone(),
                 stop: stop.subscribe(),
                 runtime: runtime.clone(),

@@ -27,18 +27,20 @@ mod table;
 pub(crate) use table::Connections;
 use table::{Admitted, Conn};
 
-/// Accepts TCP connections and owns their table (the rules are in the `table` module).
+/// Accepts TCP connections on every listener and owns their one table (the rules are in the
+/// `table` module).
 pub(crate) async fn tcp_loop(
     shared: Arc<Shared>,
-    listener: TcpListener,
+    listeners: Vec<TcpListener>,
     mut table: Connections<tokio::task::Id>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut connections = JoinSet::new();
     loop {
+        let accepts = listeners.iter().map(|listener| Box::pin(listener.accept()));
         let accepted = tokio::select! {
             _ = stop.changed() => break,
-            accepted = listener.accept() => accepted,
+            (accepted, _, _) = futures::future::select_all(accepts) => accepted,
         };
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,

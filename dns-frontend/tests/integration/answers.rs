@@ -9,7 +9,7 @@ use hickory_proto::op::{DnsResponse, ResponseCode};
 use hickory_proto::rr::rdata::opt::EdnsOption;
 use hickory_proto::rr::{RData, RecordType};
 use revboot_deployer::InstanceState;
-use revboot_dns::Nameserver;
+use revboot_dns::{DnsServer, Nameserver};
 
 use crate::support::*;
 use revboot_testkit::instances::{Addresses, Behaviour, Boot, revision};
@@ -426,6 +426,30 @@ async fn client_subnet_picks_the_instance_only_when_trusted() {
         }
         server.shutdown().await.expect("clean shutdown");
     }
+}
+
+#[tokio::test]
+async fn every_listen_address_answers_over_udp_and_tcp() {
+    let fake = fake(16, Boot::Instant);
+    let mut config = config();
+    config.also_listen = vec![
+        "[::1]:0".parse().expect("address"),
+        "127.0.0.1:0".parse().expect("address"),
+    ];
+    let server = DnsServer::bind(config, fake).await.expect("server binds");
+    let also = server.also_addrs().to_vec();
+    assert_eq!(also.len(), 2);
+    assert!(also[0].ip().is_ipv6() && also[0].port() != 0, "{also:?}");
+    let server = server.spawn();
+    for listen in std::iter::once(server.local_addr()).chain(also) {
+        let mut udp = udp_client(listen).await;
+        let reply = ask(&mut udp, "hello.revboot.test.", RecordType::A).await;
+        assert!(address(&reply).is_some(), "{listen} over UDP: {reply:?}");
+        let mut tcp = tcp_client(listen).await;
+        let reply = ask(&mut tcp, "hello.revboot.test.", RecordType::A).await;
+        assert!(address(&reply).is_some(), "{listen} over TCP: {reply:?}");
+    }
+    server.shutdown().await.expect("clean shutdown");
 }
 
 /// The SOA's serial, asked at the apex.
