@@ -101,6 +101,12 @@ async fn an_open_quiet_steered_connection_keeps_its_instance_until_it_closes() {
         .await
         .expect("connect");
     ready_and_steered(&world, &summoned).await;
+    // The keeper reaches the instance first: hello serves one connection at a time, in the
+    // order they arrived, and the quiet one sends nothing.
+    eventually("the keeper is spliced to the instance", || {
+        world.proxy.metrics().spliced == 1
+    })
+    .await;
     let quiet = connect(service_address(&summoned), None)
         .await
         .expect("connect");
