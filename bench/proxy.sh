@@ -9,7 +9,12 @@
 #
 # Warm small requests (keep-alive, 6-byte body), 1 MiB bodies, and single-connection latency
 # (wrk -c1: p50 difference is the latency the proxy adds). Also the cost of binding one
-# listener on demand. The cold figures come from
+# listener on demand.
+#
+# Besides wrk's rates, each relayed run reports the CPU time the relay spent per request
+# beside the backend's own (from /proc/<pid>/task/*/schedstat, all threads): on a shared
+# machine the rates swing with other tenants' load, the CPU cost per request much less,
+# and it is what the relay takes from the instance and the clients on a busy host. The cold figures come from
 # `cargo bench -p revboot-proxy --bench cold` (real deployer, real hello image).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +23,7 @@ SERVICE_IP=127.66.200.1
 STEERED_IP=127.66.200.2
 
 cargo build --release --quiet -p revboot-proxy --example proxy_bench
-BIN=target/release/examples/proxy_bench
+BIN="${CARGO_TARGET_DIR:-target}/release/examples/proxy_bench"
 
 WORK=$(mktemp -d)
 PIDS=()
@@ -41,19 +46,29 @@ start backend "$BIN" backend
 BACKEND=$(awk '{print $2; exit}' "$WORK/backend")
 BACKEND_PID=$(awk '{print $3; exit}' "$WORK/backend")
 start proxy "$BIN" proxy "$BACKEND" "$SERVICE_IP" "${2:-multi}" "${3:-65536}" "${4:-copy}"
+PROXY_PID=${PIDS[-1]}
 PROXIED=$(awk '{print $2; exit}' "$WORK/proxy")
 start steered "$BIN" steer "$BACKEND" "$STEERED_IP" "$BACKEND_PID"
 STEERED=$(awk '{print $2; exit}' "$WORK/steered")
 echo "backend $BACKEND, relayed $PROXIED (runtime ${2:-multi}, buffer ${3:-65536}, ${4:-copy}), steered $STEERED"
 
-# wrk summary → "requests/s bytes/s p50-µs"
+# CPU time (ns) of every thread of a process so far.
+cpu_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{s += $1} END {printf "%.0f", s}'; }
+
+# wrk summary → "requests/s bytes/s p50-µs relay-CPU-µs/request backend-CPU-µs/request"
+# (the relay's figure is the proxy's CPU over the run, so 0 when the proxy was not in the path)
 measure() {
+  local proxy0 backend0; proxy0=$(cpu_ns "$PROXY_PID"); backend0=$(cpu_ns "$BACKEND_PID")
   local out; out=$(wrk --latency "$@")
+  local proxy1 backend1; proxy1=$(cpu_ns "$PROXY_PID"); backend1=$(cpu_ns "$BACKEND_PID")
   local rps; rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
   local tps; tps=$(awk '/^Transfer\/sec/ {print $2}' <<<"$out")
   local p50; p50=$(awk '$1=="50%" {print $2}' <<<"$out")
-  echo "$rps $(to_bytes "$tps") $(to_us "$p50")"
+  local count; count=$(awk '/requests in/ {print $1}' <<<"$out")
+  echo "$rps $(to_bytes "$tps") $(to_us "$p50") $(per_request "$proxy0" "$proxy1" "$count") $(per_request "$backend0" "$backend1" "$count")"
 }
+# per_request <ns before> <ns after> <requests> → µs per request
+per_request() { awk -v a="$1" -v b="$2" -v n="$3" 'BEGIN{printf "%.1f", (n > 0 ? (b-a)/n/1000 : 0)}'; }
 to_bytes() { # 1.23MB / 456.7KB / 12GB
   awk -v v="$1" 'BEGIN { n=v+0; u=substr(v, length(v)-1);
     if (u=="KB") n*=1024; else if (u=="MB") n*=1048576; else if (u=="GB") n*=1073741824;
@@ -77,12 +92,14 @@ scenario() {
   local title=$1 path=$2; shift 2
   echo
   echo "== $title (wrk $*, ${D} per run, $ROUNDS rounds) =="
-  local rps=() bps=() added=() s_rps=() s_bps=() s_added=()
+  local rps=() bps=() added=() s_rps=() s_bps=() s_added=() relay_cpu=() backend_cpu=()
   for round in $(seq "$ROUNDS"); do
-    read -r d_rps d_bps d_p50 < <(measure "$@" -d"$D" "http://$BACKEND$path")
-    read -r s_rps_ s_bps_ s_p50 < <(measure "$@" -d"$D" "http://$STEERED$path")
-    read -r p_rps p_bps p_p50 < <(measure "$@" -d"$D" "http://$PROXIED$path")
-    echo "  round $round: direct $d_rps req/s, $(mib "$d_bps"), p50 $d_p50 us | steered $s_rps_ req/s, $(mib "$s_bps_"), p50 $s_p50 us | relayed $p_rps req/s, $(mib "$p_bps"), p50 $p_p50 us"
+    read -r d_rps d_bps d_p50 _ d_cpu < <(measure "$@" -d"$D" "http://$BACKEND$path")
+    read -r s_rps_ s_bps_ s_p50 _ _ < <(measure "$@" -d"$D" "http://$STEERED$path")
+    read -r p_rps p_bps p_p50 p_cpu _ < <(measure "$@" -d"$D" "http://$PROXIED$path")
+    echo "  round $round: direct $d_rps req/s, $(mib "$d_bps"), p50 $d_p50 us | steered $s_rps_ req/s, $(mib "$s_bps_"), p50 $s_p50 us | relayed $p_rps req/s, $(mib "$p_bps"), p50 $p_p50 us | CPU per request: backend $d_cpu us, relay $p_cpu us"
+    relay_cpu+=("$p_cpu")
+    backend_cpu+=("$d_cpu")
     s_rps+=("$(ratio "$s_rps_" "$d_rps")")
     s_bps+=("$(ratio "$s_bps_" "$d_bps")")
     s_added+=("$(awk -v a="$s_p50" -v b="$d_p50" 'BEGIN{printf "%.1f", a-b}')")
@@ -92,6 +109,7 @@ scenario() {
   done
   echo "  steered (ready instance): median ratio requests/s $(median "${s_rps[@]}"), bytes/s $(median "${s_bps[@]}"), added p50 $(median "${s_added[@]}") us"
   echo "  relayed (held connection, or steer = false): median ratio requests/s $(median "${rps[@]}"), bytes/s $(median "${bps[@]}"), added p50 $(median "${added[@]}") us"
+  echo "  CPU per request (median): backend $(median "${backend_cpu[@]}") us, relay $(median "${relay_cpu[@]}") us"
 }
 
 scenario "small responses, keep-alive" / -t2 -c32
