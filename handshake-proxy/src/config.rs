@@ -25,6 +25,8 @@ pub const DEFAULT_TOTAL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_SPLICE_BUFFER: usize = 64 * 1024;
 /// Default choice of splice(2) over copying (see `bench/proxy.sh`).
 pub const DEFAULT_ZERO_COPY: bool = false;
+/// Default bound on pipes held for splice(2) at once (two descriptors each).
+pub const DEFAULT_MAX_PIPES: usize = 1024;
 /// Default period of the sweep that closes listeners whose address was released.
 pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -53,10 +55,13 @@ pub struct ProxyConfig {
     pub total_timeout: Option<Duration>,
     /// Size of each of the two copy buffers of a spliced connection (when not zero-copy).
     pub splice_buffer: usize,
-    /// Move spliced bytes with splice(2) through a pipe per direction instead of copying
-    /// them through user space (costs four descriptors per connection; falls back to copying
-    /// when pipes cannot be had).
+    /// Move bulk transfers with splice(2) through a pipe per direction instead of copying
+    /// them through user space (two descriptors per pipe, at most `max_pipes` pipes; a
+    /// direction that cannot have one keeps copying).
     pub zero_copy: bool,
+    /// Pipes held for splice(2) at once, over all connections (one per direction moving a
+    /// bulk transfer); a direction that finds none left keeps copying.
+    pub max_pipes: usize,
     /// Period of the sweep that closes listeners of released addresses.
     pub sweep_interval: Duration,
 }
@@ -75,6 +80,7 @@ impl Default for ProxyConfig {
             total_timeout: Some(DEFAULT_TOTAL_TIMEOUT),
             splice_buffer: DEFAULT_SPLICE_BUFFER,
             zero_copy: DEFAULT_ZERO_COPY,
+            max_pipes: DEFAULT_MAX_PIPES,
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
         }
     }
@@ -110,6 +116,7 @@ impl ProxyConfig {
             ("max_listeners", self.max_listeners),
             ("backlog", self.backlog as usize),
             ("splice_buffer", self.splice_buffer),
+            ("max_pipes", self.max_pipes),
         ];
         if let Some((name, _)) = counts.iter().find(|(_, value)| *value == 0) {
             return Err(ConfigError::Zero(name));

@@ -318,7 +318,7 @@ async fn serve(mut open: Open, mut client: TcpStream, peer: SocketAddr, mut summ
         idle: shared.config.idle_timeout,
         total: shared.config.total_timeout,
         buffer: shared.config.splice_buffer,
-        zero_copy: shared.config.zero_copy,
+        pipes: shared.config.zero_copy.then_some(&shared.pipes),
     };
     let counters = Counters {
         from_client: &metrics.bytes_from_clients,

@@ -5,7 +5,10 @@
 //!    and no extra descriptors.
 //! 2. When a read fills the whole buffer (a bulk transfer) and zero-copy is on, take a pipe
 //!    and move the rest of this direction with splice(2): socket → pipe → socket, the bytes
-//!    never enter user space. Without a pipe to spare (out of descriptors), keep copying.
+//!    never enter user space. Pipes are bounded (`max_pipes`, a semaphore): without a pipe
+//!    to spare (the bound reached, or out of descriptors), keep copying. The pipe is empty
+//!    between calls (each fill is drained before the next read), so it holds at most
+//!    `PIPE_SIZE` bytes in flight, and it is closed with its direction.
 //! 3. Zero bytes read is EOF: shut down writing on the destination and end this direction;
 //!    the other direction goes on (half-close).
 //! 4. Every call is non-blocking; waits are on tokio's readiness (`readable`/`writable`
@@ -20,28 +23,47 @@ use nix::sys::socket::{Shutdown, shutdown};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tracing::debug;
 
 use crate::clock::Clock;
 
-/// Largest amount moved by one splice call.
-const CHUNK: usize = 1 << 20;
-/// The pipe size asked for (the unprivileged maximum, `/proc/sys/fs/pipe-max-size`).
-const PIPE_SIZE: i32 = 1 << 20;
+/// Largest amount moved by one splice call: a pipe's worth.
+const CHUNK: usize = PIPE_SIZE as usize;
+/// The pipe size asked for: what one pipe may hold in flight. 1 MiB pipes (the unprivileged
+/// maximum) moved 1 MiB bodies no faster than 256 KiB ones (`bench/proxy.sh`: the relay's
+/// CPU per request is the kernel's TCP work either way) and hold four times the memory.
+const PIPE_SIZE: i32 = 256 * 1024;
 
-/// A non-blocking pipe.
+/// A non-blocking pipe, counted against the proxy's bound while it is open.
 #[derive(Debug)]
-struct Pipe {
+struct Pipe<'a> {
     read: OwnedFd,
     write: OwnedFd,
+    _permit: SemaphorePermit<'a>,
 }
 
-impl Pipe {
-    fn new() -> io::Result<Pipe> {
-        let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+impl<'a> Pipe<'a> {
+    /// A pipe, if the bound and the descriptor table allow one.
+    fn new(pipes: &'a Semaphore) -> Option<Pipe<'a>> {
+        let Ok(permit) = pipes.try_acquire() else {
+            debug!("every pipe is in use; copying");
+            return None;
+        };
+        let (read, write) = match nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC) {
+            Ok(ends) => ends,
+            Err(error) => {
+                debug!(%error, "no pipe for splice(2); copying");
+                return None;
+            }
+        };
         // A bigger pipe moves more per call; the default (64 KiB) is kept when refused.
         let _ = fcntl(&write, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
-        Ok(Pipe { read, write })
+        Some(Pipe {
+            read,
+            write,
+            _permit: permit,
+        })
     }
 }
 
@@ -56,11 +78,11 @@ pub(crate) fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
 
 /// How one direction moves bytes.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Mode {
+pub(crate) struct Mode<'a> {
     /// The user-space buffer size.
     pub(crate) buffer: usize,
-    /// Switch to splice(2) on a bulk transfer.
-    pub(crate) zero_copy: bool,
+    /// Where pipes come from, when a bulk transfer switches to splice(2); `None` copies.
+    pub(crate) pipes: Option<&'a Semaphore>,
 }
 
 /// Moves `from` → `to` until EOF on `from`, then shuts down writing on `to`. The halves'
@@ -69,23 +91,22 @@ pub(crate) struct Mode {
 pub(crate) async fn pump(
     mut from: ReadHalf<'_>,
     mut to: WriteHalf<'_>,
-    mode: Mode,
+    mode: Mode<'_>,
     clock: &Clock,
     bytes: &AtomicU64,
 ) -> io::Result<()> {
     let mut buffer = vec![0u8; mode.buffer.max(1)];
-    let mut pipe: Option<Pipe> = None;
+    let mut pipe: Option<Pipe<'_>> = None;
     loop {
         let moved = match &pipe {
             Some(pipe) => splice_once(from.as_ref(), to.as_ref(), pipe).await?,
             None => {
                 let read = from.read(&mut buffer).await?;
                 to.write_all(&buffer[..read]).await?;
-                if mode.zero_copy && read == buffer.len() {
-                    match Pipe::new() {
-                        Ok(new) => pipe = Some(new),
-                        Err(error) => debug!(%error, "no pipe for splice(2); copying"),
-                    }
+                if read == buffer.len()
+                    && let Some(pipes) = mode.pipes
+                {
+                    pipe = Pipe::new(pipes);
                 }
                 read
             }
@@ -100,7 +121,7 @@ pub(crate) async fn pump(
 
 /// One splice into the (empty) pipe and out of it until it is empty again; the bytes moved
 /// (0 at EOF).
-async fn splice_once(from: &TcpStream, to: &TcpStream, pipe: &Pipe) -> io::Result<usize> {
+async fn splice_once(from: &TcpStream, to: &TcpStream, pipe: &Pipe<'_>) -> io::Result<usize> {
     let filled = loop {
         from.readable().await?;
         match from.try_io(Interest::READABLE, || {

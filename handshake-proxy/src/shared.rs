@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use revboot_deployer::{InstanceKey, Instances};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::runtime::Handle;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -79,6 +80,8 @@ pub(crate) struct Shared {
     registry: Mutex<Registry>,
     pub(crate) cancel: CancellationToken,
     pub(crate) runtime: Handle,
+    /// Pipes a spliced connection may take for splice(2): `max_pipes` permits.
+    pub(crate) pipes: Semaphore,
 }
 
 impl std::fmt::Debug for Shared {
@@ -100,6 +103,7 @@ impl Shared {
         };
         Shared {
             inner,
+            pipes: Semaphore::new(config.max_pipes.min(Semaphore::MAX_PERMITS)),
             config,
             metrics: Metrics::default(),
             registry: Mutex::new(registry),

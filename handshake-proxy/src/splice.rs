@@ -4,7 +4,7 @@
 //!    and keeps copying the other direction until it ends too.
 //! 2. Every read that yields bytes counts them and moves the connection's activity clock.
 //! 3. Each direction is a [`crate::pump`]: small bursts are copied through a buffer; with
-//!    `zero_copy`, a bulk transfer moves to splice(2) through a pipe.
+//!    `zero_copy`, a bulk transfer moves to splice(2) through a pipe (while pipes are left).
 //! 4. The connection is closed when the clock has not moved for the idle timeout, or when the
 //!    total timeout passes, or when the proxy shuts down.
 
@@ -13,6 +13,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
@@ -20,11 +21,12 @@ use crate::pump::{self, Mode};
 
 /// Limits of one spliced connection.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Limits {
+pub(crate) struct Limits<'a> {
     pub(crate) idle: Option<Duration>,
     pub(crate) total: Option<Duration>,
     pub(crate) buffer: usize,
-    pub(crate) zero_copy: bool,
+    /// The proxy's pipes, when bulk transfers move by splice(2); `None` copies.
+    pub(crate) pipes: Option<&'a Semaphore>,
 }
 
 /// Where the bytes are counted.
@@ -56,14 +58,14 @@ pub(crate) async fn splice(
     mut client: TcpStream,
     mut backend: TcpStream,
     client_done: bool,
-    limits: Limits,
+    limits: Limits<'_>,
     counters: Counters<'_>,
     cancel: &CancellationToken,
 ) -> Ended {
     let clock = &Clock::new();
     let mode = Mode {
         buffer: limits.buffer,
-        zero_copy: limits.zero_copy,
+        pipes: limits.pipes,
     };
     let (up, down) = (counters.from_client, counters.to_client);
     let copying = async {
@@ -119,12 +121,15 @@ mod tests {
         (connected.expect("connect"), accepted.expect("accept").0)
     }
 
-    fn limits(idle: Option<Duration>, zero_copy: bool) -> Limits {
+    /// Pipes for the zero-copy tests.
+    static PIPES: Semaphore = Semaphore::const_new(64);
+
+    fn limits(idle: Option<Duration>, zero_copy: bool) -> Limits<'static> {
         Limits {
             idle,
             total: None,
             buffer: 8192,
-            zero_copy,
+            pipes: zero_copy.then_some(&PIPES),
         }
     }
 
