@@ -306,4 +306,100 @@ mod tests {
     async fn megabytes_arrive_intact_zero_copy() {
         megabytes_arrive_intact(true).await;
     }
+
+    /// Set by `relayed_connections_leave_no_descriptor_behind` for the process it starts.
+    const ALONE: &str = "REVBOOT_PROXY_TEST_ALONE";
+
+    /// The descriptors this process has open.
+    fn open_descriptors() -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .expect("/proc/self/fd")
+            .count()
+    }
+
+    /// One relayed connection carrying `size` bytes to the client; with `reset`, the client
+    /// resets its connection after the first bytes instead of reading on.
+    async fn relay_once(pipes: &Semaphore, zero_copy: bool, size: usize, reset: bool) {
+        let (mut user, client) = pair().await;
+        let (backend, mut server) = pair().await;
+        let (from, to) = (AtomicU64::new(0), AtomicU64::new(0));
+        let cancel = CancellationToken::new();
+        let counters = Counters {
+            from_client: &from,
+            to_client: &to,
+        };
+        let limits = Limits {
+            idle: Some(Duration::from_secs(30)),
+            total: None,
+            buffer: 8192,
+            pipes: zero_copy.then_some(pipes),
+        };
+        let splicing = splice(client, backend, false, limits, counters, &cancel);
+        let served = async {
+            let mut request = [0u8; 3];
+            server.read_exact(&mut request).await.expect("server read");
+            // A reset client makes these fail: the proxy closes this side too.
+            let _ = server.write_all(&vec![7u8; size]).await;
+            let _ = server.shutdown().await;
+        };
+        let used = async {
+            user.write_all(b"get").await.expect("user write");
+            if reset {
+                let mut first = [0u8; 1];
+                user.read_exact(&mut first).await.expect("first byte");
+                user.set_zero_linger().expect("linger");
+                drop(user);
+            } else {
+                let mut answer = Vec::new();
+                user.read_to_end(&mut answer).await.expect("user read");
+                assert_eq!(answer.len(), size);
+            }
+        };
+        let (ended, (), ()) = tokio::join!(splicing, served, used);
+        if reset {
+            assert!(matches!(ended, Ended::Failed(_)), "{ended:?}");
+        } else {
+            assert!(matches!(ended, Ended::Done), "{ended:?}");
+        }
+    }
+
+    /// Counts the whole process's descriptors, so it only runs alone, in a process of its
+    /// own: `relayed_connections_leave_no_descriptor_behind` starts it.
+    #[tokio::test]
+    #[ignore = "run alone by relayed_connections_leave_no_descriptor_behind"]
+    async fn relayed_connections_leave_no_descriptor_behind_alone() {
+        if std::env::var_os(ALONE).is_none() {
+            return;
+        }
+        let pipes = Semaphore::new(4);
+        // The runtime's own descriptors exist after a first connection.
+        relay_once(&pipes, true, 1 << 20, false).await;
+        let before = open_descriptors();
+        for n in 0..200 {
+            let zero_copy = n % 2 == 0;
+            relay_once(&pipes, zero_copy, 1 << 20, n % 10 == 0).await;
+        }
+        assert_eq!(open_descriptors(), before, "descriptors left open");
+        assert_eq!(pipes.available_permits(), 4, "pipes not given back");
+    }
+
+    #[tokio::test]
+    async fn relayed_connections_leave_no_descriptor_behind() {
+        let test = "splice::tests::relayed_connections_leave_no_descriptor_behind_alone";
+        let running = tokio::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", test, "--ignored", "--test-threads=1"])
+            .env(ALONE, "1")
+            .kill_on_drop(true)
+            .output();
+        let output = tokio::time::timeout(Duration::from_secs(300), running)
+            .await
+            .expect("the counting run ends within 5 minutes")
+            .expect("run the test binary");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.contains("1 passed"),
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
 }
