@@ -93,10 +93,22 @@
 //!   of 3–5 rounds). Steered, as a ready instance is: small keep-alive responses
 //!   0.85–1.03× the direct requests/s, 1 MiB responses 1.00–1.04× the direct bytes/s, one
 //!   connection p50 +2 to +6 µs (the data path is the direct one; the spread is the shared
-//!   machine). Relayed (a connection held through a boot, or `steer = false`): 0.49–0.52×,
-//!   0.40–0.47× and +31 to +46 µs; wrk, the
-//!   backend and the proxy are then three busy processes on two cores, and the relay adds
-//!   two wake-ups and two copies per exchange.
+//!   machine). Relayed (a connection held through a boot, or `steer = false`): 0.49–0.98×
+//!   the direct requests/s, 0.40–1.04× the bytes/s (the upper ends at load average 17,
+//!   where the other tenants set the pace), and +31 to +81 µs; on one sequential
+//!   connection of a loaded host 0.14–0.23× the rate, as each of the relay's two extra
+//!   wake-ups per exchange waits for a core. The relay's own CPU time per request (same
+//!   script) moves less: 13–16 µs per small request against the backend's 9 µs, 250–360 µs
+//!   per 1 MiB against its 90–160 µs, 22–60 µs per request on one sequential connection
+//!   against its 11 µs.
+//! - Why a relay in user space stays near half the direct rate on a busy host: its cost is
+//!   the kernel's, not its own. It makes the fewest calls a relay can (strace: one read and
+//!   one write each way per exchange; one readiness wait per exchange, or per some eleven
+//!   under load), some 92% of its perf samples are in the kernel (the second TCP hop's
+//!   loopback transmit and receive, waking the peer, switching tasks), and copying or
+//!   splicing makes no difference. Where the CPU is the limit, the extra hop takes as much
+//!   as the instance's own work, so 0.9× needs the relay off the path: steering (above) or
+//!   the direct path.
 //! - Cold, `cargo bench -p revboot-proxy --bench cold -- 1000` (real deployer, hello on
 //!   the process tender, summon + connect + request + first byte, per path): the proxied
 //!   path waits for `Ready` and then connects and replays, while the direct path's request
