@@ -11,13 +11,13 @@ use hickory_proto::rr::rdata::{NS, SOA};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use revboot_deployer::{Activity, Family, Instances, ResolveError, SummonError};
+use revboot_store::name::{self, Shape};
 use tracing::{debug, warn};
 
 use crate::cache::{Answer, Link, Rendered, Scope};
 use crate::config::{Checked, DnsConfig};
 use crate::limit::{PrefixLimiter, Verdict};
 use crate::metrics::{Event, Metrics};
-use crate::names::{self, Shape};
 use crate::wire::{self, Query};
 
 /// The UDP payload size this server advertises and sends at most (DNS flag day 2020).
@@ -207,7 +207,7 @@ impl Engine {
             };
             return plain(reply, Some(Scope::Shared));
         }
-        let shape = names::classify(lowercase, &self.zone_labels);
+        let shape = name::classify(wire::labels(lowercase), &self.zone_labels);
         let (service, label) = match shape {
             Shape::Outside => return plain(rcode(ResponseCode::Refused), Some(Scope::Shared)),
             Shape::Apex => return plain(self.apex(qtype, generation), Some(Scope::Shared)),

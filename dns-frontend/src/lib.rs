@@ -15,7 +15,8 @@
 //! 4. `<label>.<service>.<zone>` — the revision `label` names, as the deployer resolves it
 //!    (deployment- or source-commit prefix, tag, DNS-safe branch name).
 //! 5. Service names and labels are letters, digits, `-` and `_`; any other name in the zone
-//!    (other characters, three or more labels below the zone) does not exist.
+//!    (other characters, three or more labels below the zone) does not exist. Rules 3–5 are
+//!    `revboot_store::name`, the grammar the proxy's front door reads host names with too.
 //!
 //! # Answers
 //!
@@ -86,7 +87,6 @@ mod cache;
 mod config;
 mod limit;
 mod metrics;
-mod names;
 mod packet;
 mod server;
 mod tcp;

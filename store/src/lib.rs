@@ -50,7 +50,9 @@
 //! successful build, its newest build is named (callers see it has no image). Labels are
 //! case-insensitive and at most 63 bytes; one that names two revisions is refused with the
 //! candidates listed, never guessed. No label means live. [`Store::labels`] hands out the
-//! labels that name a revision, each checked to resolve back to it.
+//! labels that name a revision, each checked to resolve back to it. Which service and label
+//! a host name designates (`<label>.<service>.<zone>`, `<service>.<zone>`) is the [`name`]
+//! module's grammar, shared by the DNS front end and the proxy's front door.
 //! Resolution runs on an in-memory index that checks on every call whether any ref moved —
 //! one non-blocking read of an inotify queue watching the ref directories and
 //! `packed-refs`, or, where inotify is unavailable, `stat` of `packed-refs`, `refs/heads`,
@@ -110,6 +112,7 @@ mod live;
 mod lock;
 mod logs;
 pub mod manifest;
+pub mod name;
 pub mod protocol;
 mod quarantine;
 mod read;
