@@ -70,6 +70,7 @@ fn backend(args: &[String], count: usize) -> anyhow::Result<Backend> {
                 FakeService {
                     per_client: false,
                     port: 8080,
+                    reach: revboot_deployer::Reach::Address,
                     revisions: revisions
                         .iter()
                         .map(|r| FakeRevision {

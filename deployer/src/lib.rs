@@ -134,6 +134,7 @@ pub mod upstream;
 pub use addresses::{ClientNet, ClientPrefixes, Family, ServiceAddresses};
 pub use config::{BackendPort, DeployerConfig, SandboxConfig};
 pub use deployer::{ControlError, Deployer, InstanceInfo, NewError};
+pub use revboot_store::manifest::Reach;
 pub use summon::{
     Activity, InstanceKey, InstanceState, Instances, LaunchScope, ResolveError, Resolved,
     SummonError, Summoned,

@@ -25,6 +25,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use revboot_store::Revision;
+use revboot_store::manifest::Reach;
 use tokio::sync::watch;
 
 use crate::addresses::{ClientNet, Family, ServiceAddresses};
@@ -95,6 +96,8 @@ pub struct Resolved {
     pub per_client: bool,
     /// The port clients connect to.
     pub port: u16,
+    /// How clients reach it: its own address, the front door, or both.
+    pub reach: Reach,
 }
 
 /// A summoned instance: where to reach it, and its state as it changes.
@@ -111,6 +114,9 @@ pub struct Summoned {
     pub backend: SocketAddr,
     /// How long a connection may wait for the instance to become ready.
     pub boot_timeout: Duration,
+    /// How clients reach it (the proxy listens on its service addresses only when they are
+    /// one of the ways, or when the daemon has no front door).
+    pub reach: Reach,
     /// The instance's state.
     pub state: watch::Receiver<InstanceState>,
 }

@@ -20,6 +20,7 @@
 //! idle_timeout_secs = 60
 //! per_client = false
 //! families = ["ipv4", "ipv6"] # address families to serve on; default: every family the host has a pool for
+//! reach = "address"         # "front" (the shared front door) | "both"
 //! upstreams = ["127.0.0.1:9000"]
 //! proc = false              # true: a read-only /proc of its own processes
 //!
@@ -98,6 +99,36 @@ pub enum TenderKind {
     Process,
     /// A kernel image booted in a qemu microvm.
     Qemu,
+}
+
+/// How clients reach a service's revisions: each at a service address of its own, through
+/// the daemon's shared front door (routing by HTTP `Host` or TLS server name), or both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Reach {
+    /// Each revision (and each client's instance) at an address of its own: DNS answers
+    /// it and any TCP protocol works. The default, and the only way without a front door.
+    #[default]
+    Address,
+    /// Through the front door only: DNS answers the front door's address, and the proxy
+    /// listens on no address of the instance's own. HTTP/1.x or TLS with a server name.
+    /// On a daemon without a front door, served as `address`.
+    Front,
+    /// Both: DNS answers the revision's own address, and the front door routes its names
+    /// too (`curl --resolve` or a name pointed at the front door by another DNS).
+    Both,
+}
+
+impl Reach {
+    /// True when the front door routes names of this service.
+    pub fn front_door(self) -> bool {
+        matches!(self, Reach::Front | Reach::Both)
+    }
+
+    /// True when the revision's own address serves it (the proxy listens there).
+    pub fn own_address(self) -> bool {
+        matches!(self, Reach::Address | Reach::Both)
+    }
 }
 
 /// How the deployer decides an instance is ready.
@@ -179,6 +210,9 @@ pub struct Run {
     /// A for IPv4, AAAA for IPv6). Empty: every family the host has a pool for.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub families: Vec<AddressFamily>,
+    /// How clients reach the service: its own addresses, the front door, or both.
+    #[serde(default)]
+    pub reach: Reach,
     /// Backends the instance may connect to (everything else is forbidden).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub upstreams: Vec<SocketAddr>,
@@ -209,6 +243,7 @@ impl Default for Run {
             idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
             per_client: false,
             families: Vec::new(),
+            reach: Reach::default(),
             upstreams: Vec::new(),
             deploy: true,
             proc: false,
@@ -401,6 +436,16 @@ impl Manifest {
         if families.len() != self.run.families.len() {
             return Err(invalid("run.families", "names a family twice".into()));
         }
+        if self.run.per_client && self.run.reach.front_door() {
+            // The front door shares one address among all clients, so it cannot tell the
+            // instance of one client from another's by the address they reached.
+            return Err(invalid(
+                "run.reach",
+                "a per-client service is reached at addresses of its own only: the front \
+                 door is shared by every client (use reach = \"address\")"
+                    .into(),
+            ));
+        }
         if let Some(upstream) = self.run.upstreams.iter().find(|u| !u.ip().is_loopback()) {
             return Err(invalid(
                 "run.upstreams",
@@ -545,6 +590,41 @@ ready = { probe = "http", path = "/" }
         let error =
             Manifest::from_toml(&format!("{head}families = [\"ipx\"]\n")).expect_err("unknown");
         assert!(error.to_string().contains("ipx"), "{error}");
+    }
+
+    #[test]
+    fn reach_defaults_to_own_addresses_and_a_wrong_value_names_the_choices() {
+        let manifest = Manifest::from_toml(HELLO).expect("valid");
+        assert_eq!(manifest.run.reach, Reach::Address);
+        let front = format!("{HELLO}reach = \"front\"\n");
+        let manifest = Manifest::from_toml(&front).expect("valid");
+        assert_eq!(manifest.run.reach, Reach::Front);
+        assert!(manifest.run.reach.front_door() && !manifest.run.reach.own_address());
+        let typo =
+            "[build]\ncommand = [\"true\"]\nartifacts = [\"a\"]\n[run]\nreach = \"frontdoor\"\n";
+        let error = Manifest::from_toml(typo).expect_err("unknown value");
+        let message = error.to_string();
+        assert!(message.contains("line 5"), "{message}");
+        assert!(message.contains("frontdoor"), "{message}");
+        assert!(
+            ["address", "front", "both"]
+                .iter()
+                .all(|choice| message.contains(choice)),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn per_client_services_are_refused_the_front_door() {
+        for reach in ["front", "both"] {
+            let text = format!("{HELLO}per_client = true\nreach = \"{reach}\"\n");
+            let error = Manifest::from_toml(&text).expect_err("per-client behind the front door");
+            let message = error.to_string();
+            assert!(message.contains("run.reach"), "{message}");
+            assert!(message.contains("per-client"), "{message}");
+        }
+        let own = format!("{HELLO}per_client = true\nreach = \"address\"\n");
+        assert!(Manifest::from_toml(&own).is_ok());
     }
 
     #[test]

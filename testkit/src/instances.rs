@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use revboot_deployer::{
-    Activity, ClientPrefixes, InstanceKey, InstanceState, Instances, ResolveError, Resolved,
+    Activity, ClientPrefixes, InstanceKey, InstanceState, Instances, Reach, ResolveError, Resolved,
     ServiceAddresses, SummonError, Summoned,
 };
 use revboot_store::Revision;
@@ -52,6 +52,8 @@ pub struct FakeService {
     pub per_client: bool,
     /// The port clients connect to.
     pub port: u16,
+    /// How clients reach it.
+    pub reach: Reach,
     /// Its revisions, oldest first.
     pub revisions: Vec<FakeRevision>,
     /// The live revision.
@@ -64,6 +66,7 @@ impl FakeService {
         FakeService {
             per_client: false,
             port,
+            reach: Reach::Address,
             revisions: vec![FakeRevision {
                 revision,
                 tags: Vec::new(),
@@ -304,13 +307,19 @@ impl Fake {
         lock(&self.state).queries.get(key).copied().unwrap_or(0)
     }
 
-    fn summoned(&self, key: &InstanceKey, port: u16, instance: &Instance) -> Summoned {
+    fn summoned(
+        &self,
+        key: &InstanceKey,
+        (port, reach): (u16, Reach),
+        instance: &Instance,
+    ) -> Summoned {
         Summoned {
             key: key.clone(),
             addresses: instance.addresses,
             port,
             backend: instance.backend,
             boot_timeout: self.behaviour.boot_timeout,
+            reach,
             state: instance.state.subscribe(),
         }
     }
@@ -331,7 +340,7 @@ impl Fake {
                     service: service.to_owned(),
                 });
             }
-            known.service.port
+            (known.service.port, known.service.reach)
         };
         let key = InstanceKey {
             service: service.to_owned(),
@@ -358,7 +367,7 @@ impl Fake {
             Some(instance) => instance.addresses,
             None => self.next_addresses(&mut state),
         };
-        let instance = self.start(&key, address, port)?;
+        let instance = self.start(&key, address, port.0)?;
         *state.boots.entry(key.clone()).or_insert(0) += 1;
         let summoned = self.summoned(&key, port, &instance);
         state.instances.insert(key, instance);
@@ -558,6 +567,7 @@ impl Instances for Fake {
             revision: found.revision,
             per_client: s.per_client,
             port: s.port,
+            reach: s.reach,
         })
     }
 
@@ -581,7 +591,9 @@ impl Instances for Fake {
             .iter()
             .find(|(_, instance)| instance.addresses.contains(address))
             .map(|(key, instance)| {
-                let port = services.get(&key.service).map_or(0, |k| k.service.port);
+                let port = services
+                    .get(&key.service)
+                    .map_or((0, Reach::Address), |k| (k.service.port, k.service.reach));
                 self.summoned(key, port, instance)
             })
     }

@@ -452,6 +452,7 @@ impl Instances for Deployer {
             revision,
             per_client: info.manifest.run.per_client,
             port: info.manifest.run.port,
+            reach: info.manifest.run.reach,
         })
     }
 

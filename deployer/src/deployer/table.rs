@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use revboot_store::manifest::Manifest;
+use revboot_store::manifest::{Manifest, Reach};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
@@ -90,6 +90,7 @@ pub(super) struct Entry {
     pub(super) port: u16,
     pub(super) backend: SocketAddr,
     pub(super) boot_timeout: Duration,
+    pub(super) reach: Reach,
     pub(super) state: watch::Sender<InstanceState>,
     pub(super) started: Instant,
     pub(super) open: AtomicI64,
@@ -176,6 +177,7 @@ impl Deployer {
             port: entry.port,
             backend: entry.backend,
             boot_timeout: entry.boot_timeout,
+            reach: entry.reach,
             state: entry.state.subscribe(),
         }
     }
@@ -303,6 +305,7 @@ impl Deployer {
             port: run.port,
             backend: prepared.backend(),
             boot_timeout: Duration::from_millis(run.boot_timeout_ms),
+            reach: run.reach,
             state: watch::channel(InstanceState::Booting).0,
             started: now,
             open: AtomicI64::new(0),

@@ -150,6 +150,7 @@ async fn flood_of_valid_and_invalid_names_stays_within_caps_and_legit_queries_ge
         FakeService {
             per_client: false,
             port: 8080,
+            reach: revboot_deployer::Reach::Address,
             revisions: (0..2000)
                 .map(|i| FakeRevision {
                     revision: revision(1000 + i),

@@ -52,6 +52,7 @@ pub fn fake_with(behaviour: Behaviour) -> Arc<Fake> {
         FakeService {
             per_client: false,
             port: 8080,
+            reach: revboot_deployer::Reach::Address,
             revisions: vec![
                 FakeRevision {
                     revision: revision(1),
@@ -80,6 +81,7 @@ pub fn fake_with(behaviour: Behaviour) -> Arc<Fake> {
         FakeService {
             per_client: false,
             port: 8080,
+            reach: revboot_deployer::Reach::Address,
             revisions: vec![
                 FakeRevision {
                     revision: shared_prefix("1"),
@@ -100,6 +102,7 @@ pub fn fake_with(behaviour: Behaviour) -> Arc<Fake> {
         FakeService {
             per_client: true,
             port: 8080,
+            reach: revboot_deployer::Reach::Address,
             revisions: vec![FakeRevision {
                 revision: revision(10),
                 tags: vec![],
@@ -113,6 +116,7 @@ pub fn fake_with(behaviour: Behaviour) -> Arc<Fake> {
         FakeService {
             per_client: false,
             port: 8080,
+            reach: revboot_deployer::Reach::Address,
             revisions: vec![FakeRevision {
                 revision: revision(20),
                 tags: vec![],
