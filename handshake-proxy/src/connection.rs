@@ -78,6 +78,10 @@ pub(crate) fn summon(
 /// Step 1: makes sure a listener exists on each of `summoned`'s service addresses, and
 /// starts their accept loops once the summoner has answered.
 pub(crate) fn listen(shared: &Arc<Shared>, summoned: &Summoned) -> Result<(), ListenError> {
+    if shared.front.is_some() && !summoned.reach.own_address() {
+        // Reached through the front door only: no address of its own is served.
+        return Ok(());
+    }
     for address in summoned.addresses.with_port(summoned.port) {
         if summoned.backend == address {
             // The instance owns the client address itself: nothing to front.
@@ -173,39 +177,64 @@ fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, local: Socke
     }
     bump(&metrics.accepted);
     metrics.open_now.fetch_add(1, Ordering::Relaxed);
-    let open = Open {
-        shared: Arc::clone(shared),
-        key: summoned.key.clone(),
-        reported: false,
-    };
-    tokio::spawn(serve(open, stream, peer, summoned));
+    let mut open = Open::new(Arc::clone(shared));
+    open.set_key(summoned.key.clone());
+    tokio::spawn(serve(open, stream, peer, summoned, Vec::new(), None));
 }
 
-/// An admitted connection: counted open until dropped, and reported to the deployer as
-/// closed if it was reported open.
-struct Open {
+/// An admitted connection: counted open (`open_now`, which the caller raised) until
+/// dropped, and reported to the deployer as closed if it was reported open.
+pub(crate) struct Open {
     shared: Arc<Shared>,
-    key: InstanceKey,
+    key: Option<InstanceKey>,
     reported: bool,
 }
 
 impl Open {
-    fn report_opened(&mut self) {
-        self.shared
-            .inner
-            .activity(&self.key, Activity::ConnectionOpened);
+    /// A connection counted in `open_now` already, for no instance yet.
+    pub(crate) fn new(shared: Arc<Shared>) -> Open {
+        Open {
+            shared,
+            key: None,
+            reported: false,
+        }
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The instance the connection is for (before it is reported open).
+    pub(crate) fn set_key(&mut self, key: InstanceKey) {
+        self.key = Some(key);
+    }
+
+    fn report_opened(&mut self, key: &InstanceKey) {
+        self.shared.inner.activity(key, Activity::ConnectionOpened);
+        self.key = Some(key.clone());
         self.reported = true;
     }
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
-        if self.reported {
-            self.shared
-                .inner
-                .activity(&self.key, Activity::ConnectionClosed);
+        if self.reported
+            && let Some(key) = &self.key
+        {
+            self.shared.inner.activity(key, Activity::ConnectionClosed);
         }
         self.shared.metrics.open_now.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What a connection is told, if anything, when its instance cannot serve it (the front
+/// door's HTTP 503 or TLS alert; the proxy's own listeners just close).
+pub(crate) type OnFailure = Option<fn(&str) -> Vec<u8>>;
+
+/// Tells the client why it is not served, if it is to be told.
+async fn fail(client: &mut TcpStream, on_failure: OnFailure, reason: &str) {
+    if let Some(answer) = on_failure {
+        crate::front::write_and_close(client, &answer(reason)).await;
     }
 }
 
@@ -218,8 +247,15 @@ enum Held {
     Cancelled,
 }
 
-/// Steps 3–7.
-async fn serve(mut open: Open, mut client: TcpStream, peer: SocketAddr, mut summoned: Summoned) {
+/// Steps 3–7. `early` holds bytes the client sent already (the front door's head).
+pub(crate) async fn serve(
+    mut open: Open,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    mut summoned: Summoned,
+    mut early: Vec<u8>,
+    on_failure: OnFailure,
+) {
     let shared = Arc::clone(&open.shared);
     let shared = &shared;
     let metrics = &shared.metrics;
@@ -230,8 +266,8 @@ async fn serve(mut open: Open, mut client: TcpStream, peer: SocketAddr, mut summ
     };
     if needs_summon {
         let key = &summoned.key;
-        let client = key.client.map(|_| peer.ip().to_canonical());
-        match summon(shared, &key.service, &key.revision, client) {
+        let source = key.client.map(|_| peer.ip().to_canonical());
+        match summon(shared, &key.service, &key.revision, source) {
             Ok(again) => summoned = again,
             Err(error) => {
                 // The deployer logs lasting refusals (caps, back-off), not every one of them.
@@ -241,13 +277,12 @@ async fn serve(mut open: Open, mut client: TcpStream, peer: SocketAddr, mut summ
                     warn!(%error, %peer, key = %summoned.key, "summon failed; connection closed");
                 }
                 bump(&metrics.boot_failures);
-                return;
+                return fail(&mut client, on_failure, &error.to_string()).await;
             }
         }
     }
     // After the summon, so the deployer counts the connection on the instance that serves it.
-    open.report_opened();
-    let mut early = Vec::new();
+    open.report_opened(&summoned.key);
     let mut client_done = false;
     if !summoned.state.borrow().is_serving() {
         let Some(_held) = shared.try_hold(&summoned.key) else {
@@ -271,12 +306,22 @@ async fn serve(mut open: Open, mut client: TcpStream, peer: SocketAddr, mut summ
             Held::Failed(reason) => {
                 bump(&metrics.boot_failures);
                 warn!(%peer, key = %summoned.key, reason, "instance failed to boot; held connection closed");
-                return;
+                return fail(
+                    &mut client,
+                    on_failure,
+                    &format!("the instance failed to boot: {reason}"),
+                )
+                .await;
             }
             Held::TimedOut => {
                 bump(&metrics.boot_failures);
                 warn!(%peer, key = %summoned.key, timeout = ?summoned.boot_timeout, "instance not ready in time; held connection closed");
-                return;
+                return fail(
+                    &mut client,
+                    on_failure,
+                    "the instance was not ready in time",
+                )
+                .await;
             }
             Held::ClientGone(error) => {
                 debug!(%peer, key = %summoned.key, ?error, "client left while held");
@@ -296,7 +341,12 @@ async fn serve(mut open: Open, mut client: TcpStream, peer: SocketAddr, mut summ
         Err(error) => {
             bump(&metrics.backend_failures);
             warn!(%error, %peer, key = %summoned.key, backend = %summoned.backend, "cannot connect to ready instance");
-            return;
+            return fail(
+                &mut client,
+                on_failure,
+                "the instance does not accept connections",
+            )
+            .await;
         }
     };
     let _ = backend.set_nodelay(true);

@@ -36,6 +36,19 @@
 //!     (IPv6, no root). A per-client route takes only its client; anyone else still lands
 //!     here and is refused.
 //!
+//! # The front door
+//!
+//! [`Proxy::with_front`] adds one shared address (an HTTP port, a TLS port) for hosts
+//! that cannot give every revision an address of its own. It reads the name a connection
+//! asks for — the `Host` of an HTTP/1.x request head, the server name of a TLS ClientHello,
+//! within a head timeout and a size cap — finds the revision that name designates
+//! (`<label>.<service>.<zone>`, the grammar of `revboot_store::name` that DNS uses too),
+//! and then holds, replays and splices exactly as above, the head being the early bytes.
+//! TLS is passed through untouched: the instance terminates it. Unknown names get an HTTP
+//! 404 or a TLS `unrecognized_name` alert. A service is served there only when its
+//! manifest says `reach = "front"` or `"both"`; per-client services never are. The
+//! protocol is stated in [`front`].
+//!
 //! # Choices, and why
 //!
 //! - **One listener per service address, bound on demand.** On loopback every `127/8`
@@ -124,7 +137,9 @@
 //! # Limits
 //!
 //! TCP only. Held connections, open connections and listeners are bounded
-//! ([`ProxyConfig`]); every wait has a timeout. The proxy does not parse protocols.
+//! ([`ProxyConfig`]), and so are front-door heads being read ([`FrontConfig`]); every wait
+//! has a timeout. The proxy parses no protocol except, at the front door, the head it
+//! routes by; a front-door connection is routed once, by its first head.
 //!
 //! # Example
 //!
@@ -143,10 +158,12 @@
 mod clock;
 mod config;
 mod connection;
+pub mod front;
 mod metrics;
 mod proxy;
 mod pump;
 mod shared;
+mod sniff;
 mod splice;
 
 pub use config::{
@@ -155,6 +172,7 @@ pub use config::{
     DEFAULT_MAX_LISTENERS, DEFAULT_MAX_PIPES, DEFAULT_SPLICE_BUFFER, DEFAULT_SWEEP_INTERVAL,
     DEFAULT_TOTAL_TIMEOUT, ProxyConfig,
 };
+pub use front::{FrontAddresses, FrontConfig, FrontError};
 pub use metrics::ProxyMetrics;
 pub use proxy::Proxy;
 pub use revboot_deployer::Instances;

@@ -38,6 +38,12 @@ pub struct ProxyMetrics {
     pub replayed_bytes: u64,
     /// Listening sockets open right now.
     pub listeners: u64,
+    /// Front-door connections routed to an instance by their name (total).
+    pub front_routed: u64,
+    /// Front-door connections whose name designates no revision served there (total).
+    pub front_unknown: u64,
+    /// Front-door connections whose head was too slow, too large or malformed (total).
+    pub front_bad: u64,
 }
 
 /// The live counters.
@@ -58,6 +64,9 @@ pub(crate) struct Metrics {
     pub(crate) bytes_to_clients: AtomicU64,
     pub(crate) replayed_bytes: AtomicU64,
     pub(crate) listeners: AtomicU64,
+    pub(crate) front_routed: AtomicU64,
+    pub(crate) front_unknown: AtomicU64,
+    pub(crate) front_bad: AtomicU64,
 }
 
 /// Adds one to a counter.
@@ -84,6 +93,9 @@ impl Metrics {
             bytes_to_clients: get(&self.bytes_to_clients),
             replayed_bytes: get(&self.replayed_bytes),
             listeners: get(&self.listeners),
+            front_routed: get(&self.front_routed),
+            front_unknown: get(&self.front_unknown),
+            front_bad: get(&self.front_bad),
         }
     }
 }
@@ -109,6 +121,9 @@ impl ProxyMetrics {
             ("boot_failure", self.boot_failures),
             ("backend_failure", self.backend_failures),
             ("timeout", self.timeouts),
+            ("front_routed", self.front_routed),
+            ("front_unknown_name", self.front_unknown),
+            ("front_bad_head", self.front_bad),
         ] {
             let _ = writeln!(
                 out,

@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use crate::config::ProxyConfig;
 use crate::connection;
+use crate::front::{FrontAddresses, FrontConfig, FrontError};
 use crate::metrics::ProxyMetrics;
 use crate::shared::{ListenError, Shared};
 
@@ -43,9 +44,41 @@ impl Proxy {
             // what its bounds refuse, and says so.
             warn!(%error, "proxy configuration is unusable");
         }
-        let shared = Arc::new(Shared::new(config, inner, runtime));
+        let shared = Arc::new(Shared::new(config, inner, runtime, None));
         shared.runtime.spawn(sweeping(Arc::clone(&shared)));
         Arc::new(Proxy { shared })
+    }
+
+    /// Like [`Proxy::new`], with a front door ([`crate::front`]): its listeners are bound
+    /// before this returns, and services whose manifest says `reach = "front"` get no
+    /// listener of their own.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn with_front(
+        config: ProxyConfig,
+        front: FrontConfig,
+        inner: Arc<dyn Instances>,
+    ) -> Result<Arc<Proxy>, FrontError> {
+        let runtime =
+            Handle::try_current().expect("Proxy::with_front is called inside a tokio runtime");
+        if let Err(error) = config.validate() {
+            warn!(%error, "proxy configuration is unusable");
+        }
+        let (front, bound) = crate::front::bind(&front, config.backlog)?;
+        let shared = Arc::new(Shared::new(config, inner, runtime, Some(front)));
+        crate::front::start(&shared, bound);
+        shared.runtime.spawn(sweeping(Arc::clone(&shared)));
+        Ok(Arc::new(Proxy { shared }))
+    }
+
+    /// Where the front door listens (ports as bound); nothing without one.
+    pub fn front_addresses(&self) -> FrontAddresses {
+        self.shared
+            .front
+            .as_ref()
+            .map(|front| front.addresses)
+            .unwrap_or_default()
     }
 
     /// A snapshot of the counters.

@@ -82,6 +82,8 @@ pub(crate) struct Shared {
     pub(crate) runtime: Handle,
     /// Pipes a spliced connection may take for splice(2): `max_pipes` permits.
     pub(crate) pipes: Semaphore,
+    /// The front door, when the proxy has one (fixed at construction).
+    pub(crate) front: Option<crate::front::Front>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -95,7 +97,12 @@ impl std::fmt::Debug for Shared {
 
 impl Shared {
     /// Shared state for a proxy in front of `inner`, whose tasks run on `runtime`.
-    pub(crate) fn new(config: ProxyConfig, inner: Arc<dyn Instances>, runtime: Handle) -> Shared {
+    pub(crate) fn new(
+        config: ProxyConfig,
+        inner: Arc<dyn Instances>,
+        runtime: Handle,
+        front: Option<crate::front::Front>,
+    ) -> Shared {
         // Sized up front: a table that grows does so on a summon's path, under the lock.
         let registry = Registry {
             listeners: HashMap::with_capacity(config.max_listeners.min(PRESIZE_LIMIT)),
@@ -109,6 +116,7 @@ impl Shared {
             registry: Mutex::new(registry),
             cancel: CancellationToken::new(),
             runtime,
+            front,
         }
     }
 

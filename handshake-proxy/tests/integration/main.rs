@@ -4,5 +4,6 @@
 #![allow(clippy::unwrap_used)]
 
 mod capabilities;
+mod front_door;
 mod steering;
 mod support;

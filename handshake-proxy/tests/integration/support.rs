@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use revboot_deployer::{BackendPort, Deployer, DeployerConfig, InstanceState, Instances};
-use revboot_proxy::{Proxy, ProxyConfig};
+use revboot_proxy::{FrontConfig, Proxy, ProxyConfig};
 use revboot_store::{BuildStatus, ImageInput, NewDeployment, Revision, Store};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -58,6 +58,23 @@ pub struct World {
 impl World {
     /// A world for test `index` (its own pool and cgroup name).
     pub fn new(index: u8, tweak: impl FnOnce(&mut DeployerConfig, &mut ProxyConfig)) -> World {
+        World::build(index, None, tweak)
+    }
+
+    /// A world whose proxy has a front door (`front`'s listeners bound at once).
+    pub fn with_front(
+        index: u8,
+        front: FrontConfig,
+        tweak: impl FnOnce(&mut DeployerConfig, &mut ProxyConfig),
+    ) -> World {
+        World::build(index, Some(front), tweak)
+    }
+
+    fn build(
+        index: u8,
+        front: Option<FrontConfig>,
+        tweak: impl FnOnce(&mut DeployerConfig, &mut ProxyConfig),
+    ) -> World {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -81,7 +98,10 @@ impl World {
         let deployer = Deployer::new(config, store.clone(), tokio::runtime::Handle::current())
             .expect("deployer starts");
         let inner: Arc<dyn Instances> = deployer.clone();
-        let proxy = Proxy::new(proxy_config, inner);
+        let proxy = match front {
+            None => Proxy::new(proxy_config, inner),
+            Some(front) => Proxy::with_front(proxy_config, front, inner).expect("front door opens"),
+        };
         World {
             _dir: dir,
             store,

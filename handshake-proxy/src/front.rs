@@ -1,0 +1,613 @@
+//! The front door: one shared address for every service that chooses it, routing each
+//! connection by the name it asks for.
+//!
+//! Hosts with a single public IPv4 address cannot give each revision an address of its own;
+//! the front door listens on configured addresses (an HTTP port and a TLS port) and reads
+//! which revision a connection is for from the connection itself.
+//!
+//! 1. At start, bind each configured address; one the host does not own is an error that
+//!    names it ([`FrontError::NotLocal`]). The listeners close at shutdown.
+//! 2. Accept at once. Over `max_connections` (the proxy's bound, shared with its own
+//!    listeners) or over `max_pending` connections still reading their head: reset.
+//! 3. Read the head within `head_timeout`, at most `max_head` bytes (the private `sniff`
+//!    module): an HTTP/1.x request's `Host`, or a TLS ClientHello's server name. The bytes
+//!    are kept, to be replayed untouched; TLS is never terminated here.
+//! 4. The name designates a revision as DNS reads it (`revboot_store::name`):
+//!    `<label>.<service>.<zone>`, or `<service>.<zone>` for the live revision.
+//! 5. Refuse, with an HTTP answer or a TLS alert, never a hang: a head too slow (408), too
+//!    large (431), not HTTP or TLS (400 / `decode_error`), without a name (400 /
+//!    `unrecognized_name`), or a name that designates no revision served here (404 /
+//!    `unrecognized_name`): outside the zone, an unknown service or label, a service whose
+//!    manifest keeps it off the front door (`reach = "address"`), or a per-client service
+//!    (one shared address cannot tell clients apart).
+//! 6. Otherwise summon the revision through the proxy and hold, replay and splice exactly as
+//!    the proxy's own listeners do ([`crate::connection`], steps 3–8), the head being the
+//!    early bytes. A boot that fails or times out answers 503 / `internal_error`.
+//! 7. A connection is routed once, by its first head: later requests on a kept-alive
+//!    connection go to the same revision (clients open one connection per host name).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use revboot_deployer::ResolveError;
+use revboot_store::name::{self, Shape};
+use socket2::{Domain, Socket, Type};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::connection::{self, Open};
+use crate::metrics::bump;
+use crate::shared::Shared;
+use crate::sniff::{self, Protocol, Sniffed};
+
+/// Default time a front-door connection may take to send its head.
+pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default bound on the head the front door reads (a request head or a ClientHello).
+pub const DEFAULT_MAX_HEAD: usize = 16 * 1024;
+/// Default bound on front-door connections still reading their head.
+pub const DEFAULT_MAX_PENDING: usize = 1024;
+
+/// The TLS alert `decode_error` (RFC 8446 §6.2).
+const DECODE_ERROR: u8 = 50;
+/// The TLS alert `internal_error`.
+const INTERNAL_ERROR: u8 = 80;
+/// The TLS alert `unrecognized_name` (RFC 6066 §3).
+const UNRECOGNIZED_NAME: u8 = 112;
+/// How long writing a refusal may take.
+const REFUSAL_WRITE: Duration = Duration::from_secs(2);
+
+/// Where the front door listens, and its bounds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrontConfig {
+    /// The HTTP listener (routes by `Host`), if any.
+    pub http: Option<SocketAddr>,
+    /// The TLS listener (routes by the ClientHello's server name), if any.
+    pub tls: Option<SocketAddr>,
+    /// The zone whose names it serves (`revboot.test`).
+    pub zone: String,
+    /// Time a connection may take to send its head.
+    pub head_timeout: Duration,
+    /// Most bytes of head read.
+    pub max_head: usize,
+    /// Connections still reading their head; more are reset.
+    pub max_pending: usize,
+}
+
+impl FrontConfig {
+    /// A front door for `zone` with no listeners yet and the default bounds.
+    pub fn new(zone: impl Into<String>) -> FrontConfig {
+        FrontConfig {
+            http: None,
+            tls: None,
+            zone: zone.into(),
+            head_timeout: DEFAULT_HEAD_TIMEOUT,
+            max_head: DEFAULT_MAX_HEAD,
+            max_pending: DEFAULT_MAX_PENDING,
+        }
+    }
+}
+
+/// Why the front door could not open.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrontError {
+    /// The address is not one of this host's.
+    #[error("Front door address {address} is not an address of this host")]
+    NotLocal {
+        /// The address.
+        address: SocketAddr,
+    },
+    /// The address could not be bound for another reason (in use, no permission…).
+    #[error("Cannot open the front door on {address}")]
+    Bind {
+        /// The address.
+        address: SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A bound is zero.
+    #[error("Front door setting `{0}` must be at least 1")]
+    Zero(&'static str),
+}
+
+/// Where the front door listens, ports as bound.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FrontAddresses {
+    /// The HTTP listener.
+    pub http: Option<SocketAddr>,
+    /// The TLS listener.
+    pub tls: Option<SocketAddr>,
+}
+
+/// The front door's part of the proxy's shared state.
+#[derive(Debug)]
+pub(crate) struct Front {
+    config: FrontConfig,
+    zone: Vec<Vec<u8>>,
+    pending: Arc<Semaphore>,
+    pub(crate) addresses: FrontAddresses,
+}
+
+/// Bound listeners, not yet watched by a runtime.
+pub(crate) type Bound = Vec<(Protocol, SocketAddr, std::net::TcpListener)>;
+
+/// Step 1: binds the configured addresses.
+pub(crate) fn bind(config: &FrontConfig, backlog: u32) -> Result<(Front, Bound), FrontError> {
+    for (name, value) in [
+        ("max_head", config.max_head),
+        ("max_pending", config.max_pending),
+    ] {
+        if value == 0 {
+            return Err(FrontError::Zero(name));
+        }
+    }
+    let mut bound = Vec::new();
+    let mut addresses = FrontAddresses::default();
+    for (protocol, address) in [(Protocol::Http, config.http), (Protocol::Tls, config.tls)] {
+        let Some(address) = address else { continue };
+        let listener = listener(address, backlog).map_err(|source| {
+            if source.kind() == io::ErrorKind::AddrNotAvailable {
+                FrontError::NotLocal { address }
+            } else {
+                FrontError::Bind { address, source }
+            }
+        })?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| FrontError::Bind { address, source })?;
+        match protocol {
+            Protocol::Http => addresses.http = Some(local),
+            Protocol::Tls => addresses.tls = Some(local),
+        }
+        bound.push((protocol, local, listener));
+    }
+    let zone = config
+        .zone
+        .trim_end_matches('.')
+        .split('.')
+        .filter(|label| !label.is_empty())
+        .map(|label| label.to_ascii_lowercase().into_bytes())
+        .collect();
+    let front = Front {
+        config: config.clone(),
+        zone,
+        pending: Arc::new(Semaphore::new(config.max_pending)),
+        addresses,
+    };
+    Ok((front, bound))
+}
+
+/// A non-blocking listener on `address`. No `IP_FREEBIND`: an address the host does not own
+/// must fail here, at start.
+fn listener(address: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM.nonblocking(),
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    if address.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&address.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    Ok(socket.into())
+}
+
+/// Starts the accept loops of `bound` on the proxy's runtime.
+pub(crate) fn start(shared: &Arc<Shared>, bound: Bound) {
+    for (protocol, address, listener) in bound {
+        let me = Arc::clone(shared);
+        let cancel = shared.cancel.child_token();
+        shared.runtime.spawn(async move {
+            match TcpListener::from_std(listener) {
+                Ok(listener) => {
+                    info!(%address, ?protocol, "front door listening");
+                    accepting(me, listener, protocol, cancel).await;
+                }
+                Err(error) => warn!(%error, %address, "cannot watch the front door listener"),
+            }
+        });
+    }
+}
+
+async fn accepting(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    protocol: Protocol,
+    cancel: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            () = cancel.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => admit(&shared, stream, peer, protocol),
+            Err(error) => {
+                warn!(%error, ?protocol, "front door accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// Step 2.
+fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, protocol: Protocol) {
+    let Some(front) = &shared.front else { return };
+    let metrics = &shared.metrics;
+    let over = metrics.open_now.load(Ordering::Relaxed) >= shared.config.max_connections as u64;
+    let permit = Arc::clone(&front.pending).try_acquire_owned().ok();
+    let Some(permit) = permit.filter(|_| !over) else {
+        bump(&metrics.refused);
+        bump(&metrics.refused_overload);
+        warn!(%peer, ?protocol, "front door connection bound reached; refused");
+        let _ = stream.set_zero_linger();
+        return;
+    };
+    bump(&metrics.accepted);
+    metrics.open_now.fetch_add(1, Ordering::Relaxed);
+    let open = Open::new(Arc::clone(shared));
+    tokio::spawn(async move {
+        let _ = stream.set_nodelay(true);
+        route(open, stream, peer, protocol, permit).await;
+    });
+}
+
+/// Why a connection is not routed (step 5).
+enum Refusal {
+    Slow,
+    TooLarge,
+    Malformed(&'static str),
+    NoName,
+    Unknown(String),
+    Unavailable(String),
+}
+
+/// Steps 3–6.
+async fn route(
+    mut open: Open,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    protocol: Protocol,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let shared = Arc::clone(open.shared());
+    let Some(front) = &shared.front else { return };
+    let mut head = Vec::new();
+    let sniffed = tokio::select! {
+        () = shared.cancel.cancelled() => return,
+        sniffed = tokio::time::timeout(
+            front.config.head_timeout,
+            sniff::sniff(&mut stream, protocol, front.config.max_head, &mut head),
+        ) => sniffed,
+    };
+    drop(permit);
+    let name = match sniffed {
+        Err(_) => Err(Refusal::Slow),
+        Ok(Err(error)) => {
+            debug!(%error, %peer, "front door client gone before its head");
+            return;
+        }
+        Ok(Ok(Sniffed::Name(name))) => Ok(name),
+        Ok(Ok(Sniffed::NoName)) => Err(Refusal::NoName),
+        Ok(Ok(Sniffed::TooLarge)) => Err(Refusal::TooLarge),
+        Ok(Ok(Sniffed::Malformed(why))) => Err(Refusal::Malformed(why)),
+    };
+    let routed = name.and_then(|name| {
+        let (service, label) = target(&shared, front, &name)?;
+        let summoned = connection::summon(&shared, &service, &label, None)
+            .map_err(|error| Refusal::Unavailable(error.to_string()))?;
+        Ok((name, summoned))
+    });
+    let (name, summoned) = match routed {
+        Ok(routed) => routed,
+        Err(refusal) => return refuse(&shared, stream, peer, protocol, refusal).await,
+    };
+    bump(&shared.metrics.front_routed);
+    debug!(%peer, name, key = %summoned.key, "front door routed");
+    open.set_key(summoned.key.clone());
+    let failure = match protocol {
+        Protocol::Http => http_unavailable as fn(&str) -> Vec<u8>,
+        Protocol::Tls => |_: &str| alert(INTERNAL_ERROR),
+    };
+    connection::serve(open, stream, peer, summoned, head, Some(failure)).await;
+}
+
+/// Step 4: the service and revision `name` designates, if the front door serves it.
+fn target(
+    shared: &Shared,
+    front: &Front,
+    name: &str,
+) -> Result<(String, revboot_store::Revision), Refusal> {
+    let mut scratch = String::new();
+    let (service, label) = match name::classify_host(name, &front.zone, &mut scratch) {
+        Shape::Live { service } => (service, None),
+        Shape::Label { label, service } => (service, Some(label)),
+        Shape::Outside | Shape::Apex | Shape::Nothing => {
+            return Err(Refusal::Unknown(format!(
+                "`{name}` is not a revision name of zone `{}`",
+                front.config.zone
+            )));
+        }
+    };
+    let resolved = shared
+        .inner
+        .resolve(service, label)
+        .map_err(|error| match error {
+            ResolveError::Building(why) => Refusal::Unavailable(why),
+            ResolveError::Store(_) => Refusal::Unavailable(error.to_string()),
+            other => Refusal::Unknown(other.to_string()),
+        })?;
+    if resolved.per_client {
+        return Err(Refusal::Unknown(format!(
+            "`{service}` has an instance per client, which the shared front door cannot \
+             tell apart: reach it at its own address"
+        )));
+    }
+    if !resolved.reach.front_door() {
+        return Err(Refusal::Unknown(format!(
+            "`{service}` is served at addresses of its own, not by the front door (its \
+             manifest's reach is \"address\")"
+        )));
+    }
+    Ok((service.to_owned(), resolved.revision))
+}
+
+/// Step 5: answers and closes.
+async fn refuse(
+    shared: &Shared,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    protocol: Protocol,
+    refusal: Refusal,
+) {
+    let metrics = &shared.metrics;
+    let (status, alert_code, reason) = match refusal {
+        Refusal::Slow => (
+            "408 Request Timeout",
+            None,
+            "the head was not sent in time".into(),
+        ),
+        Refusal::TooLarge => (
+            "431 Request Header Fields Too Large",
+            Some(DECODE_ERROR),
+            "the head is too large".into(),
+        ),
+        Refusal::Malformed(why) => ("400 Bad Request", Some(DECODE_ERROR), why.to_owned()),
+        Refusal::NoName => (
+            "400 Bad Request",
+            Some(UNRECOGNIZED_NAME),
+            "no host name to route by".to_owned(),
+        ),
+        Refusal::Unknown(why) => ("404 Not Found", Some(UNRECOGNIZED_NAME), why),
+        Refusal::Unavailable(why) => ("503 Service Unavailable", Some(INTERNAL_ERROR), why),
+    };
+    if status.starts_with("404") {
+        bump(&metrics.front_unknown);
+    } else if status.starts_with("503") {
+        bump(&metrics.boot_failures);
+    } else {
+        bump(&metrics.front_bad);
+    }
+    debug!(%peer, ?protocol, status, reason, "front door refused a connection");
+    let answer = match (protocol, alert_code) {
+        (Protocol::Http, _) => http_answer(status, &reason),
+        (Protocol::Tls, Some(code)) => alert(code),
+        (Protocol::Tls, None) => Vec::new(),
+    };
+    write_and_close(&mut stream, &answer).await;
+}
+
+/// Writes `bytes` (bounded in time) and ends the connection.
+pub(crate) async fn write_and_close(stream: &mut TcpStream, bytes: &[u8]) {
+    let _ = tokio::time::timeout(REFUSAL_WRITE, async {
+        if !bytes.is_empty() {
+            stream.write_all(bytes).await?;
+        }
+        stream.shutdown().await
+    })
+    .await;
+}
+
+/// A complete HTTP/1.1 answer that closes the connection.
+fn http_answer(status: &str, reason: &str) -> Vec<u8> {
+    let body = format!("revboot front door: {reason}\n");
+    format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+fn http_unavailable(reason: &str) -> Vec<u8> {
+    http_answer("503 Service Unavailable", reason)
+}
+
+/// A fatal TLS alert record (sent before any ServerHello, so in the clear).
+fn alert(code: u8) -> Vec<u8> {
+    vec![21, 3, 3, 0, 2, 2, code]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Proxy, ProxyConfig};
+    use revboot_deployer::{InstanceKey, Instances, Reach};
+    use revboot_testkit::instances::{
+        Addresses, Backend, Behaviour, Boot, Fake, FakeRevision, FakeService, revision, unique_ip,
+    };
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+
+    /// Bound on a step that should take milliseconds: a bug fails the test, never hangs it.
+    const STEP: Duration = Duration::from_secs(30);
+
+    /// `hello` with two revisions, reached through the front door only.
+    fn fake(backend: Backend) -> Arc<Fake> {
+        let fake = Fake::new(Behaviour {
+            cap: 8,
+            boot: Boot::After(Duration::from_millis(200)),
+            backend,
+            addresses: Addresses::Unique,
+            boot_timeout: Duration::from_secs(20),
+            idle_timeout: None,
+        });
+        let revisions = [revision(1), revision(2)].map(|revision| FakeRevision {
+            revision,
+            tags: Vec::new(),
+            bootable: true,
+        });
+        fake.add_service(
+            "hello",
+            FakeService {
+                reach: Reach::Front,
+                revisions: revisions.to_vec(),
+                live: Some(revision(1)),
+                ..FakeService::one(8443, revision(1))
+            },
+        );
+        fake
+    }
+
+    fn key(n: u64) -> InstanceKey {
+        InstanceKey {
+            service: "hello".into(),
+            revision: revision(n),
+            client: None,
+        }
+    }
+
+    /// A real TLS server (`openssl s_server -www`) on `address`, with a throwaway
+    /// certificate in `dir`; returned once it accepts.
+    async fn tls_server(dir: &std::path::Path, address: SocketAddr) -> tokio::process::Child {
+        let (key, cert) = (dir.join("key.pem"), dir.join("cert.pem"));
+        let made = tokio::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+            .args(["-subj", "/CN=revboot.test", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .await
+            .expect("openssl runs");
+        assert!(made.status.success(), "{made:?}");
+        let mut server = tokio::process::Command::new("openssl")
+            .args(["s_server", "-www", "-accept", &address.to_string(), "-key"])
+            .arg(&key)
+            .arg("-cert")
+            .arg(&cert)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("openssl s_server starts");
+        let stdout = server.stdout.take().expect("piped");
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        tokio::time::timeout(STEP, async {
+            while let Some(line) = lines.next_line().await.expect("read") {
+                if line.starts_with("ACCEPT") {
+                    return;
+                }
+            }
+            panic!("s_server ended before accepting");
+        })
+        .await
+        .expect("s_server accepts in time");
+        // Keep reading its output so that it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        server
+    }
+
+    #[tokio::test]
+    async fn tls_is_routed_by_server_name_and_passed_through_untouched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend = SocketAddr::new(unique_ip(), 8443);
+        let _server = tls_server(dir.path(), backend).await;
+        let fake = fake(Backend::At(backend));
+        let mut config = FrontConfig::new("revboot.test");
+        config.tls = Some(SocketAddr::new(unique_ip(), 0));
+        let inner: Arc<dyn Instances> = fake.clone();
+        let proxy = Proxy::with_front(ProxyConfig::default(), config, inner).expect("opens");
+        let tls = proxy.front_addresses().tls.expect("a TLS front door");
+        let name = format!("{}.hello.revboot.test", revision(2).short(8));
+        // curl sends the URL's host as the server name and checks nothing of the
+        // throwaway certificate (-k); the handshake is the instance's own.
+        let output = tokio::time::timeout(
+            STEP,
+            tokio::process::Command::new("curl")
+                .args(["-sS", "-k", "--max-time", "20", "--connect-to"])
+                .arg(format!("{name}:443:{}:{}", tls.ip(), tls.port()))
+                .arg(format!("https://{name}/"))
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .expect("curl ends in time")
+        .expect("curl runs");
+        let answer = String::from_utf8_lossy(&output.stdout);
+        assert!(answer.contains("s_server"), "{output:?}");
+        assert_eq!(fake.boots(&key(2)), 1, "the revision the name designates");
+        assert_eq!(fake.boots(&key(1)), 0);
+        assert_eq!(proxy.metrics().front_routed, 1);
+        assert_eq!(proxy.metrics().held, 1, "held while it booted");
+        proxy.shutdown();
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_pending_bound_are_reset() {
+        let fake = fake(Backend::Echo);
+        let mut config = FrontConfig::new("revboot.test");
+        config.http = Some(SocketAddr::new(unique_ip(), 0));
+        config.max_pending = 1;
+        let inner: Arc<dyn Instances> = fake.clone();
+        let proxy = Proxy::with_front(ProxyConfig::default(), config, inner).expect("opens");
+        let http = proxy.front_addresses().http.expect("http");
+        let silent = TcpStream::connect(http).await.expect("connect");
+        let deadline = tokio::time::Instant::now() + STEP;
+        while proxy.metrics().accepted < 1 {
+            assert!(tokio::time::Instant::now() < deadline, "never accepted");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut second = TcpStream::connect(http).await.expect("connect");
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(STEP, second.read_to_end(&mut answer))
+            .await
+            .expect("closed in time");
+        if read.is_ok() {
+            assert!(answer.is_empty(), "answered: {answer:?}");
+        }
+        assert_eq!(proxy.metrics().refused_overload, 1);
+        drop(silent);
+        proxy.shutdown();
+    }
+
+    #[test]
+    fn an_address_the_host_does_not_own_is_named() {
+        let mut config = FrontConfig::new("revboot.test");
+        // A documentation address: never local, and binding it sends nothing.
+        config.http = Some("192.0.2.1:0".parse().expect("address"));
+        let error = bind(&config, 16).expect_err("not local").to_string();
+        assert!(error.contains("192.0.2.1"), "{error}");
+        assert!(error.contains("not an address of this host"), "{error}");
+    }
+
+    #[test]
+    fn answers_are_complete() {
+        let answer = String::from_utf8(http_answer("404 Not Found", "no such name")).expect("text");
+        assert!(answer.starts_with("HTTP/1.1 404 Not Found\r\n"), "{answer}");
+        assert!(
+            answer.ends_with("\r\n\r\nrevboot front door: no such name\n"),
+            "{answer}"
+        );
+        assert_eq!(alert(UNRECOGNIZED_NAME), [21, 3, 3, 0, 2, 2, 112]);
+    }
+}

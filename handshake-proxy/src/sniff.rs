@@ -1,0 +1,272 @@
+//! Reading the name a connection to the front door is for, without consuming it: the head of
+//! an HTTP/1.x request (its `Host`), or a TLS ClientHello (its server name).
+//!
+//! 1. Read into one buffer, at most `max` bytes; every byte read is kept, to be replayed to
+//!    the instance untouched.
+//! 2. HTTP: parse the head each time more arrives (`httparse`); once it is complete, its
+//!    `Host` header (port stripped) is the name. A head that does not fit in `max` is
+//!    [`Sniffed::TooLarge`].
+//! 3. TLS: collect handshake records until the first handshake message (the ClientHello) is
+//!    whole, however the client split it over records, then read its `server_name`
+//!    extension (`tls-parser`). No extension, or no host name in it: [`Sniffed::NoName`].
+//! 4. The caller bounds the whole read with a timeout; the end of the stream before the head
+//!    is whole is [`Sniffed::Malformed`].
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Which protocol a front door listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    /// HTTP/1.x: routed by the `Host` header.
+    Http,
+    /// TLS: routed by the ClientHello's server name.
+    Tls,
+}
+
+/// Most headers an HTTP request head may have.
+const MAX_HEADERS: usize = 100;
+/// A TLS record header: type, version, length.
+const RECORD_HEADER: usize = 5;
+/// The TLS content type of handshake records.
+const HANDSHAKE: u8 = 22;
+/// The handshake type of a ClientHello.
+const CLIENT_HELLO: u8 = 1;
+
+/// What the head of a connection said.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Sniffed {
+    /// The host name the connection is for (as sent: case and a trailing dot kept).
+    Name(String),
+    /// A complete head with no name in it (no `Host`, no server name).
+    NoName,
+    /// The head is longer than the bound.
+    TooLarge,
+    /// Not a request head or ClientHello, or the client ended before it was whole.
+    Malformed(&'static str),
+}
+
+/// Reads from `stream` into `buffer` until the head says what it is (steps 1–4).
+pub(crate) async fn sniff<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    protocol: Protocol,
+    max: usize,
+    buffer: &mut Vec<u8>,
+) -> std::io::Result<Sniffed> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        let verdict = match protocol {
+            Protocol::Http => http(buffer),
+            Protocol::Tls => tls(buffer),
+        };
+        match verdict {
+            Some(sniffed) => return Ok(sniffed),
+            None if buffer.len() >= max => return Ok(Sniffed::TooLarge),
+            None => {}
+        }
+        let room = (max - buffer.len()).min(chunk.len());
+        let read = stream.read(&mut chunk[..room]).await?;
+        if read == 0 {
+            return Ok(Sniffed::Malformed("the connection ended before its head"));
+        }
+        buffer.extend_from_slice(&chunk[..read]);
+    }
+}
+
+/// Step 2: `None` while the head is incomplete.
+fn http(buffer: &[u8]) -> Option<Sniffed> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(buffer) {
+        Ok(httparse::Status::Partial) => None,
+        Err(httparse::Error::TooManyHeaders) => Some(Sniffed::TooLarge),
+        Err(_) => Some(Sniffed::Malformed("not an HTTP/1.x request head")),
+        Ok(httparse::Status::Complete(_)) => {
+            let host = request
+                .headers
+                .iter()
+                .find(|header| header.name.eq_ignore_ascii_case("host"))
+                .and_then(|header| std::str::from_utf8(header.value).ok());
+            Some(match host.map(str::trim).map(without_port) {
+                Some(host) if !host.is_empty() => Sniffed::Name(host.to_owned()),
+                _ => Sniffed::NoName,
+            })
+        }
+    }
+}
+
+/// `host:port` → `host`; an IPv6 literal (`[::1]:80`) is kept whole (no zone name is one).
+fn without_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host;
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    }
+}
+
+/// Step 3: `None` while the ClientHello is incomplete.
+fn tls(buffer: &[u8]) -> Option<Sniffed> {
+    // The handshake bytes of the records so far.
+    let mut handshake = Vec::new();
+    let mut rest = buffer;
+    loop {
+        if rest.len() < RECORD_HEADER {
+            break;
+        }
+        if rest[0] != HANDSHAKE {
+            return Some(Sniffed::Malformed("not a TLS handshake"));
+        }
+        let length = usize::from(u16::from_be_bytes([rest[3], rest[4]]));
+        let Some(record) = rest.get(RECORD_HEADER..RECORD_HEADER + length) else {
+            break;
+        };
+        handshake.extend_from_slice(record);
+        rest = &rest[RECORD_HEADER + length..];
+    }
+    if rest.first().is_some_and(|&kind| kind != HANDSHAKE) {
+        return Some(Sniffed::Malformed("not a TLS handshake"));
+    }
+    if handshake.first().is_some_and(|&kind| kind != CLIENT_HELLO) {
+        return Some(Sniffed::Malformed(
+            "the first handshake message is no ClientHello",
+        ));
+    }
+    let length = handshake
+        .get(1..4)
+        .map(|b| usize::from(b[0]) << 16 | usize::from(b[1]) << 8 | usize::from(b[2]))?;
+    let message = handshake.get(..4 + length)?;
+    Some(server_name(message))
+}
+
+/// The server name of a whole ClientHello message.
+fn server_name(message: &[u8]) -> Sniffed {
+    use tls_parser::{SNIType, TlsExtension, TlsMessage, TlsMessageHandshake};
+    let Ok((_, TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello)))) =
+        tls_parser::parse_tls_message_handshake(message)
+    else {
+        return Sniffed::Malformed("a ClientHello that does not parse");
+    };
+    let Some(extensions) = hello.ext else {
+        return Sniffed::NoName;
+    };
+    let Ok((_, extensions)) = tls_parser::parse_tls_client_hello_extensions(extensions) else {
+        return Sniffed::Malformed("ClientHello extensions that do not parse");
+    };
+    let name = extensions.iter().find_map(|extension| match extension {
+        TlsExtension::SNI(names) => names
+            .iter()
+            .find(|(kind, _)| *kind == SNIType::HostName)
+            .map(|(_, name)| *name),
+        _ => None,
+    });
+    match name.map(std::str::from_utf8) {
+        Some(Ok(name)) if !name.is_empty() => Sniffed::Name(name.to_owned()),
+        Some(Ok(_)) | None => Sniffed::NoName,
+        Some(Err(_)) => Sniffed::Malformed("a server name that is not text"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn read(protocol: Protocol, max: usize, input: &[u8]) -> (Sniffed, usize) {
+        let mut stream = input;
+        let mut buffer = Vec::new();
+        let sniffed = sniff(&mut stream, protocol, max, &mut buffer)
+            .await
+            .expect("reads from a slice");
+        (sniffed, buffer.len())
+    }
+
+    #[tokio::test]
+    async fn http_host_is_read_and_every_byte_kept() {
+        let request = b"GET / HTTP/1.1\r\nHost: Abc1234.Hello.revboot.test:8080\r\n\r\nbody";
+        let (sniffed, kept) = read(Protocol::Http, 16 * 1024, request).await;
+        assert_eq!(sniffed, Sniffed::Name("Abc1234.Hello.revboot.test".into()));
+        assert_eq!(kept, request.len());
+    }
+
+    #[tokio::test]
+    async fn http_without_host_or_too_long_or_not_http() {
+        let (sniffed, _) = read(Protocol::Http, 1024, b"GET / HTTP/1.0\r\n\r\n").await;
+        assert_eq!(sniffed, Sniffed::NoName);
+        let long = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(4000));
+        let (sniffed, kept) = read(Protocol::Http, 1024, long.as_bytes()).await;
+        assert_eq!((sniffed, kept), (Sniffed::TooLarge, 1024));
+        let (sniffed, _) = read(Protocol::Http, 1024, b"\x16\x03\x01\x00\x05hello").await;
+        assert!(matches!(sniffed, Sniffed::Malformed(_)), "{sniffed:?}");
+        let (sniffed, _) = read(Protocol::Http, 1024, b"GET / HTTP/1.1\r\nHost: a").await;
+        assert!(matches!(sniffed, Sniffed::Malformed(_)), "{sniffed:?}");
+    }
+
+    #[test]
+    fn ports_and_literals() {
+        assert_eq!(without_port("a.test:80"), "a.test");
+        assert_eq!(without_port("a.test"), "a.test");
+        assert_eq!(without_port("[::1]:80"), "[::1]:80");
+    }
+
+    /// A ClientHello record for `name` (none: no server_name extension).
+    fn client_hello(name: Option<&str>) -> Vec<u8> {
+        let mut extensions = Vec::new();
+        if let Some(name) = name {
+            let name = name.as_bytes();
+            let list_len = u16::try_from(name.len() + 3).expect("short");
+            extensions.extend_from_slice(&[0, 0]);
+            extensions.extend_from_slice(&(list_len + 2).to_be_bytes());
+            extensions.extend_from_slice(&list_len.to_be_bytes());
+            extensions.push(0);
+            extensions.extend_from_slice(&u16::try_from(name.len()).expect("short").to_be_bytes());
+            extensions.extend_from_slice(name);
+        }
+        let mut body = vec![3, 3];
+        body.extend_from_slice(&[7; 32]); // random
+        body.push(0); // session id
+        body.extend_from_slice(&[0, 2, 0x13, 0x01]); // one cipher suite
+        body.extend_from_slice(&[1, 0]); // null compression
+        body.extend_from_slice(
+            &u16::try_from(extensions.len())
+                .expect("short")
+                .to_be_bytes(),
+        );
+        body.extend_from_slice(&extensions);
+        let length = u32::try_from(body.len()).expect("short").to_be_bytes();
+        let mut message = vec![CLIENT_HELLO, length[1], length[2], length[3]];
+        message.extend_from_slice(&body);
+        message
+    }
+
+    fn records(message: &[u8], size: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for part in message.chunks(size) {
+            out.extend_from_slice(&[HANDSHAKE, 3, 1]);
+            out.extend_from_slice(&u16::try_from(part.len()).expect("short").to_be_bytes());
+            out.extend_from_slice(part);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn tls_server_name_is_read_across_records() {
+        let message = client_hello(Some("c63dc27.hello.revboot.test"));
+        for size in [message.len(), 40, 7] {
+            let input = records(&message, size);
+            let (sniffed, kept) = read(Protocol::Tls, 16 * 1024, &input).await;
+            assert_eq!(sniffed, Sniffed::Name("c63dc27.hello.revboot.test".into()));
+            assert_eq!(kept, input.len());
+        }
+    }
+
+    #[tokio::test]
+    async fn tls_without_a_name_or_not_tls() {
+        let input = records(&client_hello(None), 512);
+        assert_eq!(read(Protocol::Tls, 1024, &input).await.0, Sniffed::NoName);
+        let (sniffed, _) = read(Protocol::Tls, 1024, b"GET / HTTP/1.1\r\n\r\n").await;
+        assert!(matches!(sniffed, Sniffed::Malformed(_)), "{sniffed:?}");
+        let input = records(&client_hello(Some("a.hello.revboot.test")), 512);
+        let (sniffed, _) = read(Protocol::Tls, 16, &input).await;
+        assert_eq!(sniffed, Sniffed::TooLarge);
+    }
+}

@@ -1,0 +1,177 @@
+//! The front door with the real deployer and the real hello image: curl and openssl as the
+//! clients, over loopback TCP.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use revboot_proxy::FrontConfig;
+use tokio::io::AsyncReadExt;
+
+use crate::support::{
+    HELLO_RUN, PATIENCE, World, connect, deploy, eventually, hello_image, manifest,
+};
+
+/// A front door for `revboot.test` on an address of `127.78.<index>.0/24` (outside the
+/// world's pool), on ports the kernel picks.
+fn front(index: u8, http: bool, tls: bool) -> FrontConfig {
+    let mut front = FrontConfig::new("revboot.test");
+    let address = |port| SocketAddr::from(([127, 78, index, 1], port));
+    front.http = http.then(|| address(0));
+    front.tls = tls.then(|| address(0));
+    front
+}
+
+/// Runs a client program to its end (bounded) and returns its stdout and stderr together.
+async fn run(program: &str, args: &[&str]) -> String {
+    let output = tokio::time::timeout(
+        PATIENCE,
+        tokio::process::Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{program} {args:?} did not end in time"))
+    .unwrap_or_else(|error| panic!("{program} runs: {error}"));
+    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&output.stderr));
+    text
+}
+
+/// `curl -i` of `url` with extra arguments; the status line, headers and body.
+async fn curl(extra: &[&str], url: &str) -> String {
+    let mut args = vec!["-sS", "-i", "--max-time", "30"];
+    args.extend_from_slice(extra);
+    args.push(url);
+    run("curl", &args).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn front_door_routes_each_host_name_to_its_revision_and_boots_it() {
+    // No kernel steering: the assertion that the instance's own address is not served is
+    // about the proxy's listeners.
+    let world = World::with_front(16, front(16, true, false), |deployer, _| {
+        deployer.steer = false;
+    });
+    let run = format!("{HELLO_RUN}\nreach = \"front\"");
+    let image = hello_image();
+    let first = deploy(&world.store, "hello", &image, &manifest(&run));
+    let second = deploy(&world.store, "hello", &image, &manifest(&run));
+    let http = world
+        .proxy
+        .front_addresses()
+        .http
+        .expect("an HTTP front door");
+    assert!(
+        world.deployer.list().is_empty(),
+        "nothing runs before a request"
+    );
+
+    // curl --resolve: the name in the URL, and so in Host, with the front door's address.
+    for revision in [&second, &first] {
+        let name = format!("{}.hello.revboot.test", revision.short(7));
+        let resolve = format!("{name}:{}:{}", http.port(), http.ip());
+        let url = format!("http://{name}:{}/", http.port());
+        let answer = curl(&["--resolve", &resolve], &url).await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        assert!(answer.contains(&revision.to_hex()), "{revision}: {answer}");
+    }
+    // -H Host, in another case and with a trailing dot: the same revision.
+    let host = format!(
+        "Host: {}.HELLO.revboot.test.",
+        first.short(9).to_uppercase()
+    );
+    let answer = curl(&["-H", &host], &format!("http://{http}/again")).await;
+    assert!(answer.contains(&first.to_hex()), "{answer}");
+
+    let instances = world.deployer.list();
+    assert_eq!(
+        instances.len(),
+        2,
+        "one instance per revision: {instances:?}"
+    );
+    for info in &instances {
+        // Reached through the front door only: nothing listens on its own address.
+        for address in info.addresses.iter() {
+            let refused = connect(SocketAddr::new(address, 8080), None).await;
+            assert_eq!(
+                refused.expect_err("no listener of its own").kind(),
+                io::ErrorKind::ConnectionRefused
+            );
+        }
+    }
+    let metrics = world.proxy.metrics();
+    assert_eq!(metrics.front_routed, 3, "{metrics:?}");
+    world.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn front_door_answers_unknown_names_with_404_and_an_unrecognized_name_alert() {
+    let mut config = front(17, true, true);
+    config.head_timeout = Duration::from_millis(500);
+    let world = World::with_front(17, config, |_, _| {});
+    let image = hello_image();
+    let own = deploy(&world.store, "own", &image, &manifest(HELLO_RUN));
+    let addresses = world.proxy.front_addresses();
+    let (http, tls) = (addresses.http.expect("http"), addresses.tls.expect("tls"));
+
+    for (host, says) in [
+        ("nosuch.hello.revboot.test", "`hello`"),
+        ("example.com", "not a revision name"),
+        (
+            &format!("{}.own.revboot.test", own.short(7)),
+            "not by the front door",
+        ),
+    ] {
+        let answer = curl(
+            &["-H", &format!("Host: {host}")],
+            &format!("http://{http}/"),
+        )
+        .await;
+        assert!(
+            answer.starts_with("HTTP/1.1 404 Not Found"),
+            "{host}: {answer}"
+        );
+        assert!(answer.contains(says), "{host}: {answer}");
+    }
+    let answer = curl(&["-H", "Host:"], &format!("http://{http}/")).await;
+    assert!(answer.starts_with("HTTP/1.1 400 Bad Request"), "{answer}");
+
+    // A real TLS client with a server name nobody serves: a fatal alert, not a hang.
+    let answer = run(
+        "openssl",
+        &[
+            "s_client",
+            "-connect",
+            &tls.to_string(),
+            "-servername",
+            "nosuch.hello.revboot.test",
+        ],
+    )
+    .await;
+    assert!(
+        answer.contains("unrecognized name") || answer.contains("alert number 112"),
+        "{answer}"
+    );
+
+    // A client that sends nothing is answered 408 once the head timeout passes.
+    let mut silent = connect(http, None).await.expect("connect");
+    let mut answer = String::new();
+    tokio::time::timeout(PATIENCE, silent.read_to_string(&mut answer))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
+    assert!(world.deployer.list().is_empty(), "nothing was booted");
+    let metrics = world.proxy.metrics();
+    assert_eq!(metrics.front_unknown, 4, "{metrics:?}");
+    assert_eq!(metrics.front_bad, 2, "{metrics:?}");
+    eventually("every refused connection closed", || {
+        world.proxy.metrics().open_now == 0
+    })
+    .await;
+    world.shutdown().await;
+}
