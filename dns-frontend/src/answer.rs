@@ -10,7 +10,7 @@ use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsOption};
 use hickory_proto::rr::rdata::{NS, SOA};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
-use revboot_deployer::{Activity, Family, Instances, ResolveError, SummonError};
+use revboot_deployer::{Activity, Family, Instances, ResolveError, ServiceAddresses, SummonError};
 use revboot_store::name::{self, Shape};
 use tracing::{debug, warn};
 
@@ -53,6 +53,8 @@ pub(crate) struct Engine {
     negative_ttl: u32,
     delay: Option<Duration>,
     trust_ecs: bool,
+    /// The front door's addresses, for services reached there only.
+    front: Option<ServiceAddresses>,
     instances: Arc<dyn Instances>,
     boots: PrefixLimiter,
     metrics: Arc<Metrics>,
@@ -116,6 +118,13 @@ impl Engine {
             negative_ttl: secs(config.negative_ttl),
             delay: config.delayed_answers.then_some(config.delay_limit),
             trust_ecs: config.trust_ecs,
+            front: config.front.iter().fold(None, |front, &address| {
+                Some(
+                    front.map_or(ServiceAddresses::one(address), |f: ServiceAddresses| {
+                        f.with(address)
+                    }),
+                )
+            }),
             instances,
             boots: PrefixLimiter::new(
                 l.limiter_slots,
@@ -269,10 +278,16 @@ impl Engine {
             .then(|| query.edns.and_then(|e| e.subnet))
             .flatten()
             .map(|subnet| subnet.source_prefix);
+        // A service reached through the front door only is answered with the front door's
+        // address; without a front door, every service is answered with its own.
+        let addresses = match &self.front {
+            Some(front) if !resolved.reach.own_address() => front,
+            _ => &summoned.addresses,
+        };
         let address = match qtype {
-            RecordType::A => summoned.addresses.of(Family::Ipv4),
-            RecordType::AAAA => summoned.addresses.of(Family::Ipv6),
-            _ => summoned.addresses.iter().next(),
+            RecordType::A => addresses.of(Family::Ipv4),
+            RecordType::AAAA => addresses.of(Family::Ipv6),
+            _ => addresses.iter().next(),
         };
         let rendered = if let Some(address) = address.filter(|a| family_matches(*a, qtype)) {
             self.address_response(query, lowercase, address, subnet_scope)

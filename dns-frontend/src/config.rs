@@ -45,6 +45,11 @@ pub struct DnsConfig {
     /// ([`generation`](revboot_deployer::Instances::generation), which can cost tens of
     /// microseconds); a change is seen within this long (default 1 ms; zero: every query).
     pub generation_poll: Duration,
+    /// The proxy's front door addresses (at most one per family). Names of a service whose
+    /// manifest says `reach = "front"` are answered with these rather than the instance's
+    /// own addresses (the summon still boots the instance). Empty: no front door, every
+    /// service is answered with its own addresses.
+    pub front: Vec<IpAddr>,
     /// Protection limits.
     pub limits: Limits,
 }
@@ -62,6 +67,7 @@ impl Default for DnsConfig {
             delay_limit: Duration::from_secs(5),
             trust_ecs: false,
             generation_poll: Duration::from_millis(1),
+            front: Vec::new(),
             limits: Limits::default(),
         }
     }

@@ -34,7 +34,10 @@
 //! 7. A/AAAA/ANY for a revision → summon (per-client services: for the client's address —
 //!    the source address, or the EDNS Client Subnet when `trust_ecs` is set) and answer with
 //!    the service address, TTL `ttl` (default 1 s): A for an IPv4 address, AAAA for IPv6,
-//!    NODATA for the other family. Other types → NODATA without summoning.
+//!    NODATA for the other family. Other types → NODATA without summoning. A service whose
+//!    manifest says `reach = "front"` is summoned all the same (its boot starts with the
+//!    query) but answered with the proxy's front door address (`DnsConfig::front`) when
+//!    there is one.
 //! 8. Summons beyond `boots_per_second` per client prefix → REFUSED with an EDE; a summon
 //!    the deployer refuses (caps, pool, backoff) or a store failure → SERVFAIL with an EDE.
 //! 9. Delayed mode: the answer to rule 7 is sent once the instance is ready; not ready in

@@ -635,3 +635,38 @@ async fn ipv6_pool_addresses_get_aaaa() {
     assert_negative(&r, ResponseCode::NoError, "NODATA for A of IPv6");
     server.shutdown().await.expect("clean shutdown");
 }
+
+#[tokio::test]
+async fn front_door_services_are_answered_with_the_front_doors_address_and_still_booted() {
+    let fake = fake(16, Boot::Manual);
+    fake.add_service(
+        "front",
+        revboot_testkit::instances::FakeService {
+            reach: revboot_deployer::Reach::Front,
+            ..revboot_testkit::instances::FakeService::one(8080, revision(40))
+        },
+    );
+    let door: IpAddr = "127.0.0.9".parse().expect("address");
+    let mut config = config();
+    config.front = vec![door];
+    let server = start(config, fake.clone()).await;
+    for (transport, mut client) in both(server.local_addr()).await {
+        let response = ask(&mut client, "front.revboot.test.", RecordType::A).await;
+        assert_eq!(address(&response), Some(door), "{transport}");
+        // Only an IPv4 front door: no AAAA for it.
+        let response = ask(&mut client, "front.revboot.test.", RecordType::AAAA).await;
+        assert_eq!(response.response_code, ResponseCode::NoError, "{transport}");
+        assert!(response.answers.is_empty(), "{transport}");
+        // Services reached at addresses of their own keep them.
+        let response = ask(&mut client, "hello.revboot.test.", RecordType::A).await;
+        assert!(
+            address(&response).is_some_and(|a| a != door && a.is_loopback()),
+            "{transport}"
+        );
+    }
+    assert!(
+        fake.keys().iter().any(|key| key.service == "front"),
+        "the query boots the instance behind the front door"
+    );
+    server.shutdown().await.expect("clean shutdown");
+}
