@@ -22,6 +22,10 @@
 //! client_prefixes = { ipv4 = 32, ipv6 = 64 }  # one client of a per-client service
 //! max_total = 256
 //! max_per_service = 64
+//!
+//! [front]                    # the shared front door; none by default
+//! http = "127.0.0.1:8000"    # routes by the HTTP Host header
+//! tls = "127.0.0.1:8443"     # routes by the TLS server name (the instance terminates TLS)
 //! ```
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -48,6 +52,8 @@ pub struct Config {
     pub instances: Instances,
     /// Builds.
     pub builds: Builds,
+    /// The shared front door.
+    pub front: Front,
     /// The process sandbox of instances: scratch quota, uids, rlimits.
     pub sandbox: revboot_deployer::SandboxConfig,
 }
@@ -168,6 +174,46 @@ pub struct Instances {
     pub steer: bool,
 }
 
+/// `[front]`: one shared address that routes connections by name to the services whose
+/// manifest says `reach = "front"` or `"both"` (the proxy's front door). No listener is
+/// configured by default.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Front {
+    /// The HTTP listener: routes by the `Host` header of a connection's first request.
+    pub http: Option<SocketAddr>,
+    /// The TLS listener: routes by the ClientHello's server name and passes the bytes on
+    /// untouched (the instance terminates TLS). On the same address as `http`, when both
+    /// are set: DNS answers one front door address per family.
+    pub tls: Option<SocketAddr>,
+    /// Time a connection may take to send its request head or ClientHello, in milliseconds.
+    pub head_timeout_ms: u64,
+    /// Most bytes of request head or ClientHello read.
+    pub max_head_bytes: usize,
+    /// Connections still sending their head; more are refused.
+    pub max_pending: usize,
+}
+
+impl Default for Front {
+    fn default() -> Self {
+        Front {
+            http: None,
+            tls: None,
+            head_timeout_ms: u64::try_from(revboot_proxy::front::DEFAULT_HEAD_TIMEOUT.as_millis())
+                .unwrap_or(u64::MAX),
+            max_head_bytes: revboot_proxy::front::DEFAULT_MAX_HEAD,
+            max_pending: revboot_proxy::front::DEFAULT_MAX_PENDING,
+        }
+    }
+}
+
+impl Front {
+    /// True when a listener is configured.
+    pub fn is_open(&self) -> bool {
+        self.http.is_some() || self.tls.is_some()
+    }
+}
+
 /// `[builds]`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -192,6 +238,7 @@ impl Default for Config {
             http: Http::default(),
             instances: Instances::default(),
             builds: Builds::default(),
+            front: Front::default(),
             sandbox: revboot_deployer::SandboxConfig::default(),
         }
     }
@@ -428,6 +475,43 @@ impl Config {
                 ),
             });
         }
+        self.validate_front()
+    }
+
+    /// `[front]`: one address, outside the pools, with usable bounds.
+    fn validate_front(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| ConfigError::Invalid { key, message };
+        let front = &self.front;
+        if let (Some(http), Some(tls)) = (front.http, front.tls)
+            && http.ip() != tls.ip()
+        {
+            return Err(invalid(
+                "front.tls",
+                format!(
+                    "{tls} is not on the front door's address {} (front.http)",
+                    http.ip()
+                ),
+            ));
+        }
+        for (key, value) in [
+            ("front.head_timeout_ms", front.head_timeout_ms as usize),
+            ("front.max_head_bytes", front.max_head_bytes),
+            ("front.max_pending", front.max_pending),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1".to_owned()));
+            }
+        }
+        for (key, address) in [("front.http", front.http), ("front.tls", front.tls)] {
+            let Some(address) = address else { continue };
+            let pools = &self.instances.pools;
+            if let Some(pool) = pools.iter().find(|pool| pool.contains(address.ip())) {
+                return Err(invalid(
+                    key,
+                    format!("{address} is inside the instance pool {pool}"),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -576,6 +660,28 @@ mod tests {
             error.to_string().contains("builds.max_commits_per_push"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn the_front_door_is_one_address_outside_the_pools() {
+        assert!(!Config::default().front.is_open());
+        let config = Config::from_toml(
+            "[front]\nhttp = \"127.0.0.1:8000\"\ntls = \"127.0.0.1:8443\"\nhead_timeout_ms = 500\n",
+        )
+        .expect("valid");
+        assert!(config.front.is_open());
+        assert_eq!(config.front.head_timeout_ms, 500);
+        let error =
+            Config::from_toml("[front]\nhttp = \"127.0.0.1:80\"\ntls = \"127.0.0.2:443\"\n")
+                .expect_err("two addresses");
+        assert!(error.to_string().contains("front.tls"), "{error}");
+        let error = Config::from_toml(
+            "[instances]\npool = \"127.77.0.0/16\"\n[front]\nhttp = \"127.77.0.1:80\"\n",
+        )
+        .expect_err("in the pool");
+        assert!(error.to_string().contains("127.77.0.1:80"), "{error}");
+        let error = Config::from_toml("[front]\nhtp = \"127.0.0.1:80\"\n").expect_err("typo");
+        assert!(error.to_string().contains("htp"), "{error}");
     }
 
     #[test]

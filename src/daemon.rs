@@ -6,7 +6,10 @@
 //! 2. The deployer boots instances; its own sockets bind ephemeral ports on each service
 //!    address, because the handshake proxy owns `address:port`.
 //! 3. The proxy wraps the deployer (it implements the same `Instances` trait): a summon
-//!    binds the listener before the address is handed out.
+//!    binds the listener before the address is handed out. With `[front]`, the proxy's
+//!    front door listens too (bound before anything serves; an address the host does not
+//!    own stops the start with an error naming it), and DNS answers its address for the
+//!    services that choose it.
 //! 4. The DNS server answers from the proxy, through builds on demand: a name for a source
 //!    commit that has no deployment yet builds it (`crate::on_demand`).
 //! 5. One HTTP server carries git smart HTTP (the builder's router), the API and `/metrics`;
@@ -23,7 +26,7 @@ use anyhow::Context as _;
 use revboot_builder::{Builder, BuilderConfig};
 use revboot_deployer::{BackendPort, Deployer, DeployerConfig, InstanceKey, Instances};
 use revboot_dns::{DnsConfig, DnsServer};
-use revboot_proxy::{Proxy, ProxyConfig};
+use revboot_proxy::{FrontConfig, Proxy, ProxyConfig};
 use revboot_sandbox::secret;
 use revboot_store::Store;
 use tokio::sync::watch;
@@ -52,6 +55,8 @@ pub struct DaemonInfo {
     pub data: PathBuf,
     /// The zone.
     pub zone: String,
+    /// Where the front door listens (ports as bound), if it is open.
+    pub front: revboot_proxy::FrontAddresses,
 }
 
 impl std::fmt::Debug for DaemonInfo {
@@ -63,6 +68,7 @@ impl std::fmt::Debug for DaemonInfo {
             .field("token_file", &self.token_file)
             .field("data", &self.data)
             .field("zone", &self.zone)
+            .field("front", &self.front)
             .finish_non_exhaustive()
     }
 }
@@ -348,7 +354,21 @@ impl Daemon {
         )
         .context("Cannot start the deployer")?;
 
-        let proxy = Proxy::new(ProxyConfig::default(), deployer.clone());
+        let proxy = if config.front.is_open() {
+            let front = FrontConfig {
+                http: config.front.http,
+                tls: config.front.tls,
+                zone: config.zone.clone(),
+                head_timeout: Duration::from_millis(config.front.head_timeout_ms),
+                max_head: config.front.max_head_bytes,
+                max_pending: config.front.max_pending,
+            };
+            // The error names the address (one the host does not own, or one in use).
+            Proxy::with_front(ProxyConfig::default(), front, deployer.clone())?
+        } else {
+            Proxy::new(ProxyConfig::default(), deployer.clone())
+        };
+        let front_door = proxy.front_addresses();
         let front: Arc<dyn Instances> = proxy.clone();
 
         let listener = tokio::net::TcpListener::bind(config.http.listen)
@@ -405,6 +425,14 @@ impl Daemon {
                 max_tcp_per_prefix: config.dns.max_tcp_per_prefix,
                 ..revboot_dns::Limits::default()
             },
+            // One address per family at most: `[front]` validation keeps both listeners on
+            // one address.
+            front: front_door
+                .http
+                .or(front_door.tls)
+                .map(|a| a.ip())
+                .into_iter()
+                .collect(),
             ..DnsConfig::default()
         };
         let dns = DnsServer::bind(dns_config, front.clone())
@@ -446,8 +474,20 @@ impl Daemon {
             token_file,
             data,
             zone: config.zone.clone(),
+            front: front_door,
         };
-        info!(http = %info.http, dns = %info.dns, dns_also = dns_also.join(" "), data = %info.data.display(), zone = %info.zone, "revboot is serving");
+        let door =
+            |address: Option<SocketAddr>| address.map_or("none".to_owned(), |a| a.to_string());
+        info!(
+            http = %info.http,
+            dns = %info.dns,
+            dns_also = dns_also.join(" "),
+            front_http = %door(front_door.http),
+            front_tls = %door(front_door.tls),
+            data = %info.data.display(),
+            zone = %info.zone,
+            "revboot is serving"
+        );
         Ok(Daemon {
             info,
             builder,

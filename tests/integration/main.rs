@@ -4,6 +4,7 @@ mod api;
 mod beyond_loopback;
 mod daemon_log;
 mod direct;
+mod front_door;
 mod gatekeeper;
 mod history;
 mod journey;

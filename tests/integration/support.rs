@@ -182,6 +182,20 @@ impl Daemon {
         panic!("daemon did not serve within 60s; its log:\n{}", self.log());
     }
 
+    /// Where the front door's HTTP (`"front_http="`) or TLS (`"front_tls="`) listener is,
+    /// as the `revboot is serving` line says.
+    pub fn front(&self, field: &str) -> SocketAddr {
+        let log = self.log();
+        let line = log
+            .lines()
+            .find(|line| line.contains("revboot is serving"))
+            .expect("the daemon serves");
+        line.split_whitespace()
+            .find_map(|word| word.strip_prefix(field))
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("no {field}<address> in {line:?}"))
+    }
+
     /// The daemon's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -1,0 +1,112 @@
+//! The front door of a real `revboot serve`: stock git pushes, dig asks, curl connects by
+//! host name to one shared address, and the named revision boots.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::{
+    Daemon, PATIENCE, Setup, commit_revision, git, hello_source, history, push, run,
+};
+
+const ZONE: &str = "revboot.test";
+
+/// `curl -i` of `http://<name>:<port>/` with `name` resolved to the front door.
+fn curl_front(name: &str, front: std::net::SocketAddr) -> String {
+    let output = run(Command::new("curl")
+        .args(["-sS", "-i", "--max-time", "30", "--resolve"])
+        .arg(format!("{name}:{}:{}", front.port(), front.ip()))
+        .arg(format!("http://{name}:{}/", front.port())));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn front_door_serves_each_pushed_revision_by_host_name_and_dns_answers_its_address() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let daemon = Daemon::start_setup(
+        &temp.path().join("data"),
+        &Setup {
+            config: "[front]\nhttp = \"127.0.0.1:0\"\n",
+            ..Setup::default()
+        },
+    );
+    let front = daemon.front("front_http=");
+    let work = hello_source(temp.path());
+    let manifest = work.join("revboot.toml");
+    let mut text = std::fs::read_to_string(&manifest).expect("revboot.toml");
+    text.push_str("reach = \"front\"\n");
+    std::fs::write(&manifest, text).expect("write revboot.toml");
+    git(&work, &["commit", "-q", "--amend", "-a", "--no-edit"]);
+    push(&daemon, &work);
+    commit_revision(&work, "v2", "hi");
+    push(&daemon, &work);
+    let builds = history(&daemon, "hello");
+    assert_eq!(builds.len(), 2, "{builds:?}");
+    assert!(daemon.cli(&["--json", "ps"]).stdout.starts_with(b"[]"));
+
+    for (build, greeting) in builds.iter().zip(["hi from v2", "hello from v1"]) {
+        let short = build["short"].as_str().expect("short revision");
+        let name = format!("{short}.hello.{ZONE}");
+        // DNS answers the front door's address for a service reached there.
+        assert_eq!(daemon.dig(&name, false), front.ip().to_string(), "{name}");
+        let answer = curl_front(&name, front);
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{name}: {answer}");
+        assert!(answer.contains(greeting), "{name}: {answer}");
+        assert!(
+            answer.contains(build["revision"].as_str().expect("revision")),
+            "{answer}"
+        );
+    }
+    // No revision, the live one; an unknown label, a clear 404.
+    assert!(curl_front(&format!("hello.{ZONE}"), front).contains("hi from v2"));
+    let unknown = curl_front(&format!("nosuch.hello.{ZONE}"), front);
+    assert!(unknown.starts_with("HTTP/1.1 404 Not Found"), "{unknown}");
+    assert!(unknown.contains("nosuch"), "{unknown}");
+
+    let metrics = daemon.metrics();
+    assert!(
+        metrics.contains("revboot_proxy_connections_total{outcome=\"front_routed\"} 3"),
+        "{metrics}"
+    );
+    daemon.stop();
+}
+
+#[test]
+fn a_front_door_address_the_host_does_not_own_is_an_error_at_start_that_names_it() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let config = temp.path().join("revbootd.toml");
+    // A documentation address no interface of this host has; binding it sends nothing.
+    std::fs::write(&config, "[front]\nhttp = \"192.0.2.1:8000\"\n").expect("write config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_revboot"))
+        .arg("--config")
+        .arg(&config)
+        .args([
+            "--data",
+            &temp.path().join("data").to_string_lossy(),
+            "serve",
+        ])
+        .args(["--http", "127.0.0.1:0", "--dns", "127.0.0.1:0"])
+        .args(["--pool", "127.89.250.0/24", "--token", "t"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start revboot serve");
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("revboot serve did not exit with an unusable front door address");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("piped"), &mut stderr)
+        .expect("read stderr");
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("192.0.2.1:8000"), "{stderr}");
+    assert!(stderr.contains("not an address of this host"), "{stderr}");
+}
