@@ -13,6 +13,13 @@
 //!   proxy's listener only sees what the route passes on. Needs root.
 //! - `proxy_bench bind <count>` — binds and closes `count` listeners on distinct loopback
 //!   addresses the way the proxy does, and prints the mean cost of one.
+//! - `proxy_bench front <backend> <front ip>` — the proxy's front door on `<front ip>:<any>`
+//!   in front of that backend, as the always-ready revision of `bench` (`reach = "front"`)
+//!   in zone `revboot.test`. Prints `front <address>`.
+//! - `proxy_bench firstbyte <count> <direct> <front>` — `count` rounds, each a fresh
+//!   connection to `direct` and one to `front`, each sending `GET /` with
+//!   `Host: bench.revboot.test` and timing connect → first byte of the answer; prints p50
+//!   and p99 of both and their ratios (what `bench/front-door.sh` runs).
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -21,8 +28,8 @@ use std::time::Instant;
 
 use std::os::fd::AsFd;
 
-use revboot_deployer::{Instances, steer};
-use revboot_proxy::{Proxy, ProxyConfig};
+use revboot_deployer::{Instances, Reach, steer};
+use revboot_proxy::{FrontConfig, Proxy, ProxyConfig};
 use revboot_testkit::instances::{Addresses, Backend, Behaviour, Fake, FakeService, revision};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -102,6 +109,65 @@ async fn proxy(backend: SocketAddr, address: IpAddr, config: ProxyConfig, steer_
     std::future::pending::<()>().await;
 }
 
+async fn front(backend: SocketAddr, address: IpAddr) {
+    let warm = Fake::new(Behaviour {
+        backend: Backend::At(backend),
+        ..Behaviour::default()
+    });
+    warm.add_service(
+        "bench",
+        FakeService {
+            reach: Reach::Front,
+            ..FakeService::one(PORT, revision(1))
+        },
+    );
+    let mut door = FrontConfig::new("revboot.test");
+    door.http = Some(SocketAddr::new(address, 0));
+    let proxy = Proxy::with_front(ProxyConfig::default(), door, warm).expect("front door");
+    let at = proxy.front_addresses().http.expect("http");
+    println!("front {at}");
+    std::future::pending::<()>().await;
+}
+
+/// Connect, send one request, read the first byte of the answer; how long it took.
+async fn first_byte(to: SocketAddr) -> std::time::Duration {
+    const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nhost: bench.revboot.test\r\n\r\n";
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(to).await.expect("connect");
+    let _ = stream.set_nodelay(true);
+    stream.write_all(REQUEST).await.expect("send");
+    let mut byte = [0u8; 1];
+    let read = stream.read(&mut byte).await.expect("read");
+    assert_eq!(read, 1, "an answer from {to}");
+    started.elapsed()
+}
+
+async fn first_bytes(count: usize, direct: SocketAddr, front: SocketAddr) {
+    let (mut straight, mut door) = (Vec::with_capacity(count), Vec::with_capacity(count));
+    for _ in 0..count {
+        // Interleaved, so both sides see the same machine load.
+        straight.push(first_byte(direct).await);
+        door.push(first_byte(front).await);
+    }
+    let quantile = |samples: &mut Vec<std::time::Duration>, q: f64| {
+        samples.sort();
+        let at = ((samples.len() as f64 - 1.0) * q).round() as usize;
+        samples[at].as_secs_f64() * 1e6
+    };
+    let (d50, d99) = (quantile(&mut straight, 0.5), quantile(&mut straight, 0.99));
+    let (f50, f99) = (quantile(&mut door, 0.5), quantile(&mut door, 0.99));
+    println!("first byte of a new connection, {count} rounds (µs):");
+    println!("  direct      p50 {d50:8.1}  p99 {d99:8.1}");
+    println!("  front door  p50 {f50:8.1}  p99 {f99:8.1}");
+    println!(
+        "  front/direct p50 {:.2}x (+{:.1} µs)  p99 {:.2}x (+{:.1} µs)",
+        f50 / d50,
+        f50 - d50,
+        f99 / d99,
+        f99 - d99
+    );
+}
+
 fn bind_cost(count: u32) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -163,9 +229,24 @@ fn main() {
             runtime.block_on(proxy(backend, address, config, steer_from));
         }
         ["bind", count] => bind_cost(count.parse().expect("a count")),
+        ["front", backend, address] => runtime().block_on(front(
+            backend.parse().expect("backend address"),
+            address.parse().expect("front door address"),
+        )),
+        ["firstbyte", count, direct, front] => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(first_bytes(
+                count.parse().expect("a count"),
+                direct.parse().expect("direct address"),
+                front.parse().expect("front door address"),
+            ));
+        }
         _ => {
             eprintln!(
-                "usage: proxy_bench backend | proxy <backend> <service ip> [multi|current] [buffer] [copy|zero] | steer <backend> <service ip> <backend pid> | bind <count>"
+                "usage: proxy_bench backend | proxy <backend> <service ip> [multi|current] [buffer] [copy|zero] | steer <backend> <service ip> <backend pid> | bind <count> | front <backend> <front ip> | firstbyte <count> <direct> <front>"
             );
             std::process::exit(2);
         }

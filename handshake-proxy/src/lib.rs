@@ -134,6 +134,14 @@
 //!   starts of hello): first byte p50 3.3–5.4 ms, p99 5.9–24 ms (DNS answer p50 0.4–0.7 ms);
 //!   with `--direct` (no proxy) p50 3.2–6.8 ms, p99 14 ms.
 //!
+//! - Front door, `bench/front-door.sh 2000` (3 rounds of 2000 fresh connections each to
+//!   a keep-alive backend and to the front door before it, interleaved; connect, `GET /`
+//!   with a Host, first byte): direct p50 81.5–82.2 µs, front door p50 126.1–129.8 µs,
+//!   1.53–1.59× (+44 to +48 µs: head parse, name lookup, summon of a ready instance, a
+//!   second connect, replay); p99 direct 1.6–2.5 ms, front door 2.0–4.0 ms (1.22–1.63×,
+//!   the shared machine's tail). The instance is the testkit's always-ready stand-in, so
+//!   this is the front door's own cost, not a boot.
+//!
 //! # Limits
 //!
 //! TCP only. Held connections, open connections and listeners are bounded
