@@ -148,6 +148,9 @@ mod tests {
             &mut proxy.bytes_to_clients,
             &mut proxy.replayed_bytes,
             &mut proxy.listeners,
+            &mut proxy.front_routed,
+            &mut proxy.front_unknown,
+            &mut proxy.front_bad,
         ]
         .into_iter()
         .enumerate()
@@ -231,6 +234,9 @@ revboot_proxy_connections_total{outcome="refused_overload"} 108
 revboot_proxy_connections_total{outcome="boot_failure"} 109
 revboot_proxy_connections_total{outcome="backend_failure"} 110
 revboot_proxy_connections_total{outcome="timeout"} 111
+revboot_proxy_connections_total{outcome="front_routed"} 116
+revboot_proxy_connections_total{outcome="front_unknown_name"} 117
+revboot_proxy_connections_total{outcome="front_bad_head"} 118
 # HELP revboot_proxy_connections Proxy connections now.
 # TYPE revboot_proxy_connections gauge
 revboot_proxy_connections{kind="held"} 103
