@@ -21,8 +21,8 @@
 //!    manifest keeps it off the front door (`reach = "address"`), or a per-client service
 //!    (one shared address cannot tell clients apart).
 //! 6. Otherwise summon the revision through the proxy and hold, replay and splice exactly as
-//!    the proxy's own listeners do ([`crate::connection`], steps 3–8), the head being the
-//!    early bytes. A boot that fails or times out answers 503 / `internal_error`.
+//!    the proxy's own listeners do (the private `connection` module, steps 3–8), the head
+//!    being the early bytes. A boot that fails or times out answers 503 / `internal_error`.
 //! 7. A connection is routed once, by its first head: later requests on a kept-alive
 //!    connection go to the same revision (clients open one connection per host name).
 
