@@ -358,6 +358,12 @@ impl Deployer {
         let Some(steering) = &self.steering else {
             return;
         };
+        if !entry.reach.own_address() {
+            // Reached through the proxy's front door (`reach = "front"`): its own address is
+            // not one clients use. Without a front door the proxy relays it there instead.
+            debug!(instance = %entry.key, "front door service: not steered");
+            return;
+        }
         let fronts: Vec<SocketAddr> = entry.addresses.with_port(entry.port).collect();
         if fronts.contains(&entry.backend) {
             return;

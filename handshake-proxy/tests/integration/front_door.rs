@@ -50,11 +50,9 @@ async fn curl(extra: &[&str], url: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn front_door_routes_each_host_name_to_its_revision_and_boots_it() {
-    // No kernel steering: the assertion that the instance's own address is not served is
-    // about the proxy's listeners.
-    let world = World::with_front(16, front(16, true, false), |deployer, _| {
-        deployer.steer = false;
-    });
+    // Kernel steering on (as the daemon runs it): neither the proxy nor the kernel serves
+    // a front-door service's own address.
+    let world = World::with_front(16, front(16, true, false), |_, _| {});
     let run = format!("{HELLO_RUN}\nreach = \"front\"");
     let image = hello_image();
     let first = deploy(&world.store, "hello", &image, &manifest(&run));
