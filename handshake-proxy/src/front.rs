@@ -563,6 +563,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_boot_that_fails_is_answered_503_not_a_hang() {
+        let fake = Fake::new(Behaviour {
+            boot: Boot::CrashAfter(Duration::from_millis(100)),
+            backend: Backend::Echo,
+            addresses: Addresses::Unique,
+            ..Behaviour::default()
+        });
+        fake.add_service(
+            "hello",
+            FakeService {
+                reach: Reach::Both,
+                ..FakeService::one(8080, revision(1))
+            },
+        );
+        let mut config = FrontConfig::new("revboot.test");
+        config.http = Some(SocketAddr::new(unique_ip(), 0));
+        let inner: Arc<dyn Instances> = fake.clone();
+        let proxy = Proxy::with_front(ProxyConfig::default(), config, inner).expect("opens");
+        let http = proxy.front_addresses().http.expect("http");
+        let mut stream = TcpStream::connect(http).await.expect("connect");
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: hello.revboot.test\r\n\r\n")
+            .await
+            .expect("send");
+        let mut answer = String::new();
+        tokio::time::timeout(STEP, stream.read_to_string(&mut answer))
+            .await
+            .expect("answered in time")
+            .expect("read");
+        assert!(
+            answer.starts_with("HTTP/1.1 503 Service Unavailable"),
+            "{answer}"
+        );
+        assert!(answer.contains("failed to boot"), "{answer}");
+        assert_eq!(proxy.metrics().boot_failures, 1);
+        proxy.shutdown();
+    }
+
+    #[tokio::test]
     async fn connections_over_the_pending_bound_are_reset() {
         let fake = fake(Backend::Echo);
         let mut config = FrontConfig::new("revboot.test");
