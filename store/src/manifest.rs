@@ -23,6 +23,10 @@
 //! reach = "address"         # "front" (the shared front door) | "both"
 //! upstreams = ["127.0.0.1:9000"]
 //! proc = false              # true: a read-only /proc of its own processes
+//! min_instances = 0         # 1: the live revision stays booted (a warm service)
+//!
+//! [deploy]                  # how a new revision goes live
+//! check = { http = "/health", within_ms = 5000 } # or tcp = true, or console = "line"
 //!
 //! [app]                     # free-form, handed to the instance untouched
 //! ```
@@ -51,6 +55,8 @@ pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_BOOT_TIMEOUT_MS: u64 = 5_000;
 /// Default cap on processes (threads included) inside a process-tender instance.
 pub const DEFAULT_PIDS: u64 = 64;
+/// Default time a health check has, from the boot of the new revision to its answer.
+pub const DEFAULT_CHECK_WITHIN_MS: u64 = 5_000;
 
 /// A parsed `revboot.toml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,6 +67,9 @@ pub struct Manifest {
     /// How to run it.
     #[serde(default)]
     pub run: Run,
+    /// How a new revision goes live.
+    #[serde(default, skip_serializing_if = "Deploy::is_default")]
+    pub deploy: Deploy,
     /// Service-specific settings, passed to the instance untouched.
     #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
     pub app: toml::Table,
@@ -224,6 +233,86 @@ pub struct Run {
     /// per instance.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub proc: bool,
+    /// Instances of the live revision kept booted whatever the traffic (0 or 1: one
+    /// instance of a revision serves all its clients): a warm service, whose first byte is
+    /// never a cold start. Idle reaping still applies to every other instance.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub min_instances: u32,
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
+}
+
+/// The `[deploy]` table: how a new revision goes live.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Deploy {
+    /// A health check the new revision must pass, booted, before live moves to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<Check>,
+}
+
+impl Deploy {
+    fn is_default(&self) -> bool {
+        *self == Deploy::default()
+    }
+}
+
+/// A health check (`[deploy] check`): exactly one of `http`, `tcp` and `console`, which must
+/// pass within `within_ms` of the boot of the revision checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Check {
+    /// `GET` this path; passes on a 2xx or 3xx status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<String>,
+    /// Passes once a TCP connection is accepted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tcp: bool,
+    /// Passes once the console prints a line containing this text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console: Option<String>,
+    /// Time from the boot to a passed check.
+    #[serde(default = "default_check_within")]
+    pub within_ms: u64,
+}
+
+/// What a [`Check`] does, once validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckProbe<'a> {
+    /// `GET` the path.
+    Http(&'a str),
+    /// Connect.
+    Tcp,
+    /// Wait for the console line.
+    Console(&'a str),
+}
+
+impl Check {
+    /// The probe; `None` when not exactly one is given (validation refuses that).
+    pub fn probe(&self) -> Option<CheckProbe<'_>> {
+        match (&self.http, self.tcp, &self.console) {
+            (Some(path), false, None) => Some(CheckProbe::Http(path)),
+            (None, true, None) => Some(CheckProbe::Tcp),
+            (None, false, Some(line)) => Some(CheckProbe::Console(line)),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for CheckProbe<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CheckProbe::Http(path) => write!(f, "http GET {path}"),
+            CheckProbe::Tcp => f.write_str("tcp connect"),
+            CheckProbe::Console(line) => write!(f, "console line `{line}`"),
+        }
+    }
+}
+
+fn default_check_within() -> u64 {
+    DEFAULT_CHECK_WITHIN_MS
 }
 
 impl Default for Run {
@@ -247,6 +336,7 @@ impl Default for Run {
             upstreams: Vec::new(),
             deploy: true,
             proc: false,
+            min_instances: 0,
         }
     }
 }
@@ -446,6 +536,54 @@ impl Manifest {
                     .into(),
             ));
         }
+        if self.run.min_instances > 1 {
+            return Err(invalid(
+                "run.min_instances",
+                "must be 0 or 1 (one instance of a revision serves all its clients)".into(),
+            ));
+        }
+        if self.run.min_instances > 0 && self.run.per_client {
+            return Err(invalid(
+                "run.min_instances",
+                "a per-client service has no instance to keep warm before its clients come".into(),
+            ));
+        }
+        if let Some(check) = &self.deploy.check {
+            match check.probe() {
+                None => {
+                    return Err(invalid(
+                        "deploy.check",
+                        "give exactly one of `http = \"/path\"`, `tcp = true`, `console = \"text\"`"
+                            .into(),
+                    ));
+                }
+                Some(CheckProbe::Http(path)) if !path.starts_with('/') => {
+                    return Err(invalid(
+                        "deploy.check",
+                        format!("http path `{path}` must start with `/`"),
+                    ));
+                }
+                Some(CheckProbe::Console("")) => {
+                    return Err(invalid(
+                        "deploy.check",
+                        "console text must not be empty".into(),
+                    ));
+                }
+                Some(_) => {}
+            }
+            if !(1..=600_000).contains(&check.within_ms) {
+                return Err(invalid(
+                    "deploy.check",
+                    "within_ms must be between 1 and 600000".into(),
+                ));
+            }
+            if self.run.per_client {
+                return Err(invalid(
+                    "deploy.check",
+                    "a per-client service cannot be checked before a client comes".into(),
+                ));
+            }
+        }
         if let Some(upstream) = self.run.upstreams.iter().find(|u| !u.ip().is_loopback()) {
             return Err(invalid(
                 "run.upstreams",
@@ -625,6 +763,42 @@ ready = { probe = "http", path = "/" }
         }
         let own = format!("{HELLO}per_client = true\nreach = \"address\"\n");
         assert!(Manifest::from_toml(&own).is_ok());
+    fn health_check_and_warm_instances() {
+        let text = format!(
+            "{HELLO}min_instances = 1\n[deploy]\ncheck = {{ http = \"/health\", within_ms = 2000 }}\n"
+        );
+        let manifest = Manifest::from_toml(&text).expect("valid");
+        assert_eq!(manifest.run.min_instances, 1);
+        let check = manifest.deploy.check.as_ref().expect("a check");
+        assert_eq!(check.probe(), Some(CheckProbe::Http("/health")));
+        assert_eq!(check.within_ms, 2000);
+        assert_eq!(
+            Manifest::from_toml(&manifest.to_toml()).expect("round trip"),
+            manifest
+        );
+        let tcp = format!("{HELLO}[deploy]\ncheck = {{ tcp = true }}\n");
+        let tcp = Manifest::from_toml(&tcp).expect("valid");
+        let check = tcp.deploy.check.expect("a check");
+        assert_eq!(
+            (check.probe(), check.within_ms),
+            (Some(CheckProbe::Tcp), DEFAULT_CHECK_WITHIN_MS)
+        );
+        for bad in [
+            "[deploy]\ncheck = { http = \"/a\", tcp = true }\n",
+            "[deploy]\ncheck = { within_ms = 10 }\n",
+            "[deploy]\ncheck = { http = \"health\" }\n",
+            "[deploy]\ncheck = { console = \"\" }\n",
+            "[deploy]\ncheck = { tcp = true, within_ms = 0 }\n",
+        ] {
+            let error = Manifest::from_toml(&format!("{HELLO}{bad}")).expect_err(bad);
+            assert!(error.to_string().contains("deploy.check"), "{bad}: {error}");
+        }
+        let error =
+            Manifest::from_toml(&format!("{HELLO}min_instances = 2\n")).expect_err("at most one");
+        assert!(error.to_string().contains("run.min_instances"), "{error}");
+        let error = Manifest::from_toml(&format!("{HELLO}per_client = true\nmin_instances = 1\n"))
+            .expect_err("per client");
+        assert!(error.to_string().contains("run.min_instances"), "{error}");
     }
 
     #[test]
