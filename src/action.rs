@@ -6,6 +6,7 @@
 //! 3. Only the HTTP layer knows routes and status codes ([`ActionError::status`] is the one
 //!    mapping); only the CLI knows how a reply is printed.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
@@ -50,6 +51,10 @@ pub enum Action {
         label: String,
         /// Why: `rollback` or `deploy` (recorded in the trail).
         reason: MoveReason,
+        /// Boot and check the revision first when its manifest has a `[deploy] check` (or
+        /// asks to be warm); a failed check leaves live where it was.
+        #[serde(default = "yes")]
+        check: bool,
     },
     /// Running instances.
     ListInstances,
@@ -87,6 +92,45 @@ pub enum Action {
         /// The client, for per-client services.
         client: Option<IpAddr>,
     },
+    /// A service's configuration variables (`revboot config list`).
+    Config {
+        /// The service.
+        service: String,
+        /// Include the values (otherwise names only).
+        show: bool,
+    },
+    /// Sets and unsets configuration variables (`revboot config set|unset`).
+    ConfigChange {
+        /// The service.
+        service: String,
+        /// Variables to set.
+        set: Values,
+        /// Variables to remove.
+        unset: Vec<String>,
+        /// Replace the running instances, so that they get the change now.
+        restart: bool,
+    },
+    /// The daemon itself: pid, binary, upgrades.
+    Daemon,
+    /// Upgrade the daemon in place: it executes its binary again (the file it was started
+    /// from, which may have been replaced), handing its instances and sockets over.
+    Upgrade,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Values of configuration variables. `Debug` shows the names only: an action can end up
+/// in a log or an error message.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Values(pub BTreeMap<String, String>);
+
+impl std::fmt::Debug for Values {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
 }
 
 impl Action {
@@ -99,6 +143,10 @@ impl Action {
                 | Action::MoveLive { .. }
                 | Action::StopInstance { .. }
                 | Action::Summon { .. }
+                | Action::ConfigChange { .. }
+                | Action::Upgrade
+                // Values are secrets: shown to the token's holder only, public reads or not.
+                | Action::Config { show: true, .. }
         )
     }
 }
@@ -188,6 +236,59 @@ pub struct MoveView {
     pub from: Option<DeploymentView>,
     /// Where it points now.
     pub to: DeploymentView,
+    /// How the revision passed its health check (or booted warm) before live moved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
+}
+
+/// A service's configuration variables.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigView {
+    /// The service.
+    pub service: String,
+    /// The variables, by name.
+    pub vars: Vec<VarView>,
+    /// Instances stopped so that they boot again with the change (`--restart`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarted: Option<usize>,
+}
+
+/// One configuration variable.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VarView {
+    /// Its name.
+    pub name: String,
+    /// Its value, when asked for (`--show`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+}
+
+impl std::fmt::Debug for VarView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VarView")
+            .field("name", &self.name)
+            .field("value", &self.value.as_ref().map(|_| "<hidden>"))
+            .finish()
+    }
+}
+
+/// The daemon process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonView {
+    /// Its pid (the same across upgrades in place).
+    pub pid: u32,
+    /// The binary it executes at an upgrade.
+    pub binary: String,
+    /// Upgrades in place since it was started.
+    pub upgrades: u64,
+    /// When this program started serving, unix ms.
+    pub serving_since_ms: u64,
+    /// The last upgrade in place, from the request to serving again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_upgrade_ms: Option<u64>,
+    /// Instances the last upgrade handed over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_upgrade_instances: Option<usize>,
 }
 
 /// A running (or recently ended) instance.
@@ -276,6 +377,10 @@ pub enum Reply {
     Console(Vec<ConsoleView>),
     /// A summoned instance.
     Summoned(SummonView),
+    /// Configuration variables.
+    Config(ConfigView),
+    /// The daemon (for an upgrade: as it was when the upgrade began).
+    Daemon(DaemonView),
 }
 
 /// A build log.

@@ -67,6 +67,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/services/{service}/summon"),
     ("get", "/api/v1/instances"),
     ("post", "/api/v1/instances/stop"),
+    ("get", "/api/v1/services/{service}/config"),
+    ("post", "/api/v1/services/{service}/config"),
+    ("get", "/api/v1/daemon"),
+    ("post", "/api/v1/daemon/upgrade"),
     ("get", "/api/v1/openapi.json"),
     ("get", "/metrics"),
 ];
@@ -98,6 +102,12 @@ pub fn router(
         .route("/api/v1/services/{service}/summon", post(summon))
         .route("/api/v1/instances", get(instances))
         .route("/api/v1/instances/stop", post(stop))
+        .route(
+            "/api/v1/services/{service}/config",
+            get(config).post(change_config),
+        )
+        .route("/api/v1/daemon", get(daemon))
+        .route("/api/v1/daemon/upgrade", post(upgrade))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics_text))
         .with_state(state)
@@ -186,6 +196,30 @@ struct MoveLive {
     label: String,
     #[serde(default = "default_reason")]
     reason: MoveReason,
+    #[serde(default = "default_check")]
+    check: bool,
+}
+
+fn default_check() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ShowQuery {
+    #[serde(default)]
+    show: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigBody {
+    #[serde(default)]
+    set: crate::action::Values,
+    #[serde(default)]
+    unset: Vec<String>,
+    #[serde(default)]
+    restart: bool,
 }
 
 fn default_reason() -> MoveReason {
@@ -305,6 +339,7 @@ async fn move_live(
         service,
         label: body.label,
         reason: body.reason,
+        check: body.check,
     };
     run(&state, &headers, action).await
 }
@@ -367,6 +402,42 @@ async fn stop(
     run(&state, &headers, action).await
 }
 
+async fn config(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(service): Path<String>,
+    Q(query): Q<ShowQuery>,
+) -> ApiResult {
+    let action = Action::Config {
+        service,
+        show: query.show,
+    };
+    run(&state, &headers, action).await
+}
+
+async fn change_config(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(service): Path<String>,
+    Body(body): Body<ConfigBody>,
+) -> ApiResult {
+    let action = Action::ConfigChange {
+        service,
+        set: body.set,
+        unset: body.unset,
+        restart: body.restart,
+    };
+    run(&state, &headers, action).await
+}
+
+async fn daemon(State(state): State<ApiState>, headers: HeaderMap) -> ApiResult {
+    run(&state, &headers, Action::Daemon).await
+}
+
+async fn upgrade(State(state): State<ApiState>, headers: HeaderMap) -> ApiResult {
+    run(&state, &headers, Action::Upgrade).await
+}
+
 async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
@@ -421,8 +492,8 @@ mod tests {
     /// [`the_schemas_document_every_field_of_the_replies`] fails until the document has it.
     fn documented_replies() -> Vec<(&'static str, [serde_json::Value; 2])> {
         use crate::action::{
-            BuildLogView, ConsoleView, DeploymentView, DiffView, InstanceView, MoveView,
-            ServiceView, ShowView, SummonView,
+            BuildLogView, ConfigView, ConsoleView, DaemonView, DeploymentView, DiffView,
+            InstanceView, MoveView, ServiceView, ShowView, SummonView, VarView,
         };
         fn deployment(set: bool) -> DeploymentView {
             DeploymentView {
@@ -468,6 +539,30 @@ mod tests {
                 service: "hello".to_owned(),
                 from: set.then(|| deployment(true)),
                 to: deployment(set),
+                check: set.then(|| "health check passed in 3.1 ms".to_owned()),
+            }
+        }
+        fn var(set: bool) -> VarView {
+            VarView {
+                name: "API_KEY".to_owned(),
+                value: set.then(|| "s3cret".to_owned()),
+            }
+        }
+        fn config(set: bool) -> ConfigView {
+            ConfigView {
+                service: "hello".to_owned(),
+                vars: vec![var(set)],
+                restarted: set.then_some(1),
+            }
+        }
+        fn daemon(set: bool) -> DaemonView {
+            DaemonView {
+                pid: 42,
+                binary: "/usr/local/bin/revboot".to_owned(),
+                upgrades: 1,
+                serving_since_ms: 1_700_000_000_000,
+                last_upgrade_ms: set.then_some(350),
+                last_upgrade_instances: set.then_some(3),
             }
         }
         fn build_log(_: bool) -> BuildLogView {
@@ -523,6 +618,9 @@ mod tests {
             ("Console", pair(console)),
             ("Summoned", pair(summoned)),
             ("Instance", pair(instance)),
+            ("Config", pair(config)),
+            ("Var", pair(var)),
+            ("Daemon", pair(daemon)),
         ]
     }
 

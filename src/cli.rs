@@ -70,6 +70,9 @@ pub enum Command {
         service: String,
         /// The label to make live.
         label: String,
+        /// Move without the health check of its manifest (`[deploy] check`).
+        #[arg(long)]
+        no_check: bool,
     },
     /// Move the live pointer to a deployment.
     Deploy {
@@ -77,7 +80,17 @@ pub enum Command {
         service: String,
         /// The label to make live.
         label: String,
+        /// Move without the health check of its manifest (`[deploy] check`).
+        #[arg(long)]
+        no_check: bool,
     },
+    /// Configuration variables and secrets of a service: kept encrypted outside git, given
+    /// to instances booted after a change.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Upgrade the daemon in place: it executes its binary file again (replace the file
+    /// first to upgrade), keeping its instances and connections; waits until it serves.
+    Upgrade,
     /// Running instances.
     Ps,
     /// Stop an instance gracefully.
@@ -139,6 +152,41 @@ pub enum ServiceCommand {
     },
     /// List services.
     List,
+}
+
+/// `revboot config …`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Set variables (`NAME=value`…).
+    Set {
+        /// The service.
+        service: String,
+        /// `NAME=value` pairs.
+        #[arg(required = true)]
+        pairs: Vec<String>,
+        /// Replace the running instances now (otherwise the next boot gets it).
+        #[arg(long)]
+        restart: bool,
+    },
+    /// Remove variables.
+    Unset {
+        /// The service.
+        service: String,
+        /// Names.
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Replace the running instances now (otherwise the next boot gets it).
+        #[arg(long)]
+        restart: bool,
+    },
+    /// List the variables (names; values with --show).
+    List {
+        /// The service.
+        service: String,
+        /// Print the values too.
+        #[arg(long)]
+        show: bool,
+    },
 }
 
 /// Which instance.

@@ -142,6 +142,10 @@ fn needs_daemon(action: &Action) -> bool {
             | Action::ListInstances
             | Action::StopInstance { .. }
             | Action::Summon { .. }
+            | Action::Config { .. }
+            | Action::ConfigChange { .. }
+            | Action::Daemon
+            | Action::Upgrade
     )
 }
 
@@ -202,11 +206,33 @@ fn route(action: &Action) -> (Method, String, Option<serde_json::Value>) {
             service,
             label,
             reason,
+            check,
         } => (
             Method::Post,
             format!("/api/v1/services/{}/live", encode(service)),
-            json(j!({ "label": label, "reason": reason })),
+            json(j!({ "label": label, "reason": reason, "check": check })),
         ),
+        Action::Config { service, show } => (
+            Method::Get,
+            format!(
+                "/api/v1/services/{}/config{}",
+                encode(service),
+                if *show { "?show=true" } else { "" }
+            ),
+            None,
+        ),
+        Action::ConfigChange {
+            service,
+            set,
+            unset,
+            restart,
+        } => (
+            Method::Post,
+            format!("/api/v1/services/{}/config", encode(service)),
+            json(j!({ "set": set, "unset": unset, "restart": restart })),
+        ),
+        Action::Daemon => (Method::Get, "/api/v1/daemon".into(), None),
+        Action::Upgrade => (Method::Post, "/api/v1/daemon/upgrade".into(), None),
         Action::ListInstances => (Method::Get, "/api/v1/instances".into(), None),
         Action::StopInstance {
             service,
@@ -262,6 +288,10 @@ fn parse_reply(action: &Action, text: &str) -> Result<Reply, serde_json::Error> 
         Action::BuildLog { .. } => Reply::BuildLog(serde_json::from_str(text)?),
         Action::ConsoleLogs { .. } => Reply::Console(serde_json::from_str(text)?),
         Action::Summon { .. } => Reply::Summoned(serde_json::from_str(text)?),
+        Action::Config { .. } | Action::ConfigChange { .. } => {
+            Reply::Config(serde_json::from_str(text)?)
+        }
+        Action::Daemon | Action::Upgrade => Reply::Daemon(serde_json::from_str(text)?),
     })
 }
 
@@ -290,7 +320,20 @@ mod tests {
                 service: "a".into(),
                 label: "b".into(),
                 reason: crate::action::MoveReason::Rollback,
+                check: true,
             },
+            Action::Config {
+                service: "a".into(),
+                show: true,
+            },
+            Action::ConfigChange {
+                service: "a".into(),
+                set: crate::action::Values::default(),
+                unset: Vec::new(),
+                restart: false,
+            },
+            Action::Daemon,
+            Action::Upgrade,
             Action::ListInstances,
             Action::StopInstance {
                 service: "a".into(),

@@ -16,8 +16,14 @@
 //!    all of them need the token, reads included, unless `[http] public_reads` is on.
 //! 6. SIGTERM or SIGINT: stop accepting HTTP and DNS, mark running builds interrupted, stop
 //!    instances (their logs go back to the store), then exit.
+//! 7. `revboot upgrade`: the daemon executes its binary again, handing its sockets and
+//!    running instances to the new program ([`crate::handover`]); a daemon started so
+//!    takes them over instead of binding and cleaning up.
+//! 8. Promotions of revisions with a health check or `min_instances` wait for the new
+//!    revision ([`crate::promote`]); the keeper of warm services runs through the proxy.
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,14 +34,18 @@ use revboot_deployer::{BackendPort, Deployer, DeployerConfig, InstanceKey, Insta
 use revboot_dns::{DnsConfig, DnsServer};
 use revboot_proxy::{FrontConfig, Proxy, ProxyConfig};
 use revboot_sandbox::secret;
-use revboot_store::Store;
+use revboot_store::{Revision, Store};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::action::{Action, ActionError, InstanceView, Reply, SummonView};
+use crate::action::{
+    Action, ActionError, ConfigView, DaemonView, InstanceView, Reply, SummonView, VarView,
+};
 use crate::config::Config;
 use crate::engine::{Engine, Runtime, error_chain, resolve_error};
+use crate::handover::{Inherited, Sockets};
 use crate::metrics::DaemonMetrics;
+use crate::promote::Promotions;
 
 /// How long a stop or kill through the API waits for the instance to end.
 const STOP_WAIT: Duration = Duration::from_secs(15);
@@ -99,6 +109,43 @@ struct DaemonRuntime {
     deployer: Arc<Deployer>,
     front: Arc<dyn Instances>,
     handle: tokio::runtime::Handle,
+    promotions: Promotions,
+    /// The daemon as `revboot upgrade` shows it.
+    view: DaemonView,
+    /// Starts an upgrade in place (`None`: this daemon cannot, e.g. `revboot demo`).
+    upgrade: Option<watch::Sender<bool>>,
+}
+
+impl DaemonRuntime {
+    /// A service that exists (its source repository, or deployments), else not found.
+    fn known(&self, service: &str) -> Result<(), ActionError> {
+        let deployed = self.store.services().unwrap_or_default();
+        let sourced = self.builder.services().unwrap_or_default();
+        if deployed.iter().chain(&sourced).any(|name| name == service) {
+            Ok(())
+        } else {
+            Err(ActionError::NotFound(format!("No service `{service}`")))
+        }
+    }
+}
+
+fn config_view(
+    service: &str,
+    vars: &revboot_deployer::vars::ServiceVars,
+    show: bool,
+    restarted: Option<usize>,
+) -> ConfigView {
+    ConfigView {
+        service: service.to_owned(),
+        vars: vars
+            .iter()
+            .map(|(name, value)| VarView {
+                name: name.to_owned(),
+                value: show.then(|| value.to_owned()),
+            })
+            .collect(),
+        restarted,
+    }
 }
 
 impl Runtime for DaemonRuntime {
@@ -198,6 +245,85 @@ impl Runtime for DaemonRuntime {
             Err(revboot_deployer::ResolveError::Building(why)) => ActionError::Building(why),
             _ => unknown,
         }
+    }
+
+    fn config(&self, action: &Action) -> Result<Reply, ActionError> {
+        use revboot_deployer::vars::{Change, VarsError};
+        match action {
+            Action::Config { service, show } => {
+                self.known(service)?;
+                let vars = self.deployer.vars().get(service);
+                Ok(Reply::Config(config_view(service, &vars, *show, None)))
+            }
+            Action::ConfigChange {
+                service,
+                set,
+                unset,
+                restart,
+            } => {
+                self.known(service)?;
+                let change = Change {
+                    set: set.0.clone().into_iter().collect(),
+                    unset: unset.clone(),
+                };
+                let vars = self
+                    .deployer
+                    .vars()
+                    .change(service, &change)
+                    .map_err(|error| match error {
+                        VarsError::Io { .. } | VarsError::Sealed { .. } => {
+                            ActionError::Internal(error_chain(&error))
+                        }
+                        other => ActionError::Invalid(other.to_string()),
+                    })?;
+                // Names only: values are secrets.
+                info!(service, ?change, "configuration changed");
+                let restarted = restart.then(|| self.deployer.restart(service));
+                Ok(Reply::Config(config_view(service, &vars, false, restarted)))
+            }
+            other => Err(ActionError::Internal(format!(
+                "{other:?} is not a configuration action"
+            ))),
+        }
+    }
+
+    fn promote(&self, service: &str, revision: &Revision) -> Result<Option<String>, ActionError> {
+        let manifest = self
+            .store
+            .manifest(revision)
+            .map_err(crate::engine::read_error)?;
+        let Some(manifest) = manifest.filter(Promotions::gated) else {
+            return Ok(None);
+        };
+        self.handle
+            .block_on(self.promotions.admit(service, *revision, &manifest))
+            .map(Some)
+            .map_err(|why| {
+                ActionError::Conflict(format!(
+                    "{} of `{service}` failed its health check: {why}; live unchanged",
+                    revision.short(12)
+                ))
+            })
+    }
+
+    fn promoted(&self, _service: &str) {
+        self.promotions.promoted();
+    }
+
+    fn daemon(&self, action: &Action) -> Result<Reply, ActionError> {
+        let view = self.view.clone();
+        if let Action::Upgrade = action {
+            let Some(upgrade) = &self.upgrade else {
+                return Err(ActionError::Conflict(
+                    "Only a daemon started with `revboot serve` upgrades in place".to_owned(),
+                ));
+            };
+            crate::handover::check_binary(std::path::Path::new(&view.binary))
+                .map_err(|why| ActionError::Conflict(format!("Cannot upgrade: {why}")))?;
+            info!(binary = view.binary, "upgrade in place asked for");
+            upgrade.send_replace(true);
+        }
+        Ok(Reply::Daemon(view))
     }
 }
 
@@ -301,12 +427,20 @@ fn tenders(config: &Config) -> Vec<revboot_deployer::tender::MakeTender> {
 /// A daemon that has started: every part is listening.
 pub struct Daemon {
     info: DaemonInfo,
-    builder: Builder,
-    deployer: Arc<Deployer>,
-    proxy: Arc<Proxy>,
-    dns: revboot_dns::RunningServer,
-    http: tokio::task::JoinHandle<std::io::Result<()>>,
-    stop_http: watch::Sender<bool>,
+    pub(crate) builder: Builder,
+    pub(crate) deployer: Arc<Deployer>,
+    pub(crate) proxy: Arc<Proxy>,
+    pub(crate) dns: revboot_dns::RunningServer,
+    pub(crate) http: tokio::task::JoinHandle<std::io::Result<()>>,
+    pub(crate) stop_http: watch::Sender<bool>,
+    /// Second descriptors of the HTTP and DNS sockets, for an upgrade in place.
+    pub(crate) sockets: Sockets,
+    /// Set by `revboot upgrade`.
+    pub(crate) upgrade: watch::Receiver<bool>,
+    /// The binary an upgrade executes: the file this program was started from.
+    pub(crate) binary: PathBuf,
+    /// Upgrades in place so far.
+    pub(crate) upgrades: u64,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -318,9 +452,35 @@ impl std::fmt::Debug for Daemon {
 }
 
 impl Daemon {
-    /// Starts every part on the current tokio runtime.
+    /// Starts every part on the current tokio runtime; takes over from the previous program
+    /// when this one was started by an upgrade in place ([`crate::handover`]).
     pub async fn start(config: Config) -> anyhow::Result<Daemon> {
+        Daemon::start_with(config, false).await
+    }
+
+    /// As [`Daemon::start`]; with `upgradable`, `revboot upgrade` sets its upgrade going
+    /// (whoever runs it then calls [`Daemon::upgrade`]).
+    pub async fn start_with(config: Config, upgradable: bool) -> anyhow::Result<Daemon> {
         config.validate()?;
+        let inherited = crate::handover::inherit()?;
+        let (inherited_sockets, listeners, handed, upgrades, requested_at_ms) = match inherited {
+            Some(Inherited {
+                sockets,
+                listeners,
+                instances,
+                upgrades,
+                requested_at_ms,
+            }) => (
+                Some(sockets),
+                listeners,
+                instances,
+                upgrades,
+                Some(requested_at_ms),
+            ),
+            None => (None, Vec::new(), Vec::new(), 0, None),
+        };
+        let handed_count = handed.len();
+        let binary = std::env::current_exe().context("Cannot tell which binary this is")?;
         std::fs::create_dir_all(&config.data).with_context(|| {
             format!("Cannot create the data directory {}", config.data.display())
         })?;
@@ -346,11 +506,12 @@ impl Daemon {
         deployer_config.max_per_service = config.instances.max_per_service;
         deployer_config.max_clients_per_service = config.instances.max_clients_per_service;
         deployer_config.idle_timeout_override_ms = config.instances.idle_timeout_ms;
-        let deployer = Deployer::with_tenders(
+        let deployer = Deployer::with_handover(
             deployer_config,
             store.clone(),
             tokio::runtime::Handle::current(),
             tenders(&config),
+            handed,
         )
         .context("Cannot start the deployer")?;
 
@@ -368,12 +529,26 @@ impl Daemon {
         } else {
             Proxy::new(ProxyConfig::default(), deployer.clone())
         };
+        for (address, listener) in listeners {
+            proxy.adopt(address, listener);
+        }
         let front_door = proxy.front_addresses();
         let front: Arc<dyn Instances> = proxy.clone();
+        let promotions = Promotions::new(deployer.clone(), front.clone());
+        deployer.keep_warm(front.clone());
 
-        let listener = tokio::net::TcpListener::bind(config.http.listen)
-            .await
-            .with_context(|| format!("Cannot serve HTTP on {}", config.http.listen))?;
+        // A second descriptor of each socket is kept for an upgrade in place.
+        let (http_std, dns_sockets) = match inherited_sockets {
+            Some(sockets) => (sockets.http, Some(sockets.dns)),
+            None => {
+                let listener = std::net::TcpListener::bind(config.http.listen)
+                    .with_context(|| format!("Cannot serve HTTP on {}", config.http.listen))?;
+                (listener, None)
+            }
+        };
+        http_std.set_nonblocking(true)?;
+        let http_kept = http_std.try_clone()?;
+        let listener = tokio::net::TcpListener::from_std(http_std)?;
         let http_addr = listener.local_addr()?;
 
         let mut builder_config = BuilderConfig::new(
@@ -390,6 +565,7 @@ impl Daemon {
         builder_config.max_commits_per_push = config.commits_per_push();
         builder_config.name = deployer_name(&data);
         builder_config.sandbox = config.builds.sandbox.clone();
+        builder_config.gate = Some(Arc::new(promotions.clone()));
         let builder = Builder::start(builder_config)
             .await
             .context("Cannot start the builder")?;
@@ -435,13 +611,17 @@ impl Daemon {
                 .collect(),
             ..DnsConfig::default()
         };
-        let dns = DnsServer::bind(dns_config, front.clone())
-            .await
-            .with_context(|| format!("Cannot serve DNS on {:?}", config.dns.listen))?;
+        let dns = match dns_sockets {
+            Some(sockets) => DnsServer::from_sockets(dns_config, front.clone(), sockets),
+            None => DnsServer::bind(dns_config, front.clone()).await,
+        }
+        .with_context(|| format!("Cannot serve DNS on {:?}", config.dns.listen))?;
+        let dns_kept = dns.sockets().context("Cannot keep the DNS sockets")?;
         let dns_metrics = dns.metrics();
         let dns_also: Vec<String> = dns.also_addrs().iter().map(ToString::to_string).collect();
         let dns = dns.spawn();
 
+        let (upgrade_tx, upgrade_rx) = watch::channel(false);
         let runtime = Arc::new(DaemonRuntime {
             store: store.clone(),
             zone: config.zone.clone(),
@@ -449,6 +629,17 @@ impl Daemon {
             deployer: deployer.clone(),
             front,
             handle: tokio::runtime::Handle::current(),
+            promotions,
+            view: DaemonView {
+                pid: std::process::id(),
+                binary: binary.display().to_string(),
+                upgrades,
+                serving_since_ms: crate::handover::unix_ms(),
+                last_upgrade_ms: requested_at_ms
+                    .map(|at| crate::handover::unix_ms().saturating_sub(at)),
+                last_upgrade_instances: requested_at_ms.map(|_| handed_count),
+            },
+            upgrade: upgradable.then_some(upgrade_tx),
         });
         let engine = Engine::with_runtime(store.clone(), &config.zone, runtime);
         let metrics = Arc::new(DaemonMetrics::new(
@@ -476,6 +667,14 @@ impl Daemon {
             zone: config.zone.clone(),
             front: front_door,
         };
+        if let Some(at) = requested_at_ms {
+            info!(
+                upgrades,
+                instances = handed_count,
+                took_ms = crate::handover::unix_ms().saturating_sub(at),
+                "upgraded in place"
+            );
+        }
         let door =
             |address: Option<SocketAddr>| address.map_or("none".to_owned(), |a| a.to_string());
         info!(
@@ -496,12 +695,58 @@ impl Daemon {
             dns,
             http,
             stop_http,
+            sockets: Sockets {
+                http: http_kept,
+                dns: dns_kept,
+            },
+            upgrade: upgrade_rx,
+            binary,
+            upgrades,
         })
     }
 
     /// Where it answers.
     pub fn info(&self) -> &DaemonInfo {
         &self.info
+    }
+
+    /// Upgrades in place (rules 2 and 3 of [`crate::handover`]): returns only if neither
+    /// program could be executed.
+    pub async fn upgrade(self) -> anyhow::Error {
+        let requested_at_ms = crate::handover::unix_ms();
+        let data = self.info.data.clone();
+        info!(binary = %self.binary.display(), "upgrading in place");
+        let _ = self.stop_http.send(true);
+        if tokio::time::timeout(crate::handover::HTTP_GRACE, self.http)
+            .await
+            .is_err()
+        {
+            warn!("HTTP requests still open at the upgrade: they are closed");
+        }
+        if let Err(error) = self.dns.shutdown().await {
+            warn!(%error, "DNS server did not stop cleanly");
+        }
+        self.builder.shutdown().await;
+        let listeners = self.proxy.hand_over(crate::handover::DRAIN).await;
+        let handed = self
+            .deployer
+            .hand_over(crate::handover::HAND_OVER_LIMIT)
+            .await;
+        let (numbered, keep) = crate::handover::numbers(&self.sockets, &listeners, &handed.fds);
+        let state = crate::handover::State {
+            http: self.sockets.http.as_raw_fd(),
+            dns: self
+                .sockets
+                .dns
+                .iter()
+                .map(|(udp, tcp)| (udp.as_raw_fd(), tcp.as_raw_fd()))
+                .collect(),
+            listeners: numbered,
+            instances: handed.instances.clone(),
+            upgrades: self.upgrades,
+            requested_at_ms,
+        };
+        crate::handover::exec(&data, &self.binary, &state, &keep)
     }
 
     /// Stops gracefully: HTTP and DNS stop accepting, running builds are marked interrupted,
@@ -542,9 +787,9 @@ pub async fn termination() {
     }
 }
 
-/// Runs the daemon until SIGTERM or SIGINT.
+/// Runs the daemon until SIGTERM or SIGINT; `revboot upgrade` executes it again in place.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
-    let daemon = Daemon::start(config).await?;
+    let daemon = Daemon::start_with(config, true).await?;
     let info = daemon.info().clone();
     tracing::info!(
         "push with: git push {} main  |  dig @{} -p {} <ref>.<service>.{}",
@@ -553,7 +798,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         info.dns.port(),
         info.zone
     );
-    termination().await;
-    daemon.shutdown().await;
-    Ok(())
+    let mut upgrade = daemon.upgrade.clone();
+    tokio::select! {
+        () = termination() => {
+            daemon.shutdown().await;
+            Ok(())
+        }
+        _ = upgrade.wait_for(|asked| *asked) => Err(daemon.upgrade().await),
+    }
 }

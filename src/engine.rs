@@ -21,6 +21,16 @@ pub trait Runtime: Send + Sync + 'static {
     /// For a label that names no deployment: builds the source commit it names, if any, on
     /// demand ([`ActionError::Building`]); otherwise `unknown`, the error as it was.
     fn build_on_demand(&self, service: &str, label: &str, unknown: ActionError) -> ActionError;
+    /// Configuration variables: list or change ([`Action::Config`],
+    /// [`Action::ConfigChange`]).
+    fn config(&self, action: &Action) -> Result<Reply, ActionError>;
+    /// Before live moves to `revision`: boots and checks it when its manifest asks
+    /// (`[deploy] check`, `min_instances`); how it passed, or why not (a conflict).
+    fn promote(&self, service: &str, revision: &Revision) -> Result<Option<String>, ActionError>;
+    /// Live of `service` moved.
+    fn promoted(&self, service: &str);
+    /// The daemon itself, or its upgrade in place ([`Action::Daemon`], [`Action::Upgrade`]).
+    fn daemon(&self, action: &Action) -> Result<Reply, ActionError>;
 }
 
 /// Carries out actions.
@@ -123,7 +133,8 @@ impl Engine {
                 service,
                 label,
                 reason,
-            } => self.move_live(service, label, *reason),
+                check,
+            } => self.move_live(service, label, *reason, *check),
             Action::BuildLog { service, label } => {
                 let deployment = self.deployment(service, label.as_deref())?;
                 let log = self
@@ -161,6 +172,8 @@ impl Engine {
             Action::ListInstances | Action::StopInstance { .. } | Action::Summon { .. } => {
                 self.runtime()?.instances(&action)
             }
+            Action::Config { .. } | Action::ConfigChange { .. } => self.runtime()?.config(&action),
+            Action::Daemon | Action::Upgrade => self.runtime()?.daemon(&action),
         }
     }
 
@@ -211,6 +224,7 @@ impl Engine {
         service: &str,
         label: &str,
         reason: MoveReason,
+        check: bool,
     ) -> Result<Reply, ActionError> {
         let target = match (self.deployment(service, Some(label)), &self.runtime) {
             (Err(unknown @ ActionError::NotFound(_)), Some(runtime)) => {
@@ -229,6 +243,11 @@ impl Engine {
             MoveReason::Rollback => "rollback",
             MoveReason::Deploy => "deploy",
         };
+        // Checked like a push's promotion, when the daemon runs (nothing runs without it).
+        let checked = match (&self.runtime, check) {
+            (Some(runtime), true) => runtime.promote(service, &target.revision)?,
+            _ => None,
+        };
         let moved = self
             .store
             .set_live(service, &target.revision, &format!("{word} to {label}"))
@@ -243,10 +262,14 @@ impl Engine {
             .store
             .deployment(service, &moved.to)
             .map_err(read_error)?;
+        if let Some(runtime) = &self.runtime {
+            runtime.promoted(service);
+        }
         Ok(Reply::Moved(Box::new(MoveView {
             service: service.to_owned(),
             from,
             to: self.view(&to),
+            check: checked,
         })))
     }
 

@@ -26,7 +26,18 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(colour)
         .init();
-    match run(cli) {
+    // The daemon's main thread is the parent of every instance, so that an upgrade in
+    // place (an exec from that thread) keeps them running (revboot_sandbox::parent).
+    let daemon = matches!(
+        cli.command,
+        revboot::cli::Command::Serve(_) | revboot::cli::Command::Demo(_)
+    );
+    let result = if daemon {
+        revboot_sandbox::parent::serve(move || run(cli))
+    } else {
+        run(cli)
+    };
+    match result {
         Ok(Outcome::Done) => ExitCode::SUCCESS,
         Ok(Outcome::Exit(code)) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Ok(Outcome::Failed(error)) => {

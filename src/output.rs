@@ -104,6 +104,9 @@ pub fn render(reply: &Reply, json: bool) -> String {
                 "{}: live moved from {from} to {} ({})\n{} now answers {}",
                 moved.service, moved.to.short, moved.to.subject, moved.service, moved.to.revision
             );
+            if let Some(check) = &moved.check {
+                let _ = writeln!(out, "{check}");
+            }
         }
         Reply::Instances(instances) => {
             let rows = instances
@@ -186,6 +189,42 @@ pub fn render(reply: &Reply, json: bool) -> String {
                 "{} -> {}:{} ({})",
                 summoned.dns_name, summoned.address, summoned.port, summoned.revision
             );
+        }
+        Reply::Config(config) => {
+            for var in &config.vars {
+                match &var.value {
+                    Some(value) => {
+                        let _ = writeln!(out, "{}={value}", var.name);
+                    }
+                    None => {
+                        let _ = writeln!(out, "{}", var.name);
+                    }
+                }
+            }
+            if config.vars.is_empty() {
+                let _ = writeln!(out, "{}: no configuration variables", config.service);
+            }
+            if let Some(restarted) = config.restarted {
+                let _ = writeln!(
+                    out,
+                    "{}: {restarted} instance(s) stopped; they boot again with the change",
+                    config.service
+                );
+            }
+        }
+        Reply::Daemon(daemon) => {
+            let _ = writeln!(
+                out,
+                "revboot pid {}, binary {}, upgraded in place {} time(s)",
+                daemon.pid, daemon.binary, daemon.upgrades
+            );
+            if let Some(ms) = daemon.last_upgrade_ms {
+                let _ = writeln!(
+                    out,
+                    "last upgrade: {ms} ms from the request to serving again, {} instance(s) handed over",
+                    daemon.last_upgrade_instances.unwrap_or(0)
+                );
+            }
         }
     }
     out

@@ -118,16 +118,34 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
             a: a.clone(),
             b: b.clone(),
         },
-        Command::Rollback { service, label } => Action::MoveLive {
+        Command::Rollback {
+            service,
+            label,
+            no_check,
+        } => Action::MoveLive {
             service: service.clone(),
             label: label.clone(),
             reason: MoveReason::Rollback,
+            check: !no_check,
         },
-        Command::Deploy { service, label } => Action::MoveLive {
+        Command::Deploy {
+            service,
+            label,
+            no_check,
+        } => Action::MoveLive {
             service: service.clone(),
             label: label.clone(),
             reason: MoveReason::Deploy,
+            check: !no_check,
         },
+        Command::Config(command) => crate::upkeep::config_action(command)?,
+        Command::Upgrade => {
+            let client = client(&cli, &config);
+            return Ok(print(
+                with_progress("upgrading the daemon", || crate::upkeep::upgrade(&client)),
+                cli.json,
+            ));
+        }
         Command::Ps => Action::ListInstances,
         Command::Stop(args) | Command::Kill(args) => Action::StopInstance {
             service: args.service.clone(),
@@ -205,7 +223,8 @@ fn describe(action: &Action) -> String {
     }
 }
 
-fn print(result: Result<Reply, ActionError>, json: bool) -> Outcome {
+/// Prints a reply (as JSON with `json`), or turns the error into the outcome.
+pub fn print(result: Result<Reply, ActionError>, json: bool) -> Outcome {
     match result {
         Ok(reply) => {
             let _ = std::io::stdout()

@@ -52,6 +52,8 @@ pub struct BuilderConfig {
     pub name: String,
     /// The build sandbox: uid and limits.
     pub sandbox: SandboxConfig,
+    /// What a promotion waits for (health checks, warm services); none: live moves at once.
+    pub gate: Option<std::sync::Arc<dyn crate::gate::Gate>>,
 }
 
 impl BuilderConfig {
@@ -87,6 +89,7 @@ impl BuilderConfig {
             max_push_bytes: 2 * 1024 * 1024 * 1024,
             space_check_secs: BuilderConfig::DEFAULT_SPACE_CHECK_SECS,
             sandbox: SandboxConfig::default(),
+            gate: None,
         }
     }
 }

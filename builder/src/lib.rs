@@ -90,6 +90,7 @@
 pub mod auth;
 mod config;
 mod deploy;
+pub mod gate;
 mod git;
 mod http;
 mod log;
@@ -387,6 +388,7 @@ impl Builder {
             sandbox,
             limits: config.sandbox.clone(),
             space_check: Duration::from_secs(config.space_check_secs),
+            gate: config.gate.clone(),
         });
         let queue = queue::Queue::start(
             state_dir.join("state.json"),

@@ -187,7 +187,7 @@ impl Sandbox {
         std::fs::create_dir_all(&mountpoint)?;
         let cgroups = match Cgroups::detect(&format!("{name}-builds")) {
             Ok(cgroups) => {
-                let removed = cgroups.sweep();
+                let removed = cgroups.sweep(&[]);
                 if removed > 0 {
                     warn!(
                         removed,

@@ -64,6 +64,9 @@ pub(crate) struct Outcome {
     /// Set when the deployment did not fit on the disk: the bytes that must be free where the
     /// deployment repository is before the build runs again.
     pub(crate) retry_when_free_bytes: Option<u64>,
+    /// Built and recorded, but refused by the promotion's gate ([`crate::gate`]): why. The
+    /// push that asked for it is refused with this.
+    pub(crate) refused: Option<String>,
 }
 
 impl Outcome {
@@ -76,6 +79,7 @@ impl Outcome {
             summary: format!("failed: {message}"),
             command_secs: None,
             retry_when_free_bytes: None,
+            refused: None,
         }
     }
 }

@@ -130,10 +130,14 @@ pub mod steer;
 pub mod summon;
 pub mod tender;
 pub mod upstream;
+pub mod vars;
 
 pub use addresses::{ClientNet, ClientPrefixes, Family, ServiceAddresses};
 pub use config::{BackendPort, DeployerConfig, SandboxConfig};
-pub use deployer::{ControlError, Deployer, InstanceInfo, NewError};
+pub use deployer::{
+    CheckFailed, CheckPassed, ControlError, Deployer, HandedInstance, Handover, InstanceInfo,
+    NewError,
+};
 pub use revboot_store::manifest::Reach;
 pub use summon::{
     Activity, InstanceKey, InstanceState, Instances, LaunchScope, ResolveError, Resolved,

@@ -53,11 +53,22 @@ impl AddressPools {
         &self.families
     }
 
+    /// Takes `address` itself from the pool it belongs to ([`AddressPool::claim`]).
+    pub fn claim(&mut self, address: IpAddr) -> bool {
+        self.pools
+            .iter_mut()
+            .find(|pool| pool.pool.contains(address))
+            .is_some_and(|pool| pool.claim(address))
+    }
+
     /// Addresses handed out and not returned, in all pools.
     pub fn in_use(&self) -> usize {
         self.pools.iter().map(AddressPool::in_use).sum()
     }
 }
+
+/// How far past the next in-order address [`AddressPool::claim`] looks.
+pub const CLAIM_WALK: u128 = 1 << 20;
 
 /// Free addresses of a pool.
 #[derive(Debug)]
@@ -98,6 +109,35 @@ impl AddressPool {
             self.in_use = self.in_use.saturating_sub(1);
             self.returned.push_back(address);
         }
+    }
+
+    /// Takes `address` itself, if it is a free address of the pool: the address of an
+    /// instance handed over by the previous daemon (an upgrade in place). Addresses the
+    /// in-order hand-out passes on the way go to the returned ones; an address more than
+    /// [`CLAIM_WALK`] beyond the hand-out's next one is refused (the old daemon handed out
+    /// addresses in the same order, so it could not have reached it).
+    pub fn claim(&mut self, address: IpAddr) -> bool {
+        if let Some(at) = self.returned.iter().position(|a| *a == address) {
+            self.returned.remove(at);
+            self.in_use += 1;
+            return true;
+        }
+        if !self.pool.contains(address) {
+            return false;
+        }
+        for index in self.next..self.next.saturating_add(CLAIM_WALK) {
+            let Some(next) = self.pool.nth(index) else {
+                return false;
+            };
+            if next == address {
+                self.returned
+                    .extend((self.next..index).filter_map(|i| self.pool.nth(i)));
+                self.next = index + 1;
+                self.in_use += 1;
+                return true;
+            }
+        }
+        false
     }
 
     /// Addresses handed out and not returned.

@@ -190,6 +190,15 @@ impl Grants {
         Ok(grants)
     }
 
+    /// No grant: an instance that reaches nothing.
+    pub fn none() -> Grants {
+        Grants {
+            accepting: Vec::new(),
+            paths: Vec::new(),
+            counters: Vec::new(),
+        }
+    }
+
     /// The socket paths, by upstream index.
     pub fn paths(&self) -> &[PathBuf] {
         &self.paths

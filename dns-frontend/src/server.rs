@@ -143,6 +143,67 @@ impl DnsServer {
             tcps.push(tcp);
             also.push(bound);
         }
+        DnsServer::serve_on(config, instances, udps, tcps, also, local)
+    }
+
+    /// Prepares to answer on sockets bound already (a daemon upgraded in place hands its
+    /// own to its successor): a UDP socket and a TCP listener per address, `listen`'s
+    /// first, as [`DnsServer::sockets`] gave them.
+    pub fn from_sockets(
+        config: DnsConfig,
+        instances: Arc<dyn Instances>,
+        sockets: Vec<(std::net::UdpSocket, std::net::TcpListener)>,
+    ) -> Result<DnsServer, BindError> {
+        let listen = |transport| {
+            move |source| BindError::Listen {
+                address: config.listen,
+                transport,
+                source,
+            }
+        };
+        let (mut udps, mut tcps, mut bound) = (Vec::new(), Vec::new(), Vec::new());
+        for (udp, tcp) in sockets {
+            bound.push(udp.local_addr().map_err(listen("udp"))?);
+            // As `bind_udp` leaves it: workers read blocking, with a timeout.
+            udp.set_nonblocking(false).map_err(listen("udp"))?;
+            udp.set_read_timeout(Some(READ_TIMEOUT))
+                .map_err(listen("udp"))?;
+            tcp.set_nonblocking(true).map_err(listen("tcp"))?;
+            udps.push(Arc::new(udp));
+            tcps.push(TcpListener::from_std(tcp).map_err(listen("tcp"))?);
+        }
+        if bound.is_empty() {
+            return Err(listen("udp")(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no socket handed over",
+            )));
+        }
+        let local = bound.remove(0);
+        DnsServer::serve_on(config, instances, udps, tcps, bound, local)
+    }
+
+    /// Second descriptors of its UDP sockets and TCP listeners, `listen`'s first: what a
+    /// daemon upgraded in place hands to its successor, while this server's own close
+    /// with it.
+    pub fn sockets(&self) -> io::Result<Vec<(std::net::UdpSocket, std::net::TcpListener)>> {
+        self.udp
+            .iter()
+            .zip(&self.tcp)
+            .map(|(udp, tcp)| {
+                let tcp = socket2::SockRef::from(tcp).try_clone()?;
+                Ok((udp.try_clone()?, tcp.into()))
+            })
+            .collect()
+    }
+
+    fn serve_on(
+        config: DnsConfig,
+        instances: Arc<dyn Instances>,
+        udps: Vec<Arc<std::net::UdpSocket>>,
+        tcps: Vec<TcpListener>,
+        also: Vec<SocketAddr>,
+        local: SocketAddr,
+    ) -> Result<DnsServer, BindError> {
         let checked = config.check(local)?;
         let shared = Shared::new(&config, &checked, instances);
         info!(%local, also = ?also, zone = %checked.zone, workers = shared.workers, "DNS server bound");

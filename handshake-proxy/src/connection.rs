@@ -123,7 +123,7 @@ fn listen_on(
 }
 
 /// The accept loop of one listener.
-async fn accepting(
+pub(crate) async fn accepting(
     shared: Arc<Shared>,
     listener: TcpListener,
     address: SocketAddr,
@@ -131,7 +131,22 @@ async fn accepting(
 ) {
     loop {
         let accepted: io::Result<(TcpStream, SocketAddr)> = tokio::select! {
-            () = cancel.cancelled() => break,
+            () = cancel.cancelled() => {
+                if shared.handing_over.load(Ordering::Acquire) {
+                    // Handed to the next daemon: the socket stays open, its queue with it.
+                    match listener.into_std() {
+                        Ok(listener) => shared
+                            .handed
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .push((address, listener)),
+                        Err(error) => warn!(%error, %address, "cannot hand the listener over"),
+                    }
+                    shared.metrics.listeners.fetch_sub(1, Ordering::Relaxed);
+                    return;
+                }
+                break;
+            }
             accepted = listener.accept() => accepted,
         };
         match accepted {

@@ -167,6 +167,7 @@ mod clock;
 mod config;
 mod connection;
 pub mod front;
+mod handover;
 mod metrics;
 mod proxy;
 mod pump;

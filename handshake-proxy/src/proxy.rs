@@ -81,6 +81,11 @@ impl Proxy {
             .unwrap_or_default()
     }
 
+    /// What its tasks share.
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     /// A snapshot of the counters.
     pub fn metrics(&self) -> ProxyMetrics {
         self.shared.metrics.snapshot()

@@ -84,6 +84,11 @@ pub(crate) struct Shared {
     pub(crate) pipes: Semaphore,
     /// The front door, when the proxy has one (fixed at construction).
     pub(crate) front: Option<crate::front::Front>,
+    /// Set while the listeners are handed to the next daemon (the `handover` module): a
+    /// listener's accept loop gives its socket up instead of closing it.
+    pub(crate) handing_over: std::sync::atomic::AtomicBool,
+    /// The listeners given up so far, while handing over.
+    pub(crate) handed: Mutex<Vec<(SocketAddr, std::net::TcpListener)>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -117,6 +122,8 @@ impl Shared {
             cancel: CancellationToken::new(),
             runtime,
             front,
+            handing_over: std::sync::atomic::AtomicBool::new(false),
+            handed: Mutex::new(Vec::new()),
         }
     }
 
@@ -169,6 +176,31 @@ impl Shared {
             },
         );
         Ok(Some((listener, cancel)))
+    }
+
+    /// Registers a listener bound elsewhere (handed over by the previous daemon) on
+    /// `address`: the token that closes it, or `None` when one is registered already.
+    pub(crate) fn register_bound(&self, address: SocketAddr) -> Option<CancellationToken> {
+        let mut registry = self.lock();
+        if registry.listeners.contains_key(&address) || self.cancel.is_cancelled() {
+            return None;
+        }
+        registry.stamps += 1;
+        let stamp = registry.stamps;
+        let cancel = self.cancel.child_token();
+        registry.listeners.insert(
+            address,
+            Listening {
+                cancel: cancel.clone(),
+                stamp,
+            },
+        );
+        Some(cancel)
+    }
+
+    /// How many listeners are registered.
+    pub(crate) fn listener_count(&self) -> usize {
+        self.lock().listeners.len()
     }
 
     /// Restamps the listener on `address`, if there is one.

@@ -266,9 +266,31 @@ impl Cgroups {
         Ok(groups)
     }
 
-    /// Removes every instance group under the parents (an earlier daemon's), killing
-    /// whatever still runs in them. Returns how many groups were removed.
-    pub fn sweep(&self) -> usize {
+    /// The groups of an instance an earlier daemon started and handed over (an upgrade in
+    /// place), from the directories [`InstanceGroups::dirs`] listed.
+    pub fn adopt(&self, dirs: &[PathBuf]) -> InstanceGroups {
+        let mut groups = InstanceGroups {
+            dirs: Vec::new(),
+            procs: Vec::new(),
+            applied: None,
+        };
+        for (hierarchy, controllers) in &self.hierarchies {
+            let parent = hierarchy.mount().join(&self.parent);
+            if let Some(dir) = dirs
+                .iter()
+                .find(|dir| dir.parent() == Some(parent.as_path()))
+            {
+                let v2 = matches!(hierarchy, Hierarchy::V2(_));
+                groups.dirs.push((dir.clone(), v2, controllers.clone()));
+            }
+        }
+        groups
+    }
+
+    /// Removes every instance group under the parents (an earlier daemon's) but those in
+    /// `keep` (handed over to this one), killing whatever still runs in them. Returns how
+    /// many groups were removed.
+    pub fn sweep(&self, keep: &[PathBuf]) -> usize {
         let mut removed = 0;
         for parent in self.parents() {
             let Ok(entries) = fs::read_dir(&parent) else {
@@ -277,7 +299,9 @@ impl Cgroups {
             // Spare groups this process made are not orphans.
             let own = format!("spare-{}-", std::process::id());
             for entry in entries.flatten() {
-                if entry.file_name().to_string_lossy().starts_with(&own) {
+                if entry.file_name().to_string_lossy().starts_with(&own)
+                    || keep.contains(&entry.path())
+                {
                     continue;
                 }
                 if entry.file_type().is_ok_and(|t| t.is_dir()) {
@@ -372,6 +396,9 @@ struct SparesInner {
     wanted: std::sync::Condvar,
     closed: std::sync::atomic::AtomicBool,
     serial: std::sync::atomic::AtomicU64,
+    /// Tells this program's spares apart from those of the program this process ran before
+    /// an upgrade in place (same pid), whose instances may still use theirs.
+    image: String,
 }
 
 impl Spares {
@@ -388,6 +415,12 @@ impl Spares {
             wanted: std::sync::Condvar::new(),
             closed: std::sync::atomic::AtomicBool::new(false),
             serial: std::sync::atomic::AtomicU64::new(0),
+            image: format!(
+                "{:x}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |since| since.as_micros() % 0xffff_ffff)
+            ),
         });
         let weak = std::sync::Arc::downgrade(&inner);
         std::thread::Builder::new()
@@ -464,7 +497,11 @@ impl SparesInner {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let made = self
             .cgroups
-            .create(&format!("spare-{}-{serial}", std::process::id()))
+            .create(&format!(
+                "spare-{}-{}-{serial}",
+                std::process::id(),
+                self.image
+            ))
             .and_then(|mut groups| match groups.limit(self.defaults) {
                 Ok(()) => Ok(groups),
                 Err(error) => {

@@ -13,6 +13,8 @@
 //! - [`cgroup`]: memory, pids and CPU limits on cgroup v1, v2 or a hybrid.
 //! - [`spawn`]: the clone that puts them together and executes the program.
 //! - [`worker`]: the long-lived thread spawns run on, so that sandboxes die with the daemon.
+//! - [`parent`]: the daemon's main thread as the parent of every sandbox, and the re-exec
+//!   of an upgrade in place that keeps them running.
 //!
 //! Beside them, [`secret`] keeps what sandboxes must never see: the daemon's tokens on
 //! disk, random and readable by the daemon alone.
@@ -57,6 +59,7 @@
 
 pub mod cgroup;
 pub mod creds;
+pub mod parent;
 pub mod root;
 pub mod seccomp;
 pub mod secret;

@@ -136,6 +136,26 @@ impl UidPool {
         }
     }
 
+    /// `uid` itself, if it is of the range and free: the uid of a sandbox an earlier daemon
+    /// started and handed over (an upgrade in place).
+    pub fn lease_exact(&self, uid: u32) -> Option<Lease> {
+        let offset = uid.checked_sub(self.range.base)?;
+        if offset >= self.range.count {
+            return None;
+        }
+        let mut bits = self.inner.lock().expect("uid lock is never poisoned");
+        let (word, bit) = ((offset / 64) as usize, 1u64 << (offset % 64));
+        if bits.used[word] & bit != 0 {
+            return None;
+        }
+        bits.used[word] |= bit;
+        bits.in_use += 1;
+        Some(Lease {
+            uid,
+            pool: self.clone(),
+        })
+    }
+
     /// Uids leased now.
     pub fn in_use(&self) -> u32 {
         self.inner

@@ -40,7 +40,8 @@ impl Worker {
 
 fn serve(jobs: Receiver<Job>) {
     while let Ok(job) = jobs.recv() {
-        job();
+        // On the daemon's main thread when it clones every sandbox (crate::parent).
+        crate::parent::run(job);
     }
 }
 

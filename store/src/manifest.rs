@@ -763,6 +763,9 @@ ready = { probe = "http", path = "/" }
         }
         let own = format!("{HELLO}per_client = true\nreach = \"address\"\n");
         assert!(Manifest::from_toml(&own).is_ok());
+    }
+
+    #[test]
     fn health_check_and_warm_instances() {
         let text = format!(
             "{HELLO}min_instances = 1\n[deploy]\ncheck = {{ http = \"/health\", within_ms = 2000 }}\n"

@@ -256,6 +256,8 @@ pub(super) async fn hook(
                 {
                     Some(outcome.summary.clone())
                 }
+                // Built, but its health check failed: live stayed, and so does the branch.
+                Followed::Done(outcome) if outcome.refused.is_some() => outcome.refused.clone(),
                 Followed::Superseded { by, .. } => Some(format!(
                     "superseded by build #{by} of a newer push of {refname} before it started"
                 )),

@@ -22,6 +22,8 @@ pub(crate) struct RunContext {
     pub(crate) space_check: Duration,
     pub(crate) sandbox: sandbox::Sandbox,
     pub(crate) limits: sandbox::SandboxConfig,
+    /// What a promotion waits for ([`crate::gate`]).
+    pub(crate) gate: Option<std::sync::Arc<dyn crate::gate::Gate>>,
 }
 
 /// One build to run.

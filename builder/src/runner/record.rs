@@ -82,6 +82,7 @@ pub(super) async fn fail(
         result_lines: vec![format!("build #{} failed: {message}", job.id)],
         command_secs,
         retry_when_free_bytes: None,
+        refused: None,
     };
     match recorded {
         Ok(revision) => {
@@ -130,6 +131,7 @@ pub(super) async fn interrupted(
         )],
         command_secs: Some(command_secs),
         retry_when_free_bytes: None,
+        refused: None,
     }
 }
 
@@ -210,15 +212,20 @@ pub(super) async fn succeed(
         job.id,
         tracker.elapsed()
     )];
-    let made_live = announce(ctx, job, manifest, revision, &mut result_lines).await;
+    let (made_live, refused) = announce(ctx, job, manifest, revision, &mut result_lines).await;
+    let mut summary = format!("succeeded: deployment {}", revision.short(12));
+    if let Some(why) = &refused {
+        summary.push_str(&format!("; not made live: {why}"));
+    }
     Outcome {
         state: BuildState::Succeeded,
         revision: Some(revision),
         made_live,
-        summary: format!("succeeded: deployment {}", revision.short(12)),
+        summary,
         result_lines,
         command_secs: Some(command_secs),
         retry_when_free_bytes: None,
+        refused,
     }
 }
 
@@ -274,7 +281,7 @@ pub(super) async fn adopt(
         "build #{}: deployment {short} was written before the daemon stopped; adopted, not built again",
         job.id
     )];
-    let made_live = announce(ctx, job, manifest, revision, &mut result_lines).await;
+    let (made_live, refused) = announce(ctx, job, manifest, revision, &mut result_lines).await;
     Outcome {
         state: BuildState::Succeeded,
         revision: Some(revision),
@@ -283,18 +290,20 @@ pub(super) async fn adopt(
         result_lines,
         command_secs: None,
         retry_when_free_bytes: None,
+        refused,
     }
 }
 
 /// Names the deployment's DNS name to the pusher and moves live to it where the recipe, the
-/// push and the branch allow; returns whether live now names it.
+/// push, the branch and the promotion's gate ([`crate::gate`]) allow; returns whether live
+/// now names it, and why the gate refused it.
 async fn announce(
     ctx: &RunContext,
     job: &Job,
     manifest: &Manifest,
     revision: Revision,
     result_lines: &mut Vec<String>,
-) -> bool {
+) -> (bool, Option<String>) {
     let name = dns_name(&revision, &job.service, &ctx.zone);
     result_lines.push(format!(
         "deployment {} answers at {name}",
@@ -320,6 +329,20 @@ async fn announce(
         None
     };
     let mut made_live = false;
+    let gate = ctx
+        .gate
+        .as_ref()
+        .filter(|_| skip.is_none() && crate::gate::gated(manifest));
+    if let Some(gate) = gate {
+        match gate.admit(&job.service, revision, manifest).await {
+            Ok(lines) => result_lines.extend(lines),
+            Err(why) => {
+                tracing::warn!(service = job.service, revision = %revision, why, "promotion refused");
+                result_lines.push(format!("health check failed: {why}; live unchanged"));
+                return (false, Some(format!("health check failed: {why}")));
+            }
+        }
+    }
     match skip {
         Some(reason) => result_lines.push(format!("live unchanged: {reason}")),
         None => {
@@ -337,6 +360,9 @@ async fn announce(
             match moved {
                 Ok(Ok(_)) => {
                     made_live = true;
+                    if let Some(gate) = &ctx.gate {
+                        gate.promoted(&job.service, revision);
+                    }
                     result_lines.push(format!(
                         "live: {}.{} now answers with {}",
                         job.service,
@@ -352,7 +378,7 @@ async fn announce(
             }
         }
     }
-    made_live
+    (made_live, None)
 }
 
 /// Writes the deployment commit (on a blocking thread: the store does file I/O).

@@ -34,6 +34,8 @@ use super::{Deployer, KILL_WAIT, error_chain, unix_ms};
 pub(super) enum End {
     Stopped(StopReason),
     Crashed(String),
+    /// Handed to the next daemon (the `handover` module): nothing of it is undone here.
+    HandedOver(crate::tender::Handed, super::handover::Reply),
 }
 
 /// The life of one instance, from boot to record.
@@ -126,7 +128,69 @@ pub(super) async fn tend(
         .await
     };
 
-    // Finishing.
+    conclude(
+        deployer,
+        entry,
+        end,
+        running,
+        ready_after,
+        started_at_ms,
+        scratch,
+    )
+    .await;
+}
+
+/// After the life: hands the instance over, or finishes it.
+pub(super) async fn conclude(
+    deployer: &Arc<Deployer>,
+    entry: &Arc<Entry>,
+    end: End,
+    running: Option<Box<dyn Running>>,
+    ready_after: Option<Instant>,
+    started_at_ms: u64,
+    scratch: PathBuf,
+) {
+    let end = match end {
+        End::HandedOver(handed, reply) => {
+            let record = InstanceRecord {
+                id: entry.id.clone(),
+                service: entry.key.service.clone(),
+                revision: entry.key.revision.to_hex(),
+                client: entry.key.client.map(|client| client.network()),
+                address: entry.addresses.primary(),
+                started_at_ms,
+                scratch,
+                footprint: running.as_ref().map(|r| r.footprint()).unwrap_or_default(),
+            };
+            let boot_ms = ready_after.map(|at| (at - entry.started).as_millis() as u64);
+            super::handover::handed(entry, record, boot_ms, handed, reply);
+            return;
+        }
+        end => end,
+    };
+    finish(
+        deployer,
+        entry,
+        end,
+        running,
+        ready_after,
+        started_at_ms,
+        scratch,
+    )
+    .await;
+}
+
+/// The end of an instance's life (rule 4 of the module doc): state, address, durable
+/// record, scratch directory, runtime record.
+pub(super) async fn finish(
+    deployer: &Arc<Deployer>,
+    entry: &Arc<Entry>,
+    end: End,
+    running: Option<Box<dyn Running>>,
+    ready_after: Option<Instant>,
+    started_at_ms: u64,
+    scratch: PathBuf,
+) {
     entry.unsteer(&deployer.metrics);
     deployer
         .metrics
@@ -136,24 +200,23 @@ pub(super) async fn tend(
         Some(running) => wait_exit(running.as_ref(), KILL_WAIT).await,
         None => None,
     };
-    let state = match &end {
-        End::Stopped(_) => InstanceState::Stopped,
-        End::Crashed(reason) => InstanceState::Crashed {
-            reason: reason.clone(),
-        },
-    };
-    let outcome = match &end {
-        End::Stopped(why) => format!("stopped: {why}"),
-        End::Crashed(reason) => format!("crashed: {reason}"),
-    };
-    match &end {
+    let (state, outcome) = match &end {
         End::Crashed(reason) => {
-            warn!(instance = %entry.key, id = entry.id, reason, "instance crashed")
+            warn!(instance = %entry.key, id = entry.id, reason, "instance crashed");
+            (
+                InstanceState::Crashed {
+                    reason: reason.clone(),
+                },
+                format!("crashed: {reason}"),
+            )
         }
         End::Stopped(why) => {
-            info!(instance = %entry.key, id = entry.id, %why, "instance stopped")
+            info!(instance = %entry.key, id = entry.id, %why, "instance stopped");
+            (InstanceState::Stopped, format!("stopped: {why}"))
         }
-    }
+        // `tend` hands these over instead of finishing them.
+        End::HandedOver(..) => (InstanceState::Stopped, "stopped: handed over".to_owned()),
+    };
     deployer.finish_state(entry, state, served);
     if let Some(running) = &running
         && exit.is_none()
@@ -226,6 +289,12 @@ pub(super) async fn serve(
                 .state
                 .send_if_modified(|state| set_if(state, InstanceState::Idle, InstanceState::Ready));
             half
+        } else if quiet >= idle_timeout && entry.is_warm(deployer.ms_since_epoch()) {
+            // A warm service's live instance stays booted (the `warm` module): idle, kept.
+            entry
+                .state
+                .send_if_modified(|state| set_if(state, InstanceState::Ready, InstanceState::Idle));
+            half
         } else if quiet >= idle_timeout {
             info!(instance = %entry.key, ?quiet, "idle: stopping");
             let why = StopReason::Idle(idle_timeout);
@@ -249,6 +318,16 @@ pub(super) async fn serve(
             command = commands.recv() => command,
             () = tokio::time::sleep(next.max(Duration::from_millis(5))) => continue,
         };
+        if let Some(Command::HandOver(reply)) = command {
+            return match running.hand_over().await {
+                Some(handed) => End::HandedOver(handed, reply),
+                None => {
+                    let _ = reply.send(None);
+                    let why = StopReason::Upgrade;
+                    stop(deployer, entry, running, Some(Command::Stop(why))).await
+                }
+            };
+        }
         return stop(deployer, entry, running, command).await;
     }
 }
@@ -305,6 +384,14 @@ pub(super) async fn stop(
     if let Some(report) = ended {
         return End::Crashed(report.to_string());
     }
+    // Not serving yet: not handed over (the `handover` module), stopped as at a shutdown.
+    let command = match command {
+        Some(Command::HandOver(reply)) => {
+            let _ = reply.send(None);
+            Some(Command::Stop(StopReason::Upgrade))
+        }
+        other => other,
+    };
     match command {
         Some(Command::Stop(why)) => {
             running.stop();
@@ -321,7 +408,7 @@ pub(super) async fn stop(
             running.kill();
             End::Stopped(StopReason::OperatorKill)
         }
-        None => {
+        Some(Command::HandOver(_)) | None => {
             running.kill();
             End::Stopped(StopReason::DeployerGone)
         }
@@ -341,6 +428,9 @@ impl Deployer {
         let Ok(_permit) = self.log_writers.acquire().await else {
             return;
         };
+        let mut record = record;
+        // A secret the instance printed stays out of the repository (crate::vars, rule 4).
+        record.console = self.vars.get(&service).redact(&record.console);
         let store = self.store.clone();
         let result =
             tokio::task::spawn_blocking(move || store.append_runtime_log(&service, &record)).await;
@@ -391,13 +481,15 @@ impl Deployer {
 }
 
 /// Kills recorded processes that are still the recorded ones, then sweeps cgroups and
-/// scratch directories.
+/// scratch directories; but not those of instances handed over to this daemon (`kept`).
 pub(super) fn clean_orphans(
     left: &[InstanceRecord],
+    kept: &[InstanceRecord],
     tenders: &Tenders,
     scratch_dir: &std::path::Path,
 ) {
-    for record in left {
+    let is_kept = |record: &InstanceRecord| kept.iter().any(|kept| kept.id == record.id);
+    for record in left.iter().filter(|record| !is_kept(record)) {
         let footprint = &record.footprint;
         if let (Some(pid), Some(start)) = (footprint.pid, footprint.pid_start)
             && pid_start_time(pid) == Some(start)
@@ -426,12 +518,18 @@ pub(super) fn clean_orphans(
             }
         }
     }
+    let keep_cgroups: Vec<std::path::PathBuf> = kept
+        .iter()
+        .flat_map(|record| record.footprint.cgroups.iter().cloned())
+        .collect();
     for tender in tenders.all() {
-        tender.sweep_orphans();
+        tender.sweep_orphans(&keep_cgroups);
     }
     if let Ok(entries) = std::fs::read_dir(scratch_dir) {
         for entry in entries.flatten() {
-            let _ = std::fs::remove_dir_all(entry.path());
+            if !kept.iter().any(|record| record.scratch == entry.path()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
         }
     }
 }

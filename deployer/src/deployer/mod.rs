@@ -47,10 +47,17 @@ use crate::summon::{
 };
 
 use crate::tender::{MakeTender, TenderHost, Tenders};
+use crate::vars::Vars;
 
+mod check;
+mod handover;
 mod life;
 mod revisions;
 mod table;
+mod warm;
+
+pub use check::{CheckFailed, CheckPassed};
+pub use handover::{HandedInstance, Handover};
 
 use life::{clean_orphans, set_if};
 use revisions::RevisionInfo;
@@ -89,6 +96,9 @@ pub enum NewError {
     /// A pool is not usable or could not be made local.
     #[error(transparent)]
     Pools(#[from] crate::local_routes::LocalError),
+    /// The configuration variables could not be opened.
+    #[error(transparent)]
+    Vars(#[from] crate::vars::VarsError),
 }
 
 /// Why an operator command was refused.
@@ -156,6 +166,10 @@ pub struct Deployer {
     refusals: RefusalLog,
     /// The `local` routes this deployer added for its pools, removed at shutdown.
     routes: Mutex<crate::local_routes::LocalRoutes>,
+    /// The services' configuration variables and secrets ([`crate::vars`]).
+    vars: Arc<Vars>,
+    /// Wakes the keeper of warm services (the `warm` module).
+    warm_wake: Arc<Notify>,
 }
 
 fn unix_ms() -> u64 {
@@ -185,6 +199,19 @@ impl Deployer {
         runtime: tokio::runtime::Handle,
         makers: Vec<MakeTender>,
     ) -> Result<Arc<Deployer>, NewError> {
+        Deployer::with_handover(config, store, runtime, makers, Vec::new())
+    }
+
+    /// Starts a deployer as [`Deployer::with_tenders`] does, taking back the instances the
+    /// previous daemon handed over in an upgrade in place ([`Deployer::hand_over`] there;
+    /// the `handover` module): they are left out of the clean-up and tended from here on.
+    pub fn with_handover(
+        config: DeployerConfig,
+        store: Store,
+        runtime: tokio::runtime::Handle,
+        makers: Vec<MakeTender>,
+        handed: Vec<HandedInstance>,
+    ) -> Result<Arc<Deployer>, NewError> {
         config.validate()?;
         crate::local_routes::check_host_addresses(&config.pools)?;
         let image_dir = config.state_dir.join("images");
@@ -196,6 +223,7 @@ impl Deployer {
             })?;
         }
         let opened = state::open(&config.state_dir.join("state.redb"))?;
+        let vars = Arc::new(Vars::open(&config.state_dir.join("vars"))?);
         let host = TenderHost {
             name: config.name.clone(),
             root: config.state_dir.join("root"),
@@ -212,7 +240,8 @@ impl Deployer {
             pools = pools.join(" "),
             "deployer starting"
         );
-        clean_orphans(&opened.left, &tenders, &scratch_dir);
+        let kept: Vec<state::InstanceRecord> = handed.iter().map(|h| h.record.clone()).collect();
+        clean_orphans(&opened.left, &kept, &tenders, &scratch_dir);
         let state = opened.start()?;
         // Last, once nothing else can fail: a route added is removed only at shutdown.
         let (routes, _) = crate::local_routes::make_local(&config.pools)?;
@@ -253,8 +282,11 @@ impl Deployer {
             steering,
             refusals: RefusalLog::default(),
             routes: Mutex::new(routes),
+            vars,
+            warm_wake: Arc::new(Notify::new()),
             config,
         });
+        deployer.adopt_all(handed);
         deployer.warm_soon();
         Ok(deployer)
     }
@@ -286,6 +318,31 @@ impl Deployer {
     /// The configuration in use.
     pub fn config(&self) -> &DeployerConfig {
         &self.config
+    }
+
+    /// The services' configuration variables: a change applies to instances booted after
+    /// it ([`Deployer::restart`] replaces the running ones).
+    pub fn vars(&self) -> &Arc<Vars> {
+        &self.vars
+    }
+
+    /// Stops every instance of `service` (they boot again, with the configuration of now,
+    /// on the next query or connection; a warm service's at once); how many.
+    pub fn restart(&self, service: &str) -> usize {
+        let entries: Vec<Arc<Entry>> = {
+            let table = self.table.lock().expect("table lock is never poisoned");
+            table
+                .by_key
+                .values()
+                .filter(|entry| entry.key.service == service)
+                .cloned()
+                .collect()
+        };
+        for entry in &entries {
+            // A full queue already holds a stop or kill.
+            let _ = entry.commands.try_send(Command::Stop(StopReason::Restart));
+        }
+        entries.len()
     }
 
     /// Every instance that has not finished yet.

@@ -45,6 +45,9 @@ pub(super) const RECLAIM_CHECKS: usize = 8;
 pub(super) enum Command {
     Stop(StopReason),
     Kill,
+    /// Hand the instance to the next daemon (an upgrade in place, the `handover` module):
+    /// what it needs, or `None` when the instance was stopped instead.
+    HandOver(super::handover::Reply),
 }
 
 /// Why the deployer stopped an instance. Its record says this, whatever signal ended it: an
@@ -64,6 +67,12 @@ pub(super) enum StopReason {
     Shutdown,
     /// The deployer went away (its command queue closed).
     DeployerGone,
+    /// Replaced after a change of the service's configuration (`revboot config --restart`).
+    Restart,
+    /// It failed the health check of a promotion.
+    CheckFailed,
+    /// The daemon was upgraded in place, and this instance could not be handed over.
+    Upgrade,
 }
 
 impl std::fmt::Display for StopReason {
@@ -78,6 +87,9 @@ impl std::fmt::Display for StopReason {
             StopReason::Reclaimed => f.write_str("client slot reclaimed for a new client"),
             StopReason::Shutdown => f.write_str("daemon shutdown"),
             StopReason::DeployerGone => f.write_str("deployer gone"),
+            StopReason::Restart => f.write_str("restarted for a configuration change"),
+            StopReason::CheckFailed => f.write_str("failed its health check"),
+            StopReason::Upgrade => f.write_str("daemon upgraded; it could not be handed over"),
         }
     }
 }
@@ -89,6 +101,8 @@ pub(super) struct Entry {
     pub(super) addresses: ServiceAddresses,
     pub(super) port: u16,
     pub(super) backend: SocketAddr,
+    /// The host uid it runs as.
+    pub(super) uid: u32,
     pub(super) boot_timeout: Duration,
     pub(super) reach: Reach,
     pub(super) state: watch::Sender<InstanceState>,
@@ -105,6 +119,9 @@ pub(super) struct Entry {
     pub(super) reclaimed: AtomicBool,
     /// The kernel hand-off while the instance is ready; only its life task sets and clears it.
     pub(super) steered: Mutex<Option<Steered>>,
+    /// Kept booted whatever the traffic until then (ms since the deployer's epoch;
+    /// `u64::MAX`: while its revision is a warm service's live one; see the `warm` module).
+    pub(super) warm_until: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -146,6 +163,11 @@ impl Entry {
     /// Connections steered so far (a syscall), while steered.
     pub(super) fn steered_connections(&self) -> Option<u64> {
         self.steered().as_ref().map(Steered::connections)
+    }
+
+    /// True while idle reaping passes it by (the `warm` module).
+    pub(super) fn is_warm(&self, now_ms: u64) -> bool {
+        now_ms < self.warm_until.load(Ordering::Relaxed)
     }
 
     pub(super) fn is_steered(&self) -> bool {
@@ -295,6 +317,7 @@ impl Deployer {
             scratch: scratch.clone(),
             console_bytes: self.config.console_bytes,
             uid: uid.uid(),
+            vars: self.vars.get(&key.service),
         };
         let (addresses, prepared) = self.prepare(&mut table, &*tender, spec, key)?;
         let (commands, command_rx) = mpsc::channel(COMMANDS);
@@ -304,6 +327,7 @@ impl Deployer {
             addresses,
             port: run.port,
             backend: prepared.backend(),
+            uid: uid.uid(),
             boot_timeout: Duration::from_millis(run.boot_timeout_ms),
             reach: run.reach,
             state: watch::channel(InstanceState::Booting).0,
@@ -311,6 +335,7 @@ impl Deployer {
             open: AtomicI64::new(0),
             last_activity: AtomicU64::new(self.ms_since_epoch()),
             steered: Mutex::new(None),
+            warm_until: AtomicU64::new(0),
             commands,
             console: OnceLock::new(),
             pid: OnceLock::new(),

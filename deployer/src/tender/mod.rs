@@ -68,6 +68,9 @@ pub struct BootSpec {
     /// The host uid (and gid) the instance runs as: its own while it lives (the deployer
     /// leases it from `[sandbox] uids` and takes it back once the instance has ended).
     pub uid: u32,
+    /// The service's configuration variables (`revboot config`), as they were at the
+    /// summon: the instance's environment, over the manifest's `run.env`.
+    pub vars: std::sync::Arc<crate::vars::ServiceVars>,
 }
 
 /// Creates the scratch directory of `spec`. Tenders call it at the start of `boot`, in the
@@ -221,9 +224,49 @@ pub trait Tender: Send + Sync + fmt::Debug + 'static {
     /// instance ended; called by [`crate::Deployer::shutdown`].
     fn shutdown(&self) {}
 
-    /// Removes what instances of an earlier daemon left behind (cgroups, scratch state);
-    /// called once at start-up, after recorded processes were killed.
-    fn sweep_orphans(&self) {}
+    /// Removes what instances of an earlier daemon left behind (cgroups, scratch state)
+    /// but the cgroups in `keep` (instances handed over to this daemon); called once at
+    /// start-up, after recorded processes were killed.
+    fn sweep_orphans(&self, keep: &[PathBuf]) {
+        let _ = keep;
+    }
+
+    /// Tends on an instance that the previous daemon handed over in an upgrade in place
+    /// ([`Running::hand_over`]). By default the backend cannot.
+    fn adopt(&self, adopted: Adopted) -> Result<Box<dyn Running>, BootError> {
+        drop(adopted);
+        Err(BootError::Setup {
+            what: "an instance handed over".into(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "this tender does not adopt instances",
+            ),
+        })
+    }
+}
+
+/// What a running instance hands to the next daemon of an upgrade in place.
+#[derive(Debug)]
+pub struct Handed {
+    /// The read end of its console pipe: output written meanwhile waits in the pipe.
+    pub console: std::os::fd::OwnedFd,
+    /// The console's kept tail so far.
+    pub tail: Vec<u8>,
+}
+
+/// An instance the previous daemon handed over, as the tender gets it back.
+#[derive(Debug)]
+pub struct Adopted {
+    /// Where it accepts connections.
+    pub backend: SocketAddr,
+    /// Its process and cgroups.
+    pub footprint: Footprint,
+    /// The read end of its console pipe.
+    pub console: std::os::fd::OwnedFd,
+    /// Its console's tail, as handed over.
+    pub tail: Vec<u8>,
+    /// Console bytes to keep.
+    pub console_bytes: usize,
 }
 
 /// An instance whose endpoint is claimed but that has not started.
@@ -266,6 +309,14 @@ pub trait Running: Send + Sync + fmt::Debug {
             std::io::Error::new(std::io::ErrorKind::NotFound, "the instance has no pid")
         })?;
         crate::steer::listener_of(pid, self.backend())
+    }
+
+    /// Stops watching the instance and hands it to the next daemon of an upgrade in place
+    /// ([`Tender::adopt`] there): its exit is no longer reported here. `None` if this
+    /// instance cannot be handed over (it is then stopped, as at a shutdown). By default
+    /// none can.
+    fn hand_over(&self) -> BoxFuture<'_, Option<Handed>> {
+        Box::pin(async { None })
     }
 
     /// Waits until the instance is ready by `probe`, at most `timeout`.
@@ -354,32 +405,52 @@ where
     }
 }
 
-async fn tcp_connects(backend: SocketAddr) -> bool {
+pub(crate) async fn tcp_connects(backend: SocketAddr) -> bool {
     admit::connect_from_own_address(backend).await.is_ok()
 }
 
 async fn http_ok(backend: SocketAddr, path: &str) -> bool {
+    status_line(backend, path)
+        .await
+        .is_ok_and(|line| status_is_ok(&line))
+}
+
+/// True for a `HTTP/1.x 2xx` or `3xx` status line.
+pub(crate) fn status_is_ok(line: &str) -> bool {
+    let head = line.as_bytes();
+    head.starts_with(b"HTTP/1.") && head.len() >= 12 && matches!(head[9], b'2' | b'3')
+}
+
+/// `GET path` on `backend` (from the service address, as every probe connects); the status
+/// line of the answer (cut at 120 bytes), within two seconds.
+pub(crate) async fn status_line(backend: SocketAddr, path: &str) -> std::io::Result<String> {
     let exchange = async {
         let mut stream = admit::connect_from_own_address(backend).await?;
         let request =
             format!("GET {path} HTTP/1.1\r\nhost: {backend}\r\nconnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await?;
-        let mut head = [0u8; 16];
+        let mut head = [0u8; 120];
         let mut filled = 0;
-        while filled < 12 {
+        while filled < head.len() && !head[..filled].contains(&b'\n') {
             let read = stream.read(&mut head[filled..]).await?;
             if read == 0 {
                 break;
             }
             filled += read;
         }
-        Ok::<_, std::io::Error>(head[..filled].to_vec())
+        let line = head[..filled].split(|b| *b == b'\n').next().unwrap_or(&[]);
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(line).trim_end().to_owned())
     };
     match tokio::time::timeout(Duration::from_secs(2), exchange).await {
-        Ok(Ok(head)) => {
-            head.starts_with(b"HTTP/1.") && head.len() >= 12 && matches!(head[9], b'2' | b'3')
-        }
-        _ => false,
+        Ok(Ok(line)) if line.is_empty() => Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed without an answer",
+        )),
+        Ok(result) => result,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "no answer within 2 s",
+        )),
     }
 }
 

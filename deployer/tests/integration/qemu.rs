@@ -117,6 +117,7 @@ async fn boot(feature: Option<&'static str>) -> Booted {
         scratch: scratch.path().join("scratch"),
         console_bytes: 64 * 1024,
         uid: uid(),
+        vars: Default::default(),
     };
     let prepared = tender.prepare(spec).expect("prepare");
     let running = tokio::time::timeout(PATIENCE, prepared.boot(image))
@@ -261,6 +262,7 @@ async fn a_taken_port_is_refused_before_anything_boots() {
         scratch: scratch.path().join("scratch"),
         console_bytes: 4096,
         uid: uid(),
+        vars: Default::default(),
     };
     let error = tender.prepare(spec).expect_err("the port is taken");
     assert!(error.to_string().contains(&port.to_string()), "{error}");

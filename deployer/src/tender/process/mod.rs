@@ -215,7 +215,13 @@ impl ProcessTender {
             .name("revboot-spawner".into())
             .spawn(move || {
                 while let Ok(job) = queue.recv() {
-                    let result = worker.spawn(&job);
+                    // The clone runs on the daemon's main thread when it is the parent of
+                    // every sandbox (revboot_sandbox::parent: an upgrade in place keeps them).
+                    let shared = Arc::clone(&worker);
+                    let (job, result) = revboot_sandbox::parent::run(move || {
+                        let result = shared.spawn(&job);
+                        (job, result)
+                    });
                     if let Err(Ok(orphan)) = job.reply.send(result) {
                         // The boot was abandoned (timed out) while spawning: end it here.
                         warn!(
@@ -305,9 +311,13 @@ impl Tender for ProcessTender {
         }
     }
 
-    fn sweep_orphans(&self) {
+    fn adopt(&self, adopted: super::Adopted) -> Result<Box<dyn Running>, BootError> {
+        self.adopt_running(adopted)
+    }
+
+    fn sweep_orphans(&self, keep: &[PathBuf]) {
         if let Some(spares) = &self.shared.spares {
-            let removed = spares.cgroups().sweep();
+            let removed = spares.cgroups().sweep(keep);
             if removed > 0 {
                 warn!(removed, "removed orphaned instance cgroups");
             }
@@ -419,12 +429,14 @@ impl Prepared for ProcessPrepared {
             let (exit_tx, exit) = watch::channel(None);
             let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(spawned.console)
                 .map_err(setup("console pipe"))?;
+            let (handover, handover_rx) = oneshot::channel();
             shared.runtime.spawn(watch_exit(
                 Arc::clone(&child),
                 reader,
                 spawned.groups,
                 console.clone(),
                 exit_tx,
+                handover_rx,
             ));
             Ok(Box::new(ProcessRunning {
                 backend,
@@ -432,6 +444,7 @@ impl Prepared for ProcessPrepared {
                 footprint,
                 child,
                 exit,
+                handover: std::sync::Mutex::new(Some(handover)),
                 _upstreams: upstreams,
             }) as Box<dyn Running>)
         })
@@ -484,18 +497,33 @@ impl Child {
 ///    output earlier; nothing changes then but how long step 2 waits).
 /// 2. Only then a pidfd is opened, waited on, and the process reaped: a running instance
 ///    holds no descriptor of the daemon but its console pipe.
+///
+/// Asked to hand the instance over (an upgrade in place), it gives the pipe's descriptor
+/// back instead and ends there: the instance is the next daemon's to watch.
 async fn watch_exit(
     child: Arc<Child>,
     mut reader: tokio::net::unix::pipe::Receiver,
     groups: Option<InstanceGroups>,
     console: Console,
     exit: watch::Sender<Option<ExitReport>>,
+    mut handover: oneshot::Receiver<HandOver>,
 ) {
     let mut buffer = vec![0u8; 16 * 1024];
+    let mut may_hand_over = true;
     loop {
-        match reader.read(&mut buffer).await {
-            Ok(0) | Err(_) => break,
-            Ok(read) => console.push(&buffer[..read]),
+        tokio::select! {
+            read = reader.read(&mut buffer) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(read) => console.push(&buffer[..read]),
+            },
+            asked = &mut handover, if may_hand_over => match asked {
+                Ok(reply) => {
+                    let _ = reply.send(reader.into_blocking_fd().ok());
+                    return;
+                }
+                // The instance's handle is gone: nobody will ask.
+                Err(_) => may_hand_over = false,
+            },
         }
     }
     drop(reader);
@@ -535,6 +563,9 @@ async fn wait_for_exit(child: &Child) -> io::Result<ExitStatus> {
     }
 }
 
+/// A request to [`watch_exit`] for the console pipe, to hand it over.
+type HandOver = oneshot::Sender<Option<OwnedFd>>;
+
 #[derive(Debug)]
 struct ProcessRunning {
     backend: SocketAddr,
@@ -542,6 +573,8 @@ struct ProcessRunning {
     footprint: Footprint,
     child: Arc<Child>,
     exit: watch::Receiver<Option<ExitReport>>,
+    /// Asks the watcher for the console pipe (once).
+    handover: std::sync::Mutex<Option<oneshot::Sender<HandOver>>>,
     /// The upstream grants, revoked when the instance is dropped.
     _upstreams: Grants,
 }
@@ -597,6 +630,28 @@ impl Running for ProcessRunning {
         self.exit.clone()
     }
 
+    /// The console pipe, from the watcher, which stops there. An instance with upstream
+    /// grants cannot be handed over: its grants are relays of this daemon.
+    fn hand_over(&self) -> BoxFuture<'_, Option<super::Handed>> {
+        Box::pin(async move {
+            if !self._upstreams.paths().is_empty() {
+                return None;
+            }
+            let ask = self
+                .handover
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take()?;
+            let (reply, answer) = oneshot::channel();
+            ask.send(reply).ok()?;
+            let console = answer.await.ok()??;
+            Some(super::Handed {
+                console,
+                tail: self.console.tail(),
+            })
+        })
+    }
+
     /// Descriptor 3, where the instance got its socket, unless it moved it.
     fn listener(&self) -> io::Result<OwnedFd> {
         let pidfd = self.child.pidfd()?;
@@ -607,6 +662,54 @@ impl Running for ProcessRunning {
                 .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
             crate::steer::listener_of(pid, self.backend)
         })
+    }
+}
+
+impl ProcessTender {
+    /// Tends on an instance of the previous daemon (an upgrade in place): its process is
+    /// this process's child still (`revboot_sandbox::parent`), so it is watched and reaped
+    /// as if it had been started here.
+    fn adopt_running(&self, adopted: super::Adopted) -> Result<Box<dyn Running>, BootError> {
+        let setup = |what: &str| {
+            let what = what.to_owned();
+            move |source| BootError::Setup { what, source }
+        };
+        let pid = adopted
+            .footprint
+            .pid
+            .ok_or_else(|| setup("an instance handed over")(io::Error::other("no pid")))?;
+        let console = Console::new(adopted.console_bytes);
+        console.push(&adopted.tail);
+        let groups = self
+            .shared
+            .spares
+            .as_ref()
+            .map(|spares| spares.cgroups().adopt(&adopted.footprint.cgroups));
+        let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(adopted.console)
+            .map_err(setup("console pipe"))?;
+        let child = Arc::new(Child {
+            pid,
+            reaped: std::sync::RwLock::new(false),
+        });
+        let (exit_tx, exit) = watch::channel(None);
+        let (handover, handover_rx) = oneshot::channel();
+        self.shared.runtime.spawn(watch_exit(
+            Arc::clone(&child),
+            reader,
+            groups,
+            console.clone(),
+            exit_tx,
+            handover_rx,
+        ));
+        Ok(Box::new(ProcessRunning {
+            backend: adopted.backend,
+            console,
+            footprint: adopted.footprint,
+            child,
+            exit,
+            handover: std::sync::Mutex::new(Some(handover)),
+            _upstreams: Grants::none(),
+        }))
     }
 }
 

@@ -197,7 +197,15 @@ fn environment(spec: &BootSpec) -> Vec<String> {
         Path::new(UPSTREAM_DIR),
         spec.run.upstreams.len(),
     ));
-    for (key, value) in &spec.run.env {
+    // The operator's configuration (`revboot config`) over the manifest's entry of a name.
+    let mut own: std::collections::BTreeMap<&str, &str> = spec
+        .run
+        .env
+        .iter()
+        .map(|(key, value)| (key.as_str(), value.as_str()))
+        .collect();
+    own.extend(spec.vars.iter());
+    for (key, value) in own {
         env.push(format!("{key}={value}"));
     }
     env

@@ -90,7 +90,7 @@ impl Jail {
         std::fs::create_dir_all(&host.root)?;
         let cgroups = match Cgroups::detect(&format!("{}-qemu", host.name)) {
             Ok(cgroups) => {
-                let removed = cgroups.sweep();
+                let removed = cgroups.sweep(&[]);
                 if removed > 0 {
                     warn!(removed, "removed the cgroups of VMs an earlier daemon left");
                 }

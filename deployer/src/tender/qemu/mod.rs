@@ -694,6 +694,7 @@ mod tests {
             backend_port: BackendPort::Ephemeral,
             scratch: std::env::temp_dir(),
             console_bytes: 4096,
+            vars: Default::default(),
             uid: 2_050_000_000,
         }
     }

@@ -1,0 +1,323 @@
+//! An upgrade in place: running instances go to the next daemon, untouched.
+//!
+//! The old daemon, [`Deployer::hand_over`]:
+//!
+//! 1. refuses new summons and asks every instance's task to hand its instance over;
+//! 2. a serving instance whose tender can hand it over (the process tender) stops being
+//!    watched: its console pipe's descriptor, its console tail and its durable record go
+//!    into a [`HandedInstance`]. Its kernel route stays until the exec ends the program;
+//! 3. one that cannot — booting, a VM, one with upstream grants — is stopped as at a
+//!    shutdown (`stopped: daemon upgraded; it could not be handed over`), its record
+//!    written;
+//! 4. the spare cgroups go and the durable state is flushed. The daemon then executes its
+//!    new binary, keeping the descriptors ([`revboot_sandbox::parent::exec`]): the instances
+//!    are still children of its main thread.
+//!
+//! The next daemon, [`Deployer::with_handover`]:
+//!
+//! 5. leaves the handed instances out of its start-up clean-up (their processes, cgroups,
+//!    scratch directories and durable records stay) and takes each back — its uid, its
+//!    address, its console, the state `ready` — through its tender ([`Tender::adopt`]).
+//!    Its task goes on from there: steering, idle reaping, stops, its record at the end.
+//! 6. One whose revision or descriptor cannot be read, or that its tender cannot take
+//!    back, is killed and cleaned up, and boots again on demand.
+//!
+//! [`Tender::adopt`]: crate::tender::Tender::adopt
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use revboot_store::Revision;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{info, warn};
+
+use super::life::{End, conclude, serve};
+use super::table::{COMMANDS, Command, Entry};
+use super::{Deployer, error_chain, unix_ms};
+use crate::addresses::{ClientNet, ServiceAddresses};
+use crate::state::InstanceRecord;
+use crate::summon::{InstanceKey, InstanceState};
+use crate::tender::{Adopted, Handed};
+
+/// The answer to [`Command::HandOver`].
+pub(super) type Reply = oneshot::Sender<Option<(HandedInstance, OwnedFd)>>;
+
+/// One running instance, as the old daemon hands it to the next (module doc).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandedInstance {
+    /// Its durable record: id, key, address, process, cgroups, scratch directory.
+    pub record: InstanceRecord,
+    /// Its service addresses (one per family served).
+    pub addresses: Vec<IpAddr>,
+    /// The prefix length of its client's network (a per-client instance).
+    pub client_len: Option<u8>,
+    /// The port clients connect to.
+    pub port: u16,
+    /// Where it accepts connections.
+    pub backend: SocketAddr,
+    /// The host uid it runs as.
+    pub uid: u32,
+    /// The descriptor number of its console pipe, kept across the exec.
+    pub console: i32,
+    /// Its console's kept tail, hex.
+    pub console_tail: String,
+    /// Its boot, from summon to ready.
+    pub boot_ms: Option<u64>,
+}
+
+/// What [`Deployer::hand_over`] gives the daemon to pass on: the instances and the
+/// descriptors to keep open across the exec.
+#[derive(Debug, Default)]
+pub struct Handover {
+    /// The instances handed over.
+    pub instances: Vec<HandedInstance>,
+    /// Their console pipes.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// An instance's task hands it over (rule 2).
+pub(super) fn handed(
+    entry: &Entry,
+    record: InstanceRecord,
+    boot_ms: Option<u64>,
+    handed: Handed,
+    reply: Reply,
+) {
+    let instance = HandedInstance {
+        record,
+        addresses: entry.addresses.iter().collect(),
+        client_len: entry.key.client.map(|client| client.len()),
+        port: entry.port,
+        backend: entry.backend,
+        uid: entry.uid,
+        console: handed.console.as_raw_fd(),
+        console_tail: hex::encode(&handed.tail),
+        boot_ms,
+    };
+    let _ = reply.send(Some((instance, handed.console)));
+}
+
+impl Deployer {
+    /// Hands every instance that can be over, stops the others (rules 1 to 4), within
+    /// `limit`. Summons fail with [`crate::SummonError::ShuttingDown`] from now on.
+    pub async fn hand_over(&self, limit: Duration) -> Handover {
+        let entries: Vec<Arc<Entry>> = {
+            let mut table = self.table.lock().expect("table lock is never poisoned");
+            table.shutting_down = true;
+            table.entries().cloned().collect()
+        };
+        let mut asked = Vec::new();
+        for entry in &entries {
+            let (reply, answer) = oneshot::channel();
+            // A full queue already holds a stop or kill: that instance is on its way out.
+            if entry.commands.try_send(Command::HandOver(reply)).is_ok() {
+                asked.push(answer);
+            }
+        }
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut handover = Handover::default();
+        for answer in asked {
+            if let Ok(Ok(Some((instance, fd)))) = tokio::time::timeout_at(deadline, answer).await {
+                handover.instances.push(instance);
+                handover.fds.push(fd);
+            }
+        }
+        // Those stopped instead finish, their records written, before the exec.
+        let all_done = async {
+            loop {
+                let notified = self.tasks_done.notified();
+                if self.tasks.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout_at(deadline, all_done).await.is_err() {
+            warn!(
+                left = self.tasks.load(Ordering::Acquire),
+                "hand-over: instances still finishing"
+            );
+        }
+        for tender in self.tenders.all() {
+            tender.shutdown();
+        }
+        self.state.flush().await;
+        info!(
+            handed = handover.instances.len(),
+            asked = entries.len(),
+            "instances handed over"
+        );
+        handover
+    }
+
+    /// Takes back the instances the previous daemon handed over (rules 5 and 6); how many.
+    pub(super) fn adopt_all(self: &Arc<Self>, handed: Vec<HandedInstance>) -> usize {
+        let mut adopted = 0;
+        for instance in handed {
+            match self.adopt(&instance) {
+                Ok(()) => adopted += 1,
+                Err(why) => {
+                    warn!(
+                        id = instance.record.id,
+                        why, "cannot take back a handed-over instance: killing it"
+                    );
+                    self.discard(&instance);
+                }
+            }
+        }
+        if adopted > 0 {
+            info!(adopted, "took back the instances of the previous daemon");
+        }
+        adopted
+    }
+
+    fn adopt(self: &Arc<Self>, instance: &HandedInstance) -> Result<(), String> {
+        let record = &instance.record;
+        let console = revboot_sandbox::parent::take_fd(instance.console)
+            .map_err(|error| format!("its console pipe: {error}"))?;
+        let revision: Revision = record
+            .revision
+            .parse()
+            .map_err(|_| format!("bad revision `{}`", record.revision))?;
+        let info = self
+            .revision_info(&record.service, &revision)
+            .map_err(|error| error.to_string())?;
+        let run = &info.manifest.run;
+        let tender = self
+            .tenders
+            .get(run.tender)
+            .cloned()
+            .ok_or_else(|| format!("no `{:?}` tender", run.tender))?;
+        let uid = self
+            .uids
+            .lease_exact(instance.uid)
+            .ok_or_else(|| format!("uid {} is not free", instance.uid))?;
+        let running = tender
+            .adopt(Adopted {
+                backend: instance.backend,
+                footprint: record.footprint.clone(),
+                console,
+                tail: hex::decode(&instance.console_tail).unwrap_or_default(),
+                console_bytes: self.config.console_bytes,
+            })
+            .map_err(|error| format!("{error}: {}", error_chain(&error)))?;
+        let key = InstanceKey {
+            service: record.service.clone(),
+            revision,
+            client: record
+                .client
+                .map(|network| ClientNet::new(network, instance.client_len.unwrap_or(128))),
+        };
+        let addresses = instance
+            .addresses
+            .iter()
+            .fold(ServiceAddresses::one(record.address), |all, a| all.with(*a));
+        let now = Instant::now();
+        let age = Duration::from_millis(unix_ms().saturating_sub(record.started_at_ms));
+        let started = now.checked_sub(age).unwrap_or(now);
+        let (commands, mut command_rx) = mpsc::channel(COMMANDS);
+        let entry = Arc::new(Entry {
+            id: record.id.clone(),
+            key: key.clone(),
+            addresses,
+            port: instance.port,
+            backend: instance.backend,
+            uid: instance.uid,
+            boot_timeout: Duration::from_millis(run.boot_timeout_ms),
+            reach: run.reach,
+            state: watch::channel(InstanceState::Ready).0,
+            started,
+            open: AtomicI64::new(0),
+            last_activity: AtomicU64::new(self.ms_since_epoch()),
+            commands,
+            console: OnceLock::from(running.console().clone()),
+            pid: record.footprint.pid.map(OnceLock::from).unwrap_or_default(),
+            counted: AtomicBool::new(true),
+            reclaimed: AtomicBool::new(false),
+            steered: Mutex::new(None),
+            warm_until: AtomicU64::new(0),
+        });
+        {
+            let mut table = self.table.lock().expect("table lock is never poisoned");
+            let taken = table.by_key.contains_key(&key)
+                || addresses.iter().any(|a| table.by_address.contains_key(&a));
+            if taken {
+                return Err(format!("{key} or {addresses} is taken"));
+            }
+            let mut claimed = Vec::new();
+            for address in addresses.iter() {
+                if !table.pool.claim(address) {
+                    for address in claimed {
+                        table.pool.give(address);
+                    }
+                    return Err(format!("{address} is not a free address of the pools"));
+                }
+                claimed.push(address);
+            }
+            table.by_key.insert(key.clone(), Arc::clone(&entry));
+            for address in addresses.iter() {
+                table.by_address.insert(address, Arc::clone(&entry));
+            }
+            table.live += 1;
+            *table.per_service.entry(key.service.clone()).or_default() += 1;
+            if key.client.is_some() {
+                *table.clients.entry(key.service.clone()).or_default() += 1;
+            }
+        }
+        self.tasks.fetch_add(1, Ordering::AcqRel);
+        let me = Arc::clone(self);
+        let ready_after = instance
+            .boot_ms
+            .and_then(|ms| started.checked_add(Duration::from_millis(ms)));
+        let (started_at_ms, scratch) = (record.started_at_ms, record.scratch.clone());
+        self.runtime.spawn(async move {
+            me.steer(&entry, running.as_ref());
+            let idle = me.idle_timeout(&info.manifest);
+            let end: End = serve(&me, &entry, running.as_ref(), &mut command_rx, idle).await;
+            conclude(
+                &me,
+                &entry,
+                end,
+                Some(running),
+                ready_after,
+                started_at_ms,
+                scratch,
+            )
+            .await;
+            drop(uid);
+            if me.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
+                me.tasks_done.notify_waiters();
+            }
+        });
+        Ok(())
+    }
+
+    /// Kills an instance that could not be taken back and removes what it holds (rule 6).
+    fn discard(&self, instance: &HandedInstance) {
+        let record = &instance.record;
+        if let Some(pid) = record.footprint.pid
+            && crate::tender::process::pid_start_time(pid) == record.footprint.pid_start
+        {
+            revboot_sandbox::spawn::kill(pid, libc::SIGKILL);
+            // It is this process's child: reap it, so that it leaves no zombie.
+            if let Ok(pidfd) = revboot_sandbox::spawn::pidfd_open(pid) {
+                self.runtime.spawn_blocking(move || {
+                    let _ = revboot_sandbox::spawn::reap_blocking(pidfd.as_raw_fd());
+                });
+            }
+        }
+        for dir in &record.footprint.cgroups {
+            if let Err(error) = revboot_sandbox::cgroup::remove_group(dir) {
+                warn!(cgroup = %dir.display(), %error, "cannot remove a cgroup");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&record.scratch);
+        let state = self.state.clone();
+        let id = record.id.clone();
+        self.runtime.spawn(async move { state.delete(id).await });
+    }
+}

@@ -1,0 +1,86 @@
+//! An upgrade in place: the listeners go to the next daemon, open and with their queues.
+//!
+//! 1. [`Proxy::hand_over`] stops every accept loop: each gives its listening socket up
+//!    (it stays open: handshakes that come meanwhile wait in its queue) instead of closing
+//!    it. New summons are refused from then on.
+//! 2. Connections the proxy relays (held through a boot, or not steered) are given up to
+//!    `drain` to end by themselves; those still open then close with the old daemon.
+//!    Warm connections that the kernel steers to an instance never pass through here and
+//!    are not touched.
+//! 3. The next daemon registers each socket again with [`Proxy::adopt`], after the
+//!    deployer has adopted the instances, and accepts what waited.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use crate::connection::accepting;
+use crate::proxy::Proxy;
+
+/// How long the accept loops are given to hand their sockets over.
+const GIVE_UP: Duration = Duration::from_secs(5);
+/// Pause between two looks at what is left.
+const LOOK: Duration = Duration::from_millis(10);
+
+impl Proxy {
+    /// Stops accepting and returns every listener, open (module doc); relayed connections
+    /// are given `drain` to end.
+    pub async fn hand_over(&self, drain: Duration) -> Vec<(SocketAddr, std::net::TcpListener)> {
+        let shared = self.shared();
+        shared.handing_over.store(true, Ordering::Release);
+        let count = shared.listener_count();
+        shared.close_listeners();
+        let start = Instant::now();
+        while shared.metrics.listeners.load(Ordering::Relaxed) > 0 && start.elapsed() < GIVE_UP {
+            tokio::time::sleep(LOOK).await;
+        }
+        let handed = std::mem::take(
+            &mut *shared
+                .handed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        if handed.len() != count {
+            warn!(
+                listeners = count,
+                handed = handed.len(),
+                "not every listener could be handed over"
+            );
+        }
+        while shared.metrics.open_now.load(Ordering::Relaxed) > 0 && start.elapsed() < drain {
+            tokio::time::sleep(LOOK).await;
+        }
+        let open = shared.metrics.open_now.load(Ordering::Relaxed);
+        info!(
+            listeners = handed.len(),
+            relayed_left = open,
+            "proxy handed over"
+        );
+        handed
+    }
+
+    /// Listens again on a socket handed over by the previous daemon (module doc, rule 3).
+    /// A socket for an address already registered is closed.
+    pub fn adopt(&self, address: SocketAddr, listener: std::net::TcpListener) {
+        let shared = self.shared();
+        let Some(cancel) = shared.register_bound(address) else {
+            return;
+        };
+        if let Err(error) = listener.set_nonblocking(true) {
+            warn!(%error, %address, "cannot adopt the listener");
+            return;
+        }
+        match tokio::net::TcpListener::from_std(listener) {
+            Ok(listener) => {
+                shared.metrics.listeners.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .runtime
+                    .spawn(accepting(Arc::clone(shared), listener, address, cancel));
+            }
+            Err(error) => warn!(%error, %address, "cannot adopt the listener"),
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! Upgrades in place, the daemon's side: a new program takes over the process, its sockets
+//! and its running instances, and nothing a client holds is dropped.
+//!
+//! 1. `revboot upgrade` (`POST /api/v1/daemon/upgrade`) answers at once and sets it going;
+//!    the binary the daemon was started from (replaced by the new version, or not) must be
+//!    an executable file, else the request is refused and nothing stops.
+//! 2. HTTP and DNS stop reading, their sockets open (requests and queries wait in the
+//!    kernel's queues); running builds are interrupted (the new program runs them again);
+//!    the proxy hands its listeners over, open (relayed connections get [`DRAIN`] to end;
+//!    warm connections go straight to the instances and never notice); the deployer hands
+//!    its instances over (`revboot_deployer`'s `handover` module).
+//! 3. The state goes to `<data>/handover.json` (mode 0600): the sockets' descriptor numbers,
+//!    the instances, when the upgrade began, the count of upgrades. The daemon's main
+//!    thread, the parent of every instance, executes the binary with the same arguments and
+//!    `REVBOOT_HANDOVER` naming the file, keeping those descriptors open
+//!    ([`revboot_sandbox::parent::exec`]). The pid stays; so do the instances' pids.
+//! 4. The new program reads and removes the file, serves on the sockets it names, takes
+//!    the instances back, listens again on the proxy's sockets, and answers what waited.
+//! 5. If the exec fails, the daemon executes `/proc/self/exe` (the program it runs now,
+//!    even when its file was replaced) the same way. If that fails too, it exits, and the
+//!    instances die with it, as they do when the daemon is killed: a restart cleans up.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use revboot_deployer::HandedInstance;
+use serde::{Deserialize, Serialize};
+use tracing::{error, info, warn};
+
+/// The environment variable that names the state file to the new program.
+pub const ENV: &str = "REVBOOT_HANDOVER";
+/// How long relayed connections are given to end before the exec.
+pub const DRAIN: Duration = Duration::from_secs(2);
+/// How long the instances' tasks are given to hand over.
+pub const HAND_OVER_LIMIT: Duration = Duration::from_secs(20);
+/// How long the HTTP server is given to finish the requests it reads.
+pub const HTTP_GRACE: Duration = Duration::from_secs(5);
+
+/// What the old program leaves the new one (rule 3).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct State {
+    /// The HTTP listener's descriptor.
+    pub http: i32,
+    /// The DNS server's UDP socket and TCP listener of each address, `listen`'s first.
+    pub dns: Vec<(i32, i32)>,
+    /// The proxy's listeners: service address and port, descriptor.
+    pub listeners: Vec<(SocketAddr, i32)>,
+    /// The instances.
+    pub instances: Vec<HandedInstance>,
+    /// Upgrades in place before this one.
+    pub upgrades: u64,
+    /// When the upgrade was asked for, unix ms.
+    pub requested_at_ms: u64,
+}
+
+/// The sockets a daemon keeps a second descriptor of, to hand them over.
+#[derive(Debug)]
+pub struct Sockets {
+    /// HTTP.
+    pub http: std::net::TcpListener,
+    /// DNS over UDP and TCP, per address, `listen`'s first.
+    pub dns: Vec<(std::net::UdpSocket, std::net::TcpListener)>,
+}
+
+/// What a daemon started by an upgrade got from its predecessor.
+#[derive(Debug)]
+pub struct Inherited {
+    /// The sockets.
+    pub sockets: Sockets,
+    /// The proxy's listeners.
+    pub listeners: Vec<(SocketAddr, std::net::TcpListener)>,
+    /// The instances.
+    pub instances: Vec<HandedInstance>,
+    /// Upgrades in place so far, this one included.
+    pub upgrades: u64,
+    /// When this upgrade was asked for, unix ms.
+    pub requested_at_ms: u64,
+}
+
+/// The state file in `data`.
+pub fn state_file(data: &Path) -> PathBuf {
+    data.join("handover.json")
+}
+
+/// The inheritance of a program started by an upgrade in place (`REVBOOT_HANDOVER` names
+/// a state file that exists); `None` for a fresh start. The file is removed.
+pub fn inherit() -> anyhow::Result<Option<Inherited>> {
+    let Some(file) = std::env::var_os(ENV).map(PathBuf::from) else {
+        return Ok(None);
+    };
+    let text = match std::fs::read_to_string(&file) {
+        Ok(text) => text,
+        // Left in the environment by an earlier upgrade of this process: nothing to take.
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error).with_context(|| format!("Cannot read {}", file.display())),
+    };
+    let _ = std::fs::remove_file(&file);
+    let state: State = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a hand-over state", file.display()))?;
+    let take = |fd: i32, what: &str| -> anyhow::Result<OwnedFd> {
+        revboot_sandbox::parent::take_fd(fd).with_context(|| format!("The {what} handed over"))
+    };
+    let http = std::net::TcpListener::from(take(state.http, "HTTP listener")?);
+    let mut dns = Vec::new();
+    for &(udp, tcp) in &state.dns {
+        dns.push((
+            std::net::UdpSocket::from(take(udp, "DNS UDP socket")?),
+            std::net::TcpListener::from(take(tcp, "DNS TCP listener")?),
+        ));
+    }
+    let mut listeners = Vec::new();
+    for (address, fd) in &state.listeners {
+        match take(*fd, "proxy listener") {
+            Ok(fd) => listeners.push((*address, std::net::TcpListener::from(fd))),
+            Err(error) => warn!(%address, error = format!("{error:#}"), "proxy listener lost"),
+        }
+    }
+    info!(
+        instances = state.instances.len(),
+        listeners = listeners.len(),
+        "taking over from the previous program (upgrade in place)"
+    );
+    Ok(Some(Inherited {
+        sockets: Sockets { http, dns },
+        listeners,
+        instances: state.instances,
+        upgrades: state.upgrades + 1,
+        requested_at_ms: state.requested_at_ms,
+    }))
+}
+
+/// Why an upgrade cannot start: `binary` is not an executable file.
+pub fn check_binary(binary: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    match std::fs::metadata(binary) {
+        Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o111 != 0 => Ok(()),
+        Ok(_) => Err(format!("{} is not an executable file", binary.display())),
+        Err(error) => Err(format!("{}: {error}", binary.display())),
+    }
+}
+
+/// Writes the state (rule 3) and executes `binary`, then `/proc/self/exe` (rule 5),
+/// keeping `fds`. Returns only if both failed.
+pub fn exec(data: &Path, binary: &Path, state: &State, fds: &[BorrowedFd<'_>]) -> anyhow::Error {
+    let file = state_file(data);
+    let text = serde_json::to_string(state).expect("the state serialises");
+    if let Err(error) = revboot_sandbox::secret::write_private(&file, &text) {
+        return anyhow::Error::new(error).context(format!("Cannot write {}", file.display()));
+    }
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let env = [(ENV.into(), file.clone().into_os_string())];
+    info!(binary = %binary.display(), fds = fds.len(), "executing the new program");
+    let first = revboot_sandbox::parent::exec(binary, &args, &env, fds);
+    error!(binary = %binary.display(), error = %first, "cannot execute the new program; executing the running one again");
+    let second = revboot_sandbox::parent::exec(Path::new("/proc/self/exe"), &args, &env, fds);
+    let _ = std::fs::remove_file(&file);
+    anyhow::anyhow!(
+        "Cannot execute {} ({first}) nor /proc/self/exe ({second})",
+        binary.display()
+    )
+}
+
+/// The descriptor numbers of what is handed over, for the state, and the descriptors to
+/// keep open.
+pub fn numbers<'a>(
+    sockets: &'a Sockets,
+    listeners: &'a [(SocketAddr, std::net::TcpListener)],
+    consoles: &'a [OwnedFd],
+) -> (Vec<(SocketAddr, i32)>, Vec<BorrowedFd<'a>>) {
+    let mut keep = vec![sockets.http.as_fd()];
+    for (udp, tcp) in &sockets.dns {
+        keep.push(udp.as_fd());
+        keep.push(tcp.as_fd());
+    }
+    let mut numbered = Vec::new();
+    for (address, listener) in listeners {
+        numbered.push((*address, listener.as_raw_fd()));
+        keep.push(listener.as_fd());
+    }
+    keep.extend(consoles.iter().map(AsFd::as_fd));
+    (numbered, keep)
+}
+
+/// Now, unix ms.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as u64)
+}
