@@ -72,6 +72,21 @@ struct Registry {
     stamps: u64,
 }
 
+impl Registry {
+    /// Records a listener on `address`, stamped now; the token that closes it.
+    fn add(&mut self, address: SocketAddr, parent: &CancellationToken) -> CancellationToken {
+        self.stamps += 1;
+        let cancel = parent.child_token();
+        let stamp = self.stamps;
+        let listening = Listening {
+            cancel: cancel.clone(),
+            stamp,
+        };
+        self.listeners.insert(address, listening);
+        cancel
+    }
+}
+
 /// Everything the listener and connection tasks share.
 pub(crate) struct Shared {
     pub(crate) inner: Arc<dyn Instances>,
@@ -167,15 +182,7 @@ impl Shared {
         let listener = self
             .bind(address)
             .map_err(|source| ListenError::Bind { address, source })?;
-        let cancel = self.cancel.child_token();
-        registry.listeners.insert(
-            address,
-            Listening {
-                cancel: cancel.clone(),
-                stamp,
-            },
-        );
-        Ok(Some((listener, cancel)))
+        Ok(Some((listener, registry.add(address, &self.cancel))))
     }
 
     /// Registers a listener bound elsewhere (handed over by the previous daemon) on
@@ -185,17 +192,7 @@ impl Shared {
         if registry.listeners.contains_key(&address) || self.cancel.is_cancelled() {
             return None;
         }
-        registry.stamps += 1;
-        let stamp = registry.stamps;
-        let cancel = self.cancel.child_token();
-        registry.listeners.insert(
-            address,
-            Listening {
-                cancel: cancel.clone(),
-                stamp,
-            },
-        );
-        Some(cancel)
+        Some(registry.add(address, &self.cancel))
     }
 
     /// How many listeners are registered.

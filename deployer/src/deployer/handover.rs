@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-use super::life::{End, conclude, serve};
+use super::life::{End, finish, serve};
 use super::table::{COMMANDS, Command, Entry};
 use super::{Deployer, error_chain, unix_ms};
 use crate::addresses::{ClientNet, ServiceAddresses};
@@ -127,25 +127,7 @@ impl Deployer {
             }
         }
         // Those stopped instead finish, their records written, before the exec.
-        let all_done = async {
-            loop {
-                let notified = self.tasks_done.notified();
-                if self.tasks.load(Ordering::Acquire) == 0 {
-                    break;
-                }
-                notified.await;
-            }
-        };
-        if tokio::time::timeout_at(deadline, all_done).await.is_err() {
-            warn!(
-                left = self.tasks.load(Ordering::Acquire),
-                "hand-over: instances still finishing"
-            );
-        }
-        for tender in self.tenders.all() {
-            tender.shutdown();
-        }
-        self.state.flush().await;
+        self.wind_down(deadline, "hand-over").await;
         info!(
             handed = handover.instances.len(),
             asked = entries.len(),
@@ -278,7 +260,7 @@ impl Deployer {
             me.steer(&entry, running.as_ref());
             let idle = me.idle_timeout(&info.manifest);
             let end: End = serve(&me, &entry, running.as_ref(), &mut command_rx, idle).await;
-            conclude(
+            finish(
                 &me,
                 &entry,
                 end,

@@ -128,7 +128,7 @@ pub(super) async fn tend(
         .await
     };
 
-    conclude(
+    finish(
         deployer,
         entry,
         end,
@@ -140,8 +140,10 @@ pub(super) async fn tend(
     .await;
 }
 
-/// After the life: hands the instance over, or finishes it.
-pub(super) async fn conclude(
+/// The end of an instance's life (rule 4 of the module doc): state, address, durable
+/// record, scratch directory, runtime record; or, for one handed to the next daemon (the
+/// `handover` module), its record for the hand-over and nothing undone.
+pub(super) async fn finish(
     deployer: &Arc<Deployer>,
     entry: &Arc<Entry>,
     end: End,
@@ -168,29 +170,6 @@ pub(super) async fn conclude(
         }
         end => end,
     };
-    finish(
-        deployer,
-        entry,
-        end,
-        running,
-        ready_after,
-        started_at_ms,
-        scratch,
-    )
-    .await;
-}
-
-/// The end of an instance's life (rule 4 of the module doc): state, address, durable
-/// record, scratch directory, runtime record.
-pub(super) async fn finish(
-    deployer: &Arc<Deployer>,
-    entry: &Arc<Entry>,
-    end: End,
-    running: Option<Box<dyn Running>>,
-    ready_after: Option<Instant>,
-    started_at_ms: u64,
-    scratch: PathBuf,
-) {
     entry.unsteer(&deployer.metrics);
     deployer
         .metrics
@@ -214,7 +193,7 @@ pub(super) async fn finish(
             info!(instance = %entry.key, id = entry.id, %why, "instance stopped");
             (InstanceState::Stopped, format!("stopped: {why}"))
         }
-        // `tend` hands these over instead of finishing them.
+        // Handed over above.
         End::HandedOver(..) => (InstanceState::Stopped, "stopped: handed over".to_owned()),
     };
     deployer.finish_state(entry, state, served);

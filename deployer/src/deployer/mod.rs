@@ -424,6 +424,13 @@ impl Deployer {
             let _ = entry.commands.try_send(Command::Stop(StopReason::Shutdown));
         }
         let limit = self.config.stop_grace() + KILL_WAIT + Duration::from_secs(30);
+        self.wind_down(tokio::time::Instant::now() + limit, "shutdown")
+            .await;
+    }
+
+    /// Waits until every instance's task has ended (at most until `deadline`), then shuts
+    /// the tenders down and flushes the durable state: the end of a shutdown or hand-over.
+    async fn wind_down(&self, deadline: tokio::time::Instant, what: &'static str) {
         let all_done = async {
             loop {
                 let notified = self.tasks_done.notified();
@@ -433,10 +440,10 @@ impl Deployer {
                 notified.await;
             }
         };
-        if tokio::time::timeout(limit, all_done).await.is_err() {
+        if tokio::time::timeout_at(deadline, all_done).await.is_err() {
             warn!(
                 left = self.tasks.load(Ordering::Acquire),
-                "shutdown: instances still finishing"
+                what, "instances still finishing"
             );
         }
         for tender in self.tenders.all() {
