@@ -314,6 +314,10 @@ pub struct InstanceView {
     /// Connections the kernel handed straight to it while it is ready (none: not steered).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steered: Option<u64>,
+    /// The process the host sees (a process instance's own, a VM's qemu); absent while it
+    /// is being started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
 }
 
 /// A console record.

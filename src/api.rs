@@ -603,6 +603,7 @@ mod tests {
                 uptime_ms: 1_000,
                 connections: 1,
                 steered: set.then_some(2),
+                pid: set.then_some(4242),
             }
         }
         fn pair<T: serde::Serialize>(make: fn(bool) -> T) -> [serde_json::Value; 2] {

@@ -371,6 +371,7 @@ fn instance_view(info: &revboot_deployer::InstanceInfo) -> InstanceView {
         uptime_ms: u64::try_from(info.uptime.as_millis()).unwrap_or(u64::MAX),
         connections: info.connections,
         steered: info.steered,
+        pid: info.pid,
     }
 }
 

@@ -331,6 +331,7 @@ mod tests {
             uptime_ms: 1000,
             connections: 0,
             steered,
+            pid: None,
         };
         let text = render(&Reply::Instances(vec![view(Some(12)), view(None)]), false);
         let lines: Vec<&str> = text.lines().collect();

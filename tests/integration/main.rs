@@ -2,6 +2,7 @@
 
 mod api;
 mod beyond_loopback;
+mod config;
 mod daemon_log;
 mod direct;
 mod front_door;
@@ -9,5 +10,7 @@ mod gatekeeper;
 mod history;
 mod journey;
 mod per_client;
+mod promotion;
 mod support;
+mod upgrade;
 mod vm;

@@ -43,6 +43,8 @@ pub struct Setup<'a> {
     pub pools: &'a [&'a str],
     /// Where DNS listens; `None`: a port of 127.0.0.1 the daemon picks.
     pub dns: Option<SocketAddr>,
+    /// The binary to run; `None`: the one cargo built.
+    pub binary: Option<&'a Path>,
 }
 
 impl Default for Setup<'_> {
@@ -54,6 +56,7 @@ impl Default for Setup<'_> {
             netns: None,
             pools: &[],
             dns: None,
+            binary: None,
         }
     }
 }
@@ -109,7 +112,10 @@ impl Daemon {
         let http: SocketAddr = ([127, 0, 0, 1], http).into();
         let dns = setup.dns.unwrap_or(([127, 0, 0, 1], dns).into());
         let enter = setup.netns.map(revboot_testkit::netns::Netns::path);
-        let mut command = in_netns(enter.as_deref(), env!("CARGO_BIN_EXE_revboot"));
+        let binary = setup
+            .binary
+            .unwrap_or(Path::new(env!("CARGO_BIN_EXE_revboot")));
+        let mut command = in_netns(enter.as_deref(), &binary.to_string_lossy());
         if !setup.config.is_empty() {
             let file = data.with_extension(format!("revbootd.{launch}.toml"));
             std::fs::write(&file, setup.config).expect("write revbootd.toml");
@@ -322,6 +328,11 @@ impl Daemon {
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
     }
 
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the daemon runs").id()
+    }
+
     /// Kills the daemon with SIGKILL (nothing of it runs on) and waits for it.
     pub fn kill(mut self) -> String {
         if let Some(mut child) = self.child.take() {
@@ -482,6 +493,30 @@ pub fn commit_revision(work: &Path, revision: &str, greeting: &str) {
 /// Pushes the working copy's main branch; returns git's stderr (the remote: lines).
 pub fn push(daemon: &Daemon, work: &Path) -> String {
     push_service(daemon, work, "hello")
+}
+
+/// Pushes a working copy's main branch, expecting git to fail; git's stderr.
+pub fn push_refused(daemon: &Daemon, work: &Path) -> String {
+    let output = daemon
+        .command("git")
+        .args(["push", &daemon.remote("hello"), "main"])
+        .current_dir(work)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run git");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success(), "the push succeeded:\n{stderr}");
+    stderr
+}
+
+/// Writes the working copy's `revboot.toml` as examples/hello has it followed by `tail`
+/// (its last table is `[run]`: a tail may add keys to it, then tables); the next commit
+/// (e.g. [`commit_revision`]'s) takes it.
+pub fn write_manifest(work: &Path, tail: &str) {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hello/revboot.toml");
+    let mut manifest = std::fs::read_to_string(example).expect("read revboot.toml");
+    manifest.push_str(tail);
+    std::fs::write(work.join("revboot.toml"), manifest).expect("write revboot.toml");
 }
 
 /// Pushes a working copy's main branch to a service.

@@ -1,0 +1,194 @@
+//! `revboot upgrade`: the daemon executes a new binary in place, its instances and their
+//! connections untouched; `kill -9` after it still leaves nothing behind.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use crate::support::{Daemon, PATIENCE, Setup, curl, dig_ok, eventually, hello_source, push};
+
+const ZONE: &str = "revboot.test";
+
+/// One HTTP/1.1 exchange on `stream` (hello closes after answering); the answer.
+fn exchange(mut stream: TcpStream) -> std::io::Result<String> {
+    stream.set_read_timeout(Some(PATIENCE))?;
+    stream.set_write_timeout(Some(PATIENCE))?;
+    stream.write_all(b"GET / HTTP/1.1\r\nhost: hello\r\nconnection: close\r\n\r\n")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rfind(')')
+                .map(|i| !stat[i + 1..].trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// The cgroup directories of a process, for the controllers revboot limits.
+fn cgroups_of(pid: u64) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("read its cgroups");
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.splitn(3, ':');
+            let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+            let root = Path::new("/sys/fs/cgroup");
+            match controllers {
+                "" => Some(root.join("unified").join(path.trim_start_matches('/'))),
+                "memory" | "pids" | "cpu" => {
+                    Some(root.join(controllers).join(path.trim_start_matches('/')))
+                }
+                _ => None,
+            }
+        })
+        .filter(|dir| dir.components().count() > 5)
+        .collect()
+}
+
+/// `revboot upgrade --json`: the daemon as it serves again.
+fn upgrade(daemon: &Daemon) -> serde_json::Value {
+    let upgraded = daemon.cli(&["--json", "upgrade"]);
+    assert!(
+        upgraded.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&upgraded.stdout),
+        String::from_utf8_lossy(&upgraded.stderr)
+    );
+    serde_json::from_slice(&upgraded.stdout).expect("JSON")
+}
+
+/// The pid of each instance.
+fn pids(daemon: &Daemon) -> Vec<u64> {
+    daemon
+        .instances()
+        .iter()
+        .filter_map(|i| i["pid"].as_u64())
+        .collect()
+}
+
+#[test]
+fn upgrade_in_place_keeps_instances_and_connections() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let data = temp.path().join("data");
+    // The daemon runs from a file of its own, which is replaced by the new binary before
+    // the upgrade (a rename, as a package manager does: the running file stays intact).
+    let binary = temp.path().join("revboot");
+    std::fs::copy(env!("CARGO_BIN_EXE_revboot"), &binary).expect("copy the binary");
+    let daemon = Daemon::start_setup(
+        &data,
+        &Setup {
+            binary: Some(&binary),
+            ..Setup::default()
+        },
+    );
+    let work = hello_source(temp.path());
+    push(&daemon, &work);
+    let live = format!("hello.{ZONE}");
+    let address = dig_ok(&daemon, &live, false);
+    assert!(curl(&live, &address, 8080).starts_with("hello from v1"));
+    let before = pids(&daemon);
+    assert_eq!(before.len(), 1, "{before:?}");
+    let instance = before[0];
+    let groups = cgroups_of(instance);
+    let target: SocketAddr = format!("{address}:8080").parse().expect("address");
+
+    // Requests all through an upgrade, each on a new connection.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (served, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let load = {
+        let (stop, served, failed) = (stop.clone(), served.clone(), failed.clone());
+        std::thread::spawn(move || {
+            let mut errors = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let answer = TcpStream::connect_timeout(&target, PATIENCE).and_then(exchange);
+                match answer {
+                    Ok(text) if text.contains("hello from v1") => {
+                        served.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        errors.push(format!("{other:?}"));
+                    }
+                }
+            }
+            errors
+        })
+    };
+    assert!(eventually(|| served.load(Ordering::Relaxed) > 0));
+    let new_binary = temp.path().join("revboot.new");
+    std::fs::copy(env!("CARGO_BIN_EXE_revboot"), &new_binary).expect("copy the binary");
+    std::fs::rename(&new_binary, &binary).expect("replace the binary");
+    let served_before = served.load(Ordering::Relaxed);
+    let view = upgrade(&daemon);
+    assert_eq!(view["upgrades"], 1, "{view}");
+    assert_eq!(
+        view["pid"].as_u64(),
+        Some(u64::from(daemon.pid())),
+        "{view}"
+    );
+    assert_eq!(view["last_upgrade_instances"], 1, "{view}");
+    // A few requests after the new program serves, then the load stops.
+    assert!(eventually(
+        || served.load(Ordering::Relaxed) > served_before + 5
+    ));
+    stop.store(true, Ordering::Relaxed);
+    let errors = load.join().expect("the load thread");
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "failed requests: {errors:?}"
+    );
+    assert_eq!(pids(&daemon), before);
+
+    // A connection established before a second upgrade, its request half sent, is answered
+    // after it (hello serves one connection at a time: this one holds it meanwhile).
+    let mut established = TcpStream::connect_timeout(&target, PATIENCE).expect("connect");
+    established
+        .write_all(b"GET / HTTP/1.1\r\n")
+        .expect("half a request");
+    let view = upgrade(&daemon);
+    assert_eq!(view["upgrades"], 2, "{view}");
+    established
+        .write_all(b"host: hello\r\nconnection: close\r\n\r\n")
+        .expect("the rest of the request");
+    established
+        .set_read_timeout(Some(PATIENCE))
+        .expect("timeout");
+    let mut answer = String::new();
+    established
+        .read_to_string(&mut answer)
+        .expect("the established connection is answered");
+    assert!(answer.contains("hello from v1"), "{answer}");
+
+    // The same instance serves, adopted by the new program; everything else works on.
+    assert_eq!(pids(&daemon), before);
+    assert_eq!(dig_ok(&daemon, &live, true), address);
+    assert!(curl(&live, &address, 8080).starts_with("hello from v1"));
+    let log = daemon.log();
+    assert!(log.contains("upgraded in place"), "{log}");
+
+    // kill -9 of the upgraded daemon: its instance dies with it, and the next start
+    // leaves nothing of it.
+    let (http, dns, pool) = (daemon.http.port(), daemon.dns.port(), daemon.pool.clone());
+    daemon.kill();
+    assert!(
+        eventually(|| !alive(instance)),
+        "the instance outlived the daemon"
+    );
+    let restarted = Daemon::start_with(&data, http, dns, &pool);
+    assert!(restarted.instances().is_empty());
+    let left: Vec<&PathBuf> = groups.iter().filter(|dir| dir.exists()).collect();
+    assert!(left.is_empty(), "cgroups left: {left:?}");
+    let scratch = data.join("deployer/scratch");
+    let scratch_left = std::fs::read_dir(&scratch)
+        .map(|dir| dir.count())
+        .unwrap_or(0);
+    assert_eq!(scratch_left, 0, "scratch directories left");
+    assert!(curl(&live, &dig_ok(&restarted, &live, false), 8080).starts_with("hello from v1"));
+}
