@@ -6,9 +6,10 @@
 //!    and pinned for the promotion, so that idle reaping leaves it be meanwhile.
 //! 2. With a check, the deployer runs it ([`Deployer::check`]); without one, the instance
 //!    must become ready within its boot timeout.
-//! 3. Passed: one line for the pusher or the CLI (`health check passed in 4.2 ms: GET
-//!    /health answered HTTP/1.1 200 OK`), and live moves. Failed: why; live stays where it
-//!    was, and the instance is stopped with the reason in its record.
+//! 3. Passed: one line for the pusher or the CLI, timed from the summon (`health check
+//!    passed in 4.2 ms: GET /health answered HTTP/1.1 200 OK`), and live moves. Failed:
+//!    why; live stays where it was, and the instance is stopped with the reason in its
+//!    record.
 //! 4. Once live moved, the keeper of warm services looks at once.
 
 use std::sync::Arc;
@@ -63,9 +64,10 @@ impl Promotions {
                 .check(&summoned, check)
                 .await
                 .map_err(|failed| failed.0)?;
+            // From the summon: the image made ready and the boot count as much as the check.
             return Ok(format!(
                 "health check passed in {:.1} ms: {}",
-                passed.after.as_secs_f64() * 1000.0,
+                ms(started),
                 passed.detail
             ));
         }

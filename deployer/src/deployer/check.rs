@@ -90,13 +90,11 @@ impl Deployer {
         match settled {
             Err(_) => return Err(format!("not ready within {within} ms")),
             Ok(Err(_)) => return Err("the instance went away".to_owned()),
-            Ok(Ok(state)) => match &state {
-                InstanceState::Crashed { reason } => return Err(format!("crashed: {reason}")),
-                state if state.is_final() => {
-                    return Err("stopped before it was ready".to_owned());
+            Ok(Ok(state)) => {
+                if let Some(why) = ended(&state) {
+                    return Err(format!("{why} before it was ready"));
                 }
-                _ => {}
-            },
+            }
         }
         let backend = summoned.backend;
         match probe {
@@ -108,6 +106,9 @@ impl Deployer {
                     Ok(line) => format!("answered `{line}`"),
                     Err(error) => format!("did not answer ({error})"),
                 };
+                if let Some(why) = ended(&summoned.state.borrow()) {
+                    return Err(format!("GET {path} {last}, then the instance {why}"));
+                }
                 if tokio::time::Instant::now() + RETRY >= deadline {
                     return Err(format!("GET {path} {last} (within {within} ms)"));
                 }
@@ -116,6 +117,9 @@ impl Deployer {
             CheckProbe::Tcp => loop {
                 if tcp_connects(backend).await {
                     return Ok(format!("a TCP connection to {backend} was accepted"));
+                }
+                if let Some(why) = ended(&summoned.state.borrow()) {
+                    return Err(format!("no TCP connection to {backend} accepted: it {why}"));
                 }
                 if tokio::time::Instant::now() + RETRY >= deadline {
                     return Err(format!(
@@ -139,5 +143,14 @@ impl Deployer {
                 }
             }
         }
+    }
+}
+
+/// How an instance in a final state ended (`crashed: …`, `stopped`); `None` while it lives.
+fn ended(state: &InstanceState) -> Option<String> {
+    match state {
+        InstanceState::Crashed { reason } => Some(format!("crashed: {reason}")),
+        state if state.is_final() => Some("stopped".to_owned()),
+        _ => None,
     }
 }
