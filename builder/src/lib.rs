@@ -35,7 +35,10 @@
 //!    `<deployment prefix>.<service>.<zone>`, and live moves to it if it is the tip of the
 //!    newest push of the deploy branch (the source repository's `HEAD`, `main`),
 //!    `run.deploy` is not false and the push did not say `-o revboot.deploy=false`. On
-//!    failure live is untouched.
+//!    failure live is untouched. A recipe with `[deploy] check` or `[run] min_instances`
+//!    goes through the [`gate`] first ([`BuilderConfig::gate`], the daemon's): the new
+//!    revision is booted and checked, and a failed check leaves live where it was and
+//!    fails the push as a failed build does (step 6), with the reason.
 //! 6. The hook then moves each branch whose tip built and refuses the others with the
 //!    failure (`! [remote rejected] main -> main (failed: …)`, `git push` exits non-zero):
 //!    a branch whose tip failed to build stays where it was in the source repository, while

@@ -40,6 +40,21 @@
 //! (checking that each pid still is that process), removes orphaned cgroups and scratch
 //! directories, and boots instances again on demand: it does not re-adopt them.
 //!
+//! An upgrade in place is the exception: [`Deployer::hand_over`] gives the running process
+//! instances (their console pipes, records, uids, addresses) to the daemon's next program,
+//! executed in the same process, which takes them back with [`Deployer::with_handover`]
+//! and tends them from where they were (the `handover` module states the protocol).
+//!
+//! # Running for months
+//!
+//! - Configuration variables and secrets ([`vars`]): sealed on disk, copied into the
+//!   environment of each process instance at its boot, never logged; [`Deployer::restart`]
+//!   replaces the running instances of a service after a change.
+//! - Health checks ([`Deployer::check`]): the manifest's `[deploy] check` run against a
+//!   summoned instance before live moves to its revision; a failed one stops it.
+//! - Warm services ([`Deployer::keep_warm`]): the live revision of a service with
+//!   `[run] min_instances = 1` is kept booted, idle reaping passes it by.
+//!
 //! # The process sandbox
 //!
 //! The process tender (solo5-spt is the model) runs a static ELF so (the pieces come from

@@ -149,6 +149,12 @@
 //! has a timeout. The proxy parses no protocol except, at the front door, the head it
 //! routes by; a front-door connection is routed once, by its first head.
 //!
+//! An upgrade in place ([`Proxy::hand_over`], [`Proxy::adopt`]) hands the listening sockets
+//! over open, so connections made meanwhile wait in their queues; connections the proxy
+//! relays itself (held through a boot, or not steered) are given a short drain and then
+//! close with the old program, since their splice state cannot be handed over. Steered
+//! connections never pass through the proxy and are not touched.
+//!
 //! # Example
 //!
 //! ```no_run
