@@ -167,6 +167,41 @@ mod tests {
     }
 
     #[test]
+    fn a_handed_over_address_is_claimed_once_and_the_skipped_ones_stay_free() {
+        let prefixes: Vec<Prefix> = ["127.78.0.0/29", "fd00:78::/64"]
+            .iter()
+            .map(|p| p.parse().expect("prefix"))
+            .collect();
+        let mut pools = AddressPools::new(&prefixes);
+        let third: IpAddr = "127.78.0.3".parse().expect("ip");
+        let v6: IpAddr = "fd00:78::2".parse().expect("ip");
+        assert!(pools.claim(third) && pools.claim(v6));
+        assert!(!pools.claim(third), "taken already");
+        assert!(
+            !pools.claim("127.79.0.1".parse().expect("ip")),
+            "of no pool"
+        );
+        let far: IpAddr = "fd00:78::1:0:0:0".parse().expect("ip");
+        assert!(
+            !pools.claim(far),
+            "beyond what an earlier daemon could have handed out"
+        );
+        assert_eq!(pools.in_use(), 2);
+        let next: Vec<_> = std::iter::from_fn(|| pools.take(Family::Ipv4)).collect();
+        assert_eq!(
+            next,
+            [
+                "127.78.0.4",
+                "127.78.0.5",
+                "127.78.0.6",
+                "127.78.0.1",
+                "127.78.0.2"
+            ]
+            .map(|a| a.parse::<IpAddr>().expect("ip"))
+        );
+    }
+
+    #[test]
     fn several_pools_give_by_family_in_order() {
         let prefixes: Vec<Prefix> = ["203.0.113.16/30", "2001:db8:1::/126", "198.51.100.0/30"]
             .iter()
