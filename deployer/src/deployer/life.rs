@@ -115,6 +115,11 @@ pub(super) async fn tend(
         let now = Instant::now();
         ready_after = Some(now);
         deployer.metrics.became_ready(now - entry.started);
+        // Its idle time counts from now: a boot longer than the idle timeout (a VM under
+        // TCG on a busy host) must not stop it before the client that summoned it connects.
+        entry
+            .last_activity
+            .store(deployer.ms_since_epoch(), Ordering::Relaxed);
         entry.state.send_replace(InstanceState::Ready);
         debug!(instance = %entry.key, boot = ?(now - entry.started), "ready");
         deployer.steer(entry, running);
