@@ -78,16 +78,7 @@ pub(super) async fn tend(
         }
         deployer
             .state
-            .put(InstanceRecord {
-                id: entry.id.clone(),
-                service: entry.key.service.clone(),
-                revision: entry.key.revision.to_hex(),
-                client: entry.key.client.map(|client| client.network()),
-                address: entry.addresses.primary(),
-                started_at_ms,
-                scratch: scratch.clone(),
-                footprint,
-            })
+            .put(entry.record(started_at_ms, scratch.clone(), footprint))
             .await;
         let running: &dyn Running = &**running.insert(booted);
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -159,16 +150,8 @@ pub(super) async fn finish(
 ) {
     let end = match end {
         End::HandedOver(handed, reply) => {
-            let record = InstanceRecord {
-                id: entry.id.clone(),
-                service: entry.key.service.clone(),
-                revision: entry.key.revision.to_hex(),
-                client: entry.key.client.map(|client| client.network()),
-                address: entry.addresses.primary(),
-                started_at_ms,
-                scratch,
-                footprint: running.as_ref().map(|r| r.footprint()).unwrap_or_default(),
-            };
+            let footprint = running.as_ref().map(|r| r.footprint()).unwrap_or_default();
+            let record = entry.record(started_at_ms, scratch, footprint);
             let boot_ms = ready_after.map(|at| (at - entry.started).as_millis() as u64);
             super::handover::handed(entry, record, boot_ms, handed, reply);
             return;

@@ -23,9 +23,10 @@ use crate::addresses::{Family, ServiceAddresses};
 use crate::console::Console;
 use crate::pool::AddressPools;
 use crate::refusals;
+use crate::state::InstanceRecord;
 use crate::steer::Steered;
 use crate::summon::{InstanceKey, InstanceState, SummonError, Summoned};
-use crate::tender::{BootSpec, Prepared};
+use crate::tender::{BootSpec, Footprint, Prepared};
 
 use super::life::{connected_directly, tend};
 use super::revisions::RevisionInfo;
@@ -163,6 +164,25 @@ impl Entry {
     /// Connections steered so far (a syscall), while steered.
     pub(super) fn steered_connections(&self) -> Option<u64> {
         self.steered().as_ref().map(Steered::connections)
+    }
+
+    /// Its durable record, as the state keeps it while it runs.
+    pub(super) fn record(
+        &self,
+        started_at_ms: u64,
+        scratch: std::path::PathBuf,
+        footprint: Footprint,
+    ) -> InstanceRecord {
+        InstanceRecord {
+            id: self.id.clone(),
+            service: self.key.service.clone(),
+            revision: self.key.revision.to_hex(),
+            client: self.key.client.map(|client| client.network()),
+            address: self.addresses.primary(),
+            started_at_ms,
+            scratch,
+            footprint,
+        }
     }
 
     /// True while idle reaping passes it by (the `warm` module).
