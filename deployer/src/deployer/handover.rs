@@ -9,7 +9,8 @@
 //! 3. one that cannot — booting, a VM, one with upstream grants — is stopped as at a
 //!    shutdown (`stopped: daemon upgraded; it could not be handed over`), its record
 //!    written;
-//! 4. the spare cgroups go and the durable state is flushed. The daemon then executes its
+//! 4. the spare cgroups go and the durable state is flushed; the pools' `local` routes stay
+//!    (the next daemon takes them over, as it does a killed one's). The daemon then executes its
 //!    new binary, keeping the descriptors ([`revboot_sandbox::parent::exec`]): the instances
 //!    are still children of its main thread.
 //!

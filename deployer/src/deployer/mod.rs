@@ -426,6 +426,11 @@ impl Deployer {
         let limit = self.config.stop_grace() + KILL_WAIT + Duration::from_secs(30);
         self.wind_down(tokio::time::Instant::now() + limit, "shutdown")
             .await;
+        // Not at a hand-over: the next program takes the routes over with the instances.
+        self.routes
+            .lock()
+            .expect("routes lock is never poisoned")
+            .remove();
     }
 
     /// Waits until every instance's task has ended (at most until `deadline`), then shuts
@@ -449,10 +454,6 @@ impl Deployer {
         for tender in self.tenders.all() {
             tender.shutdown();
         }
-        self.routes
-            .lock()
-            .expect("routes lock is never poisoned")
-            .remove();
         self.state.flush().await;
     }
 
