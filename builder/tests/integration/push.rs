@@ -64,8 +64,10 @@ fn run_image_and_get(image: &std::path::Path, revision: &Revision) -> String {
     let answer = loop {
         match TcpStream::connect(addr) {
             Ok(mut stream) => {
+                // Bounded, and generous: on a loaded host the image may take seconds to
+                // start accepting on the listener it was handed.
                 stream
-                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .set_read_timeout(Some(Duration::from_secs(60)))
                     .expect("timeout");
                 stream
                     .write_all(b"GET / HTTP/1.1\r\nHost: hello\r\n\r\n")
