@@ -118,7 +118,7 @@ use crate::shared::Shared;
 
 pub use config::BuilderConfig;
 pub use git::GitError;
-pub use log::DEFAULT_LOG_LIMIT;
+pub use log::{DEFAULT_LOG_LIMIT, LogFollow, LogStep};
 pub use metrics::BuildMetrics;
 pub use name::{ServiceNameError, validate_service_name};
 pub use queue::{BuildRecord, EnqueueError, QueueStateError};
@@ -474,6 +474,13 @@ impl Builder {
     pub async fn running_log(&self, id: u64) -> Option<Vec<u8>> {
         let tracker = self.inner.queue.tracker(id).await?;
         Some(tracker.log_from(0))
+    }
+
+    /// Follows the log of a queued or running build as it is written ([`LogFollow`]);
+    /// `None` once it has finished (its log is then in the store: [`Builder::build_log`]).
+    pub async fn follow_log(&self, id: u64) -> Option<LogFollow> {
+        let tracker = self.inner.queue.tracker(id).await?;
+        Some(LogFollow::new(tracker))
     }
 
     /// Stops building: running builds are killed and recorded as interrupted (they run

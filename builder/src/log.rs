@@ -165,12 +165,96 @@ impl Tracker {
             .unwrap_or_default()
     }
 
+    /// At most `max` log bytes from `from` on (as far as written).
+    fn log_range(&self, from: usize, max: usize) -> Vec<u8> {
+        let buffer = self.buffer();
+        let end = buffer.bytes.len().min(from.saturating_add(max));
+        buffer
+            .bytes
+            .get(from..end)
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default()
+    }
+
     pub(crate) fn set_phase(&self, phase: Phase) {
         self.progress.send_modify(|progress| progress.phase = phase);
     }
 
     pub(crate) fn subscribe(&self) -> watch::Receiver<Progress> {
         self.progress.subscribe()
+    }
+}
+
+/// The most log bytes one [`LogFollow::next`] yields.
+const FOLLOW_CHUNK: usize = 64 * 1024;
+
+/// A reader of a build's log as it is written ([`crate::Builder::follow_log`]): from the
+/// start, then each new piece, then how the build ended. It keeps an offset into the log, so
+/// a slow reader never makes the build wait and misses nothing.
+#[derive(Debug)]
+pub struct LogFollow {
+    tracker: std::sync::Arc<Tracker>,
+    offset: usize,
+    progress: watch::Receiver<Progress>,
+    ended: bool,
+}
+
+/// What a [`LogFollow`] yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LogStep {
+    /// More of the log.
+    Output(Vec<u8>),
+    /// The build ended so; the log is complete.
+    Ended {
+        /// How it ended.
+        state: crate::BuildState,
+        /// The deployment commit recording it, if any.
+        revision: Option<revboot_store::Revision>,
+    },
+}
+
+impl LogFollow {
+    pub(crate) fn new(tracker: std::sync::Arc<Tracker>) -> LogFollow {
+        let progress = tracker.subscribe();
+        LogFollow {
+            tracker,
+            offset: 0,
+            progress,
+            ended: false,
+        }
+    }
+
+    /// The build's number.
+    pub fn id(&self) -> u64 {
+        self.tracker.id
+    }
+
+    /// The next piece of the log, the end, or `None` after the end.
+    pub async fn next(&mut self) -> Option<LogStep> {
+        loop {
+            if self.ended {
+                return None;
+            }
+            let progress = self.progress.borrow_and_update().clone();
+            if progress.log_len > self.offset {
+                let bytes = self.tracker.log_range(self.offset, FOLLOW_CHUNK);
+                self.offset += bytes.len();
+                return Some(LogStep::Output(bytes));
+            }
+            let end = match &progress.phase {
+                Phase::Done(outcome) => Some((outcome.state, outcome.revision)),
+                Phase::Superseded { .. } => Some((crate::BuildState::Superseded, None)),
+                Phase::Queued | Phase::Running => None,
+            };
+            if let Some((state, revision)) = end {
+                self.ended = true;
+                return Some(LogStep::Ended { state, revision });
+            }
+            if self.progress.changed().await.is_err() {
+                return None;
+            }
+        }
     }
 }
 

@@ -5,12 +5,17 @@
 //!    and counted.
 //! 3. Live readers [`Console::subscribe`] to a bounded broadcast; a reader that falls behind
 //!    loses chunks (and is told so by the channel), it never slows the instance down.
-//! 4. [`Console::close`] marks the end of output; [`Console::closed`] waits for it.
+//! 4. [`Console::follow`] takes the kept tail and a live subscription in one step (a chunk
+//!    is in the tail or comes live, never both, never neither); [`Follow::next`] then yields
+//!    the chunks, a [`FollowStep::Skipped`] note where the reader fell behind, and `None`
+//!    once the output has ended.
+//! 5. [`Console::close`] marks the end of output; [`Console::closed`] waits for it.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::{broadcast, watch};
 
 /// Chunks buffered for each live reader.
@@ -67,9 +72,10 @@ impl Console {
             ring.bytes.drain(..overflow);
             ring.dropped += (overflow + chunk.len() - keep.len()) as u64;
             ring.bytes.extend(keep);
+            // Sent under the ring's lock, so that `follow` sees each chunk exactly once, in
+            // the tail or live. The send never waits; no receivers is fine.
+            let _ = self.inner.stream.send(Arc::from(chunk));
         }
-        // No receivers is fine: nobody is watching live.
-        let _ = self.inner.stream.send(Arc::from(chunk));
         self.inner
             .progress
             .send_modify(|(total, _)| *total += chunk.len() as u64);
@@ -106,6 +112,22 @@ impl Console {
         self.inner.stream.subscribe()
     }
 
+    /// The kept tail and, from there on, the live output, taken together.
+    pub fn follow(&self) -> Follow {
+        let ring = self
+            .inner
+            .ring
+            .lock()
+            .expect("console lock is never poisoned");
+        Follow {
+            tail: ring.bytes.iter().copied().collect(),
+            dropped: ring.dropped,
+            live: self.inner.stream.subscribe(),
+            progress: self.inner.progress.subscribe(),
+            ended: false,
+        }
+    }
+
     /// Waits until the output has ended, at most `timeout`; true if it has.
     pub async fn closed(&self, timeout: Duration) -> bool {
         let mut progress = self.inner.progress.subscribe();
@@ -131,6 +153,57 @@ impl Console {
             }
         };
         tokio::time::timeout(timeout, search).await.unwrap_or(false)
+    }
+}
+
+/// A reader of one console: the tail it started from, then live chunks ([`Console::follow`]).
+#[derive(Debug)]
+pub struct Follow {
+    /// The output kept when following began.
+    pub tail: Vec<u8>,
+    /// Bytes that had been dropped from the front of the ring by then.
+    pub dropped: u64,
+    live: broadcast::Receiver<Arc<[u8]>>,
+    progress: watch::Receiver<(u64, bool)>,
+    ended: bool,
+}
+
+/// What a [`Follow`] yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FollowStep {
+    /// Output, as the instance wrote it.
+    Output(Arc<[u8]>),
+    /// The reader fell behind by this many chunks, which it will not see; the instance was
+    /// never slowed down for it.
+    Skipped(u64),
+}
+
+impl Follow {
+    /// The next chunk, a note of skipped ones, or `None` once the output has ended and every
+    /// chunk before the end was yielded.
+    pub async fn next(&mut self) -> Option<FollowStep> {
+        loop {
+            if self.ended {
+                // The end is marked after the last push: what is left is in the channel.
+                return match self.live.try_recv() {
+                    Ok(chunk) => Some(FollowStep::Output(chunk)),
+                    Err(TryRecvError::Lagged(n)) => Some(FollowStep::Skipped(n)),
+                    Err(TryRecvError::Empty | TryRecvError::Closed) => None,
+                };
+            }
+            tokio::select! {
+                biased;
+                received = self.live.recv() => match received {
+                    Ok(chunk) => return Some(FollowStep::Output(chunk)),
+                    Err(RecvError::Lagged(n)) => return Some(FollowStep::Skipped(n)),
+                    Err(RecvError::Closed) => self.ended = true,
+                },
+                ended = self.progress.wait_for(|(_, closed)| *closed) => {
+                    let _ = ended;
+                    self.ended = true;
+                }
+            }
+        }
     }
 }
 
@@ -172,5 +245,41 @@ mod tests {
         console.close();
         assert!(console.closed(Duration::from_secs(1)).await);
         assert!(!console.wait_for("never", Duration::from_secs(10)).await);
+    }
+
+    #[tokio::test]
+    async fn a_follower_gets_the_tail_then_every_chunk_then_the_end() {
+        let console = Console::new(4);
+        console.push(b"abcdef");
+        let mut follow = console.follow();
+        assert_eq!(follow.tail, b"cdef");
+        assert_eq!(follow.dropped, 2);
+        console.push(b"gh");
+        console.push(b"ij");
+        console.close();
+        assert_eq!(
+            follow.next().await,
+            Some(FollowStep::Output(Arc::from(&b"gh"[..])))
+        );
+        assert_eq!(
+            follow.next().await,
+            Some(FollowStep::Output(Arc::from(&b"ij"[..])))
+        );
+        assert_eq!(follow.next().await, None);
+    }
+
+    #[tokio::test]
+    async fn a_slow_follower_is_told_what_it_missed_and_never_holds_the_writer() {
+        let console = Console::new(16);
+        let mut follow = console.follow();
+        // Far more chunks than the channel keeps: every push returns at once.
+        for n in 0..(STREAM_CHUNKS + 10) {
+            console.push(format!("{n}\n").as_bytes());
+        }
+        assert_eq!(follow.next().await, Some(FollowStep::Skipped(10)));
+        assert_eq!(
+            follow.next().await,
+            Some(FollowStep::Output(Arc::from(&b"10\n"[..])))
+        );
     }
 }

@@ -88,7 +88,8 @@
 //!    refused, `clone3` reported missing so that libc falls back to the checked `clone`
 //!    (`revboot_sandbox::seccomp` names every refused call and why the rest is allowed).
 //! 9. The listening socket is fd 3 (`LISTEN_FDS=1`, `LISTEN_PID=1`); stdin is `/dev/null`;
-//!    stdout and stderr go to the console ring (the last 64 KiB by default), streamable.
+//!    stdout and stderr go to the console ring (the last 64 KiB by default), followed live
+//!    by [`Deployer::follow`] (as a qemu instance's serial console is).
 //! 10. Upstreams the manifest names are reached only through unix sockets the deployer
 //!     grants in the scratch directory, bound read-only at `/upstream` ([`upstream`]).
 //!
@@ -150,8 +151,8 @@ pub mod vars;
 pub use addresses::{ClientNet, ClientPrefixes, Family, ServiceAddresses};
 pub use config::{BackendPort, DeployerConfig, SandboxConfig};
 pub use deployer::{
-    CheckFailed, CheckPassed, ControlError, Deployer, HandedInstance, Handover, InstanceInfo,
-    NewError,
+    CheckFailed, CheckPassed, ConsoleFollower, ControlError, Deployer, FollowEvent, FollowFilter,
+    HandedInstance, Handover, InstanceInfo, NewError,
 };
 pub use revboot_store::manifest::Reach;
 pub use summon::{

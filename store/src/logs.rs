@@ -118,6 +118,18 @@ impl Store {
 
     /// The instance records of `service`, newest first (at most [`MAX_RUNTIME_LOGS`]).
     pub fn runtime_logs(&self, service: &str) -> Result<Vec<RuntimeRecord>, ReadError> {
+        self.runtime_logs_of(service, None, MAX_RUNTIME_LOGS)
+    }
+
+    /// The newest `limit` instance records of `service` (at most [`MAX_RUNTIME_LOGS`]),
+    /// only those of `revision` if given, newest first. Of the records passed over, only
+    /// `record.toml` is read, never the console.
+    pub fn runtime_logs_of(
+        &self,
+        service: &str,
+        revision: Option<Revision>,
+        limit: usize,
+    ) -> Result<Vec<RuntimeRecord>, ReadError> {
         crate::protocol::check_label(service)
             .map_err(|_| ReadError::InvalidService(service.to_owned()))?;
         let repo = self.repo();
@@ -131,32 +143,42 @@ impl Store {
         let Some(tip) = reference.target().try_id().map(ToOwned::to_owned) else {
             return Ok(Vec::new());
         };
+        let limit = limit.min(MAX_RUNTIME_LOGS);
         let mut records = Vec::new();
         let mut next = Some(tip);
+        let mut walked = 0;
         while let Some(id) = next {
-            if records.len() >= MAX_RUNTIME_LOGS {
+            if records.len() >= limit || walked >= MAX_RUNTIME_LOGS {
                 break;
             }
-            let revision = Revision::new(id);
+            walked += 1;
+            let commit = Revision::new(id);
             let meta = crate::index::read_meta(&repo, id)?;
             next = meta.parent;
-            let record = crate::read::read_tree_file(&repo, revision, meta.tree, RECORD)?
+            let record = crate::read::read_tree_file(&repo, commit, meta.tree, RECORD)?
                 .ok_or_else(|| ReadError::Malformed {
-                    revision,
+                    revision: commit,
                     reason: "runtime log without record.toml".into(),
                 })?;
-            let console = crate::read::read_tree_file(&repo, revision, meta.tree, CONSOLE)?
-                .unwrap_or_default();
-            let malformed = |reason: String| ReadError::Malformed { revision, reason };
+            let malformed = |reason: String| ReadError::Malformed {
+                revision: commit,
+                reason,
+            };
             let text = String::from_utf8(record)
                 .map_err(|_| malformed("record.toml is not UTF-8".into()))?;
             let file: RecordFile =
                 toml::from_str(&text).map_err(|e| malformed(e.message().to_owned()))?;
+            let of: Revision = file
+                .revision
+                .parse()
+                .map_err(|e: crate::ParseRevisionError| malformed(e.to_string()))?;
+            if revision.is_some_and(|wanted| wanted != of) {
+                continue;
+            }
+            let console =
+                crate::read::read_tree_file(&repo, commit, meta.tree, CONSOLE)?.unwrap_or_default();
             records.push(RuntimeRecord {
-                revision: file
-                    .revision
-                    .parse()
-                    .map_err(|e: crate::ParseRevisionError| malformed(e.to_string()))?,
+                revision: of,
                 client: file.client,
                 started_at_ms: file.started_at_ms,
                 boot_ms: file.boot_ms,
@@ -231,6 +253,19 @@ mod tests {
             revision
         );
         assert!(store.runtime_logs("other").expect("read").is_empty());
+        assert_eq!(
+            store
+                .runtime_logs_of("hello", Some(revision), 1)
+                .expect("read"),
+            vec![record(1)]
+        );
+        let elsewhere = Revision::new(gix::ObjectId::empty_tree(gix::hash::Kind::Sha1));
+        assert!(
+            store
+                .runtime_logs_of("hello", Some(elsewhere), 10)
+                .expect("read")
+                .is_empty()
+        );
         let bad = RuntimeRecord {
             outcome: "two\nlines".into(),
             ..record(2)

@@ -72,6 +72,7 @@ pub(super) async fn tend(
             }
         };
         let _ = entry.console.set(booted.console().clone());
+        deployer.consoles.send_modify(|n| *n += 1);
         let footprint = booted.footprint();
         if let Some(pid) = footprint.pid {
             let _ = entry.pid.set(pid);

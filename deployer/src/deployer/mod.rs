@@ -50,6 +50,7 @@ use crate::tender::{MakeTender, TenderHost, Tenders};
 use crate::vars::Vars;
 
 mod check;
+mod follow;
 mod handover;
 mod life;
 mod revisions;
@@ -58,6 +59,8 @@ mod warm;
 
 pub use check::{CheckFailed, CheckPassed};
 pub use handover::{HandedInstance, Handover};
+
+pub use follow::{ConsoleFollower, FollowEvent, FollowFilter};
 
 use life::{clean_orphans, set_if};
 use revisions::RevisionInfo;
@@ -170,6 +173,8 @@ pub struct Deployer {
     vars: Arc<Vars>,
     /// Wakes the keeper of warm services (the `warm` module).
     warm_wake: Arc<Notify>,
+    /// Moves whenever an instance's console comes to exist ([`Deployer::follow`]).
+    consoles: watch::Sender<u64>,
 }
 
 fn unix_ms() -> u64 {
@@ -284,6 +289,7 @@ impl Deployer {
             routes: Mutex::new(routes),
             vars,
             warm_wake: Arc::new(Notify::new()),
+            consoles: watch::Sender::new(0),
             config,
         });
         deployer.adopt_all(handed);
