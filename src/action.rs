@@ -82,6 +82,13 @@ pub enum Action {
         service: String,
         /// Only records of this label's revision.
         label: Option<String>,
+        /// Only the newest this many.
+        limit: Option<usize>,
+    },
+    /// Builds queued, running and recently finished.
+    ListBuilds {
+        /// Only builds of this service.
+        service: Option<String>,
     },
     /// Boot a revision (if needed) and say where it answers.
     Summon {
@@ -385,6 +392,35 @@ pub enum Reply {
     Config(ConfigView),
     /// The daemon (for an upgrade: as it was when the upgrade began).
     Daemon(DaemonView),
+    /// Builds, newest first.
+    Builds(Vec<BuildView>),
+}
+
+/// A build, queued, running or finished.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildView {
+    /// Its number.
+    pub id: u64,
+    /// The service.
+    pub service: String,
+    /// The pushed ref (empty for a build on demand).
+    pub source_ref: String,
+    /// The source commit.
+    pub source_commit: String,
+    /// `queued`, `running`, `succeeded`, `failed`, `interrupted` or `superseded`.
+    pub state: String,
+    /// Queued at, unix milliseconds.
+    pub queued_at_ms: u64,
+    /// Started at, unix milliseconds.
+    pub started_at_ms: Option<u64>,
+    /// Finished at, unix milliseconds.
+    pub finished_at_ms: Option<u64>,
+    /// The deployment commit recording it.
+    pub revision: Option<String>,
+    /// Whether live moved to it.
+    pub made_live: bool,
+    /// One line: what happened.
+    pub message: Option<String>,
 }
 
 /// A build log.

@@ -65,6 +65,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/services/{service}/logs/build"),
     ("get", "/api/v1/services/{service}/logs/console"),
     ("post", "/api/v1/services/{service}/summon"),
+    ("get", "/api/v1/services/{service}/logs/console/follow"),
+    ("get", "/api/v1/builds"),
+    ("get", "/api/v1/builds/{id}/log/follow"),
     ("get", "/api/v1/instances"),
     ("post", "/api/v1/instances/stop"),
     ("get", "/api/v1/services/{service}/config"),
@@ -100,6 +103,7 @@ pub fn router(
         .route("/api/v1/services/{service}/logs/build", get(build_log))
         .route("/api/v1/services/{service}/logs/console", get(console_logs))
         .route("/api/v1/services/{service}/summon", post(summon))
+        .route("/api/v1/builds", get(builds))
         .route("/api/v1/instances", get(instances))
         .route("/api/v1/instances/stop", post(stop))
         .route(
@@ -154,18 +158,29 @@ async fn run(state: &ApiState, headers: &HeaderMap, action: Action) -> ApiResult
 impl ApiState {
     /// Refuses a request without the token, unless it is a read and reads are public.
     fn admit(&self, headers: &HeaderMap, write: bool) -> Result<(), ApiError> {
-        if (self.public_reads && !write) || authorized(headers, &self.token) {
-            return Ok(());
-        }
-        let what = if write {
-            "This request changes state"
-        } else {
-            "Reads need the token on this daemon"
-        };
-        Err(ApiError(ActionError::Unauthorized(format!(
-            "{what}: give the token as `Authorization: Bearer <token>`"
-        ))))
+        admit(headers, &self.token, self.public_reads, write)
     }
+}
+
+/// Refuses a request without the token, unless it is a read and reads are public: the one
+/// rule of every API route.
+pub fn admit(
+    headers: &HeaderMap,
+    token: &str,
+    public_reads: bool,
+    write: bool,
+) -> Result<(), ApiError> {
+    if (public_reads && !write) || authorized(headers, token) {
+        return Ok(());
+    }
+    let what = if write {
+        "This request changes state"
+    } else {
+        "Reads need the token on this daemon"
+    };
+    Err(ApiError(ActionError::Unauthorized(format!(
+        "{what}: give the token as `Authorization: Bearer <token>`"
+    ))))
 }
 
 /// Whether the headers carry the token, as a bearer token or a basic-auth password (the
@@ -237,6 +252,19 @@ struct DiffQuery {
 #[serde(deny_unknown_fields)]
 struct LabelQuery {
     label: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ConsoleQuery {
+    label: Option<String>,
+    limit: Option<usize>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ServiceQuery {
+    service: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -361,11 +389,23 @@ async fn console_logs(
     State(state): State<ApiState>,
     headers: HeaderMap,
     Path(service): Path<String>,
-    Q(query): Q<LabelQuery>,
+    Q(query): Q<ConsoleQuery>,
 ) -> ApiResult {
     let action = Action::ConsoleLogs {
         service,
         label: query.label,
+        limit: query.limit,
+    };
+    run(&state, &headers, action).await
+}
+
+async fn builds(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Q(query): Q<ServiceQuery>,
+) -> ApiResult {
+    let action = Action::ListBuilds {
+        service: query.service,
     };
     run(&state, &headers, action).await
 }
@@ -606,6 +646,36 @@ mod tests {
                 pid: set.then_some(4242),
             }
         }
+        fn build(set: bool) -> crate::action::BuildView {
+            crate::action::BuildView {
+                id: 7,
+                service: "hello".to_owned(),
+                source_ref: "refs/heads/main".to_owned(),
+                source_commit: "cd".repeat(20),
+                state: "succeeded".to_owned(),
+                queued_at_ms: 1_700_000_000_000,
+                started_at_ms: set.then_some(1_700_000_000_001),
+                finished_at_ms: set.then_some(1_700_000_000_002),
+                revision: set.then(|| "ab".repeat(20)),
+                made_live: true,
+                message: set.then(|| "built".to_owned()),
+            }
+        }
+        fn console_event(set: bool) -> crate::feeds::ConsoleEvent {
+            crate::feeds::ConsoleEvent::Started {
+                instance: "i1".to_owned(),
+                revision: "ab".repeat(20),
+                client: set.then(|| "127.0.0.1".to_owned()),
+                address: "127.0.0.2".to_owned(),
+                dropped: 0,
+            }
+        }
+        fn build_log_event(set: bool) -> crate::feeds::BuildLogEvent {
+            crate::feeds::BuildLogEvent::Ended {
+                state: "failed".to_owned(),
+                revision: set.then(|| "ab".repeat(20)),
+            }
+        }
         fn pair<T: serde::Serialize>(make: fn(bool) -> T) -> [serde_json::Value; 2] {
             [true, false].map(|set| serde_json::to_value(make(set)).expect("serializable"))
         }
@@ -622,6 +692,9 @@ mod tests {
             ("Config", pair(config)),
             ("Var", pair(var)),
             ("Daemon", pair(daemon)),
+            ("Build", pair(build)),
+            ("ConsoleEvent", pair(console_event)),
+            ("BuildLogEvent", pair(build_log_event)),
         ]
     }
 

@@ -97,8 +97,13 @@ pub enum Command {
     Stop(InstanceArgs),
     /// Kill an instance.
     Kill(InstanceArgs),
-    /// Build and console logs.
+    /// Build and console logs; with -f, running instances' consoles as they write.
     Logs(LogsArgs),
+    /// Builds: queued, running and recently finished.
+    Builds {
+        /// Only this service's.
+        service: Option<String>,
+    },
     /// Find the first bad deployment (or, with --source, source commit) with `git bisect
     /// run` on the daemon at --url, booting (and building) each step on demand.
     Bisect(BisectArgs),
@@ -214,9 +219,13 @@ pub struct LogsArgs {
     /// Only console logs.
     #[arg(long)]
     pub console: bool,
-    /// Keep printing new console records as instances stop.
+    /// Keep printing: the consoles of running instances (and of those that start later) as
+    /// they write, until interrupted.
     #[arg(long, short)]
     pub follow: bool,
+    /// With --follow: only the instance of this client (per-client services).
+    #[arg(long, requires = "follow")]
+    pub client: Option<IpAddr>,
 }
 
 /// `revboot bisect`.

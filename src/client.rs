@@ -125,6 +125,95 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Follows the consoles of `service`'s running instances (and of those that start
+    /// later) through the daemon's live feed; never offline. The connection waits at most
+    /// [`REQUEST_TIMEOUT`] for the daemon's answer, then reads as long as the feed lasts
+    /// (the daemon sends a keep-alive comment every 15 s; the user ends it).
+    pub fn follow_console(
+        &self,
+        service: &str,
+        label: Option<&str>,
+        client: Option<std::net::IpAddr>,
+    ) -> Result<ConsoleFeed, ActionError> {
+        let mut query = label_query(&label.map(str::to_owned));
+        if let Some(client) = client {
+            query.push(if query.is_empty() { '?' } else { '&' });
+            query.push_str(&format!("client={}", encode(&client.to_string())));
+        }
+        let url = format!(
+            "{}/api/v1/services/{}/logs/console/follow{query}",
+            self.url,
+            encode(service)
+        );
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(10)))
+            .timeout_recv_response(Some(REQUEST_TIMEOUT))
+            .build()
+            .new_agent();
+        let mut request = agent.get(&url).header("accept", "text/event-stream");
+        if let Some(token) = &self.token {
+            request = request.header("authorization", &format!("Bearer {token}"));
+        }
+        let mut response = request.call().map_err(|error| {
+            ActionError::Unavailable(format!(
+                "The daemon at {} does not answer ({error}): following needs it running",
+                self.url
+            ))
+        })?;
+        let status = response.status();
+        if !status.is_success() {
+            let text = response.body_mut().read_to_string().unwrap_or_default();
+            return Err(serde_json::from_str(&text).unwrap_or_else(|_| {
+                ActionError::Internal(format!("{url} answered {status}: {}", text.trim()))
+            }));
+        }
+        Ok(ConsoleFeed {
+            lines: std::io::BufReader::new(Box::new(response.into_body().into_reader())),
+        })
+    }
+}
+
+/// The events of a console feed ([`Client::follow_console`]), as the daemon sends them.
+pub struct ConsoleFeed {
+    lines: std::io::BufReader<Box<dyn std::io::Read + Send>>,
+}
+
+impl std::fmt::Debug for ConsoleFeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsoleFeed").finish_non_exhaustive()
+    }
+}
+
+impl Iterator for ConsoleFeed {
+    type Item = Result<crate::feeds::ConsoleEvent, ActionError>;
+
+    /// The next event; `None` when the feed ends (the daemon shut down).
+    fn next(&mut self) -> Option<Self::Item> {
+        use std::io::BufRead as _;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match self.lines.read_line(&mut line) {
+                Ok(0) => return None,
+                Ok(_) => {}
+                Err(error) => {
+                    return Some(Err(ActionError::Unavailable(format!(
+                        "The live feed broke off: {error}"
+                    ))));
+                }
+            }
+            // One JSON event per `data:` line; comments (keep-alives) and blank lines pass.
+            if let Some(data) = line.trim_end().strip_prefix("data:") {
+                return Some(serde_json::from_str(data.trim_start()).map_err(|error| {
+                    ActionError::Internal(format!("Unexpected event from the daemon: {error}"))
+                }));
+            }
+        }
+    }
+}
+
 enum RemoteError {
     Unreachable(String),
     Action(ActionError),
@@ -146,6 +235,7 @@ fn needs_daemon(action: &Action) -> bool {
             | Action::ConfigChange { .. }
             | Action::Daemon
             | Action::Upgrade
+            | Action::ListBuilds { .. }
     )
 }
 
@@ -161,16 +251,19 @@ fn encode(text: &str) -> String {
     out
 }
 
+fn label_query(label: &Option<String>) -> String {
+    match label {
+        Some(label) => format!("?label={}", encode(label)),
+        None => String::new(),
+    }
+}
+
 fn json<T: Serialize>(value: T) -> Option<serde_json::Value> {
     Some(serde_json::to_value(value).expect("request bodies are plain data"))
 }
 
 fn route(action: &Action) -> (Method, String, Option<serde_json::Value>) {
     use serde_json::json as j;
-    let label_query = |label: &Option<String>| match label {
-        Some(label) => format!("?label={}", encode(label)),
-        None => String::new(),
-    };
     match action {
         Action::AddService { name } => (
             Method::Post,
@@ -253,13 +346,28 @@ fn route(action: &Action) -> (Method, String, Option<serde_json::Value>) {
             ),
             None,
         ),
-        Action::ConsoleLogs { service, label } => (
+        Action::ConsoleLogs {
+            service,
+            label,
+            limit,
+        } => {
+            let mut query = label_query(label);
+            if let Some(limit) = limit {
+                query.push(if query.is_empty() { '?' } else { '&' });
+                query.push_str(&format!("limit={limit}"));
+            }
+            (
+                Method::Get,
+                format!("/api/v1/services/{}/logs/console{query}", encode(service)),
+                None,
+            )
+        }
+        Action::ListBuilds { service } => (
             Method::Get,
-            format!(
-                "/api/v1/services/{}/logs/console{}",
-                encode(service),
-                label_query(label)
-            ),
+            match service {
+                Some(service) => format!("/api/v1/builds?service={}", encode(service)),
+                None => "/api/v1/builds".to_owned(),
+            },
             None,
         ),
         Action::Summon {
@@ -292,6 +400,7 @@ fn parse_reply(action: &Action, text: &str) -> Result<Reply, serde_json::Error> 
             Reply::Config(serde_json::from_str(text)?)
         }
         Action::Daemon | Action::Upgrade => Reply::Daemon(serde_json::from_str(text)?),
+        Action::ListBuilds { .. } => Reply::Builds(serde_json::from_str(text)?),
     })
 }
 
@@ -348,6 +457,10 @@ mod tests {
             Action::ConsoleLogs {
                 service: "a".into(),
                 label: None,
+                limit: Some(3),
+            },
+            Action::ListBuilds {
+                service: Some("a".into()),
             },
             Action::Summon {
                 service: "a".into(),

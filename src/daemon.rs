@@ -240,6 +240,11 @@ impl Runtime for DaemonRuntime {
         }
     }
 
+    fn builds(&self, service: Option<&str>) -> Result<Vec<crate::action::BuildView>, ActionError> {
+        let records = self.handle.block_on(self.builder.build_records(service));
+        Ok(records.iter().map(build_view).collect())
+    }
+
     fn build_on_demand(&self, service: &str, label: &str, unknown: ActionError) -> ActionError {
         match self.front.resolve(service, Some(label)) {
             Err(revboot_deployer::ResolveError::Building(why)) => ActionError::Building(why),
@@ -358,6 +363,25 @@ fn first_address(addresses: &revboot_deployer::ServiceAddresses) -> String {
         .next()
         .map(|address| address.to_string())
         .unwrap_or_default()
+}
+
+fn build_view(record: &revboot_builder::BuildRecord) -> crate::action::BuildView {
+    crate::action::BuildView {
+        id: record.id,
+        service: record.service.clone(),
+        source_ref: record.source_ref.clone(),
+        source_commit: record.source_commit.clone(),
+        state: serde_json::to_value(record.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default(),
+        queued_at_ms: record.queued_at_ms,
+        started_at_ms: record.started_at_ms,
+        finished_at_ms: record.finished_at_ms,
+        revision: record.revision.clone(),
+        made_live: record.made_live,
+        message: record.message.clone(),
+    }
 }
 
 fn instance_view(info: &revboot_deployer::InstanceInfo) -> InstanceView {
@@ -649,9 +673,25 @@ impl Daemon {
             deployer.clone(),
             builder.clone(),
         ));
-        let app = crate::api::router(engine, &token, config.http.public_reads, Some(metrics))
-            .merge(builder.router());
         let (stop_http, mut stopped) = watch::channel(false);
+        let feeds = crate::feeds::FeedState::new(
+            Arc::new(crate::feeds::DaemonFeeds {
+                store: store.clone(),
+                deployer: deployer.clone(),
+                builder: builder.clone(),
+                closing: stop_http.subscribe(),
+            }),
+            &token,
+            config.http.public_reads,
+        );
+        let app = crate::api::router(
+            engine,
+            &token,
+            config.http.public_reads,
+            Some(metrics.clone()),
+        )
+        .merge(crate::feeds::router(feeds.clone()))
+        .merge(builder.router());
         let http = tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move {

@@ -18,6 +18,8 @@ pub trait Runtime: Send + Sync + 'static {
     fn add_service(&self, name: &str) -> Result<(), ActionError>;
     /// Runs an instance-related action (list, stop, summon).
     fn instances(&self, action: &Action) -> Result<Reply, ActionError>;
+    /// Builds queued, running and recently finished, newest first.
+    fn builds(&self, service: Option<&str>) -> Result<Vec<crate::action::BuildView>, ActionError>;
     /// For a label that names no deployment: builds the source commit it names, if any, on
     /// demand ([`ActionError::Building`]); otherwise `unknown`, the error as it was.
     fn build_on_demand(&self, service: &str, label: &str, unknown: ActionError) -> ActionError;
@@ -147,16 +149,23 @@ impl Engine {
                     log: String::from_utf8_lossy(&log).into_owned(),
                 }))
             }
-            Action::ConsoleLogs { service, label } => {
+            Action::ConsoleLogs {
+                service,
+                label,
+                limit,
+            } => {
                 let only = match label {
                     Some(label) => Some(self.revision(service, Some(label))?),
                     None => None,
                 };
-                let records = self.store.runtime_logs(service).map_err(read_error)?;
+                let limit = limit.unwrap_or(revboot_store::MAX_RUNTIME_LOGS);
+                let records = self
+                    .store
+                    .runtime_logs_of(service, only, limit)
+                    .map_err(read_error)?;
                 Ok(Reply::Console(
                     records
                         .into_iter()
-                        .filter(|record| only.is_none_or(|only| record.revision == only))
                         .map(|record| ConsoleView {
                             revision: record.revision.to_hex(),
                             client: record.client.map(|c| c.to_string()),
@@ -174,6 +183,16 @@ impl Engine {
             }
             Action::Config { .. } | Action::ConfigChange { .. } => self.runtime()?.config(&action),
             Action::Daemon | Action::Upgrade => self.runtime()?.daemon(&action),
+            Action::ListBuilds { service } => {
+                if let Some(service) = service {
+                    revboot_store::protocol::check_label(service).map_err(|why| {
+                        ActionError::Invalid(format!("`{service}` is not a service name: {why}"))
+                    })?;
+                }
+                self.runtime()?
+                    .builds(service.as_deref())
+                    .map(Reply::Builds)
+            }
         }
     }
 

@@ -15,6 +15,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod engine;
+pub mod feeds;
 pub mod handover;
 pub mod metrics;
 pub mod on_demand;

@@ -183,6 +183,32 @@ pub fn render(reply: &Reply, json: bool) -> String {
                 }
             }
         }
+        Reply::Builds(builds) => {
+            let rows = builds
+                .iter()
+                .map(|b| {
+                    vec![
+                        format!("#{}", b.id),
+                        b.service.clone(),
+                        b.source_commit[..7.min(b.source_commit.len())].to_owned(),
+                        b.state.clone(),
+                        b.revision
+                            .as_deref()
+                            .map(|r| r[..7.min(r.len())].to_owned())
+                            .unwrap_or_else(|| "-".into()),
+                        time((b.queued_at_ms / 1000) as i64),
+                        b.message.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            table(
+                &mut out,
+                &[
+                    "BUILD", "SERVICE", "SOURCE", "STATE", "REVISION", "QUEUED", "MESSAGE",
+                ],
+                rows,
+            );
+        }
         Reply::Summoned(summoned) => {
             let _ = writeln!(
                 out,
@@ -228,6 +254,45 @@ pub fn render(reply: &Reply, json: bool) -> String {
         }
     }
     out
+}
+
+/// One event of a live console feed, as `revboot logs -f` prints it: output as written,
+/// the rest as marked lines of their own.
+pub fn console_event(event: &crate::feeds::ConsoleEvent) -> String {
+    use crate::feeds::ConsoleEvent;
+    let short = |id: &str| id.chars().take(12).collect::<String>();
+    match event {
+        ConsoleEvent::Started {
+            instance,
+            revision,
+            client,
+            address,
+            dropped,
+        } => {
+            let client = client
+                .as_deref()
+                .map(|c| format!(" for {c}"))
+                .unwrap_or_default();
+            let dropped = if *dropped > 0 {
+                format!(", its first {} gone", bytes(*dropped))
+            } else {
+                String::new()
+            };
+            format!(
+                "--- {} running {}{client} at {address}{dropped} ---\n",
+                short(instance),
+                &revision[..7.min(revision.len())]
+            )
+        }
+        ConsoleEvent::Output { text, .. } => text.clone(),
+        ConsoleEvent::Skipped { instance, chunks } => format!(
+            "\n--- {}: {chunks} pieces of output skipped: this reader fell behind ---\n",
+            short(instance)
+        ),
+        ConsoleEvent::Ended { instance, state } => {
+            format!("--- {} ended: {state} ---\n", short(instance))
+        }
+    }
 }
 
 fn history_row(d: &DeploymentView) -> Vec<String> {

@@ -147,6 +147,9 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
             ));
         }
         Command::Ps => Action::ListInstances,
+        Command::Builds { service } => Action::ListBuilds {
+            service: service.clone(),
+        },
         Command::Stop(args) | Command::Kill(args) => Action::StopInstance {
             service: args.service.clone(),
             label: args.label.clone(),
@@ -244,6 +247,7 @@ fn logs(client: &Client, cli: &Cli, args: &crate::cli::LogsArgs) -> anyhow::Resu
     let console = Action::ConsoleLogs {
         service: args.service.clone(),
         label: args.label.clone(),
+        limit: None,
     };
     if !args.console {
         if let Outcome::Failed(error) = print(client.execute(build), cli.json) {
@@ -253,26 +257,46 @@ fn logs(client: &Client, cli: &Cli, args: &crate::cli::LogsArgs) -> anyhow::Resu
             return Ok(Outcome::Done);
         }
     }
-    let mut seen = std::collections::HashSet::new();
-    loop {
-        let records = match client.execute(console.clone()) {
-            Ok(Reply::Console(records)) => records,
-            Ok(other) => return Ok(print(Ok(other), cli.json)),
+    // With --follow the feed opens first, so that no output falls between the records of
+    // stopped instances and the live consoles.
+    let feed = if args.follow {
+        match client.follow_console(&args.service, args.label.as_deref(), args.client) {
+            Ok(feed) => Some(feed),
+            Err(error) => return Ok(Outcome::Failed(error)),
+        }
+    } else {
+        None
+    };
+    match client.execute(console) {
+        Ok(Reply::Console(mut records)) => {
+            records.reverse();
+            print(Ok(Reply::Console(records)), cli.json);
+        }
+        Ok(other) => return Ok(print(Ok(other), cli.json)),
+        Err(error) => return Ok(Outcome::Failed(error)),
+    }
+    let Some(feed) = feed else {
+        return Ok(Outcome::Done);
+    };
+    for event in feed {
+        let event = match event {
+            Ok(event) => event,
             Err(error) => return Ok(Outcome::Failed(error)),
         };
-        let fresh: Vec<_> = records
-            .into_iter()
-            .rev()
-            .filter(|r| seen.insert((r.revision.clone(), r.started_at_ms, r.client.clone())))
-            .collect();
-        if !fresh.is_empty() || !args.follow {
-            print(Ok(Reply::Console(fresh)), cli.json);
+        let mut out = std::io::stdout().lock();
+        let written = if cli.json {
+            serde_json::to_string(&event)
+                .map_err(std::io::Error::other)
+                .and_then(|line| writeln!(out, "{line}"))
+        } else {
+            write!(out, "{}", crate::output::console_event(&event))
+        };
+        // A closed stdout (`revboot logs -f | head`) ends following.
+        if written.and_then(|()| out.flush()).is_err() {
+            break;
         }
-        if !args.follow {
-            return Ok(Outcome::Done);
-        }
-        std::thread::sleep(std::time::Duration::from_secs(1));
     }
+    Ok(Outcome::Done)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -183,15 +183,19 @@ fn invalid_requests_get_json_errors_and_change_nothing() {
     assert!(openapi.contains("\"openapi\""));
 }
 
-/// Every GET route of the API with this service and revision filled in, and `/metrics`.
+/// Every GET route of the API with this service and revision filled in but the live feeds
+/// (`…/follow`, which never end by themselves; tests/integration/follow.rs reads them).
 fn read_paths(service: &str, revision: &str) -> Vec<String> {
     revboot::api::ROUTES
         .iter()
-        .filter(|(method, path)| *method == "get" && *path != "/api/v1/openapi.json")
+        .filter(|(method, path)| {
+            *method == "get" && *path != "/api/v1/openapi.json" && !path.ends_with("/follow")
+        })
         .map(|(_, path)| {
             let path = path
                 .replace("{service}", service)
-                .replace("{label}", revision);
+                .replace("{label}", revision)
+                .replace("{id}", "1");
             if path.ends_with("/diff") {
                 format!("{path}?a={revision}&b={revision}")
             } else {
@@ -236,6 +240,13 @@ fn anonymous_reads_of_api_metrics_and_sources_need_the_token() {
     }
     let (status, body) = request(&daemon, "GET", "/metrics", None, false);
     assert_eq!(status, 401, "anonymous /metrics: {body}");
+    for feed in [
+        "/api/v1/services/hello/logs/console/follow",
+        "/api/v1/builds/1/log/follow",
+    ] {
+        let (status, body) = request(&daemon, "GET", feed, None, false);
+        assert_eq!(status, 401, "anonymous GET {feed}: {body}");
+    }
     let (status, _) = request(&daemon, "GET", "/api/v1/openapi.json", None, false);
     assert_eq!(status, 200, "the API's description stays public");
 

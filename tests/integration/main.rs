@@ -6,6 +6,7 @@ mod config;
 mod daemon_log;
 mod direct;
 mod front_door;
+mod follow;
 mod gatekeeper;
 mod history;
 mod journey;

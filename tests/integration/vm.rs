@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::follow::Follower;
 use crate::support::{Daemon, curl, dig_ok, example_source, push_service};
 
 #[test]
@@ -24,7 +25,10 @@ fn hello_vm_boots_on_query_answers_by_revision_and_is_reaped() {
         .to_owned();
     let name = format!("{}.hello-vm.revboot.test", &revision[..7]);
 
+    // Followed from before it boots: the VM's serial console comes live, then its end.
+    let mut follower = Follower::start(&daemon, &["logs", "hello-vm", "--console", "-f"]);
     let address = dig_ok(&daemon, &name, false);
+    follower.expect("hello-vm: listening");
     let body = curl(&name, &address, 8080);
     assert_eq!(
         body.trim(),
@@ -33,6 +37,8 @@ fn hello_vm_boots_on_query_answers_by_revision_and_is_reaped() {
     );
 
     // No connections, no queries: the VM is stopped and its console lands in the store.
+    let ended = follower.expect("ended:");
+    assert!(ended.contains("stopped"), "{ended}");
     let deadline = Instant::now() + Duration::from_secs(60);
     let console = loop {
         let logs = daemon.cli(&["logs", "hello-vm", &revision[..7], "--console"]);

@@ -7,6 +7,7 @@
 //!    `REVISION` constant below (edit it to tell revisions apart) and the deployment commit
 //!    from `REVBOOT_REVISION` when revboot sets it.
 //! 3. `GET /crash` exits with status 3, to exercise crash handling.
+//! 4. Each request is one console line, `hello: <method> <path>`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -35,7 +36,12 @@ fn serve(stream: TcpStream, deployment: &str) -> std::io::Result<()> {
     while reader.read_line(&mut header)? > 2 {
         header.clear();
     }
-    let path = request_line.split_whitespace().nth(1).unwrap_or("/");
+    let mut words = request_line.split_whitespace();
+    let method = words.next().unwrap_or("-");
+    let path = words.next().unwrap_or("/");
+    // Never println!: a console nobody reads any more (a closed stdout) must not stop the
+    // answer.
+    let _ = writeln!(std::io::stdout(), "hello: {method} {path}");
     if path == "/crash" {
         eprintln!("hello: crashing on request");
         std::process::exit(3);
