@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the test suite drives when it is missing: stock git, curl, dig, qemu,
 # iproute2, unbound (the resolver of the beyond-loopback tests), nsenter, openssl (a TLS
-# client and server for the front door's tests) and a C compiler
-# (Debian package names), and fills the cargo cache for examples/hello-vm, whose recipe
-# builds offline as the builder runs it.
+# client and server for the front door's tests), a C compiler, and Chromium with its
+# WebDriver for the dashboard's browser test (Debian package names), and fills the cargo
+# cache for examples/hello-vm, whose recipe builds offline as the builder runs it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +17,8 @@ command -v cc >/dev/null || need+=(gcc)
 command -v unbound >/dev/null || need+=(unbound)
 command -v nsenter >/dev/null || need+=(util-linux)
 command -v openssl >/dev/null || need+=(openssl)
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
 if ((${#need[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "test-tools: missing ${need[*]}; install them (Debian: apt-get install ${need[*]}) or run as root" >&2

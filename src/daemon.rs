@@ -684,6 +684,15 @@ impl Daemon {
             &token,
             config.http.public_reads,
         );
+        // Ends by itself when HTTP stops.
+        drop(metrics.sample_boots(stop_http.subscribe()));
+        let dashboard = crate::dashboard::Dashboard::new(
+            engine.clone(),
+            feeds.clone(),
+            &token,
+            config.http.public_reads,
+            Some(metrics.clone()),
+        );
         let app = crate::api::router(
             engine,
             &token,
@@ -691,6 +700,7 @@ impl Daemon {
             Some(metrics.clone()),
         )
         .merge(crate::feeds::router(feeds.clone()))
+        .merge(dashboard.router())
         .merge(builder.router());
         let http = tokio::spawn(async move {
             axum::serve(listener, app)

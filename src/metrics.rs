@@ -17,6 +17,7 @@ pub struct DaemonMetrics {
     deployer: Arc<Deployer>,
     builder: Builder,
     handle: tokio::runtime::Handle,
+    boot_rate: Arc<crate::dashboard::BootRate>,
 }
 
 impl std::fmt::Debug for DaemonMetrics {
@@ -39,6 +40,65 @@ impl DaemonMetrics {
             deployer,
             builder,
             handle: tokio::runtime::Handle::current(),
+            boot_rate: Arc::default(),
+        }
+    }
+
+    /// Samples the boot counter for the dashboard's boots per minute, every
+    /// [`crate::dashboard::figures::SAMPLE_EVERY`], until `stop` turns true.
+    pub fn sample_boots(
+        self: &Arc<Self>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let metrics = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(crate::dashboard::figures::SAMPLE_EVERY);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => metrics.boot_rate.sample(metrics.deployer.metrics().boots),
+                    _ = stop.wait_for(|stop| *stop) => return,
+                }
+            }
+        })
+    }
+}
+
+impl crate::dashboard::FigureSource for DaemonMetrics {
+    fn figures(&self) -> crate::dashboard::Figures {
+        let dns = self.dns.snapshot();
+        let lives = self.deployer.metrics();
+        let builds = BuildMetrics::of(&self.handle.block_on(self.builder.build_records(None)));
+        let bounds = revboot_deployer::metrics::BOOT_BUCKETS_MS;
+        let mut below = 0;
+        let mut boot_times: Vec<(String, u64)> = bounds
+            .iter()
+            .zip(lives.boot_buckets)
+            .map(|(bound, cumulative)| {
+                let count = cumulative.saturating_sub(below);
+                below = cumulative;
+                (bound.to_string(), count)
+            })
+            .collect();
+        boot_times.push((">5000".to_owned(), lives.ready.saturating_sub(below)));
+        crate::dashboard::Figures {
+            dns: vec![
+                ("NOERROR", dns.noerror),
+                ("NXDOMAIN", dns.nxdomain),
+                ("REFUSED", dns.refused),
+                ("SERVFAIL", dns.servfail),
+                ("FORMERR", dns.formerr),
+                ("NOTIMP", dns.notimp),
+                ("other", dns.other_rcode),
+            ],
+            boot_times,
+            builds: vec![
+                ("succeeded", builds.succeeded),
+                ("failed", builds.failed),
+                ("interrupted", builds.interrupted),
+                ("superseded", builds.superseded),
+            ],
+            boots_per_minute: self.boot_rate.per_minute(lives.boots),
+            boots: lives.boots,
         }
     }
 }

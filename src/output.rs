@@ -341,7 +341,8 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
-fn duration(ms: u64) -> String {
+/// A duration for people.
+pub fn duration(ms: u64) -> String {
     match ms {
         ms if ms >= 3_600_000 => format!("{}h{:02}m", ms / 3_600_000, ms / 60_000 % 60),
         ms if ms >= 60_000 => format!("{}m{:02}s", ms / 60_000, ms / 1000 % 60),

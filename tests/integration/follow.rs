@@ -5,7 +5,7 @@ use std::io::{BufRead as _, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 
-use crate::support::{Daemon, PATIENCE, curl, dig_ok, hello_source, history, push, run};
+use crate::support::{Daemon, PATIENCE, curl, curl_path, dig_ok, hello_source, history, push, run};
 
 /// A `revboot logs -f` running in the background; its stdout lines arrive on a channel.
 pub struct Follower {
@@ -94,7 +94,7 @@ fn logs_follow_prints_a_running_instance_output_as_it_is_written() {
     // A request while following: its console line comes while the instance runs.
     assert!(curl(&name, &address, 8080).starts_with("hello from v1"));
     follower.expect("hello: GET /");
-    assert!(curl_path(&name, &address, "/first-marker").starts_with("hello from v1"));
+    assert!(curl_path(&name, &address, 8080, "/first-marker").starts_with("hello from v1"));
     follower.expect("hello: GET /first-marker");
 
     // A second follower joining now gets the kept tail first, then what comes.
@@ -102,7 +102,7 @@ fn logs_follow_prints_a_running_instance_output_as_it_is_written() {
     let tail = late.expect("first-marker");
     let event: serde_json::Value = serde_json::from_str(&tail).expect("a JSON event");
     assert_eq!(event["kind"], "output", "{event}");
-    curl_path(&name, &address, "/second-marker");
+    curl_path(&name, &address, 8080, "/second-marker");
     late.expect("second-marker");
     follower.expect("hello: GET /second-marker");
 
@@ -147,12 +147,4 @@ fn the_console_feed_needs_the_token_and_a_known_service() {
         String::from_utf8_lossy(&output.stderr).contains("nothing"),
         "{output:?}"
     );
-}
-
-fn curl_path(name: &str, address: &str, path: &str) -> String {
-    let output = run(Command::new("curl")
-        .args(["-sS", "--max-time", "20"])
-        .args(["--resolve", &format!("{name}:8080:{address}")])
-        .arg(format!("http://{name}:8080{path}")));
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }

@@ -2,8 +2,10 @@
 
 mod api;
 mod beyond_loopback;
+mod browser;
 mod config;
 mod daemon_log;
+mod dashboard;
 mod direct;
 mod front_door;
 mod follow;

@@ -530,10 +530,15 @@ pub fn push_service(daemon: &Daemon, work: &Path, service: &str) -> String {
 
 /// GET / of a name at an address through curl --resolve; the body.
 pub fn curl(name: &str, address: &str, port: u16) -> String {
+    curl_path(name, address, port, "/")
+}
+
+/// GET of a path (taken as it is written) of a name at an address; the body.
+pub fn curl_path(name: &str, address: &str, port: u16, path: &str) -> String {
     let output = run(Command::new("curl")
-        .args(["-sS", "--max-time", "20"])
+        .args(["-sS", "--max-time", "20", "--globoff"])
         .args(["--resolve", &format!("{name}:{port}:{address}")])
-        .arg(format!("http://{name}:{port}/")));
+        .arg(format!("http://{name}:{port}{path}")));
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 

@@ -1,0 +1,48 @@
+// revboot dashboard: follows the live feeds of elements with a data-feed attribute
+// (server-sent events, one JSON event per message) and appends their text as text nodes,
+// so nothing an instance or a build writes is ever read as HTML.
+"use strict";
+
+function follow(element) {
+  const source = new EventSource(element.dataset.feed);
+  const build = element.dataset.kind === "build";
+  const append = (text) => {
+    const atEnd = element.scrollTop + element.clientHeight >= element.scrollHeight - 4;
+    element.appendChild(document.createTextNode(text));
+    // Bounded: keep the last 2,000 pieces.
+    while (element.childNodes.length > 2000) element.removeChild(element.firstChild);
+    if (atEnd) element.scrollTop = element.scrollHeight;
+  };
+  source.onmessage = (message) => {
+    let event;
+    try { event = JSON.parse(message.data); } catch (_) { return; }
+    switch (event.kind) {
+      case "started":
+        append("--- " + event.instance.slice(0, 12) + " at " + event.address +
+          (event.client ? " for " + event.client : "") + " ---\n");
+        break;
+      case "output":
+        append(event.text);
+        break;
+      case "skipped":
+        append("\n--- " + event.chunks + " pieces skipped: this page fell behind ---\n");
+        break;
+      case "ended":
+        if (build) {
+          append("\n--- build " + event.state + " ---\n");
+          const state = document.getElementById("build-state");
+          if (state) state.textContent = event.state;
+          source.close();
+        } else {
+          append("--- " + event.instance.slice(0, 12) + " ended: " + event.state + " ---\n");
+        }
+        break;
+    }
+  };
+  source.onopen = () => element.classList.add("following");
+  source.onerror = () => element.classList.remove("following");
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  document.querySelectorAll("[data-feed]").forEach(follow);
+});

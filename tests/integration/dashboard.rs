@@ -1,0 +1,276 @@
+//! The dashboard in a real headless Chromium: sign in, a service's history and live
+//! revision, a rollback from the page that DNS then answers, a running instance's console
+//! line appearing live, a failed build's log; and, without the token, no write succeeds.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::browser::Browser;
+use crate::support::{
+    Daemon, commit_revision, curl, curl_path, dig_ok, eventually, git, hello_source, history, push,
+    run,
+};
+
+const ZONE: &str = "revboot.test";
+
+/// Where screenshots go: `REVBOOT_SCREENSHOTS` if set (the README's come from there),
+/// else the test's temporary target directory.
+fn screenshots() -> PathBuf {
+    std::env::var_os("REVBOOT_SCREENSHOTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("screenshots"))
+}
+
+/// A hostile subject: markup that would run if a page did not escape it.
+const SUBJECT: &str = "<img src=x onerror=\"window.pwned=1\"> hello v2 & <b>more</b>";
+
+#[test]
+fn dashboard_sign_in_rollback_live_console_and_failed_build_in_chromium() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let daemon = Daemon::start(&temp.path().join("data"));
+    let work = hello_source(temp.path());
+    push(&daemon, &work);
+    commit_revision(&work, "v2", "hello");
+    git(&work, &["commit", "-q", "--amend", "-m", SUBJECT]);
+    push(&daemon, &work);
+    let deployments = history(&daemon, "hello");
+    let (v2, v1) = (&deployments[0], &deployments[1]);
+    assert_eq!(v2["live"], true);
+    let v1_revision = v1["revision"].as_str().expect("revision").to_owned();
+    let v1_short = v1["short"].as_str().expect("short").to_owned();
+
+    // A build that fails, its log holding markup too.
+    let broken = hello_source(&temp.path().join("broken"));
+    std::fs::write(
+        broken.join("revboot.toml"),
+        "[build]\ncommand = [\"sh\", \"-c\", \"echo '<script>window.pwned=2</script> the build broke'; exit 1\"]\nartifacts = [\"none\"]\n\n[run]\ntender = \"process\"\nport = 8080\n",
+    )
+    .expect("write revboot.toml");
+    git(&broken, &["commit", "-q", "-am", "break the build"]);
+    let _ = Command::new("git")
+        .args(["push", &daemon.remote("broken"), "main"])
+        .current_dir(&broken)
+        .output();
+    let failed = history(&daemon, "broken");
+    assert_eq!(failed[0]["status"], "failed", "{failed:?}");
+    let failed_revision = failed[0]["revision"].as_str().expect("revision").to_owned();
+
+    let browser = Browser::start();
+    let site = format!("http://{}", daemon.http);
+    let shots = screenshots();
+
+    // Unsigned, every page leads to the sign-in form; a wrong token is refused.
+    browser.open(&format!("{site}/services/hello"));
+    browser.wait_until("the sign-in form", |b| b.url().contains("/login"));
+    browser.type_into("#token", "not-the-token");
+    browser.click("#sign-in");
+    browser.wait_until("the refusal", |b| {
+        b.text().contains("not the daemon's token")
+    });
+    browser.type_into("#token", &daemon.token);
+    browser.click("#sign-in");
+    browser.wait_until("the service page", |b| {
+        b.url().ends_with("/services/hello") && b.text().contains("History")
+    });
+
+    // The service: v2 is live, the subject shown as text, never run as markup.
+    let live = browser.script("return document.querySelector('#history tr.live .rev').textContent");
+    assert_eq!(live, v2["short"], "{}", browser.text());
+    assert!(browser.text().contains(SUBJECT), "{}", browser.text());
+    assert_eq!(browser.script("return window.pwned === undefined"), true);
+    browser.screenshot(&shots.join("service.png"));
+
+    // Roll back from the page, through its confirmation.
+    browser.click(&format!("tr[data-revision='{v1_revision}'] a.rollback"));
+    browser.wait_until("the confirmation", |b| {
+        b.text().contains("Yes, make it live")
+    });
+    browser.screenshot(&shots.join("rollback.png"));
+    browser.click("#confirm");
+    browser.wait_until("the moved note", |b| {
+        b.text().contains(&format!("Live is now {v1_short}"))
+    });
+    let live = browser.script("return document.querySelector('#history tr.live .rev').textContent");
+    assert_eq!(live, v1_short.as_str());
+    // DNS answers the older revision for the bare name.
+    let bare = format!("hello.{ZONE}");
+    let address = dig_ok(&daemon, &bare, false);
+    assert!(curl(&bare, &address, 8080).starts_with("hello from v1"));
+
+    // The revision's page: boot it, and watch a console line appear while it runs.
+    browser.open(&format!("{site}/services/hello/deployments/{v1_revision}"));
+    browser.wait_until("the revision page", |b| b.text().contains("Manifest"));
+    let text = browser.text();
+    assert!(text.contains(&format!("{v1_short}.hello.{ZONE}")), "{text}");
+    assert!(text.contains("hello.revboot.test"), "{text}");
+    browser.click("#boot-it");
+    browser.wait_until("the feed following", |b| {
+        b.script("return document.querySelector('#live-console.following') !== null") == true
+            && b.script("return document.getElementById('live-console').textContent")
+                .as_str()
+                .is_some_and(|t| t.contains("hello v1 ready"))
+    });
+    let name = format!("{v1_short}.hello.{ZONE}");
+    let address = dig_ok(&daemon, &name, false);
+    curl_path(&name, &address, 8080, "/from-the-browser-test?<b>x</b>");
+    browser.wait_until("the console line", |b| {
+        b.script("return document.getElementById('live-console').textContent")
+            .as_str()
+            .is_some_and(|t| t.contains("hello: GET /from-the-browser-test?<b>x</b>"))
+    });
+    assert_eq!(
+        browser.script("return document.querySelector('#live-console b') === null"),
+        true
+    );
+    browser.screenshot(&shots.join("revision.png"));
+
+    // Instances now, with stop and kill.
+    browser.open(&format!("{site}/instances"));
+    browser.wait_until("the instance", |b| b.text().contains(&address));
+    browser.screenshot(&shots.join("instances.png"));
+
+    // A failed build's log, as text.
+    browser.open(&format!(
+        "{site}/services/broken/deployments/{failed_revision}"
+    ));
+    browser.wait_until("the failed build's log", |b| {
+        b.text()
+            .contains("<script>window.pwned=2</script> the build broke")
+    });
+    assert_eq!(browser.script("return window.pwned === undefined"), true);
+    browser.screenshot(&shots.join("failed-build.png"));
+
+    // The overview with its figures.
+    browser.open(&format!("{site}/"));
+    browser.wait_until("the figures", |b| b.text().contains("DNS answers by rcode"));
+    assert_eq!(
+        browser.script("return document.querySelectorAll('svg.chart').length"),
+        4
+    );
+    browser.screenshot(&shots.join("overview.png"));
+}
+
+#[test]
+fn without_the_token_no_write_succeeds() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let daemon = Daemon::start(&temp.path().join("data"));
+    let work = hello_source(temp.path());
+    push(&daemon, &work);
+    commit_revision(&work, "v2", "hello");
+    push(&daemon, &work);
+    let deployments = history(&daemon, "hello");
+    let v1 = deployments[1]["revision"]
+        .as_str()
+        .expect("revision")
+        .to_owned();
+    let site = format!("http://{}", daemon.http);
+    let live_is_v2 = || history(&daemon, "hello")[0]["live"] == true;
+
+    // A real session, to forge around.
+    let jar = temp.path().join("cookies");
+    let signed = curl_form(&[
+        "-c",
+        &jar.to_string_lossy(),
+        "--data-urlencode",
+        &format!("token={}", daemon.token),
+        &format!("{site}/login"),
+    ]);
+    assert_eq!(signed.0, "303", "{signed:?}");
+    let page = curl_form(&[
+        "-b",
+        &jar.to_string_lossy(),
+        &format!("{site}/services/hello"),
+    ]);
+    assert_eq!(page.0, "200");
+    let csrf = page
+        .1
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a CSRF token in the page")
+        .to_owned();
+
+    let to = format!("to={v1}");
+    let move_live = format!("{site}/services/hello/live");
+    let jar_text = jar.to_string_lossy().into_owned();
+    let forged: [(&str, Vec<&str>); 5] = [
+        ("no cookie, no token", vec!["--data", &to, &move_live]),
+        (
+            "no cookie, a guessed token",
+            vec!["--data", &to, "--data", "csrf=00", &move_live],
+        ),
+        (
+            "the cookie without the CSRF token",
+            vec!["-b", &jar_text, "--data", &to, &move_live],
+        ),
+        (
+            "a wrong cookie with the CSRF token",
+            vec![
+                "-b",
+                "revboot_session=0123456789abcdef",
+                "--data",
+                &to,
+                "--data-urlencode",
+                &csrf,
+                &move_live,
+            ],
+        ),
+        (
+            "the cookie and token from another site's page",
+            vec![
+                "-b",
+                &jar_text,
+                "-H",
+                "Origin: http://evil.example",
+                "--data",
+                &to,
+                "--data-urlencode",
+                &csrf,
+                &move_live,
+            ],
+        ),
+    ];
+    let csrf_field = format!("csrf={csrf}");
+    for (what, mut args) in forged {
+        for arg in &mut args {
+            if *arg == csrf {
+                *arg = &csrf_field;
+            }
+        }
+        let (status, body) = curl_form(&args);
+        assert_eq!(status, "403", "{what}: {body}");
+        assert!(live_is_v2(), "{what} moved live");
+    }
+    let stop = curl_form(&[
+        "--data",
+        &format!("service=hello&revision={v1}"),
+        &format!("{site}/instances/stop"),
+    ]);
+    assert_eq!(stop.0, "403");
+    // The same form with the session's cookie and token goes through.
+    let (status, _) = curl_form(&[
+        "-b",
+        &jar_text,
+        "--data",
+        &to,
+        "--data-urlencode",
+        &csrf_field,
+        &move_live,
+    ]);
+    assert_eq!(status, "303");
+    assert!(eventually(|| history(&daemon, "hello")[1]["live"] == true));
+    let log = daemon.log();
+    assert!(log.contains("dashboard write refused"), "{log}");
+    assert!(!log.contains(&csrf), "a CSRF token reached the log");
+    assert!(!log.contains(&daemon.token), "the token reached the log");
+}
+
+/// curl with the arguments; (status, body).
+fn curl_form(args: &[&str]) -> (String, String) {
+    let output = run(Command::new("curl")
+        .args(["-sS", "--max-time", "20", "-w", "\n%{http_code}"])
+        .args(args));
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').expect("a status line");
+    (status.to_owned(), body.to_owned())
+}
