@@ -318,4 +318,32 @@ mod tests {
         assert!(rest.ends_with("] revboot: done\n"), "{rest}");
         assert!(!rest.contains("] a"), "{rest}");
     }
+
+    #[tokio::test]
+    async fn a_log_follower_gets_everything_then_the_end() {
+        let tracker = std::sync::Arc::new(Tracker::new(1, DEFAULT_LOG_LIMIT, Phase::Running));
+        tracker.output(b"before\n");
+        let mut follow = LogFollow::new(tracker.clone());
+        let Some(LogStep::Output(first)) = follow.next().await else {
+            panic!("no output first");
+        };
+        assert!(String::from_utf8_lossy(&first).ends_with("] before\n"));
+        tracker.output(b"after\n");
+        let Some(LogStep::Output(second)) = follow.next().await else {
+            panic!("no output second");
+        };
+        assert!(String::from_utf8_lossy(&second).ends_with("] after\n"));
+        tracker.set_phase(Phase::Superseded {
+            by: 2,
+            commit: "c".repeat(40),
+        });
+        assert_eq!(
+            follow.next().await,
+            Some(LogStep::Ended {
+                state: crate::BuildState::Superseded,
+                revision: None
+            })
+        );
+        assert_eq!(follow.next().await, None);
+    }
 }

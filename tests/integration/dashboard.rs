@@ -128,6 +128,18 @@ fn dashboard_sign_in_rollback_live_console_and_failed_build_in_chromium() {
     browser.open(&format!("{site}/instances"));
     browser.wait_until("the instance", |b| b.text().contains(&address));
     browser.screenshot(&shots.join("instances.png"));
+    browser.click("#instances button[value='false']");
+    browser.wait_until("the instance stopped", |b| {
+        b.text().contains("Stopped.") && !b.text().contains(&address)
+    });
+    assert!(
+        !daemon
+            .instances()
+            .iter()
+            .any(|i| i["address"] == address.as_str()),
+        "still running: {:?}",
+        daemon.instances()
+    );
 
     // A failed build's log, as text.
     browser.open(&format!(
@@ -148,6 +160,74 @@ fn dashboard_sign_in_rollback_live_console_and_failed_build_in_chromium() {
         4
     );
     browser.screenshot(&shots.join("overview.png"));
+
+    // A build's log, live: this recipe writes a line every fifth of a second until the
+    // daemon stops (its shutdown kills the build), so the page is open while it runs.
+    let ticker = hello_source(&temp.path().join("ticker"));
+    std::fs::write(
+        ticker.join("revboot.toml"),
+        "[build]\ncommand = [\"sh\", \"-c\", \"i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.2; done\"]\nartifacts = [\"none\"]\ntimeout_secs = 600\n\n[run]\ntender = \"process\"\nport = 8080\n",
+    )
+    .expect("write revboot.toml");
+    // One commit, so one build: the ticking one.
+    git(&ticker, &["commit", "-q", "--amend", "-am", "tick forever"]);
+    // The push waits for its builds: it runs in the background, ended with the daemon.
+    let mut pushing = Command::new("git")
+        .args(["push", "-q", &daemon.remote("ticker"), "main"])
+        .current_dir(&ticker)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("git push");
+    browser.open(&format!("{site}/builds"));
+    browser.wait_until("the running build", |b| {
+        b.open(&format!("{site}/builds"));
+        b.text().contains("running")
+            && b.script("return document.querySelector('#build-list tr.running a') !== null")
+                == true
+    });
+    browser.click("#build-list tr.running a");
+    browser.wait_until("ticks coming live", |b| {
+        b.script("return document.getElementById('build-log').textContent")
+            .as_str()
+            .is_some_and(|t| t.contains("tick 3\n"))
+    });
+    browser.screenshot(&shots.join("build-live.png"));
+    drop(browser);
+    daemon.stop();
+    let _ = pushing.kill();
+    let _ = pushing.wait();
+}
+
+#[test]
+fn public_reads_show_pages_without_write_forms() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let daemon =
+        Daemon::start_configured(&temp.path().join("data"), "[http]\npublic_reads = true\n");
+    let work = hello_source(temp.path());
+    push(&daemon, &work);
+    let site = format!("http://{}", daemon.http);
+    let (status, page) = curl_form(&[&format!("{site}/services/hello")]);
+    assert_eq!(status, "200", "{page}");
+    assert!(
+        page.contains("History") && page.contains("read-only"),
+        "{page}"
+    );
+    assert!(!page.contains("name=\"csrf\""), "{page}");
+    let v1 = history(&daemon, "hello")[0]["revision"]
+        .as_str()
+        .expect("revision")
+        .to_owned();
+    let (status, page) = curl_form(&[&format!("{site}/services/hello/deployments/{v1}")]);
+    assert_eq!(status, "200");
+    assert!(!page.contains("boot-it"), "{page}");
+    let (status, _) = curl_form(&[
+        "--data",
+        &format!("to={v1}"),
+        &format!("{site}/services/hello/live"),
+    ]);
+    assert_eq!(status, "403");
 }
 
 #[test]
