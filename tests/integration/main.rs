@@ -6,6 +6,7 @@ mod browser;
 mod config;
 mod daemon_log;
 mod dashboard;
+mod dashboard_scale;
 mod direct;
 mod front_door;
 mod follow;
