@@ -12,8 +12,9 @@
 //!    services that choose it.
 //! 4. The DNS server answers from the proxy, through builds on demand: a name for a source
 //!    commit that has no deployment yet builds it (`crate::on_demand`).
-//! 5. One HTTP server carries git smart HTTP (the builder's router), the API and `/metrics`;
-//!    all of them need the token, reads included, unless `[http] public_reads` is on.
+//! 5. One HTTP server carries git smart HTTP (the builder's router), the API with its live
+//!    feeds, `/metrics` and the dashboard at `/`; all of them need the token (the dashboard:
+//!    a session opened with it), reads included, unless `[http] public_reads` is on.
 //! 6. SIGTERM or SIGINT: stop accepting HTTP and DNS, mark running builds interrupted, stop
 //!    instances (their logs go back to the store), then exit.
 //! 7. `revboot upgrade`: the daemon executes its binary again, handing its sockets and

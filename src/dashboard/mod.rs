@@ -12,7 +12,8 @@
 //!    it becomes the same [`Action`] the API and the CLI send ([`crate::engine::Engine`]),
 //!    then the browser is sent back to a page (303).
 //! 4. Pages answer with `Content-Security-Policy: default-src 'self'` (no inline script),
-//!    `X-Frame-Options: DENY` and `nosniff`; long lists are paginated ([`pages`]).
+//!    `X-Frame-Options: DENY` and `nosniff`; long lists are paginated (50 deployments, 100
+//!    instances a page).
 
 use std::sync::Arc;
 

@@ -14,30 +14,48 @@ use crate::browser::Browser;
 use crate::support::{Daemon, PATIENCE, dig_ok, hello_source, history, push};
 
 const DEPLOYMENTS: u32 = 1000;
+/// Instances the instances page is measured with.
+const INSTANCES: u32 = 200;
+/// examples/hello's run table, under the artifact name the deployments use.
+const HELLO: &str = "[build]\ncommand = [\"make\"]\nartifacts = [\"app\"]\n\n[run]\ntender = \"process\"\nport = 8080\nmemory_mib = 32\nready = { probe = \"socket\" }\nidle_timeout_secs = 600\n";
 const MANIFEST: &str = "[build]\ncommand = [\"make\"]\nartifacts = [\"app\"]\n\n[run]\ntender = \"process\"\nport = 8080\n";
 
-/// Writes `count` small deployments of `service` into the data directory's repository.
-fn long_history(data: &Path, service: &str, count: u32) {
+/// Writes `count` small deployments of `service` into the data directory's repository
+/// (every tenth a failed build); their revisions, oldest first.
+fn long_history(data: &Path, service: &str, count: u32) -> Vec<revboot_store::Revision> {
+    history_of(data, service, count, None)
+}
+
+/// As [`long_history`], each with `image` (all succeeded) when given.
+fn history_of(
+    data: &Path,
+    service: &str,
+    count: u32,
+    image: Option<&[u8]>,
+) -> Vec<revboot_store::Revision> {
     std::fs::create_dir_all(data).expect("data dir");
     let store = Store::init(data.join("deploy.git")).expect("init the store");
+    let mut revisions = Vec::new();
     for n in 0..count {
+        let failed = image.is_none() && n % 10 == 9;
+        let bytes = image.map_or_else(|| format!("image {n}").into_bytes(), <[u8]>::to_vec);
         let source = format!("{n:08x}").repeat(5);
         let subject = format!("change number {n} <of {count}>");
-        store
+        let revision = store
             .write_deployment(NewDeployment {
                 service,
-                status: if n % 10 == 9 {
+                status: if failed {
                     BuildStatus::Failed
                 } else {
                     BuildStatus::Succeeded
                 },
-                manifest: Some(MANIFEST),
-                images: if n % 10 == 9 {
+                manifest: Some(if image.is_some() { HELLO } else { MANIFEST }),
+                images: if failed {
                     Vec::new()
                 } else {
                     vec![ImageInput {
                         name: "app".into(),
-                        reader: Box::new(std::io::Cursor::new(format!("image {n}").into_bytes())),
+                        reader: Box::new(std::io::Cursor::new(bytes)),
                     }]
                 },
                 build_log: format!("build {n}\n").as_bytes(),
@@ -47,17 +65,25 @@ fn long_history(data: &Path, service: &str, count: u32) {
                 subject: &subject,
             })
             .expect("write a deployment");
+        revisions.push(revision);
     }
+    revisions
 }
 
 /// A plain HTTP/1.1 GET with a cookie; (status, body).
 fn get(daemon: &Daemon, path: &str, cookie: &str) -> (u16, String) {
+    request(daemon, "GET", path, &format!("Cookie: {cookie}"), "")
+}
+
+/// A plain HTTP/1.1 request with one header line and a body; (status, body).
+fn request(daemon: &Daemon, method: &str, path: &str, header: &str, body: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(daemon.http).expect("connect");
     stream.set_read_timeout(Some(PATIENCE)).expect("timeout");
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {}\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n",
-        daemon.http
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\n{header}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        daemon.http,
+        body.len()
     )
     .expect("send");
     let mut answer = String::new();
@@ -144,23 +170,63 @@ fn dashboard_figures() {
     let temp = tempfile::tempdir().expect("temp dir");
     let data = temp.path().join("data");
     long_history(&data, "long", DEPLOYMENTS);
-    let daemon = Daemon::start(&data);
+    let image = std::fs::read(revboot_testkit::hello_image()).expect("the hello image");
+    let many = history_of(&data, "many", INSTANCES, Some(&image));
+    let daemon = Daemon::start_configured(&data, "[instances]\nmax_per_service = 256\n");
     let cookie = sign_in(&daemon);
     let mut page = Vec::new();
     let mut api = Vec::new();
-    let bearer = format!("x=1\r\nAuthorization: Bearer {}", daemon.token);
+    let bearer = format!("Authorization: Bearer {}", daemon.token);
     for _ in 0..50 {
         let started = Instant::now();
         let (status, _) = get(&daemon, "/services/long", &cookie);
         page.push(started.elapsed().as_secs_f64() * 1000.0);
         assert_eq!(status, 200);
         let started = Instant::now();
-        let (status, _) = get(&daemon, "/api/v1/services/long/deployments", &bearer);
+        let (status, _) = request(
+            &daemon,
+            "GET",
+            "/api/v1/services/long/deployments",
+            &bearer,
+            "",
+        );
         api.push(started.elapsed().as_secs_f64() * 1000.0);
         assert_eq!(status, 200);
     }
     println!(
         "history page, {DEPLOYMENTS} deployments: p50 {:.1} ms, p90 {:.1} ms (the API's JSON of the same history: p50 {:.1} ms, p90 {:.1} ms)",
+        percentile(&mut page, 0.5),
+        percentile(&mut page, 0.9),
+        percentile(&mut api, 0.5),
+        percentile(&mut api, 0.9),
+    );
+
+    // 200 instances running: the instances page (100 a page) beside the API's list.
+    for revision in &many {
+        let body = format!("{{\"label\": \"{revision}\"}}");
+        let (status, answer) = request(
+            &daemon,
+            "POST",
+            "/api/v1/services/many/summon",
+            &bearer,
+            &body,
+        );
+        assert_eq!(status, 200, "{answer}");
+    }
+    let (mut page, mut api) = (Vec::new(), Vec::new());
+    for _ in 0..50 {
+        let started = Instant::now();
+        let (status, body) = get(&daemon, "/instances", &cookie);
+        page.push(started.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(status, 200);
+        assert!(body.contains(&format!("({INSTANCES} instances)")), "{body}");
+        let started = Instant::now();
+        let (status, _) = request(&daemon, "GET", "/api/v1/instances", &bearer, "");
+        api.push(started.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(status, 200);
+    }
+    println!(
+        "instances page, {INSTANCES} running: p50 {:.1} ms, p90 {:.1} ms (the API's JSON list: p50 {:.1} ms, p90 {:.1} ms)",
         percentile(&mut page, 0.5),
         percentile(&mut page, 0.9),
         percentile(&mut api, 0.5),
