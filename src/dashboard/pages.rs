@@ -656,7 +656,12 @@ pub(super) async fn instances(
                 service: i.service,
                 revision: i.revision,
                 client: i.client,
-                address: i.address,
+                // Every family's address (an instance may have an IPv4 and an IPv6 one).
+                address: if i.addresses.is_empty() {
+                    i.address
+                } else {
+                    i.addresses.join(", ")
+                },
                 state: i.state,
                 connections: i.connections,
             })
