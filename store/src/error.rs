@@ -101,6 +101,12 @@ pub enum WriteError {
         /// How many attempts were made.
         attempts: u32,
     },
+    /// The new name of a service is taken: refs of that name exist.
+    #[error("Service `{service}` exists already in the deployment repository")]
+    NameTaken {
+        /// The name asked for.
+        service: String,
+    },
     /// Another writer holds the service's write lock for too long.
     #[error("Service `{service}` is locked by another writer")]
     Busy {

@@ -14,6 +14,9 @@
 //!   honours it on its next call.
 //! - `refs/tags/<service>/<name>`: annotated tags naming deployments.
 //! - `refs/revboot/logs/<service>`: runtime logs, one commit per instance (see below).
+//! - `refs/revboot/deleted/<service>/<unix ms>/…`: the refs of a service deleted with its
+//!   deployments kept ([`Store::delete_service`]); a rename ([`Store::rename_service`])
+//!   moves every ref of a service, reflogs included, and rewrites no commit.
 //! - `revboot/`: the store's private files (writer locks, image spools); git ignores them.
 //! - `HEAD` names a service branch, so that `git clone` checks one out: the first service
 //!   written, or, when the branch it named is gone, the next one written (or the first
@@ -108,6 +111,7 @@ mod error;
 pub mod image;
 mod incoming;
 mod index;
+mod lifecycle;
 mod live;
 mod lock;
 mod logs;
@@ -128,6 +132,7 @@ mod write;
 pub use error::{LiveError, MaintenanceError, OpenError, ReadError, ResolveError, WriteError};
 pub use incoming::{MAX_PUSHED_COMMITS, PushRefused, PushedDeployments, PushedRef};
 pub use index::MAX_HISTORY;
+pub use lifecycle::{DELETED_PREFIX, RefsChanged};
 pub use logs::{MAX_CONSOLE_BYTES, MAX_RUNTIME_LOGS};
 pub use manifest::{Manifest, ManifestError};
 pub use repack::REPACK_TIMEOUT;
