@@ -96,6 +96,7 @@ mod deploy;
 pub mod gate;
 mod git;
 mod http;
+mod lifecycle;
 mod log;
 mod metrics;
 pub mod name;
@@ -118,6 +119,7 @@ use crate::shared::Shared;
 
 pub use config::BuilderConfig;
 pub use git::GitError;
+pub use lifecycle::{ClosedServices, LifecycleError};
 pub use log::{DEFAULT_LOG_LIMIT, LogFollow, LogStep};
 pub use metrics::BuildMetrics;
 pub use name::{ServiceNameError, validate_service_name};
@@ -393,6 +395,7 @@ impl Builder {
             space_check: Duration::from_secs(config.space_check_secs),
             gate: config.gate.clone(),
         });
+        let closed = lifecycle::Closed::default();
         let queue = queue::Queue::start(
             state_dir.join("state.json"),
             ctx,
@@ -403,6 +406,7 @@ impl Builder {
                 space_check: Duration::from_secs(config.space_check_secs),
             },
             heads,
+            closed.clone(),
         )?;
         tracing::info!(
             data = %data.display(),
@@ -417,6 +421,7 @@ impl Builder {
                 hook_token,
                 git_processes: Arc::new(tokio::sync::Semaphore::new(MAX_GIT_PROCESSES)),
                 lock: std::sync::Mutex::new(Some(lock)),
+                closed,
             }),
         })
     }

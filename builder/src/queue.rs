@@ -38,9 +38,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::lifecycle::Closed;
 use crate::log::Tracker;
 use crate::runner::{self, Job, RunContext};
 use crate::state::{BuildState, MAX_SPACE_RETRIES, Outcome, Phase};
+
+mod lifecycle;
+
+pub(crate) use lifecycle::Refusal;
 
 /// How many finished build records are kept (older ones are dropped from the state file;
 /// their deployment commits stay in the store).
@@ -113,6 +118,12 @@ pub enum EnqueueError {
     /// The builder is shutting down.
     #[error("The builder is shutting down")]
     ShuttingDown,
+    /// The service is being renamed or deleted.
+    #[error("Service `{service}` is being renamed or deleted; push again once that is done")]
+    Closed {
+        /// The service.
+        service: String,
+    },
 }
 
 /// A queued build, as handed to whoever asked for it.
@@ -190,6 +201,7 @@ enum Command {
     Shutdown {
         reply: oneshot::Sender<()>,
     },
+    Lifecycle(lifecycle::Change),
 }
 
 /// The persisted part of the queue.
@@ -260,6 +272,7 @@ impl Queue {
         ctx: Arc<RunContext>,
         limits: Limits,
         branch_heads: Vec<(String, String, String)>,
+        closed: Closed,
     ) -> Result<Queue, QueueStateError> {
         let state = match std::fs::read(&state_path) {
             Ok(bytes) => {
@@ -287,6 +300,7 @@ impl Queue {
             trackers: HashMap::new(),
             tx: tx.clone(),
             shutdown: None,
+            closed,
         };
         owner.recover(branch_heads);
         tokio::spawn(owner.run(rx));
@@ -361,6 +375,8 @@ struct Owner {
     trackers: HashMap<u64, Arc<Tracker>>,
     tx: mpsc::Sender<Command>,
     shutdown: Option<(oneshot::Sender<()>, tokio::time::Instant)>,
+    /// Services being renamed or deleted: nothing of them is queued.
+    closed: Closed,
 }
 
 impl Owner {
@@ -476,6 +492,7 @@ impl Owner {
                 Command::Tracker { id, reply } => {
                     let _ = reply.send(self.trackers.get(&id).cloned());
                 }
+                Command::Lifecycle(change) => self.lifecycle(change),
                 Command::Shutdown { reply } => {
                     for running in self.running.values() {
                         let _ = running.stop.send(true);
@@ -496,6 +513,11 @@ impl Owner {
     fn enqueue(&mut self, request: Request) -> Result<Queued, EnqueueError> {
         if self.shutdown.is_some() {
             return Err(EnqueueError::ShuttingDown);
+        }
+        if self.closed.contains(&request.service) {
+            return Err(EnqueueError::Closed {
+                service: request.service,
+            });
         }
         let Some((tip, before)) = request.commits.split_last() else {
             return Ok(Queued {

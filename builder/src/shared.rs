@@ -1,7 +1,8 @@
 //! What the [`crate::Builder`] handle shares with the HTTP handlers, the queuing of pushes and
 //! the deployment repository's hooks: the configuration, the source repositories, the
-//! queue, the hook token and the bound on `git http-backend` processes. They get it, not the
-//! handle, so that none of them imports the crate root that imports them.
+//! queue, the hook token, the services closed while they are renamed or deleted, and the
+//! bound on `git http-backend` processes. They get it, not the handle, so that none of them
+//! imports the crate root that imports them.
 
 use std::sync::Arc;
 
@@ -18,4 +19,6 @@ pub(crate) struct Shared {
     pub(crate) git_processes: Arc<tokio::sync::Semaphore>,
     /// The data directory's lock, held until shutdown.
     pub(crate) lock: std::sync::Mutex<Option<std::fs::File>>,
+    /// Services being renamed or deleted (see `lifecycle`).
+    pub(crate) closed: crate::lifecycle::Closed,
 }

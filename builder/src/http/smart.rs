@@ -114,6 +114,11 @@ pub(super) async fn smart_http(
     } else if let Err(error) = validate_service_name(service) {
         tracing::warn!(%error, "bad service name in git URL");
         return text(StatusCode::BAD_REQUEST, error.to_string());
+    } else if inner.closed.contains(service) {
+        return text(
+            StatusCode::CONFLICT,
+            format!("Service `{service}` is being renamed or deleted; try again once that is done"),
+        );
     } else if !inner.repos.exists(service) {
         if kind == Service::Upload {
             return text(StatusCode::NOT_FOUND, format!("No service `{service}`"));
