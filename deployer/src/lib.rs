@@ -152,7 +152,7 @@ pub use addresses::{ClientNet, ClientPrefixes, Family, ServiceAddresses};
 pub use config::{BackendPort, DeployerConfig, SandboxConfig};
 pub use deployer::{
     CheckFailed, CheckPassed, ConsoleFollower, ControlError, Deployer, FollowEvent, FollowFilter,
-    HandedInstance, Handover, InstanceInfo, NewError,
+    HandedInstance, Handover, InstanceInfo, NewError, Retirement,
 };
 pub use revboot_store::manifest::Reach;
 pub use summon::{

@@ -228,6 +228,12 @@ pub enum SummonError {
     /// The deployer is shutting down.
     #[error("The deployer is shutting down")]
     ShuttingDown,
+    /// The service is being renamed or deleted.
+    #[error("`{service}` is being renamed or deleted")]
+    Retiring {
+        /// The service.
+        service: String,
+    },
 }
 
 impl SummonError {

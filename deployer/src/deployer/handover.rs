@@ -223,6 +223,7 @@ impl Deployer {
             reclaimed: AtomicBool::new(false),
             steered: Mutex::new(None),
             warm_until: AtomicU64::new(0),
+            ended: watch::channel(false).0,
         });
         {
             let mut table = self.table.lock().expect("table lock is never poisoned");
@@ -272,6 +273,7 @@ impl Deployer {
             )
             .await;
             drop(uid);
+            entry.ended.send_replace(true);
             if me.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
                 me.tasks_done.notify_waiters();
             }

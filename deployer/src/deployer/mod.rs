@@ -20,9 +20,10 @@
 //!
 //! Here: the [`Deployer`], its public face and its start-up; the `table` module holds the
 //! table with its caps and back-off (step 1, 4), `revisions` the revision cache and its
-//! warm-up, `life` an instance's task (steps 2 to 4).
+//! warm-up, `life` an instance's task (steps 2 to 4), `retire` the end of a service's
+//! instances when it is renamed or deleted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 
 use std::path::PathBuf;
@@ -53,6 +54,7 @@ mod check;
 mod follow;
 mod handover;
 mod life;
+mod retire;
 mod revisions;
 mod table;
 mod warm;
@@ -65,6 +67,8 @@ pub use follow::{ConsoleFollower, FollowEvent, FollowFilter};
 use life::{clean_orphans, set_if};
 use revisions::RevisionInfo;
 use table::{Command, Entry, StopReason, Table};
+
+pub use retire::Retirement;
 
 /// The instance tables are sized for `max_instances` up front, up to this many (some
 /// 100 bytes an entry, untouched until used).
@@ -269,6 +273,7 @@ impl Deployer {
                 pool,
                 failures: HashMap::new(),
                 shutting_down: false,
+                retiring: HashSet::new(),
             }),
             revisions: Mutex::new(HashMap::new()),
             warmed: AtomicU64::new(u64::MAX),

@@ -9,7 +9,7 @@
 //! 3. The end of an instance makes its state final, frees the key, updates the back-off of
 //!    a crash, and gives the address back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -66,6 +66,8 @@ pub(super) enum StopReason {
     Reclaimed,
     /// The daemon is shutting down.
     Shutdown,
+    /// Its service is being renamed or deleted.
+    Retired,
     /// The deployer went away (its command queue closed).
     DeployerGone,
     /// Replaced after a change of the service's configuration (`revboot config --restart`).
@@ -87,6 +89,7 @@ impl std::fmt::Display for StopReason {
             StopReason::OperatorKill => f.write_str("killed by operator"),
             StopReason::Reclaimed => f.write_str("client slot reclaimed for a new client"),
             StopReason::Shutdown => f.write_str("daemon shutdown"),
+            StopReason::Retired => f.write_str("service renamed or deleted"),
             StopReason::DeployerGone => f.write_str("deployer gone"),
             StopReason::Restart => f.write_str("restarted for a configuration change"),
             StopReason::CheckFailed => f.write_str("failed its health check"),
@@ -123,6 +126,9 @@ pub(super) struct Entry {
     /// Kept booted whatever the traffic until then (ms since the deployer's epoch;
     /// `u64::MAX`: while its revision is a warm service's live one; see the `warm` module).
     pub(super) warm_until: AtomicU64,
+    /// True once its task has ended, runtime record written ([`Deployer::retire`] waits
+    /// for it).
+    pub(super) ended: watch::Sender<bool>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -142,6 +148,8 @@ pub(super) struct Table {
     pub(super) pool: AddressPools,
     pub(super) failures: HashMap<InstanceKey, Failure>,
     pub(super) shutting_down: bool,
+    /// Services being renamed or deleted: no summon boots them ([`Deployer::retire`]).
+    pub(super) retiring: HashSet<String>,
 }
 
 impl Table {
@@ -279,6 +287,11 @@ impl Deployer {
         if table.shutting_down {
             return Err(SummonError::ShuttingDown);
         }
+        if table.retiring.contains(&key.service) {
+            return Err(SummonError::Retiring {
+                service: key.service.clone(),
+            });
+        }
         if let Some(entry) = table.by_key.get(key)
             && !entry.state.borrow().is_final()
         {
@@ -361,6 +374,7 @@ impl Deployer {
             pid: OnceLock::new(),
             counted: AtomicBool::new(true),
             reclaimed: AtomicBool::new(false),
+            ended: watch::channel(false).0,
         });
         table.by_key.insert(key.clone(), Arc::clone(&entry));
         for address in addresses.iter() {
@@ -383,6 +397,7 @@ impl Deployer {
                 tend(&me, &entry, prepared, &info, command_rx, scratch).await;
                 // The instance has ended, every process of it with it: its uid is free.
                 drop(uid);
+                entry.ended.send_replace(true);
                 if me.tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
                     me.tasks_done.notify_waiters();
                 }
