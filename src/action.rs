@@ -22,6 +22,23 @@ pub enum Action {
     },
     /// List services.
     ListServices,
+    /// Delete a service: its source repository goes, its deployments are kept in an
+    /// archive or removed, as asked.
+    DeleteService {
+        /// The service.
+        service: String,
+        /// What becomes of its deployments.
+        deployments: Deployments,
+    },
+    /// Give a service a new name.
+    RenameService {
+        /// The service.
+        service: String,
+        /// Its new name.
+        to: String,
+    },
+    /// Check the token and say which daemon answers (`revboot login`).
+    CheckToken,
     /// Deployment history of a service.
     History {
         /// The service.
@@ -147,6 +164,8 @@ impl Action {
         matches!(
             self,
             Action::AddService { .. }
+                | Action::DeleteService { .. }
+                | Action::RenameService { .. }
                 | Action::MoveLive { .. }
                 | Action::StopInstance { .. }
                 | Action::Summon { .. }
@@ -156,6 +175,22 @@ impl Action {
                 | Action::Config { show: true, .. }
         )
     }
+
+    /// Whether the action needs the token even where reads are public: writes, and the
+    /// token check itself.
+    pub fn needs_token(&self) -> bool {
+        self.is_write() || matches!(self, Action::CheckToken)
+    }
+}
+
+/// What becomes of a deleted service's deployments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Deployments {
+    /// Kept in the deployment repository, under `refs/revboot/deleted/<service>/<time>/`.
+    Keep,
+    /// Removed with their refs (`git gc` frees their space).
+    Remove,
 }
 
 /// Why the live pointer moves.
@@ -179,6 +214,49 @@ pub struct ServiceView {
     pub deployments: usize,
     /// The DNS name of the live revision.
     pub dns_name: String,
+}
+
+/// A deleted service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeletedView {
+    /// The service.
+    pub service: String,
+    /// How many deployments it had.
+    pub deployments: usize,
+    /// Whether they were kept.
+    pub kept: bool,
+    /// Where its refs were kept in the deployment repository (a ref prefix).
+    pub archive: Option<String>,
+    /// Where its source repository was kept, on the daemon's host.
+    pub source_archive: Option<String>,
+    /// How many of its instances were stopped.
+    pub stopped: usize,
+}
+
+/// A renamed service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenamedView {
+    /// The old name.
+    pub service: String,
+    /// The new name.
+    pub to: String,
+    /// The DNS name of its live revision now.
+    pub dns_name: String,
+    /// Its live revision.
+    pub live: Option<String>,
+    /// How many deployments it has.
+    pub deployments: usize,
+    /// How many of its instances were stopped (they boot again under the new name).
+    pub stopped: usize,
+}
+
+/// The daemon that accepted the token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenView {
+    /// Its version.
+    pub version: String,
+    /// Its DNS zone.
+    pub zone: String,
 }
 
 /// A deployment.
@@ -370,6 +448,12 @@ pub enum Reply {
     ServiceAdded(ServiceView),
     /// Services.
     Services(Vec<ServiceView>),
+    /// A service was deleted.
+    ServiceDeleted(DeletedView),
+    /// A service was renamed.
+    ServiceRenamed(RenamedView),
+    /// The daemon that accepted the token.
+    Token(TokenView),
     /// History, newest first.
     History(Vec<DeploymentView>),
     /// One deployment.

@@ -21,13 +21,13 @@ use std::sync::Arc;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 
 use revboot_builder::auth::{parse_basic, token_matches};
 
-use crate::action::{Action, ActionError, MoveReason, Reply};
+use crate::action::{Action, ActionError, Deployments, MoveReason, Reply};
 use crate::engine::Engine;
 
 /// Renders Prometheus text for `/metrics`.
@@ -58,6 +58,8 @@ impl std::fmt::Debug for ApiState {
 pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/services"),
     ("post", "/api/v1/services"),
+    ("delete", "/api/v1/services/{service}"),
+    ("post", "/api/v1/services/{service}/rename"),
     ("get", "/api/v1/services/{service}/deployments"),
     ("get", "/api/v1/services/{service}/deployments/{label}"),
     ("get", "/api/v1/services/{service}/diff"),
@@ -74,6 +76,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/services/{service}/config"),
     ("get", "/api/v1/daemon"),
     ("post", "/api/v1/daemon/upgrade"),
+    ("get", "/api/v1/token"),
     ("get", "/api/v1/openapi.json"),
     ("get", "/metrics"),
 ];
@@ -96,6 +99,8 @@ pub fn router(
     };
     Router::new()
         .route("/api/v1/services", get(list_services).post(add_service))
+        .route("/api/v1/services/{service}", delete(delete_service))
+        .route("/api/v1/services/{service}/rename", post(rename_service))
         .route("/api/v1/services/{service}/deployments", get(history))
         .route("/api/v1/services/{service}/deployments/{label}", get(show))
         .route("/api/v1/services/{service}/diff", get(diff))
@@ -112,6 +117,7 @@ pub fn router(
         )
         .route("/api/v1/daemon", get(daemon))
         .route("/api/v1/daemon/upgrade", post(upgrade))
+        .route("/api/v1/token", get(check_token))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics_text))
         .with_state(state)
@@ -143,7 +149,7 @@ impl From<ActionError> for ApiError {
 type ApiResult = Result<Json<Reply>, ApiError>;
 
 async fn run(state: &ApiState, headers: &HeaderMap, action: Action) -> ApiResult {
-    state.admit(headers, action.is_write())?;
+    state.admit(headers, action.needs_token())?;
     let engine = state.engine.clone();
     let reply = tokio::task::spawn_blocking(move || engine.execute(action))
         .await
@@ -203,6 +209,18 @@ pub fn authorized(headers: &HeaderMap, token: &str) -> bool {
 #[serde(deny_unknown_fields)]
 struct AddService {
     name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteQuery {
+    deployments: Deployments,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RenameBody {
+    to: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -325,6 +343,36 @@ async fn add_service(
     Body(body): Body<AddService>,
 ) -> ApiResult {
     run(&state, &headers, Action::AddService { name: body.name }).await
+}
+
+async fn delete_service(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(service): Path<String>,
+    Q(query): Q<DeleteQuery>,
+) -> ApiResult {
+    let action = Action::DeleteService {
+        service,
+        deployments: query.deployments,
+    };
+    run(&state, &headers, action).await
+}
+
+async fn rename_service(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(service): Path<String>,
+    Body(body): Body<RenameBody>,
+) -> ApiResult {
+    let action = Action::RenameService {
+        service,
+        to: body.to,
+    };
+    run(&state, &headers, action).await
+}
+
+async fn check_token(State(state): State<ApiState>, headers: HeaderMap) -> ApiResult {
+    run(&state, &headers, Action::CheckToken).await
 }
 
 async fn history(
@@ -532,8 +580,9 @@ mod tests {
     /// [`the_schemas_document_every_field_of_the_replies`] fails until the document has it.
     fn documented_replies() -> Vec<(&'static str, [serde_json::Value; 2])> {
         use crate::action::{
-            BuildLogView, ConfigView, ConsoleView, DaemonView, DeploymentView, DiffView,
-            InstanceView, MoveView, ServiceView, ShowView, SummonView, VarView,
+            BuildLogView, ConfigView, ConsoleView, DaemonView, DeletedView, DeploymentView,
+            DiffView, InstanceView, MoveView, RenamedView, ServiceView, ShowView, SummonView,
+            TokenView, VarView,
         };
         fn deployment(set: bool) -> DeploymentView {
             DeploymentView {
@@ -676,11 +725,41 @@ mod tests {
                 revision: set.then(|| "ab".repeat(20)),
             }
         }
+        fn deleted(set: bool) -> DeletedView {
+            DeletedView {
+                service: "hello".to_owned(),
+                deployments: 2,
+                kept: set,
+                archive: set.then(|| "refs/revboot/deleted/hello/1700000000000/".to_owned()),
+                source_archive: set
+                    .then(|| "/var/lib/revboot/src/.deleted/hello-1700000000000.git".to_owned()),
+                stopped: 1,
+            }
+        }
+        fn renamed(set: bool) -> RenamedView {
+            RenamedView {
+                service: "hello".to_owned(),
+                to: "greet".to_owned(),
+                dns_name: "greet.revboot.test".to_owned(),
+                live: set.then(|| "ab".repeat(20)),
+                deployments: 2,
+                stopped: 0,
+            }
+        }
+        fn token(_: bool) -> TokenView {
+            TokenView {
+                version: "0.1.0".to_owned(),
+                zone: "revboot.test".to_owned(),
+            }
+        }
         fn pair<T: serde::Serialize>(make: fn(bool) -> T) -> [serde_json::Value; 2] {
             [true, false].map(|set| serde_json::to_value(make(set)).expect("serializable"))
         }
         vec![
             ("Service", pair(service)),
+            ("Deleted", pair(deleted)),
+            ("Renamed", pair(renamed)),
+            ("Token", pair(token)),
             ("Deployment", pair(deployment)),
             ("Show", pair(show)),
             ("Diff", pair(diff)),

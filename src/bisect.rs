@@ -65,13 +65,12 @@ fn git_with_token(client: &Client) -> Command {
 }
 
 /// Runs the whole bisection and prints the first bad deployment or source commit.
-pub fn bisect(client: &Client, args: &BisectArgs) -> anyhow::Result<Outcome> {
+pub fn bisect(client: &Client, service: &str, args: &BisectArgs) -> anyhow::Result<Outcome> {
     let work = tempfile::Builder::new()
         .prefix("revboot-bisect-")
         .tempdir()
         .context("Cannot make a temporary directory")?;
     let clone = work.path().join("repository.git");
-    let service = &args.service;
     let (url, ends) = if args.source {
         (format!("{}/git/{service}.git", client.url()), None)
     } else {

@@ -5,13 +5,37 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgAction, Args, Parser, Subcommand};
+
+/// What `--help` says after the options: exit codes, JSON errors, where settings come from.
+pub const AFTER_HELP: &str = "\
+Exit status:
+  0  success
+  1  revboot or its surroundings failed (a configuration file, a file, an internal error)
+  2  a bad command line or value, or a wrong token
+  3  not found, ambiguous, or in conflict (a name taken, builds running)
+  4  unavailable: try again (the daemon is not running, a limit is reached, being built)
+  `bisect` exits 0 when it names the first bad revision; `bisect-step` uses git bisect's codes.
+
+With --json, errors are printed to stdout as {\"error\": kind, \"message\": text}; kind is
+one of the API's (invalid, not_found, ambiguous, conflict, unauthorized, unavailable,
+building, internal), `usage` (a bad command line) or `failed` (exit status 1).
+
+The daemon to talk to: --url (REVBOOT_URL), else --remote NAME (REVBOOT_REMOTE), else the
+default remote of `revboot login` ($XDG_CONFIG_HOME/revboot/config.toml), else the daemon
+configuration: --config, ./revbootd.toml, /etc/revboot/revbootd.toml. The token:
+REVBOOT_TOKEN, else the remote's, else the configuration's or <data>/token.
+A command that names no service takes it from the git remote of the current directory
+that points at that daemon's /git/<service>.git.
+
+Colour only on a terminal, never with NO_COLOR set.";
 
 /// revboot: git-backed unikernel deployment.
 #[derive(Debug, Parser)]
-#[command(name = "revboot", version, about, long_about = None)]
+#[command(name = "revboot", version, about, long_about = None, after_help = AFTER_HELP)]
 pub struct Cli {
-    /// The daemon configuration file (`revbootd.toml`).
+    /// The daemon configuration file (`revbootd.toml`; default: ./revbootd.toml, else
+    /// /etc/revboot/revbootd.toml).
     #[arg(long, global = true, env = "REVBOOT_CONFIG")]
     pub config: Option<PathBuf>,
     /// The data directory (overrides the configuration file).
@@ -20,9 +44,18 @@ pub struct Cli {
     /// The daemon's HTTP address, for commands that talk to it.
     #[arg(long, global = true, env = "REVBOOT_URL")]
     pub url: Option<String>,
-    /// Print listings as JSON.
+    /// A remote saved by `revboot login`, for commands that talk to a daemon.
+    #[arg(long, global = true, env = "REVBOOT_REMOTE")]
+    pub remote: Option<String>,
+    /// Print listings, and errors, as JSON.
     #[arg(long, global = true)]
     pub json: bool,
+    /// More log output: -v info, -vv debug, -vvv trace (instead of RUST_LOG).
+    #[arg(short, long, global = true, action = ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
+    /// Errors only: no progress, hints or warnings.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -33,57 +66,38 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon: DNS, handshake proxy, builder, git smart HTTP and the API.
     Serve(ServeArgs),
-    /// Start the daemon with defaults, push examples/hello twice with stock git, and keep serving.
+    /// Start the daemon with defaults, push the hello example twice with stock git, and keep
+    /// serving.
     Demo(DemoArgs),
-    /// Services: add, list.
+    /// Save a daemon's URL and token as a remote (the default one) in the client
+    /// configuration; the token is read from standard input, or asked for on a terminal.
+    Login(LoginArgs),
+    /// Forget a remote saved by `revboot login` (default: the default remote).
+    Logout {
+        /// The remote.
+        name: Option<String>,
+    },
+    /// Services: add, list, rename, delete.
     #[command(subcommand)]
     Service(ServiceCommand),
     /// Print the git remote URL to push a service to.
     Remote {
-        /// The service.
-        service: String,
+        /// The service (default: the current checkout's).
+        service: Option<String>,
     },
     /// Deployment history of a service.
     Log {
-        /// The service.
-        service: String,
+        /// The service (default: the current checkout's).
+        service: Option<String>,
     },
     /// One deployment: manifest, image, source, build status.
-    Show {
-        /// The service.
-        service: String,
-        /// A label: commit prefix, source commit prefix, tag or branch.
-        label: String,
-    },
+    Show(ServiceLabel),
     /// Manifest diff and image size change between two deployments.
-    Diff {
-        /// The service.
-        service: String,
-        /// The older label.
-        a: String,
-        /// The newer label.
-        b: String,
-    },
+    Diff(ServiceDiff),
     /// Move the live pointer back to an older deployment.
-    Rollback {
-        /// The service.
-        service: String,
-        /// The label to make live.
-        label: String,
-        /// Move without the health check of its manifest (`[deploy] check`).
-        #[arg(long)]
-        no_check: bool,
-    },
+    Rollback(LiveMove),
     /// Move the live pointer to a deployment.
-    Deploy {
-        /// The service.
-        service: String,
-        /// The label to make live.
-        label: String,
-        /// Move without the health check of its manifest (`[deploy] check`).
-        #[arg(long)]
-        no_check: bool,
-    },
+    Deploy(LiveMove),
     /// Configuration variables and secrets of a service: kept encrypted outside git, given
     /// to instances booted after a change.
     #[command(subcommand)]
@@ -110,6 +124,76 @@ pub enum Command {
     /// Internal: one step of `revboot bisect`, run by `git bisect run`.
     #[command(hide = true)]
     BisectStep(BisectStepArgs),
+    /// Print a shell completion script (bash: `source <(revboot completions bash)`; zsh: save
+    /// it as `_revboot` in a directory of $fpath; fish: save it in
+    /// ~/.config/fish/completions/revboot.fish).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `revboot man | man -l -`.
+    Man,
+}
+
+/// `[SERVICE] LABEL`.
+#[derive(Debug, Args)]
+pub struct ServiceLabel {
+    /// [SERVICE] LABEL: the service (default: the current checkout's) and a label: commit
+    /// prefix, source commit prefix, tag or branch.
+    #[arg(value_names = ["SERVICE", "LABEL"], num_args = 1..=2, required = true)]
+    pub words: Vec<String>,
+}
+
+impl ServiceLabel {
+    /// The service, if named, and the label.
+    pub fn split(&self) -> (Option<&str>, &str) {
+        match self.words.as_slice() {
+            [service, label] => (Some(service), label),
+            [label] => (None, label),
+            _ => unreachable!("clap takes one or two words"),
+        }
+    }
+}
+
+/// `[SERVICE] LABEL [--no-check]`: where `rollback` and `deploy` move live.
+#[derive(Debug, Args)]
+pub struct LiveMove {
+    /// The service and the label to make live.
+    #[command(flatten)]
+    pub target: ServiceLabel,
+    /// Move without the health check of its manifest (`[deploy] check`).
+    #[arg(long)]
+    pub no_check: bool,
+}
+
+/// `[SERVICE] A B`.
+#[derive(Debug, Args)]
+pub struct ServiceDiff {
+    /// [SERVICE] A B: the service (default: the current checkout's), the older label and the
+    /// newer one.
+    #[arg(value_names = ["SERVICE", "A", "B"], num_args = 2..=3, required = true)]
+    pub words: Vec<String>,
+}
+
+impl ServiceDiff {
+    /// The service, if named, and the two labels.
+    pub fn split(&self) -> (Option<&str>, &str, &str) {
+        match self.words.as_slice() {
+            [service, a, b] => (Some(service), a, b),
+            [a, b] => (None, a, b),
+            _ => unreachable!("clap takes two or three words"),
+        }
+    }
+}
+
+/// `revboot login`.
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// The daemon's HTTP address, e.g. http://revboot.example:8080.
+    pub url: String,
+    /// The remote's name (default: the URL's host and port).
+    #[arg(long)]
+    pub name: Option<String>,
 }
 
 /// `revboot serve`.
@@ -139,9 +223,9 @@ pub struct DemoArgs {
     /// Daemon settings.
     #[command(flatten)]
     pub serve: ServeArgs,
-    /// Where the example sources are.
-    #[arg(long, default_value = "examples")]
-    pub examples: PathBuf,
+    /// A folder with a `hello` service to push instead of the one built in.
+    #[arg(long)]
+    pub examples: Option<PathBuf>,
     /// Push the examples, print what to try, and exit instead of serving on.
     #[arg(long)]
     pub once: bool,
@@ -157,6 +241,30 @@ pub enum ServiceCommand {
     },
     /// List services.
     List,
+    /// Give a service a new name: its history, live pointer, tags and source repository
+    /// move with it (the same revisions); its running instances are stopped; its old DNS
+    /// names stop answering and every label answers under the new name.
+    Rename {
+        /// The service.
+        service: String,
+        /// Its new name (a DNS label).
+        to: String,
+    },
+    /// Delete a service: its source repository, build cache and DNS names go, its running
+    /// instances are stopped; its deployments are kept or removed, as asked.
+    #[command(group = clap::ArgGroup::new("deployments").required(true))]
+    Delete {
+        /// The service (never inferred: name it).
+        service: String,
+        /// Keep its deployments in the deployment repository, under
+        /// `refs/revboot/deleted/<service>/<unix ms>/`, and its source repository on the
+        /// daemon's host; the name is free again.
+        #[arg(long, group = "deployments")]
+        keep_deployments: bool,
+        /// Remove its deployments (`git gc` frees their space) and its source repository.
+        #[arg(long, group = "deployments")]
+        remove_deployments: bool,
+    },
 }
 
 /// `revboot config …`.
@@ -197,8 +305,8 @@ pub enum ConfigCommand {
 /// Which instance.
 #[derive(Debug, Args)]
 pub struct InstanceArgs {
-    /// The service.
-    pub service: String,
+    /// The service (default: the current checkout's).
+    pub service: Option<String>,
     /// The label (default: live).
     pub label: Option<String>,
     /// The client of a per-client instance.
@@ -209,8 +317,8 @@ pub struct InstanceArgs {
 /// `revboot logs`.
 #[derive(Debug, Args)]
 pub struct LogsArgs {
-    /// The service.
-    pub service: String,
+    /// The service (default: the current checkout's).
+    pub service: Option<String>,
     /// The label (default: live).
     pub label: Option<String>,
     /// Only the build log.
@@ -231,8 +339,8 @@ pub struct LogsArgs {
 /// `revboot bisect`.
 #[derive(Debug, Args)]
 pub struct BisectArgs {
-    /// The service.
-    pub service: String,
+    /// The service (default: the current checkout's).
+    pub service: Option<String>,
     /// A label known to be good (with --source: a source commit or ref).
     #[arg(long)]
     pub good: String,

@@ -80,18 +80,27 @@ impl Client {
     fn remote(&self, action: &Action) -> Result<Reply, RemoteError> {
         let (method, path, body) = route(action);
         let url = format!("{}{path}", self.url);
+        let bearer = self.token.as_ref().map(|token| format!("Bearer {token}"));
+        tracing::debug!(method = method.name(), %url, "asking the daemon");
         let mut response = match method {
             Method::Get => {
                 let mut request = self.agent.get(&url);
-                if let Some(token) = &self.token {
-                    request = request.header("authorization", &format!("Bearer {token}"));
+                if let Some(bearer) = &bearer {
+                    request = request.header("authorization", bearer);
+                }
+                request.call()
+            }
+            Method::Delete => {
+                let mut request = self.agent.delete(&url);
+                if let Some(bearer) = &bearer {
+                    request = request.header("authorization", bearer);
                 }
                 request.call()
             }
             Method::Post => {
                 let mut request = self.agent.post(&url);
-                if let Some(token) = &self.token {
-                    request = request.header("authorization", &format!("Bearer {token}"));
+                if let Some(bearer) = &bearer {
+                    request = request.header("authorization", bearer);
                 }
                 request.send_json(body.unwrap_or(serde_json::Value::Null))
             }
@@ -222,12 +231,26 @@ enum RemoteError {
 enum Method {
     Get,
     Post,
+    Delete,
+}
+
+impl Method {
+    fn name(&self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Post => "POST",
+            Method::Delete => "DELETE",
+        }
+    }
 }
 
 fn needs_daemon(action: &Action) -> bool {
     matches!(
         action,
         Action::AddService { .. }
+            | Action::DeleteService { .. }
+            | Action::RenameService { .. }
+            | Action::CheckToken
             | Action::ListInstances
             | Action::StopInstance { .. }
             | Action::Summon { .. }
@@ -271,6 +294,27 @@ fn route(action: &Action) -> (Method, String, Option<serde_json::Value>) {
             json(j!({ "name": name })),
         ),
         Action::ListServices => (Method::Get, "/api/v1/services".into(), None),
+        Action::DeleteService {
+            service,
+            deployments,
+        } => (
+            Method::Delete,
+            format!(
+                "/api/v1/services/{}?deployments={}",
+                encode(service),
+                match deployments {
+                    crate::action::Deployments::Keep => "keep",
+                    crate::action::Deployments::Remove => "remove",
+                }
+            ),
+            None,
+        ),
+        Action::RenameService { service, to } => (
+            Method::Post,
+            format!("/api/v1/services/{}/rename", encode(service)),
+            json(j!({ "to": to })),
+        ),
+        Action::CheckToken => (Method::Get, "/api/v1/token".into(), None),
         Action::History { service } => (
             Method::Get,
             format!("/api/v1/services/{}/deployments", encode(service)),
@@ -387,6 +431,9 @@ fn parse_reply(action: &Action, text: &str) -> Result<Reply, serde_json::Error> 
     Ok(match action {
         Action::AddService { .. } => Reply::ServiceAdded(serde_json::from_str(text)?),
         Action::ListServices => Reply::Services(serde_json::from_str(text)?),
+        Action::DeleteService { .. } => Reply::ServiceDeleted(serde_json::from_str(text)?),
+        Action::RenameService { .. } => Reply::ServiceRenamed(serde_json::from_str(text)?),
+        Action::CheckToken => Reply::Token(serde_json::from_str(text)?),
         Action::History { .. } => Reply::History(serde_json::from_str(text)?),
         Action::Show { .. } => Reply::Show(serde_json::from_str(text)?),
         Action::Diff { .. } => Reply::Diff(serde_json::from_str(text)?),
@@ -413,6 +460,15 @@ mod tests {
         let actions = [
             Action::AddService { name: "a".into() },
             Action::ListServices,
+            Action::DeleteService {
+                service: "a".into(),
+                deployments: crate::action::Deployments::Keep,
+            },
+            Action::RenameService {
+                service: "a".into(),
+                to: "b".into(),
+            },
+            Action::CheckToken,
             Action::History {
                 service: "a".into(),
             },
@@ -470,13 +526,10 @@ mod tests {
         ];
         for action in &actions {
             let (method, path, _) = route(action);
-            let method = match method {
-                Method::Get => "get",
-                Method::Post => "post",
-            };
+            let method = method.name().to_ascii_lowercase();
             let path = path.split('?').next().expect("a path");
             let matched = crate::api::ROUTES.iter().any(|(m, pattern)| {
-                *m == method && {
+                *m == method.as_str() && {
                     let a: Vec<&str> = pattern.split('/').collect();
                     let b: Vec<&str> = path.split('/').collect();
                     a.len() == b.len()

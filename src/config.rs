@@ -36,6 +36,10 @@ use serde::Deserialize;
 /// The default name of the daemon configuration file.
 pub const FILE_NAME: &str = "revbootd.toml";
 
+/// Where the daemon configuration is looked for when the current directory has no
+/// [`FILE_NAME`] and none is named (`--config`): the place packages install it.
+pub const SYSTEM_FILE: &str = "/etc/revboot/revbootd.toml";
+
 /// The whole daemon configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]

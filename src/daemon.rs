@@ -40,7 +40,8 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::action::{
-    Action, ActionError, ConfigView, DaemonView, InstanceView, Reply, SummonView, VarView,
+    Action, ActionError, ConfigView, DaemonView, DeletedView, InstanceView, RenamedView, Reply,
+    SummonView, VarView,
 };
 use crate::config::Config;
 use crate::engine::{Engine, Runtime, error_chain, resolve_error};
@@ -149,6 +150,17 @@ fn config_view(
     }
 }
 
+impl DaemonRuntime {
+    fn parts(&self) -> crate::lifecycle::Parts<'_> {
+        crate::lifecycle::Parts {
+            store: &self.store,
+            builder: &self.builder,
+            deployer: &self.deployer,
+            zone: &self.zone,
+        }
+    }
+}
+
 impl Runtime for DaemonRuntime {
     fn add_service(&self, name: &str) -> Result<(), ActionError> {
         let info = self
@@ -163,6 +175,14 @@ impl Runtime for DaemonRuntime {
                 info.source_repo.display()
             )))
         }
+    }
+
+    fn delete_service(&self, service: &str, keep: bool) -> Result<DeletedView, ActionError> {
+        self.handle.block_on(self.parts().delete(service, keep))
+    }
+
+    fn rename_service(&self, from: &str, to: &str) -> Result<RenamedView, ActionError> {
+        self.handle.block_on(self.parts().rename(from, to))
     }
 
     fn instances(&self, action: &Action) -> Result<Reply, ActionError> {
@@ -839,10 +859,26 @@ pub async fn termination() {
     }
 }
 
+/// Tells the service manager (systemd's `Type=notify`, or anything listening on
+/// `$NOTIFY_SOCKET`) how the daemon stands; nothing without that variable.
+fn notify_service_manager(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(error) = sd_notify::notify(states) {
+        warn!(%error, "cannot notify the service manager ($NOTIFY_SOCKET)");
+    }
+}
+
 /// Runs the daemon until SIGTERM or SIGINT; `revboot upgrade` executes it again in place.
+/// Once every part serves, it says so to the
+/// service manager (`READY=1` on `$NOTIFY_SOCKET`, see `packaging/revboot.service`), and
+/// `STOPPING=1` when it begins to stop.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let daemon = Daemon::start_with(config, true).await?;
     let info = daemon.info().clone();
+    let status = format!("serving HTTP on {}, DNS on {}", info.http, info.dns);
+    notify_service_manager(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status),
+    ]);
     tracing::info!(
         "push with: git push {} main  |  dig @{} -p {} <ref>.<service>.{}",
         info.remote_hint("<service>"),
@@ -853,6 +889,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let mut upgrade = daemon.upgrade.clone();
     tokio::select! {
         () = termination() => {
+            notify_service_manager(&[sd_notify::NotifyState::Stopping]);
             daemon.shutdown().await;
             Ok(())
         }

@@ -3,8 +3,10 @@
 //! 1. Start the daemon with the embedded defaults (or the configuration given), reads open
 //!    to anyone who can reach it (`[http] public_reads = true`): the demo has one user, on
 //!    this machine. `revboot serve` keeps reads behind the token.
-//! 2. Copy `examples/hello` into `<data>/demo/hello`, make it a git repository and push it
-//!    with stock git over smart HTTP, as a user would: revision `v1`.
+//! 2. Write the hello service into `<data>/demo/hello` — its sources are built into the
+//!    binary ([`HELLO`], from `examples/hello`), so an installed `revboot` needs no source
+//!    tree; `--examples <dir>` takes `<dir>/hello` instead — make it a git repository and
+//!    push it with stock git over smart HTTP, as a user would: revision `v1`.
 //! 3. Change its `REVISION` line, commit and push again: `v2` goes live.
 //! 4. Print what to try (`dig`, `curl --resolve`, `revboot log`, `revboot rollback`) and keep
 //!    serving until SIGINT/SIGTERM (or stop at once with `--once`).
@@ -19,20 +21,40 @@ use tokio::process::Command;
 use crate::config::Config;
 use crate::daemon::{Daemon, DaemonInfo, termination};
 
-/// Runs the demo.
-pub async fn demo(mut config: Config, examples: &Path, once: bool) -> anyhow::Result<()> {
-    let examples = if examples.join("hello").join("revboot.toml").exists() {
-        examples.to_owned()
-    } else {
-        default_examples()
-    };
+/// The files of `examples/hello`, built into the binary: (path, contents).
+pub const HELLO: &[(&str, &[u8])] = &[
+    (
+        ".cargo/config.toml",
+        include_bytes!("../examples/hello/.cargo/config.toml"),
+    ),
+    (".gitignore", include_bytes!("../examples/hello/.gitignore")),
+    ("Cargo.lock", include_bytes!("../examples/hello/Cargo.lock")),
+    ("Cargo.toml", include_bytes!("../examples/hello/Cargo.toml")),
+    (
+        "revboot.toml",
+        include_bytes!("../examples/hello/revboot.toml"),
+    ),
+    (
+        "src/main.rs",
+        include_bytes!("../examples/hello/src/main.rs"),
+    ),
+];
+
+/// Runs the demo, with the hello service of `examples` (`<examples>/hello`) or the one
+/// built in.
+pub async fn demo(mut config: Config, examples: Option<&Path>, once: bool) -> anyhow::Result<()> {
+    if let Some(examples) = examples
+        && !examples.join("hello").join("revboot.toml").is_file()
+    {
+        bail!("{} has no hello/revboot.toml", examples.display());
+    }
     config.http.public_reads = true;
     let daemon = Daemon::start(config).await?;
     let info = daemon.info().clone();
     say(
         "demo: reads (API, /metrics, logs, git clone) need no token here ([http] public_reads = true); `revboot serve` asks for it\n",
     );
-    let result = push_examples(&info, &examples).await;
+    let result = push_examples(&info, examples).await;
     match result {
         Ok(()) => say(&instructions(&info)),
         Err(error) => {
@@ -54,7 +76,7 @@ fn say(text: &str) {
     let _ = out.flush();
 }
 
-async fn push_examples(info: &DaemonInfo, examples: &Path) -> anyhow::Result<()> {
+async fn push_examples(info: &DaemonInfo, examples: Option<&Path>) -> anyhow::Result<()> {
     let work = info.data.join("demo").join("hello");
     if work.join(".git").exists() {
         say(&format!(
@@ -63,7 +85,10 @@ async fn push_examples(info: &DaemonInfo, examples: &Path) -> anyhow::Result<()>
         ));
         return push(info, &work).await;
     }
-    copy_tree(&examples.join("hello"), &work)?;
+    match examples {
+        Some(examples) => copy_tree(&examples.join("hello"), &work)?,
+        None => write_hello(&work)?,
+    }
     git(&work, &["init", "-q", "-b", "main"]).await?;
     git(&work, &["add", "."]).await?;
     git(&work, &["commit", "-q", "-m", "hello v1"]).await?;
@@ -123,6 +148,20 @@ async fn git(work: &Path, args: &[&str]) -> anyhow::Result<()> {
             args.join(" "),
             String::from_utf8_lossy(&output.stderr).trim()
         );
+    }
+    Ok(())
+}
+
+/// Writes the built-in hello service into `to`.
+fn write_hello(to: &Path) -> anyhow::Result<()> {
+    for (path, contents) in HELLO {
+        let target = to.join(path);
+        if let Some(dir) = target.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("Cannot create {}", dir.display()))?;
+        }
+        std::fs::write(&target, contents)
+            .with_context(|| format!("Cannot write {}", target.display()))?;
     }
     Ok(())
 }
@@ -187,7 +226,40 @@ Stop with Ctrl-C.
     )
 }
 
-/// The folder `examples/` of this source tree, for `demo` run from elsewhere.
-fn default_examples() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples")
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every file of `examples/hello` is built in, as it is: a file added there and not in
+    /// [`HELLO`] would be missing from an installed `revboot`'s demo.
+    #[test]
+    fn the_built_in_hello_is_examples_hello() {
+        fn files(root: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
+            for entry in std::fs::read_dir(dir).expect("read examples/hello") {
+                let path = entry.expect("entry").path();
+                if path.file_name().is_some_and(|n| n == "target") {
+                    continue;
+                }
+                if path.is_dir() {
+                    files(root, &path, out);
+                } else {
+                    let name = path
+                        .strip_prefix(root)
+                        .expect("inside")
+                        .to_string_lossy()
+                        .into_owned();
+                    out.push((name, std::fs::read(&path).expect("read")));
+                }
+            }
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hello");
+        let mut on_disk = Vec::new();
+        files(&root, &root, &mut on_disk);
+        on_disk.sort();
+        let built_in: Vec<(String, Vec<u8>)> = HELLO
+            .iter()
+            .map(|(path, contents)| ((*path).to_owned(), contents.to_vec()))
+            .collect();
+        assert_eq!(built_in, on_disk);
+    }
 }

@@ -8,14 +8,18 @@ use std::sync::Arc;
 use revboot_store::{Deployment, ResolveError, Revision, Store};
 
 use crate::action::{
-    Action, ActionError, BuildLogView, ConsoleView, DeploymentView, DiffView, MoveReason, MoveView,
-    Reply, ServiceView, ShowView,
+    Action, ActionError, BuildLogView, ConsoleView, DeletedView, DeploymentView, Deployments,
+    DiffView, MoveReason, MoveView, RenamedView, Reply, ServiceView, ShowView, TokenView,
 };
 
 /// The running parts an engine may have beside the store.
 pub trait Runtime: Send + Sync + 'static {
     /// Creates a service (its source repository).
     fn add_service(&self, name: &str) -> Result<(), ActionError>;
+    /// Deletes a service (see `crate::lifecycle`).
+    fn delete_service(&self, service: &str, keep: bool) -> Result<DeletedView, ActionError>;
+    /// Renames a service (see `crate::lifecycle`).
+    fn rename_service(&self, from: &str, to: &str) -> Result<RenamedView, ActionError>;
     /// Runs an instance-related action (list, stop, summon).
     fn instances(&self, action: &Action) -> Result<Reply, ActionError>;
     /// Builds queued, running and recently finished, newest first.
@@ -97,6 +101,21 @@ impl Engine {
                 }))
             }
             Action::ListServices => self.services().map(Reply::Services),
+            Action::DeleteService {
+                service,
+                deployments,
+            } => self
+                .runtime()?
+                .delete_service(service, *deployments == Deployments::Keep)
+                .map(Reply::ServiceDeleted),
+            Action::RenameService { service, to } => self
+                .runtime()?
+                .rename_service(service, to)
+                .map(Reply::ServiceRenamed),
+            Action::CheckToken => Ok(Reply::Token(TokenView {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                zone: self.zone.clone(),
+            })),
             Action::History { service } => {
                 let history = self.store.history(service).map_err(read_error)?;
                 Ok(Reply::History(

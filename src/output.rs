@@ -1,14 +1,37 @@
 //! How replies are printed: aligned tables for people, JSON with `--json`.
+//!
+//! Colour (bold table headers, the live marker and build statuses) only on a terminal, and
+//! never when `NO_COLOR` is set to anything but the empty string (no-color.org).
 
 use std::fmt::Write as _;
+use std::io::IsTerminal;
+
+use anstyle::{AnsiColor, Style};
 
 use crate::action::{DeploymentView, Reply};
 
+/// How a reply is printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Text for a person, no colour.
+    Plain,
+    /// Text for a person at a terminal.
+    Colour,
+    /// JSON (`--json`).
+    Json,
+}
+
+/// Whether output to `stream` may be coloured: it is a terminal and `NO_COLOR` is not set.
+pub fn colour(stream: &impl IsTerminal) -> bool {
+    stream.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty())
+}
+
 /// Renders a reply for a terminal (or as JSON).
-pub fn render(reply: &Reply, json: bool) -> String {
-    if json {
+pub fn render(reply: &Reply, format: Format) -> String {
+    if format == Format::Json {
         return serde_json::to_string_pretty(reply).expect("replies are plain data") + "\n";
     }
+    let paint = format == Format::Colour;
     let mut out = String::new();
     match reply {
         Reply::ServiceAdded(service) => {
@@ -16,6 +39,65 @@ pub fn render(reply: &Reply, json: bool) -> String {
                 out,
                 "created service {} ({})",
                 service.name, service.dns_name
+            );
+        }
+        Reply::ServiceDeleted(deleted) => {
+            let what = match (&deleted.archive, deleted.kept) {
+                (Some(archive), _) => format!(
+                    "its {} deployments are kept under {archive} in the deployment repository",
+                    deleted.deployments
+                ),
+                (None, true) => "it had no deployment".to_owned(),
+                (None, false) => format!(
+                    "its {} deployments are removed (`git gc` frees their space)",
+                    deleted.deployments
+                ),
+            };
+            let _ = writeln!(
+                out,
+                "deleted service {}: {what}; its DNS names no longer answer",
+                deleted.service
+            );
+            if let Some(source) = &deleted.source_archive {
+                let _ = writeln!(out, "its source repository is kept at {source}");
+            }
+            if deleted.stopped > 0 {
+                let _ = writeln!(out, "{} running instances stopped", deleted.stopped);
+            }
+        }
+        Reply::ServiceRenamed(renamed) => {
+            let _ = writeln!(
+                out,
+                "renamed service {} to {}: {} deployments, the same revisions; live{} answers at {}; names under {} no longer answer",
+                renamed.service,
+                renamed.to,
+                renamed.deployments,
+                renamed
+                    .live
+                    .as_deref()
+                    .map(|l| format!(" {}", &l[..7.min(l.len())]))
+                    .unwrap_or_default(),
+                renamed.dns_name,
+                renamed.service,
+            );
+            if renamed.stopped > 0 {
+                let _ = writeln!(
+                    out,
+                    "{} running instances stopped; they boot again under the new name on demand",
+                    renamed.stopped
+                );
+            }
+            let _ = writeln!(
+                out,
+                "push to the new name: git remote set-url <remote> <daemon>/git/{}.git",
+                renamed.to
+            );
+        }
+        Reply::Token(daemon) => {
+            let _ = writeln!(
+                out,
+                "revboot {} serving zone {}: the token is good",
+                daemon.version, daemon.zone
             );
         }
         Reply::Services(services) => {
@@ -33,7 +115,12 @@ pub fn render(reply: &Reply, json: bool) -> String {
                     ]
                 })
                 .collect();
-            table(&mut out, &["SERVICE", "LIVE", "DEPLOYMENTS", "NAME"], rows);
+            table(
+                &mut out,
+                &["SERVICE", "LIVE", "DEPLOYMENTS", "NAME"],
+                rows,
+                paint.then_some(plain_cells),
+            );
         }
         Reply::History(history) => {
             let rows = history.iter().map(history_row).collect();
@@ -43,6 +130,7 @@ pub fn render(reply: &Reply, json: bool) -> String {
                     "", "REVISION", "SOURCE", "STATUS", "IMAGE", "TIME", "SUBJECT",
                 ],
                 rows,
+                paint.then_some(history_cells),
             );
         }
         Reply::Show(show) => {
@@ -131,6 +219,7 @@ pub fn render(reply: &Reply, json: bool) -> String {
                     "STEERED",
                 ],
                 rows,
+                paint.then_some(plain_cells),
             );
         }
         Reply::Stopped(instance) => {
@@ -207,6 +296,7 @@ pub fn render(reply: &Reply, json: bool) -> String {
                     "BUILD", "SERVICE", "SOURCE", "STATE", "REVISION", "QUEUED", "MESSAGE",
                 ],
                 rows,
+                paint.then_some(plain_cells),
             );
         }
         Reply::Summoned(summoned) => {
@@ -307,28 +397,55 @@ fn history_row(d: &DeploymentView) -> Vec<String> {
     ]
 }
 
-fn table(out: &mut String, header: &[&str], rows: Vec<Vec<String>>) {
+/// The style of a cell (column, text), for a table in colour.
+type Paint = fn(usize, &str) -> Style;
+
+fn plain_cells(_: usize, _: &str) -> Style {
+    Style::new()
+}
+
+/// The live marker in green, failed builds in red.
+fn history_cells(column: usize, cell: &str) -> Style {
+    match (column, cell) {
+        (0, "*") => AnsiColor::Green.on_default().bold(),
+        (3, "succeeded") => AnsiColor::Green.on_default(),
+        (3, "failed" | "interrupted") => AnsiColor::Red.on_default(),
+        _ => Style::new(),
+    }
+}
+
+/// An aligned table; with `paint`, the header in bold and each cell in its style (added
+/// after the padding, so that escape codes do not count as width).
+fn table(out: &mut String, header: &[&str], rows: Vec<Vec<String>>, paint: Option<Paint>) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
         }
     }
-    let line = |out: &mut String, cells: Vec<&str>| {
+    let line = |out: &mut String, cells: Vec<&str>, style: &dyn Fn(usize, &str) -> Style| {
         let mut text = String::new();
         for (index, (cell, width)) in cells.iter().zip(&widths).enumerate() {
-            if index + 1 == cells.len() {
-                text.push_str(cell);
+            let padded = if index + 1 == cells.len() {
+                (*cell).to_owned()
             } else {
-                let _ = write!(text, "{cell:<width$}  ");
-            }
+                format!("{cell:<width$}  ")
+            };
+            let style = if paint.is_some() {
+                style(index, cell)
+            } else {
+                Style::new()
+            };
+            let _ = write!(text, "{style}{padded}{style:#}");
         }
-        out.push_str(text.trim_end());
+        let _ = write!(out, "{}", text.trim_end());
         out.push('\n');
     };
-    line(out, header.to_vec());
+    let bold = Style::new().bold();
+    line(out, header.to_vec(), &|_, _| bold);
+    let cell_style = paint.unwrap_or(plain_cells);
     for row in &rows {
-        line(out, row.iter().map(String::as_str).collect());
+        line(out, row.iter().map(String::as_str).collect(), &cell_style);
     }
 }
 
@@ -399,12 +516,36 @@ mod tests {
             steered,
             pid: None,
         };
-        let text = render(&Reply::Instances(vec![view(Some(12)), view(None)]), false);
+        let text = render(
+            &Reply::Instances(vec![view(Some(12)), view(None)]),
+            Format::Plain,
+        );
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].ends_with("STEERED"), "{text}");
         assert!(lines[1].ends_with(" 12"), "{text}");
         assert!(lines[2].ends_with(" -"), "{text}");
-        let json = render(&Reply::Instances(vec![view(None)]), true);
+        let json = render(&Reply::Instances(vec![view(None)]), Format::Json);
+        // Colour codes come only with Format::Colour, and do not change the alignment.
+        assert!(!text.contains('\x1b'), "{text}");
+        let coloured = render(
+            &Reply::Instances(vec![view(Some(12)), view(None)]),
+            Format::Colour,
+        );
+        assert!(coloured.starts_with("\x1b[1m"), "{coloured:?}");
+        let stripped: String = {
+            let mut out = String::new();
+            let mut escape = false;
+            for c in coloured.chars() {
+                match (escape, c) {
+                    (false, '\x1b') => escape = true,
+                    (true, 'm') => escape = false,
+                    (true, _) => {}
+                    (false, c) => out.push(c),
+                }
+            }
+            out
+        };
+        assert_eq!(stripped, text);
         assert!(!json.contains("steered"), "{json}");
     }
 }

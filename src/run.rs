@@ -5,22 +5,27 @@ use std::path::Path;
 
 use anyhow::Context as _;
 
-use crate::action::{Action, ActionError, MoveReason, Reply};
+use crate::action::{Action, ActionError, Deployments, MoveReason, Reply};
 use crate::cli::{Cli, Command, ServeArgs, ServiceCommand};
 use crate::client::Client;
 use crate::config::{self, Config};
 use crate::outcome::Outcome;
-use crate::output::render;
+use crate::output::{Format, render};
+use crate::remotes::ClientConfig;
 
 /// Loads the configuration: the file named on the command line, else `revbootd.toml` in
-/// the current directory if present, else the defaults; then the global flags.
+/// the current directory if present, else [`config::SYSTEM_FILE`] if present, else the
+/// defaults; then the global flags.
 pub fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     let mut config = match &cli.config {
         Some(path) => Config::read(path)?,
-        None if Path::new(config::FILE_NAME).exists() => {
-            Config::read(Path::new(config::FILE_NAME))?
-        }
-        None => Config::default(),
+        None => match [Path::new(config::FILE_NAME), Path::new(config::SYSTEM_FILE)]
+            .into_iter()
+            .find(|path| path.exists())
+        {
+            Some(path) => Config::read(path)?,
+            None => Config::default(),
+        },
     };
     if let Some(data) = &cli.data {
         config.data = data.clone();
@@ -49,26 +54,81 @@ pub fn apply_serve_args(config: &mut Config, args: &ServeArgs) -> anyhow::Result
     Ok(())
 }
 
-/// The client the CLI commands use.
-pub fn client(cli: &Cli, config: &Config) -> Client {
-    let url = cli
-        .url
-        .clone()
-        .unwrap_or_else(|| format!("http://{}", config.http.listen));
+/// The client the CLI commands use: the daemon and token chosen as `--help` says (`--url`,
+/// `--remote`, the default remote of `revboot login`, the daemon configuration).
+pub fn client(cli: &Cli, config: &Config) -> anyhow::Result<Client> {
+    let remotes = ClientConfig::load()?;
+    let chosen = match (&cli.url, &cli.remote) {
+        (Some(url), _) => Some((
+            url.clone(),
+            remotes.remote_for(url).and_then(|r| r.token.clone()),
+        )),
+        (None, Some(name)) => {
+            let remote = remotes.remote(name)?;
+            Some((remote.url.clone(), remote.token.clone()))
+        }
+        // A configuration file named on the command line says which daemon.
+        (None, None) if cli.config.is_some() => None,
+        (None, None) => match &remotes.default {
+            Some(name) => {
+                let remote = remotes.remote(name)?;
+                Some((remote.url.clone(), remote.token.clone()))
+            }
+            None => None,
+        },
+    };
+    let (url, token) = match chosen {
+        Some((url, token)) => (url, token),
+        None => (format!("http://{}", config.http.listen), None),
+    };
     let token = std::env::var("REVBOOT_TOKEN")
         .ok()
+        .filter(|t| !t.is_empty())
+        .or(token)
         .or_else(|| config.http.token.clone())
         .or_else(|| {
             std::fs::read_to_string(config.data.join("token"))
                 .ok()
                 .map(|t| t.trim().to_owned())
         });
-    Client::new(&url, token, &config.data, &config.zone)
+    Ok(Client::new(&url, token, &config.data, &config.zone))
+}
+
+/// The service a command names, or the one the current directory's git remotes name on
+/// the daemon `client` talks to.
+fn service(named: Option<&str>, client: &Client) -> Result<String, ActionError> {
+    match named {
+        Some(service) => Ok(service.to_owned()),
+        None => {
+            let here = std::env::current_dir().map_err(|error| {
+                ActionError::Invalid(format!(
+                    "No service given, and the current directory is unreadable ({error}): name the service"
+                ))
+            })?;
+            crate::remotes::infer_service(&here, client.url())
+        }
+    }
+}
+
+/// The log filter the flags ask for: `-q` errors only, `-v`… more; `None`: `RUST_LOG`, if
+/// set, else the command's default (`info` for the daemon, `warn` for the others).
+pub fn log_filter(cli: &Cli) -> Option<&'static str> {
+    let daemon = matches!(cli.command, Command::Serve(_) | Command::Demo(_));
+    match (cli.quiet, cli.verbose, daemon) {
+        (true, _, _) => Some("error"),
+        (false, 0, _) if std::env::var_os("RUST_LOG").is_some_and(|v| !v.is_empty()) => None,
+        (false, 0, true) => Some("info"),
+        (false, 0, false) => Some("warn"),
+        (false, 1, false) => Some("info"),
+        (false, 1, true) | (false, 2, false) => Some("debug"),
+        (false, _, _) => Some("trace"),
+    }
 }
 
 /// Runs one command line.
 pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let mut config = load_config(&cli)?;
+    let client = || client(&cli, &config);
     let action = match &cli.command {
         Command::Serve(args) => {
             apply_serve_args(&mut config, args)?;
@@ -77,70 +137,87 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         }
         Command::Demo(args) => {
             apply_serve_args(&mut config, &args.serve)?;
-            runtime()?.block_on(crate::demo::demo(config, &args.examples, args.once))?;
+            runtime()?.block_on(crate::demo::demo(
+                config,
+                args.examples.as_deref(),
+                args.once,
+            ))?;
             return Ok(Outcome::Done);
         }
-        Command::Remote { service } => {
-            let client = client(&cli, &config);
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut command, "revboot", &mut std::io::stdout());
+            return Ok(Outcome::Done);
+        }
+        Command::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(command)
+                .render(&mut std::io::stdout())
+                .context("Cannot write the manual page")?;
+            return Ok(Outcome::Done);
+        }
+        Command::Login(args) => return crate::login::login(args, &cli, &config),
+        Command::Logout { name } => return crate::login::logout(name.as_deref(), &cli),
+        Command::Remote { service: named } => {
+            let client = client()?;
+            let service = match service(named.as_deref(), &client) {
+                Ok(service) => service,
+                Err(error) => return Ok(Outcome::Failed(error)),
+            };
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{}/git/{service}.git", client.url());
-            let _ = writeln!(
-                out,
-                "# push with the token as password: git push http://git:$(cat {})@{}/git/{service}.git main",
-                config.data.join("token").display(),
-                client.url().trim_start_matches("http://")
-            );
+            if !cli.quiet {
+                let _ = writeln!(
+                    out,
+                    "# git asks for a password: give the token (REVBOOT_TOKEN, `revboot login`'s in {}, or {})",
+                    crate::remotes::path().map_or_else(
+                        || "the client configuration".to_owned(),
+                        |p| p.display().to_string()
+                    ),
+                    config.data.join("token").display(),
+                );
+            }
             return Ok(Outcome::Done);
         }
         Command::Bisect(args) => {
-            let client = client(&cli, &config);
-            return crate::bisect::bisect(&client, args);
+            let client = client()?;
+            return match service(args.service.as_deref(), &client) {
+                Ok(service) => crate::bisect::bisect(&client, &service, args),
+                Err(error) => Ok(Outcome::Failed(error)),
+            };
         }
         Command::BisectStep(args) => {
-            let client = client(&cli, &config);
+            let client = client()?;
             return crate::bisect::step(&client, args);
         }
         Command::Logs(args) => {
-            let client = client(&cli, &config);
-            return logs(&client, &cli, args);
+            let client = client()?;
+            return match service(args.service.as_deref(), &client) {
+                Ok(service) => logs(&client, &cli, &service, args),
+                Err(error) => Ok(Outcome::Failed(error)),
+            };
         }
         Command::Service(ServiceCommand::Add { name }) => Action::AddService { name: name.clone() },
         Command::Service(ServiceCommand::List) => Action::ListServices,
-        Command::Log { service } => Action::History {
+        Command::Service(ServiceCommand::Rename { service, to }) => Action::RenameService {
             service: service.clone(),
+            to: to.clone(),
         },
-        Command::Show { service, label } => Action::Show {
-            service: service.clone(),
-            label: label.clone(),
-        },
-        Command::Diff { service, a, b } => Action::Diff {
-            service: service.clone(),
-            a: a.clone(),
-            b: b.clone(),
-        },
-        Command::Rollback {
+        Command::Service(ServiceCommand::Delete {
             service,
-            label,
-            no_check,
-        } => Action::MoveLive {
+            keep_deployments,
+            ..
+        }) => Action::DeleteService {
             service: service.clone(),
-            label: label.clone(),
-            reason: MoveReason::Rollback,
-            check: !no_check,
-        },
-        Command::Deploy {
-            service,
-            label,
-            no_check,
-        } => Action::MoveLive {
-            service: service.clone(),
-            label: label.clone(),
-            reason: MoveReason::Deploy,
-            check: !no_check,
+            deployments: if *keep_deployments {
+                Deployments::Keep
+            } else {
+                Deployments::Remove
+            },
         },
         Command::Config(command) => crate::upkeep::config_action(command)?,
         Command::Upgrade => {
-            let client = client(&cli, &config);
+            let client = client()?;
             return Ok(print(
                 with_progress("upgrading the daemon", || crate::upkeep::upgrade(&client)),
                 cli.json,
@@ -150,29 +227,92 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Builds { service } => Action::ListBuilds {
             service: service.clone(),
         },
+        Command::Log { .. }
+        | Command::Show(_)
+        | Command::Diff(_)
+        | Command::Rollback(_)
+        | Command::Deploy(_)
+        | Command::Stop(_)
+        | Command::Kill(_) => {
+            let client = client()?;
+            return Ok(match service_action(&cli.command, &client) {
+                Ok(action) => carry_out(&client, action, &cli),
+                Err(error) => Outcome::Failed(error),
+            });
+        }
+    };
+    let client = client()?;
+    Ok(carry_out(&client, action, &cli))
+}
+
+/// The action of a command about one service, which it may leave to the current checkout.
+fn service_action(command: &Command, client: &Client) -> Result<Action, ActionError> {
+    Ok(match command {
+        Command::Log { service: named } => Action::History {
+            service: service(named.as_deref(), client)?,
+        },
+        Command::Show(words) => {
+            let (named, label) = words.split();
+            Action::Show {
+                service: service(named, client)?,
+                label: label.to_owned(),
+            }
+        }
+        Command::Diff(words) => {
+            let (named, a, b) = words.split();
+            Action::Diff {
+                service: service(named, client)?,
+                a: a.to_owned(),
+                b: b.to_owned(),
+            }
+        }
+        Command::Rollback(target) | Command::Deploy(target) => {
+            let (named, label) = target.target.split();
+            Action::MoveLive {
+                service: service(named, client)?,
+                label: label.to_owned(),
+                reason: if matches!(command, Command::Rollback(_)) {
+                    MoveReason::Rollback
+                } else {
+                    MoveReason::Deploy
+                },
+                check: !target.no_check,
+            }
+        }
         Command::Stop(args) | Command::Kill(args) => Action::StopInstance {
-            service: args.service.clone(),
+            service: service(args.service.as_deref(), client)?,
             label: args.label.clone(),
             client: args.client,
-            kill: matches!(cli.command, Command::Kill(_)),
+            kill: matches!(command, Command::Kill(_)),
         },
-    };
-    let client = client(&cli, &config);
+        other => {
+            return Err(ActionError::Internal(format!(
+                "{other:?} is not a command about one service"
+            )));
+        }
+    })
+}
+
+/// Carries out `action` through `client` and prints the reply.
+fn carry_out(client: &Client, action: Action, cli: &Cli) -> Outcome {
     let what = describe(&action);
-    Ok(print(
-        with_progress(&what, || execute_waiting(&client, action)),
-        cli.json,
-    ))
+    let result = if cli.quiet {
+        execute_waiting(client, action, true)
+    } else {
+        with_progress(&what, || execute_waiting(client, action, false))
+    };
+    print(result, cli.json)
 }
 
 /// How long a command waits for a build on demand (`revboot deploy` of a source commit
 /// that has no deployment yet).
 const BUILD_WAIT: std::time::Duration = std::time::Duration::from_secs(3600);
 
-/// Carries out an action, asking again while what it names is being built on demand.
-pub fn execute_waiting(client: &Client, action: Action) -> Result<Reply, ActionError> {
+/// Carries out an action, asking again while what it names is being built on demand
+/// (saying so once, unless `quiet`).
+pub fn execute_waiting(client: &Client, action: Action, quiet: bool) -> Result<Reply, ActionError> {
     let deadline = std::time::Instant::now() + BUILD_WAIT;
-    let mut said = false;
+    let mut said = quiet;
     loop {
         match client.execute(action.clone()) {
             Err(ActionError::Building(why)) if std::time::Instant::now() < deadline => {
@@ -222,6 +362,8 @@ fn describe(action: &Action) -> String {
         Action::Summon { service, .. } => format!("booting {service}"),
         Action::MoveLive { service, .. } => format!("moving live of {service}"),
         Action::AddService { name } => format!("creating {name}"),
+        Action::RenameService { service, to } => format!("renaming {service} to {to}"),
+        Action::DeleteService { service, .. } => format!("deleting {service}"),
         _ => "waiting for the daemon".to_owned(),
     }
 }
@@ -230,22 +372,34 @@ fn describe(action: &Action) -> String {
 pub fn print(result: Result<Reply, ActionError>, json: bool) -> Outcome {
     match result {
         Ok(reply) => {
+            let format = if json {
+                Format::Json
+            } else if crate::output::colour(&std::io::stdout()) {
+                Format::Colour
+            } else {
+                Format::Plain
+            };
             let _ = std::io::stdout()
                 .lock()
-                .write_all(render(&reply, json).as_bytes());
+                .write_all(render(&reply, format).as_bytes());
             Outcome::Done
         }
         Err(error) => Outcome::Failed(error),
     }
 }
 
-fn logs(client: &Client, cli: &Cli, args: &crate::cli::LogsArgs) -> anyhow::Result<Outcome> {
+fn logs(
+    client: &Client,
+    cli: &Cli,
+    service: &str,
+    args: &crate::cli::LogsArgs,
+) -> anyhow::Result<Outcome> {
     let build = Action::BuildLog {
-        service: args.service.clone(),
+        service: service.to_owned(),
         label: args.label.clone(),
     };
     let console = Action::ConsoleLogs {
-        service: args.service.clone(),
+        service: service.to_owned(),
         label: args.label.clone(),
         limit: None,
     };
@@ -260,7 +414,7 @@ fn logs(client: &Client, cli: &Cli, args: &crate::cli::LogsArgs) -> anyhow::Resu
     // With --follow the feed opens first, so that no output falls between the records of
     // stopped instances and the live consoles.
     let feed = if args.follow {
-        match client.follow_console(&args.service, args.label.as_deref(), args.client) {
+        match client.follow_console(service, args.label.as_deref(), args.client) {
             Ok(feed) => Some(feed),
             Err(error) => return Ok(Outcome::Failed(error)),
         }

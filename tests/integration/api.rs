@@ -2,44 +2,7 @@
 
 use std::process::Command;
 
-use crate::support::{Daemon, Setup, git, hello_source, history, push};
-
-/// (status, body) of a curl request.
-fn request(
-    daemon: &Daemon,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-    token: bool,
-) -> (u16, String) {
-    let mut command = Command::new("curl");
-    command
-        .args([
-            "-sS",
-            "--max-time",
-            "30",
-            "-X",
-            method,
-            "-w",
-            "\n%{http_code}",
-        ])
-        .arg(format!("http://{}{path}", daemon.http));
-    if let Some(body) = body {
-        command.args([
-            "-H",
-            "content-type: application/json",
-            "--data-binary",
-            body,
-        ]);
-    }
-    if token {
-        command.args(["-H", &format!("authorization: Bearer {}", daemon.token)]);
-    }
-    let output = command.output().expect("run curl");
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    let (body, status) = text.rsplit_once('\n').expect("status line");
-    (status.trim().parse().expect("status code"), body.to_owned())
-}
+use crate::support::{Daemon, Setup, git, hello_source, history, push, request};
 
 fn error_kind(body: &str) -> String {
     let value: serde_json::Value =

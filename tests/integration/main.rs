@@ -13,6 +13,7 @@ mod front_door;
 mod gatekeeper;
 mod history;
 mod journey;
+mod lifecycle;
 mod per_client;
 mod promotion;
 mod support;

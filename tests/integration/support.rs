@@ -224,6 +224,9 @@ impl Daemon {
             .args(["--data", &self.data.to_string_lossy()])
             .args(args)
             .env("REVBOOT_TOKEN", &self.token)
+            // The client configuration of whoever runs the tests stays out of them.
+            .env("XDG_CONFIG_HOME", self.data.with_extension("config"))
+            .env_remove("REVBOOT_REMOTE")
             .stdin(Stdio::null())
             .output()
             .expect("run revboot")
@@ -562,4 +565,41 @@ pub fn dig_ok(daemon: &Daemon, name: &str, tcp: bool) -> String {
         daemon.log()
     );
     answer
+}
+
+/// (status, body) of a curl request to the daemon's HTTP server, with the token or without.
+pub fn request(
+    daemon: &Daemon,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: bool,
+) -> (u16, String) {
+    let mut command = Command::new("curl");
+    command
+        .args([
+            "-sS",
+            "--max-time",
+            "30",
+            "-X",
+            method,
+            "-w",
+            "\n%{http_code}",
+        ])
+        .arg(format!("http://{}{path}", daemon.http));
+    if let Some(body) = body {
+        command.args([
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            body,
+        ]);
+    }
+    if token {
+        command.args(["-H", &format!("authorization: Bearer {}", daemon.token)]);
+    }
+    let output = command.output().expect("run curl");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').expect("status line");
+    (status.trim().parse().expect("status code"), body.to_owned())
 }

@@ -1,0 +1,137 @@
+//! `revboot login` and `revboot logout`: remotes in the client configuration.
+//!
+//! 1. `login <url>` reads the token from standard input when it is not a terminal (`revboot
+//!    login http://… < token-file`), otherwise asks for it without echo.
+//! 2. The daemon checks it (`GET /api/v1/token`, which needs the token even where reads
+//!    are public): a wrong token or an unreachable daemon is an error, and nothing is saved.
+//! 3. The remote is saved under its name (default: the URL's host and port) and becomes the
+//!    default one; the file is written mode 0600 ([`crate::remotes`]).
+//! 4. `logout [name]` forgets a remote (default: the default one).
+
+use std::io::{IsTerminal as _, Read as _, Write as _};
+
+use anyhow::Context as _;
+
+use crate::action::{Action, ActionError, Reply};
+use crate::cli::{Cli, LoginArgs};
+use crate::client::Client;
+use crate::config::Config;
+use crate::outcome::Outcome;
+use crate::remotes::{self, ClientConfig, Remote};
+
+/// The longest token read.
+const MAX_TOKEN: u64 = 4096;
+
+/// Saves a remote after the daemon accepted its token.
+pub fn login(args: &LoginArgs, cli: &Cli, config: &Config) -> anyhow::Result<Outcome> {
+    let url = remotes::normalise(&args.url).to_owned();
+    if !url.starts_with("http://") && !url.starts_with("https://") {
+        return Ok(Outcome::Failed(ActionError::Invalid(format!(
+            "`{url}` is not an http:// URL of a revboot daemon"
+        ))));
+    }
+    let name = args.name.clone().unwrap_or_else(|| {
+        let rest = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
+        let host = rest.split('/').next().unwrap_or(rest);
+        host.rsplit_once('@')
+            .map_or(host, |(_, host)| host)
+            .to_owned()
+    });
+    if let Err(error) = remotes::check_name(&name) {
+        return Ok(Outcome::Failed(error));
+    }
+    let Some(path) = remotes::path() else {
+        return Ok(Outcome::Failed(ActionError::Invalid(
+            "Neither XDG_CONFIG_HOME nor HOME is set: there is nowhere to keep the remote".into(),
+        )));
+    };
+    let token = read_token(&url)?;
+    if token.is_empty() {
+        return Ok(Outcome::Failed(ActionError::Invalid(
+            "The token is empty".into(),
+        )));
+    }
+    let client = Client::new(&url, Some(token.clone()), &config.data, &config.zone);
+    let daemon = match client.execute(Action::CheckToken) {
+        Ok(Reply::Token(daemon)) => daemon,
+        Ok(other) => {
+            return Ok(Outcome::Failed(ActionError::Internal(format!(
+                "{url} answered something else than a revboot daemon: {other:?}"
+            ))));
+        }
+        Err(error) => return Ok(Outcome::Failed(error)),
+    };
+    let mut saved = ClientConfig::read(&path)?;
+    saved.remotes.insert(
+        name.clone(),
+        Remote {
+            url: url.clone(),
+            token: Some(token),
+        },
+    );
+    saved.default = Some(name.clone());
+    saved.write(&path)?;
+    if cli.json {
+        let value = serde_json::json!({
+            "remote": name, "url": url, "version": daemon.version, "zone": daemon.zone,
+            "config": path.display().to_string(),
+        });
+        let _ = writeln!(std::io::stdout(), "{value:#}");
+    } else if !cli.quiet {
+        let _ = writeln!(
+            std::io::stdout(),
+            "logged in to {name} ({url}): revboot {}, zone {}; it is the default remote now ({})",
+            daemon.version,
+            daemon.zone,
+            path.display()
+        );
+    }
+    Ok(Outcome::Done)
+}
+
+/// Forgets a remote.
+pub fn logout(name: Option<&str>, cli: &Cli) -> anyhow::Result<Outcome> {
+    let Some(path) = remotes::path() else {
+        return Ok(Outcome::Failed(ActionError::NotFound(
+            "No client configuration".into(),
+        )));
+    };
+    let mut saved = ClientConfig::read(&path)?;
+    let Some(name) = name.map(str::to_owned).or_else(|| saved.default.clone()) else {
+        return Ok(Outcome::Failed(ActionError::NotFound(
+            "No default remote to log out of".into(),
+        )));
+    };
+    if saved.remotes.remove(&name).is_none() {
+        return Ok(Outcome::Failed(ActionError::NotFound(format!(
+            "No remote named `{name}`"
+        ))));
+    }
+    if saved.default.as_deref() == Some(name.as_str()) {
+        saved.default = None;
+    }
+    saved.write(&path)?;
+    if !cli.quiet && !cli.json {
+        let _ = writeln!(std::io::stdout(), "forgot remote {name}");
+    }
+    Ok(Outcome::Done)
+}
+
+/// The token: standard input when it is not a terminal, else asked for without echo.
+fn read_token(url: &str) -> anyhow::Result<String> {
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        // rpassword turns terminal echo off and on again (termios), which this crate's
+        // forbidden unsafe code could not.
+        let token = rpassword::prompt_password(format!("Token for {url}: "))
+            .context("Cannot read the token from the terminal")?;
+        return Ok(token.trim().to_owned());
+    }
+    let mut token = String::new();
+    stdin
+        .lock()
+        .take(MAX_TOKEN)
+        .read_to_string(&mut token)
+        .context("Cannot read the token from standard input")?;
+    Ok(token.trim().to_owned())
+}
