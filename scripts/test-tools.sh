@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs what the test suite drives when it is missing: stock git, curl, dig, qemu,
 # iproute2, unbound (the resolver of the beyond-loopback tests), nsenter, openssl (a TLS
-# client and server for the front door's tests), a C compiler, and Chromium with its
-# WebDriver for the dashboard's browser test (Debian package names), and fills the cargo
-# cache for examples/hello-vm, whose recipe builds offline as the builder runs it.
+# client and server for the front door's tests), a C compiler, Chromium with its
+# WebDriver for the dashboard's browser test, and the shells and man that load the
+# CLI's completions and render its manual page (Debian package names), and fills the
+# cargo cache for examples/hello-vm, whose recipe builds offline as the builder runs it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,9 @@ command -v nsenter >/dev/null || need+=(util-linux)
 command -v openssl >/dev/null || need+=(openssl)
 command -v chromium >/dev/null || need+=(chromium)
 command -v chromedriver >/dev/null || need+=(chromium-driver)
+command -v zsh >/dev/null || need+=(zsh)
+command -v fish >/dev/null || need+=(fish)
+command -v man >/dev/null || need+=(man-db)
 if ((${#need[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "test-tools: missing ${need[*]}; install them (Debian: apt-get install ${need[*]}) or run as root" >&2

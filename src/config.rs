@@ -553,6 +553,23 @@ fn is_dns_name(name: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// The file the Debian package installs in /etc/revboot is valid, and differs from the
+    /// defaults only in where the data lives.
+    #[test]
+    fn the_packaged_configuration_is_valid() {
+        let config = Config::from_toml(include_str!("../packaging/revbootd.toml"))
+            .expect("the packaged configuration parses");
+        config.validate().expect("and is valid");
+        assert_eq!(config.data, Path::new("/var/lib/revboot"));
+        assert_eq!(
+            Config {
+                data: Config::default().data,
+                ..config
+            },
+            Config::default()
+        );
+    }
+
     #[test]
     fn empty_file_is_the_defaults() {
         let config = Config::from_toml("").expect("defaults are valid");

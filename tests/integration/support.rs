@@ -45,6 +45,8 @@ pub struct Setup<'a> {
     pub dns: Option<SocketAddr>,
     /// The binary to run; `None`: the one cargo built.
     pub binary: Option<&'a Path>,
+    /// More environment variables (e.g. `NOTIFY_SOCKET`).
+    pub env: &'a [(&'a str, &'a std::ffi::OsStr)],
 }
 
 impl Default for Setup<'_> {
@@ -57,6 +59,7 @@ impl Default for Setup<'_> {
             pools: &[],
             dns: None,
             binary: None,
+            env: &[],
         }
     }
 }
@@ -128,6 +131,7 @@ impl Daemon {
         if let Some(token) = setup.token {
             command.args(["--token", token]);
         }
+        command.envs(setup.env.iter().copied());
         let child = command
             .env("RUST_LOG", setup.log_filter)
             // Whether the log is coloured is the daemon's own choice, from its stderr.

@@ -1,0 +1,225 @@
+//! The CLI as a user of its peers meets it: `revboot login` once, then every command from
+//! any directory with no environment variable, the service taken from the checkout's git
+//! remote; shell completions that load in bash, zsh and fish; a manual page that renders.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use crate::support::{Daemon, TOKEN, commit_revision, git, hello_source, run};
+
+/// The CLI with a clean environment: only `PATH` and `HOME`, in `dir`, `stdin` given.
+fn bare_cli(home: &Path, dir: &Path, args: &[&str], stdin: &str) -> Output {
+    use std::io::Write as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_revboot"))
+        .args(args)
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").expect("PATH"))
+        .env("HOME", home)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run revboot");
+    let mut input = child.stdin.take().expect("stdin");
+    input.write_all(stdin.as_bytes()).expect("write stdin");
+    drop(input);
+    child.wait_with_output().expect("revboot ends")
+}
+
+fn ok(args: &[&str], output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "{args:?}: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn json(args: &[&str], output: &Output) -> serde_json::Value {
+    let text = ok(args, output);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: {e}: {text}"))
+}
+
+#[test]
+fn after_login_every_command_works_anywhere_with_no_environment() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let daemon = Daemon::start(&temp.path().join("data"));
+    let url = format!("http://{}", daemon.http);
+    let home = temp.path().join("home");
+    let elsewhere = temp.path().join("elsewhere");
+    std::fs::create_dir_all(&home).expect("home");
+    std::fs::create_dir_all(&elsewhere).expect("elsewhere");
+    let config = home.join(".config/revboot/config.toml");
+
+    // A wrong token is refused, and nothing is saved.
+    let refused = bare_cli(&home, &elsewhere, &["--json", "login", &url], "wrong\n");
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    let error: serde_json::Value = serde_json::from_slice(&refused.stdout).expect("JSON error");
+    assert_eq!(error["error"], "unauthorized", "{error}");
+    assert!(!config.exists());
+
+    // Logged in: the remote is saved, for its owner alone.
+    let args = ["login", url.as_str()];
+    let said = ok(
+        &args,
+        &bare_cli(&home, &elsewhere, &args, &format!("{TOKEN}\n")),
+    );
+    assert!(said.contains("default remote"), "{said}");
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&config)
+        .expect("config")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(
+        std::fs::read_to_string(&config)
+            .expect("read")
+            .contains(&url)
+    );
+
+    // A checkout whose remote is the daemon, pushed with stock git.
+    let work = hello_source(temp.path());
+    git(&work, &["remote", "add", "origin", &daemon.remote("hello")]);
+    git(&work, &["push", "-q", "origin", "main"]);
+
+    // Elsewhere, with the service named: reads, writes, and the token never in the output.
+    let cli = |dir: &Path, args: &[&str]| bare_cli(&home, dir, args, "");
+    let json_of = |dir: &Path, args: &[&str]| json(args, &cli(dir, args));
+    let services = json_of(&elsewhere, &["--json", "service", "list"]);
+    assert_eq!(services[0]["name"], "hello", "{services}");
+    let history = json_of(&elsewhere, &["--json", "log", "hello"]);
+    let v1 = history[0]["short"].as_str().expect("short").to_owned();
+    json_of(&elsewhere, &["--json", "show", "hello", &v1]);
+    json_of(&elsewhere, &["--json", "ps"]);
+    let remote = ok(&["remote", "hello"], &cli(&elsewhere, &["remote", "hello"]));
+    assert!(
+        remote.starts_with(&format!("{url}/git/hello.git")),
+        "{remote}"
+    );
+    for args in [
+        &["service", "add", "scratch"][..],
+        &["service", "rename", "scratch", "scratch-2"],
+        &["service", "delete", "scratch-2", "--remove-deployments"],
+    ] {
+        let output = cli(&elsewhere, &[&["-vv"], args].concat());
+        ok(args, &output);
+        let everything = [output.stdout, output.stderr].concat();
+        assert!(
+            !String::from_utf8_lossy(&everything).contains(TOKEN),
+            "{args:?} printed the token"
+        );
+    }
+
+    // Inside the checkout, the service is its remote's.
+    commit_revision(&work, "v2", "hello");
+    git(&work, &["push", "-q", "origin", "main"]);
+    let history = json_of(&work, &["--json", "log"]);
+    assert_eq!(history.as_array().map(Vec::len), Some(2), "{history}");
+    let args = ["rollback", v1.as_str()];
+    let moved = ok(&args, &cli(&work, &args));
+    assert!(moved.contains(&v1), "{moved}");
+    let history = json_of(&work, &["--json", "log"]);
+    assert_eq!(history[1]["live"], true, "{history}");
+    ok(&["logs", "--build"], &cli(&work, &["logs", "--build"]));
+
+    // Outside any checkout, a command that needs a service says to name it.
+    let output = cli(&elsewhere, &["--json", "log"]);
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let error: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON error");
+    assert_eq!(error["error"], "invalid");
+    assert!(
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("name the service")),
+        "{error}"
+    );
+
+    // Logged out, the remote is forgotten.
+    ok(&["logout"], &cli(&elsewhere, &["logout"]));
+    assert!(
+        !std::fs::read_to_string(&config)
+            .expect("read")
+            .contains(&url)
+    );
+}
+
+/// `revboot completions <shell>` written to a file.
+fn completions(dir: &Path, shell: &str) -> PathBuf {
+    let output = run(Command::new(env!("CARGO_BIN_EXE_revboot")).args(["completions", shell]));
+    let file = dir.join(format!("revboot.{shell}"));
+    std::fs::write(&file, &output.stdout).expect("write completions");
+    file
+}
+
+#[test]
+fn completions_load_in_bash_zsh_and_fish_and_the_man_page_renders() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let dir = temp.path();
+    let words = |output: &Output| -> Vec<String> {
+        String::from_utf8_lossy(&output.stdout)
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    };
+
+    // bash: the completion function offers the subcommands that start with what is typed.
+    let bash = completions(dir, "bash");
+    let output = run(Command::new("bash").arg("--norc").arg("-c").arg(format!(
+        "source {} && COMP_WORDS=(revboot ser) && COMP_CWORD=1 && _revboot revboot ser revboot \
+         && echo \"${{COMPREPLY[@]}}\"",
+        bash.display()
+    )));
+    let offered = words(&output);
+    assert!(
+        offered.contains(&"serve".to_owned()) && offered.contains(&"service".to_owned()),
+        "{offered:?}"
+    );
+
+    // zsh: compinit registers the function for the command.
+    let zsh = completions(dir, "zsh");
+    let output = run(Command::new("zsh").arg("-f").arg("-c").arg(format!(
+        "autoload -Uz compinit && compinit -u -d {dump} && source {file} && print -r -- $_comps[revboot]",
+        dump = dir.join("zcompdump").display(),
+        file = zsh.display()
+    )));
+    assert_eq!(words(&output), ["_revboot"]);
+
+    // fish: completing a command line offers subcommands and their flags.
+    let fish = completions(dir, "fish");
+    let complete = |line: &str| {
+        words(&run(Command::new("fish")
+            .arg("--no-config")
+            .arg("-c")
+            .arg(format!("source {} && complete -C '{line}'", fish.display()))
+            .env("HOME", dir)))
+    };
+    let offered = complete("revboot ser");
+    assert!(
+        offered.contains(&"serve".to_owned()) && offered.contains(&"service".to_owned()),
+        "{offered:?}"
+    );
+    let offered = complete("revboot service delete hello --");
+    assert!(
+        offered.contains(&"--keep-deployments".to_owned()),
+        "{offered:?}"
+    );
+
+    // The manual page renders, with every subcommand and the exit codes, and no warning.
+    let page = run(Command::new(env!("CARGO_BIN_EXE_revboot")).arg("man"));
+    let file = dir.join("revboot.1");
+    std::fs::write(&file, &page.stdout).expect("write the page");
+    let rendered = run(Command::new("man")
+        .args(["--warnings", "-l"])
+        .arg(&file)
+        .env("MANPAGER", "cat")
+        .env("MANWIDTH", "100")
+        .env("LC_ALL", "C.UTF-8"));
+    let text = String::from_utf8_lossy(&rendered.stdout);
+    let warnings = String::from_utf8_lossy(&rendered.stderr);
+    assert!(warnings.trim().is_empty(), "{warnings}");
+    for expected in ["revboot", "SUBCOMMANDS", "service", "login", "Exit status"] {
+        assert!(text.contains(expected), "no {expected} in:\n{text}");
+    }
+}
