@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs what the test suite drives when it is missing: stock git, curl, dig, qemu,
 # iproute2, unbound (the resolver of the beyond-loopback tests), nsenter, openssl (a TLS
-# client and server for the front door's tests), a C compiler, Chromium with its
-# WebDriver for the dashboard's browser test, and the shells and man that load the
-# CLI's completions and render its manual page (Debian package names), and fills the
-# cargo cache for examples/hello-vm, whose recipe builds offline as the builder runs it.
+# iproute2, unbound (the resolver of the beyond-loopback tests), nsenter, openssl (a TLS
+# client and server for the front door's tests), a C compiler, Chromium with its WebDriver
+# for the dashboard's browser test, the shells and man that load the CLI's completions and
+# render its manual page, debootstrap for the clean Debian root the package is tested in
+# (Debian package names), and cargo-deb, which builds that package; and fills the cargo
+# cache for examples/hello-vm, whose recipe builds offline as the builder runs it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +25,7 @@ command -v chromedriver >/dev/null || need+=(chromium-driver)
 command -v zsh >/dev/null || need+=(zsh)
 command -v fish >/dev/null || need+=(fish)
 command -v man >/dev/null || need+=(man-db)
+command -v debootstrap >/dev/null || need+=(debootstrap)
 if ((${#need[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "test-tools: missing ${need[*]}; install them (Debian: apt-get install ${need[*]}) or run as root" >&2
@@ -34,3 +37,4 @@ if ((${#need[@]})); then
 fi
 
 cargo fetch --locked --manifest-path examples/hello-vm/Cargo.toml >/dev/null
+cargo deb --version >/dev/null 2>&1 || cargo install --locked --quiet cargo-deb@3.8.0
