@@ -6,7 +6,7 @@
 # 1. The clean root is made once by debootstrap (bookworm, minbase, with systemd and git)
 #    and kept in <cache>; each run works on a copy.
 # 2. `dpkg -i` installs the package: the unit must then be enabled.
-# 3. systemd boots as PID 1 of the namespaces, in cgroups of this run's own (one per
+# 3. systemd boots as PID 1 of the namespaces (the root pivoted to), in cgroups of this run's own (one per
 #    hierarchy, removed at the end), and starts the enabled unit. The unit is Type=notify:
 #    systemd counts it active only once the daemon has said READY=1 through sd_notify.
 # 4. The daemon is asked, inside the namespaces: its API over TCP with the token it
@@ -108,7 +108,14 @@ chroot "$root" systemctl mask --quiet getty@.service console-getty.service
         mount -t devpts -o newinstance,ptmxmode=0666 devpts "$root/dev/pts"
         ln -s pts/ptmx "$root/dev/ptmx"
         mount -t tmpfs -o mode=1777 tmpfs "$root/dev/shm"
-        exec chroot "$root" /usr/bin/env -i container=revboot-test /lib/systemd/systemd
+        # pivot_root, not chroot, as a container manager does: a process that enters a
+        # mount namespace (the daemon does, for its instances) gets that namespace'"'"'s root.
+        cd "$root"
+        mkdir -p .host
+        pivot_root . .host
+        umount -l /.host
+        rmdir /.host
+        exec /usr/bin/env -i container=revboot-test /lib/systemd/systemd
     ' boot "$root"
 ) >"$work/systemd.log" 2>&1 &
 unshare_pid=$!
