@@ -55,8 +55,7 @@ impl Deployer {
             let mut table = self.table.lock().expect("table lock is never poisoned");
             table.retiring.insert(service.to_owned());
             table
-                .by_address
-                .values()
+                .entries()
                 .filter(|entry| entry.key.service == service)
                 .cloned()
                 .collect()
