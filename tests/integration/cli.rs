@@ -95,8 +95,44 @@ fn after_login_every_command_works_anywhere_with_no_environment() {
     json_of(&elsewhere, &["--json", "ps"]);
     let remote = ok(&["remote", "hello"], &cli(&elsewhere, &["remote", "hello"]));
     assert!(
-        remote.starts_with(&format!("{url}/git/hello.git")),
+        remote.starts_with(&format!("{url}/git/hello.git\n# ")),
         "{remote}"
+    );
+    // -q: the URL alone, no hint.
+    let quiet = ok(
+        &["-q", "remote"],
+        &cli(&elsewhere, &["-q", "remote", "hello"]),
+    );
+    assert_eq!(quiet, format!("{url}/git/hello.git\n"));
+
+    // Colour only on a terminal (script(1) gives the command one), never with NO_COLOR.
+    let listing = |no_color: bool| -> String {
+        let mut command = Command::new("script");
+        command
+            .args(["-qec"])
+            .arg(format!("{} service list", env!("CARGO_BIN_EXE_revboot")))
+            .arg("/dev/null")
+            .current_dir(&elsewhere)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").expect("PATH"))
+            .env("HOME", &home)
+            .env("TERM", "xterm");
+        if no_color {
+            command.env("NO_COLOR", "1");
+        }
+        String::from_utf8_lossy(&run(&mut command).stdout).into_owned()
+    };
+    let coloured = listing(false);
+    assert!(coloured.contains("\x1b[1mSERVICE"), "{coloured:?}");
+    let plain = listing(true);
+    assert!(
+        plain.contains("SERVICE") && !plain.contains('\x1b'),
+        "{plain:?}"
+    );
+    let piped = ok(&["service", "list"], &cli(&elsewhere, &["service", "list"]));
+    assert!(
+        piped.contains("SERVICE") && !piped.contains('\x1b'),
+        "{piped:?}"
     );
     for args in [
         &["service", "add", "scratch"][..],
