@@ -149,7 +149,7 @@ impl From<ActionError> for ApiError {
 type ApiResult = Result<Json<Reply>, ApiError>;
 
 async fn run(state: &ApiState, headers: &HeaderMap, action: Action) -> ApiResult {
-    state.admit(headers, action.needs_token())?;
+    state.admit(headers, Some(&action))?;
     let engine = state.engine.clone();
     let reply = tokio::task::spawn_blocking(move || engine.execute(action))
         .await
@@ -163,7 +163,16 @@ async fn run(state: &ApiState, headers: &HeaderMap, action: Action) -> ApiResult
 
 impl ApiState {
     /// Refuses a request without the token, unless it is a read and reads are public.
-    fn admit(&self, headers: &HeaderMap, write: bool) -> Result<(), ApiError> {
+    /// `action` is `None` for `/metrics`; writes and the token check (`revboot login`)
+    /// always need the token.
+    fn admit(&self, headers: &HeaderMap, action: Option<&Action>) -> Result<(), ApiError> {
+        if matches!(action, Some(Action::CheckToken)) && !authorized(headers, &self.token) {
+            return Err(ApiError(ActionError::Unauthorized(
+                "This request checks the token: give it as `Authorization: Bearer <token>`"
+                    .to_owned(),
+            )));
+        }
+        let write = action.is_some_and(Action::needs_token);
         admit(headers, &self.token, self.public_reads, write)
     }
 }
@@ -531,7 +540,7 @@ async fn openapi() -> Response {
 }
 
 async fn metrics_text(State(state): State<ApiState>, headers: HeaderMap) -> Response {
-    if let Err(refused) = state.admit(&headers, false) {
+    if let Err(refused) = state.admit(&headers, None) {
         return refused.into_response();
     }
     let text = match state.metrics.clone() {

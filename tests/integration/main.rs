@@ -3,8 +3,8 @@
 mod api;
 mod beyond_loopback;
 mod browser;
-mod config;
 mod cli;
+mod config;
 mod daemon_log;
 mod dashboard;
 mod dashboard_scale;
