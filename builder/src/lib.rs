@@ -58,6 +58,14 @@
 //! default), at most three times in a row; a newer push of the branch ends the wait. To
 //! build the same commit by hand, push a new commit (`git commit --allow-empty`).
 //!
+//! # Renaming and deleting a service
+//!
+//! [`Builder::close`] closes services to pushes and builds (refused while a build of one
+//! waits or runs); while the returned guard lives, [`Builder::rename_source`] and
+//! [`Builder::delete_source`] move, archive or remove the source repository, its build
+//! cache and the queue's state of it. The root crate orders these steps with the store's
+//! and the deployer's (see the `lifecycle` module).
+//!
 //! # Limits
 //!
 //! Pushed code runs sandboxed: a build sees only the system's directories, the toolchain

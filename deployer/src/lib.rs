@@ -45,6 +45,11 @@
 //! executed in the same process, which takes them back with [`Deployer::with_handover`]
 //! and tends them from where they were (the `handover` module states the protocol).
 //!
+//! A service being renamed or deleted is retired ([`Deployer::retire`]): its instances are
+//! stopped (`stopped: service renamed or deleted`, their records written under the old
+//! name) and summons of it are refused ([`SummonError::Retiring`]) until the returned
+//! [`Retirement`] is dropped.
+//!
 //! # Running for months
 //!
 //! - Configuration variables and secrets ([`vars`]): sealed on disk, copied into the
