@@ -3,8 +3,9 @@
 # namespaces of its own (pid, mount, network with loopback only, cgroup, uts, ipc), so
 # that nothing of it reaches the host's network, ports or cgroups:
 #
-# 1. The clean root is made once by debootstrap (bookworm, minbase, with systemd and git)
-#    and kept in <cache>; each run works on a copy.
+# 1. The clean root (bookworm, minbase, with systemd and git) is in <cache>, made once by
+#    packaging/debian-root.sh (scripts/test-tools.sh runs it: this script reaches no
+#    network); each run works on a copy.
 # 2. `dpkg -i` installs the package: the unit must then be enabled.
 # 3. systemd boots as PID 1 of the namespaces (the root pivoted to), in cgroups of this run's own (one per
 #    hierarchy, removed at the end), and starts the enabled unit. The unit is Type=notify:
@@ -24,13 +25,8 @@ limit=300 # seconds, for each wait
 
 mkdir -p "$work"
 if [[ ! -x $cache/lib/systemd/systemd ]]; then
-    rm -rf "$cache.tmp"
-    mkdir -p "$(dirname "$cache")"
-    timeout 1200 debootstrap --variant=minbase --include=systemd,systemd-sysv,git \
-        bookworm "$cache.tmp" http://deb.debian.org/debian >"$work/debootstrap.log" 2>&1 ||
-        { tail -20 "$work/debootstrap.log" >&2; exit 1; }
-    rm -rf "$cache"
-    mv "$cache.tmp" "$cache"
+    echo "no clean Debian root in $cache: scripts/test-tools.sh makes it (packaging/debian-root.sh)" >&2
+    exit 1
 fi
 
 root=$work/root

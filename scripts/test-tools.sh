@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # Installs what the test suite drives when it is missing: stock git, curl, dig, qemu,
 # iproute2, unbound (the resolver of the beyond-loopback tests), nsenter, openssl (a TLS
-# iproute2, unbound (the resolver of the beyond-loopback tests), nsenter, openssl (a TLS
 # client and server for the front door's tests), a C compiler, Chromium with its WebDriver
 # for the dashboard's browser test, the shells and man that load the CLI's completions and
-# render its manual page, debootstrap for the clean Debian root the package is tested in
-# (Debian package names), and cargo-deb, which builds that package; and fills the cargo
-# cache for examples/hello-vm, whose recipe builds offline as the builder runs it.
+# render its manual page, debootstrap (Debian package names) and cargo-deb; makes the clean
+# Debian root the package is tested in (in the cargo target directory, once); and fills the
+# cargo cache for examples/hello-vm, whose recipe builds offline as the builder runs it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,3 +37,6 @@ fi
 
 cargo fetch --locked --manifest-path examples/hello-vm/Cargo.toml >/dev/null
 cargo deb --version >/dev/null 2>&1 || cargo install --locked --quiet cargo-deb@3.8.0
+if [[ $(id -u) -eq 0 ]]; then
+    packaging/debian-root.sh "${CARGO_TARGET_DIR:-target}/packaging-test-debian-root"
+fi

@@ -1,8 +1,9 @@
 //! The Debian package (built by `packaging/deb.sh` with cargo-deb) installs in a clean
 //! Debian root, and systemd, booted there in namespaces of its own, starts its unit: the
 //! daemon says it is ready through sd_notify and answers on its API, DNS and CLI.
-//! `packaging/test-deb.sh` does the root, the namespaces and the asking (as root, with
-//! debootstrap; the root is made once and kept in the target directory).
+//! `packaging/test-deb.sh` does the namespaces and the asking (as root), in a copy of the
+//! clean root that `scripts/test-tools.sh` made once in the target directory (with
+//! debootstrap: the test itself reaches no network).
 
 use std::path::Path;
 use std::process::Command;
