@@ -26,10 +26,12 @@ fn cargo_install_gives_a_revboot_whose_demo_works_outside_the_source_tree() {
     // toolchain that builds hello is found there, as a user's): the demo pushes the
     // built-in hello twice with stock git, and both revisions are deployed.
     let temp = tempfile::tempdir().expect("temp dir");
+    // A /24 apart from the other tests' (revboot_testkit::test_pool: 127.90-239.*) and a
+    // daemon's default (127.77.*), from the process id.
     let pool = format!(
         "127.{}.{}.0/24",
-        150 + std::process::id() % 50,
-        std::process::id() / 50 % 256
+        240 + std::process::id() % 15,
+        std::process::id() / 15 % 256
     );
     let output = run_for(
         Command::new(root.join("bin/revboot"))
