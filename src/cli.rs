@@ -138,8 +138,8 @@ pub enum Command {
 /// `[SERVICE] LABEL`.
 #[derive(Debug, Args)]
 pub struct ServiceLabel {
-    /// [SERVICE] LABEL: the service (default: the current checkout's) and a label: commit
-    /// prefix, source commit prefix, tag or branch.
+    /// The service, which may be left out (default: the current checkout's), and a label:
+    /// commit prefix, source commit prefix, tag or branch.
     #[arg(value_names = ["SERVICE", "LABEL"], num_args = 1..=2, required = true)]
     pub words: Vec<String>,
 }
@@ -169,8 +169,8 @@ pub struct LiveMove {
 /// `[SERVICE] A B`.
 #[derive(Debug, Args)]
 pub struct ServiceDiff {
-    /// [SERVICE] A B: the service (default: the current checkout's), the older label and the
-    /// newer one.
+    /// The service, which may be left out (default: the current checkout's), the older label
+    /// and the newer one.
     #[arg(value_names = ["SERVICE", "A", "B"], num_args = 2..=3, required = true)]
     pub words: Vec<String>,
 }
@@ -189,7 +189,7 @@ impl ServiceDiff {
 /// `revboot login`.
 #[derive(Debug, Args)]
 pub struct LoginArgs {
-    /// The daemon's HTTP address, e.g. http://revboot.example:8080.
+    /// The daemon's HTTP address, e.g. `http://revboot.example:8080`.
     pub url: String,
     /// The remote's name (default: the URL's host and port).
     #[arg(long)]
