@@ -260,7 +260,7 @@ fn anonymous_reads_of_api_metrics_and_sources_need_the_token() {
     for path in read_paths("hello", &revision[..7]) {
         let (status, body) = request(&open, "GET", &path, None, false);
         // The token check (`revboot login`) needs the token everywhere.
-        let expected = if path == "/api/v1/daemon" { 401 } else { 200 };
+        let expected = if path == "/api/v1/token" { 401 } else { 200 };
         assert_eq!(status, expected, "anonymous GET {path}: {body}");
     }
     let (status, _) = request(&open, "GET", "/metrics", None, false);
