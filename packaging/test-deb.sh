@@ -143,7 +143,7 @@ echo "status: $(inside systemctl show -P StatusText revboot.service)"
 token=$(cat "/proc/$init/root/var/lib/revboot/token" 2>/dev/null || true)
 if [[ -n $token ]]; then
     echo "api: $(nsenter --target "$init" --net -- curl -sS --max-time 10 \
-        -H "authorization: Bearer $token" http://127.0.0.1:8080/api/v1/daemon || true)"
+        -H "authorization: Bearer $token" http://127.0.0.1:8080/api/v1/token || true)"
 fi
 echo "dns: $(nsenter --target "$init" --net -- dig @127.0.0.1 -p 5353 +time=5 +tries=1 \
     +short revboot.test SOA || true)"
