@@ -132,7 +132,7 @@ impl Daemon {
             command.args(["--token", token]);
         }
         command.envs(setup.env.iter().copied());
-        let child = command
+        command
             .env("RUST_LOG", setup.log_filter)
             // Whether the log is coloured is the daemon's own choice, from its stderr.
             .env_remove("NO_COLOR")
@@ -144,9 +144,22 @@ impl Daemon {
                     .append(true)
                     .open(&log)
                     .expect("daemon log"),
-            )
-            .spawn()
-            .expect("start revboot serve");
+            );
+        // A binary the test has just written (a copy to upgrade from) may still be open for
+        // writing in a child another test thread forked meanwhile, until that child execs:
+        // its exec fails with "text file busy" for that moment. Bounded retries.
+        let mut attempts = 0;
+        let child = loop {
+            match command.spawn() {
+                Err(error)
+                    if error.kind() == std::io::ErrorKind::ExecutableFileBusy && attempts < 100 =>
+                {
+                    attempts += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => break other.expect("start revboot serve"),
+            }
+        };
         let mut daemon = Daemon {
             data: data.to_owned(),
             http,
