@@ -15,9 +15,13 @@ then the same again with the instance warm (the floor). Prints p50/p99 and the r
 
 usage: bench/server-cold.py [N]   (default 200; run as root from the repository root)
 """
-import json, os, random, shutil, socket, struct, subprocess, sys, tempfile, time
+import importlib.util, json, os, random, shutil, socket, struct, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The request and the percentile are bench/e2e-cold.py's, so both benches time the same way.
+_spec = importlib.util.spec_from_file_location("e2e_cold", os.path.join(ROOT, "bench", "e2e-cold.py"))
+E2E = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(E2E)
 ZONE = "example.com"
 SERVER = "2001:db8:ff::1"
 CLIENT = "2001:db8:ff::2"
@@ -58,17 +62,9 @@ def aaaa_query(name):
 def once(name):
     t0 = time.perf_counter()
     address = aaaa_query(name)
-    t1 = time.perf_counter()
-    with socket.create_connection((address, 8080), timeout=30) as s:
-        t2 = time.perf_counter()
-        s.sendall(b"GET / HTTP/1.1\r\nHost: " + name.encode() + b"\r\n\r\n")
-        first = s.recv(1)
-        t3 = time.perf_counter()
-        if not first:
-            raise RuntimeError("connection closed without an answer")
-        while s.recv(65536):
-            pass
-    return {"dns": t1 - t0, "connect": t2 - t0, "first": t3 - t0}
+    dns = time.perf_counter() - t0
+    connect, first = E2E.request(address, name)
+    return {"dns": dns, "connect": dns + connect, "first": dns + first}
 
 
 def client():
@@ -107,11 +103,6 @@ def api(ns, method, path, body=None):
         argv += ["-d", json.dumps(body)]
     out = subprocess.run(enter(ns, *argv), check=True, capture_output=True).stdout
     return json.loads(out) if out.strip() else None
-
-
-def pct(values, p):
-    values = sorted(values)
-    return values[min(len(values) - 1, int(len(values) * p / 100))]
 
 
 def main():
@@ -201,12 +192,12 @@ def main():
         print("cold first byte beyond loopback over %d boots (examples/hello, process tender, IPv6 pool,"
               " client namespace -> unbound -> revboot DNS -> proxy)" % n)
         for key, what in (("dns", "AAAA via unbound"), ("connect", "+ connect"), ("first", "+ first byte")):
-            print("  cold: %-17s p50 %s  p99 %s" % (what, ms(pct([c[key] for c in cold], 50)),
-                                                     ms(pct([c[key] for c in cold], 99))))
-        print("  warm: %-17s p50 %s  p99 %s" % ("AAAA + first byte", ms(pct([w["first"] for w in warm], 50)),
-                                                 ms(pct([w["first"] for w in warm], 99))))
-        print("  ratio cold/warm first byte p50: %.1fx" % (pct([c["first"] for c in cold], 50)
-                                                          / pct([w["first"] for w in warm], 50)))
+            print("  cold: %-17s p50 %s  p99 %s" % (what, ms(E2E.pct([c[key] for c in cold], 50)),
+                                                     ms(E2E.pct([c[key] for c in cold], 99))))
+        print("  warm: %-17s p50 %s  p99 %s" % ("AAAA + first byte", ms(E2E.pct([w["first"] for w in warm], 50)),
+                                                 ms(E2E.pct([w["first"] for w in warm], 99))))
+        print("  ratio cold/warm first byte p50: %.1fx" % (E2E.pct([c["first"] for c in cold], 50)
+                                                          / E2E.pct([w["first"] for w in warm], 50)))
     finally:
         for child in reversed(children):
             child.terminate()

@@ -30,7 +30,7 @@ use rtnetlink::packet_route::route::{
 use rtnetlink::{Handle, RouteMessageBuilder};
 use tracing::{info, warn};
 
-use crate::addresses::ClientNet;
+use crate::addresses::{ClientNet, Family};
 use crate::config::Prefix;
 
 /// The route protocol number revboot marks its routes with (`proto 243` in `ip route`):
@@ -125,11 +125,18 @@ pub fn make_local(pools: &[Prefix]) -> Result<(LocalRoutes, Vec<(Prefix, Localit
     let first = pools[0];
     on_netlink(first, move |handle| async move {
         let lo = loopback_index(&handle, first).await?;
+        let mut local = Vec::new();
+        for family in [Family::Ipv4, Family::Ipv6] {
+            if pools.iter().any(|pool| pool.family() == family) {
+                let routes = local_table(&handle, family).await;
+                local.extend(routes.map_err(|message| route_error(first, message))?);
+            }
+        }
         let mut routes = LocalRoutes::default();
         let mut said = Vec::with_capacity(pools.len());
         for pool in pools {
             let error = |message: String| LocalError::Route { pool, message };
-            let locality = match covering_route(&handle, pool).await.map_err(error)? {
+            let locality = match covering_route(&local, pool) {
                 Some(protocol) if protocol == RouteProtocol::Other(ROUTE_PROTOCOL) => {
                     Locality::Adopted
                 }
@@ -196,14 +203,18 @@ fn local_route(pool: Prefix, lo: u32) -> RouteMessage {
         .build()
 }
 
-/// The protocol of a `local` route that covers all of `pool`, if there is one.
-async fn covering_route(handle: &Handle, pool: Prefix) -> Result<Option<RouteProtocol>, String> {
-    let query = match pool.network {
-        IpAddr::V4(_) => RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
-        IpAddr::V6(_) => RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+/// The `local` routes of the kernel's local table for `family`: destination, prefix
+/// length, protocol.
+async fn local_table(
+    handle: &Handle,
+    family: Family,
+) -> Result<Vec<(IpAddr, u8, RouteProtocol)>, String> {
+    let query = match family {
+        Family::Ipv4 => RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+        Family::Ipv6 => RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
     };
     let mut routes = handle.route().get(query).execute();
-    let mut found = None;
+    let mut local = Vec::new();
     // Read to the end: a dump left half-read would stall the connection's next request.
     while let Some(route) = routes.try_next().await.map_err(|e| e.to_string())? {
         if route.header.kind != RouteType::Local || table(&route) != LOCAL_TABLE {
@@ -214,18 +225,27 @@ async fn covering_route(handle: &Handle, pool: Prefix) -> Result<Option<RoutePro
             RouteAttribute::Destination(RouteAddress::Inet6(v6)) => Some(IpAddr::V6(*v6)),
             _ => None,
         });
-        let Some(destination) = destination else {
-            continue;
-        };
-        let len = route.header.destination_prefix_length;
-        if len <= pool.len && ClientNet::new(destination, len).contains(pool.network) {
-            // An exact route of revboot's own wins over a wider one of someone else's.
-            if found.is_none() || route.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL) {
-                found = Some(route.header.protocol);
-            }
+        if let Some(destination) = destination {
+            let len = route.header.destination_prefix_length;
+            local.push((destination, len, route.header.protocol));
         }
     }
-    Ok(found)
+    Ok(local)
+}
+
+/// The protocol of a `local` route that covers all of `pool`, if there is one; an exact
+/// route of revboot's own wins over a wider one of someone else's.
+fn covering_route(local: &[(IpAddr, u8, RouteProtocol)], pool: Prefix) -> Option<RouteProtocol> {
+    let ours = RouteProtocol::Other(ROUTE_PROTOCOL);
+    let mut covering = local.iter().filter(|(destination, len, _)| {
+        *len <= pool.len && ClientNet::new(*destination, *len).contains(pool.network)
+    });
+    let first = covering.next().map(|(.., protocol)| *protocol)?;
+    Some(if covering.any(|(.., protocol)| *protocol == ours) {
+        ours
+    } else {
+        first
+    })
 }
 
 fn table(route: &RouteMessage) -> u32 {

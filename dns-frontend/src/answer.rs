@@ -46,8 +46,9 @@ pub(crate) struct Engine {
     zone_labels: Vec<Vec<u8>>,
     /// Name servers: lowercased wire name, name, addresses.
     nameservers: Vec<(Vec<u8>, Name, Vec<IpAddr>)>,
-    /// The SOA serial and the deployer generation it was taken for.
-    serial: std::sync::Mutex<(u64, u32)>,
+    /// The SOA serial (low half) and the deployer generation it was taken for (its low 32
+    /// bits, high half): one word, so negative answers read it without a lock.
+    serial: std::sync::atomic::AtomicU64,
     hostmaster: Name,
     ttl: u32,
     negative_ttl: u32,
@@ -112,7 +113,9 @@ impl Engine {
             zone_labels: checked.zone.iter().map(<[u8]>::to_vec).collect(),
             zone: checked.zone.clone(),
             nameservers,
-            serial: std::sync::Mutex::new((u64::MAX, unix_serial())),
+            serial: std::sync::atomic::AtomicU64::new(
+                u64::from(u32::MAX) << 32 | u64::from(unix_serial()),
+            ),
             hostmaster,
             ttl: secs(config.ttl),
             negative_ttl: secs(config.negative_ttl),
@@ -445,11 +448,21 @@ impl Engine {
     /// current time in seconds or one more than before, whichever is higher, so it never goes
     /// back, across restarts too (the generation itself starts again at each start).
     fn serial(&self, generation: u64) -> u32 {
-        let mut serial = self.serial.lock().expect("serial lock is never poisoned");
-        if serial.0 != generation {
-            *serial = (generation, unix_serial().max(serial.1.wrapping_add(1)));
-        }
-        serial.1
+        use std::sync::atomic::Ordering;
+        let generation = generation as u32;
+        let update = self
+            .serial
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |packed| {
+                let (seen, serial) = ((packed >> 32) as u32, packed as u32);
+                (seen != generation).then(|| {
+                    let next = unix_serial().max(serial.wrapping_add(1));
+                    u64::from(generation) << 32 | u64::from(next)
+                })
+            });
+        // Err holds the word as it stands (this generation already seen); after a move,
+        // the word as it stands now.
+        let packed = update.map_or_else(|current| current, |_| self.serial.load(Ordering::Acquire));
+        packed as u32
     }
 
     fn soa(&self, generation: u64, ttl: u32) -> Record {

@@ -9,7 +9,7 @@
 //! child's `sleep`. Commands enter it with `nsenter --net=/proc/<holder>/ns/net`. The tools
 //! are `ip` (iproute2), `unshare` and `nsenter` (util-linux): the ones an operator uses.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -56,12 +56,7 @@ impl Netns {
 
     /// A command that runs `program` inside the namespace.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut command = Command::new("nsenter");
-        command
-            .arg(format!("--net={}", self.path().display()))
-            .arg("--")
-            .arg(program);
-        command
+        enter(&self.path(), program)
     }
 
     /// Runs `ip <args>` inside the namespace; panics with its output if it fails.
@@ -112,6 +107,17 @@ impl Netns {
         self.ip(&["link", "set", name, "up"]);
         peer.ip(&["link", "set", peer_name, "up"]);
     }
+}
+
+/// A command that runs `program` inside the network namespace at `netns` (a
+/// [`Netns::path`], kept by a caller that outlives the borrow of its [`Netns`]).
+pub fn enter(netns: &Path, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = Command::new("nsenter");
+    command
+        .arg(format!("--net={}", netns.display()))
+        .arg("--")
+        .arg(program);
+    command
 }
 
 impl Default for Netns {

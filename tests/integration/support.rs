@@ -412,17 +412,10 @@ impl Drop for Daemon {
 
 /// A command for `program`, in the network namespace at `netns` if one is given.
 fn in_netns(netns: Option<&Path>, program: &str) -> Command {
-    match netns {
-        Some(netns) => {
-            let mut command = Command::new("nsenter");
-            command
-                .arg(format!("--net={}", netns.display()))
-                .arg("--")
-                .arg(program);
-            command
-        }
-        None => Command::new(program),
-    }
+    netns.map_or_else(
+        || Command::new(program),
+        |netns| revboot_testkit::netns::enter(netns, program),
+    )
 }
 
 /// Waits (bounded) until `check` holds.
