@@ -356,24 +356,10 @@ impl Runtime for DaemonRuntime {
 async fn wait_final(mut state: watch::Receiver<revboot_deployer::InstanceState>) -> String {
     let waited = tokio::time::timeout(STOP_WAIT, state.wait_for(|s| s.is_final()))
         .await
-        .map(|result| result.map(|state| state_word(&state)));
+        .map(|result| result.map(|state| state.to_string()));
     match waited {
         Ok(Ok(word)) => word,
-        _ => state_word(&state.borrow()),
-    }
-}
-
-/// The word `ps` shows for a state.
-pub fn state_word(state: &revboot_deployer::InstanceState) -> String {
-    use revboot_deployer::InstanceState as S;
-    match state {
-        S::Cold => "cold".into(),
-        S::Booting => "booting".into(),
-        S::Ready => "ready".into(),
-        S::Idle => "idle".into(),
-        S::Stopped => "stopped".into(),
-        S::Crashed { reason } => format!("crashed: {reason}"),
-        other => format!("{other:?}").to_lowercase(),
+        _ => state.borrow().to_string(),
     }
 }
 
@@ -412,7 +398,7 @@ fn instance_view(info: &revboot_deployer::InstanceInfo) -> InstanceView {
         client: info.key.client.map(|c| c.to_string()),
         address: first_address(&info.addresses),
         addresses: info.addresses.iter().map(|a| a.to_string()).collect(),
-        state: state_word(&info.state),
+        state: info.state.to_string(),
         uptime_ms: u64::try_from(info.uptime.as_millis()).unwrap_or(u64::MAX),
         connections: info.connections,
         steered: info.steered,

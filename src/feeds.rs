@@ -348,7 +348,7 @@ impl ConsoleState {
                 }
                 self.pending.push_back(ConsoleEvent::Ended {
                     instance: id,
-                    state: crate::daemon::state_word(&state),
+                    state: state.to_string(),
                 });
             }
             _ => {}

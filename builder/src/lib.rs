@@ -99,6 +99,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+mod closed;
 mod config;
 mod deploy;
 pub mod gate;
@@ -403,7 +404,7 @@ impl Builder {
             space_check: Duration::from_secs(config.space_check_secs),
             gate: config.gate.clone(),
         });
-        let closed = lifecycle::Closed::default();
+        let closed = closed::Closed::default();
         let queue = queue::Queue::start(
             state_dir.join("state.json"),
             ctx,

@@ -17,11 +17,10 @@
 //!    removing its files takes long or fails); the build cache and the queue's state of the
 //!    service go.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use crate::Builder;
+use crate::closed::Closed;
 use crate::name::{ServiceNameError, validate_service_name};
 use crate::queue::Refusal;
 
@@ -68,26 +67,6 @@ pub enum LifecycleError {
     ShuttingDown,
 }
 
-/// The services closed to pushes and builds, shared by the queue and the smart HTTP routes.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Closed(Arc<Mutex<HashSet<String>>>);
-
-impl Closed {
-    fn set(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    pub(crate) fn contains(&self, service: &str) -> bool {
-        self.set().contains(service)
-    }
-
-    pub(crate) fn insert(&self, service: &str) {
-        self.set().insert(service.to_owned());
-    }
-}
-
 /// Services closed by [`Builder::close`]; dropping it opens them again.
 #[derive(Debug)]
 #[must_use = "the services open again once this is dropped"]
@@ -98,10 +77,7 @@ pub struct ClosedServices {
 
 impl Drop for ClosedServices {
     fn drop(&mut self) {
-        let mut set = self.closed.set();
-        for service in &self.services {
-            set.remove(service);
-        }
+        self.closed.remove(&self.services);
     }
 }
 

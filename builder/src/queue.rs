@@ -38,7 +38,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::lifecycle::Closed;
+use crate::closed::Closed;
 use crate::log::Tracker;
 use crate::runner::{self, Job, RunContext};
 use crate::state::{BuildState, MAX_SPACE_RETRIES, Outcome, Phase};

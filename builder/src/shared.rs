@@ -20,5 +20,5 @@ pub(crate) struct Shared {
     /// The data directory's lock, held until shutdown.
     pub(crate) lock: std::sync::Mutex<Option<std::fs::File>>,
     /// Services being renamed or deleted (see `lifecycle`).
-    pub(crate) closed: crate::lifecycle::Closed,
+    pub(crate) closed: crate::closed::Closed,
 }

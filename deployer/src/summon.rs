@@ -85,6 +85,21 @@ impl InstanceState {
     }
 }
 
+/// The word the CLI, the API and the dashboard show: `cold`, `booting`, `ready`, `idle`,
+/// `stopped`, or `crashed: <reason>`.
+impl std::fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            InstanceState::Cold => f.write_str("cold"),
+            InstanceState::Booting => f.write_str("booting"),
+            InstanceState::Ready => f.write_str("ready"),
+            InstanceState::Idle => f.write_str("idle"),
+            InstanceState::Stopped => f.write_str("stopped"),
+            InstanceState::Crashed { reason } => write!(f, "crashed: {reason}"),
+        }
+    }
+}
+
 /// A name resolved to a bootable revision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {

@@ -249,7 +249,7 @@ pub(crate) type OnFailure = Option<fn(&str) -> Vec<u8>>;
 /// Tells the client why it is not served, if it is to be told.
 async fn fail(client: &mut TcpStream, on_failure: OnFailure, reason: &str) {
     if let Some(answer) = on_failure {
-        crate::front::write_and_close(client, &answer(reason)).await;
+        crate::door::write_and_close(client, &answer(reason)).await;
     }
 }
 

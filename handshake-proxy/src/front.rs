@@ -5,7 +5,7 @@
 //! the front door listens on configured addresses (an HTTP port and a TLS port) and reads
 //! which revision a connection is for from the connection itself.
 //!
-//! 1. At start, bind each configured address; one the host does not own is an error that
+//! 1. At start, bind each configured address (the `door` module); one the host does not own is an error that
 //!    names it ([`FrontError::NotLocal`]). The listeners close at shutdown.
 //! 2. Accept at once. Over `max_connections` (the proxy's bound, shared with its own
 //!    listeners) or over `max_pending` connections still reading their head: reset.
@@ -26,7 +26,6 @@
 //! 7. A connection is routed once, by its first head: later requests on a kept-alive
 //!    connection go to the same revision (clients open one connection per host name).
 
-use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -34,24 +33,19 @@ use std::time::Duration;
 
 use revboot_deployer::ResolveError;
 use revboot_store::name::{self, Shape};
-use socket2::{Domain, Socket, Type};
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::connection::{self, Open};
+use crate::door::{Bound, Front, write_and_close};
+pub use crate::door::{
+    DEFAULT_HEAD_TIMEOUT, DEFAULT_MAX_HEAD, DEFAULT_MAX_PENDING, FrontAddresses, FrontConfig,
+    FrontError,
+};
 use crate::metrics::bump;
 use crate::shared::Shared;
 use crate::sniff::{self, Protocol, Sniffed};
-
-/// Default time a front-door connection may take to send its head.
-pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default bound on the head the front door reads (a request head or a ClientHello).
-pub const DEFAULT_MAX_HEAD: usize = 16 * 1024;
-/// Default bound on front-door connections still reading their head.
-pub const DEFAULT_MAX_PENDING: usize = 1024;
 
 /// The TLS alert `decode_error` (RFC 8446 §6.2).
 const DECODE_ERROR: u8 = 50;
@@ -59,147 +53,6 @@ const DECODE_ERROR: u8 = 50;
 const INTERNAL_ERROR: u8 = 80;
 /// The TLS alert `unrecognized_name` (RFC 6066 §3).
 const UNRECOGNIZED_NAME: u8 = 112;
-/// How long writing a refusal may take.
-const REFUSAL_WRITE: Duration = Duration::from_secs(2);
-
-/// Where the front door listens, and its bounds.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FrontConfig {
-    /// The HTTP listener (routes by `Host`), if any.
-    pub http: Option<SocketAddr>,
-    /// The TLS listener (routes by the ClientHello's server name), if any.
-    pub tls: Option<SocketAddr>,
-    /// The zone whose names it serves (`revboot.test`).
-    pub zone: String,
-    /// Time a connection may take to send its head.
-    pub head_timeout: Duration,
-    /// Most bytes of head read.
-    pub max_head: usize,
-    /// Connections still reading their head; more are reset.
-    pub max_pending: usize,
-}
-
-impl FrontConfig {
-    /// A front door for `zone` with no listeners yet and the default bounds.
-    pub fn new(zone: impl Into<String>) -> FrontConfig {
-        FrontConfig {
-            http: None,
-            tls: None,
-            zone: zone.into(),
-            head_timeout: DEFAULT_HEAD_TIMEOUT,
-            max_head: DEFAULT_MAX_HEAD,
-            max_pending: DEFAULT_MAX_PENDING,
-        }
-    }
-}
-
-/// Why the front door could not open.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum FrontError {
-    /// The address is not one of this host's.
-    #[error("Front door address {address} is not an address of this host")]
-    NotLocal {
-        /// The address.
-        address: SocketAddr,
-    },
-    /// The address could not be bound for another reason (in use, no permission…).
-    #[error("Cannot open the front door on {address}")]
-    Bind {
-        /// The address.
-        address: SocketAddr,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// A bound is zero.
-    #[error("Front door setting `{0}` must be at least 1")]
-    Zero(&'static str),
-}
-
-/// Where the front door listens, ports as bound.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct FrontAddresses {
-    /// The HTTP listener.
-    pub http: Option<SocketAddr>,
-    /// The TLS listener.
-    pub tls: Option<SocketAddr>,
-}
-
-/// The front door's part of the proxy's shared state.
-#[derive(Debug)]
-pub(crate) struct Front {
-    config: FrontConfig,
-    zone: Vec<Vec<u8>>,
-    pending: Arc<Semaphore>,
-    pub(crate) addresses: FrontAddresses,
-}
-
-/// Bound listeners, not yet watched by a runtime.
-pub(crate) type Bound = Vec<(Protocol, SocketAddr, std::net::TcpListener)>;
-
-/// Step 1: binds the configured addresses.
-pub(crate) fn bind(config: &FrontConfig, backlog: u32) -> Result<(Front, Bound), FrontError> {
-    for (name, value) in [
-        ("max_head", config.max_head),
-        ("max_pending", config.max_pending),
-    ] {
-        if value == 0 {
-            return Err(FrontError::Zero(name));
-        }
-    }
-    let mut bound = Vec::new();
-    let mut addresses = FrontAddresses::default();
-    for (protocol, address) in [(Protocol::Http, config.http), (Protocol::Tls, config.tls)] {
-        let Some(address) = address else { continue };
-        let listener = listener(address, backlog).map_err(|source| {
-            if source.kind() == io::ErrorKind::AddrNotAvailable {
-                FrontError::NotLocal { address }
-            } else {
-                FrontError::Bind { address, source }
-            }
-        })?;
-        let local = listener
-            .local_addr()
-            .map_err(|source| FrontError::Bind { address, source })?;
-        match protocol {
-            Protocol::Http => addresses.http = Some(local),
-            Protocol::Tls => addresses.tls = Some(local),
-        }
-        bound.push((protocol, local, listener));
-    }
-    let zone = config
-        .zone
-        .trim_end_matches('.')
-        .split('.')
-        .filter(|label| !label.is_empty())
-        .map(|label| label.to_ascii_lowercase().into_bytes())
-        .collect();
-    let front = Front {
-        config: config.clone(),
-        zone,
-        pending: Arc::new(Semaphore::new(config.max_pending)),
-        addresses,
-    };
-    Ok((front, bound))
-}
-
-/// A non-blocking listener on `address`. No `IP_FREEBIND`: an address the host does not own
-/// must fail here, at start.
-fn listener(address: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
-    let socket = Socket::new(
-        Domain::for_address(address),
-        Type::STREAM.nonblocking(),
-        None,
-    )?;
-    socket.set_reuse_address(true)?;
-    if address.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.bind(&address.into())?;
-    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
-    Ok(socket.into())
-}
 
 /// Starts the accept loops of `bound` on the proxy's runtime.
 pub(crate) fn start(shared: &Arc<Shared>, bound: Bound) {
@@ -406,17 +259,6 @@ async fn refuse(
     write_and_close(&mut stream, &answer).await;
 }
 
-/// Writes `bytes` (bounded in time) and ends the connection.
-pub(crate) async fn write_and_close(stream: &mut TcpStream, bytes: &[u8]) {
-    let _ = tokio::time::timeout(REFUSAL_WRITE, async {
-        if !bytes.is_empty() {
-            stream.write_all(bytes).await?;
-        }
-        stream.shutdown().await
-    })
-    .await;
-}
-
 /// A complete HTTP/1.1 answer that closes the connection.
 fn http_answer(status: &str, reason: &str) -> Vec<u8> {
     let body = format!("revboot front door: {reason}\n");
@@ -440,12 +282,13 @@ fn alert(code: u8) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::door::bind;
     use crate::{Proxy, ProxyConfig};
     use revboot_deployer::{InstanceKey, Instances, Reach};
     use revboot_testkit::instances::{
         Addresses, Backend, Behaviour, Boot, Fake, FakeRevision, FakeService, revision, unique_ip,
     };
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
     /// Bound on a step that should take milliseconds: a bug fails the test, never hangs it.
     const STEP: Duration = Duration::from_secs(30);

@@ -172,6 +172,7 @@
 mod clock;
 mod config;
 mod connection;
+mod door;
 pub mod front;
 mod handover;
 mod metrics;

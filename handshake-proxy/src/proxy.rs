@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use crate::config::ProxyConfig;
 use crate::connection;
-use crate::front::{FrontAddresses, FrontConfig, FrontError};
+use crate::door::{FrontAddresses, FrontConfig, FrontError};
 use crate::metrics::ProxyMetrics;
 use crate::shared::{ListenError, Shared};
 
@@ -65,7 +65,7 @@ impl Proxy {
         if let Err(error) = config.validate() {
             warn!(%error, "proxy configuration is unusable");
         }
-        let (front, bound) = crate::front::bind(&front, config.backlog)?;
+        let (front, bound) = crate::door::bind(&front, config.backlog)?;
         let shared = Arc::new(Shared::new(config, inner, runtime, Some(front)));
         crate::front::start(&shared, bound);
         shared.runtime.spawn(sweeping(Arc::clone(&shared)));

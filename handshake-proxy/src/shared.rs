@@ -98,7 +98,7 @@ pub(crate) struct Shared {
     /// Pipes a spliced connection may take for splice(2): `max_pipes` permits.
     pub(crate) pipes: Semaphore,
     /// The front door, when the proxy has one (fixed at construction).
-    pub(crate) front: Option<crate::front::Front>,
+    pub(crate) front: Option<crate::door::Front>,
     /// Set while the listeners are handed to the next daemon (the `handover` module): a
     /// listener's accept loop gives its socket up instead of closing it.
     pub(crate) handing_over: std::sync::atomic::AtomicBool,
@@ -121,7 +121,7 @@ impl Shared {
         config: ProxyConfig,
         inner: Arc<dyn Instances>,
         runtime: Handle,
-        front: Option<crate::front::Front>,
+        front: Option<crate::door::Front>,
     ) -> Shared {
         // Sized up front: a table that grows does so on a summon's path, under the lock.
         let registry = Registry {

@@ -18,6 +18,7 @@ mod lifecycle;
 mod notify;
 mod per_client;
 mod promotion;
+mod structure;
 mod support;
 mod upgrade;
 mod vm;

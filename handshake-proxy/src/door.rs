@@ -1,0 +1,179 @@
+//! The front door's listeners and its part of the proxy's shared state: its configuration, the
+//! addresses it bound at start ([`bind`], step 1 of [`crate::front`]), and how a refused
+//! connection is answered and closed ([`write_and_close`], used by the front door and the
+//! proxy's own listeners alike). A leaf: the serving path (`front`, `connection`) and the
+//! shared state use it; it uses neither.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Socket, Type};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+
+use crate::sniff::Protocol;
+
+/// Default time a front-door connection may take to send its head.
+pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default bound on the head the front door reads (a request head or a ClientHello).
+pub const DEFAULT_MAX_HEAD: usize = 16 * 1024;
+/// Default bound on front-door connections still reading their head.
+pub const DEFAULT_MAX_PENDING: usize = 1024;
+
+/// How long writing a refusal may take.
+const REFUSAL_WRITE: Duration = Duration::from_secs(2);
+
+/// Where the front door listens, and its bounds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrontConfig {
+    /// The HTTP listener (routes by `Host`), if any.
+    pub http: Option<SocketAddr>,
+    /// The TLS listener (routes by the ClientHello's server name), if any.
+    pub tls: Option<SocketAddr>,
+    /// The zone whose names it serves (`revboot.test`).
+    pub zone: String,
+    /// Time a connection may take to send its head.
+    pub head_timeout: Duration,
+    /// Most bytes of head read.
+    pub max_head: usize,
+    /// Connections still reading their head; more are reset.
+    pub max_pending: usize,
+}
+
+impl FrontConfig {
+    /// A front door for `zone` with no listeners yet and the default bounds.
+    pub fn new(zone: impl Into<String>) -> FrontConfig {
+        FrontConfig {
+            http: None,
+            tls: None,
+            zone: zone.into(),
+            head_timeout: DEFAULT_HEAD_TIMEOUT,
+            max_head: DEFAULT_MAX_HEAD,
+            max_pending: DEFAULT_MAX_PENDING,
+        }
+    }
+}
+
+/// Why the front door could not open.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrontError {
+    /// The address is not one of this host's.
+    #[error("Front door address {address} is not an address of this host")]
+    NotLocal {
+        /// The address.
+        address: SocketAddr,
+    },
+    /// The address could not be bound for another reason (in use, no permission…).
+    #[error("Cannot open the front door on {address}")]
+    Bind {
+        /// The address.
+        address: SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A bound is zero.
+    #[error("Front door setting `{0}` must be at least 1")]
+    Zero(&'static str),
+}
+
+/// Where the front door listens, ports as bound.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FrontAddresses {
+    /// The HTTP listener.
+    pub http: Option<SocketAddr>,
+    /// The TLS listener.
+    pub tls: Option<SocketAddr>,
+}
+
+/// The front door's part of the proxy's shared state.
+#[derive(Debug)]
+pub(crate) struct Front {
+    pub(crate) config: FrontConfig,
+    /// The zone's labels, lowercased.
+    pub(crate) zone: Vec<Vec<u8>>,
+    /// Connections still reading their head.
+    pub(crate) pending: Arc<Semaphore>,
+    pub(crate) addresses: FrontAddresses,
+}
+
+/// Bound listeners, not yet watched by a runtime.
+pub(crate) type Bound = Vec<(Protocol, SocketAddr, std::net::TcpListener)>;
+
+/// Binds the configured addresses (the front door's step 1).
+pub(crate) fn bind(config: &FrontConfig, backlog: u32) -> Result<(Front, Bound), FrontError> {
+    for (name, value) in [
+        ("max_head", config.max_head),
+        ("max_pending", config.max_pending),
+    ] {
+        if value == 0 {
+            return Err(FrontError::Zero(name));
+        }
+    }
+    let mut bound = Vec::new();
+    let mut addresses = FrontAddresses::default();
+    for (protocol, address) in [(Protocol::Http, config.http), (Protocol::Tls, config.tls)] {
+        let Some(address) = address else { continue };
+        let listener = listener(address, backlog).map_err(|source| {
+            if source.kind() == io::ErrorKind::AddrNotAvailable {
+                FrontError::NotLocal { address }
+            } else {
+                FrontError::Bind { address, source }
+            }
+        })?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| FrontError::Bind { address, source })?;
+        match protocol {
+            Protocol::Http => addresses.http = Some(local),
+            Protocol::Tls => addresses.tls = Some(local),
+        }
+        bound.push((protocol, local, listener));
+    }
+    let zone = config
+        .zone
+        .trim_end_matches('.')
+        .split('.')
+        .filter(|label| !label.is_empty())
+        .map(|label| label.to_ascii_lowercase().into_bytes())
+        .collect();
+    let front = Front {
+        config: config.clone(),
+        zone,
+        pending: Arc::new(Semaphore::new(config.max_pending)),
+        addresses,
+    };
+    Ok((front, bound))
+}
+
+/// A non-blocking listener on `address`. No `IP_FREEBIND`: an address the host does not own
+/// must fail here, at start.
+fn listener(address: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM.nonblocking(),
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    if address.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&address.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    Ok(socket.into())
+}
+
+/// Writes `bytes` (bounded in time) and ends the connection.
+pub(crate) async fn write_and_close(stream: &mut TcpStream, bytes: &[u8]) {
+    let _ = tokio::time::timeout(REFUSAL_WRITE, async {
+        if !bytes.is_empty() {
+            stream.write_all(bytes).await?;
+        }
+        stream.shutdown().await
+    })
+    .await;
+}
