@@ -231,6 +231,8 @@ pub struct DeletedView {
     pub source_archive: Option<String>,
     /// How many of its instances were stopped.
     pub stopped: usize,
+    /// How many configuration variables it had, removed with it.
+    pub variables: usize,
 }
 
 /// A renamed service.
@@ -248,6 +250,8 @@ pub struct RenamedView {
     pub deployments: usize,
     /// How many of its instances were stopped (they boot again under the new name).
     pub stopped: usize,
+    /// How many configuration variables moved with it.
+    pub variables: usize,
 }
 
 /// The daemon that accepted the token.

@@ -16,7 +16,11 @@
 //! 5. The builder moves (rename), archives (delete, keeping the deployments) or removes the
 //!    source repository, and moves or drops the build cache and its queue state. If that
 //!    fails after the store was renamed, the store is renamed back.
-//! 6. The names open again: a renamed service's instances boot on the first query of a new
+//! 6. The service's configuration variables (`revboot config`) move with a rename, sealed
+//!    again under the new name, before the store changes (and back if a later step fails);
+//!    a delete removes them last, after everything else: a name created again starts with
+//!    none, and a failed delete never loses the secrets of a service that still exists.
+//! 7. The names open again: a renamed service's instances boot on the first query of a new
 //!    name; a deleted name may be created again.
 
 use std::sync::Arc;
@@ -87,6 +91,12 @@ impl Parts<'_> {
                     error_chain(&error)
                 ))
             })?;
+        let variables = self.deployer.vars().remove(service).map_err(|error| {
+            ActionError::Internal(format!(
+                "`{service}` is deleted, but its configuration variables could not be removed: {}",
+                error_chain(&error)
+            ))
+        })?;
         tracing::info!(
             service,
             keep,
@@ -101,6 +111,7 @@ impl Parts<'_> {
             archive: changed.archive,
             source_archive: source.map(|path| path.display().to_string()),
             stopped: retired.stopped(),
+            variables,
         })
     }
 
@@ -126,12 +137,28 @@ impl Parts<'_> {
                 "Service `{to}` exists already"
             )));
         }
+        let vars = self.deployer.vars();
+        if !vars.get(to).is_empty() {
+            return Err(ActionError::Conflict(format!(
+                "`{to}` has configuration variables already (`revboot config unset {to} …` first)"
+            )));
+        }
         let retired = self.deployer.retire(from).await;
-        self.store.rename_service(from, to).map_err(store_error)?;
+        let variables = vars.rename(from, to).map_err(vars_error)?;
+        let vars_back = || {
+            if let Err(back) = vars.rename(to, from) {
+                tracing::error!(back = %error_chain(&back), from, to, "cannot move the configuration variables back");
+            }
+        };
+        if let Err(error) = self.store.rename_service(from, to) {
+            vars_back();
+            return Err(store_error(error));
+        }
         if let Err(error) = self.builder.rename_source(&closed, from, to).await {
             if let Err(back) = self.store.rename_service(to, from) {
                 tracing::error!(%back, from, to, "cannot rename the deployment repository's refs back");
             }
+            vars_back();
             return Err(builder_error(error));
         }
         let deployments = self.store.history(to).map_or(0, |h| h.len());
@@ -150,7 +177,15 @@ impl Parts<'_> {
             live: live.map(|r| r.to_hex()),
             deployments,
             stopped: retired.stopped(),
+            variables,
         })
+    }
+}
+
+fn vars_error(error: revboot_deployer::vars::VarsError) -> ActionError {
+    match error {
+        revboot_deployer::vars::VarsError::Taken { .. } => ActionError::Conflict(error.to_string()),
+        other => ActionError::Internal(error_chain(&other)),
     }
 }
 

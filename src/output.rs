@@ -64,6 +64,13 @@ pub fn render(reply: &Reply, format: Format) -> String {
             if deleted.stopped > 0 {
                 let _ = writeln!(out, "{} running instances stopped", deleted.stopped);
             }
+            if deleted.variables > 0 {
+                let _ = writeln!(
+                    out,
+                    "its {} configuration variables are removed",
+                    deleted.variables
+                );
+            }
         }
         Reply::ServiceRenamed(renamed) => {
             let _ = writeln!(
@@ -85,6 +92,13 @@ pub fn render(reply: &Reply, format: Format) -> String {
                     out,
                     "{} running instances stopped; they boot again under the new name on demand",
                     renamed.stopped
+                );
+            }
+            if renamed.variables > 0 {
+                let _ = writeln!(
+                    out,
+                    "its {} configuration variables moved with it",
+                    renamed.variables
                 );
             }
             let _ = writeln!(

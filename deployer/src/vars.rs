@@ -82,6 +82,12 @@ pub enum VarsError {
         /// How many it would have.
         count: usize,
     },
+    /// A rename onto a service that has variables of its own.
+    #[error("{service} has configuration variables already")]
+    Taken {
+        /// The service.
+        service: String,
+    },
     /// A file could not be read or written.
     #[error("Cannot {what} {path}")]
     Io {
@@ -311,6 +317,54 @@ impl Vars {
         Ok(vars)
     }
 
+    /// Moves `from`'s variables to `to`, sealed again under the new name (the name is the
+    /// seal's associated data), for a service rename. `to` must have none. Returns how many
+    /// moved; nothing changes on an error. The new file is written before the old one is
+    /// removed: a crash in between leaves both, never neither.
+    pub fn rename(&self, from: &str, to: &str) -> Result<usize, VarsError> {
+        check_service(from)?;
+        check_service(to)?;
+        let _writing = self.writing.lock().expect("vars lock is never poisoned");
+        if !self.get(to).is_empty() {
+            return Err(VarsError::Taken {
+                service: to.to_owned(),
+            });
+        }
+        let vars = self.get(from);
+        if vars.is_empty() {
+            return Ok(0);
+        }
+        self.write(to, &vars)?;
+        let old = self.path(from);
+        if let Err(error) = std::fs::remove_file(&old) {
+            let _ = std::fs::remove_file(self.path(to));
+            return Err(io_error("remove", &old)(error));
+        }
+        let mut services = self.services.lock().expect("vars lock is never poisoned");
+        services.remove(from);
+        services.insert(to.to_owned(), Arc::clone(&vars));
+        Ok(vars.len())
+    }
+
+    /// Removes `service`'s variables, for a service delete: a service created again under
+    /// the name starts with none. Returns how many there were.
+    pub fn remove(&self, service: &str) -> Result<usize, VarsError> {
+        check_service(service)?;
+        let _writing = self.writing.lock().expect("vars lock is never poisoned");
+        let count = self.get(service).len();
+        let path = self.path(service);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            Err(error) => return Err(io_error("remove", &path)(error)),
+        }
+        self.services
+            .lock()
+            .expect("vars lock is never poisoned")
+            .remove(service);
+        Ok(count)
+    }
+
     fn path(&self, service: &str) -> PathBuf {
         self.dir.join(format!("{service}.vars"))
     }
@@ -442,6 +496,49 @@ mod tests {
                 .collect(),
             unset: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_rename_moves_the_variables_sealed_under_the_new_name_and_a_delete_removes_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vars = Vars::open(dir.path()).expect("open");
+        vars.change("hello", &set(&[("API_KEY", "sk-live-0123456789")]))
+            .expect("set");
+        vars.change("other", &set(&[("MODE", "fast")]))
+            .expect("set");
+        // Onto a service with variables of its own: refused, nothing moves.
+        assert!(matches!(
+            vars.rename("hello", "other"),
+            Err(VarsError::Taken { .. })
+        ));
+        assert_eq!(vars.get("hello").get("API_KEY"), Some("sk-live-0123456789"));
+
+        assert_eq!(vars.rename("hello", "world").expect("rename"), 1);
+        assert!(vars.get("hello").is_empty());
+        assert!(!dir.path().join("hello.vars").exists());
+        let again = Vars::open(dir.path()).expect("reopen");
+        assert_eq!(
+            again.get("world").get("API_KEY"),
+            Some("sk-live-0123456789")
+        );
+        assert!(again.get("hello").is_empty());
+        // Sealed under the new name: the file copied back under the old name does not open.
+        std::fs::copy(dir.path().join("world.vars"), dir.path().join("hello.vars")).expect("copy");
+        assert!(matches!(
+            Vars::open(dir.path()),
+            Err(VarsError::Sealed { .. })
+        ));
+        std::fs::remove_file(dir.path().join("hello.vars")).expect("remove the copy");
+        // A service with none renames with nothing to move.
+        assert_eq!(again.rename("nothing", "still-nothing").expect("rename"), 0);
+
+        assert_eq!(again.remove("world").expect("remove"), 1);
+        assert!(again.get("world").is_empty());
+        assert!(!dir.path().join("world.vars").exists());
+        assert_eq!(again.remove("world").expect("remove again"), 0);
+        let reopened = Vars::open(dir.path()).expect("reopen");
+        assert!(reopened.get("world").is_empty());
+        assert_eq!(reopened.get("other").get("MODE"), Some("fast"));
     }
 
     #[test]

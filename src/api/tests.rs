@@ -186,6 +186,7 @@ fn documented_replies() -> Vec<(&'static str, [serde_json::Value; 2])> {
             source_archive: set
                 .then(|| "/var/lib/revboot/src/.deleted/hello-1700000000000.git".to_owned()),
             stopped: 1,
+            variables: 2,
         }
     }
     fn renamed(set: bool) -> RenamedView {
@@ -196,6 +197,7 @@ fn documented_replies() -> Vec<(&'static str, [serde_json::Value; 2])> {
             live: set.then(|| "ab".repeat(20)),
             deployments: 2,
             stopped: 0,
+            variables: 1,
         }
     }
     fn token(_: bool) -> TokenView {

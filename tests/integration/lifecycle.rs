@@ -120,6 +120,7 @@ fn rename_moves_names_live_history_instances_and_source() {
     dig_ok(&daemon, &format!("{v1_short}.hello.{ZONE}"), false);
     dig_ok(&daemon, &format!("stable.hello.{ZONE}"), false);
     assert!(daemon.instances().iter().any(|i| i["service"] == "hello"));
+    ok(&daemon.cli(&["config", "set", "hello", "API_KEY=sk-rename-0123456789"]));
 
     let (code, renamed) = cli_json(&daemon, &["service", "rename", "hello", "greet"]);
     assert_eq!(code, 0, "{renamed}");
@@ -127,6 +128,15 @@ fn rename_moves_names_live_history_instances_and_source() {
     assert_eq!(renamed["live"], v2["revision"]);
     assert_eq!(renamed["deployments"], 2);
     assert!(renamed["stopped"].as_u64() >= Some(1), "{renamed}");
+    assert_eq!(renamed["variables"], 1, "{renamed}");
+
+    // The configuration variables moved with it, sealed under the new name.
+    let (code, config) = cli_json(&daemon, &["config", "list", "greet", "--show"]);
+    assert_eq!(code, 0, "{config}");
+    assert_eq!(config["vars"][0]["name"], "API_KEY", "{config}");
+    assert_eq!(config["vars"][0]["value"], "sk-rename-0123456789");
+    assert!(daemon.data.join("deployer/vars/greet.vars").is_file());
+    assert!(!daemon.data.join("deployer/vars/hello.vars").exists());
 
     // DNS: every old name is gone at once (the cache too); the same labels answer under
     // the new name, with the same revisions.
@@ -191,6 +201,7 @@ fn delete_keeps_or_removes_deployments_through_the_api_and_the_cli() {
     push_service(&daemon, &work, "other");
     let kept_revision = history(&daemon, "hello")[0]["revision"].clone();
     dig_ok(&daemon, &format!("hello.{ZONE}"), false);
+    ok(&daemon.cli(&["config", "set", "hello", "API_KEY=sk-delete-0123456789"]));
 
     // Kept, through the API: the service is gone, its deployments are in an archive.
     let (status, deleted) = api(
@@ -204,6 +215,9 @@ fn delete_keeps_or_removes_deployments_through_the_api_and_the_cli() {
         (deleted["kept"].as_bool(), deleted["deployments"].as_u64()),
         (Some(true), Some(1))
     );
+    // Its secrets went with it, even though its deployments are kept.
+    assert_eq!(deleted["variables"], 1, "{deleted}");
+    assert!(!daemon.data.join("deployer/vars/hello.vars").exists());
     let archive = deleted["archive"].as_str().expect("an archive").to_owned();
     assert!(
         archive.starts_with("refs/revboot/deleted/hello/"),
@@ -227,9 +241,16 @@ fn delete_keeps_or_removes_deployments_through_the_api_and_the_cli() {
     assert!(!daemon.data.join("src/hello.git").exists());
     dig_ok(&daemon, &format!("other.{ZONE}"), false);
 
-    // The name is free: a push creates the service anew, with a history of its own.
+    // The name is free: a push creates the service anew, with a history of its own and
+    // no configuration variables.
     push(&daemon, &work);
     assert_eq!(history(&daemon, "hello").len(), 1);
+    let (code, config) = cli_json(&daemon, &["config", "list", "hello"]);
+    assert_eq!(
+        (code, config["vars"].as_array().map(Vec::len)),
+        (0, Some(0)),
+        "{config}"
+    );
     // Removed, through the CLI: no ref of it is left, the first archive stays.
     let (code, removed) = cli_json(
         &daemon,
