@@ -274,9 +274,13 @@ pub enum ConfigCommand {
     Set {
         /// The service.
         service: String,
-        /// `NAME=value` pairs.
+        /// `NAME=value` pairs; with `--stdin`, one `NAME`.
         #[arg(required = true)]
         pairs: Vec<String>,
+        /// Read the value of the one NAME given from standard input (one trailing newline
+        /// dropped): the value stays out of the process list and the shell's history.
+        #[arg(long)]
+        stdin: bool,
         /// Replace the running instances now (otherwise the next boot gets it).
         #[arg(long)]
         restart: bool,

@@ -118,9 +118,26 @@ fn a_secret_set_with_the_cli_reaches_the_instance_and_nothing_else() {
         .expect("run curl");
     let api = String::from_utf8_lossy(&api.stdout);
     assert!(api.contains("API_KEY") && !api.contains(&secret), "{api}");
+    // A value from standard input never is an argument (the process list shows arguments).
+    let stdin_secret = format!("sk-stdin-{}", std::process::id() * 104_729);
+    let from_stdin = daemon.cli_with_input(
+        &["config", "set", "hello", "--stdin", "STDIN_KEY"],
+        format!("{stdin_secret}\n").as_bytes(),
+    );
+    assert!(
+        from_stdin.status.success(),
+        "{}",
+        String::from_utf8_lossy(&from_stdin.stderr)
+    );
+    let two_names = daemon.cli_with_input(&["config", "set", "hello", "--stdin", "A", "B"], b"x");
+    assert!(!two_names.status.success());
     let shown = daemon.cli(&["config", "list", "hello", "--show"]);
     let shown = String::from_utf8_lossy(&shown.stdout);
     assert!(shown.contains(&format!("API_KEY={secret}")), "{shown}");
+    assert!(
+        shown.contains(&format!("STDIN_KEY={stdin_secret}\n")),
+        "{shown}"
+    );
 
     // An instance booted after the change has it in its environment.
     let live = format!("hello.{ZONE}");
@@ -130,6 +147,11 @@ fn a_secret_set_with_the_cli_reaches_the_instance_and_nothing_else() {
     let env = environment(pid);
     assert!(env.contains(&format!("API_KEY={secret}")), "{env:?}");
     assert!(env.contains(&"MODE=fast".to_owned()), "{env:?}");
+    // Exactly the value given, its trailing newline dropped.
+    assert!(
+        env.contains(&format!("STDIN_KEY={stdin_secret}")),
+        "{env:?}"
+    );
 
     // --restart replaces the running instance: the next boot has the change.
     let changed = daemon.cli(&["config", "unset", "hello", "MODE", "--restart"]);
@@ -160,6 +182,10 @@ fn a_secret_set_with_the_cli_reaches_the_instance_and_nothing_else() {
     let log = daemon.stop();
     assert!(log.contains("configuration changed"), "{log}");
     assert!(!log.contains(&secret), "the secret is in the daemon's log");
+    assert!(
+        !log.contains(&stdin_secret),
+        "the secret is in the daemon's log"
+    );
     let clear = files_holding(&data, secret.as_bytes());
     assert!(clear.is_empty(), "the secret is in the clear in {clear:?}");
     let deploy = data.join("deploy.git");

@@ -236,17 +236,42 @@ impl Daemon {
 
     /// Runs the CLI against this daemon.
     pub fn cli(&self, args: &[&str]) -> Output {
-        self.command(env!("CARGO_BIN_EXE_revboot"))
+        self.cli_command(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run revboot")
+    }
+
+    /// `revboot <args>` against this daemon with `input` on its standard input.
+    pub fn cli_with_input(&self, args: &[&str], input: &[u8]) -> Output {
+        use std::io::Write as _;
+        let mut child = self
+            .cli_command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run revboot");
+        child
+            .stdin
+            .take()
+            .expect("its stdin")
+            .write_all(input)
+            .expect("write its stdin");
+        child.wait_with_output().expect("wait for revboot")
+    }
+
+    fn cli_command(&self, args: &[&str]) -> Command {
+        let mut command = self.command(env!("CARGO_BIN_EXE_revboot"));
+        command
             .args(["--url", &format!("http://{}", self.http)])
             .args(["--data", &self.data.to_string_lossy()])
             .args(args)
             .env("REVBOOT_TOKEN", &self.token)
             // The client configuration of whoever runs the tests stays out of them.
             .env("XDG_CONFIG_HOME", self.data.with_extension("config"))
-            .env_remove("REVBOOT_REMOTE")
-            .stdin(Stdio::null())
-            .output()
-            .expect("run revboot")
+            .env_remove("REVBOOT_REMOTE");
+        command
     }
 
     /// `/metrics`, read with the token.
