@@ -39,10 +39,41 @@ function follow(element) {
         break;
     }
   };
-  source.onopen = () => element.classList.add("following");
+  // A feed opened again (the browser reconnects by itself after a network hiccup or a daemon
+  // restart) starts over with what the instances kept: what this page showed is replaced,
+  // not shown twice.
+  let opened = false;
+  source.onopen = () => {
+    if (opened) element.replaceChildren();
+    opened = true;
+    element.classList.add("following");
+  };
   source.onerror = () => element.classList.remove("following");
+}
+
+// Charts are drawn by the daemon; an element with data-refresh takes a fresh copy of itself
+// from its page every data-refresh milliseconds, so the figures move without a reload.
+function refresh(element) {
+  const every = Math.max(1000, Number(element.dataset.refresh) || 10000);
+  const selector = "#" + element.id;
+  const fetchFresh = async () => {
+    try {
+      const response = await fetch(window.location.href, {
+        credentials: "same-origin",
+        headers: { "accept": "text/html" },
+      });
+      if (!response.ok) return;
+      const page = new DOMParser().parseFromString(await response.text(), "text/html");
+      const fresh = page.querySelector(selector);
+      if (fresh) element.replaceChildren(...Array.from(fresh.childNodes));
+    } catch (_) {
+      // The next round tries again.
+    }
+  };
+  setInterval(fetchFresh, every);
 }
 
 document.addEventListener("DOMContentLoaded", () => {
   document.querySelectorAll("[data-feed]").forEach(follow);
+  document.querySelectorAll("[data-refresh][id]").forEach(refresh);
 });

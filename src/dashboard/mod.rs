@@ -171,6 +171,15 @@ struct CsrfForm {
 }
 
 #[derive(Debug, Deserialize)]
+struct BootForm {
+    #[serde(default)]
+    csrf: String,
+    /// The client a per-client service's instance is for (empty for any other service).
+    #[serde(default)]
+    client: String,
+}
+
+#[derive(Debug, Deserialize)]
 struct LiveForm {
     #[serde(default)]
     csrf: String,
@@ -299,7 +308,7 @@ async fn boot(
     State(dashboard): State<Dashboard>,
     headers: HeaderMap,
     Path((service, revision)): Path<(String, String)>,
-    Form(form): Form<CsrfForm>,
+    Form(form): Form<BootForm>,
 ) -> Response {
     let signed_in = match dashboard.sessions.check_write(&headers, &form.csrf) {
         Ok(signed_in) => signed_in,
@@ -310,14 +319,29 @@ async fn boot(
         encode(&service),
         encode(&revision)
     );
+    let client = match client_field(&form.client) {
+        Ok(client) => client,
+        Err(error) => return pages::failure(&error, Some(&signed_in), &back),
+    };
     let action = Action::Summon {
         service,
         label: Some(revision),
-        client: None,
+        client,
     };
     match dashboard.execute(action).await {
         Ok(_) => Redirect::to(&format!("{back}?booted=1")).into_response(),
         Err(error) => pages::failure(&error, Some(&signed_in), &back),
+    }
+}
+
+/// A form's client address: none when empty.
+fn client_field(text: &str) -> Result<Option<std::net::IpAddr>, ActionError> {
+    match text.trim() {
+        "" => Ok(None),
+        text => text
+            .parse()
+            .map(Some)
+            .map_err(|_| ActionError::Invalid(format!("`{text}` is not a client address"))),
     }
 }
 
@@ -330,15 +354,9 @@ async fn stop(
         Ok(signed_in) => signed_in,
         Err(refusal) => return refused(refusal, "/instances/stop"),
     };
-    let client = match form.client.as_str() {
-        "" => None,
-        text => match text.parse() {
-            Ok(client) => Some(client),
-            Err(_) => {
-                let error = ActionError::Invalid(format!("`{text}` is not a client address"));
-                return pages::failure(&error, Some(&signed_in), "/instances");
-            }
-        },
+    let client = match client_field(&form.client) {
+        Ok(client) => client,
+        Err(error) => return pages::failure(&error, Some(&signed_in), "/instances"),
     };
     let action = Action::StopInstance {
         service: form.service,

@@ -419,6 +419,8 @@ struct RevisionPage {
     can_write: bool,
     instances: Vec<InstanceView>,
     port: u16,
+    /// A per-client service: booting asks for the client.
+    per_client: bool,
     manifest: String,
     diff: Option<DiffView>,
     diff_from: String,
@@ -535,6 +537,7 @@ pub(super) async fn revision(
     }
     let manifest = show.manifest.clone().unwrap_or_default();
     let port = manifest_port(&manifest);
+    let per_client = manifest_per_client(&manifest);
     let mut page = PageCtx::new(
         format!("{service} {}", show.deployment.short),
         reader.as_ref(),
@@ -554,6 +557,7 @@ pub(super) async fn revision(
         can_write: reader.is_some(),
         instances,
         port,
+        per_client,
         manifest,
         diff_from: diff.as_ref().map(|d| short(&d.a)).unwrap_or_default(),
         diff_image: diff
@@ -588,6 +592,13 @@ fn manifest_port(manifest: &str) -> u16 {
         .and_then(|t| t.get("run")?.get("port")?.as_integer())
         .and_then(|p| u16::try_from(p).ok())
         .unwrap_or(8080)
+}
+
+fn manifest_per_client(manifest: &str) -> bool {
+    toml::from_str::<toml::Table>(manifest)
+        .ok()
+        .and_then(|t| t.get("run")?.get("per_client")?.as_bool())
+        .unwrap_or(false)
 }
 
 fn console_row(record: ConsoleView) -> ConsoleRow {

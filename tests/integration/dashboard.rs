@@ -160,6 +160,17 @@ fn dashboard_sign_in_rollback_live_console_and_failed_build_in_chromium() {
         4
     );
     browser.screenshot(&shots.join("overview.png"));
+    // The figures move without a reload: a boot shows in the caption of the open page.
+    let caption = "return document.querySelector('#charts figcaption').textContent";
+    let before = browser.script(caption);
+    browser.script("window.notReloaded = true; return true");
+    let v2_name = format!("{}.hello.{ZONE}", v2["short"].as_str().expect("short"));
+    let v2_address = dig_ok(&daemon, &v2_name, false);
+    assert!(curl(&v2_name, &v2_address, 8080).starts_with("hello from v2"));
+    browser.wait_until("the boot counted on the open page", |b| {
+        b.script(caption) != before
+    });
+    assert_eq!(browser.script("return window.notReloaded === true"), true);
 
     // A build's log, live: this recipe writes a line every fifth of a second until the
     // daemon stops (its shutdown kills the build), so the page is open while it runs.
@@ -248,27 +259,7 @@ fn without_the_token_no_write_succeeds() {
 
     // A real session, to forge around.
     let jar = temp.path().join("cookies");
-    let signed = curl_form(&[
-        "-c",
-        &jar.to_string_lossy(),
-        "--data-urlencode",
-        &format!("token={}", daemon.token),
-        &format!("{site}/login"),
-    ]);
-    assert_eq!(signed.0, "303", "{signed:?}");
-    let page = curl_form(&[
-        "-b",
-        &jar.to_string_lossy(),
-        &format!("{site}/services/hello"),
-    ]);
-    assert_eq!(page.0, "200");
-    let csrf = page
-        .1
-        .split("name=\"csrf\" value=\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .expect("a CSRF token in the page")
-        .to_owned();
+    let (csrf, _) = sign_in(&daemon, &jar, &format!("{site}/services/hello"));
 
     let to = format!("to={v1}");
     let move_live = format!("{site}/services/hello/live");
@@ -343,6 +334,88 @@ fn without_the_token_no_write_succeeds() {
     assert!(log.contains("dashboard write refused"), "{log}");
     assert!(!log.contains(&csrf), "a CSRF token reached the log");
     assert!(!log.contains(&daemon.token), "the token reached the log");
+}
+
+#[test]
+fn a_per_client_revision_boots_from_its_page_for_the_client_given() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let daemon = Daemon::start(&temp.path().join("data"));
+    let work = hello_source(temp.path());
+    let manifest = work.join("revboot.toml");
+    let text = std::fs::read_to_string(&manifest).expect("manifest");
+    std::fs::write(&manifest, format!("{text}per_client = true\n")).expect("write manifest");
+    git(&work, &["commit", "-q", "-am", "hello per client"]);
+    push(&daemon, &work);
+    let revision = history(&daemon, "hello")[0]["revision"]
+        .as_str()
+        .expect("revision")
+        .to_owned();
+    let page_url = format!(
+        "http://{}/services/hello/deployments/{revision}",
+        daemon.http
+    );
+    let jar = temp.path().join("cookies");
+    let (csrf, page) = sign_in(&daemon, &jar, &page_url);
+    assert!(page.contains("id=\"boot-client\""), "{page}");
+    let jar = jar.to_string_lossy().into_owned();
+    let boot = format!("{page_url}/boot");
+    let csrf = format!("csrf={csrf}");
+
+    // Not an address: refused, nothing boots.
+    let bad = curl_form(&[
+        "-b",
+        &jar,
+        "--data",
+        &csrf,
+        "--data",
+        "client=not-an-address",
+        &boot,
+    ]);
+    assert_eq!(bad.0, "400", "{bad:?}");
+    assert!(bad.1.contains("is not a client address"), "{}", bad.1);
+    assert!(daemon.instances().is_empty(), "{:?}", daemon.instances());
+
+    // An address: that client's own instance, which the page then shows.
+    let booted = curl_form(&[
+        "-b",
+        &jar,
+        "--data",
+        &csrf,
+        "--data",
+        "client=127.0.0.61",
+        &boot,
+    ]);
+    assert_eq!(booted.0, "303", "{booted:?}");
+    let instances = daemon.instances();
+    assert!(
+        instances.iter().any(|i| i["client"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("127.0.0.61"))),
+        "{instances:?}"
+    );
+    let page = curl_form(&["-b", &jar, &page_url]);
+    assert!(page.1.contains("for 127.0.0.61"), "{}", page.1);
+}
+
+/// Signs in with the daemon's token, cookies in `jar`; the CSRF token of `page` and its body.
+fn sign_in(daemon: &Daemon, jar: &std::path::Path, page: &str) -> (String, String) {
+    let signed = curl_form(&[
+        "-c",
+        &jar.to_string_lossy(),
+        "--data-urlencode",
+        &format!("token={}", daemon.token),
+        &format!("http://{}/login", daemon.http),
+    ]);
+    assert_eq!(signed.0, "303", "{signed:?}");
+    let (status, body) = curl_form(&["-b", &jar.to_string_lossy(), page]);
+    assert_eq!(status, "200", "{body}");
+    let csrf = body
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a CSRF token in the page")
+        .to_owned();
+    (csrf, body)
 }
 
 /// curl with the arguments; (status, body).
