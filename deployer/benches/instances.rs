@@ -106,7 +106,12 @@ fn floor_once(image: &CString, address: SocketAddr) -> Duration {
             );
             pid_env[11 + digits] = 0;
             let envp = [fds.as_ptr(), pid_env.as_ptr().cast(), std::ptr::null()];
-            libc::dup2(socket.as_raw_fd(), 3);
+            // dup2 onto itself would leave fd 3 close-on-exec.
+            if socket.as_raw_fd() == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0);
+            } else {
+                libc::dup2(socket.as_raw_fd(), 3);
+            }
             libc::execve(image.as_ptr(), argv.as_ptr(), envp.as_ptr());
             libc::_exit(127);
         }

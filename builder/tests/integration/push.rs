@@ -30,10 +30,17 @@ fn run_image_and_get(image: &std::path::Path, revision: &Revision) -> String {
             .env("LISTEN_FDS", "1")
             .env("REVBOOT_REVISION", revision.to_hex())
             .stdout(std::process::Stdio::piped());
-        // SAFETY: dup2 is async-signal-safe; the listener outlives the spawn.
+        // SAFETY: dup2 and fcntl are async-signal-safe; the listener outlives the spawn.
         unsafe {
             command.pre_exec(move || {
-                if libc::dup2(fd, 3) < 0 {
+                // The listener may be fd 3 already: dup2 onto itself would leave it
+                // close-on-exec, and the image would find no fd 3.
+                let moved = if fd == 3 {
+                    libc::fcntl(3, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(fd, 3)
+                };
+                if moved < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())

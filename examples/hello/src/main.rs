@@ -16,6 +16,13 @@ use std::os::fd::FromRawFd;
 /// Change this line to make a new revision.
 const REVISION: &str = "v1";
 
+/// Linux errno values (this image has no dependency, libc's crate included).
+mod libc_errno {
+    pub const EBADF: i32 = 9;
+    pub const EINVAL: i32 = 22;
+    pub const ENOTSOCK: i32 = 88;
+}
+
 fn listener() -> std::io::Result<TcpListener> {
     let ours = std::env::var("LISTEN_PID").ok().and_then(|pid| pid.parse::<u32>().ok())
         == Some(std::process::id());
@@ -72,6 +79,17 @@ fn main() {
                 if let Err(error) = serve(stream, &deployment) {
                     eprintln!("hello: {error}");
                 }
+            }
+            // A listener that is gone or not one will never accept: say so once and end,
+            // rather than spin writing the same line.
+            Err(error)
+                if matches!(
+                    error.raw_os_error(),
+                    Some(libc_errno::EBADF | libc_errno::ENOTSOCK | libc_errno::EINVAL)
+                ) =>
+            {
+                eprintln!("hello: accept: {error}; ending");
+                std::process::exit(1);
             }
             Err(error) => eprintln!("hello: accept: {error}"),
         }
