@@ -1,4 +1,4 @@
-//! The few instructions the kernel needs: port I/O, the time-stamp counter, halting.
+//! The few instructions the kernel needs: port I/O (COM1, the PIT, fw_cfg), the time-stamp counter, halting.
 
 use core::arch::asm;
 
@@ -19,6 +19,14 @@ pub fn inb(port: u16) -> u8 {
         asm!("in al, dx", out("al") value, in("dx") port, options(nomem, nostack, preserves_flags))
     }
     value
+}
+
+/// Writes a 16-bit word to an I/O port.
+pub fn outw(port: u16, value: u16) {
+    // SAFETY: as for `outb`; the fw_cfg selector port is the only 16-bit one written.
+    unsafe {
+        asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags))
+    }
 }
 
 /// The time-stamp counter.

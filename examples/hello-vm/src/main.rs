@@ -6,6 +6,11 @@
 //! user-mode network: `hello from <REVISION> (<deployment>)`, the deployment taken from
 //! `revboot.revision=<sha>` on the kernel command line.
 //!
+//! Restored from a snapshot (revboot's qemu tender can save a ready guest and start later
+//! instances from it), it notices the new seed fw_cfg holds ([`fwcfg`]) before it polls the
+//! network again, and reseeds: the TCP initial sequence numbers and `GET /id`'s random value
+//! of two instances restored from one snapshot differ.
+//!
 //! Limits: one CPU; devices are polled, the only interrupt is a 1 kHz timer that wakes the
 //! CPU from `hlt` when no connection is open (see [`idle`]); no allocator, IPv4 only, a
 //! static address.
@@ -20,6 +25,7 @@
 mod boot;
 mod clock;
 mod cpu;
+mod fwcfg;
 mod idle;
 mod mem;
 mod net;
@@ -95,7 +101,7 @@ pub extern "C" fn kernel_main(start_info: u32) -> ! {
         println!("hello-vm: never listening, on purpose");
         cpu::halt();
     }
-    net::serve(device, clock, deployment)
+    net::serve(device, clock, deployment, fwcfg::Seed::read())
 }
 
 #[panic_handler]

@@ -6,7 +6,13 @@
 //!    ARP exchange of their own.
 //! 3. [`SOCKETS`] TCP sockets listen on [`PORT`]; each serves one connection at a time: read
 //!    the request head (up to the blank line), answer `hello from <REVISION> (<deployment>)`,
-//!    close. `GET /crash` triple-faults the VM, to exercise crash handling.
+//!    close. `GET /crash` triple-faults the VM, to exercise crash handling. `GET /id`
+//!    answers `random <16 hex digits> isn <n>`: a fresh random value, and the initial
+//!    sequence number of this connection's SYN-ACK as it left the guest.
+//! 3a. Before every poll, the seed in fw_cfg is compared with the one read at boot: a new
+//!    one means this memory was restored into another qemu process, so the interface (whose
+//!    random state chooses the ISNs) is made anew from the new seed, and so is the value
+//!    `GET /id` draws from. Nothing random that leaves the guest is drawn before that check.
 //! 4. A connection that has not sent its request head within [`REQUEST_TIMEOUT`] is reset.
 //! 5. The loop polls forever: smoltcp, then every socket; while no connection is open and
 //!    nothing changed, it sleeps until the next timer tick (at most about 1 ms).
@@ -22,7 +28,10 @@ use smoltcp::wire::{
     EthernetRepr, IpAddress, IpCidr, Ipv4Address,
 };
 
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
 use crate::clock::Clock;
+use crate::fwcfg::{Seed, splitmix};
 use crate::virtio::VirtioNet;
 use crate::{REVISION, cpu, idle, println};
 
@@ -112,15 +121,15 @@ impl core::fmt::Write for Cursor<'_> {
     }
 }
 
-/// Writes the answer into `out`, returning its length.
-fn render(out: &mut [u8], deployment: &str) -> usize {
+/// Writes a response of `body` (formatted) into `out`, returning its length.
+fn respond(out: &mut [u8], body: core::fmt::Arguments<'_>) -> usize {
     let mut body_buf = [0u8; 160];
-    let mut body = Cursor {
+    let mut cursor = Cursor {
         buf: &mut body_buf,
         len: 0,
     };
-    let _ = writeln!(body, "hello from {REVISION} ({deployment})");
-    let body_len = body.len;
+    let _ = cursor.write_fmt(body);
+    let body_len = cursor.len;
     let body = core::str::from_utf8(&body_buf[..body_len]).unwrap_or("");
     let mut response = Cursor { buf: out, len: 0 };
     let _ = write!(
@@ -129,6 +138,72 @@ fn render(out: &mut [u8], deployment: &str) -> usize {
         body.len()
     );
     response.len
+}
+
+/// Writes the answer into `out`, returning its length.
+fn render(out: &mut [u8], deployment: &str) -> usize {
+    respond(out, format_args!("hello from {REVISION} ({deployment})\n"))
+}
+
+/// The last SYN-ACKs sent: `remote port << 32 | initial sequence number`.
+static SYN_ACKS: [AtomicU64; SOCKETS] = [const { AtomicU64::new(0) }; SOCKETS];
+static NEXT_SYN_ACK: AtomicUsize = AtomicUsize::new(0);
+
+/// Called by the driver with every frame it sends: remembers the ISN of each SYN-ACK.
+pub fn note_sent(frame: &[u8]) {
+    const IP: usize = 14;
+    if frame.len() < IP + 20 || frame[12..14] != [0x08, 0x00] || frame[IP + 9] != 6 {
+        return;
+    }
+    let tcp = IP + usize::from(frame[IP] & 0x0f) * 4;
+    if frame.len() < tcp + 20 || frame[tcp + 13] & 0x12 != 0x12 {
+        return;
+    }
+    let port = u16::from_be_bytes([frame[tcp + 2], frame[tcp + 3]]);
+    let seq = u32::from_be_bytes([
+        frame[tcp + 4],
+        frame[tcp + 5],
+        frame[tcp + 6],
+        frame[tcp + 7],
+    ]);
+    let slot = NEXT_SYN_ACK.fetch_add(1, Ordering::Relaxed) % SOCKETS;
+    SYN_ACKS[slot].store(u64::from(port) << 32 | u64::from(seq), Ordering::Relaxed);
+}
+
+/// The ISN of the SYN-ACK sent to `port`, if remembered.
+fn isn_for(port: u16) -> Option<u32> {
+    SYN_ACKS.iter().find_map(|slot| {
+        let value = slot.load(Ordering::Relaxed);
+        (value >> 32 == u64::from(port) && value != 0).then_some(value as u32)
+    })
+}
+
+/// Writes `GET /id`'s answer into `out`, returning its length.
+fn render_id(out: &mut [u8], random: u64, isn: Option<u32>) -> usize {
+    match isn {
+        Some(isn) => respond(out, format_args!("random {random:016x} isn {isn}\n")),
+        None => respond(out, format_args!("random {random:016x} isn unknown\n")),
+    }
+}
+
+/// The network interface on `device`, its random state (which picks the TCP initial
+/// sequence numbers) drawn from `seed` and the clock.
+fn interface(device: &mut VirtioNet, clock: &Clock, seed: &Seed) -> Interface {
+    let mac = EthernetAddress(device.mac());
+    let mut config = Config::new(mac.into());
+    config.random_seed = seed.mix(cpu::rdtsc());
+    let mut iface = Interface::new(config, device, clock.now());
+    iface.update_ip_addrs(|addrs| {
+        addrs
+            .push(IpCidr::new(IpAddress::Ipv4(ADDRESS), 24))
+            .expect("room for one address");
+    });
+    iface
+        .routes_mut()
+        .add_default_ipv4_route(GATEWAY)
+        .expect("room for one route");
+    announce(device, mac, clock.now());
+    iface
 }
 
 /// Asks for the gateway's MAC, which also announces ours.
@@ -156,20 +231,9 @@ fn announce(device: &mut VirtioNet, mac: EthernetAddress, now: Instant) {
 }
 
 /// Serves HTTP forever.
-pub fn serve(mut device: VirtioNet, clock: Clock, deployment: &str) -> ! {
-    let mac = EthernetAddress(device.mac());
-    let mut config = Config::new(mac.into());
-    config.random_seed = cpu::rdtsc();
-    let mut iface = Interface::new(config, &mut device, clock.now());
-    iface.update_ip_addrs(|addrs| {
-        addrs
-            .push(IpCidr::new(IpAddress::Ipv4(ADDRESS), 24))
-            .expect("room for one address");
-    });
-    iface
-        .routes_mut()
-        .add_default_ipv4_route(GATEWAY)
-        .expect("room for one route");
+pub fn serve(mut device: VirtioNet, clock: Clock, deployment: &str, mut seed: Seed) -> ! {
+    let mut iface = interface(&mut device, &clock, &seed);
+    let mut random = seed.mix(cpu::rdtsc() ^ 0x6964);
 
     let mut storage = [SocketStorage::EMPTY; SOCKETS];
     let mut sockets = SocketSet::new(&mut storage[..]);
@@ -189,14 +253,20 @@ pub fn serve(mut device: VirtioNet, clock: Clock, deployment: &str) -> ! {
     let mut conns = [const { Conn::new() }; SOCKETS];
     let mut response = [0u8; 512];
     let response_len = render(&mut response, deployment);
+    let mut id_response = [0u8; 256];
 
-    announce(&mut device, mac, clock.now());
     println!(
         "hello-vm: listening on {ADDRESS}:{PORT} ({} us after kernel entry)",
         clock.micros()
     );
 
     loop {
+        if seed.changed() {
+            // Restored into a new qemu process: nothing drawn from the old state may leave.
+            iface = interface(&mut device, &clock, &seed);
+            random = seed.mix(cpu::rdtsc() ^ 0x6964);
+            println!("hello-vm: restored with a new seed, reseeded");
+        }
         let now = clock.now();
         let changed = iface.poll(now, &mut device, &mut sockets) == PollResult::SocketStateChanged;
         let mut busy = changed;
@@ -228,7 +298,14 @@ pub fn serve(mut device: VirtioNet, clock: Clock, deployment: &str) -> ! {
                     println!("hello-vm: crashing on request");
                     cpu::triple_fault();
                 }
-                let _ = socket.send_slice(&response[..response_len]);
+                if conn.path() == "/id" {
+                    random = splitmix(random);
+                    let port = socket.remote_endpoint().map(|remote| remote.port);
+                    let len = render_id(&mut id_response, random, port.and_then(isn_for));
+                    let _ = socket.send_slice(&id_response[..len]);
+                } else {
+                    let _ = socket.send_slice(&response[..response_len]);
+                }
                 socket.close();
                 conn.answered = true;
             } else if socket.state() == tcp::State::CloseWait {

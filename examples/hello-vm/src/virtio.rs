@@ -474,6 +474,7 @@ impl phy::TxToken for TxToken<'_> {
         let bytes = unsafe { core::slice::from_raw_parts_mut(buffer, NET_HDR + len) };
         bytes[..NET_HDR].fill(0);
         let result = f(&mut bytes[NET_HDR..]);
+        crate::net::note_sent(&bytes[NET_HDR..]);
         self.tx.queue.push_avail(id, (NET_HDR + len) as u32, 0);
         result
     }
