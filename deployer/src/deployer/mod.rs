@@ -233,11 +233,14 @@ impl Deployer {
         }
         let opened = state::open(&config.state_dir.join("state.redb"))?;
         let vars = Arc::new(Vars::open(&config.state_dir.join("vars"))?);
+        let uids = UidPool::new(config.sandbox.uids);
         let host = TenderHost {
             name: config.name.clone(),
             root: config.state_dir.join("root"),
             sandbox: config.sandbox.clone(),
             runtime: runtime.clone(),
+            uids: uids.clone(),
+            scratch: scratch_dir.clone(),
         };
         let mut tenders = Tenders::new();
         for make in makers {
@@ -284,7 +287,7 @@ impl Deployer {
             next_id: AtomicU64::new(0),
             image_dir,
             scratch_dir,
-            uids: UidPool::new(config.sandbox.uids),
+            uids,
             log_writers: Semaphore::new(LOG_WRITERS),
             tasks: AtomicUsize::new(0),
             tasks_done: Notify::new(),
@@ -473,7 +476,8 @@ impl Deployer {
     }
 }
 
-fn error_chain(error: &dyn std::error::Error) -> String {
+/// The causes of `error`, joined with `: `.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut parts = Vec::new();
     let mut source = error.source();
     while let Some(cause) = source {

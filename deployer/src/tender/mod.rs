@@ -466,6 +466,12 @@ pub struct TenderHost {
     pub sandbox: crate::config::SandboxConfig,
     /// The runtime instance tasks run on.
     pub runtime: tokio::runtime::Handle,
+    /// The deployer's uids: a sandbox a tender starts ahead of any instance (a qemu waiting
+    /// for a snapshot) leases its own, and gives it back once it has ended.
+    pub uids: revboot_sandbox::uids::UidPool,
+    /// Where scratch directories go ([`BootSpec::scratch`] is one); a tender names its own
+    /// entries apart (`qemu-pool-…`). The deployer removes what is left at its next start.
+    pub scratch: PathBuf,
 }
 
 /// Makes one tender for a deployer, from what the deployer's tenders share of the host:

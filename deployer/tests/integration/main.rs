@@ -4,6 +4,7 @@
 mod hello;
 mod qemu;
 mod restart;
+mod restore;
 mod sandbox;
 mod support;
 mod upstream;

@@ -19,18 +19,18 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// How long a test waits for anything (boot, an answer, an exit); generous for TCG on a
 /// shared machine. Not a timing assertion: only a bound on waiting.
-const PATIENCE: Duration = Duration::from_secs(60);
+pub(super) const PATIENCE: Duration = Duration::from_secs(60);
 /// The boot timeout given to the bad images.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(3);
 
-const REVISION: &str = "5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed";
+pub(super) const REVISION: &str = "5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed";
 
 fn example_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello-vm")
 }
 
 /// Builds hello-vm (with `feature`, for a bad image) and returns the kernel image.
-fn build_image(feature: Option<&str>) -> PathBuf {
+pub(super) fn build_image(feature: Option<&str>) -> PathBuf {
     let dir = example_dir();
     let variant = feature.unwrap_or("service");
     let target_dir = dir.join("target").join(variant);
@@ -65,7 +65,7 @@ fn build_image(feature: Option<&str>) -> PathBuf {
     target_dir.join("x86_64-unknown-linux-gnu/release/hello-vm")
 }
 
-fn manifest() -> Manifest {
+pub(super) fn manifest() -> Manifest {
     let text = std::fs::read_to_string(example_dir().join("revboot.toml")).expect("revboot.toml");
     Manifest::from_toml(&text).expect("the example manifest parses")
 }
@@ -78,7 +78,7 @@ struct Booted {
 
 /// A host for a tender used without a deployer: its own cgroup name (a tender sweeps the
 /// cgroups of its name when it starts) and root directory.
-fn host(dir: &std::path::Path, name: &str) -> TenderHost {
+pub(super) fn host(dir: &std::path::Path, name: &str) -> TenderHost {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     TenderHost {
@@ -86,11 +86,26 @@ fn host(dir: &std::path::Path, name: &str) -> TenderHost {
         root: dir.join("root"),
         sandbox: SandboxConfig::default(),
         runtime: tokio::runtime::Handle::current(),
+        // Apart from `uid()`'s: the uids of qemu processes started ahead of instances.
+        uids: revboot_sandbox::uids::UidPool::new(revboot_sandbox::uids::UidRange {
+            base: 2_060_000_000 + (std::process::id() % 1_000_000) * 16,
+            count: 16,
+        }),
+        scratch: dir.join("scratch"),
+    }
+}
+
+/// A tender that boots cold only: the tests of booting share one image, and a snapshot
+/// beside it would be restored by the next.
+fn cold() -> QemuConfig {
+    QemuConfig {
+        restore: false,
+        ..QemuConfig::default()
     }
 }
 
 /// A uid of this test process's own for a VM started without a deployer, one per call.
-fn uid() -> u32 {
+pub(super) fn uid() -> u32 {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 16;
     2_050_000_000 + (std::process::id() % 1_000_000) * 16 + n
@@ -101,24 +116,10 @@ async fn boot(feature: Option<&'static str>) -> Booted {
         .await
         .expect("build task");
     let scratch = tempfile::tempdir().expect("scratch");
-    let tender: Arc<dyn Tender> = Arc::new(
-        QemuTender::new(QemuConfig::default(), &host(scratch.path(), "qemu-boot"))
-            .expect("qemu tender"),
-    );
+    let tender: Arc<dyn Tender> =
+        Arc::new(QemuTender::new(cold(), &host(scratch.path(), "qemu-boot")).expect("qemu tender"));
     let manifest = manifest();
-    let spec = BootSpec {
-        id: "qemu-test".into(),
-        service: "hello-vm".into(),
-        revision: REVISION.parse::<Revision>().expect("revision"),
-        run: manifest.run.clone(),
-        addresses: revboot_deployer::ServiceAddresses::one("127.0.0.1".parse().expect("address")),
-        client: None,
-        backend_port: BackendPort::Ephemeral,
-        scratch: scratch.path().join("scratch"),
-        console_bytes: 64 * 1024,
-        uid: uid(),
-        vars: Default::default(),
-    };
+    let spec = spec("qemu-test", scratch.path().join("scratch"));
     let prepared = tender.prepare(spec).expect("prepare");
     let running = tokio::time::timeout(PATIENCE, prepared.boot(image))
         .await
@@ -131,7 +132,24 @@ async fn boot(feature: Option<&'static str>) -> Booted {
     }
 }
 
-async fn exit_of(running: &dyn Running) -> ExitReport {
+/// The spec of instance `id` of hello-vm on 127.0.0.1, its scratch directory `scratch`.
+pub(super) fn spec(id: &str, scratch: PathBuf) -> BootSpec {
+    BootSpec {
+        id: id.into(),
+        service: "hello-vm".into(),
+        revision: REVISION.parse::<Revision>().expect("revision"),
+        run: manifest().run,
+        addresses: revboot_deployer::ServiceAddresses::one("127.0.0.1".parse().expect("address")),
+        client: None,
+        backend_port: BackendPort::Ephemeral,
+        scratch,
+        console_bytes: 64 * 1024,
+        uid: uid(),
+        vars: Default::default(),
+    }
+}
+
+pub(super) async fn exit_of(running: &dyn Running) -> ExitReport {
     let mut exit = running.exit();
     let report = tokio::time::timeout(PATIENCE, exit.wait_for(Option::is_some))
         .await
@@ -140,11 +158,11 @@ async fn exit_of(running: &dyn Running) -> ExitReport {
     report.expect("an exit report")
 }
 
-fn console(running: &dyn Running) -> String {
+pub(super) fn console(running: &dyn Running) -> String {
     String::from_utf8_lossy(&running.console().tail()).into_owned()
 }
 
-async fn get(backend: std::net::SocketAddr, path: &str) -> String {
+pub(super) async fn get(backend: std::net::SocketAddr, path: &str) -> String {
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(backend).await?;
         let request = format!("GET {path} HTTP/1.1\r\nhost: hello-vm\r\n\r\n");
@@ -247,8 +265,7 @@ async fn a_taken_port_is_refused_before_anything_boots() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = taken.local_addr().expect("addr").port();
     let scratch = tempfile::tempdir().expect("scratch");
-    let tender = QemuTender::new(QemuConfig::default(), &host(scratch.path(), "qemu-taken"))
-        .expect("qemu tender");
+    let tender = QemuTender::new(cold(), &host(scratch.path(), "qemu-taken")).expect("qemu tender");
     let mut run = manifest().run;
     run.port = port;
     let spec = BootSpec {
@@ -479,13 +496,7 @@ async fn qemu_runs_unprivileged_in_a_root_of_its_own() {
     assert!(ready.is_serving(), "{ready:?}");
     let pid = world.deployer.list()[0].pid.expect("qemu's pid");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .map(|value| value.split_whitespace().next().unwrap_or("").to_owned())
-            .unwrap_or_default()
-    };
+    let field = |name: &str| crate::support::proc_status(pid, name);
     assert_ne!(field("Uid:"), "0", "{status}");
     assert_eq!(field("CapEff:"), "0000000000000000", "{status}");
     assert_eq!(field("CapBnd:"), "0000000000000000", "{status}");

@@ -172,3 +172,13 @@ pub fn bindable(address: IpAddr, port: u16) -> bool {
 pub fn source(n: u8) -> String {
     format!("{n:02x}").repeat(20)
 }
+
+/// A field of `/proc/<pid>/status` (its first word), empty when absent.
+pub fn proc_status(pid: u32, name: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(name))
+        .map(|value| value.split_whitespace().next().unwrap_or("").to_owned())
+        .unwrap_or_default()
+}

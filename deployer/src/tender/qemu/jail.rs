@@ -9,9 +9,10 @@
 //!    TCP port and to connect nowhere (`restrict=on` keeps the guest off the network too);
 //! 2. a tmpfs root with the host's `/usr` and libraries read-only, `/dev/null`,
 //!    `/dev/urandom` and friends, `/dev/kvm` when the accelerator is KVM, a read-only
-//!    `/proc` of its own processes, the kernel image read-only at [`KERNEL`], and the
-//!    instance's scratch directory (where its QMP socket is made) at [`RUN`]: not the data
-//!    directory, not the image cache, nothing else of the host;
+//!    `/proc` of its own processes, the kernel image read-only at [`KERNEL`] (none for a
+//!    qemu that waits for a snapshot: the snapshot comes over a socket), and the instance's
+//!    scratch directory (its QMP socket, its seed, the migration sockets) at [`RUN`]: not
+//!    the data directory, not the image cache, nothing else of the host;
 //! 3. the instance's own unprivileged uid, no capability, no new privileges, the seccomp
 //!    deny-list of every sandbox under qemu's own (`-sandbox on`);
 //! 4. memory (the guest's and qemu's own), pids and CPU limited through cgroups
@@ -64,6 +65,47 @@ pub(super) struct Jail {
     last_cap: u32,
 }
 
+/// Who a qemu process runs as, and with what: an instance's, or a pre-started restore
+/// target's own (the `pool` module).
+#[derive(Debug, Clone)]
+pub(super) struct Cell<'a> {
+    /// The cgroup name.
+    pub(super) id: &'a str,
+    /// Bound at [`RUN`]: the QMP socket, the seed, migration sockets.
+    pub(super) scratch: &'a Path,
+    pub(super) uid: u32,
+    pub(super) memory_mib: u64,
+    pub(super) cpu_percent: u32,
+    /// The kernel image, bound at [`KERNEL`]; none for a VM that waits for a snapshot.
+    pub(super) image: Option<&'a Path>,
+    /// The one TCP port qemu may bind (its port forward).
+    pub(super) port: u16,
+}
+
+impl<'a> Cell<'a> {
+    /// The cell of the instance `spec`, booted from `image`, forwarding from `port`.
+    pub(super) fn of(spec: &'a BootSpec, image: Option<&'a Path>, port: u16) -> Cell<'a> {
+        Cell {
+            id: &spec.id,
+            scratch: &spec.scratch,
+            uid: spec.uid,
+            memory_mib: spec.run.memory_mib,
+            cpu_percent: spec.run.cpu_percent,
+            image,
+            port,
+        }
+    }
+
+    /// The cgroup limits of the cell.
+    pub(super) fn limits(&self) -> Limits {
+        Limits {
+            memory_bytes: (self.memory_mib + OVERHEAD_MIB) * 1024 * 1024,
+            pids: PIDS,
+            cpu_percent: self.cpu_percent,
+        }
+    }
+}
+
 /// A started qemu.
 #[derive(Debug)]
 pub(super) struct Jailed {
@@ -114,26 +156,24 @@ impl Jail {
         })
     }
 
-    /// Starts qemu with `args` for `spec`, its kernel `image` and forward port `port`.
+    /// Starts qemu with `args` in `cell`.
     pub(super) async fn start(
         self: &std::sync::Arc<Self>,
-        spec: &BootSpec,
+        cell: &Cell<'_>,
         args: Vec<OsString>,
-        image: &Path,
-        port: u16,
     ) -> Result<Jailed, BootError> {
         let setup = |what: &str| {
             let what = what.to_owned();
             move |source| BootError::Setup { what, source }
         };
         // qemu makes its QMP socket in the scratch directory, as the instance's uid.
-        std::os::unix::fs::chown(&spec.scratch, Some(spec.uid), Some(spec.uid))
+        std::os::unix::fs::chown(cell.scratch, Some(cell.uid), Some(cell.uid))
             .map_err(setup("scratch directory"))?;
-        let layout = self.layout(spec, image).map_err(|error| BootError::Setup {
+        let layout = self.layout(cell).map_err(|error| BootError::Setup {
             what: "the VM's root".into(),
             source: io::Error::other(error),
         })?;
-        let landlock = landlock_ruleset(port).map_err(|error| BootError::Setup {
+        let landlock = landlock_ruleset(cell.port).map_err(|error| BootError::Setup {
             what: "landlock ruleset".into(),
             source: io::Error::other(error),
         })?;
@@ -146,13 +186,8 @@ impl Jail {
         }
         let groups = match &self.cgroups {
             Some(cgroups) => {
-                let mut groups = cgroups.create(&spec.id).map_err(setup("cgroups"))?;
-                let limits = Limits {
-                    memory_bytes: (spec.run.memory_mib + OVERHEAD_MIB) * 1024 * 1024,
-                    pids: PIDS,
-                    cpu_percent: spec.run.cpu_percent,
-                };
-                if let Err(error) = groups.limit(limits) {
+                let mut groups = cgroups.create(cell.id).map_err(setup("cgroups"))?;
+                if let Err(error) = groups.limit(cell.limits()) {
                     groups.remove();
                     return Err(setup("cgroup limits")(error));
                 }
@@ -162,7 +197,7 @@ impl Jail {
         };
         let (reply, answer) = oneshot::channel();
         let jail = std::sync::Arc::clone(self);
-        let uid = spec.uid;
+        let uid = cell.uid;
         let job = move || {
             let procs: Vec<_> = groups
                 .as_ref()
@@ -250,11 +285,7 @@ impl Jail {
     }
 
     /// The VM's root (module doc, step 2).
-    fn layout(
-        &self,
-        spec: &BootSpec,
-        image: &Path,
-    ) -> Result<Layout, revboot_sandbox::root::LayoutError> {
+    fn layout(&self, cell: &Cell<'_>) -> Result<Layout, revboot_sandbox::root::LayoutError> {
         let mut layout = Layout::new(
             &self.root,
             Quota {
@@ -265,8 +296,10 @@ impl Jail {
         )?
         .devices()?
         .host_system(ETC)?
-        .bind(image, Path::new(KERNEL), Mount::ReadOnlyNoExec)?
-        .bind(&spec.scratch, Path::new(RUN), Mount::Writable)?;
+        .bind(cell.scratch, Path::new(RUN), Mount::Writable)?;
+        if let Some(image) = cell.image {
+            layout = layout.bind(image, Path::new(KERNEL), Mount::ReadOnlyNoExec)?;
+        }
         if let Some(dir) = &self.program_dir {
             layout = layout.bind(dir, dir, Mount::ReadOnly)?;
         }

@@ -1,61 +1,90 @@
-//! The qemu tender: kernel images booted in a `microvm`.
+//! The qemu tender: kernel images booted in a `microvm`, or restored from a snapshot of a
+//! ready guest.
 //!
 //! 1. [`Tender::prepare`] checks the manifest (memory, kernel arguments) and claims the
 //!    backend endpoint: the host side of qemu's user-mode port forward, on the instance's
-//!    service address (the manifest port, or one the kernel picks).
-//! 2. [`Prepared::boot`] spawns `qemu-system-x86_64 -M microvm` with no option ROMs, no
-//!    default devices, no user config: the image is the `-kernel` (an ELF with a PVH note),
-//!    the command line is the manifest's `args` plus `revboot.revision=<deployment commit>`,
-//!    one virtio-net device (modern virtio-mmio) on `-netdev user,restrict=on` forwarding
+//!    service address (the manifest port, or one the kernel picks). For a revision known to
+//!    have a snapshot, it takes a qemu already started and waiting (the `pool` module), and
+//!    the port that qemu may bind.
+//! 2. [`Prepared::boot`] restores when it can: a stored snapshot of this revision that
+//!    matches this qemu, these settings and this image (the `snapshot` module) is streamed
+//!    into the waiting qemu (or one started now), the forward added, the guest resumed. A
+//!    snapshot that does not match, or a restore that fails, is said on the console and in
+//!    the log, and the instance boots cold.
+//! 3. A cold boot spawns `qemu-system-x86_64 -M microvm` with no option ROMs, no default
+//!    devices, no user config: the image is the `-kernel` (an ELF with a PVH note), the
+//!    command line is the manifest's `args` plus `revboot.revision=<deployment commit>`, one
+//!    virtio-net device (modern virtio-mmio) on `-netdev user,restrict=on` forwarding
 //!    `<service address>:<port>` to the guest port. COM1 is qemu's stdout: the console.
-//!    `-no-reboot`: a guest that resets (a triple fault) stops the VM. qemu runs in the
-//!    sandbox of the `jail` module (its own namespaces but the network, a tmpfs root with
-//!    `/usr`, the kernel and its scratch directory only, the instance's uid without
-//!    capabilities, cgroup limits, landlock and seccomp) and under its own seccomp sandbox
-//!    (`-sandbox on`, no spawning or privilege changes), with an environment of `PATH` only.
-//! 3. The accelerator is hardware KVM when `/proc/cpuinfo` shows `vmx` or `svm` and
+//!    `-no-reboot`: a guest that resets (a triple fault) stops the VM. Every qemu gets a
+//!    fresh seed in fw_cfg (`opt/org.revboot/seed`). qemu runs in the sandbox of the `jail`
+//!    module (its own namespaces but the network, a tmpfs root with `/usr`, the kernel and
+//!    its scratch directory only, the instance's uid without capabilities, cgroup limits,
+//!    landlock and seccomp) and under its own seccomp sandbox (`-sandbox on`, no spawning
+//!    or privilege changes), with an environment of `PATH` only.
+//! 4. Once a cold-booted instance with restore on passed its readiness probe, before any
+//!    client's connection goes in, its snapshot is saved (when none matching is stored);
+//!    the pool then keeps qemu processes of its shape waiting.
+//! 5. The accelerator is hardware KVM when `/proc/cpuinfo` shows `vmx` or `svm` and
 //!    `/dev/kvm` opens, TCG otherwise; [`QemuConfig::accel`] or `REVBOOT_QEMU_ACCEL`
 //!    (`kvm`, `tcg`, `auto`) override the guess.
-//! 4. A supervisor task owns the child through its pidfd. It holds a QMP session (the `qmp`
-//!    module; `<scratch>/qmp.sock`, made by qemu inside its sandbox) to learn why the guest
-//!    stopped (the reason goes on the console) and to stop it.
-//! 5. Stop: QMP `quit` (SIGTERM when QMP is not up). Kill: SIGKILL. Once qemu is reaped and
-//!    its output drained, its cgroups are removed (an OOM kill read first), the exit is
-//!    reported and the QMP socket removed.
+//! 6. A supervisor task owns the child through its pidfd (the `supervise` module): QMP
+//!    events, stop (`quit`, or SIGTERM without QMP), kill, the snapshot, the exit report
+//!    once qemu is reaped and its cgroups removed.
 //!
 //! Readiness with user networking: qemu accepts forwarded connections on the host side
 //! before the guest listens, so a `tcp` probe proves only that qemu runs. `console` (a line
-//! the guest prints once it listens) or `http` prove the guest is serving.
+//! the guest prints once it listens) or `http` prove the guest is serving. A restored guest
+//! was ready when its snapshot was taken: a `console` probe is met at once, others are run.
+//!
+//! # Rules for images that are restored
+//!
+//! Every instance restored from one snapshot starts from the same memory: the same random
+//! state, the same keys, the same TCP sequence numbers, unless the guest notices. With
+//! `restore` on, an image must:
+//!
+//! 1. read the fw_cfg file `opt/org.revboot/seed` (64 hex digits) at boot and seed every
+//!    random generator from it (mixed with its own sources if it likes);
+//! 2. read the seed again before it draws anything random that leaves the guest (a TCP
+//!    initial sequence number, a token, a nonce) after being idle — `examples/hello-vm`
+//!    does it before every network poll, nine port reads — and when it changed, reseed every
+//!    generator from the new seed, and forget what was derived from the old one (session
+//!    keys, cached nonces, TCP connections it had open);
+//! 3. generate no secret before it is ready (before its readiness probe passes): what
+//!    exists at snapshot time exists in every restored instance;
+//! 4. expect its clock to jump: time stood still between the snapshot and the restore.
+//!
+//! The MAC address and the guest's IP address stay the same in every instance: each has a
+//! user-mode network of its own, so they never meet.
 
 use std::ffi::OsString;
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use revboot_sandbox::cgroup::InstanceGroups;
-use revboot_sandbox::spawn::{self, Exit};
 use revboot_store::manifest::{Ready, TenderKind};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 mod accel;
 mod jail;
+mod pool;
 mod qmp;
+mod running;
+mod snapshot;
+mod supervise;
 
 pub use accel::{Accel, AccelChoice, kvm_usable};
 use accel::{accel_from_env, resolve_accel};
-use jail::Jail;
-use qmp::{Qmp, qmp_connect};
+use jail::{Cell, Jail};
+pub use pool::MAX_POOL;
+use pool::{Incoming, Pool, Shape};
+use running::{Launch, Save, launch};
+use snapshot::{Found, Known, SavePlan};
 
-use super::{
-    BootError, BootSpec, BoxFuture, ExitReport, ExitStatus, Footprint, NotReady, Prepared, Running,
-    Tender, TenderHost, probe_ready,
-};
+use super::{BootError, BootSpec, BoxFuture, Prepared, Running, Tender, TenderHost};
 use crate::addresses::Family;
 use crate::config::BackendPort;
 use crate::console::Console;
@@ -68,6 +97,8 @@ pub const DEFAULT_BINARY: &str = "qemu-system-x86_64";
 pub const MAX_CMDLINE: usize = 2048;
 /// Guest memory bounds, MiB.
 pub const MEMORY_MIB: std::ops::RangeInclusive<u64> = 8..=16 * 1024;
+/// qemu processes kept waiting for a snapshot unless configured otherwise.
+pub const DEFAULT_POOL: usize = 2;
 
 /// How long a QMP command may take to answer.
 const QMP_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -75,7 +106,7 @@ const QMP_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 const QMP_DRAIN: Duration = Duration::from_millis(300);
 /// How long console readers may take to drain after qemu exited.
 const CONSOLE_DRAIN: Duration = Duration::from_secs(1);
-/// Pending stop/kill requests per instance.
+/// Pending stop/kill/snapshot requests per instance.
 const CONTROL_QUEUE: usize = 4;
 /// Longest `unix:` socket path (`sun_path` is 108 bytes with its NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -88,6 +119,12 @@ pub struct QemuConfig {
     pub binary: PathBuf,
     /// The accelerator; `REVBOOT_QEMU_ACCEL` overrides it.
     pub accel: AccelChoice,
+    /// Start instances from a snapshot of a ready guest of their revision, saved after the
+    /// first cold boot (images must follow the module doc's rules).
+    pub restore: bool,
+    /// qemu processes kept started and waiting for a snapshot, at most [`MAX_POOL`]; 0
+    /// starts one at each restore (no faster than a cold boot).
+    pub pool: usize,
 }
 
 impl Default for QemuConfig {
@@ -95,6 +132,8 @@ impl Default for QemuConfig {
         QemuConfig {
             binary: PathBuf::from(DEFAULT_BINARY),
             accel: AccelChoice::Auto,
+            restore: true,
+            pool: DEFAULT_POOL,
         }
     }
 }
@@ -112,6 +151,9 @@ pub enum QemuSetupError {
     /// qemu's sandbox cannot be set up (the binary is missing, no thread…).
     #[error("Cannot set up qemu's sandbox: {0}")]
     Sandbox(String),
+    /// The pool is larger than [`MAX_POOL`].
+    #[error("A pool of {0} waiting qemu processes is more than {MAX_POOL}")]
+    Pool(usize),
 }
 
 /// The qemu tender with `config`, as [`crate::Deployer::with_tenders`] takes it.
@@ -126,28 +168,49 @@ pub fn make(config: QemuConfig) -> super::MakeTender {
     })
 }
 
-/// Boots kernel images in qemu microvms.
+/// Boots kernel images in qemu microvms, or restores them from snapshots.
 #[derive(Debug, Clone)]
 pub struct QemuTender {
     accel: Accel,
     jail: Arc<Jail>,
+    restore: bool,
+    pool: Arc<Pool>,
+    /// Revisions known to have a snapshot.
+    known: Arc<Known>,
+    /// qemu's version, once a QMP greeting said it.
+    version: Arc<OnceLock<String>>,
 }
 
 impl QemuTender {
     /// A tender with `config`, the accelerator overridden by `REVBOOT_QEMU_ACCEL`, for the
     /// deployer whose host is `host`.
     pub fn new(config: QemuConfig, host: &TenderHost) -> Result<QemuTender, QemuSetupError> {
+        if config.pool > MAX_POOL {
+            return Err(QemuSetupError::Pool(config.pool));
+        }
         let choice = match std::env::var(ACCEL_ENV) {
             Ok(value) => accel_from_env(&value)?,
             Err(_) => config.accel,
         };
         let accel = resolve_accel(choice)?;
-        let jail = Jail::new(host, &config.binary, accel)
-            .map_err(|error| QemuSetupError::Sandbox(error.to_string()))?;
-        info!(accel = accel.as_arg(), binary = %config.binary.display(), "qemu tender ready");
+        let jail = Arc::new(
+            Jail::new(host, &config.binary, accel)
+                .map_err(|error| QemuSetupError::Sandbox(error.to_string()))?,
+        );
+        info!(
+            accel = accel.as_arg(),
+            binary = %config.binary.display(),
+            restore = config.restore,
+            pool = config.pool,
+            "qemu tender ready"
+        );
         Ok(QemuTender {
             accel,
-            jail: Arc::new(jail),
+            pool: Pool::new(config.pool, Arc::clone(&jail), host, accel),
+            jail,
+            restore: config.restore,
+            known: Arc::default(),
+            version: Arc::default(),
         })
     }
 
@@ -189,6 +252,68 @@ fn invalid(what: &str, message: String) -> BootError {
         what: what.to_owned(),
         source: io::Error::new(io::ErrorKind::InvalidInput, message),
     }
+}
+
+/// The machine every qemu of the tender runs, cold or waiting for a snapshot: what a
+/// snapshot's stream depends on (and so part of its key), without per-instance parts.
+fn machine_args(accel: Accel, memory_mib: u64) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "-M".into(),
+        "microvm,x-option-roms=off,rtc=off".into(),
+        "-accel".into(),
+        accel.as_arg().into(),
+    ];
+    if accel == Accel::Kvm {
+        args.extend(["-cpu".into(), "host".into()]);
+    }
+    args.extend([
+        "-smp".into(),
+        "1".into(),
+        "-m".into(),
+        format!("{memory_mib}M"),
+    ]);
+    for arg in [
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        // qemu's own seccomp filter: no spawning, no privilege changes, no obsolete calls.
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        "-serial",
+        "stdio",
+        "-global",
+        "virtio-mmio.force-legacy=false",
+        "-device",
+        "virtio-net-device,netdev=net0",
+    ] {
+        args.push(arg.into());
+    }
+    args
+}
+
+/// The arguments every qemu of the tender shares after the machine: its seed, its QMP.
+fn common_args(args: &mut Vec<OsString>) {
+    args.push("-fw_cfg".into());
+    args.push(pool::seed_arg().into());
+    args.push("-qmp".into());
+    args.push(format!("unix:{}/qmp.sock,server=on,wait=off", jail::RUN).into());
+}
+
+/// The argv of a qemu that waits for a snapshot: the machine, a network without forwards
+/// (added at restore), no kernel.
+fn incoming_args(accel: Accel, memory_mib: u64) -> Vec<OsString> {
+    let mut args: Vec<OsString> = machine_args(accel, memory_mib)
+        .into_iter()
+        .map(OsString::from)
+        .collect();
+    args.push("-netdev".into());
+    args.push("user,id=net0,restrict=on".into());
+    common_args(&mut args);
+    args.push("-incoming".into());
+    args.push("defer".into());
+    args
 }
 
 impl Tender for QemuTender {
@@ -238,30 +363,45 @@ impl Tender for QemuTender {
                 format!("{} is longer than a unix socket path may be", qmp.display()),
             ));
         }
+        let shape = Shape {
+            memory_mib: spec.run.memory_mib,
+            port: match spec.backend_port {
+                BackendPort::Same => Some(spec.run.port),
+                BackendPort::Ephemeral => None,
+            },
+        };
+        // A waiting qemu, for a revision with a snapshot: its port is the one it may bind.
+        let mut waiting = (self.restore && self.known.contains(&spec.revision))
+            .then(|| self.pool.take(shape))
+            .flatten();
         // Claim the forwarded port: check that it is free now (or let the kernel pick one),
         // then release it for qemu to bind. Another process could take it in between; qemu
         // then fails to start and says so on the console.
-        let port = match spec.backend_port {
-            BackendPort::Same => spec.run.port,
-            BackendPort::Ephemeral => 0,
+        let claim = |port: u16| {
+            let probe = SocketAddr::new(IpAddr::V4(v4), port);
+            TcpListener::bind(probe)
+                .and_then(|listener| listener.local_addr())
+                .map_err(|source| BootError::Bind {
+                    address: probe,
+                    source,
+                })
         };
-        let probe = SocketAddr::new(IpAddr::V4(v4), port);
-        let listener = TcpListener::bind(probe).map_err(|source| BootError::Bind {
-            address: probe,
-            source,
-        })?;
-        let backend = listener.local_addr().map_err(|source| BootError::Bind {
-            address: probe,
-            source,
-        })?;
-        drop(listener);
+        let backend = match waiting.as_ref().map(|entry| claim(entry.port)) {
+            Some(Ok(backend)) => backend,
+            _ => {
+                waiting = None;
+                claim(shape.port.unwrap_or(0))?
+            }
+        };
         Ok(Box::new(QemuPrepared {
-            jail: Arc::clone(&self.jail),
-            accel: self.accel,
+            tender: self.clone(),
             guest_port: spec.run.guest_port.unwrap_or(spec.run.port),
+            accel: self.accel,
             cmdline,
             qmp,
             backend,
+            shape,
+            waiting,
             spec,
         }))
     }
@@ -270,65 +410,114 @@ impl Tender for QemuTender {
 /// A qemu instance with its forwarded port chosen.
 #[derive(Debug)]
 struct QemuPrepared {
-    jail: Arc<Jail>,
+    tender: QemuTender,
     accel: Accel,
     guest_port: u16,
     cmdline: String,
     qmp: PathBuf,
     backend: SocketAddr,
+    shape: Shape,
+    /// A qemu waiting for a snapshot, taken from the pool.
+    waiting: Option<Incoming>,
     spec: BootSpec,
 }
 
 impl QemuPrepared {
-    /// The qemu argv (without the binary), with the paths as qemu sees them in its
-    /// sandbox: the QMP socket in [`jail::RUN`], the kernel at [`jail::KERNEL`].
+    /// The qemu argv of a cold boot (without the binary), with the paths as qemu sees them
+    /// in its sandbox: the QMP socket and seed in [`jail::RUN`], the kernel at
+    /// [`jail::KERNEL`].
     fn args(&self) -> Vec<OsString> {
-        let mut args: Vec<OsString> = Vec::new();
-        let mut push = |arg: &str| args.push(arg.into());
-        push("-M");
-        push("microvm,x-option-roms=off,rtc=off");
-        push("-accel");
-        push(self.accel.as_arg());
-        if self.accel == Accel::Kvm {
-            push("-cpu");
-            push("host");
-        }
-        push("-smp");
-        push("1");
-        push("-m");
-        push(&format!("{}M", self.spec.run.memory_mib));
-        for arg in [
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ] {
-            push(arg);
-        }
-        // qemu's own seccomp filter: no spawning, no privilege changes, no obsolete calls.
-        push("-sandbox");
-        push("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny");
-        push("-serial");
-        push("stdio");
-        push("-append");
-        push(&self.cmdline);
-        push("-global");
-        push("virtio-mmio.force-legacy=false");
-        push("-netdev");
-        push(&format!(
-            "user,id=net0,restrict=on,hostfwd=tcp:{}:{}-:{}",
-            self.backend.ip(),
-            self.backend.port(),
-            self.guest_port
-        ));
-        push("-device");
-        push("virtio-net-device,netdev=net0");
-        args.push("-qmp".into());
-        args.push(format!("unix:{}/qmp.sock,server=on,wait=off", jail::RUN).into());
+        let mut args: Vec<OsString> = machine_args(self.accel, self.spec.run.memory_mib)
+            .into_iter()
+            .map(OsString::from)
+            .collect();
+        args.push("-append".into());
+        args.push(self.cmdline.clone().into());
+        args.push("-netdev".into());
+        args.push(format!("user,id=net0,restrict=on,hostfwd={}", self.forward()).into());
+        common_args(&mut args);
         args.push("-kernel".into());
         args.push(jail::KERNEL.into());
         args
+    }
+
+    /// The port forward, as `hostfwd` and `hostfwd_add` take it.
+    fn forward(&self) -> String {
+        format!(
+            "tcp:{}:{}-:{}",
+            self.backend.ip(),
+            self.backend.port(),
+            self.guest_port
+        )
+    }
+
+    /// What a snapshot of this instance depends on besides qemu and the image: its key.
+    fn settings(&self) -> String {
+        format!(
+            "{} -append {} guest-port={}",
+            machine_args(self.accel, self.spec.run.memory_mib).join(" "),
+            self.cmdline,
+            self.guest_port
+        )
+    }
+
+    /// A line on the console and in the log about the snapshot.
+    fn note(&self, console: &Console, line: &str) {
+        warn!(
+            id = self.spec.id,
+            service = self.spec.service,
+            revision = %self.spec.revision.short(12),
+            "{line}"
+        );
+        console.push(format!("[revboot] {line}\n").as_bytes());
+    }
+
+    /// Restores `found` into the waiting qemu (or one started now).
+    async fn restore(
+        &mut self,
+        found: &Found,
+        console: &Console,
+    ) -> Result<Box<dyn Running>, String> {
+        let mut incoming = match self.waiting.take() {
+            Some(incoming) => incoming,
+            None => {
+                let cell = Cell::of(&self.spec, None, self.backend.port());
+                Incoming::start(
+                    &self.tender.jail,
+                    &cell,
+                    incoming_args(self.accel, self.spec.run.memory_mib),
+                    self.shape,
+                )
+                .await
+                .map_err(|error| format!("{error}: {}", crate::deployer::error_chain(&error)))?
+            }
+        };
+        let _ = self.tender.version.set(incoming.version().to_owned());
+        let limits = Cell::of(&self.spec, None, self.backend.port()).limits();
+        if let Err(reason) = incoming.restore(found, &self.forward(), limits).await {
+            // Gone before a cold boot takes its cgroups, port and scratch directory.
+            incoming.discard().await;
+            return Err(reason);
+        }
+        let qmp_path = incoming.scratch.join("qmp.sock");
+        let (jailed, qmp, scratch, lease) = incoming.into_parts();
+        self.tender.pool.want(self.shape);
+        launch(
+            self,
+            &self.tender.jail,
+            Launch {
+                jailed,
+                qmp: Some(qmp),
+                qmp_path,
+                scratch,
+                lease,
+                console: console.clone(),
+                restored: true,
+                save: None,
+                version: Arc::clone(&self.tender.version),
+            },
+        )
+        .map_err(|error| format!("{error}: {}", crate::deployer::error_chain(&error)))
     }
 }
 
@@ -338,335 +527,116 @@ impl Prepared for QemuPrepared {
     }
 
     fn boot(
-        self: Box<Self>,
+        mut self: Box<Self>,
         image: PathBuf,
     ) -> BoxFuture<'static, Result<Box<dyn Running>, BootError>> {
         Box::pin(async move {
             super::make_scratch(&self.spec)?;
-            let _ = std::fs::remove_file(&self.qmp);
-            let jailed = self
-                .jail
-                .start(&self.spec, self.args(), &image, self.backend.port())
-                .await?;
-            let pid = jailed.pid;
             let console = Console::new(self.spec.console_bytes);
-            let output = tokio::net::unix::pipe::Receiver::from_owned_fd(jailed.console).map_err(
-                |source| BootError::Setup {
-                    what: "console pipe".into(),
+            let save = if self.tender.restore {
+                self.snapshot(&image, &console).await
+            } else {
+                Ok(None)
+            };
+            let save = match save {
+                Err(running) => return Ok(running),
+                Ok(save) => save,
+            };
+            // A waiting qemu cannot boot cold: it goes.
+            self.waiting = None;
+            let _ = std::fs::remove_file(&self.qmp);
+            pool::write_seed(&self.spec.scratch, self.spec.uid).map_err(|source| {
+                BootError::Setup {
+                    what: "the guest's seed".into(),
                     source,
+                }
+            })?;
+            let cell = Cell::of(&self.spec, Some(&image), self.backend.port());
+            let jailed = self.tender.jail.start(&cell, self.args()).await?;
+            launch(
+                &self,
+                &self.tender.jail,
+                Launch {
+                    jailed,
+                    qmp: None,
+                    qmp_path: self.qmp.clone(),
+                    scratch: None,
+                    lease: None,
+                    console,
+                    restored: false,
+                    version: Arc::clone(&self.tender.version),
+                    save: save.map(|plan| Save {
+                        plan,
+                        pool: Arc::clone(&self.tender.pool),
+                        known: Arc::clone(&self.tender.known),
+                        shape: self.shape,
+                    }),
                 },
-            )?;
-            let readers = [Some(tokio::spawn(pump(output, console.clone()))), None];
-            let cgroups = Jail::dirs(jailed.groups.as_ref());
-            let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
-            let (attached_tx, attached) = watch::channel(false);
-            let (exit_tx, exit_rx) = watch::channel(None);
-            info!(
-                id = self.spec.id,
-                service = self.spec.service,
-                revision = %self.spec.revision.short(12),
-                pid,
-                backend = %self.backend,
-                accel = self.accel.as_arg(),
-                "qemu instance started"
-            );
-            tokio::spawn(supervise(Supervised {
-                id: self.spec.id.clone(),
-                attached: attached_tx,
-                _jail: Arc::clone(&self.jail),
-                pidfd: Arc::new(jailed.pidfd),
-                groups: jailed.groups,
-                pid,
-                qmp: self.qmp.clone(),
-                console: console.clone(),
-                control: control_rx,
-                exit: exit_tx,
-                readers,
-            }));
-            Ok(Box::new(QemuRunning {
-                backend: self.backend,
-                console,
-                pid,
-                pid_start: pid_start(pid),
-                cgroups,
-                attached,
-                control: control_tx,
-                exit: exit_rx,
-            }) as Box<dyn Running>)
+            )
         })
     }
 }
 
-/// Copies one output stream of qemu to the console.
-async fn pump(mut stream: impl AsyncRead + Unpin, console: Console) {
-    let mut buf = vec![0u8; 4096];
-    loop {
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(read) => console.push(&buf[..read]),
-        }
-    }
-}
-
-/// What `stop` and `kill` ask of the supervisor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Control {
-    Stop,
-    Kill,
-}
-
-/// A running qemu instance.
-#[derive(Debug)]
-struct QemuRunning {
-    backend: SocketAddr,
-    console: Console,
-    pid: u32,
-    pid_start: Option<u64>,
-    cgroups: Vec<PathBuf>,
-    control: mpsc::Sender<Control>,
-    exit: watch::Receiver<Option<ExitReport>>,
-    /// True once the supervisor's QMP session is up (or given up on): from then on a
-    /// guest's crash is explained on the console.
-    attached: watch::Receiver<bool>,
-}
-
-impl QemuRunning {
-    fn request(&self, control: Control) {
-        if self.exit.borrow().is_some() {
-            return;
-        }
-        if let Err(error) = self.control.try_send(control) {
-            // A full queue already holds requests; a closed one means the supervisor is
-            // reaping the child. Either way it is ending.
-            debug!(%error, pid = self.pid, "qemu control request not queued");
-        }
-    }
-}
-
-impl Running for QemuRunning {
-    fn backend(&self) -> SocketAddr {
-        self.backend
-    }
-
-    fn console(&self) -> &Console {
-        &self.console
-    }
-
-    fn footprint(&self) -> Footprint {
-        Footprint {
-            pid: Some(self.pid),
-            pid_start: self.pid_start,
-            cgroups: self.cgroups.clone(),
-        }
-    }
-
-    fn stop(&self) {
-        self.request(Control::Stop);
-    }
-
-    fn kill(&self) {
-        self.request(Control::Kill);
-    }
-
-    fn exit(&self) -> watch::Receiver<Option<ExitReport>> {
-        self.exit.clone()
-    }
-
-    fn ready<'a>(
-        &'a self,
-        probe: &'a Ready,
-        timeout: Duration,
-    ) -> BoxFuture<'a, Result<(), NotReady>> {
-        Box::pin(async move {
-            let started = tokio::time::Instant::now();
-            let result =
-                probe_ready(self.backend, &self.console, self.exit(), probe, timeout).await;
-            match result {
-                // A console probe gives up when the console ends, which is when qemu
-                // exited: say so rather than "timeout".
-                Err(NotReady::Timeout { .. }) if self.exit.borrow().is_some() => {
-                    Err(NotReady::Exited)
+impl QemuPrepared {
+    /// Restores the instance when a matching snapshot is stored (`Err` with the instance);
+    /// otherwise says why not, and returns the plan to save one after a cold boot.
+    async fn snapshot(
+        &mut self,
+        image: &Path,
+        console: &Console,
+    ) -> Result<Option<SavePlan>, Box<dyn Running>> {
+        let settings = self.settings();
+        let revision = self.spec.revision;
+        let found = {
+            let (image, settings) = (image.to_owned(), settings.clone());
+            let version = self.tender.version.get().cloned();
+            tokio::task::spawn_blocking(move || {
+                snapshot::find(&image, &revision, &settings, version.as_deref())
+            })
+            .await
+            .unwrap_or_else(|_| Err("the snapshot lookup panicked".into()))
+        };
+        match found {
+            Ok(Some(found)) => match self.restore(&found, console).await {
+                Ok(running) => {
+                    self.tender.known.insert(revision);
+                    info!(
+                        id = self.spec.id,
+                        service = self.spec.service,
+                        revision = %revision.short(12),
+                        "qemu instance restored from its snapshot"
+                    );
+                    console.push(b"[revboot] restored from the snapshot of a ready guest\n");
+                    return Err(running);
                 }
-                Ok(()) => {
-                    // Ready means the supervisor can also tell why the guest stops: a
-                    // guest that crashes right after it serves is then explained. QMP is
-                    // usually up long before; the wait is bounded by the boot timeout.
-                    let left = timeout.saturating_sub(started.elapsed());
-                    let mut attached = self.attached.clone();
-                    let _ = tokio::time::timeout(left, attached.wait_for(|up| *up)).await;
-                    Ok(())
+                Err(reason) => {
+                    self.note(
+                        console,
+                        &format!("snapshot not restored: {reason}; booting cold"),
+                    );
+                    self.tender.known.forget(&revision);
+                    snapshot::remove(image, &revision);
                 }
-                other => other,
+            },
+            Ok(None) => {}
+            Err(reason) => {
+                self.note(
+                    console,
+                    &format!("snapshot refused: {reason}; booting cold"),
+                );
+                self.tender.known.forget(&revision);
+                snapshot::remove(image, &revision);
             }
-        })
-    }
-}
-
-/// The start time of a process (`/proc/<pid>/stat` field 22), to tell a reused pid apart.
-fn pid_start(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command (which may hold spaces) start at field 3.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(22 - 3)?.parse().ok()
-}
-
-/// Everything the supervisor owns.
-struct Supervised {
-    id: String,
-    /// Set once QMP is up or given up on.
-    attached: watch::Sender<bool>,
-    /// Keeps the thread that started qemu alive while qemu runs: qemu's parent-death
-    /// signal follows that thread.
-    _jail: Arc<Jail>,
-    pidfd: Arc<OwnedFd>,
-    groups: Option<InstanceGroups>,
-    pid: u32,
-    qmp: PathBuf,
-    console: Console,
-    control: mpsc::Receiver<Control>,
-    exit: watch::Sender<Option<ExitReport>>,
-    readers: [Option<tokio::task::JoinHandle<()>>; 2],
-}
-
-/// Owns the qemu child until it is reaped: QMP events and stop requests, kill, exit.
-async fn supervise(mut s: Supervised) {
-    let connect = qmp_connect(s.qmp.clone());
-    tokio::pin!(connect);
-    // A blocking wait on a thread of its own returns when qemu is gone, whoever ended it.
-    let waited = Arc::clone(&s.pidfd);
-    let mut ended = tokio::task::spawn_blocking(move || spawn::reap_blocking(waited.as_raw_fd()));
-    let mut connecting = true;
-    let mut qmp: Option<Qmp> = None;
-    let mut stopping = false;
-    let mut guest_stopped = false;
-    let status = loop {
-        tokio::select! {
-            status = &mut ended => break match status {
-                Ok(Ok(Some(exit))) => Some(exit),
-                _ => None,
-            },
-            session = &mut connect, if connecting => {
-                connecting = false;
-                match session {
-                    // A stop asked for meanwhile was already a SIGTERM.
-                    Ok(session) => qmp = Some(session),
-                    Err(error) => {
-                        warn!(id = s.id, %error, "qemu QMP unreachable; stop falls back to SIGTERM");
-                    }
-                }
-                let _ = s.attached.send(true);
-            }
-            event = next_event(&mut qmp) => match event {
-                Some(event) => guest_stopped |= note_event(&s.console, &event),
-                None => qmp = None,
-            },
-            control = s.control.recv() => match control {
-                Some(Control::Stop) if !stopping => {
-                    stopping = true;
-                    if qmp.is_some() {
-                        quit(&mut qmp, &s.pidfd).await;
-                    } else {
-                        // qemu quits as cleanly on SIGTERM; QMP may still be on its way.
-                        spawn::send_signal(s.pidfd.as_raw_fd(), libc::SIGTERM);
-                    }
-                }
-                Some(Control::Stop) => {}
-                Some(Control::Kill) | None => {
-                    if !spawn::send_signal(s.pidfd.as_raw_fd(), libc::SIGKILL) {
-                        warn!(id = s.id, error = %io::Error::last_os_error(), "cannot kill qemu");
-                    }
-                }
-            },
         }
-    };
-    // qemu sends its SHUTDOWN event just before it exits: read what is left.
-    if let Some(mut session) = qmp.take() {
-        while let Ok(Some(event)) = tokio::time::timeout(QMP_DRAIN, session.event()).await {
-            guest_stopped |= note_event(&s.console, &event);
-        }
+        Ok(Some(SavePlan {
+            image: image.to_owned(),
+            revision,
+            settings,
+            scratch: self.spec.scratch.clone(),
+            uid: self.spec.uid,
+            memory_mib: self.spec.run.memory_mib,
+        }))
     }
-    let exited_clean = status == Some(Exit::Code(0));
-    if exited_clean && !stopping && !guest_stopped {
-        s.console.push(
-            b"[qemu] exited on its own: with -no-reboot, a guest reset (a triple fault) or power-off ends the VM\n",
-        );
-    }
-    for reader in s.readers.into_iter().flatten() {
-        let _ = tokio::time::timeout(CONSOLE_DRAIN, reader).await;
-    }
-    let _ = std::fs::remove_file(&s.qmp);
-    let oom_killed = s.groups.as_ref().is_some_and(InstanceGroups::oom_killed);
-    if let Some(groups) = s.groups.take() {
-        let _ = tokio::task::spawn_blocking(move || groups.remove()).await;
-    }
-    let report = ExitReport {
-        status: match status {
-            Some(Exit::Code(code)) => ExitStatus::Code(code),
-            Some(Exit::Signal(signal)) => ExitStatus::Signal(signal),
-            None => ExitStatus::Unknown,
-        },
-        oom_killed,
-    };
-    info!(id = s.id, pid = s.pid, %report, "qemu instance ended");
-    // The exit first, then the end of the console: a console wait that sees the end can
-    // rely on the exit being known.
-    let _ = s.exit.send(Some(report));
-    s.console.close();
-}
-
-/// Asks qemu to quit over QMP; on failure, SIGTERM (qemu quits cleanly on it too).
-async fn quit(qmp: &mut Option<Qmp>, pidfd: &OwnedFd) {
-    let sent = match qmp.as_mut() {
-        Some(session) => matches!(
-            tokio::time::timeout(QMP_REPLY_TIMEOUT, session.execute("quit")).await,
-            Ok(Ok(()))
-        ),
-        None => false,
-    };
-    if !sent {
-        *qmp = None;
-        spawn::send_signal(pidfd.as_raw_fd(), libc::SIGTERM);
-    }
-}
-
-/// The next QMP event, or pending forever without a session; `None` when it closed.
-async fn next_event(qmp: &mut Option<Qmp>) -> Option<serde_json::Value> {
-    match qmp.as_mut() {
-        Some(session) => session.event().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Puts what qemu says about a guest-initiated stop on the console, where the crash record
-/// will show it; true if it was one.
-fn note_event(console: &Console, event: &serde_json::Value) -> bool {
-    let name = event
-        .get("event")
-        .and_then(|name| name.as_str())
-        .unwrap_or("");
-    if name != "SHUTDOWN" && name != "RESET" && name != "GUEST_PANICKED" {
-        return false;
-    }
-    let data = event.get("data");
-    let guest = data
-        .and_then(|data| data.get("guest"))
-        .and_then(|guest| guest.as_bool());
-    let reason = data
-        .and_then(|data| data.get("reason"))
-        .and_then(|reason| reason.as_str())
-        .unwrap_or("unknown");
-    if guest == Some(false) {
-        return false; // we asked for it
-    }
-    let line = match (name, reason) {
-        ("SHUTDOWN", "guest-reset") => {
-            "[qemu] the guest reset itself (a triple fault, or a reboot); the VM stops\n".to_owned()
-        }
-        ("GUEST_PANICKED", _) => "[qemu] the guest panicked\n".to_owned(),
-        _ => format!("[qemu] {name}: {reason}\n"),
-    };
-    console.push(line.as_bytes());
-    true
 }
 
 #[cfg(test)]
@@ -719,6 +689,11 @@ mod tests {
             sandbox: crate::config::SandboxConfig::default(),
             // The qemu tender starts its VMs from a thread of its own, not on the runtime.
             runtime: test_runtime(),
+            uids: revboot_sandbox::uids::UidPool::new(revboot_sandbox::uids::UidRange {
+                base: 2_050_000_000,
+                count: 16,
+            }),
+            scratch: dir.join("scratch"),
         };
         let config = QemuConfig {
             accel: AccelChoice::Tcg,
@@ -759,7 +734,12 @@ mod tests {
         let tender = tender(dir.path());
         let spec = spec(&["quiet"]);
         let prepared = QemuPrepared {
-            jail: Arc::clone(&tender.jail),
+            tender: tender.clone(),
+            shape: Shape {
+                memory_mib: 32,
+                port: None,
+            },
+            waiting: None,
             accel: tender.accel,
             guest_port: 8080,
             cmdline: kernel_cmdline(&spec).expect("valid"),
@@ -782,6 +762,11 @@ mod tests {
         // Paths as qemu sees them in its sandbox.
         assert_eq!(after("-kernel"), jail::KERNEL);
         assert_eq!(after("-qmp"), "unix:/run/qemu/qmp.sock,server=on,wait=off");
+        // The seed comes from a file, never from the argument list.
+        assert_eq!(
+            after("-fw_cfg"),
+            "name=opt/org.revboot/seed,file=/run/qemu/seed"
+        );
         assert_eq!(
             after("-netdev"),
             "user,id=net0,restrict=on,hostfwd=tcp:127.77.0.9:41000-:8080"
@@ -812,20 +797,15 @@ mod tests {
     }
 
     #[test]
-    fn guest_reset_is_explained_on_the_console() {
-        let console = Console::new(1024);
-        let event = serde_json::json!({
-            "event": "SHUTDOWN",
-            "data": { "guest": true, "reason": "guest-reset" }
-        });
-        assert!(note_event(&console, &event));
-        let ours = serde_json::json!({
-            "event": "SHUTDOWN",
-            "data": { "guest": false, "reason": "host-qmp-quit" }
-        });
-        assert!(!note_event(&console, &ours));
-        let tail = String::from_utf8(console.tail()).expect("utf-8");
-        assert!(tail.contains("triple fault"), "{tail}");
-        assert!(!tail.contains("host-qmp-quit"), "{tail}");
+    fn a_waiting_qemu_has_the_machine_of_a_cold_one_but_no_kernel_and_no_forward() {
+        let args: Vec<String> = incoming_args(Accel::Tcg, 32)
+            .into_iter()
+            .map(|arg| arg.to_string_lossy().into_owned())
+            .collect();
+        let machine = machine_args(Accel::Tcg, 32);
+        assert_eq!(args[..machine.len()], machine[..]);
+        assert!(!args.iter().any(|arg| arg == "-kernel" || arg == "-append"));
+        assert!(args.iter().any(|arg| arg == "user,id=net0,restrict=on"));
+        assert_eq!(args[args.len() - 2..], ["-incoming", "defer"]);
     }
 }

@@ -1,0 +1,274 @@
+//! A running qemu instance, booted cold or restored: what the deployer holds
+//! ([`QemuRunning`]), and how one is put together from a started qemu ([`launch`]).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use revboot_sandbox::uids::Lease;
+use revboot_store::manifest::Ready;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use super::jail::{Jail, Jailed};
+use super::pool::{Pool, Shape};
+use super::qmp::Qmp;
+use super::snapshot::Known;
+use super::snapshot::{SAVE_TIMEOUT, SavePlan};
+use super::supervise::{Control, Supervised, supervise};
+use super::{CONTROL_QUEUE, QemuPrepared};
+use crate::console::Console;
+use crate::tender::{BootError, BoxFuture, ExitReport, Footprint, NotReady, Running, probe_ready};
+
+/// What [`launch`] puts together.
+pub(super) struct Launch {
+    pub(super) jailed: Jailed,
+    /// The QMP session, when it is already up (a restore); otherwise the supervisor connects.
+    pub(super) qmp: Option<Qmp>,
+    /// The QMP socket on the host.
+    pub(super) qmp_path: PathBuf,
+    /// A scratch directory of qemu's own, removed once it has ended.
+    pub(super) scratch: Option<PathBuf>,
+    /// A uid of qemu's own, given back once it has ended.
+    pub(super) lease: Option<Lease>,
+    pub(super) console: Console,
+    pub(super) restored: bool,
+    pub(super) save: Option<Save>,
+    /// The tender's record of qemu's version.
+    pub(super) version: Arc<std::sync::OnceLock<String>>,
+}
+
+/// A snapshot to save once the instance is ready, and whom to tell.
+#[derive(Debug, Clone)]
+pub(super) struct Save {
+    pub(super) plan: SavePlan,
+    pub(super) pool: Arc<Pool>,
+    pub(super) known: Arc<Known>,
+    pub(super) shape: Shape,
+}
+
+/// Starts the supervisor of a started qemu and returns the instance.
+pub(super) fn launch(
+    prepared: &QemuPrepared,
+    jail: &Arc<Jail>,
+    launch: Launch,
+) -> Result<Box<dyn Running>, BootError> {
+    let Launch {
+        jailed,
+        qmp,
+        qmp_path,
+        scratch,
+        lease,
+        console,
+        restored,
+        save,
+        version,
+    } = launch;
+    let pid = jailed.pid;
+    let output =
+        tokio::net::unix::pipe::Receiver::from_owned_fd(jailed.console).map_err(|source| {
+            BootError::Setup {
+                what: "console pipe".into(),
+                source,
+            }
+        })?;
+    let readers = [Some(tokio::spawn(pump(output, console.clone()))), None];
+    let cgroups = Jail::dirs(jailed.groups.as_ref());
+    let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+    let (attached_tx, attached) = watch::channel(false);
+    let (exit_tx, exit_rx) = watch::channel(None);
+    info!(
+        id = prepared.spec.id,
+        service = prepared.spec.service,
+        revision = %prepared.spec.revision.short(12),
+        pid,
+        backend = %prepared.backend,
+        accel = prepared.accel.as_arg(),
+        restored,
+        "qemu instance started"
+    );
+    tokio::spawn(supervise(Supervised {
+        id: prepared.spec.id.clone(),
+        attached: attached_tx,
+        _jail: Arc::clone(jail),
+        pidfd: Arc::new(jailed.pidfd),
+        groups: jailed.groups,
+        pid,
+        session: qmp,
+        qmp: qmp_path,
+        scratch,
+        _lease: lease,
+        console: console.clone(),
+        version,
+        control: control_rx,
+        exit: exit_tx,
+        readers,
+    }));
+    Ok(Box::new(QemuRunning {
+        backend: prepared.backend,
+        console,
+        pid,
+        pid_start: pid_start(pid),
+        cgroups,
+        attached,
+        control: control_tx,
+        exit: exit_rx,
+        restored,
+        save,
+    }))
+}
+
+/// Copies one output stream of qemu to the console.
+pub(super) async fn pump(mut stream: impl AsyncRead + Unpin, console: Console) {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => console.push(&buf[..read]),
+        }
+    }
+}
+
+/// A running qemu instance.
+#[derive(Debug)]
+pub(super) struct QemuRunning {
+    backend: SocketAddr,
+    console: Console,
+    pid: u32,
+    pid_start: Option<u64>,
+    cgroups: Vec<PathBuf>,
+    control: mpsc::Sender<Control>,
+    exit: watch::Receiver<Option<ExitReport>>,
+    /// Restored from a snapshot of a ready guest: a `console` probe's line was printed
+    /// before the snapshot, and readiness is the snapshot's.
+    restored: bool,
+    /// Where to save a snapshot once the instance is ready (a cold boot with restore on).
+    save: Option<Save>,
+    /// True once the supervisor's QMP session is up (or given up on): from then on a
+    /// guest's crash is explained on the console.
+    attached: watch::Receiver<bool>,
+}
+
+impl QemuRunning {
+    /// Saves the snapshot of `plan` through the supervisor, bounded by the save timeout.
+    async fn save(&self, save: &Save) {
+        let (reply, answer) = oneshot::channel();
+        let revision = save.plan.revision;
+        if self
+            .control
+            .try_send(Control::Snapshot(save.plan.clone(), reply))
+            .is_err()
+        {
+            return;
+        }
+        let result = tokio::time::timeout(SAVE_TIMEOUT + Duration::from_secs(5), answer).await;
+        match result {
+            Ok(Ok(Ok(bytes))) => {
+                info!(pid = self.pid, revision = %revision.short(12), bytes, "qemu snapshot saved");
+                save.known.insert(revision);
+                save.pool.want(save.shape);
+                self.console.push(
+                    format!("[revboot] snapshot of the ready guest saved ({bytes} bytes)\n")
+                        .as_bytes(),
+                );
+            }
+            Ok(Ok(Err(error))) => {
+                warn!(pid = self.pid, revision = %revision.short(12), error, "qemu snapshot not saved");
+                self.console
+                    .push(format!("[revboot] snapshot not saved: {error}\n").as_bytes());
+            }
+            _ => warn!(
+                pid = self.pid,
+                "qemu snapshot: no answer from the supervisor"
+            ),
+        }
+    }
+
+    fn request(&self, control: Control) {
+        if self.exit.borrow().is_some() {
+            return;
+        }
+        if let Err(error) = self.control.try_send(control) {
+            // A full queue already holds requests; a closed one means the supervisor is
+            // reaping the child. Either way it is ending.
+            debug!(%error, pid = self.pid, "qemu control request not queued");
+        }
+    }
+}
+
+impl Running for QemuRunning {
+    fn backend(&self) -> SocketAddr {
+        self.backend
+    }
+
+    fn console(&self) -> &Console {
+        &self.console
+    }
+
+    fn footprint(&self) -> Footprint {
+        Footprint {
+            pid: Some(self.pid),
+            pid_start: self.pid_start,
+            cgroups: self.cgroups.clone(),
+        }
+    }
+
+    fn stop(&self) {
+        self.request(Control::Stop);
+    }
+
+    fn kill(&self) {
+        self.request(Control::Kill);
+    }
+
+    fn exit(&self) -> watch::Receiver<Option<ExitReport>> {
+        self.exit.clone()
+    }
+
+    fn ready<'a>(
+        &'a self,
+        probe: &'a Ready,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<(), NotReady>> {
+        Box::pin(async move {
+            let started = tokio::time::Instant::now();
+            let result = if self.restored && matches!(probe, Ready::Console { .. }) {
+                // The line was printed before the snapshot was taken.
+                Ok(())
+            } else {
+                probe_ready(self.backend, &self.console, self.exit(), probe, timeout).await
+            };
+            match result {
+                // A console probe gives up when the console ends, which is when qemu
+                // exited: say so rather than "timeout".
+                Err(NotReady::Timeout { .. }) if self.exit.borrow().is_some() => {
+                    Err(NotReady::Exited)
+                }
+                Ok(()) => {
+                    // Ready means the supervisor can also tell why the guest stops: a
+                    // guest that crashes right after it serves is then explained. QMP is
+                    // usually up long before; the wait is bounded by the boot timeout.
+                    let left = timeout.saturating_sub(started.elapsed());
+                    let mut attached = self.attached.clone();
+                    let _ = tokio::time::timeout(left, attached.wait_for(|up| *up)).await;
+                    if let Some(save) = &self.save {
+                        // Before any client's connection is let in: the guest is quiet.
+                        self.save(save).await;
+                    }
+                    Ok(())
+                }
+                other => other,
+            }
+        })
+    }
+}
+
+/// The start time of a process (`/proc/<pid>/stat` field 22), to tell a reused pid apart.
+fn pid_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces) start at field 3.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+}

@@ -1,0 +1,243 @@
+//! The supervisor of a qemu instance: one task owns the child until it is reaped.
+//!
+//! 1. It holds a QMP session (the `qmp` module; `<scratch>/qmp.sock`, made by qemu inside
+//!    its sandbox) to learn why the guest stopped (the reason goes on the console), to stop
+//!    it, and to save its snapshot (the `snapshot` module).
+//! 2. Stop: QMP `quit` (SIGTERM when QMP is not up). Kill: SIGKILL.
+//! 3. Once qemu is reaped and its output drained, its cgroups are removed (an OOM kill read
+//!    first), the exit is reported, the QMP socket removed, and a restored qemu's own
+//!    scratch directory and uid given back.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use revboot_sandbox::cgroup::InstanceGroups;
+use revboot_sandbox::spawn::{self, Exit};
+use revboot_sandbox::uids::Lease;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{info, warn};
+
+use super::jail::Jail;
+use super::qmp::{Qmp, qmp_connect};
+use super::snapshot::{self, SavePlan};
+use super::{CONSOLE_DRAIN, QMP_DRAIN, QMP_REPLY_TIMEOUT};
+use crate::console::Console;
+use crate::tender::{ExitReport, ExitStatus};
+
+/// What `stop`, `kill` and a snapshot ask of the supervisor.
+#[derive(Debug)]
+pub(super) enum Control {
+    Stop,
+    Kill,
+    /// Save a snapshot of the guest; the stream's length, or why not.
+    Snapshot(SavePlan, oneshot::Sender<Result<u64, String>>),
+}
+
+/// Everything the supervisor owns.
+pub(super) struct Supervised {
+    pub(super) id: String,
+    /// Set once QMP is up or given up on.
+    pub(super) attached: watch::Sender<bool>,
+    /// Keeps the thread that started qemu alive while qemu runs: qemu's parent-death
+    /// signal follows that thread.
+    pub(super) _jail: Arc<Jail>,
+    pub(super) pidfd: Arc<OwnedFd>,
+    pub(super) groups: Option<InstanceGroups>,
+    pub(super) pid: u32,
+    /// The QMP session, when the qemu came with one (a restore).
+    pub(super) session: Option<Qmp>,
+    pub(super) qmp: PathBuf,
+    /// qemu's own scratch directory (a restored one's), removed once it has ended.
+    pub(super) scratch: Option<PathBuf>,
+    /// qemu's own uid (a restored one's), given back once it has ended.
+    pub(super) _lease: Option<Lease>,
+    pub(super) console: Console,
+    /// Where qemu's version goes once QMP's greeting said it (the tender's).
+    pub(super) version: Arc<std::sync::OnceLock<String>>,
+    pub(super) control: mpsc::Receiver<Control>,
+    pub(super) exit: watch::Sender<Option<ExitReport>>,
+    pub(super) readers: [Option<tokio::task::JoinHandle<()>>; 2],
+}
+
+/// Owns the qemu child until it is reaped: QMP events and stop requests, kill, exit.
+pub(super) async fn supervise(mut s: Supervised) {
+    let connect = qmp_connect(s.qmp.clone());
+    tokio::pin!(connect);
+    // A blocking wait on a thread of its own returns when qemu is gone, whoever ended it.
+    let waited = Arc::clone(&s.pidfd);
+    let mut ended = tokio::task::spawn_blocking(move || spawn::reap_blocking(waited.as_raw_fd()));
+    let mut qmp: Option<Qmp> = s.session.take();
+    let mut connecting = qmp.is_none();
+    if !connecting {
+        let _ = s.attached.send(true);
+    }
+    let mut stopping = false;
+    let mut guest_stopped = false;
+    let status = loop {
+        tokio::select! {
+            status = &mut ended => break match status {
+                Ok(Ok(Some(exit))) => Some(exit),
+                _ => None,
+            },
+            session = &mut connect, if connecting => {
+                connecting = false;
+                match session {
+                    // A stop asked for meanwhile was already a SIGTERM.
+                    Ok(session) => {
+                        let _ = s.version.set(session.version().to_owned());
+                        qmp = Some(session);
+                    }
+                    Err(error) => {
+                        warn!(id = s.id, %error, "qemu QMP unreachable; stop falls back to SIGTERM");
+                    }
+                }
+                let _ = s.attached.send(true);
+            }
+            event = next_event(&mut qmp) => match event {
+                Some(event) => guest_stopped |= note_event(&s.console, &event),
+                None => qmp = None,
+            },
+            control = s.control.recv() => match control {
+                Some(Control::Stop) if !stopping => {
+                    stopping = true;
+                    if qmp.is_some() {
+                        quit(&mut qmp, &s.pidfd).await;
+                    } else {
+                        // qemu quits as cleanly on SIGTERM; QMP may still be on its way.
+                        spawn::send_signal(s.pidfd.as_raw_fd(), libc::SIGTERM);
+                    }
+                }
+                Some(Control::Stop) => {}
+                Some(Control::Snapshot(plan, reply)) => {
+                    let saved = match qmp.as_mut() {
+                        Some(session) if !stopping => snapshot::save(session, &plan).await,
+                        Some(_) => Err("the instance is stopping".into()),
+                        None => Err("QMP is not up".into()),
+                    };
+                    let _ = reply.send(saved);
+                }
+                Some(Control::Kill) | None => {
+                    if !spawn::send_signal(s.pidfd.as_raw_fd(), libc::SIGKILL) {
+                        warn!(id = s.id, error = %io::Error::last_os_error(), "cannot kill qemu");
+                    }
+                }
+            },
+        }
+    };
+    // qemu sends its SHUTDOWN event just before it exits: read what is left.
+    if let Some(mut session) = qmp.take() {
+        while let Ok(Some(event)) = tokio::time::timeout(QMP_DRAIN, session.event()).await {
+            guest_stopped |= note_event(&s.console, &event);
+        }
+    }
+    let exited_clean = status == Some(Exit::Code(0));
+    if exited_clean && !stopping && !guest_stopped {
+        s.console.push(
+            b"[qemu] exited on its own: with -no-reboot, a guest reset (a triple fault) or power-off ends the VM\n",
+        );
+    }
+    for reader in s.readers.into_iter().flatten() {
+        let _ = tokio::time::timeout(CONSOLE_DRAIN, reader).await;
+    }
+    let _ = std::fs::remove_file(&s.qmp);
+    if let Some(scratch) = s.scratch.take() {
+        let _ = std::fs::remove_dir_all(scratch);
+    }
+    let oom_killed = s.groups.as_ref().is_some_and(InstanceGroups::oom_killed);
+    if let Some(groups) = s.groups.take() {
+        let _ = tokio::task::spawn_blocking(move || groups.remove()).await;
+    }
+    let report = ExitReport {
+        status: match status {
+            Some(Exit::Code(code)) => ExitStatus::Code(code),
+            Some(Exit::Signal(signal)) => ExitStatus::Signal(signal),
+            None => ExitStatus::Unknown,
+        },
+        oom_killed,
+    };
+    info!(id = s.id, pid = s.pid, %report, "qemu instance ended");
+    // The exit first, then the end of the console: a console wait that sees the end can
+    // rely on the exit being known.
+    let _ = s.exit.send(Some(report));
+    s.console.close();
+}
+
+/// Asks qemu to quit over QMP; on failure, SIGTERM (qemu quits cleanly on it too).
+async fn quit(qmp: &mut Option<Qmp>, pidfd: &OwnedFd) {
+    let sent = match qmp.as_mut() {
+        Some(session) => matches!(
+            tokio::time::timeout(QMP_REPLY_TIMEOUT, session.execute("quit")).await,
+            Ok(Ok(()))
+        ),
+        None => false,
+    };
+    if !sent {
+        *qmp = None;
+        spawn::send_signal(pidfd.as_raw_fd(), libc::SIGTERM);
+    }
+}
+
+/// The next QMP event, or pending forever without a session; `None` when it closed.
+async fn next_event(qmp: &mut Option<Qmp>) -> Option<serde_json::Value> {
+    match qmp.as_mut() {
+        Some(session) => session.event().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Puts what qemu says about a guest-initiated stop on the console, where the crash record
+/// will show it; true if it was one.
+pub(super) fn note_event(console: &Console, event: &serde_json::Value) -> bool {
+    let name = event
+        .get("event")
+        .and_then(|name| name.as_str())
+        .unwrap_or("");
+    if name != "SHUTDOWN" && name != "RESET" && name != "GUEST_PANICKED" {
+        return false;
+    }
+    let data = event.get("data");
+    let guest = data
+        .and_then(|data| data.get("guest"))
+        .and_then(|guest| guest.as_bool());
+    let reason = data
+        .and_then(|data| data.get("reason"))
+        .and_then(|reason| reason.as_str())
+        .unwrap_or("unknown");
+    if guest == Some(false) {
+        return false; // we asked for it
+    }
+    let line = match (name, reason) {
+        ("SHUTDOWN", "guest-reset") => {
+            "[qemu] the guest reset itself (a triple fault, or a reboot); the VM stops\n".to_owned()
+        }
+        ("GUEST_PANICKED", _) => "[qemu] the guest panicked\n".to_owned(),
+        _ => format!("[qemu] {name}: {reason}\n"),
+    };
+    console.push(line.as_bytes());
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_reset_is_explained_on_the_console() {
+        let console = Console::new(1024);
+        let event = serde_json::json!({
+            "event": "SHUTDOWN",
+            "data": { "guest": true, "reason": "guest-reset" }
+        });
+        assert!(note_event(&console, &event));
+        let ours = serde_json::json!({
+            "event": "SHUTDOWN",
+            "data": { "guest": false, "reason": "host-qmp-quit" }
+        });
+        assert!(!note_event(&console, &ours));
+        let tail = String::from_utf8(console.tail()).expect("utf-8");
+        assert!(tail.contains("triple fault"), "{tail}");
+        assert!(!tail.contains("host-qmp-quit"), "{tail}");
+    }
+}
