@@ -162,6 +162,13 @@ pub struct Instances {
     pub max_clients_per_service: usize,
     /// Tender accelerator for qemu: `auto`, `kvm` or `tcg`.
     pub qemu_accel: revboot_deployer::tender::qemu::AccelChoice,
+    /// VM instances start from a snapshot of a ready guest of their revision, saved after
+    /// its first cold boot (images must reseed from the seed revboot gives each qemu: see
+    /// the qemu tender's docs).
+    pub qemu_restore: bool,
+    /// qemu processes kept started and waiting for a snapshot (at most 16); 0 starts one
+    /// at each restore.
+    pub qemu_pool: usize,
     /// Replaces every manifest's idle timeout, in milliseconds (demos, tests).
     pub idle_timeout_ms: Option<u64>,
     /// Clients reach each instance's own socket on its service address, with no handshake
@@ -289,6 +296,8 @@ impl Default for Instances {
             max_per_service: 64,
             max_clients_per_service: 32,
             qemu_accel: revboot_deployer::tender::qemu::AccelChoice::Auto,
+            qemu_restore: true,
+            qemu_pool: revboot_deployer::tender::qemu::DEFAULT_POOL,
             idle_timeout_ms: None,
             direct: false,
             steer: true,
@@ -433,6 +442,15 @@ impl Config {
             return Err(invalid(
                 "instances.max_per_service",
                 "cannot exceed instances.max_total",
+            ));
+        }
+        if self.instances.qemu_pool > revboot_deployer::tender::qemu::MAX_POOL {
+            return Err(invalid(
+                "instances.qemu_pool",
+                &format!(
+                    "must be at most {}",
+                    revboot_deployer::tender::qemu::MAX_POOL
+                ),
             ));
         }
         if self.builds.queue == 0 {
@@ -610,6 +628,11 @@ mod tests {
         );
         let error = Config::from_toml("[instances]\nqemu_accel = \"hvf\"\n").expect_err("accel");
         assert!(error.to_string().contains("hvf"), "{error}");
+        let config =
+            Config::from_toml("[instances]\nqemu_restore = false\nqemu_pool = 0\n").expect("valid");
+        assert!(!config.instances.qemu_restore);
+        let error = Config::from_toml("[instances]\nqemu_pool = 17\n").expect_err("pool");
+        assert!(error.to_string().contains("instances.qemu_pool"), "{error}");
         let error = Config::from_toml("[instances]\npool = \"127.5.0.1/24\"\n").expect_err("bits");
         assert!(error.to_string().contains("127.5.0.1/24"), "{error}");
     }

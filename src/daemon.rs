@@ -443,6 +443,8 @@ fn tenders(config: &Config) -> Vec<revboot_deployer::tender::MakeTender> {
     let mut tenders = vec![process::make()];
     let qemu = qemu::QemuConfig {
         accel: config.instances.qemu_accel,
+        restore: config.instances.qemu_restore,
+        pool: config.instances.qemu_pool,
         ..qemu::QemuConfig::default()
     };
     let found = std::env::var_os("PATH").is_some_and(|path| {

@@ -56,6 +56,39 @@ impl Console {
         }
     }
 
+    /// Appends a line of the host's own (a tender's note) on a line of its own: after a
+    /// line break when the output so far ends mid-line.
+    pub fn push_line(&self, line: &str) {
+        let mid_line = {
+            let ring = self
+                .inner
+                .ring
+                .lock()
+                .expect("console lock is never poisoned");
+            ring.bytes.back().is_some_and(|&last| last != b'\n')
+        };
+        let text = format!("{}{}\n", if mid_line { "\n" } else { "" }, line.trim_end());
+        self.push(text.as_bytes());
+    }
+
+    /// Waits, at most `timeout`, until the output so far ends a line (or is empty, or has
+    /// ended): a guest seen mid-line is still printing.
+    pub async fn line_end(&self, timeout: Duration) {
+        let mut progress = self.inner.progress.subscribe();
+        let ends_line = |ring: &Ring| ring.bytes.back().is_none_or(|&last| last == b'\n');
+        let wait = progress.wait_for(|(_, closed)| {
+            *closed
+                || ends_line(
+                    &self
+                        .inner
+                        .ring
+                        .lock()
+                        .expect("console lock is never poisoned"),
+                )
+        });
+        let _ = tokio::time::timeout(timeout, wait).await;
+    }
+
     /// Appends output.
     pub fn push(&self, chunk: &[u8]) {
         if chunk.is_empty() {
@@ -280,6 +313,19 @@ mod tests {
         assert_eq!(
             follow.next().await,
             Some(FollowStep::Output(Arc::from(&b"10\n"[..])))
+        );
+    }
+
+    #[test]
+    fn a_note_starts_a_line_of_its_own() {
+        let console = Console::new(256);
+        console.push_line("[revboot] first");
+        console.push(b"guest: half a ");
+        console.push_line("[revboot] second\n");
+        console.push(b"line\n");
+        assert_eq!(
+            console.tail(),
+            b"[revboot] first\nguest: half a \n[revboot] second\nline\n"
         );
     }
 }

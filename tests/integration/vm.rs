@@ -1,17 +1,20 @@
 //! A real unikernel through the whole daemon: push examples/hello-vm, dig, curl through the
-//! proxy into the qemu microvm, then idle reaping writes its console back to the store.
+//! proxy into the qemu microvm, then idle reaping writes its console back to the store; then
+//! the same name again, which restores the snapshot the first boot saved (or, with
+//! `qemu_restore = false`, boots cold again).
 
 use std::time::{Duration, Instant};
 
 use crate::follow::Follower;
-use crate::support::{Daemon, curl, dig_ok, example_source, push_service};
+use crate::support::{Daemon, curl, curl_path, dig_ok, example_source, push_service};
 
-#[test]
-fn hello_vm_boots_on_query_answers_by_revision_and_is_reaped() {
+/// Push, query and curl twice, each time until the VM is reaped; `restore` is the daemon's
+/// `[instances] qemu_restore`.
+fn journey(restore: bool) {
     let temp = tempfile::tempdir().expect("temp dir");
     let daemon = Daemon::start_configured(
         &temp.path().join("data"),
-        "[instances]\nidle_timeout_ms = 1500\n",
+        &format!("[instances]\nidle_timeout_ms = 1500\nqemu_restore = {restore}\n"),
     );
     let work = example_source(temp.path(), "hello-vm");
     let pushed = push_service(&daemon, &work, "hello-vm");
@@ -29,6 +32,9 @@ fn hello_vm_boots_on_query_answers_by_revision_and_is_reaped() {
     let mut follower = Follower::start(&daemon, &["logs", "hello-vm", "--console", "-f"]);
     let address = dig_ok(&daemon, &name, false);
     follower.expect("hello-vm: listening");
+    if restore {
+        follower.expect("snapshot of the ready guest saved");
+    }
     let body = curl(&name, &address, 8080);
     assert_eq!(
         body.trim(),
@@ -39,12 +45,53 @@ fn hello_vm_boots_on_query_answers_by_revision_and_is_reaped() {
     // No connections, no queries: the VM is stopped and its console lands in the store.
     let ended = follower.expect("ended:");
     assert!(ended.contains("stopped"), "{ended}");
+    let console = reaped_console(&daemon, &revision);
+    assert!(
+        console.contains("hello-vm: listening"),
+        "console of the VM missing:\n{console}"
+    );
+
+    // The same name again: restored from the snapshot, or booted cold without restore.
+    let address = dig_ok(&daemon, &name, false);
+    if restore {
+        follower.expect("[revboot] restored from the snapshot of a ready guest");
+    } else {
+        follower.expect("hello-vm: listening");
+    }
+    // The snapshot is stored beside the image, in the data directory, and only with restore.
+    let images = temp.path().join("data/deployer/images");
+    let snapshots = std::fs::read_dir(&images)
+        .unwrap_or_else(|error| panic!("{}: {error}", images.display()))
+        .filter_map(Result::ok)
+        .filter(|entry| entry.file_name().to_string_lossy().ends_with(".snapshots"))
+        .count();
+    assert_eq!(snapshots, usize::from(restore), "in {}", images.display());
+    let body = curl(&name, &address, 8080);
+    assert_eq!(body.trim(), format!("hello from v1 ({revision})"));
+    if restore {
+        // The restored guest noticed its new seed before it answered.
+        let id = curl_path(&name, &address, 8080, "/id");
+        assert!(id.starts_with("random "), "{id}");
+        follower.expect("hello-vm: restored with a new seed, reseeded");
+    }
+    let ended = follower.expect("ended:");
+    assert!(ended.contains("stopped"), "{ended}");
+    let ps = daemon.cli(&["--json", "ps"]);
+    let instances: Vec<serde_json::Value> = serde_json::from_slice(&ps.stdout).expect("JSON");
+    assert!(
+        instances.is_empty(),
+        "still running after reaping: {instances:?}"
+    );
+}
+
+/// The console the store keeps of the last instance of `revision`, once it was reaped.
+fn reaped_console(daemon: &Daemon, revision: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let console = loop {
+    loop {
         let logs = daemon.cli(&["logs", "hello-vm", &revision[..7], "--console"]);
         let text = String::from_utf8_lossy(&logs.stdout).into_owned();
         if text.contains("stopped: idle") {
-            break text;
+            return text;
         }
         assert!(
             Instant::now() < deadline,
@@ -52,15 +99,15 @@ fn hello_vm_boots_on_query_answers_by_revision_and_is_reaped() {
             daemon.log()
         );
         std::thread::sleep(Duration::from_millis(250));
-    };
-    assert!(
-        console.contains("hello-vm: listening"),
-        "console of the VM missing:\n{console}"
-    );
-    let ps = daemon.cli(&["--json", "ps"]);
-    let instances: Vec<serde_json::Value> = serde_json::from_slice(&ps.stdout).expect("JSON");
-    assert!(
-        instances.is_empty(),
-        "still running after reaping: {instances:?}"
-    );
+    }
+}
+
+#[test]
+fn hello_vm_boots_on_query_answers_by_revision_is_reaped_and_restores_its_snapshot() {
+    journey(true);
+}
+
+#[test]
+fn hello_vm_boots_cold_every_time_with_restore_off() {
+    journey(false);
 }

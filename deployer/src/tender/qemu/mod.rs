@@ -469,7 +469,7 @@ impl QemuPrepared {
             revision = %self.spec.revision.short(12),
             "{line}"
         );
-        console.push(format!("[revboot] {line}\n").as_bytes());
+        console.push_line(&format!("[revboot] {line}"));
     }
 
     /// Restores `found` into the waiting qemu (or one started now).
@@ -606,7 +606,7 @@ impl QemuPrepared {
                         revision = %revision.short(12),
                         "qemu instance restored from its snapshot"
                     );
-                    console.push(b"[revboot] restored from the snapshot of a ready guest\n");
+                    console.push_line("[revboot] restored from the snapshot of a ready guest");
                     return Err(running);
                 }
                 Err(reason) => {

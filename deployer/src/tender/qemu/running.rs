@@ -22,6 +22,9 @@ use super::{CONTROL_QUEUE, QemuPrepared};
 use crate::console::Console;
 use crate::tender::{BootError, BoxFuture, ExitReport, Footprint, NotReady, Running, probe_ready};
 
+/// How long a snapshot waits for the guest to finish the console line it is printing.
+const LINE_END: Duration = Duration::from_millis(200);
+
 /// What [`launch`] puts together.
 pub(super) struct Launch {
     pub(super) jailed: Jailed,
@@ -169,15 +172,14 @@ impl QemuRunning {
                 info!(pid = self.pid, revision = %revision.short(12), bytes, "qemu snapshot saved");
                 save.known.insert(revision);
                 save.pool.want(save.shape);
-                self.console.push(
-                    format!("[revboot] snapshot of the ready guest saved ({bytes} bytes)\n")
-                        .as_bytes(),
-                );
+                self.console.push_line(&format!(
+                    "[revboot] snapshot of the ready guest saved ({bytes} bytes)"
+                ));
             }
             Ok(Ok(Err(error))) => {
                 warn!(pid = self.pid, revision = %revision.short(12), error, "qemu snapshot not saved");
                 self.console
-                    .push(format!("[revboot] snapshot not saved: {error}\n").as_bytes());
+                    .push_line(&format!("[revboot] snapshot not saved: {error}"));
             }
             _ => warn!(
                 pid = self.pid,
@@ -254,7 +256,9 @@ impl Running for QemuRunning {
                     let mut attached = self.attached.clone();
                     let _ = tokio::time::timeout(left, attached.wait_for(|up| *up)).await;
                     if let Some(save) = &self.save {
-                        // Before any client's connection is let in: the guest is quiet.
+                        // Before any client's connection is let in: the guest is quiet, once
+                        // it has finished the line the probe matched.
+                        self.console.line_end(LINE_END).await;
                         self.save(save).await;
                     }
                     Ok(())
