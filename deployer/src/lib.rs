@@ -19,7 +19,9 @@
 //!    (`stopped: client slot reclaimed for a new client`); with none such, the summon is
 //!    refused. Lasting refusals (caps, back-off) are logged once per service per 10 s.
 //! 2. **booting** — the image is materialised from the store's cache and started; the
-//!    listening socket already exists, so a connection made now waits in the kernel.
+//!    listening socket already exists, so a connection made now waits in the kernel. A VM
+//!    of a revision whose ready guest was saved is restored instead (the qemu tender's
+//!    snapshots, [`tender::qemu`]).
 //! 3. **ready** — the manifest's probe passed (`socket`: at exec; `tcp`; `http` GET path;
 //!    `console` line), all within `run.boot_timeout_ms`; a miss is a crash with the reason.
 //!    Behind the proxy, new connections to its service address now go straight to its

@@ -372,7 +372,7 @@ impl Tender for QemuTender {
         };
         // A waiting qemu, for a revision with a snapshot: its port is the one it may bind.
         let mut waiting = (self.restore && self.known.contains(&spec.revision))
-            .then(|| self.pool.take(shape))
+            .then(|| self.pool.take(shape, &spec.revision))
             .flatten();
         // Claim the forwarded port: check that it is free now (or let the kernel pick one),
         // then release it for qemu to bind. Another process could take it in between; qemu
@@ -472,13 +472,21 @@ impl QemuPrepared {
         console.push_line(&format!("[revboot] {line}"));
     }
 
-    /// Restores `found` into the waiting qemu (or one started now).
+    /// Restores `found` into the waiting qemu (or one started now): loads it unless the
+    /// waiting one loaded it ahead, then resumes.
     async fn restore(
         &mut self,
         found: &Found,
         console: &Console,
     ) -> Result<Box<dyn Running>, String> {
-        let mut incoming = match self.waiting.take() {
+        let waiting = self.waiting.take().filter(|incoming| {
+            // Loaded ahead with another snapshot (replaced since): no use.
+            incoming
+                .loaded
+                .as_ref()
+                .is_none_or(|loaded| loaded == found)
+        });
+        let mut incoming = match waiting {
             Some(incoming) => incoming,
             None => {
                 let cell = Cell::of(&self.spec, None, self.backend.port());
@@ -494,14 +502,34 @@ impl QemuPrepared {
         };
         let _ = self.tender.version.set(incoming.version().to_owned());
         let limits = Cell::of(&self.spec, None, self.backend.port()).limits();
-        if let Err(reason) = incoming.restore(found, &self.forward(), limits).await {
+        let ahead = incoming.loaded.is_some();
+        let restored = match incoming.loaded {
+            Some(_) => incoming.resume(&self.forward(), limits).await,
+            None => match incoming.load(found).await {
+                Ok(()) => incoming.resume(&self.forward(), limits).await,
+                Err(error) => Err(error),
+            },
+        };
+        if let Err(reason) = restored {
             // Gone before a cold boot takes its cgroups, port and scratch directory.
             incoming.discard().await;
             return Err(reason);
         }
         let qmp_path = incoming.scratch.join("qmp.sock");
         let (jailed, qmp, scratch, lease) = incoming.into_parts();
-        self.tender.pool.want(self.shape);
+        self.tender.pool.want(self.shape, Some(found.clone()));
+        info!(
+            id = self.spec.id,
+            service = self.spec.service,
+            revision = %self.spec.revision.short(12),
+            loaded_ahead = ahead,
+            "qemu instance restored from its snapshot"
+        );
+        console.push_line(if ahead {
+            "[revboot] restored from the snapshot of a ready guest (loaded ahead)"
+        } else {
+            "[revboot] restored from the snapshot of a ready guest"
+        });
         launch(
             self,
             &self.tender.jail,
@@ -600,13 +628,6 @@ impl QemuPrepared {
             Ok(Some(found)) => match self.restore(&found, console).await {
                 Ok(running) => {
                     self.tender.known.insert(revision);
-                    info!(
-                        id = self.spec.id,
-                        service = self.spec.service,
-                        revision = %revision.short(12),
-                        "qemu instance restored from its snapshot"
-                    );
-                    console.push_line("[revboot] restored from the snapshot of a ready guest");
                     return Err(running);
                 }
                 Err(reason) => {

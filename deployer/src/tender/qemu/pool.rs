@@ -8,12 +8,15 @@
 //!    bind one TCP port, chosen when it starts (the manifest port when instances listen on
 //!    it directly).
 //! 2. [`Pool`] keeps at most `size` of them, all of the shape of the last snapshot saved
-//!    or restored (memory, port); one refill runs at a time, on the deployer's runtime.
-//!    [`super::QemuTender::prepare`] takes one for a revision known to have a snapshot.
-//! 3. [`Incoming::restore`]: `migrate-incoming` on a unix socket in its scratch directory,
-//!    the daemon streams the snapshot in, waits for the `MIGRATION` event `completed`, adds
-//!    the instance's port forward (`hostfwd_add`), sets the instance's CPU limit, `cont`.
-//!    A qemu of another version than the snapshot's refuses it before anything is sent.
+//!    or restored (memory, port), and with that snapshot loaded ahead (paused); one refill
+//!    runs at a time, on the deployer's runtime, after each restore.
+//!    [`super::QemuTender::prepare`] takes one for a revision known to have a snapshot:
+//!    loaded with it if there is one, else one that loaded nothing.
+//! 3. [`Incoming::load`]: `migrate-incoming` on a unix socket in its scratch directory, the
+//!    daemon streams the snapshot in, waits for the `MIGRATION` event `completed`; the guest
+//!    stays paused. A qemu of another version than the snapshot's refuses it before anything
+//!    is sent. [`Incoming::resume`]: the instance's port forward (`hostfwd_add`), its cgroup
+//!    limits, `cont`. A summon that finds its snapshot loaded ahead pays only for the resume.
 //! 4. A dropped [`Incoming`] is killed; its cgroups, scratch directory and uid go back once
 //!    it is reaped (on a thread of its own: the reap is a blocking wait).
 //!
@@ -39,6 +42,7 @@ use super::jail::{self, Cell, Jail, Jailed};
 use super::qmp::{Qmp, qmp_connect};
 use super::snapshot::Found;
 use crate::tender::BootError;
+use revboot_store::Revision;
 
 /// The most qemu processes a pool may keep waiting.
 pub const MAX_POOL: usize = 16;
@@ -46,6 +50,8 @@ pub const MAX_POOL: usize = 16;
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a restore may take, from `migrate-incoming` to `cont`.
 pub(super) const RESTORE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a refill waits before it starts each qemu.
+const REFILL_PAUSE: Duration = Duration::from_millis(30);
 /// The fw_cfg file of the seed.
 pub(super) const SEED_FILE: &str = "opt/org.revboot/seed";
 
@@ -71,6 +77,8 @@ pub(super) struct Incoming {
     /// The one port it may bind.
     pub(super) port: u16,
     pub(super) shape: Shape,
+    /// The snapshot it has loaded (paused), if any.
+    pub(super) loaded: Option<Found>,
 }
 
 /// Writes a fresh seed for a qemu into `scratch` (module doc): 64 hex digits, readable by
@@ -121,6 +129,7 @@ impl Incoming {
             lease: None,
             port: cell.port,
             shape,
+            loaded: None,
         };
         let connected = tokio::time::timeout(START_TIMEOUT, async {
             let mut qmp = qmp_connect(socket).await.map_err(|e| e.to_string())?;
@@ -139,20 +148,17 @@ impl Incoming {
         self.qmp.as_ref().map_or("", Qmp::version)
     }
 
-    /// Loads `snapshot` and resumes the guest with the port forward `forward` (`hostfwd_add`
-    /// syntax) and the CPU limit `cpu_percent` (module doc, step 3).
-    pub(super) async fn restore(
-        &mut self,
-        snapshot: &Found,
-        forward: &str,
-        limits: revboot_sandbox::cgroup::Limits,
-    ) -> Result<(), String> {
+    /// Loads `snapshot`; the guest stays paused (module doc, step 3). Once only.
+    pub(super) async fn load(&mut self, snapshot: &Found) -> Result<(), String> {
         if snapshot.meta.qemu != self.version() {
             return Err(format!(
                 "it was made by qemu {}, this is {}",
                 snapshot.meta.qemu,
                 self.version()
             ));
+        }
+        if self.loaded.is_some() {
+            return Err("this qemu has loaded a snapshot already".into());
         }
         let qmp = self.qmp.as_mut().ok_or("no QMP session")?;
         let socket = self.scratch.join("restore.sock");
@@ -177,6 +183,34 @@ impl Incoming {
             if !qmp.migrated().await {
                 return Err("qemu did not load the snapshot".to_owned());
             }
+            Ok(())
+        };
+        let loaded = tokio::time::timeout(RESTORE_TIMEOUT, steps)
+            .await
+            .unwrap_or_else(|_| Err("timed out".into()));
+        let _ = std::fs::remove_file(&socket);
+        loaded?;
+        self.loaded = Some(snapshot.clone());
+        Ok(())
+    }
+
+    /// Resumes the loaded guest with the port forward `forward` (`hostfwd_add` syntax) and
+    /// the instance's cgroup `limits`.
+    pub(super) async fn resume(
+        &mut self,
+        forward: &str,
+        limits: revboot_sandbox::cgroup::Limits,
+    ) -> Result<(), String> {
+        if self.loaded.is_none() {
+            return Err("no snapshot loaded".into());
+        }
+        if let Some(groups) = self.jailed.as_mut().and_then(|j| j.groups.as_mut()) {
+            groups
+                .limit(limits)
+                .map_err(|e| format!("set the cgroup limits: {e}"))?;
+        }
+        let qmp = self.qmp.as_mut().ok_or("no QMP session")?;
+        let steps = async {
             let said = qmp
                 .call(
                     "human-monitor-command",
@@ -190,22 +224,11 @@ impl Incoming {
             if !said.is_empty() {
                 return Err(format!("the port forward was refused: {said}"));
             }
-            Ok(())
+            qmp.execute("cont").await.map_err(|e| e.to_string())
         };
         tokio::time::timeout(RESTORE_TIMEOUT, steps)
             .await
-            .unwrap_or_else(|_| Err("timed out".into()))?;
-        let _ = std::fs::remove_file(&socket);
-        if let Some(groups) = self.jailed.as_mut().and_then(|j| j.groups.as_mut()) {
-            groups
-                .limit(limits)
-                .map_err(|e| format!("set the cgroup limits: {e}"))?;
-        }
-        let qmp = self.qmp.as_mut().ok_or("no QMP session")?;
-        tokio::time::timeout(RESTORE_TIMEOUT, qmp.execute("cont"))
-            .await
-            .map_err(|_| "`cont` timed out".to_owned())?
-            .map_err(|e| e.to_string())
+            .unwrap_or_else(|_| Err("timed out".into()))
     }
 
     /// The process, its session, and what must go once it has ended, for the supervisor.
@@ -281,7 +304,8 @@ pub(super) struct Pool {
     runtime: tokio::runtime::Handle,
     accel: super::Accel,
     ready: Mutex<VecDeque<Incoming>>,
-    wanted: Mutex<Option<Shape>>,
+    /// What to keep waiting: the shape, and the snapshot to load ahead.
+    wanted: Mutex<Option<(Shape, Option<Found>)>>,
     filling: AtomicBool,
     next: AtomicU64,
     prefix: String,
@@ -310,23 +334,33 @@ impl Pool {
         })
     }
 
-    /// A waiting qemu of `shape`, if one is ready; a refill follows.
-    pub(super) fn take(&self, shape: Shape) -> Option<Incoming> {
-        let taken = {
-            let mut ready = self.ready.lock().expect("pool lock is never poisoned");
-            let at = ready.iter().position(|entry| entry.shape == shape);
-            at.and_then(|at| ready.remove(at))
+    /// A waiting qemu of `shape` for `revision`: one that loaded its snapshot ahead, else one
+    /// that loaded none. The refill comes once the restore is done ([`Pool::want`]): a qemu
+    /// starting meanwhile would compete with it for the CPU.
+    pub(super) fn take(&self, shape: Shape, revision: &Revision) -> Option<Incoming> {
+        let mut ready = self.ready.lock().expect("pool lock is never poisoned");
+        let loaded = |entry: &Incoming| {
+            entry.shape == shape
+                && entry
+                    .loaded
+                    .as_ref()
+                    .is_some_and(|f| f.revision == *revision)
         };
-        self.want(shape);
-        taken
+        let at = ready.iter().position(loaded).or_else(|| {
+            ready
+                .iter()
+                .position(|entry| entry.shape == shape && entry.loaded.is_none())
+        });
+        at.and_then(|at| ready.remove(at))
     }
 
-    /// Keeps qemu processes of `shape` waiting from now on (those of another shape go).
-    pub(super) fn want(&self, shape: Shape) {
+    /// Keeps qemu processes of `shape` waiting from now on, with `snapshot` loaded ahead
+    /// (those of another shape or snapshot go).
+    pub(super) fn want(&self, shape: Shape, snapshot: Option<Found>) {
         if self.size == 0 {
             return;
         }
-        *self.wanted.lock().expect("pool lock is never poisoned") = Some(shape);
+        *self.wanted.lock().expect("pool lock is never poisoned") = Some((shape, snapshot));
         if self.filling.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -341,20 +375,35 @@ impl Pool {
 
     async fn fill(&self) {
         loop {
-            let Some(shape) = *self.wanted.lock().expect("pool lock is never poisoned") else {
+            let Some((shape, snapshot)) = self
+                .wanted
+                .lock()
+                .expect("pool lock is never poisoned")
+                .clone()
+            else {
                 return;
             };
             {
                 let mut ready = self.ready.lock().expect("pool lock is never poisoned");
-                ready.retain(|entry| entry.shape == shape);
+                ready.retain(|entry| entry.shape == shape && entry.loaded == snapshot);
                 if ready.len() >= self.size {
                     return;
                 }
             }
-            match self.start(shape).await {
+            // The guest just restored answers its first request in a few milliseconds; a
+            // qemu starting meanwhile (tens of milliseconds of CPU) would slow it down.
+            tokio::time::sleep(REFILL_PAUSE).await;
+            let started = match self.start(shape).await {
+                Ok(mut entry) => match &snapshot {
+                    Some(found) => entry.load(found).await.map(|()| entry),
+                    None => Ok(entry),
+                },
+                Err(error) => Err(error),
+            };
+            match started {
                 Ok(entry) => {
                     let mut ready = self.ready.lock().expect("pool lock is never poisoned");
-                    if entry.shape == shape && ready.len() < self.size {
+                    if ready.len() < self.size {
                         ready.push_back(entry);
                     }
                 }

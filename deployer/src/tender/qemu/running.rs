@@ -168,10 +168,11 @@ impl QemuRunning {
         }
         let result = tokio::time::timeout(SAVE_TIMEOUT + Duration::from_secs(5), answer).await;
         match result {
-            Ok(Ok(Ok(bytes))) => {
+            Ok(Ok(Ok(found))) => {
+                let bytes = found.meta.bytes;
                 info!(pid = self.pid, revision = %revision.short(12), bytes, "qemu snapshot saved");
                 save.known.insert(revision);
-                save.pool.want(save.shape);
+                save.pool.want(save.shape, Some(found));
                 self.console.push_line(&format!(
                     "[revboot] snapshot of the ready guest saved ({bytes} bytes)"
                 ));

@@ -15,11 +15,13 @@
 //!    SHA-256. [`find`] refuses a snapshot whose settings or image differ, and a qemu whose
 //!    version differs refuses it at restore; the instance then boots cold, the reason goes
 //!    on its console (and the log), and its own snapshot replaces the refused one.
-//! 4. Bounded: a stream longer than the guest's memory and [`SLACK`] is refused while it is
+//! 4. The directory is the daemon's alone (mode 0700): a stream is a guest's memory.
+//! 5. Bounded: a stream longer than the guest's memory and [`SLACK`] is refused while it is
 //!    written; every wait has a timeout ([`SAVE_TIMEOUT`]).
 
 use std::collections::HashSet;
 use std::io;
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -57,8 +59,9 @@ pub(super) struct Meta {
 }
 
 /// A snapshot found for an instance.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Found {
+    pub(super) revision: Revision,
     pub(super) stream: PathBuf,
     pub(super) meta: Meta,
 }
@@ -132,7 +135,11 @@ pub(super) fn find(
         ));
     }
     match std::fs::metadata(&stream) {
-        Ok(file) if file.len() == meta.bytes => Ok(Some(Found { stream, meta })),
+        Ok(file) if file.len() == meta.bytes => Ok(Some(Found {
+            revision: *revision,
+            stream,
+            meta,
+        })),
         Ok(file) => Err(format!(
             "its stream holds {} bytes, its record says {}",
             file.len(),
@@ -162,8 +169,8 @@ pub(super) struct SavePlan {
 }
 
 /// Saves the guest `qmp` runs as the snapshot `plan` says: stop, migrate, resume (see the
-/// module doc). The guest runs again whatever happened; returns the stream's length.
-pub(super) async fn save(qmp: &mut Qmp, plan: &SavePlan) -> Result<u64, String> {
+/// module doc). The guest runs again whatever happened; returns the snapshot saved.
+pub(super) async fn save(qmp: &mut Qmp, plan: &SavePlan) -> Result<Found, String> {
     let image_sha256 = image_sha256(&plan.image).map_err(|e| format!("hash the image: {e}"))?;
     let socket = plan.scratch.join("snapshot.sock");
     let _ = std::fs::remove_file(&socket);
@@ -190,12 +197,17 @@ async fn write(
     plan: &SavePlan,
     listener: &tokio::net::UnixListener,
     image_sha256: String,
-) -> Result<u64, String> {
+) -> Result<Found, String> {
     let (stream_path, meta_path) = paths(&plan.image, &plan.revision);
     let dir = stream_path
         .parent()
         .expect("a snapshot path has a directory");
-    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    // The stream is the guest's memory: the daemon's alone.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("create {}: {e}", dir.display()))?;
     qmp.call(
         "migrate",
         Some(serde_json::json!({ "uri": format!("unix:{}/snapshot.sock", jail::RUN) })),
@@ -258,7 +270,11 @@ async fn write(
         .map_err(|e| format!("write {}: {e}", meta_partial.display()))?;
     std::fs::rename(&meta_partial, &meta_path)
         .map_err(|e| format!("rename to {}: {e}", meta_path.display()))?;
-    Ok(bytes)
+    Ok(Found {
+        revision: plan.revision,
+        stream: stream_path,
+        meta,
+    })
 }
 
 /// The revisions known to have a snapshot, so that [`super::QemuTender::prepare`] (on the

@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use super::jail::Jail;
 use super::qmp::{Qmp, qmp_connect};
-use super::snapshot::{self, SavePlan};
+use super::snapshot::{self, Found, SavePlan};
 use super::{CONSOLE_DRAIN, QMP_DRAIN, QMP_REPLY_TIMEOUT};
 use crate::console::Console;
 use crate::tender::{ExitReport, ExitStatus};
@@ -31,8 +31,8 @@ use crate::tender::{ExitReport, ExitStatus};
 pub(super) enum Control {
     Stop,
     Kill,
-    /// Save a snapshot of the guest; the stream's length, or why not.
-    Snapshot(SavePlan, oneshot::Sender<Result<u64, String>>),
+    /// Save a snapshot of the guest; the snapshot, or why not.
+    Snapshot(SavePlan, oneshot::Sender<Result<Found, String>>),
 }
 
 /// Everything the supervisor owns.
