@@ -155,8 +155,9 @@ pub(super) struct QemuRunning {
 }
 
 impl QemuRunning {
-    /// Saves the snapshot of `plan` through the supervisor, bounded by the save timeout.
-    async fn save(&self, save: &Save) {
+    /// Saves the snapshot of `save` through the supervisor; waits at most `patience` (what
+    /// is left of the boot timeout) for it, the instance being ready either way.
+    async fn save(&self, save: &Save, patience: Duration) {
         let (reply, answer) = oneshot::channel();
         let revision = save.plan.revision;
         if self
@@ -166,7 +167,7 @@ impl QemuRunning {
         {
             return;
         }
-        let result = tokio::time::timeout(SAVE_TIMEOUT + Duration::from_secs(5), answer).await;
+        let result = tokio::time::timeout(patience.min(SAVE_TIMEOUT), answer).await;
         match result {
             Ok(Ok(Ok(found))) => {
                 let bytes = found.meta.bytes;
@@ -260,7 +261,8 @@ impl Running for QemuRunning {
                         // Before any client's connection is let in: the guest is quiet, once
                         // it has finished the line the probe matched.
                         self.console.line_end(LINE_END).await;
-                        self.save(save).await;
+                        self.save(save, timeout.saturating_sub(started.elapsed()))
+                            .await;
                     }
                     Ok(())
                 }
