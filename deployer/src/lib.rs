@@ -143,6 +143,7 @@ pub mod config;
 mod conntrack;
 pub mod console;
 mod deployer;
+mod errors;
 pub mod local_routes;
 pub mod metrics;
 pub mod pool;

@@ -32,6 +32,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use revboot_sandbox::uids::UidPool;
+
+use crate::errors::error_chain;
 use revboot_store::{Revision, Store};
 use tokio::sync::{Notify, Semaphore, broadcast, watch};
 use tracing::{info, warn};
@@ -473,21 +475,6 @@ impl Deployer {
 
     fn ms_since_epoch(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
-    }
-}
-
-/// The causes of `error`, joined with `: `.
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut parts = Vec::new();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        parts.push(cause.to_string());
-        source = cause.source();
-    }
-    if parts.is_empty() {
-        "no further detail".to_owned()
-    } else {
-        parts.join(": ")
     }
 }
 

@@ -497,7 +497,7 @@ impl QemuPrepared {
                     self.shape,
                 )
                 .await
-                .map_err(|error| format!("{error}: {}", crate::deployer::error_chain(&error)))?
+                .map_err(|error| format!("{error}: {}", crate::errors::error_chain(&error)))?
             }
         };
         let _ = self.tender.version.set(incoming.version().to_owned());
@@ -545,7 +545,7 @@ impl QemuPrepared {
                 version: Arc::clone(&self.tender.version),
             },
         )
-        .map_err(|error| format!("{error}: {}", crate::deployer::error_chain(&error)))
+        .map_err(|error| format!("{error}: {}", crate::errors::error_chain(&error)))
     }
 }
 

@@ -445,7 +445,7 @@ impl Pool {
             }
             Err(error) => {
                 let _ = std::fs::remove_dir_all(&scratch);
-                Err(format!("{error}: {}", crate::deployer::error_chain(&error)))
+                Err(format!("{error}: {}", crate::errors::error_chain(&error)))
             }
         }
     }
