@@ -87,6 +87,7 @@
 
 mod answer;
 mod cache;
+mod challenge;
 mod config;
 mod limit;
 mod metrics;
@@ -99,6 +100,7 @@ mod udp;
 mod wire;
 
 pub use answer::EDNS_UDP_SIZE;
+pub use challenge::{Challenges, PublishError};
 pub use config::{
     ConfigError, DEFAULT_MAX_TCP_CONNECTIONS, DEFAULT_MAX_TCP_PER_PREFIX, DEFAULT_NEGATIVE_TTL,
     DEFAULT_TTL, DEFAULT_ZONE, DnsConfig, Limits, Nameserver,
