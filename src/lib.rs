@@ -30,4 +30,6 @@ pub mod output;
 pub mod promote;
 pub mod remotes;
 pub mod run;
+pub mod tls;
 pub mod upkeep;
+mod wiring;

@@ -13,6 +13,7 @@ mod follow;
 mod front_door;
 mod gatekeeper;
 mod history;
+mod https;
 mod journey;
 mod lifecycle;
 mod notify;
