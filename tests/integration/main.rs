@@ -1,5 +1,6 @@
 //! End-to-end tests of the `revboot` binary: real daemon, stock git, dig and curl.
 
+mod acme;
 mod api;
 mod beyond_loopback;
 mod browser;

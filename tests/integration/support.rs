@@ -16,7 +16,7 @@ static POOLS: AtomicU8 = AtomicU8::new(0);
 static LAUNCHES: AtomicUsize = AtomicUsize::new(0);
 
 /// A /24 of service addresses no other daemon of this test run uses.
-fn fresh_pool() -> String {
+pub fn fresh_pool() -> String {
     format!(
         "127.{}.{}.0/24",
         90 + std::process::id() % 60,
