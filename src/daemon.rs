@@ -14,7 +14,9 @@
 //!    commit that has no deployment yet builds it (`crate::on_demand`).
 //! 5. One HTTP server carries git smart HTTP (the builder's router), the API with its live
 //!    feeds, `/metrics` and the dashboard at `/`; all of them need the token (the dashboard:
-//!    a session opened with it), reads included, unless `[http] public_reads` is on.
+//!    a session opened with it), reads included, unless `[http] public_reads` is on. With
+//!    `[tls]` it speaks HTTPS only ([`crate::tls`]), and the git hooks reach it on
+//!    `<data>/http.sock`; with `[acme]`, certificates come by DNS-01 through step 4's server.
 //! 6. SIGTERM or SIGINT: stop accepting HTTP and DNS, mark running builds interrupted, stop
 //!    instances (their logs go back to the store), then exit.
 //! 7. `revboot upgrade`: the daemon executes its binary again, handing its sockets and

@@ -180,6 +180,12 @@ fn https_carries_git_the_api_and_metrics_and_takes_a_new_certificate_without_a_r
     let said = String::from_utf8_lossy(&untrusted.stderr);
     assert!(said.contains("TLS") && said.contains("--ca"), "{said}");
 
+    // A service name no certificate authority would issue *.<service>.<zone> for.
+    let refused = daemon.cli_https(&ca.pem, &["service", "add", "ab--cd"]);
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("no certificate authority"), "{said}");
+
     // A new certificate in the files is served at the next handshake.
     let before = served_not_after(&daemon);
     assert!(before.contains("2090"), "{before}");
