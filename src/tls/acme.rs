@@ -6,7 +6,8 @@
 //!
 //! 1. The certificates wanted: the daemon's own name (`[tls] acme`), and, with
 //!    `[acme] services`, `*.<service>.<zone>` + `<service>.<zone>` for every service, so
-//!    every revision's name is covered. A service gone is forgotten.
+//!    every revision's name is covered. A service gone (deleted, renamed) is forgotten, its
+//!    certificate and key files removed.
 //! 2. A certificate not served yet is read from `<data>/tls/<id>.pem` and `<id>.key` if a
 //!    valid one is there (a restart issues nothing new).
 //! 3. One is due when none is served, when it does not cover the names wanted, or when less
@@ -148,7 +149,11 @@ async fn run(
         }
         wanted.dedup();
         for gone in known.iter().filter(|id| !wanted.contains(id)) {
+            // A service deleted or renamed: its certificate and key go with it.
             certificates.forget(gone);
+            let (cert, key) = paths(&settings.dir, gone);
+            let _ = std::fs::remove_file(key);
+            let _ = std::fs::remove_file(cert);
         }
         known = wanted.iter().cloned().collect();
         for id in &wanted {
