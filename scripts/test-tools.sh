@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite drives when it is missing: stock git, curl, dig, qemu,
 # iproute2, unbound (the resolver of the beyond-loopback tests), nsenter, openssl (a TLS
-# client and server for the front door's tests), a C compiler, Chromium with its WebDriver
+# client and server for the front door's tests), pebble (the ACME test server the
+# certificate tests get certificates from), a C compiler, Chromium with its WebDriver
 # for the dashboard's browser test, the shells and man that load the CLI's completions and
 # render its manual page, debootstrap (Debian package names) and cargo-deb; makes the clean
 # Debian root the package is tested in (in the cargo target directory, once); and fills the
@@ -19,6 +20,7 @@ command -v cc >/dev/null || need+=(gcc)
 command -v unbound >/dev/null || need+=(unbound)
 command -v nsenter >/dev/null || need+=(util-linux)
 command -v openssl >/dev/null || need+=(openssl)
+command -v pebble >/dev/null || need+=(pebble)
 command -v chromium >/dev/null || need+=(chromium)
 command -v chromedriver >/dev/null || need+=(chromium-driver)
 command -v zsh >/dev/null || need+=(zsh)

@@ -378,6 +378,35 @@ pub struct DaemonView {
     /// Instances the last upgrade handed over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_upgrade_instances: Option<usize>,
+    /// The TLS certificates it serves or asks for, and how each stands.
+    #[serde(default)]
+    pub certificates: Vec<CertView>,
+}
+
+/// How one certificate stands (`crate::tls`, rule 5).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertView {
+    /// Which certificate: `_daemon` (the daemon's own), or a service's name.
+    pub id: String,
+    /// Where it comes from: `files` or `acme`.
+    pub source: String,
+    /// The names it covers (asked for, until one is issued).
+    pub names: Vec<String>,
+    /// `valid` (served), `pending` (none yet), `failed` (none served, the last try failed).
+    pub state: String,
+    /// End of validity of the one served, Unix milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after_ms: Option<i64>,
+    /// Certificates issued (or loaded) since the daemon started.
+    pub issued: u64,
+    /// Failures in a row (0 after a success).
+    pub failures: u32,
+    /// The last failure, while it stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// When the next attempt is due after failures, Unix milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at_ms: Option<i64>,
 }
 
 /// A running (or recently ended) instance.

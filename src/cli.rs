@@ -44,6 +44,10 @@ pub struct Cli {
     /// The daemon's HTTP address, for commands that talk to it.
     #[arg(long, global = true, env = "REVBOOT_URL")]
     pub url: Option<String>,
+    /// A CA certificate file (PEM) to verify an `https://` daemon with, instead of the
+    /// system's roots (`revboot login --ca` saves it with the remote).
+    #[arg(long, global = true, env = "REVBOOT_CA")]
+    pub ca: Option<PathBuf>,
     /// A remote saved by `revboot login`, for commands that talk to a daemon.
     #[arg(long, global = true, env = "REVBOOT_REMOTE")]
     pub remote: Option<String>,
@@ -105,6 +109,9 @@ pub enum Command {
     /// Upgrade the daemon in place: it executes its binary file again (replace the file
     /// first to upgrade), keeping its instances and connections; waits until it serves.
     Upgrade,
+    /// TLS certificates: the daemon's (HTTPS) and the services' (ACME), with their expiry
+    /// and any failure to get or renew one.
+    Certs,
     /// Running instances.
     Ps,
     /// Stop an instance gracefully.
@@ -189,7 +196,8 @@ impl ServiceDiff {
 /// `revboot login`.
 #[derive(Debug, Args)]
 pub struct LoginArgs {
-    /// The daemon's HTTP address, e.g. `http://revboot.example:8080`.
+    /// The daemon's address, e.g. `https://revboot.example:8080` (with `--ca`, verified
+    /// with that CA file, which is saved with the remote).
     pub url: String,
     /// The remote's name (default: the URL's host and port).
     #[arg(long)]

@@ -22,14 +22,68 @@ pub struct Client {
     data: PathBuf,
     zone: String,
     agent: ureq::Agent,
+    tls: ureq::tls::TlsConfig,
+}
+
+/// How an `https://` daemon is verified: against the system's roots, or against the
+/// certificates of a `--ca` file (PEM) alone. A file that cannot be read or holds no
+/// certificate is an error, never a fallback to the system's roots.
+pub fn tls_config(ca: Option<&Path>) -> anyhow::Result<ureq::tls::TlsConfig> {
+    use anyhow::Context as _;
+    use ureq::tls::{Certificate, RootCerts, TlsConfig};
+    let roots = match ca {
+        None => RootCerts::PlatformVerifier,
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("Cannot read the CA file {}", path.display()))?;
+            let certs: Vec<Certificate<'static>> = ureq::tls::parse_pem(&pem)
+                .filter_map(|item| match item {
+                    Ok(ureq::tls::PemItem::Certificate(cert)) => Some(cert),
+                    _ => None,
+                })
+                .collect();
+            anyhow::ensure!(
+                !certs.is_empty(),
+                "The CA file {} holds no PEM certificate",
+                path.display()
+            );
+            RootCerts::new_with_certs(&certs)
+        }
+    };
+    Ok(TlsConfig::builder().root_certs(roots).build())
+}
+
+/// Whether `error` is TLS refusing the daemon (its certificate, its handshake).
+fn is_tls_failure(error: &ureq::Error) -> bool {
+    match error {
+        ureq::Error::Rustls(_) | ureq::Error::Tls(_) => true,
+        ureq::Error::Io(io) => io
+            .get_ref()
+            .is_some_and(|inner| inner.is::<rustls::Error>()),
+        _ => false,
+    }
 }
 
 impl Client {
-    /// A client for the daemon at `url` (e.g. `http://127.0.0.1:8080`).
+    /// A client for the daemon at `url` (e.g. `http://127.0.0.1:8080`); `https://` daemons
+    /// are verified against the system's roots.
     pub fn new(url: &str, token: Option<String>, data: &Path, zone: &str) -> Client {
+        let tls = tls_config(None).expect("the system roots need no file");
+        Client::with_tls(url, token, data, zone, tls)
+    }
+
+    /// A client whose `https://` daemon is verified with `tls` (see [`tls_config`]).
+    pub fn with_tls(
+        url: &str,
+        token: Option<String>,
+        data: &Path,
+        zone: &str,
+        tls: ureq::tls::TlsConfig,
+    ) -> Client {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(REQUEST_TIMEOUT))
+            .tls_config(tls.clone())
             .build()
             .new_agent();
         Client {
@@ -38,6 +92,7 @@ impl Client {
             data: data.to_owned(),
             zone: zone.to_owned(),
             agent,
+            tls,
         }
     }
 
@@ -106,6 +161,13 @@ impl Client {
             }
         }
         .map_err(|error| match error {
+            // A daemon that fails verification is not "down": never fall back to the data
+            // directory past a certificate that does not verify.
+            ref tls if is_tls_failure(tls) => {
+                RemoteError::Action(ActionError::Unavailable(format!(
+                    "TLS with {url} failed ({tls}): give its CA with --ca, or fix its certificate"
+                )))
+            }
             ureq::Error::Io(_) | ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => {
                 RemoteError::Unreachable(error.to_string())
             }
@@ -159,6 +221,7 @@ impl Client {
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(10)))
             .timeout_recv_response(Some(REQUEST_TIMEOUT))
+            .tls_config(self.tls.clone())
             .build()
             .new_agent();
         let mut request = agent.get(&url).header("accept", "text/event-stream");

@@ -25,8 +25,12 @@
 //!
 //! [front]                    # the shared front door; none by default
 //! http = "127.0.0.1:8000"    # routes by the HTTP Host header
-//! tls = "127.0.0.1:8443"     # routes by the TLS server name (the instance terminates TLS)
+//! tls = "127.0.0.1:8443"     # routes by the TLS server name; TLS ends at the instance, or
+//!                            # here for services with `tls = "terminate"` (needs [acme])
 //! ```
+//!
+//! `[tls]` (HTTPS) and `[acme]` (certificates by DNS-01) are described in
+//! [`crate::tls::config`].
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -60,6 +64,10 @@ pub struct Config {
     pub front: Front,
     /// The process sandbox of instances: scratch quota, uids, rlimits.
     pub sandbox: revboot_deployer::SandboxConfig,
+    /// HTTPS (`[tls]`, see [`crate::tls::config`]).
+    pub tls: crate::tls::config::Tls,
+    /// Certificates by ACME (`[acme]`, see [`crate::tls::config`]).
+    pub acme: crate::tls::config::Acme,
 }
 
 /// `[dns]`.
@@ -251,6 +259,8 @@ impl Default for Config {
             builds: Builds::default(),
             front: Front::default(),
             sandbox: revboot_deployer::SandboxConfig::default(),
+            tls: crate::tls::config::Tls::default(),
+            acme: crate::tls::config::Acme::default(),
         }
     }
 }
@@ -497,7 +507,13 @@ impl Config {
                 ),
             });
         }
-        self.validate_front()
+        self.validate_front()?;
+        crate::tls::config::validate(&self.tls, &self.acme, &self.zone).map_err(|invalid| {
+            ConfigError::Invalid {
+                key: invalid.key,
+                message: invalid.message,
+            }
+        })
     }
 
     /// `[front]`: one address, outside the pools, with usable bounds.

@@ -14,7 +14,9 @@
 //!    commit that has no deployment yet builds it (`crate::on_demand`).
 //! 5. One HTTP server carries git smart HTTP (the builder's router), the API with its live
 //!    feeds, `/metrics` and the dashboard at `/`; all of them need the token (the dashboard:
-//!    a session opened with it), reads included, unless `[http] public_reads` is on.
+//!    a session opened with it), reads included, unless `[http] public_reads` is on. With
+//!    `[tls]` it speaks HTTPS only ([`crate::tls`]), and the git hooks reach it on
+//!    `<data>/http.sock`; with `[acme]`, certificates come by DNS-01 through step 4's server.
 //! 6. SIGTERM or SIGINT: stop accepting HTTP and DNS, mark running builds interrupted, stop
 //!    instances (their logs go back to the store), then exit.
 //! 7. `revboot upgrade`: the daemon executes its binary again, handing its sockets and
@@ -25,7 +27,7 @@
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,20 +36,22 @@ use revboot_builder::{Builder, BuilderConfig};
 use revboot_deployer::{BackendPort, Deployer, DeployerConfig, InstanceKey, Instances};
 use revboot_dns::{DnsConfig, DnsServer};
 use revboot_proxy::{FrontConfig, Proxy, ProxyConfig};
-use revboot_sandbox::secret;
 use revboot_store::{Revision, Store};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::action::{
-    Action, ActionError, ConfigView, DaemonView, DeletedView, InstanceView, RenamedView, Reply,
-    SummonView, VarView,
+    Action, ActionError, ConfigView, DaemonView, DeletedView, RenamedView, Reply, SummonView,
+    VarView,
 };
 use crate::config::Config;
 use crate::engine::{Engine, Runtime, error_chain, resolve_error};
 use crate::handover::{Inherited, Sockets};
 use crate::metrics::DaemonMetrics;
 use crate::promote::Promotions;
+use crate::tls::Certificates;
+use crate::wiring::{TlsParts, build_view, first_address, instance_view, tenders};
+pub use crate::wiring::{deployer_name, token};
 
 /// How long a stop or kill through the API waits for the instance to end.
 const STOP_WAIT: Duration = Duration::from_secs(15);
@@ -69,6 +73,8 @@ pub struct DaemonInfo {
     pub zone: String,
     /// Where the front door listens (ports as bound), if it is open.
     pub front: revboot_proxy::FrontAddresses,
+    /// `https` when `[tls]` is on, else `http`.
+    pub scheme: &'static str,
 }
 
 impl std::fmt::Debug for DaemonInfo {
@@ -89,7 +95,10 @@ impl DaemonInfo {
     /// The git remote URL of a service, with the token as password. Secret: for git's
     /// command line, never for a log or a printed hint (see [`DaemonInfo::remote_hint`]).
     pub fn remote(&self, service: &str) -> String {
-        format!("http://git:{}@{}/git/{service}.git", self.token, self.http)
+        format!(
+            "{}://git:{}@{}/git/{service}.git",
+            self.scheme, self.token, self.http
+        )
     }
 
     /// The git remote URL of a service as a shell snippet that reads the token from its
@@ -99,7 +108,10 @@ impl DaemonInfo {
             Some(file) => format!("$(cat {})", file.display()),
             None => "<token>".to_owned(),
         };
-        format!("http://git:{password}@{}/git/{service}.git", self.http)
+        format!(
+            "{}://git:{password}@{}/git/{service}.git",
+            self.scheme, self.http
+        )
     }
 }
 
@@ -116,6 +128,10 @@ struct DaemonRuntime {
     view: DaemonView,
     /// Starts an upgrade in place (`None`: this daemon cannot, e.g. `revboot demo`).
     upgrade: Option<watch::Sender<bool>>,
+    /// The certificates served, and how each stands.
+    certificates: Arc<Certificates>,
+    /// Wakes the ACME task (a service added wants its certificate).
+    acme_wake: Arc<tokio::sync::Notify>,
 }
 
 impl DaemonRuntime {
@@ -168,6 +184,7 @@ impl Runtime for DaemonRuntime {
             .block_on(self.builder.add_service(name))
             .map_err(|error| ActionError::Invalid(error_chain(&error)))?;
         if info.created {
+            self.acme_wake.notify_one();
             Ok(())
         } else {
             Err(ActionError::Conflict(format!(
@@ -337,7 +354,8 @@ impl Runtime for DaemonRuntime {
     }
 
     fn daemon(&self, action: &Action) -> Result<Reply, ActionError> {
-        let view = self.view.clone();
+        let mut view = self.view.clone();
+        view.certificates = self.certificates.status();
         if let Action::Upgrade = action {
             let Some(upgrade) = &self.upgrade else {
                 return Err(ActionError::Conflict(
@@ -361,101 +379,6 @@ async fn wait_final(mut state: watch::Receiver<revboot_deployer::InstanceState>)
         Ok(Ok(word)) => word,
         _ => state.borrow().to_string(),
     }
-}
-
-/// The address a one-address client shows: the IPv4 one when there is one.
-fn first_address(addresses: &revboot_deployer::ServiceAddresses) -> String {
-    addresses
-        .iter()
-        .next()
-        .map(|address| address.to_string())
-        .unwrap_or_default()
-}
-
-fn build_view(record: &revboot_builder::BuildRecord) -> crate::action::BuildView {
-    crate::action::BuildView {
-        id: record.id,
-        service: record.service.clone(),
-        source_ref: record.source_ref.clone(),
-        source_commit: record.source_commit.clone(),
-        state: serde_json::to_value(record.state)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default(),
-        queued_at_ms: record.queued_at_ms,
-        started_at_ms: record.started_at_ms,
-        finished_at_ms: record.finished_at_ms,
-        revision: record.revision.clone(),
-        made_live: record.made_live,
-        message: record.message.clone(),
-    }
-}
-
-fn instance_view(info: &revboot_deployer::InstanceInfo) -> InstanceView {
-    InstanceView {
-        service: info.key.service.clone(),
-        revision: info.key.revision.to_hex(),
-        client: info.key.client.map(|c| c.to_string()),
-        address: first_address(&info.addresses),
-        addresses: info.addresses.iter().map(|a| a.to_string()).collect(),
-        state: info.state.to_string(),
-        uptime_ms: u64::try_from(info.uptime.as_millis()).unwrap_or(u64::MAX),
-        connections: info.connections,
-        steered: info.steered,
-        pid: info.pid,
-    }
-}
-
-/// The token from `[http] token`, or from `<data>/token`, generated there once; and the
-/// file it is kept in (none when the configuration gives it). The value is never logged.
-pub fn token(http: &crate::config::Http, data: &Path) -> anyhow::Result<(String, Option<PathBuf>)> {
-    if let Some(token) = &http.token {
-        return Ok((token.clone(), None));
-    }
-    let path = data.join("token");
-    match std::fs::read_to_string(&path) {
-        Ok(token) if !token.trim().is_empty() => return Ok((token.trim().to_owned(), Some(path))),
-        Ok(_) => {}
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-        Err(error) => return Err(error).with_context(|| format!("Cannot read {}", path.display())),
-    }
-    let token = secret::random_hex(16).context("Cannot read /dev/urandom for a token")?;
-    secret::write_private(&path, &token)
-        .with_context(|| format!("Cannot write {}", path.display()))?;
-    info!(file = %path.display(), "generated the token for pushes and the API");
-    Ok((token, Some(path)))
-}
-
-/// The deployer's cgroup name: stable for a data directory (a restarted daemon finds its own
-/// orphans) and distinct between daemons on one host (one never cleans up another's).
-pub fn deployer_name(data: &Path) -> String {
-    use sha2::Digest as _;
-    let digest = sha2::Sha256::digest(data.as_os_str().as_encoded_bytes());
-    let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
-    format!("d{hex}")
-}
-
-/// The tenders of the daemon's deployer: the process tender, and the qemu tender when
-/// `qemu-system-x86_64` is installed (without it, VM services fail to boot with a clear
-/// reason and process services are unaffected). A new backend is one more line here.
-fn tenders(config: &Config) -> Vec<revboot_deployer::tender::MakeTender> {
-    use revboot_deployer::tender::{process, qemu};
-    let mut tenders = vec![process::make()];
-    let qemu = qemu::QemuConfig {
-        accel: config.instances.qemu_accel,
-        restore: config.instances.qemu_restore,
-        pool: config.instances.qemu_pool,
-        ..qemu::QemuConfig::default()
-    };
-    let found = std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|dir| dir.join(&qemu.binary).is_file())
-    }) || qemu.binary.is_file();
-    if found {
-        tenders.push(qemu::make(qemu));
-    } else {
-        warn!(binary = %qemu.binary.display(), "qemu not found: services with `tender = \"qemu\"` cannot boot (install qemu-system-x86)");
-    }
-    tenders
 }
 
 /// A daemon that has started: every part is listening.
@@ -549,6 +472,8 @@ impl Daemon {
         )
         .context("Cannot start the deployer")?;
 
+        let certificates = Certificates::new();
+        let challenges = revboot_dns::Challenges::new();
         let proxy = if config.front.is_open() {
             let front = FrontConfig {
                 http: config.front.http,
@@ -557,6 +482,11 @@ impl Daemon {
                 head_timeout: Duration::from_millis(config.front.head_timeout_ms),
                 max_head: config.front.max_head_bytes,
                 max_pending: config.front.max_pending,
+                // `tls = "terminate"` services: the certificate for the name asked for.
+                terminate: Some(revboot_proxy::Terminate(crate::tls::server_config(
+                    certificates.clone(),
+                    &[b"http/1.1"],
+                ))),
             };
             // The error names the address (one the host does not own, or one in use).
             Proxy::with_front(ProxyConfig::default(), front, deployer.clone())?
@@ -585,13 +515,16 @@ impl Daemon {
         let listener = tokio::net::TcpListener::from_std(http_std)?;
         let http_addr = listener.local_addr()?;
 
+        let scheme = if config.tls.is_on() { "https" } else { "http" };
         let mut builder_config = BuilderConfig::new(
             &data,
             store.clone(),
             config.zone.clone(),
-            format!("http://{http_addr}"),
+            format!("{scheme}://{http_addr}"),
         );
         builder_config.push_tokens = vec![token.clone()];
+        // Over HTTPS, hooks reach the daemon on a private socket (crate::wiring::serve_local).
+        builder_config.hook_socket = config.tls.is_on().then(|| data.join("http.sock"));
         builder_config.deploy_tokens = config.http.deploy_tokens.clone();
         builder_config.anonymous_fetch = config.http.public_reads;
         builder_config.max_parallel = config.parallel_builds();
@@ -600,6 +533,7 @@ impl Daemon {
         builder_config.name = deployer_name(&data);
         builder_config.sandbox = config.builds.sandbox.clone();
         builder_config.gate = Some(Arc::new(promotions.clone()));
+        let builder_config_socket = builder_config.hook_socket.clone();
         let builder = Builder::start(builder_config)
             .await
             .context("Cannot start the builder")?;
@@ -643,6 +577,7 @@ impl Daemon {
                 .map(|a| a.ip())
                 .into_iter()
                 .collect(),
+            challenges: challenges.clone(),
             ..DnsConfig::default()
         };
         let dns = match dns_sockets {
@@ -656,6 +591,28 @@ impl Daemon {
         let dns = dns.spawn();
 
         let (upgrade_tx, upgrade_rx) = watch::channel(false);
+        let (stop_http, mut stopped) = watch::channel(false);
+        let acme_wake = Arc::new(tokio::sync::Notify::new());
+        let services = {
+            let (builder, store) = (builder.clone(), store.clone());
+            Box::new(move || {
+                let mut all = builder.services().unwrap_or_default();
+                all.extend(store.services().unwrap_or_default());
+                all.sort();
+                all.dedup();
+                all
+            })
+        };
+        let tls = TlsParts {
+            config: &config,
+            data: &data,
+            certificates: &certificates,
+            challenges: &challenges,
+            services,
+            wake: acme_wake.clone(),
+            stop: stop_http.subscribe(),
+        }
+        .start()?;
         let runtime = Arc::new(DaemonRuntime {
             store: store.clone(),
             zone: config.zone.clone(),
@@ -672,8 +629,11 @@ impl Daemon {
                 last_upgrade_ms: requested_at_ms
                     .map(|at| crate::handover::unix_ms().saturating_sub(at)),
                 last_upgrade_instances: requested_at_ms.map(|_| handed_count),
+                certificates: Vec::new(),
             },
             upgrade: upgradable.then_some(upgrade_tx),
+            certificates: certificates.clone(),
+            acme_wake,
         });
         let engine = Engine::with_runtime(store.clone(), &config.zone, runtime);
         let metrics = Arc::new(DaemonMetrics::new(
@@ -681,8 +641,8 @@ impl Daemon {
             proxy.clone(),
             deployer.clone(),
             builder.clone(),
+            certificates.clone(),
         ));
-        let (stop_http, mut stopped) = watch::channel(false);
         let feeds = crate::feeds::FeedState::new(
             Arc::new(crate::feeds::DaemonFeeds {
                 store: store.clone(),
@@ -711,13 +671,27 @@ impl Daemon {
         .merge(crate::feeds::router(feeds.clone()))
         .merge(dashboard.router())
         .merge(builder.router());
-        let http = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.wait_for(|stop| *stop).await;
+        if let Some(socket) = &builder_config_socket {
+            crate::wiring::serve_local(app.clone(), socket, stop_http.subscribe())?;
+        }
+        let stopping = async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        };
+        let http = match tls {
+            Some(tls) => {
+                let listener = crate::tls::HttpsListener::new(listener, tls)?;
+                tokio::spawn(async move {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(stopping)
+                        .await
                 })
-                .await
-        });
+            }
+            None => tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopping)
+                    .await
+            }),
+        };
         let info = DaemonInfo {
             http: http_addr,
             dns: dns.local_addr(),
@@ -726,6 +700,7 @@ impl Daemon {
             data,
             zone: config.zone.clone(),
             front: front_door,
+            scheme,
         };
         if let Some(at) = requested_at_ms {
             info!(

@@ -1,7 +1,8 @@
 //! The `revboot` binary's library: the CLI, the daemon wiring, the HTTP API, the live
 //! feeds ([`feeds`]: instances' consoles and build logs as they are written) and the
 //! dashboard ([`dashboard`]: server-rendered pages at `/`, templates in `templates/`, a
-//! little plain JavaScript in `static/`).
+//! little plain JavaScript in `static/`), and TLS ([`tls`]: HTTPS, certificates from files
+//! or by ACME through the daemon's own DNS, those the front door presents).
 //!
 //! Behaviour lives here, not in `main.rs`, so that everything the binary does can be tested
 //! without spawning it. The parts themselves live in their crates: `revboot-store`,
@@ -30,4 +31,6 @@ pub mod output;
 pub mod promote;
 pub mod remotes;
 pub mod run;
+pub mod tls;
 pub mod upkeep;
+mod wiring;

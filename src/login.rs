@@ -51,7 +51,16 @@ pub fn login(args: &LoginArgs, cli: &Cli, config: &Config) -> anyhow::Result<Out
             "The token is empty".into(),
         )));
     }
-    let client = Client::new(&url, Some(token.clone()), &config.data, &config.zone);
+    // An absolute path is saved, so that the remote works from any directory.
+    let ca = match &cli.ca {
+        Some(ca) => Some(
+            std::fs::canonicalize(ca)
+                .with_context(|| format!("Cannot read the CA file {}", ca.display()))?,
+        ),
+        None => None,
+    };
+    let tls = crate::client::tls_config(ca.as_deref())?;
+    let client = Client::with_tls(&url, Some(token.clone()), &config.data, &config.zone, tls);
     let daemon = match client.execute(Action::CheckToken) {
         Ok(Reply::Token(daemon)) => daemon,
         Ok(other) => {
@@ -67,6 +76,7 @@ pub fn login(args: &LoginArgs, cli: &Cli, config: &Config) -> anyhow::Result<Out
         Remote {
             url: url.clone(),
             token: Some(token),
+            ca,
         },
     );
     saved.default = Some(name.clone());

@@ -18,6 +18,7 @@ pub struct DaemonMetrics {
     builder: Builder,
     handle: tokio::runtime::Handle,
     boot_rate: Arc<crate::dashboard::BootRate>,
+    certificates: Arc<crate::tls::Certificates>,
 }
 
 impl std::fmt::Debug for DaemonMetrics {
@@ -33,12 +34,14 @@ impl DaemonMetrics {
         proxy: Arc<Proxy>,
         deployer: Arc<Deployer>,
         builder: Builder,
+        certificates: Arc<crate::tls::Certificates>,
     ) -> DaemonMetrics {
         DaemonMetrics {
             dns,
             proxy,
             deployer,
             builder,
+            certificates,
             handle: tokio::runtime::Handle::current(),
             boot_rate: Arc::default(),
         }
@@ -110,7 +113,49 @@ impl Metrics for DaemonMetrics {
         let lives = self.deployer.metrics();
         let instances = InstanceCounts::of(self.deployer.list().iter().map(|i| &i.state));
         let builds = BuildMetrics::of(&self.handle.block_on(self.builder.build_records(None)));
-        render(&dns, &proxy, &lives, &instances, &builds)
+        let mut out = render(&dns, &proxy, &lives, &instances, &builds);
+        write_certificates(&self.certificates.status(), &mut out);
+        out
+    }
+}
+
+/// The certificates (`crate::tls`): expiry of each one served, issuances, failures in a row.
+fn write_certificates(certificates: &[crate::action::CertView], out: &mut String) {
+    use std::fmt::Write as _;
+    let series = [
+        (
+            "revboot_certificate_expiry_timestamp_seconds",
+            "gauge",
+            "End of validity of the certificate served (Unix seconds).",
+        ),
+        (
+            "revboot_certificate_issued_total",
+            "counter",
+            "Certificates issued or loaded since the daemon started.",
+        ),
+        (
+            "revboot_certificate_failures",
+            "gauge",
+            "Failures in a row to get or renew the certificate (0 after a success).",
+        ),
+    ];
+    for (index, (name, kind, help)) in series.iter().enumerate() {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for cert in certificates {
+            let value = match index {
+                0 => match cert.not_after_ms {
+                    Some(ms) => ms / 1000,
+                    None => continue,
+                },
+                1 => i64::try_from(cert.issued).unwrap_or(i64::MAX),
+                _ => i64::from(cert.failures),
+            };
+            let _ = writeln!(
+                out,
+                "{name}{{certificate=\"{}\",source=\"{}\"}} {value}",
+                cert.id, cert.source
+            );
+        }
     }
 }
 
@@ -211,6 +256,7 @@ mod tests {
             &mut proxy.front_routed,
             &mut proxy.front_unknown,
             &mut proxy.front_bad,
+            &mut proxy.front_terminated,
         ]
         .into_iter()
         .enumerate()
@@ -297,6 +343,7 @@ revboot_proxy_connections_total{outcome="timeout"} 111
 revboot_proxy_connections_total{outcome="front_routed"} 116
 revboot_proxy_connections_total{outcome="front_unknown_name"} 117
 revboot_proxy_connections_total{outcome="front_bad_head"} 118
+revboot_proxy_connections_total{outcome="front_terminated"} 119
 # HELP revboot_proxy_connections Proxy connections now.
 # TYPE revboot_proxy_connections gauge
 revboot_proxy_connections{kind="held"} 103

@@ -355,9 +355,40 @@ pub fn render(reply: &Reply, format: Format) -> String {
                     daemon.last_upgrade_instances.unwrap_or(0)
                 );
             }
+            for cert in &daemon.certificates {
+                let _ = writeln!(out, "{}", certificate_line(cert));
+            }
         }
     }
     out
+}
+
+/// One certificate as `revboot certs` prints it: its id, state, names, expiry, and the
+/// failure that stands with the next attempt's time.
+fn certificate_line(cert: &crate::action::CertView) -> String {
+    let id = if cert.id == crate::tls::DAEMON {
+        "daemon"
+    } else {
+        &cert.id
+    };
+    let mut line = format!(
+        "certificate {id} ({}): {}, {}",
+        cert.source,
+        cert.state,
+        cert.names.join(" ")
+    );
+    if let Some(ms) = cert.not_after_ms {
+        let days = (ms / 1000 - crate::tls::now()) as f64 / 86_400.0;
+        line.push_str(&format!(", expires in {days:.1} days"));
+    }
+    if let Some(error) = &cert.error {
+        line.push_str(&format!("; {} failure(s): {error}", cert.failures));
+        if let Some(at) = cert.retry_at_ms {
+            let secs = (at / 1000 - crate::tls::now()).max(0);
+            line.push_str(&format!(" (next try in {secs} s)"));
+        }
+    }
+    line
 }
 
 /// One event of a live console feed, as `revboot logs -f` prints it: output as written,

@@ -7,8 +7,9 @@
 //!    ```toml
 //!    default = "revboot.example:8080"
 //!    [remotes."revboot.example:8080"]
-//!    url = "http://revboot.example:8080"
+//!    url = "https://revboot.example:8080"
 //!    token = "…"
+//!    ca = "/etc/revboot/ca.pem"   # optional: verify with this CA, not the system's roots
 //!    ```
 //!
 //! 2. It holds tokens, so it is written readable by its owner alone (mode 0600: a temporary
@@ -49,6 +50,10 @@ pub struct Remote {
     /// Its token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// The CA file (PEM) its `https://` certificate is verified with; none: the system's
+    /// roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -57,6 +62,7 @@ impl std::fmt::Debug for Remote {
         f.debug_struct("Remote")
             .field("url", &self.url)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("ca", &self.ca)
             .finish()
     }
 }
@@ -256,8 +262,9 @@ mod tests {
         config.remotes.insert(
             "prod".into(),
             Remote {
-                url: "http://127.0.0.1:8080".into(),
+                url: "https://127.0.0.1:8080".into(),
                 token: Some("s3cret".into()),
+                ca: Some("/etc/revboot/ca.pem".into()),
             },
         );
         config.default = Some("prod".into());

@@ -11,7 +11,7 @@ use crate::client::Client;
 use crate::config::{self, Config};
 use crate::outcome::Outcome;
 use crate::output::{Format, render};
-use crate::remotes::ClientConfig;
+use crate::remotes::{self, ClientConfig};
 
 /// Loads the configuration: the file named on the command line, else `revbootd.toml` in
 /// the current directory if present, else [`config::SYSTEM_FILE`] if present, else the
@@ -59,28 +59,37 @@ pub fn apply_serve_args(config: &mut Config, args: &ServeArgs) -> anyhow::Result
 pub fn client(cli: &Cli, config: &Config) -> anyhow::Result<Client> {
     let remotes = ClientConfig::load()?;
     let chosen = match (&cli.url, &cli.remote) {
-        (Some(url), _) => Some((
-            url.clone(),
-            remotes.remote_for(url).and_then(|r| r.token.clone()),
-        )),
-        (None, Some(name)) => {
-            let remote = remotes.remote(name)?;
-            Some((remote.url.clone(), remote.token.clone()))
-        }
+        (Some(url), _) => Some(
+            remotes
+                .remote_for(url)
+                .cloned()
+                .map(|remote| remotes::Remote {
+                    url: url.clone(),
+                    ..remote
+                })
+                .unwrap_or(remotes::Remote {
+                    url: url.clone(),
+                    token: None,
+                    ca: None,
+                }),
+        ),
+        (None, Some(name)) => Some(remotes.remote(name)?.clone()),
         // A configuration file named on the command line says which daemon.
         (None, None) if cli.config.is_some() => None,
         (None, None) => match &remotes.default {
-            Some(name) => {
-                let remote = remotes.remote(name)?;
-                Some((remote.url.clone(), remote.token.clone()))
-            }
+            Some(name) => Some(remotes.remote(name)?.clone()),
             None => None,
         },
     };
-    let (url, token) = match chosen {
-        Some((url, token)) => (url, token),
-        None => (format!("http://{}", config.http.listen), None),
+    let (url, token, ca) = match chosen {
+        Some(remote) => (remote.url, remote.token, remote.ca),
+        None => {
+            let scheme = if config.tls.is_on() { "https" } else { "http" };
+            (format!("{scheme}://{}", config.http.listen), None, None)
+        }
     };
+    // --ca (REVBOOT_CA) first, then the remote's.
+    let tls = crate::client::tls_config(cli.ca.as_deref().or(ca.as_deref()))?;
     let token = std::env::var("REVBOOT_TOKEN")
         .ok()
         .filter(|t| !t.is_empty())
@@ -91,7 +100,13 @@ pub fn client(cli: &Cli, config: &Config) -> anyhow::Result<Client> {
                 .ok()
                 .map(|t| t.trim().to_owned())
         });
-    Ok(Client::new(&url, token, &config.data, &config.zone))
+    Ok(Client::with_tls(
+        &url,
+        token,
+        &config.data,
+        &config.zone,
+        tls,
+    ))
 }
 
 /// The service a command names, or the one the current directory's git remotes name on
@@ -224,6 +239,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
             ));
         }
         Command::Ps => Action::ListInstances,
+        Command::Certs => Action::Daemon,
         Command::Builds { service } => Action::ListBuilds {
             service: service.clone(),
         },

@@ -23,6 +23,10 @@ pub struct BuilderConfig {
     /// The base URL under which [`crate::Builder::router`] is served (`http://127.0.0.1:7070`);
     /// baked into the hooks of the source and deployment repositories.
     pub base_url: String,
+    /// A Unix socket on which [`crate::Builder::router`] is served too; when set, the hooks
+    /// reach the daemon there rather than at `base_url` (an HTTPS address whose certificate
+    /// names the host's public name, which a hook on the host itself cannot verify).
+    pub hook_socket: Option<PathBuf>,
     /// Tokens accepted as the basic-auth password of a push.
     pub push_tokens: Vec<String>,
     /// Tokens accepted for the deployment repository only (`/git/-/deploy.git`: a CI's
@@ -78,6 +82,7 @@ impl BuilderConfig {
             store,
             zone: zone.into(),
             base_url: base_url.into(),
+            hook_socket: None,
             push_tokens: Vec::new(),
             deploy_tokens: Vec::new(),
             anonymous_fetch: false,

@@ -55,10 +55,7 @@ pub(crate) async fn prepare(store: &Store, target: &HookTarget) -> std::io::Resu
 
 /// A hook of the deployment repository (module docs, steps 2 and 3).
 fn hook_script(phase: &str, target: &HookTarget) -> String {
-    let url = format!(
-        "{}{HOOK_PATH}/{phase}",
-        target.base_url.trim_end_matches('/')
-    );
+    let (url, via) = target.reach(&format!("{HOOK_PATH}/{phase}"));
     let quote = |text: &str| format!("'{}'", text.replace('\'', r"'\''"));
     let refusal = if phase == "pre-receive" {
         "echo \"revboot: the push is refused and nothing changed\"\n  exit 1"
@@ -81,7 +78,7 @@ body=$(
     i=$((i + 1))
   done
 )
-if ! answer=$(printf '%s\n' "$body" | curl -sS --fail-with-body --connect-timeout 5 \
+if ! answer=$(printf '%s\n' "$body" | curl {via}-sS --fail-with-body --connect-timeout 5 \
   --max-time {max_time} -H "Authorization: Bearer $token" -H 'Content-Type: text/plain' \
   --data-binary @- "$url" 2>&1); then
   printf '%s\n' "$answer"

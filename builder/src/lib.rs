@@ -131,7 +131,7 @@ pub use git::GitError;
 pub use lifecycle::{ClosedServices, LifecycleError};
 pub use log::{DEFAULT_LOG_LIMIT, LogFollow, LogStep};
 pub use metrics::BuildMetrics;
-pub use name::{ServiceNameError, validate_service_name};
+pub use name::{MAX_SERVICE_NAME, ServiceNameError, validate_service_name};
 pub use queue::{BuildRecord, EnqueueError, QueueStateError};
 pub use repos::AddServiceError;
 pub use sandbox::SandboxConfig;
@@ -323,6 +323,7 @@ impl Builder {
                 // The hook waits a little longer than the daemon follows the build, so the
                 // daemon's own "stopped following" line reaches the pusher.
                 max_time_secs: config.push_wait_secs + 30,
+                socket: config.hook_socket.clone(),
             },
         );
         deploy::prepare(
@@ -331,6 +332,7 @@ impl Builder {
                 base_url: config.base_url.clone(),
                 token: hook_token.clone(),
                 max_time_secs: 300,
+                socket: config.hook_socket.clone(),
             },
         )
         .await
@@ -594,6 +596,7 @@ pub async fn create_source_repo(
             base_url: base_url.to_owned(),
             token,
             max_time_secs: BuilderConfig::DEFAULT_PUSH_WAIT_SECS + 30,
+            socket: None,
         },
     );
     let (source_repo, created) = repos.create(name).await?;

@@ -34,10 +34,22 @@ pub enum ServiceNameError {
         /// The rejected name.
         name: String,
     },
+    /// The name has `--` as its third and fourth characters: DNS keeps those labels for
+    /// encoded international names (RFC 5891 §4.2.3.1), and certificate authorities refuse
+    /// them, so `*.<service>.<zone>` could never have a certificate.
+    #[error(
+        "Service name `{name}` has `--` as its third and fourth characters, which DNS keeps for \
+         encoded international names: no certificate authority issues a certificate for it"
+    )]
+    Reserved {
+        /// The rejected name.
+        name: String,
+    },
 }
 
 /// Checks that `name` is a DNS-label-safe service name: 1 to 40 characters of lowercase
-/// `a-z`, `0-9` and `-`, not starting or ending with `-`.
+/// `a-z`, `0-9` and `-`, not starting or ending with `-`, without `--` as its third and
+/// fourth characters (so that a certificate authority can issue `*.<service>.<zone>`).
 pub fn validate_service_name(name: &str) -> Result<(), ServiceNameError> {
     if name.is_empty() {
         return Err(ServiceNameError::Empty);
@@ -62,6 +74,11 @@ pub fn validate_service_name(name: &str) -> Result<(), ServiceNameError> {
             name: name.to_owned(),
         });
     }
+    if name.get(2..4) == Some("--") {
+        return Err(ServiceNameError::Reserved {
+            name: name.to_owned(),
+        });
+    }
     Ok(())
 }
 
@@ -71,7 +88,14 @@ mod tests {
 
     #[test]
     fn accepts_dns_labels() {
-        for name in ["hello", "a", "my-service-2", "0day", &"x".repeat(40)] {
+        for name in [
+            "hello",
+            "a",
+            "my-service-2",
+            "0day",
+            "a--b",
+            &"x".repeat(40),
+        ] {
             assert_eq!(validate_service_name(name), Ok(()), "{name}");
         }
     }
@@ -106,5 +130,14 @@ mod tests {
             validate_service_name("x-"),
             Err(ServiceNameError::BadEdge { .. })
         ));
+        for name in ["xn--hello", "ab--cd", "zz--"] {
+            assert!(
+                matches!(
+                    validate_service_name(name),
+                    Err(ServiceNameError::Reserved { .. } | ServiceNameError::BadEdge { .. })
+                ),
+                "{name}"
+            );
+        }
     }
 }

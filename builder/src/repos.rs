@@ -55,6 +55,25 @@ pub(crate) struct HookTarget {
     pub(crate) token: String,
     /// How long the hook waits for the build's result.
     pub(crate) max_time_secs: u64,
+    /// A Unix socket the daemon serves the router on too: the hook talks to it instead of
+    /// `base_url` (which may be HTTPS with a certificate for a public name).
+    pub(crate) socket: Option<PathBuf>,
+}
+
+impl HookTarget {
+    /// The URL of `path` as the hook reaches it, and the curl options that go with it.
+    pub(crate) fn reach(&self, path: &str) -> (String, String) {
+        match &self.socket {
+            Some(socket) => (
+                format!("http://localhost{path}"),
+                format!("--unix-socket {} ", shell_quote(&socket.to_string_lossy())),
+            ),
+            None => (
+                format!("{}{path}", self.base_url.trim_end_matches('/')),
+                String::new(),
+            ),
+        }
+    }
 }
 
 /// The directory of source repositories.
@@ -294,7 +313,7 @@ fn write_hook(git_dir: &Path, service: &str, target: &HookTarget) -> std::io::Re
 }
 
 /// Quotes a string for a POSIX shell single-quoted context.
-fn shell_quote(text: &str) -> String {
+pub(crate) fn shell_quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', r"'\''"))
 }
 
@@ -313,10 +332,7 @@ fn shell_quote(text: &str) -> String {
 ///    the branch moves: the push is stored and the daemon builds it on its next start (it
 ///    compares branch heads with what it has built).
 pub(crate) fn hook_script(service: &str, target: &HookTarget) -> String {
-    let url = format!(
-        "{}/git/-/hook/{service}",
-        target.base_url.trim_end_matches('/')
-    );
+    let (url, via) = target.reach(&format!("/git/-/hook/{service}"));
     let max_time = target.max_time_secs;
     format!(
         r#"#!/bin/sh
@@ -361,7 +377,7 @@ if [ $options = yes ]; then
 fi
 if command -v curl >/dev/null 2>&1; then
   {{
-    curl -sS -N --connect-timeout 5 --max-time {max_time} \
+    curl {via}-sS -N --connect-timeout 5 --max-time {max_time} \
       -H "Authorization: Bearer $token" -H 'Content-Type: text/plain' \
       --data-binary @"$body" "$url"
     echo $? >"$verdicts.status"
@@ -437,6 +453,7 @@ mod tests {
             base_url: "http://127.0.0.1:9".into(),
             token: "t".into(),
             max_time_secs: 5,
+            socket: None,
         };
         write_hook(&server, "hello", &target).expect("hook");
         let work = dir.path().join("work");
@@ -474,6 +491,7 @@ mod tests {
                 base_url: "http://127.0.0.1:7070/".into(),
                 token: "it's".into(),
                 max_time_secs: 60,
+                socket: None,
             },
         );
         assert!(script.contains("url='http://127.0.0.1:7070/git/-/hook/hello'\n"));

@@ -162,7 +162,7 @@ pub use deployer::{
     CheckFailed, CheckPassed, ConsoleFollower, ControlError, Deployer, FollowEvent, FollowFilter,
     HandedInstance, Handover, InstanceInfo, NewError, Retirement,
 };
-pub use revboot_store::manifest::Reach;
+pub use revboot_store::manifest::{Reach, Tls as TlsMode};
 pub use summon::{
     Activity, InstanceKey, InstanceState, Instances, LaunchScope, ResolveError, Resolved,
     SummonError, Summoned,

@@ -113,6 +113,8 @@ pub struct Resolved {
     pub port: u16,
     /// How clients reach it: its own address, the front door, or both.
     pub reach: Reach,
+    /// Where TLS through the front door ends.
+    pub tls: revboot_store::manifest::Tls,
 }
 
 /// A summoned instance: where to reach it, and its state as it changes.

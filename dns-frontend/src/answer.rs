@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use hickory_proto::op::{Edns, Message, OpCode, Query as Question, ResponseCode};
 use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsOption};
-use hickory_proto::rr::rdata::{NS, SOA};
+use hickory_proto::rr::rdata::{NS, SOA, TXT};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use revboot_deployer::{Activity, Family, Instances, ResolveError, ServiceAddresses, SummonError};
@@ -57,6 +57,7 @@ pub(crate) struct Engine {
     /// The front door's addresses, for services reached there only.
     front: Option<ServiceAddresses>,
     instances: Arc<dyn Instances>,
+    challenges: crate::Challenges,
     boots: PrefixLimiter,
     metrics: Arc<Metrics>,
 }
@@ -129,6 +130,7 @@ impl Engine {
                 )
             }),
             instances,
+            challenges: config.challenges.clone(),
             boots: PrefixLimiter::new(
                 l.limiter_slots,
                 l.boots_per_second,
@@ -220,6 +222,10 @@ impl Engine {
             return plain(reply, Some(Scope::Shared));
         }
         let shape = name::classify(wire::labels(lowercase), &self.zone_labels);
+        if crate::challenge::is_challenge(lowercase) && !matches!(shape, Shape::Outside) {
+            // ACME DNS-01 (crate::challenge): never cached, so a new value is seen at once.
+            return plain(self.challenge(lowercase, qtype, generation), None);
+        }
         let (service, label) = match shape {
             Shape::Outside => return plain(rcode(ResponseCode::Refused), Some(Scope::Shared)),
             Shape::Apex => return plain(self.apex(qtype, generation), Some(Scope::Shared)),
@@ -418,6 +424,26 @@ impl Engine {
             return self.nodata(generation);
         }
         reply
+    }
+
+    /// The TXT records of an `_acme-challenge` name; NXDOMAIN when none is published.
+    fn challenge(&self, lowercase: &[u8], qtype: RecordType, generation: u64) -> Reply {
+        let Some(name) = name_of(lowercase) else {
+            return self.nxdomain(generation);
+        };
+        let values = self.challenges.values(&name.to_ascii());
+        if values.is_empty() {
+            return self.nxdomain(generation);
+        }
+        if !matches!(qtype, RecordType::TXT | RecordType::ANY) {
+            return self.nodata(generation);
+        }
+        self.positive(
+            values
+                .into_iter()
+                .map(|value| Record::from_rdata(name.clone(), 0, RData::TXT(TXT::new(vec![value]))))
+                .collect(),
+        )
     }
 
     fn positive(&self, answers: Vec<Record>) -> Reply {

@@ -50,6 +50,9 @@ pub struct DnsConfig {
     /// own addresses (the summon still boots the instance). Empty: no front door, every
     /// service is answered with its own addresses.
     pub front: Vec<IpAddr>,
+    /// ACME DNS-01 challenge values, answered as TXT records at `_acme-challenge.<name>`
+    /// (see [`Challenges`](crate::Challenges)); shared with whoever publishes them.
+    pub challenges: crate::Challenges,
     /// Protection limits.
     pub limits: Limits,
 }
@@ -68,6 +71,7 @@ impl Default for DnsConfig {
             trust_ecs: false,
             generation_poll: Duration::from_millis(1),
             front: Vec::new(),
+            challenges: crate::Challenges::new(),
             limits: Limits::default(),
         }
     }

@@ -17,6 +17,9 @@
 //! 5. Service names and labels are letters, digits, `-` and `_`; any other name in the zone
 //!    (other characters, three or more labels below the zone) does not exist. Rules 3–5 are
 //!    `revboot_store::name`, the grammar the proxy's front door reads host names with too.
+//! 6. `_acme-challenge.<name>` inside the zone — the ACME DNS-01 values published in
+//!    [`Challenges`] (`DnsConfig::challenges`) as TXT records, never cached; NXDOMAIN when
+//!    none is published. This is how revboot gets certificates for its own names.
 //!
 //! # Answers
 //!
@@ -87,6 +90,7 @@
 
 mod answer;
 mod cache;
+mod challenge;
 mod config;
 mod limit;
 mod metrics;
@@ -99,6 +103,7 @@ mod udp;
 mod wire;
 
 pub use answer::EDNS_UDP_SIZE;
+pub use challenge::{Challenges, PublishError};
 pub use config::{
     ConfigError, DEFAULT_MAX_TCP_CONNECTIONS, DEFAULT_MAX_TCP_PER_PREFIX, DEFAULT_NEGATIVE_TTL,
     DEFAULT_TTL, DEFAULT_ZONE, DnsConfig, Limits, Nameserver,

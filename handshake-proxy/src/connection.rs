@@ -224,7 +224,7 @@ impl Open {
         self.key = Some(key);
     }
 
-    fn report_opened(&mut self, key: &InstanceKey) {
+    pub(crate) fn report_opened(&mut self, key: &InstanceKey) {
         self.shared.inner.activity(key, Activity::ConnectionOpened);
         self.key = Some(key.clone());
         self.reported = true;
@@ -454,7 +454,7 @@ fn describe(state: &InstanceState) -> String {
 }
 
 /// Step 7: connects, retrying refusals (a backend that reports ready a moment early).
-async fn connect(
+pub(crate) async fn connect(
     backend: SocketAddr,
     timeout: Duration,
     cancel: &CancellationToken,

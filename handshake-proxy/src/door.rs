@@ -41,6 +41,9 @@ pub struct FrontConfig {
     pub max_head: usize,
     /// Connections still reading their head; more are reset.
     pub max_pending: usize,
+    /// The certificates presented to services that end TLS here (`tls = "terminate"`);
+    /// without them, such services are refused on the TLS listener.
+    pub terminate: Option<crate::Terminate>,
 }
 
 impl FrontConfig {
@@ -53,6 +56,7 @@ impl FrontConfig {
             head_timeout: DEFAULT_HEAD_TIMEOUT,
             max_head: DEFAULT_MAX_HEAD,
             max_pending: DEFAULT_MAX_PENDING,
+            terminate: None,
         }
     }
 }

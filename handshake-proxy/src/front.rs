@@ -11,7 +11,9 @@
 //!    listeners) or over `max_pending` connections still reading their head: reset.
 //! 3. Read the head within `head_timeout`, at most `max_head` bytes (the private `sniff`
 //!    module): an HTTP/1.x request's `Host`, or a TLS ClientHello's server name. The bytes
-//!    are kept, to be replayed untouched; TLS is never terminated here.
+//!    are kept, to be replayed untouched; TLS is terminated here only for a service whose
+//!    manifest says `tls = "terminate"` (the private `terminate` module), with the
+//!    certificates of [`FrontConfig::terminate`].
 //! 4. The name designates a revision as DNS reads it (`revboot_store::name`):
 //!    `<label>.<service>.<zone>`, or `<service>.<zone>` for the live revision.
 //! 5. Refuse, with an HTTP answer or a TLS alert, never a hang: a head too slow (408), too
@@ -31,7 +33,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use revboot_deployer::ResolveError;
+use revboot_deployer::{ResolveError, TlsMode};
 use revboot_store::name::{self, Shape};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -155,18 +157,34 @@ async fn route(
         Ok(Ok(Sniffed::Malformed(why))) => Err(Refusal::Malformed(why)),
     };
     let routed = name.and_then(|name| {
-        let (service, label) = target(&shared, front, &name)?;
+        let (service, label, tls) = target(&shared, front, &name)?;
+        let terminate = match (protocol, tls) {
+            (Protocol::Tls, TlsMode::Terminate) => match &front.config.terminate {
+                Some(terminate) => Some(terminate.clone()),
+                None => {
+                    return Err(Refusal::Unknown(format!(
+                        "`{service}` ends TLS at the front door, which has no certificates"
+                    )));
+                }
+            },
+            _ => None,
+        };
         let summoned = connection::summon(&shared, &service, &label, None)
             .map_err(|error| Refusal::Unavailable(error.to_string()))?;
-        Ok((name, summoned))
+        Ok((name, summoned, terminate))
     });
-    let (name, summoned) = match routed {
+    let (name, summoned, terminate) = match routed {
         Ok(routed) => routed,
         Err(refusal) => return refuse(&shared, stream, peer, protocol, refusal).await,
     };
     bump(&shared.metrics.front_routed);
     debug!(%peer, name, key = %summoned.key, "front door routed");
     open.set_key(summoned.key.clone());
+    if let Some(terminate) = terminate {
+        let timeout = front.config.head_timeout;
+        return crate::terminate::serve(open, stream, peer, summoned, head, terminate, timeout)
+            .await;
+    }
     let failure = match protocol {
         Protocol::Http => http_unavailable as fn(&str) -> Vec<u8>,
         Protocol::Tls => |_: &str| alert(INTERNAL_ERROR),
@@ -179,7 +197,7 @@ fn target(
     shared: &Shared,
     front: &Front,
     name: &str,
-) -> Result<(String, revboot_store::Revision), Refusal> {
+) -> Result<(String, revboot_store::Revision, TlsMode), Refusal> {
     let mut scratch = String::new();
     let (service, label) = match name::classify_host(name, &front.zone, &mut scratch) {
         Shape::Live { service } => (service, None),
@@ -211,7 +229,7 @@ fn target(
              manifest's reach is \"address\")"
         )));
     }
-    Ok((service.to_owned(), resolved.revision))
+    Ok((service.to_owned(), resolved.revision, resolved.tls))
 }
 
 /// Step 5: answers and closes.

@@ -44,7 +44,9 @@
 //! within a head timeout and a size cap — finds the revision that name designates
 //! (`<label>.<service>.<zone>`, the grammar of `revboot_store::name` that DNS uses too),
 //! and then holds, replays and splices exactly as above, the head being the early bytes.
-//! TLS is passed through untouched: the instance terminates it. Unknown names get an HTTP
+//! TLS is passed through untouched (the instance terminates it), unless the service's
+//! manifest says `tls = "terminate"`: then the front door ends TLS with the certificate
+//! the daemon's resolver picks for the server name ([`Terminate`]) and relays plain TCP. Unknown names get an HTTP
 //! 404 or a TLS `unrecognized_name` alert. A service is served there only when its
 //! manifest says `reach = "front"` or `"both"`; per-client services never are. The
 //! protocol is stated in [`front`].
@@ -181,6 +183,7 @@ mod pump;
 mod shared;
 mod sniff;
 mod splice;
+mod terminate;
 
 pub use config::{
     ConfigError, DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_EARLY_BYTES,
@@ -193,3 +196,4 @@ pub use metrics::ProxyMetrics;
 pub use proxy::Proxy;
 pub use revboot_deployer::Instances;
 pub use shared::ListenError;
+pub use terminate::Terminate;

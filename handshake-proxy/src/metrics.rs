@@ -42,8 +42,11 @@ pub struct ProxyMetrics {
     pub front_routed: u64,
     /// Front-door connections whose name designates no revision served there (total).
     pub front_unknown: u64,
-    /// Front-door connections whose head was too slow, too large or malformed (total).
+    /// Front-door connections whose head was too slow, too large or malformed, or whose
+    /// TLS handshake at the front door failed (total).
     pub front_bad: u64,
+    /// Front-door TLS connections that ended TLS there (`tls = "terminate"`, total).
+    pub front_terminated: u64,
 }
 
 /// The live counters.
@@ -67,6 +70,7 @@ pub(crate) struct Metrics {
     pub(crate) front_routed: AtomicU64,
     pub(crate) front_unknown: AtomicU64,
     pub(crate) front_bad: AtomicU64,
+    pub(crate) front_terminated: AtomicU64,
 }
 
 /// Adds one to a counter.
@@ -96,6 +100,7 @@ impl Metrics {
             front_routed: get(&self.front_routed),
             front_unknown: get(&self.front_unknown),
             front_bad: get(&self.front_bad),
+            front_terminated: get(&self.front_terminated),
         }
     }
 }
@@ -124,6 +129,7 @@ impl ProxyMetrics {
             ("front_routed", self.front_routed),
             ("front_unknown_name", self.front_unknown),
             ("front_bad_head", self.front_bad),
+            ("front_terminated", self.front_terminated),
         ] {
             let _ = writeln!(
                 out,

@@ -104,7 +104,21 @@ fn documented_replies() -> Vec<(&'static str, [serde_json::Value; 2])> {
             serving_since_ms: 1_700_000_000_000,
             last_upgrade_ms: set.then_some(350),
             last_upgrade_instances: set.then_some(3),
+            certificates: vec![crate::action::CertView {
+                id: "hello".to_owned(),
+                source: "acme".to_owned(),
+                names: vec!["*.hello.revboot.test".to_owned()],
+                state: "valid".to_owned(),
+                not_after_ms: set.then_some(1_700_000_000_000),
+                issued: 1,
+                failures: 0,
+                error: set.then(|| "ACME: connection refused".to_owned()),
+                retry_at_ms: set.then_some(1_700_000_000_000),
+            }],
         }
+    }
+    fn certificate(set: bool) -> crate::action::CertView {
+        daemon(set).certificates.remove(0)
     }
     fn build_log(_: bool) -> BuildLogView {
         BuildLogView {
@@ -225,6 +239,7 @@ fn documented_replies() -> Vec<(&'static str, [serde_json::Value; 2])> {
         ("Config", pair(config)),
         ("Var", pair(var)),
         ("Daemon", pair(daemon)),
+        ("Certificate", pair(certificate)),
         ("Build", pair(build)),
         ("ConsoleEvent", pair(console_event)),
         ("BuildLogEvent", pair(build_log_event)),

@@ -21,6 +21,7 @@
 //! per_client = false
 //! families = ["ipv4", "ipv6"] # address families to serve on; default: every family the host has a pool for
 //! reach = "address"         # "front" (the shared front door) | "both"
+//! tls = "passthrough"       # "terminate": the front door ends TLS with the service's certificate
 //! upstreams = ["127.0.0.1:9000"]
 //! proc = false              # true: a read-only /proc of its own processes
 //! min_instances = 0         # 1: the live revision stays booted (a warm service)
@@ -128,6 +129,25 @@ pub enum Reach {
     Both,
 }
 
+/// Where TLS ends for connections through the front door's TLS listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Tls {
+    /// At the instance: the front door reads the server name and passes the bytes on
+    /// untouched. The default.
+    #[default]
+    Passthrough,
+    /// At the front door: it presents the service's certificate (`*.<service>.<zone>`, from
+    /// the daemon's ACME), selected by server name, and hands plain TCP to the instance.
+    Terminate,
+}
+
+impl Tls {
+    fn is_default(&self) -> bool {
+        *self == Tls::default()
+    }
+}
+
 impl Reach {
     /// True when the front door routes names of this service.
     pub fn front_door(self) -> bool {
@@ -222,6 +242,10 @@ pub struct Run {
     /// How clients reach the service: its own addresses, the front door, or both.
     #[serde(default)]
     pub reach: Reach,
+    /// Where TLS through the front door ends: `passthrough` (the instance) or `terminate`
+    /// (the front door, which then relays plain TCP).
+    #[serde(default, skip_serializing_if = "Tls::is_default")]
+    pub tls: Tls,
     /// Backends the instance may connect to (everything else is forbidden).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub upstreams: Vec<SocketAddr>,
@@ -333,6 +357,7 @@ impl Default for Run {
             per_client: false,
             families: Vec::new(),
             reach: Reach::default(),
+            tls: Tls::default(),
             upstreams: Vec::new(),
             deploy: true,
             proc: false,
@@ -533,6 +558,13 @@ impl Manifest {
                 "run.reach",
                 "a per-client service is reached at addresses of its own only: the front \
                  door is shared by every client (use reach = \"address\")"
+                    .into(),
+            ));
+        }
+        if self.run.tls == Tls::Terminate && !self.run.reach.front_door() {
+            return Err(invalid(
+                "run.tls",
+                "TLS ends at the front door only: \"terminate\" needs reach = \"front\" or \"both\""
                     .into(),
             ));
         }
@@ -750,6 +782,22 @@ ready = { probe = "http", path = "/" }
                 .all(|choice| message.contains(choice)),
             "{message}"
         );
+    }
+
+    #[test]
+    fn tls_ends_at_the_front_door_only_for_services_reached_there() {
+        let terminate = format!("{HELLO}reach = \"front\"\ntls = \"terminate\"\n");
+        let manifest = Manifest::from_toml(&terminate).expect("valid");
+        assert_eq!(manifest.run.tls, Tls::Terminate);
+        assert_eq!(
+            Manifest::from_toml(HELLO).expect("valid").run.tls,
+            Tls::Passthrough
+        );
+        let own = format!("{HELLO}tls = \"terminate\"\n");
+        let message = Manifest::from_toml(&own)
+            .expect_err("no front door")
+            .to_string();
+        assert!(message.contains("run.tls"), "{message}");
     }
 
     #[test]

@@ -568,6 +568,7 @@ impl Instances for Fake {
             per_client: s.per_client,
             port: s.port,
             reach: s.reach,
+            tls: revboot_deployer::TlsMode::default(),
         })
     }
 

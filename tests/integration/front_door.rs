@@ -1,11 +1,10 @@
 //! The front door of a real `revboot serve`: stock git pushes, dig asks, curl connects by
 //! host name to one shared address, and the named revision boots.
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use crate::support::{
-    Daemon, PATIENCE, Setup, commit_revision, git, hello_source, history, push, run,
+    Daemon, Setup, commit_revision, git, hello_source, history, push, run, serve_refused,
 };
 
 const ZONE: &str = "revboot.test";
@@ -76,36 +75,7 @@ fn a_front_door_address_the_host_does_not_own_is_an_error_at_start_that_names_it
     let config = temp.path().join("revbootd.toml");
     // A documentation address no interface of this host has; binding it sends nothing.
     std::fs::write(&config, "[front]\nhttp = \"192.0.2.1:8000\"\n").expect("write config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_revboot"))
-        .arg("--config")
-        .arg(&config)
-        .args([
-            "--data",
-            &temp.path().join("data").to_string_lossy(),
-            "serve",
-        ])
-        .args(["--http", "127.0.0.1:0", "--dns", "127.0.0.1:0"])
-        .args(["--pool", "127.89.250.0/24", "--token", "t"])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start revboot serve");
-    let deadline = Instant::now() + PATIENCE;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("revboot serve did not exit with an unusable front door address");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().expect("piped"), &mut stderr)
-        .expect("read stderr");
+    let (status, stderr) = serve_refused(&config, &temp.path().join("data"), "127.89.250.0/24");
     assert!(!status.success(), "{stderr}");
     assert!(stderr.contains("192.0.2.1:8000"), "{stderr}");
     assert!(stderr.contains("not an address of this host"), "{stderr}");

@@ -1,5 +1,6 @@
 //! End-to-end tests of the `revboot` binary: real daemon, stock git, dig and curl.
 
+mod acme;
 mod api;
 mod beyond_loopback;
 mod browser;
@@ -13,6 +14,7 @@ mod follow;
 mod front_door;
 mod gatekeeper;
 mod history;
+mod https;
 mod journey;
 mod lifecycle;
 mod notify;

@@ -16,7 +16,7 @@ static POOLS: AtomicU8 = AtomicU8::new(0);
 static LAUNCHES: AtomicUsize = AtomicUsize::new(0);
 
 /// A /24 of service addresses no other daemon of this test run uses.
-fn fresh_pool() -> String {
+pub fn fresh_pool() -> String {
     format!(
         "127.{}.{}.0/24",
         90 + std::process::id() % 60,
@@ -236,7 +236,12 @@ impl Daemon {
 
     /// Runs the CLI against this daemon.
     pub fn cli(&self, args: &[&str]) -> Output {
-        self.cli_command(args)
+        self.cli_at(&format!("http://{}", self.http), &[], args)
+    }
+
+    /// Runs the CLI against this daemon at `url`, with more global options first.
+    pub fn cli_at(&self, url: &str, options: &[&std::ffi::OsStr], args: &[&str]) -> Output {
+        self.cli_command(url, options, args)
             .stdin(Stdio::null())
             .output()
             .expect("run revboot")
@@ -246,7 +251,7 @@ impl Daemon {
     pub fn cli_with_input(&self, args: &[&str], input: &[u8]) -> Output {
         use std::io::Write as _;
         let mut child = self
-            .cli_command(args)
+            .cli_command(&format!("http://{}", self.http), &[], args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -261,10 +266,11 @@ impl Daemon {
         child.wait_with_output().expect("wait for revboot")
     }
 
-    fn cli_command(&self, args: &[&str]) -> Command {
+    fn cli_command(&self, url: &str, options: &[&std::ffi::OsStr], args: &[&str]) -> Command {
         let mut command = self.command(env!("CARGO_BIN_EXE_revboot"));
         command
-            .args(["--url", &format!("http://{}", self.http)])
+            .args(["--url", url])
+            .args(options)
             .args(["--data", &self.data.to_string_lossy()])
             .args(args)
             .env("REVBOOT_TOKEN", &self.token)
@@ -441,6 +447,38 @@ fn in_netns(netns: Option<&Path>, program: &str) -> Command {
         || Command::new(program),
         |netns| revboot_testkit::netns::enter(netns, program),
     )
+}
+
+/// Starts `revboot serve` with the configuration file `config` and waits (bounded) for it
+/// to exit, as it must at a start it refuses; its exit status and stderr.
+pub fn serve_refused(config: &Path, data: &Path, pool: &str) -> (std::process::ExitStatus, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_revboot"))
+        .arg("--config")
+        .arg(config)
+        .args(["--data", &data.to_string_lossy(), "serve"])
+        .args(["--http", "127.0.0.1:0", "--dns", "127.0.0.1:0"])
+        .args(["--pool", pool, "--token", "t"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start revboot serve");
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("revboot serve did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("piped"), &mut stderr)
+        .expect("read stderr");
+    (status, stderr)
 }
 
 /// Waits (bounded) until `check` holds.

@@ -520,6 +520,7 @@ impl Instances for Deployer {
             per_client: info.manifest.run.per_client,
             port: info.manifest.run.port,
             reach: info.manifest.run.reach,
+            tls: info.manifest.run.tls,
         })
     }
 

@@ -71,3 +71,41 @@ async fn dig_gets_authoritative_answers_and_negative_answers_over_udp_and_tcp() 
     assert!(out[3].contains("status: REFUSED"), "{}", out[3]);
     server.shutdown().await.expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acme_challenges_are_txt_records_as_soon_as_published_and_gone_when_withdrawn() {
+    let fake = fake(16, Boot::Instant);
+    let config = config();
+    let challenges = config.challenges.clone();
+    let server = start(config, fake).await;
+    let port = server.local_addr().port();
+    let name = "_acme-challenge.hello.revboot.test";
+    let ask = move |args: &'static [&'static str]| {
+        tokio::task::spawn_blocking(move || {
+            let mut full = vec![name];
+            full.extend_from_slice(args);
+            dig(port, &full)
+        })
+    };
+    let before = ask(&["TXT"]).await.expect("dig task");
+    assert!(before.contains("status: NXDOMAIN"), "{before}");
+    // A wildcard and its base name: two values at one name, both answered.
+    challenges.publish(name, "first-value").expect("publish");
+    challenges.publish(name, "second-value").expect("publish");
+    let udp = ask(&["TXT"]).await.expect("dig task");
+    let tcp = ask(&["+tcp", "TXT"]).await.expect("dig task");
+    for answer in [&udp, &tcp] {
+        assert!(answer.contains("status: NOERROR"), "{answer}");
+        assert!(answer.contains(" aa"), "{answer}");
+        assert!(answer.contains("\"first-value\""), "{answer}");
+        assert!(answer.contains("\"second-value\""), "{answer}");
+    }
+    let other_type = ask(&["A"]).await.expect("dig task");
+    assert!(other_type.contains("status: NOERROR"), "{other_type}");
+    assert!(other_type.contains("ANSWER: 0"), "{other_type}");
+    challenges.withdraw(name, "first-value");
+    challenges.withdraw(name, "second-value");
+    let after = ask(&["TXT"]).await.expect("dig task");
+    assert!(after.contains("status: NXDOMAIN"), "{after}");
+    server.shutdown().await.expect("clean shutdown");
+}

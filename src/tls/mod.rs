@@ -1,0 +1,535 @@
+//! TLS for the daemon: HTTPS on its HTTP listener, and the certificates the front door
+//! presents for services that end TLS there.
+//!
+//! 1. A certificate is a PEM chain (leaf first) and its key. Before it is served it is
+//!    checked ([`load`]): it parses, the key is the leaf's, and now is inside its validity.
+//!    A file that fails is reported ([`CertError`], in the log and the status) and never
+//!    served; a certificate already served stays until a good one replaces it.
+//! 2. Every certificate served lives in one [`Certificates`]: the rustls resolver of both
+//!    the HTTPS listener and the front door. A connection's server name picks the
+//!    certificate that covers it (exactly, or by a `*.` wildcard one label deep); a
+//!    connection without a server name (an address typed as the URL) gets the daemon's.
+//!    Replacing an entry takes effect at the next handshake: no restart.
+//! 3. Certificates from files ([`config::Tls`]) are looked at every `reload_ms`: a change of
+//!    either file reloads them (rule 1), and one that expires while served is withdrawn.
+//! 4. Certificates from ACME ([`acme`]) are written to `<data>/tls/` (keys mode 0600; never
+//!    in the deployment repository, never logged) and installed as they are issued.
+//! 5. [`Certificates::status`] is what `revboot certs`, `GET /api/v1/certificates` and the
+//!    metrics show: per certificate, its names, source, expiry, the last error and the next
+//!    attempt after failures.
+//! 6. The HTTPS listener ([`HttpsListener`]) does handshakes off the accept loop, at most
+//!    [`MAX_HANDSHAKES`] at once, each within [`HANDSHAKE_TIMEOUT`].
+
+pub mod acme;
+pub mod config;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_rustls::server::TlsStream;
+use tracing::{debug, info, warn};
+
+pub use crate::action::CertView;
+
+/// Handshakes of the HTTPS listener in progress at once; more wait in the kernel's queue.
+pub const MAX_HANDSHAKES: usize = 256;
+/// How long one handshake may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The key under which the daemon's own certificate is kept in [`Certificates`] (no service
+/// name has `_`).
+pub const DAEMON: &str = "_daemon";
+
+/// Why a certificate is not served.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CertError {
+    /// A file could not be read.
+    #[error("Cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No certificate in the PEM text.
+    #[error("No PEM certificate found")]
+    NoCertificate,
+    /// No usable private key in the PEM text.
+    #[error("No usable PEM private key found ({0})")]
+    NoKey(String),
+    /// A certificate does not parse.
+    #[error("The certificate does not parse: {0}")]
+    Malformed(String),
+    /// The key is not the certificate's.
+    #[error("The private key is not the key of the certificate")]
+    KeyMismatch,
+    /// The certificate's validity is over.
+    #[error("The certificate expired at {not_after} (Unix seconds)")]
+    Expired {
+        /// Its end of validity.
+        not_after: i64,
+    },
+    /// The certificate's validity has not begun.
+    #[error("The certificate is not valid before {not_before} (Unix seconds)")]
+    NotYetValid {
+        /// Its start of validity.
+        not_before: i64,
+    },
+}
+
+/// A checked certificate, ready to serve.
+#[derive(Debug, Clone)]
+pub struct Certified {
+    /// What rustls serves.
+    pub key: Arc<CertifiedKey>,
+    /// The DNS names it covers (subject alternative names).
+    pub names: Vec<String>,
+    /// Start of validity, Unix seconds.
+    pub not_before: i64,
+    /// End of validity, Unix seconds.
+    pub not_after: i64,
+}
+
+impl Certified {
+    /// Whether it covers `name` (exactly or by a one-label wildcard).
+    pub fn covers(&self, name: &str) -> bool {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        self.names.iter().any(|pattern| matches(pattern, &name))
+    }
+
+    /// Seconds of validity left at `now`.
+    pub fn remaining(&self, now: i64) -> i64 {
+        self.not_after - now
+    }
+}
+
+/// `pattern` (a certificate name, maybe `*.x`) covers `name` (lowercase).
+fn matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_prefix("*.") {
+        Some(parent) => name
+            .split_once('.')
+            .is_some_and(|(first, rest)| !first.is_empty() && rest == parent),
+        None => pattern == name,
+    }
+}
+
+/// Now, in Unix seconds.
+pub fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Checks and loads a chain and key given as PEM text (rule 1).
+pub fn load(chain_pem: &[u8], key_pem: &[u8]) -> Result<Certified, CertError> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|error| CertError::Malformed(error.to_string()))?;
+    let leaf = chain.first().ok_or(CertError::NoCertificate)?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|error| CertError::Malformed(error.to_string()))?;
+    let not_before = parsed.validity().not_before.timestamp();
+    let not_after = parsed.validity().not_after.timestamp();
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = parsed.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(dns) = name {
+                names.push(dns.to_ascii_lowercase());
+            }
+        }
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|error| CertError::NoKey(error.to_string()))?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|error| CertError::NoKey(error.to_string()))?;
+    let certified = CertifiedKey::new(chain, signing);
+    certified.keys_match().map_err(|_| CertError::KeyMismatch)?;
+    let now = now();
+    if now >= not_after {
+        return Err(CertError::Expired { not_after });
+    }
+    if now < not_before {
+        return Err(CertError::NotYetValid { not_before });
+    }
+    Ok(Certified {
+        key: Arc::new(certified),
+        names,
+        not_before,
+        not_after,
+    })
+}
+
+/// Reads and checks a chain and key from files.
+pub fn load_files(cert: &Path, key: &Path) -> Result<Certified, CertError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| CertError::Read {
+            path: path.to_owned(),
+            source,
+        })
+    };
+    load(&read(cert)?, &read(key)?)
+}
+
+/// The certificates served, and how each stands (rules 2 and 5).
+#[derive(Debug, Default)]
+pub struct Certificates {
+    // std locks: held for a map lookup or update, never across an await; the handshake path
+    // only reads.
+    served: RwLock<BTreeMap<String, Arc<Certified>>>,
+    status: RwLock<BTreeMap<String, CertView>>,
+}
+
+impl Certificates {
+    /// None yet.
+    pub fn new() -> Arc<Certificates> {
+        Arc::new(Certificates::default())
+    }
+
+    /// Serves `certified` as `id` (replacing what was served under it).
+    pub fn install(&self, id: &str, certified: Certified) {
+        let not_after_ms = certified.not_after.saturating_mul(1000);
+        let names = certified.names.clone();
+        self.served
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_owned(), Arc::new(certified));
+        self.update(id, |view| {
+            view.names = names;
+            view.state = "valid".into();
+            view.not_after_ms = Some(not_after_ms);
+            view.issued += 1;
+            view.failures = 0;
+            view.error = None;
+            view.retry_at_ms = None;
+        });
+    }
+
+    /// Stops serving `id`.
+    pub fn withdraw(&self, id: &str) {
+        self.served
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        self.update(id, |view| {
+            view.state = "failed".into();
+            view.not_after_ms = None;
+        });
+    }
+
+    /// The certificate served as `id`.
+    pub fn served(&self, id: &str) -> Option<Arc<Certified>> {
+        self.served
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Changes the status of `id` (made when absent).
+    pub fn update(&self, id: &str, change: impl FnOnce(&mut CertView)) {
+        let mut status = self.status.write().unwrap_or_else(|p| p.into_inner());
+        let view = status.entry(id.to_owned()).or_insert_with(|| CertView {
+            id: id.to_owned(),
+            state: "pending".into(),
+            ..CertView::default()
+        });
+        change(view);
+    }
+
+    /// Forgets `id` altogether (a service deleted).
+    pub fn forget(&self, id: &str) {
+        self.served
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        self.status
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
+    /// Every certificate's status, by id.
+    pub fn status(&self) -> Vec<CertView> {
+        self.status
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The certificate for a server name (rule 2).
+    fn pick(&self, server_name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let served = self.served.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(name) = server_name {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            // An exact name first, then a wildcard.
+            let exact = served.values().find(|c| c.names.contains(&name));
+            if let Some(found) = exact.or_else(|| served.values().find(|c| c.covers(&name))) {
+                return Some(found.key.clone());
+            }
+        }
+        served.get(DAEMON).map(|c| c.key.clone())
+    }
+}
+
+impl ResolvesServerCert for Certificates {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let picked = self.pick(hello.server_name());
+        if picked.is_none() {
+            debug!(server_name = ?hello.server_name(), "no certificate for this name");
+        }
+        picked
+    }
+}
+
+/// The rustls server configuration over `certificates`, speaking `alpn` (e.g. `http/1.1`).
+pub fn server_config(certificates: Arc<Certificates>, alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
+    // ring, not aws-lc-rs: it builds with cc alone, which CI has, where aws-lc needs its own
+    // C build; rustls marks it deprecated for lacking post-quantum key exchange (X25519MLKEM768).
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_no_client_auth()
+        .with_cert_resolver(certificates);
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+/// The HTTPS listener: TCP accepted, handshakes done by bounded tasks, finished streams
+/// handed to the HTTP server (rule 6). An `axum::serve` listener.
+#[derive(Debug)]
+pub struct HttpsListener {
+    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+impl HttpsListener {
+    /// Serves TLS with `config` on `listener`.
+    pub fn new(
+        listener: tokio::net::TcpListener,
+        config: Arc<rustls::ServerConfig>,
+    ) -> std::io::Result<HttpsListener> {
+        let local = listener.local_addr()?;
+        let (send, ready) = mpsc::channel(MAX_HANDSHAKES);
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+        let accepting = tokio::spawn(async move {
+            loop {
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    return;
+                };
+                let (stream, peer) = match listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        warn!(%error, "HTTPS accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                let acceptor = acceptor.clone();
+                let send = send.clone();
+                tokio::spawn(async move {
+                    let _ = stream.set_nodelay(true);
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            drop(permit);
+                            let _ = send.send((tls, peer)).await;
+                        }
+                        Ok(Err(error)) => debug!(%error, %peer, "TLS handshake failed"),
+                        Err(_) => debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        Ok(HttpsListener {
+            ready,
+            local,
+            accepting,
+        })
+    }
+}
+
+impl Drop for HttpsListener {
+    fn drop(&mut self) {
+        self.accepting.abort();
+    }
+}
+
+impl axum::serve::Listener for HttpsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(accepted) => accepted,
+            // The accept loop ended (it never does while the listener lives).
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+/// A file's identity for change detection: modification time and length.
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+/// Loads the daemon's certificate from files and serves it (rule 3); then watches them
+/// until `stop` turns true. An error at start is returned (the daemon does not start with
+/// a certificate it cannot serve).
+pub fn watch_files(
+    certificates: Arc<Certificates>,
+    cert: PathBuf,
+    key: PathBuf,
+    every: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), CertError> {
+    certificates.update(DAEMON, |view| view.source = "files".into());
+    let certified = load_files(&cert, &key)?;
+    info!(names = ?certified.names, not_after = certified.not_after, "HTTPS certificate loaded");
+    certificates.install(DAEMON, certified);
+    let mut seen = (stamp(&cert), stamp(&key));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|stop| *stop) => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            let now_seen = (stamp(&cert), stamp(&key));
+            if now_seen != seen {
+                seen = now_seen;
+                match load_files(&cert, &key) {
+                    Ok(certified) => {
+                        info!(names = ?certified.names, not_after = certified.not_after, "HTTPS certificate reloaded");
+                        certificates.install(DAEMON, certified);
+                    }
+                    Err(error) => {
+                        let why = crate::engine::error_chain(&error);
+                        warn!(error = why, file = %cert.display(), "new HTTPS certificate refused; the one served stays");
+                        certificates.update(DAEMON, |view| {
+                            view.failures += 1;
+                            view.error = Some(why);
+                        });
+                    }
+                }
+            }
+            let expired = certificates
+                .served(DAEMON)
+                .is_some_and(|served| served.remaining(now()) <= 0);
+            if expired {
+                warn!(file = %cert.display(), "the HTTPS certificate expired: no longer served");
+                certificates.withdraw(DAEMON);
+                certificates.update(DAEMON, |view| {
+                    view.error = Some("The certificate expired".into());
+                });
+            }
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed certificate for `names`, valid from one year's start to another's.
+    fn self_signed(names: &[&str], years: (i32, i32)) -> (String, String) {
+        let mut params = rcgen::CertificateParams::new(
+            names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>(),
+        )
+        .expect("names");
+        params.not_before = rcgen::date_time_ymd(years.0, 1, 1);
+        params.not_after = rcgen::date_time_ymd(years.1, 1, 1);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("sign");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    const VALID: (i32, i32) = (2000, 2090);
+
+    #[test]
+    fn a_good_certificate_loads_and_bad_ones_are_named() {
+        let (cert, key) = self_signed(&["*.hello.revboot.test", "hello.revboot.test"], VALID);
+        let loaded = load(cert.as_bytes(), key.as_bytes()).expect("loads");
+        assert!(loaded.covers("abc1234.hello.revboot.test"));
+        assert!(loaded.covers("hello.revboot.test."));
+        assert!(!loaded.covers("a.b.hello.revboot.test"));
+        assert!(!loaded.covers("other.revboot.test"));
+
+        let (expired, expired_key) = self_signed(&["x.revboot.test"], (2000, 2001));
+        assert!(matches!(
+            load(expired.as_bytes(), expired_key.as_bytes()),
+            Err(CertError::Expired { .. })
+        ));
+        let (_, other_key) = self_signed(&["x.revboot.test"], VALID);
+        assert!(matches!(
+            load(cert.as_bytes(), other_key.as_bytes()),
+            Err(CertError::KeyMismatch)
+        ));
+        // A byte changed inside the base64 body.
+        let mut tampered = cert.clone().into_bytes();
+        let at = tampered.len() / 2;
+        tampered[at] = if tampered[at] == b'A' { b'B' } else { b'A' };
+        assert!(load(&tampered, key.as_bytes()).is_err());
+        assert!(matches!(
+            load(b"", key.as_bytes()),
+            Err(CertError::NoCertificate)
+        ));
+    }
+
+    #[test]
+    fn the_server_name_picks_the_certificate_and_no_name_gets_the_daemons() {
+        let certificates = Certificates::new();
+        let (daemon, daemon_key) = self_signed(&["revboot.test"], VALID);
+        let (hello, hello_key) =
+            self_signed(&["*.hello.revboot.test", "hello.revboot.test"], VALID);
+        let daemon = load(daemon.as_bytes(), daemon_key.as_bytes()).expect("loads");
+        let hello = load(hello.as_bytes(), hello_key.as_bytes()).expect("loads");
+        let hello_key = hello.key.clone();
+        let daemon_key = daemon.key.clone();
+        certificates.install(DAEMON, daemon);
+        certificates.install("hello", hello);
+        let same = |a: Option<Arc<CertifiedKey>>, b: &Arc<CertifiedKey>| {
+            a.is_some_and(|a| Arc::ptr_eq(&a, b))
+        };
+        assert!(same(
+            certificates.pick(Some("abc1234.hello.revboot.test")),
+            &hello_key
+        ));
+        assert!(same(
+            certificates.pick(Some("HELLO.revboot.test")),
+            &hello_key
+        ));
+        assert!(same(certificates.pick(None), &daemon_key));
+        assert!(same(
+            certificates.pick(Some("unknown.example")),
+            &daemon_key
+        ));
+        let status = certificates.status();
+        assert_eq!(status.len(), 2);
+        assert!(
+            status
+                .iter()
+                .all(|view| view.state == "valid" && view.issued == 1)
+        );
+    }
+}

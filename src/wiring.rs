@@ -1,0 +1,202 @@
+//! Pieces of `revboot serve` that stand apart from the start sequence of `revboot serve` (the daemon module):
+//! the token, the deployer's name, the tenders, and TLS (HTTPS and ACME).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use revboot_sandbox::secret;
+use tokio::sync::{Notify, watch};
+use tracing::{info, warn};
+
+use crate::action::InstanceView;
+use crate::config::Config;
+use crate::tls::{self, Certificates};
+
+/// The token from `[http] token`, or from `<data>/token`, generated there once; and the
+/// file it is kept in (none when the configuration gives it). The value is never logged.
+pub fn token(http: &crate::config::Http, data: &Path) -> anyhow::Result<(String, Option<PathBuf>)> {
+    if let Some(token) = &http.token {
+        return Ok((token.clone(), None));
+    }
+    let path = data.join("token");
+    match std::fs::read_to_string(&path) {
+        Ok(token) if !token.trim().is_empty() => return Ok((token.trim().to_owned(), Some(path))),
+        Ok(_) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error).with_context(|| format!("Cannot read {}", path.display())),
+    }
+    let token = secret::random_hex(16).context("Cannot read /dev/urandom for a token")?;
+    secret::write_private(&path, &token)
+        .with_context(|| format!("Cannot write {}", path.display()))?;
+    info!(file = %path.display(), "generated the token for pushes and the API");
+    Ok((token, Some(path)))
+}
+
+/// The deployer's cgroup name: stable for a data directory (a restarted daemon finds its own
+/// orphans) and distinct between daemons on one host (one never cleans up another's).
+pub fn deployer_name(data: &Path) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(data.as_os_str().as_encoded_bytes());
+    let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+    format!("d{hex}")
+}
+
+/// The tenders of the daemon's deployer: the process tender, and the qemu tender when
+/// `qemu-system-x86_64` is installed (without it, VM services fail to boot with a clear
+/// reason and process services are unaffected). A new backend is one more line here.
+pub(crate) fn tenders(config: &Config) -> Vec<revboot_deployer::tender::MakeTender> {
+    use revboot_deployer::tender::{process, qemu};
+    let mut tenders = vec![process::make()];
+    let qemu = qemu::QemuConfig {
+        accel: config.instances.qemu_accel,
+        restore: config.instances.qemu_restore,
+        pool: config.instances.qemu_pool,
+        ..qemu::QemuConfig::default()
+    };
+    let found = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| dir.join(&qemu.binary).is_file())
+    }) || qemu.binary.is_file();
+    if found {
+        tenders.push(qemu::make(qemu));
+    } else {
+        warn!(binary = %qemu.binary.display(), "qemu not found: services with `tender = \"qemu\"` cannot boot (install qemu-system-x86)");
+    }
+    tenders
+}
+
+/// The address a one-address client shows: the IPv4 one when there is one.
+pub(crate) fn first_address(addresses: &revboot_deployer::ServiceAddresses) -> String {
+    addresses
+        .iter()
+        .next()
+        .map(|address| address.to_string())
+        .unwrap_or_default()
+}
+
+pub(crate) fn build_view(record: &revboot_builder::BuildRecord) -> crate::action::BuildView {
+    crate::action::BuildView {
+        id: record.id,
+        service: record.service.clone(),
+        source_ref: record.source_ref.clone(),
+        source_commit: record.source_commit.clone(),
+        state: serde_json::to_value(record.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default(),
+        queued_at_ms: record.queued_at_ms,
+        started_at_ms: record.started_at_ms,
+        finished_at_ms: record.finished_at_ms,
+        revision: record.revision.clone(),
+        made_live: record.made_live,
+        message: record.message.clone(),
+    }
+}
+
+pub(crate) fn instance_view(info: &revboot_deployer::InstanceInfo) -> InstanceView {
+    InstanceView {
+        service: info.key.service.clone(),
+        revision: info.key.revision.to_hex(),
+        client: info.key.client.map(|c| c.to_string()),
+        address: first_address(&info.addresses),
+        addresses: info.addresses.iter().map(|a| a.to_string()).collect(),
+        state: info.state.to_string(),
+        uptime_ms: u64::try_from(info.uptime.as_millis()).unwrap_or(u64::MAX),
+        connections: info.connections,
+        steered: info.steered,
+        pid: info.pid,
+    }
+}
+
+/// HTTPS and ACME, as configured: the daemon's certificate loaded (from files: an error
+/// here stops the start, naming the file) and watched, the ACME task started. Returns the
+/// rustls configuration of the HTTPS listener when `[tls]` is on.
+pub(crate) struct TlsParts<'a> {
+    pub config: &'a Config,
+    pub data: &'a Path,
+    pub certificates: &'a Arc<Certificates>,
+    pub challenges: &'a revboot_dns::Challenges,
+    pub services: Box<dyn Fn() -> Vec<String> + Send + Sync>,
+    pub wake: Arc<Notify>,
+    pub stop: watch::Receiver<bool>,
+}
+
+impl TlsParts<'_> {
+    pub(crate) fn start(self) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+        let config = self.config;
+        if let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) {
+            tls::watch_files(
+                self.certificates.clone(),
+                cert.clone(),
+                key.clone(),
+                Duration::from_millis(config.tls.reload_ms),
+                self.stop.clone(),
+            )
+            .with_context(|| {
+                format!(
+                    "Cannot serve HTTPS with {} and {}",
+                    cert.display(),
+                    key.display()
+                )
+            })?;
+        }
+        if config.acme.is_on() {
+            let settings = tls::acme::Settings {
+                acme: config.acme.clone(),
+                zone: config.zone.clone(),
+                daemon: config.tls.acme,
+                dir: self.data.join("tls"),
+                services: self.services,
+            };
+            info!(
+                directory = config.acme.directory,
+                "certificates by ACME (DNS-01)"
+            );
+            drop(tls::acme::spawn(
+                settings,
+                self.certificates.clone(),
+                self.challenges.clone(),
+                self.wake,
+                self.stop,
+            ));
+        }
+        Ok(config
+            .tls
+            .is_on()
+            .then(|| tls::server_config(self.certificates.clone(), &[b"http/1.1"])))
+    }
+}
+
+/// Serves `app` on the Unix socket at `path` too (mode 0600, replacing a stale one), until
+/// `stop` turns true: the git hooks' way to the daemon when its HTTP is HTTPS, whose
+/// certificate names the host's public name rather than an address the hook could verify.
+pub(crate) fn serve_local(
+    app: axum::Router,
+    path: &Path,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => {
+            return Err(error).with_context(|| format!("Cannot remove {}", path.display()));
+        }
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("Cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("Cannot make {} private", path.display()))?;
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            })
+            .await;
+        if let Err(error) = served {
+            warn!(%error, "the hooks' socket stopped");
+        }
+    });
+    Ok(())
+}
