@@ -660,6 +660,7 @@ impl Daemon {
             feeds.clone(),
             &token,
             config.http.public_reads,
+            config.tls.is_on(),
             Some(metrics.clone()),
         );
         let app = crate::api::router(

@@ -49,6 +49,8 @@ pub struct Dashboard {
     sessions: Arc<session::Sessions>,
     token: Arc<str>,
     public_reads: bool,
+    /// The daemon speaks HTTPS: the session cookie is `Secure`.
+    https: bool,
     figures: Option<Arc<dyn FigureSource>>,
 }
 
@@ -67,6 +69,7 @@ impl Dashboard {
         feeds: FeedState,
         token: &str,
         public_reads: bool,
+        https: bool,
         figures: Option<Arc<dyn FigureSource>>,
     ) -> Dashboard {
         Dashboard {
@@ -75,6 +78,7 @@ impl Dashboard {
             sessions: Arc::default(),
             token: Arc::from(token),
             public_reads,
+            https,
             figures,
         }
     }
@@ -230,7 +234,8 @@ async fn login(State(dashboard): State<Dashboard>, Form(form): Form<LoginForm>) 
             let mut response = Redirect::to(&next).into_response();
             response.headers_mut().insert(
                 header::SET_COOKIE,
-                HeaderValue::from_str(&session::set_cookie(&id)).expect("hex is a header value"),
+                HeaderValue::from_str(&session::set_cookie(&id, dashboard.https))
+                    .expect("hex is a header value"),
             );
             response
         }
@@ -254,7 +259,7 @@ async fn logout(
     let mut response = Redirect::to("/login").into_response();
     response.headers_mut().insert(
         header::SET_COOKIE,
-        HeaderValue::from_str(&session::clear_cookie()).expect("a header value"),
+        HeaderValue::from_str(&session::clear_cookie(dashboard.https)).expect("a header value"),
     );
     response
 }

@@ -2,7 +2,8 @@
 //!
 //! 1. `POST /login` with the token (compared in constant time, as the API compares it)
 //!    opens a session: a random id in the `revboot_session` cookie (`HttpOnly`,
-//!    `SameSite=Strict`, `Path=/`), and a random CSRF token kept with it on the daemon.
+//!    `SameSite=Strict`, `Path=/`, and `Secure` when the daemon speaks HTTPS), and a random
+//!    CSRF token kept with it on the daemon.
 //! 2. Every page form that changes anything carries the session's CSRF token in a hidden
 //!    `csrf` field; a write is done only with a live session cookie *and* that session's
 //!    token, and only when a browser's `Origin` header, if sent, names this very host.
@@ -126,17 +127,22 @@ impl Sessions {
     }
 }
 
-/// The `Set-Cookie` value of a new session.
-pub fn set_cookie(id: &str) -> String {
+/// The `Set-Cookie` value of a new session; `Secure` when the daemon speaks HTTPS, so the
+/// browser never sends it in clear text.
+pub fn set_cookie(id: &str, https: bool) -> String {
     format!(
-        "{COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
-        SESSION_TTL.as_secs()
+        "{COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{}",
+        SESSION_TTL.as_secs(),
+        if https { "; Secure" } else { "" }
     )
 }
 
 /// The `Set-Cookie` value that removes the session cookie.
-pub fn clear_cookie() -> String {
-    format!("{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0")
+pub fn clear_cookie(https: bool) -> String {
+    format!(
+        "{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0{}",
+        if https { "; Secure" } else { "" }
+    )
 }
 
 /// The value of cookie `name`, if the request carries it.
