@@ -177,6 +177,7 @@ mod connection;
 mod door;
 pub mod front;
 mod handover;
+mod idle;
 mod metrics;
 mod proxy;
 mod pump;

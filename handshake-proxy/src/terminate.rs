@@ -7,9 +7,9 @@
 //! 2. Then as for any connection: reported open, held (bounded as the proxy's own
 //!    connections are) until the instance serves or its boot timeout passes, the backend
 //!    connected.
-//! 3. Plain bytes both ways between the decrypted stream and the instance
-//!    (`copy_bidirectional`: no splice(2) through TLS, and no idle timeout), until both
-//!    sides end, the proxy's total timeout passes, or the proxy shuts down.
+//! 3. Plain bytes both ways between the decrypted stream and the instance (copied: no
+//!    splice(2) through TLS), until both sides end, neither moved a byte for the proxy's idle
+//!    timeout ([`crate::idle`]), its total timeout passes, or the proxy shuts down.
 
 use std::io;
 use std::net::SocketAddr;
@@ -169,7 +169,8 @@ pub(crate) async fn serve(
     };
     let _ = backend.set_nodelay(true);
     bump(&metrics.spliced);
-    let copying = tokio::io::copy_bidirectional(&mut client, &mut backend);
+    let copying =
+        crate::idle::copy_until_idle(&mut client, &mut backend, shared.config.idle_timeout);
     let limited = async {
         match shared.config.total_timeout {
             Some(limit) => tokio::time::timeout(limit, copying).await,
@@ -189,6 +190,10 @@ pub(crate) async fn serve(
             metrics
                 .bytes_to_clients
                 .fetch_add(to_client, Ordering::Relaxed);
+        }
+        Ok(Err(error)) if error.kind() == io::ErrorKind::TimedOut => {
+            bump(&metrics.timeouts);
+            debug!(%error, %peer, key = %summoned.key, "terminated connection idle");
         }
         Ok(Err(error)) => {
             debug!(%error, %peer, key = %summoned.key, "terminated connection failed")

@@ -255,6 +255,27 @@ async fn invalid_recipe_fails_with_key_and_line() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_to_a_name_no_certificate_can_cover_is_refused_and_changes_nothing() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let daemon = daemon(&tmp.path().join("data"), |_| {}).await;
+    let recipe = "[build]\nshell = \"mkdir -p out && cp exit0 out/a\"\nartifacts = [\"out/a\"]\n";
+    let work = recipe_fixture(tmp.path(), "dashes", recipe).await;
+    // `--` in the third and fourth characters: DNS keeps such labels for encodings, and no
+    // CA issues `*.ab--cd.<zone>`.
+    let (ok, stderr) = push(&work, &daemon.url("ab--cd"), &[]).await;
+    assert!(!ok, "the push went through:\n{stderr}");
+    assert!(daemon.builder.services().expect("services").is_empty());
+    assert!(
+        daemon
+            .store
+            .history("ab--cd")
+            .unwrap_or_default()
+            .is_empty()
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_without_credentials_is_rejected_and_changes_nothing() {
     let tmp = tempfile::tempdir().expect("tmp");
     let daemon = daemon(&tmp.path().join("data"), |_| {}).await;
