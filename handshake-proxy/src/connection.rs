@@ -75,6 +75,24 @@ pub(crate) fn summon(
     }
 }
 
+/// `summoned` as it stands, or summoned anew when its instance has ended (or not started)
+/// since the summon that routed the connection: the connection is served by a live one.
+pub(crate) fn renewed(
+    shared: &Arc<Shared>,
+    summoned: Summoned,
+    client: Option<IpAddr>,
+) -> Result<Summoned, SummonError> {
+    let ended = {
+        let state = summoned.state.borrow();
+        state.is_final() || *state == InstanceState::Cold
+    };
+    if !ended {
+        return Ok(summoned);
+    }
+    let key = &summoned.key;
+    summon(shared, &key.service, &key.revision, client)
+}
+
 /// Step 1: makes sure a listener exists on each of `summoned`'s service addresses, and
 /// starts their accept loops once the summoner has answered.
 pub(crate) fn listen(shared: &Arc<Shared>, summoned: &Summoned) -> Result<(), ListenError> {
@@ -275,27 +293,21 @@ pub(crate) async fn serve(
     let shared = &shared;
     let metrics = &shared.metrics;
     let _ = client.set_nodelay(true);
-    let needs_summon = {
-        let state = summoned.state.borrow();
-        state.is_final() || *state == InstanceState::Cold
-    };
-    if needs_summon {
-        let key = &summoned.key;
-        let source = key.client.map(|_| peer.ip().to_canonical());
-        match summon(shared, &key.service, &key.revision, source) {
-            Ok(again) => summoned = again,
-            Err(error) => {
-                // The deployer logs lasting refusals (caps, back-off), not every one of them.
-                if error.is_lasting() {
-                    debug!(%error, %peer, key = %summoned.key, "summon failed; connection closed");
-                } else {
-                    warn!(%error, %peer, key = %summoned.key, "summon failed; connection closed");
-                }
-                bump(&metrics.boot_failures);
-                return fail(&mut client, on_failure, &error.to_string()).await;
+    let key = summoned.key.clone();
+    let source = key.client.map(|_| peer.ip().to_canonical());
+    summoned = match renewed(shared, summoned, source) {
+        Ok(summoned) => summoned,
+        Err(error) => {
+            // The deployer logs lasting refusals (caps, back-off), not every one of them.
+            if error.is_lasting() {
+                debug!(%error, %peer, %key, "summon failed; connection closed");
+            } else {
+                warn!(%error, %peer, %key, "summon failed; connection closed");
             }
+            bump(&metrics.boot_failures);
+            return fail(&mut client, on_failure, &error.to_string()).await;
         }
-    }
+    };
     // After the summon, so the deployer counts the connection on the instance that serves it.
     open.report_opened(&summoned.key);
     let mut client_done = false;

@@ -117,21 +117,15 @@ pub(crate) async fn serve(
         }
     };
     bump(&metrics.front_terminated);
-    let needs_summon = {
-        let state = summoned.state.borrow();
-        state.is_final() || *state == revboot_deployer::InstanceState::Cold
-    };
-    if needs_summon {
-        let key = summoned.key.clone();
-        match connection::summon(&shared, &key.service, &key.revision, None) {
-            Ok(again) => summoned = again,
-            Err(error) => {
-                bump(&metrics.boot_failures);
-                debug!(%error, %peer, %key, "summon failed; connection closed");
-                return;
-            }
+    let key = summoned.key.clone();
+    summoned = match connection::renewed(&shared, summoned, None) {
+        Ok(summoned) => summoned,
+        Err(error) => {
+            bump(&metrics.boot_failures);
+            debug!(%error, %peer, %key, "summon failed; connection closed");
+            return;
         }
-    }
+    };
     open.report_opened(&summoned.key);
     if !summoned.state.borrow().is_serving() {
         let Some(_held) = shared.try_hold(&summoned.key) else {

@@ -536,8 +536,7 @@ pub(super) async fn revision(
         names.push(format!("{service}.{zone}"));
     }
     let manifest = show.manifest.clone().unwrap_or_default();
-    let port = manifest_port(&manifest);
-    let per_client = manifest_per_client(&manifest);
+    let (port, per_client) = manifest_run(&manifest);
     let mut page = PageCtx::new(
         format!("{service} {}", show.deployment.short),
         reader.as_ref(),
@@ -586,19 +585,18 @@ pub(super) async fn revision(
 }
 
 /// The port a manifest's `[run]` names (8080 when it names none or cannot be read).
-fn manifest_port(manifest: &str) -> u16 {
-    toml::from_str::<toml::Table>(manifest)
-        .ok()
-        .and_then(|t| t.get("run")?.get("port")?.as_integer())
+/// The manifest's `[run] port` (8080 when unset) and `per_client`, from one parse.
+fn manifest_run(manifest: &str) -> (u16, bool) {
+    let table = toml::from_str::<toml::Table>(manifest).ok();
+    let run = table.as_ref().and_then(|t| t.get("run"));
+    let port = run
+        .and_then(|r| r.get("port")?.as_integer())
         .and_then(|p| u16::try_from(p).ok())
-        .unwrap_or(8080)
-}
-
-fn manifest_per_client(manifest: &str) -> bool {
-    toml::from_str::<toml::Table>(manifest)
-        .ok()
-        .and_then(|t| t.get("run")?.get("per_client")?.as_bool())
-        .unwrap_or(false)
+        .unwrap_or(8080);
+    let per_client = run
+        .and_then(|r| r.get("per_client")?.as_bool())
+        .unwrap_or(false);
+    (port, per_client)
 }
 
 fn console_row(record: ConsoleView) -> ConsoleRow {
