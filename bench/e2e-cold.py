@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """End-to-end cold request through the whole daemon: DNS query + connect + first byte.
 
-Starts `revboot serve` on free loopback ports in a temporary data directory, pushes
+Starts `revboot serve` on loopback ports it picks itself (port 0; the daemon says which in its
+`revboot is serving` line) in a temporary data directory, pushes
 examples/hello with stock git, then N times: stop every instance (API), and time
   1. a DNS A query for the live name over UDP (answered at once, the boot starts),
   2. a TCP connect to the answered address through the handshake proxy,
@@ -21,10 +22,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "bench-token"
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def wait_serving(daemon, log_path, timeout=60):
+    """Waits (bounded) for the daemon's `revboot is serving` line and returns where it serves:
+    (HTTP "host:port", DNS (host, port)). The daemon binds port 0 and says which port it got:
+    a port found free here and released could be taken by anyone before the daemon binds it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(log_path, errors="replace") as f:
+            for line in f:
+                if "revboot is serving" in line:
+                    fields = dict(w.split("=", 1) for w in line.split() if "=" in w)
+                    host, port = fields["dns"].rsplit(":", 1)
+                    return fields["http"], (host, int(port))
+        if daemon.poll() is not None:
+            raise RuntimeError("daemon exited before serving; see " + log_path)
+        time.sleep(0.05)
+    raise RuntimeError("daemon did not serve within %d s; see %s" % (timeout, log_path))
 
 
 def dns_query(server, name):
@@ -76,8 +89,8 @@ def main():
     exe = os.path.join(ROOT, "target/release/revboot")
     subprocess.run(["cargo", "build", "--release", "--locked", "-q", "-p", "revboot"], cwd=ROOT, check=True)
     work = tempfile.mkdtemp(prefix="revboot-bench-")
-    http, dns = "127.0.0.1:%d" % free_port(), ("127.0.0.1", free_port())
-    log = open(os.path.join(work, "daemon.log"), "w")
+    log_path = os.path.join(work, "daemon.log")
+    log = open(log_path, "w")
     # The bench is one client booting on purpose, as fast as it can: lift the per-client
     # boot limit that protects the daemon from floods.
     config = os.path.join(work, "revbootd.toml")
@@ -85,16 +98,11 @@ def main():
         f.write("[dns]\nboots_per_second = 100000\nboot_burst = 100000\nresponses_per_second = 0\n")
         if DIRECT:
             f.write("[instances]\ndirect = true\n")
-    daemon = subprocess.Popen([exe, "--config", config, "--data", os.path.join(work, "data"), "serve", "--http", http,
-                               "--dns", "%s:%d" % dns, "--pool", "127.66.0.0/16", "--token", TOKEN],
+    daemon = subprocess.Popen([exe, "--config", config, "--data", os.path.join(work, "data"), "serve", "--http", "127.0.0.1:0",
+                               "--dns", "127.0.0.1:0", "--pool", "127.66.0.0/16", "--token", TOKEN],
                               stdout=log, stderr=log)
     try:
-        for _ in range(300):
-            try:
-                api(http, "GET", "/api/v1/services")
-                break
-            except Exception:
-                time.sleep(0.1)
+        http, dns = wait_serving(daemon, log_path)
         src = os.path.join(work, "hello")
         shutil.copytree(os.path.join(ROOT, "examples/hello"), src, ignore=shutil.ignore_patterns("target"))
         git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@revboot.test"]

@@ -35,7 +35,7 @@ else
     exe=target/debug/revboot
 fi
 exec python3 - "$exe" "$runs" "$cap" "$profile" <<'PY'
-import json, os, random, shutil, socket, socketserver, statistics, struct, subprocess, sys
+import importlib.util, json, os, random, shutil, socket, socketserver, statistics, struct, subprocess, sys
 import tempfile, threading, time, urllib.request
 
 EXE, RUNS, CAP, PROFILE = os.path.abspath(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -44,10 +44,10 @@ TOKEN = "bench-token"
 NAME = "gatekeeper.revboot.test"
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Waiting for the daemon to serve, and where it serves, is bench/e2e-cold.py's.
+_spec = importlib.util.spec_from_file_location("e2e_cold", os.path.join(ROOT, "bench", "e2e-cold.py"))
+E2E = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(E2E)
 
 
 class Backend(socketserver.ThreadingTCPServer):
@@ -164,23 +164,19 @@ def main():
     backend = Backend(("127.0.0.1", 0), Handler)
     threading.Thread(target=backend.serve_forever, daemon=True).start()
     backend_port = backend.server_address[1]
-    http, dns = "127.0.0.1:%d" % free_port(), ("127.0.0.1", free_port())
     config = os.path.join(work, "revbootd.toml")
     with open(config, "w") as f:
         f.write("[instances]\nmax_total = %d\nmax_per_service = %d\nmax_clients_per_service = %d\n"
                 "idle_timeout_ms = 900000\n" % (CAP + 64, CAP + 64, CAP))
-    log = open(os.path.join(work, "daemon.log"), "w")
+    log_path = os.path.join(work, "daemon.log")
+    log = open(log_path, "w")
     daemon = subprocess.Popen([EXE, "--config", config, "--data", os.path.join(work, "data"),
-                               "serve", "--http", http, "--dns", "%s:%d" % dns,
+                               "serve", "--http", "127.0.0.1:0", "--dns", "127.0.0.1:0",
                                "--pool", "127.67.0.0/16", "--token", TOKEN],
-                              stdout=log, stderr=log, env=dict(os.environ, RUST_LOG="warn"))
+                              stdout=log, stderr=log,
+                              env=dict(os.environ, RUST_LOG="warn,revboot::daemon=info"))
     try:
-        for _ in range(600):
-            try:
-                api(http, "GET", "/api/v1/services")
-                break
-            except Exception:
-                time.sleep(0.1)
+        http, dns = E2E.wait_serving(daemon, log_path)
         src = os.path.join(work, "gatekeeper")
         shutil.copytree(os.path.join(ROOT, "examples/gatekeeper"), src,
                         ignore=shutil.ignore_patterns("target"))

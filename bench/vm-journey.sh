@@ -28,25 +28,28 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 token=bench-token
 # start <name> <restore> <pool prefix>: a daemon of its own; sets http_<name> and dns_<name>.
 start() {
-    local name=$1 http dns
-    http=$(free_port)
-    dns=$(free_port)
+    local name=$1 http= dns= line
     mkdir -p "$work/$name"
     # Boots back to back, faster than the default DNS boot rate allows.
     printf '[dns]\nboots_per_second = 1000\nboot_burst = 1000\n[instances]\nqemu_restore = %s\n' "$2" \
         >"$work/$name/revbootd.toml"
     "$revboot" --config "$work/$name/revbootd.toml" --data "$work/$name/data" serve \
-        --http "127.0.0.1:$http" --dns "127.0.0.1:$dns" --pool "$3" --token "$token" \
+        --http 127.0.0.1:0 --dns 127.0.0.1:0 --pool "$3" --token "$token" \
         >"$work/$name/daemon.log" 2>&1 &
     pids+=($!)
-    for _ in $(seq 100); do
-        curl -sf -o /dev/null -H "authorization: Bearer $token" "http://127.0.0.1:$http/api/v1/services" && break
+    # The daemon picks its ports (port 0) and says which once every part listens.
+    for _ in $(seq 600); do
+        line=$(grep -m1 'revboot is serving' "$work/$name/daemon.log" || true)
+        [[ -n $line ]] && break
+        kill -0 "${pids[-1]}" 2>/dev/null || { cat "$work/$name/daemon.log" >&2; exit 1; }
         sleep 0.1
     done
+    [[ -n $line ]] || { echo "daemon $name did not serve within 60 s" >&2; exit 1; }
+    [[ $line =~ \ http=[0-9.]+:([0-9]+) ]] && http=${BASH_REMATCH[1]}
+    [[ $line =~ \ dns=[0-9.]+:([0-9]+) ]] && dns=${BASH_REMATCH[1]}
     printf -v "http_$name" %s "$http"
     printf -v "dns_$name" %s "$dns"
 }
