@@ -76,10 +76,18 @@ pub enum Command {
     /// Save a daemon's URL and token as a remote (the default one) in the client
     /// configuration; the token is read from standard input, or asked for on a terminal.
     Login(LoginArgs),
-    /// Forget a remote saved by `revboot login` (default: the default remote).
+    /// Forget a remote saved by `revboot login` (default: the default remote), and its git
+    /// credential helper.
     Logout {
         /// The remote.
         name: Option<String>,
+    },
+    /// git's credential helper for the remotes of `revboot login`, which registers it: git
+    /// runs `revboot git-credential get` and gets the token of the remote it pushes to.
+    GitCredential {
+        /// What git asks.
+        #[arg(value_enum)]
+        operation: CredentialOperation,
     },
     /// Services: add, list, rename, delete.
     #[command(subcommand)]
@@ -202,6 +210,22 @@ pub struct LoginArgs {
     /// The remote's name (default: the URL's host and port).
     #[arg(long)]
     pub name: Option<String>,
+    /// Leave git's configuration alone: by default the user's global git configuration gets
+    /// `revboot git-credential` as the credential helper for this URL, so that `git push`
+    /// to `<url>/git/<service>.git` authenticates with the token, which stays out of URLs.
+    #[arg(long)]
+    pub no_git_credentials: bool,
+}
+
+/// What git asks of its credential helper.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CredentialOperation {
+    /// Credentials for a URL: the token of the remote at that URL, if one is saved.
+    Get,
+    /// Credentials that worked (nothing to do: the token is the remote's).
+    Store,
+    /// Credentials that were refused (nothing to do: `revboot logout` forgets a remote).
+    Erase,
 }
 
 /// `revboot serve`.

@@ -16,6 +16,7 @@ pub mod bisect;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod credential;
 pub mod daemon;
 pub mod dashboard;
 pub mod demo;

@@ -6,7 +6,11 @@
 //!    are public): a wrong token or an unreachable daemon is an error, and nothing is saved.
 //! 3. The remote is saved under its name (default: the URL's host and port) and becomes the
 //!    default one; the file is written mode 0600 ([`crate::remotes`]).
-//! 4. `logout [name]` forgets a remote (default: the default one).
+//! 4. Unless `--no-git-credentials`, the user's global git configuration gets
+//!    `revboot git-credential` as the credential helper for the remote's URL
+//!    ([`crate::credential`]), so that a stock `git push <url>/git/<service>.git` sends the
+//!    token, which stays out of the URL and the checkout. A failure there saves nothing.
+//! 5. `logout [name]` forgets a remote (default: the default one) and removes its helper.
 
 use std::io::{IsTerminal as _, Read as _, Write as _};
 
@@ -71,6 +75,9 @@ pub fn login(args: &LoginArgs, cli: &Cli, config: &Config) -> anyhow::Result<Out
         Err(error) => return Ok(Outcome::Failed(error)),
     };
     let mut saved = ClientConfig::read(&path)?;
+    if !args.no_git_credentials {
+        crate::credential::register(&url)?;
+    }
     saved.remotes.insert(
         name.clone(),
         Remote {
@@ -84,7 +91,7 @@ pub fn login(args: &LoginArgs, cli: &Cli, config: &Config) -> anyhow::Result<Out
     if cli.json {
         let value = serde_json::json!({
             "remote": name, "url": url, "version": daemon.version, "zone": daemon.zone,
-            "config": path.display().to_string(),
+            "config": path.display().to_string(), "git_credentials": !args.no_git_credentials,
         });
         let _ = writeln!(std::io::stdout(), "{value:#}");
     } else if !cli.quiet {
@@ -95,6 +102,13 @@ pub fn login(args: &LoginArgs, cli: &Cli, config: &Config) -> anyhow::Result<Out
             daemon.zone,
             path.display()
         );
+        if !args.no_git_credentials {
+            let _ = writeln!(
+                std::io::stdout(),
+                "git pushes to {url}/git/<service>.git get the token from `revboot git-credential` \
+                 (credential.{url}.helper in your global git configuration; --no-git-credentials leaves it alone)"
+            );
+        }
     }
     Ok(Outcome::Done)
 }
@@ -112,13 +126,25 @@ pub fn logout(name: Option<&str>, cli: &Cli) -> anyhow::Result<Outcome> {
             "No default remote to log out of".into(),
         )));
     };
-    if saved.remotes.remove(&name).is_none() {
+    if !saved.remotes.contains_key(&name) {
         return Ok(Outcome::Failed(ActionError::NotFound(format!(
             "No remote named `{name}`"
         ))));
     }
     if saved.default.as_deref() == Some(name.as_str()) {
         saved.default = None;
+    }
+    let url = saved
+        .remotes
+        .get(&name)
+        .map(|remote| remotes::normalise(&remote.url).to_owned());
+    saved.remotes.remove(&name);
+    // The helper goes unless another remote still has the URL.
+    // A failure (no git here) leaves nothing of revboot's to remove worth refusing for.
+    if let Some(url) = url.filter(|url| saved.remote_for(url).is_none())
+        && let Err(error) = crate::credential::forget(&url)
+    {
+        tracing::warn!("{error:#}");
     }
     saved.write(&path)?;
     if !cli.quiet && !cli.json {

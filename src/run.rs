@@ -142,6 +142,11 @@ pub fn log_filter(cli: &Cli) -> Option<&'static str> {
 
 /// Runs one command line.
 pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    // git's helper needs no daemon configuration, and must work wherever git runs it.
+    if let Command::GitCredential { operation } = cli.command {
+        crate::credential::helper(operation)?;
+        return Ok(Outcome::Done);
+    }
     let mut config = load_config(&cli)?;
     let client = || client(&cli, &config);
     let action = match &cli.command {
@@ -172,6 +177,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
             return Ok(Outcome::Done);
         }
         Command::Login(args) => return crate::login::login(args, &cli, &config),
+        Command::GitCredential { .. } => unreachable!("handled above"),
         Command::Logout { name } => return crate::login::logout(name.as_deref(), &cli),
         Command::Remote { service: named } => {
             let client = client()?;
@@ -184,7 +190,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
             if !cli.quiet {
                 let _ = writeln!(
                     out,
-                    "# git asks for a password: give the token (REVBOOT_TOKEN, `revboot login`'s in {}, or {})",
+                    "# git gets the token from `revboot login`'s credential helper, or asks for it as a password (REVBOOT_TOKEN, the remote's in {}, or {})",
                     crate::remotes::path().map_or_else(
                         || "the client configuration".to_owned(),
                         |p| p.display().to_string()

@@ -5,17 +5,28 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use crate::support::{Daemon, TOKEN, commit_revision, git, hello_source, run};
+use crate::support::{Daemon, Setup, TOKEN, commit_revision, git, hello_source, run};
 
-/// The CLI with a clean environment: only `PATH` and `HOME`, in `dir`, `stdin` given.
-fn bare_cli(home: &Path, dir: &Path, args: &[&str], stdin: &str) -> Output {
-    use std::io::Write as _;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_revboot"))
-        .args(args)
+/// `program` in `dir` with a clean environment: only `PATH` and a private `HOME` (with
+/// `XDG_CONFIG_HOME` and `GIT_CONFIG_GLOBAL` spelled out under it, so that neither the
+/// revboot nor the git configuration of the user running the tests is ever read or written).
+fn bare(program: &str, home: &Path, dir: &Path) -> Command {
+    let mut command = Command::new(program);
+    command
         .current_dir(dir)
         .env_clear()
         .env("PATH", std::env::var_os("PATH").expect("PATH"))
         .env("HOME", home)
+        .env("XDG_CONFIG_HOME", home.join(".config"))
+        .env("GIT_CONFIG_GLOBAL", home.join(".gitconfig"));
+    command
+}
+
+/// The CLI with a clean environment ([`bare`]), in `dir`, `stdin` given.
+fn bare_cli(home: &Path, dir: &Path, args: &[&str], stdin: &str) -> Output {
+    use std::io::Write as _;
+    let mut child = bare(env!("CARGO_BIN_EXE_revboot"), home, dir)
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -179,6 +190,126 @@ fn after_login_every_command_works_anywhere_with_no_environment() {
             .expect("read")
             .contains(&url)
     );
+}
+
+/// Every file under `dir` (recursively) whose bytes contain `needle`.
+fn files_containing(dir: &Path, needle: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir") {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            found.extend(files_containing(&path, needle));
+        } else if std::fs::read(&path)
+            .expect("read file")
+            .windows(needle.len())
+            .any(|window| window == needle.as_bytes())
+        {
+            found.push(path);
+        }
+    }
+    found
+}
+
+#[test]
+fn after_login_a_stock_git_push_authenticates_with_the_token_kept_out_of_the_checkout() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let daemon = Daemon::start_setup(
+        &temp.path().join("data"),
+        &Setup {
+            log_filter: "debug",
+            ..Setup::default()
+        },
+    );
+    let url = format!("http://{}", daemon.http);
+    let home = temp.path().join("home");
+    let elsewhere = temp.path().join("elsewhere");
+    std::fs::create_dir_all(&home).expect("home");
+    std::fs::create_dir_all(&elsewhere).expect("elsewhere");
+    let gitconfig = home.join(".gitconfig");
+    let cli = |args: &[&str], stdin: &str| bare_cli(&home, &elsewhere, args, stdin);
+    let helpers = || -> String {
+        let output = bare("git", &home, &elsewhere)
+            .args(["config", "--global", "--get-all"])
+            .arg(format!("credential.{url}.helper"))
+            .output()
+            .expect("git config");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+
+    // --no-git-credentials leaves git's configuration alone.
+    let args = ["login", url.as_str(), "--no-git-credentials"];
+    let said = ok(&args, &cli(&args, &format!("{TOKEN}\n")));
+    assert!(!said.contains("git-credential"), "{said}");
+    assert!(!gitconfig.exists());
+
+    // Logged in: git's helper for that URL, and for it alone, is revboot's.
+    let args = ["login", url.as_str()];
+    let said = ok(&args, &cli(&args, &format!("{TOKEN}\n")));
+    assert!(said.contains("revboot git-credential"), "{said}");
+    let registered = helpers();
+    assert!(
+        registered.starts_with("\n!'") && registered.ends_with(" git-credential\n"),
+        "{registered:?}"
+    );
+    let gitconfig_text = std::fs::read_to_string(&gitconfig).expect(".gitconfig");
+    assert!(!gitconfig_text.contains(TOKEN), "{gitconfig_text}");
+    // Logging in again does not register it twice.
+    ok(&args, &cli(&args, &format!("{TOKEN}\n")));
+    assert_eq!(helpers(), registered);
+
+    // The helper speaks git's protocol, for the remotes' URLs only.
+    let host = daemon.http.to_string();
+    let get = |request: &str| {
+        ok(
+            &["git-credential", "get"],
+            &cli(&["git-credential", "get"], request),
+        )
+    };
+    assert_eq!(
+        get(&format!("protocol=http\nhost={host}\n\n")),
+        format!("username=revboot\npassword={TOKEN}\n")
+    );
+    assert_eq!(get(&format!("protocol=https\nhost={host}\n\n")), "");
+    assert_eq!(get("protocol=http\nhost=127.0.0.1:1\n\n"), "");
+    for operation in ["store", "erase"] {
+        let request = format!("protocol=http\nhost={host}\nusername=git\npassword=x\n\n");
+        let output = cli(&["git-credential", operation], &request);
+        assert_eq!(ok(&[operation], &output), "");
+    }
+
+    // A checkout whose remote URL holds no token, pushed by stock git with nothing but PATH
+    // and HOME (and no prompt to fall back on), from another directory: it deploys.
+    let work = hello_source(temp.path());
+    let push_url = format!("{url}/git/hello.git");
+    git(&work, &["remote", "add", "origin", &push_url]);
+    let push = || {
+        bare("git", &home, &work)
+            .args(["push", "origin", "main"])
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .stdin(Stdio::null())
+            .output()
+            .expect("git push")
+    };
+    let pushed = push();
+    let said = String::from_utf8_lossy(&pushed.stderr).into_owned();
+    assert!(pushed.status.success(), "{said}");
+    assert!(said.contains("now answers with"), "{said}");
+    let history = json(&["--json", "log"], &daemon.cli(&["--json", "log", "hello"]));
+    assert_eq!(history.as_array().map(Vec::len), Some(1), "{history}");
+
+    // The token is in no file of the checkout, and in no log.
+    assert_eq!(files_containing(&work, TOKEN), Vec::<PathBuf>::new());
+    assert!(!said.contains(TOKEN));
+    assert!(!daemon.log().contains(TOKEN), "the daemon logged the token");
+
+    // Logged out: the helper is gone from git's configuration, and a push is refused.
+    ok(&["logout"], &cli(&["logout"], ""));
+    assert_eq!(helpers(), "");
+    commit_revision(&work, "v2", "hello");
+    let refused = push();
+    assert!(!refused.status.success(), "{refused:?}");
+    let history = json(&["--json", "log"], &daemon.cli(&["--json", "log", "hello"]));
+    assert_eq!(history.as_array().map(Vec::len), Some(1), "{history}");
 }
 
 /// `revboot completions <shell>` written to a file.
