@@ -111,6 +111,7 @@ mod metrics;
 pub mod name;
 mod push;
 mod queue;
+mod renamed;
 mod repos;
 mod runner;
 mod sandbox;
@@ -407,6 +408,11 @@ impl Builder {
             gate: config.gate.clone(),
         });
         let closed = closed::Closed::default();
+        let renamed_path = state_dir.join(RENAMED_FILE);
+        let renamed = renamed::Renamed::load(&renamed_path).map_err(|source| StartError::Io {
+            path: renamed_path,
+            source,
+        })?;
         let queue = queue::Queue::start(
             state_dir.join("state.json"),
             ctx,
@@ -433,6 +439,7 @@ impl Builder {
                 git_processes: Arc::new(tokio::sync::Semaphore::new(MAX_GIT_PROCESSES)),
                 lock: std::sync::Mutex::new(Some(lock)),
                 closed,
+                renamed,
             }),
         })
     }
@@ -446,7 +453,21 @@ impl Builder {
     }
 
     /// Creates the source repository of a service (if it does not exist yet).
+    /// A name a service had before a rename takes pushes again from then on.
     pub async fn add_service(&self, name: &str) -> Result<ServiceInfo, AddServiceError> {
+        validate_service_name(name)?;
+        self.inner
+            .renamed
+            .forget_old_name(name)
+            .map_err(|source| AddServiceError::Io {
+                path: self
+                    .inner
+                    .config
+                    .data_dir
+                    .join("builder")
+                    .join(RENAMED_FILE),
+                source,
+            })?;
         let (source_repo, created) = self.inner.repos.create(name).await?;
         Ok(ServiceInfo {
             name: name.to_owned(),
@@ -583,6 +604,13 @@ pub async fn create_source_repo(
         source,
     };
     std::fs::create_dir_all(&state_dir).map_err(io)?;
+    validate_service_name(name)?;
+    renamed::Renamed::load(&state_dir.join(RENAMED_FILE))
+        .and_then(|renamed| renamed.forget_old_name(name))
+        .map_err(|source| AddServiceError::Io {
+            path: state_dir.join(RENAMED_FILE),
+            source,
+        })?;
     let token = hook_token(&state_dir.join("hook-token")).map_err(|error| match error {
         StartError::Io { path, source } => AddServiceError::Io { path, source },
         other => AddServiceError::Io {
@@ -606,6 +634,9 @@ pub async fn create_source_repo(
         created,
     })
 }
+
+/// The old names of renamed services, in `<data>/builder/` (see `renamed`).
+const RENAMED_FILE: &str = "renamed.json";
 
 /// Reads the per-daemon hook token, creating it on first start.
 fn hook_token(path: &Path) -> Result<String, StartError> {

@@ -9,13 +9,13 @@
 //! 2. [`Builder::rename_source`] moves `<data>/src/<old>.git` to `<data>/src/<new>.git`
 //!    (one `rename(2)`) and rewrites its hook, which names the service; the build cache and
 //!    the queue's state (branch heads, build records) follow. The new name must have no
-//!    source repository. Pushes to the old URL would create a new service of that name:
-//!    the checkouts' remotes need the new URL.
+//!    source repository. The old name is recorded (see `renamed`): a push to the old URL
+//!    is refused with the new name, until `service add` creates the old name on purpose.
 //! 3. [`Builder::delete_source`] moves the source repository to
 //!    `<data>/src/.deleted/<service>-<unix ms>.git` when the deployments are kept,
 //!    otherwise it removes it (renamed aside first, so the service is gone at once even if
 //!    removing its files takes long or fails); the build cache and the queue's state of the
-//!    service go.
+//!    service go, and so do the records of its old names.
 
 use std::path::{Path, PathBuf};
 
@@ -148,6 +148,10 @@ impl Builder {
             }
         }
         self.inner.queue.rename(from, to).await;
+        if let Err(error) = self.inner.renamed.record(from, to) {
+            // Refused all the same until a restart: the record is in memory.
+            tracing::error!(%error, from, to, "cannot save the record of the rename");
+        }
         tracing::info!(
             from,
             to,
@@ -190,6 +194,9 @@ impl Builder {
         }
         remove_dir(&self.cache(service));
         self.inner.queue.forget(service).await;
+        if let Err(error) = self.inner.renamed.forget_service(service) {
+            tracing::error!(%error, service, "cannot save the records of renames");
+        }
         tracing::info!(service, keep, "deleted the service's source repository");
         Ok(archive)
     }

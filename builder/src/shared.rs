@@ -1,6 +1,7 @@
 //! What the [`crate::Builder`] handle shares with the HTTP handlers, the queuing of pushes and
 //! the deployment repository's hooks: the configuration, the source repositories, the
-//! queue, the hook token, the services closed while they are renamed or deleted, and the
+//! queue, the hook token, the services closed while they are renamed or deleted, the old
+//! names of renamed ones, and the
 //! bound on `git http-backend` processes. They get it, not the handle, so that none of them
 //! imports the crate root that imports them.
 
@@ -21,4 +22,6 @@ pub(crate) struct Shared {
     pub(crate) lock: std::sync::Mutex<Option<std::fs::File>>,
     /// Services being renamed or deleted (see `lifecycle`).
     pub(crate) closed: crate::closed::Closed,
+    /// The old names of renamed services (see `renamed`).
+    pub(crate) renamed: crate::renamed::Renamed,
 }

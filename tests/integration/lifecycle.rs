@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 
 use crate::support::{
     Daemon, commit_revision, curl, dig_ok, eventually, git, hello_source, history, push,
-    push_service, request, run,
+    push_refused, push_service, request, run,
 };
 
 const ZONE: &str = "revboot.test";
@@ -442,4 +442,44 @@ fn bad_names_unknown_services_and_busy_builds_are_refused_and_change_nothing() {
     });
     assert!(renamed, "the rename is still refused");
     assert_eq!(history(&daemon, "greet").len(), 2);
+}
+
+#[test]
+fn a_push_to_a_renamed_services_old_url_is_refused_with_the_new_name_even_after_a_restart() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let data = temp.path().join("data");
+    let daemon = Daemon::start(&data);
+    let work = hello_source(temp.path());
+    push(&daemon, &work);
+    ok(&daemon.cli(&["service", "rename", "hello", "greet"]));
+    commit_revision(&work, "v2", "hello");
+
+    // Refused, naming the new name; nothing is created or built.
+    let refused = |daemon: &Daemon| {
+        let before = state(daemon);
+        let said = push_refused(daemon, &work);
+        assert!(
+            said.contains("Service `hello` was renamed to `greet`")
+                && said.contains("/git/greet.git"),
+            "{said}"
+        );
+        assert_eq!(state(daemon), before);
+        assert!(!daemon.data.join("src/hello.git").exists());
+        let (code, error) = cli_json(daemon, &["log", "hello"]);
+        assert_eq!((code, error["error"].as_str()), (3, Some("not_found")));
+    };
+    refused(&daemon);
+
+    // The daemon remembers it after a restart.
+    daemon.stop();
+    let daemon = Daemon::start(&data);
+    refused(&daemon);
+    assert_eq!(history(&daemon, "greet").len(), 1);
+
+    // `service add` takes the old name on purpose: pushes go to the new service then.
+    ok(&daemon.cli(&["service", "add", "hello"]));
+    push(&daemon, &work);
+    // Both commits of the branch are new to this service.
+    assert_eq!(history(&daemon, "hello").len(), 2);
+    assert_eq!(history(&daemon, "greet").len(), 1);
 }

@@ -13,7 +13,9 @@
 //!    repository, `/git/-/deploy.git`, is served the same way (see [`crate::deploy`]) and
 //!    also takes the deploy tokens.
 //! 3. The first authenticated push to an unknown service creates its source repository
-//!    (the name must be a valid service name).
+//!    (the name must be a valid service name), unless a service had that name before a
+//!    rename: then the push is refused with `404` and a message that names the new name
+//!    (see `renamed`), and nothing is created.
 //! 4. The request is handed to `git http-backend` (see `cgi`).
 
 use std::sync::Arc;
@@ -120,6 +122,21 @@ pub(super) async fn smart_http(
             format!("Service `{service}` is being renamed or deleted; try again once that is done"),
         );
     } else if !inner.repos.exists(service) {
+        if let Some(to) = inner.renamed.new_name(service) {
+            tracing::info!(
+                service,
+                to,
+                "refused a request to a renamed service's old name"
+            );
+            return text(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "Service `{service}` was renamed to `{to}`: use /git/{to}.git \
+                     (git remote set-url <remote> <daemon>/git/{to}.git), or create a new \
+                     `{service}` on purpose with `revboot service add {service}`"
+                ),
+            );
+        }
         if kind == Service::Upload {
             return text(StatusCode::NOT_FOUND, format!("No service `{service}`"));
         }
