@@ -11,6 +11,7 @@
 //!    with the session cookie and the request's `Origin` ([`session::Sessions::check_write`]);
 //!    it becomes the same [`Action`] the API and the CLI send ([`crate::engine::Engine`]),
 //!    then the browser is sent back to a page (303).
+//!    A service's rename and delete are forms of its page too ([`lifecycle`]).
 //! 4. Pages answer with `Content-Security-Policy: default-src 'self'` (no inline script),
 //!    `X-Frame-Options: DENY` and `nosniff`; long lists are paginated (50 deployments, 100
 //!    instances a page).
@@ -30,6 +31,7 @@ use crate::engine::Engine;
 use crate::feeds::FeedState;
 
 pub mod figures;
+mod lifecycle;
 mod pages;
 pub mod session;
 
@@ -92,6 +94,11 @@ impl Dashboard {
             .route("/services/{service}", get(pages::service))
             .route("/services/{service}/rollback", get(pages::confirm))
             .route("/services/{service}/live", post(make_live))
+            .route("/services/{service}/rename", post(lifecycle::rename))
+            .route(
+                "/services/{service}/delete",
+                get(lifecycle::confirm_delete).post(lifecycle::delete),
+            )
             .route(
                 "/services/{service}/deployments/{revision}",
                 get(pages::revision),
@@ -123,6 +130,27 @@ impl Dashboard {
             Some(signed_in) => Ok(Some(signed_in)),
             None if self.public_reads => Ok(None),
             None => Err(Redirect::to(&format!("/login?next={}", encode(here)))),
+        }
+    }
+
+    /// Who may see a confirmation page at `here` (it leads to a write): a signed-in reader;
+    /// a public reader gets `403` with a link `back`, nobody the sign-in page.
+    fn confirmer(
+        &self,
+        headers: &HeaderMap,
+        here: &str,
+        back: &str,
+    ) -> Result<session::SignedIn, Box<Response>> {
+        match self.reader(headers, here) {
+            Ok(Some(reader)) => Ok(reader),
+            Ok(None) => Err(Box::new(pages::failure_with(
+                StatusCode::FORBIDDEN,
+                "Not allowed",
+                session::Refusal::NotSignedIn.message(),
+                None,
+                back,
+            ))),
+            Err(redirect) => Err(Box::new(redirect.into_response())),
         }
     }
 

@@ -26,14 +26,14 @@ const CONSOLE_RECORDS: usize = 10;
 /// What every page's frame needs.
 #[derive(Debug)]
 pub struct PageCtx {
-    title: String,
-    signed_in: bool,
-    csrf: String,
-    note: Option<String>,
+    pub(super) title: String,
+    pub(super) signed_in: bool,
+    pub(super) csrf: String,
+    pub(super) note: Option<String>,
 }
 
 impl PageCtx {
-    fn new(title: impl Into<String>, reader: Option<&SignedIn>) -> PageCtx {
+    pub(super) fn new(title: impl Into<String>, reader: Option<&SignedIn>) -> PageCtx {
         PageCtx {
             title: title.into(),
             signed_in: reader.is_some(),
@@ -133,7 +133,16 @@ struct Overview {
     builds_chart: String,
 }
 
-pub(super) async fn overview(State(dashboard): State<Dashboard>, headers: HeaderMap) -> Response {
+#[derive(Debug, Deserialize, Default)]
+pub(super) struct OverviewQuery {
+    deleted: Option<String>,
+}
+
+pub(super) async fn overview(
+    State(dashboard): State<Dashboard>,
+    headers: HeaderMap,
+    Query(query): Query<OverviewQuery>,
+) -> Response {
     let reader = match dashboard.reader(&headers, "/") {
         Ok(reader) => reader,
         Err(redirect) => return redirect.into_response(),
@@ -167,8 +176,10 @@ pub(super) async fn overview(State(dashboard): State<Dashboard>, headers: Header
             (format!("{ago} s ago"), *v)
         })
         .collect();
+    let mut page = PageCtx::new("Services", reader.as_ref());
+    page.note = query.deleted.map(|service| format!("Deleted {service}."));
     let page = Overview {
-        page: PageCtx::new("Services", reader.as_ref()),
+        page,
         services: services
             .into_iter()
             .map(|s| ServiceRow {
@@ -194,6 +205,7 @@ pub(super) struct PageQuery {
     page: Option<usize>,
     moved: Option<String>,
     stopped: Option<String>,
+    renamed: Option<String>,
 }
 
 struct HistoryRow {
@@ -297,7 +309,13 @@ pub(super) async fn service(
     let total = history.len();
     let (slice, page_number, pages) = paginate(history, query.page.unwrap_or(1), HISTORY_PAGE);
     let mut page = PageCtx::new(service.clone(), reader.as_ref());
-    page.note = query.moved.map(|to| format!("Live is now {}.", short(&to)));
+    page.note = match (query.moved, query.renamed) {
+        (Some(to), _) => Some(format!("Live is now {}.", short(&to))),
+        (None, Some(from)) => Some(format!(
+            "Renamed from {from}: its checkouts push to /git/{service}.git now."
+        )),
+        (None, None) => None,
+    };
     let page = ServicePage {
         page,
         dns_name,
@@ -348,18 +366,9 @@ pub(super) async fn confirm(
     Query(query): Query<ConfirmQuery>,
 ) -> Response {
     let here = format!("/services/{}", super::encode(&service));
-    let reader = match dashboard.reader(&headers, &here) {
-        Ok(Some(reader)) => reader,
-        Ok(None) => {
-            return failure_with(
-                StatusCode::FORBIDDEN,
-                "Not allowed",
-                super::session::Refusal::NotSignedIn.message(),
-                None,
-                &here,
-            );
-        }
-        Err(redirect) => return redirect.into_response(),
+    let reader = match dashboard.confirmer(&headers, &here, &here) {
+        Ok(reader) => reader,
+        Err(response) => return *response,
     };
     let show = match dashboard
         .execute(Action::Show {

@@ -397,6 +397,95 @@ fn a_per_client_revision_boots_from_its_page_for_the_client_given() {
     assert!(page.1.contains("for 127.0.0.61"), "{}", page.1);
 }
 
+#[test]
+fn a_service_is_renamed_and_deleted_through_its_page_in_chromium() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let daemon = Daemon::start(&temp.path().join("data"));
+    let work = hello_source(temp.path());
+    push(&daemon, &work);
+    let site = format!("http://{}", daemon.http);
+    let services = || -> Vec<String> {
+        let output = daemon.cli(&["--json", "service", "list"]);
+        let listed: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+        listed
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|s| s["name"].as_str().expect("name").to_owned())
+            .collect()
+    };
+
+    // Without a session, neither form does anything.
+    for (path, body) in [
+        ("rename", "to=greet&csrf=00"),
+        ("delete", "deployments=remove&csrf=00"),
+    ] {
+        let (status, _) = curl_form(&["--data", body, &format!("{site}/services/hello/{path}")]);
+        assert_eq!(status, "403");
+    }
+    assert_eq!(services(), ["hello"]);
+
+    let browser = Browser::start();
+    browser.open(&format!("{site}/services/hello"));
+    browser.wait_until("the sign-in form", |b| b.url().contains("/login"));
+    browser.type_into("#token", &daemon.token);
+    browser.click("#sign-in");
+    browser.wait_until("the service page", |b| {
+        b.url().ends_with("/services/hello") && b.text().contains("Rename or delete")
+    });
+
+    // A bad name is refused with the reason, and nothing changes.
+    browser.type_into("#rename-to", "Not_A_Name");
+    browser.click("#rename");
+    browser.wait_until("the refusal", |b| b.text().contains("That did not work"));
+    let said = browser.text();
+    assert!(said.contains("Not_A_Name"), "{said}");
+    assert_eq!(services(), ["hello"]);
+
+    // Renamed: the page of the new name, which DNS answers.
+    browser.open(&format!("{site}/services/hello"));
+    browser.wait_until("the service page", |b| {
+        b.text().contains("Rename or delete")
+    });
+    browser.type_into("#rename-to", "greet");
+    browser.click("#rename");
+    browser.wait_until("the renamed service's page", |b| {
+        b.url().contains("/services/greet") && b.text().contains("Renamed from hello")
+    });
+    assert_eq!(services(), ["greet"]);
+    dig_ok(&daemon, &format!("greet.{ZONE}"), false);
+
+    // Delete asks what becomes of the deployments; no choice, no delete.
+    browser.click("#delete");
+    browser.wait_until("the confirmation", |b| {
+        b.text().contains("Yes, delete greet")
+    });
+    browser.screenshot(&screenshots().join("delete.png"));
+    // The browser itself insists on a choice; without its check the daemon refuses too.
+    browser.script("document.getElementById('keep').required = false; return true");
+    browser.click("#confirm-delete");
+    browser.wait_until("the refusal", |b| {
+        b.text()
+            .contains("Say whether the deployments are kept or removed")
+    });
+    assert_eq!(services(), ["greet"]);
+
+    // Kept: gone from the services, its deployments under refs/revboot/deleted/.
+    browser.open(&format!("{site}/services/greet/delete"));
+    browser.wait_until("the confirmation", |b| {
+        b.text().contains("Yes, delete greet")
+    });
+    browser.click("#keep");
+    browser.click("#confirm-delete");
+    browser.wait_until("the services", |b| b.text().contains("Deleted greet."));
+    assert!(services().is_empty());
+    let kept = run(Command::new("git")
+        .arg("-C")
+        .arg(daemon.data.join("deploy.git"))
+        .args(["for-each-ref", "refs/revboot/deleted/greet/"]));
+    assert!(!kept.stdout.is_empty(), "no kept refs");
+}
+
 /// Signs in with the daemon's token, cookies in `jar`; the CSRF token of `page` and its body.
 fn sign_in(daemon: &Daemon, jar: &std::path::Path, page: &str) -> (String, String) {
     let signed = curl_form(&[
