@@ -14,8 +14,9 @@
 #    generated, its DNS server over UDP, the CLI as root with /etc/revboot's configuration.
 # 5. systemd powers off (the daemon gets SIGTERM and says STOPPING=1); everything goes.
 #
-# Prints `unit: <ActiveState> <SubState>`, `status: <StatusText>`, `api: …`, `dns: …`,
-# `cli: …` lines, and the unit's journal; exits non-zero when a step fails.
+# Prints `unit: <ActiveState> <SubState>`, `status: <StatusText>`, `delegate: <Delegate>`,
+# `cgroup: <ControlGroup>`, `api: …`, `dns: …`, `cli: …` lines, and the unit's journal;
+# exits non-zero when a step fails.
 # Usage, as root: packaging/test-deb.sh <package.deb> <cache dir> <work dir>
 set -euo pipefail
 deb=$(realpath "$1")
@@ -139,6 +140,8 @@ done
 echo "system: $(inside systemctl is-system-running 2>/dev/null || true)"
 echo "unit: $(inside systemctl show -P ActiveState revboot.service) $(inside systemctl show -P SubState revboot.service)"
 echo "status: $(inside systemctl show -P StatusText revboot.service)"
+echo "delegate: $(inside systemctl show -P Delegate revboot.service)"
+echo "cgroup: $(inside systemctl show -P ControlGroup revboot.service)"
 
 token=$(cat "/proc/$init/root/var/lib/revboot/token" 2>/dev/null || true)
 if [[ -n $token ]]; then

@@ -4,7 +4,8 @@
 # client and server for the front door's tests), pebble (the ACME test server the
 # certificate tests get certificates from), a C compiler, Chromium with its WebDriver
 # for the dashboard's browser test, the shells and man that load the CLI's completions and
-# render its manual page, debootstrap (Debian package names) and cargo-deb; makes the clean
+# render its manual page, debootstrap (Debian package names), setfattr (the delegated
+# cgroup systemd would mark, in the delegation test) and cargo-deb; makes the clean
 # Debian root the package is tested in (in the cargo target directory, once); and fills the
 # cargo cache for examples/hello-vm, whose recipe builds offline as the builder runs it.
 set -euo pipefail
@@ -27,6 +28,7 @@ command -v zsh >/dev/null || need+=(zsh)
 command -v fish >/dev/null || need+=(fish)
 command -v man >/dev/null || need+=(man-db)
 command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v setfattr >/dev/null || need+=(attr)
 if ((${#need[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "test-tools: missing ${need[*]}; install them (Debian: apt-get install ${need[*]}) or run as root" >&2

@@ -4,7 +4,9 @@
 //!    hierarchy when it offers the controller, else the v1 hierarchy that has it; a controller
 //!    found nowhere is reported once as a warning and its limit is not enforced.
 //! 2. The parent `revboot/<name>` is created once in every hierarchy used (v2: controllers
-//!    are enabled in `cgroup.subtree_control` on the way down).
+//!    are enabled in `cgroup.subtree_control` on the way down), at the hierarchy's root, or
+//!    below the cgroup systemd delegated to the daemon when it runs in one
+//!    ([`delegation`]: a unit with `Delegate=yes`).
 //! 3. Each instance gets a group `revboot/<name>/<group>` in each hierarchy (made ahead of
 //!    time, a few spare), its limits written before the child starts; the child joins by
 //!    writing `0` to the pre-opened `tasks` (v1) or `cgroup.procs` (v2).
@@ -17,7 +19,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
+
+pub mod delegation;
 
 /// The limits of one instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,10 +77,16 @@ impl Hierarchy {
 pub struct Cgroups {
     /// Hierarchy → the controllers it serves for us.
     hierarchies: BTreeMap<Hierarchy, Vec<Controller>>,
-    /// `revboot/<name>` below each mount.
+    /// `revboot/<name>` below each hierarchy's top.
     parent: PathBuf,
     missing: Vec<Controller>,
     layout: &'static str,
+    /// Where systemd's own hierarchy may be mounted: the v2 one, then `name=systemd`.
+    systemd_mounts: Vec<(PathBuf, bool)>,
+    /// The cgroup systemd delegated to this process (a path within each hierarchy), if any.
+    delegated: Option<PathBuf>,
+    /// Hierarchies whose groups go below the delegated cgroup, not at their root.
+    below_delegated: Vec<Hierarchy>,
 }
 
 /// One instance's groups.
@@ -96,9 +106,18 @@ impl Cgroups {
     /// Finds the hierarchies and creates `revboot/<name>` in each.
     pub fn detect(name: &str) -> io::Result<Cgroups> {
         let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
-        let cgroups = Cgroups::from_mountinfo(&mountinfo, name, |path| {
+        let mut cgroups = Cgroups::from_mountinfo(&mountinfo, name, |path| {
             fs::read_to_string(path.join("cgroup.controllers")).unwrap_or_default()
         });
+        let own = fs::read_to_string("/proc/self/cgroup")?;
+        cgroups.place(&delegation::OwnCgroups::parse(&own), delegation::marked);
+        if let Some(delegated) = &cgroups.delegated {
+            info!(
+                cgroup = %delegated.display(),
+                below = ?cgroups.below_delegated,
+                "cgroups go below the cgroup systemd delegated"
+            );
+        }
         for missing in &cgroups.missing {
             warn!(
                 controller = missing.name(),
@@ -119,6 +138,7 @@ impl Cgroups {
     ) -> Cgroups {
         let mut v1: BTreeMap<Controller, PathBuf> = BTreeMap::new();
         let mut v2: Option<(PathBuf, String)> = None;
+        let mut systemd_v1 = None;
         for line in mountinfo.lines() {
             // `id parent major:minor root mount-point options [optional…] - fstype source super`
             let Some((left, right)) = line.split_once(" - ") else {
@@ -135,6 +155,9 @@ impl Cgroups {
                 }
                 Some("cgroup") => {
                     let options = options.unwrap_or_default();
+                    if options.split(',').any(|option| option == "name=systemd") {
+                        systemd_v1.get_or_insert_with(|| mount.clone());
+                    }
                     for controller in Controller::ALL {
                         if options.split(',').any(|option| option == controller.name()) {
                             v1.entry(controller).or_insert_with(|| mount.clone());
@@ -172,12 +195,71 @@ impl Cgroups {
                 missing.push(controller);
             }
         }
+        let systemd_mounts = v2
+            .map(|(mount, _)| (mount, true))
+            .into_iter()
+            .chain(systemd_v1.map(|mount| (mount, false)))
+            .collect();
         Cgroups {
             hierarchies,
             parent: Path::new("revboot").join(name),
             missing,
             layout,
+            systemd_mounts,
+            delegated: None,
+            below_delegated: Vec::new(),
         }
+    }
+
+    /// Finds the cgroup systemd delegated to this process, and which hierarchies put their
+    /// groups below it ([`delegation`], rules 2 and 3).
+    fn place(&mut self, own: &delegation::OwnCgroups, marked: impl Fn(&Path) -> bool) {
+        let Some(delegated) = self.systemd_mounts.iter().find_map(|(mount, v2)| {
+            let path = if *v2 {
+                own.v2()
+            } else {
+                own.v1("name=systemd")
+            }?;
+            delegation::delegated(mount, path, &marked)
+        }) else {
+            return;
+        };
+        for (hierarchy, controllers) in &self.hierarchies {
+            let inside = match hierarchy {
+                Hierarchy::V2(_) => true,
+                Hierarchy::V1(_) => controllers.iter().any(|controller| {
+                    own.v1(controller.name())
+                        .is_some_and(|path| path.starts_with(&delegated))
+                }),
+            };
+            if inside {
+                self.below_delegated.push(hierarchy.clone());
+            } else {
+                warn!(
+                    hierarchy = %hierarchy.mount().display(),
+                    delegated = %delegated.display(),
+                    "systemd did not make the delegated cgroup in this hierarchy: its groups go at its root"
+                );
+            }
+        }
+        self.delegated = Some(delegated);
+    }
+
+    /// The directory `revboot/<name>` goes in: the delegated cgroup in `hierarchy`, or its
+    /// root.
+    fn top(&self, hierarchy: &Hierarchy) -> PathBuf {
+        match &self.delegated {
+            Some(delegated) if self.below_delegated.contains(hierarchy) => {
+                delegation::under(hierarchy.mount(), delegated)
+            }
+            _ => hierarchy.mount().to_path_buf(),
+        }
+    }
+
+    /// The cgroup systemd delegated to this process, if it runs in one (a path within each
+    /// hierarchy).
+    pub fn delegated(&self) -> Option<&Path> {
+        self.delegated.as_deref()
     }
 
     /// `v1`, `v2`, `hybrid` or `none`.
@@ -197,8 +279,11 @@ impl Cgroups {
 
     fn create_parents(&self) -> io::Result<()> {
         for (hierarchy, controllers) in &self.hierarchies {
-            let mut dir = hierarchy.mount().to_path_buf();
+            let mut dir = self.top(hierarchy);
             if let Hierarchy::V2(_) = hierarchy {
+                if dir != hierarchy.mount() {
+                    delegation::leave(&dir)?;
+                }
                 let enable: Vec<String> = controllers
                     .iter()
                     .map(|c| format!("+{}", c.name()))
@@ -222,7 +307,7 @@ impl Cgroups {
     pub fn parents(&self) -> Vec<PathBuf> {
         self.hierarchies
             .keys()
-            .map(|hierarchy| hierarchy.mount().join(&self.parent))
+            .map(|hierarchy| self.top(hierarchy).join(&self.parent))
             .collect()
     }
 
@@ -243,7 +328,7 @@ impl Cgroups {
             applied: None,
         };
         for (hierarchy, controllers) in &self.hierarchies {
-            let dir = hierarchy.mount().join(&self.parent).join(name);
+            let dir = self.top(hierarchy).join(&self.parent).join(name);
             if let Err(error) = create_dir(&dir) {
                 groups.remove();
                 return Err(error);
@@ -275,7 +360,7 @@ impl Cgroups {
             applied: None,
         };
         for (hierarchy, controllers) in &self.hierarchies {
-            let parent = hierarchy.mount().join(&self.parent);
+            let parent = self.top(hierarchy).join(&self.parent);
             if let Some(dir) = dirs
                 .iter()
                 .find(|dir| dir.parent() == Some(parent.as_path()))
@@ -628,6 +713,55 @@ mod tests {
         assert_eq!(
             cgroups.parents(),
             vec![PathBuf::from("/sys/fs/cgroup/revboot/t")]
+        );
+    }
+
+    #[test]
+    fn a_delegated_cgroup_holds_the_groups_where_systemd_made_it() {
+        let mut cgroups = Cgroups::from_mountinfo(HYBRID, "t", |_| String::new());
+        let own = delegation::OwnCgroups::parse(
+            "5:pids:/system.slice/revboot.service\n\
+             4:memory:/system.slice/revboot.service\n\
+             2:cpuacct:/\n1:cpu:/\n0::/system.slice/revboot.service\n",
+        );
+        let service = Path::new("/sys/fs/cgroup/unified/system.slice/revboot.service");
+        cgroups.place(&own, |dir| dir == service);
+        assert_eq!(
+            cgroups.delegated(),
+            Some(Path::new("/system.slice/revboot.service"))
+        );
+        let parents = cgroups.parents();
+        for parent in [
+            "/sys/fs/cgroup/memory/system.slice/revboot.service/revboot/t",
+            "/sys/fs/cgroup/pids/system.slice/revboot.service/revboot/t",
+            // systemd made none in this hierarchy: its root, as before.
+            "/sys/fs/cgroup/cpu/revboot/t",
+        ] {
+            assert!(parents.contains(&PathBuf::from(parent)), "{parents:?}");
+        }
+
+        // Not delegated: every hierarchy's root.
+        let mut cgroups = Cgroups::from_mountinfo(HYBRID, "t", |_| String::new());
+        cgroups.place(&own, |_| false);
+        assert_eq!(cgroups.delegated(), None);
+        assert!(
+            cgroups
+                .parents()
+                .contains(&PathBuf::from("/sys/fs/cgroup/memory/revboot/t"))
+        );
+
+        // v2: below the delegated cgroup, whichever leaf the daemon is in now.
+        let v2 = "35 30 0:31 / /sys/fs/cgroup rw,relatime - cgroup2 cgroup2 rw\n";
+        let mut cgroups = Cgroups::from_mountinfo(v2, "t", |_| "memory pids cpu".into());
+        let own = delegation::OwnCgroups::parse("0::/system.slice/revboot.service/daemon\n");
+        cgroups.place(&own, |dir| {
+            dir == Path::new("/sys/fs/cgroup/system.slice/revboot.service")
+        });
+        assert_eq!(
+            cgroups.parents(),
+            vec![PathBuf::from(
+                "/sys/fs/cgroup/system.slice/revboot.service/revboot/t"
+            )]
         );
     }
 

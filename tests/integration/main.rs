@@ -9,6 +9,7 @@ mod config;
 mod daemon_log;
 mod dashboard;
 mod dashboard_scale;
+mod delegation;
 mod direct;
 mod follow;
 mod front_door;

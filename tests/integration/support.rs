@@ -47,6 +47,9 @@ pub struct Setup<'a> {
     pub binary: Option<&'a Path>,
     /// More environment variables (e.g. `NOTIFY_SOCKET`).
     pub env: &'a [(&'a str, &'a std::ffi::OsStr)],
+    /// `cgroup.procs` (or `tasks`) files the daemon's process joins before it executes
+    /// revboot, as systemd puts a unit's process in its cgroups; empty: the test's cgroups.
+    pub cgroups: &'a [PathBuf],
 }
 
 impl Default for Setup<'_> {
@@ -60,6 +63,7 @@ impl Default for Setup<'_> {
             dns: None,
             binary: None,
             env: &[],
+            cgroups: &[],
         }
     }
 }
@@ -118,7 +122,20 @@ impl Daemon {
         let binary = setup
             .binary
             .unwrap_or(Path::new(env!("CARGO_BIN_EXE_revboot")));
-        let mut command = in_netns(enter.as_deref(), &binary.to_string_lossy());
+        let mut command = if setup.cgroups.is_empty() {
+            in_netns(enter.as_deref(), &binary.to_string_lossy())
+        } else {
+            // The shell joins them, then becomes revboot (same pid).
+            let mut command = in_netns(enter.as_deref(), "sh");
+            command
+                .arg("-c")
+                .arg(r#"for procs in "$@"; do [ "$procs" = -- ] && break; echo $$ > "$procs"; shift; done; shift; exec "$@""#)
+                .arg("sh")
+                .args(setup.cgroups)
+                .arg("--")
+                .arg(binary);
+            command
+        };
         if !setup.config.is_empty() {
             let file = data.with_extension(format!("revbootd.{launch}.toml"));
             std::fs::write(&file, setup.config).expect("write revbootd.toml");

@@ -50,6 +50,9 @@ fn the_package_installs_in_a_clean_debian_root_and_its_unit_reports_ready() {
         "serving HTTP on 127.0.0.1:8080, DNS on 127.0.0.1:5353",
         "{said}"
     );
+    // Delegate=yes: the cgroups below the unit's are the daemon's.
+    assert_eq!(line("delegate: "), "yes", "{said}");
+    assert_eq!(line("cgroup: "), "/system.slice/revboot.service", "{said}");
     let daemon: serde_json::Value =
         serde_json::from_str(line("api: ")).unwrap_or_else(|e| panic!("{e}:\n{said}"));
     assert_eq!(daemon["zone"], "revboot.test", "{said}");
