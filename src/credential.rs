@@ -6,8 +6,10 @@
 //!    (`git config --global`, so `GIT_CONFIG_GLOBAL` and `HOME` are honoured) for the
 //!    remote's URL only: `credential.<url>.helper` is set to an empty value, which drops the
 //!    helpers configured before for that URL (a `store` helper must not keep the token in
-//!    clear text), then to `!'<this binary>' git-credential`. `--no-git-credentials` skips
-//!    this; `revboot logout` removes both values and nothing else.
+//!    clear text), then to `!'<this binary>' git-credential`. A remote saved with a CA file
+//!    (`--ca`) also gets `http.<url>.sslCAInfo`, so that git verifies the daemon as the CLI
+//!    does. `--no-git-credentials` skips this; `revboot logout` removes these values and
+//!    nothing else.
 //! 2. git runs `revboot git-credential get|store|erase` and writes the request's attributes
 //!    (`protocol=http`, `host=127.0.0.1:8080`, maybe `path=…` and `username=…`) one
 //!    `key=value` a line, up to an empty line; at most [`MAX_REQUEST`] bytes are read.
@@ -147,17 +149,35 @@ fn git_config(args: &[&str]) -> anyhow::Result<std::process::Output> {
     Ok(output)
 }
 
-/// Registers the helper for `url` in the global git configuration (rule 1).
-pub fn register(url: &str) -> anyhow::Result<()> {
+/// The git configuration key of the CA file for `url`.
+fn ca_key(url: &str) -> String {
+    format!("http.{}.sslCAInfo", normalise(url))
+}
+
+/// Registers the helper for `url` in the global git configuration, and the CA file `ca`
+/// (rule 1).
+pub fn register(url: &str, ca: Option<&Path>) -> anyhow::Result<()> {
     let binary = std::env::current_exe().context("Cannot tell where revboot is installed")?;
     let key = key(url);
-    forget(url)?;
-    for value in ["", command_line(&binary).as_str()] {
-        let output = git_config(&["--add", &key, value])?;
+    forget(url, ca)?;
+    let ca = ca.map(|ca| ca.to_string_lossy().into_owned());
+    let helper = command_line(&binary);
+    let mut settings = vec![
+        ["--add", key.as_str(), ""],
+        ["--add", key.as_str(), &helper],
+    ];
+    let ca_key = ca_key(url);
+    if let Some(ca) = &ca {
+        settings.push(["--replace-all", &ca_key, ca]);
+    }
+    for args in settings {
+        let output = git_config(&args)?;
         if !output.status.success() {
-            let _ = forget(url);
+            let _ = forget(url, ca.as_deref().map(Path::new));
             anyhow::bail!(
-                "git config --global --add {key} failed: {} (skip this with --no-git-credentials)",
+                "git config --global {} {} failed: {} (skip this with --no-git-credentials)",
+                args[0],
+                args[1],
                 String::from_utf8_lossy(&output.stderr).trim()
             );
         }
@@ -165,17 +185,27 @@ pub fn register(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Removes the helper's values for `url` from the global git configuration, and nothing
-/// else: the empty value and this helper's command line (rule 1).
-pub fn forget(url: &str) -> anyhow::Result<()> {
+/// Removes the helper's values for `url` from the global git configuration, and the CA
+/// file `ca` if it is the one set there, and nothing else (rule 1).
+pub fn forget(url: &str, ca: Option<&Path>) -> anyhow::Result<()> {
     let key = key(url);
-    let output = git_config(&["--unset-all", &key, "^$|^!.* git-credential$"])?;
-    // 5: there was no such value, which is fine.
+    unset(&["--unset-all", &key, "^$|^!.* git-credential$"])?;
+    if let Some(ca) = ca {
+        let ca = ca.to_string_lossy();
+        unset(&["--fixed-value", "--unset-all", &ca_key(url), &ca])?;
+    }
+    Ok(())
+}
+
+/// `git config --global --unset…`: no such value is fine (git's exit status 5).
+fn unset(args: &[&str]) -> anyhow::Result<()> {
+    let output = git_config(args)?;
     if output.status.success() || output.status.code() == Some(5) {
         Ok(())
     } else {
         anyhow::bail!(
-            "git config --global --unset-all {key} failed: {}",
+            "git config --global {} failed: {}",
+            args.join(" "),
             String::from_utf8_lossy(&output.stderr).trim()
         )
     }

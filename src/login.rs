@@ -76,7 +76,7 @@ pub fn login(args: &LoginArgs, cli: &Cli, config: &Config) -> anyhow::Result<Out
     };
     let mut saved = ClientConfig::read(&path)?;
     if !args.no_git_credentials {
-        crate::credential::register(&url)?;
+        crate::credential::register(&url, ca.as_deref())?;
     }
     saved.remotes.insert(
         name.clone(),
@@ -134,15 +134,12 @@ pub fn logout(name: Option<&str>, cli: &Cli) -> anyhow::Result<Outcome> {
     if saved.default.as_deref() == Some(name.as_str()) {
         saved.default = None;
     }
-    let url = saved
-        .remotes
-        .get(&name)
-        .map(|remote| remotes::normalise(&remote.url).to_owned());
-    saved.remotes.remove(&name);
+    let forgotten = saved.remotes.remove(&name);
     // The helper goes unless another remote still has the URL.
     // A failure (no git here) leaves nothing of revboot's to remove worth refusing for.
-    if let Some(url) = url.filter(|url| saved.remote_for(url).is_none())
-        && let Err(error) = crate::credential::forget(&url)
+    if let Some(remote) = forgotten.filter(|remote| saved.remote_for(&remote.url).is_none())
+        && let Err(error) =
+            crate::credential::forget(remotes::normalise(&remote.url), remote.ca.as_deref())
     {
         tracing::warn!("{error:#}");
     }

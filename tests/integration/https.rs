@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::support::{Daemon, Setup, TOKEN, eventually, hello_source, run, serve_refused};
+use crate::support::{
+    Daemon, Setup, TOKEN, commit_revision, eventually, hello_source, run, serve_refused,
+};
 
 /// A test CA and certificates it signs, written as PEM files.
 pub struct TestCa {
@@ -138,6 +140,49 @@ fn https_carries_git_the_api_and_metrics_and_takes_a_new_certificate_without_a_r
         .output()
         .expect("run git");
     assert!(!refused.status.success());
+
+    // After `revboot --ca … login`, stock git with nothing but PATH and a private HOME
+    // pushes to the URL without a token: the CA and the token both come from the login.
+    let home = temp.path().join("home");
+    std::fs::create_dir_all(&home).expect("home");
+    let bare = |program: &str| {
+        let mut command = Command::new(program);
+        command
+            .current_dir(&work)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").expect("PATH"))
+            .env("HOME", &home)
+            .env("XDG_CONFIG_HOME", home.join(".config"))
+            .env("GIT_CONFIG_GLOBAL", home.join(".gitconfig"))
+            .env("GIT_TERMINAL_PROMPT", "0");
+        command
+    };
+    let url = format!("https://{}", daemon.http);
+    let mut login = bare(env!("CARGO_BIN_EXE_revboot"));
+    login
+        .arg("--ca")
+        .arg(&ca.pem)
+        .args(["login", &url])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = login.spawn().expect("revboot login");
+    {
+        use std::io::Write as _;
+        let mut input = child.stdin.take().expect("stdin");
+        input.write_all(TOKEN.as_bytes()).expect("token");
+    }
+    let logged = child.wait_with_output().expect("revboot login ends");
+    assert!(logged.status.success(), "{logged:?}");
+    commit_revision(&work, "v2", "hello");
+    let pushed = bare("git")
+        .args(["push", &format!("{url}/git/hello.git"), "main"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("git push");
+    let said = String::from_utf8_lossy(&pushed.stderr);
+    assert!(pushed.status.success(), "{said}");
+    assert!(said.contains("now answers with"), "{said}");
 
     // The API, /metrics and the dashboard over https.
     let (ok, builds) = curl_https(&daemon, &ca.pem, "/api/v1/builds");
