@@ -11,7 +11,7 @@
 //!    with the session cookie and the request's `Origin` ([`session::Sessions::check_write`]);
 //!    it becomes the same [`Action`] the API and the CLI send ([`crate::engine::Engine`]),
 //!    then the browser is sent back to a page (303).
-//!    A service's rename and delete are forms of its page too ([`lifecycle`]).
+//!    A service's rename and delete are forms of its page too (the `lifecycle` module).
 //! 4. Pages answer with `Content-Security-Policy: default-src 'self'` (no inline script),
 //!    `X-Frame-Options: DENY` and `nosniff`; long lists are paginated (50 deployments, 100
 //!    instances a page).
