@@ -15,8 +15,8 @@
 # 5. systemd powers off (the daemon gets SIGTERM and says STOPPING=1); everything goes.
 #
 # Prints `unit: <ActiveState> <SubState>`, `status: <StatusText>`, `delegate: <Delegate>`,
-# `cgroup: <ControlGroup>`, `api: …`, `dns: …`, `cli: …` lines, and the unit's journal;
-# exits non-zero when a step fails.
+# `cgroup: <ControlGroup>`, `delegated: <the daemon's log line on it>`, `api: …`, `dns: …`,
+# `cli: …` lines, and the unit's journal; exits non-zero when a step fails.
 # Usage, as root: packaging/test-deb.sh <package.deb> <cache dir> <work dir>
 set -euo pipefail
 deb=$(realpath "$1")
@@ -142,6 +142,9 @@ echo "unit: $(inside systemctl show -P ActiveState revboot.service) $(inside sys
 echo "status: $(inside systemctl show -P StatusText revboot.service)"
 echo "delegate: $(inside systemctl show -P Delegate revboot.service)"
 echo "cgroup: $(inside systemctl show -P ControlGroup revboot.service)"
+# Where the daemon put its cgroups: below the unit's, which systemd marked delegated.
+echo "delegated: $(inside journalctl -u revboot.service -o cat 2>/dev/null |
+    grep -m1 -o 'cgroups go below the cgroup systemd delegated cgroup=[^ ]*' || true)"
 
 token=$(cat "/proc/$init/root/var/lib/revboot/token" 2>/dev/null || true)
 if [[ -n $token ]]; then

@@ -53,6 +53,11 @@ fn the_package_installs_in_a_clean_debian_root_and_its_unit_reports_ready() {
     // Delegate=yes: the cgroups below the unit's are the daemon's.
     assert_eq!(line("delegate: "), "yes", "{said}");
     assert_eq!(line("cgroup: "), "/system.slice/revboot.service", "{said}");
+    assert_eq!(
+        line("delegated: "),
+        "cgroups go below the cgroup systemd delegated cgroup=/system.slice/revboot.service",
+        "{said}"
+    );
     let daemon: serde_json::Value =
         serde_json::from_str(line("api: ")).unwrap_or_else(|e| panic!("{e}:\n{said}"));
     assert_eq!(daemon["zone"], "revboot.test", "{said}");
