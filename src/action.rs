@@ -407,6 +407,13 @@ pub struct CertView {
     /// When the next attempt is due after failures, Unix milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_at_ms: Option<i64>,
+    /// Who issued the one served (its issuer's distinguished name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    /// When the one served is renewed (ACME: a third of its lifetime before its end), Unix
+    /// milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renew_at_ms: Option<i64>,
 }
 
 /// A running (or recently ended) instance.

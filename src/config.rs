@@ -26,7 +26,8 @@
 //! [front]                    # the shared front door; none by default
 //! http = "127.0.0.1:8000"    # routes by the HTTP Host header
 //! tls = "127.0.0.1:8443"     # routes by the TLS server name; TLS ends at the instance, or
-//!                            # here for services with `tls = "terminate"` (needs [acme])
+//!                            # here for services with `tls = "terminate"` (certificates
+//!                            # from [acme] or from files, [tls.services.<name>])
 //! ```
 //!
 //! `[tls]` (HTTPS) and `[acme]` (certificates by DNS-01) are described in

@@ -484,7 +484,7 @@ impl Daemon {
                 max_pending: config.front.max_pending,
                 // `tls = "terminate"` services: the certificate for the name asked for.
                 terminate: Some(revboot_proxy::Terminate(crate::tls::server_config(
-                    certificates.clone(),
+                    Arc::new(crate::tls::FrontDoor(certificates.clone())),
                     &[b"http/1.1"],
                 ))),
             };

@@ -125,22 +125,29 @@ pub(crate) struct TlsParts<'a> {
 impl TlsParts<'_> {
     pub(crate) fn start(self) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
         let config = self.config;
-        if let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) {
-            tls::watch_files(
-                self.certificates.clone(),
-                cert.clone(),
-                key.clone(),
-                Duration::from_millis(config.tls.reload_ms),
-                self.stop.clone(),
-            )
-            .with_context(|| {
-                format!(
-                    "Cannot serve HTTPS with {} and {}",
-                    cert.display(),
-                    key.display()
-                )
-            })?;
-        }
+        let daemon = match (&config.tls.cert, &config.tls.key) {
+            (Some(cert), Some(key)) => Some(tls::config::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        };
+        tls::files::watch(
+            self.certificates.clone(),
+            daemon.clone(),
+            &config.tls.services,
+            &config.zone,
+            Duration::from_millis(config.tls.reload_ms),
+            self.stop.clone(),
+        )
+        .with_context(|| match &daemon {
+            Some(files) => format!(
+                "Cannot serve HTTPS with {} and {}",
+                files.cert.display(),
+                files.key.display()
+            ),
+            None => "Cannot load the certificate files".to_owned(),
+        })?;
         if config.acme.is_on() {
             let settings = tls::acme::Settings {
                 acme: config.acme.clone(),
@@ -148,6 +155,7 @@ impl TlsParts<'_> {
                 daemon: config.tls.acme,
                 dir: self.data.join("tls"),
                 services: self.services,
+                from_files: config.tls.services.keys().cloned().collect(),
             };
             info!(
                 directory = config.acme.directory,

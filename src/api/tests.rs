@@ -114,6 +114,8 @@ fn documented_replies() -> Vec<(&'static str, [serde_json::Value; 2])> {
                 failures: 0,
                 error: set.then(|| "ACME: connection refused".to_owned()),
                 retry_at_ms: set.then_some(1_700_000_000_000),
+                issuer: set.then(|| "CN=R11, O=Let's Encrypt, C=US".to_owned()),
+                renew_at_ms: set.then_some(1_700_000_000_000),
             }],
         }
     }

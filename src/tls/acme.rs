@@ -5,13 +5,16 @@
 //! One task owns issuance; every `check_ms`, or when woken (a service added):
 //!
 //! 1. The certificates wanted: the daemon's own name (`[tls] acme`), and, with
-//!    `[acme] services`, `*.<service>.<zone>` + `<service>.<zone>` for every service, so
-//!    every revision's name is covered. A service gone (deleted, renamed) is forgotten, its
+//!    `[acme] services`, `*.<service>.<zone>` + `<service>.<zone>` for every service
+//!    whose certificate does not come from files (`[tls.services]`), so every revision's
+//!    name is covered. A service gone (deleted, renamed) is forgotten, its
 //!    certificate and key files removed.
 //! 2. A certificate not served yet is read from `<data>/tls/<id>.pem` and `<id>.key` if a
 //!    valid one is there (a restart issues nothing new).
 //! 3. One is due when none is served, when it does not cover the names wanted, or when less
-//!    than a third of its lifetime is left (Let's Encrypt's advice: day 60 of 90).
+//!    than a third of its lifetime is left (Let's Encrypt's advice: day 60 of 90); that
+//!    time is shown as its next renewal. One whose validity ended (renewals failed until
+//!    then) is withdrawn and reported.
 //! 4. Issuance: the account (created once, kept in `<data>/tls/acme-account.json`, mode
 //!    0600); an order for the names; per authorization, the DNS-01 value published as TXT
 //!    at `_acme-challenge.<name>` ([`revboot_dns::Challenges`]), the challenge set ready;
@@ -55,6 +58,8 @@ pub struct Settings {
     pub dir: PathBuf,
     /// The services there are now.
     pub services: Box<dyn Fn() -> Vec<String> + Send + Sync>,
+    /// Services whose certificate comes from files (`[tls.services]`): none asked for here.
+    pub from_files: Vec<String>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -145,7 +150,11 @@ async fn run(
             wanted.push(DAEMON.to_owned());
         }
         if settings.acme.services {
-            wanted.extend((settings.services)());
+            wanted.extend(
+                (settings.services)()
+                    .into_iter()
+                    .filter(|service| !settings.from_files.contains(service)),
+            );
         }
         wanted.dedup();
         for gone in known.iter().filter(|id| !wanted.contains(id)) {
@@ -187,6 +196,7 @@ async fn look_after(
         }
     });
     let (cert_path, key_path) = paths(&settings.dir, id);
+    certificates.withdraw_if_expired(id, now);
     if certificates.served(id).is_none()
         && let Ok(certified) = super::load_files(&cert_path, &key_path)
         && names.iter().all(|name| certified.names.contains(name))
@@ -202,8 +212,11 @@ async fn look_after(
         None => true,
         Some(served) => {
             let lifetime = served.not_after - served.not_before;
-            !names.iter().all(|name| served.names.contains(name))
-                || served.remaining(now) < lifetime / 3
+            let renew_at = served.not_after - lifetime / 3;
+            certificates.update(id, |view| {
+                view.renew_at_ms = Some(renew_at.saturating_mul(1000));
+            });
+            !names.iter().all(|name| served.names.contains(name)) || now >= renew_at
         }
     };
     let waiting = certificates
@@ -406,6 +419,7 @@ mod tests {
             daemon: true,
             dir: PathBuf::new(),
             services: Box::new(Vec::new),
+            from_files: Vec::new(),
         };
         assert_eq!(
             names("hello", &settings),

@@ -6,6 +6,10 @@
 //! key = "/etc/revboot/key.pem"          # when they change (a bad file is reported, not served)
 //! # acme = true              # instead: the daemon's certificate from [acme]
 //!
+//! [tls.services.hello]       # what the front door presents for a `tls = "terminate"`
+//! cert = "/etc/revboot/hello.pem"       # service: files, watched as the daemon's are (such
+//! key = "/etc/revboot/hello.key"        # a service gets no certificate from ACME)
+//!
 //! [acme]                     # certificates by ACME DNS-01, answered by revboot's own DNS
 //! directory = "https://acme-v02.api.letsencrypt.org/directory"
 //! contact = ["mailto:ops@example.com"]
@@ -13,6 +17,7 @@
 //! services = true            # a certificate for *.<service>.<zone> and <service>.<zone>
 //! ```
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::Deserialize;
@@ -37,9 +42,22 @@ pub struct Tls {
     pub key: Option<PathBuf>,
     /// The daemon's certificate comes from `[acme]` (for `[acme] name`).
     pub acme: bool,
-    /// How often the files are looked at for a change (and the certificate for its
-    /// expiry), in milliseconds.
+    /// How often the files are looked at for a change (and the certificates for their
+    /// expiry), in milliseconds; SIGHUP looks at once.
     pub reload_ms: u64,
+    /// Certificates of services from files, by service name: what the front door presents
+    /// for a service whose manifest says `tls = "terminate"`.
+    pub services: BTreeMap<String, Files>,
+}
+
+/// A certificate chain (PEM, leaf first) and its private key (PEM), as files.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Files {
+    /// The certificate chain.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
 }
 
 impl Default for Tls {
@@ -49,6 +67,7 @@ impl Default for Tls {
             key: None,
             acme: false,
             reload_ms: 2_000,
+            services: BTreeMap::new(),
         }
     }
 }
@@ -142,6 +161,14 @@ pub fn validate(tls: &Tls, acme: &Acme, zone: &str) -> Result<(), Invalid> {
     if tls.reload_ms == 0 {
         return Err(invalid("tls.reload_ms", "must be at least 1"));
     }
+    for service in tls.services.keys() {
+        if let Err(error) = revboot_builder::validate_service_name(service) {
+            return Err(Invalid {
+                key: "tls.services",
+                message: error.to_string(),
+            });
+        }
+    }
     if !acme.is_on() {
         return Ok(());
     }
@@ -183,6 +210,8 @@ pub fn validate(tls: &Tls, acme: &Acme, zone: &str) -> Result<(), Invalid> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use crate::config::Config;
 
     #[test]
@@ -202,6 +231,11 @@ mod tests {
                 "[acme]\ndirectory = \"https://ca.test/dir\"\nname = \"revboot.example.com\"\n",
                 "acme.name",
             ),
+            (
+                "[tls.services.Bad_Name]\ncert = \"c.pem\"\nkey = \"k.pem\"\n",
+                "tls.services",
+            ),
+            ("[tls.services.hello]\ncert = \"c.pem\"\n", "key"),
         ];
         for (text, key) in bad {
             let error = Config::from_toml(text).expect_err(text).to_string();
@@ -213,5 +247,11 @@ mod tests {
         .expect("valid");
         assert_eq!(good.acme.daemon_name(&good.zone), "git.revboot.test");
         assert!(good.tls.is_on());
+        // Service certificates alone do not make the daemon's HTTP HTTPS.
+        let services =
+            Config::from_toml("[tls.services.hello]\ncert = \"c.pem\"\nkey = \"k.pem\"\n")
+                .expect("valid");
+        assert!(!services.tls.is_on());
+        assert_eq!(services.tls.services["hello"].key, PathBuf::from("k.pem"));
     }
 }

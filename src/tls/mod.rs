@@ -10,8 +10,13 @@
 //!    certificate that covers it (exactly, or by a `*.` wildcard one label deep); a
 //!    connection without a server name (an address typed as the URL) gets the daemon's.
 //!    Replacing an entry takes effect at the next handshake: no restart.
-//! 3. Certificates from files ([`config::Tls`]) are looked at every `reload_ms`: a change of
-//!    either file reloads them (rule 1), and one that expires while served is withdrawn.
+//! 3. Certificates from files ([`files`]: the daemon's, and services' for the front door) are
+//!    looked at every `reload_ms` and at SIGHUP: a change of either file reloads them
+//!    (rule 1). A certificate never outlives its validity: the resolver passes over an
+//!    expired one, and the watcher (files) or the ACME task withdraws and reports it. A
+//!    client then gets no certificate for that name: over HTTPS, with the daemon's gone, the
+//!    handshake fails (rustls' `access_denied` alert); at the front door, where a service's
+//!    certificate is never replaced by the daemon's ([`FrontDoor`]), likewise.
 //! 4. Certificates from ACME ([`acme`]) are written to `<data>/tls/` (keys mode 0600; never
 //!    in the deployment repository, never logged) and installed as they are issued.
 //! 5. [`Certificates::status`] is what `revboot certs`, `GET /api/v1/certificates` and the
@@ -22,6 +27,7 @@
 
 pub mod acme;
 pub mod config;
+pub mod files;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -36,7 +42,7 @@ use rustls::sign::CertifiedKey;
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::server::TlsStream;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 pub use crate::action::CertView;
 
@@ -80,6 +86,12 @@ pub enum CertError {
         /// Its end of validity.
         not_after: i64,
     },
+    /// A service's certificate covers no name of that service.
+    #[error("The certificate covers no name of {domain} (that name or one under it)")]
+    OutsideService {
+        /// `<service>.<zone>`.
+        domain: String,
+    },
     /// The certificate's validity has not begun.
     #[error("The certificate is not valid before {not_before} (Unix seconds)")]
     NotYetValid {
@@ -99,6 +111,8 @@ pub struct Certified {
     pub not_before: i64,
     /// End of validity, Unix seconds.
     pub not_after: i64,
+    /// Who issued it (the issuer's distinguished name, e.g. `CN=R11, O=Let's Encrypt, C=US`).
+    pub issuer: String,
 }
 
 impl Certified {
@@ -141,6 +155,7 @@ pub fn load(chain_pem: &[u8], key_pem: &[u8]) -> Result<Certified, CertError> {
         .map_err(|error| CertError::Malformed(error.to_string()))?;
     let not_before = parsed.validity().not_before.timestamp();
     let not_after = parsed.validity().not_after.timestamp();
+    let issuer = parsed.issuer().to_string();
     let mut names = Vec::new();
     if let Ok(Some(san)) = parsed.subject_alternative_name() {
         for name in &san.value.general_names {
@@ -167,6 +182,7 @@ pub fn load(chain_pem: &[u8], key_pem: &[u8]) -> Result<Certified, CertError> {
         names,
         not_before,
         not_after,
+        issuer,
     })
 }
 
@@ -200,12 +216,14 @@ impl Certificates {
     pub fn install(&self, id: &str, certified: Certified) {
         let not_after_ms = certified.not_after.saturating_mul(1000);
         let names = certified.names.clone();
+        let issuer = certified.issuer.clone();
         self.served
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.to_owned(), Arc::new(certified));
         self.update(id, |view| {
             view.names = names;
+            view.issuer = Some(issuer);
             view.state = "valid".into();
             view.not_after_ms = Some(not_after_ms);
             view.issued += 1;
@@ -224,7 +242,30 @@ impl Certificates {
         self.update(id, |view| {
             view.state = "failed".into();
             view.not_after_ms = None;
+            view.issuer = None;
+            view.renew_at_ms = None;
         });
+    }
+
+    /// Withdraws `id` if its validity is over at `now` (Unix seconds), reporting it; whether
+    /// it did (rule 3).
+    pub fn withdraw_if_expired(&self, id: &str, now: i64) -> bool {
+        let Some(served) = self.served(id).filter(|served| served.remaining(now) <= 0) else {
+            return false;
+        };
+        warn!(
+            id,
+            not_after = served.not_after,
+            "certificate expired: no longer served"
+        );
+        self.withdraw(id);
+        self.update(id, |view| {
+            view.error = Some(format!(
+                "The certificate expired at {} (Unix seconds); no longer served",
+                served.not_after
+            ));
+        });
+        true
     }
 
     /// The certificate served as `id`.
@@ -269,24 +310,31 @@ impl Certificates {
             .collect()
     }
 
-    /// The certificate for a server name (rule 2).
-    fn pick(&self, server_name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+    /// The certificate for a server name (rule 2), never an expired one (rule 3); the
+    /// daemon's when none covers the name and `fallback`.
+    fn pick(&self, server_name: Option<&str>, fallback: bool) -> Option<Arc<CertifiedKey>> {
+        let now = now();
         let served = self.served.read().unwrap_or_else(|p| p.into_inner());
+        let mut valid = served.iter().filter(|(_, c)| c.remaining(now) > 0);
         if let Some(name) = server_name {
             let name = name.trim_end_matches('.').to_ascii_lowercase();
             // An exact name first, then a wildcard.
-            let exact = served.values().find(|c| c.names.contains(&name));
-            if let Some(found) = exact.or_else(|| served.values().find(|c| c.covers(&name))) {
+            let exact = valid.clone().find(|(_, c)| c.names.contains(&name));
+            if let Some((_, found)) = exact.or_else(|| valid.clone().find(|(_, c)| c.covers(&name)))
+            {
                 return Some(found.key.clone());
             }
         }
-        served.get(DAEMON).map(|c| c.key.clone())
+        if !fallback {
+            return None;
+        }
+        valid
+            .find(|(id, _)| *id == DAEMON)
+            .map(|(_, c)| c.key.clone())
     }
-}
 
-impl ResolvesServerCert for Certificates {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let picked = self.pick(hello.server_name());
+    fn resolve_for(&self, hello: &ClientHello<'_>, fallback: bool) -> Option<Arc<CertifiedKey>> {
+        let picked = self.pick(hello.server_name(), fallback);
         if picked.is_none() {
             debug!(server_name = ?hello.server_name(), "no certificate for this name");
         }
@@ -294,8 +342,30 @@ impl ResolvesServerCert for Certificates {
     }
 }
 
-/// The rustls server configuration over `certificates`, speaking `alpn` (e.g. `http/1.1`).
-pub fn server_config(certificates: Arc<Certificates>, alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
+impl ResolvesServerCert for Certificates {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.resolve_for(&hello, true)
+    }
+}
+
+/// The resolver of the front door: a certificate that covers the name asked for, never the
+/// daemon's in place of a service's missing one (a client would see a name it did not ask
+/// for; with none, it sees the handshake refused).
+#[derive(Debug)]
+pub struct FrontDoor(pub Arc<Certificates>);
+
+impl ResolvesServerCert for FrontDoor {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.resolve_for(&hello, false)
+    }
+}
+
+/// The rustls server configuration over `resolver` (a [`Certificates`] or a [`FrontDoor`]),
+/// speaking `alpn` (e.g. `http/1.1`).
+pub fn server_config(
+    resolver: Arc<dyn ResolvesServerCert>,
+    alpn: &[&[u8]],
+) -> Arc<rustls::ServerConfig> {
     // ring, not aws-lc-rs: it builds with cc alone, which CI has, where aws-lc needs its own
     // C build; rustls marks it deprecated for lacking post-quantum key exchange (X25519MLKEM768).
     #[allow(deprecated)]
@@ -304,7 +374,7 @@ pub fn server_config(certificates: Arc<Certificates>, alpn: &[&[u8]]) -> Arc<rus
         .with_safe_default_protocol_versions()
         .expect("ring supports the default protocol versions")
         .with_no_client_auth()
-        .with_cert_resolver(certificates);
+        .with_cert_resolver(resolver);
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Arc::new(config)
 }
@@ -387,66 +457,6 @@ impl axum::serve::Listener for HttpsListener {
     }
 }
 
-/// A file's identity for change detection: modification time and length.
-fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
-}
-
-/// Loads the daemon's certificate from files and serves it (rule 3); then watches them
-/// until `stop` turns true. An error at start is returned (the daemon does not start with
-/// a certificate it cannot serve).
-pub fn watch_files(
-    certificates: Arc<Certificates>,
-    cert: PathBuf,
-    key: PathBuf,
-    every: Duration,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> Result<(), CertError> {
-    certificates.update(DAEMON, |view| view.source = "files".into());
-    let certified = load_files(&cert, &key)?;
-    info!(names = ?certified.names, not_after = certified.not_after, "HTTPS certificate loaded");
-    certificates.install(DAEMON, certified);
-    let mut seen = (stamp(&cert), stamp(&key));
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = stop.wait_for(|stop| *stop) => return,
-                () = tokio::time::sleep(every) => {}
-            }
-            let now_seen = (stamp(&cert), stamp(&key));
-            if now_seen != seen {
-                seen = now_seen;
-                match load_files(&cert, &key) {
-                    Ok(certified) => {
-                        info!(names = ?certified.names, not_after = certified.not_after, "HTTPS certificate reloaded");
-                        certificates.install(DAEMON, certified);
-                    }
-                    Err(error) => {
-                        let why = crate::engine::error_chain(&error);
-                        warn!(error = why, file = %cert.display(), "new HTTPS certificate refused; the one served stays");
-                        certificates.update(DAEMON, |view| {
-                            view.failures += 1;
-                            view.error = Some(why);
-                        });
-                    }
-                }
-            }
-            let expired = certificates
-                .served(DAEMON)
-                .is_some_and(|served| served.remaining(now()) <= 0);
-            if expired {
-                warn!(file = %cert.display(), "the HTTPS certificate expired: no longer served");
-                certificates.withdraw(DAEMON);
-                certificates.update(DAEMON, |view| {
-                    view.error = Some("The certificate expired".into());
-                });
-            }
-        }
-    });
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -512,16 +522,18 @@ mod tests {
             a.is_some_and(|a| Arc::ptr_eq(&a, b))
         };
         assert!(same(
-            certificates.pick(Some("abc1234.hello.revboot.test")),
+            certificates.pick(Some("abc1234.hello.revboot.test"), true),
             &hello_key
         ));
         assert!(same(
-            certificates.pick(Some("HELLO.revboot.test")),
+            certificates.pick(Some("HELLO.revboot.test"), false),
             &hello_key
         ));
-        assert!(same(certificates.pick(None), &daemon_key));
+        assert!(same(certificates.pick(None, true), &daemon_key));
+        // The front door never answers a name with the daemon's certificate.
+        assert!(certificates.pick(Some("unknown.example"), false).is_none());
         assert!(same(
-            certificates.pick(Some("unknown.example")),
+            certificates.pick(Some("unknown.example"), true),
             &daemon_key
         ));
         let status = certificates.status();
@@ -530,6 +542,32 @@ mod tests {
             status
                 .iter()
                 .all(|view| view.state == "valid" && view.issued == 1)
+        );
+    }
+
+    #[test]
+    fn an_expired_certificate_is_never_picked_and_is_withdrawn_with_a_report() {
+        let certificates = Certificates::new();
+        let (hello, hello_key) = self_signed(&["*.hello.revboot.test"], VALID);
+        let mut hello = load(hello.as_bytes(), hello_key.as_bytes()).expect("loads");
+        // As if its validity had ended since it was loaded.
+        hello.not_after = now() - 1;
+        certificates.install("hello", hello);
+        assert!(
+            certificates
+                .pick(Some("abc1234.hello.revboot.test"), false)
+                .is_none()
+        );
+        let issuer = certificates.status()[0].issuer.clone();
+        assert!(issuer.is_some_and(|i| i.contains("rcgen")));
+        assert!(!certificates.withdraw_if_expired("other", now()));
+        assert!(certificates.withdraw_if_expired("hello", now()));
+        assert!(certificates.served("hello").is_none());
+        let view = &certificates.status()[0];
+        assert_eq!(view.state, "failed");
+        assert!(
+            view.error.as_deref().is_some_and(|e| e.contains("expired")),
+            "{view:?}"
         );
     }
 }

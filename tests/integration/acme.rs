@@ -101,19 +101,8 @@ impl Drop for Pebble {
 
 /// curl over https to `name` at `at`, verified with `root`; the body, if it answered.
 fn curl_name(name: &str, at: SocketAddr, root: &Path, path: &str) -> Option<String> {
-    let output = Command::new("curl")
-        .args(["-sS", "--fail", "--max-time", "30", "--cacert"])
-        .arg(root)
-        .args(["--resolve", &format!("{name}:{}:{}", at.port(), at.ip())])
-        .args(["-H", &format!("authorization: Bearer {TOKEN}")])
-        .arg(format!("https://{name}:{}{path}", at.port()))
-        .stdin(Stdio::null())
-        .output()
-        .expect("run curl");
-    output
-        .status
-        .success()
-        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+    let (ok, body) = crate::https::curl_resolved(at, name, root, path);
+    ok.then_some(body)
 }
 
 /// The status of certificate `id`, as the API shows it over https.
@@ -122,13 +111,7 @@ fn certificate(daemon: &Daemon, root: &Path, id: &str) -> serde_json::Value {
         return serde_json::Value::Null;
     };
     let view: serde_json::Value = serde_json::from_str(&text).expect("JSON");
-    view["certificates"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|cert| cert["id"] == id)
-        .cloned()
-        .unwrap_or_default()
+    crate::https::certificate_in(&view, id)
 }
 
 /// Adds a service through the API over https.

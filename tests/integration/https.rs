@@ -5,9 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::support::{
-    Daemon, Setup, TOKEN, commit_revision, eventually, hello_source, run, serve_refused,
-};
+use crate::support::{Daemon, TOKEN, commit_revision, eventually, hello_source, run, serve_refused};
 
 /// A test CA and certificates it signs, written as PEM files.
 pub struct TestCa {
@@ -37,12 +35,25 @@ impl TestCa {
     /// A certificate for `names` (DNS names or IP addresses), valid over the years given,
     /// written to `cert` and `key`.
     pub fn issue(&self, names: &[&str], years: (i32, i32), cert: &Path, key: &Path) {
+        self.issue_with(names, cert, key, |params| {
+            params.not_before = rcgen::date_time_ymd(years.0, 1, 1);
+            params.not_after = rcgen::date_time_ymd(years.1, 1, 1);
+        });
+    }
+
+    /// A certificate for `names`, its parameters set by `set`, written to `cert` and `key`.
+    pub fn issue_with(
+        &self,
+        names: &[&str],
+        cert: &Path,
+        key: &Path,
+        set: impl FnOnce(&mut rcgen::CertificateParams),
+    ) {
         let mut params = rcgen::CertificateParams::new(
             names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>(),
         )
         .expect("names");
-        params.not_before = rcgen::date_time_ymd(years.0, 1, 1);
-        params.not_after = rcgen::date_time_ymd(years.1, 1, 1);
+        set(&mut params);
         let pair = rcgen::KeyPair::generate().expect("key");
         let signed = params.signed_by(&pair, &self.issuer).expect("sign");
         std::fs::write(cert, signed.pem()).expect("write cert");
@@ -50,13 +61,20 @@ impl TestCa {
     }
 }
 
-/// `curl` over https to the daemon, verified with `ca`; (exit success, body).
-fn curl_https(daemon: &Daemon, ca: &Path, path: &str) -> (bool, String) {
+/// curl over https to `name` at `at` (`--resolve`), verified with `ca`, with the token:
+/// (success, the body then curl's complaint).
+pub fn curl_resolved(
+    at: std::net::SocketAddr,
+    name: &str,
+    ca: &Path,
+    path: &str,
+) -> (bool, String) {
     let output = Command::new("curl")
-        .args(["-sS", "--max-time", "20", "--cacert"])
+        .args(["-sS", "--fail", "--max-time", "30", "--cacert"])
         .arg(ca)
+        .args(["--resolve", &format!("{name}:{}:{}", at.port(), at.ip())])
         .args(["-H", &format!("authorization: Bearer {TOKEN}")])
-        .arg(format!("https://{}{path}", daemon.http))
+        .arg(format!("https://{name}:{}{path}", at.port()))
         .stdin(Stdio::null())
         .output()
         .expect("run curl");
@@ -65,6 +83,30 @@ fn curl_https(daemon: &Daemon, ca: &Path, path: &str) -> (bool, String) {
         String::from_utf8_lossy(&output.stdout).into_owned()
             + &String::from_utf8_lossy(&output.stderr),
     )
+}
+
+/// `curl` over https to the daemon, verified with `ca`; (exit success, body).
+fn curl_https(daemon: &Daemon, ca: &Path, path: &str) -> (bool, String) {
+    curl_resolved(daemon.http, &daemon.http.ip().to_string(), ca, path)
+}
+
+/// Certificate `id` of a daemon's view (`GET /api/v1/daemon`, `revboot certs --json`);
+/// null when it has none such.
+pub fn certificate_in(view: &serde_json::Value, id: &str) -> serde_json::Value {
+    view["certificates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|cert| cert["id"] == id)
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Whether the string `field` of `value` contains `text`.
+pub fn says(value: &serde_json::Value, field: &str, text: &str) -> bool {
+    value[field]
+        .as_str()
+        .is_some_and(|said| said.contains(text))
 }
 
 /// The end of validity of the certificate the daemon presents, as openssl reads it.
@@ -111,13 +153,7 @@ fn https_carries_git_the_api_and_metrics_and_takes_a_new_certificate_without_a_r
         cert.display(),
         key.display()
     );
-    let daemon = Daemon::start_setup(
-        &temp.path().join("data"),
-        &Setup {
-            config: &config,
-            ..Setup::default()
-        },
-    );
+    let daemon = Daemon::start_configured(&temp.path().join("data"), &config);
 
     // Stock git pushes over https, verifying with the CA.
     let work = hello_source(temp.path());
@@ -279,7 +315,7 @@ fn https_carries_git_the_api_and_metrics_and_takes_a_new_certificate_without_a_r
         "the tampered file is not reported"
     );
     assert!(served_not_after(&daemon).contains("2080"));
-    assert!(daemon.log().contains("new HTTPS certificate refused"));
+    assert!(daemon.log().contains("certificate file refused"));
     let shown = daemon.cli_https(&ca.pem, &["certs"]);
     let shown = String::from_utf8_lossy(&shown.stdout);
     assert!(

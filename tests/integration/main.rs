@@ -4,6 +4,7 @@ mod acme;
 mod api;
 mod beyond_loopback;
 mod browser;
+mod cert_files;
 mod cli;
 mod config;
 mod daemon_log;
