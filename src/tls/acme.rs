@@ -24,7 +24,9 @@
 //!    0600 and the chain beside it (write then rename), then served at once.
 //! 6. A failure keeps what is served, is logged and reported ([`super::CertView`]), and the
 //!    next attempt for that certificate waits `retry_min_ms`, doubled at every failure in a
-//!    row up to `retry_max_ms`. An account the CA no longer knows is made again.
+//!    row up to `retry_max_ms`, less a random part of up to a quarter ([`jittered`]) so
+//!    that daemons which failed together (a CA down) do not all try again at one instant.
+//!    An account the CA no longer knows is made again.
 //!
 //! Keys and the account's credentials never reach a log, the API or the deployment
 //! repository.
@@ -263,7 +265,7 @@ async fn look_after(
             certificates.update(id, |view| {
                 view.failures += 1;
                 failures = view.failures;
-                let wait = backoff(&settings.acme, view.failures);
+                let wait = jittered(backoff(&settings.acme, view.failures), random());
                 view.retry_at_ms = Some(
                     now.saturating_mul(1000)
                         .saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX)),
@@ -289,6 +291,22 @@ pub fn backoff(acme: &Acme, failures: u32) -> Duration {
         .retry_min_ms
         .saturating_mul(1u64 << failures.saturating_sub(1).min(32));
     Duration::from_millis(doubled.min(acme.retry_max_ms))
+}
+
+/// `wait` less up to a quarter of it, by `random` (uniform over `u64`): between three
+/// quarters of `wait` and all of it (rule 6).
+pub fn jittered(wait: Duration, random: u64) -> Duration {
+    let quarter = wait / 4;
+    // random / 2^64 of a quarter, in nanoseconds (u128: no overflow).
+    let less = (quarter.as_nanos() * u128::from(random)) >> 64;
+    wait - Duration::from_nanos(u64::try_from(less).unwrap_or(u64::MAX))
+}
+
+/// A random number for [`jittered`]: std's per-process random hash keys (SipHash keyed from
+/// the OS), new ones at each call; no dependency for a jitter that needs no secrecy.
+fn random() -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    std::hash::RandomState::new().build_hasher().finish()
 }
 
 const ACCOUNT_FILE: &str = "acme-account.json";
@@ -409,6 +427,27 @@ mod tests {
             .collect();
         assert_eq!(waits, [1_000, 2_000, 4_000, 8_000, 10_000, 10_000]);
         assert_eq!(backoff(&acme, 200).as_millis(), 10_000);
+    }
+
+    #[test]
+    fn the_jitter_takes_at_most_a_quarter_off_the_wait() {
+        let wait = Duration::from_millis(8_000);
+        assert_eq!(jittered(wait, 0), wait);
+        assert_eq!(
+            jittered(wait, u64::MAX / 2 + 1),
+            Duration::from_millis(7_000)
+        );
+        let least = jittered(wait, u64::MAX);
+        assert!(least >= Duration::from_millis(6_000) && least < Duration::from_millis(6_001));
+        // Random draws stay within the bounds, and are not all one value.
+        let draws: Vec<Duration> = (0..64).map(|_| jittered(wait, random())).collect();
+        assert!(
+            draws
+                .iter()
+                .all(|d| *d > Duration::from_millis(6_000) - Duration::from_nanos(1) && *d <= wait)
+        );
+        assert!(draws.iter().any(|d| *d != draws[0]));
+        assert_eq!(jittered(Duration::ZERO, u64::MAX), Duration::ZERO);
     }
 
     #[test]

@@ -100,7 +100,8 @@ pub struct Acme {
     pub services: bool,
     /// How often certificates are looked at (new services, renewals due), in milliseconds.
     pub check_ms: u64,
-    /// First wait after a failure, in milliseconds; doubled at each failure in a row.
+    /// First wait after a failure, in milliseconds; doubled at each failure in a row (each
+    /// wait less a random part of up to a quarter, so that daemons do not retry in step).
     pub retry_min_ms: u64,
     /// Longest wait after failures, in milliseconds.
     pub retry_max_ms: u64,
