@@ -363,8 +363,8 @@ pub fn render(reply: &Reply, format: Format) -> String {
     out
 }
 
-/// One certificate as `revboot certs` prints it: its id, state, names, expiry, and the
-/// failure that stands with the next attempt's time.
+/// One certificate as `revboot certs` prints it: its id, state, names, expiry, issuer,
+/// renewal, and the failure that stands with the next attempt's time.
 fn certificate_line(cert: &crate::action::CertView) -> String {
     let id = if cert.id == crate::tls::DAEMON {
         "daemon"
@@ -380,6 +380,13 @@ fn certificate_line(cert: &crate::action::CertView) -> String {
     if let Some(ms) = cert.not_after_ms {
         let days = (ms / 1000 - crate::tls::now()) as f64 / 86_400.0;
         line.push_str(&format!(", expires in {days:.1} days"));
+    }
+    if let Some(issuer) = &cert.issuer {
+        line.push_str(&format!(", issued by {issuer}"));
+    }
+    if let Some(at) = cert.renew_at_ms {
+        let days = (at / 1000 - crate::tls::now()) as f64 / 86_400.0;
+        line.push_str(&format!(", renewed in {days:.1} days"));
     }
     if let Some(error) = &cert.error {
         line.push_str(&format!("; {} failure(s): {error}", cert.failures));

@@ -1,5 +1,5 @@
 //! The dashboard: server-rendered pages of the daemon's services, deployments, instances,
-//! builds and figures, at `/` of the HTTP server, with live consoles and build logs.
+//! builds, figures and TLS certificates, at `/` of the HTTP server, with live consoles and build logs.
 //!
 //! 1. Pages are HTML from askama templates (`templates/`), escaped as they are rendered;
 //!    a little plain JavaScript (`static/dashboard.js`, no build step) follows the live
@@ -30,6 +30,7 @@ use crate::action::{Action, ActionError, MoveReason, Reply};
 use crate::engine::Engine;
 use crate::feeds::FeedState;
 
+mod certificates;
 pub mod figures;
 mod lifecycle;
 mod pages;
@@ -110,6 +111,7 @@ impl Dashboard {
             .route("/instances", get(pages::instances))
             .route("/instances/stop", post(stop))
             .route("/builds", get(pages::builds))
+            .route("/certificates", get(certificates::page))
             .route("/builds/{id}", get(pages::build))
             .route("/feeds/services/{service}/console", get(console_feed))
             .route("/feeds/builds/{id}", get(build_feed))

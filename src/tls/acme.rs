@@ -208,17 +208,12 @@ async fn look_after(
             not_after = certified.not_after,
             "certificate read from the data directory"
         );
-        certificates.install(id, certified);
+        serve(certificates, id, certified);
     }
     let due = match certificates.served(id) {
         None => true,
         Some(served) => {
-            let lifetime = served.not_after - served.not_before;
-            let renew_at = served.not_after - lifetime / 3;
-            certificates.update(id, |view| {
-                view.renew_at_ms = Some(renew_at.saturating_mul(1000));
-            });
-            !names.iter().all(|name| served.names.contains(name)) || now >= renew_at
+            !names.iter().all(|name| served.names.contains(name)) || now >= renew_at(&served)
         }
     };
     let waiting = certificates
@@ -253,7 +248,7 @@ async fn look_after(
     match result {
         Ok(certified) => {
             info!(id, names = ?certified.names, not_after = certified.not_after, "certificate issued");
-            certificates.install(id, certified);
+            serve(certificates, id, certified);
         }
         Err(error) => {
             let why = crate::engine::error_chain(&error);
@@ -283,6 +278,18 @@ async fn look_after(
             );
         }
     }
+}
+
+/// When a certificate is due for renewal: a third of its lifetime before its end (rule 3).
+fn renew_at(certified: &super::Certified) -> i64 {
+    certified.not_after - (certified.not_after - certified.not_before) / 3
+}
+
+/// Serves a certificate, its renewal shown (rule 3).
+fn serve(certificates: &Certificates, id: &str, certified: super::Certified) {
+    let renew_at_ms = renew_at(&certified).saturating_mul(1000);
+    certificates.install(id, certified);
+    certificates.update(id, |view| view.renew_at_ms = Some(renew_at_ms));
 }
 
 /// The wait after `failures` failures in a row (rule 6).

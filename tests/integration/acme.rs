@@ -211,6 +211,13 @@ fn pebble_issues_through_revboots_own_dns_and_revisions_are_served_over_https_at
         .collect();
     names.sort_unstable();
     assert_eq!(names, [format!("*.hello.{ZONE}"), format!("hello.{ZONE}")]);
+    // Its issuer and its next renewal, a third of its lifetime before its end.
+    assert!(crate::https::says(&hello, "issuer", "Pebble"), "{hello}");
+    let (renew, end) = (
+        hello["renew_at_ms"].as_i64(),
+        hello["not_after_ms"].as_i64(),
+    );
+    assert!(renew.is_some() && renew < end, "{hello}");
 
     // curl verifies the revision's name with pebble's root; the instance boots on it.
     let deployments = curl_name(

@@ -27,7 +27,16 @@ const SUBJECT: &str = "<img src=x onerror=\"window.pwned=1\"> hello v2 & <b>more
 #[test]
 fn dashboard_sign_in_rollback_live_console_and_failed_build_in_chromium() {
     let temp = tempfile::tempdir().expect("temp dir");
-    let daemon = Daemon::start(&temp.path().join("data"));
+    // A certificate for hello from files, for the certificates page.
+    let ca = crate::https::TestCa::new(temp.path());
+    let (cert, key) = (temp.path().join("hello.pem"), temp.path().join("hello.key"));
+    ca.issue(&[&format!("*.hello.{ZONE}")], (2000, 2090), &cert, &key);
+    let config = format!(
+        "[tls.services.hello]\ncert = \"{}\"\nkey = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let daemon = Daemon::start_configured(&temp.path().join("data"), &config);
     let work = hello_source(temp.path());
     push(&daemon, &work);
     commit_revision(&work, "v2", "hello");
@@ -151,6 +160,29 @@ fn dashboard_sign_in_rollback_live_console_and_failed_build_in_chromium() {
     });
     assert_eq!(browser.script("return window.pwned === undefined"), true);
     browser.screenshot(&shots.join("failed-build.png"));
+
+    // The certificates: names, issuer, end of validity, source, and what comes next.
+    browser.click("header nav a[href='/certificates']");
+    browser.wait_until("the certificates page", |b| {
+        b.text().contains(&format!("*.hello.{ZONE}"))
+    });
+    let row = browser.script("return document.querySelector('#certificates tbody tr').textContent");
+    let row = row.as_str().unwrap_or_default();
+    for shown in [
+        "hello",
+        "files",
+        "valid",
+        "CN=revboot test CA",
+        "2090-01-01 00:00:00 UTC",
+        "when its files change",
+    ] {
+        assert!(row.contains(shown), "{shown}: {row}");
+    }
+    assert_eq!(
+        browser.script("return document.querySelector('#certificates form') === null"),
+        true
+    );
+    browser.screenshot(&shots.join("certificates.png"));
 
     // The overview with its figures.
     browser.open(&format!("{site}/"));
