@@ -321,6 +321,85 @@ fn completions(dir: &Path, shell: &str) -> PathBuf {
 }
 
 #[test]
+fn login_with_a_ca_file_then_commands_anywhere_and_stock_git_push_over_https() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let ca = crate::https::TestCa::new(temp.path());
+    let (cert, key) = (temp.path().join("cert.pem"), temp.path().join("key.pem"));
+    ca.issue(&["127.0.0.1"], (2000, 2090), &cert, &key);
+    let daemon = Daemon::start_configured(
+        &temp.path().join("data"),
+        &format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let url = format!("https://{}", daemon.http);
+    let home = temp.path().join("home");
+    let elsewhere = temp.path().join("elsewhere");
+    std::fs::create_dir_all(&home).expect("home");
+    std::fs::create_dir_all(&elsewhere).expect("elsewhere");
+    // The CA (temp/ca.pem) named relative to where login runs: it is saved as an absolute
+    // path.
+    assert_eq!(ca.pem, temp.path().join("ca.pem"));
+    let login = ["--ca", "ca.pem", "login", url.as_str()];
+    let said = ok(
+        &login,
+        &bare_cli(&home, temp.path(), &login, &format!("{TOKEN}\n")),
+    );
+    assert!(said.contains("default remote"), "{said}");
+    // Without the CA, the same login is refused: the daemon's certificate is not trusted.
+    let other_home = temp.path().join("other-home");
+    std::fs::create_dir_all(&other_home).expect("home");
+    let untrusted = bare_cli(&other_home, &elsewhere, &["login", &url], TOKEN);
+    assert!(!untrusted.status.success(), "{untrusted:?}");
+
+    // From another directory, no environment but HOME: the remote's CA verifies the daemon.
+    let cli = |args: &[&str]| bare_cli(&home, &elsewhere, args, "");
+    let args = ["service", "add", "hello"];
+    ok(&args, &cli(&args));
+    // `revboot remote` says how to tell git the CA; stock git, with that in a private git
+    // configuration (and the token in the URL), pushes over https.
+    let remote = ok(&["remote", "hello"], &cli(&["remote", "hello"]));
+    let hint = format!(
+        "http.{url}/.sslCAInfo {}",
+        temp.path().join("ca.pem").display()
+    );
+    assert!(remote.contains(&hint), "{remote}");
+    let git_config = temp.path().join("gitconfig");
+    let work = hello_source(temp.path());
+    let private_git = |args: &[&str]| {
+        run(Command::new("git")
+            .args(args)
+            .current_dir(&work)
+            .env("GIT_CONFIG_GLOBAL", &git_config)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env_remove("GIT_SSL_CAINFO"))
+    };
+    private_git(&[
+        "config",
+        "--global",
+        &format!("http.{url}/.sslCAInfo"),
+        &temp.path().join("ca.pem").to_string_lossy(),
+    ]);
+    let pushed = private_git(&[
+        "push",
+        &format!("https://git:{TOKEN}@{}/git/hello.git", daemon.http),
+        "main",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&pushed.stderr).contains("hello"),
+        "{pushed:?}"
+    );
+    let history = json(
+        &["--json", "log", "hello"],
+        &cli(&["--json", "log", "hello"]),
+    );
+    assert_eq!(history.as_array().map(Vec::len), Some(1), "{history}");
+    daemon.stop();
+}
+
+#[test]
 fn completions_load_in_bash_zsh_and_fish_and_the_man_page_renders() {
     let temp = tempfile::tempdir().expect("temp dir");
     let dir = temp.path();
