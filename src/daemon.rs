@@ -420,20 +420,25 @@ impl Daemon {
     pub async fn start_with(config: Config, upgradable: bool) -> anyhow::Result<Daemon> {
         config.validate()?;
         let inherited = crate::handover::inherit()?;
+        let mut front_handed = Vec::new();
         let (inherited_sockets, listeners, handed, upgrades, requested_at_ms) = match inherited {
             Some(Inherited {
                 sockets,
                 listeners,
+                front,
                 instances,
                 upgrades,
                 requested_at_ms,
-            }) => (
-                Some(sockets),
-                listeners,
-                instances,
-                upgrades,
-                Some(requested_at_ms),
-            ),
+            }) => {
+                front_handed = front;
+                (
+                    Some(sockets),
+                    listeners,
+                    instances,
+                    upgrades,
+                    Some(requested_at_ms),
+                )
+            }
             None => (None, Vec::new(), Vec::new(), 0, None),
         };
         let handed_count = handed.len();
@@ -489,7 +494,12 @@ impl Daemon {
                 ))),
             };
             // The error names the address (one the host does not own, or one in use).
-            Proxy::with_front(ProxyConfig::default(), front, deployer.clone())?
+            Proxy::with_front_inheriting(
+                ProxyConfig::default(),
+                front,
+                deployer.clone(),
+                front_handed,
+            )?
         } else {
             Proxy::new(ProxyConfig::default(), deployer.clone())
         };
@@ -763,12 +773,14 @@ impl Daemon {
             warn!(%error, "DNS server did not stop cleanly");
         }
         self.builder.shutdown().await;
+        let front = self.proxy.hand_over_front();
         let listeners = self.proxy.hand_over(crate::handover::DRAIN).await;
         let handed = self
             .deployer
             .hand_over(crate::handover::HAND_OVER_LIMIT)
             .await;
-        let (numbered, keep) = crate::handover::numbers(&self.sockets, &listeners, &handed.fds);
+        let (numbered, keep) =
+            crate::handover::numbers(&self.sockets, &listeners, &front, &handed.fds);
         let state = crate::handover::State {
             http: self.sockets.http.as_raw_fd(),
             dns: self
@@ -778,6 +790,7 @@ impl Daemon {
                 .map(|(udp, tcp)| (udp.as_raw_fd(), tcp.as_raw_fd()))
                 .collect(),
             listeners: numbered,
+            front: front.iter().map(|listener| listener.as_raw_fd()).collect(),
             instances: handed.instances.clone(),
             upgrades: self.upgrades,
             requested_at_ms,

@@ -6,7 +6,8 @@
 //!    an executable file, else the request is refused and nothing stops.
 //! 2. HTTP and DNS stop reading, their sockets open (requests and queries wait in the
 //!    kernel's queues); running builds are interrupted (the new program runs them again);
-//!    the proxy hands its listeners over, open (relayed connections get [`DRAIN`] to end;
+//!    the proxy hands its listeners and the front door's over, open (relayed connections
+//!    get [`DRAIN`] to end;
 //!    warm connections go straight to the instances and never notice); the deployer hands
 //!    its instances over (`revboot_deployer`'s `handover` module).
 //! 3. The state goes to `<data>/handover.json` (mode 0600): the sockets' descriptor numbers,
@@ -48,6 +49,9 @@ pub struct State {
     pub dns: Vec<(i32, i32)>,
     /// The proxy's listeners: service address and port, descriptor.
     pub listeners: Vec<(SocketAddr, i32)>,
+    /// The front door's listeners (none from a program older than this field).
+    #[serde(default)]
+    pub front: Vec<i32>,
     /// The instances.
     pub instances: Vec<HandedInstance>,
     /// Upgrades in place before this one.
@@ -72,6 +76,8 @@ pub struct Inherited {
     pub sockets: Sockets,
     /// The proxy's listeners.
     pub listeners: Vec<(SocketAddr, std::net::TcpListener)>,
+    /// The front door's listeners.
+    pub front: Vec<std::net::TcpListener>,
     /// The instances.
     pub instances: Vec<HandedInstance>,
     /// Upgrades in place so far, this one included.
@@ -118,14 +124,23 @@ pub fn inherit() -> anyhow::Result<Option<Inherited>> {
             Err(error) => warn!(%address, error = format!("{error:#}"), "proxy listener lost"),
         }
     }
+    let mut front = Vec::new();
+    for &fd in &state.front {
+        match take(fd, "front door listener") {
+            Ok(fd) => front.push(std::net::TcpListener::from(fd)),
+            Err(error) => warn!(error = format!("{error:#}"), "front door listener lost"),
+        }
+    }
     info!(
         instances = state.instances.len(),
         listeners = listeners.len(),
+        front = front.len(),
         "taking over from the previous program (upgrade in place)"
     );
     Ok(Some(Inherited {
         sockets: Sockets { http, dns },
         listeners,
+        front,
         instances: state.instances,
         upgrades: state.upgrades + 1,
         requested_at_ms: state.requested_at_ms,
@@ -168,9 +183,11 @@ pub fn exec(data: &Path, binary: &Path, state: &State, fds: &[BorrowedFd<'_>]) -
 pub fn numbers<'a>(
     sockets: &'a Sockets,
     listeners: &'a [(SocketAddr, std::net::TcpListener)],
+    front: &'a [std::net::TcpListener],
     consoles: &'a [OwnedFd],
 ) -> (Vec<(SocketAddr, i32)>, Vec<BorrowedFd<'a>>) {
     let mut keep = vec![sockets.http.as_fd()];
+    keep.extend(front.iter().map(AsFd::as_fd));
     for (udp, tcp) in &sockets.dns {
         keep.push(udp.as_fd());
         keep.push(tcp.as_fd());

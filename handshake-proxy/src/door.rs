@@ -6,13 +6,14 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 use crate::sniff::Protocol;
 
@@ -103,13 +104,24 @@ pub(crate) struct Front {
     /// Connections still reading their head.
     pub(crate) pending: Arc<Semaphore>,
     pub(crate) addresses: FrontAddresses,
+    /// A second descriptor of each listener, to hand over at an upgrade in place (the accept
+    /// loops' own close when they stop; the sockets stay open through these).
+    pub(crate) kept: Mutex<Vec<std::net::TcpListener>>,
+    /// Stops the accept loops (at shutdown, or at a hand-over).
+    pub(crate) stop: CancellationToken,
 }
 
 /// Bound listeners, not yet watched by a runtime.
 pub(crate) type Bound = Vec<(Protocol, SocketAddr, std::net::TcpListener)>;
 
-/// Binds the configured addresses (the front door's step 1).
-pub(crate) fn bind(config: &FrontConfig, backlog: u32) -> Result<(Front, Bound), FrontError> {
+/// Binds the configured addresses (the front door's step 1), taking a listener of
+/// `inherited` (handed over by the previous daemon) where one is on the address configured
+/// (any port, for port 0); those not taken are closed.
+pub(crate) fn bind(
+    config: &FrontConfig,
+    backlog: u32,
+    mut inherited: Vec<std::net::TcpListener>,
+) -> Result<(Front, Bound), FrontError> {
     for (name, value) in [
         ("max_head", config.max_head),
         ("max_pending", config.max_pending),
@@ -119,16 +131,29 @@ pub(crate) fn bind(config: &FrontConfig, backlog: u32) -> Result<(Front, Bound),
         }
     }
     let mut bound = Vec::new();
+    let mut kept = Vec::new();
     let mut addresses = FrontAddresses::default();
     for (protocol, address) in [(Protocol::Http, config.http), (Protocol::Tls, config.tls)] {
         let Some(address) = address else { continue };
-        let listener = listener(address, backlog).map_err(|source| {
-            if source.kind() == io::ErrorKind::AddrNotAvailable {
-                FrontError::NotLocal { address }
-            } else {
-                FrontError::Bind { address, source }
-            }
-        })?;
+        let handed = inherited.iter().position(|listener| {
+            listener.local_addr().is_ok_and(|local| {
+                local.ip() == address.ip()
+                    && (address.port() == 0 || local.port() == address.port())
+            })
+        });
+        let listener = match handed {
+            Some(at) => inherited.swap_remove(at),
+            None => listener(address, backlog).map_err(|source| {
+                if source.kind() == io::ErrorKind::AddrNotAvailable {
+                    FrontError::NotLocal { address }
+                } else {
+                    FrontError::Bind { address, source }
+                }
+            })?,
+        };
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| FrontError::Bind { address, source })?;
         let local = listener
             .local_addr()
             .map_err(|source| FrontError::Bind { address, source })?;
@@ -136,6 +161,10 @@ pub(crate) fn bind(config: &FrontConfig, backlog: u32) -> Result<(Front, Bound),
             Protocol::Http => addresses.http = Some(local),
             Protocol::Tls => addresses.tls = Some(local),
         }
+        let second = listener
+            .try_clone()
+            .map_err(|source| FrontError::Bind { address, source })?;
+        kept.push(second);
         bound.push((protocol, local, listener));
     }
     let zone = config
@@ -150,6 +179,8 @@ pub(crate) fn bind(config: &FrontConfig, backlog: u32) -> Result<(Front, Bound),
         zone,
         pending: Arc::new(Semaphore::new(config.max_pending)),
         addresses,
+        kept: Mutex::new(kept),
+        stop: CancellationToken::new(),
     };
     Ok((front, bound))
 }

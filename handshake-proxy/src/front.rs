@@ -6,7 +6,8 @@
 //! which revision a connection is for from the connection itself.
 //!
 //! 1. At start, bind each configured address (the `door` module); one the host does not own is an error that
-//!    names it ([`FrontError::NotLocal`]). The listeners close at shutdown.
+//!    names it ([`FrontError::NotLocal`]). The listeners close at shutdown; at an upgrade
+//!    in place they go to the next daemon, open ([`crate::Proxy::hand_over_front`]).
 //! 2. Accept at once. Over `max_connections` (the proxy's bound, shared with its own
 //!    listeners) or over `max_pending` connections still reading their head: reset.
 //! 3. Read the head within `head_timeout`, at most `max_head` bytes (the private `sniff`
@@ -58,9 +59,10 @@ const UNRECOGNIZED_NAME: u8 = 112;
 
 /// Starts the accept loops of `bound` on the proxy's runtime.
 pub(crate) fn start(shared: &Arc<Shared>, bound: Bound) {
+    let Some(front) = &shared.front else { return };
     for (protocol, address, listener) in bound {
         let me = Arc::clone(shared);
-        let cancel = shared.cancel.child_token();
+        let cancel = front.stop.clone();
         shared.runtime.spawn(async move {
             match TcpListener::from_std(listener) {
                 Ok(listener) => {
@@ -490,12 +492,51 @@ mod tests {
         proxy.shutdown();
     }
 
+    #[tokio::test]
+    async fn a_front_door_handed_over_keeps_its_port_and_the_connections_waiting() {
+        let fake = fake(Backend::Echo);
+        let mut config = FrontConfig::new("revboot.test");
+        config.http = Some(SocketAddr::new(unique_ip(), 0));
+        let inner: Arc<dyn Instances> = fake.clone();
+        let old = Proxy::with_front(ProxyConfig::default(), config.clone(), inner.clone())
+            .expect("opens");
+        let http = old.front_addresses().http.expect("http");
+        let handed = old.hand_over_front();
+        assert_eq!(handed.len(), 1);
+        drop(old);
+        // Between the two: the connection waits in the socket's queue.
+        let mut waiting = TcpStream::connect(http).await.expect("connect");
+        waiting
+            .write_all(b"GET / HTTP/1.1\r\nhost: nothing.revboot.test\r\n\r\n")
+            .await
+            .expect("write");
+        let new = Proxy::with_front_inheriting(ProxyConfig::default(), config, inner, handed)
+            .expect("opens");
+        assert_eq!(new.front_addresses().http, Some(http));
+        let mut answer = Vec::new();
+        tokio::time::timeout(STEP, waiting.read_to_end(&mut answer))
+            .await
+            .expect("answered in time")
+            .expect("read");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+        new.shutdown();
+        // Shut down, the socket closes (its accept loop ends): no second descriptor keeps it.
+        let deadline = tokio::time::Instant::now() + STEP;
+        while TcpStream::connect(http).await.is_ok() {
+            assert!(tokio::time::Instant::now() < deadline, "still listening");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     #[test]
     fn an_address_the_host_does_not_own_is_named() {
         let mut config = FrontConfig::new("revboot.test");
         // A documentation address: never local, and binding it sends nothing.
         config.http = Some("192.0.2.1:0".parse().expect("address"));
-        let error = bind(&config, 16).expect_err("not local").to_string();
+        let error = bind(&config, 16, Vec::new())
+            .expect_err("not local")
+            .to_string();
         assert!(error.contains("192.0.2.1"), "{error}");
         assert!(error.contains("not an address of this host"), "{error}");
     }

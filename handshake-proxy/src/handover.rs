@@ -9,6 +9,9 @@
 //!    are not touched.
 //! 3. The next daemon registers each socket again with [`Proxy::adopt`], after the
 //!    deployer has adopted the instances, and accepts what waited.
+//! 4. The front door's listeners likewise: [`Proxy::hand_over_front`] stops its accept
+//!    loops and gives its sockets, open; the next daemon's front door listens on them
+//!    ([`Proxy::with_front_inheriting`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -60,6 +63,23 @@ impl Proxy {
             "proxy handed over"
         );
         handed
+    }
+
+    /// Stops the front door's accept loops and returns its listening sockets, open (module
+    /// doc, rule 4); none without a front door, or when given already.
+    pub fn hand_over_front(&self) -> Vec<std::net::TcpListener> {
+        let Some(front) = &self.shared().front else {
+            return Vec::new();
+        };
+        front.stop.cancel();
+        let kept = std::mem::take(
+            &mut *front
+                .kept
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        info!(listeners = kept.len(), "front door handed over");
+        kept
     }
 
     /// Listens again on a socket handed over by the previous daemon (module doc, rule 3).

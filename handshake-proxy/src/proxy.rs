@@ -60,12 +60,24 @@ impl Proxy {
         front: FrontConfig,
         inner: Arc<dyn Instances>,
     ) -> Result<Arc<Proxy>, FrontError> {
+        Proxy::with_front_inheriting(config, front, inner, Vec::new())
+    }
+
+    /// [`Proxy::with_front`], listening on the front door's sockets handed over by the
+    /// previous daemon ([`Proxy::hand_over_front`]) where they are on the addresses
+    /// configured.
+    pub fn with_front_inheriting(
+        config: ProxyConfig,
+        front: FrontConfig,
+        inner: Arc<dyn Instances>,
+        inherited: Vec<std::net::TcpListener>,
+    ) -> Result<Arc<Proxy>, FrontError> {
         let runtime =
             Handle::try_current().expect("Proxy::with_front is called inside a tokio runtime");
         if let Err(error) = config.validate() {
             warn!(%error, "proxy configuration is unusable");
         }
-        let (front, bound) = crate::door::bind(&front, config.backlog)?;
+        let (front, bound) = crate::door::bind(&front, config.backlog, inherited)?;
         let shared = Arc::new(Shared::new(config, inner, runtime, Some(front)));
         crate::front::start(&shared, bound);
         shared.runtime.spawn(sweeping(Arc::clone(&shared)));
@@ -96,6 +108,15 @@ impl Proxy {
     pub fn shutdown(&self) {
         info!("handshake proxy shutting down");
         self.shared.cancel.cancel();
+        if let Some(front) = &self.shared.front {
+            front.stop.cancel();
+            // The second descriptors too: the sockets close.
+            front
+                .kept
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clear();
+        }
         self.shared.close_listeners();
     }
 

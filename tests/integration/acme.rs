@@ -132,17 +132,30 @@ fn add_service(daemon: &Daemon, root: &Path, name: &str) {
         )));
 }
 
-#[test]
-fn pebble_issues_through_revboots_own_dns_and_revisions_are_served_over_https_at_the_front_door() {
-    let temp = tempfile::tempdir().expect("temp dir");
-    let ca = TestCa::new(temp.path());
+/// A daemon whose certificates come from pebble, serving hello with TLS ended at the front
+/// door.
+struct Served {
+    pebble: Pebble,
+    pebble_address: String,
+    dns: SocketAddr,
+    daemon: Daemon,
+    /// Pebble's root.
+    root: PathBuf,
+    front: SocketAddr,
+    /// hello's deployment, as its DNS label.
+    short: String,
+}
+
+/// Pebble, and a daemon that gets its own certificate and hello's from it; hello pushed with
+/// stock git over https to the daemon's name, ending TLS at the front door.
+fn serve_hello_over_tls(temp: &Path, ca: &TestCa) -> Served {
     // DNS and pebble on addresses of this test's own loopback /24, at fixed ports.
     let pool = fresh_pool();
     let base = pool.trim_end_matches(".0/24");
     let dns: SocketAddr = format!("{base}.253:5353").parse().expect("address");
     let pebble_address = format!("{base}.252");
-    let pebble = Pebble::start(temp.path(), &ca, &pebble_address, dns, 157_766_400, false);
-    let root = pebble.root(&temp.path().join("root-a.pem"));
+    let pebble = Pebble::start(temp, ca, &pebble_address, dns, 157_766_400, false);
+    let root = pebble.root(&temp.join("root-a.pem"));
     let config = format!(
         "[front]\ntls = \"127.0.0.1:0\"\n[tls]\nacme = true\n[acme]\n\
          directory = \"https://{pebble_address}:14000/dir\"\nca = \"{}\"\n\
@@ -150,7 +163,7 @@ fn pebble_issues_through_revboots_own_dns_and_revisions_are_served_over_https_at
         ca.pem.display()
     );
     let daemon = Daemon::start_setup(
-        &temp.path().join("data"),
+        &temp.join("data"),
         &Setup {
             config: &config,
             dns: Some(dns),
@@ -166,19 +179,8 @@ fn pebble_issues_through_revboots_own_dns_and_revisions_are_served_over_https_at
         "no certificate for the daemon; log:\n{}",
         daemon.log()
     );
-    let key = daemon.data.join("tls/_daemon.key");
-    use std::os::unix::fs::PermissionsExt as _;
-    let mode = std::fs::metadata(&key).expect("key").permissions().mode();
-    assert_eq!(mode & 0o777, 0o600, "{}", key.display());
-    let key_text = std::fs::read_to_string(&key).expect("key");
-    let body = key_text
-        .lines()
-        .find(|line| !line.starts_with("-----"))
-        .expect("a key line");
-    assert!(!daemon.log().contains(body), "a key reached the log");
-
     // Stock git pushes over https to the daemon's name; the service ends TLS at the front.
-    let work = hello_source(temp.path());
+    let work = hello_source(temp);
     write_manifest(&work, "reach = \"front\"\ntls = \"terminate\"\n");
     git(
         &work,
@@ -202,6 +204,52 @@ fn pebble_issues_through_revboots_own_dns_and_revisions_are_served_over_https_at
         "no certificate for hello; log:\n{}",
         daemon.log()
     );
+    let deployments = curl_name(
+        ZONE,
+        daemon.http,
+        &root,
+        "/api/v1/services/hello/deployments",
+    )
+    .expect("deployments");
+    let deployments: serde_json::Value = serde_json::from_str(&deployments).expect("JSON");
+    let short = deployments[0]["short"].as_str().expect("short").to_owned();
+    Served {
+        pebble,
+        pebble_address,
+        dns,
+        daemon,
+        root,
+        front,
+        short,
+    }
+}
+
+#[test]
+fn pebble_issues_through_revboots_own_dns_and_revisions_are_served_over_https_at_the_front_door() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let ca = TestCa::new(temp.path());
+    let Served {
+        pebble,
+        pebble_address,
+        dns,
+        daemon,
+        root,
+        front,
+        short,
+    } = serve_hello_over_tls(temp.path(), &ca);
+
+    // The keys are the daemon's alone, and never logged.
+    let key = daemon.data.join("tls/_daemon.key");
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&key).expect("key").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{}", key.display());
+    let key_text = std::fs::read_to_string(&key).expect("key");
+    let body = key_text
+        .lines()
+        .find(|line| !line.starts_with("-----"))
+        .expect("a key line");
+    assert!(!daemon.log().contains(body), "a key reached the log");
+
     let hello = certificate(&daemon, &root, "hello");
     let mut names: Vec<&str> = hello["names"]
         .as_array()
@@ -220,15 +268,6 @@ fn pebble_issues_through_revboots_own_dns_and_revisions_are_served_over_https_at
     assert!(renew.is_some() && renew < end, "{hello}");
 
     // curl verifies the revision's name with pebble's root; the instance boots on it.
-    let deployments = curl_name(
-        ZONE,
-        daemon.http,
-        &root,
-        "/api/v1/services/hello/deployments",
-    )
-    .expect("deployments");
-    let deployments: serde_json::Value = serde_json::from_str(&deployments).expect("JSON");
-    let short = deployments[0]["short"].as_str().expect("short").to_owned();
     for name in [format!("{short}.hello.{ZONE}"), format!("hello.{ZONE}")] {
         let answer = curl_name(&name, front, &root, "/");
         assert!(
@@ -292,4 +331,97 @@ impl Daemon {
     fn metrics_https(&self, root: &Path) -> String {
         curl_name(ZONE, self.http, root, "/metrics").unwrap_or_default()
     }
+}
+
+#[test]
+fn an_upgrade_in_place_keeps_https_and_the_front_door_serving_with_no_new_order() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let ca = TestCa::new(temp.path());
+    let served = serve_hello_over_tls(temp.path(), &ca);
+    let (daemon, root, front) = (&served.daemon, &served.root, served.front);
+    let revision = format!("{}.hello.{ZONE}", served.short);
+    assert!(curl_name(&revision, front, root, "/").is_some_and(|a| a.contains("hello from")));
+    let issued = |daemon: &Daemon| daemon.log().matches("certificate issued").count();
+    assert_eq!(issued(daemon), 2, "{}", daemon.log());
+    let orders = || pebble_orders(temp.path());
+    let before = orders();
+    assert!(before >= 2, "pebble's log shows no orders");
+
+    // The upgrade, asked over https to the daemon's name.
+    let port = daemon.http.port();
+    let upgraded = run(Command::new("curl")
+        .args([
+            "-sS",
+            "--fail",
+            "--max-time",
+            "60",
+            "-X",
+            "POST",
+            "--cacert",
+        ])
+        .arg(root)
+        .args(["--resolve", &format!("{ZONE}:{port}:127.0.0.1")])
+        .args(["-H", &format!("authorization: Bearer {TOKEN}")])
+        .arg(format!("https://{ZONE}:{port}/api/v1/daemon/upgrade")));
+    let view: serde_json::Value = serde_json::from_slice(&upgraded.stdout).expect("JSON");
+    let pid = view["pid"].clone();
+    // It answers at once; the new program then serves, same pid, over https again.
+    let upgrades = || {
+        let view = curl_name(ZONE, daemon.http, root, "/api/v1/daemon").unwrap_or_default();
+        serde_json::from_str::<serde_json::Value>(&view).unwrap_or_default()
+    };
+    assert!(
+        eventually(|| upgrades()["upgrades"] == 1),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(upgrades()["pid"], pid);
+    // The front door kept its socket (configured with port 0, it would not get it back).
+    let serving = daemon.log();
+    let last = serving
+        .lines()
+        .rfind(|line| line.contains("revboot is serving"))
+        .expect("serving");
+    assert!(last.contains(&format!("front_tls={front} ")), "{last}");
+
+    // HTTPS and the front door serve on, with the certificates issued before (read from the
+    // data directory): no new order.
+    assert!(
+        eventually(|| {
+            certificate(daemon, root, "_daemon")["state"] == "valid"
+                && certificate(daemon, root, "hello")["state"] == "valid"
+        }),
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        curl_name(&revision, front, root, "/").is_some_and(|a| a.contains("hello from")),
+        "{}",
+        daemon.log()
+    );
+    let log = daemon.log();
+    assert_eq!(
+        log.matches("certificate read from the data directory")
+            .count(),
+        2,
+        "{log}"
+    );
+    assert_eq!(issued(daemon), 2, "{log}");
+    assert_eq!(orders(), before);
+    let Served { pebble, daemon, .. } = served;
+    daemon.stop();
+    drop(pebble);
+}
+
+/// Orders pebble received, as its logs say.
+fn pebble_orders(dir: &Path) -> usize {
+    let mut orders = 0;
+    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("pebble-") && name.ends_with(".log") {
+            let log = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            orders += log.matches("order-plz").count();
+        }
+    }
+    orders
 }
