@@ -6,7 +6,8 @@
 //!    stops the start (no HTTPS without it); a service's failing is reported and that
 //!    service's names get no certificate until a good one is written.
 //! 2. Every `reload_ms`, a file whose modification time or length changed is loaded again;
-//!    SIGHUP loads every pair at once, changed or not. A good pair is served from the next
+//!    SIGHUP loads every pair at once, changed or not (with no files, it does nothing: it
+//!    never ends the daemon). A good pair is served from the next
 //!    handshake; a bad one (tampered, expired, not the key's, outside its service) is
 //!    reported in the log and the status, and what was served stays.
 //! 3. At every look, a certificate whose validity ended while it was served is withdrawn and
@@ -117,9 +118,6 @@ pub fn watch(
         domain: Some(format!("{service}.{zone}")),
         seen: (None, None),
     }));
-    if watched.is_empty() {
-        return Ok(());
-    }
     for one in &mut watched {
         certificates.update(&one.id, |view| view.source = "files".into());
         one.seen = one.stamps();
@@ -140,6 +138,21 @@ pub fn watch(
             None
         }
     };
+    if watched.is_empty() {
+        // Nothing to watch; SIGHUP (`systemctl reload`) is still taken, and does nothing,
+        // rather than ending the daemon as its default action would.
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.wait_for(|stop| *stop) => return,
+                    Some(()) = async { hangup.as_mut()?.recv().await } => {
+                        info!("SIGHUP: no certificate files to load");
+                    }
+                }
+            }
+        });
+        return Ok(());
+    }
     tokio::spawn(async move {
         loop {
             // The next look: after `every`, or just after the first end of validity.

@@ -61,6 +61,15 @@ fn cert_status(
     certificate_in(&view, id)
 }
 
+/// Sends SIGHUP to the daemon.
+fn hup(daemon: &Daemon) {
+    let sent = Command::new("kill")
+        .args(["-HUP", &daemon.pid().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(sent.success());
+}
+
 /// Waits until the daemon says it withdrew a certificate whose validity ended.
 fn wait_for_withdrawal(daemon: &Daemon) {
     let said = || {
@@ -208,13 +217,6 @@ fn sighup_loads_certificate_files_at_once_and_an_expired_https_certificate_is_wi
         &hello,
         &hello_key,
     );
-    let hup = |daemon: &Daemon| {
-        let sent = Command::new("kill")
-            .args(["-HUP", &daemon.pid().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(sent.success());
-    };
     hup(&daemon);
     assert!(
         eventually(|| year("_daemon") == 2080 && year("hello") == 2070),
@@ -238,5 +240,22 @@ fn sighup_loads_certificate_files_at_once_and_an_expired_https_certificate_is_wi
     ca.issue(&["127.0.0.1"], (2000, 2090), &cert, &key);
     hup(&daemon);
     assert!(eventually(|| year("_daemon") == 2090), "{}", daemon.log());
+    daemon.stop();
+}
+
+#[test]
+fn sighup_without_certificate_files_leaves_the_daemon_serving() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let daemon = Daemon::start(&temp.path().join("data"));
+    hup(&daemon);
+    assert!(
+        eventually(|| daemon
+            .log()
+            .contains("SIGHUP: no certificate files to load")),
+        "{}",
+        daemon.log()
+    );
+    let listed = daemon.cli(&["service", "list"]);
+    assert!(listed.status.success(), "{listed:?}");
     daemon.stop();
 }
