@@ -24,6 +24,10 @@
 //!    attempt after failures.
 //! 6. The HTTPS listener ([`HttpsListener`]) does handshakes off the accept loop, at most
 //!    [`MAX_HANDSHAKES`] at once, each within [`HANDSHAKE_TIMEOUT`].
+//!
+//! No OCSP stapling, by choice: Let's Encrypt ended its OCSP service in 2025 (its
+//! certificates name no responder; revocation is by CRLs clients fetch), and a staple would
+//! add a fetch from the CA that can fail. A Must-Staple certificate is served unstapled.
 
 pub mod acme;
 pub mod config;
