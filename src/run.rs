@@ -197,22 +197,6 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
                     ),
                     config.data.join("token").display(),
                 );
-                // Stock git verifies an https daemon with the system's roots unless told.
-                let ca = cli.ca.clone().or_else(|| {
-                    ClientConfig::load()
-                        .ok()?
-                        .remote_for(client.url())?
-                        .ca
-                        .clone()
-                });
-                if let Some(ca) = ca.filter(|_| client.url().starts_with("https://")) {
-                    let _ = writeln!(
-                        out,
-                        "# git verifies the daemon with its CA once told: git config --global http.{}/.sslCAInfo {}",
-                        client.url(),
-                        ca.display()
-                    );
-                }
             }
             return Ok(Outcome::Done);
         }

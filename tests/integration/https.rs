@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::support::{Daemon, TOKEN, commit_revision, eventually, hello_source, run, serve_refused};
+use crate::support::{
+    Daemon, TOKEN, commit_revision, eventually, hello_source, run, serve_refused,
+};
 
 /// A test CA and certificates it signs, written as PEM files.
 pub struct TestCa {
