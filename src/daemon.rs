@@ -194,6 +194,12 @@ impl Runtime for DaemonRuntime {
         }
     }
 
+    fn added_services(&self) -> Result<Vec<String>, ActionError> {
+        self.builder.services().map_err(|error| {
+            ActionError::Internal(format!("Cannot list the source repositories: {error}"))
+        })
+    }
+
     fn delete_service(&self, service: &str, keep: bool) -> Result<DeletedView, ActionError> {
         self.handle.block_on(self.parts().delete(service, keep))
     }

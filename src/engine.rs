@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use revboot_store::{Deployment, ResolveError, Revision, Store};
+use revboot_store::{Deployment, ReadError, ResolveError, Revision, Store};
 
 use crate::action::{
     Action, ActionError, BuildLogView, ConsoleView, DeletedView, DeploymentView, Deployments,
@@ -16,6 +16,9 @@ use crate::action::{
 pub trait Runtime: Send + Sync + 'static {
     /// Creates a service (its source repository).
     fn add_service(&self, name: &str) -> Result<(), ActionError>;
+    /// The services that have a source repository (added, or pushed to), sorted: a service
+    /// added and not built yet has no deployment in the store but exists all the same.
+    fn added_services(&self) -> Result<Vec<String>, ActionError>;
     /// Deletes a service (see `crate::lifecycle`).
     fn delete_service(&self, service: &str, keep: bool) -> Result<DeletedView, ActionError>;
     /// Renames a service (see `crate::lifecycle`).
@@ -117,7 +120,10 @@ impl Engine {
                 zone: self.zone.clone(),
             })),
             Action::History { service } => {
-                let history = self.store.history(service).map_err(read_error)?;
+                let history = match self.store.history(service) {
+                    Err(ReadError::UnknownService(_)) if self.added(service)? => Vec::new(),
+                    other => other.map_err(read_error)?,
+                };
                 Ok(Reply::History(
                     history.iter().map(|d| self.view(d)).collect(),
                 ))
@@ -223,12 +229,22 @@ impl Engine {
         })
     }
 
+    /// Every service: those with deployments, and those added and not built yet (with no
+    /// deployment and no live revision).
     fn services(&self) -> Result<Vec<ServiceView>, ActionError> {
-        let names = self.store.services().map_err(read_error)?;
+        let mut names = self.store.services().map_err(read_error)?;
+        if let Some(runtime) = &self.runtime {
+            names.extend(runtime.added_services()?);
+            names.sort();
+            names.dedup();
+        }
         names
             .into_iter()
             .map(|name| {
-                let history = self.store.history(&name).map_err(read_error)?;
+                let history = match self.store.history(&name) {
+                    Err(ReadError::UnknownService(_)) => Vec::new(),
+                    other => other.map_err(read_error)?,
+                };
                 let live = self.store.live(&name).map_err(read_error)?;
                 Ok(ServiceView {
                     dns_name: format!("{name}.{}", self.zone),
@@ -238,6 +254,14 @@ impl Engine {
                 })
             })
             .collect()
+    }
+
+    /// Whether `service` was added (has a source repository) with the daemon running.
+    fn added(&self, service: &str) -> Result<bool, ActionError> {
+        match &self.runtime {
+            Some(runtime) => Ok(runtime.added_services()?.iter().any(|s| s == service)),
+            None => Ok(false),
+        }
     }
 
     /// Resolves a label (`None`: live) of a service.

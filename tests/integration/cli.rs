@@ -157,6 +157,18 @@ fn after_login_every_command_works_anywhere_with_no_environment() {
             !String::from_utf8_lossy(&everything).contains(TOKEN),
             "{args:?} printed the token"
         );
+        if args[1] == "add" {
+            // Added and never pushed to, it is listed all the same, with no deployment.
+            let services = json_of(&elsewhere, &["--json", "service", "list"]);
+            let scratch = services
+                .as_array()
+                .and_then(|all| all.iter().find(|s| s["name"] == "scratch"))
+                .unwrap_or_else(|| panic!("scratch is not listed: {services}"));
+            assert_eq!(scratch["deployments"], 0, "{scratch}");
+            assert!(scratch["live"].is_null(), "{scratch}");
+            let history = json_of(&elsewhere, &["--json", "log", "scratch"]);
+            assert_eq!(history, serde_json::json!([]), "{history}");
+        }
     }
 
     // Inside the checkout, the service is its remote's.
