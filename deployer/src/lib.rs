@@ -43,7 +43,8 @@
 //! directories, and boots instances again on demand: it does not re-adopt them.
 //!
 //! An upgrade in place is the exception: [`Deployer::hand_over`] gives the running process
-//! instances (their console pipes, records, uids, addresses) to the daemon's next program,
+//! and qemu instances (their console pipes, records, uids, addresses; a VM's QMP socket)
+//! to the daemon's next program,
 //! executed in the same process, which takes them back with [`Deployer::with_handover`]
 //! and tends them from where they were (the `handover` module states the protocol).
 //!

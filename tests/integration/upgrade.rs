@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use crate::support::{Daemon, PATIENCE, Setup, curl, dig_ok, eventually, hello_source, push};
+use crate::support::{
+    Daemon, PATIENCE, Setup, curl, dig_ok, eventually, example_source, hello_source, push,
+    push_service,
+};
 
 const ZONE: &str = "revboot.test";
 
@@ -19,6 +22,53 @@ fn exchange(mut stream: TcpStream) -> std::io::Result<String> {
     let mut answer = String::new();
     stream.read_to_string(&mut answer)?;
     Ok(answer)
+}
+
+/// A connection to `target` with half a request sent, answered once [`finish`]ed.
+fn half_request(target: SocketAddr) -> TcpStream {
+    let mut established = TcpStream::connect_timeout(&target, PATIENCE).expect("connect");
+    established
+        .write_all(b"GET / HTTP/1.1\r\n")
+        .expect("half a request");
+    established
+}
+
+/// Sends the rest of a [`half_request`]; the answer.
+fn finish(mut established: TcpStream) -> String {
+    established
+        .write_all(b"host: hello\r\nconnection: close\r\n\r\n")
+        .expect("the rest of the request");
+    established
+        .set_read_timeout(Some(PATIENCE))
+        .expect("timeout");
+    let mut answer = String::new();
+    established
+        .read_to_string(&mut answer)
+        .expect("the established connection is answered");
+    answer
+}
+
+/// A daemon started from a copy of the binary, and the path of that copy.
+fn upgradable(temp: &Path, config: &str) -> (Daemon, PathBuf) {
+    let binary = temp.join("revboot");
+    std::fs::copy(env!("CARGO_BIN_EXE_revboot"), &binary).expect("copy the binary");
+    let daemon = Daemon::start_setup(
+        &temp.join("data"),
+        &Setup {
+            binary: Some(&binary),
+            config,
+            ..Setup::default()
+        },
+    );
+    (daemon, binary)
+}
+
+/// Replaces the daemon's binary file by a new copy (a rename, as a package manager does:
+/// the running file stays intact).
+fn replace_binary(binary: &Path) {
+    let new_binary = binary.with_extension("new");
+    std::fs::copy(env!("CARGO_BIN_EXE_revboot"), &new_binary).expect("copy the binary");
+    std::fs::rename(&new_binary, binary).expect("replace the binary");
 }
 
 fn alive(pid: u64) -> bool {
@@ -76,17 +126,8 @@ fn pids(daemon: &Daemon) -> Vec<u64> {
 fn upgrade_in_place_keeps_instances_and_connections() {
     let temp = tempfile::tempdir().expect("temp dir");
     let data = temp.path().join("data");
-    // The daemon runs from a file of its own, which is replaced by the new binary before
-    // the upgrade (a rename, as a package manager does: the running file stays intact).
-    let binary = temp.path().join("revboot");
-    std::fs::copy(env!("CARGO_BIN_EXE_revboot"), &binary).expect("copy the binary");
-    let daemon = Daemon::start_setup(
-        &data,
-        &Setup {
-            binary: Some(&binary),
-            ..Setup::default()
-        },
-    );
+    // The daemon runs from a file of its own, replaced by the new binary before the upgrade.
+    let (daemon, binary) = upgradable(temp.path(), "");
     let work = hello_source(temp.path());
     push(&daemon, &work);
     let live = format!("hello.{ZONE}");
@@ -121,9 +162,7 @@ fn upgrade_in_place_keeps_instances_and_connections() {
         })
     };
     assert!(eventually(|| served.load(Ordering::Relaxed) > 0));
-    let new_binary = temp.path().join("revboot.new");
-    std::fs::copy(env!("CARGO_BIN_EXE_revboot"), &new_binary).expect("copy the binary");
-    std::fs::rename(&new_binary, &binary).expect("replace the binary");
+    replace_binary(&binary);
     let served_before = served.load(Ordering::Relaxed);
     let view = upgrade(&daemon);
     assert_eq!(view["upgrades"], 1, "{view}");
@@ -148,22 +187,10 @@ fn upgrade_in_place_keeps_instances_and_connections() {
 
     // A connection established before a second upgrade, its request half sent, is answered
     // after it (hello serves one connection at a time: this one holds it meanwhile).
-    let mut established = TcpStream::connect_timeout(&target, PATIENCE).expect("connect");
-    established
-        .write_all(b"GET / HTTP/1.1\r\n")
-        .expect("half a request");
+    let established = half_request(target);
     let view = upgrade(&daemon);
     assert_eq!(view["upgrades"], 2, "{view}");
-    established
-        .write_all(b"host: hello\r\nconnection: close\r\n\r\n")
-        .expect("the rest of the request");
-    established
-        .set_read_timeout(Some(PATIENCE))
-        .expect("timeout");
-    let mut answer = String::new();
-    established
-        .read_to_string(&mut answer)
-        .expect("the established connection is answered");
+    let answer = finish(established);
     assert!(answer.contains("hello from v1"), "{answer}");
 
     // The same instance serves, adopted by the new program; everything else works on.
@@ -181,14 +208,99 @@ fn upgrade_in_place_keeps_instances_and_connections() {
         eventually(|| !alive(instance)),
         "the instance outlived the daemon"
     );
-    let restarted = Daemon::start_with(&data, http, dns, &pool);
+    let restarted = restart_clean(&data, (http, dns, &pool), &groups);
+    assert!(curl(&live, &dig_ok(&restarted, &live, false), 8080).starts_with("hello from v1"));
+}
+
+/// Starts a daemon again on `data` after a `kill -9` (its HTTP and DNS ports and pool):
+/// it runs no instance, and nothing is left of the killed one's (`groups`, scratch).
+fn restart_clean(data: &Path, (http, dns, pool): (u16, u16, &str), groups: &[PathBuf]) -> Daemon {
+    let restarted = Daemon::start_with(data, http, dns, pool);
     assert!(restarted.instances().is_empty());
     let left: Vec<&PathBuf> = groups.iter().filter(|dir| dir.exists()).collect();
     assert!(left.is_empty(), "cgroups left: {left:?}");
     let scratch = data.join("deployer/scratch");
-    let scratch_left = std::fs::read_dir(&scratch)
-        .map(|dir| dir.count())
-        .unwrap_or(0);
-    assert_eq!(scratch_left, 0, "scratch directories left");
-    assert!(curl(&live, &dig_ok(&restarted, &live, false), 8080).starts_with("hello from v1"));
+    let scratch_left: Vec<_> = std::fs::read_dir(&scratch)
+        .map(|dir| dir.flatten().map(|entry| entry.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        scratch_left.is_empty(),
+        "scratch directories left: {scratch_left:?}"
+    );
+    restarted
+}
+
+/// Stops the live instance of hello-vm, whose pid is `pid`, and waits until it is gone.
+fn stop_vm(daemon: &Daemon, pid: u64) {
+    let stopped = daemon.cli(&["stop", "hello-vm"]);
+    assert!(stopped.status.success(), "{stopped:?}");
+    assert!(eventually(|| !alive(pid)), "the VM did not stop");
+    assert!(eventually(|| daemon.instances().is_empty()));
+}
+
+#[test]
+fn upgrade_in_place_keeps_a_vm_booted_cold_and_one_restored_with_their_connections() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let (daemon, binary) = upgradable(temp.path(), "[instances]\nqemu_pool = 1\n");
+    let work = example_source(temp.path(), "hello-vm");
+    let pushed = push_service(&daemon, &work, "hello-vm");
+    assert!(pushed.contains("succeeded"), "{pushed}");
+    let live = format!("hello-vm.{ZONE}");
+    let address = dig_ok(&daemon, &live, false);
+    assert!(curl(&live, &address, 8080).starts_with("hello from v1"));
+    let cold = pids(&daemon);
+    assert_eq!(cold.len(), 1, "{cold:?}");
+    let target: SocketAddr = format!("{address}:8080").parse().expect("address");
+
+    // A cold-booted VM: its pid, its cgroups, an established connection, its console.
+    let established = half_request(target);
+    replace_binary(&binary);
+    let view = upgrade(&daemon);
+    assert_eq!(view["last_upgrade_instances"], 1, "{view}");
+    let answer = finish(established);
+    assert!(answer.contains("hello from v1"), "{answer}");
+    assert_eq!(pids(&daemon), cold);
+    assert!(curl(&live, &address, 8080).starts_with("hello from v1"));
+    let log = daemon.log();
+    assert!(log.contains("qemu instance handed over"), "{log}");
+
+    // Stopped by the new program as any of its own.
+    stop_vm(&daemon, cold[0]);
+
+    // Restored from the snapshot the first boot saved, into a qemu started then; then, once
+    // the pool keeps a qemu waiting with it loaded, into that one: a qemu with a scratch
+    // directory and uid of its own, kept as well.
+    let waiting = |daemon: &Daemon| daemon.log().matches("a qemu waits for a snapshot").count();
+    let before = waiting(&daemon);
+    let address = dig_ok(&daemon, &live, false);
+    assert!(curl(&live, &address, 8080).starts_with("hello from v1"));
+    assert!(
+        eventually(|| waiting(&daemon) > before),
+        "the pool did not refill"
+    );
+    stop_vm(&daemon, pids(&daemon)[0]);
+    let address = dig_ok(&daemon, &live, false);
+    let restored = pids(&daemon);
+    assert_eq!(restored.len(), 1, "{restored:?}");
+    let groups = cgroups_of(restored[0]);
+    let log = daemon.log();
+    assert!(log.contains("loaded_ahead=true"), "{log}");
+    let target: SocketAddr = format!("{address}:8080").parse().expect("address");
+    let established = half_request(target);
+    let view = upgrade(&daemon);
+    assert_eq!(view["upgrades"], 2, "{view}");
+    assert_eq!(view["last_upgrade_instances"], 1, "{view}");
+    assert!(finish(established).contains("hello from v1"));
+    assert_eq!(pids(&daemon), restored);
+    assert!(curl(&live, &address, 8080).starts_with("hello from v1"));
+
+    // kill -9 of the upgraded daemon: the VM dies with it; the next start leaves nothing.
+    let (http, dns, pool) = (daemon.http.port(), daemon.dns.port(), daemon.pool.clone());
+    let data = daemon.data.clone();
+    daemon.kill();
+    assert!(
+        eventually(|| !alive(restored[0])),
+        "the VM outlived the daemon"
+    );
+    restart_clean(&data, (http, dns, &pool), &groups);
 }

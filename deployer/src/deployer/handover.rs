@@ -3,12 +3,14 @@
 //! The old daemon, [`Deployer::hand_over`]:
 //!
 //! 1. refuses new summons and asks every instance's task to hand its instance over;
-//! 2. a serving instance whose tender can hand it over (the process tender) stops being
-//!    watched: its console pipe's descriptor, its console tail and its durable record go
-//!    into a [`HandedInstance`]. Its kernel route stays until the exec ends the program;
-//! 3. one that cannot — booting, a VM, one with upstream grants — is stopped as at a
+//! 2. a serving instance whose tender can hand it over (the process and qemu tenders)
+//!    stops being watched: its console pipe's descriptor, its console tail, its durable
+//!    record and what its tender needs besides (a VM's QMP socket, a restored VM's own
+//!    scratch directory and uid) go into a [`HandedInstance`]. Its kernel route stays until
+//!    the exec ends the program;
+//! 3. one that cannot — booting, one with upstream grants — is stopped as at a
 //!    shutdown (`stopped: daemon upgraded; it could not be handed over`), its record
-//!    written;
+//!    written; the qemu tender's waiting qemu processes are killed;
 //! 4. the spare cgroups go and the durable state is flushed; the pools' `local` routes stay
 //!    (the next daemon takes them over, as it does a killed one's). The daemon then executes its
 //!    new binary, keeping the descriptors ([`revboot_sandbox::parent::exec`]): the instances
@@ -68,6 +70,12 @@ pub struct HandedInstance {
     pub console_tail: String,
     /// Its boot, from summon to ready.
     pub boot_ms: Option<u64>,
+    /// What its tender handed over of its own (`Handed::tender`).
+    #[serde(default)]
+    pub tender: serde_json::Value,
+    /// Directories of its tender's own that the start-up clean-up leaves.
+    #[serde(default)]
+    pub keep: Vec<std::path::PathBuf>,
 }
 
 /// What [`Deployer::hand_over`] gives the daemon to pass on: the instances and the
@@ -98,6 +106,8 @@ pub(super) fn handed(
         console: handed.console.as_raw_fd(),
         console_tail: hex::encode(&handed.tail),
         boot_ms,
+        tender: handed.tender,
+        keep: handed.keep,
     };
     let _ = reply.send(Some((instance, handed.console)));
 }
@@ -186,6 +196,7 @@ impl Deployer {
                 console,
                 tail: hex::decode(&instance.console_tail).unwrap_or_default(),
                 console_bytes: self.config.console_bytes,
+                tender: instance.tender.clone(),
             })
             .map_err(|error| format!("{error}: {}", error_chain(&error)))?;
         let key = InstanceKey {
@@ -301,6 +312,9 @@ impl Deployer {
             }
         }
         let _ = std::fs::remove_dir_all(&record.scratch);
+        for dir in &instance.keep {
+            let _ = std::fs::remove_dir_all(dir);
+        }
         let state = self.state.clone();
         let id = record.id.clone();
         self.runtime.spawn(async move { state.delete(id).await });

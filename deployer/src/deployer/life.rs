@@ -453,6 +453,7 @@ impl Deployer {
 pub(super) fn clean_orphans(
     left: &[InstanceRecord],
     kept: &[InstanceRecord],
+    keep_dirs: &[std::path::PathBuf],
     tenders: &Tenders,
     scratch_dir: &std::path::Path,
 ) {
@@ -495,7 +496,9 @@ pub(super) fn clean_orphans(
     }
     if let Ok(entries) = std::fs::read_dir(scratch_dir) {
         for entry in entries.flatten() {
-            if !kept.iter().any(|record| record.scratch == entry.path()) {
+            if !kept.iter().any(|record| record.scratch == entry.path())
+                && !keep_dirs.contains(&entry.path())
+            {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }

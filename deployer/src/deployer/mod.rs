@@ -255,7 +255,8 @@ impl Deployer {
             "deployer starting"
         );
         let kept: Vec<state::InstanceRecord> = handed.iter().map(|h| h.record.clone()).collect();
-        clean_orphans(&opened.left, &kept, &tenders, &scratch_dir);
+        let keep_dirs: Vec<PathBuf> = handed.iter().flat_map(|h| h.keep.clone()).collect();
+        clean_orphans(&opened.left, &kept, &keep_dirs, &tenders, &scratch_dir);
         let state = opened.start()?;
         // Last, once nothing else can fail: a route added is removed only at shutdown.
         let (routes, _) = crate::local_routes::make_local(&config.pools)?;

@@ -252,6 +252,12 @@ pub struct Handed {
     pub console: std::os::fd::OwnedFd,
     /// The console's kept tail so far.
     pub tail: Vec<u8>,
+    /// What the backend needs besides to tend the instance again, opaque to the deployer
+    /// (the qemu tender: its QMP socket, the scratch directory and uid of a restored qemu).
+    pub tender: serde_json::Value,
+    /// Directories of the backend's own that the next daemon's start-up clean-up leaves
+    /// (a restored qemu's scratch directory).
+    pub keep: Vec<PathBuf>,
 }
 
 /// An instance the previous daemon handed over, as the tender gets it back.
@@ -267,6 +273,8 @@ pub struct Adopted {
     pub tail: Vec<u8>,
     /// Console bytes to keep.
     pub console_bytes: usize,
+    /// What the tender handed over of its own ([`Handed::tender`]).
+    pub tender: serde_json::Value,
 }
 
 /// An instance whose endpoint is claimed but that has not started.

@@ -648,6 +648,8 @@ impl Running for ProcessRunning {
             Some(super::Handed {
                 console,
                 tail: self.console.tail(),
+                tender: serde_json::Value::Null,
+                keep: Vec::new(),
             })
         })
     }

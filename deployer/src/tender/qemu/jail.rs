@@ -130,14 +130,10 @@ impl Jail {
             .filter(|dir| !dir.starts_with("/usr"))
             .map(Path::to_owned);
         std::fs::create_dir_all(&host.root)?;
+        // What an earlier daemon left is swept by [`Jail::sweep`], once the deployer knows
+        // which VMs were handed over to this one.
         let cgroups = match Cgroups::detect(&format!("{}-qemu", host.name)) {
-            Ok(cgroups) => {
-                let removed = cgroups.sweep(&[]);
-                if removed > 0 {
-                    warn!(removed, "removed the cgroups of VMs an earlier daemon left");
-                }
-                Some(cgroups)
-            }
+            Ok(cgroups) => Some(cgroups),
             Err(error) => {
                 warn!(%error, "cgroups unusable: VMs run WITHOUT memory, pids and cpu limits");
                 None
@@ -307,6 +303,22 @@ impl Jail {
             layout = layout.bind(Path::new("/dev/kvm"), Path::new("/dev/kvm"), Mount::Device)?;
         }
         Ok(layout)
+    }
+
+    /// Removes the VM cgroups an earlier daemon left but those in `keep` (VMs handed over to
+    /// this daemon), killing what runs in them.
+    pub(super) fn sweep(&self, keep: &[PathBuf]) {
+        if let Some(cgroups) = &self.cgroups {
+            let removed = cgroups.sweep(keep);
+            if removed > 0 {
+                warn!(removed, "removed the cgroups of VMs an earlier daemon left");
+            }
+        }
+    }
+
+    /// The cgroups of a VM handed over by the previous daemon, from their directories.
+    pub(super) fn adopt_groups(&self, dirs: &[PathBuf]) -> Option<InstanceGroups> {
+        self.cgroups.as_ref().map(|cgroups| cgroups.adopt(dirs))
     }
 
     /// The cgroup directories of `groups`, for the footprint.

@@ -326,6 +326,19 @@ impl Tender for QemuTender {
         TenderKind::Qemu
     }
 
+    fn sweep_orphans(&self, keep: &[PathBuf]) {
+        self.jail.sweep(keep);
+    }
+
+    fn adopt(&self, adopted: super::Adopted) -> Result<Box<dyn Running>, BootError> {
+        running::adopt(self, adopted)
+    }
+
+    /// The waiting qemu processes go: the deployer shuts down or hands over.
+    fn shutdown(&self) {
+        self.pool.clear();
+    }
+
     fn prepare(&self, spec: BootSpec) -> Result<Box<dyn Prepared>, BootError> {
         if !MEMORY_MIB.contains(&spec.run.memory_mib) {
             return Err(invalid(

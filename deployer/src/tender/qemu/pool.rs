@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use revboot_sandbox::spawn;
 use revboot_sandbox::uids::{Lease, UidPool};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::jail::{self, Cell, Jail, Jailed};
 use super::qmp::{Qmp, qmp_connect};
@@ -330,8 +330,26 @@ impl Pool {
             wanted: Mutex::new(None),
             filling: AtomicBool::new(false),
             next: AtomicU64::new(0),
-            prefix: format!("{:x}", std::process::id()),
+            // The pid and the time: a daemon upgraded in place keeps its pid, and may have
+            // adopted restored instances in the cgroups and directories of its predecessor's.
+            prefix: format!(
+                "{:x}-{:x}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |since| since.as_millis() % 0xff_ffff_ffff)
+            ),
         })
+    }
+
+    /// The uids qemu processes of their own lease from (the deployer's).
+    pub(super) fn uids(&self) -> &UidPool {
+        &self.uids
+    }
+
+    /// The deployer's runtime.
+    pub(super) fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.runtime
     }
 
     /// A waiting qemu of `shape` for `revision`: one that loaded its snapshot ahead, else one
@@ -373,6 +391,19 @@ impl Pool {
         });
     }
 
+    /// Kills the waiting qemu processes and keeps none from now on (a shutdown, or a
+    /// hand-over: they are not handed over).
+    pub(super) fn clear(&self) {
+        *self.wanted.lock().expect("pool lock is never poisoned") = None;
+        let waiting: Vec<Incoming> = self
+            .ready
+            .lock()
+            .expect("pool lock is never poisoned")
+            .drain(..)
+            .collect();
+        drop(waiting);
+    }
+
     async fn fill(&self) {
         loop {
             let Some((shape, snapshot)) = self
@@ -402,6 +433,11 @@ impl Pool {
             };
             match started {
                 Ok(entry) => {
+                    info!(
+                        port = entry.port,
+                        loaded = entry.loaded.is_some(),
+                        "a qemu waits for a snapshot"
+                    );
                     let mut ready = self.ready.lock().expect("pool lock is never poisoned");
                     if ready.len() < self.size {
                         ready.push_back(entry);

@@ -2,13 +2,15 @@
 //! ([`QemuRunning`]), and how one is put together from a started qemu ([`launch`]).
 
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use revboot_sandbox::uids::Lease;
 use revboot_store::manifest::Ready;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
@@ -18,10 +20,14 @@ use super::qmp::Qmp;
 use super::snapshot::Known;
 use super::snapshot::{SAVE_TIMEOUT, SavePlan};
 use super::supervise::{Control, Supervised, supervise};
-use super::{CONTROL_QUEUE, QemuPrepared};
+use super::{CONTROL_QUEUE, QemuPrepared, QemuTender};
 use crate::console::Console;
-use crate::tender::{BootError, BoxFuture, ExitReport, Footprint, NotReady, Running, probe_ready};
+use crate::tender::{
+    Adopted, BootError, BoxFuture, ExitReport, Footprint, Handed, NotReady, Running, probe_ready,
+};
 
+/// How long the supervisor may take to hand an instance over.
+const HAND_OVER: Duration = Duration::from_secs(5);
 /// How long a snapshot waits for the guest to finish the console line it is printing.
 const LINE_END: Duration = Duration::from_millis(200);
 
@@ -58,6 +64,35 @@ pub(super) fn launch(
     jail: &Arc<Jail>,
     launch: Launch,
 ) -> Result<Box<dyn Running>, BootError> {
+    let pid = launch.jailed.pid;
+    info!(
+        id = prepared.spec.id,
+        service = prepared.spec.service,
+        revision = %prepared.spec.revision.short(12),
+        pid,
+        backend = %prepared.backend,
+        accel = prepared.accel.as_arg(),
+        restored = launch.restored,
+        "qemu instance started"
+    );
+    tend(
+        prepared.spec.id.clone(),
+        prepared.backend,
+        Arc::clone(jail),
+        pid_start(pid),
+        launch,
+    )
+}
+
+/// Starts the supervisor of a qemu, started here ([`launch`]) or handed over by the
+/// previous daemon ([`adopt`]), and the pump of its console; the instance.
+fn tend(
+    id: String,
+    backend: SocketAddr,
+    jail: Arc<Jail>,
+    pid_start: Option<u64>,
+    launch: Launch,
+) -> Result<Box<dyn Running>, BootError> {
     let Launch {
         jailed,
         qmp,
@@ -69,7 +104,6 @@ pub(super) fn launch(
         save,
         version,
     } = launch;
-    let pid = jailed.pid;
     let output =
         tokio::net::unix::pipe::Receiver::from_owned_fd(jailed.console).map_err(|source| {
             BootError::Setup {
@@ -77,28 +111,19 @@ pub(super) fn launch(
                 source,
             }
         })?;
-    let readers = [Some(tokio::spawn(pump(output, console.clone()))), None];
+    let (reader_handover, asked) = oneshot::channel();
+    let reader = tokio::spawn(pump(output, console.clone(), asked));
     let cgroups = Jail::dirs(jailed.groups.as_ref());
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let (attached_tx, attached) = watch::channel(false);
     let (exit_tx, exit_rx) = watch::channel(None);
-    info!(
-        id = prepared.spec.id,
-        service = prepared.spec.service,
-        revision = %prepared.spec.revision.short(12),
-        pid,
-        backend = %prepared.backend,
-        accel = prepared.accel.as_arg(),
-        restored,
-        "qemu instance started"
-    );
     tokio::spawn(supervise(Supervised {
-        id: prepared.spec.id.clone(),
+        id,
         attached: attached_tx,
-        _jail: Arc::clone(jail),
+        _jail: jail,
         pidfd: Arc::new(jailed.pidfd),
         groups: jailed.groups,
-        pid,
+        pid: jailed.pid,
         session: qmp,
         qmp: qmp_path,
         scratch,
@@ -107,13 +132,14 @@ pub(super) fn launch(
         version,
         control: control_rx,
         exit: exit_tx,
-        readers,
+        reader,
+        reader_handover: Some(reader_handover),
     }));
     Ok(Box::new(QemuRunning {
-        backend: prepared.backend,
+        backend,
         console,
-        pid,
-        pid_start: pid_start(pid),
+        pid: jailed.pid,
+        pid_start,
         cgroups,
         attached,
         control: control_tx,
@@ -123,13 +149,28 @@ pub(super) fn launch(
     }))
 }
 
-/// Copies one output stream of qemu to the console.
-pub(super) async fn pump(mut stream: impl AsyncRead + Unpin, console: Console) {
+/// Copies qemu's output to the console until it ends, or until the supervisor asks for
+/// the pipe back (a hand-over).
+async fn pump(
+    mut stream: tokio::net::unix::pipe::Receiver,
+    console: Console,
+    mut handover: oneshot::Receiver<oneshot::Sender<Option<OwnedFd>>>,
+) {
     let mut buf = vec![0u8; 4096];
+    let mut may_hand_over = true;
     loop {
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(read) => console.push(&buf[..read]),
+        tokio::select! {
+            read = stream.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(read) => console.push(&buf[..read]),
+            },
+            asked = &mut handover, if may_hand_over => match asked {
+                Ok(reply) => {
+                    let _ = reply.send(stream.into_blocking_fd().ok());
+                    return;
+                }
+                Err(_) => may_hand_over = false,
+            },
         }
     }
 }
@@ -231,6 +272,26 @@ impl Running for QemuRunning {
         self.exit.clone()
     }
 
+    /// Through the supervisor, which stops there (the `supervise` module, rule 4).
+    fn hand_over(&self) -> BoxFuture<'_, Option<Handed>> {
+        Box::pin(async move {
+            let (reply, answer) = oneshot::channel();
+            self.control.try_send(Control::HandOver(reply)).ok()?;
+            let handing = tokio::time::timeout(HAND_OVER, answer).await.ok()?.ok()??;
+            let own = HandedQemu {
+                qmp: handing.qmp,
+                scratch: handing.scratch.clone(),
+                uid: handing.uid,
+            };
+            Some(Handed {
+                console: handing.console,
+                tail: self.console.tail(),
+                tender: serde_json::to_value(own).expect("paths and numbers serialise"),
+                keep: handing.scratch.into_iter().collect(),
+            })
+        })
+    }
+
     fn ready<'a>(
         &'a self,
         probe: &'a Ready,
@@ -270,6 +331,82 @@ impl Running for QemuRunning {
             }
         })
     }
+}
+
+/// What a qemu instance hands over besides its console (`Handed::tender`).
+#[derive(Debug, Serialize, Deserialize)]
+struct HandedQemu {
+    /// Its QMP socket on the host.
+    qmp: PathBuf,
+    /// qemu's own scratch directory (a restored one's).
+    scratch: Option<PathBuf>,
+    /// qemu's own uid (a restored one's).
+    uid: Option<u32>,
+}
+
+/// Tends a qemu instance the previous daemon handed over (an upgrade in place): qemu is
+/// this process's child still (`revboot_sandbox::parent`), its pid checked against its
+/// start time; its QMP session is opened again, its console pumped from the pipe handed
+/// over, its cgroups, scratch directory and uid taken back.
+pub(super) fn adopt(tender: &QemuTender, adopted: Adopted) -> Result<Box<dyn Running>, BootError> {
+    let setup = |message: String| BootError::Setup {
+        what: "a qemu instance handed over".into(),
+        source: std::io::Error::other(message),
+    };
+    let own: HandedQemu = serde_json::from_value(adopted.tender)
+        .map_err(|error| setup(format!("what it handed over: {error}")))?;
+    let footprint = adopted.footprint;
+    let pid = footprint.pid.ok_or_else(|| setup("no pid".into()))?;
+    let pidfd = revboot_sandbox::spawn::pidfd_open(pid)
+        .map_err(|error| setup(format!("pid {pid}: {error}")))?;
+    // Checked once the pidfd holds the process: the pid cannot be reused meanwhile.
+    if pid_start(pid) != footprint.pid_start || footprint.pid_start.is_none() {
+        return Err(setup(format!("pid {pid} is another process now")));
+    }
+    let lease = match own.uid {
+        Some(uid) => Some(
+            tender
+                .pool
+                .uids()
+                .lease_exact(uid)
+                .ok_or_else(|| setup(format!("uid {uid} is not free")))?,
+        ),
+        None => None,
+    };
+    let console = Console::new(adopted.console_bytes);
+    console.push(&adopted.tail);
+    let _runtime = tender.pool.runtime().enter();
+    let id = footprint
+        .cgroups
+        .first()
+        .and_then(|dir| dir.file_name())
+        .map_or_else(
+            || format!("pid {pid}"),
+            |name| name.to_string_lossy().into_owned(),
+        );
+    let jailed = Jailed {
+        pid,
+        pidfd,
+        console: adopted.console,
+        groups: tender.jail.adopt_groups(&footprint.cgroups),
+    };
+    tend(
+        id,
+        adopted.backend,
+        Arc::clone(&tender.jail),
+        footprint.pid_start,
+        Launch {
+            jailed,
+            qmp: None,
+            qmp_path: own.qmp,
+            scratch: own.scratch,
+            lease,
+            console,
+            restored: false,
+            save: None,
+            version: Arc::clone(&tender.version),
+        },
+    )
 }
 
 /// The start time of a process (`/proc/<pid>/stat` field 22), to tell a reused pid apart.

@@ -7,6 +7,9 @@
 //! 3. Once qemu is reaped and its output drained, its cgroups are removed (an OOM kill read
 //!    first), the exit is reported, the QMP socket removed, and a restored qemu's own
 //!    scratch directory and uid given back.
+//! 4. Hand-over (an upgrade in place): the console pump gives its pipe back, the QMP
+//!    session is closed (qemu listens for the next one), and the supervisor ends there,
+//!    undoing nothing; the next daemon's supervisor takes qemu back (`QemuTender::adopt`).
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -33,7 +36,26 @@ pub(super) enum Control {
     Kill,
     /// Save a snapshot of the guest; the snapshot, or why not.
     Snapshot(SavePlan, oneshot::Sender<Result<Found, String>>),
+    /// Stop supervising and hand qemu to the next daemon (rule 4); `None` if its console
+    /// pipe cannot be had (qemu is ending).
+    HandOver(oneshot::Sender<Option<Handing>>),
 }
+
+/// What the supervisor hands to the next daemon's (rule 4).
+#[derive(Debug)]
+pub(super) struct Handing {
+    /// The read end of qemu's console pipe.
+    pub(super) console: OwnedFd,
+    /// The QMP socket on the host.
+    pub(super) qmp: PathBuf,
+    /// qemu's own scratch directory (a restored one's).
+    pub(super) scratch: Option<PathBuf>,
+    /// qemu's own uid (a restored one's).
+    pub(super) uid: Option<u32>,
+}
+
+/// Asks the console pump for its pipe (rule 4).
+pub(super) type PumpHandOver = oneshot::Sender<oneshot::Sender<Option<OwnedFd>>>;
 
 /// Everything the supervisor owns.
 pub(super) struct Supervised {
@@ -58,8 +80,14 @@ pub(super) struct Supervised {
     pub(super) version: Arc<std::sync::OnceLock<String>>,
     pub(super) control: mpsc::Receiver<Control>,
     pub(super) exit: watch::Sender<Option<ExitReport>>,
-    pub(super) readers: [Option<tokio::task::JoinHandle<()>>; 2],
+    /// The console pump.
+    pub(super) reader: tokio::task::JoinHandle<()>,
+    /// Asks the console pump for its pipe.
+    pub(super) reader_handover: Option<PumpHandOver>,
 }
+
+/// How long the console pump may take to give its pipe back.
+const PUMP_HAND_OVER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Owns the qemu child until it is reaped: QMP events and stop requests, kill, exit.
 pub(super) async fn supervise(mut s: Supervised) {
@@ -118,6 +146,29 @@ pub(super) async fn supervise(mut s: Supervised) {
                     };
                     let _ = reply.send(saved);
                 }
+                Some(Control::HandOver(reply)) => {
+                    if stopping {
+                        let _ = reply.send(None);
+                        continue;
+                    }
+                    let Some(console) = take_pipe(s.reader_handover.take()).await else {
+                        let _ = reply.send(None);
+                        continue;
+                    };
+                    // The session closes: qemu takes the next daemon's, and its exit is
+                    // that daemon's to report.
+                    drop(qmp);
+                    info!(id = s.id, pid = s.pid, "qemu instance handed over");
+                    let _ = reply.send(Some(Handing {
+                        console,
+                        qmp: s.qmp.clone(),
+                        scratch: s.scratch.take(),
+                        uid: s._lease.as_ref().map(Lease::uid),
+                    }));
+                    // Its lease is not given back: the uid stays qemu's.
+                    std::mem::forget(s._lease.take());
+                    return;
+                }
                 Some(Control::Kill) | None => {
                     if !spawn::send_signal(s.pidfd.as_raw_fd(), libc::SIGKILL) {
                         warn!(id = s.id, error = %io::Error::last_os_error(), "cannot kill qemu");
@@ -138,9 +189,7 @@ pub(super) async fn supervise(mut s: Supervised) {
             b"[qemu] exited on its own: with -no-reboot, a guest reset (a triple fault) or power-off ends the VM\n",
         );
     }
-    for reader in s.readers.into_iter().flatten() {
-        let _ = tokio::time::timeout(CONSOLE_DRAIN, reader).await;
-    }
+    let _ = tokio::time::timeout(CONSOLE_DRAIN, s.reader).await;
     let _ = std::fs::remove_file(&s.qmp);
     if let Some(scratch) = s.scratch.take() {
         let _ = std::fs::remove_dir_all(scratch);
@@ -162,6 +211,16 @@ pub(super) async fn supervise(mut s: Supervised) {
     // rely on the exit being known.
     let _ = s.exit.send(Some(report));
     s.console.close();
+}
+
+/// The console pipe, from the pump (rule 4), within [`PUMP_HAND_OVER`].
+async fn take_pipe(ask: Option<PumpHandOver>) -> Option<OwnedFd> {
+    let (reply, answer) = oneshot::channel();
+    ask?.send(reply).ok()?;
+    tokio::time::timeout(PUMP_HAND_OVER, answer)
+        .await
+        .ok()?
+        .ok()?
 }
 
 /// Asks qemu to quit over QMP; on failure, SIGTERM (qemu quits cleanly on it too).
