@@ -33,7 +33,7 @@ fn serving_pid(daemon: &Daemon) -> u64 {
 }
 
 /// Every file under `dir` that holds `needle` as plain bytes.
-fn files_holding(dir: &Path, needle: &[u8]) -> Vec<String> {
+pub fn files_holding(dir: &Path, needle: &[u8]) -> Vec<String> {
     let mut found = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
         return found;

@@ -1,7 +1,8 @@
 //! A real unikernel through the whole daemon: push examples/hello-vm, dig, curl through the
 //! proxy into the qemu microvm, then idle reaping writes its console back to the store; then
 //! the same name again, which restores the snapshot the first boot saved (or, with
-//! `qemu_restore = false`, boots cold again).
+//! `qemu_restore = false`, boots cold again). A secret set with the CLI reaches the guest in
+//! fw_cfg, and no file, argument or log.
 
 use std::time::{Duration, Instant};
 
@@ -110,4 +111,74 @@ fn hello_vm_boots_on_query_answers_by_revision_is_reaped_and_restores_its_snapsh
 #[test]
 fn hello_vm_boots_cold_every_time_with_restore_off() {
     journey(false);
+}
+
+/// `GET /env/NAME` of hello-vm at `address`.
+fn guest_var(name: &str, address: &str, var: &str) -> String {
+    crate::support::curl_path(name, address, 8080, &format!("/env/{var}"))
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn a_secret_set_with_the_cli_reaches_a_vm_in_fw_cfg_and_no_file_argument_or_log() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let data = temp.path().join("data");
+    let daemon = Daemon::start(&data);
+    let work = example_source(temp.path(), "hello-vm");
+    let pushed = push_service(&daemon, &work, "hello-vm");
+    assert!(pushed.contains("succeeded"), "{pushed}");
+    let secret = format!("sk-vm-{}", std::process::id() * 7919);
+    let set = daemon.cli(&["config", "set", "hello-vm", &format!("API_KEY={secret}")]);
+    assert!(set.status.success(), "{set:?}");
+
+    let name = "hello-vm.revboot.test";
+    let address = dig_ok(&daemon, name, false);
+    assert_eq!(
+        guest_var(name, &address, "API_KEY"),
+        format!("API_KEY={secret}")
+    );
+    assert_eq!(guest_var(name, &address, "NOPE"), "NOPE is not set");
+    let instances = daemon.instances();
+    let pid = instances[0]["pid"].as_u64().expect("the VM's pid");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("qemu's command line");
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(cmdline.contains("opt/org.revboot/env"), "{cmdline}");
+    assert!(
+        !cmdline.contains(&secret),
+        "the secret is on qemu's command line"
+    );
+    // Once qemu has read it, no file holds it: not its scratch directory, not the snapshot
+    // saved when the guest was ready.
+    let clear = crate::config::files_holding(&data, secret.as_bytes());
+    assert!(clear.is_empty(), "the secret is in the clear in {clear:?}");
+
+    // A new value, and an instance restored from the snapshot: it reads its own qemu's.
+    let other = format!("sk-vm-other-{}", std::process::id() * 104_729);
+    let set = daemon.cli(&[
+        "config",
+        "set",
+        "hello-vm",
+        &format!("API_KEY={other}"),
+        "--restart",
+    ]);
+    assert!(set.status.success(), "{set:?}");
+    assert!(crate::support::eventually(|| daemon
+        .instances()
+        .first()
+        .and_then(|i| i["pid"].as_u64())
+        .is_none_or(|now| now != pid)));
+    let address = dig_ok(&daemon, name, false);
+    assert_eq!(
+        guest_var(name, &address, "API_KEY"),
+        format!("API_KEY={other}")
+    );
+    let log = daemon.log();
+    assert!(log.contains("restored from its snapshot"), "{log}");
+    assert!(
+        !log.contains(&secret) && !log.contains(&other),
+        "a secret is in the daemon's log"
+    );
+    let clear = crate::config::files_holding(&data, other.as_bytes());
+    assert!(clear.is_empty(), "the secret is in the clear in {clear:?}");
 }

@@ -73,6 +73,19 @@ pub struct BootSpec {
     pub vars: std::sync::Arc<crate::vars::ServiceVars>,
 }
 
+/// The variables of an instance: the manifest's `[run.env]`, the service's configuration
+/// variables (`revboot config`) over entries of the same name.
+pub fn variables(spec: &BootSpec) -> std::collections::BTreeMap<&str, &str> {
+    let mut own: std::collections::BTreeMap<&str, &str> = spec
+        .run
+        .env
+        .iter()
+        .map(|(key, value)| (key.as_str(), value.as_str()))
+        .collect();
+    own.extend(spec.vars.iter());
+    own
+}
+
 /// Creates the scratch directory of `spec`. Tenders call it at the start of `boot`, in the
 /// instance's own task: a directory made during `summon` would put a file-system journal
 /// stall on the path of a DNS answer.

@@ -9,6 +9,10 @@
 //!    starts. A guest restored from a snapshot runs in a new process: its seed differs
 //!    from the one it read at boot, which is how it learns it was restored (see
 //!    [`Seed::changed`]).
+//! 4. `opt/org.revboot/env` holds the instance's variables (the manifest's `[run.env]` and
+//!    the service's `revboot config`): `NAME=value` entries, each ended by a NUL byte. It is
+//!    read when a value is needed ([`var`]), never kept: a guest restored from a snapshot
+//!    finds the variables of its own qemu process, and the snapshot holds none.
 
 use crate::cpu::{inb, outw};
 
@@ -27,8 +31,11 @@ fn read(buf: &mut [u8]) {
     }
 }
 
-/// The seed file's key, or `None` without fw_cfg or without the file.
-fn seed_key() -> Option<u16> {
+/// The variables' fw_cfg file.
+pub const ENV_FILE: &[u8] = b"opt/org.revboot/env";
+
+/// The key and size of fw_cfg file `wanted`, or `None` without fw_cfg or without the file.
+fn find(wanted: &[u8]) -> Option<(u16, u32)> {
     outw(SELECTOR, SIGNATURE);
     let mut signature = [0u8; 4];
     read(&mut signature);
@@ -45,11 +52,50 @@ fn seed_key() -> Option<u16> {
         let key = u16::from_be_bytes([entry[4], entry[5]]);
         let name = &entry[8..];
         let len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
-        if &name[..len] == SEED_FILE && size as usize >= SEED_HEX {
-            return Some(key);
+        if &name[..len] == wanted {
+            return Some((key, size));
         }
     }
     None
+}
+
+/// The seed file's key, or `None` without fw_cfg or without the file.
+fn seed_key() -> Option<u16> {
+    find(SEED_FILE)
+        .filter(|&(_, size)| size as usize >= SEED_HEX)
+        .map(|(key, _)| key)
+}
+
+/// Copies the value of variable `name` (rule 4) into `out`, cut at its length; the length
+/// copied, or `None` when the variable is not set.
+pub fn var(name: &[u8], out: &mut [u8]) -> Option<usize> {
+    let (key, size) = find(ENV_FILE)?;
+    outw(SELECTOR, key);
+    // Streamed byte by byte: where in the current entry, whether its name is still `name`,
+    // and, once past `name=`, how much of the value was copied.
+    let (mut at, mut matching, mut copied) = (0usize, true, None::<usize>);
+    for _ in 0..size {
+        let byte = inb(DATA);
+        match copied {
+            Some(len) if byte == 0 => return Some(len),
+            Some(len) => {
+                if let Some(slot) = out.get_mut(len) {
+                    *slot = byte;
+                    copied = Some(len + 1);
+                }
+            }
+            None if byte == 0 => (at, matching) = (0, true),
+            None => {
+                if matching && at == name.len() && byte == b'=' {
+                    copied = Some(0);
+                } else {
+                    matching &= name.get(at) == Some(&byte);
+                    at += 1;
+                }
+            }
+        }
+    }
+    copied
 }
 
 fn hex(digit: u8) -> u8 {

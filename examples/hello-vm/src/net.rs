@@ -8,7 +8,9 @@
 //!    the request head (up to the blank line), answer `hello from <REVISION> (<deployment>)`,
 //!    close. `GET /crash` triple-faults the VM, to exercise crash handling. `GET /id`
 //!    answers `random <16 hex digits> isn <n>`: a fresh random value, and the initial
-//!    sequence number of this connection's SYN-ACK as it left the guest.
+//!    sequence number of this connection's SYN-ACK as it left the guest. `GET /env/NAME`
+//!    answers `NAME=<value>` (at most [`VALUE_SHOWN`] bytes of it) or `NAME is not set`,
+//!    read from fw_cfg then ([`crate::fwcfg::var`]): what an instance was given.
 //! 3a. Before every poll, the seed in fw_cfg is compared with the one read at boot: a new
 //!    one means this memory was restored into another qemu process, so the interface (whose
 //!    random state chooses the ISNs) is made anew from the new seed, and so is the value
@@ -186,6 +188,25 @@ fn render_id(out: &mut [u8], random: u64, isn: Option<u32>) -> usize {
     }
 }
 
+/// The most bytes of a variable's value `GET /env/NAME` shows.
+const VALUE_SHOWN: usize = 96;
+
+/// Writes `GET /env/NAME`'s answer into `out`, returning its length.
+fn render_var(out: &mut [u8], name: &str) -> usize {
+    let mut value = [0u8; VALUE_SHOWN];
+    match crate::fwcfg::var(name.as_bytes(), &mut value) {
+        Some(len) => {
+            // Cut at a character boundary if the value was cut.
+            let value = match core::str::from_utf8(&value[..len]) {
+                Ok(text) => text,
+                Err(error) => core::str::from_utf8(&value[..error.valid_up_to()]).unwrap_or(""),
+            };
+            respond(out, format_args!("{name}={value}\n"))
+        }
+        None => respond(out, format_args!("{name} is not set\n")),
+    }
+}
+
 /// The network interface on `device`, its random state (which picks the TCP initial
 /// sequence numbers) drawn from `seed` and the clock.
 fn interface(device: &mut VirtioNet, clock: &Clock, seed: &Seed) -> Interface {
@@ -253,7 +274,7 @@ pub fn serve(mut device: VirtioNet, clock: Clock, deployment: &str, mut seed: Se
     let mut conns = [const { Conn::new() }; SOCKETS];
     let mut response = [0u8; 512];
     let response_len = render(&mut response, deployment);
-    let mut id_response = [0u8; 256];
+    let mut id_response = [0u8; 512];
 
     println!(
         "hello-vm: listening on {ADDRESS}:{PORT} ({} us after kernel entry)",
@@ -298,7 +319,10 @@ pub fn serve(mut device: VirtioNet, clock: Clock, deployment: &str, mut seed: Se
                     println!("hello-vm: crashing on request");
                     cpu::triple_fault();
                 }
-                if conn.path() == "/id" {
+                if let Some(name) = conn.path().strip_prefix("/env/") {
+                    let len = render_var(&mut id_response, name);
+                    let _ = socket.send_slice(&id_response[..len]);
+                } else if conn.path() == "/id" {
                     random = splitmix(random);
                     let port = socket.remote_endpoint().map(|remote| remote.port);
                     let len = render_id(&mut id_response, random, port.and_then(isn_for));

@@ -198,14 +198,7 @@ fn environment(spec: &BootSpec) -> Vec<String> {
         spec.run.upstreams.len(),
     ));
     // The operator's configuration (`revboot config`) over the manifest's entry of a name.
-    let mut own: std::collections::BTreeMap<&str, &str> = spec
-        .run
-        .env
-        .iter()
-        .map(|(key, value)| (key.as_str(), value.as_str()))
-        .collect();
-    own.extend(spec.vars.iter());
-    for (key, value) in own {
+    for (key, value) in crate::tender::variables(spec) {
         env.push(format!("{key}={value}"));
     }
     env

@@ -17,7 +17,11 @@
 //!    virtio-net device (modern virtio-mmio) on `-netdev user,restrict=on` forwarding
 //!    `<service address>:<port>` to the guest port. COM1 is qemu's stdout: the console.
 //!    `-no-reboot`: a guest that resets (a triple fault) stops the VM. Every qemu gets a
-//!    fresh seed in fw_cfg (`opt/org.revboot/seed`). qemu runs in the sandbox of the `jail`
+//!    fresh seed in fw_cfg (`opt/org.revboot/seed`), and the instance's variables
+//!    (`opt/org.revboot/env`: `[run.env]` and `revboot config`, `NAME=value` entries each
+//!    ended by a NUL byte; empty for a waiting qemu, so an instance with variables is
+//!    restored into a qemu started for it), both from files in its scratch directory, never
+//!    arguments; the variables' file is removed once qemu answers on QMP. qemu runs in the sandbox of the `jail`
 //!    module (its own namespaces but the network, a tmpfs root with `/usr`, the kernel and
 //!    its scratch directory only, the instance's uid without capabilities, cgroup limits,
 //!    landlock and seccomp) and under its own seccomp sandbox (`-sandbox on`, no spawning
@@ -52,7 +56,10 @@
 //!    keys, cached nonces, TCP connections it had open);
 //! 3. generate no secret before it is ready (before its readiness probe passes): what
 //!    exists at snapshot time exists in every restored instance;
-//! 4. expect its clock to jump: time stood still between the snapshot and the restore.
+//! 4. expect its clock to jump: time stood still between the snapshot and the restore;
+//! 5. read its variables (`opt/org.revboot/env`) when it needs them, or again once the seed
+//!    changed, and keep no copy from before it is ready: a restored instance's are those
+//!    of its own qemu process, which may be newer than the snapshot.
 //!
 //! The MAC address and the guest's IP address stay the same in every instance: each has a
 //! user-mode network of its own, so they never meet.
@@ -293,10 +300,13 @@ fn machine_args(accel: Accel, memory_mib: u64) -> Vec<String> {
     args
 }
 
-/// The arguments every qemu of the tender shares after the machine: its seed, its QMP.
+/// The arguments every qemu of the tender shares after the machine: its seed, its
+/// variables, its QMP.
 fn common_args(args: &mut Vec<OsString>) {
     args.push("-fw_cfg".into());
     args.push(pool::seed_arg().into());
+    args.push("-fw_cfg".into());
+    args.push(pool::env_arg().into());
     args.push("-qmp".into());
     args.push(format!("unix:{}/qmp.sock,server=on,wait=off", jail::RUN).into());
 }
@@ -384,9 +394,12 @@ impl Tender for QemuTender {
             },
         };
         // A waiting qemu, for a revision with a snapshot: its port is the one it may bind.
-        let mut waiting = (self.restore && self.known.contains(&spec.revision))
-            .then(|| self.pool.take(shape, &spec.revision))
-            .flatten();
+        // Not for an instance with variables: a waiting qemu has none in its fw_cfg.
+        let mut waiting = (self.restore
+            && self.known.contains(&spec.revision)
+            && super::variables(&spec).is_empty())
+        .then(|| self.pool.take(shape, &spec.revision))
+        .flatten();
         // Claim the forwarded port: check that it is free now (or let the kernel pick one),
         // then release it for qemu to bind. Another process could take it in between; qemu
         // then fails to start and says so on the console.
@@ -508,6 +521,7 @@ impl QemuPrepared {
                     &cell,
                     incoming_args(self.accel, self.spec.run.memory_mib),
                     self.shape,
+                    &pool::env_bytes(&super::variables(&self.spec)),
                 )
                 .await
                 .map_err(|error| format!("{error}: {}", crate::errors::error_chain(&error)))?
@@ -589,6 +603,13 @@ impl Prepared for QemuPrepared {
             pool::write_seed(&self.spec.scratch, self.spec.uid).map_err(|source| {
                 BootError::Setup {
                     what: "the guest's seed".into(),
+                    source,
+                }
+            })?;
+            let env = pool::env_bytes(&super::variables(&self.spec));
+            pool::write_env(&self.spec.scratch, self.spec.uid, &env).map_err(|source| {
+                BootError::Setup {
+                    what: "the guest's variables".into(),
                     source,
                 }
             })?;
@@ -801,6 +822,13 @@ mod tests {
             after("-fw_cfg"),
             "name=opt/org.revboot/seed,file=/run/qemu/seed"
         );
+        // So do the variables: `NAME=value` entries ended by NUL bytes.
+        let env = "name=opt/org.revboot/env,file=/run/qemu/env";
+        assert!(args.windows(2).any(|w| w[0] == "-fw_cfg" && w[1] == env));
+        let variables = [("A", "1"), ("B", "x\ny"), ("C", "no\0")]
+            .into_iter()
+            .collect();
+        assert_eq!(pool::env_bytes(&variables), b"A=1\0B=x\ny\0");
         assert_eq!(
             after("-netdev"),
             "user,id=net0,restrict=on,hostfwd=tcp:127.77.0.9:41000-:8080"

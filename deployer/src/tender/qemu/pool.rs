@@ -54,6 +54,8 @@ pub(super) const RESTORE_TIMEOUT: Duration = Duration::from_secs(20);
 const REFILL_PAUSE: Duration = Duration::from_millis(30);
 /// The fw_cfg file of the seed.
 pub(super) const SEED_FILE: &str = "opt/org.revboot/seed";
+/// The fw_cfg file of the instance's variables.
+pub(super) const ENV_FILE: &str = "opt/org.revboot/env";
 
 /// What a waiting qemu is made for: a guest memory size and, when instances listen on the
 /// manifest port, that port.
@@ -84,19 +86,23 @@ pub(super) struct Incoming {
 /// Writes a fresh seed for a qemu into `scratch` (module doc): 64 hex digits, readable by
 /// `uid` alone.
 pub(super) fn write_seed(scratch: &Path, uid: u32) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
     let mut bytes = [0u8; 32];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-    let path = scratch.join("seed");
-    let _ = std::fs::remove_file(&path);
+    write_for(&scratch.join("seed"), uid, hex::encode(bytes).as_bytes())
+}
+
+/// Writes `bytes` to a new file at `path` that `uid` alone may read.
+fn write_for(path: &Path, uid: u32, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let _ = std::fs::remove_file(path);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o400)
-        .open(&path)?;
-    file.write_all(hex::encode(bytes).as_bytes())?;
-    std::os::unix::fs::chown(&path, Some(uid), Some(uid))
+        .open(path)?;
+    file.write_all(bytes)?;
+    std::os::unix::fs::chown(path, Some(uid), Some(uid))
 }
 
 /// The `-fw_cfg` argument that hands the seed of [`write_seed`] to the guest.
@@ -104,13 +110,50 @@ pub(super) fn seed_arg() -> String {
     format!("name={SEED_FILE},file={}/seed", jail::RUN)
 }
 
+/// The instance's variables as the guest reads them in fw_cfg ([`ENV_FILE`]): `NAME=value`
+/// entries, each ended by a NUL byte (an entry holding one is left out: no environment
+/// could hold it either).
+pub(super) fn env_bytes(variables: &std::collections::BTreeMap<&str, &str>) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for (name, value) in variables {
+        if name.contains('\0') || value.contains('\0') {
+            continue;
+        }
+        bytes.extend_from_slice(name.as_bytes());
+        bytes.push(b'=');
+        bytes.extend_from_slice(value.as_bytes());
+        bytes.push(0);
+    }
+    bytes
+}
+
+/// Writes the variables of [`env_bytes`] for a qemu into `scratch`, readable by `uid`
+/// alone: qemu reads it as it starts, and it is removed once qemu's QMP session is up
+/// ([`forget_env`]), so that no secret stays in a file.
+pub(super) fn write_env(scratch: &Path, uid: u32, env: &[u8]) -> std::io::Result<()> {
+    write_for(&scratch.join("env"), uid, env)
+}
+
+/// Removes the variables' file of a qemu whose QMP socket is `qmp`: once QMP answers, qemu
+/// has read it.
+pub(super) fn forget_env(qmp: &Path) {
+    let _ = std::fs::remove_file(qmp.with_file_name("env"));
+}
+
+/// The `-fw_cfg` argument that hands the variables of [`write_env`] to the guest.
+pub(super) fn env_arg() -> String {
+    format!("name={ENV_FILE},file={}/env", jail::RUN)
+}
+
 impl Incoming {
     /// Starts qemu with `args` (an incoming machine) in `cell`, and its QMP session.
+    /// The guest's variables are `env` ([`env_bytes`]; none for a pool's).
     pub(super) async fn start(
         jail: &Arc<Jail>,
         cell: &Cell<'_>,
         args: Vec<OsString>,
         shape: Shape,
+        env: &[u8],
     ) -> Result<Incoming, BootError> {
         let setup = |what: &str, message: String| BootError::Setup {
             what: what.to_owned(),
@@ -118,6 +161,8 @@ impl Incoming {
         };
         write_seed(cell.scratch, cell.uid)
             .map_err(|error| setup("the guest's seed", error.to_string()))?;
+        write_env(cell.scratch, cell.uid, env)
+            .map_err(|error| setup("the guest's variables", error.to_string()))?;
         let socket = cell.scratch.join("qmp.sock");
         let _ = std::fs::remove_file(&socket);
         let jailed = jail.start(cell, args).await?;
@@ -132,7 +177,10 @@ impl Incoming {
             loaded: None,
         };
         let connected = tokio::time::timeout(START_TIMEOUT, async {
-            let mut qmp = qmp_connect(socket).await.map_err(|e| e.to_string())?;
+            let mut qmp = qmp_connect(socket.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            forget_env(&socket);
             qmp.migration_events().await.map_err(|e| e.to_string())?;
             Ok::<Qmp, String>(qmp)
         })
@@ -471,7 +519,7 @@ impl Pool {
             image: None,
             port,
         };
-        let started = Incoming::start(&self.jail, &cell, args, shape).await;
+        let started = Incoming::start(&self.jail, &cell, args, shape, &[]).await;
         match started {
             Ok(mut entry) => {
                 entry.owns_scratch = true;

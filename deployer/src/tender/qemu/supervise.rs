@@ -116,6 +116,8 @@ pub(super) async fn supervise(mut s: Supervised) {
                     Ok(session) => {
                         let _ = s.version.set(session.version().to_owned());
                         qmp = Some(session);
+                        // qemu has read the guest's variables.
+                        super::pool::forget_env(&s.qmp);
                     }
                     Err(error) => {
                         warn!(id = s.id, %error, "qemu QMP unreachable; stop falls back to SIGTERM");
