@@ -10,7 +10,7 @@ use crate::support::{
 const ZONE: &str = "revboot.test";
 
 /// `curl -i` of `http://<name>:<port>/` with `name` resolved to the front door.
-fn curl_front(name: &str, front: std::net::SocketAddr) -> String {
+pub fn curl_front(name: &str, front: std::net::SocketAddr) -> String {
     let output = run(Command::new("curl")
         .args(["-sS", "-i", "--max-time", "30", "--resolve"])
         .arg(format!("{name}:{}:{}", front.port(), front.ip()))

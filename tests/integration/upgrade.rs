@@ -14,14 +14,79 @@ use crate::support::{
 
 const ZONE: &str = "revboot.test";
 
-/// One HTTP/1.1 exchange on `stream` (hello closes after answering); the answer.
-fn exchange(mut stream: TcpStream) -> std::io::Result<String> {
+/// One HTTP/1.1 exchange with `host` on `stream` (hello closes after answering); the
+/// answer.
+fn exchange(mut stream: TcpStream, host: &str) -> std::io::Result<String> {
     stream.set_read_timeout(Some(PATIENCE))?;
     stream.set_write_timeout(Some(PATIENCE))?;
-    stream.write_all(b"GET / HTTP/1.1\r\nhost: hello\r\nconnection: close\r\n\r\n")?;
+    let request = format!("GET / HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes())?;
     let mut answer = String::new();
     stream.read_to_string(&mut answer)?;
     Ok(answer)
+}
+
+/// Requests to hello, each on a new connection, one after the other until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    served: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    thread: std::thread::JoinHandle<Vec<String>>,
+}
+
+impl Load {
+    /// Starts the requests to `target` for `host`, and waits until one was served.
+    fn start(target: SocketAddr, host: &str) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (served, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let thread = {
+            let (stop, served, failed) = (stop.clone(), served.clone(), failed.clone());
+            let host = host.to_owned();
+            std::thread::spawn(move || {
+                let mut errors = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let answer = TcpStream::connect_timeout(&target, PATIENCE)
+                        .and_then(|stream| exchange(stream, &host));
+                    match answer {
+                        Ok(text) if text.contains("hello from v1") => {
+                            served.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            errors.push(format!("{other:?}"));
+                        }
+                    }
+                }
+                errors
+            })
+        };
+        let load = Load {
+            stop,
+            served,
+            failed,
+            thread,
+        };
+        assert!(eventually(|| load.served() > 0));
+        load
+    }
+
+    /// Requests served so far.
+    fn served(&self) -> usize {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    /// Waits for a few more requests served, stops, and asserts that none failed.
+    fn finish(self) {
+        let served = self.served();
+        assert!(eventually(|| self.served() > served + 5));
+        self.stop.store(true, Ordering::Relaxed);
+        let errors = self.thread.join().expect("the load thread");
+        assert_eq!(
+            self.failed.load(Ordering::Relaxed),
+            0,
+            "failed requests: {errors:?}"
+        );
+    }
 }
 
 /// A connection to `target` with half a request sent, answered once [`finish`]ed.
@@ -140,30 +205,8 @@ fn upgrade_in_place_keeps_instances_and_connections() {
     let target: SocketAddr = format!("{address}:8080").parse().expect("address");
 
     // Requests all through an upgrade, each on a new connection.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (served, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let load = {
-        let (stop, served, failed) = (stop.clone(), served.clone(), failed.clone());
-        std::thread::spawn(move || {
-            let mut errors = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let answer = TcpStream::connect_timeout(&target, PATIENCE).and_then(exchange);
-                match answer {
-                    Ok(text) if text.contains("hello from v1") => {
-                        served.fetch_add(1, Ordering::Relaxed);
-                    }
-                    other => {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                        errors.push(format!("{other:?}"));
-                    }
-                }
-            }
-            errors
-        })
-    };
-    assert!(eventually(|| served.load(Ordering::Relaxed) > 0));
+    let load = Load::start(target, "hello");
     replace_binary(&binary);
-    let served_before = served.load(Ordering::Relaxed);
     let view = upgrade(&daemon);
     assert_eq!(view["upgrades"], 1, "{view}");
     assert_eq!(
@@ -173,16 +216,7 @@ fn upgrade_in_place_keeps_instances_and_connections() {
     );
     assert_eq!(view["last_upgrade_instances"], 1, "{view}");
     // A few requests after the new program serves, then the load stops.
-    assert!(eventually(
-        || served.load(Ordering::Relaxed) > served_before + 5
-    ));
-    stop.store(true, Ordering::Relaxed);
-    let errors = load.join().expect("the load thread");
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "failed requests: {errors:?}"
-    );
+    load.finish();
     assert_eq!(pids(&daemon), before);
 
     // A connection established before a second upgrade, its request half sent, is answered
@@ -303,4 +337,39 @@ fn upgrade_in_place_keeps_a_vm_booted_cold_and_one_restored_with_their_connectio
         "the VM outlived the daemon"
     );
     restart_clean(&data, (http, dns, &pool), &groups);
+}
+
+#[test]
+fn upgrade_in_place_hands_the_front_door_over_on_its_port() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let (daemon, binary) = upgradable(temp.path(), "[front]\nhttp = \"127.0.0.1:0\"\n");
+    let front = daemon.front("front_http=");
+    let work = hello_source(temp.path());
+    crate::support::write_manifest(&work, "reach = \"front\"\n");
+    crate::support::git(&work, &["commit", "-q", "-am", "reached at the front door"]);
+    push(&daemon, &work);
+    let host = format!("hello.{ZONE}");
+    assert!(crate::front_door::curl_front(&host, front).contains("hello from v1"));
+
+    // Requests through the front door all through the upgrade: its listener is handed
+    // over, never closed, so none is refused, and it keeps its port (0 was configured: a
+    // listener bound anew would get another).
+    let load = Load::start(front, &host);
+    replace_binary(&binary);
+    let view = upgrade(&daemon);
+    assert_eq!(view["upgrades"], 1, "{view}");
+    load.finish();
+    let log = daemon.log();
+    assert!(log.contains("front door handed over"), "{log}");
+    let serving: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("revboot is serving"))
+        .collect();
+    assert_eq!(serving.len(), 2, "{log}");
+    assert!(
+        serving[1].contains(&format!("front_http={front}")),
+        "{}",
+        serving[1]
+    );
+    assert!(crate::front_door::curl_front(&host, front).contains("hello from v1"));
 }
