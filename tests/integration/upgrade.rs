@@ -314,6 +314,8 @@ fn upgrade_in_place_keeps_a_vm_booted_cold_and_one_restored_with_their_connectio
     );
     stop_vm(&daemon, pids(&daemon)[0]);
     let address = dig_ok(&daemon, &live, false);
+    // Answered once it is ready, when its pid is known.
+    assert!(curl(&live, &address, 8080).starts_with("hello from v1"));
     let restored = pids(&daemon);
     assert_eq!(restored.len(), 1, "{restored:?}");
     let groups = cgroups_of(restored[0]);
@@ -372,4 +374,55 @@ fn upgrade_in_place_hands_the_front_door_over_on_its_port() {
         serving[1]
     );
     assert!(crate::front_door::curl_front(&host, front).contains("hello from v1"));
+}
+
+#[test]
+fn upgrade_in_place_keeps_an_instance_still_booting_and_its_probe_goes_on() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    // Direct: clients reach the instance's own socket, which exists from its start.
+    let (daemon, binary) = upgradable(temp.path(), "[instances]\ndirect = true\n");
+    let work = hello_source(temp.path());
+    // Ready only once someone asks for /ready-now: booting until the test says so.
+    let manifest = work.join("revboot.toml");
+    let text = std::fs::read_to_string(&manifest).expect("revboot.toml");
+    let text = text.replace(
+        "ready = { probe = \"socket\" }",
+        "ready = { probe = \"console\", line = \"hello: GET /ready-now\" }\nboot_timeout_ms = 300000",
+    );
+    std::fs::write(&manifest, text).expect("write revboot.toml");
+    crate::support::git(&work, &["commit", "-q", "-am", "ready on request"]);
+    push(&daemon, &work);
+    let live = format!("hello.{ZONE}");
+    let address = dig_ok(&daemon, &live, false);
+    let booting = || {
+        let instances = daemon.instances();
+        let pid = instances.first().and_then(|i| i["pid"].as_u64());
+        let state = instances.first().map(|i| i["state"].to_string());
+        (pid, state)
+    };
+    assert!(eventually(|| booting().0.is_some()), "{:?}", booting());
+    let (pid, state) = booting();
+    assert!(
+        state.as_deref().is_some_and(|s| s.contains("booting")),
+        "{state:?}"
+    );
+
+    replace_binary(&binary);
+    let view = upgrade(&daemon);
+    assert_eq!(view["last_upgrade_instances"], 1, "{view}");
+    let (after, state) = booting();
+    assert_eq!(after, pid);
+    assert!(
+        state.as_deref().is_some_and(|s| s.contains("booting")),
+        "{state:?}"
+    );
+
+    // The new program's probe sees the line, and the instance serves.
+    let answer = crate::support::curl_path(&live, &address, 8080, "/ready-now");
+    assert!(answer.starts_with("hello from v1"), "{answer}");
+    assert!(eventually(|| booting()
+        .1
+        .is_some_and(|s| s.contains("ready") || s.contains("idle"))));
+    assert_eq!(booting().0, pid);
+    assert!(curl(&live, &address, 8080).starts_with("hello from v1"));
 }

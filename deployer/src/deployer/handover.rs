@@ -3,12 +3,13 @@
 //! The old daemon, [`Deployer::hand_over`]:
 //!
 //! 1. refuses new summons and asks every instance's task to hand its instance over;
-//! 2. a serving instance whose tender can hand it over (the process and qemu tenders)
-//!    stops being watched: its console pipe's descriptor, its console tail, its durable
+//! 2. a started instance (serving, or booting with its process running) whose tender can
+//!    hand it over (the process and qemu tenders) stops being watched: its console pipe's descriptor, its console tail, its durable
 //!    record and what its tender needs besides (a VM's QMP socket, a restored VM's own
 //!    scratch directory and uid) go into a [`HandedInstance`]. Its kernel route stays until
 //!    the exec ends the program;
-//! 3. one that cannot — booting, one with upstream grants — is stopped as at a
+//! 3. one that cannot — still starting (no process yet), one with upstream grants — is
+//!    stopped as at a
 //!    shutdown (`stopped: daemon upgraded; it could not be handed over`), its record
 //!    written; the qemu tender's waiting qemu processes are killed;
 //! 4. the spare cgroups go and the durable state is flushed; the pools' `local` routes stay
@@ -20,8 +21,10 @@
 //!
 //! 5. leaves the handed instances out of its start-up clean-up (their processes, cgroups,
 //!    scratch directories and durable records stay) and takes each back — its uid, its
-//!    address, its console, the state `ready` — through its tender ([`Tender::adopt`]).
-//!    Its task goes on from there: steering, idle reaping, stops, its record at the end.
+//!    address, its console, the state `ready`, or `booting` with its readiness probe run
+//!    again within what is left of its boot timeout — through its tender
+//!    ([`Tender::adopt`]). Its task goes on from there: steering, idle reaping, stops, its
+//!    record at the end.
 //! 6. One whose revision or descriptor cannot be read, or that its tender cannot take
 //!    back, is killed and cleaned up, and boots again on demand.
 //!
@@ -38,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-use super::life::{End, finish, serve};
+use super::life::{End, become_ready, finish, serve};
 use super::table::{COMMANDS, Command, Entry};
 use super::{Deployer, error_chain, unix_ms};
 use crate::addresses::{ClientNet, ServiceAddresses};
@@ -68,7 +71,8 @@ pub struct HandedInstance {
     pub console: i32,
     /// Its console's kept tail, hex.
     pub console_tail: String,
-    /// Its boot, from summon to ready.
+    /// Its boot, from summon to ready; `None` while it was still booting (its probe not
+    /// passed yet).
     pub boot_ms: Option<u64>,
     /// What its tender handed over of its own (`Handed::tender`).
     #[serde(default)]
@@ -210,6 +214,7 @@ impl Deployer {
             .addresses
             .iter()
             .fold(ServiceAddresses::one(record.address), |all, a| all.with(*a));
+        let booting = instance.boot_ms.is_none();
         let now = Instant::now();
         let age = Duration::from_millis(unix_ms().saturating_sub(record.started_at_ms));
         let started = now.checked_sub(age).unwrap_or(now);
@@ -223,7 +228,12 @@ impl Deployer {
             uid: instance.uid,
             boot_timeout: Duration::from_millis(run.boot_timeout_ms),
             reach: run.reach,
-            state: watch::channel(InstanceState::Ready).0,
+            state: watch::channel(if booting {
+                InstanceState::Booting
+            } else {
+                InstanceState::Ready
+            })
+            .0,
             started,
             open: AtomicI64::new(0),
             last_activity: AtomicU64::new(self.ms_since_epoch()),
@@ -270,9 +280,31 @@ impl Deployer {
             .and_then(|ms| started.checked_add(Duration::from_millis(ms)));
         let (started_at_ms, scratch) = (record.started_at_ms, record.scratch.clone());
         self.runtime.spawn(async move {
-            me.steer(&entry, running.as_ref());
-            let idle = me.idle_timeout(&info.manifest);
-            let end: End = serve(&me, &entry, running.as_ref(), &mut command_rx, idle).await;
+            let mut ready_after = ready_after;
+            let end: End = 'life: {
+                if booting {
+                    // Its probe goes on here, within what is left of its boot timeout.
+                    let deadline =
+                        tokio::time::Instant::from_std(entry.started + entry.boot_timeout);
+                    let probe = &info.manifest.run.ready;
+                    let ready = become_ready(
+                        &me,
+                        &entry,
+                        running.as_ref(),
+                        probe,
+                        &mut command_rx,
+                        deadline,
+                    );
+                    match ready.await {
+                        Ok(at) => ready_after = Some(at),
+                        Err(end) => break 'life end,
+                    }
+                } else {
+                    me.steer(&entry, running.as_ref());
+                }
+                let idle = me.idle_timeout(&info.manifest);
+                serve(&me, &entry, running.as_ref(), &mut command_rx, idle).await
+            };
             finish(
                 &me,
                 &entry,

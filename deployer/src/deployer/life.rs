@@ -82,39 +82,19 @@ pub(super) async fn tend(
             .put(entry.record(started_at_ms, scratch.clone(), footprint))
             .await;
         let running: &dyn Running = &**running.insert(booted);
-        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let ready = tokio::select! {
-            ready = running.ready(&run.ready, remaining) => Ok(ready),
-            command = commands.recv() => Err(command),
-        };
-        let ready = match ready {
-            Ok(ready) => ready,
-            Err(command) => break 'life stop(deployer, entry, running, command).await,
-        };
-        if let Err(error) = ready {
-            running.kill();
-            // An instance that ended by itself says how.
-            let reason = match (error, wait_exit(running, KILL_WAIT).await) {
-                (error @ NotReady::Exited, Some(exit)) => format!("{error}: {exit}"),
-                // The probe had what was left after the start; the limit is the whole.
-                (NotReady::Timeout { probe, .. }, _) => {
-                    NotReady::Timeout { ms: boot_ms, probe }.to_string()
-                }
-                (error, _) => error.to_string(),
-            };
-            break 'life End::Crashed(reason);
+        match become_ready(
+            deployer,
+            entry,
+            running,
+            &run.ready,
+            &mut commands,
+            deadline,
+        )
+        .await
+        {
+            Ok(at) => ready_after = Some(at),
+            Err(end) => break 'life end,
         }
-        let now = Instant::now();
-        ready_after = Some(now);
-        deployer.metrics.became_ready(now - entry.started);
-        // Its idle time counts from now: a boot longer than the idle timeout (a VM under
-        // TCG on a busy host) must not stop it before the client that summoned it connects.
-        entry
-            .last_activity
-            .store(deployer.ms_since_epoch(), Ordering::Relaxed);
-        entry.state.send_replace(InstanceState::Ready);
-        debug!(instance = %entry.key, boot = ?(now - entry.started), "ready");
-        deployer.steer(entry, running);
         serve(
             deployer,
             entry,
@@ -215,6 +195,75 @@ pub(super) async fn finish(
         .await;
 }
 
+/// Waits until `running` is ready by `probe`, at most until `deadline`: then it is
+/// `Ready` (its idle time counting from now) and warm connections go straight to it; the
+/// instant it became ready. Or how its life ends: a command came first, or the probe failed
+/// (the instance is killed).
+pub(super) async fn become_ready(
+    deployer: &Deployer,
+    entry: &Entry,
+    running: &dyn Running,
+    probe: &revboot_store::manifest::Ready,
+    commands: &mut mpsc::Receiver<Command>,
+    deadline: tokio::time::Instant,
+) -> Result<Instant, End> {
+    let boot_ms = entry.boot_timeout.as_millis() as u64;
+    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let ready = tokio::select! {
+        ready = running.ready(probe, remaining) => Ok(ready),
+        command = commands.recv() => Err(command),
+    };
+    let ready = match ready {
+        Ok(ready) => ready,
+        Err(command) => return Err(ended_by(deployer, entry, running, command).await),
+    };
+    if let Err(error) = ready {
+        running.kill();
+        // An instance that ended by itself says how.
+        let reason = match (error, wait_exit(running, KILL_WAIT).await) {
+            (error @ NotReady::Exited, Some(exit)) => format!("{error}: {exit}"),
+            // The probe had what was left after the start; the limit is the whole.
+            (NotReady::Timeout { probe, .. }, _) => {
+                NotReady::Timeout { ms: boot_ms, probe }.to_string()
+            }
+            (error, _) => error.to_string(),
+        };
+        return Err(End::Crashed(reason));
+    }
+    let now = Instant::now();
+    deployer.metrics.became_ready(now - entry.started);
+    // Its idle time counts from now: a boot longer than the idle timeout (a VM under
+    // TCG on a busy host) must not stop it before the client that summoned it connects.
+    entry
+        .last_activity
+        .store(deployer.ms_since_epoch(), Ordering::Relaxed);
+    entry.state.send_replace(InstanceState::Ready);
+    debug!(instance = %entry.key, boot = ?(now - entry.started), "ready");
+    deployer.steer(entry, running);
+    Ok(now)
+}
+
+/// The end that `command` makes: handed to the next daemon if it asks for that and the
+/// tender can (the `handover` module), else stopped or killed.
+async fn ended_by(
+    deployer: &Deployer,
+    entry: &Entry,
+    running: &dyn Running,
+    command: Option<Command>,
+) -> End {
+    if let Some(Command::HandOver(reply)) = command {
+        return match running.hand_over().await {
+            Some(handed) => End::HandedOver(handed, reply),
+            None => {
+                let _ = reply.send(None);
+                let why = StopReason::Upgrade;
+                stop(deployer, entry, running, Some(Command::Stop(why))).await
+            }
+        };
+    }
+    stop(deployer, entry, running, command).await
+}
+
 /// Ready until an exit, a command or the idle timeout.
 pub(super) async fn serve(
     deployer: &Deployer,
@@ -286,17 +335,7 @@ pub(super) async fn serve(
             command = commands.recv() => command,
             () = tokio::time::sleep(next.max(Duration::from_millis(5))) => continue,
         };
-        if let Some(Command::HandOver(reply)) = command {
-            return match running.hand_over().await {
-                Some(handed) => End::HandedOver(handed, reply),
-                None => {
-                    let _ = reply.send(None);
-                    let why = StopReason::Upgrade;
-                    stop(deployer, entry, running, Some(Command::Stop(why))).await
-                }
-            };
-        }
-        return stop(deployer, entry, running, command).await;
+        return ended_by(deployer, entry, running, command).await;
     }
 }
 
@@ -352,7 +391,7 @@ pub(super) async fn stop(
     if let Some(report) = ended {
         return End::Crashed(report.to_string());
     }
-    // Not serving yet: not handed over (the `handover` module), stopped as at a shutdown.
+    // Not started yet: not handed over (the `handover` module), stopped as at a shutdown.
     let command = match command {
         Some(Command::HandOver(reply)) => {
             let _ = reply.send(None);
