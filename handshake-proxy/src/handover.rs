@@ -4,7 +4,9 @@
 //!    (it stays open: handshakes that come meanwhile wait in its queue) instead of closing
 //!    it. New summons are refused from then on.
 //! 2. Connections the proxy relays (held through a boot, or not steered) are given up to
-//!    `drain` to end by themselves; those still open then close with the old daemon.
+//!    `drain` to end by themselves; those still open then close with the old daemon. Those
+//!    the front door accepted and is still reading the head of are first given up to its
+//!    head timeout to be routed (their summon works until the deployer hands over).
 //!    Warm connections that the kernel steers to an instance never pass through here and
 //!    are not touched.
 //! 3. The next daemon registers each socket again with [`Proxy::adopt`], after the
@@ -53,7 +55,17 @@ impl Proxy {
                 "not every listener could be handed over"
             );
         }
-        while shared.metrics.open_now.load(Ordering::Relaxed) > 0 && start.elapsed() < drain {
+        // Connections the front door accepted before it stopped and is still reading the
+        // head of: they summon as soon as it is read, which works until the deployer hands
+        // its instances over, after this. At most the head timeout.
+        if let Some(front) = &shared.front {
+            let reading = || front.pending.available_permits() < front.config.max_pending;
+            while reading() && start.elapsed() < front.config.head_timeout {
+                tokio::time::sleep(LOOK).await;
+            }
+        }
+        let draining = Instant::now();
+        while shared.metrics.open_now.load(Ordering::Relaxed) > 0 && draining.elapsed() < drain {
             tokio::time::sleep(LOOK).await;
         }
         let open = shared.metrics.open_now.load(Ordering::Relaxed);
