@@ -373,8 +373,9 @@ impl Cgroups {
     }
 
     /// Removes every instance group under the parents (an earlier daemon's) but those in
-    /// `keep` (handed over to this one), killing whatever still runs in them. Returns how
-    /// many groups were removed.
+    /// `keep` (handed over to this one), killing whatever still runs in them and reaping
+    /// those that are this process's children (an earlier program of a daemon upgraded in
+    /// place started them). Returns how many groups were removed.
     pub fn sweep(&self, keep: &[PathBuf]) -> usize {
         let mut removed = 0;
         for parent in self.parents() {
@@ -392,9 +393,11 @@ impl Cgroups {
                 if entry.file_type().is_ok_and(|t| t.is_dir()) {
                     let dir = entry.path();
                     warn!(cgroup = %dir.display(), "removing an orphaned instance cgroup");
+                    let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
                     if remove_group(&dir).is_ok() {
                         removed += 1;
                     }
+                    reap_children(&procs);
                 }
             }
         }
@@ -652,6 +655,26 @@ fn create_dir(dir: &Path) -> io::Result<()> {
         Err(error) if error.kind() == io::ErrorKind::AlreadyExists => Ok(()),
         other => other
             .map_err(|error| io::Error::new(error.kind(), format!("{}: {error}", dir.display()))),
+    }
+}
+
+/// Reaps the processes of `procs` (a `cgroup.procs` listing, killed since) that are this
+/// process's children, each waited for a bounded time; the others are not, and `waitpid`
+/// says so at once.
+fn reap_children(procs: &str) {
+    for pid in procs
+        .lines()
+        .filter_map(|line| line.trim().parse::<libc::pid_t>().ok())
+    {
+        for _ in 0..200 {
+            // SAFETY: waitpid with a null status pointer writes nothing.
+            let waited = unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+            // Reaped, or not a child of this process: done. 0: a child still ending.
+            if waited != 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
 

@@ -146,6 +146,23 @@ fn alive(pid: u64) -> bool {
         .unwrap_or(false)
 }
 
+/// The children of `parent` that ended and were not reaped.
+fn zombies_of(parent: u32) -> Vec<String> {
+    let mut zombies = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some(end) = stat.rfind(')') else { continue };
+        let mut fields = stat[end + 1..].split_whitespace();
+        let (state, ppid) = (fields.next(), fields.next());
+        if state == Some("Z") && ppid == Some(parent.to_string().as_str()) {
+            zombies.push(stat[..end + 1].to_owned());
+        }
+    }
+    zombies
+}
+
 /// The cgroup directories of a process, for the controllers revboot limits.
 fn cgroups_of(pid: u64) -> Vec<PathBuf> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("read its cgroups");
@@ -297,6 +314,12 @@ fn upgrade_in_place_keeps_a_vm_booted_cold_and_one_restored_with_their_connectio
     assert!(curl(&live, &address, 8080).starts_with("hello from v1"));
     let log = daemon.log();
     assert!(log.contains("qemu instance handed over"), "{log}");
+    // The qemu processes that waited for a snapshot were killed and reaped, not left.
+    assert!(
+        eventually(|| zombies_of(daemon.pid()).is_empty()),
+        "{:?}",
+        zombies_of(daemon.pid())
+    );
 
     // Stopped by the new program as any of its own.
     stop_vm(&daemon, cold[0]);

@@ -439,8 +439,10 @@ impl Pool {
         });
     }
 
-    /// Kills the waiting qemu processes and keeps none from now on (a shutdown, or a
-    /// hand-over: they are not handed over).
+    /// Kills the waiting qemu processes, reaps them and removes what they held, and keeps
+    /// none from now on (a shutdown, or a hand-over: they are not handed over, and a reap
+    /// left to a thread of its own would not outlive the exec, leaving zombies and cgroups).
+    /// Blocks for as long as killed processes take to end: milliseconds.
     pub(super) fn clear(&self) {
         *self.wanted.lock().expect("pool lock is never poisoned") = None;
         let waiting: Vec<Incoming> = self
@@ -449,7 +451,17 @@ impl Pool {
             .expect("pool lock is never poisoned")
             .drain(..)
             .collect();
-        drop(waiting);
+        let mut killed = Vec::new();
+        for mut incoming in waiting {
+            if let Some(jailed) = incoming.jailed.take() {
+                spawn::send_signal(jailed.pidfd.as_raw_fd(), libc::SIGKILL);
+                let scratch = incoming.owns_scratch.then(|| incoming.scratch.clone());
+                killed.push((jailed, scratch, incoming.lease.take()));
+            }
+        }
+        for (jailed, scratch, lease) in killed {
+            reap(jailed, scratch, lease);
+        }
     }
 
     async fn fill(&self) {
