@@ -4,7 +4,11 @@
 //! The handshake proxy listens on every service address it hands out, so that a connection
 //! made while the instance boots is held, not refused. Once the instance is ready, relaying
 //! each byte through the proxy only costs: two more wake-ups and two more copies per
-//! exchange, about half the throughput on a small machine. So, while an instance is ready:
+//! exchange, about half the throughput on a small machine. So, while an instance is ready
+//! — and from its boot on when its socket listens from the start and it accepts only what
+//! it can serve (`Running::holds_handshakes`: the process tender, whose socket is bound
+//! before the process starts, so a connection made during the boot waits in that socket's
+//! backlog, never refused and never relayed):
 //!
 //! 1. [`Steering::open`] loads a `BPF_PROG_TYPE_SK_LOOKUP` program into the deployer's
 //!    network namespace (a BPF link: it is detached when the deployer's descriptor closes,
@@ -23,7 +27,7 @@
 //!    connections too).
 //! 4. Everything else — no route, UDP, a socket already gone — passes on unchanged to the
 //!    ordinary lookup: the proxy's listener.
-//! 5. Dropping the [`Steered`] guard removes the route (the instance is no longer ready);
+//! 5. Dropping the [`Steered`] guard removes the route (the instance stops or ended);
 //!    a closed socket leaves the sockhash on its own.
 //!
 //! Activity stays visible: [`Steered::connections`] counts steered connections, and the

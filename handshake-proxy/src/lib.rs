@@ -29,12 +29,14 @@
 //!    direction goes on; the connection closes on an idle or total timeout, or at shutdown.
 //!    `ConnectionClosed` is reported when it ends.
 //! 9. A sweep every `sweep_interval` closes listeners of addresses the deployer released.
-//! 10. Once the instance is ready, the deployer has the kernel hand new connections to the
-//!     service address straight to the instance's own socket (`revboot_deployer::steer`,
-//!     an `sk_lookup` program): they never reach this listener, so the relay above only
-//!     carries connections made during a boot, refusals, and what cannot be steered
-//!     (IPv6, no root). A per-client route takes only its client; anyone else still lands
-//!     here and is refused.
+//! 10. Once the instance is ready — a process instance from its boot on, as its socket
+//!     listens before it starts and holds what arrives until it accepts — the deployer has
+//!     the kernel hand new connections to the service address straight to the instance's
+//!     own socket (`revboot_deployer::steer`, an `sk_lookup` program): they never reach
+//!     this listener, so the relay above only carries connections made before the boot
+//!     began (the one that summoned it), during a qemu boot, refusals, front-door
+//!     connections, and what cannot be steered (no root). A per-client route takes only its
+//!     client; anyone else still lands here and is refused.
 //!
 //! # The front door
 //!

@@ -4,7 +4,8 @@
 //!    the readiness probe; all within the boot timeout.
 //! 2. Serve: every tick, compare the last activity with the idle timeout; handle `stop`,
 //!    `kill` and the instance's own exit; hand warm connections to the instance's socket in
-//!    the kernel where it can (`steer`).
+//!    the kernel where it can (`steer`), from the boot on when its socket holds handshakes
+//!    (`Running::holds_handshakes`, the process tender), else from ready on.
 //! 3. Stop: a graceful stop, then a kill after the grace.
 //! 4. Record: the state becomes final, the address, the durable record and the scratch
 //!    directory go, and the runtime record is written to the store.
@@ -82,6 +83,11 @@ pub(super) async fn tend(
             .put(entry.record(started_at_ms, scratch.clone(), footprint))
             .await;
         let running: &dyn Running = &**running.insert(booted);
+        if running.holds_handshakes() {
+            // Its socket holds what arrives until it accepts: connections made during the
+            // boot wait there, not in the proxy's relay.
+            deployer.steer(entry, running);
+        }
         match become_ready(
             deployer,
             entry,
@@ -239,7 +245,9 @@ pub(super) async fn become_ready(
         .store(deployer.ms_since_epoch(), Ordering::Relaxed);
     entry.state.send_replace(InstanceState::Ready);
     debug!(instance = %entry.key, boot = ?(now - entry.started), "ready");
-    deployer.steer(entry, running);
+    if !entry.is_steered() {
+        deployer.steer(entry, running);
+    }
     Ok(now)
 }
 

@@ -332,6 +332,15 @@ pub trait Running: Send + Sync + fmt::Debug {
         crate::steer::listener_of(pid, self.backend())
     }
 
+    /// True if the socket [`Running::listener`] gives listens from the start of the boot
+    /// and the instance accepts nothing it is not ready for (the kernel holds a connection
+    /// in its backlog until the instance takes it): connections may then go to it in the
+    /// kernel ([`crate::steer`]) while it boots, not only once it is ready. By default
+    /// false: qemu's user networking accepts for a guest that may not listen yet.
+    fn holds_handshakes(&self) -> bool {
+        false
+    }
+
     /// Stops watching the instance and hands it to the next daemon of an upgrade in place
     /// ([`Tender::adopt`] there): its exit is no longer reported here. `None` if this
     /// instance cannot be handed over (it is then stopped, as at a shutdown). By default

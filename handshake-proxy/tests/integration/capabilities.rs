@@ -1,4 +1,8 @@
 //! What the proxy promises, shown with the real deployer and the real hello image.
+//!
+//! The proxy's own hold path is shown with the kernel hand-off off (`steer = false`: as
+//! without root, or for a qemu instance): with it on, a process instance's connections go
+//! straight to its socket from the boot on (`steering.rs`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +18,7 @@ use crate::support::{
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_clients_at_once_on_a_cold_instance_are_all_served_by_one_boot() {
     support::raise_nofile();
-    let world = World::new(1, |_, _| {});
+    let world = World::new(1, |deployer, _| deployer.steer = false);
     // The gated image stays booting until the test opens it: every client arrives cold.
     let (revision, summoned) = support::summon_gated(&world);
     assert_ne!(summoned.backend, service_address(&summoned));
@@ -61,7 +65,7 @@ async fn five_hundred_clients_at_once_on_a_cold_instance_are_all_served_by_one_b
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_sent_before_the_instance_is_ready_is_answered() {
-    let world = World::new(2, |_, _| {});
+    let world = World::new(2, |deployer, _| deployer.steer = false);
     let (revision, summoned) = support::summon_gated(&world);
     let request = b"GET /early HTTP/1.1\r\nhost: test\r\n\r\n";
     let mut stream = connect(service_address(&summoned), None)
@@ -102,7 +106,7 @@ async fn a_per_client_instance_refuses_every_other_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_that_fails_to_boot_closes_every_held_connection() {
-    let world = World::new(4, |_, _| {});
+    let world = World::new(4, |deployer, _| deployer.steer = false);
     // hello never prints this, so it never becomes ready: the boot fails at the timeout.
     let run = "port = 8080\nmemory_mib = 32\nboot_timeout_ms = 1500\n\
                ready = { probe = \"console\", line = \"never printed\" }";
@@ -145,7 +149,10 @@ async fn an_instance_that_fails_to_boot_closes_every_held_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_quiet_connection_keeps_its_instance_until_it_closes() {
     let idle = Duration::from_millis(300);
-    let world = World::with_idle(5, idle);
+    let world = World::new(5, |deployer, _| {
+        deployer.steer = false;
+        deployer.idle_timeout_override_ms = Some(idle.as_millis() as u64);
+    });
     let (_, summoned) = support::summon_hello(&world);
     let mut state = summoned.state.clone();
     let quiet = connect(service_address(&summoned), None)

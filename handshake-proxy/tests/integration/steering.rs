@@ -1,5 +1,6 @@
-//! The kernel hand-off: once an instance is ready, new connections to its service address
-//! reach its own socket without the proxy's relay, and admission and reaping still hold.
+//! The kernel hand-off: once a process instance boots (its socket listens before it
+//! starts), new connections to its service address reach its own socket without the
+//! proxy's relay, and admission and reaping still hold.
 //! Real deployer, real hello image, real loopback TCP; needs root (BPF).
 
 use std::time::Duration;
@@ -12,11 +13,16 @@ use crate::support::{
 
 /// Waits until the instance is ready and its connections are steered.
 async fn ready_and_steered(world: &World, summoned: &Summoned) {
+    serving(summoned).await;
+    steered(world, summoned).await;
+}
+
+/// Waits until the instance behind `summoned`, booting or ready, is steered.
+async fn steered(world: &World, summoned: &Summoned) {
     assert!(
         world.deployer.steers(),
         "the sk_lookup program loads (root)"
     );
-    serving(summoned).await;
     eventually("the instance is steered", || {
         world
             .deployer
@@ -62,7 +68,8 @@ async fn warm_connections_reach_the_instance_without_the_relay() {
         (metrics.steered_connections, metrics.steered_instances),
         (20, 0)
     );
-    // Summoned again, the next connection is held by the proxy while it boots.
+    // Summoned again, the next connection is served by the new boot (held by the proxy, or
+    // steered if the boot got that far first).
     let again = world
         .proxy
         .summon("hello", &revision, None)
@@ -90,23 +97,46 @@ async fn a_steered_per_client_instance_still_refuses_every_other_client() {
     world.shutdown().await;
 }
 
+/// A process instance's socket listens before its process starts, so connections made
+/// during its boot wait in that socket's backlog: the kernel hands them over from the boot
+/// on, and the proxy relays none of them (the gated image answers them while its boot, by
+/// its readiness probe, has not ended).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_made_during_a_boot_reach_the_instance_without_the_relay() {
+    let world = World::new(18, |_, _| {});
+    let (revision, summoned) = support::summon_gated(&world);
+    steered(&world, &summoned).await;
+    for n in 0..20 {
+        let response = http_get(service_address(&summoned), None, &format!("/{n}"))
+            .await
+            .expect("served");
+        assert!(
+            response.contains(&format!("gated /{n} ({revision})")),
+            "{response}"
+        );
+    }
+    assert_eq!(*summoned.state.borrow(), InstanceState::Booting);
+    let relayed = world.proxy.metrics();
+    assert_eq!(relayed.accepted, 0, "the proxy relayed: {relayed:?}");
+    assert_eq!(world.deployer.list()[0].steered, Some(20));
+    // Ready: the same route goes on.
+    support::open_gate(&summoned).await;
+    http_get(service_address(&summoned), None, "/ready")
+        .await
+        .expect("served");
+    assert_eq!(world.deployer.list()[0].steered, Some(21));
+    assert_eq!(world.proxy.metrics().accepted, 0);
+    world.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_quiet_steered_connection_keeps_its_instance_until_it_closes() {
     let idle = Duration::from_millis(300);
     let world = World::with_idle(13, idle);
-    let (_, summoned) = support::summon_hello(&world);
-    // Held by the proxy from the start, this one keeps the instance from being reaped for
-    // idleness until the quiet connection is in place, however slowly the machine gets there.
-    let keeper = connect(service_address(&summoned), None)
-        .await
-        .expect("connect");
-    ready_and_steered(&world, &summoned).await;
-    // The keeper reaches the instance first: hello serves one connection at a time, in the
-    // order they arrived, and the quiet one sends nothing.
-    eventually("the keeper is spliced to the instance", || {
-        world.proxy.metrics().spliced == 1
-    })
-    .await;
+    // Booting until the gate opens, so not reaped for idleness before the quiet connection
+    // is in place, however slowly the machine gets there.
+    let (_, summoned) = support::summon_gated(&world);
+    steered(&world, &summoned).await;
     let quiet = connect(service_address(&summoned), None)
         .await
         .expect("connect");
@@ -114,19 +144,14 @@ async fn an_open_quiet_steered_connection_keeps_its_instance_until_it_closes() {
         world.deployer.list()[0].steered == Some(1)
     })
     .await;
-    drop(keeper);
-    // The proxy reports its connections: none left once the keeper's close is seen.
-    eventually("the keeper's close is seen", || {
-        world.deployer.list()[0].connections == 0
-    })
-    .await;
-    // No query either.
+    support::open_gate(&summoned).await;
+    // Not a byte from the quiet connection, no query either.
     let mut state = summoned.state.clone();
     support::still_serving_after_idle(&state, idle).await;
     assert_eq!(
         world.proxy.metrics().accepted,
-        1,
-        "only the keeper went through the proxy"
+        0,
+        "nothing went through the proxy"
     );
     support::reaped_once_closed(&mut state, quiet).await;
     world.shutdown().await;

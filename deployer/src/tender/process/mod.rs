@@ -654,6 +654,11 @@ impl Running for ProcessRunning {
         })
     }
 
+    /// The socket was bound and listening before the process started (`LISTEN_FDS`).
+    fn holds_handshakes(&self) -> bool {
+        true
+    }
+
     /// Descriptor 3, where the instance got its socket, unless it moved it.
     fn listener(&self) -> io::Result<OwnedFd> {
         let pidfd = self.child.pidfd()?;

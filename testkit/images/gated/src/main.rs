@@ -6,10 +6,13 @@
 //! that sends it straight to the instance's backend address decides the moment of the
 //! boot's end: whatever the machine's speed, what the test did before is done while the
 //! instance is still booting. Every other request is answered `gated <path> (<revision>)`.
+//! Connections are served on threads of their own (a bounded number), so one that sends
+//! nothing keeps no other waiting.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::FromRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 fn serve(stream: TcpStream, deployment: &str) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
@@ -46,14 +49,32 @@ fn main() {
     // SAFETY: by the LISTEN_FDS convention fd 3 is a listening socket handed to us and owned
     // by nothing else in this process.
     let listener = unsafe { TcpListener::from_raw_fd(3) };
+    let deployment: &'static str = Box::leak(deployment.into_boxed_str());
+    // A connection that sends nothing must not keep `/open` waiting: each is served on a
+    // thread of its own, up to THREADS at once, then in turn.
+    const THREADS: usize = 16;
+    static LIVE: AtomicUsize = AtomicUsize::new(0);
     for stream in listener.incoming() {
-        match stream {
-            Ok(stream) => {
-                if let Err(error) = serve(stream, &deployment) {
-                    eprintln!("gated: {error}");
-                }
+        let stream = match stream {
+            Ok(stream) => stream,
+            Err(error) => {
+                eprintln!("gated: accept: {error}");
+                continue;
             }
-            Err(error) => eprintln!("gated: accept: {error}"),
+        };
+        let answer = move || {
+            if let Err(error) = serve(stream, deployment) {
+                eprintln!("gated: {error}");
+            }
+        };
+        if LIVE.fetch_add(1, Ordering::SeqCst) < THREADS {
+            std::thread::spawn(move || {
+                answer();
+                LIVE.fetch_sub(1, Ordering::SeqCst);
+            });
+        } else {
+            LIVE.fetch_sub(1, Ordering::SeqCst);
+            answer();
         }
     }
 }
