@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The handshake proxy's warm figures, in one run: wrk straight to a backend, then at the
 # service address of a proxy in front of the same backend — once as the deployer runs a
-# ready instance (steered: the kernel hands each new connection to the backend's socket,
-# sk_lookup, root), once with the proxy relaying every byte (steering off, or a held
-# connection); prints the ratios. Loopback only.
+# ready instance, or a booting process instance (steered: the kernel hands each new
+# connection to the backend's socket, sk_lookup, root), once with the proxy relaying every
+# byte (steering off, a front-door connection, or one held through a VM's boot); prints the
+# ratios. Loopback only.
 #
 #   [ROUNDS=3] bench/proxy.sh [seconds per run, default 10] [multi|current] [buffer bytes] [copy|zero]
 #
@@ -107,8 +108,8 @@ scenario() {
     bps+=("$(ratio "$p_bps" "$d_bps")")
     added+=("$(awk -v a="$p_p50" -v b="$d_p50" 'BEGIN{printf "%.1f", a-b}')")
   done
-  echo "  steered (ready instance): median ratio requests/s $(median "${s_rps[@]}"), bytes/s $(median "${s_bps[@]}"), added p50 $(median "${s_added[@]}") us"
-  echo "  relayed (held connection, or steer = false): median ratio requests/s $(median "${rps[@]}"), bytes/s $(median "${bps[@]}"), added p50 $(median "${added[@]}") us"
+  echo "  steered (ready instance, or a process instance from its boot on): median ratio requests/s $(median "${s_rps[@]}"), bytes/s $(median "${s_bps[@]}"), added p50 $(median "${s_added[@]}") us"
+  echo "  relayed (front door, held through a VM's boot, or steer = false): median ratio requests/s $(median "${rps[@]}"), bytes/s $(median "${bps[@]}"), added p50 $(median "${added[@]}") us"
   echo "  CPU per request (median): backend $(median "${backend_cpu[@]}") us, relay $(median "${relay_cpu[@]}") us"
 }
 

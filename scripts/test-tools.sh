@@ -7,7 +7,8 @@
 # render its manual page, debootstrap (Debian package names), setfattr (the delegated
 # cgroup systemd would mark, in the delegation test) and cargo-deb; makes the clean
 # Debian root the package is tested in (in the cargo target directory, once); and fills the
-# cargo cache for examples/hello-vm, whose recipe builds offline as the builder runs it.
+# cargo cache for examples/hello-vm and examples/hello-tls, whose recipes build offline as the
+# builder runs them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,6 +41,7 @@ if ((${#need[@]})); then
 fi
 
 cargo fetch --locked --manifest-path examples/hello-vm/Cargo.toml >/dev/null
+cargo fetch --locked --manifest-path examples/hello-tls/Cargo.toml >/dev/null
 cargo deb --version >/dev/null 2>&1 || cargo install --locked --quiet cargo-deb@3.8.0
 if [[ $(id -u) -eq 0 ]]; then
     packaging/debian-root.sh "${CARGO_TARGET_DIR:-target}/packaging-test-debian-root"

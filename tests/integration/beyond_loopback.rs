@@ -132,8 +132,8 @@ impl Drop for Unbound {
 }
 
 /// Starts revboot in the server namespace, DNS on port 53 of the server's veth address, the
-/// zone's one name server; `dns`: more `[dns]` settings.
-fn start(network: &Network, data: &Path, pools: &[&str], dns: &str) -> Daemon {
+/// zone's one name server; `dns`: more `[dns]` settings; `more`: more tables.
+fn start(network: &Network, data: &Path, pools: &[&str], dns: &str, more: &str) -> Daemon {
     let config = format!(
         "zone = \"{ZONE}\"\n\
          [dns]\n\
@@ -141,7 +141,8 @@ fn start(network: &Network, data: &Path, pools: &[&str], dns: &str) -> Daemon {
          nameservers = [{{ name = \"ns1.{ZONE}\", addresses = [\"{SERVER}\", \"192.0.2.1\"] }}]\n\
          [instances]\n\
          idle_timeout_ms = 600000\n\
-         client_prefixes = {{ ipv6 = 128 }}\n"
+         client_prefixes = {{ ipv6 = 128 }}\n\
+         {more}"
     );
     Daemon::start_setup(
         data,
@@ -176,7 +177,12 @@ fn get(network: &Network, source: Option<&str>, url: &str) -> Option<String> {
         args.extend(["--interface", source]);
     }
     args.push(url);
-    let output = network.client_run("curl", &args);
+    curl_body(network, &args)
+}
+
+/// `curl` with `args` from the client namespace: the body, or `None` when it fails.
+fn curl_body(network: &Network, args: &[&str]) -> Option<String> {
+    let output = network.client_run("curl", args);
     output
         .status
         .success()
@@ -214,7 +220,7 @@ fn a_client_network_resolves_through_unbound_and_reaches_revisions_over_ipv6() {
     let network = Network::new();
     let temp = tempfile::tempdir().expect("temp dir");
     let data = temp.path().join("data");
-    let daemon = start(&network, &data, &[POOL_V6, POOL_V4], "");
+    let daemon = start(&network, &data, &[POOL_V6, POOL_V4], "", "");
     // Neither pool was local: revboot added a route for each, and says so.
     let log = daemon.log();
     assert!(log.contains(&format!("pool={POOL_V6}")), "{log}");
@@ -272,7 +278,7 @@ fn a_client_network_resolves_through_unbound_and_reaches_revisions_over_ipv6() {
     // stopped, it takes them away.
     daemon.kill();
     assert!(local_routes(&network, "-6").contains(POOL_V6));
-    let daemon = start(&network, &data, &[POOL_V6, POOL_V4], "");
+    let daemon = start(&network, &data, &[POOL_V6, POOL_V4], "", "");
     assert!(daemon.log().contains("adopted"), "{}", daemon.log());
     daemon.stop();
     assert!(!local_routes(&network, "-6").contains(POOL_V6));
@@ -289,6 +295,7 @@ fn three_clients_get_gatekeepers_of_their_own_and_cannot_reach_each_others() {
         &temp.path().join("data"),
         &[POOL_V6],
         "trust_ecs = true\n",
+        "",
     );
     let work = hello_source(temp.path());
     let manifest = work.join("revboot.toml");
@@ -357,4 +364,129 @@ fn three_clients_get_gatekeepers_of_their_own_and_cannot_reach_each_others() {
         .collect();
     clients.sort_unstable();
     assert_eq!(clients, CLIENTS, "{instances:?}");
+}
+
+/// The front door's address in the server namespace: one IPv4 address for every name.
+const FRONT: &str = "192.0.2.1";
+
+/// `curl` from the client namespace of `scheme://name/`, `name` resolved to the front door
+/// (its address as unbound answered it) on `port`; with `ca`, the certificate is checked
+/// against it. The body, or `None` when the request fails.
+fn get_front(
+    network: &Network,
+    scheme: &str,
+    name: &str,
+    port: u16,
+    ca: Option<&Path>,
+) -> Option<String> {
+    let resolve = format!("{name}:{port}:{FRONT}");
+    let url = format!("{scheme}://{name}:{port}/");
+    let mut args = vec!["-sS", "--fail", "--max-time", "60", "--resolve", &resolve];
+    let ca = ca.map(|ca| ca.display().to_string());
+    if let Some(ca) = &ca {
+        args.extend(["--cacert", ca]);
+    }
+    args.push(&url);
+    curl_body(network, &args)
+}
+
+/// The short source commit of a working copy's HEAD.
+fn head(work: &Path) -> String {
+    String::from_utf8_lossy(&git(work, &["rev-parse", "--short=7", "HEAD"]).stdout)
+        .trim()
+        .to_owned()
+}
+
+/// Instances of `service` the daemon runs.
+fn running(daemon: &Daemon, service: &str) -> usize {
+    daemon
+        .instances()
+        .iter()
+        .filter(|instance| instance["service"] == service)
+        .count()
+}
+
+#[test]
+fn the_front_door_routes_a_client_network_by_host_and_by_tls_server_name_booting_each_revision() {
+    let network = Network::new();
+    let temp = tempfile::tempdir().expect("temp dir");
+    let front = format!("[front]\nhttp = \"{FRONT}:80\"\ntls = \"{FRONT}:443\"\n");
+    let daemon = start(&network, &temp.path().join("data"), &[POOL_V4], "", &front);
+
+    // hello, reached by the Host of its requests.
+    let hello = hello_source(temp.path());
+    crate::support::write_manifest(&hello, "reach = \"front\"\n");
+    git(&hello, &["commit", "-q", "-am", "hello at the front door"]);
+    assert!(push(&daemon, &hello).contains("succeeded"));
+    // hello-tls ends TLS itself with a certificate of the test's CA, for every revision's
+    // name; the front door passes its ClientHello through by server name. Two revisions.
+    let tls = crate::support::example_source(temp.path(), "hello-tls");
+    let v1 = head(&tls);
+    assert!(push_service(&daemon, &tls, "hello-tls").contains("succeeded"));
+    let main = tls.join("src/main.rs");
+    let text = std::fs::read_to_string(&main).expect("main.rs");
+    let text = text.replace(
+        "const REVISION: &str = \"v1\";",
+        "const REVISION: &str = \"v2\";",
+    );
+    std::fs::write(&main, text).expect("write main.rs");
+    git(&tls, &["commit", "-q", "-am", "hello-tls v2"]);
+    let v2 = head(&tls);
+    assert!(push_service(&daemon, &tls, "hello-tls").contains("succeeded"));
+    let ca = crate::https::TestCa::new(temp.path());
+    let (cert, key) = (temp.path().join("tls.pem"), temp.path().join("tls.key"));
+    ca.issue(&[&format!("*.hello-tls.{ZONE}")], (2020, 2100), &cert, &key);
+    for (name, file) in [("TLS_CERT", &cert), ("TLS_KEY", &key)] {
+        let pem = std::fs::read(file).expect("PEM");
+        let set = daemon.cli_with_input(&["config", "set", "hello-tls", "--stdin", name], &pem);
+        assert!(
+            set.status.success(),
+            "{}",
+            String::from_utf8_lossy(&set.stderr)
+        );
+    }
+    assert_eq!(
+        running(&daemon, "hello-tls"),
+        0,
+        "booted before a client asked"
+    );
+
+    let _unbound = Unbound::start(&network, temp.path(), "");
+    assert!(
+        eventually(|| !resolve(&network, ZONE, "SOA").is_empty()),
+        "unbound never answered; its log:\n{}",
+        std::fs::read_to_string(temp.path().join("unbound.log")).unwrap_or_default()
+    );
+
+    // By Host: the name resolves to the front door, which boots the live revision.
+    let name = format!("hello.{ZONE}");
+    assert_eq!(resolve(&network, &name, "A"), [FRONT]);
+    let body = get_front(&network, "http", &name, 80, None).expect("GET by Host");
+    assert!(body.starts_with("hello from v1"), "{body}");
+
+    // By server name: each revision by its own name, booted on demand, its certificate
+    // checked by the client against the test's CA.
+    for (label, revision) in [(&v1, "v1"), (&v2, "v2")] {
+        let name = format!("{label}.hello-tls.{ZONE}");
+        assert_eq!(resolve(&network, &name, "A"), [FRONT], "{name}");
+        let body = get_front(&network, "https", &name, 443, Some(&ca.pem))
+            .unwrap_or_else(|| panic!("GET of {name} over TLS failed; log:\n{}", daemon.log()));
+        assert!(
+            body.starts_with(&format!("hello-tls from {revision} (")),
+            "{name}: {body}"
+        );
+        assert!(body.trim_end().ends_with(&format!("for {name}")), "{body}");
+    }
+    assert_eq!(running(&daemon, "hello-tls"), 2);
+    // A name no revision has: the TLS handshake fails with an alert, never a hang.
+    let unknown = format!("nosuch.hello-tls.{ZONE}");
+    assert_eq!(
+        get_front(&network, "https", &unknown, 443, Some(&ca.pem)),
+        None
+    );
+    let metrics = daemon.metrics();
+    assert!(
+        metrics.contains("revboot_proxy_connections_total{outcome=\"front_routed\"} 3"),
+        "{metrics}"
+    );
 }
