@@ -493,6 +493,7 @@ impl Daemon {
                 head_timeout: Duration::from_millis(config.front.head_timeout_ms),
                 max_head: config.front.max_head_bytes,
                 max_pending: config.front.max_pending,
+                build_wait: revboot_proxy::front::DEFAULT_BUILD_WAIT,
                 // `tls = "terminate"` services: the certificate for the name asked for.
                 terminate: Some(revboot_proxy::Terminate(crate::tls::server_config(
                     Arc::new(crate::tls::FrontDoor(certificates.clone())),
@@ -560,6 +561,8 @@ impl Daemon {
             builder.clone(),
             tokio::runtime::Handle::current(),
         ));
+        // The front door too: a name for a source commit with no deployment waits for its build.
+        proxy.resolve_names_through(&front);
         let dns_config = DnsConfig {
             listen: config.dns.listen[0],
             also_listen: config.dns.listen[1..].to_vec(),

@@ -21,8 +21,12 @@ use crate::sniff::Protocol;
 pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default bound on the head the front door reads (a request head or a ClientHello).
 pub const DEFAULT_MAX_HEAD: usize = 16 * 1024;
-/// Default bound on front-door connections still reading their head.
+/// Default bound on front-door connections still reading their head (or waiting for their
+/// revision's build on demand).
 pub const DEFAULT_MAX_PENDING: usize = 1024;
+/// Default time a front-door connection waits for a build on demand of the source commit
+/// its name designates (the builder's own default time limit is 600 s).
+pub const DEFAULT_BUILD_WAIT: Duration = Duration::from_secs(600);
 
 /// How long writing a refusal may take.
 const REFUSAL_WRITE: Duration = Duration::from_secs(2);
@@ -40,8 +44,12 @@ pub struct FrontConfig {
     pub head_timeout: Duration,
     /// Most bytes of head read.
     pub max_head: usize,
-    /// Connections still reading their head; more are reset.
+    /// Connections still reading their head, or waiting for a build on demand; more are
+    /// reset.
     pub max_pending: usize,
+    /// How long a connection whose name designates a source commit being built on demand
+    /// waits for the build (then 503 / `internal_error`).
+    pub build_wait: Duration,
     /// The certificates presented to services that end TLS here (`tls = "terminate"`);
     /// without them, such services are refused on the TLS listener.
     pub terminate: Option<crate::Terminate>,
@@ -57,6 +65,7 @@ impl FrontConfig {
             head_timeout: DEFAULT_HEAD_TIMEOUT,
             max_head: DEFAULT_MAX_HEAD,
             max_pending: DEFAULT_MAX_PENDING,
+            build_wait: DEFAULT_BUILD_WAIT,
             terminate: None,
         }
     }
@@ -101,7 +110,7 @@ pub(crate) struct Front {
     pub(crate) config: FrontConfig,
     /// The zone's labels, lowercased.
     pub(crate) zone: Vec<Vec<u8>>,
-    /// Connections still reading their head.
+    /// Connections still reading their head, or waiting for a build on demand.
     pub(crate) pending: Arc<Semaphore>,
     pub(crate) addresses: FrontAddresses,
     /// A second descriptor of each listener, to hand over at an upgrade in place (the accept
@@ -109,6 +118,9 @@ pub(crate) struct Front {
     pub(crate) kept: Mutex<Vec<std::net::TcpListener>>,
     /// Stops the accept loops (at shutdown, or at a hand-over).
     pub(crate) stop: CancellationToken,
+    /// What names are resolved through, when not the proxy's inner instances
+    /// ([`crate::Proxy::resolve_names_through`]): weak, since it wraps the proxy itself.
+    pub(crate) names: std::sync::OnceLock<std::sync::Weak<dyn revboot_deployer::Instances>>,
 }
 
 /// Bound listeners, not yet watched by a runtime.
@@ -181,6 +193,7 @@ pub(crate) fn bind(
         addresses,
         kept: Mutex::new(kept),
         stop: CancellationToken::new(),
+        names: std::sync::OnceLock::new(),
     };
     Ok((front, bound))
 }

@@ -16,7 +16,13 @@
 //!    manifest says `tls = "terminate"` (the private `terminate` module), with the
 //!    certificates of [`FrontConfig::terminate`].
 //! 4. The name designates a revision as DNS reads it (`revboot_store::name`):
-//!    `<label>.<service>.<zone>`, or `<service>.<zone>` for the live revision.
+//!    `<label>.<service>.<zone>`, or `<service>.<zone>` for the live revision. Names are
+//!    resolved through what [`crate::Proxy::resolve_names_through`] set (the daemon's builds
+//!    on demand), else the proxy's inner instances. A label for a source commit with no
+//!    deployment yet is then being built: the connection waits, its head kept, counted
+//!    against `max_pending`, until the label resolves or `build_wait` passes (then 503 /
+//!    `internal_error`). It asks again whenever the resolver's generation moves (a build
+//!    recorded), and at least every [`BUILD_RETRY`].
 //! 5. Refuse, with an HTTP answer or a TLS alert, never a hang: a head too slow (408), too
 //!    large (431), not HTTP or TLS (400 / `decode_error`), without a name (400 /
 //!    `unrecognized_name`), or a name that designates no revision served here (404 /
@@ -34,7 +40,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use revboot_deployer::{ResolveError, TlsMode};
+use revboot_deployer::{Instances, ResolveError, TlsMode};
 use revboot_store::name::{self, Shape};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -43,8 +49,8 @@ use tracing::{debug, info, warn};
 use crate::connection::{self, Open};
 use crate::door::{Bound, Front, write_and_close};
 pub use crate::door::{
-    DEFAULT_HEAD_TIMEOUT, DEFAULT_MAX_HEAD, DEFAULT_MAX_PENDING, FrontAddresses, FrontConfig,
-    FrontError,
+    DEFAULT_BUILD_WAIT, DEFAULT_HEAD_TIMEOUT, DEFAULT_MAX_HEAD, DEFAULT_MAX_PENDING,
+    FrontAddresses, FrontConfig, FrontError,
 };
 use crate::metrics::bump;
 use crate::shared::Shared;
@@ -56,6 +62,11 @@ const DECODE_ERROR: u8 = 50;
 const INTERNAL_ERROR: u8 = 80;
 /// The TLS alert `unrecognized_name` (RFC 6066 §3).
 const UNRECOGNIZED_NAME: u8 = 112;
+/// How often a connection waiting for a build looks at the resolver's generation: the
+/// `Instances` contract offers a counter, not a watch, and reading it is a load.
+const BUILD_LOOK: Duration = Duration::from_millis(50);
+/// A connection waiting for a build asks again at least this often, generation or not.
+pub const BUILD_RETRY: Duration = Duration::from_secs(2);
 
 /// Starts the accept loops of `bound` on the proxy's runtime.
 pub(crate) fn start(shared: &Arc<Shared>, bound: Bound) {
@@ -126,6 +137,8 @@ enum Refusal {
     NoName,
     Unknown(String),
     Unavailable(String),
+    /// Being built on demand: waited for (step 4), then unavailable.
+    Building(String),
 }
 
 /// Steps 3–6.
@@ -146,7 +159,6 @@ async fn route(
             sniff::sniff(&mut stream, protocol, front.config.max_head, &mut head),
         ) => sniffed,
     };
-    drop(permit);
     let name = match sniffed {
         Err(_) => Err(Refusal::Slow),
         Ok(Err(error)) => {
@@ -158,8 +170,15 @@ async fn route(
         Ok(Ok(Sniffed::TooLarge)) => Err(Refusal::TooLarge),
         Ok(Ok(Sniffed::Malformed(why))) => Err(Refusal::Malformed(why)),
     };
-    let routed = name.and_then(|name| {
-        let (service, label, tls) = target(&shared, front, &name)?;
+    let target = match name {
+        Ok(name) => tokio::select! {
+            () = shared.cancel.cancelled() => return,
+            target = built(&shared, front, &name) => target.map(|target| (name, target)),
+        },
+        Err(refusal) => Err(refusal),
+    };
+    drop(permit);
+    let routed = target.and_then(|(name, (service, label, tls))| {
         let terminate = match (protocol, tls) {
             (Protocol::Tls, TlsMode::Terminate) => match &front.config.terminate {
                 Some(terminate) => Some(terminate.clone()),
@@ -194,12 +213,41 @@ async fn route(
     connection::serve(open, stream, peer, summoned, head, Some(failure)).await;
 }
 
+/// What a name designates: the service, its revision, how TLS goes.
+type Target = (String, revboot_store::Revision, TlsMode);
+
+/// Step 4, waiting for a build on demand (at most `build_wait`) while the resolver says the
+/// revision is being built.
+async fn built(shared: &Shared, front: &Front, name: &str) -> Result<Target, Refusal> {
+    let resolver = front
+        .names
+        .get()
+        .and_then(std::sync::Weak::upgrade)
+        .unwrap_or_else(|| Arc::clone(&shared.inner));
+    let deadline = tokio::time::Instant::now() + front.config.build_wait;
+    loop {
+        let generation = resolver.generation();
+        let why = match target(resolver.as_ref(), front, name) {
+            Err(Refusal::Building(why)) => why,
+            other => return other,
+        };
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Err(Refusal::Unavailable(format!(
+                "{why}; not built within {} s",
+                front.config.build_wait.as_secs()
+            )));
+        }
+        debug!(name, why, "front door waits for a build on demand");
+        let retry = (now + BUILD_RETRY).min(deadline);
+        while resolver.generation() == generation && tokio::time::Instant::now() < retry {
+            tokio::time::sleep(BUILD_LOOK).await;
+        }
+    }
+}
+
 /// Step 4: the service and revision `name` designates, if the front door serves it.
-fn target(
-    shared: &Shared,
-    front: &Front,
-    name: &str,
-) -> Result<(String, revboot_store::Revision, TlsMode), Refusal> {
+fn target(resolver: &dyn Instances, front: &Front, name: &str) -> Result<Target, Refusal> {
     let mut scratch = String::new();
     let (service, label) = match name::classify_host(name, &front.zone, &mut scratch) {
         Shape::Live { service } => (service, None),
@@ -211,11 +259,10 @@ fn target(
             )));
         }
     };
-    let resolved = shared
-        .inner
+    let resolved = resolver
         .resolve(service, label)
         .map_err(|error| match error {
-            ResolveError::Building(why) => Refusal::Unavailable(why),
+            ResolveError::Building(why) => Refusal::Building(why),
             ResolveError::Store(_) => Refusal::Unavailable(error.to_string()),
             other => Refusal::Unknown(other.to_string()),
         })?;
@@ -261,7 +308,9 @@ async fn refuse(
             "no host name to route by".to_owned(),
         ),
         Refusal::Unknown(why) => ("404 Not Found", Some(UNRECOGNIZED_NAME), why),
-        Refusal::Unavailable(why) => ("503 Service Unavailable", Some(INTERNAL_ERROR), why),
+        Refusal::Unavailable(why) | Refusal::Building(why) => {
+            ("503 Service Unavailable", Some(INTERNAL_ERROR), why)
+        }
     };
     if status.starts_with("404") {
         bump(&metrics.front_unknown);
@@ -527,6 +576,120 @@ mod tests {
             assert!(tokio::time::Instant::now() < deadline, "still listening");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// The daemon's builds on demand, as the front door sees them: the label `0123abc` of
+    /// `hello` is being built until `built`, then it is the live revision; the generation
+    /// moves when it is built.
+    #[derive(Debug)]
+    struct OnDemand {
+        inner: Arc<Fake>,
+        built: std::sync::atomic::AtomicBool,
+        asked: std::sync::atomic::AtomicU64,
+    }
+
+    impl Instances for OnDemand {
+        fn resolve(
+            &self,
+            service: &str,
+            label: Option<&str>,
+        ) -> Result<revboot_deployer::Resolved, ResolveError> {
+            if label != Some("0123abc") {
+                return self.inner.resolve(service, label);
+            }
+            self.asked.fetch_add(1, Ordering::SeqCst);
+            if self.built.load(Ordering::SeqCst) {
+                self.inner.resolve(service, None)
+            } else {
+                Err(ResolveError::Building(
+                    "source commit 0123abc of `hello` is being built".into(),
+                ))
+            }
+        }
+
+        fn summon(
+            &self,
+            service: &str,
+            revision: &revboot_store::Revision,
+            client: Option<std::net::IpAddr>,
+        ) -> Result<revboot_deployer::Summoned, revboot_deployer::SummonError> {
+            self.inner.summon(service, revision, client)
+        }
+
+        fn by_address(&self, address: std::net::IpAddr) -> Option<revboot_deployer::Summoned> {
+            self.inner.by_address(address)
+        }
+
+        fn activity(&self, key: &InstanceKey, activity: revboot_deployer::Activity) {
+            self.inner.activity(key, activity);
+        }
+
+        fn generation(&self) -> u64 {
+            self.inner.generation() + u64::from(self.built.load(Ordering::SeqCst))
+        }
+    }
+
+    /// A front door whose names go through an [`OnDemand`] with `build_wait`; the request
+    /// for the label being built, sent; the stream to read the answer from.
+    async fn asking_for_a_build(build_wait: Duration) -> (Arc<Proxy>, Arc<OnDemand>, TcpStream) {
+        let fake = fake(Backend::Echo);
+        let mut config = FrontConfig::new("revboot.test");
+        config.http = Some(SocketAddr::new(unique_ip(), 0));
+        config.build_wait = build_wait;
+        let inner: Arc<dyn Instances> = fake.clone();
+        let proxy = Proxy::with_front(ProxyConfig::default(), config, inner).expect("opens");
+        let on_demand = Arc::new(OnDemand {
+            inner: fake,
+            built: false.into(),
+            asked: 0.into(),
+        });
+        let names: Arc<dyn Instances> = on_demand.clone();
+        proxy.resolve_names_through(&names);
+        let http = proxy.front_addresses().http.expect("http");
+        let mut stream = TcpStream::connect(http).await.expect("connect");
+        stream
+            .write_all(b"GET /built HTTP/1.1\r\nHost: 0123abc.hello.revboot.test\r\n\r\n")
+            .await
+            .expect("send");
+        (proxy, on_demand, stream)
+    }
+
+    async fn answer(mut stream: TcpStream) -> String {
+        let mut answer = String::new();
+        tokio::time::timeout(STEP, stream.read_to_string(&mut answer))
+            .await
+            .expect("answered in time")
+            .expect("read");
+        answer
+    }
+
+    #[tokio::test]
+    async fn a_name_being_built_on_demand_waits_for_the_build_then_is_served() {
+        let (proxy, on_demand, stream) = asking_for_a_build(STEP).await;
+        let deadline = tokio::time::Instant::now() + STEP;
+        while on_demand.asked.load(Ordering::SeqCst) == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "never asked");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        on_demand.built.store(true, Ordering::SeqCst);
+        let answer = answer(stream).await;
+        assert!(answer.contains("answer to GET /built "), "{answer}");
+        assert_eq!(proxy.metrics().front_routed, 1);
+        proxy.shutdown();
+    }
+
+    #[tokio::test]
+    async fn a_build_longer_than_the_wait_is_answered_503_not_a_hang() {
+        let (proxy, on_demand, stream) = asking_for_a_build(Duration::from_millis(300)).await;
+        let answer = answer(stream).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 503 Service Unavailable"),
+            "{answer}"
+        );
+        assert!(answer.contains("being built; not built within"), "{answer}");
+        assert!(on_demand.asked.load(Ordering::SeqCst) >= 1);
+        assert_eq!(proxy.metrics().front_routed, 0);
+        proxy.shutdown();
     }
 
     #[test]

@@ -44,8 +44,10 @@
 //! that cannot give every revision an address of its own. It reads the name a connection
 //! asks for — the `Host` of an HTTP/1.x request head, the server name of a TLS ClientHello,
 //! within a head timeout and a size cap — finds the revision that name designates
-//! (`<label>.<service>.<zone>`, the grammar of `revboot_store::name` that DNS uses too),
-//! and then holds, replays and splices exactly as above, the head being the early bytes.
+//! (`<label>.<service>.<zone>`, the grammar of `revboot_store::name` that DNS uses too;
+//! through [`Proxy::resolve_names_through`], a source commit with no deployment is built on
+//! demand while the connection waits), and then holds, replays and splices exactly as
+//! above, the head being the early bytes.
 //! TLS is passed through untouched (the instance terminates it), unless the service's
 //! manifest says `tls = "terminate"`: then the front door ends TLS with the certificate
 //! the daemon's resolver picks for the server name ([`Terminate`]) and relays plain TCP. Unknown names get an HTTP

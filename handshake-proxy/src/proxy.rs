@@ -93,6 +93,17 @@ impl Proxy {
             .unwrap_or_default()
     }
 
+    /// Has the front door resolve the names it routes by through `names` instead of the
+    /// instances the proxy wraps: the daemon's layer that builds a source commit with no
+    /// deployment yet, as DNS does; a connection then waits for that build (at most
+    /// [`FrontConfig::build_wait`]) instead of a 404. Held weakly (`names` wraps this
+    /// proxy); set once, later calls change nothing. Without a front door, nothing.
+    pub fn resolve_names_through(&self, names: &Arc<dyn Instances>) {
+        if let Some(front) = &self.shared.front {
+            let _ = front.names.set(Arc::downgrade(names));
+        }
+    }
+
     /// What its tasks share.
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.shared

@@ -9,10 +9,11 @@ use crate::support::{
 
 const ZONE: &str = "revboot.test";
 
-/// `curl -i` of `http://<name>:<port>/` with `name` resolved to the front door.
+/// `curl -i` of `http://<name>:<port>/` with `name` resolved to the front door (a build on
+/// demand may come first: minutes at most).
 pub fn curl_front(name: &str, front: std::net::SocketAddr) -> String {
     let output = run(Command::new("curl")
-        .args(["-sS", "-i", "--max-time", "30", "--resolve"])
+        .args(["-sS", "-i", "--max-time", "180", "--resolve"])
         .arg(format!("{name}:{}:{}", front.port(), front.ip()))
         .arg(format!("http://{name}:{}/", front.port())));
     String::from_utf8_lossy(&output.stdout).into_owned()
@@ -79,4 +80,47 @@ fn a_front_door_address_the_host_does_not_own_is_an_error_at_start_that_names_it
     assert!(!status.success(), "{stderr}");
     assert!(stderr.contains("192.0.2.1:8000"), "{stderr}");
     assert!(stderr.contains("not an address of this host"), "{stderr}");
+}
+
+/// A name for a source commit that was pushed but not built, asked for at the front door:
+/// the connection waits while the commit is built on demand (as a DNS query would have it
+/// built), then that revision answers; a made-up prefix is a 404 at once and builds nothing.
+#[test]
+fn front_door_builds_an_unbuilt_source_commit_on_demand_and_serves_it() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let daemon = Daemon::start_setup(
+        &temp.path().join("data"),
+        &Setup {
+            config: "[builds]\nmax_commits_per_push = 1\n[front]\nhttp = \"127.0.0.1:0\"\n",
+            ..Setup::default()
+        },
+    );
+    let front = daemon.front("front_http=");
+    let work = hello_source(temp.path());
+    crate::support::write_manifest(&work, "reach = \"front\"\n");
+    git(&work, &["commit", "-q", "-am", "hello at the front door"]);
+    commit_revision(&work, "v2", "built on demand");
+    commit_revision(&work, "v3", "hello");
+    assert!(push(&daemon, &work).contains("built on demand"));
+    assert_eq!(history(&daemon, "hello").len(), 1, "only the tip is built");
+    let v2 = String::from_utf8_lossy(&git(&work, &["rev-parse", "--short=10", "HEAD~1"]).stdout)
+        .trim()
+        .to_owned();
+
+    let unknown = curl_front(&format!("0123456789.hello.{ZONE}"), front);
+    assert!(unknown.starts_with("HTTP/1.1 404 Not Found"), "{unknown}");
+    let answer = curl_front(&format!("{v2}.hello.{ZONE}"), front);
+    assert!(
+        answer.starts_with("HTTP/1.1 200 OK"),
+        "{answer}\n{}",
+        daemon.log()
+    );
+    assert!(answer.contains("built on demand from v2"), "{answer}");
+    let after = history(&daemon, "hello");
+    assert_eq!(after.len(), 2, "one build on demand, no other: {after:?}");
+    assert_eq!(
+        after[0]["live"], false,
+        "a build on demand never moves live"
+    );
+    daemon.stop();
 }
