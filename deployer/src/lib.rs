@@ -21,11 +21,14 @@
 //! 2. **booting** — the image is materialised from the store's cache and started; the
 //!    listening socket already exists, so a connection made now waits in the kernel. A VM
 //!    of a revision whose ready guest was saved is restored instead (the qemu tender's
-//!    snapshots, [`tender::qemu`]).
+//!    snapshots, [`tender::qemu`]). Behind the proxy, a process instance's connections go
+//!    straight to that socket from here on, handed over by the kernel ([`steer`]): they
+//!    wait in its queue, not in the proxy's relay.
 //! 3. **ready** — the manifest's probe passed (`socket`: at exec; `tcp`; `http` GET path;
 //!    `console` line), all within `run.boot_timeout_ms`; a miss is a crash with the reason.
 //!    Behind the proxy, new connections to its service address now go straight to its
-//!    socket, handed over by the kernel ([`steer`]); the route goes when it stops serving.
+//!    socket (a VM's too), handed over by the kernel ([`steer`]); the route goes when it
+//!    stops serving.
 //! 4. **idle** — no open connection and no query for half the idle timeout; activity makes
 //!    it ready again.
 //! 5. **stopped** — quiet for the whole idle timeout (`run.idle_timeout_secs`), or stopped by

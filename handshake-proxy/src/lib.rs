@@ -109,10 +109,13 @@
 //! ranges, not points:
 //!
 //! - Warm, `bench/proxy.sh 5` (wrk; each round runs direct, steered and relayed; medians
-//!   of 3–5 rounds). Steered, as a ready instance is: small keep-alive responses
-//!   0.85–1.03× the direct requests/s, 1 MiB responses 1.00–1.04× the direct bytes/s, one
-//!   connection p50 +2 to +6 µs (the data path is the direct one; the spread is the shared
-//!   machine). Relayed (a connection held through a boot, or `steer = false`): 0.49–0.98×
+//!   of 3–5 rounds). Steered, as a ready instance is, and a process instance from its boot
+//!   on (so a connection made during its boot): small keep-alive responses
+//!   0.85–1.12× the direct requests/s, 1 MiB responses 1.00–1.25× the direct bytes/s, one
+//!   connection p50 −3 to +6 µs, 1.07–1.20× its rate (the data path is the direct one; the
+//!   spread, above 1× included, is the shared machine: load average 9–14 for the upper
+//!   ends). Relayed (a front-door connection, one held through a VM's boot, one made
+//!   before a boot began, or `steer = false`): 0.49–0.98×
 //!   the direct requests/s, 0.40–1.04× the bytes/s (the upper ends at load average 17,
 //!   where the other tenants set the pace), and +31 to +81 µs; on one sequential
 //!   connection of a loaded host 0.14–0.23× the rate, as each of the relay's two extra
