@@ -57,9 +57,9 @@ def dns_query(server, name):
     return socket.inet_ntoa(reply[-4:])
 
 
-def request(address, name):
+def request(address, name, port=8080):
     t0 = time.perf_counter()
-    with socket.create_connection((address, 8080), timeout=10) as s:
+    with socket.create_connection((address, port), timeout=10) as s:
         t1 = time.perf_counter()
         s.sendall(b"GET / HTTP/1.1\r\nHost: " + name.encode() + b"\r\n\r\n")
         first = s.recv(1)

@@ -1,19 +1,26 @@
 #!/usr/bin/env python3
-"""Cold first byte beyond loopback: a client network resolving through unbound.
+"""Cold first byte beyond loopback: a client network resolving through unbound, at an
+address of its own and through the front door, side by side.
 
 Makes two network namespaces joined by a veth pair (nothing touches the host's network):
-"server", where `revboot serve` runs with the pools 2001:db8:1::/64 and 203.0.113.16/28 (it
-makes them local itself) and DNS on [2001:db8:ff::1]:53; and "client", with unbound on
-127.0.0.1:53 resolving the zone through a stub zone pointing at revboot (its cache capped at
-0 s, so every query goes to revboot, as a cold name does). Pushes examples/hello, then N
-times: stop every instance, and from the client namespace time
-  1. the AAAA query for the live name through unbound (revboot answers at once, the boot
-     starts),
-  2. a TCP connect to the answered IPv6 address (the handshake proxy holds it),
-  3. the first byte of the HTTP response (the instance booted and answered);
-then the same again with the instance warm (the floor). Prints p50/p99 and the ratio.
+"server", where `revboot serve` runs with the pool 2001:db8:1::/64 (it makes it local
+itself), DNS on [2001:db8:ff::1]:53 and the front door on 192.0.2.1:80; and "client", with
+unbound on 127.0.0.1:53 resolving the zone through a stub zone pointing at revboot (its
+cache capped at 0 s, so every query goes to revboot, as a cold name does). Pushes
+examples/hello twice: as `hello` (an address of its own) and as `front` (`reach =
+"front"`). Then N rounds, each timing both paths one after the other (the order
+alternating), every time right after stopping every instance, from the client namespace:
+  1. the query for the live name through unbound (revboot answers at once, the boot
+     starts): AAAA for `hello` (an address of the IPv6 pool), A for `front` (the front
+     door's address),
+  2. a TCP connect to the answered address (the handshake proxy, or the front door, holds
+     it),
+  3. the first byte of the HTTP response (the instance booted and answered; through the
+     front door, after the head was read and routed by its Host);
+then `hello` again warm (the floor). Prints p50/p99 of each and the ratios.
 
 usage: bench/server-cold.py [N]   (default 200; run as root from the repository root)
+Load average and cores are printed with the figures: they move them.
 """
 import importlib.util, json, os, random, shutil, socket, struct, subprocess, sys, tempfile, time
 
@@ -25,19 +32,21 @@ _spec.loader.exec_module(E2E)
 ZONE = "example.com"
 SERVER = "2001:db8:ff::1"
 CLIENT = "2001:db8:ff::2"
+FRONT = "192.0.2.1"
 TOKEN = "bench-token"
 HTTP = "127.0.0.1:18080"  # inside the server namespace: no other daemon there
 
 
 # --- the client side, run inside the client namespace -------------------------------------
 
-def aaaa_query(name):
-    """An AAAA query to unbound on 127.0.0.1:53; the first IPv6 address of the answer."""
+def query(name, rtype):
+    """A query of `rtype` (28: AAAA, 1: A) to unbound on 127.0.0.1:53; the first address of
+    that type in the answer."""
     qid = random.randrange(65536)
     packet = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
     for label in name.split("."):
         packet += bytes([len(label)]) + label.encode()
-    packet += b"\x00" + struct.pack(">HH", 28, 1)
+    packet += b"\x00" + struct.pack(">HH", rtype, 1)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(10)
         s.sendto(packet, ("127.0.0.1", 53))
@@ -51,25 +60,28 @@ def aaaa_query(name):
                 break
             at += reply[at] + 1
         at += 1
-        rtype, _, _, length = struct.unpack(">HHIH", reply[at:at + 10])
+        answered, _, _, length = struct.unpack(">HHIH", reply[at:at + 10])
         at += 10
-        if rtype == 28:
+        if (rtype, answered) == (28, 28):
             return socket.inet_ntop(socket.AF_INET6, reply[at:at + 16])
+        if (rtype, answered) == (1, 1):
+            return socket.inet_ntop(socket.AF_INET, reply[at:at + 4])
         at += length
-    raise RuntimeError("no AAAA: rcode %d" % (reply[3] & 15))
+    raise RuntimeError("no address of type %d: rcode %d" % (rtype, reply[3] & 15))
 
 
-def once(name):
+def once(name, rtype, port):
     t0 = time.perf_counter()
-    address = aaaa_query(name)
+    address = query(name, rtype)
     dns = time.perf_counter() - t0
-    connect, first = E2E.request(address, name)
+    connect, first = E2E.request(address, name, port)
     return {"dns": dns, "connect": dns + connect, "first": dns + first}
 
 
 def client():
     for line in sys.stdin:
-        print(json.dumps(once(line.strip())), flush=True)
+        name, rtype, port = line.split()
+        print(json.dumps(once(name, int(rtype), int(port))), flush=True)
 
 
 # --- the orchestration ---------------------------------------------------------------------
@@ -108,7 +120,7 @@ def api(ns, method, path, body=None):
 def main():
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 200
     subprocess.run(["cargo", "build", "--release", "--locked", "-q", "-p", "revboot"], cwd=ROOT, check=True)
-    exe = os.path.join(ROOT, "target/release/revboot")
+    exe = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release/revboot")
     work = tempfile.mkdtemp(prefix="revboot-server-bench-")
     holders, children = [], []
     try:
@@ -124,6 +136,8 @@ def main():
         run(server, "ip", "-6", "addr", "add", SERVER + "/64", "dev", "rb-server", "nodad")
         run(client_ns, "ip", "-6", "addr", "add", CLIENT + "/64", "dev", "rb-client", "nodad")
         run(client_ns, "ip", "-6", "route", "add", "2001:db8:1::/64", "via", SERVER)
+        run(server, "ip", "addr", "add", FRONT + "/24", "dev", "rb-server")
+        run(client_ns, "ip", "addr", "add", "192.0.2.2/24", "dev", "rb-client")
 
         config = os.path.join(work, "revbootd.toml")
         with open(config, "w") as f:
@@ -132,6 +146,7 @@ def main():
             # One client booting on purpose, as fast as it can: lift the flood limits.
             f.write("boots_per_second = 100000\nboot_burst = 100000\nresponses_per_second = 0\n")
             f.write('[instances]\npools = ["2001:db8:1::/64"]\n')
+            f.write('[front]\nhttp = "%s:80"\n' % FRONT)
         log = open(os.path.join(work, "daemon.log"), "w")
         daemon = subprocess.Popen(enter(server, exe, "--config", config, "--data", os.path.join(work, "data"),
                                         "serve", "--http", HTTP, "--token", TOKEN), stdout=log, stderr=log)
@@ -142,14 +157,18 @@ def main():
                 break
             except subprocess.CalledProcessError:
                 time.sleep(0.1)
-        src = os.path.join(work, "hello")
-        shutil.copytree(os.path.join(ROOT, "examples/hello"), src, ignore=shutil.ignore_patterns("target"))
-        git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@revboot.test"]
-        subprocess.run(git + ["init", "-q", "-b", "main"], cwd=src, check=True)
-        subprocess.run(git + ["add", "."], cwd=src, check=True)
-        subprocess.run(git + ["commit", "-qm", "hello v1"], cwd=src, check=True)
-        subprocess.run(enter(server, "git", "push", "-q", "http://git:%s@%s/git/hello.git" % (TOKEN, HTTP), "main"),
-                       cwd=src, check=True, stderr=subprocess.DEVNULL)
+        for service, reach in (("hello", None), ("front", "front")):
+            src = os.path.join(work, service)
+            shutil.copytree(os.path.join(ROOT, "examples/hello"), src, ignore=shutil.ignore_patterns("target"))
+            if reach:
+                with open(os.path.join(src, "revboot.toml"), "a") as f:
+                    f.write('reach = "%s"\n' % reach)
+            git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@revboot.test"]
+            subprocess.run(git + ["init", "-q", "-b", "main"], cwd=src, check=True)
+            subprocess.run(git + ["add", "."], cwd=src, check=True)
+            subprocess.run(git + ["commit", "-qm", "%s v1" % service], cwd=src, check=True)
+            subprocess.run(enter(server, "git", "push", "-q", "http://git:%s@%s/git/%s.git" % (TOKEN, HTTP, service),
+                                 "main"), cwd=src, check=True, stderr=subprocess.DEVNULL)
 
         with open(os.path.join(work, "unbound.conf"), "w") as f:
             f.write("server:\n  interface: 127.0.0.1\n  port: 53\n  access-control: 127.0.0.0/8 allow\n"
@@ -166,8 +185,10 @@ def main():
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         children.append(measurer)
 
-        def measure():
-            measurer.stdin.write("hello.%s\n" % ZONE)
+        paths = {"per-address": "hello.%s 28 8080\n" % ZONE, "front door": "front.%s 1 80\n" % ZONE}
+
+        def measure(path="per-address"):
+            measurer.stdin.write(paths[path])
             measurer.stdin.flush()
             line = measurer.stdout.readline()
             if not line:
@@ -182,22 +203,30 @@ def main():
                 raise
             except Exception:
                 time.sleep(0.1)
-        cold, warm = [], []
-        for _ in range(n):
-            for inst in api(server, "GET", "/api/v1/instances"):
-                api(server, "POST", "/api/v1/instances/stop", {"service": inst["service"], "kill": True})
-            cold.append(measure())
+        cold, warm = {path: [] for path in paths}, []
+        for i in range(n):
+            for path in (list(paths) if i % 2 == 0 else list(reversed(paths))):
+                for inst in api(server, "GET", "/api/v1/instances"):
+                    api(server, "POST", "/api/v1/instances/stop", {"service": inst["service"], "kill": True})
+                cold[path].append(measure(path))
             warm.append(measure())
         ms = lambda v: "%.2f ms" % (v * 1000)
-        print("cold first byte beyond loopback over %d boots (examples/hello, process tender, IPv6 pool,"
-              " client namespace -> unbound -> revboot DNS -> proxy)" % n)
-        for key, what in (("dns", "AAAA via unbound"), ("connect", "+ connect"), ("first", "+ first byte")):
-            print("  cold: %-17s p50 %s  p99 %s" % (what, ms(E2E.pct([c[key] for c in cold], 50)),
-                                                     ms(E2E.pct([c[key] for c in cold], 99))))
+        print("cold first byte beyond loopback over %d boots per path (examples/hello, process tender,"
+              " client namespace -> unbound -> revboot DNS -> proxy or front door)" % n)
+        for path, query_name in (("per-address", "AAAA via unbound"), ("front door", "A via unbound")):
+            for key, what in (("dns", query_name), ("connect", "+ connect"), ("first", "+ first byte")):
+                print("  cold, %-11s %-17s p50 %s  p99 %s" % (path + ":", what, ms(E2E.pct([c[key] for c in cold[path]], 50)),
+                                                             ms(E2E.pct([c[key] for c in cold[path]], 99))))
+        first = {path: [c["first"] for c in cold[path]] for path in paths}
+        print("  front door / per-address, cold first byte: p50 %.2fx, p99 %.2fx"
+              % (E2E.pct(first["front door"], 50) / E2E.pct(first["per-address"], 50),
+                 E2E.pct(first["front door"], 99) / E2E.pct(first["per-address"], 99)))
+        cold = cold["per-address"]
         print("  warm: %-17s p50 %s  p99 %s" % ("AAAA + first byte", ms(E2E.pct([w["first"] for w in warm], 50)),
                                                  ms(E2E.pct([w["first"] for w in warm], 99))))
         print("  ratio cold/warm first byte p50: %.1fx" % (E2E.pct([c["first"] for c in cold], 50)
                                                           / E2E.pct([w["first"] for w in warm], 50)))
+        print("load average: %s on %d cores" % (" ".join(open("/proc/loadavg").read().split()[:3]), os.cpu_count()))
     finally:
         for child in reversed(children):
             child.terminate()
