@@ -43,6 +43,15 @@ start() {
   echo "$name did not start" >&2; exit 1
 }
 
+# The proxy binds these addresses on demand and would only log a failure: if another run (or
+# anything else) listens there already, the relayed column would measure that listener.
+for ip in "$SERVICE_IP" "$STEERED_IP"; do
+  if [ -n "$(ss -Hltn "src $ip:8080")" ]; then
+    echo "$ip:8080 is taken already (another bench/proxy.sh running?); not measuring" >&2
+    exit 1
+  fi
+done
+
 start backend "$BIN" backend
 BACKEND=$(awk '{print $2; exit}' "$WORK/backend")
 BACKEND_PID=$(awk '{print $3; exit}' "$WORK/backend")
