@@ -212,6 +212,9 @@ pub struct Front {
     pub max_head_bytes: usize,
     /// Connections still sending their head; more are refused.
     pub max_pending: usize,
+    /// How long a connection to a source commit with no deployment yet waits for its build
+    /// on demand before it is answered 503, in milliseconds.
+    pub build_wait_ms: u64,
 }
 
 impl Default for Front {
@@ -223,6 +226,8 @@ impl Default for Front {
                 .unwrap_or(u64::MAX),
             max_head_bytes: revboot_proxy::front::DEFAULT_MAX_HEAD,
             max_pending: revboot_proxy::front::DEFAULT_MAX_PENDING,
+            build_wait_ms: u64::try_from(revboot_proxy::front::DEFAULT_BUILD_WAIT.as_millis())
+                .unwrap_or(u64::MAX),
         }
     }
 }
@@ -536,6 +541,7 @@ impl Config {
             ("front.head_timeout_ms", front.head_timeout_ms as usize),
             ("front.max_head_bytes", front.max_head_bytes),
             ("front.max_pending", front.max_pending),
+            ("front.build_wait_ms", front.build_wait_ms as usize),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1".to_owned()));
@@ -727,11 +733,12 @@ mod tests {
     fn the_front_door_is_one_address_outside_the_pools() {
         assert!(!Config::default().front.is_open());
         let config = Config::from_toml(
-            "[front]\nhttp = \"127.0.0.1:8000\"\ntls = \"127.0.0.1:8443\"\nhead_timeout_ms = 500\n",
+            "[front]\nhttp = \"127.0.0.1:8000\"\ntls = \"127.0.0.1:8443\"\nhead_timeout_ms = 500\nbuild_wait_ms = 9000\n",
         )
         .expect("valid");
         assert!(config.front.is_open());
         assert_eq!(config.front.head_timeout_ms, 500);
+        assert_eq!(config.front.build_wait_ms, 9000);
         let error =
             Config::from_toml("[front]\nhttp = \"127.0.0.1:80\"\ntls = \"127.0.0.2:443\"\n")
                 .expect_err("two addresses");

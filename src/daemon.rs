@@ -493,7 +493,7 @@ impl Daemon {
                 head_timeout: Duration::from_millis(config.front.head_timeout_ms),
                 max_head: config.front.max_head_bytes,
                 max_pending: config.front.max_pending,
-                build_wait: revboot_proxy::front::DEFAULT_BUILD_WAIT,
+                build_wait: Duration::from_millis(config.front.build_wait_ms),
                 // `tls = "terminate"` services: the certificate for the name asked for.
                 terminate: Some(revboot_proxy::Terminate(crate::tls::server_config(
                     Arc::new(crate::tls::FrontDoor(certificates.clone())),
