@@ -5,7 +5,8 @@
 # certificate tests get certificates from), a C compiler, Chromium with its WebDriver
 # for the dashboard's browser test, the shells and man that load the CLI's completions and
 # render its manual page, debootstrap (Debian package names), setfattr (the delegated
-# cgroup systemd would mark, in the delegation test) and cargo-deb; makes the clean
+# cgroup systemd would mark, in the delegation test), etcd (the cluster tests), protoc with
+# protobuf's .proto files (the etcd client's build) and cargo-deb; makes the clean
 # Debian root the package is tested in (in the cargo target directory, once); and fills the
 # cargo cache for examples/hello-vm and examples/hello-tls, whose recipes build offline as the
 # builder runs them.
@@ -30,6 +31,10 @@ command -v fish >/dev/null || need+=(fish)
 command -v man >/dev/null || need+=(man-db)
 command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v setfattr >/dev/null || need+=(attr)
+# etcd for the cluster tests; protoc and protobuf's own .proto files build the etcd client.
+command -v etcd >/dev/null || need+=(etcd-server)
+command -v protoc >/dev/null || need+=(protobuf-compiler)
+[[ -f /usr/include/google/protobuf/descriptor.proto ]] || need+=(libprotobuf-dev)
 if ((${#need[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "test-tools: missing ${need[*]}; install them (Debian: apt-get install ${need[*]}) or run as root" >&2

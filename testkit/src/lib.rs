@@ -14,10 +14,13 @@
 //! Tests of serving beyond loopback make network namespaces of their own ([`netns`]), joined
 //! by veth pairs, where documentation prefixes and routes live without touching the host.
 //!
+//! Cluster tests start a real etcd cluster on loopback addresses of their own ([`etcd`]).
+//!
 //! With the feature `instances`, the module `instances` holds the one stand-in for the
 //! deployer behind `revboot_deployer::Instances` that the DNS front end's and the proxy's
 //! tests and benchmarks use.
 
+pub mod etcd;
 #[cfg(feature = "instances")]
 pub mod instances;
 pub mod netns;
