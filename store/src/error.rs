@@ -200,6 +200,10 @@ pub enum LiveError {
     /// Writing the ref failed.
     #[error("Could not move the live pointer")]
     Write(#[from] WriteError),
+    /// The live authority (a cluster's etcd) refused the move or could not be asked; the
+    /// message says which and why.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Why something could not be read.

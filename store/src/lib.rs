@@ -133,6 +133,7 @@ pub use error::{LiveError, MaintenanceError, OpenError, ReadError, ResolveError,
 pub use incoming::{MAX_PUSHED_COMMITS, PushRefused, PushedDeployments, PushedRef};
 pub use index::MAX_HISTORY;
 pub use lifecycle::{DELETED_PREFIX, RefsChanged};
+pub use live::LiveAuthority;
 pub use logs::{MAX_CONSOLE_BYTES, MAX_RUNTIME_LOGS};
 pub use manifest::{Manifest, ManifestError};
 pub use repack::REPACK_TIMEOUT;

@@ -17,6 +17,20 @@ use crate::store::{read_ref, signature};
 use crate::types::LiveMove;
 use crate::{LiveError, ReadError, Revision, Store, WriteError};
 
+/// Who must agree to a live move before the store makes it: in a cluster, etcd by
+/// compare-and-swap. Called from blocking code (never from an async task).
+pub trait LiveAuthority: Send + Sync + std::fmt::Debug + 'static {
+    /// Moves live of `service` from `from` (what is live here) to `to`, or says why not
+    /// (a conflict with the revision live now, or the authority unreachable).
+    fn propose(
+        &self,
+        service: &str,
+        from: Option<&Revision>,
+        to: &Revision,
+        reason: &str,
+    ) -> Result<(), String>;
+}
+
 impl Store {
     /// Points `refs/live/<service>` at `to`, a deployment of the service; the move is recorded
     /// in the ref's reflog (`git reflog refs/live/<service>`) with `reason`.
@@ -25,6 +39,27 @@ impl Store {
         service: &str,
         to: &Revision,
         reason: &str,
+    ) -> Result<LiveMove, LiveError> {
+        self.move_live(service, to, reason, true)
+    }
+
+    /// As [`Store::set_live`], for a move the [`LiveAuthority`] has made already (another
+    /// node's): it is not proposed again.
+    pub fn mirror_live(
+        &self,
+        service: &str,
+        to: &Revision,
+        reason: &str,
+    ) -> Result<LiveMove, LiveError> {
+        self.move_live(service, to, reason, false)
+    }
+
+    fn move_live(
+        &self,
+        service: &str,
+        to: &Revision,
+        reason: &str,
+        propose: bool,
     ) -> Result<LiveMove, LiveError> {
         protocol::check_label(service)
             .map_err(|_| LiveError::InvalidService(service.to_owned()))?;
@@ -45,6 +80,16 @@ impl Store {
                 service: service.to_owned(),
                 revision: *to,
             });
+        }
+        if let Some(authority) = self.authority().filter(|_| propose) {
+            let here = snapshot
+                .refs
+                .get(&format!("refs/live/{service}"))
+                .copied()
+                .map(Revision::new);
+            authority
+                .propose(service, here.as_ref(), to, reason.trim())
+                .map_err(LiveError::Refused)?;
         }
         let repo = self.repo();
         let reference = format!("refs/live/{service}");

@@ -48,6 +48,25 @@ impl Store {
         Ok(self.snapshot()?.services.keys().cloned().collect())
     }
 
+    /// The newest deployment of `service` (the tip of its branch), if it has one.
+    pub fn tip(&self, service: &str) -> Result<Option<Revision>, ReadError> {
+        let snapshot = self.snapshot_for(Some(service))?;
+        let index = service_index(&snapshot, service)?;
+        Ok(index.history.first().map(|meta| Revision::new(meta.id)))
+    }
+
+    /// True when `revision` is a deployment on `service`'s branch here.
+    pub fn has_deployment(&self, service: &str, revision: &Revision) -> bool {
+        self.snapshot_for(Some(service))
+            .ok()
+            .and_then(|snapshot| {
+                service_index(&snapshot, service)
+                    .ok()
+                    .map(|index| index.position(&revision.id()).is_some())
+            })
+            .unwrap_or(false)
+    }
+
     /// The builds of `service`, newest first.
     pub fn history(&self, service: &str) -> Result<Vec<Deployment>, ReadError> {
         let snapshot = self.snapshot_for(Some(service))?;

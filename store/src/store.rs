@@ -42,6 +42,8 @@ struct Inner {
     path: PathBuf,
     repo: gix::ThreadSafeRepository,
     index: Mutex<IndexState>,
+    /// Who must agree to a live move before it is made here (a cluster's etcd), if any.
+    authority: std::sync::OnceLock<Arc<dyn crate::LiveAuthority>>,
 }
 
 impl Store {
@@ -122,6 +124,7 @@ impl Store {
                 path,
                 repo: repo.into_sync(),
                 index: Mutex::new(IndexState::with_watcher(watcher)),
+                authority: std::sync::OnceLock::new(),
             }),
         };
         if let Some(service) = first_branch {
@@ -147,6 +150,16 @@ impl Store {
             Ok(()) => tracing::info!(service, "HEAD names the service now"),
             Err(error) => tracing::warn!(%error, service, "cannot point HEAD at the service"),
         }
+    }
+
+    /// Installs the authority every later [`Store::set_live`] asks first (once; a second
+    /// call is refused and returns `false`).
+    pub fn set_authority(&self, authority: Arc<dyn crate::LiveAuthority>) -> bool {
+        self.inner.authority.set(authority).is_ok()
+    }
+
+    pub(crate) fn authority(&self) -> Option<&Arc<dyn crate::LiveAuthority>> {
+        self.inner.authority.get()
     }
 
     /// The repository's directory.
