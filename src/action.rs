@@ -139,6 +139,8 @@ pub enum Action {
     /// Upgrade the daemon in place: it executes its binary again (the file it was started
     /// from, which may have been replaced), handing its instances and sockets over.
     Upgrade,
+    /// The nodes of the cluster the daemon belongs to (`[cluster]`), as etcd lists them.
+    Nodes,
 }
 
 fn yes() -> bool {
@@ -518,6 +520,38 @@ pub enum Reply {
     Daemon(DaemonView),
     /// Builds, newest first.
     Builds(Vec<BuildView>),
+    /// The cluster's nodes.
+    Nodes(NodesView),
+}
+
+/// The cluster as one node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodesView {
+    /// The node that answers (`None`: a single host, no `[cluster]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// True while its membership lease is renewed (false: cut off from etcd, its list may
+    /// be stale).
+    pub connected: bool,
+    /// The live nodes, by id.
+    pub nodes: Vec<NodeView>,
+}
+
+/// One node of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeView {
+    /// Its id.
+    pub id: String,
+    /// Its HTTP base URL (git, API).
+    pub http: String,
+    /// Its DNS address.
+    pub dns: String,
+    /// Its service address pools.
+    pub pools: Vec<String>,
+    /// The instances it holds at most.
+    pub capacity: u64,
+    /// When it registered (Unix milliseconds).
+    pub since_ms: u64,
 }
 
 /// A build, queued, running or finished.

@@ -120,6 +120,8 @@ pub enum Command {
     /// TLS certificates: the daemon's (HTTPS) and the services' (ACME), with their expiry
     /// and any failure to get or renew one.
     Certs,
+    /// The nodes of the daemon's cluster (`[cluster]`): id, HTTP, DNS, pools, capacity.
+    Nodes,
     /// Running instances.
     Ps,
     /// Stop an instance gracefully.

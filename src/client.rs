@@ -321,6 +321,7 @@ fn needs_daemon(action: &Action) -> bool {
             | Action::ConfigChange { .. }
             | Action::Daemon
             | Action::Upgrade
+            | Action::Nodes
             | Action::ListBuilds { .. }
     )
 }
@@ -432,6 +433,7 @@ fn route(action: &Action) -> (Method, String, Option<serde_json::Value>) {
             json(j!({ "set": set, "unset": unset, "restart": restart })),
         ),
         Action::Daemon => (Method::Get, "/api/v1/daemon".into(), None),
+        Action::Nodes => (Method::Get, "/api/v1/nodes".into(), None),
         Action::Upgrade => (Method::Post, "/api/v1/daemon/upgrade".into(), None),
         Action::ListInstances => (Method::Get, "/api/v1/instances".into(), None),
         Action::StopInstance {
@@ -510,6 +512,7 @@ fn parse_reply(action: &Action, text: &str) -> Result<Reply, serde_json::Error> 
             Reply::Config(serde_json::from_str(text)?)
         }
         Action::Daemon | Action::Upgrade => Reply::Daemon(serde_json::from_str(text)?),
+        Action::Nodes => Reply::Nodes(serde_json::from_str(text)?),
         Action::ListBuilds { .. } => Reply::Builds(serde_json::from_str(text)?),
     })
 }
@@ -562,6 +565,7 @@ mod tests {
             },
             Action::Daemon,
             Action::Upgrade,
+            Action::Nodes,
             Action::ListInstances,
             Action::StopInstance {
                 service: "a".into(),

@@ -31,7 +31,8 @@
 //! ```
 //!
 //! `[tls]` (HTTPS) and `[acme]` (certificates by DNS-01) are described in
-//! [`crate::tls::config`].
+//! [`crate::tls::config`]; `[cluster]` (several hosts, one zone, on etcd) in
+//! [`revboot_cluster::ClusterConfig`].
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -69,6 +70,9 @@ pub struct Config {
     pub tls: crate::tls::config::Tls,
     /// Certificates by ACME (`[acme]`, see [`crate::tls::config`]).
     pub acme: crate::tls::config::Acme,
+    /// Several hosts serving one zone, coordinated through etcd (`[cluster]`, see
+    /// [`revboot_cluster::ClusterConfig`]); absent: a single host.
+    pub cluster: Option<revboot_cluster::ClusterConfig>,
 }
 
 /// `[dns]`.
@@ -267,6 +271,7 @@ impl Default for Config {
             sandbox: revboot_deployer::SandboxConfig::default(),
             tls: crate::tls::config::Tls::default(),
             acme: crate::tls::config::Acme::default(),
+            cluster: None,
         }
     }
 }
@@ -432,6 +437,11 @@ impl Config {
         };
         if !is_dns_name(&self.zone) {
             return Err(invalid("zone", "must be a DNS name like `revboot.test`"));
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster
+                .validate()
+                .map_err(|error| invalid("cluster", &error.to_string()))?;
         }
         let mut deployer = revboot_deployer::DeployerConfig::new(&self.data);
         deployer.pools = self.instances.pools.clone();

@@ -132,6 +132,8 @@ struct DaemonRuntime {
     certificates: Arc<Certificates>,
     /// Wakes the ACME task (a service added wants its certificate).
     acme_wake: Arc<tokio::sync::Notify>,
+    /// The cluster this daemon is a node of (`[cluster]`), if any.
+    cluster: Option<revboot_cluster::Cluster>,
 }
 
 impl DaemonRuntime {
@@ -360,6 +362,9 @@ impl Runtime for DaemonRuntime {
     }
 
     fn daemon(&self, action: &Action) -> Result<Reply, ActionError> {
+        if let Action::Nodes = action {
+            return crate::cluster::nodes_view(self.cluster.as_ref()).map(Reply::Nodes);
+        }
         let mut view = self.view.clone();
         view.certificates = self.certificates.status();
         if let Action::Upgrade = action {
@@ -632,6 +637,10 @@ impl Daemon {
             stop: stop_http.subscribe(),
         }
         .start()?;
+        let http_url = format!("{scheme}://{http_addr}");
+        let (stop, dns_addr) = (stop_http.subscribe(), dns.local_addr());
+        let cluster =
+            crate::cluster::join(&config, &http_url, dns_addr, &store, &token, stop).await?;
         let runtime = Arc::new(DaemonRuntime {
             store: store.clone(),
             zone: config.zone.clone(),
@@ -653,6 +662,7 @@ impl Daemon {
             upgrade: upgradable.then_some(upgrade_tx),
             certificates: certificates.clone(),
             acme_wake,
+            cluster,
         });
         let engine = Engine::with_runtime(store.clone(), &config.zone, runtime);
         let metrics = Arc::new(DaemonMetrics::new(

@@ -38,7 +38,8 @@ pub trait Runtime: Send + Sync + 'static {
     fn promote(&self, service: &str, revision: &Revision) -> Result<Option<String>, ActionError>;
     /// Live of `service` moved.
     fn promoted(&self, service: &str);
-    /// The daemon itself, or its upgrade in place ([`Action::Daemon`], [`Action::Upgrade`]).
+    /// The daemon itself, its upgrade in place, or its cluster ([`Action::Daemon`],
+    /// [`Action::Upgrade`], [`Action::Nodes`]).
     fn daemon(&self, action: &Action) -> Result<Reply, ActionError>;
 }
 
@@ -207,7 +208,7 @@ impl Engine {
                 self.runtime()?.instances(&action)
             }
             Action::Config { .. } | Action::ConfigChange { .. } => self.runtime()?.config(&action),
-            Action::Daemon | Action::Upgrade => self.runtime()?.daemon(&action),
+            Action::Daemon | Action::Upgrade | Action::Nodes => self.runtime()?.daemon(&action),
             Action::ListBuilds { service } => {
                 if let Some(service) = service {
                     revboot_store::protocol::check_label(service).map_err(|why| {

@@ -15,6 +15,7 @@ pub mod api;
 pub mod bisect;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod credential;
 pub mod daemon;

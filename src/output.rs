@@ -359,6 +359,31 @@ pub fn render(reply: &Reply, format: Format) -> String {
                 let _ = writeln!(out, "{}", certificate_line(cert));
             }
         }
+        Reply::Nodes(view) => {
+            let Some(me) = &view.node else {
+                let _ = writeln!(out, "a single host: the daemon has no [cluster]");
+                return out;
+            };
+            if !view.connected {
+                let _ = writeln!(
+                    out,
+                    "node {me} is cut off from etcd: this list may be stale"
+                );
+            }
+            let _ = writeln!(out, "   NODE  HTTP  DNS  POOLS  CAPACITY");
+            for node in &view.nodes {
+                let mark = if node.id == *me { "*" } else { " " };
+                let _ = writeln!(
+                    out,
+                    "{mark}  {}  {}  {}  {}  {}",
+                    node.id,
+                    node.http,
+                    node.dns,
+                    node.pools.join(","),
+                    node.capacity
+                );
+            }
+        }
     }
     out
 }

@@ -246,6 +246,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         }
         Command::Ps => Action::ListInstances,
         Command::Certs => Action::Daemon,
+        Command::Nodes => Action::Nodes,
         Command::Builds { service } => Action::ListBuilds {
             service: service.clone(),
         },

@@ -76,6 +76,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/services/{service}/config"),
     ("get", "/api/v1/daemon"),
     ("post", "/api/v1/daemon/upgrade"),
+    ("get", "/api/v1/nodes"),
     ("get", "/api/v1/token"),
     ("get", "/api/v1/openapi.json"),
     ("get", "/metrics"),
@@ -117,6 +118,7 @@ pub fn router(
         )
         .route("/api/v1/daemon", get(daemon))
         .route("/api/v1/daemon/upgrade", post(upgrade))
+        .route("/api/v1/nodes", get(nodes))
         .route("/api/v1/token", get(check_token))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics_text))
@@ -529,6 +531,10 @@ async fn change_config(
 
 async fn daemon(State(state): State<ApiState>, headers: HeaderMap) -> ApiResult {
     run(&state, &headers, Action::Daemon).await
+}
+
+async fn nodes(State(state): State<ApiState>, headers: HeaderMap) -> ApiResult {
+    run(&state, &headers, Action::Nodes).await
 }
 
 async fn upgrade(State(state): State<ApiState>, headers: HeaderMap) -> ApiResult {

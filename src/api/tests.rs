@@ -34,8 +34,26 @@ fn openapi_lists_exactly_the_routes() {
 fn documented_replies() -> Vec<(&'static str, [serde_json::Value; 2])> {
     use crate::action::{
         BuildLogView, ConfigView, ConsoleView, DaemonView, DeletedView, DeploymentView, DiffView,
-        InstanceView, MoveView, RenamedView, ServiceView, ShowView, SummonView, TokenView, VarView,
+        InstanceView, MoveView, NodeView, NodesView, RenamedView, ServiceView, ShowView,
+        SummonView, TokenView, VarView,
     };
+    fn node(_: bool) -> NodeView {
+        NodeView {
+            id: "n1".to_owned(),
+            http: "http://127.0.0.1:8080".to_owned(),
+            dns: "127.0.0.1:5353".to_owned(),
+            pools: vec!["127.77.0.0/16".to_owned()],
+            capacity: 256,
+            since_ms: 1_700_000_000_000,
+        }
+    }
+    fn nodes(set: bool) -> NodesView {
+        NodesView {
+            node: set.then(|| "n1".to_owned()),
+            connected: set,
+            nodes: vec![node(set)],
+        }
+    }
     fn deployment(set: bool) -> DeploymentView {
         DeploymentView {
             revision: "ab".repeat(20),
@@ -241,6 +259,8 @@ fn documented_replies() -> Vec<(&'static str, [serde_json::Value; 2])> {
         ("Config", pair(config)),
         ("Var", pair(var)),
         ("Daemon", pair(daemon)),
+        ("Nodes", pair(nodes)),
+        ("Node", pair(node)),
         ("Certificate", pair(certificate)),
         ("Build", pair(build)),
         ("ConsoleEvent", pair(console_event)),

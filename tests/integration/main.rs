@@ -6,6 +6,7 @@ mod beyond_loopback;
 mod browser;
 mod cert_files;
 mod cli;
+mod cluster;
 mod config;
 mod daemon_log;
 mod dashboard;

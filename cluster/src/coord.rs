@@ -1,0 +1,594 @@
+//! The node's membership and its reads and writes of the cluster's state (see the crate
+//! docs for the keys).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, PutOptions, Txn, TxnOp};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::mirror::{self, Map};
+use crate::placement::{self, Candidate};
+use crate::{ClusterConfig, OP_TIMEOUT};
+
+/// A node as it registers itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Its id (`[cluster] node`).
+    pub id: String,
+    /// Its HTTP base URL (git, API): `http://host:port`.
+    pub http: String,
+    /// Its DNS address.
+    pub dns: SocketAddr,
+    /// Its address pools.
+    #[serde(default)]
+    pub pools: Vec<String>,
+    /// How many instances it holds at most.
+    #[serde(default)]
+    pub capacity: u64,
+    /// When it registered (Unix milliseconds).
+    #[serde(default)]
+    pub since_ms: u64,
+}
+
+impl NodeInfo {
+    /// A node with no pools and a capacity of 1, registering now.
+    pub fn new(id: &str, http: &str, dns: SocketAddr) -> NodeInfo {
+        NodeInfo {
+            id: id.to_owned(),
+            http: http.to_owned(),
+            dns,
+            pools: Vec::new(),
+            capacity: 1,
+            since_ms: unix_ms(),
+        }
+    }
+}
+
+/// The live pointer of a service as etcd holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveRecord {
+    /// The deployment commit (hex).
+    pub revision: String,
+    /// The node that moved it.
+    pub node: String,
+    /// Why (one line: `rollback to c63dc27`, `build #3 of refs/heads/main at 9d2f0aa`).
+    pub reason: String,
+}
+
+/// The newest deployment of a service a node wrote: where to fetch it from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeadRecord {
+    /// The tip of the service's deployment branch (hex).
+    pub commit: String,
+    /// The node that has it.
+    pub node: String,
+}
+
+/// Why the node could not join.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JoinError {
+    /// etcd did not answer or refused.
+    #[error("etcd at {endpoints} did not let node `{node}` register: {reason}")]
+    Etcd {
+        /// The endpoints tried.
+        endpoints: String,
+        /// The node.
+        node: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Another live node registered the same id.
+    #[error("node id `{0}` is registered by another live node: ids must be unique")]
+    Taken(String),
+}
+
+/// Why a live move was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LiveCasError {
+    /// Live moved meanwhile: the mover's idea of it is stale.
+    #[error(
+        "Live of `{service}` moved meanwhile: it is {} (moved by node {}: {}), not {} as node {node} had it; nothing changed",
+        short(&live.revision), live.node, live.reason, expected.as_deref().map_or("unset", short)
+    )]
+    Conflict {
+        /// The service.
+        service: String,
+        /// What the mover believed was live.
+        expected: Option<String>,
+        /// What is live.
+        live: LiveRecord,
+        /// The node that tried.
+        node: String,
+    },
+    /// etcd did not answer: the node is cut off, or etcd has lost its quorum.
+    #[error(
+        "Cannot move live of `{service}`: etcd did not answer ({reason}); live moves are refused while the cluster's etcd is unreachable"
+    )]
+    Unavailable {
+        /// The service.
+        service: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// How long a live move retries while etcd is unavailable.
+pub const MOVE_PATIENCE: Duration = Duration::from_secs(5);
+
+fn short(hex: &str) -> &str {
+    hex.get(..12).unwrap_or(hex)
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A node in the cluster: its registration kept alive, and the cluster's state mirrored.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    /// `<prefix>/` with the trailing slash.
+    prefix: String,
+    me: NodeInfo,
+    ttl: Duration,
+    /// When the last lease renewal that succeeded was sent.
+    renewed: watch::Receiver<Instant>,
+    nodes: watch::Receiver<Map>,
+    live: watch::Receiver<Map>,
+    heads: watch::Receiver<Map>,
+    /// Per service, etcd's revision of the last live move this node made or followed.
+    followed: std::sync::Mutex<std::collections::HashMap<String, i64>>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("prefix", &self.prefix)
+            .field("me", &self.me.id)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Connects to etcd, registers `me` under a lease and keeps it alive until `stop`
+    /// turns true (then the lease is revoked: the node leaves at once).
+    pub async fn join(
+        config: &ClusterConfig,
+        zone: &str,
+        me: NodeInfo,
+        stop: watch::Receiver<bool>,
+    ) -> Result<Cluster, JoinError> {
+        let fail = |reason: String| JoinError::Etcd {
+            endpoints: config.etcd.join(","),
+            node: me.id.clone(),
+            reason,
+        };
+        // Requests fail when the member reached has no leader (it is cut off from the
+        // others), instead of answering from a minority.
+        let options = ConnectOptions::new()
+            .with_connect_timeout(OP_TIMEOUT)
+            .with_timeout(OP_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(1), OP_TIMEOUT)
+            .with_require_leader(true);
+        let client = tokio::time::timeout(OP_TIMEOUT, Client::connect(&config.etcd, Some(options)))
+            .await
+            .map_err(|_| fail("timed out".to_owned()))?
+            .map_err(|error| fail(error.to_string()))?;
+        let prefix = format!("{}/", config.prefix_for(zone));
+        let ttl = Duration::from_secs(config.ttl_s);
+        let sent = Instant::now();
+        let lease = register(&client, &prefix, &me, ttl)
+            .await
+            .map_err(|error| match error {
+                Register::Taken => JoinError::Taken(me.id.clone()),
+                Register::Etcd(reason) => fail(reason),
+            })?;
+        info!(
+            node = me.id,
+            lease,
+            ttl_s = config.ttl_s,
+            "joined the cluster"
+        );
+        let (renewed_tx, renewed) = watch::channel(sent);
+        let nodes = mirror::spawn(client.clone(), format!("{prefix}nodes/"), stop.clone());
+        let live = mirror::spawn(client.clone(), format!("{prefix}live/"), stop.clone());
+        let heads = mirror::spawn(client.clone(), format!("{prefix}heads/"), stop.clone());
+        tokio::spawn(keep_alive(
+            client.clone(),
+            prefix.clone(),
+            me.clone(),
+            ttl,
+            lease,
+            renewed_tx,
+            stop,
+        ));
+        Ok(Cluster {
+            inner: Arc::new(Inner {
+                client,
+                prefix,
+                me,
+                ttl,
+                renewed,
+                nodes,
+                live,
+                heads,
+                followed: std::sync::Mutex::default(),
+            }),
+        })
+    }
+
+    /// This node.
+    pub fn me(&self) -> &NodeInfo {
+        &self.inner.me
+    }
+
+    /// The membership lease's TTL.
+    pub fn ttl(&self) -> Duration {
+        self.inner.ttl
+    }
+
+    /// True while this node's lease is renewed: false once a whole TTL has passed since the
+    /// last renewal that succeeded was sent, which is no later than etcd lets the lease
+    /// expire and the others take over this node's instances.
+    pub fn connected(&self) -> bool {
+        self.inner.renewed.borrow().elapsed() < self.inner.ttl
+    }
+
+    /// The live nodes as last seen, by id.
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        let map = self.inner.nodes.borrow().clone();
+        map.values()
+            .filter_map(|(value, _)| serde_json::from_slice(value).ok())
+            .collect()
+    }
+
+    /// A watch that changes whenever membership changes.
+    pub fn nodes_changed(&self) -> watch::Receiver<Map> {
+        self.inner.nodes.clone()
+    }
+
+    /// The node that owns `key` among the live nodes (see [`placement`]).
+    pub fn owner(&self, key: &str) -> Option<NodeInfo> {
+        let nodes = self.nodes();
+        let candidates: Vec<Candidate<'_>> = nodes
+            .iter()
+            .map(|node| Candidate {
+                id: &node.id,
+                capacity: node.capacity,
+            })
+            .collect();
+        let id = placement::owner(&candidates, key)?.to_owned();
+        nodes.into_iter().find(|node| node.id == id)
+    }
+
+    /// Live pointers as etcd holds them, by service, with etcd's revision of each move.
+    pub fn live(&self) -> Vec<(String, LiveRecord, i64)> {
+        let map = self.inner.live.borrow().clone();
+        map.iter()
+            .filter_map(|(service, (value, revision))| {
+                Some((
+                    service.clone(),
+                    serde_json::from_slice(value).ok()?,
+                    *revision,
+                ))
+            })
+            .collect()
+    }
+
+    /// The live moves this node has not followed yet: newer (by etcd's revision) than the
+    /// last one it made or followed. A mirror that lags behind (its watch reconnecting)
+    /// never takes live back to an older move.
+    pub fn live_to_follow(&self) -> Vec<(String, LiveRecord, i64)> {
+        let known = self
+            .inner
+            .followed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        self.live()
+            .into_iter()
+            .filter(|(service, _, revision)| known.get(service).is_none_or(|k| revision > k))
+            .collect()
+    }
+
+    /// Notes that this node's live of `service` is etcd's move at `revision`.
+    pub fn followed(&self, service: &str, revision: i64) {
+        let mut known = self
+            .inner
+            .followed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if known.len() < crate::MAX_KEYS || known.contains_key(service) {
+            let entry = known.entry(service.to_owned()).or_insert(revision);
+            *entry = (*entry).max(revision);
+        }
+    }
+
+    /// A watch that changes whenever a live pointer moves.
+    pub fn live_changed(&self) -> watch::Receiver<Map> {
+        self.inner.live.clone()
+    }
+
+    /// The newest deployment announced per service.
+    pub fn heads(&self) -> Vec<(String, HeadRecord)> {
+        let map = self.inner.heads.borrow().clone();
+        map.iter()
+            .filter_map(|(service, (value, _))| {
+                Some((service.clone(), serde_json::from_slice(value).ok()?))
+            })
+            .collect()
+    }
+
+    /// A watch that changes whenever a deployment is announced.
+    pub fn heads_changed(&self) -> watch::Receiver<Map> {
+        self.inner.heads.clone()
+    }
+
+    /// Announces that this node holds `commit` as the tip of `service`'s deployments.
+    pub async fn announce_head(&self, service: &str, commit: &str) -> Result<(), String> {
+        let record = HeadRecord {
+            commit: commit.to_owned(),
+            node: self.inner.me.id.clone(),
+        };
+        let value = serde_json::to_vec(&record).map_err(|e| e.to_string())?;
+        let key = format!("{}heads/{service}", self.inner.prefix);
+        let mut client = self.inner.client.clone();
+        match tokio::time::timeout(OP_TIMEOUT, client.put(key, value, None)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err("timed out".to_owned()),
+        }
+    }
+
+    /// Moves the live pointer of `service` from `expected` (what this node believes is
+    /// live; `None`: unset) to `to`, by compare-and-swap in etcd. Moving to what is live
+    /// already succeeds; a service etcd has no record of yet takes any `expected`. etcd
+    /// unavailable is retried for up to [`MOVE_PATIENCE`] (an election after a member died
+    /// takes a moment); a conflict is not.
+    pub async fn move_live(
+        &self,
+        service: &str,
+        expected: Option<&str>,
+        to: &str,
+        reason: &str,
+    ) -> Result<(), LiveCasError> {
+        let deadline = Instant::now() + MOVE_PATIENCE;
+        loop {
+            match self.try_move_live(service, expected, to, reason).await {
+                Err(LiveCasError::Unavailable { .. }) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_move_live(
+        &self,
+        service: &str,
+        expected: Option<&str>,
+        to: &str,
+        reason: &str,
+    ) -> Result<(), LiveCasError> {
+        let key = format!("{}live/{service}", self.inner.prefix);
+        let unavailable = |reason: String| LiveCasError::Unavailable {
+            service: service.to_owned(),
+            reason,
+        };
+        let mut client = self.inner.client.clone();
+        let got = tokio::time::timeout(OP_TIMEOUT, client.get(key.as_str(), None))
+            .await
+            .map_err(|_| unavailable("timed out".to_owned()))?
+            .map_err(|error| unavailable(error.to_string()))?;
+        let current = got.kvs().first().and_then(|kv| {
+            let record: LiveRecord = serde_json::from_slice(kv.value()).ok()?;
+            Some((record, kv.mod_revision()))
+        });
+        let compare = match &current {
+            Some((record, revision)) if record.revision == to => {
+                self.followed(service, *revision);
+                return Ok(());
+            }
+            Some((record, _)) if Some(record.revision.as_str()) != expected => {
+                return Err(self.conflict(service, expected, record.clone()));
+            }
+            Some((_, mod_revision)) => {
+                Compare::mod_revision(key.as_str(), CompareOp::Equal, *mod_revision)
+            }
+            None => Compare::version(key.as_str(), CompareOp::Equal, 0),
+        };
+        let record = LiveRecord {
+            revision: to.to_owned(),
+            node: self.inner.me.id.clone(),
+            reason: reason.to_owned(),
+        };
+        let value = serde_json::to_vec(&record).map_err(|e| unavailable(e.to_string()))?;
+        let txn = Txn::new()
+            .when([compare])
+            .and_then([TxnOp::put(key.as_str(), value, None)])
+            .or_else([TxnOp::get(key.as_str(), None)]);
+        let done = tokio::time::timeout(OP_TIMEOUT, client.txn(txn))
+            .await
+            .map_err(|_| unavailable("timed out".to_owned()))?
+            .map_err(|error| unavailable(error.to_string()))?;
+        if done.succeeded() {
+            info!(service, to, reason, "live moved in the cluster");
+            if let Some(header) = done.header() {
+                self.followed(service, header.revision());
+            }
+            return Ok(());
+        }
+        let now = done
+            .op_responses()
+            .into_iter()
+            .find_map(|response| match response {
+                etcd_client::TxnOpResponse::Get(get) => get
+                    .kvs()
+                    .first()
+                    .and_then(|kv| serde_json::from_slice::<LiveRecord>(kv.value()).ok()),
+                _ => None,
+            })
+            .unwrap_or(record);
+        Err(self.conflict(service, expected, now))
+    }
+
+    fn conflict(&self, service: &str, expected: Option<&str>, live: LiveRecord) -> LiveCasError {
+        warn!(
+            service,
+            live = live.revision,
+            by = live.node,
+            "live move lost a race"
+        );
+        LiveCasError::Conflict {
+            service: service.to_owned(),
+            expected: expected.map(str::to_owned),
+            live,
+            node: self.inner.me.id.clone(),
+        }
+    }
+}
+
+enum Register {
+    Taken,
+    Etcd(String),
+}
+
+/// Grants a lease and writes `nodes/<id>` under it, unless another lease holds the id.
+async fn register(
+    client: &Client,
+    prefix: &str,
+    me: &NodeInfo,
+    ttl: Duration,
+) -> Result<i64, Register> {
+    let mut client = client.clone();
+    let etcd = |error: etcd_client::Error| Register::Etcd(error.to_string());
+    let timed = |_| Register::Etcd("timed out".to_owned());
+    let ttl_s = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+    let lease = tokio::time::timeout(OP_TIMEOUT, client.lease_grant(ttl_s, None))
+        .await
+        .map_err(timed)?
+        .map_err(etcd)?
+        .id();
+    let key = format!("{prefix}nodes/{}", me.id);
+    let value = serde_json::to_vec(me).map_err(|e| Register::Etcd(e.to_string()))?;
+    // Free, or already ours from an earlier lease of this node that has not expired yet
+    // (a restart within the TTL): a node with the same id and the same HTTP URL.
+    let txn = Txn::new()
+        .when([Compare::version(key.as_str(), CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(
+            key.as_str(),
+            value.clone(),
+            Some(PutOptions::new().with_lease(lease)),
+        )])
+        .or_else([TxnOp::get(key.as_str(), None)]);
+    let done = tokio::time::timeout(OP_TIMEOUT, client.txn(txn))
+        .await
+        .map_err(timed)?
+        .map_err(etcd)?;
+    if done.succeeded() {
+        return Ok(lease);
+    }
+    let holder = done.op_responses().into_iter().find_map(|r| match r {
+        etcd_client::TxnOpResponse::Get(get) => get
+            .kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice::<NodeInfo>(kv.value()).ok()),
+        _ => None,
+    });
+    if holder.is_some_and(|holder| holder.http != me.http) {
+        return Err(Register::Taken);
+    }
+    tokio::time::timeout(
+        OP_TIMEOUT,
+        client.put(key, value, Some(PutOptions::new().with_lease(lease))),
+    )
+    .await
+    .map_err(timed)?
+    .map_err(etcd)?;
+    Ok(lease)
+}
+
+/// Renews the lease every third of the TTL; registers again with a new lease when it
+/// expired (the node was cut off longer than the TTL); revokes it on stop.
+async fn keep_alive(
+    client: Client,
+    prefix: String,
+    me: NodeInfo,
+    ttl: Duration,
+    mut lease: i64,
+    renewed: watch::Sender<Instant>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let period = ttl / 3;
+    let mut stream: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> = None;
+    let mut expired = false;
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => break,
+            () = tokio::time::sleep(period) => {}
+        }
+        let sent = Instant::now();
+        if expired {
+            match register(&client, &prefix, &me, ttl).await {
+                Ok(new) => {
+                    info!(node = me.id, lease = new, "registered again in the cluster");
+                    lease = new;
+                    expired = false;
+                    renewed.send_replace(sent);
+                }
+                Err(Register::Taken) => warn!(node = me.id, "node id taken by another node"),
+                Err(Register::Etcd(reason)) => {
+                    warn!(node = me.id, reason, "cannot register in the cluster")
+                }
+            }
+            continue;
+        }
+        if stream.is_none() {
+            let mut client = client.clone();
+            match tokio::time::timeout(OP_TIMEOUT, client.lease_keep_alive(lease)).await {
+                Ok(Ok(pair)) => stream = Some(pair),
+                _ => {
+                    warn!(node = me.id, "cannot reach etcd to renew the lease");
+                    continue;
+                }
+            }
+        }
+        let Some((keeper, responses)) = stream.as_mut() else {
+            continue;
+        };
+        let round = async {
+            keeper.keep_alive().await?;
+            responses.message().await
+        };
+        match tokio::time::timeout(OP_TIMEOUT, round).await {
+            Ok(Ok(Some(response))) if response.ttl() > 0 => {
+                renewed.send_replace(sent);
+            }
+            Ok(Ok(Some(_))) => {
+                warn!(node = me.id, "the lease expired: registering again");
+                expired = true;
+                stream = None;
+            }
+            _ => {
+                warn!(node = me.id, "lease renewal failed");
+                stream = None;
+            }
+        }
+    }
+    let mut client = client;
+    let _ = tokio::time::timeout(OP_TIMEOUT, client.lease_revoke(lease)).await;
+    info!(node = me.id, "left the cluster");
+}

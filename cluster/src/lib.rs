@@ -1,0 +1,62 @@
+//! revboot's cluster coordination: several revboot nodes serve one zone together, and agree
+//! through **etcd** (never a consensus of revboot's own).
+//!
+//! What lives in etcd, under `<prefix>/` (the prefix defaults to `/revboot/<zone>`):
+//!
+//! 1. `nodes/<id>` — each node's [`NodeInfo`] (id, HTTP URL, DNS address, pools, capacity),
+//!    written under a lease of `ttl_s` seconds that the node keeps alive. A node whose lease
+//!    expires is gone: etcd deletes the key, and every node's view drops it. A node whose
+//!    lease expired while it was cut off grants itself a new one and registers again.
+//! 2. `live/<service>` — the one truth of the live pointer: a [`LiveRecord`] (revision,
+//!    node, reason). A move is a compare-and-swap ([`Cluster::move_live`]): it succeeds only
+//!    if the record still names the revision the mover believed was live; otherwise the
+//!    mover gets [`LiveCasError::Conflict`] naming what is live now and who moved it.
+//! 3. `heads/<service>` — the newest deployment a node wrote ([`HeadRecord`]): the others
+//!    fetch it from that node's git (replication is git's own, see the daemon).
+//! 4. Placement is not stored: [`placement::owner`] hashes an instance's key over the live
+//!    nodes (rendezvous hashing), so every node computes the same owner from the same
+//!    membership, and etcd stays off the query path.
+//!
+//! Every prefix a node reads is mirrored in memory by a get-then-watch loop
+//! ([`Cluster::nodes`], [`Cluster::live`], [`Cluster::heads`]); readers never wait for etcd.
+//! Every call to etcd has a timeout ([`OP_TIMEOUT`]); the mirrors hold at most
+//! [`MAX_KEYS`] keys each.
+//!
+//! [`Cluster::connected`] is false once the node's lease has not been renewed for a whole
+//! TTL: the node is cut off, its view may be stale, and it must stop answering for others.
+//!
+//! # Example
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use revboot_cluster::{Cluster, ClusterConfig, NodeInfo};
+//! let config = ClusterConfig::from_toml(r#"etcd = ["http://127.0.0.1:2379"]
+//! node = "n1""#)?;
+//! let node = NodeInfo::new("n1", "http://127.0.0.1:8080", "127.0.0.1:5353".parse()?);
+//! let (_stop, stop) = tokio::sync::watch::channel(false);
+//! let cluster = Cluster::join(&config, "revboot.test", node, stop).await?;
+//! for node in cluster.nodes() {
+//!     println!("{} at {}", node.id, node.http);
+//! }
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod config;
+mod coord;
+mod mirror;
+pub mod placement;
+
+pub use config::{ClusterConfig, ConfigError};
+pub use coord::{
+    Cluster, HeadRecord, JoinError, LiveCasError, LiveRecord, MOVE_PATIENCE, NodeInfo,
+};
+
+use std::time::Duration;
+
+/// The longest any single call to etcd may take.
+pub const OP_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The most keys a mirrored prefix holds; more are left out, with a warning.
+pub const MAX_KEYS: usize = 65_536;

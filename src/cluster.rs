@@ -1,0 +1,266 @@
+//! The daemon as a node of a cluster (`[cluster]`): joins etcd through `revboot-cluster`,
+//! and keeps this node's deployment repository in step with the others'.
+//!
+//! 1. Joining registers the node (id, HTTP URL, DNS address, pools, capacity) under a
+//!    lease; `revboot nodes` and `GET /api/v1/nodes` list the live nodes.
+//! 2. The store asks etcd before every live move here ([`EtcdAuthority`]): a
+//!    compare-and-swap from the revision live here, refused with a conflict that names the
+//!    winner when another node moved it first, refused when etcd does not answer.
+//! 3. Announce: when this node's deployment branch of a service is ahead of what etcd
+//!    announces (a build or a pushed deployment here), it announces its tip.
+//! 4. Replicate: when another node announces a tip this node lacks, it fetches the
+//!    service's branch from that node's git (`/git/-/deploy.git`) with stock git,
+//!    fast-forward only, one fetch at a time, each within [`FETCH_TIMEOUT`].
+//! 5. Mirror live: when etcd's live pointer of a service differs from `refs/live/<service>`
+//!    here, and the revision is here (step 4 fetched it), the ref moves, with the reason and
+//!    the node that moved it in its reflog. A node never points live at objects it lacks.
+//!
+//! The nodes of a cluster share one token (`[http] token`): they fetch from each other
+//! with it. Steps 3 to 5 run on every change etcd reports and every [`TICK`] besides (a
+//! fetch that failed is tried again).
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use revboot_cluster::{Cluster, NodeInfo};
+use revboot_store::{LiveAuthority, Revision, Store};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::action::{ActionError, NodeView, NodesView};
+use crate::config::Config;
+
+/// The longest one fetch from a peer may take.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often steps 3 to 5 run when etcd reports nothing.
+pub const TICK: Duration = Duration::from_secs(1);
+
+/// Joins the cluster when `[cluster]` is set (else `None`: a single host) and starts the
+/// node's tasks until `stop` turns true.
+pub(crate) async fn join(
+    config: &Config,
+    http: &str,
+    dns: std::net::SocketAddr,
+    store: &Store,
+    token: &str,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<Option<Cluster>> {
+    let Some(settings) = &config.cluster else {
+        return Ok(None);
+    };
+    let mut me = NodeInfo::new(&settings.node, http, dns);
+    me.pools = config
+        .instances
+        .pools
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    me.capacity = u64::try_from(config.instances.max_total).unwrap_or(u64::MAX);
+    let cluster = Cluster::join(settings, &config.zone, me, stop.clone())
+        .await
+        .context("Cannot join the cluster")?;
+    store.set_authority(std::sync::Arc::new(EtcdAuthority {
+        cluster: cluster.clone(),
+        handle: tokio::runtime::Handle::current(),
+    }));
+    tokio::spawn(keep_in_step(
+        cluster.clone(),
+        store.clone(),
+        token.to_owned(),
+        stop,
+    ));
+    Ok(Some(cluster))
+}
+
+/// `revboot nodes`.
+pub(crate) fn nodes_view(cluster: Option<&Cluster>) -> Result<NodesView, ActionError> {
+    let Some(cluster) = cluster else {
+        return Ok(NodesView {
+            node: None,
+            connected: true,
+            nodes: Vec::new(),
+        });
+    };
+    let mut nodes: Vec<NodeView> = cluster
+        .nodes()
+        .into_iter()
+        .map(|node| NodeView {
+            id: node.id,
+            http: node.http,
+            dns: node.dns.to_string(),
+            pools: node.pools,
+            capacity: node.capacity,
+            since_ms: node.since_ms,
+        })
+        .collect();
+    nodes.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(NodesView {
+        node: Some(cluster.me().id.clone()),
+        connected: cluster.connected(),
+        nodes,
+    })
+}
+
+/// Live moves go through etcd first (rule 2).
+#[derive(Debug)]
+struct EtcdAuthority {
+    cluster: Cluster,
+    handle: tokio::runtime::Handle,
+}
+
+impl LiveAuthority for EtcdAuthority {
+    fn propose(
+        &self,
+        service: &str,
+        from: Option<&Revision>,
+        to: &Revision,
+        reason: &str,
+    ) -> Result<(), String> {
+        let from = from.map(Revision::to_hex);
+        self.handle
+            .block_on(
+                self.cluster
+                    .move_live(service, from.as_deref(), &to.to_hex(), reason),
+            )
+            .map_err(|error| error.to_string())
+    }
+}
+
+/// Steps 3 to 5, until `stop`.
+async fn keep_in_step(
+    cluster: Cluster,
+    store: Store,
+    token: String,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut heads = cluster.heads_changed();
+    let mut live = cluster.live_changed();
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => return,
+            _ = heads.changed() => {}
+            _ = live.changed() => {}
+            () = tokio::time::sleep(TICK) => {}
+        }
+        announce(&cluster, &store).await;
+        replicate(&cluster, &store, &token).await;
+        mirror_live(&cluster, &store).await;
+    }
+}
+
+/// Step 3.
+async fn announce(cluster: &Cluster, store: &Store) {
+    let announced = cluster.heads();
+    for service in store.services().unwrap_or_default() {
+        let Ok(Some(tip)) = store.tip(&service) else {
+            continue;
+        };
+        let ahead = match announced.iter().find(|(name, _)| *name == service) {
+            None => true,
+            Some((_, head)) => {
+                head.commit != tip.to_hex()
+                    && head
+                        .commit
+                        .parse::<Revision>()
+                        .is_ok_and(|theirs| store.has_deployment(&service, &theirs))
+            }
+        };
+        if ahead {
+            match cluster.announce_head(&service, &tip.to_hex()).await {
+                Ok(()) => info!(service, tip = %tip, "announced a deployment to the cluster"),
+                Err(error) => debug!(%error, service, "cannot announce a deployment"),
+            }
+        }
+    }
+}
+
+/// Step 4.
+async fn replicate(cluster: &Cluster, store: &Store, token: &str) {
+    let me = cluster.me().id.clone();
+    for (service, head) in cluster.heads() {
+        if head.node == me || revboot_store::protocol::check_label(&service).is_err() {
+            continue;
+        }
+        let Ok(revision) = head.commit.parse::<Revision>() else {
+            continue;
+        };
+        if store.has_deployment(&service, &revision) {
+            continue;
+        }
+        let Some(peer) = cluster.nodes().into_iter().find(|n| n.id == head.node) else {
+            continue;
+        };
+        match fetch(store, &peer.http, &service, token).await {
+            Ok(()) => {
+                info!(service, from = peer.id, revision = %revision, "fetched deployments from a peer")
+            }
+            Err(error) => warn!(
+                service,
+                from = peer.id,
+                error,
+                "cannot fetch deployments from a peer"
+            ),
+        }
+    }
+}
+
+/// Fetches `refs/heads/<service>` of the peer's deployment repository, fast-forward only.
+async fn fetch(store: &Store, http: &str, service: &str, token: &str) -> Result<(), String> {
+    use base64::Engine as _;
+    let header = format!(
+        "Authorization: Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("git:{token}"))
+    );
+    let refspec = format!("refs/heads/{service}:refs/heads/{service}");
+    // The token goes in git's environment, not its command line, which others can read.
+    let mut command = tokio::process::Command::new("git");
+    command
+        .arg("-C")
+        .arg(store.path())
+        .args(["fetch", "--quiet", "--no-tags"])
+        .arg(format!("{http}/git/-/deploy.git"))
+        .arg(refspec)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_CONFIG_COUNT", "1")
+        .env("GIT_CONFIG_KEY_0", "http.extraHeader")
+        .env("GIT_CONFIG_VALUE_0", header)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(FETCH_TIMEOUT, command.output())
+        .await
+        .map_err(|_| format!("git fetch took longer than {FETCH_TIMEOUT:?}"))?
+        .map_err(|error| format!("cannot run git: {error}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).trim().to_owned())
+    }
+}
+
+/// Step 5.
+async fn mirror_live(cluster: &Cluster, store: &Store) {
+    for (service, record, etcd_revision) in cluster.live_to_follow() {
+        let Ok(revision) = record.revision.parse::<Revision>() else {
+            continue;
+        };
+        if store.live(&service).ok().flatten() == Some(revision) {
+            cluster.followed(&service, etcd_revision);
+            continue;
+        }
+        if !store.has_deployment(&service, &revision) {
+            continue;
+        }
+        let reason = format!("{} (node {})", record.reason, record.node);
+        let (store, name) = (store.clone(), service.clone());
+        let moved =
+            tokio::task::spawn_blocking(move || store.mirror_live(&name, &revision, &reason)).await;
+        match moved {
+            Ok(Ok(_)) => {
+                cluster.followed(&service, etcd_revision);
+                info!(service, revision = %revision, by = record.node, "live follows the cluster");
+            }
+            Ok(Err(error)) => warn!(%error, service, "cannot follow the cluster's live pointer"),
+            Err(error) => warn!(%error, service, "cannot follow the cluster's live pointer"),
+        }
+    }
+}
