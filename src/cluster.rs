@@ -15,6 +15,8 @@
 //!    here, and the revision is here (step 4 fetched it), the ref moves, with the reason and
 //!    the node that moved it in its reflog. A node never points live at objects it lacks.
 //!
+//! 6. DNS places instances over the live nodes ([`crate::placed`]).
+//!
 //! The nodes of a cluster share one token (`[http] token`): they fetch from each other
 //! with it. Steps 3 to 5 run on every change etcd reports and every [`TICK`] besides (a
 //! fetch that failed is tried again).
@@ -43,6 +45,7 @@ pub(crate) async fn join(
     dns: std::net::SocketAddr,
     store: &Store,
     token: &str,
+    placed: Option<&std::sync::Arc<crate::placed::Placed>>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Option<Cluster>> {
     let Some(settings) = &config.cluster else {
@@ -63,6 +66,9 @@ pub(crate) async fn join(
         cluster: cluster.clone(),
         handle: tokio::runtime::Handle::current(),
     }));
+    if let Some(placed) = placed {
+        crate::placed::joined(placed, &cluster, stop.clone());
+    }
     tokio::spawn(keep_in_step(
         cluster.clone(),
         store.clone(),

@@ -568,6 +568,12 @@ impl Daemon {
         ));
         // The front door too: a name for a source commit with no deployment waits for its build.
         proxy.resolve_names_through(&front);
+        // In a cluster, DNS answers where each instance is placed (crate::placed).
+        let placed = (config.cluster.as_ref())
+            .map(|_| Arc::new(crate::placed::Placed::new(front.clone(), &token)));
+        let dns_front = placed
+            .clone()
+            .map_or(front.clone(), |p| p as Arc<dyn Instances>);
         let dns_config = DnsConfig {
             listen: config.dns.listen[0],
             also_listen: config.dns.listen[1..].to_vec(),
@@ -605,8 +611,8 @@ impl Daemon {
             ..DnsConfig::default()
         };
         let dns = match dns_sockets {
-            Some(sockets) => DnsServer::from_sockets(dns_config, front.clone(), sockets),
-            None => DnsServer::bind(dns_config, front.clone()).await,
+            Some(sockets) => DnsServer::from_sockets(dns_config, dns_front, sockets),
+            None => DnsServer::bind(dns_config, dns_front).await,
         }
         .with_context(|| format!("Cannot serve DNS on {:?}", config.dns.listen))?;
         let dns_kept = dns.sockets().context("Cannot keep the DNS sockets")?;
@@ -639,8 +645,16 @@ impl Daemon {
         .start()?;
         let http_url = format!("{scheme}://{http_addr}");
         let (stop, dns_addr) = (stop_http.subscribe(), dns.local_addr());
-        let cluster =
-            crate::cluster::join(&config, &http_url, dns_addr, &store, &token, stop).await?;
+        let cluster = crate::cluster::join(
+            &config,
+            &http_url,
+            dns_addr,
+            &store,
+            &token,
+            placed.as_ref(),
+            stop,
+        )
+        .await?;
         let runtime = Arc::new(DaemonRuntime {
             store: store.clone(),
             zone: config.zone.clone(),

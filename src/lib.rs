@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod on_demand;
 pub mod outcome;
 pub mod output;
+pub mod placed;
 pub mod promote;
 pub mod remotes;
 pub mod run;

@@ -14,8 +14,9 @@
 //! 3. `heads/<service>` — the newest deployment a node wrote ([`HeadRecord`]): the others
 //!    fetch it from that node's git (replication is git's own, see the daemon).
 //! 4. Placement is not stored: [`placement::owner`] hashes an instance's key over the live
-//!    nodes (rendezvous hashing), so every node computes the same owner from the same
-//!    membership, and etcd stays off the query path.
+//!    nodes (rendezvous hashing, weighted by capacity), so every node computes the same
+//!    owner from the same membership ([`Cluster::owner`]), and etcd stays off the query
+//!    path.
 //!
 //! Every prefix a node reads is mirrored in memory by a get-then-watch loop
 //! ([`Cluster::nodes`], [`Cluster::live`], [`Cluster::heads`]); readers never wait for etcd.

@@ -2,19 +2,26 @@
 //! own: membership, deployments replicated by git, one live pointer by compare-and-swap,
 //! and what etcd losing its quorum does to live moves.
 
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::Path;
 use std::process::Command;
+
+use hickory_proto::op::{Message, Query};
+use hickory_proto::rr::{Name, RecordType};
 
 use revboot_testkit::etcd::EtcdCluster;
 
 use crate::support::{
-    Daemon, Setup, commit_revision, eventually, git, hello_source, history, push, request,
+    Daemon, Setup, commit_revision, curl, eventually, git, hello_source, history, push, request,
 };
 
-/// Starts node `id` of the cluster on `etcd`, its data in `dir`.
+/// Starts node `id` of the cluster on `etcd`, its data in `dir`: a membership lease of
+/// 2 s, instances never reaped during a test, boots not rate-limited.
 fn node(dir: &Path, etcd: &EtcdCluster, id: &str, prefix: &str) -> Daemon {
     let config = format!(
-        "[cluster]\netcd = {}\nnode = \"{id}\"\nttl_s = 3\nprefix = \"{prefix}\"\n",
+        "[dns]\nboots_per_second = 10000\nboot_burst = 10000\n\
+         [instances]\nidle_timeout_ms = 600000\n\
+         [cluster]\netcd = {}\nnode = \"{id}\"\nttl_s = 2\nprefix = \"{prefix}\"\n",
         etcd.toml_endpoints()
     );
     Daemon::start_setup(
@@ -145,13 +152,179 @@ fn three_nodes_share_deployments_by_git_and_one_live_pointer_through_etcd() {
         "{}",
         String::from_utf8_lossy(&moved.stderr)
     );
-    // 1 of 3: refused with a clear error, nothing moves; names still answer.
+    // 1 of 3: refused with a clear error, nothing moves.
     etcd.kill(1);
     let refused = nodes[0].cli(&["rollback", "hello", &v1[..7]]);
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "{stderr}");
     assert!(stderr.contains("etcd did not answer"), "{stderr}");
     assert_eq!(rev_parse(&nodes[0], "refs/live/hello"), v3);
-    let answer = nodes[0].dig("hello.revboot.test", false);
-    assert!(answer.parse::<std::net::Ipv4Addr>().is_ok(), "{answer}");
+    // Every node knows it is cut off; the live name's owner still answers it and serves it,
+    // the others answer SERVFAIL (dig +short prints nothing) rather than a stale placement.
+    for daemon in &nodes {
+        assert!(eventually(|| !connected(daemon)));
+    }
+    let answers: Vec<String> = nodes
+        .iter()
+        .map(|d| d.dig("hello.revboot.test", false))
+        .collect();
+    let given: Vec<&String> = answers.iter().filter(|a| !a.is_empty()).collect();
+    assert_eq!(given.len(), 1, "{answers:?}");
+    let body = curl("hello.revboot.test", given[0], 8080);
+    assert!(body.starts_with("hello from v3"), "{body}");
+}
+
+/// Whether `daemon` says it is connected to etcd (`GET /api/v1/nodes`).
+fn connected(daemon: &Daemon) -> bool {
+    let (status, body) = request(daemon, "GET", "/api/v1/nodes", None, true);
+    assert_eq!(status, 200, "{body}");
+    let view: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    view["connected"].as_bool().expect("connected")
+}
+
+/// One A query of `name` over UDP from `socket` to `server`: the address answered, if any
+/// (none for SERVFAIL, NXDOMAIN or no answer within the socket's timeout).
+fn ask(socket: &UdpSocket, server: SocketAddr, name: &str, id: u16) -> Option<IpAddr> {
+    let mut message = Message::query();
+    message.metadata.id = id;
+    message.add_query(Query::query(Name::from_ascii(name).ok()?, RecordType::A));
+    socket
+        .send_to(&message.to_vec().expect("encodes"), server)
+        .ok()?;
+    let mut buf = [0u8; 1500];
+    loop {
+        let (len, _) = socket.recv_from(&mut buf).ok()?;
+        let reply = Message::from_vec(&buf[..len]).ok()?;
+        if reply.metadata.id == id {
+            return reply
+                .answers
+                .iter()
+                .find_map(|record| record.data.ip_addr());
+        }
+    }
+}
+
+/// The node whose pool holds `address`.
+fn owner_of(nodes: &[Option<Daemon>], address: IpAddr) -> &Daemon {
+    nodes
+        .iter()
+        .flatten()
+        .find(|daemon| {
+            let prefix = daemon.pool.trim_end_matches("0/24");
+            address.to_string().starts_with(prefix)
+        })
+        .unwrap_or_else(|| panic!("{address} is in no node's pool"))
+}
+
+/// Waits (bounded) until every node in `nodes` answers `name` with one and the same
+/// address, other than `not`; that address.
+fn agreed(nodes: &[Option<Daemon>], socket: &UdpSocket, name: &str, not: Option<IpAddr>) -> IpAddr {
+    let mut answer = None;
+    let mut id = 0u16;
+    let found = eventually(|| {
+        let answers: Vec<Option<IpAddr>> = nodes
+            .iter()
+            .flatten()
+            .map(|daemon| {
+                id = id.wrapping_add(1);
+                ask(socket, daemon.dns, name, id)
+            })
+            .collect();
+        answer = answers[0];
+        answer.is_some() && answer != not && answers.iter().all(|a| *a == answer)
+    });
+    assert!(found, "the nodes do not agree on {name}");
+    answer.expect("an address")
+}
+
+#[test]
+fn every_node_answers_where_an_instance_is_placed_and_a_killed_node_s_names_move() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let etcd = EtcdCluster::start(3, temp.path());
+    let prefix = format!("/revboot-e2e-placement-{}", std::process::id());
+    let mut nodes: Vec<Option<Daemon>> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|id| Some(node(temp.path(), &etcd, id, &prefix)))
+        .collect();
+    for daemon in nodes.iter().flatten() {
+        assert!(eventually(|| node_ids(daemon).len() == 3));
+    }
+
+    // Six revisions in one push to node 1; every node fetches them.
+    let work = hello_source(temp.path());
+    for n in 2..=6 {
+        commit_revision(&work, &format!("v{n}"), "hello");
+    }
+    push(nodes[0].as_ref().expect("n1"), &work);
+    let all = revisions(nodes[0].as_ref().expect("n1"));
+    assert!(all.len() >= 6, "{all:?}");
+    for daemon in nodes.iter().flatten() {
+        assert!(eventually(
+            || rev_parse(daemon, "refs/heads/hello") == all[0]
+        ));
+    }
+
+    // Every node answers each revision's name with the same address, in its owner's
+    // pool, where the revision answers.
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("a client socket");
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(3)))
+        .expect("timeout");
+    let names: Vec<String> = all
+        .iter()
+        .map(|revision| format!("{}.hello.revboot.test", &revision[..12]))
+        .collect();
+    let answers: Vec<IpAddr> = names
+        .iter()
+        .map(|name| agreed(&nodes, &socket, name, None))
+        .collect();
+    for (name, address) in names.iter().zip(&answers) {
+        owner_of(&nodes, *address);
+        let body = curl(name, &address.to_string(), 8080);
+        assert!(body.starts_with("hello from"), "{name}: {body}");
+    }
+
+    // 10,000 queries spread over the nodes: the same answer every time.
+    let live: Vec<&Daemon> = nodes.iter().flatten().collect();
+    for i in 0..10_000usize {
+        let (k, daemon) = (i % names.len(), live[i % live.len()]);
+        let id = u16::try_from(i % 60_000).expect("fits");
+        let mut answer = ask(&socket, daemon.dns, &names[k], id);
+        if answer.is_none() {
+            // A lost datagram or a kept answer being renewed: asked again.
+            answer = ask(&socket, daemon.dns, &names[k], id.wrapping_add(1));
+        }
+        assert_eq!(
+            answer,
+            Some(answers[k]),
+            "query {i}: {} at {}",
+            names[k],
+            daemon.dns
+        );
+    }
+
+    // kill -9 the owner of the first name: the survivors agree on a new owner within the
+    // lease's TTL (waited for, bounded), and the name answers there.
+    let victim = owner_of(&nodes, answers[0]).data.clone();
+    let slot = nodes
+        .iter()
+        .position(|d| d.as_ref().is_some_and(|d| d.data == victim))
+        .expect("the owner");
+    let killed = nodes[slot].take().expect("running");
+    drop(killed.kill());
+    let moved = agreed(&nodes, &socket, &names[0], Some(answers[0]));
+    owner_of(&nodes, moved);
+    let body = curl(&names[0], &moved.to_string(), 8080);
+    assert!(body.starts_with("hello from"), "{body}");
+
+    // A new revision pushed to a survivor meanwhile; the killed node restarts, rejoins and
+    // catches up by git.
+    commit_revision(&work, "v7", "hello");
+    let survivor = nodes.iter().flatten().next().expect("a survivor");
+    crate::support::push_service(survivor, &work, "hello");
+    let tip = rev_parse(survivor, "refs/heads/hello");
+    let id = ["n1", "n2", "n3"][slot];
+    let back = node(temp.path(), &etcd, id, &prefix);
+    assert!(eventually(|| rev_parse(&back, "refs/heads/hello") == tip));
+    assert!(eventually(|| node_ids(&back).len() == 3));
 }

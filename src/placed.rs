@@ -1,0 +1,284 @@
+//! Placement in a cluster: which node runs an instance, as DNS sees it.
+//!
+//! [`Placed`] stands between the DNS server and the node's own instances (the same
+//! [`Instances`] contract), once the node has joined a cluster:
+//!
+//! 1. An instance's key is `service/revision` (`service/revision/client` for a per-client
+//!    instance); its owner is the live node that wins the rendezvous hash of that key
+//!    (`revboot_cluster::placement`), the same on every node, so every node's DNS gives the
+//!    same answer and etcd stays off the query path.
+//! 2. Owned here: summoned here, as a single host does.
+//! 3. Owned by another node: that node is asked to summon it (`POST
+//!    /api/v1/services/<service>/summon`, within [`ASK_TIMEOUT`]) and its answer — the
+//!    instance's addresses in the owner's pool — is what this node answers too. The answer
+//!    is kept for [`REMOTE_TTL`], then asked again (which also keeps the instance from
+//!    being reaped while this node is queried). An owner that cannot be asked: SERVFAIL.
+//! 4. A node cut off from etcd (its lease not renewed for a TTL) answers only for what it
+//!    owns and SERVFAIL for the rest, so resolvers ask another name server rather than get a
+//!    stale placement.
+//! 5. Membership changes end every kept answer whose owner changed (its state turns
+//!    stopped, which ends the DNS cache's entry), and move [`Instances::generation`].
+//!
+//! Without a cluster (not joined, or a single host), every call goes to the node's own.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use revboot_cluster::{Cluster, NodeInfo};
+use revboot_deployer::{
+    Activity, InstanceKey, InstanceState, Instances, ResolveError, Resolved, ServiceAddresses,
+    SummonError, Summoned,
+};
+use revboot_store::Revision;
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::action::SummonView;
+
+/// The longest a node waits for the owner of an instance to answer.
+pub const ASK_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long an owner's answer is kept.
+pub const REMOTE_TTL: Duration = Duration::from_secs(5);
+/// The most owners' answers kept.
+const MAX_REMOTE: usize = 4096;
+
+/// An owner's answer, kept.
+struct Remote {
+    owner: String,
+    summoned: Summoned,
+    state: watch::Sender<InstanceState>,
+    at: Instant,
+}
+
+/// The node's instances, with placement over the cluster (see the module docs).
+pub struct Placed {
+    inner: Arc<dyn Instances>,
+    cluster: OnceLock<Cluster>,
+    token: String,
+    agent: ureq::Agent,
+    remote: Mutex<HashMap<String, Remote>>,
+    /// Moves when membership changes (rule 5).
+    epoch: AtomicU64,
+}
+
+impl std::fmt::Debug for Placed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Placed")
+            .field("joined", &self.cluster.get().is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Placed {
+    /// Placement once [`Placed::joined`]; the node's own `inner` until then. `token` is the
+    /// cluster's (the nodes share it).
+    pub fn new(inner: Arc<dyn Instances>, token: &str) -> Placed {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(ASK_TIMEOUT))
+            .build()
+            .new_agent();
+        Placed {
+            inner,
+            cluster: OnceLock::new(),
+            token: token.to_owned(),
+            agent,
+            remote: Mutex::new(HashMap::new()),
+            epoch: AtomicU64::new(0),
+        }
+    }
+
+    /// Ends the kept answers whose owner changed or that are older than [`REMOTE_TTL`]
+    /// (rule 5); called on every membership change and every second.
+    pub fn sweep(&self, membership_changed: bool) {
+        let Some(cluster) = self.cluster.get() else {
+            return;
+        };
+        if membership_changed {
+            self.epoch.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+        remote.retain(|key, entry| {
+            let keep = entry.at.elapsed() < REMOTE_TTL
+                && cluster
+                    .owner(key)
+                    .is_some_and(|owner| owner.id == entry.owner);
+            if !keep {
+                entry.state.send_replace(InstanceState::Stopped);
+            }
+            keep
+        });
+    }
+
+    /// Rule 3: asks `owner` to summon, and keeps its answer.
+    fn ask(
+        &self,
+        owner: &NodeInfo,
+        key: String,
+        service: &str,
+        revision: &Revision,
+        client: Option<IpAddr>,
+    ) -> Result<Summoned, SummonError> {
+        let failed = |reason: String| SummonError::Start {
+            key: format!("{service}@{}", revision.short(12)),
+            reason: format!("its owner, node {}, {reason}", owner.id),
+        };
+        let url = format!("{}/api/v1/services/{service}/summon", owner.http);
+        let body = serde_json::json!({ "label": revision.to_hex(), "client": client });
+        let call = || {
+            self.agent
+                .post(&url)
+                .header("authorization", &format!("Bearer {}", self.token))
+                .send_json(&body)
+        };
+        // A DNS worker thread may block; a task on the runtime moves off it first.
+        let response = if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::task::block_in_place(call)
+        } else {
+            call()
+        };
+        let mut response = response.map_err(|error| failed(format!("did not answer: {error}")))?;
+        let status = response.status().as_u16();
+        let text = response
+            .body_mut()
+            .with_config()
+            .limit(64 * 1024)
+            .read_to_string()
+            .map_err(|error| failed(format!("answered unreadably: {error}")))?;
+        if status != 200 {
+            return Err(failed(format!("refused ({status}): {}", text.trim())));
+        }
+        let view: SummonView = serde_json::from_str(&text)
+            .map_err(|error| failed(format!("answered unreadably: {error}")))?;
+        let mut addresses: Option<ServiceAddresses> = None;
+        for address in view.addresses.iter().chain([&view.address]) {
+            if let Ok(ip) = address.parse::<IpAddr>() {
+                addresses = Some(match addresses {
+                    None => ServiceAddresses::one(ip),
+                    Some(known) if known.iter().any(|a| a == ip) => known,
+                    Some(known) => known.with(ip),
+                });
+            }
+        }
+        let addresses = addresses.ok_or_else(|| failed("answered no address".to_owned()))?;
+        let first = addresses.iter().next().expect("one address at least");
+        let (state, receiver) = watch::channel(InstanceState::Ready);
+        let summoned = Summoned {
+            key: InstanceKey {
+                service: service.to_owned(),
+                revision: *revision,
+                client: None,
+            },
+            addresses,
+            port: view.port,
+            backend: SocketAddr::new(first, view.port),
+            boot_timeout: ASK_TIMEOUT,
+            reach: revboot_store::manifest::Reach::Address,
+            state: receiver,
+        };
+        let mut remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = Remote {
+            owner: owner.id.clone(),
+            summoned: summoned.clone(),
+            state,
+            at: Instant::now(),
+        };
+        if (remote.len() < MAX_REMOTE || remote.contains_key(&key))
+            && let Some(old) = remote.insert(key, entry)
+        {
+            old.state.send_replace(InstanceState::Stopped);
+        }
+        Ok(summoned)
+    }
+}
+
+/// Rule 1.
+pub fn placement_key(service: &str, revision: &Revision, client: Option<IpAddr>) -> String {
+    match client {
+        Some(client) => format!("{service}/{}/{client}", revision.to_hex()),
+        None => format!("{service}/{}", revision.to_hex()),
+    }
+}
+
+impl Instances for Placed {
+    fn resolve(&self, service: &str, label: Option<&str>) -> Result<Resolved, ResolveError> {
+        self.inner.resolve(service, label)
+    }
+
+    fn summon(
+        &self,
+        service: &str,
+        revision: &Revision,
+        client: Option<IpAddr>,
+    ) -> Result<Summoned, SummonError> {
+        let Some(cluster) = self.cluster.get() else {
+            return self.inner.summon(service, revision, client);
+        };
+        let key = placement_key(service, revision, client);
+        let owner = match cluster.owner(&key) {
+            Some(owner) if owner.id != cluster.me().id => owner,
+            // Owned here, or no membership known yet.
+            _ => return self.inner.summon(service, revision, client),
+        };
+        if !cluster.connected() {
+            debug!(
+                service,
+                owner = owner.id,
+                "cut off from etcd: not answering for another node"
+            );
+            return Err(SummonError::Start {
+                key: format!("{service}@{}", revision.short(12)),
+                reason: format!(
+                    "this node is cut off from the cluster's etcd; node {} may own it: ask another name server",
+                    owner.id
+                ),
+            });
+        }
+        {
+            let remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(entry) = remote.get(&key)
+                && entry.owner == owner.id
+                && entry.at.elapsed() < REMOTE_TTL
+            {
+                return Ok(entry.summoned.clone());
+            }
+        }
+        self.ask(&owner, key, service, revision, client)
+            .inspect_err(|error| warn!(%error, service, "cannot place an instance on its owner"))
+    }
+
+    fn by_address(&self, address: IpAddr) -> Option<Summoned> {
+        self.inner.by_address(address)
+    }
+
+    fn activity(&self, key: &InstanceKey, activity: Activity) {
+        self.inner.activity(key, activity);
+    }
+
+    fn generation(&self) -> u64 {
+        self.inner
+            .generation()
+            .wrapping_add(self.epoch.load(Ordering::Relaxed) << 32)
+    }
+}
+
+/// Places over `cluster` from now on, and runs [`Placed::sweep`] on membership changes and
+/// every second, until `stop`.
+pub fn joined(placed: &Arc<Placed>, cluster: &Cluster, mut stop: watch::Receiver<bool>) {
+    let _ = placed.cluster.set(cluster.clone());
+    let mut nodes = cluster.nodes_changed();
+    let placed = placed.clone();
+    tokio::spawn(async move {
+        loop {
+            let changed = tokio::select! {
+                _ = stop.wait_for(|stop| *stop) => return,
+                _ = nodes.changed() => true,
+                () = tokio::time::sleep(Duration::from_secs(1)) => false,
+            };
+            placed.sweep(changed);
+        }
+    });
+}
