@@ -257,15 +257,25 @@ async fn mirror_live(cluster: &Cluster, store: &Store) {
             continue;
         }
         let reason = format!("{} (node {})", record.reason, record.node);
-        let (store, name) = (store.clone(), service.clone());
-        let moved =
-            tokio::task::spawn_blocking(move || store.mirror_live(&name, &revision, &reason)).await;
+        let (store, name, view) = (store.clone(), service.clone(), cluster.clone());
+        let moved = tokio::task::spawn_blocking(move || {
+            // Still to follow: this node has not moved it itself meanwhile.
+            let still = view
+                .live_to_follow()
+                .iter()
+                .any(|(s, _, r)| *s == name && *r == etcd_revision);
+            still.then(|| store.mirror_live(&name, &revision, &reason))
+        })
+        .await;
         match moved {
-            Ok(Ok(_)) => {
+            Ok(None) => {}
+            Ok(Some(Ok(_))) => {
                 cluster.followed(&service, etcd_revision);
                 info!(service, revision = %revision, by = record.node, "live follows the cluster");
             }
-            Ok(Err(error)) => warn!(%error, service, "cannot follow the cluster's live pointer"),
+            Ok(Some(Err(error))) => {
+                warn!(%error, service, "cannot follow the cluster's live pointer")
+            }
             Err(error) => warn!(%error, service, "cannot follow the cluster's live pointer"),
         }
     }

@@ -150,6 +150,9 @@ struct Inner {
     heads: watch::Receiver<Map>,
     /// Per service, etcd's revision of the last live move this node made or followed.
     followed: std::sync::Mutex<std::collections::HashMap<String, i64>>,
+    /// The services this node is moving live of right now (not to be followed meanwhile:
+    /// etcd's event of the move can arrive before the move returns).
+    moving: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -226,6 +229,7 @@ impl Cluster {
                 live,
                 heads,
                 followed: std::sync::Mutex::default(),
+                moving: std::sync::Mutex::default(),
             }),
         })
     }
@@ -298,9 +302,17 @@ impl Cluster {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        let moving = self
+            .inner
+            .moving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         self.live()
             .into_iter()
-            .filter(|(service, _, revision)| known.get(service).is_none_or(|k| revision > k))
+            .filter(|(service, _, revision)| {
+                !moving.contains_key(service) && known.get(service).is_none_or(|k| revision > k)
+            })
             .collect()
     }
 
@@ -366,6 +378,7 @@ impl Cluster {
         reason: &str,
     ) -> Result<(), LiveCasError> {
         let deadline = Instant::now() + MOVE_PATIENCE;
+        let _moving = Moving::new(&self.inner, service);
         loop {
             match self.try_move_live(service, expected, to, reason).await {
                 Err(LiveCasError::Unavailable { .. }) if Instant::now() < deadline => {
@@ -457,6 +470,35 @@ impl Cluster {
             expected: expected.map(str::to_owned),
             live,
             node: self.inner.me.id.clone(),
+        }
+    }
+}
+
+/// Marks a service as being moved by this node while it lives.
+struct Moving<'a> {
+    inner: &'a Inner,
+    service: String,
+}
+
+impl<'a> Moving<'a> {
+    fn new(inner: &'a Inner, service: &str) -> Moving<'a> {
+        let mut moving = inner.moving.lock().unwrap_or_else(|e| e.into_inner());
+        *moving.entry(service.to_owned()).or_insert(0) += 1;
+        Moving {
+            inner,
+            service: service.to_owned(),
+        }
+    }
+}
+
+impl Drop for Moving<'_> {
+    fn drop(&mut self) {
+        let mut moving = self.inner.moving.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = moving.get_mut(&self.service) {
+            *count -= 1;
+            if *count == 0 {
+                moving.remove(&self.service);
+            }
         }
     }
 }

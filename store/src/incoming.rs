@@ -18,7 +18,8 @@
 //!    parses and an image the manifest boots, of its tender's kind ([`crate::image::check`]);
 //!    a failed one has no image. Sizes are bounded as for the store's own writes.
 //! 4. `refs/live/<service>` may name a successful deployment of the service's branch as it
-//!    is after the push.
+//!    is after the push; with a [`crate::LiveAuthority`] (a cluster), only once it agreed to
+//!    the move from the ref's old value.
 
 use std::io::Cursor;
 use std::path::Path;
@@ -171,6 +172,17 @@ impl Store {
                         "{} has no image (its build did not succeed): it cannot be live",
                         new.to_hex()
                     )));
+                }
+                if let Some(authority) = self.authority() {
+                    let from = update.old.map(crate::Revision::new);
+                    authority
+                        .propose(
+                            service,
+                            from.as_ref(),
+                            &crate::Revision::new(new),
+                            "push to refs/live with git",
+                        )
+                        .map_err(refuse)?;
                 }
             } else {
                 return Err(refuse(

@@ -144,6 +144,36 @@ fn three_nodes_share_deployments_by_git_and_one_live_pointer_through_etcd() {
     ))));
     assert!(winner == v1 || winner == v2 || winner == v3);
 
+    // A push of refs/live/hello with stock git to node 2 is a live move like any other:
+    // through etcd, followed by every node.
+    let target = if winner == v1 { &v2 } else { &v1 };
+    let deploy = format!(
+        "http://git:{}@{}/git/-/deploy.git",
+        nodes[1].token, nodes[1].http
+    );
+    git(
+        temp.path(),
+        &["clone", "-q", "--bare", &deploy, "deploy-clone"],
+    );
+    git(
+        &temp.path().join("deploy-clone"),
+        &["push", "-q", &deploy, &format!("+{target}:refs/live/hello")],
+    );
+    for daemon in &nodes {
+        assert!(eventually(
+            || rev_parse(daemon, "refs/live/hello") == *target
+        ));
+    }
+    let reflog = git(
+        &nodes[0].data.join("deploy.git"),
+        &["reflog", "show", "refs/live/hello"],
+    );
+    let reflog = String::from_utf8_lossy(&reflog.stdout).into_owned();
+    assert!(
+        reflog.contains("push to refs/live with git (node n2)"),
+        "{reflog}"
+    );
+
     // etcd with 2 of 3 members: live moves work.
     etcd.kill(2);
     let moved = nodes[0].cli(&["rollback", "hello", &v3[..7]]);
