@@ -569,8 +569,13 @@ impl Daemon {
         // The front door too: a name for a source commit with no deployment waits for its build.
         proxy.resolve_names_through(&front);
         // In a cluster, DNS answers where each instance is placed (crate::placed).
-        let placed = (config.cluster.as_ref())
-            .map(|_| Arc::new(crate::placed::Placed::new(front.clone(), &token)));
+        let placed = (config.cluster.as_ref()).map(|_| {
+            Arc::new(crate::placed::Placed::new(
+                front.clone(),
+                store.clone(),
+                &token,
+            ))
+        });
         let dns_front = placed
             .clone()
             .map_or(front.clone(), |p| p as Arc<dyn Instances>);

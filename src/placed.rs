@@ -18,6 +18,9 @@
 //!    stale placement.
 //! 5. Membership changes end every kept answer whose owner changed (its state turns
 //!    stopped, which ends the DNS cache's entry), and move [`Instances::generation`].
+//! 6. A label unknown here, of a service another node has announced deployments of that
+//!    this node has not fetched yet, is "not ready" (SERVFAIL), not NXDOMAIN: a resolver
+//!    would cache the negative answer of a revision that exists.
 //!
 //! Without a cluster (not joined, or a single host), every call goes to the node's own.
 
@@ -56,6 +59,7 @@ struct Remote {
 /// The node's instances, with placement over the cluster (see the module docs).
 pub struct Placed {
     inner: Arc<dyn Instances>,
+    store: revboot_store::Store,
     cluster: OnceLock<Cluster>,
     token: String,
     agent: ureq::Agent,
@@ -75,7 +79,7 @@ impl std::fmt::Debug for Placed {
 impl Placed {
     /// Placement once [`Placed::joined`]; the node's own `inner` until then. `token` is the
     /// cluster's (the nodes share it).
-    pub fn new(inner: Arc<dyn Instances>, token: &str) -> Placed {
+    pub fn new(inner: Arc<dyn Instances>, store: revboot_store::Store, token: &str) -> Placed {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(ASK_TIMEOUT))
@@ -83,6 +87,7 @@ impl Placed {
             .new_agent();
         Placed {
             inner,
+            store,
             cluster: OnceLock::new(),
             token: token.to_owned(),
             agent,
@@ -205,7 +210,30 @@ pub fn placement_key(service: &str, revision: &Revision, client: Option<IpAddr>)
 
 impl Instances for Placed {
     fn resolve(&self, service: &str, label: Option<&str>) -> Result<Resolved, ResolveError> {
-        self.inner.resolve(service, label)
+        let resolved = self.inner.resolve(service, label);
+        let (
+            Err(ResolveError::UnknownService(_) | ResolveError::UnknownLabel { .. }),
+            Some(cluster),
+        ) = (&resolved, self.cluster.get())
+        else {
+            return resolved;
+        };
+        // Rule 6.
+        let behind = cluster.heads().into_iter().find(|(name, head)| {
+            name == service
+                && head.node != cluster.me().id
+                && head
+                    .commit
+                    .parse::<Revision>()
+                    .is_ok_and(|tip| !self.store.has_deployment(service, &tip))
+        });
+        match behind {
+            Some((_, head)) => Err(ResolveError::Building(format!(
+                "deployments of `{service}` are being fetched from node {}: ask again shortly",
+                head.node
+            ))),
+            None => resolved,
+        }
     }
 
     fn summon(
