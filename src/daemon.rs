@@ -660,6 +660,9 @@ impl Daemon {
             stop,
         )
         .await?;
+        if let Some(cluster) = &cluster {
+            crate::placed::reconcile(deployer.clone(), cluster.clone(), stop_http.subscribe());
+        }
         let runtime = Arc::new(DaemonRuntime {
             store: store.clone(),
             zone: config.zone.clone(),

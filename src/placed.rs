@@ -18,7 +18,11 @@
 //!    stale placement.
 //! 5. Membership changes end every kept answer whose owner changed (its state turns
 //!    stopped, which ends the DNS cache's entry), and move [`Instances::generation`].
-//! 6. A label unknown here, of a service another node has announced deployments of that
+//! 6. Once membership settles, an instance this node runs but no longer owns (its owner
+//!    came back, or joined) is stopped when no connection is open to it ([`reconcile`]),
+//!    so that two nodes do not keep running the same instance. Per-client instances stay
+//!    until reaped idle (their key is the client's network, not the address placed by).
+//! 7. A label unknown here, of a service another node has announced deployments of that
 //!    this node has not fetched yet, is "not ready" (SERVFAIL), not NXDOMAIN: a resolver
 //!    would cache the negative answer of a revision that exists.
 //!
@@ -218,7 +222,7 @@ impl Instances for Placed {
         else {
             return resolved;
         };
-        // Rule 6.
+        // Rule 7.
         let behind = cluster.heads().into_iter().find(|(name, head)| {
             name == service
                 && head.node != cluster.me().id
@@ -307,6 +311,37 @@ pub fn joined(placed: &Arc<Placed>, cluster: &Cluster, mut stop: watch::Receiver
                 () = tokio::time::sleep(Duration::from_secs(1)) => false,
             };
             placed.sweep(changed);
+        }
+    });
+}
+
+/// Rule 6, every second until `stop`, while the node is connected to etcd.
+pub fn reconcile(
+    deployer: Arc<revboot_deployer::Deployer>,
+    cluster: Cluster,
+    mut stop: watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|stop| *stop) => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            if !cluster.connected() {
+                continue;
+            }
+            for info in deployer.list() {
+                if info.key.client.is_some() || info.connections > 0 || info.state.is_final() {
+                    continue;
+                }
+                let key = placement_key(&info.key.service, &info.key.revision, None);
+                let Some(owner) = cluster.owner(&key) else {
+                    continue;
+                };
+                if owner.id != cluster.me().id && deployer.stop(&info.key).is_ok() {
+                    tracing::info!(instance = %info.key, owner = owner.id, "stopped an instance another node owns now");
+                }
+            }
         }
     });
 }

@@ -357,4 +357,22 @@ fn every_node_answers_where_an_instance_is_placed_and_a_killed_node_s_names_move
     let back = node(temp.path(), &etcd, id, &prefix);
     assert!(eventually(|| rev_parse(&back, "refs/heads/hello") == tip));
     assert!(eventually(|| node_ids(&back).len() == 3));
+
+    // Back in the cluster, it owns its names again: asked, every node answers its address;
+    // the survivor that stood in stops its instance, and one node runs it.
+    nodes[slot] = Some(back);
+    let again = agreed(&nodes, &socket, &names[0], Some(moved));
+    assert_eq!(owner_of(&nodes, again).data, victim);
+    let running = |daemon: &Daemon| {
+        daemon.instances().iter().any(|instance| {
+            instance["revision"] == all[0].as_str()
+                && !["stopped"].contains(&instance["state"].as_str().unwrap_or_default())
+        })
+    };
+    assert!(eventually(|| nodes
+        .iter()
+        .flatten()
+        .filter(|d| running(d))
+        .count()
+        == 1));
 }
