@@ -602,6 +602,12 @@ async fn keep_alive(
             let mut client = client.clone();
             match tokio::time::timeout(OP_TIMEOUT, client.lease_keep_alive(lease)).await {
                 Ok(Ok(pair)) => stream = Some(pair),
+                // The client's word for a lease etcd no longer has (it answered TTL 0).
+                Ok(Err(etcd_client::Error::LeaseKeepAliveError(_))) => {
+                    warn!(node = me.id, "the lease expired: registering again");
+                    expired = true;
+                    continue;
+                }
                 _ => {
                     warn!(node = me.id, "cannot reach etcd to renew the lease");
                     continue;

@@ -2,13 +2,17 @@
 //! own: membership, deployments replicated by git, one live pointer by compare-and-swap,
 //! and what etcd losing its quorum does to live moves.
 
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::Path;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use hickory_proto::op::{Message, Query};
 use hickory_proto::rr::{Name, RecordType};
 
+use revboot_cluster::placement::{self, Candidate};
 use revboot_testkit::etcd::EtcdCluster;
 
 use crate::support::{
@@ -18,11 +22,15 @@ use crate::support::{
 /// Starts node `id` of the cluster on `etcd`, its data in `dir`: a membership lease of
 /// 2 s, instances never reaped during a test, boots not rate-limited.
 fn node(dir: &Path, etcd: &EtcdCluster, id: &str, prefix: &str) -> Daemon {
+    node_via(dir, &etcd.toml_endpoints(), id, prefix)
+}
+
+/// As [`node`], reaching etcd at `endpoints` (TOML list).
+fn node_via(dir: &Path, endpoints: &str, id: &str, prefix: &str) -> Daemon {
     let config = format!(
         "[dns]\nboots_per_second = 10000\nboot_burst = 10000\n\
          [instances]\nidle_timeout_ms = 600000\n\
-         [cluster]\netcd = {}\nnode = \"{id}\"\nttl_s = 2\nprefix = \"{prefix}\"\n",
-        etcd.toml_endpoints()
+         [cluster]\netcd = {endpoints}\nnode = \"{id}\"\nttl_s = 2\nprefix = \"{prefix}\"\n"
     );
     Daemon::start_setup(
         &dir.join(id),
@@ -182,6 +190,9 @@ fn three_nodes_share_deployments_by_git_and_one_live_pointer_through_etcd() {
         "{}",
         String::from_utf8_lossy(&moved.stderr)
     );
+    for daemon in &nodes {
+        assert!(eventually(|| rev_parse(daemon, "refs/live/hello") == v3));
+    }
     // 1 of 3: refused with a clear error, nothing moves.
     etcd.kill(1);
     let refused = nodes[0].cli(&["rollback", "hello", &v1[..7]]);
@@ -232,6 +243,37 @@ fn ask(socket: &UdpSocket, server: SocketAddr, name: &str, id: u16) -> Option<Ip
                 .find_map(|record| record.data.ip_addr());
         }
     }
+}
+
+/// A UDP socket for [`ask`], its reads bounded.
+fn query_socket() -> UdpSocket {
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("a client socket");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    socket
+}
+
+/// The DNS names of `revisions` of hello.
+fn names_of(revisions: &[String]) -> Vec<String> {
+    revisions
+        .iter()
+        .map(|revision| format!("{}.hello.revboot.test", &revision[..12]))
+        .collect()
+}
+
+/// How many of `nodes` run an instance of `revision`.
+fn running_on(nodes: &[Option<Daemon>], revision: &str) -> usize {
+    nodes
+        .iter()
+        .flatten()
+        .filter(|daemon| {
+            daemon
+                .instances()
+                .iter()
+                .any(|instance| instance["revision"] == revision && instance["state"] != "stopped")
+        })
+        .count()
 }
 
 /// The node whose pool holds `address`.
@@ -296,14 +338,8 @@ fn every_node_answers_where_an_instance_is_placed_and_a_killed_node_s_names_move
 
     // Every node answers each revision's name with the same address, in its owner's
     // pool, where the revision answers.
-    let socket = UdpSocket::bind("127.0.0.1:0").expect("a client socket");
-    socket
-        .set_read_timeout(Some(std::time::Duration::from_secs(3)))
-        .expect("timeout");
-    let names: Vec<String> = all
-        .iter()
-        .map(|revision| format!("{}.hello.revboot.test", &revision[..12]))
-        .collect();
+    let socket = query_socket();
+    let names = names_of(&all);
     let answers: Vec<IpAddr> = names
         .iter()
         .map(|name| agreed(&nodes, &socket, name, None))
@@ -363,16 +399,182 @@ fn every_node_answers_where_an_instance_is_placed_and_a_killed_node_s_names_move
     nodes[slot] = Some(back);
     let again = agreed(&nodes, &socket, &names[0], Some(moved));
     assert_eq!(owner_of(&nodes, again).data, victim);
-    let running = |daemon: &Daemon| {
-        daemon.instances().iter().any(|instance| {
-            instance["revision"] == all[0].as_str()
-                && !["stopped"].contains(&instance["state"].as_str().unwrap_or_default())
-        })
-    };
-    assert!(eventually(|| nodes
+    assert!(eventually(|| running_on(&nodes, &all[0]) == 1));
+}
+
+/// TCP relays from listeners the test holds to etcd's members: the one way a node reaches
+/// etcd, so that cutting them cuts the node off (every relayed connection closed, new ones
+/// refused) while the other nodes keep theirs.
+struct Relays {
+    addresses: Vec<SocketAddr>,
+    cut: Arc<AtomicBool>,
+    done: Arc<AtomicBool>,
+    open: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Relays {
+    fn start(etcd: &EtcdCluster) -> Relays {
+        let cut = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicBool::new(false));
+        let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let mut addresses = Vec::new();
+        for endpoint in etcd.endpoints() {
+            let to: SocketAddr = endpoint
+                .trim_start_matches("http://")
+                .parse()
+                .expect("an address");
+            // Bound here and kept for the relay's life: its port is the node's etcd port.
+            let listener = TcpListener::bind("127.0.0.1:0").expect("a relay listener");
+            listener.set_nonblocking(true).expect("nonblocking");
+            addresses.push(listener.local_addr().expect("bound"));
+            let (cut, done, open) = (cut.clone(), done.clone(), open.clone());
+            std::thread::spawn(move || {
+                while !done.load(Ordering::SeqCst) {
+                    let Ok((client, _)) = listener.accept() else {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    };
+                    if cut.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    let Ok(server) = TcpStream::connect_timeout(&to, Duration::from_secs(2)) else {
+                        continue;
+                    };
+                    let _ = client.set_nonblocking(false);
+                    let mut kept = open.lock().expect("relays");
+                    for stream in [&client, &server] {
+                        if let Ok(copy) = stream.try_clone() {
+                            kept.push(copy);
+                        }
+                    }
+                    for (mut from, mut into) in [
+                        (client.try_clone(), server.try_clone()),
+                        (server.try_clone(), client.try_clone()),
+                    ]
+                    .into_iter()
+                    .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                    {
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut into);
+                            let _ = into.shutdown(Shutdown::Both);
+                            let _ = from.shutdown(Shutdown::Both);
+                        });
+                    }
+                }
+            });
+        }
+        Relays {
+            addresses,
+            cut,
+            done,
+            open,
+        }
+    }
+
+    fn toml(&self) -> String {
+        let quoted: Vec<String> = self
+            .addresses
+            .iter()
+            .map(|a| format!("\"http://{a}\""))
+            .collect();
+        format!("[{}]", quoted.join(", "))
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for stream in self.open.lock().expect("relays").drain(..) {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn heal(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relays {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::SeqCst);
+        self.cut();
+    }
+}
+
+/// The owner of `revision`'s instance among `ids`, as every node computes it (the nodes'
+/// capacity is the default `max_total`).
+fn owner(ids: &[&str], revision: &str) -> String {
+    let candidates: Vec<Candidate<'_>> = ids
         .iter()
-        .flatten()
-        .filter(|d| running(d))
-        .count()
-        == 1));
+        .map(|id| Candidate { id, capacity: 256 })
+        .collect();
+    let revision: revboot_store::Revision = revision.parse().expect("a revision");
+    let key = revboot::placed::placement_key("hello", &revision, None);
+    placement::owner(&candidates, &key)
+        .expect("an owner")
+        .to_owned()
+}
+
+#[test]
+fn a_node_cut_off_from_etcd_answers_only_its_own_names_and_takes_them_back_after() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let etcd = EtcdCluster::start(3, temp.path());
+    let prefix = format!("/revboot-e2e-partition-{}", std::process::id());
+    let mut nodes: Vec<Option<Daemon>> = ["n1", "n2"]
+        .iter()
+        .map(|id| Some(node(temp.path(), &etcd, id, &prefix)))
+        .collect();
+    let work = hello_source(temp.path());
+    for n in 2..=4 {
+        commit_revision(&work, &format!("v{n}"), "hello");
+    }
+    push(nodes[0].as_ref().expect("n1"), &work);
+    let all = revisions(nodes[0].as_ref().expect("n1"));
+    // The third node's id is picked so that it owns the first revision's instance and not
+    // the second's (placement is a pure function of ids and keys).
+    let third = (3..)
+        .map(|n| format!("n{n}"))
+        .find(|id| {
+            owner(&["n1", "n2", id], &all[0]) == *id && owner(&["n1", "n2", id], &all[1]) != *id
+        })
+        .expect("an id");
+    let relays = Relays::start(&etcd);
+    nodes.push(Some(node_via(temp.path(), &relays.toml(), &third, &prefix)));
+    for daemon in nodes.iter().flatten() {
+        assert!(eventually(|| node_ids(daemon).len() == 3));
+        assert!(eventually(
+            || rev_parse(daemon, "refs/heads/hello") == all[0]
+        ));
+    }
+    let socket = query_socket();
+    let names = names_of(&all[..2]);
+    let own = agreed(&nodes, &socket, &names[0], None);
+    let theirs = agreed(&nodes, &socket, &names[1], None);
+    let cut_off = nodes[2].as_ref().expect("the third node");
+    assert_eq!(owner_of(&nodes, own).data, cut_off.data);
+
+    // Cut off: it knows it, answers its own name and SERVFAIL for the other; the two others
+    // drop it and answer its name from one of them.
+    relays.cut();
+    assert!(eventually(|| !connected(cut_off)));
+    assert_eq!(ask(&socket, cut_off.dns, &names[0], 1), Some(own));
+    let refused = cut_off.dig_from("127.0.0.1", &names[1]);
+    assert!(refused.contains("SERVFAIL"), "{refused}");
+    let pair = &nodes[..2];
+    for daemon in pair.iter().flatten() {
+        assert!(eventually(|| node_ids(daemon).len() == 2));
+    }
+    let stand_in = agreed(pair, &socket, &names[0], Some(own));
+    assert_eq!(agreed(pair, &socket, &names[1], None), theirs);
+
+    // Healed: it registers again, every node answers its name with its address, and one
+    // node runs that instance.
+    relays.heal();
+    for daemon in nodes.iter().flatten() {
+        assert!(eventually(|| node_ids(daemon).len() == 3));
+    }
+    let back = agreed(&nodes, &socket, &names[0], Some(stand_in));
+    assert_eq!(
+        owner_of(&nodes, back).data,
+        nodes[2].as_ref().expect("third").data
+    );
+    assert!(eventually(|| running_on(&nodes, &all[0]) == 1));
 }
