@@ -3,7 +3,7 @@
 //!
 //! 1. Joining registers the node (id, HTTP URL, DNS address, pools, capacity) under a
 //!    lease; `revboot nodes` and `GET /api/v1/nodes` list the live nodes.
-//! 2. The store asks etcd before every live move here ([`EtcdAuthority`]): a
+//! 2. The store asks etcd before every live move here (`EtcdAuthority`): a
 //!    compare-and-swap from the revision live here, refused with a conflict that names the
 //!    winner when another node moved it first, refused when etcd does not answer.
 //! 3. Announce: when this node's deployment branch of a service is ahead of what etcd

@@ -81,7 +81,7 @@ impl std::fmt::Debug for Placed {
 }
 
 impl Placed {
-    /// Placement once [`Placed::joined`]; the node's own `inner` until then. `token` is the
+    /// Placement once [`joined`]; the node's own `inner` until then. `token` is the
     /// cluster's (the nodes share it).
     pub fn new(inner: Arc<dyn Instances>, store: revboot_store::Store, token: &str) -> Placed {
         let agent = ureq::Agent::config_builder()
