@@ -21,37 +21,76 @@
 //! with it. Steps 3 to 5 run on every change etcd reports and every [`TICK`] besides (a
 //! fetch that failed is tried again).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use revboot_cluster::{Cluster, NodeInfo};
+use revboot_deployer::Instances;
 use revboot_store::{LiveAuthority, Revision, Store};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::action::{ActionError, NodeView, NodesView};
 use crate::config::Config;
+use crate::placed::Placed;
 
 /// The longest one fetch from a peer may take.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often steps 3 to 5 run when etcd reports nothing.
 pub const TICK: Duration = Duration::from_secs(1);
 
+/// Placement in front of the node's instances when `[cluster]` is set (none on a single
+/// host), and the instances DNS answers from: the placement, or the node's own.
+pub(crate) fn placement(
+    config: &Config,
+    front: &Arc<dyn Instances>,
+    store: &Store,
+    token: &str,
+) -> (Option<Arc<Placed>>, Arc<dyn Instances>) {
+    let placed = (config.cluster.as_ref())
+        .map(|_| Arc::new(Placed::new(front.clone(), store.clone(), token)));
+    let answers = placed
+        .clone()
+        .map_or(front.clone(), |p| p as Arc<dyn Instances>);
+    (placed, answers)
+}
+
+/// The node as the daemon started it, joining.
+pub(crate) struct Node<'a> {
+    /// Its HTTP base URL.
+    pub http: String,
+    /// Its DNS address.
+    pub dns: std::net::SocketAddr,
+    /// Its deployment repository.
+    pub store: &'a Store,
+    /// The cluster's token.
+    pub token: &'a str,
+    /// The placement DNS answers from.
+    pub placed: Option<&'a Arc<Placed>>,
+    /// Its instances.
+    pub deployer: &'a Arc<revboot_deployer::Deployer>,
+}
+
 /// Joins the cluster when `[cluster]` is set (else `None`: a single host) and starts the
 /// node's tasks until `stop` turns true.
 pub(crate) async fn join(
     config: &Config,
-    http: &str,
-    dns: std::net::SocketAddr,
-    store: &Store,
-    token: &str,
-    placed: Option<&std::sync::Arc<crate::placed::Placed>>,
+    node: Node<'_>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Option<Cluster>> {
     let Some(settings) = &config.cluster else {
         return Ok(None);
     };
-    let mut me = NodeInfo::new(&settings.node, http, dns);
+    let Node {
+        http,
+        dns,
+        store,
+        token,
+        placed,
+        deployer,
+    } = node;
+    let mut me = NodeInfo::new(&settings.node, &http, dns);
     me.pools = config
         .instances
         .pools
@@ -62,13 +101,14 @@ pub(crate) async fn join(
     let cluster = Cluster::join(settings, &config.zone, me, stop.clone())
         .await
         .context("Cannot join the cluster")?;
-    store.set_authority(std::sync::Arc::new(EtcdAuthority {
+    store.set_authority(Arc::new(EtcdAuthority {
         cluster: cluster.clone(),
         handle: tokio::runtime::Handle::current(),
     }));
     if let Some(placed) = placed {
         crate::placed::joined(placed, &cluster, stop.clone());
     }
+    crate::placed::reconcile(deployer.clone(), cluster.clone(), stop.clone());
     tokio::spawn(keep_in_step(
         cluster.clone(),
         store.clone(),

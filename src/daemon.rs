@@ -568,17 +568,7 @@ impl Daemon {
         ));
         // The front door too: a name for a source commit with no deployment waits for its build.
         proxy.resolve_names_through(&front);
-        // In a cluster, DNS answers where each instance is placed (crate::placed).
-        let placed = (config.cluster.as_ref()).map(|_| {
-            Arc::new(crate::placed::Placed::new(
-                front.clone(),
-                store.clone(),
-                &token,
-            ))
-        });
-        let dns_front = placed
-            .clone()
-            .map_or(front.clone(), |p| p as Arc<dyn Instances>);
+        let (placed, dns_front) = crate::cluster::placement(&config, &front, &store, &token);
         let dns_config = DnsConfig {
             listen: config.dns.listen[0],
             also_listen: config.dns.listen[1..].to_vec(),
@@ -648,21 +638,15 @@ impl Daemon {
             stop: stop_http.subscribe(),
         }
         .start()?;
-        let http_url = format!("{scheme}://{http_addr}");
-        let (stop, dns_addr) = (stop_http.subscribe(), dns.local_addr());
-        let cluster = crate::cluster::join(
-            &config,
-            &http_url,
-            dns_addr,
-            &store,
-            &token,
-            placed.as_ref(),
-            stop,
-        )
-        .await?;
-        if let Some(cluster) = &cluster {
-            crate::placed::reconcile(deployer.clone(), cluster.clone(), stop_http.subscribe());
-        }
+        let node = crate::cluster::Node {
+            http: format!("{scheme}://{http_addr}"),
+            dns: dns.local_addr(),
+            store: &store,
+            token: &token,
+            placed: placed.as_ref(),
+            deployer: &deployer,
+        };
+        let cluster = crate::cluster::join(&config, node, stop_http.subscribe()).await?;
         let runtime = Arc::new(DaemonRuntime {
             store: store.clone(),
             zone: config.zone.clone(),
