@@ -11,12 +11,12 @@
 //!    sequence number of this connection's SYN-ACK as it left the guest. `GET /env/NAME`
 //!    answers `NAME=<value>` (at most [`VALUE_SHOWN`] bytes of it) or `NAME is not set`,
 //!    read from fw_cfg then ([`crate::fwcfg::var`]): what an instance was given.
-//! 3a. Before every poll, the seed in fw_cfg is compared with the one read at boot: a new
+//! 4. Before every poll, the seed in fw_cfg is compared with the one read at boot: a new
 //!    one means this memory was restored into another qemu process, so the interface (whose
 //!    random state chooses the ISNs) is made anew from the new seed, and so is the value
 //!    `GET /id` draws from. Nothing random that leaves the guest is drawn before that check.
-//! 4. A connection that has not sent its request head within [`REQUEST_TIMEOUT`] is reset.
-//! 5. The loop polls forever: smoltcp, then every socket; while no connection is open and
+//! 5. A connection that has not sent its request head within [`REQUEST_TIMEOUT`] is reset.
+//! 6. The loop polls forever: smoltcp, then every socket; while no connection is open and
 //!    nothing changed, it sleeps until the next timer tick (at most about 1 ms).
 
 use core::fmt::Write as _;
