@@ -137,17 +137,18 @@ pub struct Cluster {
     inner: Arc<Inner>,
 }
 
-struct Inner {
-    client: Client,
+pub(crate) struct Inner {
+    pub(crate) client: Client,
     /// `<prefix>/` with the trailing slash.
-    prefix: String,
-    me: NodeInfo,
-    ttl: Duration,
+    pub(crate) prefix: String,
+    pub(crate) me: NodeInfo,
+    pub(crate) ttl: Duration,
     /// When the last lease renewal that succeeded was sent.
     renewed: watch::Receiver<Instant>,
     nodes: watch::Receiver<Map>,
     live: watch::Receiver<Map>,
     heads: watch::Receiver<Map>,
+    pub(crate) sources: watch::Receiver<Map>,
     /// Per service, etcd's revision of the last live move this node made or followed.
     followed: std::sync::Mutex<std::collections::HashMap<String, i64>>,
     /// The services this node is moving live of right now (not to be followed meanwhile:
@@ -209,6 +210,7 @@ impl Cluster {
         let nodes = mirror::spawn(client.clone(), format!("{prefix}nodes/"), stop.clone());
         let live = mirror::spawn(client.clone(), format!("{prefix}live/"), stop.clone());
         let heads = mirror::spawn(client.clone(), format!("{prefix}heads/"), stop.clone());
+        let sources = mirror::spawn(client.clone(), format!("{prefix}sources/"), stop.clone());
         tokio::spawn(keep_alive(
             client.clone(),
             prefix.clone(),
@@ -228,10 +230,15 @@ impl Cluster {
                 nodes,
                 live,
                 heads,
+                sources,
                 followed: std::sync::Mutex::default(),
                 moving: std::sync::Mutex::default(),
             }),
         })
+    }
+
+    pub(crate) fn inner(&self) -> &Inner {
+        &self.inner
     }
 
     /// This node.
@@ -336,12 +343,7 @@ impl Cluster {
 
     /// The newest deployment announced per service.
     pub fn heads(&self) -> Vec<(String, HeadRecord)> {
-        let map = self.inner.heads.borrow().clone();
-        map.iter()
-            .filter_map(|(service, (value, _))| {
-                Some((service.clone(), serde_json::from_slice(value).ok()?))
-            })
-            .collect()
+        records(&self.inner.heads)
     }
 
     /// A watch that changes whenever a deployment is announced.
@@ -358,11 +360,7 @@ impl Cluster {
         let value = serde_json::to_vec(&record).map_err(|e| e.to_string())?;
         let key = format!("{}heads/{service}", self.inner.prefix);
         let mut client = self.inner.client.clone();
-        match tokio::time::timeout(OP_TIMEOUT, client.put(key, value, None)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(error)) => Err(error.to_string()),
-            Err(_) => Err("timed out".to_owned()),
-        }
+        timed(client.put(key, value, None)).await.map(|_| ())
     }
 
     /// Moves the live pointer of `service` from `expected` (what this node believes is
@@ -474,6 +472,39 @@ impl Cluster {
     }
 }
 
+/// The records of a mirrored prefix, by key (those that do not parse are left out).
+pub(crate) fn records<T: serde::de::DeserializeOwned>(
+    mirror: &watch::Receiver<Map>,
+) -> Vec<(String, T)> {
+    let map = mirror.borrow().clone();
+    map.iter()
+        .filter_map(|(key, (value, _))| Some((key.clone(), serde_json::from_slice(value).ok()?)))
+        .collect()
+}
+
+/// A transaction that puts `key` under `lease` if it does not exist, else reads it.
+pub(crate) fn create_or_get(key: &str, value: Vec<u8>, lease: i64) -> Txn {
+    Txn::new()
+        .when([Compare::version(key, CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(
+            key,
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        )])
+        .or_else([TxnOp::get(key, None)])
+}
+
+/// A call to etcd within [`OP_TIMEOUT`], its error as text.
+pub(crate) async fn timed<T>(
+    call: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(OP_TIMEOUT, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err("timed out".to_owned()),
+    }
+}
+
 /// Marks a service as being moved by this node while it lives.
 struct Moving<'a> {
     inner: &'a Inner,
@@ -528,14 +559,7 @@ async fn register(
     let value = serde_json::to_vec(me).map_err(|e| Register::Etcd(e.to_string()))?;
     // Free, or already ours from an earlier lease of this node that has not expired yet
     // (a restart within the TTL): a node with the same id and the same HTTP URL.
-    let txn = Txn::new()
-        .when([Compare::version(key.as_str(), CompareOp::Equal, 0)])
-        .and_then([TxnOp::put(
-            key.as_str(),
-            value.clone(),
-            Some(PutOptions::new().with_lease(lease)),
-        )])
-        .or_else([TxnOp::get(key.as_str(), None)]);
+    let txn = create_or_get(&key, value.clone(), lease);
     let done = tokio::time::timeout(OP_TIMEOUT, client.txn(txn))
         .await
         .map_err(timed)?

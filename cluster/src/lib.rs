@@ -13,13 +13,18 @@
 //!    mover gets [`LiveCasError::Conflict`] naming what is live now and who moved it.
 //! 3. `heads/<service>` — the newest deployment a node wrote ([`HeadRecord`]): the others
 //!    fetch it from that node's git (replication is git's own, see the daemon).
-//! 4. Placement is not stored: [`placement::owner`] hashes an instance's key over the live
+//! 4. `sources/<service>` — each branch of the service's source repository and the node
+//!    that took its push ([`SourceRecord`]); a push moves a branch by compare-and-swap
+//!    ([`Cluster::move_ref`]), and the other nodes fetch it from that node's git.
+//! 5. `builds/<service>` — the service's build lock ([`Cluster::lock_builds`]), under a
+//!    lease of its own: one node at a time writes a service's deployment branch.
+//! 6. Placement is not stored: [`placement::owner`] hashes an instance's key over the live
 //!    nodes (rendezvous hashing, weighted by capacity), so every node computes the same
 //!    owner from the same membership ([`Cluster::owner`]), and etcd stays off the query
 //!    path.
 //!
 //! Every prefix a node reads is mirrored in memory by a get-then-watch loop
-//! ([`Cluster::nodes`], [`Cluster::live`], [`Cluster::heads`]); readers never wait for etcd.
+//! ([`Cluster::nodes`], [`Cluster::live`], [`Cluster::heads`], [`Cluster::sources`]); readers never wait for etcd.
 //! Every call to etcd has a timeout ([`OP_TIMEOUT`]); the mirrors hold at most
 //! [`MAX_KEYS`] keys each.
 //!
@@ -48,11 +53,13 @@ mod config;
 mod coord;
 mod mirror;
 pub mod placement;
+mod sources;
 
 pub use config::{ClusterConfig, ConfigError};
 pub use coord::{
     Cluster, HeadRecord, JoinError, LiveCasError, LiveRecord, MOVE_PATIENCE, NodeInfo,
 };
+pub use sources::{BuildLock, RefCasError, RefRecord, SourceRecord};
 
 use std::time::Duration;
 

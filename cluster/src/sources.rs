@@ -1,0 +1,299 @@
+//! Source repositories in a cluster: their branches' one truth, and who builds.
+//!
+//! 1. `sources/<service>` holds a [`SourceRecord`]: each branch's commit and the node that
+//!    took the push of it. A service added on a node is recorded with no branch, so that
+//!    every node makes its source repository.
+//! 2. A push moves a branch by compare-and-swap ([`Cluster::move_ref`]): from the commit
+//!    the pushing node has (what `git push` saw as the branch's old value) to the pushed
+//!    one. A branch etcd has no record of takes any old value. Another node that moved the
+//!    branch first wins, and this push is refused with [`RefCasError::Conflict`], as git
+//!    refuses a push that is not a fast-forward.
+//! 3. The other nodes fetch the branch from the node the record names (the daemon's part).
+//! 4. `builds/<service>` is the service's build lock ([`Cluster::lock_builds`]): one node at
+//!    a time writes a service's deployment branch. It is held under a lease of its own, kept
+//!    alive while the [`BuildLock`] lives: a builder that dies loses it within the TTL, and
+//!    another node may build.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, watch};
+use tracing::{debug, info, warn};
+
+use crate::coord::{create_or_get, records, timed};
+use crate::mirror::Map;
+use crate::{Cluster, OP_TIMEOUT};
+
+/// The branches of a service's source repository as etcd holds them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceRecord {
+    /// By ref name (`refs/heads/main`).
+    #[serde(default)]
+    pub refs: BTreeMap<String, RefRecord>,
+}
+
+/// One branch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefRecord {
+    /// Its commit (hex).
+    pub commit: String,
+    /// The node that took the push: where to fetch it from.
+    pub node: String,
+}
+
+/// Why a branch did not move.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RefCasError {
+    /// Another node moved the branch first.
+    #[error(
+        "{refname} of `{service}` moved meanwhile: it is at {} (pushed to node {node}), not {} as this node had it; fetch first, then push again",
+        short(commit),
+        short(expected)
+    )]
+    Conflict {
+        /// The service.
+        service: String,
+        /// The branch.
+        refname: String,
+        /// What the pusher's node had.
+        expected: String,
+        /// Where it is.
+        commit: String,
+        /// Who moved it.
+        node: String,
+    },
+    /// etcd did not answer.
+    #[error(
+        "Cannot move {refname} of `{service}`: etcd did not answer ({reason}); pushes are refused while the cluster's etcd is unreachable"
+    )]
+    Unavailable {
+        /// The service.
+        service: String,
+        /// The branch.
+        refname: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// How many times a branch move reads again when another branch of the service moved
+/// between its read and its write.
+const MOVE_ATTEMPTS: usize = 8;
+/// How often a node waiting for a service's build lock asks again.
+const LOCK_POLL: Duration = Duration::from_millis(300);
+
+fn short(hex: &str) -> &str {
+    hex.get(..12).unwrap_or(hex)
+}
+
+fn is_zero(hex: &str) -> bool {
+    hex.bytes().all(|b| b == b'0')
+}
+
+impl Cluster {
+    /// The source records, by service.
+    pub fn sources(&self) -> Vec<(String, SourceRecord)> {
+        records(&self.inner().sources)
+    }
+
+    /// A watch that changes whenever a source record does.
+    pub fn sources_changed(&self) -> watch::Receiver<Map> {
+        self.inner().sources.clone()
+    }
+
+    /// Records `service` (with no branch) unless it is recorded already (rule 1).
+    pub async fn add_source(&self, service: &str) -> Result<(), String> {
+        let key = format!("{}sources/{service}", self.inner().prefix);
+        let value = serde_json::to_vec(&SourceRecord::default()).map_err(|e| e.to_string())?;
+        let txn = Txn::new()
+            .when([Compare::version(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.as_str(), value, None)]);
+        let mut client = self.inner().client.clone();
+        timed(client.txn(txn)).await.map(|_| ())
+    }
+
+    /// Moves `refname` of `service` from `old` to `new` (40 hex each; zeros: absent), by
+    /// compare-and-swap (rule 2). Moving to where it is already succeeds.
+    pub async fn move_ref(
+        &self,
+        service: &str,
+        refname: &str,
+        old: &str,
+        new: &str,
+    ) -> Result<(), RefCasError> {
+        let key = format!("{}sources/{service}", self.inner().prefix);
+        let unavailable = |reason: String| RefCasError::Unavailable {
+            service: service.to_owned(),
+            refname: refname.to_owned(),
+            reason,
+        };
+        let mut client = self.inner().client.clone();
+        for _ in 0..MOVE_ATTEMPTS {
+            let got = timed(client.get(key.as_str(), None))
+                .await
+                .map_err(unavailable)?;
+            let (mut record, compare) = match got.kvs().first() {
+                Some(kv) => (
+                    serde_json::from_slice::<SourceRecord>(kv.value()).unwrap_or_default(),
+                    Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision()),
+                ),
+                None => (
+                    SourceRecord::default(),
+                    Compare::version(key.as_str(), CompareOp::Equal, 0),
+                ),
+            };
+            match record.refs.get(refname) {
+                Some(now) if now.commit == new => return Ok(()),
+                None if is_zero(new) => return Ok(()),
+                Some(now) if now.commit != old => {
+                    warn!(
+                        service,
+                        refname,
+                        at = now.commit,
+                        by = now.node,
+                        "a push lost a race for a branch"
+                    );
+                    return Err(RefCasError::Conflict {
+                        service: service.to_owned(),
+                        refname: refname.to_owned(),
+                        expected: old.to_owned(),
+                        commit: now.commit.clone(),
+                        node: now.node.clone(),
+                    });
+                }
+                _ => {}
+            }
+            if is_zero(new) {
+                record.refs.remove(refname);
+            } else {
+                record.refs.insert(
+                    refname.to_owned(),
+                    RefRecord {
+                        commit: new.to_owned(),
+                        node: self.me().id.clone(),
+                    },
+                );
+            }
+            let value = serde_json::to_vec(&record).map_err(|e| unavailable(e.to_string()))?;
+            let txn = Txn::new()
+                .when([compare])
+                .and_then([TxnOp::put(key.as_str(), value, None)]);
+            let done = timed(client.txn(txn)).await.map_err(unavailable)?;
+            if done.succeeded() {
+                info!(service, refname, new, "branch moved in the cluster");
+                return Ok(());
+            }
+            debug!(
+                service,
+                refname, "the source record changed meanwhile: reading again"
+            );
+        }
+        Err(unavailable(format!(
+            "the record changed {MOVE_ATTEMPTS} times while moving it"
+        )))
+    }
+
+    /// Takes the build lock of `service` (rule 4), waiting at most `patience` while another
+    /// node holds it.
+    pub async fn lock_builds(
+        &self,
+        service: &str,
+        patience: Duration,
+    ) -> Result<BuildLock, String> {
+        let inner = self.inner();
+        let key = format!("{}builds/{service}", inner.prefix);
+        let mut client = inner.client.clone();
+        let ttl_s = i64::try_from(inner.ttl.as_secs()).unwrap_or(i64::MAX);
+        let lease = timed(client.lease_grant(ttl_s, None)).await?.id();
+        let (release, released) = oneshot::channel::<()>();
+        // From here on the lease is revoked whatever happens: kept alive until released.
+        tokio::spawn(hold(client.clone(), lease, inner.ttl, released));
+        let value = serde_json::to_vec(&RefRecord {
+            commit: String::new(),
+            node: self.me().id.clone(),
+        })
+        .map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + patience;
+        let mut holder = String::new();
+        loop {
+            let done = timed(client.txn(create_or_get(&key, value.clone(), lease))).await?;
+            if done.succeeded() {
+                debug!(service, "took the build lock");
+                return Ok(BuildLock {
+                    _release: release,
+                    waited: !holder.is_empty(),
+                });
+            }
+            if let Some(node) = done.op_responses().into_iter().find_map(|r| match r {
+                etcd_client::TxnOpResponse::Get(get) => get
+                    .kvs()
+                    .first()
+                    .and_then(|kv| serde_json::from_slice::<RefRecord>(kv.value()).ok()),
+                _ => None,
+            }) {
+                holder = node.node;
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "node {holder} has been building `{service}` for longer than {patience:?}"
+                ));
+            }
+            tokio::time::sleep(LOCK_POLL).await;
+        }
+    }
+}
+
+/// A service's build lock, held while it lives (its lease is revoked on drop).
+#[derive(Debug)]
+pub struct BuildLock {
+    _release: oneshot::Sender<()>,
+    waited: bool,
+}
+
+impl BuildLock {
+    /// Whether another node held the lock when it was asked for (it may have written
+    /// deployments this node has not fetched yet).
+    pub fn waited(&self) -> bool {
+        self.waited
+    }
+}
+
+/// Keeps `lease` alive until `released` fires or its sender is dropped, then revokes it.
+async fn hold(
+    client: etcd_client::Client,
+    lease: i64,
+    ttl: Duration,
+    mut released: oneshot::Receiver<()>,
+) {
+    let mut renewing = client.clone();
+    let renew = async {
+        let Ok(Ok((mut keeper, mut responses))) =
+            tokio::time::timeout(OP_TIMEOUT, renewing.lease_keep_alive(lease)).await
+        else {
+            warn!(lease, "cannot keep a build lock alive");
+            return std::future::pending::<()>().await;
+        };
+        loop {
+            tokio::time::sleep(ttl / 3).await;
+            let round = async {
+                keeper.keep_alive().await?;
+                responses.message().await
+            };
+            if !matches!(
+                tokio::time::timeout(OP_TIMEOUT, round).await,
+                Ok(Ok(Some(_)))
+            ) {
+                warn!(lease, "a build lock's renewal failed");
+            }
+        }
+    };
+    tokio::select! {
+        _ = &mut released => {}
+        () = renew => {}
+    }
+    let mut client = client;
+    let _ = tokio::time::timeout(OP_TIMEOUT, client.lease_revoke(lease)).await;
+}
