@@ -58,6 +58,8 @@ pub struct BuilderConfig {
     pub sandbox: SandboxConfig,
     /// What a promotion waits for (health checks, warm services); none: live moves at once.
     pub gate: Option<std::sync::Arc<dyn crate::gate::Gate>>,
+    /// The cluster this builder is a node of ([`crate::coordinate`]); none: a single host.
+    pub coordinator: Option<std::sync::Arc<dyn crate::coordinate::Coordinator>>,
 }
 
 impl BuilderConfig {
@@ -95,6 +97,7 @@ impl BuilderConfig {
             space_check_secs: BuilderConfig::DEFAULT_SPACE_CHECK_SECS,
             sandbox: SandboxConfig::default(),
             gate: None,
+            coordinator: None,
         }
     }
 }

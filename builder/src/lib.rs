@@ -101,6 +101,7 @@
 pub mod auth;
 mod closed;
 mod config;
+pub mod coordinate;
 mod deploy;
 pub mod gate;
 mod git;
@@ -406,6 +407,7 @@ impl Builder {
             limits: config.sandbox.clone(),
             space_check: Duration::from_secs(config.space_check_secs),
             gate: config.gate.clone(),
+            coordinator: config.coordinator.clone(),
         });
         let closed = closed::Closed::default();
         let renamed_path = state_dir.join(RENAMED_FILE);

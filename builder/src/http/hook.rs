@@ -10,6 +10,8 @@
 //!    lines of the log of an older commit whose build failed.
 //! 3. Then one `revboot-verdict ok|ng <ref> [reason]` line per branch: `ng` when the tip's
 //!    build failed or was superseded, and the hook then leaves the branch where it was.
+//!    In a cluster, a branch moves there first and its push is refused (`ng`) when another
+//!    node moved it meanwhile (see [`crate::coordinate`]).
 //!    With `-o revboot.wait=false` the verdicts come as soon as the builds are queued.
 
 use std::convert::Infallible;
@@ -202,6 +204,15 @@ pub(super) async fn hook(
         };
         let mut pushes = Vec::new();
         for (old, new, refname) in parsed.refs {
+            // Rule 1 of crate::coordinate: the branch moves in the cluster first.
+            if let Some(coordinator) = &shared.config.coordinator
+                && let Err(reason) = coordinator.move_ref(&service, &refname, &old, &new).await
+            {
+                tracing::warn!(service, refname, reason, "push refused by the cluster");
+                say(format!("{refname}: {reason}")).await;
+                let _ = tx.send(verdict(&refname, Some(&reason))).await;
+                continue;
+            }
             if new.bytes().all(|b| b == b'0') {
                 say(format!("{refname} deleted; nothing to build")).await;
                 let _ = tx.send(verdict(&refname, None)).await;
@@ -220,7 +231,7 @@ pub(super) async fn hook(
                     if !options.wait {
                         let _ = tx.send(verdict(&refname, None)).await;
                     }
-                    pushes.push((refname, pushed.queued));
+                    pushes.push((refname, old, new, pushed.queued));
                 }
                 Err(error) => {
                     tracing::warn!(%error, service, refname, "build not queued");
@@ -236,7 +247,7 @@ pub(super) async fn hook(
             say("not waiting for the builds (push option revboot.wait=false)".into()).await;
             return;
         }
-        for (refname, queued) in pushes {
+        for (refname, old, new, queued) in pushes {
             let count = queued.tickets.len();
             let mut end = Followed::TimedOut;
             for (n, ticket) in queued.tickets.iter().enumerate() {
@@ -264,6 +275,18 @@ pub(super) async fn hook(
                 Followed::TimedOut => continue,
                 _ => None,
             };
+            // Rule 2 of crate::coordinate: the branch stays, here and in the cluster.
+            if refusal.is_some()
+                && let Some(coordinator) = &shared.config.coordinator
+                && let Err(reason) = coordinator.move_ref(&service, &refname, &new, &old).await
+            {
+                tracing::warn!(
+                    service,
+                    refname,
+                    reason,
+                    "cannot move a refused branch back in the cluster"
+                );
+            }
             if tx
                 .send(verdict(&refname, refusal.as_deref()))
                 .await

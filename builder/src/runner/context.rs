@@ -24,6 +24,8 @@ pub(crate) struct RunContext {
     pub(crate) limits: sandbox::SandboxConfig,
     /// What a promotion waits for ([`crate::gate`]).
     pub(crate) gate: Option<std::sync::Arc<dyn crate::gate::Gate>>,
+    /// The cluster this builder is a node of ([`crate::coordinate`]).
+    pub(crate) coordinator: Option<std::sync::Arc<dyn crate::coordinate::Coordinator>>,
 }
 
 /// One build to run.

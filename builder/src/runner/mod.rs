@@ -36,6 +36,10 @@
 //!    see the queue). If even the failed build cannot be written, the pusher is told so and
 //!    only the builder's build records keep it.
 //!
+//! In a cluster ([`crate::coordinate`]), a build first takes the service's build lock (no
+//! lock, no build: it fails saying why) and, between steps 1 and 3, adopts a deployment of
+//! the same commit, ref and recipe that another node wrote, as step 2 does.
+//!
 //! Crash tests stop a build at one point with a fail point: with
 //! `REVBOOT_FAILPOINT=after-deployment-commit` in the daemon's environment, a build pauses
 //! for [`record::FAILPOINT_PAUSE`] right after its successful deployment commit is on the
@@ -74,6 +78,20 @@ pub(crate) async fn run(
         "build #{} of {} {} at {}",
         job.id, job.service, job.refname, job.commit
     ));
+    // In a cluster, one node at a time writes the service's deployments (crate::coordinate).
+    let _held = match &ctx.coordinator {
+        None => None,
+        Some(coordinator) => match coordinator.lock_builds(&job.service).await {
+            Ok(held) => Some(held),
+            Err(reason) => {
+                tracing::warn!(service = job.service, reason, "no build lock: not built");
+                return Outcome::internal(format!(
+                    "cannot take the cluster's build lock of `{}`: {reason}",
+                    job.service
+                ));
+            }
+        },
+    };
     let repo = ctx.repos.path(&job.service);
     let subject = git::run_text(Some(&repo), &["log", "-1", "--format=%s", &job.commit])
         .await
@@ -107,7 +125,14 @@ pub(crate) async fn run(
     if let Some(since_ms) = job.adopt_since_ms
         && let Some(revision) = written_before_the_stop(&ctx, &job, &manifest_text, since_ms).await
     {
-        return adopt(&ctx, &job, &tracker, &manifest, revision).await;
+        return adopt(&ctx, &job, &tracker, &manifest, revision, false).await;
+    }
+    // Another node of the cluster built this commit already (one build per commit).
+    if ctx.coordinator.is_some()
+        && !job.refname.is_empty()
+        && let Some(revision) = written_before_the_stop(&ctx, &job, &manifest_text, 0).await
+    {
+        return adopt(&ctx, &job, &tracker, &manifest, revision, true).await;
     }
     let workdir = match tempfile::Builder::new()
         .prefix(&format!("{}-{}-", job.service, job.id))

@@ -264,21 +264,28 @@ pub(super) async fn written_before_the_stop(
     })
 }
 
-/// Takes over a deployment that the interrupted run of `job` wrote.
+/// Takes over a deployment that the interrupted run of `job` wrote, or, in a cluster,
+/// that another node wrote of the same commit (`elsewhere`).
 pub(super) async fn adopt(
     ctx: &RunContext,
     job: &Job,
     tracker: &Tracker,
     manifest: &Manifest,
     revision: Revision,
+    elsewhere: bool,
 ) -> Outcome {
     let short = revision.short(12);
+    let when = if elsewhere {
+        "by another node of the cluster"
+    } else {
+        "before the daemon stopped"
+    };
     tracker.note(&format!(
-        "deployment {short} of this commit was written before the daemon stopped; adopting it instead of building again"
+        "deployment {short} of this commit was written {when}; adopting it instead of building again"
     ));
-    tracing::info!(id = job.id, service = job.service, revision = %revision, "adopted the deployment of an interrupted build");
+    tracing::info!(id = job.id, service = job.service, revision = %revision, elsewhere, "adopted a deployment written earlier");
     let mut result_lines = vec![format!(
-        "build #{}: deployment {short} was written before the daemon stopped; adopted, not built again",
+        "build #{}: deployment {short} was written {when}; adopted, not built again",
         job.id
     )];
     let (made_live, refused) = announce(ctx, job, manifest, revision, &mut result_lines).await;
@@ -286,7 +293,7 @@ pub(super) async fn adopt(
         state: BuildState::Succeeded,
         revision: Some(revision),
         made_live,
-        summary: format!("succeeded: deployment {short} (written before a daemon stop)"),
+        summary: format!("succeeded: deployment {short} (written {when})"),
         result_lines,
         command_secs: None,
         retry_when_free_bytes: None,

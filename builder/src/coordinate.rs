@@ -1,0 +1,39 @@
+//! A builder that is one node of a cluster (the daemon's part; the builder knows nothing
+//! of etcd).
+//!
+//! 1. A push moves each branch through the [`Coordinator`] before its builds are queued
+//!    ([`Coordinator::move_ref`], from what this node had to the pushed commit): refused
+//!    (another node took a push of the branch first), nothing is built, and the push of the
+//!    branch is refused with the reason, as git refuses a push that is not a fast-forward.
+//! 2. A branch whose tip did not build stays where it was here, and is moved back in the
+//!    cluster too.
+//! 3. Every build runs under the service's build lock ([`Coordinator::lock_builds`]): one
+//!    node at a time writes a service's deployment branch, on top of the others' builds
+//!    (the coordinator fetches them first). A build of a commit that a deployment of the
+//!    service already records (another node built it) adopts that deployment instead.
+
+use std::future::Future;
+use std::pin::Pin;
+
+/// A boxed, sendable future, as [`Coordinator`] returns.
+pub type CoordinatorFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, String>> + Send + 'a>>;
+
+/// What a build lock is: held while it lives.
+pub type Held = Box<dyn std::any::Any + Send + Sync>;
+
+/// The cluster as the builder sees it (module doc).
+pub trait Coordinator: Send + Sync + std::fmt::Debug + 'static {
+    /// Moves `refname` of `service` from `old` to `new` (40 hex; zeros: absent) in the
+    /// cluster, or says why not.
+    fn move_ref<'a>(
+        &'a self,
+        service: &'a str,
+        refname: &'a str,
+        old: &'a str,
+        new: &'a str,
+    ) -> CoordinatorFuture<'a, ()>;
+
+    /// Takes the build lock of `service` once this node has every deployment of it the
+    /// cluster announced; released when the returned value is dropped.
+    fn lock_builds<'a>(&'a self, service: &'a str) -> CoordinatorFuture<'a, Held>;
+}
