@@ -14,12 +14,17 @@
 //! 5. Mirror live: when etcd's live pointer of a service differs from `refs/live/<service>`
 //!    here, and the revision is here (step 4 fetched it), the ref moves, with the reason and
 //!    the node that moved it in its reflog. A node never points live at objects it lacks.
+//! 6. Sources: every branch of every service's source repository is in etcd, moved by
+//!    compare-and-swap when a push is taken, and fetched by the other nodes; a service
+//!    added on one node gets a source repository on every node; builds run under a build
+//!    lock per service ([`crate::replicate`]). Any node takes a push and builds.
 //!
-//! 6. DNS places instances over the live nodes ([`crate::placed`]).
+//! 7. DNS places instances over the live nodes ([`crate::placed`]); the owner of a
+//!    revision it has not fetched yet fetches it first.
 //!
 //! The nodes of a cluster share one token (`[http] token`): they fetch from each other
-//! with it. Steps 3 to 5 run on every change etcd reports and every [`TICK`] besides (a
-//! fetch that failed is tried again).
+//! with it. Steps 3 to 6 run on every change etcd reports and every [`TICK`] besides; a
+//! fetch that failed is tried again after a delay that grows (see [`crate::replicate`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,26 +39,33 @@ use tracing::{debug, info, warn};
 use crate::action::{ActionError, NodeView, NodesView};
 use crate::config::Config;
 use crate::placed::Placed;
+use crate::replicate::{self, Backoff, Coordinated};
 
-/// The longest one fetch from a peer may take.
-pub const FETCH_TIMEOUT: Duration = Duration::from_secs(120);
-/// How often steps 3 to 5 run when etcd reports nothing.
+pub use crate::replicate::FETCH_TIMEOUT;
+/// How often steps 3 to 6 run when etcd reports nothing.
 pub const TICK: Duration = Duration::from_secs(1);
 
+/// Instances as DNS or the API sees them.
+type Answers = Arc<dyn Instances>;
+
 /// Placement in front of the node's instances when `[cluster]` is set (none on a single
-/// host), and the instances DNS answers from: the placement, or the node's own.
+/// host), the instances DNS answers from (the placement, or the node's own), and those the
+/// API answers from (on a node of a cluster, [`crate::placed::Resolving`]).
 pub(crate) fn placement(
     config: &Config,
     front: &Arc<dyn Instances>,
     store: &Store,
     token: &str,
-) -> (Option<Arc<Placed>>, Arc<dyn Instances>) {
+) -> (Option<Arc<Placed>>, Answers, Answers) {
     let placed = (config.cluster.as_ref())
         .map(|_| Arc::new(Placed::new(front.clone(), store.clone(), token)));
     let answers = placed
         .clone()
         .map_or(front.clone(), |p| p as Arc<dyn Instances>);
-    (placed, answers)
+    let api = placed.clone().map_or(front.clone(), |p| {
+        Arc::new(crate::placed::Resolving(p)) as Arc<dyn Instances>
+    });
+    (placed, answers, api)
 }
 
 /// The node as the daemon started it, joining.
@@ -70,6 +82,8 @@ pub(crate) struct Node<'a> {
     pub placed: Option<&'a Arc<Placed>>,
     /// Its instances.
     pub deployer: &'a Arc<revboot_deployer::Deployer>,
+    /// Its builder, and the builder's part in the cluster ([`Coordinated::new`]).
+    pub builder: (&'a revboot_builder::Builder, Option<&'a Arc<Coordinated>>),
 }
 
 /// Joins the cluster when `[cluster]` is set (else `None`: a single host) and starts the
@@ -89,6 +103,7 @@ pub(crate) async fn join(
         token,
         placed,
         deployer,
+        builder: (builder, coordinated),
     } = node;
     let mut me = NodeInfo::new(&settings.node, &http, dns);
     me.pools = config
@@ -108,10 +123,14 @@ pub(crate) async fn join(
     if let Some(placed) = placed {
         crate::placed::joined(placed, &cluster, stop.clone());
     }
+    if let Some(coordinated) = coordinated {
+        coordinated.joined(&cluster);
+    }
     crate::placed::reconcile(deployer.clone(), cluster.clone(), stop.clone());
     tokio::spawn(keep_in_step(
         cluster.clone(),
         store.clone(),
+        builder.clone(),
         token.to_owned(),
         stop,
     ));
@@ -172,25 +191,30 @@ impl LiveAuthority for EtcdAuthority {
     }
 }
 
-/// Steps 3 to 5, until `stop`.
+/// Steps 3 to 6, until `stop`.
 async fn keep_in_step(
     cluster: Cluster,
     store: Store,
+    builder: revboot_builder::Builder,
     token: String,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut heads = cluster.heads_changed();
     let mut live = cluster.live_changed();
+    let mut sources = cluster.sources_changed();
+    let mut backoff = Backoff::default();
     loop {
         tokio::select! {
             _ = stop.wait_for(|stop| *stop) => return,
             _ = heads.changed() => {}
             _ = live.changed() => {}
+            _ = sources.changed() => {}
             () = tokio::time::sleep(TICK) => {}
         }
         announce(&cluster, &store).await;
-        replicate(&cluster, &store, &token).await;
+        replicate(&cluster, &store, &token, &mut backoff).await;
         mirror_live(&cluster, &store).await;
+        replicate::replicate_sources(&cluster, &builder, &token, &mut backoff).await;
     }
 }
 
@@ -220,66 +244,28 @@ async fn announce(cluster: &Cluster, store: &Store) {
     }
 }
 
-/// Step 4.
-async fn replicate(cluster: &Cluster, store: &Store, token: &str) {
-    let me = cluster.me().id.clone();
+/// Step 4, with the delays of [`crate::replicate`] after a failure.
+async fn replicate(cluster: &Cluster, store: &Store, token: &str, backoff: &mut Backoff) {
     for (service, head) in cluster.heads() {
-        if head.node == me || revboot_store::protocol::check_label(&service).is_err() {
+        if head.node == cluster.me().id || revboot_store::protocol::check_label(&service).is_err() {
             continue;
         }
-        let Ok(revision) = head.commit.parse::<Revision>() else {
-            continue;
-        };
-        if store.has_deployment(&service, &revision) {
+        let key = format!("deploy/{service}");
+        if !backoff.ready(&key) {
             continue;
         }
-        let Some(peer) = cluster.nodes().into_iter().find(|n| n.id == head.node) else {
-            continue;
-        };
-        match fetch(store, &peer.http, &service, token).await {
-            Ok(()) => {
-                info!(service, from = peer.id, revision = %revision, "fetched deployments from a peer")
+        match replicate::fetch_deployments(cluster, store, &service, token).await {
+            Ok(_) => backoff.succeeded(&key),
+            Err(error) => {
+                let delay = backoff.failed(&key);
+                warn!(
+                    service,
+                    error,
+                    ?delay,
+                    "cannot fetch deployments from a peer"
+                );
             }
-            Err(error) => warn!(
-                service,
-                from = peer.id,
-                error,
-                "cannot fetch deployments from a peer"
-            ),
         }
-    }
-}
-
-/// Fetches `refs/heads/<service>` of the peer's deployment repository, fast-forward only.
-async fn fetch(store: &Store, http: &str, service: &str, token: &str) -> Result<(), String> {
-    use base64::Engine as _;
-    let header = format!(
-        "Authorization: Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("git:{token}"))
-    );
-    let refspec = format!("refs/heads/{service}:refs/heads/{service}");
-    // The token goes in git's environment, not its command line, which others can read.
-    let mut command = tokio::process::Command::new("git");
-    command
-        .arg("-C")
-        .arg(store.path())
-        .args(["fetch", "--quiet", "--no-tags"])
-        .arg(format!("{http}/git/-/deploy.git"))
-        .arg(refspec)
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .env("GIT_CONFIG_COUNT", "1")
-        .env("GIT_CONFIG_KEY_0", "http.extraHeader")
-        .env("GIT_CONFIG_VALUE_0", header)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    let output = tokio::time::timeout(FETCH_TIMEOUT, command.output())
-        .await
-        .map_err(|_| format!("git fetch took longer than {FETCH_TIMEOUT:?}"))?
-        .map_err(|error| format!("cannot run git: {error}"))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&output.stderr).trim().to_owned())
     }
 }
 

@@ -555,6 +555,8 @@ impl Daemon {
         builder_config.name = deployer_name(&data);
         builder_config.sandbox = config.builds.sandbox.clone();
         builder_config.gate = Some(Arc::new(promotions.clone()));
+        let coordinated = crate::replicate::Coordinated::new(&config, &store, &token);
+        builder_config.coordinator = coordinated.clone().map(|c| c as _);
         let builder_config_socket = builder_config.hook_socket.clone();
         let builder = Builder::start(builder_config)
             .await
@@ -568,7 +570,7 @@ impl Daemon {
         ));
         // The front door too: a name for a source commit with no deployment waits for its build.
         proxy.resolve_names_through(&front);
-        let (placed, dns_front) = crate::cluster::placement(&config, &front, &store, &token);
+        let (placed, dns_front, front) = crate::cluster::placement(&config, &front, &store, &token);
         let dns_config = DnsConfig {
             listen: config.dns.listen[0],
             also_listen: config.dns.listen[1..].to_vec(),
@@ -618,16 +620,7 @@ impl Daemon {
         let (upgrade_tx, upgrade_rx) = watch::channel(false);
         let (stop_http, mut stopped) = watch::channel(false);
         let acme_wake = Arc::new(tokio::sync::Notify::new());
-        let services = {
-            let (builder, store) = (builder.clone(), store.clone());
-            Box::new(move || {
-                let mut all = builder.services().unwrap_or_default();
-                all.extend(store.services().unwrap_or_default());
-                all.sort();
-                all.dedup();
-                all
-            })
-        };
+        let services = crate::wiring::services(&builder, &store);
         let tls = TlsParts {
             config: &config,
             data: &data,
@@ -645,6 +638,7 @@ impl Daemon {
             token: &token,
             placed: placed.as_ref(),
             deployer: &deployer,
+            builder: (&builder, coordinated.as_ref()),
         };
         let cluster = crate::cluster::join(&config, node, stop_http.subscribe()).await?;
         let runtime = Arc::new(DaemonRuntime {

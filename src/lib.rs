@@ -33,6 +33,7 @@ pub mod output;
 pub mod placed;
 pub mod promote;
 pub mod remotes;
+pub mod replicate;
 pub mod run;
 pub mod tls;
 pub mod upkeep;

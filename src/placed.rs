@@ -23,8 +23,12 @@
 //!    so that two nodes do not keep running the same instance. Per-client instances stay
 //!    until reaped idle (their key is the client's network, not the address placed by).
 //! 7. A label unknown here, of a service another node has announced deployments of that
-//!    this node has not fetched yet, is "not ready" (SERVFAIL), not NXDOMAIN: a resolver
-//!    would cache the negative answer of a revision that exists.
+//!    this node has not fetched yet, is fetched first: at most [`MAX_FETCHING`] services at
+//!    once, one fetch per service, each within [`FETCH_FIRST_TIMEOUT`], and the label is
+//!    resolved again. Until then, or when the fetch fails (logged), it is "not ready"
+//!    (SERVFAIL), not NXDOMAIN: a resolver would cache the negative answer of a revision
+//!    that exists. So an owner asked for a revision it has not replicated yet fetches it
+//!    before it boots it, rather than refusing.
 //!
 //! Without a cluster (not joined, or a single host), every call goes to the node's own.
 
@@ -51,6 +55,10 @@ pub const ASK_TIMEOUT: Duration = Duration::from_secs(3);
 pub const REMOTE_TTL: Duration = Duration::from_secs(5);
 /// The most owners' answers kept.
 const MAX_REMOTE: usize = 4096;
+/// The most services whose deployments DNS fetches at once (rule 7).
+pub const MAX_FETCHING: usize = 4;
+/// The longest DNS waits for a fetch of deployments (rule 7); the fetch goes on after it.
+pub const FETCH_FIRST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An owner's answer, kept.
 struct Remote {
@@ -70,6 +78,9 @@ pub struct Placed {
     remote: Mutex<HashMap<String, Remote>>,
     /// Moves when membership changes (rule 5).
     epoch: AtomicU64,
+    /// The runtime the fetches of rule 7 run on, and the services being fetched.
+    handle: OnceLock<tokio::runtime::Handle>,
+    fetching: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 impl std::fmt::Debug for Placed {
@@ -97,6 +108,8 @@ impl Placed {
             agent,
             remote: Mutex::new(HashMap::new()),
             epoch: AtomicU64::new(0),
+            handle: OnceLock::new(),
+            fetching: Arc::default(),
         }
     }
 
@@ -204,6 +217,55 @@ impl Placed {
     }
 }
 
+impl Placed {
+    /// Rule 7: fetches `service`'s announced deployments, waiting at most
+    /// [`FETCH_FIRST_TIMEOUT`].
+    fn fetch_first(&self, cluster: &Cluster, service: &str) -> Result<(), String> {
+        let handle = self.handle.get().ok_or("not joined yet")?;
+        {
+            let mut fetching = self.fetching.lock().unwrap_or_else(|e| e.into_inner());
+            if fetching.contains(service) {
+                return Err("a fetch is under way".to_owned());
+            }
+            if fetching.len() >= MAX_FETCHING {
+                return Err(format!("{MAX_FETCHING} other fetches are under way"));
+            }
+            fetching.insert(service.to_owned());
+        }
+        let (cluster, store, token) = (cluster.clone(), self.store.clone(), self.token.clone());
+        let (name, fetching) = (service.to_owned(), self.fetching.clone());
+        // The fetch runs to its end (bounded by its own timeout) even when DNS stops waiting.
+        let task = handle.spawn(async move {
+            let fetched =
+                crate::replicate::fetch_deployments(&cluster, &store, &name, &token).await;
+            fetching
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&name);
+            if let Err(error) = &fetched {
+                warn!(
+                    service = name,
+                    error, "cannot fetch deployments asked for by DNS"
+                );
+            }
+            fetched.map(|_| ())
+        });
+        let wait = async {
+            match tokio::time::timeout(FETCH_FIRST_TIMEOUT, task).await {
+                Ok(Ok(fetched)) => fetched,
+                Ok(Err(error)) => Err(error.to_string()),
+                Err(_) => Err(format!("not done within {FETCH_FIRST_TIMEOUT:?}")),
+            }
+        };
+        // A DNS worker thread may block; a task on the runtime moves off it first.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::task::block_in_place(|| handle.block_on(wait))
+        } else {
+            handle.block_on(wait)
+        }
+    }
+}
+
 /// Rule 1.
 pub fn placement_key(service: &str, revision: &Revision, client: Option<IpAddr>) -> String {
     match client {
@@ -231,12 +293,15 @@ impl Instances for Placed {
                     .parse::<Revision>()
                     .is_ok_and(|tip| !self.store.has_deployment(service, &tip))
         });
-        match behind {
-            Some((_, head)) => Err(ResolveError::Building(format!(
-                "deployments of `{service}` are being fetched from node {}: ask again shortly",
+        let Some((_, head)) = behind else {
+            return resolved;
+        };
+        match self.fetch_first(cluster, service) {
+            Ok(()) => self.inner.resolve(service, label),
+            Err(why) => Err(ResolveError::Building(format!(
+                "deployments of `{service}` are being fetched from node {}: {why}; ask again shortly",
                 head.node
             ))),
-            None => resolved,
         }
     }
 
@@ -297,9 +362,43 @@ impl Instances for Placed {
     }
 }
 
+/// The API's instances on a node of a cluster: labels resolve as DNS resolves them (rule
+/// 7: deployments announced but not here are fetched first), and instances are summoned
+/// here (the API's summon is how another node asks this one, the owner, to boot).
+#[derive(Debug)]
+pub struct Resolving(pub Arc<Placed>);
+
+impl Instances for Resolving {
+    fn resolve(&self, service: &str, label: Option<&str>) -> Result<Resolved, ResolveError> {
+        self.0.resolve(service, label)
+    }
+
+    fn summon(
+        &self,
+        service: &str,
+        revision: &Revision,
+        client: Option<IpAddr>,
+    ) -> Result<Summoned, SummonError> {
+        self.0.inner.summon(service, revision, client)
+    }
+
+    fn by_address(&self, address: IpAddr) -> Option<Summoned> {
+        self.0.inner.by_address(address)
+    }
+
+    fn activity(&self, key: &InstanceKey, activity: Activity) {
+        self.0.inner.activity(key, activity);
+    }
+
+    fn generation(&self) -> u64 {
+        self.0.inner.generation()
+    }
+}
+
 /// Places over `cluster` from now on, and runs [`Placed::sweep`] on membership changes and
 /// every second, until `stop`.
 pub fn joined(placed: &Arc<Placed>, cluster: &Cluster, mut stop: watch::Receiver<bool>) {
+    let _ = placed.handle.set(tokio::runtime::Handle::current());
     let _ = placed.cluster.set(cluster.clone());
     let mut nodes = cluster.nodes_changed();
     let placed = placed.clone();

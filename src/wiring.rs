@@ -208,3 +208,18 @@ pub(crate) fn serve_local(
     });
     Ok(())
 }
+
+/// Every service's name, with a source repository or deployments (for the certificates).
+pub(crate) fn services(
+    builder: &revboot_builder::Builder,
+    store: &revboot_store::Store,
+) -> Box<dyn Fn() -> Vec<String> + Send + Sync> {
+    let (builder, store) = (builder.clone(), store.clone());
+    Box::new(move || {
+        let mut all = builder.services().unwrap_or_default();
+        all.extend(store.services().unwrap_or_default());
+        all.sort();
+        all.dedup();
+        all
+    })
+}

@@ -21,7 +21,7 @@ use crate::support::{
 
 /// Starts node `id` of the cluster on `etcd`, its data in `dir`: a membership lease of
 /// 2 s, instances never reaped during a test, boots not rate-limited.
-fn node(dir: &Path, etcd: &EtcdCluster, id: &str, prefix: &str) -> Daemon {
+pub(super) fn node(dir: &Path, etcd: &EtcdCluster, id: &str, prefix: &str) -> Daemon {
     node_via(dir, &etcd.toml_endpoints(), id, prefix)
 }
 
@@ -42,7 +42,7 @@ fn node_via(dir: &Path, endpoints: &str, id: &str, prefix: &str) -> Daemon {
 }
 
 /// The node ids `GET /api/v1/nodes` of `daemon` lists.
-fn node_ids(daemon: &Daemon) -> Vec<String> {
+pub(super) fn node_ids(daemon: &Daemon) -> Vec<String> {
     let (status, body) = request(daemon, "GET", "/api/v1/nodes", None, true);
     assert_eq!(status, 200, "{body}");
     let view: serde_json::Value = serde_json::from_str(&body).expect("JSON");
@@ -55,10 +55,15 @@ fn node_ids(daemon: &Daemon) -> Vec<String> {
 }
 
 /// `git rev-parse` of a ref in a node's deployment repository (empty when absent).
-fn rev_parse(daemon: &Daemon, reference: &str) -> String {
+pub(super) fn rev_parse(daemon: &Daemon, reference: &str) -> String {
+    rev_parse_in(&daemon.data.join("deploy.git"), reference)
+}
+
+/// `git rev-parse` of a ref in a repository (empty when absent).
+pub(super) fn rev_parse_in(repo: &Path, reference: &str) -> String {
     let output = Command::new("git")
         .arg("-C")
-        .arg(daemon.data.join("deploy.git"))
+        .arg(repo)
         .args(["rev-parse", "--verify", "--quiet", reference])
         .output()
         .expect("run git");

@@ -1,0 +1,437 @@
+//! What a node of a cluster fetches from the others, with stock git, and how the builder
+//! takes part (see [`crate::cluster`] for the whole).
+//!
+//! 1. Sources: etcd holds each branch of each service and the node that took its push
+//!    (`revboot_cluster::SourceRecord`). A branch here that differs from etcd's is fetched
+//!    from that node's git (`/git/<service>.git`), into the same ref; a service etcd records
+//!    that has no source repository here gets one first (with the hooks, so that it takes
+//!    pushes). A source repository here that etcd does not record yet is recorded.
+//! 2. Deployments: a service's announced tip that is not here is fetched from the node that
+//!    announced it (`/git/-/deploy.git`), fast-forward only.
+//! 3. A fetch that did not bring what etcd names yet (the peer moves its branch once the
+//!    push's build is done) is tried again on the next round. A fetch that failed is tried
+//!    again after a delay that doubles with each failure, from [`BACKOFF_BASE`] up to [`BACKOFF_CAP`], each drawn between half and all
+//!    of it (jitter), so that the nodes do not ask a failing peer in step.
+//! 4. Builds: [`Coordinated`] is the builder's [`Coordinator`]: a push moves its branch
+//!    through etcd first, and a build runs under the service's build lock, after this node
+//!    has fetched the service's announced deployments (step 2, at once); when the build
+//!    ends, its tip is announced before the lock is released, so that the next holder
+//!    builds on top of it.
+//!
+//! Every fetch runs within [`FETCH_TIMEOUT`]; the token goes in git's environment, never on
+//! a command line or in a log.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use revboot_builder::Builder;
+use revboot_builder::coordinate::{Coordinator, CoordinatorFuture, Held};
+use revboot_cluster::{BuildLock, Cluster};
+use revboot_store::{Revision, Store};
+use tracing::{debug, info, warn};
+
+/// The longest one fetch from a peer may take.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(120);
+/// The first delay after a failed fetch.
+pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
+/// The longest delay between two tries of a failing fetch.
+pub const BACKOFF_CAP: Duration = Duration::from_secs(60);
+/// The most fetches a node remembers failures of.
+const MAX_BACKOFF: usize = 4096;
+/// How long a build waits for another node's build of the same service.
+const LOCK_PATIENCE: Duration = Duration::from_secs(600);
+/// How long a build started before the node joined the cluster waits for it.
+const JOIN_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Step 3: when each failing fetch may be tried again.
+#[derive(Debug, Default)]
+pub(crate) struct Backoff {
+    failing: HashMap<String, (u32, Instant)>,
+}
+
+impl Backoff {
+    /// Whether `key` may be tried now.
+    pub(crate) fn ready(&self, key: &str) -> bool {
+        self.failing
+            .get(key)
+            .is_none_or(|(_, next)| Instant::now() >= *next)
+    }
+
+    /// Notes a failure of `key`; returns the delay before its next try.
+    pub(crate) fn failed(&mut self, key: &str) -> Duration {
+        if self.failing.len() >= MAX_BACKOFF && !self.failing.contains_key(key) {
+            // Full: the oldest-due entry goes (it would have been tried first anyway).
+            if let Some(oldest) = (self.failing.iter())
+                .min_by_key(|(_, (_, next))| *next)
+                .map(|(key, _)| key.clone())
+            {
+                self.failing.remove(&oldest);
+            }
+        }
+        let failures = self.failing.get(key).map_or(0, |(n, _)| *n) + 1;
+        let delay = backoff_delay(failures, jitter());
+        self.failing
+            .insert(key.to_owned(), (failures, Instant::now() + delay));
+        delay
+    }
+
+    /// Notes a success of `key`.
+    pub(crate) fn succeeded(&mut self, key: &str) {
+        self.failing.remove(key);
+    }
+}
+
+/// The delay after `failures` failures in a row, `jitter` in [0, 1) picking it between half
+/// and all of `BACKOFF_BASE * 2^(failures-1)`, capped at [`BACKOFF_CAP`].
+fn backoff_delay(failures: u32, jitter: f64) -> Duration {
+    let full = BACKOFF_BASE
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
+        .min(BACKOFF_CAP);
+    full.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+}
+
+/// A number in [0, 1) that differs between nodes and calls: the clock's nanoseconds are
+/// enough to keep retries out of step (no randomness of quality is needed here).
+fn jitter() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    f64::from(nanos % 1_000_000) / 1_000_000.0
+}
+
+/// Fetches `refspecs` from `url` into the repository at `repo` with stock git, within
+/// [`FETCH_TIMEOUT`], authenticated by the cluster's `token`.
+pub(crate) async fn fetch(
+    repo: &Path,
+    url: &str,
+    refspecs: &[String],
+    token: &str,
+) -> Result<(), String> {
+    use base64::Engine as _;
+    let header = format!(
+        "Authorization: Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("git:{token}"))
+    );
+    // The token goes in git's environment, not its command line, which others can read.
+    let mut command = tokio::process::Command::new("git");
+    command
+        .arg("-C")
+        .arg(repo)
+        .args(["fetch", "--quiet", "--no-tags", "--no-write-fetch-head"])
+        .arg(url)
+        .args(refspecs)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        // Its messages are read (a branch the peer has not made yet): in English.
+        .env("LC_ALL", "C")
+        .env("GIT_CONFIG_COUNT", "1")
+        .env("GIT_CONFIG_KEY_0", "http.extraHeader")
+        .env("GIT_CONFIG_VALUE_0", header)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(FETCH_TIMEOUT, command.output())
+        .await
+        .map_err(|_| format!("git fetch took longer than {FETCH_TIMEOUT:?}"))?
+        .map_err(|error| format!("cannot run git: {error}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).trim().to_owned())
+    }
+}
+
+/// Fetches `service`'s deployment branch from the node that announced its tip, when this
+/// node does not have that tip (step 2). `Ok(false)`: nothing to fetch.
+pub(crate) async fn fetch_deployments(
+    cluster: &Cluster,
+    store: &Store,
+    service: &str,
+    token: &str,
+) -> Result<bool, String> {
+    let me = cluster.me().id.clone();
+    let Some((_, head)) = cluster
+        .heads()
+        .into_iter()
+        .find(|(name, _)| name == service)
+    else {
+        return Ok(false);
+    };
+    let Ok(revision) = head.commit.parse::<Revision>() else {
+        return Ok(false);
+    };
+    if head.node == me || store.has_deployment(service, &revision) {
+        return Ok(false);
+    }
+    let Some(peer) = cluster.nodes().into_iter().find(|n| n.id == head.node) else {
+        return Err(format!(
+            "node {} announced its deployments but is gone",
+            head.node
+        ));
+    };
+    let refspec = format!("refs/heads/{service}:refs/heads/{service}");
+    let url = format!("{}/git/-/deploy.git", peer.http);
+    fetch(store.path(), &url, &[refspec], token)
+        .await
+        .map_err(|error| format!("from node {}: {error}", peer.id))?;
+    info!(service, from = peer.id, revision = %revision, "fetched deployments from a peer");
+    Ok(true)
+}
+
+/// The branches of a source repository (`refs/heads/…` → commit).
+async fn branches(repo: &Path) -> BTreeMap<String, String> {
+    let output = tokio::time::timeout(
+        FETCH_TIMEOUT,
+        tokio::process::Command::new("git")
+            .arg("-C")
+            .arg(repo)
+            .args([
+                "for-each-ref",
+                "--format=%(refname) %(objectname)",
+                "refs/heads/",
+            ])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await;
+    let Ok(Ok(output)) = output else {
+        return BTreeMap::new();
+    };
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let (name, commit) = line.split_once(' ')?;
+            Some((name.to_owned(), commit.to_owned()))
+        })
+        .collect()
+}
+
+/// Step 1 (with step 3's delays).
+pub(crate) async fn replicate_sources(
+    cluster: &Cluster,
+    builder: &Builder,
+    token: &str,
+    backoff: &mut Backoff,
+) {
+    let me = cluster.me().id.clone();
+    let recorded = cluster.sources();
+    for service in builder.services().unwrap_or_default() {
+        if !recorded.iter().any(|(name, _)| *name == service)
+            && let Err(error) = cluster.add_source(&service).await
+        {
+            debug!(error, service, "cannot record a service in the cluster");
+        }
+    }
+    for (service, record) in recorded {
+        let Ok(repo) = builder.source_repo(&service) else {
+            continue;
+        };
+        if !repo.join("HEAD").is_file() {
+            match builder.add_service(&service).await {
+                Ok(_) => info!(
+                    service,
+                    "made the source repository of a service added on another node"
+                ),
+                Err(error) => {
+                    warn!(%error, service, "cannot make the source repository of a service");
+                    continue;
+                }
+            }
+        }
+        let here = branches(&repo).await;
+        let mut by_node: BTreeMap<&str, Vec<(&String, &String)>> = BTreeMap::new();
+        for (refname, branch) in &record.refs {
+            if branch.node != me
+                && refname.starts_with("refs/heads/")
+                && here.get(refname) != Some(&branch.commit)
+            {
+                by_node
+                    .entry(&branch.node)
+                    .or_default()
+                    .push((refname, &branch.commit));
+            }
+        }
+        for (node, wanted) in by_node {
+            let key = format!("src/{service}/{node}");
+            if !backoff.ready(&key) {
+                continue;
+            }
+            let Some(peer) = cluster.nodes().into_iter().find(|n| n.id == node) else {
+                continue;
+            };
+            let refspecs: Vec<String> = wanted
+                .iter()
+                .map(|(refname, _)| format!("+{refname}:{refname}"))
+                .collect();
+            let url = format!("{}/git/{service}.git", peer.http);
+            let fetched = fetch(&repo, &url, &refspecs, token).await;
+            let now = branches(&repo).await;
+            let complete = wanted
+                .iter()
+                .all(|(refname, commit)| now.get(*refname) == Some(*commit));
+            // A branch the peer has not made yet (its first build runs) is not a failure.
+            let fetched = match fetched {
+                Err(error) if error.contains("couldn't find remote ref") => Ok(()),
+                other => other,
+            };
+            match fetched {
+                Ok(()) if complete => {
+                    backoff.succeeded(&key);
+                    info!(service, from = node, "fetched sources from a peer");
+                }
+                // The peer moves its branch once the push's build is done: not a failure,
+                // asked again on the next round.
+                Ok(()) => debug!(
+                    service,
+                    from = node,
+                    "a peer's branch is not where etcd has it yet"
+                ),
+                Err(error) => {
+                    let delay = backoff.failed(&key);
+                    warn!(
+                        service,
+                        from = node,
+                        error,
+                        ?delay,
+                        "cannot fetch sources from a peer"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The builder's part in the cluster (step 4); set once the node has joined.
+#[derive(Debug)]
+pub struct Coordinated {
+    cluster: OnceLock<Cluster>,
+    store: Store,
+    token: String,
+}
+
+impl Coordinated {
+    /// A coordinator for `store`, with the cluster's `token`, when `[cluster]` is set.
+    pub fn new(config: &crate::config::Config, store: &Store, token: &str) -> Option<Arc<Self>> {
+        config.cluster.as_ref().map(|_| {
+            Arc::new(Coordinated {
+                cluster: OnceLock::new(),
+                store: store.clone(),
+                token: token.to_owned(),
+            })
+        })
+    }
+
+    /// The node joined `cluster`.
+    pub(crate) fn joined(&self, cluster: &Cluster) {
+        let _ = self.cluster.set(cluster.clone());
+    }
+
+    /// The cluster, once joined (waiting at most [`JOIN_PATIENCE`]).
+    async fn cluster(&self) -> Result<&Cluster, String> {
+        let deadline = Instant::now() + JOIN_PATIENCE;
+        loop {
+            if let Some(cluster) = self.cluster.get() {
+                return Ok(cluster);
+            }
+            if Instant::now() >= deadline {
+                return Err("this node has not joined the cluster".to_owned());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A build lock held: on drop, the service's tip is announced, then the lock released.
+struct Locked {
+    lock: Option<BuildLock>,
+    cluster: Cluster,
+    store: Store,
+    service: String,
+}
+
+impl Drop for Locked {
+    fn drop(&mut self) {
+        let (lock, cluster, store) = (self.lock.take(), self.cluster.clone(), self.store.clone());
+        let service = std::mem::take(&mut self.service);
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        handle.spawn(async move {
+            let tip = store.tip(&service).ok().flatten();
+            let announced = cluster
+                .heads()
+                .into_iter()
+                .find(|(name, _)| *name == service)
+                .map(|(_, head)| head.commit);
+            if let Some(tip) = tip
+                && announced.as_deref() != Some(tip.to_hex().as_str())
+                && let Err(error) = cluster.announce_head(&service, &tip.to_hex()).await
+            {
+                warn!(error, service, "cannot announce a build to the cluster");
+            }
+            drop(lock);
+        });
+    }
+}
+
+impl Coordinator for Coordinated {
+    fn move_ref<'a>(
+        &'a self,
+        service: &'a str,
+        refname: &'a str,
+        old: &'a str,
+        new: &'a str,
+    ) -> CoordinatorFuture<'a, ()> {
+        Box::pin(async move {
+            let cluster = self.cluster().await?;
+            cluster
+                .move_ref(service, refname, old, new)
+                .await
+                .map_err(|error| error.to_string())
+        })
+    }
+
+    fn lock_builds<'a>(&'a self, service: &'a str) -> CoordinatorFuture<'a, Held> {
+        Box::pin(async move {
+            let cluster = self.cluster().await?;
+            let lock = cluster.lock_builds(service, LOCK_PATIENCE).await?;
+            // The lock's last holder announced its tip before releasing it.
+            fetch_deployments(cluster, &self.store, service, &self.token)
+                .await
+                .map_err(|error| {
+                    format!("cannot fetch the deployments of `{service}` first: {error}")
+                })?;
+            Ok(Box::new(Locked {
+                lock: Some(lock),
+                cluster: cluster.clone(),
+                store: self.store.clone(),
+                service: service.to_owned(),
+            }) as Held)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_fetch_waits_twice_as_long_each_time_up_to_the_cap() {
+        assert_eq!(
+            backoff_delay(1, 0.999_999),
+            BACKOFF_BASE.mul_f64(0.999_999_5)
+        );
+        assert_eq!(backoff_delay(1, 0.0), BACKOFF_BASE / 2);
+        assert_eq!(backoff_delay(3, 0.0), BACKOFF_BASE * 2);
+        assert_eq!(backoff_delay(30, 0.0), BACKOFF_CAP / 2);
+        assert!(backoff_delay(30, 0.999) <= BACKOFF_CAP);
+        let mut backoff = Backoff::default();
+        assert!(backoff.ready("a"));
+        let first = backoff.failed("a");
+        assert!(first <= BACKOFF_BASE);
+        let second = backoff.failed("a");
+        assert!(second >= BACKOFF_BASE && second <= BACKOFF_BASE * 2);
+        backoff.succeeded("a");
+        assert!(backoff.ready("a"));
+    }
+}
