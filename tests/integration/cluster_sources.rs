@@ -1,8 +1,8 @@
 //! Sources in a cluster of three revboot nodes on a 3-member etcd: any node takes a push
 //! and builds, branches move by compare-and-swap in etcd (two pushes of one branch at once
 //! on two nodes: one wins, the other is refused as git refuses a push that is not a
-//! fast-forward), the others fetch the sources with stock git, and a restarted node catches
-//! up.
+//! fast-forward), the others fetch the sources with stock git, a service added on one node
+//! exists on all, and a restarted node catches up.
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -105,6 +105,20 @@ fn any_node_takes_a_push_and_builds_and_sources_replicate_through_etcd_and_git()
         .collect();
     for daemon in &nodes {
         assert!(eventually(|| node_ids(daemon) == ["n1", "n2", "n3"]));
+    }
+
+    // A service added on node 2 exists on every node.
+    let added = nodes[1].cli(&["service", "add", "scratch"]);
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    for daemon in &nodes {
+        assert!(eventually(|| daemon
+            .data
+            .join("src/scratch.git/HEAD")
+            .is_file()));
     }
 
     // A push to node 1: its sources reach every node.
