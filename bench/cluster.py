@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A revboot cluster on one machine: replication lag and failover.
+"""A revboot cluster on one machine: replication lag (deployments and sources) and failover.
 
 Starts a 3-member etcd (Debian etcd-server) and three `revboot serve` nodes with `[cluster]`,
 all on loopback addresses of their own (etcd on 127.<a>.<b>.1-3, ports no default etcd
@@ -7,7 +7,9 @@ uses; the daemons on port 0 of 127.0.0.1, read from their 'revboot is serving' l
 
   1. Replication lag, N times: a new commit of examples/hello pushed to node 1 (the push
      returns once the deployment is written there) -> the deployment is on the other two
-     nodes (their refs/heads/hello names it: fetched by git, bootable there).
+     nodes (their refs/heads/hello names it: fetched by git, bootable there), and, from the
+     same pushes side by side, the source commit is on the other two nodes (their source
+     repository's refs/heads/main names it: moved through etcd, fetched by git).
   2. Failover, K times: the owner of a revision's name (the node whose pool holds the address
      every node answers) is killed with SIGKILL -> both survivors answer the name with an
      address of a live node (polled every 20 ms over UDP). The killed node is started again
@@ -15,7 +17,8 @@ uses; the daemons on port 0 of 127.0.0.1, read from their 'revboot is serving' l
 
 Prints p50/p99/max of each, and the membership lease's TTL the failover is bound by.
 
-usage: bench/cluster.py [N] [K]   (default 20 20; as root, from the repository root)
+usage: bench/cluster.py [N] [K]   (default 20 20; K = 0 skips failover; as root, from the
+       repository root)
   REVBOOT=<binary> runs that binary (default: target/release/revboot, built first)
 """
 import json, os, random, re, shutil, socket, struct, subprocess, sys, tempfile, time, urllib.request
@@ -161,10 +164,13 @@ class Node:
     def owns(self, address):
         return address is not None and address.startswith(self.pool.rsplit(".", 1)[0] + ".")
 
-    def tip(self):
-        out = subprocess.run(["git", "-C", os.path.join(self.data, "deploy.git"), "rev-parse",
-                              "--verify", "-q", "refs/heads/hello"], capture_output=True, text=True)
+    def tip(self, repo="deploy.git", ref="refs/heads/hello"):
+        out = subprocess.run(["git", "-C", os.path.join(self.data, repo), "rev-parse",
+                              "--verify", "-q", ref], capture_output=True, text=True)
         return out.stdout.strip()
+
+    def source(self):
+        return self.tip("src/hello.git", "refs/heads/main")
 
 
 def git(work, *args):
@@ -197,23 +203,35 @@ def main():
         remote = "http://git:%s@%s/git/hello.git" % (TOKEN, nodes[0].http)
 
         # 1. Replication lag.
-        lags = []
+        lags, source_lags = [], []
         for i in range(N):
             with open(os.path.join(src, "CHANGES"), "a") as f:
                 f.write("change %d\n" % i)
             git(src, "add", "-A")
             git(src, "commit", "-qm", "hello change %d" % i)
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, check=True,
+                                    capture_output=True, text=True).stdout.strip()
             git(src, "push", "-q", remote, "main")
             t0 = time.perf_counter()
             tip = nodes[0].tip()
-            while not all(n.tip() == tip for n in nodes[1:]):
+            lag = source_lag = None
+            while lag is None or source_lag is None:
                 if time.perf_counter() - t0 > 120:
                     raise SystemExit("replication took over 120 s")
+                if lag is None and all(n.tip() == tip for n in nodes[1:]):
+                    lag = time.perf_counter() - t0
+                if source_lag is None and all(n.source() == commit for n in nodes[1:]):
+                    source_lag = time.perf_counter() - t0
                 time.sleep(0.005)
-            lags.append(time.perf_counter() - t0)
+            lags.append(lag)
+            source_lags.append(source_lag)
         print("replication lag (push to node 1 returned -> on nodes 2 and 3), %d pushes: "
               "p50 %.0f ms, p99 %.0f ms, max %.0f ms"
               % (N, pct(lags, 50) * 1000, pct(lags, 99) * 1000, max(lags) * 1000))
+        print("source replication lag (same pushes -> source commit on nodes 2 and 3): "
+              "p50 %.0f ms, p99 %.0f ms, max %.0f ms; load average %.1f"
+              % (pct(source_lags, 50) * 1000, pct(source_lags, 99) * 1000,
+                 max(source_lags) * 1000, os.getloadavg()[0]))
 
         # 2. Failover.
         name = "%s.hello.revboot.test" % nodes[0].tip()[:12]
@@ -245,6 +263,8 @@ def main():
                 if time.time() > deadline:
                     raise SystemExit("the restarted node did not rejoin")
                 time.sleep(0.1)
+        if not times:
+            return
         print("failover (owner killed -> both survivors answer a live node's address), %d kills: "
               "p50 %.0f ms, p99 %.0f ms, max %.0f ms (lease ttl_s = %d)"
               % (K, pct(times, 50) * 1000, pct(times, 99) * 1000, max(times) * 1000, TTL_S))
