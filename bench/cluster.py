@@ -174,8 +174,10 @@ class Node:
 
 
 def git(work, *args):
-    subprocess.run(["git", "-c", "user.name=bench", "-c", "user.email=bench@revboot.test", *args],
-                   cwd=work, check=True, capture_output=True)
+    done = subprocess.run(["git", "-c", "user.name=bench", "-c", "user.email=bench@revboot.test",
+                           *args], cwd=work, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit("git %s failed:\n%s" % (args[0], done.stderr[-3000:]))
 
 
 def main():

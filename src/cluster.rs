@@ -127,10 +127,15 @@ pub(crate) async fn join(
         coordinated.joined(&cluster);
     }
     crate::placed::reconcile(deployer.clone(), cluster.clone(), stop.clone());
+    tokio::spawn(replicate::keep_sources_in_step(
+        cluster.clone(),
+        builder.clone(),
+        token.to_owned(),
+        stop.clone(),
+    ));
     tokio::spawn(keep_in_step(
         cluster.clone(),
         store.clone(),
-        builder.clone(),
         token.to_owned(),
         stop,
     ));
@@ -191,30 +196,26 @@ impl LiveAuthority for EtcdAuthority {
     }
 }
 
-/// Steps 3 to 6, until `stop`.
+/// Steps 3 to 5, until `stop` (step 6 runs beside it, [`replicate::keep_sources_in_step`]).
 async fn keep_in_step(
     cluster: Cluster,
     store: Store,
-    builder: revboot_builder::Builder,
     token: String,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut heads = cluster.heads_changed();
     let mut live = cluster.live_changed();
-    let mut sources = cluster.sources_changed();
     let mut backoff = Backoff::default();
     loop {
         tokio::select! {
             _ = stop.wait_for(|stop| *stop) => return,
             _ = heads.changed() => {}
             _ = live.changed() => {}
-            _ = sources.changed() => {}
             () = tokio::time::sleep(TICK) => {}
         }
         announce(&cluster, &store).await;
         replicate(&cluster, &store, &token, &mut backoff).await;
         mirror_live(&cluster, &store).await;
-        replicate::replicate_sources(&cluster, &builder, &token, &mut backoff).await;
     }
 }
 

@@ -175,6 +175,7 @@ impl DaemonRuntime {
             builder: &self.builder,
             deployer: &self.deployer,
             zone: &self.zone,
+            clustered: self.cluster.is_some(),
         }
     }
 }

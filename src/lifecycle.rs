@@ -1,6 +1,7 @@
 //! Renaming and deleting a service: the order in which the parts change.
 //!
-//! 1. The names are checked (service names: lowercase letters, digits and `-`); the
+//! 1. The names are checked (service names: lowercase letters, digits and `-`); a node of
+//!    a cluster refuses (`conflict`): the other nodes would bring the service back; the
 //!    service must exist (a source repository, or refs in the deployment repository) and a
 //!    new name must not. A bad name is `invalid`, an unknown service `not_found`, a taken
 //!    name `conflict`; nothing changes.
@@ -38,6 +39,8 @@ pub(crate) struct Parts<'a> {
     pub(crate) builder: &'a Builder,
     pub(crate) deployer: &'a Arc<Deployer>,
     pub(crate) zone: &'a str,
+    /// Whether the node is one of a cluster, where renames and deletes are refused.
+    pub(crate) clustered: bool,
 }
 
 impl Parts<'_> {
@@ -49,6 +52,17 @@ impl Parts<'_> {
                 .service_refs(service)
                 .map_err(store_error)?
                 .is_empty())
+    }
+
+    /// Renames and deletes change one node; the others would bring the service back (its
+    /// sources and deployments replicate), so a cluster refuses them for now.
+    fn check_single_host(&self) -> Result<(), ActionError> {
+        if self.clustered {
+            return Err(ActionError::Conflict(
+                "Renaming or deleting a service is not supported in a cluster yet (the other nodes would bring it back); nothing changed".to_owned(),
+            ));
+        }
+        Ok(())
     }
 
     fn check_exists(&self, service: &str) -> Result<(), ActionError> {
@@ -69,6 +83,7 @@ impl Parts<'_> {
     ) -> Result<DeletedView, ActionError> {
         revboot_builder::validate_service_name(service)
             .map_err(|error| ActionError::Invalid(error.to_string()))?;
+        self.check_single_host()?;
         let closed = self
             .builder
             .close(&[service])
@@ -121,6 +136,7 @@ impl Parts<'_> {
             .map_err(|error| ActionError::Invalid(error.to_string()))?;
         revboot_builder::validate_service_name(to)
             .map_err(|error| ActionError::Invalid(format!("New name: {error}")))?;
+        self.check_single_host()?;
         if from == to {
             return Err(ActionError::Invalid(format!(
                 "`{from}` is the service's name already"

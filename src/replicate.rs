@@ -206,13 +206,47 @@ async fn branches(repo: &Path) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Step 1 (with step 3's delays).
-pub(crate) async fn replicate_sources(
+/// Step 1 on every change of etcd's source records and every [`crate::cluster::TICK`]
+/// besides, until `stop`; apart from the deployments' steps, so that a slow fetch of
+/// sources never holds up a deployment's.
+pub(crate) async fn keep_sources_in_step(
+    cluster: Cluster,
+    builder: Builder,
+    token: String,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut sources = cluster.sources_changed();
+    // A build ends with its deployment announced, and its branch moves on its node then.
+    let mut heads = cluster.heads_changed();
+    let mut backoff = Backoff::default();
+    let mut pending = false;
+    loop {
+        let wait = if pending {
+            PENDING_POLL
+        } else {
+            crate::cluster::TICK
+        };
+        tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => return,
+            _ = sources.changed() => {}
+            _ = heads.changed() => {}
+            () = tokio::time::sleep(wait) => {}
+        }
+        pending = replicate_sources(&cluster, &builder, &token, &mut backoff).await;
+    }
+}
+
+/// How soon a branch that its node has not moved yet (its build runs) is asked for again.
+const PENDING_POLL: Duration = Duration::from_millis(200);
+
+/// Step 1 (with step 3's delays); whether a peer's branch is not where etcd has it yet.
+async fn replicate_sources(
     cluster: &Cluster,
     builder: &Builder,
     token: &str,
     backoff: &mut Backoff,
-) {
+) -> bool {
+    let mut pending = false;
     let me = cluster.me().id.clone();
     let recorded = cluster.sources();
     for service in builder.services().unwrap_or_default() {
@@ -281,11 +315,14 @@ pub(crate) async fn replicate_sources(
                 }
                 // The peer moves its branch once the push's build is done: not a failure,
                 // asked again on the next round.
-                Ok(()) => debug!(
-                    service,
-                    from = node,
-                    "a peer's branch is not where etcd has it yet"
-                ),
+                Ok(()) => {
+                    pending = true;
+                    debug!(
+                        service,
+                        from = node,
+                        "a peer's branch is not where etcd has it yet"
+                    );
+                }
                 Err(error) => {
                     let delay = backoff.failed(&key);
                     warn!(
@@ -299,6 +336,7 @@ pub(crate) async fn replicate_sources(
             }
         }
     }
+    pending
 }
 
 /// The builder's part in the cluster (step 4); set once the node has joined.
