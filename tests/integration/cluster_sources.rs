@@ -204,3 +204,59 @@ fn any_node_takes_a_push_and_builds_and_sources_replicate_through_etcd_and_git()
     consistent(&nodes);
     assert_eq!(built_commits(&nodes[2])[0], c4);
 }
+
+/// A node asked for a name of a service whose deployments another node announced fetches
+/// them first; a fetch that fails is SERVFAIL (not NXDOMAIN, which resolvers would cache),
+/// and logged. The other node is a registration made here with the cluster's own client,
+/// at an address where no revboot answers.
+#[test]
+fn a_revision_announced_by_a_node_that_cannot_be_fetched_from_is_servfail_and_logged() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let etcd = EtcdCluster::start(3, temp.path());
+    let prefix = format!("/revboot-fetch-{}", std::process::id());
+    let n1 = node(temp.path(), &etcd, "n1", &prefix);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let (_leave, stop) = tokio::sync::watch::channel(false);
+    let config = revboot_cluster::ClusterConfig::from_toml(&format!(
+        "etcd = {}\nnode = \"n9\"\nttl_s = 2\nprefix = \"{prefix}\"",
+        etcd.toml_endpoints()
+    ))
+    .expect("config");
+    let unreachable = revboot_cluster::NodeInfo::new(
+        "n9",
+        "http://127.0.0.1:9",
+        "127.0.0.1:9".parse().expect("address"),
+    );
+    let n9 = runtime
+        .block_on(revboot_cluster::Cluster::join(
+            &config,
+            "revboot.test",
+            unreachable,
+            stop,
+        ))
+        .expect("join");
+    let announced = "ab".repeat(20);
+    runtime
+        .block_on(n9.announce_head("hello", &announced))
+        .expect("announce");
+    let name = format!("{}.hello.revboot.test", &announced[..7]);
+    let mut answer = String::new();
+    assert!(
+        eventually(|| {
+            let output = n1
+                .command("dig")
+                .arg(format!("@{}", n1.dns.ip()))
+                .args(["-p", &n1.dns.port().to_string(), "+time=15", "+tries=1"])
+                .args([name.as_str(), "A"])
+                .output()
+                .expect("run dig");
+            answer = String::from_utf8_lossy(&output.stdout).into_owned();
+            answer.contains("status: SERVFAIL")
+                && n1
+                    .log()
+                    .contains("cannot fetch deployments asked for by DNS")
+        }),
+        "{answer}\n{}",
+        n1.log()
+    );
+}
