@@ -27,7 +27,6 @@
 //! fetch that failed is tried again after a delay that grows (see [`crate::replicate`]).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use revboot_cluster::{Cluster, NodeInfo};
@@ -41,9 +40,7 @@ use crate::config::Config;
 use crate::placed::Placed;
 use crate::replicate::{self, Backoff, Coordinated};
 
-pub use crate::replicate::FETCH_TIMEOUT;
-/// How often steps 3 to 6 run when etcd reports nothing.
-pub const TICK: Duration = Duration::from_secs(1);
+pub use crate::replicate::{FETCH_TIMEOUT, TICK};
 
 /// Instances as DNS or the API sees them.
 type Answers = Arc<dyn Instances>;

@@ -32,6 +32,8 @@ use revboot_cluster::{BuildLock, Cluster};
 use revboot_store::{Revision, Store};
 use tracing::{debug, info, warn};
 
+/// How often the cluster's steps run when etcd reports nothing (see [`crate::cluster`]).
+pub const TICK: Duration = Duration::from_secs(1);
 /// The longest one fetch from a peer may take.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(120);
 /// The first delay after a failed fetch.
@@ -206,7 +208,7 @@ async fn branches(repo: &Path) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Step 1 on every change of etcd's source records and every [`crate::cluster::TICK`]
+/// Step 1 on every change of etcd's source records and every [`TICK`]
 /// besides, until `stop`; apart from the deployments' steps, so that a slow fetch of
 /// sources never holds up a deployment's.
 pub(crate) async fn keep_sources_in_step(
@@ -221,11 +223,7 @@ pub(crate) async fn keep_sources_in_step(
     let mut backoff = Backoff::default();
     let mut pending = false;
     loop {
-        let wait = if pending {
-            PENDING_POLL
-        } else {
-            crate::cluster::TICK
-        };
+        let wait = if pending { PENDING_POLL } else { TICK };
         tokio::select! {
             _ = stop.wait_for(|stop| *stop) => return,
             _ = sources.changed() => {}
