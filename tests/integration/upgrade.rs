@@ -399,13 +399,27 @@ fn upgrade_in_place_hands_the_front_door_over_on_its_port() {
     assert!(crate::front_door::curl_front(&host, front).contains("hello from v1"));
 }
 
-#[test]
-fn upgrade_in_place_keeps_an_instance_still_booting_and_its_probe_goes_on() {
-    let temp = tempfile::tempdir().expect("temp dir");
-    // Direct: clients reach the instance's own socket, which exists from its start.
-    let (daemon, binary) = upgradable(temp.path(), "[instances]\ndirect = true\n");
-    let work = hello_source(temp.path());
-    // Ready only once someone asks for /ready-now: booting until the test says so.
+/// The pid, state and steered connections of the one instance.
+fn booting(daemon: &Daemon) -> (Option<u64>, Option<String>, Option<u64>) {
+    let instances = daemon.instances();
+    let first = instances.first();
+    (
+        first.and_then(|i| i["pid"].as_u64()),
+        first.map(|i| i["state"].to_string()),
+        first.and_then(|i| i["steered"].as_u64()),
+    )
+}
+
+fn is_booting(state: Option<&str>) -> bool {
+    state.is_some_and(|s| s.contains("booting"))
+}
+
+/// A daemon with `config` running hello, ready only once someone asks for /ready-now, and
+/// summoned: booting until the test says so. The daemon, its binary, the live name, the
+/// instance's address and pid.
+fn booting_hello(temp: &Path, config: &str) -> (Daemon, PathBuf, String, String, Option<u64>) {
+    let (daemon, binary) = upgradable(temp, config);
+    let work = hello_source(temp);
     let manifest = work.join("revboot.toml");
     let text = std::fs::read_to_string(&manifest).expect("revboot.toml");
     let text = text.replace(
@@ -417,35 +431,74 @@ fn upgrade_in_place_keeps_an_instance_still_booting_and_its_probe_goes_on() {
     push(&daemon, &work);
     let live = format!("hello.{ZONE}");
     let address = dig_ok(&daemon, &live, false);
-    let booting = || {
-        let instances = daemon.instances();
-        let pid = instances.first().and_then(|i| i["pid"].as_u64());
-        let state = instances.first().map(|i| i["state"].to_string());
-        (pid, state)
-    };
-    assert!(eventually(|| booting().0.is_some()), "{:?}", booting());
-    let (pid, state) = booting();
     assert!(
-        state.as_deref().is_some_and(|s| s.contains("booting")),
-        "{state:?}"
+        eventually(|| booting(&daemon).0.is_some()),
+        "{:?}",
+        booting(&daemon)
+    );
+    let (pid, state, _) = booting(&daemon);
+    assert!(is_booting(state.as_deref()), "{state:?}");
+    (daemon, binary, live, address, pid)
+}
+
+#[test]
+fn upgrade_in_place_keeps_an_instance_still_booting_and_its_probe_goes_on() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    // Direct: clients reach the instance's own socket, which exists from its start.
+    let (daemon, binary, live, address, pid) =
+        booting_hello(temp.path(), "[instances]\ndirect = true\n");
+
+    replace_binary(&binary);
+    let view = upgrade(&daemon);
+    assert_eq!(view["last_upgrade_instances"], 1, "{view}");
+    let (after, state, _) = booting(&daemon);
+    assert_eq!(after, pid);
+    assert!(is_booting(state.as_deref()), "{state:?}");
+
+    // The new program's probe sees the line, and the instance serves.
+    let answer = crate::support::curl_path(&live, &address, 8080, "/ready-now");
+    assert!(answer.starts_with("hello from v1"), "{answer}");
+    assert!(eventually(|| booting(&daemon)
+        .1
+        .is_some_and(|s| s.contains("ready") || s.contains("idle"))));
+    assert_eq!(booting(&daemon).0, pid);
+    assert!(curl(&live, &address, 8080).starts_with("hello from v1"));
+}
+
+#[test]
+fn an_instance_handed_over_while_booting_is_steered_at_once_not_relayed() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    // The proxy in front: the first program steers the booting instance from its spawn.
+    let (daemon, binary, live, address, pid) = booting_hello(temp.path(), "");
+    assert!(
+        eventually(|| booting(&daemon).2.is_some()),
+        "{:?}",
+        booting(&daemon)
     );
 
     replace_binary(&binary);
     let view = upgrade(&daemon);
     assert_eq!(view["last_upgrade_instances"], 1, "{view}");
-    let (after, state) = booting();
-    assert_eq!(after, pid);
+    // The new program steers it too while it still boots (its probe waits for /ready-now).
     assert!(
-        state.as_deref().is_some_and(|s| s.contains("booting")),
-        "{state:?}"
+        eventually(|| booting(&daemon).2.is_some()),
+        "{:?}",
+        booting(&daemon)
     );
+    let (after, state, _) = booting(&daemon);
+    assert_eq!(after, pid);
+    assert!(is_booting(state.as_deref()), "{state:?}");
 
-    // The new program's probe sees the line, and the instance serves.
-    let answer = crate::support::curl_path(&live, &address, 8080, "/ready-now");
-    assert!(answer.starts_with("hello from v1"), "{answer}");
-    assert!(eventually(|| booting()
-        .1
-        .is_some_and(|s| s.contains("ready") || s.contains("idle"))));
-    assert_eq!(booting().0, pid);
-    assert!(curl(&live, &address, 8080).starts_with("hello from v1"));
+    // Connections made now reach its socket: the new program's proxy accepts none.
+    for _ in 0..3 {
+        assert!(curl(&live, &address, 8080).starts_with("hello from v1"));
+    }
+    let metrics = daemon.metrics();
+    assert!(
+        metrics.contains("revboot_proxy_connections_total{outcome=\"accepted\"} 0"),
+        "{metrics}"
+    );
+    let (_, state, steered) = booting(&daemon);
+    assert!(is_booting(state.as_deref()), "{state:?}");
+    assert!(steered >= Some(3), "{steered:?}");
 }

@@ -23,8 +23,9 @@
 //!    scratch directories and durable records stay) and takes each back — its uid, its
 //!    address, its console, the state `ready`, or `booting` with its readiness probe run
 //!    again within what is left of its boot timeout — through its tender
-//!    ([`Tender::adopt`]). Its task goes on from there: steering, idle reaping, stops, its
-//!    record at the end.
+//!    ([`Tender::adopt`]). Its task goes on from there: steering (at once for a booting
+//!    instance whose socket holds handshakes, as from a spawn; else once ready), idle
+//!    reaping, stops, its record at the end.
 //! 6. One whose revision or descriptor cannot be read, or that its tender cannot take
 //!    back, is killed and cleaned up, and boots again on demand.
 //!
@@ -283,6 +284,12 @@ impl Deployer {
             let mut ready_after = ready_after;
             let end: End = 'life: {
                 if booting {
+                    if running.holds_handshakes() {
+                        // As from its spawn (the `life` module): its socket holds what
+                        // arrives while it boots, so connections go there from now on, not
+                        // through the proxy's relay until it is ready.
+                        me.steer(&entry, running.as_ref());
+                    }
                     // Its probe goes on here, within what is left of its boot timeout.
                     let deadline =
                         tokio::time::Instant::from_std(entry.started + entry.boot_timeout);
