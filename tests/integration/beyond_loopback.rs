@@ -9,7 +9,9 @@ use std::process::{Child, Output, Stdio};
 
 use revboot_testkit::netns::Netns;
 
-use crate::support::{Daemon, Setup, eventually, git, hello_source, push, push_service};
+use crate::support::{
+    Daemon, Setup, eventually, example_source, git, hello_source, push, push_service,
+};
 
 const ZONE: &str = "example.com";
 /// The server's end of the veth pair: revboot's DNS listens here.
@@ -124,6 +126,20 @@ impl Unbound {
     }
 }
 
+impl Unbound {
+    /// unbound with the iterator alone, once it answers: the apex's SOA through the stub
+    /// zone.
+    fn answering(network: &Network, dir: &Path) -> Unbound {
+        let unbound = Unbound::start(network, dir, "");
+        assert!(
+            eventually(|| !resolve(network, ZONE, "SOA").is_empty()),
+            "unbound never answered; its log:\n{}",
+            std::fs::read_to_string(dir.join("unbound.log")).unwrap_or_default()
+        );
+        unbound
+    }
+}
+
 impl Drop for Unbound {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -230,13 +246,7 @@ fn a_client_network_resolves_through_unbound_and_reaches_revisions_over_ipv6() {
 
     let work = hello_source(temp.path());
     assert!(push(&daemon, &work).contains("succeeded"));
-    let unbound = Unbound::start(&network, temp.path(), "");
-    // unbound answers once it listens: the apex's SOA through the stub zone.
-    assert!(
-        eventually(|| !resolve(&network, ZONE, "SOA").is_empty()),
-        "unbound never answered; its log:\n{}",
-        std::fs::read_to_string(temp.path().join("unbound.log")).unwrap_or_default()
-    );
+    let unbound = Unbound::answering(&network, temp.path());
 
     assert_eq!(resolve(&network, ZONE, "NS"), [format!("ns1.{ZONE}.")]);
 
@@ -451,12 +461,7 @@ fn the_front_door_routes_a_client_network_by_host_and_by_tls_server_name_booting
         "booted before a client asked"
     );
 
-    let _unbound = Unbound::start(&network, temp.path(), "");
-    assert!(
-        eventually(|| !resolve(&network, ZONE, "SOA").is_empty()),
-        "unbound never answered; its log:\n{}",
-        std::fs::read_to_string(temp.path().join("unbound.log")).unwrap_or_default()
-    );
+    let _unbound = Unbound::answering(&network, temp.path());
 
     // By Host: the name resolves to the front door, which boots the live revision.
     let name = format!("hello.{ZONE}");
@@ -489,4 +494,75 @@ fn the_front_door_routes_a_client_network_by_host_and_by_tls_server_name_booting
         metrics.contains("revboot_proxy_connections_total{outcome=\"front_routed\"} 3"),
         "{metrics}"
     );
+}
+
+/// The deployment of `service` built from a source commit starting with `source`.
+fn deployment_of(daemon: &Daemon, service: &str, source: &str) -> String {
+    let output = daemon.cli(&["--json", "log", service]);
+    let history: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).expect("JSON");
+    history
+        .iter()
+        .find(|d| {
+            d["source_commit"]
+                .as_str()
+                .is_some_and(|s| s.starts_with(source))
+        })
+        .and_then(|d| d["revision"].as_str())
+        .unwrap_or_else(|| panic!("no deployment of {source}: {history:?}"))
+        .to_owned()
+}
+
+#[test]
+fn a_vm_revision_answers_aaaa_and_serves_a_client_network_over_ipv6_booted_on_demand() {
+    let network = Network::new();
+    let temp = tempfile::tempdir().expect("temp dir");
+    // TCG, qemu's emulator, whatever the host has: hardware virtualisation is not assumed.
+    let tcg = "qemu_accel = \"tcg\"\n";
+    let daemon = start(
+        &network,
+        &temp.path().join("data"),
+        &[POOL_V6, POOL_V4],
+        "",
+        tcg,
+    );
+    // Two revisions of hello-vm in one push: one that asks for IPv6 alone, then (live) one
+    // on every family there is a pool of.
+    let work = example_source(temp.path(), "hello-vm");
+    let manifest = work.join("revboot.toml");
+    let both = std::fs::read_to_string(&manifest).expect("revboot.toml");
+    std::fs::write(&manifest, format!("{both}families = [\"ipv6\"]\n")).expect("write");
+    git(&work, &["commit", "-q", "-am", "hello-vm on IPv6 alone"]);
+    let v6_only = head(&work);
+    std::fs::write(&manifest, both).expect("write revboot.toml");
+    git(&work, &["commit", "-q", "-am", "hello-vm on both families"]);
+    let dual = head(&work);
+    let pushed = push_service(&daemon, &work, "hello-vm");
+    assert!(pushed.contains("succeeded"), "{pushed}");
+    let unbound = Unbound::answering(&network, temp.path());
+
+    // IPv6 alone: AAAA through the resolver is an address of the IPv6 pool, and no A; the
+    // VM boots on that query and answers over IPv6 (the proxy brings the connection to
+    // qemu's port forward, on loopback).
+    let name = format!("{v6_only}.hello-vm.{ZONE}");
+    let v6 = resolve(&network, &name, "AAAA");
+    assert_eq!(v6.len(), 1, "{v6:?}");
+    assert!(inside(&v6[0], POOL_V6), "{v6:?}");
+    assert_eq!(resolve(&network, &name, "A"), Vec::<String>::new());
+    let body = get(&network, None, &url(&v6[0])).expect("GET of the VM over IPv6");
+    let deployment = deployment_of(&daemon, "hello-vm", &v6_only);
+    assert_eq!(body.trim(), format!("hello from v1 ({deployment})"));
+
+    // Both families: one instance at an address of each pool, reached over each.
+    let name = format!("hello-vm.{ZONE}");
+    let deployment = deployment_of(&daemon, "hello-vm", &dual);
+    let v6 = resolve(&network, &name, "AAAA");
+    assert!(v6.len() == 1 && inside(&v6[0], POOL_V6), "{v6:?}");
+    let v4 = resolve(&network, &name, "A");
+    assert!(v4.len() == 1 && inside(&v4[0], POOL_V4), "{v4:?}");
+    for address in [&v6[0], &v4[0]] {
+        let body = get(&network, None, &url(address)).expect("GET of the VM");
+        assert_eq!(body.trim(), format!("hello from v1 ({deployment})"));
+    }
+    assert_eq!(running(&daemon, "hello-vm"), 2);
+    drop(unbound);
 }

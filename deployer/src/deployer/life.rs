@@ -469,7 +469,7 @@ impl Deployer {
             debug!(instance = %entry.key, "front door service: not steered");
             return;
         }
-        let fronts: Vec<SocketAddr> = entry.addresses.with_port(entry.port).collect();
+        let mut fronts: Vec<SocketAddr> = entry.addresses.with_port(entry.port).collect();
         if fronts.contains(&entry.backend) {
             return;
         }
@@ -481,6 +481,16 @@ impl Deployer {
                 return;
             }
         };
+        // The kernel hands IPv6 connections to IPv6 sockets only: those to an instance
+        // whose socket is IPv4 (a VM's port forward) stay with the proxy, which relays them.
+        let local = socket2::SockRef::from(&socket).local_addr();
+        if local.is_ok_and(|local| local.is_ipv4()) {
+            fronts.retain(SocketAddr::is_ipv4);
+            if fronts.is_empty() {
+                debug!(instance = %entry.key, "IPv6 only to an IPv4 socket: relayed by the proxy");
+                return;
+            }
+        }
         // The map holds the socket; our descriptor closes here, so the route ends by itself
         // when the instance's socket closes.
         match steering.steer(&fronts, client, socket.as_fd()) {

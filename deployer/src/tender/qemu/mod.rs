@@ -3,7 +3,8 @@
 //!
 //! 1. [`Tender::prepare`] checks the manifest (memory, kernel arguments) and claims the
 //!    backend endpoint: the host side of qemu's user-mode port forward, on the instance's
-//!    service address (the manifest port, or one the kernel picks). For a revision known to
+//!    IPv4 address, or loopback for one on IPv6 alone (`forward_host`), at the manifest
+//!    port or one the kernel picks. For a revision known to
 //!    have a snapshot, it takes a qemu already started and waiting (the `pool` module), and
 //!    the port that qemu may bind.
 //! 2. [`Prepared::boot`] restores when it can: a stored snapshot of this revision that
@@ -66,7 +67,7 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -326,10 +327,32 @@ fn incoming_args(accel: Accel, memory_mib: u64) -> Vec<OsString> {
     args
 }
 
+/// Where the host side of an instance's port forward listens: its IPv4 service address, or
+/// for an instance on IPv6 alone, [`Ipv4Addr::LOCALHOST`] (its port the kernel's pick).
+///
+/// qemu 7.2's `hostfwd` takes IPv4 host addresses only (`[::1]` is "Bad host address"),
+/// and the kernel hands an IPv6 connection to IPv6 sockets only (`sk_lookup` refuses an
+/// `AF_INET` one). So the proxy, listening on every service address, relays a VM's IPv6
+/// connections to the forward, while its IPv4 ones are steered there once it is ready.
+fn forward_host(spec: &BootSpec) -> Result<Ipv4Addr, BootError> {
+    match (spec.addresses.v4(), spec.backend_port) {
+        (Some(v4), _) => Ok(v4),
+        (None, BackendPort::Ephemeral) => Ok(Ipv4Addr::LOCALHOST),
+        (None, BackendPort::Same) => Err(invalid(
+            "port forward",
+            format!(
+                "qemu user networking forwards from IPv4 only, and {} has no proxy in front \
+                 to bring its IPv6 connections there (`direct = false`)",
+                spec.addresses
+            ),
+        )),
+    }
+}
+
 impl Tender for QemuTender {
     fn families(&self) -> &'static [Family] {
-        // User networking forwards from IPv4 host addresses.
-        &[Family::Ipv4]
+        // IPv6 through the proxy: see `forward_host`.
+        &[Family::Ipv4, Family::Ipv6]
     }
 
     fn kind(&self) -> TenderKind {
@@ -370,15 +393,7 @@ impl Tender for QemuTender {
                  accepts for the guest); use `console` or `http` to know the guest serves"
             );
         }
-        let (Some(v4), None) = (spec.addresses.v4(), spec.addresses.v6()) else {
-            return Err(invalid(
-                "port forward",
-                format!(
-                    "qemu user networking forwards IPv4 only, not {}",
-                    spec.addresses
-                ),
-            ));
-        };
+        let v4 = forward_host(&spec)?;
         let qmp = spec.scratch.join("qmp.sock");
         if qmp.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(invalid(
@@ -846,16 +861,22 @@ mod tests {
     }
 
     #[test]
-    fn prepare_refuses_bad_memory_and_ipv6() {
+    fn prepare_refuses_bad_memory_and_ipv6_with_no_proxy_in_front() {
         let dir = tempfile::tempdir().expect("dir");
         let tender = tender(dir.path());
         let mut tiny = spec(&[]);
         tiny.run.memory_mib = 1;
         let error = tender.prepare(tiny).expect_err("too little memory");
         assert!(error.to_string().contains("guest memory"), "{error}");
+        // On IPv6 alone, the forward listens on loopback, for the proxy to relay to; with
+        // no proxy in front, no client could reach it.
         let mut v6 = spec(&[]);
         v6.addresses = crate::ServiceAddresses::one("::1".parse().expect("ip"));
-        assert!(tender.prepare(v6).is_err());
+        let backend = tender.prepare(v6.clone()).expect("prepared").backend();
+        assert_eq!(backend.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+        v6.backend_port = BackendPort::Same;
+        let error = tender.prepare(v6).expect_err("no proxy in front");
+        assert!(error.to_string().contains("port forward"), "{error}");
     }
 
     #[test]
