@@ -174,9 +174,15 @@ fn start(network: &Network, data: &Path, pools: &[&str], dns: &str, more: &str) 
 
 /// `dig` through unbound in the client namespace: the addresses of the answer.
 fn resolve(network: &Network, name: &str, kind: &str) -> Vec<String> {
+    resolve_at(network, "127.0.0.1", name, kind)
+}
+
+/// `dig` to `server` in the client namespace: the addresses of the answer.
+fn resolve_at(network: &Network, server: &str, name: &str, kind: &str) -> Vec<String> {
+    let server = format!("@{server}");
     let output = network.client_run(
         "dig",
-        &["@127.0.0.1", "+short", "+time=10", "+tries=1", name, kind],
+        &[&server, "+short", "+time=10", "+tries=1", name, kind],
     );
     String::from_utf8_lossy(&output.stdout)
         .lines()
@@ -551,6 +557,17 @@ fn a_vm_revision_answers_aaaa_and_serves_a_client_network_over_ipv6_booted_on_de
     let body = get(&network, None, &url(&v6[0])).expect("GET of the VM over IPv6");
     let deployment = deployment_of(&daemon, "hello-vm", &v6_only);
     assert_eq!(body.trim(), format!("hello from v1 ({deployment})"));
+    // Stopped, it is restored from the snapshot its boot saved, into a qemu whose forward
+    // is on loopback too, on the next query (straight to revboot: unbound keeps the
+    // answer for its TTL).
+    let stopped = daemon.cli(&["stop", "hello-vm", &deployment]);
+    assert!(stopped.status.success(), "{stopped:?}");
+    assert!(eventually(|| running(&daemon, "hello-vm") == 0));
+    let v6 = resolve_at(&network, SERVER, &name, "AAAA");
+    assert!(v6.len() == 1 && inside(&v6[0], POOL_V6), "{v6:?}");
+    let body = get(&network, None, &url(&v6[0])).expect("GET of the restored VM");
+    assert_eq!(body.trim(), format!("hello from v1 ({deployment})"));
+    assert!(daemon.log().contains("restored from its snapshot"));
 
     // Both families: one instance at an address of each pool, reached over each.
     let name = format!("hello-vm.{ZONE}");

@@ -93,7 +93,6 @@ use running::{Launch, Save, launch};
 use snapshot::{Found, Known, SavePlan};
 
 use super::{BootError, BootSpec, BoxFuture, Prepared, Running, Tender, TenderHost};
-use crate::addresses::Family;
 use crate::config::BackendPort;
 use crate::console::Console;
 
@@ -349,12 +348,8 @@ fn forward_host(spec: &BootSpec) -> Result<Ipv4Addr, BootError> {
     }
 }
 
+/// Both families, the default: IPv6 through the proxy (`forward_host`).
 impl Tender for QemuTender {
-    fn families(&self) -> &'static [Family] {
-        // IPv6 through the proxy: see `forward_host`.
-        &[Family::Ipv4, Family::Ipv6]
-    }
-
     fn kind(&self) -> TenderKind {
         TenderKind::Qemu
     }
