@@ -19,7 +19,13 @@ alternating), every time right after stopping every instance, from the client na
      front door, after the head was read and routed by its Host);
 then `hello` again warm (the floor). Prints p50/p99 of each and the ratios.
 
-usage: bench/server-cold.py [N]   (default 200; run as root from the repository root)
+With --vm: examples/hello-vm (a qemu microvm under TCG) as `hello-vm`, on the pools
+2001:db8:1::/64 and 203.0.113.16/28, one instance at an address of each, and the two paths
+timed are AAAA (IPv6: the proxy relays to qemu's port forward) and A (IPv4) of its live
+name; warm, each again. Instances restore from the snapshot of the first boot (the
+default); QEMU_RESTORE=false times cold boots.
+
+usage: bench/server-cold.py [N] [--vm]   (default 200; run as root from the repository root)
 Load average and cores are printed with the figures: they move them.
 """
 import importlib.util, json, os, random, shutil, socket, struct, subprocess, sys, tempfile, time
@@ -35,6 +41,8 @@ CLIENT = "2001:db8:ff::2"
 FRONT = "192.0.2.1"
 TOKEN = "bench-token"
 HTTP = "127.0.0.1:18080"  # inside the server namespace: no other daemon there
+VM = "--vm" in sys.argv[1:]
+POOL_V4 = "203.0.113.16/28"
 
 
 # --- the client side, run inside the client namespace -------------------------------------
@@ -118,7 +126,8 @@ def api(ns, method, path, body=None):
 
 
 def main():
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 200
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    n = int(args[0]) if args else 200
     subprocess.run(["cargo", "build", "--release", "--locked", "-q", "-p", "revboot"], cwd=ROOT, check=True)
     exe = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release/revboot")
     work = tempfile.mkdtemp(prefix="revboot-server-bench-")
@@ -138,6 +147,7 @@ def main():
         run(client_ns, "ip", "-6", "route", "add", "2001:db8:1::/64", "via", SERVER)
         run(server, "ip", "addr", "add", FRONT + "/24", "dev", "rb-server")
         run(client_ns, "ip", "addr", "add", "192.0.2.2/24", "dev", "rb-client")
+        run(client_ns, "ip", "route", "add", POOL_V4, "via", FRONT)
 
         config = os.path.join(work, "revbootd.toml")
         with open(config, "w") as f:
@@ -145,7 +155,12 @@ def main():
             f.write('nameservers = [{ name = "ns1.%s", addresses = ["%s"] }]\n' % (ZONE, SERVER))
             # One client booting on purpose, as fast as it can: lift the flood limits.
             f.write("boots_per_second = 100000\nboot_burst = 100000\nresponses_per_second = 0\n")
-            f.write('[instances]\npools = ["2001:db8:1::/64"]\n')
+            if VM:
+                restore = os.environ.get("QEMU_RESTORE", "true")
+                f.write('[instances]\npools = ["2001:db8:1::/64", "%s"]\n' % POOL_V4)
+                f.write('qemu_accel = "tcg"\nqemu_restore = %s\n' % restore)
+            else:
+                f.write('[instances]\npools = ["2001:db8:1::/64"]\n')
             f.write('[front]\nhttp = "%s:80"\n' % FRONT)
         log = open(os.path.join(work, "daemon.log"), "w")
         daemon = subprocess.Popen(enter(server, exe, "--config", config, "--data", os.path.join(work, "data"),
@@ -157,9 +172,10 @@ def main():
                 break
             except subprocess.CalledProcessError:
                 time.sleep(0.1)
-        for service, reach in (("hello", None), ("front", "front")):
+        services = [("hello-vm", "hello-vm", None)] if VM else [("hello", "hello", None), ("front", "hello", "front")]
+        for service, example, reach in services:
             src = os.path.join(work, service)
-            shutil.copytree(os.path.join(ROOT, "examples/hello"), src, ignore=shutil.ignore_patterns("target"))
+            shutil.copytree(os.path.join(ROOT, "examples", example), src, ignore=shutil.ignore_patterns("target"))
             if reach:
                 with open(os.path.join(src, "revboot.toml"), "a") as f:
                     f.write('reach = "%s"\n' % reach)
@@ -185,9 +201,13 @@ def main():
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         children.append(measurer)
 
-        paths = {"per-address": "hello.%s 28 8080\n" % ZONE, "front door": "front.%s 1 80\n" % ZONE}
+        if VM:
+            paths = {"IPv6": "hello-vm.%s 28 8080\n" % ZONE, "IPv4": "hello-vm.%s 1 8080\n" % ZONE}
+        else:
+            paths = {"per-address": "hello.%s 28 8080\n" % ZONE, "front door": "front.%s 1 80\n" % ZONE}
+        first_path = list(paths)[0]
 
-        def measure(path="per-address"):
+        def measure(path=first_path):
             measurer.stdin.write(paths[path])
             measurer.stdin.flush()
             line = measurer.stdout.readline()
@@ -203,14 +223,44 @@ def main():
                 raise
             except Exception:
                 time.sleep(0.1)
-        cold, warm = {path: [] for path in paths}, []
+        cold, warm = {path: [] for path in paths}, {path: [] for path in paths}
+
+        def stop_all():
+            for inst in api(server, "GET", "/api/v1/instances"):
+                api(server, "POST", "/api/v1/instances/stop", {"service": inst["service"], "kill": True})
+            for _ in range(600):  # bounded: a VM's qemu takes a moment to go
+                if not api(server, "GET", "/api/v1/instances"):
+                    return
+                time.sleep(0.01)
+            raise RuntimeError("instances still running after 6 s; see %s" % work)
+
         for i in range(n):
             for path in (list(paths) if i % 2 == 0 else list(reversed(paths))):
-                for inst in api(server, "GET", "/api/v1/instances"):
-                    api(server, "POST", "/api/v1/instances/stop", {"service": inst["service"], "kill": True})
+                stop_all()
                 cold[path].append(measure(path))
-            warm.append(measure())
+                if VM:
+                    warm[path].append(measure(path))
+            if not VM:
+                warm[first_path].append(measure())
         ms = lambda v: "%.2f ms" % (v * 1000)
+        if VM:
+            print("cold first byte of a VM over IPv6 and IPv4, %d boots per path (examples/hello-vm, qemu"
+                  " under TCG, restore %s, client namespace -> unbound -> revboot DNS -> proxy or steered)"
+                  % (n, os.environ.get("QEMU_RESTORE", "true")))
+            for path, query_name in (("IPv6", "AAAA via unbound"), ("IPv4", "A via unbound")):
+                for key, what in (("dns", query_name), ("connect", "+ connect"), ("first", "+ first byte")):
+                    vals = [c[key] for c in cold[path]]
+                    print("  cold, %-5s %-17s p50 %s  p99 %s" % (path + ":", what, ms(E2E.pct(vals, 50)), ms(E2E.pct(vals, 99))))
+            for path in paths:
+                vals = [w["first"] for w in warm[path]]
+                print("  warm, %-5s query + first byte  p50 %s  p99 %s" % (path + ":", ms(E2E.pct(vals, 50)), ms(E2E.pct(vals, 99))))
+            first = {path: [c["first"] for c in cold[path]] for path in paths}
+            print("  IPv6 / IPv4, cold first byte: p50 %.2fx, p99 %.2fx"
+                  % (E2E.pct(first["IPv6"], 50) / E2E.pct(first["IPv4"], 50),
+                     E2E.pct(first["IPv6"], 99) / E2E.pct(first["IPv4"], 99)))
+            print("load average: %s on %d cores" % (" ".join(open("/proc/loadavg").read().split()[:3]), os.cpu_count()))
+            return
+        warm = warm[first_path]
         print("cold first byte beyond loopback over %d boots per path (examples/hello, process tender,"
               " client namespace -> unbound -> revboot DNS -> proxy or front door)" % n)
         for path, query_name in (("per-address", "AAAA via unbound"), ("front door", "A via unbound")):
