@@ -46,24 +46,11 @@ fn try_push(daemon: &Daemon, work: &Path) -> Output {
         .expect("run git")
 }
 
-/// Every node's source and deployment repositories pass `git fsck`, and they come to agree.
+/// Every node's source and deployment repositories come to agree, then pass `git fsck`.
+///
+/// Agreement first: a fetch still writing objects (or git's automatic maintenance after it)
+/// is a repository in the middle of a change, which is not what the check is about.
 fn consistent(nodes: &[Daemon]) {
-    for daemon in nodes {
-        for repo in ["src/hello.git", "deploy.git"] {
-            let output = Command::new("git")
-                .arg("-C")
-                .arg(daemon.data.join(repo))
-                .args(["fsck", "--no-progress"])
-                .output()
-                .expect("run git");
-            assert!(
-                output.status.success(),
-                "{repo} of {}: {}",
-                daemon.data.display(),
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-    }
     let state = |daemon: &Daemon| {
         (
             source_ref(daemon, "refs/heads/main"),
@@ -75,6 +62,23 @@ fn consistent(nodes: &[Daemon]) {
         "main and hello differ: {:?}",
         nodes.iter().map(state).collect::<Vec<_>>()
     );
+    for daemon in nodes {
+        for repo in ["src/hello.git", "deploy.git"] {
+            let output = Command::new("git")
+                .arg("-C")
+                .arg(daemon.data.join(repo))
+                .args(["fsck", "--no-progress"])
+                .output()
+                .expect("run git");
+            assert!(
+                output.status.success(),
+                "{repo} of {}: {}{}",
+                daemon.data.display(),
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    }
 }
 
 /// What every node answers for `name`, and what the instance there says.
