@@ -432,17 +432,18 @@ impl Daemon {
     pub async fn start_with(config: Config, upgradable: bool) -> anyhow::Result<Daemon> {
         config.validate()?;
         let inherited = crate::handover::inherit()?;
-        let mut front_handed = Vec::new();
+        let (mut front_handed, mut relays) = (Vec::new(), Vec::new());
         let (inherited_sockets, listeners, handed, upgrades, requested_at_ms) = match inherited {
             Some(Inherited {
                 sockets,
                 listeners,
                 front,
                 instances,
+                relays: handed_relays,
                 upgrades,
                 requested_at_ms,
             }) => {
-                front_handed = front;
+                (front_handed, relays) = (front, handed_relays);
                 (
                     Some(sockets),
                     listeners,
@@ -519,6 +520,9 @@ impl Daemon {
         for (address, listener) in listeners {
             proxy.adopt(address, listener);
         }
+        relays
+            .into_iter()
+            .for_each(|relay| proxy.adopt_relay(relay));
         let front_door = proxy.front_addresses();
         let front: Arc<dyn Instances> = proxy.clone();
         let promotions = Promotions::new(deployer.clone(), front.clone());
@@ -795,23 +799,20 @@ impl Daemon {
         self.builder.shutdown().await;
         let front = self.proxy.hand_over_front();
         let listeners = self.proxy.hand_over(crate::handover::DRAIN).await;
+        let relays = self.proxy.take_relays();
         let handed = self
             .deployer
             .hand_over(crate::handover::HAND_OVER_LIMIT)
             .await;
         let (numbered, keep) =
-            crate::handover::numbers(&self.sockets, &listeners, &front, &handed.fds);
+            crate::handover::numbers(&self.sockets, &listeners, &front, &handed.fds, &relays);
         let state = crate::handover::State {
             http: self.sockets.http.as_raw_fd(),
-            dns: self
-                .sockets
-                .dns
-                .iter()
-                .map(|(udp, tcp)| (udp.as_raw_fd(), tcp.as_raw_fd()))
-                .collect(),
+            dns: self.sockets.dns_numbers(),
             listeners: numbered,
             front: front.iter().map(|listener| listener.as_raw_fd()).collect(),
             instances: handed.instances.clone(),
+            relays: relays.iter().map(crate::handover::Relay::new).collect(),
             upgrades: self.upgrades,
             requested_at_ms,
         };

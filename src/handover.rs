@@ -6,17 +6,19 @@
 //!    an executable file, else the request is refused and nothing stops.
 //! 2. HTTP and DNS stop reading, their sockets open (requests and queries wait in the
 //!    kernel's queues); running builds are interrupted (the new program runs them again);
-//!    the proxy hands its listeners and the front door's over, open (relayed connections
-//!    get [`DRAIN`] to end;
-//!    warm connections go straight to the instances and never notice); the deployer hands
-//!    its instances over (`revboot_deployer`'s `handover` module).
+//!    the proxy hands its listeners and the front door's over, open, and its relayed
+//!    connections, paused with the bytes they had in flight (those it cannot hand over get
+//!    [`DRAIN`] to end; warm connections go straight to the instances and never notice);
+//!    the deployer hands its instances over (`revboot_deployer`'s `handover` module).
 //! 3. The state goes to `<data>/handover.json` (mode 0600): the sockets' descriptor numbers,
-//!    the instances, when the upgrade began, the count of upgrades. The daemon's main
+//!    the instances, the relayed connections (descriptors, instance, bytes in flight), when
+//!    the upgrade began, the count of upgrades. The daemon's main
 //!    thread, the parent of every instance, executes the binary with the same arguments and
 //!    `REVBOOT_HANDOVER` naming the file, keeping those descriptors open
 //!    ([`revboot_sandbox::parent::exec`]). The pid stays; so do the instances' pids.
 //! 4. The new program reads and removes the file, serves on the sockets it names, takes
-//!    the instances back, listens again on the proxy's sockets, and answers what waited.
+//!    the instances back, listens again on the proxy's sockets, relays on the connections
+//!    handed over, and answers what waited.
 //! 5. If the exec fails, the daemon executes `/proc/self/exe` (the program it runs now,
 //!    even when its file was replaced) the same way. If that fails too, it exits, and the
 //!    instances die with it, as they do when the daemon is killed: a restart cleans up.
@@ -27,7 +29,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use revboot_deployer::HandedInstance;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use revboot_deployer::{ClientNet, HandedInstance, InstanceKey};
+use revboot_proxy::HandedRelay;
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
@@ -54,10 +59,81 @@ pub struct State {
     pub front: Vec<i32>,
     /// The instances.
     pub instances: Vec<HandedInstance>,
+    /// The relayed connections (none from a program older than this field).
+    #[serde(default)]
+    pub relays: Vec<Relay>,
     /// Upgrades in place before this one.
     pub upgrades: u64,
     /// When the upgrade was asked for, unix ms.
     pub requested_at_ms: u64,
+}
+
+/// A relayed connection in the state: [`HandedRelay`] with descriptor numbers, its
+/// instance's key spelt out, and the bytes in flight in base64.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Relay {
+    /// The client's socket.
+    pub client: i32,
+    /// The instance's socket.
+    pub backend: i32,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The instance's service.
+    pub service: String,
+    /// The instance's revision.
+    pub revision: String,
+    /// A per-client instance's client network and prefix length.
+    pub client_net: Option<(std::net::IpAddr, u8)>,
+    /// Bytes for the instance, base64.
+    pub to_backend: String,
+    /// Bytes for the client, base64.
+    pub to_client: String,
+    /// The client's writing ended.
+    pub client_done: bool,
+    /// The instance's writing ended.
+    pub backend_done: bool,
+}
+
+impl Relay {
+    /// `handed` as the state keeps it.
+    pub fn new(handed: &HandedRelay) -> Relay {
+        Relay {
+            client: handed.client.as_raw_fd(),
+            backend: handed.backend.as_raw_fd(),
+            peer: handed.peer,
+            service: handed.key.service.clone(),
+            revision: handed.key.revision.to_string(),
+            client_net: handed.key.client.map(|net| (net.network(), net.len())),
+            to_backend: BASE64.encode(&handed.to_backend),
+            to_client: BASE64.encode(&handed.to_client),
+            client_done: handed.client_done,
+            backend_done: handed.backend_done,
+        }
+    }
+
+    /// Takes the connection back: its descriptors and the rest.
+    fn take(&self) -> anyhow::Result<HandedRelay> {
+        let take = |fd: i32| revboot_sandbox::parent::take_fd(fd).map(std::net::TcpStream::from);
+        let bytes = |text: &str| {
+            BASE64
+                .decode(text)
+                .context("Bytes in flight that are not base64")
+        };
+        Ok(HandedRelay {
+            client: take(self.client).context("Its client's socket")?,
+            backend: take(self.backend).context("Its instance's socket")?,
+            peer: self.peer,
+            key: InstanceKey {
+                service: self.service.clone(),
+                revision: self.revision.parse().ok().context("Not a revision")?,
+                client: self.client_net.map(|(net, len)| ClientNet::new(net, len)),
+            },
+            to_backend: bytes(&self.to_backend)?,
+            to_client: bytes(&self.to_client)?,
+            client_done: self.client_done,
+            backend_done: self.backend_done,
+        })
+    }
 }
 
 /// The sockets a daemon keeps a second descriptor of, to hand them over.
@@ -67,6 +143,16 @@ pub struct Sockets {
     pub http: std::net::TcpListener,
     /// DNS over UDP and TCP, per address, `listen`'s first.
     pub dns: Vec<(std::net::UdpSocket, std::net::TcpListener)>,
+}
+
+impl Sockets {
+    /// The DNS sockets' descriptor numbers, for the state.
+    pub fn dns_numbers(&self) -> Vec<(i32, i32)> {
+        let numbers = |(udp, tcp): &(std::net::UdpSocket, std::net::TcpListener)| {
+            (udp.as_raw_fd(), tcp.as_raw_fd())
+        };
+        self.dns.iter().map(numbers).collect()
+    }
 }
 
 /// What a daemon started by an upgrade got from its predecessor.
@@ -80,6 +166,8 @@ pub struct Inherited {
     pub front: Vec<std::net::TcpListener>,
     /// The instances.
     pub instances: Vec<HandedInstance>,
+    /// The relayed connections.
+    pub relays: Vec<HandedRelay>,
     /// Upgrades in place so far, this one included.
     pub upgrades: u64,
     /// When this upgrade was asked for, unix ms.
@@ -131,10 +219,20 @@ pub fn inherit() -> anyhow::Result<Option<Inherited>> {
             Err(error) => warn!(error = format!("{error:#}"), "front door listener lost"),
         }
     }
+    let mut relays = Vec::new();
+    for relay in &state.relays {
+        match relay.take() {
+            Ok(relay) => relays.push(relay),
+            Err(error) => {
+                warn!(peer = %relay.peer, error = format!("{error:#}"), "relayed connection lost")
+            }
+        }
+    }
     info!(
         instances = state.instances.len(),
         listeners = listeners.len(),
         front = front.len(),
+        relays = relays.len(),
         "taking over from the previous program (upgrade in place)"
     );
     Ok(Some(Inherited {
@@ -142,6 +240,7 @@ pub fn inherit() -> anyhow::Result<Option<Inherited>> {
         listeners,
         front,
         instances: state.instances,
+        relays,
         upgrades: state.upgrades + 1,
         requested_at_ms: state.requested_at_ms,
     }))
@@ -185,6 +284,7 @@ pub fn numbers<'a>(
     listeners: &'a [(SocketAddr, std::net::TcpListener)],
     front: &'a [std::net::TcpListener],
     consoles: &'a [OwnedFd],
+    relays: &'a [HandedRelay],
 ) -> (Vec<(SocketAddr, i32)>, Vec<BorrowedFd<'a>>) {
     let mut keep = vec![sockets.http.as_fd()];
     keep.extend(front.iter().map(AsFd::as_fd));
@@ -198,6 +298,10 @@ pub fn numbers<'a>(
         keep.push(listener.as_fd());
     }
     keep.extend(consoles.iter().map(AsFd::as_fd));
+    for relay in relays {
+        keep.push(relay.client.as_fd());
+        keep.push(relay.backend.as_fd());
+    }
     (numbered, keep)
 }
 

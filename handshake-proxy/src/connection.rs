@@ -37,7 +37,7 @@ use tracing::{debug, warn};
 
 use crate::metrics::bump;
 use crate::shared::{ListenError, Shared};
-use crate::splice::{self, Counters, Ended, Limits};
+use crate::splice::{self, Counters, Ended, Limits, Resume};
 
 /// Size of one read while holding.
 const HOLD_READ: usize = 8 * 1024;
@@ -391,6 +391,30 @@ pub(crate) async fn serve(
     }
     drop(early);
     bump(&metrics.spliced);
+    let mut resume = Resume::default();
+    if client_done {
+        // The client ended its writing while held: so does the backend's side, at once.
+        if let Err(error) = crate::pump::shutdown_write(&backend) {
+            debug!(%error, %peer, key = %summoned.key, "spliced connection failed");
+            return;
+        }
+        resume.up_done = true;
+    }
+    relay(shared, client, backend, resume, peer, &summoned.key).await;
+}
+
+/// Step 7's splice, from `resume`, until it ends, or until an upgrade in place pauses it and
+/// it is handed to the next program (the `handover` module); a connection the hand-over
+/// cannot take goes on here until the old program ends.
+pub(crate) async fn relay(
+    shared: &Arc<Shared>,
+    client: TcpStream,
+    backend: TcpStream,
+    resume: Resume,
+    peer: SocketAddr,
+    key: &InstanceKey,
+) {
+    let metrics = &shared.metrics;
     let limits = Limits {
         idle: shared.config.idle_timeout,
         total: shared.config.total_timeout,
@@ -401,24 +425,37 @@ pub(crate) async fn serve(
         from_client: &metrics.bytes_from_clients,
         to_client: &metrics.bytes_to_clients,
     };
-    let ended = splice::splice(
-        client,
-        backend,
-        client_done,
-        limits,
-        counters,
-        &shared.cancel,
-    )
-    .await;
-    match ended {
-        Ended::Done | Ended::Cancelled => {}
-        Ended::Idle | Ended::Total => {
-            bump(&metrics.timeouts);
-            debug!(%peer, key = %summoned.key, ?ended, "spliced connection timed out");
+    let (mut client, mut backend, mut resume) = (client, backend, resume);
+    let mut pause = Some(&shared.pause);
+    loop {
+        let ended = splice::relay(
+            client,
+            backend,
+            resume,
+            limits,
+            counters,
+            &shared.cancel,
+            pause,
+        )
+        .await;
+        match ended {
+            Ended::Done | Ended::Cancelled => {}
+            Ended::Idle | Ended::Total => {
+                bump(&metrics.timeouts);
+                debug!(%peer, %key, ?ended, "spliced connection timed out");
+            }
+            Ended::Failed(error) => {
+                debug!(%peer, %key, %error, "spliced connection failed")
+            }
+            Ended::Paused(paused) => {
+                if let Some(paused) = crate::handover::keep(shared, paused, peer, key) {
+                    (client, backend, resume) = (paused.client, paused.backend, paused.resume);
+                    pause = None;
+                    continue;
+                }
+            }
         }
-        Ended::Failed(error) => {
-            debug!(%peer, key = %summoned.key, %error, "spliced connection failed")
-        }
+        return;
     }
 }
 

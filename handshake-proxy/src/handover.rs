@@ -3,27 +3,113 @@
 //! 1. [`Proxy::hand_over`] stops every accept loop: each gives its listening socket up
 //!    (it stays open: handshakes that come meanwhile wait in its queue) instead of closing
 //!    it. New summons are refused from then on.
-//! 2. Connections the proxy relays (held through a boot, or not steered) are given up to
-//!    `drain` to end by themselves; those still open then close with the old daemon. Those
-//!    the front door accepted and is still reading the head of are first given up to its
-//!    head timeout to be routed (their summon works until the deployer hands over).
-//!    Warm connections that the kernel steers to an instance never pass through here and
-//!    are not touched.
+//! 2. Connections the proxy relays (through the front door, to a VM, or not steered) pause:
+//!    each gives its two sockets and the bytes it had read and not yet written, whole, to
+//!    be handed over as a [`HandedRelay`] (at most [`MAX_RELAYS`] of them, holding at most
+//!    [`MAX_RELAY_BYTES`] in flight in all; one over either bound is logged and goes on
+//!    here until the old daemon ends, as before). Those held through a boot pause once it
+//!    is ready, if that comes within `drain`; those the front door accepted and is still
+//!    reading the head of are first given up to its head timeout to be routed (their summon
+//!    works until the deployer hands over). Connections still open after `drain` (held, or
+//!    with TLS ended by the front door, whose session cannot be handed over) close with the
+//!    old daemon. Warm connections that the kernel steers to an instance never pass through
+//!    here and are not touched.
 //! 3. The next daemon registers each socket again with [`Proxy::adopt`], after the
 //!    deployer has adopted the instances, and accepts what waited.
 //! 4. The front door's listeners likewise: [`Proxy::hand_over_front`] stops its accept
 //!    loops and gives its sockets, open; the next daemon's front door listens on them
 //!    ([`Proxy::with_front_inheriting`]).
+//! 5. The next daemon resumes each relay ([`Proxy::adopt_relay`]) once the deployer has
+//!    adopted the instances: it writes what was in flight first, then relays on with the
+//!    same limits and counters, its idle and total clocks started again, and reports the
+//!    connection open to its instance (which keeps it from being reaped).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use tracing::{info, warn};
+use revboot_deployer::InstanceKey;
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
 
-use crate::connection::accepting;
+use crate::connection::{Open, accepting, relay};
 use crate::proxy::Proxy;
+use crate::shared::Shared;
+use crate::splice::{Paused, Resume};
+
+/// Relayed connections handed over at most (two descriptors each).
+pub const MAX_RELAYS: usize = 4096;
+/// Bytes in flight handed over at most, over all relayed connections.
+pub const MAX_RELAY_BYTES: usize = 64 << 20;
+
+/// A relayed connection handed to the next daemon (module doc, rule 2).
+#[derive(Debug)]
+pub struct HandedRelay {
+    /// The client's socket.
+    pub client: std::net::TcpStream,
+    /// The instance's socket.
+    pub backend: std::net::TcpStream,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The instance it is relayed to.
+    pub key: InstanceKey,
+    /// Bytes read from the client and not yet written to the instance.
+    pub to_backend: Vec<u8>,
+    /// Bytes read from the instance and not yet written to the client.
+    pub to_client: Vec<u8>,
+    /// The client ended its writing (and the instance's side was shut down).
+    pub client_done: bool,
+    /// The instance ended its writing (and the client's side was shut down).
+    pub backend_done: bool,
+}
+
+/// The relays paused so far, and the bytes they hold.
+#[derive(Debug, Default)]
+pub(crate) struct Relays {
+    list: Vec<HandedRelay>,
+    bytes: usize,
+}
+
+/// Keeps a paused relay for the next daemon (rule 2), or gives it back (`Some`) when over a
+/// bound.
+pub(crate) fn keep(
+    shared: &Shared,
+    paused: Paused,
+    peer: SocketAddr,
+    key: &InstanceKey,
+) -> Option<Paused> {
+    let bytes = paused.resume.up.len() + paused.resume.down.len();
+    let mut relays = shared
+        .relays
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if relays.list.len() >= MAX_RELAYS || relays.bytes + bytes > MAX_RELAY_BYTES {
+        warn!(%peer, %key, relays = relays.list.len(), bytes = relays.bytes,
+            "too many relayed connections to hand over; this one ends with this program");
+        return Some(paused);
+    }
+    let (client, backend) = match (paused.client.into_std(), paused.backend.into_std()) {
+        (Ok(client), Ok(backend)) => (client, backend),
+        (client, backend) => {
+            let error = client.err().or(backend.err());
+            warn!(%peer, %key, ?error, "cannot hand a relayed connection over; closed");
+            return None;
+        }
+    };
+    relays.bytes += bytes;
+    relays.list.push(HandedRelay {
+        client,
+        backend,
+        peer,
+        key: key.clone(),
+        to_backend: paused.resume.up,
+        to_client: paused.resume.down,
+        client_done: paused.resume.up_done,
+        backend_done: paused.resume.down_done,
+    });
+    None
+}
 
 /// How long the accept loops are given to hand their sockets over.
 const GIVE_UP: Duration = Duration::from_secs(5);
@@ -64,17 +150,76 @@ impl Proxy {
                 tokio::time::sleep(LOOK).await;
             }
         }
+        // Relayed connections pause and are kept (rule 2): their tasks end, and `open_now`
+        // with them.
+        shared.pause.cancel();
         let draining = Instant::now();
         while shared.metrics.open_now.load(Ordering::Relaxed) > 0 && draining.elapsed() < drain {
             tokio::time::sleep(LOOK).await;
         }
         let open = shared.metrics.open_now.load(Ordering::Relaxed);
+        let relays = shared
+            .relays
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .list
+            .len();
         info!(
             listeners = handed.len(),
+            relays,
             relayed_left = open,
             "proxy handed over"
         );
         handed
+    }
+
+    /// The relayed connections [`Proxy::hand_over`] paused, for the next daemon (rule 2).
+    pub fn take_relays(&self) -> Vec<HandedRelay> {
+        let mut relays = self
+            .shared()
+            .relays
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        relays.bytes = 0;
+        std::mem::take(&mut relays.list)
+    }
+
+    /// Relays on a connection handed over by the previous daemon (rule 5).
+    pub fn adopt_relay(&self, handed: HandedRelay) {
+        let shared = Arc::clone(self.shared());
+        let streams = handed
+            .client
+            .set_nonblocking(true)
+            .and_then(|()| handed.backend.set_nonblocking(true))
+            .and_then(|()| {
+                Ok((
+                    TcpStream::from_std(handed.client)?,
+                    TcpStream::from_std(handed.backend)?,
+                ))
+            });
+        let (client, backend) = match streams {
+            Ok(streams) => streams,
+            Err(error) => {
+                warn!(%error, peer = %handed.peer, key = %handed.key, "cannot take a relayed connection back; closed");
+                return;
+            }
+        };
+        let resume = Resume {
+            up: handed.to_backend,
+            down: handed.to_client,
+            up_done: handed.client_done,
+            down_done: handed.backend_done,
+        };
+        let (peer, key) = (handed.peer, handed.key);
+        debug!(%peer, %key, "relayed connection taken back");
+        shared.metrics.open_now.fetch_add(1, Ordering::Relaxed);
+        let mut open = Open::new(Arc::clone(&shared));
+        open.report_opened(&key);
+        let runtime = shared.runtime.clone();
+        runtime.spawn(async move {
+            relay(&shared, client, backend, resume, peer, &key).await;
+            drop(open);
+        });
     }
 
     /// Stops the front door's accept loops and returns its listening sockets, open (module

@@ -160,9 +160,12 @@
 //!
 //! An upgrade in place ([`Proxy::hand_over`], [`Proxy::adopt`]) hands the listening sockets
 //! over open, so connections made meanwhile wait in their queues; connections the proxy
-//! relays itself (held through a boot, or not steered) are given a short drain and then
-//! close with the old program, since their splice state cannot be handed over. Steered
-//! connections never pass through the proxy and are not touched.
+//! relays itself (through the front door, to a VM, or not steered) pause and are handed
+//! over whole, their sockets and the bytes they had in flight ([`Proxy::take_relays`],
+//! [`Proxy::adopt_relay`], bounded by [`MAX_RELAYS`] and [`MAX_RELAY_BYTES`]); those still
+//! held through a boot, those with TLS ended at the front door and those over the bounds are
+//! given a short drain and then close with the old program. Steered connections never pass
+//! through the proxy and are not touched.
 //!
 //! # Example
 //!
@@ -200,6 +203,7 @@ pub use config::{
     DEFAULT_TOTAL_TIMEOUT, ProxyConfig,
 };
 pub use front::{FrontAddresses, FrontConfig, FrontError};
+pub use handover::{HandedRelay, MAX_RELAY_BYTES, MAX_RELAYS};
 pub use metrics::ProxyMetrics;
 pub use proxy::Proxy;
 pub use revboot_deployer::Instances;

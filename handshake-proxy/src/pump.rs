@@ -13,6 +13,10 @@
 //!    the other direction goes on (half-close).
 //! 4. Every call is non-blocking; waits are on tokio's readiness (`readable`/`writable`
 //!    then `try_*`), never a sleep.
+//! 5. What a direction has read and not yet written lives in its [`Flow`], outside the
+//!    pump's future, and every await is cancel-safe: a pump dropped at an upgrade in place
+//!    leaves those bytes (the pipe emptied into them) to hand over, and a pump started on a
+//!    resumed flow writes them first.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -85,63 +89,140 @@ pub(crate) struct Mode<'a> {
     pub(crate) pipes: Option<&'a Semaphore>,
 }
 
+/// One direction's bytes in flight and whether it ended, kept outside its [`pump`] so that
+/// a pump dropped at an upgrade in place (rule 5) leaves them here.
+#[derive(Debug, Default)]
+pub(crate) struct Flow<'a> {
+    /// `buffer[written..filled]` was read from the source and not yet written.
+    buffer: Vec<u8>,
+    written: usize,
+    filled: usize,
+    /// The pipe of a bulk transfer, and how many bytes it holds.
+    pipe: Option<Pipe<'a>>,
+    in_pipe: usize,
+    /// EOF was read and writing on the destination shut down.
+    pub(crate) done: bool,
+}
+
+impl Flow<'_> {
+    /// A direction that goes on: `pending` is written before anything is read.
+    pub(crate) fn resumed(pending: Vec<u8>, done: bool) -> Flow<'static> {
+        Flow {
+            filled: pending.len(),
+            buffer: pending,
+            done,
+            ..Flow::default()
+        }
+    }
+
+    /// The bytes read and not yet written (the pipe emptied into them); the pipe is given
+    /// back.
+    pub(crate) fn take_pending(&mut self) -> io::Result<Vec<u8>> {
+        let mut pending = self.buffer[self.written..self.filled].to_vec();
+        self.written = self.filled;
+        if let Some(pipe) = self.pipe.take() {
+            let start = pending.len();
+            pending.resize(start + self.in_pipe, 0);
+            let mut at = start;
+            // The pipe holds them already: each read returns at once.
+            while at < pending.len() {
+                match nix::unistd::read(&pipe.read, &mut pending[at..]) {
+                    Ok(0) => break,
+                    Ok(read) => at += read,
+                    Err(nix::errno::Errno::EINTR) => {}
+                    Err(error) => return Err(error.into()),
+                }
+            }
+            pending.truncate(at);
+            self.in_pipe = 0;
+        }
+        Ok(pending)
+    }
+}
+
 /// Moves `from` → `to` until EOF on `from`, then shuts down writing on `to`. The halves'
 /// `AsyncRead`/`AsyncWrite` are used for copying: a short read clears the readiness, so a
-/// burst costs one read and no extra `EAGAIN` read.
-pub(crate) async fn pump(
+/// burst costs one read and no extra `EAGAIN` read. What is in flight lives in `flow`
+/// between awaits (rule 5): every await here is cancel-safe, so dropping the pump loses no
+/// byte.
+pub(crate) async fn pump<'a>(
     mut from: ReadHalf<'_>,
     mut to: WriteHalf<'_>,
-    mode: Mode<'_>,
+    mode: Mode<'a>,
     clock: &Clock,
     bytes: &AtomicU64,
+    flow: &mut Flow<'a>,
 ) -> io::Result<()> {
-    let mut buffer = vec![0u8; mode.buffer.max(1)];
-    let mut pipe: Option<Pipe<'_>> = None;
+    if flow.done {
+        return Ok(());
+    }
+    let size = mode.buffer.max(1);
+    if flow.buffer.len() < size {
+        flow.buffer.resize(size, 0);
+    }
     loop {
-        let moved = match &pipe {
-            Some(pipe) => splice_once(from.as_ref(), to.as_ref(), pipe).await?,
+        while flow.written < flow.filled {
+            let wrote = to.write(&flow.buffer[flow.written..flow.filled]).await?;
+            if wrote == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            flow.written += wrote;
+        }
+        if let Some(pipe) = &flow.pipe {
+            drain(to.as_ref(), pipe, &mut flow.in_pipe).await?;
+        }
+        let moved = match &flow.pipe {
+            Some(pipe) => {
+                flow.in_pipe = fill(from.as_ref(), pipe).await?;
+                flow.in_pipe
+            }
             None => {
-                let read = from.read(&mut buffer).await?;
-                to.write_all(&buffer[..read]).await?;
-                if read == buffer.len()
+                let read = from.read(&mut flow.buffer).await?;
+                (flow.written, flow.filled) = (0, read);
+                if read == flow.buffer.len()
                     && let Some(pipes) = mode.pipes
                 {
-                    pipe = Pipe::new(pipes);
+                    flow.pipe = Pipe::new(pipes);
                 }
                 read
             }
         };
         if moved == 0 {
-            return to.shutdown().await;
+            to.shutdown().await?;
+            flow.done = true;
+            return Ok(());
         }
         clock.touch();
         bytes.fetch_add(moved as u64, Ordering::Relaxed);
     }
 }
 
-/// One splice into the (empty) pipe and out of it until it is empty again; the bytes moved
-/// (0 at EOF).
-async fn splice_once(from: &TcpStream, to: &TcpStream, pipe: &Pipe<'_>) -> io::Result<usize> {
-    let filled = loop {
+/// One splice from `from` into the (empty) pipe; the bytes moved (0 at EOF). Cancel-safe:
+/// the splice and the answer happen in one poll.
+async fn fill(from: &TcpStream, pipe: &Pipe<'_>) -> io::Result<usize> {
+    loop {
         from.readable().await?;
         match from.try_io(Interest::READABLE, || {
             splice(from, None, &pipe.write, None, CHUNK, flags()).map_err(io::Error::from)
         }) {
-            Ok(filled) => break filled,
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(error) => return Err(error),
-        }
-    };
-    let mut left = filled;
-    while left > 0 {
-        to.writable().await?;
-        match to.try_io(Interest::WRITABLE, || {
-            splice(&pipe.read, None, to, None, left, flags()).map_err(io::Error::from)
-        }) {
-            Ok(moved) => left -= moved,
+            Ok(filled) => return Ok(filled),
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
             Err(error) => return Err(error),
         }
     }
-    Ok(filled)
+}
+
+/// Splices the pipe's `left` bytes out to `to`, counting them down as they go.
+async fn drain(to: &TcpStream, pipe: &Pipe<'_>, left: &mut usize) -> io::Result<()> {
+    while *left > 0 {
+        to.writable().await?;
+        match to.try_io(Interest::WRITABLE, || {
+            splice(&pipe.read, None, to, None, *left, flags()).map_err(io::Error::from)
+        }) {
+            Ok(moved) => *left -= moved,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(())
 }

@@ -104,6 +104,10 @@ pub(crate) struct Shared {
     pub(crate) handing_over: std::sync::atomic::AtomicBool,
     /// The listeners given up so far, while handing over.
     pub(crate) handed: Mutex<Vec<(SocketAddr, std::net::TcpListener)>>,
+    /// Cancelled while handing over: relayed connections pause to be handed over too.
+    pub(crate) pause: CancellationToken,
+    /// The relayed connections paused so far, while handing over.
+    pub(crate) relays: Mutex<crate::handover::Relays>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -139,6 +143,8 @@ impl Shared {
             front,
             handing_over: std::sync::atomic::AtomicBool::new(false),
             handed: Mutex::new(Vec::new()),
+            pause: CancellationToken::new(),
+            relays: Mutex::default(),
         }
     }
 

@@ -7,6 +7,9 @@
 //!    `zero_copy`, a bulk transfer moves to splice(2) through a pipe (while pipes are left).
 //! 4. The connection is closed when the clock has not moved for the idle timeout, or when the
 //!    total timeout passes, or when the proxy shuts down.
+//! 5. At an upgrade in place the relay pauses: both directions stop where they are, and the
+//!    sockets and the bytes each had read and not yet written ([`Resume`]) are given back, to
+//!    be handed to the next program, which goes on from there with its clocks restarted.
 
 use std::io;
 use std::sync::atomic::AtomicU64;
@@ -17,7 +20,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
-use crate::pump::{self, Mode};
+use crate::pump::{self, Flow, Mode};
 
 /// Limits of one spliced connection.
 #[derive(Debug, Clone, Copy)]
@@ -49,18 +52,65 @@ pub(crate) enum Ended {
     Cancelled,
     /// A read or write failed (typically a reset by one side).
     Failed(io::Error),
+    /// Paused for an upgrade in place (rule 5): the sockets and what was in flight.
+    Paused(Paused),
 }
 
-/// Copies `client` ⇄ `backend` until both directions end or a limit is hit. With
+/// Where a relay stands: the bytes read from one side and not yet written to the other, and
+/// which directions ended. [`Paused`] gives it; [`relay`] goes on from it.
+#[derive(Debug, Default)]
+pub(crate) struct Resume {
+    /// Read from the client, for the backend.
+    pub(crate) up: Vec<u8>,
+    /// Read from the backend, for the client.
+    pub(crate) down: Vec<u8>,
+    /// The client's writing ended and the backend's was shut down.
+    pub(crate) up_done: bool,
+    /// The backend's writing ended and the client's was shut down.
+    pub(crate) down_done: bool,
+}
+
+/// A relay stopped at an upgrade in place, whole.
+#[derive(Debug)]
+pub(crate) struct Paused {
+    pub(crate) client: TcpStream,
+    pub(crate) backend: TcpStream,
+    pub(crate) resume: Resume,
+}
+
+/// Copies `client` ⇄ `backend` until both directions end or a limit is hit (the tests' way
+/// in; the proxy's connections go through [`relay`]). With
 /// `client_done`, the client had already ended its writing before the splice began: the
 /// backend's writing side is shut down at once and only the answer is copied.
+#[cfg(test)]
 pub(crate) async fn splice(
-    mut client: TcpStream,
-    mut backend: TcpStream,
+    client: TcpStream,
+    backend: TcpStream,
     client_done: bool,
     limits: Limits<'_>,
     counters: Counters<'_>,
     cancel: &CancellationToken,
+) -> Ended {
+    let mut resume = Resume::default();
+    if client_done {
+        if let Err(error) = pump::shutdown_write(&backend) {
+            return Ended::Failed(error);
+        }
+        resume.up_done = true;
+    }
+    relay(client, backend, resume, limits, counters, cancel, None).await
+}
+
+/// As [`splice`], going on from `resume`; when `pause` is cancelled, stops and gives the
+/// sockets and what was in flight back ([`Ended::Paused`], rule 5).
+pub(crate) async fn relay(
+    mut client: TcpStream,
+    mut backend: TcpStream,
+    resume: Resume,
+    limits: Limits<'_>,
+    counters: Counters<'_>,
+    cancel: &CancellationToken,
+    pause: Option<&CancellationToken>,
 ) -> Ended {
     let clock = &Clock::new();
     let mode = Mode {
@@ -68,40 +118,74 @@ pub(crate) async fn splice(
         pipes: limits.pipes,
     };
     let (up, down) = (counters.from_client, counters.to_client);
-    let copying = async {
+    let mut up_flow = Flow::resumed(resume.up, resume.up_done);
+    let mut down_flow = Flow::resumed(resume.down, resume.down_done);
+    // `None`: paused.
+    let ended: Option<Ended> = {
         let (client_read, client_write) = client.split();
         let (backend_read, backend_write) = backend.split();
-        if client_done {
-            pump::shutdown_write(backend_read.as_ref())?;
-            pump::pump(backend_read, client_write, mode, clock, down).await
-        } else {
+        let copying = async {
             tokio::try_join!(
-                pump::pump(client_read, backend_write, mode, clock, up),
-                pump::pump(backend_read, client_write, mode, clock, down),
+                pump::pump(client_read, backend_write, mode, clock, up, &mut up_flow),
+                pump::pump(
+                    backend_read,
+                    client_write,
+                    mode,
+                    clock,
+                    down,
+                    &mut down_flow
+                ),
             )
             .map(drop)
+        };
+        let idle = async {
+            match limits.idle {
+                Some(idle) => clock.silence(idle).await,
+                None => std::future::pending().await,
+            }
+        };
+        let total = async {
+            match limits.total {
+                Some(total) => tokio::time::sleep(total).await,
+                None => std::future::pending().await,
+            }
+        };
+        let paused = async {
+            match pause {
+                Some(pause) => pause.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            copied = copying => Some(match copied {
+                Ok(()) => Ended::Done,
+                Err(error) => Ended::Failed(error),
+            }),
+            () = idle => Some(Ended::Idle),
+            () = total => Some(Ended::Total),
+            () = cancel.cancelled() => Some(Ended::Cancelled),
+            () = paused => None,
         }
     };
-    let idle = async {
-        match limits.idle {
-            Some(idle) => clock.silence(idle).await,
-            None => std::future::pending().await,
-        }
-    };
-    let total = async {
-        match limits.total {
-            Some(total) => tokio::time::sleep(total).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        copied = copying => match copied {
-            Ok(()) => Ended::Done,
-            Err(error) => Ended::Failed(error),
-        },
-        () = idle => Ended::Idle,
-        () = total => Ended::Total,
-        () = cancel.cancelled() => Ended::Cancelled,
+    if let Some(ended) = ended {
+        return ended;
+    }
+    // The pumps are dropped: what they had in flight is in their flows.
+    let taken = up_flow
+        .take_pending()
+        .and_then(|up| Ok((up, down_flow.take_pending()?)));
+    match taken {
+        Ok((up, down)) => Ended::Paused(Paused {
+            client,
+            backend,
+            resume: Resume {
+                up,
+                down,
+                up_done: up_flow.done,
+                down_done: down_flow.done,
+            },
+        }),
+        Err(error) => Ended::Failed(error),
     }
 }
 
@@ -131,6 +215,94 @@ mod tests {
             buffer: 8192,
             pipes: zero_copy.then_some(&PIPES),
         }
+    }
+
+    #[tokio::test]
+    async fn a_paused_relay_goes_on_byte_exact_copying() {
+        a_paused_relay_goes_on_byte_exact(false).await;
+    }
+
+    #[tokio::test]
+    async fn a_paused_relay_goes_on_byte_exact_zero_copy() {
+        a_paused_relay_goes_on_byte_exact(true).await;
+    }
+
+    /// A download paused mid-transfer (the client reading nothing meanwhile, so bytes are
+    /// in flight in the relay) and resumed from what the pause gave back: the client gets
+    /// every byte once, in order, and what it sends after reaches the server.
+    async fn a_paused_relay_goes_on_byte_exact(zero_copy: bool) {
+        let (mut user, client) = pair().await;
+        let (backend, mut server) = pair().await;
+        let (from, to) = (AtomicU64::new(0), AtomicU64::new(0));
+        let counters = Counters {
+            from_client: &from,
+            to_client: &to,
+        };
+        let (cancel, pause) = (CancellationToken::new(), CancellationToken::new());
+        let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let server = tokio::spawn(async move {
+            server.write_all(&sent).await.expect("server write");
+            server.shutdown().await.expect("server shutdown");
+            let mut heard = Vec::new();
+            server.read_to_end(&mut heard).await.expect("server read");
+            heard
+        });
+        let mut got = vec![0u8; 100_000];
+        let relaying = relay(
+            client,
+            backend,
+            Resume::default(),
+            limits(None, zero_copy),
+            counters,
+            &cancel,
+            Some(&pause),
+        );
+        let pausing = async {
+            user.read_exact(&mut got).await.expect("user read");
+            // More than was read is in flight: the relay holds some of it.
+            let moved = || to.load(Ordering::Relaxed) as usize;
+            tokio::time::timeout(Duration::from_secs(30), async {
+                while moved() < 2 * got.len() {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+            .await
+            .expect("the relay moves bytes");
+            pause.cancel();
+        };
+        let (ended, ()) = tokio::join!(relaying, pausing);
+        let Ended::Paused(paused) = ended else {
+            panic!("not paused: {ended:?}");
+        };
+        let resumed = relay(
+            paused.client,
+            paused.backend,
+            paused.resume,
+            limits(None, zero_copy),
+            counters,
+            &cancel,
+            None,
+        );
+        let used = async {
+            let mut rest = Vec::new();
+            user.read_to_end(&mut rest).await.expect("user read");
+            user.write_all(b"after the pause")
+                .await
+                .expect("user write");
+            user.shutdown().await.expect("user shutdown");
+            rest
+        };
+        let (ended, rest) = tokio::join!(resumed, used);
+        assert!(matches!(ended, Ended::Done), "{ended:?}");
+        got.extend_from_slice(&rest);
+        assert!(
+            got == data,
+            "{} bytes received of {}",
+            got.len(),
+            data.len()
+        );
+        assert_eq!(server.await.expect("server"), b"after the pause");
     }
 
     #[tokio::test]

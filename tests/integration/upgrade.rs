@@ -364,16 +364,22 @@ fn upgrade_in_place_keeps_a_vm_booted_cold_and_one_restored_with_their_connectio
     restart_clean(&data, (http, dns, &pool), &groups);
 }
 
-#[test]
-fn upgrade_in_place_hands_the_front_door_over_on_its_port() {
-    let temp = tempfile::tempdir().expect("temp dir");
-    let (daemon, binary) = upgradable(temp.path(), "[front]\nhttp = \"127.0.0.1:0\"\n");
+/// An upgradable daemon with a front door and hello pushed, reached there only: the
+/// daemon, its binary, the front door's address, hello's name.
+fn hello_at_the_front_door(temp: &Path) -> (Daemon, PathBuf, SocketAddr, String) {
+    let (daemon, binary) = upgradable(temp, "[front]\nhttp = \"127.0.0.1:0\"\n");
     let front = daemon.front("front_http=");
-    let work = hello_source(temp.path());
+    let work = hello_source(temp);
     crate::support::write_manifest(&work, "reach = \"front\"\n");
     crate::support::git(&work, &["commit", "-q", "-am", "reached at the front door"]);
     push(&daemon, &work);
-    let host = format!("hello.{ZONE}");
+    (daemon, binary, front, format!("hello.{ZONE}"))
+}
+
+#[test]
+fn upgrade_in_place_hands_the_front_door_over_on_its_port() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let (daemon, binary, front, host) = hello_at_the_front_door(temp.path());
     assert!(crate::front_door::curl_front(&host, front).contains("hello from v1"));
 
     // Requests through the front door all through the upgrade: its listener is handed
@@ -501,4 +507,117 @@ fn an_instance_handed_over_while_booting_is_steered_at_once_not_relayed() {
     let (_, state, steered) = booting(&daemon);
     assert!(is_booting(state.as_deref()), "{state:?}");
     assert!(steered >= Some(3), "{steered:?}");
+}
+
+/// The byte at `offset` of the stream [`Echo`] sends.
+fn pattern(offset: u64) -> u8 {
+    (offset % 251) as u8
+}
+
+/// A transfer through hello's `/echo` on one connection: a thread sends the pattern until
+/// stopped, another reads back what is echoed.
+struct Echo {
+    stop: Arc<AtomicBool>,
+    echoed: Arc<std::sync::atomic::AtomicU64>,
+    writer: std::thread::JoinHandle<std::io::Result<u64>>,
+    reader: std::thread::JoinHandle<std::io::Result<Vec<u8>>>,
+}
+
+impl Echo {
+    /// Asks `target` for `/echo` of `host` and starts the transfer.
+    fn start(target: SocketAddr, host: &str) -> Echo {
+        let mut stream = TcpStream::connect_timeout(&target, PATIENCE).expect("connect");
+        stream.set_read_timeout(Some(PATIENCE)).expect("timeout");
+        stream.set_write_timeout(Some(PATIENCE)).expect("timeout");
+        let request = format!("GET /echo HTTP/1.1\r\nhost: {host}\r\n\r\n");
+        stream.write_all(request.as_bytes()).expect("request");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            stream.read_exact(&mut byte).expect("the answer's head");
+            head.push(byte[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
+        let stop = Arc::new(AtomicBool::new(false));
+        let echoed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut sending = stream.try_clone().expect("clone");
+        let writer = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut sent = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let chunk: Vec<u8> = (sent..sent + 65_536).map(pattern).collect();
+                    sending.write_all(&chunk)?;
+                    sent += chunk.len() as u64;
+                }
+                sending.shutdown(std::net::Shutdown::Write)?;
+                Ok(sent)
+            })
+        };
+        let reader = {
+            let echoed = echoed.clone();
+            let mut stream = stream;
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                let mut buffer = vec![0u8; 65_536];
+                loop {
+                    let read = stream.read(&mut buffer)?;
+                    if read == 0 {
+                        return Ok(got);
+                    }
+                    got.extend_from_slice(&buffer[..read]);
+                    echoed.fetch_add(read as u64, Ordering::Relaxed);
+                }
+            })
+        };
+        Echo {
+            stop,
+            echoed,
+            writer,
+            reader,
+        }
+    }
+
+    /// Waits until at least `more` bytes more than now came back.
+    fn wait_for_more(&self, more: u64) {
+        let now = self.echoed.load(Ordering::Relaxed);
+        assert!(
+            eventually(|| self.echoed.load(Ordering::Relaxed) >= now + more),
+            "the transfer stopped at {now} bytes"
+        );
+    }
+
+    /// Stops sending; asserts that every byte sent came back once, in order.
+    fn finish(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let sent = self.writer.join().expect("writer").expect("sending");
+        let got = self.reader.join().expect("reader").expect("reading");
+        assert_eq!(got.len() as u64, sent, "bytes echoed of those sent");
+        let first_wrong = (0..sent).find(|&at| got[at as usize] != pattern(at));
+        assert_eq!(first_wrong, None, "a byte echoed differs");
+    }
+}
+
+#[test]
+fn upgrade_in_place_hands_relayed_connections_over_mid_transfer() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let (daemon, binary, front, host) = hello_at_the_front_door(temp.path());
+
+    // A transfer both ways through the front door's relay, going on through two upgrades:
+    // the relay is handed over with what it had in flight each time.
+    let echo = Echo::start(front, &host);
+    echo.wait_for_more(1 << 20);
+    replace_binary(&binary);
+    assert_eq!(upgrade(&daemon)["upgrades"], 1);
+    echo.wait_for_more(1 << 20);
+    assert_eq!(upgrade(&daemon)["upgrades"], 2);
+    echo.wait_for_more(1 << 20);
+    echo.finish();
+    let log = daemon.log();
+    let handed = log
+        .lines()
+        .filter(|line| line.contains("proxy handed over") && line.contains("relays=1"))
+        .count();
+    assert_eq!(handed, 2, "{log}");
+    assert!(crate::front_door::curl_front(&host, front).contains("hello from v1"));
 }

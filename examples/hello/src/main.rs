@@ -8,8 +8,10 @@
 //!    from `REVBOOT_REVISION` when revboot sets it.
 //! 3. `GET /crash` exits with status 3, to exercise crash handling.
 //! 4. Each request is one console line, `hello: <method> <path>`.
+//! 5. `GET /echo` answers with a head, then sends back every byte the client sends after
+//!    its request until the client ends its writing: a long transfer both ways.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::FromRawFd;
 
@@ -52,6 +54,22 @@ fn serve(stream: TcpStream, deployment: &str) -> std::io::Result<()> {
     if path == "/crash" {
         eprintln!("hello: crashing on request");
         std::process::exit(3);
+    }
+    if path == "/echo" {
+        let mut stream = stream;
+        stream.write_all(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n")?;
+        // What the reader took past the head first, then the rest as it comes (a plain
+        // loop: std's copy may use splice(2), which the sandbox need not allow).
+        stream.write_all(reader.buffer())?;
+        let mut source = reader.into_inner();
+        let mut buffer = [0u8; 16 * 1024];
+        loop {
+            let read = source.read(&mut buffer)?;
+            if read == 0 {
+                return Ok(());
+            }
+            stream.write_all(&buffer[..read])?;
+        }
     }
     let body = format!("hello from {REVISION} ({deployment})\n");
     let mut stream = stream;
