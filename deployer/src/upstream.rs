@@ -21,20 +21,29 @@
 //! 4. Dropping the [`Grants`] (the instance ended) stops the accept loops, closes every
 //!    spliced connection and removes the socket files.
 //!
+//! 5. At an upgrade in place, [`Grants::hand_over`] stops the accept loops and the splices
+//!    where they are and gives up their sockets, open, with the bytes each splice had read
+//!    and not yet written ([`GrantsState`]); the socket files stay. The next daemon takes
+//!    them back ([`Grants::adopt`]): the instance's path still reaches its upstream, and a
+//!    connection spliced meanwhile goes on from the byte where it stopped (its idle clock
+//!    started again).
+//!
 //! Limits: the address is fixed by the manifest (validated to be loopback); there is no
 //! protocol awareness, the bytes go through untouched.
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixListener, UnixStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -131,9 +140,16 @@ impl GrantError {
 /// The open grants of one instance; dropping it revokes them.
 #[derive(Debug)]
 pub struct Grants {
-    accepting: Vec<JoinHandle<()>>,
+    accepting: std::sync::Mutex<Vec<JoinHandle<()>>>,
     paths: Vec<PathBuf>,
     counters: Vec<Arc<Counters>>,
+    limits: Limits,
+    /// Set at an upgrade in place (rule 5): accept loops and splices stop and give up
+    /// their sockets into `handing`.
+    pause: watch::Sender<bool>,
+    handing: Arc<std::sync::Mutex<Handing>>,
+    /// Handed over: the socket files stay, for the next daemon.
+    kept: AtomicBool,
 }
 
 /// What one grant has done so far.
@@ -143,10 +159,131 @@ struct Counters {
     refused: AtomicU64,
 }
 
+/// The sockets the paused accept loops and splices gave up.
+#[derive(Debug, Default)]
+struct Handing {
+    listeners: Vec<GrantState>,
+    splices: Vec<SpliceState>,
+    fds: Vec<OwnedFd>,
+}
+
+/// The grants of an instance as the old daemon hands them to the next (rule 5): descriptor
+/// numbers kept across the exec, and what each spliced connection had in flight.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantsState {
+    /// The listening sockets.
+    pub listeners: Vec<GrantState>,
+    /// The connections being spliced.
+    pub splices: Vec<SpliceState>,
+}
+
+/// One grant's listening socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantState {
+    /// Its index in `run.upstreams`.
+    pub n: usize,
+    /// The upstream.
+    pub upstream: SocketAddr,
+    /// The socket file.
+    pub path: PathBuf,
+    /// The descriptor.
+    pub fd: i32,
+}
+
+/// One spliced connection: the instance's side, the upstream's side, the bytes in flight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpliceState {
+    /// Its grant's index.
+    pub n: usize,
+    /// The instance's unix socket.
+    pub inner: i32,
+    /// The upstream's TCP socket.
+    pub outer: i32,
+    /// Read from the instance, not yet written to the upstream (hex).
+    pub to_upstream: String,
+    /// Read from the upstream, not yet written to the instance (hex).
+    pub to_instance: String,
+    /// The instance's direction ended.
+    pub instance_done: bool,
+    /// The upstream's direction ended.
+    pub upstream_done: bool,
+}
+
+/// A paused splice's bytes in flight and ended directions.
+#[derive(Debug, Default)]
+struct Resume {
+    up: Flow,
+    down: Flow,
+}
+
+/// One direction's bytes read and not yet written (`buffer[written..filled]`), kept outside
+/// its pump so that a pause loses none.
+#[derive(Debug, Default)]
+struct Flow {
+    buffer: Vec<u8>,
+    written: usize,
+    filled: usize,
+    done: bool,
+}
+
+impl Flow {
+    fn resumed(pending: Vec<u8>, done: bool) -> Flow {
+        Flow {
+            filled: pending.len(),
+            buffer: pending,
+            written: 0,
+            done,
+        }
+    }
+
+    fn pending(&self) -> &[u8] {
+        &self.buffer[self.written..self.filled]
+    }
+}
+
 impl Grants {
     /// Opens one socket per upstream in `scratch` (which must exist), with default limits.
     pub fn open(scratch: &Path, upstreams: &[SocketAddr]) -> Result<Grants, GrantError> {
         Grants::open_with(scratch, upstreams, Limits::default())
+    }
+
+    fn empty(limits: Limits) -> Grants {
+        Grants {
+            accepting: std::sync::Mutex::new(Vec::new()),
+            paths: Vec::new(),
+            counters: Vec::new(),
+            limits,
+            pause: watch::channel(false).0,
+            handing: Arc::default(),
+            kept: AtomicBool::new(false),
+        }
+    }
+
+    /// Starts the accept loop of grant `n` on `listener`, with `splices` going on already.
+    fn start(
+        &mut self,
+        listener: UnixListener,
+        path: PathBuf,
+        upstream: SocketAddr,
+        n: usize,
+        splices: Vec<(UnixStream, TcpStream, Resume)>,
+    ) {
+        let counters = Arc::new(Counters::default());
+        self.paths.push(path.clone());
+        self.counters.push(Arc::clone(&counters));
+        let grant = Grant {
+            upstream,
+            n,
+            limits: self.limits,
+            path,
+            pause: self.pause.subscribe(),
+            handing: Arc::clone(&self.handing),
+        };
+        let loop_ = accept_loop(listener, grant, counters, splices);
+        self.accepting
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(tokio::spawn(loop_));
     }
 
     /// Opens one socket per upstream in `scratch`, with `limits`. Must run inside a tokio
@@ -156,11 +293,7 @@ impl Grants {
         upstreams: &[SocketAddr],
         limits: Limits,
     ) -> Result<Grants, GrantError> {
-        let mut grants = Grants {
-            accepting: Vec::with_capacity(upstreams.len()),
-            paths: Vec::with_capacity(upstreams.len()),
-            counters: Vec::with_capacity(upstreams.len()),
-        };
+        let mut grants = Grants::empty(limits);
         for (n, &upstream) in upstreams.iter().enumerate() {
             let path = socket_path(scratch, n);
             let len = path.as_os_str().len();
@@ -179,24 +312,15 @@ impl Grants {
             // as an unprivileged uid; its directory stays root's (and read-only for it).
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))
                 .map_err(bind_error)?;
-            let counters = Arc::new(Counters::default());
-            grants.paths.push(path.clone());
-            grants.counters.push(Arc::clone(&counters));
-            grants.accepting.push(tokio::spawn(accept_loop(
-                listener, upstream, n, limits, counters,
-            )));
             debug!(upstream = %upstream, socket = %path.display(), "upstream granted");
+            grants.start(listener, path, upstream, n, Vec::new());
         }
         Ok(grants)
     }
 
     /// No grant: an instance that reaches nothing.
     pub fn none() -> Grants {
-        Grants {
-            accepting: Vec::new(),
-            paths: Vec::new(),
-            counters: Vec::new(),
-        }
+        Grants::empty(Limits::default())
     }
 
     /// The socket paths, by upstream index.
@@ -219,13 +343,114 @@ impl Grants {
             .map(|c| c.refused.load(Ordering::Relaxed))
             .sum()
     }
+
+    /// Stops the grants for an upgrade in place and gives their sockets up, open (rule 5):
+    /// the state and the descriptors to keep across the exec; `None` when an accept loop
+    /// did not stop in time (a splice still connecting, within [`Limits::connect`]).
+    pub async fn hand_over(&self) -> Option<(GrantsState, Vec<OwnedFd>)> {
+        self.pause.send_replace(true);
+        let tasks = std::mem::take(
+            &mut *self
+                .accepting
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let deadline = Instant::now() + self.limits.connect + Duration::from_secs(1);
+        for task in tasks {
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                warn!("upstream grants did not stop in time: not handed over");
+                return None;
+            }
+        }
+        let handing = std::mem::take(
+            &mut *self
+                .handing
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        if handing.listeners.len() != self.paths.len() {
+            return None;
+        }
+        self.kept.store(true, Ordering::Release);
+        let state = GrantsState {
+            listeners: handing.listeners,
+            splices: handing.splices,
+        };
+        debug!(splices = state.splices.len(), "upstream grants handed over");
+        Some((state, handing.fds))
+    }
+
+    /// Takes back the grants the previous daemon handed over (`state`): their sockets,
+    /// accepting again, and their spliced connections, going on from the byte where they
+    /// stopped. Fails, closing what it took, if a listening socket cannot be taken back.
+    pub fn adopt(state: &GrantsState, limits: Limits) -> io::Result<Grants> {
+        let mut grants = Grants::empty(limits);
+        let mut splices: Vec<Vec<(UnixStream, TcpStream, Resume)>> = Vec::new();
+        for splice in &state.splices {
+            match adopt_splice(splice) {
+                Ok(taken) => {
+                    if splices.len() <= splice.n {
+                        splices.resize_with(splice.n + 1, Vec::new);
+                    }
+                    splices[splice.n].push(taken);
+                }
+                Err(error) => warn!(%error, n = splice.n, "upstream connection lost"),
+            }
+        }
+        for grant in &state.listeners {
+            let listener = revboot_sandbox::parent::take_fd(grant.fd)
+                .map(std::os::unix::net::UnixListener::from)
+                .and_then(|listener| {
+                    listener.set_nonblocking(true)?;
+                    UnixListener::from_std(listener)
+                })?;
+            let taken = splices.get_mut(grant.n).map(std::mem::take);
+            grants.start(
+                listener,
+                grant.path.clone(),
+                grant.upstream,
+                grant.n,
+                taken.unwrap_or_default(),
+            );
+        }
+        Ok(grants)
+    }
+}
+
+/// One handed-over spliced connection, taken back.
+fn adopt_splice(state: &SpliceState) -> io::Result<(UnixStream, TcpStream, Resume)> {
+    let take = revboot_sandbox::parent::take_fd;
+    let inner = std::os::unix::net::UnixStream::from(take(state.inner)?);
+    let outer = std::net::TcpStream::from(take(state.outer)?);
+    inner.set_nonblocking(true)?;
+    outer.set_nonblocking(true)?;
+    let bytes = |text: &str| {
+        hex::decode(text).map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))
+    };
+    let resume = Resume {
+        up: Flow::resumed(bytes(&state.to_upstream)?, state.instance_done),
+        down: Flow::resumed(bytes(&state.to_instance)?, state.upstream_done),
+    };
+    Ok((
+        UnixStream::from_std(inner)?,
+        TcpStream::from_std(outer)?,
+        resume,
+    ))
 }
 
 impl Drop for Grants {
     fn drop(&mut self) {
         // Aborting an accept loop drops its JoinSet, which aborts every splice it runs.
-        for task in &self.accepting {
+        for task in self
+            .accepting
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+        {
             task.abort();
+        }
+        if self.kept.load(Ordering::Acquire) {
+            return;
         }
         for path in &self.paths {
             let _ = std::fs::remove_file(path);
@@ -233,19 +458,41 @@ impl Drop for Grants {
     }
 }
 
-async fn accept_loop(
-    listener: UnixListener,
+/// What an accept loop and its splices know of their grant.
+#[derive(Debug, Clone)]
+struct Grant {
     upstream: SocketAddr,
     n: usize,
     limits: Limits,
+    path: PathBuf,
+    pause: watch::Receiver<bool>,
+    handing: Arc<std::sync::Mutex<Handing>>,
+}
+
+async fn accept_loop(
+    listener: UnixListener,
+    grant: Grant,
     counters: Arc<Counters>,
+    adopted: Vec<(UnixStream, TcpStream, Resume)>,
 ) {
+    let (upstream, limits) = (grant.upstream, grant.limits);
     let permits = Arc::new(Semaphore::new(limits.connections));
     let mut splices = JoinSet::new();
+    for (inner, outer, resume) in adopted {
+        // At most as many as the previous daemon allowed: the permit is there.
+        let permit = Arc::clone(&permits).try_acquire_owned().ok();
+        let grant = grant.clone();
+        splices.spawn(async move {
+            relay(inner, outer, resume, &grant).await;
+            drop(permit);
+        });
+    }
+    let mut pause = grant.pause.clone();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             Some(_) = splices.join_next(), if !splices.is_empty() => continue,
+            Ok(_) = pause.wait_for(|paused| *paused) => break,
         };
         let stream = match accepted {
             Ok((stream, _)) => stream,
@@ -263,15 +510,36 @@ async fn accept_loop(
             continue;
         };
         counters.accepted.fetch_add(1, Ordering::Relaxed);
+        let grant = grant.clone();
         splices.spawn(async move {
-            splice(stream, upstream, n, limits).await;
+            splice(stream, &grant).await;
             drop(permit);
         });
     }
+    // Paused (rule 5): each splice gives its sockets up (one connecting connects first).
+    while splices.join_next().await.is_some() {}
+    match listener.into_std() {
+        Ok(listener) => {
+            let fd = OwnedFd::from(listener);
+            let mut handing = grant
+                .handing
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            handing.listeners.push(GrantState {
+                n: grant.n,
+                upstream,
+                path: grant.path.clone(),
+                fd: fd.as_raw_fd(),
+            });
+            handing.fds.push(fd);
+        }
+        Err(error) => warn!(%error, %upstream, "cannot hand an upstream socket over"),
+    }
 }
 
-/// Connects one instance connection to the upstream and copies until done.
-async fn splice(inner: UnixStream, upstream: SocketAddr, n: usize, limits: Limits) {
+/// Connects one instance connection to the upstream, then [`relay`]s.
+async fn splice(inner: UnixStream, grant: &Grant) {
+    let (upstream, n, limits) = (grant.upstream, grant.n, grant.limits);
     let outer = match tokio::time::timeout(limits.connect, TcpStream::connect(upstream)).await {
         Ok(Ok(outer)) => outer,
         Ok(Err(error)) => {
@@ -284,57 +552,114 @@ async fn splice(inner: UnixStream, upstream: SocketAddr, n: usize, limits: Limit
         }
     };
     let _ = outer.set_nodelay(true);
-    let epoch = Instant::now();
-    let last = AtomicU64::new(0);
-    let (inner_read, inner_write) = inner.into_split();
-    let (outer_read, outer_write) = outer.into_split();
-    let copies = async {
-        tokio::join!(
-            pump(inner_read, outer_write, &last, epoch),
-            pump(outer_read, inner_write, &last, epoch)
-        )
-    };
-    let watchdog = async {
-        loop {
-            let quiet = epoch
-                .elapsed()
-                .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
-            if quiet >= limits.idle {
-                return;
-            }
-            tokio::time::sleep(limits.idle - quiet).await;
-        }
-    };
-    tokio::select! {
-        (sent, received) = copies => {
-            debug!(%upstream, n, sent, received, "upstream connection done");
-        }
-        () = watchdog => {
-            debug!(%upstream, n, idle = ?limits.idle, "upstream connection idle; closed");
-        }
-    }
+    relay(inner, outer, Resume::default(), grant).await;
 }
 
-/// Copies one direction, then shuts the writer down (a half close is passed on).
-async fn pump<R, W>(mut from: R, mut to: W, last: &AtomicU64, epoch: Instant) -> u64
+/// Copies both ways until done, idle, or paused (then the sockets and the bytes in flight
+/// go to the hand-over).
+async fn relay(mut inner: UnixStream, mut outer: TcpStream, resume: Resume, grant: &Grant) {
+    let (upstream, n, limits) = (grant.upstream, grant.n, grant.limits);
+    let epoch = Instant::now();
+    let last = AtomicU64::new(0);
+    let Resume { mut up, mut down } = resume;
+    let mut pause = grant.pause.clone();
+    let paused = {
+        let (mut inner_read, mut inner_write) = inner.split();
+        let (mut outer_read, mut outer_write) = outer.split();
+        let copies = async {
+            tokio::join!(
+                pump(&mut inner_read, &mut outer_write, &mut up, &last, epoch),
+                pump(&mut outer_read, &mut inner_write, &mut down, &last, epoch)
+            )
+        };
+        let watchdog = async {
+            loop {
+                let quiet = epoch
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+                if quiet >= limits.idle {
+                    return;
+                }
+                tokio::time::sleep(limits.idle - quiet).await;
+            }
+        };
+        tokio::select! {
+            (sent, received) = copies => {
+                debug!(%upstream, n, sent, received, "upstream connection done");
+                false
+            }
+            () = watchdog => {
+                debug!(%upstream, n, idle = ?limits.idle, "upstream connection idle; closed");
+                false
+            }
+            Ok(_) = pause.wait_for(|paused| *paused) => true,
+        }
+    };
+    if !paused {
+        return;
+    }
+    let (inner, outer) = match (inner.into_std(), outer.into_std()) {
+        (Ok(inner), Ok(outer)) => (OwnedFd::from(inner), OwnedFd::from(outer)),
+        (inner, outer) => {
+            let error = inner.err().or(outer.err());
+            warn!(?error, %upstream, n, "cannot hand an upstream connection over; closed");
+            return;
+        }
+    };
+    let mut handing = grant
+        .handing
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    handing.splices.push(SpliceState {
+        n,
+        inner: inner.as_raw_fd(),
+        outer: outer.as_raw_fd(),
+        to_upstream: hex::encode(up.pending()),
+        to_instance: hex::encode(down.pending()),
+        instance_done: up.done,
+        upstream_done: down.done,
+    });
+    handing.fds.extend([inner, outer]);
+}
+
+/// Copies one direction, then shuts the writer down (a half close is passed on). What is
+/// read and not yet written stays in `flow` between awaits, each of them cancel-safe.
+async fn pump<R, W>(
+    from: &mut R,
+    to: &mut W,
+    flow: &mut Flow,
+    last: &AtomicU64,
+    epoch: Instant,
+) -> u64
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buffer = vec![0u8; CHUNK];
+    if flow.done {
+        return 0;
+    }
+    if flow.buffer.len() < CHUNK {
+        flow.buffer.resize(CHUNK, 0);
+    }
     let mut total = 0u64;
-    loop {
-        let read = match from.read(&mut buffer).await {
+    'copying: loop {
+        while flow.written < flow.filled {
+            match to.write(&flow.buffer[flow.written..flow.filled]).await {
+                Ok(0) | Err(_) => break 'copying,
+                Ok(wrote) => flow.written += wrote,
+            }
+        }
+        let read = match from.read(&mut flow.buffer).await {
             Ok(0) | Err(_) => break,
             Ok(read) => read,
         };
-        if to.write_all(&buffer[..read]).await.is_err() {
-            break;
-        }
+        (flow.written, flow.filled) = (0, read);
         total += read as u64;
         last.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
     let _ = to.shutdown().await;
+    flow.done = true;
+    (flow.written, flow.filled) = (0, 0);
     total
 }
 

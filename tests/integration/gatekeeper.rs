@@ -14,21 +14,26 @@ use std::time::Duration;
 
 use crate::support::{Daemon, eventually, example_source, git, push_service};
 
-const NAME: &str = "gatekeeper.revboot.test";
+pub(crate) const NAME: &str = "gatekeeper.revboot.test";
 const CLIENTS: [&str; 3] = ["127.0.0.21", "127.0.0.22", "127.0.0.23"];
 /// A fourth client, over the per-client cap of three.
 const OVER_CAP: &str = "127.0.0.24";
 
+/// A gate requests wait at until it is opened (bounded by the backend's read timeout).
+type Gate = Arc<(Mutex<bool>, std::sync::Condvar)>;
+
 /// The legacy backend: answers `legacy backend saw <method> <path> for <x-forwarded-for>`
-/// and appends the same line to its log file.
-struct Backend {
+/// and appends the same line to its log file. A request for a path under `/api/wait`
+/// is logged, then answered only once [`Backend::open_gate`] is called.
+pub(crate) struct Backend {
     port: u16,
     log: PathBuf,
     stop: Arc<AtomicBool>,
+    gate: Gate,
 }
 
 impl Backend {
-    fn start(log: &Path) -> Backend {
+    pub(crate) fn start(log: &Path) -> Backend {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the backend");
         let port = listener.local_addr().expect("backend address").port();
         std::fs::write(log, "").expect("backend log");
@@ -40,25 +45,35 @@ impl Backend {
         ));
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = Arc::clone(&stop);
+        let gate = Gate::default();
+        let gates = Arc::clone(&gate);
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 if stopping.load(Ordering::Relaxed) {
                     break;
                 }
                 let Ok(stream) = stream else { continue };
-                let file = Arc::clone(&file);
-                std::thread::spawn(move || serve_one(stream, &file));
+                let (file, gate) = (Arc::clone(&file), Arc::clone(&gates));
+                std::thread::spawn(move || serve_one(stream, &file, &gate));
             }
         });
         Backend {
             port,
             log: log.to_owned(),
             stop,
+            gate,
         }
     }
 
+    /// Lets the requests under `/api/wait` be answered.
+    pub(crate) fn open_gate(&self) {
+        let (open, opened) = &*self.gate;
+        *open.lock().expect("gate lock") = true;
+        opened.notify_all();
+    }
+
     /// Every request line the backend received so far.
-    fn requests(&self) -> Vec<String> {
+    pub(crate) fn requests(&self) -> Vec<String> {
         std::fs::read_to_string(&self.log)
             .expect("backend log")
             .lines()
@@ -74,7 +89,7 @@ impl Drop for Backend {
     }
 }
 
-fn serve_one(stream: TcpStream, log: &Mutex<std::fs::File>) {
+fn serve_one(stream: TcpStream, log: &Mutex<std::fs::File>, gate: &Gate) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let mut writer = stream.try_clone().expect("clone backend stream");
     let mut reader = BufReader::new(stream);
@@ -106,6 +121,13 @@ fn serve_one(stream: TcpStream, log: &Mutex<std::fs::File>) {
         parts.next().unwrap_or("?")
     );
     writeln!(log.lock().expect("backend log lock"), "{seen}").expect("write backend log");
+    if seen.contains(" /api/wait") {
+        let (open, opened) = &**gate;
+        let guard = open.lock().expect("gate lock");
+        let _ = opened
+            .wait_timeout_while(guard, Duration::from_secs(10), |open| !*open)
+            .expect("gate lock");
+    }
     let answer = format!("legacy backend saw {seen}\n");
     let _ = write!(
         writer,
@@ -115,7 +137,13 @@ fn serve_one(stream: TcpStream, log: &Mutex<std::fs::File>) {
 }
 
 /// curl from `source` to `address:8080` (a body of `body` bytes, if any).
-fn curl_from(source: &str, address: &str, method: &str, path: &str, body: Option<usize>) -> Output {
+pub(crate) fn curl_from(
+    source: &str,
+    address: &str,
+    method: &str,
+    path: &str,
+    body: Option<usize>,
+) -> Output {
     let mut command = Command::new("curl");
     command
         .args([
@@ -152,7 +180,7 @@ fn curl_from(source: &str, address: &str, method: &str, path: &str, body: Option
 }
 
 /// (HTTP status, body) of a curl that must have completed.
-fn answered(output: &Output) -> (u16, String) {
+pub(crate) fn answered(output: &Output) -> (u16, String) {
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
@@ -179,7 +207,7 @@ fn backend_port(address: &str) -> u16 {
 }
 
 /// The host pid of the gatekeeper serving `client`, found by its environment.
-fn gatekeeper_pid(client: &str) -> Option<u32> {
+pub(crate) fn gatekeeper_pid(client: &str) -> Option<u32> {
     let wanted = format!("REVBOOT_CLIENT={client}");
     std::fs::read_dir("/proc")
         .ok()?
@@ -193,17 +221,9 @@ fn gatekeeper_pid(client: &str) -> Option<u32> {
         })
 }
 
-#[test]
-fn gatekeepers_per_client_reach_only_their_backend_and_enforce_policy() {
-    let temp = tempfile::tempdir().expect("temp dir");
-    let backend = Backend::start(&temp.path().join("backend.log"));
-    let daemon = Daemon::start_configured(
-        &temp.path().join("data"),
-        "[instances]\nmax_clients_per_service = 3\nidle_timeout_ms = 6000\n",
-    );
-
-    // The example, pointed at this test's backend.
-    let work = example_source(temp.path(), "gatekeeper");
+/// Pushes the gatekeeper example, pointed at `backend`.
+pub(crate) fn push_gatekeeper(daemon: &Daemon, temp: &Path, backend: &Backend) {
+    let work = example_source(temp, "gatekeeper");
     let manifest = work.join("revboot.toml");
     let text = std::fs::read_to_string(&manifest).expect("manifest");
     assert!(text.contains("\"127.0.0.1:9000\""), "{text}");
@@ -216,7 +236,19 @@ fn gatekeepers_per_client_reach_only_their_backend_and_enforce_policy() {
         &work,
         &["commit", "-q", "-am", "gatekeeper for the test backend"],
     );
-    push_service(&daemon, &work, "gatekeeper");
+    push_service(daemon, &work, "gatekeeper");
+}
+
+#[test]
+fn gatekeepers_per_client_reach_only_their_backend_and_enforce_policy() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let backend = Backend::start(&temp.path().join("backend.log"));
+    let daemon = Daemon::start_configured(
+        &temp.path().join("data"),
+        "[instances]\nmax_clients_per_service = 3\nidle_timeout_ms = 6000\n",
+    );
+
+    push_gatekeeper(&daemon, temp.path(), &backend);
 
     // Three clients, three instances, three addresses; each reaches the backend as itself.
     let mut addresses = Vec::new();

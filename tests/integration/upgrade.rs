@@ -621,3 +621,55 @@ fn upgrade_in_place_hands_relayed_connections_over_mid_transfer() {
     assert_eq!(handed, 2, "{log}");
     assert!(crate::front_door::curl_front(&host, front).contains("hello from v1"));
 }
+
+#[test]
+fn upgrade_in_place_keeps_gatekeepers_their_clients_and_upstream_connections() {
+    use crate::gatekeeper::{Backend, NAME, answered, curl_from, gatekeeper_pid};
+    // Clients of this test alone: gatekeeper_pid finds a gatekeeper by its client.
+    let (first, second) = ("127.0.0.71", "127.0.0.72");
+    let temp = tempfile::tempdir().expect("temp dir");
+    let backend = Backend::start(&temp.path().join("backend.log"));
+    let (daemon, binary) = upgradable(temp.path(), "[instances]\nmax_clients_per_service = 3\n");
+    crate::gatekeeper::push_gatekeeper(&daemon, temp.path(), &backend);
+    let addresses = [first, second].map(|client| {
+        let address = daemon.address_for(client, NAME);
+        let (status, body) = answered(&curl_from(client, &address, "GET", "/api/hello", None));
+        assert_eq!(status, 200, "{body}");
+        address
+    });
+    let pids = [first, second].map(|client| gatekeeper_pid(client).expect("its gatekeeper"));
+
+    // A request of the first client waits at the backend, through its gatekeeper's
+    // upstream grant, while the daemon upgrades.
+    let waiting = {
+        let address = addresses[0].clone();
+        std::thread::spawn(move || curl_from(first, &address, "GET", "/api/wait", None))
+    };
+    let seen = |what: &str| backend.requests().iter().any(|r| r.contains(what));
+    assert!(eventually(|| seen("GET /api/wait for 127.0.0.71")));
+    replace_binary(&binary);
+    let view = upgrade(&daemon);
+    assert_eq!(view["last_upgrade_instances"], 2, "{view}");
+    backend.open_gate();
+    let (status, body) = answered(&waiting.join().expect("the waiting request"));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        "legacy backend saw GET /api/wait for 127.0.0.71 (0 body bytes)\n"
+    );
+
+    // The same gatekeepers, each reaching the backend for its own client only.
+    assert_eq!([first, second].map(gatekeeper_pid), pids.map(Some));
+    for (client, address) in [first, second].iter().zip(&addresses) {
+        assert_eq!(&daemon.address_for(client, NAME), address);
+        let (status, body) = answered(&curl_from(client, address, "GET", "/api/after", None));
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains(&format!("for {client}")), "{body}");
+    }
+    let intruder = curl_from(second, &addresses[0], "GET", "/api/hello", None);
+    let text = String::from_utf8_lossy(&intruder.stdout);
+    assert!(!intruder.status.success(), "{text}");
+    assert!(!text.contains("legacy backend"), "{text}");
+    // Two hellos, the one that waited, two after: the intruder's never reached it.
+    assert_eq!(backend.requests().len(), 5, "{:?}", backend.requests());
+}

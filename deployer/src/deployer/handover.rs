@@ -4,14 +4,17 @@
 //!
 //! 1. refuses new summons and asks every instance's task to hand its instance over;
 //! 2. a started instance (serving, or booting with its process running) whose tender can
-//!    hand it over (the process and qemu tenders) stops being watched: its console pipe's descriptor, its console tail, its durable
-//!    record and what its tender needs besides (a VM's QMP socket, a restored VM's own
-//!    scratch directory and uid) go into a [`HandedInstance`]. Its kernel route stays until
-//!    the exec ends the program;
-//! 3. one that cannot — still starting (no process yet), one with upstream grants — is
-//!    stopped as at a
-//!    shutdown (`stopped: daemon upgraded; it could not be handed over`), its record
-//!    written; the qemu tender's waiting qemu processes are killed;
+//!    hand it over (the process and qemu tenders) stops being watched: its console pipe's
+//!    descriptor, its console tail, its durable record and what its tender needs besides
+//!    (a VM's QMP socket, a restored VM's own scratch directory and uid, an instance's
+//!    upstream grants with their connections) go into a [`HandedInstance`]. Its kernel
+//!    route stays until the exec ends the program. One still starting (no process yet: a
+//!    VM being restored, an image being unpacked) reads the request once its boot
+//!    returns and is handed over then, booting: the old daemon waits for it, within the
+//!    hand-over's limit;
+//! 3. one that cannot (its tender cannot, or its grants did not stop in time) is stopped
+//!    as at a shutdown (`stopped: daemon upgraded; it could not be handed over`), its
+//!    record written; the qemu tender's waiting qemu processes are killed;
 //! 4. the spare cgroups go and the durable state is flushed; the pools' `local` routes stay
 //!    (the next daemon takes them over, as it does a killed one's). The daemon then executes its
 //!    new binary, keeping the descriptors ([`revboot_sandbox::parent::exec`]): the instances
@@ -51,7 +54,7 @@ use crate::summon::{InstanceKey, InstanceState};
 use crate::tender::{Adopted, Handed};
 
 /// The answer to [`Command::HandOver`].
-pub(super) type Reply = oneshot::Sender<Option<(HandedInstance, OwnedFd)>>;
+pub(super) type Reply = oneshot::Sender<Option<(HandedInstance, Vec<OwnedFd>)>>;
 
 /// One running instance, as the old daemon hands it to the next (module doc).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,7 +92,7 @@ pub struct HandedInstance {
 pub struct Handover {
     /// The instances handed over.
     pub instances: Vec<HandedInstance>,
-    /// Their console pipes.
+    /// Their console pipes, and what their tenders keep besides (upstream grants' sockets).
     pub fds: Vec<OwnedFd>,
 }
 
@@ -114,7 +117,9 @@ pub(super) fn handed(
         tender: handed.tender,
         keep: handed.keep,
     };
-    let _ = reply.send(Some((instance, handed.console)));
+    let mut fds = handed.fds;
+    fds.push(handed.console);
+    let _ = reply.send(Some((instance, fds)));
 }
 
 impl Deployer {
@@ -137,9 +142,9 @@ impl Deployer {
         let deadline = tokio::time::Instant::now() + limit;
         let mut handover = Handover::default();
         for answer in asked {
-            if let Ok(Ok(Some((instance, fd)))) = tokio::time::timeout_at(deadline, answer).await {
+            if let Ok(Ok(Some((instance, fds)))) = tokio::time::timeout_at(deadline, answer).await {
                 handover.instances.push(instance);
-                handover.fds.push(fd);
+                handover.fds.extend(fds);
             }
         }
         // Those stopped instead finish, their records written, before the exec.

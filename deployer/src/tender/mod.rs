@@ -271,6 +271,9 @@ pub struct Handed {
     /// Directories of the backend's own that the next daemon's start-up clean-up leaves
     /// (a restored qemu's scratch directory).
     pub keep: Vec<PathBuf>,
+    /// Descriptors of the backend's own kept open across the exec, their numbers in
+    /// `tender` (the process tender: its upstream grants' sockets).
+    pub fds: Vec<std::os::fd::OwnedFd>,
 }
 
 /// An instance the previous daemon handed over, as the tender gets it back.

@@ -563,6 +563,13 @@ async fn wait_for_exit(child: &Child) -> io::Result<ExitStatus> {
     }
 }
 
+/// What the process tender hands over of its own ([`super::Handed::tender`]).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Own {
+    /// The instance's upstream grants, if it has any.
+    grants: Option<crate::upstream::GrantsState>,
+}
+
 /// A request to [`watch_exit`] for the console pipe, to hand it over.
 type HandOver = oneshot::Sender<Option<OwnedFd>>;
 
@@ -630,13 +637,16 @@ impl Running for ProcessRunning {
         self.exit.clone()
     }
 
-    /// The console pipe, from the watcher, which stops there. An instance with upstream
-    /// grants cannot be handed over: its grants are relays of this daemon.
+    /// Its upstream grants' sockets ([`Grants::hand_over`]), then the console pipe, from
+    /// the watcher, which stops there.
     fn hand_over(&self) -> BoxFuture<'_, Option<super::Handed>> {
         Box::pin(async move {
-            if !self._upstreams.paths().is_empty() {
-                return None;
-            }
+            let (grants, fds) = if self._upstreams.paths().is_empty() {
+                (None, Vec::new())
+            } else {
+                let (grants, fds) = self._upstreams.hand_over().await?;
+                (Some(grants), fds)
+            };
             let ask = self
                 .handover
                 .lock()
@@ -648,8 +658,9 @@ impl Running for ProcessRunning {
             Some(super::Handed {
                 console,
                 tail: self.console.tail(),
-                tender: serde_json::Value::Null,
+                tender: serde_json::to_value(Own { grants }).expect("numbers and paths serialise"),
                 keep: Vec::new(),
+                fds,
             })
         })
     }
@@ -685,6 +696,13 @@ impl ProcessTender {
             .footprint
             .pid
             .ok_or_else(|| setup("an instance handed over")(io::Error::other("no pid")))?;
+        // A program older than the grants' hand-over handed `null`.
+        let own: Own = serde_json::from_value(adopted.tender.clone()).unwrap_or_default();
+        let upstreams = match &own.grants {
+            Some(grants) => Grants::adopt(grants, crate::upstream::Limits::default())
+                .map_err(setup("upstream grants handed over"))?,
+            None => Grants::none(),
+        };
         let console = Console::new(adopted.console_bytes);
         console.push(&adopted.tail);
         let groups = self
@@ -715,7 +733,7 @@ impl ProcessTender {
             child,
             exit,
             handover: std::sync::Mutex::new(Some(handover)),
-            _upstreams: Grants::none(),
+            _upstreams: upstreams,
         }))
     }
 }

@@ -288,6 +288,7 @@ impl Running for QemuRunning {
                 tail: self.console.tail(),
                 tender: serde_json::to_value(own).expect("paths and numbers serialise"),
                 keep: handing.scratch.into_iter().collect(),
+                fds: Vec::new(),
             })
         })
     }
