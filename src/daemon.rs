@@ -520,9 +520,7 @@ impl Daemon {
         for (address, listener) in listeners {
             proxy.adopt(address, listener);
         }
-        relays
-            .into_iter()
-            .for_each(|relay| proxy.adopt_relay(relay));
+        proxy.adopt_relays(relays);
         let front_door = proxy.front_addresses();
         let front: Arc<dyn Instances> = proxy.clone();
         let promotions = Promotions::new(deployer.clone(), front.clone());

@@ -19,7 +19,7 @@
 //! 4. The front door's listeners likewise: [`Proxy::hand_over_front`] stops its accept
 //!    loops and gives its sockets, open; the next daemon's front door listens on them
 //!    ([`Proxy::with_front_inheriting`]).
-//! 5. The next daemon resumes each relay ([`Proxy::adopt_relay`]) once the deployer has
+//! 5. The next daemon resumes each relay ([`Proxy::adopt_relays`]) once the deployer has
 //!    adopted the instances: it writes what was in flight first, then relays on with the
 //!    same limits and counters, its idle and total clocks started again, and reports the
 //!    connection open to its instance (which keeps it from being reaped).
@@ -184,8 +184,14 @@ impl Proxy {
         std::mem::take(&mut relays.list)
     }
 
-    /// Relays on a connection handed over by the previous daemon (rule 5).
-    pub fn adopt_relay(&self, handed: HandedRelay) {
+    /// Relays on the connections handed over by the previous daemon (rule 5).
+    pub fn adopt_relays(&self, relays: Vec<HandedRelay>) {
+        for handed in relays {
+            self.adopt_relay(handed);
+        }
+    }
+
+    fn adopt_relay(&self, handed: HandedRelay) {
         let shared = Arc::clone(self.shared());
         let streams = handed
             .client

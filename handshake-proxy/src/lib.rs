@@ -162,7 +162,7 @@
 //! over open, so connections made meanwhile wait in their queues; connections the proxy
 //! relays itself (through the front door, to a VM, or not steered) pause and are handed
 //! over whole, their sockets and the bytes they had in flight ([`Proxy::take_relays`],
-//! [`Proxy::adopt_relay`], bounded by [`MAX_RELAYS`] and [`MAX_RELAY_BYTES`]); those still
+//! [`Proxy::adopt_relays`], bounded by [`MAX_RELAYS`] and [`MAX_RELAY_BYTES`]); those still
 //! held through a boot, those with TLS ended at the front door and those over the bounds are
 //! given a short drain and then close with the old program. Steered connections never pass
 //! through the proxy and are not touched.

@@ -341,7 +341,6 @@ fn upgrade_in_place_keeps_a_vm_booted_cold_and_one_restored_with_their_connectio
     assert!(curl(&live, &address, 8080).starts_with("hello from v1"));
     let restored = pids(&daemon);
     assert_eq!(restored.len(), 1, "{restored:?}");
-    let groups = cgroups_of(restored[0]);
     let log = daemon.log();
     assert!(log.contains("loaded_ahead=true"), "{log}");
     let target: SocketAddr = format!("{address}:8080").parse().expect("address");
@@ -352,6 +351,18 @@ fn upgrade_in_place_keeps_a_vm_booted_cold_and_one_restored_with_their_connectio
     assert!(finish(established).contains("hello from v1"));
     assert_eq!(pids(&daemon), restored);
     assert!(curl(&live, &address, 8080).starts_with("hello from v1"));
+
+    // A restore under way when the upgrade comes (the query starts it; the upgrade may find
+    // it before or after its qemu runs): waited for, then handed over either way.
+    stop_vm(&daemon, restored[0]);
+    let address = dig_ok(&daemon, &live, false);
+    let view = upgrade(&daemon);
+    assert_eq!(view["upgrades"], 3, "{view}");
+    assert_eq!(view["last_upgrade_instances"], 1, "{view}");
+    assert!(curl(&live, &address, 8080).starts_with("hello from v1"));
+    let restored = pids(&daemon);
+    assert_eq!(restored.len(), 1, "{restored:?}");
+    let groups = cgroups_of(restored[0]);
 
     // kill -9 of the upgraded daemon: the VM dies with it; the next start leaves nothing.
     let (http, dns, pool) = (daemon.http.port(), daemon.dns.port(), daemon.pool.clone());

@@ -282,6 +282,7 @@ impl Running for QemuRunning {
                 qmp: handing.qmp,
                 scratch: handing.scratch.clone(),
                 uid: handing.uid,
+                restored: self.restored,
             };
             Some(Handed {
                 console: handing.console,
@@ -343,6 +344,10 @@ struct HandedQemu {
     scratch: Option<PathBuf>,
     /// qemu's own uid (a restored one's).
     uid: Option<u32>,
+    /// Restored from a snapshot: its console probe's line was printed before the snapshot,
+    /// so one handed over while booting is ready at once in the next daemon too.
+    #[serde(default)]
+    restored: bool,
 }
 
 /// Tends a qemu instance the previous daemon handed over (an upgrade in place): qemu is
@@ -403,7 +408,7 @@ pub(super) fn adopt(tender: &QemuTender, adopted: Adopted) -> Result<Box<dyn Run
             scratch: own.scratch,
             lease,
             console,
-            restored: false,
+            restored: own.restored,
             save: None,
             version: Arc::clone(&tender.version),
         },
