@@ -634,6 +634,26 @@ fn upgrade_in_place_hands_relayed_connections_over_mid_transfer() {
 }
 
 #[test]
+fn upgrade_in_place_hands_over_connections_relayed_to_an_instance_not_steered() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    // Not steered: the proxy relays every connection to the instance's own address.
+    let (daemon, binary) = upgradable(temp.path(), "[instances]\nsteer = false\n");
+    let work = hello_source(temp.path());
+    push(&daemon, &work);
+    let live = format!("hello.{ZONE}");
+    let address = dig_ok(&daemon, &live, false);
+    let target: SocketAddr = format!("{address}:8080").parse().expect("address");
+    let echo = Echo::start(target, &live);
+    echo.wait_for_more(1 << 20);
+    replace_binary(&binary);
+    assert_eq!(upgrade(&daemon)["upgrades"], 1);
+    echo.wait_for_more(1 << 20);
+    echo.finish();
+    let log = daemon.log();
+    assert!(log.contains("relays=1"), "{log}");
+}
+
+#[test]
 fn upgrade_in_place_keeps_gatekeepers_their_clients_and_upstream_connections() {
     use crate::gatekeeper::{Backend, NAME, answered, curl_from, gatekeeper_pid};
     // Clients of this test alone: gatekeeper_pid finds a gatekeeper by its client.
