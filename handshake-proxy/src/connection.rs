@@ -448,7 +448,12 @@ pub(crate) async fn relay(
                 debug!(%peer, %key, %error, "spliced connection failed")
             }
             Ended::Paused(paused) => {
-                if let Some(paused) = crate::handover::keep(shared, paused, peer, key) {
+                let kept = shared
+                    .relays
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .keep(paused, peer, key);
+                if let Some(paused) = kept {
                     (client, backend, resume) = (paused.client, paused.backend, paused.resume);
                     pause = None;
                     continue;

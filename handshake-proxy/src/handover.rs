@@ -5,8 +5,8 @@
 //!    it. New summons are refused from then on.
 //! 2. Connections the proxy relays (through the front door, to a VM, or not steered) pause:
 //!    each gives its two sockets and the bytes it had read and not yet written, whole, to
-//!    be handed over as a [`HandedRelay`] (at most [`MAX_RELAYS`] of them, holding at most
-//!    [`MAX_RELAY_BYTES`] in flight in all; one over either bound is logged and goes on
+//!    be handed over as a [`HandedRelay`](crate::HandedRelay) (at most [`MAX_RELAYS`](crate::MAX_RELAYS) of them, holding at most
+//!    [`MAX_RELAY_BYTES`](crate::MAX_RELAY_BYTES) in flight in all; one over either bound is logged and goes on
 //!    here until the old daemon ends, as before). Those held through a boot pause once it
 //!    is ready, if that comes within `drain`; those the front door accepted and is still
 //!    reading the head of are first given up to its head timeout to be routed (their summon
@@ -29,87 +29,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use revboot_deployer::InstanceKey;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::connection::{Open, accepting, relay};
 use crate::proxy::Proxy;
-use crate::shared::Shared;
-use crate::splice::{Paused, Resume};
-
-/// Relayed connections handed over at most (two descriptors each).
-pub const MAX_RELAYS: usize = 4096;
-/// Bytes in flight handed over at most, over all relayed connections.
-pub const MAX_RELAY_BYTES: usize = 64 << 20;
-
-/// A relayed connection handed to the next daemon (module doc, rule 2).
-#[derive(Debug)]
-pub struct HandedRelay {
-    /// The client's socket.
-    pub client: std::net::TcpStream,
-    /// The instance's socket.
-    pub backend: std::net::TcpStream,
-    /// The client's address.
-    pub peer: SocketAddr,
-    /// The instance it is relayed to.
-    pub key: InstanceKey,
-    /// Bytes read from the client and not yet written to the instance.
-    pub to_backend: Vec<u8>,
-    /// Bytes read from the instance and not yet written to the client.
-    pub to_client: Vec<u8>,
-    /// The client ended its writing (and the instance's side was shut down).
-    pub client_done: bool,
-    /// The instance ended its writing (and the client's side was shut down).
-    pub backend_done: bool,
-}
-
-/// The relays paused so far, and the bytes they hold.
-#[derive(Debug, Default)]
-pub(crate) struct Relays {
-    list: Vec<HandedRelay>,
-    bytes: usize,
-}
-
-/// Keeps a paused relay for the next daemon (rule 2), or gives it back (`Some`) when over a
-/// bound.
-pub(crate) fn keep(
-    shared: &Shared,
-    paused: Paused,
-    peer: SocketAddr,
-    key: &InstanceKey,
-) -> Option<Paused> {
-    let bytes = paused.resume.up.len() + paused.resume.down.len();
-    let mut relays = shared
-        .relays
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if relays.list.len() >= MAX_RELAYS || relays.bytes + bytes > MAX_RELAY_BYTES {
-        warn!(%peer, %key, relays = relays.list.len(), bytes = relays.bytes,
-            "too many relayed connections to hand over; this one ends with this program");
-        return Some(paused);
-    }
-    let (client, backend) = match (paused.client.into_std(), paused.backend.into_std()) {
-        (Ok(client), Ok(backend)) => (client, backend),
-        (client, backend) => {
-            let error = client.err().or(backend.err());
-            warn!(%peer, %key, ?error, "cannot hand a relayed connection over; closed");
-            return None;
-        }
-    };
-    relays.bytes += bytes;
-    relays.list.push(HandedRelay {
-        client,
-        backend,
-        peer,
-        key: key.clone(),
-        to_backend: paused.resume.up,
-        to_client: paused.resume.down,
-        client_done: paused.resume.up_done,
-        backend_done: paused.resume.down_done,
-    });
-    None
-}
+use crate::relays::HandedRelay;
+use crate::splice::Resume;
 
 /// How long the accept loops are given to hand their sockets over.
 const GIVE_UP: Duration = Duration::from_secs(5);
@@ -162,7 +88,6 @@ impl Proxy {
             .relays
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .list
             .len();
         info!(
             listeners = handed.len(),
@@ -175,13 +100,11 @@ impl Proxy {
 
     /// The relayed connections [`Proxy::hand_over`] paused, for the next daemon (rule 2).
     pub fn take_relays(&self) -> Vec<HandedRelay> {
-        let mut relays = self
-            .shared()
+        self.shared()
             .relays
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        relays.bytes = 0;
-        std::mem::take(&mut relays.list)
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 
     /// Relays on the connections handed over by the previous daemon (rule 5).

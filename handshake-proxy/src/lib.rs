@@ -191,6 +191,7 @@ mod idle;
 mod metrics;
 mod proxy;
 mod pump;
+mod relays;
 mod shared;
 mod sniff;
 mod splice;
@@ -203,9 +204,9 @@ pub use config::{
     DEFAULT_TOTAL_TIMEOUT, ProxyConfig,
 };
 pub use front::{FrontAddresses, FrontConfig, FrontError};
-pub use handover::{HandedRelay, MAX_RELAY_BYTES, MAX_RELAYS};
 pub use metrics::ProxyMetrics;
 pub use proxy::Proxy;
+pub use relays::{HandedRelay, MAX_RELAY_BYTES, MAX_RELAYS};
 pub use revboot_deployer::Instances;
 pub use shared::ListenError;
 pub use terminate::Terminate;

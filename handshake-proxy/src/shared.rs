@@ -107,7 +107,7 @@ pub(crate) struct Shared {
     /// Cancelled while handing over: relayed connections pause to be handed over too.
     pub(crate) pause: CancellationToken,
     /// The relayed connections paused so far, while handing over.
-    pub(crate) relays: Mutex<crate::handover::Relays>,
+    pub(crate) relays: Mutex<crate::relays::Relays>,
 }
 
 impl std::fmt::Debug for Shared {
