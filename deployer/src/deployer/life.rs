@@ -551,7 +551,11 @@ pub(super) fn clean_orphans(
     for tender in tenders.all() {
         tender.sweep_orphans(&keep_cgroups);
     }
-    reap_left_children(kept);
+    if !kept.is_empty() {
+        // Started by an upgrade in place (instances were handed over): nothing else of this
+        // program has started a process yet, so a child that ended is the previous one's.
+        reap_left_children(kept);
+    }
     if let Ok(entries) = std::fs::read_dir(scratch_dir) {
         for entry in entries.flatten() {
             if !kept.iter().any(|record| record.scratch == entry.path())
@@ -576,7 +580,8 @@ pub(super) fn is_zombie(pid: u32) -> bool {
 /// Reaps the children of this process that ended and are no instance `kept`: what the
 /// program before it (a daemon upgraded in place is the same process) killed and had not
 /// reaped yet when it executed this one, such as a waiting qemu dropped at the hand-over.
-/// Nothing else of this program has started a process yet.
+/// Only at the start of a program that took instances over: in any other process (a test
+/// with a deployer of its own), a child that ended may be another part's to reap.
 fn reap_left_children(kept: &[InstanceRecord]) {
     let me = std::process::id().to_string();
     let Ok(entries) = std::fs::read_dir("/proc") else {
