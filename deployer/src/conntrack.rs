@@ -21,6 +21,8 @@ const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const INET_DIAG_REQ_BYTECODE: u16 = 1;
 /// `INET_DIAG_BC_S_COND`: the local address and port match a host condition.
 const INET_DIAG_BC_S_COND: u8 = 7;
+/// `INET_DIAG_BC_D_COND`: the remote address and port match a host condition.
+const INET_DIAG_BC_D_COND: u8 = 8;
 /// TCP states of a connection that is open, or closing with a peer still attached:
 /// ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING (not LISTEN, SYN_RECV,
 /// TIME_WAIT or CLOSE).
@@ -33,6 +35,16 @@ const TIMEOUT: libc::timeval = libc::timeval {
 
 /// The number of open TCP connections whose local end is `local`.
 pub(crate) fn open_connections(local: SocketAddr) -> io::Result<usize> {
+    count(local, None)
+}
+
+/// The number of open TCP connections between `local` and `peer` (0 or 1): a connection
+/// handed to an instance (`crate::handoff`).
+pub(crate) fn open_between(local: SocketAddr, peer: SocketAddr) -> io::Result<usize> {
+    count(local, Some(peer))
+}
+
+fn count(local: SocketAddr, peer: Option<SocketAddr>) -> io::Result<usize> {
     // SAFETY: a plain socket call; the fd is owned below.
     let fd = unsafe {
         libc::socket(
@@ -60,7 +72,7 @@ pub(crate) fn open_connections(local: SocketAddr) -> io::Result<usize> {
     if set != 0 {
         return Err(io::Error::last_os_error());
     }
-    let request = request(local);
+    let request = request(local, peer);
     // SAFETY: sending our buffer on our socket (the kernel is the default destination).
     let sent = unsafe {
         libc::send(
@@ -113,23 +125,38 @@ pub(crate) fn open_connections(local: SocketAddr) -> io::Result<usize> {
 }
 
 /// A dump request for TCP sockets of `local`'s family in [`OPEN_STATES`] whose local end is
-/// `local` (a bytecode host condition: full-length prefix, exact port).
-fn request(local: SocketAddr) -> Vec<u8> {
-    let (family, address): (u8, Vec<u8>) = match local.ip() {
-        IpAddr::V4(ip) => (libc::AF_INET as u8, ip.octets().to_vec()),
-        IpAddr::V6(ip) => (libc::AF_INET6 as u8, ip.octets().to_vec()),
+/// `local`, and whose remote end is `peer` when given (bytecode host conditions:
+/// full-length prefix, exact port).
+fn request(local: SocketAddr, peer: Option<SocketAddr>) -> Vec<u8> {
+    let family = match local.ip() {
+        IpAddr::V4(_) => libc::AF_INET as u8,
+        IpAddr::V6(_) => libc::AF_INET6 as u8,
     };
+    let conditions: Vec<(u8, SocketAddr)> = std::iter::once((INET_DIAG_BC_S_COND, local))
+        .chain(peer.map(|peer| (INET_DIAG_BC_D_COND, peer)))
+        .collect();
     // struct inet_diag_bc_op { u8 code; u8 yes; u16 no } + struct inet_diag_hostcond
-    // { u8 family; u8 prefix_len; i32 port; be32 addr[] }: matched goes on to the end
-    // (accept), unmatched jumps 4 bytes past it (reject).
-    let op_len = 4 + 8 + address.len();
-    let mut bytecode = vec![INET_DIAG_BC_S_COND, op_len as u8];
-    bytecode.extend_from_slice(&((op_len + 4) as u16).to_ne_bytes());
-    bytecode.push(family);
-    bytecode.push((address.len() * 8) as u8);
-    bytecode.extend_from_slice(&[0, 0]);
-    bytecode.extend_from_slice(&i32::from(local.port()).to_ne_bytes());
-    bytecode.extend_from_slice(&address);
+    // { u8 family; u8 prefix_len; i32 port; be32 addr[] }: matched goes on to the next
+    // (past the last: accept), unmatched jumps 4 bytes past the end (reject).
+    let op = |address: &SocketAddr| 4 + 8 + if address.is_ipv4() { 4 } else { 16 };
+    let total: usize = conditions.iter().map(|(_, address)| op(address)).sum();
+    let mut bytecode = Vec::with_capacity(total);
+    for (code, address) in &conditions {
+        let octets = match address.ip() {
+            IpAddr::V4(ip) => ip.octets().to_vec(),
+            IpAddr::V6(ip) => ip.octets().to_vec(),
+        };
+        let op_len = op(address);
+        let no = total - bytecode.len() + 4;
+        bytecode.push(*code);
+        bytecode.push(op_len as u8);
+        bytecode.extend_from_slice(&(no as u16).to_ne_bytes());
+        bytecode.push(family);
+        bytecode.push((octets.len() * 8) as u8);
+        bytecode.extend_from_slice(&[0, 0]);
+        bytecode.extend_from_slice(&i32::from(address.port()).to_ne_bytes());
+        bytecode.extend_from_slice(&octets);
+    }
 
     // struct inet_diag_req_v2 (56 bytes): family, protocol, ext, pad, states, sockid.
     let mut body = vec![family, libc::IPPROTO_TCP as u8, 0, 0];

@@ -148,6 +148,7 @@ mod conntrack;
 pub mod console;
 mod deployer;
 mod errors;
+pub mod handoff;
 pub mod local_routes;
 pub mod metrics;
 pub mod pool;
@@ -166,6 +167,7 @@ pub use deployer::{
     CheckFailed, CheckPassed, ConsoleFollower, ControlError, Deployer, FollowEvent, FollowFilter,
     HandedInstance, Handover, InstanceInfo, NewError, Retirement,
 };
+pub use handoff::{Handoff, HandoffError};
 pub use revboot_store::manifest::{Reach, Tls as TlsMode};
 pub use summon::{
     Activity, InstanceKey, InstanceState, Instances, LaunchScope, ResolveError, Resolved,

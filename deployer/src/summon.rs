@@ -299,6 +299,14 @@ pub trait Instances: Send + Sync + 'static {
     /// The instance that owns a service address, if any.
     fn by_address(&self, address: IpAddr) -> Option<Summoned>;
 
+    /// The daemon's end of the hand-off socket of the instance `key` names, when its
+    /// manifest asks for connections to be handed to it and its tender gave it one
+    /// ([`crate::handoff`]). None by default.
+    fn handoff(&self, key: &InstanceKey) -> Option<crate::Handoff> {
+        let _ = key;
+        None
+    }
+
     /// Reports activity for an instance.
     fn activity(&self, key: &InstanceKey, activity: Activity);
 

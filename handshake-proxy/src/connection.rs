@@ -212,7 +212,7 @@ fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, local: Socke
     metrics.open_now.fetch_add(1, Ordering::Relaxed);
     let mut open = Open::new(Arc::clone(shared));
     open.set_key(summoned.key.clone());
-    tokio::spawn(serve(open, stream, peer, summoned, Vec::new(), None));
+    tokio::spawn(serve(open, stream, peer, summoned, Vec::new(), None, false));
 }
 
 /// An admitted connection: counted open (`open_now`, which the caller raised) until
@@ -265,7 +265,7 @@ impl Drop for Open {
 pub(crate) type OnFailure = Option<fn(&str) -> Vec<u8>>;
 
 /// Tells the client why it is not served, if it is to be told.
-async fn fail(client: &mut TcpStream, on_failure: OnFailure, reason: &str) {
+pub(crate) async fn fail(client: &mut TcpStream, on_failure: OnFailure, reason: &str) {
     if let Some(answer) = on_failure {
         crate::door::write_and_close(client, &answer(reason)).await;
     }
@@ -281,6 +281,9 @@ enum Held {
 }
 
 /// Steps 3–7. `early` holds bytes the client sent already (the front door's head).
+/// `peeked`: those bytes are still queued in `client` (the front door peeked at them), to
+/// hand the connection to its instance untouched once it is ready if it takes hand-offs
+/// (the `handoff` module); else they are consumed and relayed.
 pub(crate) async fn serve(
     mut open: Open,
     mut client: TcpStream,
@@ -288,6 +291,7 @@ pub(crate) async fn serve(
     mut summoned: Summoned,
     mut early: Vec<u8>,
     on_failure: OnFailure,
+    peeked: bool,
 ) {
     let shared = Arc::clone(&open.shared);
     let shared = &shared;
@@ -322,7 +326,8 @@ pub(crate) async fn serve(
             &mut client,
             &mut summoned.state,
             summoned.boot_timeout,
-            shared.config.early_bytes,
+            // Peeked: nothing is read while held, the kernel's queue keeps what comes.
+            if peeked { 0 } else { shared.config.early_bytes },
             &mut early,
             &mut client_done,
             &shared.cancel,
@@ -355,6 +360,14 @@ pub(crate) async fn serve(
                 return;
             }
             Held::Cancelled => return,
+        }
+    }
+    if peeked {
+        let handoff = shared.inner.handoff(&summoned.key);
+        match crate::handoff::hand_over(shared, client, peer, &summoned.key, handoff, early.len()) {
+            Ok(handed) => return crate::handoff::watch(open, handed).await,
+            Err(Some(kept)) => client = kept,
+            Err(None) => return,
         }
     }
     let mut backend = match connect(

@@ -215,8 +215,11 @@ fn listener(address: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListen
     Ok(socket.into())
 }
 
-/// Writes `bytes` (bounded in time) and ends the connection.
+/// Writes `bytes` (bounded in time) and ends the connection. What the client sent and
+/// nobody read (a head only peeked at) is dropped first: closing a socket with unread
+/// bytes resets it, and the reset could reach the client before the answer.
 pub(crate) async fn write_and_close(stream: &mut TcpStream, bytes: &[u8]) {
+    crate::sniff::discard_queued(stream);
     let _ = tokio::time::timeout(REFUSAL_WRITE, async {
         if !bytes.is_empty() {
             stream.write_all(bytes).await?;

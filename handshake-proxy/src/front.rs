@@ -10,9 +10,10 @@
 //!    in place they go to the next daemon, open ([`crate::Proxy::hand_over_front`]).
 //! 2. Accept at once. Over `max_connections` (the proxy's bound, shared with its own
 //!    listeners) or over `max_pending` connections still reading their head: reset.
-//! 3. Read the head within `head_timeout`, at most `max_head` bytes (the private `sniff`
-//!    module): an HTTP/1.x request's `Host`, or a TLS ClientHello's server name. The bytes
-//!    are kept, to be replayed untouched; TLS is terminated here only for a service whose
+//! 3. Peek at the head within `head_timeout`, at most `max_head` bytes (the private `sniff`
+//!    module; `MSG_PEEK`, nothing consumed): an HTTP/1.x request's `Host`, or a TLS
+//!    ClientHello's server name. The bytes are read (consumed) once the connection is to be
+//!    relayed, and replayed untouched; TLS is terminated here only for a service whose
 //!    manifest says `tls = "terminate"` (the private `terminate` module), with the
 //!    certificates of [`FrontConfig::terminate`].
 //! 4. The name designates a revision as DNS reads it (`revboot_store::name`):
@@ -32,6 +33,9 @@
 //! 6. Otherwise summon the revision through the proxy and hold, replay and splice exactly as
 //!    the proxy's own listeners do (the private `connection` module, steps 3–8), the head
 //!    being the early bytes. A boot that fails or times out answers 503 / `internal_error`.
+//!    A revision whose instance takes hand-offs (`[run] handoff = true`, TLS not ended
+//!    here) gets the connection itself instead, its head still unread, once it is ready
+//!    (the private `handoff` module): no relay at all.
 //! 7. A connection is routed once, by its first head: later requests on a kept-alive
 //!    connection go to the same revision (clients open one connection per host name).
 
@@ -144,7 +148,7 @@ enum Refusal {
 /// Steps 3–6.
 async fn route(
     mut open: Open,
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     protocol: Protocol,
     permit: tokio::sync::OwnedSemaphorePermit,
@@ -156,7 +160,7 @@ async fn route(
         () = shared.cancel.cancelled() => return,
         sniffed = tokio::time::timeout(
             front.config.head_timeout,
-            sniff::sniff(&mut stream, protocol, front.config.max_head, &mut head),
+            sniff::peek(&stream, protocol, front.config.max_head, &mut head),
         ) => sniffed,
     };
     let name = match sniffed {
@@ -201,16 +205,27 @@ async fn route(
     bump(&shared.metrics.front_routed);
     debug!(%peer, name, key = %summoned.key, "front door routed");
     open.set_key(summoned.key.clone());
+    let failure = match protocol {
+        Protocol::Http => http_unavailable as fn(&str) -> Vec<u8>,
+        Protocol::Tls => |_: &str| alert(INTERNAL_ERROR),
+    };
+    if terminate.is_none() && shared.inner.handoff(&summoned.key).is_some() {
+        // Step 6: the head stays queued, for the instance to read (the `handoff` module).
+        return connection::serve(open, stream, peer, summoned, head, Some(failure), true).await;
+    }
+    let stream = match sniff::consume(stream, head.len()) {
+        Ok(stream) => stream,
+        Err(error) => {
+            debug!(%error, %peer, "front door client gone after its head");
+            return;
+        }
+    };
     if let Some(terminate) = terminate {
         let timeout = front.config.head_timeout;
         return crate::terminate::serve(open, stream, peer, summoned, head, terminate, timeout)
             .await;
     }
-    let failure = match protocol {
-        Protocol::Http => http_unavailable as fn(&str) -> Vec<u8>,
-        Protocol::Tls => |_: &str| alert(INTERNAL_ERROR),
-    };
-    connection::serve(open, stream, peer, summoned, head, Some(failure)).await;
+    connection::serve(open, stream, peer, summoned, head, Some(failure), false).await;
 }
 
 /// What a name designates: the service, its revision, how TLS goes.

@@ -186,6 +186,7 @@ mod config;
 mod connection;
 mod door;
 pub mod front;
+mod handoff;
 mod handover;
 mod idle;
 mod metrics;

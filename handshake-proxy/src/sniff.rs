@@ -11,8 +11,16 @@
 //!    extension (`tls-parser`). No extension, or no host name in it: [`Sniffed::NoName`].
 //! 4. The caller bounds the whole read with a timeout; the end of the stream before the head
 //!    is whole is [`Sniffed::Malformed`].
+//! 5. [`peek`] does the same without consuming a byte (`MSG_PEEK`), for a connection that
+//!    may be handed to its instance untouched; [`consume`] then reads what was peeked when
+//!    the connection is relayed after all.
 
-use tokio::io::{AsyncRead, AsyncReadExt};
+use std::io;
+use std::os::fd::AsRawFd;
+
+use nix::sys::socket::{MsgFlags, recv};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
 
 /// Which protocol a front door listener speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,13 +53,16 @@ pub(crate) enum Sniffed {
     Malformed(&'static str),
 }
 
-/// Reads from `stream` into `buffer` until the head says what it is (steps 1–4).
-pub(crate) async fn sniff<S: AsyncRead + Unpin>(
+/// Reads from `stream` into `buffer` until the head says what it is (steps 1–4): the
+/// parsers' tests read from byte slices; the front door peeks ([`peek`]).
+#[cfg(test)]
+pub(crate) async fn sniff<S: tokio::io::AsyncRead + Unpin>(
     stream: &mut S,
     protocol: Protocol,
     max: usize,
     buffer: &mut Vec<u8>,
 ) -> std::io::Result<Sniffed> {
+    use tokio::io::AsyncReadExt;
     let mut chunk = [0u8; 4096];
     loop {
         let verdict = match protocol {
@@ -69,6 +80,109 @@ pub(crate) async fn sniff<S: AsyncRead + Unpin>(
             return Ok(Sniffed::Malformed("the connection ended before its head"));
         }
         buffer.extend_from_slice(&chunk[..read]);
+    }
+}
+
+/// Step 5: peeks at `stream` until the head says what it is; `buffer` ends holding the
+/// bytes peeked (none consumed).
+///
+/// Peeking leaves the bytes queued, so the socket stays readable: after a look that found
+/// nothing new, the readiness tokio remembers is dropped, the queue looked at once more
+/// (bytes that came in between), and only then is the next event waited for. The end of
+/// the stream is read from the readiness (`read_closed`), which tokio never drops.
+pub(crate) async fn peek(
+    stream: &TcpStream,
+    protocol: Protocol,
+    max: usize,
+    buffer: &mut Vec<u8>,
+) -> io::Result<Sniffed> {
+    buffer.clear();
+    buffer.resize(max, 0);
+    let (mut seen, mut closed, mut forgot) = (0, false, false);
+    let ended = Sniffed::Malformed("the connection ended before its head");
+    loop {
+        let queued = match recv(
+            stream.as_raw_fd(),
+            buffer,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(queued) => Some(queued),
+            Err(nix::errno::Errno::EAGAIN) => None,
+            Err(errno) => {
+                buffer.clear();
+                return Err(errno.into());
+            }
+        };
+        match queued {
+            Some(0) => {
+                buffer.clear();
+                return Ok(ended);
+            }
+            Some(queued) if queued > seen => {
+                seen = queued;
+                let verdict = match protocol {
+                    Protocol::Http => http(&buffer[..seen]),
+                    Protocol::Tls => tls(&buffer[..seen]),
+                };
+                match verdict {
+                    Some(sniffed) => {
+                        buffer.truncate(seen);
+                        return Ok(sniffed);
+                    }
+                    None if seen >= max => {
+                        buffer.truncate(seen);
+                        return Ok(Sniffed::TooLarge);
+                    }
+                    None => continue,
+                }
+            }
+            _ if closed => {
+                buffer.truncate(seen);
+                return Ok(ended);
+            }
+            _ => {}
+        }
+        if !forgot {
+            // Not an I/O error: tokio takes WouldBlock as "not ready" and drops readiness.
+            let _ = stream.try_io(Interest::READABLE, || {
+                Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
+            });
+            forgot = true;
+            continue;
+        }
+        closed = stream.ready(Interest::READABLE).await?.is_read_closed();
+        forgot = false;
+    }
+}
+
+/// Step 5: reads (consumes) up to `len` bytes already queued, without waiting, and
+/// registers the stream anew, so that tokio learns again what [`peek`] made it forget.
+pub(crate) fn consume(stream: TcpStream, len: usize) -> io::Result<TcpStream> {
+    let mut scratch = vec![0u8; len.min(64 * 1024)];
+    let mut left = len;
+    while left > 0 {
+        let room = left.min(scratch.len());
+        match recv(
+            stream.as_raw_fd(),
+            &mut scratch[..room],
+            MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(0) | Err(nix::errno::Errno::EAGAIN) => break,
+            Ok(read) => left -= read,
+            Err(errno) => return Err(errno.into()),
+        }
+    }
+    TcpStream::from_std(stream.into_std()?)
+}
+
+/// Reads and drops what `stream` has queued now, at most 256 KiB, without waiting.
+pub(crate) fn discard_queued(stream: &TcpStream) {
+    let mut scratch = [0u8; 16 * 1024];
+    for _ in 0..16 {
+        match recv(stream.as_raw_fd(), &mut scratch, MsgFlags::MSG_DONTWAIT) {
+            Ok(read) if read == scratch.len() => {}
+            _ => return,
+        }
     }
 }
 
@@ -178,6 +292,48 @@ mod tests {
             .await
             .expect("reads from a slice");
         (sniffed, buffer.len())
+    }
+
+    #[tokio::test]
+    async fn a_peek_waits_for_the_whole_head_and_leaves_every_byte_queued() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut client = TcpStream::connect(listener.local_addr().expect("address"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let head = b"GET / HTTP/1.1\r\nHost: a.hello.revboot.test\r\n\r\n";
+        client.write_all(&head[..10]).await.expect("first part");
+        let sending = async {
+            // The rest comes once the peek has seen the first part and waits for more.
+            tokio::task::yield_now().await;
+            client.write_all(&head[10..]).await.expect("the rest");
+        };
+        let mut buffer = Vec::new();
+        let (sniffed, ()) = tokio::join!(peek(&server, Protocol::Http, 4096, &mut buffer), sending);
+        assert_eq!(
+            sniffed.expect("peeked"),
+            Sniffed::Name("a.hello.revboot.test".into())
+        );
+        assert_eq!(buffer, head);
+        let mut server = consume(server, 10).expect("consumed");
+        let mut rest = vec![0u8; head.len() - 10];
+        server
+            .read_exact(&mut rest)
+            .await
+            .expect("the rest, still queued");
+        assert_eq!(rest, head[10..]);
+
+        // The end of the stream before the head is whole.
+        client.write_all(b"GET / HT").await.expect("part");
+        client.shutdown().await.expect("shutdown");
+        let sniffed = peek(&server, Protocol::Http, 4096, &mut buffer).await;
+        assert!(
+            matches!(sniffed.expect("peeked"), Sniffed::Malformed(_)),
+            "ended"
+        );
     }
 
     #[tokio::test]

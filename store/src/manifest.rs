@@ -25,6 +25,8 @@
 //! upstreams = ["127.0.0.1:9000"]
 //! proc = false              # true: a read-only /proc of its own processes
 //! min_instances = 0         # 1: the live revision stays booted (a warm service)
+//! handoff = false           # true: front-door connections are handed to the instance
+//!                           # (REVBOOT_HANDOFF_FD; process tender)
 //!
 //! [deploy]                  # how a new revision goes live
 //! check = { http = "/health", within_ms = 5000 } # or tcp = true, or console = "line"
@@ -262,6 +264,14 @@ pub struct Run {
     /// never a cold start. Idle reaping still applies to every other instance.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub min_instances: u32,
+    /// The instance takes connections handed to it (process tender): besides its listening
+    /// socket it gets a Unix socket, its descriptor number in `REVBOOT_HANDOFF_FD`, over
+    /// which the front door sends each connection it routes to it (one byte, the
+    /// connection's descriptor as `SCM_RIGHTS`), untouched: the head it was routed by is
+    /// still to be read. The instance then owns the client's socket, and no relay carries
+    /// its bytes. Off by default: an image must have the receive loop.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub handoff: bool,
 }
 
 fn is_zero(value: &u32) -> bool {
@@ -362,6 +372,7 @@ impl Default for Run {
             deploy: true,
             proc: false,
             min_instances: 0,
+            handoff: false,
         }
     }
 }
@@ -566,6 +577,12 @@ impl Manifest {
                 "run.tls",
                 "TLS ends at the front door only: \"terminate\" needs reach = \"front\" or \"both\""
                     .into(),
+            ));
+        }
+        if self.run.handoff && self.run.tender != TenderKind::Process {
+            return Err(invalid(
+                "run.handoff",
+                "connections are handed to process instances only (a VM's are relayed)".into(),
             ));
         }
         if self.run.min_instances > 1 {
@@ -844,6 +861,13 @@ ready = { probe = "http", path = "/" }
             let error = Manifest::from_toml(&format!("{HELLO}{bad}")).expect_err(bad);
             assert!(error.to_string().contains("deploy.check"), "{bad}: {error}");
         }
+        let handoff = Manifest::from_toml(&format!("{HELLO}handoff = true\n")).expect("valid");
+        assert!(handoff.run.handoff);
+        let error = Manifest::from_toml(&format!(
+            "{HELLO}handoff = true\ntender = \"qemu\"\nguest_port = 8080\n"
+        ))
+        .expect_err("process only");
+        assert!(error.to_string().contains("run.handoff"), "{error}");
         let error =
             Manifest::from_toml(&format!("{HELLO}min_instances = 2\n")).expect_err("at most one");
         assert!(error.to_string().contains("run.min_instances"), "{error}");

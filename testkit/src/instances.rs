@@ -204,6 +204,8 @@ pub struct Fake {
     services: Mutex<HashMap<String, Known>>,
     state: Mutex<State>,
     generation: AtomicU64,
+    /// Services whose instances take connections handed to them, and the socket they come on.
+    handoffs: Mutex<HashMap<String, revboot_deployer::Handoff>>,
     /// Summons asked of it (counted once each call is done).
     pub summons: AtomicU64,
     /// Names resolved.
@@ -226,6 +228,7 @@ impl Fake {
             services: Mutex::new(HashMap::new()),
             state: Mutex::new(State::default()),
             generation: AtomicU64::new(1),
+            handoffs: Mutex::new(HashMap::new()),
             summons: AtomicU64::new(0),
             resolves: AtomicU64::new(0),
         });
@@ -244,6 +247,12 @@ impl Fake {
             .collect();
         lock(&self.services).insert(name.to_owned(), Known { service, hexes });
         self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Every instance of `service` takes connections handed over on `handoff` (the stand-in
+    /// instance receiving them is the test's).
+    pub fn set_handoff(&self, service: &str, handoff: revboot_deployer::Handoff) {
+        lock(&self.handoffs).insert(service.to_owned(), handoff);
     }
 
     /// Moves a service's live revision.
@@ -597,6 +606,10 @@ impl Instances for Fake {
                     .map_or((0, Reach::Address), |k| (k.service.port, k.service.reach));
                 self.summoned(key, port, instance)
             })
+    }
+
+    fn handoff(&self, key: &InstanceKey) -> Option<revboot_deployer::Handoff> {
+        lock(&self.handoffs).get(&key.service).cloned()
     }
 
     fn activity(&self, key: &InstanceKey, activity: Activity) {

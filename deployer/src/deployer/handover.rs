@@ -249,6 +249,8 @@ impl Deployer {
             counted: AtomicBool::new(true),
             reclaimed: AtomicBool::new(false),
             steered: Mutex::new(None),
+            // The daemon end stayed with the previous daemon: relayed from here on.
+            handoff: None,
             warm_until: AtomicU64::new(0),
             ended: watch::channel(false).0,
         });

@@ -556,6 +556,10 @@ impl Instances for Deployer {
             .map(|entry| Self::summoned(entry))
     }
 
+    fn handoff(&self, key: &InstanceKey) -> Option<crate::Handoff> {
+        self.entry(key).and_then(|entry| entry.handoff.clone())
+    }
+
     fn activity(&self, key: &InstanceKey, activity: Activity) {
         let Some(entry) = self.entry(key) else { return };
         entry

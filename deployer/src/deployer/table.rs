@@ -123,6 +123,8 @@ pub(super) struct Entry {
     pub(super) reclaimed: AtomicBool,
     /// The kernel hand-off while the instance is ready; only its life task sets and clears it.
     pub(super) steered: Mutex<Option<Steered>>,
+    /// The daemon's end of its hand-off socket (`[run] handoff`, process tender).
+    pub(super) handoff: Option<crate::Handoff>,
     /// Kept booted whatever the traffic until then (ms since the deployer's epoch;
     /// `u64::MAX`: while its revision is a warm service's live one; see the `warm` module).
     pub(super) warm_until: AtomicU64,
@@ -368,6 +370,7 @@ impl Deployer {
             open: AtomicI64::new(0),
             last_activity: AtomicU64::new(self.ms_since_epoch()),
             steered: Mutex::new(None),
+            handoff: prepared.handoff(),
             warm_until: AtomicU64::new(0),
             commands,
             console: OnceLock::new(),

@@ -298,6 +298,12 @@ pub trait Prepared: Send + fmt::Debug {
     /// Where the instance will accept connections.
     fn backend(&self) -> SocketAddr;
 
+    /// The daemon's end of the instance's hand-off socket, for an instance that takes
+    /// connections handed to it (`crate::handoff`); none by default.
+    fn handoff(&self) -> Option<crate::Handoff> {
+        None
+    }
+
     /// Boots `image` (a path in the image cache).
     fn boot(
         self: Box<Self>,

@@ -5,6 +5,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use revboot_deployer::Instances;
 use revboot_proxy::FrontConfig;
 use tokio::io::AsyncReadExt;
 
@@ -168,6 +169,106 @@ async fn front_door_answers_unknown_names_with_404_and_an_unrecognized_name_aler
     assert_eq!(metrics.front_unknown, 4, "{metrics:?}");
     assert_eq!(metrics.front_bad, 2, "{metrics:?}");
     eventually("every refused connection closed", || {
+        world.proxy.metrics().open_now == 0
+    })
+    .await;
+    world.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn front_door_hands_connections_to_an_instance_that_takes_them_and_relays_no_byte() {
+    let idle = Duration::from_secs(1);
+    let world = World::with_front(18, front(18, true, false), |deployer, _| {
+        deployer.idle_timeout_override_ms = Some(idle.as_millis() as u64);
+    });
+    let image = hello_image();
+    let run = format!("{HELLO_RUN}\nreach = \"front\"");
+    let handed = deploy(
+        &world.store,
+        "hello",
+        &image,
+        &manifest(&format!("{run}\nhandoff = true")),
+    );
+    let relayed = deploy(&world.store, "plain", &image, &manifest(&run));
+    let http = world.proxy.front_addresses().http.expect("http");
+    let name = format!("{}.hello.revboot.test", handed.short(7));
+    let host = format!("Host: {name}");
+
+    // Cold: the connection is held through the boot (nothing read), then handed over; warm,
+    // handed over at once. The instance reads the request the client sent, untouched.
+    for path in ["/cold", "/warm"] {
+        let answer = curl(&["-H", &host], &format!("http://{http}{path}")).await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        assert!(answer.contains(&handed.to_hex()), "{answer}");
+    }
+    let metrics = world.proxy.metrics();
+    assert_eq!(metrics.front_handed_off, 2, "{metrics:?}");
+    // (The warm one too, on a machine slow enough for the idle timeout to pass between.)
+    assert!(
+        metrics.held >= 1,
+        "the cold one waited for the boot: {metrics:?}"
+    );
+    assert_eq!(metrics.spliced, 0, "{metrics:?}");
+    assert_eq!(
+        metrics.bytes_from_clients, 0,
+        "no byte relayed: {metrics:?}"
+    );
+    assert_eq!(metrics.bytes_to_clients, 0, "no byte relayed: {metrics:?}");
+
+    // A service without the opt-in is still relayed.
+    let plain = format!("Host: {}.plain.revboot.test", relayed.short(7));
+    let answer = curl(&["-H", &plain], &format!("http://{http}/")).await;
+    assert!(answer.contains(&relayed.to_hex()), "{answer}");
+    let metrics = world.proxy.metrics();
+    assert_eq!(metrics.front_handed_off, 2, "{metrics:?}");
+    assert_eq!(metrics.spliced, 1, "{metrics:?}");
+    assert!(metrics.bytes_to_clients > 0, "{metrics:?}");
+
+    // Idle reaping waits for a handed connection to close: a request whose body has not
+    // come keeps the instance reading it, well past the idle timeout.
+    let mut quiet = connect(http, None).await.expect("connect");
+    let head = format!("POST /body HTTP/1.1\r\n{host}\r\ncontent-length: 4\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut quiet, head.as_bytes())
+        .await
+        .expect("head");
+    eventually("the connection handed over", || {
+        world.proxy.metrics().front_handed_off == 3
+    })
+    .await;
+    // The instance that has it, and keeps it open.
+    let mut state = world
+        .deployer
+        .summon("hello", &handed, None)
+        .expect("the running instance")
+        .state;
+    crate::support::still_serving_after_idle(&state, idle).await;
+    assert_eq!(world.proxy.metrics().open_now, 1, "counted open");
+    tokio::io::AsyncWriteExt::write_all(&mut quiet, b"body")
+        .await
+        .expect("body");
+    let mut answer = String::new();
+    tokio::time::timeout(PATIENCE, quiet.read_to_string(&mut answer))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    let key = revboot_deployer::InstanceKey {
+        service: "hello".into(),
+        revision: handed,
+        client: None,
+    };
+    let console = world.deployer.console(&key).unwrap_or_default();
+    let console = String::from_utf8_lossy(&console);
+    assert!(
+        answer.contains(&handed.to_hex()),
+        "{answer} (console: {console})"
+    );
+    drop(quiet);
+    let stopped = tokio::time::timeout(PATIENCE, state.wait_for(|state| state.is_final()))
+        .await
+        .expect("reaped once the handed connection closed")
+        .map(|state| state.clone());
+    assert!(stopped.is_ok(), "{stopped:?}");
+    eventually("the handed connection counted closed", || {
         world.proxy.metrics().open_now == 0
     })
     .await;

@@ -296,9 +296,17 @@ impl Tender for ProcessTender {
             Ok((socket, local))
         };
         let (listener, backend) = bind().map_err(|source| BootError::Bind { address, source })?;
+        let handoff = match spec.run.handoff {
+            true => Some(crate::Handoff::pair().map_err(|source| BootError::Setup {
+                what: "hand-off socket".into(),
+                source,
+            })?),
+            false => None,
+        };
         Ok(Box::new(ProcessPrepared {
             spec,
             listener,
+            handoff,
             backend,
             shared: Arc::clone(&self.shared),
             jobs: self.jobs.clone(),
@@ -329,6 +337,8 @@ impl Tender for ProcessTender {
 struct ProcessPrepared {
     spec: BootSpec,
     listener: Socket,
+    /// The daemon's end and the instance's of its hand-off socket (`crate::handoff`).
+    handoff: Option<(crate::Handoff, OwnedFd)>,
     backend: SocketAddr,
     shared: Arc<Shared>,
     jobs: std::sync::mpsc::SyncSender<Job>,
@@ -339,6 +349,8 @@ struct Job {
     spec: BootSpec,
     image: PathBuf,
     listener: OwnedFd,
+    /// The instance's end of its hand-off socket, placed at fd 4.
+    handoff: Option<OwnedFd>,
     reply: oneshot::Sender<Result<Spawned, BootError>>,
 }
 
@@ -356,6 +368,10 @@ impl Prepared for ProcessPrepared {
         self.backend
     }
 
+    fn handoff(&self) -> Option<crate::Handoff> {
+        self.handoff.as_ref().map(|(ours, _)| ours.clone())
+    }
+
     fn boot(
         self: Box<Self>,
         image: PathBuf,
@@ -364,6 +380,7 @@ impl Prepared for ProcessPrepared {
             let ProcessPrepared {
                 spec,
                 listener,
+                handoff,
                 backend,
                 shared,
                 jobs,
@@ -374,6 +391,11 @@ impl Prepared for ProcessPrepared {
             };
             super::make_scratch(&spec)?;
             let listener_fd = fd_above(listener.into()).map_err(setup("listening socket"))?;
+            // The daemon's end stays with the deployer's entry (`Prepared::handoff`).
+            let handoff = handoff
+                .map(|(_, theirs)| fd_above(theirs))
+                .transpose()
+                .map_err(setup("hand-off socket"))?;
             let console_bytes = spec.console_bytes;
             // The only way out of the empty network namespace; revoked when dropped.
             let upstreams = Grants::open(&spec.scratch, &spec.run.upstreams).map_err(|error| {
@@ -391,6 +413,7 @@ impl Prepared for ProcessPrepared {
                 spec,
                 image,
                 listener: listener_fd,
+                handoff,
                 reply,
             };
             match jobs.try_send(job) {
@@ -772,6 +795,7 @@ impl Shared {
             spec,
             image: &job.image,
             listener: job.listener.as_raw_fd(),
+            handoff: job.handoff.as_ref().map(AsRawFd::as_raw_fd),
             cgroup_procs: groups
                 .as_ref()
                 .map(|g| g.procs.iter().map(AsRawFd::as_raw_fd).collect())

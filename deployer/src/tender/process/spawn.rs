@@ -52,6 +52,8 @@ pub(super) struct Launch<'a> {
     pub(super) spec: &'a BootSpec,
     pub(super) image: &'a Path,
     pub(super) listener: RawFd,
+    /// The instance's end of its hand-off socket, placed at fd 4 (`crate::handoff`).
+    pub(super) handoff: Option<RawFd>,
     /// `tasks`/`cgroup.procs` files of the instance's groups, to join.
     pub(super) cgroup_procs: Vec<RawFd>,
     /// False: no memory controller, so the heap is bounded by `RLIMIT_DATA` instead.
@@ -107,6 +109,9 @@ impl Spawner {
         for arg in &spec.run.args {
             argv.push(cstring(arg.as_bytes(), "argv")?);
         }
+        let mut fds = vec![self.devnull.as_raw_fd(), console_write.as_raw_fd()];
+        fds.extend([console_write.as_raw_fd(), launch.listener]);
+        fds.extend(launch.handoff);
         let env: Vec<CString> = environment(spec)
             .iter()
             .map(|entry| cstring(entry.as_bytes(), "environment"))
@@ -121,7 +126,6 @@ impl Spawner {
             // Without the memory controller, bound the heap at least.
             rlimits.push((libc::RLIMIT_DATA, spec.run.memory_mib * 1024 * 1024));
         }
-        let console = console_write.as_raw_fd();
         let plan = Plan {
             program: Program::Fd(image_fd.as_raw_fd()),
             argv: &argv,
@@ -140,7 +144,7 @@ impl Spawner {
             loopback: false,
             cwd: c"/",
             rlimits: &rlimits,
-            fds: &[self.devnull.as_raw_fd(), console, console, launch.listener],
+            fds: &fds,
             new_session: false,
             identity: Identity {
                 uid: launch.uid,
@@ -192,6 +196,9 @@ fn environment(spec: &BootSpec) -> Vec<String> {
     // Before the manifest's entries: the first of two equal keys wins in getenv.
     if let Some(client) = spec.client {
         env.push(format!("REVBOOT_CLIENT={client}"));
+    }
+    if spec.run.handoff {
+        env.push(format!("{}=4", crate::handoff::HANDOFF_ENV));
     }
     env.extend(upstream::environment(
         Path::new(UPSTREAM_DIR),

@@ -1,0 +1,143 @@
+//! Front-door connections handed to their instance: the relay is off the data path.
+//!
+//! For a revision whose manifest says `[run] handoff = true` (the process tender gives the
+//! instance a hand-off socket, `revboot_deployer::handoff`), the front door reads the head
+//! it routes by with `MSG_PEEK`, so the connection is still untouched when it is ready to go:
+//!
+//! 1. Held while the instance boots like any other connection (counted, bounded, within
+//!    `boot_timeout`), but nothing is read meanwhile: the kernel's queue keeps the bytes.
+//! 2. Once the instance is ready, the connection's descriptor goes to the instance's
+//!    hand-off socket ([`hand_over`]), blocking as accept(2) would give it, without
+//!    waiting, and the proxy closes its own copy.
+//!    A socket that refuses it (full: the instance does not receive; closed: it exited)
+//!    is logged and counted (`handoff_failures`), and the connection is relayed instead,
+//!    its head consumed then and replayed, as the front door does for other services.
+//! 3. A handed connection stays counted as open (`open_now`, so `max_connections` bounds
+//!    it; `ConnectionOpened` until it closes, so idle reaping waits for it): every
+//!    [`CHECK`] the kernel is asked whether the connection between its two ends is still
+//!    open (`sock_diag`, [`revboot_deployer::handoff::connection_open`]), and once it is
+//!    not, or the kernel cannot say, it counts as closed. Asking the kernel rather than the
+//!    instance keeps the convention a one-way one, and an instance cannot keep itself
+//!    alive, or get reaped, by what it claims.
+//!
+//! What a handed connection loses is what the relay gave: the proxy's byte counters, its
+//! idle and total timeouts (it is the instance's own, as a steered connection is).
+
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use revboot_deployer::{Handoff, InstanceKey};
+use tokio::net::TcpStream;
+use tracing::{debug, warn};
+
+use crate::connection::Open;
+use crate::metrics::bump;
+use crate::shared::Shared;
+
+/// How often the kernel is asked whether a handed connection is still open.
+pub const CHECK: Duration = Duration::from_secs(1);
+
+/// A connection handed to its instance: its two ends, to ask the kernel about.
+pub(crate) struct Handed {
+    local: SocketAddr,
+    peer: SocketAddr,
+    key: InstanceKey,
+}
+
+/// Step 2: hands `client` to `handoff` (the instance of `key`'s socket, if it has one).
+/// Not handed, the connection comes back with its first `peeked` bytes consumed, to be
+/// relayed; `Err(None)` when it could not even be kept (it is closed then).
+pub(crate) fn hand_over(
+    shared: &Arc<Shared>,
+    client: TcpStream,
+    peer: SocketAddr,
+    key: &InstanceKey,
+    handoff: Option<Handoff>,
+    peeked: usize,
+) -> Result<Handed, Option<TcpStream>> {
+    let relay = |client: TcpStream| match crate::sniff::consume(client, peeked) {
+        Ok(client) => Some(client),
+        Err(error) => {
+            debug!(%error, %peer, %key, "connection lost before it was relayed");
+            None
+        }
+    };
+    let Some(handoff) = handoff else {
+        // A summon renewed the instance to one without a hand-off socket (adopted across
+        // an upgrade in place): relayed.
+        return Err(relay(client));
+    };
+    let local = match client.local_addr() {
+        Ok(local) => local,
+        Err(error) => {
+            debug!(%error, %peer, %key, "connection lost before it was handed over");
+            return Err(None);
+        }
+    };
+    let client = match client.into_std() {
+        Ok(client) => client,
+        Err(error) => {
+            debug!(%error, %peer, %key, "connection lost before it was handed over");
+            return Err(None);
+        }
+    };
+    // The instance gets the socket as accept(2) would give it, blocking: the descriptor it
+    // receives shares the file description, and so its flags, with ours.
+    if let Err(error) = client.set_nonblocking(false) {
+        debug!(%error, %peer, %key, "connection lost before it was handed over");
+        return Err(None);
+    }
+    match handoff.send(client.as_fd()) {
+        Ok(()) => {
+            drop(client);
+            bump(&shared.metrics.front_handed_off);
+            debug!(%peer, %key, "connection handed to its instance");
+            Ok(Handed {
+                local,
+                peer,
+                key: key.clone(),
+            })
+        }
+        Err(error) => {
+            bump(&shared.metrics.handoff_failures);
+            warn!(%error, %peer, %key, "the instance took no hand-off; connection relayed");
+            let client = client
+                .set_nonblocking(true)
+                .and_then(|()| TcpStream::from_std(client));
+            Err(client.ok().and_then(relay))
+        }
+    }
+}
+
+/// Step 3: keeps `open` (the connection counted) until the kernel says the handed
+/// connection has closed, or the proxy shuts down.
+pub(crate) async fn watch(open: Open, handed: Handed) {
+    let cancel = open.shared().cancel.clone();
+    let Handed { local, peer, key } = handed;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(CHECK) => {}
+        }
+        let asked = tokio::task::spawn_blocking(move || {
+            revboot_deployer::handoff::connection_open(local, peer)
+        })
+        .await;
+        match asked {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => break,
+            Ok(Err(error)) => {
+                warn!(%error, %peer, %key, "cannot ask whether a handed connection is open; counted closed");
+                break;
+            }
+            Err(error) => {
+                warn!(%error, %peer, %key, "cannot ask whether a handed connection is open; counted closed");
+                break;
+            }
+        }
+    }
+    debug!(%peer, %key, "handed connection closed");
+    drop(open);
+}
