@@ -3,8 +3,10 @@
 # service address of a proxy in front of the same backend — once as the deployer runs a
 # ready instance, or a booting process instance (steered: the kernel hands each new
 # connection to the backend's socket, sk_lookup, root), once with the proxy relaying every
-# byte (steering off, a front-door connection, or one held through a VM's boot); prints the
-# ratios. Loopback only.
+# byte (steering off, a front-door connection, or one held through a VM's boot); then through
+# the front door (routed by Host), once relayed and once handed to the instance's own socket
+# ([run] handoff = true: the backend receives each connection over a Unix socket, as a
+# process instance does on REVBOOT_HANDOFF_FD); prints the ratios. Loopback only.
 #
 #   [ROUNDS=3] bench/proxy.sh [seconds per run, default 10] [multi|current] [buffer bytes] [copy|zero]
 #
@@ -22,6 +24,8 @@ cd "$(dirname "$0")/.."
 SECONDS_PER_RUN="${1:-10}"
 SERVICE_IP=127.66.200.1
 STEERED_IP=127.66.200.2
+FRONT_IP=127.66.200.3
+HANDED_IP=127.66.200.4
 
 cargo build --release --quiet -p revboot-proxy --example proxy_bench
 BIN="${CARGO_TARGET_DIR:-target}/release/examples/proxy_bench"
@@ -52,7 +56,7 @@ for ip in "$SERVICE_IP" "$STEERED_IP"; do
   fi
 done
 
-start backend "$BIN" backend
+start backend "$BIN" backend "$WORK/handoff.sock"
 BACKEND=$(awk '{print $2; exit}' "$WORK/backend")
 BACKEND_PID=$(awk '{print $3; exit}' "$WORK/backend")
 start proxy "$BIN" proxy "$BACKEND" "$SERVICE_IP" "${2:-multi}" "${3:-65536}" "${4:-copy}"
@@ -60,17 +64,26 @@ PROXY_PID=${PIDS[-1]}
 PROXIED=$(awk '{print $2; exit}' "$WORK/proxy")
 start steered "$BIN" steer "$BACKEND" "$STEERED_IP" "$BACKEND_PID"
 STEERED=$(awk '{print $2; exit}' "$WORK/steered")
-echo "backend $BACKEND, relayed $PROXIED (runtime ${2:-multi}, buffer ${3:-65536}, ${4:-copy}), steered $STEERED"
+start front "$BIN" front "$BACKEND" "$FRONT_IP"
+FRONT_PID=${PIDS[-1]}
+FRONT=$(awk '{print $2; exit}' "$WORK/front")
+start handed "$BIN" front "$BACKEND" "$HANDED_IP" "$WORK/handoff.sock"
+HANDED_PID=${PIDS[-1]}
+HANDED=$(awk '{print $2; exit}' "$WORK/handed")
+HOST_HEADER="Host: bench.revboot.test"
+echo "backend $BACKEND, relayed $PROXIED (runtime ${2:-multi}, buffer ${3:-65536}, ${4:-copy}), steered $STEERED, front door relayed $FRONT, front door handed off $HANDED"
 
 # CPU time (ns) of every thread of a process so far.
 cpu_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{s += $1} END {printf "%.0f", s}'; }
 
 # wrk summary → "requests/s bytes/s p50-µs relay-CPU-µs/request backend-CPU-µs/request"
 # (the relay's figure is the proxy's CPU over the run, so 0 when the proxy was not in the path)
+# RELAY_PID: the process whose CPU counts as the relay's (default: the proxy).
 measure() {
-  local proxy0 backend0; proxy0=$(cpu_ns "$PROXY_PID"); backend0=$(cpu_ns "$BACKEND_PID")
+  local relay=${RELAY_PID:-$PROXY_PID}
+  local proxy0 backend0; proxy0=$(cpu_ns "$relay"); backend0=$(cpu_ns "$BACKEND_PID")
   local out; out=$(wrk --latency "$@")
-  local proxy1 backend1; proxy1=$(cpu_ns "$PROXY_PID"); backend1=$(cpu_ns "$BACKEND_PID")
+  local proxy1 backend1; proxy1=$(cpu_ns "$relay"); backend1=$(cpu_ns "$BACKEND_PID")
   local rps; rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
   local tps; tps=$(awk '/^Transfer\/sec/ {print $2}' <<<"$out")
   local p50; p50=$(awk '$1=="50%" {print $2}' <<<"$out")
@@ -103,11 +116,23 @@ scenario() {
   echo
   echo "== $title (wrk $*, ${D} per run, $ROUNDS rounds) =="
   local rps=() bps=() added=() s_rps=() s_bps=() s_added=() relay_cpu=() backend_cpu=()
+  local f_rps=() f_bps=() f_added=() h_rps=() h_bps=() h_added=() front_cpu=() handed_cpu=()
   for round in $(seq "$ROUNDS"); do
     read -r d_rps d_bps d_p50 _ d_cpu < <(measure "$@" -d"$D" "http://$BACKEND$path")
     read -r s_rps_ s_bps_ s_p50 _ _ < <(measure "$@" -d"$D" "http://$STEERED$path")
     read -r p_rps p_bps p_p50 p_cpu _ < <(measure "$@" -d"$D" "http://$PROXIED$path")
+    read -r f_rps_ f_bps_ f_p50 f_cpu _ < <(RELAY_PID=$FRONT_PID measure "$@" -H "$HOST_HEADER" -d"$D" "http://$FRONT$path")
+    read -r h_rps_ h_bps_ h_p50 h_cpu _ < <(RELAY_PID=$HANDED_PID measure "$@" -H "$HOST_HEADER" -d"$D" "http://$HANDED$path")
     echo "  round $round: direct $d_rps req/s, $(mib "$d_bps"), p50 $d_p50 us | steered $s_rps_ req/s, $(mib "$s_bps_"), p50 $s_p50 us | relayed $p_rps req/s, $(mib "$p_bps"), p50 $p_p50 us | CPU per request: backend $d_cpu us, relay $p_cpu us"
+    echo "           front door relayed $f_rps_ req/s, $(mib "$f_bps_"), p50 $f_p50 us (front CPU $f_cpu us/request) | front door handed off $h_rps_ req/s, $(mib "$h_bps_"), p50 $h_p50 us (front CPU $h_cpu us/request)"
+    front_cpu+=("$f_cpu")
+    handed_cpu+=("$h_cpu")
+    f_rps+=("$(ratio "$f_rps_" "$d_rps")")
+    f_bps+=("$(ratio "$f_bps_" "$d_bps")")
+    f_added+=("$(awk -v a="$f_p50" -v b="$d_p50" 'BEGIN{printf "%.1f", a-b}')")
+    h_rps+=("$(ratio "$h_rps_" "$d_rps")")
+    h_bps+=("$(ratio "$h_bps_" "$d_bps")")
+    h_added+=("$(awk -v a="$h_p50" -v b="$d_p50" 'BEGIN{printf "%.1f", a-b}')")
     relay_cpu+=("$p_cpu")
     backend_cpu+=("$d_cpu")
     s_rps+=("$(ratio "$s_rps_" "$d_rps")")
@@ -119,7 +144,9 @@ scenario() {
   done
   echo "  steered (ready instance, or a process instance from its boot on): median ratio requests/s $(median "${s_rps[@]}"), bytes/s $(median "${s_bps[@]}"), added p50 $(median "${s_added[@]}") us"
   echo "  relayed (front door, held through a VM's boot, or steer = false): median ratio requests/s $(median "${rps[@]}"), bytes/s $(median "${bps[@]}"), added p50 $(median "${added[@]}") us"
-  echo "  CPU per request (median): backend $(median "${backend_cpu[@]}") us, relay $(median "${relay_cpu[@]}") us"
+  echo "  front door, relayed: median ratio requests/s $(median "${f_rps[@]}"), bytes/s $(median "${f_bps[@]}"), added p50 $(median "${f_added[@]}") us"
+  echo "  front door, handed off ([run] handoff = true): median ratio requests/s $(median "${h_rps[@]}"), bytes/s $(median "${h_bps[@]}"), added p50 $(median "${h_added[@]}") us"
+  echo "  CPU per request (median): backend $(median "${backend_cpu[@]}") us, relay $(median "${relay_cpu[@]}") us, front door relaying $(median "${front_cpu[@]}") us, front door handing off $(median "${handed_cpu[@]}") us"
 }
 
 scenario "small responses, keep-alive" / -t2 -c32

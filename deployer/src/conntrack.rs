@@ -6,7 +6,8 @@
 //! kernel whether any connection to that socket is still open: one `sock_diag` netlink dump
 //! of TCP sockets, filtered in the kernel by a bytecode condition on the local address and
 //! port, counting every state of an accepted connection that is not yet closed (also those
-//! still waiting in the accept queue).
+//! still waiting in the accept queue). A connection handed to an instance
+//! (`crate::handoff`) is looked up by its two ends instead, one exact lookup, no dump.
 //!
 //! Hand-written on `libc` (a request, one condition, a reply walk): the netlink crates
 //! would add three dependencies for these hundred lines.
@@ -21,8 +22,6 @@ const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const INET_DIAG_REQ_BYTECODE: u16 = 1;
 /// `INET_DIAG_BC_S_COND`: the local address and port match a host condition.
 const INET_DIAG_BC_S_COND: u8 = 7;
-/// `INET_DIAG_BC_D_COND`: the remote address and port match a host condition.
-const INET_DIAG_BC_D_COND: u8 = 8;
 /// TCP states of a connection that is open, or closing with a peer still attached:
 /// ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING (not LISTEN, SYN_RECV,
 /// TIME_WAIT or CLOSE).
@@ -35,16 +34,80 @@ const TIMEOUT: libc::timeval = libc::timeval {
 
 /// The number of open TCP connections whose local end is `local`.
 pub(crate) fn open_connections(local: SocketAddr) -> io::Result<usize> {
-    count(local, None)
+    let socket = diag_socket()?;
+    send(&socket, &request(local))?;
+    let mut buffer = vec![0u8; 32 * 1024];
+    let mut count = 0;
+    loop {
+        let received = receive(&socket, &mut buffer)?;
+        let mut rest = &buffer[..received];
+        while rest.len() >= 16 {
+            let length = u32::from_ne_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+            let kind = u16::from_ne_bytes(rest[4..6].try_into().expect("2 bytes"));
+            if length < 16 || length > rest.len() {
+                return Err(io::Error::other("truncated sock_diag reply"));
+            }
+            match kind {
+                SOCK_DIAG_BY_FAMILY => count += 1,
+                k if k == libc::NLMSG_DONE as u16 => return Ok(count),
+                k if k == libc::NLMSG_ERROR as u16 => {
+                    let errno = rest
+                        .get(16..20)
+                        .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
+                        .unwrap_or(0);
+                    return Err(io::Error::from_raw_os_error(-errno));
+                }
+                _ => {}
+            }
+            rest = &rest[length.next_multiple_of(4).min(rest.len())..];
+        }
+    }
 }
 
-/// The number of open TCP connections between `local` and `peer` (0 or 1): a connection
-/// handed to an instance (`crate::handoff`).
-pub(crate) fn open_between(local: SocketAddr, peer: SocketAddr) -> io::Result<usize> {
-    count(local, Some(peer))
+/// True while the TCP connection between `local` and `peer` is open: one exact lookup
+/// (`inet_diag_find_one`, no dump), its state one of [`OPEN_STATES`]. Not found, in
+/// `TIME_WAIT`, or a listener that matches instead: false.
+pub(crate) fn open_between(local: SocketAddr, peer: SocketAddr) -> io::Result<bool> {
+    let socket = diag_socket()?;
+    send(&socket, &exact(local, peer))?;
+    let mut buffer = [0u8; 1024];
+    let received = receive(&socket, &mut buffer)?;
+    let reply = &buffer[..received];
+    if reply.len() < 18 {
+        return Err(io::Error::other("truncated sock_diag reply"));
+    }
+    match u16::from_ne_bytes([reply[4], reply[5]]) {
+        // struct inet_diag_msg: family, then state.
+        SOCK_DIAG_BY_FAMILY => Ok(1u32
+            .checked_shl(u32::from(reply[17]))
+            .is_some_and(|state| OPEN_STATES & state != 0)),
+        k if k == libc::NLMSG_ERROR as u16 => {
+            let errno = i32::from_ne_bytes(reply[16..20].try_into().expect("4 bytes"));
+            match -errno {
+                libc::ENOENT => Ok(false),
+                errno => Err(io::Error::from_raw_os_error(errno)),
+            }
+        }
+        _ => Err(io::Error::other("unexpected sock_diag reply")),
+    }
 }
 
-fn count(local: SocketAddr, peer: Option<SocketAddr>) -> io::Result<usize> {
+/// One datagram of the kernel's answer into `buffer`; its length.
+fn receive(socket: &OwnedFd, buffer: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: receiving into our buffer, at most its length.
+    let received = unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            buffer.as_mut_ptr().cast(),
+            buffer.len(),
+            0,
+        )
+    };
+    usize::try_from(received).map_err(|_| io::Error::last_os_error())
+}
+
+/// A netlink `sock_diag` socket that waits at most [`TIMEOUT`] for an answer.
+fn diag_socket() -> io::Result<OwnedFd> {
     // SAFETY: a plain socket call; the fd is owned below.
     let fd = unsafe {
         libc::socket(
@@ -72,7 +135,11 @@ fn count(local: SocketAddr, peer: Option<SocketAddr>) -> io::Result<usize> {
     if set != 0 {
         return Err(io::Error::last_os_error());
     }
-    let request = request(local, peer);
+    Ok(socket)
+}
+
+/// Sends `request` to the kernel on `socket`.
+fn send(socket: &OwnedFd, request: &[u8]) -> io::Result<()> {
     // SAFETY: sending our buffer on our socket (the kernel is the default destination).
     let sent = unsafe {
         libc::send(
@@ -85,78 +152,54 @@ fn count(local: SocketAddr, peer: Option<SocketAddr>) -> io::Result<usize> {
     if sent < 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut buffer = vec![0u8; 32 * 1024];
-    let mut count = 0;
-    loop {
-        // SAFETY: receiving into our buffer.
-        let received = unsafe {
-            libc::recv(
-                socket.as_raw_fd(),
-                buffer.as_mut_ptr().cast(),
-                buffer.len(),
-                0,
-            )
-        };
-        if received < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut rest = &buffer[..received as usize];
-        while rest.len() >= 16 {
-            let length = u32::from_ne_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
-            let kind = u16::from_ne_bytes(rest[4..6].try_into().expect("2 bytes"));
-            if length < 16 || length > rest.len() {
-                return Err(io::Error::other("truncated sock_diag reply"));
-            }
-            match kind {
-                SOCK_DIAG_BY_FAMILY => count += 1,
-                k if k == libc::NLMSG_DONE as u16 => return Ok(count),
-                k if k == libc::NLMSG_ERROR as u16 => {
-                    let errno = rest
-                        .get(16..20)
-                        .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
-                        .unwrap_or(0);
-                    return Err(io::Error::from_raw_os_error(-errno));
-                }
-                _ => {}
-            }
-            rest = &rest[length.next_multiple_of(4).min(rest.len())..];
-        }
-    }
+    Ok(())
 }
 
-/// A dump request for TCP sockets of `local`'s family in [`OPEN_STATES`] whose local end is
-/// `local`, and whose remote end is `peer` when given (bytecode host conditions:
-/// full-length prefix, exact port).
-fn request(local: SocketAddr, peer: Option<SocketAddr>) -> Vec<u8> {
+/// An exact lookup of the TCP socket whose local end is `local` and remote end `peer`.
+fn exact(local: SocketAddr, peer: SocketAddr) -> Vec<u8> {
+    let octets = |address: SocketAddr| -> [u8; 16] {
+        let mut out = [0u8; 16];
+        match address.ip() {
+            IpAddr::V4(ip) => out[..4].copy_from_slice(&ip.octets()),
+            IpAddr::V6(ip) => out = ip.octets(),
+        }
+        out
+    };
     let family = match local.ip() {
         IpAddr::V4(_) => libc::AF_INET as u8,
         IpAddr::V6(_) => libc::AF_INET6 as u8,
     };
-    let conditions: Vec<(u8, SocketAddr)> = std::iter::once((INET_DIAG_BC_S_COND, local))
-        .chain(peer.map(|peer| (INET_DIAG_BC_D_COND, peer)))
-        .collect();
+    // struct inet_diag_req_v2: family, protocol, ext, pad, states, then inet_diag_sockid:
+    // sport, dport (big-endian), src[4], dst[4], if, cookie[2] (none: all ones).
+    let mut body = vec![family, libc::IPPROTO_TCP as u8, 0, 0];
+    body.extend_from_slice(&OPEN_STATES.to_ne_bytes());
+    body.extend_from_slice(&local.port().to_be_bytes());
+    body.extend_from_slice(&peer.port().to_be_bytes());
+    body.extend_from_slice(&octets(local));
+    body.extend_from_slice(&octets(peer));
+    body.extend_from_slice(&0u32.to_ne_bytes());
+    body.extend_from_slice(&[0xff; 8]);
+    message(libc::NLM_F_REQUEST as u16, &body)
+}
+
+/// A dump request for TCP sockets of `local`'s family in [`OPEN_STATES`] whose local end is
+/// `local` (a bytecode host condition: full-length prefix, exact port).
+fn request(local: SocketAddr) -> Vec<u8> {
+    let (family, address): (u8, Vec<u8>) = match local.ip() {
+        IpAddr::V4(ip) => (libc::AF_INET as u8, ip.octets().to_vec()),
+        IpAddr::V6(ip) => (libc::AF_INET6 as u8, ip.octets().to_vec()),
+    };
     // struct inet_diag_bc_op { u8 code; u8 yes; u16 no } + struct inet_diag_hostcond
-    // { u8 family; u8 prefix_len; i32 port; be32 addr[] }: matched goes on to the next
-    // (past the last: accept), unmatched jumps 4 bytes past the end (reject).
-    let op = |address: &SocketAddr| 4 + 8 + if address.is_ipv4() { 4 } else { 16 };
-    let total: usize = conditions.iter().map(|(_, address)| op(address)).sum();
-    let mut bytecode = Vec::with_capacity(total);
-    for (code, address) in &conditions {
-        let octets = match address.ip() {
-            IpAddr::V4(ip) => ip.octets().to_vec(),
-            IpAddr::V6(ip) => ip.octets().to_vec(),
-        };
-        let op_len = op(address);
-        let no = total - bytecode.len() + 4;
-        bytecode.push(*code);
-        bytecode.push(op_len as u8);
-        bytecode.extend_from_slice(&(no as u16).to_ne_bytes());
-        bytecode.push(family);
-        bytecode.push((octets.len() * 8) as u8);
-        bytecode.extend_from_slice(&[0, 0]);
-        bytecode.extend_from_slice(&i32::from(address.port()).to_ne_bytes());
-        bytecode.extend_from_slice(&octets);
-    }
+    // { u8 family; u8 prefix_len; i32 port; be32 addr[] }: matched goes on to the end
+    // (accept), unmatched jumps 4 bytes past it (reject).
+    let op_len = 4 + 8 + address.len();
+    let mut bytecode = vec![INET_DIAG_BC_S_COND, op_len as u8];
+    bytecode.extend_from_slice(&((op_len + 4) as u16).to_ne_bytes());
+    bytecode.push(family);
+    bytecode.push((address.len() * 8) as u8);
+    bytecode.extend_from_slice(&[0, 0]);
+    bytecode.extend_from_slice(&i32::from(local.port()).to_ne_bytes());
+    bytecode.extend_from_slice(&address);
 
     // struct inet_diag_req_v2 (56 bytes): family, protocol, ext, pad, states, sockid.
     let mut body = vec![family, libc::IPPROTO_TCP as u8, 0, 0];
@@ -168,14 +211,18 @@ fn request(local: SocketAddr, peer: Option<SocketAddr>) -> Vec<u8> {
     body.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
     body.extend_from_slice(&bytecode);
 
-    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    message((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16, &body)
+}
+
+/// A `SOCK_DIAG_BY_FAMILY` netlink message with `flags` around `body`.
+fn message(flags: u16, body: &[u8]) -> Vec<u8> {
     let mut message = Vec::with_capacity(16 + body.len());
     message.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
     message.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
     message.extend_from_slice(&flags.to_ne_bytes());
     message.extend_from_slice(&1u32.to_ne_bytes()); // sequence
     message.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it
-    message.extend_from_slice(&body);
+    message.extend_from_slice(body);
     message
 }
 

@@ -100,9 +100,10 @@ impl Handoff {
 
 /// True while a TCP connection between `local` and `peer` is open on this host (step 4):
 /// established, or closing with a peer still attached; false once it is gone or in
-/// `TIME_WAIT`. A blocking netlink exchange of at most a second.
+/// `TIME_WAIT`. One exact `sock_diag` lookup (no dump): a blocking netlink exchange of at
+/// most a second.
 pub fn connection_open(local: SocketAddr, peer: SocketAddr) -> io::Result<bool> {
-    crate::conntrack::open_between(local, peer).map(|count| count > 0)
+    crate::conntrack::open_between(local, peer)
 }
 
 #[cfg(test)]

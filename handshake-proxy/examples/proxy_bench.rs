@@ -1,8 +1,11 @@
 //! The processes `bench/proxy.sh` measures. Not a test: it prints what it serves and runs
 //! until killed.
 //!
-//! - `proxy_bench backend` — a keep-alive HTTP/1.1 backend on `127.0.0.1:<ephemeral>`:
-//!   `GET /` answers 6 bytes, `GET /1m` answers 1 MiB. Prints `backend <address> <pid>`.
+//! - `proxy_bench backend [hand-off socket path]` — a keep-alive HTTP/1.1 backend on
+//!   `127.0.0.1:<ephemeral>`: `GET /` answers 6 bytes, `GET /1m` answers 1 MiB. Prints
+//!   `backend <address> <pid>`. With a path, it also takes connections handed over on a Unix
+//!   socket listening there, as a process instance with `[run] handoff = true` does on
+//!   `REVBOOT_HANDOFF_FD` (one byte, one descriptor each), and serves them alike.
 //! - `proxy_bench proxy <backend> <service address> [multi|current] [buffer] [copy|zero]` — the
 //!   handshake proxy fronting that backend as one always-ready instance on
 //!   `<service address>:8080`, on a multi-thread (default) or current-thread tokio runtime,
@@ -13,9 +16,10 @@
 //!   proxy's listener only sees what the route passes on. Needs root.
 //! - `proxy_bench bind <count>` — binds and closes `count` listeners on distinct loopback
 //!   addresses the way the proxy does, and prints the mean cost of one.
-//! - `proxy_bench front <backend> <front ip>` — the proxy's front door on `<front ip>:<any>`
-//!   in front of that backend, as the always-ready revision of `bench` (`reach = "front"`)
-//!   in zone `revboot.test`. Prints `front <address>`.
+//! - `proxy_bench front <backend> <front ip> [hand-off socket path]` — the proxy's front door
+//!   on `<front ip>:<any>` in front of that backend, as the always-ready revision of `bench`
+//!   (`reach = "front"`) in zone `revboot.test`. Prints `front <address>`. With a path (the
+//!   backend's), every connection is handed to the backend instead of relayed.
 //! - `proxy_bench firstbyte <count> <direct> <front>` — `count` rounds, each a fresh
 //!   connection to `direct` and one to `front`, each sending `GET /` with
 //!   `Host: bench.revboot.test` and timing connect → first byte of the answer; prints p50
@@ -37,16 +41,75 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 const PORT: u16 = 8080;
 const MIB: usize = 1024 * 1024;
 
-async fn backend() {
+/// Receives connections handed over on `path` (each client of the Unix socket, a front
+/// door) and serves them on `runtime`.
+fn receive_handed(path: std::path::PathBuf, runtime: tokio::runtime::Handle, big: Arc<[u8]>) {
+    let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind the hand-off socket");
+    std::thread::spawn(move || {
+        for door in listener.incoming() {
+            let Ok(door) = door else { continue };
+            let (runtime, big) = (runtime.clone(), Arc::clone(&big));
+            std::thread::spawn(move || {
+                while let Some(stream) = receive_one(&door) {
+                    let _guard = runtime.enter();
+                    let Ok(stream) = stream
+                        .set_nonblocking(true)
+                        .and_then(|()| TcpStream::from_std(stream))
+                    else {
+                        continue;
+                    };
+                    let _ = stream.set_nodelay(true);
+                    runtime.spawn(keep_alive(stream, Arc::clone(&big)));
+                }
+            });
+        }
+    });
+}
+
+/// One handed connection; `None` once the front door's end is closed.
+#[allow(unsafe_code)] // Taking ownership of a descriptor the kernel just gave us.
+fn receive_one(door: &std::os::unix::net::UnixStream) -> Option<std::net::TcpStream> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+    loop {
+        let mut byte = [0u8; 1];
+        let mut slices = [std::io::IoSliceMut::new(&mut byte)];
+        let mut space = nix::cmsg_space!([RawFd; 1]);
+        let message = recvmsg::<()>(
+            door.as_raw_fd(),
+            &mut slices,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .ok()?;
+        if message.bytes == 0 {
+            return None;
+        }
+        for control in message.cmsgs().ok()? {
+            if let ControlMessageOwned::ScmRights(fds) = control
+                && let Some(&fd) = fds.first()
+            {
+                // SAFETY: received with SCM_RIGHTS, so a new descriptor nothing else owns.
+                return Some(unsafe { std::net::TcpStream::from_raw_fd(fd) });
+            }
+        }
+    }
+}
+
+async fn backend(handoff: Option<std::path::PathBuf>) {
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind backend");
+    let big: Arc<[u8]> = vec![b'x'; MIB].into();
+    if let Some(path) = handoff {
+        // Before the line that says it is up: a front door connects to it then.
+        receive_handed(path, tokio::runtime::Handle::current(), Arc::clone(&big));
+    }
     println!(
         "backend {} {}",
         listener.local_addr().expect("address"),
         std::process::id()
     );
-    let big: Arc<[u8]> = vec![b'x'; MIB].into();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -109,7 +172,7 @@ async fn proxy(backend: SocketAddr, address: IpAddr, config: ProxyConfig, steer_
     std::future::pending::<()>().await;
 }
 
-async fn front(backend: SocketAddr, address: IpAddr) {
+async fn front(backend: SocketAddr, address: IpAddr, handoff: Option<std::path::PathBuf>) {
     let warm = Fake::new(Behaviour {
         backend: Backend::At(backend),
         ..Behaviour::default()
@@ -121,6 +184,10 @@ async fn front(backend: SocketAddr, address: IpAddr) {
             ..FakeService::one(PORT, revision(1))
         },
     );
+    if let Some(path) = handoff {
+        let socket = std::os::unix::net::UnixStream::connect(path).expect("the backend's socket");
+        warm.set_handoff("bench", revboot_deployer::Handoff::from_fd(socket.into()));
+    }
     let mut door = FrontConfig::new("revboot.test");
     door.http = Some(SocketAddr::new(address, 0));
     let proxy = Proxy::with_front(ProxyConfig::default(), door, warm).expect("front door");
@@ -197,7 +264,7 @@ fn main() {
         .collect::<Vec<_>>()
         .as_slice()
     {
-        ["backend"] => runtime().block_on(backend()),
+        ["backend", rest @ ..] => runtime().block_on(backend(rest.first().map(Into::into))),
         [mode @ ("proxy" | "steer"), backend, address, rest @ ..] => {
             // `steer <backend> <address> <backend pid>`; `proxy <backend> <address> [options]`.
             let (steer_from, rest) = match *mode {
@@ -229,9 +296,10 @@ fn main() {
             runtime.block_on(proxy(backend, address, config, steer_from));
         }
         ["bind", count] => bind_cost(count.parse().expect("a count")),
-        ["front", backend, address] => runtime().block_on(front(
+        ["front", backend, address, rest @ ..] => runtime().block_on(front(
             backend.parse().expect("backend address"),
             address.parse().expect("front door address"),
+            rest.first().map(Into::into),
         )),
         ["firstbyte", count, direct, front] => {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -246,7 +314,7 @@ fn main() {
         }
         _ => {
             eprintln!(
-                "usage: proxy_bench backend | proxy <backend> <service ip> [multi|current] [buffer] [copy|zero] | steer <backend> <service ip> <backend pid> | bind <count> | front <backend> <front ip> | firstbyte <count> <direct> <front>"
+                "usage: proxy_bench backend [hand-off path] | proxy <backend> <service ip> [multi|current] [buffer] [copy|zero] | steer <backend> <service ip> <backend pid> | bind <count> | front <backend> <front ip> [hand-off path] | firstbyte <count> <direct> <front>"
             );
             std::process::exit(2);
         }

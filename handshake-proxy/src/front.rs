@@ -489,6 +489,79 @@ mod tests {
         proxy.shutdown();
     }
 
+    /// The stand-in instance's side of a hand-off: the next connection handed over on
+    /// `theirs`.
+    fn handed(theirs: &std::os::unix::net::UnixStream) -> std::net::TcpStream {
+        use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let mut byte = [0u8; 1];
+        let mut slices = [std::io::IoSliceMut::new(&mut byte)];
+        recvmsg(theirs, &mut slices, &mut control, RecvFlags::empty()).expect("recvmsg");
+        for message in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(mut fds) = message
+                && let Some(fd) = fds.next()
+            {
+                return std::net::TcpStream::from(fd);
+            }
+        }
+        panic!("a byte without a descriptor");
+    }
+
+    #[tokio::test]
+    async fn tls_routed_by_server_name_is_handed_over_with_its_client_hello_unread() {
+        use std::io::Read;
+        let fake = fake(Backend::Echo);
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("pair");
+        fake.set_handoff("hello", revboot_deployer::Handoff::from_fd(ours.into()));
+        let mut config = FrontConfig::new("revboot.test");
+        config.tls = Some(SocketAddr::new(unique_ip(), 0));
+        let inner: Arc<dyn Instances> = fake.clone();
+        let proxy = Proxy::with_front(ProxyConfig::default(), config, inner).expect("opens");
+        let tls = proxy.front_addresses().tls.expect("a TLS front door");
+        let name = format!("{}.hello.revboot.test", revision(2).short(8));
+        // A real TLS client; it waits for a ServerHello that the stand-in never sends.
+        let _client = tokio::process::Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &tls.to_string(),
+                "-servername",
+                &name,
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("openssl s_client starts");
+        let hello = tokio::task::spawn_blocking(move || {
+            let mut stream = handed(&theirs);
+            stream.set_read_timeout(Some(STEP)).expect("timeout");
+            let mut header = [0u8; 5];
+            stream.read_exact(&mut header).expect("the record header");
+            let length = usize::from(u16::from_be_bytes([header[3], header[4]]));
+            let mut body = vec![0u8; length];
+            stream.read_exact(&mut body).expect("the ClientHello");
+            (header, body)
+        });
+        let (header, body) = tokio::time::timeout(STEP, hello)
+            .await
+            .expect("handed over in time")
+            .expect("received");
+        assert_eq!(header[0], 22, "a handshake record, from its first byte");
+        assert_eq!(body[0], 1, "a ClientHello");
+        let named = body
+            .windows(name.len())
+            .any(|window| window == name.as_bytes());
+        assert!(named, "the server name it was routed by is in it");
+        let metrics = proxy.metrics();
+        assert_eq!(metrics.front_handed_off, 1, "{metrics:?}");
+        assert_eq!(metrics.bytes_from_clients, 0, "{metrics:?}");
+        assert_eq!(fake.boots(&key(2)), 1, "the revision the name designates");
+        proxy.shutdown();
+    }
+
     #[tokio::test]
     async fn a_boot_that_fails_is_answered_503_not_a_hang() {
         let fake = Fake::new(Behaviour {

@@ -35,7 +35,8 @@
 //!     own socket (`revboot_deployer::steer`, an `sk_lookup` program): they never reach
 //!     this listener, so the relay above only carries connections made before the boot
 //!     began (the one that summoned it), during a qemu boot, refusals, front-door
-//!     connections, and what cannot be steered (no root). A per-client route takes only its
+//!     connections (but those handed to their instance, below), and what cannot be steered
+//!     (no root). A per-client route takes only its
 //!     client; anyone else still lands here and is refused.
 //!
 //! # The front door
@@ -48,6 +49,11 @@
 //! through [`Proxy::resolve_names_through`], a source commit with no deployment is built on
 //! demand while the connection waits), and then holds, replays and splices exactly as
 //! above, the head being the early bytes.
+//! A revision whose manifest says `[run] handoff = true` (process tender) is not relayed:
+//! the front door peeks at the head (`MSG_PEEK`) instead of reading it, holds the connection
+//! while the instance boots without reading, then sends the connection's descriptor to the
+//! instance over the Unix socket its tender gave it (`revboot_deployer::handoff`), and
+//! watches the kernel for its end (the private `handoff` module).
 //! TLS is passed through untouched (the instance terminates it), unless the service's
 //! manifest says `tls = "terminate"`: then the front door ends TLS with the certificate
 //! the daemon's resolver picks for the server name ([`Terminate`]) and relays plain TCP. Unknown names get an HTTP
@@ -92,6 +98,19 @@
 //!   steered connections in the program's map and open ones through `sock_diag` before
 //!   it reaps. What a steered connection loses is the proxy's idle and total timeouts:
 //!   it is the instance's own.
+//! - **Front-door connections handed to the instance** (`[run] handoff = true`). Steering
+//!   cannot serve the front door: the name is in the connection's first bytes, so the
+//!   connection must be accepted and read before its instance is known, and a relay then
+//!   costs its second TCP hop on every exchange (one sequential connection at a third to a
+//!   half of the direct rate). Handing the accepted socket over `SCM_RIGHTS` leaves the
+//!   proxy one `sendmsg` per connection and nothing per exchange; peeking keeps the head in
+//!   the socket, so the instance reads the request as if it had accepted it. The cost is a
+//!   convention the image must follow (a receive loop on `REVBOOT_HANDOFF_FD`), so it is
+//!   an opt-in; VMs cannot take a host descriptor and keep the relay. Open handed
+//!   connections are counted by asking `sock_diag` for each one's two ends every second
+//!   (one filtered dump each), rather than by the instance's word: the convention stays one
+//!   way, and an instance can neither keep itself booted nor get reaped by what it says.
+//!   Sends never wait (`MSG_DONTWAIT`): a full or closed socket relays the connection.
 //! - **A direct path, offered beside the proxy** (`[instances] direct = true` in the
 //!   daemon: the deployer's `BackendPort::Same`). The process tender's inherited socket
 //!   already has the kernel hold handshakes and early bytes during a boot, so for those
@@ -165,7 +184,9 @@
 //! [`Proxy::adopt_relays`], bounded by [`MAX_RELAYS`] and [`MAX_RELAY_BYTES`]); those still
 //! held through a boot, those with TLS ended at the front door and those over the bounds are
 //! given a short drain and then close with the old program. Steered connections never pass
-//! through the proxy and are not touched.
+//! through the proxy and are not touched; nor are connections handed to an instance,
+//! but an instance adopted by the next daemon has no hand-off socket there (its end stayed
+//! with the old daemon), so its front-door connections are relayed from then on.
 //!
 //! # Example
 //!
