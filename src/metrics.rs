@@ -257,7 +257,7 @@ mod tests {
             &mut proxy.front_unknown,
             &mut proxy.front_bad,
             &mut proxy.front_terminated,
-            &mut proxy.front_handed_off,
+            &mut proxy.handed_off,
             &mut proxy.handoff_failures,
         ]
         .into_iter()
@@ -346,7 +346,7 @@ revboot_proxy_connections_total{outcome="front_routed"} 116
 revboot_proxy_connections_total{outcome="front_unknown_name"} 117
 revboot_proxy_connections_total{outcome="front_bad_head"} 118
 revboot_proxy_connections_total{outcome="front_terminated"} 119
-revboot_proxy_connections_total{outcome="front_handed_off"} 120
+revboot_proxy_connections_total{outcome="handed_off"} 120
 revboot_proxy_connections_total{outcome="handoff_failure"} 121
 # HELP revboot_proxy_connections Proxy connections now.
 # TYPE revboot_proxy_connections gauge

@@ -18,6 +18,8 @@
 //!    count a boot failure.
 //! 7. Connect to the backend (retrying refusals within `connect_timeout`), replay the early
 //!    bytes, pass on an end of writing the client already made, and splice both ways.
+//!    An instance that takes hand-offs (`[run] handoff = true`) gets the connection itself
+//!    instead, nothing read of it (the `handoff` module): nothing is read while it is held.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -212,7 +214,17 @@ fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, local: Socke
     metrics.open_now.fetch_add(1, Ordering::Relaxed);
     let mut open = Open::new(Arc::clone(shared));
     open.set_key(summoned.key.clone());
-    tokio::spawn(serve(open, stream, peer, summoned, Vec::new(), None, false));
+    // Nothing read yet: an instance that takes hand-offs gets the connection itself.
+    let hand_over = shared.inner.handoff(&summoned.key).is_some();
+    tokio::spawn(serve(
+        open,
+        stream,
+        peer,
+        summoned,
+        Vec::new(),
+        None,
+        hand_over,
+    ));
 }
 
 /// An admitted connection: counted open (`open_now`, which the caller raised) until

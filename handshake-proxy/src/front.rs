@@ -556,7 +556,7 @@ mod tests {
             .any(|window| window == name.as_bytes());
         assert!(named, "the server name it was routed by is in it");
         let metrics = proxy.metrics();
-        assert_eq!(metrics.front_handed_off, 1, "{metrics:?}");
+        assert_eq!(metrics.handed_off, 1, "{metrics:?}");
         assert_eq!(metrics.bytes_from_clients, 0, "{metrics:?}");
         assert_eq!(fake.boots(&key(2)), 1, "the revision the name designates");
         proxy.shutdown();

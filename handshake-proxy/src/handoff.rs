@@ -1,8 +1,10 @@
-//! Front-door connections handed to their instance: the relay is off the data path.
+//! Connections handed to their instance: the relay is off the data path.
 //!
 //! For a revision whose manifest says `[run] handoff = true` (the process tender gives the
 //! instance a hand-off socket, `revboot_deployer::handoff`), the front door reads the head
-//! it routes by with `MSG_PEEK`, so the connection is still untouched when it is ready to go:
+//! it routes by with `MSG_PEEK`, so the connection is still untouched when it is ready to
+//! go; a connection the proxy's own listener accepts (one made before the boot began, or
+//! any with steering off) has nothing read of it either:
 //!
 //! 1. Held while the instance boots like any other connection (counted, bounded, within
 //!    `boot_timeout`), but nothing is read meanwhile: the kernel's queue keeps the bytes.
@@ -11,7 +13,7 @@
 //!    waiting, and the proxy closes its own copy.
 //!    A socket that refuses it (full: the instance does not receive; closed: it exited)
 //!    is logged and counted (`handoff_failures`), and the connection is relayed instead,
-//!    its head consumed then and replayed, as the front door does for other services.
+//!    a front door's head consumed then and replayed, as for other services.
 //! 3. A handed connection stays counted as open (`open_now`, so `max_connections` bounds
 //!    it; `ConnectionOpened` until it closes, so idle reaping waits for it): every
 //!    [`CHECK`] the kernel is asked whether the connection between its two ends is still
@@ -92,7 +94,7 @@ pub(crate) fn hand_over(
     match handoff.send(client.as_fd()) {
         Ok(()) => {
             drop(client);
-            bump(&shared.metrics.front_handed_off);
+            bump(&shared.metrics.handed_off);
             debug!(%peer, %key, "connection handed to its instance");
             Ok(Handed {
                 local,

@@ -35,8 +35,8 @@
 //!     own socket (`revboot_deployer::steer`, an `sk_lookup` program): they never reach
 //!     this listener, so the relay above only carries connections made before the boot
 //!     began (the one that summoned it), during a qemu boot, refusals, front-door
-//!     connections (but those handed to their instance, below), and what cannot be steered
-//!     (no root). A per-client route takes only its
+//!     connections, and what cannot be steered (no root). An instance that takes
+//!     hand-offs (`[run] handoff = true`, below) gets even those connections itself. A per-client route takes only its
 //!     client; anyone else still lands here and is refused.
 //!
 //! # The front door

@@ -47,9 +47,9 @@ pub struct ProxyMetrics {
     pub front_bad: u64,
     /// Front-door TLS connections that ended TLS there (`tls = "terminate"`, total).
     pub front_terminated: u64,
-    /// Front-door connections handed to their instance's own socket (`[run] handoff`):
-    /// no byte of theirs passes through the proxy (total).
-    pub front_handed_off: u64,
+    /// Connections handed to their instance itself (`[run] handoff`): no byte of theirs
+    /// passes through the proxy (total).
+    pub handed_off: u64,
     /// Handed-off connections the instance's hand-off socket refused (full or closed),
     /// relayed instead (total).
     pub handoff_failures: u64,
@@ -77,7 +77,7 @@ pub(crate) struct Metrics {
     pub(crate) front_unknown: AtomicU64,
     pub(crate) front_bad: AtomicU64,
     pub(crate) front_terminated: AtomicU64,
-    pub(crate) front_handed_off: AtomicU64,
+    pub(crate) handed_off: AtomicU64,
     pub(crate) handoff_failures: AtomicU64,
 }
 
@@ -109,7 +109,7 @@ impl Metrics {
             front_unknown: get(&self.front_unknown),
             front_bad: get(&self.front_bad),
             front_terminated: get(&self.front_terminated),
-            front_handed_off: get(&self.front_handed_off),
+            handed_off: get(&self.handed_off),
             handoff_failures: get(&self.handoff_failures),
         }
     }
@@ -140,7 +140,7 @@ impl ProxyMetrics {
             ("front_unknown_name", self.front_unknown),
             ("front_bad_head", self.front_bad),
             ("front_terminated", self.front_terminated),
-            ("front_handed_off", self.front_handed_off),
+            ("handed_off", self.handed_off),
             ("handoff_failure", self.handoff_failures),
         ] {
             let _ = writeln!(

@@ -202,7 +202,7 @@ async fn front_door_hands_connections_to_an_instance_that_takes_them_and_relays_
         assert!(answer.contains(&handed.to_hex()), "{answer}");
     }
     let metrics = world.proxy.metrics();
-    assert_eq!(metrics.front_handed_off, 2, "{metrics:?}");
+    assert_eq!(metrics.handed_off, 2, "{metrics:?}");
     // (The warm one too, on a machine slow enough for the idle timeout to pass between.)
     assert!(
         metrics.held >= 1,
@@ -220,7 +220,7 @@ async fn front_door_hands_connections_to_an_instance_that_takes_them_and_relays_
     let answer = curl(&["-H", &plain], &format!("http://{http}/")).await;
     assert!(answer.contains(&relayed.to_hex()), "{answer}");
     let metrics = world.proxy.metrics();
-    assert_eq!(metrics.front_handed_off, 2, "{metrics:?}");
+    assert_eq!(metrics.handed_off, 2, "{metrics:?}");
     assert_eq!(metrics.spliced, 1, "{metrics:?}");
     assert!(metrics.bytes_to_clients > 0, "{metrics:?}");
 
@@ -232,7 +232,7 @@ async fn front_door_hands_connections_to_an_instance_that_takes_them_and_relays_
         .await
         .expect("head");
     eventually("the connection handed over", || {
-        world.proxy.metrics().front_handed_off == 3
+        world.proxy.metrics().handed_off == 3
     })
     .await;
     // The instance that has it, and keeps it open.

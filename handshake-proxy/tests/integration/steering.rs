@@ -206,3 +206,35 @@ async fn the_service_address_is_bound_again_after_steered_connections_closed() {
     assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
     world.shutdown().await;
 }
+
+/// What the proxy would relay at an instance's own address (here with steering off; with it
+/// on, a connection made before the boot began) goes to an instance that takes hand-offs
+/// itself, unread: the proxy relays no byte of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_the_proxy_accepts_are_handed_to_an_instance_that_takes_them() {
+    let world = World::new(19, |deployer, _| deployer.steer = false);
+    let run = format!("{}\nhandoff = true", support::HELLO_RUN);
+    let revision = support::deploy(
+        &world.store,
+        "hello",
+        &support::hello_image(),
+        &support::manifest(&run),
+    );
+    let summoned = world
+        .proxy
+        .summon("hello", &revision, None)
+        .expect("summon");
+    for _ in 0..2 {
+        let response = http_get(service_address(&summoned), None, "/")
+            .await
+            .expect("served");
+        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+        assert!(response.contains(&revision.to_hex()), "{response}");
+    }
+    let metrics = world.proxy.metrics();
+    assert_eq!(metrics.handed_off, 2, "{metrics:?}");
+    assert_eq!(metrics.spliced, 0, "{metrics:?}");
+    assert_eq!(metrics.bytes_from_clients, 0, "{metrics:?}");
+    assert_eq!(metrics.bytes_to_clients, 0, "{metrics:?}");
+    world.shutdown().await;
+}
