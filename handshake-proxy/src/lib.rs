@@ -142,6 +142,15 @@
 //!   script) moves less: 13–16 µs per small request against the backend's 9 µs, 250–360 µs
 //!   per 1 MiB against its 90–160 µs, 22–60 µs per request on one sequential connection
 //!   against its 11 µs.
+//! - Front door, `ROUNDS=3 bench/proxy.sh 5` (two runs at load average 9–13; each round
+//!   runs direct, steered, relayed, the front door relaying and the front door handing
+//!   off, routed by `Host`; medians of the rounds' ratios). Handed off (`[run] handoff =
+//!   true`): 0.99–1.09× the direct requests/s (small), 1.35–1.66× the bytes/s (1 MiB), on
+//!   one sequential connection 0.82–1.36× the rate and −1 to 0 µs p50, the front door's
+//!   CPU 0.0–0.4 µs per request (one `sendmsg` per connection, nothing per exchange: the
+//!   data path is the direct one; the single rounds spread from 0.35× to 2.96×, the other
+//!   tenants' load). Relayed by the front door in the same runs: 0.91–1.05×, 0.88–1.01×,
+//!   0.31–0.34× and +33 to +52 µs, its CPU 14–15 µs, 246–262 µs and 24–32 µs per request.
 //! - Why a relay in user space stays near half the direct rate on a busy host: its cost is
 //!   the kernel's, not its own. It makes the fewest calls a relay can (strace: one read and
 //!   one write each way per exchange; one readiness wait per exchange, or per some eleven
