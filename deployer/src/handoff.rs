@@ -15,7 +15,8 @@
 //!    or gone (it exited), is an error ([`HandoffError`]) and the caller relays the
 //!    connection instead. The queue is bounded by the daemon end's send buffer
 //!    ([`SEND_BUFFER`]), so an instance that never receives holds at most a few hundred
-//!    connections in flight, all closed by the kernel when the instance ends.
+//!    connections in flight, all closed by the kernel when the instance ends. The daemon
+//!    never reads its end: what an instance writes there only fills that end's buffer.
 //! 4. The daemon learns that a handed connection has closed from the kernel
 //!    ([`connection_open`], a `sock_diag` query for its two ends), so idle reaping and the
 //!    connection bounds see it as long as the instance keeps it open.

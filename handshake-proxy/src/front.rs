@@ -563,6 +563,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_instance_that_takes_no_hand_off_gets_the_connection_relayed_instead() {
+        let fake = fake(Backend::Echo);
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("pair");
+        // The instance has exited: its end is closed.
+        drop(theirs);
+        fake.set_handoff("hello", revboot_deployer::Handoff::from_fd(ours.into()));
+        let mut config = FrontConfig::new("revboot.test");
+        config.http = Some(SocketAddr::new(unique_ip(), 0));
+        let inner: Arc<dyn Instances> = fake.clone();
+        let proxy = Proxy::with_front(ProxyConfig::default(), config, inner).expect("opens");
+        let http = proxy.front_addresses().http.expect("http");
+        let mut stream = TcpStream::connect(http).await.expect("connect");
+        stream
+            .write_all(b"GET /relayed HTTP/1.1\r\nHost: hello.revboot.test\r\n\r\n")
+            .await
+            .expect("send");
+        stream.shutdown().await.expect("end of the request");
+        let answer = answer(stream).await;
+        assert!(answer.contains("answer to GET /relayed "), "{answer}");
+        let metrics = proxy.metrics();
+        assert_eq!(metrics.handoff_failures, 1, "{metrics:?}");
+        assert_eq!(metrics.handed_off, 0, "{metrics:?}");
+        assert_eq!(metrics.spliced, 1, "relayed: {metrics:?}");
+        proxy.shutdown();
+    }
+
+    #[tokio::test]
     async fn a_boot_that_fails_is_answered_503_not_a_hang() {
         let fake = Fake::new(Behaviour {
             boot: Boot::CrashAfter(Duration::from_millis(100)),
