@@ -376,8 +376,13 @@ pub(crate) async fn serve(
     }
     if peeked {
         let handoff = shared.inner.handoff(&summoned.key);
-        match crate::handoff::hand_over(shared, client, peer, &summoned.key, handoff, early.len()) {
-            Ok(handed) => return crate::handoff::watch(open, handed).await,
+        let handed =
+            crate::handoff::hand_over(shared, client, peer, &summoned.key, handoff, early.len());
+        match handed.await {
+            Ok(handed) => {
+                let cancel = shared.cancel.clone();
+                return crate::handoff::watch(open, cancel, handed).await;
+            }
             Err(Some(kept)) => client = kept,
             Err(None) => return,
         }

@@ -213,7 +213,7 @@ async fn route(
         // Step 6: the head stays queued, for the instance to read (the `handoff` module).
         return connection::serve(open, stream, peer, summoned, head, Some(failure), true).await;
     }
-    let stream = match sniff::consume(stream, head.len()) {
+    let stream = match sniff::consume(stream, head.len()).await {
         Ok(stream) => stream,
         Err(error) => {
             debug!(%error, %peer, "front door client gone after its head");

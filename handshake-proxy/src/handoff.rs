@@ -32,9 +32,9 @@ use std::time::Duration;
 
 use revboot_deployer::{Handoff, InstanceKey};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::connection::Open;
 use crate::metrics::bump;
 use crate::shared::Shared;
 
@@ -51,7 +51,7 @@ pub(crate) struct Handed {
 /// Step 2: hands `client` to `handoff` (the instance of `key`'s socket, if it has one).
 /// Not handed, the connection comes back with its first `peeked` bytes consumed, to be
 /// relayed; `Err(None)` when it could not even be kept (it is closed then).
-pub(crate) fn hand_over(
+pub(crate) async fn hand_over(
     shared: &Arc<Shared>,
     client: TcpStream,
     peer: SocketAddr,
@@ -59,38 +59,42 @@ pub(crate) fn hand_over(
     handoff: Option<Handoff>,
     peeked: usize,
 ) -> Result<Handed, Option<TcpStream>> {
-    let relay = |client: TcpStream| match crate::sniff::consume(client, peeked) {
-        Ok(client) => Some(client),
-        Err(error) => {
-            debug!(%error, %peer, %key, "connection lost before it was relayed");
-            None
-        }
-    };
-    let Some(handoff) = handoff else {
+    let kept = match handoff {
+        Some(handoff) => match send(shared, client, peer, key, &handoff) {
+            Ok(handed) => return Ok(handed),
+            Err(kept) => kept,
+        },
         // A summon renewed the instance to one without a hand-off socket (adopted across
         // an upgrade in place): relayed.
-        return Err(relay(client));
+        None => Some(client),
     };
-    let local = match client.local_addr() {
-        Ok(local) => local,
+    let client = kept.ok_or(None)?;
+    match crate::sniff::consume(client, peeked).await {
+        Ok(client) => Err(Some(client)),
         Err(error) => {
-            debug!(%error, %peer, %key, "connection lost before it was handed over");
-            return Err(None);
+            debug!(%error, %peer, %key, "connection lost before it was relayed");
+            Err(None)
         }
+    }
+}
+
+/// Step 2's send; the connection back (as a tokio stream again) when it was not handed.
+fn send(
+    shared: &Arc<Shared>,
+    client: TcpStream,
+    peer: SocketAddr,
+    key: &InstanceKey,
+    handoff: &Handoff,
+) -> Result<Handed, Option<TcpStream>> {
+    let lost = |error: std::io::Error| {
+        debug!(%error, %peer, %key, "connection lost before it was handed over");
+        None
     };
-    let client = match client.into_std() {
-        Ok(client) => client,
-        Err(error) => {
-            debug!(%error, %peer, %key, "connection lost before it was handed over");
-            return Err(None);
-        }
-    };
+    let local = client.local_addr().map_err(lost)?;
+    let client = client.into_std().map_err(lost)?;
     // The instance gets the socket as accept(2) would give it, blocking: the descriptor it
     // receives shares the file description, and so its flags, with ours.
-    if let Err(error) = client.set_nonblocking(false) {
-        debug!(%error, %peer, %key, "connection lost before it was handed over");
-        return Err(None);
-    }
+    client.set_nonblocking(false).map_err(lost)?;
     match handoff.send(client.as_fd()) {
         Ok(()) => {
             drop(client);
@@ -108,15 +112,14 @@ pub(crate) fn hand_over(
             let client = client
                 .set_nonblocking(true)
                 .and_then(|()| TcpStream::from_std(client));
-            Err(client.ok().and_then(relay))
+            Err(client.ok())
         }
     }
 }
 
-/// Step 3: keeps `open` (the connection counted) until the kernel says the handed
-/// connection has closed, or the proxy shuts down.
-pub(crate) async fn watch(open: Open, handed: Handed) {
-    let cancel = open.shared().cancel.clone();
+/// Step 3: keeps `open` (the connection's guard: counted open while held) until the kernel
+/// says the handed connection has closed, or `cancel` (the proxy's shutdown).
+pub(crate) async fn watch<Guard>(open: Guard, cancel: CancellationToken, handed: Handed) {
     let Handed { local, peer, key } = handed;
     loop {
         tokio::select! {

@@ -156,8 +156,10 @@ pub(crate) async fn peek(
 }
 
 /// Step 5: reads (consumes) up to `len` bytes already queued, without waiting, and
-/// registers the stream anew, so that tokio learns again what [`peek`] made it forget.
-pub(crate) fn consume(stream: TcpStream, len: usize) -> io::Result<TcpStream> {
+/// registers the stream anew, so that tokio learns again what [`peek`] made it forget;
+/// returns once tokio knows it writable again (a last-gasp write, such as a TLS alert
+/// before closing, is not refused for want of it), within [`REREGISTERED`].
+pub(crate) async fn consume(stream: TcpStream, len: usize) -> io::Result<TcpStream> {
     let mut scratch = vec![0u8; len.min(64 * 1024)];
     let mut left = len;
     while left > 0 {
@@ -172,8 +174,14 @@ pub(crate) fn consume(stream: TcpStream, len: usize) -> io::Result<TcpStream> {
             Err(errno) => return Err(errno.into()),
         }
     }
-    TcpStream::from_std(stream.into_std()?)
+    let stream = TcpStream::from_std(stream.into_std()?)?;
+    let _ = tokio::time::timeout(REREGISTERED, stream.writable()).await;
+    Ok(stream)
 }
+
+/// How long [`consume`] waits for tokio to see a stream registered anew as writable (a
+/// connected socket with room to send is, at once).
+const REREGISTERED: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Reads and drops what `stream` has queued now, at most 256 KiB, without waiting.
 pub(crate) fn discard_queued(stream: &TcpStream) {
@@ -318,7 +326,7 @@ mod tests {
             Sniffed::Name("a.hello.revboot.test".into())
         );
         assert_eq!(buffer, head);
-        let mut server = consume(server, 10).expect("consumed");
+        let mut server = consume(server, 10).await.expect("consumed");
         let mut rest = vec![0u8; head.len() - 10];
         server
             .read_exact(&mut rest)
