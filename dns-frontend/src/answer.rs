@@ -45,7 +45,9 @@ pub(crate) struct Engine {
     zone: Name,
     zone_labels: Vec<Vec<u8>>,
     /// Name servers: lowercased wire name, name, addresses.
-    nameservers: Vec<(Vec<u8>, Name, Vec<IpAddr>)>,
+    nameservers: Arc<Vec<crate::nameservers::Entry>>,
+    /// Name servers as they change, when none is configured (used when not empty).
+    shared_nameservers: Option<crate::Nameservers>,
     /// The SOA serial (low half) and the deployer generation it was taken for (its low 32
     /// bits, high half): one word, so negative answers read it without a lock.
     serial: std::sync::atomic::AtomicU64,
@@ -101,11 +103,17 @@ impl Engine {
         instances: Arc<dyn Instances>,
         metrics: Arc<Metrics>,
     ) -> Engine {
-        let nameservers = checked
-            .nameservers
-            .iter()
-            .map(|(name, addresses)| (wire_lowercase(name), name.clone(), addresses.clone()))
-            .collect();
+        let nameservers = Arc::new(
+            checked
+                .nameservers
+                .iter()
+                .map(|(name, addresses)| (wire_lowercase(name), name.clone(), addresses.clone()))
+                .collect(),
+        );
+        let shared_nameservers = config
+            .shared_nameservers
+            .clone()
+            .filter(|_| config.nameservers.is_empty());
         let hostmaster = Name::from_ascii("hostmaster")
             .and_then(|h| h.append_domain(&checked.zone))
             .unwrap_or_else(|_| checked.zone.clone());
@@ -114,6 +122,7 @@ impl Engine {
             zone_labels: checked.zone.iter().map(<[u8]>::to_vec).collect(),
             zone: checked.zone.clone(),
             nameservers,
+            shared_nameservers,
             serial: std::sync::atomic::AtomicU64::new(
                 u64::from(u32::MAX) << 32 | u64::from(unix_serial()),
             ),
@@ -209,7 +218,10 @@ impl Engine {
         if query.qclass != u16::from(DNSClass::IN) && query.qclass != u16::from(DNSClass::ANY) {
             return plain(rcode(ResponseCode::Refused), Some(Scope::Shared));
         }
-        if let Some((_, name, addresses)) = self.nameservers.iter().find(|(w, ..)| w == lowercase) {
+        // Answers holding a shared set of name servers are not cached: it changes.
+        let zone_scope = self.shared_nameservers.is_none().then_some(Scope::Shared);
+        let nameservers = self.nameservers();
+        if let Some((_, name, addresses)) = nameservers.iter().find(|(w, ..)| w == lowercase) {
             let records: Vec<Record> = addresses
                 .iter()
                 .filter_map(|address| address_record(name, *address, qtype, ZONE_TTL))
@@ -219,7 +231,7 @@ impl Engine {
             } else {
                 self.positive(records)
             };
-            return plain(reply, Some(Scope::Shared));
+            return plain(reply, zone_scope);
         }
         let shape = name::classify(wire::labels(lowercase), &self.zone_labels);
         if crate::challenge::is_challenge(lowercase) && !matches!(shape, Shape::Outside) {
@@ -228,7 +240,7 @@ impl Engine {
         }
         let (service, label) = match shape {
             Shape::Outside => return plain(rcode(ResponseCode::Refused), Some(Scope::Shared)),
-            Shape::Apex => return plain(self.apex(qtype, generation), Some(Scope::Shared)),
+            Shape::Apex => return plain(self.apex(qtype, generation), zone_scope),
             Shape::Nothing => return plain(self.nxdomain(generation), Some(Scope::Shared)),
             Shape::Live { service } => (service, None),
             Shape::Label { label, service } => (service, Some(label)),
@@ -406,7 +418,7 @@ impl Engine {
             reply.answers.push(self.soa(generation, ZONE_TTL));
         }
         if matches!(qtype, RecordType::NS | RecordType::ANY) {
-            for (_, name, addresses) in &self.nameservers {
+            for (_, name, addresses) in self.nameservers().iter() {
                 let ns =
                     Record::from_rdata(self.zone.clone(), ZONE_TTL, RData::NS(NS(name.clone())));
                 reply.answers.push(ns);
@@ -444,6 +456,22 @@ impl Engine {
                 .map(|value| Record::from_rdata(name.clone(), 0, RData::TXT(TXT::new(vec![value]))))
                 .collect(),
         )
+    }
+
+    /// The name servers answered: the shared set when one is published, else the
+    /// configured ones (or the default).
+    fn nameservers(&self) -> Arc<Vec<crate::nameservers::Entry>> {
+        match &self.shared_nameservers {
+            Some(shared) => {
+                let set = shared.current();
+                if set.is_empty() {
+                    self.nameservers.clone()
+                } else {
+                    set
+                }
+            }
+            None => self.nameservers.clone(),
+        }
     }
 
     fn positive(&self, answers: Vec<Record>) -> Reply {
@@ -493,7 +521,7 @@ impl Engine {
 
     fn soa(&self, generation: u64, ttl: u32) -> Record {
         let mname = self
-            .nameservers
+            .nameservers()
             .first()
             .map_or_else(|| self.zone.clone(), |(_, name, _)| name.clone());
         let soa = SOA::new(
@@ -627,7 +655,7 @@ fn name_of(wire_name: &[u8]) -> Option<Name> {
     Name::read(&mut BinDecoder::new(wire_name)).ok()
 }
 
-fn wire_lowercase(name: &Name) -> Vec<u8> {
+pub(crate) fn wire_lowercase(name: &Name) -> Vec<u8> {
     let mut out = Vec::new();
     for label in name.iter() {
         out.push(label.len() as u8);

@@ -33,6 +33,9 @@ pub struct DnsConfig {
     /// The zone's name servers. Empty: one, `ns.<zone>`, at the listen address (127.0.0.1 when
     /// listening on an unspecified address).
     pub nameservers: Vec<Nameserver>,
+    /// The zone's name servers as they change (a cluster's live nodes), used when
+    /// `nameservers` is empty (see [`Nameservers`](crate::Nameservers)).
+    pub shared_nameservers: Option<crate::Nameservers>,
     /// Delay an instance's answer until it is ready (bounded by `delay_limit` and the
     /// instance's boot timeout), for setups without the handshake proxy.
     pub delayed_answers: bool,
@@ -66,6 +69,7 @@ impl Default for DnsConfig {
             ttl: DEFAULT_TTL,
             negative_ttl: DEFAULT_NEGATIVE_TTL,
             nameservers: Vec::new(),
+            shared_nameservers: None,
             delayed_answers: false,
             delay_limit: Duration::from_secs(5),
             trust_ecs: false,
@@ -284,7 +288,7 @@ impl DnsConfig {
     }
 }
 
-fn parse_name(text: &str) -> Option<Name> {
+pub(crate) fn parse_name(text: &str) -> Option<Name> {
     let mut name = Name::from_ascii(text.trim_end_matches('.')).ok()?;
     name.set_fqdn(true);
     let name = name.to_lowercase();

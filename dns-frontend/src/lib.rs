@@ -10,7 +10,9 @@
 //! Matching is ASCII case-insensitive (RFC 4343); the response echoes the question as sent.
 //!
 //! 1. `<zone>` — the apex: SOA and NS (with address records for in-zone name servers).
-//! 2. A configured name server's name (default `ns.<zone>`) — its A or AAAA.
+//! 2. A configured name server's name (default `ns.<zone>`) — its A or AAAA. A cluster's
+//!    nodes publish the live nodes as the name servers instead ([`Nameservers`], used when
+//!    none is configured).
 //! 3. `<service>.<zone>` — the service's live revision.
 //! 4. `<label>.<service>.<zone>` — the revision `label` names, as the deployer resolves it
 //!    (deployment- or source-commit prefix, tag, DNS-safe branch name).
@@ -94,6 +96,7 @@ mod challenge;
 mod config;
 mod limit;
 mod metrics;
+mod nameservers;
 mod packet;
 mod server;
 mod tcp;
@@ -109,4 +112,5 @@ pub use config::{
     DEFAULT_TTL, DEFAULT_ZONE, DnsConfig, Limits, Nameserver,
 };
 pub use metrics::{Metrics, MetricsSnapshot};
+pub use nameservers::{MAX_ADDRESSES, MAX_NAMESERVERS, Nameservers, SetError};
 pub use server::{BindError, DnsServer, RunError, RunningServer, Shutdown};
