@@ -19,8 +19,8 @@
 //!    added on one node gets a source repository on every node; builds run under a build
 //!    lock per service ([`crate::replicate`]). Any node takes a push and builds.
 //!
-//! 7. DNS places instances over the live nodes ([`crate::placed`]); the owner of a
-//!    revision it has not fetched yet fetches it first.
+//! 7. DNS places instances over the live nodes, sticky by claims in etcd
+//!    ([`crate::placed`]); the owner of a revision it has not fetched yet fetches it first.
 //!
 //! The nodes of a cluster share one token (`[http] token`): they fetch from each other
 //! with it. Steps 3 to 6 run on every change etcd reports and every [`TICK`] besides; a
@@ -54,8 +54,14 @@ pub(crate) fn placement(
     store: &Store,
     token: &str,
 ) -> (Option<Arc<Placed>>, Answers, Answers) {
-    let placed = (config.cluster.as_ref())
-        .map(|_| Arc::new(Placed::new(front.clone(), store.clone(), token)));
+    let placed = (config.cluster.as_ref()).map(|_| {
+        Arc::new(Placed::new(
+            front.clone(),
+            store.clone(),
+            token,
+            config.instances.client_prefixes,
+        ))
+    });
     let answers = placed
         .clone()
         .map_or(front.clone(), |p| p as Arc<dyn Instances>);
@@ -110,6 +116,13 @@ pub(crate) async fn join(
         .map(ToString::to_string)
         .collect();
     me.capacity = u64::try_from(config.instances.max_total).unwrap_or(u64::MAX);
+    // The name server's addresses for the zone's NS set: where DNS listens, when that is an
+    // address of its own (a wildcard listener names none).
+    me.ns = (config.dns.listen.iter())
+        .map(|listen| listen.ip())
+        .filter(|ip| !ip.is_unspecified())
+        .collect();
+    me.ns.dedup();
     let cluster = Cluster::join(settings, &config.zone, me, stop.clone())
         .await
         .context("Cannot join the cluster")?;
@@ -119,11 +132,11 @@ pub(crate) async fn join(
     }));
     if let Some(placed) = placed {
         crate::placed::joined(placed, &cluster, stop.clone());
+        crate::placed::reconcile(deployer.clone(), placed, cluster.clone(), stop.clone());
     }
     if let Some(coordinated) = coordinated {
         coordinated.joined(&cluster);
     }
-    crate::placed::reconcile(deployer.clone(), cluster.clone(), stop.clone());
     tokio::spawn(replicate::keep_sources_in_step(
         cluster.clone(),
         builder.clone(),

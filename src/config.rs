@@ -103,7 +103,8 @@ pub struct Dns {
     /// The zone's name servers, published as NS at the apex, with their addresses as glue.
     /// They must agree with the NS and glue records of the parent zone's delegation. Empty:
     /// one, `ns.<zone>`, at the listen address, which is only right on loopback: DNS that
-    /// listens beyond loopback needs them named.
+    /// listens beyond loopback needs them named. In a cluster, empty means every live node,
+    /// `<id>.ns.<zone>` at its listen addresses (when they are not wildcards).
     pub nameservers: Vec<Nameserver>,
 }
 
@@ -502,7 +503,11 @@ impl Config {
             .listen
             .iter()
             .any(|listen| !listen.ip().is_loopback());
-        if beyond && self.dns.nameservers.is_empty() {
+        // A cluster's nodes publish themselves as the name servers, at their listen
+        // addresses (crate::placed::publish_nameservers), when those are their own.
+        let published = self.cluster.is_some()
+            && (self.dns.listen.iter()).all(|listen| !listen.ip().is_unspecified());
+        if beyond && self.dns.nameservers.is_empty() && !published {
             return Err(invalid(
                 "dns.nameservers",
                 "DNS listens beyond loopback: name the zone's name servers and their \

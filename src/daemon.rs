@@ -601,13 +601,9 @@ impl Daemon {
             },
             // One address per family at most: `[front]` validation keeps both listeners on
             // one address.
-            front: front_door
-                .http
-                .or(front_door.tls)
-                .map(|a| a.ip())
-                .into_iter()
-                .collect(),
+            front: Vec::from_iter(front_door.http.or(front_door.tls).map(|a| a.ip())),
             challenges: challenges.clone(),
+            shared_nameservers: placed.as_ref().map(|placed| placed.nameservers().clone()),
             ..DnsConfig::default()
         };
         let dns = match dns_sockets {

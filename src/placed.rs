@@ -3,10 +3,11 @@
 //! [`Placed`] stands between the DNS server and the node's own instances (the same
 //! [`Instances`] contract), once the node has joined a cluster:
 //!
-//! 1. An instance's key is `service/revision` (`service/revision/client` for a per-client
-//!    instance); its owner is the live node that wins the rendezvous hash of that key
-//!    (`revboot_cluster::placement`), the same on every node, so every node's DNS gives the
-//!    same answer and etcd stays off the query path.
+//! 1. An instance's key is `service/revision` (`service/revision/client-network` for a
+//!    per-client instance); its owner is the live node whose claim names it (rule 6), else
+//!    the live node that wins the rendezvous hash of that key
+//!    (`revboot_cluster::placement`): the same on every node, so every node's DNS gives the
+//!    same answer, and etcd stays off the query path.
 //! 2. Owned here: summoned here, as a single host does.
 //! 3. Owned by another node: that node is asked to summon it (`POST
 //!    /api/v1/services/<service>/summon`, within [`ASK_TIMEOUT`]) and its answer — the
@@ -18,10 +19,12 @@
 //!    stale placement.
 //! 5. Membership changes end every kept answer whose owner changed (its state turns
 //!    stopped, which ends the DNS cache's entry), and move [`Instances::generation`].
-//! 6. Once membership settles, an instance this node runs but no longer owns (its owner
-//!    came back, or joined) is stopped when no connection is open to it ([`reconcile`]),
-//!    so that two nodes do not keep running the same instance. Per-client instances stay
-//!    until reaped idle (their key is the client's network, not the address placed by).
+//! 6. The node that runs an instance nobody claims claims it in etcd (`revboot_cluster`'s
+//!    claims, under its lease), right after the summon here and on every round of
+//!    [`reconcile`] (instances summoned through the API, booted before a membership change,
+//!    or handed over by an upgrade); from then on every node answers from the claim, so a
+//!    node joining or leaving does not move it. It releases the claim once the instance
+//!    stopped (reaped idle); a node that dies takes its claims with its lease.
 //! 7. A label unknown here, of a service another node has announced deployments of that
 //!    this node has not fetched yet, is fetched first: at most [`MAX_FETCHING`] services at
 //!    once, one fetch per service, each within [`FETCH_FIRST_TIMEOUT`], and the label is
@@ -29,6 +32,11 @@
 //!    (SERVFAIL), not NXDOMAIN: a resolver would cache the negative answer of a revision
 //!    that exists. So an owner asked for a revision it has not replicated yet fetches it
 //!    before it boots it, rather than refusing.
+//! 8. An instance this node runs but that another node owns now (the other claimed it while
+//!    this node was cut off, or won a race) is stopped when no connection is open to it
+//!    ([`reconcile`]), so that two nodes do not keep running the same instance. This holds
+//!    for per-client instances too: their key names the client's network
+//!    (`[instances] client_prefixes`), as the deployer's does.
 //!
 //! Without a cluster (not joined, or a single host), every call goes to the node's own.
 
@@ -40,11 +48,11 @@ use std::time::{Duration, Instant};
 
 use revboot_cluster::{Cluster, NodeInfo};
 use revboot_deployer::{
-    Activity, InstanceKey, InstanceState, Instances, ResolveError, Resolved, ServiceAddresses,
-    SummonError, Summoned,
+    Activity, ClientPrefixes, InstanceKey, InstanceState, Instances, ResolveError, Resolved,
+    ServiceAddresses, SummonError, Summoned,
 };
 use revboot_store::Revision;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tracing::{debug, warn};
 
 use crate::action::SummonView;
@@ -81,6 +89,12 @@ pub struct Placed {
     /// The runtime the fetches of rule 7 run on, and the services being fetched.
     handle: OnceLock<tokio::runtime::Handle>,
     fetching: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// The client a per-client instance is for.
+    clients: ClientPrefixes,
+    /// Wakes [`reconcile`] to claim an instance just summoned here (rule 6).
+    claim_now: Arc<Notify>,
+    /// The zone's name servers: the live nodes ([`publish_nameservers`]).
+    nameservers: revboot_dns::Nameservers,
 }
 
 impl std::fmt::Debug for Placed {
@@ -94,7 +108,13 @@ impl std::fmt::Debug for Placed {
 impl Placed {
     /// Placement once [`joined`]; the node's own `inner` until then. `token` is the
     /// cluster's (the nodes share it).
-    pub fn new(inner: Arc<dyn Instances>, store: revboot_store::Store, token: &str) -> Placed {
+    /// `clients` is the deployer's `[instances] client_prefixes`.
+    pub fn new(
+        inner: Arc<dyn Instances>,
+        store: revboot_store::Store,
+        token: &str,
+        clients: ClientPrefixes,
+    ) -> Placed {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(ASK_TIMEOUT))
@@ -110,7 +130,21 @@ impl Placed {
             epoch: AtomicU64::new(0),
             handle: OnceLock::new(),
             fetching: Arc::default(),
+            clients,
+            claim_now: Arc::new(Notify::new()),
+            nameservers: revboot_dns::Nameservers::new(),
         }
+    }
+
+    /// The zone's name servers as this node publishes them: every live node's.
+    pub fn nameservers(&self) -> &revboot_dns::Nameservers {
+        &self.nameservers
+    }
+
+    /// Rule 1: the placement key of a summon, a per-client one by its client's network.
+    fn key_of(&self, service: &str, revision: &Revision, client: Option<IpAddr>) -> String {
+        let network = client.map(|client| self.clients.client_of(client).network());
+        placement_key(service, revision, network)
     }
 
     /// Ends the kept answers whose owner changed or that are older than [`REMOTE_TTL`]
@@ -192,7 +226,7 @@ impl Placed {
             key: InstanceKey {
                 service: service.to_owned(),
                 revision: *revision,
-                client: None,
+                client: client.map(|client| self.clients.client_of(client)),
             },
             addresses,
             port: view.port,
@@ -266,10 +300,10 @@ impl Placed {
     }
 }
 
-/// Rule 1.
+/// Rule 1: `client` is the network of a per-client instance's client.
 pub fn placement_key(service: &str, revision: &Revision, client: Option<IpAddr>) -> String {
     match client {
-        Some(client) => format!("{service}/{}/{client}", revision.to_hex()),
+        Some(network) => format!("{service}/{}/{network}", revision.to_hex()),
         None => format!("{service}/{}", revision.to_hex()),
     }
 }
@@ -314,11 +348,17 @@ impl Instances for Placed {
         let Some(cluster) = self.cluster.get() else {
             return self.inner.summon(service, revision, client);
         };
-        let key = placement_key(service, revision, client);
+        let key = self.key_of(service, revision, client);
         let owner = match cluster.owner(&key) {
             Some(owner) if owner.id != cluster.me().id => owner,
             // Owned here, or no membership known yet.
-            _ => return self.inner.summon(service, revision, client),
+            _ => {
+                let summoned = self.inner.summon(service, revision, client)?;
+                if cluster.claim_of(&key).is_none() {
+                    self.claim_now.notify_one();
+                }
+                return Ok(summoned);
+            }
         };
         if !cluster.connected() {
             debug!(
@@ -395,13 +435,14 @@ impl Instances for Resolving {
     }
 }
 
-/// Places over `cluster` from now on, and runs [`Placed::sweep`] on membership changes and
-/// every second, until `stop`.
+/// Places over `cluster` from now on, and runs [`Placed::sweep`] and
+/// [`publish_nameservers`] on membership changes and every second, until `stop`.
 pub fn joined(placed: &Arc<Placed>, cluster: &Cluster, mut stop: watch::Receiver<bool>) {
     let _ = placed.handle.set(tokio::runtime::Handle::current());
     let _ = placed.cluster.set(cluster.clone());
     let mut nodes = cluster.nodes_changed();
     let placed = placed.clone();
+    publish_nameservers(&placed.nameservers, cluster);
     tokio::spawn(async move {
         loop {
             let changed = tokio::select! {
@@ -409,38 +450,97 @@ pub fn joined(placed: &Arc<Placed>, cluster: &Cluster, mut stop: watch::Receiver
                 _ = nodes.changed() => true,
                 () = tokio::time::sleep(Duration::from_secs(1)) => false,
             };
+            if changed && let Some(cluster) = placed.cluster.get() {
+                publish_nameservers(&placed.nameservers, cluster);
+            }
             placed.sweep(changed);
         }
     });
 }
 
-/// Rule 6, every second until `stop`, while the node is connected to etcd.
+/// The zone's NS set from membership: `<id>.ns.<zone>` for every live node that registered
+/// name-server addresses, by id, those addresses as glue. The DNS server answers it unless
+/// `[dns] nameservers` names them by hand.
+pub fn publish_nameservers(nameservers: &revboot_dns::Nameservers, cluster: &Cluster) {
+    let mut nodes = cluster.nodes();
+    nodes.sort_by(|a, b| a.id.cmp(&b.id));
+    let set: Vec<revboot_dns::Nameserver> = nodes
+        .into_iter()
+        .filter(|node| !node.ns.is_empty())
+        .take(revboot_dns::MAX_NAMESERVERS)
+        .map(|node| revboot_dns::Nameserver {
+            name: format!("{}.ns.{}", node.id, cluster.zone()),
+            addresses: node
+                .ns
+                .into_iter()
+                .take(revboot_dns::MAX_ADDRESSES)
+                .collect(),
+        })
+        .collect();
+    if let Err(error) = nameservers.set(&set) {
+        warn!(%error, "cannot publish the cluster's name servers");
+    }
+}
+
+/// Rules 6 and 8, every second (and at once after a summon here) until `stop`, while the
+/// node is connected to etcd.
 pub fn reconcile(
     deployer: Arc<revboot_deployer::Deployer>,
+    placed: &Placed,
     cluster: Cluster,
     mut stop: watch::Receiver<bool>,
 ) {
+    let claim_now = placed.claim_now.clone();
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = stop.wait_for(|stop| *stop) => return,
+                () = claim_now.notified() => {}
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
-            if !cluster.connected() {
-                continue;
-            }
-            for info in deployer.list() {
-                if info.key.client.is_some() || info.connections > 0 || info.state.is_final() {
-                    continue;
-                }
-                let key = placement_key(&info.key.service, &info.key.revision, None);
-                let Some(owner) = cluster.owner(&key) else {
-                    continue;
-                };
-                if owner.id != cluster.me().id && deployer.stop(&info.key).is_ok() {
-                    tracing::info!(instance = %info.key, owner = owner.id, "stopped an instance another node owns now");
-                }
+            if cluster.connected() {
+                reconcile_once(&deployer, &cluster).await;
             }
         }
     });
+}
+
+/// One round of [`reconcile`].
+async fn reconcile_once(deployer: &revboot_deployer::Deployer, cluster: &Cluster) {
+    let me = cluster.me().id.clone();
+    // Read before the instances: a claim seen here was written after its summon, so its
+    // instance is listed below unless it has stopped.
+    let held = cluster.my_claims();
+    let mut running = std::collections::HashSet::new();
+    for info in deployer.list() {
+        if info.state.is_final() {
+            continue;
+        }
+        let network = info.key.client.map(|client| client.network());
+        let key = placement_key(&info.key.service, &info.key.revision, network);
+        let Some(owner) = cluster.owner(&key) else {
+            continue;
+        };
+        if owner.id == me {
+            if cluster.claim_of(&key).is_none() {
+                match cluster.claim(&key).await {
+                    Ok(revboot_cluster::Claimed::Theirs(node)) => {
+                        debug!(instance = %info.key, node, "another node claimed it first");
+                    }
+                    Ok(_) => {}
+                    Err(error) => debug!(%error, instance = %info.key, "cannot claim"),
+                }
+            }
+            running.insert(key);
+        } else if info.connections == 0 && deployer.stop(&info.key).is_ok() {
+            tracing::info!(instance = %info.key, owner = owner.id, "stopped an instance another node owns now");
+        }
+    }
+    for key in held {
+        if !running.contains(&key)
+            && let Err(error) = cluster.release(&key).await
+        {
+            debug!(%error, key, "cannot release a claim");
+        }
+    }
 }

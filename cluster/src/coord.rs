@@ -1,8 +1,9 @@
 //! The node's membership and its reads and writes of the cluster's state (see the crate
 //! docs for the keys).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, PutOptions, Txn, TxnOp};
@@ -23,6 +24,10 @@ pub struct NodeInfo {
     pub http: String,
     /// Its DNS address.
     pub dns: SocketAddr,
+    /// The addresses its name server answers on for the world (port 53, the NS record's
+    /// glue): every node publishes the live nodes' as the zone's NS set. Empty: none.
+    #[serde(default)]
+    pub ns: Vec<IpAddr>,
     /// Its address pools.
     #[serde(default)]
     pub pools: Vec<String>,
@@ -41,6 +46,7 @@ impl NodeInfo {
             id: id.to_owned(),
             http: http.to_owned(),
             dns,
+            ns: Vec::new(),
             pools: Vec::new(),
             capacity: 1,
             since_ms: unix_ms(),
@@ -134,7 +140,7 @@ fn unix_ms() -> u64 {
 /// A node in the cluster: its registration kept alive, and the cluster's state mirrored.
 #[derive(Debug, Clone)]
 pub struct Cluster {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 pub(crate) struct Inner {
@@ -142,6 +148,9 @@ pub(crate) struct Inner {
     /// `<prefix>/` with the trailing slash.
     pub(crate) prefix: String,
     pub(crate) me: NodeInfo,
+    zone: String,
+    /// The node's current membership lease (a new one once it registers again).
+    lease: Arc<AtomicI64>,
     pub(crate) ttl: Duration,
     /// When the last lease renewal that succeeded was sent.
     renewed: watch::Receiver<Instant>,
@@ -149,6 +158,8 @@ pub(crate) struct Inner {
     live: watch::Receiver<Map>,
     heads: watch::Receiver<Map>,
     pub(crate) sources: watch::Receiver<Map>,
+    /// Placement claims, by placement key (see [`crate::claim`]).
+    pub(crate) claims: watch::Receiver<Map>,
     /// Per service, etcd's revision of the last live move this node made or followed.
     followed: std::sync::Mutex<std::collections::HashMap<String, i64>>,
     /// The services this node is moving live of right now (not to be followed meanwhile:
@@ -211,12 +222,20 @@ impl Cluster {
         let live = mirror::spawn(client.clone(), format!("{prefix}live/"), stop.clone());
         let heads = mirror::spawn(client.clone(), format!("{prefix}heads/"), stop.clone());
         let sources = mirror::spawn(client.clone(), format!("{prefix}sources/"), stop.clone());
+        let claims = mirror::spawn(client.clone(), format!("{prefix}claims/"), stop.clone());
+        // A node answers from its mirrors once it has joined: their first reads come first
+        // (bounded), so that it does not place by the hash what another node claims.
+        for mirror in [&nodes, &claims] {
+            let mut first = mirror.clone();
+            let _ = tokio::time::timeout(OP_TIMEOUT, first.changed()).await;
+        }
+        let lease = Arc::new(AtomicI64::new(lease));
         tokio::spawn(keep_alive(
             client.clone(),
             prefix.clone(),
             me.clone(),
             ttl,
-            lease,
+            lease.clone(),
             renewed_tx,
             stop,
         ));
@@ -225,12 +244,15 @@ impl Cluster {
                 client,
                 prefix,
                 me,
+                zone: zone.to_owned(),
+                lease,
                 ttl,
                 renewed,
                 nodes,
                 live,
                 heads,
                 sources,
+                claims,
                 followed: std::sync::Mutex::default(),
                 moving: std::sync::Mutex::default(),
             }),
@@ -244,6 +266,11 @@ impl Cluster {
     /// This node.
     pub fn me(&self) -> &NodeInfo {
         &self.inner.me
+    }
+
+    /// The zone the cluster serves.
+    pub fn zone(&self) -> &str {
+        &self.inner.zone
     }
 
     /// The membership lease's TTL.
@@ -271,9 +298,20 @@ impl Cluster {
         self.inner.nodes.clone()
     }
 
-    /// The node that owns `key` among the live nodes (see [`placement`]).
+    /// The node's current membership lease.
+    pub(crate) fn lease(&self) -> i64 {
+        self.inner.lease.load(Ordering::Relaxed)
+    }
+
+    /// The node that owns `key`: the live node its claim names, else the winner of the
+    /// rendezvous hash among the live nodes (see [`placement`] and [`crate::claim`]).
     pub fn owner(&self, key: &str) -> Option<NodeInfo> {
         let nodes = self.nodes();
+        if let Some(claimant) = self.claim_of(key)
+            && let Some(node) = nodes.iter().find(|node| node.id == claimant)
+        {
+            return Some(node.clone());
+        }
         let candidates: Vec<Candidate<'_>> = nodes
             .iter()
             .map(|node| Candidate {
@@ -594,11 +632,12 @@ async fn keep_alive(
     prefix: String,
     me: NodeInfo,
     ttl: Duration,
-    mut lease: i64,
+    current: Arc<AtomicI64>,
     renewed: watch::Sender<Instant>,
     mut stop: watch::Receiver<bool>,
 ) {
     let period = ttl / 3;
+    let mut lease = current.load(Ordering::Relaxed);
     let mut stream: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> = None;
     let mut expired = false;
     loop {
@@ -612,6 +651,7 @@ async fn keep_alive(
                 Ok(new) => {
                     info!(node = me.id, lease = new, "registered again in the cluster");
                     lease = new;
+                    current.store(new, Ordering::Relaxed);
                     expired = false;
                     renewed.send_replace(sent);
                 }

@@ -18,13 +18,16 @@
 //!    ([`Cluster::move_ref`]), and the other nodes fetch it from that node's git.
 //! 5. `builds/<service>` — the service's build lock ([`Cluster::lock_builds`]), under a
 //!    lease of its own: one node at a time writes a service's deployment branch.
-//! 6. Placement is not stored: [`placement::owner`] hashes an instance's key over the live
-//!    nodes (rendezvous hashing, weighted by capacity), so every node computes the same
-//!    owner from the same membership ([`Cluster::owner`]), and etcd stays off the query
-//!    path.
+//! 6. `claims/<key>` — placement: [`placement::owner`] hashes an instance's key over the
+//!    live nodes (rendezvous hashing, weighted by capacity), so every node computes the same
+//!    owner from the same membership; the node that then runs the instance claims it
+//!    ([`ClaimRecord`], under its lease), and every node answers from the claim while its
+//!    node is live ([`Cluster::owner`]). A node joining or leaving does not move an instance
+//!    that runs elsewhere; a claim goes with its node's lease. Both are read from memory:
+//!    etcd stays off the query path (see the `claim` module's rules).
 //!
 //! Every prefix a node reads is mirrored in memory by a get-then-watch loop
-//! ([`Cluster::nodes`], [`Cluster::live`], [`Cluster::heads`], [`Cluster::sources`]); readers never wait for etcd.
+//! ([`Cluster::nodes`], [`Cluster::live`], [`Cluster::heads`], [`Cluster::sources`], [`Cluster::claim_of`]); readers never wait for etcd.
 //! Every call to etcd has a timeout ([`OP_TIMEOUT`]); the mirrors hold at most
 //! [`MAX_KEYS`] keys each.
 //!
@@ -49,12 +52,14 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod claim;
 mod config;
 mod coord;
 mod mirror;
 pub mod placement;
 mod sources;
 
+pub use claim::{ClaimRecord, Claimed};
 pub use config::{ClusterConfig, ConfigError};
 pub use coord::{
     Cluster, HeadRecord, JoinError, LiveCasError, LiveRecord, MOVE_PATIENCE, NodeInfo,

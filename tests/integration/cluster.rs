@@ -16,7 +16,8 @@ use revboot_cluster::placement::{self, Candidate};
 use revboot_testkit::etcd::EtcdCluster;
 
 use crate::support::{
-    Daemon, Setup, commit_revision, curl, eventually, git, hello_source, history, push, request,
+    Daemon, Setup, commit_revision, curl, eventually, example_source, git, hello_source, history,
+    push, request, write_manifest,
 };
 
 /// Starts node `id` of the cluster on `etcd`, its data in `dir`: a membership lease of
@@ -314,6 +315,71 @@ fn agreed(nodes: &[Option<Daemon>], socket: &UdpSocket, name: &str, not: Option<
     answer.expect("an address")
 }
 
+/// Deployments `2..=count` of hello, written with stock git onto node `daemon`'s branch as
+/// a CI would push them: each the first deployment's tree (its image) with a subject of its
+/// own, so that a test has many revisions without as many builds.
+fn more_deployments(dir: &Path, daemon: &Daemon, count: usize) {
+    let deploy = format!(
+        "http://git:{}@{}/git/-/deploy.git",
+        daemon.token, daemon.http
+    );
+    git(dir, &["clone", "-q", "--bare", &deploy, "ci-deploy"]);
+    let repo = dir.join("ci-deploy");
+    let out = |args: &[&str]| {
+        String::from_utf8_lossy(&git(&repo, args).stdout)
+            .trim()
+            .to_owned()
+    };
+    let mut parent = out(&["rev-parse", "refs/heads/hello"]);
+    let tree = out(&["rev-parse", &format!("{parent}^{{tree}}")]);
+    let message = out(&["log", "-1", "--format=%B", &parent]);
+    let body = message.split_once("\n").map_or("", |(_, body)| body);
+    for n in 2..=count {
+        let text = format!("hello, deployment {n} of the same image\n{body}");
+        parent = out(&["commit-tree", &tree, "-p", &parent, "-m", &text]);
+    }
+    git(
+        &repo,
+        &["push", "-q", &deploy, &format!("{parent}:refs/heads/hello")],
+    );
+}
+
+/// The zone's NS set as `daemon` answers it (names, sorted), and the address each name
+/// server's name answers.
+fn ns_set(daemon: &Daemon) -> Vec<(String, String)> {
+    let names = daemon
+        .command("dig")
+        .arg(format!("@{}", daemon.dns.ip()))
+        .args(["-p", &daemon.dns.port().to_string()])
+        .args(["+short", "+time=5", "+tries=1", "revboot.test", "NS"])
+        .output()
+        .expect("run dig");
+    let mut names: Vec<String> = String::from_utf8_lossy(&names.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|name| {
+            let address = daemon.dig(&name, false);
+            (name, address)
+        })
+        .collect()
+}
+
+/// Whether every node in `nodes` answers the NS set of exactly `ids`, each at its glue.
+fn ns_lists(nodes: &[Option<Daemon>], ids: &[&str]) -> bool {
+    let expected: Vec<(String, String)> = ids
+        .iter()
+        .map(|id| (format!("{id}.ns.revboot.test."), "127.0.0.1".to_owned()))
+        .collect();
+    nodes
+        .iter()
+        .flatten()
+        .all(|daemon| ns_set(daemon) == expected)
+}
+
 #[test]
 fn every_node_answers_where_an_instance_is_placed_and_a_killed_node_s_names_move() {
     let temp = tempfile::tempdir().expect("temp dir");
@@ -326,15 +392,17 @@ fn every_node_answers_where_an_instance_is_placed_and_a_killed_node_s_names_move
     for daemon in nodes.iter().flatten() {
         assert!(eventually(|| node_ids(daemon).len() == 3));
     }
+    // Every node is a name server of the zone: each answers the three, with their glue,
+    // though no `[dns] nameservers` is written.
+    assert!(eventually(|| ns_lists(&nodes, &["n1", "n2", "n3"])));
 
-    // Six revisions in one push to node 1; every node fetches them.
+    // 50 revisions on node 1 (one build, 49 deployments pushed with git); every node
+    // fetches them.
     let work = hello_source(temp.path());
-    for n in 2..=6 {
-        commit_revision(&work, &format!("v{n}"), "hello");
-    }
     push(nodes[0].as_ref().expect("n1"), &work);
+    more_deployments(temp.path(), nodes[0].as_ref().expect("n1"), 50);
     let all = revisions(nodes[0].as_ref().expect("n1"));
-    assert!(all.len() >= 6, "{all:?}");
+    assert_eq!(all.len(), 50, "{all:?}");
     for daemon in nodes.iter().flatten() {
         assert!(eventually(
             || rev_parse(daemon, "refs/heads/hello") == all[0]
@@ -374,6 +442,64 @@ fn every_node_answers_where_an_instance_is_placed_and_a_killed_node_s_names_move
         );
     }
 
+    // A fourth node joins: it is a name server too, and no instance moves (each runs under
+    // its node's claim), though the hash alone would give the new node a share.
+    nodes.push(Some(node(temp.path(), &etcd, "n4", &prefix)));
+    for daemon in nodes.iter().flatten() {
+        assert!(eventually(|| node_ids(daemon).len() == 4));
+        assert!(eventually(
+            || rev_parse(daemon, "refs/heads/hello") == all[0]
+        ));
+    }
+    assert!(eventually(|| ns_lists(&nodes, &["n1", "n2", "n3", "n4"])));
+    for (name, address) in names.iter().zip(&answers) {
+        assert_eq!(agreed(&nodes, &socket, name, None), *address, "{name}");
+    }
+    let four = ["n1", "n2", "n3", "n4"];
+    let hashed_to_n4 = all.iter().filter(|r| owner(&four, r) == "n4").count();
+    assert!(hashed_to_n4 > 0, "the hash gives n4 none of 50");
+    let listed: Vec<Vec<serde_json::Value>> =
+        nodes.iter().flatten().map(Daemon::instances).collect();
+    for revision in &all {
+        let running = listed.iter().filter(|instances| {
+            instances
+                .iter()
+                .any(|i| i["revision"] == revision.as_str() && i["state"] != "stopped")
+        });
+        assert_eq!(running.count(), 1, "{revision}");
+    }
+
+    // Per-client instances are placed too: each client of a per-client service gets one
+    // instance on one node, every node answers that client alike, and the client is served.
+    let solo = example_source(&temp.path().join("solo"), "hello");
+    write_manifest(&solo, "per_client = true\n");
+    commit_revision(&solo, "solo", "solo");
+    crate::support::push_service(nodes[1].as_ref().expect("n2"), &solo, "solo");
+    for daemon in nodes.iter().flatten() {
+        assert!(eventually(
+            || !rev_parse(daemon, "refs/live/solo").is_empty()
+        ));
+    }
+    for client in CLIENTS {
+        let from = UdpSocket::bind((client, 0)).expect("a client socket");
+        from.set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("timeout");
+        let address = agreed(&nodes, &from, "solo.revboot.test", None);
+        let body = get_from(client, "solo.revboot.test", &address.to_string());
+        assert!(body.starts_with("solo from solo"), "{client}: {body}");
+        let running: Vec<&Daemon> = nodes
+            .iter()
+            .flatten()
+            .filter(|daemon| {
+                daemon.instances().iter().any(|i| {
+                    i["service"] == "solo" && i["client"] == client && i["state"] != "stopped"
+                })
+            })
+            .collect();
+        assert_eq!(running.len(), 1, "{client}");
+        assert_eq!(running[0].data, owner_of(&nodes, address).data, "{client}");
+    }
+
     // kill -9 the owner of the first name: the survivors agree on a new owner within the
     // lease's TTL (waited for, bounded), and the name answers there.
     let victim = owner_of(&nodes, answers[0]).data.clone();
@@ -394,17 +520,30 @@ fn every_node_answers_where_an_instance_is_placed_and_a_killed_node_s_names_move
     let survivor = nodes.iter().flatten().next().expect("a survivor");
     crate::support::push_service(survivor, &work, "hello");
     let tip = rev_parse(survivor, "refs/heads/hello");
-    let id = ["n1", "n2", "n3"][slot];
+    let id = four[slot];
     let back = node(temp.path(), &etcd, id, &prefix);
     assert!(eventually(|| rev_parse(&back, "refs/heads/hello") == tip));
-    assert!(eventually(|| node_ids(&back).len() == 3));
+    assert!(eventually(|| node_ids(&back).len() == 4));
 
-    // Back in the cluster, it owns its names again: asked, every node answers its address;
-    // the survivor that stood in stops its instance, and one node runs it.
+    // Back in the cluster, it does not take its names back: the node that stood in runs
+    // the instance under its claim, every node answers its address, and one node runs it.
     nodes[slot] = Some(back);
-    let again = agreed(&nodes, &socket, &names[0], Some(moved));
-    assert_eq!(owner_of(&nodes, again).data, victim);
+    assert_eq!(agreed(&nodes, &socket, &names[0], None), moved);
     assert!(eventually(|| running_on(&nodes, &all[0]) == 1));
+}
+
+/// Clients of a per-client service: each loopback address is a client of its own.
+const CLIENTS: [&str; 3] = ["127.0.0.61", "127.0.0.62", "127.0.0.63"];
+
+/// GET / of `name` at `address` from `source`; the body.
+fn get_from(source: &str, name: &str, address: &str) -> String {
+    let output = Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--interface", source])
+        .args(["--resolve", &format!("{name}:8080:{address}")])
+        .arg(format!("http://{name}:8080/"))
+        .output()
+        .expect("run curl");
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// TCP relays from listeners the test holds to etcd's members: the one way a node reaches
@@ -570,16 +709,13 @@ fn a_node_cut_off_from_etcd_answers_only_its_own_names_and_takes_them_back_after
     let stand_in = agreed(pair, &socket, &names[0], Some(own));
     assert_eq!(agreed(pair, &socket, &names[1], None), theirs);
 
-    // Healed: it registers again, every node answers its name with its address, and one
-    // node runs that instance.
+    // Healed: it registers again; the stand-in keeps the instance under its claim, every
+    // node answers its address, and the node that was cut off stops its own copy: one node
+    // runs that instance.
     relays.heal();
     for daemon in nodes.iter().flatten() {
         assert!(eventually(|| node_ids(daemon).len() == 3));
     }
-    let back = agreed(&nodes, &socket, &names[0], Some(stand_in));
-    assert_eq!(
-        owner_of(&nodes, back).data,
-        nodes[2].as_ref().expect("third").data
-    );
+    assert_eq!(agreed(&nodes, &socket, &names[0], None), stand_in);
     assert!(eventually(|| running_on(&nodes, &all[0]) == 1));
 }
