@@ -16,7 +16,7 @@
 //!    being reaped while this node is queried). An owner that cannot be asked: SERVFAIL.
 //! 4. A node cut off from etcd (its lease not renewed for a TTL) answers only for what it
 //!    owns and SERVFAIL for the rest, so resolvers ask another name server rather than get a
-//!    stale placement.
+//!    stale placement; the owners' answers it kept end within a second.
 //! 5. Membership changes end every kept answer whose owner changed (its state turns
 //!    stopped, which ends the DNS cache's entry), and move [`Instances::generation`].
 //! 6. The node that runs an instance nobody claims claims it in etcd (`revboot_cluster`'s
@@ -148,7 +148,8 @@ impl Placed {
     }
 
     /// Ends the kept answers whose owner changed or that are older than [`REMOTE_TTL`]
-    /// (rule 5); called on every membership change and every second.
+    /// (rule 5), and all of them while the node is cut off (rule 4); called on every
+    /// membership change and every second.
     pub fn sweep(&self, membership_changed: bool) {
         let Some(cluster) = self.cluster.get() else {
             return;
@@ -156,9 +157,12 @@ impl Placed {
         if membership_changed {
             self.epoch.fetch_add(1, Ordering::Relaxed);
         }
+        // Cut off, nothing is answered for another node (rule 4), kept answers included.
+        let connected = cluster.connected();
         let mut remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
         remote.retain(|key, entry| {
-            let keep = entry.at.elapsed() < REMOTE_TTL
+            let keep = connected
+                && entry.at.elapsed() < REMOTE_TTL
                 && cluster
                     .owner(key)
                     .is_some_and(|owner| owner.id == entry.owner);

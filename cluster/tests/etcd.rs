@@ -29,6 +29,25 @@ async fn join(etcd: &EtcdCluster, node: &str, stop: &watch::Sender<bool>) -> Clu
         .expect("join")
 }
 
+/// A 3-member etcd and nodes `a` and `b` on it, each seeing both; their stop senders.
+async fn two_nodes(
+    dir: &std::path::Path,
+) -> (
+    EtcdCluster,
+    watch::Sender<bool>,
+    watch::Sender<bool>,
+    Cluster,
+    Cluster,
+) {
+    let etcd = EtcdCluster::start(3, dir);
+    let (stop_a, _) = watch::channel(false);
+    let (stop_b, _) = watch::channel(false);
+    let a = join(&etcd, "a", &stop_a).await;
+    let b = join(&etcd, "b", &stop_b).await;
+    assert!(until(|| a.nodes().len() == 2 && b.nodes().len() == 2).await);
+    (etcd, stop_a, stop_b, a, b)
+}
+
 async fn until(mut check: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + PATIENCE;
     while Instant::now() < deadline {
@@ -43,12 +62,7 @@ async fn until(mut check: impl FnMut() -> bool) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_that_both_saw_v2_roll_back_one_wins_the_other_gets_a_conflict() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let etcd = EtcdCluster::start(3, dir.path());
-    let (stop_a, _) = watch::channel(false);
-    let (stop_b, _) = watch::channel(false);
-    let a = join(&etcd, "a", &stop_a).await;
-    let b = join(&etcd, "b", &stop_b).await;
-    assert!(until(|| a.nodes().len() == 2 && b.nodes().len() == 2).await);
+    let (_etcd, _stop_a, _stop_b, a, b) = two_nodes(dir.path()).await;
     let (v1, v2, v3) = ("1".repeat(40), "2".repeat(40), "3".repeat(40));
 
     a.move_live("hello", None, &v2, "deploy")
@@ -120,4 +134,50 @@ async fn a_node_that_stops_renewing_is_gone_within_its_ttl_and_etcd_down_refuses
     assert!(refused.to_string().contains("refused"), "{refused}");
     // Its lease cannot be renewed: the node knows it is cut off.
     assert!(until(|| !a.connected()).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_holds_an_instance_on_its_node_while_it_lives_and_goes_with_its_lease() {
+    use revboot_cluster::Claimed;
+    use revboot_cluster::placement::{self, Candidate};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (_etcd, stop_a, _stop_b, a, b) = two_nodes(dir.path()).await;
+    // A key the hash gives to b.
+    let both = [
+        Candidate {
+            id: "a",
+            capacity: 1,
+        },
+        Candidate {
+            id: "b",
+            capacity: 1,
+        },
+    ];
+    let key = (0..)
+        .map(|n| format!("hello/{n:040x}"))
+        .find(|key| placement::owner(&both, key) == Some("b"))
+        .expect("a key");
+    assert_eq!(b.owner(&key).expect("an owner").id, "b");
+
+    // a claims it (as after a summon it won while b was away): both answer a from now on,
+    // and b's own claim is refused, naming a.
+    assert_eq!(a.claim(&key).await.expect("claimed"), Claimed::Mine);
+    assert!(until(|| b.owner(&key).is_some_and(|o| o.id == "a")).await);
+    assert_eq!(a.owner(&key).expect("an owner").id, "a");
+    assert_eq!(
+        b.claim(&key).await.expect("asked"),
+        Claimed::Theirs("a".to_owned())
+    );
+    assert_eq!(a.my_claims(), std::slice::from_ref(&key));
+
+    // Released, the hash decides again.
+    a.release(&key).await.expect("released");
+    assert!(until(|| b.owner(&key).is_some_and(|o| o.id == "b")).await);
+
+    // Claimed again, and a leaves: its lease goes, and the claim with it.
+    assert_eq!(a.claim(&key).await.expect("claimed"), Claimed::Mine);
+    assert!(until(|| b.claim_of(&key).as_deref() == Some("a")).await);
+    stop_a.send_replace(true);
+    assert!(until(|| b.claim_of(&key).is_none() && b.nodes().len() == 1).await);
+    assert_eq!(b.owner(&key).expect("an owner").id, "b");
 }

@@ -11,6 +11,9 @@
 //!    removes their data.
 //! 3. [`EtcdCluster::kill`] kills one member with SIGKILL (etcd keeps working with 2 of 3,
 //!    refuses writes with 1 of 3); [`EtcdCluster::restart`] starts it again on its data.
+//! 4. [`EtcdCluster::start_in`] runs the members in a network namespace the test made, on
+//!    addresses the test gives (documentation prefixes there), on etcd's default ports, which
+//!    nothing else in that namespace uses; its health is asked from inside with curl.
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
@@ -46,6 +49,10 @@ pub struct EtcdCluster {
     members: Vec<Member>,
     initial: String,
     token: String,
+    /// The network namespace the members run in (a [`crate::netns::Netns::path`]).
+    netns: Option<PathBuf>,
+    client_port: u16,
+    peer_port: u16,
 }
 
 impl EtcdCluster {
@@ -56,7 +63,8 @@ impl EtcdCluster {
             let n = CLUSTERS.fetch_add(1, Ordering::Relaxed);
             let a = 30 + std::process::id() % 50;
             let b = 1 + n % 250;
-            let mut cluster = EtcdCluster::spawn(size, dir, a, b);
+            let ips: Vec<String> = (1..=size).map(|i| format!("127.{a}.{b}.{i}")).collect();
+            let mut cluster = EtcdCluster::spawn(&ips, dir, &format!("{a}-{b}"), None);
             if cluster.wait_healthy() {
                 return cluster;
             }
@@ -65,28 +73,53 @@ impl EtcdCluster {
         panic!("etcd did not start healthy in {}", dir.display());
     }
 
-    fn spawn(size: usize, dir: &std::path::Path, a: u32, b: u32) -> EtcdCluster {
-        let token = format!("revboot-test-{}-{a}-{b}", std::process::id());
-        let members: Vec<Member> = (1..=size)
+    /// Starts one member on each of `ips` in the network namespace at `netns` (rule 4), its
+    /// data in `dir`, and waits (bounded) until every one is healthy. Panics when it cannot.
+    pub fn start_in(netns: &std::path::Path, ips: &[&str], dir: &std::path::Path) -> EtcdCluster {
+        let ips: Vec<String> = ips.iter().map(|ip| (*ip).to_owned()).collect();
+        let mut cluster = EtcdCluster::spawn(&ips, dir, "ns", Some(netns.to_owned()));
+        assert!(
+            cluster.wait_healthy(),
+            "etcd did not start healthy in {}",
+            dir.display()
+        );
+        cluster
+    }
+
+    fn spawn(
+        ips: &[String],
+        dir: &std::path::Path,
+        tag: &str,
+        netns: Option<PathBuf>,
+    ) -> EtcdCluster {
+        let token = format!("revboot-test-{}-{tag}", std::process::id());
+        let members: Vec<Member> = (1..=ips.len())
             .map(|i| Member {
                 name: format!("m{i}"),
-                ip: format!("127.{a}.{b}.{i}"),
-                data: dir.join(format!("etcd-{a}-{b}-m{i}")),
-                log: dir.join(format!("etcd-{a}-{b}-m{i}.log")),
+                ip: ips[i - 1].clone(),
+                data: dir.join(format!("etcd-{tag}-m{i}")),
+                log: dir.join(format!("etcd-{tag}-m{i}.log")),
                 child: None,
             })
             .collect();
+        let (client_port, peer_port) = match netns {
+            Some(_) => (2379, 2380),
+            None => (CLIENT_PORT, PEER_PORT),
+        };
         let initial = members
             .iter()
-            .map(|m| format!("{}=http://{}:{PEER_PORT}", m.name, m.ip))
+            .map(|m| format!("{}=http://{}:{peer_port}", m.name, m.ip))
             .collect::<Vec<_>>()
             .join(",");
         let mut cluster = EtcdCluster {
             members,
             initial,
             token,
+            netns,
+            client_port,
+            peer_port,
         };
-        for i in 0..size {
+        for i in 0..ips.len() {
             cluster.launch(i, "new");
         }
         cluster
@@ -94,10 +127,14 @@ impl EtcdCluster {
 
     fn launch(&mut self, i: usize, state: &str) {
         let member = &self.members[i];
-        let client = format!("http://{}:{CLIENT_PORT}", member.ip);
-        let peer = format!("http://{}:{PEER_PORT}", member.ip);
+        let client = format!("http://{}:{}", member.ip, self.client_port);
+        let peer = format!("http://{}:{}", member.ip, self.peer_port);
         let log = std::fs::File::create(&member.log).expect("etcd log");
-        let child = Command::new("timeout")
+        let mut command = match &self.netns {
+            Some(netns) => crate::netns::enter(netns, "timeout"),
+            None => Command::new("timeout"),
+        };
+        let child = command
             .args(["-s", "KILL", &LIFETIME_S.to_string(), "etcd"])
             .args(["--name", &member.name])
             .arg("--data-dir")
@@ -140,7 +177,16 @@ impl EtcdCluster {
 
     /// True when member `i` answers `/health` with a leader.
     pub fn healthy(&self, i: usize) -> bool {
-        let address: SocketAddr = format!("{}:{CLIENT_PORT}", self.members[i].ip)
+        if let Some(netns) = &self.netns {
+            let url = format!("http://{}:{}/health", self.members[i].ip, self.client_port);
+            let output = crate::netns::enter(netns, "curl")
+                .args(["-s", "--max-time", "3", &url])
+                .stdin(Stdio::null())
+                .output();
+            return output
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("\"health\":\"true\""));
+        }
+        let address: SocketAddr = format!("{}:{}", self.members[i].ip, self.client_port)
             .parse()
             .expect("an address");
         let Ok(mut stream) = TcpStream::connect_timeout(&address, Duration::from_secs(2)) else {
@@ -162,7 +208,7 @@ impl EtcdCluster {
     pub fn endpoints(&self) -> Vec<String> {
         self.members
             .iter()
-            .map(|m| format!("http://{}:{CLIENT_PORT}", m.ip))
+            .map(|m| format!("http://{}:{}", m.ip, self.client_port))
             .collect()
     }
 

@@ -2,11 +2,9 @@
 //! own: membership, deployments replicated by git, one live pointer by compare-and-swap,
 //! and what etcd losing its quorum does to live moves.
 
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hickory_proto::op::{Message, Query};
@@ -14,6 +12,7 @@ use hickory_proto::rr::{Name, RecordType};
 
 use revboot_cluster::placement::{self, Candidate};
 use revboot_testkit::etcd::EtcdCluster;
+use revboot_testkit::netns::Netns;
 
 use crate::support::{
     Daemon, Setup, commit_revision, curl, eventually, example_source, git, hello_source, history,
@@ -323,7 +322,17 @@ fn more_deployments(dir: &Path, daemon: &Daemon, count: usize) {
         "http://git:{}@{}/git/-/deploy.git",
         daemon.token, daemon.http
     );
-    git(dir, &["clone", "-q", "--bare", &deploy, "ci-deploy"]);
+    // Where the daemon runs (its network namespace, if it has one).
+    let git_there = |dir: &Path, args: &[&str]| {
+        crate::support::run(
+            daemon
+                .command("git")
+                .args(["-c", "user.name=e2e", "-c", "user.email=e2e@revboot.test"])
+                .args(args)
+                .current_dir(dir),
+        )
+    };
+    git_there(dir, &["clone", "-q", "--bare", &deploy, "ci-deploy"]);
     let repo = dir.join("ci-deploy");
     let out = |args: &[&str]| {
         String::from_utf8_lossy(&git(&repo, args).stdout)
@@ -338,7 +347,7 @@ fn more_deployments(dir: &Path, daemon: &Daemon, count: usize) {
         let text = format!("hello, deployment {n} of the same image\n{body}");
         parent = out(&["commit-tree", &tree, "-p", &parent, "-m", &text]);
     }
-    git(
+    git_there(
         &repo,
         &["push", "-q", &deploy, &format!("{parent}:refs/heads/hello")],
     );
@@ -546,176 +555,257 @@ fn get_from(source: &str, name: &str, address: &str) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// TCP relays from listeners the test holds to etcd's members: the one way a node reaches
-/// etcd, so that cutting them cuts the node off (every relayed connection closed, new ones
-/// refused) while the other nodes keep theirs.
-struct Relays {
-    addresses: Vec<SocketAddr>,
-    cut: Arc<AtomicBool>,
-    done: Arc<AtomicBool>,
-    open: Arc<Mutex<Vec<TcpStream>>>,
-}
-
-impl Relays {
-    fn start(etcd: &EtcdCluster) -> Relays {
-        let cut = Arc::new(AtomicBool::new(false));
-        let done = Arc::new(AtomicBool::new(false));
-        let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let mut addresses = Vec::new();
-        for endpoint in etcd.endpoints() {
-            let to: SocketAddr = endpoint
-                .trim_start_matches("http://")
-                .parse()
-                .expect("an address");
-            // Bound here and kept for the relay's life: its port is the node's etcd port.
-            let listener = TcpListener::bind("127.0.0.1:0").expect("a relay listener");
-            listener.set_nonblocking(true).expect("nonblocking");
-            addresses.push(listener.local_addr().expect("bound"));
-            let (cut, done, open) = (cut.clone(), done.clone(), open.clone());
-            std::thread::spawn(move || {
-                while !done.load(Ordering::SeqCst) {
-                    let Ok((client, _)) = listener.accept() else {
-                        std::thread::sleep(Duration::from_millis(20));
-                        continue;
-                    };
-                    if cut.load(Ordering::SeqCst) {
-                        continue;
-                    }
-                    let Ok(server) = TcpStream::connect_timeout(&to, Duration::from_secs(2)) else {
-                        continue;
-                    };
-                    let _ = client.set_nonblocking(false);
-                    let mut kept = open.lock().expect("relays");
-                    for stream in [&client, &server] {
-                        if let Ok(copy) = stream.try_clone() {
-                            kept.push(copy);
-                        }
-                    }
-                    for (mut from, mut into) in [
-                        (client.try_clone(), server.try_clone()),
-                        (server.try_clone(), client.try_clone()),
-                    ]
-                    .into_iter()
-                    .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
-                    {
-                        std::thread::spawn(move || {
-                            let _ = std::io::copy(&mut from, &mut into);
-                            let _ = into.shutdown(Shutdown::Both);
-                            let _ = from.shutdown(Shutdown::Both);
-                        });
-                    }
-                }
-            });
-        }
-        Relays {
-            addresses,
-            cut,
-            done,
-            open,
-        }
-    }
-
-    fn toml(&self) -> String {
-        let quoted: Vec<String> = self
-            .addresses
-            .iter()
-            .map(|a| format!("\"http://{a}\""))
-            .collect();
-        format!("[{}]", quoted.join(", "))
-    }
-
-    fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-        for stream in self.open.lock().expect("relays").drain(..) {
-            let _ = stream.shutdown(Shutdown::Both);
-        }
-    }
-
-    fn heal(&self) {
-        self.cut.store(false, Ordering::SeqCst);
-    }
-}
-
-impl Drop for Relays {
-    fn drop(&mut self) {
-        self.done.store(true, Ordering::SeqCst);
-        self.cut();
-    }
-}
-
 /// The owner of `revision`'s instance among `ids`, as every node computes it (the nodes'
 /// capacity is the default `max_total`).
 fn owner(ids: &[&str], revision: &str) -> String {
+    let revision: revboot_store::Revision = revision.parse().expect("a revision");
+    owner_of_key(
+        ids,
+        &revboot::placed::placement_key("hello", &revision, None),
+    )
+}
+
+/// The owner of placement key `key` among `ids` by the hash.
+fn owner_of_key(ids: &[&str], key: &str) -> String {
     let candidates: Vec<Candidate<'_>> = ids
         .iter()
         .map(|id| Candidate { id, capacity: 256 })
         .collect();
-    let revision: revboot_store::Revision = revision.parse().expect("a revision");
-    let key = revboot::placed::placement_key("hello", &revision, None);
-    placement::owner(&candidates, &key)
+    placement::owner(&candidates, key)
         .expect("an owner")
         .to_owned()
 }
 
-#[test]
-fn a_node_cut_off_from_etcd_answers_only_its_own_names_and_takes_them_back_after() {
-    let temp = tempfile::tempdir().expect("temp dir");
-    let etcd = EtcdCluster::start(3, temp.path());
-    let prefix = format!("/revboot-e2e-partition-{}", std::process::id());
-    let mut nodes: Vec<Option<Daemon>> = ["n1", "n2"]
-        .iter()
-        .map(|id| Some(node(temp.path(), &etcd, id, &prefix)))
-        .collect();
-    let work = hello_source(temp.path());
-    for n in 2..=4 {
-        commit_revision(&work, &format!("v{n}"), "hello");
+/// The partition's network, two network namespaces the test makes: the hub holds etcd's
+/// three members and nodes n1 and n2, the isle holds the third node; a veth pair joins them,
+/// documentation-prefix addresses on both ends. Setting the isle's end down cuts the third
+/// node off from etcd and from the other nodes; setting it up heals.
+struct Partition {
+    hub: Netns,
+    isle: Netns,
+}
+
+/// etcd's members, in the hub.
+const ETCD_IPS: [&str; 3] = ["192.0.2.21", "192.0.2.22", "192.0.2.23"];
+/// The nodes' addresses (HTTP on 8080, DNS on 53): two in the hub, the third on the isle.
+const NODE_IPS: [&str; 3] = ["192.0.2.11", "192.0.2.12", "192.0.2.13"];
+/// Clients of a per-client service, in the hub.
+const HUB_CLIENTS: [&str; 8] = [
+    "192.0.2.61",
+    "192.0.2.62",
+    "192.0.2.63",
+    "192.0.2.64",
+    "192.0.2.65",
+    "192.0.2.66",
+    "192.0.2.67",
+    "192.0.2.68",
+];
+
+impl Partition {
+    fn new() -> Partition {
+        let (hub, isle) = (Netns::new(), Netns::new());
+        hub.veth("rb-hub", &isle, "rb-isle");
+        for ip in ETCD_IPS.iter().chain(&NODE_IPS[..2]).chain(&HUB_CLIENTS) {
+            hub.add_address("rb-hub", &format!("{ip}/24"));
+        }
+        isle.add_address("rb-isle", &format!("{}/24", NODE_IPS[2]));
+        Partition { hub, isle }
     }
-    push(nodes[0].as_ref().expect("n1"), &work);
-    let all = revisions(nodes[0].as_ref().expect("n1"));
-    // The third node's id is picked so that it owns the first revision's instance and not
-    // the second's (placement is a pure function of ids and keys).
-    let third = (3..)
+
+    /// Node `n` (0, 1: hub; 2: isle) with id `id`.
+    fn node(&self, dir: &Path, etcd: &EtcdCluster, n: usize, id: &str, prefix: &str) -> Daemon {
+        let config = format!(
+            "[dns]\nboots_per_second = 10000\nboot_burst = 10000\n\
+             [instances]\nidle_timeout_ms = 600000\n\
+             [cluster]\netcd = {}\nnode = \"{id}\"\nttl_s = 2\nprefix = \"{prefix}\"\n",
+            etcd.toml_endpoints()
+        );
+        let ip: IpAddr = NODE_IPS[n].parse().expect("an address");
+        Daemon::start_setup(
+            &dir.join(id),
+            &Setup {
+                config: &config,
+                netns: Some(if n < 2 { &self.hub } else { &self.isle }),
+                dns: Some(SocketAddr::new(ip, 53)),
+                http: Some(SocketAddr::new(ip, 8080)),
+                ..Setup::default()
+            },
+        )
+    }
+
+    /// The isle's end of the veth pair down (`false`) or up (`true`).
+    fn link(&self, up: bool) {
+        let state = if up { "up" } else { "down" };
+        self.isle.ip(&["link", "set", "rb-isle", state]);
+    }
+}
+
+/// `dig` of `name` at `server`'s DNS, run where `from` runs, from `source` if given: the
+/// whole output (status and answer).
+fn dig_at(from: &Daemon, server: &Daemon, name: &str, source: Option<&str>) -> String {
+    let mut command = from.command("dig");
+    command
+        .arg(format!("@{}", server.dns.ip()))
+        .args(["-p", &server.dns.port().to_string()]);
+    if let Some(source) = source {
+        command.args(["-b", source]);
+    }
+    let output = command
+        .args(["+time=3", "+tries=1", name, "A"])
+        .output()
+        .expect("run dig");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The address in a `dig` answer.
+fn answered(output: &str) -> Option<IpAddr> {
+    output
+        .lines()
+        .filter(|line| !line.starts_with(';'))
+        .find_map(|line| line.split_whitespace().last()?.parse().ok())
+}
+
+/// Waits (bounded) until every node in `nodes`, asked from the hub (`nodes[0]`), answers
+/// `name` (from `source`) with one and the same address, other than `not`; that address.
+fn agreed_in(nodes: &[&Daemon], name: &str, source: Option<&str>, not: Option<IpAddr>) -> IpAddr {
+    let mut answer = None;
+    let found = eventually(|| {
+        let answers: Vec<Option<IpAddr>> = nodes
+            .iter()
+            .map(|daemon| answered(&dig_at(nodes[0], daemon, name, source)))
+            .collect();
+        answer = answers[0];
+        answer.is_some() && answer != not && answers.iter().all(|a| *a == answer)
+    });
+    assert!(found, "the nodes do not agree on {name}");
+    answer.expect("an address")
+}
+
+/// The node of `nodes` whose pool holds `address`.
+fn pool_of<'a>(nodes: &[&'a Daemon], address: IpAddr) -> &'a Daemon {
+    nodes
+        .iter()
+        .find(|daemon| {
+            address
+                .to_string()
+                .starts_with(daemon.pool.trim_end_matches("0/24"))
+        })
+        .unwrap_or_else(|| panic!("{address} is in no node's pool"))
+}
+
+/// How many of `nodes` run an instance of `service` (for `client`, when given).
+fn running(nodes: &[&Daemon], service: &str, client: Option<&str>) -> usize {
+    nodes
+        .iter()
+        .filter(|daemon| {
+            daemon.instances().iter().any(|i| {
+                i["service"] == service
+                    && i["state"] != "stopped"
+                    && client.is_none_or(|client| i["client"] == client)
+            })
+        })
+        .count()
+}
+
+#[test]
+fn a_node_cut_off_by_its_link_answers_only_its_own_names_and_no_instance_runs_twice_after() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let net = Partition::new();
+    let etcd = EtcdCluster::start_in(&net.hub.path(), &ETCD_IPS, temp.path());
+    let prefix = format!("/revboot-e2e-partition-{}", std::process::id());
+    let n1 = net.node(temp.path(), &etcd, 0, "n1", &prefix);
+    let n2 = net.node(temp.path(), &etcd, 1, "n2", &prefix);
+    let work = hello_source(temp.path());
+    push(&n1, &work);
+    more_deployments(temp.path(), &n1, 12);
+    let all = revisions(&n1);
+    // A per-client service too (the same image), pushed with git as a CI would.
+    let solo = example_source(&temp.path().join("solo"), "hello");
+    write_manifest(&solo, "per_client = true\n");
+    commit_revision(&solo, "solo", "solo");
+    crate::support::push_service(&n1, &solo, "solo");
+    let solo_live = rev_parse(&n1, "refs/live/solo");
+    // The third node's id is picked so that it owns, by the hash, the first revision's
+    // instance and not the second's, and the instance of a client of solo (placement is a
+    // pure function of ids and keys).
+    let solo_key = |client: &str| {
+        let revision: revboot_store::Revision = solo_live.parse().expect("a revision");
+        revboot::placed::placement_key("solo", &revision, client.parse().ok())
+    };
+    let (third, client) = (3..)
         .map(|n| format!("n{n}"))
-        .find(|id| {
-            owner(&["n1", "n2", id], &all[0]) == *id && owner(&["n1", "n2", id], &all[1]) != *id
+        .find_map(|id| {
+            let ids = ["n1", "n2", id.as_str()];
+            let mine = owner(&ids, &all[0]) == id && owner(&ids, &all[1]) != id;
+            let client = HUB_CLIENTS
+                .iter()
+                .find(|c| owner_of_key(&ids, &solo_key(c)) == id)?;
+            mine.then(|| (id.clone(), *client))
         })
         .expect("an id");
-    let relays = Relays::start(&etcd);
-    nodes.push(Some(node_via(temp.path(), &relays.toml(), &third, &prefix)));
-    for daemon in nodes.iter().flatten() {
+    let n3 = net.node(temp.path(), &etcd, 2, &third, &prefix);
+    let nodes = [&n1, &n2, &n3];
+    for daemon in nodes {
         assert!(eventually(|| node_ids(daemon).len() == 3));
         assert!(eventually(
             || rev_parse(daemon, "refs/heads/hello") == all[0]
         ));
+        assert!(eventually(
+            || rev_parse(daemon, "refs/live/solo") == solo_live
+        ));
     }
-    let socket = query_socket();
     let names = names_of(&all[..2]);
-    let own = agreed(&nodes, &socket, &names[0], None);
-    let theirs = agreed(&nodes, &socket, &names[1], None);
-    let cut_off = nodes[2].as_ref().expect("the third node");
-    assert_eq!(owner_of(&nodes, own).data, cut_off.data);
+    let own = agreed_in(&nodes, &names[0], None, None);
+    let theirs = agreed_in(&nodes, &names[1], None, None);
+    assert_eq!(pool_of(&nodes, own).data, n3.data);
+    let solo_own = agreed_in(&nodes, "solo.revboot.test", Some(client), None);
+    assert_eq!(pool_of(&nodes, solo_own).data, n3.data);
 
-    // Cut off: it knows it, answers its own name and SERVFAIL for the other; the two others
-    // drop it and answer its name from one of them.
-    relays.cut();
-    assert!(eventually(|| !connected(cut_off)));
-    assert_eq!(ask(&socket, cut_off.dns, &names[0], 1), Some(own));
-    let refused = cut_off.dig_from("127.0.0.1", &names[1]);
-    assert!(refused.contains("SERVFAIL"), "{refused}");
-    let pair = &nodes[..2];
-    for daemon in pair.iter().flatten() {
+    // Cut off by its link: it knows it, answers its own name and SERVFAIL for the other
+    // (asked on the isle); the two others drop it and answer its names from one of them.
+    net.link(false);
+    assert!(eventually(|| !connected(&n3)));
+    assert_eq!(answered(&dig_at(&n3, &n3, &names[0], None)), Some(own));
+    // Its kept answer of the other's name ends within a second of knowing.
+    assert!(eventually(
+        || dig_at(&n3, &n3, &names[1], None).contains("SERVFAIL")
+    ));
+    let pair = [&n1, &n2];
+    for daemon in pair {
         assert!(eventually(|| node_ids(daemon).len() == 2));
     }
-    let stand_in = agreed(pair, &socket, &names[0], Some(own));
-    assert_eq!(agreed(pair, &socket, &names[1], None), theirs);
+    let stand_in = agreed_in(&pair, &names[0], None, Some(own));
+    assert_eq!(agreed_in(&pair, &names[1], None, None), theirs);
+    let solo_stand_in = agreed_in(&pair, "solo.revboot.test", Some(client), Some(solo_own));
 
-    // Healed: it registers again; the stand-in keeps the instance under its claim, every
-    // node answers its address, and the node that was cut off stops its own copy: one node
-    // runs that instance.
-    relays.heal();
-    for daemon in nodes.iter().flatten() {
+    // Healed: it registers again; the stand-ins keep the instances under their claims,
+    // every node answers their addresses, and the node that was cut off stops its copies:
+    // no instance runs on two nodes.
+    net.link(true);
+    for daemon in nodes {
         assert!(eventually(|| node_ids(daemon).len() == 3));
     }
-    assert_eq!(agreed(&nodes, &socket, &names[0], None), stand_in);
-    assert!(eventually(|| running_on(&nodes, &all[0]) == 1));
+    assert_eq!(agreed_in(&nodes, &names[0], None, None), stand_in);
+    assert_eq!(
+        agreed_in(&nodes, "solo.revboot.test", Some(client), None),
+        solo_stand_in
+    );
+    assert!(eventually(|| running_on_all(&nodes, &all[0]) == 1));
+    assert!(eventually(|| running(&nodes, "solo", Some(client)) == 1));
+    for revision in &all[..2] {
+        assert_eq!(running_on_all(&nodes, revision), 1, "{revision}");
+    }
+}
+
+/// How many of `nodes` run an instance of hello's `revision`.
+fn running_on_all(nodes: &[&Daemon], revision: &str) -> usize {
+    nodes
+        .iter()
+        .filter(|daemon| {
+            daemon
+                .instances()
+                .iter()
+                .any(|i| i["revision"] == revision && i["state"] != "stopped")
+        })
+        .count()
 }

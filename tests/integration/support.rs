@@ -43,6 +43,8 @@ pub struct Setup<'a> {
     pub pools: &'a [&'a str],
     /// Where DNS listens; `None`: a port of 127.0.0.1 the daemon picks.
     pub dns: Option<SocketAddr>,
+    /// Where HTTP listens; `None`: a port of 127.0.0.1 the daemon picks.
+    pub http: Option<SocketAddr>,
     /// The binary to run; `None`: the one cargo built.
     pub binary: Option<&'a Path>,
     /// More environment variables (e.g. `NOTIFY_SOCKET`).
@@ -61,6 +63,7 @@ impl Default for Setup<'_> {
             netns: None,
             pools: &[],
             dns: None,
+            http: None,
             binary: None,
             env: &[],
             cgroups: &[],
@@ -116,7 +119,7 @@ impl Daemon {
     fn launch(data: &Path, http: u16, dns: u16, pool: &str, setup: &Setup<'_>) -> Daemon {
         let launch = LAUNCHES.fetch_add(1, Ordering::Relaxed);
         let log = data.with_extension(format!("log.{launch}"));
-        let http: SocketAddr = ([127, 0, 0, 1], http).into();
+        let http = setup.http.unwrap_or(([127, 0, 0, 1], http).into());
         let dns = setup.dns.unwrap_or(([127, 0, 0, 1], dns).into());
         let enter = setup.netns.map(revboot_testkit::netns::Netns::path);
         let binary = setup
@@ -665,7 +668,7 @@ pub fn request(
     body: Option<&str>,
     token: bool,
 ) -> (u16, String) {
-    let mut command = Command::new("curl");
+    let mut command = daemon.command("curl");
     command
         .args([
             "-sS",
