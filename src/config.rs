@@ -696,6 +696,16 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_s_nodes_are_its_name_servers_unless_dns_listens_on_a_wildcard() {
+        let cluster = "[cluster]\netcd = [\"http://192.0.2.21:2379\"]\nnode = \"n1\"\n";
+        Config::from_toml(&format!("[dns]\nlisten = \"192.0.2.11:53\"\n{cluster}"))
+            .expect("the node publishes itself");
+        let error = Config::from_toml(&format!("[dns]\nlisten = \"0.0.0.0:53\"\n{cluster}"))
+            .expect_err("a wildcard names no address");
+        assert!(error.to_string().contains("dns.nameservers"), "{error}");
+    }
+
+    #[test]
     fn pools_of_both_families_are_read_and_overlaps_refused() {
         let config = Config::from_toml(
             "[instances]\npools = [\"2001:db8:1::/64\", \"203.0.113.16/28\"]\n\

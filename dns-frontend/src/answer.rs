@@ -688,6 +688,66 @@ mod tests {
         )
     }
 
+    /// The NS names and glue addresses of the apex's answer.
+    fn ns_of(engine: &Engine) -> (Vec<String>, Vec<IpAddr>) {
+        let reply = engine.apex(RecordType::NS, 0);
+        let names = reply
+            .answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::NS(ns) => Some(ns.0.to_ascii()),
+                _ => None,
+            })
+            .collect();
+        let glue = reply
+            .additionals
+            .iter()
+            .filter_map(|r| r.data.ip_addr())
+            .collect();
+        (names, glue)
+    }
+
+    #[test]
+    fn a_shared_set_of_name_servers_is_answered_unless_some_are_configured() {
+        let shared = crate::Nameservers::new();
+        let (mut config, checked) = crate::testing::config(false);
+        config.shared_nameservers = Some(shared.clone());
+        let engine = Engine::new(
+            &config,
+            &checked,
+            crate::testing::hello(),
+            Arc::new(Metrics::default()),
+        );
+        // Nothing published yet: the default.
+        assert_eq!(ns_of(&engine).0, ["ns.revboot.test."]);
+        let set = [("n1", "192.0.2.1"), ("n2", "2001:db8::2")].map(|(id, ip)| crate::Nameserver {
+            name: format!("{id}.ns.revboot.test"),
+            addresses: vec![ip.parse().expect("an address")],
+        });
+        shared.set(&set).expect("published");
+        let (names, glue) = ns_of(&engine);
+        assert_eq!(names, ["n1.ns.revboot.test.", "n2.ns.revboot.test."]);
+        assert_eq!(
+            glue,
+            set.iter().map(|ns| ns.addresses[0]).collect::<Vec<_>>()
+        );
+        // Named by hand: those win.
+        config.nameservers = vec![crate::Nameserver {
+            name: "ns1.example.com".to_owned(),
+            addresses: Vec::new(),
+        }];
+        let checked = config
+            .check(std::net::SocketAddr::from(([127, 0, 0, 1], 53)))
+            .expect("valid");
+        let engine = Engine::new(
+            &config,
+            &checked,
+            crate::testing::hello(),
+            Arc::new(Metrics::default()),
+        );
+        assert_eq!(ns_of(&engine).0, ["ns1.example.com."]);
+    }
+
     /// A query for `<label>.hello.revboot.test` as a client might send it.
     fn packet(
         id: u16,
