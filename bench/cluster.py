@@ -120,7 +120,7 @@ class Node:
         self.pool = "127.%d.%d.0/24" % (200 + os.getpid() % 40, index)
         self.config = os.path.join(work, self.id + ".toml")
         with open(self.config, "w") as f:
-            f.write("[dns]\nboots_per_second = 10000\nboot_burst = 10000\n"
+            f.write("[dns]\nboots_per_second = 10000\nboot_burst = 10000\nresponses_per_second = 0\n"
                     "[instances]\nidle_timeout_ms = 3600000\n"
                     "[cluster]\netcd = %s\nnode = \"%s\"\nttl_s = %d\n"
                     % (etcd.endpoints(), self.id, TTL_S))

@@ -24,12 +24,12 @@
 //!    ([`ClaimRecord`], under its lease), and every node answers from the claim while its
 //!    node is live ([`Cluster::owner`]). A node joining or leaving does not move an instance
 //!    that runs elsewhere; a claim goes with its node's lease. Both are read from memory:
-//!    etcd stays off the query path (see the `claim` module's rules).
+//!    etcd stays off the query path (see [`claim`]'s rules).
 //!
 //! Every prefix a node reads is mirrored in memory by a get-then-watch loop
-//! ([`Cluster::nodes`], [`Cluster::live`], [`Cluster::heads`], [`Cluster::sources`], [`Cluster::claim_of`]); readers never wait for etcd.
-//! Every call to etcd has a timeout ([`OP_TIMEOUT`]); the mirrors hold at most
-//! [`MAX_KEYS`] keys each.
+//! ([`Cluster::nodes`], [`Cluster::live`], [`Cluster::heads`], [`Cluster::sources`],
+//! [`Cluster::claim_of`]); readers never wait for etcd. Every call to etcd has a timeout
+//! ([`OP_TIMEOUT`]); the mirrors hold at most [`MAX_KEYS`] keys each.
 //!
 //! [`Cluster::connected`] is false once the node's lease has not been renewed for a whole
 //! TTL: the node is cut off, its view may be stale, and it must stop answering for others.
@@ -52,7 +52,7 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
-mod claim;
+pub mod claim;
 mod config;
 mod coord;
 mod mirror;
