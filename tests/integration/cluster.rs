@@ -464,8 +464,9 @@ fn every_node_answers_where_an_instance_is_placed_and_a_killed_node_s_names_move
     for (name, address) in names.iter().zip(&answers) {
         assert_eq!(agreed(&nodes, &socket, name, None), *address, "{name}");
     }
-    let four = ["n1", "n2", "n3", "n4"];
-    let hashed_to_n4 = all.iter().filter(|r| owner(&four, r) == "n4").count();
+    let hashed_to_n4 = (all.iter())
+        .filter(|r| owner(&["n1", "n2", "n3", "n4"], r) == "n4")
+        .count();
     assert!(hashed_to_n4 > 0, "the hash gives n4 none of 50");
     let listed: Vec<Vec<serde_json::Value>> =
         nodes.iter().flatten().map(Daemon::instances).collect();
@@ -511,6 +512,7 @@ fn every_node_answers_where_an_instance_is_placed_and_a_killed_node_s_names_move
 
     // kill -9 the owner of the first name: the survivors agree on a new owner within the
     // lease's TTL (waited for, bounded), and the name answers there.
+    let four = ["n1", "n2", "n3", "n4"];
     let victim = owner_of(&nodes, answers[0]).data.clone();
     let slot = nodes
         .iter()
@@ -522,6 +524,13 @@ fn every_node_answers_where_an_instance_is_placed_and_a_killed_node_s_names_move
     owner_of(&nodes, moved);
     let body = curl(&names[0], &moved.to_string(), 8080);
     assert!(body.starts_with("hello from"), "{body}");
+    // It is no name server of the zone any more.
+    let left: Vec<&str> = four
+        .iter()
+        .copied()
+        .filter(|id| *id != four[slot])
+        .collect();
+    assert!(eventually(|| ns_lists(&nodes, &left)));
 
     // A new revision pushed to a survivor meanwhile; the killed node restarts, rejoins and
     // catches up by git.
