@@ -522,19 +522,26 @@ async fn reconcile_once(deployer: &revboot_deployer::Deployer, cluster: &Cluster
         }
         let network = info.key.client.map(|client| client.network());
         let key = placement_key(&info.key.service, &info.key.revision, network);
+        // An instance running here that nobody claims is claimed here, whatever the hash
+        // says (it was booted before a membership change, or handed over by an upgrade):
+        // the claim, not the hash, decides where a running instance stays.
+        if cluster.claim_of(&key).is_none() {
+            match cluster.claim(&key).await {
+                Ok(revboot_cluster::Claimed::Mine) => {
+                    running.insert(key);
+                    continue;
+                }
+                Ok(revboot_cluster::Claimed::Theirs(node)) => {
+                    debug!(instance = %info.key, node, "another node claimed it first");
+                }
+                Ok(_) => {}
+                Err(error) => debug!(%error, instance = %info.key, "cannot claim"),
+            }
+        }
         let Some(owner) = cluster.owner(&key) else {
             continue;
         };
         if owner.id == me {
-            if cluster.claim_of(&key).is_none() {
-                match cluster.claim(&key).await {
-                    Ok(revboot_cluster::Claimed::Theirs(node)) => {
-                        debug!(instance = %info.key, node, "another node claimed it first");
-                    }
-                    Ok(_) => {}
-                    Err(error) => debug!(%error, instance = %info.key, "cannot claim"),
-                }
-            }
             running.insert(key);
         } else if info.connections == 0 && deployer.stop(&info.key).is_ok() {
             tracing::info!(instance = %info.key, owner = owner.id, "stopped an instance another node owns now");
