@@ -107,7 +107,9 @@ impl Engine {
             checked
                 .nameservers
                 .iter()
-                .map(|(name, addresses)| (wire_lowercase(name), name.clone(), addresses.clone()))
+                .map(|(name, addresses)| {
+                    (wire::lowercase_name(name), name.clone(), addresses.clone())
+                })
                 .collect(),
         );
         let shared_nameservers = config
@@ -653,16 +655,6 @@ fn address_record(owner: &Name, address: IpAddr, qtype: RecordType, ttl: u32) ->
 /// Parses a (validated, uncompressed) wire name.
 fn name_of(wire_name: &[u8]) -> Option<Name> {
     Name::read(&mut BinDecoder::new(wire_name)).ok()
-}
-
-pub(crate) fn wire_lowercase(name: &Name) -> Vec<u8> {
-    let mut out = Vec::new();
-    for label in name.iter() {
-        out.push(label.len() as u8);
-        wire::push_lowercase(label, &mut out);
-    }
-    out.push(0);
-    out
 }
 
 fn secs(d: Duration) -> u32 {

@@ -68,7 +68,7 @@ impl Nameservers {
                 name: ns.name.clone(),
             })?;
             entries.push((
-                crate::answer::wire_lowercase(&name),
+                crate::wire::lowercase_name(&name),
                 name,
                 ns.addresses.clone(),
             ));

@@ -332,6 +332,17 @@ pub(crate) fn push_lowercase(name: &[u8], out: &mut Vec<u8>) {
     out.extend(name.iter().map(u8::to_ascii_lowercase));
 }
 
+/// `name` in wire form, lowercased as [`push_lowercase`] does a question's.
+pub(crate) fn lowercase_name(name: &hickory_proto::rr::Name) -> Vec<u8> {
+    let mut out = Vec::new();
+    for label in name.iter() {
+        out.push(label.len() as u8);
+        push_lowercase(label, &mut out);
+    }
+    out.push(0);
+    out
+}
+
 /// The labels of an uncompressed wire name (already validated by [`parse`]).
 pub(crate) fn labels(name: &[u8]) -> impl Iterator<Item = &[u8]> {
     let mut at = 0;
