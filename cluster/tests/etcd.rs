@@ -162,8 +162,13 @@ async fn a_claim_holds_an_instance_on_its_node_while_it_lives_and_goes_with_its_
     // a claims it (as after a summon it won while b was away): both answer a from now on,
     // and b's own claim is refused, naming a.
     assert_eq!(a.claim(&key).await.expect("claimed"), Claimed::Mine);
-    assert!(until(|| b.owner(&key).is_some_and(|o| o.id == "a")).await);
-    assert_eq!(a.owner(&key).expect("an owner").id, "a");
+    // Each node sees it once its own watch brings it (waited for, bounded).
+    assert!(
+        until(|| [&a, &b]
+            .iter()
+            .all(|node| node.owner(&key).is_some_and(|o| o.id == "a")))
+        .await
+    );
     assert_eq!(
         b.claim(&key).await.expect("asked"),
         Claimed::Theirs("a".to_owned())
