@@ -21,9 +21,11 @@
 //!    ([`connection_open`], a `sock_diag` query for its two ends), so idle reaping and the
 //!    connection bounds see it as long as the instance keeps it open.
 //!
-//! Limits: connections reach the instance only through the front door's hand-off; an
-//! instance adopted across an upgrade in place has no daemon end (its connections are
-//! relayed again).
+//! 5. At an upgrade in place the daemon end goes to the next daemon with the instance (a
+//!    descriptor kept across the exec, [`Handoff::try_clone_fd`]), which hands on through
+//!    it; the proxy hands over the connections it watches, so they still count open there.
+//!
+//! Limits: connections reach the instance only through the front door's hand-off.
 
 use std::io;
 use std::io::IoSlice;
@@ -79,6 +81,12 @@ impl Handoff {
     /// benchmarks and tests).
     pub fn from_fd(fd: OwnedFd) -> Handoff {
         Handoff(Arc::new(fd))
+    }
+
+    /// A second descriptor of the daemon's end (close-on-exec), to hand it to the next
+    /// daemon at an upgrade in place (step 5).
+    pub fn try_clone_fd(&self) -> io::Result<OwnedFd> {
+        self.0.try_clone()
     }
 
     /// Sends `connection` to the instance (step 2), without waiting (step 3).

@@ -7,7 +7,8 @@
 //!    hand it over (the process and qemu tenders) stops being watched: its console pipe's
 //!    descriptor, its console tail, its durable record and what its tender needs besides
 //!    (a VM's QMP socket, a restored VM's own scratch directory and uid, an instance's
-//!    upstream grants with their connections) go into a [`HandedInstance`]. Its kernel
+//!    upstream grants with their connections, the daemon end of its hand-off socket) go
+//!    into a [`HandedInstance`]. Its kernel
 //!    route stays until the exec ends the program. One still starting (no process yet: a
 //!    VM being restored, an image being unpacked) reads the request once its boot
 //!    returns and is handed over then, booting: the old daemon waits for it, within the
@@ -24,7 +25,7 @@
 //!
 //! 5. leaves the handed instances out of its start-up clean-up (their processes, cgroups,
 //!    scratch directories and durable records stay) and takes each back — its uid, its
-//!    address, its console, the state `ready`, or `booting` with its readiness probe run
+//!    address, its console, its hand-off socket, the state `ready`, or `booting` with its readiness probe run
 //!    again within what is left of its boot timeout — through its tender
 //!    ([`Tender::adopt`]). Its task goes on from there: steering (at once for a booting
 //!    instance whose socket holds handshakes, as from a spawn; else once ready), idle
@@ -84,6 +85,10 @@ pub struct HandedInstance {
     /// Directories of its tender's own that the start-up clean-up leaves.
     #[serde(default)]
     pub keep: Vec<std::path::PathBuf>,
+    /// The descriptor number of the daemon's end of its hand-off socket (`[run] handoff`),
+    /// kept across the exec; `None` without one (or from a program older than this field).
+    #[serde(default)]
+    pub handoff: Option<i32>,
 }
 
 /// What [`Deployer::hand_over`] gives the daemon to pass on: the instances and the
@@ -92,7 +97,8 @@ pub struct HandedInstance {
 pub struct Handover {
     /// The instances handed over.
     pub instances: Vec<HandedInstance>,
-    /// Their console pipes, and what their tenders keep besides (upstream grants' sockets).
+    /// Their console pipes, the daemon ends of their hand-off sockets, and what their
+    /// tenders keep besides (upstream grants' sockets).
     pub fds: Vec<OwnedFd>,
 }
 
@@ -104,6 +110,18 @@ pub(super) fn handed(
     handed: Handed,
     reply: Reply,
 ) {
+    let mut fds = handed.fds;
+    // Without a second descriptor of it, the next daemon relays its connections instead.
+    let handoff = entry
+        .handoff
+        .as_ref()
+        .and_then(|handoff| match handoff.try_clone_fd() {
+            Ok(fd) => Some(fd),
+            Err(error) => {
+                warn!(id = entry.id, %error, "cannot keep its hand-off socket for the next daemon");
+                None
+            }
+        });
     let instance = HandedInstance {
         record,
         addresses: entry.addresses.iter().collect(),
@@ -116,9 +134,10 @@ pub(super) fn handed(
         boot_ms,
         tender: handed.tender,
         keep: handed.keep,
+        handoff: handoff.as_ref().map(AsRawFd::as_raw_fd),
     };
-    let mut fds = handed.fds;
     fds.push(handed.console);
+    fds.extend(handoff);
     let _ = reply.send(Some((instance, fds)));
 }
 
@@ -182,6 +201,16 @@ impl Deployer {
         let record = &instance.record;
         let console = revboot_sandbox::parent::take_fd(instance.console)
             .map_err(|error| format!("its console pipe: {error}"))?;
+        // Taken at once, so that it is closed if the instance cannot be taken back.
+        let handoff = instance.handoff.and_then(|fd| {
+            match revboot_sandbox::parent::take_fd(fd) {
+                Ok(fd) => Some(crate::Handoff::from_fd(fd)),
+                Err(error) => {
+                    warn!(id = record.id, %error, "its hand-off socket is lost: its connections are relayed");
+                    None
+                }
+            }
+        });
         let revision: Revision = record
             .revision
             .parse()
@@ -249,8 +278,7 @@ impl Deployer {
             counted: AtomicBool::new(true),
             reclaimed: AtomicBool::new(false),
             steered: Mutex::new(None),
-            // The daemon end stayed with the previous daemon: relayed from here on.
-            handoff: None,
+            handoff,
             warm_until: AtomicU64::new(0),
             ended: watch::channel(false).0,
         });
