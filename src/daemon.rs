@@ -432,7 +432,7 @@ impl Daemon {
     pub async fn start_with(config: Config, upgradable: bool) -> anyhow::Result<Daemon> {
         config.validate()?;
         let inherited = crate::handover::inherit()?;
-        let (mut front_handed, mut relays) = (Vec::new(), Vec::new());
+        let (mut front_handed, mut relays, mut handed_off) = (Vec::new(), Vec::new(), Vec::new());
         let (inherited_sockets, listeners, handed, upgrades, requested_at_ms) = match inherited {
             Some(Inherited {
                 sockets,
@@ -440,10 +440,11 @@ impl Daemon {
                 front,
                 instances,
                 relays: handed_relays,
+                handed: handed_connections,
                 upgrades,
                 requested_at_ms,
             }) => {
-                (front_handed, relays) = (front, handed_relays);
+                (front_handed, relays, handed_off) = (front, handed_relays, handed_connections);
                 (
                     Some(sockets),
                     listeners,
@@ -521,6 +522,7 @@ impl Daemon {
             proxy.adopt(address, listener);
         }
         proxy.adopt_relays(relays);
+        proxy.adopt_handed(handed_off);
         let front_door = proxy.front_addresses();
         let front: Arc<dyn Instances> = proxy.clone();
         let promotions = Promotions::new(deployer.clone(), front.clone());
@@ -794,6 +796,7 @@ impl Daemon {
         let front = self.proxy.hand_over_front();
         let listeners = self.proxy.hand_over(crate::handover::DRAIN).await;
         let relays = self.proxy.take_relays();
+        let handed_off = self.proxy.take_handed();
         let handed = self
             .deployer
             .hand_over(crate::handover::HAND_OVER_LIMIT)
@@ -807,6 +810,10 @@ impl Daemon {
             front: front.iter().map(|listener| listener.as_raw_fd()).collect(),
             instances: handed.instances.clone(),
             relays: relays.iter().map(crate::handover::Relay::new).collect(),
+            handed: handed_off
+                .iter()
+                .map(crate::handover::Handed::new)
+                .collect(),
             upgrades: self.upgrades,
             requested_at_ms,
         };

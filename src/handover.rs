@@ -11,14 +11,15 @@
 //!    [`DRAIN`] to end; warm connections go straight to the instances and never notice);
 //!    the deployer hands its instances over (`revboot_deployer`'s `handover` module).
 //! 3. The state goes to `<data>/handover.json` (mode 0600): the sockets' descriptor numbers,
-//!    the instances, the relayed connections (descriptors, instance, bytes in flight), when
+//!    the instances, the relayed connections (descriptors, instance, bytes in flight), the
+//!    connections handed to instances (their two ends and instance, to count open), when
 //!    the upgrade began, the count of upgrades. The daemon's main
 //!    thread, the parent of every instance, executes the binary with the same arguments and
 //!    `REVBOOT_HANDOVER` naming the file, keeping those descriptors open
 //!    ([`revboot_sandbox::parent::exec`]). The pid stays; so do the instances' pids.
 //! 4. The new program reads and removes the file, serves on the sockets it names, takes
 //!    the instances back, listens again on the proxy's sockets, relays on the connections
-//!    handed over, and answers what waited.
+//!    handed over, watches again those handed to instances, and answers what waited.
 //! 5. If the exec fails, the daemon executes `/proc/self/exe` (the program it runs now,
 //!    even when its file was replaced) the same way. If that fails too, it exits, and the
 //!    instances die with it, as they do when the daemon is killed: a restart cleans up.
@@ -32,7 +33,7 @@ use anyhow::Context as _;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use revboot_deployer::{ClientNet, HandedInstance, InstanceKey};
-use revboot_proxy::HandedRelay;
+use revboot_proxy::{HandedConnection, HandedRelay};
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
@@ -62,6 +63,9 @@ pub struct State {
     /// The relayed connections (none from a program older than this field).
     #[serde(default)]
     pub relays: Vec<Relay>,
+    /// The connections handed to instances (none from a program older than this field).
+    #[serde(default)]
+    pub handed: Vec<Handed>,
     /// Upgrades in place before this one.
     pub upgrades: u64,
     /// When the upgrade was asked for, unix ms.
@@ -78,12 +82,9 @@ pub struct Relay {
     pub backend: i32,
     /// The client's address.
     pub peer: SocketAddr,
-    /// The instance's service.
-    pub service: String,
-    /// The instance's revision.
-    pub revision: String,
-    /// A per-client instance's client network and prefix length.
-    pub client_net: Option<(std::net::IpAddr, u8)>,
+    /// Its instance.
+    #[serde(flatten)]
+    pub key: Key,
     /// Bytes for the instance, base64.
     pub to_backend: String,
     /// Bytes for the client, base64.
@@ -101,9 +102,7 @@ impl Relay {
             client: handed.client.as_raw_fd(),
             backend: handed.backend.as_raw_fd(),
             peer: handed.peer,
-            service: handed.key.service.clone(),
-            revision: handed.key.revision.to_string(),
-            client_net: handed.key.client.map(|net| (net.network(), net.len())),
+            key: Key::new(&handed.key),
             to_backend: BASE64.encode(&handed.to_backend),
             to_client: BASE64.encode(&handed.to_client),
             client_done: handed.client_done,
@@ -123,16 +122,66 @@ impl Relay {
             client: take(self.client).context("Its client's socket")?,
             backend: take(self.backend).context("Its instance's socket")?,
             peer: self.peer,
-            key: InstanceKey {
-                service: self.service.clone(),
-                revision: self.revision.parse().ok().context("Not a revision")?,
-                client: self.client_net.map(|(net, len)| ClientNet::new(net, len)),
-            },
+            key: self.key.take()?,
             to_backend: bytes(&self.to_backend)?,
             to_client: bytes(&self.to_client)?,
             client_done: self.client_done,
             backend_done: self.backend_done,
         })
+    }
+}
+
+/// An instance's key spelt out in the state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Key {
+    /// The instance's service.
+    pub service: String,
+    /// The instance's revision.
+    pub revision: String,
+    /// A per-client instance's client network and prefix length.
+    pub client_net: Option<(std::net::IpAddr, u8)>,
+}
+
+impl Key {
+    /// `key` as the state keeps it.
+    pub fn new(key: &InstanceKey) -> Key {
+        Key {
+            service: key.service.clone(),
+            revision: key.revision.to_string(),
+            client_net: key.client.map(|net| (net.network(), net.len())),
+        }
+    }
+
+    fn take(&self) -> anyhow::Result<InstanceKey> {
+        Ok(InstanceKey {
+            service: self.service.clone(),
+            revision: self.revision.parse().ok().context("Not a revision")?,
+            client: self.client_net.map(|(net, len)| ClientNet::new(net, len)),
+        })
+    }
+}
+
+/// A connection handed to an instance, as the state keeps it: [`HandedConnection`] with
+/// its instance's key spelt out (no descriptor: the instance holds the connection).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Handed {
+    /// The connection's local end.
+    pub local: SocketAddr,
+    /// The client's end.
+    pub peer: SocketAddr,
+    /// Its instance.
+    #[serde(flatten)]
+    pub key: Key,
+}
+
+impl Handed {
+    /// `handed` as the state keeps it.
+    pub fn new(handed: &HandedConnection) -> Handed {
+        Handed {
+            local: handed.local,
+            peer: handed.peer,
+            key: Key::new(&handed.key),
+        }
     }
 }
 
@@ -168,6 +217,8 @@ pub struct Inherited {
     pub instances: Vec<HandedInstance>,
     /// The relayed connections.
     pub relays: Vec<HandedRelay>,
+    /// The connections handed to instances.
+    pub handed: Vec<HandedConnection>,
     /// Upgrades in place so far, this one included.
     pub upgrades: u64,
     /// When this upgrade was asked for, unix ms.
@@ -228,11 +279,29 @@ pub fn inherit() -> anyhow::Result<Option<Inherited>> {
             }
         }
     }
+    let mut handed = Vec::new();
+    for connection in state
+        .handed
+        .iter()
+        .take(revboot_proxy::MAX_HANDED_CONNECTIONS)
+    {
+        match connection.key.take() {
+            Ok(key) => handed.push(HandedConnection {
+                local: connection.local,
+                peer: connection.peer,
+                key,
+            }),
+            Err(error) => {
+                warn!(peer = %connection.peer, error = format!("{error:#}"), "handed connection not counted open")
+            }
+        }
+    }
     info!(
         instances = state.instances.len(),
         listeners = listeners.len(),
         front = front.len(),
         relays = relays.len(),
+        handed = handed.len(),
         "taking over from the previous program (upgrade in place)"
     );
     Ok(Some(Inherited {
@@ -241,6 +310,7 @@ pub fn inherit() -> anyhow::Result<Option<Inherited>> {
         front,
         instances: state.instances,
         relays,
+        handed,
         upgrades: state.upgrades + 1,
         requested_at_ms: state.requested_at_ms,
     }))
@@ -310,4 +380,23 @@ pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |since| since.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_from_a_program_without_handed_connections_reads_and_keys_keep_their_fields() {
+        let old = r#"{"http":3,"dns":[],"listeners":[],"instances":[],"relays":[{"client":7,
+            "backend":8,"peer":"127.0.0.1:4000","service":"hello","revision":"v1",
+            "client_net":null,"to_backend":"","to_client":"","client_done":false,
+            "backend_done":false}],"upgrades":0,"requested_at_ms":1}"#;
+        let state: State = serde_json::from_str(old).expect("an older state");
+        assert!(state.handed.is_empty());
+        assert_eq!(state.relays[0].key.service, "hello");
+        let text = serde_json::to_value(&state).expect("serialises");
+        assert_eq!(text["relays"][0]["revision"], "v1");
+        assert_eq!(text["handed"], serde_json::json!([]));
+    }
 }

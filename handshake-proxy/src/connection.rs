@@ -379,10 +379,7 @@ pub(crate) async fn serve(
         let handed =
             crate::handoff::hand_over(shared, client, peer, &summoned.key, handoff, early.len());
         match handed.await {
-            Ok(handed) => {
-                let cancel = shared.cancel.clone();
-                return crate::handoff::watch(open, cancel, handed).await;
-            }
+            Ok(handed) => return crate::handoff::watch(shared, open, handed).await,
             Err(Some(kept)) => client = kept,
             Err(None) => return,
         }

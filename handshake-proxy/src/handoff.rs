@@ -32,21 +32,14 @@ use std::time::Duration;
 
 use revboot_deployer::{Handoff, InstanceKey};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::metrics::bump;
+use crate::relays::{HandedConnection, MAX_HANDED_CONNECTIONS};
 use crate::shared::Shared;
 
 /// How often the kernel is asked whether a handed connection is still open.
 pub const CHECK: Duration = Duration::from_secs(1);
-
-/// A connection handed to its instance: its two ends, to ask the kernel about.
-pub(crate) struct Handed {
-    local: SocketAddr,
-    peer: SocketAddr,
-    key: InstanceKey,
-}
 
 /// Step 2: hands `client` to `handoff` (the instance of `key`'s socket, if it has one).
 /// Not handed, the connection comes back with its first `peeked` bytes consumed, to be
@@ -58,7 +51,7 @@ pub(crate) async fn hand_over(
     key: &InstanceKey,
     handoff: Option<Handoff>,
     peeked: usize,
-) -> Result<Handed, Option<TcpStream>> {
+) -> Result<HandedConnection, Option<TcpStream>> {
     let kept = match handoff {
         Some(handoff) => match send(shared, client, peer, key, &handoff) {
             Ok(handed) => return Ok(handed),
@@ -85,7 +78,7 @@ fn send(
     peer: SocketAddr,
     key: &InstanceKey,
     handoff: &Handoff,
-) -> Result<Handed, Option<TcpStream>> {
+) -> Result<HandedConnection, Option<TcpStream>> {
     let lost = |error: std::io::Error| {
         debug!(%error, %peer, %key, "connection lost before it was handed over");
         None
@@ -100,7 +93,7 @@ fn send(
             drop(client);
             bump(&shared.metrics.handed_off);
             debug!(%peer, %key, "connection handed to its instance");
-            Ok(Handed {
+            Ok(HandedConnection {
                 local,
                 peer,
                 key: key.clone(),
@@ -118,12 +111,18 @@ fn send(
 }
 
 /// Step 3: keeps `open` (the connection's guard: counted open while held) until the kernel
-/// says the handed connection has closed, or `cancel` (the proxy's shutdown).
-pub(crate) async fn watch<Guard>(open: Guard, cancel: CancellationToken, handed: Handed) {
-    let Handed { local, peer, key } = handed;
+/// says the handed connection has closed, or the proxy shuts down; at an upgrade in place
+/// (step 4) the connection is kept for the next daemon instead.
+pub(crate) async fn watch<Guard>(shared: &Shared, open: Guard, handed: HandedConnection) {
+    let HandedConnection { local, peer, key } = &handed;
+    let (local, peer) = (*local, *peer);
     loop {
         tokio::select! {
-            () = cancel.cancelled() => return,
+            () = shared.cancel.cancelled() => return,
+            () = shared.pause.cancelled() => {
+                keep(shared, handed);
+                return;
+            }
             () = tokio::time::sleep(CHECK) => {}
         }
         let asked = tokio::task::spawn_blocking(move || {
@@ -145,4 +144,18 @@ pub(crate) async fn watch<Guard>(open: Guard, cancel: CancellationToken, handed:
     }
     debug!(%peer, %key, "handed connection closed");
     drop(open);
+}
+
+/// Step 4: keeps `handed` for the next daemon, within [`MAX_HANDED_CONNECTIONS`].
+fn keep(shared: &Shared, handed: HandedConnection) {
+    let mut kept = shared
+        .handed_connections
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if kept.len() >= MAX_HANDED_CONNECTIONS {
+        warn!(peer = %handed.peer, key = %handed.key, kept = kept.len(),
+            "too many handed connections to hand over; the next daemon does not count this one open");
+        return;
+    }
+    kept.push(handed);
 }

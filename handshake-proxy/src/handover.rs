@@ -7,7 +7,10 @@
 //!    each gives its two sockets and the bytes it had read and not yet written, whole, to
 //!    be handed over as a [`HandedRelay`](crate::HandedRelay) (at most [`MAX_RELAYS`](crate::MAX_RELAYS) of them, holding at most
 //!    [`MAX_RELAY_BYTES`](crate::MAX_RELAY_BYTES) in flight in all; one over either bound is logged and goes on
-//!    here until the old daemon ends, as before). Those held through a boot pause once it
+//!    here until the old daemon ends, as before). Connections handed to an instance stop
+//!    being watched and are kept, their two ends and instance, for the next daemon to watch
+//!    again ([`Proxy::take_handed`], [`Proxy::adopt_handed`]; the `handoff` module, step 4).
+//!    Those held through a boot pause once it
 //!    is ready, if that comes within `drain`; those the front door accepted and is still
 //!    reading the head of are first given up to its head timeout to be routed (their summon
 //!    works until the deployer hands over). Connections still open after `drain` (held, or
@@ -34,7 +37,7 @@ use tracing::{debug, info, warn};
 
 use crate::connection::{Open, accepting, relay};
 use crate::proxy::Proxy;
-use crate::relays::HandedRelay;
+use crate::relays::{HandedConnection, HandedRelay, MAX_HANDED_CONNECTIONS};
 use crate::splice::Resume;
 
 /// How long the accept loops are given to hand their sockets over.
@@ -89,9 +92,15 @@ impl Proxy {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .len();
+        let handed_off = shared
+            .handed_connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len();
         info!(
             listeners = handed.len(),
             relays,
+            handed_off,
             relayed_left = open,
             "proxy handed over"
         );
@@ -105,6 +114,33 @@ impl Proxy {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take()
+    }
+
+    /// The handed connections whose watch [`Proxy::hand_over`] stopped, for the next daemon
+    /// (step 4).
+    pub fn take_handed(&self) -> Vec<HandedConnection> {
+        std::mem::take(
+            &mut *self
+                .shared()
+                .handed_connections
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Watches again the connections the previous daemon had handed to its instances (step
+    /// 4), once the deployer has adopted them: each counts open, and reports
+    /// `ConnectionOpened` to its instance, until the kernel says it has closed.
+    pub fn adopt_handed(&self, handed: Vec<HandedConnection>) {
+        for connection in handed.into_iter().take(MAX_HANDED_CONNECTIONS) {
+            let shared = Arc::clone(self.shared());
+            debug!(peer = %connection.peer, key = %connection.key, "handed connection watched again");
+            shared.metrics.open_now.fetch_add(1, Ordering::Relaxed);
+            let mut open = Open::new(Arc::clone(&shared));
+            open.report_opened(&connection.key);
+            let runtime = shared.runtime.clone();
+            runtime.spawn(async move { crate::handoff::watch(&shared, open, connection).await });
+        }
     }
 
     /// Relays on the connections handed over by the previous daemon (rule 5).

@@ -193,9 +193,11 @@
 //! [`Proxy::adopt_relays`], bounded by [`MAX_RELAYS`] and [`MAX_RELAY_BYTES`]); those still
 //! held through a boot, those with TLS ended at the front door and those over the bounds are
 //! given a short drain and then close with the old program. Steered connections never pass
-//! through the proxy and are not touched; nor are connections handed to an instance,
-//! but an instance adopted by the next daemon has no hand-off socket there (its end stayed
-//! with the old daemon), so its front-door connections are relayed from then on.
+//! through the proxy and are not touched; nor are connections handed to an instance, whose
+//! two ends the next daemon watches again so that they still count open
+//! ([`Proxy::take_handed`], [`Proxy::adopt_handed`], bounded by
+//! [`MAX_HANDED_CONNECTIONS`]); the instance's hand-off socket goes over with it, so its
+//! front-door connections are handed to it there too.
 //!
 //! # Example
 //!
@@ -237,7 +239,9 @@ pub use config::{
 pub use front::{FrontAddresses, FrontConfig, FrontError};
 pub use metrics::ProxyMetrics;
 pub use proxy::Proxy;
-pub use relays::{HandedRelay, MAX_RELAY_BYTES, MAX_RELAYS};
+pub use relays::{
+    HandedConnection, HandedRelay, MAX_HANDED_CONNECTIONS, MAX_RELAY_BYTES, MAX_RELAYS,
+};
 pub use revboot_deployer::Instances;
 pub use shared::ListenError;
 pub use terminate::Terminate;

@@ -1,5 +1,6 @@
 //! Relayed connections paused at an upgrade in place and kept for the next daemon (the
-//! `handover` module, rule 2), within bounds.
+//! `handover` module, rule 2), within bounds; and what the next daemon is told of the
+//! connections handed to instances (the `handoff` module, step 4).
 
 use std::net::SocketAddr;
 
@@ -89,4 +90,20 @@ impl Relays {
         });
         None
     }
+}
+
+/// Handed connections given to the next daemon at most (step 4): each costs a line of its
+/// state file.
+pub const MAX_HANDED_CONNECTIONS: usize = 16384;
+
+/// A connection handed to its instance: its two ends, to ask the kernel about, and its
+/// instance (step 4: what goes to the next daemon).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandedConnection {
+    /// The connection's local end (the address the client connected to).
+    pub local: SocketAddr,
+    /// The client's end.
+    pub peer: SocketAddr,
+    /// The instance it was handed to.
+    pub key: InstanceKey,
 }

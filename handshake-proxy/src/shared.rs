@@ -108,6 +108,8 @@ pub(crate) struct Shared {
     pub(crate) pause: CancellationToken,
     /// The relayed connections paused so far, while handing over.
     pub(crate) relays: Mutex<crate::relays::Relays>,
+    /// The connections handed to instances whose watch stopped, while handing over.
+    pub(crate) handed_connections: Mutex<Vec<crate::relays::HandedConnection>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -145,6 +147,7 @@ impl Shared {
             handed: Mutex::new(Vec::new()),
             pause: CancellationToken::new(),
             relays: Mutex::default(),
+            handed_connections: Mutex::default(),
         }
     }
 

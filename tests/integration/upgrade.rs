@@ -633,6 +633,80 @@ fn upgrade_in_place_hands_relayed_connections_over_mid_transfer() {
     assert!(crate::front_door::curl_front(&host, front).contains("hello from v1"));
 }
 
+/// The value of the metric line that starts with `name` (0 when absent).
+fn metric(daemon: &Daemon, name: &str) -> u64 {
+    let metrics = daemon.metrics();
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+const HANDED_OFF: &str = "revboot_proxy_connections_total{outcome=\"handed_off\"}";
+const FROM_CLIENTS: &str = "revboot_proxy_bytes_total{direction=\"from_clients\"}";
+const TO_CLIENTS: &str = "revboot_proxy_bytes_total{direction=\"to_clients\"}";
+
+#[test]
+fn a_connection_handed_to_an_instance_keeps_it_past_an_upgrade_and_new_ones_are_handed_there() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    // Reaped after a second idle: only a connection counted open keeps it.
+    let (daemon, binary) = upgradable(
+        temp.path(),
+        "[front]\nhttp = \"127.0.0.1:0\"\n[instances]\nidle_timeout_ms = 1000\n",
+    );
+    let front = daemon.front("front_http=");
+    let work = hello_source(temp.path());
+    crate::support::write_manifest(&work, "reach = \"front\"\nhandoff = true\n");
+    crate::support::git(&work, &["commit", "-q", "-am", "handed its connections"]);
+    push(&daemon, &work);
+    let host = format!("hello.{ZONE}");
+
+    // A request whose body is not sent yet: hello holds the connection, handed to it.
+    let mut held = TcpStream::connect_timeout(&front, PATIENCE).expect("connect");
+    let head = format!(
+        "POST / HTTP/1.1\r\nhost: {host}\r\ncontent-length: 4\r\nconnection: close\r\n\r\n"
+    );
+    held.write_all(head.as_bytes()).expect("the head");
+    assert!(eventually(|| metric(&daemon, HANDED_OFF) == 1));
+    let before = pids(&daemon);
+    assert_eq!(before.len(), 1, "{before:?}");
+
+    replace_binary(&binary);
+    assert_eq!(upgrade(&daemon)["upgrades"], 1);
+    let log = daemon.log();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("proxy handed over") && line.contains("handed_off=1")),
+        "{log}"
+    );
+    // Several idle timeouts of the new program: the handed connection, still open, counts
+    // there, so the same instance stays.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    assert_eq!(pids(&daemon), before);
+    held.write_all(b"body").expect("the body");
+    held.set_read_timeout(Some(PATIENCE)).expect("timeout");
+    let mut answer = String::new();
+    held.read_to_string(&mut answer).expect("answered");
+    assert!(answer.contains("hello from v1"), "{answer}");
+    assert_eq!(pids(&daemon), before);
+
+    // A new connection is handed to the adopted instance through the socket handed over
+    // with it: not relayed.
+    let (handed, from, to) = (
+        metric(&daemon, HANDED_OFF),
+        metric(&daemon, FROM_CLIENTS),
+        metric(&daemon, TO_CLIENTS),
+    );
+    assert!(crate::front_door::curl_front(&host, front).contains("hello from v1"));
+    assert_eq!(metric(&daemon, HANDED_OFF), handed + 1);
+    assert_eq!(
+        (metric(&daemon, FROM_CLIENTS), metric(&daemon, TO_CLIENTS)),
+        (from, to)
+    );
+    assert_eq!(pids(&daemon), before);
+}
+
 #[test]
 fn upgrade_in_place_hands_over_connections_relayed_to_an_instance_not_steered() {
     let temp = tempfile::tempdir().expect("temp dir");
