@@ -57,8 +57,8 @@ pub(crate) async fn hand_over(
             Ok(handed) => return Ok(handed),
             Err(kept) => kept,
         },
-        // A summon renewed the instance to one without a hand-off socket (adopted across
-        // an upgrade in place): relayed.
+        // A summon renewed the instance to one without a hand-off socket (one whose socket
+        // could not be kept at an upgrade in place): relayed.
         None => Some(client),
     };
     let client = kept.ok_or(None)?;
