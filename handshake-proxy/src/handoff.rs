@@ -128,14 +128,13 @@ pub(crate) async fn watch<Guard>(shared: &Shared, open: Guard, handed: HandedCon
         let asked = tokio::task::spawn_blocking(move || {
             revboot_deployer::handoff::connection_open(local, peer)
         })
-        .await;
+        .await
+        // A task that could not run (it panicked, the runtime is ending) is a failure too.
+        .map_err(std::io::Error::other)
+        .and_then(|open| open);
         match asked {
-            Ok(Ok(true)) => {}
-            Ok(Ok(false)) => break,
-            Ok(Err(error)) => {
-                warn!(%error, %peer, %key, "cannot ask whether a handed connection is open; counted closed");
-                break;
-            }
+            Ok(true) => {}
+            Ok(false) => break,
             Err(error) => {
                 warn!(%error, %peer, %key, "cannot ask whether a handed connection is open; counted closed");
                 break;
