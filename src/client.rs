@@ -192,7 +192,27 @@ impl Client {
         let error: ActionError = serde_json::from_str(&text).unwrap_or_else(|_| {
             ActionError::Internal(format!("{url} answered {status}: {}", text.trim()))
         });
-        Err(RemoteError::Action(error))
+        Err(RemoteError::Action(self.explain(error)))
+    }
+
+    /// A refusal for want of the token says where the CLI looks for one, or that the one it
+    /// sent is not the daemon's: the daemon's own message speaks of HTTP headers.
+    fn explain(&self, error: ActionError) -> ActionError {
+        let ActionError::Unauthorized(message) = error else {
+            return error;
+        };
+        let hint = match self.token {
+            None => format!(
+                "the CLI found no token: `export REVBOOT_TOKEN=$(cat <data>/token)`, or \
+                 `revboot login {}` once, or run it beside the daemon's revbootd.toml or with \
+                 --data <its data directory>",
+                self.url
+            ),
+            Some(_) => "the token the CLI sent (REVBOOT_TOKEN, else the remote's, else the \
+                        configuration's) is not this daemon's"
+                .to_owned(),
+        };
+        ActionError::Unauthorized(format!("{message}; {hint}"))
     }
 }
 
@@ -237,9 +257,11 @@ impl Client {
         let status = response.status();
         if !status.is_success() {
             let text = response.body_mut().read_to_string().unwrap_or_default();
-            return Err(serde_json::from_str(&text).unwrap_or_else(|_| {
-                ActionError::Internal(format!("{url} answered {status}: {}", text.trim()))
-            }));
+            return Err(
+                self.explain(serde_json::from_str(&text).unwrap_or_else(|_| {
+                    ActionError::Internal(format!("{url} answered {status}: {}", text.trim()))
+                })),
+            );
         }
         Ok(ConsoleFeed {
             lines: std::io::BufReader::new(Box::new(response.into_body().into_reader())),

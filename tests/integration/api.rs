@@ -241,6 +241,21 @@ fn anonymous_reads_of_api_metrics_and_sources_need_the_token() {
     assert_eq!(without.status.code(), Some(2));
     let said = String::from_utf8_lossy(&without.stderr);
     assert!(said.contains("Reads need the token"), "{said}");
+    // It says where the CLI looks for a token, and a wrong one is called wrong.
+    assert!(said.contains("the CLI found no token"), "{said}");
+    assert!(said.contains("REVBOOT_TOKEN"), "{said}");
+    assert!(said.contains("revboot login http://"), "{said}");
+    let wrong = Command::new(env!("CARGO_BIN_EXE_revboot"))
+        .args(["--url", &format!("http://{}", daemon.http)])
+        .args(["--data", &temp.path().join("elsewhere").to_string_lossy()])
+        .arg("ps")
+        .env("REVBOOT_TOKEN", "not-the-token")
+        .output()
+        .expect("run revboot");
+    assert_eq!(wrong.status.code(), Some(2));
+    let said = String::from_utf8_lossy(&wrong.stderr);
+    assert!(said.contains("is not this daemon's"), "{said}");
+    assert!(!said.contains("not-the-token"), "{said}");
     drop(daemon);
 
     // `public_reads = true` is the open daemon of before; writes still need the token.
