@@ -164,6 +164,14 @@ pub fn bisect(client: &Client, service: &str, args: &BisectArgs) -> anyhow::Resu
         .map(str::trim)
         .map(str::to_owned);
     let Some(first_bad) = first_bad else {
+        // git's words when the check passed on the revision it was told is bad.
+        if text.contains(" was both good and bad") {
+            bail!(
+                "The check passed on `{}`, given as --bad: by this check nothing between --good \
+                 and --bad is bad (it must fail, exit 1-124, on a bad revision); its output is above",
+                args.bad
+            );
+        }
         bail!("git bisect run did not name a first bad revision ({status}); its output is above");
     };
     let found = show(client, service, &first_bad)?.deployment;

@@ -136,7 +136,7 @@ pub enum Command {
         service: Option<String>,
     },
     /// Find the first bad deployment (or, with --source, source commit) with `git bisect
-    /// run` on the daemon at --url, booting (and building) each step on demand.
+    /// run` on the daemon the CLI talks to, booting (and building) each step on demand.
     Bisect(BisectArgs),
     /// Internal: one step of `revboot bisect`, run by `git bisect run`.
     #[command(hide = true)]

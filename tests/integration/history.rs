@@ -126,6 +126,24 @@ fn every_pushed_commit_boots_by_name_and_every_bisection_names_the_fifth() {
         "{found}"
     );
 
+    // A check that passes on the revision given as bad is named as the reason nothing was
+    // found (git's own output only says the revision "was both good and bad").
+    let passing = Command::new(env!("CARGO_BIN_EXE_revboot"))
+        .args(["--url", &format!("http://{}", daemon.http)])
+        .args(["--data", &elsewhere.to_string_lossy()])
+        .args(["bisect", "hello", "--good", &short(&all[1]), "--bad", &last])
+        .args(["--", "true"])
+        .env("REVBOOT_TOKEN", &daemon.token)
+        .stdin(Stdio::null())
+        .output()
+        .expect("revboot runs");
+    assert_eq!(passing.status.code(), Some(1), "{}", text(&passing));
+    let said = String::from_utf8_lossy(&passing.stderr);
+    assert!(
+        said.contains(&format!("The check passed on `{last}`, given as --bad")),
+        "{said}"
+    );
+
     // A clone over HTTP checks the service out; the README's commands work in it.
     let clone = temp.path().join("deploy");
     run(Command::new("git")
