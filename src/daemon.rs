@@ -50,7 +50,7 @@ use crate::handover::{Inherited, Sockets};
 use crate::metrics::DaemonMetrics;
 use crate::promote::Promotions;
 use crate::tls::Certificates;
-use crate::wiring::{TlsParts, build_view, first_address, instance_view, tenders};
+use crate::wiring::{TlsParts, build_view, cannot_serve, first_address, instance_view, tenders};
 pub use crate::wiring::{deployer_name, token};
 
 /// How long a stop or kill through the API waits for the instance to end.
@@ -533,7 +533,7 @@ impl Daemon {
             Some(sockets) => (sockets.http, Some(sockets.dns)),
             None => {
                 let listener = std::net::TcpListener::bind(config.http.listen)
-                    .with_context(|| format!("Cannot serve HTTP on {}", config.http.listen))?;
+                    .with_context(|| cannot_serve("HTTP", &config.http.listen, "http"))?;
                 (listener, None)
             }
         };
@@ -612,7 +612,7 @@ impl Daemon {
             Some(sockets) => DnsServer::from_sockets(dns_config, dns_front, sockets),
             None => DnsServer::bind(dns_config, dns_front).await,
         }
-        .with_context(|| format!("Cannot serve DNS on {:?}", config.dns.listen))?;
+        .with_context(|| cannot_serve("DNS", &config.dns.listen, "dns"))?;
         let dns_kept = dns.sockets().context("Cannot keep the DNS sockets")?;
         let dns_metrics = dns.metrics();
         let dns_also: Vec<String> = dns.also_addrs().iter().map(ToString::to_string).collect();

@@ -358,6 +358,13 @@ pub fn render(reply: &Reply, format: Format) -> String {
             for cert in &daemon.certificates {
                 let _ = writeln!(out, "{}", certificate_line(cert));
             }
+            if daemon.certificates.is_empty() {
+                // As the dashboard's Certificates page says it.
+                let _ = writeln!(
+                    out,
+                    "no certificates: the daemon serves no HTTPS ([tls]) and no service's TLS ([acme], [tls.services])"
+                );
+            }
         }
         Reply::Nodes(view) => {
             let Some(me) = &view.node else {

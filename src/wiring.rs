@@ -223,3 +223,13 @@ pub(crate) fn services(
         all
     })
 }
+
+/// Why a listener could not be bound, and how to choose another address: the port may be
+/// another daemon's (one running with the defaults, say), and the user should not have to
+/// look up which flag or key moves it.
+pub(crate) fn cannot_serve(what: &str, listen: &dyn std::fmt::Debug, flag: &str) -> String {
+    format!(
+        "Cannot serve {what} on {listen:?} (another daemon there? `--{flag} ADDRESS` or \
+         [{flag}] listen in revbootd.toml picks another)"
+    )
+}

@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use crate::support::{Daemon, Setup, TOKEN, commit_revision, git, hello_source, run};
+use crate::support::{
+    Daemon, Setup, TOKEN, commit_revision, fresh_pool, git, hello_source, run, serve_refused_on,
+};
 
 /// `program` in `dir` with a clean environment: only `PATH` and a private `HOME` (with
 /// `XDG_CONFIG_HOME` and `GIT_CONFIG_GLOBAL` spelled out under it, so that neither the
@@ -445,4 +447,48 @@ fn completions_load_in_bash_zsh_and_fish_and_the_man_page_renders() {
     for expected in ["revboot", "SUBCOMMANDS", "service", "login", "Exit status"] {
         assert!(text.contains(expected), "no {expected} in:\n{text}");
     }
+}
+
+/// Another daemon holds the ports asked for (one running with the defaults, say): a second
+/// start is refused, naming the address and the flag or key that picks another.
+#[test]
+fn a_daemon_on_ports_another_holds_says_how_to_pick_others() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let running = Daemon::start(&temp.path().join("data"));
+    let config = temp.path().join("revbootd.toml");
+    std::fs::write(&config, "").expect("write revbootd.toml");
+    let taken = [
+        (
+            "HTTP",
+            running.http.to_string(),
+            "127.0.0.1:0".to_owned(),
+            "--http ADDRESS",
+        ),
+        (
+            "DNS",
+            "127.0.0.1:0".to_owned(),
+            running.dns.to_string(),
+            "--dns ADDRESS",
+        ),
+    ];
+    for (what, http, dns, flag) in taken {
+        let data = temp.path().join(format!("second-{what}"));
+        let (status, stderr) = serve_refused_on(&config, &data, &fresh_pool(), &http, &dns);
+        assert_eq!(status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(&format!("Cannot serve {what} on")),
+            "{stderr}"
+        );
+        assert!(stderr.contains(flag), "{stderr}");
+        assert!(stderr.contains("in use"), "{stderr}");
+    }
+    // The first daemon serves on, untouched; it has no TLS, and `revboot certs` says so.
+    assert!(running.cli(&["ps"]).status.success());
+    let certs = running.cli(&["certs"]);
+    let said = String::from_utf8_lossy(&certs.stdout);
+    assert!(certs.status.success(), "{said}");
+    assert!(
+        said.contains("no certificates: the daemon serves no HTTPS"),
+        "{said}"
+    );
 }

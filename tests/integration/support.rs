@@ -472,11 +472,22 @@ fn in_netns(netns: Option<&Path>, program: &str) -> Command {
 /// Starts `revboot serve` with the configuration file `config` and waits (bounded) for it
 /// to exit, as it must at a start it refuses; its exit status and stderr.
 pub fn serve_refused(config: &Path, data: &Path, pool: &str) -> (std::process::ExitStatus, String) {
+    serve_refused_on(config, data, pool, "127.0.0.1:0", "127.0.0.1:0")
+}
+
+/// [`serve_refused`] with the HTTP and DNS addresses given (e.g. ones another daemon holds).
+pub fn serve_refused_on(
+    config: &Path,
+    data: &Path,
+    pool: &str,
+    http: &str,
+    dns: &str,
+) -> (std::process::ExitStatus, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_revboot"))
         .arg("--config")
         .arg(config)
         .args(["--data", &data.to_string_lossy(), "serve"])
-        .args(["--http", "127.0.0.1:0", "--dns", "127.0.0.1:0"])
+        .args(["--http", http, "--dns", dns])
         .args(["--pool", pool, "--token", "t"])
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
