@@ -246,8 +246,10 @@ pub struct ServeArgs {
     /// the configured pools.
     #[arg(long = "pool")]
     pub pools: Vec<revboot_deployer::config::Prefix>,
-    /// The token for pushes and API writes.
-    #[arg(long, env = "REVBOOT_TOKEN")]
+    /// The token for pushes and the API (reads too, unless `[http] public_reads`); default:
+    /// `[http] token`, else one generated into `<data>/token`.
+    // Its value never shows in `--help`, which would print it beside the variable's name.
+    #[arg(long, env = "REVBOOT_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 }
 

@@ -166,14 +166,19 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         }
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(*shell, &mut command, "revboot", &mut std::io::stdout());
+            let mut script = Vec::new();
+            // Into memory first: clap_complete panics on a failed write (a closed pipe).
+            clap_complete::generate(*shell, &mut command, "revboot", &mut script);
+            write_all_stdout(&script).context("Cannot write the completion script")?;
             return Ok(Outcome::Done);
         }
         Command::Man => {
             let command = <Cli as clap::CommandFactory>::command();
+            let mut page = Vec::new();
             clap_mangen::Man::new(command)
-                .render(&mut std::io::stdout())
-                .context("Cannot write the manual page")?;
+                .render(&mut page)
+                .context("Cannot render the manual page")?;
+            write_all_stdout(&page).context("Cannot write the manual page")?;
             return Ok(Outcome::Done);
         }
         Command::Login(args) => return crate::login::login(args, &cli, &config),
@@ -482,4 +487,14 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .thread_name("revboot")
         .build()
         .context("Cannot start the async runtime")
+}
+
+/// Writes `bytes` to standard output; a reader that stopped early (`revboot man | head`)
+/// is no error.
+fn write_all_stdout(bytes: &[u8]) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
 }

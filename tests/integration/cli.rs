@@ -431,6 +431,36 @@ fn completions_load_in_bash_zsh_and_fish_and_the_man_page_renders() {
         "{offered:?}"
     );
 
+    // `--help` names the variable that gives the daemon its token, never its value.
+    for sub in ["serve", "demo"] {
+        let help = run(Command::new(env!("CARGO_BIN_EXE_revboot"))
+            .args([sub, "--help"])
+            .env("REVBOOT_TOKEN", "help-must-not-show-this"));
+        let help = String::from_utf8_lossy(&help.stdout);
+        assert!(help.contains("[env: REVBOOT_TOKEN]"), "{help}");
+        assert!(!help.contains("help-must-not-show-this"), "{help}");
+    }
+
+    // A reader that stops early (`| head`) ends them quietly: no panic, exit 0. The pipe's
+    // read end is closed before they start, so every write fails.
+    for args in [
+        &["completions", "zsh"][..],
+        &["completions", "fish"],
+        &["man"],
+    ] {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let output = Command::new(env!("CARGO_BIN_EXE_revboot"))
+            .args(args)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .expect("run revboot");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+
     // The manual page renders, with every subcommand and the exit codes, and no warning.
     let page = run(Command::new(env!("CARGO_BIN_EXE_revboot")).arg("man"));
     let file = dir.join("revboot.1");
