@@ -136,7 +136,9 @@ pub fn log_filter(cli: &Cli) -> Option<&'static str> {
         (false, 0, false) => Some("warn"),
         (false, 1, false) => Some("info"),
         (false, 1, true) | (false, 2, false) => Some("debug"),
-        (false, _, _) => Some("trace"),
+        // ureq's trace is a hex dump of each request, its Authorization header (the token)
+        // included: never past debug.
+        (false, _, _) => Some("trace,ureq_proto=debug"),
     }
 }
 

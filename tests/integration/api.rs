@@ -218,6 +218,15 @@ fn anonymous_reads_of_api_metrics_and_sources_need_the_token() {
     assert!(clone(temp.path(), &daemon.remote("hello"), "authed"));
     assert!(temp.path().join("authed/revboot.toml").exists());
 
+    // The CLI's most verbose log (-vvv, trace) never shows the token it sends, not even in
+    // a hex dump of the request.
+    let traced = daemon.cli(&["-vvv", "ps"]);
+    assert!(traced.status.success());
+    let trace = String::from_utf8_lossy(&traced.stderr);
+    assert!(trace.contains("TRACE"), "{trace}");
+    assert!(!trace.contains(&daemon.token), "{trace}");
+    assert!(!trace.contains("ureq_proto::util"), "{trace}");
+
     // The CLI sends the token it has; without one it is told what is missing.
     for args in [
         &["ps"][..],
