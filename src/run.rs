@@ -275,6 +275,21 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
     Ok(carry_out(&client, action, &cli))
 }
 
+/// [`service`] for a command whose one word is a label: a user who meant that word as the
+/// service (`revboot show hello`) is told it was taken as the label.
+fn service_of_label(
+    named: Option<&str>,
+    label: &str,
+    client: &Client,
+) -> Result<String, ActionError> {
+    service(named, client).map_err(|error| match (named, error) {
+        (None, ActionError::Invalid(message)) => ActionError::Invalid(format!(
+            "{message} (`{label}` is taken as the label: give the service first, SERVICE LABEL)"
+        )),
+        (_, error) => error,
+    })
+}
+
 /// The action of a command about one service, which it may leave to the current checkout.
 fn service_action(command: &Command, client: &Client) -> Result<Action, ActionError> {
     Ok(match command {
@@ -284,7 +299,7 @@ fn service_action(command: &Command, client: &Client) -> Result<Action, ActionEr
         Command::Show(words) => {
             let (named, label) = words.split();
             Action::Show {
-                service: service(named, client)?,
+                service: service_of_label(named, label, client)?,
                 label: label.to_owned(),
             }
         }
@@ -299,7 +314,7 @@ fn service_action(command: &Command, client: &Client) -> Result<Action, ActionEr
         Command::Rollback(target) | Command::Deploy(target) => {
             let (named, label) = target.target.split();
             Action::MoveLive {
-                service: service(named, client)?,
+                service: service_of_label(named, label, client)?,
                 label: label.to_owned(),
                 reason: if matches!(command, Command::Rollback(_)) {
                     MoveReason::Rollback

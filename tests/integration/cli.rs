@@ -105,6 +105,11 @@ fn after_login_every_command_works_anywhere_with_no_environment() {
     let history = json_of(&elsewhere, &["--json", "log", "hello"]);
     let v1 = history[0]["short"].as_str().expect("short").to_owned();
     json_of(&elsewhere, &["--json", "show", "hello", &v1]);
+    // One word is the label; meant as the service, the error says it was taken as the label.
+    let label_only = cli(&elsewhere, &["show", "hello"]);
+    assert_eq!(label_only.status.code(), Some(2), "{label_only:?}");
+    let said = String::from_utf8_lossy(&label_only.stderr);
+    assert!(said.contains("`hello` is taken as the label"), "{said}");
     json_of(&elsewhere, &["--json", "ps"]);
     let remote = ok(&["remote", "hello"], &cli(&elsewhere, &["remote", "hello"]));
     assert!(
