@@ -359,7 +359,8 @@ pub struct InstanceArgs {
 pub struct LogsArgs {
     /// The service (default: the current checkout's).
     pub service: Option<String>,
-    /// The label (default: live).
+    /// One revision's label: its build log and consoles (default: the live revision's build
+    /// log, and the consoles of every revision of the service).
     pub label: Option<String>,
     /// Only the build log.
     #[arg(long, conflicts_with = "console")]
