@@ -85,6 +85,18 @@ async fn push_examples(info: &DaemonInfo, examples: Option<&Path>) -> anyhow::Re
         ));
         return push(info, &work).await;
     }
+    // A new checkout starts a new history, which git refuses to put over a `hello` pushed
+    // from elsewhere (the README's walkthrough, say): say so before trying.
+    let source = info.data.join("src").join("hello.git");
+    if source.exists() {
+        bail!(
+            "{} has a `hello` the demo did not make (its source repository {}), whose history \
+             the demo's would not continue: run the demo with a data directory of its own, \
+             e.g. --data ./revboot-demo",
+            info.data.display(),
+            source.display()
+        );
+    }
     match examples {
         Some(examples) => copy_tree(&examples.join("hello"), &work)?,
         None => write_hello(&work)?,

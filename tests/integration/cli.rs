@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use crate::support::{
-    Daemon, Setup, TOKEN, commit_revision, fresh_pool, git, hello_source, run, serve_refused_on,
+    Daemon, PATIENCE, Setup, TOKEN, commit_revision, fresh_pool, git, hello_source, push, run,
+    serve_refused_on,
 };
 
 /// `program` in `dir` with a clean environment: only `PATH` and a private `HOME` (with
@@ -526,4 +527,47 @@ fn a_daemon_on_ports_another_holds_says_how_to_pick_others() {
         said.contains("no certificates: the daemon serves no HTTPS"),
         "{said}"
     );
+}
+
+/// The demo run in the data directory of the README's walkthrough, whose `hello` has a
+/// history of its own: it says so and which flag avoids it, before pushing anything.
+#[test]
+fn the_demo_over_a_hello_pushed_from_elsewhere_says_to_use_a_data_directory_of_its_own() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let data = temp.path().join("data");
+    let daemon = Daemon::start(&data);
+    push(&daemon, &hello_source(temp.path()));
+    daemon.stop();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_revboot"))
+        .args(["--data", &data.to_string_lossy(), "demo", "--once"])
+        .args(["--http", "127.0.0.1:0", "--dns", "127.0.0.1:0"])
+        .args(["--pool", &fresh_pool()])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start revboot demo");
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("revboot demo did not exit");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().expect("revboot demo ends");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(output.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("has a `hello` the demo did not make"),
+        "{said}"
+    );
+    assert!(said.contains("--data"), "{said}");
+    assert!(!said.contains("pushing hello v1"), "{said}");
+    assert!(!data.join("demo/hello").exists());
 }
