@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use crate::support::{
-    Daemon, PATIENCE, Setup, TOKEN, commit_revision, fresh_pool, git, hello_source, push, run,
+    Daemon, Setup, TOKEN, commit_revision, exits, fresh_pool, git, hello_source, push, run,
     serve_refused_on,
 };
 
@@ -548,14 +548,7 @@ fn the_demo_over_a_hello_pushed_from_elsewhere_says_to_use_a_data_directory_of_i
         .stderr(Stdio::piped())
         .spawn()
         .expect("start revboot demo");
-    let deadline = std::time::Instant::now() + PATIENCE;
-    while child.try_wait().expect("wait").is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("revboot demo did not exit");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    exits(&mut child, "revboot demo");
     let output = child.wait_with_output().expect("revboot demo ends");
     let said = format!(
         "{}{}",

@@ -495,21 +495,27 @@ pub fn serve_refused_on(
         .stderr(Stdio::piped())
         .spawn()
         .expect("start revboot serve");
-    let deadline = Instant::now() + PATIENCE;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("revboot serve did not exit");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = exits(&mut child, "revboot serve");
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().expect("piped"), &mut stderr)
         .expect("read stderr");
     (status, stderr)
+}
+
+/// Waits (bounded) for `child`, which must end by itself (a start it refuses): its exit
+/// status; killed, and the test failed, past [`PATIENCE`].
+pub fn exits(child: &mut std::process::Child, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{what} did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Waits (bounded) until `check` holds.
