@@ -13,7 +13,7 @@ Exit status:
   0  success
   1  revboot or its surroundings failed (a configuration file, a file, an internal error)
   2  a bad command line or value, or a wrong token
-  3  not found, ambiguous, or in conflict (a name taken, builds running)
+  3  not found, ambiguous, or in conflict (a name taken, builds running, a failed check)
   4  unavailable: try again (the daemon is not running, a limit is reached, being built)
   `bisect` exits 0 when it names the first bad revision; `bisect-step` uses git bisect's codes.
 
