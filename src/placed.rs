@@ -234,7 +234,7 @@ impl Placed {
             },
             addresses,
             port: view.port,
-            backend: SocketAddr::new(first, view.port),
+            backend: revboot_deployer::Backend::known(SocketAddr::new(first, view.port)),
             boot_timeout: ASK_TIMEOUT,
             reach: revboot_store::manifest::Reach::Address,
             state: receiver,

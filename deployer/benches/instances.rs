@@ -64,6 +64,14 @@ fn ms(d: Duration) -> String {
 }
 
 /// Sends a request and waits for the first byte of the answer.
+/// Where a process instance accepts connections: known from its summon on.
+fn backend_of(summoned: &revboot_deployer::Summoned) -> SocketAddr {
+    summoned
+        .backend
+        .get()
+        .expect("a process instance's backend is known from its summon")
+}
+
 fn first_byte(address: SocketAddr) -> std::io::Result<()> {
     let mut stream = TcpStream::connect_timeout(&address, PATIENCE)?;
     stream.set_read_timeout(Some(PATIENCE))?;
@@ -191,7 +199,7 @@ async fn run() {
 
     // Warm the image cache and the page cache.
     let warm = deployer.summon("hello", &shared, None).unwrap();
-    tokio::task::spawn_blocking(move || first_byte(warm.backend))
+    tokio::task::spawn_blocking(move || first_byte(backend_of(&warm)))
         .await
         .unwrap()
         .unwrap();
@@ -207,7 +215,7 @@ async fn run() {
     for _ in 0..cold {
         let start = Instant::now();
         let summoned = deployer.summon("hello", &shared, None).unwrap();
-        let backend = summoned.backend;
+        let backend = backend_of(&summoned);
         let answered = tokio::task::spawn_blocking(move || first_byte(backend))
             .await
             .unwrap();
@@ -250,7 +258,7 @@ async fn run() {
     let mut current = deployer.summon("hello", &shared, None).unwrap();
     wait(&mut current.state.clone(), InstanceState::is_serving).await;
     for _ in 0..crashes {
-        let backend = current.backend;
+        let backend = backend_of(&current);
         let mut state = current.state.clone();
         tokio::task::spawn_blocking(move || {
             let _ = TcpStream::connect(backend)

@@ -13,7 +13,8 @@
 //! 1. **cold** — nothing runs. A [`Instances::summon`] (a DNS query, a connection at the
 //!    proxy) checks the crash-loop back-off and the caps (global, per service, clients per
 //!    per-client service), takes a service address from the pool and lets the tender claim
-//!    the backend socket; it returns at once. Concurrent summons of one instance get the
+//!    the backend socket (a VM's forward is bound by qemu itself, and its port known once
+//!    qemu runs: [`Backend`]); it returns at once. Concurrent summons of one instance get the
 //!    same one. When a per-client service's client slots are full, a new client gets the
 //!    slot of the client instance quiet longest with no connection open, which is stopped
 //!    (`stopped: client slot reclaimed for a new client`); with none such, the summon is
@@ -133,7 +134,10 @@
 //! let summoned = deployer.summon("hello", &resolved.revision, None)?;
 //! let mut state = summoned.state.clone();
 //! state.wait_for(InstanceState::is_serving).await?;
-//! println!("hello serves on {}", summoned.backend);
+//! // Known once the instance is ready (a VM's port forward: once qemu bound it).
+//! if let Some(backend) = summoned.backend.get() {
+//!     println!("hello serves on {backend}");
+//! }
 //! deployer.shutdown().await;
 //! # Ok(())
 //! # }
@@ -170,7 +174,7 @@ pub use deployer::{
 pub use handoff::{Handoff, HandoffError};
 pub use revboot_store::manifest::{Reach, Tls as TlsMode};
 pub use summon::{
-    Activity, InstanceKey, InstanceState, Instances, LaunchScope, ResolveError, Resolved,
+    Activity, Backend, InstanceKey, InstanceState, Instances, LaunchScope, ResolveError, Resolved,
     SummonError, Summoned,
 };
 pub use tender::{Tender, Tenders};

@@ -127,8 +127,9 @@ pub struct Summoned {
     pub addresses: ServiceAddresses,
     /// The port clients connect to on each of `addresses`.
     pub port: u16,
-    /// Where the instance itself accepts connections (the proxy connects here).
-    pub backend: SocketAddr,
+    /// Where the instance itself accepts connections (the proxy connects here): known once
+    /// the instance is ready at the latest.
+    pub backend: Backend,
     /// How long a connection may wait for the instance to become ready.
     pub boot_timeout: Duration,
     /// How clients reach it (the proxy listens on its service addresses only when they are
@@ -136,6 +137,37 @@ pub struct Summoned {
     pub reach: Reach,
     /// The instance's state.
     pub state: watch::Receiver<InstanceState>,
+}
+
+/// Where an instance accepts connections ([`Summoned::backend`]), shared by every copy of
+/// its [`Summoned`]: known from the summon on for most instances; for a VM whose port
+/// forward's port qemu picks as it binds it, once the tender learnt it after the start.
+/// Either way it is known before the instance is ready, so before any connection is
+/// relayed or steered to it; it never changes once known.
+#[derive(Debug, Clone, Default)]
+pub struct Backend(std::sync::Arc<std::sync::OnceLock<SocketAddr>>);
+
+impl Backend {
+    /// A backend known now.
+    pub fn known(address: SocketAddr) -> Backend {
+        Backend(std::sync::Arc::new(std::sync::OnceLock::from(address)))
+    }
+
+    /// A backend learnt later ([`Backend::learn`]).
+    pub fn later() -> Backend {
+        Backend::default()
+    }
+
+    /// The address, once known.
+    pub fn get(&self) -> Option<SocketAddr> {
+        self.0.get().copied()
+    }
+
+    /// Records the address, seen by every copy from now on; an address known already
+    /// stays (false then, unless it is the same).
+    pub fn learn(&self, address: SocketAddr) -> bool {
+        *self.0.get_or_init(|| address) == address
+    }
 }
 
 /// Why a name does not resolve.

@@ -119,7 +119,10 @@ async fn run(rounds: usize) {
             (summoned, to)
         } else {
             let summoned = deployer.summon("hello", &revision, None).expect("summon");
-            let to = summoned.backend;
+            let to = summoned
+                .backend
+                .get()
+                .expect("a process instance's backend is known");
             (summoned, to)
         };
         // A new instance every round: the previous one was killed and is gone.

@@ -103,7 +103,7 @@ pub(crate) fn listen(shared: &Arc<Shared>, summoned: &Summoned) -> Result<(), Li
         return Ok(());
     }
     for address in summoned.addresses.with_port(summoned.port) {
-        if summoned.backend == address {
+        if summoned.backend.get() == Some(address) {
             // The instance owns the client address itself: nothing to front.
             debug!(%address, key = %summoned.key, "instance listens on its service address");
             continue;
@@ -385,7 +385,7 @@ pub(crate) async fn serve(
         }
     }
     let mut backend = match connect(
-        summoned.backend,
+        summoned.backend.get(),
         shared.config.connect_timeout,
         &shared.cancel,
     )
@@ -394,7 +394,7 @@ pub(crate) async fn serve(
         Ok(backend) => backend,
         Err(error) => {
             bump(&metrics.backend_failures);
-            warn!(%error, %peer, key = %summoned.key, backend = %summoned.backend, "cannot connect to ready instance");
+            warn!(%error, %peer, key = %summoned.key, backend = ?summoned.backend.get(), "cannot connect to ready instance");
             return fail(
                 &mut client,
                 on_failure,
@@ -535,11 +535,14 @@ fn describe(state: &InstanceState) -> String {
 }
 
 /// Step 7: connects, retrying refusals (a backend that reports ready a moment early).
+/// `backend` is known once the instance is ready (`Summoned::backend`): `None` is an error.
 pub(crate) async fn connect(
-    backend: SocketAddr,
+    backend: Option<SocketAddr>,
     timeout: Duration,
     cancel: &CancellationToken,
 ) -> io::Result<TcpStream> {
+    let backend = backend
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "its address is not known"))?;
     let deadline = Instant::now() + timeout;
     loop {
         let attempt = tokio::select! {

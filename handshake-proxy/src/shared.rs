@@ -267,7 +267,7 @@ impl Shared {
             // A final state keeps its listener while the deployer keeps the address: the next
             // connection summons a new instance.
             let owned = self.inner.by_address(address.ip()).is_some_and(|summoned| {
-                summoned.port == address.port() && summoned.backend != address
+                summoned.port == address.port() && summoned.backend.get() != Some(address)
             });
             if owned {
                 continue;

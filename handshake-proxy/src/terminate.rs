@@ -148,7 +148,7 @@ pub(crate) async fn serve(
         }
     }
     let mut backend = match connection::connect(
-        summoned.backend,
+        summoned.backend.get(),
         shared.config.connect_timeout,
         &shared.cancel,
     )

@@ -326,7 +326,7 @@ impl Fake {
             key: key.clone(),
             addresses: instance.addresses,
             port,
-            backend: instance.backend,
+            backend: revboot_deployer::Backend::known(instance.backend),
             boot_timeout: self.behaviour.boot_timeout,
             reach,
             state: instance.state.subscribe(),

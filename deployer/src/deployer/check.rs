@@ -96,7 +96,9 @@ impl Deployer {
                 }
             }
         }
-        let backend = summoned.backend;
+        let Some(backend) = summoned.backend.get() else {
+            return Err("its address is not known".to_owned());
+        };
         match probe {
             CheckProbe::Http(path) => loop {
                 let last = match status_line(backend, path).await {

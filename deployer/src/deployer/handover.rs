@@ -68,7 +68,8 @@ pub struct HandedInstance {
     pub client_len: Option<u8>,
     /// The port clients connect to.
     pub port: u16,
-    /// Where it accepts connections.
+    /// Where it accepts connections; port 0 while it was not known yet (a VM handed over
+    /// before qemu said which port its forward bound: the next daemon learns it again).
     pub backend: SocketAddr,
     /// The host uid it runs as.
     pub uid: u32,
@@ -127,7 +128,10 @@ pub(super) fn handed(
         addresses: entry.addresses.iter().collect(),
         client_len: entry.key.client.map(|client| client.len()),
         port: entry.port,
-        backend: entry.backend,
+        backend: entry
+            .backend
+            .get()
+            .unwrap_or_else(|| SocketAddr::new(entry.addresses.primary(), 0)),
         uid: entry.uid,
         console: handed.console.as_raw_fd(),
         console_tail: hex::encode(&handed.tail),
@@ -259,7 +263,10 @@ impl Deployer {
             key: key.clone(),
             addresses,
             port: instance.port,
-            backend: instance.backend,
+            backend: match instance.backend.port() {
+                0 => crate::Backend::later(),
+                _ => crate::Backend::known(instance.backend),
+            },
             uid: instance.uid,
             boot_timeout: Duration::from_millis(run.boot_timeout_ms),
             reach: run.reach,

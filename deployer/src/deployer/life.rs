@@ -83,6 +83,7 @@ pub(super) async fn tend(
             .put(entry.record(started_at_ms, scratch.clone(), footprint))
             .await;
         let running: &dyn Running = &**running.insert(booted);
+        learn_backend(entry, running);
         if running.holds_handshakes() {
             // Its socket holds what arrives until it accepts: connections made during the
             // boot wait there, not in the proxy's relay.
@@ -223,6 +224,12 @@ pub(super) async fn become_ready(
         Ok(ready) => ready,
         Err(command) => return Err(ended_by(deployer, entry, running, command).await),
     };
+    // Where it accepts connections is known once it is ready (a VM's forward whose port
+    // qemu picked: learnt once it ran), before anything is relayed or steered to it.
+    let ready = ready.and_then(|()| {
+        learn_backend(entry, running);
+        entry.backend.get().map(drop).ok_or(NotReady::NoBackend)
+    });
     if let Err(error) = ready {
         running.kill();
         // An instance that ended by itself says how.
@@ -249,6 +256,15 @@ pub(super) async fn become_ready(
         deployer.steer(entry, running);
     }
     Ok(now)
+}
+
+/// Records where `running` accepts connections, once its tender knows.
+fn learn_backend(entry: &Entry, running: &dyn Running) {
+    if let Some(backend) = running.backend()
+        && !entry.backend.learn(backend)
+    {
+        warn!(instance = %entry.key, %backend, known = ?entry.backend.get(), "the tender moved the backend: the first address stays");
+    }
 }
 
 /// The end that `command` makes: handed to the next daemon if it asks for that and the
@@ -354,7 +370,7 @@ pub(super) fn connected_directly(entry: &Entry) -> bool {
     let direct = entry
         .addresses
         .with_port(entry.port)
-        .any(|front| front == entry.backend);
+        .any(|front| entry.backend.get() == Some(front));
     if !direct && !entry.is_steered() {
         return false;
     }
@@ -470,7 +486,10 @@ impl Deployer {
             return;
         }
         let mut fronts: Vec<SocketAddr> = entry.addresses.with_port(entry.port).collect();
-        if fronts.contains(&entry.backend) {
+        let Some(backend) = entry.backend.get() else {
+            return;
+        };
+        if fronts.contains(&backend) {
             return;
         }
         let client = entry.key.client;

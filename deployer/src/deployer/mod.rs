@@ -128,8 +128,9 @@ pub struct InstanceInfo {
     pub key: InstanceKey,
     /// Its service addresses.
     pub addresses: ServiceAddresses,
-    /// Where it accepts connections.
-    pub backend: SocketAddr,
+    /// Where it accepts connections, once known (for a VM whose forward's port qemu picks:
+    /// once it runs).
+    pub backend: Option<SocketAddr>,
     /// Its state.
     pub state: InstanceState,
     /// Time since the summon that started it.
@@ -371,7 +372,7 @@ impl Deployer {
                 id: entry.id.clone(),
                 key: entry.key.clone(),
                 addresses: entry.addresses,
-                backend: entry.backend,
+                backend: entry.backend.get(),
                 state: entry.state.borrow().clone(),
                 uptime: entry.started.elapsed(),
                 connections: entry.open.load(Ordering::Relaxed).max(0) as u64,

@@ -10,7 +10,7 @@
 //!    a crash, and gives the address back.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -104,7 +104,8 @@ pub(super) struct Entry {
     pub(super) key: InstanceKey,
     pub(super) addresses: ServiceAddresses,
     pub(super) port: u16,
-    pub(super) backend: SocketAddr,
+    /// Where it accepts connections: known once it is ready at the latest.
+    pub(super) backend: crate::Backend,
     /// The host uid it runs as.
     pub(super) uid: u32,
     pub(super) boot_timeout: Duration,
@@ -227,7 +228,7 @@ impl Deployer {
             key: entry.key.clone(),
             addresses: entry.addresses,
             port: entry.port,
-            backend: entry.backend,
+            backend: entry.backend.clone(),
             boot_timeout: entry.boot_timeout,
             reach: entry.reach,
             state: entry.state.subscribe(),
@@ -361,7 +362,9 @@ impl Deployer {
             key: key.clone(),
             addresses,
             port: run.port,
-            backend: prepared.backend(),
+            backend: prepared
+                .backend()
+                .map_or_else(crate::Backend::later, crate::Backend::known),
             uid: uid.uid(),
             boot_timeout: Duration::from_millis(run.boot_timeout_ms),
             reach: run.reach,
@@ -392,7 +395,7 @@ impl Deployer {
         self.metrics.booted();
         let summoned = Self::summoned(&entry);
         self.tasks.fetch_add(1, Ordering::AcqRel);
-        debug!(instance = %key, id = entry.id, %addresses, backend = %entry.backend, "summoned");
+        debug!(instance = %key, id = entry.id, %addresses, backend = ?entry.backend.get(), "summoned");
         let runtime = self.runtime.clone();
         let info = Arc::clone(info);
         crate::summon::launch(move || {

@@ -4,8 +4,10 @@
 //! where it accepts connections, what it prints and how it ended.
 //!
 //! 1. [`Tender::prepare`] (synchronous, fast) claims the backend endpoint — the process
-//!    tender binds the listening socket, a VM tender picks its forwarded port — so the
-//!    address is known, and connections can queue, before anything boots.
+//!    tender binds the listening socket, so the address is known, and connections can
+//!    queue, before anything boots. A VM tender whose forward binds a port of qemu's own
+//!    picking learns it once qemu runs ([`Prepared::backend`] is then `None`), and
+//!    [`Running::ready`] succeeds only once [`Running::backend`] is known.
 //! 2. [`Prepared::boot`] (async) starts the image and resolves once it runs.
 //! 3. [`Running::ready`] waits for the manifest's readiness probe (a default covers the
 //!    probes every backend shares).
@@ -217,6 +219,10 @@ pub enum NotReady {
     /// The instance ended before it was ready.
     #[error("exited before it was ready")]
     Exited,
+    /// Its tender could not tell where it accepts connections (qemu did not say which
+    /// port its forward bound).
+    #[error("its tender could not tell where it accepts connections")]
+    NoBackend,
 }
 
 /// A backend that runs images.
@@ -279,7 +285,8 @@ pub struct Handed {
 /// An instance the previous daemon handed over, as the tender gets it back.
 #[derive(Debug)]
 pub struct Adopted {
-    /// Where it accepts connections.
+    /// Where it accepts connections; port 0 when it was not known yet (the tender learns
+    /// it again).
     pub backend: SocketAddr,
     /// Its process and cgroups.
     pub footprint: Footprint,
@@ -295,8 +302,9 @@ pub struct Adopted {
 
 /// An instance whose endpoint is claimed but that has not started.
 pub trait Prepared: Send + fmt::Debug {
-    /// Where the instance will accept connections.
-    fn backend(&self) -> SocketAddr;
+    /// Where the instance will accept connections; `None` when the tender learns it once
+    /// the instance runs ([`Running::backend`]).
+    fn backend(&self) -> Option<SocketAddr>;
 
     /// The daemon's end of the instance's hand-off socket, for an instance that takes
     /// connections handed to it (`crate::handoff`); none by default.
@@ -313,8 +321,9 @@ pub trait Prepared: Send + fmt::Debug {
 
 /// A running instance.
 pub trait Running: Send + Sync + fmt::Debug {
-    /// Where the instance accepts connections.
-    fn backend(&self) -> SocketAddr;
+    /// Where the instance accepts connections; known once [`Running::ready`] succeeded at
+    /// the latest (`None` before, for a tender that learns it after the start).
+    fn backend(&self) -> Option<SocketAddr>;
 
     /// Its console.
     fn console(&self) -> &Console;
@@ -338,7 +347,10 @@ pub trait Running: Send + Sync + fmt::Debug {
         let pid = self.footprint().pid.ok_or_else(|| {
             std::io::Error::new(std::io::ErrorKind::NotFound, "the instance has no pid")
         })?;
-        crate::steer::listener_of(pid, self.backend())
+        let backend = self.backend().ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, "its address is not known yet")
+        })?;
+        crate::steer::listener_of(pid, backend)
     }
 
     /// True if the socket [`Running::listener`] gives listens from the start of the boot
@@ -364,8 +376,11 @@ pub trait Running: Send + Sync + fmt::Debug {
         probe: &'a Ready,
         timeout: Duration,
     ) -> BoxFuture<'a, Result<(), NotReady>> {
+        let Some(backend) = self.backend() else {
+            return Box::pin(async { Err(NotReady::NoBackend) });
+        };
         Box::pin(probe_ready(
-            self.backend(),
+            backend,
             self.console(),
             self.exit(),
             probe,

@@ -38,8 +38,13 @@ async fn summon_connect_and_the_right_revision_answers() {
     let world = World::new(1, |_| {});
     let (revision, summoned) = summon_hello(&world);
     assert_eq!(summoned.port, 8080);
-    assert_eq!(summoned.backend.ip(), summoned.addresses.primary());
-    let response = http_get(summoned.backend, "/").await.expect("answer");
+    assert_eq!(
+        support::backend_of(&summoned).ip(),
+        summoned.addresses.primary()
+    );
+    let response = http_get(support::backend_of(&summoned), "/")
+        .await
+        .expect("answer");
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(
         response.contains(&format!("hello from v1 ({revision})")),
@@ -95,7 +100,10 @@ async fn two_revisions_run_side_by_side_on_different_addresses() {
         .summon("hello", &second, None)
         .expect("summon second");
     assert_ne!(a.addresses.primary(), b.addresses.primary());
-    let (answer_a, answer_b) = tokio::join!(http_get(a.backend, "/"), http_get(b.backend, "/"));
+    let (answer_a, answer_b) = tokio::join!(
+        http_get(support::backend_of(&a), "/"),
+        http_get(support::backend_of(&b), "/")
+    );
     let states = || format!("{:?} / {:?}", *a.state.borrow(), *b.state.borrow());
     let (answer_a, answer_b) = (
         answer_a.unwrap_or_else(|e| panic!("first answers: {e}; {}", states())),
@@ -129,7 +137,8 @@ async fn a_connection_made_as_the_boot_starts_is_served_not_refused() {
         let held = scope.close();
         assert_eq!(*summoned.state.borrow(), InstanceState::Booting);
         // The kernel completes the handshake on the socket the tender bound at summon.
-        let mut stream = std::net::TcpStream::connect(summoned.backend).expect("accepted");
+        let mut stream =
+            std::net::TcpStream::connect(support::backend_of(&summoned)).expect("accepted");
         stream
             .write_all(b"GET / HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n")
             .expect("request sent");
@@ -160,7 +169,9 @@ async fn idle_reaping_stops_the_instance_and_writes_its_log_back() {
     world
         .deployer
         .activity(&summoned.key, Activity::ConnectionOpened);
-    let response = http_get(summoned.backend, "/").await.expect("answer");
+    let response = http_get(support::backend_of(&summoned), "/")
+        .await
+        .expect("answer");
     assert!(response.contains("hello from v1"));
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     assert!(
@@ -247,7 +258,7 @@ async fn idle_stop_is_recorded_as_idle_not_as_killed_by_signal_9() {
 async fn a_crash_is_recorded_with_its_console_tail_and_the_next_summon_boots_again() {
     let world = World::new(5, |_| {});
     let (revision, summoned) = summon_hello(&world);
-    let _ = http_get(summoned.backend, "/crash").await;
+    let _ = http_get(support::backend_of(&summoned), "/crash").await;
     let mut state = summoned.state.clone();
     let end = support::wait_state(&mut state, InstanceState::is_final).await;
     assert_eq!(
@@ -273,7 +284,9 @@ async fn a_crash_is_recorded_with_its_console_tail_and_the_next_summon_boots_aga
         .deployer
         .summon("hello", &revision, None)
         .expect("boots again");
-    let response = http_get(again.backend, "/").await.expect("answer");
+    let response = http_get(support::backend_of(&again), "/")
+        .await
+        .expect("answer");
     assert!(response.contains("hello from v1"));
     world.deployer.shutdown().await;
 }
@@ -298,7 +311,7 @@ async fn a_crash_loop_backs_off() {
             .deployer
             .summon("hello", &revision, None)
             .expect("boots");
-        let _ = http_get(summoned.backend, "/crash").await;
+        let _ = http_get(support::backend_of(&summoned), "/crash").await;
         let mut state = summoned.state.clone();
         let end = support::wait_state(&mut state, InstanceState::is_final).await;
         assert!(matches!(end, InstanceState::Crashed { .. }), "{end:?}");
@@ -408,7 +421,9 @@ async fn concurrent_summons_boot_one_instance() {
             .all(|s| s.addresses.primary() == summoned[0].addresses.primary())
     );
     assert_eq!(world.deployer.list().len(), 1);
-    let response = http_get(summoned[0].backend, "/").await.expect("answer");
+    let response = http_get(support::backend_of(&summoned[0]), "/")
+        .await
+        .expect("answer");
     assert!(response.contains(&revision.to_string()));
     world.deployer.shutdown().await;
 }
@@ -420,11 +435,16 @@ async fn behind_a_proxy_the_backend_is_an_ephemeral_port_on_the_service_address(
     });
     let (_, summoned) = summon_hello(&world);
     assert_eq!(summoned.port, 8080);
-    assert_eq!(summoned.backend.ip(), summoned.addresses.primary());
-    assert_ne!(summoned.backend.port(), 8080);
+    assert_eq!(
+        support::backend_of(&summoned).ip(),
+        summoned.addresses.primary()
+    );
+    assert_ne!(support::backend_of(&summoned).port(), 8080);
     // The service address and port stay free for the proxy to listen on.
     assert!(support::bindable(summoned.addresses.primary(), 8080));
-    let response = http_get(summoned.backend, "/").await.expect("answer");
+    let response = http_get(support::backend_of(&summoned), "/")
+        .await
+        .expect("answer");
     assert!(response.contains("hello from v1"), "{response}");
     world.deployer.shutdown().await;
 }
@@ -512,12 +532,15 @@ async fn without_a_proxy_an_open_quiet_connection_keeps_the_instance_alive() {
     let (_, summoned) = summon_hello(&world);
     // Clients reach the instance's own socket; nobody reports their connections.
     assert_eq!(
-        summoned.backend,
-        std::net::SocketAddr::new(summoned.addresses.primary(), summoned.port)
+        summoned.backend.get(),
+        Some(std::net::SocketAddr::new(
+            summoned.addresses.primary(),
+            summoned.port
+        ))
     );
     let mut state = summoned.state.clone();
     support::wait_state(&mut state, InstanceState::is_serving).await;
-    let quiet = tokio::net::TcpStream::connect(summoned.backend)
+    let quiet = tokio::net::TcpStream::connect(support::backend_of(&summoned))
         .await
         .expect("connect");
     tokio::time::sleep(Duration::from_millis(3_000)).await;

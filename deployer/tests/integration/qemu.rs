@@ -162,7 +162,9 @@ pub(super) fn console(running: &dyn Running) -> String {
     String::from_utf8_lossy(&running.console().tail()).into_owned()
 }
 
-pub(super) async fn get(backend: std::net::SocketAddr, path: &str) -> String {
+/// `GET path` at `backend`, known once the instance is ready.
+pub(super) async fn get(backend: Option<std::net::SocketAddr>, path: &str) -> String {
+    let backend = backend.expect("the backend is known once the instance is ready");
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(backend).await?;
         let request = format!("GET {path} HTTP/1.1\r\nhost: hello-vm\r\n\r\n");
@@ -283,6 +285,42 @@ async fn a_taken_port_is_refused_before_anything_boots() {
     };
     let error = tender.prepare(spec).expect_err("the port is taken");
     assert!(error.to_string().contains(&port.to_string()), "{error}");
+}
+
+/// The forward's host port is qemu's own pick as it binds it. It used to be picked by the
+/// tender at `prepare` (a port bound and released for qemu to bind), and another process
+/// could take it in between: qemu then could not bind its forward and the boot failed. Here
+/// another process takes whatever port is named before the boot, and holds a port of the
+/// forward's address besides: the VM boots, serves, and says where once it runs.
+#[tokio::test]
+async fn a_vm_boots_while_another_process_holds_the_port_named_before_its_boot() {
+    let image = tokio::task::spawn_blocking(|| build_image(None))
+        .await
+        .expect("build task");
+    let scratch = tempfile::tempdir().expect("scratch");
+    let tender = QemuTender::new(cold(), &host(scratch.path(), "qemu-pick")).expect("tender");
+    let prepared = tender
+        .prepare(spec("qemu-pick", scratch.path().join("scratch")))
+        .expect("prepare");
+    // With a port picked ahead, this listener would take it from qemu.
+    let named = prepared.backend();
+    let _taken = named.map(|port| std::net::TcpListener::bind(port).expect("bind"));
+    assert_eq!(named, None, "a port was picked before qemu started");
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let held = held.local_addr().expect("addr");
+    let running = tokio::time::timeout(PATIENCE, prepared.boot(image))
+        .await
+        .expect("boot in time")
+        .expect("qemu starts");
+    let ready = running.ready(&manifest().run.ready, PATIENCE).await;
+    assert_eq!(ready, Ok(()), "{}", console(&*running));
+    let backend = running.backend().expect("known once ready");
+    assert_eq!(backend.ip(), held.ip());
+    assert_ne!(backend.port(), held.port());
+    let response = get(Some(backend), "/").await;
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    running.stop();
+    exit_of(&*running).await;
 }
 
 /// The same images through the deployer: summoned, watched, reaped, recorded in the store.
@@ -413,7 +451,9 @@ mod through_the_deployer {
         let ready =
             support::wait_state(&mut state, |state| state.is_serving() || state.is_final()).await;
         assert!(ready.is_serving(), "{ready:?}");
-        let response = http_get(summoned.backend, "/").await.expect("an answer");
+        let response = http_get(support::backend_of(&summoned), "/")
+            .await
+            .expect("an answer");
         assert!(
             response.ends_with(&format!("hello from v1 ({})\n", revision.to_hex())),
             "{response}"

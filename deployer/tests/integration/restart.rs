@@ -59,7 +59,9 @@ async fn daemon_child() {
         let summoned = deployer.summon("hello", revision, None).expect("summon");
         let mut state = summoned.state.clone();
         support::wait_state(&mut state, InstanceState::is_serving).await;
-        let response = http_get(summoned.backend, "/").await.expect("answer");
+        let response = http_get(support::backend_of(&summoned), "/")
+            .await
+            .expect("answer");
         assert!(response.contains("hello from v1"));
     }
     for info in deployer.list() {
@@ -175,7 +177,9 @@ async fn daemon_killed_with_instances_running_leaves_no_orphan() {
     let summoned = deployer
         .summon("hello", &revisions[0], None)
         .expect("summon again");
-    let response = http_get(summoned.backend, "/").await.expect("answer");
+    let response = http_get(support::backend_of(&summoned), "/")
+        .await
+        .expect("answer");
     assert!(response.contains(&revisions[0].to_string()), "{response}");
     deployer.shutdown().await;
     assert!(cgroup_children(&name).is_empty());

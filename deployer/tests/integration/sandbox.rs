@@ -208,7 +208,7 @@ async fn a_hostile_service_is_refused_every_way_out_and_the_host_is_unchanged() 
         let state = support::wait_state(&mut state, |s| s.is_serving() || s.is_final()).await;
         assert!(state.is_serving(), "{state:?}");
     }
-    let backend = summoned.backend;
+    let backend = support::backend_of(&summoned);
 
     let whoami = attempt(backend, "whoami").await;
     assert!(!whoami.contains("uid=0"), "not root: {whoami}");
@@ -240,7 +240,7 @@ async fn a_hostile_service_is_refused_every_way_out_and_the_host_is_unchanged() 
         "setgid?gid=0".to_owned(),
         "raw_socket".to_owned(),
         format!("connect?addr={}", api.local_addr().expect("api address")),
-        format!("connect?addr={}", neighbour.backend),
+        format!("connect?addr={}", support::backend_of(&neighbour)),
         "keyctl".to_owned(),
         "perf_event_open".to_owned(),
         "userfaultfd".to_owned(),
@@ -309,9 +309,12 @@ async fn an_instance_that_closes_its_output_is_still_watched_to_its_exit() {
     assert!(console.contains("probe done"), "{console}");
     let info = world.deployer.list().pop().expect("the probe runs");
     // Its console has ended; it has not.
-    let answer = support::http_get(info.backend, "/")
-        .await
-        .expect("an answer");
+    let answer = support::http_get(
+        info.backend.expect("a process instance's backend is known"),
+        "/",
+    )
+    .await
+    .expect("an answer");
     assert!(answer.ends_with("probe ok\n"), "{answer}");
     assert!(world.deployer.list()[0].state.is_serving());
     // A summon of a running instance returns it, with its state: taken before the exit.
@@ -321,7 +324,11 @@ async fn an_instance_that_closes_its_output_is_still_watched_to_its_exit() {
         .expect("summon");
     assert_eq!(running.key, info.key);
     let mut state = running.state.clone();
-    let _ = support::http_get(info.backend, "/exit").await;
+    let _ = support::http_get(
+        info.backend.expect("a process instance's backend is known"),
+        "/exit",
+    )
+    .await;
     let end = support::wait_state(&mut state, InstanceState::is_final).await;
     assert_eq!(
         end,

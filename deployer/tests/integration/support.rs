@@ -133,6 +133,14 @@ pub async fn wait_state(
         .clone()
 }
 
+/// Where a process instance accepts connections: known from its summon on.
+pub fn backend_of(summoned: &revboot_deployer::Summoned) -> SocketAddr {
+    summoned
+        .backend
+        .get()
+        .expect("a process instance's backend is known from its summon")
+}
+
 /// `GET path` over a real TCP connection; the whole response.
 pub async fn http_get(address: SocketAddr, path: &str) -> std::io::Result<String> {
     let exchange = async {

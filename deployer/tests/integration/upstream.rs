@@ -118,14 +118,14 @@ async fn a_gatekeeper_reaches_its_granted_upstream_and_the_grant_ends_with_it() 
     // Its socket admits nobody but its client (and its own address): not even the host.
     let stranger = tokio::time::timeout(
         Duration::from_secs(2),
-        tokio::net::TcpStream::connect(summoned.backend),
+        tokio::net::TcpStream::connect(support::backend_of(&summoned)),
     )
     .await;
     assert!(
         !matches!(stranger, Ok(Ok(_))),
         "a connection from 127.0.0.1 completed"
     );
-    let answer = get_from(client, summoned.backend, "/api/x")
+    let answer = get_from(client, support::backend_of(&summoned), "/api/x")
         .await
         .expect("answer");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
@@ -172,7 +172,7 @@ async fn without_a_grant_there_is_no_way_out() {
     let mut state = summoned.state.clone();
     let ready = support::wait_state(&mut state, |s| s.is_serving() || s.is_final()).await;
     assert!(ready.is_serving(), "{ready:?}");
-    let answer = get_from(client, summoned.backend, "/api/x")
+    let answer = get_from(client, support::backend_of(&summoned), "/api/x")
         .await
         .expect("answer");
     assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
@@ -222,7 +222,7 @@ async fn cannot_reach_a_unix_socket_outside_its_scratch() {
     let mut state = summoned.state.clone();
     let ready = support::wait_state(&mut state, |s| s.is_serving() || s.is_final()).await;
     assert!(ready.is_serving(), "{ready:?}");
-    let answer = get_from(client, summoned.backend, "/api/x")
+    let answer = get_from(client, support::backend_of(&summoned), "/api/x")
         .await
         .expect("answer");
     let console = world.deployer.console(&summoned.key).expect("console");

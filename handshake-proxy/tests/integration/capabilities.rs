@@ -21,7 +21,7 @@ async fn five_hundred_clients_at_once_on_a_cold_instance_are_all_served_by_one_b
     let world = World::new(1, |deployer, _| deployer.steer = false);
     // The gated image stays booting until the test opens it: every client arrives cold.
     let (revision, summoned) = support::summon_gated(&world);
-    assert_ne!(summoned.backend, service_address(&summoned));
+    assert_ne!(summoned.backend.get(), Some(service_address(&summoned)));
     let address = service_address(&summoned);
     let start = Arc::new(tokio::sync::Barrier::new(500));
     let clients: Vec<_> = (0..500)

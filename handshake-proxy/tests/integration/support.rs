@@ -246,7 +246,11 @@ pub fn summon_gated(world: &World) -> (Revision, revboot_deployer::Summoned) {
 /// Ends the gated instance's boot: `GET /open` sent straight to its backend (not through
 /// the proxy), then waits (bounded) until it serves.
 pub async fn open_gate(summoned: &revboot_deployer::Summoned) {
-    let response = http_get(summoned.backend, None, "/open")
+    let backend = summoned
+        .backend
+        .get()
+        .expect("a process instance's backend is known");
+    let response = http_get(backend, None, "/open")
         .await
         .expect("the gated instance answers at its backend");
     assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");

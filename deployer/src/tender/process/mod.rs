@@ -364,8 +364,8 @@ struct Spawned {
 }
 
 impl Prepared for ProcessPrepared {
-    fn backend(&self) -> SocketAddr {
-        self.backend
+    fn backend(&self) -> Option<SocketAddr> {
+        Some(self.backend)
     }
 
     fn handoff(&self) -> Option<crate::Handoff> {
@@ -629,8 +629,8 @@ fn catches_sigterm(pid: u32) -> bool {
 }
 
 impl Running for ProcessRunning {
-    fn backend(&self) -> SocketAddr {
-        self.backend
+    fn backend(&self) -> Option<SocketAddr> {
+        Some(self.backend)
     }
 
     fn console(&self) -> &Console {

@@ -1,12 +1,12 @@
 //! The qemu tender: kernel images booted in a `microvm`, or restored from a snapshot of a
 //! ready guest.
 //!
-//! 1. [`Tender::prepare`] checks the manifest (memory, kernel arguments) and claims the
+//! 1. [`Tender::prepare`] checks the manifest (memory, kernel arguments) and sets the
 //!    backend endpoint: the host side of qemu's user-mode port forward, on the instance's
-//!    IPv4 address, or loopback for one on IPv6 alone (`forward_host`), at the manifest
-//!    port or one the kernel picks. For a revision known to
-//!    have a snapshot, it takes a qemu already started and waiting (the `pool` module), and
-//!    the port that qemu may bind.
+//!    IPv4 address, or loopback for one on IPv6 alone, at the manifest port or at one the
+//!    kernel picks as qemu binds it, learnt once qemu runs (the `forward` module). For a
+//!    revision known to have a snapshot, it takes a qemu already started and waiting (the
+//!    `pool` module).
 //! 2. [`Prepared::boot`] restores when it can: a stored snapshot of this revision that
 //!    matches this qemu, these settings and this image (the `snapshot` module) is streamed
 //!    into the waiting qemu (or one started now), the forward added, the guest resumed. A
@@ -67,7 +67,7 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -77,6 +77,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 mod accel;
+mod forward;
 mod jail;
 mod pool;
 mod qmp;
@@ -86,6 +87,7 @@ mod supervise;
 
 pub use accel::{Accel, AccelChoice, kvm_usable};
 use accel::{accel_from_env, resolve_accel};
+use forward::Forward;
 use jail::{Cell, Jail};
 pub use pool::MAX_POOL;
 use pool::{Incoming, Pool, Shape};
@@ -326,29 +328,7 @@ fn incoming_args(accel: Accel, memory_mib: u64) -> Vec<OsString> {
     args
 }
 
-/// Where the host side of an instance's port forward listens: its IPv4 service address, or
-/// for an instance on IPv6 alone, [`Ipv4Addr::LOCALHOST`] (its port the kernel's pick).
-///
-/// qemu 7.2's `hostfwd` takes IPv4 host addresses only (`[::1]` is "Bad host address"),
-/// and the kernel hands an IPv6 connection to IPv6 sockets only (`sk_lookup` refuses an
-/// `AF_INET` one). So the proxy, listening on every service address, relays a VM's IPv6
-/// connections to the forward, while its IPv4 ones are steered there once it is ready.
-fn forward_host(spec: &BootSpec) -> Result<Ipv4Addr, BootError> {
-    match (spec.addresses.v4(), spec.backend_port) {
-        (Some(v4), _) => Ok(v4),
-        (None, BackendPort::Ephemeral) => Ok(Ipv4Addr::LOCALHOST),
-        (None, BackendPort::Same) => Err(invalid(
-            "port forward",
-            format!(
-                "qemu user networking forwards from IPv4 only, and {} has no proxy in front \
-                 to bring its IPv6 connections there (`direct = false`)",
-                spec.addresses
-            ),
-        )),
-    }
-}
-
-/// Both families, the default: IPv6 through the proxy (`forward_host`).
+/// Both families, the default: IPv6 through the proxy (`forward::host`).
 impl Tender for QemuTender {
     fn kind(&self) -> TenderKind {
         TenderKind::Qemu
@@ -388,7 +368,7 @@ impl Tender for QemuTender {
                  accepts for the guest); use `console` or `http` to know the guest serves"
             );
         }
-        let v4 = forward_host(&spec)?;
+        let host = forward::host(&spec)?;
         let qmp = spec.scratch.join("qmp.sock");
         if qmp.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(invalid(
@@ -403,39 +383,29 @@ impl Tender for QemuTender {
                 BackendPort::Ephemeral => None,
             },
         };
-        // A waiting qemu, for a revision with a snapshot: its port is the one it may bind.
+        // The manifest port on the instance's own address is checked; no port is picked
+        // here for the others: qemu binds port 0 (the `forward` module).
+        if let Some(port) = shape.port {
+            forward::claim(host, port)?;
+        }
+        let forward = Forward {
+            host,
+            port: shape.port.unwrap_or(0),
+            guest: spec.run.guest_port.unwrap_or(spec.run.port),
+        };
+        // A waiting qemu, for a revision with a snapshot: it may bind the forward's port.
         // Not for an instance with variables: a waiting qemu has none in its fw_cfg.
-        let mut waiting = (self.restore
+        let waiting = (self.restore
             && self.known.contains(&spec.revision)
             && super::variables(&spec).is_empty())
         .then(|| self.pool.take(shape, &spec.revision))
         .flatten();
-        // Claim the forwarded port: check that it is free now (or let the kernel pick one),
-        // then release it for qemu to bind. Another process could take it in between; qemu
-        // then fails to start and says so on the console.
-        let claim = |port: u16| {
-            let probe = SocketAddr::new(IpAddr::V4(v4), port);
-            TcpListener::bind(probe)
-                .and_then(|listener| listener.local_addr())
-                .map_err(|source| BootError::Bind {
-                    address: probe,
-                    source,
-                })
-        };
-        let backend = match waiting.as_ref().map(|entry| claim(entry.port)) {
-            Some(Ok(backend)) => backend,
-            _ => {
-                waiting = None;
-                claim(shape.port.unwrap_or(0))?
-            }
-        };
         Ok(Box::new(QemuPrepared {
             tender: self.clone(),
-            guest_port: spec.run.guest_port.unwrap_or(spec.run.port),
             accel: self.accel,
             cmdline,
             qmp,
-            backend,
+            forward,
             shape,
             waiting,
             spec,
@@ -443,15 +413,14 @@ impl Tender for QemuTender {
     }
 }
 
-/// A qemu instance with its forwarded port chosen.
+/// A qemu instance with its port forward set.
 #[derive(Debug)]
 struct QemuPrepared {
     tender: QemuTender,
     accel: Accel,
-    guest_port: u16,
     cmdline: String,
     qmp: PathBuf,
-    backend: SocketAddr,
+    forward: Forward,
     shape: Shape,
     /// A qemu waiting for a snapshot, taken from the pool.
     waiting: Option<Incoming>,
@@ -470,21 +439,11 @@ impl QemuPrepared {
         args.push("-append".into());
         args.push(self.cmdline.clone().into());
         args.push("-netdev".into());
-        args.push(format!("user,id=net0,restrict=on,hostfwd={}", self.forward()).into());
+        args.push(format!("user,id=net0,restrict=on,hostfwd={}", self.forward.arg()).into());
         common_args(&mut args);
         args.push("-kernel".into());
         args.push(jail::KERNEL.into());
         args
-    }
-
-    /// The port forward, as `hostfwd` and `hostfwd_add` take it.
-    fn forward(&self) -> String {
-        format!(
-            "tcp:{}:{}-:{}",
-            self.backend.ip(),
-            self.backend.port(),
-            self.guest_port
-        )
     }
 
     /// What a snapshot of this instance depends on besides qemu and the image: its key.
@@ -493,7 +452,7 @@ impl QemuPrepared {
             "{} -append {} guest-port={}",
             machine_args(self.accel, self.spec.run.memory_mib).join(" "),
             self.cmdline,
-            self.guest_port
+            self.forward.guest
         )
     }
 
@@ -525,7 +484,7 @@ impl QemuPrepared {
         let mut incoming = match waiting {
             Some(incoming) => incoming,
             None => {
-                let cell = Cell::of(&self.spec, None, self.backend.port());
+                let cell = Cell::of(&self.spec, None, self.forward.port);
                 Incoming::start(
                     &self.tender.jail,
                     &cell,
@@ -538,20 +497,23 @@ impl QemuPrepared {
             }
         };
         let _ = self.tender.version.set(incoming.version().to_owned());
-        let limits = Cell::of(&self.spec, None, self.backend.port()).limits();
+        let limits = Cell::of(&self.spec, None, self.forward.port).limits();
         let ahead = incoming.loaded.is_some();
         let restored = match incoming.loaded {
-            Some(_) => incoming.resume(&self.forward(), limits).await,
+            Some(_) => incoming.resume(&self.forward, limits).await,
             None => match incoming.load(found).await {
-                Ok(()) => incoming.resume(&self.forward(), limits).await,
+                Ok(()) => incoming.resume(&self.forward, limits).await,
                 Err(error) => Err(error),
             },
         };
-        if let Err(reason) = restored {
-            // Gone before a cold boot takes its cgroups, port and scratch directory.
-            incoming.discard().await;
-            return Err(reason);
-        }
+        let backend = match restored {
+            Ok(backend) => backend,
+            Err(reason) => {
+                // Gone before a cold boot takes its cgroups, port and scratch directory.
+                incoming.discard().await;
+                return Err(reason);
+            }
+        };
         let qmp_path = incoming.scratch.join("qmp.sock");
         let (jailed, qmp, scratch, lease) = incoming.into_parts();
         self.tender.pool.want(self.shape, Some(found.clone()));
@@ -577,6 +539,7 @@ impl QemuPrepared {
                 scratch,
                 lease,
                 console: console.clone(),
+                backend: Some(backend),
                 restored: true,
                 save: None,
                 version: Arc::clone(&self.tender.version),
@@ -587,8 +550,8 @@ impl QemuPrepared {
 }
 
 impl Prepared for QemuPrepared {
-    fn backend(&self) -> SocketAddr {
-        self.backend
+    fn backend(&self) -> Option<SocketAddr> {
+        self.forward.known()
     }
 
     fn boot(
@@ -623,7 +586,7 @@ impl Prepared for QemuPrepared {
                     source,
                 }
             })?;
-            let cell = Cell::of(&self.spec, Some(&image), self.backend.port());
+            let cell = Cell::of(&self.spec, Some(&image), self.forward.port);
             let jailed = self.tender.jail.start(&cell, self.args()).await?;
             launch(
                 &self,
@@ -635,6 +598,7 @@ impl Prepared for QemuPrepared {
                     scratch: None,
                     lease: None,
                     console,
+                    backend: self.forward.known(),
                     restored: false,
                     version: Arc::clone(&self.tender.version),
                     save: save.map(|plan| Save {
@@ -782,15 +746,17 @@ mod tests {
     }
 
     #[test]
-    fn prepare_forwards_the_service_address_to_the_guest_port() {
+    fn prepare_forwards_the_service_address_to_the_guest_port_qemu_picking_the_host_port() {
         let dir = tempfile::tempdir().expect("dir");
         let tender = tender(dir.path());
         let prepared = tender.prepare(spec(&[])).expect("prepared");
-        let backend = prepared.backend();
-        assert_eq!(backend.ip(), "127.0.0.1".parse::<IpAddr>().expect("ip"));
-        assert_ne!(backend.port(), 0);
+        // No port is picked ahead: qemu binds port 0, and the backend is known once it runs.
+        assert_eq!(prepared.backend(), None);
         let debug = format!("{prepared:?}");
-        assert!(debug.contains("guest_port: 8080"), "{debug}");
+        assert!(
+            debug.contains("host: 127.0.0.1, port: 0, guest: 8080"),
+            "{debug}"
+        );
     }
 
     #[test]
@@ -806,10 +772,13 @@ mod tests {
             },
             waiting: None,
             accel: tender.accel,
-            guest_port: 8080,
             cmdline: kernel_cmdline(&spec).expect("valid"),
             qmp: spec.scratch.join("qmp.sock"),
-            backend: "127.77.0.9:41000".parse().expect("addr"),
+            forward: Forward {
+                host: std::net::Ipv4Addr::new(127, 77, 0, 9),
+                port: 41000,
+                guest: 8080,
+            },
             spec,
         };
         let args: Vec<String> = prepared
@@ -867,8 +836,9 @@ mod tests {
         // no proxy in front, no client could reach it.
         let mut v6 = spec(&[]);
         v6.addresses = crate::ServiceAddresses::one("::1".parse().expect("ip"));
-        let backend = tender.prepare(v6.clone()).expect("prepared").backend();
-        assert_eq!(backend.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let prepared = tender.prepare(v6.clone()).expect("prepared");
+        let debug = format!("{prepared:?}");
+        assert!(debug.contains("host: 127.0.0.1, port: 0"), "{debug}");
         v6.backend_port = BackendPort::Same;
         let error = tender.prepare(v6).expect_err("no proxy in front");
         assert!(error.to_string().contains("port forward"), "{error}");

@@ -5,8 +5,8 @@
 //!    kernel, no port forward and `-incoming defer`, in the same sandbox as every qemu
 //!    instance (the `jail` module) under a uid of its own (leased from the deployer's uids)
 //!    and cgroups named `pool-…`; its QMP session is up and migration events are on. It may
-//!    bind one TCP port, chosen when it starts (the manifest port when instances listen on
-//!    it directly).
+//!    bind one TCP port: the manifest port when instances listen on it directly, else port
+//!    0, the kernel's pick as it binds its forward (the `forward` module).
 //! 2. [`Pool`] keeps at most `size` of them, all of the shape of the last snapshot saved
 //!    or restored (memory, port), and with that snapshot loaded ahead (paused); one refill
 //!    runs at a time, on the deployer's runtime, after each restore.
@@ -15,8 +15,8 @@
 //! 3. [`Incoming::load`]: `migrate-incoming` on a unix socket in its scratch directory, the
 //!    daemon streams the snapshot in, waits for the `MIGRATION` event `completed`; the guest
 //!    stays paused. A qemu of another version than the snapshot's refuses it before anything
-//!    is sent. [`Incoming::resume`]: the instance's port forward (`hostfwd_add`), its cgroup
-//!    limits, `cont`. A summon that finds its snapshot loaded ahead pays only for the resume.
+//!    is sent. [`Incoming::resume`]: the instance's port forward (`hostfwd_add`, then the
+//!    port it bound from `info usernet`), its cgroup limits, `cont`. A summon that finds its snapshot loaded ahead pays only for the resume.
 //! 4. A dropped [`Incoming`] is killed; its cgroups, scratch directory and uid go back once
 //!    it is reaped (on a thread of its own: the reap is a blocking wait).
 //!
@@ -38,6 +38,7 @@ use revboot_sandbox::spawn;
 use revboot_sandbox::uids::{Lease, UidPool};
 use tracing::{debug, info, warn};
 
+use super::forward::Forward;
 use super::jail::{self, Cell, Jail, Jailed};
 use super::qmp::{Qmp, qmp_connect};
 use super::snapshot::Found;
@@ -76,7 +77,7 @@ pub(super) struct Incoming {
     pub(super) owns_scratch: bool,
     /// Its uid, when it is its own (a pool's).
     pub(super) lease: Option<Lease>,
-    /// The one port it may bind.
+    /// The one port it may bind (0: the kernel's pick).
     pub(super) port: u16,
     pub(super) shape: Shape,
     /// The snapshot it has loaded (paused), if any.
@@ -242,13 +243,13 @@ impl Incoming {
         Ok(())
     }
 
-    /// Resumes the loaded guest with the port forward `forward` (`hostfwd_add` syntax) and
-    /// the instance's cgroup `limits`.
+    /// Resumes the loaded guest with the port forward `forward` and the instance's cgroup
+    /// `limits`; where the forward listens.
     pub(super) async fn resume(
         &mut self,
-        forward: &str,
+        forward: &Forward,
         limits: revboot_sandbox::cgroup::Limits,
-    ) -> Result<(), String> {
+    ) -> Result<std::net::SocketAddr, String> {
         if self.loaded.is_none() {
             return Err("no snapshot loaded".into());
         }
@@ -263,7 +264,7 @@ impl Incoming {
                 .call(
                     "human-monitor-command",
                     Some(serde_json::json!({
-                        "command-line": format!("hostfwd_add net0 {forward}")
+                        "command-line": format!("hostfwd_add net0 {}", forward.arg())
                     })),
                 )
                 .await
@@ -272,7 +273,12 @@ impl Incoming {
             if !said.is_empty() {
                 return Err(format!("the port forward was refused: {said}"));
             }
-            qmp.execute("cont").await.map_err(|e| e.to_string())
+            let backend = match forward.known() {
+                Some(backend) => backend,
+                None => super::forward::learn(qmp, forward.host).await?,
+            };
+            qmp.execute("cont").await.map_err(|e| e.to_string())?;
+            Ok(backend)
         };
         tokio::time::timeout(RESTORE_TIMEOUT, steps)
             .await
@@ -518,10 +524,7 @@ impl Pool {
         let id = format!("pool-{}-{n}", self.prefix);
         let scratch = self.scratch.join(format!("qemu-{id}"));
         std::fs::create_dir_all(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
-        let port = match shape.port {
-            Some(port) => port,
-            None => pick_port().map_err(|e| format!("pick a port: {e}"))?,
-        };
+        let port = shape.port.unwrap_or(0);
         let cell = Cell {
             id: &id,
             scratch: &scratch,
@@ -545,11 +548,4 @@ impl Pool {
             }
         }
     }
-}
-
-/// A port the kernel considers free now, for a pool entry's forward (the instance's
-/// `prepare` checks it again on its own address).
-fn pick_port() -> std::io::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
 }

@@ -1,10 +1,10 @@
 //! A running qemu instance, booted cold or restored: what the deployer holds
 //! ([`QemuRunning`]), and how one is put together from a started qemu ([`launch`]).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use revboot_sandbox::uids::Lease;
@@ -43,6 +43,9 @@ pub(super) struct Launch {
     /// A uid of qemu's own, given back once it has ended.
     pub(super) lease: Option<Lease>,
     pub(super) console: Console,
+    /// Where its forward listens, when known already (otherwise the supervisor learns it
+    /// once QMP is up: the `forward` module).
+    pub(super) backend: Option<SocketAddr>,
     pub(super) restored: bool,
     pub(super) save: Option<Save>,
     /// The tender's record of qemu's version.
@@ -70,14 +73,15 @@ pub(super) fn launch(
         service = prepared.spec.service,
         revision = %prepared.spec.revision.short(12),
         pid,
-        backend = %prepared.backend,
+        forward = prepared.forward.arg(),
+        backend = ?launch.backend,
         accel = prepared.accel.as_arg(),
         restored = launch.restored,
         "qemu instance started"
     );
     tend(
         prepared.spec.id.clone(),
-        prepared.backend,
+        prepared.forward.host,
         Arc::clone(jail),
         pid_start(pid),
         launch,
@@ -85,10 +89,11 @@ pub(super) fn launch(
 }
 
 /// Starts the supervisor of a qemu, started here ([`launch`]) or handed over by the
-/// previous daemon ([`adopt`]), and the pump of its console; the instance.
+/// previous daemon ([`adopt`]), and the pump of its console; the instance. Its forward
+/// listens on `host`.
 fn tend(
     id: String,
-    backend: SocketAddr,
+    host: Ipv4Addr,
     jail: Arc<Jail>,
     pid_start: Option<u64>,
     launch: Launch,
@@ -100,10 +105,12 @@ fn tend(
         scratch,
         lease,
         console,
+        backend,
         restored,
         save,
         version,
     } = launch;
+    let backend = Arc::new(backend.map_or_else(OnceLock::new, OnceLock::from));
     let output =
         tokio::net::unix::pipe::Receiver::from_owned_fd(jailed.console).map_err(|source| {
             BootError::Setup {
@@ -119,6 +126,8 @@ fn tend(
     let (exit_tx, exit_rx) = watch::channel(None);
     tokio::spawn(supervise(Supervised {
         id,
+        backend: Arc::clone(&backend),
+        host,
         attached: attached_tx,
         _jail: jail,
         pidfd: Arc::new(jailed.pidfd),
@@ -178,7 +187,8 @@ async fn pump(
 /// A running qemu instance.
 #[derive(Debug)]
 pub(super) struct QemuRunning {
-    backend: SocketAddr,
+    /// Where its forward listens: known at the start, or once the supervisor learnt it.
+    backend: Arc<OnceLock<SocketAddr>>,
     console: Console,
     pid: u32,
     pid_start: Option<u64>,
@@ -231,6 +241,25 @@ impl QemuRunning {
         }
     }
 
+    /// Waits (at most `timeout`) until the supervisor learnt where the forward listens,
+    /// which it does as its QMP session comes up.
+    async fn learnt(&self, timeout: Duration) -> Result<SocketAddr, NotReady> {
+        let mut attached = self.attached.clone();
+        let waited = tokio::time::timeout(timeout, attached.wait_for(|up| *up)).await;
+        if let Some(backend) = self.backend() {
+            return Ok(backend);
+        }
+        Err(match waited {
+            Err(_) => NotReady::Timeout {
+                ms: timeout.as_millis() as u64,
+                probe: "qemu's port forward".into(),
+            },
+            // The supervisor ended: qemu exited before QMP was up.
+            Ok(Err(_)) => NotReady::Exited,
+            Ok(Ok(_)) => NotReady::NoBackend,
+        })
+    }
+
     fn request(&self, control: Control) {
         if self.exit.borrow().is_some() {
             return;
@@ -244,8 +273,8 @@ impl QemuRunning {
 }
 
 impl Running for QemuRunning {
-    fn backend(&self) -> SocketAddr {
-        self.backend
+    fn backend(&self) -> Option<SocketAddr> {
+        self.backend.get().copied()
     }
 
     fn console(&self) -> &Console {
@@ -301,11 +330,16 @@ impl Running for QemuRunning {
     ) -> BoxFuture<'a, Result<(), NotReady>> {
         Box::pin(async move {
             let started = tokio::time::Instant::now();
-            let result = if self.restored && matches!(probe, Ready::Console { .. }) {
+            let backend = match self.backend() {
+                Some(backend) => Ok(backend),
+                None => self.learnt(timeout).await,
+            };
+            let left = timeout.saturating_sub(started.elapsed());
+            let result = match backend {
+                Err(not_ready) => Err(not_ready),
                 // The line was printed before the snapshot was taken.
-                Ok(())
-            } else {
-                probe_ready(self.backend, &self.console, self.exit(), probe, timeout).await
+                Ok(_) if self.restored && matches!(probe, Ready::Console { .. }) => Ok(()),
+                Ok(backend) => probe_ready(backend, &self.console, self.exit(), probe, left).await,
             };
             match result {
                 // A console probe gives up when the console ends, which is when qemu
@@ -396,9 +430,13 @@ pub(super) fn adopt(tender: &QemuTender, adopted: Adopted) -> Result<Box<dyn Run
         console: adopted.console,
         groups: tender.jail.adopt_groups(&footprint.cgroups),
     };
+    let host = match adopted.backend.ip() {
+        IpAddr::V4(v4) => v4,
+        IpAddr::V6(_) => Ipv4Addr::LOCALHOST,
+    };
     tend(
         id,
-        adopted.backend,
+        host,
         Arc::clone(&tender.jail),
         footprint.pid_start,
         Launch {
@@ -408,6 +446,8 @@ pub(super) fn adopt(tender: &QemuTender, adopted: Adopted) -> Result<Box<dyn Run
             scratch: own.scratch,
             lease,
             console,
+            // Port 0: handed over before its port was learnt; the supervisor learns it.
+            backend: (adopted.backend.port() != 0).then_some(adopted.backend),
             restored: own.restored,
             save: None,
             version: Arc::clone(&tender.version),

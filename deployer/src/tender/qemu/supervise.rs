@@ -2,7 +2,9 @@
 //!
 //! 1. It holds a QMP session (the `qmp` module; `<scratch>/qmp.sock`, made by qemu inside
 //!    its sandbox) to learn why the guest stopped (the reason goes on the console), to stop
-//!    it, and to save its snapshot (the `snapshot` module).
+//!    it, and to save its snapshot (the `snapshot` module). As the session comes up, it
+//!    asks which port the forward bound when that is not known yet (the `forward` module),
+//!    then says it is attached.
 //! 2. Stop: QMP `quit` (SIGTERM when QMP is not up). Kill: SIGKILL.
 //! 3. Once qemu is reaped and its output drained, its cgroups are removed (an OOM kill read
 //!    first), the exit is reported, the QMP socket removed, and a restored qemu's own
@@ -22,6 +24,7 @@ use revboot_sandbox::uids::Lease;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
+use super::forward;
 use super::jail::Jail;
 use super::qmp::{Qmp, qmp_connect};
 use super::snapshot::{self, Found, SavePlan};
@@ -60,7 +63,11 @@ pub(super) type PumpHandOver = oneshot::Sender<oneshot::Sender<Option<OwnedFd>>>
 /// Everything the supervisor owns.
 pub(super) struct Supervised {
     pub(super) id: String,
-    /// Set once QMP is up or given up on.
+    /// Where the forward listens, once known; shared with the instance.
+    pub(super) backend: Arc<std::sync::OnceLock<std::net::SocketAddr>>,
+    /// The forward's host address.
+    pub(super) host: std::net::Ipv4Addr,
+    /// Set once QMP is up or given up on (and the forward's port learnt, or not).
     pub(super) attached: watch::Sender<bool>,
     /// Keeps the thread that started qemu alive while qemu runs: qemu's parent-death
     /// signal follows that thread.
@@ -113,11 +120,21 @@ pub(super) async fn supervise(mut s: Supervised) {
                 connecting = false;
                 match session {
                     // A stop asked for meanwhile was already a SIGTERM.
-                    Ok(session) => {
+                    Ok(mut session) => {
                         let _ = s.version.set(session.version().to_owned());
-                        qmp = Some(session);
                         // qemu has read the guest's variables.
                         super::pool::forget_env(&s.qmp);
+                        if s.backend.get().is_none() {
+                            match forward::learn(&mut session, s.host).await {
+                                Ok(backend) => {
+                                    let _ = s.backend.set(backend);
+                                }
+                                Err(error) => {
+                                    warn!(id = s.id, error, "where the qemu forward listens is unknown");
+                                }
+                            }
+                        }
+                        qmp = Some(session);
                     }
                     Err(error) => {
                         warn!(id = s.id, %error, "qemu QMP unreachable; stop falls back to SIGTERM");
