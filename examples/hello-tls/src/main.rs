@@ -13,6 +13,11 @@
 //!    the one the client's ClientHello asked for (the front door routed by it and passed
 //!    the ClientHello through untouched).
 //! 4. Each request is one console line, `hello-tls: <server name> <method> <path>`.
+//! 5. With `REVBOOT_HANDOFF_FD` set (the manifest's `handoff = true`), a second thread
+//!    receives the connections revboot's front door hands over on that Unix socket (one
+//!    byte, one descriptor as `SCM_RIGHTS`, the ClientHello still unread: the front door
+//!    only peeked at the server name) and serves them like accepted ones, TLS handshake
+//!    first: no relay carries their bytes. The listener keeps serving the rest.
 //!
 //! Built like every example: a static binary (`.cargo/config.toml`: `crt-static`), since
 //! the process tender runs it in an empty mount namespace.
@@ -120,6 +125,132 @@ fn serve(tcp: TcpStream, config: Arc<ServerConfig>, deployment: &str) -> Result<
     }
 }
 
+/// `recvmsg(2)` for one descriptor, written out by hand as `examples/hello` does (each
+/// example is a project of its own that users push alone, so they share no code); the
+/// `libc` crate would do too.
+mod handoff {
+    use std::os::fd::{FromRawFd, RawFd};
+
+    #[repr(C)]
+    struct IoVec {
+        base: *mut u8,
+        len: usize,
+    }
+
+    #[repr(C)]
+    struct MsgHdr {
+        name: *mut u8,
+        name_len: u32,
+        iov: *mut IoVec,
+        iov_len: usize,
+        control: *mut u8,
+        control_len: usize,
+        flags: i32,
+    }
+
+    /// `struct cmsghdr` and room for one descriptor (`CMSG_SPACE(4)` on 64-bit Linux).
+    #[repr(C, align(8))]
+    struct Control {
+        len: usize,
+        level: i32,
+        kind: i32,
+        fds: [RawFd; 2],
+    }
+
+    const SOL_SOCKET: i32 = 1;
+    const SCM_RIGHTS: i32 = 1;
+    const MSG_CMSG_CLOEXEC: i32 = 0x4000_0000;
+    const EINTR: i32 = 4;
+
+    unsafe extern "C" {
+        fn recvmsg(fd: RawFd, message: *mut MsgHdr, flags: i32) -> isize;
+    }
+
+    /// The next connection handed over on `fd`; `None` once the daemon's end is closed.
+    pub fn receive(fd: RawFd) -> std::io::Result<Option<std::net::TcpStream>> {
+        loop {
+            let mut byte = 0u8;
+            let mut iov = IoVec {
+                base: &mut byte,
+                len: 1,
+            };
+            let mut control = Control {
+                len: 0,
+                level: 0,
+                kind: 0,
+                fds: [-1; 2],
+            };
+            let mut message = MsgHdr {
+                name: std::ptr::null_mut(),
+                name_len: 0,
+                iov: &mut iov,
+                iov_len: 1,
+                control: (&raw mut control).cast(),
+                control_len: std::mem::size_of::<Control>(),
+                flags: 0,
+            };
+            // SAFETY: every pointer in `message` points at a live local of the right size.
+            let received = unsafe { recvmsg(fd, &mut message, MSG_CMSG_CLOEXEC) };
+            if received < 0 {
+                let error = std::io::Error::last_os_error();
+                if error.raw_os_error() == Some(EINTR) {
+                    continue;
+                }
+                return Err(error);
+            }
+            if received == 0 {
+                return Ok(None);
+            }
+            let one_fd = std::mem::size_of::<usize>() + 8 + 4;
+            if message.control_len >= one_fd
+                && control.level == SOL_SOCKET
+                && control.kind == SCM_RIGHTS
+                && control.fds[0] >= 0
+            {
+                // SAFETY: the kernel just made this descriptor ours (SCM_RIGHTS).
+                return Ok(Some(unsafe {
+                    std::net::TcpStream::from_raw_fd(control.fds[0])
+                }));
+            }
+            // A byte without a descriptor: nothing to serve; wait for the next one.
+        }
+    }
+}
+
+/// Serves `tcp` on a thread of its own, or in turn once `THREADS` are busy (step 3).
+fn dispatch(tcp: TcpStream, config: &Arc<ServerConfig>, deployment: &'static str) {
+    static LIVE: AtomicUsize = AtomicUsize::new(0);
+    let config = Arc::clone(config);
+    let answer = move || {
+        if let Err(error) = serve(tcp, config, deployment) {
+            eprintln!("hello-tls: {error}");
+        }
+    };
+    if LIVE.fetch_add(1, Ordering::SeqCst) < THREADS {
+        std::thread::spawn(move || {
+            answer();
+            LIVE.fetch_sub(1, Ordering::SeqCst);
+        });
+    } else {
+        LIVE.fetch_sub(1, Ordering::SeqCst);
+        answer();
+    }
+}
+
+/// Step 5: serves the connections handed over on `fd` until the daemon closes its end.
+fn receive_handed(fd: i32, config: Arc<ServerConfig>, deployment: &'static str) {
+    loop {
+        match handoff::receive(fd) {
+            Ok(Some(tcp)) => dispatch(tcp, &config, deployment),
+            Ok(None) => return,
+            Err(error) => {
+                eprintln!("hello-tls: receiving a handed connection: {error}; ending that loop");
+                return;
+            }
+        }
+    }
+}
+
 fn main() {
     let deployment = std::env::var("REVBOOT_REVISION").unwrap_or_else(|_| "local".to_owned());
     let deployment: &'static str = Box::leak(deployment.into_boxed_str());
@@ -137,29 +268,22 @@ fn main() {
             std::process::exit(1);
         }
     };
-    static LIVE: AtomicUsize = AtomicUsize::new(0);
-    for stream in listener.incoming() {
-        let tcp = match stream {
-            Ok(tcp) => tcp,
-            Err(error) => {
-                eprintln!("hello-tls: accept: {error}");
-                continue;
-            }
-        };
+    if let Some(fd) = std::env::var("REVBOOT_HANDOFF_FD")
+        .ok()
+        .and_then(|fd| fd.parse::<i32>().ok())
+    {
         let config = Arc::clone(&config);
-        let answer = move || {
-            if let Err(error) = serve(tcp, config, deployment) {
-                eprintln!("hello-tls: {error}");
-            }
-        };
-        if LIVE.fetch_add(1, Ordering::SeqCst) < THREADS {
-            std::thread::spawn(move || {
-                answer();
-                LIVE.fetch_sub(1, Ordering::SeqCst);
-            });
-        } else {
-            LIVE.fetch_sub(1, Ordering::SeqCst);
-            answer();
+        if let Err(error) = std::thread::Builder::new()
+            .name("handoff".into())
+            .spawn(move || receive_handed(fd, config, deployment))
+        {
+            eprintln!("hello-tls: cannot receive handed connections: {error}");
+        }
+    }
+    for stream in listener.incoming() {
+        match stream {
+            Ok(tcp) => dispatch(tcp, &config, deployment),
+            Err(error) => eprintln!("hello-tls: accept: {error}"),
         }
     }
 }

@@ -274,3 +274,77 @@ async fn front_door_hands_connections_to_an_instance_that_takes_them_and_relays_
     .await;
     world.shutdown().await;
 }
+
+/// A TLS connection routed by its server name (passed through, not ended at the front door)
+/// is handed to the real `examples/hello-tls`, which ends TLS with its own certificate
+/// (from its variables): curl, through the front door's TLS port, gets the instance's answer
+/// for that name, and the proxy relayed no byte of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn front_door_hands_tls_routed_by_server_name_to_hello_tls_which_ends_it() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let (cert_path, key_path) = (cert.to_string_lossy(), key.to_string_lossy());
+    let made = run(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=hello-tls.revboot.test",
+            "-addext",
+            "subjectAltName=DNS:*.hello-tls.revboot.test",
+            "-keyout",
+            &key_path,
+            "-out",
+            &cert_path,
+        ],
+    )
+    .await;
+    assert!(cert.exists() && key.exists(), "{made}");
+    let world = World::with_front(20, front(20, false, true), |_, _| {});
+    let image = revboot_testkit::build_image(
+        &revboot_testkit::workspace().join("examples/hello-tls"),
+        "hello-tls",
+    );
+    let run_table = "port = 8443\nmemory_mib = 64\nready = { probe = \"socket\" }\n\
+                     reach = \"front\"\nhandoff = true";
+    let revision = deploy(&world.store, "hello-tls", &image, &manifest(run_table));
+    let pem = |path: &std::path::Path| std::fs::read_to_string(path).expect("PEM");
+    let change = revboot_deployer::vars::Change {
+        set: vec![
+            ("TLS_CERT".into(), pem(&cert)),
+            ("TLS_KEY".into(), pem(&key)),
+        ],
+        unset: Vec::new(),
+    };
+    world
+        .deployer
+        .vars()
+        .change("hello-tls", &change)
+        .expect("variables set");
+    let tls = world.proxy.front_addresses().tls.expect("a TLS front door");
+    let name = format!("{}.hello-tls.revboot.test", revision.short(7));
+    let resolve = format!("{name}:{}:{}", tls.port(), tls.ip());
+    let url = format!("https://{name}:{}/tls", tls.port());
+    let answer = curl(&["--cacert", &cert_path, "--resolve", &resolve], &url).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    let body = format!("hello-tls from v1 ({}) for {name}", revision.to_hex());
+    assert!(answer.contains(&body), "{answer}");
+    let metrics = world.proxy.metrics();
+    assert_eq!(metrics.front_routed, 1, "{metrics:?}");
+    assert_eq!(metrics.handed_off, 1, "{metrics:?}");
+    assert_eq!(metrics.spliced, 0, "{metrics:?}");
+    assert_eq!(
+        metrics.bytes_from_clients, 0,
+        "no byte relayed: {metrics:?}"
+    );
+    assert_eq!(metrics.bytes_to_clients, 0, "no byte relayed: {metrics:?}");
+    world.shutdown().await;
+}
