@@ -16,14 +16,17 @@
 //!    auth (`401` + `WWW-Authenticate`), checks the token, creates the source repository on
 //!    the first push, and runs `git http-backend`, streaming the pack in and the answer out.
 //!    A local-path remote (`git push /data/src/<service>.git`) skips this step.
-//! 2. `git receive-pack` stores the objects, then hands the branch updates to the
-//!    repository's `proc-receive` hook (other refs, such as tags, it stores itself); what
-//!    the hook prints git relays to the pusher as `remote:` lines.
+//! 2. `git receive-pack` stores the objects, then hands the branch and tag updates to the
+//!    repository's `proc-receive` hook (other refs it stores itself); what the hook prints
+//!    git relays to the pusher as `remote:` lines.
 //! 3. The hook posts the updates (and push options) with curl to
 //!    `POST /git/-/hook/<service>` with the daemon's hook token, and prints the answer as
 //!    it streams. If the daemon is not running it says so and moves the branch: the push is
 //!    stored and the daemon builds its head on its next start (it compares branch heads
-//!    with what it queued and built).
+//!    with what it queued and built). On a node of a cluster it refuses the push instead
+//!    (`revboot on this node is not running: the push was not taken`): only etcd may move
+//!    a branch there. A tag is not built; once its commit has a deployment that succeeded,
+//!    it names it (`<tag>.<service>.<zone>`, see the `tags` module).
 //! 4. The builder queues one build per new commit of each updated branch, oldest first, the
 //!    tip last — at most [`BuilderConfig::max_commits_per_push`], the newest; older commits
 //!    that have a deployment of the service already are not built again — and streams
@@ -118,6 +121,7 @@ mod runner;
 mod sandbox;
 mod shared;
 mod state;
+mod tags;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -326,6 +330,7 @@ impl Builder {
                 // daemon's own "stopped following" line reaches the pusher.
                 max_time_secs: config.push_wait_secs + 30,
                 socket: config.hook_socket.clone(),
+                cluster: config.coordinator.is_some(),
             },
         );
         deploy::prepare(
@@ -335,6 +340,8 @@ impl Builder {
                 token: hook_token.clone(),
                 max_time_secs: 300,
                 socket: config.hook_socket.clone(),
+                // The deployment repository's hooks refuse a push they cannot check anyway.
+                cluster: false,
             },
         )
         .await
@@ -476,6 +483,16 @@ impl Builder {
             source_repo,
             created,
         })
+    }
+
+    /// Makes a deployment tag for each tag of `service`'s source repository whose commit
+    /// has a successful deployment (see the `tags` module): `<tag>.<service>.<zone>`
+    /// names it. The hook does this after each push; a node of a cluster calls it when its
+    /// source tags or deployments changed.
+    pub async fn name_tagged_deployments(&self, service: &str) {
+        if validate_service_name(service).is_ok() {
+            tags::name_deployments(&self.inner.repos, &self.inner.config.store, service, &[]).await;
+        }
     }
 
     /// The services with a source repository, sorted.
@@ -627,6 +644,8 @@ pub async fn create_source_repo(
             token,
             max_time_secs: BuilderConfig::DEFAULT_PUSH_WAIT_SECS + 30,
             socket: None,
+            // Rewritten by the daemon when it starts, in a cluster or not.
+            cluster: false,
         },
     );
     let (source_repo, created) = repos.create(name).await?;

@@ -7,9 +7,12 @@
 //! 2. Every repository carries a `proc-receive` hook (see [`hook_script`]) that takes over
 //!    the branch updates of a push (`receive.procReceiveRefs = refs/heads/`): it hands them
 //!    to the daemon, waits for the builds, and moves each branch only if its tip built (or
-//!    at once, with `-o revboot.wait=false` or when the daemon cannot be reached). Hooks and
-//!    that setting are rewritten whenever the daemon starts, so they always carry the
-//!    current daemon URL and hook token.
+//!    at once, with `-o revboot.wait=false` or when the daemon cannot be reached). On a
+//!    node of a cluster a push the daemon cannot be reached for is refused instead: the
+//!    branch would move here without etcd, and the nodes would differ. Tags go through the
+//!    hook too (they are not built; in a cluster they move through etcd as branches do).
+//!    Hooks and that setting are rewritten whenever the daemon starts, so they always
+//!    carry the current daemon URL, hook token and whether the node is in a cluster.
 //! 3. The branch `HEAD` points to (`main` unless changed with stock git) is the deploy
 //!    branch: only its builds move the live pointer. Other branches are built and reachable
 //!    by their branch label.
@@ -58,6 +61,9 @@ pub(crate) struct HookTarget {
     /// A Unix socket the daemon serves the router on too: the hook talks to it instead of
     /// `base_url` (which may be HTTPS with a certificate for a public name).
     pub(crate) socket: Option<PathBuf>,
+    /// A node of a cluster: a branch moves only once the daemon took it (etcd agreed), so a
+    /// push the daemon cannot be reached for is refused rather than stored.
+    pub(crate) cluster: bool,
 }
 
 impl HookTarget {
@@ -173,12 +179,12 @@ impl SourceRepos {
             ("receive.advertisePushOptions", "true"),
             ("receive.fsckObjects", "true"),
             ("core.logAllRefUpdates", "true"),
-            (PROC_RECEIVE_KEY, PROC_RECEIVE_REFS),
         ] {
             git::run(Some(staging.path()), &["config", key, value])
                 .await
                 .map_err(git_err)?;
         }
+        hand_refs_to_hook(staging.path()).await.map_err(git_err)?;
         write_hook(staging.path(), service, &self.hook).map_err(io(staging.path()))?;
         let staging = staging.keep();
         match std::fs::rename(&staging, &path) {
@@ -199,16 +205,13 @@ impl SourceRepos {
     }
 
     /// Rewrites the hook of an existing repository (current URL and token) and makes it
-    /// take over branch updates.
+    /// take over branch and tag updates.
     pub(crate) async fn refresh_hook(&self, service: &str) -> std::io::Result<()> {
         let path = self.path(service);
         write_hook(&path, service, &self.hook)?;
-        git::run(
-            Some(&path),
-            &["config", PROC_RECEIVE_KEY, PROC_RECEIVE_REFS],
-        )
-        .await
-        .map_err(std::io::Error::other)?;
+        hand_refs_to_hook(&path)
+            .await
+            .map_err(std::io::Error::other)?;
         Ok(())
     }
 
@@ -295,7 +298,21 @@ impl SourceRepos {
 
 /// The refs the `proc-receive` hook takes over.
 const PROC_RECEIVE_KEY: &str = "receive.procReceiveRefs";
-const PROC_RECEIVE_REFS: &str = "refs/heads/";
+const PROC_RECEIVE_REFS: [&str; 2] = ["refs/heads/", "refs/tags/"];
+
+/// Sets [`PROC_RECEIVE_KEY`] (a key of several values) to [`PROC_RECEIVE_REFS`].
+async fn hand_refs_to_hook(git_dir: &Path) -> Result<(), GitError> {
+    let [first, rest @ ..] = PROC_RECEIVE_REFS;
+    git::run(
+        Some(git_dir),
+        &["config", "--replace-all", PROC_RECEIVE_KEY, first],
+    )
+    .await?;
+    for refs in rest {
+        git::run(Some(git_dir), &["config", "--add", PROC_RECEIVE_KEY, refs]).await?;
+    }
+    Ok(())
+}
 
 fn write_hook(git_dir: &Path, service: &str, target: &HookTarget) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
@@ -331,6 +348,9 @@ pub(crate) fn shell_quote(text: &str) -> String {
 ///    reports `ok`. With no verdict — the daemon cannot be reached, or stopped following —
 ///    the branch moves: the push is stored and the daemon builds it on its next start (it
 ///    compares branch heads with what it has built).
+/// 4. On a node of a cluster, a ref with no verdict moves only if the daemon said it took
+///    it (`revboot-taken <ref>`: etcd moved it); otherwise it is refused — the daemon (or
+///    etcd) could not be asked, and moving it here alone would make the nodes differ.
 pub(crate) fn hook_script(service: &str, target: &HookTarget) -> String {
     let (url, via) = target.reach(&format!("/git/-/hook/{service}"));
     let max_time = target.max_time_secs;
@@ -344,6 +364,7 @@ LC_ALL=C
 export LC_ALL
 url={url}
 token={token}
+cluster={cluster}
 # One pkt-line into $pkt; status 2 at a flush packet, 1 at the end of input.
 pkt_read() {{
   len=$(head -c 4)
@@ -357,7 +378,9 @@ pkt_write() {{ printf '%04x%s\n' $((${{#1}} + 5)) "$1"; }}
 # still moves if $3 is a fast-forward of where it is now. The reason is left in $moved.
 move_ref() {{
   if [ "$3" = 0000000000000000000000000000000000000000 ]; then
-    moved=$(git update-ref -d "$1" "$2" 2>&1)
+    moved=$(git update-ref -d "$1" "$2" 2>&1) && return 0
+    # Deleted meanwhile: what the push asked for.
+    ! git rev-parse -q --verify "$1" >/dev/null
     return
   fi
   moved=$(git update-ref -m push "$1" "$3" "$2" 2>&1) && return 0
@@ -369,8 +392,8 @@ options=no
 while pkt_read; do case $pkt in *push-options*) options=yes ;; esac; done
 if [ $options = yes ]; then printf '001bversion=1\000push-options\n'; else pkt_write version=1; fi
 printf 0000
-body=$(mktemp) && verdicts=$(mktemp) || exit 1
-trap 'rm -f "$body" "$verdicts" "$verdicts.status"' EXIT
+body=$(mktemp) && verdicts=$(mktemp) && taken=$(mktemp) || exit 1
+trap 'rm -f "$body" "$verdicts" "$verdicts.status" "$taken"' EXIT
 while pkt_read; do printf 'ref %s\n' "$pkt" >>"$body"; done
 if [ $options = yes ]; then
   while pkt_read; do printf 'option %s\n' "$pkt" >>"$body"; done
@@ -384,6 +407,7 @@ if command -v curl >/dev/null 2>&1; then
   }} | while IFS= read -r line; do
     case $line in
       "revboot-verdict "*) printf '%s\n' "${{line#revboot-verdict }}" >>"$verdicts" ;;
+      "revboot-taken "*) printf '%s\n' "${{line#revboot-taken }}" >>"$taken" ;;
       *) printf '%s\n' "$line" >&2 ;;
     esac
   done
@@ -391,16 +415,23 @@ if command -v curl >/dev/null 2>&1; then
 else
   status=127
 fi
+stored="the push is stored and will be built when the daemon starts"
 case $status in
-  0) ;;
-  7) echo "revboot: the daemon is not running (cannot connect to $url)." >&2
-     echo "revboot: the push is stored and will be built when the daemon starts." >&2 ;;
-  28) echo "revboot: stopped waiting after {max_time}s; the build goes on in the daemon." >&2 ;;
-  127) echo "revboot: curl is not installed, so this hook cannot reach the daemon." >&2
-     echo "revboot: the push is stored and will be built when the daemon starts." >&2 ;;
-  *) echo "revboot: could not hand the push to the daemon (curl exit status $status)." >&2
-     echo "revboot: the push is stored and will be built when the daemon starts." >&2 ;;
+  0|28) unreached= ;;
+  7) unreached="revboot on this node is not running: the push was not taken"
+     echo "revboot: the daemon is not running (cannot connect to $url)." >&2 ;;
+  127) unreached="revboot on this node cannot be reached (curl is not installed): the push was not taken"
+     echo "revboot: curl is not installed, so this hook cannot reach the daemon." >&2 ;;
+  *) unreached="revboot on this node did not answer (curl exit status $status): the push was not taken"
+     echo "revboot: could not hand the push to the daemon (curl exit status $status)." >&2 ;;
 esac
+if [ $status = 28 ]; then
+  echo "revboot: stopped waiting after {max_time}s; the build goes on in the daemon." >&2
+elif [ -n "$unreached" ] && [ $cluster = 1 ]; then
+  echo "revboot: $unreached (this node is part of a cluster, whose etcd must agree to every push)." >&2
+elif [ -n "$unreached" ]; then
+  echo "revboot: $stored." >&2
+fi
 while read -r word old new ref; do
   [ "$word" = ref ] || continue
   verdict=$(grep -F " $ref" "$verdicts" | while read -r v r reason; do
@@ -408,6 +439,9 @@ while read -r word old new ref; do
   done)
   case $verdict in
     ng*) pkt_write "ng $ref ${{verdict#ng }}" ;;
+    "") if [ $cluster = 1 ] && ! grep -qxF "$ref" "$taken"; then
+          pkt_write "ng $ref ${{unreached:-revboot on this node did not take it: the push was not taken}}"
+        elif move_ref "$ref" "$old" "$new"; then pkt_write "ok $ref"; else pkt_write "ng $ref $(printf '%s' "$moved" | tr '\n' ' ')"; fi ;;
     *)
       if move_ref "$ref" "$old" "$new"; then pkt_write "ok $ref"; else pkt_write "ng $ref $(printf '%s' "$moved" | tr '\n' ' ')"; fi ;;
   esac
@@ -417,6 +451,7 @@ exit 0
 "#,
         url = shell_quote(&url),
         token = shell_quote(&target.token),
+        cluster = u8::from(target.cluster),
     )
 }
 
@@ -424,63 +459,97 @@ exit 0
 mod tests {
     use super::*;
 
-    /// A push with no daemon to reach is stored: the hook moves the branch itself and says
-    /// when it will be built.
-    #[test]
-    fn hook_without_a_daemon_stores_the_push_and_says_so() {
+    /// Runs git with no user or system configuration; its output, whatever the outcome.
+    fn git(cwd: &Path, args: &[&str]) -> std::process::Output {
+        std::process::Command::new("git")
+            .current_dir(cwd)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.invalid"])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("git runs")
+    }
+
+    /// A bare repository with the hook (of a cluster's node or not) and no daemon to reach,
+    /// and a working copy with one commit, tagged `v1`: (temp dir, server, work).
+    fn unreachable_daemon(cluster: bool) -> (tempfile::TempDir, PathBuf, PathBuf) {
         let dir = tempfile::tempdir().expect("tmp");
-        let git = |cwd: &Path, args: &[&str]| {
-            let output = std::process::Command::new("git")
-                .current_dir(cwd)
-                .env("GIT_CONFIG_NOSYSTEM", "1")
-                .env("GIT_CONFIG_GLOBAL", "/dev/null")
-                .args(["-c", "user.name=t", "-c", "user.email=t@example.invalid"])
-                .args(args)
-                .stdin(std::process::Stdio::null())
-                .output()
-                .expect("git runs");
-            assert!(output.status.success(), "{output:?}");
-            String::from_utf8_lossy(&output.stderr).into_owned()
-        };
         let server = dir.path().join("hello.git");
         git(
             dir.path(),
             &["init", "-q", "--bare", server.to_str().expect("utf8")],
         );
-        git(&server, &["config", PROC_RECEIVE_KEY, PROC_RECEIVE_REFS]);
         let target = HookTarget {
             // Port 9 (discard) on loopback: nothing listens there.
             base_url: "http://127.0.0.1:9".into(),
             token: "t".into(),
             max_time_secs: 5,
             socket: None,
+            cluster,
         };
         write_hook(&server, "hello", &target).expect("hook");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime
+            .block_on(hand_refs_to_hook(&server))
+            .expect("config");
         let work = dir.path().join("work");
         std::fs::create_dir_all(&work).expect("mkdir");
         git(&work, &["init", "-q", "-b", "main"]);
         git(&work, &["commit", "-q", "--allow-empty", "-m", "one"]);
-        let stderr = git(&work, &["push", server.to_str().expect("utf8"), "main"]);
+        git(&work, &["tag", "v1"]);
+        (dir, server, work)
+    }
+
+    /// `git rev-parse` of `refname` in `repo` (empty when absent).
+    fn rev_parse(repo: &Path, refname: &str) -> String {
+        let output = git(repo, &["rev-parse", "--verify", "-q", refname]);
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
+    /// A push with no daemon to reach is stored: the hook moves the branch and the tag
+    /// itself and says when it will be built.
+    #[test]
+    fn hook_without_a_daemon_stores_the_push_and_says_so() {
+        let (_dir, server, work) = unreachable_daemon(false);
+        let pushed = git(
+            &work,
+            &["push", server.to_str().expect("utf8"), "main", "v1"],
+        );
+        let stderr = String::from_utf8_lossy(&pushed.stderr);
+        assert!(pushed.status.success(), "{stderr}");
         assert!(stderr.contains("the daemon is not running"), "{stderr}");
         assert!(
             stderr.contains("will be built when the daemon starts"),
             "{stderr}"
         );
-        let head = std::process::Command::new("git")
-            .args([
-                "--git-dir",
-                server.to_str().expect("utf8"),
-                "rev-parse",
-                "main",
-            ])
-            .output()
-            .expect("git runs");
-        let local = std::process::Command::new("git")
-            .current_dir(&work)
-            .args(["rev-parse", "HEAD"])
-            .output()
-            .expect("git runs");
-        assert_eq!(head.stdout, local.stdout);
+        for refname in ["refs/heads/main", "refs/tags/v1"] {
+            assert_eq!(rev_parse(&server, refname), rev_parse(&work, refname));
+        }
+    }
+
+    /// On a node of a cluster, a push with no daemon to reach is refused: the branch would
+    /// move here without etcd, and the nodes would differ.
+    #[test]
+    fn hook_of_a_cluster_node_without_a_daemon_refuses_the_push() {
+        let (_dir, server, work) = unreachable_daemon(true);
+        let pushed = git(
+            &work,
+            &["push", server.to_str().expect("utf8"), "main", "v1"],
+        );
+        let stderr = String::from_utf8_lossy(&pushed.stderr);
+        assert!(!pushed.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("revboot on this node is not running: the push was not taken"),
+            "{stderr}"
+        );
+        for refname in ["refs/heads/main", "refs/tags/v1"] {
+            assert_eq!(rev_parse(&server, refname), "", "{refname} moved: {stderr}");
+        }
     }
 
     #[test]
@@ -492,6 +561,7 @@ mod tests {
                 token: "it's".into(),
                 max_time_secs: 60,
                 socket: None,
+                cluster: false,
             },
         );
         assert!(script.contains("url='http://127.0.0.1:7070/git/-/hook/hello'\n"));

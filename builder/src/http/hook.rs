@@ -11,7 +11,8 @@
 //! 3. Then one `revboot-verdict ok|ng <ref> [reason]` line per branch: `ng` when the tip's
 //!    build failed or was superseded, and the hook then leaves the branch where it was.
 //!    In a cluster, a branch moves there first and its push is refused (`ng`) when another
-//!    node moved it meanwhile (see [`crate::coordinate`]).
+//!    node moved it meanwhile (see [`crate::coordinate`]); once it moved there, a
+//!    `revboot-taken <ref>` line tells the hook that it may move the branch here.
 //!    With `-o revboot.wait=false` the verdicts come as soon as the builds are queued.
 
 use std::convert::Infallible;
@@ -203,6 +204,7 @@ pub(super) async fn hook(
             }
         };
         let mut pushes = Vec::new();
+        let mut tags = Vec::new();
         for (old, new, refname) in parsed.refs {
             // Rule 1 of crate::coordinate: the branch moves in the cluster first.
             if let Some(coordinator) = &shared.config.coordinator
@@ -213,12 +215,21 @@ pub(super) async fn hook(
                 let _ = tx.send(verdict(&refname, Some(&reason))).await;
                 continue;
             }
+            if shared.config.coordinator.is_some() {
+                // The hook may move it now whatever follows (see crate::repos::hook_script).
+                let _ = tx
+                    .send(Bytes::from(format!("revboot-taken {refname}\n")))
+                    .await;
+            }
             if new.bytes().all(|b| b == b'0') {
                 say(format!("{refname} deleted; nothing to build")).await;
                 let _ = tx.send(verdict(&refname, None)).await;
                 continue;
             }
             if !refname.starts_with("refs/heads/") {
+                if refname.starts_with("refs/tags/") {
+                    tags.push((refname.clone(), new.clone()));
+                }
                 say(format!("{refname} is not a branch; not built")).await;
                 let _ = tx.send(verdict(&refname, None)).await;
                 continue;
@@ -245,6 +256,8 @@ pub(super) async fn hook(
         }
         if !options.wait {
             say("not waiting for the builds (push option revboot.wait=false)".into()).await;
+            crate::tags::name_deployments(&shared.repos, &shared.config.store, &service, &tags)
+                .await;
             return;
         }
         for (refname, old, new, queued) in pushes {
@@ -295,6 +308,8 @@ pub(super) async fn hook(
                 return;
             }
         }
+        // The hook moves the pushed tags once this answer ends: they are named from here.
+        crate::tags::name_deployments(&shared.repos, &shared.config.store, &service, &tags).await;
     });
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv()

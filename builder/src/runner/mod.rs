@@ -66,8 +66,24 @@ use context::short;
 pub(crate) use context::{Job, RunContext};
 use record::{adopt, fail, interrupted, succeed, written_before_the_stop};
 
-/// Runs a build to its end, records it in the store, and returns the outcome.
+/// Runs a build to its end, records it in the store, and returns the outcome; a build
+/// that succeeded gives the service's source tags of its commit their deployment tag
+/// (see the `tags` module).
 pub(crate) async fn run(
+    ctx: Arc<RunContext>,
+    job: Job,
+    tracker: Arc<Tracker>,
+    stop: watch::Receiver<bool>,
+) -> Outcome {
+    let service = job.service.clone();
+    let outcome = build(Arc::clone(&ctx), job, tracker, stop).await;
+    if outcome.state == crate::state::BuildState::Succeeded {
+        crate::tags::name_deployments(&ctx.repos, &ctx.store, &service, &[]).await;
+    }
+    outcome
+}
+
+async fn build(
     ctx: Arc<RunContext>,
     job: Job,
     tracker: Arc<Tracker>,

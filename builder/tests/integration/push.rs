@@ -717,3 +717,42 @@ async fn build_runs_with_a_clean_environment_in_a_sandbox_of_its_own() {
     assert_eq!(read("id"), format!("{uid}\nbuild\n"));
     daemon.stop().await;
 }
+
+/// A pushed tag names the deployment of its commit (`<tag>.<service>.<zone>`), as a tag
+/// made by hand in the deployment repository does: one pushed with its commit, once that
+/// built; one pushed later, at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_tag_names_the_deployment_of_its_commit() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let daemon = daemon(&tmp.path().join("data"), |_| {}).await;
+    let recipe = "[build]\nshell = \"mkdir -p out && cp exit0 out/a && echo $REVBOOT_SOURCE_COMMIT >> out/a\"\nartifacts = [\"out/a\"]\n";
+    let work = recipe_fixture(tmp.path(), "tagged", recipe).await;
+    git_ok(&work, &["tag", "-a", "-m", "first", "v1"]).await;
+    let url = daemon.url("tagged");
+    let output = git(&work, &["push", &url, "main", "v1"]).await;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let first = head(&work).await;
+    let record = wait_finished(&daemon.builder, &first).await;
+    assert_eq!(record.state, BuildState::Succeeded);
+    let named = |label: &str| {
+        let revision = daemon
+            .store
+            .resolve("tagged", Some(label))
+            .unwrap_or_else(|error| panic!("{label}: {error}"));
+        daemon
+            .store
+            .deployment("tagged", &revision)
+            .expect("a deployment")
+            .source_commit
+    };
+    assert_eq!(named("v1"), first);
+
+    git_ok(&work, &["tag", "later"]).await;
+    git_ok(&work, &["push", &url, "later"]).await;
+    assert_eq!(named("later"), first);
+    daemon.stop().await;
+}
