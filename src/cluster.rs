@@ -23,10 +23,13 @@
 //!    ([`crate::placed`]); the owner of a revision it has not fetched yet fetches it first.
 //!
 //! The nodes of a cluster share one token (`[http] token`): they fetch from each other
-//! with it. Steps 3 to 6 run on every change etcd reports and every [`TICK`] besides; a
-//! fetch that failed is tried again after a delay that grows (see [`crate::replicate`]).
+//! with it. Steps 3 to 6 run on every change etcd reports and every [`TICK`] besides
+//! (step 4 only every `[cluster] replicate_every_ms` when that is set: a node asked for a
+//! revision before then fetches it first, step 7); a fetch that failed is tried again
+//! after a delay that grows (see [`crate::replicate`]).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use revboot_cluster::{Cluster, NodeInfo};
@@ -140,6 +143,7 @@ pub(crate) async fn join(
     tokio::spawn(replicate::keep_sources_in_step(
         cluster.clone(),
         builder.clone(),
+        store.clone(),
         token.to_owned(),
         stop.clone(),
     ));
@@ -147,6 +151,7 @@ pub(crate) async fn join(
         cluster.clone(),
         store.clone(),
         token.to_owned(),
+        settings.replicate_every_ms.map(Duration::from_millis),
         stop,
     ));
     Ok(Some(cluster))
@@ -207,15 +212,20 @@ impl LiveAuthority for EtcdAuthority {
 }
 
 /// Steps 3 to 5, until `stop` (step 6 runs beside it, [`replicate::keep_sources_in_step`]).
+///
+/// With `replicate_every` (`[cluster] replicate_every_ms`), step 4 runs only that often,
+/// the first time one interval after the start; DNS fetches what it is asked for first.
 async fn keep_in_step(
     cluster: Cluster,
     store: Store,
     token: String,
+    replicate_every: Option<Duration>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut heads = cluster.heads_changed();
     let mut live = cluster.live_changed();
     let mut backoff = Backoff::default();
+    let mut next_replication = replicate_every.map(|every| Instant::now() + every);
     loop {
         tokio::select! {
             _ = stop.wait_for(|stop| *stop) => return,
@@ -224,7 +234,11 @@ async fn keep_in_step(
             () = tokio::time::sleep(TICK) => {}
         }
         announce(&cluster, &store).await;
-        replicate(&cluster, &store, &token, &mut backoff).await;
+        let due = next_replication.is_none_or(|next| Instant::now() >= next);
+        if due {
+            replicate(&cluster, &store, &token, &mut backoff).await;
+            next_replication = replicate_every.map(|every| Instant::now() + every);
+        }
         mirror_live(&cluster, &store).await;
     }
 }

@@ -1,11 +1,15 @@
 //! What a node of a cluster fetches from the others, with stock git, and how the builder
 //! takes part (see [`crate::cluster`] for the whole).
 //!
-//! 1. Sources: etcd holds each branch of each service and the node that took its push
-//!    (`revboot_cluster::SourceRecord`). A branch here that differs from etcd's is fetched
-//!    from that node's git (`/git/<service>.git`), into the same ref; a service etcd records
+//! 1. Sources: etcd holds each branch and tag of each service and the node that took its
+//!    push (`revboot_cluster::SourceRecord`). A ref here that differs from etcd's is fetched
+//!    from that node's git (`/git/<service>.git`), into the same ref; a ref etcd notes as
+//!    deleted by a push is deleted here (one that etcd records nowhere is left alone: a
+//!    branch from before the node joined); a service etcd records
 //!    that has no source repository here gets one first (with the hooks, so that it takes
-//!    pushes). A source repository here that etcd does not record yet is recorded.
+//!    pushes). A source repository here that etcd does not record yet is recorded. A
+//!    source tag names its deployment here as on the node that took its push, once both
+//!    are here (the builder's tag rules), looked at again whenever either changed.
 //! 2. Deployments: a service's announced tip that is not here is fetched from the node that
 //!    announced it (`/git/-/deploy.git`), fast-forward only.
 //! 3. A fetch that did not bring what etcd names yet (the peer moves its branch once the
@@ -180,7 +184,8 @@ pub(crate) async fn fetch_deployments(
     Ok(true)
 }
 
-/// The branches of a source repository (`refs/heads/…` → commit).
+/// The branches and tags of a source repository (`refs/heads/…`, `refs/tags/…` → the
+/// object they name).
 async fn branches(repo: &Path) -> BTreeMap<String, String> {
     let output = tokio::time::timeout(
         FETCH_TIMEOUT,
@@ -191,6 +196,7 @@ async fn branches(repo: &Path) -> BTreeMap<String, String> {
                 "for-each-ref",
                 "--format=%(refname) %(objectname)",
                 "refs/heads/",
+                "refs/tags/",
             ])
             .kill_on_drop(true)
             .output(),
@@ -214,6 +220,7 @@ async fn branches(repo: &Path) -> BTreeMap<String, String> {
 pub(crate) async fn keep_sources_in_step(
     cluster: Cluster,
     builder: Builder,
+    store: Store,
     token: String,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -221,6 +228,7 @@ pub(crate) async fn keep_sources_in_step(
     // A build ends with its deployment announced, and its branch moves on its node then.
     let mut heads = cluster.heads_changed();
     let mut backoff = Backoff::default();
+    let mut tagged = Tagged::default();
     let mut pending = false;
     loop {
         let wait = if pending { PENDING_POLL } else { TICK };
@@ -231,6 +239,49 @@ pub(crate) async fn keep_sources_in_step(
             () = tokio::time::sleep(wait) => {}
         }
         pending = replicate_sources(&cluster, &builder, &token, &mut backoff).await;
+        tagged.name(&builder, &store).await;
+    }
+}
+
+/// Step 4's tags: a service's source tags name their deployments (the builder's `tags`
+/// rules) on this node too, once both are here; asked again only when either changed.
+#[derive(Debug, Default)]
+struct Tagged {
+    /// By service: a digest of its source tags and deployment tip when last named.
+    seen: HashMap<String, u64>,
+}
+
+impl Tagged {
+    async fn name(&mut self, builder: &Builder, store: &Store) {
+        use std::hash::{Hash as _, Hasher as _};
+        let services = builder.services().unwrap_or_default();
+        self.seen.retain(|service, _| services.contains(service));
+        for service in services {
+            let Ok(repo) = builder.source_repo(&service) else {
+                continue;
+            };
+            let tags: Vec<(String, String)> = branches(&repo)
+                .await
+                .into_iter()
+                .filter(|(refname, _)| refname.starts_with("refs/tags/"))
+                .collect();
+            if tags.is_empty() {
+                continue;
+            }
+            let mut digest = std::collections::hash_map::DefaultHasher::new();
+            tags.hash(&mut digest);
+            store
+                .tip(&service)
+                .ok()
+                .flatten()
+                .map(|t| t.to_hex())
+                .hash(&mut digest);
+            let digest = digest.finish();
+            if self.seen.get(&service) != Some(&digest) {
+                builder.name_tagged_deployments(&service).await;
+                self.seen.insert(service, digest);
+            }
+        }
     }
 }
 
@@ -271,10 +322,11 @@ async fn replicate_sources(
             }
         }
         let here = branches(&repo).await;
+        delete_refs(&me, &service, &repo, &record, &here).await;
         let mut by_node: BTreeMap<&str, Vec<(&String, &String)>> = BTreeMap::new();
         for (refname, branch) in &record.refs {
             if branch.node != me
-                && refname.starts_with("refs/heads/")
+                && (refname.starts_with("refs/heads/") || refname.starts_with("refs/tags/"))
                 && here.get(refname) != Some(&branch.commit)
             {
                 by_node
@@ -335,6 +387,52 @@ async fn replicate_sources(
         }
     }
     pending
+}
+
+/// Deletes the refs of `repo` (whose refs are `here`) that a push deleted on a node of the
+/// cluster (step 1): those etcd notes as deleted and records nowhere else.
+async fn delete_refs(
+    me: &str,
+    service: &str,
+    repo: &Path,
+    record: &revboot_cluster::SourceRecord,
+    here: &BTreeMap<String, String>,
+) {
+    for (refname, gone) in &record.deleted {
+        // A deletion this node took is the hook's to make (after etcd agreed).
+        if gone.node == me || record.refs.contains_key(refname) || !here.contains_key(refname) {
+            continue;
+        }
+        // Deleted only from where it is now, so that a push taken here meanwhile stays.
+        let output = tokio::time::timeout(
+            FETCH_TIMEOUT,
+            tokio::process::Command::new("git")
+                .arg("-C")
+                .arg(repo)
+                .args(["update-ref", "-d", refname, &here[refname]])
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await;
+        match output {
+            Ok(Ok(output)) if output.status.success() => {
+                info!(
+                    service,
+                    refname,
+                    by = gone.node,
+                    "deleted a ref a push deleted on a peer"
+                );
+            }
+            Ok(Ok(output)) => warn!(
+                service,
+                refname,
+                error = %String::from_utf8_lossy(&output.stderr).trim(),
+                "cannot delete a ref a push deleted on a peer"
+            ),
+            Ok(Err(error)) => warn!(%error, service, refname, "cannot run git"),
+            Err(_) => warn!(service, refname, "git update-ref took too long"),
+        }
+    }
 }
 
 /// The builder's part in the cluster (step 4); set once the node has joined.

@@ -6,6 +6,10 @@
 //! node = "n1"          # this node's id: unique in the cluster, a DNS label
 //! ttl_s = 5            # the membership lease: a node silent this long is gone
 //! prefix = "/revboot"  # optional: the key prefix, default /revboot/<zone>
+//! # optional: fetch the others' deployments in the background only this often, in ms,
+//! # instead of on every change etcd reports (default); a revision asked of this node
+//! # before then is fetched first, when asked
+//! replicate_every_ms = 60000
 //! ```
 
 use serde::Deserialize;
@@ -24,6 +28,11 @@ pub struct ClusterConfig {
     /// The key prefix in etcd (default `/revboot/<zone>`).
     #[serde(default)]
     pub prefix: Option<String>,
+    /// How often, in milliseconds, the node fetches the deployments other nodes announced
+    /// in the background; absent, it does so on every change etcd reports (and every
+    /// second). A node asked by DNS for a revision it has not fetched yet fetches it then.
+    #[serde(default)]
+    pub replicate_every_ms: Option<u64>,
 }
 
 fn default_ttl() -> u64 {
@@ -54,6 +63,9 @@ pub enum ConfigError {
     /// The prefix is not an absolute key path.
     #[error("[cluster] prefix `{0}` must start with / and not end with /")]
     Prefix(String),
+    /// The background replication interval is out of range.
+    #[error("[cluster] replicate_every_ms = {0} is out of range (100..=86400000)")]
+    ReplicateEvery(u64),
 }
 
 impl ClusterConfig {
@@ -97,6 +109,11 @@ impl ClusterConfig {
             && (!prefix.starts_with('/') || prefix.ends_with('/') || prefix.len() < 2)
         {
             return Err(ConfigError::Prefix(prefix.clone()));
+        }
+        if let Some(every) = self.replicate_every_ms
+            && !(100..=86_400_000).contains(&every)
+        {
+            return Err(ConfigError::ReplicateEvery(every));
         }
         Ok(())
     }
@@ -142,5 +159,9 @@ mod tests {
             bad("etcd = [\"http://127.0.0.1:2379\"]\nnode = \"n1\"\nnodes = 1"),
             ConfigError::Parse(_)
         ));
+        assert_eq!(
+            bad("etcd = [\"http://127.0.0.1:2379\"]\nnode = \"n1\"\nreplicate_every_ms = 5"),
+            ConfigError::ReplicateEvery(5)
+        );
     }
 }

@@ -13,9 +13,10 @@
 //!    mover gets [`LiveCasError::Conflict`] naming what is live now and who moved it.
 //! 3. `heads/<service>` — the newest deployment a node wrote ([`HeadRecord`]): the others
 //!    fetch it from that node's git (replication is git's own, see the daemon).
-//! 4. `sources/<service>` — each branch of the service's source repository and the node
-//!    that took its push ([`SourceRecord`]); a push moves a branch by compare-and-swap
-//!    ([`Cluster::move_ref`]), and the other nodes fetch it from that node's git.
+//! 4. `sources/<service>` — each branch and tag of the service's source repository and the
+//!    node that took its push, and the refs deleted by a push ([`SourceRecord`]); a push
+//!    moves a ref by compare-and-swap ([`Cluster::move_ref`]), and the other nodes fetch it
+//!    from that node's git, or delete it.
 //! 5. `builds/<service>` — the service's build lock ([`Cluster::lock_builds`]), under a
 //!    lease of its own: one node at a time writes a service's deployment branch.
 //! 6. `claims/<key>` — placement: [`placement::owner`] hashes an instance's key over the
@@ -64,7 +65,7 @@ pub use config::{ClusterConfig, ConfigError};
 pub use coord::{
     Cluster, HeadRecord, JoinError, LiveCasError, LiveRecord, MOVE_PATIENCE, NodeInfo,
 };
-pub use sources::{BuildLock, RefCasError, RefRecord, SourceRecord};
+pub use sources::{BuildLock, MAX_DELETED, RefCasError, RefRecord, SourceRecord};
 
 use std::time::Duration;
 

@@ -1,15 +1,20 @@
 //! Source repositories in a cluster: their branches' one truth, and who builds.
 //!
-//! 1. `sources/<service>` holds a [`SourceRecord`]: each branch's commit and the node that
-//!    took the push of it. A service added on a node is recorded with no branch, so that
-//!    every node makes its source repository.
-//! 2. A push moves a branch by compare-and-swap ([`Cluster::move_ref`]): from the commit
-//!    the pushing node has (what `git push` saw as the branch's old value) to the pushed
-//!    one. A branch etcd has no record of takes any old value. Another node that moved the
-//!    branch first wins, and this push is refused with [`RefCasError::Conflict`], as git
+//! 1. `sources/<service>` holds a [`SourceRecord`]: each branch's and tag's commit (a tag's
+//!    object, for an annotated one) and the node that took the push of it. A service added
+//!    on a node is recorded with no ref, so that every node makes its source repository.
+//! 2. A push moves a ref by compare-and-swap ([`Cluster::move_ref`]): from the commit
+//!    the pushing node has (what `git push` saw as the ref's old value) to the pushed
+//!    one. A ref etcd has no record of takes any old value. Another node that moved the
+//!    ref first wins, and this push is refused with [`RefCasError::Conflict`], as git
 //!    refuses a push that is not a fast-forward.
-//! 3. The other nodes fetch the branch from the node the record names (the daemon's part).
-//! 4. `builds/<service>` is the service's build lock ([`Cluster::lock_builds`]): one node at
+//! 3. A deletion (`git push --delete`) is a move to zeros: the ref leaves `refs` and is
+//!    noted in `deleted` (the newest [`MAX_DELETED`]), so that the other nodes delete it
+//!    too rather than take it for one they have not recorded yet. A ref pushed again
+//!    leaves `deleted`.
+//! 4. The other nodes fetch a ref from the node the record names, and delete the refs
+//!    `deleted` names (the daemon's part).
+//! 5. `builds/<service>` is the service's build lock ([`Cluster::lock_builds`]): one node at
 //!    a time writes a service's deployment branch. It is held under a lease of its own, kept
 //!    alive while the [`BuildLock`] lives: a builder that dies loses it within the TTL, and
 //!    another node may build.
@@ -26,13 +31,21 @@ use crate::coord::{create_or_get, records, timed};
 use crate::mirror::Map;
 use crate::{Cluster, OP_TIMEOUT};
 
-/// The branches of a service's source repository as etcd holds them.
+/// The branches and tags of a service's source repository as etcd holds them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceRecord {
-    /// By ref name (`refs/heads/main`).
+    /// By ref name (`refs/heads/main`, `refs/tags/v1`).
     #[serde(default)]
     pub refs: BTreeMap<String, RefRecord>,
+    /// Refs deleted by a push, oldest first, at most [`MAX_DELETED`] (rule 3): each with
+    /// the commit it was at and the node that took the deletion.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deleted: Vec<(String, RefRecord)>,
 }
+
+/// The most deletions a [`SourceRecord`] remembers; a node that was away for more
+/// deletions of one service than this keeps the older deleted refs.
+pub const MAX_DELETED: usize = 256;
 
 /// One branch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,8 +179,19 @@ impl Cluster {
                 }
                 _ => {}
             }
+            record.deleted.retain(|(name, _)| name != refname);
             if is_zero(new) {
-                record.refs.remove(refname);
+                if let Some(gone) = record.refs.remove(refname) {
+                    record.deleted.push((
+                        refname.to_owned(),
+                        RefRecord {
+                            commit: gone.commit,
+                            node: self.me().id.clone(),
+                        },
+                    ));
+                    let over = record.deleted.len().saturating_sub(MAX_DELETED);
+                    record.deleted.drain(..over);
+                }
             } else {
                 record.refs.insert(
                     refname.to_owned(),

@@ -15,6 +15,7 @@ fn config(etcd: &EtcdCluster, node: &str) -> ClusterConfig {
         node: node.to_owned(),
         ttl_s: 2,
         prefix: None,
+        replicate_every_ms: None,
     }
 }
 

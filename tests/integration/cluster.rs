@@ -25,12 +25,27 @@ pub(super) fn node(dir: &Path, etcd: &EtcdCluster, id: &str, prefix: &str) -> Da
     node_via(dir, &etcd.toml_endpoints(), id, prefix)
 }
 
+/// As [`node`], with more keys of `[cluster]` (lines of TOML).
+pub(super) fn node_with(
+    dir: &Path,
+    etcd: &EtcdCluster,
+    id: &str,
+    prefix: &str,
+    cluster: &str,
+) -> Daemon {
+    node_configured(dir, &etcd.toml_endpoints(), id, prefix, cluster)
+}
+
 /// As [`node`], reaching etcd at `endpoints` (TOML list).
 fn node_via(dir: &Path, endpoints: &str, id: &str, prefix: &str) -> Daemon {
+    node_configured(dir, endpoints, id, prefix, "")
+}
+
+fn node_configured(dir: &Path, endpoints: &str, id: &str, prefix: &str, more: &str) -> Daemon {
     let config = format!(
         "[dns]\nboots_per_second = 10000\nboot_burst = 10000\n\
          [instances]\nidle_timeout_ms = 600000\n\
-         [cluster]\netcd = {endpoints}\nnode = \"{id}\"\nttl_s = 2\nprefix = \"{prefix}\"\n"
+         [cluster]\netcd = {endpoints}\nnode = \"{id}\"\nttl_s = 2\nprefix = \"{prefix}\"\n{more}"
     );
     Daemon::start_setup(
         &dir.join(id),

@@ -9,8 +9,12 @@ use std::process::{Command, Output, Stdio};
 
 use revboot_testkit::etcd::EtcdCluster;
 
-use crate::cluster::{node, node_ids, rev_parse, rev_parse_in};
-use crate::support::{Daemon, commit_revision, curl, eventually, git, hello_source, history, push};
+use revboot_cluster::placement::{self, Candidate};
+
+use crate::cluster::{node, node_ids, node_with, rev_parse, rev_parse_in};
+use crate::support::{
+    Daemon, commit_revision, curl, eventually, git, hello_source, history, push, request,
+};
 
 /// The commit of `refname` in a node's source repository of hello (empty when absent).
 fn source_ref(daemon: &Daemon, refname: &str) -> String {
@@ -98,18 +102,24 @@ fn served_everywhere(nodes: &[Daemon], name: &str, greeting: &str) {
     }
 }
 
+/// Nodes n1 to n3, once each lists the three.
+fn three_nodes(dir: &Path, etcd: &EtcdCluster, prefix: &str) -> Vec<Daemon> {
+    let nodes: Vec<Daemon> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|id| node(dir, etcd, id, prefix))
+        .collect();
+    for daemon in &nodes {
+        assert!(eventually(|| node_ids(daemon) == ["n1", "n2", "n3"]));
+    }
+    nodes
+}
+
 #[test]
 fn any_node_takes_a_push_and_builds_and_sources_replicate_through_etcd_and_git() {
     let temp = tempfile::tempdir().expect("temp dir");
     let etcd = EtcdCluster::start(3, temp.path());
     let prefix = format!("/revboot-src-{}", std::process::id());
-    let mut nodes: Vec<Daemon> = ["n1", "n2", "n3"]
-        .iter()
-        .map(|id| node(temp.path(), &etcd, id, &prefix))
-        .collect();
-    for daemon in &nodes {
-        assert!(eventually(|| node_ids(daemon) == ["n1", "n2", "n3"]));
-    }
+    let mut nodes = three_nodes(temp.path(), &etcd, &prefix);
 
     // A service added on node 2 exists on every node.
     let added = nodes[1].cli(&["service", "add", "scratch"]);
@@ -262,5 +272,195 @@ fn a_revision_announced_by_a_node_that_cannot_be_fetched_from_is_servfail_and_lo
         }),
         "{answer}\n{}",
         n1.log()
+    );
+}
+
+/// `git push` of `refspecs` from a working copy to a node, whatever its outcome.
+fn push_refs(daemon: &Daemon, work: &Path, refspecs: &[&str]) -> Output {
+    daemon
+        .command("git")
+        .arg("push")
+        .arg(daemon.remote("hello"))
+        .args(refspecs)
+        .current_dir(work)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run git")
+}
+
+fn pushed(output: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "{stderr}");
+    stderr
+}
+
+/// A branch deleted by `git push --delete` on one node and a tag pushed to another go
+/// through etcd and reach every node: the tag names the deployment of its commit in every
+/// node's DNS. A push to a node whose daemon is stopped (its source repository by path,
+/// where the hook runs without the daemon) is refused, and no node's branch moves.
+#[test]
+fn deletions_and_tags_reach_every_node_and_a_push_to_a_stopped_node_is_refused() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let etcd = EtcdCluster::start(3, temp.path());
+    let prefix = format!("/revboot-refs-{}", std::process::id());
+    let mut nodes = three_nodes(temp.path(), &etcd, &prefix);
+    let work = hello_source(temp.path());
+    push(&nodes[0], &work);
+    let c1 = head(&work);
+
+    // A branch pushed to node 1 and a tag pushed to node 2 reach every node.
+    git(&work, &["tag", "-a", "-m", "first", "v1"]);
+    pushed(&push_refs(&nodes[0], &work, &["main:refs/heads/feature"]));
+    pushed(&push_refs(&nodes[1], &work, &["v1"]));
+    let tag = rev_parse_in(&work.join(".git"), "refs/tags/v1");
+    for daemon in &nodes {
+        assert!(
+            eventually(|| source_ref(daemon, "refs/heads/feature") == c1
+                && source_ref(daemon, "refs/tags/v1") == tag),
+            "{}",
+            daemon.log()
+        );
+    }
+    // The tag names the deployment of its commit on every node.
+    let built = history(&nodes[0], "hello")
+        .iter()
+        .find(|d| d["source_commit"] == c1.as_str())
+        .and_then(|d| d["revision"].as_str().map(str::to_owned))
+        .expect("c1 built");
+    for daemon in &nodes {
+        assert!(
+            eventually(|| rev_parse(daemon, "refs/tags/hello/v1^{commit}") == built),
+            "{}",
+            daemon.log()
+        );
+        let address = crate::support::dig_ok(daemon, "v1.hello.revboot.test", false);
+        assert!(address.parse::<std::net::Ipv4Addr>().is_ok(), "{address}");
+    }
+    served_everywhere(&nodes, "v1.hello.revboot.test", "hello");
+
+    // Deleted on node 3: gone everywhere, and from etcd.
+    pushed(&push_refs(&nodes[2], &work, &["--delete", "feature"]));
+    for daemon in &nodes {
+        assert!(
+            eventually(|| source_ref(daemon, "refs/heads/feature").is_empty()),
+            "{}",
+            daemon.log()
+        );
+    }
+    assert_eq!(source_ref(&nodes[0], "refs/heads/main"), c1);
+
+    // Node 2 stopped: a push to its source repository by path is refused by its hook, and
+    // main moves on no node.
+    let stopped = nodes.remove(1);
+    let repo = stopped.data.join("src/hello.git");
+    stopped.stop();
+    commit_revision(&work, "v2", "hello");
+    let output = Command::new("git")
+        .args(["push", &repo.display().to_string(), "main"])
+        .current_dir(&work)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run git");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("revboot on this node is not running: the push was not taken"),
+        "{stderr}"
+    );
+    assert_eq!(rev_parse_in(&repo, "refs/heads/main"), c1);
+    for daemon in &nodes {
+        assert_eq!(source_ref(daemon, "refs/heads/main"), c1);
+    }
+    for daemon in &nodes {
+        assert!(!built_commits(daemon).contains(&head(&work)));
+    }
+}
+
+/// A node whose background replication is slowed down (`replicate_every_ms`) and is
+/// asked by DNS for a revision it has not fetched yet fetches it first: the query answers,
+/// and the instance it placed on itself boots from the fetched revision.
+#[test]
+fn a_node_asked_for_a_revision_it_has_not_fetched_fetches_it_first_and_boots_it() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let etcd = EtcdCluster::start(1, temp.path());
+    let prefix = format!("/revboot-first-{}", std::process::id());
+    let n1 = node(temp.path(), &etcd, "n1", &prefix);
+    // Ten minutes: no background fetch of deployments within the test.
+    let n2 = node_with(
+        temp.path(),
+        &etcd,
+        "n2",
+        &prefix,
+        "replicate_every_ms = 600000\n",
+    );
+    for daemon in [&n1, &n2] {
+        assert!(eventually(|| node_ids(daemon) == ["n1", "n2"]));
+    }
+    let capacity = |daemon: &Daemon, id: &str| {
+        let (_, body) = request(daemon, "GET", "/api/v1/nodes", None, true);
+        let view: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        view["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .find(|node| node["id"] == id)
+            .and_then(|node| node["capacity"].as_u64())
+            .expect("capacity")
+    };
+    let candidates = [
+        Candidate {
+            id: "n1",
+            capacity: capacity(&n1, "n1"),
+        },
+        Candidate {
+            id: "n2",
+            capacity: capacity(&n1, "n2"),
+        },
+    ];
+    // Revisions built on node 1 until one is placed on node 2 (one in two, by the hash).
+    let work = hello_source(temp.path());
+    let mut revision = String::new();
+    for round in 0..12 {
+        if round > 0 {
+            commit_revision(&work, &format!("v{round}"), &format!("round {round}"));
+        }
+        push(&n1, &work);
+        revision = rev_parse(&n1, "refs/heads/hello");
+        let key = format!("hello/{revision}");
+        if placement::owner(&candidates, &key) == Some("n2") {
+            break;
+        }
+    }
+    assert_eq!(
+        placement::owner(&candidates, &format!("hello/{revision}")),
+        Some("n2")
+    );
+    // Node 2 has not fetched it: the only fetch there can be the one the query makes.
+    assert!(rev_parse(&n2, &format!("{revision}^{{commit}}")).is_empty());
+    let name = format!("{}.hello.revboot.test", &revision[..7]);
+    let mut answer = String::new();
+    assert!(
+        eventually(|| {
+            answer = n2.dig(&name, false);
+            answer.parse::<std::net::Ipv4Addr>().is_ok()
+        }),
+        "{answer}\n{}",
+        n2.log()
+    );
+    assert_eq!(rev_parse(&n2, &format!("{revision}^{{commit}}")), revision);
+    let body = curl(&name, &answer, 8080);
+    // hello answers with the deployment commit it was booted from.
+    assert!(body.contains(&revision[..7]), "{body}");
+    let instances = n2.instances();
+    assert!(
+        instances
+            .iter()
+            .any(|i| i["revision"].as_str() == Some(revision.as_str())),
+        "{instances:?}"
+    );
+    assert!(
+        n2.log().contains("fetched deployments from a peer"),
+        "{}",
+        n2.log()
     );
 }
