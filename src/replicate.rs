@@ -22,6 +22,11 @@
 //!    ends, its tip is announced before the lock is released, so that the next holder
 //!    builds on top of it.
 //!
+//! 5. A round is cheap when nothing changed: a service's refs here are listed
+//!    (`for-each-ref`) only when etcd's record of it changed since a round that left them
+//!    as etcd has them (etcd's revision of the record says so, from the watch's mirror),
+//!    and every service's at least every [`FULL_ROUND`].
+//!
 //! Every fetch runs within [`FETCH_TIMEOUT`]; the token goes in git's environment, never on
 //! a command line or in a log.
 
@@ -227,8 +232,7 @@ pub(crate) async fn keep_sources_in_step(
     let mut sources = cluster.sources_changed();
     // A build ends with its deployment announced, and its branch moves on its node then.
     let mut heads = cluster.heads_changed();
-    let mut backoff = Backoff::default();
-    let mut tagged = Tagged::default();
+    let mut rounds = Rounds::default();
     let mut pending = false;
     loop {
         let wait = if pending { PENDING_POLL } else { TICK };
@@ -238,74 +242,94 @@ pub(crate) async fn keep_sources_in_step(
             _ = heads.changed() => {}
             () = tokio::time::sleep(wait) => {}
         }
-        pending = replicate_sources(&cluster, &builder, &token, &mut backoff).await;
-        tagged.name(&builder, &store).await;
-    }
-}
-
-/// Step 4's tags: a service's source tags name their deployments (the builder's `tags`
-/// rules) on this node too, once both are here; asked again only when either changed.
-#[derive(Debug, Default)]
-struct Tagged {
-    /// By service: a digest of its source tags and deployment tip when last named.
-    seen: HashMap<String, u64>,
-}
-
-impl Tagged {
-    async fn name(&mut self, builder: &Builder, store: &Store) {
-        use std::hash::{Hash as _, Hasher as _};
-        let services = builder.services().unwrap_or_default();
-        self.seen.retain(|service, _| services.contains(service));
-        for service in services {
-            let Ok(repo) = builder.source_repo(&service) else {
-                continue;
-            };
-            let tags: Vec<(String, String)> = branches(&repo)
-                .await
-                .into_iter()
-                .filter(|(refname, _)| refname.starts_with("refs/tags/"))
-                .collect();
-            if tags.is_empty() {
-                continue;
-            }
-            let mut digest = std::collections::hash_map::DefaultHasher::new();
-            tags.hash(&mut digest);
-            store
-                .tip(&service)
-                .ok()
-                .flatten()
-                .map(|t| t.to_hex())
-                .hash(&mut digest);
-            let digest = digest.finish();
-            if self.seen.get(&service) != Some(&digest) {
-                builder.name_tagged_deployments(&service).await;
-                self.seen.insert(service, digest);
-            }
+        if rounds.since_full.elapsed() >= FULL_ROUND {
+            rounds.in_step.clear();
+            rounds.since_full = Instant::now();
         }
+        let changed;
+        (pending, changed) = replicate_sources(&cluster, &builder, &token, &mut rounds).await;
+        name_tags(&builder, &store, &changed, &mut rounds.tips).await;
     }
 }
 
 /// How soon a branch that its node has not moved yet (its build runs) is asked for again.
 const PENDING_POLL: Duration = Duration::from_millis(200);
 
-/// Step 1 (with step 3's delays); whether a peer's branch is not where etcd has it yet.
+/// How often step 1 looks at every service's refs even though etcd's record did not change
+/// (a ref changed here by hand).
+pub const FULL_ROUND: Duration = Duration::from_secs(60);
+
+/// What step 1 remembers between rounds.
+#[derive(Debug)]
+struct Rounds {
+    /// Step 3's delays.
+    backoff: Backoff,
+    /// By service: etcd's revision of its source record when a round left the service's
+    /// refs here as etcd has them. Until the record changes, the service is not looked at
+    /// again (no `for-each-ref`), except at each [`FULL_ROUND`].
+    in_step: HashMap<String, i64>,
+    since_full: Instant,
+    /// By service: its deployment tip when its source tags last named deployments.
+    tips: HashMap<String, Option<Revision>>,
+}
+
+impl Default for Rounds {
+    fn default() -> Self {
+        Rounds {
+            backoff: Backoff::default(),
+            in_step: HashMap::new(),
+            since_full: Instant::now(),
+            tips: HashMap::new(),
+        }
+    }
+}
+
+/// Step 1's tags: a service's source tags name their deployments (the builder's `tags`
+/// rules) on this node too, once both are here: looked at when a round `changed` its refs
+/// here or its deployment tip moved.
+async fn name_tags(
+    builder: &Builder,
+    store: &Store,
+    changed: &[String],
+    tips: &mut HashMap<String, Option<Revision>>,
+) {
+    let services = builder.services().unwrap_or_default();
+    tips.retain(|service, _| services.contains(service));
+    for service in services {
+        let tip = store.tip(&service).ok().flatten();
+        if tips.get(&service) != Some(&tip) || changed.contains(&service) {
+            builder.name_tagged_deployments(&service).await;
+            tips.insert(service, tip);
+        }
+    }
+}
+
+/// Step 1 (with step 3's delays): whether a peer's ref is not where etcd has it yet, and
+/// the services whose refs changed here.
 async fn replicate_sources(
     cluster: &Cluster,
     builder: &Builder,
     token: &str,
-    backoff: &mut Backoff,
-) -> bool {
+    rounds: &mut Rounds,
+) -> (bool, Vec<String>) {
     let mut pending = false;
+    let mut changed = Vec::new();
     let me = cluster.me().id.clone();
     let recorded = cluster.sources();
     for service in builder.services().unwrap_or_default() {
-        if !recorded.iter().any(|(name, _)| *name == service)
+        if !recorded.iter().any(|(name, _, _)| *name == service)
             && let Err(error) = cluster.add_source(&service).await
         {
             debug!(error, service, "cannot record a service in the cluster");
         }
     }
-    for (service, record) in recorded {
+    rounds
+        .in_step
+        .retain(|service, _| recorded.iter().any(|(name, _, _)| name == service));
+    for (service, record, revision) in recorded {
+        if rounds.in_step.get(&service) == Some(&revision) {
+            continue;
+        }
         let Ok(repo) = builder.source_repo(&service) else {
             continue;
         };
@@ -322,7 +346,10 @@ async fn replicate_sources(
             }
         }
         let here = branches(&repo).await;
-        delete_refs(&me, &service, &repo, &record, &here).await;
+        let (deleted, mut settled) = delete_refs(&me, &service, &repo, &record, &here).await;
+        if deleted {
+            changed.push(service.clone());
+        }
         let mut by_node: BTreeMap<&str, Vec<(&String, &String)>> = BTreeMap::new();
         for (refname, branch) in &record.refs {
             if branch.node != me
@@ -337,10 +364,9 @@ async fn replicate_sources(
         }
         for (node, wanted) in by_node {
             let key = format!("src/{service}/{node}");
-            if !backoff.ready(&key) {
-                continue;
-            }
-            let Some(peer) = cluster.nodes().into_iter().find(|n| n.id == node) else {
+            let peer = cluster.nodes().into_iter().find(|n| n.id == node);
+            let Some(peer) = peer.filter(|_| rounds.backoff.ready(&key)) else {
+                settled = false;
                 continue;
             };
             let refspecs: Vec<String> = wanted
@@ -353,6 +379,9 @@ async fn replicate_sources(
             let complete = wanted
                 .iter()
                 .all(|(refname, commit)| now.get(*refname) == Some(*commit));
+            if now != here && !changed.contains(&service) {
+                changed.push(service.clone());
+            }
             // A branch the peer has not made yet (its first build runs) is not a failure.
             let fetched = match fetched {
                 Err(error) if error.contains("couldn't find remote ref") => Ok(()),
@@ -360,13 +389,14 @@ async fn replicate_sources(
             };
             match fetched {
                 Ok(()) if complete => {
-                    backoff.succeeded(&key);
+                    rounds.backoff.succeeded(&key);
                     info!(service, from = node, "fetched sources from a peer");
                 }
                 // The peer moves its branch once the push's build is done: not a failure,
                 // asked again on the next round.
                 Ok(()) => {
                     pending = true;
+                    settled = false;
                     debug!(
                         service,
                         from = node,
@@ -374,7 +404,8 @@ async fn replicate_sources(
                     );
                 }
                 Err(error) => {
-                    let delay = backoff.failed(&key);
+                    settled = false;
+                    let delay = rounds.backoff.failed(&key);
                     warn!(
                         service,
                         from = node,
@@ -385,19 +416,26 @@ async fn replicate_sources(
                 }
             }
         }
+        if settled {
+            rounds.in_step.insert(service, revision);
+        } else {
+            rounds.in_step.remove(&service);
+        }
     }
-    pending
+    (pending, changed)
 }
 
 /// Deletes the refs of `repo` (whose refs are `here`) that a push deleted on a node of the
-/// cluster (step 1): those etcd notes as deleted and records nowhere else.
+/// cluster (step 1): those etcd notes as deleted and records nowhere else. Whether it
+/// deleted any, and whether every deletion it tried was made.
 async fn delete_refs(
     me: &str,
     service: &str,
     repo: &Path,
     record: &revboot_cluster::SourceRecord,
     here: &BTreeMap<String, String>,
-) {
+) -> (bool, bool) {
+    let (mut deleted, mut done) = (false, true);
     for (refname, gone) in &record.deleted {
         // A deletion this node took is the hook's to make (after etcd agreed).
         if gone.node == me || record.refs.contains_key(refname) || !here.contains_key(refname) {
@@ -416,12 +454,14 @@ async fn delete_refs(
         .await;
         match output {
             Ok(Ok(output)) if output.status.success() => {
+                deleted = true;
                 info!(
                     service,
                     refname,
                     by = gone.node,
                     "deleted a ref a push deleted on a peer"
                 );
+                continue;
             }
             Ok(Ok(output)) => warn!(
                 service,
@@ -432,7 +472,9 @@ async fn delete_refs(
             Ok(Err(error)) => warn!(%error, service, refname, "cannot run git"),
             Err(_) => warn!(service, refname, "git update-ref took too long"),
         }
+        done = false;
     }
+    (deleted, done)
 }
 
 /// The builder's part in the cluster (step 4); set once the node has joined.

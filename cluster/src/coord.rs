@@ -325,16 +325,7 @@ impl Cluster {
 
     /// Live pointers as etcd holds them, by service, with etcd's revision of each move.
     pub fn live(&self) -> Vec<(String, LiveRecord, i64)> {
-        let map = self.inner.live.borrow().clone();
-        map.iter()
-            .filter_map(|(service, (value, revision))| {
-                Some((
-                    service.clone(),
-                    serde_json::from_slice(value).ok()?,
-                    *revision,
-                ))
-            })
-            .collect()
+        records_with_revision(&self.inner.live)
     }
 
     /// The live moves this node has not followed yet: newer (by etcd's revision) than the
@@ -517,6 +508,18 @@ pub(crate) fn records<T: serde::de::DeserializeOwned>(
     let map = mirror.borrow().clone();
     map.iter()
         .filter_map(|(key, (value, _))| Some((key.clone(), serde_json::from_slice(value).ok()?)))
+        .collect()
+}
+
+/// The records of a mirror, by key, with etcd's revision of each one's last change.
+pub(crate) fn records_with_revision<T: serde::de::DeserializeOwned>(
+    mirror: &watch::Receiver<Map>,
+) -> Vec<(String, T, i64)> {
+    let map = mirror.borrow().clone();
+    map.iter()
+        .filter_map(|(key, (value, revision))| {
+            Some((key.clone(), serde_json::from_slice(value).ok()?, *revision))
+        })
         .collect()
 }
 

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 
-use crate::coord::{create_or_get, records, timed};
+use crate::coord::{create_or_get, records_with_revision, timed};
 use crate::mirror::Map;
 use crate::{Cluster, OP_TIMEOUT};
 
@@ -107,9 +107,9 @@ fn is_zero(hex: &str) -> bool {
 }
 
 impl Cluster {
-    /// The source records, by service.
-    pub fn sources(&self) -> Vec<(String, SourceRecord)> {
-        records(&self.inner().sources)
+    /// The source records, by service, with etcd's revision of each one's last change.
+    pub fn sources(&self) -> Vec<(String, SourceRecord, i64)> {
+        records_with_revision(&self.inner().sources)
     }
 
     /// A watch that changes whenever a source record does.
