@@ -308,16 +308,25 @@ impl Builder {
             .write(true)
             .open(&lock_path)
             .map_err(io(&lock_path))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(StartError::Locked { path: lock_path });
-            }
-            Err(std::fs::TryLockError::Error(source)) => {
-                return Err(StartError::Io {
-                    path: lock_path,
-                    source,
-                });
+        // A builder that just stopped in this process may still hold the lock for a moment:
+        // a child another thread is starting shares the lock's open file until it execs
+        // (the descriptor is close-on-exec). So a held lock is asked for again, briefly.
+        let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+        loop {
+            match lock.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(StartError::Locked { path: lock_path });
+                }
+                Err(std::fs::TryLockError::Error(source)) => {
+                    return Err(StartError::Io {
+                        path: lock_path,
+                        source,
+                    });
+                }
             }
         }
         let hook_token = hook_token(&state_dir.join("hook-token"))?;
@@ -655,6 +664,10 @@ pub async fn create_source_repo(
         created,
     })
 }
+
+/// How long a starting builder waits for its data directory's lock before it says another
+/// builder holds it.
+const LOCK_PATIENCE: Duration = Duration::from_secs(1);
 
 /// The old names of renamed services, in `<data>/builder/` (see `renamed`).
 const RENAMED_FILE: &str = "renamed.json";
