@@ -46,7 +46,7 @@ use crate::action::{
 };
 use crate::config::Config;
 use crate::engine::{Engine, Runtime, error_chain, resolve_error};
-use crate::handover::{Inherited, Sockets};
+use crate::handover::{Inherited, Sockets, TakenOver};
 use crate::metrics::DaemonMetrics;
 use crate::promote::Promotions;
 use crate::tls::Certificates;
@@ -432,28 +432,20 @@ impl Daemon {
     pub async fn start_with(config: Config, upgradable: bool) -> anyhow::Result<Daemon> {
         config.validate()?;
         let inherited = crate::handover::inherit()?;
-        let (mut front_handed, mut relays, mut handed_off) = (Vec::new(), Vec::new(), Vec::new());
-        let (inherited_sockets, listeners, handed, upgrades, requested_at_ms) = match inherited {
+        let (mut front_handed, mut taken_over) = (Vec::new(), TakenOver::default());
+        let (inherited_sockets, handed, upgrades, requested_at_ms) = match inherited {
             Some(Inherited {
                 sockets,
-                listeners,
                 front,
                 instances,
-                relays: handed_relays,
-                handed: handed_connections,
+                proxy,
                 upgrades,
                 requested_at_ms,
             }) => {
-                (front_handed, relays, handed_off) = (front, handed_relays, handed_connections);
-                (
-                    Some(sockets),
-                    listeners,
-                    instances,
-                    upgrades,
-                    Some(requested_at_ms),
-                )
+                (front_handed, taken_over) = (front, proxy);
+                (Some(sockets), instances, upgrades, Some(requested_at_ms))
             }
-            None => (None, Vec::new(), Vec::new(), 0, None),
+            None => (None, Vec::new(), 0, None),
         };
         let handed_count = handed.len();
         let binary = std::env::current_exe().context("Cannot tell which binary this is")?;
@@ -518,11 +510,7 @@ impl Daemon {
         } else {
             Proxy::new(ProxyConfig::default(), deployer.clone())
         };
-        for (address, listener) in listeners {
-            proxy.adopt(address, listener);
-        }
-        proxy.adopt_relays(relays);
-        proxy.adopt_handed(handed_off);
+        taken_over.adopt(&proxy);
         let front_door = proxy.front_addresses();
         let front: Arc<dyn Instances> = proxy.clone();
         let promotions = Promotions::new(deployer.clone(), front.clone());
@@ -780,7 +768,6 @@ impl Daemon {
     /// program could be executed.
     pub async fn upgrade(self) -> anyhow::Error {
         let requested_at_ms = crate::handover::unix_ms();
-        let data = self.info.data.clone();
         info!(binary = %self.binary.display(), "upgrading in place");
         let _ = self.stop_http.send(true);
         if tokio::time::timeout(crate::handover::HTTP_GRACE, self.http)
@@ -794,30 +781,34 @@ impl Daemon {
         }
         self.builder.shutdown().await;
         let front = self.proxy.hand_over_front();
-        let listeners = self.proxy.hand_over(crate::handover::DRAIN).await;
-        let relays = self.proxy.take_relays();
-        let handed_off = self.proxy.take_handed();
+        let proxy = TakenOver::hand_over(&self.proxy).await;
         let handed = self
             .deployer
             .hand_over(crate::handover::HAND_OVER_LIMIT)
             .await;
-        let (numbered, keep) =
-            crate::handover::numbers(&self.sockets, &listeners, &front, &handed.fds, &relays);
+        let (numbered, keep) = crate::handover::numbers(&self.sockets, &proxy, &front, &handed.fds);
         let state = crate::handover::State {
             http: self.sockets.http.as_raw_fd(),
             dns: self.sockets.dns_numbers(),
             listeners: numbered,
             front: front.iter().map(|listener| listener.as_raw_fd()).collect(),
-            instances: handed.instances.clone(),
-            relays: relays.iter().map(crate::handover::Relay::new).collect(),
-            handed: handed_off
+            relays: proxy
+                .relays
+                .iter()
+                .map(crate::handover::Relay::new)
+                .collect(),
+            held: proxy.held.iter().map(crate::handover::Held::new).collect(),
+            handed: proxy
+                .handed
                 .iter()
                 .map(crate::handover::Handed::new)
                 .collect(),
+            children: crate::handover::children(&handed.instances),
+            instances: handed.instances,
             upgrades: self.upgrades,
             requested_at_ms,
         };
-        crate::handover::exec(&data, &self.binary, &state, &keep)
+        crate::handover::exec(&self.binary, &state, &keep)
     }
 
     /// Stops gracefully: HTTP and DNS stop accepting, running builds are marked interrupted,

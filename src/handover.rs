@@ -6,34 +6,42 @@
 //!    an executable file, else the request is refused and nothing stops.
 //! 2. HTTP and DNS stop reading, their sockets open (requests and queries wait in the
 //!    kernel's queues); running builds are interrupted (the new program runs them again);
-//!    the proxy hands its listeners and the front door's over, open, and its relayed
-//!    connections, paused with the bytes they had in flight (those it cannot hand over get
-//!    [`DRAIN`] to end; warm connections go straight to the instances and never notice);
-//!    the deployer hands its instances over (`revboot_deployer`'s `handover` module).
-//! 3. The state goes to `<data>/handover.json` (mode 0600): the sockets' descriptor numbers,
-//!    the instances, the relayed connections (descriptors, instance, bytes in flight), the
-//!    connections handed to instances (their two ends and instance, to count open), when
-//!    the upgrade began, the count of upgrades. The daemon's main
+//!    the proxy hands its listeners and the front door's over, open, its relayed
+//!    connections, paused with the bytes they had in flight, and the connections it holds
+//!    while their instance boots, with what it read of them (those it cannot hand over, TLS
+//!    ended at the front door among them, get [`DRAIN`] to end; warm connections go
+//!    straight to the instances and never notice); the deployer hands its instances over
+//!    (`revboot_deployer`'s `handover` module), booting ones too.
+//! 3. The state — the sockets' descriptor numbers, the instances, the relayed connections
+//!    (descriptors, instance, bytes in flight), the held ones (descriptor, instance, bytes
+//!    read), the connections handed to instances (their two ends and instance, to count
+//!    open), the pids of the children it did not hand over, when the upgrade began, the
+//!    count of upgrades — goes to a sealed memfd, never to the disk. The daemon's main
 //!    thread, the parent of every instance, executes the binary with the same arguments and
-//!    `REVBOOT_HANDOVER` naming the file, keeping those descriptors open
-//!    ([`revboot_sandbox::parent::exec`]). The pid stays; so do the instances' pids.
-//! 4. The new program reads and removes the file, serves on the sockets it names, takes
-//!    the instances back, listens again on the proxy's sockets, relays on the connections
-//!    handed over, watches again those handed to instances, and answers what waited.
+//!    `REVBOOT_HANDOVER=fd:<n>` naming the memfd, keeping it and those descriptors open
+//!    ([`revboot_sandbox::parent::exec`], which blocks SIGHUP, SIGTERM and SIGINT across
+//!    the `execve`: the new program unblocks them once it handles them). The pid stays; so
+//!    do the instances' pids.
+//! 4. The new program reads the memfd and closes it (a path instead of `fd:<n>` is the
+//!    `<data>/handover.json` of an older program, read and removed), serves on the sockets
+//!    it names, takes the instances back, listens again on the proxy's sockets, relays on
+//!    the connections handed over, holds again the held ones, watches again those handed to
+//!    instances, and answers what waited. It reaps, by pid, the children the old program
+//!    left ([`reap_left`]: a waiting qemu killed at the hand-over), never any other.
 //! 5. If the exec fails, the daemon executes `/proc/self/exe` (the program it runs now,
 //!    even when its file was replaced) the same way. If that fails too, it exits, and the
 //!    instances die with it, as they do when the daemon is killed: a restart cleans up.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use revboot_deployer::{ClientNet, HandedInstance, InstanceKey};
-use revboot_proxy::{HandedConnection, HandedRelay};
+use revboot_proxy::{Failure, HandedConnection, HandedHeld, HandedRelay, Proxy};
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
@@ -66,6 +74,14 @@ pub struct State {
     /// The connections handed to instances (none from a program older than this field).
     #[serde(default)]
     pub handed: Vec<Handed>,
+    /// The connections held while their instance booted (none from a program older than
+    /// this field).
+    #[serde(default)]
+    pub held: Vec<Held>,
+    /// The children of the process that were not handed over, to reap (none from a program
+    /// older than this field).
+    #[serde(default)]
+    pub children: Vec<u32>,
     /// Upgrades in place before this one.
     pub upgrades: u64,
     /// When the upgrade was asked for, unix ms.
@@ -127,6 +143,67 @@ impl Relay {
             to_client: bytes(&self.to_client)?,
             client_done: self.client_done,
             backend_done: self.backend_done,
+        })
+    }
+}
+
+/// A held connection in the state: [`HandedHeld`] with its descriptor number, its
+/// instance's key spelt out and the bytes read of it in base64.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Held {
+    /// The client's socket.
+    pub client: i32,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Its instance.
+    #[serde(flatten)]
+    pub key: Key,
+    /// Bytes the client sent already, base64.
+    pub early: String,
+    /// `early` is still queued in the socket (peeked at, not read).
+    pub peeked: bool,
+    /// The client ended its writing.
+    pub client_done: bool,
+    /// What it is told if its instance fails: `close`, `http` or `tls`.
+    pub failure: String,
+}
+
+impl Held {
+    /// `handed` as the state keeps it.
+    pub fn new(handed: &HandedHeld) -> Held {
+        let failure = match handed.failure {
+            Failure::Http => "http",
+            Failure::Tls => "tls",
+            _ => "close",
+        };
+        Held {
+            client: handed.client.as_raw_fd(),
+            peer: handed.peer,
+            key: Key::new(&handed.key),
+            early: BASE64.encode(&handed.early),
+            peeked: handed.peeked,
+            client_done: handed.client_done,
+            failure: failure.to_owned(),
+        }
+    }
+
+    /// Takes the connection back.
+    fn take(&self) -> anyhow::Result<HandedHeld> {
+        let client = revboot_sandbox::parent::take_fd(self.client).context("Its socket")?;
+        Ok(HandedHeld {
+            client: std::net::TcpStream::from(client),
+            peer: self.peer,
+            key: self.key.take()?,
+            early: BASE64
+                .decode(&self.early)
+                .context("Bytes read that are not base64")?,
+            peeked: self.peeked,
+            client_done: self.client_done,
+            failure: match self.failure.as_str() {
+                "http" => Failure::Http,
+                "tls" => Failure::Tls,
+                _ => Failure::Close,
+            },
         })
     }
 }
@@ -204,47 +281,135 @@ impl Sockets {
     }
 }
 
+/// What the proxy hands over (rule 2) and takes back (rule 4), but the front door's
+/// listeners.
+#[derive(Debug, Default)]
+pub struct TakenOver {
+    /// The proxy's listeners.
+    pub listeners: Vec<(SocketAddr, std::net::TcpListener)>,
+    /// The relayed connections.
+    pub relays: Vec<HandedRelay>,
+    /// The connections held while their instance booted.
+    pub held: Vec<HandedHeld>,
+    /// The connections handed to instances.
+    pub handed: Vec<HandedConnection>,
+}
+
+impl TakenOver {
+    /// The old program's proxy hands over (rule 2).
+    pub async fn hand_over(proxy: &Proxy) -> TakenOver {
+        let listeners = proxy.hand_over(DRAIN).await;
+        TakenOver {
+            listeners,
+            relays: proxy.take_relays(),
+            held: proxy.take_held(),
+            handed: proxy.take_handed(),
+        }
+    }
+
+    /// The new program's proxy takes it back (rule 4), once the deployer has adopted the
+    /// instances.
+    pub fn adopt(self, proxy: &Proxy) {
+        for (address, listener) in self.listeners {
+            proxy.adopt(address, listener);
+        }
+        proxy.adopt_relays(self.relays);
+        proxy.adopt_held(self.held);
+        proxy.adopt_handed(self.handed);
+    }
+}
+
 /// What a daemon started by an upgrade got from its predecessor.
 #[derive(Debug)]
 pub struct Inherited {
     /// The sockets.
     pub sockets: Sockets,
-    /// The proxy's listeners.
-    pub listeners: Vec<(SocketAddr, std::net::TcpListener)>,
     /// The front door's listeners.
     pub front: Vec<std::net::TcpListener>,
     /// The instances.
     pub instances: Vec<HandedInstance>,
-    /// The relayed connections.
-    pub relays: Vec<HandedRelay>,
-    /// The connections handed to instances.
-    pub handed: Vec<HandedConnection>,
+    /// What the proxy takes back.
+    pub proxy: TakenOver,
     /// Upgrades in place so far, this one included.
     pub upgrades: u64,
     /// When this upgrade was asked for, unix ms.
     pub requested_at_ms: u64,
 }
 
-/// The state file in `data`.
-pub fn state_file(data: &Path) -> PathBuf {
-    data.join("handover.json")
+/// The name of the memfd that carries the state (rule 3), as `/proc/self/fd` shows it.
+const MEMFD_NAME: &str = "revboot-handover";
+
+/// The state in a sealed memfd (rule 3): written whole, then sealed against any change.
+fn state_memfd(state: &State) -> anyhow::Result<OwnedFd> {
+    use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+    use nix::sys::memfd::{MFdFlags, memfd_create};
+    let text = serde_json::to_vec(state).expect("the state serialises");
+    let fd = memfd_create(
+        MEMFD_NAME,
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )
+    .context("Cannot create the hand-over memfd")?;
+    let mut file = std::fs::File::from(fd);
+    std::io::Write::write_all(&mut file, &text).context("Cannot write the hand-over memfd")?;
+    let seals = SealFlag::F_SEAL_WRITE
+        | SealFlag::F_SEAL_GROW
+        | SealFlag::F_SEAL_SHRINK
+        | SealFlag::F_SEAL_SEAL;
+    fcntl(&file, FcntlArg::F_ADD_SEALS(seals)).context("Cannot seal the hand-over memfd")?;
+    Ok(OwnedFd::from(file))
+}
+
+/// The state a previous program left: in the memfd `fd:<n>` names (rule 3), or, from an
+/// older program, in the file the value names, removed once read. `None` when there is
+/// nothing to take (a value left in the environment by an earlier upgrade of this process).
+fn read_state(value: &std::ffi::OsStr) -> anyhow::Result<Option<State>> {
+    use std::io::{Read as _, Seek as _};
+    let text = match value.to_str().and_then(|value| value.strip_prefix("fd:")) {
+        Some(number) => {
+            let fd: i32 = number.parse().context("Not a descriptor number")?;
+            let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap_or_default();
+            if !link
+                .to_string_lossy()
+                .starts_with(&format!("/memfd:{MEMFD_NAME}"))
+            {
+                return Ok(None);
+            }
+            let mut file = std::fs::File::from(
+                revboot_sandbox::parent::take_fd(fd).context("The hand-over memfd")?,
+            );
+            let mut text = String::new();
+            file.rewind()
+                .and_then(|()| file.read_to_string(&mut text))
+                .context("Cannot read the hand-over memfd")?;
+            text
+        }
+        None => {
+            let file = Path::new(value);
+            match std::fs::read_to_string(file) {
+                Ok(text) => {
+                    let _ = std::fs::remove_file(file);
+                    text
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(error) => {
+                    return Err(error).with_context(|| format!("Cannot read {}", file.display()));
+                }
+            }
+        }
+    };
+    let state = serde_json::from_str(&text).context("Not a hand-over state")?;
+    Ok(Some(state))
 }
 
 /// The inheritance of a program started by an upgrade in place (`REVBOOT_HANDOVER` names
-/// a state file that exists); `None` for a fresh start. The file is removed.
+/// the state, rule 4); `None` for a fresh start.
 pub fn inherit() -> anyhow::Result<Option<Inherited>> {
-    let Some(file) = std::env::var_os(ENV).map(PathBuf::from) else {
+    let Some(value) = std::env::var_os(ENV) else {
         return Ok(None);
     };
-    let text = match std::fs::read_to_string(&file) {
-        Ok(text) => text,
-        // Left in the environment by an earlier upgrade of this process: nothing to take.
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(error) => return Err(error).with_context(|| format!("Cannot read {}", file.display())),
+    let Some(state) = read_state(&value)? else {
+        return Ok(None);
     };
-    let _ = std::fs::remove_file(&file);
-    let state: State = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a hand-over state", file.display()))?;
     let take = |fd: i32, what: &str| -> anyhow::Result<OwnedFd> {
         revboot_sandbox::parent::take_fd(fd).with_context(|| format!("The {what} handed over"))
     };
@@ -279,6 +444,15 @@ pub fn inherit() -> anyhow::Result<Option<Inherited>> {
             }
         }
     }
+    let mut held = Vec::new();
+    for connection in state.held.iter().take(revboot_proxy::MAX_RELAYS) {
+        match connection.take() {
+            Ok(connection) => held.push(connection),
+            Err(error) => {
+                warn!(peer = %connection.peer, error = format!("{error:#}"), "held connection lost")
+            }
+        }
+    }
     let mut handed = Vec::new();
     for connection in state
         .handed
@@ -301,16 +475,21 @@ pub fn inherit() -> anyhow::Result<Option<Inherited>> {
         listeners = listeners.len(),
         front = front.len(),
         relays = relays.len(),
+        held = held.len(),
         handed = handed.len(),
         "taking over from the previous program (upgrade in place)"
     );
+    reap_left(state.children);
     Ok(Some(Inherited {
         sockets: Sockets { http, dns },
-        listeners,
         front,
         instances: state.instances,
-        relays,
-        handed,
+        proxy: TakenOver {
+            listeners,
+            relays,
+            held,
+            handed,
+        },
         upgrades: state.upgrades + 1,
         requested_at_ms: state.requested_at_ms,
     }))
@@ -326,21 +505,21 @@ pub fn check_binary(binary: &Path) -> Result<(), String> {
     }
 }
 
-/// Writes the state (rule 3) and executes `binary`, then `/proc/self/exe` (rule 5),
-/// keeping `fds`. Returns only if both failed.
-pub fn exec(data: &Path, binary: &Path, state: &State, fds: &[BorrowedFd<'_>]) -> anyhow::Error {
-    let file = state_file(data);
-    let text = serde_json::to_string(state).expect("the state serialises");
-    if let Err(error) = revboot_sandbox::secret::write_private(&file, &text) {
-        return anyhow::Error::new(error).context(format!("Cannot write {}", file.display()));
-    }
+/// Puts the state in a sealed memfd (rule 3) and executes `binary`, then `/proc/self/exe`
+/// (rule 5), keeping `fds` and the memfd. Returns only if both failed.
+pub fn exec(binary: &Path, state: &State, fds: &[BorrowedFd<'_>]) -> anyhow::Error {
+    let memfd = match state_memfd(state) {
+        Ok(memfd) => memfd,
+        Err(error) => return error,
+    };
+    let mut fds = fds.to_vec();
+    fds.push(memfd.as_fd());
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    let env = [(ENV.into(), file.clone().into_os_string())];
+    let env = [(ENV.into(), format!("fd:{}", memfd.as_raw_fd()).into())];
     info!(binary = %binary.display(), fds = fds.len(), "executing the new program");
-    let first = revboot_sandbox::parent::exec(binary, &args, &env, fds);
+    let first = revboot_sandbox::parent::exec(binary, &args, &env, &fds);
     error!(binary = %binary.display(), error = %first, "cannot execute the new program; executing the running one again");
-    let second = revboot_sandbox::parent::exec(Path::new("/proc/self/exe"), &args, &env, fds);
-    let _ = std::fs::remove_file(&file);
+    let second = revboot_sandbox::parent::exec(Path::new("/proc/self/exe"), &args, &env, &fds);
     anyhow::anyhow!(
         "Cannot execute {} ({first}) nor /proc/self/exe ({second})",
         binary.display()
@@ -351,10 +530,9 @@ pub fn exec(data: &Path, binary: &Path, state: &State, fds: &[BorrowedFd<'_>]) -
 /// keep open.
 pub fn numbers<'a>(
     sockets: &'a Sockets,
-    listeners: &'a [(SocketAddr, std::net::TcpListener)],
+    proxy: &'a TakenOver,
     front: &'a [std::net::TcpListener],
     consoles: &'a [OwnedFd],
-    relays: &'a [HandedRelay],
 ) -> (Vec<(SocketAddr, i32)>, Vec<BorrowedFd<'a>>) {
     let mut keep = vec![sockets.http.as_fd()];
     keep.extend(front.iter().map(AsFd::as_fd));
@@ -363,16 +541,103 @@ pub fn numbers<'a>(
         keep.push(tcp.as_fd());
     }
     let mut numbered = Vec::new();
-    for (address, listener) in listeners {
+    for (address, listener) in &proxy.listeners {
         numbered.push((*address, listener.as_raw_fd()));
         keep.push(listener.as_fd());
     }
     keep.extend(consoles.iter().map(AsFd::as_fd));
-    for relay in relays {
+    for relay in &proxy.relays {
         keep.push(relay.client.as_fd());
         keep.push(relay.backend.as_fd());
     }
+    keep.extend(proxy.held.iter().map(|held| held.client.as_fd()));
     (numbered, keep)
+}
+
+/// Children of this process listed at most (rule 3).
+const MAX_CHILDREN: usize = 4096;
+/// How long [`reap_left`] waits for the children left to end before it kills them.
+const REAP_WITHIN: Duration = Duration::from_secs(20);
+/// Pause between two looks at the children left.
+const REAP_LOOK: Duration = Duration::from_millis(50);
+
+/// The pids of this process's children but the instances `handed` (rule 3): what it
+/// started and does not hand over (a waiting qemu killed at the hand-over, not yet reaped).
+pub fn children(handed: &[HandedInstance]) -> Vec<u32> {
+    let except: Vec<u32> = handed
+        .iter()
+        .filter_map(|instance| instance.record.footprint.pid)
+        .collect();
+    let me = std::process::id().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let child = |pid: u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let end = stat.rfind(')')?;
+        // After the name: the state, then the parent's pid.
+        let parent = stat[end + 1..].split_whitespace().nth(1)?;
+        (parent == me).then_some(pid)
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| !except.contains(pid))
+        .filter_map(child)
+        .take(MAX_CHILDREN)
+        .collect()
+}
+
+/// Reaps, on a thread of its own, the children the previous program left (rule 4), by pid
+/// and never any other (`waitpid(-1)` would take a child another part waits for): each as
+/// it ends, within [`REAP_WITHIN`]; one still running then is killed (nobody in this
+/// program knows it) and reaped within as long again.
+pub fn reap_left(children: Vec<u32>) {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    use nix::unistd::Pid;
+    if children.is_empty() {
+        return;
+    }
+    let reap = move || {
+        let mut left: Vec<Pid> = children
+            .iter()
+            .take(MAX_CHILDREN)
+            .map(|&pid| Pid::from_raw(pid as i32))
+            .collect();
+        let mut start = std::time::Instant::now();
+        let mut killed = false;
+        while !left.is_empty() {
+            let late = start.elapsed() >= REAP_WITHIN;
+            if late && killed {
+                warn!(pids = ?left, "children the previous program left outlive SIGKILL; not reaped");
+                return;
+            }
+            if late {
+                for &pid in &left {
+                    warn!(%pid, "a child the previous program left still runs; killed");
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                }
+                killed = true;
+                start = std::time::Instant::now();
+            }
+            left.retain(|&pid| match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => true,
+                Ok(_) => {
+                    info!(%pid, "reaped a process the previous program left");
+                    false
+                }
+                // Not a child (any more): nothing to reap.
+                Err(_) => false,
+            });
+            std::thread::sleep(REAP_LOOK);
+        }
+    };
+    if let Err(error) = std::thread::Builder::new()
+        .name("revboot-reap".into())
+        .spawn(reap)
+    {
+        warn!(%error, "cannot reap what the previous program left");
+    }
 }
 
 /// Now, unix ms.

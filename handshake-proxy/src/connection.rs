@@ -15,7 +15,8 @@
 //!    and `max_held` (over either, refuse with a reset), and read up to `early_bytes` of what
 //!    the client sends while waiting on the instance's state — never on a sleep loop.
 //! 6. If the instance becomes final or `boot_timeout` passes first, close the connection and
-//!    count a boot failure.
+//!    count a boot failure. An upgrade in place (the `handover` module, rule 2) takes a held
+//!    connection as it stands, to be held again by the next daemon.
 //! 7. Connect to the backend (retrying refusals within `connect_timeout`), replay the early
 //!    bytes, pass on an end of writing the client already made, and splice both ways.
 //!    An instance that takes hand-offs (`[run] handoff = true`) gets the connection itself
@@ -38,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::metrics::bump;
+use crate::relays::{Failure, HandedHeld};
 use crate::shared::{ListenError, Shared};
 use crate::splice::{self, Counters, Ended, Limits, Resume};
 
@@ -216,15 +218,13 @@ fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, local: Socke
     open.set_key(summoned.key.clone());
     // Nothing read yet: an instance that takes hand-offs gets the connection itself.
     let hand_over = shared.inner.handoff(&summoned.key).is_some();
-    tokio::spawn(serve(
-        open,
-        stream,
-        peer,
-        summoned,
-        Vec::new(),
-        None,
-        hand_over,
-    ));
+    let arrival = Arrival {
+        early: Vec::new(),
+        client_done: false,
+        failure: Failure::Close,
+        peeked: hand_over,
+    };
+    tokio::spawn(serve(open, stream, peer, summoned, arrival));
 }
 
 /// An admitted connection: counted open (`open_now`, which the caller raised) until
@@ -272,15 +272,29 @@ impl Drop for Open {
     }
 }
 
-/// What a connection is told, if anything, when its instance cannot serve it (the front
-/// door's HTTP 503 or TLS alert; the proxy's own listeners just close).
-pub(crate) type OnFailure = Option<fn(&str) -> Vec<u8>>;
+/// Tells the client why it is not served, if it is to be told (the front door's HTTP 503
+/// or TLS alert; the proxy's own listeners just close).
+pub(crate) async fn fail(client: &mut TcpStream, failure: Failure, reason: &str) {
+    let answer = match failure {
+        Failure::Close => return,
+        Failure::Http => crate::front::http_unavailable(reason),
+        Failure::Tls => crate::front::tls_internal_error(),
+    };
+    crate::door::write_and_close(client, &answer).await;
+}
 
-/// Tells the client why it is not served, if it is to be told.
-pub(crate) async fn fail(client: &mut TcpStream, on_failure: OnFailure, reason: &str) {
-    if let Some(answer) = on_failure {
-        crate::door::write_and_close(client, &answer(reason)).await;
-    }
+/// What a connection brings to [`serve`] besides its socket.
+pub(crate) struct Arrival {
+    /// Bytes the client sent already (the front door's head).
+    pub(crate) early: Vec<u8>,
+    /// The client ended its writing.
+    pub(crate) client_done: bool,
+    /// What it is told when its instance cannot serve it.
+    pub(crate) failure: Failure,
+    /// `early` is still queued in the socket (the front door peeked at it), to hand the
+    /// connection to its instance untouched once it is ready if it takes hand-offs (the
+    /// `handoff` module); else it is consumed and relayed.
+    pub(crate) peeked: bool,
 }
 
 /// How holding ended.
@@ -290,21 +304,24 @@ enum Held {
     TimedOut,
     ClientGone(Option<io::Error>),
     Cancelled,
+    /// An upgrade in place takes it (the `handover` module).
+    Paused,
 }
 
-/// Steps 3–7. `early` holds bytes the client sent already (the front door's head).
-/// `peeked`: those bytes are still queued in `client` (the front door peeked at them), to
-/// hand the connection to its instance untouched once it is ready if it takes hand-offs
-/// (the `handoff` module); else they are consumed and relayed.
+/// Steps 3–7.
 pub(crate) async fn serve(
     mut open: Open,
     mut client: TcpStream,
     peer: SocketAddr,
     mut summoned: Summoned,
-    mut early: Vec<u8>,
-    on_failure: OnFailure,
-    peeked: bool,
+    arrival: Arrival,
 ) {
+    let Arrival {
+        mut early,
+        mut client_done,
+        failure: on_failure,
+        peeked,
+    } = arrival;
     let shared = Arc::clone(&open.shared);
     let shared = &shared;
     let metrics = &shared.metrics;
@@ -326,7 +343,6 @@ pub(crate) async fn serve(
     };
     // After the summon, so the deployer counts the connection on the instance that serves it.
     open.report_opened(&summoned.key);
-    let mut client_done = false;
     if !summoned.state.borrow().is_serving() {
         let Some(_held) = shared.try_hold(&summoned.key) else {
             bump(&metrics.refused);
@@ -334,17 +350,42 @@ pub(crate) async fn serve(
             warn!(%peer, key = %summoned.key, "too many connections held; refused");
             return reset(client);
         };
-        let held = hold(
-            &mut client,
-            &mut summoned.state,
-            summoned.boot_timeout,
-            // Peeked: nothing is read while held, the kernel's queue keeps what comes.
-            if peeked { 0 } else { shared.config.early_bytes },
-            &mut early,
-            &mut client_done,
-            &shared.cancel,
-        )
-        .await;
+        let deadline = Instant::now() + summoned.boot_timeout;
+        let mut pause = Some(&shared.pause);
+        let held = loop {
+            let held = hold(
+                &mut client,
+                &mut summoned.state,
+                deadline,
+                // Peeked: nothing is read while held, the kernel's queue keeps what comes.
+                if peeked { 0 } else { shared.config.early_bytes },
+                &mut early,
+                &mut client_done,
+                (&shared.cancel, pause),
+            )
+            .await;
+            if !matches!(held, Held::Paused) {
+                break held;
+            }
+            let kept = keep_held(
+                shared,
+                client,
+                peer,
+                &summoned.key,
+                Arrival {
+                    early: std::mem::take(&mut early),
+                    client_done,
+                    failure: on_failure,
+                    peeked,
+                },
+            );
+            match kept {
+                // Handed over: the next daemon holds it (the `handover` module).
+                None => return,
+                // Over a bound: held on here until this program ends.
+                Some((kept, kept_early)) => (client, early, pause) = (kept, kept_early, None),
+            }
+        };
         match held {
             Held::Ready => {}
             Held::Failed(reason) => {
@@ -371,7 +412,7 @@ pub(crate) async fn serve(
                 debug!(%peer, key = %summoned.key, ?error, "client left while held");
                 return;
             }
-            Held::Cancelled => return,
+            Held::Cancelled | Held::Paused => return,
         }
     }
     if peeked {
@@ -491,18 +532,66 @@ pub(crate) async fn relay(
     }
 }
 
-/// Step 5: waits on the state while reading early bytes, within the boot timeout.
+/// Step 6's hand-over: keeps a held connection for the next daemon, or gives it back with
+/// its early bytes when the hand-over is full or the socket cannot leave the runtime.
+fn keep_held(
+    shared: &Arc<Shared>,
+    client: TcpStream,
+    peer: SocketAddr,
+    key: &InstanceKey,
+    arrival: Arrival,
+) -> Option<(TcpStream, Vec<u8>)> {
+    let client = match client.into_std() {
+        Ok(client) => client,
+        Err(error) => {
+            warn!(%error, %peer, %key, "cannot hand a held connection over; closed");
+            return None;
+        }
+    };
+    let handed = HandedHeld {
+        client,
+        peer,
+        key: key.clone(),
+        early: arrival.early,
+        peeked: arrival.peeked,
+        client_done: arrival.client_done,
+        failure: arrival.failure,
+    };
+    let kept = shared
+        .relays
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .keep_held(handed);
+    let back = kept?;
+    match TcpStream::from_std(back.client) {
+        Ok(client) => Some((client, back.early)),
+        Err(error) => {
+            warn!(%error, %peer, %key, "cannot hold a connection on; closed");
+            None
+        }
+    }
+}
+
+/// Step 5: waits on the state while reading early bytes, until `deadline`; ends at `cancel`
+/// (shutting down) and at `pause` (an upgrade in place) too.
 async fn hold(
     client: &mut TcpStream,
     state: &mut watch::Receiver<InstanceState>,
-    boot_timeout: Duration,
+    deadline: Instant,
     limit: usize,
     early: &mut Vec<u8>,
     client_done: &mut bool,
-    cancel: &CancellationToken,
+    (cancel, pause): (&CancellationToken, Option<&CancellationToken>),
 ) -> Held {
-    let deadline = tokio::time::sleep(boot_timeout);
+    let deadline = tokio::time::sleep_until(deadline);
     tokio::pin!(deadline);
+    let paused = async {
+        match pause {
+            Some(pause) => pause.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(paused);
     let settled = state.wait_for(|state| state.is_serving() || state.is_final());
     tokio::pin!(settled);
     let mut chunk = [0u8; HOLD_READ];
@@ -518,6 +607,7 @@ async fn hold(
                 Err(_) => Held::Failed("the deployer dropped the instance".to_owned()),
             },
             () = &mut deadline => return Held::TimedOut,
+            () = &mut paused => return Held::Paused,
             read = client.read(&mut chunk[..room]), if reading => match read {
                 Ok(0) => *client_done = true,
                 Ok(n) => early.extend_from_slice(&chunk[..n]),

@@ -50,13 +50,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::connection::{self, Open};
+use crate::connection::{self, Arrival, Open};
 use crate::door::{Bound, Front, write_and_close};
 pub use crate::door::{
     DEFAULT_BUILD_WAIT, DEFAULT_HEAD_TIMEOUT, DEFAULT_MAX_HEAD, DEFAULT_MAX_PENDING,
     FrontAddresses, FrontConfig, FrontError,
 };
 use crate::metrics::bump;
+use crate::relays::Failure;
 use crate::shared::Shared;
 use crate::sniff::{self, Protocol, Sniffed};
 
@@ -206,12 +207,18 @@ async fn route(
     debug!(%peer, name, key = %summoned.key, "front door routed");
     open.set_key(summoned.key.clone());
     let failure = match protocol {
-        Protocol::Http => http_unavailable as fn(&str) -> Vec<u8>,
-        Protocol::Tls => |_: &str| alert(INTERNAL_ERROR),
+        Protocol::Http => Failure::Http,
+        Protocol::Tls => Failure::Tls,
+    };
+    let arrival = |head, peeked| Arrival {
+        early: head,
+        client_done: false,
+        failure,
+        peeked,
     };
     if terminate.is_none() && shared.inner.handoff(&summoned.key).is_some() {
         // Step 6: the head stays queued, for the instance to read (the `handoff` module).
-        return connection::serve(open, stream, peer, summoned, head, Some(failure), true).await;
+        return connection::serve(open, stream, peer, summoned, arrival(head, true)).await;
     }
     let stream = match sniff::consume(stream, head.len()).await {
         Ok(stream) => stream,
@@ -225,7 +232,7 @@ async fn route(
         return crate::terminate::serve(open, stream, peer, summoned, head, terminate, timeout)
             .await;
     }
-    connection::serve(open, stream, peer, summoned, head, Some(failure), false).await;
+    connection::serve(open, stream, peer, summoned, arrival(head, false)).await;
 }
 
 /// What a name designates: the service, its revision, how TLS goes.
@@ -354,13 +361,18 @@ fn http_answer(status: &str, reason: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-fn http_unavailable(reason: &str) -> Vec<u8> {
+pub(crate) fn http_unavailable(reason: &str) -> Vec<u8> {
     http_answer("503 Service Unavailable", reason)
 }
 
 /// A fatal TLS alert record (sent before any ServerHello, so in the clear).
 fn alert(code: u8) -> Vec<u8> {
     vec![21, 3, 3, 0, 2, 2, code]
+}
+
+/// The alert a TLS connection gets when its instance cannot serve it.
+pub(crate) fn tls_internal_error() -> Vec<u8> {
+    alert(INTERNAL_ERROR)
 }
 
 #[cfg(test)]

@@ -10,13 +10,16 @@
 //!    here until the old daemon ends, as before). Connections handed to an instance stop
 //!    being watched and are kept, their two ends and instance, for the next daemon to watch
 //!    again ([`Proxy::take_handed`], [`Proxy::adopt_handed`]; the `handoff` module, step 4).
-//!    Those held through a boot pause once it
-//!    is ready, if that comes within `drain`; those the front door accepted and is still
-//!    reading the head of are first given up to its head timeout to be routed (their summon
-//!    works until the deployer hands over). Connections still open after `drain` (held, or
-//!    with TLS ended by the front door, whose session cannot be handed over) close with the
-//!    old daemon. Warm connections that the kernel steers to an instance never pass through
-//!    here and are not touched.
+//!    Those held through a boot stop waiting and are kept as a [`HandedHeld`]: the socket,
+//!    the instance, the bytes read of it (the front door's head when it read it, early
+//!    bytes), within the same bounds as the relays ([`Proxy::take_held`]); the boot goes
+//!    on, and the deployer hands the booting instance over. Those the front door accepted
+//!    and is still reading the head of are first given up to its head timeout to be routed
+//!    (their summon works until the deployer hands over), then held and kept likewise.
+//!    Connections still open after `drain` (with TLS ended by the front door, whose rustls
+//!    session cannot leave the process, or over a bound) close with the old daemon. Warm
+//!    connections that the kernel steers to an instance never pass through here and are
+//!    not touched.
 //! 3. The next daemon registers each socket again with [`Proxy::adopt`], after the
 //!    deployer has adopted the instances, and accepts what waited.
 //! 4. The front door's listeners likewise: [`Proxy::hand_over_front`] stops its accept
@@ -26,6 +29,11 @@
 //!    adopted the instances: it writes what was in flight first, then relays on with the
 //!    same limits and counters, its idle and total clocks started again, and reports the
 //!    connection open to its instance (which keeps it from being reaped).
+//! 6. It holds each held connection again ([`Proxy::adopt_held`]) once the deployer has
+//!    adopted the instances: summoned anew (the adopted instance, booting or ready by then),
+//!    waited for as any held connection (the boot timeout, started again; a 503, an alert or
+//!    a close if the boot fails), then relayed with its bytes replayed, or handed to an
+//!    instance that takes hand-offs.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,9 +43,13 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use crate::connection::{Open, accepting, relay};
+use crate::connection::{self, Arrival, Open, accepting, relay};
+use crate::metrics::bump;
 use crate::proxy::Proxy;
-use crate::relays::{HandedConnection, HandedRelay, MAX_HANDED_CONNECTIONS};
+use crate::relays::{
+    HandedConnection, HandedHeld, HandedRelay, MAX_HANDED_CONNECTIONS, MAX_RELAYS,
+};
+use crate::shared::Shared;
 use crate::splice::Resume;
 
 /// How long the accept loops are given to hand their sockets over.
@@ -87,11 +99,11 @@ impl Proxy {
             tokio::time::sleep(LOOK).await;
         }
         let open = shared.metrics.open_now.load(Ordering::Relaxed);
-        let relays = shared
+        let (relays, held) = shared
             .relays
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .len();
+            .counts();
         let handed_off = shared
             .handed_connections
             .lock()
@@ -100,8 +112,9 @@ impl Proxy {
         info!(
             listeners = handed.len(),
             relays,
+            held,
             handed_off,
-            relayed_left = open,
+            left = open,
             "proxy handed over"
         );
         handed
@@ -114,6 +127,25 @@ impl Proxy {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take()
+    }
+
+    /// The connections held through a boot that [`Proxy::hand_over`] kept, for the next
+    /// daemon (rule 2).
+    pub fn take_held(&self) -> Vec<HandedHeld> {
+        self.shared()
+            .relays
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take_held()
+    }
+
+    /// Holds again the connections the previous daemon held through a boot (rule 6).
+    pub fn adopt_held(&self, held: Vec<HandedHeld>) {
+        for handed in held.into_iter().take(MAX_RELAYS) {
+            let shared = Arc::clone(self.shared());
+            let runtime = shared.runtime.clone();
+            runtime.spawn(hold_again(shared, handed));
+        }
     }
 
     /// The handed connections whose watch [`Proxy::hand_over`] stopped, for the next daemon
@@ -225,4 +257,47 @@ impl Proxy {
             Err(error) => warn!(%error, %address, "cannot adopt the listener"),
         }
     }
+}
+
+/// Rule 6 for one connection.
+async fn hold_again(shared: Arc<Shared>, handed: HandedHeld) {
+    let HandedHeld {
+        client,
+        peer,
+        key,
+        early,
+        peeked,
+        client_done,
+        failure,
+    } = handed;
+    let client = client
+        .set_nonblocking(true)
+        .and_then(|()| TcpStream::from_std(client));
+    let mut client = match client {
+        Ok(client) => client,
+        Err(error) => {
+            warn!(%error, %peer, %key, "cannot take a held connection back; closed");
+            return;
+        }
+    };
+    shared.metrics.open_now.fetch_add(1, Ordering::Relaxed);
+    let mut open = Open::new(Arc::clone(&shared));
+    open.set_key(key.clone());
+    let source = key.client.map(|_| peer.ip().to_canonical());
+    let summoned = match connection::summon(&shared, &key.service, &key.revision, source) {
+        Ok(summoned) => summoned,
+        Err(error) => {
+            bump(&shared.metrics.boot_failures);
+            warn!(%error, %peer, %key, "held connection handed over, its instance gone; closed");
+            return connection::fail(&mut client, failure, &error.to_string()).await;
+        }
+    };
+    debug!(%peer, %key, "held connection taken back");
+    let arrival = Arrival {
+        early,
+        client_done,
+        failure,
+        peeked,
+    };
+    connection::serve(open, client, peer, summoned, arrival).await;
 }

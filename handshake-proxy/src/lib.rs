@@ -190,9 +190,12 @@
 //! over open, so connections made meanwhile wait in their queues; connections the proxy
 //! relays itself (through the front door, to a VM, or not steered) pause and are handed
 //! over whole, their sockets and the bytes they had in flight ([`Proxy::take_relays`],
-//! [`Proxy::adopt_relays`], bounded by [`MAX_RELAYS`] and [`MAX_RELAY_BYTES`]); those still
-//! held through a boot, those with TLS ended at the front door and those over the bounds are
-//! given a short drain and then close with the old program. Steered connections never pass
+//! [`Proxy::adopt_relays`], bounded by [`MAX_RELAYS`] and [`MAX_RELAY_BYTES`]); those held
+//! through a boot are handed over as they stand, with the bytes read of them, and held again
+//! by the next daemon ([`Proxy::take_held`], [`Proxy::adopt_held`], within the same bounds);
+//! those with TLS ended at the front door (a rustls session cannot leave the process, and
+//! kernel TLS is not available on the kernels revboot is tested on) and those over the
+//! bounds are given a short drain and then close with the old program. Steered connections never pass
 //! through the proxy and are not touched; nor are connections handed to an instance, whose
 //! two ends the next daemon watches again so that they still count open
 //! ([`Proxy::take_handed`], [`Proxy::adopt_handed`], bounded by
@@ -240,7 +243,8 @@ pub use front::{FrontAddresses, FrontConfig, FrontError};
 pub use metrics::ProxyMetrics;
 pub use proxy::Proxy;
 pub use relays::{
-    HandedConnection, HandedRelay, MAX_HANDED_CONNECTIONS, MAX_RELAY_BYTES, MAX_RELAYS,
+    Failure, HandedConnection, HandedHeld, HandedRelay, MAX_HANDED_CONNECTIONS, MAX_RELAY_BYTES,
+    MAX_RELAYS,
 };
 pub use revboot_deployer::Instances;
 pub use shared::ListenError;

@@ -1,6 +1,7 @@
 //! Relayed connections paused at an upgrade in place and kept for the next daemon (the
-//! `handover` module, rule 2), within bounds; and what the next daemon is told of the
-//! connections handed to instances (the `handoff` module, step 4).
+//! `handover` module, rule 2), within bounds, with the connections held while their
+//! instance boots; and what the next daemon is told of the connections handed to instances
+//! (the `handoff` module, step 4).
 
 use std::net::SocketAddr;
 
@@ -9,9 +10,9 @@ use tracing::warn;
 
 use crate::splice::Paused;
 
-/// Relayed connections handed over at most (two descriptors each).
+/// Relayed and held connections handed over at most (two descriptors or one each).
 pub const MAX_RELAYS: usize = 4096;
-/// Bytes in flight handed over at most, over all relayed connections.
+/// Bytes in flight handed over at most, over all relayed and held connections.
 pub const MAX_RELAY_BYTES: usize = 64 << 20;
 
 /// A relayed connection handed to the next daemon: its sockets, its instance, the bytes
@@ -36,23 +37,86 @@ pub struct HandedRelay {
     pub backend_done: bool,
 }
 
-/// The relays paused so far, and the bytes they hold.
+/// What a connection is told, if anything, when its instance cannot serve it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Failure {
+    /// Nothing: it is closed (the proxy's own listeners).
+    Close,
+    /// The front door's HTTP 503.
+    Http,
+    /// The front door's TLS alert.
+    Tls,
+}
+
+/// A connection held while its instance booted, handed to the next daemon (the `handover`
+/// module, rule 2): its socket, its instance, what was read of it. The next daemon holds it
+/// again until the instance serves ([`Proxy::adopt_held`](crate::Proxy::adopt_held)).
+#[derive(Debug)]
+pub struct HandedHeld {
+    /// The client's socket.
+    pub client: std::net::TcpStream,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The instance it waits for.
+    pub key: InstanceKey,
+    /// Bytes the client sent already: read from it (the front door's head, early bytes),
+    /// or only peeked at when `peeked`.
+    pub early: Vec<u8>,
+    /// `early` is still queued in the socket (the front door peeked at it, for an instance
+    /// that takes hand-offs).
+    pub peeked: bool,
+    /// The client ended its writing.
+    pub client_done: bool,
+    /// What it is told if its instance fails.
+    pub failure: Failure,
+}
+
+/// The relays paused so far, the held connections, and the bytes they hold.
 #[derive(Debug, Default)]
 pub(crate) struct Relays {
     list: Vec<HandedRelay>,
+    held: Vec<HandedHeld>,
     bytes: usize,
 }
 
 impl Relays {
     /// How many are kept.
-    pub(crate) fn len(&self) -> usize {
-        self.list.len()
+    fn len(&self) -> usize {
+        self.list.len() + self.held.len()
     }
 
-    /// Those kept, given up.
+    /// How many relays and held connections are kept.
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        (self.list.len(), self.held.len())
+    }
+
+    /// The relays kept, given up (the bound on bytes stays counted: nothing is kept after).
     pub(crate) fn take(&mut self) -> Vec<HandedRelay> {
-        self.bytes = 0;
         std::mem::take(&mut self.list)
+    }
+
+    /// The held connections kept, given up (as [`Relays::take`]).
+    pub(crate) fn take_held(&mut self) -> Vec<HandedHeld> {
+        std::mem::take(&mut self.held)
+    }
+
+    /// Whether one more connection holding `bytes` is over a bound.
+    fn full(&self, bytes: usize) -> bool {
+        self.len() >= MAX_RELAYS || self.bytes + bytes > MAX_RELAY_BYTES
+    }
+
+    /// Keeps a held connection for the next daemon, or gives it back (`Some`) when over a
+    /// bound.
+    pub(crate) fn keep_held(&mut self, held: HandedHeld) -> Option<HandedHeld> {
+        if self.full(held.early.len()) {
+            warn!(peer = %held.peer, key = %held.key, kept = self.len(), bytes = self.bytes,
+                "too many connections to hand over; this held one stays with this program");
+            return Some(held);
+        }
+        self.bytes += held.early.len();
+        self.held.push(held);
+        None
     }
 
     /// Keeps a paused relay for the next daemon, or gives it back (`Some`) when over a
@@ -64,7 +128,7 @@ impl Relays {
         key: &InstanceKey,
     ) -> Option<Paused> {
         let bytes = paused.resume.up.len() + paused.resume.down.len();
-        if self.list.len() >= MAX_RELAYS || self.bytes + bytes > MAX_RELAY_BYTES {
+        if self.full(bytes) {
             warn!(%peer, %key, relays = self.list.len(), bytes = self.bytes,
                 "too many relayed connections to hand over; this one ends with this program");
             return Some(paused);

@@ -289,6 +289,17 @@ fn stop_vm(daemon: &Daemon, pid: u64) {
     assert!(eventually(|| daemon.instances().is_empty()));
 }
 
+/// Serves hello-vm (`live`) once, restored, until the pool keeps a qemu waiting for a
+/// snapshot again (it refills after each restore), then stops it.
+fn restored_until_the_pool_refills(daemon: &Daemon, live: &str) {
+    let waiting = || daemon.log().matches("a qemu waits for a snapshot").count();
+    let before = waiting();
+    let address = dig_ok(daemon, live, false);
+    assert!(curl(live, &address, 8080).starts_with("hello from v1"));
+    assert!(eventually(|| waiting() > before), "the pool did not refill");
+    stop_vm(daemon, pids(daemon)[0]);
+}
+
 #[test]
 fn upgrade_in_place_keeps_a_vm_booted_cold_and_one_restored_with_their_connections() {
     let temp = tempfile::tempdir().expect("temp dir");
@@ -327,15 +338,7 @@ fn upgrade_in_place_keeps_a_vm_booted_cold_and_one_restored_with_their_connectio
     // Restored from the snapshot the first boot saved, into a qemu started then; then, once
     // the pool keeps a qemu waiting with it loaded, into that one: a qemu with a scratch
     // directory and uid of its own, kept as well.
-    let waiting = |daemon: &Daemon| daemon.log().matches("a qemu waits for a snapshot").count();
-    let before = waiting(&daemon);
-    let address = dig_ok(&daemon, &live, false);
-    assert!(curl(&live, &address, 8080).starts_with("hello from v1"));
-    assert!(
-        eventually(|| waiting(&daemon) > before),
-        "the pool did not refill"
-    );
-    stop_vm(&daemon, pids(&daemon)[0]);
+    restored_until_the_pool_refills(&daemon, &live);
     let address = dig_ok(&daemon, &live, false);
     // Answered once it is ready, when its pid is known.
     assert!(curl(&live, &address, 8080).starts_with("hello from v1"));
@@ -359,6 +362,24 @@ fn upgrade_in_place_keeps_a_vm_booted_cold_and_one_restored_with_their_connectio
     let view = upgrade(&daemon);
     assert_eq!(view["upgrades"], 3, "{view}");
     assert_eq!(view["last_upgrade_instances"], 1, "{view}");
+    assert!(curl(&live, &address, 8080).starts_with("hello from v1"));
+    let restored = pids(&daemon);
+    assert_eq!(restored.len(), 1, "{restored:?}");
+
+    // An upgrade that hands no instance over while a qemu waits for a snapshot (the pool
+    // refills after a restore): the old program stops that qemu, and the new one reaps it,
+    // though it took nothing over; nothing else of the old program's is left either.
+    stop_vm(&daemon, restored[0]);
+    restored_until_the_pool_refills(&daemon, &live);
+    let view = upgrade(&daemon);
+    assert_eq!(view["upgrades"], 4, "{view}");
+    assert_eq!(view["last_upgrade_instances"], 0, "{view}");
+    assert!(
+        eventually(|| zombies_of(daemon.pid()).is_empty()),
+        "{:?}",
+        zombies_of(daemon.pid())
+    );
+    let address = dig_ok(&daemon, &live, false);
     assert!(curl(&live, &address, 8080).starts_with("hello from v1"));
     let restored = pids(&daemon);
     assert_eq!(restored.len(), 1, "{restored:?}");
@@ -777,4 +798,149 @@ fn upgrade_in_place_keeps_gatekeepers_their_clients_and_upstream_connections() {
     assert!(!text.contains("legacy backend"), "{text}");
     // Two hellos, the one that waited, two after: the intruder's never reached it.
     assert_eq!(backend.requests().len(), 5, "{:?}", backend.requests());
+}
+
+/// The parent of `pid`.
+fn parent_of(pid: u64) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let end = stat.rfind(')')?;
+    stat[end + 1..].split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The port an instance whose pid is `pid` listens on over TCP (its one listening socket,
+/// held by it or a process under it): their socket inodes matched with its network
+/// namespace's table or this one's.
+fn listening_port(pid: u64) -> u16 {
+    let under = |mut other: u64| {
+        for _ in 0..8 {
+            if other == pid {
+                return true;
+            }
+            match parent_of(other) {
+                Some(parent) if parent > 1 => other = parent,
+                _ => return false,
+            }
+        }
+        false
+    };
+    let processes: Vec<u64> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+        .filter(|&other| under(other))
+        .collect();
+    let inodes: Vec<String> = processes
+        .iter()
+        .filter_map(|process| std::fs::read_dir(format!("/proc/{process}/fd")).ok())
+        .flatten()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|link| {
+            let link = link.to_string_lossy().into_owned();
+            Some(link.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    // The socket may have been made in the daemon's namespace and passed to the instance.
+    let tables = ["tcp", "tcp6"].into_iter().flat_map(|table| {
+        [
+            format!("/proc/{pid}/net/{table}"),
+            format!("/proc/self/net/{table}"),
+        ]
+    });
+    for table in tables {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local_address, st (0A: listening), inode.
+            if fields.len() > 9 && fields[3] == "0A" && inodes.iter().any(|i| i == fields[9]) {
+                let port = fields[1].rsplit(':').next().expect("a port");
+                return u16::from_str_radix(port, 16).expect("a hex port");
+            }
+        }
+    }
+    panic!("process {pid} listens on no TCP port");
+}
+
+/// Runs `during`, watching `dir` (inotify): what it returns, and the names created or
+/// moved into `dir` meanwhile.
+fn created_during<R>(dir: &Path, during: impl FnOnce() -> R) -> (R, Vec<String>) {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    let inotify = Inotify::init(InitFlags::IN_NONBLOCK).expect("inotify");
+    inotify
+        .add_watch(dir, AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO)
+        .expect("watch the directory");
+    let result = during();
+    let mut names = Vec::new();
+    while let Ok(events) = inotify.read_events() {
+        if events.is_empty() {
+            break;
+        }
+        names.extend(
+            events
+                .into_iter()
+                .filter_map(|event| event.name)
+                .map(|name| name.to_string_lossy().into_owned()),
+        );
+    }
+    (result, names)
+}
+
+#[test]
+fn a_connection_held_through_a_boot_is_handed_over_not_drained_and_the_state_never_on_disk() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    // Not steered: the proxy holds the connections that come while the instance boots.
+    let (daemon, binary, live, address, pid) =
+        booting_hello(temp.path(), "[instances]\nsteer = false\n");
+    let pid = pid.expect("the instance's pid");
+    let target: SocketAddr = format!("{address}:8080").parse().expect("address");
+    let held = "revboot_proxy_connections{kind=\"held\"} 1";
+    // Half a request: the proxy reads it while it holds the connection.
+    let established = half_request(target);
+    assert!(
+        eventually(|| daemon.metrics().contains(held)),
+        "{}",
+        daemon.metrics()
+    );
+
+    replace_binary(&binary);
+    let (view, created) = created_during(&daemon.data, || upgrade(&daemon));
+    assert_eq!(view["last_upgrade_instances"], 1, "{view}");
+    // Handed over as it stood, not left to a drain that would have closed it.
+    let log = daemon.log();
+    let handed: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("proxy handed over"))
+        .collect();
+    assert_eq!(handed.len(), 1, "{log}");
+    assert!(handed[0].contains("held=1"), "{}", handed[0]);
+    assert!(handed[0].contains("left=0"), "{}", handed[0]);
+    // The state went through a memfd: nothing was written in the data directory for it,
+    // and the new program was named a descriptor, not a file.
+    assert!(
+        !created.iter().any(|name| name.contains("handover")),
+        "{created:?}"
+    );
+    let environ = std::fs::read(format!("/proc/{}/environ", daemon.pid())).expect("environ");
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(
+        environ.contains("\0REVBOOT_HANDOVER=fd:") || environ.starts_with("REVBOOT_HANDOVER=fd:")
+    );
+    assert!(
+        eventually(|| daemon.metrics().contains(held)),
+        "{}",
+        daemon.metrics()
+    );
+    assert_eq!(booting(&daemon).0, Some(pid));
+
+    // The new program's probe passes once the instance is asked for /ready-now (at its own
+    // socket: the proxy would hold that request too); the held connection is answered then,
+    // the request's first half carried over, exactly as a request made afterwards.
+    let backend = listening_port(pid);
+    let ready = crate::support::curl_path(&live, &address, backend, "/ready-now");
+    assert!(ready.starts_with("hello from v1"), "{ready}");
+    let answer = finish(established);
+    let again = finish(half_request(target));
+    assert!(answer.contains("hello from v1"), "{answer}");
+    assert_eq!(answer, again);
+    assert_eq!(booting(&daemon).0, Some(pid));
 }
