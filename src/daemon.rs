@@ -832,20 +832,22 @@ impl Daemon {
     }
 }
 
-/// Resolves when SIGTERM or SIGINT arrives.
-pub async fn termination() {
+/// Resolves when SIGTERM or SIGINT arrives; their handlers are installed at the call.
+pub fn termination() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let signals = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        warn!("cannot listen for signals; stop the daemon with SIGKILL");
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = int.recv() => info!("SIGINT received"),
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = signals else {
+            warn!("cannot listen for signals; stop the daemon with SIGKILL");
+            return std::future::pending::<()>().await;
+        };
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM received"),
+            _ = int.recv() => info!("SIGINT received"),
+        }
     }
 }
 
@@ -877,8 +879,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         info.zone
     );
     let mut upgrade = daemon.upgrade.clone();
+    // SIGHUP's handler is in, and now SIGTERM's and SIGINT's: those that came while an
+    // upgrade in place executed this program, blocked meanwhile, are handled now.
+    let terminated = termination();
+    if let Err(error) = revboot_sandbox::parent::unblock_signals() {
+        warn!(%error, "cannot unblock SIGHUP, SIGTERM and SIGINT");
+    }
     tokio::select! {
-        () = termination() => {
+        () = terminated => {
             notify_service_manager(&[sd_notify::NotifyState::Stopping]);
             daemon.shutdown().await;
             Ok(())

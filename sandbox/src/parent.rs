@@ -14,6 +14,14 @@
 //!    thread cloned keep running, still its children, so that the new program can reap
 //!    them — and, the main thread being their parent still, a `kill -9` of the new program
 //!    kills them as it would have killed them before.
+//! 4. The `execve` resets every handled signal to its default action, and SIGHUP's and
+//!    SIGTERM's end the process: one arriving before the new program has installed its
+//!    handlers would end the daemon. So the main thread blocks SIGHUP, SIGTERM and SIGINT
+//!    ([`HANDOVER_SIGNALS`]) just before the `execve`; the mask is inherited, so such a
+//!    signal stays pending in the new program (and its threads, which inherit the mask from
+//!    the main thread) until it calls [`unblock_signals`] once its handlers are installed,
+//!    and is handled then. A signal that comes before the block is handled by the old
+//!    program's handlers (tokio's, which only note it).
 
 use std::ffi::{CString, OsString};
 use std::io;
@@ -158,6 +166,35 @@ pub fn exec(
         .unwrap_or_else(|_| io::Error::other("the main thread no longer serves"))
 }
 
+/// The signals blocked across the `execve` of an upgrade in place (module doc, rule 4).
+pub const HANDOVER_SIGNALS: [i32; 3] = [libc::SIGHUP, libc::SIGTERM, libc::SIGINT];
+
+/// Unblocks [`HANDOVER_SIGNALS`] on the main thread (on this thread where no [`serve`]
+/// runs), so that one pending since the `execve` is handled now (module doc, rule 4). Call
+/// it once the program's handlers for them are installed; a program not started by an
+/// upgrade has nothing blocked, and this changes nothing.
+pub fn unblock_signals() -> io::Result<()> {
+    run(|| mask(libc::SIG_UNBLOCK))
+}
+
+/// Blocks or unblocks [`HANDOVER_SIGNALS`] on this thread.
+#[allow(unsafe_code)] // sigemptyset, sigaddset and pthread_sigmask on a local set.
+fn mask(how: libc::c_int) -> io::Result<()> {
+    // SAFETY: the set is initialised by sigemptyset before use; pthread_sigmask reads it
+    // and writes nothing back (a null old set).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in HANDOVER_SIGNALS {
+            libc::sigaddset(&mut set, signal);
+        }
+        match libc::pthread_sigmask(how, &set, std::ptr::null_mut()) {
+            0 => Ok(()),
+            error => Err(io::Error::from_raw_os_error(error)),
+        }
+    }
+}
+
 /// Takes ownership of descriptor `fd`, kept open across the `execve` of an upgrade in place
 /// by the previous program (its number comes with what it handed over), and makes it
 /// close-on-exec again. Fails if `fd` is not open, or was taken already.
@@ -238,6 +275,8 @@ fn exec_here(request: &ExecRequest) -> io::Error {
         }
     };
     set_cloexec(false);
+    // Rule 4: pending, not fatal, until the new program handles them.
+    let blocked = mask(libc::SIG_BLOCK).is_ok();
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
     let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
@@ -246,6 +285,9 @@ fn exec_here(request: &ExecRequest) -> io::Error {
     // failure.
     unsafe { libc::execve(program.as_ptr(), argv_ptrs.as_ptr(), envp_ptrs.as_ptr()) };
     let error = io::Error::last_os_error();
+    if blocked {
+        let _ = mask(libc::SIG_UNBLOCK);
+    }
     set_cloexec(true);
     error
 }

@@ -286,7 +286,8 @@ impl Daemon {
         child.wait_with_output().expect("wait for revboot")
     }
 
-    fn cli_command(&self, url: &str, options: &[&std::ffi::OsStr], args: &[&str]) -> Command {
+    /// The command [`Daemon::cli_at`] runs.
+    pub fn cli_command(&self, url: &str, options: &[&std::ffi::OsStr], args: &[&str]) -> Command {
         let mut command = self.command(env!("CARGO_BIN_EXE_revboot"));
         command
             .args(["--url", url])

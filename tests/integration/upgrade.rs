@@ -944,3 +944,58 @@ fn a_connection_held_through_a_boot_is_handed_over_not_drained_and_the_state_nev
     assert_eq!(answer, again);
     assert_eq!(booting(&daemon).0, Some(pid));
 }
+
+/// `revboot upgrade` started, not waited for; its errors piped.
+fn upgrade_started(daemon: &Daemon) -> std::process::Child {
+    daemon
+        .cli_command(&format!("http://{}", daemon.http), &[], &["upgrade"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("revboot upgrade")
+}
+
+#[test]
+fn a_sighup_or_sigterm_during_the_exec_of_an_upgrade_does_not_end_the_daemon() {
+    use nix::sys::signal::{Signal, kill};
+    let temp = tempfile::tempdir().expect("temp dir");
+    let (daemon, _binary) = upgradable(temp.path(), "");
+    let pid = nix::unistd::Pid::from_raw(daemon.pid() as i32);
+    for round in 1..=3 {
+        // SIGHUPs all through the upgrade, the exec's instant among them.
+        let mut upgrading = upgrade_started(&daemon);
+        let done = loop {
+            kill(pid, Signal::SIGHUP).expect("the daemon is alive");
+            if let Some(done) = upgrading.try_wait().expect("the upgrade's status") {
+                break done;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        };
+        let mut stderr = String::new();
+        let _ = upgrading
+            .stderr
+            .take()
+            .map(|mut e| e.read_to_string(&mut stderr));
+        assert!(
+            done.success(),
+            "round {round}: {done:?} {stderr}\n{}",
+            daemon.log()
+        );
+        assert!(eventually(|| daemon.metrics().contains("revboot_")));
+        let log = daemon.log();
+        assert_eq!(log.matches("upgraded in place").count(), round, "{log}");
+    }
+    // SIGTERMs all through an upgrade: whichever program takes one (the old one may take
+    // one and drop it with its handlers), it stops gracefully, never killed by one that
+    // came while the new program had no handler yet.
+    let mut upgrading = upgrade_started(&daemon);
+    let stopped = eventually(|| {
+        let _ = kill(pid, Signal::SIGTERM);
+        daemon.log().contains("revboot stopped")
+    });
+    let _ = upgrading.wait();
+    let log = daemon.log();
+    assert!(stopped, "{log}");
+    assert!(log.contains("SIGTERM received"), "{log}");
+}
