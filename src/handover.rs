@@ -664,4 +664,59 @@ mod tests {
         assert_eq!(text["relays"][0]["revision"], "v1");
         assert_eq!(text["handed"], serde_json::json!([]));
     }
+
+    #[test]
+    fn the_state_goes_through_a_sealed_memfd_and_an_older_programs_file_still_reads() {
+        use std::io::Write as _;
+        use std::os::fd::IntoRawFd as _;
+        let held = Held {
+            client: 9,
+            peer: "127.0.0.1:4000".parse().expect("an address"),
+            key: Key {
+                service: "hello".into(),
+                revision: "v1".into(),
+                client_net: None,
+            },
+            early: BASE64.encode(b"GET / HTTP/1.1\r\n"),
+            peeked: false,
+            client_done: false,
+            failure: "http".into(),
+        };
+        let state = State {
+            http: 3,
+            dns: Vec::new(),
+            listeners: Vec::new(),
+            front: Vec::new(),
+            instances: Vec::new(),
+            relays: Vec::new(),
+            handed: Vec::new(),
+            held: vec![held],
+            children: vec![42],
+            upgrades: 1,
+            requested_at_ms: 5,
+        };
+        let memfd = state_memfd(&state).expect("a memfd");
+        let mut writer = std::fs::File::from(memfd.try_clone().expect("a second descriptor"));
+        assert!(writer.write_all(b"{}").is_err(), "the memfd is sealed");
+        let value = format!("fd:{}", memfd.into_raw_fd());
+        let read = read_state(value.as_ref())
+            .expect("it reads")
+            .expect("a state");
+        assert_eq!((read.children, read.upgrades), (vec![42], 1));
+        assert_eq!(read.held[0].key.service, "hello");
+        assert_eq!(read.held[0].failure, "http");
+        // A descriptor that is not the state's memfd (standard input) is nothing to take.
+        assert!(read_state("fd:0".as_ref()).expect("no error").is_none());
+
+        // The file an older program wrote: read and removed.
+        let dir = tempfile::tempdir().expect("a directory");
+        let file = dir.path().join("handover.json");
+        std::fs::write(&file, serde_json::to_string(&state).expect("JSON")).expect("write");
+        let read = read_state(file.as_os_str())
+            .expect("it reads")
+            .expect("a state");
+        assert_eq!(read.requested_at_ms, 5);
+        assert!(!file.exists());
+        assert!(read_state(file.as_os_str()).expect("no error").is_none());
+    }
 }

@@ -405,6 +405,72 @@ mod tests {
         assert_eq!(proxy.metrics().held_now, 0);
     }
 
+    /// A proxy holding one connection to a `Boot::Manual` instance, half its request read,
+    /// is handed over: the next proxy, on the same listener, holds it again. The fake, the
+    /// instance, the client's stream and the next proxy.
+    async fn held_and_handed_over() -> (Arc<Fake>, Summoned, TcpStream, Arc<Proxy>) {
+        let fake = fake(Behaviour {
+            boot: Boot::Manual,
+            ..booting()
+        });
+        let old = proxy(&fake, ProxyConfig::default());
+        let summoned = old.summon("hello", &revision(), None).expect("summon");
+        let mut stream = connect(at(&summoned), None).await.expect("connect");
+        stream
+            .write_all(b"GET /held HTTP/1.1\r\n")
+            .await
+            .expect("write");
+        eventually("held", || old.metrics().held_now == 1).await;
+        // The drain ends as soon as nothing is open: the held connection is kept at once
+        // (the instance is still booting, and stays so).
+        let listeners = old.hand_over(STEP).await;
+        let held = old.take_held();
+        assert_eq!(held.len(), 1);
+        assert_eq!(old.take_relays().len(), 0);
+        assert_eq!(old.metrics().open_now, 0);
+        let new = proxy(&fake, ProxyConfig::default());
+        for (address, listener) in listeners {
+            new.adopt(address, listener);
+        }
+        new.adopt_held(held);
+        eventually("held again", || new.metrics().held_now == 1).await;
+        (fake, summoned, stream, new)
+    }
+
+    #[tokio::test]
+    async fn a_held_connection_handed_over_is_answered_once_its_instance_is_ready() {
+        let (fake, summoned, mut stream, new) = held_and_handed_over().await;
+        stream
+            .write_all(b"host: test\r\n\r\n")
+            .await
+            .expect("write");
+        fake.set_state(&key(&summoned), InstanceState::Ready);
+        let mut answer = String::new();
+        tokio::time::timeout(STEP, stream.read_to_string(&mut answer))
+            .await
+            .expect("answered in time")
+            .expect("read");
+        assert!(
+            answer.ends_with("answer to GET /held HTTP/1.1\n"),
+            "{answer}"
+        );
+        assert_eq!(new.metrics().spliced, 1);
+    }
+
+    #[tokio::test]
+    async fn a_held_connection_handed_over_is_closed_when_its_instance_fails_to_boot() {
+        let (fake, summoned, stream, new) = held_and_handed_over().await;
+        fake.set_state(
+            &key(&summoned),
+            InstanceState::Crashed {
+                reason: "test".into(),
+            },
+        );
+        closed_without_answer(stream).await;
+        eventually("boot failure counted", || new.metrics().boot_failures == 1).await;
+        assert_eq!(new.metrics().held_now, 0);
+    }
+
     #[tokio::test]
     async fn boot_timeout_closes_held_connections() {
         let fake = fake(Behaviour {
