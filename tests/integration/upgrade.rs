@@ -452,12 +452,9 @@ fn is_booting(state: Option<&str>) -> bool {
     state.is_some_and(|s| s.contains("booting"))
 }
 
-/// A daemon with `config` running hello, ready only once someone asks for /ready-now, and
-/// summoned: booting until the test says so. The daemon, its binary, the live name, the
-/// instance's address and pid.
-fn booting_hello(temp: &Path, config: &str) -> (Daemon, PathBuf, String, String, Option<u64>) {
-    let (daemon, binary) = upgradable(temp, config);
-    let work = hello_source(temp);
+/// Makes hello in `work` ready only once someone asks for /ready-now (its console probe),
+/// within a boot timeout long enough for any test, and commits.
+fn ready_on_request(work: &Path) {
     let manifest = work.join("revboot.toml");
     let text = std::fs::read_to_string(&manifest).expect("revboot.toml");
     let text = text.replace(
@@ -465,18 +462,33 @@ fn booting_hello(temp: &Path, config: &str) -> (Daemon, PathBuf, String, String,
         "ready = { probe = \"console\", line = \"hello: GET /ready-now\" }\nboot_timeout_ms = 300000",
     );
     std::fs::write(&manifest, text).expect("write revboot.toml");
-    crate::support::git(&work, &["commit", "-q", "-am", "ready on request"]);
+    crate::support::git(work, &["commit", "-q", "-am", "ready on request"]);
+}
+
+/// A daemon with `config` running hello, ready only once someone asks for /ready-now, and
+/// summoned: booting until the test says so. The daemon, its binary, the live name, the
+/// instance's address and pid.
+fn booting_hello(temp: &Path, config: &str) -> (Daemon, PathBuf, String, String, Option<u64>) {
+    let (daemon, binary) = upgradable(temp, config);
+    let work = hello_source(temp);
+    ready_on_request(&work);
     push(&daemon, &work);
     let live = format!("hello.{ZONE}");
     let address = dig_ok(&daemon, &live, false);
+    let pid = booting_pid(&daemon);
+    (daemon, binary, live, address, Some(pid))
+}
+
+/// The pid of the one instance, once it has one, still booting.
+fn booting_pid(daemon: &Daemon) -> u64 {
     assert!(
-        eventually(|| booting(&daemon).0.is_some()),
+        eventually(|| booting(daemon).0.is_some()),
         "{:?}",
-        booting(&daemon)
+        booting(daemon)
     );
-    let (pid, state, _) = booting(&daemon);
+    let (pid, state, _) = booting(daemon);
     assert!(is_booting(state.as_deref()), "{state:?}");
-    (daemon, binary, live, address, pid)
+    pid.expect("its pid")
 }
 
 #[test]
@@ -940,6 +952,60 @@ fn a_connection_held_through_a_boot_is_handed_over_not_drained_and_the_state_nev
     assert!(ready.starts_with("hello from v1"), "{ready}");
     let answer = finish(established);
     let again = finish(half_request(target));
+    assert!(answer.contains("hello from v1"), "{answer}");
+    assert_eq!(answer, again);
+    assert_eq!(booting(&daemon).0, Some(pid));
+}
+
+#[test]
+fn a_front_door_connection_held_through_a_boot_is_handed_over_with_the_head_it_read() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let (daemon, binary) = upgradable(temp.path(), "[front]\nhttp = \"127.0.0.1:0\"\n");
+    let front = daemon.front("front_http=");
+    let work = hello_source(temp.path());
+    crate::support::write_manifest(&work, "reach = \"front\"\n");
+    crate::support::git(&work, &["commit", "-q", "-am", "reached at the front door"]);
+    ready_on_request(&work);
+    push(&daemon, &work);
+    let host = format!("hello.{ZONE}");
+
+    // The front door reads the head, routes it, summons hello and holds the connection.
+    let mut held = TcpStream::connect_timeout(&front, PATIENCE).expect("connect");
+    let request = format!("GET / HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+    held.write_all(request.as_bytes()).expect("the request");
+    let metric = "revboot_proxy_connections{kind=\"held\"} 1";
+    assert!(
+        eventually(|| daemon.metrics().contains(metric)),
+        "{}",
+        daemon.metrics()
+    );
+    let pid = booting_pid(&daemon);
+
+    replace_binary(&binary);
+    let view = upgrade(&daemon);
+    assert_eq!(view["last_upgrade_instances"], 1, "{view}");
+    let log = daemon.log();
+    let handed = log.lines().find(|line| line.contains("proxy handed over"));
+    assert!(handed.is_some_and(|line| line.contains("held=1")), "{log}");
+    assert!(
+        eventually(|| daemon.metrics().contains(metric)),
+        "{}",
+        daemon.metrics()
+    );
+
+    // Ready: the held connection is answered as a request made afterwards is.
+    let address = daemon.instances()[0]["address"]
+        .as_str()
+        .expect("its address")
+        .to_owned();
+    let ready = crate::support::curl_path(&host, &address, listening_port(pid), "/ready-now");
+    assert!(ready.starts_with("hello from v1"), "{ready}");
+    held.set_read_timeout(Some(PATIENCE)).expect("timeout");
+    let mut answer = String::new();
+    held.read_to_string(&mut answer)
+        .expect("the held connection is answered");
+    let stream = TcpStream::connect_timeout(&front, PATIENCE).expect("connect");
+    let again = exchange(stream, &host).expect("answered");
     assert!(answer.contains("hello from v1"), "{answer}");
     assert_eq!(answer, again);
     assert_eq!(booting(&daemon).0, Some(pid));
