@@ -78,10 +78,10 @@ pub struct State {
     /// this field).
     #[serde(default)]
     pub held: Vec<Held>,
-    /// The children of the process that were not handed over, to reap (none from a program
-    /// older than this field).
+    /// The children of the process that were not handed over, to reap: pid and start time
+    /// (none from a program older than this field).
     #[serde(default)]
-    pub children: Vec<u32>,
+    pub children: Vec<(u32, u64)>,
     /// Upgrades in place before this one.
     pub upgrades: u64,
     /// When the upgrade was asked for, unix ms.
@@ -561,66 +561,78 @@ const REAP_WITHIN: Duration = Duration::from_secs(20);
 /// Pause between two looks at the children left.
 const REAP_LOOK: Duration = Duration::from_millis(50);
 
-/// The pids of this process's children but the instances `handed` (rule 3): what it
-/// started and does not hand over (a waiting qemu killed at the hand-over, not yet reaped).
-pub fn children(handed: &[HandedInstance]) -> Vec<u32> {
+/// The parent and start time (clock ticks after boot) of process `pid`, from its stat.
+fn parent_and_start(pid: u32) -> Option<(u32, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let end = stat.rfind(')')?;
+    // After the name: the state (field 3), the parent's pid (4), ... the start time (22).
+    let fields: Vec<&str> = stat[end + 1..].split_whitespace().collect();
+    Some((fields.get(1)?.parse().ok()?, fields.get(19)?.parse().ok()?))
+}
+
+/// This process's children but the instances `handed` (rule 3), each a pid and its start
+/// time (a pid alone could be another process's by the time it is reaped): what it started
+/// and does not hand over (a waiting qemu killed at the hand-over, not yet reaped).
+pub fn children(handed: &[HandedInstance]) -> Vec<(u32, u64)> {
     let except: Vec<u32> = handed
         .iter()
         .filter_map(|instance| instance.record.footprint.pid)
         .collect();
-    let me = std::process::id().to_string();
+    let me = std::process::id();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
-    };
-    let child = |pid: u32| {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let end = stat.rfind(')')?;
-        // After the name: the state, then the parent's pid.
-        let parent = stat[end + 1..].split_whitespace().nth(1)?;
-        (parent == me).then_some(pid)
     };
     entries
         .flatten()
         .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| !except.contains(pid))
-        .filter_map(child)
+        .filter_map(|pid| match parent_and_start(pid)? {
+            (parent, start) if parent == me => Some((pid, start)),
+            _ => None,
+        })
         .take(MAX_CHILDREN)
         .collect()
 }
 
 /// Reaps, on a thread of its own, the children the previous program left (rule 4), by pid
-/// and never any other (`waitpid(-1)` would take a child another part waits for): each as
-/// it ends, within [`REAP_WITHIN`]; one still running then is killed (nobody in this
-/// program knows it) and reaped within as long again.
-pub fn reap_left(children: Vec<u32>) {
+/// and never any other (`waitpid(-1)` would take a child another part waits for; a pid
+/// whose process has another start time is another process now): each as it ends, within
+/// [`REAP_WITHIN`]; one still running then is killed (nobody in this program knows it) and
+/// reaped within as long again.
+pub fn reap_left(children: Vec<(u32, u64)>) {
     use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
     use nix::unistd::Pid;
     if children.is_empty() {
         return;
     }
+    let me = std::process::id();
     let reap = move || {
-        let mut left: Vec<Pid> = children
+        let mut left: Vec<(Pid, u64)> = children
             .iter()
             .take(MAX_CHILDREN)
-            .map(|&pid| Pid::from_raw(pid as i32))
+            .map(|&(pid, start)| (Pid::from_raw(pid as i32), start))
             .collect();
+        // Still the child it was (not reaped elsewhere, its pid not taken since).
+        let same =
+            |&(pid, start): &(Pid, u64)| parent_and_start(pid.as_raw() as u32) == Some((me, start));
         let mut start = std::time::Instant::now();
         let mut killed = false;
         while !left.is_empty() {
             let late = start.elapsed() >= REAP_WITHIN;
             if late && killed {
-                warn!(pids = ?left, "children the previous program left outlive SIGKILL; not reaped");
+                warn!(children = ?left, "children the previous program left outlive SIGKILL; not reaped");
                 return;
             }
+            left.retain(same);
             if late {
-                for &pid in &left {
+                for &(pid, _) in &left {
                     warn!(%pid, "a child the previous program left still runs; killed");
                     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
                 }
                 killed = true;
                 start = std::time::Instant::now();
             }
-            left.retain(|&pid| match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            left.retain(|&(pid, _)| match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) => true,
                 Ok(_) => {
                     info!(%pid, "reaped a process the previous program left");
@@ -666,6 +678,42 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::zombie_processes)] // Reaped by `reap_left`: what is tested.
+    fn the_children_left_are_reaped_by_pid_and_start_time_and_no_other() {
+        let zombie = |child: &std::process::Child| {
+            let pid = child.id();
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+                if stat[stat.rfind(')').expect("a name") + 1..]
+                    .trim_start()
+                    .starts_with('Z')
+                {
+                    return (pid, parent_and_start(pid).expect("its start").1);
+                }
+                assert!(std::time::Instant::now() < deadline, "{pid} did not end");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        let left = std::process::Command::new("true").spawn().expect("true");
+        let mine = std::process::Command::new("true").spawn().expect("true");
+        let (left_pid, left_start) = zombie(&left);
+        let (mine_pid, mine_start) = zombie(&mine);
+        // The second one's start time is not the one listed: another process's, not reaped.
+        reap_left(vec![(left_pid, left_start), (mine_pid, mine_start + 1)]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::path::Path::new(&format!("/proc/{left_pid}")).exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{left_pid} not reaped"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut mine = mine;
+        assert!(mine.wait().expect("its status is still there").success());
+    }
+
+    #[test]
     fn the_state_goes_through_a_sealed_memfd_and_an_older_programs_file_still_reads() {
         use std::io::Write as _;
         use std::os::fd::IntoRawFd as _;
@@ -691,7 +739,7 @@ mod tests {
             relays: Vec::new(),
             handed: Vec::new(),
             held: vec![held],
-            children: vec![42],
+            children: vec![(42, 7)],
             upgrades: 1,
             requested_at_ms: 5,
         };
@@ -702,7 +750,7 @@ mod tests {
         let read = read_state(value.as_ref())
             .expect("it reads")
             .expect("a state");
-        assert_eq!((read.children, read.upgrades), (vec![42], 1));
+        assert_eq!((read.children, read.upgrades), (vec![(42, 7)], 1));
         assert_eq!(read.held[0].key.service, "hello");
         assert_eq!(read.held[0].failure, "http");
         // A descriptor that is not the state's memfd (standard input) is nothing to take.
