@@ -765,8 +765,8 @@ impl Daemon {
     }
 
     /// Upgrades in place (rules 2 and 3 of [`crate::handover`]): returns only if neither
-    /// program could be executed.
-    pub async fn upgrade(self) -> anyhow::Error {
+    /// program could be executed. `terminated` resolved meanwhile: the new program stops.
+    pub async fn upgrade(self, terminated: impl Future<Output = ()> + Unpin) -> anyhow::Error {
         let requested_at_ms = crate::handover::unix_ms();
         info!(binary = %self.binary.display(), "upgrading in place");
         let _ = self.stop_http.send(true);
@@ -807,6 +807,7 @@ impl Daemon {
             instances: handed.instances,
             upgrades: self.upgrades,
             requested_at_ms,
+            stop: futures::FutureExt::now_or_never(terminated).is_some(),
         };
         crate::handover::exec(&self.binary, &state, &keep)
     }
@@ -881,16 +882,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let mut upgrade = daemon.upgrade.clone();
     // SIGHUP's handler is in, and now SIGTERM's and SIGINT's: those that came while an
     // upgrade in place executed this program, blocked meanwhile, are handled now.
-    let terminated = termination();
+    let mut terminated = Box::pin(termination());
     if let Err(error) = revboot_sandbox::parent::unblock_signals() {
         warn!(%error, "cannot unblock SIGHUP, SIGTERM and SIGINT");
     }
     tokio::select! {
-        () = terminated => {
+        () = &mut terminated => {
             notify_service_manager(&[sd_notify::NotifyState::Stopping]);
             daemon.shutdown().await;
             Ok(())
         }
-        _ = upgrade.wait_for(|asked| *asked) => Err(daemon.upgrade().await),
+        _ = upgrade.wait_for(|asked| *asked) => Err(daemon.upgrade(terminated).await),
     }
 }

@@ -20,8 +20,10 @@
 //!    thread, the parent of every instance, executes the binary with the same arguments and
 //!    `REVBOOT_HANDOVER=fd:<n>` naming the memfd, keeping it and those descriptors open
 //!    ([`revboot_sandbox::parent::exec`], which blocks SIGHUP, SIGTERM and SIGINT across
-//!    the `execve`: the new program unblocks them once it handles them). The pid stays; so
-//!    do the instances' pids.
+//!    the `execve`: the new program unblocks them once it handles them). A SIGTERM or
+//!    SIGINT that came during the upgrade is in the state too (`stop`): the new program
+//!    sends itself SIGTERM, handled once it serves. The pid stays; so do the instances'
+//!    pids.
 //! 4. The new program reads the memfd and closes it (a path instead of `fd:<n>` is the
 //!    `<data>/handover.json` of an older program, read and removed), serves on the sockets
 //!    it names, takes the instances back, listens again on the proxy's sockets, relays on
@@ -86,6 +88,9 @@ pub struct State {
     pub upgrades: u64,
     /// When the upgrade was asked for, unix ms.
     pub requested_at_ms: u64,
+    /// SIGTERM or SIGINT came during the upgrade: the new program stops once it serves.
+    #[serde(default)]
+    pub stop: bool,
 }
 
 /// A relayed connection in the state: [`HandedRelay`] with descriptor numbers, its
@@ -480,6 +485,11 @@ pub fn inherit() -> anyhow::Result<Option<Inherited>> {
         "taking over from the previous program (upgrade in place)"
     );
     reap_left(state.children);
+    if state.stop {
+        // Pending (blocked since the exec, rule 3) until this program handles it.
+        info!("SIGTERM came during the upgrade: this program stops once it serves");
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::SIGTERM);
+    }
     Ok(Some(Inherited {
         sockets: Sockets { http, dns },
         front,
@@ -742,6 +752,7 @@ mod tests {
             children: vec![(42, 7)],
             upgrades: 1,
             requested_at_ms: 5,
+            stop: false,
         };
         let memfd = state_memfd(&state).expect("a memfd");
         let mut writer = std::fs::File::from(memfd.try_clone().expect("a second descriptor"));
