@@ -49,7 +49,8 @@ use tracing::{error, info, warn};
 
 /// The environment variable that names the state file to the new program.
 pub const ENV: &str = "REVBOOT_HANDOVER";
-/// How long relayed connections are given to end before the exec.
+/// How long the connections the proxy cannot hand over (TLS ended at the front door, over
+/// a bound) are given to end before the exec; the others are kept at once.
 pub const DRAIN: Duration = Duration::from_secs(2);
 /// How long the instances' tasks are given to hand over.
 pub const HAND_OVER_LIMIT: Duration = Duration::from_secs(20);
@@ -607,7 +608,7 @@ pub fn children(handed: &[HandedInstance]) -> Vec<(u32, u64)> {
 /// Reaps, on a thread of its own, the children the previous program left (rule 4), by pid
 /// and never any other (`waitpid(-1)` would take a child another part waits for; a pid
 /// whose process has another start time is another process now): each as it ends, within
-/// [`REAP_WITHIN`]; one still running then is killed (nobody in this program knows it) and
+/// 20 seconds; one still running then is killed (nobody in this program knows it) and
 /// reaped within as long again.
 pub fn reap_left(children: Vec<(u32, u64)>) {
     use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};

@@ -58,8 +58,9 @@ const GIVE_UP: Duration = Duration::from_secs(5);
 const LOOK: Duration = Duration::from_millis(10);
 
 impl Proxy {
-    /// Stops accepting and returns every listener, open (module doc); relayed connections
-    /// are given `drain` to end.
+    /// Stops accepting and returns every listener, open (module doc); relayed and held
+    /// connections are kept for the next daemon, and those that cannot be are given `drain`
+    /// to end.
     pub async fn hand_over(&self, drain: Duration) -> Vec<(SocketAddr, std::net::TcpListener)> {
         let shared = self.shared();
         shared.handing_over.store(true, Ordering::Release);
