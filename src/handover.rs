@@ -567,8 +567,8 @@ pub fn numbers<'a>(
 
 /// Children of this process listed at most (rule 3).
 const MAX_CHILDREN: usize = 4096;
-/// How long [`reap_left`] waits for the children left to end before it kills them.
-const REAP_WITHIN: Duration = Duration::from_secs(20);
+/// How long [`reap_left`] waits for the children left to end.
+const REAP_WITHIN: Duration = Duration::from_secs(60);
 /// Pause between two looks at the children left.
 const REAP_LOOK: Duration = Duration::from_millis(50);
 
@@ -608,8 +608,9 @@ pub fn children(handed: &[HandedInstance]) -> Vec<(u32, u64)> {
 /// Reaps, on a thread of its own, the children the previous program left (rule 4), by pid
 /// and never any other (`waitpid(-1)` would take a child another part waits for; a pid
 /// whose process has another start time is another process now): each as it ends, within
-/// 20 seconds; one still running then is killed (nobody in this program knows it) and
-/// reaped within as long again.
+/// a minute (the start-up clean-up ends what is left in spare cgroups, a waiting qemu
+/// still starting at the exec among them). One still running then is left, logged, never
+/// killed: it could be an instance handed over without its pid.
 pub fn reap_left(children: Vec<(u32, u64)>) {
     use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
     use nix::unistd::Pid;
@@ -626,23 +627,13 @@ pub fn reap_left(children: Vec<(u32, u64)>) {
         // Still the child it was (not reaped elsewhere, its pid not taken since).
         let same =
             |&(pid, start): &(Pid, u64)| parent_and_start(pid.as_raw() as u32) == Some((me, start));
-        let mut start = std::time::Instant::now();
-        let mut killed = false;
+        let start = std::time::Instant::now();
         while !left.is_empty() {
-            let late = start.elapsed() >= REAP_WITHIN;
-            if late && killed {
-                warn!(children = ?left, "children the previous program left outlive SIGKILL; not reaped");
+            if start.elapsed() >= REAP_WITHIN {
+                warn!(children = ?left, "children the previous program left still run; not reaped");
                 return;
             }
             left.retain(same);
-            if late {
-                for &(pid, _) in &left {
-                    warn!(%pid, "a child the previous program left still runs; killed");
-                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-                }
-                killed = true;
-                start = std::time::Instant::now();
-            }
             left.retain(|&(pid, _)| match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) => true,
                 Ok(_) => {
