@@ -275,12 +275,9 @@ impl Drop for Open {
 /// Tells the client why it is not served, if it is to be told (the front door's HTTP 503
 /// or TLS alert; the proxy's own listeners just close).
 pub(crate) async fn fail(client: &mut TcpStream, failure: Failure, reason: &str) {
-    let answer = match failure {
-        Failure::Close => return,
-        Failure::Http => crate::front::http_unavailable(reason),
-        Failure::Tls => crate::front::tls_internal_error(),
-    };
-    crate::door::write_and_close(client, &answer).await;
+    if let Some(answer) = crate::door::failure_answer(failure, reason) {
+        crate::door::write_and_close(client, &answer).await;
+    }
 }
 
 /// What a connection brings to [`serve`] besides its socket.

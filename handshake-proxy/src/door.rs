@@ -15,7 +15,11 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::relays::Failure;
 use crate::sniff::Protocol;
+
+/// The TLS alert `internal_error`.
+pub(crate) const INTERNAL_ERROR: u8 = 80;
 
 /// Default time a front-door connection may take to send its head.
 pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -227,4 +231,30 @@ pub(crate) async fn write_and_close(stream: &mut TcpStream, bytes: &[u8]) {
         stream.shutdown().await
     })
     .await;
+}
+
+/// A complete HTTP/1.1 answer that closes the connection.
+pub(crate) fn http_answer(status: &str, reason: &str) -> Vec<u8> {
+    let body = format!("revboot front door: {reason}\n");
+    format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// A fatal TLS alert record (sent before any ServerHello, so in the clear).
+pub(crate) fn alert(code: u8) -> Vec<u8> {
+    vec![21, 3, 3, 0, 2, 2, code]
+}
+
+/// What a connection whose instance cannot serve it is told, if anything (`reason` goes in
+/// an HTTP answer).
+pub(crate) fn failure_answer(failure: Failure, reason: &str) -> Option<Vec<u8>> {
+    match failure {
+        Failure::Close => None,
+        Failure::Http => Some(http_answer("503 Service Unavailable", reason)),
+        Failure::Tls => Some(alert(INTERNAL_ERROR)),
+    }
 }

@@ -51,7 +51,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::connection::{self, Arrival, Open};
-use crate::door::{Bound, Front, write_and_close};
+use crate::door::{Bound, Front, INTERNAL_ERROR, alert, http_answer, write_and_close};
 pub use crate::door::{
     DEFAULT_BUILD_WAIT, DEFAULT_HEAD_TIMEOUT, DEFAULT_MAX_HEAD, DEFAULT_MAX_PENDING,
     FrontAddresses, FrontConfig, FrontError,
@@ -63,8 +63,6 @@ use crate::sniff::{self, Protocol, Sniffed};
 
 /// The TLS alert `decode_error` (RFC 8446 §6.2).
 const DECODE_ERROR: u8 = 50;
-/// The TLS alert `internal_error`.
-const INTERNAL_ERROR: u8 = 80;
 /// The TLS alert `unrecognized_name` (RFC 6066 §3).
 const UNRECOGNIZED_NAME: u8 = 112;
 /// How often a connection waiting for a build looks at the resolver's generation: the
@@ -348,31 +346,6 @@ async fn refuse(
         (Protocol::Tls, None) => Vec::new(),
     };
     write_and_close(&mut stream, &answer).await;
-}
-
-/// A complete HTTP/1.1 answer that closes the connection.
-fn http_answer(status: &str, reason: &str) -> Vec<u8> {
-    let body = format!("revboot front door: {reason}\n");
-    format!(
-        "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\
-         connection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
-}
-
-pub(crate) fn http_unavailable(reason: &str) -> Vec<u8> {
-    http_answer("503 Service Unavailable", reason)
-}
-
-/// A fatal TLS alert record (sent before any ServerHello, so in the clear).
-fn alert(code: u8) -> Vec<u8> {
-    vec![21, 3, 3, 0, 2, 2, code]
-}
-
-/// The alert a TLS connection gets when its instance cannot serve it.
-pub(crate) fn tls_internal_error() -> Vec<u8> {
-    alert(INTERNAL_ERROR)
 }
 
 #[cfg(test)]
