@@ -30,6 +30,8 @@ use crate::tender::{
 const HAND_OVER: Duration = Duration::from_secs(5);
 /// How long a snapshot waits for the guest to finish the console line it is printing.
 const LINE_END: Duration = Duration::from_millis(200);
+/// How long qemu is given to be seen ending when QMP could not say where its forward listens.
+const EXIT_AFTER_QMP: Duration = Duration::from_secs(2);
 
 /// What [`launch`] puts together.
 pub(super) struct Launch {
@@ -245,7 +247,10 @@ impl QemuRunning {
     /// which it does as its QMP session comes up.
     async fn learnt(&self, timeout: Duration) -> Result<SocketAddr, NotReady> {
         let mut attached = self.attached.clone();
-        let waited = tokio::time::timeout(timeout, attached.wait_for(|up| *up)).await;
+        // Whether it timed out, and whether the supervisor is still there (no `Ref` kept).
+        let waited = tokio::time::timeout(timeout, attached.wait_for(|up| *up))
+            .await
+            .map(|attached| attached.is_ok());
         if let Some(backend) = self.backend() {
             return Ok(backend);
         }
@@ -255,8 +260,20 @@ impl QemuRunning {
                 probe: "qemu's port forward".into(),
             },
             // The supervisor ended: qemu exited before QMP was up.
-            Ok(Err(_)) => NotReady::Exited,
-            Ok(Ok(_)) => NotReady::NoBackend,
+            Ok(false) => NotReady::Exited,
+            // QMP came up but could not say where the forward listens: most often qemu
+            // was ending meanwhile (a guest that fails at once), which is what to report.
+            Ok(true) => {
+                let mut exit = self.exit.clone();
+                let ended = tokio::time::timeout(EXIT_AFTER_QMP, exit.wait_for(Option::is_some))
+                    .await
+                    .is_ok();
+                if ended {
+                    NotReady::Exited
+                } else {
+                    NotReady::NoBackend
+                }
+            }
         })
     }
 
