@@ -83,6 +83,8 @@ pub enum Action {
         label: Option<String>,
         /// The client of a per-client instance.
         client: Option<IpAddr>,
+        /// Which replica of the revision (0: the first, the only one of most revisions).
+        replica: u16,
         /// Kill instead of a graceful stop.
         kill: bool,
     },
@@ -427,6 +429,9 @@ pub struct InstanceView {
     pub revision: String,
     /// The client of a per-client instance.
     pub client: Option<String>,
+    /// Which replica of its revision (`[run] min_instances`); 0, the first, is left out.
+    #[serde(default, skip_serializing_if = "is_first")]
+    pub replica: u16,
     /// The service address (the IPv4 one when it has one of each family).
     pub address: String,
     /// Every service address, one per family.
@@ -445,6 +450,10 @@ pub struct InstanceView {
     /// is being started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
+}
+
+fn is_first(replica: &u16) -> bool {
+    *replica == 0
 }
 
 /// A console record.

@@ -352,6 +352,10 @@ pub struct InstanceArgs {
     /// The client of a per-client instance.
     #[arg(long)]
     pub client: Option<IpAddr>,
+    /// Which replica of a warm service's revision (`[run] min_instances`; `revboot ps`
+    /// shows it as `#N` after the revision).
+    #[arg(long, default_value_t = 0)]
+    pub replica: u16,
 }
 
 /// `revboot logs`.

@@ -462,11 +462,14 @@ fn route(action: &Action) -> (Method, String, Option<serde_json::Value>) {
             service,
             label,
             client,
+            replica,
             kill,
         } => (
             Method::Post,
             "/api/v1/instances/stop".into(),
-            json(j!({ "service": service, "label": label, "client": client, "kill": kill })),
+            json(
+                j!({ "service": service, "label": label, "client": client, "replica": replica, "kill": kill }),
+            ),
         ),
         Action::BuildLog { service, label } => (
             Method::Get,
@@ -593,6 +596,7 @@ mod tests {
                 service: "a".into(),
                 label: None,
                 client: None,
+                replica: 0,
                 kill: false,
             },
             Action::BuildLog {

@@ -220,6 +220,7 @@ impl Runtime for DaemonRuntime {
                 service,
                 label,
                 client,
+                replica,
                 kill,
             } => {
                 let revision = self
@@ -230,6 +231,7 @@ impl Runtime for DaemonRuntime {
                     service: service.clone(),
                     revision,
                     client: client.map(|client| self.deployer.client_of(client)),
+                    replica: *replica,
                 };
                 let info = self
                     .deployer

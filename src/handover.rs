@@ -223,6 +223,9 @@ pub struct Key {
     pub revision: String,
     /// A per-client instance's client network and prefix length.
     pub client_net: Option<(std::net::IpAddr, u8)>,
+    /// Which replica of its revision (0 in the state of programs older than replicas).
+    #[serde(default)]
+    pub replica: u16,
 }
 
 impl Key {
@@ -232,6 +235,7 @@ impl Key {
             service: key.service.clone(),
             revision: key.revision.to_string(),
             client_net: key.client.map(|net| (net.network(), net.len())),
+            replica: key.replica,
         }
     }
 
@@ -240,6 +244,7 @@ impl Key {
             service: self.service.clone(),
             revision: self.revision.parse().ok().context("Not a revision")?,
             client: self.client_net.map(|(net, len)| ClientNet::new(net, len)),
+            replica: self.replica,
         })
     }
 }

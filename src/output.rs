@@ -216,7 +216,12 @@ pub fn render(reply: &Reply, format: Format) -> String {
                 .map(|i| {
                     vec![
                         i.service.clone(),
-                        i.revision[..7.min(i.revision.len())].to_owned(),
+                        match i.replica {
+                            0 => i.revision[..7.min(i.revision.len())].to_owned(),
+                            replica => {
+                                format!("{} #{replica}", &i.revision[..7.min(i.revision.len())])
+                            }
+                        },
                         i.client.clone().unwrap_or_else(|| "-".into()),
                         i.address.clone(),
                         i.state.clone(),
@@ -592,6 +597,7 @@ mod tests {
             service: "hello".into(),
             revision: "c63dc270ca8f95713745c92238793f8ee1d6d910".into(),
             client: None,
+            replica: 0,
             address: "127.77.0.1".into(),
             addresses: vec!["127.77.0.1".into()],
             state: "ready".into(),

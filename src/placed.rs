@@ -24,7 +24,10 @@
 //!    [`reconcile`] (instances summoned through the API, booted before a membership change,
 //!    or handed over by an upgrade); from then on every node answers from the claim, so a
 //!    node joining or leaving does not move it. It releases the claim once the instance
-//!    stopped (reaped idle); a node that dies takes its claims with its lease.
+//!    stopped (reaped idle); a node that dies takes its claims with its lease. The replicas
+//!    of a warm service (`[run] min_instances` above 1) each claim a key of their own
+//!    (`<key>#<replica>` past the first) but all run on the node of the first: the keeper
+//!    boots them only next to it, and this rule keeps them where it stays.
 //! 7. A label unknown here, of a service another node has announced deployments of that
 //!    this node has not fetched yet, is fetched first: at most [`MAX_FETCHING`] services at
 //!    once, one fetch per service, each within [`FETCH_FIRST_TIMEOUT`], and the label is
@@ -231,6 +234,7 @@ impl Placed {
                 service: service.to_owned(),
                 revision: *revision,
                 client: client.map(|client| self.clients.client_of(client)),
+                replica: 0,
             },
             addresses,
             port: view.port,
@@ -516,21 +520,31 @@ async fn reconcile_once(deployer: &revboot_deployer::Deployer, cluster: &Cluster
     // instance is listed below unless it has stopped.
     let held = cluster.my_claims();
     let mut running = std::collections::HashSet::new();
-    for info in deployer.list() {
+    // First replicas first: the others follow where they stay.
+    let mut list = deployer.list();
+    list.sort_by_key(|info| info.key.replica);
+    for info in list {
         if info.state.is_final() {
             continue;
         }
         let network = info.key.client.map(|client| client.network());
-        let key = placement_key(&info.key.service, &info.key.revision, network);
+        let first = placement_key(&info.key.service, &info.key.revision, network);
+        // A replica other than the first claims a key of its own (`<key>#<replica>`), but
+        // stays where the first is placed: all the replicas of a revision run on one node.
+        let key = match info.key.replica {
+            0 => first.clone(),
+            replica => format!("{first}#{replica}"),
+        };
         // An instance running here that nobody claims is claimed here, whatever the hash
         // says (it was booted before a membership change, or handed over by an upgrade):
         // the claim, not the hash, decides where a running instance stays.
         if cluster.claim_of(&key).is_none() {
             match cluster.claim(&key).await {
-                Ok(revboot_cluster::Claimed::Mine) => {
+                Ok(revboot_cluster::Claimed::Mine) if info.key.replica == 0 => {
                     running.insert(key);
                     continue;
                 }
+                Ok(revboot_cluster::Claimed::Mine) => {}
                 Ok(revboot_cluster::Claimed::Theirs(node)) => {
                     debug!(instance = %info.key, node, "another node claimed it first");
                 }
@@ -538,7 +552,11 @@ async fn reconcile_once(deployer: &revboot_deployer::Deployer, cluster: &Cluster
                 Err(error) => debug!(%error, instance = %info.key, "cannot claim"),
             }
         }
-        let Some(owner) = cluster.owner(&key) else {
+        if info.key.replica > 0 && running.contains(&first) {
+            running.insert(key);
+            continue;
+        }
+        let Some(owner) = cluster.owner(&first) else {
             continue;
         };
         if owner.id == me {

@@ -328,6 +328,7 @@ fn service_action(command: &Command, client: &Client) -> Result<Action, ActionEr
             service: service(args.service.as_deref(), client)?,
             label: args.label.clone(),
             client: args.client,
+            replica: args.replica,
             kill: matches!(command, Command::Kill(_)),
         },
         other => {

@@ -99,6 +99,7 @@ pub(crate) fn instance_view(info: &revboot_deployer::InstanceInfo) -> InstanceVi
         service: info.key.service.clone(),
         revision: info.key.revision.to_hex(),
         client: info.key.client.map(|c| c.to_string()),
+        replica: info.key.replica,
         address: first_address(&info.addresses),
         addresses: info.addresses.iter().map(|a| a.to_string()).collect(),
         state: info.state.to_string(),

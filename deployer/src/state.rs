@@ -38,6 +38,9 @@ pub struct InstanceRecord {
     pub revision: String,
     /// Client of a per-client instance.
     pub client: Option<IpAddr>,
+    /// Which replica of its revision (0 in records of programs older than replicas).
+    #[serde(default, skip_serializing_if = "is_first")]
+    pub replica: u16,
     /// Service address.
     pub address: IpAddr,
     /// Start, unix ms.
@@ -46,6 +49,10 @@ pub struct InstanceRecord {
     pub scratch: PathBuf,
     /// Process and cgroups.
     pub footprint: Footprint,
+}
+
+fn is_first(replica: &u16) -> bool {
+    *replica == 0
 }
 
 /// Why the state database failed.
@@ -216,6 +223,7 @@ mod tests {
             service: "hello".into(),
             revision: "0".repeat(40),
             client: None,
+            replica: 0,
             address: "127.77.0.1".parse().expect("ip"),
             started_at_ms: 1,
             scratch: "/tmp/x".into(),

@@ -30,7 +30,8 @@ use tokio::sync::watch;
 
 use crate::addresses::{ClientNet, Family, ServiceAddresses};
 
-/// What identifies an instance: a revision of a service, optionally for one client.
+/// What identifies an instance: a revision of a service, optionally for one client, and
+/// which of the revision's replicas it is.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct InstanceKey {
     /// The service name.
@@ -40,11 +41,40 @@ pub struct InstanceKey {
     /// For per-client services, the only client this instance serves: the network its
     /// address belongs to (see [`crate::ClientPrefixes`]).
     pub client: Option<ClientNet>,
+    /// Which replica of the revision: 0 for every instance a summon boots; a warm service
+    /// with `[run] min_instances = N` keeps replicas 0 to N-1 of its live revision booted,
+    /// all on one service address (the deployer's `warm` module).
+    pub replica: u16,
 }
 
+impl InstanceKey {
+    /// The key of replica 0 of `service`'s `revision` (for `client`): what a summon boots.
+    pub fn first(service: &str, revision: Revision, client: Option<ClientNet>) -> InstanceKey {
+        InstanceKey {
+            service: service.to_owned(),
+            revision,
+            client,
+            replica: 0,
+        }
+    }
+
+    /// The key of replica `replica` of the same revision (and client).
+    pub fn with_replica(&self, replica: u16) -> InstanceKey {
+        InstanceKey {
+            replica,
+            ..self.clone()
+        }
+    }
+}
+
+/// `hello@0123456789ab`, `hello@0123456789ab #2` for a replica other than the first,
+/// `… for 192.0.2.0/24` for a client's.
 impl fmt::Display for InstanceKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}@{}", self.service, self.revision.short(12))?;
+        if self.replica > 0 {
+            write!(f, " #{}", self.replica)?;
+        }
         if let Some(client) = self.client {
             write!(f, " for {client}")?;
         }
@@ -236,6 +266,18 @@ pub enum SummonError {
         /// The service.
         service: String,
         /// The cap.
+        limit: usize,
+    },
+    /// A warm service asks for more replicas than the instance caps hold.
+    #[error(
+        "`{service}` asks for {replicas} replicas ([run] min_instances), and at most {limit} instances of a service may run ([instances] max_per_service, max_total)"
+    )]
+    Replicas {
+        /// The service.
+        service: String,
+        /// The replicas asked for.
+        replicas: u16,
+        /// The lower of the caps.
         limit: usize,
     },
     /// A per-client service was summoned without a client address.

@@ -394,6 +394,7 @@ mod tests {
             service: "hello".into(),
             revision: revision(n),
             client: None,
+            replica: 0,
         }
     }
 

@@ -310,6 +310,8 @@ struct StopBody {
     label: Option<String>,
     client: Option<IpAddr>,
     #[serde(default)]
+    replica: u16,
+    #[serde(default)]
     kill: bool,
 }
 
@@ -496,6 +498,7 @@ async fn stop(
         service: body.service,
         label: body.label,
         client: body.client,
+        replica: body.replica,
         kill: body.kill,
     };
     run(&state, &headers, action).await

@@ -172,6 +172,7 @@ fn documented_replies() -> Vec<(&'static str, [serde_json::Value; 2])> {
             service: "hello".to_owned(),
             revision: "ab".repeat(20),
             client: set.then(|| "127.0.0.1".to_owned()),
+            replica: if set { 2 } else { 0 },
             address: "127.0.0.2".to_owned(),
             addresses: vec!["127.0.0.2".to_owned()],
             state: "ready".to_owned(),

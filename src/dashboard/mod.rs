@@ -230,6 +230,8 @@ struct StopForm {
     #[serde(default)]
     client: String,
     #[serde(default)]
+    replica: u16,
+    #[serde(default)]
     kill: bool,
 }
 
@@ -397,6 +399,7 @@ async fn stop(
         service: form.service,
         label: Some(form.revision),
         client,
+        replica: form.replica,
         kill: form.kill,
     };
     match dashboard.execute(action).await {

@@ -626,6 +626,7 @@ struct InstanceRow {
     revision: String,
     revision_short: String,
     client: Option<String>,
+    replica: u16,
     address: String,
     state: String,
     uptime: String,
@@ -669,7 +670,11 @@ pub(super) async fn instances(
         rows: slice
             .into_iter()
             .map(|i| InstanceRow {
-                revision_short: short(&i.revision),
+                revision_short: match i.replica {
+                    0 => short(&i.revision),
+                    replica => format!("{} #{replica}", short(&i.revision)),
+                },
+                replica: i.replica,
                 uptime: duration(i.uptime_ms),
                 service: i.service,
                 revision: i.revision,

@@ -24,7 +24,7 @@
 //! tls = "passthrough"       # "terminate": the front door ends TLS with the service's certificate
 //! upstreams = ["127.0.0.1:9000"]
 //! proc = false              # true: a read-only /proc of its own processes
-//! min_instances = 0         # 1: the live revision stays booted (a warm service)
+//! min_instances = 0         # N (at most 16): N replicas of the live revision stay booted
 //! handoff = false           # true: front-door connections are handed to the instance
 //!                           # (REVBOOT_HANDOFF_FD; process tender)
 //!
@@ -60,6 +60,9 @@ pub const DEFAULT_BOOT_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_PIDS: u64 = 64;
 /// Default time a health check has, from the boot of the new revision to its answer.
 pub const DEFAULT_CHECK_WITHIN_MS: u64 = 5_000;
+/// The most replicas of a revision `[run] min_instances` may keep booted: each is a whole
+/// instance (memory, a uid, a cgroup), and the proxy weighs them all on every connection.
+pub const MAX_REPLICAS: u32 = 16;
 
 /// A parsed `revboot.toml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -259,9 +262,10 @@ pub struct Run {
     /// per instance.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub proc: bool,
-    /// Instances of the live revision kept booted whatever the traffic (0 or 1: one
-    /// instance of a revision serves all its clients): a warm service, whose first byte is
-    /// never a cold start. Idle reaping still applies to every other instance.
+    /// Instances of the live revision kept booted whatever the traffic, at most
+    /// [`MAX_REPLICAS`]: a warm service, whose first byte is never a cold start. Above 1,
+    /// that many replicas of the live revision share its one service address and its
+    /// connections. Idle reaping still applies to every other instance.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub min_instances: u32,
     /// The instance takes connections handed to it (process tender): besides its listening
@@ -585,10 +589,13 @@ impl Manifest {
                 "connections are handed to process instances only (a VM's are relayed)".into(),
             ));
         }
-        if self.run.min_instances > 1 {
+        if self.run.min_instances > MAX_REPLICAS {
             return Err(invalid(
                 "run.min_instances",
-                "must be 0 or 1 (one instance of a revision serves all its clients)".into(),
+                format!(
+                    "{} replicas asked, at most {MAX_REPLICAS} of a revision are kept",
+                    self.run.min_instances
+                ),
             ));
         }
         if self.run.min_instances > 0 && self.run.per_client {
@@ -868,9 +875,17 @@ ready = { probe = "http", path = "/" }
         ))
         .expect_err("process only");
         assert!(error.to_string().contains("run.handoff"), "{error}");
-        let error =
-            Manifest::from_toml(&format!("{HELLO}min_instances = 2\n")).expect_err("at most one");
-        assert!(error.to_string().contains("run.min_instances"), "{error}");
+        let three = Manifest::from_toml(&format!("{HELLO}min_instances = 3\n")).expect("valid");
+        assert_eq!(three.run.min_instances, 3);
+        let most = format!("{HELLO}min_instances = {MAX_REPLICAS}\n");
+        assert!(Manifest::from_toml(&most).is_ok());
+        let error = Manifest::from_toml(&format!("{HELLO}min_instances = 100\n"))
+            .expect_err("above the bound");
+        let message = error.to_string();
+        assert!(
+            message.contains("run.min_instances") && message.contains("at most 16"),
+            "{message}"
+        );
         let error = Manifest::from_toml(&format!("{HELLO}per_client = true\nmin_instances = 1\n"))
             .expect_err("per client");
         assert!(error.to_string().contains("run.min_instances"), "{error}");

@@ -355,6 +355,7 @@ impl Fake {
             service: service.to_owned(),
             revision: *revision,
             client: client.map(|client| ClientPrefixes::default().client_of(client)),
+            replica: 0,
         };
         let mut state = lock(&self.state);
         if let Some(instance) = state.instances.get(&key)

@@ -84,20 +84,29 @@ fn a_revision_that_fails_its_check_never_goes_live() {
     assert!(live_body(&daemon).starts_with("hello from v3"));
 }
 
+/// A daemon that reaps idle instances after a second (a warm instance must outlive that),
+/// and hello pushed to it with `min_instances`: the daemon, the working copy, the short
+/// live revision.
+fn warm_service(dir: &std::path::Path, min_instances: u32) -> (Daemon, std::path::PathBuf, String) {
+    let daemon =
+        Daemon::start_configured(&dir.join("data"), "[instances]\nidle_timeout_ms = 1000\n");
+    let work = hello_source(dir);
+    write_manifest(&work, &format!("min_instances = {min_instances}\n"));
+    crate::support::git(&work, &["commit", "-q", "-am", "hello, warm"]);
+    let pushed = push(&daemon, &work);
+    assert!(
+        pushed.contains("booted warm")
+            && pushed.contains(&format!("min_instances = {min_instances}")),
+        "{pushed}"
+    );
+    let v1 = short(&history(&daemon, "hello")[0]);
+    (daemon, work, v1)
+}
+
 #[test]
 fn a_warm_service_serves_its_first_request_warm() {
     let temp = tempfile::tempdir().expect("temp dir");
-    // Idle instances are reaped after a second: the warm one must outlive that.
-    let daemon = Daemon::start_configured(
-        &temp.path().join("data"),
-        "[instances]\nidle_timeout_ms = 1000\n",
-    );
-    let work = hello_source(temp.path());
-    write_manifest(&work, "min_instances = 1\n");
-    crate::support::git(&work, &["commit", "-q", "-am", "hello, warm"]);
-    let pushed = push(&daemon, &work);
-    assert!(pushed.contains("booted warm"), "{pushed}");
-    let v1 = short(&history(&daemon, "hello")[0]);
+    let (daemon, work, v1) = warm_service(temp.path(), 1);
 
     // The push returned once the live revision was booted and ready: before any query.
     let serving = |daemon: &Daemon| {
@@ -163,4 +172,162 @@ fn a_warm_service_serves_its_first_request_warm() {
         daemon.instances()
     );
     assert!(live_body(&daemon).starts_with("hello from v2"));
+}
+
+/// The replicas of the live revision that serve: (replica, pid, revision).
+fn replicas(daemon: &Daemon) -> Vec<(u64, Option<u64>, String)> {
+    let mut serving: Vec<(u64, Option<u64>, String)> = daemon
+        .instances()
+        .into_iter()
+        .filter(|i| i["state"] == "ready" || i["state"] == "idle")
+        .map(|i| {
+            (
+                i["replica"].as_u64().unwrap_or(0),
+                i["pid"].as_u64(),
+                i["revision"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    serving.sort();
+    serving
+}
+
+/// A GET of the live name: (body, the `x-instance` header hello answers with), or why not.
+fn get_live(daemon: &Daemon) -> Result<(String, String), String> {
+    let live = format!("hello.{ZONE}");
+    let address = dig_ok(daemon, &live, false);
+    let output = std::process::Command::new("curl")
+        .args(["-sS", "-i", "--max-time", "20"])
+        .args(["--resolve", &format!("{live}:8080:{address}")])
+        .arg(format!("http://{live}:8080/"))
+        .output()
+        .map_err(|error| error.to_string())?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    if !output.status.success() {
+        return Err(format!("{text}{}", String::from_utf8_lossy(&output.stderr)));
+    }
+    let instance = text
+        .lines()
+        .find_map(|line| line.strip_prefix("x-instance: "))
+        .ok_or_else(|| format!("no x-instance header: {text}"))?
+        .trim()
+        .to_owned();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    Ok((body, instance))
+}
+
+#[test]
+fn a_warm_service_keeps_its_replicas_booted_and_spreads_connections_over_them() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let (daemon, work, v1) = warm_service(temp.path(), 3);
+
+    // The push returned once the three were booted and ready: before any request.
+    let before = replicas(&daemon);
+    let indexes: Vec<u64> = before.iter().map(|r| r.0).collect();
+    assert_eq!(indexes, [0, 1, 2], "{before:?}");
+    let pids: std::collections::HashSet<u64> = before.iter().filter_map(|r| r.1).collect();
+    assert_eq!(pids.len(), 3, "three processes: {before:?}");
+    assert!(before.iter().all(|r| r.2.starts_with(&v1)), "{before:?}");
+    let ps = daemon.cli(&["ps"]);
+    let ps = String::from_utf8_lossy(&ps.stdout);
+    assert!(ps.contains(" #1") && ps.contains(" #2"), "{ps}");
+
+    // One name, one address; its connections go to more than one replica.
+    let mut answered_by = std::collections::HashSet::new();
+    for _ in 0..30 {
+        let (body, instance) = get_live(&daemon).expect("served");
+        assert!(body.starts_with("hello from v1"), "{body}");
+        answered_by.insert(instance);
+    }
+    assert!(answered_by.len() > 1, "all answered by {answered_by:?}");
+
+    // Idle reaping passes them by: several idle timeouts later they are the same processes.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    assert_eq!(replicas(&daemon), before);
+
+    // kill -9 of one replica: the others serve meanwhile, and the keeper boots it again.
+    let (_, victim, _) = before[1].clone();
+    let victim = victim.expect("a pid");
+    crate::support::run(std::process::Command::new("kill").args(["-KILL", &victim.to_string()]));
+    assert!(
+        eventually(|| replicas(&daemon).iter().all(|r| r.1 != Some(victim))),
+        "the killed replica is still listed: {:?}",
+        daemon.instances()
+    );
+    for _ in 0..10 {
+        let served = get_live(&daemon);
+        assert!(
+            served
+                .as_ref()
+                .is_ok_and(|(body, _)| body.starts_with("hello from v1")),
+            "{served:?}"
+        );
+    }
+    assert!(
+        eventually(|| {
+            let now = replicas(&daemon);
+            now.len() == 3
+                && now[0] == before[0]
+                && now[2] == before[2]
+                && now[1].0 == 1
+                && now[1].1.is_some_and(|pid| pid != victim)
+        }),
+        "replica #1 was not booted again: {:?}",
+        daemon.instances()
+    );
+
+    // More replicas than the bound: refused at push with the reason, nothing changes.
+    write_manifest(&work, "min_instances = 100\n");
+    crate::support::git(&work, &["commit", "-q", "-am", "hello, a hundred replicas"]);
+    let refused = push_refused(&daemon, &work);
+    assert!(
+        refused.contains("run.min_instances") && refused.contains("at most 16"),
+        "{refused}"
+    );
+    let now = replicas(&daemon);
+    assert_eq!(now.len(), 3, "{now:?}");
+    assert!(now.iter().all(|r| r.2.starts_with(&v1)), "{now:?}");
+    assert!(get_live(&daemon).is_ok_and(|(body, _)| body.starts_with("hello from v1")));
+
+    // A new revision with a check: every replica is booted and checked before live moves,
+    // and the old ones are reaped once idle.
+    write_manifest(
+        &work,
+        "min_instances = 3\n[deploy]\ncheck = { http = \"/health\", within_ms = 20000 }\n",
+    );
+    commit_revision(&work, "v2", "hello");
+    let pushed = push(&daemon, &work);
+    assert!(
+        pushed.contains("health check passed on 3 replicas"),
+        "{pushed}"
+    );
+    let v2 = short(&history(&daemon, "hello")[0]);
+    assert!(
+        eventually(|| {
+            let now = replicas(&daemon);
+            now.len() == 3 && now.iter().all(|r| r.2.starts_with(&v2))
+        }),
+        "{:?}",
+        daemon.instances()
+    );
+    assert!(get_live(&daemon).is_ok_and(|(body, _)| body.starts_with("hello from v2")));
+}
+
+#[test]
+fn replicas_the_instance_caps_cannot_hold_are_refused_at_push() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let daemon = Daemon::start_configured(
+        &temp.path().join("data"),
+        "[instances]\nmax_per_service = 2\n",
+    );
+    let work = hello_source(temp.path());
+    write_manifest(&work, "min_instances = 3\n");
+    crate::support::git(&work, &["commit", "-q", "-am", "hello, three replicas"]);
+    let refused = push_refused(&daemon, &work);
+    assert!(
+        refused.contains("asks for 3 replicas") && refused.contains("at most 2 instances"),
+        "{refused}"
+    );
+    let builds = history(&daemon, "hello");
+    assert_eq!(builds[0]["live"], false, "{builds:?}");
 }

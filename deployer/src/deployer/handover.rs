@@ -248,6 +248,7 @@ impl Deployer {
             client: record
                 .client
                 .map(|network| ClientNet::new(network, instance.client_len.unwrap_or(128))),
+            replica: record.replica,
         };
         let addresses = instance
             .addresses
@@ -286,18 +287,39 @@ impl Deployer {
             reclaimed: AtomicBool::new(false),
             steered: Mutex::new(None),
             handoff,
+            replicated: self.replicas(run) > 1,
             warm_until: AtomicU64::new(0),
             ended: watch::channel(false).0,
         });
         {
             let mut table = self.table.lock().expect("table lock is never poisoned");
+            // A replica on the address of another replica of its revision adopted before it
+            // shares it, as when it was booted (the `table` module's rule 4).
+            let shared = table
+                .by_address
+                .get(&addresses.primary())
+                .is_some_and(|holder| {
+                    holder.addresses == addresses
+                        && holder.key.with_replica(key.replica) == key
+                        && holder.key.replica != key.replica
+                });
             let taken = table.by_key.contains_key(&key)
-                || addresses.iter().any(|a| table.by_address.contains_key(&a));
+                || (!shared && addresses.iter().any(|a| table.by_address.contains_key(&a)));
             if taken {
                 return Err(format!("{key} or {addresses} is taken"));
             }
+            if shared {
+                table
+                    .replicas
+                    .entry(addresses.primary())
+                    .or_default()
+                    .push(Arc::clone(&entry));
+                table.by_key.insert(key.clone(), Arc::clone(&entry));
+                table.live += 1;
+                *table.per_service.entry(key.service.clone()).or_default() += 1;
+            }
             let mut claimed = Vec::new();
-            for address in addresses.iter() {
+            for address in addresses.iter().filter(|_| !shared) {
                 if !table.pool.claim(address) {
                     for address in claimed {
                         table.pool.give(address);
@@ -306,14 +328,16 @@ impl Deployer {
                 }
                 claimed.push(address);
             }
-            table.by_key.insert(key.clone(), Arc::clone(&entry));
-            for address in addresses.iter() {
-                table.by_address.insert(address, Arc::clone(&entry));
-            }
-            table.live += 1;
-            *table.per_service.entry(key.service.clone()).or_default() += 1;
-            if key.client.is_some() {
-                *table.clients.entry(key.service.clone()).or_default() += 1;
+            if !shared {
+                table.by_key.insert(key.clone(), Arc::clone(&entry));
+                for address in addresses.iter() {
+                    table.by_address.insert(address, Arc::clone(&entry));
+                }
+                table.live += 1;
+                *table.per_service.entry(key.service.clone()).or_default() += 1;
+                if key.client.is_some() {
+                    *table.clients.entry(key.service.clone()).or_default() += 1;
+                }
             }
         }
         self.tasks.fetch_add(1, Ordering::AcqRel);

@@ -485,6 +485,12 @@ impl Deployer {
             debug!(instance = %entry.key, "front door service: not steered");
             return;
         }
+        if entry.replicated {
+            // One socket per address in the kernel's map: the proxy spreads the replicas'
+            // connections instead (the `warm` module's rule 7).
+            debug!(instance = %entry.key, "replicated service: not steered");
+            return;
+        }
         let mut fronts: Vec<SocketAddr> = entry.addresses.with_port(entry.port).collect();
         let Some(backend) = entry.backend.get() else {
             return;

@@ -182,6 +182,8 @@ pub struct Deployer {
     warm_wake: Arc<Notify>,
     /// Moves whenever an instance's console comes to exist ([`Deployer::follow`]).
     consoles: watch::Sender<u64>,
+    /// Where the next spread over replicas starts among equals ([`Deployer::spread`]).
+    turn: AtomicUsize,
 }
 
 fn unix_ms() -> u64 {
@@ -274,6 +276,7 @@ impl Deployer {
             table: Mutex::new(Table {
                 by_key: HashMap::with_capacity(presized),
                 by_address: HashMap::with_capacity(presized),
+                replicas: HashMap::new(),
                 per_service: HashMap::new(),
                 clients: HashMap::new(),
                 live: 0,
@@ -302,6 +305,7 @@ impl Deployer {
             vars,
             warm_wake: Arc::new(Notify::new()),
             consoles: watch::Sender::new(0),
+            turn: AtomicUsize::new(0),
             config,
         });
         deployer.adopt_all(handed);
@@ -541,11 +545,23 @@ impl Instances for Deployer {
         } else {
             None
         };
-        let key = InstanceKey {
-            service: service.to_owned(),
-            revision: *revision,
-            client,
-        };
+        let key = InstanceKey::first(service, *revision, client);
+        let replicas = self.replicas(&info.manifest.run);
+        if replicas > 1 {
+            // Any replica that runs serves: the keeper boots the missing ones.
+            let table = self.table.lock().expect("table lock is never poisoned");
+            // An index past the last one: no replica is left out of the look.
+            if let Some(holder) = table
+                .replica_addresses(&key.with_replica(replicas), replicas)
+                .and_then(|addresses| table.by_address.get(&addresses.primary()))
+            {
+                let chosen = self.spread(&table, holder);
+                chosen
+                    .last_activity
+                    .store(self.ms_since_epoch(), Ordering::Relaxed);
+                return Ok(Self::summoned(chosen));
+            }
+        }
         self.start(key, info)
     }
 
@@ -554,7 +570,7 @@ impl Instances for Deployer {
         table
             .by_address
             .get(&address.to_canonical())
-            .map(|entry| Self::summoned(entry))
+            .map(|holder| Self::summoned(self.spread(&table, holder)))
     }
 
     fn handoff(&self, key: &InstanceKey) -> Option<crate::Handoff> {

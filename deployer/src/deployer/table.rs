@@ -8,6 +8,13 @@
 //!    longest with no connection open.
 //! 3. The end of an instance makes its state final, frees the key, updates the back-off of
 //!    a crash, and gives the address back.
+//! 4. Replicas (`[run] min_instances` above 1; the `warm` module boots them): a replica
+//!    booted while another replica of its revision runs takes no address of its own but
+//!    shares that one's (its backend socket is on the same address, another port). The
+//!    entry that took the address holds it in `by_address`, the others are listed in
+//!    `replicas` under it; when the holder ends, the address passes to one of them, and it
+//!    goes back to the pool only with the last. Connections to the address are spread over
+//!    the serving replicas ([`Deployer::spread`]).
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -126,6 +133,9 @@ pub(super) struct Entry {
     pub(super) steered: Mutex<Option<Steered>>,
     /// The daemon's end of its hand-off socket (`[run] handoff`, process tender).
     pub(super) handoff: Option<crate::Handoff>,
+    /// Its revision keeps more than one replica while live: not steered (the `warm`
+    /// module's rule 7).
+    pub(super) replicated: bool,
     /// Kept booted whatever the traffic until then (ms since the deployer's epoch;
     /// `u64::MAX`: while its revision is a warm service's live one; see the `warm` module).
     pub(super) warm_until: AtomicU64,
@@ -145,6 +155,8 @@ pub(super) struct Failure {
 pub(super) struct Table {
     pub(super) by_key: HashMap<InstanceKey, Arc<Entry>>,
     pub(super) by_address: HashMap<IpAddr, Arc<Entry>>,
+    /// The replicas sharing an address another entry holds, by its primary address (rule 4).
+    pub(super) replicas: HashMap<IpAddr, Vec<Arc<Entry>>>,
     pub(super) per_service: HashMap<String, usize>,
     pub(super) clients: HashMap<String, usize>,
     pub(super) live: usize,
@@ -156,12 +168,28 @@ pub(super) struct Table {
 }
 
 impl Table {
-    /// Every entry once (an entry is in `by_address` under each of its addresses).
+    /// Every entry once (an entry is in `by_address` under each of its addresses, or in
+    /// `replicas` once).
     pub(super) fn entries(&self) -> impl Iterator<Item = &Arc<Entry>> {
         self.by_address
             .iter()
             .filter(|(address, entry)| entry.addresses.primary() == **address)
             .map(|(_, entry)| entry)
+            .chain(self.replicas.values().flatten())
+    }
+
+    /// The addresses a replica of `key` that is not final runs on, to share (rule 4); at
+    /// most `replicas` replicas are looked at.
+    pub(super) fn replica_addresses(
+        &self,
+        key: &InstanceKey,
+        replicas: u16,
+    ) -> Option<ServiceAddresses> {
+        (0..replicas)
+            .filter(|replica| *replica != key.replica)
+            .filter_map(|replica| self.by_key.get(&key.with_replica(replica)))
+            .find(|entry| !entry.state.borrow().is_final())
+            .map(|entry| entry.addresses)
     }
 }
 
@@ -189,6 +217,7 @@ impl Entry {
             service: self.key.service.clone(),
             revision: self.key.revision.to_hex(),
             client: self.key.client.map(|client| client.network()),
+            replica: self.key.replica,
             address: self.addresses.primary(),
             started_at_ms,
             scratch,
@@ -355,7 +384,18 @@ impl Deployer {
             uid: uid.uid(),
             vars: self.vars.get(&key.service),
         };
-        let (addresses, prepared) = self.prepare(&mut table, &*tender, spec, key)?;
+        let shared = table.replica_addresses(key, self.replicas(run));
+        let (addresses, prepared) = match shared {
+            Some(addresses) => {
+                let spec = BootSpec { addresses, ..spec };
+                let prepared = tender.prepare(spec).map_err(|error| SummonError::Start {
+                    key: key.to_string(),
+                    reason: format!("{error}: {}", error_chain(&error)),
+                })?;
+                (addresses, prepared)
+            }
+            None => self.prepare(&mut table, &*tender, spec, key)?,
+        };
         let (commands, command_rx) = mpsc::channel(COMMANDS);
         let entry = Arc::new(Entry {
             id,
@@ -374,6 +414,7 @@ impl Deployer {
             last_activity: AtomicU64::new(self.ms_since_epoch()),
             steered: Mutex::new(None),
             handoff: prepared.handoff(),
+            replicated: self.replicas(run) > 1,
             warm_until: AtomicU64::new(0),
             commands,
             console: OnceLock::new(),
@@ -383,8 +424,16 @@ impl Deployer {
             ended: watch::channel(false).0,
         });
         table.by_key.insert(key.clone(), Arc::clone(&entry));
-        for address in addresses.iter() {
-            table.by_address.insert(address, Arc::clone(&entry));
+        if shared.is_some() {
+            table
+                .replicas
+                .entry(addresses.primary())
+                .or_default()
+                .push(Arc::clone(&entry));
+        } else {
+            for address in addresses.iter() {
+                table.by_address.insert(address, Arc::clone(&entry));
+            }
         }
         table.live += 1;
         *table.per_service.entry(key.service.clone()).or_default() += 1;
@@ -546,8 +595,31 @@ impl Deployer {
         false
     }
 
+    /// Gives `entry`'s addresses back to the pool, or to a replica still on them (rule 4).
     pub(super) fn release_address(&self, entry: &Entry) {
         let mut table = self.table.lock().expect("table lock is never poisoned");
+        let primary = entry.addresses.primary();
+        let holder = table
+            .by_address
+            .get(&primary)
+            .is_some_and(|e| e.id == entry.id);
+        if let Some(sharing) = table.replicas.get_mut(&primary) {
+            let next = if holder {
+                Some(sharing.remove(0))
+            } else {
+                sharing.retain(|e| e.id != entry.id);
+                None
+            };
+            if sharing.is_empty() {
+                table.replicas.remove(&primary);
+            }
+            if let Some(next) = next {
+                for address in entry.addresses.iter() {
+                    table.by_address.insert(address, Arc::clone(&next));
+                }
+            }
+            return;
+        }
         for address in entry.addresses.iter() {
             if table
                 .by_address

@@ -7,6 +7,8 @@
 //!    `REVISION` constant below (edit it to tell revisions apart) and the deployment commit
 //!    from `REVBOOT_REVISION` when revboot sets it.
 //!    A request body (`content-length`, at most 64 KiB) is read whole before the answer.
+//!    The header `x-instance` names the instance that answered (`REVBOOT_INSTANCE`, its
+//!    cgroup's name), which tells a warm service's replicas apart.
 //! 3. `GET /crash` exits with status 3, to exercise crash handling.
 //! 4. Each request is one console line, `hello: <method> <path>`.
 //! 5. `GET /echo` answers with a head, then sends back every byte the client sends after
@@ -89,10 +91,17 @@ fn serve(stream: TcpStream, deployment: &str) -> std::io::Result<()> {
     let mut stream = stream;
     write!(
         stream,
-        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\nx-revision: {REVISION}\r\n\r\n{body}",
-        body.len()
+        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\nx-revision: {REVISION}\r\nx-instance: {}\r\n\r\n{body}",
+        body.len(),
+        instance()
     )?;
     stream.flush()
+}
+
+/// This instance's id, as revboot names it (`local` outside revboot).
+fn instance() -> &'static str {
+    static INSTANCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    INSTANCE.get_or_init(|| std::env::var("REVBOOT_INSTANCE").unwrap_or_else(|_| "local".to_owned()))
 }
 
 /// `recvmsg(2)` for one descriptor, written out by hand: this image has no dependency.

@@ -255,6 +255,7 @@ async fn front_door_hands_connections_to_an_instance_that_takes_them_and_relays_
         service: "hello".into(),
         revision: handed,
         client: None,
+        replica: 0,
     };
     let console = world.deployer.console(&key).unwrap_or_default();
     let console = String::from_utf8_lossy(&console);
