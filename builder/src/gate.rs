@@ -2,9 +2,9 @@
 //! moves to it (the daemon's part; the builder knows nothing of instances).
 //!
 //! 1. A successful build that would move live, of a recipe with `[deploy] check` or
-//!    `[run] min_instances = 1`, is handed to the [`Gate`] first.
-//! 2. The gate boots the revision and checks it (or, without a check, waits until it is
-//!    ready): its lines go to the pusher.
+//!    `[run] min_instances` above 0, is handed to the [`Gate`] first.
+//! 2. The gate boots the revision (each of its replicas) and checks it (or, without a
+//!    check, waits until it is ready): its lines go to the pusher.
 //! 3. Passed: live moves, and the gate hears of it ([`Gate::promoted`]). Failed: live stays
 //!    where it was, the pusher reads why, and the push is refused (`git push` exits
 //!    non-zero); the deployment stays in the history, and the build's record says why it

@@ -64,8 +64,11 @@
 //!   replaces the running instances of a service after a change.
 //! - Health checks ([`Deployer::check`]): the manifest's `[deploy] check` run against a
 //!   summoned instance before live moves to its revision; a failed one stops it.
-//! - Warm services ([`Deployer::keep_warm`]): the live revision of a service with
-//!   `[run] min_instances = 1` is kept booted, idle reaping passes it by.
+//! - Warm services ([`Deployer::keep_warm`]): `[run] min_instances = N` keeps N replicas
+//!   of a service's live revision booted (replica `n` of [`InstanceKey::replica`]), idle
+//!   reaping passes them by; they share one service address, and [`Instances::summon`] and
+//!   [`Instances::by_address`] give each caller the serving replica with the fewest open
+//!   connections (the `warm` module's rules).
 //!
 //! # The process sandbox
 //!

@@ -8,7 +8,10 @@
 //!    (unknown → NXDOMAIN, ambiguous → refusal).
 //! 2. `summon(service, revision, client)` — returns at once with the instance's service
 //!    address and a watch of its state; concurrent summons of one instance boot it once.
-//! 3. `by_address(ip)` — what the proxy calls on accept.
+//!    A revision kept warm with replicas (`[run] min_instances` above 1) answers with the
+//!    serving replica with the fewest open connections (all share one address); a summon
+//!    boots replica 0 only.
+//! 3. `by_address(ip)` — what the proxy calls on accept; among replicas, as `summon` picks.
 //! 4. `activity(key, …)` — queries and connections keep an instance from being reaped.
 //! 5. `generation()` — changes whenever a resolve result may have changed, so callers may
 //!    cache answers until it moves; an answer naming an instance is valid while that
