@@ -1065,3 +1065,89 @@ fn a_sighup_or_sigterm_during_the_exec_of_an_upgrade_does_not_end_the_daemon() {
     assert!(stopped, "{log}");
     assert!(log.contains("SIGTERM received"), "{log}");
 }
+
+/// The instances that answered `count` requests through the front door (hello's
+/// `x-instance` header).
+fn answered_at_the_front_door(
+    host: &str,
+    front: SocketAddr,
+    count: usize,
+) -> std::collections::HashSet<String> {
+    (0..count)
+        .map(|_| {
+            let answer = crate::front_door::curl_front(host, front);
+            assert!(answer.contains("hello from v1"), "{answer}");
+            answer
+                .lines()
+                .find_map(|line| line.strip_prefix("x-instance: "))
+                .map(|id| id.trim().to_owned())
+                .unwrap_or_else(|| panic!("no x-instance header: {answer}"))
+        })
+        .collect()
+}
+
+/// (replica, pid) of each instance, in order.
+fn replicas(daemon: &Daemon) -> Vec<(u64, Option<u64>)> {
+    let mut replicas: Vec<(u64, Option<u64>)> = daemon
+        .instances()
+        .iter()
+        .map(|i| (i["replica"].as_u64().unwrap_or(0), i["pid"].as_u64()))
+        .collect();
+    replicas.sort_unstable();
+    replicas
+}
+
+#[test]
+fn upgrade_in_place_hands_every_replica_over_and_the_front_door_hands_connections_to_each() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let (daemon, binary) = upgradable(temp.path(), "[front]\nhttp = \"127.0.0.1:0\"\n");
+    let front = daemon.front("front_http=");
+    let work = hello_source(temp.path());
+    crate::support::write_manifest(
+        &work,
+        "reach = \"front\"\nhandoff = true\nmin_instances = 3\n",
+    );
+    crate::support::git(
+        &work,
+        &["commit", "-q", "-am", "three replicas, handed off"],
+    );
+    push(&daemon, &work);
+    let host = format!("hello.{ZONE}");
+    let before = replicas(&daemon);
+    assert_eq!(
+        before.iter().map(|r| r.0).collect::<Vec<_>>(),
+        [0, 1, 2],
+        "{before:?}"
+    );
+
+    // Routed by Host, handed to the replicas' own sockets: more than one answers.
+    let handed = |daemon: &Daemon| {
+        daemon
+            .metrics()
+            .lines()
+            .find(|line| line.contains("outcome=\"handed_off\""))
+            .and_then(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let handed_before = handed(&daemon);
+    let answered = answered_at_the_front_door(&host, front, 20);
+    assert!(answered.len() > 1, "all answered by {answered:?}");
+    assert!(
+        handed(&daemon) >= handed_before + 20,
+        "{}",
+        daemon.metrics()
+    );
+
+    // Requests all through an upgrade: every replica is handed over, same pids, same index.
+    let load = Load::start(front, &host);
+    replace_binary(&binary);
+    let view = upgrade(&daemon);
+    assert_eq!(view["last_upgrade_instances"], 3, "{view}");
+    load.finish();
+    assert_eq!(replicas(&daemon), before);
+    let answered = answered_at_the_front_door(&host, front, 20);
+    assert!(
+        answered.len() > 1,
+        "after the upgrade, all answered by {answered:?}"
+    );
+}
