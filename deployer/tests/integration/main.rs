@@ -3,6 +3,7 @@
 
 mod hello;
 mod qemu;
+mod replicas;
 mod restart;
 mod restore;
 mod sandbox;
