@@ -731,6 +731,7 @@ mod tests {
                 service: "hello".into(),
                 revision: "v1".into(),
                 client_net: None,
+                replica: 0,
             },
             early: BASE64.encode(b"GET / HTTP/1.1\r\n"),
             peeked: false,

@@ -52,7 +52,7 @@ async fn replicas_share_one_address_which_outlives_the_first_and_goes_back_with_
     for summoned in &all {
         assert_eq!(summoned.addresses.primary(), address, "{:?}", summoned.key);
         support::wait_state(&mut summoned.state.clone(), InstanceState::is_serving).await;
-        ids.insert(answered_by(summoned.backend).await);
+        ids.insert(answered_by(support::backend_of(summoned)).await);
     }
     assert_eq!(ids.len(), 3, "three processes answer: {ids:?}");
     assert_eq!(world.deployer.list().len(), 3);
