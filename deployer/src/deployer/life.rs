@@ -576,11 +576,6 @@ pub(super) fn clean_orphans(
     for tender in tenders.all() {
         tender.sweep_orphans(&keep_cgroups);
     }
-    if !kept.is_empty() {
-        // Started by an upgrade in place (instances were handed over): nothing else of this
-        // program has started a process yet, so a child that ended is the previous one's.
-        reap_left_children(kept);
-    }
     if let Ok(entries) = std::fs::read_dir(scratch_dir) {
         for entry in entries.flatten() {
             if !kept.iter().any(|record| record.scratch == entry.path())
@@ -600,40 +595,4 @@ pub(super) fn is_zombie(pid: u32) -> bool {
                 .map(|i| stat[i + 1..].trim_start().starts_with('Z'))
         })
         .unwrap_or(true)
-}
-
-/// Reaps the children of this process that ended and are no instance `kept`: what the
-/// program before it (a daemon upgraded in place is the same process) killed and had not
-/// reaped yet when it executed this one, such as a waiting qemu dropped at the hand-over.
-/// Only at the start of a program that took instances over: in any other process (a test
-/// with a deployer of its own), a child that ended may be another part's to reap.
-fn reap_left_children(kept: &[InstanceRecord]) {
-    let me = std::process::id().to_string();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if kept.iter().any(|record| record.footprint.pid == Some(pid)) {
-            continue;
-        }
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let Some(end) = stat.rfind(')') else { continue };
-        let mut fields = stat[end + 1..].split_whitespace();
-        if fields.next() == Some("Z") && fields.next() == Some(me.as_str()) {
-            let pid = nix::unistd::Pid::from_raw(pid as libc::pid_t);
-            let flags = Some(nix::sys::wait::WaitPidFlag::WNOHANG);
-            if nix::sys::wait::waitpid(pid, flags).is_ok() {
-                info!(%pid, "reaped a process the previous program left");
-            }
-        }
-    }
 }
