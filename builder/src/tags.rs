@@ -3,8 +3,9 @@
 //! 1. A tag pushed to a service's source repository (`git push origin v1`) goes through the
 //!    hook as a branch does (in a cluster, through etcd first) and is stored; it is not
 //!    built.
-//! 2. Once the tagged commit has a deployment that succeeded (the newest such), the tag
-//!    names it: the store's deployment tag `refs/tags/<service>/<tag>` is made, the
+//! 2. Once the tagged commit has a deployment that succeeded, the tag names the oldest
+//!    such (every node of a cluster holds the same chain of deployments, so each names the
+//!    same one, whichever of them it had fetched when the tag reached it): the store's deployment tag `refs/tags/<service>/<tag>` is made, the
 //!    annotated tag with the source link that `git tag <service>/<tag> <revision>` in the
 //!    deployment repository makes by hand, so `<tag>.<service>.<zone>` answers with it.
 //! 3. A deployment tag never moves (the store's rule): a source tag moved or deleted later
@@ -88,9 +89,10 @@ pub(crate) async fn name_deployments(
     let named = tokio::task::spawn_blocking(move || {
         let history = store.history(&service).unwrap_or_default();
         for (name, commit) in tags {
-            // History is newest first.
+            // History is newest first: the oldest is the one every node agrees on.
             let Some(deployment) = history
                 .iter()
+                .rev()
                 .find(|d| d.source_commit == commit && d.status == BuildStatus::Succeeded)
             else {
                 continue;

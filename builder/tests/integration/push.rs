@@ -720,7 +720,7 @@ async fn build_runs_with_a_clean_environment_in_a_sandbox_of_its_own() {
 
 /// A pushed tag names the deployment of its commit (`<tag>.<service>.<zone>`), as a tag
 /// made by hand in the deployment repository does: one pushed with its commit, once that
-/// built; one pushed later, at once.
+/// built; one pushed later, at once; one pushed after its commit built twice, the first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pushed_tag_names_the_deployment_of_its_commit() {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -754,5 +754,22 @@ async fn a_pushed_tag_names_the_deployment_of_its_commit() {
     git_ok(&work, &["tag", "later"]).await;
     git_ok(&work, &["push", &url, "later"]).await;
     assert_eq!(named("later"), first);
+
+    // The commit built again from another branch: a tag pushed now names its first
+    // deployment still, the one every node of a cluster agrees on.
+    git_ok(&work, &["push", &url, "main:refs/heads/again"]).await;
+    let again = wait_record(&daemon.builder, "the build of branch again", |r| {
+        r.source_ref == "refs/heads/again" && r.state.is_finished()
+    })
+    .await;
+    assert_eq!(again.state, BuildState::Succeeded);
+    assert_ne!(again.revision, record.revision);
+    git_ok(&work, &["tag", "third"]).await;
+    git_ok(&work, &["push", &url, "third"]).await;
+    let revision = daemon
+        .store
+        .resolve("tagged", Some("third"))
+        .expect("third");
+    assert_eq!(Some(revision.to_string()), record.revision);
     daemon.stop().await;
 }
