@@ -6,6 +6,21 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use tokio_util::sync::CancellationToken;
+
+/// Which of a relay's limits stopped it ([`Clock::limits`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Limit {
+    /// Silent for the idle timeout.
+    Idle,
+    /// Open until its total deadline.
+    Total,
+    /// The proxy shuts down.
+    Cancelled,
+    /// An upgrade in place pauses it.
+    Paused,
+}
+
 /// When a connection last moved bytes.
 #[derive(Debug)]
 pub(crate) struct Clock {
@@ -39,6 +54,41 @@ impl Clock {
                 return;
             }
             tokio::time::sleep(idle - silent).await;
+        }
+    }
+
+    /// Resolves when the first of a relay's limits is reached: silent for `idle`, the
+    /// `total` deadline, `cancel`, `pause` (`None`s never come).
+    pub(crate) async fn limits(
+        &self,
+        idle: Option<Duration>,
+        total: Option<tokio::time::Instant>,
+        cancel: &CancellationToken,
+        pause: Option<&CancellationToken>,
+    ) -> Limit {
+        let idle = async {
+            match idle {
+                Some(idle) => self.silence(idle).await,
+                None => std::future::pending().await,
+            }
+        };
+        let total = async {
+            match total {
+                Some(total) => tokio::time::sleep_until(total).await,
+                None => std::future::pending().await,
+            }
+        };
+        let paused = async {
+            match pause {
+                Some(pause) => pause.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = idle => Limit::Idle,
+            () = total => Limit::Total,
+            () = cancel.cancelled() => Limit::Cancelled,
+            () = paused => Limit::Paused,
         }
     }
 }

@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::clock::Clock;
+use crate::clock::{Clock, Limit};
 use crate::pump::{self, Flow, Mode};
 
 /// Limits of one spliced connection.
@@ -138,33 +138,20 @@ pub(crate) async fn relay(
             )
             .map(drop)
         };
-        let idle = async {
-            match limits.idle {
-                Some(idle) => clock.silence(idle).await,
-                None => std::future::pending().await,
-            }
-        };
-        let total = async {
-            match limits.total {
-                Some(total) => tokio::time::sleep(total).await,
-                None => std::future::pending().await,
-            }
-        };
-        let paused = async {
-            match pause {
-                Some(pause) => pause.cancelled().await,
-                None => std::future::pending().await,
-            }
-        };
+        let total = limits
+            .total
+            .map(|total| tokio::time::Instant::now() + total);
         tokio::select! {
             copied = copying => Some(match copied {
                 Ok(()) => Ended::Done,
                 Err(error) => Ended::Failed(error),
             }),
-            () = idle => Some(Ended::Idle),
-            () = total => Some(Ended::Total),
-            () = cancel.cancelled() => Some(Ended::Cancelled),
-            () = paused => None,
+            limit = clock.limits(limits.idle, total, cancel, pause) => match limit {
+                Limit::Idle => Some(Ended::Idle),
+                Limit::Total => Some(Ended::Total),
+                Limit::Cancelled => Some(Ended::Cancelled),
+                Limit::Paused => None,
+            },
         }
     };
     if let Some(ended) = ended {
