@@ -497,9 +497,8 @@ impl Daemon {
                 max_pending: config.front.max_pending,
                 build_wait: Duration::from_millis(config.front.build_wait_ms),
                 // `tls = "terminate"` services: the certificate for the name asked for.
-                terminate: Some(revboot_proxy::Terminate(crate::tls::server_config(
+                terminate: Some(revboot_proxy::Terminate(crate::tls::front_door_config(
                     Arc::new(crate::tls::FrontDoor(certificates.clone())),
-                    &[b"http/1.1"],
                 ))),
             };
             // The error names the address (one the host does not own, or one in use).

@@ -8,12 +8,13 @@
 //!    kernel's queues); running builds are interrupted (the new program runs them again);
 //!    the proxy hands its listeners and the front door's over, open, its relayed
 //!    connections, paused with the bytes they had in flight, and the connections it holds
-//!    while their instance boots, with what it read of them (those it cannot hand over, TLS
-//!    ended at the front door among them, get [`DRAIN`] to end; warm connections go
+//!    while their instance boots, with what it read of them (those whose TLS the front door
+//!    ended go with their TLS session's keys; those it cannot hand over, over a bound or
+//!    caught mid-record, get [`DRAIN`] to end; warm connections go
 //!    straight to the instances and never notice); the deployer hands its instances over
 //!    (`revboot_deployer`'s `handover` module), booting ones too.
 //! 3. The state — the sockets' descriptor numbers, the instances, the relayed connections
-//!    (descriptors, instance, bytes in flight), the held ones (descriptor, instance, bytes
+//!    (descriptors, instance, bytes in flight, a TLS session's keys: [`Secret`]), the held ones (descriptor, instance, bytes
 //!    read), the connections handed to instances (their two ends and instance, to count
 //!    open), the pids of the children it did not hand over, when the upgrade began, the
 //!    count of upgrades — goes to a sealed memfd, never to the disk. The daemon's main
@@ -43,14 +44,15 @@ use anyhow::Context as _;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use revboot_deployer::{ClientNet, HandedInstance, InstanceKey};
-use revboot_proxy::{Failure, HandedConnection, HandedHeld, HandedRelay, Proxy};
+use revboot_proxy::{Failure, HandedConnection, HandedHeld, HandedRelay, Proxy, TlsSession};
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
 /// The environment variable that names the state file to the new program.
 pub const ENV: &str = "REVBOOT_HANDOVER";
-/// How long the connections the proxy cannot hand over (TLS ended at the front door, over
-/// a bound) are given to end before the exec; the others are kept at once.
+/// How long the connections the proxy cannot hand over (over a bound, TLS caught
+/// mid-record or mid-handshake) are given to end before the exec; the others are kept at
+/// once.
 pub const DRAIN: Duration = Duration::from_secs(2);
 /// How long the instances' tasks are given to hand over.
 pub const HAND_OVER_LIMIT: Duration = Duration::from_secs(20);
@@ -115,6 +117,36 @@ pub struct Relay {
     pub client_done: bool,
     /// The instance's writing ended.
     pub backend_done: bool,
+    /// The TLS session the front door ended, keys included (none for a plain relay, or
+    /// from a program older than this field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Secret>,
+}
+
+/// A TLS session's state, keys included, base64: it reaches no log, no `Debug` print and no
+/// error message.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl Secret {
+    fn new(session: &TlsSession) -> Secret {
+        Secret(BASE64.encode(session.to_bytes()))
+    }
+
+    /// The session; the error says nothing of the bytes.
+    fn take(&self) -> anyhow::Result<TlsSession> {
+        let bytes = BASE64
+            .decode(&self.0)
+            .map_err(|_| anyhow::anyhow!("A TLS session that is not base64"))?;
+        TlsSession::from_bytes(&bytes).context("A TLS session that does not read")
+    }
 }
 
 impl Relay {
@@ -129,6 +161,7 @@ impl Relay {
             to_client: BASE64.encode(&handed.to_client),
             client_done: handed.client_done,
             backend_done: handed.backend_done,
+            tls: handed.tls.as_ref().map(Secret::new),
         }
     }
 
@@ -149,6 +182,7 @@ impl Relay {
             to_client: bytes(&self.to_client)?,
             client_done: self.client_done,
             backend_done: self.backend_done,
+            tls: self.tls.as_ref().map(Secret::take).transpose()?,
         })
     }
 }

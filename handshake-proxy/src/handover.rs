@@ -16,8 +16,10 @@
 //!    on, and the deployer hands the booting instance over. Those the front door accepted
 //!    and is still reading the head of are first given up to its head timeout to be routed
 //!    (their summon works until the deployer hands over), then held and kept likewise.
-//!    Connections still open after `drain` (with TLS ended by the front door, whose rustls
-//!    session cannot leave the process, or over a bound) close with the old daemon. Warm
+//!    Those whose TLS the front door ended pause too, and go with their TLS session,
+//!    taken out of rustls (the `tls_relay` module, rules 2 and 3). Connections still open
+//!    after `drain` (a TLS one caught mid-record or mid-handshake, or over a bound) close
+//!    with the old daemon. Warm
 //!    connections that the kernel steers to an instance never pass through here and are
 //!    not touched.
 //! 3. The next daemon registers each socket again with [`Proxy::adopt`], after the
@@ -28,7 +30,8 @@
 //! 5. The next daemon resumes each relay ([`Proxy::adopt_relays`]) once the deployer has
 //!    adopted the instances: it writes what was in flight first, then relays on with the
 //!    same limits and counters, its idle and total clocks started again, and reports the
-//!    connection open to its instance (which keeps it from being reaped).
+//!    connection open to its instance (which keeps it from being reaped); one with a TLS
+//!    session goes on through the record layer (`tls_relay`, rule 4).
 //! 6. It holds each held connection again ([`Proxy::adopt_held`]) once the deployer has
 //!    adopted the instances: summoned anew (the adopted instance, booting or ready by then),
 //!    waited for as any held connection (the boot timeout, started again; a 503, an alert or
@@ -51,6 +54,7 @@ use crate::relays::{
 };
 use crate::shared::Shared;
 use crate::splice::Resume;
+use crate::tls_relay;
 
 /// How long the accept loops are given to hand their sockets over.
 const GIVE_UP: Duration = Duration::from_secs(5);
@@ -100,7 +104,7 @@ impl Proxy {
             tokio::time::sleep(LOOK).await;
         }
         let open = shared.metrics.open_now.load(Ordering::Relaxed);
-        let (relays, held) = shared
+        let (relays, tls, held) = shared
             .relays
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -113,6 +117,7 @@ impl Proxy {
         info!(
             listeners = handed.len(),
             relays,
+            tls,
             held,
             handed_off,
             left = open,
@@ -208,14 +213,20 @@ impl Proxy {
             up_done: handed.client_done,
             down_done: handed.backend_done,
         };
-        let (peer, key) = (handed.peer, handed.key);
-        debug!(%peer, %key, "relayed connection taken back");
+        let (peer, key, tls) = (handed.peer, handed.key, handed.tls);
+        debug!(%peer, %key, tls = tls.is_some(), "relayed connection taken back");
         shared.metrics.open_now.fetch_add(1, Ordering::Relaxed);
         let mut open = Open::new(Arc::clone(&shared));
         open.report_opened(&key);
         let runtime = shared.runtime.clone();
         runtime.spawn(async move {
-            relay(&shared, client, backend, resume, peer, &key).await;
+            match tls {
+                Some(session) => {
+                    tls_relay::relay_resumed(&shared, client, backend, session, resume, peer, &key)
+                        .await
+                }
+                None => relay(&shared, client, backend, resume, peer, &key).await,
+            }
             drop(open);
         });
     }

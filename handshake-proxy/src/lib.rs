@@ -193,9 +193,12 @@
 //! [`Proxy::adopt_relays`], bounded by [`MAX_RELAYS`] and [`MAX_RELAY_BYTES`]); those held
 //! through a boot are handed over as they stand, with the bytes read of them, and held again
 //! by the next daemon ([`Proxy::take_held`], [`Proxy::adopt_held`], within the same bounds);
-//! those with TLS ended at the front door (a rustls session cannot leave the process, and
-//! kernel TLS is not available on the kernels revboot is tested on) and those over the
-//! bounds are given a short drain and then close with the old program. Steered connections never pass
+//! those with TLS ended at the front door go likewise with their TLS session, whose keys
+//! and sequence numbers rustls gives up, and the next daemon carries them on with a record
+//! layer of its own (the private `records` and `tls_relay` modules: a KeyUpdate from the
+//! client afterwards closes the connection); those caught mid-record or mid-handshake, and
+//! those over the bounds, are given a short drain and then close with the old program.
+//! Steered connections never pass
 //! through the proxy and are not touched; nor are connections handed to an instance, whose
 //! two ends the next daemon watches again so that they still count open
 //! ([`Proxy::take_handed`], [`Proxy::adopt_handed`], bounded by
@@ -223,15 +226,16 @@ mod door;
 pub mod front;
 mod handoff;
 mod handover;
-mod idle;
 mod metrics;
 mod proxy;
 mod pump;
+mod records;
 mod relays;
 mod shared;
 mod sniff;
 mod splice;
 mod terminate;
+mod tls_relay;
 
 pub use config::{
     ConfigError, DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_EARLY_BYTES,
@@ -242,6 +246,7 @@ pub use config::{
 pub use front::{FrontAddresses, FrontConfig, FrontError};
 pub use metrics::ProxyMetrics;
 pub use proxy::Proxy;
+pub use records::{RecordError, TlsSession};
 pub use relays::{
     Failure, HandedConnection, HandedHeld, HandedRelay, MAX_HANDED_CONNECTIONS, MAX_RELAY_BYTES,
     MAX_RELAYS,

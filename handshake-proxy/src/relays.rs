@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use revboot_deployer::InstanceKey;
 use tracing::warn;
 
+use crate::records::TlsSession;
 use crate::splice::Paused;
 
 /// Relayed and held connections handed over at most (two descriptors or one each).
@@ -35,6 +36,10 @@ pub struct HandedRelay {
     pub client_done: bool,
     /// The instance ended its writing (and the client's side was shut down).
     pub backend_done: bool,
+    /// The TLS session the front door ended (`tls = "terminate"`), carried on by the next
+    /// daemon's record layer; then `to_backend` is plaintext and `to_client` records ready
+    /// to write (the `tls_relay` module, rule 3).
+    pub tls: Option<TlsSession>,
 }
 
 /// What a connection is told, if anything, when its instance cannot serve it.
@@ -78,6 +83,8 @@ pub(crate) struct Relays {
     list: Vec<HandedRelay>,
     held: Vec<HandedHeld>,
     bytes: usize,
+    /// How many of `list` carry a TLS session.
+    tls: usize,
 }
 
 impl Relays {
@@ -86,9 +93,9 @@ impl Relays {
         self.list.len() + self.held.len()
     }
 
-    /// How many relays and held connections are kept.
-    pub(crate) fn counts(&self) -> (usize, usize) {
-        (self.list.len(), self.held.len())
+    /// How many relays, of them with a TLS session, and held connections are kept.
+    pub(crate) fn counts(&self) -> (usize, usize, usize) {
+        (self.list.len(), self.tls, self.held.len())
     }
 
     /// The relays kept, given up (the bound on bytes stays counted: nothing is kept after).
@@ -119,6 +126,11 @@ impl Relays {
         None
     }
 
+    /// Whether one more relay holding `bytes` is within the bounds.
+    pub(crate) fn has_room(&self, bytes: usize) -> bool {
+        !self.full(bytes)
+    }
+
     /// Keeps a paused relay for the next daemon, or gives it back (`Some`) when over a
     /// bound.
     pub(crate) fn keep(
@@ -133,15 +145,58 @@ impl Relays {
                 "too many relayed connections to hand over; this one ends with this program");
             return Some(paused);
         }
+        self.push(paused, None, peer, key);
+        None
+    }
+
+    /// Keeps a paused relay and its TLS session, its room checked already
+    /// ([`Relays::has_room`], under the same lock).
+    pub(crate) fn keep_tls(
+        &mut self,
+        paused: Paused,
+        session: TlsSession,
+        peer: SocketAddr,
+        key: &InstanceKey,
+    ) {
+        self.push(paused, Some(session), peer, key);
+    }
+
+    /// Keeps a relay carried on with its TLS session, or gives it back (`Some`) when over a
+    /// bound.
+    pub(crate) fn keep_resumed(
+        &mut self,
+        paused: Paused,
+        session: TlsSession,
+        peer: SocketAddr,
+        key: &InstanceKey,
+    ) -> Option<(Paused, TlsSession)> {
+        let bytes = paused.resume.up.len() + paused.resume.down.len();
+        if self.full(bytes + session.opener.incoming.len()) {
+            warn!(%peer, %key, relays = self.list.len(), bytes = self.bytes,
+                "too many relayed connections to hand over; this TLS one ends with this program");
+            return Some((paused, session));
+        }
+        self.push(paused, Some(session), peer, key);
+        None
+    }
+
+    fn push(
+        &mut self,
+        paused: Paused,
+        tls: Option<TlsSession>,
+        peer: SocketAddr,
+        key: &InstanceKey,
+    ) {
         let (client, backend) = match (paused.client.into_std(), paused.backend.into_std()) {
             (Ok(client), Ok(backend)) => (client, backend),
             (client, backend) => {
                 let error = client.err().or(backend.err());
                 warn!(%peer, %key, ?error, "cannot hand a relayed connection over; closed");
-                return None;
+                return;
             }
         };
-        self.bytes += bytes;
+        self.bytes += paused.resume.up.len() + paused.resume.down.len();
+        self.tls += usize::from(tls.is_some());
         self.list.push(HandedRelay {
             client,
             backend,
@@ -151,8 +206,8 @@ impl Relays {
             to_client: paused.resume.down,
             client_done: paused.resume.up_done,
             backend_done: paused.resume.down_done,
+            tls,
         });
-        None
     }
 }
 

@@ -9,16 +9,13 @@
 //!    connected.
 //! 3. Plain bytes both ways between the decrypted stream and the instance (copied: no
 //!    splice(2) through TLS), until both sides end, neither moved a byte for the proxy's idle
-//!    timeout ([`crate::idle`]), its total timeout passes, or the proxy shuts down.
+//!    timeout, its total timeout passes, or the proxy shuts down; an upgrade in place hands
+//!    it over with its TLS session ([`crate::tls_relay`]).
 
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use revboot_deployer::Summoned;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
@@ -38,49 +35,6 @@ impl PartialEq for Terminate {
 
 impl Eq for Terminate {}
 
-/// A stream whose first bytes were read already: they are read again first.
-#[derive(Debug)]
-struct Replayed {
-    head: Vec<u8>,
-    at: usize,
-    stream: TcpStream,
-}
-
-impl AsyncRead for Replayed {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if this.at < this.head.len() {
-            let n = buf.remaining().min(this.head.len() - this.at);
-            buf.put_slice(&this.head[this.at..this.at + n]);
-            this.at += n;
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Replayed {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-}
-
 /// Rules 1–3.
 pub(crate) async fn serve(
     mut open: Open,
@@ -94,16 +48,12 @@ pub(crate) async fn serve(
     let shared = Arc::clone(open.shared());
     let metrics = &shared.metrics;
     let acceptor = tokio_rustls::TlsAcceptor::from(terminate.0);
-    let replayed = Replayed {
-        head,
-        at: 0,
-        stream,
-    };
+    let replayed = crate::tls_relay::Replayed::new(head, stream);
     let accepted = tokio::select! {
         () = shared.cancel.cancelled() => return,
         accepted = tokio::time::timeout(handshake_timeout, acceptor.accept(replayed)) => accepted,
     };
-    let mut client = match accepted {
+    let client = match accepted {
         Ok(Ok(client)) => client,
         Ok(Err(error)) => {
             bump(&metrics.front_bad);
@@ -147,7 +97,7 @@ pub(crate) async fn serve(
             return;
         }
     }
-    let mut backend = match connection::connect(
+    let backend = match connection::connect(
         summoned.backend.get(),
         shared.config.connect_timeout,
         &shared.cancel,
@@ -163,38 +113,6 @@ pub(crate) async fn serve(
     };
     let _ = backend.set_nodelay(true);
     bump(&metrics.spliced);
-    let copying =
-        crate::idle::copy_until_idle(&mut client, &mut backend, shared.config.idle_timeout);
-    let limited = async {
-        match shared.config.total_timeout {
-            Some(limit) => tokio::time::timeout(limit, copying).await,
-            None => Ok(copying.await),
-        }
-    };
-    let copied = tokio::select! {
-        () = shared.cancel.cancelled() => return,
-        copied = limited => copied,
-    };
-    match copied {
-        Ok(Ok((from_client, to_client))) => {
-            use std::sync::atomic::Ordering;
-            metrics
-                .bytes_from_clients
-                .fetch_add(from_client, Ordering::Relaxed);
-            metrics
-                .bytes_to_clients
-                .fetch_add(to_client, Ordering::Relaxed);
-        }
-        Ok(Err(error)) if error.kind() == io::ErrorKind::TimedOut => {
-            bump(&metrics.timeouts);
-            debug!(%error, %peer, key = %summoned.key, "terminated connection idle");
-        }
-        Ok(Err(error)) => {
-            debug!(%error, %peer, key = %summoned.key, "terminated connection failed")
-        }
-        Err(_) => {
-            bump(&metrics.timeouts);
-            debug!(%peer, key = %summoned.key, "terminated connection timed out");
-        }
-    }
+    let key = summoned.key.clone();
+    crate::tls_relay::relay(&shared, client, backend, peer, &key).await;
 }

@@ -383,6 +383,16 @@ pub fn server_config(
     Arc::new(config)
 }
 
+/// The front door's configuration for `tls = "terminate"` services: [`server_config`]
+/// speaking HTTP/1.1, with secret extraction on, so that an upgrade in place hands its
+/// connections over with their TLS session (`revboot_proxy`'s record layer carries them
+/// on in the new program).
+pub fn front_door_config(resolver: Arc<dyn ResolvesServerCert>) -> Arc<rustls::ServerConfig> {
+    let mut config = Arc::unwrap_or_clone(server_config(resolver, &[b"http/1.1"]));
+    config.enable_secret_extraction = true;
+    Arc::new(config)
+}
+
 /// The HTTPS listener: TCP accepted, handshakes done by bounded tasks, finished streams
 /// handed to the HTTP server (rule 6). An `axum::serve` listener.
 #[derive(Debug)]

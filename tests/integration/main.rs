@@ -27,4 +27,5 @@ mod promotion;
 mod structure;
 mod support;
 mod upgrade;
+mod upgrade_tls;
 mod vm;

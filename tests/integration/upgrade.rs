@@ -114,7 +114,7 @@ fn finish(mut established: TcpStream) -> String {
 }
 
 /// A daemon started from a copy of the binary, and the path of that copy.
-fn upgradable(temp: &Path, config: &str) -> (Daemon, PathBuf) {
+pub(crate) fn upgradable(temp: &Path, config: &str) -> (Daemon, PathBuf) {
     let binary = temp.join("revboot");
     std::fs::copy(env!("CARGO_BIN_EXE_revboot"), &binary).expect("copy the binary");
     let daemon = Daemon::start_setup(
@@ -130,7 +130,7 @@ fn upgradable(temp: &Path, config: &str) -> (Daemon, PathBuf) {
 
 /// Replaces the daemon's binary file by a new copy (a rename, as a package manager does:
 /// the running file stays intact).
-fn replace_binary(binary: &Path) {
+pub(crate) fn replace_binary(binary: &Path) {
     let new_binary = binary.with_extension("new");
     std::fs::copy(env!("CARGO_BIN_EXE_revboot"), &new_binary).expect("copy the binary");
     std::fs::rename(&new_binary, binary).expect("replace the binary");
@@ -184,7 +184,7 @@ fn cgroups_of(pid: u64) -> Vec<PathBuf> {
 }
 
 /// `revboot upgrade --json`: the daemon as it serves again.
-fn upgrade(daemon: &Daemon) -> serde_json::Value {
+pub(crate) fn upgrade(daemon: &Daemon) -> serde_json::Value {
     let upgraded = daemon.cli(&["--json", "upgrade"]);
     assert!(
         upgraded.status.success(),
@@ -196,7 +196,7 @@ fn upgrade(daemon: &Daemon) -> serde_json::Value {
 }
 
 /// The pid of each instance.
-fn pids(daemon: &Daemon) -> Vec<u64> {
+pub(crate) fn pids(daemon: &Daemon) -> Vec<u64> {
     daemon
         .instances()
         .iter()
