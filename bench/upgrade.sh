@@ -19,12 +19,23 @@
 # hello-vm has four sockets, and with four or more connections one that arrives while a
 # socket closes is reset, in the anchor as much as during an upgrade: 2 suits it): the VM
 # must keep its pid too.
+# With TLS=1, hello is reached at the front door with its TLS ended there (`tls =
+# "terminate"`, a certificate made by openssl for the run): the load is CONNECTIONS
+# threads (default 4 then) each making TLS connections one after the other (Python's ssl,
+# the certificate verified, a close_notify required at the end: an end without one counts
+# failed), since wrk cannot send the server name of a host it has no DNS for; connections
+# in flight at the upgrade are handed over with their TLS session. With TLS=echo, one TLS
+# connection instead (hello serves one at a time), kept open through the run, `GET /echo`
+# then 1 KiB messages sent and read back byte for byte one after the other, each counted a
+# request: it is handed over at the upgrade, and a broken one counts failed (and is made
+# again). Step 1 is skipped.
 # All traffic stays on 127.0.0.0/8.
 #
 #   bench/upgrade.sh [ROUNDS] [PUSHES] [DURATION]   (default 3, 5, 15; REVBOOT_PROFILE=
 #                                                    release|dev, or REVBOOT_BIN=<a revboot>;
 #                                                    REVBOOT_NEW_BIN=<the binary upgraded to>;
-#                                                    EXAMPLE=hello|hello-vm; CONNECTIONS=16)
+#                                                    EXAMPLE=hello|hello-vm; CONNECTIONS=16;
+#                                                    TLS=1|echo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
@@ -43,19 +54,22 @@ else
 fi
 command -v wrk >/dev/null || { echo "wrk is needed (apt-get install wrk)" >&2; exit 1; }
 exec python3 - "$exe" "${REVBOOT_NEW_BIN:-$exe}" "$rounds" "$pushes" "$duration" "$profile" \
-    "${EXAMPLE:-hello}" "${CONNECTIONS:-16}" <<'PY'
-import json, os, re, shutil, statistics, subprocess, sys, tempfile, threading, time
+    "${EXAMPLE:-hello}" "${CONNECTIONS:-}" "${TLS:-0}" <<'PY'
+import json, os, re, shutil, socket, ssl, statistics, subprocess, sys, tempfile, threading, time
 
-EXE, NEW, ROUNDS, PUSHES, DURATION, PROFILE, EXAMPLE, CONNECTIONS = (
+EXE, NEW, ROUNDS, PUSHES, DURATION, PROFILE, EXAMPLE, CONNECTIONS, TLS = (
     os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2]), int(sys.argv[3]),
-    int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], sys.argv[7], int(sys.argv[8]))
+    int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], sys.argv[7], sys.argv[8],
+    sys.argv[9] if sys.argv[9] in ("1", "echo") else None)
+CONNECTIONS = 1 if TLS == "echo" else int(CONNECTIONS or (4 if TLS else 16))
 if EXAMPLE not in ("hello", "hello-vm"):
     sys.exit("EXAMPLE is hello or hello-vm")
-if EXAMPLE == "hello-vm":
+if TLS and EXAMPLE != "hello":
+    sys.exit("TLS=1 is for EXAMPLE=hello")
+if EXAMPLE == "hello-vm" or TLS:
     PUSHES = 0
 ROOT = os.getcwd()
 TOKEN = "bench-token"
-ZONE = "revboot.test"
 tmp = tempfile.mkdtemp(prefix="revboot-upgrade-bench-")
 binary = os.path.join(tmp, "revboot")
 shutil.copy2(EXE, binary)
@@ -63,8 +77,20 @@ data = os.path.join(tmp, "data")
 log_path = os.path.join(tmp, "daemon.log")
 log = open(log_path, "w")
 pool = "127.%d.%d.0/24" % (160 + os.getpid() % 60, os.getpid() // 60 % 250)
+ZONE = "revboot.test"
+NAME = "%s.%s" % (EXAMPLE, ZONE)
+configured = []
+if TLS:
+    cert, key, config = (os.path.join(tmp, f) for f in ("hello.pem", "hello.key", "revbootd.toml"))
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", "/CN=" + NAME,
+                    "-addext", "subjectAltName=DNS:%s,DNS:*.%s" % (NAME, NAME),
+                    "-keyout", key, "-out", cert], check=True, capture_output=True, timeout=60)
+    open(config, "w").write('[front]\ntls = "127.0.0.1:0"\n[tls.services.hello]\n'
+                            'cert = "%s"\nkey = "%s"\n' % (cert, key))
+    configured = ["--config", config]
 daemon = subprocess.Popen(
-    [binary, "--data", data, "serve", "--http", "127.0.0.1:0", "--dns", "127.0.0.1:0",
+    [binary, *configured, "--data", data, "serve", "--http", "127.0.0.1:0", "--dns", "127.0.0.1:0",
      "--pool", pool, "--token", TOKEN],
     stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, RUST_LOG="info"))
 
@@ -104,6 +130,9 @@ work = os.path.join(tmp, EXAMPLE)
 shutil.copytree(os.path.join(ROOT, "examples", EXAMPLE), work,
                 ignore=shutil.ignore_patterns("target"))
 manifest = open(os.path.join(work, "revboot.toml")).read()
+if TLS:
+    manifest += 'reach = "front"\ntls = "terminate"\n'
+    open(os.path.join(work, "revboot.toml"), "w").write(manifest)
 git("init", "-q", "-b", "main")
 git("add", ".")
 git("commit", "-q", "-m", "hello v1")
@@ -153,19 +182,101 @@ if PUSHES:
     print("added by the check (push p50 difference): %.0f ms" % (p50(checked) - p50(plain)))
 
 # The live revision's instance, booted.
-name = "%s.%s" % (EXAMPLE, ZONE)
-answer = subprocess.run(["dig", "@" + dns.rsplit(":", 1)[0], "-p", dns.rsplit(":", 1)[1], "+short",
-                         name, "A"], capture_output=True, text=True, timeout=30).stdout.split()
-address = answer[0]
-url = "http://%s:8080/" % address
-subprocess.run(["curl", "-sS", "--max-time", "30", "-o", "/dev/null", url], check=True)
+if TLS:
+    front = re.search(r"front_tls=(\S+)", line).group(1)
+    url = "https://%s/ at %s" % (NAME, front)
+    subprocess.run(["curl", "-sS", "--max-time", "30", "-o", "/dev/null", "--cacert", cert,
+                    "--resolve", "%s:%s:%s" % (NAME, front.rsplit(":", 1)[1], front.rsplit(":", 1)[0]),
+                    "https://%s:%s/" % (NAME, front.rsplit(":", 1)[1])], check=True)
+else:
+    answer = subprocess.run(["dig", "@" + dns.rsplit(":", 1)[0], "-p", dns.rsplit(":", 1)[1],
+                             "+short", NAME, "A"], capture_output=True, text=True,
+                            timeout=30).stdout.split()
+    address = answer[0]
+    url = "http://%s:8080/" % address
+    subprocess.run(["curl", "-sS", "--max-time", "30", "-o", "/dev/null", url], check=True)
 
 
 def instance_pids():
     return sorted(i.get("pid") for i in cli("ps") if i.get("pid"))
 
 
+def tls_load():
+    """CONNECTIONS threads of TLS connections one after the other for DURATION seconds, each
+    a GET answered by hello and ended by a close_notify; wrk's figures."""
+    context = ssl.create_default_context(cafile=cert)
+    host, port = front.rsplit(":", 1)
+    counts = {"ok": 0, "failed": 0}
+    errors = []
+    lock = threading.Lock()
+    end = time.monotonic() + DURATION
+
+    def one():
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname=NAME) as tls:
+                tls.sendall(b"GET / HTTP/1.1\r\nhost: %s\r\n\r\n" % NAME.encode())
+                answer = b""
+                while True:
+                    chunk = tls.recv(65536)
+                    if not chunk:
+                        return answer
+                    answer += chunk
+
+    def count(ok, error):
+        with lock:
+            counts["ok" if ok else "failed"] += 1
+            if error and len(errors) < 10:
+                errors.append(error)
+
+    def worker():
+        while time.monotonic() < end:
+            try:
+                ok = b"hello from" in one()
+                count(ok, None if ok else "no answer")
+            except Exception as caught:  # noqa: BLE001 - every failure counts
+                count(False, repr(caught))
+
+    def read_exactly(tls, n):
+        got = b""
+        while len(got) < n:
+            chunk = tls.recv(n - len(got))
+            if not chunk:
+                raise EOFError("closed after %d of %d bytes" % (len(got), n))
+            got += chunk
+        return got
+
+    def echo():
+        message = bytes(range(256)) * 4
+        head = b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n"
+        while time.monotonic() < end:
+            try:
+                with socket.create_connection((host, int(port)), timeout=10) as raw:
+                    with context.wrap_socket(raw, server_hostname=NAME) as tls:
+                        tls.sendall(b"GET /echo HTTP/1.1\r\nhost: %s\r\n\r\n" % NAME.encode())
+                        if read_exactly(tls, len(head)) != head:
+                            raise ValueError("not the echo's head")
+                        while time.monotonic() < end:
+                            tls.sendall(message)
+                            ok = read_exactly(tls, len(message)) == message
+                            count(ok, None if ok else "the echo differs")
+                        tls.unwrap()
+            except Exception as caught:  # noqa: BLE001 - every failure counts
+                count(False, repr(caught))
+
+    threads = [threading.Thread(target=echo if TLS == "echo" else worker)
+               for _ in range(CONNECTIONS)]
+    start = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    total = counts["ok"] + counts["failed"]
+    return total / (time.monotonic() - start), total, counts["failed"], "\n".join(errors)
+
+
 def wrk():
+    if TLS:
+        return tls_load()
     out = subprocess.run(["wrk", "-t2", "-c%d" % CONNECTIONS, "-d%ds" % DURATION, "--timeout", "10s",
                           url],
                          capture_output=True, text=True, timeout=DURATION + 120).stdout
@@ -181,7 +292,9 @@ def wrk():
     return rps, total, failed, out
 
 
-print("== upgrade in place under load: wrk -t2 -c%d -d%ds against %s ==" % (CONNECTIONS, DURATION, url))
+print("== upgrade in place under load: %s -c%d -d%ds against %s ==" % (
+    {"1": "TLS connections", "echo": "one TLS connection's echo"}.get(TLS, "wrk -t2"),
+    CONNECTIONS, DURATION, url))
 upgrades = []
 for round in range(1, ROUNDS + 1):
     rps, total, failed, _ = wrk()

@@ -716,6 +716,21 @@ mod tests {
         let text = serde_json::to_value(&state).expect("serialises");
         assert_eq!(text["relays"][0]["revision"], "v1");
         assert_eq!(text["handed"], serde_json::json!([]));
+        // A plain relay's state says nothing of TLS; a TLS session's bytes never print.
+        assert!(state.relays[0].tls.is_none());
+        assert!(text["relays"][0].get("tls").is_none());
+        let mut relay = state.relays[0].clone();
+        relay.tls = Some(Secret("c2VjcmV0IGtleXM=".to_owned()));
+        let printed = format!("{relay:?}");
+        assert!(!printed.contains("c2VjcmV0"), "{printed}");
+        let error = format!(
+            "{:#}",
+            relay.tls.as_ref().expect("set").take().expect_err("no")
+        );
+        assert!(
+            !error.contains("secret") && !error.contains("c2VjcmV0"),
+            "{error}"
+        );
     }
 
     #[test]

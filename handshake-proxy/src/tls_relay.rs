@@ -592,3 +592,33 @@ impl AsyncWrite for Replayed {
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records of 0, 1, 300 and 20,000 bytes, fed in every split: whole exactly at their
+    /// boundaries.
+    #[test]
+    fn record_boundaries_are_followed_across_any_split() {
+        let mut bytes = Vec::new();
+        let mut boundaries = vec![0];
+        for length in [0u16, 1, 300, 20_000] {
+            bytes.extend_from_slice(&[23, 3, 3]);
+            bytes.extend_from_slice(&length.to_be_bytes());
+            bytes.extend(std::iter::repeat_n(7u8, usize::from(length)));
+            boundaries.push(bytes.len());
+        }
+        for step in [1, 2, 5, 7, 4096, bytes.len()] {
+            let (mut header, mut body_left) = (Vec::new(), 0);
+            let mut at = 0;
+            while at < bytes.len() {
+                let end = (at + step).min(bytes.len());
+                count(&mut header, &mut body_left, &bytes[at..end]);
+                at = end;
+                let whole = header.is_empty() && body_left == 0;
+                assert_eq!(whole, boundaries.contains(&at), "step {step}, at {at}");
+            }
+        }
+    }
+}
