@@ -487,6 +487,15 @@ impl Daemon {
 
         let certificates = Certificates::new();
         let challenges = revboot_dns::Challenges::new();
+        let (stop_http, mut stopped) = watch::channel(false);
+        let tls = TlsParts {
+            config: &config,
+            data: &data,
+            certificates: &certificates,
+            challenges: &challenges,
+            stop: stop_http.subscribe(),
+        };
+        tls.load(&store)?;
         let proxy = if config.front.is_open() {
             let front = FrontConfig {
                 http: config.front.http,
@@ -608,19 +617,8 @@ impl Daemon {
         let dns = dns.spawn();
 
         let (upgrade_tx, upgrade_rx) = watch::channel(false);
-        let (stop_http, mut stopped) = watch::channel(false);
         let acme_wake = Arc::new(tokio::sync::Notify::new());
-        let services = crate::wiring::services(&builder, &store);
-        let tls = TlsParts {
-            config: &config,
-            data: &data,
-            certificates: &certificates,
-            challenges: &challenges,
-            services,
-            wake: acme_wake.clone(),
-            stop: stop_http.subscribe(),
-        }
-        .start()?;
+        let tls = tls.start(crate::wiring::services(&builder, &store), acme_wake.clone());
         let node = crate::cluster::Node {
             http: format!("{scheme}://{http_addr}"),
             dns: dns.local_addr(),

@@ -110,29 +110,25 @@ pub(crate) fn instance_view(info: &revboot_deployer::InstanceInfo) -> InstanceVi
     }
 }
 
-/// HTTPS and ACME, as configured: the daemon's certificate loaded (from files: an error
-/// here stops the start, naming the file) and watched, the ACME task started. Returns the
-/// rustls configuration of the HTTPS listener when `[tls]` is on.
+/// HTTPS and ACME, as configured. [`TlsParts::load`] runs before anything serves: the
+/// daemon's certificate and the services' files are loaded (an error here stops the start,
+/// naming the file) and watched, and the certificates ACME saved in the data directory are
+/// served again, so that the front door — listening at once on sockets an upgrade in place
+/// handed over — never answers a handshake before its certificates are there.
+/// [`TlsParts::start`] then starts the ACME task and returns the rustls configuration of the
+/// HTTPS listener when `[tls]` is on.
 pub(crate) struct TlsParts<'a> {
     pub config: &'a Config,
     pub data: &'a Path,
     pub certificates: &'a Arc<Certificates>,
     pub challenges: &'a revboot_dns::Challenges,
-    pub services: Box<dyn Fn() -> Vec<String> + Send + Sync>,
-    pub wake: Arc<Notify>,
     pub stop: watch::Receiver<bool>,
 }
 
 impl TlsParts<'_> {
-    pub(crate) fn start(self) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+    pub(crate) fn load(&self, store: &revboot_store::Store) -> anyhow::Result<()> {
         let config = self.config;
-        let daemon = match (&config.tls.cert, &config.tls.key) {
-            (Some(cert), Some(key)) => Some(tls::config::Files {
-                cert: cert.clone(),
-                key: key.clone(),
-            }),
-            _ => None,
-        };
+        let daemon = self.daemon_files();
         tls::files::watch(
             self.certificates.clone(),
             daemon.clone(),
@@ -150,30 +146,61 @@ impl TlsParts<'_> {
             None => "Cannot load the certificate files".to_owned(),
         })?;
         if config.acme.is_on() {
-            let settings = tls::acme::Settings {
-                acme: config.acme.clone(),
-                zone: config.zone.clone(),
-                daemon: config.tls.acme,
-                dir: self.data.join("tls"),
-                services: self.services,
-                from_files: config.tls.services.keys().cloned().collect(),
-            };
+            let services = store.services().unwrap_or_default();
+            let settings = self.acme_settings(Box::new(move || services.clone()));
+            tls::acme::serve_saved_all(&settings, self.certificates);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn start(
+        self,
+        services: Box<dyn Fn() -> Vec<String> + Send + Sync>,
+        wake: Arc<Notify>,
+    ) -> Option<Arc<rustls::ServerConfig>> {
+        let config = self.config;
+        if config.acme.is_on() {
             info!(
                 directory = config.acme.directory,
                 "certificates by ACME (DNS-01)"
             );
             drop(tls::acme::spawn(
-                settings,
+                self.acme_settings(services),
                 self.certificates.clone(),
                 self.challenges.clone(),
-                self.wake,
+                wake,
                 self.stop,
             ));
         }
-        Ok(config
+        config
             .tls
             .is_on()
-            .then(|| tls::server_config(self.certificates.clone(), &[b"http/1.1"])))
+            .then(|| tls::server_config(self.certificates.clone(), &[b"http/1.1"]))
+    }
+
+    fn daemon_files(&self) -> Option<tls::config::Files> {
+        match (&self.config.tls.cert, &self.config.tls.key) {
+            (Some(cert), Some(key)) => Some(tls::config::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    fn acme_settings(
+        &self,
+        services: Box<dyn Fn() -> Vec<String> + Send + Sync>,
+    ) -> tls::acme::Settings {
+        let config = self.config;
+        tls::acme::Settings {
+            acme: config.acme.clone(),
+            zone: config.zone.clone(),
+            daemon: config.tls.acme,
+            dir: self.data.join("tls"),
+            services,
+            from_files: config.tls.services.keys().cloned().collect(),
+        }
     }
 }
 

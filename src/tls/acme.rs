@@ -181,6 +181,52 @@ async fn run(
     }
 }
 
+/// Serves again, before anything listens, each certificate saved in the data directory
+/// that is still wanted (the daemon's, the services' of `settings`), so that a restart or
+/// an upgrade in place has them from its first handshake, not once the ACME task reaches
+/// them (behind an order that may take minutes).
+pub fn serve_saved_all(settings: &Settings, certificates: &Certificates) {
+    let now = now();
+    let mut wanted: Vec<String> = Vec::new();
+    if settings.daemon {
+        wanted.push(DAEMON.to_owned());
+    }
+    if settings.acme.services {
+        wanted.extend(
+            (settings.services)()
+                .into_iter()
+                .filter(|service| !settings.from_files.contains(service)),
+        );
+    }
+    for id in &wanted {
+        serve_saved(id, &names(id, settings), settings, certificates, now);
+    }
+}
+
+/// The certificate of `id` saved in the data directory, served when none is and it names
+/// all of `names` (an expired one is withdrawn first).
+fn serve_saved(
+    id: &str,
+    names: &[String],
+    settings: &Settings,
+    certificates: &Certificates,
+    now: i64,
+) {
+    let (cert_path, key_path) = paths(&settings.dir, id);
+    certificates.withdraw_if_expired(id, now);
+    if certificates.served(id).is_none()
+        && let Ok(certified) = super::load_files(&cert_path, &key_path)
+        && names.iter().all(|name| certified.names.contains(name))
+    {
+        info!(
+            id,
+            not_after = certified.not_after,
+            "certificate read from the data directory"
+        );
+        serve(certificates, id, certified);
+    }
+}
+
 /// Rules 2, 3 and 6 for one certificate.
 async fn look_after(
     id: &str,
@@ -198,18 +244,7 @@ async fn look_after(
         }
     });
     let (cert_path, key_path) = paths(&settings.dir, id);
-    certificates.withdraw_if_expired(id, now);
-    if certificates.served(id).is_none()
-        && let Ok(certified) = super::load_files(&cert_path, &key_path)
-        && names.iter().all(|name| certified.names.contains(name))
-    {
-        info!(
-            id,
-            not_after = certified.not_after,
-            "certificate read from the data directory"
-        );
-        serve(certificates, id, certified);
-    }
+    serve_saved(id, &names, settings, certificates, now);
     let due = match certificates.served(id) {
         None => true,
         Some(served) => {

@@ -150,3 +150,63 @@ fn tls_ended_at_the_front_door_is_handed_over_with_its_session_and_goes_on_after
     let log = daemon.log();
     assert!(!log.contains("TLS record not followed"), "{log}");
 }
+
+/// New TLS connections made all through an upgrade in place are all answered: the new
+/// program's front door, listening at once on the sockets handed over, has the services'
+/// certificates before it reads its first handshake (they were loaded after it started
+/// accepting, and handshakes that came in between were refused with `access_denied`).
+#[test]
+fn new_tls_connections_made_through_an_upgrade_are_all_answered() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let (daemon, binary, ca) = hello_terminated(temp.path());
+    let front = daemon.front("front_tls=");
+    let name = format!("hello.{ZONE}");
+    let config = client_config(&ca, &rustls::version::TLS13);
+    replace_binary(&binary);
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let (done, name) = (done.clone(), name.clone());
+        std::thread::spawn(move || {
+            let (mut answered, mut failed) = (0u32, Vec::new());
+            // Until the upgrades are over, then a few more.
+            let mut after = 0;
+            while after < 5 {
+                if done.load(std::sync::atomic::Ordering::Acquire) {
+                    after += 1;
+                }
+                match get(front, &name, config.clone()) {
+                    Ok(answer) if answer.starts_with("HTTP/1.1 200") => answered += 1,
+                    Ok(answer) => failed.push(answer),
+                    Err(error) => failed.push(error.to_string()),
+                }
+            }
+            (answered, failed)
+        })
+    };
+    for expected in 1..=3 {
+        let view = upgrade(&daemon);
+        assert_eq!(view["upgrades"], expected, "{view}");
+    }
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let (answered, failed) = client.join().expect("client thread");
+    assert!(failed.is_empty(), "{failed:?}\n{}", daemon.log());
+    assert!(answered >= 5, "{answered}");
+}
+
+/// `GET /` on a new TLS connection: the answer's text, or how it failed.
+fn get(
+    front: SocketAddr,
+    name: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> std::io::Result<String> {
+    let tcp = TcpStream::connect_timeout(&front, PATIENCE)?;
+    tcp.set_read_timeout(Some(PATIENCE))?;
+    tcp.set_write_timeout(Some(PATIENCE))?;
+    let server = rustls::pki_types::ServerName::try_from(name.to_owned()).expect("name");
+    let connection = rustls::ClientConnection::new(config, server).expect("client");
+    let mut tls = rustls::StreamOwned::new(connection, tcp);
+    tls.write_all(format!("GET / HTTP/1.1\r\nhost: {name}\r\n\r\n").as_bytes())?;
+    let mut answer = Vec::new();
+    tls.read_to_end(&mut answer)?;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
