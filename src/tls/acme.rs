@@ -147,18 +147,7 @@ async fn run(
     let mut account: Option<Account> = None;
     let mut known: BTreeSet<String> = BTreeSet::new();
     loop {
-        let mut wanted: Vec<String> = Vec::new();
-        if settings.daemon {
-            wanted.push(DAEMON.to_owned());
-        }
-        if settings.acme.services {
-            wanted.extend(
-                (settings.services)()
-                    .into_iter()
-                    .filter(|service| !settings.from_files.contains(service)),
-            );
-        }
-        wanted.dedup();
+        let wanted = wanted(&settings);
         for gone in known.iter().filter(|id| !wanted.contains(id)) {
             // A service deleted or renamed: its certificate and key go with it.
             certificates.forget(gone);
@@ -181,12 +170,8 @@ async fn run(
     }
 }
 
-/// Serves again, before anything listens, each certificate saved in the data directory
-/// that is still wanted (the daemon's, the services' of `settings`), so that a restart or
-/// an upgrade in place has them from its first handshake, not once the ACME task reaches
-/// them (behind an order that may take minutes).
-pub fn serve_saved_all(settings: &Settings, certificates: &Certificates) {
-    let now = now();
+/// The certificates ACME looks after: the daemon's, the services' not served from files.
+fn wanted(settings: &Settings) -> Vec<String> {
     let mut wanted: Vec<String> = Vec::new();
     if settings.daemon {
         wanted.push(DAEMON.to_owned());
@@ -198,7 +183,17 @@ pub fn serve_saved_all(settings: &Settings, certificates: &Certificates) {
                 .filter(|service| !settings.from_files.contains(service)),
         );
     }
-    for id in &wanted {
+    wanted.dedup();
+    wanted
+}
+
+/// Serves again, before anything listens, each certificate saved in the data directory
+/// that is still wanted (the daemon's, the services' of `settings`), so that a restart or
+/// an upgrade in place has them from its first handshake, not once the ACME task reaches
+/// them (behind an order that may take minutes).
+pub fn serve_saved_all(settings: &Settings, certificates: &Certificates) {
+    let now = now();
+    for id in &wanted(settings) {
         serve_saved(id, &names(id, settings), settings, certificates, now);
     }
 }
