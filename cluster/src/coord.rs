@@ -112,6 +112,14 @@ pub enum LiveCasError {
         /// The node that tried.
         node: String,
     },
+    /// The service was renamed or deleted in the cluster (see [`Cluster::retire`](crate::Cluster::retire)).
+    #[error("{reason}; nothing changed")]
+    Retired {
+        /// The service.
+        service: String,
+        /// What became of it.
+        reason: String,
+    },
     /// etcd did not answer: the node is cut off, or etcd has lost its quorum.
     #[error(
         "Cannot move live of `{service}`: etcd did not answer ({reason}); live moves are refused while the cluster's etcd is unreachable"
@@ -131,7 +139,7 @@ fn short(hex: &str) -> &str {
     hex.get(..12).unwrap_or(hex)
 }
 
-fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -160,6 +168,8 @@ pub(crate) struct Inner {
     pub(crate) sources: watch::Receiver<Map>,
     /// Placement claims, by placement key (see [`crate::claim`]).
     pub(crate) claims: watch::Receiver<Map>,
+    /// Services renamed or deleted (see [`Cluster::retire`](crate::Cluster::retire)).
+    pub(crate) retired: watch::Receiver<Map>,
     /// Per service, etcd's revision of the last live move this node made or followed.
     followed: std::sync::Mutex<std::collections::HashMap<String, i64>>,
     /// The services this node is moving live of right now (not to be followed meanwhile:
@@ -223,9 +233,11 @@ impl Cluster {
         let heads = mirror::spawn(client.clone(), format!("{prefix}heads/"), stop.clone());
         let sources = mirror::spawn(client.clone(), format!("{prefix}sources/"), stop.clone());
         let claims = mirror::spawn(client.clone(), format!("{prefix}claims/"), stop.clone());
+        let retired = mirror::spawn(client.clone(), format!("{prefix}retired/"), stop.clone());
         // A node answers from its mirrors once it has joined: their first reads come first
         // (bounded), so that it does not place by the hash what another node claims.
-        for mirror in [&nodes, &claims] {
+        // The same for renames and deletes: a node that was down applies them first.
+        for mirror in [&nodes, &claims, &retired] {
             let mut first = mirror.clone();
             let _ = tokio::time::timeout(OP_TIMEOUT, first.changed()).await;
         }
@@ -253,6 +265,7 @@ impl Cluster {
                 heads,
                 sources,
                 claims,
+                retired,
                 followed: std::sync::Mutex::default(),
                 moving: std::sync::Mutex::default(),
             }),
@@ -389,7 +402,14 @@ impl Cluster {
         let value = serde_json::to_vec(&record).map_err(|e| e.to_string())?;
         let key = format!("{}heads/{service}", self.inner.prefix);
         let mut client = self.inner.client.clone();
-        timed(client.put(key, value, None)).await.map(|_| ())
+        let txn = Txn::new()
+            .when([self.not_retired(service)])
+            .and_then([TxnOp::put(key, value, None)]);
+        if timed(client.txn(txn)).await?.succeeded() {
+            Ok(())
+        } else {
+            Err(format!("`{service}` is renamed or deleted in the cluster"))
+        }
     }
 
     /// Moves the live pointer of `service` from `expected` (what this node believes is
@@ -457,13 +477,21 @@ impl Cluster {
         };
         let value = serde_json::to_vec(&record).map_err(|e| unavailable(e.to_string()))?;
         let txn = Txn::new()
-            .when([compare])
+            .when([compare, self.not_retired(service)])
             .and_then([TxnOp::put(key.as_str(), value, None)])
             .or_else([TxnOp::get(key.as_str(), None)]);
         let done = tokio::time::timeout(OP_TIMEOUT, client.txn(txn))
             .await
             .map_err(|_| unavailable("timed out".to_owned()))?
             .map_err(|error| unavailable(error.to_string()))?;
+        if !done.succeeded()
+            && let Some(retired) = self.retired_now(service).await
+        {
+            return Err(LiveCasError::Retired {
+                service: service.to_owned(),
+                reason: retired,
+            });
+        }
         if done.succeeded() {
             info!(service, to, reason, "live moved in the cluster");
             if let Some(header) = done.header() {

@@ -26,6 +26,10 @@
 //!    node is live ([`Cluster::owner`]). A node joining or leaving does not move an instance
 //!    that runs elsewhere; a claim goes with its node's lease. Both are read from memory:
 //!    etcd stays off the query path (see [`claim`]'s rules).
+//! 7. `retired/<service>` — a service renamed or deleted ([`RetiredRecord`]), written by
+//!    compare-and-swap with the service's other records moved or removed in the same
+//!    transaction ([`Cluster::retire`]); while it stands, no write brings the service
+//!    back, and every node renames or deletes it too (see the `retire` module's rules).
 //!
 //! Every prefix a node reads is mirrored in memory by a get-then-watch loop
 //! ([`Cluster::nodes`], [`Cluster::live`], [`Cluster::heads`], [`Cluster::sources`],
@@ -58,6 +62,7 @@ mod config;
 mod coord;
 mod mirror;
 pub mod placement;
+mod retire;
 mod sources;
 
 pub use claim::{ClaimRecord, Claimed};
@@ -65,6 +70,7 @@ pub use config::{ClusterConfig, ConfigError};
 pub use coord::{
     Cluster, HeadRecord, JoinError, LiveCasError, LiveRecord, MOVE_PATIENCE, NodeInfo,
 };
+pub use retire::{MAX_RETIRED, RetireError, RetiredRecord};
 pub use sources::{BuildLock, MAX_DELETED, RefCasError, RefRecord, SourceRecord};
 
 use std::time::Duration;

@@ -41,6 +41,10 @@ pub struct SourceRecord {
     /// the commit it was at and the node that took the deletion.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deleted: Vec<(String, RefRecord)>,
+    /// The name the service had before a rename (see [`Cluster::retire`](crate::Cluster::retire)): a node that still
+    /// has it renames it rather than make this one anew.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renamed_from: Option<String>,
 }
 
 /// The most deletions a [`SourceRecord`] remembers; a node that was away for more
@@ -77,6 +81,14 @@ pub enum RefCasError {
         commit: String,
         /// Who moved it.
         node: String,
+    },
+    /// The service was renamed or deleted in the cluster (see [`Cluster::retire`](crate::Cluster::retire)).
+    #[error("{reason}: the push was not taken")]
+    Retired {
+        /// The service.
+        service: String,
+        /// What became of it.
+        reason: String,
     },
     /// etcd did not answer.
     #[error(
@@ -122,7 +134,10 @@ impl Cluster {
         let key = format!("{}sources/{service}", self.inner().prefix);
         let value = serde_json::to_vec(&SourceRecord::default()).map_err(|e| e.to_string())?;
         let txn = Txn::new()
-            .when([Compare::version(key.as_str(), CompareOp::Equal, 0)])
+            .when([
+                Compare::version(key.as_str(), CompareOp::Equal, 0),
+                self.not_retired(service),
+            ])
             .and_then([TxnOp::put(key.as_str(), value, None)]);
         let mut client = self.inner().client.clone();
         timed(client.txn(txn)).await.map(|_| ())
@@ -203,9 +218,17 @@ impl Cluster {
             }
             let value = serde_json::to_vec(&record).map_err(|e| unavailable(e.to_string()))?;
             let txn = Txn::new()
-                .when([compare])
+                .when([compare, self.not_retired(service)])
                 .and_then([TxnOp::put(key.as_str(), value, None)]);
             let done = timed(client.txn(txn)).await.map_err(unavailable)?;
+            if !done.succeeded()
+                && let Some(reason) = self.retired_now(service).await
+            {
+                return Err(RefCasError::Retired {
+                    service: service.to_owned(),
+                    reason,
+                });
+            }
             if done.succeeded() {
                 info!(service, refname, new, "branch moved in the cluster");
                 return Ok(());

@@ -187,3 +187,98 @@ async fn a_claim_holds_an_instance_on_its_node_while_it_lives_and_goes_with_its_
     assert!(until(|| b.claim_of(&key).is_none() && b.nodes().len() == 1).await);
     assert_eq!(b.owner(&key).expect("an owner").id, "b");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rename_moves_the_records_one_of_two_at_once_wins_and_a_deleted_service_stays_deleted() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (_etcd, _stop_a, _stop_b, a, b) = two_nodes(dir.path()).await;
+    let (v1, c1, zero) = ("1".repeat(40), "c".repeat(40), "0".repeat(40));
+    a.add_source("hello").await.expect("add");
+    a.move_ref("hello", "refs/heads/main", &zero, &c1)
+        .await
+        .expect("push");
+    a.move_live("hello", None, &v1, "deploy")
+        .await
+        .expect("live");
+    a.announce_head("hello", &v1).await.expect("announce");
+
+    // A build of hello runs on b: a rename is refused, naming b.
+    let lock = b
+        .lock_builds("hello", Duration::from_secs(5))
+        .await
+        .expect("lock");
+    let refused = a
+        .retire("hello", Some("web"), false)
+        .await
+        .expect_err("building");
+    assert!(refused.to_string().contains("runs on node b"), "{refused}");
+    drop(lock);
+
+    // Renamed on a while b deletes it: one wins, the other is refused saying why.
+    let lock_gone = async {
+        let deadline = Instant::now() + PATIENCE;
+        while Instant::now() < deadline {
+            match a.retire("hello", Some("web"), false).await {
+                Err(error) if error.to_string().contains("runs on node") => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => return other,
+            }
+        }
+        panic!("the build lock was not released");
+    };
+    let (renamed, deleted) = tokio::join!(lock_gone, b.retire("hello", None, false));
+    assert!(
+        renamed.is_ok() != deleted.is_ok(),
+        "{renamed:?} {deleted:?}"
+    );
+    if let Err(error) = &deleted {
+        // Renamed: the records moved to the new name, the source record saying from where.
+        assert!(
+            error.to_string().contains("renamed to `web` by node a"),
+            "{error}"
+        );
+        assert!(
+            until(|| a.sources().iter().any(|(s, r, _)| s == "web"
+                && r.renamed_from.as_deref() == Some("hello")
+                && r.refs["refs/heads/main"].commit == c1)
+                && a.live()
+                    .iter()
+                    .any(|(s, r, _)| s == "web" && r.revision == v1)
+                && a.heads().iter().any(|(s, h)| s == "web" && h.commit == v1))
+            .await
+        );
+    } else {
+        let error = renamed.expect_err("refused");
+        assert!(error.to_string().contains("deleted by node b"), "{error}");
+    }
+    assert!(
+        until(|| b.retired_record("hello").is_some()
+            && !b.sources().iter().any(|(s, _, _)| s == "hello")
+            && !b.live().iter().any(|(s, _, _)| s == "hello"))
+        .await
+    );
+
+    // Nothing brings hello back: a push, a live move, an announcement, a recording.
+    let pushed = b.move_ref("hello", "refs/heads/main", &c1, &v1).await;
+    assert!(pushed.is_err_and(|e| e.to_string().contains("the push was not taken")),);
+    assert!(
+        b.move_live("hello", Some(&v1), &c1, "rollback")
+            .await
+            .is_err()
+    );
+    assert!(b.announce_head("hello", &v1).await.is_err());
+    b.add_source("hello").await.expect("answered");
+    assert!(!b.sources().iter().any(|(s, _, _)| s == "hello"));
+
+    // Added again, it is a new service: recorded with no ref, and the record goes.
+    assert!(b.revive("hello").await.expect("revive"));
+    assert!(
+        until(|| a.retired_record("hello").is_none()
+            && a.sources()
+                .iter()
+                .any(|(s, r, _)| s == "hello" && r.refs.is_empty()))
+        .await
+    );
+    assert!(!b.revive("hello").await.expect("revive"), "exists already");
+}
