@@ -17,7 +17,9 @@
 //! 6. Sources: every branch of every service's source repository is in etcd, moved by
 //!    compare-and-swap when a push is taken, and fetched by the other nodes; a service
 //!    added on one node gets a source repository on every node; builds run under a build
-//!    lock per service ([`crate::replicate`]). Any node takes a push and builds.
+//!    lock per service ([`crate::replicate`]). Any node takes a push and builds. A
+//!    service renamed or deleted on any node is renamed or deleted on every node (etcd
+//!    first, see the `lifecycle` module; then each node, [`crate::replicate`]'s step 6).
 //!
 //! 7. DNS places instances over the live nodes, sticky by claims in etcd
 //!    ([`crate::placed`]); the owner of a revision it has not fetched yet fetches it first.
@@ -142,7 +144,7 @@ pub(crate) async fn join(
     }
     tokio::spawn(replicate::keep_sources_in_step(
         cluster.clone(),
-        builder.clone(),
+        (builder.clone(), deployer.clone()),
         store.clone(),
         token.to_owned(),
         stop.clone(),

@@ -175,26 +175,16 @@ impl DaemonRuntime {
             builder: &self.builder,
             deployer: &self.deployer,
             zone: &self.zone,
-            clustered: self.cluster.is_some(),
+            cluster: self.cluster.as_ref(),
         }
     }
 }
 
 impl Runtime for DaemonRuntime {
     fn add_service(&self, name: &str) -> Result<(), ActionError> {
-        let info = self
-            .handle
-            .block_on(self.builder.add_service(name))
-            .map_err(|error| ActionError::Invalid(error_chain(&error)))?;
-        if info.created {
-            self.acme_wake.notify_one();
-            Ok(())
-        } else {
-            Err(ActionError::Conflict(format!(
-                "Service `{name}` exists already ({})",
-                info.source_repo.display()
-            )))
-        }
+        self.handle.block_on(self.parts().add(name))?;
+        self.acme_wake.notify_one();
+        Ok(())
     }
 
     fn added_services(&self) -> Result<Vec<String>, ActionError> {

@@ -1,32 +1,38 @@
 //! Renaming and deleting a service: the order in which the parts change.
 //!
-//! 1. The names are checked (service names: lowercase letters, digits and `-`); a node of
-//!    a cluster refuses (`conflict`): the other nodes would bring the service back; the
+//! 1. The names are checked (service names: lowercase letters, digits and `-`); the
 //!    service must exist (a source repository, or refs in the deployment repository) and a
 //!    new name must not. A bad name is `invalid`, an unknown service `not_found`, a taken
 //!    name `conflict`; nothing changes.
 //! 2. The builder closes the names: refused (`conflict`) while builds of the service wait or
 //!    run; from then on pushes to them are refused.
-//! 3. The deployer retires the old name: summons of it are refused, its running instances
+//! 3. On a node of a cluster, the operation goes through etcd now
+//!    (`revboot_cluster::Cluster::retire`): refused (`conflict`, with the reason) when
+//!    another node renamed or deleted the service first, a build of it runs on any node, or
+//!    the new name is taken on another node; `unavailable` when etcd does not answer. The
+//!    service's records in etcd move or go with it, and the other nodes apply it on their
+//!    next replication round ([`follow`]), with the same steps from here on.
+//! 4. The deployer retires the old name: summons of it are refused, its running instances
 //!    are stopped and their runtime records written under the old name.
-//! 4. The deployment repository changes in one transaction: every ref of the service is
+//! 5. The deployment repository changes in one transaction: every ref of the service is
 //!    renamed, archived or removed (`revboot_store`'s `lifecycle` module). DNS changes
 //!    here: the store's generation moves, so the DNS answer cache is emptied, the old names
 //!    answer NXDOMAIN and, after a rename, every label answers under the new name with the
 //!    same revisions; the live pointer keeps its revision and its trail.
-//! 5. The builder moves (rename), archives (delete, keeping the deployments) or removes the
+//! 6. The builder moves (rename), archives (delete, keeping the deployments) or removes the
 //!    source repository, and moves or drops the build cache and its queue state. If that
 //!    fails after the store was renamed, the store is renamed back.
-//! 6. The service's configuration variables (`revboot config`) move with a rename, sealed
+//! 7. The service's configuration variables (`revboot config`) move with a rename, sealed
 //!    again under the new name, before the store changes (and back if a later step fails);
 //!    a delete removes them last, after everything else: a name created again starts with
 //!    none, and a failed delete never loses the secrets of a service that still exists.
-//! 7. The names open again: a renamed service's instances boot on the first query of a new
+//! 8. The names open again: a renamed service's instances boot on the first query of a new
 //!    name; a deleted name may be created again.
 
 use std::sync::Arc;
 
 use revboot_builder::{Builder, LifecycleError};
+use revboot_cluster::{Cluster, RetireError};
 use revboot_deployer::Deployer;
 use revboot_store::{Store, WriteError};
 
@@ -39,8 +45,9 @@ pub(crate) struct Parts<'a> {
     pub(crate) builder: &'a Builder,
     pub(crate) deployer: &'a Arc<Deployer>,
     pub(crate) zone: &'a str,
-    /// Whether the node is one of a cluster, where renames and deletes are refused.
-    pub(crate) clustered: bool,
+    /// The cluster the node is one of, which takes the operation first (step 3); `None`
+    /// on a single host, and when a node applies another node's operation.
+    pub(crate) cluster: Option<&'a Cluster>,
 }
 
 impl Parts<'_> {
@@ -54,15 +61,23 @@ impl Parts<'_> {
                 .is_empty())
     }
 
-    /// Renames and deletes change one node; the others would bring the service back (its
-    /// sources and deployments replicate), so a cluster refuses them for now.
-    fn check_single_host(&self) -> Result<(), ActionError> {
-        if self.clustered {
-            return Err(ActionError::Conflict(
-                "Renaming or deleting a service is not supported in a cluster yet (the other nodes would bring it back); nothing changed".to_owned(),
-            ));
-        }
-        Ok(())
+    /// Step 3: the cluster, if any, takes the operation first.
+    async fn through_cluster(
+        &self,
+        service: &str,
+        renamed_to: Option<&str>,
+        keep: bool,
+    ) -> Result<(), ActionError> {
+        let Some(cluster) = self.cluster else {
+            return Ok(());
+        };
+        cluster
+            .retire(service, renamed_to, keep)
+            .await
+            .map_err(|error| match error {
+                RetireError::Conflict(_) => ActionError::Conflict(error.to_string()),
+                other => ActionError::Unavailable(other.to_string()),
+            })
     }
 
     fn check_exists(&self, service: &str) -> Result<(), ActionError> {
@@ -75,6 +90,38 @@ impl Parts<'_> {
         }
     }
 
+    /// Adds `service`. On a node of a cluster it is recorded in etcd first, a new service
+    /// even when a service of that name was renamed or deleted before (its record goes, see
+    /// `revboot_cluster::Cluster::revive`); the other nodes make its source repository.
+    pub(crate) async fn add(&self, service: &str) -> Result<(), ActionError> {
+        let mut recorded = false;
+        if let Some(cluster) = self.cluster
+            && !self.builder.has_source(service)
+        {
+            revboot_builder::validate_service_name(service)
+                .map_err(|error| ActionError::Invalid(error.to_string()))?;
+            recorded = cluster.revive(service).await.map_err(|error| {
+                ActionError::Unavailable(format!(
+                    "Cannot add `{service}`: the cluster's etcd did not answer ({error}); nothing changed"
+                ))
+            })?;
+        }
+        let info = self
+            .builder
+            .add_service(service)
+            .await
+            .map_err(|error| ActionError::Invalid(error_chain(&error)))?;
+        // Recorded in etcd by this call, it may have been made here by replication since.
+        if info.created || recorded {
+            Ok(())
+        } else {
+            Err(ActionError::Conflict(format!(
+                "Service `{service}` exists already ({})",
+                info.source_repo.display()
+            )))
+        }
+    }
+
     /// Deletes `service`, its deployments kept or removed (module docs).
     pub(crate) async fn delete(
         &self,
@@ -83,13 +130,13 @@ impl Parts<'_> {
     ) -> Result<DeletedView, ActionError> {
         revboot_builder::validate_service_name(service)
             .map_err(|error| ActionError::Invalid(error.to_string()))?;
-        self.check_single_host()?;
         let closed = self
             .builder
             .close(&[service])
             .await
             .map_err(builder_error)?;
         self.check_exists(service)?;
+        self.through_cluster(service, None, keep).await?;
         let retired = self.deployer.retire(service).await;
         let deployments = self.store.history(service).map_or(0, |h| h.len());
         let changed = self
@@ -136,7 +183,6 @@ impl Parts<'_> {
             .map_err(|error| ActionError::Invalid(error.to_string()))?;
         revboot_builder::validate_service_name(to)
             .map_err(|error| ActionError::Invalid(format!("New name: {error}")))?;
-        self.check_single_host()?;
         if from == to {
             return Err(ActionError::Invalid(format!(
                 "`{from}` is the service's name already"
@@ -159,6 +205,7 @@ impl Parts<'_> {
                 "`{to}` has configuration variables already (`revboot config unset {to} …` first)"
             )));
         }
+        self.through_cluster(from, Some(to), false).await?;
         let retired = self.deployer.retire(from).await;
         let variables = vars.rename(from, to).map_err(vars_error)?;
         let vars_back = || {
@@ -196,6 +243,36 @@ impl Parts<'_> {
             variables,
         })
     }
+}
+
+/// Applies the renames and deletes another node took (step 3) to the services this node
+/// still has, as that node did. How many it could not apply (tried again later).
+pub(crate) async fn follow(parts: &Parts<'_>, cluster: &Cluster) -> usize {
+    let mut unapplied = 0;
+    for (service, record) in cluster.retired() {
+        if revboot_builder::validate_service_name(&service).is_err()
+            || !parts.exists(&service).unwrap_or(false)
+        {
+            continue;
+        }
+        let done = match &record.renamed_to {
+            Some(to) => parts.rename(&service, to).await.map(|_| ()),
+            None => parts.delete(&service, record.keep).await.map(|_| ()),
+        };
+        match done {
+            Ok(()) => tracing::info!(
+                service,
+                to = record.renamed_to,
+                by = record.node,
+                "renamed or deleted a service as another node of the cluster did"
+            ),
+            Err(error) => {
+                tracing::warn!(%error, service, to = record.renamed_to, by = record.node, "cannot rename or delete a service as another node of the cluster did");
+                unapplied += 1;
+            }
+        }
+    }
+    unapplied
 }
 
 fn vars_error(error: revboot_deployer::vars::VarsError) -> ActionError {

@@ -27,6 +27,13 @@
 //!    as etcd has them (etcd's revision of the record says so, from the watch's mirror),
 //!    and every service's at least every [`FULL_ROUND`].
 //!
+//! 6. Renames and deletes: a service another node renamed or deleted (etcd's `retired/`
+//!    records, `revboot_cluster::RetiredRecord`) is renamed or deleted here as that node
+//!    did (`lifecycle::follow`), at start, whenever a record changes, and again every
+//!    `FOLLOW_AGAIN` (5 s) while one could not be applied (a build of it runs here). Until
+//!    a rename is applied here, nothing of the new name is made or fetched here, and a push
+//!    never creates a renamed or deleted service ([`Coordinated`]'s `may_create`).
+//!
 //! Every fetch runs within [`FETCH_TIMEOUT`]; the token goes in git's environment, never on
 //! a command line or in a log.
 
@@ -174,6 +181,13 @@ pub(crate) async fn fetch_deployments(
     if head.node == me || store.has_deployment(service, &revision) {
         return Ok(false);
     }
+    // A rename this node has not applied yet (step 6): its deployments come with it.
+    let renamed_from = (cluster.sources().into_iter())
+        .find_map(|(name, record, _)| (name == service).then_some(record.renamed_from))
+        .flatten();
+    if renamed_from.is_some_and(|old| store.tip(&old).ok().flatten().is_some()) {
+        return Ok(false);
+    }
     let Some(peer) = cluster.nodes().into_iter().find(|n| n.id == head.node) else {
         return Err(format!(
             "node {} announced its deployments but is gone",
@@ -224,11 +238,22 @@ async fn branches(repo: &Path) -> BTreeMap<String, String> {
 /// sources never holds up a deployment's.
 pub(crate) async fn keep_sources_in_step(
     cluster: Cluster,
-    builder: Builder,
+    (builder, deployer): (Builder, Arc<revboot_deployer::Deployer>),
     store: Store,
     token: String,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let parts = crate::lifecycle::Parts {
+        store: &store,
+        builder: &builder,
+        deployer: &deployer,
+        zone: cluster.zone(),
+        cluster: None,
+    };
+    let mut retired = cluster.retired_changed();
+    // Step 6 first, at once: a node that was down renames and deletes what it missed.
+    let mut unapplied = crate::lifecycle::follow(&parts, &cluster).await;
+    let mut follow_again = Instant::now() + FOLLOW_AGAIN;
     let mut sources = cluster.sources_changed();
     // A build ends with its deployment announced, and its branch moves on its node then.
     let mut heads = cluster.heads_changed();
@@ -236,11 +261,18 @@ pub(crate) async fn keep_sources_in_step(
     let mut pending = false;
     loop {
         let wait = if pending { PENDING_POLL } else { TICK };
+        let mut follow = false;
         tokio::select! {
             _ = stop.wait_for(|stop| *stop) => return,
             _ = sources.changed() => {}
             _ = heads.changed() => {}
+            _ = retired.changed() => follow = true,
             () = tokio::time::sleep(wait) => {}
+        }
+        // Step 6 when a record changed, and again a while after one could not be applied.
+        if follow || (unapplied > 0 && Instant::now() >= follow_again) {
+            unapplied = crate::lifecycle::follow(&parts, &cluster).await;
+            follow_again = Instant::now() + FOLLOW_AGAIN;
         }
         if rounds.since_full.elapsed() >= FULL_ROUND {
             rounds.in_step.clear();
@@ -251,6 +283,9 @@ pub(crate) async fn keep_sources_in_step(
         name_tags(&builder, &store, &changed, &mut rounds.tips).await;
     }
 }
+
+/// How soon a rename or delete that could not be applied here is tried again (step 6).
+const FOLLOW_AGAIN: Duration = Duration::from_secs(5);
 
 /// How soon a branch that its node has not moved yet (its build runs) is asked for again.
 const PENDING_POLL: Duration = Duration::from_millis(200);
@@ -334,6 +369,9 @@ async fn replicate_sources(
             continue;
         };
         if !repo.join("HEAD").is_file() {
+            if renaming_here(&record, builder) {
+                continue;
+            }
             match builder.add_service(&service).await {
                 Ok(_) => info!(
                     service,
@@ -423,6 +461,15 @@ async fn replicate_sources(
         }
     }
     (pending, changed)
+}
+
+/// Whether `record` is of a service renamed in the cluster that this node still has under
+/// its old name (step 6 renames it here: nothing of the new name is made meanwhile).
+fn renaming_here(record: &revboot_cluster::SourceRecord, builder: &Builder) -> bool {
+    record
+        .renamed_from
+        .as_deref()
+        .is_some_and(|old| builder.has_source(old))
 }
 
 /// Deletes the refs of `repo` (whose refs are `here`) that a push deleted on a node of the
@@ -583,6 +630,27 @@ impl Coordinator for Coordinated {
                 store: self.store.clone(),
                 service: service.to_owned(),
             }) as Held)
+        })
+    }
+
+    fn may_create<'a>(&'a self, service: &'a str) -> CoordinatorFuture<'a, ()> {
+        Box::pin(async move {
+            let cluster = self.cluster().await?;
+            let Some(record) = cluster.retired_record(service) else {
+                return Ok(());
+            };
+            let add =
+                format!("create a new `{service}` on purpose with `revboot service add {service}`");
+            Err(match record.renamed_to {
+                Some(to) => format!(
+                    "Service `{service}` was renamed to `{to}` (by node {}): use /git/{to}.git (git remote set-url <remote> <daemon>/git/{to}.git), or {add}",
+                    record.node
+                ),
+                None => format!(
+                    "Service `{service}` was deleted (by node {}): {add}",
+                    record.node
+                ),
+            })
         })
     }
 }

@@ -11,6 +11,8 @@
 //!    node at a time writes a service's deployment branch, on top of the others' builds
 //!    (the coordinator fetches them first). A build of a commit that a deployment of the
 //!    service already records (another node built it) adopts that deployment instead.
+//! 4. A push of a service this node does not have creates it only if the cluster lets it
+//!    ([`Coordinator::may_create`]): not one renamed or deleted on another node.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -36,4 +38,12 @@ pub trait Coordinator: Send + Sync + std::fmt::Debug + 'static {
     /// Takes the build lock of `service` once this node has every deployment of it the
     /// cluster announced; released when the returned value is dropped.
     fn lock_builds<'a>(&'a self, service: &'a str) -> CoordinatorFuture<'a, Held>;
+
+    /// Whether a push may create `service` here, as a push of an unknown service does on a
+    /// single host; `Err` says why not (the cluster renamed or deleted it: `revboot service
+    /// add` makes it again, on purpose).
+    fn may_create<'a>(&'a self, service: &'a str) -> CoordinatorFuture<'a, ()> {
+        let _ = service;
+        Box::pin(async { Ok(()) })
+    }
 }

@@ -17,7 +17,7 @@ use crate::support::{
 };
 
 /// The commit of `refname` in a node's source repository of hello (empty when absent).
-fn source_ref(daemon: &Daemon, refname: &str) -> String {
+pub(super) fn source_ref(daemon: &Daemon, refname: &str) -> String {
     rev_parse_in(&daemon.data.join("src/hello.git"), refname)
 }
 
@@ -86,7 +86,7 @@ fn consistent(nodes: &[Daemon]) {
 }
 
 /// What every node answers for `name`, and what the instance there says.
-fn served_everywhere(nodes: &[Daemon], name: &str, greeting: &str) {
+pub(super) fn served_everywhere(nodes: &[Daemon], name: &str, greeting: &str) {
     for daemon in nodes {
         let mut answer = String::new();
         assert!(
@@ -103,7 +103,7 @@ fn served_everywhere(nodes: &[Daemon], name: &str, greeting: &str) {
 }
 
 /// Nodes n1 to n3, once each lists the three.
-fn three_nodes(dir: &Path, etcd: &EtcdCluster, prefix: &str) -> Vec<Daemon> {
+pub(super) fn three_nodes(dir: &Path, etcd: &EtcdCluster, prefix: &str) -> Vec<Daemon> {
     let nodes: Vec<Daemon> = ["n1", "n2", "n3"]
         .iter()
         .map(|id| node(dir, etcd, id, prefix))

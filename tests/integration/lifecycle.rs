@@ -22,7 +22,7 @@ fn deploy_git(daemon: &Daemon, args: &[&str]) -> String {
 }
 
 /// `dig`'s status word (NOERROR, NXDOMAIN…) for `name`.
-fn dig_status(daemon: &Daemon, name: &str) -> String {
+pub(super) fn dig_status(daemon: &Daemon, name: &str) -> String {
     let output = daemon.dig_from("127.0.0.1", name);
     output
         .split("status: ")
@@ -33,7 +33,7 @@ fn dig_status(daemon: &Daemon, name: &str) -> String {
 }
 
 /// The CLI with `--json`: exit code and parsed stdout.
-fn cli_json(daemon: &Daemon, args: &[&str]) -> (i32, serde_json::Value) {
+pub(super) fn cli_json(daemon: &Daemon, args: &[&str]) -> (i32, serde_json::Value) {
     let output = daemon.cli(&[&["--json"], args].concat());
     let value = serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
         panic!(

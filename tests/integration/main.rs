@@ -7,6 +7,7 @@ mod browser;
 mod cert_files;
 mod cli;
 mod cluster;
+mod cluster_lifecycle;
 mod cluster_sources;
 mod config;
 mod daemon_log;

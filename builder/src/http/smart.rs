@@ -140,6 +140,16 @@ pub(super) async fn smart_http(
         if kind == Service::Upload {
             return text(StatusCode::NOT_FOUND, format!("No service `{service}`"));
         }
+        if let Some(coordinator) = &inner.config.coordinator
+            && let Err(reason) = coordinator.may_create(service).await
+        {
+            tracing::info!(
+                service,
+                reason,
+                "refused a push that would create a service"
+            );
+            return text(StatusCode::NOT_FOUND, reason);
+        }
         if let Err(error) = inner.repos.create(service).await {
             tracing::error!(%error, service, "cannot create source repository on push");
             return text(StatusCode::INTERNAL_SERVER_ERROR, error.to_string());
