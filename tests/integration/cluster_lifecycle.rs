@@ -236,4 +236,36 @@ fn a_service_renamed_on_one_node_is_served_under_its_new_name_everywhere() {
         );
     }
     served_everywhere(&nodes, &format!("web.{ZONE}"), "v2");
+
+    // Deleted on node 1 keeping its deployments: archived on every node, as on a single
+    // host (its deployments under refs/revboot/deleted/web/, its sources under .deleted).
+    let (code, deleted) = cli_json(
+        &nodes[0],
+        &["service", "delete", "web", "--keep-deployments"],
+    );
+    assert_eq!(code, 0, "{deleted}");
+    for daemon in &nodes {
+        assert!(eventually(|| gone(daemon, "web")), "{}", daemon.log());
+        let archived = crate::support::run(
+            std::process::Command::new("git")
+                .arg("-C")
+                .arg(daemon.data.join("deploy.git"))
+                .args([
+                    "for-each-ref",
+                    "--format=%(objectname)",
+                    "refs/revboot/deleted/web/",
+                ]),
+        );
+        assert!(
+            String::from_utf8_lossy(&archived.stdout).contains(&v2),
+            "{}",
+            daemon.log()
+        );
+        let sources = std::fs::read_dir(daemon.data.join("src/.deleted")).expect("archive");
+        assert!(
+            sources
+                .filter_map(Result::ok)
+                .any(|entry| entry.file_name().to_string_lossy().starts_with("web-"))
+        );
+    }
 }
