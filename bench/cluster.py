@@ -15,16 +15,22 @@ uses; the daemons on port 0 of 127.0.0.1, read from their 'revboot is serving' l
      address of a live node (polled every 20 ms over UDP). The killed node is started again
      and waited for before the next round.
 
+  3. Rename lag, R times (after 2): the service renamed on node 3 through the API (the
+     request returns once etcd and node 3 have it) -> nodes 1 and 2 have renamed it too
+     (the new name's source repository and live pointer there, the old one's gone), side
+     by side with the source replication lag of 1, from the same run.
+
 Prints p50/p99/max of each, and the membership lease's TTL the failover is bound by.
 
-usage: bench/cluster.py [N] [K]   (default 20 20; K = 0 skips failover; as root, from the
-       repository root)
+usage: bench/cluster.py [N] [K] [R]   (default 20 20 10; K = 0 skips failover, R = 0 the
+       renames; as root, from the repository root)
   REVBOOT=<binary> runs that binary (default: target/release/revboot, built first)
 """
 import json, os, random, re, shutil, socket, struct, subprocess, sys, tempfile, time, urllib.request
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 20
 K = int(sys.argv[2]) if len(sys.argv) > 2 else 20
+R = int(sys.argv[3]) if len(sys.argv) > 3 else 10
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "bench-token"
 TTL_S = 2
@@ -54,9 +60,11 @@ def dns_a(server, name, timeout=1.0):
     return socket.inet_ntoa(reply[-4:])
 
 
-def api(http, path):
+def api(http, path, body=None):
     req = urllib.request.Request("http://%s%s" % (http, path),
-                                 headers={"authorization": "Bearer " + TOKEN})
+                                 headers={"authorization": "Bearer " + TOKEN,
+                                          "content-type": "application/json"},
+                                 data=None if body is None else json.dumps(body).encode())
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.loads(r.read())
 
@@ -265,11 +273,39 @@ def main():
                 if time.time() > deadline:
                     raise SystemExit("the restarted node did not rejoin")
                 time.sleep(0.1)
-        if not times:
-            return
-        print("failover (owner killed -> both survivors answer a live node's address), %d kills: "
+        if times:
+            print("failover (owner killed -> both survivors answer a live node's address), %d kills: "
               "p50 %.0f ms, p99 %.0f ms, max %.0f ms (lease ttl_s = %d)"
-              % (K, pct(times, 50) * 1000, pct(times, 99) * 1000, max(times) * 1000, TTL_S))
+                  % (K, pct(times, 50) * 1000, pct(times, 99) * 1000, max(times) * 1000,
+                     TTL_S))
+
+        # 3. Rename lag.
+        renames, old = [], "hello"
+        for r in range(R):
+            new = "renamed%d" % r
+            for n in nodes:  # every node has the service under its current name first
+                deadline = time.time() + 60
+                while not n.tip("deploy.git", "refs/live/" + old):
+                    if time.time() > deadline:
+                        raise SystemExit("%s has no live %s" % (n.id, old))
+                    time.sleep(0.05)
+            api(nodes[2].http, "/api/v1/services/%s/rename" % old, {"to": new})
+            t0 = time.perf_counter()
+            while not all(n.tip("deploy.git", "refs/live/" + new)
+                          and os.path.isfile(os.path.join(n.data, "src", new + ".git", "HEAD"))
+                          and not os.path.exists(os.path.join(n.data, "src", old + ".git"))
+                          for n in nodes[:2]):
+                if time.perf_counter() - t0 > 120:
+                    raise SystemExit("a rename took over 120 s to reach every node")
+                time.sleep(0.005)
+            renames.append(time.perf_counter() - t0)
+            old = new
+        if renames:
+            print("rename lag (rename on node 3 returned -> renamed on nodes 1 and 2), %d renames: "
+                  "p50 %.0f ms, p99 %.0f ms, max %.0f ms; anchor, source replication lag of 1: "
+                  "p50 %.0f ms; load average %.1f"
+                  % (R, pct(renames, 50) * 1000, pct(renames, 99) * 1000, max(renames) * 1000,
+                     pct(source_lags, 50) * 1000, os.getloadavg()[0]))
     finally:
         for node in nodes:
             node.stop()
