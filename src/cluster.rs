@@ -252,6 +252,10 @@ async fn announce(cluster: &Cluster, store: &Store) {
         let Ok(Some(tip)) = store.tip(&service) else {
             continue;
         };
+        // Deployments of an earlier service of the name, not yet deleted here, are not its.
+        if crate::lifecycle::stale(cluster, store, &service).is_some() {
+            continue;
+        }
         let ahead = match announced.iter().find(|(name, _)| *name == service) {
             None => true,
             Some((_, head)) => {

@@ -32,7 +32,7 @@
 use std::sync::Arc;
 
 use revboot_builder::{Builder, LifecycleError};
-use revboot_cluster::{Cluster, RetireError};
+use revboot_cluster::{Cluster, RetireError, RetiredRecord};
 use revboot_deployer::Deployer;
 use revboot_store::{Store, WriteError};
 
@@ -245,11 +245,25 @@ impl Parts<'_> {
     }
 }
 
+/// The rename or delete that a service of the cluster replaced, when this node still has
+/// the service from before it (its deployment [`RetiredRecord::head`] is here under the
+/// name): this node was away for both, and applies it before anything else of the name.
+pub(crate) fn stale(cluster: &Cluster, store: &Store, service: &str) -> Option<RetiredRecord> {
+    let (_, record, _) = (cluster.sources().into_iter()).find(|(name, _, _)| name == service)?;
+    let replaced = record.replaces?;
+    let head: revboot_store::Revision = replaced.head.as_deref()?.parse().ok()?;
+    store.has_deployment(service, &head).then_some(replaced)
+}
+
 /// Applies the renames and deletes another node took (step 3) to the services this node
-/// still has, as that node did. How many it could not apply (tried again later).
+/// still has, as that node did, and those a service added again since replaced
+/// ([`stale`]). How many it could not apply (tried again later).
 pub(crate) async fn follow(parts: &Parts<'_>, cluster: &Cluster) -> usize {
     let mut unapplied = 0;
-    for (service, record) in cluster.retired() {
+    let replaced = (cluster.sources().into_iter())
+        .filter_map(|(service, _, _)| Some((stale(cluster, parts.store, &service)?, service)));
+    let retired = (cluster.retired().into_iter()).map(|(service, record)| (record, service));
+    for (record, service) in retired.chain(replaced.collect::<Vec<_>>()) {
         if revboot_builder::validate_service_name(&service).is_err()
             || !parts.exists(&service).unwrap_or(false)
         {

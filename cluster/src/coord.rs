@@ -237,7 +237,7 @@ impl Cluster {
         // A node answers from its mirrors once it has joined: their first reads come first
         // (bounded), so that it does not place by the hash what another node claims.
         // The same for renames and deletes: a node that was down applies them first.
-        for mirror in [&nodes, &claims, &retired] {
+        for mirror in [&nodes, &claims, &retired, &sources] {
             let mut first = mirror.clone();
             let _ = tokio::time::timeout(OP_TIMEOUT, first.changed()).await;
         }

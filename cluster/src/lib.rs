@@ -70,8 +70,8 @@ pub use config::{ClusterConfig, ConfigError};
 pub use coord::{
     Cluster, HeadRecord, JoinError, LiveCasError, LiveRecord, MOVE_PATIENCE, NodeInfo,
 };
-pub use retire::{MAX_RETIRED, RetireError, RetiredRecord};
-pub use sources::{BuildLock, MAX_DELETED, RefCasError, RefRecord, SourceRecord};
+pub use retire::{MAX_RETIRED, RetireError};
+pub use sources::{BuildLock, MAX_DELETED, RefCasError, RefRecord, RetiredRecord, SourceRecord};
 
 use std::time::Duration;
 

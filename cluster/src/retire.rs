@@ -16,43 +16,23 @@
 //! 3. Each node applies the records on its replication rounds (the daemon's part): a
 //!    service it still has is deleted or renamed here as on a single host, and so is one of
 //!    a node that was down, on its first round after it starts.
-//! 4. `service add` of a retired name clears its record ([`Cluster::revive`]): the service
-//!    added is a new one.
+//! 4. `service add` of a retired name clears its record ([`Cluster::revive`]), and so does a
+//!    rename to it: the service is a new one, and its source record names the operation it
+//!    replaces ([`SourceRecord::replaces`], with the deployment that was the service's
+//!    newest then, [`RetiredRecord::head`]). A node that was away for both and still has
+//!    that deployment applies the operation first, and never announces the earlier
+//!    service's deployments as the new one's.
 //! 5. At most [`MAX_RETIRED`] records are kept: the oldest goes when one more is written (a
 //!    node down for longer than that many operations keeps the services it missed).
 
 use etcd_client::{Compare, CompareOp, DeleteOptions, Txn, TxnOp};
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::Cluster;
-use crate::coord::{records, timed, unix_ms};
+use crate::coord::{HeadRecord, records, timed, unix_ms};
 use crate::mirror::Map;
-
-/// A service deleted or renamed in the cluster.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RetiredRecord {
-    /// The new name of a renamed service; `None`: deleted.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub renamed_to: Option<String>,
-    /// A delete that kept the deployments (archived on every node).
-    #[serde(default)]
-    pub keep: bool,
-    /// The node that took the operation.
-    pub node: String,
-    /// When (Unix milliseconds).
-    pub at_ms: u64,
-}
-
-impl RetiredRecord {
-    fn what(&self) -> String {
-        match &self.renamed_to {
-            Some(to) => format!("renamed to `{to}` by node {}", self.node),
-            None => format!("deleted by node {}", self.node),
-        }
-    }
-}
+use crate::sources::{RefRecord, RetiredRecord, SourceRecord};
 
 /// The most `retired/` records etcd keeps (rule 5).
 pub const MAX_RETIRED: usize = 1024;
@@ -137,13 +117,13 @@ impl Cluster {
             reason,
         };
         let mut client = self.inner().client.clone();
-        let record = RetiredRecord {
+        let mut record = RetiredRecord {
             renamed_to: renamed_to.map(str::to_owned),
             keep,
             node: self.me().id.clone(),
             at_ms: unix_ms(),
+            head: None,
         };
-        let value = serde_json::to_vec(&record).map_err(|e| unavailable(e.to_string()))?;
         for _ in 0..ATTEMPTS {
             let read = |k: String| {
                 let mut client = client.clone();
@@ -164,7 +144,7 @@ impl Cluster {
                 )));
             }
             if let Some((value, _)) = read(key("builds", service)).await.map_err(unavailable)? {
-                let holder: Option<crate::RefRecord> = serde_json::from_slice(&value).ok();
+                let holder: Option<RefRecord> = serde_json::from_slice(&value).ok();
                 return Err(RetireError::Conflict(format!(
                     "A build of `{service}` runs on node {}: wait for it",
                     holder.map_or_else(|| "?".to_owned(), |h| h.node)
@@ -174,9 +154,20 @@ impl Cluster {
                 self.not_retired(service),
                 Compare::version(key("builds", service), CompareOp::Equal, 0),
             ];
-            let mut ops = vec![TxnOp::put(key("retired", service), value.clone(), None)];
+            let mut ops = Vec::new();
+            // A name deleted before, renamed to, is free again: its record goes (rule 4),
+            // and the new name's source record says what it replaces.
+            let replaced = match renamed_to {
+                Some(to) => read(key("retired", to)).await.map_err(unavailable)?,
+                None => None,
+            };
             for kind in ["sources", "live", "heads"] {
                 let got = read(key(kind, service)).await.map_err(unavailable)?;
+                if kind == "heads" {
+                    record.head = (got.as_ref())
+                        .and_then(|(value, _)| serde_json::from_slice::<HeadRecord>(value).ok())
+                        .map(|head| head.commit);
+                }
                 compares.push(match &got {
                     Some((_, revision)) => {
                         Compare::mod_revision(key(kind, service), CompareOp::Equal, *revision)
@@ -186,9 +177,11 @@ impl Cluster {
                 ops.push(TxnOp::delete(key(kind, service), None));
                 if let (Some(to), Some((mut value, _))) = (renamed_to, got) {
                     if kind == "sources" {
-                        let mut moved: crate::SourceRecord =
+                        let mut moved: SourceRecord =
                             serde_json::from_slice(&value).unwrap_or_default();
                         moved.renamed_from = Some(service.to_owned());
+                        moved.replaces = (replaced.as_ref())
+                            .and_then(|(value, _)| serde_json::from_slice(value).ok());
                         value =
                             serde_json::to_vec(&moved).map_err(|e| unavailable(e.to_string()))?;
                     }
@@ -208,13 +201,20 @@ impl Cluster {
                     }
                     compares.push(Compare::version(key(kind, to), CompareOp::Equal, 0));
                 }
-                // A name deleted before is free again: its record goes (rule 4).
+                compares.push(match &replaced {
+                    Some((_, revision)) => {
+                        Compare::mod_revision(key("retired", to), CompareOp::Equal, *revision)
+                    }
+                    None => Compare::version(key("retired", to), CompareOp::Equal, 0),
+                });
                 ops.push(TxnOp::delete(key("retired", to), None));
                 ops.push(TxnOp::delete(
                     key("claims", &format!("{to}/")),
                     Some(DeleteOptions::new().with_prefix()),
                 ));
             }
+            let value = serde_json::to_vec(&record).map_err(|e| unavailable(e.to_string()))?;
+            ops.push(TxnOp::put(key("retired", service), value, None));
             let txn = Txn::new().when(compares).and_then(ops);
             let done = timed(client.txn(txn)).await.map_err(unavailable)?;
             if done.succeeded() {
@@ -252,20 +252,37 @@ impl Cluster {
     }
 
     /// A service added under a retired name is a new one (rule 4): its record goes, and the
-    /// service is recorded with no ref. `Ok(false)`: the cluster has a service of that name
-    /// already.
+    /// service is recorded with no ref, as replacing it ([`SourceRecord::replaces`]).
+    /// `Ok(false)`: the cluster has a service of that name already.
     pub async fn revive(&self, service: &str) -> Result<bool, String> {
         let retired = format!("{}retired/{service}", self.inner().prefix);
         let sources = format!("{}sources/{service}", self.inner().prefix);
-        let value =
-            serde_json::to_vec(&crate::SourceRecord::default()).map_err(|e| e.to_string())?;
+        let mut client = self.inner().client.clone();
+        let got = timed(client.get(retired.as_str(), None)).await?;
+        let (replaces, compare) = match got.kvs().first() {
+            Some(kv) => (
+                serde_json::from_slice(kv.value()).ok(),
+                Compare::mod_revision(retired.as_str(), CompareOp::Equal, kv.mod_revision()),
+            ),
+            None => (
+                None,
+                Compare::version(retired.as_str(), CompareOp::Equal, 0),
+            ),
+        };
+        let record = SourceRecord {
+            replaces,
+            ..SourceRecord::default()
+        };
+        let value = serde_json::to_vec(&record).map_err(|e| e.to_string())?;
         let txn = Txn::new()
-            .when([Compare::version(sources.as_str(), CompareOp::Equal, 0)])
+            .when([
+                Compare::version(sources.as_str(), CompareOp::Equal, 0),
+                compare,
+            ])
             .and_then([
                 TxnOp::delete(retired.as_str(), None),
                 TxnOp::put(sources.as_str(), value, None),
             ]);
-        let mut client = self.inner().client.clone();
         timed(client.txn(txn)).await.map(|done| done.succeeded())
     }
 }

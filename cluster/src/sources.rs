@@ -45,6 +45,40 @@ pub struct SourceRecord {
     /// has it renames it rather than make this one anew.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renamed_from: Option<String>,
+    /// The rename or delete of an earlier service of this name that this one replaced
+    /// (added again, or renamed to it): a node that was away for both and still has the
+    /// earlier one (its [`RetiredRecord::head`]) applies that first, so that nothing of it
+    /// comes back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<RetiredRecord>,
+}
+
+/// A service deleted or renamed in the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetiredRecord {
+    /// The new name of a renamed service; `None`: deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renamed_to: Option<String>,
+    /// A delete that kept the deployments (archived on every node).
+    #[serde(default)]
+    pub keep: bool,
+    /// The node that took the operation.
+    pub node: String,
+    /// When (Unix milliseconds).
+    pub at_ms: u64,
+    /// The service's newest deployment then, as announced: a node that still has it has
+    /// the service from before (see [`SourceRecord::replaces`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<String>,
+}
+
+impl RetiredRecord {
+    pub(crate) fn what(&self) -> String {
+        match &self.renamed_to {
+            Some(to) => format!("renamed to `{to}` by node {}", self.node),
+            None => format!("deleted by node {}", self.node),
+        }
+    }
 }
 
 /// The most deletions a [`SourceRecord`] remembers; a node that was away for more

@@ -271,13 +271,18 @@ async fn a_rename_moves_the_records_one_of_two_at_once_wins_and_a_deleted_servic
     b.add_source("hello").await.expect("answered");
     assert!(!b.sources().iter().any(|(s, _, _)| s == "hello"));
 
-    // Added again, it is a new service: recorded with no ref, and the record goes.
+    // The record names hello's newest deployment then.
+    let retired = b.retired_record("hello").expect("retired");
+    assert_eq!(retired.head.as_deref(), Some(v1.as_str()));
+
+    // Added again, it is a new service: recorded with no ref, saying what it replaces, and
+    // the record goes.
     assert!(b.revive("hello").await.expect("revive"));
     assert!(
         until(|| a.retired_record("hello").is_none()
-            && a.sources()
-                .iter()
-                .any(|(s, r, _)| s == "hello" && r.refs.is_empty()))
+            && a.sources().iter().any(|(s, r, _)| s == "hello"
+                && r.refs.is_empty()
+                && r.replaces.as_ref() == Some(&retired)))
         .await
     );
     assert!(!b.revive("hello").await.expect("revive"), "exists already");

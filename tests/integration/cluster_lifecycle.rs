@@ -102,36 +102,40 @@ fn a_service_deleted_on_one_node_is_gone_everywhere_and_a_node_down_meanwhile_br
     }
     served_everywhere(&nodes, &format!("hello.{ZONE}"), "hello");
 
-    // Node 1 down; hello deleted on node 2: gone from the two nodes that run.
-    let down = nodes.remove(0);
-    down.stop();
+    // Nodes 1 and 3 down; hello deleted on node 2: gone there.
+    let n3 = nodes.pop().expect("n3");
+    let n1 = nodes.remove(0);
+    let (n1_data, n3_data) = (n1.data.clone(), n3.data.clone());
+    n1.stop();
+    n3.stop();
     let (code, deleted) = cli_json(
         &nodes[0],
         &["service", "delete", "hello", "--remove-deployments"],
     );
     assert_eq!(code, 0, "{deleted}");
-    for daemon in &nodes {
-        assert!(eventually(|| gone(daemon, "hello")), "{}", daemon.log());
-        assert_eq!(api_status(daemon, "hello"), 404);
-        assert!(daemon.instances().iter().all(|i| i["service"] != "hello"));
-    }
+    assert!(gone(&nodes[0], "hello"), "{}", nodes[0].log());
+    assert_eq!(api_status(&nodes[0], "hello"), 404);
+    assert!(nodes[0].instances().iter().all(|i| i["service"] != "hello"));
 
-    // Node 1 started again deletes it too, and nothing of it comes back on any node.
+    // Node 1 started again deletes it too, and nothing of it comes back.
     nodes.insert(0, node(temp.path(), &etcd, "n1", &prefix));
+    assert_eq!(nodes[0].data, n1_data);
     assert!(
         eventually(|| gone(&nodes[0], "hello")),
         "{}",
         nodes[0].log()
     );
+    // Logged once done (the line may follow by a moment what the checks above see).
     assert!(
-        nodes[0]
+        eventually(|| nodes[0]
             .log()
-            .contains("renamed or deleted a service as another node of the cluster did"),
+            .contains("renamed or deleted a service as another node of the cluster did")),
         "{}",
         nodes[0].log()
     );
     for daemon in &nodes {
         assert!(gone(daemon, "hello"), "{}", daemon.log());
+        assert_eq!(api_status(daemon, "hello"), 404);
         // A push of it is refused, saying so, and creates nothing.
         let output = try_push(daemon, &work, "hello");
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -140,24 +144,38 @@ fn a_service_deleted_on_one_node_is_gone_everywhere_and_a_node_down_meanwhile_br
         assert!(gone(daemon, "hello"));
     }
 
-    // Added again on node 3, it is a new service on every node: no deployments, and a
-    // push to node 2 builds it and every node serves it.
-    let (code, added) = cli_json(&nodes[2], &["service", "add", "hello"]);
+    // Added again on node 1, it is a new service: a push to node 2 builds its first
+    // deployment.
+    let (code, added) = cli_json(&nodes[0], &["service", "add", "hello"]);
     assert_eq!(code, 0, "{added}");
+    assert!(eventually(|| nodes[1]
+        .data
+        .join("src/hello.git/HEAD")
+        .is_file()));
+    push(&nodes[1], &work);
+    let live = rev_parse(&nodes[1], "refs/live/hello");
+    assert_ne!(live, "");
+
+    // Node 3, down for both, deletes the hello it has (the one from before) when it
+    // starts, then takes the new one: no node has a deployment of the earlier hello.
+    nodes.push(node(temp.path(), &etcd, "n3", &prefix));
+    assert_eq!(nodes[2].data, n3_data);
     for daemon in &nodes {
         assert!(
-            eventually(|| daemon.data.join("src/hello.git/HEAD").is_file()),
+            eventually(|| rev_parse(daemon, "refs/live/hello") == live
+                && history(daemon, "hello").len() == 1),
             "{}",
             daemon.log()
         );
     }
-    push(&nodes[1], &work);
-    let live = rev_parse(&nodes[1], "refs/live/hello");
-    assert_ne!(live, "");
-    for daemon in &nodes {
-        assert!(eventually(|| rev_parse(daemon, "refs/live/hello") == live));
-        assert_eq!(history(daemon, "hello").len(), 1);
-    }
+    // Logged once done (the line may follow by a moment what the checks above see).
+    assert!(
+        eventually(|| nodes[2]
+            .log()
+            .contains("renamed or deleted a service as another node of the cluster did")),
+        "{}",
+        nodes[2].log()
+    );
     served_everywhere(&nodes, &format!("hello.{ZONE}"), "hello");
 }
 
