@@ -26,6 +26,8 @@ const INSTANCES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("instan
 const QUEUE: usize = 4096;
 /// Most writes committed in one transaction.
 const BATCH: usize = 1024;
+/// How long a locked database is asked again before the start fails ([`open`]).
+const LOCKED_FOR: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// One running instance, as recorded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,11 +110,27 @@ pub struct Opened {
 }
 
 /// Opens (or creates) the database and reads the records an earlier daemon left.
+///
+/// redb holds an exclusive lock on the file while it is open. After an upgrade in place
+/// (an exec) the lock may outlive the old program for a moment: a child it forked just
+/// before holds the descriptor until that child's own exec closes it. So a database found
+/// locked is asked again for up to [`LOCKED_FOR`] before the start fails.
 pub fn open(path: &Path) -> Result<Opened, StateError> {
-    let db = Database::create(path).map_err(|source| StateError::Open {
-        path: path.to_owned(),
-        source: Box::new(source),
-    })?;
+    let start = std::time::Instant::now();
+    let db = loop {
+        match Database::create(path) {
+            Ok(db) => break db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) if start.elapsed() < LOCKED_FOR => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(source) => {
+                return Err(StateError::Open {
+                    path: path.to_owned(),
+                    source: Box::new(source),
+                });
+            }
+        }
+    };
     let write = db.begin_write().map_err(db_error)?;
     write.open_table(INSTANCES).map_err(db_error)?;
     write.commit().map_err(db_error)?;
@@ -233,6 +251,33 @@ mod tests {
                 cgroups: vec![],
             },
         }
+    }
+
+    /// A database another holder still has locked opens once it lets go (the lock a
+    /// forked child keeps for a moment after an upgrade's exec); one that stays locked
+    /// fails after the bound, with the file named.
+    #[test]
+    fn a_locked_database_is_asked_again_until_it_is_free_and_not_forever() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.redb");
+        let holder = Database::create(&path).expect("first holder");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let opening = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                tx.send(()).expect("send");
+                open(&path).map(|opened| opened.left.len())
+            })
+        };
+        rx.recv().expect("the opener runs");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        drop(holder);
+        assert_eq!(opening.join().expect("opener").expect("opened"), 0);
+
+        let held = Database::create(&path).expect("held");
+        let error = open(&path).expect_err("locked all along");
+        assert!(error.to_string().contains("state.redb"), "{error}");
+        drop(held);
     }
 
     #[tokio::test]
