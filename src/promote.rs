@@ -5,7 +5,9 @@
 //!    through the proxy (its service address gets a listener, as for any summon) and pinned
 //!    for the promotion, so that idle reaping leaves it be meanwhile; with `min_instances`
 //!    above 1, its other replicas are booted and pinned beside it
-//!    ([`Deployer::boot_replicas`]; refused when the instance caps cannot hold them).
+//!    ([`Deployer::boot_replicas`]). Refused before anything boots when the instance caps
+//!    cannot hold them beside what runs, the live revision's replicas included
+//!    ([`Deployer::room_for_replicas`]).
 //! 2. With a check, the deployer runs it on every replica ([`Deployer::check`]); without
 //!    one, every replica must become ready within its boot timeout.
 //! 3. Passed: one line for the pusher or the CLI, timed from the summon (`health check
@@ -55,13 +57,21 @@ impl Promotions {
         manifest: &Manifest,
     ) -> Result<String, String> {
         let started = Instant::now();
+        let replicas = self.deployer.replicas(&manifest.run);
+        if replicas > 0 {
+            // Before anything boots: the live revision's replicas serve until live moves.
+            self.deployer
+                .room_for_replicas(service, &revision, replicas)
+                .map_err(|error| error.to_string())?;
+        }
         let summoned = self
             .front
             .summon(service, &revision, None)
             .map_err(|error| format!("cannot boot it: {error}"))?;
         self.deployer.pin_for_promotion(&summoned.key);
+        let more = replicas > 1;
         let mut replicas = vec![summoned];
-        if self.deployer.replicas(&manifest.run) > 1 {
+        if more {
             let others = self
                 .deployer
                 .boot_replicas(service, &revision)

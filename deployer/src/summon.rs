@@ -283,6 +283,26 @@ pub enum SummonError {
         /// The lower of the caps.
         limit: usize,
     },
+    /// A promotion of a warm service whose replicas would not fit beside the instances of
+    /// the service already running (the live revision's replicas serve until live moves).
+    #[error(
+        "`{service}` keeps {replicas} replicas warm ([run] min_instances) and {running} of its instances already run (the live revision's serve until live moves): promoting needs {needed} at once, and at most {limit} may run ([instances] {cap})"
+    )]
+    PromotionRoom {
+        /// The service.
+        service: String,
+        /// The replicas asked for.
+        replicas: u16,
+        /// Instances running that the promotion does not replace before live moves: of the
+        /// service for `max_per_service`, of any service for `max_total`.
+        running: usize,
+        /// `running` + `replicas`.
+        needed: usize,
+        /// The cap.
+        limit: usize,
+        /// The cap's key: `max_per_service` or `max_total`.
+        cap: &'static str,
+    },
     /// A per-client service was summoned without a client address.
     #[error("`{service}` gives each client its own instance: a client address is needed")]
     ClientRequired {

@@ -331,3 +331,47 @@ fn replicas_the_instance_caps_cannot_hold_are_refused_at_push() {
     let builds = history(&daemon, "hello");
     assert_eq!(builds[0]["live"], false, "{builds:?}");
 }
+
+/// The live revision's replicas serve until live moves: a promotion whose new replicas the
+/// per-service cap cannot hold beside them is refused before anything boots, naming the cap
+/// (it failed later with the cap's bare message, a replica booted and left).
+#[test]
+fn a_promotion_the_caps_cannot_hold_beside_the_live_replicas_is_refused_at_push() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let daemon = Daemon::start_configured(
+        &temp.path().join("data"),
+        "[instances]\nmax_per_service = 3\n",
+    );
+    let work = hello_source(temp.path());
+    write_manifest(&work, "min_instances = 2\n");
+    crate::support::git(&work, &["commit", "-q", "-am", "hello, two replicas"]);
+    let pushed = push(&daemon, &work);
+    assert!(pushed.contains("booted warm"), "{pushed}");
+    let v1 = short(&history(&daemon, "hello")[0]);
+    let before = replicas(&daemon);
+    assert_eq!(before.len(), 2, "{before:?}");
+
+    // Two more would make four: refused, and nothing of the new revision boots.
+    commit_revision(&work, "v2", "hello");
+    let refused = push_refused(&daemon, &work);
+    assert!(
+        refused.contains("promoting needs 4 at once")
+            && refused.contains("at most 3 may run ([instances] max_per_service)"),
+        "{refused}"
+    );
+    let builds = history(&daemon, "hello");
+    assert_eq!(builds[0]["live"], false, "{builds:?}");
+    let listed = daemon.instances();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(replicas(&daemon), before);
+    assert!(get_live(&daemon).is_ok_and(|(body, _)| body.starts_with("hello from v1")));
+
+    // One replica fits beside the two: promoted, and the old ones are reaped once idle.
+    write_manifest(&work, "min_instances = 1\n");
+    commit_revision(&work, "v3", "hello");
+    let pushed = push(&daemon, &work);
+    assert!(pushed.contains("booted warm"), "{pushed}");
+    let v3 = short(&history(&daemon, "hello")[0]);
+    assert_ne!(v3, v1);
+    assert!(get_live(&daemon).is_ok_and(|(body, _)| body.starts_with("hello from v3")));
+}

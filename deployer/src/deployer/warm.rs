@@ -15,7 +15,12 @@
 //! 5. A promotion boots and pins the replicas of the revision it promotes for
 //!    [`PROMOTION_PIN`] itself ([`Deployer::boot_replicas`], [`Deployer::pin_for_promotion`]),
 //!    before live moves, so that nothing reaps them between their check and the keeper's
-//!    next look.
+//!    next look. The live revision's replicas keep serving meanwhile, all of them, so that
+//!    a check that fails costs the service nothing (blue-green, as Heroku's preboot or
+//!    Fly's bluegreen strategy): the caps must hold the old and the new replicas at once,
+//!    and a promotion they cannot hold is refused before anything boots, naming the cap
+//!    ([`Deployer::room_for_replicas`]). Stopping old replicas as new ones pass was the
+//!    other way; it leaves the live revision short of replicas when a later one fails.
 //! 6. Connections to the replicas' address, and summons of their revision, are spread over
 //!    the replicas that serve ([`Deployer::spread`]): to the one with the fewest open
 //!    connections, and among equals to each in turn. Fewest open connections rather than
@@ -96,14 +101,7 @@ impl Deployer {
     ) -> Result<Vec<Summoned>, SummonError> {
         let info = self.revision_info(service, revision)?;
         let replicas = self.replicas(&info.manifest.run);
-        let cap = self.config.max_per_service.min(self.config.max_instances);
-        if usize::from(replicas) > cap {
-            return Err(SummonError::Replicas {
-                service: service.to_owned(),
-                replicas,
-                limit: cap,
-            });
-        }
+        self.room_for_replicas(service, revision, replicas)?;
         let first = InstanceKey::first(service, *revision, None);
         (1..replicas)
             .map(|replica| {
@@ -113,6 +111,55 @@ impl Deployer {
                 Ok(summoned)
             })
             .collect()
+    }
+
+    /// Whether the instance caps hold `replicas` replicas of `revision`, alone and beside
+    /// every other instance that runs now (rule 5; those of `revision` itself are its
+    /// replicas already).
+    pub fn room_for_replicas(
+        &self,
+        service: &str,
+        revision: &Revision,
+        replicas: u16,
+    ) -> Result<(), SummonError> {
+        let cap = self.config.max_per_service.min(self.config.max_instances);
+        if usize::from(replicas) > cap {
+            return Err(SummonError::Replicas {
+                service: service.to_owned(),
+                replicas,
+                limit: cap,
+            });
+        }
+        let table = self.table.lock().expect("table lock is never poisoned");
+        let mine = table
+            .by_key
+            .iter()
+            .filter(|(key, entry)| {
+                key.service == service
+                    && key.revision == *revision
+                    && entry.counted.load(Ordering::Acquire)
+            })
+            .count();
+        let of_service = table.per_service.get(service).copied().unwrap_or(0);
+        let caps = [
+            (of_service, self.config.max_per_service, "max_per_service"),
+            (table.live, self.config.max_instances, "max_total"),
+        ];
+        for (counted, limit, cap) in caps {
+            let running = counted.saturating_sub(mine);
+            let needed = running + usize::from(replicas);
+            if needed > limit {
+                return Err(SummonError::PromotionRoom {
+                    service: service.to_owned(),
+                    replicas,
+                    running,
+                    needed,
+                    limit,
+                    cap,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The replica to give a connection or a summon to, of those on `holder`'s address
