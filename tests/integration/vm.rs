@@ -2,7 +2,8 @@
 //! proxy into the qemu microvm, then idle reaping writes its console back to the store; then
 //! the same name again, which restores the snapshot the first boot saved (or, with
 //! `qemu_restore = false`, boots cold again). A secret set with the CLI reaches the guest in
-//! fw_cfg, and no file, argument or log.
+//! fw_cfg, and no file, argument or log. A warm VM service keeps two replicas, two qemu
+//! processes on one name, each booted again when killed.
 
 use std::time::{Duration, Instant};
 
@@ -181,4 +182,84 @@ fn a_secret_set_with_the_cli_reaches_a_vm_in_fw_cfg_and_no_file_argument_or_log(
     );
     let clear = crate::config::files_holding(&data, other.as_bytes());
     assert!(clear.is_empty(), "the secret is in the clear in {clear:?}");
+}
+
+/// The VMs of hello-vm's live revision that serve: (replica, pid), in replica order.
+fn vm_replicas(daemon: &Daemon) -> Vec<(u64, Option<u64>)> {
+    let mut serving: Vec<(u64, Option<u64>)> = daemon
+        .instances()
+        .into_iter()
+        .filter(|i| i["state"] == "ready" || i["state"] == "idle")
+        .map(|i| (i["replica"].as_u64().unwrap_or(0), i["pid"].as_u64()))
+        .collect();
+    serving.sort();
+    serving
+}
+
+#[test]
+fn a_warm_vm_service_keeps_two_replicas_each_serves_and_one_killed_is_booted_again() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let daemon = Daemon::start(&temp.path().join("data"));
+    let work = example_source(temp.path(), "hello-vm");
+    let manifest = work.join("revboot.toml");
+    let mut text = std::fs::read_to_string(&manifest).expect("read revboot.toml");
+    assert!(
+        text.trim_end().ends_with("idle_timeout_secs = 60"),
+        "{text}"
+    );
+    text.push_str("min_instances = 2\n");
+    std::fs::write(&manifest, text).expect("write revboot.toml");
+    crate::support::git(&work, &["commit", "-q", "-am", "hello-vm, two replicas"]);
+    let pushed = push_service(&daemon, &work, "hello-vm");
+    assert!(
+        pushed.contains("booted warm") && pushed.contains("min_instances = 2"),
+        "{pushed}"
+    );
+
+    // The push returned once both VMs were booted and ready: two qemu processes.
+    let before = vm_replicas(&daemon);
+    assert_eq!(
+        before.iter().map(|r| r.0).collect::<Vec<_>>(),
+        [0, 1],
+        "{before:?}"
+    );
+    assert!(
+        before[0].1.is_some() && before[1].1.is_some() && before[0].1 != before[1].1,
+        "{before:?}"
+    );
+    let name = "hello-vm.revboot.test";
+    let address = dig_ok(&daemon, name, false);
+    assert!(curl(name, &address, 8080).starts_with("hello from v1"));
+
+    // Each killed in turn: the other serves alone meanwhile, so both serve, and the killed
+    // one is booted again without a request.
+    let mut now = before;
+    for replica in [0, 1] {
+        let victim = now[replica].1.expect("a pid");
+        crate::support::run(
+            std::process::Command::new("kill").args(["-KILL", &victim.to_string()]),
+        );
+        assert!(
+            crate::support::eventually(|| vm_replicas(&daemon).iter().all(|r| r.1 != Some(victim))),
+            "the killed VM is still listed: {:?}",
+            daemon.instances()
+        );
+        let address = dig_ok(&daemon, name, false);
+        let body = curl(name, &address, 8080);
+        assert!(body.starts_with("hello from v1"), "{body}");
+        let other = now[1 - replica];
+        assert!(
+            crate::support::eventually(|| {
+                let again = vm_replicas(&daemon);
+                again.len() == 2
+                    && again[1 - replica] == other
+                    && again[replica].1.is_some_and(|pid| pid != victim)
+            }),
+            "replica #{replica} was not booted again: {:?}",
+            daemon.instances()
+        );
+        now = vm_replicas(&daemon);
+    }
+    let address = dig_ok(&daemon, name, false);
+    assert!(curl(name, &address, 8080).starts_with("hello from v1"));
 }
