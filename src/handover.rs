@@ -21,9 +21,11 @@
 //!    thread, the parent of every instance, executes the binary with the same arguments and
 //!    `REVBOOT_HANDOVER=fd:<n>` naming the memfd, keeping it and those descriptors open
 //!    ([`revboot_sandbox::parent::exec`], which blocks SIGHUP, SIGTERM and SIGINT across
-//!    the `execve`: the new program unblocks them once it handles them). A SIGTERM or
-//!    SIGINT that came during the upgrade is in the state too (`stop`): the new program
-//!    sends itself SIGTERM, handled once it serves. The pid stays; so do the instances'
+//!    the `execve`: the new program unblocks them once it handles them; from just before
+//!    the state is written, any thread that takes one passes it to the main thread, where
+//!    it stays pending). A SIGTERM or SIGINT that came during the upgrade until then is in
+//!    the state too (`stop`, looked at once they are held): the new program sends itself
+//!    SIGTERM, handled once it serves. The pid stays; so do the instances'
 //!    pids.
 //! 4. The new program reads the memfd and closes it (a path instead of `fd:<n>` is the
 //!    `<data>/handover.json` of an older program, read and removed), serves on the sockets
@@ -558,7 +560,14 @@ pub fn check_binary(binary: &Path) -> Result<(), String> {
 /// Puts the state in a sealed memfd (rule 3) and executes `binary`, then `/proc/self/exe`
 /// (rule 5), keeping `fds` and the memfd. Returns only if both failed.
 pub fn exec(binary: &Path, state: &State, fds: &[BorrowedFd<'_>]) -> anyhow::Error {
-    let memfd = match state_memfd(state) {
+    // From here a SIGHUP, SIGTERM or SIGINT stays pending across the exec, whichever thread
+    // takes it; one taken before is seen now, the state's last look.
+    if let Err(error) = revboot_sandbox::parent::hold_signals() {
+        warn!(%error, "cannot hold SIGHUP, SIGTERM and SIGINT for the exec");
+    }
+    let mut state = state.clone();
+    state.stop |= revboot_sandbox::parent::stop_signalled();
+    let memfd = match state_memfd(&state) {
         Ok(memfd) => memfd,
         Err(error) => return error,
     };

@@ -20,16 +20,22 @@
 //!    ([`HANDOVER_SIGNALS`]) just before the `execve`; the mask is inherited, so such a
 //!    signal stays pending in the new program (and its threads, which inherit the mask from
 //!    the main thread) until it calls [`unblock_signals`] once its handlers are installed,
-//!    and is handled then. A signal that comes before the block is handled by the old
-//!    program's handlers (tokio's, which only note it).
+//!    and is handled then. The mask is the main thread's alone: the old program's other
+//!    threads would still take such a signal with its handlers (tokio's, which only note
+//!    it) and lose it with the `execve`. So [`hold_signals`] comes first: it blocks them on
+//!    the main thread and makes every other thread that takes one pass it to the main
+//!    thread (`tgkill`), where it stays pending. A SIGTERM or SIGINT taken before that is
+//!    seen by [`stop_signalled`] (an action of ours beside tokio's, [`watch_stop`]): the
+//!    daemon looks after holding, and writes what it saw into the hand-over's state.
 
 use std::ffi::{CString, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::thread::ThreadId;
 
 /// Jobs queued for the main thread before callers wait.
@@ -170,11 +176,139 @@ pub fn exec(
 pub const HANDOVER_SIGNALS: [i32; 3] = [libc::SIGHUP, libc::SIGTERM, libc::SIGINT];
 
 /// Unblocks [`HANDOVER_SIGNALS`] on the main thread (on this thread where no [`serve`]
-/// runs), so that one pending since the `execve` is handled now (module doc, rule 4). Call
-/// it once the program's handlers for them are installed; a program not started by an
-/// upgrade has nothing blocked, and this changes nothing.
+/// runs), so that one pending since the `execve` is handled now (module doc, rule 4), and
+/// notes SIGTERM and SIGINT from now on ([`watch_stop`], the first time). Call it once the
+/// program's handlers for them are installed; a program not started by an upgrade has
+/// nothing blocked.
 pub fn unblock_signals() -> io::Result<()> {
+    static WATCHED: OnceLock<()> = OnceLock::new();
+    if WATCHED.get().is_none() {
+        watch_stop()?;
+        let _ = WATCHED.set(());
+    }
     run(|| mask(libc::SIG_UNBLOCK))
+}
+
+/// Set by [`watch_stop`]'s action when SIGTERM or SIGINT comes.
+static STOP_SIGNALLED: AtomicBool = AtomicBool::new(false);
+/// The thread [`hold_signals`] passes the held signals to (a thread id, 0 when none).
+static HOLDER: AtomicI32 = AtomicI32::new(0);
+/// The actions [`hold_signals`] replaced, to put back when the `execve` fails.
+static REPLACED: Mutex<Vec<(libc::c_int, libc::sigaction)>> = Mutex::new(Vec::new());
+
+/// Notes every SIGTERM and SIGINT from now on, for [`stop_signalled`], beside the handlers
+/// the program installed for them (tokio's, through the same registry). Call it once, with
+/// those handlers in: it replaces the default action (ending the process) by a note.
+#[allow(unsafe_code)] // signal_hook_registry::register: the action must be signal-safe.
+pub fn watch_stop() -> io::Result<()> {
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: the action only stores into an atomic, which is async-signal-safe.
+        unsafe {
+            signal_hook_registry::register(signal, || {
+                STOP_SIGNALLED.store(true, Ordering::SeqCst);
+            })
+        }?;
+    }
+    Ok(())
+}
+
+/// True once SIGTERM or SIGINT came since [`watch_stop`] (module doc, rule 4).
+pub fn stop_signalled() -> bool {
+    STOP_SIGNALLED.load(Ordering::SeqCst)
+}
+
+/// Before an upgrade's last look at its signals (module doc, rule 4): blocks
+/// [`HANDOVER_SIGNALS`] on the main thread and has any other thread that takes one pass it
+/// to the main thread, where it stays pending across the `execve`. [`exec`] undoes it when
+/// the `execve` fails.
+pub fn hold_signals() -> io::Result<()> {
+    if !is_served() {
+        return Ok(());
+    }
+    run(hold_here)
+}
+
+/// Which of [`HANDOVER_SIGNALS`] are pending on the main thread (on this thread where no
+/// [`serve`] runs): held by [`hold_signals`], or blocked since an `execve` (module doc).
+pub fn pending_signals() -> io::Result<Vec<i32>> {
+    run(pending_here)
+}
+
+/// [`pending_signals`], on this thread.
+#[allow(unsafe_code)] // sigpending and sigismember on a local set.
+fn pending_here() -> io::Result<Vec<i32>> {
+    // SAFETY: sigpending fills the local set; sigismember reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        if libc::sigpending(&mut set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(HANDOVER_SIGNALS
+            .into_iter()
+            .filter(|signal| libc::sigismember(&set, *signal) == 1)
+            .collect())
+    }
+}
+
+/// [`hold_signals`], on the main thread.
+#[allow(unsafe_code)] // gettid and sigaction: raw system calls.
+fn hold_here() -> io::Result<()> {
+    mask(libc::SIG_BLOCK)?;
+    // SAFETY: gettid has no arguments and cannot fail.
+    let me = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
+    HOLDER.store(me, Ordering::SeqCst);
+    let mut replaced = REPLACED.lock().unwrap_or_else(PoisonError::into_inner);
+    if !replaced.is_empty() {
+        return Ok(());
+    }
+    for signal in HANDOVER_SIGNALS {
+        // SAFETY: a zeroed sigaction with an empty mask and a plain handler is valid;
+        // sigaction writes the old action into a local.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = pass_to_holder as *const () as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(signal, &action, &mut old) != 0 {
+                let error = io::Error::last_os_error();
+                drop(replaced);
+                release_here();
+                return Err(error);
+            }
+            replaced.push((signal, old));
+        }
+    }
+    Ok(())
+}
+
+/// The held signals' handler on the threads that do not block them: passes the signal on
+/// to the main thread, which does.
+#[allow(unsafe_code)] // errno, getpid and tgkill: all async-signal-safe.
+extern "C" fn pass_to_holder(signal: libc::c_int) {
+    // SAFETY: errno is this thread's; getpid and tgkill are async-signal-safe.
+    unsafe {
+        let errno = *libc::__errno_location();
+        libc::syscall(
+            libc::SYS_tgkill,
+            libc::getpid(),
+            HOLDER.load(Ordering::SeqCst),
+            signal,
+        );
+        *libc::__errno_location() = errno;
+    }
+}
+
+/// Undoes [`hold_here`]: the handlers it replaced are back, then the signals are unblocked
+/// (those pending are handled by them).
+#[allow(unsafe_code)] // sigaction: a raw system call.
+fn release_here() {
+    let mut replaced = REPLACED.lock().unwrap_or_else(PoisonError::into_inner);
+    for (signal, old) in replaced.drain(..) {
+        // SAFETY: `old` is the action sigaction returned for this signal.
+        unsafe { libc::sigaction(signal, &old, std::ptr::null_mut()) };
+    }
+    let _ = mask(libc::SIG_UNBLOCK);
 }
 
 /// Blocks or unblocks [`HANDOVER_SIGNALS`] on this thread.
@@ -275,8 +409,9 @@ fn exec_here(request: &ExecRequest) -> io::Error {
         }
     };
     set_cloexec(false);
-    // Rule 4: pending, not fatal, until the new program handles them.
-    let blocked = mask(libc::SIG_BLOCK).is_ok();
+    // Rule 4: pending, not fatal, until the new program handles them (held already when
+    // the caller called hold_signals; this holds them otherwise).
+    let held = hold_here().is_ok();
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
     let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
@@ -285,8 +420,8 @@ fn exec_here(request: &ExecRequest) -> io::Error {
     // failure.
     unsafe { libc::execve(program.as_ptr(), argv_ptrs.as_ptr(), envp_ptrs.as_ptr()) };
     let error = io::Error::last_os_error();
-    if blocked {
-        let _ = mask(libc::SIG_UNBLOCK);
+    if held {
+        release_here();
     }
     set_cloexec(true);
     error
