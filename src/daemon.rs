@@ -49,6 +49,7 @@ use crate::engine::{Engine, Runtime, error_chain, resolve_error};
 use crate::handover::{Inherited, Sockets, TakenOver};
 use crate::metrics::DaemonMetrics;
 use crate::promote::Promotions;
+pub use crate::signals::termination;
 use crate::tls::Certificates;
 use crate::wiring::{TlsParts, build_view, cannot_serve, first_address, instance_view, tenders};
 pub use crate::wiring::{deployer_name, token};
@@ -819,25 +820,6 @@ impl Daemon {
             Err(_) => warn!("HTTP server did not stop within 10s"),
         }
         info!("revboot stopped");
-    }
-}
-
-/// Resolves when SIGTERM or SIGINT arrives; their handlers are installed at the call.
-pub fn termination() -> impl std::future::Future<Output = ()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let signals = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    );
-    async move {
-        let (Ok(mut term), Ok(mut int)) = signals else {
-            warn!("cannot listen for signals; stop the daemon with SIGKILL");
-            return std::future::pending::<()>().await;
-        };
-        tokio::select! {
-            _ = term.recv() => info!("SIGTERM received"),
-            _ = int.recv() => info!("SIGINT received"),
-        }
     }
 }
 

@@ -35,6 +35,7 @@ pub mod promote;
 pub mod remotes;
 pub mod replicate;
 pub mod run;
+pub mod signals;
 pub mod tls;
 pub mod upkeep;
 mod wiring;
