@@ -185,6 +185,27 @@ impl Action {
     pub fn needs_token(&self) -> bool {
         self.is_write() || matches!(self, Action::CheckToken)
     }
+
+    /// The service the action names, if it names one.
+    pub fn service(&self) -> Option<&str> {
+        match self {
+            Action::AddService { name: service }
+            | Action::DeleteService { service, .. }
+            | Action::RenameService { service, .. }
+            | Action::History { service }
+            | Action::Show { service, .. }
+            | Action::Diff { service, .. }
+            | Action::MoveLive { service, .. }
+            | Action::StopInstance { service, .. }
+            | Action::BuildLog { service, .. }
+            | Action::ConsoleLogs { service, .. }
+            | Action::Summon { service, .. }
+            | Action::Config { service, .. }
+            | Action::ConfigChange { service, .. } => Some(service),
+            Action::ListBuilds { service } => service.as_deref(),
+            _ => None,
+        }
+    }
 }
 
 /// What becomes of a deleted service's deployments.

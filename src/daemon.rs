@@ -202,6 +202,10 @@ impl Runtime for DaemonRuntime {
         self.handle.block_on(self.parts().rename(from, to))
     }
 
+    fn renamed_to(&self, service: &str) -> Option<String> {
+        self.builder.renamed_to(service)
+    }
+
     fn instances(&self, action: &Action) -> Result<Reply, ActionError> {
         match action {
             Action::ListInstances => Ok(Reply::Instances(

@@ -41,6 +41,8 @@ pub trait Runtime: Send + Sync + 'static {
     /// The daemon itself, its upgrade in place, or its cluster ([`Action::Daemon`],
     /// [`Action::Upgrade`], [`Action::Nodes`]).
     fn daemon(&self, action: &Action) -> Result<Reply, ActionError>;
+    /// The name the service once called `service` has now, if it was renamed.
+    fn renamed_to(&self, service: &str) -> Option<String>;
 }
 
 /// Carries out actions.
@@ -91,8 +93,26 @@ impl Engine {
         &self.zone
     }
 
-    /// Carries out one action.
+    /// Carries out one action. A service not found that was renamed is named by its new
+    /// name, as a push to its old URL is (a checkout's remote still names the old one).
     pub fn execute(&self, action: Action) -> Result<Reply, ActionError> {
+        let service = action.service().map(str::to_owned);
+        match (self.carry_out(action), service, &self.runtime) {
+            (Err(ActionError::NotFound(unknown)), Some(service), Some(runtime)) => {
+                Err(ActionError::NotFound(match runtime.renamed_to(&service) {
+                    Some(to) => format!(
+                        "Service `{service}` was renamed to `{to}`: name it `{to}`, or point \
+                         the checkout's remote at /git/{to}.git (git remote set-url <remote> \
+                         <daemon>/git/{to}.git)"
+                    ),
+                    None => unknown,
+                }))
+            }
+            (result, _, _) => result,
+        }
+    }
+
+    fn carry_out(&self, action: Action) -> Result<Reply, ActionError> {
         match &action {
             Action::AddService { name } => {
                 let runtime = self.runtime()?;

@@ -107,6 +107,12 @@ impl Builder {
         self.inner.repos.exists(service)
     }
 
+    /// The name a service once called `name` has now, if it was renamed and `name` was not
+    /// made a service again since (the `renamed` module).
+    pub fn renamed_to(&self, name: &str) -> Option<String> {
+        self.inner.renamed.new_name(name)
+    }
+
     /// Moves the source repository, build cache and queue state of `from` to `to` (module
     /// docs, rule 2); both must be closed. Returns whether `from` had a source repository.
     pub async fn rename_source(

@@ -167,6 +167,25 @@ fn rename_moves_names_live_history_instances_and_source() {
         (3, Some("not_found")),
         "{error}"
     );
+    // A checkout whose remote still names the old service: the CLI names the new one, as
+    // a push to the old URL does.
+    crate::support::git(&work, &["remote", "add", "origin", &daemon.remote("hello")]);
+    for args in [&["log"][..], &["logs"]] {
+        let output = daemon
+            .cli_command(&format!("http://{}", daemon.http), &[], args)
+            .current_dir(&work)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run revboot");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(3), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("Service `hello` was renamed to `greet`")
+                && stderr.contains("/git/greet.git"),
+            "{args:?}: {stderr}"
+        );
+    }
+    crate::support::git(&work, &["remote", "remove", "origin"]);
 
     // The stopped instance's record went with the service.
     let stopped = eventually(|| {
