@@ -622,11 +622,7 @@ const REAP_LOOK: Duration = Duration::from_millis(50);
 
 /// The parent and start time (clock ticks after boot) of process `pid`, from its stat.
 fn parent_and_start(pid: u32) -> Option<(u32, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let end = stat.rfind(')')?;
-    // After the name: the state (field 3), the parent's pid (4), ... the start time (22).
-    let fields: Vec<&str> = stat[end + 1..].split_whitespace().collect();
-    Some((fields.get(1)?.parse().ok()?, fields.get(19)?.parse().ok()?))
+    revboot_sandbox::stat::read(pid).map(|stat| (stat.parent, stat.start_time))
 }
 
 /// This process's children but the instances `handed` (rule 3), each a pid and its start
@@ -749,12 +745,9 @@ mod tests {
             let pid = child.id();
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
             loop {
-                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-                if stat[stat.rfind(')').expect("a name") + 1..]
-                    .trim_start()
-                    .starts_with('Z')
-                {
-                    return (pid, parent_and_start(pid).expect("its start").1);
+                let stat = revboot_sandbox::stat::read(pid).expect("stat");
+                if stat.state == 'Z' {
+                    return (pid, stat.start_time);
                 }
                 assert!(std::time::Instant::now() < deadline, "{pid} did not end");
                 std::thread::sleep(Duration::from_millis(10));

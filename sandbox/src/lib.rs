@@ -17,7 +17,8 @@
 //!   of an upgrade in place that keeps them running.
 //!
 //! Beside them, [`secret`] keeps what sandboxes must never see: the daemon's tokens on
-//! disk, random and readable by the daemon alone.
+//! disk, random and readable by the daemon alone; [`stat`] reads what `/proc/<pid>/stat`
+//! says of a process (its parent, its start time), to tell the processes it started apart.
 //!
 //! The order a child applies them in, with the reason for each position:
 //!
@@ -64,5 +65,6 @@ pub mod root;
 pub mod seccomp;
 pub mod secret;
 pub mod spawn;
+pub mod stat;
 pub mod uids;
 pub mod worker;

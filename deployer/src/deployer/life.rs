@@ -588,11 +588,5 @@ pub(super) fn clean_orphans(
 }
 
 pub(super) fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            stat.rfind(')')
-                .map(|i| stat[i + 1..].trim_start().starts_with('Z'))
-        })
-        .unwrap_or(true)
+    revboot_sandbox::stat::read(pid).is_none_or(|stat| stat.state == 'Z')
 }

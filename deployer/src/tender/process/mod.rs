@@ -840,9 +840,7 @@ impl Spawned {
 
 /// The start time of a process (`/proc/<pid>/stat` field 22).
 pub fn pid_start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    revboot_sandbox::stat::read(pid).map(|stat| stat.start_time)
 }
 
 #[cfg(test)]

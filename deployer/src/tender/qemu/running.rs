@@ -474,8 +474,5 @@ pub(super) fn adopt(tender: &QemuTender, adopted: Adopted) -> Result<Box<dyn Run
 
 /// The start time of a process (`/proc/<pid>/stat` field 22), to tell a reused pid apart.
 fn pid_start(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command (which may hold spaces) start at field 3.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+    revboot_sandbox::stat::read(pid).map(|stat| stat.start_time)
 }
