@@ -26,6 +26,9 @@ name; warm, each again. Instances restore from the snapshot of the first boot (t
 default); QEMU_RESTORE=false times cold boots.
 
 usage: bench/server-cold.py [N] [--vm]   (default 200; run as root from the repository root)
+REVBOOT=<binary> times that binary instead of building this tree's: an anchor built from
+another commit, run in turn with this tree's on the same loaded host (the examples pushed
+are this tree's either way).
 Load average and cores are printed with the figures: they move them.
 """
 import importlib.util, json, os, random, shutil, socket, struct, subprocess, sys, tempfile, time
@@ -128,8 +131,13 @@ def api(ns, method, path, body=None):
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     n = int(args[0]) if args else 200
-    subprocess.run(["cargo", "build", "--release", "--locked", "-q", "-p", "revboot"], cwd=ROOT, check=True)
-    exe = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release/revboot")
+    exe = os.environ.get("REVBOOT")
+    if exe:
+        exe = os.path.abspath(exe)
+    else:
+        subprocess.run(["cargo", "build", "--release", "--locked", "-q", "-p", "revboot"], cwd=ROOT, check=True)
+        exe = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release/revboot")
+    print("binary: %s" % exe, flush=True)
     work = tempfile.mkdtemp(prefix="revboot-server-bench-")
     holders, children = [], []
     try:
