@@ -8,7 +8,7 @@
 //!    released it for qemu. Landlock lets qemu bind port 0 alone: the kernel's pick.
 //! 2. Once qemu answers on QMP, `info usernet` names the port its forward bound
 //!    ([`learn`]): for a cold boot, the supervisor asks as its session comes up; for a
-//!    restore, right after `hostfwd_add`. The instance is ready only once it is known, so
+//!    restore, right after `hostfwd_add` and `cont` (the guest runs meanwhile). The instance is ready only once it is known, so
 //!    no connection is relayed or steered to it before.
 //! 3. An instance that listens on its service address's own port (`BackendPort::Same`)
 //!    forwards from the manifest port, known from the start; [`claim`] checks that it is

@@ -15,8 +15,9 @@
 //! 3. [`Incoming::load`]: `migrate-incoming` on a unix socket in its scratch directory, the
 //!    daemon streams the snapshot in, waits for the `MIGRATION` event `completed`; the guest
 //!    stays paused. A qemu of another version than the snapshot's refuses it before anything
-//!    is sent. [`Incoming::resume`]: the instance's port forward (`hostfwd_add`, then the
-//!    port it bound from `info usernet`), its cgroup limits, `cont`. A summon that finds its snapshot loaded ahead pays only for the resume.
+//!    is sent. [`Incoming::resume`]: its cgroup limits, the instance's port forward
+//!    (`hostfwd_add`), `cont`, then the port the forward bound (`info usernet`, while the
+//!    guest runs). A summon that finds its snapshot loaded ahead pays only for the resume.
 //! 4. A dropped [`Incoming`] is killed; its cgroups, scratch directory and uid go back once
 //!    it is reaped (on a thread of its own: the reap is a blocking wait).
 //!
@@ -273,12 +274,14 @@ impl Incoming {
             if !said.is_empty() {
                 return Err(format!("the port forward was refused: {said}"));
             }
-            let backend = match forward.known() {
-                Some(backend) => backend,
-                None => super::forward::learn(qmp, forward.host).await?,
-            };
+            // The guest runs while the forward's port is learnt: nothing reaches it before
+            // that (the instance is not ready until its backend is known), and the round
+            // trip is then off the boot's path.
             qmp.execute("cont").await.map_err(|e| e.to_string())?;
-            Ok(backend)
+            match forward.known() {
+                Some(backend) => Ok(backend),
+                None => super::forward::learn(qmp, forward.host).await,
+            }
         };
         tokio::time::timeout(RESTORE_TIMEOUT, steps)
             .await
