@@ -114,7 +114,7 @@ pub struct Opened {
 /// redb holds an exclusive lock on the file while it is open. After an upgrade in place
 /// (an exec) the lock may outlive the old program for a moment: a child it forked just
 /// before holds the descriptor until that child's own exec closes it. So a database found
-/// locked is asked again for up to [`LOCKED_FOR`] before the start fails.
+/// locked is asked again for up to 5 s (`LOCKED_FOR`) before the start fails.
 pub fn open(path: &Path) -> Result<Opened, StateError> {
     let start = std::time::Instant::now();
     let db = loop {
