@@ -49,14 +49,20 @@
 //! qemu's forwarded port), which needs ptrace rights over it. Steered connections are the
 //! instance's own: the proxy's idle and total timeouts do not apply to them.
 
-use std::collections::{HashMap, HashSet};
-use std::ffi::CString;
+use std::collections::HashSet;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use crate::addresses::ClientNet;
+
+mod bpf;
+
+use bpf::{
+    Asm, Insn, MAP_TYPE_HASH, MAP_TYPE_SOCKHASH, R0, R1, R2, R3, R6, R7, R8, R9, R10, link_create,
+    map_create, map_delete, map_lookup, map_update, owned, program_load,
+};
 
 /// The route key: the address in its IPv6 (or IPv4-mapped) form, network order as the
 /// program reads it, and the port (host order, as the kernel gives it to the program).
@@ -353,131 +359,9 @@ const ROUTE_CONNECTIONS: i16 = 32;
 /// Bytes 8..12 of an IPv4-mapped address (`0, 0, 0xff, 0xff`), as a little-endian word.
 const MAPPED_WORD: i32 = 0xffff_0000_u32 as i32;
 
-const HELPER_MAP_LOOKUP: i32 = 1;
 const HELPER_SK_RELEASE: i32 = 86;
 const HELPER_SK_ASSIGN: i32 = 124;
 const SK_PASS: i32 = 1;
-
-/// One `struct bpf_insn`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-struct Insn {
-    code: u8,
-    regs: u8,
-    off: i16,
-    imm: i32,
-}
-
-/// A minimal assembler: instructions, and forward jumps to named labels.
-#[derive(Default)]
-struct Asm {
-    insns: Vec<Insn>,
-    fixups: Vec<(usize, &'static str)>,
-    labels: HashMap<&'static str, usize>,
-}
-
-const R0: u8 = 0;
-const R1: u8 = 1;
-const R2: u8 = 2;
-const R3: u8 = 3;
-const R6: u8 = 6;
-const R7: u8 = 7;
-const R8: u8 = 8;
-const R9: u8 = 9;
-const R10: u8 = 10;
-
-impl Asm {
-    fn raw(&mut self, code: u8, dst: u8, src: u8, off: i16, imm: i32) {
-        self.insns.push(Insn {
-            code,
-            regs: (src << 4) | dst,
-            off,
-            imm,
-        });
-    }
-    /// `dst = src` (64 bit).
-    fn mov(&mut self, dst: u8, src: u8) {
-        self.raw(0xbf, dst, src, 0, 0);
-    }
-    /// `dst = imm` (64 bit).
-    fn mov_imm(&mut self, dst: u8, imm: i32) {
-        self.raw(0xb7, dst, 0, 0, imm);
-    }
-    /// `dst += imm` (64 bit).
-    fn add_imm(&mut self, dst: u8, imm: i32) {
-        self.raw(0x07, dst, 0, 0, imm);
-    }
-    /// `dst = *(u32 *)(src + off)`.
-    fn load32(&mut self, dst: u8, src: u8, off: i16) {
-        self.raw(0x61, dst, src, off, 0);
-    }
-    /// `*(u32 *)(dst + off) = src`.
-    fn store32(&mut self, dst: u8, off: i16, src: u8) {
-        self.raw(0x63, dst, src, off, 0);
-    }
-    /// `*(u32 *)(dst + off) = imm`.
-    fn store32_imm(&mut self, dst: u8, off: i16, imm: i32) {
-        self.raw(0x62, dst, 0, off, imm);
-    }
-    /// `dst &= src` (64 bit).
-    fn and(&mut self, dst: u8, src: u8) {
-        self.raw(0x5f, dst, src, 0, 0);
-    }
-    /// `goto label`.
-    fn ja(&mut self, label: &'static str) {
-        self.fixups.push((self.insns.len(), label));
-        self.raw(0x05, 0, 0, 0, 0);
-    }
-    /// `lock *(u64 *)(dst + off) += src`.
-    fn atomic_add64(&mut self, dst: u8, off: i16, src: u8) {
-        self.raw(0xdb, dst, src, off, 0);
-    }
-    /// `dst = map` (the two-slot `ld_imm64` with `BPF_PSEUDO_MAP_FD`).
-    fn load_map(&mut self, dst: u8, map_fd: i32) {
-        self.raw(0x18, dst, 1, 0, map_fd);
-        self.raw(0, 0, 0, 0, 0);
-    }
-    fn call(&mut self, helper: i32) {
-        self.raw(0x85, 0, 0, 0, helper);
-    }
-    fn exit(&mut self) {
-        self.raw(0x95, 0, 0, 0, 0);
-    }
-    /// `if dst != imm goto label`.
-    fn jne_imm(&mut self, dst: u8, imm: i32, label: &'static str) {
-        self.fixups.push((self.insns.len(), label));
-        self.raw(0x55, dst, 0, 0, imm);
-    }
-    /// `if dst == imm goto label`.
-    fn jeq_imm(&mut self, dst: u8, imm: i32, label: &'static str) {
-        self.fixups.push((self.insns.len(), label));
-        self.raw(0x15, dst, 0, 0, imm);
-    }
-    /// `if dst != src goto label`.
-    fn jne(&mut self, dst: u8, src: u8, label: &'static str) {
-        self.fixups.push((self.insns.len(), label));
-        self.raw(0x5d, dst, src, 0, 0);
-    }
-    /// `r0 = map[the key on the stack]`, or `goto pass` when there is none.
-    fn lookup_key_or_pass(&mut self, map_fd: i32) {
-        self.load_map(R1, map_fd);
-        self.mov(R2, R10);
-        self.add_imm(R2, i32::from(KEY));
-        self.call(HELPER_MAP_LOOKUP);
-        self.jeq_imm(R0, 0, "pass");
-    }
-    fn label(&mut self, name: &'static str) {
-        self.labels.insert(name, self.insns.len());
-    }
-    fn finish(mut self) -> Vec<Insn> {
-        for (at, label) in std::mem::take(&mut self.fixups) {
-            let target = self.labels[label];
-            self.insns[at].off =
-                i16::try_from(target as isize - at as isize - 1).expect("a short program");
-        }
-        self.insns
-    }
-}
 
 /// The sk_lookup program (see the module docs for what it does).
 fn program(routes: i32, sockets: i32) -> Vec<Insn> {
@@ -510,7 +394,7 @@ fn program(routes: i32, sockets: i32) -> Vec<Insn> {
     asm.load32(R2, R6, CTX_LOCAL_PORT);
     asm.store32(R10, KEY_PORT, R2);
     // r7 = routes[key], or pass.
-    asm.lookup_key_or_pass(routes);
+    asm.lookup_or_pass(routes, KEY);
     asm.mov(R7, R0);
     // A per-client route takes only its client network: source & mask == client, word by
     // word (a route for anyone has both zero).
@@ -523,7 +407,7 @@ fn program(routes: i32, sockets: i32) -> Vec<Insn> {
     }
     asm.label("select");
     // r8 = sockets[key] (a reference), or pass.
-    asm.lookup_key_or_pass(sockets);
+    asm.lookup_or_pass(sockets, KEY);
     asm.mov(R8, R0);
     asm.mov(R1, R6);
     asm.mov(R2, R8);
@@ -539,136 +423,6 @@ fn program(routes: i32, sockets: i32) -> Vec<Insn> {
     asm.mov_imm(R0, SK_PASS);
     asm.exit();
     asm.finish()
-}
-
-// ---- bpf(2) -------------------------------------------------------------------------------
-
-const CMD_MAP_CREATE: libc::c_long = 0;
-const CMD_MAP_LOOKUP_ELEM: libc::c_long = 1;
-const CMD_MAP_UPDATE_ELEM: libc::c_long = 2;
-const CMD_MAP_DELETE_ELEM: libc::c_long = 3;
-const CMD_PROG_LOAD: libc::c_long = 5;
-const CMD_LINK_CREATE: libc::c_long = 28;
-const MAP_TYPE_HASH: u32 = 1;
-const MAP_TYPE_SOCKHASH: u32 = 18;
-const PROG_TYPE_SK_LOOKUP: u32 = 30;
-const ATTACH_SK_LOOKUP: u32 = 36;
-
-/// `union bpf_attr`, as plain words: each command fills the fields it reads.
-#[repr(C, align(8))]
-struct Attr([u8; 144]);
-
-impl Attr {
-    fn new() -> Attr {
-        Attr([0; 144])
-    }
-    fn u32(&mut self, at: usize, value: u32) -> &mut Attr {
-        self.0[at..at + 4].copy_from_slice(&value.to_ne_bytes());
-        self
-    }
-    fn u64(&mut self, at: usize, value: u64) -> &mut Attr {
-        self.0[at..at + 8].copy_from_slice(&value.to_ne_bytes());
-        self
-    }
-    fn name(&mut self, at: usize, name: &str) -> &mut Attr {
-        let bytes = &name.as_bytes()[..name.len().min(15)];
-        self.0[at..at + bytes.len()].copy_from_slice(bytes);
-        self
-    }
-}
-
-fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is a zeroed `bpf_attr` of the full size with the command's fields
-    // set; the pointers in it outlive the call.
-    let result = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr.0.as_mut_ptr(),
-            attr.0.len() as libc::c_uint,
-        )
-    };
-    if result < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(result)
-    }
-}
-
-fn owned(fd: libc::c_long) -> OwnedFd {
-    // SAFETY: the kernel just returned this descriptor to us and nothing else owns it.
-    unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).expect("a descriptor fits in an int")) }
-}
-
-fn map_create(kind: u32, key: u32, value: u32, entries: u32, name: &str) -> io::Result<OwnedFd> {
-    let mut attr = Attr::new();
-    attr.u32(0, kind)
-        .u32(4, key)
-        .u32(8, value)
-        .u32(12, entries)
-        .name(28, name);
-    bpf(CMD_MAP_CREATE, &mut attr).map(owned)
-}
-
-fn program_load(insns: &[Insn]) -> io::Result<OwnedFd> {
-    let license = CString::new("Dual MIT/GPL").expect("no NUL");
-    let mut log = vec![0u8; 64 * 1024];
-    let mut attr = Attr::new();
-    attr.u32(0, PROG_TYPE_SK_LOOKUP)
-        .u32(4, u32::try_from(insns.len()).expect("a short program"))
-        .u64(8, insns.as_ptr() as u64)
-        .u64(16, license.as_ptr() as u64)
-        .u32(24, 1)
-        .u32(28, log.len() as u32)
-        .u64(32, log.as_mut_ptr() as u64)
-        .name(48, "revboot_steer")
-        .u32(68, ATTACH_SK_LOOKUP);
-    bpf(CMD_PROG_LOAD, &mut attr).map(owned).map_err(|error| {
-        let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
-        let text = String::from_utf8_lossy(&log[..end]);
-        let last = text.lines().rev().take(3).collect::<Vec<_>>().join(" / ");
-        if last.is_empty() {
-            error
-        } else {
-            io::Error::new(error.kind(), format!("{error}; verifier: {last}"))
-        }
-    })
-}
-
-fn link_create(program: BorrowedFd<'_>, netns: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-    let mut attr = Attr::new();
-    attr.u32(0, program.as_raw_fd() as u32)
-        .u32(4, netns.as_raw_fd() as u32)
-        .u32(8, ATTACH_SK_LOOKUP);
-    bpf(CMD_LINK_CREATE, &mut attr).map(owned)
-}
-
-fn elem(map: BorrowedFd<'_>, key: &Key, value: u64) -> Attr {
-    let mut attr = Attr::new();
-    attr.u32(0, map.as_raw_fd() as u32)
-        .u64(8, key.as_ptr() as u64)
-        .u64(16, value);
-    attr
-}
-
-fn map_update(map: BorrowedFd<'_>, key: &Key, value: &[u8]) -> io::Result<()> {
-    bpf(
-        CMD_MAP_UPDATE_ELEM,
-        &mut elem(map, key, value.as_ptr() as u64),
-    )
-    .map(drop)
-}
-
-fn map_lookup(map: BorrowedFd<'_>, key: &Key, value: &mut [u8]) -> io::Result<()> {
-    bpf(
-        CMD_MAP_LOOKUP_ELEM,
-        &mut elem(map, key, value.as_mut_ptr() as u64),
-    )
-    .map(drop)
-}
-
-fn map_delete(map: BorrowedFd<'_>, key: &Key) -> io::Result<()> {
-    bpf(CMD_MAP_DELETE_ELEM, &mut elem(map, key, 0)).map(drop)
 }
 
 #[cfg(test)]
