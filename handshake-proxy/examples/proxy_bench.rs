@@ -164,7 +164,7 @@ async fn proxy(backend: SocketAddr, address: IpAddr, config: ProxyConfig, steer_
         let steering = steer::Steering::open(16).expect("steering needs root");
         let fronts: Vec<SocketAddr> = summoned.addresses.with_port(summoned.port).collect();
         let steered = steering
-            .steer(&fronts, None, socket.as_fd())
+            .steer(&fronts, None, 0, socket.as_fd())
             .expect("steer");
         (socket, steered)
     });

@@ -287,7 +287,6 @@ impl Deployer {
             reclaimed: AtomicBool::new(false),
             steered: Mutex::new(None),
             handoff,
-            replicated: self.replicas(run) > 1,
             warm_until: AtomicU64::new(0),
             ended: watch::channel(false).0,
         });

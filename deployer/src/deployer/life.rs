@@ -485,12 +485,6 @@ impl Deployer {
             debug!(instance = %entry.key, "front door service: not steered");
             return;
         }
-        if entry.replicated {
-            // One socket per address in the kernel's map: the proxy spreads the replicas'
-            // connections instead (the `warm` module's rule 7).
-            debug!(instance = %entry.key, "replicated service: not steered");
-            return;
-        }
         let mut fronts: Vec<SocketAddr> = entry.addresses.with_port(entry.port).collect();
         let Some(backend) = entry.backend.get() else {
             return;
@@ -518,7 +512,9 @@ impl Deployer {
         }
         // The map holds the socket; our descriptor closes here, so the route ends by itself
         // when the instance's socket closes.
-        match steering.steer(&fronts, client, socket.as_fd()) {
+        // Replicas share their address: each is a slot of its routes, by its index.
+        let slot = usize::from(entry.key.replica);
+        match steering.steer(&fronts, client, slot, socket.as_fd()) {
             Ok(steered) => {
                 debug!(instance = %entry.key, addresses = %entry.addresses, port = entry.port, "steered");
                 *entry.steered() = Some(steered);

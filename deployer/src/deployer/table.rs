@@ -133,9 +133,6 @@ pub(super) struct Entry {
     pub(super) steered: Mutex<Option<Steered>>,
     /// The daemon's end of its hand-off socket (`[run] handoff`, process tender).
     pub(super) handoff: Option<crate::Handoff>,
-    /// Its revision keeps more than one replica while live: not steered (the `warm`
-    /// module's rule 7).
-    pub(super) replicated: bool,
     /// Kept booted whatever the traffic until then (ms since the deployer's epoch;
     /// `u64::MAX`: while its revision is a warm service's live one; see the `warm` module).
     pub(super) warm_until: AtomicU64,
@@ -414,7 +411,6 @@ impl Deployer {
             last_activity: AtomicU64::new(self.ms_since_epoch()),
             steered: Mutex::new(None),
             handoff: prepared.handoff(),
-            replicated: self.replicas(run) > 1,
             warm_until: AtomicU64::new(0),
             commands,
             console: OnceLock::new(),

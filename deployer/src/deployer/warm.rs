@@ -29,9 +29,11 @@
 //!    open most of the time) from all going to the first.
 //! 7. Replicas need the proxy in front (`BackendPort::Ephemeral`: each replica's socket is
 //!    on the shared address, a port of its own). Without it every instance owns its client
-//!    port, so one replica is kept. The kernel's hand-off ([`crate::steer`]) is one socket
-//!    per address: a revision with replicas is not steered, and the proxy relays or hands
-//!    off its connections instead.
+//!    port, so one replica is kept. Where the kernel steers warm connections
+//!    ([`crate::steer`]), each replica is a slot of its address's route (its index), and
+//!    the program spreads new connections over the slots by a hash of the client's address
+//!    and port; the proxy spreads only what reaches it (a replica's slot empty, steering
+//!    off, the front door, a hand-off).
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -45,6 +47,9 @@ use tracing::{debug, warn};
 use super::Deployer;
 use super::table::{Entry, Table};
 use crate::summon::{InstanceKey, Instances, SummonError, Summoned};
+
+// Each replica is a slot of its address's steering route (rule 7).
+const _: () = assert!(MAX_REPLICAS as usize <= crate::steer::SLOTS);
 
 /// How often the keeper looks.
 pub(super) const TICK: Duration = Duration::from_secs(1);

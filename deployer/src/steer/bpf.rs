@@ -30,6 +30,7 @@ pub(super) const R0: u8 = 0;
 pub(super) const R1: u8 = 1;
 pub(super) const R2: u8 = 2;
 pub(super) const R3: u8 = 3;
+pub(super) const R4: u8 = 4;
 pub(super) const R6: u8 = 6;
 pub(super) const R7: u8 = 7;
 pub(super) const R8: u8 = 8;
@@ -72,6 +73,34 @@ impl Asm {
     /// `dst &= src` (64 bit).
     pub(super) fn and(&mut self, dst: u8, src: u8) {
         self.raw(0x5f, dst, src, 0, 0);
+    }
+    /// `dst += src` (64 bit).
+    pub(super) fn add(&mut self, dst: u8, src: u8) {
+        self.raw(0x0f, dst, src, 0, 0);
+    }
+    /// `dst &= imm` (64 bit).
+    pub(super) fn and_imm(&mut self, dst: u8, imm: i32) {
+        self.raw(0x57, dst, 0, 0, imm);
+    }
+    /// `dst ^= src` (32 bit).
+    pub(super) fn xor32(&mut self, dst: u8, src: u8) {
+        self.raw(0xac, dst, src, 0, 0);
+    }
+    /// `dst *= imm` (32 bit).
+    pub(super) fn mul32_imm(&mut self, dst: u8, imm: i32) {
+        self.raw(0x24, dst, 0, 0, imm);
+    }
+    /// `dst >>= imm` (32 bit, logical).
+    pub(super) fn rsh32_imm(&mut self, dst: u8, imm: i32) {
+        self.raw(0x74, dst, 0, 0, imm);
+    }
+    /// `dst %= src` (32 bit, unsigned).
+    pub(super) fn mod32(&mut self, dst: u8, src: u8) {
+        self.raw(0x9c, dst, src, 0, 0);
+    }
+    /// `dst = *(u8 *)(src + off)`.
+    pub(super) fn load8(&mut self, dst: u8, src: u8, off: i16) {
+        self.raw(0x71, dst, src, off, 0);
     }
     /// `goto label`.
     pub(super) fn ja(&mut self, label: &'static str) {

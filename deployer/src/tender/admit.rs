@@ -335,6 +335,7 @@ mod tests {
             .steer(
                 &[front],
                 Some(client_net),
+                0,
                 std::os::fd::AsFd::as_fd(&socket),
             )
             .expect("steer");
