@@ -12,6 +12,7 @@
 //! Hand-written on `libc` (a request, one condition, a reply walk): the netlink crates
 //! would add three dependencies for these hundred lines.
 
+use std::collections::HashSet;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -26,14 +27,20 @@ const INET_DIAG_BC_S_COND: u8 = 7;
 /// ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING (not LISTEN, SYN_RECV,
 /// TIME_WAIT or CLOSE).
 const OPEN_STATES: u32 = (1 << 1) | (1 << 4) | (1 << 5) | (1 << 8) | (1 << 9) | (1 << 11);
+/// The most processes of one instance whose sockets [`held_sockets`] reads.
+const PROCESSES: usize = 64;
 /// How long the kernel may take to answer.
 const TIMEOUT: libc::timeval = libc::timeval {
     tv_sec: 1,
     tv_usec: 0,
 };
 
-/// The number of open TCP connections whose local end is `local`.
-pub(crate) fn open_connections(local: SocketAddr) -> io::Result<usize> {
+/// The number of open TCP connections whose local end is `local`; with `held`, only those
+/// whose socket is one of these inodes or not accepted yet (its owner is not known then).
+pub(crate) fn open_connections(
+    local: SocketAddr,
+    held: Option<&HashSet<u64>>,
+) -> io::Result<usize> {
     let socket = diag_socket()?;
     send(&socket, &request(local))?;
     let mut buffer = vec![0u8; 32 * 1024];
@@ -48,7 +55,15 @@ pub(crate) fn open_connections(local: SocketAddr) -> io::Result<usize> {
                 return Err(io::Error::other("truncated sock_diag reply"));
             }
             match kind {
-                SOCK_DIAG_BY_FAMILY => count += 1,
+                SOCK_DIAG_BY_FAMILY => {
+                    // struct inet_diag_msg: idiag_inode after 68 bytes.
+                    let inode = rest
+                        .get(16 + 68..16 + 72)
+                        .map_or(0, |b| u32::from_ne_bytes(b.try_into().expect("4 bytes")));
+                    if held.is_none_or(|held| inode == 0 || held.contains(&u64::from(inode))) {
+                        count += 1;
+                    }
+                }
                 k if k == libc::NLMSG_DONE as u16 => return Ok(count),
                 k if k == libc::NLMSG_ERROR as u16 => {
                     let errno = rest
@@ -62,6 +77,41 @@ pub(crate) fn open_connections(local: SocketAddr) -> io::Result<usize> {
             rest = &rest[length.next_multiple_of(4).min(rest.len())..];
         }
     }
+}
+
+/// The inodes of the sockets that process `pid` and its descendants (up to [`PROCESSES`]
+/// of them) hold open, from `/proc/<pid>/fd`: the connections an instance accepted.
+pub(crate) fn held_sockets(pid: u32) -> HashSet<u64> {
+    let mut held = HashSet::new();
+    let mut pids = vec![pid];
+    let mut seen = 0;
+    while let Some(pid) = pids.pop()
+        && seen < PROCESSES
+    {
+        seen += 1;
+        let descriptors = std::fs::read_dir(format!("/proc/{pid}/fd"));
+        for descriptor in descriptors.into_iter().flatten().flatten() {
+            let target = std::fs::read_link(descriptor.path()).unwrap_or_default();
+            let inode: Option<u64> = target
+                .to_str()
+                .and_then(|t| t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok());
+            held.extend(inode);
+        }
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            pids.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|child| child.parse::<u32>().ok()),
+            );
+        }
+    }
+    held
 }
 
 /// True while the TCP connection between `local` and `peer` is open: one exact lookup
@@ -239,7 +289,7 @@ mod tests {
         let local = listener.local_addr().expect("address");
         let other = TcpListener::bind("127.0.0.1:0").expect("bind");
         assert_eq!(
-            open_connections(local).expect("dump"),
+            open_connections(local, None).expect("dump"),
             0,
             "a listener alone"
         );
@@ -252,7 +302,12 @@ mod tests {
             .expect("timeout");
         let _queued = TcpStream::connect(local).expect("connect");
         let _elsewhere = TcpStream::connect(other.local_addr().expect("address")).expect("connect");
-        assert_eq!(open_connections(local).expect("dump"), 2);
+        assert_eq!(open_connections(local, None).expect("dump"), 2);
+        // Held by this process: both; by none, the queued one alone (its owner unknown).
+        let mine = held_sockets(std::process::id());
+        assert_eq!(open_connections(local, Some(&mine)).expect("dump"), 2);
+        let none = HashSet::new();
+        assert_eq!(open_connections(local, Some(&none)).expect("dump"), 1);
 
         // Closed on both ends: gone (the closing side waits in TIME_WAIT, not counted).
         accepted_client.write_all(b"x").expect("write");
@@ -262,13 +317,13 @@ mod tests {
         assert_eq!(accepted.read(&mut byte).expect("eof"), 0);
         drop(accepted);
         // The last ACK of the close crosses loopback at once; allow it a moment anyway.
-        let mut left = open_connections(local).expect("dump");
+        let mut left = open_connections(local, None).expect("dump");
         for _ in 0..100 {
             if left == 1 {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
-            left = open_connections(local).expect("dump");
+            left = open_connections(local, None).expect("dump");
         }
         assert_eq!(left, 1, "the queued one is left");
     }
@@ -280,6 +335,6 @@ mod tests {
         };
         let local = listener.local_addr().expect("address");
         let _client = TcpStream::connect(local).expect("connect");
-        assert_eq!(open_connections(local).expect("dump"), 1);
+        assert_eq!(open_connections(local, None).expect("dump"), 1);
     }
 }

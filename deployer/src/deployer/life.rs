@@ -320,7 +320,8 @@ pub(super) async fn serve(
                 .state
                 .send_if_modified(|state| set_if(state, InstanceState::Idle, InstanceState::Ready));
             idle_timeout
-        } else if quiet >= idle_timeout && connected_directly(entry) {
+        } else if quiet >= idle_timeout && connected_directly(entry, deployer.shares_address(entry))
+        {
             // Clients reach this instance's own socket, unseen: an open connection is
             // activity all the same.
             entry
@@ -364,9 +365,11 @@ pub(super) async fn serve(
 }
 
 /// True if clients reach `entry`'s own socket (no proxy in front, or the kernel steers them
-/// past it; the proxy reports its own connections) and a connection to it is open. When the
-/// kernel cannot say, false: idleness is then judged by queries alone, as it is said once.
-pub(super) fn connected_directly(entry: &Entry) -> bool {
+/// past it; the proxy reports its own connections) and a connection to it is open. A
+/// replica that `shares` its address counts only the connections its processes hold (and
+/// those not accepted yet by any). When the kernel cannot say, false: idleness is then
+/// judged by queries alone, as it is said once.
+pub(super) fn connected_directly(entry: &Entry, shares: bool) -> bool {
     let direct = entry
         .addresses
         .with_port(entry.port)
@@ -374,11 +377,16 @@ pub(super) fn connected_directly(entry: &Entry) -> bool {
     if !direct && !entry.is_steered() {
         return false;
     }
+    let held = entry
+        .pid
+        .get()
+        .filter(|_| shares)
+        .map(|pid| crate::conntrack::held_sockets(*pid));
     let open = entry
         .addresses
         .with_port(entry.port)
         .try_fold(0, |open, front| {
-            crate::conntrack::open_connections(front).map(|more| open + more)
+            crate::conntrack::open_connections(front, held.as_ref()).map(|more| open + more)
         });
     match open {
         Ok(open) => open > 0,

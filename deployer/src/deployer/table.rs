@@ -556,7 +556,8 @@ impl Deployer {
         };
         candidates.sort_unstable_by_key(|(last_activity, _)| *last_activity);
         for (last_activity, entry) in candidates.into_iter().take(RECLAIM_CHECKS) {
-            if connected_directly(&entry) {
+            // A per-client instance has its address to itself.
+            if connected_directly(&entry, false) {
                 continue;
             }
             let mut table = self.table.lock().expect("table lock is never poisoned");

@@ -185,6 +185,20 @@ impl Deployer {
             .unwrap_or(holder)
     }
 
+    /// True while other replicas share `entry`'s address (rule 4): its open connections
+    /// are then told from theirs by the sockets its processes hold.
+    pub(super) fn shares_address(&self, entry: &Entry) -> bool {
+        let table = self.table.lock().expect("table lock is never poisoned");
+        let address = entry.addresses.primary();
+        table.replicas.get(&address).is_some_and(|others| {
+            others.iter().any(|other| other.id != entry.id)
+                || table
+                    .by_address
+                    .get(&address)
+                    .is_some_and(|holder| holder.id != entry.id)
+        })
+    }
+
     /// Keeps the instance of `key` booted for a while (rule 5).
     pub fn pin_for_promotion(&self, key: &InstanceKey) {
         if let Some(entry) = self.entry(key) {
