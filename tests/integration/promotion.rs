@@ -216,6 +216,25 @@ fn get_live(daemon: &Daemon) -> Result<(String, String), String> {
     Ok((body, instance))
 }
 
+/// Connections the kernel steered to the serving instances, if every one is steered.
+fn steered_total(daemon: &Daemon) -> Option<u64> {
+    let instances = daemon.instances();
+    let serving = instances
+        .iter()
+        .filter(|i| i["state"] == "ready" || i["state"] == "idle");
+    serving.map(|i| i["steered"].as_u64()).sum()
+}
+
+/// Connections the proxy accepted so far (`/metrics`).
+fn proxy_accepted(daemon: &Daemon) -> u64 {
+    let metrics = daemon.metrics();
+    let line = metrics
+        .lines()
+        .find(|line| line.starts_with("revboot_proxy_connections_total{outcome=\"accepted\"}"));
+    let count = line.and_then(|line| line.rsplit(' ').next()?.parse().ok());
+    count.unwrap_or_else(|| panic!("no accepted count: {metrics}"))
+}
+
 #[test]
 fn a_warm_service_keeps_its_replicas_booted_and_spreads_connections_over_them() {
     let temp = tempfile::tempdir().expect("temp dir");
@@ -232,7 +251,10 @@ fn a_warm_service_keeps_its_replicas_booted_and_spreads_connections_over_them() 
     let ps = String::from_utf8_lossy(&ps.stdout);
     assert!(ps.contains(" #1") && ps.contains(" #2"), "{ps}");
 
-    // One name, one address; its connections go to more than one replica.
+    // One name, one address; its connections go to more than one replica, each handed to
+    // the replica's own socket by the kernel: the proxy accepts none of them.
+    let accepted = proxy_accepted(&daemon);
+    let steered = steered_total(&daemon).expect("every replica is steered");
     let mut answered_by = std::collections::HashSet::new();
     for _ in 0..30 {
         let (body, instance) = get_live(&daemon).expect("served");
@@ -240,6 +262,8 @@ fn a_warm_service_keeps_its_replicas_booted_and_spreads_connections_over_them() 
         answered_by.insert(instance);
     }
     assert!(answered_by.len() > 1, "all answered by {answered_by:?}");
+    assert_eq!(proxy_accepted(&daemon), accepted);
+    assert_eq!(steered_total(&daemon), Some(steered + 30));
 
     // Idle reaping passes them by: several idle timeouts later they are the same processes.
     std::thread::sleep(std::time::Duration::from_secs(4));
@@ -273,6 +297,11 @@ fn a_warm_service_keeps_its_replicas_booted_and_spreads_connections_over_them() 
                 && now[1].1.is_some_and(|pid| pid != victim)
         }),
         "replica #1 was not booted again: {:?}",
+        daemon.instances()
+    );
+    assert!(
+        eventually(|| steered_total(&daemon).is_some()),
+        "replica #1 is not steered again: {:?}",
         daemon.instances()
     );
 
