@@ -9,10 +9,11 @@
 # every request is a new connection the proxy gives to a replica). Prints requests/s of
 # each, failed requests (socket errors and non-2xx), how many replicas answered (hello's
 # `x-instance` header, 30 requests after each round) and the ratio three / one per round.
-# The machine's cores bound what three replicas can add. A single replica's connections are
-# steered by the kernel (sk_lookup, when the daemon can load it) where a replicated
-# revision's are relayed by the proxy: STEER=off runs the daemon with `[instances] steer =
-# false`, so that both go through the proxy's relay. All traffic stays on 127.0.0.0/8.
+# The machine's cores bound what three replicas can add. Both services' connections are
+# steered by the kernel (sk_lookup, when the daemon can load it), the three replicas' spread
+# over them by a hash of the client's port: STEER=off runs the daemon with `[instances]
+# steer = false`, so that both go through the proxy's relay. All traffic stays on
+# 127.0.0.0/8.
 #
 #   bench/replicas.sh [ROUNDS] [DURATION]   (default 3, 10; REVBOOT_PROFILE=release|dev, or
 #                                            REVBOOT_BIN=<a revboot>; CONNECTIONS=16;

@@ -168,6 +168,9 @@ const CMD_PROG_LOAD: libc::c_long = 5;
 const CMD_LINK_CREATE: libc::c_long = 28;
 pub(super) const MAP_TYPE_HASH: u32 = 1;
 pub(super) const MAP_TYPE_SOCKHASH: u32 = 18;
+/// `BPF_F_NO_PREALLOC`: a hash element replaced or deleted is freed after the programs
+/// that may be reading it are done, never reused under them.
+pub(super) const NO_PREALLOC: u32 = 1;
 const PROG_TYPE_SK_LOOKUP: u32 = 30;
 const ATTACH_SK_LOOKUP: u32 = 36;
 
@@ -219,6 +222,7 @@ pub(super) fn owned(fd: libc::c_long) -> OwnedFd {
 
 pub(super) fn map_create(
     kind: u32,
+    flags: u32,
     key: u32,
     value: u32,
     entries: u32,
@@ -229,6 +233,7 @@ pub(super) fn map_create(
         .u32(4, key)
         .u32(8, value)
         .u32(12, entries)
+        .u32(16, flags)
         .name(28, name);
     bpf(CMD_MAP_CREATE, &mut attr).map(owned)
 }

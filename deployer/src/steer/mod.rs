@@ -68,8 +68,8 @@ use crate::addresses::ClientNet;
 mod bpf;
 
 use bpf::{
-    Asm, Insn, MAP_TYPE_HASH, MAP_TYPE_SOCKHASH, R0, R1, R2, R3, R4, R6, R7, R8, R9, R10,
-    link_create, map_create, map_delete, map_lookup, map_update, owned, program_load,
+    Asm, Insn, MAP_TYPE_HASH, MAP_TYPE_SOCKHASH, NO_PREALLOC, R0, R1, R2, R3, R4, R6, R7, R8, R9,
+    R10, link_create, map_create, map_delete, map_lookup, map_update, owned, program_load,
 };
 
 /// The route key: the address in its IPv6 (or IPv4-mapped) form, network order as the
@@ -147,17 +147,21 @@ impl Steering {
     /// each), and attaches it to the calling thread's network namespace.
     pub fn open(capacity: usize) -> io::Result<Arc<Steering>> {
         let entries = u32::try_from(capacity.clamp(1, 1 << 20)).expect("clamped");
-        let map = |kind, key: usize, value: usize, name| {
-            map_create(kind, key as u32, value as u32, entries, name)
+        // The routes are rewritten and the counters come and go while the program reads
+        // them: elements no program can still be reading (`NO_PREALLOC`).
+        let map = |kind, flags, key: usize, value: usize, name| {
+            map_create(kind, flags, key as u32, value as u32, entries, name)
         };
+        let (route, slot) = (size_of::<Key>(), size_of::<SlotKey>());
         let routes = map(
             MAP_TYPE_HASH,
-            size_of::<Key>(),
+            NO_PREALLOC,
+            route,
             size_of::<Route>(),
             "revboot_routes",
         )?;
-        let sockets = map(MAP_TYPE_SOCKHASH, size_of::<SlotKey>(), 8, "revboot_socks")?;
-        let counts = map(MAP_TYPE_HASH, size_of::<SlotKey>(), 8, "revboot_counts")?;
+        let sockets = map(MAP_TYPE_SOCKHASH, 0, slot, 8, "revboot_socks")?;
+        let counts = map(MAP_TYPE_HASH, NO_PREALLOC, slot, 8, "revboot_counts")?;
         let program = program_load(&program(
             routes.as_raw_fd(),
             sockets.as_raw_fd(),
