@@ -6,9 +6,11 @@
 # and pushes examples/hello with stock git twice, as `one` (min_instances = 1) and `three`
 # (min_instances = 3). Then ROUNDS times, alternating which goes first: `wrk -t2 -cCONNECTIONS
 # -dDURATION` against each one's service address (hello answers `connection: close`, so
-# every request is a new connection the proxy gives to a replica). Prints requests/s of
-# each, failed requests (socket errors and non-2xx), how many replicas answered (hello's
-# `x-instance` header, 30 requests after each round) and the ratio three / one per round.
+# every request is a new connection, which the kernel or the proxy gives to a replica).
+# Prints requests/s of each, failed requests (socket errors and non-2xx), how many replicas
+# answered (hello's `x-instance` header, 30 requests after each round), the connections the
+# kernel steered to each replica so far (none: not steered) and the ratio three / one per
+# round.
 # The machine's cores bound what three replicas can add. Both services' connections are
 # steered by the kernel (sk_lookup, when the daemon can load it), the three replicas' spread
 # over them by a hash of the client's port: STEER=off runs the daemon with `[instances]
@@ -129,6 +131,10 @@ for service, replicas in services.items():
     address[service] = serving(service)[0]["address"]
 
 
+def steered(service):
+    return [i.get("steered") for i in sorted(serving(service), key=lambda i: i.get("replica") or 0)]
+
+
 def answered_by(service):
     seen = set()
     for _ in range(30):
@@ -163,9 +169,10 @@ for round in range(1, ROUNDS + 1):
     result = {}
     for service in order:
         result[service] = wrk(service)
-        print("round %d %-5s (min_instances = %d): %.0f req/s, %d failed, %d replica(s) answered"
+        print("round %d %-5s (min_instances = %d): %.0f req/s, %d failed, %d replica(s) answered,"
+              " steered so far by replica: %s"
               % (round, service, services[service], result[service][0], result[service][1],
-                 answered_by(service)))
+                 answered_by(service), steered(service)))
     ratio = result["three"][0] / result["one"][0]
     ratios.append(ratio)
     print("round %d ratio three / one: %.2fx" % (round, ratio))
