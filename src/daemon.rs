@@ -40,10 +40,7 @@ use revboot_store::{Revision, Store};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::action::{
-    Action, ActionError, ConfigView, DaemonView, DeletedView, RenamedView, Reply, SummonView,
-    VarView,
-};
+use crate::action::{Action, ActionError, DaemonView, DeletedView, RenamedView, Reply, SummonView};
 use crate::config::Config;
 use crate::engine::{Engine, Runtime, error_chain, resolve_error};
 use crate::handover::{Inherited, Sockets, TakenOver};
@@ -51,7 +48,9 @@ use crate::metrics::DaemonMetrics;
 use crate::promote::Promotions;
 pub use crate::signals::termination;
 use crate::tls::Certificates;
-use crate::wiring::{TlsParts, build_view, cannot_serve, first_address, instance_view, tenders};
+use crate::wiring::{
+    TlsParts, build_view, cannot_serve, config_view, first_address, instance_view, tenders,
+};
 pub use crate::wiring::{deployer_name, token};
 
 /// How long a stop or kill through the API waits for the instance to end.
@@ -147,25 +146,6 @@ impl DaemonRuntime {
         } else {
             Err(ActionError::NotFound(format!("No service `{service}`")))
         }
-    }
-}
-
-fn config_view(
-    service: &str,
-    vars: &revboot_deployer::vars::ServiceVars,
-    show: bool,
-    restarted: Option<usize>,
-) -> ConfigView {
-    ConfigView {
-        service: service.to_owned(),
-        vars: vars
-            .iter()
-            .map(|(name, value)| VarView {
-                name: name.to_owned(),
-                value: show.then(|| value.to_owned()),
-            })
-            .collect(),
-        restarted,
     }
 }
 

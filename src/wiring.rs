@@ -261,3 +261,23 @@ pub(crate) fn cannot_serve(what: &str, listen: &dyn std::fmt::Debug, flag: &str)
          [{flag}] listen in revbootd.toml picks another)"
     )
 }
+
+/// What `revboot config` shows of a service's variables (values only with `show`).
+pub fn config_view(
+    service: &str,
+    vars: &revboot_deployer::vars::ServiceVars,
+    show: bool,
+    restarted: Option<usize>,
+) -> crate::action::ConfigView {
+    crate::action::ConfigView {
+        service: service.to_owned(),
+        vars: vars
+            .iter()
+            .map(|(name, value)| crate::action::VarView {
+                name: name.to_owned(),
+                value: show.then(|| value.to_owned()),
+            })
+            .collect(),
+        restarted,
+    }
+}
