@@ -23,6 +23,11 @@
 //!
 //! 7. DNS places instances over the live nodes, sticky by claims in etcd
 //!    ([`crate::placed`]); the owner of a revision it has not fetched yet fetches it first.
+//! 8. An upgrade in place hands the node's lease to the new program (in the upgrade state,
+//!    [`crate::handover`]), which keeps it alive: the node's record and its claims never
+//!    leave etcd, so no other node places its instances meanwhile. A lease that expired
+//!    before the new program took it (a very slow start) is logged, and the node joins
+//!    anew; its instances are claimed again (step 7).
 //!
 //! The nodes of a cluster share one token (`[http] token`): they fetch from each other
 //! with it. Steps 3 to 6 run on every change etcd reports and every [`TICK`] besides
@@ -92,6 +97,8 @@ pub(crate) struct Node<'a> {
     pub deployer: &'a Arc<revboot_deployer::Deployer>,
     /// Its builder, and the builder's part in the cluster ([`Coordinated::new`]).
     pub builder: (&'a revboot_builder::Builder, Option<&'a Arc<Coordinated>>),
+    /// The lease the previous program handed over (an upgrade in place), to keep.
+    pub lease: Option<i64>,
 }
 
 /// Joins the cluster when `[cluster]` is set (else `None`: a single host) and starts the
@@ -112,6 +119,7 @@ pub(crate) async fn join(
         placed,
         deployer,
         builder: (builder, coordinated),
+        lease,
     } = node;
     let mut me = NodeInfo::new(&settings.node, &http, dns);
     me.pools = config
@@ -128,7 +136,7 @@ pub(crate) async fn join(
         .filter(|ip| !ip.is_unspecified())
         .collect();
     me.ns.dedup();
-    let cluster = Cluster::join(settings, &config.zone, me, stop.clone())
+    let cluster = Cluster::join_with(settings, &config.zone, me, lease, stop.clone())
         .await
         .context("Cannot join the cluster")?;
     store.set_authority(Arc::new(EtcdAuthority {
@@ -157,6 +165,16 @@ pub(crate) async fn join(
         stop,
     ));
     Ok(Some(cluster))
+}
+
+/// Renews the node's lease once, right before an upgrade's `execve` (its lease is handed
+/// over, [`Cluster::hand_over`]): the next program has a whole TTL to keep it.
+pub(crate) async fn renew(cluster: Option<&Cluster>) {
+    if let Some(cluster) = cluster
+        && let Err(error) = cluster.renew().await
+    {
+        warn!(error, "cannot renew the lease before the upgrade's exec");
+    }
 }
 
 /// `revboot nodes`.

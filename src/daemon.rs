@@ -387,6 +387,8 @@ pub struct Daemon {
     pub(crate) binary: PathBuf,
     /// Upgrades in place so far.
     pub(crate) upgrades: u64,
+    /// The cluster this daemon is a node of, if any: its lease is handed over.
+    cluster: Option<revboot_cluster::Cluster>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -410,7 +412,7 @@ impl Daemon {
         config.validate()?;
         let inherited = crate::handover::inherit()?;
         let (mut front_handed, mut taken_over) = (Vec::new(), TakenOver::default());
-        let (inherited_sockets, handed, upgrades, requested_at_ms) = match inherited {
+        let (inherited_sockets, handed, upgrades, requested_at_ms, lease) = match inherited {
             Some(Inherited {
                 sockets,
                 front,
@@ -418,11 +420,18 @@ impl Daemon {
                 proxy,
                 upgrades,
                 requested_at_ms,
+                lease,
             }) => {
                 (front_handed, taken_over) = (front, proxy);
-                (Some(sockets), instances, upgrades, Some(requested_at_ms))
+                (
+                    Some(sockets),
+                    instances,
+                    upgrades,
+                    Some(requested_at_ms),
+                    lease,
+                )
             }
-            None => (None, Vec::new(), 0, None),
+            None => (None, Vec::new(), 0, None, None),
         };
         let handed_count = handed.len();
         let binary = std::env::current_exe().context("Cannot tell which binary this is")?;
@@ -602,6 +611,7 @@ impl Daemon {
             placed: placed.as_ref(),
             deployer: &deployer,
             builder: (&builder, coordinated.as_ref()),
+            lease,
         };
         let cluster = crate::cluster::join(&config, node, stop_http.subscribe()).await?;
         let runtime = Arc::new(DaemonRuntime {
@@ -625,7 +635,7 @@ impl Daemon {
             upgrade: upgradable.then_some(upgrade_tx),
             certificates: certificates.clone(),
             acme_wake,
-            cluster,
+            cluster: cluster.clone(),
         });
         let engine = Engine::with_runtime(store.clone(), &config.zone, runtime);
         let metrics = Arc::new(DaemonMetrics::new(
@@ -730,6 +740,7 @@ impl Daemon {
             upgrade: upgrade_rx,
             binary,
             upgrades,
+            cluster,
         })
     }
 
@@ -743,6 +754,10 @@ impl Daemon {
     pub async fn upgrade(self, terminated: impl Future<Output = ()> + Unpin) -> anyhow::Error {
         let requested_at_ms = crate::handover::unix_ms();
         info!(binary = %self.binary.display(), "upgrading in place");
+        let lease = self
+            .cluster
+            .as_ref()
+            .map(revboot_cluster::Cluster::hand_over);
         let _ = self.stop_http.send(true);
         if tokio::time::timeout(crate::handover::HTTP_GRACE, self.http)
             .await
@@ -782,7 +797,9 @@ impl Daemon {
             upgrades: self.upgrades,
             requested_at_ms,
             stop: futures::FutureExt::now_or_never(terminated).is_some(),
+            lease,
         };
+        crate::cluster::renew(self.cluster.as_ref()).await;
         crate::handover::exec(&self.binary, &state, &keep)
     }
 

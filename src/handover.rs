@@ -25,8 +25,10 @@
 //!    the state is written, any thread that takes one passes it to the main thread, where
 //!    it stays pending). A SIGTERM or SIGINT that came during the upgrade until then is in
 //!    the state too (`stop`, looked at once they are held): the new program sends itself
-//!    SIGTERM, handled once it serves. The pid stays; so do the instances'
-//!    pids.
+//!    SIGTERM, handled once it serves. On a node of a cluster the state holds its etcd
+//!    lease, not revoked but kept alive until the exec and renewed right before it: the new
+//!    program keeps the same lease ([`crate::cluster`] step 8). The pid stays; so do the
+//!    instances' pids.
 //! 4. The new program reads the memfd and closes it (a path instead of `fd:<n>` is the
 //!    `<data>/handover.json` of an older program, read and removed), serves on the sockets
 //!    it names, takes the instances back, listens again on the proxy's sockets, relays on
@@ -96,6 +98,11 @@ pub struct State {
     /// SIGTERM or SIGINT came during the upgrade: the new program stops once it serves.
     #[serde(default)]
     pub stop: bool,
+    /// The node's etcd lease on a node of a cluster, not revoked: the new program keeps it
+    /// alive, so that the node's record and its claims never leave etcd (none from a
+    /// program older than this field, or on a single host).
+    #[serde(default)]
+    pub lease: Option<i64>,
 }
 
 /// A relayed connection in the state: [`HandedRelay`] with descriptor numbers, its
@@ -381,6 +388,8 @@ pub struct Inherited {
     pub upgrades: u64,
     /// When this upgrade was asked for, unix ms.
     pub requested_at_ms: u64,
+    /// The node's etcd lease, to keep ([`State::lease`]).
+    pub lease: Option<i64>,
 }
 
 /// The name of the memfd that carries the state (rule 3), as `/proc/self/fd` shows it.
@@ -544,6 +553,7 @@ pub fn inherit() -> anyhow::Result<Option<Inherited>> {
         },
         upgrades: state.upgrades + 1,
         requested_at_ms: state.requested_at_ms,
+        lease: state.lease,
     }))
 }
 
@@ -802,6 +812,7 @@ mod tests {
             upgrades: 1,
             requested_at_ms: 5,
             stop: false,
+            lease: Some(7_587_883_422_519_000_001),
         };
         let memfd = state_memfd(&state).expect("a memfd");
         let mut writer = std::fs::File::from(memfd.try_clone().expect("a second descriptor"));
@@ -811,6 +822,7 @@ mod tests {
             .expect("it reads")
             .expect("a state");
         assert_eq!((read.children, read.upgrades), (vec![(42, 7)], 1));
+        assert_eq!(read.lease, Some(7_587_883_422_519_000_001));
         assert_eq!(read.held[0].key.service, "hello");
         assert_eq!(read.held[0].failure, "http");
         // A descriptor that is not the state's memfd (standard input) is nothing to take.

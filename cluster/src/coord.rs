@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, PutOptions, Txn, TxnOp};
@@ -159,6 +159,9 @@ pub(crate) struct Inner {
     zone: String,
     /// The node's current membership lease (a new one once it registers again).
     lease: Arc<AtomicI64>,
+    /// The lease goes to the next program of this node (an upgrade in place): kept alive
+    /// after `stop`, never revoked ([`Cluster::hand_over`]).
+    handing_over: Arc<AtomicBool>,
     pub(crate) ttl: Duration,
     /// When the last lease renewal that succeeded was sent.
     renewed: watch::Receiver<Instant>,
@@ -189,11 +192,27 @@ impl std::fmt::Debug for Inner {
 
 impl Cluster {
     /// Connects to etcd, registers `me` under a lease and keeps it alive until `stop`
-    /// turns true (then the lease is revoked: the node leaves at once).
+    /// turns true (then the lease is revoked: the node leaves at once, unless it was handed
+    /// over, [`Cluster::hand_over`]).
     pub async fn join(
         config: &ClusterConfig,
         zone: &str,
         me: NodeInfo,
+        stop: watch::Receiver<bool>,
+    ) -> Result<Cluster, JoinError> {
+        Cluster::join_with(config, zone, me, None, stop).await
+    }
+
+    /// As [`Cluster::join`], keeping `handed`, the lease the previous program of this node
+    /// handed over ([`Cluster::hand_over`], an upgrade in place): the node's record and its
+    /// claims, under that lease, never leave etcd. A lease that expired meanwhile (a very
+    /// slow start), or whose TTL is not `ttl_s` any more, is left to expire, logged, and the
+    /// node joins anew as [`Cluster::join`] does.
+    pub async fn join_with(
+        config: &ClusterConfig,
+        zone: &str,
+        me: NodeInfo,
+        handed: Option<i64>,
         stop: watch::Receiver<bool>,
     ) -> Result<Cluster, JoinError> {
         let fail = |reason: String| JoinError::Etcd {
@@ -215,12 +234,36 @@ impl Cluster {
         let prefix = format!("{}/", config.prefix_for(zone));
         let ttl = Duration::from_secs(config.ttl_s);
         let sent = Instant::now();
-        let lease = register(&client, &prefix, &me, ttl)
-            .await
-            .map_err(|error| match error {
-                Register::Taken => JoinError::Taken(me.id.clone()),
-                Register::Etcd(reason) => fail(reason),
-            })?;
+        let kept = match handed {
+            Some(lease) => match keep_lease(&client, &prefix, &me, ttl, lease).await {
+                Ok(()) => {
+                    info!(
+                        node = me.id,
+                        lease, "kept the lease the previous program handed over"
+                    );
+                    Some(lease)
+                }
+                Err(reason) => {
+                    warn!(
+                        node = me.id,
+                        lease,
+                        reason,
+                        "cannot keep the lease the previous program handed over: joining anew"
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
+        let lease = match kept {
+            Some(lease) => lease,
+            None => register(&client, &prefix, &me, ttl)
+                .await
+                .map_err(|error| match error {
+                    Register::Taken => JoinError::Taken(me.id.clone()),
+                    Register::Etcd(reason) => fail(reason),
+                })?,
+        };
         info!(
             node = me.id,
             lease,
@@ -242,12 +285,16 @@ impl Cluster {
             let _ = tokio::time::timeout(OP_TIMEOUT, first.changed()).await;
         }
         let lease = Arc::new(AtomicI64::new(lease));
+        let handing_over = Arc::new(AtomicBool::new(false));
         tokio::spawn(keep_alive(
-            client.clone(),
-            prefix.clone(),
-            me.clone(),
-            ttl,
-            lease.clone(),
+            Keeper {
+                client: client.clone(),
+                prefix: prefix.clone(),
+                me: me.clone(),
+                ttl,
+                current: lease.clone(),
+                handing_over: handing_over.clone(),
+            },
             renewed_tx,
             stop,
         ));
@@ -258,6 +305,7 @@ impl Cluster {
                 me,
                 zone: zone.to_owned(),
                 lease,
+                handing_over,
                 ttl,
                 renewed,
                 nodes,
@@ -314,6 +362,24 @@ impl Cluster {
     /// The node's current membership lease.
     pub(crate) fn lease(&self) -> i64 {
         self.inner.lease.load(Ordering::Relaxed)
+    }
+
+    /// Hands the node's membership lease to the next program of this node (an upgrade in
+    /// place): from now on it is kept alive until this process ends (the `execve`), even
+    /// after `stop`, and never revoked, so that the node's record and its claims stay in
+    /// etcd while the next program starts and keeps the same lease
+    /// ([`Cluster::join_with`]). Returns the lease.
+    pub fn hand_over(&self) -> i64 {
+        self.inner.handing_over.store(true, Ordering::Relaxed);
+        let lease = self.lease();
+        info!(node = self.inner.me.id, lease, "handing the lease over");
+        lease
+    }
+
+    /// Renews the node's lease once now (right before an upgrade's `execve`, so that the
+    /// next program has a whole TTL to keep it alive).
+    pub async fn renew(&self) -> Result<(), String> {
+        renew_once(&self.inner.client, self.lease()).await.map(drop)
     }
 
     /// The node that owns `key`: the live node its claim names, else the winner of the
@@ -656,24 +722,101 @@ async fn register(
     Ok(lease)
 }
 
-/// Renews the lease every third of the TTL; registers again with a new lease when it
-/// expired (the node was cut off longer than the TTL); revokes it on stop.
-async fn keep_alive(
+/// Renews `lease` once; its TTL left, in seconds (0: it expired).
+async fn renew_once(client: &Client, lease: i64) -> Result<i64, String> {
+    let mut client = client.clone();
+    let round = async {
+        let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;
+        keeper.keep_alive().await?;
+        responses.message().await
+    };
+    match timed(round).await? {
+        Some(response) if response.ttl() > 0 => Ok(response.ttl()),
+        _ => Err("the lease expired".to_owned()),
+    }
+}
+
+/// Takes `lease`, handed over by the previous program of this node: alive, of the TTL
+/// configured, and the one `nodes/<id>` is under; renewed at once, and the node's record
+/// written again under it.
+async fn keep_lease(
+    client: &Client,
+    prefix: &str,
+    me: &NodeInfo,
+    ttl: Duration,
+    lease: i64,
+) -> Result<(), String> {
+    let ttl_s = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+    let mut client = client.clone();
+    let alive = timed(client.lease_time_to_live(lease, None)).await?;
+    if alive.ttl() <= 0 {
+        return Err("it expired".to_owned());
+    }
+    if alive.granted_ttl() != ttl_s {
+        return Err(format!(
+            "its TTL is {}s, not ttl_s = {ttl_s}",
+            alive.granted_ttl()
+        ));
+    }
+    renew_once(&client, lease).await?;
+    let key = format!("{prefix}nodes/{}", me.id);
+    let value = serde_json::to_vec(me).map_err(|e| e.to_string())?;
+    let txn = Txn::new()
+        .when([Compare::lease(key.as_str(), CompareOp::Equal, lease)])
+        .and_then([TxnOp::put(
+            key.as_str(),
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        )]);
+    if timed(client.txn(txn)).await?.succeeded() {
+        Ok(())
+    } else {
+        Err("the node's record is not under it".to_owned())
+    }
+}
+
+/// What [`keep_alive`] keeps: the node's registration.
+struct Keeper {
     client: Client,
     prefix: String,
     me: NodeInfo,
     ttl: Duration,
+    /// The lease, a new one once the node registers again.
     current: Arc<AtomicI64>,
+    /// Set by [`Cluster::hand_over`].
+    handing_over: Arc<AtomicBool>,
+}
+
+/// Renews the lease every third of the TTL; registers again with a new lease when it
+/// expired (the node was cut off longer than the TTL); revokes it on stop, unless it is
+/// handed over: then it is renewed until the process ends.
+async fn keep_alive(
+    keeper: Keeper,
     renewed: watch::Sender<Instant>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let Keeper {
+        client,
+        prefix,
+        me,
+        ttl,
+        current,
+        handing_over,
+    } = keeper;
     let period = ttl / 3;
     let mut lease = current.load(Ordering::Relaxed);
     let mut stream: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> = None;
     let mut expired = false;
+    let mut stopped = false;
     loop {
         tokio::select! {
-            _ = stop.wait_for(|stop| *stop) => break,
+            _ = stop.wait_for(|stop| *stop), if !stopped => {
+                stopped = true;
+                if !handing_over.load(Ordering::Relaxed) {
+                    break;
+                }
+                continue;
+            }
             () = tokio::time::sleep(period) => {}
         }
         let sent = Instant::now();

@@ -6,7 +6,10 @@
 //! 1. `nodes/<id>` — each node's [`NodeInfo`] (id, HTTP URL, DNS address, pools, capacity),
 //!    written under a lease of `ttl_s` seconds that the node keeps alive. A node whose lease
 //!    expires is gone: etcd deletes the key, and every node's view drops it. A node whose
-//!    lease expired while it was cut off grants itself a new one and registers again.
+//!    lease expired while it was cut off grants itself a new one and registers again. An
+//!    upgrade in place hands the lease to the node's next program ([`Cluster::hand_over`],
+//!    [`Cluster::join_with`]): not revoked, kept alive by the next program, so that the
+//!    node's record and its claims never leave etcd.
 //! 2. `live/<service>` — the one truth of the live pointer: a [`LiveRecord`] (revision,
 //!    node, reason). A move is a compare-and-swap ([`Cluster::move_live`]): it succeeds only
 //!    if the record still names the revision the mover believed was live; otherwise the

@@ -286,4 +286,51 @@ async fn a_rename_moves_the_records_one_of_two_at_once_wins_and_a_deleted_servic
         .await
     );
     assert!(!b.revive("hello").await.expect("revive"), "exists already");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_handed_over_keeps_the_node_and_its_claims_and_one_not_to_keep_joins_anew() {
+    use revboot_cluster::Claimed;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (etcd, stop_a, _stop_b, a, b) = two_nodes(dir.path()).await;
+    let key = "hello/handed";
+    assert_eq!(a.claim(key).await.expect("claimed"), Claimed::Mine);
+    assert!(until(|| b.claim_of(key).as_deref() == Some("a")).await);
+
+    // a hands its lease over (an upgrade in place) and stops: the lease is not revoked, and
+    // the next program of a keeps it, its record and its claim as they were.
+    let lease = a.hand_over();
+    stop_a.send_replace(true);
+    let (stop_next, _) = watch::channel(false);
+    let me = a.me().clone();
+    let next = Cluster::join_with(
+        &config(&etcd, "a"),
+        "revboot.test",
+        me.clone(),
+        Some(lease),
+        stop_next.subscribe(),
+    )
+    .await
+    .expect("joined");
+    assert_eq!(next.hand_over(), lease, "the same lease");
+    assert_eq!(next.claim(key).await.expect("asked"), Claimed::Mine);
+    assert_eq!(b.claim_of(key).as_deref(), Some("a"));
+    assert_eq!(b.nodes().len(), 2);
+
+    // A lease that is not there any more, or not this node's, is left: the node joins anew.
+    let (stop_c, _) = watch::channel(false);
+    let mut c = me.clone();
+    c.id = "c".to_owned();
+    for handed in [Some(lease), Some(0x7e57_0000_0001)] {
+        let joined = Cluster::join_with(
+            &config(&etcd, "c"),
+            "revboot.test",
+            c.clone(),
+            handed,
+            stop_c.subscribe(),
+        )
+        .await
+        .expect("joined anew");
+        assert_ne!(joined.hand_over(), lease);
+    }
+    assert!(until(|| b.nodes().len() == 3).await);
 }

@@ -245,7 +245,7 @@ fn connected(daemon: &Daemon) -> bool {
 
 /// One A query of `name` over UDP from `socket` to `server`: the address answered, if any
 /// (none for SERVFAIL, NXDOMAIN or no answer within the socket's timeout).
-fn ask(socket: &UdpSocket, server: SocketAddr, name: &str, id: u16) -> Option<IpAddr> {
+pub(super) fn ask(socket: &UdpSocket, server: SocketAddr, name: &str, id: u16) -> Option<IpAddr> {
     let mut message = Message::query();
     message.metadata.id = id;
     message.add_query(Query::query(Name::from_ascii(name).ok()?, RecordType::A));
@@ -266,7 +266,7 @@ fn ask(socket: &UdpSocket, server: SocketAddr, name: &str, id: u16) -> Option<Ip
 }
 
 /// A UDP socket for [`ask`], its reads bounded.
-fn query_socket() -> UdpSocket {
+pub(super) fn query_socket() -> UdpSocket {
     let socket = UdpSocket::bind("127.0.0.1:0").expect("a client socket");
     socket
         .set_read_timeout(Some(Duration::from_secs(3)))
