@@ -20,7 +20,10 @@
 //!    through etcd first, and a build runs under the service's build lock, after this node
 //!    has fetched the service's announced deployments (step 2, at once); when the build
 //!    ends, its tip is announced before the lock is released, so that the next holder
-//!    builds on top of it.
+//!    builds on top of it. Right before the deployment is written the lock is checked in
+//!    etcd (`revboot_cluster::Cluster::check_build_lock`): a node that stalled past the
+//!    lock's TTL writes and announces nothing, its build is recorded interrupted, and it
+//!    fetches the line the other node wrote meanwhile (step 2).
 //!
 //! 5. A round is cheap when nothing changed: a service's refs here are listed
 //!    (`for-each-ref`) only when etcd's record of it changed since a round that left them
@@ -564,12 +567,15 @@ impl Coordinated {
     }
 }
 
-/// A build lock held: on drop, the service's tip is announced, then the lock released.
+/// A build lock held: on drop, the service's tip is announced (unless the lock was found
+/// lost: another node announces now), then the lock released.
 struct Locked {
     lock: Option<BuildLock>,
     cluster: Cluster,
     store: Store,
     service: String,
+    /// [`Coordinator::check_lock`] found it was not this node's any more.
+    lost: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for Locked {
@@ -579,6 +585,10 @@ impl Drop for Locked {
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        if self.lost.load(std::sync::atomic::Ordering::Relaxed) {
+            drop(lock);
+            return;
+        }
         handle.spawn(async move {
             let tip = store.tip(&service).ok().flatten();
             let announced = cluster
@@ -629,6 +639,7 @@ impl Coordinator for Coordinated {
                 cluster: cluster.clone(),
                 store: self.store.clone(),
                 service: service.to_owned(),
+                lost: std::sync::atomic::AtomicBool::new(false),
             }) as Held)
         })
     }
@@ -651,6 +662,24 @@ impl Coordinator for Coordinated {
                     record.node
                 ),
             })
+        })
+    }
+
+    fn check_lock<'a>(&'a self, service: &'a str, held: &'a Held) -> CoordinatorFuture<'a, ()> {
+        Box::pin(async move {
+            let Some(locked) = held.downcast_ref::<Locked>() else {
+                return Err(format!("not a build lock of `{service}` this node took"));
+            };
+            let (Some(lock), Some(cluster)) = (&locked.lock, self.cluster.get()) else {
+                return Err(format!("the build lock of `{service}` is released"));
+            };
+            let checked = cluster.check_build_lock(lock).await;
+            if checked.is_err() {
+                locked
+                    .lost
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            checked
         })
     }
 }

@@ -11,6 +11,10 @@
 //!    node at a time writes a service's deployment branch, on top of the others' builds
 //!    (the coordinator fetches them first). A build of a commit that a deployment of the
 //!    service already records (another node built it) adopts that deployment instead.
+//!    Right before the deployment is written, with every object in place and only the
+//!    branch's move left, the lock is checked ([`Coordinator::check_lock`]): a builder whose
+//!    lock expired while its node stalled writes nothing (another node may have built
+//!    since), and the build is recorded interrupted, with the reason.
 //! 4. A push of a service this node does not have creates it only if the cluster lets it
 //!    ([`Coordinator::may_create`]): not one renamed or deleted on another node.
 
@@ -46,4 +50,8 @@ pub trait Coordinator: Send + Sync + std::fmt::Debug + 'static {
         let _ = service;
         Box::pin(async { Ok(()) })
     }
+
+    /// Whether `held`, taken by [`Coordinator::lock_builds`], is still this node's lock of
+    /// `service` (rule 3); else why not. Called on a blocking thread of the runtime.
+    fn check_lock<'a>(&'a self, service: &'a str, held: &'a Held) -> CoordinatorFuture<'a, ()>;
 }

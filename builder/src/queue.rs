@@ -679,6 +679,7 @@ impl Owner {
             tip: record.tip,
             adopt_since_ms,
             retry_when_full,
+            lock: None,
         };
         let service = job.service.clone();
         tracker.set_phase(Phase::Running);

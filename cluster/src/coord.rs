@@ -723,7 +723,7 @@ async fn register(
 }
 
 /// Renews `lease` once; its TTL left, in seconds (0: it expired).
-async fn renew_once(client: &Client, lease: i64) -> Result<i64, String> {
+pub(crate) async fn renew_once(client: &Client, lease: i64) -> Result<i64, String> {
     let mut client = client.clone();
     let round = async {
         let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;

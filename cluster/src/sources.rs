@@ -17,7 +17,12 @@
 //! 5. `builds/<service>` is the service's build lock ([`Cluster::lock_builds`]): one node at
 //!    a time writes a service's deployment branch. It is held under a lease of its own, kept
 //!    alive while the [`BuildLock`] lives: a builder that dies loses it within the TTL, and
-//!    another node may build.
+//!    another node may build. A builder whose node stalled longer than the TTL (SIGSTOP, a
+//!    VM paused) lost it too, and another node may have built meanwhile: right before it
+//!    writes a deployment, a builder checks that the lock is still its own
+//!    ([`Cluster::check_build_lock`]: renewed for a whole TTL from then, and the key still
+//!    under its lease) and writes nothing otherwise. What remains: a stall longer than the
+//!    TTL between that check and the branch's move (a few milliseconds of git ref update).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -27,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 
-use crate::coord::{create_or_get, records_with_revision, timed};
+use crate::coord::{create_or_get, records_with_revision, renew_once, timed};
 use crate::mirror::Map;
 use crate::{Cluster, OP_TIMEOUT};
 
@@ -306,6 +311,9 @@ impl Cluster {
                 return Ok(BuildLock {
                     _release: release,
                     waited: !holder.is_empty(),
+                    service: service.to_owned(),
+                    key,
+                    lease,
                 });
             }
             if let Some(node) = done.op_responses().into_iter().find_map(|r| match r {
@@ -332,6 +340,59 @@ impl Cluster {
 pub struct BuildLock {
     _release: oneshot::Sender<()>,
     waited: bool,
+    service: String,
+    /// `builds/<service>` with the prefix.
+    key: String,
+    lease: i64,
+}
+
+impl Cluster {
+    /// Whether `lock` is still this node's (rule 5), right before a deployment is written:
+    /// its lease renewed now (so it holds for a whole TTL from here, unless the node stalls
+    /// that long again) and the lock's key still under it. An error says why not: the lease
+    /// expired (the node stalled longer than the TTL) and who holds the lock now, or etcd did
+    /// not answer; either way the deployment must not be written.
+    pub async fn check_build_lock(&self, lock: &BuildLock) -> Result<(), String> {
+        let service = &lock.service;
+        let inner = self.inner();
+        let lost = |holder: Option<String>| {
+            let holder = holder.map_or_else(
+                || "nobody holds it now".to_owned(),
+                |node| format!("node {node} holds it now"),
+            );
+            warn!(service, holder, "lost the build lock");
+            format!(
+                "this node lost the cluster's build lock of `{service}` (its lease of {}s expired while the node stalled; {holder})",
+                inner.ttl.as_secs()
+            )
+        };
+        let renewed = renew_once(&inner.client, lock.lease).await;
+        let mut client = inner.client.clone();
+        let txn = Txn::new()
+            .when([Compare::lease(
+                lock.key.as_str(),
+                CompareOp::Equal,
+                lock.lease,
+            )])
+            .or_else([TxnOp::get(lock.key.as_str(), None)]);
+        let done = timed(client.txn(txn)).await.map_err(|error| {
+            format!("cannot ask etcd for the build lock of `{service}`: {error}")
+        })?;
+        if done.succeeded() {
+            return renewed
+                .map(drop)
+                .map_err(|error| format!("cannot renew the build lock of `{service}`: {error}"));
+        }
+        let holder = done.op_responses().into_iter().find_map(|r| match r {
+            etcd_client::TxnOpResponse::Get(get) => get
+                .kvs()
+                .first()
+                .and_then(|kv| serde_json::from_slice::<RefRecord>(kv.value()).ok())
+                .map(|record| record.node),
+            _ => None,
+        });
+        Err(lost(holder))
+    }
 }
 
 impl BuildLock {

@@ -286,6 +286,7 @@ async fn a_rename_moves_the_records_one_of_two_at_once_wins_and_a_deleted_servic
         .await
     );
     assert!(!b.revive("hello").await.expect("revive"), "exists already");
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_handed_over_keeps_the_node_and_its_claims_and_one_not_to_keep_joins_anew() {

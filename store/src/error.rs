@@ -57,6 +57,15 @@ pub enum WriteError {
     /// A field of the deployment is not acceptable.
     #[error("Invalid deployment: {0}")]
     InvalidDeployment(String),
+    /// The writer's check right before the branch moves refused
+    /// ([`crate::Store::write_deployment_checked`]): nothing was written.
+    #[error("The deployment of `{service}` was not written: {reason}")]
+    Refused {
+        /// The service.
+        service: String,
+        /// What the check said.
+        reason: String,
+    },
     /// The manifest of a successful build does not parse or validate.
     #[error("Manifest of a successful build is invalid")]
     Manifest(#[source] crate::ManifestError),

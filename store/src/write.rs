@@ -44,6 +44,19 @@ impl Store {
     /// ([`WriteError::is_out_of_space`]), leaves no object behind. The branch moves by
     /// compare-and-swap: a concurrent writer's commit becomes the parent.
     pub fn write_deployment(&self, d: NewDeployment<'_>) -> Result<Revision, WriteError> {
+        self.write_deployment_checked(d, || Ok(()))
+    }
+
+    /// As [`Store::write_deployment`], asking `check` once every object is written and the
+    /// service's lock is held, right before the branch moves: an error it returns is
+    /// [`WriteError::Refused`], and nothing is written. A node of a cluster checks there
+    /// that it still holds the service's build lock, so that the window in which another
+    /// node could write the branch too is as small as the store allows.
+    pub fn write_deployment_checked(
+        &self,
+        d: NewDeployment<'_>,
+        check: impl FnOnce() -> Result<(), String>,
+    ) -> Result<Revision, WriteError> {
         let checked = check_deployment(&d).inspect_err(|error| {
             tracing::warn!(%error, service = d.service, "refused deployment");
         })?;
@@ -113,6 +126,10 @@ impl Store {
         let reflog = format!("revboot: build {} of {short}", d.status);
 
         let _lock = ServiceLock::acquire(self.path(), d.service)?;
+        check().map_err(|reason| WriteError::Refused {
+            service: d.service.to_owned(),
+            reason,
+        })?;
         let id = self.publish(
             &repo,
             d.service,

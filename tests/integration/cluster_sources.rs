@@ -54,7 +54,7 @@ fn try_push(daemon: &Daemon, work: &Path) -> Output {
 ///
 /// Agreement first: a fetch still writing objects (or git's automatic maintenance after it)
 /// is a repository in the middle of a change, which is not what the check is about.
-fn consistent(nodes: &[Daemon]) {
+pub(super) fn consistent(nodes: &[Daemon]) {
     let state = |daemon: &Daemon| {
         (
             source_ref(daemon, "refs/heads/main"),

@@ -9,6 +9,7 @@ mod cli;
 mod cluster;
 mod cluster_lifecycle;
 mod cluster_sources;
+mod cluster_stall;
 mod cluster_upgrade;
 mod config;
 mod daemon_log;

@@ -43,6 +43,9 @@ pub(crate) struct Job {
     pub(crate) adopt_since_ms: Option<u64>,
     /// Whether the build runs again by itself should its deployment not fit on the disk.
     pub(crate) retry_when_full: bool,
+    /// In a cluster, the service's build lock, held while the build runs and checked
+    /// right before its deployment is written ([`crate::coordinate`] rule 3).
+    pub(crate) lock: Option<std::sync::Arc<crate::coordinate::Held>>,
 }
 
 /// The commit as messages name it: its first 12 hex digits.

@@ -94,11 +94,13 @@ async fn build(
         "build #{} of {} {} at {}",
         job.id, job.service, job.refname, job.commit
     ));
-    // In a cluster, one node at a time writes the service's deployments (crate::coordinate).
-    let _held = match &ctx.coordinator {
+    // In a cluster, one node at a time writes the service's deployments (crate::coordinate):
+    // the lock goes with the job, released when the build ends.
+    let mut job = job;
+    job.lock = match &ctx.coordinator {
         None => None,
         Some(coordinator) => match coordinator.lock_builds(&job.service).await {
-            Ok(held) => Some(held),
+            Ok(held) => Some(Arc::new(held)),
             Err(reason) => {
                 tracing::warn!(service = job.service, reason, "no build lock: not built");
                 return Outcome::internal(format!(

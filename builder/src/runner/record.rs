@@ -37,6 +37,8 @@ struct NotRecorded {
     message: String,
     /// The deployment repository's file system is full.
     out_of_space: bool,
+    /// The cluster's build lock was not this node's any more ([`crate::coordinate`]).
+    lock_lost: bool,
 }
 
 impl NotRecorded {
@@ -169,6 +171,7 @@ pub(super) async fn succeed(
     .await
     {
         Ok(revision) => revision,
+        Err(error) if error.lock_lost => return lock_lost(job, &error.message, command_secs),
         Err(error) => {
             let message = if error.out_of_space {
                 NO_SPACE.to_owned()
@@ -226,6 +229,31 @@ pub(super) async fn succeed(
         command_secs: Some(command_secs),
         retry_when_free_bytes: None,
         refused,
+    }
+}
+
+/// A build whose deployment was not written because the cluster's build lock was not this
+/// node's any more (`reason`): interrupted, and the deployments another node wrote meanwhile
+/// are fetched as any others (the daemon's part).
+fn lock_lost(job: &Job, reason: &str, command_secs: f64) -> Outcome {
+    tracing::warn!(
+        service = job.service,
+        build = job.id,
+        reason,
+        "build interrupted: its deployment was not written"
+    );
+    Outcome {
+        state: BuildState::Interrupted,
+        revision: None,
+        made_live: false,
+        summary: format!("interrupted: {reason}"),
+        result_lines: vec![format!(
+            "build #{} interrupted: {reason}; its deployment was not written, so that the service's deployments stay one line",
+            job.id
+        )],
+        command_secs: Some(command_secs),
+        retry_when_free_bytes: None,
+        refused: None,
     }
 }
 
@@ -405,13 +433,21 @@ async fn record(
     let subject = subject.to_owned();
     let manifest = manifest.map(str::to_owned);
     let log = log.to_vec();
+    // In a cluster, the build lock is checked right before the branch moves.
+    let lock = ctx.coordinator.clone().zip(job.lock.clone());
+    let handle = tokio::runtime::Handle::current();
     let result = tokio::task::spawn_blocking(move || {
+        let check = || match &lock {
+            Some((coordinator, held)) => handle.block_on(coordinator.check_lock(&service, held)),
+            None => Ok(()),
+        };
         let succeeded = status == BuildStatus::Succeeded;
         let mut images = Vec::new();
         for (name, path) in &artifacts {
             let file = std::fs::File::open(path).map_err(|e| NotRecorded {
                 message: format!("cannot open artifact {}: {e}", path.display()),
                 out_of_space: false,
+                lock_lost: false,
             })?;
             images.push(ImageInput {
                 name: name.clone(),
@@ -419,18 +455,21 @@ async fn record(
             });
         }
         store
-            .write_deployment(NewDeployment {
-                service: &service,
-                status,
-                manifest: manifest.as_deref(),
-                images,
-                build_log: &log,
-                source_commit: &commit,
-                source_repo: &service,
-                // A build on demand is of a commit, not of a branch.
-                source_ref: (!refname.is_empty()).then_some(refname.as_str()),
-                subject: &subject,
-            })
+            .write_deployment_checked(
+                NewDeployment {
+                    service: &service,
+                    status,
+                    manifest: manifest.as_deref(),
+                    images,
+                    build_log: &log,
+                    source_commit: &commit,
+                    source_repo: &service,
+                    // A build on demand is of a commit, not of a branch.
+                    source_ref: (!refname.is_empty()).then_some(refname.as_str()),
+                    subject: &subject,
+                },
+                check,
+            )
             .inspect(|_| {
                 if succeeded {
                     failpoint("after-deployment-commit");
@@ -446,6 +485,7 @@ async fn record(
                 NotRecorded {
                     message,
                     out_of_space: error.is_out_of_space(),
+                    lock_lost: matches!(error, revboot_store::WriteError::Refused { .. }),
                 }
             })
     })
@@ -453,6 +493,7 @@ async fn record(
     .map_err(|error| NotRecorded {
         message: format!("the store task failed: {error}"),
         out_of_space: false,
+        lock_lost: false,
     })?;
     if let Err(error) = &result {
         tracing::error!(

@@ -1,4 +1,5 @@
-//! Writes that fail half way, because the disk is full or the branch cannot move: the error
+//! Writes that fail half way, because the disk is full, the branch cannot move or the
+//! writer's own check refuses right before it moves: the error
 //! says why, the repository keeps no object of the write, and the same write succeeds once
 //! the cause is gone.
 //!
@@ -113,6 +114,39 @@ fn a_write_whose_branch_cannot_move_takes_its_objects_back() {
         git(store.path(), &["rev-parse", "refs/heads/blocked"]).trim(),
         revision.to_hex()
     );
+    assert_fsck_clean(store.path());
+    assert_no_leftovers(store.path());
+}
+
+#[test]
+fn a_write_its_check_refuses_right_before_the_branch_moves_leaves_nothing() {
+    let (_dir, store) = store();
+    let seed = deploy(&store, "fenced", 0, Some(b"seed".to_vec()));
+    let commit = source(1);
+    let refused = store
+        .write_deployment_checked(
+            NewDeployment {
+                service: "fenced",
+                status: BuildStatus::Succeeded,
+                manifest: Some(MANIFEST),
+                images: vec![ImageInput {
+                    name: "hello".into(),
+                    reader: Box::new(std::io::Cursor::new(b"second".to_vec())),
+                }],
+                build_log: b"built\n",
+                source_commit: &commit,
+                source_repo: "fenced",
+                source_ref: Some("refs/heads/main"),
+                subject: "Build",
+            },
+            || Err("the build lock is another node's".to_owned()),
+        )
+        .expect_err("refused");
+    assert_eq!(
+        refused.to_string(),
+        "The deployment of `fenced` was not written: the build lock is another node's"
+    );
+    assert_eq!(store.history("fenced").expect("history")[0].revision, seed);
     assert_fsck_clean(store.path());
     assert_no_leftovers(store.path());
 }
