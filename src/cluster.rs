@@ -81,6 +81,12 @@ pub(crate) fn placement(
     (placed, answers, api)
 }
 
+/// What the keeper of warm services summons through: in a cluster the placement, so that
+/// a warm service boots on the node that owns it and not on every node; else `front`.
+pub(crate) fn warm_front(placed: Option<&Arc<Placed>>, front: Answers) -> Answers {
+    placed.map_or(front, |placed| placed.clone() as Answers)
+}
+
 /// The node as the daemon started it, joining.
 pub(crate) struct Node<'a> {
     /// Its HTTP base URL.

@@ -508,7 +508,7 @@ impl Daemon {
         let front_door = proxy.front_addresses();
         let front: Arc<dyn Instances> = proxy.clone();
         let promotions = Promotions::new(deployer.clone(), front.clone());
-        deployer.keep_warm(front.clone());
+        let warm = front.clone();
 
         // A second descriptor of each socket is kept for an upgrade in place.
         let (http_std, dns_sockets) = match inherited_sockets {
@@ -558,6 +558,7 @@ impl Daemon {
         // The front door too: a name for a source commit with no deployment waits for its build.
         proxy.resolve_names_through(&front);
         let (placed, dns_front, front) = crate::cluster::placement(&config, &front, &store, &token);
+        deployer.keep_warm(crate::cluster::warm_front(placed.as_ref(), warm));
         let dns_config = DnsConfig {
             listen: config.dns.listen[0],
             also_listen: config.dns.listen[1..].to_vec(),

@@ -56,6 +56,21 @@ fn node_configured(dir: &Path, endpoints: &str, id: &str, prefix: &str, more: &s
     )
 }
 
+/// A 1-member etcd in `dir` and nodes n1 and n2 on it (as [`node`], under a prefix named
+/// after `test`), once each sees both.
+pub(super) fn two_nodes(dir: &Path, test: &str) -> (EtcdCluster, String, [Daemon; 2]) {
+    let etcd = EtcdCluster::start(1, dir);
+    let prefix = format!("/revboot-e2e-{test}-{}", std::process::id());
+    let nodes = [
+        node(dir, &etcd, "n1", &prefix),
+        node(dir, &etcd, "n2", &prefix),
+    ];
+    for daemon in &nodes {
+        assert!(eventually(|| node_ids(daemon).len() == 2));
+    }
+    (etcd, prefix, nodes)
+}
+
 /// The node ids `GET /api/v1/nodes` of `daemon` lists.
 pub(super) fn node_ids(daemon: &Daemon) -> Vec<String> {
     let (status, body) = request(daemon, "GET", "/api/v1/nodes", None, true);

@@ -7,9 +7,8 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use etcd_client::Client;
-use revboot_testkit::etcd::EtcdCluster;
 
-use crate::cluster::{node, node_ids, rev_parse};
+use crate::cluster::{rev_parse, two_nodes};
 use crate::cluster_sources::consistent;
 use crate::support::{Daemon, commit_revision, eventually, git, hello_source, push};
 
@@ -45,15 +44,7 @@ impl Drop for Stopped {
 #[test]
 fn a_builder_stalled_past_its_build_lock_writes_nothing_and_the_deployments_stay_one_line() {
     let temp = tempfile::tempdir().expect("temp dir");
-    let etcd = EtcdCluster::start(1, temp.path());
-    let prefix = format!("/revboot-e2e-stall-{}", std::process::id());
-    let nodes = [
-        node(temp.path(), &etcd, "n1", &prefix),
-        node(temp.path(), &etcd, "n2", &prefix),
-    ];
-    for daemon in &nodes {
-        assert!(eventually(|| node_ids(daemon).len() == 2));
-    }
+    let (etcd, prefix, nodes) = two_nodes(temp.path(), "stall");
     let work = hello_source(temp.path());
     push(&nodes[0], &work);
     let first = rev_parse(&nodes[0], "refs/heads/hello");

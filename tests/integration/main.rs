@@ -8,6 +8,7 @@ mod cert_files;
 mod cli;
 mod cluster;
 mod cluster_lifecycle;
+mod cluster_replicas;
 mod cluster_sources;
 mod cluster_stall;
 mod cluster_upgrade;
