@@ -59,10 +59,7 @@ impl Deployer {
                 if live != Some(key.revision)
                     && let Some(entry) = self.entry(key)
                 {
-                    // A full queue already holds a stop or kill.
-                    let _ = entry
-                        .commands
-                        .try_send(Command::Stop(StopReason::CheckFailed));
+                    entry.order(Command::Stop(StopReason::CheckFailed));
                 }
                 tracing::warn!(instance = %key, reason, "health check failed");
                 Err(CheckFailed(reason))

@@ -285,6 +285,7 @@ impl Deployer {
             pid: record.footprint.pid.map(OnceLock::from).unwrap_or_default(),
             counted: AtomicBool::new(true),
             reclaimed: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             steered: Mutex::new(None),
             handoff,
             warm_until: AtomicU64::new(0),

@@ -337,7 +337,7 @@ pub(super) async fn serve(
                 .state
                 .send_if_modified(|state| set_if(state, InstanceState::Ready, InstanceState::Idle));
             half
-        } else if quiet >= idle_timeout {
+        } else if quiet >= idle_timeout && deployer.still_quiet(entry, idle_timeout) {
             info!(instance = %entry.key, ?quiet, "idle: stopping");
             let why = StopReason::Idle(idle_timeout);
             return stop(deployer, entry, running, Some(Command::Stop(why))).await;
@@ -345,7 +345,8 @@ pub(super) async fn serve(
             entry
                 .state
                 .send_if_modified(|state| set_if(state, InstanceState::Ready, InstanceState::Idle));
-            idle_timeout - quiet
+            // Past the timeout too when a summon came as it was about to stop.
+            idle_timeout.saturating_sub(quiet)
         } else {
             half - quiet
         };

@@ -9,10 +9,12 @@
 //!    records it durably, then waits for the readiness probe; all within the boot timeout.
 //! 3. Ready: every tick it compares the last activity (summons, DNS queries, connections)
 //!    with the idle timeout: quiet for half of it → `idle`, for all of it with no open
-//!    connection → graceful stop. Commands (`stop`, `kill`, shutdown) and the exit of the
-//!    instance end the loop.
-//! 4. Finishing: the state becomes final (stopped or crashed) and the key is free for a
-//!    new summon; crashes update the back-off. Then the address returns to the pool, the
+//!    connection → graceful stop (decided under the table lock, so that a summon either
+//!    comes first and keeps it or comes after and boots anew). Commands (`stop`, `kill`,
+//!    shutdown) and the exit of the instance end the loop.
+//! 4. Finishing: from the moment a stop is ordered or decided the key is free for a new
+//!    summon (a summon never answers with an instance about to end, whose address would
+//!    then refuse the client); the state becomes final (stopped or crashed); crashes update the back-off. Then the address returns to the pool, the
 //!    durable record and the scratch directory go, and the runtime record (outcome, boot
 //!    time, lifetime, console tail) is written to the store's log ref. The outcome of a
 //!    stop the deployer asked for is its reason (`stopped: idle for 60s`), however the
@@ -361,8 +363,7 @@ impl Deployer {
                 .collect()
         };
         for entry in &entries {
-            // A full queue already holds a stop or kill.
-            let _ = entry.commands.try_send(Command::Stop(StopReason::Restart));
+            entry.order(Command::Stop(StopReason::Restart));
         }
         entries.len()
     }
@@ -423,8 +424,7 @@ impl Deployer {
         let entry = self
             .entry(key)
             .ok_or_else(|| ControlError::NotRunning(key.to_string()))?;
-        // A full queue already holds a stop or kill; the instance is on its way out.
-        let _ = entry.commands.try_send(command);
+        entry.order(command);
         Ok(entry.state.subscribe())
     }
 

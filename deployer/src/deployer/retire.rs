@@ -66,8 +66,7 @@ impl Deployer {
             stopped: entries.len(),
         };
         for entry in &entries {
-            // A full queue already holds a stop or kill: the instance is on its way out.
-            let _ = entry.commands.try_send(Command::Stop(StopReason::Retired));
+            entry.order(Command::Stop(StopReason::Retired));
         }
         let limit = self.config.stop_grace() + KILL_WAIT + Duration::from_secs(5);
         let all_ended = async {

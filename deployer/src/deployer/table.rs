@@ -129,6 +129,9 @@ pub(super) struct Entry {
     /// Its client slot went to a new client: it no longer counts against the per-client cap
     /// and no longer answers for its key, and it is being stopped.
     pub(super) reclaimed: AtomicBool,
+    /// A stop or kill was ordered (or its life task decided one): a summon of its key boots
+    /// a new instance rather than answer with one about to end.
+    pub(super) stopping: AtomicBool,
     /// The kernel hand-off while the instance is ready; only its life task sets and clears it.
     pub(super) steered: Mutex<Option<Steered>>,
     /// The daemon's end of its hand-off socket (`[run] handoff`, process tender).
@@ -139,6 +142,15 @@ pub(super) struct Entry {
     /// True once its task has ended, runtime record written ([`Deployer::retire`] waits
     /// for it).
     pub(super) ended: watch::Sender<bool>,
+}
+
+impl Entry {
+    /// Orders a stop or kill: from now on a summon of its key boots a new instance. A full
+    /// queue already holds a stop or kill.
+    pub(super) fn order(&self, command: Command) {
+        self.stopping.store(true, Ordering::Release);
+        let _ = self.commands.try_send(command);
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -323,6 +335,7 @@ impl Deployer {
         }
         if let Some(entry) = table.by_key.get(key)
             && !entry.state.borrow().is_final()
+            && !entry.stopping.load(Ordering::Acquire)
         {
             entry
                 .last_activity
@@ -417,6 +430,7 @@ impl Deployer {
             pid: OnceLock::new(),
             counted: AtomicBool::new(true),
             reclaimed: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             ended: watch::channel(false).0,
         });
         table.by_key.insert(key.clone(), Arc::clone(&entry));
@@ -584,12 +598,26 @@ impl Deployer {
             let quiet = self.ms_since_epoch().saturating_sub(last_activity);
             info!(instance = %entry.key, quiet_ms = quiet, "client slot reclaimed for a new client: stopping");
             // A full queue already holds a stop or kill.
-            let _ = entry
-                .commands
-                .try_send(Command::Stop(StopReason::Reclaimed));
+            entry.order(Command::Stop(StopReason::Reclaimed));
             return true;
         }
         false
+    }
+
+    /// Whether `entry` is still quiet for `idle_timeout`, looked at under the table lock
+    /// that summons take (they note their activity under it); if so it is marked stopping
+    /// there, so a summon either came first and keeps it or comes after and boots anew,
+    /// never answering with an instance about to end.
+    pub(super) fn still_quiet(&self, entry: &Entry, idle_timeout: Duration) -> bool {
+        let _table = self.table.lock().expect("table lock is never poisoned");
+        let quiet = self
+            .ms_since_epoch()
+            .saturating_sub(entry.last_activity.load(Ordering::Relaxed));
+        let still = u128::from(quiet) >= idle_timeout.as_millis();
+        if still {
+            entry.stopping.store(true, Ordering::Release);
+        }
+        still
     }
 
     /// Gives `entry`'s addresses back to the pool, or to a replica still on them (rule 4).

@@ -593,3 +593,36 @@ async fn an_image_that_is_not_an_executable_is_a_crash_that_says_so() {
     }
     world.deployer.shutdown().await;
 }
+
+/// An instance whose stop was ordered no longer answers for its key: a summon right after
+/// the order boots a new instance, which serves while the old one is still on its way out
+/// (hello ignores SIGTERM, so the old one lasts the stop grace), instead of handing out the
+/// address of one about to end, whose connections would then be refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_summon_after_a_stop_was_ordered_boots_a_new_instance() {
+    let world = World::new(13, |config| config.stop_grace_ms = 3_000);
+    let (revision, old) = summon_hello(&world);
+    let mut state = old.state.clone();
+    support::wait_state(&mut state, InstanceState::is_serving).await;
+    let mut stopping = world.deployer.stop(&old.key).expect("running");
+    let new = world
+        .deployer
+        .summon("hello", &revision, None)
+        .expect("summon");
+    assert_ne!(new.addresses, old.addresses);
+    let mut state = new.state.clone();
+    support::wait_state(&mut state, InstanceState::is_serving).await;
+    let body = http_get(support::backend_of(&new), "/").await.expect("GET");
+    assert!(body.contains("hello from"), "{body}");
+    assert_eq!(
+        support::wait_state(&mut stopping, InstanceState::is_final).await,
+        InstanceState::Stopped
+    );
+    // The new one stays, and is what its key answers with.
+    let again = world
+        .deployer
+        .summon("hello", &revision, None)
+        .expect("summon");
+    assert_eq!(again.addresses, new.addresses);
+    world.deployer.shutdown().await;
+}
